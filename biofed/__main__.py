@@ -1,0 +1,3 @@
+from biofed.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""biofed.datasets"""

@@ -1,0 +1,85 @@
+"""Input validation shared by the public kernel wrappers.
+
+Kernels validate once at the public boundary (scikit-learn style) and then trust their
+arrays; the jitted workers never check anything. Every error says what arrived and how
+to fix it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: bool = False) -> np.ndarray:
+    """Return ``x`` as a C-contiguous float32/float64 array after checking it.
+
+    Parameters
+    ----------
+    x : array-like
+        The user's input.
+    name : str
+        The parameter name used in error messages.
+    ndim : int or tuple of int
+        The accepted number(s) of dimensions.
+    allow_nan : bool
+        Accept NaN (never inf) when True.
+
+    Returns
+    -------
+    array : ndarray
+        float32 input stays float32; every other real dtype becomes float64.
+
+    Raises
+    ------
+    TypeError
+        When ``x`` is complex, object or not numeric.
+    ValueError
+        When the dimensionality is wrong, the array is empty or holds non-finite values.
+    """
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(
+            f"{name} must be a real numeric array, got dtype {arr.dtype}. "
+            f"Convert it with np.asarray({name}, dtype=np.float64)."
+        )
+    accepted = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if arr.ndim not in accepted:
+        wanted = " or ".join(f"{n}-D" for n in accepted)
+        raise ValueError(f"{name} must be {wanted}, got a {arr.ndim}-D array of shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); at least one element is required.")
+    dtype = np.float32 if arr.dtype == np.float32 else np.float64
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    # O(1)-memory check first; the element-wise scan only runs to build a precise message.
+    if not np.isfinite(arr.sum()):
+        bad = ~np.isfinite(arr) if not allow_nan else np.isinf(arr)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            kind = "NaN or inf" if not allow_nan else "inf"
+            raise ValueError(
+                f"{name} contains {int(bad.sum())} {kind} value(s), the first at index {first}. "
+                "Drop or interpolate non-finite samples before computing features."
+            )
+    return arr
+
+
+def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
+    """Return ``value`` as an int after checking ``value >= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def check_positive_float(value, name: str) -> float:
+    """Return ``value`` as a float after checking it is finite and > 0."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
+    if not np.isfinite(out) or out <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+    return out
