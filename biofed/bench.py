@@ -1,0 +1,163 @@
+"""``biofed bench``: run the benchmark suite and print (and optionally save) the results.
+
+The suite is the ``benchmarks/`` folder beside the package in the source tree; it is not
+installed, so this command imports it from ``Path(biofed.__file__).parents[1] / "benchmarks"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import click
+
+import biofed
+
+logger = logging.getLogger(__name__)
+
+BENCHMARKS_DIR = Path(biofed.__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_suite(directory: Path = BENCHMARKS_DIR) -> ModuleType:
+    """Import ``benchmarks.suite`` from ``directory`` (the source tree's benchmark folder).
+
+    Raises
+    ------
+    click.ClickException
+        When the folder is missing (biofed installed without its source tree) or the
+        suite's dependencies (scikit-learn) are not installed.
+    """
+    init = directory / "__init__.py"
+    if not init.is_file():
+        raise click.ClickException(
+            f"the benchmark suite was not found at {directory}. `biofed bench` runs from a source "
+            "checkout: clone the biofed repository and install it with `pip install -e \".[test]\"`."
+        )
+    loaded = sys.modules.get("benchmarks")
+    if loaded is None or Path(getattr(loaded, "__file__", "") or "").resolve() != init.resolve():
+        spec = importlib.util.spec_from_file_location("benchmarks", init, submodule_search_locations=[str(directory)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["benchmarks"] = package
+        spec.loader.exec_module(package)
+        for name in [m for m in sys.modules if m.startswith("benchmarks.")]:
+            del sys.modules[name]  # submodules of a previously loaded, different folder
+    try:
+        return importlib.import_module("benchmarks.suite")
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the benchmark suite needs {exc.name or exc}: install the test extra with `pip install -e \".[test]\"`."
+        ) from exc
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}"
+
+
+def _fmt_ratio(value: float) -> str:
+    if not math.isfinite(value):
+        return "inf"
+    return f"{value:.3g}x" if value < 1000 else f"{value:,.0f}x"
+
+
+def _fmt_diff(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def format_report(results, targets) -> str:
+    """The human-readable table: comparisons, other metrics, errors and the targets."""
+    lines = []
+    header = (
+        f"{'case':<18} {'shape':<26} {'biofed ms med [min-max]':<26} {'baseline':<28} "
+        f"{'baseline ms med [min-max]':<26} {'ratio':>9} {'max rel diff':>13} {'compile s':>9}"
+    )
+    lines += ["Timings (ratio = baseline median / biofed median; compile = biofed warm-up call)", header, "-" * len(header)]
+    for result in results:
+        for c in result.comparisons:
+            b, r = c.biofed, c.baseline
+            flag = "  << FLAG: outputs differ" if c.flagged else ""
+            lines.append(
+                f"{c.case:<18} {c.shape:<26} {_ms(b.median) + ' [' + _ms(b.min) + '-' + _ms(b.max) + ']':<26} "
+                f"{c.baseline_name:<28} {_ms(r.median) + ' [' + _ms(r.min) + '-' + _ms(r.max) + ']':<26} "
+                f"{_fmt_ratio(c.ratio):>9} {_fmt_diff(c.rel_diff):>13} {b.first_call:>9.3f}{flag}"
+            )
+            if c.note:
+                lines.append(f"{'':<18} note: {c.note}")
+    metrics = [m for result in results for m in result.metrics]
+    if metrics:
+        lines += ["", "Other measurements", "-" * 60]
+        for m in metrics:
+            lines.append(f"{m.case:<18} {m.name:<48} {m.value:>12.4g} {m.unit}")
+    errors = [r for r in results if r.error]
+    if errors:
+        lines += ["", "Errors", "-" * 60]
+        for r in errors:
+            lines.append(f"{r.name:<18} {r.error}")
+    if targets:
+        lines += ["", "Targets (reported, not asserted)", f"{'target':<58} {'measured':>12} {'goal':>12}  result", "-" * 92]
+        for t in targets:
+            lines.append(f"{t.name:<58} {t.measured:>12.4g} {t.goal:>12}  {'PASS' if t.passed else 'MISS'}")
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    """Strict JSON: non-finite floats (an infinite ratio, a missing value) become null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="Fewer repeats and smaller shapes (pipeline shapes kept); < 60 s.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write machine information and every result to this JSON file.")
+@click.option("--only", "only", multiple=True, metavar="NAME",
+              help="Run only these cases (repeat the option or separate names with commas).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Timed repeats per function (default: 5 with --quick, 20 otherwise).")
+def bench_command(quick: bool, json_path: Path | None, only: tuple[str, ...], repeats: int | None) -> None:
+    """Time every kernel and the fusion chain against MNE/SciPy/scikit-learn/NumPy baselines."""
+    suite = load_suite()
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in suite.CASES]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown case(s) {', '.join(unknown)}; choose from: {', '.join(suite.CASES)}.", param_hint="--only"
+        )
+    settings = suite.Settings(quick=quick, repeats=repeats or (5 if quick else 20))
+    selected = names or list(suite.CASES)
+    started = time.perf_counter()
+    results = []
+    for name in selected:
+        click.echo(f"running {name} ...", err=True)
+        results.append(suite.run_case(name, settings))
+    targets = [t for r in results for t in r.targets]
+    click.echo(format_report(results, targets))
+    elapsed = time.perf_counter() - started
+    click.echo(f"\n{len(selected)} case(s) in {elapsed:.1f} s ({'quick' if quick else 'full'} run, {settings.repeats} repeats).")
+    if json_path is not None:
+        payload = {
+            "biofed_version": biofed.__version__,
+            "created_unix": time.time(),
+            "mode": "quick" if quick else "full",
+            "repeats": settings.repeats,
+            "machine": suite.machine_info(),
+            "cases": [r.to_dict() for r in results],
+            "targets": [t.to_dict() for t in targets],
+            "seconds": elapsed,
+        }
+        json_path.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False), encoding="utf-8")
+        click.echo(f"results written to {json_path}")
+    failed = [r.name for r in results if r.error]
+    if failed:
+        raise click.ClickException(f"case(s) failed: {', '.join(failed)} (see Errors above; -vv for tracebacks).")
