@@ -16,6 +16,7 @@ from biofed import __version__
 # name -> "module:attribute" of a click.Command. One line per command; keep sorted.
 COMMANDS: dict[str, str] = {
     "bench": "biofed.bench:bench_command",
+    "broker": "biofed.broker:broker_command",
 }
 
 

@@ -1,0 +1,314 @@
+"""MQTT brokers for biofed: an embedded amqtt broker and a Mosquitto launcher.
+
+- :func:`start_embedded_broker` runs amqtt (MQTT 3.1.1 only) in a background thread with
+  its own asyncio loop, on loopback. Good for tests, demos and a laptop fleet. amqtt 0.12
+  has no message size limit of its own (it reads a packet's declared remaining length
+  with ``readexactly``), so multi-megabyte updates pass; nothing needs raising.
+- :func:`write_mosquitto_config` / :func:`start_mosquitto` run a real Mosquitto (MQTT 5)
+  with limits fit for federated learning: Mosquitto's default ``max_queued_messages`` of
+  1000 silently drops QoS 1 messages for a slow or offline subscriber, so it is raised to
+  100 000; the packet size is capped just above the protocol's message limit.
+- ``biofed broker [--port N] [--mosquitto] [--dir D]`` runs either until Ctrl-C.
+
+Plain mode only: anonymous clients on 127.0.0.1, no TLS (a later addition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from biofed.protocol import DEFAULT_MAX_BYTES
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+MOSQUITTO_MAX_QUEUED_MESSAGES = 100_000
+MOSQUITTO_MAX_INFLIGHT_MESSAGES = 100
+MOSQUITTO_MAX_PACKET_SIZE = DEFAULT_MAX_BYTES + 64 * 1024  # one message plus topic/headers
+
+
+class BrokerError(RuntimeError):
+    """A broker could not be started."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that is free right now on ``host`` (bind port 0, read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Block until ``host:port`` accepts TCP connections; :class:`BrokerError` on timeout
+    or if ``process`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise BrokerError(f"broker process exited with code {process.returncode} before listening on port {port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"nothing listens on {host}:{port} after {timeout_s:g} s") from None
+            time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- amqtt
+@dataclass
+class EmbeddedBroker:
+    """An amqtt broker running in a daemon thread; :meth:`stop` shuts it down."""
+
+    host: str
+    port: int
+    _thread: threading.Thread = field(repr=False)
+    _loop: asyncio.AbstractEventLoop = field(repr=False)
+    _stop: asyncio.Event = field(repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Shut the broker down and join its thread (idempotent)."""
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                logger.warning("embedded broker on port %d did not stop within %g s", self.port, timeout_s)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _amqtt_config(host: str, port: int) -> dict:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        # Only anonymous auth: no $SYS publisher, no per-packet debug logger.
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+def start_embedded_broker(host: str = LOOPBACK, port: int = 0, *, timeout_s: float = 10.0) -> EmbeddedBroker:
+    """Start amqtt (MQTT 3.1.1) in a background thread.
+
+    Parameters
+    ----------
+    host : str
+        Address to listen on (loopback by default).
+    port : int
+        TCP port; 0 picks a free one.
+    timeout_s : float
+        How long to wait for the listener.
+
+    Returns
+    -------
+    EmbeddedBroker
+        With ``host``, ``port`` and ``stop()``; also a context manager.
+    """
+    from amqtt.broker import Broker  # heavy import, only when a broker is wanted
+
+    port = port or free_port(host)
+    ready = threading.Event()
+    state: dict = {}
+
+    async def serve() -> None:
+        state["loop"] = asyncio.get_running_loop()
+        state["stop"] = stop = asyncio.Event()
+        try:
+            broker = Broker(_amqtt_config(host, port))
+            await broker.start()
+        except Exception as exc:  # noqa: BLE001 - reported to the starting thread
+            state["error"] = exc
+            ready.set()
+            return
+        ready.set()
+        await stop.wait()
+        await broker.shutdown()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name=f"amqtt-{port}", daemon=True)
+    thread.start()
+    if not ready.wait(timeout_s):
+        raise BrokerError(f"embedded amqtt broker did not start within {timeout_s:g} s")
+    if "error" in state:
+        thread.join(timeout_s)
+        raise BrokerError(f"embedded amqtt broker failed to listen on {host}:{port}: {state['error']}")
+    logger.info("embedded amqtt broker listening on %s:%d", host, port)
+    return EmbeddedBroker(host, port, thread, state["loop"], state["stop"])
+
+
+# ----------------------------------------------------------------------------- mosquitto
+def write_mosquitto_config(
+    directory: str | Path,
+    port: int,
+    *,
+    host: str = LOOPBACK,
+    max_queued_messages: int = MOSQUITTO_MAX_QUEUED_MESSAGES,
+    max_inflight_messages: int = MOSQUITTO_MAX_INFLIGHT_MESSAGES,
+    max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE,
+) -> Path:
+    """Write ``directory/mosquitto.conf`` for a plain (anonymous, no TLS) biofed broker.
+
+    Persistence (sessions, retained model/task/basis, queued QoS 1 messages) and the log
+    live in ``directory``. Returns the config path.
+    """
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, value in (("port", port), ("max_queued_messages", max_queued_messages),
+                        ("max_inflight_messages", max_inflight_messages), ("max_packet_size", max_packet_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    lines = [
+        "# written by biofed.broker.write_mosquitto_config",
+        "per_listener_settings false",
+        f"listener {port} {host}",
+        "protocol mqtt",
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {directory}/",
+        "autosave_interval 60",
+        "persistent_client_expiration 7d",
+        f"max_queued_messages {max_queued_messages}",
+        "max_queued_bytes 0",
+        f"max_inflight_messages {max_inflight_messages}",
+        f"max_packet_size {max_packet_size}",
+        f"log_dest file {directory}/mosquitto.log",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "",
+    ]
+    path = directory / "mosquitto.conf"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def mosquitto_binary() -> str:
+    """Path of the ``mosquitto`` executable; :class:`BrokerError` if it is not installed."""
+    found = shutil.which("mosquitto") or next(
+        (str(p) for p in (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto")) if p.is_file()), None
+    )
+    if found is None:
+        raise BrokerError(
+            "the mosquitto binary was not found on PATH or in /usr/sbin; install it "
+            "(Debian/Ubuntu/Raspberry Pi OS: sudo apt-get install mosquitto) or use the embedded broker"
+        )
+    return found
+
+
+@dataclass
+class MosquittoBroker:
+    """A running Mosquitto process; :meth:`stop` terminates it."""
+
+    host: str
+    port: int
+    directory: Path
+    process: subprocess.Popen = field(repr=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Terminate (then kill) the process and wait for it (idempotent)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+
+    def __enter__(self) -> MosquittoBroker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def start_mosquitto(
+    directory: str | Path,
+    port: int = 0,
+    *,
+    host: str = LOOPBACK,
+    timeout_s: float = 10.0,
+    **config: int,
+) -> MosquittoBroker:
+    """Write the config (:func:`write_mosquitto_config`, extra keywords go there) and run
+    ``mosquitto -c`` until it accepts connections.
+
+    Parameters
+    ----------
+    directory : path
+        Config, persistence database and log.
+    port : int
+        TCP port; 0 picks a free one.
+    timeout_s : float
+        How long to wait for the port.
+
+    Raises
+    ------
+    BrokerError
+        mosquitto is not installed, exits early (the message quotes its log) or never listens.
+    """
+    binary = mosquitto_binary()
+    port = port or free_port(host)
+    conf = write_mosquitto_config(directory, port, host=host, **config)
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(host, port, timeout_s, process)
+    except BrokerError as exc:
+        if process.poll() is None:
+            process.kill()
+        _, stderr = process.communicate(timeout=timeout_s)
+        log = conf.parent / "mosquitto.log"
+        detail = (stderr or b"").decode(errors="replace").strip()
+        if log.is_file():
+            detail += "\n" + log.read_text(errors="replace").strip()
+        raise BrokerError(f"{exc}; mosquitto said:\n{detail}") from None
+    logger.info("mosquitto (pid %d) listening on %s:%d, data in %s", process.pid, host, port, conf.parent)
+    return MosquittoBroker(host, port, conf.parent, process)
+
+
+# ----------------------------------------------------------------------------- CLI
+@click.command("broker")
+@click.option("--host", default=LOOPBACK, show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=1883, show_default=True, help="TCP port (0: any free port).")
+@click.option("--mosquitto", "use_mosquitto", is_flag=True, help="Run Mosquitto (MQTT 5) instead of the embedded amqtt broker (MQTT 3.1.1).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Mosquitto config, persistence and log directory (default: a temporary directory).")
+def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | None) -> None:
+    """Run an MQTT broker for a biofed fleet until Ctrl-C."""
+    with tempfile.TemporaryDirectory(prefix="biofed-broker-") as scratch:
+        try:
+            if use_mosquitto:
+                running = start_mosquitto(directory or Path(scratch), port, host=host)
+                click.echo(f"mosquitto listening on {running.host}:{running.port} (data in {running.directory}); Ctrl-C stops it")
+            else:
+                running = start_embedded_broker(host, port)
+                click.echo(f"amqtt broker (MQTT 3.1.1) listening on {running.host}:{running.port}; Ctrl-C stops it")
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
+        try:
+            while running.alive:
+                time.sleep(0.5)
+            raise click.ClickException("the broker stopped unexpectedly; run with -vv for its log")
+        except KeyboardInterrupt:
+            click.echo("stopping broker")
+        finally:
+            running.stop()

@@ -1,0 +1,250 @@
+"""Configuration files of biofed: pydantic models loaded from TOML.
+
+Shared by the device agent and the coordinator (they may import this module and
+:mod:`biofed.protocol`, never each other). Every model is frozen and rejects unknown
+keys, so a typo in a config file is an error rather than a silently ignored setting.
+Relative paths in a file are resolved against the file's directory.
+
+Example device file::
+
+    device_id = "pi-01"
+    fleet = "ward7"
+    recordings = ["data/subject00_1.edf", "data/subject00_2.edf"]
+    store_path = "state/features.sqlite"
+
+    [broker]
+    host = "192.168.1.10"
+    protocol = "5"
+
+Example coordinator file::
+
+    fleet = "ward7"
+    rounds = 50
+    min_devices = 3
+    sampling_rate = 0.5
+    state_dir = "state"
+
+    [strategy]
+    name = "fedadam"
+    params = { server_lr = 0.01 }
+
+    [dp]
+    trust_mode = "central"
+    clip_norm = 1.0
+    noise_multiplier = 1.1
+    epsilon_budget = 8.0
+    [dp.adaptive_clipping]
+    target_quantile = 0.5
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from biofed.protocol import ID_PATTERN
+
+Id = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN.pattern}$")]
+"""A fleet or device id: 1-64 characters from A-Z, a-z, 0-9, '_' and '-'."""
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+"""A path; relative ones are taken relative to the config file's directory."""
+
+
+def _protocol_str(value: object) -> object:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class ConfigError(ValueError):
+    """A config file is missing, not TOML, or does not match its model."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Section):
+    """How to reach the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Annotated[Literal["auto", "5", "3.1.1"], BeforeValidator(_protocol_str)] = "auto"
+    """MQTT version; "auto" tries 5 then 3.1.1. Use "3.1.1" for the embedded amqtt broker."""
+    keepalive: int = Field(30, ge=5, le=3600)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    session_expiry_s: int = Field(86_400, ge=0)
+    inbox_size: int = Field(10_000, ge=1)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest accepted protocol message; larger ones are dropped before decoding."""
+
+
+class PipelineSettings(_Section):
+    """Streaming feature pipeline of a device (see ``biofed.edge.pipeline.PipelineConfig``)."""
+
+    window_s: float = Field(2.0, gt=0)
+    hop_s: float = Field(1.0, gt=0)
+    n_mels: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _hop_within_window(self) -> PipelineSettings:
+        if self.hop_s > self.window_s:
+            raise ValueError(f"hop_s ({self.hop_s}) must not exceed window_s ({self.window_s}): samples would be skipped")
+        return self
+
+
+class TrainingSettings(_Section):
+    """Local training settings (defaults on a device; what the coordinator sends in a task)."""
+
+    local_epochs: int = Field(1, ge=1)
+    lr: float = Field(0.05, gt=0)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    l2: float = Field(0.0, ge=0)
+    prox_mu: float = Field(0.0, ge=0)
+
+
+class DeviceConfig(_Section):
+    """One edge device (``biofed agent``)."""
+
+    device_id: Id
+    fleet: Id
+    broker: BrokerConfig = BrokerConfig()
+    recordings: tuple[ConfigPath, ...] = ()
+    """Recording files replayed as the device's sensor stream."""
+    replay_speed: float = Field(0.0, ge=0)
+    """0 = as fast as possible, 1 = real time."""
+    store_path: ConfigPath
+    store_max_rows: int = Field(100_000, ge=1)
+    pipeline: PipelineSettings = PipelineSettings()
+    training: TrainingSettings = TrainingSettings()
+    predict: bool = False
+    """Publish on-device predictions of the current global model."""
+
+
+class AdaptiveClippingConfig(_Section):
+    """Adaptive clipping to a norm quantile (Andrew et al. 2021)."""
+
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    """gamma: fraction of updates that should be unclipped."""
+    learning_rate: float = Field(0.2, gt=0)
+    """eta: geometric update step of the clip norm."""
+    bit_noise_std: float = Field(10.0, ge=0)
+    """sigma_b: std of the Gaussian noise on the sum of clip bits."""
+
+
+class DPConfig(_Section):
+    """Differential privacy of the coordinator."""
+
+    trust_mode: Literal["central", "local", "distributed"] = "central"
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(1.0, ge=0)
+    adaptive_clipping: AdaptiveClippingConfig | None = None
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epsilon_budget: float | None = Field(None, gt=0)
+    """Stop training before spending more than this epsilon (None: no limit)."""
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+
+class StrategyConfig(_Section):
+    """Server-side aggregation strategy and its keyword parameters."""
+
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "trimmed_mean", "coordinate_median"] = "fedavg"
+    params: dict[str, float | int | str | bool] = {}
+
+
+class ModelSettings(_Section):
+    """The federated model and its feature basis."""
+
+    classes: tuple[str, ...] = ("rest", "arithmetic")
+    hidden: int = Field(0, ge=0)
+    """0: logistic regression; > 0: MLP with this many hidden units."""
+    basis_k: int = Field(32, ge=1)
+    sketch_ell: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _two_classes(self) -> ModelSettings:
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be at least 2 distinct names, got {list(self.classes)}")
+        return self
+
+
+class CoordinatorConfig(_Section):
+    """The coordinator (``biofed coordinator``)."""
+
+    fleet: Id
+    broker: BrokerConfig = BrokerConfig()
+    rounds: int = Field(ge=1)
+    min_devices: int = Field(1, ge=1)
+    sampling_rate: float | Literal["all"] = "all"
+    """Poisson sampling probability q per round, or "all" devices."""
+    round_deadline_s: float = Field(60.0, gt=0)
+    strategy: StrategyConfig = StrategyConfig()
+    training: TrainingSettings = TrainingSettings()
+    model: ModelSettings = ModelSettings()
+    dp: DPConfig = DPConfig()
+    state_dir: ConfigPath
+
+    @model_validator(mode="after")
+    def _sampling_in_range(self) -> CoordinatorConfig:
+        if self.sampling_rate != "all" and not 0 < self.sampling_rate <= 1:
+            raise ValueError(f'sampling_rate must be in (0, 1] or "all", got {self.sampling_rate}')
+        return self
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
+    """Read the TOML file ``path`` into ``model`` (e.g. :class:`DeviceConfig`).
+
+    Raises
+    ------
+    ConfigError
+        One message naming the file and, for each problem, the dotted field, what was
+        wrong and the offending value.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return model.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            message = "unknown key (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+            got = "" if error["type"] in ("missing", "extra_forbidden") else f" (got {error['input']!r})"
+            problems.append(f"  {where}: {message}{got}")
+        raise ConfigError(f"{path}: invalid {model.__name__}:\n" + "\n".join(problems)) from None
+
+
+__all__ = [
+    "AdaptiveClippingConfig", "BrokerConfig", "ConfigError", "CoordinatorConfig", "DPConfig", "DeviceConfig",
+    "ModelSettings", "PipelineSettings", "StrategyConfig", "TrainingSettings", "load_config",
+]

@@ -1,0 +1,376 @@
+"""A small, robust paho-mqtt 2.x wrapper shared by the coordinator and the device agent.
+
+What it adds to paho
+--------------------
+- Protocol choice: ``"5"``, ``"3.1.1"`` or ``"auto"``. Auto tries MQTT v5 with a short
+  CONNACK timeout, then 3.1.1 (amqtt 0.12 speaks only 3.1.1 and a paho v5 client never
+  completes the handshake with it).
+- A persistent session: stable ``client_id`` with ``clean_start=False`` (v5, plus a
+  session expiry interval) or ``clean_session=False`` (3.1.1), so QoS 1 messages queued
+  by the broker while a device is offline are delivered when it comes back.
+- Reconnect with capped exponential backoff: paho's ``reconnect_delay_set`` doubles the
+  delay up to the cap; the delays are scaled by a random factor in [1, 2) per client so a
+  fleet that lost its broker does not reconnect in lockstep.
+- Subscriptions are remembered and renewed in ``on_connect`` after every reconnect.
+- ``publish`` waits for the PUBACK (QoS 1) and raises :class:`PublishError` on timeout.
+  A message published while the connection is down stays in paho's queue and goes out
+  after the reconnect; the wait covers that too.
+- Incoming messages land in a bounded inbox (``queue.Queue(inbox_size)``) read with
+  :meth:`MqttClient.receive`. QoS 1 messages must not be lost, so when the inbox is full
+  the network thread *blocks* (no PUBACK is sent, the broker keeps the message and
+  throttles). If the consumer stalls for longer than 1.5 keepalive periods the broker
+  drops the connection and redelivers the unacknowledged messages after the reconnect,
+  so consumers must be idempotent (:class:`biofed.protocol.SeenMessageIds`). Size the
+  inbox generously (default 10 000 messages).
+
+Paho warns that in-flight QoS > 0 messages die with the process; uploads therefore carry
+their round and message id and are safe to repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+logger = logging.getLogger(__name__)
+
+ProtocolChoice = Literal["auto", "5", "3.1.1"]
+PROTOCOLS: tuple[str, ...] = ("auto", "5", "3.1.1")
+_PAHO_VERSION = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
+
+
+class MqttError(RuntimeError):
+    """Base class of MQTT wrapper errors."""
+
+
+class ConnectError(MqttError):
+    """The broker could not be reached or refused the connection."""
+
+
+class PublishError(MqttError):
+    """A publish was refused or not acknowledged in time."""
+
+
+@dataclass(frozen=True)
+class Will:
+    """MQTT last will: published by the broker when the client vanishes without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """One received MQTT message."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class MqttClient:
+    """One MQTT connection with a persistent session, a bounded inbox and QoS 1 publishing.
+
+    Parameters
+    ----------
+    host, port : str, int
+        Broker address.
+    client_id : str
+        Stable client id (the device id); the broker keeps the session under it.
+    protocol : {"auto", "5", "3.1.1"}
+        MQTT version; see the module docstring for ``"auto"``.
+    keepalive : int
+        Seconds between pings; the broker declares the client dead (and publishes the
+        will) after 1.5 keepalive periods of silence.
+    will : Will, optional
+        Last will, e.g. a retained "offline" status.
+    clean : bool
+        Start a fresh session (drops messages queued for this client id). Default False.
+    session_expiry_s : int
+        v5 only: how long the broker keeps the session of a disconnected client.
+    connect_timeout_s : float
+        How long :meth:`connect` waits for the CONNACK.
+    v5_probe_timeout_s : float
+        With ``protocol="auto"``: how long to wait for a v5 CONNACK before trying 3.1.1.
+    inbox_size : int
+        Capacity of the inbox of received messages (see the module docstring).
+    reconnect_min_delay_s, reconnect_max_delay_s : float
+        Reconnect backoff bounds (before the per-client jitter factor in [1, 2)).
+    max_inflight : int
+        QoS 1 messages sent but not yet acknowledged at any time.
+    random_state : int, numpy.random.Generator or None
+        Source of the reconnect jitter.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        protocol: ProtocolChoice = "auto",
+        keepalive: int = 30,
+        will: Will | None = None,
+        clean: bool = False,
+        session_expiry_s: int = 86_400,
+        connect_timeout_s: float = 10.0,
+        v5_probe_timeout_s: float = 2.0,
+        inbox_size: int = 10_000,
+        reconnect_min_delay_s: float = 1.0,
+        reconnect_max_delay_s: float = 60.0,
+        max_inflight: int = 64,
+        random_state: int | np.random.Generator | None = None,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if not client_id:
+            raise ValueError("client_id must be a non-empty, stable id (e.g. the device id)")
+        if inbox_size < 1:
+            raise ValueError(f"inbox_size must be >= 1, got {inbox_size}")
+        if not 0 < reconnect_min_delay_s <= reconnect_max_delay_s:
+            raise ValueError(
+                f"need 0 < reconnect_min_delay_s <= reconnect_max_delay_s, got "
+                f"{reconnect_min_delay_s} and {reconnect_max_delay_s}"
+            )
+        self.host = host
+        self.port = int(port)
+        self.client_id = client_id
+        self.protocol = protocol
+        self.keepalive = int(keepalive)
+        self.will = will
+        self.clean = clean
+        self.session_expiry_s = int(session_expiry_s)
+        self.connect_timeout_s = connect_timeout_s
+        self.v5_probe_timeout_s = v5_probe_timeout_s
+        self.max_inflight = max_inflight
+        jitter = 1.0 + np.random.default_rng(random_state).random()
+        self._reconnect_delays = (reconnect_min_delay_s * jitter, reconnect_max_delay_s * jitter)
+        self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._suback = threading.Condition(self._lock)
+        self._acked_mids: set[int] = set()
+        self._connected = threading.Event()
+        self._connack = threading.Event()
+        self._connack_error: str | None = None
+        self._closing = False
+        self._client: paho.Client | None = None
+        self.protocol_version: str | None = None
+        """The MQTT version in use after :meth:`connect`: ``"5"`` or ``"3.1.1"``."""
+
+    # ------------------------------------------------------------------ lifecycle
+    def connect(self) -> MqttClient:
+        """Connect (blocking until the CONNACK) and start the network thread.
+
+        Raises
+        ------
+        ConnectError
+            The broker is unreachable, refused the connection, or never answered.
+        """
+        versions = ("5", "3.1.1") if self.protocol == "auto" else (self.protocol,)
+        failures = []
+        for version in versions:
+            probing = self.protocol == "auto" and version == "5"
+            timeout = self.v5_probe_timeout_s if probing else self.connect_timeout_s
+            client = self._make_client(version)
+            self._connack.clear()
+            self._connack_error = None
+            try:
+                if version == "5":
+                    client.connect(self.host, self.port, self.keepalive, clean_start=self.clean,
+                                   properties=self._connect_properties())
+                else:
+                    client.connect(self.host, self.port, self.keepalive)
+            except OSError as exc:
+                raise ConnectError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc}") from exc
+            client.loop_start()
+            if self._connack.wait(timeout) and self._connack_error is None:
+                self._client = client
+                self.protocol_version = version
+                logger.info("connected to %s:%d as %r (MQTT %s)", self.host, self.port, self.client_id, version)
+                return self
+            reason = self._connack_error or f"no CONNACK within {timeout:g} s"
+            failures.append(f"MQTT {version}: {reason}")
+            client.disconnect()
+            client.loop_stop()
+            logger.info("MQTT %s connection to %s:%d failed (%s)", version, self.host, self.port, reason)
+        raise ConnectError(
+            f"MQTT broker {self.host}:{self.port} did not accept the connection ({'; '.join(failures)}); "
+            f"check the broker address and its protocol (config broker.protocol = auto | 5 | 3.1.1)"
+        )
+
+    def close(self) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        self._closing = True
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        self._connected.clear()
+
+    def __enter__(self) -> MqttClient:
+        return self.connect()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up (it may drop and come back)."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
+        """Block until (re)connected; False on timeout."""
+        return self._connected.wait(timeout_s)
+
+    # ------------------------------------------------------------------ traffic
+    def subscribe(self, topic_filter: str, qos: int = 1, *, timeout_s: float = 10.0) -> None:
+        """Subscribe (renewed after every reconnect) and wait for the SUBACK if connected."""
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        client = self._require_client()
+        if not self.connected:
+            return  # on_connect subscribes
+        result, mid = client.subscribe(topic_filter, qos)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return  # the connection just dropped; on_connect subscribes again
+        with self._suback:
+            if not self._suback.wait_for(lambda: mid in self._acked_mids, timeout_s):
+                raise MqttError(f"no SUBACK for {topic_filter!r} within {timeout_s:g} s")
+            self._acked_mids.discard(mid)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        expiry_s: int | None = None,
+        wait: bool = True,
+        timeout_s: float = 30.0,
+    ) -> paho.MQTTMessageInfo:
+        """Publish ``payload``; with ``wait`` block until the broker acknowledged it.
+
+        ``expiry_s`` sets the v5 message expiry interval (ignored on 3.1.1). Returns
+        paho's ``MQTTMessageInfo`` (``wait_for_publish``/``is_published`` for ``wait=False``).
+
+        Raises
+        ------
+        PublishError
+            Refused by paho (e.g. payload too large) or not acknowledged in ``timeout_s``.
+        """
+        client = self._require_client()
+        properties = None
+        if expiry_s is not None and self.protocol_version == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = int(expiry_s)
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise PublishError(f"publish to {topic!r} refused: {paho.error_string(info.rc)}")
+        if not wait or qos == 0:
+            return info
+        deadline = time.monotonic() + timeout_s
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            info.wait_for_publish(timeout_s)
+        while not info.is_published() and time.monotonic() < deadline:
+            time.sleep(0.05)  # queued while offline: sent after the reconnect
+        if not info.is_published():
+            raise PublishError(f"publish to {topic!r} not acknowledged within {timeout_s:g} s")
+        return info
+
+    def receive(self, timeout_s: float | None = None) -> InboundMessage | None:
+        """Next received message, or None after ``timeout_s`` (None blocks forever)."""
+        try:
+            return self._inbox.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    # ------------------------------------------------------------------ paho plumbing
+    def _require_client(self) -> paho.Client:
+        if self._client is None:
+            raise MqttError("not connected: call connect() first")
+        return self._client
+
+    def _connect_properties(self) -> Properties:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 0 if self.clean else self.session_expiry_s
+        return properties
+
+    def _make_client(self, version: str) -> paho.Client:
+        kwargs = {} if version == "5" else {"clean_session": self.clean}
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=_PAHO_VERSION[version],
+            **kwargs,
+        )
+        client.enable_logger(logger)
+        client.reconnect_delay_set(*self._reconnect_delays)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(0)  # unbounded: QoS 1 uploads are never dropped locally
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
+                    properties: object) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self._connack_error = f"refused: {reason_code}"
+            self._connack.set()
+            return
+        with self._lock:
+            self._acked_mids.clear()
+            subscriptions = list(self._subscriptions.items())
+        for topic_filter, qos in subscriptions:
+            client.subscribe(topic_filter, qos)
+        self._connected.set()
+        self._connack.set()
+        logger.debug("MQTT connected (session present: %s)", getattr(flags, "session_present", None))
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
+                       properties: object) -> None:
+        self._connected.clear()
+        if not self._connack.is_set():  # closed during the handshake: fail connect() now
+            self._connack_error = f"broker closed the connection before the CONNACK ({reason_code})"
+            self._connack.set()
+        elif not self._closing and self._client is not None:
+            logger.warning("MQTT connection to %s:%d lost (%s); reconnecting", self.host, self.port, reason_code)
+
+    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reason_codes: object,
+                      properties: object) -> None:
+        with self._suback:
+            self._acked_mids.add(mid)
+            self._suback.notify_all()
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        inbound = InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain))
+        while True:
+            try:
+                self._inbox.put(inbound, timeout=0.5)
+                return
+            except queue.Full:
+                if self._closing:
+                    logger.warning("closing with a full inbox: dropped a message on %s", message.topic)
+                    return
+                logger.debug("inbox full (%d messages): holding the PUBACK", self._inbox.maxsize)
+
+
+__all__ = ["ConnectError", "InboundMessage", "MqttClient", "MqttError", "PROTOCOLS", "PublishError", "Will"]

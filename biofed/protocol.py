@@ -1,0 +1,921 @@
+"""The biofed wire protocol: MQTT topics and a versioned msgpack envelope.
+
+Shared by the coordinator and the device agent (which never import each other). Nothing
+here touches the network; :mod:`biofed.mqtt` moves the bytes.
+
+Topics
+------
+Everything of one fleet lives under ``biofed/{fleet}/``::
+
+    biofed/{fleet}/model                    global model           coordinator -> devices, retained
+    biofed/{fleet}/task                     round task             coordinator -> devices, retained
+    biofed/{fleet}/basis                    shared feature basis   coordinator -> devices, retained
+    biofed/{fleet}/update/{device_id}       model update           device -> coordinator
+    biofed/{fleet}/sketch/{device_id}       basis sketch           device -> coordinator
+    biofed/{fleet}/status/{device_id}       liveness, retained; the MQTT last will is "offline"
+    biofed/{fleet}/prediction/{device_id}   on-device predictions  device -> anyone
+
+Fleet and device ids match ``[A-Za-z0-9_-]{1,64}`` (no MQTT wildcards, no ``/``).
+
+Envelope
+--------
+One msgpack map per MQTT payload (never pickle)::
+
+    {"v": SCHEMA_VERSION, "k": kind, "f": fleet, "r": round, "s": sender,
+     "id": 16 random bytes, "t": created (unix seconds), "p": payload map}
+
+``p`` maps str to None, bool, int, float, str, a list of those, a nested map of the same
+(depth <= 3) or a typed array. Typed arrays travel as msgpack ExtType code 1 whose data is
+``dtype code (1 byte) | ndim (1 byte) | ndim little-endian uint64 dims | raw little-endian
+bytes``; only float32, float64, int32, int64 and uint8 exist, and the byte length must
+equal ``prod(shape) * itemsize``. Decoded arrays are read-only views of the message.
+
+Each ``kind`` has a frozen payload dataclass (:class:`Task`, :class:`Update`,
+:class:`Model`, :class:`Basis`, :class:`Sketch`, :class:`Status`, :class:`Prediction`)
+that validates itself on construction, so a decoded :class:`Message` always holds a
+well-formed payload. The envelope round is the payload's ``round`` field (stored once).
+
+Decoding checks the size *before* unpacking and unpacks with hard limits on every
+length prefix; any failure raises a :class:`ProtocolError` subclass, which a receiver
+logs and drops (the process never dies on bad input). QoS 1 may deliver a message twice:
+:class:`SeenMessageIds` makes handlers idempotent.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeAlias
+
+import msgpack
+import numpy as np
+
+SCHEMA_VERSION = 1
+"""Envelope version. Bump it on any incompatible change; receivers reject other versions."""
+
+TOPIC_ROOT = "biofed"
+KINDS = ("task", "update", "model", "basis", "status", "sketch", "prediction")
+DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+"""Default cap on one encoded message (16 MiB; a 1 M-parameter float64 update is 8 MiB)."""
+
+TRUST_MODES = ("central", "local", "distributed")
+OPTIMIZERS = ("sgd", "adam")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_STATE_PATTERN = re.compile(r"[a-z_]{1,32}")
+
+# Wire dtype codes. Explicit little-endian so big-endian hosts agree with everybody else.
+_DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype("<f4"),
+    2: np.dtype("<f8"),
+    3: np.dtype("<i4"),
+    4: np.dtype("<i8"),
+    5: np.dtype("u1"),
+}
+_CODE_OF_DTYPE = {dtype: code for code, dtype in _DTYPE_CODES.items()}
+ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "uint8")
+_ARRAY_EXT = 1
+_MAX_NDIM = 8
+_MAX_DEPTH = 3
+_MESSAGE_ID_BYTES = 16
+
+# Limits handed to msgpack.unpackb so no length prefix can make it allocate more than the
+# message itself could hold (lists such as Task.participants are the longest containers).
+_MAX_STR_LEN = 64 * 1024
+_MAX_ARRAY_LEN = 100_000
+_MAX_MAP_LEN = 256
+
+
+# ----------------------------------------------------------------------------- errors
+class ProtocolError(ValueError):
+    """Base class of every decode or validation failure; receivers log and drop."""
+
+
+class MessageTooLarge(ProtocolError):
+    """The message, or a length declared inside it, exceeds the configured limit."""
+
+
+class MalformedMessage(ProtocolError):
+    """The bytes are not a valid biofed envelope (garbage, truncated, wrong field types)."""
+
+
+class UnsupportedVersion(ProtocolError):
+    """The envelope's schema version is not :data:`SCHEMA_VERSION`."""
+
+
+class WrongFleet(ProtocolError):
+    """The message belongs to another fleet than the receiver's."""
+
+
+class UnexpectedKind(ProtocolError):
+    """The message kind is not what the receiver (or the topic) expects."""
+
+
+class SenderMismatch(ProtocolError):
+    """The envelope's sender differs from the device id in the topic it arrived on."""
+
+
+class InvalidTopic(ProtocolError):
+    """A topic or id does not follow the biofed topic layout."""
+
+
+class InvalidPayload(ProtocolError):
+    """The payload does not match its kind's schema (missing field, bad shape, NaN ...)."""
+
+
+# ----------------------------------------------------------------------------- topics
+def validate_id(value: object, what: str = "device id") -> str:
+    """Return ``value`` if it is a valid fleet/device id, else raise :class:`InvalidTopic`."""
+    if not isinstance(value, str) or ID_PATTERN.fullmatch(value) is None:
+        raise InvalidTopic(
+            f"invalid {what} {value!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
+        )
+    return value
+
+
+_BROADCAST_KINDS = ("model", "task", "basis")
+_DEVICE_KINDS = ("update", "sketch", "status", "prediction")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one fleet.
+
+    Examples
+    --------
+    >>> t = Topics("ward7")
+    >>> t.update("pi-01")
+    'biofed/ward7/update/pi-01'
+    >>> t.parse("biofed/ward7/status/pi-01")
+    ('status', 'pi-01')
+    """
+
+    fleet: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.fleet, "fleet")
+
+    @property
+    def base(self) -> str:
+        return f"{TOPIC_ROOT}/{self.fleet}"
+
+    @property
+    def model(self) -> str:
+        return f"{self.base}/model"
+
+    @property
+    def task(self) -> str:
+        return f"{self.base}/task"
+
+    @property
+    def basis(self) -> str:
+        return f"{self.base}/basis"
+
+    def update(self, device_id: str) -> str:
+        return f"{self.base}/update/{validate_id(device_id)}"
+
+    def sketch(self, device_id: str) -> str:
+        return f"{self.base}/sketch/{validate_id(device_id)}"
+
+    def status(self, device_id: str) -> str:
+        return f"{self.base}/status/{validate_id(device_id)}"
+
+    def prediction(self, device_id: str) -> str:
+        return f"{self.base}/prediction/{validate_id(device_id)}"
+
+    def all_devices(self, kind: str) -> str:
+        """Subscription filter for one device-to-coordinator kind, e.g. ``biofed/f/update/+``."""
+        if kind not in _DEVICE_KINDS:
+            raise InvalidTopic(f"kind {kind!r} has no per-device topic; use one of {_DEVICE_KINDS}")
+        return f"{self.base}/{kind}/+"
+
+    def parse(self, topic: str) -> tuple[str, str | None]:
+        """Split a topic of this fleet into ``(kind, device_id)``; device_id is None for
+        the broadcast topics (model, task, basis). Raises :class:`InvalidTopic`."""
+        parts = topic.split("/")
+        if len(parts) < 3 or parts[0] != TOPIC_ROOT or parts[1] != self.fleet:
+            raise InvalidTopic(f"topic {topic!r} is not under {self.base}/")
+        kind = parts[2]
+        if kind in _BROADCAST_KINDS and len(parts) == 3:
+            return kind, None
+        if kind in _DEVICE_KINDS and len(parts) == 4:
+            return kind, validate_id(parts[3])
+        raise InvalidTopic(
+            f"topic {topic!r} is not a biofed topic: expected {self.base}/(model|task|basis) "
+            f"or {self.base}/(update|sketch|status|prediction)/<device_id>"
+        )
+
+    def device_id(self, topic: str, kind: str) -> str:
+        """The device id of a per-device topic of ``kind``; raises :class:`InvalidTopic`."""
+        found, device = self.parse(topic)
+        if found != kind or device is None:
+            raise InvalidTopic(f"topic {topic!r} is not a {kind} topic of fleet {self.fleet!r}")
+        return device
+
+
+# ----------------------------------------------------------------------------- arrays
+def _encode_array(array: np.ndarray) -> msgpack.ExtType:
+    if array.dtype.kind == "O":
+        raise InvalidPayload("object arrays cannot be sent; convert to a numeric dtype")
+    wire = array.dtype.newbyteorder("<") if array.dtype.itemsize > 1 else array.dtype
+    code = _CODE_OF_DTYPE.get(wire)
+    if code is None:
+        raise InvalidPayload(
+            f"array dtype {array.dtype} cannot be sent; use one of {', '.join(ALLOWED_DTYPES)} "
+            f"(e.g. .astype(np.float32))"
+        )
+    if array.ndim > _MAX_NDIM:
+        raise InvalidPayload(f"array has {array.ndim} dimensions; at most {_MAX_NDIM} are supported")
+    data = np.ascontiguousarray(array, dtype=wire)
+    header = struct.pack(f"<BB{array.ndim}Q", code, array.ndim, *array.shape)
+    return msgpack.ExtType(_ARRAY_EXT, header + data.tobytes())
+
+
+def _decode_array(code: int, data: bytes) -> np.ndarray:
+    if code != _ARRAY_EXT:
+        raise MalformedMessage(f"unknown msgpack extension type {code}")
+    if len(data) < 2:
+        raise MalformedMessage("typed array header is truncated")
+    dtype = _DTYPE_CODES.get(data[0])
+    if dtype is None:
+        raise MalformedMessage(f"typed array has unknown dtype code {data[0]} (object dtype is never allowed)")
+    ndim = data[1]
+    if ndim > _MAX_NDIM:
+        raise MalformedMessage(f"typed array declares {ndim} dimensions; at most {_MAX_NDIM} are allowed")
+    header_len = 2 + 8 * ndim
+    if len(data) < header_len:
+        raise MalformedMessage("typed array shape is truncated")
+    shape = struct.unpack_from(f"<{ndim}Q", data, 2)
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(data) - header_len:
+        raise MalformedMessage(
+            f"typed array of shape {shape} and dtype {dtype.name} needs {expected} bytes, "
+            f"message carries {len(data) - header_len}"
+        )
+    array = np.frombuffer(data, dtype=dtype, offset=header_len).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+# ----------------------------------------------------------------------------- payload values
+def _check_value(value: Any, path: str, depth: int = 0) -> Any:
+    """Validate one payload value (used on both encode and decode); return it, frozen."""
+    if value is None or isinstance(value, (bool, int, str, np.ndarray)):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if not (item is None or isinstance(item, (bool, int, float, str))):
+                raise InvalidPayload(f"{path}[{i}] is a {type(item).__name__}; lists hold only scalars and strings")
+        return tuple(value)
+    if isinstance(value, Mapping):
+        if depth >= _MAX_DEPTH:
+            raise InvalidPayload(f"{path} nests maps deeper than {_MAX_DEPTH} levels")
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidPayload(f"{path} has a non-string key {key!r}")
+            out[key] = _check_value(item, f"{path}.{key}", depth + 1)
+        return MappingProxyType(out)
+    raise InvalidPayload(f"{path} is a {type(value).__name__}, which the protocol cannot carry")
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return _encode_array(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {key: _to_wire(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_wire(item) for item in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- schema helpers
+def _int(value: Any, name: str, *, minimum: int | None = 0) -> int:
+    if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
+        raise InvalidPayload(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise InvalidPayload(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(value: Any, name: str, *, minimum: float | None = None, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidPayload(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InvalidPayload(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise InvalidPayload(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise InvalidPayload(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _strings(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidPayload(f"{name} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _array(value: Any, name: str, *, ndim: int, floating: bool = True, finite: bool = True) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise InvalidPayload(f"{name} must be a typed array, got {type(value).__name__}")
+    if value.ndim != ndim:
+        raise InvalidPayload(f"{name} must be {ndim}-D, got shape {value.shape}")
+    if floating and value.dtype.kind != "f":
+        raise InvalidPayload(f"{name} must be float32 or float64, got {value.dtype}")
+    if finite and value.dtype.kind == "f" and not np.isfinite(value.sum()):
+        bad = int(np.count_nonzero(~np.isfinite(value)))
+        if bad:
+            raise InvalidPayload(f"{name} contains {bad} NaN/inf values")
+    return value
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
+
+
+# ----------------------------------------------------------------------------- payload schemas
+@dataclass(frozen=True, eq=False)
+class Task:
+    """Round task, coordinator -> devices (retained on ``task``).
+
+    ``model`` is the flat parameter vector of :mod:`biofed.kernels.training` (layout fixed
+    by ``len(classes)`` and ``hidden``; the input dimension is the basis rank). Devices not
+    in ``participants`` skip the round (empty = everybody). ``deadline`` is absolute unix
+    time; updates arriving later are dropped.
+
+    DP: ``trust_mode`` ``"central"`` (devices clip, coordinator noises), ``"local"`` (device
+    clips and adds Gaussian noise of std ``noise_multiplier * clip_norm`` itself) or
+    ``"distributed"`` (each device adds its share of the noise). With
+    ``adaptive_clipping`` the device reports ``Update.norm_bit``.
+    """
+
+    KIND: ClassVar[str] = "task"
+    round: int
+    model: np.ndarray
+    basis_version: int
+    classes: tuple[str, ...]
+    deadline: float
+    hidden: int = 0
+    trust_mode: str = "central"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    adaptive_clipping: bool = False
+    local_epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    l2: float = 0.0
+    prox_mu: float = 0.0
+    participants: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "Task.round"))
+        _set(self, "model", _array(self.model, "Task.model", ndim=1))
+        _set(self, "basis_version", _int(self.basis_version, "Task.basis_version"))
+        _set(self, "classes", _strings(self.classes, "Task.classes"))
+        if len(self.classes) < 2:
+            raise InvalidPayload(f"Task.classes needs at least 2 class names, got {self.classes}")
+        _set(self, "deadline", _float(self.deadline, "Task.deadline", minimum=0.0))
+        _set(self, "hidden", _int(self.hidden, "Task.hidden"))
+        _set(self, "trust_mode", _choice(self.trust_mode, "Task.trust_mode", TRUST_MODES))
+        _set(self, "clip_norm", _float(self.clip_norm, "Task.clip_norm", minimum=0.0))
+        if self.clip_norm <= 0:
+            raise InvalidPayload(f"Task.clip_norm must be > 0, got {self.clip_norm}")
+        _set(self, "noise_multiplier", _float(self.noise_multiplier, "Task.noise_multiplier", minimum=0.0))
+        if not isinstance(self.adaptive_clipping, bool):
+            raise InvalidPayload(f"Task.adaptive_clipping must be a bool, got {self.adaptive_clipping!r}")
+        _set(self, "local_epochs", _int(self.local_epochs, "Task.local_epochs", minimum=1))
+        _set(self, "lr", _float(self.lr, "Task.lr", minimum=0.0))
+        _set(self, "batch_size", _int(self.batch_size, "Task.batch_size", minimum=1))
+        _set(self, "optimizer", _choice(self.optimizer, "Task.optimizer", OPTIMIZERS))
+        _set(self, "l2", _float(self.l2, "Task.l2", minimum=0.0))
+        _set(self, "prox_mu", _float(self.prox_mu, "Task.prox_mu", minimum=0.0))
+        _set(self, "participants", _strings(self.participants, "Task.participants"))
+        for device in self.participants:
+            validate_id(device)
+
+    def to_payload(self) -> dict[str, Any]:
+        return _fields_payload(self, skip=("round",))
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Task:
+        return _from_payload(cls, round, payload)
+
+
+@dataclass(frozen=True, eq=False)
+class UpdateMetrics:
+    """Device-side measurements sent with every update (all finite, >= 0)."""
+
+    loss: float
+    n_windows: int
+    rss_bytes: int
+    cpu_time_s: float
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("loss", "cpu_time_s"):
+            _set(self, name, _float(getattr(self, name), f"UpdateMetrics.{name}", minimum=0.0))
+        for name in ("n_windows", "rss_bytes", "bytes_sent", "bytes_received"):
+            _set(self, name, _int(getattr(self, name), f"UpdateMetrics.{name}"))
+
+
+@dataclass(frozen=True, eq=False)
+class Update:
+    """Model update, device -> coordinator (``update/{device_id}``).
+
+    ``delta`` = local params - task params, already clipped to ``Task.clip_norm``
+    (``clipped`` says whether clipping changed it). ``norm_bit`` is 1 when the unclipped
+    norm was <= clip norm, 0 otherwise, None unless the task asked for adaptive clipping.
+    """
+
+    KIND: ClassVar[str] = "update"
+    round: int
+    basis_version: int
+    delta: np.ndarray
+    n_examples: int
+    clipped: bool
+    metrics: UpdateMetrics
+    norm_bit: int | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "Update.round"))
+        _set(self, "basis_version", _int(self.basis_version, "Update.basis_version"))
+        _set(self, "delta", _array(self.delta, "Update.delta", ndim=1))
+        _set(self, "n_examples", _int(self.n_examples, "Update.n_examples"))
+        if not isinstance(self.clipped, bool):
+            raise InvalidPayload(f"Update.clipped must be a bool, got {self.clipped!r}")
+        if isinstance(self.metrics, Mapping):
+            _set(self, "metrics", _metrics_from(self.metrics))
+        elif not isinstance(self.metrics, UpdateMetrics):
+            raise InvalidPayload(f"Update.metrics must be UpdateMetrics, got {type(self.metrics).__name__}")
+        if self.norm_bit is not None and (isinstance(self.norm_bit, bool) or self.norm_bit not in (0, 1)):
+            raise InvalidPayload(f"Update.norm_bit must be 0, 1 or None, got {self.norm_bit!r}")
+
+    def to_payload(self) -> dict[str, Any]:
+        payload = _fields_payload(self, skip=("round", "metrics"))
+        payload["metrics"] = {f.name: getattr(self.metrics, f.name) for f in fields(UpdateMetrics)}
+        return payload
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Update:
+        return _from_payload(cls, round, payload)
+
+
+def _metrics_from(value: Mapping[str, Any]) -> UpdateMetrics:
+    try:
+        return UpdateMetrics(**value)
+    except TypeError as exc:
+        raise InvalidPayload(f"Update.metrics: {exc}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """Global model after a round, coordinator -> devices (retained on ``model``).
+
+    ``epsilon`` is the privacy spent so far at the configured delta (None without DP).
+    """
+
+    KIND: ClassVar[str] = "model"
+    round: int
+    params: np.ndarray
+    basis_version: int
+    classes: tuple[str, ...]
+    hidden: int = 0
+    n_devices: int = 0
+    epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "Model.round"))
+        _set(self, "params", _array(self.params, "Model.params", ndim=1))
+        _set(self, "basis_version", _int(self.basis_version, "Model.basis_version"))
+        _set(self, "classes", _strings(self.classes, "Model.classes"))
+        _set(self, "hidden", _int(self.hidden, "Model.hidden"))
+        _set(self, "n_devices", _int(self.n_devices, "Model.n_devices"))
+        _set(self, "epsilon", _float(self.epsilon, "Model.epsilon", minimum=0.0, allow_none=True))
+
+    def to_payload(self) -> dict[str, Any]:
+        return _fields_payload(self, skip=("round",))
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Model:
+        return _from_payload(cls, round, payload)
+
+
+@dataclass(frozen=True, eq=False)
+class Basis:
+    """Shared feature basis, coordinator -> devices (retained on ``basis``).
+
+    Devices project standardized features: ``((X - mean) / scale) @ components.T``.
+    ``components`` is (k, d); ``mean`` and ``scale`` are (d,), scale > 0.
+    """
+
+    KIND: ClassVar[str] = "basis"
+    round: int
+    version: int
+    components: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    feature_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "Basis.round"))
+        _set(self, "version", _int(self.version, "Basis.version"))
+        _set(self, "components", _array(self.components, "Basis.components", ndim=2))
+        d = self.components.shape[1]
+        for name in ("mean", "scale"):
+            value = _array(getattr(self, name), f"Basis.{name}", ndim=1)
+            if value.shape != (d,):
+                raise InvalidPayload(f"Basis.{name} must have shape ({d},) to match components, got {value.shape}")
+            _set(self, name, value)
+        if np.any(self.scale <= 0):
+            raise InvalidPayload("Basis.scale must be > 0 everywhere")
+        _set(self, "feature_names", _strings(self.feature_names, "Basis.feature_names"))
+        if self.feature_names and len(self.feature_names) != d:
+            raise InvalidPayload(f"Basis.feature_names has {len(self.feature_names)} names for {d} features")
+
+    def to_payload(self) -> dict[str, Any]:
+        return _fields_payload(self, skip=("round",))
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Basis:
+        return _from_payload(cls, round, payload)
+
+
+@dataclass(frozen=True, eq=False)
+class Sketch:
+    """A device's contribution to a federated basis round (``sketch/{device_id}``).
+
+    ``sketch`` is the (ell, d) Frequent Directions sketch of the device's raw feature rows
+    (:func:`biofed.kernels.fd_update`); ``count``/``mean``/``m2`` are its
+    :class:`biofed.kernels.Moments`, so the coordinator can merge standardization
+    statistics and sketches of all devices.
+    """
+
+    KIND: ClassVar[str] = "sketch"
+    round: int
+    basis_version: int
+    sketch: np.ndarray
+    count: float
+    mean: np.ndarray
+    m2: np.ndarray
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "Sketch.round"))
+        _set(self, "basis_version", _int(self.basis_version, "Sketch.basis_version"))
+        _set(self, "sketch", _array(self.sketch, "Sketch.sketch", ndim=2))
+        _set(self, "count", _float(self.count, "Sketch.count", minimum=0.0))
+        d = self.sketch.shape[1]
+        for name in ("mean", "m2"):
+            value = _array(getattr(self, name), f"Sketch.{name}", ndim=1)
+            if value.shape != (d,):
+                raise InvalidPayload(f"Sketch.{name} must have shape ({d},) to match the sketch, got {value.shape}")
+            _set(self, name, value)
+
+    def to_payload(self) -> dict[str, Any]:
+        return _fields_payload(self, skip=("round",))
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Sketch:
+        return _from_payload(cls, round, payload)
+
+
+@dataclass(frozen=True, eq=False)
+class Status:
+    """Device liveness (retained on ``status/{device_id}``).
+
+    ``state`` is a short lowercase word: ``"online"``, ``"offline"`` (the MQTT last will,
+    see :func:`offline_status`), ``"idle"``, ``"training"`` ... ``round`` is the last round
+    the device saw.
+    """
+
+    KIND: ClassVar[str] = "status"
+    round: int
+    state: str
+    basis_version: int = 0
+    n_rows: int = 0
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "Status.round"))
+        if not isinstance(self.state, str) or _STATE_PATTERN.fullmatch(self.state) is None:
+            raise InvalidPayload(f"Status.state must be a lowercase word (a-z, '_'), got {self.state!r}")
+        _set(self, "basis_version", _int(self.basis_version, "Status.basis_version"))
+        _set(self, "n_rows", _int(self.n_rows, "Status.n_rows"))
+        if not isinstance(self.detail, str):
+            raise InvalidPayload(f"Status.detail must be a string, got {self.detail!r}")
+
+    def to_payload(self) -> dict[str, Any]:
+        return _fields_payload(self, skip=("round",))
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Status:
+        return _from_payload(cls, round, payload)
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """On-device predictions (``prediction/{device_id}``): class probabilities ``proba``
+    (N, len(classes)) of the windows ending at unix times ``t`` (N,), from model ``round``."""
+
+    KIND: ClassVar[str] = "prediction"
+    round: int
+    t: np.ndarray
+    proba: np.ndarray
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "Prediction.round"))
+        _set(self, "t", _array(self.t, "Prediction.t", ndim=1))
+        _set(self, "proba", _array(self.proba, "Prediction.proba", ndim=2))
+        _set(self, "classes", _strings(self.classes, "Prediction.classes"))
+        expected = (self.t.shape[0], len(self.classes))
+        if self.proba.shape != expected:
+            raise InvalidPayload(f"Prediction.proba must have shape {expected} (len(t), len(classes)), got {self.proba.shape}")
+
+    def to_payload(self) -> dict[str, Any]:
+        return _fields_payload(self, skip=("round",))
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Prediction:
+        return _from_payload(cls, round, payload)
+
+
+Payload: TypeAlias = Task | Update | Model | Basis | Sketch | Status | Prediction
+PAYLOAD_TYPES: Mapping[str, type] = MappingProxyType(
+    {cls.KIND: cls for cls in (Task, Update, Model, Basis, Sketch, Status, Prediction)}
+)
+
+
+def _fields_payload(obj: Any, skip: Sequence[str]) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
+
+
+def _from_payload(cls: type, round: int, payload: Mapping[str, Any]) -> Any:
+    schema = [f for f in fields(cls) if f.name != "round"]
+    unknown = set(payload) - {f.name for f in schema}
+    if unknown:
+        raise InvalidPayload(f"{cls.KIND} payload has unknown fields {sorted(unknown)}")
+    for f in schema:
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in payload:
+            raise InvalidPayload(f"{cls.KIND} payload lacks field {f.name!r}")
+    try:
+        return cls(round=round, **payload)
+    except TypeError as exc:
+        raise InvalidPayload(f"{cls.KIND} payload: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- envelope
+@dataclass(frozen=True, eq=False)
+class Message:
+    """A decoded, validated message. ``payload`` is the kind's schema object."""
+
+    version: int
+    kind: str
+    fleet: str
+    round: int
+    sender: str
+    message_id: str
+    created: float
+    payload: Payload = field(repr=False)
+
+
+def encode_message(
+    payload: Payload,
+    *,
+    fleet: str,
+    sender: str,
+    message_id: bytes | None = None,
+    created: float | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> bytes:
+    """Encode ``payload`` (a :class:`Task`, :class:`Update`, ...) into one message.
+
+    Parameters
+    ----------
+    payload : Task | Update | Model | Basis | Sketch | Status | Prediction
+        The kind is taken from its type; the envelope round from ``payload.round``.
+    fleet, sender : str
+        Fleet id and the sending device id (the coordinator uses its own id, e.g.
+        ``"coordinator"``).
+    message_id : bytes, optional
+        16 bytes; fresh random bytes by default. Re-sending the same message (a retry)
+        should reuse the id so receivers drop the duplicate.
+    created : float, optional
+        Unix time; now by default.
+    max_bytes : int
+        Refuse to produce a message larger than this (the receiver would drop it).
+
+    Returns
+    -------
+    bytes
+    """
+    kind = getattr(type(payload), "KIND", None)
+    if kind not in PAYLOAD_TYPES or not isinstance(payload, PAYLOAD_TYPES[kind]):
+        raise InvalidPayload(f"cannot encode a {type(payload).__name__}; pass one of {sorted(PAYLOAD_TYPES)} payloads")
+    validate_id(fleet, "fleet")
+    validate_id(sender, "sender")
+    message_id = os.urandom(_MESSAGE_ID_BYTES) if message_id is None else message_id
+    if not isinstance(message_id, bytes) or len(message_id) != _MESSAGE_ID_BYTES:
+        raise InvalidPayload(f"message_id must be {_MESSAGE_ID_BYTES} bytes, got {message_id!r}")
+    values = _check_value(payload.to_payload(), kind)
+    envelope = {
+        "v": SCHEMA_VERSION,
+        "k": kind,
+        "f": fleet,
+        "r": payload.round,
+        "s": sender,
+        "id": message_id,
+        "t": float(time.time() if created is None else created),
+        "p": _to_wire(values),
+    }
+    data = msgpack.packb(envelope, use_bin_type=True)
+    if len(data) > max_bytes:
+        raise MessageTooLarge(f"encoded {kind} message is {len(data)} bytes, above the {max_bytes}-byte limit")
+    return data
+
+
+def decode_message(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    fleet: str | None = None,
+    kinds: Sequence[str] | None = None,
+) -> Message:
+    """Decode and validate one message; every failure is a :class:`ProtocolError`.
+
+    Parameters
+    ----------
+    data : bytes
+        The MQTT payload.
+    max_bytes : int
+        Messages longer than this are rejected before any parsing (:class:`MessageTooLarge`).
+    fleet : str, optional
+        Expected fleet (:class:`WrongFleet` otherwise).
+    kinds : sequence of str, optional
+        Accepted kinds (:class:`UnexpectedKind` otherwise).
+
+    Returns
+    -------
+    Message
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedMessage(f"message must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise MessageTooLarge(f"message is {len(data)} bytes, above the {max_bytes}-byte limit")
+    try:
+        envelope = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            ext_hook=_decode_array,
+            max_bin_len=max_bytes,
+            max_ext_len=max_bytes,
+            max_str_len=min(max_bytes, _MAX_STR_LEN),
+            max_array_len=_MAX_ARRAY_LEN,
+            max_map_len=_MAX_MAP_LEN,
+        )
+    except ProtocolError:
+        raise
+    except ValueError as exc:  # msgpack reports both limit and format errors as ValueError
+        if "exceeds max" in str(exc):
+            raise MessageTooLarge(f"message declares a length above the limits: {exc}") from None
+        raise MalformedMessage(f"not a msgpack message: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
+        raise MalformedMessage(f"not a msgpack message: {type(exc).__name__}: {exc}") from None
+    return _validate_envelope(envelope, fleet=fleet, kinds=kinds)
+
+
+_ENVELOPE_KEYS = {"v", "k", "f", "r", "s", "id", "t", "p"}
+
+
+def _validate_envelope(envelope: Any, *, fleet: str | None, kinds: Sequence[str] | None) -> Message:
+    if not isinstance(envelope, dict):
+        raise MalformedMessage(f"message is a msgpack {type(envelope).__name__}, not an envelope map")
+    version = envelope.get("v")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise UnsupportedVersion(f"schema version {version!r} is not supported (this build speaks {SCHEMA_VERSION})")
+    if set(envelope) != _ENVELOPE_KEYS:
+        raise MalformedMessage(
+            f"envelope fields {sorted(envelope)} differ from the expected {sorted(_ENVELOPE_KEYS)}"
+        )
+    kind = envelope["k"]
+    if kind not in PAYLOAD_TYPES:
+        raise MalformedMessage(f"unknown message kind {kind!r}")
+    if kinds is not None and kind not in kinds:
+        raise UnexpectedKind(f"got a {kind} message, expected one of {tuple(kinds)}")
+    try:
+        message_fleet = validate_id(envelope["f"], "fleet")
+        sender = validate_id(envelope["s"], "sender")
+    except InvalidTopic as exc:
+        raise MalformedMessage(str(exc)) from None
+    if fleet is not None and message_fleet != fleet:
+        raise WrongFleet(f"message is for fleet {message_fleet!r}, this receiver serves {fleet!r}")
+    message_id = envelope["id"]
+    if not isinstance(message_id, bytes) or len(message_id) != _MESSAGE_ID_BYTES:
+        raise MalformedMessage(f"message id must be {_MESSAGE_ID_BYTES} bytes")
+    created = envelope["t"]
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+        raise MalformedMessage(f"created time must be a finite number, got {created!r}")
+    try:
+        round_ = _int(envelope["r"], "round")
+        if not isinstance(envelope["p"], dict):
+            raise InvalidPayload(f"payload must be a map, got {type(envelope['p']).__name__}")
+        values = _check_value(envelope["p"], kind)
+        payload = PAYLOAD_TYPES[kind].from_payload(round_, values)
+    except InvalidPayload as exc:
+        raise InvalidPayload(f"{kind} from {sender!r}: {exc}") from None
+    return Message(
+        version=version,
+        kind=kind,
+        fleet=message_fleet,
+        round=round_,
+        sender=sender,
+        message_id=message_id.hex(),
+        created=float(created),
+        payload=payload,
+    )
+
+
+def decode_topic_message(topics: Topics, topic: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Decode a message received on ``topic`` and check it belongs there.
+
+    The fleet must be ``topics.fleet``, the kind must be the topic's kind and, on
+    per-device topics, the envelope sender must be the device id in the topic
+    (:class:`SenderMismatch`), so one device cannot post updates as another through a
+    topic it may write to.
+    """
+    kind, device = topics.parse(topic)
+    message = decode_message(data, max_bytes=max_bytes, fleet=topics.fleet, kinds=(kind,))
+    if device is not None and message.sender != device:
+        raise SenderMismatch(f"message on {topic!r} claims sender {message.sender!r}")
+    return message
+
+
+def offline_status(*, fleet: str, device_id: str, round: int = 0) -> bytes:
+    """The encoded ``Status(state="offline")`` to register as a device's MQTT last will."""
+    return encode_message(Status(round=round, state="offline"), fleet=fleet, sender=device_id)
+
+
+# ----------------------------------------------------------------------------- idempotency
+class SeenMessageIds:
+    """Bounded LRU set of message ids, so QoS 1 redeliveries are processed once.
+
+    Thread-safe. ``add`` returns True the first time an id is seen, False for duplicates.
+    The oldest ids are forgotten beyond ``capacity``; size it above the number of
+    messages that can be in flight between a publish and its redelivery.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, message_id: str) -> bool:
+        with self._lock:
+            if message_id in self._ids:
+                self._ids.move_to_end(message_id)
+                return False
+            self._ids[message_id] = None
+            if len(self._ids) > self.capacity:
+                self._ids.popitem(last=False)
+            return True
+
+    def __contains__(self, message_id: object) -> bool:
+        with self._lock:
+            return message_id in self._ids
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+
+__all__ = [
+    "ALLOWED_DTYPES", "DEFAULT_MAX_BYTES", "KINDS", "PAYLOAD_TYPES", "SCHEMA_VERSION", "TRUST_MODES",
+    "Basis", "InvalidPayload", "InvalidTopic", "MalformedMessage", "Message", "MessageTooLarge", "Model",
+    "Payload", "Prediction", "ProtocolError", "SeenMessageIds", "SenderMismatch", "Sketch", "Status", "Task",
+    "Topics", "UnexpectedKind", "UnsupportedVersion", "Update", "UpdateMetrics", "WrongFleet",
+    "decode_message", "decode_topic_message", "encode_message", "offline_status", "validate_id",
+]
