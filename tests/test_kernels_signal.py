@@ -1,0 +1,474 @@
+"""Signal kernels (windowing, spectral, biosensor) against the naive references in naive_signal.py."""
+
+from __future__ import annotations
+
+import math
+
+import naive_signal as naive
+import numpy as np
+import pytest
+import scipy.signal
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from biofed.kernels import (
+    BIOSENSOR_FEATURES,
+    EEG_BANDS,
+    band_powers,
+    count_windows,
+    detect_peaks,
+    heart_rate_features,
+    log_band_energies,
+    sliding_windows,
+    window_statistics,
+)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261123)
+
+
+def ecg_like(fs, duration_s, rr_s, *, rng, noise=0.02, wander=0.5):
+    """Synthetic ECG: narrow R, P and T waves, baseline wander, noise; ``rr_s`` is one RR interval or a cycle of them."""
+    t = np.arange(int(duration_s * fs)) / fs
+    rr = np.resize(np.atleast_1d(rr_s), int(duration_s / min(np.atleast_1d(rr_s))) + 2)
+    beats = 0.4 + np.concatenate([[0.0], np.cumsum(rr)])
+    beats = beats[beats < duration_s - 0.4]
+    x = wander * np.sin(2 * np.pi * 0.3 * t) + noise * rng.standard_normal(t.size)
+    for b in beats:
+        x += 1.0 * np.exp(-0.5 * ((t - b) / 0.010) ** 2)  # R
+        x += 0.15 * np.exp(-0.5 * ((t - b + 0.16) / 0.020) ** 2)  # P
+        x += 0.30 * np.exp(-0.5 * ((t - b - 0.25) / 0.040) ** 2)  # T
+    return x, np.round(beats * fs).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# windowing
+
+
+def test_count_windows_values():
+    assert count_windows(1000, 500, 250) == 3
+    assert count_windows(500, 500, 1) == 1
+    assert count_windows(499, 500, 1) == 0
+    assert count_windows(0, 1, 1) == 0
+    assert count_windows(10, 3, 100) == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("window", "hop"), [(100, 50), (100, 100), (30, 70), (1, 1), (257, 13)])
+def test_sliding_windows_match_loop_copy(rng, dtype, window, hop):
+    x = rng.standard_normal((3, 1000)).astype(dtype)
+    w = sliding_windows(x, window, hop)
+    ref = naive.sliding_windows(x, window, hop)
+    assert w.dtype == dtype
+    assert w.shape == ref.shape == (count_windows(1000, window, hop), 3, window)
+    np.testing.assert_array_equal(w, ref)
+
+
+def test_sliding_windows_is_a_read_only_view(rng):
+    x = rng.standard_normal((2, 500))
+    w = sliding_windows(x, 100, 50)
+    assert np.shares_memory(w, x)
+    assert not w.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        w[0, 0, 0] = 1.0
+
+
+def test_sliding_windows_integer_input_becomes_float64():
+    w = sliding_windows(np.arange(20).reshape(2, 10), 4, 2)
+    assert w.dtype == np.float64
+    np.testing.assert_array_equal(w[1, 1], [12.0, 13.0, 14.0, 15.0])
+
+
+@pytest.mark.parametrize(("n_samples", "window", "hop"), [(99, 100, 1), (10, 11, 50), (1, 2, 1)])
+def test_sliding_windows_too_short_gives_zero_windows(n_samples, window, hop):
+    w = sliding_windows(np.ones((4, n_samples)), window, hop)
+    assert w.shape == (0, 4, window)
+
+
+def test_sliding_windows_pass_nan_through_but_reject_inf():
+    x = np.ones((1, 10))
+    x[0, 5] = np.nan
+    w = sliding_windows(x, 4, 2)
+    assert np.isnan(w).any(axis=(1, 2)).tolist() == [False, True, True, False]
+    x[0, 5] = np.inf
+    with pytest.raises(ValueError, match="inf"):
+        sliding_windows(x, 4, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_channels=st.integers(1, 4),
+    n_samples=st.integers(1, 300),
+    window=st.integers(1, 320),
+    hop=st.integers(1, 80),
+    dtype=st.sampled_from([np.float32, np.float64, np.int16]),
+)
+def test_sliding_windows_properties(n_channels, n_samples, window, hop, dtype):
+    x = (np.arange(n_channels * n_samples) % 97).reshape(n_channels, n_samples).astype(dtype)
+    w = sliding_windows(x, window, hop)
+    n = count_windows(n_samples, window, hop)
+    assert w.shape == (n, n_channels, window)
+    assert w.dtype == (np.float32 if dtype == np.float32 else np.float64)
+    if n:
+        np.testing.assert_array_equal(w[-1], x[:, (n - 1) * hop : (n - 1) * hop + window])
+        assert (n - 1) * hop + window <= n_samples < n * hop + window
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((np.ones(10), 2, 1), ValueError, "x must be 2-D"),
+        ((np.ones((1, 2, 10)), 2, 1), ValueError, "x must be 2-D"),
+        ((np.ones((2, 10)), 0, 1), ValueError, "window must be >= 1"),
+        ((np.ones((2, 10)), 2, 0), ValueError, "hop must be >= 1"),
+        ((np.ones((2, 10)), 2.5, 1), TypeError, "window must be an integer"),
+        ((np.ones((2, 0)), 2, 1), ValueError, "x is empty"),
+        ((np.ones((2, 10), dtype=complex), 2, 1), TypeError, "real numeric"),
+    ],
+)
+def test_sliding_windows_bad_input(args, error, match):
+    with pytest.raises(error, match=match):
+        sliding_windows(*args)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((-1, 2, 1), "n_samples must be >= 0"), ((10, 0, 1), "window must be >= 1"), ((10, 2, 0), "hop must be >= 1")],
+)
+def test_count_windows_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        count_windows(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# spectral: band_powers
+
+
+@pytest.mark.parametrize(("fs", "window", "nperseg"), [(500.0, 1000, None), (250.0, 500, None), (160.0, 320, 100), (100.0, 333, 65)])
+def test_band_powers_match_scipy_welch(rng, fs, window, nperseg):
+    x = rng.standard_normal((3, 4, window)) + 0.5
+    bands = EEG_BANDS if fs >= 100 else EEG_BANDS[:4]
+    expected_nperseg = nperseg or min(window, 2 ** math.ceil(math.log2(fs)))
+    ref = naive.band_powers(x, fs, bands, expected_nperseg)
+    np.testing.assert_allclose(band_powers(x, fs, bands, nperseg=nperseg), ref, rtol=1e-10)
+    np.testing.assert_allclose(band_powers(x, fs, bands, nperseg=nperseg, log=True), np.log10(ref), rtol=1e-10)
+
+
+def test_band_powers_float32_stays_float32(rng):
+    x = rng.standard_normal((2, 19, 1000))
+    out = band_powers(x.astype(np.float32), 500.0)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, naive.band_powers(x, 500.0, EEG_BANDS, 512), rtol=1e-4)
+
+
+def test_band_powers_on_strided_windows_and_zero_windows(rng):
+    x = rng.standard_normal((2, 3000))
+    w = sliding_windows(x, 1000, 250)
+    np.testing.assert_allclose(band_powers(w, 500.0), naive.band_powers(np.array(w), 500.0, EEG_BANDS, 512), rtol=1e-10)
+    assert band_powers(sliding_windows(x, 4000, 250), 500.0).shape == (0, 2, 5)
+
+
+def test_band_powers_sine_lands_in_its_band():
+    fs, amplitude = 500.0, 3.0
+    t = np.arange(2000) / fs
+    x = np.stack([amplitude * np.sin(2 * np.pi * f * t) for f in (2.5, 6.0, 10.5, 20.0, 40.0)])[None]
+    p = band_powers(x, fs)[0]
+    np.testing.assert_array_equal(np.argmax(p, axis=1), np.arange(5))
+    # a sinusoid's power A^2/2 sits (Hann leakage aside) in its band
+    np.testing.assert_allclose(p.max(axis=1), amplitude**2 / 2, rtol=0.02)
+
+
+def _eeg_like(rng, n_channels=19, n_samples=5000, fs=500.0):
+    """Synthetic twin of the eegmat crop: 1/f background, alpha burst, line noise, offsets."""
+    pink = np.cumsum(rng.standard_normal((n_channels, n_samples)), axis=1) * 0.05
+    t = np.arange(n_samples) / fs
+    alpha = 2.0 * np.sin(2 * np.pi * 10.2 * t) * (1 + np.sin(2 * np.pi * 0.2 * t))
+    return (pink + alpha + 0.3 * np.sin(2 * np.pi * 50 * t) + rng.standard_normal((n_channels, 1))) * 1e-5
+
+
+def _eegmat_crop(shared_datasets):
+    mne = pytest.importorskip("mne")
+    raw = mne.io.read_raw_edf(shared_datasets / "eegmat" / "Subject02_1.edf", preload=False, verbose="error")
+    picks = [name for name in raw.ch_names if name not in ("EEG A2-A1", "ECG ECG")]
+    assert len(picks) == 19 and raw.info["sfreq"] == 500.0
+    return raw.get_data(picks=picks, start=0, stop=5000)  # 10 s
+
+
+@pytest.mark.parametrize("source", ["real", "synthetic"])
+def test_band_powers_on_eeg_match_scipy_and_mne(request, rng, source):
+    x = _eegmat_crop(request.getfixturevalue("shared_datasets")) if source == "real" else _eeg_like(rng)
+    w = sliding_windows(x, 1000, 500)
+    out = band_powers(w, 500.0)
+    assert out.shape == (9, 19, 5)
+    np.testing.assert_allclose(out, naive.band_powers(np.array(w), 500.0, EEG_BANDS, 512), rtol=1e-6)
+    mne = pytest.importorskip("mne")
+    psd, freqs = mne.time_frequency.psd_array_welch(
+        np.array(w), 500.0, n_fft=512, n_per_seg=512, n_overlap=256, window="hann", average="mean", verbose="error"
+    )
+    df = freqs[1] - freqs[0]
+    ref = np.stack([psd[..., (freqs >= lo) & (freqs < hi)].sum(-1) * df for _, lo, hi in EEG_BANDS], -1)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    out32 = band_powers(w.astype(np.float32), 500.0, log=True)
+    np.testing.assert_allclose(out32, np.log10(ref), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"windows": np.full((1, 1, 100), np.nan)}, ValueError, "NaN or inf"),
+        ({"windows": np.r_[np.zeros(99), np.inf].reshape(1, 1, 100)}, ValueError, "NaN or inf"),
+        ({"windows": np.ones((1, 100))}, ValueError, "windows must be 3-D.*sliding_windows"),
+        ({"windows": np.ones((1, 1, 1))}, ValueError, "at least 2"),
+        ({"fs": 0.0}, ValueError, "fs must be a finite number > 0"),
+        ({"fs": -250.0}, ValueError, "fs must be a finite number > 0"),
+        ({"fs": "fast"}, TypeError, "fs must be a number"),
+        ({"bands": [("gamma", 30.0, 60.0)]}, ValueError, "'gamma'.*above the Nyquist frequency 50.0"),
+        ({"bands": [("alpha", 13.0, 8.0)]}, ValueError, r"'alpha': lo \(13.0 Hz\) must be < hi"),
+        ({"bands": [("alpha", 8.0, 8.0)]}, ValueError, "must be < hi"),
+        ({"bands": [("neg", -1.0, 8.0)]}, ValueError, ">= 0 Hz"),
+        ({"bands": []}, ValueError, "bands is empty"),
+        ({"bands": [(1.0, 4.0)]}, ValueError, r"\(name, lo_hz, hi_hz\)"),
+        ({"bands": 5}, TypeError, "sequence of"),
+        ({"bands": [("thin", 1.1, 1.2)]}, ValueError, "'thin'.*no frequency bin.*increase nperseg"),
+        ({"nperseg": 101}, ValueError, r"nperseg \(101\) exceeds the window length \(100"),
+        ({"nperseg": 1}, ValueError, "nperseg must be >= 2"),
+    ],
+)
+def test_band_powers_bad_input(kwargs, error, match):
+    args = {"windows": np.random.default_rng(0).standard_normal((1, 1, 100)), "fs": 100.0, "bands": EEG_BANDS[:4]}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        band_powers(args.pop("windows"), args.pop("fs"), args.pop("bands"), **args)
+
+
+# --------------------------------------------------------------------------------------------
+# spectral: log_band_energies
+
+
+@pytest.mark.parametrize(
+    ("fs", "window", "kwargs", "nperseg"),
+    [
+        (16000.0, 32000, {}, 512),
+        (8000.0, 4000, {"n_bands": 20, "fmin": 50.0, "fmax": 3000.0}, 256),
+        (1000.0, 2000, {"n_bands": 8, "scale": "linear"}, 32),
+        (4000.0, 600, {"n_bands": 10, "nperseg": 300}, 300),
+    ],
+)
+def test_log_band_energies_match_naive_filterbank(rng, fs, window, kwargs, nperseg):
+    x = rng.standard_normal((2, 2, window)) + 0.1
+    n_bands, fmin = kwargs.get("n_bands", 32), kwargs.get("fmin", 20.0)
+    fmax, scale = kwargs.get("fmax", fs / 2), kwargs.get("scale", "mel")
+    ref = naive.log_band_energies(x, fs, n_bands, fmin, fmax, nperseg, scale)
+    out = log_band_energies(x, fs, **kwargs)
+    assert out.shape == (2, 2, n_bands) and out.dtype == np.float64
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10)
+    out32 = log_band_energies(x.astype(np.float32), fs, **kwargs)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, ref, atol=1e-4)
+
+
+def test_log_band_energies_default_frame_grows_for_narrow_bands(rng):
+    # at 1 kHz with 32 mel bands from 20 Hz the lowest band is ~22 Hz wide: 32 ms frames
+    # (df = 31 Hz) would leave bands empty, so the frame grows to 64 samples
+    x = rng.standard_normal((1, 1, 2000))
+    np.testing.assert_allclose(log_band_energies(x, 1000.0), naive.log_band_energies(x, 1000.0, 32, 20.0, 500.0, 64), rtol=1e-10)
+
+
+@pytest.mark.parametrize("tone_hz", [150.0, 1000.0, 3500.0])
+def test_log_band_energies_pure_tone_lands_in_its_band(tone_hz):
+    fs, amplitude = 16000.0, 0.5
+    x = amplitude * np.sin(2 * np.pi * tone_hz * np.arange(32000) / fs)[None, None]
+    e = log_band_energies(x, fs)[0, 0]
+    edges = np.array(naive.filter_edges(32, 20.0, 8000.0))
+    assert int(np.argmax(e)) == int(np.argmin(np.abs(edges[1:-1] - tone_hz)))
+    # the tone's power A^2/2 is split between the (at most two) overlapping triangles
+    assert math.exp(e.max()) == pytest.approx(amplitude**2 / 2, rel=0.5)
+    # bands further than 3 bins (df = 31.25 Hz) from the tone only see Hann leakage
+    far = (edges[:-2] > tone_hz + 3 * 31.25) | (edges[2:] < tone_hz - 3 * 31.25)
+    assert far.sum() >= 20 and e[far].max() < e.max() - 5
+
+
+def test_log_band_energies_on_real_heart_sound(shared_datasets):
+    path = shared_datasets / "biosppy" / "pcg.txt"
+    header = path.read_text().splitlines()[1]
+    assert "Sampling Rate" in header
+    fs = float(header.split("=")[-1])
+    x = np.loadtxt(path)[None]
+    w = sliding_windows(x, int(2 * fs), int(fs))
+    out = log_band_energies(w, fs, n_bands=16)  # default frame at 1 kHz: 32 ms = 32 samples
+    np.testing.assert_allclose(out, naive.log_band_energies(np.array(w), fs, 16, 20.0, fs / 2, 32), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"windows": np.full((1, 1, 800), np.nan)}, ValueError, "NaN or inf"),
+        ({"windows": np.full((1, 1, 800), -np.inf)}, ValueError, "NaN or inf"),
+        ({"windows": np.ones(800)}, ValueError, "windows must be 3-D"),
+        ({"fs": 0.0}, ValueError, "fs must be a finite number > 0"),
+        ({"n_bands": 0}, ValueError, "n_bands must be >= 1"),
+        ({"n_bands": 2.0}, TypeError, "n_bands must be an integer"),
+        ({"fmax": 5000.0}, ValueError, r"fmax \(5000.0 Hz\) is above the Nyquist frequency 4000.0"),
+        ({"fmin": 3000.0, "fmax": 2000.0}, ValueError, r"fmin \(3000.0 Hz\) must be < fmax"),
+        ({"fmin": -5.0}, ValueError, "fmin must be a finite frequency >= 0"),
+        ({"fmin": "low"}, TypeError, "fmin and fmax must be numbers"),
+        ({"scale": "bark"}, ValueError, "scale must be one of"),
+        ({"n_bands": 200, "nperseg": 256}, ValueError, "bands contain no frequency bin.*Use fewer bands"),
+        ({"nperseg": 1000}, ValueError, "exceeds the window length"),
+    ],
+)
+def test_log_band_energies_bad_input(kwargs, error, match):
+    args = {"windows": np.random.default_rng(0).standard_normal((1, 1, 800)), "fs": 8000.0}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        log_band_energies(args.pop("windows"), args.pop("fs"), **args)
+
+
+# --------------------------------------------------------------------------------------------
+# biosensor
+
+
+def test_biosensor_feature_names():
+    assert BIOSENSOR_FEATURES == ("mean", "std", "slope", "min", "max", "heart_rate", "rmssd")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_window_statistics_match_numpy(rng, dtype):
+    t = np.arange(400) / 200.0
+    x = rng.standard_normal((5, 3, 400)) + 3.0 * t - 1.0
+    out = window_statistics(x.astype(dtype), 200.0)
+    assert out.shape == (5, 3, 5) and out.dtype == dtype
+    ref = naive.window_statistics(x.astype(dtype), 200.0)
+    np.testing.assert_allclose(out, ref, rtol=1e-10 if dtype == np.float64 else 1e-5, atol=1e-5)
+    assert np.allclose(out[..., 2], 3.0, atol=0.5)
+
+
+def test_window_statistics_edge_shapes():
+    out = window_statistics(np.array([[[7.0]]]), 10.0)
+    np.testing.assert_array_equal(out, [[[7.0, 0.0, 0.0, 7.0, 7.0]]])
+    assert window_statistics(np.ones((0, 2, 10)), 10.0).shape == (0, 2, 5)
+    np.testing.assert_allclose(window_statistics(np.full((1, 1, 50), 2.0), 5.0)[0, 0], [2, 0, 0, 2, 2], atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("prominence", [0.0, 0.3, 1.5])
+def test_detect_peaks_with_fixed_prominence_equals_scipy(seed, prominence):
+    fs = 250.0
+    x = np.cumsum(np.random.default_rng(seed).standard_normal(3000))
+    x = np.convolve(x, np.ones(9) / 9, mode="same")
+    ref = scipy.signal.find_peaks(x, distance=math.ceil(0.3 * fs), prominence=prominence, wlen=2 * round(fs) + 1)[0]
+    np.testing.assert_array_equal(detect_peaks(x, fs, prominence=prominence), ref)
+
+
+def test_detect_peaks_plateaus_and_edges():
+    x = np.array([5.0, 0.0, 1.0, 3.0, 3.0, 3.0, 0.0, 0.0, 2.0, 2.0, 0.0, 4.0])
+    ref = scipy.signal.find_peaks(x, distance=1, prominence=0.0, wlen=21)[0]
+    np.testing.assert_array_equal(detect_peaks(x, 10.0, min_distance_s=0.1, prominence=0.0), ref)
+    np.testing.assert_array_equal(ref, [4, 8])
+    assert detect_peaks(np.ones(100), 100.0).size == 0
+    assert detect_peaks(np.ones(1), 100.0).dtype == np.int64
+
+
+def test_detect_peaks_synthetic_ecg_finds_every_beat(rng):
+    fs = 360.0
+    x, beats = ecg_like(fs, 30.0, 60.0 / 72.0, rng=rng)
+    peaks = detect_peaks(x, fs)
+    assert peaks.dtype == np.int64
+    assert peaks.size == beats.size
+    assert np.max(np.abs(peaks - beats)) <= 2
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_heart_rate_features_at_known_bpm(rng, dtype):
+    fs = 250.0
+    x, _ = ecg_like(fs, 60.0, 60.0 / 72.0, rng=rng)
+    w = sliding_windows(x[None].astype(dtype), int(10 * fs), int(5 * fs))
+    out = heart_rate_features(w, fs)
+    assert out.shape == (w.shape[0], 1, 2) and out.dtype == dtype
+    np.testing.assert_allclose(out[..., 0], 72.0, atol=1.0)
+    assert np.all(out[..., 1] < 10.0)  # regular rhythm: RMSSD ~ sampling jitter only
+
+
+def test_heart_rate_features_rmssd_of_alternating_intervals(rng):
+    fs = 500.0
+    x, beats = ecg_like(fs, 20.0, [0.8, 0.9], rng=rng, noise=0.01)
+    out = heart_rate_features(x[None, None], fs)[0, 0]
+    hr, rmssd = naive.heart_rate(beats, fs)
+    assert out[0] == pytest.approx(hr, abs=0.5)
+    assert out[1] == pytest.approx(100.0, abs=5.0) and rmssd == pytest.approx(100.0, abs=5.0)
+
+
+def test_heart_rate_features_are_zero_with_too_few_peaks(rng):
+    fs = 100.0
+    one_beat, _ = ecg_like(fs, 1.2, 2.0, rng=rng, noise=0.0, wander=0.0)
+    two_beats, _ = ecg_like(fs, 2.0, 1.0, rng=rng, noise=0.0, wander=0.0)
+    flat = np.zeros(200)
+    # beats at samples 40 (one_beat) and 40, 140 (two_beats); windows of 120 samples
+    w = np.stack([np.stack([one_beat[:120], np.zeros(120)]), np.stack([two_beats[:120], two_beats[30:150]])])
+    out = heart_rate_features(w, fs)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out[0], [[0.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_array_equal(out[1, 0], [0.0, 0.0])
+    assert out[1, 1, 0] == pytest.approx(60.0, abs=1.0) and out[1, 1, 1] == 0.0
+    np.testing.assert_array_equal(heart_rate_features(flat[None, None], fs), [[[0.0, 0.0]]])
+    assert heart_rate_features(np.ones((0, 3, 10)), fs).shape == (0, 3, 2)
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")  # wfdb with pandas 3
+def test_real_ecg_beats_match_annotations(shared_datasets):
+    wfdb = pytest.importorskip("wfdb")
+    record = wfdb.rdrecord(str(shared_datasets / "wfdb" / "100"), sampto=180 * 360)
+    ann = wfdb.rdann(str(shared_datasets / "wfdb" / "100"), "atr", sampto=180 * 360)
+    fs = float(record.fs)
+    assert fs == 360.0
+    x = record.p_signal[:, 0]  # MLII
+    beats = ann.sample[np.isin(ann.symbol, list("NLRBAaJSVrFejnE/fQ"))]
+    peaks = detect_peaks(x, fs)
+    assert abs(peaks.size - beats.size) <= 0.02 * beats.size
+    matched = np.abs(peaks[:, None] - beats[None, :]).min(axis=1) <= 0.05 * fs
+    assert matched.mean() > 0.98
+    w = sliding_windows(x[None], int(10 * fs), int(10 * fs))
+    out = heart_rate_features(w, fs)
+    for i, (hr, rmssd) in enumerate(out[:, 0]):
+        in_window = beats[(beats >= i * 10 * fs) & (beats < (i + 1) * 10 * fs)] - i * 10 * fs
+        ref_hr, ref_rmssd = naive.heart_rate(in_window, fs)
+        assert hr == pytest.approx(ref_hr, rel=0.03)
+        assert rmssd == pytest.approx(ref_rmssd, abs=15.0)
+
+
+def test_real_ecg_text_matches_find_peaks_reference(shared_datasets):
+    path = shared_datasets / "biosppy" / "ecg.txt"
+    fs = float(path.read_text().splitlines()[1].split("=")[-1])
+    x = np.loadtxt(path)
+    peaks = detect_peaks(x, fs)
+    ref = scipy.signal.find_peaks(x, distance=0.3 * fs, prominence=0.4 * np.ptp(x))[0]
+    assert peaks.size == ref.size
+    assert np.max(np.abs(peaks - ref)) <= 0.01 * fs
+    out = heart_rate_features(x[None, None], fs)[0, 0]
+    assert out[0] == pytest.approx(naive.heart_rate(ref, fs)[0], rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: detect_peaks(np.r_[0.0, np.nan, 0.0], 100.0), ValueError, "NaN or inf"),
+        (lambda: detect_peaks(np.r_[0.0, np.inf, 0.0], 100.0), ValueError, "NaN or inf"),
+        (lambda: detect_peaks(np.ones((2, 10)), 100.0), ValueError, "x must be 1-D"),
+        (lambda: detect_peaks(np.ones(10), 0.0), ValueError, "fs must be a finite number > 0"),
+        (lambda: detect_peaks(np.ones(10), 100.0, min_distance_s=0.0), ValueError, "min_distance_s must be"),
+        (lambda: detect_peaks(np.ones(10), 100.0, prominence=-1.0), ValueError, "prominence must be a finite number >= 0"),
+        (lambda: detect_peaks(np.ones(10), 100.0, prominence="high"), TypeError, "prominence must be a number"),
+        (lambda: window_statistics(np.full((1, 1, 5), np.nan), 10.0), ValueError, "NaN or inf"),
+        (lambda: window_statistics(np.ones((1, 5)), 10.0), ValueError, "windows must be 3-D"),
+        (lambda: window_statistics(np.ones((1, 1, 5)), -1.0), ValueError, "fs must be a finite number > 0"),
+        (lambda: window_statistics(np.ones((1, 1, 0)), 10.0), ValueError, "windows is empty"),
+        (lambda: heart_rate_features(np.full((1, 1, 5), np.inf), 10.0), ValueError, "NaN or inf"),
+        (lambda: heart_rate_features(np.ones(5), 10.0), ValueError, "windows must be 3-D"),
+        (lambda: heart_rate_features(np.ones((1, 1, 5)), float("nan")), ValueError, "fs must be a finite number > 0"),
+    ],
+)
+def test_biosensor_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
