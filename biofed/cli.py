@@ -17,6 +17,7 @@ from biofed import __version__
 COMMANDS: dict[str, str] = {
     "bench": "biofed.bench:bench_command",
     "broker": "biofed.broker:broker_command",
+    "privacy": "biofed.coordinator.privacy_cli:privacy_command",
 }
 
 

@@ -1,0 +1,277 @@
+"""Clipping and Gaussian-noise math for client-level differential privacy.
+
+Pure functions in the style of Flower's ``common/differential_privacy.py``
+(``compute_clip_model_update``, ``compute_stdv``) plus the adaptive clipping rule of
+Andrew et al. [1]_. Nothing here keeps global state; every noisy function takes a
+:class:`numpy.random.Generator`.
+
+Randomness
+----------
+Production code never passes a seeded generator: ``rng=None`` draws a fresh generator
+seeded with 128 bits from the operating system (:func:`secure_rng`). Tests pass their
+own generator to get reproducible draws. NumPy's Gaussian sampler is a floating-point
+sampler, not a constant-time discrete Gaussian: it protects against the federation's
+threat model (an honest-but-curious reader of the released model), not against an
+attacker inspecting the low-order bits of released floats.
+
+References
+----------
+.. [1] G. Andrew, O. Thakkar, H. B. McMahan, S. Ramaswamy, "Differentially private
+   learning with adaptive clipping", NeurIPS 2021, arXiv:1905.03871.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdaptiveClipping",
+    "add_gaussian_noise",
+    "central_noise_std",
+    "clip_update",
+    "delta_noise_multiplier",
+    "secure_rng",
+]
+
+
+def secure_rng(rng: np.random.Generator | None = None) -> np.random.Generator:
+    """Return ``rng``, or a new generator seeded with 128 bits of OS entropy.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator or None
+        A generator to use as is (tests), or None for a fresh, unpredictable one.
+
+    Returns
+    -------
+    numpy.random.Generator
+    """
+    if rng is None:
+        return np.random.default_rng(secrets.randbits(128))
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}. "
+            "Pass np.random.default_rng(...) in tests and None in production."
+        )
+    return rng
+
+
+def _check_nonnegative(value, name: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
+    if not math.isfinite(out) or out < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return out
+
+
+def _check_positive(value, name: str) -> float:
+    out = _check_nonnegative(value, name)
+    if out == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+    return out
+
+
+def _check_vector(vector, name: str) -> np.ndarray:
+    arr = np.asarray(vector)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}.")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D parameter vector (P,), got shape {arr.shape}.")
+    arr = np.asarray(arr, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
+    if not np.isfinite(arr.sum()):
+        raise ValueError(
+            f"{name} contains {int((~np.isfinite(arr)).sum())} NaN or inf value(s); "
+            "a device update must be finite."
+        )
+    return arr
+
+
+def clip_update(delta, clip_norm: float) -> tuple[np.ndarray, float]:
+    """Scale an update so that its L2 norm is at most ``clip_norm``.
+
+    Parameters
+    ----------
+    delta : array-like, shape (P,)
+        A device's model update (new parameters minus global parameters).
+    clip_norm : float
+        The L2 bound C > 0.
+
+    Returns
+    -------
+    clipped : ndarray, shape (P,)
+        ``delta * min(1, C / ||delta||)`` (a new array; float32 stays float32).
+    norm : float
+        ``||delta||`` before clipping; ``norm <= C`` is the device's clipped-count bit.
+    """
+    arr = _check_vector(delta, "delta")
+    c = _check_positive(clip_norm, "clip_norm")
+    norm = float(np.linalg.norm(arr))
+    scale = min(1.0, c / norm) if norm > 0 else 1.0
+    return (arr * arr.dtype.type(scale)).astype(arr.dtype, copy=False), norm
+
+
+def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
+    """Standard deviation ``z * C`` of the Gaussian noise added to a sum of clipped updates.
+
+    Divide by the number of aggregated updates for the noise on their mean.
+    """
+    return _check_nonnegative(noise_multiplier, "noise_multiplier") * _check_positive(clip_norm, "clip_norm")
+
+
+def add_gaussian_noise(vector, std: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Return ``vector + N(0, std^2 I)`` (float64).
+
+    Parameters
+    ----------
+    vector : array-like, shape (P,)
+    std : float
+        Noise standard deviation >= 0 (0 returns a float64 copy).
+    rng : numpy.random.Generator or None
+        None (production) draws from :func:`secure_rng`.
+    """
+    arr = _check_vector(vector, "vector").astype(np.float64)
+    s = _check_nonnegative(std, "std")
+    if s == 0:
+        return arr.copy()
+    return arr + secure_rng(rng).normal(0.0, s, size=arr.shape)
+
+
+def delta_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
+    """Noise multiplier left for the model update once the clipped-count query is paid for.
+
+    Andrew et al. [1]_ (Theorem 1) release the update sum with multiplier ``z_delta`` and
+    the centred clipped-count sum (sensitivity 1/2) with noise ``sigma_b``; together they
+    form one Gaussian mechanism of multiplier ``z`` when
+
+        z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2).
+
+    The privacy ledger records ``z``; the update noise uses ``z_delta * C``.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        The overall target z > 0 of the round.
+    count_noise_std : float
+        sigma_b, the std of the noise on the clipped-count sum; must exceed ``z / 2``.
+
+    Returns
+    -------
+    float
+        ``z_delta`` (> z).
+
+    Raises
+    ------
+    ValueError
+        When ``2 sigma_b <= z``: the count query alone would spend the whole budget.
+    """
+    z = _check_positive(noise_multiplier, "noise_multiplier")
+    sigma_b = _check_positive(count_noise_std, "count_noise_std")
+    remaining = z**-2 - (2.0 * sigma_b) ** -2
+    if remaining <= 0:
+        raise ValueError(
+            f"count_noise_std={sigma_b!r} is too small for noise_multiplier={z!r}: the clipped-count "
+            f"query needs 2 * count_noise_std > noise_multiplier (here {2 * sigma_b:g} <= {z:g}), "
+            "otherwise no noise budget is left for the model update. Increase count_noise_std "
+            "(Andrew et al. use about n_expected / 20)."
+        )
+    return remaining**-0.5
+
+
+class AdaptiveClipping:
+    """Geometric clip-norm update tracking a target quantile of update norms [1]_.
+
+    Each round every device reports ``b_i = 1[||delta_i|| <= C]``. The server estimates
+    the fraction of unclipped updates from the centred, noised sum
+
+        b_bar = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / n_expected + 1/2
+
+    and moves the clip norm ``C <- C * exp(-eta * (b_bar - gamma))``. The centring by
+    1/2 (as in Andrew et al. and TensorFlow Privacy's ``QuantileEstimatorQuery``) keeps
+    the add/remove sensitivity of the count at 1/2, which is what
+    :func:`delta_noise_multiplier` assumes; when ``n_expected`` equals the number of
+    reports it equals ``(sum_i b_i + N(0, sigma_b^2)) / n_expected``.
+
+    Parameters
+    ----------
+    initial_clip : float
+        Starting clip norm C_0 > 0.
+    target_quantile : float
+        gamma in (0, 1): the fraction of updates that should end up unclipped.
+    learning_rate : float
+        eta > 0 of the geometric update (0.2 in the paper).
+    count_noise_std : float
+        sigma_b >= 0. Zero releases the count without noise (no DP for the count: only
+        for non-private runs).
+    rng : numpy.random.Generator or None
+        None (production) draws from :func:`secure_rng`.
+
+    Attributes
+    ----------
+    clip : float
+        The current clip norm.
+    """
+
+    def __init__(
+        self,
+        initial_clip: float,
+        target_quantile: float,
+        learning_rate: float = 0.2,
+        count_noise_std: float = 0.0,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.clip = _check_positive(initial_clip, "initial_clip")
+        gamma = float(target_quantile)
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"target_quantile must be in (0, 1), got {target_quantile!r}.")
+        self.target_quantile = gamma
+        self.learning_rate = _check_positive(learning_rate, "learning_rate")
+        self.count_noise_std = _check_nonnegative(count_noise_std, "count_noise_std")
+        self._rng = secure_rng(rng)
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveClipping(clip={self.clip:g}, target_quantile={self.target_quantile:g}, "
+            f"learning_rate={self.learning_rate:g}, count_noise_std={self.count_noise_std:g})"
+        )
+
+    def delta_noise_multiplier(self, noise_multiplier: float) -> float:
+        """:func:`delta_noise_multiplier` with this estimator's ``count_noise_std``."""
+        return delta_noise_multiplier(noise_multiplier, self.count_noise_std)
+
+    def update(self, clipped_bits, n_expected: int) -> float:
+        """Fold one round of clipped-count bits into the clip norm.
+
+        Parameters
+        ----------
+        clipped_bits : array-like of {0, 1} or bool, shape (n,)
+            ``1`` where a device's update norm was <= the current clip.
+        n_expected : int
+            Denominator of the estimate (expected number of reports, >= 1).
+
+        Returns
+        -------
+        float
+            The new clip norm (also stored in ``self.clip``).
+        """
+        bits = np.asarray(clipped_bits)
+        if bits.ndim != 1:
+            raise ValueError(f"clipped_bits must be 1-D (one bit per device), got shape {bits.shape}.")
+        if bits.dtype.kind not in "biuf" or not np.all((bits == 0) | (bits == 1)):
+            raise ValueError("clipped_bits must hold only 0/1 (or booleans), one per reporting device.")
+        if isinstance(n_expected, bool) or not isinstance(n_expected, (int, np.integer)) or n_expected < 1:
+            raise ValueError(f"n_expected must be an integer >= 1, got {n_expected!r}.")
+        centred = float(bits.astype(np.float64).sum()) - 0.5 * bits.size
+        if self.count_noise_std > 0:
+            centred += float(self._rng.normal(0.0, self.count_noise_std))
+        b_bar = centred / int(n_expected) + 0.5
+        self.clip = float(self.clip * math.exp(-self.learning_rate * (b_bar - self.target_quantile)))
+        logger.debug("adaptive clipping: b_bar=%.4f -> clip=%.6g", b_bar, self.clip)
+        return self.clip
