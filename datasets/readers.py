@@ -439,12 +439,16 @@ def _interpolate_gaps(x: np.ndarray) -> np.ndarray:
 
 
 def _read_wfdb(path: Path, *, sfreq, modality) -> Recording:
-    import wfdb
-
     record = path.with_suffix("")
     if not record.with_suffix(".hea").is_file():
         raise RecordingError(path, f"WFDB header {record.name}.hea not found beside the signal file.")
-    rec = wfdb.rdrecord(str(record))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # wfdb's pandas usage, not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        import wfdb
+
+        rec = wfdb.rdrecord(str(record))
+        ann = wfdb.rdann(str(record), "atr") if record.with_suffix(".atr").is_file() else None
     if rec.p_signal is None or rec.p_signal.size == 0:
         raise RecordingError(path, "the WFDB record holds no samples.")
     fs = float(rec.fs)
@@ -479,8 +483,7 @@ def _read_wfdb(path: Path, *, sfreq, modality) -> Recording:
         runs = _nan_runs(gaps.any(axis=0))
         logger.info("%s: interpolated %d NaN gap(s) (%d samples)", path, len(runs), int(gaps.any(axis=0).sum()))
         annotations += [Annotation(a / fs, (b - a) / fs, "BAD_gap") for a, b in runs]
-    if record.with_suffix(".atr").is_file():
-        ann = wfdb.rdann(str(record), "atr")
+    if ann is not None:
         for sample, symbol, aux in zip(ann.sample, ann.symbol, ann.aux_note):
             aux = (aux or "").strip("\x00 ")
             label = aux if symbol == "+" and aux else symbol  # '+' marks a rhythm change, e.g. "(N"
@@ -514,9 +517,9 @@ def _read_wav(path: Path, *, sfreq, modality) -> Recording:
         values = data.astype(np.float64) / float(2 ** (8 * data.dtype.itemsize - 1))
     else:
         raise RecordingError(path, f"unsupported WAV sample type {data.dtype}.")
-    values = values.reshape(len(values), -1).T
-    if values.shape[1] == 0:
+    if values.size == 0:
         raise RecordingError(path, "the WAV file holds no samples.")
+    values = values.reshape(len(values), -1).T
     n = values.shape[0]
     names = ["audio"] if n == 1 else [f"audio_{i + 1}" for i in range(n)]
     signal = _make_signal(path, values, float(rate), names, ["audio"] * n, ["NU"] * n)
