@@ -3,7 +3,10 @@
 - :func:`start_embedded_broker` runs amqtt (MQTT 3.1.1 only) in a background thread with
   its own asyncio loop, on loopback. Good for tests, demos and a laptop fleet. amqtt 0.12
   has no message size limit of its own (it reads a packet's declared remaining length
-  with ``readexactly``), so multi-megabyte updates pass; nothing needs raising.
+  with ``readexactly``), so multi-megabyte updates pass; nothing needs raising. Clients
+  must send a user name (any; :class:`biofed.mqtt.MqttClient` sends its client id):
+  amqtt queues QoS 1 messages for offline persistent sessions only when they are not
+  anonymous.
 - :func:`write_mosquitto_config` / :func:`start_mosquitto` run a real Mosquitto (MQTT 5)
   with limits fit for federated learning: Mosquitto's default ``max_queued_messages`` of
   1000 silently drops QoS 1 messages for a slow or offline subscriber, so it is raised to
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -98,8 +103,10 @@ class EmbeddedBroker:
 def _amqtt_config(host: str, port: int) -> dict:
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        # Only anonymous auth: no $SYS publisher, no per-packet debug logger.
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        # amqtt keeps no offline QoS 1 messages for anonymous sessions (it marks every session
+        # anonymous when allow_anonymous is on), so it is off: any client that sends a user name
+        # is accepted, and biofed.mqtt always sends one. No $SYS publisher, no packet logger.
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}},
     }
 
 
@@ -174,6 +181,9 @@ def write_mosquitto_config(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     lines = [
         "# written by biofed.broker.write_mosquitto_config",
+        # Started as root, mosquitto would switch to user "mosquitto", which cannot write
+        # the persistence and log files in `directory`; stay the user who started it.
+        f"user {pwd.getpwuid(os.getuid()).pw_name}",
         "per_listener_settings false",
         f"listener {port} {host}",
         "protocol mqtt",
@@ -269,10 +279,16 @@ def start_mosquitto(
     binary = mosquitto_binary()
     port = port or free_port(host)
     conf = write_mosquitto_config(directory, port, host=host, **config)
-    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Own session: a Ctrl-C in the terminal reaches only the caller, which then stops us.
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
     try:
         wait_for_port(host, port, timeout_s, process)
-    except BrokerError as exc:
+    except BaseException as exc:
+        if not isinstance(exc, BrokerError):  # e.g. KeyboardInterrupt: never leak the process
+            process.kill()
+            process.wait()
+            raise
         if process.poll() is None:
             process.kill()
         _, stderr = process.communicate(timeout=timeout_s)
@@ -295,6 +311,7 @@ def start_mosquitto(
 def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | None) -> None:
     """Run an MQTT broker for a biofed fleet until Ctrl-C."""
     with tempfile.TemporaryDirectory(prefix="biofed-broker-") as scratch:
+        running: EmbeddedBroker | MosquittoBroker | None = None
         try:
             if use_mosquitto:
                 running = start_mosquitto(directory or Path(scratch), port, host=host)
@@ -302,13 +319,13 @@ def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | 
             else:
                 running = start_embedded_broker(host, port)
                 click.echo(f"amqtt broker (MQTT 3.1.1) listening on {running.host}:{running.port}; Ctrl-C stops it")
-        except BrokerError as exc:
-            raise click.ClickException(str(exc)) from None
-        try:
             while running.alive:
                 time.sleep(0.5)
             raise click.ClickException("the broker stopped unexpectedly; run with -vv for its log")
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
             click.echo("stopping broker")
         finally:
-            running.stop()
+            if running is not None:
+                running.stop()

@@ -113,6 +113,9 @@ class MqttClient:
         QoS 1 messages sent but not yet acknowledged at any time.
     random_state : int, numpy.random.Generator or None
         Source of the reconnect jitter.
+    username, password : str, optional
+        Credentials; the user name defaults to ``client_id`` (the embedded amqtt broker
+        keeps offline messages only for sessions with a user name).
     """
 
     def __init__(
@@ -133,6 +136,8 @@ class MqttClient:
         reconnect_max_delay_s: float = 60.0,
         max_inflight: int = 64,
         random_state: int | np.random.Generator | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -156,6 +161,7 @@ class MqttClient:
         self.connect_timeout_s = connect_timeout_s
         self.v5_probe_timeout_s = v5_probe_timeout_s
         self.max_inflight = max_inflight
+        self._credentials = (username or client_id, password)
         jitter = 1.0 + np.random.default_rng(random_state).random()
         self._reconnect_delays = (reconnect_min_delay_s * jitter, reconnect_max_delay_s * jitter)
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
@@ -319,6 +325,7 @@ class MqttClient:
             **kwargs,
         )
         client.enable_logger(logger)
+        client.username_pw_set(*self._credentials)
         client.reconnect_delay_set(*self._reconnect_delays)
         client.max_inflight_messages_set(self.max_inflight)
         client.max_queued_messages_set(0)  # unbounded: QoS 1 uploads are never dropped locally

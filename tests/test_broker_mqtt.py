@@ -1,0 +1,254 @@
+"""Integration tests: biofed.mqtt clients through the embedded amqtt broker and Mosquitto."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from brokers import amqtt_broker, mosquitto_broker, require_mosquitto  # noqa: F401  (fixtures)
+
+from biofed.broker import free_port, write_mosquitto_config
+from biofed.mqtt import ConnectError, MqttClient, Will
+from biofed.protocol import (
+    Model,
+    Status,
+    Topics,
+    Update,
+    UpdateMetrics,
+    decode_topic_message,
+    encode_message,
+    offline_status,
+)
+
+TOPICS = Topics("testfleet")
+BROKERS = [
+    pytest.param(("amqtt_broker", "3.1.1"), id="amqtt-3.1.1"),
+    pytest.param(("mosquitto_broker", "5"), id="mosquitto-5", marks=pytest.mark.mosquitto),
+]
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request):
+    """(broker, protocol) for each broker under test."""
+    name, protocol = request.param
+    return request.getfixturevalue(name), protocol
+
+
+@pytest.fixture
+def clients():
+    """Factory of connected MqttClients, all closed in teardown."""
+    made = []
+
+    def make(broker, protocol, client_id, **kwargs):
+        client = MqttClient(broker.host, broker.port, client_id, protocol=protocol, **kwargs).connect()
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def _drain(client, n, timeout_s=30.0):
+    """Receive up to n messages, waiting at most timeout_s overall."""
+    got = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n and time.monotonic() < deadline:
+        message = client.receive(timeout_s=0.5)
+        if message is not None:
+            got.append(message)
+    return got
+
+
+def test_2000_qos1_messages_all_arrive(broker, clients):
+    server, protocol = broker
+    sub = clients(server, protocol, "coordinator")
+    assert sub.protocol_version == protocol
+    sub.subscribe(TOPICS.all_devices("update"))
+    pub = clients(server, protocol, "dev-1")
+    infos = [pub.publish(TOPICS.update("dev-1"), b"%d" % i, wait=False) for i in range(2000)]
+    for info in infos:
+        info.wait_for_publish(30)
+    got = _drain(sub, 2000)
+    assert sorted(int(m.payload) for m in got) == list(range(2000))
+    assert {m.topic for m in got} == {"biofed/testfleet/update/dev-1"}
+    assert sub.receive(timeout_s=0.2) is None
+
+
+def test_one_megabyte_update_passes(broker, clients):
+    server, protocol = broker
+    sub = clients(server, protocol, "coordinator")
+    sub.subscribe(TOPICS.all_devices("update"))
+    pub = clients(server, protocol, "dev-1")
+    delta = np.random.default_rng(0).normal(size=125_000)
+    metrics = UpdateMetrics(loss=0.3, n_windows=100, rss_bytes=50_000_000, cpu_time_s=1.5)
+    data = encode_message(Update(round=1, basis_version=1, delta=delta, n_examples=100, clipped=True,
+                                 metrics=metrics), fleet="testfleet", sender="dev-1")
+    assert len(data) > 1_000_000
+    pub.publish(TOPICS.update("dev-1"), data)
+    (received,) = _drain(sub, 1)
+    message = decode_topic_message(TOPICS, received.topic, received.payload)
+    np.testing.assert_array_equal(message.payload.delta, delta)
+
+
+def test_retained_model_reaches_late_subscriber(broker, clients):
+    server, protocol = broker
+    coordinator = clients(server, protocol, "coordinator")
+    model = Model(round=4, params=np.arange(10.0), basis_version=2, classes=("rest", "arithmetic"))
+    coordinator.publish(TOPICS.model, encode_message(model, fleet="testfleet", sender="coordinator"), retain=True)
+    late = clients(server, protocol, "dev-late")
+    late.subscribe(TOPICS.model)
+    (received,) = _drain(late, 1)
+    assert received.retain
+    message = decode_topic_message(TOPICS, received.topic, received.payload)
+    assert message.round == 4
+    np.testing.assert_array_equal(message.payload.params, np.arange(10.0))
+
+
+def test_persistent_session_keeps_messages_while_offline(broker, clients):
+    server, protocol = broker
+    device = clients(server, protocol, "dev-sleepy")
+    device.subscribe(TOPICS.task)
+    device.close()
+    coordinator = clients(server, protocol, "coordinator")
+    for i in range(5):
+        coordinator.publish(TOPICS.task, b"task-%d" % i)
+    back = clients(server, protocol, "dev-sleepy")  # same client id, no new subscribe
+    got = _drain(back, 5)
+    assert [m.payload for m in got] == [b"task-%d" % i for i in range(5)]
+
+
+_CRASHING_DEVICE = textwrap.dedent(
+    """
+    import os, sys
+    from biofed.mqtt import MqttClient, Will
+    from biofed.protocol import Status, encode_message, offline_status
+    host, port, protocol = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    will = Will("biofed/testfleet/status/dev-crash", offline_status(fleet="testfleet", device_id="dev-crash", round=3))
+    client = MqttClient(host, port, "dev-crash", protocol=protocol, will=will).connect()
+    client.publish("biofed/testfleet/status/dev-crash",
+                   encode_message(Status(round=3, state="online"), fleet="testfleet", sender="dev-crash"), retain=True)
+    os._exit(0)  # vanish without DISCONNECT: the broker must publish the will
+    """
+)
+
+
+def test_last_will_on_abrupt_disconnect(broker, clients):
+    server, protocol = broker
+    watcher = clients(server, protocol, "coordinator")
+    watcher.subscribe(TOPICS.all_devices("status"))
+    subprocess.run([sys.executable, "-c", _CRASHING_DEVICE, server.host, str(server.port), protocol],
+                   check=True, timeout=60)
+    states = [decode_topic_message(TOPICS, m.topic, m.payload).payload for m in _drain(watcher, 2)]
+    assert [(s.state, s.round) for s in states] == [("online", 3), ("offline", 3)]
+    assert all(isinstance(s, Status) for s in states)
+
+
+def test_clean_close_sends_no_will(broker, clients):
+    server, protocol = broker
+    watcher = clients(server, protocol, "coordinator")
+    watcher.subscribe(TOPICS.all_devices("status"))
+    will = Will(TOPICS.status("dev-polite"), offline_status(fleet="testfleet", device_id="dev-polite"))
+    clients(server, protocol, "dev-polite", will=will).close()
+    watcher.publish(TOPICS.status("coordinator"), b"marker")
+    (first,) = _drain(watcher, 1)
+    assert first.payload == b"marker"
+
+
+def test_auto_protocol_falls_back_to_311_on_amqtt(amqtt_broker, clients):
+    client = clients(amqtt_broker, "auto", "dev-auto", v5_probe_timeout_s=0.5)
+    assert client.protocol_version == "3.1.1"
+
+
+@pytest.mark.mosquitto
+def test_auto_protocol_picks_5_on_mosquitto(mosquitto_broker, clients):
+    client = clients(mosquitto_broker, "auto", "dev-auto")
+    assert client.protocol_version == "5"
+
+
+@pytest.mark.mosquitto
+def test_v5_message_expiry_drops_stale_queued_message(mosquitto_broker, clients):
+    device = clients(mosquitto_broker, "5", "dev-away")
+    device.subscribe(TOPICS.task)
+    device.close()
+    coordinator = clients(mosquitto_broker, "5", "coordinator")
+    coordinator.publish(TOPICS.task, b"stale", expiry_s=1)
+    coordinator.publish(TOPICS.task, b"fresh", expiry_s=3600)
+    time.sleep(2.1)  # let the first message's expiry interval pass while the device is away
+    back = clients(mosquitto_broker, "5", "dev-away")
+    assert [m.payload for m in _drain(back, 2, timeout_s=2.0)] == [b"fresh"]
+
+
+def test_connect_to_closed_port_is_a_clear_error():
+    port = free_port()
+    with pytest.raises(ConnectError, match=f"cannot reach MQTT broker 127.0.0.1:{port}"):
+        MqttClient("127.0.0.1", port, "dev-1", protocol="3.1.1").connect()
+
+
+def test_client_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        MqttClient("127.0.0.1", 1883, "dev-1", protocol="4")
+    with pytest.raises(ValueError, match="client_id"):
+        MqttClient("127.0.0.1", 1883, "")
+    with pytest.raises(ValueError, match="reconnect_min_delay_s"):
+        MqttClient("127.0.0.1", 1883, "dev-1", reconnect_min_delay_s=5, reconnect_max_delay_s=1)
+
+
+def test_mosquitto_config_raises_queue_limits(tmp_path):
+    conf = write_mosquitto_config(tmp_path / "m", 18830)
+    lines = conf.read_text().splitlines()
+    assert "listener 18830 127.0.0.1" in lines
+    assert "max_queued_messages 100000" in lines
+    assert "allow_anonymous true" in lines
+    assert f"persistence_location {tmp_path / 'm'}/" in lines
+    with pytest.raises(ValueError, match="max_queued_messages must be a positive integer"):
+        write_mosquitto_config(tmp_path, 18830, max_queued_messages=0)
+
+
+def test_broker_cli_serves_until_interrupted():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = process.stdout.readline()  # printed once the broker listens
+        client = MqttClient("127.0.0.1", port, "dev-cli", protocol="3.1.1").connect()
+        client.publish(TOPICS.status("dev-cli"), b"x")
+        client.close()
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, out
+    assert f"listening on 127.0.0.1:{port}" in banner
+    assert "stopping broker" in out
+
+
+@pytest.mark.mosquitto
+def test_broker_cli_runs_mosquitto(tmp_path):
+    require_mosquitto()
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--mosquitto", "--port", str(port),
+                                "--dir", str(tmp_path / "m")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = process.stdout.readline()  # printed once mosquitto listens
+        client = MqttClient("127.0.0.1", port, "dev-cli", protocol="5").connect()
+        client.close()
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, out
+    assert f"mosquitto listening on 127.0.0.1:{port}" in banner
+    assert "stopping broker" in out
+    assert (tmp_path / "m" / "mosquitto.conf").is_file()
+    assert os.path.exists(tmp_path / "m" / "mosquitto.log")
