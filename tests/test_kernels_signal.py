@@ -214,6 +214,29 @@ def test_band_powers_on_eeg_match_scipy_and_mne(request, rng, source):
     np.testing.assert_allclose(out32, np.log10(ref), atol=1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n_windows=st.integers(0, 3),
+    n_channels=st.integers(1, 3),
+    window=st.integers(8, 300),
+    fs=st.sampled_from([100.0, 128.0, 250.0, 1000.0]),
+    dtype=st.sampled_from([np.float32, np.float64, np.int32]),
+    seed=st.integers(0, 2**16),
+)
+def test_band_powers_and_energies_properties(n_windows, n_channels, window, fs, dtype, seed):
+    x = (np.random.default_rng(seed).standard_normal((n_windows, n_channels, window)) * 100).astype(dtype)
+    out_dtype = np.float32 if dtype == np.float32 else np.float64
+    bands = (("low", 0.0, fs / 4), ("high", fs / 4, fs / 2))
+    p = band_powers(x, fs, bands)
+    e = log_band_energies(x, fs, n_bands=2, fmin=0.0, scale="linear")
+    assert p.shape == e.shape == (n_windows, n_channels, 2)
+    assert p.dtype == e.dtype == out_dtype
+    if n_windows:
+        nperseg = min(window, 2 ** math.ceil(math.log2(fs)))
+        ref = naive.band_powers(x.astype(np.float64), fs, bands, nperseg)
+        np.testing.assert_allclose(p, ref, rtol=1e-3 if dtype == np.float32 else 1e-9, atol=1e-6 * ref.max())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
