@@ -1,0 +1,160 @@
+"""biofed.config: TOML -> pydantic models, with readable errors naming file and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from biofed.config import (
+    BrokerConfig,
+    ConfigError,
+    CoordinatorConfig,
+    DeviceConfig,
+    load_config,
+)
+
+DEVICE = """
+device_id = "pi-01"
+fleet = "ward7"
+recordings = ["data/s00_1.edf", "/abs/s00_2.edf"]
+store_path = "state/features.sqlite"
+store_max_rows = 5000
+predict = true
+
+[broker]
+host = "10.0.0.2"
+port = 1884
+protocol = "3.1.1"
+
+[pipeline]
+window_s = 4.0
+hop_s = 2.0
+
+[training]
+lr = 0.01
+optimizer = "adam"
+"""
+
+COORDINATOR = """
+fleet = "ward7"
+rounds = 50
+min_devices = 3
+sampling_rate = 0.5
+round_deadline_s = 120
+state_dir = "state"
+
+[broker]
+protocol = 5
+
+[strategy]
+name = "fedadam"
+params = { server_lr = 0.01, beta1 = 0.9 }
+
+[model]
+classes = ["rest", "arithmetic"]
+hidden = 16
+
+[dp]
+trust_mode = "central"
+clip_norm = 0.5
+noise_multiplier = 1.1
+delta = 1e-6
+epsilon_budget = 8.0
+accountant = "pld"
+
+[dp.adaptive_clipping]
+target_quantile = 0.5
+learning_rate = 0.2
+bit_noise_std = 5.0
+"""
+
+
+def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_device_config_loads_and_resolves_paths(tmp_path):
+    config = load_config(_write(tmp_path, DEVICE), DeviceConfig)
+    assert config.device_id == "pi-01" and config.fleet == "ward7"
+    assert config.broker == BrokerConfig(host="10.0.0.2", port=1884, protocol="3.1.1")
+    assert config.recordings == (tmp_path / "data/s00_1.edf", Path("/abs/s00_2.edf"))
+    assert config.store_path == tmp_path / "state/features.sqlite"
+    assert (config.pipeline.window_s, config.pipeline.hop_s, config.pipeline.n_mels) == (4.0, 2.0, 32)
+    assert (config.training.lr, config.training.optimizer, config.training.batch_size) == (0.01, "adam", 32)
+    assert config.predict is True and config.store_max_rows == 5000
+
+
+def test_coordinator_config_loads(tmp_path):
+    config = load_config(_write(tmp_path, COORDINATOR), CoordinatorConfig)
+    assert config.broker.protocol == "5"  # a bare 5 in TOML means MQTT 5
+    assert config.sampling_rate == 0.5 and config.rounds == 50 and config.min_devices == 3
+    assert config.strategy.name == "fedadam" and config.strategy.params == {"server_lr": 0.01, "beta1": 0.9}
+    assert config.model.hidden == 16 and config.model.classes == ("rest", "arithmetic")
+    assert config.dp.accountant == "pld" and config.dp.delta == 1e-6 and config.dp.epsilon_budget == 8.0
+    assert config.dp.adaptive_clipping.target_quantile == 0.5
+    assert config.dp.adaptive_clipping.bit_noise_std == 5.0
+    assert config.state_dir == tmp_path / "state"
+
+
+def test_minimal_coordinator_defaults(tmp_path):
+    config = load_config(_write(tmp_path, 'fleet = "f"\nrounds = 1\nstate_dir = "/var/biofed"\n'), CoordinatorConfig)
+    assert config.sampling_rate == "all"
+    assert config.dp.trust_mode == "central" and config.dp.adaptive_clipping is None
+    assert config.broker.protocol == "auto" and config.strategy.name == "fedavg"
+
+
+def test_configs_are_frozen(tmp_path):
+    config = load_config(_write(tmp_path, DEVICE), DeviceConfig)
+    with pytest.raises(ValueError, match="frozen"):
+        config.device_id = "other"
+
+
+@pytest.mark.parametrize("text,model,match", [
+    (DEVICE + "\nbatchsize = 3\n", DeviceConfig, r"batchsize: unknown key \(check the spelling\)"),
+    (DEVICE.replace("[training]", "[training]\nepochs = 2"), DeviceConfig, r"training.epochs: unknown key"),
+    (DEVICE.replace("port = 1884", 'port = "high"'), DeviceConfig, r"broker.port: Input should be a valid integer.*\(got 'high'\)"),
+    (DEVICE.replace("port = 1884", "port = 70000"), DeviceConfig, r"broker.port: Input should be less than or equal to 65535"),
+    (DEVICE.replace('protocol = "3.1.1"', 'protocol = "4"'), DeviceConfig, r"broker.protocol: Input should be 'auto', '5' or '3.1.1'"),
+    (DEVICE.replace('device_id = "pi-01"', 'device_id = "pi/01"'), DeviceConfig, r"device_id: String should match pattern"),
+    (DEVICE.replace('device_id = "pi-01"', ""), DeviceConfig, r"device_id: Field required"),
+    (DEVICE.replace("hop_s = 2.0", "hop_s = 8.0"), DeviceConfig, r"pipeline: Value error, hop_s \(8.0\) must not exceed window_s"),
+    (COORDINATOR.replace("rounds = 50", "rounds = 0"), CoordinatorConfig, r"rounds: Input should be greater than or equal to 1"),
+    (COORDINATOR.replace("sampling_rate = 0.5", "sampling_rate = 1.5"), CoordinatorConfig, r"sampling_rate must be in \(0, 1\] or \"all\""),
+    (COORDINATOR.replace("sampling_rate = 0.5", 'sampling_rate = "some"'), CoordinatorConfig, r"sampling_rate"),
+    (COORDINATOR.replace('name = "fedadam"', 'name = "fedsgd"'), CoordinatorConfig, r"strategy.name: Input should be 'fedavg'"),
+    (COORDINATOR.replace('trust_mode = "central"', 'trust_mode = "trusted"'), CoordinatorConfig, r"dp.trust_mode: Input should be"),
+    (COORDINATOR.replace("target_quantile = 0.5", "target_quantile = 1.5"), CoordinatorConfig, r"dp.adaptive_clipping.target_quantile: Input should be less than 1"),
+    (COORDINATOR.replace('accountant = "pld"', 'accountant = "moments"'), CoordinatorConfig, r"dp.accountant: Input should be 'rdp' or 'pld'"),
+    (COORDINATOR.replace('classes = ["rest", "arithmetic"]', 'classes = ["rest", "rest"]'), CoordinatorConfig, r"classes must be at least 2 distinct names"),
+])
+def test_invalid_config_names_file_and_field(tmp_path, text, model, match):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(path, model)
+    assert str(info.value).startswith(f"{path}: invalid {model.__name__}:")
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    text = DEVICE.replace("port = 1884", "port = 0").replace("store_max_rows = 5000", "store_max_rows = -1")
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text), DeviceConfig)
+    assert "broker.port" in str(info.value) and "store_max_rows" in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nowhere.toml: config file not found"):
+        load_config(tmp_path / "nowhere.toml", DeviceConfig)
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML: .*line 1"):
+        load_config(_write(tmp_path, "device_id = pi-01\n", "bad.toml"), DeviceConfig)
+
+
+def test_directory_instead_of_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path, DeviceConfig)
