@@ -31,8 +31,13 @@ Conventions
   annotations. An all-NaN channel is excluded. Text, WAV and MNE formats have no gap
   convention: a non-finite sample there is an error.
 * Annotation onsets are seconds from the first sample.
-* Dataset-specific naming rules live in :func:`eegmat_subject_and_label` and
-  :func:`_dataset_naming_rules`; everything else is format-generic.
+* Dataset-specific naming rules live in :func:`eegmat_subject_and_label` (eegmat
+  ``SubjectNN_1`` rest / ``SubjectNN_2`` arithmetic) and :func:`_dataset_naming_rules`
+  (eegmmidb subject ``S001`` from ``S001R04``; BioSPPy ``eeg_ec``/``eeg_eo`` eyes
+  closed/open). WFDB records: subject = record name; PhysioNet/CinC 2015 ``#True alarm`` /
+  ``#False alarm`` header comments become the label ``true_alarm`` / ``false_alarm``; beat
+  annotations (``.atr``) become zero-duration annotations labelled with the beat symbol
+  (rhythm changes ``+`` with their rhythm, e.g. ``"(N"``). Everything else is format-generic.
 
 Every failure raises :class:`~biofed.datasets.recording.RecordingError` naming the file.
 """
@@ -76,9 +81,12 @@ def read_recording(path, *, sfreq: float | None = None, modality: str | None = N
         Sampling rate in Hz for text files without a ``# Sampling Rate (Hz):=`` header.
         For every other format the file states its rate; passing a different one is an error.
     modality : {"eeg", "audio", "bio"} or None
-        Text files: put every column in this modality (default: from the column labels,
-        then the file name: ``eeg*`` -> eeg, ``pcg*`` -> audio, else bio).
-        Multimodal formats (EDF, WFDB, ...): keep only this modality.
+        Text files: put every column in this modality (default: per column from its label,
+        e.g. ``PCG`` -> audio and ``ECG`` -> bio in one file, then from the file name:
+        ``eeg*`` -> eeg, ``pcg*`` -> audio, else bio).
+        Multimodal formats (EDF, WFDB, ...): keep only this modality. EEG formats (EDF,
+        BDF, FIF, BrainVision, EEGLAB) must hold EEG channels unless ``modality`` selects
+        another one, e.g. ``modality="bio"`` for an ECG-only EDF.
         WAV files are always audio.
 
     Returns

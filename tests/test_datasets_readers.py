@@ -378,6 +378,15 @@ def test_fif_roundtrip(tmp_path, eeg_data):
     assert rec.start_time is not None and rec.start_time.timestamp() == 1_600_000_000.0
 
 
+def test_fif_with_non_finite_samples(tmp_path, eeg_data):
+    raw = _raw_array(eeg_data)
+    raw._data[1, 10] = np.nan
+    path = tmp_path / "holes_raw.fif"
+    raw.save(path, verbose="error")
+    with pytest.raises(RecordingError, match=_named(path) + ".*non-finite sample.*channel 1 at sample 10"):
+        read_recording(path)
+
+
 @pytest.mark.parametrize(("fmt", "ext", "backend"), [("edf", ".edf", "edfio"), ("brainvision", ".vhdr", "pybv"), ("eeglab", ".set", "eeglabio")])
 def test_mne_export_roundtrip(tmp_path, eeg_data, fmt, ext, backend):
     pytest.importorskip(backend, reason=f"mne.export to {fmt} needs the optional package {backend!r}")
@@ -425,6 +434,15 @@ def test_wfdb_twin_interpolates_and_annotates_gaps(tmp_path):
     np.testing.assert_allclose(bio.data[valid], (sig[:3] * np.array([[1e-3], [1], [1]]))[valid], atol=5.01e-4)
     beat_onsets = [a.onset for a in rec.annotations if a.label == "N"]
     np.testing.assert_allclose(beat_onsets, beats / fs)
+
+
+def test_wfdb_modality_selection(tmp_path):
+    path, *_ = _write_wfdb_twin(tmp_path)
+    assert read_recording(path, modality="bio").modalities == ("bio",)
+    with pytest.raises(RecordingError, match=_named(path) + ".*no usable channels: found no 'eeg' channels"):
+        read_recording(path, modality="eeg")
+    with pytest.raises(RecordingError, match=_named(path) + ".*declares a sampling rate of 100 Hz"):
+        read_recording(path, sfreq=250)
 
 
 def test_wfdb_all_nan_channel_is_excluded(tmp_path):
