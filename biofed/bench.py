@@ -72,37 +72,43 @@ def _fmt_diff(value: float | None) -> str:
 
 def format_report(results, targets) -> str:
     """The human-readable table: comparisons, other metrics, errors and the targets."""
-    lines = []
-    header = (
-        f"{'case':<18} {'shape':<26} {'biofed ms med [min-max]':<26} {'baseline':<28} "
-        f"{'baseline ms med [min-max]':<26} {'ratio':>9} {'max rel diff':>13} {'compile s':>9}"
-    )
-    lines += ["Timings (ratio = baseline median / biofed median; compile = biofed warm-up call)", header, "-" * len(header)]
-    for result in results:
-        for c in result.comparisons:
-            b, r = c.biofed, c.baseline
-            flag = "  << FLAG: outputs differ" if c.flagged else ""
-            lines.append(
-                f"{c.case:<18} {c.shape:<26} {_ms(b.median) + ' [' + _ms(b.min) + '-' + _ms(b.max) + ']':<26} "
-                f"{c.baseline_name:<28} {_ms(r.median) + ' [' + _ms(r.min) + '-' + _ms(r.max) + ']':<26} "
-                f"{_fmt_ratio(c.ratio):>9} {_fmt_diff(c.rel_diff):>13} {b.first_call:>9.3f}{flag}"
-            )
-            if c.note:
-                lines.append(f"{'':<18} note: {c.note}")
+    lines: list[str] = []
+    comparisons = [c for result in results for c in result.comparisons]
+    if comparisons:
+        header = (
+            f"{'case':<22} {'shape':<30} {'biofed ms med [min-max]':<26} {'baseline':<32} "
+            f"{'baseline ms med [min-max]':<26} {'ratio':>9} {'max rel diff':>13} {'1st call s':>10}"
+        )
+        lines += [
+            "Timings in ms (ratio = baseline median / biofed median; 1st call = biofed warm-up call: "
+            "Numba compilation or cache load, excluded from the timings)",
+            header,
+            "-" * len(header),
+        ]
+    for c in comparisons:
+        b, r = c.biofed, c.baseline
+        flag = "  << FLAG: outputs differ" if c.flagged else ""
+        lines.append(
+            f"{c.case:<22} {c.shape:<30} {_ms(b.median) + ' [' + _ms(b.min) + '-' + _ms(b.max) + ']':<26} "
+            f"{c.baseline_name:<32} {_ms(r.median) + ' [' + _ms(r.min) + '-' + _ms(r.max) + ']':<26} "
+            f"{_fmt_ratio(c.ratio):>9} {_fmt_diff(c.rel_diff):>13} {b.first_call:>10.3f}{flag}"
+        )
+        if c.note:
+            lines.append(f"{'':<22} note: {c.note}")
     metrics = [m for result in results for m in result.metrics]
     if metrics:
         lines += ["", "Other measurements", "-" * 60]
         for m in metrics:
-            lines.append(f"{m.case:<18} {m.name:<48} {m.value:>12.4g} {m.unit}")
+            lines.append(f"{m.case:<16} {m.name:<62} {m.value:>12.6g} {m.unit}")
     errors = [r for r in results if r.error]
     if errors:
         lines += ["", "Errors", "-" * 60]
         for r in errors:
-            lines.append(f"{r.name:<18} {r.error}")
+            lines.append(f"{r.name:<22} {r.error}")
     if targets:
-        lines += ["", "Targets (reported, not asserted)", f"{'target':<58} {'measured':>12} {'goal':>12}  result", "-" * 92]
+        lines += ["", "Targets (reported, not asserted)", f"{'target':<72} {'measured':>12} {'goal':>12}  result", "-" * 106]
         for t in targets:
-            lines.append(f"{t.name:<58} {t.measured:>12.4g} {t.goal:>12}  {'PASS' if t.passed else 'MISS'}")
+            lines.append(f"{t.name:<72} {t.measured:>12.6g} {t.goal:>12}  {'PASS' if t.passed else 'MISS'}")
     return "\n".join(lines)
 
 

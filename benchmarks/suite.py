@@ -1,0 +1,358 @@
+"""The benchmark cases: shapes, baselines, output checks and the issue's targets.
+
+Each case times biofed and its baselines on the same float64 input in the same run
+(:func:`benchmarks.harness.measure`: warm-up first, reported as compile time, then
+``repeats`` timed calls) and records the output difference. ``--quick`` uses fewer repeats
+and shorter streams but keeps the per-window pipeline shapes and the SVD target shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import baselines, stream
+from benchmarks.harness import CaseResult, Comparison, Metric, Target, machine_info, max_relative_difference, measure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CASES", "Settings", "machine_info", "run_case"]
+
+#: Output-equality tolerance for computations that must match exactly (float64).
+EQUAL_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How hard to run: ``quick`` shortens streams; ``repeats`` timed calls per function."""
+
+    quick: bool = False
+    repeats: int = 20
+    seed: int = 0
+
+    def seconds(self, full: float, quick: float) -> float:
+        return quick if self.quick else full
+
+    def reps(self, fraction: float = 1.0) -> int:
+        """Repeats scaled down for the expensive functions (at least 3)."""
+        return max(3, int(round(self.repeats * fraction)))
+
+
+def _compare(result: CaseResult, case: str, shape: str, biofed_fn, baselines_: dict[str, Callable], *,
+             repeats: int, tolerance: float | None = EQUAL_TOL, diff: Callable | None = max_relative_difference,
+             note: str = "") -> list[Comparison]:
+    """Time ``biofed_fn`` and every baseline; compare outputs with ``diff``; record the rows."""
+    timing, out = measure(biofed_fn, repeats=repeats)
+    rows = []
+    for name, fn in baselines_.items():
+        base_timing, expected = measure(fn, repeats=repeats)
+        rel = diff(out, expected) if diff is not None else None
+        rows.append(Comparison(case, shape, timing, name, base_timing, rel, tolerance if diff is not None else None, note))
+    result.comparisons.extend(rows)
+    return rows
+
+
+# --- kernels ------------------------------------------------------------------------------
+def case_windowing(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import sliding_windows
+
+    x = stream.make_stream(s.seconds(600, 120), s.seed)["eeg"]
+    window, hop = int(stream.WINDOW_S * stream.EEG_FS), int(stream.HOP_S * stream.EEG_FS)
+    _compare(result, "sliding_windows", f"{x.shape} w={window} h={hop}",
+             lambda: sliding_windows(x, window, hop),
+             {"numpy sliding_window_view": lambda: baselines.sliding_windows_numpy(x, window, hop)},
+             repeats=s.repeats, tolerance=0.0, note="both are zero-copy views")
+
+
+def case_band_powers(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import band_powers, sliding_windows
+
+    x = stream.make_stream(s.seconds(600, 60), s.seed)["eeg"]
+    w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * stream.EEG_FS), int(stream.HOP_S * stream.EEG_FS)))
+    fs, nperseg = stream.EEG_FS, 512  # the documented default: min(window, next power of two >= fs)
+    _compare(result, "band_powers", f"{w.shape} fs={fs:g}",
+             lambda: band_powers(w, fs),
+             {
+                 "scipy welch + band sums": lambda: baselines.band_powers_scipy(w, fs, baselines.EEG_BANDS_HZ, nperseg=nperseg),
+                 "mne psd_array_welch + sums": lambda: baselines.band_powers_mne(w, fs, baselines.EEG_BANDS_HZ, nperseg=nperseg),
+             },
+             repeats=s.reps(0.5))
+
+
+def case_log_band_energies(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import log_band_energies, sliding_windows
+
+    x = stream.make_stream(s.seconds(300, 30), s.seed)["audio"]
+    fs = stream.AUDIO_FS
+    w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * fs), int(stream.HOP_S * fs)))
+    _compare(result, "log_band_energies", f"{w.shape} fs={fs:g}",
+             lambda: log_band_energies(w, fs, n_bands=stream.N_MELS),
+             {"scipy welch frames + mel bank": lambda: baselines.log_mel_scipy(w, fs, n_bands=stream.N_MELS, nperseg=512)},
+             repeats=s.reps(0.5))
+
+
+def case_heart_rate(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import heart_rate_features, sliding_windows
+
+    x = stream.make_stream(s.seconds(600, 120), s.seed)["bio"][: stream.HEART_CHANNELS]
+    fs = stream.BIO_FS
+    w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * fs), int(stream.HOP_S * fs)))
+    _compare(result, "heart_rate_features", f"{w.shape} fs={fs:g}",
+             lambda: heart_rate_features(w, fs),
+             {"scipy find_peaks + numpy": lambda: baselines.heart_rate_scipy(w, fs)},
+             repeats=s.reps(0.5))
+
+
+def case_window_statistics(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import sliding_windows, window_statistics
+
+    x = stream.make_stream(s.seconds(1200, 300), s.seed)["bio"]
+    w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * stream.BIO_FS), int(stream.HOP_S * stream.BIO_FS)))
+    _compare(result, "window_statistics", f"{w.shape} fs={stream.BIO_FS:g}",
+             lambda: window_statistics(w, stream.BIO_FS),
+             {"numpy mean/std/lstsq/min/max": lambda: baselines.window_statistics_numpy(w, stream.BIO_FS)},
+             repeats=s.repeats)
+
+
+def case_transform(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import transform
+
+    rng = np.random.default_rng(s.seed)
+    n, d, m = (20000 if not s.quick else 5000), 151, 32
+    X = rng.standard_normal((n, d)) * 3.0 + 1.0
+    W, b = rng.standard_normal((d, m)) / np.sqrt(d), rng.standard_normal(m)
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    for activation in ("identity", "relu"):
+        _compare(result, f"transform[{activation}]", f"({n}, {d}) @ ({d}, {m})",
+                 lambda a=activation: transform(X, W, b, mean=mean, scale=scale, activation=a),
+                 {"numpy ((X-mean)/scale)@W+b": lambda a=activation: baselines.transform_numpy(X, W, b, mean, scale, a)},
+                 repeats=s.repeats)
+
+
+def case_stats(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import moments_init, moments_merge, moments_scale, moments_update
+
+    rng = np.random.default_rng(s.seed)
+    n, d = (50000 if not s.quick else 10000), 151
+    X = rng.standard_normal((n, d)) * 2.0 + 5.0
+
+    def biofed_fn():
+        m = moments_update(moments_init(d), X)
+        return np.concatenate([[m.count], m.mean, m.m2])
+
+    def numpy_fn():
+        count, mean, m2 = baselines.moments_numpy(X)
+        return np.concatenate([[count], mean, m2])
+
+    _compare(result, "moments_update", f"({n}, {d})", biofed_fn, {"numpy mean / squared deviations": numpy_fn},
+             repeats=s.repeats)
+
+    half = n // 2
+
+    def merged():
+        a = moments_update(moments_init(d), X[:half])
+        b = moments_update(moments_init(d), X[half:])
+        return moments_scale(moments_merge(a, b))
+
+    _compare(result, "moments merge+scale", f"2 x ({half}, {d})", merged,
+             {"numpy std over all rows": lambda: baselines.standard_scale_numpy(X)}, repeats=s.repeats,
+             note="two devices' statistics merged (Chan et al.) vs one pass over the pooled rows")
+
+
+def case_project(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import project
+
+    rng = np.random.default_rng(s.seed)
+    n, d, k = (20000 if not s.quick else 5000), 151, 32
+    X = rng.standard_normal((n, d)) * 3.0 + 1.0
+    basis = np.linalg.qr(rng.standard_normal((d, k)))[0].T
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    _compare(result, "project", f"({n}, {d}) -> k={k}",
+             lambda: project(X, basis, mean=mean, scale=scale),
+             {"numpy ((X-mean)/scale)@basis.T": lambda: baselines.project_numpy(X, basis, mean, scale)},
+             repeats=s.repeats)
+
+
+def _svd_test_matrix(n: int, d: int, rng) -> np.ndarray:
+    """Feature-like matrix: a decaying rank-64 signal plus a noise floor."""
+    r = 64
+    decay = np.exp(-np.arange(r) / 8.0)
+    return (rng.standard_normal((n, r)) * decay) @ rng.standard_normal((r, d)) + 0.05 * rng.standard_normal((n, d))
+
+
+def case_svd(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import truncated_svd
+
+    k = 32
+    rng = np.random.default_rng(s.seed)
+    for n, d in ((1024, 256), (20000, 512)):
+        X = _svd_test_matrix(n, d, rng)
+        optimal = float(np.sqrt(np.sum(np.linalg.svd(X, compute_uv=False)[k:] ** 2)))  # Eckart-Young
+        shape = f"({n}, {d}) k={k}"
+        reps = s.reps(1.0 if n < 5000 else 0.25)
+        runs = {
+            "biofed truncated_svd": lambda: truncated_svd(X, k, random_state=s.seed),
+            "sklearn randomized_svd": lambda: baselines.randomized_svd_sklearn(X, k, s.seed),
+            "sklearn TruncatedSVD": lambda: baselines.truncated_svd_sklearn(X, k, s.seed),
+        }
+        timings, errors, values = {}, {}, {}
+        for name, fn in runs.items():
+            timings[name], (U, S, Vt) = measure(fn, repeats=reps)
+            # TruncatedSVD returns U * S already; the randomized ones return U.
+            approx = (U if name == "sklearn TruncatedSVD" else U * S) @ Vt
+            errors[name] = float(np.linalg.norm(X - approx)) / optimal
+            values[name] = S
+        ours = "biofed truncated_svd"
+        rows = [
+            Comparison("truncated_svd", shape, timings[ours], name, timings[name],
+                       max_relative_difference(values[ours], values[name]), None,
+                       "max rel diff compares the k singular values")
+            for name in runs if name != ours
+        ]
+        result.comparisons.extend(rows)
+        for name, err in errors.items():
+            result.metrics.append(Metric("truncated_svd", f"{name} error / optimal {shape}", err, "x"))
+        result.targets.append(Target(f"truncated_svd error <= 1.01x optimal {shape}", errors[ours], "<=", 1.01, "x"))
+        result.targets.append(Target(f"truncated_svd >= 2x faster than randomized_svd {shape}", rows[0].ratio, ">=", 2.0, "x"))
+
+
+def case_training(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import init_params, loss_and_grad
+
+    rng = np.random.default_rng(s.seed)
+    n, d, c = (8192 if not s.quick else 2048), stream.K, 2
+    X = rng.standard_normal((n, d))
+    y = (X[:, 0] + 0.5 * rng.standard_normal(n) > 0).astype(np.int64)
+    for hidden in (0, 32):
+        params = init_params(d, c, hidden, random_state=s.seed)
+        label = "logistic" if hidden == 0 else f"mlp h={hidden}"
+
+        def biofed_fn(p=params, h=hidden):
+            loss, grad = loss_and_grad(p, X, y, c, h, l2=1e-3)
+            return np.concatenate([[loss], grad])
+
+        def numpy_fn(p=params, h=hidden):
+            loss, grad = baselines.loss_and_grad_numpy(p, X, y, c, h, l2=1e-3)
+            return np.concatenate([[loss], grad])
+
+        _compare(result, f"loss_and_grad[{label}]", f"({n}, {d}) c={c}", biofed_fn,
+                 {"numpy forward/backward": numpy_fn}, repeats=s.repeats)
+
+
+# --- the fusion chain ---------------------------------------------------------------------
+def _per_window(chain: Callable, w: dict[str, np.ndarray]) -> Callable[[], np.ndarray]:
+    """Run ``chain`` once per window (as a device does every 1 s hop) and stack the rows."""
+    n = w["eeg"].shape[0]
+    return lambda: np.concatenate([chain({m: x[i : i + 1] for m, x in w.items()}) for i in range(n)])
+
+
+def case_chain(s: Settings, result: CaseResult) -> None:
+    seconds = s.seconds(300, 30)
+    w = stream.windows_of(stream.make_stream(seconds, s.seed))
+    n = w["eeg"].shape[0]
+    # The basis is fitted once, outside timing, and both sides project with it.
+    mean, scale, basis = stream.fit_projection(stream.biofed_features(w), random_state=s.seed)
+
+    def ours(x):
+        return stream.biofed_chain(x, mean, scale, basis)
+
+    def theirs(eeg):
+        return lambda x: baselines.chain(x, mean, scale, basis, eeg=eeg)
+
+    for mode, wrap in (("batch", lambda f: lambda: f(w)), ("per window", lambda f: _per_window(f, w))):
+        rows = _compare(result, f"fusion chain ({mode})", f"{seconds:g} s stream, {n} windows", wrap(ours),
+                        {"mne+scipy+numpy": wrap(theirs("mne")), "scipy+numpy": wrap(theirs("scipy"))},
+                        repeats=s.reps(0.5))
+        result.targets.append(Target(f"fusion chain >= 20x faster than MNE/SciPy version ({mode})", rows[0].ratio, ">=", 20.0, "x"))
+        result.targets.append(Target(f"fusion chain max rel diff <= 1e-6, float64 ({mode})",
+                                     max(r.rel_diff for r in rows), "<=", EQUAL_TOL))
+
+
+# --- fresh-process measurements -----------------------------------------------------------
+def _stream_script() -> Path:
+    return Path(stream.__file__).resolve()
+
+
+def _one_core_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = "1"
+    return env
+
+
+def case_realtime(s: Settings, result: CaseResult) -> None:
+    seconds = s.seconds(600, 120)
+    cmd = [sys.executable, str(_stream_script()), "rtf", "--seconds", str(seconds), "--repeats", str(s.reps(0.25))]
+    proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stream profile subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    detail = {"limits": out["limits"], "n_windows": out["n_windows"], "stream_seconds": out["stream_seconds"]}
+    for mode, label in (("batch", "all windows per call"), ("per_window", "one window per 1 s hop")):
+        m = out[mode]
+        result.metrics.append(Metric("realtime", f"real-time factor, {label}", m["rtf"], "x", {**detail, **m}))
+        result.metrics.append(Metric("realtime", f"compute s for {out['stream_seconds']:g} s stream, {label}", m["median_s"], "s"))
+        result.targets.append(Target(f"real-time factor >= 2000x on one core ({label})", m["rtf"], ">=", 2000.0, "x"))
+
+
+def _time_first_window() -> float:
+    """Seconds from launching a fresh interpreter to it printing its first computed window."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(_stream_script()), "warm"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    elapsed = time.perf_counter() - start
+    _, err = proc.communicate()
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"warm-start subprocess failed ({proc.returncode}): {err.strip()[-2000:]}")
+    report = json.loads(line)
+    if not report["finite"]:
+        raise RuntimeError(f"warm-start subprocess computed a non-finite window: {report}")
+    return elapsed
+
+
+def case_warm_start(s: Settings, result: CaseResult) -> None:
+    first = _time_first_window()  # fills the Numba cache when it is empty
+    warm = _time_first_window()
+    result.metrics.append(Metric("warm_start", "fresh process to first window, 1st run (fills cache)", first, "s"))
+    result.metrics.append(Metric("warm_start", "fresh process to first window, 2nd run (cache present)", warm, "s"))
+    result.targets.append(Target("warm start to first window <= 2 s (Numba cache present)", warm, "<=", 2.0, " s"))
+
+
+CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
+    "windowing": case_windowing,
+    "band_powers": case_band_powers,
+    "log_band_energies": case_log_band_energies,
+    "window_statistics": case_window_statistics,
+    "heart_rate": case_heart_rate,
+    "transform": case_transform,
+    "stats": case_stats,
+    "project": case_project,
+    "svd": case_svd,
+    "training": case_training,
+    "chain": case_chain,
+    "realtime": case_realtime,
+    "warm_start": case_warm_start,
+}
+
+
+def run_case(name: str, settings: Settings) -> CaseResult:
+    """Run one case; an exception becomes the case's ``error`` so the other cases still run."""
+    result = CaseResult(name)
+    start = time.perf_counter()
+    try:
+        CASES[name](settings, result)
+    except Exception as exc:  # a benchmark run reports every case, even when one fails
+        logger.debug("case %s failed", name, exc_info=True)
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,113 @@
+"""The benchmark harness and the ``biofed bench`` command (no timed assertions)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from biofed.bench import BENCHMARKS_DIR, bench_command, format_report, load_suite
+from biofed.cli import COMMANDS, cli
+
+load_suite()  # registers the source tree's benchmarks package
+from benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure  # noqa: E402
+
+
+def fake_clock(durations):
+    """A clock whose consecutive start/stop pairs are ``durations`` apart."""
+    ticks = iter(itertools.accumulate(itertools.chain.from_iterable((0.0, d) for d in durations)))
+
+    def clock():
+        return next(ticks)
+
+    return clock
+
+
+def test_measure_statistics_from_injected_clock():
+    calls = []
+    timing, result = measure(lambda: calls.append(1) or len(calls), repeats=5,
+                             clock=fake_clock([7.0, 3.0, 1.0, 3.0, 2.0, 9.0]))
+    assert result == 1  # the warm-up call's return value
+    assert len(calls) == 6  # warm-up + 5 repeats
+    assert timing.first_call == 7.0
+    assert timing.times == (3.0, 1.0, 3.0, 2.0, 9.0)
+    assert (timing.median, timing.min, timing.max) == (3.0, 1.0, 9.0)
+
+
+def test_measure_even_repeats_median_and_bad_repeats():
+    timing, _ = measure(lambda: None, repeats=4, clock=fake_clock([0.5, 4.0, 1.0, 2.0, 8.0]))
+    assert timing.median == 3.0
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        measure(lambda: None, repeats=0)
+
+
+def test_max_relative_difference_and_ratio():
+    expected = np.array([[1.0, -4.0], [0.0, 2.0]])
+    assert max_relative_difference(expected, expected) == 0.0
+    assert max_relative_difference(expected + [[0.0, 0.0], [0.04, 0.0]], expected) == pytest.approx(0.01)
+    assert max_relative_difference(np.zeros(3), np.zeros(3)) == 0.0
+    assert math.isinf(max_relative_difference(np.ones(3), np.zeros(3)))
+    with pytest.raises(ValueError, match="shapes"):
+        max_relative_difference(np.zeros(3), np.zeros(4))
+    fast, slow = Timing((1.0, 2.0, 3.0), 10.0), Timing((8.0, 4.0, 6.0), 0.1)
+    row = Comparison("k", "(3,)", fast, "numpy", slow, rel_diff=2e-6, tolerance=1e-6)
+    assert row.ratio == 3.0 and row.flagged
+    assert "FLAG" in format_report([CaseResult("k", comparisons=[row])], [])
+
+
+def test_target_pass_and_miss_in_report():
+    targets = [Target("speed", 25.0, ">=", 20.0, "x"), Target("start", 3.0, "<=", 2.0, " s")]
+    assert [t.passed for t in targets] == [True, False]
+    text = format_report([], targets)
+    assert "PASS" in text and "MISS" in text and ">= 20x" in text
+
+
+def test_bench_registered_in_cli():
+    assert COMMANDS["bench"] == "biofed.bench:bench_command"
+
+
+def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        cli, ["bench", "--quick", "--repeats", "3", "--only", "transform,chain", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "fusion chain" in result.output and "Targets" in result.output
+    data = json.loads(out.read_text())
+    assert {"machine", "cases", "targets", "mode", "repeats"} <= set(data)
+    assert {"platform", "cpu", "python", "versions", "blas"} <= set(data["machine"])
+    assert data["machine"]["versions"]["numpy"] == np.__version__
+    assert [c["name"] for c in data["cases"]] == ["transform", "chain"]
+    rows = [row for case in data["cases"] for row in case["comparisons"]]
+    assert rows and all(row["ratio"] > 0 for row in rows)
+    for row in rows:
+        assert {"median_s", "min_s", "max_s", "first_call_s", "repeats"} <= set(row["biofed"])
+        assert row["biofed"]["repeats"] == 3
+        assert row["max_rel_diff"] <= 1e-6, row
+    chain = [row for row in rows if row["case"].startswith("fusion chain")]
+    assert {(row["case"], row["baseline_name"]) for row in chain} == {
+        (f"fusion chain ({mode})", base) for mode in ("batch", "per window") for base in ("mne+scipy+numpy", "scipy+numpy")
+    }
+    names = {t["name"]: t for t in data["targets"]}
+    for mode in ("batch", "per window"):
+        equality = names[f"fusion chain max rel diff <= 1e-6, float64 ({mode})"]
+        assert equality["measured"] <= 1e-6 and equality["passed"]
+        assert names[f"fusion chain >= 20x faster than MNE/SciPy version ({mode})"]["measured"] > 0
+
+
+def test_bench_unknown_case_is_a_clear_error():
+    result = CliRunner().invoke(bench_command, ["--only", "nope"])
+    assert result.exit_code == 2
+    assert "unknown case(s) nope" in result.output and "band_powers" in result.output
+
+
+def test_missing_source_tree_is_a_clear_error(tmp_path):
+    import click
+
+    with pytest.raises(click.ClickException, match="source checkout"):
+        load_suite(tmp_path / "benchmarks")
+    assert BENCHMARKS_DIR.name == "benchmarks" and (BENCHMARKS_DIR / "suite.py").is_file()
