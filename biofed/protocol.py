@@ -67,6 +67,10 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 """Default cap on one encoded message (16 MiB; a 1 M-parameter float64 update is 8 MiB)."""
 
 TRUST_MODES = ("central", "local", "distributed")
+PHASES = ("moments", "covariance", "train", "evaluate")
+"""Task phases in the order a federation runs them: two basis phases (standardization
+moments, then the covariance of standardized features), training rounds, one evaluation."""
+BASIS_PHASES = ("moments", "covariance")
 OPTIMIZERS = ("sgd", "adam")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STATE_PATTERN = re.compile(r"[a-z_]{1,32}")
@@ -366,6 +370,13 @@ class Task:
     clips and adds Gaussian noise of std ``noise_multiplier * clip_norm`` itself) or
     ``"distributed"`` (each device adds its share of the noise). With
     ``adaptive_clipping`` the device reports ``Update.norm_bit``.
+
+    ``phase`` (one of :data:`PHASES`) says what the devices compute: ``"moments"`` and
+    ``"covariance"`` ask for a :class:`Sketch` (``model`` may then be empty), ``"train"`` for
+    an :class:`Update`, ``"evaluate"`` for an :class:`Update` with an empty delta,
+    ``n_examples=0`` and the eval metrics filled. ``stats_mean``/``stats_scale`` ((d,) each,
+    scale > 0) are set only in the covariance phase: the standardization the devices apply
+    before computing ``Z.T @ Z / n``.
     """
 
     KIND: ClassVar[str] = "task"
@@ -386,6 +397,9 @@ class Task:
     l2: float = 0.0
     prox_mu: float = 0.0
     participants: tuple[str, ...] = ()
+    phase: str = "train"
+    stats_mean: np.ndarray | None = None
+    stats_scale: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _set(self, "round", _int(self.round, "Task.round"))
@@ -412,6 +426,18 @@ class Task:
         _set(self, "participants", _strings(self.participants, "Task.participants"))
         for device in self.participants:
             validate_id(device)
+        _set(self, "phase", _choice(self.phase, "Task.phase", PHASES))
+        if (self.stats_mean is None) != (self.stats_scale is None):
+            raise InvalidPayload("Task.stats_mean and Task.stats_scale must be given together (or neither)")
+        if self.stats_mean is not None:
+            mean = _array(self.stats_mean, "Task.stats_mean", ndim=1)
+            scale = _array(self.stats_scale, "Task.stats_scale", ndim=1)
+            if scale.shape != mean.shape:
+                raise InvalidPayload(f"Task.stats_scale must have shape {mean.shape} like stats_mean, got {scale.shape}")
+            if np.any(scale <= 0):
+                raise InvalidPayload("Task.stats_scale must be > 0 everywhere")
+            _set(self, "stats_mean", mean)
+            _set(self, "stats_scale", scale)
 
     def to_payload(self) -> dict[str, Any]:
         return _fields_payload(self, skip=("round",))
@@ -423,7 +449,12 @@ class Task:
 
 @dataclass(frozen=True, eq=False)
 class UpdateMetrics:
-    """Device-side measurements sent with every update (all finite, >= 0)."""
+    """Device-side measurements sent with every update (all finite, >= 0).
+
+    ``eval_balanced_accuracy`` (in [0, 1], None when not measured) is the balanced accuracy
+    of the task's *incoming* model on the device's ``eval_windows`` held-out windows,
+    measured before local training.
+    """
 
     loss: float
     n_windows: int
@@ -431,12 +462,19 @@ class UpdateMetrics:
     cpu_time_s: float
     bytes_sent: int = 0
     bytes_received: int = 0
+    eval_balanced_accuracy: float | None = None
+    eval_windows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("loss", "cpu_time_s"):
             _set(self, name, _float(getattr(self, name), f"UpdateMetrics.{name}", minimum=0.0))
-        for name in ("n_windows", "rss_bytes", "bytes_sent", "bytes_received"):
+        for name in ("n_windows", "rss_bytes", "bytes_sent", "bytes_received", "eval_windows"):
             _set(self, name, _int(getattr(self, name), f"UpdateMetrics.{name}"))
+        accuracy = _float(self.eval_balanced_accuracy, "UpdateMetrics.eval_balanced_accuracy", minimum=0.0,
+                          allow_none=True)
+        if accuracy is not None and accuracy > 1.0:
+            raise InvalidPayload(f"UpdateMetrics.eval_balanced_accuracy must be <= 1, got {accuracy}")
+        _set(self, "eval_balanced_accuracy", accuracy)
 
 
 @dataclass(frozen=True, eq=False)
@@ -563,33 +601,40 @@ class Basis:
 
 @dataclass(frozen=True, eq=False)
 class Sketch:
-    """A device's contribution to a federated basis round (``sketch/{device_id}``).
+    """A device's statistic for a basis phase, device -> coordinator (``sketch/{device_id}``).
 
-    ``sketch`` is the (ell, d) Frequent Directions sketch of the device's raw feature rows
-    (:func:`biofed.kernels.fd_update`); ``count``/``mean``/``m2`` are its
-    :class:`biofed.kernels.Moments`, so the coordinator can merge standardization
-    statistics and sketches of all devices.
+    ``statistic`` (D,) is clipped to L2 norm ``Task.clip_norm`` (``clipped`` says whether
+    clipping changed it); in local trust mode the device has also added N(0, (z*C)^2).
+    With X the device's raw (n, d) training feature rows, ``d = n_features``:
+
+    - ``phase="moments"``: ``concat(mean(X, 0), mean(X**2, 0))``, D = 2d;
+    - ``phase="covariance"``: ``(Z.T @ Z / n).ravel()`` with
+      ``Z = (X - Task.stats_mean) / Task.stats_scale``, D = d*d.
     """
 
     KIND: ClassVar[str] = "sketch"
     round: int
     basis_version: int
-    sketch: np.ndarray
-    count: float
-    mean: np.ndarray
-    m2: np.ndarray
+    phase: str
+    statistic: np.ndarray
+    clipped: bool
+    n_features: int
 
     def __post_init__(self) -> None:
         _set(self, "round", _int(self.round, "Sketch.round"))
         _set(self, "basis_version", _int(self.basis_version, "Sketch.basis_version"))
-        _set(self, "sketch", _array(self.sketch, "Sketch.sketch", ndim=2))
-        _set(self, "count", _float(self.count, "Sketch.count", minimum=0.0))
-        d = self.sketch.shape[1]
-        for name in ("mean", "m2"):
-            value = _array(getattr(self, name), f"Sketch.{name}", ndim=1)
-            if value.shape != (d,):
-                raise InvalidPayload(f"Sketch.{name} must have shape ({d},) to match the sketch, got {value.shape}")
-            _set(self, name, value)
+        _set(self, "phase", _choice(self.phase, "Sketch.phase", BASIS_PHASES))
+        _set(self, "statistic", _array(self.statistic, "Sketch.statistic", ndim=1))
+        if not isinstance(self.clipped, bool):
+            raise InvalidPayload(f"Sketch.clipped must be a bool, got {self.clipped!r}")
+        _set(self, "n_features", _int(self.n_features, "Sketch.n_features", minimum=1))
+        d = self.n_features
+        expected = 2 * d if self.phase == "moments" else d * d
+        if self.statistic.shape != (expected,):
+            raise InvalidPayload(
+                f"Sketch.statistic of phase {self.phase!r} with n_features={d} must have shape ({expected},), "
+                f"got {self.statistic.shape}"
+            )
 
     def to_payload(self) -> dict[str, Any]:
         return _fields_payload(self, skip=("round",))
@@ -913,7 +958,8 @@ class SeenMessageIds:
 
 
 __all__ = [
-    "ALLOWED_DTYPES", "DEFAULT_MAX_BYTES", "KINDS", "PAYLOAD_TYPES", "SCHEMA_VERSION", "TRUST_MODES",
+    "ALLOWED_DTYPES", "BASIS_PHASES", "DEFAULT_MAX_BYTES", "KINDS", "PAYLOAD_TYPES", "PHASES", "SCHEMA_VERSION",
+    "TRUST_MODES",
     "Basis", "InvalidPayload", "InvalidTopic", "MalformedMessage", "Message", "MessageTooLarge", "Model",
     "Payload", "Prediction", "ProtocolError", "SeenMessageIds", "SenderMismatch", "Sketch", "Status", "Task",
     "Topics", "UnexpectedKind", "UnsupportedVersion", "Update", "UpdateMetrics", "WrongFleet",

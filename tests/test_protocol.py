@@ -42,7 +42,8 @@ from biofed.protocol import (
 )
 
 RNG = np.random.default_rng(42)
-METRICS = UpdateMetrics(loss=0.7, n_windows=120, rss_bytes=80_000_000, cpu_time_s=3.5, bytes_sent=1000, bytes_received=2000)
+METRICS = UpdateMetrics(loss=0.7, n_windows=120, rss_bytes=80_000_000, cpu_time_s=3.5, bytes_sent=1000, bytes_received=2000,
+                        eval_balanced_accuracy=0.75, eval_windows=30)
 CLASSES = ("rest", "arithmetic")
 
 
@@ -57,10 +58,13 @@ def _payloads():
         Model(round=3, params=RNG.normal(size=66), basis_version=2, classes=CLASSES, hidden=0, n_devices=5, epsilon=1.25),
         Basis(round=1, version=2, components=RNG.normal(size=(32, 100)), mean=RNG.normal(size=100),
               scale=RNG.uniform(0.5, 2, size=100), feature_names=tuple(f"f{i}" for i in range(100))),
-        Sketch(round=1, basis_version=2, sketch=RNG.normal(size=(64, 100)), count=5000.0,
-               mean=RNG.normal(size=100), m2=RNG.uniform(size=100)),
+        Sketch(round=1, basis_version=2, phase="moments", statistic=RNG.normal(size=200), clipped=True, n_features=100),
         Status(round=3, state="training", basis_version=2, n_rows=5000, detail="epoch 1/2"),
         Prediction(round=3, t=np.array([1.7e9, 1.7e9 + 1]), proba=np.array([[0.2, 0.8], [0.6, 0.4]]), classes=CLASSES),
+        # federated-flow variants: a covariance-phase task, a covariance sketch
+        Task(round=1, model=np.empty(0), basis_version=0, classes=CLASSES, deadline=1.8e9, phase="covariance",
+             stats_mean=RNG.normal(size=100), stats_scale=RNG.uniform(0.5, 2, size=100)),
+        Sketch(round=2, basis_version=2, phase="covariance", statistic=RNG.normal(size=100), clipped=False, n_features=10),
     ]
 
 
@@ -362,6 +366,8 @@ def test_wrong_delta_shape_on_the_wire():
     (lambda p: p.update(norm_bit=2), "Update.norm_bit must be 0, 1 or None"),
     (lambda p: p.update(delta=[1.0, 2.0]), "Update.delta must be a typed array"),
     (lambda p: p["metrics"].update(loss=float("nan")), "UpdateMetrics.loss must be finite"),
+    (lambda p: p["metrics"].update(eval_balanced_accuracy=1.5), "eval_balanced_accuracy must be <= 1"),
+    (lambda p: p["metrics"].update(eval_windows=-1), "UpdateMetrics.eval_windows must be >= 0"),
     (lambda p: p["metrics"].update(gpu=1), "unexpected keyword argument 'gpu'"),
     (lambda p: p.update(metrics={"a": {"b": {"c": {"d": 1}}}}), "nests maps deeper than 3"),
     (lambda p: p.update(tags=[1, [2]]), r"tags\[1\] is a list"),
@@ -388,8 +394,16 @@ def test_schema_shape_checks():
         Basis(round=0, version=1, components=np.ones((2, 4)), mean=np.ones(4), scale=np.array([1.0, 0, 1, 1]))
     with pytest.raises(InvalidPayload, match="3 names for 4 features"):
         Basis(round=0, version=1, components=np.ones((2, 4)), mean=np.ones(4), scale=np.ones(4), feature_names=("a", "b", "c"))
-    with pytest.raises(InvalidPayload, match=r"Sketch.m2 must have shape \(4,\)"):
-        Sketch(round=0, basis_version=1, sketch=np.ones((8, 4)), count=3, mean=np.ones(4), m2=np.ones(5))
+    with pytest.raises(InvalidPayload, match=r"Sketch.statistic of phase 'moments' with n_features=4 must have shape \(8,\)"):
+        Sketch(round=0, basis_version=1, phase="moments", statistic=np.ones(16), clipped=False, n_features=4)
+    with pytest.raises(InvalidPayload, match=r"Sketch.statistic of phase 'covariance' with n_features=4 must have shape \(16,\)"):
+        Sketch(round=0, basis_version=1, phase="covariance", statistic=np.ones(8), clipped=False, n_features=4)
+    with pytest.raises(InvalidPayload, match="Sketch.phase must be one of"):
+        Sketch(round=0, basis_version=1, phase="train", statistic=np.ones(8), clipped=False, n_features=4)
+    with pytest.raises(InvalidPayload, match="Sketch.clipped must be a bool"):
+        Sketch(round=0, basis_version=1, phase="moments", statistic=np.ones(8), clipped=0, n_features=4)
+    with pytest.raises(InvalidPayload, match="Sketch.n_features must be >= 1"):
+        Sketch(round=0, basis_version=1, phase="moments", statistic=np.ones(0), clipped=False, n_features=0)
     with pytest.raises(InvalidPayload, match=r"Prediction.proba must have shape \(2, 2\)"):
         Prediction(round=0, t=np.ones(2), proba=np.ones((2, 3)), classes=CLASSES)
     with pytest.raises(InvalidPayload, match="Task.classes needs at least 2"):
@@ -405,6 +419,10 @@ def test_schema_shape_checks():
     ({"deadline": float("inf")}, "Task.deadline must be finite"),
     ({"participants": ("ok", "not/ok")}, "invalid device id 'not/ok'"),
     ({"adaptive_clipping": "yes"}, "Task.adaptive_clipping must be a bool"),
+    ({"phase": "fit"}, "Task.phase must be one of"),
+    ({"stats_mean": np.zeros(3)}, "stats_mean and Task.stats_scale must be given together"),
+    ({"stats_mean": np.zeros(3), "stats_scale": np.ones(4)}, r"Task.stats_scale must have shape \(3,\)"),
+    ({"stats_mean": np.zeros(3), "stats_scale": np.array([1.0, 0.0, 1.0])}, "Task.stats_scale must be > 0"),
 ])
 def test_task_validation(kwargs, match):
     base = dict(round=0, model=np.ones(3), basis_version=0, classes=CLASSES, deadline=1.7e9)
