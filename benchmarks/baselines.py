@@ -218,3 +218,19 @@ def chain(w: dict, mean, scale, basis, *, eeg: str = "mne"):
         axis=1,
     )
     return project_numpy(features, basis, mean, scale)
+
+
+# --- streaming basis ------------------------------------------------------------------------
+def incremental_pca_sklearn(chunks, k: int):
+    """``sklearn.decomposition.IncrementalPCA.partial_fit`` over the chunks; returns components (k, d)."""
+    from sklearn.decomposition import IncrementalPCA
+
+    model = IncrementalPCA(n_components=k)
+    for chunk in chunks:
+        model.partial_fit(chunk)
+    return model.components_
+
+
+def exact_basis_numpy(X, k: int):
+    """Top-k right singular vectors of all rows at once (``np.linalg.svd``; needs every row in memory)."""
+    return np.linalg.svd(X, full_matrices=False)[2][:k]

@@ -21,6 +21,19 @@ import time
 
 import numpy as np
 
+from biofed.kernels import (
+    band_powers,
+    heart_rate_features,
+    log_band_energies,
+    moments_init,
+    moments_scale,
+    moments_update,
+    sliding_windows,
+    transform,
+    truncated_svd,
+    window_statistics,
+)
+
 EEG_CHANNELS, EEG_FS = 19, 500.0
 AUDIO_CHANNELS, AUDIO_FS = 1, 16000.0
 BIO_CHANNELS, BIO_FS = 4, 250.0
@@ -58,10 +71,17 @@ def make_stream(seconds: float, random_state=0) -> dict[str, np.ndarray]:
 
 def windows_of(stream: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Window every modality with biofed's zero-copy ``sliding_windows`` (2 s window, 1 s hop)."""
-    from biofed.kernels import sliding_windows
-
     fs = {"eeg": EEG_FS, "audio": AUDIO_FS, "bio": BIO_FS}
     return {m: sliding_windows(x, int(WINDOW_S * fs[m]), int(HOP_S * fs[m])) for m, x in stream.items()}
+
+
+#: The feature stages of the chain, in feature-row order: name -> f(windows dict) -> (n, ch, f).
+FEATURE_STAGES = {
+    "eeg band_powers": lambda w: band_powers(w["eeg"], EEG_FS, log=True),
+    "audio log_band_energies": lambda w: log_band_energies(w["audio"], AUDIO_FS, n_bands=N_MELS),
+    "bio window_statistics": lambda w: window_statistics(w["bio"], BIO_FS),
+    "ecg/ppg heart_rate_features": lambda w: heart_rate_features(w["bio"][:, :HEART_CHANNELS], BIO_FS),
+}
 
 
 def biofed_features(w: dict[str, np.ndarray]) -> np.ndarray:
@@ -69,19 +89,8 @@ def biofed_features(w: dict[str, np.ndarray]) -> np.ndarray:
 
     ``w`` maps "eeg", "audio", "bio" to windows (n_windows, n_channels, window).
     """
-    from biofed.kernels import band_powers, heart_rate_features, log_band_energies, window_statistics
-
-    eeg_w, audio_w, bio_w = w["eeg"], w["audio"], w["bio"]
-    n = eeg_w.shape[0]
-    return np.concatenate(
-        [
-            band_powers(eeg_w, EEG_FS, log=True).reshape(n, -1),
-            log_band_energies(audio_w, AUDIO_FS, n_bands=N_MELS).reshape(n, -1),
-            window_statistics(bio_w, BIO_FS).reshape(n, -1),
-            heart_rate_features(bio_w[:, :HEART_CHANNELS], BIO_FS).reshape(n, -1),
-        ],
-        axis=1,
-    )
+    n = w["eeg"].shape[0]
+    return np.concatenate([stage(w).reshape(n, -1) for stage in FEATURE_STAGES.values()], axis=1)
 
 
 def fit_projection(features: np.ndarray, k: int = K, random_state=0):
@@ -89,8 +98,6 @@ def fit_projection(features: np.ndarray, k: int = K, random_state=0):
 
     Returns ``mean (d,)``, ``scale (d,)`` and ``basis (k, d)``; fitted once, outside timing.
     """
-    from biofed.kernels import moments_init, moments_scale, moments_update, truncated_svd
-
     moments = moments_update(moments_init(features.shape[1]), features)
     scale = moments_scale(moments)
     _, _, basis = truncated_svd((features - moments.mean) / scale, k, random_state=random_state)
@@ -99,8 +106,6 @@ def fit_projection(features: np.ndarray, k: int = K, random_state=0):
 
 def biofed_chain(w: dict[str, np.ndarray], mean, scale, basis) -> np.ndarray:
     """features -> fused standardize-and-project transform: (n_windows, k)."""
-    from biofed.kernels import transform
-
     return transform(biofed_features(w), basis.T, mean=mean, scale=scale)
 
 
@@ -145,21 +150,33 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
 
     out = {"stream_seconds": stream_seconds, "n_windows": n, "limits": limits}
     for name, fn in (("batch", batch), ("per_window", per_window)):
-        fn()  # warm-up (cache load)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+        times = _times(fn, repeats)
         med = float(np.median(times))
         out[name] = {"median_s": med, "min_s": min(times), "max_s": max(times), "rtf": stream_seconds / med}
+    # Where a live device spends its time: each stage called once per window.
+    singles = [{m: x[i : i + 1] for m, x in w.items()} for i in range(n)]
+    rows = [biofed_features(one) for one in singles]
+    stages = {
+        name: (lambda stage=stage: [stage(one) for one in singles]) for name, stage in FEATURE_STAGES.items()
+    }
+    stages["transform (k=32)"] = lambda: [transform(row, basis.T, mean=mean, scale=scale) for row in rows]
+    out["per_window_stage_ms"] = {name: 1e3 * float(np.median(_times(fn, repeats))) / n for name, fn in stages.items()}
     return out
+
+
+def _times(fn, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call (cache load)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def first_window() -> dict:
     """Compute the first window of a fresh stream with a given basis (what a device does at boot)."""
-    from biofed.kernels import transform
-
     stream = make_stream(WINDOW_S, random_state=3)
     w = windows_of(stream)
     features = biofed_features(w)

@@ -225,6 +225,40 @@ def case_svd(s: Settings, result: CaseResult) -> None:
         result.targets.append(Target(f"truncated_svd >= 2x faster than randomized_svd {shape}", rows[0].ratio, ">=", 2.0, "x"))
 
 
+def case_fd_sketch(s: Settings, result: CaseResult) -> None:
+    from biofed.kernels import fd_basis, fd_init, fd_update
+
+    k, ell, chunk = 32, 64, 256
+    n, d = (20000 if not s.quick else 5000), 151
+    X = _svd_test_matrix(n, d, np.random.default_rng(s.seed))
+    X -= X.mean(axis=0)  # centred, so the uncentred sketch and IncrementalPCA target the same subspace
+    chunks = [X[i : i + chunk] for i in range(0, n, chunk)]
+    optimal = float(np.sqrt(np.sum(np.linalg.svd(X, compute_uv=False)[k:] ** 2)))
+
+    def sketch():
+        b = fd_init(d, ell)
+        for c in chunks:
+            b = fd_update(b, c)
+        return fd_basis(b, k)
+
+    runs = {
+        f"biofed fd_update (ell={ell}) + fd_basis": sketch,
+        "sklearn IncrementalPCA.partial_fit": lambda: baselines.incremental_pca_sklearn(chunks, k),
+        "numpy svd of all rows": lambda: baselines.exact_basis_numpy(X, k),
+    }
+    timings = {}
+    for name, fn in runs.items():
+        timings[name], basis = measure(fn, repeats=s.reps(0.25))
+        error = float(np.linalg.norm(X - (X @ basis.T) @ basis)) / optimal
+        result.metrics.append(Metric("fd_sketch", f"{name} basis error / optimal", error, "x"))
+    ours, *others = runs
+    shape = f"({n}, {d}) in {len(chunks)} chunks, k={k}"
+    result.comparisons.extend(
+        Comparison("fd_sketch", shape, timings[ours], name, timings[name], note="bases differ; see error / optimal")
+        for name in others
+    )
+
+
 def case_training(s: Settings, result: CaseResult) -> None:
     from biofed.kernels import init_params, loss_and_grad
 
@@ -302,6 +336,8 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
         result.metrics.append(Metric("realtime", f"real-time factor, {label}", m["rtf"], "x", {**detail, **m}))
         result.metrics.append(Metric("realtime", f"compute s for {out['stream_seconds']:g} s stream, {label}", m["median_s"], "s"))
         result.targets.append(Target(f"real-time factor >= 2000x on one core ({label})", m["rtf"], ">=", 2000.0, "x"))
+    for stage, ms in out["per_window_stage_ms"].items():
+        result.metrics.append(Metric("realtime", f"one core, per window: {stage}", ms, "ms/window"))
 
 
 def _time_first_window() -> float:
@@ -338,6 +374,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "stats": case_stats,
     "project": case_project,
     "svd": case_svd,
+    "fd_sketch": case_fd_sketch,
     "training": case_training,
     "chain": case_chain,
     "realtime": case_realtime,
