@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "bench": "biofed.bench:bench_command",
     "broker": "biofed.broker:broker_command",
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
+    "replay": "biofed.edge.replay_cli:replay_command",
 }
 
 

@@ -1,1 +1,34 @@
-"""biofed.edge"""
+"""biofed.edge: what runs on a device.
+
+- :mod:`biofed.edge.pipeline`: sensor chunks -> aligned windows -> feature rows (optionally
+  projected onto the k=32 basis), with a mergeable sketch for fitting a local basis.
+- :mod:`biofed.edge.store`: durable, capped SQLite store of feature rows.
+- :mod:`biofed.edge.replay_cli`: ``biofed replay``, recordings streamed through the pipeline.
+"""
+
+from biofed.edge.pipeline import (
+    Basis,
+    ChunkError,
+    FeatureLayout,
+    FeatureRow,
+    PipelineConfig,
+    PipelineError,
+    StreamingPipeline,
+    extract_features,
+    fit_basis,
+)
+from biofed.edge.store import FeatureStore, StoreError
+
+__all__ = [
+    "Basis",
+    "ChunkError",
+    "FeatureLayout",
+    "FeatureRow",
+    "FeatureStore",
+    "PipelineConfig",
+    "PipelineError",
+    "StoreError",
+    "StreamingPipeline",
+    "extract_features",
+    "fit_basis",
+]

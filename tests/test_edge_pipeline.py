@@ -1,0 +1,379 @@
+"""StreamingPipeline: chunking invariance, alignment across rates, bounded memory, labels, basis, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+
+from biofed.datasets import Annotation, Recording, Signal, make_recording, read_recording
+from biofed.edge.pipeline import (
+    ChunkError,
+    FeatureLayout,
+    PipelineConfig,
+    PipelineError,
+    StreamingPipeline,
+    basis_from_sketch,
+    extract_features,
+    fit_basis,
+    sketch_init,
+    sketch_merge,
+    sketch_update,
+)
+from biofed.edge.store import FeatureStore
+from biofed.kernels import band_powers, heart_rate_features, log_band_energies, project, window_statistics
+
+CONFIG = PipelineConfig()
+
+
+@pytest.fixture(scope="module")
+def multirate():
+    """EEG 500 Hz + audio 8 kHz + ECG/PPG 250 Hz, 14 s."""
+    return make_recording(
+        "rest", duration_s=14.0, eeg_channels=3, eeg_sfreq=500.0, audio_sfreq=8000.0, bio_sfreq=250.0,
+        subject="pipe", random_state=1,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eegmat_rest(shared_datasets):
+    path = shared_datasets / "eegmat" / "Subject02_1.edf"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    return read_recording(path)
+
+
+def _stream_in_random_chunks(recording, config, rng, basis=None, max_chunk_s=3.0):
+    """Push every modality in random-sized chunks, modalities interleaved in random order."""
+    layout = FeatureLayout.from_recording(recording, config)
+    pipe = StreamingPipeline(config, layout, basis)
+    positions = {m: 0 for m in layout.modality_names}
+    rows = []
+    while True:
+        open_ = [m for m in positions if positions[m] < recording.signals[m].n_samples]
+        if not open_:
+            break
+        modality = open_[rng.integers(len(open_))]
+        sig = recording.signals[modality]
+        n = int(rng.integers(0, int(max_chunk_s * sig.sfreq) + 1))
+        a = positions[modality]
+        b = min(a + n, sig.n_samples)
+        rows += pipe.push(modality, sig.data[:, a:b], label=recording.label)
+        positions[modality] = b
+        for m, fill in pipe.buffer_fill.items():
+            assert fill <= pipe.buffer_capacity[m]
+    return rows, pipe
+
+
+def _as_arrays(rows):
+    return np.stack([r.vector for r in rows]), [r.label for r in rows], np.array([r.t for r in rows])
+
+
+# ---------------------------------------------------------------------------------- layout
+def test_layout_names_every_column(multirate):
+    layout = FeatureLayout.from_recording(multirate, CONFIG)
+    assert layout.modality_names == ("eeg", "audio", "bio")
+    names = layout.feature_names
+    # 3 EEG channels x 5 bands + 1 audio channel x 32 mels + (ECG, PPG) x (5 stats + HR + RMSSD)
+    assert layout.n_features == len(names) == 3 * 5 + 32 + 2 * 7
+    assert names[:5] == ("eeg:Fp1:delta", "eeg:Fp1:theta", "eeg:Fp1:alpha", "eeg:Fp1:beta", "eeg:Fp1:gamma")
+    assert names[15:17] == ("audio:PCG:mel00", "audio:PCG:mel01")
+    assert names[-7:] == tuple(f"bio:PPG:{f}" for f in ("mean", "std", "slope", "min", "max", "heart_rate", "rmssd"))
+    assert len(set(names)) == len(names)
+    # The hash keys the feature store: it changes with feature settings and channels.
+    assert layout.hash == FeatureLayout.from_recording(multirate, CONFIG).hash
+    assert layout.hash != FeatureLayout.from_recording(multirate, PipelineConfig(n_mels=16)).hash
+    assert layout.hash != FeatureLayout.from_recording(multirate, PipelineConfig(hop_s=0.5)).hash
+    eeg_only = FeatureLayout.from_recording(multirate, PipelineConfig(modalities=("eeg",)))
+    assert eeg_only.modality_names == ("eeg",) and eeg_only.n_features == 15
+
+
+def test_non_ecg_bio_channels_get_statistics_only():
+    sig = Signal(np.zeros((2, 1000)), 100.0, ("RESP", "ECG"), ("resp", "ecg"), ("NU", "V"))
+    rec = Recording(source="mixed", signals={"bio": sig})
+    layout = FeatureLayout.from_recording(rec, CONFIG)
+    assert layout.feature_names == (
+        "bio:RESP:mean", "bio:RESP:std", "bio:RESP:slope", "bio:RESP:min", "bio:RESP:max",
+        "bio:ECG:mean", "bio:ECG:std", "bio:ECG:slope", "bio:ECG:min", "bio:ECG:max",
+        "bio:ECG:heart_rate", "bio:ECG:rmssd",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- chunking
+def test_random_chunks_equal_one_chunk_multirate(multirate):
+    X1, y1, t1 = extract_features(multirate, CONFIG)
+    assert X1.shape == (13, 61)  # windows [j, j+2) for j = 0..12 in a 14 s recording
+    np.testing.assert_array_equal(t1, np.arange(13.0))
+    assert set(y1) == {"rest"}
+    for seed in range(3):
+        rows, pipe = _stream_in_random_chunks(multirate, CONFIG, np.random.default_rng(seed))
+        X2, y2, t2 = _as_arrays(rows)
+        np.testing.assert_allclose(X2, X1, rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(t2, t1)
+        assert y2 == list(y1)
+        assert pipe.flush() == 0
+
+
+def test_random_chunks_equal_one_chunk_on_real_eegmat(eegmat_rest):
+    X1, y1, t1 = extract_features(eegmat_rest, CONFIG)
+    assert X1.shape == (181, 19 * 5 + 7)  # 182 s, 19 EEG channels + ECG (A2-A1 reference excluded)
+    assert set(y1) == {"rest"}
+    rows, _ = _stream_in_random_chunks(eegmat_rest, CONFIG, np.random.default_rng(7), max_chunk_s=9.0)
+    X2, y2, t2 = _as_arrays(rows)
+    np.testing.assert_allclose(X2, X1, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(t2, t1)
+    assert set(y2) == {"rest"}
+    assert np.isfinite(X1).all()
+
+
+# ---------------------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("hop_s", [1.0, 0.5, 0.33])
+def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_s):
+    config = PipelineConfig(hop_s=hop_s)
+    X, _, t = extract_features(multirate, config)
+    n_windows = int(np.floor((14.0 - 2.0) / hop_s + 1e-9)) + 1
+    assert X.shape[0] == n_windows
+    np.testing.assert_allclose(t, np.arange(n_windows) * hop_s)
+    eeg, audio, bio = (multirate.signals[m] for m in ("eeg", "audio", "bio"))
+    for j in (0, 3, n_windows - 1):
+        # window j = [j*hop_s, j*hop_s + 2 s) in every modality, computed straight from the kernels
+        parts = []
+        for sig in (eeg, audio, bio):
+            start = int(round(j * hop_s * sig.sfreq))
+            parts.append(sig.data[None, :, start : start + int(round(2.0 * sig.sfreq))])
+        expected = np.concatenate([
+            band_powers(parts[0], eeg.sfreq, log=True).reshape(-1),
+            log_band_energies(parts[1], audio.sfreq, n_bands=32).reshape(-1),
+            np.concatenate([window_statistics(parts[2], bio.sfreq)[0], heart_rate_features(parts[2], bio.sfreq)[0]],
+                           axis=1).reshape(-1),
+        ])  # fmt: skip
+        np.testing.assert_allclose(X[j], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_hop_longer_than_window_skips_samples(multirate):
+    config = PipelineConfig(window_s=1.0, hop_s=2.5, modalities=("eeg",))
+    X, _, t = extract_features(multirate, config)
+    np.testing.assert_allclose(t, [0.0, 2.5, 5.0, 7.5, 10.0, 12.5])
+    rows, _ = _stream_in_random_chunks(multirate, config, np.random.default_rng(3))
+    np.testing.assert_allclose(_as_arrays(rows)[0], X, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- memory
+def test_hours_of_signal_keep_buffers_within_capacity():
+    """3 h of EEG (2 ch, 100 Hz) + ECG (128 Hz) in random chunks: buffers never exceed capacity."""
+    rng = np.random.default_rng(11)
+    config = PipelineConfig(max_pending_windows=50)
+    layout = FeatureLayout.from_channels(
+        {"eeg": (100.0, ("Cz", "Pz"), ("eeg", "eeg")), "bio": (128.0, ("ECG",), ("ecg",))}, config
+    )
+    pipe = StreamingPipeline(config, layout)
+    capacity = pipe.buffer_capacity
+    assert capacity == {"eeg": 2 * 100 + 4 * 100, "bio": 2 * 128 + 4 * 128}
+    total_s, sent_s, n_rows, peak_pending = 3 * 3600, 0.0, 0, 0
+    fill_peak = {m: 0 for m in capacity}
+    while sent_s < total_s:
+        dur = float(rng.uniform(0.05, 30.0))
+        for modality, fs, n_ch in (("eeg", 100.0, 2), ("bio", 128.0, 1)):
+            n = int(round((sent_s + dur) * fs)) - int(round(sent_s * fs))
+            tt = (int(round(sent_s * fs)) + np.arange(n)) / fs
+            chunk = np.sin(2 * np.pi * 10 * tt) + 0.1 * rng.standard_normal((n_ch, n))
+            n_rows += len(pipe.push(modality, chunk, label="rest"))
+            for m, fill in pipe.buffer_fill.items():
+                fill_peak[m] = max(fill_peak[m], fill)
+            peak_pending = max(peak_pending, pipe.pending_windows)
+        sent_s += dur
+    assert all(fill_peak[m] <= capacity[m] for m in capacity)
+    assert peak_pending <= 31  # at most one 30 s chunk of windows waits for the other modality
+    assert n_rows == int(np.floor(sent_s - 2.0)) + 1 or n_rows == int(np.floor(sent_s - 2.0))
+    assert pipe.windows_dropped == 0
+    sketch = pipe.sketch
+    assert sketch.fd.shape == (64, layout.n_features) and sketch.moments.count == n_rows
+
+
+def test_lagging_modality_is_capped_and_windows_dropped(caplog):
+    config = PipelineConfig(max_pending_windows=5)
+    layout = FeatureLayout.from_channels({"eeg": (100.0, ("Cz",), ("eeg",)), "bio": (64.0, ("ECG",), ("ecg",))}, config)
+    pipe = StreamingPipeline(config, layout)
+    rng = np.random.default_rng(0)
+    with caplog.at_level(logging.WARNING, logger="biofed.edge.pipeline"):
+        assert pipe.push("eeg", rng.standard_normal((1, 100 * 20))) == []  # 19 windows, bio silent
+    assert "dropping 14 feature window(s)" in caplog.text and "bio" in caplog.text
+    assert pipe.windows_dropped == 14 and pipe.pending_windows == 5
+    rows = pipe.push("bio", rng.standard_normal((1, 64 * 20)))
+    assert [r.t for r in rows] == [14.0, 15.0, 16.0, 17.0, 18.0]  # only the kept windows pair up
+
+
+# ---------------------------------------------------------------------------------- labels
+def test_window_label_is_the_reference_label_at_its_last_sample():
+    fs = 100.0
+    layout = FeatureLayout.from_channels({"eeg": (fs, ("Cz",), ("eeg",)), "bio": (fs, ("ECG",), ("ecg",))}, CONFIG)
+    pipe = StreamingPipeline(CONFIG, layout)
+    rng = np.random.default_rng(0)
+    rows = []
+    rows += pipe.push("eeg", rng.standard_normal((1, 300)), label="rest")  # [0, 3) s rest
+    rows += pipe.push("eeg", rng.standard_normal((1, 250)), label="arithmetic")  # [3, 5.5) s
+    rows += pipe.push("eeg", rng.standard_normal((1, 1)), label=None)  # 5.5 s unlabelled
+    rows += pipe.push("bio", rng.standard_normal((1, 551)), label="ignored")  # bio labels do not count
+    assert [(r.t, r.label) for r in rows] == [(0.0, "rest"), (1.0, "rest"), (2.0, "arithmetic"), (3.0, "arithmetic")]
+
+
+def test_extract_features_labels_follow_annotations():
+    sig = Signal(np.random.default_rng(0).standard_normal((1, 1000)), 100.0, ("Cz",), ("eeg",), ("V",))
+    rec = Recording(
+        source="annotated", signals={"eeg": sig}, label="rest",
+        annotations=(Annotation(3.0, 2.0, "T1"), Annotation(6.0, 0.0, "beat"), Annotation(0.0, 10.0, "BAD_x")),
+    )  # fmt: skip
+    X, labels, t = extract_features(rec, CONFIG)
+    # window j = [j, j+2): its last sample decides -> T1 covers samples in [3, 5)
+    assert list(labels) == ["rest", "rest", "T1", "T1", "rest", "rest", "rest", "rest", "rest"]
+    rows, _ = _stream_in_random_chunks(rec, CONFIG, np.random.default_rng(0))
+    np.testing.assert_allclose(_as_arrays(rows)[0], X, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------- basis and sketch
+def _scatter(X):
+    Z = X - X.mean(axis=0)
+    return Z.T @ Z
+
+
+def test_sketch_is_exact_centred_scatter_when_ell_exceeds_width():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(300, 6)) * np.array([1e-6, 1.0, 50.0, 3.0, 1e3, 0.1]) + 7.0
+    unit = X[:20].std(axis=0)
+    sk = sketch_init(unit, ell=8)
+    for block in np.array_split(X, [1, 2, 50, 51, 180]):
+        sk = sketch_update(sk, block)
+    B = sk.fd * sk.unit
+    np.testing.assert_allclose(B.T @ B, _scatter(X), rtol=1e-9, atol=1e-9 * np.abs(_scatter(X)).max())
+    np.testing.assert_allclose(sk.moments.mean, X.mean(axis=0), rtol=1e-12)
+    # Merging two devices' sketches (different units) = the sketch of all rows.
+    a = sketch_update(sketch_init(unit, 8), X[:120])
+    b = sketch_update(sketch_init(unit * 3.0, 8), X[120:])
+    merged = sketch_merge(a, b)
+    Bm = merged.fd * merged.unit
+    np.testing.assert_allclose(Bm.T @ Bm, _scatter(X), rtol=1e-9, atol=1e-9 * np.abs(_scatter(X)).max())
+    # ... and its basis is the exact standardized PCA basis (up to sign).
+    exact = fit_basis(X, k=3)
+    approx = basis_from_sketch(merged, k=3)
+    np.testing.assert_allclose(np.abs(np.sum(exact.components * approx.components, axis=1)), 1.0, atol=1e-8)
+    np.testing.assert_allclose(approx.scale, X.std(axis=0), rtol=1e-10)
+
+
+def test_local_basis_projection_and_store(multirate, tmp_path):
+    config = PipelineConfig(hop_s=0.25, sketch_rows=80)  # ell > F = 61: the sketch is exact
+    X, labels, t = extract_features(multirate, config)
+    layout = FeatureLayout.from_recording(multirate, config)
+    pipe = StreamingPipeline(config, layout)
+    for m in layout.modality_names:
+        pipe.push(m, multirate.signals[m].data, label="rest")
+    with pytest.raises(PipelineError, match="the sketch has 0"):
+        basis_from_sketch(sketch_init(np.ones(layout.n_features), 80))
+    from_sketch = pipe.fit_local_basis(k=32)
+    assert from_sketch.components.shape == (32, 61)
+    np.testing.assert_allclose(from_sketch.components @ from_sketch.components.T, np.eye(32), atol=1e-10)
+    with FeatureStore(tmp_path / "f.sqlite", layout_hash=layout.hash) as store:
+        store.append(X, labels, t)
+        from_store = pipe.fit_local_basis(k=32, store=store)
+    exact = fit_basis(X, k=32)
+    np.testing.assert_allclose(from_store.components, exact.components, atol=1e-12)
+    # The sketch (exact here) and the SVD agree on the leading, well-separated components.
+    top = np.abs(np.sum(from_sketch.components[:3] * exact.components[:3], axis=1))
+    np.testing.assert_allclose(top, 1.0, atol=1e-6)
+    # With a basis rows are projected, and the layout hash changes with it.
+    Xp, _, _ = extract_features(multirate, config, basis=exact)
+    np.testing.assert_allclose(Xp, project(X, exact.components, mean=exact.mean, scale=exact.scale), rtol=1e-12, atol=1e-12)
+    projected = StreamingPipeline(config, layout, basis=exact)
+    assert projected.row_width == 32 and projected.row_layout_hash != layout.hash
+    projected.set_basis(None)
+    assert projected.row_width == 61 and projected.row_layout_hash == layout.hash
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirate):
+    layout = FeatureLayout.from_recording(multirate, CONFIG)
+    pipe = StreamingPipeline(CONFIG, layout)
+    eeg = multirate.signals["eeg"].data
+    nan_chunk = eeg[:, :100].copy()
+    nan_chunk[1, 42] = np.nan
+    bad = [
+        (("emg", eeg[:, :10]), r"unknown modality 'emg'.*\('eeg', 'audio', 'bio'\)"),
+        (("eeg", eeg[:2, :10]), r"eeg chunk has 2 channel\(s\) but the layout has 3 \(Fp1, Fp2, F3\)"),
+        (("eeg", eeg[0, :10]), r"must be 2-D \(n_channels=3, n_samples\)"),
+        (("eeg", nan_chunk), r"1 NaN/inf sample\(s\), the first in channel 'Fp2' at sample 42"),
+        (("eeg", np.full((3, 5), np.inf)), "NaN/inf"),
+        (("eeg", np.array([["a"] * 4] * 3)), "real numbers"),
+    ]
+    for args, match in bad:
+        with pytest.raises(ChunkError, match=match):
+            pipe.push(*args)
+    with pytest.raises(ChunkError, match="label must be a str or None"):
+        pipe.push("eeg", eeg[:, :10], label=1)
+    assert pipe.buffer_fill == {"eeg": 0, "audio": 0, "bio": 0}
+    # The caller logs, drops and carries on: the output is as if the bad chunks never came.
+    rows, _ = _stream_in_random_chunks(multirate, CONFIG, np.random.default_rng(0))
+    X, _, _ = extract_features(multirate, CONFIG)
+    np.testing.assert_allclose(_as_arrays(rows)[0], X, rtol=1e-12, atol=1e-12)
+    assert issubclass(ChunkError, PipelineError) and issubclass(PipelineError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window_s": 0}, r"window_s must be finite and > 0"),
+        ({"hop_s": float("nan")}, r"hop_s must be finite"),
+        ({"window_s": "2"}, "number of seconds"),
+        ({"n_mels": 0}, r"n_mels must be an integer >= 1"),
+        ({"k": 2.5}, r"k must be an integer"),
+        ({"modalities": ("eeg", "emg")}, "distinct names from"),
+        ({"modalities": ()}, "distinct names from"),
+        ({"bands": (("alpha", 13, 8),)}, "0 <= lo < hi"),
+        ({"bands": (("a", 1, 4), ("a", 4, 8))}, "names must be unique"),
+        ({"bands": ("alpha",)}, "triples"),
+        ({"max_pending_windows": 0}, "max_pending_windows must be None or an integer >= 1"),
+        ({"sketch_rows": 1}, r"sketch_rows must be an integer >= 2"),
+    ],
+)
+def test_bad_config_is_rejected(kwargs, match):
+    with pytest.raises(PipelineError, match=match):
+        PipelineConfig(**kwargs)
+
+
+def test_bad_layout_and_basis_are_rejected(multirate):
+    with pytest.raises(PipelineError, match="none of the configured modalities"):
+        FeatureLayout.from_recording(multirate, PipelineConfig()).from_channels({}, CONFIG)
+    with pytest.raises(PipelineError, match="unknown modality 'emg'"):
+        FeatureLayout.from_channels({"emg": (100.0, ("x",), ("misc",))}, CONFIG)
+    with pytest.raises(PipelineError, match="sample\\(s\\) per 2.0 s window"):
+        FeatureLayout.from_channels({"bio": (0.5, ("x",), ("eda",))}, CONFIG)
+    with pytest.raises(PipelineError, match=r"band\(s\) \['gamma'\] reach above the Nyquist frequency 32.0 Hz"):
+        FeatureLayout.from_channels({"eeg": (64.0, ("Cz",), ("eeg",))}, CONFIG)
+    with pytest.raises(PipelineError, match="unique channel names"):
+        FeatureLayout.from_channels({"eeg": (100.0, ("Cz", "Cz"), ("eeg", "eeg"))}, CONFIG)
+    layout = FeatureLayout.from_recording(multirate, CONFIG)
+    with pytest.raises(PipelineError, match="layout was built for feature settings"):
+        StreamingPipeline(PipelineConfig(hop_s=0.5), layout)
+    with pytest.raises(PipelineError, match=r"basis components must have shape \(k, 61\)"):
+        StreamingPipeline(CONFIG, layout, basis=(np.eye(3), np.zeros(3), np.ones(3)))
+    with pytest.raises(PipelineError, match="scale > 0"):
+        StreamingPipeline(CONFIG, layout, basis=(np.ones((2, 61)), np.zeros(61), np.zeros(61)))
+    with pytest.raises(PipelineError, match="no feature window has been produced"):
+        StreamingPipeline(CONFIG, layout).fit_local_basis()
+    with pytest.raises(PipelineError, match=r"\(N >= 2, F\)"):
+        fit_basis(np.ones((1, 4)))
+
+
+def test_flush_reports_unmatched_windows_and_restarts(multirate):
+    layout = FeatureLayout.from_recording(multirate, CONFIG)
+    pipe = StreamingPipeline(dataclasses.replace(CONFIG), layout)
+    for m in ("eeg", "audio"):
+        pipe.push(m, multirate.signals[m].data)
+    pipe.push("bio", multirate.signals["bio"].data[:, : 250 * 8])  # bio stops after 8 s
+    assert pipe.windows_emitted == 7
+    assert pipe.flush() == 13 - 7
+    assert pipe.buffer_fill == {"eeg": 0, "audio": 0, "bio": 0}
+    rows = []
+    for m in ("eeg", "audio", "bio"):
+        rows += pipe.push(m, multirate.signals[m].data[:, : int(3 * multirate.signals[m].sfreq)])
+    assert [r.t for r in rows] == [0.0, 1.0]  # a new stream starts at t = 0
