@@ -270,7 +270,7 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "versions": {
             name: _version(name)
-            for name in ("biofed", "numpy", "numba", "scipy", "mne", "scikit-learn", "llvmlite")
+            for name in ("biofed", "numpy", "numba", "llvmlite", "rocket-fft", "scipy", "mne", "scikit-learn", "threadpoolctl")
         },
         "numba_threads": numba.config.NUMBA_NUM_THREADS,
         "numba_threading_layer": numba.config.THREADING_LAYER,

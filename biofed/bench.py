@@ -99,7 +99,7 @@ def format_report(results, targets) -> str:
     if metrics:
         lines += ["", "Other measurements", "-" * 60]
         for m in metrics:
-            lines.append(f"{m.case:<16} {m.name:<62} {m.value:>12.6g} {m.unit}")
+            lines.append(f"{m.case:<16} {m.name:<62} {m.value:>12.8g} {m.unit}")
     errors = [r for r in results if r.error]
     if errors:
         lines += ["", "Errors", "-" * 60]
