@@ -30,8 +30,9 @@ Memory
 Labels
     A window's label is the label passed with the chunk of the *reference modality* (the layout's
     first modality, in ``("eeg", "audio", "bio")`` order) that contains the window's **last**
-    sample: causal, and the majority label whenever the label changes at most once per
-    ``window_s / 2``. Labels passed with chunks of the other modalities are ignored.
+    sample ("label at window end"): causal and cheap, and equal to the majority label except for
+    windows whose label changes in their second half (at most ``window_s / hop_s / 2`` windows per
+    change). Labels passed with chunks of the other modalities are ignored.
 
 Basis
     Without a basis the rows are the raw feature vectors, and the pipeline folds every row into a

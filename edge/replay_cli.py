@@ -42,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import resource
 import sys
 import time
@@ -156,14 +157,14 @@ def replay_command(files, speed, out, window_s, hop_s, k, chunk_s, progress) -> 
         PipelineConfig,
         PipelineError,
         StreamingPipeline,
-        fit_basis,
     )
-    from biofed.kernels import project
 
     if len(set(map(str, files))) != len(files):
         raise click.BadParameter("a file is given more than once.", param_hint="FILES")
-    if not (chunk_s > 0):
-        raise click.BadParameter(f"must be > 0 seconds, got {chunk_s}.", param_hint="--chunk")
+    if not (math.isfinite(chunk_s) and chunk_s > 0):
+        raise click.BadParameter(f"must be a finite number of seconds > 0, got {chunk_s}.", param_hint="--chunk")
+    if not math.isfinite(speed):
+        raise click.BadParameter(f"must be finite (0 = as fast as possible), got {speed}.", param_hint="--speed")
     try:
         config = PipelineConfig(window_s=window_s, hop_s=hop_s, k=k)
     except PipelineError as exc:
@@ -241,12 +242,18 @@ def replay_command(files, speed, out, window_s, hop_s, k, chunk_s, progress) -> 
     if latencies:
         p50, p95, p99 = np.percentile(np.array(latencies) * 1e3, [50, 95, 99])
         click.echo(f"latency per window (push -> row): p50 {p50:.3f} ms, p95 {p95:.3f} ms, p99 {p99:.3f} ms")
+    if out is not None:
+        if n_rows < 2:
+            raise click.ClickException(f"only {n_rows} window(s) were produced; --out needs at least 2 to fit a basis.")
+        _write_npz(out, streams, k)
     click.echo(f"peak RSS: {_peak_rss_mb():.1f} MB")
 
-    if out is None:
-        return
-    if n_rows < 2:
-        raise click.ClickException(f"only {n_rows} window(s) were produced; --out needs at least 2 to fit a basis.")
+
+def _write_npz(out: Path, streams: list[_Stream], k: int) -> None:
+    """Stack every stream's rows, fit the local basis and write the ``--out`` archive."""
+    from biofed.edge.pipeline import fit_basis
+    from biofed.kernels import project
+
     layout = streams[0].pipeline.layout
     X = np.stack([row.vector for stream in streams for row in stream.rows])
     labels = np.array(["" if row.label is None else row.label for s in streams for row in s.rows], dtype=str)

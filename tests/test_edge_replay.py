@@ -115,8 +115,12 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert result.exit_code == 2 and "--chunk" in result.output
     result = _replay([edf, "--window", "0"])
     assert result.exit_code == 2 and "window_s must be finite and > 0" in result.output
+    result = _replay([edf, "--chunk", "inf"])
+    assert result.exit_code == 2 and "finite number of seconds" in result.output
     result = _replay([edf, "--speed", "-1"])
-    assert result.exit_code == 2
+    assert result.exit_code == 2 and "--speed" in result.output
+    result = _replay([edf, "--speed", "inf"])
+    assert result.exit_code == 2 and "must be finite" in result.output
     result = _replay([edf, "--window", "5", "--out", tmp_path / "none.npz"])
     assert result.exit_code == 1 and "--out needs at least 2" in result.output
 
