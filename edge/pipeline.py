@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from biofed.datasets.recording import MODALITIES
 from biofed.kernels import (
     BIOSENSOR_FEATURES,
     EEG_BANDS,
@@ -106,8 +107,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The feature modalities, in layout order.
-MODALITIES = ("eeg", "audio", "bio")
 #: Bio channel types that also get heart-rate features (mean HR, RMSSD).
 HEART_RATE_TYPES = ("ecg", "ppg")
 _STAT_NAMES = BIOSENSOR_FEATURES[:5]
@@ -516,7 +515,7 @@ class _ModalityStream:
             self.hr_channels = np.array(hr, dtype=np.intp)
             n_stat = len(_STAT_NAMES)
             stat_cols, hr_cols, col = [], [], 0
-            for i, ch_type in enumerate(part.ch_types):
+            for ch_type in part.ch_types:
                 stat_cols.extend(range(col, col + n_stat))
                 col += n_stat
                 if ch_type in HEART_RATE_TYPES:
