@@ -97,10 +97,11 @@ def test_out_refuses_mixed_layouts(tmp_path):
     assert result.exit_code == 2
     assert "has another feature layout than" in result.output
     assert not (tmp_path / "x.npz").exists()
-    # Without --out the two subjects simply replay as two streams.
-    result = _replay([edf, other_wav])
+    # Without --out the two subjects simply replay as two streams (progress bar on stderr).
+    result = CliRunner().invoke(cli, ["replay", str(edf), str(other_wav)])
     assert result.exit_code == 0, result.output
-    assert "files: 2 in 2 stream(s)" in result.output and "windows processed: 6" in result.output
+    assert "files: 2 in 2 stream(s)" in result.stdout and "windows processed: 6" in result.stdout
+    assert "replay (signal seconds)" in result.stderr and "replay (signal" not in result.stdout
 
 
 def test_bad_arguments_give_clear_errors(tmp_path):
