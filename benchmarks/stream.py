@@ -35,8 +35,8 @@ from biofed.kernels import (
 )
 
 EEG_CHANNELS, EEG_FS = 19, 500.0
-AUDIO_CHANNELS, AUDIO_FS = 1, 16000.0
-BIO_CHANNELS, BIO_FS = 4, 250.0
+AUDIO_FS = 16000.0  # one channel
+BIO_FS = 250.0  # ECG, PPG, EDA, respiration
 HEART_CHANNELS = 2  # ECG and PPG carry beats; EDA and respiration do not
 WINDOW_S, HOP_S = 2.0, 1.0
 K = 32
