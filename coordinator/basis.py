@@ -1,0 +1,173 @@
+"""The two federated basis phases as pure functions (coordinator side).
+
+Before training, the fleet agrees on a standardization and a k-dimensional feature basis
+without pooling any data. Each device sends one clipped statistic per phase (a
+:class:`biofed.protocol.Sketch`); with X the device's raw ``(n, d)`` training rows:
+
+moments
+    ``s_i = concat(mean(X, 0), mean(X**2, 0))`` (D = 2d). The coordinator averages the
+    devices' statistics, ``mean = s[:d]``, ``var = s[d:] - mean**2`` (floored, see
+    :func:`standardization_from_moments`), ``scale = sqrt(var)``.
+covariance
+    ``s_i = (Z.T @ Z / n).ravel()`` with ``Z = (X - mean) / scale`` (D = d*d). The
+    coordinator averages, symmetrizes and keeps the top-k eigenvectors
+    (:func:`basis_from_covariance`).
+
+Uniform weighting
+-----------------
+:func:`aggregate_statistics` gives every device the same weight ``1/n``, whatever its
+number of rows. That is what differential privacy needs: a device's row count is private
+and unbounded, so weighting by it would make one device's influence (the sensitivity)
+unbounded. With per-device clipping to C the *sum* has sensitivity C under add/remove of
+one device, and the Gaussian mechanism adds ``N(0, (z C)^2)`` to it. The price is bias
+when devices hold different amounts of data: the result is the mean of the devices'
+means, which equals the pooled-data statistic exactly when every device has the same
+count (and no clipping or noise changed anything), as the tests check.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from biofed.coordinator.clipping import clip_update, secure_rng
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "aggregate_statistics",
+    "basis_from_covariance",
+    "standardization_from_moments",
+]
+
+VAR_FLOOR_ABS = 1e-12
+"""Absolute floor on a feature variance (see :func:`standardization_from_moments`)."""
+VAR_FLOOR_REL = 1e-9
+"""Relative floor: variance >= VAR_FLOOR_REL * E[x^2] (a feature constant up to noise)."""
+
+
+def aggregate_statistics(
+    statistics,
+    clip_norm: float,
+    noise_multiplier: float = 0.0,
+    *,
+    add_noise: bool = True,
+    rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, int]:
+    """Uniform mean of the devices' clipped statistics, with central Gaussian noise.
+
+    Parameters
+    ----------
+    statistics : array-like, shape (n, D)
+        One row per device (already clipped by the device; clipped again here to C so a
+        misbehaving device cannot exceed the sensitivity).
+    clip_norm : float
+        C > 0, the L2 bound of one device's statistic.
+    noise_multiplier : float
+        z >= 0. The sum receives ``N(0, (z C)^2)`` per coordinate when ``add_noise``.
+    add_noise : bool
+        True in central trust mode; False in local mode (devices already added their own
+        noise) and for non-private runs.
+    rng : numpy.random.Generator or None
+        None draws OS-seeded noise (production); tests pass a generator.
+
+    Returns
+    -------
+    mean : ndarray, shape (D,)
+        ``(sum_i clip(s_i) + noise) / n``.
+    n_clipped : int
+        Statistics this re-clipping changed (devices that did not clip themselves).
+    """
+    stats = np.asarray(statistics, dtype=np.float64)
+    if stats.ndim != 2 or stats.shape[0] == 0 or stats.shape[1] == 0:
+        raise ValueError(
+            f"statistics must be a non-empty (n_devices, D) array, got shape {stats.shape}; "
+            "a basis phase needs at least one device's statistic."
+        )
+    if not np.isfinite(stats).all():
+        raise ValueError("statistics contain NaN or inf; drop the offending device's sketch before aggregating.")
+    total = np.zeros(stats.shape[1])
+    n_clipped = 0
+    for row in stats:
+        clipped, norm = clip_update(row, clip_norm)
+        n_clipped += norm > clip_norm
+        total += clipped
+    if add_noise and noise_multiplier > 0:
+        total += secure_rng(rng).normal(0.0, noise_multiplier * clip_norm, size=total.shape)
+    return total / stats.shape[0], int(n_clipped)
+
+
+def standardization_from_moments(statistic) -> tuple[np.ndarray, np.ndarray]:
+    """Feature mean and scale from the averaged moments statistic.
+
+    Parameters
+    ----------
+    statistic : array-like, shape (2d,)
+        ``concat(E[x], E[x^2])`` averaged over devices (possibly noised).
+
+    Returns
+    -------
+    mean : ndarray, shape (d,)
+    scale : ndarray, shape (d,)
+        ``sqrt(max(E[x^2] - E[x]^2, floor))`` with
+        ``floor = max(VAR_FLOOR_ABS, VAR_FLOOR_REL * |E[x^2]|)``: noise can make the
+        variance estimate negative, and a feature that is constant (up to noise) would
+        otherwise be divided by ~0 on the devices. ``scale > 0`` everywhere, as
+        :class:`biofed.protocol.Basis` requires.
+    """
+    s = np.asarray(statistic, dtype=np.float64)
+    if s.ndim != 1 or s.size == 0 or s.size % 2:
+        raise ValueError(f"the moments statistic must be 1-D of even length 2d, got shape {s.shape}.")
+    if not np.isfinite(s).all():
+        raise ValueError("the moments statistic contains NaN or inf.")
+    d = s.size // 2
+    mean, second = s[:d], s[d:]
+    floor = np.maximum(VAR_FLOOR_ABS, VAR_FLOOR_REL * np.abs(second))
+    var = second - mean**2
+    n_floored = int(np.count_nonzero(var < floor))
+    if n_floored:
+        logger.info("basis: %d of %d feature variances floored (constant features or noise)", n_floored, d)
+    return mean.copy(), np.sqrt(np.maximum(var, floor))
+
+
+def basis_from_covariance(statistic, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k eigenvectors of the averaged covariance statistic.
+
+    Parameters
+    ----------
+    statistic : array-like, shape (d*d,) or (d, d)
+        ``E[Z Z^T]`` of standardized features averaged over devices (possibly noised, so
+        not exactly symmetric).
+    k : int
+        Basis rank requested; ``k' = min(k, d)`` components are returned.
+
+    Returns
+    -------
+    components : ndarray, shape (k', d)
+        Orthonormal rows, by decreasing eigenvalue, each with its largest-magnitude entry
+        positive (a deterministic sign, so a re-run gives the same basis).
+    eigenvalues : ndarray, shape (k',)
+        Descending. Noise can make trailing ones negative.
+    """
+    s = np.asarray(statistic, dtype=np.float64)
+    if s.ndim == 1:
+        d = int(round(np.sqrt(s.size)))
+        if d * d != s.size or d == 0:
+            raise ValueError(f"the covariance statistic has {s.size} entries, which is not d*d for any d >= 1.")
+        s = s.reshape(d, d)
+    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
+        raise ValueError(f"the covariance statistic must be (d*d,) or (d, d), got shape {s.shape}.")
+    if not np.isfinite(s).all():
+        raise ValueError("the covariance statistic contains NaN or inf.")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}.")
+    symmetric = 0.5 * (s + s.T)
+    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
+    k_eff = min(int(k), s.shape[0])
+    order = np.argsort(eigenvalues)[::-1][:k_eff]
+    components = eigenvectors[:, order].T.copy()
+    pivots = np.argmax(np.abs(components), axis=1)
+    signs = np.sign(components[np.arange(k_eff), pivots])
+    components *= np.where(signs == 0, 1.0, signs)[:, None]
+    return components, eigenvalues[order]
