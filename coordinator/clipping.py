@@ -28,6 +28,8 @@ import secrets
 
 import numpy as np
 
+from biofed.kernels import clip_l2
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -110,12 +112,13 @@ def clip_update(delta, clip_norm: float) -> tuple[np.ndarray, float]:
         ``delta * min(1, C / ||delta||)`` (a new array; float32 stays float32).
     norm : float
         ``||delta||`` before clipping; ``norm <= C`` is the device's clipped-count bit.
+
+    Notes
+    -----
+    Computed by :func:`biofed.kernels.clip_l2`, the same routine the devices use.
     """
-    arr = _check_vector(delta, "delta")
-    c = _check_positive(clip_norm, "clip_norm")
-    norm = float(np.linalg.norm(arr))
-    scale = min(1.0, c / norm) if norm > 0 else 1.0
-    return (arr * arr.dtype.type(scale)).astype(arr.dtype, copy=False), norm
+    # Validated here so errors name the coordinator's terms; the math is the kernel's.
+    return clip_l2(_check_vector(delta, "delta"), _check_positive(clip_norm, "clip_norm"))
 
 
 def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
