@@ -100,14 +100,15 @@ class EmbeddedBroker:
         self.stop()
 
 
-def _amqtt_config(host: str, port: int) -> dict:
-    return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        # amqtt keeps no offline QoS 1 messages for anonymous sessions (it marks every session
-        # anonymous when allow_anonymous is on), so it is off: any client that sends a user name
-        # is accepted, and biofed.mqtt always sends one. No $SYS publisher, no packet logger.
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}},
-    }
+_AMQTT_CONFIG = {
+    # biofed owns the TCP server (see start_embedded_broker) and hands amqtt each accepted
+    # connection through its "external" listener, so stop() can close every socket.
+    "listeners": {"default": {"type": "external"}},
+    # amqtt keeps no offline QoS 1 messages for anonymous sessions (it marks every session
+    # anonymous when allow_anonymous is on), so it is off: any client that sends a user name
+    # is accepted, and biofed.mqtt always sends one. No $SYS publisher, no packet logger.
+    "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}},
+}
 
 
 def start_embedded_broker(host: str = LOOPBACK, port: int = 0, *, timeout_s: float = 10.0) -> EmbeddedBroker:
@@ -126,36 +127,61 @@ def start_embedded_broker(host: str = LOOPBACK, port: int = 0, *, timeout_s: flo
     -------
     EmbeddedBroker
         With ``host``, ``port`` and ``stop()``; also a context manager.
-    """
-    from amqtt.broker import Broker  # heavy import, only when a broker is wanted
 
-    port = port or free_port(host)
+    Notes
+    -----
+    amqtt 0.12's own shutdown can hang while a client packet is being handled, leaving
+    client sockets open. Here biofed runs the TCP server itself: ``stop()`` closes the
+    listener, aborts every client connection (clients see the broker vanish, as with a
+    crash) and only then shuts amqtt down, with a timeout.
+    """
+    from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter  # heavy import, only when needed
+    from amqtt.broker import Broker
+
     ready = threading.Event()
     state: dict = {}
 
     async def serve() -> None:
         state["loop"] = asyncio.get_running_loop()
         state["stop"] = stop = asyncio.Event()
+        writers: set[asyncio.StreamWriter] = set()
+
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.add(writer)
+            try:
+                await broker.external_connected(StreamReaderAdapter(reader), StreamWriterAdapter(writer), "default")
+            finally:
+                writers.discard(writer)
+                writer.transport.abort()
+
         try:
-            broker = Broker(_amqtt_config(host, port))
+            broker = Broker(_AMQTT_CONFIG)
             await broker.start()
+            server = await asyncio.start_server(on_client, host, port, reuse_address=True)
         except Exception as exc:  # noqa: BLE001 - reported to the starting thread
             state["error"] = exc
             ready.set()
             return
+        state["port"] = server.sockets[0].getsockname()[1]
         ready.set()
         await stop.wait()
-        await broker.shutdown()
+        server.close()
+        for writer in list(writers):
+            writer.transport.abort()
+        try:
+            await asyncio.wait_for(broker.shutdown(), timeout=5.0)
+        except asyncio.TimeoutError:
+            logger.warning("amqtt shutdown did not finish within 5 s; abandoning it")
 
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), name=f"amqtt-{port}", daemon=True)
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="amqtt-broker", daemon=True)
     thread.start()
     if not ready.wait(timeout_s):
         raise BrokerError(f"embedded amqtt broker did not start within {timeout_s:g} s")
     if "error" in state:
         thread.join(timeout_s)
         raise BrokerError(f"embedded amqtt broker failed to listen on {host}:{port}: {state['error']}")
-    logger.info("embedded amqtt broker listening on %s:%d", host, port)
-    return EmbeddedBroker(host, port, thread, state["loop"], state["stop"])
+    logger.info("embedded amqtt broker listening on %s:%d", host, state["port"])
+    return EmbeddedBroker(host, state["port"], thread, state["loop"], state["stop"])
 
 
 # ----------------------------------------------------------------------------- mosquitto

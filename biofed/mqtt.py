@@ -244,11 +244,14 @@ class MqttClient:
 
     # ------------------------------------------------------------------ traffic
     def subscribe(self, topic_filter: str, qos: int = 1, *, timeout_s: float = 10.0) -> None:
-        """Subscribe (renewed after every reconnect) and wait for the SUBACK if connected."""
+        """Subscribe (renewed after every reconnect) and wait for the SUBACK if connected.
+
+        May be called before :meth:`connect`; the subscription is then made on connect.
+        """
         with self._lock:
             self._subscriptions[topic_filter] = qos
-        client = self._require_client()
-        if not self.connected:
+        client = self._client
+        if client is None or not self.connected:
             return  # on_connect subscribes
         result, mid = client.subscribe(topic_filter, qos)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:

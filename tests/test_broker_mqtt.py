@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from brokers import amqtt_broker, mosquitto_broker, require_mosquitto  # noqa: F401  (fixtures)
 
-from biofed.broker import free_port, write_mosquitto_config
+from biofed.broker import free_port, start_embedded_broker, write_mosquitto_config
 from biofed.mqtt import ConnectError, MqttClient, Will
 from biofed.protocol import (
     Model,
@@ -183,6 +183,36 @@ def test_v5_message_expiry_drops_stale_queued_message(mosquitto_broker, clients)
     time.sleep(2.1)  # let the first message's expiry interval pass while the device is away
     back = clients(mosquitto_broker, "5", "dev-away")
     assert [m.payload for m in _drain(back, 2, timeout_s=2.0)] == [b"fresh"]
+
+
+def test_reconnects_and_resubscribes_after_broker_restart():
+    first = start_embedded_broker()
+    second = None
+    device = MqttClient(first.host, first.port, "dev-1", protocol="3.1.1",
+                        reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5, random_state=0)
+    device.subscribe(TOPICS.task)  # before connect: made in on_connect
+    try:
+        device.connect()
+        first.stop()  # the broker dies with the device's session
+        deadline = time.monotonic() + 10
+        while device.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not device.connected
+        second = start_embedded_broker(port=first.port)
+        assert device.wait_connected(30)
+        with MqttClient(second.host, second.port, "coordinator", protocol="3.1.1") as coordinator:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the resubscription may trail the CONNACK
+                coordinator.publish(TOPICS.task, b"after-restart")
+                message = device.receive(timeout_s=0.2)
+                if message is not None:
+                    break
+        assert message.payload == b"after-restart"
+    finally:
+        device.close()
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def test_connect_to_closed_port_is_a_clear_error():
