@@ -13,7 +13,8 @@
   100 000; the packet size is capped just above the protocol's message limit.
 - ``biofed broker [--port N] [--mosquitto] [--dir D]`` runs either until Ctrl-C.
 
-Plain mode only: anonymous clients on 127.0.0.1, no TLS (a later addition).
+Plain mode only: no authentication (any client, any user name) on 127.0.0.1, no TLS
+(a later addition).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ def start_embedded_broker(host: str = LOOPBACK, port: int = 0, *, timeout_s: flo
             writers.add(writer)
             try:
                 await broker.external_connected(StreamReaderAdapter(reader), StreamWriterAdapter(writer), "default")
+            except Exception as exc:  # noqa: BLE001 - e.g. an MQTT 5 CONNECT amqtt cannot parse
+                logger.debug("client connection ended with %s: %s", type(exc).__name__, exc)
             finally:
                 writers.discard(writer)
                 writer.transport.abort()
