@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from brokers import amqtt_broker, mosquitto_broker, require_mosquitto  # noqa: F401  (fixtures)
 
-from biofed.broker import free_port, start_embedded_broker, write_mosquitto_config
+from biofed.broker import free_port, start_embedded_broker, start_mosquitto, write_mosquitto_config
 from biofed.mqtt import ConnectError, MqttClient, Will
 from biofed.protocol import (
     Model,
@@ -213,6 +213,29 @@ def test_reconnects_and_resubscribes_after_broker_restart():
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("max_queued", [None, 100], ids=["biofed-config", "low-limit"])
+def test_mosquitto_queue_limit_for_offline_device(tmp_path, clients, max_queued):
+    """biofed's config keeps 2000 QoS 1 messages for an offline device; a low
+    max_queued_messages (Mosquitto's default is 1000) silently drops the excess."""
+    require_mosquitto()
+    extra = {} if max_queued is None else {"max_queued_messages": max_queued}
+    with start_mosquitto(tmp_path / "m", **extra) as server:
+        device = clients(server, "5", "dev-offline")
+        device.subscribe(TOPICS.task)
+        device.close()
+        coordinator = clients(server, "5", "coordinator")
+        infos = [coordinator.publish(TOPICS.task, b"%d" % i, wait=False) for i in range(2000)]
+        for info in infos:
+            info.wait_for_publish(30)
+        back = clients(server, "5", "dev-offline")
+        got = [int(m.payload) for m in _drain(back, 2000, timeout_s=30 if max_queued is None else 2)]
+    if max_queued is None:
+        assert got == list(range(2000))
+    else:
+        assert len(got) == max_queued and got == sorted(got)
 
 
 def test_connect_to_closed_port_is_a_clear_error():
