@@ -41,6 +41,7 @@ __all__ = [
     "standardization_from_moments",
 ]
 
+_CLIP_TOLERANCE = 1e-9  # a device's own clipping lands at C up to rounding: not "clipped here"
 VAR_FLOOR_ABS = 1e-12
 """Absolute floor on a feature variance (see :func:`standardization_from_moments`)."""
 VAR_FLOOR_REL = 1e-9
@@ -77,7 +78,8 @@ def aggregate_statistics(
     mean : ndarray, shape (D,)
         ``(sum_i clip(s_i) + noise) / n``.
     n_clipped : int
-        Statistics this re-clipping changed (devices that did not clip themselves).
+        Statistics above C (beyond rounding) that this re-clipping shrank: devices that did
+        not clip themselves.
     """
     stats = np.asarray(statistics, dtype=np.float64)
     if stats.ndim != 2 or stats.shape[0] == 0 or stats.shape[1] == 0:
@@ -91,7 +93,7 @@ def aggregate_statistics(
     n_clipped = 0
     for row in stats:
         clipped, norm = clip_update(row, clip_norm)
-        n_clipped += norm > clip_norm
+        n_clipped += norm > clip_norm * (1 + _CLIP_TOLERANCE)
         total += clipped
     if add_noise and noise_multiplier > 0:
         total += secure_rng(rng).normal(0.0, noise_multiplier * clip_norm, size=total.shape)

@@ -1,0 +1,73 @@
+"""``biofed coordinator --config coordinator.toml``: run the federation's coordinator."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from biofed.config import ConfigError, CoordinatorConfig, load_config
+from biofed.coordinator.server import Coordinator, CoordinatorError, RunState
+from biofed.coordinator.state import RoundRecord, StateError
+
+logger = logging.getLogger(__name__)
+
+
+def _round_line(record: RoundRecord) -> str:
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    label = record.phase if record.train_round is None else f"train {record.train_round}"
+    eps = fmt(record.epsilon_rdp if record.epsilon_rdp is not None else record.epsilon_pld, ".3f")
+    pld = "" if record.epsilon_pld is None else f" (pld {record.epsilon_pld:.3f})"
+    return (f"round {record.round:4d} {label:<12} devices {record.n_devices}/{record.n_selected}  "
+            f"loss {fmt(record.mean_loss, '.4f')}  balanced acc {fmt(record.balanced_accuracy, '.3f')}  "
+            f"epsilon {eps}{pld}")
+
+
+@click.command("coordinator")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Coordinator TOML file (biofed.config.CoordinatorConfig).")
+@click.option("--discovery-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              help="Seconds to wait for min_devices online devices before giving up (0: wait forever).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Re-runs of a round with fewer than min_devices replies before aborting.")
+@click.option("--basis-clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Clip norm of the basis statistics (default: dp.clip_norm).")
+def coordinator_command(config_path: Path, discovery_timeout: float, max_retries: int,
+                        basis_clip_norm: float | None) -> None:
+    """Run the coordinator of a fleet until all rounds ran (Ctrl-C stops it; rerun to resume)."""
+    try:
+        config = load_config(config_path, CoordinatorConfig)
+        coordinator = Coordinator(
+            config, discovery_timeout_s=discovery_timeout or None, max_retries=max_retries,
+            basis_clip_norm=basis_clip_norm, on_round=lambda record: click.echo(_round_line(record)),
+        )
+    except (ConfigError, CoordinatorError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    def _stop(signum: int, frame: object) -> None:
+        click.echo(f"received {signal.Signals(signum).name}: stopping after the current step", err=True)
+        coordinator.stop()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+    click.echo(f"coordinator for fleet {config.fleet} on {config.broker.host}:{config.broker.port}, "
+               f"state in {config.state_dir}")
+    try:
+        state = coordinator.run()
+    except (CoordinatorError, StateError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if state is RunState.DONE:
+        eps = coordinator.epsilons()
+        click.echo(f"done: final model in {config.state_dir / 'model_final.npz'}, "
+                   + ", ".join(f"epsilon {name} {value:.4g}" for name, value in eps.items())
+                   + f" at delta {config.dp.delta:g}")
+    elif state is RunState.ABORTED:
+        raise click.ClickException("the coordinator aborted (see the log above; rerun with -v); rerun to resume")
+    else:
+        click.echo(f"coordinator {state.value}; rerun the same command to resume")

@@ -1,0 +1,837 @@
+"""The federated coordinator: device discovery, the round state machine, DP aggregation.
+
+Flow (the "Federated flow" contract shared with ``biofed.edge``)
+----------------------------------------------------------------
+::
+
+    WAITING -> MOMENTS -> COVARIANCE -> TRAINING x rounds -> EVALUATING -> DONE
+                 (basis phases: one Sketch per device)  (Updates)   (eval-only Updates)
+
+Every round: wait until ``min_devices`` devices are online (retained ``status/{id}``;
+their MQTT last will is "offline"), select participants, publish the :class:`Task`
+retained with an absolute deadline, collect replies until the deadline or until every
+participant has replied (or gone offline), then
+
+- with >= ``min_devices`` replies: aggregate, account, commit (one SQLite transaction),
+  publish the result retained (:class:`Basis` after the covariance phase, :class:`Model`
+  after each training round) and print one line;
+- with fewer: nothing is released or accounted; the round is retried with a fresh
+  selection and a new round number, at most ``max_retries`` times, then the run aborts.
+
+Task round numbers increase across phases and are never reused (a retry or a restart
+takes the next one), so a device never sees two different tasks with one round number.
+
+Inbound messages (:class:`Ingest`) are decoded with the size limit of the config and
+dropped with one log line when malformed, oversized, from another fleet, from a device
+never seen online, for another round, past the deadline, for another basis version,
+from a device not selected, a second reply of a device, or a duplicate message id (QoS 1
+redelivery; ids of committed replies are persisted, so a restarted coordinator does not
+accept them again). Nothing a device sends can stop the coordinator.
+
+Differential privacy (client level; see :mod:`biofed.coordinator.privacy`)
+---------------------------------------------------------------------------
+central
+    Devices clip; the coordinator clips again, averages uniformly and adds
+    ``N(0, (z C / n)^2)`` to the mean (``DPAggregator``; OS-seeded generator). With
+    adaptive clipping the update uses ``z_delta`` and the devices' ``norm_bit`` move C
+    (:class:`~biofed.coordinator.clipping.AdaptiveClipping`, denominator = devices
+    selected). Robust strategies (trimmed mean, median) are refused with noise: their
+    sensitivity is not C/n.
+local
+    Devices clip and noise; the coordinator averages uniformly. The ledger records
+    ``q = 1``: the coordinator itself knows who was sampled.
+distributed
+    Needs secure aggregation, which biofed does not have yet: refused at start.
+
+Ledger entries per round: basis phases ``kind="basis"`` with ``q = 1`` (every online
+device is asked); training rounds ``kind="train"`` with the sampling rate actually used:
+``q`` for a Poisson round accepted on its first draw; ``1`` when the round needed a retry
+(the retry re-samples, which conditions the selection on the number of replies, so the
+independent-Bernoulli amplification argument no longer holds and no amplification is
+claimed); ``1`` for ``sampling_rate = "all"``. The population Poisson sampling draws
+from is the set of devices online at the start of the round. A round where fewer devices
+replied than were selected keeps the noise ``z C`` on the sum (``C`` still bounds each
+device), so it is recorded with the same ``z``; only utility suffers. The budget is
+checked with the next round's parameters before every round; training stops (and the
+evaluation still runs) when the next round would exceed it. Evaluation replies are not
+aggregated into anything released by DP and are not accounted: the per-device balanced
+accuracies are reported as is.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from biofed.config import CoordinatorConfig
+from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
+from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
+from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
+from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
+from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
+from biofed.kernels.training import init_params
+from biofed.mqtt import ConnectError, MqttClient, MqttError
+from biofed.protocol import (
+    BASIS_PHASES,
+    Basis,
+    Message,
+    Model,
+    ProtocolError,
+    SeenMessageIds,
+    Sketch,
+    Status,
+    Task,
+    Topics,
+    Update,
+    decode_topic_message,
+    encode_message,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COORDINATOR_SENDER", "Coordinator", "CoordinatorError", "Ingest", "OpenRound", "RunState"]
+
+COORDINATOR_SENDER = "coordinator"
+"""Sender id of every message the coordinator publishes."""
+
+_STRATEGY_NAMES = {"coordinate_median": "median"}  # config name -> biofed.coordinator.strategies name
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator cannot start or continue (bad settings, broker unreachable, too few devices)."""
+
+
+class RunState(enum.Enum):
+    """Where the coordinator's state machine is; ``recoverable`` says whether a new
+    ``run()`` on the same state directory continues from here."""
+
+    STARTING = "starting", True
+    """Opening the state and connecting to the broker."""
+    WAITING = "waiting", True
+    """Fewer than ``min_devices`` devices online; waiting for more."""
+    MOMENTS = "moments", True
+    """Basis phase 1: collecting the devices' moment statistics."""
+    COVARIANCE = "covariance", True
+    """Basis phase 2: collecting the covariance of standardized features."""
+    TRAINING = "training", True
+    """A training round is open."""
+    EVALUATING = "evaluating", True
+    """The final model is being evaluated on the devices' held-out windows."""
+    DONE = "done", False
+    """All rounds ran (or the privacy budget stopped training); final model written."""
+    STOPPED = "stopped", True
+    """:meth:`Coordinator.stop` was called; the open round (if any) was abandoned uncommitted."""
+    ABORTED = "aborted", True
+    """Too few devices (discovery timeout or too many retries); see the log."""
+
+    def __new__(cls, value: str, recoverable: bool) -> RunState:
+        member = object.__new__(cls)
+        member._value_ = value
+        member.recoverable = recoverable
+        return member
+
+
+_PHASE_STATES = {"moments": RunState.MOMENTS, "covariance": RunState.COVARIANCE, "train": RunState.TRAINING,
+                 "evaluate": RunState.EVALUATING}
+
+
+# ----------------------------------------------------------------------------- ingest
+@dataclass
+class OpenRound:
+    """The round currently accepting replies.
+
+    ``n_params`` is the update length expected in training (0 for evaluation replies);
+    ``n_features`` the sketch dimension expected (None in the moments phase until the
+    first accepted sketch fixes it: every device must report the same feature count).
+    """
+
+    round: int
+    phase: str
+    participants: frozenset[str]
+    deadline: float
+    basis_version: int
+    n_params: int | None = None
+    n_features: int | None = None
+    need_norm_bit: bool = False
+    received: dict[str, Message] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "sketch" if self.phase in BASIS_PHASES else "update"
+
+
+class Ingest:
+    """The coordinator's inbound path: decode, validate, deduplicate, route.
+
+    Parameters
+    ----------
+    topics : Topics
+        The fleet's topics.
+    max_bytes : int
+        Larger payloads are dropped before decoding.
+    seen : SeenMessageIds
+        Ids of accepted messages (pre-filled from the state database on restart).
+    clock : callable
+        Unix time now (the deadline check).
+    """
+
+    def __init__(self, topics: Topics, *, max_bytes: int, seen: SeenMessageIds | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.topics = topics
+        self.max_bytes = max_bytes
+        self.seen = seen if seen is not None else SeenMessageIds(1_000_000)
+        self.clock = clock
+        self.known: set[str] = set()
+        """Devices that ever published a status."""
+        self.online: set[str] = set()
+        """Devices whose latest status is not "offline"."""
+        self.open: OpenRound | None = None
+        self.dropped: Counter[str] = Counter()
+        """Drop counts per reason (for tests and the benchmark)."""
+
+    def _drop(self, reason: str, topic: str, detail: str) -> str:
+        self.dropped[reason] += 1
+        logger.warning("dropped message on %s: %s (%s)", topic, reason, detail)
+        return "dropped"
+
+    def handle(self, topic: str, payload: bytes) -> str:
+        """Process one inbound MQTT message; never raises on bad input.
+
+        Returns
+        -------
+        str
+            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"`` or ``"dropped"``.
+        """
+        try:
+            message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes)
+        except ProtocolError as exc:
+            return self._drop(type(exc).__name__, topic, str(exc))
+        if message.kind == "status":
+            return self._status(message)
+        if message.kind not in ("update", "sketch"):
+            return self._drop("unexpected kind", topic, f"{message.kind} is not sent to the coordinator")
+        return self._reply(topic, message)
+
+    def _status(self, message: Message) -> str:
+        device, status = message.sender, message.payload
+        assert isinstance(status, Status)
+        self.known.add(device)
+        if status.state == "offline":
+            if device in self.online:
+                self.online.discard(device)
+                logger.info("device %s is offline (%d online)", device, len(self.online))
+        elif device not in self.online:
+            self.online.add(device)
+            logger.info("device %s is online (%s; %d online)", device, status.state, len(self.online))
+        return "status"
+
+    def _reply(self, topic: str, message: Message) -> str:
+        device, payload = message.sender, message.payload
+        rnd = self.open
+        if device not in self.known:
+            return self._drop("unknown device", topic, f"{device} never published a status")
+        if message.message_id in self.seen:
+            return self._drop("duplicate", topic, f"message id {message.message_id} was already accepted")
+        if rnd is None:
+            return self._drop("no open round", topic, f"{message.kind} for round {message.round}")
+        if message.round != rnd.round:
+            return self._drop("wrong round", topic, f"round {message.round}, the open round is {rnd.round}")
+        if message.kind != rnd.kind:
+            return self._drop("wrong kind", topic, f"a {message.kind} in the {rnd.phase} phase")
+        if self.clock() > rnd.deadline:
+            return self._drop("late", topic, f"arrived {self.clock() - rnd.deadline:.2f} s after the deadline")
+        if payload.basis_version != rnd.basis_version:
+            return self._drop("basis version", topic,
+                              f"basis version {payload.basis_version}, current is {rnd.basis_version}")
+        if device not in rnd.participants:
+            return self._drop("not selected", topic, f"{device} is not a participant of round {rnd.round}")
+        if device in rnd.received:
+            return self._drop("second reply", topic, f"{device} already replied in round {rnd.round}")
+        problem = self._check_payload(rnd, payload)
+        if problem is not None:
+            return self._drop("bad payload", topic, problem)
+        if isinstance(payload, Sketch) and rnd.n_features is None:
+            rnd.n_features = payload.n_features
+        self.seen.add(message.message_id)
+        rnd.received[device] = message
+        return "accepted"
+
+    @staticmethod
+    def _check_payload(rnd: OpenRound, payload: Update | Sketch) -> str | None:
+        if isinstance(payload, Sketch):
+            if payload.phase != rnd.phase:
+                return f"a {payload.phase} sketch in the {rnd.phase} phase"
+            if rnd.n_features is not None and payload.n_features != rnd.n_features:
+                return f"{payload.n_features} features, the round has {rnd.n_features}"
+            return None
+        if rnd.phase == "evaluate":
+            if payload.delta.size or payload.n_examples:
+                return "an evaluation reply must have an empty delta and n_examples=0"
+            return None
+        if payload.delta.shape != (rnd.n_params,):
+            return f"delta has {payload.delta.size} parameters, the model has {rnd.n_params}"
+        if rnd.need_norm_bit and payload.norm_bit is None:
+            return "adaptive clipping is on but the update carries no norm_bit"
+        return None
+
+
+# ----------------------------------------------------------------------------- coordinator
+@dataclass(frozen=True)
+class _Collected:
+    round: int
+    replies: dict[str, Message]
+    n_selected: int
+    attempts: int
+
+
+class Coordinator:
+    """The round loop of one fleet; :meth:`run` blocks, :meth:`stop` ends it from any thread.
+
+    Parameters
+    ----------
+    config : CoordinatorConfig
+        Fleet, broker, rounds, sampling, strategy, model and DP settings; state lives in
+        ``config.state_dir``.
+    discovery_timeout_s : float or None
+        How long to wait for ``min_devices`` online devices before aborting (None: forever).
+    max_retries : int
+        Re-runs of a round that got fewer than ``min_devices`` replies before aborting.
+    basis_clip_norm : float or None
+        Clip norm C of the basis statistics (they are not model updates and usually need a
+        larger bound); None uses ``config.dp.clip_norm``.
+    accountants : sequence of {"rdp", "pld"} or None
+        Epsilons reported per round; the first is the budget accountant. None:
+        ``config.dp.accountant`` then the other one. PLD costs ~1 s per round.
+    rng : numpy.random.Generator or None
+        Noise, sampling and initialization randomness; None (production) is OS-seeded.
+    on_round : callable or None
+        Called with each :class:`RoundRecord` after its commit (the CLI prints it).
+    client_id : str or None
+        MQTT client id; default ``coordinator-{fleet}``.
+    """
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        discovery_timeout_s: float | None = 300.0,
+        max_retries: int = 3,
+        basis_clip_norm: float | None = None,
+        accountants: tuple[str, ...] | None = None,
+        rng: np.random.Generator | None = None,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.config = config
+        dp = config.dp
+        if dp.trust_mode == "distributed":
+            raise CoordinatorError(
+                'dp.trust_mode = "distributed" needs secure aggregation, which biofed does not implement yet; '
+                'use "central" (coordinator adds the noise) or "local" (devices add it)'
+            )
+        if dp.adaptive_clipping is not None and dp.trust_mode != "central":
+            raise CoordinatorError(
+                "dp.adaptive_clipping needs trust_mode = \"central\": in local mode the devices' clipped-count "
+                "bits would reach the coordinator without noise; remove [dp.adaptive_clipping]"
+            )
+        if max_retries < 0:
+            raise CoordinatorError(f"max_retries must be >= 0, got {max_retries}")
+        self.discovery_timeout_s = discovery_timeout_s
+        self.max_retries = int(max_retries)
+        self.basis_clip_norm = float(basis_clip_norm if basis_clip_norm is not None else dp.clip_norm)
+        if not self.basis_clip_norm > 0:
+            raise CoordinatorError(f"basis_clip_norm must be > 0, got {basis_clip_norm}")
+        if accountants is None:
+            accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
+        self.accountants = tuple(accountants)
+        self.rng = secure_rng(rng)
+        self.on_round = on_round
+        self.topics = Topics(config.fleet)
+        self.client_id = client_id or f"coordinator-{config.fleet}"
+        self.strategy = self._make_strategy()
+        self._stop = threading.Event()
+        self._state = RunState.STARTING
+        self._store: CoordinatorState | None = None
+        self._client: MqttClient | None = None
+        self.ingest = Ingest(self.topics, max_bytes=config.broker.max_message_bytes)
+        self.snapshot = Snapshot(clip_norm=dp.clip_norm)
+        self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
+        self.adaptive = self._make_adaptive()
+
+    # ------------------------------------------------------------------ setup
+    def _make_strategy(self) -> Strategy:
+        cfg = self.config.strategy
+        name = _STRATEGY_NAMES.get(cfg.name, cfg.name)
+        params = dict(cfg.params)
+        if issubclass(STRATEGIES[name], FedAvg):
+            params.setdefault("weighting", "uniform")
+        try:
+            strategy = make_strategy(name, **params)
+        except (TypeError, ValueError) as exc:
+            raise CoordinatorError(f"[strategy] {cfg.name}: {exc}") from None
+        robust = not isinstance(strategy, FedAvg)
+        if self.config.dp.noise_multiplier > 0:
+            if robust and self.config.dp.trust_mode == "central":
+                raise CoordinatorError(
+                    f"strategy {cfg.name!r} cannot be combined with central DP noise: its sensitivity to one "
+                    "device is not clip_norm / n; use fedavg, fedavgm, fedadam, fedyogi or fedprox"
+                )
+            if not robust and strategy.weighting != "uniform":
+                raise CoordinatorError(
+                    "with DP noise the strategy must use weighting = \"uniform\": example counts are private "
+                    "and example weighting breaks the sensitivity bound"
+                )
+        return strategy
+
+    def _make_adaptive(self) -> AdaptiveClipping | None:
+        settings = self.config.dp.adaptive_clipping
+        if settings is None:
+            return None
+        adaptive = AdaptiveClipping(self.config.dp.clip_norm, settings.target_quantile, settings.learning_rate,
+                                    settings.bit_noise_std, rng=self.rng)
+        if self.config.dp.noise_multiplier > 0:
+            try:
+                adaptive.delta_noise_multiplier(self.config.dp.noise_multiplier)
+            except ValueError as exc:
+                raise CoordinatorError(f"[dp.adaptive_clipping] {exc}") from None
+        return adaptive
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def state(self) -> RunState:
+        """The current :class:`RunState`."""
+        return self._state
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (thread-safe). An open round is abandoned: nothing of
+        it is committed or accounted, and a restart runs it again under a new number."""
+        self._stop.set()
+
+    def history(self) -> list[RoundRecord]:
+        """Closed rounds so far, read from the state database (safe from any thread, during
+        or after :meth:`run`)."""
+        store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        try:
+            return store.history()
+        finally:
+            store.close()
+
+    def epsilons(self) -> dict[str, float]:
+        """``{accountant: epsilon}`` spent so far at ``config.dp.delta``."""
+        return self.ledger.epsilons()
+
+    def run(self) -> RunState:
+        """Run (or resume) the federation until done, stopped or aborted.
+
+        Returns
+        -------
+        RunState
+            ``DONE``, ``STOPPED`` or ``ABORTED``.
+
+        Raises
+        ------
+        CoordinatorError
+            The broker is unreachable or the state directory belongs to another fleet.
+        """
+        self._stop.clear()
+        self._open_state()
+        try:
+            self._connect()
+            while not self._stop.is_set():
+                phase = self.snapshot.phase
+                if phase == "done":
+                    self._state = RunState.DONE
+                    break
+                if not self._step(phase):
+                    break
+            if self._stop.is_set() and self._state is not RunState.DONE:
+                self._state = RunState.STOPPED
+                logger.info("coordinator stopped; resume with the same state_dir")
+        finally:
+            self.ingest.open = None
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+        return self._state
+
+    # ------------------------------------------------------------------ plumbing
+    def _open_state(self) -> None:
+        self._state = RunState.STARTING
+        self._store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        loaded = self._store.load()
+        if loaded is not None:
+            self.snapshot = loaded
+            if loaded.ledger is not None:
+                self._restore_ledger(PrivacyLedger.from_json(loaded.ledger))
+            if loaded.strategy_state:
+                self.strategy.load_state_dict(loaded.strategy_state)
+            if self.adaptive is not None:
+                self.adaptive.clip = loaded.clip_norm
+            logger.info(
+                "resuming fleet %s from %s: phase %s, next round %d, %d training rounds done, epsilon %s",
+                self.config.fleet, self._store.path, loaded.phase, loaded.next_round, loaded.train_rounds_done,
+                self._format_eps(),
+            )
+        for message_id in self._store.accepted_ids():
+            self.ingest.seen.add(message_id)
+
+    def _restore_ledger(self, persisted: PrivacyLedger) -> None:
+        """Re-record the persisted entries (what was spent) under this run's accountants and
+        budget (the config may raise or lower the budget between runs)."""
+        if persisted.delta != self.config.dp.delta:
+            logger.warning("dp.delta changed from %g to %g: epsilon is now reported at the new delta",
+                           persisted.delta, self.config.dp.delta)
+        for e in persisted.entries:
+            self.ledger.record_round(e.round, e.sampling_rate, e.noise_multiplier, kind=e.kind)
+
+    def _connect(self) -> None:
+        broker = self.config.broker
+        self._client = MqttClient(
+            broker.host, broker.port, self.client_id, protocol=broker.protocol, keepalive=broker.keepalive,
+            connect_timeout_s=broker.connect_timeout_s, session_expiry_s=broker.session_expiry_s,
+            inbox_size=broker.inbox_size, random_state=self.rng,
+        )
+        try:
+            self._client.connect()
+            for kind in ("status", "update", "sketch"):
+                self._client.subscribe(self.topics.all_devices(kind), qos=1)
+        except (ConnectError, MqttError) as exc:
+            self._client.close()
+            self._client = None
+            raise CoordinatorError(str(exc)) from None
+
+    def _pump(self, timeout_s: float) -> None:
+        """Handle inbound messages for up to ``timeout_s`` (returns after the first batch)."""
+        message = self._client.receive(timeout_s)
+        while message is not None:
+            self.ingest.handle(message.topic, message.payload)
+            message = self._client.receive(0)
+
+    def _publish(self, topic: str, payload) -> None:
+        data = encode_message(payload, fleet=self.config.fleet, sender=COORDINATOR_SENDER,
+                              max_bytes=self.config.broker.max_message_bytes)
+        self._client.publish(topic, data, qos=1, retain=True)
+
+    def _format_eps(self) -> str:
+        eps = self.ledger.epsilon()
+        return f"{eps:.4g} ({self.ledger.budget_accountant}, delta={self.ledger.delta:g})"
+
+    # ------------------------------------------------------------------ state machine
+    def _step(self, phase: str) -> bool:
+        """Run one round of ``phase``; False ends :meth:`run`."""
+        if phase in BASIS_PHASES:
+            if self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
+                return self._abort(
+                    f"the {phase} basis phase alone would exceed the privacy budget "
+                    f"epsilon={self.config.dp.epsilon_budget}; raise dp.epsilon_budget or dp.noise_multiplier"
+                )
+            return self._basis_round(phase)
+        if phase == "train":
+            if self.snapshot.train_rounds_done >= self.config.rounds:
+                self._advance_to_evaluate("all training rounds done")
+                return True
+            if self.ledger.would_exceed(self._planned_sampling_rate(), self.config.dp.noise_multiplier):
+                self._advance_to_evaluate(
+                    f"privacy budget: the next round would exceed epsilon={self.config.dp.epsilon_budget}"
+                )
+                return True
+            return self._train_round()
+        if phase == "evaluate":
+            return self._evaluate_round()
+        return self._abort(f"unknown phase {phase!r} in the state database")
+
+    def _abort(self, reason: str) -> bool:
+        logger.error("aborting: %s", reason)
+        self._state = RunState.ABORTED
+        return False
+
+    def _planned_sampling_rate(self) -> float:
+        if self.config.sampling_rate == "all" or self.config.dp.trust_mode == "local":
+            return 1.0
+        return float(self.config.sampling_rate)
+
+    def _wait_for_devices(self) -> bool:
+        need = self.config.min_devices
+        if len(self.ingest.online) >= need:
+            return True
+        previous = self._state
+        self._state = RunState.WAITING
+        start = time.monotonic()
+        last_log = -math.inf
+        while len(self.ingest.online) < need:
+            if self._stop.is_set():
+                return False
+            waited = time.monotonic() - start
+            if self.discovery_timeout_s is not None and waited > self.discovery_timeout_s:
+                self._abort(
+                    f"only {len(self.ingest.online)} of the {need} devices needed (min_devices) came online "
+                    f"within {self.discovery_timeout_s:g} s; start more devices or lower min_devices"
+                )
+                return False
+            if waited - last_log >= 10.0:
+                logger.info("waiting for devices: %d online, %d needed (min_devices)", len(self.ingest.online), need)
+                last_log = waited
+            self._pump(0.1)
+        self._state = previous
+        return True
+
+    def _select(self, phase: str) -> list[str]:
+        online = sorted(self.ingest.online)
+        if phase != "train" or self.config.sampling_rate == "all":
+            return online
+        q = float(self.config.sampling_rate)
+        return [device for device, draw in zip(online, self.rng.random(len(online))) if draw < q]
+
+    def _task(self, round_: int, phase: str, participants: list[str], deadline: float) -> Task:
+        snap, cfg = self.snapshot, self.config
+        common = dict(
+            round=round_, basis_version=snap.basis_version, classes=cfg.model.classes, deadline=deadline,
+            hidden=cfg.model.hidden, trust_mode=cfg.dp.trust_mode, noise_multiplier=cfg.dp.noise_multiplier,
+            participants=tuple(participants), phase=phase,
+        )
+        if phase in BASIS_PHASES:
+            extra = {}
+            if phase == "covariance":
+                extra = dict(stats_mean=snap.stats_mean, stats_scale=snap.stats_scale)
+            return Task(model=np.empty(0), clip_norm=self.basis_clip_norm, **common, **extra)
+        training = cfg.training
+        client = {
+            "local_epochs": training.local_epochs, "lr": training.lr, "batch_size": training.batch_size,
+            "optimizer": training.optimizer, "l2": training.l2, "prox_mu": training.prox_mu,
+            **self.strategy.client_config(),
+        }
+        return Task(model=snap.params, clip_norm=snap.clip_norm, adaptive_clipping=self.adaptive is not None,
+                    **common, **client)
+
+    def _collect(self, phase: str) -> _Collected | None:
+        """Select, publish the task, gather replies; retry short rounds. None: stopped/aborted."""
+        attempts = 0
+        while True:
+            attempts += 1
+            if not self._wait_for_devices():
+                return None
+            if attempts > 1 and phase == "train" and self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
+                self._advance_to_evaluate("privacy budget: a retried round (q = 1) would exceed the budget")
+                return None
+            participants = self._select(phase)
+            if len(participants) >= self.config.min_devices:
+                collected = self._gather(phase, participants, attempts)
+                if collected is None:
+                    return None
+                if len(collected.replies) >= self.config.min_devices:
+                    return collected
+                reason = (f"round {collected.round} ({phase}) closed with {len(collected.replies)} of "
+                          f"{len(participants)} replies, fewer than min_devices={self.config.min_devices}")
+            else:
+                reason = (f"sampling selected {len(participants)} of {len(self.ingest.online)} online devices, "
+                          f"fewer than min_devices={self.config.min_devices}")
+            if attempts > self.max_retries:
+                self._abort(f"{reason}; gave up after {attempts} attempts (max_retries={self.max_retries})")
+                return None
+            logger.warning("%s: nothing released or accounted; retrying (attempt %d of %d)",
+                           reason, attempts + 1, self.max_retries + 1)
+
+    def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
+        snap = self.snapshot
+        round_ = snap.next_round
+        snap.next_round += 1
+        self._store.reserve_round(snap.next_round)
+        deadline = time.time() + self.config.round_deadline_s
+        task = self._task(round_, phase, participants, deadline)
+        self.ingest.open = OpenRound(
+            round=round_, phase=phase, participants=frozenset(participants), deadline=deadline,
+            basis_version=snap.basis_version,
+            n_params=(0 if phase == "evaluate" else None if snap.params is None else snap.params.size),
+            n_features=snap.n_features if phase == "covariance" else None,
+            need_norm_bit=phase == "train" and self.adaptive is not None,
+        )
+        self._state = _PHASE_STATES[phase]
+        self._publish(self.topics.task, task)
+        logger.info("round %d (%s): task published to %d devices, deadline in %g s",
+                    round_, phase, len(participants), self.config.round_deadline_s)
+        try:
+            while not self._stop.is_set():
+                remaining = deadline - time.time()
+                # a participant that went offline (its last will) is not waited for
+                waiting = (set(participants) & self.ingest.online) - set(self.ingest.open.received)
+                if remaining <= 0 or not waiting:
+                    break
+                self._pump(min(0.1, remaining))
+            else:
+                return None
+            replies = dict(self.ingest.open.received)
+        finally:
+            self.ingest.open = None
+        missing = sorted(set(participants) - set(replies))
+        if missing:
+            logger.info("round %d (%s): no reply from %s", round_, phase, ", ".join(missing))
+        return _Collected(round_, replies, len(participants), attempts)
+
+    def _accepted_rows(self, collected: _Collected) -> list[tuple[str, int, str, str]]:
+        return [(m.message_id, collected.round, device, m.kind) for device, m in collected.replies.items()]
+
+    # ------------------------------------------------------------------ phases
+    def _basis_round(self, phase: str) -> bool:
+        collected = self._collect(phase)
+        if collected is None:
+            return False
+        cfg, snap = self.config, self.snapshot
+        sketches = [m.payload for m in collected.replies.values()]
+        central = cfg.dp.trust_mode == "central"
+        z = cfg.dp.noise_multiplier
+        statistic, n_clipped = aggregate_statistics(
+            np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, add_noise=central, rng=self.rng
+        )
+        if n_clipped:
+            logger.warning("round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
+                           collected.round, phase, n_clipped, self.basis_clip_norm)
+        if phase == "moments":
+            snap.stats_mean, snap.stats_scale = standardization_from_moments(statistic)
+            snap.n_features = sketches[0].n_features
+            snap.phase = "covariance"
+        else:
+            components, eigenvalues = basis_from_covariance(statistic, cfg.model.basis_k)
+            snap.basis_version += 1
+            snap.basis_components = components
+            snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
+            snap.params = init_params(components.shape[0], len(cfg.model.classes), cfg.model.hidden,
+                                      random_state=self.rng)
+            self.strategy.load_state_dict({})
+            snap.phase = "train"
+            logger.info("basis version %d: %d components of %d features, leading eigenvalues %s",
+                        snap.basis_version, components.shape[0], components.shape[1], np.round(eigenvalues[:4], 3))
+        self.ledger.record_round(collected.round, 1.0, z, kind="basis")
+        record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.basis_clip_norm)
+        if phase == "covariance":
+            self._publish(self.topics.basis, Basis(
+                round=collected.round, version=snap.basis_version, components=snap.basis_components,
+                mean=snap.basis_mean, scale=snap.basis_scale,
+            ))
+        self._report(record)
+        return True
+
+    def _train_round(self) -> bool:
+        collected = self._collect("train")
+        if collected is None:
+            return not self._stop.is_set() and self._state is not RunState.ABORTED
+        cfg, snap = self.config, self.snapshot
+        z = cfg.dp.noise_multiplier
+        updates = [ClientUpdate(np.asarray(m.payload.delta, dtype=np.float64), m.payload.n_examples, device)
+                   for device, m in sorted(collected.replies.items())]
+        clip = snap.clip_norm
+        if cfg.dp.trust_mode == "central":
+            oversized = [u.device_id for u in updates if np.linalg.norm(u.delta) > clip * (1 + 1e-9)]
+            if oversized:
+                logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
+                               "clipped here", collected.round, ", ".join(oversized), clip)
+        if cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
+            z_update = self.adaptive.delta_noise_multiplier(z) if self.adaptive is not None and z > 0 else z
+            aggregator = DPAggregator(self.strategy, z_update, clip_norm=clip, rng=self.rng)
+            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates)
+        else:
+            snap.params, _ = self.strategy.aggregate(collected.round, snap.params, updates)
+        if self.adaptive is not None:
+            bits = [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
+            snap.clip_norm = self.adaptive.update(np.array(bits), collected.n_selected)
+        q_used = self._planned_sampling_rate() if collected.attempts == 1 else 1.0
+        self.ledger.record_round(collected.round, q_used, z, kind="train")
+        snap.train_rounds_done += 1
+        snap.strategy_state = self.strategy.state_dict()
+        record = self._commit(collected, "train", sampling_rate=q_used, clip_norm=clip)
+        eps = self.ledger.epsilon()
+        self._publish(self.topics.model, Model(
+            round=collected.round, params=snap.params, basis_version=snap.basis_version,
+            classes=cfg.model.classes, hidden=cfg.model.hidden, n_devices=len(updates),
+            epsilon=eps if math.isfinite(eps) else None,
+        ))
+        self._report(record)
+        return True
+
+    def _advance_to_evaluate(self, reason: str) -> None:
+        logger.info("training finished: %s", reason)
+        self.snapshot.phase = "evaluate"
+        self.snapshot.stop_reason = reason
+        self._store.commit_round(self.snapshot)
+
+    def _evaluate_round(self) -> bool:
+        if not self._wait_for_devices():
+            return False
+        participants = self._select("evaluate")
+        collected = self._gather("evaluate", participants, 1)
+        if collected is None:
+            return False
+        self.snapshot.phase = "done"
+        record = self._commit(collected, "evaluate", sampling_rate=None, clip_norm=None)
+        self._write_final()
+        self._report(record)
+        self._state = RunState.DONE
+        return True
+
+    # ------------------------------------------------------------------ commit and report
+    def _commit(self, collected: _Collected, phase: str, *, sampling_rate: float | None,
+                clip_norm: float | None) -> RoundRecord:
+        snap = self.snapshot
+        snap.ledger = self.ledger.to_json()
+        metrics = [m.payload.metrics for m in collected.replies.values() if isinstance(m.payload, Update)]
+        accuracies = [x.eval_balanced_accuracy for x in metrics if x.eval_balanced_accuracy is not None]
+        eps = self.ledger.epsilons()
+        record = RoundRecord(
+            round=collected.round, phase=phase,
+            train_round=snap.train_rounds_done if phase == "train" else None,
+            n_selected=collected.n_selected, n_devices=len(collected.replies),
+            mean_loss=float(np.mean([x.loss for x in metrics])) if metrics and phase == "train" else None,
+            balanced_accuracy=float(np.mean(accuracies)) if accuracies else None,
+            eval_windows=int(sum(x.eval_windows for x in metrics)),
+            epsilon_rdp=eps.get("rdp"), epsilon_pld=eps.get("pld"),
+            sampling_rate=sampling_rate,
+            noise_multiplier=None if phase == "evaluate" else self.config.dp.noise_multiplier,
+            clip_norm=clip_norm, attempts=collected.attempts, finished=time.time(),
+        )
+        self._store.commit_round(snap, accepted=self._accepted_rows(collected), record=record)
+        self._store.write_rounds_json()
+        return record
+
+    def _report(self, record: RoundRecord) -> None:
+        def fmt(value: float | None, spec: str) -> str:
+            return "-" if value is None else format(value, spec)
+
+        eps = self.ledger.epsilon()
+        logger.info(
+            "round %d (%s%s): %d/%d devices, mean loss %s, balanced accuracy %s, epsilon %.4g (%s) at delta %g",
+            record.round, record.phase, "" if record.train_round is None else f" {record.train_round}",
+            record.n_devices, record.n_selected, fmt(record.mean_loss, ".4f"), fmt(record.balanced_accuracy, ".3f"),
+            eps, self.ledger.budget_accountant, self.ledger.delta,
+        )
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _write_final(self) -> None:
+        snap, cfg = self.snapshot, self.config
+        eps = self.ledger.epsilons()
+        write_final_model(cfg.state_dir / "model_final.npz", {
+            "params": snap.params,
+            "classes": np.array(cfg.model.classes, dtype=str),
+            "hidden": cfg.model.hidden,
+            "basis_components": snap.basis_components,
+            "basis_mean": snap.basis_mean,
+            "basis_scale": snap.basis_scale,
+            "basis_version": snap.basis_version,
+            "epsilon": self.ledger.epsilon(),
+            **{f"epsilon_{name}": value for name, value in eps.items()},
+            "delta": self.ledger.delta,
+            "accountant": self.ledger.budget_accountant,
+            "train_rounds": snap.train_rounds_done,
+            "stop_reason": snap.stop_reason,
+        })
+        logger.info("final model written to %s (epsilon %s)", cfg.state_dir / "model_final.npz", self._format_eps())
