@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "bench": "biofed.bench:bench_command",
     "broker": "biofed.broker:broker_command",
     "coordinator": "biofed.coordinator.cli:coordinator_command",
+    "demo": "biofed.demo:demo_command",
+    "edge": "biofed.edge.cli:edge_command",
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
     "replay": "biofed.edge.replay_cli:replay_command",
 }

@@ -1,0 +1,674 @@
+"""``biofed demo``: a whole federation on one machine, with a report.
+
+What it does
+------------
+1. Devices: one per eegmat subject found in ``--data`` (``SubjectNN_1.edf`` rest +
+   ``SubjectNN_2.edf`` arithmetic), or, without ``--data``, ``--devices`` synthetic devices
+   (:func:`biofed.datasets.synthetic.make_federation`) written to files the agents replay:
+   ``.fif`` with EEG + ECG/PPG (the label as an annotation spanning the recording) and the
+   ``.wav`` phonocardiogram recorded with it.
+2. An MQTT broker on a free loopback port: the embedded amqtt broker (MQTT 3.1.1) or, with
+   ``--mosquitto``, Mosquitto (MQTT 5).
+3. ``coordinator.toml`` and one ``devices/<id>/device.toml`` per device in the report folder;
+   the coordinator (``biofed coordinator``) and one agent per device (``biofed edge``) run as
+   separate processes (``sys.executable -m biofed``). Their logs go to ``logs/``; the
+   coordinator's per-round lines are echoed as they come.
+4. An observer subscribed to the fleet's ``update/+`` topic keeps every device's held-out
+   balanced accuracy (devices report the accuracy of the model they received, measured
+   before training), so the table can show the mean *and the minimum* over devices.
+5. When the coordinator finishes (or the global ``--timeout`` expires: every child is
+   killed and the failing ones' log tails are printed), the report folder gets:
+
+   ``rounds.csv`` / ``rounds.json``
+       one row per training round: devices, mean local training loss, held-out balanced
+       accuracy of the model *after* the round (mean and min over devices; measured by the
+       devices at the start of the next round, or in the final evaluation), epsilon (RDP,
+       at ``--delta``).
+   ``rounds.png``
+       accuracy (mean, min, centralized baseline) and epsilon vs round.
+   ``model_final.npz``
+       the coordinator's final model and basis.
+   ``summary.json``
+       federated vs centralized accuracy, epsilon, settings.
+
+Centralized baseline
+--------------------
+:func:`centralized_baseline` pools the training windows of every device (the same rows and
+held-out split the devices use: :func:`biofed.edge.split.holdout_split` on each device's
+feature store), projects them onto the federation's final basis, trains the same logistic
+regression centrally (:func:`biofed.kernels.training.train`, no privacy) and scores it on
+each device's held-out windows. The federated model is scored the same way here too, as a
+check of the devices' own reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BaselineResult",
+    "DemoError",
+    "DemoSettings",
+    "RoundRow",
+    "centralized_baseline",
+    "demo_command",
+    "eegmat_devices",
+    "run_demo",
+    "write_synthetic_devices",
+]
+
+FLEET = "demo"
+CLASSES = ("rest", "arithmetic")
+_TAIL_LINES = 30
+
+
+class DemoError(RuntimeError):
+    """The demo could not run to the end (the message says which part failed and why)."""
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything a demo run depends on (written to ``summary.json``)."""
+
+    out: Path
+    data: Path | None = None
+    devices: int | None = None
+    rounds: int = 10
+    noise_multiplier: float = 0.0
+    clip: float = 1.0
+    epsilon_budget: float | None = None
+    delta: float = 1e-5
+    mosquitto: bool = False
+    trust_mode: str = "central"
+    synthetic_seconds: float = 60.0
+    local_epochs: int = 5
+    lr: float = 0.05
+    batch_size: int = 16
+    basis_clip: float = 1e6
+    round_deadline_s: float = 60.0
+    min_devices: int | None = None
+    timeout_s: float = 900.0
+    seed: int = 0
+    agent_keepalive_s: int = 30
+
+
+# ----------------------------------------------------------------------------- devices
+def eegmat_devices(data: Path, limit: int | None = None) -> dict[str, list[Path]]:
+    """``{"SubjectNN": [SubjectNN_1.edf, SubjectNN_2.edf]}`` for every complete subject in ``data``."""
+    devices = {}
+    for rest in sorted(data.glob("Subject*_1.edf")):
+        match = re.fullmatch(r"(Subject\d+)_1", rest.stem)
+        task = rest.with_name(f"{rest.stem[:-2]}_2.edf")
+        if match and task.is_file():
+            devices[match[1]] = [rest.resolve(), task.resolve()]
+    if limit is not None:
+        devices = dict(list(devices.items())[:limit])
+    return devices
+
+
+def write_synthetic_devices(folder: Path, n_devices: int, *, duration_s: float = 60.0,
+                            random_state=None) -> dict[str, list[Path]]:
+    """Write a synthetic federation (:func:`make_federation`) as files a device replays.
+
+    Each recording becomes ``<device>_<k>_<label>_raw.fif`` (EEG + ECG + PPG, the label as an
+    annotation over the whole recording, the subject as ``his_id``) and
+    ``<device>_<k>_<label>.wav`` (the phonocardiogram, float32). Returns the files per device
+    in replay order (each FIF followed by its WAV: they form one multimodal stream).
+    """
+    import mne
+    from scipy.io import wavfile
+
+    from biofed.datasets import make_federation
+
+    folder.mkdir(parents=True, exist_ok=True)
+    federation = make_federation(n_devices, duration_s=duration_s, random_state=random_state)
+    files: dict[str, list[Path]] = {}
+    for device, recordings in federation.items():
+        paths = []
+        for k, rec in enumerate(recordings):
+            eeg, bio, audio = rec.signals["eeg"], rec.signals["bio"], rec.signals["audio"]
+            if bio.sfreq != eeg.sfreq:
+                raise DemoError(f"synthetic EEG ({eeg.sfreq} Hz) and bio ({bio.sfreq} Hz) rates differ; one FIF needs one rate")
+            mne_types = ["eeg"] * len(eeg.ch_names) + ["ecg" if t == "ecg" else "misc" for t in bio.ch_types]
+            info = mne.create_info(list(eeg.ch_names) + list(bio.ch_names), eeg.sfreq, mne_types)
+            info["subject_info"] = {"his_id": rec.subject}
+            raw = mne.io.RawArray(np.vstack([eeg.data, bio.data]), info, verbose="error")
+            raw.set_annotations(mne.Annotations([0.0], [rec.duration], [rec.label]))
+            stem = f"{device}_{k}_{rec.label}"
+            fif = folder / f"{stem}_raw.fif"
+            raw.save(fif, overwrite=True, verbose="error")
+            wav = folder / f"{stem}.wav"
+            wavfile.write(wav, int(audio.sfreq), audio.data[0].astype(np.float32))
+            paths += [fif.resolve(), wav.resolve()]
+        files[device] = paths
+    return files
+
+
+# ----------------------------------------------------------------------------- config files
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _write_toml(path: Path, top: Mapping, sections: Mapping[str, Mapping]) -> Path:
+    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items() if value is not None]
+    for name, section in sections.items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in section.items() if value is not None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _broker_section(host: str, port: int, protocol: str, keepalive: int = 30) -> dict:
+    return {"host": host, "port": port, "protocol": protocol, "keepalive": keepalive}
+
+
+def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]], host: str, port: int,
+                  protocol: str) -> tuple[Path, dict[str, Path]]:
+    """Write ``coordinator.toml`` and ``devices/<id>/device.toml`` under ``settings.out``."""
+    out = settings.out
+    dp = {"trust_mode": settings.trust_mode, "clip_norm": settings.clip,
+          "noise_multiplier": settings.noise_multiplier, "delta": settings.delta,
+          "epsilon_budget": settings.epsilon_budget}
+    coordinator = _write_toml(
+        out / "coordinator.toml",
+        {"fleet": FLEET, "rounds": settings.rounds, "min_devices": settings.min_devices or len(devices),
+         "sampling_rate": "all", "round_deadline_s": settings.round_deadline_s, "state_dir": "state"},
+        {"broker": _broker_section(host, port, protocol),
+         "training": {"local_epochs": settings.local_epochs, "lr": settings.lr, "batch_size": settings.batch_size},
+         "model": {"classes": list(CLASSES)}, "strategy": {"name": "fedavg"}, "dp": dp},
+    )
+    device_files = {}
+    for device, recordings in devices.items():
+        device_files[device] = _write_toml(
+            out / "devices" / device / "device.toml",
+            {"device_id": device, "fleet": FLEET, "recordings": [str(p) for p in recordings],
+             "store_path": "features.sqlite", "replay_speed": 0.0},
+            {"broker": _broker_section(host, port, protocol, settings.agent_keepalive_s)},
+        )
+    return coordinator, device_files
+
+
+# ----------------------------------------------------------------------------- observer
+class UpdateObserver:
+    """Subscribes to ``update/+`` and keeps each device's eval metrics per task round."""
+
+    def __init__(self, host: str, port: int, protocol: str) -> None:
+        from biofed.mqtt import MqttClient
+        from biofed.protocol import Topics
+
+        self.topics = Topics(FLEET)
+        self.client = MqttClient(host, port, "demo-observer", protocol=protocol, clean=True)
+        self.accuracy: dict[int, dict[str, tuple[float, int]]] = defaultdict(dict)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="observer", daemon=True)
+
+    def start(self) -> UpdateObserver:
+        self.client.connect()
+        self.client.subscribe(self.topics.all_devices("update"), qos=1)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        from biofed.protocol import ProtocolError, decode_topic_message
+
+        while not self._stop.is_set():
+            inbound = self.client.receive(timeout_s=0.2)
+            if inbound is None:
+                continue
+            try:
+                message = decode_topic_message(self.topics, inbound.topic, inbound.payload)
+            except ProtocolError as exc:
+                logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
+                continue
+            metrics = message.payload.metrics
+            if metrics.eval_balanced_accuracy is not None:
+                self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy, metrics.eval_windows)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self.client.close()
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+    def tail(self, n: int = _TAIL_LINES) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-n:])
+
+
+def _spawn(name: str, args: list[str], log: Path, *, stdout=None) -> _Child:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = log.open("w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "biofed", "-v", *args], stdout=stdout if stdout is not None else handle,
+        stderr=handle, env=env, start_new_session=True, text=True,
+    )
+    handle.close()  # the child holds its own descriptor
+    return _Child(name, process, log)
+
+
+def _terminate(children: Sequence[_Child], timeout_s: float = 10.0) -> None:
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        try:
+            child.process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+def _relay(stream, prefix: str, sink: list[str]) -> None:
+    for line in stream:
+        line = line.rstrip("\n")
+        sink.append(line)
+        click.echo(f"{prefix}{line}")
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class RoundRow:
+    """One line of the report table."""
+
+    round: int
+    task_round: int
+    devices: int
+    loss: float | None
+    accuracy_mean: float | None
+    accuracy_min: float | None
+    epsilon: float | None
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """Held-out balanced accuracy per device of the centralized and federated models."""
+
+    centralized: dict[str, float]
+    federated: dict[str, float]
+    n_train: int
+    n_held_out: int
+
+    @staticmethod
+    def _summary(values: Mapping[str, float]) -> tuple[float, float]:
+        array = np.array(list(values.values()))
+        return float(array.mean()), float(array.min())
+
+    @property
+    def centralized_mean_min(self) -> tuple[float, float]:
+        return self._summary(self.centralized)
+
+    @property
+    def federated_mean_min(self) -> tuple[float, float]:
+        return self._summary(self.federated)
+
+
+def _float_or_none(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, tuple[float, int]]]) -> list[RoundRow]:
+    """Rows per training round from the coordinator's ``rounds.json`` records and the observed
+    eval metrics: the accuracy of the model after training round i is what the devices
+    measured at the start of the next training round (or in the evaluation round)."""
+    train = [r for r in records if r["phase"] == "train"]
+    after = [r for r in records if r["phase"] in ("train", "evaluate")]
+    rows = []
+    for record in train:
+        position = after.index(record)
+        next_record = after[position + 1] if position + 1 < len(after) else None
+        mean = minimum = None
+        if next_record is not None:
+            observed = [acc for acc, _ in accuracy.get(next_record["round"], {}).values()]
+            if observed:
+                mean, minimum = float(np.mean(observed)), float(np.min(observed))
+            else:
+                mean = _float_or_none(next_record.get("balanced_accuracy"))
+        epsilon = record.get("epsilon_rdp")
+        rows.append(RoundRow(
+            round=int(record["train_round"]), task_round=int(record["round"]), devices=int(record["n_devices"]),
+            loss=_float_or_none(record.get("mean_loss")), accuracy_mean=mean, accuracy_min=minimum,
+            epsilon=None if epsilon in (None, "inf", "nan") else _float_or_none(epsilon),
+        ))
+    return rows
+
+
+def _device_split(store_path: Path, classes: Sequence[str]):
+    from biofed.edge.split import holdout_split
+    from biofed.edge.store import FeatureStore
+
+    with FeatureStore(store_path) as store:
+        X, labels, t = store.read()
+    index = {name: i for i, name in enumerate(classes)}
+    keep = np.array([label in index for label in labels], dtype=bool)
+    X, labels, t = X[keep], labels[keep], t[keep]
+    y = np.array([index[label] for label in labels], dtype=np.int64)
+    train, held_out = holdout_split(labels, t)
+    return X, y, train, held_out
+
+
+def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs: int = 100,
+                         lr: float = 0.05, batch_size: int = 32, random_state=0) -> BaselineResult:
+    """Train the model centrally on the pooled training windows of every device.
+
+    Parameters
+    ----------
+    stores : mapping device -> feature store path
+        The devices' stores (raw feature rows), split with :func:`holdout_split` as the
+        devices split them.
+    model_path : Path
+        The coordinator's ``model_final.npz``: the basis to project onto, the classes, the
+        hidden size and the federated parameters (scored here as well).
+    epochs, lr, batch_size, random_state
+        Centralized SGD settings (:func:`biofed.kernels.training.train`).
+
+    Returns
+    -------
+    BaselineResult
+        Balanced accuracy per device of the centralized and the federated model.
+    """
+    from biofed.edge.split import balanced_accuracy
+    from biofed.kernels import init_params, predict_proba, project, train
+
+    with np.load(model_path, allow_pickle=False) as final:
+        classes = tuple(str(c) for c in final["classes"])
+        hidden = int(final["hidden"])
+        components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
+        federated_params = final["params"]
+    splits = {}
+    for device, path in stores.items():
+        X, y, train_mask, held_out = _device_split(path, classes)
+        Z = project(X, components, mean=mean, scale=scale) if X.shape[0] else np.empty((0, components.shape[0]))
+        splits[device] = (Z, y, train_mask, held_out)
+    Z_train = np.vstack([Z[m] for Z, _, m, _ in splits.values()])
+    y_train = np.concatenate([y[m] for _, y, m, _ in splits.values()])
+    if Z_train.shape[0] == 0:
+        raise DemoError("no training windows in any device store: nothing to train the centralized baseline on")
+    c = len(classes)
+    params = init_params(Z_train.shape[1], c, hidden, random_state=random_state)
+    params, _ = train(params, Z_train, y_train, c, hidden, epochs=epochs, batch_size=batch_size, lr=lr,
+                      random_state=random_state)
+    centralized, federated = {}, {}
+    n_held_out = 0
+    for device, (Z, y, _, held_out) in splits.items():
+        if not held_out.any():
+            continue
+        n_held_out += int(held_out.sum())
+        for params_, out in ((params, centralized), (federated_params, federated)):
+            proba = predict_proba(params_, Z[held_out], c, hidden)
+            out[device] = balanced_accuracy(y[held_out], proba.argmax(axis=1))
+    return BaselineResult(centralized, federated, int(Z_train.shape[0]), n_held_out)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[RoundRow]) -> str:
+    lines = [f"{'round':>5}  {'devices':>7}  {'loss':>7}  {'bal.acc mean':>12}  {'min':>6}  {'epsilon':>8}"]
+    for row in rows:
+        lines.append(f"{row.round:>5}  {row.devices:>7}  {_fmt(row.loss, '.4f'):>7}  "
+                     f"{_fmt(row.accuracy_mean, '.3f'):>12}  {_fmt(row.accuracy_min, '.3f'):>6}  "
+                     f"{_fmt(row.epsilon, '.3f'):>8}")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None, summary: dict) -> None:
+    """rounds.csv, rounds.json, rounds.png and summary.json in ``out``."""
+    fields = list(RoundRow.__dataclass_fields__)
+    with (out / "rounds.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+    (out / "rounds.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    _plot(out / "rounds.png", rows, baseline)
+
+
+def _plot(path: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in rows]
+    nan = float("nan")
+    fig, (ax_acc, ax_eps) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    ax_acc.plot(rounds, [nan if r.accuracy_mean is None else r.accuracy_mean for r in rows], "o-", label="federated, mean over devices")
+    ax_acc.plot(rounds, [nan if r.accuracy_min is None else r.accuracy_min for r in rows], "s--", label="federated, worst device")
+    if baseline is not None and baseline.centralized:
+        ax_acc.axhline(baseline.centralized_mean_min[0], color="k", linestyle=":", label="centralized, mean")
+    ax_acc.set_ylabel("held-out balanced accuracy")
+    ax_acc.set_ylim(0.0, 1.02)
+    ax_acc.legend(loc="lower right")
+    ax_acc.grid(alpha=0.3)
+    eps = [nan if r.epsilon is None else r.epsilon for r in rows]
+    ax_eps.plot(rounds, eps, "o-", color="tab:red")
+    ax_eps.set_ylabel("epsilon (RDP)")
+    ax_eps.set_xlabel("training round")
+    ax_eps.grid(alpha=0.3)
+    if all(math.isnan(e) for e in eps):
+        ax_eps.text(0.5, 0.5, "no DP noise: epsilon is infinite", transform=ax_eps.transAxes, ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- run
+def _start_broker(settings: DemoSettings):
+    from biofed.broker import start_embedded_broker, start_mosquitto
+
+    if settings.mosquitto:
+        return start_mosquitto(settings.out / "mosquitto"), "5"
+    return start_embedded_broker(), "3.1.1"
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    """Run the whole demo (see the module docstring); returns the summary dict.
+
+    Raises
+    ------
+    DemoError
+        No devices, a child process failed, or the global timeout expired; the message
+        carries the failing processes' log tails.
+    """
+    from biofed.broker import BrokerError
+
+    out = settings.out.resolve()
+    settings = DemoSettings(**{**asdict(settings), "out": out})
+    if out.exists() and (out / "state").exists():
+        shutil.rmtree(out / "state")  # a fresh federation every run (the coordinator would resume)
+    shutil.rmtree(out / "devices", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if settings.data is not None:
+        devices = eegmat_devices(Path(settings.data), settings.devices)
+        if not devices:
+            raise DemoError(f"no eegmat subjects (SubjectNN_1.edf + SubjectNN_2.edf) found in {settings.data}")
+        source = f"eegmat ({settings.data})"
+    else:
+        n = settings.devices or 5
+        click.echo(f"writing {n} synthetic devices ({settings.synthetic_seconds:g} s per class) to {out / 'data'}")
+        devices = write_synthetic_devices(out / "data", n, duration_s=settings.synthetic_seconds,
+                                          random_state=settings.seed)
+        source = "synthetic"
+    try:
+        broker, protocol = _start_broker(settings)
+    except BrokerError as exc:
+        raise DemoError(f"cannot start the MQTT broker: {exc}") from None
+    children: list[_Child] = []
+    observer = None
+    started = time.monotonic()
+    try:
+        coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, broker.port, protocol)
+        click.echo(f"{len(devices)} devices ({source}), broker {'mosquitto' if settings.mosquitto else 'amqtt'} "
+                   f"on {broker.host}:{broker.port}, report in {out}")
+        observer = UpdateObserver(broker.host, broker.port, protocol).start()
+        coordinator_lines: list[str] = []
+        coordinator = _spawn(
+            "coordinator",
+            ["coordinator", "--config", str(coordinator_toml), "--basis-clip-norm", repr(settings.basis_clip),
+             "--discovery-timeout", repr(settings.timeout_s)],
+            out / "logs" / "coordinator.log", stdout=subprocess.PIPE,
+        )
+        children.append(coordinator)
+        relay = threading.Thread(target=_relay, args=(coordinator.process.stdout, "  ", coordinator_lines), daemon=True)
+        relay.start()
+        for device, toml in device_tomls.items():
+            children.append(_spawn(device, ["edge", "--config", str(toml)], out / "logs" / f"{device}.log"))
+        reported_dead: set[str] = set()
+        while coordinator.process.poll() is None:
+            if time.monotonic() - started > settings.timeout_s:
+                raise DemoError(
+                    f"the federation did not finish within {settings.timeout_s:g} s (--timeout)\n"
+                    + _tails([coordinator] + [c for c in children[1:] if c.process.poll() is not None])
+                )
+            for child in children[1:]:
+                if child.process.poll() not in (None, 0) and child.name not in reported_dead:
+                    reported_dead.add(child.name)
+                    click.echo(f"device {child.name} exited with code {child.process.returncode}:\n"
+                               f"{child.tail(10)}", err=True)
+            time.sleep(0.2)
+        relay.join(timeout=5.0)
+        if coordinator.process.returncode != 0:
+            raise DemoError(f"the coordinator exited with code {coordinator.process.returncode}\n"
+                            + _tails(children))
+        elapsed = time.monotonic() - started
+    finally:
+        _terminate(children)
+        if observer is not None:
+            observer.stop()
+        broker.stop()
+    state = out / "state"
+    records = json.loads((state / "rounds.json").read_text())
+    shutil.copyfile(state / "model_final.npz", out / "model_final.npz")
+    rows = build_table(records, observer.accuracy if observer is not None else {})
+    stores = {device: toml.parent / "features.sqlite" for device, toml in device_tomls.items()}
+    baseline = centralized_baseline(stores, out / "model_final.npz", random_state=settings.seed)
+    fed_mean, fed_min = baseline.federated_mean_min
+    cen_mean, cen_min = baseline.centralized_mean_min
+    final_eps = next((r.epsilon for r in reversed(rows) if r.epsilon is not None), None)
+    evaluation = next((r for r in records if r["phase"] == "evaluate"), None)
+    summary = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        "source": source, "devices": sorted(devices), "wall_s": round(elapsed, 1),
+        "federated": {"mean": fed_mean, "min": fed_min, "per_device": baseline.federated,
+                      "reported_by_devices": None if evaluation is None else evaluation.get("balanced_accuracy")},
+        "centralized": {"mean": cen_mean, "min": cen_min, "per_device": baseline.centralized,
+                        "train_windows": baseline.n_train, "held_out_windows": baseline.n_held_out},
+        "epsilon": final_eps, "delta": settings.delta, "rounds": [asdict(r) for r in rows],
+    }
+    write_report(out, rows, baseline, summary)
+    click.echo("")
+    click.echo(format_table(rows))
+    click.echo("")
+    click.echo(f"final federated model:  balanced accuracy mean {fed_mean:.3f}, min {fed_min:.3f} "
+               f"(held-out windows of {len(baseline.federated)} devices), epsilon "
+               f"{'inf (no noise)' if final_eps is None else f'{final_eps:.3f}'} at delta {settings.delta:g}")
+    click.echo(f"centralized baseline:   balanced accuracy mean {cen_mean:.3f}, min {cen_min:.3f} "
+               f"(logistic regression on {baseline.n_train} pooled training windows, same basis and split)")
+    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, model_final.npz, summary.json) "
+               f"in {elapsed:.0f} s")
+    return summary
+
+
+def _tails(children: Sequence[_Child]) -> str:
+    parts = []
+    for child in children:
+        code = child.process.poll()
+        parts.append(f"--- {child.name} (exit code {code if code is not None else 'running'}), {child.log}:\n"
+                     f"{child.tail()}")
+    return "\n".join(parts)
+
+
+@click.command("demo")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="eegmat folder (SubjectNN_1.edf + SubjectNN_2.edf per device); default: synthetic devices.")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="Number of devices (synthetic: default 5; eegmat: first N subjects, default all).")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True, help="Training rounds.")
+@click.option("--noise-multiplier", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="DP noise multiplier z (0: no noise, epsilon infinite).")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="L2 clip norm C of each device's model update.")
+@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop training before epsilon would exceed this.")
+@click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
+              show_default=True, help="DP delta.")
+@click.option("--trust-mode", type=click.Choice(["central", "local"]), default="central", show_default=True,
+              help="Who adds the DP noise: the coordinator (central) or each device (local).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-demo"),
+              show_default=True, help="Report folder (configs, logs, device stores and results go here).")
+@click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker.")
+@click.option("--seconds", "synthetic_seconds", type=click.FloatRange(min=5), default=60.0, show_default=True,
+              help="Synthetic recording length per class and device.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
+              help="Global timeout (s); every process is killed after it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
+def demo_command(data, devices, rounds, noise_multiplier, clip, epsilon_budget, delta, trust_mode, out, mosquitto,
+                 synthetic_seconds, timeout_s, seed) -> None:
+    """Run a whole federation on this machine and report accuracy and privacy per round.
+
+    Starts a broker, a coordinator and one edge agent per device (separate processes),
+    prints one line per round and, at the end, the table of rounds (devices, loss,
+    held-out balanced accuracy mean and min over devices, epsilon) next to a centralized
+    baseline. Examples:
+
+        biofed demo
+
+        biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0
+    """
+    settings = DemoSettings(
+        out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
+        epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
+        synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
+    )
+    try:
+        run_demo(settings)
+    except DemoError as exc:
+        raise click.ClickException(str(exc)) from None

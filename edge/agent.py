@@ -1,0 +1,709 @@
+"""The MQTT device agent: ingest recordings into the feature store, answer federated tasks.
+
+Life of an agent (``biofed edge --config device.toml``)
+-------------------------------------------------------
+1. **Ingest.** The configured recordings are replayed (:func:`biofed.datasets.replay` at
+   ``replay_speed``) through :class:`~biofed.edge.pipeline.StreamingPipeline` into the
+   :class:`~biofed.edge.store.FeatureStore` as raw, labelled feature rows. Files are grouped
+   into *streams* as ``biofed replay`` does: a file joins the stream of the file before it when
+   it only adds modalities that stream lacks and the subjects agree (an EDF/FIF with EEG + ECG
+   and the WAV recorded with it); every stream has its own pipeline. Streams play one after the
+   other on a device clock (each stream starts ``window_s + hop_s`` after the last stored
+   window), so window times increase across sessions and the held-out rule of
+   :mod:`biofed.edge.split` ("last 20 % of each label in time order") is well defined.
+   Ingestion is recorded in the side table ``agent_ingested`` of the store's SQLite file: a
+   stream is marked *pending* before its first row is written and *done* after its last, and a
+   restarted agent deletes the rows of a pending stream and replays it, so a restart neither
+   duplicates nor loses windows. Files already done are not read again. With
+   ``replay_speed == 0`` ingestion finishes before the agent connects; with a real-time speed
+   it runs in a background thread while the agent already answers tasks with the rows stored
+   so far (a live sensor).
+2. **Connect.** :class:`biofed.mqtt.MqttClient` with a persistent session under the stable
+   client id ``device_id``, last will = retained ``Status("offline")``; then a retained
+   ``Status("online", n_rows, basis_version)`` and subscriptions to ``task``, ``basis`` and
+   ``model``. The first connection is retried with capped, jittered exponential backoff;
+   later reconnects are paho's (see :mod:`biofed.mqtt`).
+3. **Serve.** Every inbound message goes through :meth:`EdgeAgent.handle_message`, which
+   returns what to publish. Undecodable or invalid messages, duplicates (QoS 1 redelivery,
+   retained re-delivery: :class:`~biofed.protocol.SeenMessageIds`), tasks whose deadline has
+   passed, tasks that do not list this device, tasks for a basis version other than the
+   device's and any other bad input are logged and dropped: the agent never dies on input.
+4. **Stop.** SIGTERM/SIGINT set a stop event; the agent publishes a retained
+   ``Status("offline")`` and disconnects cleanly.
+
+Task phases (the "Federated flow" contract)
+-------------------------------------------
+With ``X`` the device's raw training rows (labels in ``Task.classes``, minus the held-out
+windows of :func:`biofed.edge.split.holdout_split`), every statistic and update is clipped to
+L2 norm ``Task.clip_norm`` with :func:`biofed.kernels.clip_l2`; in ``"local"`` and
+``"distributed"`` trust modes the device adds ``N(0, (Task.noise_multiplier * clip_norm)^2)``
+itself (in distributed mode the coordinator sends the per-device share of the noise
+multiplier). Noise comes from a generator seeded from OS entropy (:mod:`secrets`), never from a
+configurable seed.
+
+``moments``     Sketch of ``concat(mean(X, 0), mean(X**2, 0))``.
+``covariance``  Sketch of ``(Z.T @ Z / n).ravel()``, ``Z = (X - stats_mean) / stats_scale``.
+``train``       Project the training and held-out rows onto the current basis (the task's
+                ``basis_version`` must be the device's: a task for a newer basis waits for it
+                until its deadline, one for an older basis is refused), measure the balanced
+                accuracy of the incoming model on the held-out rows, train locally
+                (:func:`biofed.kernels.training.train` with the task's settings, FedProx
+                centre = incoming model), ``delta = new - model``, clip (``norm_bit`` with
+                adaptive clipping), noise, publish an :class:`~biofed.protocol.Update` with
+                metrics (loss, windows, RSS, CPU seconds of the task, MQTT payload bytes sent
+                and received so far).
+``evaluate``    Update with an empty delta, ``n_examples = 0`` and the eval metrics (``loss``
+                is then the held-out cross-entropy).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from biofed.config import DeviceConfig
+from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, PipelineError, StreamingPipeline
+from biofed.edge.split import balanced_accuracy, holdout_split
+from biofed.edge.store import FeatureStore, StoreError
+from biofed.kernels import clip_l2, n_params, predict_proba, project, train
+from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
+from biofed.protocol import (
+    Basis,
+    Message,
+    Model,
+    Prediction,
+    ProtocolError,
+    SeenMessageIds,
+    Sketch,
+    Status,
+    Task,
+    Topics,
+    Update,
+    UpdateMetrics,
+    decode_topic_message,
+    encode_message,
+    offline_status,
+)
+
+__all__ = ["AgentState", "EdgeAgent", "IngestError", "LocalData", "Outgoing"]
+
+logger = logging.getLogger(__name__)
+
+_INGEST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS agent_ingested (
+    path TEXT PRIMARY KEY,
+    stream TEXT NOT NULL,
+    done INTEGER NOT NULL,
+    n_rows INTEGER NOT NULL,
+    finished REAL
+);
+"""
+_APPEND_EVERY = 64
+"""Rows buffered before a store append while ingesting (one durable transaction each)."""
+_PREDICT_ROWS = 64
+"""Newest stored windows classified when ``predict`` is on and a new global model arrives."""
+
+
+class IngestError(RuntimeError):
+    """A configured recording cannot be ingested (unreadable file, incompatible layout)."""
+
+
+class AgentState(enum.Enum):
+    """What the agent is doing. ``recoverable``: the agent returns to serving by itself."""
+
+    STARTING = ("starting", True)
+    """Ingesting the configured recordings before the first connection."""
+    CONNECTING = ("connecting", True)
+    """Waiting for the broker (first connection, retried with backoff)."""
+    IDLE = ("idle", True)
+    """Connected, waiting for a task."""
+    SKETCHING = ("sketching", True)
+    """Computing a basis-phase statistic."""
+    TRAINING = ("training", True)
+    """Evaluating the incoming model and training locally."""
+    EVALUATING = ("evaluating", True)
+    """Evaluating the final model (evaluate phase)."""
+    STOPPING = ("stopping", False)
+    """Shutdown requested: publishing the offline status, disconnecting."""
+    STOPPED = ("stopped", False)
+    """Disconnected; :meth:`EdgeAgent.run` has returned."""
+
+    def __new__(cls, value: str, recoverable: bool) -> AgentState:
+        member = object.__new__(cls)
+        member._value_ = value
+        member.recoverable = recoverable
+        return member
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message the agent wants published."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """The device's labelled windows of the task's classes, split for training and evaluation.
+
+    ``X`` (N, d) raw rows, ``y`` (N,) class indices into ``Task.classes``, ``train`` and
+    ``held_out`` (N,) disjoint boolean masks.
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    train: np.ndarray
+    held_out: np.ndarray
+
+
+def _stream_key(paths: Sequence[Path]) -> str:
+    return "+".join(str(p) for p in paths)
+
+
+class EdgeAgent:
+    """One device: feature store, MQTT session and the federated task handlers.
+
+    Parameters
+    ----------
+    config : DeviceConfig
+        The device's settings (``biofed edge --config``).
+    random_state : None, int or numpy.random.Generator
+        Drives only the minibatch shuffles of local training. DP noise always comes from a
+        generator seeded from OS entropy.
+    clock : callable
+        Unix time source for deadlines (tests pass a fixed clock).
+    """
+
+    def __init__(self, config: DeviceConfig, *, random_state=None, clock: Callable[[], float] = time.time) -> None:
+        if not isinstance(config, DeviceConfig):
+            raise TypeError(f"config must be a DeviceConfig, got {type(config).__name__}")
+        self.config = config
+        self.device_id = config.device_id
+        self.topics = Topics(config.fleet)
+        self.pipeline_config = PipelineConfig(
+            window_s=config.pipeline.window_s, hop_s=config.pipeline.hop_s, n_mels=config.pipeline.n_mels
+        )
+        self._clock = clock
+        self._train_rng = np.random.default_rng(random_state)
+        self._noise_rng = np.random.default_rng(secrets.randbits(128))
+        self._seen = SeenMessageIds(capacity=10_000)
+        self._answered: set[tuple[int, str]] = set()
+        self._pending_task: Task | None = None
+        self._lock = threading.RLock()
+        self._state = AgentState.STARTING
+        self.basis: Basis | None = None
+        self.model: Model | None = None
+        self.last_round = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.dropped_messages = 0
+        self._process = psutil.Process()
+        self.store = FeatureStore(config.store_path, max_rows=config.store_max_rows)
+        self._ingest_db = sqlite3.connect(config.store_path, check_same_thread=False, isolation_level=None,
+                                          timeout=30.0)
+        self._ingest_db.executescript(_INGEST_SCHEMA)
+        self._ingest_lock = threading.Lock()
+        self._client: MqttClient | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> AgentState:
+        """The current :class:`AgentState`."""
+        return self._state
+
+    def _enter(self, state: AgentState) -> None:
+        if state is not self._state:
+            logger.debug("%s: %s -> %s", self.device_id, self._state.value, state.value)
+            self._state = state
+
+    @property
+    def n_rows(self) -> int:
+        """Feature windows in the store."""
+        return len(self.store)
+
+    @property
+    def n_features(self) -> int | None:
+        """Width d of the stored raw rows (None while the store is empty)."""
+        X, _, _ = self.store.read(limit=1)
+        return X.shape[1] if X.shape[0] else None
+
+    def close(self) -> None:
+        """Close the store (idempotent)."""
+        self.store.close()
+        with self._ingest_lock:
+            self._ingest_db.close()
+
+    # ------------------------------------------------------------------ ingestion
+    def _ingested_paths(self) -> set[str]:
+        with self._ingest_lock:
+            return {row[0] for row in self._ingest_db.execute("SELECT path FROM agent_ingested WHERE done = 1")}
+
+    def _recover_pending(self) -> None:
+        """Delete the rows of streams whose ingestion was interrupted (they are replayed)."""
+        with self._ingest_lock:
+            pending = {row[0] for row in self._ingest_db.execute("SELECT stream FROM agent_ingested WHERE done = 0")}
+            for stream in pending:
+                deleted = self._ingest_db.execute("DELETE FROM windows WHERE source = ?", (stream,)).rowcount
+                logger.warning("%s: ingestion of %s was interrupted; dropped its %d stored rows, replaying it",
+                               self.device_id, stream, deleted)
+            self._ingest_db.execute("DELETE FROM agent_ingested WHERE done = 0")
+
+    def _mark(self, paths: Sequence[Path], stream: str, *, done: bool, n_rows: int = 0) -> None:
+        with self._ingest_lock:
+            self._ingest_db.executemany(
+                "INSERT OR REPLACE INTO agent_ingested(path, stream, done, n_rows, finished) VALUES (?, ?, ?, ?, ?)",
+                [(str(p), stream, int(done), n_rows, time.time() if done else None) for p in paths],
+            )
+
+    def _next_stream_offset(self) -> float:
+        with self._ingest_lock:
+            row = self._ingest_db.execute("SELECT MAX(t) FROM windows").fetchone()
+        last = row[0] if row and row[0] is not None else None
+        return 0.0 if last is None else float(last) + self.pipeline_config.window_s + self.pipeline_config.hop_s
+
+    def _streams(self, paths: Sequence[Path]):
+        """Read ``paths`` one by one and yield ``(paths, recordings)`` per stream."""
+        from biofed.datasets import RecordingError, read_recording
+
+        group: list = []
+        group_paths: list[Path] = []
+        modalities: set[str] = set()
+        subject = None
+        for path in paths:
+            try:
+                recording = read_recording(path)
+            except (RecordingError, OSError) as exc:
+                logger.error("%s: cannot read recording %s, skipped: %s", self.device_id, path, exc)
+                continue
+            mods = {m for m in recording.signals if m in self.pipeline_config.modalities}
+            conflict = recording.subject is not None and subject is not None and recording.subject != subject
+            if group and (conflict or mods & modalities):
+                yield group_paths, group
+                group, group_paths, modalities, subject = [], [], set(), None
+            group.append(recording)
+            group_paths.append(Path(path))
+            modalities |= mods
+            subject = subject or recording.subject
+        if group:
+            yield group_paths, group
+
+    def _open_store_for(self, layout_hash: str) -> bool:
+        """Make the store read/write ``layout_hash``; False when it already holds another layout."""
+        current = self.store.layout_hash
+        if current == layout_hash:
+            return True
+        if current is None:  # empty store: bind it to this layout
+            self.store.close()
+            self.store = FeatureStore(self.config.store_path, max_rows=self.config.store_max_rows,
+                                      layout_hash=layout_hash)
+            return True
+        return False
+
+    def ingest(self, stop: threading.Event | None = None) -> int:
+        """Replay every configured recording not ingested yet into the store.
+
+        Returns the number of rows added. Unreadable files and streams whose feature layout
+        differs from the stored one are logged and skipped (a device has one sensor layout).
+        """
+        from biofed.datasets import replay
+
+        self._recover_pending()
+        done = self._ingested_paths()
+        todo = [p for p in self.config.recordings if str(p) not in done]
+        skipped = len(self.config.recordings) - len(todo)
+        if skipped:
+            logger.info("%s: %d recording(s) already ingested, skipped", self.device_id, skipped)
+        added = 0
+        for paths, recordings in self._streams(todo):
+            if stop is not None and stop.is_set():
+                break
+            stream = _stream_key(paths)
+            channels = {m: (s.sfreq, s.ch_names, s.ch_types) for r in recordings for m, s in r.signals.items()}
+            try:
+                layout = FeatureLayout.from_channels(channels, self.pipeline_config)
+            except PipelineError as exc:
+                logger.error("%s: stream %s has no usable layout, skipped: %s", self.device_id, stream, exc)
+                continue
+            if not self._open_store_for(layout.hash):
+                logger.error(
+                    "%s: stream %s has feature layout %s (%d features) but the store %s holds layout %s; "
+                    "a device keeps one sensor layout: skipped", self.device_id, stream, layout.hash,
+                    layout.n_features, self.config.store_path, self.store.layout_hash,
+                )
+                continue
+            offset = self._next_stream_offset()
+            self._mark(paths, stream, done=False)
+            pipeline = StreamingPipeline(self.pipeline_config, layout)
+            rows: list = []
+            n_stream = 0
+            interrupted = False
+            for chunk in replay(recordings, speed=self.config.replay_speed):
+                if stop is not None and stop.is_set():
+                    interrupted = True
+                    break
+                if chunk.modality not in layout.modality_names:
+                    continue
+                try:
+                    rows.extend(pipeline.push(chunk.modality, chunk.data, chunk.label))
+                except ChunkError as exc:
+                    logger.warning("%s: dropped a %s chunk of %s at t=%.2f s: %s",
+                                   self.device_id, chunk.modality, chunk.source, chunk.t0, exc)
+                    continue
+                if len(rows) >= _APPEND_EVERY:
+                    n_stream += self._append_rows(rows, offset, stream)
+                    rows = []
+            if interrupted:
+                logger.info("%s: stopped while ingesting %s (replayed again on restart)", self.device_id, stream)
+                break
+            pipeline.flush()
+            n_stream += self._append_rows(rows, offset, stream)
+            self._mark(paths, stream, done=True, n_rows=n_stream)
+            added += n_stream
+            logger.info("%s: ingested %s: %d windows of %d features", self.device_id, stream, n_stream,
+                        layout.n_features)
+        return added
+
+    def _append_rows(self, rows: list, offset: float, stream: str) -> int:
+        if not rows:
+            return 0
+        X = np.stack([r.vector for r in rows])
+        t = np.array([offset + r.t for r in rows])
+        try:
+            self.store.append(X, [r.label for r in rows], t, source=stream)
+        except StoreError as exc:
+            logger.error("%s: %d windows of %s not stored: %s", self.device_id, len(rows), stream, exc)
+            return 0
+        return len(rows)
+
+    # ------------------------------------------------------------------ local data
+    def local_data(self, classes: Sequence[str]) -> LocalData:
+        """The stored windows labelled with one of ``classes``, split by :func:`holdout_split`."""
+        X, labels, t = self.store.read()
+        index = {name: i for i, name in enumerate(classes)}
+        keep = np.array([label in index for label in labels], dtype=bool)
+        X, labels, t = X[keep], labels[keep], t[keep]
+        y = np.array([index[label] for label in labels], dtype=np.int64)
+        train_mask, held_out = holdout_split(labels, t)
+        return LocalData(X, y, train_mask, held_out)
+
+    # ------------------------------------------------------------------ messages
+    def handle_message(self, topic: str, data: bytes) -> list[Outgoing]:
+        """Process one inbound MQTT message; return the messages to publish.
+
+        Never raises on bad input: decoding errors, invalid payloads, duplicates and
+        unanswerable tasks are logged and dropped (an empty list is returned).
+        """
+        with self._lock:
+            self.bytes_received += len(data)
+            try:
+                message = decode_topic_message(self.topics, topic, data,
+                                               max_bytes=self.config.broker.max_message_bytes)
+            except ProtocolError as exc:
+                self.dropped_messages += 1
+                logger.warning("%s: dropped a message on %s: %s", self.device_id, topic, exc)
+                return []
+            if not self._seen.add(message.message_id):
+                logger.debug("%s: duplicate %s message %s dropped", self.device_id, message.kind, message.message_id)
+                return []
+            try:
+                return self._dispatch(message)
+            except Exception:  # noqa: BLE001 - a long-running agent logs and drops, never dies on input
+                self.dropped_messages += 1
+                logger.exception("%s: failed to handle the %s message of round %d; dropped",
+                                 self.device_id, message.kind, message.round)
+                return []
+
+    def _dispatch(self, message: Message) -> list[Outgoing]:
+        payload = message.payload
+        if isinstance(payload, Basis):
+            return self._on_basis(payload)
+        if isinstance(payload, Task):
+            return self._on_task(payload)
+        if isinstance(payload, Model):
+            return self._on_model(payload)
+        logger.debug("%s: ignoring a %s message", self.device_id, message.kind)
+        return []
+
+    def _encode(self, payload) -> bytes:
+        return encode_message(payload, fleet=self.config.fleet, sender=self.device_id,
+                              max_bytes=self.config.broker.max_message_bytes)
+
+    def status_message(self, state: str = "online", detail: str = "") -> Outgoing:
+        """The retained status of this device (``online`` with row count and basis version)."""
+        status = Status(round=self.last_round, state=state, n_rows=self.n_rows, detail=detail,
+                        basis_version=0 if self.basis is None else self.basis.version)
+        return Outgoing(self.topics.status(self.device_id), self._encode(status), retain=True)
+
+    def _on_basis(self, basis: Basis) -> list[Outgoing]:
+        d = self.n_features
+        if d is not None and basis.components.shape[1] != d:
+            logger.error("%s: basis version %d has %d features, this device's rows have %d; basis refused",
+                         self.device_id, basis.version, basis.components.shape[1], d)
+            return []
+        if self.basis is not None and basis.version < self.basis.version:
+            logger.info("%s: stale basis version %d ignored (have %d)", self.device_id, basis.version,
+                        self.basis.version)
+            return []
+        self.basis = basis
+        logger.info("%s: basis version %d (k=%d, d=%d)", self.device_id, basis.version, *basis.components.shape)
+        out = [self.status_message()]
+        pending, self._pending_task = self._pending_task, None
+        if pending is not None:
+            out += self._on_task(pending)
+        return out
+
+    def _on_model(self, model: Model) -> list[Outgoing]:
+        self.model = model
+        if not self.config.predict or self.basis is None or model.basis_version != self.basis.version:
+            return []
+        X, _, t = self.store.read(limit=_PREDICT_ROWS)
+        k = self.basis.components.shape[0]
+        if X.shape[0] == 0 or model.params.shape[0] != n_params(k, len(model.classes), model.hidden):
+            return []
+        Z = self._project(X)
+        proba = predict_proba(model.params, Z, len(model.classes), model.hidden)
+        prediction = Prediction(round=model.round, t=t, proba=proba, classes=model.classes)
+        return [Outgoing(self.topics.prediction(self.device_id), self._encode(prediction))]
+
+    def _on_task(self, task: Task) -> list[Outgoing]:
+        now = self._clock()
+        if task.deadline <= now:
+            logger.info("%s: task of round %d (%s) expired %.1f s ago; skipped", self.device_id, task.round,
+                        task.phase, now - task.deadline)
+            return []
+        if task.participants and self.device_id not in task.participants:
+            logger.debug("%s: not selected for round %d", self.device_id, task.round)
+            return []
+        key = (task.round, task.phase)
+        if key in self._answered:
+            logger.debug("%s: round %d (%s) already answered", self.device_id, task.round, task.phase)
+            return []
+        self.last_round = max(self.last_round, task.round)
+        if task.phase in ("moments", "covariance"):
+            out = self._sketch(task)
+        else:
+            if not self._basis_ready(task):
+                return []
+            out = self._train(task) if task.phase == "train" else self._evaluate(task)
+        if out:
+            self._answered.add(key)
+        self._enter(AgentState.IDLE)
+        return out
+
+    def _basis_ready(self, task: Task) -> bool:
+        have = None if self.basis is None else self.basis.version
+        if have == task.basis_version:
+            return True
+        if have is None or task.basis_version > have:
+            logger.info("%s: round %d needs basis version %d, have %s; waiting for it until the deadline",
+                        self.device_id, task.round, task.basis_version, have)
+            self._pending_task = task
+        else:
+            logger.warning("%s: round %d (%s) is for basis version %d but this device has version %d; refused",
+                           self.device_id, task.round, task.phase, task.basis_version, have)
+        return False
+
+    def _noise(self, task: Task, size: int) -> np.ndarray | None:
+        if task.trust_mode == "central" or task.noise_multiplier == 0:
+            return None
+        return self._noise_rng.normal(0.0, task.noise_multiplier * task.clip_norm, size)
+
+    def _sketch(self, task: Task) -> list[Outgoing]:
+        self._enter(AgentState.SKETCHING)
+        data = self.local_data(task.classes)
+        X = data.X[data.train]
+        if X.shape[0] == 0:
+            logger.warning("%s: no training windows of classes %s; cannot answer the %s phase of round %d",
+                           self.device_id, task.classes, task.phase, task.round)
+            return []
+        d = X.shape[1]
+        if task.phase == "moments":
+            statistic = np.concatenate([X.mean(axis=0), (X * X).mean(axis=0)])
+        else:
+            if task.stats_mean is None or task.stats_mean.shape != (d,):
+                got = None if task.stats_mean is None else task.stats_mean.shape
+                logger.error("%s: covariance task of round %d has stats_mean of shape %s, this device has %d "
+                             "features; refused", self.device_id, task.round, got, d)
+                return []
+            Z = (X - task.stats_mean) / task.stats_scale
+            statistic = (Z.T @ Z / Z.shape[0]).ravel()
+        clipped, norm = clip_l2(statistic, task.clip_norm)
+        noise = self._noise(task, clipped.shape[0])
+        if noise is not None:
+            clipped = clipped + noise
+        sketch = Sketch(round=task.round, basis_version=task.basis_version, phase=task.phase, statistic=clipped,
+                        clipped=bool(norm > task.clip_norm), n_features=d)
+        logger.info("%s: %s statistic of round %d from %d windows (norm %.3g, clip %.3g)", self.device_id,
+                    task.phase, task.round, X.shape[0], norm, task.clip_norm)
+        return [Outgoing(self.topics.sketch(self.device_id), self._encode(sketch))]
+
+    def _project(self, X: np.ndarray) -> np.ndarray:
+        basis = self.basis
+        return project(X, basis.components, mean=basis.mean, scale=basis.scale)
+
+    def _check_model_size(self, task: Task) -> bool:
+        k = self.basis.components.shape[0]
+        expected = n_params(k, len(task.classes), task.hidden)
+        if task.model.shape[0] != expected:
+            logger.error("%s: round %d model has %d parameters, expected %d for k=%d, %d classes, hidden=%d; refused",
+                         self.device_id, task.round, task.model.shape[0], expected, k, len(task.classes), task.hidden)
+            return False
+        return True
+
+    def _held_out_metrics(self, task: Task, data: LocalData) -> tuple[float | None, int, float | None]:
+        """(balanced accuracy, windows, mean cross-entropy) of the task's model on held-out rows."""
+        if not data.held_out.any():
+            return None, 0, None
+        Z = self._project(data.X[data.held_out])
+        y = data.y[data.held_out]
+        proba = predict_proba(task.model, Z, len(task.classes), task.hidden)
+        accuracy = balanced_accuracy(y, proba.argmax(axis=1))
+        loss = float(-np.mean(np.log(np.maximum(proba[np.arange(y.size), y], 1e-300))))
+        return accuracy, int(y.size), loss
+
+    def _metrics(self, loss: float, n_windows: int, cpu_start: float, accuracy, eval_windows: int) -> UpdateMetrics:
+        return UpdateMetrics(
+            loss=loss, n_windows=n_windows, rss_bytes=int(self._process.memory_info().rss),
+            cpu_time_s=max(time.process_time() - cpu_start, 0.0), bytes_sent=self.bytes_sent,
+            bytes_received=self.bytes_received, eval_balanced_accuracy=accuracy, eval_windows=eval_windows,
+        )
+
+    def _train(self, task: Task) -> list[Outgoing]:
+        self._enter(AgentState.TRAINING)
+        cpu_start = time.process_time()
+        if not self._check_model_size(task):
+            return []
+        data = self.local_data(task.classes)
+        if not data.train.any():
+            logger.warning("%s: no training windows of classes %s for round %d", self.device_id, task.classes,
+                           task.round)
+            return []
+        accuracy, eval_windows, _ = self._held_out_metrics(task, data)
+        Z = self._project(data.X[data.train])
+        y = data.y[data.train]
+        params, loss = train(
+            task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs, batch_size=task.batch_size,
+            lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
+            prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng,
+        )
+        delta, norm = clip_l2(params - task.model, task.clip_norm)
+        noise = self._noise(task, delta.shape[0])
+        if noise is not None:
+            delta = delta + noise
+        update = Update(
+            round=task.round, basis_version=task.basis_version, delta=delta, n_examples=int(y.size),
+            clipped=bool(norm > task.clip_norm), norm_bit=int(norm <= task.clip_norm) if task.adaptive_clipping else None,
+            metrics=self._metrics(loss, int(y.size), cpu_start, accuracy, eval_windows),
+        )
+        logger.info("%s: round %d trained on %d windows: loss %.4f, |delta| %.3g (clip %.3g), held-out balanced "
+                    "accuracy of the incoming model %s", self.device_id, task.round, y.size, loss, norm,
+                    task.clip_norm, "n/a" if accuracy is None else f"{accuracy:.3f}")
+        return [Outgoing(self.topics.update(self.device_id), self._encode(update))]
+
+    def _evaluate(self, task: Task) -> list[Outgoing]:
+        self._enter(AgentState.EVALUATING)
+        cpu_start = time.process_time()
+        if not self._check_model_size(task):
+            return []
+        data = self.local_data(task.classes)
+        accuracy, eval_windows, loss = self._held_out_metrics(task, data)
+        if accuracy is None:
+            logger.warning("%s: no held-out windows to evaluate round %d on", self.device_id, task.round)
+            return []
+        update = Update(
+            round=task.round, basis_version=task.basis_version, delta=np.empty(0, dtype=np.float64), n_examples=0,
+            clipped=False, metrics=self._metrics(loss, eval_windows, cpu_start, accuracy, eval_windows),
+        )
+        logger.info("%s: evaluated round %d on %d held-out windows: balanced accuracy %.3f", self.device_id,
+                    task.round, eval_windows, accuracy)
+        return [Outgoing(self.topics.update(self.device_id), self._encode(update))]
+
+    # ------------------------------------------------------------------ MQTT loop
+    def _publish(self, out: Outgoing) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            client.publish(out.topic, out.payload, retain=out.retain)
+            self.bytes_sent += len(out.payload)
+        except MqttError as exc:
+            logger.error("%s: could not publish to %s: %s", self.device_id, out.topic, exc)
+
+    def _connect(self, stop: threading.Event) -> MqttClient | None:
+        broker = self.config.broker
+        will = Will(self.topics.status(self.device_id), offline_status(fleet=self.config.fleet,
+                                                                        device_id=self.device_id))
+        delay = 1.0
+        jitter = np.random.default_rng()
+        while not stop.is_set():
+            client = MqttClient(
+                broker.host, broker.port, self.device_id, protocol=broker.protocol, keepalive=broker.keepalive,
+                will=will, session_expiry_s=broker.session_expiry_s, connect_timeout_s=broker.connect_timeout_s,
+                inbox_size=broker.inbox_size,
+            )
+            try:
+                return client.connect()
+            except ConnectError as exc:
+                wait = delay * (1.0 + jitter.random())
+                logger.warning("%s: %s; retrying in %.1f s", self.device_id, exc, wait)
+                stop.wait(wait)
+                delay = min(2 * delay, 60.0)
+        return None
+
+    def run(self, stop: threading.Event) -> None:
+        """Ingest, connect and serve tasks until ``stop`` is set; then go offline cleanly."""
+        ingest_thread = None
+        self._enter(AgentState.STARTING)
+        if self.config.replay_speed == 0:
+            self.ingest(stop)
+        else:
+            ingest_thread = threading.Thread(target=self._ingest_live, args=(stop,), name="ingest", daemon=True)
+            ingest_thread.start()
+        self._enter(AgentState.CONNECTING)
+        client = self._connect(stop)
+        if client is None:
+            self._enter(AgentState.STOPPED)
+            return
+        self._client = client
+        try:
+            for topic in (self.topics.basis, self.topics.task, self.topics.model):
+                client.subscribe(topic, qos=1)
+            self._publish(self.status_message())
+            logger.info("%s: online with %d windows", self.device_id, self.n_rows)
+            self._enter(AgentState.IDLE)
+            while not stop.is_set():
+                inbound = client.receive(timeout_s=0.25)
+                if inbound is None:
+                    continue
+                for out in self.handle_message(inbound.topic, inbound.payload):
+                    self._publish(out)
+        finally:
+            self._enter(AgentState.STOPPING)
+            self._publish(self.status_message("offline"))
+            client.close()
+            self._client = None
+            if ingest_thread is not None:
+                ingest_thread.join(timeout=10.0)
+            self._enter(AgentState.STOPPED)
+            logger.info("%s: offline", self.device_id)
+
+    def _ingest_live(self, stop: threading.Event) -> None:
+        try:
+            added = self.ingest(stop)
+        except Exception:  # noqa: BLE001 - the agent keeps serving with the rows it has
+            logger.exception("%s: ingestion failed", self.device_id)
+            return
+        if added and not stop.is_set():
+            self._publish(self.status_message())

@@ -1,0 +1,96 @@
+"""The held-out split of a device's feature windows, and the score measured on it.
+
+One rule, used by the device agent (its training rows and the windows it evaluates the
+global model on) and by ``biofed demo``'s centralized baseline, so federated and
+centralized numbers are measured on exactly the same windows:
+
+    per label, the **last** ``fraction`` of that label's windows in time order are held
+    out, as one contiguous block.
+
+Holding out a contiguous block (rather than a random sample) matters because windows
+overlap (a 2 s window every 1 s): a random split would put the neighbours of every test
+window into the training set, and the score would measure memorisation of the recording
+rather than generalisation to later signal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["HOLDOUT_FRACTION", "balanced_accuracy", "holdout_split"]
+
+HOLDOUT_FRACTION = 0.2
+"""Fraction of each label's windows held out for evaluation."""
+
+
+def holdout_split(labels, t, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """Split windows into training and held-out sets, per label, by time.
+
+    Parameters
+    ----------
+    labels : array-like, shape (N,)
+        Label of every window (any hashable values; ``""`` is a label like any other:
+        filter unlabelled windows out before or after, as needed).
+    t : array-like, shape (N,)
+        Window times (seconds, finite); ties keep their input order.
+    fraction : float, default 0.2
+        In [0, 1). For a label with n windows, ``ceil(fraction * n)`` of them are held out,
+        except that a label with a single window keeps it for training.
+
+    Returns
+    -------
+    train, held_out : ndarray of bool, shape (N,) each
+        Disjoint masks covering every window.
+
+    Raises
+    ------
+    ValueError
+        Mismatched lengths, non-finite times or a fraction outside [0, 1).
+
+    Examples
+    --------
+    >>> train, test = holdout_split(["a"] * 5 + ["b"] * 5, list(range(10)))
+    >>> test.nonzero()[0].tolist()
+    [4, 9]
+    """
+    labels = np.asarray(labels)
+    t = np.asarray(t, dtype=np.float64)
+    if labels.ndim != 1 or t.ndim != 1 or labels.shape != t.shape:
+        raise ValueError(f"labels and t must be 1-D of equal length, got shapes {labels.shape} and {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValueError("t contains NaN/inf; every window needs a finite time in seconds")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.floating)) or not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
+    held_out = np.zeros(labels.shape[0], dtype=bool)
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        idx = idx[np.argsort(t[idx], kind="stable")]
+        n_out = math.ceil(fraction * idx.size) if idx.size > 1 else 0
+        if n_out:
+            held_out[idx[idx.size - n_out :]] = True
+    return ~held_out, held_out
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's definition).
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of int, shape (N,)
+        N >= 1.
+
+    Returns
+    -------
+    float
+        In [0, 1]; 0.5 for a constant prediction on two balanced-or-not classes.
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    if y_true.ndim != 1 or y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred must be 1-D of equal length, got {y_true.shape} and {y_pred.shape}")
+    if y_true.size == 0:
+        raise ValueError("balanced accuracy needs at least one window, got none")
+    recalls = [float(np.mean(y_pred[y_true == c] == c)) for c in np.unique(y_true)]
+    return float(np.mean(recalls))
