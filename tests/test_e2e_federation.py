@@ -1,0 +1,166 @@
+"""End to end: coordinator and edge agents as separate processes over a real MQTT broker.
+
+Synthetic devices (short recordings, so every run takes seconds) are written to FIF + WAV
+files that the agents replay into their feature stores, exactly as ``biofed demo`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from brokers import amqtt_broker, require_mosquitto  # noqa: F401  (pytest fixtures)
+from dp_accounting.rdp import RdpAccountant
+
+from biofed.config import CoordinatorConfig, load_config
+from biofed.coordinator.server import Coordinator, RunState
+from biofed.demo import FLEET, DemoSettings, run_demo, write_configs, write_synthetic_devices
+from biofed.mqtt import MqttClient
+from biofed.protocol import Topics, decode_topic_message
+
+TOPICS = Topics(FLEET)
+
+
+def _check_report(out: Path, rounds: int) -> None:
+    table = json.loads((out / "rounds.json").read_text())
+    assert [row["round"] for row in table] == list(range(1, rounds + 1))
+    assert (out / "rounds.csv").read_text().splitlines()[0].startswith("round,task_round,devices,loss")
+    assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with np.load(out / "model_final.npz") as model:
+        assert model["params"].shape == (33 * 2,)  # logistic regression on the k=32 basis, 2 classes
+
+
+def _converges_like_centralized(out: Path, mosquitto: bool) -> None:
+    settings = DemoSettings(out=out, devices=5, rounds=6, synthetic_seconds=20.0, timeout_s=240.0,
+                            mosquitto=mosquitto)
+    summary = run_demo(settings)
+    _check_report(out, 6)
+    federated, centralized = summary["federated"], summary["centralized"]
+    assert len(federated["per_device"]) == 5
+    assert abs(federated["mean"] - centralized["mean"]) <= 0.02
+    assert federated["mean"] > 0.9  # the synthetic classes are separable: both actually learned
+    # the devices' own evaluation of the final model agrees with the demo's recomputation
+    assert federated["reported_by_devices"] == pytest.approx(federated["mean"])
+    assert summary["epsilon"] is None  # no noise: epsilon is infinite
+    rows = summary["rounds"]
+    assert all(row["devices"] == 5 for row in rows)
+    assert rows[-1]["accuracy_mean"] == pytest.approx(federated["mean"])
+    assert rows[-1]["accuracy_min"] == pytest.approx(federated["min"])
+
+
+def test_federation_converges_like_centralized_training(tmp_path):
+    _converges_like_centralized(tmp_path / "report", mosquitto=False)
+
+
+@pytest.mark.mosquitto
+def test_federation_over_mosquitto(tmp_path):
+    require_mosquitto()
+    _converges_like_centralized(tmp_path / "report", mosquitto=True)
+
+
+def test_central_dp_reports_the_epsilon_of_dp_accounting(tmp_path):
+    out = tmp_path / "report"
+    rounds, z, delta = 3, 1.0, 1e-5
+    summary = run_demo(DemoSettings(out=out, devices=3, rounds=rounds, synthetic_seconds=12.0, timeout_s=240.0,
+                                    noise_multiplier=z, delta=delta))
+    # two basis phases and `rounds` training rounds, every device asked (q = 1), noise z each
+    expected = RdpAccountant().compose(dp_accounting.GaussianDpEvent(z), rounds + 2).get_epsilon(delta)
+    assert np.isfinite(summary["epsilon"])
+    assert summary["epsilon"] == pytest.approx(expected, rel=1e-9)
+    epsilons = [row["epsilon"] for row in summary["rounds"]]
+    assert epsilons == sorted(epsilons) and len(set(epsilons)) == rounds
+    _check_report(out, rounds)
+
+
+def _retained_statuses(host: str, port: int, devices) -> dict[str, str]:
+    client = MqttClient(host, port, "status-reader", protocol="3.1.1", clean=True).connect()
+    try:
+        client.subscribe(TOPICS.all_devices("status"))
+        states: dict[str, str] = {}
+        deadline = time.monotonic() + 10
+        while set(states) != set(devices) and time.monotonic() < deadline:
+            inbound = client.receive(timeout_s=0.5)
+            if inbound is not None:
+                message = decode_topic_message(TOPICS, inbound.topic, inbound.payload)
+                if message.kind == "status":  # amqtt also hands a fresh subscriber other retained topics
+                    states[message.sender] = message.payload.state
+        return states
+    finally:
+        client.close()
+
+
+def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp_path):
+    out = tmp_path / "run"
+    devices = write_synthetic_devices(out / "data", 4, duration_s=12.0, random_state=5)
+    settings = DemoSettings(out=out, rounds=4, min_devices=3, round_deadline_s=20.0, agent_keepalive_s=5)
+    coordinator_toml, device_tomls = write_configs(settings, devices, amqtt_broker.host, amqtt_broker.port, "3.1.1")
+    config = load_config(coordinator_toml, CoordinatorConfig)
+    victim = "device00"
+    killed = threading.Event()
+    agents = {}
+    watcher = MqttClient(amqtt_broker.host, amqtt_broker.port, "task-watcher", protocol="3.1.1", clean=True).connect()
+    watcher.subscribe(TOPICS.task)
+
+    def kill_on_first_training_task() -> None:
+        while not killed.is_set():
+            inbound = watcher.receive(timeout_s=0.2)
+            if inbound is None:
+                continue
+            if decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload.phase == "train":
+                os.kill(agents[victim].pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
+                killed.set()
+
+    coordinator = Coordinator(config, discovery_timeout_s=120.0, accountants=("rdp",))
+    try:
+        for device, toml in device_tomls.items():
+            log = (out / f"{device}.log").open("w")
+            agents[device] = subprocess.Popen([sys.executable, "-m", "biofed", "-v", "edge", "--config", str(toml)],
+                                              stdout=log, stderr=log)
+            log.close()
+        threading.Thread(target=kill_on_first_training_task, daemon=True).start()
+        assert coordinator.run() is RunState.DONE
+        assert killed.is_set()
+        train = [r for r in coordinator.history() if r.phase == "train"]
+        assert len(train) == 4
+        short = [r for r in train if r.n_devices < r.n_selected]
+        assert short and short[0].n_selected == 4 and short[0].n_devices == 3
+        assert train[-1].n_selected == train[-1].n_devices == 3  # the killed device's will took it offline
+        # the others shut down cleanly on SIGTERM and say so
+        for device, process in agents.items():
+            if device != victim:
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(timeout=30) == 0
+        assert _retained_statuses(amqtt_broker.host, amqtt_broker.port, devices) == dict.fromkeys(devices, "offline")
+    finally:
+        killed.set()
+        watcher.close()
+        coordinator.stop()
+        for process in agents.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_demo_command_writes_table_plot_and_model(tmp_path):
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "biofed", "demo", "--out", str(out), "--devices", "3", "--seconds", "10",
+         "--rounds", "2", "--timeout", "240"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round  devices     loss  bal.acc mean     min   epsilon" in result.stdout
+    assert "train 2" in result.stdout  # the coordinator's per-round progress lines
+    assert "centralized baseline:" in result.stdout
+    _check_report(out, 2)
+    assert {p.name for p in (out / "logs").iterdir()} == {"coordinator.log", "device00.log", "device01.log",
+                                                           "device02.log"}
