@@ -94,7 +94,7 @@ class DemoSettings:
     out: Path
     data: Path | None = None
     devices: int | None = None
-    rounds: int = 10
+    rounds: int = 20
     noise_multiplier: float = 0.0
     clip: float = 1.0
     epsilon_budget: float | None = None
@@ -102,9 +102,9 @@ class DemoSettings:
     mosquitto: bool = False
     trust_mode: str = "central"
     synthetic_seconds: float = 60.0
-    local_epochs: int = 5
+    local_epochs: int = 2
     lr: float = 0.05
-    batch_size: int = 16
+    batch_size: int = 32
     basis_clip: float = 1e6
     round_deadline_s: float = 60.0
     min_devices: int | None = None
@@ -537,6 +537,12 @@ def run_demo(settings: DemoSettings) -> dict:
         devices = write_synthetic_devices(out / "data", n, duration_s=settings.synthetic_seconds,
                                           random_state=settings.seed)
         source = "synthetic"
+    if settings.noise_multiplier > 0:
+        click.echo(
+            f"note: the noise multiplier {settings.noise_multiplier:g} also noises the two basis phases: each "
+            f"averaged statistic gets N(0, (z * {settings.basis_clip:g} / {len(devices)})^2) per entry "
+            "(--basis-clip), which swamps raw-feature statistics unless the fleet is large", err=True,
+        )
     try:
         broker, protocol = _start_broker(settings)
     except BrokerError as exc:
@@ -631,11 +637,13 @@ def _tails(children: Sequence[_Child]) -> str:
               help="eegmat folder (SubjectNN_1.edf + SubjectNN_2.edf per device); default: synthetic devices.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="Number of devices (synthetic: default 5; eegmat: first N subjects, default all).")
-@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True, help="Training rounds.")
+@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="Training rounds.")
 @click.option("--noise-multiplier", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="DP noise multiplier z (0: no noise, epsilon infinite).")
 @click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="L2 clip norm C of each device's model update.")
+@click.option("--basis-clip", type=click.FloatRange(min=0, min_open=True), default=1e6, show_default=True,
+              help="L2 clip norm of the devices' basis statistics (raw-feature moments, standardized covariance).")
 @click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop training before epsilon would exceed this.")
 @click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
@@ -650,8 +658,8 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
               help="Global timeout (s); every process is killed after it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
-def demo_command(data, devices, rounds, noise_multiplier, clip, epsilon_budget, delta, trust_mode, out, mosquitto,
-                 synthetic_seconds, timeout_s, seed) -> None:
+def demo_command(data, devices, rounds, noise_multiplier, clip, basis_clip, epsilon_budget, delta, trust_mode, out,
+                 mosquitto, synthetic_seconds, timeout_s, seed) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
@@ -665,7 +673,7 @@ def demo_command(data, devices, rounds, noise_multiplier, clip, epsilon_budget, 
     """
     settings = DemoSettings(
         out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
-        epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
+        basis_clip=basis_clip, epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
         synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
     )
     try:

@@ -23,7 +23,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.config import CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.demo import FLEET, DemoSettings, run_demo, write_configs, write_synthetic_devices
+from biofed.demo import FLEET, DemoError, DemoSettings, run_demo, write_configs, write_synthetic_devices
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
 
@@ -164,3 +164,19 @@ def test_demo_command_writes_table_plot_and_model(tmp_path):
     _check_report(out, 2)
     assert {p.name for p in (out / "logs").iterdir()} == {"coordinator.log", "device00.log", "device01.log",
                                                            "device02.log"}
+
+
+def test_demo_without_eegmat_subjects_says_so(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "biofed", "demo", "--data", str(tmp_path), "--out",
+                             str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "no eegmat subjects (SubjectNN_1.edf + SubjectNN_2.edf) found" in result.stderr
+
+
+def test_demo_timeout_kills_the_children_and_shows_their_logs(tmp_path):
+    with pytest.raises(DemoError, match=r"did not finish within 1 s \(--timeout\)") as info:
+        run_demo(DemoSettings(out=tmp_path / "report", devices=2, rounds=2, synthetic_seconds=8.0, timeout_s=1.0))
+    assert "--- coordinator (exit code" in str(info.value)
+    time.sleep(0.5)
+    for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines():
+        assert str(tmp_path) not in line  # no coordinator or agent of this run survived
