@@ -476,6 +476,7 @@ def _plot(path: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r.round for r in rows]
     nan = float("nan")
@@ -492,6 +493,7 @@ def _plot(path: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None)
     ax_eps.plot(rounds, eps, "o-", color="tab:red")
     ax_eps.set_ylabel("epsilon (RDP)")
     ax_eps.set_xlabel("training round")
+    ax_eps.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_eps.grid(alpha=0.3)
     if all(math.isnan(e) for e in eps):
         ax_eps.text(0.5, 0.5, "no DP noise: epsilon is infinite", transform=ax_eps.transAxes, ha="center")

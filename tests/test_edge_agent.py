@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 from biofed.config import DeviceConfig
 from biofed.demo import write_synthetic_devices
@@ -23,6 +25,7 @@ from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.edge.pipeline import fit_basis
 from biofed.edge.split import balanced_accuracy, holdout_split
 from biofed.kernels import clip_l2, init_params, n_params, predict_proba, project, train
+from biofed.mqtt import MqttClient
 from biofed.protocol import (
     Basis,
     Model,
@@ -300,4 +303,42 @@ def test_predictions_follow_each_model_when_enabled(recordings, ingested_store, 
     assert out[0].topic == TOPICS.prediction(DEVICE)
     assert prediction.proba.shape == (agent.n_rows, 2)
     np.testing.assert_allclose(prediction.proba.sum(1), 1.0)
+    agent.close()
+
+
+# ----------------------------------------------------------------------------- MQTT loop
+def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker, recordings, tmp_path):
+    """replay_speed > 0: the agent connects at once, ingests in the background (status n_rows
+    grows), answers a task over MQTT and publishes a retained "offline" status when stopped."""
+    broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
+    agent = make_agent(recordings, tmp_path / "features.sqlite", replay_speed=10.0, broker=broker)
+    coordinator = MqttClient(amqtt_broker.host, amqtt_broker.port, "coordinator", protocol="3.1.1").connect()
+    coordinator.subscribe(TOPICS.all_devices("status"))
+    coordinator.subscribe(TOPICS.all_devices("sketch"))
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,))
+    runner.start()
+    try:
+        statuses, sketches = [], []
+        deadline = time.monotonic() + 60
+        published = False
+        while time.monotonic() < deadline and not sketches:
+            inbound = coordinator.receive(timeout_s=0.2)
+            if inbound is not None:
+                message = decode_topic_message(TOPICS, inbound.topic, inbound.payload)
+                (statuses if message.kind == "status" else sketches).append(message.payload)
+            if not published and statuses and statuses[-1].n_rows == 2 * (SECONDS - 1):
+                coordinator.publish(TOPICS.task, encode_message(task("moments"), fleet=FLEET, sender="coordinator"))
+                published = True
+        assert statuses[0].state == "online" and statuses[0].n_rows < 2 * (SECONDS - 1)  # online before ingesting all
+        assert sketches and sketches[0].n_features == 141
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert agent.state is AgentState.STOPPED
+    final = None
+    while (inbound := coordinator.receive(timeout_s=1.0)) is not None:
+        final = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
+    assert isinstance(final, Status) and final.state == "offline"
+    coordinator.close()
     agent.close()
