@@ -22,7 +22,8 @@ Life of an agent (``biofed edge --config device.toml``)
    client id ``device_id``, last will = retained ``Status("offline")``; then a retained
    ``Status("online", n_rows, basis_version)`` and subscriptions to ``task``, ``basis`` and
    ``model``. The first connection is retried with capped, jittered exponential backoff;
-   later reconnects are paho's (see :mod:`biofed.mqtt`).
+   later reconnects are paho's (see :mod:`biofed.mqtt`), after each of which the agent
+   publishes its "online" status again (the broker may have published the will meanwhile).
 3. **Serve.** Every inbound message goes through :meth:`EdgeAgent.handle_message`, which
    returns what to publish. Undecodable or invalid messages, duplicates (QoS 1 redelivery,
    retained re-delivery: :class:`~biofed.protocol.SeenMessageIds`), tasks whose deadline has
@@ -679,11 +680,20 @@ class EdgeAgent:
         self._client = client
         try:
             for topic in (self.topics.basis, self.topics.task, self.topics.model):
-                client.subscribe(topic, qos=1)
+                try:
+                    client.subscribe(topic, qos=1)
+                except MqttError as exc:  # remembered: renewed on the next (re)connect
+                    logger.warning("%s: subscription to %s not confirmed yet: %s", self.device_id, topic, exc)
             self._publish(self.status_message())
             logger.info("%s: online with %d windows", self.device_id, self.n_rows)
             self._enter(AgentState.IDLE)
+            connected = True
             while not stop.is_set():
+                if client.connected != connected:
+                    connected = client.connected
+                    if connected:  # the broker may have published our will meanwhile: say we are back
+                        logger.info("%s: reconnected", self.device_id)
+                        self._publish(self.status_message())
                 inbound = client.receive(timeout_s=0.25)
                 if inbound is None:
                     continue

@@ -342,3 +342,34 @@ def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker
     assert isinstance(final, Status) and final.state == "offline"
     coordinator.close()
     agent.close()
+
+
+def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_store, tmp_path):
+    from biofed.broker import start_embedded_broker
+
+    store = tmp_path / "features.sqlite"
+    shutil.copyfile(ingested_store, store)
+    first = start_embedded_broker()
+    second = None
+    agent = make_agent(recordings, store, broker={"host": first.host, "port": first.port, "protocol": "3.1.1"})
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while agent.state is not AgentState.IDLE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.stop()  # the broker dies with every retained status
+        second = start_embedded_broker(port=first.port)
+        with MqttClient(second.host, second.port, "coordinator", protocol="3.1.1") as coordinator:
+            coordinator.subscribe(TOPICS.all_devices("status"))
+            inbound = coordinator.receive(timeout_s=60)  # the retained status re-published on reconnect
+            status = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
+        assert status.state == "online" and status.n_rows == 2 * (SECONDS - 1)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+        agent.close()
+        first.stop()
+        if second is not None:
+            second.stop()
