@@ -34,7 +34,7 @@ What it does
 Centralized baseline
 --------------------
 :func:`centralized_baseline` pools the training windows of every device (the same rows and
-held-out split the devices use: :func:`biofed.edge.split.holdout_split` on each device's
+held-out split the devices use: :func:`biofed.edge.agent.labelled_split` on each device's
 feature store), projects them onto the federation's final basis, trains the same logistic
 regression centrally (:func:`biofed.kernels.training.train`, no privacy) and scores it on
 each device's held-out windows. The federated model is scored the same way here too, as a
@@ -379,17 +379,12 @@ def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, 
 
 
 def _device_split(store_path: Path, classes: Sequence[str]):
-    from biofed.edge.split import holdout_split
+    from biofed.edge.agent import labelled_split
     from biofed.edge.store import FeatureStore
 
     with FeatureStore(store_path) as store:
-        X, labels, t = store.read()
-    index = {name: i for i, name in enumerate(classes)}
-    keep = np.array([label in index for label in labels], dtype=bool)
-    X, labels, t = X[keep], labels[keep], t[keep]
-    y = np.array([index[label] for label in labels], dtype=np.int64)
-    train, held_out = holdout_split(labels, t)
-    return X, y, train, held_out
+        data = labelled_split(*store.read(), classes)
+    return data.X, data.y, data.train, data.held_out
 
 
 def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs: int = 100,
@@ -399,8 +394,8 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
     Parameters
     ----------
     stores : mapping device -> feature store path
-        The devices' stores (raw feature rows), split with :func:`holdout_split` as the
-        devices split them.
+        The devices' stores (raw feature rows), split with
+        :func:`biofed.edge.agent.labelled_split` as the devices split them.
     model_path : Path
         The coordinator's ``model_final.npz``: the basis to project onto, the classes, the
         hidden size and the federated parameters (scored here as well).

@@ -96,7 +96,7 @@ from biofed.protocol import (
     offline_status,
 )
 
-__all__ = ["AgentState", "EdgeAgent", "IngestError", "LocalData", "Outgoing"]
+__all__ = ["AgentState", "EdgeAgent", "LocalData", "Outgoing", "labelled_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,6 @@ _APPEND_EVERY = 64
 """Rows buffered before a store append while ingesting (one durable transaction each)."""
 _PREDICT_ROWS = 64
 """Newest stored windows classified when ``predict`` is on and a new global model arrives."""
-
-
-class IngestError(RuntimeError):
-    """A configured recording cannot be ingested (unreadable file, incompatible layout)."""
 
 
 class AgentState(enum.Enum):
@@ -167,6 +163,21 @@ class LocalData:
     y: np.ndarray
     train: np.ndarray
     held_out: np.ndarray
+
+
+def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Sequence[str]) -> LocalData:
+    """Keep the rows labelled with one of ``classes`` and split them with :func:`holdout_split`.
+
+    ``X`` (N, d), ``labels`` (N,) str and ``t`` (N,) as :meth:`FeatureStore.read` returns them.
+    The one place where a device's stored rows become training and held-out sets (the demo's
+    centralized baseline calls it on each device's store too).
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    keep = np.array([label in index for label in labels], dtype=bool)
+    X, labels, t = X[keep], labels[keep], t[keep]
+    y = np.array([index[label] for label in labels], dtype=np.int64)
+    train_mask, held_out = holdout_split(labels, t)
+    return LocalData(X, y, train_mask, held_out)
 
 
 def _stream_key(paths: Sequence[Path]) -> str:
@@ -391,13 +402,7 @@ class EdgeAgent:
     # ------------------------------------------------------------------ local data
     def local_data(self, classes: Sequence[str]) -> LocalData:
         """The stored windows labelled with one of ``classes``, split by :func:`holdout_split`."""
-        X, labels, t = self.store.read()
-        index = {name: i for i, name in enumerate(classes)}
-        keep = np.array([label in index for label in labels], dtype=bool)
-        X, labels, t = X[keep], labels[keep], t[keep]
-        y = np.array([index[label] for label in labels], dtype=np.int64)
-        train_mask, held_out = holdout_split(labels, t)
-        return LocalData(X, y, train_mask, held_out)
+        return labelled_split(*self.store.read(), classes)
 
     # ------------------------------------------------------------------ messages
     def handle_message(self, topic: str, data: bytes) -> list[Outgoing]:
