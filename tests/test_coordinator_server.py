@@ -324,15 +324,16 @@ def test_short_round_is_retried_then_aborted(amqtt_broker, devices, tmp_path, ca
 # ----------------------------------------------------------------------------- hostile input
 def test_duplicates_and_hostile_messages_are_dropped(amqtt_broker, devices, tmp_path, caplog):
     delta = np.linspace(-0.1, 0.1, 10)
-    fleet = devices(2, fixed_delta=delta)
-    config = make_config(amqtt_broker, tmp_path, rounds=1, round_deadline_s=4.0)
-    attacker = fleet[0]
-    sent_before = {}
+    fleet = devices(3, fixed_delta=delta)
+    config = make_config(amqtt_broker, tmp_path, rounds=1, round_deadline_s=2.0)
+    attacker, silent = fleet[0], fleet[2]
+    marks = {}
 
     def on_round(record):
         if record.phase != "covariance":
             return
-        # during the first training round: garbage, oversized, other fleet, stranger, stale round
+        silent.alive = False  # keeps the training round open until its deadline
+        # before the training round: garbage, oversized, other fleet, a stranger
         c = attacker.client
         c.publish(TOPICS.update(attacker.device_id), b"\x93garbage")
         c.publish(TOPICS.update(attacker.device_id), b"\x00" * (100 * 1024))
@@ -342,24 +343,25 @@ def test_duplicates_and_hostile_messages_are_dropped(amqtt_broker, devices, tmp_
             Update(round=record.round + 1, basis_version=1, delta=delta, n_examples=1, clipped=False,
                    metrics=UpdateMetrics(loss=0, n_windows=1, rss_bytes=1, cpu_time_s=0)),
             fleet=FLEET, sender="stranger"))
-        sent_before["n"] = len(attacker.sent)
+        marks["sent"] = len(attacker.sent)
 
     coord = coordinator(config, on_round=on_round)
     runner = Running(coord)
-    # resend pi-00's first training update (same message id) as soon as it went out
-    wait_until(lambda: "n" in sent_before and len(attacker.sent) > sent_before["n"])
+    # QoS 1 redelivery: pi-00's training update arrives twice more, same message id, round still open
+    wait_until(lambda: "sent" in marks and len(attacker.sent) > marks["sent"])
     topic, data = attacker.sent[-1]
     attacker.client.publish(topic, data)
     attacker.client.publish(topic, data)
     with caplog.at_level(logging.WARNING, logger="biofed.coordinator"):
         assert runner.join() is RunState.DONE
     train = [r for r in coord.history() if r.phase == "train"]
-    assert [(r.n_selected, r.n_devices) for r in train] == [(2, 2)]
+    assert [(r.n_selected, r.n_devices) for r in train] == [(3, 2)]
     dropped = coord.ingest.dropped
     assert dropped["MalformedMessage"] == 1 and dropped["MessageTooLarge"] == 1 and dropped["WrongFleet"] == 1
     assert dropped["unknown device"] == 1
-    assert dropped["duplicate"] + dropped["wrong round"] >= 2  # the copies count once
+    assert dropped["duplicate"] == 2  # the copies count once
     assert "dropped message on biofed/ward7/update/pi-00: MessageTooLarge" in caplog.text
+    assert "was already accepted" in caplog.text
     # with z = 0 the model moved by exactly the uniform mean of the two (equal) updates, once
     np.testing.assert_allclose(np.load(tmp_path / "state" / "model_final.npz")["params"], delta, atol=1e-12)
 
@@ -501,6 +503,39 @@ def test_adaptive_clipping_follows_the_norm_bits(amqtt_broker, devices, tmp_path
     assert coord.snapshot.clip_norm == pytest.approx(math.exp(0.2))
     task = retained(amqtt_broker, TOPICS.task).payload
     assert task.clip_norm == pytest.approx(math.exp(0.2)) and task.adaptive_clipping
+
+
+def test_poisson_sampling_is_accounted_with_the_rate_used(amqtt_broker, devices, tmp_path):
+    devices(4)
+    config = make_config(amqtt_broker, tmp_path, rounds=4, min_devices=1, sampling_rate=0.5, round_deadline_s=2.0,
+                         dp={"noise_multiplier": 1.5, "clip_norm": 1.0})
+    coord = coordinator(config, rng=np.random.default_rng(3), max_retries=10)
+    assert coord.run() is RunState.DONE
+    history = coord.history()
+    train = [r for r in history if r.phase == "train"]
+    assert len(train) == 4
+    assert all(1 <= r.n_devices == r.n_selected <= 4 for r in train)
+    # q on a first draw, 1 after a retry (no amplification claimed for a re-drawn round)
+    assert all(r.sampling_rate == (0.5 if r.attempts == 1 else 1.0) for r in train)
+    assert {r.sampling_rate for r in history if r.phase in ("moments", "covariance")} == {1.0}
+    entries = coord.ledger.to_dict()["entries"]
+    assert [(e["round"], e["sampling_rate"]) for e in entries if e["kind"] == "train"] == \
+        [(r.round, r.sampling_rate) for r in train]
+    assert train[-1].epsilon_rdp == pytest.approx(_independent_epsilon(history, 1.5, 1e-5), rel=1e-12)
+
+
+def test_local_trust_mode_adds_no_central_noise(amqtt_broker, devices, tmp_path):
+    delta = np.linspace(0.0, 0.2, 10)
+    devices(2, fixed_delta=delta)
+    config = make_config(amqtt_broker, tmp_path, rounds=1, sampling_rate=0.5,
+                         dp={"trust_mode": "local", "noise_multiplier": 1.0, "clip_norm": 1.0})
+    coord = coordinator(config, max_retries=20)
+    assert coord.run() is RunState.DONE
+    # the simulated devices skip their local noise: the model is exactly their mean update
+    np.testing.assert_allclose(np.load(tmp_path / "state" / "model_final.npz")["params"], delta, atol=1e-12)
+    train = [r for r in coord.history() if r.phase == "train"]
+    assert [r.sampling_rate for r in train] == [1.0]  # the coordinator knows who was sampled
+    assert retained(amqtt_broker, TOPICS.task).payload.trust_mode == "local"
 
 
 # ----------------------------------------------------------------------------- settings and CLI
