@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from pathlib import Path
@@ -12,8 +11,6 @@ import click
 from biofed.config import ConfigError, CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, CoordinatorError, RunState
 from biofed.coordinator.state import RoundRecord, StateError
-
-logger = logging.getLogger(__name__)
 
 
 def _round_line(record: RoundRecord) -> str:

@@ -30,7 +30,6 @@ from biofed.mqtt import MqttClient, Will
 from biofed.protocol import (
     Basis,
     Message,
-    SeenMessageIds,
     Sketch,
     Status,
     Task,
@@ -465,6 +464,26 @@ def test_restart_resumes_with_the_same_ledger(amqtt_broker, devices, tmp_path, c
     assert after[-2].epsilon_rdp == pytest.approx(expected, rel=1e-12)
     final = np.load(tmp_path / "state" / "model_final.npz")
     assert float(final["epsilon"]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_stop_mid_round_commits_nothing(amqtt_broker, devices, tmp_path):
+    fleet = devices(2)
+    config = make_config(amqtt_broker, tmp_path, rounds=1, round_deadline_s=30.0)
+    first = coordinator(config)
+    first.on_round = lambda r: setattr(fleet[1], "alive", r.phase != "covariance")  # silent in training
+    runner = Running(first)
+    wait_until(lambda: first.state is RunState.TRAINING)
+    first.stop()  # from another thread, while the training round is open
+    assert runner.join() is RunState.STOPPED
+    assert [r.phase for r in first.history()] == ["moments", "covariance"]
+    abandoned = first.snapshot.next_round - 1
+
+    fleet[1].alive = True
+    second = coordinator(config)
+    assert second.run() is RunState.DONE
+    train = [r for r in second.history() if r.phase == "train"]
+    assert len(train) == 1 and train[0].round > abandoned  # the abandoned round number is not reused
+    assert [e["kind"] for e in second.ledger.to_dict()["entries"]] == ["basis", "basis", "train"]
 
 
 def test_budget_stops_training(amqtt_broker, devices, tmp_path):
