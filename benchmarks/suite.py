@@ -312,6 +312,57 @@ def case_chain(s: Settings, result: CaseResult) -> None:
                                      max(r.rel_diff for r in rows), "<=", EQUAL_TOL))
 
 
+# --- trust: signed envelopes --------------------------------------------------------------
+def _default_update(rng):
+    """An update of the default model: logistic regression on k=32 features, 2 classes."""
+    from biofed.kernels import n_params
+    from biofed.protocol import Update, UpdateMetrics
+
+    delta = rng.standard_normal(n_params(stream.K, 2, 0)) * 0.01
+    metrics = UpdateMetrics(loss=0.6, n_windows=200, rss_bytes=80_000_000, cpu_time_s=0.2)
+    return Update(round=7, basis_version=1, delta=delta, n_examples=200, clipped=False, metrics=metrics)
+
+
+def case_signing(s: Settings, result: CaseResult) -> None:
+    from biofed.protocol import Topics, decode_topic_message, encode_message
+    from biofed.signing import KeyRing, Signer, Verifier
+
+    update = _default_update(np.random.default_rng(s.seed))
+    topics, device = Topics("bench"), "pi-01"
+    topic = topics.update(device)
+    signer = Signer.generate(device)
+    verifier = Verifier(KeyRing({device: signer.public_key}), capacity=1_000_000)
+    batch = 200  # messages per timed call: one update takes tens of microseconds
+
+    def signed():
+        for _ in range(batch):
+            data = encode_message(update, fleet="bench", sender=device, signer=signer)
+            message = decode_topic_message(topics, topic, data, verifier=verifier)
+        return message.payload.delta
+
+    def plain():
+        for _ in range(batch):
+            data = encode_message(update, fleet="bench", sender=device)
+            message = decode_topic_message(topics, topic, data)
+        return message.payload.delta
+
+    shape = f"{batch} updates of {update.delta.size} float64 (k={stream.K} logreg, 2 classes)"
+    timing_signed, out = measure(signed, repeats=s.reps(0.5))
+    timing_plain, expected = measure(plain, repeats=s.reps(0.5))
+    result.comparisons.append(Comparison(
+        "signed envelope encode+decode", shape, timing_signed, "unsigned encode+decode", timing_plain,
+        max_relative_difference(out, expected), 0.0,
+        "signed = Ed25519 sign + verify + replay checks; ratio < 1 is the overhead"))
+    per_signed, per_plain = timing_signed.median / batch, timing_plain.median / batch
+    result.metrics.append(Metric("signing", "signed encode+decode per update", per_signed * 1e6, "us"))
+    result.metrics.append(Metric("signing", "unsigned encode+decode per update", per_plain * 1e6, "us"))
+    result.metrics.append(Metric("signing", "signature overhead per update", (per_signed - per_plain) * 1e6, "us"))
+    sizes = (len(encode_message(update, fleet="bench", sender=device, signer=signer)),
+             len(encode_message(update, fleet="bench", sender=device)))
+    result.metrics.append(Metric("signing", "signed - unsigned message size", sizes[0] - sizes[1], "bytes",
+                                 {"signed_bytes": sizes[0], "unsigned_bytes": sizes[1]}))
+
+
 # --- fresh-process measurements -----------------------------------------------------------
 def _stream_script() -> Path:
     return Path(stream.__file__).resolve()
@@ -381,6 +432,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "fd_sketch": case_fd_sketch,
     "training": case_training,
     "chain": case_chain,
+    "signing": case_signing,
     "realtime": case_realtime,
     "warm_start": case_warm_start,
 }

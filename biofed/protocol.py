@@ -39,6 +39,25 @@ Decoding checks the size *before* unpacking and unpacks with hard limits on ever
 length prefix; any failure raises a :class:`ProtocolError` subclass, which a receiver
 logs and drops (the process never dies on bad input). QoS 1 may deliver a message twice:
 :class:`SeenMessageIds` makes handlers idempotent.
+
+Signed messages
+---------------
+With a ``signer`` (:class:`biofed.signing.Signer`), :func:`encode_message` wraps the
+envelope bytes above in a second msgpack map::
+
+    {"s": sender, "e": envelope bytes, "sig": Ed25519 signature (64 bytes)}
+
+The signature covers :data:`SIGNATURE_CONTEXT` followed by the exact envelope bytes, so
+the fleet, kind, round, sender, message id, created time and payload are all signed; a
+message replayed into another round or re-targeted to another fleet, topic or sender
+fails verification. With a ``verifier`` (:class:`biofed.signing.Verifier` or
+:class:`biofed.signing.KeyRing`) :func:`decode_message` checks the size, unpacks only the
+small outer map, verifies the signature with the outer sender's public key and only then
+parses the envelope (whose sender must equal the outer one); unsigned messages are refused
+(:class:`UnsignedMessage`: no downgrade). A :class:`~biofed.signing.Verifier` then
+rejects stale or replayed messages (:class:`StaleMessage`, :class:`ReplayedMessage`).
+Without a verifier, signed and unsigned messages are both accepted and the signature is
+not checked (``Message.verified`` is False), so unsigned deployments are unchanged.
 """
 
 from __future__ import annotations
@@ -51,9 +70,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, Protocol, TypeAlias
 
 import msgpack
 import numpy as np
@@ -96,6 +115,12 @@ _MAX_STR_LEN = 64 * 1024
 _MAX_ARRAY_LEN = 100_000
 _MAX_MAP_LEN = 256
 
+SIGNATURE_CONTEXT = b"biofed-envelope-v1\x00"
+"""Domain-separation prefix of every signed byte string (never a valid msgpack envelope)."""
+SIGNATURE_BYTES = 64
+_SIGNED_KEYS = {"s", "e", "sig"}
+_SIGNED_PREFIX = b"\x83"  # msgpack fixmap of 3 entries
+
 
 # ----------------------------------------------------------------------------- errors
 class ProtocolError(ValueError):
@@ -132,6 +157,27 @@ class InvalidTopic(ProtocolError):
 
 class InvalidPayload(ProtocolError):
     """The payload does not match its kind's schema (missing field, bad shape, NaN ...)."""
+
+
+class BadSignature(ProtocolError):
+    """The signature does not verify with the claimed sender's public key (forged,
+    tampered, or re-targeted to another round, fleet or sender)."""
+
+
+class UnsignedMessage(BadSignature):
+    """A message without signature reached a receiver that requires signatures."""
+
+
+class UnknownSender(ProtocolError):
+    """The claimed sender has no public key in the receiver's key ring, or was revoked."""
+
+
+class StaleMessage(ProtocolError):
+    """The message's created time is outside the receiver's allowed clock skew."""
+
+
+class ReplayedMessage(ProtocolError):
+    """The message id was already accepted once (a replay or a QoS 1 redelivery)."""
 
 
 # ----------------------------------------------------------------------------- topics
@@ -732,7 +778,10 @@ def _from_payload(cls: type, round: int, payload: Mapping[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- envelope
 @dataclass(frozen=True, eq=False)
 class Message:
-    """A decoded, validated message. ``payload`` is the kind's schema object."""
+    """A decoded, validated message. ``payload`` is the kind's schema object.
+
+    ``verified`` is True when the receiver checked the sender's signature.
+    """
 
     version: int
     kind: str
@@ -742,6 +791,26 @@ class Message:
     message_id: str
     created: float
     payload: Payload = field(repr=False)
+    verified: bool = False
+
+
+class MessageSigner(Protocol):
+    """What :func:`encode_message` needs from a signer (:class:`biofed.signing.Signer`)."""
+
+    key_id: str
+
+    def sign(self, data: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``data``."""
+
+
+class MessageVerifier(Protocol):
+    """What :func:`decode_message` needs from a verifier (:class:`biofed.signing.KeyRing`
+    or :class:`biofed.signing.Verifier`). An optional ``admit(message)`` method, called
+    after the envelope is validated, applies replay checks."""
+
+    def verify(self, sender: str, data: bytes, signature: bytes) -> None:
+        """Raise :class:`UnknownSender` or :class:`BadSignature` unless ``signature`` is
+        ``sender``'s signature of ``data``."""
 
 
 def encode_message(
@@ -752,6 +821,7 @@ def encode_message(
     message_id: bytes | None = None,
     created: float | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    signer: MessageSigner | None = None,
 ) -> bytes:
     """Encode ``payload`` (a :class:`Task`, :class:`Update`, ...) into one message.
 
@@ -769,6 +839,9 @@ def encode_message(
         Unix time; now by default.
     max_bytes : int
         Refuse to produce a message larger than this (the receiver would drop it).
+    signer : biofed.signing.Signer, optional
+        Sign the envelope (see "Signed messages" in the module docstring); its ``key_id``
+        must be ``sender``. None: an unsigned message, byte-identical to older versions.
 
     Returns
     -------
@@ -794,6 +867,16 @@ def encode_message(
         "p": _to_wire(values),
     }
     data = msgpack.packb(envelope, use_bin_type=True)
+    if signer is not None:
+        if getattr(signer, "key_id", None) != sender:
+            raise InvalidPayload(
+                f"signer key {getattr(signer, 'key_id', None)!r} cannot sign messages of sender {sender!r}; "
+                "load the sender's own signing key"
+            )
+        signature = signer.sign(SIGNATURE_CONTEXT + data)
+        if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+            raise InvalidPayload(f"signer returned {signature!r}, expected {SIGNATURE_BYTES} bytes")
+        data = msgpack.packb({"s": sender, "e": data, "sig": signature}, use_bin_type=True)
     if len(data) > max_bytes:
         raise MessageTooLarge(f"encoded {kind} message is {len(data)} bytes, above the {max_bytes}-byte limit")
     return data
@@ -805,6 +888,7 @@ def decode_message(
     max_bytes: int = DEFAULT_MAX_BYTES,
     fleet: str | None = None,
     kinds: Sequence[str] | None = None,
+    verifier: MessageVerifier | None = None,
 ) -> Message:
     """Decode and validate one message; every failure is a :class:`ProtocolError`.
 
@@ -818,6 +902,10 @@ def decode_message(
         Expected fleet (:class:`WrongFleet` otherwise).
     kinds : sequence of str, optional
         Accepted kinds (:class:`UnexpectedKind` otherwise).
+    verifier : biofed.signing.Verifier or biofed.signing.KeyRing, optional
+        Require a valid signature, checked before the envelope is parsed
+        (:class:`UnsignedMessage`, :class:`UnknownSender`, :class:`BadSignature`), then
+        the verifier's replay checks (``admit``). None: signatures are not checked.
 
     Returns
     -------
@@ -827,6 +915,39 @@ def decode_message(
         raise MalformedMessage(f"message must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise MessageTooLarge(f"message is {len(data)} bytes, above the {max_bytes}-byte limit")
+    if verifier is not None and bytes(data[:1]) != _SIGNED_PREFIX:
+        # Refused before parsing: a signed frame always starts as a 3-entry fixmap.
+        raise UnsignedMessage("message is not signed, and this receiver accepts only signed messages")
+    outer = _unpack(data, max_bytes)
+    signed = isinstance(outer, dict) and set(outer) == _SIGNED_KEYS
+    if not signed:
+        if verifier is not None:
+            raise UnsignedMessage("message is not signed, and this receiver accepts only signed messages")
+        return _validate_envelope(outer, fleet=fleet, kinds=kinds)
+    claimed, inner, signature = outer["s"], outer["e"], outer["sig"]
+    if not isinstance(claimed, str) or not isinstance(inner, bytes) or not isinstance(signature, bytes):
+        raise MalformedMessage("signed message fields have the wrong types (s: str, e: bytes, sig: bytes)")
+    if len(signature) != SIGNATURE_BYTES:
+        raise BadSignature(f"signature is {len(signature)} bytes, expected {SIGNATURE_BYTES}")
+    if verifier is not None:
+        try:
+            validate_id(claimed, "sender")
+        except InvalidTopic as exc:
+            raise MalformedMessage(str(exc)) from None
+        verifier.verify(claimed, SIGNATURE_CONTEXT + inner, signature)
+    message = _validate_envelope(_unpack(inner, max_bytes), fleet=fleet, kinds=kinds)
+    if message.sender != claimed:
+        raise SenderMismatch(f"message signed by {claimed!r} claims sender {message.sender!r}")
+    if verifier is None:
+        return message
+    message = replace(message, verified=True)
+    admit = getattr(verifier, "admit", None)
+    if admit is not None:
+        admit(message)
+    return message
+
+
+def _unpack(data: bytes, max_bytes: int) -> Any:
     try:
         envelope = msgpack.unpackb(
             data,
@@ -848,7 +969,7 @@ def decode_message(
         raise MalformedMessage(f"not a msgpack message: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
         raise MalformedMessage(f"not a msgpack message: {type(exc).__name__}: {exc}") from None
-    return _validate_envelope(envelope, fleet=fleet, kinds=kinds)
+    return envelope
 
 
 _ENVELOPE_KEYS = {"v", "k", "f", "r", "s", "id", "t", "p"}
@@ -902,24 +1023,27 @@ def _validate_envelope(envelope: Any, *, fleet: str | None, kinds: Sequence[str]
     )
 
 
-def decode_topic_message(topics: Topics, topic: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+def decode_topic_message(
+    topics: Topics, topic: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+    verifier: MessageVerifier | None = None,
+) -> Message:
     """Decode a message received on ``topic`` and check it belongs there.
 
     The fleet must be ``topics.fleet``, the kind must be the topic's kind and, on
     per-device topics, the envelope sender must be the device id in the topic
     (:class:`SenderMismatch`), so one device cannot post updates as another through a
-    topic it may write to.
+    topic it may write to. ``verifier`` as in :func:`decode_message`.
     """
     kind, device = topics.parse(topic)
-    message = decode_message(data, max_bytes=max_bytes, fleet=topics.fleet, kinds=(kind,))
+    message = decode_message(data, max_bytes=max_bytes, fleet=topics.fleet, kinds=(kind,), verifier=verifier)
     if device is not None and message.sender != device:
         raise SenderMismatch(f"message on {topic!r} claims sender {message.sender!r}")
     return message
 
 
-def offline_status(*, fleet: str, device_id: str, round: int = 0) -> bytes:
+def offline_status(*, fleet: str, device_id: str, round: int = 0, signer: MessageSigner | None = None) -> bytes:
     """The encoded ``Status(state="offline")`` to register as a device's MQTT last will."""
-    return encode_message(Status(round=round, state="offline"), fleet=fleet, sender=device_id)
+    return encode_message(Status(round=round, state="offline"), fleet=fleet, sender=device_id, signer=signer)
 
 
 # ----------------------------------------------------------------------------- idempotency
@@ -959,7 +1083,9 @@ class SeenMessageIds:
 
 __all__ = [
     "ALLOWED_DTYPES", "BASIS_PHASES", "DEFAULT_MAX_BYTES", "KINDS", "PAYLOAD_TYPES", "PHASES", "SCHEMA_VERSION",
-    "TRUST_MODES",
+    "SIGNATURE_BYTES", "SIGNATURE_CONTEXT", "TRUST_MODES",
+    "BadSignature", "MessageSigner", "MessageVerifier", "ReplayedMessage", "StaleMessage", "UnknownSender",
+    "UnsignedMessage",
     "Basis", "InvalidPayload", "InvalidTopic", "MalformedMessage", "Message", "MessageTooLarge", "Model",
     "Payload", "Prediction", "ProtocolError", "SeenMessageIds", "SenderMismatch", "Sketch", "Status", "Task",
     "Topics", "UnexpectedKind", "UnsupportedVersion", "Update", "UpdateMetrics", "WrongFleet",
