@@ -16,6 +16,20 @@ Example device file::
     host = "192.168.1.10"
     protocol = "5"
 
+A device of a fleet made by ``biofed provision`` (TLS with a client certificate plus a
+user name and password; the broker's ACL lets it touch only its own topics)::
+
+    [broker]
+    host = "192.168.1.10"
+    port = 8883
+    protocol = "5"
+    tls = true
+    ca_file = "ca.pem"
+    cert_file = "client.pem"
+    key_file = "client.key.pem"
+    username = "pi-01"
+    password_file = "mqtt.password"
+
 Example coordinator file::
 
     fleet = "ward7"
@@ -39,6 +53,7 @@ Example coordinator file::
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -95,6 +110,50 @@ class BrokerConfig(_Section):
     inbox_size: int = Field(10_000, ge=1)
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest accepted protocol message; larger ones are dropped before decoding."""
+    tls: bool = False
+    """Connect over TLS (1.2 or newer), verifying the broker against ``ca_file``."""
+    ca_file: ConfigPath | None = None
+    """PEM CA certificate the broker's certificate must chain to (required with ``tls``)."""
+    cert_file: ConfigPath | None = None
+    """PEM client certificate (mutual TLS; ``biofed provision`` writes one per device)."""
+    key_file: ConfigPath | None = None
+    """PEM private key of ``cert_file``."""
+    username: str | None = None
+    """MQTT user name; None sends the client id (the device id)."""
+    password: str | None = None
+    """MQTT password in the file itself; prefer ``password_file``."""
+    password_file: ConfigPath | None = None
+    """File whose first line is the MQTT password (keep it mode 0600)."""
+
+    @model_validator(mode="after")
+    def _tls_settings(self) -> BrokerConfig:
+        if self.tls and self.ca_file is None:
+            raise ValueError("tls = true needs ca_file (the CA certificate that signed the broker's certificate)")
+        if not self.tls and any(f is not None for f in (self.ca_file, self.cert_file, self.key_file)):
+            raise ValueError("ca_file, cert_file and key_file are only used with tls = true; set tls = true")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both (mutual TLS) or neither")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        return self
+
+    def read_password(self) -> str | None:
+        """The MQTT password: ``password``, else the first line of ``password_file``, else None.
+
+        Raises
+        ------
+        ConfigError
+            ``password_file`` is missing, unreadable or empty.
+        """
+        if self.password_file is None:
+            return self.password
+        try:
+            lines = self.password_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"broker.password_file {self.password_file}: cannot read it: {exc}") from None
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"broker.password_file {self.password_file} is empty; it must hold the MQTT password")
+        return lines[0].strip()
 
 
 class PipelineSettings(_Section):
@@ -244,7 +303,32 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
         raise ConfigError(f"{path}: invalid {model.__name__}:\n" + "\n".join(problems)) from None
 
 
+def load_allowed_devices(path: str | Path) -> frozenset[str]:
+    """The device ids of an allow list written by ``biofed provision``
+    (``coordinator/allowed_devices.json``: ``{"fleet": ..., "devices": [...]}``).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not JSON of that shape, or lists an invalid device id.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: allow list not found (biofed provision writes coordinator/allowed_devices.json)") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the allow list: {exc}") from None
+    devices = data.get("devices") if isinstance(data, dict) else None
+    if not isinstance(devices, list):
+        raise ConfigError(f'{path}: expected {{"fleet": ..., "devices": [device ids]}}, got {type(data).__name__}')
+    bad = [d for d in devices if not isinstance(d, str) or ID_PATTERN.fullmatch(d) is None]
+    if bad:
+        raise ConfigError(f"{path}: invalid device ids {bad[:5]!r} (1-64 characters from A-Z, a-z, 0-9, '_', '-')")
+    return frozenset(devices)
+
+
 __all__ = [
     "AdaptiveClippingConfig", "BrokerConfig", "ConfigError", "CoordinatorConfig", "DPConfig", "DeviceConfig",
-    "ModelSettings", "PipelineSettings", "StrategyConfig", "TrainingSettings", "load_config",
+    "ModelSettings", "PipelineSettings", "StrategyConfig", "TrainingSettings", "load_allowed_devices", "load_config",
 ]

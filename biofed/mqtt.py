@@ -23,6 +23,12 @@ What it adds to paho
   so consumers must be idempotent (:class:`biofed.protocol.SeenMessageIds`). Size the
   inbox generously (default 10 000 messages).
 
+- TLS (:class:`TlsSettings`): TLS 1.2 or newer, the broker's certificate verified against
+  a CA file *and* its host name (the certificate's subject alternative names must hold the
+  address the client connects to), optionally a client certificate for mutual TLS.
+  :meth:`MqttClient.from_config` builds a client from a :class:`biofed.config.BrokerConfig`
+  (TLS files, user name, password or password file).
+
 Paho warns that in-flight QoS > 0 messages die with the process; uploads therefore carry
 their round and message id and are safe to repeat.
 """
@@ -31,16 +37,21 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+if TYPE_CHECKING:
+    from biofed.config import BrokerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +80,58 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS of a broker connection.
+
+    Parameters
+    ----------
+    ca_file : path
+        PEM CA certificate(s) the broker's certificate must chain to.
+    cert_file, key_file : path, optional
+        PEM client certificate and its private key (mutual TLS); both or neither.
+    check_hostname : bool
+        Require the broker certificate's subject alternative names to match the host
+        connected to (default True; turn off only for a broker reached through an address
+        its certificate does not name).
+    """
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        """A client SSL context: TLS >= 1.2, CA verification, the client certificate loaded.
+
+        Raises
+        ------
+        ConnectError
+            A file is missing or not a valid PEM certificate/key (the message names it).
+        """
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConnectError("TLS cert_file and key_file go together: give both (mutual TLS) or neither")
+        for what, path in (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file)):
+            if path is not None and not Path(path).is_file():
+                raise ConnectError(f"TLS {what} {path} not found (biofed provision writes it into the device's folder)")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.check_hostname = self.check_hostname
+        try:
+            context.load_verify_locations(cafile=str(self.ca_file))
+        except (ssl.SSLError, ValueError) as exc:
+            raise ConnectError(f"TLS ca_file {self.ca_file} is not a PEM CA certificate: {exc}") from None
+        if self.cert_file is not None:
+            try:
+                context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            except (ssl.SSLError, ValueError) as exc:
+                raise ConnectError(
+                    f"TLS client certificate {self.cert_file} / key {self.key_file} cannot be loaded "
+                    f"(not PEM, encrypted, or the key does not match the certificate): {exc}"
+                ) from None
+        return context
 
 
 @dataclass(frozen=True)
@@ -116,6 +179,8 @@ class MqttClient:
     username, password : str, optional
         Credentials; the user name defaults to ``client_id`` (the embedded amqtt broker
         keeps offline messages only for sessions with a user name).
+    tls : TlsSettings, optional
+        Connect over TLS (see :class:`TlsSettings`); None: plain TCP.
     """
 
     def __init__(
@@ -138,6 +203,7 @@ class MqttClient:
         random_state: int | np.random.Generator | None = None,
         username: str | None = None,
         password: str | None = None,
+        tls: TlsSettings | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -162,6 +228,8 @@ class MqttClient:
         self.v5_probe_timeout_s = v5_probe_timeout_s
         self.max_inflight = max_inflight
         self._credentials = (username or client_id, password)
+        self.tls = tls
+        self._ssl_context = tls.context() if tls is not None else None
         jitter = 1.0 + np.random.default_rng(random_state).random()
         self._reconnect_delays = (reconnect_min_delay_s * jitter, reconnect_max_delay_s * jitter)
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
@@ -176,6 +244,31 @@ class MqttClient:
         self._client: paho.Client | None = None
         self.protocol_version: str | None = None
         """The MQTT version in use after :meth:`connect`: ``"5"`` or ``"3.1.1"``."""
+
+    @classmethod
+    def from_config(cls, broker: BrokerConfig, client_id: str, **kwargs: Any) -> MqttClient:
+        """A client for ``broker`` (a :class:`biofed.config.BrokerConfig`): address, protocol,
+        keepalive, timeouts, inbox size, TLS files and credentials from the config;
+        ``kwargs`` (e.g. ``will``, ``clean``, ``random_state``) go to the constructor and
+        override the config.
+
+        Raises
+        ------
+        ConnectError
+            A TLS file is missing or invalid.
+        biofed.config.ConfigError
+            The password file cannot be read.
+        """
+        tls = None
+        if broker.tls:
+            tls = TlsSettings(broker.ca_file, broker.cert_file, broker.key_file)
+        settings = dict(
+            protocol=broker.protocol, keepalive=broker.keepalive, connect_timeout_s=broker.connect_timeout_s,
+            session_expiry_s=broker.session_expiry_s, inbox_size=broker.inbox_size,
+            username=broker.username, password=broker.read_password(), tls=tls,
+        )
+        settings.update(kwargs)
+        return cls(broker.host, broker.port, client_id, **settings)
 
     # ------------------------------------------------------------------ lifecycle
     def connect(self) -> MqttClient:
@@ -200,6 +293,12 @@ class MqttClient:
                                    properties=self._connect_properties())
                 else:
                     client.connect(self.host, self.port, self.keepalive)
+            except ssl.SSLError as exc:  # an OSError too: report it as what it is
+                raise ConnectError(
+                    f"TLS handshake with MQTT broker {self.host}:{self.port} failed: {exc} (check the CA file, the "
+                    f"client certificate, and that the broker certificate names {self.host!r}; a plain-TCP port "
+                    f"also fails this way)"
+                ) from exc
             except OSError as exc:
                 raise ConnectError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc}") from exc
             client.loop_start()
@@ -328,6 +427,8 @@ class MqttClient:
             **kwargs,
         )
         client.enable_logger(logger)
+        if self._ssl_context is not None:
+            client.tls_set_context(self._ssl_context)
         client.username_pw_set(*self._credentials)
         client.reconnect_delay_set(*self._reconnect_delays)
         client.max_inflight_messages_set(self.max_inflight)
@@ -383,4 +484,4 @@ class MqttClient:
                 logger.debug("inbox full (%d messages): holding the PUBACK", self._inbox.maxsize)
 
 
-__all__ = ["ConnectError", "InboundMessage", "MqttClient", "MqttError", "PROTOCOLS", "PublishError", "Will"]
+__all__ = ["ConnectError", "InboundMessage", "MqttClient", "MqttError", "PROTOCOLS", "PublishError", "TlsSettings", "Will"]
