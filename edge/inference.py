@@ -1,0 +1,257 @@
+"""On-device inference with the coordinator's ONNX models (onnxruntime).
+
+A biofed ONNX model (graph contract and metadata: :mod:`biofed.model_format`) is loaded from a
+file or from the bytes a :class:`biofed.protocol.Model` message carries. Loading checks that
+it is a biofed model of a format this version reads; before any data goes in, the model's
+feature layout (channels, rates, window/hop, bands, mels) is compared with the data's and a
+mismatch is refused with :class:`LayoutMismatch`, whose message names the first difference
+(a model trained on 19-channel 500 Hz EEG must not silently score a 64-channel 160 Hz
+recording just because the widths happen to agree).
+
+Two input kinds:
+
+``features`` models take the raw feature rows of :mod:`biofed.edge.pipeline` (N, F).
+``window`` models take aligned raw windows per modality (N, C, W) plus, when the bio
+modality has ECG/PPG channels, the heart-rate features ``bio_hr`` (N, n_hr, 2) computed here
+with :func:`biofed.kernels.heart_rate_features` (peak detection is not expressible in ONNX).
+
+Sessions run with one intra-op thread by default (a device shares its cores with the
+feature pipeline and MQTT); pass ``threads`` to change it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError, _label_segments, extract_features
+from biofed.kernels import heart_rate_features, sliding_windows
+from biofed.model_format import (
+    HR_INPUT,
+    INPUT_FEATURES,
+    OUTPUT_PROBA,
+    LayoutSpec,
+    ModalitySpec,
+    ModelFormatError,
+    ModelMetadata,
+)
+
+__all__ = ["InferenceError", "LayoutMismatch", "OnnxModel", "RecordingPrediction", "layout_spec", "pipeline_config"]
+
+logger = logging.getLogger(__name__)
+
+_NP_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+class InferenceError(ValueError):
+    """A model cannot be loaded or run (missing file, not ONNX, not biofed, bad input)."""
+
+
+class LayoutMismatch(InferenceError):
+    """The model was trained on another feature layout than the data's (the message names the difference)."""
+
+
+class RecordingPrediction(NamedTuple):
+    """Per-window output of :meth:`OnnxModel.predict_recording`.
+
+    ``proba`` (N, c), ``predicted`` (N,) class labels, ``labels`` (N,) the recording's labels
+    (``""`` where unlabelled), ``t`` (N,) window starts in seconds.
+    """
+
+    proba: np.ndarray
+    predicted: np.ndarray
+    labels: np.ndarray
+    t: np.ndarray
+
+
+def layout_spec(layout: FeatureLayout, config: PipelineConfig) -> LayoutSpec:
+    """The :class:`biofed.model_format.LayoutSpec` of a pipeline layout (what devices report and models carry)."""
+    return LayoutSpec(
+        window_s=config.window_s, hop_s=config.hop_s, bands=tuple(config.bands), n_mels=config.n_mels,
+        modalities=tuple(ModalitySpec(m.modality, m.sfreq, m.ch_names, m.ch_types, m.feature_names)
+                         for m in layout.modalities),
+    )
+
+
+def pipeline_config(spec: LayoutSpec) -> PipelineConfig:
+    """The :class:`PipelineConfig` that reproduces the features of ``spec``."""
+    return PipelineConfig(window_s=spec.window_s, hop_s=spec.hop_s, bands=spec.bands, n_mels=spec.n_mels,
+                          modalities=tuple(m.modality for m in spec.modalities))
+
+
+class OnnxModel:
+    """A loaded biofed ONNX model.
+
+    Parameters
+    ----------
+    source : path or bytes
+        An ``.onnx`` file, or the serialized model (``Model.onnx`` of a protocol message).
+    name : str or None
+        How errors and logs call the model (default: the path, or ``"model"``).
+    threads : int, default 1
+        onnxruntime intra-op threads.
+
+    Raises
+    ------
+    InferenceError
+        The file is missing, is not an ONNX model, or is not a biofed model of this format.
+    """
+
+    def __init__(self, source: str | Path | bytes, *, name: str | None = None, threads: int = 1) -> None:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            data = bytes(source)
+            self.name = name or "model"
+        else:
+            path = Path(source)
+            self.name = name or str(path)
+            if not path.is_file():
+                raise InferenceError(f"{path}: no such model file")
+            data = path.read_bytes()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InferenceError(f"{self.name}: not a loadable ONNX model ({first})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.metadata: ModelMetadata = ModelMetadata.from_props(props, self.name)
+        except ModelFormatError as exc:
+            raise InferenceError(str(exc)) from None
+        self.dtype = _NP_DTYPES[self.metadata.dtype]
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.metadata.classes
+
+    @property
+    def layout(self) -> LayoutSpec:
+        return self.metadata.layout
+
+    @property
+    def input_kind(self) -> str:
+        return self.metadata.input_kind
+
+    def describe(self) -> str:
+        """One line: fleet, round, model kind, classes, privacy."""
+        m = self.metadata
+        model = "logistic regression" if m.kind == "logreg" else f"MLP ({m.hidden} hidden units)"
+        return (f"fleet {m.fleet or '-'}, round {m.round} ({m.train_round} training rounds), basis v{m.basis_version}, "
+                f"{model} on k={m.k} of {m.n_features} features ({m.input_kind} input, {m.dtype}), classes "
+                f"{', '.join(m.classes)}; {m.privacy.describe()}")
+
+    # ---------------------------------------------------------------- checks
+    def check_layout(self, spec: LayoutSpec, data_name: str = "the data") -> None:
+        """Raise :class:`LayoutMismatch` unless ``spec`` is the model's layout."""
+        problem = self.layout.mismatch(spec)
+        if problem is not None:
+            raise LayoutMismatch(f"{self.name} does not fit {data_name}: {problem}")
+
+    # ---------------------------------------------------------------- running
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            (proba,) = self.session.run([OUTPUT_PROBA], feeds)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's error types are not part of its API
+            raise InferenceError(f"{self.name}: inference failed: {exc}") from None
+        return np.asarray(proba, dtype=np.float64)
+
+    def predict_features(self, X) -> np.ndarray:
+        """Class probabilities (N, c) of raw feature rows ``X`` (N, F) (``features`` models)."""
+        if self.input_kind != INPUT_FEATURES:
+            raise InferenceError(f"{self.name} takes raw windows, not feature rows; use predict_windows")
+        X = np.asarray(X)
+        F = self.metadata.n_features
+        if X.ndim != 2 or X.shape[1] != F:
+            raise InferenceError(f"{self.name} needs feature rows of shape (N, {F}), got {X.shape}")
+        if X.shape[0] == 0:
+            return np.empty((0, len(self.classes)))
+        return self._run({INPUT_FEATURES: np.ascontiguousarray(X, dtype=self.dtype)})
+
+    def predict_windows(self, windows: Mapping[str, np.ndarray], hr=None) -> np.ndarray:
+        """Class probabilities (N, c) of raw windows (``window`` models).
+
+        ``windows`` maps each modality of the layout to (N, C, W); ``hr`` (N, n_hr, 2) is
+        required when the bio modality has heart-rate channels (computed from the bio windows
+        when None).
+        """
+        if self.input_kind == INPUT_FEATURES:
+            raise InferenceError(f"{self.name} takes feature rows, not raw windows; use predict_features")
+        feeds = {}
+        n = None
+        for part in self.layout.modalities:
+            if part.modality not in windows:
+                raise InferenceError(f"{self.name} needs {part.modality} windows; got {sorted(windows)}")
+            w = np.asarray(windows[part.modality])
+            expected = (len(part.ch_names), self.layout.window_samples(part))
+            if w.ndim != 3 or w.shape[1:] != expected or (n is not None and w.shape[0] != n):
+                raise InferenceError(f"{self.name}: {part.modality} windows must have shape (N, {expected[0]}, "
+                                     f"{expected[1]}) with one N for all modalities, got {w.shape}")
+            n = w.shape[0]
+            feeds[part.modality] = np.ascontiguousarray(w, dtype=self.dtype)
+            if part.hr_channels:
+                if hr is None:
+                    hr_windows = np.ascontiguousarray(w[:, list(part.hr_channels)], dtype=np.float64)
+                    hr = heart_rate_features(hr_windows, part.sfreq)
+                feeds[HR_INPUT] = np.ascontiguousarray(hr, dtype=self.dtype)
+        if n == 0:
+            return np.empty((0, len(self.classes)))
+        return self._run(feeds)
+
+    def predict_recording(self, recording) -> RecordingPrediction:
+        """Classify every window of a :class:`biofed.datasets.Recording`.
+
+        The recording's layout (under the model's pipeline settings) must equal the model's
+        (:class:`LayoutMismatch` otherwise). ``features`` models get the rows of
+        :func:`biofed.edge.pipeline.extract_features`; ``window`` models get the same aligned
+        windows directly (window ``j`` starts at ``j * hop_s``) and the same labels (the label
+        in force at a window's last sample).
+        """
+        config = pipeline_config(self.layout)
+        try:
+            layout = FeatureLayout.from_recording(recording, config)
+        except PipelineError as exc:
+            raise LayoutMismatch(f"{self.name} does not fit {recording.source}: {exc}") from None
+        self.check_layout(layout_spec(layout, config), recording.source)
+        if self.input_kind == INPUT_FEATURES:
+            X, labels, t = extract_features(recording, config)
+            proba = self.predict_features(X)
+        else:
+            windows, labels, t = self._recording_windows(recording)
+            proba = self.predict_windows(windows)
+        predicted = np.array([self.classes[i] for i in proba.argmax(axis=1)], dtype=str) if len(proba) else \
+            np.empty(0, dtype=str)
+        return RecordingPrediction(proba, predicted, labels, t)
+
+    def _recording_windows(self, recording):
+        spec = self.layout
+        windows, hops = {}, {}
+        for part in spec.modalities:
+            signal = recording.signals[part.modality]
+            hop = spec.hop_s * part.sfreq
+            if abs(hop - round(hop)) > 1e-9:
+                raise InferenceError(f"{self.name}: hop_s * sfreq = {hop:g} samples is not an integer for "
+                                     f"{part.modality}; use the features model for this layout")
+            hops[part.modality] = int(round(hop))
+            windows[part.modality] = sliding_windows(signal.data, spec.window_samples(part), hops[part.modality])
+        n = min(w.shape[0] for w in windows.values())
+        windows = {m: w[:n] for m, w in windows.items()}
+        reference = spec.modalities[0]
+        fs = reference.sfreq
+        n_samples = recording.signals[reference.modality].n_samples
+        cuts = [min(max(math.ceil(start * fs - 1e-7), 0), n_samples) for start, _ in _label_segments(recording)]
+        texts = [label for _, label in _label_segments(recording)]
+        ends = np.arange(n) * hops[reference.modality] + spec.window_samples(reference) - 1
+        index = np.searchsorted(np.asarray(cuts), ends, side="right") - 1
+        labels = np.array(["" if texts[i] is None else texts[i] for i in index], dtype=str)
+        return windows, labels, np.arange(n) * spec.hop_s

@@ -1,0 +1,97 @@
+"""``biofed predict --model model.onnx FILE...``: classify a recording offline with an ONNX model.
+
+The FILEs are read with :func:`biofed.datasets.read_recording`; several files form one
+session when each adds modalities the others lack (an EDF with EEG + ECG and the WAV recorded
+with it). The session's feature layout must be the model's (channels, rates, window/hop,
+bands): a mismatch is refused with a message naming it. Every window is then classified with
+onnxruntime (:class:`biofed.edge.inference.OnnxModel`): ``features`` models through
+:func:`biofed.edge.pipeline.extract_features`, ``window`` models on the raw windows.
+
+Output (stdout): the model's provenance and privacy guarantee, one line per window
+(``t``, predicted class, probability, the recording's label) unless ``--summary-only``,
+then the counts per predicted class and, where the recording is labelled with the model's
+classes, the accuracy against those labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import click
+
+__all__ = ["predict_command"]
+
+logger = logging.getLogger(__name__)
+
+
+def _session(paths: tuple[Path, ...]):
+    """One :class:`Recording` from the files (their modalities must not overlap)."""
+    from biofed.datasets import Recording, RecordingError, read_recording
+
+    recordings = []
+    for path in paths:
+        if not path.is_file():
+            raise click.ClickException(f"{path}: no such recording file")
+        try:
+            recordings.append(read_recording(path))
+        except (RecordingError, OSError, ValueError) as exc:
+            raise click.ClickException(f"cannot read {path}: {exc}") from None
+    if len(recordings) == 1:
+        return recordings[0]
+    signals: dict = {}
+    for path, recording in zip(paths, recordings):
+        repeated = [m for m in recording.modalities if m in signals]
+        if repeated:
+            raise click.ClickException(
+                f"{path} repeats the {', '.join(repeated)} modality of an earlier file; pass the files of one "
+                "session (e.g. an EDF with EEG + ECG and the WAV recorded with it), or run predict once per file"
+            )
+        signals.update(recording.signals)
+    first = recordings[0]
+    return Recording(
+        source="+".join(str(p) for p in paths), signals=signals, start_time=first.start_time,
+        annotations=next((r.annotations for r in recordings if r.annotations), ()),
+        label=next((r.label for r in recordings if r.label is not None), None),
+        subject=next((r.subject for r in recordings if r.subject is not None), None),
+    )
+
+
+@click.command("predict")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX model written by `biofed export` (or the coordinator's model_latest.onnx).")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--summary-only", is_flag=True, help="Print only the summary, not one line per window.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
+def predict_command(model_path: Path, files: tuple[Path, ...], summary_only: bool, threads: int) -> None:
+    """Classify every window of a recording (FILE, or the files of one session) with an ONNX model."""
+    from biofed.edge.inference import InferenceError, OnnxModel
+
+    try:
+        model = OnnxModel(model_path, threads=threads)
+    except InferenceError as exc:
+        raise click.ClickException(str(exc)) from None
+    recording = _session(files)
+    try:
+        result = model.predict_recording(recording)
+    except InferenceError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"model: {model.describe()}")
+    click.echo(f"recording: {recording.source} ({recording.duration:.1f} s, {len(result.t)} windows)")
+    if not summary_only:
+        click.echo(f"{'t_s':>8}  {'predicted':<14} {'p':>6}  label")
+        for t, predicted, proba, label in zip(result.t, result.predicted, result.proba, result.labels):
+            click.echo(f"{t:8.1f}  {predicted:<14} {proba.max():6.3f}  {label or '-'}")
+    counts = Counter(result.predicted.tolist())
+    total = len(result.t)
+    click.echo("predicted: " + (", ".join(f"{c} {counts.get(c, 0)} ({counts.get(c, 0) / total:.1%})"
+                                          for c in model.classes) if total else "no complete window"))
+    known = [i for i, label in enumerate(result.labels) if label in model.classes]
+    if known:
+        correct = sum(result.predicted[i] == result.labels[i] for i in known)
+        labels = ", ".join(sorted(set(result.labels[known].tolist())))
+        click.echo(f"accuracy: {correct / len(known):.3f} ({correct}/{len(known)} windows labelled {labels})")
+    else:
+        click.echo("accuracy: n/a (no window labelled with one of the model's classes)")

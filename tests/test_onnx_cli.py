@@ -1,0 +1,144 @@
+"""``biofed export`` and ``biofed predict`` through click's CliRunner (a model trained here, no federation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from biofed.cli import cli
+from biofed.coordinator.onnx_export import ModelFile, write_model_file
+from biofed.datasets import make_recording, read_recording
+from biofed.edge.inference import OnnxModel, layout_spec
+from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
+from biofed.kernels import init_params, predict_proba, project, train
+from biofed.model_format import PrivacySpec
+
+CLASSES = ("rest", "arithmetic")
+
+
+def _write_fif(path, recording):
+    """EEG + ECG of a synthetic recording as a FIF file with its label as an annotation."""
+    import mne
+
+    eeg, bio = recording.signals["eeg"], recording.signals["bio"]
+    ecg = [i for i, t in enumerate(bio.ch_types) if t == "ecg"]
+    info = mne.create_info(list(eeg.ch_names) + [bio.ch_names[i] for i in ecg], eeg.sfreq,
+                           ["eeg"] * len(eeg.ch_names) + ["ecg"] * len(ecg))
+    raw = mne.io.RawArray(np.vstack([eeg.data, bio.data[ecg]]), info, verbose="error")
+    raw.set_annotations(mne.Annotations([0.0], [recording.duration], [recording.label]))
+    raw.save(path, overwrite=True, verbose="error")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two FIF sessions, a model file trained on their windows, and the Numba probabilities."""
+    folder = tmp_path_factory.mktemp("onnx_cli")
+    files = [_write_fif(folder / f"s{i}_{label}_raw.fif", make_recording(label, duration_s=20.0, random_state=i))
+             for i, label in enumerate(CLASSES)]
+    recordings = [read_recording(f) for f in files]
+    config = PipelineConfig()
+    rows = [extract_features(r, config)[0] for r in recordings]
+    X = np.vstack(rows)
+    y = np.concatenate([np.full(len(r), i, dtype=np.int64) for i, r in enumerate(rows)])
+    basis = fit_basis(X, 32)
+    Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
+    params, _ = train(init_params(Z.shape[1], 2, 0, random_state=0), Z, y, 2, epochs=30, lr=0.1, random_state=0)
+    spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
+    model = ModelFile(params, CLASSES, 0, basis.components, basis.mean, basis.scale, 1, "ward7", 21, 20, spec,
+                      PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0))
+    npz = write_model_file(folder / "model_final.npz", model.to_arrays())
+    proba = predict_proba(params, project(rows[1], basis.components, mean=basis.mean, scale=basis.scale), 2)
+    return folder, files, npz, proba
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_export_then_predict(trained):
+    folder, files, npz, proba = trained
+    out = folder / "model.onnx"
+    result = _run("export", "--model", npz, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output and "opset 17" in result.output
+    assert "fleet ward7, round 21 (20 training rounds)" in result.output
+    assert "privacy: epsilon 3.25 at delta 1e-05 (rdp)" in result.output
+    onnx.checker.check_model(onnx.load(out))
+    assert OnnxModel(out).metadata.round == 21
+
+    result = _run("predict", "--model", out, files[1])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    window_lines = [line for line in lines if line.strip().endswith("arithmetic") and "." in line.split()[0]]
+    assert len(window_lines) == proba.shape[0] == 19
+    expected = [CLASSES[i] for i in proba.argmax(axis=1)]
+    assert [line.split()[1] for line in window_lines] == expected
+    np.testing.assert_allclose([float(line.split()[2]) for line in window_lines], proba.max(axis=1), atol=1e-3)
+    n_arith = expected.count("arithmetic")
+    assert f"predicted: rest {19 - n_arith} ({(19 - n_arith) / 19:.1%}), arithmetic {n_arith}" in result.output
+    assert f"accuracy: {n_arith / 19:.3f} ({n_arith}/19 windows labelled arithmetic)" in result.output
+    assert "epsilon 3.25 at delta 1e-05 (rdp, central)" in result.output
+
+
+def test_export_window_model_predicts_the_same(trained):
+    folder, files, npz, proba = trained
+    out = folder / "window.onnx"
+    assert _run("export", "--model", npz, "--out", out, "--input", "window", "--dtype", "float64").exit_code == 0
+    result = _run("predict", "--model", out, "--summary-only", files[1])
+    assert result.exit_code == 0, result.output
+    n_arith = int(np.sum(proba.argmax(axis=1) == 1))
+    assert f"accuracy: {n_arith / 19:.3f}" in result.output and "window input" in result.output
+
+
+def test_export_bad_inputs(trained, tmp_path):
+    _, _, npz, _ = trained
+    result = _run("export", "--model", tmp_path / "absent.npz", "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "absent.npz: no such model file" in result.output
+    (tmp_path / "notes.npz").write_text("not numpy")
+    result = _run("export", "--model", tmp_path / "notes.npz", "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "notes.npz: not a biofed model file" in result.output
+    np.savez(tmp_path / "weights.npz", W=np.zeros((3, 2)))
+    result = _run("export", "--model", tmp_path / "weights.npz", "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "not a biofed model file: lacks ['params'" in result.output
+    arrays = dict(np.load(npz))
+    del arrays["layout"]
+    write_model_file(tmp_path / "nolayout.npz", arrays)
+    result = _run("export", "--model", tmp_path / "nolayout.npz", "--out", tmp_path / "m.onnx")
+    assert result.exit_code == 1 and "has no feature layout" in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_predict_bad_inputs(trained, tmp_path):
+    folder, files, npz, _ = trained
+    model = folder / "model_bad_inputs.onnx"
+    assert _run("export", "--model", npz, "--out", model).exit_code == 0
+    result = _run("predict", "--model", tmp_path / "absent.onnx", files[0])
+    assert result.exit_code == 1 and "absent.onnx: no such model file" in result.output
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01 definitely not protobuf")
+    result = _run("predict", "--model", tmp_path / "junk.onnx", files[0])
+    assert result.exit_code == 1 and "junk.onnx: not a loadable ONNX model" in result.output
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "plain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(plain, tmp_path / "plain.onnx")
+    result = _run("predict", "--model", tmp_path / "plain.onnx", files[0])
+    assert result.exit_code == 1 and "plain.onnx is an ONNX model but not a biofed model" in result.output
+    result = _run("predict", "--model", model, tmp_path / "absent.edf")
+    assert result.exit_code == 1 and "absent.edf: no such recording file" in result.output
+    result = _run("predict", "--model", model, files[0], files[1])
+    assert result.exit_code == 1 and "repeats the eeg, bio modality" in result.output
+
+
+def test_predict_refuses_other_layout(trained, shared_datasets):
+    folder, _, npz, _ = trained
+    model = folder / "model_layout.onnx"
+    assert _run("export", "--model", npz, "--out", model).exit_code == 0
+    result = _run("predict", "--model", model, shared_datasets / "eegmat" / "Subject02_2.edf")
+    assert result.exit_code == 1
+    assert "does not fit" in result.output and "eeg: the model expects 250 Hz but the data is sampled at 500 Hz" \
+        in result.output
