@@ -94,3 +94,33 @@ def heart_rate(peaks, fs):
     hr = 60.0 / ibi.mean() if ibi.size >= 1 else 0.0
     rmssd = 1000.0 * np.sqrt(np.mean(np.diff(ibi) ** 2)) if ibi.size >= 2 else 0.0
     return hr, rmssd
+
+
+def moving_average(x, half):
+    """Centred mean over the samples of ``[i - half, i + half]`` that exist."""
+    x = np.asarray(x, dtype=np.float64).tolist()
+    return np.array([sum(x[max(0, i - half) : i + half + 1]) / len(x[max(0, i - half) : i + half + 1]) for i in range(len(x))])
+
+
+def beat_envelopes(x, fs):
+    """(box envelope, triangular envelope) of the squared rising slope, per the biosensor module docstring."""
+    smoothed = moving_average(x, round(0.01 * fs))
+    d2 = np.maximum(np.gradient(smoothed, 1.0 / fs), 0.0) ** 2  # rising slopes only
+    fine = max(1, round(0.025 * fs))
+    return moving_average(d2, max(1, round(0.05 * fs))), moving_average(moving_average(d2, fine), fine)
+
+
+def detect_beats(x, fs, prominence, min_distance_s=0.3):
+    """scipy.signal.find_peaks on the box envelope, each peak moved to the triangular envelope's maximum."""
+    box, tri = beat_envelopes(x, fs)
+    half = max(1, round(0.05 * fs))
+    candidates = scipy.signal.find_peaks(
+        box, distance=math.ceil(min_distance_s * fs), prominence=prominence, wlen=2 * round(fs) + 1
+    )[0]
+    beats = []
+    for c in candidates:
+        lo = max(c - half, 0)
+        best = lo + int(np.argmax(tri[lo : c + half + 1]))
+        if not beats or best > beats[-1]:
+            beats.append(best)
+    return np.array(beats, dtype=np.int64)
