@@ -363,6 +363,106 @@ def case_signing(s: Settings, result: CaseResult) -> None:
                                  {"signed_bytes": sizes[0], "unsigned_bytes": sizes[1]}))
 
 
+# --- ONNX inference on the device ---------------------------------------------------------
+def _onnx_profile_model(s: Settings, hidden: int):
+    """A model file for the stream profile: layout, basis fitted on its features, trained weights."""
+    from biofed.coordinator.onnx_export import ModelFile
+    from biofed.edge.inference import layout_spec
+    from biofed.edge.pipeline import FeatureLayout, PipelineConfig
+    from biofed.kernels import init_params, train
+    from biofed.model_format import PrivacySpec
+
+    config = PipelineConfig()
+    eeg = tuple(f"E{i:02d}" for i in range(stream.EEG_CHANNELS))
+    bio = (("ECG", "ecg"), ("PPG", "ppg"), ("EDA", "eda"), ("RESP", "resp"))
+    layout = FeatureLayout.from_channels({
+        "eeg": (stream.EEG_FS, eeg, ("eeg",) * len(eeg)), "audio": (stream.AUDIO_FS, ("PCG",), ("audio",)),
+        "bio": (stream.BIO_FS, tuple(n for n, _ in bio), tuple(t for _, t in bio)),
+    }, config)
+    spec = layout_spec(layout, config)
+    w = stream.windows_of(stream.make_stream(s.seconds(120, 70), s.seed))
+    X = _profile_features(w, spec)
+    mean, scale, basis = stream.fit_projection(X, random_state=s.seed)
+    Z = (X - mean) / scale @ basis.T
+    y = (Z[:, 0] > np.median(Z[:, 0])).astype(np.int64)
+    params, _ = train(init_params(Z.shape[1], 2, hidden, random_state=s.seed), Z, y, 2, hidden, epochs=5,
+                      random_state=s.seed)
+    model = ModelFile(params, ("rest", "arithmetic"), hidden, basis, mean, scale, 1, "bench", 1, 1, spec,
+                      PrivacySpec(None, None, ""))
+    return model, w, X
+
+
+def _profile_features(w: dict[str, np.ndarray], spec, hr=None) -> np.ndarray:
+    """Raw feature rows of the stream-profile windows in the pipeline's column order (Numba kernels);
+    ``hr`` (n, n_hr, 2): precomputed heart-rate features (computed here when None)."""
+    from biofed.kernels import band_powers, heart_rate_features, log_band_energies, window_statistics
+
+    n = w["eeg"].shape[0]
+    bio = spec.modality("bio")
+    stats = window_statistics(w["bio"], stream.BIO_FS)
+    if hr is None:
+        hr = heart_rate_features(np.ascontiguousarray(w["bio"][:, list(bio.hr_channels)]), stream.BIO_FS)
+    cols = []
+    for c in range(len(bio.ch_names)):
+        cols.append(stats[:, c])
+        if c in bio.hr_channels:
+            cols.append(hr[:, bio.hr_channels.index(c)])
+    return np.concatenate([band_powers(w["eeg"], stream.EEG_FS, spec.bands, log=True).reshape(n, -1),
+                           log_band_energies(w["audio"], stream.AUDIO_FS, n_bands=spec.n_mels).reshape(n, -1),
+                           np.concatenate(cols, axis=1)], axis=1)
+
+
+def case_onnx_inference(s: Settings, result: CaseResult) -> None:
+    """Per-window latency of the exported ONNX model (onnxruntime, 1 thread) vs the Numba path.
+
+    features graph: standardize + project + classifier + softmax on raw feature rows, against
+    ``kernels.project`` + ``kernels.predict_proba``. window graph: the same plus EEG band powers,
+    audio log-mel energies and bio statistics in ONNX (heart rate still by the Numba kernel, it
+    is an input), against the Numba feature kernels + project + predict_proba. Batch 1 = one
+    window per call (a device every hop); batch 64 = 64 windows per call, time per window.
+    """
+    from biofed.coordinator.onnx_export import build_model
+    from biofed.edge.inference import OnnxModel
+    from biofed.kernels import heart_rate_features, predict_proba, project
+
+    for hidden in (0, 32):
+        model, w, X = _onnx_profile_model(s, hidden)
+        label = "logreg" if hidden == 0 else f"mlp h={hidden}"
+        bio = model.layout.modality("bio")
+        hr_all = heart_rate_features(np.ascontiguousarray(w["bio"][:, list(bio.hr_channels)]), stream.BIO_FS)
+        for dtype in ("float32", "float64"):
+            features = OnnxModel(build_model(model, dtype=dtype).SerializeToString())
+            window = OnnxModel(build_model(model, input_kind="window", dtype=dtype).SerializeToString())
+            for batch in (1, 64):
+                xb = np.ascontiguousarray(X[:batch])
+                wb = {m: np.ascontiguousarray(v[:batch]) for m, v in w.items()}
+                hb = hr_all[:batch]
+
+                def numba_features(xb=xb):
+                    z = project(xb, model.components, mean=model.mean, scale=model.scale)
+                    return predict_proba(model.params, z, 2, hidden)
+
+                def numba_window(wb=wb, hb=hb):
+                    z = project(_profile_features(wb, model.layout, hb), model.components, mean=model.mean,
+                                scale=model.scale)
+                    return predict_proba(model.params, z, 2, hidden)
+
+                shape = f"batch {batch}, F={X.shape[1]}, k={model.k}, {dtype}"
+                reps = s.reps(5.0 if batch == 1 else 1.0)
+                rows = _compare(result, f"onnx features graph [{label}]", shape, lambda xb=xb: features.predict_features(xb),
+                                {"numba project+predict_proba": numba_features}, repeats=reps,
+                                tolerance=1e-5 if dtype == "float32" else 1e-9)
+                result.metrics.append(Metric("onnx_inference", f"features graph per window [{label}, {shape}]",
+                                             rows[0].biofed.median / batch * 1e6, "us"))
+                rows = _compare(result, f"onnx window graph [{label}]", shape,
+                                lambda wb=wb, hb=hb: window.predict_windows(wb, hb),
+                                {"numba features+project+predict_proba": numba_window}, repeats=s.reps(0.5),
+                                tolerance=1e-4 if dtype == "float32" else 1e-9,
+                                note="heart rate (peak detection) computed outside both timings")
+                result.metrics.append(Metric("onnx_inference", f"window graph per window [{label}, {shape}]",
+                                             rows[0].biofed.median / batch * 1e3, "ms"))
+
+
 # --- fresh-process measurements -----------------------------------------------------------
 def _stream_script() -> Path:
     return Path(stream.__file__).resolve()
@@ -433,6 +533,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "training": case_training,
     "chain": case_chain,
     "signing": case_signing,
+    "onnx_inference": case_onnx_inference,
     "realtime": case_realtime,
     "warm_start": case_warm_start,
 }
