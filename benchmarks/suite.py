@@ -463,6 +463,85 @@ def case_onnx_inference(s: Settings, result: CaseResult) -> None:
                                              rows[0].biofed.median / batch * 1e3, "ms"))
 
 
+def _secagg_round(inputs, session, drop_before_masking=()):
+    """One in-process SecAgg round, timing the devices' and the coordinator's work apart."""
+    from biofed.secagg import SecAggClient, SecAggServer
+
+    clock = time.perf_counter
+    devices = sorted(inputs)
+    spent = {"devices": 0.0, "coordinator": 0.0}
+    traffic = {"device_sent_bytes": 0}
+
+    def run(role, fn, *args):
+        start = clock()
+        out = fn(*args)
+        spent[role] += clock() - start
+        return out
+
+    server = SecAggServer(session, vector_size=len(inputs[devices[0]]))
+    clients = {d: run("devices", SecAggClient, d, session) for d in devices}
+    for c in clients.values():
+        run("coordinator", server.receive_advertise, run("devices", c.advertise))
+    keys = run("coordinator", server.key_list)
+    for c in clients.values():
+        shares = run("devices", c.share_keys, keys)
+        traffic["device_sent_bytes"] += 64 + 32 + sum(len(ct) for ct in shares.ciphertexts.values())
+        run("coordinator", server.receive_shares, shares)
+    for d, forwarded in run("coordinator", server.forward).items():
+        if d not in drop_before_masking:
+            masked = run("devices", clients[d].masked_input, forwarded, inputs[d])
+            traffic["device_sent_bytes"] += masked.masked.nbytes
+            run("coordinator", server.receive_masked, masked)
+    request = run("coordinator", server.unmask_request)
+    for d in request.survivors:
+        response = run("devices", clients[d].unmask, request)
+        traffic["device_sent_bytes"] += sum(len(v) for v in (*response.b_shares.values(), *response.key_shares.values()))
+        run("coordinator", server.receive_unmask, response)
+    result = run("coordinator", server.aggregate)
+    return result, spent, traffic
+
+
+def case_secagg(s: Settings, result: CaseResult) -> None:
+    from biofed.secagg import FixedPoint, default_threshold, session_id
+
+    rng = np.random.default_rng(s.seed)
+    fp = FixedPoint()
+    m = _default_update(rng).delta.size
+    for n in (10, 50, 100):
+        updates = {f"pi-{i:03d}": rng.standard_normal(m) * 0.01 for i in range(n)}
+        inputs = {d: fp.encode(u) for d, u in updates.items()}
+        stacked = np.stack(list(updates.values()))
+        dropped = sorted(updates)[: n - default_threshold(n)] if n > 10 else sorted(updates)[:1]
+        for label, drop in (("no dropout", ()), (f"{len(dropped)} dropped after sharing", dropped)):
+            survivors = [d for d in updates if d not in drop]
+            rows = []
+
+            def secure(drop=drop):
+                out, spent, traffic = _secagg_round(inputs, session_id("bench", 1), drop)
+                rows.append((spent, traffic))
+                return fp.decode(out.total)
+
+            def plain(survivors=survivors):
+                return stacked[[list(updates).index(d) for d in survivors]].sum(axis=0)
+
+            shape = f"n={n}, m={m}, {label}"
+            timing, out = measure(secure, repeats=s.reps(0.25) if n >= 50 else s.reps(0.5))
+            base_timing, expected = measure(plain, repeats=s.reps(0.5))
+            # fixed-point rounding: at most 2^-(scale_bits+1) per device and coordinate
+            tolerance = len(survivors) * fp.resolution / 2 / float(np.max(np.abs(expected)))
+            result.comparisons.append(Comparison(
+                "secagg round (all devices + coordinator, one process)", shape, timing, "plain float64 sum",
+                base_timing, max_relative_difference(out, expected), tolerance,
+                "ratio << 1 is the SecAgg cost; tolerance = fixed-point rounding bound"))
+            device_s = float(np.median([spent["devices"] for spent, _ in rows])) / n
+            coordinator_s = float(np.median([spent["coordinator"] for spent, _ in rows]))
+            sent = float(np.median([traffic["device_sent_bytes"] for _, traffic in rows])) / n
+            result.metrics.append(Metric("secagg", f"device CPU per round, {shape}", device_s * 1e3, "ms"))
+            result.metrics.append(Metric("secagg", f"coordinator CPU per round, {shape}", coordinator_s * 1e3, "ms"))
+            result.metrics.append(Metric("secagg", f"bytes sent per device per round, {shape}", sent, "bytes",
+                                         {"plain_update_bytes": m * 8}))
+
+
 # --- fresh-process measurements -----------------------------------------------------------
 def _stream_script() -> Path:
     return Path(stream.__file__).resolve()
@@ -533,6 +612,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "training": case_training,
     "chain": case_chain,
     "signing": case_signing,
+    "secagg": case_secagg,
     "onnx_inference": case_onnx_inference,
     "realtime": case_realtime,
     "warm_start": case_warm_start,

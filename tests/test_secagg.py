@@ -1,0 +1,392 @@
+"""biofed.secagg: exact sums under dropouts, thresholds, uniformity of masked inputs,
+fixed point, Shamir sharing, refusals, and distributed-DP accounting vs dp_accounting."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.rdp import RdpAccountant
+from scipy import stats
+
+from biofed.coordinator.privacy import PrivacyLedger, distributed_noise_multiplier
+from biofed.secagg import (
+    FIELD_PRIME,
+    AdvertiseKeys,
+    EncryptedShares,
+    FixedPoint,
+    ForwardedShares,
+    KeyList,
+    MaskedInput,
+    NotEnoughSurvivors,
+    SecAggClient,
+    SecAggError,
+    SecAggServer,
+    UnmaskRequest,
+    UnmaskResponse,
+    default_threshold,
+    noise_share_std,
+    prepare_input,
+    prg_words,
+    session_id,
+    shamir_combine,
+    shamir_split,
+    simulate_round,
+)
+
+SESSION = session_id("ward7", 3)
+FP = FixedPoint()
+M = 66  # default model: logistic regression on k=32 features, 2 classes
+
+
+def _seeded(seed):
+    """A reproducible byte source standing in for the OS CSPRNG in tests."""
+    return np.random.default_rng(seed).bytes
+
+
+def _inputs(n, m=M, seed=0):
+    rng = np.random.default_rng(seed)
+    return {f"pi-{i:02d}": FP.encode(rng.uniform(-1, 1, m) / math.sqrt(m)) for i in range(n)}
+
+
+def _sum(inputs, devices):
+    total = np.zeros(len(next(iter(inputs.values()))), dtype=np.uint64)
+    for d in devices:
+        total += inputs[d]
+    return total
+
+
+# ----------------------------------------------------------------------------- exact sums
+@pytest.mark.parametrize(
+    ("n", "before", "after"),
+    [
+        (7, 0, 0),  # no dropout
+        (7, 1, 0),  # one dropout after sharing keys, before its masked input
+        (7, 0, 1),  # one dropout after its masked input (committed), before unmasking
+        (7, 3, 0),  # n - t dropouts, all before masking
+        (7, 0, 3),  # n - t dropouts, all after masking
+        (12, 2, 3),  # n - t dropouts, mixed
+    ],
+)
+def test_sum_is_exact_under_dropouts(n, before, after):
+    inputs = _inputs(n)
+    devices = sorted(inputs)
+    t = default_threshold(n)
+    assert before + after <= n - t
+    dropped_early, dropped_late = devices[:before], devices[n - after:]
+    result = simulate_round(inputs, session=SESSION, drop_before_masking=dropped_early,
+                            drop_before_unmasking=dropped_late, random_bytes=_seeded(n))
+    survivors = [d for d in devices if d not in dropped_early]
+    assert result.survivors == tuple(survivors) and result.dropped == tuple(dropped_early)
+    np.testing.assert_array_equal(result.total, _sum(inputs, survivors))
+    # and the decoded sum is the float sum to within the fixed-point rounding
+    floats = sum(FP.decode(inputs[d]) for d in survivors)
+    np.testing.assert_allclose(FP.decode(result.total), floats, rtol=0, atol=1e-12)
+
+
+def test_device_dropping_before_sharing_is_left_out():
+    inputs = _inputs(6)
+    devices = sorted(inputs)
+    result = simulate_round(inputs, session=SESSION, drop_before_sharing=devices[:2], random_bytes=_seeded(1))
+    assert result.survivors == tuple(devices[2:])
+    np.testing.assert_array_equal(result.total, _sum(inputs, devices[2:]))
+
+
+def test_sum_is_exact_with_os_randomness_and_large_values():
+    fp = FixedPoint(scale_bits=16, max_summands=8)
+    rng = np.random.default_rng(5)
+    inputs = {f"d{i}": fp.encode(rng.uniform(-fp.max_abs, fp.max_abs, 40)) for i in range(8)}
+    result = simulate_round(inputs, session=SESSION, drop_before_unmasking=["d3"])
+    np.testing.assert_array_equal(result.total, _sum(inputs, sorted(inputs)))
+    # near the limit, the signed integer sum (exact in Python ints) still fits: no wrap-around
+    exact = [sum(int(v.view(np.int64)[j]) for v in inputs.values()) for j in range(40)]
+    assert max(abs(e) for e in exact) > 2**60
+    assert result.total.view(np.int64).tolist() == exact
+
+
+@pytest.mark.parametrize("step", ["sharing", "masking", "unmasking"])
+def test_fewer_than_threshold_survivors_is_a_clear_error(step):
+    inputs = _inputs(7)
+    devices = sorted(inputs)
+    silent = devices[:4]  # leaves 3 < t = 4
+    kwargs = {f"drop_before_{step}": silent}
+    with pytest.raises(NotEnoughSurvivors, match="threshold is 4: the round is abandoned"):
+        simulate_round(inputs, session=SESSION, random_bytes=_seeded(2), **kwargs)
+
+
+def test_too_few_devices_advertising():
+    server = SecAggServer(SESSION, vector_size=M, threshold=3)
+    server.receive_advertise(SecAggClient("a", SESSION).advertise())
+    server.receive_advertise(SecAggClient("b", SESSION).advertise())
+    with pytest.raises(NotEnoughSurvivors, match="2 devices advertised keys, threshold is 3"):
+        server.key_list()
+
+
+def test_threshold_is_raised_to_a_majority():
+    server = SecAggServer(SESSION, vector_size=M, threshold=2)
+    for i in range(6):
+        server.receive_advertise(SecAggClient(f"d{i}", SESSION).advertise())
+    assert server.key_list().threshold == 4
+
+
+# ----------------------------------------------------------------------------- privacy of one input
+def _masked_of_one(m, seed):
+    """The masked input of one device among 5 (its plaintext: small values, very non-uniform bytes)."""
+    rng = np.random.default_rng(seed)
+    inputs = {f"d{i}": FP.encode(rng.normal(0, 0.01, m)) for i in range(5)}
+    server = SecAggServer(SESSION, vector_size=m)
+    clients = {d: SecAggClient(d, SESSION, random_bytes=_seeded(seed + i)) for i, d in enumerate(inputs)}
+    for c in clients.values():
+        server.receive_advertise(c.advertise())
+    keys = server.key_list()
+    for c in clients.values():
+        server.receive_shares(c.share_keys(keys))
+    forwarded = server.forward()
+    return inputs["d2"], clients["d2"].masked_input(forwarded["d2"], inputs["d2"]).masked
+
+
+def test_masked_input_is_indistinguishable_from_uniform():
+    plain, masked = _masked_of_one(8192, seed=11)
+    counts = np.bincount(masked.view(np.uint8), minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-4  # 255 dof over 65536 bytes
+    assert stats.kstest(masked.astype(np.float64) / 2.0**64, "uniform").pvalue > 1e-4
+    # the same tests have power: they flag the unmasked encoding at once
+    assert stats.chisquare(np.bincount(plain.view(np.uint8), minlength=256)).pvalue < 1e-12
+    assert stats.kstest(plain.astype(np.float64) / 2.0**64, "uniform").pvalue < 1e-12
+
+
+def test_prg_is_deterministic_per_seed_and_differs_across_seeds():
+    a, b = bytes(32), bytes(31) + b"\x01"
+    np.testing.assert_array_equal(prg_words(a, 100), prg_words(a, 100))
+    np.testing.assert_array_equal(prg_words(a, 100)[:10], prg_words(a, 10))
+    assert not np.any(prg_words(a, 100) == prg_words(b, 100))
+    with pytest.raises(SecAggError, match="PRG seed must be 32 bytes"):
+        prg_words(b"short", 4)
+
+
+# ----------------------------------------------------------------------------- fixed point
+def test_fixed_point_round_trip_error_bounded():
+    rng = np.random.default_rng(3)
+    for fp in (FixedPoint(), FixedPoint(scale_bits=10), FixedPoint(scale_bits=40, max_summands=4)):
+        x = np.concatenate([rng.uniform(-1, 1, 1000), rng.uniform(-fp.max_abs, fp.max_abs, 100), [0.0, -0.0]])
+        err = np.abs(fp.decode(fp.encode(x)) - x)
+        assert err.max() <= fp.resolution / 2 * (1 + 1e-12) + np.spacing(fp.max_abs)
+    np.testing.assert_array_equal(FP.decode(FP.encode([-1.5, 0.25, 3.0])), [-1.5, 0.25, 3.0])
+
+
+def test_fixed_point_rejects_bad_values():
+    with pytest.raises(SecAggError, match="exceeds the fixed-point limit"):
+        FP.encode([FP.max_abs * 1.01])
+    with pytest.raises(SecAggError, match="1 NaN/inf"):
+        FP.encode([0.0, np.nan])
+    with pytest.raises(SecAggError, match="must be 1-D"):
+        FP.encode(np.zeros((2, 2)))
+    with pytest.raises(SecAggError, match="1-D uint64"):
+        FP.decode(np.zeros(3))
+    with pytest.raises(SecAggError, match="no integer headroom"):
+        FixedPoint(scale_bits=60, max_summands=16)
+    assert FP.max_abs == 2.0**29
+
+
+def test_prepare_input_clips_and_noises():
+    x = np.full(M, 1.0)  # norm sqrt(66) > C
+    clean = FP.decode(prepare_input(x, clip_norm=0.5, noise_multiplier=0.0, n_min=4))
+    np.testing.assert_allclose(np.linalg.norm(clean), 0.5, atol=1e-6)
+    noisy = FP.decode(prepare_input(np.zeros(20000), clip_norm=2.0, noise_multiplier=1.5, n_min=9,
+                                    rng=np.random.default_rng(0)))
+    assert noisy.std() == pytest.approx(1.5 * 2.0 / 3.0, rel=0.03)
+    assert noise_share_std(2.0, 1.5, 9) == pytest.approx(1.0)
+    with pytest.raises(SecAggError, match="n_min must be an integer >= 1"):
+        noise_share_std(1.0, 1.0, 0)
+    with pytest.raises(SecAggError, match="clip_norm must be"):
+        prepare_input(x, clip_norm=0.0, noise_multiplier=1.0, n_min=2)
+
+
+# ----------------------------------------------------------------------------- distributed DP
+def test_distributed_noise_and_epsilon_match_dp_accounting():
+    """10 devices, threshold (= n_min) 6, 2 drop after sharing: the revealed sum carries
+    std z*C*sqrt(8/6), and the ledger's epsilon is dp_accounting's for that z."""
+    n, n_min, z, clip, m, delta = 10, 6, 1.1, 0.8, 4000, 1e-5
+    rng = np.random.default_rng(21)
+    updates = {f"pi-{i:02d}": rng.normal(size=m) for i in range(n)}
+    inputs = {d: prepare_input(u, clip_norm=clip, noise_multiplier=z, n_min=n_min, rng=np.random.default_rng(i))
+              for i, (d, u) in enumerate(updates.items())}
+    result = simulate_round(inputs, session=SESSION, threshold=n_min, drop_before_masking=["pi-00", "pi-05"],
+                            random_bytes=_seeded(4))
+    assert len(result.survivors) == 8
+    clipped_sum = sum(u * min(1.0, clip / np.linalg.norm(u)) for d, u in updates.items() if d in result.survivors)
+    noise = FP.decode(result.total) - clipped_sum
+    z_present = z * math.sqrt(8 / n_min)
+    assert noise.std() == pytest.approx(z_present * clip, rel=0.05)
+
+    ledger = PrivacyLedger(delta, accountants=("rdp", "pld"))
+    z_eff = distributed_noise_multiplier(z, n_min, len(result.survivors))
+    assert z_eff == pytest.approx(z_present)
+    ledger.record_round(1, 1.0, z_eff)
+    for name, accountant in (("rdp", RdpAccountant()), ("pld", dp_accounting.pld.PLDAccountant())):
+        expected = accountant.compose(dp_accounting.GaussianDpEvent(z * math.sqrt(8 / 6))).get_epsilon(delta)
+        assert ledger.epsilon(name) == pytest.approx(expected, rel=1e-9)
+    # fewer noise shares than planned would have been a weaker guarantee
+    weaker = RdpAccountant().compose(dp_accounting.GaussianDpEvent(z)).get_epsilon(delta)
+    assert ledger.epsilon("rdp") < weaker
+
+
+# ----------------------------------------------------------------------------- Shamir
+def test_shamir_any_t_shares_reconstruct():
+    rng = np.random.default_rng(8)
+    secret = int.from_bytes(rng.bytes(32), "big")
+    shares = shamir_split(secret, 4, range(1, 10), random_bytes=_seeded(9))
+    for _ in range(10):
+        subset = rng.choice(np.arange(1, 10), size=4, replace=False)
+        assert shamir_combine({int(x): shares[int(x)] for x in subset}, 4) == secret
+    assert shamir_combine(shares, 4) == secret
+    with pytest.raises(NotEnoughSurvivors, match="3 shares cannot reconstruct a 4-of-n secret"):
+        shamir_combine({x: shares[x] for x in (1, 2, 3)}, 4)
+    # t-1 shares interpolate to something else (the secret stays hidden)
+    assert shamir_combine({x: shares[x] for x in (1, 2, 3)}, 3) != secret
+    with pytest.raises(SecAggError, match="secret must be an integer"):
+        shamir_split(FIELD_PRIME, 2, [1, 2])
+    with pytest.raises(SecAggError, match="distinct"):
+        shamir_split(5, 2, [1, 1, 2])
+    with pytest.raises(SecAggError, match="2 shares cannot meet threshold 3"):
+        shamir_split(5, 3, [1, 2])
+
+
+# ----------------------------------------------------------------------------- refusals
+def _round_to_masked(n=5, seed=0):
+    inputs = _inputs(n, seed=seed)
+    server = SecAggServer(SESSION, vector_size=M)
+    clients = {d: SecAggClient(d, SESSION, random_bytes=_seeded(seed * 100 + i)) for i, d in enumerate(sorted(inputs))}
+    for c in clients.values():
+        server.receive_advertise(c.advertise())
+    keys = server.key_list()
+    for c in clients.values():
+        server.receive_shares(c.share_keys(keys))
+    return inputs, server, clients, keys, server.forward()
+
+
+def test_devices_refuse_unsafe_unmask_requests():
+    inputs, server, clients, keys, forwarded = _round_to_masked()
+    for d, c in clients.items():
+        server.receive_masked(c.masked_input(forwarded[d], inputs[d]))
+    devices = sorted(inputs)
+    with pytest.raises(SecAggError, match="must partition"):
+        clients[devices[0]].unmask(UnmaskRequest(tuple(devices[:4]), ()))
+    with pytest.raises(SecAggError, match="both as survivor and as dropped"):
+        UnmaskRequest(tuple(devices), (devices[0],))
+    with pytest.raises(NotEnoughSurvivors, match="2 survivors < threshold 3; refusing"):
+        clients[devices[1]].unmask(UnmaskRequest(tuple(devices[:2]), tuple(devices[2:])))
+    with pytest.raises(SecAggError, match="step 'unmask' called while the round expects 'done'"):
+        clients[devices[1]].unmask(UnmaskRequest(tuple(devices), ()))  # a device answers once
+    with pytest.raises(SecAggError, match="not list this device as a survivor"):
+        clients[devices[2]].unmask(UnmaskRequest(tuple(devices[3:] + devices[:2]), (devices[2],)))
+
+
+def test_tampered_or_misrouted_shares_rejected():
+    inputs, server, clients, keys, forwarded = _round_to_masked()
+    a, b = sorted(inputs)[:2]
+    ct = bytearray(forwarded[a].ciphertexts[b])
+    ct[20] ^= 1
+    with pytest.raises(SecAggError, match=f"shares from '{b}' fail authentication"):
+        clients[a].masked_input(ForwardedShares(a, {**forwarded[a].ciphertexts, b: bytes(ct)}), inputs[a])
+    # a ciphertext meant for a, delivered to c
+    c = sorted(inputs)[2]
+    with pytest.raises(SecAggError, match="fail authentication"):
+        clients[c].masked_input(ForwardedShares(c, {**forwarded[c].ciphertexts, b: forwarded[a].ciphertexts[b]}),
+                                inputs[c])
+    with pytest.raises(SecAggError, match="forwarded to"):
+        clients[sorted(inputs)[3]].masked_input(forwarded[a], inputs[a])
+
+
+def test_other_session_cannot_decrypt():
+    """Keys and ciphertexts are bound to (fleet, round): a device in another session rejects them."""
+    server = SecAggServer(SESSION, vector_size=M)
+    clients = [SecAggClient("a", SESSION), SecAggClient("b", SESSION), SecAggClient("c", session_id("ward7", 4))]
+    for c in clients:
+        server.receive_advertise(c.advertise())
+    keys = server.key_list()
+    for c in clients:
+        server.receive_shares(c.share_keys(keys))
+    with pytest.raises(SecAggError, match="fail authentication"):
+        clients[2].masked_input(server.forward()["c"], np.zeros(M, np.uint64))
+
+
+def test_server_rejects_messages_out_of_place():
+    inputs, server, clients, keys, forwarded = _round_to_masked()
+    devices = sorted(inputs)
+    with pytest.raises(SecAggError, match="after the key list was sent"):
+        server.receive_advertise(SecAggClient("late", SESSION).advertise())
+    with pytest.raises(SecAggError, match="outside the share-keys step"):
+        server.receive_shares(EncryptedShares("x", {}, bytes(32)))
+    with pytest.raises(SecAggError, match="has shape"):
+        server.receive_masked(MaskedInput(devices[0], np.zeros(M + 1, np.uint64)))
+    with pytest.raises(SecAggError, match="did not share keys"):
+        server.receive_masked(MaskedInput("stranger", np.zeros(M, np.uint64)))
+    server.receive_masked(clients[devices[0]].masked_input(forwarded[devices[0]], inputs[devices[0]]))
+    with pytest.raises(SecAggError, match="twice"):
+        server.receive_masked(MaskedInput(devices[0], np.zeros(M, np.uint64)))
+    for d in devices[1:]:
+        server.receive_masked(clients[d].masked_input(forwarded[d], inputs[d]))
+    request = server.unmask_request()
+    with pytest.raises(SecAggError, match="does not match the request"):
+        server.receive_unmask(UnmaskResponse(devices[0], {}, {}))
+    with pytest.raises(SecAggError, match="reveals both shares"):
+        UnmaskResponse(devices[0], {devices[1]: bytes(66)}, {devices[1]: bytes(66)})
+    with pytest.raises(SecAggError, match="1-D uint64"):
+        MaskedInput("a", np.zeros(3))
+    responses = {d: clients[d].unmask(request) for d in devices}
+    # a corrupted share: the reconstructed seed fails its SHA-256 commitment
+    bad = dict(responses[devices[0]].b_shares)
+    bad[devices[1]] = (int.from_bytes(bad[devices[1]], "big") + 1).to_bytes(66, "big")
+    server.receive_unmask(UnmaskResponse(devices[0], bad, {}))
+    for d in devices[1:]:
+        server.receive_unmask(responses[d])
+    with pytest.raises(SecAggError, match="does not match its commitment"):
+        server.aggregate()
+
+
+def test_corrupted_key_share_detected():
+    inputs, server, clients, keys, forwarded = _round_to_masked(seed=3)
+    devices = sorted(inputs)
+    for d in devices[1:]:
+        server.receive_masked(clients[d].masked_input(forwarded[d], inputs[d]))
+    request = server.unmask_request()
+    assert request.dropped == (devices[0],)
+    responses = {d: clients[d].unmask(request) for d in devices[1:]}
+    first = min(responses)
+    key = responses[first].key_shares[devices[0]]
+    bad = (int.from_bytes(key, "big") ^ 1).to_bytes(66, "big")
+    server.receive_unmask(UnmaskResponse(first, responses[first].b_shares, {devices[0]: bad}))
+    for d in sorted(responses)[1:]:
+        server.receive_unmask(responses[d])
+    with pytest.raises(SecAggError, match="does not match its advertised public key"):
+        server.aggregate()
+
+
+def test_message_and_key_list_validation():
+    a, b = SecAggClient("a", SESSION), SecAggClient("b", SESSION)
+    ka, kb = a.advertise(), b.advertise()
+    with pytest.raises(SecAggError, match="not a majority"):
+        KeyList(1, {"a": ka, "b": kb})
+    with pytest.raises(SecAggError, match="must be that device's AdvertiseKeys"):
+        KeyList(2, {"a": kb, "b": ka})
+    with pytest.raises(SecAggError, match="repeats a public key"):
+        KeyList(2, {"a": ka, "b": AdvertiseKeys("b", ka.c_pk, kb.s_pk)})
+    with pytest.raises(SecAggError, match="must be different keys"):
+        AdvertiseKeys("a", ka.c_pk, ka.c_pk)
+    with pytest.raises(SecAggError, match="must be 32 bytes"):
+        AdvertiseKeys("a", b"x", ka.s_pk)
+    with pytest.raises(SecAggError, match="not a valid device id"):
+        AdvertiseKeys("a/b", ka.c_pk, ka.s_pk)
+    c = SecAggClient("c", SESSION)
+    c.advertise()
+    with pytest.raises(SecAggError, match="lacks this device's advertised keys"):
+        c.share_keys(KeyList(2, {"a": ka, "b": kb}))
+    with pytest.raises(SecAggError, match="step 'masked_input' called while the round expects 'advertise'"):
+        SecAggClient("d", SESSION).masked_input(ForwardedShares("d", {}), np.zeros(3, np.uint64))
+    with pytest.raises(SecAggError, match="session must be non-empty bytes"):
+        SecAggClient("d", b"")
+    with pytest.raises(SecAggError, match="round must be an integer >= 0"):
+        session_id("ward7", -1)
