@@ -577,6 +577,9 @@ class Model:
     """Global model after a round, coordinator -> devices (retained on ``model``).
 
     ``epsilon`` is the privacy spent so far at the configured delta (None without DP).
+    ``onnx`` is the serialized ONNX model of the same parameters and basis (uint8 bytes,
+    ``features`` input, metadata of :mod:`biofed.model_format`; built by
+    :mod:`biofed.coordinator.onnx_export`), empty when the coordinator knows no feature layout.
     """
 
     KIND: ClassVar[str] = "model"
@@ -587,6 +590,7 @@ class Model:
     hidden: int = 0
     n_devices: int = 0
     epsilon: float | None = None
+    onnx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.uint8))
 
     def __post_init__(self) -> None:
         _set(self, "round", _int(self.round, "Model.round"))
@@ -596,6 +600,9 @@ class Model:
         _set(self, "hidden", _int(self.hidden, "Model.hidden"))
         _set(self, "n_devices", _int(self.n_devices, "Model.n_devices"))
         _set(self, "epsilon", _float(self.epsilon, "Model.epsilon", minimum=0.0, allow_none=True))
+        _set(self, "onnx", _array(self.onnx, "Model.onnx", ndim=1, floating=False))
+        if self.onnx.dtype != np.uint8:
+            raise InvalidPayload(f"Model.onnx must be a uint8 byte array, got {self.onnx.dtype}")
 
     def to_payload(self) -> dict[str, Any]:
         return _fields_payload(self, skip=("round",))
@@ -696,7 +703,9 @@ class Status:
 
     ``state`` is a short lowercase word: ``"online"``, ``"offline"`` (the MQTT last will,
     see :func:`offline_status`), ``"idle"``, ``"training"`` ... ``round`` is the last round
-    the device saw.
+    the device saw. ``layout`` is the device's feature layout as JSON
+    (:class:`biofed.model_format.LayoutSpec`; empty until the device has ingested data): the
+    coordinator writes it into the exported ONNX model.
     """
 
     KIND: ClassVar[str] = "status"
@@ -705,6 +714,7 @@ class Status:
     basis_version: int = 0
     n_rows: int = 0
     detail: str = ""
+    layout: str = ""
 
     def __post_init__(self) -> None:
         _set(self, "round", _int(self.round, "Status.round"))
@@ -714,6 +724,8 @@ class Status:
         _set(self, "n_rows", _int(self.n_rows, "Status.n_rows"))
         if not isinstance(self.detail, str):
             raise InvalidPayload(f"Status.detail must be a string, got {self.detail!r}")
+        if not isinstance(self.layout, str):
+            raise InvalidPayload(f"Status.layout must be a JSON string, got {type(self.layout).__name__}")
 
     def to_payload(self) -> dict[str, Any]:
         return _fields_payload(self, skip=("round",))
