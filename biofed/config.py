@@ -181,7 +181,29 @@ class TrainingSettings(_Section):
     prox_mu: float = Field(0.0, ge=0)
 
 
-class DeviceConfig(_Section):
+class _SigningFields(_Section):
+    """Signed envelopes (:mod:`biofed.signing`); all optional, off by default."""
+
+    signing_key_file: ConfigPath | None = None
+    """Ed25519 private key (PEM) this process signs every message with, e.g.
+    ``DIR/devices/{id}/signing.key.pem`` from ``biofed provision``. None: unsigned."""
+    keys_dir: ConfigPath | None = None
+    """Directory of ``{id}.pub.pem`` public keys (and ``revoked.txt``). When set, only
+    messages with a valid signature of a known, unrevoked sender are accepted."""
+    max_clock_skew_s: float = Field(300.0, gt=0)
+    """Largest accepted |created - now| of a verified message (retained kinds exempt from the age limit)."""
+
+    @model_validator(mode="after")
+    def _verify_needs_key(self):
+        if self.keys_dir is not None and self.signing_key_file is None:
+            raise ValueError(
+                "keys_dir is set but signing_key_file is not: receivers that verify signatures refuse unsigned "
+                "messages, so this process must sign its own (set signing_key_file)"
+            )
+        return self
+
+
+class DeviceConfig(_SigningFields):
     """One edge device (``biofed agent``)."""
 
     device_id: Id
@@ -214,6 +236,10 @@ class DPConfig(_Section):
     """Differential privacy of the coordinator."""
 
     trust_mode: Literal["central", "local", "distributed"] = "central"
+    secagg_threshold: int | None = Field(None, ge=1)
+    """distributed mode: minimum devices that must survive a secure-aggregation round (the
+    Shamir threshold, raised to a majority of the round's devices) and the ``n_min`` each
+    device calibrates its noise share for. None: ``min_devices // 2 + 1``."""
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
     adaptive_clipping: AdaptiveClippingConfig | None = None
@@ -246,7 +272,7 @@ class ModelSettings(_Section):
         return self
 
 
-class CoordinatorConfig(_Section):
+class CoordinatorConfig(_SigningFields):
     """The coordinator (``biofed coordinator``)."""
 
     fleet: Id

@@ -50,6 +50,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -83,6 +84,7 @@ __all__ = [
     "UnsignedMessage",
     "Verifier",
     "load_signer",
+    "signing_from_config",
 ]
 
 PUBLIC_KEY_SUFFIX = ".pub.pem"
@@ -249,6 +251,11 @@ class KeyRing:
     def __contains__(self, key_id: object) -> bool:
         return key_id in self.ids
 
+    def public_key(self, key_id: str) -> Ed25519PublicKey | None:
+        """The key stored for ``key_id`` (revoked or not), or None."""
+        with self._lock:
+            return self._keys.get(key_id)
+
     def verify(self, sender: str, data: bytes, signature: bytes) -> None:
         """Raise unless ``signature`` is ``sender``'s Ed25519 signature of ``data``.
 
@@ -348,3 +355,39 @@ class Verifier:
             )
         if not self._seen.add(message.message_id):
             raise ReplayedMessage(f"{message.kind} {message.message_id} from {message.sender!r} was already accepted")
+
+
+def signing_from_config(config: Any, sender: str) -> tuple[Signer | None, Verifier | None]:
+    """The signer and verifier a process configures from its ``DeviceConfig`` or
+    ``CoordinatorConfig`` (fields ``signing_key_file``, ``keys_dir``, ``max_clock_skew_s``).
+
+    Parameters
+    ----------
+    config : biofed.config.DeviceConfig or biofed.config.CoordinatorConfig
+    sender : str
+        The id this process sends as (device id, or the coordinator's sender id).
+
+    Returns
+    -------
+    signer : Signer or None
+        None when ``signing_key_file`` is not set (unsigned messages).
+    verifier : Verifier or None
+        None when ``keys_dir`` is not set (signatures not checked).
+
+    Raises
+    ------
+    ValueError
+        A key file or the key directory cannot be loaded, or the key directory's public key
+        of ``sender`` does not match the private key (a mixed-up provisioning directory).
+    """
+    signer = None if config.signing_key_file is None else load_signer(config.signing_key_file, sender)
+    if config.keys_dir is None:
+        return signer, None
+    ring = KeyRing.from_dir(config.keys_dir)
+    own = ring.public_key(sender)
+    if signer is not None and own is not None and own.public_bytes_raw() != signer.public_key.public_bytes_raw():
+        raise ValueError(
+            f"{config.signing_key_file}: this private key does not match {config.keys_dir}/{sender}{PUBLIC_KEY_SUFFIX}; "
+            "receivers would reject every message of this process"
+        )
+    return signer, Verifier(ring, max_skew_s=config.max_clock_skew_s)

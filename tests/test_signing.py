@@ -322,3 +322,30 @@ def test_key_file_errors(tmp_path):
         load_signer(tmp_path / "x25519.pem", "pi-01")
     with pytest.raises(ValueError, match="invalid key id"):
         Signer.generate("a/b")
+
+
+def test_signing_from_config(tmp_path):
+    from biofed.config import ConfigError, DeviceConfig, load_config
+    from biofed.signing import signing_from_config
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    device_key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    _write_private(tmp_path / "devices/pi-01/signing.key.pem", device_key)
+    (keys / "pi-01.pub.pem").write_bytes(Signer(device_key, "pi-01").public_pem())
+    (keys / "coordinator.pub.pem").write_bytes(Signer(other, "coordinator").public_pem())
+    base = 'device_id = "pi-01"\nfleet = "ward7"\nstore_path = "s.sqlite"\n'
+    path = tmp_path / "device.toml"
+    path.write_text(base)
+    assert signing_from_config(load_config(path, DeviceConfig), "pi-01") == (None, None)
+    path.write_text(base + 'signing_key_file = "devices/pi-01/signing.key.pem"\nkeys_dir = "keys"\nmax_clock_skew_s = 30\n')
+    config = load_config(path, DeviceConfig)
+    signer, verifier = signing_from_config(config, "pi-01")
+    assert signer.key_id == "pi-01" and verifier.max_skew_s == 30 and verifier.keyring.ids == {"pi-01", "coordinator"}
+    assert decode_message(encode_message(_update(), fleet=FLEET, sender="pi-01", signer=signer), verifier=verifier).verified
+    (keys / "pi-01.pub.pem").write_bytes(Signer(other, "pi-01").public_pem())
+    with pytest.raises(ValueError, match="does not match"):
+        signing_from_config(config, "pi-01")
+    path.write_text(base + 'keys_dir = "keys"\n')
+    with pytest.raises(ConfigError, match="keys_dir is set but signing_key_file is not"):
+        load_config(path, DeviceConfig)
