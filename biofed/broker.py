@@ -13,8 +13,13 @@
   100 000; the packet size is capped just above the protocol's message limit.
 - ``biofed broker [--port N] [--mosquitto] [--dir D]`` runs either until Ctrl-C.
 
-Plain mode only: no authentication (any client, any user name) on 127.0.0.1, no TLS
-(a later addition).
+The plain config has no authentication (any client, any user name) and no TLS, on
+127.0.0.1. A secured fleet (TLS with client certificates, passwords, per-device ACLs and
+a revocation list) gets its config from ``biofed provision`` (:mod:`biofed.provision`,
+which shares :func:`mosquitto_common_lines`); run it with
+``start_mosquitto(config_file=DIR/broker/mosquitto.conf)`` or
+``biofed broker --config DIR/broker/mosquitto.conf``. Mosquitto re-reads its password
+file, ACL file and revocation list on SIGHUP (:meth:`MosquittoBroker.reload`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import asyncio
 import logging
 import os
 import pwd
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -188,6 +195,41 @@ def start_embedded_broker(host: str = LOOPBACK, port: int = 0, *, timeout_s: flo
 
 
 # ----------------------------------------------------------------------------- mosquitto
+def mosquitto_common_lines(
+    data_dir: Path,
+    *,
+    max_queued_messages: int = MOSQUITTO_MAX_QUEUED_MESSAGES,
+    max_inflight_messages: int = MOSQUITTO_MAX_INFLIGHT_MESSAGES,
+    max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE,
+) -> list[str]:
+    """Config lines every biofed Mosquitto shares: the process user, persistence and the log
+    in ``data_dir``, and the queue/packet limits (see the module docstring)."""
+    for name, value in (("max_queued_messages", max_queued_messages),
+                        ("max_inflight_messages", max_inflight_messages), ("max_packet_size", max_packet_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return [
+        # Started as root, mosquitto would switch to user "mosquitto", which cannot write
+        # the persistence and log files in `data_dir` nor read biofed's 0600 key files;
+        # stay the user who started it.
+        f"user {pwd.getpwuid(os.getuid()).pw_name}",
+        "per_listener_settings false",
+        "persistence true",
+        f"persistence_location {data_dir}/",
+        "autosave_interval 60",
+        "persistent_client_expiration 7d",
+        f"max_queued_messages {max_queued_messages}",
+        "max_queued_bytes 0",
+        f"max_inflight_messages {max_inflight_messages}",
+        f"max_packet_size {max_packet_size}",
+        f"log_dest file {data_dir}/mosquitto.log",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+    ]
+
+
 def write_mosquitto_config(
     directory: str | Path,
     port: int,
@@ -202,34 +244,18 @@ def write_mosquitto_config(
     Persistence (sessions, retained model/task/basis, queued QoS 1 messages) and the log
     live in ``directory``. Returns the config path.
     """
+    if not isinstance(port, int) or port <= 0:
+        raise ValueError(f"port must be a positive integer, got {port!r}")
     directory = Path(directory).resolve()
+    common = mosquitto_common_lines(directory, max_queued_messages=max_queued_messages,
+                                    max_inflight_messages=max_inflight_messages, max_packet_size=max_packet_size)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, value in (("port", port), ("max_queued_messages", max_queued_messages),
-                        ("max_inflight_messages", max_inflight_messages), ("max_packet_size", max_packet_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     lines = [
         "# written by biofed.broker.write_mosquitto_config",
-        # Started as root, mosquitto would switch to user "mosquitto", which cannot write
-        # the persistence and log files in `directory`; stay the user who started it.
-        f"user {pwd.getpwuid(os.getuid()).pw_name}",
-        "per_listener_settings false",
+        *common,
         f"listener {port} {host}",
         "protocol mqtt",
         "allow_anonymous true",
-        "persistence true",
-        f"persistence_location {directory}/",
-        "autosave_interval 60",
-        "persistent_client_expiration 7d",
-        f"max_queued_messages {max_queued_messages}",
-        "max_queued_bytes 0",
-        f"max_inflight_messages {max_inflight_messages}",
-        f"max_packet_size {max_packet_size}",
-        f"log_dest file {directory}/mosquitto.log",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
         "",
     ]
     path = directory / "mosquitto.conf"
@@ -263,6 +289,13 @@ class MosquittoBroker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def reload(self) -> None:
+        """Send SIGHUP: Mosquitto re-reads its password file, ACL file and revocation list
+        (used after ``biofed provision revoke``)."""
+        if self.process.poll() is not None:
+            raise BrokerError(f"mosquitto (pid {self.process.pid}) is not running; nothing to reload")
+        os.kill(self.process.pid, signal.SIGHUP)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate (then kill) the process and wait for it (idempotent)."""
         if self.process.poll() is None:
@@ -280,25 +313,49 @@ class MosquittoBroker:
         self.stop()
 
 
+_LISTENER = re.compile(r"^\s*listener\s+(\d+)(?:\s+(\S+))?\s*$", re.MULTILINE)
+_LOG_FILE = re.compile(r"^\s*log_dest\s+file\s+(\S.*?)\s*$", re.MULTILINE)
+
+
+def read_mosquitto_listener(config_file: str | Path) -> tuple[str, int]:
+    """``(host, port)`` of the first ``listener`` line of a Mosquitto config; the host is
+    loopback when the listener binds every interface. :class:`BrokerError` when there is none."""
+    config_file = Path(config_file)
+    try:
+        text = config_file.read_text()
+    except OSError as exc:
+        raise BrokerError(f"cannot read mosquitto config {config_file}: {exc}") from None
+    match = _LISTENER.search(text)
+    if match is None:
+        raise BrokerError(f"mosquitto config {config_file} has no 'listener PORT [ADDRESS]' line")
+    address = match.group(2)
+    return (LOOPBACK if address in (None, "0.0.0.0", "::") else address), int(match.group(1))
+
+
 def start_mosquitto(
-    directory: str | Path,
+    directory: str | Path | None = None,
     port: int = 0,
     *,
     host: str = LOOPBACK,
     timeout_s: float = 10.0,
+    config_file: str | Path | None = None,
     **config: int,
 ) -> MosquittoBroker:
-    """Write the config (:func:`write_mosquitto_config`, extra keywords go there) and run
-    ``mosquitto -c`` until it accepts connections.
+    """Run ``mosquitto -c`` until it accepts connections: with a plain config written into
+    ``directory`` (:func:`write_mosquitto_config`, extra keywords go there), or with a
+    ready ``config_file`` (e.g. ``DIR/broker/mosquitto.conf`` from ``biofed provision``).
 
     Parameters
     ----------
     directory : path
-        Config, persistence database and log.
+        Config, persistence database and log of a plain broker. Not with ``config_file``.
     port : int
-        TCP port; 0 picks a free one.
+        TCP port of a plain broker; 0 picks a free one. Not with ``config_file``, whose
+        first ``listener`` line gives address and port.
     timeout_s : float
         How long to wait for the port.
+    config_file : path, optional
+        A complete Mosquitto config to run as it is.
 
     Raises
     ------
@@ -306,8 +363,16 @@ def start_mosquitto(
         mosquitto is not installed, exits early (the message quotes its log) or never listens.
     """
     binary = mosquitto_binary()
-    port = port or free_port(host)
-    conf = write_mosquitto_config(directory, port, host=host, **config)
+    if config_file is not None:
+        if directory is not None or port or config:
+            raise ValueError("start_mosquitto: give either config_file or directory/port/limits, not both")
+        conf = Path(config_file).resolve()
+        host, port = read_mosquitto_listener(conf)
+    elif directory is None:
+        raise ValueError("start_mosquitto needs a directory (plain broker) or a config_file (provisioned broker)")
+    else:
+        port = port or free_port(host)
+        conf = write_mosquitto_config(directory, port, host=host, **config)
     # Own session: a Ctrl-C in the terminal reaches only the caller, which then stops us.
     process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
@@ -321,10 +386,11 @@ def start_mosquitto(
         if process.poll() is None:
             process.kill()
         _, stderr = process.communicate(timeout=timeout_s)
-        log = conf.parent / "mosquitto.log"
+        log_match = _LOG_FILE.search(conf.read_text())
+        log = Path(log_match.group(1)) if log_match else conf.parent / "mosquitto.log"
         detail = (stderr or b"").decode(errors="replace").strip()
         if log.is_file():
-            detail += "\n" + log.read_text(errors="replace").strip()
+            detail += "\n" + log.read_text(errors="replace").strip()[-4000:]
         raise BrokerError(f"{exc}; mosquitto said:\n{detail}") from None
     logger.info("mosquitto (pid %d) listening on %s:%d, data in %s", process.pid, host, port, conf.parent)
     return MosquittoBroker(host, port, conf.parent, process)
@@ -337,12 +403,20 @@ def start_mosquitto(
 @click.option("--mosquitto", "use_mosquitto", is_flag=True, help="Run Mosquitto (MQTT 5) instead of the embedded amqtt broker (MQTT 3.1.1).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Mosquitto config, persistence and log directory (default: a temporary directory).")
-def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | None) -> None:
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Run Mosquitto with this ready config (e.g. DIR/broker/mosquitto.conf from biofed provision); "
+                   "its listener line gives address and port.")
+def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | None, config_file: Path | None) -> None:
     """Run an MQTT broker for a biofed fleet until Ctrl-C."""
     with tempfile.TemporaryDirectory(prefix="biofed-broker-") as scratch:
         running: EmbeddedBroker | MosquittoBroker | None = None
         try:
-            if use_mosquitto:
+            if config_file is not None:
+                running = start_mosquitto(config_file=config_file)
+                click.echo(f"mosquitto (pid {running.process.pid}) listening on {running.host}:{running.port} with "
+                           f"{config_file}; kill -HUP {running.process.pid} reloads passwords, ACL and CRL; "
+                           f"Ctrl-C stops it")
+            elif use_mosquitto:
                 running = start_mosquitto(directory or Path(scratch), port, host=host)
                 click.echo(f"mosquitto listening on {running.host}:{running.port} (data in {running.directory}); Ctrl-C stops it")
             else:

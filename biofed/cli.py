@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "export": "biofed.coordinator.export_cli:export_command",
     "predict": "biofed.edge.predict_cli:predict_command",
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
+    "provision": "biofed.provision:provision_command",
     "replay": "biofed.edge.replay_cli:replay_command",
 }
 

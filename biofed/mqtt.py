@@ -144,6 +144,14 @@ class InboundMessage:
     retain: bool
 
 
+def _is_published(info: paho.MQTTMessageInfo) -> bool:
+    """Whether the PUBACK arrived. paho's ``is_published()`` raises RuntimeError for a message
+    published while disconnected (rc MQTT_ERR_NO_CONN) even after the reconnect sent it, so
+    read its flag."""
+    with info._condition:
+        return info._published
+
+
 class MqttClient:
     """One MQTT connection with a persistent session, a bounded inbox and QoS 1 publishing.
 
@@ -314,7 +322,8 @@ class MqttClient:
             logger.info("MQTT %s connection to %s:%d failed (%s)", version, self.host, self.port, reason)
         raise ConnectError(
             f"MQTT broker {self.host}:{self.port} did not accept the connection ({'; '.join(failures)}); "
-            f"check the broker address and its protocol (config broker.protocol = auto | 5 | 3.1.1)"
+            f"check the broker address, its protocol (config broker.protocol = auto | 5 | 3.1.1) and, for a "
+            f"provisioned broker, TLS (broker.tls, ca_file, cert_file, key_file) and the user name and password"
         )
 
     def close(self) -> None:
@@ -394,9 +403,9 @@ class MqttClient:
         deadline = time.monotonic() + timeout_s
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             info.wait_for_publish(timeout_s)
-        while not info.is_published() and time.monotonic() < deadline:
+        while not _is_published(info) and time.monotonic() < deadline:
             time.sleep(0.05)  # queued while offline: sent after the reconnect
-        if not info.is_published():
+        if not _is_published(info):
             raise PublishError(f"publish to {topic!r} not acknowledged within {timeout_s:g} s")
         return info
 
