@@ -14,6 +14,8 @@ Everything of one fleet lives under ``biofed/{fleet}/``::
     biofed/{fleet}/sketch/{device_id}       basis sketch           device -> coordinator
     biofed/{fleet}/status/{device_id}       liveness, retained; the MQTT last will is "offline"
     biofed/{fleet}/prediction/{device_id}   on-device predictions  device -> anyone
+    biofed/{fleet}/secagg/{device_id}       secure-aggregation step device -> coordinator
+    biofed/{fleet}/secagg_relay             secure-aggregation step coordinator -> devices
 
 Fleet and device ids match ``[A-Za-z0-9_-]{1,64}`` (no MQTT wildcards, no ``/``).
 
@@ -81,7 +83,7 @@ SCHEMA_VERSION = 1
 """Envelope version. Bump it on any incompatible change; receivers reject other versions."""
 
 TOPIC_ROOT = "biofed"
-KINDS = ("task", "update", "model", "basis", "status", "sketch", "prediction")
+KINDS = ("task", "update", "model", "basis", "status", "sketch", "prediction", "secagg", "secagg_relay")
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 """Default cap on one encoded message (16 MiB; a 1 M-parameter float64 update is 8 MiB)."""
 
@@ -190,8 +192,8 @@ def validate_id(value: object, what: str = "device id") -> str:
     return value
 
 
-_BROADCAST_KINDS = ("model", "task", "basis")
-_DEVICE_KINDS = ("update", "sketch", "status", "prediction")
+_BROADCAST_KINDS = ("model", "task", "basis", "secagg_relay")
+_DEVICE_KINDS = ("update", "sketch", "status", "prediction", "secagg")
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,13 @@ class Topics:
     def prediction(self, device_id: str) -> str:
         return f"{self.base}/prediction/{validate_id(device_id)}"
 
+    def secagg(self, device_id: str) -> str:
+        return f"{self.base}/secagg/{validate_id(device_id)}"
+
+    @property
+    def secagg_relay(self) -> str:
+        return f"{self.base}/secagg_relay"
+
     def all_devices(self, kind: str) -> str:
         """Subscription filter for one device-to-coordinator kind, e.g. ``biofed/f/update/+``."""
         if kind not in _DEVICE_KINDS:
@@ -258,8 +267,8 @@ class Topics:
         if kind in _DEVICE_KINDS and len(parts) == 4:
             return kind, validate_id(parts[3])
         raise InvalidTopic(
-            f"topic {topic!r} is not a biofed topic: expected {self.base}/(model|task|basis) "
-            f"or {self.base}/(update|sketch|status|prediction)/<device_id>"
+            f"topic {topic!r} is not a biofed topic: expected {self.base}/({'|'.join(_BROADCAST_KINDS)}) "
+            f"or {self.base}/({'|'.join(_DEVICE_KINDS)})/<device_id>"
         )
 
     def device_id(self, topic: str, kind: str) -> str:
@@ -423,6 +432,11 @@ class Task:
     ``n_examples=0`` and the eval metrics filled. ``stats_mean``/``stats_scale`` ((d,) each,
     scale > 0) are set only in the covariance phase: the standardization the devices apply
     before computing ``Z.T @ Z / n``.
+
+    ``secagg_threshold`` (distributed trust mode; 0 otherwise) is the minimum number of
+    survivors of the round's secure aggregation (:mod:`biofed.secagg`): each device adds
+    noise of std ``noise_multiplier * clip_norm / sqrt(secagg_threshold)`` and its delta
+    travels only masked, in :class:`SecAggUpload` steps.
     """
 
     KIND: ClassVar[str] = "task"
@@ -446,6 +460,7 @@ class Task:
     phase: str = "train"
     stats_mean: np.ndarray | None = None
     stats_scale: np.ndarray | None = None
+    secagg_threshold: int = 0
 
     def __post_init__(self) -> None:
         _set(self, "round", _int(self.round, "Task.round"))
@@ -473,6 +488,7 @@ class Task:
         for device in self.participants:
             validate_id(device)
         _set(self, "phase", _choice(self.phase, "Task.phase", PHASES))
+        _set(self, "secagg_threshold", _int(self.secagg_threshold, "Task.secagg_threshold"))
         if (self.stats_mean is None) != (self.stats_scale is None):
             raise InvalidPayload("Task.stats_mean and Task.stats_scale must be given together (or neither)")
         if self.stats_mean is not None:
@@ -763,9 +779,171 @@ class Prediction:
         return _from_payload(cls, round, payload)
 
 
-Payload: TypeAlias = Task | Update | Model | Basis | Sketch | Status | Prediction
+SECAGG_UPLOAD_STEPS = ("advertise", "shares", "masked", "unmask")
+"""Device -> coordinator steps of a secure-aggregation round (:mod:`biofed.secagg`)."""
+SECAGG_RELAY_STEPS = ("keys", "shares", "unmask")
+"""Coordinator -> devices steps of a secure-aggregation round."""
+_SECAGG_PUBLIC_KEYS_BYTES = 64  # X25519 c_pk | s_pk
+_SECAGG_SHARE_BYTES = 66  # one element of GF(2^521 - 1)
+_SECAGG_MAX_CIPHERTEXT = 1024
+
+
+def _bytes_array(value: Any, name: str, *, size: int | None = None, max_size: int | None = None) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
+        raise InvalidPayload(f"{name} must be a 1-D uint8 array (bytes), got {getattr(value, 'dtype', type(value).__name__)}")
+    if size is not None and value.size != size:
+        raise InvalidPayload(f"{name} must hold {size} bytes, got {value.size}")
+    if max_size is not None and value.size > max_size:
+        raise InvalidPayload(f"{name} holds {value.size} bytes, at most {max_size} are allowed")
+    return value
+
+
+def _id_map(value: Any, name: str, check) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidPayload(f"{name} must be a map of device id to value, got {type(value).__name__}")
+    out = {}
+    for key, item in value.items():
+        try:
+            validate_id(key)
+        except InvalidTopic as exc:
+            raise InvalidPayload(f"{name}: {exc}") from None
+        out[key] = check(item, f"{name}[{key!r}]")
+    return MappingProxyType(out)
+
+
+def _is_blank(value: Any) -> bool:
+    if isinstance(value, (Mapping, tuple)):
+        return not value
+    return value is None or (isinstance(value, int) and value == 0)
+
+
+def _step_fields(obj: Any, required: Sequence[str], optional: Sequence[str] = ()) -> None:
+    """The step's ``required`` fields must be set, and no field outside it and ``optional``."""
+    for f in fields(obj):
+        if f.name in ("round", "step"):
+            continue
+        blank = _is_blank(getattr(obj, f.name))
+        if f.name in required and blank:
+            raise InvalidPayload(f"{obj.KIND} step {obj.step!r} needs {f.name}")
+        if f.name not in required and f.name not in optional and not blank:
+            raise InvalidPayload(f"{obj.KIND} step {obj.step!r} must not carry {f.name}")
+
+
+def _nonblank_payload(obj: Any) -> dict[str, Any]:
+    return {name: value for name, value in _fields_payload(obj, skip=("round",)).items() if not _is_blank(value)}
+
+
+@dataclass(frozen=True, eq=False)
+class SecAggUpload:
+    """One device's secure-aggregation step, device -> coordinator (``secagg/{device_id}``).
+
+    Byte strings travel as uint8 arrays. Per ``step`` (see :mod:`biofed.secagg`):
+
+    - ``"advertise"``: ``public_keys`` (64,) = X25519 ``c_pk | s_pk``;
+    - ``"shares"``: ``ciphertexts`` {recipient id: (<= 1024,)} and ``commitment`` (32,);
+    - ``"masked"``: ``masked`` (m,) int64, the masked input's Z_{2^64} words (bit pattern);
+    - ``"unmask"``: ``b_shares`` and ``key_shares`` {device id: (66,)} (field elements).
+
+    Maps hold at most 256 entries, which caps a secure-aggregation round at 257 devices.
+    """
+
+    KIND: ClassVar[str] = "secagg"
+    round: int
+    step: str
+    public_keys: np.ndarray | None = None
+    ciphertexts: Mapping[str, np.ndarray] = field(default_factory=dict)
+    commitment: np.ndarray | None = None
+    masked: np.ndarray | None = None
+    b_shares: Mapping[str, np.ndarray] = field(default_factory=dict)
+    key_shares: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    _STEP_FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({
+        "advertise": ("public_keys",), "shares": ("ciphertexts", "commitment"), "masked": ("masked",),
+        "unmask": ("b_shares",),
+    })
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "SecAggUpload.round"))
+        _set(self, "step", _choice(self.step, "SecAggUpload.step", SECAGG_UPLOAD_STEPS))
+        if self.public_keys is not None:
+            _bytes_array(self.public_keys, "SecAggUpload.public_keys", size=_SECAGG_PUBLIC_KEYS_BYTES)
+        _set(self, "ciphertexts", _id_map(self.ciphertexts, "SecAggUpload.ciphertexts",
+                                          lambda v, n: _bytes_array(v, n, max_size=_SECAGG_MAX_CIPHERTEXT)))
+        if self.commitment is not None:
+            _bytes_array(self.commitment, "SecAggUpload.commitment", size=32)
+        if self.masked is not None:
+            masked = self.masked
+            if not isinstance(masked, np.ndarray) or masked.dtype != np.int64 or masked.ndim != 1 or masked.size == 0:
+                raise InvalidPayload("SecAggUpload.masked must be a non-empty 1-D int64 array (the uint64 words' bits)")
+        for name in ("b_shares", "key_shares"):
+            _set(self, name, _id_map(getattr(self, name), f"SecAggUpload.{name}",
+                                     lambda v, n: _bytes_array(v, n, size=_SECAGG_SHARE_BYTES)))
+        # key shares are empty when nobody dropped out
+        _step_fields(self, self._STEP_FIELDS[self.step], ("key_shares",) if self.step == "unmask" else ())
+        if set(self.b_shares) & set(self.key_shares):
+            raise InvalidPayload("SecAggUpload reveals both shares of one device")
+
+    def to_payload(self) -> dict[str, Any]:
+        return _nonblank_payload(self)
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> SecAggUpload:
+        return _from_payload(cls, round, payload)
+
+
+@dataclass(frozen=True, eq=False)
+class SecAggRelay:
+    """A secure-aggregation step broadcast by the coordinator (``secagg_relay``).
+
+    Per ``step``:
+
+    - ``"keys"``: ``threshold`` (>= 1) and ``public_keys`` {device id: (64,) uint8}, U1;
+    - ``"shares"``: ``ciphertexts`` {recipient: {sender: (<= 1024,) uint8}}, U2's shares;
+    - ``"unmask"``: ``survivors`` (U3) and ``dropped`` (U2 minus U3), disjoint.
+    """
+
+    KIND: ClassVar[str] = "secagg_relay"
+    round: int
+    step: str
+    threshold: int = 0
+    public_keys: Mapping[str, np.ndarray] = field(default_factory=dict)
+    ciphertexts: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    survivors: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+    _STEP_FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({
+        "keys": ("threshold", "public_keys"), "shares": ("ciphertexts",), "unmask": ("survivors",),
+    })
+
+    def __post_init__(self) -> None:
+        _set(self, "round", _int(self.round, "SecAggRelay.round"))
+        _set(self, "step", _choice(self.step, "SecAggRelay.step", SECAGG_RELAY_STEPS))
+        _set(self, "threshold", _int(self.threshold, "SecAggRelay.threshold"))
+        _set(self, "public_keys", _id_map(self.public_keys, "SecAggRelay.public_keys",
+                                          lambda v, n: _bytes_array(v, n, size=_SECAGG_PUBLIC_KEYS_BYTES)))
+        _set(self, "ciphertexts", _id_map(
+            self.ciphertexts, "SecAggRelay.ciphertexts",
+            lambda inner, n: _id_map(inner, n, lambda v, m: _bytes_array(v, m, max_size=_SECAGG_MAX_CIPHERTEXT))))
+        for name in ("survivors", "dropped"):
+            values = _strings(getattr(self, name), f"SecAggRelay.{name}")
+            for device in values:
+                validate_id(device)
+            _set(self, name, values)
+        if set(self.survivors) & set(self.dropped):
+            raise InvalidPayload("SecAggRelay names a device both as survivor and as dropped")
+        _step_fields(self, self._STEP_FIELDS[self.step], ("dropped",) if self.step == "unmask" else ())
+
+    def to_payload(self) -> dict[str, Any]:
+        return _nonblank_payload(self)
+
+    @classmethod
+    def from_payload(cls, round: int, payload: Mapping[str, Any]) -> SecAggRelay:
+        return _from_payload(cls, round, payload)
+
+
+Payload: TypeAlias = Task | Update | Model | Basis | Sketch | Status | Prediction | SecAggUpload | SecAggRelay
 PAYLOAD_TYPES: Mapping[str, type] = MappingProxyType(
-    {cls.KIND: cls for cls in (Task, Update, Model, Basis, Sketch, Status, Prediction)}
+    {cls.KIND: cls for cls in (Task, Update, Model, Basis, Sketch, Status, Prediction, SecAggUpload, SecAggRelay)}
 )
 
 
@@ -1098,6 +1276,7 @@ __all__ = [
     "SIGNATURE_BYTES", "SIGNATURE_CONTEXT", "TRUST_MODES",
     "BadSignature", "MessageSigner", "MessageVerifier", "ReplayedMessage", "StaleMessage", "UnknownSender",
     "UnsignedMessage",
+    "SECAGG_RELAY_STEPS", "SECAGG_UPLOAD_STEPS", "SecAggRelay", "SecAggUpload",
     "Basis", "InvalidPayload", "InvalidTopic", "MalformedMessage", "Message", "MessageTooLarge", "Model",
     "Payload", "Prediction", "ProtocolError", "SeenMessageIds", "SenderMismatch", "Sketch", "Status", "Task",
     "Topics", "UnexpectedKind", "UnsupportedVersion", "Update", "UpdateMetrics", "WrongFleet",

@@ -124,7 +124,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from biofed.kernels import clip_l2
-from biofed.protocol import ID_PATTERN
+from biofed.protocol import ID_PATTERN, SecAggRelay, SecAggUpload
 
 __all__ = [
     "FIELD_PRIME",
@@ -142,6 +142,10 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskResponse",
     "default_threshold",
+    "from_relay",
+    "from_upload",
+    "relay_payload",
+    "upload_payload",
     "noise_share_std",
     "prepare_input",
     "prg_words",
@@ -846,6 +850,80 @@ class SecAggServer:
                 # u added +mask when u < d and -mask when d < u: remove it.
                 total = total - mask if u < d else total + mask
         return AggregateResult(total, request.survivors, request.dropped)
+
+
+# ----------------------------------------------------------------------------- wire payloads
+def _u8(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+UploadStep = AdvertiseKeys | EncryptedShares | MaskedInput | UnmaskResponse
+RelayStep = KeyList | Mapping[str, ForwardedShares] | UnmaskRequest
+
+
+def upload_payload(round: int, message: UploadStep) -> SecAggUpload:
+    """The :class:`biofed.protocol.SecAggUpload` carrying a device's step message."""
+    if isinstance(message, AdvertiseKeys):
+        return SecAggUpload(round, "advertise", public_keys=_u8(message.c_pk + message.s_pk))
+    if isinstance(message, EncryptedShares):
+        return SecAggUpload(round, "shares", ciphertexts={v: _u8(ct) for v, ct in message.ciphertexts.items()},
+                            commitment=_u8(message.b_commitment))
+    if isinstance(message, MaskedInput):
+        return SecAggUpload(round, "masked", masked=message.masked.view(np.int64))
+    if isinstance(message, UnmaskResponse):
+        return SecAggUpload(round, "unmask", b_shares={v: _u8(x) for v, x in message.b_shares.items()},
+                            key_shares={v: _u8(x) for v, x in message.key_shares.items()})
+    raise SecAggError(f"cannot send a {type(message).__name__} as a secagg upload")
+
+
+def from_upload(sender: str, payload: SecAggUpload) -> UploadStep:
+    """The step message of a decoded upload; ``sender`` is the (verified) envelope sender."""
+    if payload.step == "advertise":
+        keys = payload.public_keys.tobytes()
+        return AdvertiseKeys(sender, keys[:_KEY_BYTES], keys[_KEY_BYTES:])
+    if payload.step == "shares":
+        return EncryptedShares(sender, {v: ct.tobytes() for v, ct in payload.ciphertexts.items()},
+                               payload.commitment.tobytes())
+    if payload.step == "masked":
+        return MaskedInput(sender, payload.masked.view(np.uint64))
+    return UnmaskResponse(sender, {v: x.tobytes() for v, x in payload.b_shares.items()},
+                          {v: x.tobytes() for v, x in payload.key_shares.items()})
+
+
+def relay_payload(round: int, message: RelayStep) -> SecAggRelay:
+    """The :class:`biofed.protocol.SecAggRelay` broadcasting a coordinator step: a
+    :class:`KeyList`, the result of :meth:`SecAggServer.forward`, or an :class:`UnmaskRequest`."""
+    if isinstance(message, KeyList):
+        return SecAggRelay(round, "keys", threshold=message.threshold,
+                           public_keys={d: _u8(k.c_pk + k.s_pk) for d, k in message.keys.items()})
+    if isinstance(message, UnmaskRequest):
+        return SecAggRelay(round, "unmask", survivors=message.survivors, dropped=message.dropped)
+    if isinstance(message, Mapping) and all(isinstance(f, ForwardedShares) for f in message.values()):
+        return SecAggRelay(round, "shares", ciphertexts={
+            v: {u: _u8(ct) for u, ct in f.ciphertexts.items()} for v, f in message.items()
+        })
+    raise SecAggError(f"cannot broadcast a {type(message).__name__} as a secagg relay")
+
+
+def from_relay(payload: SecAggRelay, device_id: str) -> KeyList | ForwardedShares | UnmaskRequest:
+    """The step message of a decoded relay as seen by ``device_id`` (its forwarded shares).
+
+    Raises
+    ------
+    SecAggError
+        The relay is malformed for the protocol (e.g. a non-majority threshold), or the
+        shares step has nothing for ``device_id`` (it was dropped from the round).
+    """
+    if payload.step == "keys":
+        keys = {d: AdvertiseKeys(d, k.tobytes()[:_KEY_BYTES], k.tobytes()[_KEY_BYTES:])
+                for d, k in payload.public_keys.items()}
+        return KeyList(payload.threshold, keys)
+    if payload.step == "unmask":
+        return UnmaskRequest(payload.survivors, payload.dropped)
+    mine = payload.ciphertexts.get(device_id)
+    if mine is None:
+        raise SecAggError(f"{device_id}: the shares relay has nothing for this device (dropped from the round)")
+    return ForwardedShares(device_id, {u: ct.tobytes() for u, ct in mine.items()})
 
 
 # ----------------------------------------------------------------------------- in-process driver

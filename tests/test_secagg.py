@@ -390,3 +390,89 @@ def test_message_and_key_list_validation():
         SecAggClient("d", b"")
     with pytest.raises(SecAggError, match="round must be an integer >= 0"):
         session_id("ward7", -1)
+
+
+# ----------------------------------------------------------------------------- over the wire
+def test_round_over_signed_protocol_messages():
+    """Every step message encoded, signed, decoded and verified as on MQTT; 1 dropout each way."""
+    from biofed.protocol import Topics, decode_topic_message, encode_message
+    from biofed.secagg import from_relay, from_upload, relay_payload, upload_payload
+    from biofed.signing import KeyRing, Signer, Verifier
+
+    topics, round_ = Topics("ward7"), 3
+    session = session_id("ward7", round_)
+    inputs = _inputs(6, seed=9)
+    devices = sorted(inputs)
+    signers = {d: Signer.generate(d) for d in [*devices, "coordinator"]}
+    ring = KeyRing({d: s.public_key for d, s in signers.items()})
+    coordinator_in, device_in = Verifier(ring), {d: Verifier(ring) for d in devices}
+    server = SecAggServer(session, vector_size=M)
+    clients = {d: SecAggClient(d, session, random_bytes=_seeded(i)) for i, d in enumerate(devices)}
+
+    def upload(device, message):
+        data = encode_message(upload_payload(round_, message), fleet="ward7", sender=device, signer=signers[device])
+        decoded = decode_topic_message(topics, topics.secagg(device), data, verifier=coordinator_in)
+        assert decoded.round == round_
+        return from_upload(decoded.sender, decoded.payload)
+
+    def relay(step, device):
+        data = encode_message(relay_payload(round_, step), fleet="ward7", sender="coordinator",
+                              signer=signers["coordinator"])
+        decoded = decode_topic_message(topics, topics.secagg_relay, data, verifier=device_in[device])
+        return from_relay(decoded.payload, device)
+
+    for d in devices:
+        server.receive_advertise(upload(d, clients[d].advertise()))
+    keys = server.key_list()
+    for d in devices:
+        server.receive_shares(upload(d, clients[d].share_keys(relay(keys, d))))
+    forwarded = server.forward()
+    early, late = devices[0], devices[-1]
+    for d in devices[1:]:
+        server.receive_masked(upload(d, clients[d].masked_input(relay(forwarded, d), inputs[d])))
+    request = server.unmask_request()
+    for d in devices[1:-1]:
+        server.receive_unmask(upload(d, clients[d].unmask(relay(request, d))))
+    result = server.aggregate()
+    assert result.dropped == (early,) and late in result.survivors
+    np.testing.assert_array_equal(result.total, _sum(inputs, devices[1:]))
+
+
+def test_secagg_payload_validation():
+    from biofed.protocol import InvalidPayload, SecAggRelay, SecAggUpload, Topics
+    from biofed.secagg import from_relay, relay_payload, upload_payload
+
+    u8 = np.zeros(64, np.uint8)
+    with pytest.raises(InvalidPayload, match="step 'advertise' needs public_keys"):
+        SecAggUpload(1, "advertise")
+    with pytest.raises(InvalidPayload, match="step 'advertise' must not carry masked"):
+        SecAggUpload(1, "advertise", public_keys=u8, masked=np.zeros(3, np.int64))
+    with pytest.raises(InvalidPayload, match="must hold 64 bytes"):
+        SecAggUpload(1, "advertise", public_keys=np.zeros(10, np.uint8))
+    with pytest.raises(InvalidPayload, match="1-D uint8 array"):
+        SecAggUpload(1, "shares", ciphertexts={"a": np.zeros(3)}, commitment=np.zeros(32, np.uint8))
+    with pytest.raises(InvalidPayload, match="invalid device id"):
+        SecAggUpload(1, "shares", ciphertexts={"a b": np.zeros(3, np.uint8)}, commitment=np.zeros(32, np.uint8))
+    with pytest.raises(InvalidPayload, match="non-empty 1-D int64"):
+        SecAggUpload(1, "masked", masked=np.zeros(3, np.uint8))
+    with pytest.raises(InvalidPayload, match="both shares"):
+        SecAggUpload(1, "unmask", b_shares={"a": np.zeros(66, np.uint8)}, key_shares={"a": np.zeros(66, np.uint8)})
+    with pytest.raises(InvalidPayload, match="step must be one of"):
+        SecAggUpload(1, "hello")
+    with pytest.raises(InvalidPayload, match="step 'keys' needs threshold"):
+        SecAggRelay(1, "keys", public_keys={"a": u8})
+    with pytest.raises(InvalidPayload, match="both as survivor and as dropped"):
+        SecAggRelay(1, "unmask", survivors=("a", "b"), dropped=("a",))
+    with pytest.raises(InvalidPayload, match="step 'unmask' must not carry threshold"):
+        SecAggRelay(1, "unmask", survivors=("a",), threshold=3)
+    relay = relay_payload(1, {"a": ForwardedShares("a", {"b": b"x" * 20})})
+    with pytest.raises(SecAggError, match="nothing for this device"):
+        from_relay(relay, "c")
+    with pytest.raises(SecAggError, match="cannot send a str"):
+        upload_payload(1, "advertise")
+    with pytest.raises(SecAggError, match="cannot broadcast a str"):
+        relay_payload(1, "keys")
+    topics = Topics("ward7")
+    assert topics.parse(topics.secagg("pi-01")) == ("secagg", "pi-01")
+    assert topics.parse(topics.secagg_relay) == ("secagg_relay", None)
+    assert topics.all_devices("secagg") == "biofed/ward7/secagg/+"
