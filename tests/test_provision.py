@@ -24,15 +24,16 @@ from biofed.broker import free_port, start_mosquitto
 from biofed.cli import cli
 from biofed.config import BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
 from biofed.mqtt import ConnectError, MqttClient, TlsSettings
-from biofed.protocol import Topics
+from biofed.protocol import KINDS, Topics
 from biofed.provision import (
     ProvisionError,
+    topic_kinds,
     load_fleet,
     mosquitto_passwd_binary,
     provision_fleet,
     revoke_device,
 )
-from biofed.signing import KeyRing
+from biofed.signing import KeyRing, signing_from_config
 
 pytestmark = pytest.mark.mosquitto
 
@@ -152,6 +153,17 @@ def test_signing_keys_pair_up_and_load_as_a_key_ring(fleet):
         private = serialization.load_pem_private_key(layout.signing_key(identity).read_bytes(), password=None)
         ring.verify(identity, b"payload", private.sign(b"payload"))
     assert not layout.signing_key("observer").exists()
+    # the configs turn signing on; a device's own key folder trusts the coordinator (and itself) only
+    coordinator_signer, coordinator_verifier = signing_from_config(
+        load_config(layout.coordinator_config, CoordinatorConfig), "coordinator")
+    device = load_config(layout.device_config("device-003"), DeviceConfig)
+    assert device.keys_dir == layout.identity_dir("device-003") / "keys"
+    device_signer, device_verifier = signing_from_config(device, "device-003")
+    assert KeyRing.from_dir(device.keys_dir).ids == frozenset({"coordinator", "device-003"})
+    device_verifier.verify("coordinator", b"task", coordinator_signer.sign(b"task"))
+    coordinator_verifier.verify("device-003", b"update", device_signer.sign(b"update"))
+    assert fleet.signing_settings("device-003") == {"signing_key_file": str(device.signing_key_file),
+                                                    "keys_dir": str(device.keys_dir)}
 
 
 def test_server_certificate_verifies_against_the_ca_with_the_right_san(fleet):
@@ -180,9 +192,16 @@ def test_acl_gives_devices_their_own_topics_only(fleet):
     block = acl.split("user device-001\n")[1].split("\n\n")[0].splitlines()
     assert sorted(block) == sorted([
         f"topic read {TOPICS.model}", f"topic read {TOPICS.task}", f"topic read {TOPICS.basis}",
+        f"topic read {TOPICS.secagg_relay}",
         f"topic write {TOPICS.update('device-001')}", f"topic write {TOPICS.sketch('device-001')}",
         f"topic write {TOPICS.status('device-001')}", f"topic write {TOPICS.prediction('device-001')}",
+        f"topic write {TOPICS.secagg('device-001')}",
     ])
+    coordinator = acl.split("user coordinator\n")[1].split("\n\n")[0].splitlines()
+    assert f"topic read {TOPICS.all_devices('secagg')}" in coordinator
+    assert f"topic readwrite {TOPICS.secagg_relay}" in coordinator
+    broadcast, per_device = topic_kinds()
+    assert set(broadcast) | set(per_device) == set(KINDS) and not set(broadcast) & set(per_device)
     conf = fleet.layout.broker_config.read_text()
     for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username false",
                  "use_username_as_clientid true", f"crlfile {fleet.layout.crl_file}",
