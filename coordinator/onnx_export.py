@@ -62,6 +62,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from biofed import __version__
+from biofed.coordinator.state import write_final_model
 from biofed.kernels.spectral import _filterbank_edges, _hann, _next_pow2, _triangles, _welch_plan
 from biofed.kernels.training import n_params
 from biofed.model_format import (
@@ -78,7 +79,7 @@ from biofed.model_format import (
 )
 
 __all__ = [
-    "OPSET", "ExportError", "ModelFile", "build_feature_extractor", "build_model", "export_onnx", "export_round", "write_bytes", "write_model_file",
+    "OPSET", "ExportError", "ModelFile", "build_feature_extractor", "build_model", "export_onnx", "export_round", "write_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,8 +104,8 @@ class ExportError(ValueError):
 class ModelFile:
     """A coordinator model file: classifier, basis, provenance and privacy of one global model.
 
-    Stored as ``.npz`` without pickles (:func:`write_model_file`). Keys: ``params`` (P,),
-    ``classes`` (c,) str, ``hidden``, ``basis_components`` (k, F), ``basis_mean`` (F,),
+    Stored as ``.npz`` without pickles (:func:`biofed.coordinator.state.write_final_model`).
+    Keys: ``params`` (P,), ``classes`` (c,) str, ``hidden``, ``basis_components`` (k, F), ``basis_mean`` (F,),
     ``basis_scale`` (F,), ``basis_version``, ``fleet``, ``round``, ``train_rounds``,
     ``layout`` (JSON, :class:`biofed.model_format.LayoutSpec`; absent in files of coordinators
     whose devices did not report one), ``epsilon``, ``epsilon_<accountant>``, ``delta``,
@@ -218,16 +219,6 @@ class ModelFile:
 
 def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
-
-
-def write_model_file(path: str | Path, arrays: dict[str, object]) -> Path:
-    """Write a model ``.npz`` atomically (no pickles: strings become unicode arrays)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- graph pieces
@@ -472,8 +463,8 @@ def export_round(state_dir: str | Path, model: ModelFile) -> tuple[Path, Path | 
     models = state_dir / "models"
     models.mkdir(parents=True, exist_ok=True)
     stem = f"round_{model.round:05d}"
-    npz = write_model_file(models / f"{stem}.npz", model.to_arrays())
-    write_model_file(state_dir / "model_latest.npz", model.to_arrays())
+    npz = write_final_model(models / f"{stem}.npz", model.to_arrays())
+    write_final_model(state_dir / "model_latest.npz", model.to_arrays())
     if model.layout is None:
         logger.warning("round %d: no device reported its feature layout; ONNX export skipped", model.round)
         (state_dir / "model_latest.onnx").unlink(missing_ok=True)  # never older than model_latest.npz

@@ -43,6 +43,18 @@ local
 distributed
     Needs secure aggregation, which biofed does not have yet: refused at start.
 
+Exported model (see :mod:`biofed.coordinator.onnx_export`)
+-----------------------------------------------------------
+After every training round the global model is written to ``state_dir/models/round_NNNNN``
+(``.npz`` model file + ``.onnx`` graph) and ``state_dir/model_latest.{npz,onnx}``, and the
+ONNX bytes ride along in the retained :class:`Model` message (``Model.onnx``), so a device
+predicts with onnxruntime without any graph code of its own. The finished run adds
+``model_final.npz`` / ``model_final.onnx``. The ONNX metadata carries the feature layout,
+which the coordinator learns from the devices' retained statuses (``Status.layout``): the
+layout reported by the most devices among those whose width equals the basis's. Without
+any reported layout only the ``.npz`` files are written. An export failure is logged; the
+round stays committed.
+
 Ledger entries per round: basis phases ``kind="basis"`` with ``q = 1`` (every online
 device is asked); training rounds ``kind="train"`` with the sampling rate actually used:
 ``q`` for a Poisson round accepted on its first draw; ``1`` when the round needed a retry
@@ -74,10 +86,12 @@ import numpy as np
 from biofed.config import CoordinatorConfig
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
+from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
 from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
+from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
 from biofed.protocol import (
     BASIS_PHASES,
@@ -193,6 +207,8 @@ class Ingest:
         """Devices that ever published a status."""
         self.online: set[str] = set()
         """Devices whose latest status is not "offline"."""
+        self.layouts: dict[str, str] = {}
+        """Latest feature layout (JSON, :class:`biofed.model_format.LayoutSpec`) each device reported."""
         self.open: OpenRound | None = None
         self.dropped: Counter[str] = Counter()
         """Drop counts per reason (for tests and the benchmark)."""
@@ -224,6 +240,8 @@ class Ingest:
         device, status = message.sender, message.payload
         assert isinstance(status, Status)
         self.known.add(device)
+        if status.layout:
+            self.layouts[device] = status.layout
         if status.state == "offline":
             if device in self.online:
                 self.online.discard(device)
@@ -753,7 +771,7 @@ class Coordinator:
         self._publish(self.topics.model, Model(
             round=collected.round, params=snap.params, basis_version=snap.basis_version,
             classes=cfg.model.classes, hidden=cfg.model.hidden, n_devices=len(updates),
-            epsilon=eps if math.isfinite(eps) else None,
+            epsilon=eps if math.isfinite(eps) else None, onnx=self._export(collected.round),
         ))
         self._report(record)
         return True
@@ -818,20 +836,57 @@ class Coordinator:
 
     def _write_final(self) -> None:
         snap, cfg = self.snapshot, self.config
-        eps = self.ledger.epsilons()
-        write_final_model(cfg.state_dir / "model_final.npz", {
-            "params": snap.params,
-            "classes": np.array(cfg.model.classes, dtype=str),
-            "hidden": cfg.model.hidden,
-            "basis_components": snap.basis_components,
-            "basis_mean": snap.basis_mean,
-            "basis_scale": snap.basis_scale,
-            "basis_version": snap.basis_version,
-            "epsilon": self.ledger.epsilon(),
-            **{f"epsilon_{name}": value for name, value in eps.items()},
-            "delta": self.ledger.delta,
-            "accountant": self.ledger.budget_accountant,
-            "train_rounds": snap.train_rounds_done,
-            "stop_reason": snap.stop_reason,
-        })
+        train_rounds = [r.round for r in self._store.history() if r.phase == "train"]
+        model = self._model_file(train_rounds[-1] if train_rounds else 0)
+        write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+        if model.layout is not None:
+            try:
+                export_onnx(model, cfg.state_dir / "model_final.onnx")
+            except (ExportError, OSError) as exc:
+                logger.error("final model: ONNX export failed: %s", exc)
         logger.info("final model written to %s (epsilon %s)", cfg.state_dir / "model_final.npz", self._format_eps())
+
+    # ------------------------------------------------------------------ exported model
+    def _feature_layout(self) -> LayoutSpec | None:
+        """The layout reported by the most devices among those as wide as the basis (None: none)."""
+        d = self.snapshot.n_features
+        votes: Counter[str] = Counter()
+        for device, text in sorted(self.ingest.layouts.items()):
+            try:
+                layout = LayoutSpec.from_json(text)
+            except ModelFormatError as exc:
+                logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
+                continue
+            if layout.n_features == d:
+                votes[text] += 1
+        if not votes:
+            return None
+        if len(votes) > 1:
+            logger.warning("devices report %d different feature layouts of %d features; the ONNX model carries "
+                           "the most common one", len(votes), d)
+        return LayoutSpec.from_json(votes.most_common(1)[0][0])
+
+    def _model_file(self, round_: int) -> ModelFile:
+        snap, cfg = self.snapshot, self.config
+        budget = self.ledger.budget_accountant
+        epsilons = self.ledger.epsilons()
+        privacy = PrivacySpec(
+            epsilon=epsilons[budget] if math.isfinite(epsilons[budget]) else None, delta=self.ledger.delta,
+            accountant=budget, epsilons=epsilons, trust_mode=cfg.dp.trust_mode,
+            noise_multiplier=cfg.dp.noise_multiplier,
+        )
+        return ModelFile(
+            params=snap.params, classes=tuple(cfg.model.classes), hidden=cfg.model.hidden,
+            components=snap.basis_components, mean=snap.basis_mean, scale=snap.basis_scale,
+            basis_version=snap.basis_version, fleet=cfg.fleet, round=round_, train_round=snap.train_rounds_done,
+            layout=self._feature_layout(), privacy=privacy,
+        )
+
+    def _export(self, round_: int) -> np.ndarray:
+        """Write the round's model files; return the ONNX bytes for the Model message (empty if none)."""
+        try:
+            _, path = export_round(self.config.state_dir, self._model_file(round_))
+            return np.empty(0, dtype=np.uint8) if path is None else np.frombuffer(path.read_bytes(), dtype=np.uint8)
+        except (ExportError, OSError) as exc:
+            logger.error("round %d: model export failed (the round is committed): %s", round_, exc)
+            return np.empty(0, dtype=np.uint8)

@@ -55,6 +55,19 @@ configurable seed.
                 and received so far).
 ``evaluate``    Update with an empty delta, ``n_examples = 0`` and the eval metrics (``loss``
                 is then the held-out cross-entropy).
+
+On-device predictions (``predict = true``)
+------------------------------------------
+Every retained global :class:`~biofed.protocol.Model` carries the coordinator's ONNX export
+(``Model.onnx``, see :mod:`biofed.coordinator.onnx_export`). The agent loads it into
+onnxruntime (:class:`biofed.edge.inference.OnnxModel`), refuses it when its feature layout is
+not the device's (logged), classifies the newest stored windows at once and then every new
+window as ingestion produces it, publishing :class:`~biofed.protocol.Prediction` messages on
+``prediction/{device_id}`` (``t`` = the windows' times on the device clock of the store) and
+logging the predicted class counts. A model without ONNX bytes (a coordinator that knows no
+feature layout) is scored with the Numba kernels and the device's basis instead. The device's
+layout is reported in its status (``Status.layout``) and kept in the side table
+``agent_layout`` so a restarted agent that ingests nothing new still reports it.
 """
 
 from __future__ import annotations
@@ -73,10 +86,12 @@ import numpy as np
 import psutil
 
 from biofed.config import DeviceConfig
+from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
 from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, PipelineError, StreamingPipeline
 from biofed.edge.split import balanced_accuracy, holdout_split
 from biofed.edge.store import FeatureStore, StoreError
 from biofed.kernels import clip_l2, n_params, predict_proba, project, train
+from biofed.model_format import LayoutSpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
 from biofed.protocol import (
     Basis,
@@ -107,6 +122,10 @@ CREATE TABLE IF NOT EXISTS agent_ingested (
     done INTEGER NOT NULL,
     n_rows INTEGER NOT NULL,
     finished REAL
+);
+CREATE TABLE IF NOT EXISTS agent_layout (
+    hash TEXT PRIMARY KEY,
+    layout TEXT NOT NULL
 );
 """
 _APPEND_EVERY = 64
@@ -228,6 +247,10 @@ class EdgeAgent:
         self._ingest_db.executescript(_INGEST_SCHEMA)
         self._ingest_lock = threading.Lock()
         self._client: MqttClient | None = None
+        self.layout_json = self._stored_layout()
+        """The device's feature layout (JSON of :class:`biofed.model_format.LayoutSpec`), "" until known."""
+        self.predictor: OnnxModel | None = None
+        """The ONNX global model predictions are made with (``predict = true``)."""
 
     # ------------------------------------------------------------------ state
     @property
@@ -256,6 +279,38 @@ class EdgeAgent:
         self.store.close()
         with self._ingest_lock:
             self._ingest_db.close()
+
+    # ------------------------------------------------------------------ layout
+    def _stored_layout(self) -> str:
+        current = self.store.layout_hash
+        if current is None:
+            return ""
+        with self._ingest_lock:
+            row = self._ingest_db.execute("SELECT layout FROM agent_layout WHERE hash = ?", (current,)).fetchone()
+        return row[0] if row else ""
+
+    def _remember_layout(self, layout: FeatureLayout) -> None:
+        text = layout_spec(layout, self.pipeline_config).to_json()
+        if text == self.layout_json:
+            return
+        with self._ingest_lock:
+            self._ingest_db.execute("INSERT OR REPLACE INTO agent_layout(hash, layout) VALUES (?, ?)",
+                                    (layout.hash, text))
+        self.layout_json = text
+        predictor = self.predictor
+        if predictor is not None and not self._fits(predictor):
+            self.predictor = None
+
+    def _fits(self, predictor: OnnxModel) -> bool:
+        """Whether ``predictor`` was trained on this device's feature layout (logged when not)."""
+        if not self.layout_json:
+            return True  # nothing ingested yet: checked again when the first stream fixes the layout
+        problem = predictor.layout.mismatch(LayoutSpec.from_json(self.layout_json))
+        if problem is not None:
+            logger.error("%s: %s does not fit this device: %s; no predictions with it", self.device_id,
+                         predictor.name, problem)
+            return False
+        return True
 
     # ------------------------------------------------------------------ ingestion
     def _ingested_paths(self) -> set[str]:
@@ -355,6 +410,7 @@ class EdgeAgent:
                     layout.n_features, self.config.store_path, self.store.layout_hash,
                 )
                 continue
+            self._remember_layout(layout)
             offset = self._next_stream_offset()
             self._mark(paths, stream, done=False)
             pipeline = StreamingPipeline(self.pipeline_config, layout)
@@ -368,11 +424,20 @@ class EdgeAgent:
                 if chunk.modality not in layout.modality_names:
                     continue
                 try:
-                    rows.extend(pipeline.push(chunk.modality, chunk.data, chunk.label))
+                    new = pipeline.push(chunk.modality, chunk.data, chunk.label)
                 except ChunkError as exc:
                     logger.warning("%s: dropped a %s chunk of %s at t=%.2f s: %s",
                                    self.device_id, chunk.modality, chunk.source, chunk.t0, exc)
                     continue
+                rows.extend(new)
+                predictor = self.predictor
+                if new and predictor is not None:  # a prediction for every new window, as it is produced
+                    t = offset + np.array([r.t for r in new])
+                    try:
+                        self._publish(self._prediction(predictor, np.stack([r.vector for r in new]), t))
+                    except InferenceError as exc:
+                        logger.error("%s: prediction failed, predictions stopped: %s", self.device_id, exc)
+                        self.predictor = None
                 if len(rows) >= _APPEND_EVERY:
                     n_stream += self._append_rows(rows, offset, stream)
                     rows = []
@@ -449,7 +514,7 @@ class EdgeAgent:
     def status_message(self, state: str = "online", detail: str = "") -> Outgoing:
         """The retained status of this device (``online`` with row count and basis version)."""
         status = Status(round=self.last_round, state=state, n_rows=self.n_rows, detail=detail,
-                        basis_version=0 if self.basis is None else self.basis.version)
+                        basis_version=0 if self.basis is None else self.basis.version, layout=self.layout_json)
         return Outgoing(self.topics.status(self.device_id), self._encode(status), retain=True)
 
     def _on_basis(self, basis: Basis) -> list[Outgoing]:
@@ -472,16 +537,40 @@ class EdgeAgent:
 
     def _on_model(self, model: Model) -> list[Outgoing]:
         self.model = model
-        if not self.config.predict or self.basis is None or model.basis_version != self.basis.version:
+        if not self.config.predict:
             return []
         X, _, t = self.store.read(limit=_PREDICT_ROWS)
+        if model.onnx.size:
+            self.predictor = None  # predictions follow the latest global model, or stop
+            try:
+                predictor = OnnxModel(model.onnx.tobytes(), name=f"the global model of round {model.round}")
+            except InferenceError as exc:
+                logger.error("%s: %s; no predictions with it", self.device_id, exc)
+                return []
+            if not self._fits(predictor):
+                return []
+            self.predictor = predictor
+            logger.info("%s: predicting with %s", self.device_id, predictor.describe())
+            return [self._prediction(predictor, X, t)] if X.shape[0] else []
+        # a coordinator without a feature layout sends no ONNX: the Numba path with this device's basis
+        self.predictor = None
+        if self.basis is None or model.basis_version != self.basis.version:
+            return []
         k = self.basis.components.shape[0]
         if X.shape[0] == 0 or model.params.shape[0] != n_params(k, len(model.classes), model.hidden):
             return []
-        Z = self._project(X)
-        proba = predict_proba(model.params, Z, len(model.classes), model.hidden)
+        proba = predict_proba(model.params, self._project(X), len(model.classes), model.hidden)
         prediction = Prediction(round=model.round, t=t, proba=proba, classes=model.classes)
         return [Outgoing(self.topics.prediction(self.device_id), self._encode(prediction))]
+
+    def _prediction(self, predictor: OnnxModel, X: np.ndarray, t: np.ndarray) -> Outgoing:
+        """Classify raw rows ``X`` with the ONNX model; log the counts; the Prediction to publish."""
+        proba = predictor.predict_features(X)
+        counts = np.bincount(proba.argmax(axis=1), minlength=len(predictor.classes))
+        logger.info("%s: predicted %d window(s) at t=%.0f-%.0f s: %s", self.device_id, len(t), t[0], t[-1],
+                    ", ".join(f"{c} {n}" for c, n in zip(predictor.classes, counts)))
+        prediction = Prediction(round=predictor.metadata.round, t=t, proba=proba, classes=predictor.classes)
+        return Outgoing(self.topics.prediction(self.device_id), self._encode(prediction))
 
     def _on_task(self, task: Task) -> list[Outgoing]:
         now = self._clock()

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from biofed.cli import cli
-from biofed.coordinator.onnx_export import ModelFile, write_model_file
+from biofed.coordinator.onnx_export import ModelFile
+from biofed.coordinator.state import write_final_model
 from biofed.datasets import make_recording, read_recording
 from biofed.edge.inference import OnnxModel, layout_spec
 from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
@@ -50,7 +51,7 @@ def trained(tmp_path_factory):
     spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
     model = ModelFile(params, CLASSES, 0, basis.components, basis.mean, basis.scale, 1, "ward7", 21, 20, spec,
                       PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0))
-    npz = write_model_file(folder / "model_final.npz", model.to_arrays())
+    npz = write_final_model(folder / "model_final.npz", model.to_arrays())
     proba = predict_proba(params, project(rows[1], basis.components, mean=basis.mean, scale=basis.scale), 2)
     return folder, files, npz, proba
 
@@ -106,7 +107,7 @@ def test_export_bad_inputs(trained, tmp_path):
     assert result.exit_code == 1 and "not a biofed model file: lacks ['params'" in result.output
     arrays = dict(np.load(npz))
     del arrays["layout"]
-    write_model_file(tmp_path / "nolayout.npz", arrays)
+    write_final_model(tmp_path / "nolayout.npz", arrays)
     result = _run("export", "--model", tmp_path / "nolayout.npz", "--out", tmp_path / "m.onnx")
     assert result.exit_code == 1 and "has no feature layout" in result.output
     assert not (tmp_path / "m.onnx").exists()

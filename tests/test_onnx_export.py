@@ -17,8 +17,8 @@ from biofed.coordinator.onnx_export import (
     build_feature_extractor,
     build_model,
     export_round,
-    write_model_file,
 )
+from biofed.coordinator.state import write_final_model
 from biofed.datasets import Recording, Signal, make_recording, read_recording
 from biofed.edge.inference import InferenceError, LayoutMismatch, OnnxModel, layout_spec, pipeline_config
 from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
@@ -263,7 +263,7 @@ def test_bad_inputs(synthetic, tmp_path):
 def test_model_file_round_trip_and_errors(synthetic, tmp_path):
     _, X, y, spec = synthetic
     model = _model_file(X, y, spec, hidden=4)
-    path = write_model_file(tmp_path / "model.npz", model.to_arrays())
+    path = write_final_model(tmp_path / "model.npz", model.to_arrays())
     loaded = ModelFile.load(path)
     np.testing.assert_array_equal(loaded.params, model.params)
     assert (loaded.classes, loaded.hidden, loaded.fleet, loaded.round, loaded.train_round, loaded.layout) == (
@@ -279,7 +279,7 @@ def test_model_file_round_trip_and_errors(synthetic, tmp_path):
         ModelFile.load(tmp_path / "other.npz")
     arrays = model.to_arrays()
     del arrays["layout"], arrays["epsilon"]
-    old = ModelFile.load(write_model_file(tmp_path / "old.npz", arrays))  # written before layouts existed
+    old = ModelFile.load(write_final_model(tmp_path / "old.npz", arrays))  # written before layouts existed
     assert old.layout is None and old.privacy.epsilon is None
 
 
