@@ -67,9 +67,10 @@ Revocation
 ACL, adds its certificate serial to the CRL, drops it from ``allowed_devices.json`` and
 appends it to ``keys/revoked.txt``. The device's folder is left for the record.
 Mosquitto re-reads the password file, ACL and CRL on SIGHUP (``revoke --pid PID``,
-:func:`reload_broker`, :meth:`biofed.broker.MosquittoBroker.reload`) or at a restart;
-the device's refused at its next connection attempt. (A connection that is open at the
-time of the SIGHUP is not closed by Mosquitto 2.0; its ACL checks use the new ACL.)
+:func:`reload_broker`, :meth:`biofed.broker.MosquittoBroker.reload`) or at a restart.
+Mosquitto 2.0 re-authenticates connected clients at the reload, so an open connection of
+the revoked device is dropped at once, and every reconnect fails in the TLS handshake
+(certificate on the CRL) and would fail the password check too.
 
 Cost, measured here (2 cores, Python 3.11, cryptography 50): 100 devices in 0.12 s
 (0.01 s of it in the one ``mosquitto_passwd -U`` call that hashes every password), 1000

@@ -6,7 +6,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
 import time
 
@@ -425,6 +428,11 @@ def test_revoked_device_is_locked_out(tmp_path):
         connected.close()
         with pytest.raises(ConnectError):
             connect("device-002", fleet.broker_config("device-002"))
+        # the CRL alone refuses the revoked certificate, even with a valid password (device-001's)
+        stolen = fleet.broker_config("device-001").model_copy(
+            update={"cert_file": layout.client_cert("device-002"), "key_file": layout.client_key("device-002")})
+        with pytest.raises(ConnectError):
+            connect("device-001", stolen)
         connect("device-001")  # the others are unaffected
         assert revoked.devices == ("device-001", "device-003") and revoked.revoked == ("device-002",)
         assert load_allowed_devices(layout.allowed_devices) == frozenset({"device-001", "device-003"})
@@ -438,14 +446,11 @@ def test_revoked_device_is_locked_out(tmp_path):
         assert crl.get_revoked_certificate_by_serial_number(serial) is not None
         assert json.loads(layout.manifest.read_text())["devices"]["device-002"]["revoked"]
 
-        # After a restart, the CRL alone refuses the revoked certificate, even with a valid
-        # password (device-001's) and so an identity the broker still knows.
+        # and so it does after a restart
         for client in clients:
             client.close()
         broker.stop()
         broker = fleet.start_broker()
-        stolen = fleet.broker_config("device-001").model_copy(
-            update={"cert_file": layout.client_cert("device-002"), "key_file": layout.client_key("device-002")})
         with pytest.raises(ConnectError):
             connect("device-001", stolen)
         connect("device-001")
@@ -483,3 +488,21 @@ def test_cli_provision_and_revoke(tmp_path):
     assert result.exit_code != 0 and "missing --devices, --out" in result.output
     result = runner.invoke(cli, ["provision", "--fleet", "lab", "--devices", "1", "--out", str(out)])
     assert result.exit_code != 0 and "not an empty directory" in result.output
+
+
+def test_biofed_broker_runs_a_provisioned_config(fleet, tmp_path):
+    """``biofed broker --config`` (a separate fleet dir: the module's broker holds the port)."""
+    require_mosquitto()
+    own = provision_fleet(tmp_path / "cli-fleet", FLEET, 1, port=free_port())
+    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(own.layout.broker_config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first_line = process.stdout.readline()
+        assert f"listening on 127.0.0.1:{own.port}" in first_line and "kill -HUP" in first_line
+        client = MqttClient.from_config(own.broker_config("device-001"), "device-001", protocol="5")
+        client.connect()
+        client.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=15)
+    assert "stopping broker" in output
