@@ -663,6 +663,29 @@ def provision_fleet(
         raise ProvisionError(f"{root} exists and is not an empty directory; provision into a new directory "
                              f"(nothing is overwritten: old credentials would stay valid)")
     layout = FleetLayout(root)
+    created = not root.exists()
+    try:
+        provisioned = _provision_into(layout, fleet, ids, host=host, port=port, bind=bind,
+                                      server_names=server_names, observer=observer, cert_days=cert_days, rounds=rounds)
+    except BaseException:
+        # never leave a half-made fleet (a retry would find the directory in use)
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for child in root.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+    logger.info("provisioned fleet %s (%d devices) in %s in %.2f s", fleet, len(ids), root,
+                time.perf_counter() - started)
+    return provisioned
+
+
+def _provision_into(layout: FleetLayout, fleet: str, ids: list[str], *, host: str, port: int, bind: str,
+                    server_names: Sequence[str], observer: bool, cert_days: int, rounds: int) -> ProvisionedFleet:
+    root = layout.root
     identities = [COORDINATOR_ID, *ids, *((OBSERVER_ID,) if observer else ())]
 
     _mkdir(root, 0o755)
@@ -724,8 +747,6 @@ def provision_fleet(
     provisioned = _fleet_from_manifest(layout, manifest)
     _write_allow_list(provisioned)
     _write_configs(provisioned, rounds)
-    logger.info("provisioned fleet %s (%d devices) in %s in %.2f s", fleet, len(ids), root,
-                time.perf_counter() - started)
     return provisioned
 
 
@@ -796,8 +817,10 @@ def revoke_device(directory: str | Path, device_id: str, *, broker_pid: int | No
                for e in manifest["devices"].values() if e["revoked"] is not None}
     manifest["crl_number"] = int(manifest.get("crl_number", 1)) + 1
     _write_crl(layout, revoked, manifest["crl_number"])
-    _run_passwd("-D", str(layout.password_file), device_id)
-    layout.password_file.chmod(_SECRET)
+    # A retry after a failed revocation may find the user gone already (-D would fail).
+    if any(line.startswith(f"{device_id}:") for line in layout.password_file.read_text().splitlines()):
+        _run_passwd("-D", str(layout.password_file), device_id)
+        layout.password_file.chmod(_SECRET)
     fleet = _fleet_from_manifest(layout, manifest)
     _write(layout.acl_file, acl_text(fleet.fleet, fleet.devices, observer=fleet.observer), _SECRET)
     _write_allow_list(fleet)

@@ -231,6 +231,14 @@ def test_provision_refuses_bad_input(tmp_path, monkeypatch):
         provision_fleet(tmp_path / "e", FLEET, 0)
     with pytest.raises(ProvisionError, match="port must be in 1..65535"):
         provision_fleet(tmp_path / "f", FLEET, 1, port=70000)
+    monkeypatch.setattr(provision_module.shutil, "which", lambda name: "/bin/false")  # hashing fails
+    with pytest.raises(ProvisionError, match="failed with code 1"):
+        provision_fleet(tmp_path / "half", FLEET, 2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProvisionError, match="failed with code 1"):
+        provision_fleet(tmp_path / "empty", FLEET, 2)
+    assert list((tmp_path / "empty").iterdir()) == []  # emptied again, kept
+    (tmp_path / "empty").rmdir()
     monkeypatch.setattr(provision_module.shutil, "which", lambda name: None)
     monkeypatch.setattr(provision_module, "_PASSWD_FALLBACKS", ())
     with pytest.raises(ProvisionError, match="mosquitto_passwd was not found.*apt-get install mosquitto"):
