@@ -28,6 +28,12 @@ What it does
        accuracy (mean, min, centralized baseline) and epsilon vs round.
    ``model_final.npz``
        the coordinator's final model and basis.
+   ``model_final.onnx``
+       the same model exported as ONNX (:mod:`biofed.coordinator.onnx_export`: raw feature
+       rows in, class probabilities out, layout and privacy guarantee in its metadata); the
+       demo runs it with onnxruntime on every device's held-out windows and reports its
+       largest difference from the Numba path (``summary.json`` ``onnx``). Try it with
+       ``biofed predict --model model_final.onnx FILE``.
    ``summary.json``
        federated vs centralized accuracy, epsilon, settings.
 
@@ -440,6 +446,37 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
     return BaselineResult(centralized, federated, int(Z_train.shape[0]), n_held_out)
 
 
+def onnx_check(stores: Mapping[str, Path], onnx_path: Path, model_path: Path) -> dict | None:
+    """Run the exported ONNX model on every device's held-out windows (onnxruntime) and compare
+    its probabilities with the Numba path on the same rows (``model_path``: ``model_final.npz``).
+
+    Returns None when the coordinator wrote no ONNX model (no device reported its layout).
+    """
+    from biofed.edge.inference import OnnxModel
+    from biofed.kernels import predict_proba, project
+
+    if not onnx_path.is_file():
+        return None
+    model = OnnxModel(onnx_path)
+    with np.load(model_path, allow_pickle=False) as final:
+        params, hidden = final["params"], int(final["hidden"])
+        components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
+    n_windows, max_diff = 0, 0.0
+    for path in stores.values():
+        X, _, _, held_out = _device_split(path, model.classes)
+        if not held_out.any():
+            continue
+        onnx_proba = model.predict_features(X[held_out])
+        numba_proba = predict_proba(params, project(X[held_out], components, mean=mean, scale=scale),
+                                    len(model.classes), hidden)
+        max_diff = max(max_diff, float(np.abs(onnx_proba - numba_proba).max()))
+        n_windows += int(held_out.sum())
+    meta = model.metadata
+    return {"file": onnx_path.name, "bytes": onnx_path.stat().st_size, "round": meta.round,
+            "train_rounds": meta.train_round, "epsilon": meta.privacy.epsilon, "held_out_windows": n_windows,
+            "max_abs_diff_vs_numba": max_diff}
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -590,6 +627,8 @@ def run_demo(settings: DemoSettings) -> dict:
     state = out / "state"
     records = json.loads((state / "rounds.json").read_text())
     shutil.copyfile(state / "model_final.npz", out / "model_final.npz")
+    if (state / "model_final.onnx").is_file():
+        shutil.copyfile(state / "model_final.onnx", out / "model_final.onnx")
     rows = build_table(records, observer.accuracy if observer is not None else {})
     stores = {device: toml.parent / "features.sqlite" for device, toml in device_tomls.items()}
     baseline = centralized_baseline(stores, out / "model_final.npz", random_state=settings.seed)
@@ -597,6 +636,7 @@ def run_demo(settings: DemoSettings) -> dict:
     cen_mean, cen_min = baseline.centralized_mean_min
     final_eps = next((r.epsilon for r in reversed(rows) if r.epsilon is not None), None)
     evaluation = next((r for r in records if r["phase"] == "evaluate"), None)
+    onnx_summary = onnx_check(stores, out / "model_final.onnx", out / "model_final.npz")
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
         "source": source, "devices": sorted(devices), "wall_s": round(elapsed, 1),
@@ -605,6 +645,7 @@ def run_demo(settings: DemoSettings) -> dict:
         "centralized": {"mean": cen_mean, "min": cen_min, "per_device": baseline.centralized,
                         "train_windows": baseline.n_train, "held_out_windows": baseline.n_held_out},
         "epsilon": final_eps, "delta": settings.delta, "rounds": [asdict(r) for r in rows],
+        "onnx": onnx_summary,
     }
     write_report(out, rows, baseline, summary)
     click.echo("")
@@ -615,7 +656,13 @@ def run_demo(settings: DemoSettings) -> dict:
                f"{'inf (no noise)' if final_eps is None else f'{final_eps:.3f}'} at delta {settings.delta:g}")
     click.echo(f"centralized baseline:   balanced accuracy mean {cen_mean:.3f}, min {cen_min:.3f} "
                f"(logistic regression on {baseline.n_train} pooled training windows, same basis and split)")
-    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, model_final.npz, summary.json) "
+    if onnx_summary is None:
+        click.echo("ONNX model: not exported (no device reported its feature layout)")
+    else:
+        click.echo(f"ONNX model:             {onnx_summary['file']} ({onnx_summary['bytes'] / 1024:.1f} KiB, round "
+                   f"{onnx_summary['round']}); onnxruntime vs Numba on {onnx_summary['held_out_windows']} held-out "
+                   f"windows: max |diff| {onnx_summary['max_abs_diff_vs_numba']:.1e}")
+    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, model_final.npz, model_final.onnx, summary.json) "
                f"in {elapsed:.0f} s")
     return summary
 

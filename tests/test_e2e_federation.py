@@ -51,6 +51,9 @@ def _converges_like_centralized(out: Path, mosquitto: bool) -> None:
     # the devices' own evaluation of the final model agrees with the demo's recomputation
     assert federated["reported_by_devices"] == pytest.approx(federated["mean"])
     assert summary["epsilon"] is None  # no noise: epsilon is infinite
+    onnx = summary["onnx"]  # the exported model, run with onnxruntime on the held-out windows
+    assert onnx["file"] == "model_final.onnx" and (out / "model_final.onnx").is_file()
+    assert onnx["held_out_windows"] > 0 and onnx["max_abs_diff_vs_numba"] <= 1e-5
     rows = summary["rounds"]
     assert all(row["devices"] == 5 for row in rows)
     assert rows[-1]["accuracy_mean"] == pytest.approx(federated["mean"])
