@@ -240,6 +240,9 @@ class DPConfig(_Section):
     """distributed mode: minimum devices that must survive a secure-aggregation round (the
     Shamir threshold, raised to a majority of the round's devices) and the ``n_min`` each
     device calibrates its noise share for. None: ``min_devices // 2 + 1``."""
+    secagg_step_timeout_s: float = Field(10.0, gt=0)
+    """distributed mode: how long each secure-aggregation step after the keys waits for the
+    devices (they only compute; training happens before, within ``round_deadline_s``)."""
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
     adaptive_clipping: AdaptiveClippingConfig | None = None
