@@ -26,7 +26,7 @@ from biofed import provision as provision_module
 from biofed.broker import free_port, start_mosquitto
 from biofed.cli import cli
 from biofed.config import BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
-from biofed.mqtt import ConnectError, MqttClient, TlsSettings
+from biofed.mqtt import ConnectError, MqttClient, PublishError, TlsSettings
 from biofed.protocol import KINDS, Topics
 from biofed.provision import (
     ProvisionError,
@@ -433,6 +433,9 @@ def test_revoked_device_is_locked_out(tmp_path):
         while connected.connected and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not connected.connected
+        # publishing now waits for a reconnect that never succeeds: a PublishError, not paho's RuntimeError
+        with pytest.raises(PublishError, match="not acknowledged within 0.5 s"):
+            connected.publish(TOPICS.update("device-002"), b"too late", timeout_s=0.5)
         connected.close()
         with pytest.raises(ConnectError):
             connect("device-002", fleet.broker_config("device-002"))
@@ -498,8 +501,9 @@ def test_cli_provision_and_revoke(tmp_path):
     assert result.exit_code != 0 and "not an empty directory" in result.output
 
 
-def test_biofed_broker_runs_a_provisioned_config(fleet, tmp_path):
-    """``biofed broker --config`` (a separate fleet dir: the module's broker holds the port)."""
+def test_biofed_broker_runs_a_provisioned_config(tmp_path):
+    """``biofed broker --config`` runs a provisioned fleet's broker until Ctrl-C."""
+    require_mosquitto_passwd()
     require_mosquitto()
     own = provision_fleet(tmp_path / "cli-fleet", FLEET, 1, port=free_port())
     process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(own.layout.broker_config)],
