@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -73,7 +73,6 @@ __all__ = [
     "ModelFormatError",
     "ModelMetadata",
     "PrivacySpec",
-    "layout_from_parts",
 ]
 
 FORMAT_VERSION = 1
@@ -206,7 +205,8 @@ class LayoutSpec:
         try:
             bands = tuple((str(name), float(lo), float(hi)) for name, lo, hi in data["bands"])
         except (TypeError, ValueError):
-            raise ModelFormatError(f"layout bands must be [name, lo_hz, hi_hz] triples, got {data['bands']!r}") from None
+            raise ModelFormatError(
+                f"layout bands must be [name, lo_hz, hi_hz] triples, got {data['bands']!r}") from None
         n_mels = data["n_mels"]
         if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
             raise ModelFormatError(f"layout n_mels must be an integer >= 1, got {n_mels!r}")
@@ -373,10 +373,3 @@ class ModelMetadata:
             privacy=PrivacySpec.from_json(props[KEY_PRIVACY]), format_version=version,
         )
 
-
-def layout_from_parts(window_s: float, hop_s: float, bands: Sequence, n_mels: int,
-                      modalities: Sequence[tuple[str, float, Sequence[str], Sequence[str], Sequence[str]]]) -> LayoutSpec:
-    """A :class:`LayoutSpec` from plain values (``(modality, sfreq, ch_names, ch_types, feature_names)`` each)."""
-    return LayoutSpec(float(window_s), float(hop_s), tuple((str(n), float(lo), float(hi)) for n, lo, hi in bands),
-                      int(n_mels), tuple(ModalitySpec(str(m), float(fs), tuple(c), tuple(t), tuple(f))
-                                         for m, fs, c, t, f in modalities))

@@ -47,9 +47,10 @@ def export_command(model_path: Path, out_path: Path, input_kind: str, dtype: str
     eps = model.privacy.epsilon
     click.echo(f"wrote {out_path} ({len(data) / 1024:.1f} KiB, opset {onnx_model.opset_import[0].version}, "
                f"{input_kind} input, {dtype})")
+    kind = "logistic regression" if model.hidden == 0 else f"MLP ({model.hidden} hidden)"
     click.echo(f"fleet {model.fleet or '-'}, round {model.round} ({model.train_round} training rounds), basis "
-               f"v{model.basis_version}, {'logistic regression' if model.hidden == 0 else f'MLP ({model.hidden} hidden)'}"
-               f" on k={model.k} of {model.n_features} features; classes {', '.join(model.classes)}")
+               f"v{model.basis_version}, {kind} on k={model.k} of {model.n_features} features; classes "
+               f"{', '.join(model.classes)}")
     click.echo(f"layout: {modalities}; window {layout.window_s:g} s, hop {layout.hop_s:g} s")
     click.echo("privacy: " + ("no finite guarantee" if eps is None else
                               f"epsilon {eps:.4g} at delta {model.privacy.delta:g} ({model.privacy.accountant})"))

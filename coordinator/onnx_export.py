@@ -69,7 +69,6 @@ from biofed.model_format import (
     HR_INPUT,
     INPUT_FEATURES,
     INPUT_KINDS,
-    INPUT_WINDOW,
     OUTPUT_PROBA,
     LayoutSpec,
     ModalitySpec,
@@ -79,7 +78,8 @@ from biofed.model_format import (
 )
 
 __all__ = [
-    "OPSET", "ExportError", "ModelFile", "build_feature_extractor", "build_model", "export_onnx", "export_round", "write_bytes",
+    "OPSET", "ExportError", "ModelFile", "build_feature_extractor", "build_model", "export_onnx", "export_round",
+    "write_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,7 +210,8 @@ class ModelFile:
             "epsilon": math.inf if p.epsilon is None else p.epsilon,
             **{f"epsilon_{name}": math.inf if v is None else v for name, v in p.epsilons.items()},
             "delta": math.nan if p.delta is None else p.delta, "accountant": p.accountant,
-            "trust_mode": p.trust_mode, "noise_multiplier": math.nan if p.noise_multiplier is None else p.noise_multiplier,
+            "trust_mode": p.trust_mode,
+            "noise_multiplier": math.nan if p.noise_multiplier is None else p.noise_multiplier,
         }
         if self.layout is not None:
             out["layout"] = self.layout.to_json()
@@ -281,7 +282,8 @@ def _spectral_plan(layout: LayoutSpec, part: ModalitySpec):
     else:
         edges = _filterbank_edges(layout.n_mels, _AUDIO_FMIN, fs / 2.0, "mel")
         narrowest = float(np.min(edges[2:] - edges[:-2]))
-        nperseg = min(window, max(_next_pow2(_AUDIO_FRAME_S * fs), _next_pow2(math.nextafter(fs / narrowest, math.inf))))
+        finest = _next_pow2(math.nextafter(fs / narrowest, math.inf))  # every band gets a bin
+        nperseg = min(window, max(_next_pow2(_AUDIO_FRAME_S * fs), finest))
         weights = _triangles(np.fft.rfftfreq(nperseg, d=1.0 / fs), edges)
         base, floor = math.e, _LN_FLOOR
     empty = np.flatnonzero(~np.any(weights > 0, axis=0))
@@ -406,7 +408,7 @@ def build_model(model: ModelFile, *, input_kind: str = INPUT_FEATURES, dtype: st
     graph = helper.make_graph(g.nodes, f"biofed_{input_kind}", inputs, [output], initializer=g.initializers)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="biofed",
                                    producer_version=__version__, ir_version=IR_VERSION,
-                                   doc_string=f"biofed federated classifier ({input_kind} input) of fleet {model.fleet}")
+                                   doc_string=f"biofed classifier ({input_kind} input) of fleet {model.fleet}")
     metadata = ModelMetadata(
         biofed_version=__version__, fleet=model.fleet, round=model.round, train_round=model.train_round,
         basis_version=model.basis_version, input_kind=input_kind, classes=model.classes,

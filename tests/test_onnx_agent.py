@@ -191,3 +191,21 @@ def test_coordinator_exports_each_round_with_the_reported_layout(ingested, tmp_p
     final = ModelFile.load(tmp_path / "state" / "model_final.npz")
     assert final.layout == layout and final.fleet == FLEET
     assert OnnxModel(tmp_path / "state" / "model_final.onnx").layout == layout
+
+
+def test_protocol_carries_onnx_bytes_and_layouts(ingested):
+    from biofed.protocol import InvalidPayload
+
+    _, layout, model = ingested
+    data = build_model(model).SerializeToString()
+    message = decode_topic_message(TOPICS, TOPICS.model, encode_message(_model_message(model, data), fleet=FLEET,
+                                                                        sender="coordinator"))
+    assert message.payload.onnx.tobytes() == data and OnnxModel(message.payload.onnx.tobytes()).layout == layout
+    assert Model(round=1, params=model.params, basis_version=1, classes=CLASSES).onnx.size == 0  # optional
+    with pytest.raises(InvalidPayload, match="Model.onnx must be a uint8 byte array, got float32"):
+        Model(round=1, params=model.params, basis_version=1, classes=CLASSES, onnx=np.zeros(3, dtype=np.float32))
+    with pytest.raises(InvalidPayload, match="Status.layout must be a JSON string, got dict"):
+        Status(round=0, state="online", layout={"window_s": 2.0})
+    status = decode_topic_message(TOPICS, TOPICS.status(DEVICE), encode_message(
+        Status(round=0, state="online", layout=layout.to_json()), fleet=FLEET, sender=DEVICE)).payload
+    assert LayoutSpec.from_json(status.layout) == layout

@@ -33,7 +33,7 @@ from biofed.kernels import (
     train,
     window_statistics,
 )
-from biofed.model_format import KEY_FORMAT, KEY_LAYOUT, METADATA_KEYS, LayoutSpec, ModelMetadata, PrivacySpec
+from biofed.model_format import KEY_FORMAT, METADATA_KEYS, LayoutSpec, ModelMetadata, PrivacySpec
 
 CLASSES = ("rest", "arithmetic")
 PRIVACY = PrivacySpec(epsilon=2.5, delta=1e-5, accountant="rdp", epsilons={"rdp": 2.5, "pld": 2.1},
@@ -117,7 +117,8 @@ def test_checker_opset_and_metadata_round_trip(synthetic):
         assert meta == ModelMetadata.from_props(props)
         assert (meta.biofed_version, meta.fleet, meta.round, meta.train_round, meta.basis_version) == (
             __version__, "ward7", 12, 9, 3)
-        assert (meta.classes, meta.kind, meta.hidden, meta.k, meta.n_features) == (CLASSES, "mlp", 8, model.k, X.shape[1])
+        assert (meta.classes, meta.kind, meta.hidden) == (CLASSES, "mlp", 8)
+        assert (meta.k, meta.n_features) == (model.k, X.shape[1])
         assert meta.input_kind == kind and meta.dtype == "float32"
         assert meta.layout == spec and meta.layout.feature_names == spec.feature_names
         assert meta.privacy.epsilon == 2.5 and meta.privacy.delta == 1e-5 and meta.privacy.accountant == "rdp"
@@ -206,7 +207,8 @@ def test_window_model_matches_pipeline_eegmat(eegmat):
 def test_wrong_layout_refused(synthetic, eegmat):
     recordings, X, y, spec = synthetic
     model = _load(_model_file(X, y, spec, hidden=0))
-    with pytest.raises(LayoutMismatch, match=r"needs modalities \('eeg', 'audio', 'bio'\) but the data has \('eeg', 'bio'\)"):
+    needs = r"needs modalities \('eeg', 'audio', 'bio'\) but the data has \('eeg', 'bio'\)"
+    with pytest.raises(LayoutMismatch, match=needs):
         model.predict_recording(eegmat[0][1])
     eeg_bio = dataclasses.replace(spec, modalities=(spec.modality("eeg"), spec.modality("bio")))
     X_eb = X[:, [i for i, n in enumerate(spec.feature_names) if not n.startswith("audio:")]]
