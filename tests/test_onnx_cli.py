@@ -143,3 +143,35 @@ def test_predict_refuses_other_layout(trained, shared_datasets):
     assert result.exit_code == 1
     assert "does not fit" in result.output and "eeg: the model expects 250 Hz but the data is sampled at 500 Hz" \
         in result.output
+
+
+def test_predict_a_session_of_two_files(tmp_path):
+    """An EEG + ECG/PPG FIF and the WAV recorded with it form one session (the demo's devices)."""
+    from biofed.demo import write_synthetic_devices
+    from biofed.edge.predict_cli import _session
+
+    files = write_synthetic_devices(tmp_path / "data", 1, duration_s=10.0, random_state=2)["device00"]
+    sessions = [_session((files[0], files[1])), _session((files[2], files[3]))]
+    assert sessions[0].modalities == ("eeg", "audio", "bio") and sessions[1].annotations[0].label == "arithmetic"
+    config = PipelineConfig()
+    rows = [extract_features(s, config)[0] for s in sessions]
+    X, y = np.vstack(rows), np.repeat([0, 1], [len(r) for r in rows])
+    basis = fit_basis(X, 8)
+    Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
+    params, _ = train(init_params(8, 2, 0, random_state=0), Z, y, 2, epochs=30, lr=0.1, random_state=0)
+    spec = layout_spec(FeatureLayout.from_recording(sessions[0], config), config)
+    npz = write_final_model(tmp_path / "model.npz", ModelFile(
+        params, CLASSES, 0, basis.components, basis.mean, basis.scale, 1, "demo", 3, 2, spec,
+        PrivacySpec(None, None, "rdp")).to_arrays())
+    assert _run("export", "--model", npz, "--out", tmp_path / "m.onnx").exit_code == 0
+    result = _run("predict", "--model", tmp_path / "m.onnx", "--summary-only", files[2], files[3])
+    assert result.exit_code == 0, result.output
+    expected = predict_proba(params, project(rows[1], basis.components, mean=basis.mean, scale=basis.scale), 2)
+    n_arith = int(np.sum(expected.argmax(axis=1) == 1))
+    assert f"({len(rows[1])} windows)" in result.output
+    assert f"accuracy: {n_arith / len(rows[1]):.3f} ({n_arith}/{len(rows[1])} windows labelled arithmetic)" \
+        in result.output
+    assert "no finite differential-privacy guarantee" in result.output
+    result = _run("predict", "--model", tmp_path / "m.onnx", files[2])  # the WAV forgotten
+    assert result.exit_code == 1
+    assert "needs modalities ('eeg', 'audio', 'bio') but the data has ('eeg', 'bio')" in result.output
