@@ -168,7 +168,7 @@ def test_predict_a_session_of_two_files(tmp_path):
     assert result.exit_code == 0, result.output
     expected = predict_proba(params, project(rows[1], basis.components, mean=basis.mean, scale=basis.scale), 2)
     n_arith = int(np.sum(expected.argmax(axis=1) == 1))
-    assert f"({len(rows[1])} windows)" in result.output
+    assert f" s, {len(rows[1])} windows)" in result.output
     assert f"accuracy: {n_arith / len(rows[1]):.3f} ({n_arith}/{len(rows[1])} windows labelled arithmetic)" \
         in result.output
     assert "no finite differential-privacy guarantee" in result.output
