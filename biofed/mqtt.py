@@ -331,6 +331,9 @@ class MqttClient:
         self._closing = True
         if self._client is not None:
             self._client.disconnect()
+            # paho's network thread logs a spurious "Client is not connected" at ERROR level
+            # when it wakes after a deliberate disconnect; nothing after this point is news.
+            self._client.disable_logger()
             self._client.loop_stop()
             self._client = None
         self._connected.clear()
