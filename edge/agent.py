@@ -38,9 +38,18 @@ With ``X`` the device's raw training rows (labels in ``Task.classes``, minus the
 windows of :func:`biofed.edge.split.holdout_split`), every statistic and update is clipped to
 L2 norm ``Task.clip_norm`` with :func:`biofed.kernels.clip_l2`; in ``"local"`` and
 ``"distributed"`` trust modes the device adds ``N(0, (Task.noise_multiplier * clip_norm)^2)``
-itself (in distributed mode the coordinator sends the per-device share of the noise
-multiplier). Noise comes from a generator seeded from OS entropy (:mod:`secrets`), never from a
-configurable seed.
+itself to its sketches. A distributed-mode *training* update is instead secure-aggregated
+(:mod:`biofed.edge.secure_aggregation`): the device adds only its noise share of std
+``noise_multiplier * clip_norm / sqrt(Task.secagg_threshold)``, sends an ``Update`` with an
+empty delta (metrics only) and its keys, and answers the coordinator's ``secagg_relay``
+steps; the delta leaves the device only masked. Noise comes from a generator seeded from OS
+entropy (:mod:`secrets`), never from a configurable seed.
+
+Signed messages
+---------------
+With ``signing_key_file`` the agent signs everything it publishes (its last will too);
+with ``keys_dir`` it accepts only messages with a valid signature of a known, unrevoked
+sender (:mod:`biofed.signing`), within ``max_clock_skew_s`` and never twice.
 
 ``moments``     Sketch of ``concat(mean(X, 0), mean(X**2, 0))``.
 ``covariance``  Sketch of ``(Z.T @ Z / n).ravel()``, ``Z = (X - stats_mean) / stats_scale``.
@@ -89,16 +98,20 @@ from biofed.config import DeviceConfig
 from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
 from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, PipelineError, StreamingPipeline
 from biofed.edge.split import balanced_accuracy, holdout_split
+from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
 from biofed.kernels import clip_l2, n_params, predict_proba, project, train
 from biofed.model_format import LayoutSpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
+from biofed.secagg import SecAggError
+from biofed.signing import signing_from_config
 from biofed.protocol import (
     Basis,
     Message,
     Model,
     Prediction,
     ProtocolError,
+    SecAggRelay,
     SeenMessageIds,
     Sketch,
     Status,
@@ -230,6 +243,8 @@ class EdgeAgent:
         self._train_rng = np.random.default_rng(random_state)
         self._noise_rng = np.random.default_rng(secrets.randbits(128))
         self._seen = SeenMessageIds(capacity=10_000)
+        self._signer, self._verifier = signing_from_config(config, self.device_id)
+        self._secagg: SecureAggregationParticipant | None = None
         self._answered: set[tuple[int, str]] = set()
         self._pending_task: Task | None = None
         self._lock = threading.RLock()
@@ -480,7 +495,8 @@ class EdgeAgent:
             self.bytes_received += len(data)
             try:
                 message = decode_topic_message(self.topics, topic, data,
-                                               max_bytes=self.config.broker.max_message_bytes)
+                                               max_bytes=self.config.broker.max_message_bytes,
+                                               verifier=self._verifier)
             except ProtocolError as exc:
                 self.dropped_messages += 1
                 logger.warning("%s: dropped a message on %s: %s", self.device_id, topic, exc)
@@ -504,12 +520,14 @@ class EdgeAgent:
             return self._on_task(payload)
         if isinstance(payload, Model):
             return self._on_model(payload)
+        if isinstance(payload, SecAggRelay):
+            return self._on_secagg(payload)
         logger.debug("%s: ignoring a %s message", self.device_id, message.kind)
         return []
 
     def _encode(self, payload) -> bytes:
         return encode_message(payload, fleet=self.config.fleet, sender=self.device_id,
-                              max_bytes=self.config.broker.max_message_bytes)
+                              max_bytes=self.config.broker.max_message_bytes, signer=self._signer)
 
     def status_message(self, state: str = "online", detail: str = "") -> Outgoing:
         """The retained status of this device (``online`` with row count and basis version)."""
@@ -694,18 +712,48 @@ class EdgeAgent:
             prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng,
         )
         delta, norm = clip_l2(params - task.model, task.clip_norm)
-        noise = self._noise(task, delta.shape[0])
-        if noise is not None:
-            delta = delta + noise
+        secure = task.trust_mode == "distributed"
+        if secure:  # the delta travels only masked; the participant adds the noise share
+            try:
+                self._secagg = SecureAggregationParticipant(self.device_id, self.config.fleet, task, delta,
+                                                            rng=self._noise_rng)
+            except SecAggError as exc:
+                logger.error("%s: round %d: %s; not answered", self.device_id, task.round, exc)
+                return []
+        else:
+            noise = self._noise(task, delta.shape[0])
+            if noise is not None:
+                delta = delta + noise
         update = Update(
-            round=task.round, basis_version=task.basis_version, delta=delta, n_examples=int(y.size),
+            round=task.round, basis_version=task.basis_version,
+            delta=np.empty(0, dtype=np.float64) if secure else delta, n_examples=int(y.size),
             clipped=bool(norm > task.clip_norm), norm_bit=int(norm <= task.clip_norm) if task.adaptive_clipping else None,
             metrics=self._metrics(loss, int(y.size), cpu_start, accuracy, eval_windows),
         )
         logger.info("%s: round %d trained on %d windows: loss %.4f, |delta| %.3g (clip %.3g), held-out balanced "
                     "accuracy of the incoming model %s", self.device_id, task.round, y.size, loss, norm,
                     task.clip_norm, "n/a" if accuracy is None else f"{accuracy:.3f}")
-        return [Outgoing(self.topics.update(self.device_id), self._encode(update))]
+        out = [Outgoing(self.topics.update(self.device_id), self._encode(update))]
+        if secure:
+            out.append(Outgoing(self.topics.secagg(self.device_id), self._encode(self._secagg.start())))
+        return out
+
+    def _on_secagg(self, relay: SecAggRelay) -> list[Outgoing]:
+        """Answer the coordinator's next secure-aggregation step of the current round."""
+        participant = self._secagg
+        if participant is None or relay.round != participant.round:
+            logger.debug("%s: secagg %s relay of round %d is not for an open round here; ignored",
+                         self.device_id, relay.step, relay.round)
+            return []
+        try:
+            answer = participant.handle(relay)
+        except SecAggError as exc:
+            self.dropped_messages += 1
+            logger.warning("%s: secagg %s relay of round %d refused: %s", self.device_id, relay.step, relay.round, exc)
+            return []
+        if participant.finished:
+            self._secagg = None
+        return [Outgoing(self.topics.secagg(self.device_id), self._encode(answer))]
 
     def _evaluate(self, task: Task) -> list[Outgoing]:
         self._enter(AgentState.EVALUATING)
@@ -739,7 +787,8 @@ class EdgeAgent:
     def _connect(self, stop: threading.Event) -> MqttClient | None:
         broker = self.config.broker
         will = Will(self.topics.status(self.device_id), offline_status(fleet=self.config.fleet,
-                                                                        device_id=self.device_id))
+                                                                        device_id=self.device_id,
+                                                                        signer=self._signer))
         delay = 1.0
         jitter = np.random.default_rng()
         while not stop.is_set():
@@ -773,7 +822,7 @@ class EdgeAgent:
             return
         self._client = client
         try:
-            for topic in (self.topics.basis, self.topics.task, self.topics.model):
+            for topic in (self.topics.basis, self.topics.task, self.topics.model, self.topics.secagg_relay):
                 try:
                     client.subscribe(topic, qos=1)
                 except MqttError as exc:  # remembered: renewed on the next (re)connect
