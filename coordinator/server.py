@@ -83,7 +83,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from biofed.config import CoordinatorConfig
+from biofed.config import ConfigError, CoordinatorConfig
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
@@ -514,12 +514,10 @@ class Coordinator:
             self.ledger.record_round(e.round, e.sampling_rate, e.noise_multiplier, kind=e.kind)
 
     def _connect(self) -> None:
-        broker = self.config.broker
-        self._client = MqttClient(
-            broker.host, broker.port, self.client_id, protocol=broker.protocol, keepalive=broker.keepalive,
-            connect_timeout_s=broker.connect_timeout_s, session_expiry_s=broker.session_expiry_s,
-            inbox_size=broker.inbox_size, random_state=self.rng,
-        )
+        try:  # address, protocol, limits, TLS files and credentials of config.broker
+            self._client = MqttClient.from_config(self.config.broker, self.client_id, random_state=self.rng)
+        except (ConnectError, ConfigError) as exc:  # a TLS or password file is missing or invalid
+            raise CoordinatorError(str(exc)) from None
         try:
             self._client.connect()
             for kind in ("status", "update", "sketch"):
