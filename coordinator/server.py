@@ -41,7 +41,20 @@ local
     Devices clip and noise; the coordinator averages uniformly. The ledger records
     ``q = 1``: the coordinator itself knows who was sampled.
 distributed
-    Needs secure aggregation, which biofed does not have yet: refused at start.
+    Training rounds are secure-aggregated (:mod:`biofed.coordinator.secure_aggregation`,
+    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta (metrics
+    only), then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
+    (``n_min = Task.secagg_threshold``, ``dp.secagg_threshold`` or ``min_devices // 2 + 1``)
+    masked, and the coordinator learns only the sum over the survivors; the new model is
+    ``strategy.server_update(params, sum / survivors)`` (FedAvg family only: robust
+    strategies need the individual updates). The ledger records the noise actually in the
+    sum, ``distributed_noise_multiplier(z, n_min, survivors)``, with ``q = 1`` as in local
+    mode. Only the devices whose masked input is in the sum count as replies. Basis phases
+    are answered as in local mode (each device adds ``N(0, (z C)^2)`` to its sketch).
+
+Signed messages: with ``signing_key_file`` every message the coordinator publishes is
+signed; with ``keys_dir`` inbound messages without a valid signature of a known, unrevoked
+device are dropped (:mod:`biofed.signing`).
 
 Exported model (see :mod:`biofed.coordinator.onnx_export`)
 -----------------------------------------------------------
@@ -88,6 +101,7 @@ from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
+from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
@@ -98,7 +112,9 @@ from biofed.protocol import (
     Basis,
     Message,
     Model,
+    MessageVerifier,
     ProtocolError,
+    SecAggUpload,
     SeenMessageIds,
     Sketch,
     Status,
@@ -108,6 +124,8 @@ from biofed.protocol import (
     decode_topic_message,
     encode_message,
 )
+from biofed.secagg import SecAggError
+from biofed.signing import signing_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +194,8 @@ class OpenRound:
     n_features: int | None = None
     need_norm_bit: bool = False
     received: dict[str, Message] = field(default_factory=dict)
+    secure: SecureAggregationRound | None = None
+    """The secure aggregation of a distributed-mode training round (updates carry no delta)."""
 
     @property
     def kind(self) -> str:
@@ -195,12 +215,15 @@ class Ingest:
         Ids of accepted messages (pre-filled from the state database on restart).
     clock : callable
         Unix time now (the deadline check).
+    verifier : biofed.signing.Verifier or None
+        Require valid signatures (see :func:`biofed.protocol.decode_message`).
     """
 
     def __init__(self, topics: Topics, *, max_bytes: int, seen: SeenMessageIds | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, verifier: MessageVerifier | None = None) -> None:
         self.topics = topics
         self.max_bytes = max_bytes
+        self.verifier = verifier
         self.seen = seen if seen is not None else SeenMessageIds(1_000_000)
         self.clock = clock
         self.known: set[str] = set()
@@ -227,11 +250,14 @@ class Ingest:
             ``"accepted"`` (a reply stored in :attr:`open`), ``"status"`` or ``"dropped"``.
         """
         try:
-            message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes)
+            message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes,
+                                           verifier=self.verifier)
         except ProtocolError as exc:
             return self._drop(type(exc).__name__, topic, str(exc))
         if message.kind == "status":
             return self._status(message)
+        if message.kind == "secagg":
+            return self._secagg(topic, message)
         if message.kind not in ("update", "sketch"):
             return self._drop("unexpected kind", topic, f"{message.kind} is not sent to the coordinator")
         return self._reply(topic, message)
@@ -250,6 +276,18 @@ class Ingest:
             self.online.add(device)
             logger.info("device %s is online (%s; %d online)", device, status.state, len(self.online))
         return "status"
+
+    def _secagg(self, topic: str, message: Message) -> str:
+        rnd = self.open
+        if rnd is None or rnd.secure is None:
+            return self._drop("no secure aggregation", topic, f"secagg for round {message.round}")
+        payload = message.payload
+        assert isinstance(payload, SecAggUpload)
+        try:
+            rnd.secure.handle(message.sender, payload)
+        except SecAggError as exc:
+            return self._drop("secagg", topic, str(exc))
+        return "secagg"
 
     def _reply(self, topic: str, message: Message) -> str:
         device, payload = message.sender, message.payload
@@ -294,6 +332,9 @@ class Ingest:
             if payload.delta.size or payload.n_examples:
                 return "an evaluation reply must have an empty delta and n_examples=0"
             return None
+        if rnd.secure is not None:
+            return "a distributed-mode update must not carry its delta (it is secure-aggregated)" \
+                if payload.delta.size else None
         if payload.delta.shape != (rnd.n_params,):
             return f"delta has {payload.delta.size} parameters, the model has {rnd.n_params}"
         if rnd.need_norm_bit and payload.norm_bit is None:
@@ -308,6 +349,7 @@ class _Collected:
     replies: dict[str, Message]
     n_selected: int
     attempts: int
+    secure: SecureAggregationRound | None = None
 
 
 class Coordinator:
@@ -350,11 +392,6 @@ class Coordinator:
     ) -> None:
         self.config = config
         dp = config.dp
-        if dp.trust_mode == "distributed":
-            raise CoordinatorError(
-                'dp.trust_mode = "distributed" needs secure aggregation, which biofed does not implement yet; '
-                'use "central" (coordinator adds the noise) or "local" (devices add it)'
-            )
         if dp.adaptive_clipping is not None and dp.trust_mode != "central":
             raise CoordinatorError(
                 "dp.adaptive_clipping needs trust_mode = \"central\": in local mode the devices' clipped-count "
@@ -375,11 +412,21 @@ class Coordinator:
         self.topics = Topics(config.fleet)
         self.client_id = client_id or f"coordinator-{config.fleet}"
         self.strategy = self._make_strategy()
+        if dp.trust_mode == "distributed" and not isinstance(self.strategy, FedAvg):
+            raise CoordinatorError(
+                f"strategy {config.strategy.name!r} needs the individual updates, but distributed trust mode reveals "
+                "only their sum (secure aggregation); use fedavg, fedavgm, fedadam, fedyogi or fedprox"
+            )
+        self.secagg_threshold = dp.secagg_threshold or config.min_devices // 2 + 1
+        try:
+            self._signer, verifier = signing_from_config(config, COORDINATOR_SENDER)
+        except ValueError as exc:
+            raise CoordinatorError(str(exc)) from None
         self._stop = threading.Event()
         self._state = RunState.STARTING
         self._store: CoordinatorState | None = None
         self._client: MqttClient | None = None
-        self.ingest = Ingest(self.topics, max_bytes=config.broker.max_message_bytes)
+        self.ingest = Ingest(self.topics, max_bytes=config.broker.max_message_bytes, verifier=verifier)
         self.snapshot = Snapshot(clip_norm=dp.clip_norm)
         self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
         self.adaptive = self._make_adaptive()
@@ -520,7 +567,7 @@ class Coordinator:
             raise CoordinatorError(str(exc)) from None
         try:
             self._client.connect()
-            for kind in ("status", "update", "sketch"):
+            for kind in ("status", "update", "sketch", "secagg"):
                 self._client.subscribe(self.topics.all_devices(kind), qos=1)
         except (ConnectError, MqttError) as exc:
             self._client.close()
@@ -534,10 +581,10 @@ class Coordinator:
             self.ingest.handle(message.topic, message.payload)
             message = self._client.receive(0)
 
-    def _publish(self, topic: str, payload) -> None:
+    def _publish(self, topic: str, payload, *, retain: bool = True) -> None:
         data = encode_message(payload, fleet=self.config.fleet, sender=COORDINATOR_SENDER,
-                              max_bytes=self.config.broker.max_message_bytes)
-        self._client.publish(topic, data, qos=1, retain=True)
+                              max_bytes=self.config.broker.max_message_bytes, signer=self._signer)
+        self._client.publish(topic, data, qos=1, retain=retain)
 
     def _format_eps(self) -> str:
         eps = self.ledger.epsilon()
@@ -573,7 +620,7 @@ class Coordinator:
         return False
 
     def _planned_sampling_rate(self) -> float:
-        if self.config.sampling_rate == "all" or self.config.dp.trust_mode == "local":
+        if self.config.sampling_rate == "all" or self.config.dp.trust_mode in ("local", "distributed"):
             return 1.0
         return float(self.config.sampling_rate)
 
@@ -627,8 +674,9 @@ class Coordinator:
             "optimizer": training.optimizer, "l2": training.l2, "prox_mu": training.prox_mu,
             **self.strategy.client_config(),
         }
+        secure = cfg.dp.trust_mode == "distributed" and phase == "train"
         return Task(model=snap.params, clip_norm=snap.clip_norm, adaptive_clipping=self.adaptive is not None,
-                    **common, **client)
+                    secagg_threshold=self.secagg_threshold if secure else 0, **common, **client)
 
     def _collect(self, phase: str) -> _Collected | None:
         """Select, publish the task, gather replies; retry short rounds. None: stopped/aborted."""
@@ -672,10 +720,18 @@ class Coordinator:
             n_features=snap.n_features if phase == "covariance" else None,
             need_norm_bit=phase == "train" and self.adaptive is not None,
         )
+        if task.secagg_threshold:
+            self.ingest.open.secure = SecureAggregationRound(
+                fleet=self.config.fleet, round=round_, participants=participants, vector_size=snap.params.size,
+                threshold=task.secagg_threshold, advertise_deadline=deadline,
+                step_timeout_s=self.config.dp.secagg_step_timeout_s,
+            )
         self._state = _PHASE_STATES[phase]
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
                     round_, phase, len(participants), self.config.round_deadline_s)
+        if self.ingest.open.secure is not None:
+            return self._gather_secure(round_, participants, attempts)
         try:
             while not self._stop.is_set():
                 remaining = deadline - time.time()
@@ -693,6 +749,30 @@ class Coordinator:
         if missing:
             logger.info("round %d (%s): no reply from %s", round_, phase, ", ".join(missing))
         return _Collected(round_, replies, len(participants), attempts)
+
+    def _gather_secure(self, round_: int, participants: list[str], attempts: int) -> _Collected | None:
+        """Run the secure-aggregation steps of a distributed-mode round; the replies are the
+        metrics-only updates of the devices whose masked input is in the sum."""
+        secure = self.ingest.open.secure
+        try:
+            while not secure.finished:
+                if self._stop.is_set():
+                    return None
+                self._pump(0.05)
+                relay = secure.poll()
+                if relay is not None:
+                    self._publish(self.topics.secagg_relay, relay, retain=False)
+                    logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,
+                                len(secure.expected))
+            received = dict(self.ingest.open.received)
+        finally:
+            self.ingest.open = None
+        survivors = set() if secure.result is None else set(secure.result.survivors)
+        replies = {device: message for device, message in received.items() if device in survivors}
+        if survivors - set(replies):
+            logger.warning("round %d: %s sent masked inputs but no metrics update", round_,
+                           ", ".join(sorted(survivors - set(replies))))
+        return _Collected(round_, replies, len(participants), attempts, secure if survivors else None)
 
     def _accepted_rows(self, collected: _Collected) -> list[tuple[str, int, str, str]]:
         return [(m.message_id, collected.round, device, m.kind) for device, m in collected.replies.items()]
@@ -751,7 +831,11 @@ class Coordinator:
             if oversized:
                 logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
                                "clipped here", collected.round, ", ".join(oversized), clip)
-        if cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
+        z_recorded = z
+        if collected.secure is not None:  # only the sum of the survivors' noised updates is known
+            snap.params = self.strategy.server_update(collected.round, snap.params, collected.secure.mean_update())
+            z_recorded = collected.secure.noise_multiplier(z)
+        elif cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
             z_update = self.adaptive.delta_noise_multiplier(z) if self.adaptive is not None and z > 0 else z
             aggregator = DPAggregator(self.strategy, z_update, clip_norm=clip, rng=self.rng)
             snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates)
@@ -761,7 +845,7 @@ class Coordinator:
             bits = [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
             snap.clip_norm = self.adaptive.update(np.array(bits), collected.n_selected)
         q_used = self._planned_sampling_rate() if collected.attempts == 1 else 1.0
-        self.ledger.record_round(collected.round, q_used, z, kind="train")
+        self.ledger.record_round(collected.round, q_used, z_recorded, kind="train")
         snap.train_rounds_done += 1
         snap.strategy_state = self.strategy.state_dict()
         record = self._commit(collected, "train", sampling_rate=q_used, clip_norm=clip)

@@ -559,7 +559,7 @@ def test_local_trust_mode_adds_no_central_noise(amqtt_broker, devices, tmp_path)
 
 # ----------------------------------------------------------------------------- settings and CLI
 @pytest.mark.parametrize("overrides,match", [
-    ({"dp": {"trust_mode": "distributed"}}, "secure aggregation"),
+    ({"dp": {"trust_mode": "distributed"}, "strategy": {"name": "trimmed_mean"}}, "secure aggregation"),
     ({"dp": {"trust_mode": "local", "adaptive_clipping": {}}}, "adaptive_clipping needs trust_mode"),
     ({"dp": {"noise_multiplier": 1.0}, "strategy": {"name": "trimmed_mean"}}, "cannot be combined with central DP"),
     ({"dp": {"noise_multiplier": 1.0}, "strategy": {"name": "fedavg", "params": {"weighting": "examples"}}},

@@ -1,0 +1,117 @@
+"""Distributed trust mode end to end: real edge agents and the coordinator over amqtt, every
+message signed, model updates aggregated with secure aggregation (never sent in clear)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
+from dp_accounting.rdp import RdpAccountant
+
+from biofed.config import CoordinatorConfig, DeviceConfig
+from biofed.coordinator.server import Coordinator, RunState
+from biofed.demo import write_synthetic_devices
+from biofed.edge.agent import EdgeAgent
+from biofed.mqtt import MqttClient
+from biofed.protocol import Topics, Update, decode_topic_message, encode_message
+from biofed.signing import Signer
+
+FLEET = "ward7"
+TOPICS = Topics(FLEET)
+N_DEVICES = 4
+SECONDS = 12.0
+
+
+def _write_keys(root: Path, ids) -> None:
+    """The provisioning layout: DIR/keys/{id}.pub.pem and DIR/<id>/signing.key.pem."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    (root / "keys").mkdir(parents=True)
+    for identity in ids:
+        key = Ed25519PrivateKey.generate()
+        (root / identity).mkdir()
+        (root / identity / "signing.key.pem").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (root / "keys" / f"{identity}.pub.pem").write_bytes(Signer(key, identity).public_pem())
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("recordings")
+    return write_synthetic_devices(folder, N_DEVICES, duration_s=SECONDS, random_state=5)
+
+
+def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, tmp_path):
+    devices = sorted(recordings)
+    _write_keys(tmp_path / "pki", [*devices, "coordinator"])
+    broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
+    z, n_min = 0.2, 3
+    config = CoordinatorConfig(
+        fleet=FLEET, broker=broker, rounds=2, min_devices=N_DEVICES, round_deadline_s=20.0,
+        state_dir=tmp_path / "state", model={"basis_k": 8}, training={"lr": 0.5, "local_epochs": 2},
+        dp={"trust_mode": "distributed", "noise_multiplier": z, "clip_norm": 1.0, "secagg_threshold": n_min,
+            "secagg_step_timeout_s": 10.0},
+        signing_key_file=tmp_path / "pki/coordinator/signing.key.pem", keys_dir=tmp_path / "pki/keys",
+    )
+    agents = [
+        EdgeAgent(DeviceConfig(device_id=d, fleet=FLEET, broker=broker, recordings=tuple(recordings[d]),
+                               store_path=tmp_path / f"{d}.sqlite",
+                               signing_key_file=tmp_path / f"pki/{d}/signing.key.pem", keys_dir=tmp_path / "pki/keys"),
+                  random_state=i)
+        for i, d in enumerate(devices)
+    ]
+    observer = MqttClient(amqtt_broker.host, amqtt_broker.port, "observer", protocol="3.1.1").connect()
+    observer.subscribe(TOPICS.all_devices("update"))
+    stop = threading.Event()
+    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    coordinator = Coordinator(config, discovery_timeout_s=60.0, accountants=("rdp",), basis_clip_norm=1e4,
+                              rng=np.random.default_rng(0))
+    try:
+        assert coordinator.run() is RunState.DONE
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        for a in agents:
+            a.close()
+
+    history = coordinator.history()
+    assert [r.phase for r in history] == ["moments", "covariance", "train", "train", "evaluate"]
+    assert all(r.n_devices == N_DEVICES for r in history)
+    # an unsigned update (a downgrade attempt) is refused by the coordinator's inbound path
+    forged = Update(round=0, basis_version=0, delta=np.zeros(3), n_examples=1, clipped=False,
+                    metrics={"loss": 0.0, "n_windows": 1, "rss_bytes": 1, "cpu_time_s": 0.0})
+    assert coordinator.ingest.handle(TOPICS.update(devices[0]),
+                                     encode_message(forged, fleet=FLEET, sender=devices[0])) == "dropped"
+    assert coordinator.ingest.dropped["UnsignedMessage"] == 1
+
+    # the ledger: basis phases with the devices' full local noise z, training rounds with
+    # the noise actually in the securely aggregated sum, z * sqrt(survivors / n_min)
+    entries = coordinator.ledger.entries
+    assert [(e.kind, e.sampling_rate) for e in entries] == [("basis", 1.0)] * 2 + [("train", 1.0)] * 2
+    z_eff = z * math.sqrt(N_DEVICES / n_min)
+    assert [e.noise_multiplier for e in entries] == pytest.approx([z, z, z_eff, z_eff])
+    expected = (RdpAccountant().compose(dp_accounting.GaussianDpEvent(z), 2)
+                .compose(dp_accounting.GaussianDpEvent(z_eff), 2).get_epsilon(1e-5))
+    assert coordinator.ledger.epsilon("rdp") == pytest.approx(expected, rel=1e-9)
+
+    # the updates seen on the broker never carried a delta in distributed rounds
+    train_rounds = {r.round for r in history if r.phase == "train"}
+    seen = []
+    while (inbound := observer.receive(timeout_s=0.5)) is not None:
+        message = decode_topic_message(TOPICS, inbound.topic, inbound.payload)
+        if message.sender in devices and message.round in train_rounds:
+            seen.append(message.payload)
+    observer.close()
+    assert len(seen) == 2 * N_DEVICES and all(u.delta.size == 0 for u in seen)
+    final = np.load(tmp_path / "state" / "model_final.npz")
+    assert np.abs(final["params"]).sum() > 0  # the model moved
+    assert history[-1].balanced_accuracy is not None
