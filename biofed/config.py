@@ -245,6 +245,18 @@ class DPConfig(_Section):
     devices (they only compute; training happens before, within ``round_deadline_s``)."""
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
+    basis_noise_multiplier: float | None = Field(None, ge=0)
+    """Noise multiplier z_b of the basis phase(s) (one Gaussian event each, ``kind="basis"``
+    in the ledger); None: the training ``noise_multiplier``. With device standardization the
+    basis statistic is a correlation matrix (entries in [-1, 1]), so the basis tolerates far
+    more noise than the model: a larger z_b buys epsilon back for the training rounds."""
+    basis_clip_norm: float | None = Field(None, gt=0)
+    """L2 clip norm C_b of each device's basis statistic; None: ``clip_norm``. Clipping a
+    statistic only rescales it (the basis is the eigenvectors of the average), and the
+    signal-to-noise ratio of the averaged statistic is ``n / (z_b ||s_i||)`` whatever C_b
+    below the norms, so C_b = 1 is a sound choice in device standardization mode; global
+    mode sends raw-feature moments, whose norm is the feature scale (``biofed coordinator
+    --basis-clip-norm`` overrides this value)."""
     adaptive_clipping: AdaptiveClippingConfig | None = None
     delta: float = Field(1e-5, gt=0, lt=1)
     epsilon_budget: float | None = Field(None, gt=0)
@@ -267,6 +279,15 @@ class ModelSettings(_Section):
     """0: logistic regression; > 0: MLP with this many hidden units."""
     basis_k: int = Field(32, ge=1)
     sketch_ell: int = Field(64, ge=1)
+    standardization: Literal["device", "global"] = "device"
+    """How raw feature rows are standardized before the basis projection. "device": each
+    device z-scores its rows with the mean and scale of its *own* training split (a
+    per-subject calibration that never leaves the device; held-out and live windows use the
+    training split's statistics); the only basis phase is the covariance (a correlation
+    matrix of bounded scale) and :class:`biofed.protocol.Basis` carries mean 0, scale 1.
+    "global": a federated moments phase first agrees on one mean and scale for the fleet
+    (raw-feature moments: their norm is the feature scale, so DP noise on them needs a
+    large basis clip norm and a large fleet)."""
 
     @model_validator(mode="after")
     def _two_classes(self) -> ModelSettings:

@@ -92,6 +92,8 @@ PHASES = ("moments", "covariance", "train", "evaluate")
 """Task phases in the order a federation runs them: two basis phases (standardization
 moments, then the covariance of standardized features), training rounds, one evaluation."""
 BASIS_PHASES = ("moments", "covariance")
+STANDARDIZATIONS = ("global", "device")
+"""How devices standardize raw feature rows before the basis projection (:attr:`Basis.standardization`)."""
 OPTIMIZERS = ("sgd", "adam")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _STATE_PATTERN = re.compile(r"[a-z_]{1,32}")
@@ -430,8 +432,10 @@ class Task:
     ``"covariance"`` ask for a :class:`Sketch` (``model`` may then be empty), ``"train"`` for
     an :class:`Update`, ``"evaluate"`` for an :class:`Update` with an empty delta,
     ``n_examples=0`` and the eval metrics filled. ``stats_mean``/``stats_scale`` ((d,) each,
-    scale > 0) are set only in the covariance phase: the standardization the devices apply
-    before computing ``Z.T @ Z / n``.
+    scale > 0) are set only in the covariance phase of a fleet with *global*
+    standardization: the standardization the devices apply before computing ``Z.T @ Z / n``.
+    A covariance task without them asks for *device* standardization: each device z-scores
+    its training rows with their own mean and scale (which never leave the device).
 
     ``secagg_threshold`` (distributed trust mode; 0 otherwise) is the minimum number of
     survivors of the round's secure aggregation (:mod:`biofed.secagg`): each device adds
@@ -634,6 +638,11 @@ class Basis:
 
     Devices project standardized features: ``((X - mean) / scale) @ components.T``.
     ``components`` is (k, d); ``mean`` and ``scale`` are (d,), scale > 0.
+
+    ``standardization`` (one of :data:`STANDARDIZATIONS`): ``"global"`` (the default, and
+    what a message without the field means) – ``mean``/``scale`` are the fleet's; ``"device"``
+    – every device first z-scores its rows with the mean and scale of its own training
+    split, and ``mean`` is then all zeros and ``scale`` all ones (checked).
     """
 
     KIND: ClassVar[str] = "basis"
@@ -643,6 +652,7 @@ class Basis:
     mean: np.ndarray
     scale: np.ndarray
     feature_names: tuple[str, ...] = ()
+    standardization: str = "global"
 
     def __post_init__(self) -> None:
         _set(self, "round", _int(self.round, "Basis.round"))
@@ -659,6 +669,10 @@ class Basis:
         _set(self, "feature_names", _strings(self.feature_names, "Basis.feature_names"))
         if self.feature_names and len(self.feature_names) != d:
             raise InvalidPayload(f"Basis.feature_names has {len(self.feature_names)} names for {d} features")
+        _set(self, "standardization", _choice(self.standardization, "Basis.standardization", STANDARDIZATIONS))
+        if self.standardization == "device" and (np.any(self.mean != 0) or np.any(self.scale != 1)):
+            raise InvalidPayload('Basis.standardization = "device" needs mean all zeros and scale all ones: '
+                                 "the devices standardize with their own statistics")
 
     def to_payload(self) -> dict[str, Any]:
         return _fields_payload(self, skip=("round",))
@@ -1273,6 +1287,7 @@ class SeenMessageIds:
 
 __all__ = [
     "ALLOWED_DTYPES", "BASIS_PHASES", "DEFAULT_MAX_BYTES", "KINDS", "PAYLOAD_TYPES", "PHASES", "SCHEMA_VERSION",
+    "STANDARDIZATIONS",
     "SIGNATURE_BYTES", "SIGNATURE_CONTEXT", "TRUST_MODES",
     "BadSignature", "MessageSigner", "MessageVerifier", "ReplayedMessage", "StaleMessage", "UnknownSender",
     "UnsignedMessage",

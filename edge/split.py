@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["HOLDOUT_FRACTION", "balanced_accuracy", "holdout_split"]
+__all__ = ["HOLDOUT_FRACTION", "SCALE_FLOOR_REL", "balanced_accuracy", "device_standardization", "holdout_split"]
 
 HOLDOUT_FRACTION = 0.2
 """Fraction of each label's windows held out for evaluation."""
@@ -71,6 +71,51 @@ def holdout_split(labels, t, fraction: float = HOLDOUT_FRACTION) -> tuple[np.nda
         if n_out:
             held_out[idx[idx.size - n_out :]] = True
     return ~held_out, held_out
+
+
+SCALE_FLOOR_REL = 1e-9
+"""A feature whose standard deviation is below ``SCALE_FLOOR_REL * max(1, |mean|)`` is
+constant on this device: its scale is set to 1 (it is centred, not blown up)."""
+
+
+def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale of a device's own training rows (device standardization).
+
+    With ``[model] standardization = "device"`` every device z-scores its raw feature rows
+    with these statistics before computing its basis statistic, training, evaluating and
+    predicting: a per-subject calibration (standard practice across subjects in EEG), whose
+    statistics never leave the device. They always come from the *training* split, so the
+    held-out windows are standardized without looking at them (no leakage), and live
+    windows the same way.
+
+    Parameters
+    ----------
+    X_train : array-like, shape (n, d)
+        The device's raw training rows, n >= 1.
+
+    Returns
+    -------
+    mean : ndarray, shape (d,)
+    scale : ndarray, shape (d,)
+        Standard deviation (ddof=0); 1 where the feature is constant on the device (see
+        :data:`SCALE_FLOOR_REL`), so ``scale > 0`` everywhere.
+
+    Examples
+    --------
+    >>> mean, scale = device_standardization([[1.0, 5.0], [3.0, 5.0]])
+    >>> mean.tolist(), scale.tolist()
+    ([2.0, 5.0], [1.0, 1.0])
+    """
+    X = np.asarray(X_train, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] == 0:
+        raise ValueError(f"device standardization needs a non-empty (n, d) array of training rows, got shape "
+                         f"{X.shape}; a device without training windows cannot standardize")
+    if not np.all(np.isfinite(X)):
+        raise ValueError("the training rows contain NaN/inf; drop those windows before standardizing")
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[scale <= SCALE_FLOOR_REL * np.maximum(1.0, np.abs(mean))] = 1.0
+    return mean, scale
 
 
 def balanced_accuracy(y_true, y_pred) -> float:
