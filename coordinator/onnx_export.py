@@ -128,8 +128,10 @@ class ModelFile:
     ``basis_scale`` (F,), ``basis_version``, ``fleet``, ``round``, ``train_rounds``,
     ``layout`` (JSON, :class:`biofed.model_format.LayoutSpec`; absent in files of coordinators
     whose devices did not report one), ``epsilon``, ``epsilon_<accountant>``, ``delta``,
-    ``accountant``, ``trust_mode``, ``noise_multiplier``; other keys (``stop_reason``) are kept
-    by the coordinator and ignored here.
+    ``accountant``, ``trust_mode``, ``noise_multiplier``, ``standardization`` ("global", or
+    "device": rows must be z-scored with the device's own training statistics before the
+    model, whose ``mean``/``scale`` are then 0/1; absent in older files: "global"); other keys
+    (``stop_reason``) are kept by the coordinator and ignored here.
     """
 
     params: np.ndarray
@@ -144,10 +146,13 @@ class ModelFile:
     train_round: int
     layout: LayoutSpec | None
     privacy: PrivacySpec
+    standardization: str = "global"
 
     def __post_init__(self) -> None:
         k, d = self.components.shape
         c = len(self.classes)
+        if self.standardization not in ("global", "device"):
+            raise ExportError(f'standardization must be "global" or "device", got {self.standardization!r}')
         if c < 2:
             raise ExportError(f"a model needs at least 2 classes, got {self.classes}")
         if self.mean.shape != (d,) or self.scale.shape != (d,) or np.any(self.scale <= 0):
@@ -211,7 +216,7 @@ class ModelFile:
                 scale=np.asarray(arrays["basis_scale"], dtype=np.float64),
                 basis_version=scalar("basis_version", 0, int), fleet=scalar("fleet", "", str),
                 round=scalar("round", 0, int), train_round=scalar("train_rounds", 0, int),
-                layout=layout, privacy=privacy,
+                layout=layout, privacy=privacy, standardization=scalar("standardization", "global", str),
             )
         except ExportError as exc:
             raise ExportError(f"{path}: {exc}") from None
@@ -231,6 +236,7 @@ class ModelFile:
             "delta": math.nan if p.delta is None else p.delta, "accountant": p.accountant,
             "trust_mode": p.trust_mode,
             "noise_multiplier": math.nan if p.noise_multiplier is None else p.noise_multiplier,
+            "standardization": self.standardization,
         }
         if self.layout is not None:
             out["layout"] = self.layout.to_json()

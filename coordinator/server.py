@@ -7,6 +7,13 @@ Flow (the "Federated flow" contract shared with ``biofed.edge``)
     WAITING -> MOMENTS -> COVARIANCE -> TRAINING x rounds -> EVALUATING -> DONE
                  (basis phases: one Sketch per device)  (Updates)   (eval-only Updates)
 
+With ``[model] standardization = "device"`` (the default) there is no MOMENTS phase: every
+device z-scores its rows with its own training split's mean and scale, the covariance task
+carries no ``stats_mean``/``stats_scale``, the devices send the correlation matrix of their
+standardized rows and the :class:`Basis` has mean 0, scale 1 and ``standardization="device"``.
+The basis phases use their own DP parameters: ``dp.basis_noise_multiplier`` (z_b) and
+``dp.basis_clip_norm`` (C_b), each phase one ``kind="basis"`` ledger event with z_b.
+
 Every round: wait until ``min_devices`` devices are online (retained ``status/{id}``;
 their MQTT last will is "offline"), select participants, publish the :class:`Task`
 retained with an absolute deadline, collect replies until the deadline or until every
@@ -365,8 +372,9 @@ class Coordinator:
     max_retries : int
         Re-runs of a round that got fewer than ``min_devices`` replies before aborting.
     basis_clip_norm : float or None
-        Clip norm C of the basis statistics (they are not model updates and usually need a
-        larger bound); None uses ``config.dp.clip_norm``.
+        Clip norm C_b of the basis statistics, overriding ``config.dp.basis_clip_norm``
+        (``biofed coordinator --basis-clip-norm``); None: ``config.dp.basis_clip_norm``, or
+        ``config.dp.clip_norm`` when that is unset too.
     accountants : sequence of {"rdp", "pld"} or None
         Epsilons reported per round; the first is the budget accountant. None:
         ``config.dp.accountant`` then the other one. PLD costs ~1 s per round.
@@ -401,9 +409,14 @@ class Coordinator:
             raise CoordinatorError(f"max_retries must be >= 0, got {max_retries}")
         self.discovery_timeout_s = discovery_timeout_s
         self.max_retries = int(max_retries)
-        self.basis_clip_norm = float(basis_clip_norm if basis_clip_norm is not None else dp.clip_norm)
+        if basis_clip_norm is None:
+            basis_clip_norm = dp.basis_clip_norm if dp.basis_clip_norm is not None else dp.clip_norm
+        self.basis_clip_norm = float(basis_clip_norm)
         if not self.basis_clip_norm > 0:
             raise CoordinatorError(f"basis_clip_norm must be > 0, got {basis_clip_norm}")
+        self.basis_noise_multiplier = float(
+            dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None else dp.noise_multiplier)
+        """z_b of the basis phase(s): ``dp.basis_noise_multiplier``, else the training z."""
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
@@ -593,11 +606,14 @@ class Coordinator:
     # ------------------------------------------------------------------ state machine
     def _step(self, phase: str) -> bool:
         """Run one round of ``phase``; False ends :meth:`run`."""
+        if phase == "moments" and self.config.model.standardization == "device":
+            # device standardization: no moments phase, the devices z-score with their own statistics
+            phase = self.snapshot.phase = "covariance"
         if phase in BASIS_PHASES:
-            if self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
+            if self.ledger.would_exceed(1.0, self.basis_noise_multiplier):
                 return self._abort(
                     f"the {phase} basis phase alone would exceed the privacy budget "
-                    f"epsilon={self.config.dp.epsilon_budget}; raise dp.epsilon_budget or dp.noise_multiplier"
+                    f"epsilon={self.config.dp.epsilon_budget}; raise dp.epsilon_budget or dp.basis_noise_multiplier"
                 )
             return self._basis_round(phase)
         if phase == "train":
@@ -665,8 +681,9 @@ class Coordinator:
         )
         if phase in BASIS_PHASES:
             extra = {}
-            if phase == "covariance":
+            if phase == "covariance" and snap.stats_mean is not None:  # global standardization
                 extra = dict(stats_mean=snap.stats_mean, stats_scale=snap.stats_scale)
+            common["noise_multiplier"] = self.basis_noise_multiplier
             return Task(model=np.empty(0), clip_norm=self.basis_clip_norm, **common, **extra)
         training = cfg.training
         client = {
@@ -785,7 +802,7 @@ class Coordinator:
         cfg, snap = self.config, self.snapshot
         sketches = [m.payload for m in collected.replies.values()]
         central = cfg.dp.trust_mode == "central"
-        z = cfg.dp.noise_multiplier
+        z = self.basis_noise_multiplier
         statistic, n_clipped = aggregate_statistics(
             np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, add_noise=central, rng=self.rng
         )
@@ -800,7 +817,11 @@ class Coordinator:
             components, eigenvalues = basis_from_covariance(statistic, cfg.model.basis_k)
             snap.basis_version += 1
             snap.basis_components = components
-            snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
+            if snap.stats_mean is None:  # device standardization: the devices z-score their own rows
+                snap.n_features = sketches[0].n_features
+                snap.basis_mean, snap.basis_scale = np.zeros(components.shape[1]), np.ones(components.shape[1])
+            else:
+                snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
             snap.params = init_params(components.shape[0], len(cfg.model.classes), cfg.model.hidden,
                                       random_state=self.rng)
             self.strategy.load_state_dict({})
@@ -812,7 +833,7 @@ class Coordinator:
         if phase == "covariance":
             self._publish(self.topics.basis, Basis(
                 round=collected.round, version=snap.basis_version, components=snap.basis_components,
-                mean=snap.basis_mean, scale=snap.basis_scale,
+                mean=snap.basis_mean, scale=snap.basis_scale, standardization=self._standardization,
             ))
         self._report(record)
         return True
@@ -895,7 +916,8 @@ class Coordinator:
             eval_windows=int(sum(x.eval_windows for x in metrics)),
             epsilon_rdp=eps.get("rdp"), epsilon_pld=eps.get("pld"),
             sampling_rate=sampling_rate,
-            noise_multiplier=None if phase == "evaluate" else self.config.dp.noise_multiplier,
+            noise_multiplier=(None if phase == "evaluate" else self.basis_noise_multiplier if phase in BASIS_PHASES
+                              else self.config.dp.noise_multiplier),
             clip_norm=clip_norm, attempts=collected.attempts, finished=time.time(),
         )
         self._store.commit_round(snap, accepted=self._accepted_rows(collected), record=record)
@@ -961,8 +983,16 @@ class Coordinator:
             params=snap.params, classes=tuple(cfg.model.classes), hidden=cfg.model.hidden,
             components=snap.basis_components, mean=snap.basis_mean, scale=snap.basis_scale,
             basis_version=snap.basis_version, fleet=cfg.fleet, round=round_, train_round=snap.train_rounds_done,
-            layout=self._feature_layout(), privacy=privacy,
+            layout=self._feature_layout(), privacy=privacy, standardization=self._standardization,
         )
+
+    @property
+    def _standardization(self) -> str:
+        """"global" when a moments phase fixed the fleet's standardization, else "device".
+
+        Read from the state (not the config), so a resumed run describes the basis it made.
+        """
+        return "device" if self.snapshot.stats_mean is None else "global"
 
     def _export(self, round_: int) -> np.ndarray:
         """Write the round's model files; return the ONNX bytes for the Model message (empty if none)."""

@@ -52,7 +52,10 @@ with ``keys_dir`` it accepts only messages with a valid signature of a known, un
 sender (:mod:`biofed.signing`), within ``max_clock_skew_s`` and never twice.
 
 ``moments``     Sketch of ``concat(mean(X, 0), mean(X**2, 0))``.
-``covariance``  Sketch of ``(Z.T @ Z / n).ravel()``, ``Z = (X - stats_mean) / stats_scale``.
+``covariance``  Sketch of ``(Z.T @ Z / n).ravel()``, ``Z = (X - stats_mean) / stats_scale``;
+                a task without ``stats_mean`` asks for *device standardization*:
+                ``Z = (X - m) / s`` with the mean and scale of the device's own training rows
+                (:func:`biofed.edge.split.device_standardization`; they never leave the device).
 ``train``       Project the training and held-out rows onto the current basis (the task's
                 ``basis_version`` must be the device's: a task for a newer basis waits for it
                 until its deadline, one for an older basis is refused), measure the balanced
@@ -97,7 +100,7 @@ import psutil
 from biofed.config import DeviceConfig
 from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
 from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, PipelineError, StreamingPipeline
-from biofed.edge.split import balanced_accuracy, holdout_split
+from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
 from biofed.kernels import clip_l2, n_params, predict_proba, project, train
@@ -196,6 +199,11 @@ class LocalData:
     train: np.ndarray
     held_out: np.ndarray
 
+    def standardization(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, scale)`` of the training rows (:func:`biofed.edge.split.device_standardization`):
+        what a device of a ``standardization = "device"`` fleet z-scores every row with."""
+        return device_standardization(self.X[self.train])
+
 
 def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Sequence[str]) -> LocalData:
     """Keep the rows labelled with one of ``classes`` and split them with :func:`holdout_split`.
@@ -266,6 +274,8 @@ class EdgeAgent:
         """The device's feature layout (JSON of :class:`biofed.model_format.LayoutSpec`), "" until known."""
         self.predictor: OnnxModel | None = None
         """The ONNX global model predictions are made with (``predict = true``)."""
+        self._predict_standardization: tuple[np.ndarray, np.ndarray] | None = None
+        """Device standardization applied to raw rows before :attr:`predictor` (None: global)."""
 
     # ------------------------------------------------------------------ state
     @property
@@ -558,6 +568,15 @@ class EdgeAgent:
         if not self.config.predict:
             return []
         X, _, t = self.store.read(limit=_PREDICT_ROWS)
+        device_mode = (self.basis is not None and self.basis.version == model.basis_version
+                       and self.basis.standardization == "device")
+        data = self.local_data(model.classes) if device_mode else None
+        if device_mode and not data.train.any():
+            self.predictor = None
+            logger.warning("%s: the model of round %d needs this device's standardization, but the device has no "
+                           "training windows of classes %s yet; no predictions", self.device_id, model.round,
+                           model.classes)
+            return []
         if model.onnx.size:
             self.predictor = None  # predictions follow the latest global model, or stop
             try:
@@ -567,6 +586,8 @@ class EdgeAgent:
                 return []
             if not self._fits(predictor):
                 return []
+            # device standardization: z-score with the training statistics as of the model's arrival
+            self._predict_standardization = None if data is None else data.standardization()
             self.predictor = predictor
             logger.info("%s: predicting with %s", self.device_id, predictor.describe())
             return [self._prediction(predictor, X, t)] if X.shape[0] else []
@@ -577,12 +598,15 @@ class EdgeAgent:
         k = self.basis.components.shape[0]
         if X.shape[0] == 0 or model.params.shape[0] != n_params(k, len(model.classes), model.hidden):
             return []
-        proba = predict_proba(model.params, self._project(X), len(model.classes), model.hidden)
+        proba = predict_proba(model.params, self._project(X, data), len(model.classes), model.hidden)
         prediction = Prediction(round=model.round, t=t, proba=proba, classes=model.classes)
         return [Outgoing(self.topics.prediction(self.device_id), self._encode(prediction))]
 
     def _prediction(self, predictor: OnnxModel, X: np.ndarray, t: np.ndarray) -> Outgoing:
         """Classify raw rows ``X`` with the ONNX model; log the counts; the Prediction to publish."""
+        standardization = self._predict_standardization
+        if standardization is not None:  # the model of a device-standardized fleet takes z-scored rows
+            X = (X - standardization[0]) / standardization[1]
         proba = predictor.predict_features(X)
         counts = np.bincount(proba.argmax(axis=1), minlength=len(predictor.classes))
         logger.info("%s: predicted %d window(s) at t=%.0f-%.0f s: %s", self.device_id, len(t), t[0], t[-1],
@@ -645,12 +669,15 @@ class EdgeAgent:
         if task.phase == "moments":
             statistic = np.concatenate([X.mean(axis=0), (X * X).mean(axis=0)])
         else:
-            if task.stats_mean is None or task.stats_mean.shape != (d,):
-                got = None if task.stats_mean is None else task.stats_mean.shape
+            if task.stats_mean is None:  # device standardization: this device's own statistics
+                mean, scale = data.standardization()
+            elif task.stats_mean.shape != (d,):
                 logger.error("%s: covariance task of round %d has stats_mean of shape %s, this device has %d "
-                             "features; refused", self.device_id, task.round, got, d)
+                             "features; refused", self.device_id, task.round, task.stats_mean.shape, d)
                 return []
-            Z = (X - task.stats_mean) / task.stats_scale
+            else:
+                mean, scale = task.stats_mean, task.stats_scale
+            Z = (X - mean) / scale
             statistic = (Z.T @ Z / Z.shape[0]).ravel()
         clipped, norm = clip_l2(statistic, task.clip_norm)
         noise = self._noise(task, clipped.shape[0])
@@ -662,8 +689,14 @@ class EdgeAgent:
                     task.phase, task.round, X.shape[0], norm, task.clip_norm)
         return [Outgoing(self.topics.sketch(self.device_id), self._encode(sketch))]
 
-    def _project(self, X: np.ndarray) -> np.ndarray:
+    def _project(self, X: np.ndarray, data: LocalData | None) -> np.ndarray:
+        """Standardize raw rows ``X`` and project them onto the basis. With a
+        ``standardization="device"`` basis (mean 0, scale 1) the rows are z-scored with the
+        statistics of ``data``'s training rows (the same for training, held-out and live rows)."""
         basis = self.basis
+        if basis.standardization == "device":
+            mean, scale = data.standardization()
+            return project(X, basis.components, mean=mean, scale=scale)
         return project(X, basis.components, mean=basis.mean, scale=basis.scale)
 
     def _check_model_size(self, task: Task) -> bool:
@@ -679,7 +712,7 @@ class EdgeAgent:
         """(balanced accuracy, windows, mean cross-entropy) of the task's model on held-out rows."""
         if not data.held_out.any():
             return None, 0, None
-        Z = self._project(data.X[data.held_out])
+        Z = self._project(data.X[data.held_out], data)
         y = data.y[data.held_out]
         proba = predict_proba(task.model, Z, len(task.classes), task.hidden)
         accuracy = balanced_accuracy(y, proba.argmax(axis=1))
@@ -704,7 +737,7 @@ class EdgeAgent:
                            task.round)
             return []
         accuracy, eval_windows, _ = self._held_out_metrics(task, data)
-        Z = self._project(data.X[data.train])
+        Z = self._project(data.X[data.train], data)
         y = data.y[data.train]
         params, loss = train(
             task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs, batch_size=task.batch_size,

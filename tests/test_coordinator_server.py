@@ -121,13 +121,18 @@ class SimDevice:
 
     def features(self) -> np.ndarray:
         b = self.basis
+        if b.standardization == "device":  # mean 0, scale 1: the device z-scores with its own statistics
+            return ((self.X - self.X.mean(0)) / self.X.std(0)) @ b.components.T
         return ((self.X - b.mean) / b.scale) @ b.components.T
 
     def answer(self, task: Task) -> None:
         if task.phase == "moments":
             stat = np.concatenate([self.X.mean(0), (self.X**2).mean(0)])
         elif task.phase == "covariance":
-            Z = (self.X - task.stats_mean) / task.stats_scale
+            if task.stats_mean is None:  # device standardization
+                Z = (self.X - self.X.mean(0)) / self.X.std(0)
+            else:
+                Z = (self.X - task.stats_mean) / task.stats_scale
             stat = (Z.T @ Z / len(Z)).ravel()
         if task.phase in ("moments", "covariance"):
             stat, clipped = _clip(stat, task.clip_norm)
@@ -166,7 +171,7 @@ def make_config(server, tmp_path: Path, **overrides) -> CoordinatorConfig:
         "min_devices": 2,
         "round_deadline_s": 3.0,
         "state_dir": str(tmp_path / "state"),
-        "model": {"classes": list(CLASSES), "basis_k": 4},
+        "model": {"classes": list(CLASSES), "basis_k": 4, "standardization": "global"},
         "training": {"lr": 0.5, "local_epochs": 2},
         "dp": {"noise_multiplier": 0.0, "clip_norm": 1.0},
     }
@@ -288,6 +293,58 @@ def test_federation_end_to_end(amqtt_broker, devices, tmp_path):
     # a finished federation is not re-run
     assert coordinator(make_config(amqtt_broker, tmp_path, rounds=3)).run() is RunState.DONE
     assert len(coord.history()) == len(history)
+
+
+def test_device_standardization_federation(amqtt_broker, devices, tmp_path):
+    fleet = devices(3)
+    config = make_config(amqtt_broker, tmp_path, rounds=3, model={"standardization": "device"},
+                         dp={"basis_clip_norm": 100.0})
+    coord = coordinator(config, basis_clip_norm=None)
+    assert coord.basis_clip_norm == 100.0  # from dp.basis_clip_norm
+    assert coord.run() is RunState.DONE
+
+    history = coord.history()
+    assert [r.phase for r in history] == ["covariance", "train", "train", "train", "evaluate"]  # no moments phase
+    assert history[-1].balanced_accuracy > 0.9
+    # the basis: eigenvectors of the average of the devices' correlation matrices (each z-scored on its own)
+    correlations = [np.corrcoef(d.X, rowvar=False) for d in fleet]
+    _, eigenvectors = np.linalg.eigh(np.mean(correlations, axis=0))
+    final = np.load(tmp_path / "state" / "model_final.npz")
+    np.testing.assert_allclose(np.abs(final["basis_components"] @ eigenvectors[:, ::-1][:, :4]), np.eye(4),
+                               atol=1e-6)
+    np.testing.assert_array_equal(final["basis_mean"], np.zeros(D))
+    np.testing.assert_array_equal(final["basis_scale"], np.ones(D))
+    assert str(final["standardization"]) == "device"
+    basis = retained(amqtt_broker, TOPICS.basis).payload
+    assert basis.standardization == "device" and basis.version == 1
+    np.testing.assert_array_equal(basis.mean, np.zeros(D))
+    np.testing.assert_array_equal(basis.scale, np.ones(D))
+
+
+def test_basis_round_uses_its_own_noise_multiplier(amqtt_broker, devices, tmp_path):
+    fleet = devices(3)
+    z, z_basis, delta = 1.0, 4.0, 1e-5
+    config = make_config(amqtt_broker, tmp_path, rounds=2, model={"standardization": "device"},
+                         dp={"noise_multiplier": z, "basis_noise_multiplier": z_basis, "basis_clip_norm": 50.0})
+    tasks = []
+    coord = coordinator(config, basis_clip_norm=None,
+                        on_round=lambda r: tasks.append(retained(amqtt_broker, TOPICS.task).payload))
+    assert coord.run() is RunState.DONE
+    history = coord.history()
+    assert [(r.phase, r.noise_multiplier) for r in history[:3]] == [("covariance", z_basis), ("train", z),
+                                                                     ("train", z)]
+    # what the devices were told: the basis task carries z_b and C_b (devices noise with it in local mode)
+    assert (tasks[0].phase, tasks[0].noise_multiplier, tasks[0].clip_norm) == ("covariance", z_basis, 50.0)
+    assert tasks[0].stats_mean is None and tasks[0].stats_scale is None
+    assert (tasks[1].phase, tasks[1].noise_multiplier, tasks[1].clip_norm) == ("train", z, 1.0)
+    # epsilon composes one Gaussian(z_b) basis event with the training rounds' Gaussian(z)
+    expected = (RdpAccountant().compose(dp_accounting.GaussianDpEvent(z_basis))
+                .compose(dp_accounting.GaussianDpEvent(z), 2).get_epsilon(delta))
+    assert history[-2].epsilon_rdp == pytest.approx(expected, rel=1e-9)
+    assert coord.epsilons()["rdp"] == pytest.approx(expected, rel=1e-9)
+    kinds = [(e.kind, e.noise_multiplier) for e in coord.ledger.entries]
+    assert kinds == [("basis", z_basis), ("train", z), ("train", z)]
+    assert history[-1].balanced_accuracy > 0.5 and len(fleet) == history[-1].n_devices
 
 
 def test_round_closes_with_the_devices_that_reported(amqtt_broker, devices, tmp_path, caplog):
