@@ -41,7 +41,8 @@ Centralized baseline
 --------------------
 :func:`centralized_baseline` pools the training windows of every device (the same rows and
 held-out split the devices use: :func:`biofed.edge.agent.labelled_split` on each device's
-feature store), projects them onto the federation's final basis, trains the same logistic
+feature store; under device standardization each device's rows z-scored with its own training
+statistics, as the agents do), projects them onto the federation's final basis, trains the same logistic
 regression centrally (:func:`biofed.kernels.training.train`, no privacy) and scores it on
 each device's held-out windows. The federated model is scored the same way here too, as a
 check of the devices' own reports.
@@ -62,7 +63,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -107,11 +108,14 @@ class DemoSettings:
     delta: float = 1e-5
     mosquitto: bool = False
     trust_mode: str = "central"
+    sign: bool = False
     synthetic_seconds: float = 60.0
     local_epochs: int = 2
     lr: float = 0.05
     batch_size: int = 32
-    basis_clip: float = 1e6
+    basis_clip: float = 1.0
+    basis_noise_multiplier: float | None = 10.0
+    standardization: str = "device"
     round_deadline_s: float = 60.0
     min_devices: int | None = None
     timeout_s: float = 900.0
@@ -202,26 +206,54 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
                   protocol: str) -> tuple[Path, dict[str, Path]]:
     """Write ``coordinator.toml`` and ``devices/<id>/device.toml`` under ``settings.out``."""
     out = settings.out
+    private = settings.noise_multiplier > 0  # z = 0: a non-private run (no basis noise, no budget either)
     dp = {"trust_mode": settings.trust_mode, "clip_norm": settings.clip,
           "noise_multiplier": settings.noise_multiplier, "delta": settings.delta,
-          "epsilon_budget": settings.epsilon_budget}
+          "epsilon_budget": settings.epsilon_budget if private else None,
+          "basis_noise_multiplier": settings.basis_noise_multiplier if private else 0.0,
+          "basis_clip_norm": settings.basis_clip}
+    signing = _write_signing_keys(out, devices) if settings.sign else {}
     coordinator = _write_toml(
         out / "coordinator.toml",
         {"fleet": FLEET, "rounds": settings.rounds, "min_devices": settings.min_devices or len(devices),
-         "sampling_rate": "all", "round_deadline_s": settings.round_deadline_s, "state_dir": "state"},
+         "sampling_rate": "all", "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
+         **signing.get("coordinator", {})},
         {"broker": _broker_section(host, port, protocol),
          "training": {"local_epochs": settings.local_epochs, "lr": settings.lr, "batch_size": settings.batch_size},
-         "model": {"classes": list(CLASSES)}, "strategy": {"name": "fedavg"}, "dp": dp},
+         "model": {"classes": list(CLASSES), "standardization": settings.standardization},
+         "strategy": {"name": "fedavg"}, "dp": dp},
     )
     device_files = {}
     for device, recordings in devices.items():
         device_files[device] = _write_toml(
             out / "devices" / device / "device.toml",
             {"device_id": device, "fleet": FLEET, "recordings": [str(p) for p in recordings],
-             "store_path": "features.sqlite", "replay_speed": 0.0},
+             "store_path": "features.sqlite", "replay_speed": 0.0, **signing.get(device, {})},
             {"broker": _broker_section(host, port, protocol, settings.agent_keepalive_s)},
         )
     return coordinator, device_files
+
+
+def _write_signing_keys(out: Path, devices: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Fresh Ed25519 keys in the provisioning layout (``keys/{id}.pub.pem``, private keys
+    ``coordinator/signing.key.pem`` and ``devices/{id}/signing.key.pem``); the config keys
+    (``signing_key_file``, ``keys_dir``) of each identity, as absolute paths."""
+    from biofed.signing import Signer
+
+    keys_dir = out / "keys"
+    shutil.rmtree(keys_dir, ignore_errors=True)
+    keys_dir.mkdir(parents=True)
+    entries = {}
+    for identity in ("coordinator", *devices):
+        signer = Signer.generate(identity)
+        folder = out / "coordinator" if identity == "coordinator" else out / "devices" / identity
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file = folder / "signing.key.pem"
+        key_file.write_bytes(signer.private_pem())
+        key_file.chmod(0o600)
+        (keys_dir / f"{identity}.pub.pem").write_bytes(signer.public_pem())
+        entries[identity] = {"signing_key_file": str(key_file.resolve()), "keys_dir": str(keys_dir.resolve())}
+    return entries
 
 
 # ----------------------------------------------------------------------------- observer
@@ -393,6 +425,22 @@ def _device_split(store_path: Path, classes: Sequence[str]):
     return data.X, data.y, data.train, data.held_out
 
 
+def _standardization_of(final) -> str:
+    """The model file's standardization ("global" in files written before the key existed)."""
+    return str(final["standardization"]) if "standardization" in final.files else "global"
+
+
+def _row_standardization(X: np.ndarray, train_mask: np.ndarray, standardization: str, mean: np.ndarray,
+                         scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (mean, scale) a device z-scores its rows with: its own training rows' statistics
+    under device standardization (what the agent does), else the basis's."""
+    if standardization == "device" and train_mask.any():
+        from biofed.edge.split import device_standardization
+
+        return device_standardization(X[train_mask])
+    return mean, scale
+
+
 def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs: int = 100,
                          lr: float = 0.05, batch_size: int = 32, random_state=0) -> BaselineResult:
     """Train the model centrally on the pooled training windows of every device.
@@ -421,10 +469,12 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
         hidden = int(final["hidden"])
         components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
         federated_params = final["params"]
+        standardization = _standardization_of(final)
     splits = {}
     for device, path in stores.items():
         X, y, train_mask, held_out = _device_split(path, classes)
-        Z = project(X, components, mean=mean, scale=scale) if X.shape[0] else np.empty((0, components.shape[0]))
+        m, s = _row_standardization(X, train_mask, standardization, mean, scale)
+        Z = project(X, components, mean=m, scale=s) if X.shape[0] else np.empty((0, components.shape[0]))
         splits[device] = (Z, y, train_mask, held_out)
     Z_train = np.vstack([Z[m] for Z, _, m, _ in splits.values()])
     y_train = np.concatenate([y[m] for _, y, m, _ in splits.values()])
@@ -461,13 +511,16 @@ def onnx_check(stores: Mapping[str, Path], onnx_path: Path, model_path: Path) ->
     with np.load(model_path, allow_pickle=False) as final:
         params, hidden = final["params"], int(final["hidden"])
         components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
+        standardization = _standardization_of(final)
     n_windows, max_diff = 0, 0.0
     for path in stores.values():
-        X, _, _, held_out = _device_split(path, model.classes)
+        X, _, train_mask, held_out = _device_split(path, model.classes)
         if not held_out.any():
             continue
-        onnx_proba = model.predict_features(X[held_out])
-        numba_proba = predict_proba(params, project(X[held_out], components, mean=mean, scale=scale),
+        m, s = _row_standardization(X, train_mask, standardization, mean, scale)
+        rows = X[held_out] if standardization == "global" else (X[held_out] - m) / s  # as the agent feeds it
+        onnx_proba = model.predict_features(rows)
+        numba_proba = predict_proba(params, project(X[held_out], components, mean=m, scale=s),
                                     len(model.classes), hidden)
         max_diff = max(max_diff, float(np.abs(onnx_proba - numba_proba).max()))
         n_windows += int(held_out.sum())
@@ -571,11 +624,13 @@ def run_demo(settings: DemoSettings) -> dict:
         devices = write_synthetic_devices(out / "data", n, duration_s=settings.synthetic_seconds,
                                           random_state=settings.seed)
         source = "synthetic"
-    if settings.noise_multiplier > 0:
+    if settings.noise_multiplier > 0 and settings.standardization == "global":
+        z_basis = settings.basis_noise_multiplier if settings.basis_noise_multiplier is not None else \
+            settings.noise_multiplier
         click.echo(
-            f"note: the noise multiplier {settings.noise_multiplier:g} also noises the two basis phases: each "
-            f"averaged statistic gets N(0, (z * {settings.basis_clip:g} / {len(devices)})^2) per entry "
-            "(--basis-clip), which swamps raw-feature statistics unless the fleet is large", err=True,
+            f"note: with --standardization global the basis noise multiplier {z_basis:g} also noises the raw-feature "
+            f"moments: the averaged statistic gets N(0, (z_b * {settings.basis_clip:g} / {len(devices)})^2) per "
+            "entry (--basis-clip), which swamps them unless the fleet is large", err=True,
         )
     try:
         broker, protocol = _start_broker(settings)
@@ -592,8 +647,7 @@ def run_demo(settings: DemoSettings) -> dict:
         coordinator_lines: list[str] = []
         coordinator = _spawn(
             "coordinator",
-            ["coordinator", "--config", str(coordinator_toml), "--basis-clip-norm", repr(settings.basis_clip),
-             "--discovery-timeout", repr(settings.timeout_s)],
+            ["coordinator", "--config", str(coordinator_toml), "--discovery-timeout", repr(settings.timeout_s)],
             out / "logs" / "coordinator.log", stdout=subprocess.PIPE,
         )
         children.append(coordinator)
@@ -681,19 +735,30 @@ def _tails(children: Sequence[_Child]) -> str:
               help="eegmat folder (SubjectNN_1.edf + SubjectNN_2.edf per device); default: synthetic devices.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
               help="Number of devices (synthetic: default 5; eegmat: first N subjects, default all).")
-@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="Training rounds.")
-@click.option("--noise-multiplier", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="DP noise multiplier z (0: no noise, epsilon infinite).")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--rounds", type=click.IntRange(min=1), default=DemoSettings.rounds, show_default=True,
+              help="Training rounds.")
+@click.option("--noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.noise_multiplier,
+              show_default=True, help="DP noise multiplier z of the training rounds (0: a non-private run: no noise "
+                                      "anywhere, no budget, epsilon infinite).")
+@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip, show_default=True,
               help="L2 clip norm C of each device's model update.")
-@click.option("--basis-clip", type=click.FloatRange(min=0, min_open=True), default=1e6, show_default=True,
-              help="L2 clip norm of the devices' basis statistics (raw-feature moments, standardized covariance).")
-@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Stop training before epsilon would exceed this.")
+@click.option("--basis-noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.basis_noise_multiplier,
+              show_default=True, help="DP noise multiplier z_b of the basis round (ignored when --noise-multiplier "
+                                      "is 0).")
+@click.option("--basis-clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.basis_clip,
+              show_default=True, help="L2 clip norm C_b of the devices' basis statistics.")
+@click.option("--standardization", type=click.Choice(["device", "global"]), default=DemoSettings.standardization,
+              show_default=True, help="device: each device z-scores its rows with its own training statistics; "
+                                      "global: a federated moments phase fixes one standardization.")
+@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.epsilon_budget,
+              show_default=True, help="Stop training before epsilon (RDP) would exceed this (not with z = 0).")
 @click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
               show_default=True, help="DP delta.")
-@click.option("--trust-mode", type=click.Choice(["central", "local"]), default="central", show_default=True,
-              help="Who adds the DP noise: the coordinator (central) or each device (local).")
+@click.option("--trust-mode", type=click.Choice(["central", "local", "distributed"]), default="central",
+              show_default=True,
+              help="Who adds the DP noise: the coordinator (central), each device (local), or each device a share "
+                   "with the coordinator seeing only the securely aggregated sum (distributed).")
+@click.option("--sign", is_flag=True, help="Sign every message with fresh Ed25519 keys and verify them.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-demo"),
               show_default=True, help="Report folder (configs, logs, device stores and results go here).")
 @click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker.")
@@ -702,8 +767,8 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
               help="Global timeout (s); every process is killed after it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
-def demo_command(data, devices, rounds, noise_multiplier, clip, basis_clip, epsilon_budget, delta, trust_mode, out,
-                 mosquitto, synthetic_seconds, timeout_s, seed) -> None:
+def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_multiplier, basis_clip, standardization,
+                 epsilon_budget, delta, trust_mode, sign, out, mosquitto, synthetic_seconds, timeout_s, seed) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
@@ -714,11 +779,14 @@ def demo_command(data, devices, rounds, noise_multiplier, clip, basis_clip, epsi
         biofed demo
 
         biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0
+
+        biofed demo --trust-mode distributed --sign --noise-multiplier 1.0
     """
     settings = DemoSettings(
         out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
-        basis_clip=basis_clip, epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
-        synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
+        basis_clip=basis_clip, basis_noise_multiplier=basis_noise_multiplier, standardization=standardization,
+        epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
+        sign=sign, synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
     )
     try:
         run_demo(settings)

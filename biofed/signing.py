@@ -133,6 +133,11 @@ class Signer:
     def public_key(self) -> Ed25519PublicKey:
         return self._key.public_key()
 
+    def private_pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM (the ``signing.key.pem`` format; keep it 0600)."""
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+
     def public_pem(self) -> bytes:
         """The public key as SubjectPublicKeyInfo PEM (the ``{id}.pub.pem`` format)."""
         return self.public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
