@@ -84,7 +84,8 @@ def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, t
             a.close()
 
     history = coordinator.history()
-    assert [r.phase for r in history] == ["moments", "covariance", "train", "train", "evaluate"]
+    basis_phases = [r.phase for r in history if r.phase in ("moments", "covariance")]
+    assert basis_phases and [r.phase for r in history] == [*basis_phases, "train", "train", "evaluate"]
     assert all(r.n_devices == N_DEVICES for r in history)
     # an unsigned update (a downgrade attempt) is refused by the coordinator's inbound path
     forged = Update(round=0, basis_version=0, delta=np.zeros(3), n_examples=1, clipped=False,
@@ -96,10 +97,11 @@ def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, t
     # the ledger: basis phases with the devices' full local noise z, training rounds with
     # the noise actually in the securely aggregated sum, z * sqrt(survivors / n_min)
     entries = coordinator.ledger.entries
-    assert [(e.kind, e.sampling_rate) for e in entries] == [("basis", 1.0)] * 2 + [("train", 1.0)] * 2
+    n_basis = len(basis_phases)
+    assert [(e.kind, e.sampling_rate) for e in entries] == [("basis", 1.0)] * n_basis + [("train", 1.0)] * 2
     z_eff = z * math.sqrt(N_DEVICES / n_min)
-    assert [e.noise_multiplier for e in entries] == pytest.approx([z, z, z_eff, z_eff])
-    expected = (RdpAccountant().compose(dp_accounting.GaussianDpEvent(z), 2)
+    assert [e.noise_multiplier for e in entries] == pytest.approx([z] * n_basis + [z_eff, z_eff])
+    expected = (RdpAccountant().compose(dp_accounting.GaussianDpEvent(z), n_basis)
                 .compose(dp_accounting.GaussianDpEvent(z_eff), 2).get_epsilon(1e-5))
     assert coordinator.ledger.epsilon("rdp") == pytest.approx(expected, rel=1e-9)
 
