@@ -99,6 +99,13 @@ points (degree t-1), and n PRG expansions of 8m bytes; messages O(n + m). The co
 does O(n * dropped) PRG expansions and O(n * t) field operations to reconstruct
 (see the ``secagg`` benchmark case).
 
+Measured (``biofed bench --only secagg``, one x86 core, default model m = 66, t = n//2+1):
+per device and round about 1 ms (n = 10), 5 ms (n = 50) and 11-15 ms (n = 100), dominated
+by the X25519 agreements; the coordinator 0.3 / 3 / 18 ms without dropouts and
+0.8 / 30-95 / 120-190 ms with n - t devices dropped after sharing (their pairwise masks are
+re-expanded); each device sends 2.7 / 12 / 23 KB per round instead of a 0.5 KB update. A
+plain float64 sum of the same updates takes 5 / 33 / 105 microseconds.
+
 References
 ----------
 .. [1] K. Bonawitz, V. Ivanov, B. Kreuter, A. Marcedone, H. B. McMahan, S. Patel,

@@ -41,6 +41,9 @@ Cost
 ----
 Ed25519 signing and verification cost tens of microseconds each, independent of the
 message size apart from hashing it once (SHA-512); see the ``signing`` benchmark case.
+Measured for one update of the default model (66 float64): encode + decode 55 us
+unsigned, 195 us signed (sign + verify + replay checks: about 140 us more), and 84 bytes
+more on the wire.
 """
 
 from __future__ import annotations

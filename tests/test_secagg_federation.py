@@ -117,3 +117,29 @@ def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, t
     final = np.load(tmp_path / "state" / "model_final.npz")
     assert np.abs(final["params"]).sum() > 0  # the model moved
     assert history[-1].balanced_accuracy is not None
+
+
+def test_ingest_routes_secagg_messages_only_to_a_secure_round():
+    """No open secure round: secagg uploads are dropped; in one, a metrics update carrying a delta is refused."""
+    from biofed.coordinator.secure_aggregation import SecureAggregationRound
+    from biofed.coordinator.server import Ingest, OpenRound
+    from biofed.protocol import SecAggUpload, Status
+
+    ingest = Ingest(TOPICS, max_bytes=1 << 20)
+    ingest.handle(TOPICS.status("pi-01"), encode_message(Status(round=0, state="online"), fleet=FLEET, sender="pi-01"))
+    advertise = SecAggUpload(5, "advertise", public_keys=np.arange(64, dtype=np.uint8))
+    assert ingest.handle(TOPICS.secagg("pi-01"), encode_message(advertise, fleet=FLEET, sender="pi-01")) == "dropped"
+    assert ingest.dropped["no secure aggregation"] == 1
+    deadline = 2e9
+    ingest.open = OpenRound(round=5, phase="train", participants=frozenset({"pi-01"}), deadline=deadline,
+                            basis_version=1, n_params=66)
+    ingest.open.secure = SecureAggregationRound(fleet=FLEET, round=5, participants=["pi-01"], vector_size=66,
+                                                threshold=1, advertise_deadline=deadline, step_timeout_s=5.0)
+    update = Update(round=5, basis_version=1, delta=np.zeros(66), n_examples=10, clipped=False,
+                    metrics={"loss": 0.1, "n_windows": 10, "rss_bytes": 1, "cpu_time_s": 0.0})
+    assert ingest.handle(TOPICS.update("pi-01"), encode_message(update, fleet=FLEET, sender="pi-01")) == "dropped"
+    assert ingest.dropped["bad payload"] == 1
+    assert ingest.handle(TOPICS.secagg("pi-01"), encode_message(advertise, fleet=FLEET, sender="pi-01")) == "secagg"
+    assert ingest.open.secure.expected == {"pi-01"}
+    assert ingest.handle(TOPICS.secagg("pi-01"), encode_message(advertise, fleet=FLEET, sender="pi-01")) == "dropped"
+    assert ingest.dropped["secagg"] == 1  # a second advertise of the same device
