@@ -97,7 +97,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from biofed.config import DeviceConfig
+from biofed.config import ConfigError, DeviceConfig
 from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
 from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, PipelineError, StreamingPipeline
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
@@ -825,14 +825,9 @@ class EdgeAgent:
         delay = 1.0
         jitter = np.random.default_rng()
         while not stop.is_set():
-            client = MqttClient(
-                broker.host, broker.port, self.device_id, protocol=broker.protocol, keepalive=broker.keepalive,
-                will=will, session_expiry_s=broker.session_expiry_s, connect_timeout_s=broker.connect_timeout_s,
-                inbox_size=broker.inbox_size,
-            )
-            try:
-                return client.connect()
-            except ConnectError as exc:
+            try:  # address, protocol, limits, TLS files and credentials of config.broker
+                return MqttClient.from_config(broker, self.device_id, will=will).connect()
+            except (ConnectError, ConfigError) as exc:  # ConfigError: unreadable password file
                 wait = delay * (1.0 + jitter.random())
                 logger.warning("%s: %s; retrying in %.1f s", self.device_id, exc, wait)
                 stop.wait(wait)
