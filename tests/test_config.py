@@ -107,6 +107,28 @@ def test_minimal_coordinator_defaults(tmp_path):
     assert config.broker.protocol == "auto" and config.strategy.name == "fedavg"
 
 
+def test_standardization_and_basis_dp_settings(tmp_path):
+    config = load_config(_write(tmp_path, 'fleet = "f"\nrounds = 1\nstate_dir = "s"\n'), CoordinatorConfig)
+    assert config.model.standardization == "device"  # the default: no moments phase
+    assert config.dp.basis_noise_multiplier is None and config.dp.basis_clip_norm is None  # follow the training's
+    text = ('fleet = "f"\nrounds = 1\nstate_dir = "s"\n[model]\nstandardization = "global"\n'
+            "[dp]\nbasis_noise_multiplier = 8.0\nbasis_clip_norm = 2.5\n")
+    config = load_config(_write(tmp_path, text), CoordinatorConfig)
+    assert config.model.standardization == "global"
+    assert (config.dp.basis_noise_multiplier, config.dp.basis_clip_norm) == (8.0, 2.5)
+
+
+@pytest.mark.parametrize("text,match", [
+    ('[model]\nstandardization = "subject"\n', r"model.standardization: Input should be 'device' or 'global'"),
+    ("[dp]\nbasis_noise_multiplier = -1.0\n", r"dp.basis_noise_multiplier: Input should be greater than or equal to 0"),
+    ("[dp]\nbasis_clip_norm = 0.0\n", r"dp.basis_clip_norm: Input should be greater than 0"),
+])
+def test_invalid_standardization_and_basis_dp_settings(tmp_path, text, match):
+    path = _write(tmp_path, 'fleet = "f"\nrounds = 1\nstate_dir = "s"\n' + text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path, CoordinatorConfig)
+
+
 def test_configs_are_frozen(tmp_path):
     config = load_config(_write(tmp_path, DEVICE), DeviceConfig)
     with pytest.raises(ValueError, match="frozen"):

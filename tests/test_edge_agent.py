@@ -23,7 +23,7 @@ from biofed.config import DeviceConfig
 from biofed.demo import write_synthetic_devices
 from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.edge.pipeline import fit_basis
-from biofed.edge.split import balanced_accuracy, holdout_split
+from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.kernels import clip_l2, init_params, n_params, predict_proba, project, train
 from biofed.mqtt import MqttClient
 from biofed.protocol import (
@@ -168,6 +168,39 @@ def test_covariance_sketch_standardizes_then_clips(agent):
     assert np.linalg.norm(sketch.statistic) == pytest.approx(2.0)
 
 
+def test_covariance_without_stats_uses_the_devices_own_standardization(agent):
+    X, labels, t = agent.store.read()
+    Xt = X[holdout_split(labels, t)[0]]
+    out = send(agent, TOPICS.task, task("covariance", clip_norm=1e6))  # no stats_mean: device standardization
+    sketch = decode(out[0]).payload
+    mean, scale = device_standardization(Xt)
+    Z = (Xt - mean) / scale
+    np.testing.assert_allclose(sketch.statistic, (Z.T @ Z / len(Z)).ravel(), rtol=1e-10, atol=1e-12)
+    # a correlation matrix (constant features have scale 1 and a zero row): bounded entries, unit diagonal
+    R = sketch.statistic.reshape(X.shape[1], X.shape[1])
+    assert np.abs(R).max() <= 1 + 1e-9
+    assert set(np.round(np.diag(R), 9)) <= {0.0, 1.0}
+
+
+def test_device_standardized_basis_trains_and_evaluates_on_own_statistics(agent):
+    data = agent.local_data(CLASSES)
+    mean, scale = data.standardization()  # the training rows' statistics, also applied to held-out rows
+    components, _, _ = fit_basis((data.X[data.train] - mean) / scale, 8)
+    d = components.shape[1]
+    basis = Basis(round=3, version=1, components=components, mean=np.zeros(d), scale=np.ones(d),
+                  standardization="device")
+    send(agent, TOPICS.basis, basis)
+    model = init_params(8, 2, random_state=1)
+    update = decode(send(agent, TOPICS.task, task("train", basis_version=1, model=model, clip_norm=1e6,
+                                                  local_epochs=2, lr=0.1, batch_size=4))[0]).payload
+    Z = ((data.X - mean) / scale) @ components.T
+    expected_acc = balanced_accuracy(data.y[data.held_out], predict_proba(model, Z[data.held_out], 2).argmax(1))
+    assert update.metrics.eval_balanced_accuracy == pytest.approx(expected_acc)
+    trained, _ = train(model, Z[data.train], data.y[data.train], 2, epochs=2, lr=0.1, batch_size=4,
+                       random_state=np.random.default_rng(0))
+    np.testing.assert_allclose(update.delta, trained - model, rtol=1e-9, atol=1e-12)
+
+
 def test_local_trust_mode_adds_noise_of_the_right_scale(agent):
     out = send(agent, TOPICS.task, task("covariance", stats_mean=np.zeros(141), stats_scale=np.ones(141),
                                        clip_norm=1.0, trust_mode="local", noise_multiplier=2.0))
@@ -303,6 +336,25 @@ def test_predictions_follow_each_model_when_enabled(recordings, ingested_store, 
     assert out[0].topic == TOPICS.prediction(DEVICE)
     assert prediction.proba.shape == (agent.n_rows, 2)
     np.testing.assert_allclose(prediction.proba.sum(1), 1.0)
+    agent.close()
+
+
+def test_predictions_of_a_device_standardized_model_use_the_training_statistics(recordings, ingested_store,
+                                                                                  tmp_path):
+    store = tmp_path / "features.sqlite"
+    shutil.copyfile(ingested_store, store)
+    agent = make_agent(recordings, store, predict=True)
+    data = agent.local_data(CLASSES)
+    mean, scale = data.standardization()
+    components, _, _ = fit_basis((data.X[data.train] - mean) / scale, 8)
+    d = components.shape[1]
+    send(agent, TOPICS.basis, Basis(round=3, version=1, components=components, mean=np.zeros(d), scale=np.ones(d),
+                                    standardization="device"))
+    params = init_params(8, 2, random_state=4)
+    out = send(agent, TOPICS.model, Model(round=9, params=params, basis_version=1, classes=CLASSES))
+    X, _, _ = agent.store.read()
+    expected = predict_proba(params, ((X - mean) / scale) @ components.T, 2)
+    np.testing.assert_allclose(decode(out[0]).payload.proba, expected, rtol=1e-9)
     agent.close()
 
 

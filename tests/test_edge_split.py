@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import balanced_accuracy_score
 
-from biofed.edge.split import balanced_accuracy, holdout_split
+from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 
 
 def test_last_fifth_of_each_label_in_time_order_is_held_out():
@@ -81,3 +81,27 @@ def test_balanced_accuracy_matches_scikit_learn():
         balanced_accuracy([], [])
     with pytest.raises(ValueError, match="equal length"):
         balanced_accuracy([0, 1], [0])
+
+
+def test_device_standardization_is_the_training_rows_z_score():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(50, 4)) * [1.0, 1e3, 1e-6, 5.0] + [0.0, 70.0, -11.0, 1e4]
+    X[:, 3] = 1e4  # a feature constant on this device
+    mean, scale = device_standardization(X)
+    np.testing.assert_allclose(mean, X.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(scale[:3], X[:, :3].std(0), rtol=1e-12)
+    assert scale[3] == 1.0  # centred, not divided by ~0
+    Z = (X - mean) / scale
+    np.testing.assert_allclose(Z[:, :3].mean(0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(Z[:, :3].std(0), 1.0, rtol=1e-9)
+    assert not Z[:, 3].any()
+
+
+@pytest.mark.parametrize("X,match", [
+    (np.empty((0, 3)), "non-empty"),
+    (np.ones(3), "non-empty"),
+    (np.array([[1.0, np.nan]]), "NaN/inf"),
+])
+def test_device_standardization_bad_input(X, match):
+    with pytest.raises(ValueError, match=match):
+        device_standardization(X)

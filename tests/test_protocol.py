@@ -499,3 +499,32 @@ def test_max_bytes_default_fits_a_million_parameter_float32_update():
                                  metrics=METRICS), fleet="f", sender="d")
     assert math.isclose(len(data), 4_000_000, rel_tol=0.01)
     assert decode_message(data).payload.delta.shape == (1_000_000,)
+
+
+# ----------------------------------------------------------------------------- standardization of a basis
+def test_basis_standardization_round_trip_and_default():
+    d = 5
+    device = Basis(round=4, version=2, components=np.eye(d)[:3], mean=np.zeros(d), scale=np.ones(d),
+                   standardization="device")
+    decoded = decode_message(encode_message(device, fleet="f", sender="coordinator")).payload
+    assert decoded.standardization == "device" and decoded.version == 2
+    np.testing.assert_array_equal(decoded.components, device.components)
+    # a basis message without the field (older coordinators) means the fleet-wide standardization
+    payload = {k: v for k, v in device.to_payload().items() if k != "standardization"}
+    assert Basis.from_payload(4, payload).standardization == "global"
+    assert Basis(round=0, version=1, components=np.ones((2, d)), mean=np.ones(d), scale=np.ones(d)).standardization \
+        == "global"
+    assert protocol.STANDARDIZATIONS == ("global", "device")
+
+
+def test_basis_standardization_is_validated():
+    d = 4
+    with pytest.raises(InvalidPayload, match=r"Basis.standardization must be one of \('global', 'device'\)"):
+        Basis(round=0, version=1, components=np.ones((2, d)), mean=np.zeros(d), scale=np.ones(d),
+              standardization="subject")
+    with pytest.raises(InvalidPayload, match="needs mean all zeros and scale all ones"):
+        Basis(round=0, version=1, components=np.ones((2, d)), mean=np.full(d, 0.5), scale=np.ones(d),
+              standardization="device")
+    with pytest.raises(InvalidPayload, match="needs mean all zeros and scale all ones"):
+        Basis(round=0, version=1, components=np.ones((2, d)), mean=np.zeros(d), scale=np.full(d, 2.0),
+              standardization="device")
