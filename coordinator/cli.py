@@ -33,7 +33,8 @@ def _round_line(record: RoundRecord) -> str:
 @click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
               help="Re-runs of a round with fewer than min_devices replies before aborting.")
 @click.option("--basis-clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Clip norm of the basis statistics (default: dp.clip_norm).")
+              help="Override the clip norm of the basis statistics (default: dp.basis_clip_norm, else "
+                   "dp.clip_norm).")
 def coordinator_command(config_path: Path, discovery_timeout: float, max_retries: int,
                         basis_clip_norm: float | None) -> None:
     """Run the coordinator of a fleet until all rounds ran (Ctrl-C stops it; rerun to resume)."""
