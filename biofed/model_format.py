@@ -39,6 +39,10 @@ biofed.classes            JSON list of class labels
 biofed.model              JSON ``{"kind": "logreg"|"mlp", "hidden", "n_features", "k", "dtype"}``
 biofed.layout             JSON of :class:`LayoutSpec` (channels, rates, window/hop, bands, ...)
 biofed.privacy            JSON of :class:`PrivacySpec` (epsilon, delta, accountant, ...)
+biofed.standardization    only in ``"device"`` models (absent means ``"global"``): the
+                          graph's mean/scale are 0/1 and its input rows must already be
+                          z-scored with the subject's own statistics (a fleet trained with
+                          ``[model] standardization = "device"``)
 ========================  ==============================================================
 """
 
@@ -64,10 +68,12 @@ __all__ = [
     "KEY_MODEL",
     "KEY_PRIVACY",
     "KEY_ROUND",
+    "KEY_STANDARDIZATION",
     "KEY_TRAIN_ROUND",
     "KEY_VERSION",
     "METADATA_KEYS",
     "OUTPUT_PROBA",
+    "STANDARDIZATIONS",
     "LayoutSpec",
     "ModalitySpec",
     "ModelFormatError",
@@ -89,6 +95,8 @@ KEY_CLASSES = "biofed.classes"
 KEY_MODEL = "biofed.model"
 KEY_LAYOUT = "biofed.layout"
 KEY_PRIVACY = "biofed.privacy"
+KEY_STANDARDIZATION = "biofed.standardization"
+STANDARDIZATIONS = ("global", "device")
 METADATA_KEYS = (KEY_FORMAT, KEY_VERSION, KEY_FLEET, KEY_ROUND, KEY_TRAIN_ROUND, KEY_BASIS_VERSION, KEY_INPUT,
                  KEY_CLASSES, KEY_MODEL, KEY_LAYOUT, KEY_PRIVACY)
 
@@ -327,6 +335,7 @@ class ModelMetadata:
     layout: LayoutSpec
     privacy: PrivacySpec
     format_version: int = FORMAT_VERSION
+    standardization: str = "global"
 
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` key/value strings."""
@@ -338,6 +347,7 @@ class ModelMetadata:
             KEY_MODEL: json.dumps({"kind": self.kind, "hidden": self.hidden, "n_features": self.n_features,
                                    "k": self.k, "dtype": self.dtype}, sort_keys=True),
             KEY_LAYOUT: self.layout.to_json(), KEY_PRIVACY: self.privacy.to_json(),
+            **({KEY_STANDARDIZATION: self.standardization} if self.standardization != "global" else {}),
         }
 
     @classmethod
@@ -362,6 +372,10 @@ class ModelMetadata:
         if version != FORMAT_VERSION:
             raise ModelFormatError(f"{source} has biofed model format {version}; this biofed reads format "
                                    f"{FORMAT_VERSION} (re-export it with this version's `biofed export`)")
+        standardization = props.get(KEY_STANDARDIZATION, "global")
+        if standardization not in STANDARDIZATIONS:
+            raise ModelFormatError(f"{source}: unknown {KEY_STANDARDIZATION} {standardization!r}; expected one of "
+                                   f"{STANDARDIZATIONS}")
         if props[KEY_INPUT] not in INPUT_KINDS or kind not in _MODEL_KINDS or dtype not in DTYPES:
             raise ModelFormatError(f"{source}: unknown input {props[KEY_INPUT]!r}, model kind {kind!r} or "
                                    f"dtype {dtype!r}")
@@ -371,5 +385,6 @@ class ModelMetadata:
             input_kind=props[KEY_INPUT], classes=classes, kind=kind, hidden=int(hidden), n_features=int(n_features),
             k=int(k), dtype=dtype, layout=LayoutSpec.from_json(props[KEY_LAYOUT]),
             privacy=PrivacySpec.from_json(props[KEY_PRIVACY]), format_version=version,
+            standardization=standardization,
         )
 

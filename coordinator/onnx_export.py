@@ -438,7 +438,7 @@ def build_model(model: ModelFile, *, input_kind: str = INPUT_FEATURES, dtype: st
         biofed_version=__version__, fleet=model.fleet, round=model.round, train_round=model.train_round,
         basis_version=model.basis_version, input_kind=input_kind, classes=model.classes,
         kind="logreg" if model.hidden == 0 else "mlp", hidden=model.hidden, n_features=model.n_features,
-        k=model.k, dtype=dtype, layout=layout, privacy=model.privacy,
+        k=model.k, dtype=dtype, layout=layout, privacy=model.privacy, standardization=model.standardization,
     )
     helper.set_model_props(onnx_model, metadata.to_props())
     onnx.checker.check_model(onnx_model, full_check=True)

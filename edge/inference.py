@@ -31,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError, _label_segments, extract_features
+from biofed.edge.split import device_standardization
 from biofed.kernels import heart_rate_features, sliding_windows
 from biofed.model_format import (
     HR_INPUT,
@@ -167,7 +168,11 @@ class OnnxModel:
         return np.asarray(proba, dtype=np.float64)
 
     def predict_features(self, X) -> np.ndarray:
-        """Class probabilities (N, c) of raw feature rows ``X`` (N, F) (``features`` models)."""
+        """Class probabilities (N, c) of raw feature rows ``X`` (N, F) (``features`` models).
+
+        For a ``metadata.standardization == "device"`` model, ``X`` must already be z-scored
+        with the subject's own statistics (:func:`biofed.edge.split.device_standardization`).
+        """
         if self.input_kind != INPUT_FEATURES:
             raise InferenceError(f"{self.name} takes raw windows, not feature rows; use predict_windows")
         X = np.asarray(X)
@@ -215,7 +220,10 @@ class OnnxModel:
         (:class:`LayoutMismatch` otherwise). ``features`` models get the rows of
         :func:`biofed.edge.pipeline.extract_features`; ``window`` models get the same aligned
         windows directly (window ``j`` starts at ``j * hop_s``) and the same labels (the label
-        in force at a window's last sample).
+        in force at a window's last sample). A model of a device-standardized fleet
+        (``metadata.standardization == "device"``) gets the recording's feature rows z-scored
+        with the recording's own mean and scale (the subject's calibration), as the devices do
+        with their own training windows.
         """
         config = pipeline_config(self.layout)
         try:
@@ -223,9 +231,18 @@ class OnnxModel:
         except PipelineError as exc:
             raise LayoutMismatch(f"{self.name} does not fit {recording.source}: {exc}") from None
         self.check_layout(layout_spec(layout, config), recording.source)
+        device = self.metadata.standardization == "device"
         if self.input_kind == INPUT_FEATURES:
             X, labels, t = extract_features(recording, config)
+            if device and X.shape[0]:  # calibrate on the session itself: its windows' own mean and scale
+                mean, scale = device_standardization(X)
+                X = (X - mean) / scale
             proba = self.predict_features(X)
+        elif device:
+            raise InferenceError(
+                f"{self.name} was trained on device-standardized rows (each subject z-scored with its own "
+                "statistics), which a window graph cannot compute; export the features graph instead"
+            )
         else:
             windows, labels, t = self._recording_windows(recording)
             proba = self.predict_windows(windows)
