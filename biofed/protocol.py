@@ -90,7 +90,8 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 TRUST_MODES = ("central", "local", "distributed")
 PHASES = ("moments", "covariance", "train", "evaluate")
 """Task phases in the order a federation runs them: two basis phases (standardization
-moments, then the covariance of standardized features), training rounds, one evaluation."""
+moments, then the covariance of standardized features; a fleet with device standardization
+skips the moments), training rounds, one evaluation."""
 BASIS_PHASES = ("moments", "covariance")
 STANDARDIZATIONS = ("global", "device")
 """How devices standardize raw feature rows before the basis projection (:attr:`Basis.standardization`)."""

@@ -13,6 +13,19 @@ covariance
     coordinator averages, symmetrizes and keeps the top-k eigenvectors
     (:func:`basis_from_covariance`).
 
+Device standardization (``[model] standardization = "device"``, the default)
+------------------------------------------------------------------------------
+There is no moments phase: each device z-scores its rows with the mean and scale of its own
+training split (never sent), so its covariance statistic is the correlation matrix of its
+rows (entries in [-1, 1], diagonal 1, Frobenius norm between sqrt(d) and d whatever the raw
+feature units). :func:`basis_from_covariance` is used unchanged; the published basis has
+mean 0 and scale 1. Raw-feature moments, by contrast, have the norm of the feature scale
+(heart rate ~70 bpm next to log band powers ~-11 and ECG volts: ~4e4 on eegmat), so noise
+calibrated to a clip norm that large swamps them unless the fleet is very large. Clipping a
+correlation matrix only rescales it (eigenvectors unchanged), and the signal-to-noise ratio
+of the noised average, ``n / (z ||R_i||)`` per entry, does not depend on the clip norm once
+it is below the norms: ``dp.basis_clip_norm = 1`` is a sound choice.
+
 Uniform weighting
 -----------------
 :func:`aggregate_statistics` gives every device the same weight ``1/n``, whatever its
