@@ -46,6 +46,8 @@ Example coordinator file::
     trust_mode = "central"
     clip_norm = 1.0
     noise_multiplier = 1.1
+    basis_noise_multiplier = 10.0   # the one basis round (device standardization, the default)
+    basis_clip_norm = 1.0
     epsilon_budget = 8.0
     [dp.adaptive_clipping]
     target_quantile = 0.5
