@@ -12,7 +12,9 @@ What it adds to paho
   delay up to the cap; the delays are scaled by a random factor in [1, 2) per client so a
   fleet that lost its broker does not reconnect in lockstep.
 - Subscriptions are remembered and renewed in ``on_connect`` after every reconnect.
-- ``publish`` waits for the PUBACK (QoS 1) and raises :class:`PublishError` on timeout.
+- ``publish`` waits for the PUBACK (QoS 1) and raises :class:`PublishError` on timeout
+  or, on MQTT 5, when the PUBACK carries a failure reason (e.g. "Not authorized" by the
+  broker's ACL).
   A message published while the connection is down stays in paho's queue and goes out
   after the reconnect; the wait covers that too.
 - Incoming messages land in a bounded inbox (``queue.Queue(inbox_size)``) read with
@@ -245,6 +247,7 @@ class MqttClient:
         self._lock = threading.Lock()
         self._suback = threading.Condition(self._lock)
         self._acked_mids: set[int] = set()
+        self._refused: dict[int, str] = {}  # mid -> failure reason of its latest (v5) PUBACK
         self._connected = threading.Event()
         self._connack = threading.Event()
         self._connack_error: str | None = None
@@ -391,7 +394,9 @@ class MqttClient:
         Raises
         ------
         PublishError
-            Refused by paho (e.g. payload too large) or not acknowledged in ``timeout_s``.
+            Refused by paho (e.g. payload too large), not acknowledged in ``timeout_s``, or
+            (MQTT 5) acknowledged with a failure reason such as "Not authorized" (the
+            broker's ACL); MQTT 3.1.1 brokers drop unauthorized messages silently.
         """
         client = self._require_client()
         properties = None
@@ -410,6 +415,11 @@ class MqttClient:
             time.sleep(0.05)  # queued while offline: sent after the reconnect
         if not _is_published(info):
             raise PublishError(f"publish to {topic!r} not acknowledged within {timeout_s:g} s")
+        with self._lock:
+            refused = self._refused.pop(info.mid, None)
+        if refused is not None:
+            raise PublishError(f"publish to {topic!r} refused by the broker: {refused} (a provisioned broker's ACL "
+                               f"lets user {self._credentials[0]!r} publish only to its own topics)")
         return info
 
     def receive(self, timeout_s: float | None = None) -> InboundMessage | None:
@@ -451,6 +461,7 @@ class MqttClient:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         return client
 
     def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
@@ -476,6 +487,15 @@ class MqttClient:
             self._connack.set()
         elif not self._closing and self._client is not None:
             logger.warning("MQTT connection to %s:%d lost (%s); reconnecting", self.host, self.port, reason_code)
+
+    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason_code: object,
+                    properties: object) -> None:
+        # paho calls this before it marks the message published, so publish() sees the reason
+        with self._lock:
+            if getattr(reason_code, "is_failure", False):
+                self._refused[mid] = str(reason_code)
+            else:
+                self._refused.pop(mid, None)
 
     def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reason_codes: object,
                       properties: object) -> None:

@@ -321,9 +321,11 @@ def test_device_cannot_post_as_another_device_nor_publish_the_model(broker, conn
     coordinator.subscribe(TOPICS.model)
     _topics_received(coordinator, 0.3)  # the retained model of an earlier test, if any
     device = connect("device-001")
-    device.publish(TOPICS.update("device-002"), b"forged update")
-    device.publish(TOPICS.sketch("device-003"), b"forged sketch")
-    device.publish(TOPICS.model, b"evil model", retain=True)
+    for topic in (TOPICS.update("device-002"), TOPICS.sketch("device-003")):
+        with pytest.raises(PublishError, match="refused by the broker: Not authorized"):
+            device.publish(topic, b"forged")
+    with pytest.raises(PublishError, match="refused by the broker: Not authorized"):
+        device.publish(TOPICS.model, b"evil model", retain=True)
     device.publish(TOPICS.update("device-001"), b"genuine")  # after the forgeries: in order over one connection
     assert _topics_received(coordinator) == [(TOPICS.update("device-001"), b"genuine")]
     late = connect("device-003")
@@ -338,7 +340,8 @@ def test_observer_reads_but_cannot_write(broker, connect):
     coordinator = connect("coordinator")
     coordinator.subscribe(TOPICS.all_devices("update"))
     connect("device-003").publish(TOPICS.update("device-003"), b"u3")
-    observer.publish(TOPICS.update("device-003"), b"observer forgery")
+    with pytest.raises(PublishError, match="Not authorized"):
+        observer.publish(TOPICS.update("device-003"), b"observer forgery")
     assert _topics_received(coordinator) == [(TOPICS.update("device-003"), b"u3")]
     assert (TOPICS.update("device-003"), b"u3") in _topics_received(observer, 0.3)
 
