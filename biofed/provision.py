@@ -56,8 +56,11 @@ Security model
   broadcast ones (``model``, ``task``, ``basis``, ``secagg_relay``); only the coordinator
   reads the per-device topics (``+``) and writes the broadcast ones; the optional observer
   reads ``biofed/{fleet}/#`` and writes nothing.
-  Mosquitto refuses an unauthorized subscription and silently drops an unauthorized
-  publish (MQTT 5 tells the publisher with PUBACK reason "not authorized").
+  Mosquitto 2.0 grants every subscription and checks read access for each message it
+  would deliver, so a device subscribed to another device's topic (or to ``#``) receives
+  nothing it may not read. It drops an unauthorized publish; an MQTT 5 publisher gets
+  PUBACK reason "Not authorized" (:meth:`biofed.mqtt.MqttClient.publish` raises
+  :class:`~biofed.mqtt.PublishError`), an MQTT 3.1.1 one is not told.
 - Message signing (:mod:`biofed.signing`) is independent of the broker: the Ed25519
   keys here let receivers verify the sender of every envelope.
 
