@@ -8,7 +8,11 @@ What it does
    ``.fif`` with EEG + ECG/PPG (the label as an annotation spanning the recording) and the
    ``.wav`` phonocardiogram recorded with it.
 2. An MQTT broker on a free loopback port: the embedded amqtt broker (MQTT 3.1.1) or, with
-   ``--mosquitto``, Mosquitto (MQTT 5).
+   ``--mosquitto``, Mosquitto (MQTT 5). With ``--secure`` the fleet is provisioned first
+   (:mod:`biofed.provision`, in ``fleet/``: CA, TLS certificates, passwords, per-device ACLs,
+   Ed25519 signing keys) and Mosquitto runs with its config: every process connects over
+   TLS with its own certificate and password, may touch only its own topics, and signs
+   every message (the observer uses read-only credentials).
 3. ``coordinator.toml`` and one ``devices/<id>/device.toml`` per device in the report folder;
    the coordinator (``biofed coordinator``) and one agent per device (``biofed edge``) run as
    separate processes (``sys.executable -m biofed``). Their logs go to ``logs/``; the
@@ -148,6 +152,7 @@ class DemoSettings:
     mosquitto: bool = False
     trust_mode: str = "central"
     sign: bool = False
+    secure: bool = False
     synthetic_seconds: float = 60.0
     local_epochs: int = 2
     lr: float = 0.05
@@ -242,8 +247,10 @@ def _broker_section(host: str, port: int, protocol: str, keepalive: int = 30) ->
 
 
 def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]], host: str, port: int,
-                  protocol: str) -> tuple[Path, dict[str, Path]]:
-    """Write ``coordinator.toml`` and ``devices/<id>/device.toml`` under ``settings.out``."""
+                  protocol: str, fleet=None) -> tuple[Path, dict[str, Path]]:
+    """Write ``coordinator.toml`` and ``devices/<id>/device.toml`` under ``settings.out``;
+    with a provisioned ``fleet`` (:class:`biofed.provision.ProvisionedFleet`) each identity
+    gets its TLS credentials and signing key from it."""
     out = settings.out
     private = settings.noise_multiplier > 0  # z = 0: a non-private run (no basis noise, no budget either)
     dp = {"trust_mode": settings.trust_mode, "clip_norm": settings.clip,
@@ -251,13 +258,22 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
           "epsilon_budget": settings.epsilon_budget if private else None,
           "basis_noise_multiplier": settings.basis_noise_multiplier if private else 0.0,
           "basis_clip_norm": settings.basis_clip}
-    signing = _write_signing_keys(out, devices) if settings.sign else {}
+    if fleet is not None:
+        signing = {identity: fleet.signing_settings(identity) for identity in ("coordinator", *devices)}
+    else:
+        signing = _write_signing_keys(out, devices) if settings.sign else {}
+
+    def broker(identity: str, keepalive: int = 30) -> dict:
+        if fleet is None:
+            return _broker_section(host, port, protocol, keepalive)
+        return {**fleet.broker_settings(identity), "keepalive": keepalive}
+
     coordinator = _write_toml(
         out / "coordinator.toml",
         {"fleet": FLEET, "rounds": settings.rounds, "min_devices": settings.min_devices or len(devices),
          "sampling_rate": "all", "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
          **signing.get("coordinator", {})},
-        {"broker": _broker_section(host, port, protocol),
+        {"broker": broker("coordinator"),
          "training": {"local_epochs": settings.local_epochs, "lr": settings.lr, "batch_size": settings.batch_size},
          "model": {"classes": list(CLASSES), "standardization": settings.standardization},
          "strategy": {"name": "fedavg"}, "dp": dp},
@@ -268,7 +284,7 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
             out / "devices" / device / "device.toml",
             {"device_id": device, "fleet": FLEET, "recordings": [str(p) for p in recordings],
              "store_path": "features.sqlite", "replay_speed": 0.0, **signing.get(device, {})},
-            {"broker": _broker_section(host, port, protocol, settings.agent_keepalive_s)},
+            {"broker": broker(device, settings.agent_keepalive_s)},
         )
     return coordinator, device_files
 
@@ -299,12 +315,15 @@ def _write_signing_keys(out: Path, devices: Iterable[str]) -> dict[str, dict[str
 class UpdateObserver:
     """Subscribes to ``update/+`` and keeps each device's eval metrics per task round."""
 
-    def __init__(self, host: str, port: int, protocol: str) -> None:
+    def __init__(self, host: str, port: int, protocol: str, broker_config=None) -> None:
         from biofed.mqtt import MqttClient
         from biofed.protocol import Topics
 
         self.topics = Topics(FLEET)
-        self.client = MqttClient(host, port, "demo-observer", protocol=protocol, clean=True)
+        if broker_config is None:
+            self.client = MqttClient(host, port, "demo-observer", protocol=protocol, clean=True)
+        else:  # a provisioned fleet's read-only observer credentials
+            self.client = MqttClient.from_config(broker_config, "demo-observer", clean=True)
         self.accuracy: dict[int, dict[str, tuple[float, int]]] = defaultdict(dict)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="observer", daemon=True)
@@ -627,12 +646,19 @@ def _plot(path: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None)
 
 
 # ----------------------------------------------------------------------------- run
-def _start_broker(settings: DemoSettings):
-    from biofed.broker import start_embedded_broker, start_mosquitto
+def _start_broker(settings: DemoSettings, devices: Iterable[str]):
+    """``(broker, protocol, fleet)``; ``fleet`` is the provisioned fleet with ``--secure``, else None."""
+    from biofed.broker import free_port, start_embedded_broker, start_mosquitto
 
+    if settings.secure:
+        from biofed.provision import provision_fleet
+
+        shutil.rmtree(settings.out / "fleet", ignore_errors=True)
+        fleet = provision_fleet(settings.out / "fleet", FLEET, sorted(devices), port=free_port(), observer=True)
+        return fleet.start_broker(), "5", fleet
     if settings.mosquitto:
-        return start_mosquitto(settings.out / "mosquitto"), "5"
-    return start_embedded_broker(), "3.1.1"
+        return start_mosquitto(settings.out / "mosquitto"), "5", None
+    return start_embedded_broker(), "3.1.1", None
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -645,6 +671,7 @@ def run_demo(settings: DemoSettings) -> dict:
         carries the failing processes' log tails.
     """
     from biofed.broker import BrokerError
+    from biofed.provision import ProvisionError
 
     out = settings.out.resolve()
     settings = DemoSettings(**{**asdict(settings), "out": out})
@@ -672,17 +699,21 @@ def run_demo(settings: DemoSettings) -> dict:
             "entry (--basis-clip), which swamps them unless the fleet is large", err=True,
         )
     try:
-        broker, protocol = _start_broker(settings)
-    except BrokerError as exc:
+        broker, protocol, fleet = _start_broker(settings, devices)
+    except (BrokerError, ProvisionError) as exc:
         raise DemoError(f"cannot start the MQTT broker: {exc}") from None
     children: list[_Child] = []
     observer = None
     started = time.monotonic()
     try:
-        coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, broker.port, protocol)
-        click.echo(f"{len(devices)} devices ({source}), broker {'mosquitto' if settings.mosquitto else 'amqtt'} "
+        coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, broker.port, protocol,
+                                                       fleet)
+        kind = "mosquitto (TLS, provisioned in fleet/)" if fleet is not None else \
+            "mosquitto" if settings.mosquitto else "amqtt"
+        click.echo(f"{len(devices)} devices ({source}), broker {kind} "
                    f"on {broker.host}:{broker.port}, report in {out}")
-        observer = UpdateObserver(broker.host, broker.port, protocol).start()
+        observer = UpdateObserver(broker.host, broker.port, protocol,
+                                  None if fleet is None else fleet.broker_config("observer")).start()
         coordinator_lines: list[str] = []
         coordinator = _spawn(
             "coordinator",
@@ -808,6 +839,9 @@ def _tails(children: Sequence[_Child]) -> str:
               help="Who adds the DP noise: the coordinator (central), each device (local), or each device a share "
                    "with the coordinator seeing only the securely aggregated sum (distributed).")
 @click.option("--sign", is_flag=True, help="Sign every message with fresh Ed25519 keys and verify them.")
+@click.option("--secure", is_flag=True,
+              help="Provision the fleet (biofed provision: TLS certificates, passwords, per-device ACLs, signing keys) "
+                   "and run it over Mosquitto with TLS, every message signed (implies --mosquitto and --sign).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-demo"),
               show_default=True, help="Report folder (configs, logs, device stores and results go here).")
 @click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker.")
@@ -817,7 +851,8 @@ def _tails(children: Sequence[_Child]) -> str:
               help="Global timeout (s); every process is killed after it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
 def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_multiplier, basis_clip, standardization,
-                 epsilon_budget, delta, trust_mode, sign, out, mosquitto, synthetic_seconds, timeout_s, seed) -> None:
+                 epsilon_budget, delta, trust_mode, sign, secure, out, mosquitto, synthetic_seconds, timeout_s,
+                 seed) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
@@ -830,12 +865,14 @@ def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_mult
         biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0
 
         biofed demo --trust-mode distributed --sign --noise-multiplier 1.0
+
+        biofed demo --secure --trust-mode distributed
     """
     settings = DemoSettings(
         out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
         basis_clip=basis_clip, basis_noise_multiplier=basis_noise_multiplier, standardization=standardization,
         epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
-        sign=sign, synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
+        sign=sign, secure=secure, synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
     )
     try:
         run_demo(settings)

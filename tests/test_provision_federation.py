@@ -15,7 +15,7 @@ from brokers import require_mosquitto
 from biofed.broker import free_port
 from biofed.config import CoordinatorConfig, DeviceConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.demo import write_synthetic_devices
+from biofed.demo import DemoSettings, run_demo, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
@@ -29,12 +29,16 @@ TOPICS = Topics(FLEET)
 N_DEVICES = 3
 
 
-def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
+def _require_tools() -> None:
     try:
         mosquitto_passwd_binary()
     except ProvisionError as exc:
         pytest.skip(str(exc))  # require_mosquitto() below fails under BIOFED_REQUIRE_MOSQUITTO=1
     require_mosquitto()
+
+
+def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
+    _require_tools()
     recordings = write_synthetic_devices(tmp_path / "data", N_DEVICES, duration_s=12.0, random_state=5)
     devices = sorted(recordings)
     fleet = provision_fleet(tmp_path / "fleet", FLEET, devices, port=free_port(), observer=True)
@@ -90,3 +94,19 @@ def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
     observer.close()
     assert kinds["secagg"] == set(devices) and kinds["update"] == set(devices)
     assert kinds["secagg_relay"] == kinds["task"] == kinds["model"] == {"coordinator"}
+
+
+def test_demo_secure_runs_over_the_provisioned_broker(tmp_path):
+    _require_tools()
+    out = tmp_path / "report"
+    summary = run_demo(DemoSettings(out=out, devices=3, rounds=2, synthetic_seconds=10.0, timeout_s=240.0,
+                                    secure=True))
+    assert summary["settings"]["secure"] is True and len(summary["rounds"]) == 2
+    device = load_config(out / "devices" / "device00" / "device.toml", DeviceConfig)
+    assert device.broker.tls and device.broker.username == "device00"
+    assert device.signing_key_file == out / "fleet" / "devices" / "device00" / "signing.key.pem"
+    coordinator = load_config(out / "coordinator.toml", CoordinatorConfig)
+    assert coordinator.broker.tls and coordinator.broker.username == "coordinator"
+    log = (out / "fleet" / "broker" / "data" / "mosquitto.log").read_text()
+    for identity in ("coordinator", "device00", "device01", "device02", "observer"):
+        assert f"u'{identity}'" in log  # every process logged in with its own credentials
