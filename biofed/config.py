@@ -313,6 +313,10 @@ class CoordinatorConfig(_SigningFields):
     model: ModelSettings = ModelSettings()
     dp: DPConfig = DPConfig()
     state_dir: ConfigPath
+    allowed_devices_file: ConfigPath | None = None
+    """Allow list (``coordinator/allowed_devices.json`` from ``biofed provision``). When set,
+    every message of a device not on it is dropped; the file is re-read when it changes, so
+    ``biofed provision revoke`` takes effect in a running coordinator. None: any device."""
 
     @model_validator(mode="after")
     def _sampling_in_range(self) -> CoordinatorConfig:

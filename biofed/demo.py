@@ -260,6 +260,7 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
           "basis_clip_norm": settings.basis_clip}
     if fleet is not None:
         signing = {identity: fleet.signing_settings(identity) for identity in ("coordinator", *devices)}
+        signing["coordinator"]["allowed_devices_file"] = str(fleet.layout.allowed_devices)
     else:
         signing = _write_signing_keys(out, devices) if settings.sign else {}
 

@@ -23,7 +23,7 @@ Fleet directory
     DIR/keys/{id}.pub.pem                  Ed25519 public keys: every device and coordinator
     DIR/keys/revoked.txt                   revoked device ids (read by biofed.signing.KeyRing)
     DIR/coordinator/coordinator.toml       CoordinatorConfig: [broker] TLS settings, signing_key_file,
-                                           keys_dir = "../keys"
+                                           keys_dir = "../keys", allowed_devices_file
     DIR/coordinator/allowed_devices.json   {"fleet": ..., "devices": [ids]}, revoked ones removed
     DIR/coordinator/{ca,client}.pem, client.key.pem, mqtt.password, signing.key.pem
     DIR/devices/{id}/device.toml           DeviceConfig (add the recordings): [broker] TLS settings,
@@ -68,7 +68,9 @@ Revocation
 ----------
 ``revoke`` deletes the device from the password file (``mosquitto_passwd -D``) and the
 ACL, adds its certificate serial to the CRL, drops it from ``allowed_devices.json`` and
-appends it to ``keys/revoked.txt``. The device's folder is left for the record.
+appends it to ``keys/revoked.txt``. The device's folder is left for the record. A running
+coordinator re-reads ``allowed_devices.json`` when it changes and drops the device's
+messages from then on; its key ring reads ``revoked.txt`` at start.
 Mosquitto re-reads the password file, ACL and CRL on SIGHUP (``revoke --pid PID``,
 :func:`reload_broker`, :meth:`biofed.broker.MosquittoBroker.reload`) or at a restart.
 Mosquitto 2.0 re-authenticates connected clients at the reload, so an open connection of
@@ -774,9 +776,9 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
         load_config(folder / "device.toml", DeviceConfig)
     folder = layout.identity_dir(COORDINATOR_ID)
     text = _toml(
-        f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).\n"
-        "Admitted devices: allowed_devices.json (biofed.config.load_allowed_devices).",
+        f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).",
         {"fleet": fleet.fleet, "rounds": rounds, "state_dir": "state",
+         "allowed_devices_file": layout.allowed_devices.name,
          **_signing_table(fleet, COORDINATOR_ID, relative_to=folder)},
         _broker_table(fleet, COORDINATOR_ID, relative_to=folder),
     )

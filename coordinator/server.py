@@ -61,7 +61,9 @@ distributed
 
 Signed messages: with ``signing_key_file`` every message the coordinator publishes is
 signed; with ``keys_dir`` inbound messages without a valid signature of a known, unrevoked
-device are dropped (:mod:`biofed.signing`).
+device are dropped (:mod:`biofed.signing`). With ``allowed_devices_file`` messages of devices
+not on the allow list are dropped too (:class:`AllowList`; a revocation while running takes
+effect at the next message: the device is no longer online, selected or waited for).
 
 Exported model (see :mod:`biofed.coordinator.onnx_export`)
 -----------------------------------------------------------
@@ -100,10 +102,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from biofed.config import ConfigError, CoordinatorConfig
+from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
@@ -136,7 +139,7 @@ from biofed.signing import signing_from_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COORDINATOR_SENDER", "Coordinator", "CoordinatorError", "Ingest", "OpenRound", "RunState"]
+__all__ = ["COORDINATOR_SENDER", "AllowList", "Coordinator", "CoordinatorError", "Ingest", "OpenRound", "RunState"]
 
 COORDINATOR_SENDER = "coordinator"
 """Sender id of every message the coordinator publishes."""
@@ -183,6 +186,51 @@ _PHASE_STATES = {"moments": RunState.MOMENTS, "covariance": RunState.COVARIANCE,
 
 
 # ----------------------------------------------------------------------------- ingest
+class AllowList:
+    """The admitted devices of an allow list file (``allowed_devices.json``), re-read by
+    :meth:`refresh` whenever the file changes (``biofed provision revoke`` rewrites it).
+
+    Raises
+    ------
+    ConfigError
+        At construction: the file is missing or invalid. A later change to an invalid or
+        missing file is logged and the previous list kept, so a half-edited file never
+        admits everybody or nobody.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stamp = self._file_stamp()
+        self.devices = load_allowed_devices(self.path)
+
+    def __contains__(self, device: object) -> bool:
+        return device in self.devices
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            info = self.path.stat()
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
+    def refresh(self) -> frozenset[str]:
+        """Re-read the file if it changed; returns the devices taken off the list."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return frozenset()
+        self._stamp = stamp
+        try:
+            devices = load_allowed_devices(self.path)
+        except ConfigError as exc:
+            logger.error("%s; keeping the previous allow list of %d devices", exc, len(self.devices))
+            return frozenset()
+        removed, added = self.devices - devices, devices - self.devices
+        self.devices = devices
+        logger.info("allow list %s changed: %d devices (removed %s, added %s)", self.path, len(devices),
+                    sorted(removed) or "none", sorted(added) or "none")
+        return removed
+
+
 @dataclass
 class OpenRound:
     """The round currently accepting replies.
@@ -224,13 +272,17 @@ class Ingest:
         Unix time now (the deadline check).
     verifier : biofed.signing.Verifier or None
         Require valid signatures (see :func:`biofed.protocol.decode_message`).
+    allowed : AllowList or None
+        Drop every message of a device not on it; None: any device of the fleet.
     """
 
     def __init__(self, topics: Topics, *, max_bytes: int, seen: SeenMessageIds | None = None,
-                 clock: Callable[[], float] = time.time, verifier: MessageVerifier | None = None) -> None:
+                 clock: Callable[[], float] = time.time, verifier: MessageVerifier | None = None,
+                 allowed: AllowList | None = None) -> None:
         self.topics = topics
         self.max_bytes = max_bytes
         self.verifier = verifier
+        self.allowed = allowed
         self.seen = seen if seen is not None else SeenMessageIds(1_000_000)
         self.clock = clock
         self.known: set[str] = set()
@@ -242,6 +294,18 @@ class Ingest:
         self.open: OpenRound | None = None
         self.dropped: Counter[str] = Counter()
         """Drop counts per reason (for tests and the benchmark)."""
+
+    def refresh_allowed(self) -> None:
+        """Pick up a changed allow list: a device taken off it is no longer online or known,
+        so it is neither selected nor waited for."""
+        if self.allowed is None:
+            return
+        for device in self.allowed.refresh():
+            self.known.discard(device)
+            if device in self.online:
+                self.online.discard(device)
+                logger.warning("device %s was removed from the allow list; ignoring it (%d online)",
+                               device, len(self.online))
 
     def _drop(self, reason: str, topic: str, detail: str) -> str:
         self.dropped[reason] += 1
@@ -261,6 +325,8 @@ class Ingest:
                                            verifier=self.verifier)
         except ProtocolError as exc:
             return self._drop(type(exc).__name__, topic, str(exc))
+        if self.allowed is not None and message.sender not in self.allowed:
+            return self._drop("not admitted", topic, f"{message.sender} is not on the allow list {self.allowed.path}")
         if message.kind == "status":
             return self._status(message)
         if message.kind == "secagg":
@@ -439,7 +505,12 @@ class Coordinator:
         self._state = RunState.STARTING
         self._store: CoordinatorState | None = None
         self._client: MqttClient | None = None
-        self.ingest = Ingest(self.topics, max_bytes=config.broker.max_message_bytes, verifier=verifier)
+        try:
+            allowed = None if config.allowed_devices_file is None else AllowList(config.allowed_devices_file)
+        except ConfigError as exc:
+            raise CoordinatorError(str(exc)) from None
+        self.ingest = Ingest(self.topics, max_bytes=config.broker.max_message_bytes, verifier=verifier,
+                             allowed=allowed)
         self.snapshot = Snapshot(clip_norm=dp.clip_norm)
         self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
         self.adaptive = self._make_adaptive()
@@ -589,6 +660,7 @@ class Coordinator:
 
     def _pump(self, timeout_s: float) -> None:
         """Handle inbound messages for up to ``timeout_s`` (returns after the first batch)."""
+        self.ingest.refresh_allowed()
         message = self._client.receive(timeout_s)
         while message is not None:
             self.ingest.handle(message.topic, message.payload)

@@ -24,7 +24,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.cli import cli
 from biofed.config import CoordinatorConfig
-from biofed.coordinator.server import Coordinator, CoordinatorError, Ingest, OpenRound, RunState
+from biofed.coordinator.server import AllowList, Coordinator, CoordinatorError, Ingest, OpenRound, RunState
 from biofed.kernels.training import predict_proba, train
 from biofed.mqtt import MqttClient, Will
 from biofed.protocol import (
@@ -478,6 +478,51 @@ def test_ingest_drop_reasons(caplog):
         assert ingest.handle(TOPICS.sketch(device), data) == outcome
     offline = offline_status(fleet=FLEET, device_id="pi-01")
     assert ingest.handle(TOPICS.status("pi-01"), offline) == "status" and ingest.online == {"pi-00"}
+
+
+def _write_allow_list(path: Path, devices: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text('{"fleet": "%s", "devices": %s}' % (FLEET, str(devices).replace("'", '"')))
+    tmp.replace(path)  # as biofed provision writes it: a new file, atomically
+
+
+def test_ingest_drops_devices_not_on_the_allow_list_and_follows_revocation(tmp_path, caplog):
+    path = tmp_path / "allowed_devices.json"
+    _write_allow_list(path, ["pi-00", "pi-01"])
+    ingest = Ingest(TOPICS, max_bytes=4096, allowed=AllowList(path))
+    for device in ("pi-00", "pi-01", "pi-99"):
+        ingest.handle(TOPICS.status(device), encode_message(Status(round=0, state="online"), fleet=FLEET,
+                                                            sender=device))
+    assert ingest.online == {"pi-00", "pi-01"} and ingest.dropped["not admitted"] == 1
+    ingest.open = OpenRound(round=5, phase="train", participants=frozenset({"pi-00", "pi-01", "pi-99"}),
+                            deadline=time.time() + 60, basis_version=1, n_params=10)
+    assert ingest.handle(TOPICS.update("pi-99"), _update_bytes("pi-99")) == "dropped"
+    assert ingest.dropped["not admitted"] == 2
+    assert ingest.handle(TOPICS.update("pi-00"), _update_bytes("pi-00")) == "accepted"
+
+    _write_allow_list(path, ["pi-00"])  # biofed provision revoke pi-01
+    with caplog.at_level(logging.INFO):
+        ingest.refresh_allowed()
+    assert ingest.online == {"pi-00"} and "pi-01" not in ingest.known
+    assert "removed from the allow list" in caplog.text
+    assert ingest.handle(TOPICS.update("pi-01"), _update_bytes("pi-01")) == "dropped"
+    assert ingest.dropped["not admitted"] == 3
+
+    path.write_text("{not json")  # a broken edit keeps the previous list
+    with caplog.at_level(logging.ERROR):
+        ingest.refresh_allowed()
+    assert "keeping the previous allow list of 1 devices" in caplog.text
+    assert ingest.allowed.devices == {"pi-00"} and ingest.online == {"pi-00"}
+
+
+def test_coordinator_refuses_a_missing_or_invalid_allow_list(tmp_path):
+    config = CoordinatorConfig(fleet=FLEET, rounds=1, state_dir=tmp_path / "state",
+                               allowed_devices_file=tmp_path / "allowed_devices.json")
+    with pytest.raises(CoordinatorError, match="allow list not found"):
+        Coordinator(config)
+    (tmp_path / "allowed_devices.json").write_text('{"fleet": "ward7", "devices": ["ok", "bad id!"]}')
+    with pytest.raises(CoordinatorError, match="invalid device ids"):
+        Coordinator(config)
 
 
 # ----------------------------------------------------------------------------- restart and privacy

@@ -144,6 +144,7 @@ def test_configs_load_and_point_at_the_identity_files(fleet):
     coordinator = load_config(layout.coordinator_config, CoordinatorConfig)
     assert coordinator.fleet == FLEET and coordinator.broker.username == "coordinator"
     assert load_allowed_devices(layout.allowed_devices) == frozenset(fleet.devices)
+    assert coordinator.allowed_devices_file == layout.allowed_devices
     assert fleet.broker_config("observer").username == "observer"
     assert load_fleet(layout.root) == fleet
 

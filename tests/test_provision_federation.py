@@ -107,6 +107,7 @@ def test_demo_secure_runs_over_the_provisioned_broker(tmp_path):
     assert device.signing_key_file == out / "fleet" / "devices" / "device00" / "signing.key.pem"
     coordinator = load_config(out / "coordinator.toml", CoordinatorConfig)
     assert coordinator.broker.tls and coordinator.broker.username == "coordinator"
+    assert coordinator.allowed_devices_file == out / "fleet" / "coordinator" / "allowed_devices.json"
     log = (out / "fleet" / "broker" / "data" / "mosquitto.log").read_text()
     for identity in ("coordinator", "device00", "device01", "device02", "observer"):
         assert f"u'{identity}'" in log  # every process logged in with its own credentials
