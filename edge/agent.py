@@ -114,6 +114,7 @@ from biofed.protocol import (
     Model,
     Prediction,
     ProtocolError,
+    ReplayedMessage,
     SecAggRelay,
     SeenMessageIds,
     Sketch,
@@ -507,6 +508,10 @@ class EdgeAgent:
                 message = decode_topic_message(self.topics, topic, data,
                                                max_bytes=self.config.broker.max_message_bytes,
                                                verifier=self._verifier)
+            except ReplayedMessage as exc:
+                # A retained task or model is delivered again at every reconnect: expected, not an attack sign.
+                logger.debug("%s: dropped a message on %s: %s", self.device_id, topic, exc)
+                return []
             except ProtocolError as exc:
                 self.dropped_messages += 1
                 logger.warning("%s: dropped a message on %s: %s", self.device_id, topic, exc)
