@@ -131,7 +131,7 @@ def _names(value, what: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- layout
 @dataclass(frozen=True)
 class ModalitySpec:
-    """Channels and feature columns of one modality (mirrors ``edge.pipeline.ModalityLayout``)."""
+    """Channels and feature columns of one modality (``edge.pipeline.ModalityLayout`` extends it)."""
 
     modality: str
     sfreq: float

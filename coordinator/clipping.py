@@ -29,6 +29,7 @@ import secrets
 import numpy as np
 
 from biofed.kernels import clip_l2
+from biofed.kernels._validation import check_nonnegative_float, check_positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -62,23 +63,6 @@ def secure_rng(rng: np.random.Generator | None = None) -> np.random.Generator:
             "Pass np.random.default_rng(...) in tests and None in production."
         )
     return rng
-
-
-def _check_nonnegative(value, name: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
-    if not math.isfinite(out) or out < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    return out
-
-
-def _check_positive(value, name: str) -> float:
-    out = _check_nonnegative(value, name)
-    if out == 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}.")
-    return out
 
 
 def _check_vector(vector, name: str) -> np.ndarray:
@@ -118,7 +102,7 @@ def clip_update(delta, clip_norm: float) -> tuple[np.ndarray, float]:
     Computed by :func:`biofed.kernels.clip_l2`, the same routine the devices use.
     """
     # Validated here so errors name the coordinator's terms; the math is the kernel's.
-    return clip_l2(_check_vector(delta, "delta"), _check_positive(clip_norm, "clip_norm"))
+    return clip_l2(_check_vector(delta, "delta"), check_positive_float(clip_norm, "clip_norm"))
 
 
 def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
@@ -126,7 +110,7 @@ def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
 
     Divide by the number of aggregated updates for the noise on their mean.
     """
-    return _check_nonnegative(noise_multiplier, "noise_multiplier") * _check_positive(clip_norm, "clip_norm")
+    return check_nonnegative_float(noise_multiplier, "noise_multiplier") * check_positive_float(clip_norm, "clip_norm")
 
 
 def add_gaussian_noise(vector, std: float, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -141,7 +125,7 @@ def add_gaussian_noise(vector, std: float, rng: np.random.Generator | None = Non
         None (production) draws from :func:`secure_rng`.
     """
     arr = _check_vector(vector, "vector").astype(np.float64)
-    s = _check_nonnegative(std, "std")
+    s = check_nonnegative_float(std, "std")
     if s == 0:
         return arr.copy()
     return arr + secure_rng(rng).normal(0.0, s, size=arr.shape)
@@ -175,8 +159,8 @@ def delta_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> f
     ValueError
         When ``2 sigma_b <= z``: the count query alone would spend the whole budget.
     """
-    z = _check_positive(noise_multiplier, "noise_multiplier")
-    sigma_b = _check_positive(count_noise_std, "count_noise_std")
+    z = check_positive_float(noise_multiplier, "noise_multiplier")
+    sigma_b = check_positive_float(count_noise_std, "count_noise_std")
     remaining = z**-2 - (2.0 * sigma_b) ** -2
     if remaining <= 0:
         raise ValueError(
@@ -230,13 +214,13 @@ class AdaptiveClipping:
         count_noise_std: float = 0.0,
         rng: np.random.Generator | None = None,
     ) -> None:
-        self.clip = _check_positive(initial_clip, "initial_clip")
+        self.clip = check_positive_float(initial_clip, "initial_clip")
         gamma = float(target_quantile)
         if not 0.0 < gamma < 1.0:
             raise ValueError(f"target_quantile must be in (0, 1), got {target_quantile!r}.")
         self.target_quantile = gamma
-        self.learning_rate = _check_positive(learning_rate, "learning_rate")
-        self.count_noise_std = _check_nonnegative(count_noise_std, "count_noise_std")
+        self.learning_rate = check_positive_float(learning_rate, "learning_rate")
+        self.count_noise_std = check_nonnegative_float(count_noise_std, "count_noise_std")
         self._rng = secure_rng(rng)
 
     def __repr__(self) -> str:

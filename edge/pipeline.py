@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from biofed.datasets.recording import MODALITIES
+from biofed.model_format import HR_TYPES, ModalitySpec
 from biofed.kernels import (
     BIOSENSOR_FEATURES,
     EEG_BANDS,
@@ -107,8 +108,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Bio channel types that also get heart-rate features (mean HR, RMSSD).
-HEART_RATE_TYPES = ("ecg", "ppg")
 _STAT_NAMES = BIOSENSOR_FEATURES[:5]
 _HR_NAMES = BIOSENSOR_FEATURES[5:]
 
@@ -205,8 +204,9 @@ class PipelineConfig:
 
 # --------------------------------------------------------------------------- layout
 @dataclasses.dataclass(frozen=True)
-class ModalityLayout:
-    """Channels and feature columns of one modality.
+class ModalityLayout(ModalitySpec):
+    """Channels and feature columns of one modality (the fields of
+    :class:`biofed.model_format.ModalitySpec`, which models carry).
 
     Attributes
     ----------
@@ -219,12 +219,6 @@ class ModalityLayout:
     feature_names : tuple of str
         ``"<modality>:<channel>:<feature>"`` per column, channel-major.
     """
-
-    modality: str
-    sfreq: float
-    ch_names: tuple[str, ...]
-    ch_types: tuple[str, ...]
-    feature_names: tuple[str, ...]
 
     @property
     def n_channels(self) -> int:
@@ -245,7 +239,7 @@ def _modality_feature_names(modality: str, ch_names, ch_types, config: PipelineC
         elif modality == "audio":
             feats = [f"mel{i:02d}" for i in range(config.n_mels)]
         else:
-            feats = list(_STAT_NAMES) + (list(_HR_NAMES) if ch_type in HEART_RATE_TYPES else [])
+            feats = list(_STAT_NAMES) + (list(_HR_NAMES) if ch_type in HR_TYPES else [])
         names.extend(f"{modality}:{ch}:{feat}" for feat in feats)
     return tuple(names)
 
@@ -511,14 +505,13 @@ class _ModalityStream:
         self.buf = np.empty((part.n_channels, self.capacity), dtype=np.float64)
         self.track_labels = track_labels
         if part.modality == "bio":
-            hr = [i for i, t in enumerate(part.ch_types) if t in HEART_RATE_TYPES]
-            self.hr_channels = np.array(hr, dtype=np.intp)
+            self.hr_channels = np.array(part.hr_channels, dtype=np.intp)
             n_stat = len(_STAT_NAMES)
             stat_cols, hr_cols, col = [], [], 0
             for ch_type in part.ch_types:
                 stat_cols.extend(range(col, col + n_stat))
                 col += n_stat
-                if ch_type in HEART_RATE_TYPES:
+                if ch_type in HR_TYPES:
                     hr_cols.extend(range(col, col + len(_HR_NAMES)))
                     col += len(_HR_NAMES)
             self.stat_cols = np.array(stat_cols, dtype=np.intp)

@@ -83,3 +83,14 @@ def check_positive_float(value, name: str) -> float:
     if not np.isfinite(out) or out <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     return out
+
+
+def check_nonnegative_float(value, name: str) -> float:
+    """Return ``value`` as a float after checking it is finite and >= 0."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
+    if not np.isfinite(out) or out < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return out

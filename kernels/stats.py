@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from biofed.kernels._validation import check_float_array, check_positive_int
+from biofed.kernels._validation import check_float_array, check_nonnegative_float, check_positive_int
 
 __all__ = ["Moments", "moments_init", "moments_update", "moments_merge", "moments_scale"]
 
@@ -88,12 +88,7 @@ def _check_moments(m, name: str) -> Moments:
     if not isinstance(m, tuple) or len(m) != 3:
         raise TypeError(f"{name} must be a Moments(count, mean, m2) tuple, got {type(m).__name__}; use moments_init(d).")
     count, mean, m2 = m
-    try:
-        count = float(count)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}.count must be a number, got {count!r}.") from None
-    if not np.isfinite(count) or count < 0:
-        raise ValueError(f"{name}.count must be a finite number >= 0, got {count}.")
+    count = check_nonnegative_float(count, f"{name}.count")
     mean = np.asarray(check_float_array(mean, f"{name}.mean", ndim=1), dtype=np.float64)
     m2 = np.asarray(check_float_array(m2, f"{name}.m2", ndim=1), dtype=np.float64)
     if mean.shape != m2.shape:

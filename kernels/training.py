@@ -53,7 +53,12 @@ import numpy as np
 from numba import njit
 
 from biofed.kernels._random import check_random_state
-from biofed.kernels._validation import check_float_array, check_positive_float, check_positive_int
+from biofed.kernels._validation import (
+    check_float_array,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -322,16 +327,6 @@ def _check_labels(y, n_rows: int, n_classes: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
-def _check_nonnegative(value, name: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
-    if not math.isfinite(out) or out < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    return out
-
-
 def _weight_mask(d: int, n_classes: int, hidden: int) -> np.ndarray:
     """True at the W entries of the layout (the L2-penalized ones), False at biases."""
     mask = np.zeros(n_params(d, n_classes, hidden), dtype=np.bool_)
@@ -440,7 +435,7 @@ def loss_and_grad(params, X, y, n_classes: int, hidden: int = 0, *, l2: float = 
     d, c, h = _check_model(x.shape[1], n_classes, hidden)
     p = _check_params(params, d, c, h)
     labels = _check_labels(y, x.shape[0], c)
-    l2 = _check_nonnegative(l2, "l2")
+    l2 = check_nonnegative_float(l2, "l2")
     grad = np.empty_like(p)
     loss = _loss_grad(p, x, labels, c, h, l2, _weight_mask(d, c, h), grad)
     return float(loss), grad
@@ -524,15 +519,15 @@ def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, bat
     epochs = check_positive_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_positive_float(lr, "lr")
-    l2 = _check_nonnegative(l2, "l2")
-    prox_mu = _check_nonnegative(prox_mu, "prox_mu")
+    l2 = check_nonnegative_float(l2, "l2")
+    prox_mu = check_nonnegative_float(prox_mu, "prox_mu")
     if prox_mu > 0:
         if prox_center is None:
             raise ValueError("prox_mu > 0 needs prox_center (the global model the FedProx term pulls toward).")
         center = _check_params(prox_center, d, c, h)
     else:
         center = np.zeros(0)
-    dp_noise_multiplier = _check_nonnegative(dp_noise_multiplier, "dp_noise_multiplier")
+    dp_noise_multiplier = check_nonnegative_float(dp_noise_multiplier, "dp_noise_multiplier")
     if dp_clip_norm is not None:
         dp_clip_norm = check_positive_float(dp_clip_norm, "dp_clip_norm")
     elif dp_noise_multiplier > 0:

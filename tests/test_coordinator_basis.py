@@ -77,7 +77,7 @@ def test_variance_floor_keeps_scale_positive():
 @pytest.mark.parametrize("call,match", [
     (lambda: aggregate_statistics(np.zeros((0, 3)), 1.0), "non-empty"),
     (lambda: aggregate_statistics(np.array([[np.nan, 1.0]]), 1.0), "NaN or inf"),
-    (lambda: aggregate_statistics(np.ones((2, 2)), 0.0), "clip_norm must be > 0"),
+    (lambda: aggregate_statistics(np.ones((2, 2)), 0.0), "clip_norm must be a finite number > 0"),
     (lambda: standardization_from_moments(np.ones(3)), "even length 2d"),
     (lambda: standardization_from_moments(np.array([1.0, np.inf])), "NaN or inf"),
     (lambda: basis_from_covariance(np.ones(5), 2), "not d\\*d"),

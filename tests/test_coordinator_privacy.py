@@ -300,8 +300,8 @@ def test_clip_update_bounds_norm_and_keeps_small_updates():
     [
         ((np.ones((2, 2)), 1.0), r"1-D parameter vector"),
         ((np.array([1.0, np.nan]), 1.0), "NaN or inf"),
-        ((np.ones(3), 0.0), "clip_norm must be > 0"),
-        ((np.ones(3), -1.0), "clip_norm must be a finite number >= 0"),
+        ((np.ones(3), 0.0), "clip_norm must be a finite number > 0"),
+        ((np.ones(3), -1.0), "clip_norm must be a finite number > 0"),
     ],
 )
 def test_clip_update_bad_input(args, match):
@@ -336,7 +336,7 @@ def test_delta_noise_multiplier_formula_and_error():
     assert z_delta > z
     with pytest.raises(ValueError, match="count_noise_std=0.5 is too small for noise_multiplier=1.0"):
         delta_noise_multiplier(1.0, 0.5)
-    with pytest.raises(ValueError, match="count_noise_std must be > 0"):
+    with pytest.raises(ValueError, match="count_noise_std must be a finite number > 0"):
         delta_noise_multiplier(1.0, 0.0)
     assert AdaptiveClipping(1.0, 0.5, 0.2, 5.0, np.random.default_rng(0)).delta_noise_multiplier(1.0) == z_delta
 
@@ -367,9 +367,9 @@ def test_adaptive_clipping_update_rule():
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: AdaptiveClipping(0.0, 0.5), "initial_clip must be > 0"),
+        (lambda: AdaptiveClipping(0.0, 0.5), "initial_clip must be a finite number > 0"),
         (lambda: AdaptiveClipping(1.0, 1.0), r"target_quantile must be in \(0, 1\)"),
-        (lambda: AdaptiveClipping(1.0, 0.5, learning_rate=-1), "learning_rate must be a finite number >= 0"),
+        (lambda: AdaptiveClipping(1.0, 0.5, learning_rate=-1), "learning_rate must be a finite number > 0"),
         (lambda: AdaptiveClipping(1.0, 0.5).update([0, 2], 2), "only 0/1"),
         (lambda: AdaptiveClipping(1.0, 0.5).update([[0, 1]], 2), "must be 1-D"),
         (lambda: AdaptiveClipping(1.0, 0.5).update([0, 1], 0), "n_expected must be an integer >= 1"),
