@@ -88,6 +88,7 @@ from biofed.model_format import (
     HR_INPUT,
     INPUT_FEATURES,
     INPUT_KINDS,
+    INPUT_WINDOW,
     OUTPUT_PROBA,
     LayoutSpec,
     ModalitySpec,
@@ -420,6 +421,13 @@ def build_model(model: ModelFile, *, input_kind: str = INPUT_FEATURES, dtype: st
         raise ExportError(
             "the model file has no feature layout (channel names, rates, window/hop, bands): its coordinator never "
             "received one from a device status; run the federation with this biofed version's agents"
+        )
+    if input_kind == INPUT_WINDOW and model.standardization == "device":
+        raise ExportError(
+            "a window graph needs one fixed standardization, but this model was trained on device-standardized "
+            "rows (each device z-scores with its own statistics); export the features graph (--input features), "
+            "which biofed predict calibrates per recording, or train with [model] standardization = \"global\" "
+            "(biofed demo --standardization global)"
         )
     g = _Graph(dtype)
     elem = _ONNX_DTYPES[dtype]

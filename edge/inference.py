@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -213,29 +213,42 @@ class OnnxModel:
             return np.empty((0, len(self.classes)))
         return self._run(feeds)
 
-    def predict_recording(self, recording) -> RecordingPrediction:
+    def predict_recording(self, recording, *, calibration: Sequence = ()) -> RecordingPrediction:
         """Classify every window of a :class:`biofed.datasets.Recording`.
 
         The recording's layout (under the model's pipeline settings) must equal the model's
         (:class:`LayoutMismatch` otherwise). ``features`` models get the rows of
         :func:`biofed.edge.pipeline.extract_features`; ``window`` models get the same aligned
         windows directly (window ``j`` starts at ``j * hop_s``) and the same labels (the label
-        in force at a window's last sample). A model of a device-standardized fleet
-        (``metadata.standardization == "device"``) gets the recording's feature rows z-scored
-        with the recording's own mean and scale (the subject's calibration), as the devices do
-        with their own training windows.
+        in force at a window's last sample).
+
+        A model of a device-standardized fleet (``metadata.standardization == "device"``)
+        gets the recording's feature rows z-scored with the subject's own mean and scale, as
+        each device does with its own training windows: those of the ``calibration``
+        recordings (e.g. the subject's other sessions) or, without them, of the recording
+        itself. Self-calibration removes any level that is constant over the recording, so a
+        session of one class should be calibrated with sessions of the others.
+
+        Parameters
+        ----------
+        recording : Recording
+            What to classify.
+        calibration : sequence of Recording
+            Recordings of the same subject for the standardization (device models only); each
+            must fit the model's layout on its own.
         """
         config = pipeline_config(self.layout)
-        try:
-            layout = FeatureLayout.from_recording(recording, config)
-        except PipelineError as exc:
-            raise LayoutMismatch(f"{self.name} does not fit {recording.source}: {exc}") from None
-        self.check_layout(layout_spec(layout, config), recording.source)
         device = self.metadata.standardization == "device"
+        if calibration and not device:
+            raise InferenceError(f"{self.name} has one global standardization; calibration recordings apply only "
+                                 "to models of a device-standardized fleet")
         if self.input_kind == INPUT_FEATURES:
-            X, labels, t = extract_features(recording, config)
-            if device and X.shape[0]:  # calibrate on the session itself: its windows' own mean and scale
-                mean, scale = device_standardization(X)
+            X, labels, t = self._features(recording, config)
+            if device and X.shape[0]:
+                reference = np.concatenate([self._features(r, config)[0] for r in calibration]) if calibration else X
+                if reference.shape[0] == 0:
+                    raise InferenceError("the calibration recordings hold no complete window")
+                mean, scale = device_standardization(reference)
                 X = (X - mean) / scale
             proba = self.predict_features(X)
         elif device:
@@ -244,11 +257,25 @@ class OnnxModel:
                 "statistics), which a window graph cannot compute; export the features graph instead"
             )
         else:
+            self._features_layout(recording, config)
             windows, labels, t = self._recording_windows(recording)
             proba = self.predict_windows(windows)
         predicted = np.array([self.classes[i] for i in proba.argmax(axis=1)], dtype=str) if len(proba) else \
             np.empty(0, dtype=str)
         return RecordingPrediction(proba, predicted, labels, t)
+
+    def _features_layout(self, recording, config: PipelineConfig) -> None:
+        """Raise :class:`LayoutMismatch` unless ``recording`` has the model's feature layout."""
+        try:
+            layout = FeatureLayout.from_recording(recording, config)
+        except PipelineError as exc:
+            raise LayoutMismatch(f"{self.name} does not fit {recording.source}: {exc}") from None
+        self.check_layout(layout_spec(layout, config), recording.source)
+
+    def _features(self, recording, config: PipelineConfig):
+        """``extract_features`` of a recording checked against the model's layout."""
+        self._features_layout(recording, config)
+        return extract_features(recording, config)
 
     def _recording_windows(self, recording):
         spec = self.layout

@@ -3,7 +3,9 @@
 The FILEs are read with :func:`biofed.datasets.read_recording`; several files form one
 session when each adds modalities the others lack (an EDF with EEG + ECG and the WAV recorded
 with it). The session's feature layout must be the model's (channels, rates, window/hop,
-bands): a mismatch is refused with a message naming it. Every window is then classified with
+bands): a mismatch is refused with a message naming it. A model of a device-standardized
+fleet z-scores the windows with the subject's statistics: those of the ``--calibrate``
+recordings, else of the session itself. Every window is then classified with
 onnxruntime (:class:`biofed.edge.inference.OnnxModel`): ``features`` models through
 :func:`biofed.edge.pipeline.extract_features`, ``window`` models on the raw windows.
 
@@ -26,18 +28,22 @@ __all__ = ["predict_command"]
 logger = logging.getLogger(__name__)
 
 
+def _read(path: Path):
+    from biofed.datasets import RecordingError, read_recording
+
+    if not path.is_file():
+        raise click.ClickException(f"{path}: no such recording file")
+    try:
+        return read_recording(path)
+    except (RecordingError, OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from None
+
+
 def _session(paths: tuple[Path, ...]):
     """One :class:`Recording` from the files (their modalities must not overlap)."""
-    from biofed.datasets import Recording, RecordingError, read_recording
+    from biofed.datasets import Recording
 
-    recordings = []
-    for path in paths:
-        if not path.is_file():
-            raise click.ClickException(f"{path}: no such recording file")
-        try:
-            recordings.append(read_recording(path))
-        except (RecordingError, OSError, ValueError) as exc:
-            raise click.ClickException(f"cannot read {path}: {exc}") from None
+    recordings = [_read(path) for path in paths]
     if len(recordings) == 1:
         return recordings[0]
     signals: dict = {}
@@ -62,11 +68,24 @@ def _session(paths: tuple[Path, ...]):
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="ONNX model written by `biofed export` (or the coordinator's model_latest.onnx).")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calibrate", "calibration_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Recording of the same subject whose windows set the standardization of a device-standardized "
+                   "model (repeatable; e.g. the subject's sessions of the other classes). Default: the recording "
+                   "itself.")
 @click.option("--summary-only", is_flag=True, help="Print only the summary, not one line per window.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime intra-op threads.")
-def predict_command(model_path: Path, files: tuple[Path, ...], summary_only: bool, threads: int) -> None:
-    """Classify every window of a recording (FILE, or the files of one session) with an ONNX model."""
+def predict_command(model_path: Path, files: tuple[Path, ...], calibration_files: tuple[Path, ...],
+                    summary_only: bool, threads: int) -> None:
+    """Classify every window of a recording (FILE, or the files of one session) with an ONNX model.
+
+    A model of a device-standardized fleet (the default) z-scores the windows with the
+    subject's own statistics, as each device does: from the --calibrate recordings or, without
+    them, from the recording itself. A recording of one class only should be calibrated with
+    the subject's other sessions, e.g.
+
+        biofed predict --model model.onnx Subject02_2.edf --calibrate Subject02_1.edf
+    """
     from biofed.edge.inference import InferenceError, OnnxModel
 
     try:
@@ -74,12 +93,17 @@ def predict_command(model_path: Path, files: tuple[Path, ...], summary_only: boo
     except InferenceError as exc:
         raise click.ClickException(str(exc)) from None
     recording = _session(files)
+    calibration = [_read(path) for path in calibration_files]
     try:
-        result = model.predict_recording(recording)
+        result = model.predict_recording(recording, calibration=calibration)
     except InferenceError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"model: {model.describe()}")
     click.echo(f"recording: {recording.source} ({recording.duration:.1f} s, {len(result.t)} windows)")
+    if model.metadata.standardization == "device":
+        source = ", ".join(str(p) for p in calibration_files) or "the recording itself (pass --calibrate with the " \
+            "subject's other sessions when this one holds a single class)"
+        click.echo(f"standardization: the subject's own, from {source}")
     if not summary_only:
         click.echo(f"{'t_s':>8}  {'predicted':<14} {'p':>6}  label")
         for t, predicted, proba, label in zip(result.t, result.predicted, result.proba, result.labels):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -14,6 +16,7 @@ from biofed.coordinator.state import write_final_model
 from biofed.datasets import make_recording, read_recording
 from biofed.edge.inference import OnnxModel, layout_spec
 from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
+from biofed.edge.split import device_standardization
 from biofed.kernels import init_params, predict_proba, project, train
 from biofed.model_format import PrivacySpec
 
@@ -133,6 +136,44 @@ def test_predict_bad_inputs(trained, tmp_path):
     assert result.exit_code == 1 and "absent.edf: no such recording file" in result.output
     result = _run("predict", "--model", model, files[0], files[1])
     assert result.exit_code == 1 and "repeats the eeg, bio modality" in result.output
+
+
+def test_predict_calibrate_option(tmp_path):
+    """A device-standardized model: --calibrate sets the standardization; a global one refuses it."""
+    files = [_write_fif(tmp_path / f"{label}_raw.fif", make_recording(label, duration_s=20.0, subject="s3",
+                                                                      random_state=i))
+             for i, label in enumerate(CLASSES)]
+    recordings = [read_recording(f) for f in files]
+    config = PipelineConfig()
+    rows = [extract_features(r, config)[0] for r in recordings]
+    mean, scale = device_standardization(np.vstack(rows))
+    Z = (np.vstack(rows) - mean) / scale
+    y = np.concatenate([np.full(len(r), i, dtype=np.int64) for i, r in enumerate(rows)])
+    basis = fit_basis(Z, 16)
+    d = Z.shape[1]
+    params, _ = train(init_params(16, 2, 0, random_state=0), Z @ basis.components.T, y, 2, epochs=30, lr=0.1,
+                      random_state=0)
+    spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
+    model = ModelFile(params, CLASSES, 0, basis.components, np.zeros(d), np.ones(d), 1, "ward7", 21, 20, spec,
+                      PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0), standardization="device")
+    npz = write_final_model(tmp_path / "device.npz", model.to_arrays())
+    assert _run("export", "--model", npz, "--out", tmp_path / "device.onnx").exit_code == 0
+    result = _run("predict", "--model", tmp_path / "device.onnx", "--summary-only", files[1],
+                  "--calibrate", files[0], "--calibrate", files[1])
+    assert result.exit_code == 0, result.output
+    assert f"standardization: the subject's own, from {files[0]}, {files[1]}" in result.output
+    expected = predict_proba(params, ((rows[1] - mean) / scale) @ basis.components.T, 2).argmax(axis=1)
+    n_arith = int((expected == 1).sum())
+    assert f"arithmetic {n_arith} ({n_arith / len(expected):.1%})" in result.output
+    result = _run("predict", "--model", tmp_path / "device.onnx", "--summary-only", files[1])
+    assert result.exit_code == 0 and "from the recording itself (pass --calibrate" in result.output
+    result = _run("predict", "--model", tmp_path / "device.onnx", files[1], "--calibrate", tmp_path / "absent.edf")
+    assert result.exit_code == 1 and "absent.edf: no such recording file" in result.output
+    global_npz = write_final_model(tmp_path / "global.npz", dataclasses.replace(model, standardization="global",
+                                                                                mean=mean, scale=scale).to_arrays())
+    assert _run("export", "--model", global_npz, "--out", tmp_path / "global.onnx").exit_code == 0
+    result = _run("predict", "--model", tmp_path / "global.onnx", files[1], "--calibrate", files[0])
+    assert result.exit_code == 1 and "calibration recordings apply only" in result.output
 
 
 def test_predict_refuses_other_layout(trained, shared_datasets):

@@ -7,13 +7,16 @@ z-scored with the subject's own statistics. The metadata says so, and
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+from onnx import helper
 
-from biofed.coordinator.onnx_export import ModelFile, build_model
+from biofed.coordinator.onnx_export import ExportError, ModelFile, build_model
 from biofed.coordinator.state import write_final_model
 from biofed.datasets import make_recording
-from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
+from biofed.edge.inference import InferenceError, LayoutMismatch, OnnxModel, layout_spec
 from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
 from biofed.edge.split import device_standardization
 from biofed.kernels import init_params, predict_proba, train
@@ -72,16 +75,46 @@ def test_predict_recording_calibrates_on_the_recording(device_model):
     np.testing.assert_allclose(result.proba, expected, rtol=0, atol=1e-12)
 
 
+def test_predict_recording_calibrates_on_the_given_recordings(device_model):
+    recordings, model = device_model
+    onnx_model = OnnxModel(build_model(model, dtype="float64").SerializeToString(), name="device.onnx")
+    result = onnx_model.predict_recording(recordings[1], calibration=recordings)
+    rows = [extract_features(r, PipelineConfig())[0] for r in recordings]
+    mean, scale = device_standardization(np.vstack(rows))  # both sessions of the subject, as its device does
+    expected = predict_proba(model.params, ((rows[1] - mean) / scale) @ model.components.T, 2)
+    np.testing.assert_allclose(result.proba, expected, rtol=0, atol=1e-12)
+    self_calibrated = onnx_model.predict_recording(recordings[1]).proba
+    assert np.abs(self_calibrated - result.proba).max() > 1e-3  # the reference changes the answer
+
+
+def test_predict_recording_refuses_bad_calibration(device_model):
+    recordings, model = device_model
+    onnx_model = OnnxModel(build_model(model).SerializeToString(), name="device.onnx")
+    short = make_recording("rest", duration_s=1.0, subject="s7", random_state=5)  # shorter than one window
+    with pytest.raises(InferenceError, match="calibration recordings hold no complete window"):
+        onnx_model.predict_recording(recordings[0], calibration=[short])
+    other = make_recording("rest", duration_s=20.0, subject="s7", random_state=6, eeg_channels=8)
+    with pytest.raises(LayoutMismatch, match="does not fit"):
+        onnx_model.predict_recording(recordings[0], calibration=[other])
+    global_model = dataclasses.replace(model, standardization="global")
+    onnx_global = OnnxModel(build_model(global_model).SerializeToString(), name="global.onnx")
+    with pytest.raises(InferenceError, match="calibration recordings apply only to models of a device-standardized"):
+        onnx_global.predict_recording(recordings[0], calibration=recordings)
+
+
 def test_window_graph_of_a_device_model_is_refused(device_model):
     recordings, model = device_model
-    onnx_model = OnnxModel(build_model(model, input_kind="window").SerializeToString(), name="device.onnx")
+    with pytest.raises(ExportError, match="device-standardized rows .* export the features graph"):
+        build_model(model, input_kind="window")
+    # a window graph whose metadata says "device" (another tool's file) is refused at prediction too
+    graph = build_model(dataclasses.replace(model, standardization="global"), input_kind="window")
+    helper.set_model_props(graph, {**{p.key: p.value for p in graph.metadata_props}, KEY_STANDARDIZATION: "device"})
+    onnx_model = OnnxModel(graph.SerializeToString(), name="device.onnx")
     with pytest.raises(InferenceError, match="device-standardized rows .* export the features graph"):
         onnx_model.predict_recording(recordings[0])
 
 
 def test_model_file_rejects_unknown_standardization(device_model):
-    from biofed.coordinator.onnx_export import ExportError
-
     _, model = device_model
     with pytest.raises(ExportError, match='standardization must be "global" or "device"'):
         ModelFile(model.params, CLASSES, 0, model.components, model.mean, model.scale, basis_version=1, fleet="f",
