@@ -260,7 +260,6 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
           "basis_clip_norm": settings.basis_clip}
     if fleet is not None:
         signing = {identity: fleet.signing_settings(identity) for identity in ("coordinator", *devices)}
-        signing["coordinator"]["allowed_devices_file"] = str(fleet.layout.allowed_devices)
     else:
         signing = _write_signing_keys(out, devices) if settings.sign else {}
 
@@ -273,6 +272,7 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
         out / "coordinator.toml",
         {"fleet": FLEET, "rounds": settings.rounds, "min_devices": settings.min_devices or len(devices),
          "sampling_rate": "all", "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
+         **({"allowed_devices_file": str(fleet.layout.allowed_devices)} if fleet is not None else {}),
          **signing.get("coordinator", {})},
         {"broker": broker("coordinator"),
          "training": {"local_epochs": settings.local_epochs, "lr": settings.lr, "batch_size": settings.batch_size},

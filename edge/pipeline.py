@@ -62,7 +62,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from biofed.datasets.recording import MODALITIES
-from biofed.model_format import HR_TYPES, ModalitySpec
 from biofed.kernels import (
     BIOSENSOR_FEATURES,
     EEG_BANDS,
@@ -82,6 +81,7 @@ from biofed.kernels import (
     truncated_svd,
     window_statistics,
 )
+from biofed.model_format import HR_TYPES, ModalitySpec
 
 if TYPE_CHECKING:
     from biofed.datasets import Recording
