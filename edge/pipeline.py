@@ -8,7 +8,7 @@ Data flow on a device::
       -> features per modality (biofed.kernels) eeg: log10 band powers; audio: log-mel energies;
                                                 bio: statistics (+ heart rate, RMSSD for ecg/ppg)
       -> raw row (F,) named by FeatureLayout    e.g. "eeg:Fp1:alpha", "bio:ECG:heart_rate"
-      -> optional standardize + project         onto the current k=32 basis (kernels.project)
+      -> optional standardize + project         onto the current k=32 basis (kernels.apply_transform)
       -> FeatureRow(t, label, vector)
 
 Windows and alignment
@@ -78,7 +78,8 @@ from biofed.kernels import (
     moments_merge,
     moments_scale,
     moments_update,
-    project,
+    apply_transform,
+    transform_plan,
     truncated_svd,
     window_statistics,
 )
@@ -729,9 +730,12 @@ class StreamingPipeline:
         """Project subsequent rows onto ``basis`` (``None`` switches back to raw rows)."""
         if basis is None:
             self._basis = None
+            self._projection = None
             self._row_layout_hash = self.layout.hash
             return
         self._basis = _check_basis(basis, self.layout.n_features)
+        # validated once here; every emitted block is then only multiplied
+        self._projection = transform_plan(self._basis.components.T, mean=self._basis.mean, scale=self._basis.scale)
         digest = hashlib.sha256(self.layout.hash.encode())
         for array in self._basis:
             digest.update(array.tobytes())
@@ -889,10 +893,10 @@ class StreamingPipeline:
                 blocks.append(np.stack([e[0] for e in entries]))
                 if s.track_labels:
                     labels = [e[1] for e in entries]
-            raw = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+            raw = np.concatenate(blocks, axis=1, dtype=np.float64) if len(blocks) > 1 else blocks[0].astype(np.float64, copy=False)
             self._fold_into_sketch(raw)
-            if self._basis is not None:
-                vectors = project(raw, self._basis.components, mean=self._basis.mean, scale=self._basis.scale)
+            if self._projection is not None:
+                vectors = apply_transform(raw, self._projection)
             else:
                 vectors = raw
             hop = self.config.hop_s
