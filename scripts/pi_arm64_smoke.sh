@@ -35,7 +35,7 @@ grep -q enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 || { echo "binfmt for aarc
 
 mkdir -p "$work"
 step "building the wheel"
-rm -rf "$work/dist" && python3 -m pip wheel -q --no-deps --no-build-isolation -w "$work/dist" . >/dev/null
+rm -rf "$work/dist" && python3 -m pip wheel -q --no-deps -w "$work/dist" . >/dev/null
 wheel=$(ls "$work/dist"/biofed-*.whl)
 
 if [ ! -x "$root/usr/bin/python3" ]; then
