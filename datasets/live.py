@@ -20,8 +20,9 @@ trigger...) are dropped. An irregular-rate string stream is the *marker stream*.
 
 Clock and alignment
 -------------------
-Sample timestamps are mapped onto this machine's LSL clock with each inlet's
-``time_correction()`` (the clock offset to the sender, refreshed every few seconds). A
+Sample timestamps are mapped onto this machine's LSL clock by liblsl's ``clocksync``
+post-processing (a robust running estimate of each sender's clock offset, from
+``time_correction`` probes); ``dejitter`` smooths the stamps of regular streams. A
 *segment* starts once every stream has delivered samples: its start time is the latest first
 timestamp, earlier samples are dropped, and from then on sample ``i`` of a stream of rate
 ``f`` stands for ``start + i / f``, as in a file. The session clock (``Chunk.t0``) counts
@@ -193,8 +194,6 @@ class _Inlet:
     spec: StreamSpec
     info: object
     inlet: object
-    offset: float = 0.0
-    offset_checked: float = -math.inf
     pending: list = field(default_factory=list)  # [(data (C, n), corrected timestamps (n,))]
     n_emitted: int = 0
     last_data: float = field(default_factory=time.monotonic)
@@ -250,8 +249,8 @@ class LslSource:
 
     # ------------------------------------------------------------------ resolution
     def _resolve(self, timeout: float) -> list:
-        lsl = _lsl()
-        return [info for info in lsl.resolve_streams(timeout=timeout) if _matches(info, self.names)]
+        """The matching streams seen within ``timeout`` (liblsl looks for the whole time)."""
+        return [info for info in _lsl().resolve_streams(timeout=timeout) if _matches(info, self.names)]
 
     def open(self) -> dict[str, StreamSpec]:
         """Resolve the device's streams and open an inlet per stream; returns the data streams by modality.
@@ -293,14 +292,28 @@ class LslSource:
         if marker_info is not None:
             self._markers = _Inlet(StreamSpec(marker_info.name, "markers", 0.0, (), (), ()), marker_info,
                                    self._open_inlet(lsl, marker_info))
+        self.flush()
         logger.info("LSL source %s: %s%s", self.source,
                     ", ".join(f"{s.name} ({s.modality}, {len(s.ch_names)} ch, {s.sfreq:g} Hz)" for s in specs.values()),
                     f", markers {marker_info.name}" if marker_info is not None else ", no marker stream")
         return specs
 
+    def flush(self) -> None:
+        """Drop the samples buffered so far: the session starts with the next ones (called by
+        :meth:`open`; call it again after a slow set-up, before the first pull)."""
+        if self._session_start is not None:
+            raise LslError("the session has started; flushing now would open a gap")
+        for item in self._inlets.values():
+            item.inlet.flush()
+            item.pending.clear()
+            item.last_data = time.monotonic()
+
     @staticmethod
     def _open_inlet(lsl, info):
-        inlet = lsl.StreamInlet(info, max_buffered=60, recover=True)
+        # clocksync: liblsl maps the sender's timestamps onto this clock with a robust running
+        # estimate of the offset (time_correction); dejitter smooths a regular stream's stamps.
+        flags = ("clocksync", "dejitter") if info.sfreq > 0 else ("clocksync",)
+        inlet = lsl.StreamInlet(info, max_buffered=60, recover=True, processing_flags=flags)
         inlet.open_stream(timeout=5.0)
         return inlet
 
@@ -320,26 +333,15 @@ class LslSource:
         return {m: (s.spec.sfreq, s.spec.ch_names, s.spec.ch_types) for m, s in self._inlets.items()}
 
     # ------------------------------------------------------------------ pulling
-    def _correct(self, item: _Inlet) -> float:
-        now = time.monotonic()
-        if now - item.offset_checked > 5.0:
-            try:
-                item.offset = float(item.inlet.time_correction(timeout=1.0))
-            except Exception as exc:  # noqa: BLE001 - keep the last offset while the sender is unreachable
-                logger.debug("time_correction of %s failed: %s", item.spec.name, exc)
-            item.offset_checked = now
-        return item.offset
-
     def _pull_markers(self) -> None:
         if self._markers is None:
             return
         data, ts = self._markers.inlet.pull_chunk(timeout=0.0)
         if len(ts) == 0:
             return
-        offset = self._correct(self._markers)
         for row, stamp in zip(data, ts):
             text = str(row[0]) if len(row) else ""
-            self._add_marker(float(stamp) + offset, text)
+            self._add_marker(float(stamp), text)
 
     def _add_marker(self, t: float, text: str) -> None:
         session = self._session_start
@@ -371,11 +373,10 @@ class LslSource:
         data, ts = item.inlet.pull_chunk(timeout=0.0, max_samples=4096)
         if len(ts) == 0:
             return False
-        offset = self._correct(item)
         block = np.asarray(data, dtype=np.float64).T
         if item.spec.keep != tuple(range(block.shape[0])):
             block = block[list(item.spec.keep)]
-        item.pending.append((np.ascontiguousarray(block), np.asarray(ts, dtype=np.float64) + offset))
+        item.pending.append((np.ascontiguousarray(block), np.asarray(ts, dtype=np.float64)))
         item.last_data = time.monotonic()
         if item.stalled:
             logger.warning("LSL stream %s delivers samples again", item.spec.name)
@@ -405,7 +406,6 @@ class LslSource:
                 except Exception as exc:  # noqa: BLE001 - retried at the next check
                     logger.warning("LSL stream %s: reconnect failed: %s", item.spec.name, exc)
                     break
-                item.offset_checked = -math.inf
                 logger.warning("LSL stream %s: reconnected", item.spec.name)
                 break
         item.last_data = time.monotonic()  # next attempt after another reconnect_s
@@ -490,6 +490,7 @@ class LslSource:
         if not self._inlets:
             self.open()
         limit = None if seconds is None else float(seconds)
+        finished: set[str] = set()  # modalities that reached the limit
         while stop is None or not stop.is_set():
             self._pull_markers()
             got = False
@@ -503,9 +504,19 @@ class LslSource:
             emitted = False
             for event in self._emit():
                 emitted = True
-                if limit is not None and isinstance(event, Chunk) and event.t0 >= limit:
-                    return
+                if limit is not None and isinstance(event, Chunk):
+                    fs = self._inlets[event.modality].spec.sfreq
+                    keep = math.ceil((limit - event.t0) * fs - 1e-7)  # samples before the limit
+                    if keep < event.data.shape[1]:
+                        finished.add(event.modality)
+                        if keep <= 0:
+                            if len(finished) == len(self._inlets):
+                                return
+                            continue
+                        event = Chunk(event.source, event.modality, event.t0, event.data[:, :keep], event.label)
                 yield event
+                if len(finished) == len(self._inlets):
+                    return
             if self._session_start is not None and self._segment_start is not None:
                 reference = min(self._segment_start + item.n_emitted / item.spec.sfreq
                                 for item in self._inlets.values())
@@ -642,7 +653,7 @@ class LslPlayer:
                     n = chunk.data.shape[1]
                     stamps = t_first + np.arange(n) / (fs * self.speed)
                     outlet = self._outlets[chunk.modality]
-                    outlet.push_chunk(np.ascontiguousarray(chunk.data.T, dtype=outlet.dtype), timestamp=stamps)
+                    outlet.push_chunk(np.array(chunk.data.T, dtype=outlet.dtype, order="C"), timestamp=stamps)
                     self.samples_pushed += n
         except Exception:  # noqa: BLE001 - a demo player logs and ends
             logger.exception("LSL player %s failed", self.name)

@@ -44,15 +44,20 @@ if [ ! -x "$root/usr/bin/python3" ]; then
         "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1
 fi
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The host's CA bundle, for networks whose HTTPS goes through an inspecting proxy.
+ca_bundle="${BIOFED_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+mkdir -p "$root/etc/ssl/certs" && cp "$ca_bundle" "$root/etc/ssl/certs/host-ca-bundle.crt"
 mkdir -p "$root/proc" && mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
 trap 'umount "$root/proc" 2>/dev/null || true' EXIT
 cp "$wheel" "$root/tmp/" && cp "$edf" "$root/tmp/recording.edf"
-in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/biofed/bin:/usr/bin:/bin "$@"; }
+in_root() {
+    chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/biofed/bin:/usr/bin:/bin \
+        PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt PIP_DEFAULT_TIMEOUT=180 PIP_DISABLE_PIP_VERSION_CHECK=1 "$@"
+}
 
 step "uname in the root: $(in_root uname -m)"
 step "installing $(basename "$wheel")[edge] (binary wheels only)"
 in_root python3 -m venv /opt/biofed
-in_root /opt/biofed/bin/pip install -q --upgrade pip
 in_root /opt/biofed/bin/pip install -q --only-binary=:all: "/tmp/$(basename "$wheel")[edge]"
 step "biofed --version"; in_root biofed --version
 step "biofed replay of one EDF"; in_root biofed replay /tmp/recording.edf --speed 0 --no-progress
