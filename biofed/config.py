@@ -205,6 +205,41 @@ class _SigningFields(_Section):
         return self
 
 
+class SourceConfig(_Section):
+    """One input of a device (``[[sources]]``), the same as ``biofed replay FILE`` / ``--lsl NAME``.
+
+    ``kind = "file"``: ``path`` is a recording file, or a folder whose recordings are all
+    ingested (and, with ``watch = true``, new files in it as they appear, without a restart).
+    ``kind = "lsl"``: ``name`` is the LSL stream name, name prefix (``pi-01`` for ``pi-01-eeg``,
+    ``pi-01-markers``...) or source id of the device's live streams.
+    """
+
+    kind: Literal["file", "lsl"]
+    path: ConfigPath | None = None
+    watch: bool = False
+    name: str | None = Field(None, min_length=1)
+    resolve_timeout_s: float = Field(5.0, gt=0)
+    """lsl: how long one look for the streams lasts (retried until they appear)."""
+    gap_tolerance_s: float = Field(0.1, gt=0)
+    """lsl: a larger deviation of a sample's timestamp from its expected time is a gap."""
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> SourceConfig:
+        if self.kind == "file":
+            if self.path is None:
+                raise ValueError('a kind = "file" source needs path = "recording file or folder"')
+            if self.name is not None:
+                raise ValueError('name belongs to kind = "lsl" sources; a file source has a path')
+            if self.watch and self.path.exists() and not self.path.is_dir():
+                raise ValueError(f"watch = true needs a folder, but {self.path} is a file")
+        else:
+            if self.name is None:
+                raise ValueError('a kind = "lsl" source needs name = "LSL stream name or source id"')
+            if self.path is not None or self.watch:
+                raise ValueError('path and watch belong to kind = "file" sources; an lsl source has a name')
+        return self
+
+
 class DeviceConfig(_SigningFields):
     """One edge device (``biofed agent``)."""
 
@@ -213,6 +248,10 @@ class DeviceConfig(_SigningFields):
     broker: BrokerConfig = BrokerConfig()
     recordings: tuple[ConfigPath, ...] = ()
     """Recording files replayed as the device's sensor stream."""
+    sources: tuple[SourceConfig, ...] = ()
+    """Inputs: recording files or folders (``kind = "file"``) and live LSL streams (``kind = "lsl"``)."""
+    warmup: bool = True
+    """Compile (or load from the cache) every kernel before reporting "online" (``biofed warmup``)."""
     replay_speed: float = Field(0.0, ge=0)
     """0 = as fast as possible, 1 = real time."""
     store_path: ConfigPath
@@ -386,5 +425,6 @@ def load_allowed_devices(path: str | Path) -> frozenset[str]:
 
 __all__ = [
     "AdaptiveClippingConfig", "BrokerConfig", "ConfigError", "CoordinatorConfig", "DPConfig", "DeviceConfig",
-    "ModelSettings", "PipelineSettings", "StrategyConfig", "TrainingSettings", "load_allowed_devices", "load_config",
+    "ModelSettings", "PipelineSettings", "SourceConfig", "StrategyConfig", "TrainingSettings", "load_allowed_devices",
+    "load_config",
 ]

@@ -99,7 +99,7 @@ import psutil
 
 from biofed.config import ConfigError, DeviceConfig
 from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
-from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, PipelineError, StreamingPipeline
+from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
@@ -219,6 +219,17 @@ def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Se
     y = np.array([index[label] for label in labels], dtype=np.int64)
     train_mask, held_out = holdout_split(labels, t)
     return LocalData(X, y, train_mask, held_out)
+
+
+def recording_files(config: DeviceConfig) -> list[Path]:
+    """``config.recordings`` and the files of its ``kind = "file"`` sources (a folder's recordings, sorted)."""
+    from biofed.datasets import recordings_in
+
+    files = list(config.recordings)
+    for source in config.sources:
+        if source.kind == "file":
+            files += recordings_in(source.path) if source.path.is_dir() else [source.path]
+    return files
 
 
 def _stream_key(paths: Sequence[Path]) -> str:
@@ -404,25 +415,30 @@ class EdgeAgent:
             return True
         return False
 
-    def ingest(self, stop: threading.Event | None = None) -> int:
-        """Replay every configured recording not ingested yet into the store.
+    def ingest(self, stop: threading.Event | None = None, *, paths: Sequence[Path] | None = None) -> int:
+        """Replay every configured recording (or ``paths``) not ingested yet into the store.
 
         Returns the number of rows added. Unreadable files and streams whose feature layout
         differs from the stored one are logged and skipped (a device has one sensor layout).
+        Windows overlapping a ``BAD*`` annotation are not stored.
         """
         from biofed.datasets import replay
+        from biofed.datasets.live import BadSpans
+        from biofed.datasets.replay import bad_spans
+        from biofed.edge.continuous import LiveFeatures
 
         self._recover_pending()
         done = self._ingested_paths()
-        todo = [p for p in self.config.recordings if str(p) not in done]
-        skipped = len(self.config.recordings) - len(todo)
+        configured = recording_files(self.config) if paths is None else list(paths)
+        todo = [p for p in configured if str(p) not in done]
+        skipped = len(configured) - len(todo)
         if skipped:
             logger.info("%s: %d recording(s) already ingested, skipped", self.device_id, skipped)
         added = 0
-        for paths, recordings in self._streams(todo):
+        for stream_paths, recordings in self._streams(todo):
             if stop is not None and stop.is_set():
                 break
-            stream = _stream_key(paths)
+            stream = _stream_key(stream_paths)
             channels = {m: (s.sfreq, s.ch_names, s.ch_types) for r in recordings for m, s in r.signals.items()}
             try:
                 layout = FeatureLayout.from_channels(channels, self.pipeline_config)
@@ -438,8 +454,12 @@ class EdgeAgent:
                 continue
             self._remember_layout(layout)
             offset = self._next_stream_offset()
-            self._mark(paths, stream, done=False)
-            pipeline = StreamingPipeline(self.pipeline_config, layout)
+            self._mark(stream_paths, stream, done=False)
+            bad = BadSpans()
+            for recording in recordings:  # every recording of a stream starts at its t = 0
+                for onset, end in bad_spans(recording):
+                    bad.add(onset, end)
+            features = LiveFeatures(self.pipeline_config, layout, bad)
             rows: list = []
             n_stream = 0
             interrupted = False
@@ -447,36 +467,35 @@ class EdgeAgent:
                 if stop is not None and stop.is_set():
                     interrupted = True
                     break
-                if chunk.modality not in layout.modality_names:
-                    continue
-                try:
-                    new = pipeline.push(chunk.modality, chunk.data, chunk.label)
-                except ChunkError as exc:
-                    logger.warning("%s: dropped a %s chunk of %s at t=%.2f s: %s",
-                                   self.device_id, chunk.modality, chunk.source, chunk.t0, exc)
-                    continue
+                new = features.feed(chunk)
                 rows.extend(new)
-                predictor = self.predictor
-                if new and predictor is not None:  # a prediction for every new window, as it is produced
-                    t = offset + np.array([r.t for r in new])
-                    try:
-                        self._publish(self._prediction(predictor, np.stack([r.vector for r in new]), t))
-                    except InferenceError as exc:
-                        logger.error("%s: prediction failed, predictions stopped: %s", self.device_id, exc)
-                        self.predictor = None
+                self._predict_rows(new, offset)  # a prediction for every new window, as it is produced
                 if len(rows) >= _APPEND_EVERY:
                     n_stream += self._append_rows(rows, offset, stream)
                     rows = []
             if interrupted:
                 logger.info("%s: stopped while ingesting %s (replayed again on restart)", self.device_id, stream)
                 break
-            pipeline.flush()
+            features.pipeline.flush()
             n_stream += self._append_rows(rows, offset, stream)
-            self._mark(paths, stream, done=True, n_rows=n_stream)
+            self._mark(stream_paths, stream, done=True, n_rows=n_stream)
             added += n_stream
-            logger.info("%s: ingested %s: %d windows of %d features", self.device_id, stream, n_stream,
-                        layout.n_features)
+            logger.info("%s: ingested %s: %d windows of %d features%s", self.device_id, stream, n_stream,
+                        layout.n_features, f" ({features.rejected_bad} overlapping BAD annotations dropped)"
+                        if features.rejected_bad else "")
         return added
+
+    def _predict_rows(self, rows: list, offset: float) -> None:
+        """Classify new raw rows with the current global model and publish the prediction (``predict``)."""
+        predictor = self.predictor
+        if not rows or predictor is None:
+            return
+        t = offset + np.array([r.t for r in rows])
+        try:
+            self._publish(self._prediction(predictor, np.stack([r.vector for r in rows]), t))
+        except InferenceError as exc:
+            logger.error("%s: prediction failed, predictions stopped: %s", self.device_id, exc)
+            self.predictor = None
 
     def _append_rows(self, rows: list, offset: float, stream: str) -> int:
         if not rows:
@@ -840,9 +859,18 @@ class EdgeAgent:
         return None
 
     def run(self, stop: threading.Event) -> None:
-        """Ingest, connect and serve tasks until ``stop`` is set; then go offline cleanly."""
+        """Warm up, ingest, connect and serve tasks until ``stop`` is set; then go offline cleanly."""
+        from biofed.edge.continuous import ContinuousIngestion
+
         ingest_thread = None
         self._enter(AgentState.STARTING)
+        if self.config.warmup:  # compile (or load) every kernel now, so no task waits on the JIT
+            from biofed.edge.warmup import warmup
+
+            logger.info("%s: kernels warmed up in %.1f s", self.device_id, warmup())
+        continuous = ContinuousIngestion(self) if ContinuousIngestion.needed(self.config) else None
+        if continuous is not None:
+            continuous.start(stop)
         if self.config.replay_speed == 0:
             self.ingest(stop)
         else:
@@ -882,6 +910,8 @@ class EdgeAgent:
             self._client = None
             if ingest_thread is not None:
                 ingest_thread.join(timeout=10.0)
+            if continuous is not None:
+                continuous.join()
             self._enter(AgentState.STOPPED)
             logger.info("%s: offline", self.device_id)
 
