@@ -313,13 +313,26 @@ class Ingest:
         return "dropped"
 
     def handle(self, topic: str, payload: bytes) -> str:
-        """Process one inbound MQTT message; never raises on bad input.
+        """Process one inbound MQTT message; never raises on any input.
+
+        Every rejection is counted in :attr:`dropped` under its reason; a failure inside
+        the handling of one message (a bug) costs that message (reason ``"internal error"``,
+        logged with its traceback), never the coordinator.
 
         Returns
         -------
         str
-            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"`` or ``"dropped"``.
+            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"``, ``"secagg"`` or
+            ``"dropped"``.
         """
+        try:
+            return self._handle(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - one message never stops the coordinator
+            self.dropped["internal error"] += 1
+            logger.exception("dropped message on %r: internal error handling it (%s)", topic, type(exc).__name__)
+            return "dropped"
+
+    def _handle(self, topic: str, payload: bytes) -> str:
         try:
             message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes,
                                            verifier=self.verifier)
@@ -340,7 +353,13 @@ class Ingest:
         assert isinstance(status, Status)
         self.known.add(device)
         if status.layout:
-            self.layouts[device] = status.layout
+            try:  # parsed once here, so a bad layout never reaches the export after a round
+                LayoutSpec.from_json(status.layout)
+            except ModelFormatError as exc:
+                self.dropped["bad layout"] += 1
+                logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
+            else:
+                self.layouts[device] = status.layout
         if status.state == "offline":
             if device in self.online:
                 self.online.discard(device)
@@ -1030,7 +1049,7 @@ class Coordinator:
         for device, text in sorted(self.ingest.layouts.items()):
             try:
                 layout = LayoutSpec.from_json(text)
-            except ModelFormatError as exc:
+            except ModelFormatError as exc:  # total: any text gives a layout or this error
                 logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
                 continue
             if layout.n_features == d:

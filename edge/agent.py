@@ -90,6 +90,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,9 @@ class EdgeAgent:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.dropped_messages = 0
+        self.rejections: Counter[str] = Counter()
+        """Inbound messages not acted on, per reason (a :class:`~biofed.protocol.ProtocolError`
+        class name, ``"duplicate"``, ``"secagg"`` or ``"internal error"``)."""
         self._process = psutil.Process()
         self.store = FeatureStore(config.store_path, max_rows=config.store_max_rows)
         self._ingest_db = sqlite3.connect(config.store_path, check_same_thread=False, isolation_level=None,
@@ -510,19 +514,23 @@ class EdgeAgent:
                                                verifier=self._verifier)
             except ReplayedMessage as exc:
                 # A retained task or model is delivered again at every reconnect: expected, not an attack sign.
+                self.rejections[type(exc).__name__] += 1
                 logger.debug("%s: dropped a message on %s: %s", self.device_id, topic, exc)
                 return []
             except ProtocolError as exc:
                 self.dropped_messages += 1
+                self.rejections[type(exc).__name__] += 1
                 logger.warning("%s: dropped a message on %s: %s", self.device_id, topic, exc)
                 return []
             if not self._seen.add(message.message_id):
+                self.rejections["duplicate"] += 1
                 logger.debug("%s: duplicate %s message %s dropped", self.device_id, message.kind, message.message_id)
                 return []
             try:
                 return self._dispatch(message)
             except Exception:  # noqa: BLE001 - a long-running agent logs and drops, never dies on input
                 self.dropped_messages += 1
+                self.rejections["internal error"] += 1
                 logger.exception("%s: failed to handle the %s message of round %d; dropped",
                                  self.device_id, message.kind, message.round)
                 return []
@@ -787,6 +795,7 @@ class EdgeAgent:
             answer = participant.handle(relay)
         except SecAggError as exc:
             self.dropped_messages += 1
+            self.rejections["secagg"] += 1
             logger.warning("%s: secagg %s relay of round %d refused: %s", self.device_id, relay.step, relay.round, exc)
             return []
         if participant.finished:
