@@ -407,7 +407,13 @@ def start_mosquitto(
               help="Run Mosquitto with this ready config (e.g. DIR/broker/mosquitto.conf from biofed provision); "
                    "its listener line gives address and port.")
 def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | None, config_file: Path | None) -> None:
-    """Run an MQTT broker for a biofed fleet until Ctrl-C."""
+    """Run an MQTT broker for a biofed fleet until Ctrl-C (or SIGTERM)."""
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the same clean stop as Ctrl-C: Mosquitto runs in its own session
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     with tempfile.TemporaryDirectory(prefix="biofed-broker-") as scratch:
         running: EmbeddedBroker | MosquittoBroker | None = None
         try:

@@ -254,6 +254,8 @@ class MqttClient:
         self._acked_mids: set[int] = set()
         self._refused: dict[int, str] = {}  # mid -> failure reason of its latest (v5) PUBACK
         self._connected = threading.Event()
+        self._down_since: float | None = None  # monotonic time the connection dropped
+        self._downtime_s = 0.0
         self._connack = threading.Event()
         self._connack_error: str | None = None
         self._closing = False
@@ -357,6 +359,23 @@ class MqttClient:
     def connected(self) -> bool:
         """True while the connection is up (it may drop and come back)."""
         return self._connected.is_set()
+
+    def downtime_s(self) -> float:
+        """Seconds this client has been disconnected since :meth:`connect` (outages so far,
+        including one going on now); a round clock subtracts it to pause during outages."""
+        with self._lock:
+            ongoing = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+            return self._downtime_s + ongoing
+
+    def acknowledged(self, info: paho.MQTTMessageInfo) -> bool:
+        """Whether the broker acknowledged a publish made with ``wait=False`` (it may have
+        been queued while offline and sent after the reconnect)."""
+        return _is_published(info)
+
+    def refusal(self, info: paho.MQTTMessageInfo) -> str | None:
+        """The failure reason of an acknowledged MQTT 5 publish (e.g. "Not authorized"), or None."""
+        with self._lock:
+            return self._refused.pop(info.mid, None)
 
     def wait_connected(self, timeout_s: float | None = None) -> bool:
         """Block until (re)connected; False on timeout."""
@@ -481,6 +500,9 @@ class MqttClient:
         with self._lock:
             self._acked_mids.clear()
             subscriptions = list(self._subscriptions.items())
+            if self._down_since is not None:
+                self._downtime_s += time.monotonic() - self._down_since
+                self._down_since = None
         for topic_filter, qos in subscriptions:
             client.subscribe(topic_filter, qos)
         self._connected.set()
@@ -490,6 +512,9 @@ class MqttClient:
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
                        properties: object) -> None:
         self._connected.clear()
+        with self._lock:
+            if self._down_since is None and self._connack.is_set():
+                self._down_since = time.monotonic()
         if not self._connack.is_set():  # closed during the handshake: fail connect() now
             self._connack_error = f"broker closed the connection before the CONNACK ({reason_code})"
             self._connack.set()

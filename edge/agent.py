@@ -822,11 +822,14 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ MQTT loop
     def _publish(self, out: Outgoing) -> None:
+        """Publish, waiting for the acknowledgement only while connected: during a broker
+        outage the message waits in the client's queue and goes out after the reconnect,
+        and the agent keeps serving meanwhile."""
         client = self._client
         if client is None:
             return
         try:
-            client.publish(out.topic, out.payload, retain=out.retain)
+            client.publish(out.topic, out.payload, retain=out.retain, wait=client.connected)
             self.bytes_sent += len(out.payload)
         except MqttError as exc:
             logger.error("%s: could not publish to %s: %s", self.device_id, out.topic, exc)
@@ -886,7 +889,8 @@ class EdgeAgent:
                     self._publish(out)
         finally:
             self._enter(AgentState.STOPPING)
-            self._publish(self.status_message("offline"))
+            if client.connected:  # disconnected, nothing goes out now; the broker has our last will
+                self._publish(self.status_message("offline"))
             client.close()
             self._client = None
             if ingest_thread is not None:
