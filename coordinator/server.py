@@ -125,7 +125,7 @@ from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
-from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
+from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, StateError, write_final_model
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
@@ -622,10 +622,13 @@ class Coordinator:
         ------
         CoordinatorError
             The broker is unreachable or the state directory belongs to another fleet.
+        StateError
+            The state directory cannot be written (read-only, full, I/O error); logged. The
+            last committed round is intact: rerun once the directory is fixed.
         """
         self._stop.clear()
-        self._open_state()
         try:
+            self._open_state()
             self._connect()
             while not self._stop.is_set():
                 phase = self.snapshot.phase
@@ -637,6 +640,9 @@ class Coordinator:
             if self._stop.is_set() and self._state is not RunState.DONE:
                 self._state = RunState.STOPPED
                 logger.info("coordinator stopped; resume with the same state_dir")
+        except StateError as exc:  # storage faults are loud: one clear line, then the caller exits
+            logger.error("state storage failed, stopping: %s", exc)
+            raise
         finally:
             self.ingest.open = None
             if self._client is not None:
@@ -1097,7 +1103,10 @@ class Coordinator:
         snap, cfg = self.snapshot, self.config
         train_rounds = [r.round for r in self._store.history() if r.phase == "train"]
         model = self._model_file(train_rounds[-1] if train_rounds else 0)
-        write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+        try:
+            write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+        except OSError as exc:
+            raise StateError(f"{cfg.state_dir / 'model_final.npz'}: cannot write the final model: {exc}") from None
         if model.layout is not None:
             try:
                 export_onnx(model, cfg.state_dir / "model_final.onnx")
