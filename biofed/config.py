@@ -110,6 +110,10 @@ class BrokerConfig(_Section):
     connect_timeout_s: float = Field(10.0, gt=0)
     session_expiry_s: int = Field(86_400, ge=0)
     inbox_size: int = Field(10_000, ge=1)
+    inbox_rate_per_s: float | None = Field(50.0, gt=0)
+    """Inbound messages per second one sender may sustain; beyond it they are shed (None: no limit)."""
+    inbox_burst: float = Field(500.0, ge=1)
+    """Messages one sender may send at once above ``inbox_rate_per_s``."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest accepted protocol message; larger ones are dropped before decoding."""
     tls: bool = False

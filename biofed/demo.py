@@ -344,12 +344,14 @@ class UpdateObserver:
                 continue
             try:
                 message = decode_topic_message(self.topics, inbound.topic, inbound.payload)
+                metrics = message.payload.metrics
+                if metrics.eval_balanced_accuracy is not None:
+                    self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy,
+                                                                    metrics.eval_windows)
             except ProtocolError as exc:
                 logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
-                continue
-            metrics = message.payload.metrics
-            if metrics.eval_balanced_accuracy is not None:
-                self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy, metrics.eval_windows)
+            except Exception:  # noqa: BLE001 - one message never stops the observer
+                logger.exception("observer dropped a message on %s: internal error", inbound.topic)
 
     def stop(self) -> None:
         self._stop.set()

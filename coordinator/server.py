@@ -65,6 +65,19 @@ device are dropped (:mod:`biofed.signing`). With ``allowed_devices_file`` messag
 not on the allow list are dropped too (:class:`AllowList`; a revocation while running takes
 effect at the next message: the device is no longer online, selected or waited for).
 
+Broker outages and overload
+---------------------------
+A broker outage of any length is ridden out: the MQTT client reconnects with backoff,
+every publish (task, model, basis) waits in its queue until the broker acknowledges it
+(:meth:`Coordinator._publish` keeps handling inbound messages meanwhile), so a committed
+round's model goes out when the broker returns. The deadline rule: the clock of an open
+round stops while the coordinator is disconnected; its deadline moves forward by the
+length of the outage and the task is republished with that deadline once the broker is
+back (:meth:`Coordinator._extend_deadline`). Secure-aggregation step timeouts are not
+extended: an outage there ends the round with the survivors, as a dropout would.
+Inbound overload is shed per sender by the client's inbox (:mod:`biofed.inbox`); replies
+already accepted into an open round are held in memory and committed with the round.
+
 Exported model (see :mod:`biofed.coordinator.onnx_export`)
 -----------------------------------------------------------
 After every training round the global model is written to ``state_dir/models/round_NNNNN``
@@ -101,7 +114,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +125,7 @@ from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
-from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
+from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, StateError, write_final_model
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
@@ -145,6 +158,7 @@ COORDINATOR_SENDER = "coordinator"
 """Sender id of every message the coordinator publishes."""
 
 _STRATEGY_NAMES = {"coordinate_median": "median"}  # config name -> biofed.coordinator.strategies name
+_OUTAGE_LOG_INTERVAL_S = 30.0  # how often a publish held up by a broker outage is logged
 
 
 class CoordinatorError(RuntimeError):
@@ -313,13 +327,26 @@ class Ingest:
         return "dropped"
 
     def handle(self, topic: str, payload: bytes) -> str:
-        """Process one inbound MQTT message; never raises on bad input.
+        """Process one inbound MQTT message; never raises on any input.
+
+        Every rejection is counted in :attr:`dropped` under its reason; a failure inside
+        the handling of one message (a bug) costs that message (reason ``"internal error"``,
+        logged with its traceback), never the coordinator.
 
         Returns
         -------
         str
-            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"`` or ``"dropped"``.
+            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"``, ``"secagg"`` or
+            ``"dropped"``.
         """
+        try:
+            return self._handle(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - one message never stops the coordinator
+            self.dropped["internal error"] += 1
+            logger.exception("dropped message on %r: internal error handling it (%s)", topic, type(exc).__name__)
+            return "dropped"
+
+    def _handle(self, topic: str, payload: bytes) -> str:
         try:
             message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes,
                                            verifier=self.verifier)
@@ -340,7 +367,13 @@ class Ingest:
         assert isinstance(status, Status)
         self.known.add(device)
         if status.layout:
-            self.layouts[device] = status.layout
+            try:  # parsed once here, so a bad layout never reaches the export after a round
+                LayoutSpec.from_json(status.layout)
+            except ModelFormatError as exc:
+                self.dropped["bad layout"] += 1
+                logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
+            else:
+                self.layouts[device] = status.layout
         if status.state == "offline":
             if device in self.online:
                 self.online.discard(device)
@@ -589,10 +622,13 @@ class Coordinator:
         ------
         CoordinatorError
             The broker is unreachable or the state directory belongs to another fleet.
+        StateError
+            The state directory cannot be written (read-only, full, I/O error); logged. The
+            last committed round is intact: rerun once the directory is fixed.
         """
         self._stop.clear()
-        self._open_state()
         try:
+            self._open_state()
             self._connect()
             while not self._stop.is_set():
                 phase = self.snapshot.phase
@@ -604,6 +640,9 @@ class Coordinator:
             if self._stop.is_set() and self._state is not RunState.DONE:
                 self._state = RunState.STOPPED
                 logger.info("coordinator stopped; resume with the same state_dir")
+        except StateError as exc:  # storage faults are loud: one clear line, then the caller exits
+            logger.error("state storage failed, stopping: %s", exc)
+            raise
         finally:
             self.ingest.open = None
             if self._client is not None:
@@ -666,10 +705,40 @@ class Coordinator:
             self.ingest.handle(message.topic, message.payload)
             message = self._client.receive(0)
 
-    def _publish(self, topic: str, payload, *, retain: bool = True) -> None:
+    def _publish(self, topic: str, payload, *, retain: bool = True) -> bool:
+        """Publish and wait for the broker's acknowledgement for as long as it takes,
+        handling inbound messages meanwhile (the network thread never blocks, so the wait
+        ends as soon as the broker answers). During a broker outage the message waits in
+        the client's queue and goes out after the reconnect. False: stopped first, or the
+        broker refused it (logged)."""
         data = encode_message(payload, fleet=self.config.fleet, sender=COORDINATOR_SENDER,
                               max_bytes=self.config.broker.max_message_bytes, signer=self._signer)
-        self._client.publish(topic, data, qos=1, retain=retain)
+        try:
+            info = self._client.publish(topic, data, qos=1, retain=retain, wait=False)
+        except MqttError as exc:
+            logger.error("%s of round %d not published: %s", payload.KIND, payload.round, exc)
+            return False
+        started = time.monotonic()
+        warned = 0.0
+        while not self._client.acknowledged(info):
+            if self._stop.is_set():
+                return False
+            waited = time.monotonic() - started
+            if waited - warned >= _OUTAGE_LOG_INTERVAL_S:
+                warned = waited
+                logger.warning("%s of round %d not acknowledged for %.0f s (broker %s); it is queued and goes "
+                               "out when the broker is back", payload.KIND, payload.round, waited,
+                               "connected" if self._client.connected else "unreachable")
+            self._pump(0.1)
+        refused = self._client.refusal(info)
+        if refused is not None:
+            logger.error("%s of round %d refused by the broker: %s (check the broker's ACL for user %r)",
+                         payload.KIND, payload.round, refused, self.config.broker.username or self.client_id)
+            return False
+        if warned:
+            logger.info("%s of round %d published after %.0f s", payload.KIND, payload.round,
+                        time.monotonic() - started)
+        return True
 
     def _format_eps(self) -> str:
         eps = self.ledger.epsilon()
@@ -816,6 +885,7 @@ class Coordinator:
                 step_timeout_s=self.config.dp.secagg_step_timeout_s,
             )
         self._state = _PHASE_STATES[phase]
+        downtime_at_start = self._client.downtime_s()
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
                     round_, phase, len(participants), self.config.round_deadline_s)
@@ -823,12 +893,14 @@ class Coordinator:
             return self._gather_secure(round_, participants, attempts)
         try:
             while not self._stop.is_set():
-                remaining = deadline - time.time()
+                # The round clock stands still while the broker is unreachable (see _extend_deadline).
+                task = self._extend_deadline(task, deadline, self._client.downtime_s() - downtime_at_start)
+                remaining = task.deadline - time.time()
                 # a participant that went offline (its last will) is not waited for
                 waiting = (set(participants) & self.ingest.online) - set(self.ingest.open.received)
-                if remaining <= 0 or not waiting:
+                if (remaining <= 0 and self._client.connected) or not waiting:
                     break
-                self._pump(min(0.1, remaining))
+                self._pump(min(0.1, remaining) if remaining > 0 else 0.1)
             else:
                 return None
             replies = dict(self.ingest.open.received)
@@ -838,6 +910,23 @@ class Coordinator:
         if missing:
             logger.info("round %d (%s): no reply from %s", round_, phase, ", ".join(missing))
         return _Collected(round_, replies, len(participants), attempts)
+
+    def _extend_deadline(self, task: Task, planned_deadline: float, paused_s: float) -> Task:
+        """The deadline rule for broker outages: a round's deadline is its planned deadline
+        plus every second the coordinator was disconnected from the broker since the task
+        was published (the round clock pauses during an outage; replies sent meanwhile wait
+        in the devices' queues). Once connected again, a deadline moved by more than a
+        second is republished in the (retained) task, so devices that saw the old deadline
+        pass still answer. Returns the task in force."""
+        deadline = planned_deadline + paused_s
+        self.ingest.open.deadline = deadline
+        if deadline - task.deadline < 1.0 or not self._client.connected:
+            return task
+        logger.info("round %d: the broker was unreachable for %.0f s; deadline extended by as much",
+                    task.round, deadline - task.deadline)
+        task = replace(task, deadline=deadline)
+        self._publish(self.topics.task, task)
+        return task
 
     def _gather_secure(self, round_: int, participants: list[str], attempts: int) -> _Collected | None:
         """Run the secure-aggregation steps of a distributed-mode round; the replies are the
@@ -1014,7 +1103,10 @@ class Coordinator:
         snap, cfg = self.snapshot, self.config
         train_rounds = [r.round for r in self._store.history() if r.phase == "train"]
         model = self._model_file(train_rounds[-1] if train_rounds else 0)
-        write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+        try:
+            write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+        except OSError as exc:
+            raise StateError(f"{cfg.state_dir / 'model_final.npz'}: cannot write the final model: {exc}") from None
         if model.layout is not None:
             try:
                 export_onnx(model, cfg.state_dir / "model_final.onnx")
@@ -1030,7 +1122,7 @@ class Coordinator:
         for device, text in sorted(self.ingest.layouts.items()):
             try:
                 layout = LayoutSpec.from_json(text)
-            except ModelFormatError as exc:
+            except ModelFormatError as exc:  # total: any text gives a layout or this error
                 logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
                 continue
             if layout.n_features == d:

@@ -90,6 +90,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,9 @@ class EdgeAgent:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.dropped_messages = 0
+        self.rejections: Counter[str] = Counter()
+        """Inbound messages not acted on, per reason (a :class:`~biofed.protocol.ProtocolError`
+        class name, ``"duplicate"``, ``"secagg"`` or ``"internal error"``)."""
         self._process = psutil.Process()
         self.store = FeatureStore(config.store_path, max_rows=config.store_max_rows)
         self._ingest_db = sqlite3.connect(config.store_path, check_same_thread=False, isolation_level=None,
@@ -529,19 +533,23 @@ class EdgeAgent:
                                                verifier=self._verifier)
             except ReplayedMessage as exc:
                 # A retained task or model is delivered again at every reconnect: expected, not an attack sign.
+                self.rejections[type(exc).__name__] += 1
                 logger.debug("%s: dropped a message on %s: %s", self.device_id, topic, exc)
                 return []
             except ProtocolError as exc:
                 self.dropped_messages += 1
+                self.rejections[type(exc).__name__] += 1
                 logger.warning("%s: dropped a message on %s: %s", self.device_id, topic, exc)
                 return []
             if not self._seen.add(message.message_id):
+                self.rejections["duplicate"] += 1
                 logger.debug("%s: duplicate %s message %s dropped", self.device_id, message.kind, message.message_id)
                 return []
             try:
                 return self._dispatch(message)
             except Exception:  # noqa: BLE001 - a long-running agent logs and drops, never dies on input
                 self.dropped_messages += 1
+                self.rejections["internal error"] += 1
                 logger.exception("%s: failed to handle the %s message of round %d; dropped",
                                  self.device_id, message.kind, message.round)
                 return []
@@ -806,6 +814,7 @@ class EdgeAgent:
             answer = participant.handle(relay)
         except SecAggError as exc:
             self.dropped_messages += 1
+            self.rejections["secagg"] += 1
             logger.warning("%s: secagg %s relay of round %d refused: %s", self.device_id, relay.step, relay.round, exc)
             return []
         if participant.finished:
@@ -832,11 +841,14 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ MQTT loop
     def _publish(self, out: Outgoing) -> None:
+        """Publish, waiting for the acknowledgement only while connected: during a broker
+        outage the message waits in the client's queue and goes out after the reconnect,
+        and the agent keeps serving meanwhile."""
         client = self._client
         if client is None:
             return
         try:
-            client.publish(out.topic, out.payload, retain=out.retain)
+            client.publish(out.topic, out.payload, retain=out.retain, wait=client.connected)
             self.bytes_sent += len(out.payload)
         except MqttError as exc:
             logger.error("%s: could not publish to %s: %s", self.device_id, out.topic, exc)
@@ -905,7 +917,8 @@ class EdgeAgent:
                     self._publish(out)
         finally:
             self._enter(AgentState.STOPPING)
-            self._publish(self.status_message("offline"))
+            if client.connected:  # disconnected, nothing goes out now; the broker has our last will
+                self._publish(self.status_message("offline"))
             client.close()
             self._client = None
             if ingest_thread is not None:
