@@ -205,6 +205,13 @@ class _SigningFields(_Section):
         return self
 
 
+class DeviceDPConfig(_Section):
+    """The device's own privacy ledger (``[dp]`` of a device config)."""
+
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """Delta at which the device reports the epsilon of its own ledger."""
+
+
 class DeviceConfig(_SigningFields):
     """One edge device (``biofed agent``)."""
 
@@ -221,6 +228,7 @@ class DeviceConfig(_SigningFields):
     training: TrainingSettings = TrainingSettings()
     predict: bool = False
     """Publish on-device predictions of the current global model."""
+    dp: DeviceDPConfig = DeviceDPConfig()
 
 
 class AdaptiveClippingConfig(_Section):

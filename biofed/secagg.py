@@ -88,7 +88,7 @@ Each device adds Gaussian noise of std ``z * C / sqrt(n_min)`` to its clipped up
 before encoding (:func:`prepare_input`), so a sum of at least ``n_min`` survivors carries
 std >= ``z * C``. Choose ``n_min = threshold``: a round that completes has at least that
 many inputs. The coordinator records the noise actually present,
-``coordinator.privacy.distributed_noise_multiplier(z, n_min, len(survivors))``. The
+``biofed.privacy_ledger.distributed_noise_multiplier(z, n_min, len(survivors))``. The
 guarantee assumes devices add their share honestly. The noise is continuous Gaussian
 rounded to the fixed-point grid (post-processing per device); the 2^-25 discretization is
 not modelled by the accountant (a discrete Gaussian or Skellam mechanism would be).
@@ -130,7 +130,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from biofed.kernels import clip_l2
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.protocol import ID_PATTERN, SecAggRelay, SecAggUpload
 
 __all__ = [
@@ -289,10 +289,11 @@ def noise_share_std(clip_norm: float, noise_multiplier: float, n_min: int) -> fl
 
 
 def prepare_input(
-    delta, *, clip_norm: float, noise_multiplier: float, n_min: int, fixed_point: FixedPoint = FixedPoint(),
-    rng: np.random.Generator | None = None,
+    delta, *, clip_norm: float, noise_multiplier: float, n_min: int, mechanism: PrivacyMechanism, charge: Charge,
+    fixed_point: FixedPoint = FixedPoint(),
 ) -> np.ndarray:
-    """A device's secure-aggregation input: clip, add its noise share, encode.
+    """A device's secure-aggregation input: clip and add its noise share through the
+    device's privacy mechanism (which charges ``charge`` durably first), then encode.
 
     Parameters
     ----------
@@ -302,20 +303,19 @@ def prepare_input(
         C and the target z of the sum.
     n_min : int
         Survivors the noise is calibrated for (the round's threshold).
+    mechanism : biofed.privacy_mechanism.PrivacyMechanism
+        The device's release gate.
+    charge : biofed.privacy_mechanism.Charge
+        The ledger entry of this release.
     fixed_point : FixedPoint
-    rng : numpy.random.Generator or None
-        None (production): a generator seeded with 128 bits of OS entropy.
 
     Returns
     -------
     ndarray, shape (m,), uint64
     """
     std = noise_share_std(clip_norm, noise_multiplier, n_min)
-    clipped, _ = clip_l2(np.asarray(delta, dtype=np.float64), clip_norm)
-    rng = np.random.default_rng(secrets.randbits(128)) if rng is None else rng
-    if std > 0:
-        clipped = clipped + rng.normal(0.0, std, size=clipped.shape)
-    return fixed_point.encode(clipped)
+    (noised,) = mechanism.release(charge, ClippedSum(np.asarray(delta, dtype=np.float64), clip_norm, std))
+    return fixed_point.encode(noised)
 
 
 # ----------------------------------------------------------------------------- primitives

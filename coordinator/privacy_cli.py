@@ -6,7 +6,7 @@ import math
 
 import click
 
-from biofed.coordinator.privacy import (
+from biofed.privacy_ledger import (
     calibrate_noise_multiplier,
     check_delta,
     check_noise_multiplier,

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from biofed.coordinator.privacy import distributed_noise_multiplier
+from biofed.privacy_ledger import distributed_noise_multiplier
 from biofed.protocol import SecAggRelay, SecAggUpload
 from biofed.secagg import (
     AggregateResult,

@@ -110,7 +110,8 @@ from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
-from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
@@ -424,6 +425,12 @@ class _Collected:
     attempts: int
     secure: SecureAggregationRound | None = None
 
+    @property
+    def n_contributions(self) -> int:
+        """Devices whose input is in the round's output: the survivors of a secure round
+        (their metrics-only updates may be missing), else the replies."""
+        return len(self.secure.result.survivors) if self.secure is not None else len(self.replies)
+
 
 class Coordinator:
     """The round loop of one fleet; :meth:`run` blocks, :meth:`stop` ends it from any thread.
@@ -445,7 +452,10 @@ class Coordinator:
         Epsilons reported per round; the first is the budget accountant. None:
         ``config.dp.accountant`` then the other one. PLD costs ~1 s per round.
     rng : numpy.random.Generator or None
-        Noise, sampling and initialization randomness; None (production) is OS-seeded.
+        Seeds the device-sampling and model-initialization generators (two independent
+        streams spawned from it); None (production) is OS-seeded. Privacy noise never comes
+        from it: it is drawn by the coordinator's :class:`~biofed.privacy_mechanism.PrivacyMechanism`,
+        and the MQTT reconnect jitter has its own generator too.
     on_round : callable or None
         Called with each :class:`RoundRecord` after its commit (the CLI prints it).
     client_id : str or None
@@ -486,7 +496,7 @@ class Coordinator:
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
-        self.rng = secure_rng(rng)
+        self._sampling_rng, self._init_rng = secure_rng(rng).spawn(2)
         self.on_round = on_round
         self.topics = Topics(config.fleet)
         self.client_id = client_id or f"coordinator-{config.fleet}"
@@ -496,7 +506,13 @@ class Coordinator:
                 f"strategy {config.strategy.name!r} needs the individual updates, but distributed trust mode reveals "
                 "only their sum (secure aggregation); use fedavg, fedavgm, fedadam, fedyogi or fedprox"
             )
-        self.secagg_threshold = dp.secagg_threshold or config.min_devices // 2 + 1
+        if dp.secagg_threshold is not None and dp.secagg_threshold < config.min_devices:
+            raise CoordinatorError(
+                f"dp.secagg_threshold = {dp.secagg_threshold} is below min_devices = {config.min_devices}: a sum "
+                "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
+                "least min_devices or leave it unset"
+            )
+        self.secagg_threshold = dp.secagg_threshold or config.min_devices
         try:
             self._signer, verifier = signing_from_config(config, COORDINATOR_SENDER)
         except ValueError as exc:
@@ -513,6 +529,9 @@ class Coordinator:
                              allowed=allowed)
         self.snapshot = Snapshot(clip_norm=dp.clip_norm)
         self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
+        self.mechanism = PrivacyMechanism(self.ledger, persist=self._persist_ledger)
+        """The coordinator's release gate: every round whose output reached the adversary of
+        the trust mode is charged through it, durably, before anything is published."""
         self.adaptive = self._make_adaptive()
 
     # ------------------------------------------------------------------ setup
@@ -545,7 +564,7 @@ class Coordinator:
         if settings is None:
             return None
         adaptive = AdaptiveClipping(self.config.dp.clip_norm, settings.target_quantile, settings.learning_rate,
-                                    settings.bit_noise_std, rng=self.rng)
+                                    settings.bit_noise_std)
         if self.config.dp.noise_multiplier > 0:
             try:
                 adaptive.delta_noise_multiplier(self.config.dp.noise_multiplier)
@@ -621,6 +640,8 @@ class Coordinator:
         loaded = self._store.load()
         if loaded is not None:
             self.snapshot = loaded
+            self.ledger = PrivacyLedger(self.config.dp.delta, self.accountants, self.config.dp.epsilon_budget)
+            self.mechanism.ledger = self.ledger
             if loaded.ledger is not None:
                 self._restore_ledger(PrivacyLedger.from_json(loaded.ledger))
             if loaded.strategy_state:
@@ -641,12 +662,17 @@ class Coordinator:
         if persisted.delta != self.config.dp.delta:
             logger.warning("dp.delta changed from %g to %g: epsilon is now reported at the new delta",
                            persisted.delta, self.config.dp.delta)
-        for e in persisted.entries:
-            self.ledger.record_round(e.round, e.sampling_rate, e.noise_multiplier, kind=e.kind)
+        self.ledger.extend(persisted)
+
+    def _persist_ledger(self, ledger: PrivacyLedger) -> None:
+        """The mechanism's write-ahead: the ledger is in the state database before the
+        charged value is published (a crash in between over-counts on restart)."""
+        self.snapshot.ledger = ledger.to_json()
+        self._store.write_ledger(self.snapshot.ledger)
 
     def _connect(self) -> None:
         try:  # address, protocol, limits, TLS files and credentials of config.broker
-            self._client = MqttClient.from_config(self.config.broker, self.client_id, random_state=self.rng)
+            self._client = MqttClient.from_config(self.config.broker, self.client_id)
         except (ConnectError, ConfigError) as exc:  # a TLS or password file is missing or invalid
             raise CoordinatorError(str(exc)) from None
         try:
@@ -692,7 +718,7 @@ class Coordinator:
             if self.snapshot.train_rounds_done >= self.config.rounds:
                 self._advance_to_evaluate("all training rounds done")
                 return True
-            if self.ledger.would_exceed(self._planned_sampling_rate(), self.config.dp.noise_multiplier):
+            if self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
                 self._advance_to_evaluate(
                     f"privacy budget: the next round would exceed epsilon={self.config.dp.epsilon_budget}"
                 )
@@ -706,11 +732,6 @@ class Coordinator:
         logger.error("aborting: %s", reason)
         self._state = RunState.ABORTED
         return False
-
-    def _planned_sampling_rate(self) -> float:
-        if self.config.sampling_rate == "all" or self.config.dp.trust_mode in ("local", "distributed"):
-            return 1.0
-        return float(self.config.sampling_rate)
 
     def _wait_for_devices(self) -> bool:
         need = self.config.min_devices
@@ -742,7 +763,7 @@ class Coordinator:
         if phase != "train" or self.config.sampling_rate == "all":
             return online
         q = float(self.config.sampling_rate)
-        return [device for device, draw in zip(online, self.rng.random(len(online))) if draw < q]
+        return [device for device, draw in zip(online, self._sampling_rng.random(len(online))) if draw < q]
 
     def _task(self, round_: int, phase: str, participants: list[str], deadline: float) -> Task:
         snap, cfg = self.snapshot, self.config
@@ -782,9 +803,10 @@ class Coordinator:
                 collected = self._gather(phase, participants, attempts)
                 if collected is None:
                     return None
-                if len(collected.replies) >= self.config.min_devices:
+                self._charge_received(collected, phase)
+                if collected.n_contributions >= self.config.min_devices:
                     return collected
-                reason = (f"round {collected.round} ({phase}) closed with {len(collected.replies)} of "
+                reason = (f"round {collected.round} ({phase}) closed with {collected.n_contributions} of "
                           f"{len(participants)} replies, fewer than min_devices={self.config.min_devices}")
             else:
                 reason = (f"sampling selected {len(participants)} of {len(self.ingest.online)} online devices, "
@@ -792,8 +814,23 @@ class Coordinator:
             if attempts > self.max_retries:
                 self._abort(f"{reason}; gave up after {attempts} attempts (max_retries={self.max_retries})")
                 return None
-            logger.warning("%s: nothing released or accounted; retrying (attempt %d of %d)",
-                           reason, attempts + 1, self.max_retries + 1)
+            logger.warning("%s: nothing published (what reached the coordinator is accounted); retrying "
+                           "(attempt %d of %d)", reason, attempts + 1, self.max_retries + 1)
+
+    def _charge_received(self, collected: _Collected, phase: str) -> None:
+        """Charge a round whose output reached the coordinator, whether or not it is then
+        used: in local mode every noised reply (update or sketch) is seen by the coordinator,
+        the adversary of that mode; in distributed mode an unmasked sum is. Central rounds
+        are charged by their release instead (nothing reaches the adversary before it)."""
+        mode = self.config.dp.trust_mode
+        kind = "basis" if phase in BASIS_PHASES else "train"
+        z = self.basis_noise_multiplier if kind == "basis" else self.config.dp.noise_multiplier
+        if phase == "evaluate" or mode == "central":
+            return
+        if collected.secure is not None:  # distributed training: the noise of the unmasked survivors' shares
+            self.mechanism.charge(Charge(collected.round, kind, 1.0, collected.secure.noise_multiplier(z)))
+        elif collected.replies:
+            self.mechanism.charge(Charge(collected.round, kind, 1.0, z))
 
     def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
         snap = self.snapshot
@@ -873,11 +910,15 @@ class Coordinator:
             return False
         cfg, snap = self.config, self.snapshot
         sketches = [m.payload for m in collected.replies.values()]
-        central = cfg.dp.trust_mode == "central"
         z = self.basis_noise_multiplier
-        statistic, n_clipped = aggregate_statistics(
-            np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, add_noise=central, rng=self.rng
-        )
+        if cfg.dp.trust_mode == "central":
+            statistic, n_clipped = aggregate_statistics(
+                np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, mechanism=self.mechanism,
+                charge=Charge(collected.round, "basis", 1.0, z),
+            )
+        else:  # the devices noised and the round is charged (_charge_received): post-processing only
+            statistic, n_clipped = aggregate_statistics(np.vstack([s.statistic for s in sketches]),
+                                                        self.basis_clip_norm)
         if n_clipped:
             logger.warning("round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
                            collected.round, phase, n_clipped, self.basis_clip_norm)
@@ -895,12 +936,11 @@ class Coordinator:
             else:
                 snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
             snap.params = init_params(components.shape[0], len(cfg.model.classes), cfg.model.hidden,
-                                      random_state=self.rng)
+                                      random_state=self._init_rng)
             self.strategy.load_state_dict({})
             snap.phase = "train"
             logger.info("basis version %d: %d components of %d features, leading eigenvalues %s",
                         snap.basis_version, components.shape[0], components.shape[1], np.round(eigenvalues[:4], 3))
-        self.ledger.record_round(collected.round, 1.0, z, kind="basis")
         record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.basis_clip_norm)
         if phase == "covariance":
             self._publish(self.topics.basis, Basis(
@@ -924,21 +964,21 @@ class Coordinator:
             if oversized:
                 logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
                                "clipped here", collected.round, ", ".join(oversized), clip)
-        z_recorded = z
+        q_used = 1.0  # the cohort is public (Task.participants): no amplification by sampling is claimed
         if collected.secure is not None:  # only the sum of the survivors' noised updates is known
             snap.params = self.strategy.server_update(collected.round, snap.params, collected.secure.mean_update())
-            z_recorded = collected.secure.noise_multiplier(z)
         elif cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
-            z_update = self.adaptive.delta_noise_multiplier(z) if self.adaptive is not None and z > 0 else z
-            aggregator = DPAggregator(self.strategy, z_update, clip_norm=clip, rng=self.rng)
-            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates)
+            aggregator = DPAggregator(self.strategy, z, adaptive_clipping=self.adaptive,
+                                      clip_norm=None if self.adaptive is not None else clip, mechanism=self.mechanism)
+            bits = None if self.adaptive is None else [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
+            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates, norm_bits=bits,
+                                                  sampling_rate=q_used)
+            if self.adaptive is not None:
+                snap.clip_norm = self.adaptive.clip
         else:
+            if cfg.dp.trust_mode == "central":  # a robust strategy runs without noise: a non-private release
+                self.mechanism.charge(Charge(collected.round, "train", q_used, 0.0))
             snap.params, _ = self.strategy.aggregate(collected.round, snap.params, updates)
-        if self.adaptive is not None:
-            bits = [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
-            snap.clip_norm = self.adaptive.update(np.array(bits), collected.n_selected)
-        q_used = self._planned_sampling_rate() if collected.attempts == 1 else 1.0
-        self.ledger.record_round(collected.round, q_used, z_recorded, kind="train")
         snap.train_rounds_done += 1
         snap.strategy_state = self.strategy.state_dict()
         record = self._commit(collected, "train", sampling_rate=q_used, clip_norm=clip)

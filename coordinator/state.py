@@ -229,6 +229,13 @@ class CoordinatorState:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('next_round', ?)", (json.dumps(int(next_round)),))
 
+    def write_ledger(self, ledger_json: str) -> None:
+        """Persist the privacy ledger alone, at once (the write-ahead charge of
+        :class:`biofed.privacy_mechanism.PrivacyMechanism`: durable before the release is
+        published; a later :meth:`commit_round` writes the same ledger with the round)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('ledger', ?)", (json.dumps(str(ledger_json)),))
+
     def commit_round(
         self,
         snapshot: Snapshot,

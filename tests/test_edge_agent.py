@@ -360,7 +360,7 @@ def test_predictions_of_a_device_standardized_model_use_the_training_statistics(
 
 # ----------------------------------------------------------------------------- MQTT loop
 def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker, recordings, tmp_path):
-    """replay_speed > 0: the agent connects at once, ingests in the background (status n_rows
+    """replay_speed > 0: the agent connects at once, ingests in the background (the store
     grows), answers a task over MQTT and publishes a retained "offline" status when stopped."""
     broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
     agent = make_agent(recordings, tmp_path / "features.sqlite", replay_speed=10.0, broker=broker)
@@ -379,10 +379,10 @@ def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker
             if inbound is not None:
                 message = decode_topic_message(TOPICS, inbound.topic, inbound.payload)
                 (statuses if message.kind == "status" else sketches).append(message.payload)
-            if not published and statuses and statuses[-1].n_rows == 2 * (SECONDS - 1):
+            if not published and statuses and agent.n_rows == 2 * (SECONDS - 1):
                 coordinator.publish(TOPICS.task, encode_message(task("moments"), fleet=FLEET, sender="coordinator"))
                 published = True
-        assert statuses[0].state == "online" and statuses[0].n_rows < 2 * (SECONDS - 1)  # online before ingesting all
+        assert statuses[0].state == "online" and statuses[0].n_rows == 0  # no row count in a status (data-dependent)
         assert sketches and sketches[0].n_features == 141
     finally:
         stop.set()
@@ -417,7 +417,7 @@ def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_
             coordinator.subscribe(TOPICS.all_devices("status"))
             inbound = coordinator.receive(timeout_s=60)  # the retained status re-published on reconnect
             status = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
-        assert status.state == "online" and status.n_rows == 2 * (SECONDS - 1)
+        assert status.state == "online" and status.n_rows == 0
     finally:
         stop.set()
         runner.join(timeout=30)
