@@ -4,6 +4,6 @@ from biofed.kernels.biosensor import BIOSENSOR_FEATURES, detect_peaks, heart_rat
 from biofed.kernels.spectral import EEG_BANDS, SPECTRAL_BACKEND, band_powers, log_band_energies
 from biofed.kernels.stats import Moments, moments_init, moments_merge, moments_scale, moments_update
 from biofed.kernels.svd import fd_basis, fd_init, fd_merge, fd_update, project, svd_compress, truncated_svd
-from biofed.kernels.training import clip_l2, init_params, loss_and_grad, n_params, predict_proba, train
+from biofed.kernels.training import clip_l2, dp_sgd, init_params, loss_and_grad, n_params, predict_proba, train
 from biofed.kernels.transform import transform, transform_matrix
 from biofed.kernels.windowing import count_windows, sliding_windows
