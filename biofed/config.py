@@ -206,10 +206,25 @@ class _SigningFields(_Section):
 
 
 class DeviceDPConfig(_Section):
-    """The device's own privacy ledger (``[dp]`` of a device config)."""
+    """The device's own privacy (``[dp]`` of a device config).
+
+    Two guarantees, reported side by side and never mixed: *client-level* (one record = the
+    device's whole contribution; its own ledger charges what it releases in local and
+    distributed trust modes) and, with ``record_noise_multiplier`` set, *record-level*
+    (one record = one window of one person: for a device that holds several people's data,
+    e.g. a ward device) from DP-SGD in local training.
+    """
 
     delta: float = Field(1e-5, gt=0, lt=1)
-    """Delta at which the device reports the epsilon of its own ledger."""
+    """Delta at which the device reports the epsilons of its own ledgers."""
+    record_noise_multiplier: float | None = Field(None, ge=0)
+    """z_r of record-level DP-SGD (noise std / record_clip_norm on each step's gradient sum).
+    None: local training without record-level DP."""
+    record_clip_norm: float = Field(1.0, gt=0)
+    """L2 bound of one window's gradient in DP-SGD."""
+    record_sampling_rate: float = Field(0.05, gt=0, le=1)
+    """Probability that each training window is in a DP-SGD step's batch (Poisson sampling);
+    a round runs ``ceil(local_epochs / record_sampling_rate)`` steps."""
 
 
 class DeviceConfig(_SigningFields):

@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -107,7 +108,7 @@ from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, Pipe
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
-from biofed.kernels import clip_l2, n_params, predict_proba, project, train
+from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
 from biofed.model_format import LayoutSpec
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
@@ -151,10 +152,12 @@ CREATE TABLE IF NOT EXISTS agent_layout (
     layout TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS agent_privacy_ledger (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
+    id INTEGER PRIMARY KEY CHECK (id IN (1, 2)),
     ledger TEXT NOT NULL
 );
 """
+_CLIENT_LEDGER, _RECORD_LEDGER = 1, 2
+"""Rows of ``agent_privacy_ledger``: the client-level and the record-level (DP-SGD) ledger."""
 _APPEND_EVERY = 64
 """Rows buffered before a store append while ingesting (one durable transaction each)."""
 _PREDICT_ROWS = 64
@@ -280,10 +283,15 @@ class EdgeAgent:
         self._ingest_db.executescript(_INGEST_SCHEMA)
         self._ingest_db.execute("PRAGMA synchronous=FULL")
         self._ingest_lock = threading.Lock()
-        self.mechanism = PrivacyMechanism(self._stored_ledger(), persist=self._persist_ledger)
-        """The device's release gate (local and distributed trust modes): every noised
-        update, sketch and noise share is charged to the device's own ledger, durably
+        self.mechanism = PrivacyMechanism(self._stored_ledger(_CLIENT_LEDGER),
+                                          persist=lambda ledger: self._persist_ledger(_CLIENT_LEDGER, ledger))
+        """The device's client-level release gate (local and distributed trust modes): every
+        noised update, sketch and noise share is charged to the device's own ledger, durably
         (in the store's SQLite file), before it is published."""
+        self.record_mechanism = PrivacyMechanism(self._stored_ledger(_RECORD_LEDGER),
+                                                 persist=lambda ledger: self._persist_ledger(_RECORD_LEDGER, ledger))
+        """The record-level gate of DP-SGD (``[dp] record_noise_multiplier``): every step's
+        noised gradient sum is charged to the device's record-level ledger."""
         self._client: MqttClient | None = None
         self.layout_json = self._stored_layout()
         """The device's feature layout (JSON of :class:`biofed.model_format.LayoutSpec`), "" until known."""
@@ -321,17 +329,26 @@ class EdgeAgent:
             self._ingest_db.close()
 
     # ------------------------------------------------------------------ layout
-    def _stored_ledger(self) -> PrivacyLedger:
-        row = self._ingest_db.execute("SELECT ledger FROM agent_privacy_ledger WHERE id = 1").fetchone()
+    def _stored_ledger(self, row_id: int) -> PrivacyLedger:
+        row = self._ingest_db.execute("SELECT ledger FROM agent_privacy_ledger WHERE id = ?", (row_id,)).fetchone()
         ledger = PrivacyLedger(self.config.dp.delta, ("rdp",))
         if row is not None:
             ledger.extend(PrivacyLedger.from_json(row[0]))
         return ledger
 
-    def _persist_ledger(self, ledger: PrivacyLedger) -> None:
+    def _persist_ledger(self, row_id: int, ledger: PrivacyLedger) -> None:
         with self._ingest_lock:
-            self._ingest_db.execute("INSERT OR REPLACE INTO agent_privacy_ledger(id, ledger) VALUES (1, ?)",
-                                    (ledger.to_json(),))
+            self._ingest_db.execute("INSERT OR REPLACE INTO agent_privacy_ledger(id, ledger) VALUES (?, ?)",
+                                    (row_id, ledger.to_json()))
+
+    def privacy_report(self) -> dict[str, float | None]:
+        """The device's two guarantees at ``[dp] delta``, never mixed: ``client_epsilon``
+        (its client-level ledger: what it released in local/distributed trust modes; 0.0
+        when it released nothing itself) and ``record_epsilon`` (record-level DP-SGD; None
+        when record-level DP is off)."""
+        record = None if self.config.dp.record_noise_multiplier is None else self.record_mechanism.ledger.epsilon()
+        return {"client_epsilon": self.mechanism.ledger.epsilon(), "record_epsilon": record,
+                "delta": self.config.dp.delta}
 
     def _stored_layout(self) -> str:
         current = self.store.layout_hash
@@ -784,11 +801,7 @@ class EdgeAgent:
         accuracy, eval_windows, _ = self._held_out_metrics(task, data)
         Z = self._project(data.X[data.train], data)
         y = data.y[data.train]
-        params, loss = train(
-            task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs, batch_size=task.batch_size,
-            lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
-            prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng,
-        )
+        params, loss = self._local_training(task, Z, y)
         raw_delta = params - task.model
         norm = float(np.linalg.norm(raw_delta))
         secure = task.trust_mode == "distributed"
@@ -817,6 +830,29 @@ class EdgeAgent:
         if secure:
             out.append(Outgoing(self.topics.secagg(self.device_id), self._encode(self._secagg.start())))
         return out
+
+    def _local_training(self, task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        """Train from the task's model: minibatch SGD/Adam, or record-level DP-SGD through
+        :attr:`record_mechanism` when ``[dp] record_noise_multiplier`` is set."""
+        common = dict(lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
+                      prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng)
+        dp = self.config.dp
+        if dp.record_noise_multiplier is None:
+            return train(task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs,
+                         batch_size=task.batch_size, **common)
+        z, clip, q = dp.record_noise_multiplier, dp.record_clip_norm, dp.record_sampling_rate
+        gate = self.record_mechanism
+
+        def release(grads: np.ndarray) -> np.ndarray:
+            return gate.release(Charge(len(gate.ledger), "train", q, z), ClippedSum(grads, clip, z * clip))[0]
+
+        params, loss = dp_sgd(task.model, Z, y, len(task.classes), task.hidden,
+                              steps=math.ceil(task.local_epochs / q), sampling_rate=q, release=release, **common)
+        report = self.privacy_report()
+        logger.info("%s: privacy after round %d: record-level epsilon %.4g (DP-SGD, q=%g, z=%g) | client-level "
+                    "epsilon of this device's own releases %.4g, at delta %g", self.device_id, task.round,
+                    report["record_epsilon"], q, z, report["client_epsilon"], report["delta"])
+        return params, 0.0 if math.isnan(loss) else loss
 
     def _on_secagg(self, relay: SecAggRelay) -> list[Outgoing]:
         """Answer the coordinator's next secure-aggregation step of the current round."""

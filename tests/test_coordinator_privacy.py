@@ -251,6 +251,20 @@ def test_privacy_cli_matches_plan_epsilon():
     assert got["pld"] == pytest.approx(expected["pld"], abs=1e-6)
 
 
+def test_privacy_cli_plans_record_level_dp_sgd():
+    """--level record: every DP-SGD step of every round is one Poisson-sampled Gaussian."""
+    result = CliRunner().invoke(privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1"])
+    assert result.exit_code == 0, result.output
+    assert "steps_per_round=20" in result.output and "record-level epsilon (RDP)" in result.output
+    assert "client-level" not in result.output
+    assert _cli_epsilons(result.output)["rdp"] == pytest.approx(plan_epsilon(200, 0.05, 1.1, 1e-5)["rdp"], abs=1e-6)
+    result = CliRunner().invoke(privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1",
+                                                  "--steps-per-round", "5"])
+    assert _cli_epsilons(result.output)["rdp"] == pytest.approx(plan_epsilon(50, 0.05, 1.1, 1e-5)["rdp"], abs=1e-6)
+    client = CliRunner().invoke(privacy_command, ["-T", "10", "-q", "0.05", "-z", "1.1"])
+    assert "client-level epsilon (RDP)" in client.output
+
+
 def test_privacy_cli_no_noise_reports_infinity():
     result = CliRunner().invoke(privacy_command, ["--rounds", "3", "--noise-multiplier", "0"])
     assert result.exit_code == 0, result.output
@@ -277,6 +291,8 @@ def test_privacy_cli_target_epsilon_calibrates():
         (["--rounds", "5"], "exactly one of --noise-multiplier and --target-epsilon"),
         (["--rounds", "5", "-z", "1", "-e", "2"], "exactly one of --noise-multiplier and --target-epsilon"),
         (["--rounds", "5", "-e", "-2"], "target epsilon must be a finite number > 0"),
+        (["--rounds", "5", "-z", "1", "--steps-per-round", "3"], "applies to --level record only"),
+        (["--rounds", "5", "-z", "1", "--level", "record", "--steps-per-round", "0"], "must be an integer >= 1"),
     ],
 )
 def test_privacy_cli_bad_input(args, match):
