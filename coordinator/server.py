@@ -110,7 +110,7 @@ from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
-from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
 from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
@@ -803,7 +803,6 @@ class Coordinator:
                 collected = self._gather(phase, participants, attempts)
                 if collected is None:
                     return None
-                self._charge_received(collected, phase)
                 if collected.n_contributions >= self.config.min_devices:
                     return collected
                 reason = (f"round {collected.round} ({phase}) closed with {collected.n_contributions} of "
@@ -817,20 +816,19 @@ class Coordinator:
             logger.warning("%s: nothing published (what reached the coordinator is accounted); retrying "
                            "(attempt %d of %d)", reason, attempts + 1, self.max_retries + 1)
 
-    def _charge_received(self, collected: _Collected, phase: str) -> None:
-        """Charge a round whose output reached the coordinator, whether or not it is then
-        used: in local mode every noised reply (update or sketch) is seen by the coordinator,
-        the adversary of that mode; in distributed mode an unmasked sum is. Central rounds
-        are charged by their release instead (nothing reaches the adversary before it)."""
+    def _charge_replies_ahead(self, round_: int, phase: str) -> None:
+        """Write-ahead charge of a round whose replies the coordinator itself sees: every
+        noised update or sketch in local mode, the noised sketches of the basis phases in
+        distributed mode. The coordinator is the adversary there, so the round is charged
+        before its task goes out, whether or not it is then completed, retried or abandoned.
+        Central rounds are charged by their release; distributed training rounds when the
+        unmasking is requested (:meth:`_gather_secure`)."""
         mode = self.config.dp.trust_mode
+        if phase == "evaluate" or mode == "central" or (mode == "distributed" and phase not in BASIS_PHASES):
+            return
         kind = "basis" if phase in BASIS_PHASES else "train"
         z = self.basis_noise_multiplier if kind == "basis" else self.config.dp.noise_multiplier
-        if phase == "evaluate" or mode == "central":
-            return
-        if collected.secure is not None:  # distributed training: the noise of the unmasked survivors' shares
-            self.mechanism.charge(Charge(collected.round, kind, 1.0, collected.secure.noise_multiplier(z)))
-        elif collected.replies:
-            self.mechanism.charge(Charge(collected.round, kind, 1.0, z))
+        self.mechanism.charge(Charge(round_, kind, 1.0, z))
 
     def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
         snap = self.snapshot
@@ -853,6 +851,7 @@ class Coordinator:
                 step_timeout_s=self.config.dp.secagg_step_timeout_s,
             )
         self._state = _PHASE_STATES[phase]
+        self._charge_replies_ahead(round_, phase)
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
                     round_, phase, len(participants), self.config.round_deadline_s)
@@ -887,6 +886,10 @@ class Coordinator:
                 self._pump(0.05)
                 relay = secure.poll()
                 if relay is not None:
+                    if relay.step == "unmask":  # from here the survivors' sum can be unmasked: charge it first
+                        z = distributed_noise_multiplier(self.config.dp.noise_multiplier, self.secagg_threshold,
+                                                         len(relay.survivors))
+                        self.mechanism.charge(Charge(round_, "train", 1.0, z))
                     self._publish(self.topics.secagg_relay, relay, retain=False)
                     logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,
                                 len(secure.expected))
