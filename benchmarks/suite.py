@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import baselines, stream
+from benchmarks.privacy import case_privacy_ledger
 from benchmarks.harness import CaseResult, Comparison, Metric, Target, machine_info, max_relative_difference, measure
 
 logger = logging.getLogger(__name__)
@@ -616,6 +617,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "onnx_inference": case_onnx_inference,
     "realtime": case_realtime,
     "warm_start": case_warm_start,
+    "privacy_ledger": case_privacy_ledger,
 }
 
 
