@@ -264,7 +264,9 @@ class DPConfig(_Section):
     secagg_threshold: int | None = Field(None, ge=1)
     """distributed mode: minimum devices that must survive a secure-aggregation round (the
     Shamir threshold, raised to a majority of the round's devices) and the ``n_min`` each
-    device calibrates its noise share for. None: ``min_devices // 2 + 1``."""
+    device calibrates its noise share for. Never below ``min_devices`` (the coordinator
+    refuses it): a sum unmasked with fewer survivors would reach the coordinator and then be
+    discarded. None: ``min_devices``."""
     secagg_step_timeout_s: float = Field(10.0, gt=0)
     """distributed mode: how long each secure-aggregation step after the keys waits for the
     devices (they only compute; training happens before, within ``round_deadline_s``)."""

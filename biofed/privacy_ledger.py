@@ -1,4 +1,4 @@
-"""Client-level privacy accounting over Google's ``dp_accounting`` (RDP and PLD).
+"""Privacy ledgers over Google's ``dp_accounting`` (RDP and PLD).
 
 No accountant is written by hand: every epsilon comes from
 ``dp_accounting.rdp.RdpAccountant`` or ``dp_accounting.pld.PLDAccountant`` composed with
@@ -15,32 +15,25 @@ Poisson sampling of devices with probability ``q``
 (``PoissonSampledDpEvent(q, GaussianDpEvent(z))``; ``q = 1`` is ``GaussianDpEvent(z)``).
 The amplification by sampling is valid only when each device is selected independently
 with probability ``q`` and the selection is hidden from whoever the guarantee is against.
+A device's record-level ledger (DP-SGD) uses the same events with one window as the
+record: ``q`` is the Poisson rate of a window per step and each step is one event.
 
-What the ledger records per mode
---------------------------------
-central
-    The coordinator clips, sums and adds ``N(0, (z C)^2)`` to the sum (the
-    :class:`~biofed.coordinator.strategies.DPAggregator` adds ``z C / n`` to the mean of
-    the ``n`` updates actually aggregated, the same mechanism scaled by ``1/n``). Fewer
-    reports than planned leave the sensitivity (C) and the noise (z C) on the sum
-    unchanged, so the round is recorded with the planned ``z``; dividing by the planned or
-    the actual count changes only utility. The count of reports is treated as public.
-    With adaptive clipping the update noise uses ``z_delta`` (see
-    :func:`biofed.coordinator.clipping.delta_noise_multiplier`) and the ledger records
-    the combined ``z``.
-local
-    Each device adds ``N(0, (z C)^2)`` to its own clipped update, so the sum carries
-    ``sqrt(n) z C``. The ledger records the conservative per-device guarantee ``z``
-    (the noise of the device's own update alone). Against the coordinator, which knows
-    who was sampled, record ``sampling_rate=1``; ``q < 1`` only holds against readers of
-    the released model.
-distributed
-    Each device adds a share of std ``z_target C / sqrt(n_min)`` and the sum is revealed
-    only in aggregate (secure aggregation). The noise present is that of the survivors'
-    shares: record :func:`distributed_noise_multiplier` ``(z_target, n_min, n_survivors)``.
-basis
-    The federated feature-basis round (a Gaussian mechanism on the devices' clipped
-    sketches) is its own event: ``record_round(r, q, z, kind="basis")``.
+Who keeps a ledger
+------------------
+The coordinator keeps the client-level ledger of the fleet (see
+:mod:`biofed.coordinator.server` for what it charges per trust mode: central releases,
+local-mode rounds before their task goes out, distributed rounds before the unmask
+request; always ``q = 1``, because the cohort is published). Each device keeps its own
+client-level ledger of what it released itself (local and distributed modes) and, with
+record-level DP-SGD, a record-level ledger whose record is one window. All are charged
+only through :class:`biofed.privacy_mechanism.PrivacyMechanism`.
+
+``distributed_noise_multiplier`` gives the noise of a secure-aggregated sum: each device
+adds a share of std ``z_target C / sqrt(n_min)``; with ``n_survivors`` shares in the
+revealed sum the multiplier is ``z_target sqrt(n_survivors / n_min)``.
+
+The federated basis round (a Gaussian mechanism on the devices' clipped sketches) is its
+own event: ``record_round(r, q, z, kind="basis")``.
 
 ``z == 0`` (no noise) is a non-private round: epsilon is ``inf`` from then on.
 

@@ -22,8 +22,9 @@ participant has replied (or gone offline), then
 - with >= ``min_devices`` replies: aggregate, account, commit (one SQLite transaction),
   publish the result retained (:class:`Basis` after the covariance phase, :class:`Model`
   after each training round) and print one line;
-- with fewer: nothing is released or accounted; the round is retried with a fresh
-  selection and a new round number, at most ``max_retries`` times, then the run aborts.
+- with fewer: nothing is published; the round is retried with a fresh selection and a
+  new round number, at most ``max_retries`` times, then the run aborts. What already
+  reached the coordinator stays charged (local-mode replies, an unmasked sum; see below).
 
 Task round numbers increase across phases and are never reused (a retry or a restart
 takes the next one), so a device never sees two different tasks with one round number.
@@ -35,29 +36,40 @@ from a device not selected, a second reply of a device, or a duplicate message i
 redelivery; ids of committed replies are persisted, so a restarted coordinator does not
 accept them again). Nothing a device sends can stop the coordinator.
 
-Differential privacy (client level; see :mod:`biofed.coordinator.privacy`)
----------------------------------------------------------------------------
+Differential privacy (client level; see :mod:`biofed.privacy_ledger`)
+----------------------------------------------------------------------
+Every charge goes through the coordinator's :class:`~biofed.privacy_mechanism.PrivacyMechanism`
+(:attr:`Coordinator.mechanism`), which writes the ledger to the state database before
+anything it covers is published (write-ahead: a crash in between over-counts on restart).
+Its noise generator is its own; device sampling, model initialisation and the MQTT
+reconnect jitter each have another.
+
 central
-    Devices clip; the coordinator clips again, averages uniformly and adds
-    ``N(0, (z C / n)^2)`` to the mean (``DPAggregator``; OS-seeded generator). With
-    adaptive clipping the update uses ``z_delta`` and the devices' ``norm_bit`` move C
-    (:class:`~biofed.coordinator.clipping.AdaptiveClipping`, denominator = devices
-    selected). Robust strategies (trimmed mean, median) are refused with noise: their
-    sensitivity is not C/n.
+    Devices clip; the mechanism clips again, sums, adds ``N(0, (z C)^2)`` and charges the
+    round; the coordinator divides by ``n`` (``DPAggregator``). With adaptive clipping the
+    update uses ``z_delta`` and the devices' ``norm_bit`` move C
+    (:class:`~biofed.coordinator.clipping.AdaptiveClipping`), released in the same charge.
+    Robust strategies (trimmed mean, median) are refused with noise: their sensitivity is
+    not C/n (without noise they are charged as ``z = 0``: epsilon is infinite).
 local
-    Devices clip and noise; the coordinator averages uniformly. The ledger records
-    ``q = 1``: the coordinator itself knows who was sampled.
+    The coordinator is the adversary: devices clip, noise and charge through their own
+    gates and send no data-dependent cleartext. The coordinator charges every round (and
+    basis phase) before its task goes out, so retried and abandoned rounds are in epsilon.
 distributed
     Training rounds are secure-aggregated (:mod:`biofed.coordinator.secure_aggregation`,
-    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta (metrics
-    only), then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
-    (``n_min = Task.secagg_threshold``, ``dp.secagg_threshold`` or ``min_devices // 2 + 1``)
-    masked, and the coordinator learns only the sum over the survivors; the new model is
-    ``strategy.server_update(params, sum / survivors)`` (FedAvg family only: robust
-    strategies need the individual updates). The ledger records the noise actually in the
-    sum, ``distributed_noise_multiplier(z, n_min, survivors)``, with ``q = 1`` as in local
-    mode. Only the devices whose masked input is in the sum count as replies. Basis phases
-    are answered as in local mode (each device adds ``N(0, (z C)^2)`` to its sketch).
+    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta and no
+    metrics, then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
+    (``n_min = Task.secagg_threshold``: ``dp.secagg_threshold``, never below
+    ``min_devices``, default ``min_devices``) masked, and the coordinator learns only the
+    sum over the survivors; the new model is ``strategy.server_update(params, sum /
+    survivors)`` (FedAvg family only: robust strategies need the individual updates). The
+    round is charged ``distributed_noise_multiplier(z, n_min, survivors)`` before the
+    unmask request goes out; as ``n_min >= min_devices`` an unmasked sum always has enough
+    survivors to be used, never discarded. Basis phases are answered as in local mode.
+
+Sampling: the participants of a round are published (``Task.participants``) and so is
+their count (``Model.n_devices``); amplification by sampling needs a secret sample, so
+every round is charged with ``q = 1`` whatever ``sampling_rate`` is.
 
 Signed messages: with ``signing_key_file`` every message the coordinator publishes is
 signed; with ``keys_dir`` inbound messages without a valid signature of a known, unrevoked
@@ -77,19 +89,13 @@ layout reported by the most devices among those whose width equals the basis's. 
 any reported layout only the ``.npz`` files are written. An export failure is logged; the
 round stays committed.
 
-Ledger entries per round: basis phases ``kind="basis"`` with ``q = 1`` (every online
-device is asked); training rounds ``kind="train"`` with the sampling rate actually used:
-``q`` for a Poisson round accepted on its first draw; ``1`` when the round needed a retry
-(the retry re-samples, which conditions the selection on the number of replies, so the
-independent-Bernoulli amplification argument no longer holds and no amplification is
-claimed); ``1`` for ``sampling_rate = "all"``. The population Poisson sampling draws
-from is the set of devices online at the start of the round. A round where fewer devices
-replied than were selected keeps the noise ``z C`` on the sum (``C`` still bounds each
-device), so it is recorded with the same ``z``; only utility suffers. The budget is
-checked with the next round's parameters before every round; training stops (and the
-evaluation still runs) when the next round would exceed it. Evaluation replies are not
-aggregated into anything released by DP and are not accounted: the per-device balanced
-accuracies are reported as is.
+Ledger entries per round: basis phases ``kind="basis"``, training rounds ``kind="train"``,
+all with ``q = 1``. A round where fewer devices replied than were selected keeps the noise
+``z C`` on the sum (``C`` still bounds each device), so it is recorded with the same ``z``;
+only utility suffers. The budget is checked with the next round's parameters before every
+round; training stops (and the evaluation still runs) when the next round would exceed it.
+Evaluation replies are not released: in central mode the per-device balanced accuracies are
+logged in the coordinator's own state; in local and distributed modes devices send none.
 """
 
 from __future__ import annotations
