@@ -24,24 +24,41 @@ package's syntax trees to keep it so.
 
 Floating point
 --------------
-The noise is NumPy's floating-point Gaussian sampler. Mironov (2012) showed that the
-low-order bits of a float Laplace/Gaussian sample added to a value can reveal the value,
-because not every float is reachable from every input. biofed's releases are the sum of
-a noise draw and a clipped value, published as float64 (central and local modes); an
-adversary who sees those exact bits is outside the guarantee the ledger states. The
-distributed mode sends fixed-point integers, so the released sum lies on the grid of
-:class:`biofed.secagg.FixedPoint`, but the noise is still drawn in floating point and
-then rounded (rounding is post-processing of the noised value, so it does not widen the
-attack surface beyond that of the float draw).
+Mironov (2012) showed that a floating-point Laplace or Gaussian sample added to a value
+can betray the value through its low-order bits: the set of floats reachable from
+``x + noise`` depends on ``x``, so an adversary who sees the exact bits of a release can
+rule inputs out, and the textbook epsilon no longer bounds what it learns. In biofed:
+
+* :meth:`PrivacyMechanism.release` (central mode, local mode, basis sketches) draws
+  NumPy's floating-point Gaussian and publishes float64 sums: this is the attack surface.
+  Its guarantee holds against an adversary who does not exploit the bit patterns of the
+  released floats.
+* :meth:`PrivacyMechanism.release_on_grid` (distributed mode, the secure-aggregation
+  inputs) removes it: the clipped vector is rounded to the fixed-point grid first and the
+  noise is an *exact* discrete Gaussian on that grid (Canonne, Kamath & Steinke 2020,
+  sampled with integer arithmetic from the OS CSPRNG), so every value is an integer
+  count of grid steps and no floating point touches the noise.
+
+Accounting the discrete Gaussian: one sample of std ``sigma`` (in grid steps) on a
+query of L2 sensitivity ``Delta`` satisfies ``Delta^2 / (2 sigma^2)``-zCDP, the same as
+the continuous Gaussian (CKS 2020, Thm. 4); the sum of ``n`` devices' shares is within
+``tau = 10 sum_{k<n} exp(-2 pi^2 sigma^2 k / (k + 1))`` of a discrete Gaussian of
+variance ``n sigma^2`` (Kairouz, Liu & Steinke 2021), and ``tau`` underflows to 0 for the
+grid sigmas biofed uses (``sigma`` is millions of steps; :func:`distributed_discrete_tau`
+checks it). Rounding a clipped vector to the grid can lengthen it by at most
+``sqrt(P) * step / 2``, so the ledger records the multiplier against
+:func:`grid_sensitivity` instead of ``C``: ``GaussianDpEvent(z C / grid_sensitivity)``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -49,7 +66,8 @@ from biofed.privacy_ledger import LedgerEntry, PrivacyLedger, check_noise_multip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Charge", "ClippedSum", "PrivacyMechanism"]
+__all__ = ["Charge", "ClippedSum", "PrivacyMechanism", "discrete_gaussian", "distributed_discrete_tau",
+           "grid_sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,76 @@ class ClippedSum:
         return (self.rows * scale[:, None]).sum(axis=0), norms
 
 
+def grid_sensitivity(clip_norm: float, size: int, grid_step: float) -> float:
+    """L2 bound of a vector clipped to ``clip_norm`` and then rounded to the grid
+    ``k * grid_step`` (rounding moves each of the ``size`` coordinates by at most half a step)."""
+    return float(clip_norm) + math.sqrt(int(size)) * float(grid_step) / 2.0
+
+
+def distributed_discrete_tau(sigma_steps: float, n: int) -> float:
+    """Kairouz, Liu & Steinke (2021)'s distance ``tau`` between the sum of ``n`` discrete
+    Gaussians of std ``sigma_steps`` and one discrete Gaussian of variance ``n sigma^2``."""
+    return 10.0 * sum(math.exp(-2.0 * math.pi**2 * sigma_steps**2 * k / (k + 1)) for k in range(1, int(n)))
+
+
+def _bernoulli_exp(gamma: Fraction, source: random.SystemRandom) -> bool:
+    """Exact Bernoulli(exp(-gamma)) for a rational gamma >= 0 (CKS 2020, Algorithm 1)."""
+    while gamma > 1:
+        if not _bernoulli_exp(Fraction(1), source):
+            return False
+        gamma -= 1
+    k = 1
+    while source.randrange(gamma.denominator * k) < gamma.numerator:  # Bernoulli(gamma / k)
+        k += 1
+    return k % 2 == 1
+
+
+def _discrete_laplace(t: int, source: random.SystemRandom) -> int:
+    """Exact discrete Laplace of scale ``t`` (integer >= 1), P(y) ∝ exp(-|y| / t) (CKS 2020, Algorithm 2)."""
+    while True:
+        u = source.randrange(t)
+        if not _bernoulli_exp(Fraction(u, t), source):
+            continue
+        v = 0
+        while _bernoulli_exp(Fraction(1), source):
+            v += 1
+        y = u + t * v
+        negative = source.randrange(2)
+        if negative and y == 0:
+            continue
+        return -y if negative else y
+
+
+def discrete_gaussian(sigma: float, size: int, source: random.SystemRandom) -> np.ndarray:
+    """``size`` exact samples of the discrete Gaussian ``P(y) ∝ exp(-y^2 / (2 sigma^2))`` on
+    the integers (CKS 2020, Algorithm 3), with integer arithmetic only.
+
+    Parameters
+    ----------
+    sigma : float
+        > 0 (the float's exact rational value is used).
+    size : int
+    source : random.SystemRandom
+        The OS CSPRNG.
+
+    Returns
+    -------
+    ndarray, shape (size,), int64
+    """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}.")
+    sigma2 = Fraction(sigma) ** 2
+    t = math.floor(sigma) + 1
+    out = np.empty(int(size), dtype=np.int64)
+    for i in range(out.shape[0]):
+        while True:
+            y = _discrete_laplace(t, source)
+            if _bernoulli_exp((abs(y) - sigma2 / t) ** 2 / (2 * sigma2), source):
+                out[i] = y
+                break
+    return out
+
+
 class PrivacyMechanism:
     """The release gate of one trust boundary (see the module docstring).
 
@@ -118,6 +206,7 @@ class PrivacyMechanism:
         self.ledger = ledger
         self._persist = persist
         self._noise = np.random.Generator(np.random.PCG64(secrets.randbits(256)))
+        self._grid_noise = random.SystemRandom()  # the OS CSPRNG itself, for the exact discrete sampler
 
     def __repr__(self) -> str:
         return f"PrivacyMechanism({self.ledger!r}, durable={self._persist is not None})"
@@ -168,3 +257,26 @@ class PrivacyMechanism:
             noised.append(total)
         self.charge(charge)
         return tuple(noised)
+
+    def release_on_grid(self, charge: Charge, query: ClippedSum, grid_step: float) -> np.ndarray:
+        """Clip, round to the grid ``k * grid_step``, add an exact discrete Gaussian of std
+        ``query.noise_std`` (``noise_std / grid_step`` steps), charge durably, then return
+        the integer grid counts: no floating point touches the noise (see the module
+        docstring). The caller states the charge against :func:`grid_sensitivity`.
+
+        Returns
+        -------
+        ndarray, shape (P,), int64
+            ``round(clipped_sum / grid_step) + noise`` in grid steps.
+        """
+        if not isinstance(query, ClippedSum):
+            raise TypeError(f"query must be a ClippedSum, got {type(query).__name__}.")
+        step = float(grid_step)
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"grid_step must be a finite number > 0, got {grid_step!r}.")
+        total, _ = query.clipped_total()
+        counts = np.rint(total / step).astype(np.int64)
+        if query.noise_std > 0:
+            counts = counts + discrete_gaussian(query.noise_std / step, counts.shape[0], self._grid_noise)
+        self.charge(charge)
+        return counts

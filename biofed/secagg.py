@@ -89,9 +89,9 @@ before encoding (:func:`prepare_input`), so a sum of at least ``n_min`` survivor
 std >= ``z * C``. Choose ``n_min = threshold``: a round that completes has at least that
 many inputs. The coordinator records the noise actually present,
 ``biofed.privacy_ledger.distributed_noise_multiplier(z, n_min, len(survivors))``. The
-guarantee assumes devices add their share honestly. The noise is continuous Gaussian
-rounded to the fixed-point grid (post-processing per device); the 2^-25 discretization is
-not modelled by the accountant (a discrete Gaussian or Skellam mechanism would be).
+guarantee assumes devices add their share honestly. The noise is an exact discrete
+Gaussian on the fixed-point grid (:meth:`biofed.privacy_mechanism.PrivacyMechanism.release_on_grid`),
+accounted against the grid sensitivity (see :mod:`biofed.privacy_mechanism`).
 
 Cost per device and round, n devices and m parameters: 2 key pairs, 2(n-1) X25519
 agreements, (n-1) AEAD encryptions and decryptions, Shamir evaluation of 2 secrets at n
@@ -119,7 +119,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -130,7 +130,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
+from biofed.privacy_mechanism import (
+    Charge,
+    ClippedSum,
+    PrivacyMechanism,
+    distributed_discrete_tau,
+    grid_sensitivity,
+)
 from biofed.protocol import ID_PATTERN, SecAggRelay, SecAggUpload
 
 __all__ = [
@@ -270,6 +276,25 @@ class FixedPoint:
             )
         return np.rint(np.ldexp(x, self.scale_bits)).astype(np.int64).view(np.uint64)
 
+    def encode_counts(self, counts) -> np.ndarray:
+        """Integer grid counts (multiples of :attr:`resolution`) modulo 2^64, shape (m,) uint64.
+
+        Raises
+        ------
+        SecAggError
+            ``|count| * resolution > max_abs`` (the sum could overflow).
+        """
+        c = np.asarray(counts)
+        if c.ndim != 1 or c.dtype.kind not in "iu":
+            raise SecAggError(f"grid counts must be a 1-D integer array, got {c.dtype} of shape {c.shape}")
+        peak = int(np.max(np.abs(c.astype(np.int64)))) if c.size else 0
+        if peak * self.resolution > self.max_abs:
+            raise SecAggError(
+                f"|value| {peak * self.resolution:.3g} exceeds the fixed-point limit {self.max_abs:.3g} "
+                f"(scale_bits={self.scale_bits}, max_summands={self.max_summands}); clip the update"
+            )
+        return c.astype(np.int64).view(np.uint64)
+
     def decode(self, words) -> np.ndarray:
         """Floats of an encoding or of a sum of encodings, shape (m,) float64."""
         w = np.asarray(words)
@@ -292,8 +317,13 @@ def prepare_input(
     delta, *, clip_norm: float, noise_multiplier: float, n_min: int, mechanism: PrivacyMechanism, charge: Charge,
     fixed_point: FixedPoint = FixedPoint(),
 ) -> np.ndarray:
-    """A device's secure-aggregation input: clip and add its noise share through the
-    device's privacy mechanism (which charges ``charge`` durably first), then encode.
+    """A device's secure-aggregation input: clipped, rounded to the fixed-point grid and
+    noised with an exact discrete Gaussian share by the device's privacy mechanism (which
+    charges first, durably), then encoded.
+
+    The charge is recorded against the grid sensitivity
+    (:func:`biofed.privacy_mechanism.grid_sensitivity`): its noise multiplier is scaled
+    by ``C / grid_sensitivity(C, m, resolution)``.
 
     Parameters
     ----------
@@ -314,8 +344,16 @@ def prepare_input(
     ndarray, shape (m,), uint64
     """
     std = noise_share_std(clip_norm, noise_multiplier, n_min)
-    (noised,) = mechanism.release(charge, ClippedSum(np.asarray(delta, dtype=np.float64), clip_norm, std))
-    return fixed_point.encode(noised)
+    vector = np.asarray(delta, dtype=np.float64)
+    if vector.ndim != 1:
+        raise SecAggError(f"the update must be 1-D, got shape {vector.shape}")
+    if std > 0 and distributed_discrete_tau(std / fixed_point.resolution, n_min) > 1e-12:
+        raise SecAggError(f"noise share std {std:g} is too close to the fixed-point resolution "
+                          f"{fixed_point.resolution:g} for the discrete Gaussian accounting; raise noise_multiplier")
+    scale = clip_norm / grid_sensitivity(clip_norm, vector.shape[0], fixed_point.resolution)
+    counts = mechanism.release_on_grid(replace(charge, noise_multiplier=charge.noise_multiplier * scale),
+                                       ClippedSum(vector, clip_norm, std), fixed_point.resolution)
+    return fixed_point.encode_counts(counts)
 
 
 # ----------------------------------------------------------------------------- primitives

@@ -117,7 +117,7 @@ from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
-from biofed.privacy_mechanism import Charge, PrivacyMechanism
+from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
@@ -893,8 +893,10 @@ class Coordinator:
                 relay = secure.poll()
                 if relay is not None:
                     if relay.step == "unmask":  # from here the survivors' sum can be unmasked: charge it first
+                        clip = self.snapshot.clip_norm  # shares are exact discrete Gaussians on the grid
                         z = distributed_noise_multiplier(self.config.dp.noise_multiplier, self.secagg_threshold,
-                                                         len(relay.survivors))
+                                                         len(relay.survivors)) * clip / grid_sensitivity(
+                            clip, self.snapshot.params.size, secure.fixed_point.resolution)
                         self.mechanism.charge(Charge(round_, "train", 1.0, z))
                     self._publish(self.topics.secagg_relay, relay, retain=False)
                     logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,

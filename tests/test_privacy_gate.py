@@ -8,13 +8,21 @@ that bypasses :mod:`biofed.privacy_mechanism` fails here before it can leak.
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from biofed.privacy_ledger import PrivacyLedger
-from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
+from biofed.privacy_mechanism import (
+    Charge,
+    ClippedSum,
+    PrivacyMechanism,
+    discrete_gaussian,
+    distributed_discrete_tau,
+    grid_sensitivity,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("biofed", "coordinator", "edge", "kernels", "datasets")
@@ -177,3 +185,51 @@ def test_bad_releases_charge_nothing(call, error, match):
     with pytest.raises(error, match=match):
         call(gate)
     assert len(gate.ledger) == 0
+
+
+# ----------------------------------------------------------------------------- discrete Gaussian
+def test_discrete_gaussian_matches_its_pmf():
+    """Small sigma, where the discrete Gaussian differs from a rounded continuous one: the
+    empirical distribution of 20 000 exact samples fits the pmf exp(-y^2 / 2 sigma^2) / Z."""
+    import random as _random
+
+    from scipy import stats
+
+    sigma = 1.3
+    samples = discrete_gaussian(sigma, 20_000, _random.SystemRandom())
+    assert samples.dtype == np.int64
+    support = np.arange(-8, 9)
+    pmf = np.exp(-support.astype(float) ** 2 / (2 * sigma**2))
+    pmf /= np.exp(-np.arange(-60, 61, dtype=float) ** 2 / (2 * sigma**2)).sum()
+    observed = np.array([(samples == y).sum() for y in support])
+    assert observed.sum() == samples.size  # nothing beyond |y| = 8 (probability < 1e-8)
+    chi2 = stats.chisquare(observed, pmf / pmf.sum() * samples.size)
+    assert chi2.pvalue > 1e-4
+    # and the rounded continuous Gaussian is rejected at this size: its variance is sigma^2 + 1/12
+    assert samples.var() == pytest.approx(sigma**2, rel=0.05)
+
+
+def test_discrete_gaussian_large_sigma_and_bad_input():
+    import random as _random
+
+    samples = discrete_gaussian(3.0e6, 3000, _random.SystemRandom())
+    assert samples.std() == pytest.approx(3.0e6, rel=0.06) and abs(samples.mean()) < 3.0e6 * 0.1
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        discrete_gaussian(0.0, 3, _random.SystemRandom())
+
+
+def test_release_on_grid_is_integer_clipped_noised_and_charged():
+    gate = PrivacyMechanism(PrivacyLedger(1e-5))
+    step = 2.0**-10
+    rows = np.array([3.0, 4.0])  # norm 5, clipped to 1 -> (0.6, 0.8) = (614.4, 819.2) steps
+    exact = gate.release_on_grid(Charge(0, "train", 1.0, 0.0), ClippedSum(rows, 1.0, 0.0), step)
+    np.testing.assert_array_equal(exact, [614, 819])
+    noised = gate.release_on_grid(Charge(1, "train", 1.0, 2.0), ClippedSum(np.zeros(4000), 1.0, 0.5), step)
+    assert noised.dtype == np.int64 and (noised * step).std() == pytest.approx(0.5, rel=0.05)
+    assert len(gate.ledger) == 2
+    assert grid_sensitivity(1.0, 4000, step) == pytest.approx(1.0 + math.sqrt(4000) * step / 2)
+    assert distributed_discrete_tau(0.5 / step, 10) == 0.0
+    assert distributed_discrete_tau(0.3, 10) > 0.1
+    with pytest.raises(ValueError, match="grid_step must be a finite number > 0"):
+        gate.release_on_grid(Charge(2, "train", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, 1.0), 0.0)
+    assert len(gate.ledger) == 2
