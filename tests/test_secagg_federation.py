@@ -98,10 +98,13 @@ def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, t
     # the noise actually in the securely aggregated sum, z * sqrt(survivors / n_min)
     n_basis = len(basis_phases)
     z_eff = z * math.sqrt(N_DEVICES / n_min)
-    assert [(g.kind, g.sampling_rate, g.noise_multiplier, g.count) for g in coordinator.ledger.groups] == \
-        pytest.approx([("basis", 1.0, z, n_basis), ("train", 1.0, z_eff, 2)])
+    groups = coordinator.ledger.groups
+    assert [(g.kind, g.sampling_rate, g.count) for g in groups] == [("basis", 1.0, n_basis), ("train", 1.0, 2)]
+    # the training shares are discrete Gaussians on the fixed-point grid: z against the grid sensitivity
+    assert [g.noise_multiplier for g in groups] == pytest.approx([z, z_eff], rel=1e-5)
+    assert groups[1].noise_multiplier < z_eff
     expected = (RdpAccountant().compose(dp_accounting.GaussianDpEvent(z), n_basis)
-                .compose(dp_accounting.GaussianDpEvent(z_eff), 2).get_epsilon(1e-5))
+                .compose(dp_accounting.GaussianDpEvent(groups[1].noise_multiplier), 2).get_epsilon(1e-5))
     assert coordinator.ledger.epsilon("rdp") == pytest.approx(expected, rel=1e-9)
 
     # the updates seen on the broker never carried a delta in distributed rounds
