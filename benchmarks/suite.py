@@ -24,6 +24,7 @@ import numpy as np
 
 from benchmarks import baselines, stream
 from benchmarks.harness import CaseResult, Comparison, Metric, Table, Target, machine_info, max_relative_difference, measure
+from benchmarks.privacy import case_privacy_ledger
 
 logger = logging.getLogger(__name__)
 
@@ -693,6 +694,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "onnx_inference": case_onnx_inference,
     "realtime": case_realtime,
     "warm_start": case_warm_start,
+    "privacy_ledger": case_privacy_ledger,
 }
 
 

@@ -244,6 +244,28 @@ class SourceConfig(_Section):
         return self
 
 
+class DeviceDPConfig(_Section):
+    """The device's own privacy (``[dp]`` of a device config).
+
+    Two guarantees, reported side by side and never mixed: *client-level* (one record = the
+    device's whole contribution; its own ledger charges what it releases in local and
+    distributed trust modes) and, with ``record_noise_multiplier`` set, *record-level*
+    (one record = one window of one person: for a device that holds several people's data,
+    e.g. a ward device) from DP-SGD in local training.
+    """
+
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """Delta at which the device reports the epsilons of its own ledgers."""
+    record_noise_multiplier: float | None = Field(None, ge=0)
+    """z_r of record-level DP-SGD (noise std / record_clip_norm on each step's gradient sum).
+    None: local training without record-level DP."""
+    record_clip_norm: float = Field(1.0, gt=0)
+    """L2 bound of one window's gradient in DP-SGD."""
+    record_sampling_rate: float = Field(0.05, gt=0, le=1)
+    """Probability that each training window is in a DP-SGD step's batch (Poisson sampling);
+    a round runs ``ceil(local_epochs / record_sampling_rate)`` steps."""
+
+
 class DeviceConfig(_SigningFields):
     """One edge device (``biofed agent``)."""
 
@@ -264,6 +286,7 @@ class DeviceConfig(_SigningFields):
     training: TrainingSettings = TrainingSettings()
     predict: bool = False
     """Publish on-device predictions of the current global model."""
+    dp: DeviceDPConfig = DeviceDPConfig()
 
 
 class AdaptiveClippingConfig(_Section):
@@ -284,7 +307,9 @@ class DPConfig(_Section):
     secagg_threshold: int | None = Field(None, ge=1)
     """distributed mode: minimum devices that must survive a secure-aggregation round (the
     Shamir threshold, raised to a majority of the round's devices) and the ``n_min`` each
-    device calibrates its noise share for. None: ``min_devices // 2 + 1``."""
+    device calibrates its noise share for. Never below ``min_devices`` (the coordinator
+    refuses it): a sum unmasked with fewer survivors would reach the coordinator and then be
+    discarded. None: ``min_devices``."""
     secagg_step_timeout_s: float = Field(10.0, gt=0)
     """distributed mode: how long each secure-aggregation step after the keys waits for the
     devices (they only compute; training happens before, within ``round_deadline_s``)."""

@@ -22,8 +22,9 @@ participant has replied (or gone offline), then
 - with >= ``min_devices`` replies: aggregate, account, commit (one SQLite transaction),
   publish the result retained (:class:`Basis` after the covariance phase, :class:`Model`
   after each training round) and print one line;
-- with fewer: nothing is released or accounted; the round is retried with a fresh
-  selection and a new round number, at most ``max_retries`` times, then the run aborts.
+- with fewer: nothing is published; the round is retried with a fresh selection and a
+  new round number, at most ``max_retries`` times, then the run aborts. What already
+  reached the coordinator stays charged (local-mode replies, an unmasked sum; see below).
 
 Task round numbers increase across phases and are never reused (a retry or a restart
 takes the next one), so a device never sees two different tasks with one round number.
@@ -35,29 +36,40 @@ from a device not selected, a second reply of a device, or a duplicate message i
 redelivery; ids of committed replies are persisted, so a restarted coordinator does not
 accept them again). Nothing a device sends can stop the coordinator.
 
-Differential privacy (client level; see :mod:`biofed.coordinator.privacy`)
----------------------------------------------------------------------------
+Differential privacy (client level; see :mod:`biofed.privacy_ledger`)
+----------------------------------------------------------------------
+Every charge goes through the coordinator's :class:`~biofed.privacy_mechanism.PrivacyMechanism`
+(:attr:`Coordinator.mechanism`), which writes the ledger to the state database before
+anything it covers is published (write-ahead: a crash in between over-counts on restart).
+Its noise generator is its own; device sampling, model initialisation and the MQTT
+reconnect jitter each have another.
+
 central
-    Devices clip; the coordinator clips again, averages uniformly and adds
-    ``N(0, (z C / n)^2)`` to the mean (``DPAggregator``; OS-seeded generator). With
-    adaptive clipping the update uses ``z_delta`` and the devices' ``norm_bit`` move C
-    (:class:`~biofed.coordinator.clipping.AdaptiveClipping`, denominator = devices
-    selected). Robust strategies (trimmed mean, median) are refused with noise: their
-    sensitivity is not C/n.
+    Devices clip; the mechanism clips again, sums, adds ``N(0, (z C)^2)`` and charges the
+    round; the coordinator divides by ``n`` (``DPAggregator``). With adaptive clipping the
+    update uses ``z_delta`` and the devices' ``norm_bit`` move C
+    (:class:`~biofed.coordinator.clipping.AdaptiveClipping`), released in the same charge.
+    Robust strategies (trimmed mean, median) are refused with noise: their sensitivity is
+    not C/n (without noise they are charged as ``z = 0``: epsilon is infinite).
 local
-    Devices clip and noise; the coordinator averages uniformly. The ledger records
-    ``q = 1``: the coordinator itself knows who was sampled.
+    The coordinator is the adversary: devices clip, noise and charge through their own
+    gates and send no data-dependent cleartext. The coordinator charges every round (and
+    basis phase) before its task goes out, so retried and abandoned rounds are in epsilon.
 distributed
     Training rounds are secure-aggregated (:mod:`biofed.coordinator.secure_aggregation`,
-    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta (metrics
-    only), then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
-    (``n_min = Task.secagg_threshold``, ``dp.secagg_threshold`` or ``min_devices // 2 + 1``)
-    masked, and the coordinator learns only the sum over the survivors; the new model is
-    ``strategy.server_update(params, sum / survivors)`` (FedAvg family only: robust
-    strategies need the individual updates). The ledger records the noise actually in the
-    sum, ``distributed_noise_multiplier(z, n_min, survivors)``, with ``q = 1`` as in local
-    mode. Only the devices whose masked input is in the sum count as replies. Basis phases
-    are answered as in local mode (each device adds ``N(0, (z C)^2)`` to its sketch).
+    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta and no
+    metrics, then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
+    (``n_min = Task.secagg_threshold``: ``dp.secagg_threshold``, never below
+    ``min_devices``, default ``min_devices``) masked, and the coordinator learns only the
+    sum over the survivors; the new model is ``strategy.server_update(params, sum /
+    survivors)`` (FedAvg family only: robust strategies need the individual updates). The
+    round is charged ``distributed_noise_multiplier(z, n_min, survivors)`` before the
+    unmask request goes out; as ``n_min >= min_devices`` an unmasked sum always has enough
+    survivors to be used, never discarded. Basis phases are answered as in local mode.
+
+Sampling: the participants of a round are published (``Task.participants``) and so is
+their count (``Model.n_devices``); amplification by sampling needs a secret sample, so
+every round is charged with ``q = 1`` whatever ``sampling_rate`` is.
 
 Signed messages: with ``signing_key_file`` every message the coordinator publishes is
 signed; with ``keys_dir`` inbound messages without a valid signature of a known, unrevoked
@@ -90,19 +102,13 @@ layout reported by the most devices among those whose width equals the basis's. 
 any reported layout only the ``.npz`` files are written. An export failure is logged; the
 round stays committed.
 
-Ledger entries per round: basis phases ``kind="basis"`` with ``q = 1`` (every online
-device is asked); training rounds ``kind="train"`` with the sampling rate actually used:
-``q`` for a Poisson round accepted on its first draw; ``1`` when the round needed a retry
-(the retry re-samples, which conditions the selection on the number of replies, so the
-independent-Bernoulli amplification argument no longer holds and no amplification is
-claimed); ``1`` for ``sampling_rate = "all"``. The population Poisson sampling draws
-from is the set of devices online at the start of the round. A round where fewer devices
-replied than were selected keeps the noise ``z C`` on the sum (``C`` still bounds each
-device), so it is recorded with the same ``z``; only utility suffers. The budget is
-checked with the next round's parameters before every round; training stops (and the
-evaluation still runs) when the next round would exceed it. Evaluation replies are not
-aggregated into anything released by DP and are not accounted: the per-device balanced
-accuracies are reported as is.
+Ledger entries per round: basis phases ``kind="basis"``, training rounds ``kind="train"``,
+all with ``q = 1``. A round where fewer devices replied than were selected keeps the noise
+``z C`` on the sum (``C`` still bounds each device), so it is recorded with the same ``z``;
+only utility suffers. The budget is checked with the next round's parameters before every
+round; training stops (and the evaluation still runs) when the next round would exceed it.
+Evaluation replies are not released: in central mode the per-device balanced accuracies are
+logged in the coordinator's own state; in local and distributed modes devices send none.
 """
 
 from __future__ import annotations
@@ -123,7 +129,8 @@ from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
-from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
+from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, StateError, write_final_model
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
@@ -457,6 +464,12 @@ class _Collected:
     attempts: int
     secure: SecureAggregationRound | None = None
 
+    @property
+    def n_contributions(self) -> int:
+        """Devices whose input is in the round's output: the survivors of a secure round
+        (their metrics-only updates may be missing), else the replies."""
+        return len(self.secure.result.survivors) if self.secure is not None else len(self.replies)
+
 
 class Coordinator:
     """The round loop of one fleet; :meth:`run` blocks, :meth:`stop` ends it from any thread.
@@ -478,7 +491,10 @@ class Coordinator:
         Epsilons reported per round; the first is the budget accountant. None:
         ``config.dp.accountant`` then the other one. PLD costs ~1 s per round.
     rng : numpy.random.Generator or None
-        Noise, sampling and initialization randomness; None (production) is OS-seeded.
+        Seeds the device-sampling and model-initialization generators (two independent
+        streams spawned from it); None (production) is OS-seeded. Privacy noise never comes
+        from it: it is drawn by the coordinator's :class:`~biofed.privacy_mechanism.PrivacyMechanism`,
+        and the MQTT reconnect jitter has its own generator too.
     on_round : callable or None
         Called with each :class:`RoundRecord` after its commit (the CLI prints it).
     client_id : str or None
@@ -519,7 +535,7 @@ class Coordinator:
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
-        self.rng = secure_rng(rng)
+        self._sampling_rng, self._init_rng = secure_rng(rng).spawn(2)
         self.on_round = on_round
         self.topics = Topics(config.fleet)
         self.client_id = client_id or f"coordinator-{config.fleet}"
@@ -529,7 +545,13 @@ class Coordinator:
                 f"strategy {config.strategy.name!r} needs the individual updates, but distributed trust mode reveals "
                 "only their sum (secure aggregation); use fedavg, fedavgm, fedadam, fedyogi or fedprox"
             )
-        self.secagg_threshold = dp.secagg_threshold or config.min_devices // 2 + 1
+        if dp.secagg_threshold is not None and dp.secagg_threshold < config.min_devices:
+            raise CoordinatorError(
+                f"dp.secagg_threshold = {dp.secagg_threshold} is below min_devices = {config.min_devices}: a sum "
+                "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
+                "least min_devices or leave it unset"
+            )
+        self.secagg_threshold = dp.secagg_threshold or config.min_devices
         try:
             self._signer, verifier = signing_from_config(config, COORDINATOR_SENDER)
         except ValueError as exc:
@@ -546,6 +568,9 @@ class Coordinator:
                              allowed=allowed)
         self.snapshot = Snapshot(clip_norm=dp.clip_norm)
         self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
+        self.mechanism = PrivacyMechanism(self.ledger, persist=self._persist_ledger)
+        """The coordinator's release gate: every round whose output reached the adversary of
+        the trust mode is charged through it, durably, before anything is published."""
         self.adaptive = self._make_adaptive()
 
     # ------------------------------------------------------------------ setup
@@ -578,7 +603,7 @@ class Coordinator:
         if settings is None:
             return None
         adaptive = AdaptiveClipping(self.config.dp.clip_norm, settings.target_quantile, settings.learning_rate,
-                                    settings.bit_noise_std, rng=self.rng)
+                                    settings.bit_noise_std)
         if self.config.dp.noise_multiplier > 0:
             try:
                 adaptive.delta_noise_multiplier(self.config.dp.noise_multiplier)
@@ -660,6 +685,8 @@ class Coordinator:
         loaded = self._store.load()
         if loaded is not None:
             self.snapshot = loaded
+            self.ledger = PrivacyLedger(self.config.dp.delta, self.accountants, self.config.dp.epsilon_budget)
+            self.mechanism.ledger = self.ledger
             if loaded.ledger is not None:
                 self._restore_ledger(PrivacyLedger.from_json(loaded.ledger))
             if loaded.strategy_state:
@@ -680,12 +707,17 @@ class Coordinator:
         if persisted.delta != self.config.dp.delta:
             logger.warning("dp.delta changed from %g to %g: epsilon is now reported at the new delta",
                            persisted.delta, self.config.dp.delta)
-        for e in persisted.entries:
-            self.ledger.record_round(e.round, e.sampling_rate, e.noise_multiplier, kind=e.kind)
+        self.ledger.extend(persisted)
+
+    def _persist_ledger(self, ledger: PrivacyLedger) -> None:
+        """The mechanism's write-ahead: the ledger is in the state database before the
+        charged value is published (a crash in between over-counts on restart)."""
+        self.snapshot.ledger = ledger.to_json()
+        self._store.write_ledger(self.snapshot.ledger)
 
     def _connect(self) -> None:
         try:  # address, protocol, limits, TLS files and credentials of config.broker
-            self._client = MqttClient.from_config(self.config.broker, self.client_id, random_state=self.rng)
+            self._client = MqttClient.from_config(self.config.broker, self.client_id)
         except (ConnectError, ConfigError) as exc:  # a TLS or password file is missing or invalid
             raise CoordinatorError(str(exc)) from None
         try:
@@ -761,7 +793,7 @@ class Coordinator:
             if self.snapshot.train_rounds_done >= self.config.rounds:
                 self._advance_to_evaluate("all training rounds done")
                 return True
-            if self.ledger.would_exceed(self._planned_sampling_rate(), self.config.dp.noise_multiplier):
+            if self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
                 self._advance_to_evaluate(
                     f"privacy budget: the next round would exceed epsilon={self.config.dp.epsilon_budget}"
                 )
@@ -775,11 +807,6 @@ class Coordinator:
         logger.error("aborting: %s", reason)
         self._state = RunState.ABORTED
         return False
-
-    def _planned_sampling_rate(self) -> float:
-        if self.config.sampling_rate == "all" or self.config.dp.trust_mode in ("local", "distributed"):
-            return 1.0
-        return float(self.config.sampling_rate)
 
     def _wait_for_devices(self) -> bool:
         need = self.config.min_devices
@@ -811,7 +838,7 @@ class Coordinator:
         if phase != "train" or self.config.sampling_rate == "all":
             return online
         q = float(self.config.sampling_rate)
-        return [device for device, draw in zip(online, self.rng.random(len(online))) if draw < q]
+        return [device for device, draw in zip(online, self._sampling_rng.random(len(online))) if draw < q]
 
     def _task(self, round_: int, phase: str, participants: list[str], deadline: float) -> Task:
         snap, cfg = self.snapshot, self.config
@@ -851,9 +878,9 @@ class Coordinator:
                 collected = self._gather(phase, participants, attempts)
                 if collected is None:
                     return None
-                if len(collected.replies) >= self.config.min_devices:
+                if collected.n_contributions >= self.config.min_devices:
                     return collected
-                reason = (f"round {collected.round} ({phase}) closed with {len(collected.replies)} of "
+                reason = (f"round {collected.round} ({phase}) closed with {collected.n_contributions} of "
                           f"{len(participants)} replies, fewer than min_devices={self.config.min_devices}")
             else:
                 reason = (f"sampling selected {len(participants)} of {len(self.ingest.online)} online devices, "
@@ -861,8 +888,22 @@ class Coordinator:
             if attempts > self.max_retries:
                 self._abort(f"{reason}; gave up after {attempts} attempts (max_retries={self.max_retries})")
                 return None
-            logger.warning("%s: nothing released or accounted; retrying (attempt %d of %d)",
-                           reason, attempts + 1, self.max_retries + 1)
+            logger.warning("%s: nothing published (what reached the coordinator is accounted); retrying "
+                           "(attempt %d of %d)", reason, attempts + 1, self.max_retries + 1)
+
+    def _charge_replies_ahead(self, round_: int, phase: str) -> None:
+        """Write-ahead charge of a round whose replies the coordinator itself sees: every
+        noised update or sketch in local mode, the noised sketches of the basis phases in
+        distributed mode. The coordinator is the adversary there, so the round is charged
+        before its task goes out, whether or not it is then completed, retried or abandoned.
+        Central rounds are charged by their release; distributed training rounds when the
+        unmasking is requested (:meth:`_gather_secure`)."""
+        mode = self.config.dp.trust_mode
+        if phase == "evaluate" or mode == "central" or (mode == "distributed" and phase not in BASIS_PHASES):
+            return
+        kind = "basis" if phase in BASIS_PHASES else "train"
+        z = self.basis_noise_multiplier if kind == "basis" else self.config.dp.noise_multiplier
+        self.mechanism.charge(Charge(round_, kind, 1.0, z))
 
     def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
         snap = self.snapshot
@@ -886,6 +927,7 @@ class Coordinator:
             )
         self._state = _PHASE_STATES[phase]
         downtime_at_start = self._client.downtime_s()
+        self._charge_replies_ahead(round_, phase)
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
                     round_, phase, len(participants), self.config.round_deadline_s)
@@ -939,6 +981,12 @@ class Coordinator:
                 self._pump(0.05)
                 relay = secure.poll()
                 if relay is not None:
+                    if relay.step == "unmask":  # from here the survivors' sum can be unmasked: charge it first
+                        clip = self.snapshot.clip_norm  # shares are exact discrete Gaussians on the grid
+                        z = distributed_noise_multiplier(self.config.dp.noise_multiplier, self.secagg_threshold,
+                                                         len(relay.survivors)) * clip / grid_sensitivity(
+                            clip, self.snapshot.params.size, secure.fixed_point.resolution)
+                        self.mechanism.charge(Charge(round_, "train", 1.0, z))
                     self._publish(self.topics.secagg_relay, relay, retain=False)
                     logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,
                                 len(secure.expected))
@@ -962,11 +1010,15 @@ class Coordinator:
             return False
         cfg, snap = self.config, self.snapshot
         sketches = [m.payload for m in collected.replies.values()]
-        central = cfg.dp.trust_mode == "central"
         z = self.basis_noise_multiplier
-        statistic, n_clipped = aggregate_statistics(
-            np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, add_noise=central, rng=self.rng
-        )
+        if cfg.dp.trust_mode == "central":
+            statistic, n_clipped = aggregate_statistics(
+                np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, mechanism=self.mechanism,
+                charge=Charge(collected.round, "basis", 1.0, z),
+            )
+        else:  # the devices noised and the round is charged (_charge_received): post-processing only
+            statistic, n_clipped = aggregate_statistics(np.vstack([s.statistic for s in sketches]),
+                                                        self.basis_clip_norm)
         if n_clipped:
             logger.warning("round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
                            collected.round, phase, n_clipped, self.basis_clip_norm)
@@ -984,12 +1036,11 @@ class Coordinator:
             else:
                 snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
             snap.params = init_params(components.shape[0], len(cfg.model.classes), cfg.model.hidden,
-                                      random_state=self.rng)
+                                      random_state=self._init_rng)
             self.strategy.load_state_dict({})
             snap.phase = "train"
             logger.info("basis version %d: %d components of %d features, leading eigenvalues %s",
                         snap.basis_version, components.shape[0], components.shape[1], np.round(eigenvalues[:4], 3))
-        self.ledger.record_round(collected.round, 1.0, z, kind="basis")
         record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.basis_clip_norm)
         if phase == "covariance":
             self._publish(self.topics.basis, Basis(
@@ -1013,21 +1064,21 @@ class Coordinator:
             if oversized:
                 logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
                                "clipped here", collected.round, ", ".join(oversized), clip)
-        z_recorded = z
+        q_used = 1.0  # the cohort is public (Task.participants): no amplification by sampling is claimed
         if collected.secure is not None:  # only the sum of the survivors' noised updates is known
             snap.params = self.strategy.server_update(collected.round, snap.params, collected.secure.mean_update())
-            z_recorded = collected.secure.noise_multiplier(z)
         elif cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
-            z_update = self.adaptive.delta_noise_multiplier(z) if self.adaptive is not None and z > 0 else z
-            aggregator = DPAggregator(self.strategy, z_update, clip_norm=clip, rng=self.rng)
-            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates)
+            aggregator = DPAggregator(self.strategy, z, adaptive_clipping=self.adaptive,
+                                      clip_norm=None if self.adaptive is not None else clip, mechanism=self.mechanism)
+            bits = None if self.adaptive is None else [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
+            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates, norm_bits=bits,
+                                                  sampling_rate=q_used)
+            if self.adaptive is not None:
+                snap.clip_norm = self.adaptive.clip
         else:
+            if cfg.dp.trust_mode == "central":  # a robust strategy runs without noise: a non-private release
+                self.mechanism.charge(Charge(collected.round, "train", q_used, 0.0))
             snap.params, _ = self.strategy.aggregate(collected.round, snap.params, updates)
-        if self.adaptive is not None:
-            bits = [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
-            snap.clip_norm = self.adaptive.update(np.array(bits), collected.n_selected)
-        q_used = self._planned_sampling_rate() if collected.attempts == 1 else 1.0
-        self.ledger.record_round(collected.round, q_used, z_recorded, kind="train")
         snap.train_rounds_done += 1
         snap.strategy_state = self.strategy.state_dict()
         record = self._commit(collected, "train", sampling_rate=q_used, clip_norm=clip)

@@ -272,6 +272,13 @@ class CoordinatorState:
             except sqlite3.Error as exc:
                 raise _storage_error(self.path, f"reserve round numbers below {next_round}", exc) from None
 
+    def write_ledger(self, ledger_json: str) -> None:
+        """Persist the privacy ledger alone, at once (the write-ahead charge of
+        :class:`biofed.privacy_mechanism.PrivacyMechanism`: durable before the release is
+        published; a later :meth:`commit_round` writes the same ledger with the round)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('ledger', ?)", (json.dumps(str(ledger_json)),))
+
     def commit_round(
         self,
         snapshot: Snapshot,

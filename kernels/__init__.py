@@ -16,6 +16,6 @@ from biofed.kernels.spectral import (
 )
 from biofed.kernels.stats import Moments, moments_init, moments_merge, moments_scale, moments_update
 from biofed.kernels.svd import fd_basis, fd_init, fd_merge, fd_update, project, svd_compress, truncated_svd
-from biofed.kernels.training import clip_l2, init_params, loss_and_grad, n_params, predict_proba, train
+from biofed.kernels.training import clip_l2, dp_sgd, init_params, loss_and_grad, n_params, predict_proba, train
 from biofed.kernels.transform import TransformPlan, apply_transform, transform, transform_matrix, transform_plan
 from biofed.kernels.windowing import count_windows, sliding_windows
