@@ -744,11 +744,7 @@ class EdgeAgent:
         accuracy, eval_windows, _ = self._held_out_metrics(task, data)
         Z = self._project(data.X[data.train], data)
         y = data.y[data.train]
-        params, loss = train(
-            task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs, batch_size=task.batch_size,
-            lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
-            prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng,
-        )
+        params, loss = self._local_training(task, Z, y)
         delta, norm = clip_l2(params - task.model, task.clip_norm)
         secure = task.trust_mode == "distributed"
         if secure:  # the delta travels only masked; the participant adds the noise share
@@ -775,6 +771,16 @@ class EdgeAgent:
         if secure:
             out.append(Outgoing(self.topics.secagg(self.device_id), self._encode(self._secagg.start())))
         return out
+
+    def _local_training(self, task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(new params, loss)`` of local training on projected rows ``Z`` (labels ``y``): the one
+        step of a training round that depends on the learning rule (the audit's canary clients
+        replace it; clipping, noise and publishing stay the agent's)."""
+        return train(
+            task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs, batch_size=task.batch_size,
+            lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
+            prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng,
+        )
 
     def _on_secagg(self, relay: SecAggRelay) -> list[Outgoing]:
         """Answer the coordinator's next secure-aggregation step of the current round."""
