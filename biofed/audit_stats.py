@@ -222,20 +222,26 @@ def gaussian_epsilon_lower_bound(inserted, held_out, delta: float, confidence: f
 
 
 # ----------------------------------------------------------------------------- threshold test
-def clopper_pearson(successes: int, trials: int, confidence: float) -> tuple[float, float]:
-    """Two-sided Clopper-Pearson interval ``(low, high)`` of a binomial proportion at ``confidence``."""
-    if trials < 1 or not 0 <= successes <= trials:
+def clopper_pearson(successes, trials, confidence: float):
+    """Two-sided Clopper-Pearson interval ``(low, high)`` of a binomial proportion at ``confidence``
+    (element-wise for arrays of ``successes`` / ``trials``)."""
+    k, n = np.asarray(successes), np.asarray(trials)
+    if np.any(n < 1) or np.any(k < 0) or np.any(k > n):
         raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
     alpha = 1.0 - _check_confidence(confidence)
-    low = 0.0 if successes == 0 else float(stats.beta.ppf(alpha / 2, successes, trials - successes + 1))
-    high = 1.0 if successes == trials else float(stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    with np.errstate(invalid="ignore"):  # the edge cases are set explicitly
+        low = np.where(k == 0, 0.0, stats.beta.ppf(alpha / 2, k, n - k + 1))
+        high = np.where(k == n, 1.0, stats.beta.ppf(1 - alpha / 2, k + 1, n - k))
+    if low.ndim == 0:
+        return float(low), float(high)
     return low, high
 
 
-def _log_ratio(numerator: float, denominator: float) -> float:
-    if numerator <= 0:
-        return 0.0
-    return math.inf if denominator <= 0 else max(0.0, math.log(numerator / denominator))
+def _log_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(numerator <= 0, 0.0,
+                         np.where(denominator <= 0, np.inf, np.log(np.maximum(numerator, 1e-300) / denominator)))
+    return np.maximum(ratio, 0.0)
 
 
 def threshold_epsilon_lower_bound(inserted, held_out, delta: float, confidence: float = 0.95) -> EpsilonBound:
@@ -252,15 +258,13 @@ def threshold_epsilon_lower_bound(inserted, held_out, delta: float, confidence: 
     confidence = _check_confidence(confidence)
     thresholds = np.unique(np.concatenate([x1, x0]))
     level = 1.0 - (1.0 - confidence) / thresholds.size
-    best_lower, best_estimate = 0.0, 0.0
-    for t in thresholds:
-        tp, fp = int((x1 > t).sum()), int((x0 > t).sum())
-        tpr_low, _ = clopper_pearson(tp, x1.size, level)
-        _, fpr_high = clopper_pearson(fp, x0.size, level)
-        fnr_high = clopper_pearson(x1.size - tp, x1.size, level)[1]
-        tnr_low = clopper_pearson(x0.size - fp, x0.size, level)[0]
-        best_lower = max(best_lower, _log_ratio(tpr_low - delta, fpr_high), _log_ratio(tnr_low - delta, fnr_high))
-        tpr, fpr = tp / x1.size, fp / x0.size
-        best_estimate = max(best_estimate, _log_ratio(tpr - delta, fpr), _log_ratio(1 - fpr - delta, 1 - tpr))
+    n1, n0 = x1.size, x0.size
+    tp = n1 - np.searchsorted(np.sort(x1), thresholds, side="right")  # scores > t
+    fp = n0 - np.searchsorted(np.sort(x0), thresholds, side="right")
+    tpr_low, fnr_high = clopper_pearson(tp, n1, level)[0], clopper_pearson(n1 - tp, n1, level)[1]
+    fpr_high, tnr_low = clopper_pearson(fp, n0, level)[1], clopper_pearson(n0 - fp, n0, level)[0]
+    best_lower = float(max(_log_ratio(tpr_low - delta, fpr_high).max(), _log_ratio(tnr_low - delta, fnr_high).max()))
+    tpr, fpr = tp / n1, fp / n0
+    best_estimate = float(max(_log_ratio(tpr - delta, fpr).max(), _log_ratio(1 - fpr - delta, 1 - tpr).max()))
     return EpsilonBound(method="threshold", lower=best_lower, estimate=best_estimate, confidence=confidence,
                         delta=delta, n_inserted=x1.size, n_held_out=x0.size)
