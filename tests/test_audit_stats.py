@@ -198,3 +198,19 @@ def test_threshold_bound_never_exceeds_the_true_epsilon():
     for _ in range(20):
         bound = threshold_epsilon_lower_bound(rng.normal(mu, 1, 300), rng.normal(0, 1, 300), delta)
         assert bound.lower <= _gdp_epsilon_reference(mu, delta)
+
+
+def test_mu_lower_bound_beyond_the_stable_noncentral_t_is_conservative(monkeypatch):
+    import biofed.audit_stats as audit_stats
+
+    rng = np.random.default_rng(4)
+    inserted, held_out = rng.normal(200.0, 1.0, 16), rng.normal(0.0, 1.0, 17)
+    exact = gdp_mu_lower_bound(inserted, held_out)
+    monkeypatch.setattr(audit_stats, "_NCT_STABLE_T", 1.0)
+    closed_form = gdp_mu_lower_bound(inserted, held_out)
+    assert closed_form[0] == exact[0]
+    assert 0.9 * exact[1] < closed_form[1] < exact[1]
+    # a noiseless release: scores differ by rounding only, the bound stays finite and huge
+    monkeypatch.undo()
+    mu_hat, mu_lower = gdp_mu_lower_bound(3.0 + rng.normal(0, 1e-15, 16), rng.normal(0, 1e-15, 17))
+    assert 1e12 < mu_lower < mu_hat < math.inf
