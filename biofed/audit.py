@@ -72,6 +72,16 @@ from biofed.audit_stats import (
 )
 from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_config
 from biofed.coordinator.server import Coordinator, RunState
+from biofed.demo import (
+    FLEET,
+    DemoSettings,
+    _spawn,
+    _start_broker,
+    _tails,
+    _terminate,
+    write_configs,
+    write_synthetic_devices,
+)
 from biofed.edge.agent import EdgeAgent, LocalData
 from biofed.protocol import TRUST_MODES, Model, ProtocolError, Status, Task, Topics, Update, decode_topic_message
 
@@ -319,8 +329,6 @@ def _update_scores(tap: AuditTap, canaries: Mapping[str, np.ndarray], held_out: 
 
 # ----------------------------------------------------------------------------- one run
 def _wait(condition, timeout_s: float, what: str, children=()) -> None:
-    from biofed.demo import _tails
-
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -334,7 +342,6 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
 
     ``coordinator_class`` builds the coordinator (tests pass a subclass that leaks).
     """
-    from biofed.demo import FLEET, DemoSettings, _spawn, _start_broker, _terminate, write_configs
     from biofed.model_format import LayoutSpec
 
     started = time.monotonic()
@@ -400,10 +407,10 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
             coordinator.stop()
             runner.join(30.0)
             raise AuditError(f"the {mode} federation did not finish within {settings.timeout_s:g} s\n"
-                             + _demo_tails(children))
+                             + _tails(children))
         if result != [RunState.DONE]:
             raise AuditError(f"the {mode} coordinator ended in state {result}; see {out / 'logs'}\n"
-                             + _demo_tails(children))
+                             + _tails(children))
         time.sleep(0.5)  # the last Model reaches the tap
     finally:
         stop_canaries.set()
@@ -442,12 +449,6 @@ def _run_agent(agent: EdgeAgent, stop: threading.Event) -> None:
         agent.run(stop)
     finally:
         agent.close()
-
-
-def _demo_tails(children) -> str:
-    from biofed.demo import _tails
-
-    return _tails(list(children))
 
 
 # ----------------------------------------------------------------------------- whole audit
@@ -528,8 +529,6 @@ def _bound_dict(bound: EpsilonBound) -> dict:
 
 def run_audit(settings: AuditSettings, *, coordinator_class: type[Coordinator] = Coordinator) -> list[ModeAudit]:
     """Audit every trust mode of ``settings``; prints the table and writes ``audit.json``."""
-    from biofed.demo import write_synthetic_devices
-
     out = settings.out.resolve()
     settings = replace(settings, out=out)
     out.mkdir(parents=True, exist_ok=True)
