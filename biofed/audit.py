@@ -83,6 +83,7 @@ from biofed.demo import (
     write_synthetic_devices,
 )
 from biofed.edge.agent import EdgeAgent, LocalData
+from biofed.model_format import LayoutSpec
 from biofed.protocol import TRUST_MODES, Model, ProtocolError, Status, Task, Topics, Update, decode_topic_message
 
 logger = logging.getLogger(__name__)
@@ -344,8 +345,6 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
 
     ``coordinator_class`` builds the coordinator (tests pass a subclass that leaks).
     """
-    from biofed.model_format import LayoutSpec
-
     started = time.monotonic()
     out = (settings.out / mode / f"run{run}").resolve()
     shutil.rmtree(out, ignore_errors=True)
@@ -355,7 +354,9 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
                         epsilon_budget=None, min_devices=len(devices), round_deadline_s=settings.round_deadline_s,
                         sign=settings.sign, timeout_s=settings.timeout_s, seed=settings.seed)
     model = ModelSettings()  # the model the demo fleet trains
-    n_canaries = settings.canaries if settings.canaries is not None else canary_capacity(model.basis_k, model.hidden) // 2
+    n_canaries = settings.canaries
+    if n_canaries is None:
+        n_canaries = canary_capacity(model.basis_k, model.hidden) // 2
     canary_ids = [f"{CANARY_PREFIX}{i:02d}" for i in range(n_canaries)]
     broker, protocol, _ = _start_broker(demo, devices)
     topics = Topics(FLEET)
@@ -384,8 +385,8 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
         with tap.lock:
             layout = LayoutSpec.from_json(tap.statuses[sorted(devices)[0]].layout)
         config = load_config(coordinator_toml, CoordinatorConfig)
-        k, n_classes, hidden = min(config.model.basis_k, layout.n_features), len(config.model.classes), config.model.hidden
-        subspace = softmax_invariant_basis(k, n_classes, hidden)
+        k = min(config.model.basis_k, layout.n_features)
+        subspace = softmax_invariant_basis(k, len(config.model.classes), config.model.hidden)
         if not 1 <= n_canaries < subspace.shape[1]:
             raise AuditError(f"{n_canaries} canaries do not fit: the canary subspace of this model has "
                              f"{subspace.shape[1]} directions and at least one must be held out")
@@ -413,7 +414,13 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
         if result != [RunState.DONE]:
             raise AuditError(f"the {mode} coordinator ended in state {result}; see {out / 'logs'}\n"
                              + _tails(children))
-        time.sleep(0.5)  # the last Model reaches the tap
+        released = [r.round for r in coordinator.history() if r.phase == "train"]
+
+        def tapped_last_model() -> bool:
+            with tap.lock:
+                return not released or released[-1] in tap.models
+
+        _wait(tapped_last_model, 30.0, "the observer did not receive the last released model", children)
     finally:
         stop_canaries.set()
         for thread in canary_threads:

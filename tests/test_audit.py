@@ -24,7 +24,7 @@ from biofed.coordinator.server import Coordinator
 from biofed.coordinator.strategies import DPAggregator
 from biofed.edge.agent import EdgeAgent
 
-SMALL = dict(devices=2, rounds=3, synthetic_seconds=8.0, timeout_s=240.0, round_deadline_s=30.0)
+SMALL = dict(runs=1, devices=2, rounds=3, synthetic_seconds=8.0, timeout_s=240.0, round_deadline_s=30.0)
 
 
 def _only(audits, mode, adversary):
@@ -44,8 +44,8 @@ def test_audit_help_documents_the_command():
 def test_audit_of_a_small_central_federation_is_consistent(tmp_path):
     out = tmp_path / "audit"
     result = subprocess.run(
-        [sys.executable, "-m", "biofed", "audit", "--trust-mode", "central", "--devices", "2", "--rounds", "3",
-         "--seconds", "8", "--confidence", "0.999", "--timeout", "240", "--out", str(out)],
+        [sys.executable, "-m", "biofed", "audit", "--trust-mode", "central", "--runs", "1", "--devices", "2",
+         "--rounds", "3", "--seconds", "8", "--confidence", "0.999", "--timeout", "240", "--out", str(out)],
         capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stdout + result.stderr
