@@ -116,13 +116,16 @@ def test_audit_catches_a_coordinator_that_releases_without_noise(tmp_path, monke
 
 
 class RetryingCoordinator(Coordinator):
-    """Leak: every training round is first gathered and discarded six times, as a round with
-    too few replies is, and only the last gather is charged; the discarded updates reached the
+    """Leak: every training round is first gathered and discarded ``discarded`` times, as a
+    round with too few replies is, and only the last gather is charged; what the discarded
+    gathers delivered (local: the updates; distributed: the unmasked sums) reached the
     coordinator all the same."""
+
+    discarded = 6
 
     def _gather(self, phase, participants, attempts):
         if phase == "train":
-            for _ in range(6):
+            for _ in range(self.discarded):
                 super()._gather(phase, participants, attempts)
         return super()._gather(phase, participants, attempts)
 
@@ -138,6 +141,21 @@ def test_audit_catches_uncharged_retried_rounds_against_the_local_coordinator(tm
     # the released models are those of the 2 charged rounds: the observer has nothing to complain about
     observer = _only(audits, "local", "observer")
     assert observer.rounds_seen == 2 and observer.consistent
+
+
+@pytest.mark.slow
+def test_audit_catches_uncharged_unmasked_sums_against_the_distributed_coordinator(tmp_path):
+    class Retrying(RetryingCoordinator):
+        discarded = 10
+
+    # z = 0.3 planned for the secure-aggregation threshold (2 of 18 devices): the sum carries z 3
+    settings = AuditSettings(out=tmp_path / "audit", trust_modes=("distributed",), noise_multiplier=0.3,
+                             **{**SMALL, "rounds": 2})
+    audits = run_audit(settings, coordinator_class=Retrying)
+    coordinator = _only(audits, "distributed", "coordinator")
+    assert coordinator.rounds_seen == 22
+    assert coordinator.verdict == "VIOLATION"
+    assert _only(audits, "distributed", "observer").rounds_seen == 2
 
 
 @pytest.mark.slow
