@@ -17,6 +17,7 @@ from biofed import __version__
 
 # name -> "module:attribute" of a click.Command. One line per command; keep sorted.
 COMMANDS: dict[str, str] = {
+    "audit": "biofed.audit:audit_command",
     "bench": "biofed.bench:bench_command",
     "broker": "biofed.broker:broker_command",
     "coordinator": "biofed.coordinator.cli:coordinator_command",

@@ -859,8 +859,11 @@ class EdgeAgent:
         return out
 
     def _local_training(self, task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-        """Train from the task's model: minibatch SGD/Adam, or record-level DP-SGD through
-        :attr:`record_mechanism` when ``[dp] record_noise_multiplier`` is set."""
+        """``(new params, loss)`` of local training from the task's model on projected rows ``Z``
+        (labels ``y``): minibatch SGD/Adam, or record-level DP-SGD through :attr:`record_mechanism`
+        when ``[dp] record_noise_multiplier`` is set. The one step of a training round that depends
+        on the learning rule (the audit's canary clients replace it; clipping, noise and publishing
+        stay the agent's)."""
         common = dict(lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
                       prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng)
         dp = self.config.dp
