@@ -16,6 +16,7 @@ from biofed import __version__
 # name -> "module:attribute" of a click.Command. One line per command; keep sorted.
 COMMANDS: dict[str, str] = {
     "bench": "biofed.bench:bench_command",
+    "config": "biofed.config_cli:config_command",
     "broker": "biofed.broker:broker_command",
     "coordinator": "biofed.coordinator.cli:coordinator_command",
     "demo": "biofed.demo:demo_command",
