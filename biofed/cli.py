@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "predict": "biofed.edge.predict_cli:predict_command",
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
     "provision": "biofed.provision:provision_command",
+    "status": "biofed.status:status_command",
     "replay": "biofed.edge.replay_cli:replay_command",
 }
 

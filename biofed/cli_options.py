@@ -40,9 +40,10 @@ class ConfigUsageError(click.ClickException):
     exit_code = 2
 
 
-def examples(*lines: str) -> str:
-    """A command epilog listing example invocations (click keeps the lines as they are)."""
-    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+def examples(*lines: str, exit_codes: str | None = EXIT_CODES) -> str:
+    """A command epilog: the exit codes, then example invocations (kept as they are), last."""
+    listing = "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+    return listing if exit_codes is None else f"{exit_codes}\n\n{listing}"
 
 
 def config_option(kind: str, *, required: bool = True) -> Callable:
@@ -137,7 +138,8 @@ def option_name(key: str) -> str:
 def _click_type(annotation: object) -> click.ParamType:
     args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) \
         is typing.Union else (annotation,)
-    kinds = {a for a in args if a is not type(None)}
+    kinds = {typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+             for a in args if a is not type(None)}
     if kinds == {int}:
         return click.INT
     if kinds == {float}:
@@ -180,7 +182,8 @@ def override_options(model: type, *, aliases: dict[str, str] | None = None) -> C
         for key in reversed(keys):
             info = field(key)
             name = option_name(key)
-            short = (info.description or "").split("\n\n")[0].replace("\n", " ")
+            short = " ".join((info.description or "").split()).split(". ")[0].split("; ")[0].rstrip(".")
+            short = f"{short}." if short and len(short) <= 90 else ""
             run = click.option(name, params[key], type=_click_type(info.annotation), default=None,
                                help=f"Override {key} ({env_name(key)}). {short}".strip())(run)
             if key in aliases:

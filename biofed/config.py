@@ -352,6 +352,10 @@ class CoordinatorConfig(_SigningFields):
     every message of a device not on it is dropped; the file is re-read when it changes, so
     ``biofed provision revoke`` takes effect in a running coordinator. None: any device."""
     metrics: MetricsSettings = MetricsSettings()
+    status_broker: BrokerConfig | None = None
+    """How ``biofed status`` reaches the broker: read-only credentials (``biofed provision``
+    writes the observer's here), so it never takes over the coordinator's session. None:
+    ``[broker]``."""
 
     OVERRIDABLE: ClassVar[tuple[str, ...]] = (
         "fleet", "rounds", "min_devices", "sampling_rate", "round_deadline_s", "state_dir", "broker.host",

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 from pydantic import BaseModel
 
-from biofed.cli_options import EXIT_CODES, examples
+from biofed.cli_options import examples
 from biofed.config import (
     RECOMMENDED_PRIVACY,
     RECOMMENDED_ROUNDS,
@@ -183,7 +183,7 @@ def config_command() -> None:
 
 @config_command.command("init", epilog=examples(
     "biofed config init coordinator > coordinator.toml", "biofed config init device --out pi-01/device.toml",
-    "biofed config init broker --out broker.toml") + "\n\n" + EXIT_CODES)
+    "biofed config init broker --out broker.toml"))
 @click.argument("kind", type=click.Choice(sorted(KINDS)))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="File to write (an existing file is not overwritten without --force) [default: stdout].")
@@ -205,8 +205,8 @@ def init_command(kind: str, out: Path | None, force: bool) -> None:
 
 
 @config_command.command("check", epilog=examples(
-    "biofed config check coordinator.toml", "biofed config check --kind device pi-01/device.toml")
-    + "\n\nExit codes: 0 valid; 1 invalid; 2 usage error (no such file, unknown kind).")
+    "biofed config check coordinator.toml", "biofed config check --kind device pi-01/device.toml",
+    exit_codes="Exit codes: 0 valid; 1 invalid; 2 usage error (no such file, unknown kind)."))
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--kind", type=click.Choice(sorted(KINDS)), default=None,
               help="Which config FILE is [default: guessed from its keys].")

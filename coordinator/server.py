@@ -112,9 +112,17 @@ from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
-from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
+from biofed.coordinator.state import (
+    CoordinatorState,
+    RoundRecord,
+    Snapshot,
+    StateDirLock,
+    StateError,
+    write_final_model,
+)
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
+from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
 from biofed.protocol import (
@@ -504,6 +512,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._state = RunState.STARTING
         self._store: CoordinatorState | None = None
+        self._dir_lock: StateDirLock | None = None
         self._client: MqttClient | None = None
         try:
             allowed = None if config.allowed_devices_file is None else AllowList(config.allowed_devices_file)
@@ -514,6 +523,8 @@ class Coordinator:
         self.snapshot = Snapshot(clip_norm=dp.clip_norm)
         self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
         self.adaptive = self._make_adaptive()
+        self.metrics = CoordinatorMetrics(self)
+        """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
 
     # ------------------------------------------------------------------ setup
     def _make_strategy(self) -> Strategy:
@@ -589,10 +600,18 @@ class Coordinator:
         ------
         CoordinatorError
             The broker is unreachable or the state directory belongs to another fleet.
+        StateError
+            Another coordinator runs on ``config.state_dir`` (:class:`StateDirLock`).
         """
         self._stop.clear()
         self._open_state()
+        metrics_server = None
         try:
+            self.metrics.set_epsilons(self.ledger.epsilons())
+            try:
+                metrics_server = serve(self.metrics.registry, self.config.metrics)
+            except OSError as exc:
+                raise CoordinatorError(f"[metrics] {exc}") from None
             self._connect()
             while not self._stop.is_set():
                 phase = self.snapshot.phase
@@ -612,12 +631,23 @@ class Coordinator:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            if self._dir_lock is not None:
+                self._dir_lock.release()
+                self._dir_lock = None
+            if metrics_server is not None:
+                metrics_server.close()
         return self._state
 
     # ------------------------------------------------------------------ plumbing
     def _open_state(self) -> None:
         self._state = RunState.STARTING
-        self._store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        self._dir_lock = StateDirLock(self.config.state_dir)
+        try:
+            self._store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        except StateError:
+            self._dir_lock.release()
+            self._dir_lock = None
+            raise
         loaded = self._store.load()
         if loaded is not None:
             self.snapshot = loaded
@@ -663,13 +693,15 @@ class Coordinator:
         self.ingest.refresh_allowed()
         message = self._client.receive(timeout_s)
         while message is not None:
-            self.ingest.handle(message.topic, message.payload)
+            result = self.ingest.handle(message.topic, message.payload)
+            self.metrics.received(message.topic, len(message.payload), result)
             message = self._client.receive(0)
 
     def _publish(self, topic: str, payload, *, retain: bool = True) -> None:
         data = encode_message(payload, fleet=self.config.fleet, sender=COORDINATOR_SENDER,
                               max_bytes=self.config.broker.max_message_bytes, signer=self._signer)
         self._client.publish(topic, data, qos=1, retain=retain)
+        self.metrics.sent(len(data))
 
     def _format_eps(self) -> str:
         eps = self.ledger.epsilon()
@@ -816,6 +848,7 @@ class Coordinator:
                 step_timeout_s=self.config.dp.secagg_step_timeout_s,
             )
         self._state = _PHASE_STATES[phase]
+        self.metrics.round_opened(round_)
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
                     round_, phase, len(participants), self.config.round_deadline_s)
@@ -1007,6 +1040,7 @@ class Coordinator:
             record.n_devices, record.n_selected, fmt(record.mean_loss, ".4f"), fmt(record.balanced_accuracy, ".3f"),
             eps, self.ledger.budget_accountant, self.ledger.delta,
         )
+        self.metrics.round_closed(record)
         if self.on_round is not None:
             self.on_round(record)
 
