@@ -84,7 +84,8 @@ class FleetStatus:
 
 
 def coordinator_status(config: CoordinatorConfig) -> CoordinatorStatus:
-    """The coordinator's progress from ``config.state_dir`` (nothing is created there)."""
+    """The coordinator's progress from ``config.state_dir`` (nothing is created there); the
+    budget, delta and accountant are the ones of its last committed round, else the config's."""
     dp = config.dp
     pid = running_coordinator(config.state_dir)
     status = CoordinatorStatus(
@@ -107,10 +108,14 @@ def coordinator_status(config: CoordinatorConfig) -> CoordinatorStatus:
     if snapshot is not None:
         status.phase, status.round = snapshot.phase, snapshot.next_round - 1
         status.train_rounds_done, status.stop_reason = snapshot.train_rounds_done, snapshot.stop_reason
+        if snapshot.ledger:  # the budget and delta the coordinator ran with (its command line may override the file)
+            ledger = json.loads(snapshot.ledger)
+            status.epsilon_budget, status.delta = ledger.get("epsilon_budget"), ledger.get("delta", dp.delta)
+            status.accountant = (ledger.get("accountants") or [dp.accountant])[0]
     if history:
         last = history[-1]
         rdp, pld = last.epsilon_rdp, last.epsilon_pld
-        status.epsilon = pld if dp.accountant == "pld" and pld is not None else rdp
+        status.epsilon = pld if status.accountant == "pld" and pld is not None else rdp
         status.epsilon_pld = pld
     return status
 

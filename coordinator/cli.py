@@ -12,6 +12,7 @@ from biofed.cli_options import (
     ConfigUsageError,
     config_option,
     examples,
+    load_config_or_exit,
     logging_options,
     override_options,
 )

@@ -70,12 +70,14 @@ def _stop(process: subprocess.Popen) -> tuple[float, str]:
 
 def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
     devices = write_synthetic_devices(tmp_path / "data", 2, duration_s=12.0, random_state=3)
-    # non-private, many rounds: the coordinator is still running while the test looks at it
-    settings = DemoSettings(out=tmp_path, rounds=500, noise_multiplier=0.0, round_deadline_s=20.0)
+    # many rounds: the coordinator is still running while the test looks at it; a long deadline
+    # leaves room for a first Numba compilation on a loaded machine
+    settings = DemoSettings(out=tmp_path, rounds=5000, noise_multiplier=1.0, epsilon_budget=None,
+                            round_deadline_s=300.0)
     coordinator_toml, device_tomls = write_configs(settings, devices, amqtt_broker.host, amqtt_broker.port, "3.1.1")
     metrics_port, agent_port = _free_port(), _free_port()
     coordinator = _biofed("coordinator", "--config", str(coordinator_toml), "--metrics-port", str(metrics_port),
-                          "--epsilon-budget", "5")
+                          "--epsilon-budget", "1000")
     agents = {}
     try:
         for i, (device, toml) in enumerate(sorted(device_tomls.items())):
@@ -88,12 +90,12 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
             done = sum(v for k, v in series.items() if k.startswith('biofed_coordinator_rounds_total{phase="train"'))
             return series if done >= 2 else None
 
-        series = _wait_for(rounds_done, 180, "two training rounds in /metrics")
+        series = _wait_for(rounds_done, 900, "two training rounds in /metrics")
         assert series["biofed_coordinator_devices_online"] == 2
         assert series["biofed_coordinator_devices_known"] == 2
         assert series['biofed_coordinator_updates_accepted_total{kind="update"}'] >= 4
         assert series['biofed_coordinator_updates_accepted_total{kind="sketch"}'] == 2
-        assert series["biofed_coordinator_epsilon_budget"] == 5.0  # the command line overrides the file
+        assert series["biofed_coordinator_epsilon_budget"] == 1000.0  # the command line overrides the file
         assert series["biofed_coordinator_received_bytes_total"] > 0
         assert series["biofed_coordinator_sent_bytes_total"] > 0
         assert series['biofed_coordinator_round_duration_seconds_count{phase="train"}'] >= 2
@@ -101,7 +103,7 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
             series['biofed_coordinator_state{state="evaluating"}'] + \
             series['biofed_coordinator_state{state="waiting"}'] <= 1
         assert series["process_resident_memory_bytes"] > 10e6
-        assert series['biofed_coordinator_epsilon_spent{accountant="rdp"}'] == float("inf")  # no noise
+        assert 0 < series['biofed_coordinator_epsilon_spent{accountant="rdp"}'] < 1000
 
         agent_series = _scrape(agent_port)
         assert agent_series["biofed_agent_windows_ingested_total"] > 0
@@ -125,7 +127,8 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
         assert all(d["online"] and d["windows"] > 0 and time.time() - d["last_seen"] < 120 for d in view["devices"])
         assert view["coordinator"]["running"] and view["coordinator"]["pid"] == coordinator.pid
         assert view["coordinator"]["phase"] == "train" and view["coordinator"]["train_rounds_done"] >= 2
-        assert view["coordinator"]["epsilon"] == "inf" and view["coordinator"]["rounds"] == 500
+        assert 0 < view["coordinator"]["epsilon"] < 1000 and view["coordinator"]["epsilon_budget"] == 1000
+        assert view["coordinator"]["rounds"] == 5000
         assert view["model_version"] >= 2
 
         # clean shutdown: within 5 s, no ERROR lines
