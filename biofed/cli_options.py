@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import logging.handlers
+import re
 import sys
 import time
 import types
@@ -182,10 +183,14 @@ def override_options(model: type, *, aliases: dict[str, str] | None = None) -> C
         for key in reversed(keys):
             info = field(key)
             name = option_name(key)
-            short = " ".join((info.description or "").split()).split(". ")[0].split("; ")[0].rstrip(".")
+            short = re.split(r"(?<!e\.g)\. |; ", " ".join((info.description or "").split()))[0].rstrip(".")
             short = f"{short}." if short and len(short) <= 90 else ""
-            run = click.option(name, params[key], type=_click_type(info.annotation), default=None,
-                               help=f"Override {key} ({env_name(key)}). {short}".strip())(run)
+            kind = _click_type(info.annotation)
+            help_text = f"Override {key} ({env_name(key)}). {short}".strip()
+            if kind is click.BOOL:  # a flag pair, so that "not given" stays None
+                run = click.option(f"{name}/--no-{name[2:]}", params[key], default=None, help=help_text)(run)
+            else:
+                run = click.option(name, params[key], type=kind, default=None, help=help_text)(run)
             if key in aliases:
                 run = click.option(aliases[key], f"alias_{params[key]}", type=_click_type(info.annotation),
                                    default=None, hidden=True)(run)

@@ -443,14 +443,15 @@ def _unknown_key_message(model: type[BaseModel], loc: tuple) -> str:
     return "unknown key (known: " + ", ".join(known) + ")" if known else "unknown key (check the spelling)"
 
 
-def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str, object] | None = None,
+def load_config(path: str | Path | None, model: type[ModelT], *, overrides: Mapping[str, object] | None = None,
                 environ: Mapping[str, str] | None = None) -> ModelT:
     """Read the TOML file ``path`` into ``model`` (e.g. :class:`DeviceConfig`).
 
     Parameters
     ----------
-    path : str or Path
-        The TOML file; relative paths in it are resolved against its directory.
+    path : str, Path or None
+        The TOML file; relative paths in it are resolved against its directory. None:
+        no file (defaults, environment and ``overrides`` only).
     model : type
         :class:`DeviceConfig`, :class:`CoordinatorConfig` or :class:`BrokerServiceConfig`.
     overrides : mapping, optional
@@ -466,6 +467,8 @@ def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str
         One message naming the file and, for each problem, the dotted field, what was
         wrong and the offending value.
     """
+    if path is None:  # no file: defaults, environment and command line
+        return _validate({}, model, Path("(no config file)"), Path.cwd(), overrides, environ)
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -476,6 +479,11 @@ def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _validate(data, model, path, path.resolve().parent, overrides, environ)
+
+
+def _validate(data: dict, model: type[ModelT], path: Path, base_dir: Path, overrides: Mapping[str, object] | None,
+              environ: Mapping[str, str] | None) -> ModelT:
     environ = os.environ if environ is None else environ
     source: dict[str, str] = {}
     for key in getattr(model, "OVERRIDABLE", ()):
@@ -487,7 +495,7 @@ def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str
             _set_dotted(data, key, value)
             source[key] = origin
     try:
-        return model.model_validate(data, context={"base_dir": path.resolve().parent})
+        return model.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
