@@ -106,6 +106,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biofed.cli_options import examples
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -376,7 +378,9 @@ class _Child:
 def _spawn(name: str, args: list[str], log: Path, *, stdout=None) -> _Child:
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = log.open("w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the demo's own configs decide: no BIOFED_* setting of the caller's shell overrides them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIOFED_")}
+    env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
         [sys.executable, "-m", "biofed", "-v", *args], stdout=stdout if stdout is not None else handle,
         stderr=handle, env=env, start_new_session=True, text=True,
@@ -606,7 +610,7 @@ def write_report(out: Path, rows: Sequence[RoundRow], baseline: BaselineResult |
     """rounds.csv, rounds.json, rounds.png and summary.json in ``out``."""
     fields = list(RoundRow.__dataclass_fields__)
     with (out / "rounds.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
@@ -810,7 +814,12 @@ def _tails(children: Sequence[_Child]) -> str:
     return "\n".join(parts)
 
 
-@click.command("demo")
+@click.command("demo", epilog=examples(
+    "biofed demo",
+    "biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0",
+    "biofed demo --trust-mode distributed --sign --noise-multiplier 1.0",
+    "biofed demo --secure --trust-mode distributed --out secure-demo",
+))
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="eegmat folder (SubjectNN_1.edf + SubjectNN_2.edf per device); default: synthetic devices.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
@@ -821,13 +830,14 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.noise_multiplier,
               show_default=True, help="DP noise multiplier z of the training rounds (0: a non-private run: no noise "
                                       "anywhere, no budget, epsilon infinite).")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip, show_default=True,
-              help="L2 clip norm C of each device's model update.")
+@click.option("--clip-norm", "--clip", "clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip,
+              show_default=True, help="L2 clip norm C of each device's model update (--clip: older spelling).")
 @click.option("--basis-noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.basis_noise_multiplier,
               show_default=True, help="DP noise multiplier z_b of the basis round (ignored when --noise-multiplier "
                                       "is 0).")
-@click.option("--basis-clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.basis_clip,
-              show_default=True, help="L2 clip norm C_b of the devices' basis statistics.")
+@click.option("--basis-clip-norm", "--basis-clip", "basis_clip", type=click.FloatRange(min=0, min_open=True),
+              default=DemoSettings.basis_clip, show_default=True,
+              help="L2 clip norm C_b of the devices' basis statistics (--basis-clip: older spelling).")
 @click.option("--standardization", type=click.Choice(["device", "global"]), default=DemoSettings.standardization,
               show_default=True, help="device: each device z-scores its rows with its own training statistics; "
                                       "global: a federated moments phase fixes one standardization.")
@@ -859,15 +869,7 @@ def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_mult
     Starts a broker, a coordinator and one edge agent per device (separate processes),
     prints one line per round and, at the end, the table of rounds (devices, loss,
     held-out balanced accuracy mean and min over devices, epsilon) next to a centralized
-    baseline. Examples:
-
-        biofed demo
-
-        biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0
-
-        biofed demo --trust-mode distributed --sign --noise-multiplier 1.0
-
-        biofed demo --secure --trust-mode distributed
+    baseline.
     """
     settings = DemoSettings(
         out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,

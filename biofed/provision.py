@@ -111,6 +111,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from biofed.broker import LOOPBACK, MosquittoBroker, mosquitto_common_lines, start_mosquitto
+from biofed.cli_options import examples
 from biofed.config import (
     RECOMMENDED_PRIVACY,
     RECOMMENDED_ROUNDS,
@@ -871,11 +872,15 @@ def revoke_device(directory: str | Path, device_id: str, *, broker_pid: int | No
 
 
 # ----------------------------------------------------------------------------- CLI
-@click.group("provision", invoke_without_command=True)
+@click.group("provision", invoke_without_command=True, epilog=examples(
+    "biofed provision --fleet ward7 --devices 20 --host 10.0.0.5 --out fleet",
+    "biofed provision --fleet lab --devices 3 --out lab-fleet --no-observer",
+    "biofed provision revoke device-007 --fleet-dir fleet",
+))
 @click.option("--fleet", default=None, help="Fleet id (topics biofed/FLEET/...).")
 @click.option("--devices", "n_devices", type=click.IntRange(1), default=None, help="Number of devices.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="New (or empty) fleet directory.")
+              help="Fleet folder to create (new or empty).")
 @click.option("--host", default=LOOPBACK, show_default=True,
               help="Broker address the devices and coordinator use (IP or DNS name; goes into the server certificate).")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_TLS_PORT, show_default=True,
@@ -918,12 +923,16 @@ def provision_command(ctx: click.Context, fleet: str | None, n_devices: int | No
     click.echo(f"  status:      biofed status --config {layout.coordinator_config}")
     click.echo(f"  device:      biofed edge --config {layout.device_config(provisioned.devices[0])}   "
                f"(add its recordings first; copy devices/<id>/ to the device)")
-    click.echo(f"  revoke:      biofed provision revoke --dir {layout.root} DEVICE [--pid BROKER_PID]")
+    click.echo(f"  revoke:      biofed provision revoke --fleet-dir {layout.root} DEVICE [--pid BROKER_PID]")
 
 
-@provision_command.command("revoke")
-@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Fleet directory made by biofed provision.")
+@provision_command.command("revoke", epilog=examples(
+    "biofed provision revoke device-007 --fleet-dir fleet",
+    'biofed provision revoke device-007 --fleet-dir fleet --pid "$(pgrep mosquitto)"',
+))
+@click.option("--fleet-dir", "--dir", "directory", required=True,
+              type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Fleet directory made by biofed provision (--dir is the older spelling).")
 @click.option("--pid", "broker_pid", type=int, default=None,
               help="Mosquitto's pid: send it SIGHUP so the revocation applies now (else at its next restart).")
 @click.argument("device")
