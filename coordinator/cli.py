@@ -22,15 +22,23 @@ from biofed.coordinator.state import RoundRecord, StateError
 
 
 def _round_line(record: RoundRecord) -> str:
+    """One line per closed round. The accuracy a round reports is the devices' held-out
+    balanced accuracy of the model they *received*: the model after the previous training
+    round (model 0: the initial one), which is how ``biofed demo``'s table labels it."""
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     label = record.phase if record.train_round is None else f"train {record.train_round}"
     eps = fmt(record.epsilon_rdp if record.epsilon_rdp is not None else record.epsilon_pld, ".3f")
     pld = "" if record.epsilon_pld is None else f" (pld {record.epsilon_pld:.3f})"
+    if record.balanced_accuracy is None:
+        accuracy = ""
+    else:
+        model = "final model" if record.phase == "evaluate" else f"model {record.train_round - 1}" \
+            if record.train_round is not None else "current model"
+        accuracy = f"  balanced acc of {model} {record.balanced_accuracy:.3f}"
     return (f"round {record.round:4d} {label:<12} devices {record.n_devices}/{record.n_selected}  "
-            f"loss {fmt(record.mean_loss, '.4f')}  balanced acc {fmt(record.balanced_accuracy, '.3f')}  "
-            f"epsilon {eps}{pld}")
+            f"loss {fmt(record.mean_loss, '.4f')}{accuracy}  epsilon {eps}{pld}")
 
 
 @click.command("coordinator", epilog=examples(
