@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -405,6 +406,23 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 ENV_PREFIX = "BIOFED_"
 
 
+def toml_literal(value: object) -> str:
+    """``value`` (bool, int, float, str, path, list, tuple or dict of those) as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else "inf" if value > 0 else "-inf")
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
 def env_name(key: str) -> str:
     """The environment variable of a dotted setting: ``"broker.host"`` -> ``"BIOFED_BROKER_HOST"``."""
     return ENV_PREFIX + key.replace(".", "_").upper()
@@ -538,5 +556,5 @@ def load_allowed_devices(path: str | Path) -> frozenset[str]:
 __all__ = [
     "AdaptiveClippingConfig", "BrokerConfig", "BrokerServiceConfig", "ConfigError", "CoordinatorConfig", "DPConfig",
     "DeviceConfig", "ENV_PREFIX", "MetricsSettings", "ModelSettings", "PipelineSettings", "RECOMMENDED_PRIVACY",
-    "RECOMMENDED_ROUNDS", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices", "load_config",
+    "RECOMMENDED_ROUNDS", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices", "load_config", "toml_literal",
 ]

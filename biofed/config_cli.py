@@ -8,8 +8,6 @@ placeholder, and ``[dp]`` carries the recommended privacy settings
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import textwrap
 import tomllib
@@ -29,6 +27,7 @@ from biofed.config import (
     DeviceConfig,
     env_name,
     load_config,
+    toml_literal,
 )
 
 KINDS: dict[str, type[BaseModel]] = {
@@ -49,22 +48,6 @@ _HEADERS = {
     "device": "biofed device config: `biofed edge --config FILE`. Add the device's recordings.",
     "broker": "biofed broker config: `biofed broker --config FILE`.",
 }
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}" if value else "{}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
 def _section_model(annotation: object) -> type[BaseModel] | None:
@@ -109,7 +92,7 @@ def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overr
         if value is None:
             lines.append(f"# {key.rsplit('.', 1)[-1]} =   (not set by default)")
         else:
-            lines.append(f"{mark}{name} = {_toml_value(value)}")
+            lines.append(f"{mark}{name} = {toml_literal(value)}")
     for key, sub, info in sections:
         optional = info.default is None  # an optional section: shown commented out
         lines += ["", ""] + _comment(info.description or sub.__doc__)

@@ -120,6 +120,7 @@ from biofed.config import (
     CoordinatorConfig,
     DeviceConfig,
     load_config,
+    toml_literal,
 )
 from biofed.protocol import KINDS, InvalidTopic, Topics, validate_id
 
@@ -346,22 +347,10 @@ def _mkdir(path: Path, mode: int) -> None:
     path.chmod(mode)
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def _toml(header: str, top: dict[str, object], broker: dict[str, object]) -> str:
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in top.items()]
-    lines += ["", "[broker]"] + [f"{key} = {_toml_value(value)}" for key, value in broker.items()]
+    lines += [f"{key} = {toml_literal(value)}" for key, value in top.items()]
+    lines += ["", "[broker]"] + [f"{key} = {toml_literal(value)}" for key, value in broker.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -804,17 +793,17 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
         _broker_table(fleet, COORDINATOR_ID, relative_to=folder),
     )
     text += "\n# client-level DP: the settings biofed demo runs with, and a budget\n[dp]\n"
-    text += "".join(f"{key} = {value!r}\n" for key, value in RECOMMENDED_PRIVACY.items())
+    text += "".join(f"{key} = {toml_literal(value)}\n" for key, value in RECOMMENDED_PRIVACY.items())
     if fleet.observer:  # read-only: biofed status never takes over the coordinator's session
         observer = _broker_table(fleet, OBSERVER_ID, relative_to=None)
         for key in ("ca_file", "cert_file", "key_file", "password_file"):  # ../observer/...: relative, like the rest
             observer[key] = os.path.relpath(observer[key], folder)
-        text += "\n[status_broker]\n" + "".join(f"{key} = {_toml_value(value)}\n" for key, value in observer.items())
+        text += "\n[status_broker]\n" + "".join(f"{key} = {toml_literal(value)}\n" for key, value in observer.items())
     _write(layout.coordinator_config, text, _PUBLIC)
     load_config(layout.coordinator_config, CoordinatorConfig, environ={})
     _write(layout.broker_service_config,
            f"# biofed broker of fleet {fleet.fleet} (written by biofed provision): biofed broker --config THIS_FILE\n"
-           f"mosquitto = true\nmosquitto_conf = {_toml_value(layout.broker_config.name)}\n", _PUBLIC)
+           f"mosquitto = true\nmosquitto_conf = {toml_literal(layout.broker_config.name)}\n", _PUBLIC)
     load_config(layout.broker_service_config, BrokerServiceConfig, environ={})
 
 
