@@ -62,6 +62,9 @@ from pathlib import Path
 
 import click
 
+from biofed.cli_options import config_option, examples, load_config_or_exit, logging_options, override_options
+from biofed.config import BrokerServiceConfig
+
 from biofed.protocol import DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
@@ -435,23 +438,36 @@ def start_mosquitto(
 
 
 # ----------------------------------------------------------------------------- CLI
-@click.command("broker")
-@click.option("--host", default=LOOPBACK, show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=1883, show_default=True, help="TCP port (0: any free port).")
-@click.option("--mosquitto", "use_mosquitto", is_flag=True, help="Run Mosquitto (MQTT 5) instead of the embedded amqtt broker (MQTT 3.1.1).")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Mosquitto config, persistence and log directory (default: a temporary directory).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Run Mosquitto with this ready config (e.g. DIR/broker/mosquitto.conf from biofed provision); "
-                   "its listener line gives address and port.")
-def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | None, config_file: Path | None) -> None:
-    """Run an MQTT broker for a biofed fleet until Ctrl-C (or SIGTERM)."""
+@click.command("broker", epilog=examples(
+    "biofed broker                                   # embedded amqtt on 127.0.0.1:1883",
+    "biofed broker --mosquitto --port 1884 --data-dir broker-data",
+    "biofed broker --config fleet/broker/broker.toml  # a provisioned fleet's TLS broker",
+    "biofed config init broker --out broker.toml",
+))
+@config_option("broker", required=False)
+@override_options(BrokerServiceConfig, aliases={"data_dir": "--dir"})
+@logging_options(default_level="warning")
+def broker_command(config_path: Path | None, overrides: dict) -> None:
+    """Run an MQTT broker for a biofed fleet until Ctrl-C or SIGTERM.
 
-    def _terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # the same clean stop as Ctrl-C: Mosquitto runs in its own session
+    --config is a biofed broker TOML file; a Mosquitto config (FILE.conf, as older
+    versions took) is still accepted and run as --mosquitto-conf.
+    """
+    if config_path is not None and config_path.suffix == ".conf" and overrides.get("mosquitto_conf") is None:
+        logger.warning("--config %s is a Mosquitto config: pass it as --mosquitto-conf (--config takes biofed TOML)",
+                       config_path)
+        overrides["mosquitto_conf"], config_path = config_path, None
+    settings = load_config_or_exit(config_path, BrokerServiceConfig, overrides)
+    config_file, use_mosquitto, directory = settings.mosquitto_conf, settings.mosquitto, settings.data_dir
+    host, port = settings.host, settings.port
+    if config_file is not None and not config_file.is_file():
+        raise click.BadParameter(f"{config_file} does not exist", param_hint="mosquitto_conf")
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="biofed-broker-") as scratch:
         running: EmbeddedBroker | MosquittoBroker | None = None
         try:
@@ -468,7 +484,7 @@ def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | 
                 click.echo(f"amqtt broker (MQTT 3.1.1) listening on {running.host}:{running.port}; Ctrl-C stops it")
             while running.alive:
                 time.sleep(0.5)
-            raise click.ClickException("the broker stopped unexpectedly; run with -vv for its log")
+            raise click.ClickException("the broker stopped unexpectedly; run with --log-level debug for its log")
         except BrokerError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:

@@ -341,10 +341,11 @@ class MqttClient:
         """Disconnect cleanly (no last will) and stop the network thread."""
         self._closing = True
         if self._client is not None:
-            self._client.disconnect()
             # paho's network thread logs a spurious "Client is not connected" at ERROR level
-            # when it wakes after a deliberate disconnect; nothing after this point is news.
+            # when it wakes after a deliberate disconnect (even while disconnect() runs);
+            # nothing from this point on is news.
             self._client.disable_logger()
+            self._client.disconnect()
             self._client.loop_stop()
             self._client = None
         self._connected.clear()

@@ -184,7 +184,20 @@ class ModelFile:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise ExportError(f"{path}: not a biofed model file (.npz written by the coordinator): {exc}") from None
+            # numpy's own text about a pickle ("load it unsafely with allow_pickle") is advice
+            # biofed must never pass on: model files hold plain arrays only
+            try:
+                with path.open("rb") as handle:
+                    numpy_file = handle.read(6) == b"\x93NUMPY" or zipfile.is_zipfile(path)
+            except OSError:
+                numpy_file = True  # unreadable: numpy's own message says why
+            if not numpy_file:
+                reason = "not a NumPy .npz archive"
+            elif "pickle" in str(exc):
+                reason = "it holds pickled Python objects, which biofed never loads"
+            else:
+                reason = str(exc)
+            raise ExportError(f"{path}: not a biofed model file (.npz written by the coordinator): {reason}") from None
         if not isinstance(arrays, dict) or not arrays:
             raise ExportError(f"{path}: not a biofed model file (.npz written by the coordinator)")
         required = ("params", "classes", "hidden", "basis_components", "basis_mean", "basis_scale")

@@ -132,9 +132,17 @@ from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, 
 from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
 from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
-from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, StateError, write_final_model
+from biofed.coordinator.state import (
+    CoordinatorState,
+    RoundRecord,
+    Snapshot,
+    StateDirLock,
+    StateError,
+    write_final_model,
+)
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
+from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
 from biofed.protocol import (
@@ -559,6 +567,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._state = RunState.STARTING
         self._store: CoordinatorState | None = None
+        self._dir_lock: StateDirLock | None = None
         self._client: MqttClient | None = None
         try:
             allowed = None if config.allowed_devices_file is None else AllowList(config.allowed_devices_file)
@@ -572,6 +581,8 @@ class Coordinator:
         """The coordinator's release gate: every round whose output reached the adversary of
         the trust mode is charged through it, durably, before anything is published."""
         self.adaptive = self._make_adaptive()
+        self.metrics = CoordinatorMetrics(self)
+        """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
 
     # ------------------------------------------------------------------ setup
     def _make_strategy(self) -> Strategy:
@@ -648,12 +659,19 @@ class Coordinator:
         CoordinatorError
             The broker is unreachable or the state directory belongs to another fleet.
         StateError
-            The state directory cannot be written (read-only, full, I/O error); logged. The
-            last committed round is intact: rerun once the directory is fixed.
+            The state directory cannot be written (read-only, full, I/O error), or another
+            coordinator runs on ``config.state_dir`` (:class:`StateDirLock`); logged. The last
+            committed round is intact: rerun once the directory is fixed.
         """
         self._stop.clear()
+        metrics_server = None
         try:
             self._open_state()
+            self.metrics.set_epsilons(self.ledger.epsilons())
+            try:
+                metrics_server = serve(self.metrics.registry, self.config.metrics)
+            except OSError as exc:
+                raise CoordinatorError(f"[metrics] {exc}") from None
             self._connect()
             while not self._stop.is_set():
                 phase = self.snapshot.phase
@@ -676,12 +694,23 @@ class Coordinator:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            if self._dir_lock is not None:
+                self._dir_lock.release()
+                self._dir_lock = None
+            if metrics_server is not None:
+                metrics_server.close()
         return self._state
 
     # ------------------------------------------------------------------ plumbing
     def _open_state(self) -> None:
         self._state = RunState.STARTING
-        self._store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        self._dir_lock = StateDirLock(self.config.state_dir)
+        try:
+            self._store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        except StateError:
+            self._dir_lock.release()
+            self._dir_lock = None
+            raise
         loaded = self._store.load()
         if loaded is not None:
             self.snapshot = loaded
@@ -734,7 +763,8 @@ class Coordinator:
         self.ingest.refresh_allowed()
         message = self._client.receive(timeout_s)
         while message is not None:
-            self.ingest.handle(message.topic, message.payload)
+            result = self.ingest.handle(message.topic, message.payload)
+            self.metrics.received(message.topic, len(message.payload), result)
             message = self._client.receive(0)
 
     def _publish(self, topic: str, payload, *, retain: bool = True) -> bool:
@@ -767,6 +797,7 @@ class Coordinator:
             logger.error("%s of round %d refused by the broker: %s (check the broker's ACL for user %r)",
                          payload.KIND, payload.round, refused, self.config.broker.username or self.client_id)
             return False
+        self.metrics.sent(len(data))
         if warned:
             logger.info("%s of round %d published after %.0f s", payload.KIND, payload.round,
                         time.monotonic() - started)
@@ -928,6 +959,7 @@ class Coordinator:
         self._state = _PHASE_STATES[phase]
         downtime_at_start = self._client.downtime_s()
         self._charge_replies_ahead(round_, phase)
+        self.metrics.round_opened(round_)
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
                     round_, phase, len(participants), self.config.round_deadline_s)
@@ -1147,6 +1179,7 @@ class Coordinator:
             record.n_devices, record.n_selected, fmt(record.mean_loss, ".4f"), fmt(record.balanced_accuracy, ".3f"),
             eps, self.ledger.budget_accountant, self.ledger.delta,
         )
+        self.metrics.round_closed(record)
         if self.on_round is not None:
             self.on_round(record)
 

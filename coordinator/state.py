@@ -33,10 +33,16 @@ an mmapped file): a state directory that turns read-only or full mid-run then fa
 write with an error instead of killing the process with SIGBUS. Every storage failure is
 a :class:`StateError` naming the directory and the cause; the transaction of the failed
 commit is rolled back, so the database keeps the last committed round.
+
+One coordinator at a time runs on a state directory: :class:`StateDirLock` holds an
+exclusive ``flock`` on ``state_dir/coordinator.lock`` (released by the kernel when the
+process dies, so a crash never leaves a stale lock). Readers such as ``biofed status``
+read the database without the lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
@@ -53,7 +59,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ROUND_COLUMNS", "SCHEMA_VERSION", "CoordinatorState", "RoundRecord", "Snapshot", "StateError", "write_final_model",
+    "ROUND_COLUMNS", "SCHEMA_VERSION", "CoordinatorState", "RoundRecord", "Snapshot", "StateDirLock", "StateError",
+    "running_coordinator", "write_final_model",
 ]
 
 SCHEMA_VERSION = 1
@@ -163,6 +170,59 @@ def _to_npy(array: np.ndarray) -> bytes:
 
 def _from_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+class StateDirLock:
+    """An exclusive lock on a state directory: a second coordinator on it fails at once.
+
+    Raises
+    ------
+    StateError
+        Another process (or another :class:`StateDirLock` in this one) holds the lock.
+    """
+
+    NAME = "coordinator.lock"
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / self.NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise StateError(
+                f"another coordinator (pid {holder}) is running on {self.path.parent}; stop it first, or give this "
+                "one its own state_dir"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Unlock (idempotent); the file stays, its content is only informative."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+def running_coordinator(state_dir: str | Path) -> int | None:
+    """The pid of the coordinator holding ``state_dir``'s :class:`StateDirLock`, or None
+    when none runs there (the lock is probed, never taken for longer than the probe)."""
+    path = Path(state_dir) / StateDirLock.NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None
 
 
 class CoordinatorState:

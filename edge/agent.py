@@ -110,6 +110,7 @@ from biofed.edge.split import balanced_accuracy, device_standardization, holdout
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
 from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
+from biofed.metrics import AgentMetrics
 from biofed.model_format import LayoutSpec
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
@@ -163,6 +164,10 @@ _APPEND_EVERY = 64
 """Rows buffered before a store append while ingesting (one durable transaction each)."""
 _PREDICT_ROWS = 64
 """Newest stored windows classified when ``predict`` is on and a new global model arrives."""
+
+
+_OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+"""How long a stopping agent waits for the broker to acknowledge its "offline" status."""
 
 
 class AgentState(enum.Enum):
@@ -314,6 +319,8 @@ class EdgeAgent:
         """The ONNX global model predictions are made with (``predict = true``)."""
         self._predict_standardization: tuple[np.ndarray, np.ndarray] | None = None
         """Device standardization applied to raw rows before :attr:`predictor` (None: global)."""
+        self.metrics = AgentMetrics(self)
+        """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
 
     # ------------------------------------------------------------------ state
     @property
@@ -554,6 +561,7 @@ class EdgeAgent:
         except StoreError as exc:
             logger.error("%s: %d windows of %s not stored: %s", self.device_id, len(rows), stream, exc)
             return 0
+        self.metrics.stored(len(rows))
         return len(rows)
 
     # ------------------------------------------------------------------ local data
@@ -712,6 +720,7 @@ class EdgeAgent:
             out = self._train(task) if task.phase == "train" else self._evaluate(task)
         if out:
             self._answered.add(key)
+            self.metrics.task_answered(task.round, task.phase)
         self._enter(AgentState.IDLE)
         return out
 
@@ -998,8 +1007,13 @@ class EdgeAgent:
                     self._publish(out)
         finally:
             self._enter(AgentState.STOPPING)
+            offline = self.status_message("offline")
             if client.connected:  # disconnected, nothing goes out now; the broker has our last will
-                self._publish(self.status_message("offline"))
+                try:  # bounded: should the broker go away now, its last will says "offline" anyway
+                    client.publish(offline.topic, offline.payload, retain=True, timeout_s=_OFFLINE_PUBLISH_TIMEOUT_S)
+                except MqttError as exc:
+                    logger.info("%s: offline status not delivered (%s); the broker publishes the last will",
+                                self.device_id, exc)
             client.close()
             self._client = None
             if ingest_thread is not None:

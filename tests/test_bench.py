@@ -73,11 +73,12 @@ def test_bench_registered_in_cli():
 def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(
-        cli, ["bench", "--quick", "--repeats", "3", "--only", "transform,chain", "--json", str(out)]
+        cli, ["bench", "--quick", "--repeats", "3", "--only", "transform,chain", "--out", str(out), "--json"]
     )
     assert result.exit_code == 0, result.output
-    assert "fusion chain" in result.output and "Targets" in result.output
+    assert "fusion chain" in result.stderr and "Targets" in result.stderr  # the table; stdout is JSON only
     data = json.loads(out.read_text())
+    assert json.loads(result.stdout) == data
     assert {"machine", "cases", "targets", "mode", "repeats"} <= set(data)
     assert {"platform", "cpu", "python", "versions", "blas"} <= set(data["machine"])
     assert data["machine"]["versions"]["numpy"] == np.__version__

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from biofed import provision as provision_module
 from biofed.broker import fleet_queue_limits, free_port, start_mosquitto
 from biofed.cli import cli
-from biofed.config import BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
+from biofed.config import RECOMMENDED_PRIVACY, RECOMMENDED_ROUNDS, BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
 from biofed.mqtt import ConnectError, MqttClient, PublishError, TlsSettings
 from biofed.protocol import KINDS, Status, Topics, encode_message
 from biofed.provision import (
@@ -538,15 +538,32 @@ def test_biofed_broker_runs_a_provisioned_config(tmp_path):
     require_mosquitto_passwd()
     require_mosquitto()
     own = provision_fleet(tmp_path / "cli-fleet", FLEET, 1, port=free_port())
-    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(own.layout.broker_config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        first_line = process.stdout.readline()
-        assert f"listening on 127.0.0.1:{own.port}" in first_line and "kill -HUP" in first_line
-        client = MqttClient.from_config(own.broker_config("device-001"), "device-001", protocol="5")
-        client.connect()
-        client.close()
-    finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=15)
-    assert "stopping broker" in output
+    # the provisioned biofed TOML, and the Mosquitto config itself as older versions took it
+    for config, warning in ((own.layout.broker_service_config, False), (own.layout.broker_config, True)):
+        process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(config)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first_line = process.stdout.readline()
+            assert f"listening on 127.0.0.1:{own.port}" in first_line and "kill -HUP" in first_line
+            client = MqttClient.from_config(own.broker_config("device-001"), "device-001", protocol="5")
+            client.connect()
+            client.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            output, errors = process.communicate(timeout=15)
+        assert "stopping broker" in output and process.returncode == 0
+        assert ("pass it as --mosquitto-conf" in errors) is warning
+
+
+def test_provisioned_coordinator_config_is_private_by_default(tmp_path):
+    require_mosquitto_passwd()
+    fleet = provision_fleet(tmp_path / "fleet", FLEET, 4, port=free_port())
+    config = load_config(fleet.layout.coordinator_config, CoordinatorConfig, environ={})
+    assert {key: getattr(config.dp, key) for key in RECOMMENDED_PRIVACY} == RECOMMENDED_PRIVACY
+    assert config.dp.epsilon_budget is not None and config.rounds == RECOMMENDED_ROUNDS
+    assert config.min_devices == 3  # a majority of the 4 devices
+    assert config.status_broker.username == "observer"  # biofed status reads with read-only credentials
+    assert config.status_broker.password_file.resolve() == fleet.layout.mqtt_password("observer")
+    from biofed.config_cli import check
+
+    assert "budget epsilon 10" in check(fleet.layout.coordinator_config, "coordinator")

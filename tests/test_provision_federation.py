@@ -101,7 +101,7 @@ def test_demo_secure_runs_over_the_provisioned_broker(tmp_path):
     out = tmp_path / "report"
     summary = run_demo(DemoSettings(out=out, devices=3, rounds=2, synthetic_seconds=10.0, timeout_s=240.0,
                                     secure=True))
-    assert summary["settings"]["secure"] is True and len(summary["rounds"]) == 2
+    assert summary["settings"]["secure"] is True and len(summary["rounds"]) == 3  # row 0 and 2 rounds
     device = load_config(out / "devices" / "device00" / "device.toml", DeviceConfig)
     assert device.broker.tls and device.broker.username == "device00"
     assert device.signing_key_file == out / "fleet" / "devices" / "device00" / "signing.key.pem"
