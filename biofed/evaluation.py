@@ -74,6 +74,8 @@ __all__ = [
 EPSILONS: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, math.inf)
 CLASSES = ("rest", "arithmetic")
 PRIVATE_METHODS = ("one-shot", "dp-ftrl", "fedavg-dp", "central-dp")
+DEFAULT_METHOD = "dp-ftrl"
+"""The best private method at epsilon <= 8 by leave-subjects-out CV on eegmat's training windows."""
 _RDP = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
 
 
@@ -84,17 +86,23 @@ class Defaults:
     rounds: int = 20
     local_epochs: int = 2
     local_lr: float = 0.05
-    clip: float = 1.0
     server_lr: float = 1.0
+    dp_rounds: int = 10
+    dp_clip: float = 0.25
+    dp_server_lr: float = 2.0
+    central_clip: float = 1.0
+    ftrl_rounds: int = 10
+    ftrl_clip: float = 0.5
     ftrl_lr: float = 1.0
     ftrl_momentum: float = 0.9
-    central_steps: int = 50
+    central_steps: int = 20
     central_lr: float = 0.5
     central_epochs: int = 60
     l2: float = 1e-3
     means_clip: float = 1.0
     scatter_clip: float | None = None
     ridge: float = 1.0
+    basis_clip: float = 25.0
     personal_epochs: int = 30
     personal_lr: float = 0.02
     personal_prox: float = 0.01
@@ -201,24 +209,24 @@ def _accountant():
     return RdpAccountant(neighboring_relation=_RDP)
 
 
-def _method_event(method: str, z: float, d: Defaults, basis: bool) -> dp_accounting.DpEvent:
-    """All releases of ``method`` at noise multiplier ``z`` (every multiplier equal)."""
+def _method_event(method: str, z: float, d: Defaults, basis: str = "none") -> dp_accounting.DpEvent:
+    """All releases of ``method`` at noise multiplier ``z`` (every multiplier equal), with
+    those of the ``basis`` projection kind (``none``, ``pca``: one release, ``class``: two)."""
     if method == "one-shot":
         events = [dp_accounting.GaussianDpEvent(z)] * (1 if d.scatter_clip is None else 2)
     elif method == "dp-ftrl":
-        events = [dp_accounting.SingleEpochTreeAggregationDpEvent(z, d.rounds)]
+        events = [dp_accounting.SingleEpochTreeAggregationDpEvent(z, d.ftrl_rounds)]
     elif method == "fedavg-dp":
-        events = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), d.rounds)]
+        events = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), d.dp_rounds)]
     elif method == "central-dp":
         events = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), d.central_steps)]
     else:
         raise ValueError(f"{method!r} is not a private method")
-    if basis:
-        events.append(dp_accounting.GaussianDpEvent(z))
+    events += [dp_accounting.GaussianDpEvent(z)] * {"none": 0, "pca": 1, "class": 2}[basis]
     return dp_accounting.ComposedDpEvent(events)
 
 
-def noise_multiplier_for(method: str, epsilon: float, delta: float, d: Defaults, basis: bool = False) -> float:
+def noise_multiplier_for(method: str, epsilon: float, delta: float, d: Defaults, basis: str = "none") -> float:
     """Smallest z with epsilon(all releases of ``method``) <= ``epsilon`` at ``delta`` (0 for inf)."""
     if math.isinf(epsilon):
         return 0.0
@@ -227,27 +235,29 @@ def noise_multiplier_for(method: str, epsilon: float, delta: float, d: Defaults,
 
 
 # ----------------------------------------------------------------------------- projection
-def _projection(train_sets, k: int | None, kind: str, z: float, ledger: ReleaseLedger | None):
+def _projection(train_sets, k: int | None, kind: str, z: float, ledger: ReleaseLedger | None, d: Defaults):
     """``None`` (no projection) or a (d, k) basis from the devices' training rows.
 
-    ``pca``: top-k eigenvectors of the averaged per-device correlation (each device's
-    ``Z^T Z / n`` clipped to Frobenius norm 1 — entries of a correlation are in [-1, 1] —
-    released once when ``z > 0``). ``class``: the released class-mean difference direction
-    first, then the top k-1 PCA directions orthogonal to it.
+    ``pca``: top-k eigenvectors of the summed per-device correlations ``Z^T Z / n``, each
+    clipped to Frobenius norm ``d.basis_clip`` and the sum released once (when ``ledger``).
+    ``class`` (class-aware): the summed per-device class-mean differences (each clipped to
+    norm 1, released once more) as the first direction, then the top k-1 PCA directions
+    orthogonal to it.
     """
     if kind == "none" or k is None:
         return None
-    d = train_sets[0][0].shape[1]
-    grams = sum(clip_l2((X.T @ X / X.shape[0]).ravel(), 1.0 * d)[0] for X, _ in train_sets)
+    dim = train_sets[0][0].shape[1]
+    grams = sum(clip_l2((X.T @ X / X.shape[0]).ravel(), d.basis_clip)[0] for X, _ in train_sets)
     if ledger is not None:
-        grams = release_statistics(grams, z * d, dp_accounting.GaussianDpEvent(z), ledger)
-    G = grams.reshape(d, d)
-    G = 0.5 * (G + G.T)
-    vals, vecs = np.linalg.eigh(G)
+        grams = release_statistics(grams, z * d.basis_clip, dp_accounting.GaussianDpEvent(z), ledger)
+    G = grams.reshape(dim, dim)
+    vals, vecs = np.linalg.eigh(0.5 * (G + G.T))
     pcs = vecs[:, np.argsort(vals)[::-1]]
     if kind == "pca":
         return pcs[:, :k]
-    diff = sum(X[y == 1].mean(0) - X[y == 0].mean(0) for X, y in train_sets)
+    diff = sum(clip_l2(X[y == 1].mean(0) - X[y == 0].mean(0), 1.0)[0] for X, y in train_sets)
+    if ledger is not None:
+        diff = release_statistics(diff, z, dp_accounting.GaussianDpEvent(z), ledger)
     direction = diff / (np.linalg.norm(diff) + 1e-12)
     rest = pcs - np.outer(direction, direction @ pcs)
     q, _ = np.linalg.qr(np.column_stack([direction, rest[:, : k - 1]]))
@@ -270,23 +280,27 @@ def _local_update(params, X, y, d: Defaults, rng) -> np.ndarray:
 
 
 def _fedavg(train_sets, d: Defaults, z: float | None, ledger: ReleaseLedger | None, seed: int) -> np.ndarray:
+    """FedAvg; with a ``ledger`` DP-FedAvg (deltas clipped to ``dp_clip``, one Gaussian release per round)."""
     rng = np.random.default_rng(seed)
     params = init_params(train_sets[0][0].shape[1], 2)
-    for _ in range(d.rounds):
-        deltas = [clip_l2(_local_update(params, X, y, d, rng) - params, d.clip)[0] for X, y in train_sets]
-        total = np.sum(deltas, axis=0)
-        if ledger is not None:
-            total = release_statistics(total, z * d.clip, dp_accounting.GaussianDpEvent(z), ledger)
-        params = params + d.server_lr * total / len(train_sets)
+    rounds, server_lr = (d.rounds, d.server_lr) if ledger is None else (d.dp_rounds, d.dp_server_lr)
+    for _ in range(rounds):
+        deltas = [_local_update(params, X, y, d, rng) - params for X, y in train_sets]
+        if ledger is None:
+            total = np.sum(deltas, axis=0)
+        else:
+            total = np.sum([clip_l2(delta, d.dp_clip)[0] for delta in deltas], axis=0)
+            total = release_statistics(total, z * d.dp_clip, dp_accounting.GaussianDpEvent(z), ledger)
+        params = params + server_lr * total / len(train_sets)
     return params
 
 
 def _dp_ftrl(train_sets, d: Defaults, z: float, ledger: ReleaseLedger, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    server = DPFTRL(init_params(train_sets[0][0].shape[1], 2), d.rounds, clip=d.clip, noise_multiplier=z,
+    server = DPFTRL(init_params(train_sets[0][0].shape[1], 2), d.ftrl_rounds, clip=d.ftrl_clip, noise_multiplier=z,
                     lr=d.ftrl_lr * (1.0 - d.ftrl_momentum), momentum=d.ftrl_momentum, ledger=ledger)
     params = server.theta
-    for _ in range(d.rounds):
+    for _ in range(d.ftrl_rounds):
         params = server.step([params - _local_update(params, X, y, d, rng) for X, y in train_sets])
     return params
 
@@ -296,8 +310,8 @@ def _central_dp(train_sets, d: Defaults, z: float, ledger: ReleaseLedger) -> np.
 
     params = init_params(train_sets[0][0].shape[1], 2)
     for _ in range(d.central_steps):
-        grads = [clip_l2(loss_and_grad(params, X, y, 2, l2=0.0)[1], d.clip)[0] for X, y in train_sets]
-        total = release_statistics(np.sum(grads, axis=0), z * d.clip, dp_accounting.GaussianDpEvent(z), ledger)
+        grads = [clip_l2(loss_and_grad(params, X, y, 2, l2=0.0)[1], d.central_clip)[0] for X, y in train_sets]
+        total = release_statistics(np.sum(grads, axis=0), z * d.central_clip, dp_accounting.GaussianDpEvent(z), ledger)
         params = params - d.central_lr * total / len(train_sets)
     return params
 
@@ -313,10 +327,9 @@ def fit_global(method: str, train_sets, d: Defaults, epsilon: float, delta: floa
                k: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Train ``method`` on ``train_sets`` [(X, y) per device]; returns ``(params, basis, epsilon spent)``."""
     private = method in PRIVATE_METHODS and not math.isinf(epsilon)
-    uses_basis = projection != "none"
-    z = noise_multiplier_for(method, epsilon, delta, d, basis=uses_basis) if private else 0.0
+    z = noise_multiplier_for(method, epsilon, delta, d, basis=projection) if private else 0.0
     ledger = ReleaseLedger() if method in PRIVATE_METHODS else None
-    basis = _projection(train_sets, k, projection, z, ledger if private else None)
+    basis = _projection(train_sets, k, projection, z, ledger if private else None, d)
     sets = train_sets if basis is None else [(X @ basis, y) for X, y in train_sets]
     if method == "central":
         params = _train_central(sets, d, seed)
@@ -404,6 +417,24 @@ class Evaluation:
                          f"{s['worst']:6.3f} [{s['ci95'][0]:.3f},{s['ci95'][1]:.3f}]  {spread}")
         return "\n".join(lines)
 
+    def format_tradeoff(self) -> str:
+        """Accuracy against epsilon: one line per (view, private method), ``mean/worst`` per epsilon."""
+        epsilons = self.settings.get("epsilons", list(EPSILONS))
+        head = "".join(f"{'eps ' + ('inf' if math.isinf(e) else f'{e:g}'):>14s}" for e in epsilons)
+        lines = [f"privacy-utility trade-off (balanced accuracy mean/worst device, delta {self.settings.get('delta', 1e-5):g}, "
+                 f"{self.settings.get('repeats', 1)} noise draws per private cell)", f"{'view':12s} {'method':22s}{head}"]
+        keys = []
+        for r in self.rows:
+            if r.method.split("+")[0] in PRIVATE_METHODS and r.variant == "none" and (r.view, r.method) not in keys:
+                keys.append((r.view, r.method))
+        for view, method in keys:
+            cells = []
+            for e in epsilons:
+                s = self.find(view, method, e)
+                cells.append(f"{s['mean']:.3f}/{s['worst']:.3f}" if s else "-")
+            lines.append(f"{view:12s} {method:22s}" + "".join(f"{c:>14s}" for c in cells))
+        return "\n".join(lines)
+
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "evaluation.json").write_text(json.dumps({"settings": self.settings, "rows": self.summaries()},
@@ -467,9 +498,15 @@ def _plain_rows(plain_devices: list[DeviceRows]) -> tuple[Row, Row]:
 def run_evaluation(devices: list[DeviceRows], *, plain_devices: list[DeviceRows] | None = None,
                    epsilons: Sequence[float] = EPSILONS, delta: float = 1e-5, repeats: int = 3,
                    methods: Sequence[str] = ("one-shot", "dp-ftrl", "fedavg-dp", "central-dp"),
-                   variants: Sequence[tuple[str, int]] = (("none", 0),), defaults: Defaults = Defaults(),
+                   variants: Sequence[tuple[str, int]] = (("none", 0),),
+                   private_variants: Sequence[tuple[str, int]] = (("none", 0),), defaults: Defaults = Defaults(),
                    seed: int = 0, progress: Callable[[str], None] | None = None) -> Evaluation:
-    """Every method, both views, on ``devices``; private rows repeated ``repeats`` times."""
+    """Every method, both views, on ``devices``; private rows repeated ``repeats`` times.
+
+    ``variants`` are the projections (``(kind, k)``, kind ``none``/``pca``/``class``) the
+    centralized non-private model is run with; ``private_variants`` those of every private
+    method (their basis releases are charged and counted in the epsilon).
+    """
     if len(devices) < 2:
         raise click.ClickException("the evaluation needs at least 2 devices (the new-patient view leaves one out)")
     say = progress or (lambda _msg: None)
@@ -479,7 +516,8 @@ def run_evaluation(devices: list[DeviceRows], *, plain_devices: list[DeviceRows]
     unseen = [dev.new_patient_view() for dev in devices]
     evaluation = Evaluation(settings={"epsilons": list(epsilons), "delta": delta, "repeats": repeats,
                                       "devices": list(names), "defaults": defaults.__dict__,
-                                      "variants": [list(v) for v in variants]})
+                                      "variants": [list(v) for v in variants],
+                                      "private_variants": [list(v) for v in private_variants]})
     rows = evaluation.rows
 
     # local-only: each device alone
@@ -520,12 +558,46 @@ def run_evaluation(devices: list[DeviceRows], *, plain_devices: list[DeviceRows]
         run("central", math.inf, variant, k, 1, False)
     run("fedavg", math.inf, "none", 0, 1, False)
     for method in methods:
-        for epsilon in epsilons:
-            n = 1 if math.isinf(epsilon) else repeats
-            run(method, epsilon, "none", 0, n, True)
+        for variant, k in private_variants:
+            for epsilon in epsilons:
+                run(method, epsilon, variant, k, 1 if math.isinf(epsilon) else repeats, True)
     if plain_devices is not None:
         rows.extend(_plain_rows(plain_devices))
     return evaluation
+
+
+def tune(devices: list[DeviceRows], method: str, grid: Mapping[str, Sequence], *, epsilon: float = 8.0,
+         delta: float = 1e-5, repeats: int = 3, base: Defaults = Defaults(), seed: int = 0) -> list[tuple[dict, float]]:
+    """Leave-one-subject-out CV of ``method`` over every combination of ``grid`` (Defaults
+    fields, plus ``projection`` and ``k`` as :func:`fit_global` takes them).
+
+    Only training windows are used: each fold trains on the other devices' training rows and
+    scores the left-out device's training rows, z-scored with their own statistics. The
+    held-out windows of the evaluation are never seen. Returns ``(settings, mean balanced
+    accuracy over folds and repeats)`` sorted best first.
+    """
+    import dataclasses
+    import itertools
+
+    personal = [dev.personal_view() for dev in devices]
+    train_sets = [(X[dev.train], y[dev.train]) for dev, (X, y) in zip(devices, personal)]
+    calibrated = [device_standardization(dev.X[dev.train]) for dev in devices]
+    unseen = [((dev.X[dev.train] - m) / sc, dev.y[dev.train]) for dev, (m, sc) in zip(devices, calibrated)]
+    keys = list(grid)
+    results = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        settings = dict(zip(keys, values))
+        fields = {key: value for key, value in settings.items() if key not in ("projection", "k")}
+        projection, k = settings.get("projection", "none"), settings.get("k", 32)
+        d = dataclasses.replace(base, **fields)
+        scores = []
+        for r in range(repeats if method in PRIVATE_METHODS and not math.isinf(epsilon) else 1):
+            for i in range(len(devices)):
+                params, basis, _ = fit_global(method, train_sets[:i] + train_sets[i + 1:], d, epsilon, delta,
+                                              projection=projection, k=k, seed=seed + r)
+                scores.append(_score(params, basis, *unseen[i]))
+        results.append((settings, float(np.mean(scores))))
+    return sorted(results, key=lambda item: -item[1])
 
 
 def targets(evaluation: Evaluation, method: str, epsilon: float = 8.0) -> list[tuple[str, float, str, float]]:
@@ -585,12 +657,16 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
 @click.option("--methods", default=",".join(PRIVATE_METHODS), show_default=True, help="Private methods to run.")
 @click.option("--projections", default="none,pca32,class32,pca64", show_default=True,
               help="Projection variants of the centralized non-private model (none, pcaK, classK).")
+@click.option("--private-projections", default="none", show_default=True,
+              help="Projection variants of every private method (their basis releases are charged).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"), show_default=True)
-def evaluate_command(data, epsilons, delta, repeats, methods, projections, out):
+def evaluate_command(data, epsilons, delta, repeats, methods, projections, private_projections, out):
     """Evaluate every method and baseline on the same rows: both views, mean, worst device, CI, spread."""
-    result = evaluate_folder(data, epsilons=_parse_epsilons(epsilons), delta=delta, repeats=repeats,
-                             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                             variants=_parse_variants(projections), out=out, echo=click.echo)
+    methods = tuple(m.strip() for m in methods.split(",") if m.strip())
+    _check_methods(methods)
+    result = evaluate_folder(data, epsilons=_parse_epsilons(epsilons), delta=delta, repeats=repeats, methods=methods,
+                             variants=_parse_variants(projections), private_variants=_parse_variants(private_projections),
+                             out=out, echo=click.echo)
     click.echo(f"written: {out / 'evaluation.json'}, {out / 'epsilon_accuracy.png'}")
     return result
 
@@ -605,22 +681,34 @@ def _parse_variants(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(variants)
 
 
-def evaluate_folder(data: Path, *, epsilons=EPSILONS, delta: float = 1e-5, repeats: int = 3,
-                    methods: Sequence[str] = PRIVATE_METHODS, variants=(("none", 0),), out: Path | None = None,
-                    echo: Callable[[str], None] = print) -> Evaluation:
-    """Load ``data``'s devices, run :func:`run_evaluation`, print the table and targets, write ``out``."""
+def _check_methods(methods: Sequence[str]) -> None:
     unknown = [m for m in methods if m not in PRIVATE_METHODS]
-    if unknown:
-        raise click.BadParameter(f"unknown method(s) {unknown}; choose from {list(PRIVATE_METHODS)}")
-    files = devices_from_data(data)
-    echo(f"evaluation: {len(files)} devices from {data}; features ...")
+    if unknown or not methods:
+        raise click.BadParameter(f"unknown method(s) {unknown or methods}; choose from {list(PRIVATE_METHODS)}")
+
+
+def evaluate_folder(data: Path, **kwargs) -> Evaluation:
+    """:func:`evaluate_files` on the eegmat subjects of ``data``."""
+    return evaluate_files(devices_from_data(data), **kwargs)
+
+
+def evaluate_files(files: Mapping[str, Sequence[Path]], *, epsilons=EPSILONS, delta: float = 1e-5, repeats: int = 3,
+                   methods: Sequence[str] = PRIVATE_METHODS, variants=(("none", 0),),
+                   private_variants=(("none", 0),), out: Path | None = None,
+                   echo: Callable[[str], None] = print) -> Evaluation:
+    """Load every device's recordings, run :func:`run_evaluation`, print the tables and the
+    targets, and write ``evaluation.json``, ``evaluation.txt`` and ``epsilon_accuracy.png`` to ``out``."""
+    _check_methods(methods)
+    echo(f"evaluation: {len(files)} devices; extracting features (biofed and the plain MNE/SciPy pipeline) ...")
     devices = load_devices(files)
     plain = load_devices(files, rows=plain_pipeline_rows)
     evaluation = run_evaluation(devices, plain_devices=plain, epsilons=epsilons, delta=delta, repeats=repeats,
-                                methods=methods, variants=variants, progress=None)
+                                methods=methods, variants=variants, private_variants=private_variants)
     echo(evaluation.format_table())
-    if "one-shot" in methods and 8.0 in epsilons:
-        echo("targets (default method one-shot):\n" + format_targets(targets(evaluation, "one-shot", 8.0)))
+    echo("")
+    echo(evaluation.format_tradeoff())
+    if DEFAULT_METHOD in methods and 8.0 in epsilons:
+        echo(f"targets (default method {DEFAULT_METHOD}):\n" + format_targets(targets(evaluation, DEFAULT_METHOD, 8.0)))
     if out is not None:
         evaluation.write(out)
     return evaluation

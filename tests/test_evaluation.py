@@ -157,9 +157,9 @@ def test_dp_ftrl_charges_the_whole_tree_up_front():
 @pytest.mark.parametrize("method", ["one-shot", "dp-ftrl", "fedavg-dp", "central-dp"])
 def test_noise_multiplier_meets_the_target_epsilon(method):
     d = Defaults()
-    z = noise_multiplier_for(method, 4.0, 1e-5, d, basis=True)
+    z = noise_multiplier_for(method, 4.0, 1e-5, d, basis="class")
     accountant = RdpAccountant(neighboring_relation=REPLACE_SPECIAL)
-    accountant.compose(_method_event(method, z, d, True))
+    accountant.compose(_method_event(method, z, d, "class"))
     assert 3.9 <= accountant.get_epsilon(1e-5) <= 4.0
     assert noise_multiplier_for(method, math.inf, 1e-5, d) == 0.0
 
@@ -186,7 +186,7 @@ def test_evaluation_on_synthetic_devices(synthetic_files):
     assert [dev.name for dev in devices] == [dev.name for dev in plain]
     for ours, theirs in zip(devices, plain):
         np.testing.assert_array_equal(ours.held_out, theirs.held_out)  # same windows, same split
-    fast = Defaults(rounds=3, central_epochs=10, central_steps=5, personal_epochs=5)
+    fast = Defaults(rounds=3, dp_rounds=3, ftrl_rounds=3, central_epochs=10, central_steps=5, personal_epochs=5)
     evaluation = run_evaluation(devices, plain_devices=plain, epsilons=(2.0, math.inf), repeats=2,
                                 methods=("one-shot", "dp-ftrl"), variants=(("none", 0), ("pca", 8)), defaults=fast)
     summaries = {(s["view"], s["method"], s["variant"], s["epsilon_target"]): s for s in evaluation.summaries()}
@@ -244,8 +244,8 @@ def test_evaluate_command_on_eegmat(shared_datasets, tmp_path):
     out = tmp_path / "ev"
     result = CliRunner().invoke(evaluate_command, [
         "--data", str(shared_datasets / "eegmat"), "--epsilons", "8,inf", "--repeats", "1",
-        "--methods", "one-shot", "--projections", "none", "--out", str(out)])
+        "--methods", "dp-ftrl", "--projections", "none", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "new patient" in result.output and "plain" in result.output and "single draw" in result.output
     assert (out / "epsilon_accuracy.png").stat().st_size > 0
-    assert "[met] personalized mean (one-shot+personal, eps 8)" in result.output
+    assert "[met] personalized mean (dp-ftrl+personal, eps 8)" in result.output
