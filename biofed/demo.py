@@ -40,6 +40,12 @@ What it does
        ``biofed predict --model model_final.onnx FILE``.
    ``summary.json``
        federated vs centralized accuracy, epsilon, settings.
+   ``evaluation/``
+       with ``--data`` (or ``--evaluate``): :mod:`biofed.evaluation` run on the same
+       recordings after the federation — the personalized and new-patient views, every
+       private method (DP-FTRL, one-shot LDA, DP-FedAvg, centralized DP) and baseline at
+       epsilon 1, 2, 4, 8 and inf, with the spread over ``--repeats`` privacy-noise draws;
+       its tables are printed and ``epsilon_accuracy.png`` plots the trade-off.
 
 Privacy defaults
 ----------------

@@ -192,7 +192,8 @@ def test_evaluation_on_synthetic_devices(synthetic_files):
     summaries = {(s["view"], s["method"], s["variant"], s["epsilon_target"]): s for s in evaluation.summaries()}
     for key in [("personalized", "local", "none", math.inf), ("new patient", "central", "pca8", math.inf),
                 ("personalized", "one-shot+personal", "none", 2.0), ("new patient", "dp-ftrl", "none", 2.0),
-                ("personalized", "plain", "none", math.inf), ("new patient", "fedavg", "none", math.inf)]:
+                ("personalized", "plain", "none", math.inf), ("new patient", "fedavg", "none", math.inf),
+                ("new patient", "biofed-features+sklearn", "none", math.inf)]:
         assert key in summaries, key
     private = summaries[("personalized", "one-shot", "none", 2.0)]
     assert private["repeats"] == 2 and private["epsilon_spent"] <= 2.0
