@@ -55,7 +55,7 @@ import click
 import dp_accounting
 import numpy as np
 
-from biofed.coordinator.dp_ftrl import DPFTRL
+from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
 from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
 from biofed.coordinator.release import ReleaseLedger, release_statistics
 from biofed.edge.split import balanced_accuracy, device_standardization
@@ -93,7 +93,8 @@ class Defaults:
     dp_clip: float = 0.25
     dp_server_lr: float = 2.0
     central_clip: float = 1.0
-    ftrl_rounds: int = 10
+    ftrl_devices_per_round: int = 2
+    ftrl_epochs: int = 2
     ftrl_clip: float = 0.5
     ftrl_lr: float = 1.0
     ftrl_momentum: float = 0.9
@@ -211,13 +212,17 @@ def _accountant():
     return RdpAccountant(neighboring_relation=_RDP)
 
 
-def _method_event(method: str, z: float, d: Defaults, basis: str = "none") -> dp_accounting.DpEvent:
+def _ftrl_rounds_per_epoch(n_devices: int, d: Defaults) -> int:
+    return math.ceil(n_devices / min(d.ftrl_devices_per_round, n_devices))
+
+
+def _method_event(method: str, z: float, d: Defaults, basis: str = "none", n_devices: int = 1) -> dp_accounting.DpEvent:
     """All releases of ``method`` at noise multiplier ``z`` (every multiplier equal), with
     those of the ``basis`` projection kind (``none``, ``pca``: one release, ``class``: two)."""
     if method == "one-shot":
         events = [dp_accounting.GaussianDpEvent(z)] * (1 if d.scatter_clip is None else 2)
     elif method == "dp-ftrl":
-        events = [dp_accounting.SingleEpochTreeAggregationDpEvent(z, d.ftrl_rounds)]
+        events = [dp_ftrl_event(z, _ftrl_rounds_per_epoch(n_devices, d), d.ftrl_epochs)]
     elif method == "fedavg-dp":
         events = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), d.dp_rounds)]
     elif method == "central-dp":
@@ -228,12 +233,13 @@ def _method_event(method: str, z: float, d: Defaults, basis: str = "none") -> dp
     return dp_accounting.ComposedDpEvent(events)
 
 
-def noise_multiplier_for(method: str, epsilon: float, delta: float, d: Defaults, basis: str = "none") -> float:
+def noise_multiplier_for(method: str, epsilon: float, delta: float, d: Defaults, basis: str = "none",
+                         n_devices: int = 1) -> float:
     """Smallest z with epsilon(all releases of ``method``) <= ``epsilon`` at ``delta`` (0 for inf)."""
     if math.isinf(epsilon):
         return 0.0
     return float(dp_accounting.calibrate_dp_mechanism(
-        _accountant, lambda z: _method_event(method, z, d, basis), epsilon, delta, bracket_interval=dp_accounting.ExplicitBracketInterval(0.05, 200.0), tol=1e-3))
+        _accountant, lambda z: _method_event(method, z, d, basis, n_devices), epsilon, delta, bracket_interval=dp_accounting.ExplicitBracketInterval(0.05, 200.0), tol=1e-3))
 
 
 # ----------------------------------------------------------------------------- projection
@@ -298,12 +304,19 @@ def _fedavg(train_sets, d: Defaults, z: float | None, ledger: ReleaseLedger | No
 
 
 def _dp_ftrl(train_sets, d: Defaults, z: float, ledger: ReleaseLedger, seed: int) -> np.ndarray:
+    """DP-FTRL over a public cyclic schedule: each epoch, disjoint groups of
+    ``ftrl_devices_per_round`` devices take one round each (every device once per tree)."""
     rng = np.random.default_rng(seed)
-    server = DPFTRL(init_params(train_sets[0][0].shape[1], 2), d.ftrl_rounds, clip=d.ftrl_clip, noise_multiplier=z,
-                    lr=d.ftrl_lr * (1.0 - d.ftrl_momentum), momentum=d.ftrl_momentum, ledger=ledger)
+    n = len(train_sets)
+    group = min(d.ftrl_devices_per_round, n)
+    rounds = _ftrl_rounds_per_epoch(n, d)
+    server = DPFTRL(init_params(train_sets[0][0].shape[1], 2), rounds, d.ftrl_epochs, clip=d.ftrl_clip,
+                    noise_multiplier=z, lr=d.ftrl_lr * (1.0 - d.ftrl_momentum), momentum=d.ftrl_momentum, ledger=ledger)
     params = server.theta
-    for _ in range(d.ftrl_rounds):
-        params = server.step([params - _local_update(params, X, y, d, rng) for X, y in train_sets])
+    for _ in range(d.ftrl_epochs):
+        for r in range(rounds):
+            members = range(r * group, min((r + 1) * group, n))
+            params = server.step({str(i): params - _local_update(params, *train_sets[i], d, rng) for i in members})
     return params
 
 
@@ -329,7 +342,7 @@ def fit_global(method: str, train_sets, d: Defaults, epsilon: float, delta: floa
                k: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Train ``method`` on ``train_sets`` [(X, y) per device]; returns ``(params, basis, epsilon spent)``."""
     private = method in PRIVATE_METHODS and not math.isinf(epsilon)
-    z = noise_multiplier_for(method, epsilon, delta, d, basis=projection) if private else 0.0
+    z = noise_multiplier_for(method, epsilon, delta, d, basis=projection, n_devices=len(train_sets)) if private else 0.0
     ledger = ReleaseLedger() if method in PRIVATE_METHODS else None
     basis = _projection(train_sets, k, projection, z, ledger if private else None, d)
     sets = train_sets if basis is None else [(X @ basis, y) for X, y in train_sets]

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from dp_accounting.rdp import RdpAccountant
 
-from biofed.coordinator.dp_ftrl import DPFTRL
+from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
 from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
 from biofed.coordinator.release import ReleaseLedger, TreePrefixRelease, release_statistics, tree_nodes
 from biofed.edge.statistics import class_statistics, personalize
@@ -139,27 +139,39 @@ def test_dp_ftrl_without_noise_is_gradient_descent_on_clipped_means():
     theta0 = rng.normal(size=4)
     server = DPFTRL(theta0, 6, clip=1.0, noise_multiplier=0.0, lr=0.5, ledger=ReleaseLedger())
     theta = theta0.copy()
-    for _ in range(6):
-        grads = [rng.normal(size=4) * 3 for _ in range(3)]
-        clipped = [g * min(1.0, 1.0 / np.linalg.norm(g)) for g in grads]
+    for r in range(6):
+        grads = {f"d{r}-{k}": rng.normal(size=4) * 3 for k in range(3)}
+        clipped = [g * min(1.0, 1.0 / np.linalg.norm(g)) for g in grads.values()]
         theta = theta - 0.5 * np.mean(clipped, axis=0)
         np.testing.assert_allclose(server.step(grads), theta)
 
 
-def test_dp_ftrl_charges_the_whole_tree_up_front():
+def test_dp_ftrl_refuses_a_device_twice_per_epoch_and_charges_one_tree_per_epoch():
     ledger = ReleaseLedger()
-    DPFTRL(np.zeros(3), 20, clip=1.0, noise_multiplier=2.0, lr=1.0, ledger=ledger)
+    server = DPFTRL(np.zeros(3), 2, 3, clip=1.0, noise_multiplier=2.0, lr=1.0, ledger=ledger)
+    server.step({"a": np.ones(3)})
+    with pytest.raises(ValueError, match=r"\['a'\] already contributed in this epoch"):
+        server.step({"a": np.ones(3), "b": np.ones(3)})
+    server.step({"b": np.ones(3)})
+    server.step({"a": np.ones(3)})  # a new epoch, a new tree
+    tree = dp_accounting.SingleEpochTreeAggregationDpEvent(2.0, 2)
+    assert ledger.events == (tree, tree)
+    server.step({"b": np.ones(3)})
+    server.step({"a": np.ones(3)})
+    server.step({"b": np.ones(3)})
+    with pytest.raises(RuntimeError, match="all 3 epoch"):
+        server.step({"c": np.ones(3)})
     direct = RdpAccountant(neighboring_relation=REPLACE_SPECIAL)
-    direct.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(2.0, 20))
+    direct.compose(dp_ftrl_event(2.0, 2, 3))
     assert ledger.epsilon(1e-5) == pytest.approx(direct.get_epsilon(1e-5))
 
 
 @pytest.mark.parametrize("method", ["one-shot", "dp-ftrl", "fedavg-dp", "central-dp"])
 def test_noise_multiplier_meets_the_target_epsilon(method):
     d = Defaults()
-    z = noise_multiplier_for(method, 4.0, 1e-5, d, basis="class")
+    z = noise_multiplier_for(method, 4.0, 1e-5, d, basis="class", n_devices=7)
     accountant = RdpAccountant(neighboring_relation=REPLACE_SPECIAL)
-    accountant.compose(_method_event(method, z, d, "class"))
+    accountant.compose(_method_event(method, z, d, "class", 7))
     assert 3.9 <= accountant.get_epsilon(1e-5) <= 4.0
     assert noise_multiplier_for(method, math.inf, 1e-5, d) == 0.0
 
@@ -186,7 +198,7 @@ def test_evaluation_on_synthetic_devices(synthetic_files):
     assert [dev.name for dev in devices] == [dev.name for dev in plain]
     for ours, theirs in zip(devices, plain):
         np.testing.assert_array_equal(ours.held_out, theirs.held_out)  # same windows, same split
-    fast = Defaults(rounds=3, dp_rounds=3, ftrl_rounds=3, central_epochs=10, central_steps=5, personal_epochs=5)
+    fast = Defaults(rounds=3, dp_rounds=3, ftrl_epochs=1, central_epochs=10, central_steps=5, personal_epochs=5)
     evaluation = run_evaluation(devices, plain_devices=plain, epsilons=(2.0, math.inf), repeats=2,
                                 methods=("one-shot", "dp-ftrl"), variants=(("none", 0), ("pca", 8)), defaults=fast)
     summaries = {(s["view"], s["method"], s["variant"], s["epsilon_target"]): s for s in evaluation.summaries()}
