@@ -603,11 +603,11 @@ EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "e
 
 def case_evaluation(s: Settings, result: CaseResult) -> None:
     """``biofed evaluate``: every method and baseline, both views, and the utility targets at
-    epsilon 8 for the default method (DP-FTRL). The full run uses eegmat (the subjects in
+    epsilon 8 for the default method (:data:`biofed.evaluation.DEFAULT_METHOD`). The full run uses eegmat (the subjects in
     ../shared/datasets/eegmat; a synthetic fleet where it is absent), every epsilon, 3 noise
     draws and the projection variants; ``--quick`` a small synthetic fleet at epsilon 8 and inf."""
     from biofed.demo import eegmat_devices, write_synthetic_devices
-    from biofed.evaluation import EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
+    from biofed.evaluation import DEFAULT_METHOD, EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
 
     with tempfile.TemporaryDirectory(prefix="biofed-bench-eval-") as tmp:
         files = eegmat_devices(EEGMAT) if EEGMAT.is_dir() and not s.quick else {}
@@ -629,7 +629,7 @@ def case_evaluation(s: Settings, result: CaseResult) -> None:
         name = f"{row['view']} / {row['method']} / proj {row['variant']} / eps {eps:g}"
         detail = {k: row[k] for k in ("worst", "ci95", "epsilon_spent", "repeats", "spread_mean_sd", "per_device")}
         result.metrics.append(Metric("evaluation", name, row["mean"], "balanced accuracy", {"data": source, **detail}))
-    for name, measured, op, threshold in targets(evaluation, "dp-ftrl", 8.0):
+    for name, measured, op, threshold in targets(evaluation, DEFAULT_METHOD, 8.0):
         result.targets.append(Target(f"{source}: {name}", measured, op, threshold))
 
 

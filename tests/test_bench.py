@@ -123,4 +123,4 @@ def test_bench_evaluation_case_quick(tmp_path):
     names = {m["name"] for m in case["metrics"]}
     assert "new patient / dp-ftrl / proj none / eps 8" in names and "personalized / plain / proj none / eps inf" in names
     assert all(0.0 <= m["value"] <= 1.0 for m in case["metrics"])
-    assert any("personalized mean (dp-ftrl+personal, eps 8)" in t["name"] for t in case["targets"])
+    assert any("personalized mean (one-shot+personal, eps 8)" in t["name"] for t in case["targets"])

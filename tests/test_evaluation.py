@@ -257,8 +257,8 @@ def test_evaluate_command_on_eegmat(shared_datasets, tmp_path):
     out = tmp_path / "ev"
     result = CliRunner().invoke(evaluate_command, [
         "--data", str(shared_datasets / "eegmat"), "--epsilons", "8,inf", "--repeats", "1",
-        "--methods", "dp-ftrl", "--projections", "none", "--out", str(out)])
+        "--methods", "one-shot", "--projections", "none", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "new patient" in result.output and "plain" in result.output and "single draw" in result.output
     assert (out / "epsilon_accuracy.png").stat().st_size > 0
-    assert "[met] personalized mean (dp-ftrl+personal, eps 8)" in result.output
+    assert "[met] personalized mean (one-shot+personal, eps 8)" in result.output
