@@ -419,7 +419,7 @@ class Evaluation:
         return None
 
     def format_table(self) -> str:
-        lines = [f"{'view':12s} {'method':22s} {'proj':9s} {'eps':>5s} {'spent':>6s} {'mean':>6s} {'worst':>6s} "
+        lines = [f"{'view':12s} {'method':24s} {'proj':9s} {'eps':>5s} {'spent':>6s} {'mean':>6s} {'worst':>6s} "
                  f"{'95% CI':>13s}  spread over repeats"]
         for s in self.summaries():
             eps = "inf" if math.isinf(s["epsilon_target"]) else f"{s['epsilon_target']:g}"
@@ -429,7 +429,7 @@ class Evaluation:
                 spread = f"mean sd {s['spread_mean_sd']:.3f} [{lo:.3f}-{hi:.3f}] (n={s['repeats']})"
             else:
                 spread = "single draw" if s["method"].split("+")[0] in PRIVATE_METHODS and s["epsilon_spent"] != math.inf else "deterministic"
-            lines.append(f"{s['view']:12s} {s['method']:22s} {s['variant']:9s} {eps:>5s} {spent:>6s} {s['mean']:6.3f} "
+            lines.append(f"{s['view']:12s} {s['method']:24s} {s['variant']:9s} {eps:>5s} {spent:>6s} {s['mean']:6.3f} "
                          f"{s['worst']:6.3f} [{s['ci95'][0]:.3f},{s['ci95'][1]:.3f}]  {spread}")
         return "\n".join(lines)
 
@@ -438,7 +438,7 @@ class Evaluation:
         epsilons = self.settings.get("epsilons", list(EPSILONS))
         head = "".join(f"{'eps ' + ('inf' if math.isinf(e) else f'{e:g}'):>14s}" for e in epsilons)
         lines = [f"privacy-utility trade-off (balanced accuracy mean/worst device, delta {self.settings.get('delta', 1e-5):g}, "
-                 f"{self.settings.get('repeats', 1)} noise draws per private cell)", f"{'view':12s} {'method':22s}{head}"]
+                 f"{self.settings.get('repeats', 1)} noise draws per private cell)", f"{'view':12s} {'method':24s}{head}"]
         keys = []
         for r in self.rows:
             if r.method.split("+")[0] in PRIVATE_METHODS and r.variant == "none" and (r.view, r.method) not in keys:
@@ -448,7 +448,7 @@ class Evaluation:
             for e in epsilons:
                 s = self.find(view, method, e)
                 cells.append(f"{s['mean']:.3f}/{s['worst']:.3f}" if s else "-")
-            lines.append(f"{view:12s} {method:22s}" + "".join(f"{c:>14s}" for c in cells))
+            lines.append(f"{view:12s} {method:24s}" + "".join(f"{c:>14s}" for c in cells))
         return "\n".join(lines)
 
     def write(self, out: Path) -> None:
