@@ -676,6 +676,41 @@ def case_warm_start(s: Settings, result: CaseResult) -> None:
     result.targets.append(Target("warm start to first window <= 2 s (Numba cache present)", warm, "<=", 2.0, " s"))
 
 
+EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "eegmat"
+
+
+def case_evaluation(s: Settings, result: CaseResult) -> None:
+    """``biofed evaluate``: every method and baseline, both views, and the utility targets at
+    epsilon 8 for the default method (:data:`biofed.evaluation.DEFAULT_METHOD`). The full run uses eegmat (the subjects in
+    ../shared/datasets/eegmat; a synthetic fleet where it is absent), every epsilon, 3 noise
+    draws and the projection variants; ``--quick`` a small synthetic fleet at epsilon 8 and inf."""
+    from biofed.demo import eegmat_devices, write_synthetic_devices
+    from biofed.evaluation import DEFAULT_METHOD, EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
+
+    with tempfile.TemporaryDirectory(prefix="biofed-bench-eval-") as tmp:
+        files = eegmat_devices(EEGMAT) if EEGMAT.is_dir() and not s.quick else {}
+        source = f"eegmat ({len(files)} subjects)"
+        if len(files) < 2:
+            n = 4 if s.quick else 8
+            files = write_synthetic_devices(Path(tmp), n, duration_s=s.seconds(60.0, 20.0), random_state=s.seed)
+            source = f"synthetic ({n} devices)"
+        devices = load_devices(files)
+        plain = load_devices(files, rows=plain_pipeline_rows)
+    if s.quick:
+        evaluation = run_evaluation(devices, plain_devices=plain, epsilons=(8.0, float("inf")), repeats=1,
+                                    methods=("dp-ftrl", "one-shot"), seed=s.seed)
+    else:
+        evaluation = run_evaluation(devices, plain_devices=plain, epsilons=EPSILONS, repeats=3,
+                                    variants=(("none", 0), ("pca", 32), ("class", 32), ("pca", 64)), seed=s.seed)
+    for row in evaluation.summaries():
+        eps = row["epsilon_target"]
+        name = f"{row['view']} / {row['method']} / proj {row['variant']} / eps {eps:g}"
+        detail = {k: row[k] for k in ("worst", "ci95", "epsilon_spent", "repeats", "spread_mean_sd", "per_device")}
+        result.metrics.append(Metric("evaluation", name, row["mean"], "balanced accuracy", {"data": source, **detail}))
+    for name, measured, op, threshold in targets(evaluation, DEFAULT_METHOD, 8.0):
+        result.targets.append(Target(f"{source}: {name}", measured, op, threshold))
+
+
 CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "windowing": case_windowing,
     "band_powers": case_band_powers,
@@ -695,6 +730,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "realtime": case_realtime,
     "warm_start": case_warm_start,
     "privacy_ledger": case_privacy_ledger,
+    "evaluation": case_evaluation,
 }
 
 

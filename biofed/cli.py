@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "coordinator": "biofed.coordinator.cli:coordinator_command",
     "demo": "biofed.demo:demo_command",
     "edge": "biofed.edge.cli:edge_command",
+    "evaluate": "biofed.evaluation:evaluate_command",
     "export": "biofed.coordinator.export_cli:export_command",
     "play": "biofed.edge.live_cli:play_command",
     "predict": "biofed.edge.predict_cli:predict_command",

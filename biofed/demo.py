@@ -42,6 +42,12 @@ What it does
        ``biofed predict --model model_final.onnx FILE``.
    ``summary.json``
        federated vs centralized accuracy, epsilon, settings.
+   ``evaluation/``
+       with ``--data`` (or ``--evaluate``): :mod:`biofed.evaluation` run on the same
+       recordings after the federation — the personalized and new-patient views, every
+       private method (DP-FTRL, one-shot LDA, DP-FedAvg, centralized DP) and baseline at
+       epsilon 1, 2, 4, 8 and inf, with the spread over ``--repeats`` privacy-noise draws;
+       its tables are printed and ``epsilon_accuracy.png`` plots the trade-off.
 
 Privacy defaults
 ----------------
@@ -169,6 +175,8 @@ class DemoSettings:
     timeout_s: float = 900.0
     seed: int = 0
     agent_keepalive_s: int = 30
+    evaluate: bool | None = None
+    evaluation_repeats: int = 3
 
 
 # ----------------------------------------------------------------------------- devices
@@ -856,6 +864,14 @@ def run_demo(settings: DemoSettings) -> dict:
                    f"windows: max |diff| {onnx_summary['max_abs_diff_vs_numba']:.1e}")
     click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, model_final.onnx, summary.json) "
                f"in {elapsed:.0f} s")
+    if settings.evaluate if settings.evaluate is not None else settings.data is not None:
+        from biofed.evaluation import evaluate_files
+
+        click.echo("")
+        evaluate_files(devices, delta=settings.delta, repeats=settings.evaluation_repeats, out=out / "evaluation",
+                       echo=click.echo)
+        summary["evaluation"] = str(out / "evaluation" / "evaluation.json")
+        click.echo(f"evaluation: {out / 'evaluation'} (evaluation.json, evaluation.txt, epsilon_accuracy.png)")
     return summary
 
 
@@ -915,9 +931,14 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
               help="Global timeout (s); every process is killed after it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
+@click.option("--evaluate/--no-evaluate", default=None,
+              help="After the federation, run `biofed evaluate` on the same recordings (both views, baselines, "
+                   "epsilon 1-inf, spread over noise draws). Default: with --data only.")
+@click.option("--repeats", "evaluation_repeats", type=click.IntRange(min=1), default=DemoSettings.evaluation_repeats,
+              show_default=True, help="Privacy-noise draws per private cell of the evaluation.")
 def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_multiplier, basis_clip, standardization,
                  epsilon_budget, delta, trust_mode, sign, secure, out, mosquitto, synthetic_seconds, timeout_s,
-                 seed) -> None:
+                 seed, evaluate, evaluation_repeats) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
@@ -930,6 +951,7 @@ def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_mult
         basis_clip=basis_clip, basis_noise_multiplier=basis_noise_multiplier, standardization=standardization,
         epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
         sign=sign, secure=secure, synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
+        evaluate=evaluate, evaluation_repeats=evaluation_repeats,
     )
     try:
         run_demo(settings)

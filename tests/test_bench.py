@@ -128,3 +128,16 @@ def test_missing_source_tree_is_a_clear_error(tmp_path):
     with pytest.raises(click.ClickException, match="source checkout"):
         load_suite(tmp_path / "benchmarks")
     assert BENCHMARKS_DIR.name == "benchmarks" and (BENCHMARKS_DIR / "suite.py").is_file()
+
+
+@pytest.mark.slow
+def test_bench_evaluation_case_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--only", "evaluation", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    case = json.loads(out.read_text())["cases"][0]
+    assert case["error"] is None
+    names = {m["name"] for m in case["metrics"]}
+    assert "new patient / dp-ftrl / proj none / eps 8" in names and "personalized / plain / proj none / eps inf" in names
+    assert all(0.0 <= m["value"] <= 1.0 for m in case["metrics"])
+    assert any("personalized mean (one-shot+personal, eps 8)" in t["name"] for t in case["targets"])
