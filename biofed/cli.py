@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
     "provision": "biofed.provision:provision_command",
     "replay": "biofed.edge.replay_cli:replay_command",
+    "simulate": "biofed.simulate:simulate_command",
 }
 
 

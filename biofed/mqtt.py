@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -191,6 +193,10 @@ class MqttClient:
         keeps offline messages only for sessions with a user name).
     tls : TlsSettings, optional
         Connect over TLS (see :class:`TlsSettings`); None: plain TCP.
+    on_message : callable, optional
+        Called on the network thread with each :class:`InboundMessage` instead of putting
+        it in the inbox (a process hosting many clients feeds one shared dispatcher this
+        way). It must not drop messages; blocking in it holds the PUBACK like a full inbox.
     """
 
     def __init__(
@@ -214,6 +220,7 @@ class MqttClient:
         username: str | None = None,
         password: str | None = None,
         tls: TlsSettings | None = None,
+        on_message: Callable[[InboundMessage], None] | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -243,6 +250,7 @@ class MqttClient:
         jitter = 1.0 + np.random.default_rng(random_state).random()
         self._reconnect_delays = (reconnect_min_delay_s * jitter, reconnect_max_delay_s * jitter)
         self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
+        self._deliver = on_message
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._suback = threading.Condition(self._lock)
@@ -340,6 +348,20 @@ class MqttClient:
             self._client.loop_stop()
             self._client = None
         self._connected.clear()
+
+    def drop_connection(self) -> bool:
+        """Cut the TCP connection without a DISCONNECT, as a network failure does: the broker
+        publishes the last will and paho reconnects with its backoff (fault injection in
+        simulations and tests). False when there is no open connection."""
+        client = self._client
+        sock = None if client is None else client.socket()
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        return True
 
     def __enter__(self) -> MqttClient:
         return self.connect()
@@ -505,6 +527,9 @@ class MqttClient:
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
         inbound = InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain))
+        if self._deliver is not None:
+            self._deliver(inbound)
+            return
         while True:
             try:
                 self._inbox.put(inbound, timeout=0.5)
