@@ -285,8 +285,10 @@ class RoundTiming:
     round: int
     phase: str
     task_at: float
+    task_bytes: int
     updates: list[tuple[float, str, int]] = field(default_factory=list)
     closed_at: float | None = None
+    result_bytes: int = 0
 
 
 class FleetWatcher:
@@ -329,7 +331,7 @@ class FleetWatcher:
         fire = None
         with self._lock:
             if isinstance(payload, Task) and payload.round not in self.rounds:
-                self.rounds[payload.round] = RoundTiming(payload.round, payload.phase, now)
+                self.rounds[payload.round] = RoundTiming(payload.round, payload.phase, now, len(inbound.payload))
                 if payload.phase == "train":
                     self.train_ordinal += 1
                     fire = (payload.round, payload.phase, self.train_ordinal)
@@ -338,6 +340,7 @@ class FleetWatcher:
             elif isinstance(payload, (Model, Basis)) and payload.round in self.rounds:
                 timing = self.rounds[payload.round]
                 timing.closed_at = timing.closed_at or now
+                timing.result_bytes = len(inbound.payload)
         if fire is not None and self._on_task is not None:
             threading.Thread(target=self._on_task, args=fire, daemon=True).start()
 
@@ -360,10 +363,16 @@ class FleetWatcher:
                     "task_to_close_s": round(timing.closed_at - timing.task_at, 3),
                     "updates_per_s": round(len(arrivals) / max(last - first, 1e-6), 1),
                     "bytes_per_update": int(np.mean([a[2] for a in arrivals])),
+                    # what one device moves: the task and the round's result in, its reply out
+                    "bytes_per_device": int(np.mean([a[2] for a in arrivals])) + timing.task_bytes
+                    + timing.result_bytes,
                 })
-        latencies = [r["close_after_last_update_s"] for r in rows if r["phase"] == "train"]
+        train = [r for r in rows if r["phase"] == "train"]
+        latencies = [r["close_after_last_update_s"] for r in train]
         return {
             "rounds": rows,
+            "updates_per_s": float(np.median([r["updates_per_s"] for r in train])) if train else None,
+            "bytes_per_device_per_round": int(np.mean([r["bytes_per_device"] for r in train])) if train else None,
             "close_latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
             "close_latency_p95_s": float(np.percentile(latencies, 95)) if latencies else None,
         }
@@ -591,8 +600,10 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         ready_s = time.monotonic() - started
         click.echo(f"{len(agents)} simulated devices online in {ready_s:.1f} s; "
                    f"{(rss_fleet - rss_before) / len(agents) / 1e6:.2f} MB per device")
+        usage: dict[int, tuple[float, int]] = {}  # coordinator pid -> (CPU seconds, peak RSS)
         while True:
             child = coordinator.child
+            _sample(child.process.pid, usage)
             code = child.process.poll()
             if code is not None and child is coordinator.child:
                 break
@@ -625,6 +636,8 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         "faults": faults, "slow_devices": len(fleet.slow), "duplicating_devices": len(fleet.duplicating),
         "late_published": fleet.late_published, "duplicates_published": fleet.duplicates_published,
         "coordinator_starts": coordinator.starts, "problems": problems, **timing,
+        "coordinator_cpu_s": round(sum(cpu for cpu, _ in usage.values()), 2),
+        "coordinator_rss_mb": round(max((rss for _, rss in usage.values()), default=0) / 1e6, 1),
         "epsilon": records[-1].get("epsilon_rdp") if records else None,
         "balanced_accuracy": next((r.get("balanced_accuracy") for r in records if r["phase"] == "evaluate"), None),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
@@ -639,6 +652,19 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
                f"{summary['balanced_accuracy']}; epsilon {summary['epsilon']}")
     click.echo("checks: " + ("all invariants hold" if not problems else "; ".join(problems)))
     return summary
+
+
+def _sample(pid: int, usage: dict[int, tuple[float, int]]) -> None:
+    """Record the CPU seconds and peak RSS of process ``pid`` so far."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            cpu = proc.cpu_times()
+            rss = proc.memory_info().rss
+    except psutil.Error:
+        return
+    previous = usage.get(pid, (0.0, 0))
+    usage[pid] = (cpu.user + cpu.system, max(rss, previous[1]))
 
 
 def _seconds(value: float | None) -> str:
