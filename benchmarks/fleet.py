@@ -3,6 +3,7 @@
 ::
 
     python benchmarks/fleet.py --devices 100 1000 --rounds 3
+    python benchmarks/fleet.py --rabbitmq --devices 100 --rounds 3
 
 For each N, :func:`biofed.simulate.run_simulation` runs a whole federation (synthetic
 sources dealt to N real edge agents in one process, the coordinator in its own process,
@@ -19,6 +20,11 @@ client-level DP at the demo's defaults) over a fresh Mosquitto, and reports:
 - the raw ceiling measured in the same run: the same number of update-sized QoS 1
   messages from 4 plain paho publisher processes through Mosquitto to one plain paho
   subscriber, and the ratio of the coordinator's ingest to it (target >= 0.8).
+
+With ``--rabbitmq`` the federation runs on a two-node RabbitMQ cluster on loopback
+(:func:`biofed.rabbitmq.start_rabbitmq_cluster`; needs Debian ``rabbitmq-server`` and root)
+with the devices spread over both nodes and the coordinator on the first; the same figures
+are printed except the Mosquitto-only ingest and ceiling.
 """
 
 from __future__ import annotations
@@ -102,6 +108,42 @@ def raw_ceiling(n_messages: int, size: int, publishers: int = 4) -> float:
     return n_messages / (arrivals[-1] - arrivals[0])
 
 
+def _fleet_figures(summary: dict) -> dict:
+    return {
+        "devices": summary["devices"],
+        "broker": summary["broker"],
+        "devices_per_broker": summary["devices_per_broker"],
+        "rounds": summary["rounds"],
+        "wall_s": summary["wall_s"],
+        "ready_s": summary["ready_s"],
+        "close_latency_p50_s": summary["close_latency_p50_s"],
+        "close_latency_p95_s": summary["close_latency_p95_s"],
+        "fleet_updates_per_s": summary["updates_per_s"],
+        "coordinator_cpu_s": summary["coordinator_cpu_s"],
+        "coordinator_rss_mb": summary["coordinator_rss_mb"],
+        "memory_per_device_mb": summary["memory_per_device_mb"],
+        "simulator_rss_mb": summary["process_rss_mb"],
+        "bytes_per_device_per_round": summary["bytes_per_device_per_round"],
+        "epsilon": summary["epsilon"],
+        "balanced_accuracy": summary["balanced_accuracy"],
+        "problems": summary["problems"],
+    }
+
+
+def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
+    from biofed.demo import DemoSettings
+    from biofed.rabbitmq import start_rabbitmq_cluster
+    from biofed.simulate import FleetOptions, run_simulation
+
+    started = time.monotonic()
+    with start_rabbitmq_cluster(2) as cluster:
+        cluster_start_s = time.monotonic() - started
+        settings = DemoSettings(out=out / f"fleet-rabbitmq-{n_devices}", devices=n_devices, rounds=rounds,
+                                noise_multiplier=noise_multiplier, round_deadline_s=120.0, timeout_s=3600.0)
+        summary = run_simulation(settings, FleetOptions(workers=workers, cluster=cluster))
+    return {**_fleet_figures(summary), "cluster_start_s": round(cluster_start_s, 1)}
+
+
 def run(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
     from biofed.demo import DemoSettings
     from biofed.simulate import FleetOptions, run_simulation
@@ -114,25 +156,11 @@ def run(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers
     ingest = ingest_run("mosquitto", n_devices, n_messages, 4, "float64")
     ceiling = raw_ceiling(n_messages, update_bytes)
     return {
-        "devices": n_devices,
-        "rounds": rounds,
-        "wall_s": summary["wall_s"],
-        "ready_s": summary["ready_s"],
-        "close_latency_p50_s": summary["close_latency_p50_s"],
-        "close_latency_p95_s": summary["close_latency_p95_s"],
-        "fleet_updates_per_s": summary["updates_per_s"],
+        **_fleet_figures(summary),
+        "bytes_per_update": update_bytes,
         "coordinator_ingest_per_s": ingest["updates_per_s"],
         "raw_ceiling_per_s": round(ceiling, 1),
         "ingest_to_ceiling": round(ingest["updates_per_s"] / ceiling, 3),
-        "coordinator_cpu_s": summary["coordinator_cpu_s"],
-        "coordinator_rss_mb": summary["coordinator_rss_mb"],
-        "memory_per_device_mb": summary["memory_per_device_mb"],
-        "simulator_rss_mb": summary["process_rss_mb"],
-        "bytes_per_device_per_round": summary["bytes_per_device_per_round"],
-        "bytes_per_update": update_bytes,
-        "epsilon": summary["epsilon"],
-        "balanced_accuracy": summary["balanced_accuracy"],
-        "problems": summary["problems"],
     }
 
 
@@ -142,6 +170,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--noise-multiplier", type=float, default=2.0, help="DP noise multiplier z (0: no DP).")
     parser.add_argument("--workers", type=int, default=4, help="Dispatcher threads of the simulator.")
+    parser.add_argument("--rabbitmq", action="store_true", help="A 2-node RabbitMQ cluster instead of Mosquitto.")
     parser.add_argument("--out", type=Path, default=None, help="Keep the runs' folders here (default: temporary).")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON lines.")
     args = parser.parse_args()
@@ -150,11 +179,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="biofed-fleet-") as scratch:
         out = args.out or Path(scratch)
         for n in args.devices:
-            result = run(n, args.rounds, out, args.noise_multiplier, args.workers)
+            runner = run_rabbitmq if args.rabbitmq else run
+            result = runner(n, args.rounds, out, args.noise_multiplier, args.workers)
             if args.json:
                 print(json.dumps(result), flush=True)
             else:
-                print(f"--- {n} devices x {args.rounds} rounds (Mosquitto)")
+                print(f"--- {n} devices x {args.rounds} rounds ({result['broker']})")
                 for key, value in result.items():
                     print(f"{key:>28}: {value}", flush=True)
 

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pwd
+import queue
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,9 @@ class RabbitCluster:
     directory: Path
     epmd: subprocess.Popen = field(repr=False)
     epmd_port: int = 0
+    username: str = "guest"
+    """MQTT user every client of this test cluster uses (RabbitMQ's ``guest``, loopback only)."""
+    password: str = field(default="guest", repr=False)
 
     @property
     def host(self) -> str:
@@ -277,30 +281,34 @@ def _wait_for_members(cluster: RabbitCluster, timeout_s: float) -> None:
 
 
 class RetainedMirror:
-    """Copies every retained message of ``topics`` published on one node to the other nodes.
+    """Makes the fleet's retained messages retained on every node of a RabbitMQ cluster.
 
     RabbitMQ keeps retained messages per node, so a client subscribing on another node than
-    the publisher's would not get the retained task, basis or model. The mirror subscribes
-    on ``nodes[0]`` and re-publishes each retained message it has not mirrored yet (by
-    payload) with ``retain`` on every other node. Live subscribers get the copy too: biofed
-    agents drop it as a duplicate message id.
+    the publisher's would miss the retained task, basis, model or a device's status. Live
+    routing is cluster-wide, so one subscriber on ``nodes[0]`` sees every publication on
+    ``topics`` (biofed publishes these only retained); the mirror re-publishes each new
+    payload with ``retain`` through a connection to every node. Live subscribers get the
+    copies too: agents and the coordinator drop them as duplicate message ids.
     """
 
-    def __init__(self, nodes: Sequence, topics: Sequence[str], *, client_id: str = "biofed-retained-mirror") -> None:
+    def __init__(self, nodes: Sequence, topics: Sequence[str], *, client_id: str = "biofed-retained-mirror",
+                 username: str | None = None, password: str | None = None) -> None:
         from biofed.mqtt import MqttClient
 
+        login = dict(protocol="3.1.1", clean=True, username=username, password=password)
         self.topics = list(topics)
         self._last: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
         self.mirrored = 0
-        self._source = MqttClient(nodes[0].host, nodes[0].port, f"{client_id}-0", protocol="3.1.1", clean=True,
-                                  on_message=self._copy)
-        self._targets = [MqttClient(n.host, n.port, f"{client_id}-{i}", protocol="3.1.1", clean=True)
-                         for i, n in enumerate(nodes[1:], start=1)]
+        self._source = MqttClient(nodes[0].host, nodes[0].port, f"{client_id}-in", on_message=self._copy, **login)
+        self._targets = [MqttClient(n.host, n.port, f"{client_id}-{i}", **login) for i, n in enumerate(nodes)]
+        self._thread = threading.Thread(target=self._run, name="retained-mirror", daemon=True)
 
     def start(self) -> RetainedMirror:
         for target in self._targets:
             target.connect()
+        self._thread.start()
         self._source.connect()
         for topic in self.topics:
             self._source.subscribe(topic, qos=1)
@@ -311,21 +319,26 @@ class RetainedMirror:
             if self._last.get(inbound.topic) == inbound.payload:
                 return  # our own copy routed back, or a redelivery
             self._last[inbound.topic] = inbound.payload
-        threading.Thread(target=self._publish, args=(inbound.topic, inbound.payload), daemon=True).start()
+        self._queue.put((inbound.topic, inbound.payload))
 
-    def _publish(self, topic: str, payload: bytes) -> None:
+    def _run(self) -> None:
         from biofed.mqtt import MqttError
 
-        for target in self._targets:
-            try:
-                target.publish(topic, payload, retain=True)
-            except MqttError as exc:
-                logger.error("retained mirror: %s not copied: %s", topic, exc)
-                continue
-        with self._lock:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            topic, payload = item
+            for target in self._targets:
+                try:
+                    target.publish(topic, payload, retain=True)
+                except MqttError as exc:
+                    logger.error("retained mirror: %s not copied: %s", topic, exc)
             self.mirrored += 1
 
     def stop(self) -> None:
         self._source.close()
+        self._queue.put(None)
+        self._thread.join(timeout=10.0)
         for target in self._targets:
             target.close()

@@ -142,11 +142,16 @@ def split_windows(labels: np.ndarray, t: np.ndarray, n_devices: int, per_class: 
     return [np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts]
 
 
-def _load_agent(toml: Path):
+def _load_agent(toml: Path, node=None):
+    """The agent of ``toml``; with ``node`` (host, port) it connects there instead."""
     from biofed.config import DeviceConfig, load_config
     from biofed.edge.agent import EdgeAgent
 
-    return EdgeAgent(load_config(toml, DeviceConfig))
+    config = load_config(toml, DeviceConfig)
+    if node is not None:
+        config = config.model_copy(update={"broker": config.broker.model_copy(update={"host": node[0],
+                                                                                       "port": node[1]})})
+    return EdgeAgent(config)
 
 
 # ----------------------------------------------------------------------------- the fleet
@@ -179,6 +184,28 @@ class SimulatedFleet:
         self._sequence = 0
         self.late_published = 0
         self.duplicates_published = 0
+
+    @classmethod
+    def from_configs(cls, tomls, **kwargs) -> SimulatedFleet:
+        """A fleet of the agents of the device config files ``tomls``."""
+        return cls([_load_agent(Path(toml)) for toml in tomls], **kwargs)
+
+    def launch(self) -> threading.Thread:
+        """Ingest every device's recordings, then open every session, in a background thread
+        (``biofed demo`` runs its fleet this way while it watches the coordinator)."""
+        def run() -> None:
+            try:
+                _warm_kernels()
+                self.ingest()
+                if not self._stop.is_set():
+                    self.start()
+            except Exception:  # noqa: BLE001 - reported; the coordinator then times out waiting
+                logger.exception("the simulated fleet failed to start")
+
+        thread = threading.Thread(target=run, name="fleet-launch", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return thread
 
     def ingest(self, threads: int = 2) -> int:
         """Run every agent's :meth:`~EdgeAgent.ingest` (a small pool: the kernels are shared);
@@ -295,7 +322,8 @@ class FleetWatcher:
     """Subscribes to the task, model, basis and update topics and timestamps them
     (``time.monotonic``); calls ``on_task(round, phase, train_ordinal)`` for each new task."""
 
-    def __init__(self, broker, protocol: str, on_task: Callable[[int, str, int], None] | None = None) -> None:
+    def __init__(self, broker, protocol: str, on_task: Callable[[int, str, int], None] | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
         from biofed.mqtt import MqttClient
         from biofed.protocol import Topics
 
@@ -305,7 +333,7 @@ class FleetWatcher:
         self._on_task = on_task
         self._lock = threading.Lock()
         self.client = MqttClient(broker.host, broker.port, "simulate-watcher", protocol=protocol, clean=True,
-                                 on_message=self._handle)
+                                 on_message=self._handle, username=username, password=password)
 
     def start(self) -> FleetWatcher:
         self.client.connect()
@@ -452,6 +480,10 @@ class FleetOptions:
     workers: int = 4
     windows_per_device: int = WINDOWS_PER_DEVICE
     plan: FaultPlan | None = None
+    cluster: object | None = None
+    """A running :class:`biofed.rabbitmq.RabbitCluster` to use instead of a broker of our own:
+    the coordinator connects to its first node, device ``i`` to node ``i % len(nodes)``,
+    over MQTT 3.1.1, with a :class:`~biofed.rabbitmq.RetainedMirror` running."""
 
 
 def _source_files(settings: DemoSettings, n_sources: int) -> dict[str, list[Path]]:
@@ -478,10 +510,13 @@ def _warm_kernels() -> None:
     clip_l2(new - params, 1.0)
 
 
-def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port: int, protocol: str):
+def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port: int, protocol: str,
+                 nodes: Sequence[tuple[str, int]] = (), login: Mapping | None = None):
     """``(agents, device_tomls, rss_base)``: the fleet's configs written, its stores filled;
     ``rss_base`` is the process RSS before the fleet's agents existed (imports, compiled
-    kernels and, for dealt devices, the source recordings' ingestion included)."""
+    kernels and, for dealt devices, the source recordings' ingestion included). With
+    ``nodes``, device ``i`` connects to ``nodes[i % len(nodes)]``; ``login`` (user name and
+    password) goes into every broker config."""
     from biofed.demo import CLASSES
     from biofed.edge import pipeline  # noqa: F401 - shared by every agent: part of the base
 
@@ -492,18 +527,20 @@ def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port:
     n_sources = n if settings.data is not None else min(n, SYNTHETIC_DEVICES)
     sources = _source_files(settings, n_sources)
     if len(sources) >= n:
-        _, tomls = write_configs(settings, dict(list(sources.items())[:n]), host, port, protocol)
+        _, tomls = write_configs(settings, dict(list(sources.items())[:n]), host, port, protocol,
+                                 broker_extra=login)
         rss_base = process.memory_info().rss
-        agents = [_load_agent(toml) for toml in tomls.values()]
+        agents = [_load_agent(toml, nodes[i % len(nodes)] if nodes else None)
+                  for i, toml in enumerate(tomls.values())]
         rows = SimulatedFleet(agents).ingest()
         click.echo(f"{len(agents)} devices ingested their own recordings: {rows} windows")
         return agents, tomls, rss_base
     per_source = math.ceil(n / len(sources))
     names = {source: [f"{source}-{j:04d}" for j in range(per_source)] for source in sources}
     flat = [name for group in names.values() for name in group][:n]
-    _, tomls = write_configs(settings, {name: [] for name in flat}, host, port, protocol)
+    _, tomls = write_configs(settings, {name: [] for name in flat}, host, port, protocol, broker_extra=login)
     source_settings = replace(settings, out=settings.out / "sources")
-    _, source_tomls = write_configs(source_settings, sources, host, port, protocol)
+    _, source_tomls = write_configs(source_settings, sources, host, port, protocol, broker_extra=login)
     source_agents = [_load_agent(toml) for toml in source_tomls.values()]
     SimulatedFleet(source_agents).ingest()
     rss_base = process.memory_info().rss
@@ -512,7 +549,7 @@ def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port:
         X, labels, t = source_agent.store.read()
         members = [name for name in names[source_agent.device_id] if name in tomls]
         for name, rows in zip(members, split_windows(labels, t, len(members), options.windows_per_device, CLASSES)):
-            agent = _load_agent(tomls[name])
+            agent = _load_agent(tomls[name], nodes[len(agents) % len(nodes)] if nodes else None)
             agent.store_windows(X[rows], labels[rows], t[rows], layout_hash=source_agent.store.layout_hash,
                                 layout_json=source_agent.layout_json, source=f"split:{source_agent.device_id}")
             agents.append(agent)
@@ -561,14 +598,27 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
     if plan is not None and plan.broker_restart and not settings.mosquitto:
         raise DemoError("the broker restart fault needs --mosquitto (the embedded broker keeps no sessions)")
     process = psutil.Process()
-    broker = start_mosquitto(out / "mosquitto") if settings.mosquitto else start_embedded_broker()
-    protocol = "5" if settings.mosquitto else "3.1.1"
+    cluster = options.cluster
+    if cluster is not None:
+        from biofed.protocol import Topics
+        from biofed.rabbitmq import RetainedMirror
+
+        broker, protocol = cluster.nodes[0], "3.1.1"
+        topics = Topics(FLEET)
+        login = {"username": cluster.username, "password": cluster.password}
+        mirror = RetainedMirror(cluster.nodes, [topics.task, topics.basis, topics.model,
+                                                topics.all_devices("status")], **login).start()
+        nodes = [(node.host, node.port) for node in cluster.nodes]
+    else:
+        broker = start_mosquitto(out / "mosquitto") if settings.mosquitto else start_embedded_broker()
+        protocol, mirror, nodes, login = ("5" if settings.mosquitto else "3.1.1"), None, [], {}
     holder = {"broker": broker}
     coordinator = fleet = watcher = None
     faults: list[str] = []
     try:
         started = time.monotonic()
-        agents, tomls, rss_before = build_agents(settings, options, broker.host, broker.port, protocol)
+        agents, tomls, rss_before = build_agents(settings, options, broker.host, broker.port, protocol, nodes,
+                                                 login)
         fleet = SimulatedFleet(agents, workers=options.workers, plan=plan)
         ids = [a.device_id for a in agents]
         coordinator = _Coordinator(out / "coordinator.toml", out / "logs", settings.timeout_s)
@@ -593,7 +643,7 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
                 faults.append(f"round {round_} (training round {ordinal}): coordinator kill -9, restarted")
             logger.info("fault: %s", faults[-1] if faults else "none")
 
-        watcher = FleetWatcher(broker, protocol, on_task=on_task).start()
+        watcher = FleetWatcher(broker, protocol, on_task=on_task, **login).start()
         coordinator.start()
         fleet.start()
         rss_fleet = process.memory_info().rss
@@ -622,19 +672,25 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
             fleet.close()
         if coordinator is not None and coordinator.child is not None:
             _terminate([coordinator.child])
-        holder["broker"].stop()
+        if mirror is not None:
+            mirror.stop()
+        if cluster is None:
+            holder["broker"].stop()
     state = out / "state"
     accepted = {r: {d for _, d in rows} for r, rows in _accepted_by_round(state).items()}
     timing = watcher.summary(accepted)
     problems = check_federation(state, expected_train_rounds=settings.rounds)
     records = json.loads((state / "rounds.json").read_text())
     summary = {
-        "devices": len(ids), "rounds": settings.rounds, "broker": "mosquitto" if settings.mosquitto else "amqtt",
+        "devices": len(ids), "rounds": settings.rounds,
+        "broker": (f"rabbitmq cluster ({len(cluster.nodes)} nodes)" if cluster is not None
+                   else "mosquitto" if settings.mosquitto else "amqtt"),
         "wall_s": round(elapsed, 1), "ready_s": round(ready_s, 1),
         "memory_per_device_mb": round((rss_fleet - rss_before) / len(ids) / 1e6, 3),
         "process_rss_mb": round(rss_peak / 1e6, 1),
         "faults": faults, "slow_devices": len(fleet.slow), "duplicating_devices": len(fleet.duplicating),
         "late_published": fleet.late_published, "duplicates_published": fleet.duplicates_published,
+        "devices_per_broker": dict(sorted(_count(f"{a.config.broker.host}:{a.config.broker.port}" for a in agents))),
         "coordinator_starts": coordinator.starts, "problems": problems, **timing,
         "coordinator_cpu_s": round(sum(cpu for cpu, _ in usage.values()), 2),
         "coordinator_rss_mb": round(max((rss for _, rss in usage.values()), default=0) / 1e6, 1),
@@ -652,6 +708,13 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
                f"{summary['balanced_accuracy']}; epsilon {summary['epsilon']}")
     click.echo("checks: " + ("all invariants hold" if not problems else "; ".join(problems)))
     return summary
+
+
+def _count(values) -> list[tuple[str, int]]:
+    counts: dict[str, int] = defaultdict(int)
+    for value in values:
+        counts[value] += 1
+    return list(counts.items())
 
 
 def _sample(pid: int, usage: dict[int, tuple[float, int]]) -> None:

@@ -88,3 +88,18 @@ def test_fault_schedule_at_100_devices_keeps_every_invariant(tmp_path):
     db.close()
     problems = check_federation(state, expected_train_rounds=rounds)
     assert any("counted twice" in p for p in problems)
+
+
+@pytest.mark.slow
+def test_demo_runs_a_fleet_above_a_handful_in_its_own_process(tmp_path):
+    from biofed.demo import IN_PROCESS_FLEET, run_demo
+
+    out = tmp_path / "demo"
+    n = IN_PROCESS_FLEET + 1
+    summary = run_demo(DemoSettings(out=out, devices=n, rounds=2, synthetic_seconds=10.0, timeout_s=400.0,
+                                    noise_multiplier=0.0))
+    assert len(summary["devices"]) == n
+    assert {p.name for p in (out / "logs").iterdir()} == {"coordinator.log", "devices.log"}
+    log = (out / "logs" / "devices.log").read_text()
+    assert all(f"{device}: online with" in log for device in summary["devices"])
+    assert len(summary["federated"]["per_device"]) == n
