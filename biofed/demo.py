@@ -168,6 +168,7 @@ class DemoSettings:
     standardization: str = "device"
     round_deadline_s: float = 60.0
     min_devices: int | None = None
+    sampling_rate: float | str = "all"
     timeout_s: float = 900.0
     seed: int = 0
     agent_keepalive_s: int = 30
@@ -278,7 +279,7 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
     coordinator = _write_toml(
         out / "coordinator.toml",
         {"fleet": FLEET, "rounds": settings.rounds, "min_devices": settings.min_devices or len(devices),
-         "sampling_rate": "all", "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
+         "sampling_rate": settings.sampling_rate, "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
          **({"allowed_devices_file": str(fleet.layout.allowed_devices)} if fleet is not None else {}),
          **signing.get("coordinator", {})},
         {"broker": broker("coordinator"),

@@ -19,6 +19,12 @@ What differs from Mosquitto, and how biofed handles it
   :class:`RetainedMirror` re-publishes every retained message of the fleet's coordinator
   topics on the other nodes; live subscribers then receive a second copy with the same
   message id, which agents drop as a duplicate (:class:`biofed.protocol.SeenMessageIds`).
+- **Retained messages reach only subscriptions without wildcards**: the coordinator's
+  ``status/+`` subscription gets no retained "online" statuses, so devices that came online
+  before the coordinator's first subscription stay unknown to it. The coordinator's
+  persistent session is a durable queue that collects every status while it is away
+  (restarts, ``kill -9``), so it suffices that this queue exists before the devices come
+  online: start the coordinator first once (:meth:`RabbitCluster.session_exists` tells when).
 - **Sessions map to queues**: a persistent MQTT session (``clean_session = false``) is a
   durable queue on the node the client first connected to; it survives reconnects to
   either node, but its messages are unavailable while that node is down.
@@ -31,6 +37,7 @@ What differs from Mosquitto, and how biofed handles it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +49,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +136,20 @@ class RabbitCluster:
     @property
     def port(self) -> int:
         return self.nodes[0].mqtt_port
+
+    def session_exists(self, client_id: str) -> bool:
+        """Whether the persistent MQTT session of ``client_id`` exists: its durable QoS 1
+        queue (``mqtt-subscription-{client_id}qos1``), via node 1's management API."""
+        from urllib.error import HTTPError
+        from urllib.parse import quote
+
+        try:
+            _management_get(self.nodes[0], f"/api/queues/%2F/{quote(f'mqtt-subscription-{client_id}qos1', safe='')}")
+        except HTTPError as exc:
+            if exc.code == 404:
+                return False
+            raise
+        return True
 
     def pids(self) -> list[int]:
         """The Erlang VMs' and epmd's process ids."""
@@ -257,21 +279,25 @@ def _log_tail(directory: Path, n: int = 30) -> str:
     return "\n".join(parts)
 
 
-def _wait_for_members(cluster: RabbitCluster, timeout_s: float) -> None:
-    """Poll node 1's management API until every node is a running cluster member."""
+def _management_get(node: RabbitNode, path: str):
+    """GET ``path`` of ``node``'s management API (loopback, the guest user); the parsed JSON."""
     import base64
     import urllib.request
 
-    node = cluster.nodes[0]
-    request = urllib.request.Request(f"http://{LOOPBACK}:{node.management_port}/api/nodes")
+    request = urllib.request.Request(f"http://{LOOPBACK}:{node.management_port}{path}")
     request.add_header("Authorization", "Basic " + base64.b64encode(b"guest:guest").decode())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def _wait_for_members(cluster: RabbitCluster, timeout_s: float) -> None:
+    """Poll node 1's management API until every node is a running cluster member."""
     deadline = time.monotonic() + timeout_s
     want = {n.name for n in cluster.nodes}
     running: set[str] = set()
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                running = {n["name"] for n in json.load(response) if n.get("running")}
+            running = {n["name"] for n in _management_get(cluster.nodes[0], "/api/nodes") if n.get("running")}
         except OSError:
             running = set()
         if want <= running:
@@ -286,8 +312,9 @@ class RetainedMirror:
     RabbitMQ keeps retained messages per node, so a client subscribing on another node than
     the publisher's would miss the retained task, basis, model or a device's status. Live
     routing is cluster-wide, so one subscriber on ``nodes[0]`` sees every publication on
-    ``topics`` (biofed publishes these only retained); the mirror re-publishes each new
-    payload with ``retain`` through a connection to every node. Live subscribers get the
+    ``topics`` (biofed publishes these only retained); the mirror re-publishes each payload
+    it has not mirrored before, in arrival order (so the newest is retained last), with
+    ``retain`` through a connection to every node; its own copies coming back are skipped. Live subscribers get the
     copies too: agents and the coordinator drop them as duplicate message ids.
     """
 
@@ -297,7 +324,9 @@ class RetainedMirror:
 
         login = dict(protocol="3.1.1", clean=True, username=username, password=password)
         self.topics = list(topics)
-        self._last: dict[str, bytes] = {}
+        self.capacity = 100_000
+        """Messages remembered as mirrored (older ones could be mirrored again)."""
+        self._seen: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self.mirrored = 0
@@ -315,10 +344,13 @@ class RetainedMirror:
         return self
 
     def _copy(self, inbound) -> None:
+        key = (inbound.topic, hashlib.sha256(inbound.payload).digest())
         with self._lock:
-            if self._last.get(inbound.topic) == inbound.payload:
+            if key in self._seen:
                 return  # our own copy routed back, or a redelivery
-            self._last[inbound.topic] = inbound.payload
+            self._seen[key] = None
+            if len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
         self._queue.put((inbound.topic, inbound.payload))
 
     def _run(self) -> None:

@@ -645,15 +645,20 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
 
         watcher = FleetWatcher(broker, protocol, on_task=on_task, **login).start()
         coordinator.start()
+        if cluster is not None:  # RabbitMQ: no retained statuses for its status/+ subscription
+            _wait_for_session(cluster, f"coordinator-{FLEET}", coordinator, settings.timeout_s)
         fleet.start()
         rss_fleet = process.memory_info().rss
         ready_s = time.monotonic() - started
         click.echo(f"{len(agents)} simulated devices online in {ready_s:.1f} s; "
                    f"{(rss_fleet - rss_before) / len(agents) / 1e6:.2f} MB per device")
         usage: dict[int, tuple[float, int]] = {}  # coordinator pid -> (CPU seconds, peak RSS)
+        broker_usage: dict[int, tuple[float, int]] = {}
         while True:
             child = coordinator.child
             _sample(child.process.pid, usage)
+            if cluster is None and settings.mosquitto:
+                _sample(holder["broker"].process.pid, broker_usage)
             code = child.process.poll()
             if code is not None and child is coordinator.child:
                 break
@@ -694,6 +699,8 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         "coordinator_starts": coordinator.starts, "problems": problems, **timing,
         "coordinator_cpu_s": round(sum(cpu for cpu, _ in usage.values()), 2),
         "coordinator_rss_mb": round(max((rss for _, rss in usage.values()), default=0) / 1e6, 1),
+        "broker_rss_mb": round(max((rss for _, rss in broker_usage.values()), default=0) / 1e6, 1),
+        "first_round_s": _first_round_s(watcher, started),
         "epsilon": records[-1].get("epsilon_rdp") if records else None,
         "balanced_accuracy": next((r.get("balanced_accuracy") for r in records if r["phase"] == "evaluate"), None),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
@@ -703,11 +710,28 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         click.echo(f"fault: {line}")
     click.echo(f"{len(ids)} devices, {sum(1 for r in records if r['phase'] == 'train')} training rounds in "
                f"{elapsed:.0f} s; round close after the last accepted update p50 "
-               f"{_seconds(timing['close_latency_p50_s'])}, p95 {_seconds(timing['close_latency_p95_s'])}; "
-               f"{summary['memory_per_device_mb']:.2f} MB per device; evaluation balanced accuracy "
+               f"{_seconds(timing['close_latency_p50_s'])}, p95 {_seconds(timing['close_latency_p95_s'])}; first round "
+               f"closed {summary['first_round_s']} s after start; {summary['memory_per_device_mb']:.2f} MB per device, "
+               f"RSS {summary['process_rss_mb']:.0f} MB (devices) + {summary['coordinator_rss_mb']:.0f} MB (coordinator)"
+               f" + {summary['broker_rss_mb']:.0f} MB (broker); evaluation balanced accuracy "
                f"{summary['balanced_accuracy']}; epsilon {summary['epsilon']}")
     click.echo("checks: " + ("all invariants hold" if not problems else "; ".join(problems)))
     return summary
+
+
+def _wait_for_session(cluster, client_id: str, coordinator: _Coordinator, timeout_s: float) -> None:
+    """Wait until ``client_id``'s persistent session queue exists on the cluster."""
+    deadline = time.monotonic() + timeout_s
+    while not cluster.session_exists(client_id):
+        if coordinator.child.process.poll() is not None or time.monotonic() > deadline:
+            raise DemoError(f"the coordinator never subscribed on the cluster\n{coordinator.child.tail()}")
+        time.sleep(0.2)
+
+
+def _first_round_s(watcher: FleetWatcher, started: float) -> float | None:
+    """Seconds from the simulation's start to the close of the first round."""
+    closed = [r.closed_at for r in watcher.rounds.values() if r.closed_at is not None]
+    return round(min(closed) - started, 1) if closed else None
 
 
 def _count(values) -> list[tuple[str, int]]:
@@ -764,14 +788,21 @@ def _seconds(value: float | None) -> str:
               help="Round deadline (s).")
 @click.option("--min-devices", type=click.IntRange(min=1), default=None,
               help="Replies a round needs (default: all devices; lower it with faults).")
-@click.option("--faults", is_flag=True, help="Run the seeded fault schedule (needs --mosquitto; see the docs).")
+@click.option("--sampling-rate", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Poisson sampling rate q of the training rounds (default: every device every round); lower "
+                   "--min-devices to match.")
+@click.option("--basis-noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.basis_noise_multiplier,
+              show_default=True, help="DP noise multiplier z_b of the basis round.")
+@click.option("--faults", is_flag=True, help="Run the seeded fault schedule (needs --mosquitto): connection drops, a broker restart, a "
+                   "coordinator kill -9, slow and duplicating devices; then check every invariant.")
 @click.option("--fault-seed", type=int, default=0, show_default=True, help="Seed of the fault schedule.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800.0, show_default=True,
               help="Global timeout (s).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
 def simulate_command(devices, rounds, data, mosquitto, out, noise_multiplier, clip, epsilon_budget, delta,
                      trust_mode, sign, synthetic_seconds, windows_per_device, workers, round_deadline_s,
-                     min_devices, faults, fault_seed, timeout_s, seed) -> None:
+                     min_devices, sampling_rate, basis_noise_multiplier, faults, fault_seed, timeout_s,
+                     seed) -> None:
     """Run a federation of many simulated devices in this one process over a real broker.
 
     Every device is a real edge agent with its own MQTT session, keys and feature store;
@@ -787,7 +818,8 @@ def simulate_command(devices, rounds, data, mosquitto, out, noise_multiplier, cl
         out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
         epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode, sign=sign,
         synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed, round_deadline_s=round_deadline_s,
-        min_devices=min_devices,
+        min_devices=min_devices, sampling_rate="all" if sampling_rate is None else sampling_rate,
+        basis_noise_multiplier=basis_noise_multiplier,
     )
     plan = FaultPlan.standard(fault_seed, round_deadline_s) if faults else None
     if faults and min_devices is None:  # slow and dropped devices must not stall every round

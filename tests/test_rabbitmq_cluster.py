@@ -75,6 +75,14 @@ def _retained_seen(cluster, node, topic: str, wait_s: float = 3.0) -> bytes | No
     return got[-1] if got else None
 
 
+def test_retained_messages_reach_only_subscriptions_without_wildcards(cluster):
+    node = cluster.nodes[0]
+    with MqttClient(node.host, node.port, "publisher", protocol="3.1.1", clean=True, **_login(cluster)) as publisher:
+        publisher.publish("biofed/probe/status/d1", b"online", retain=True)
+    assert _retained_seen(cluster, node, "biofed/probe/status/d1") == b"online"
+    assert _retained_seen(cluster, node, "biofed/probe/status/+", wait_s=2.0) is None
+
+
 def test_retained_messages_are_node_local_and_the_mirror_copies_them(cluster):
     first, second = cluster.nodes
     with MqttClient(first.host, first.port, "publisher", protocol="3.1.1", clean=True, **_login(cluster)) as publisher:
