@@ -19,8 +19,8 @@ from biofed import __version__
 COMMANDS: dict[str, str] = {
     "audit": "biofed.audit:audit_command",
     "bench": "biofed.bench:bench_command",
-    "config": "biofed.config_cli:config_command",
     "broker": "biofed.broker:broker_command",
+    "config": "biofed.config_cli:config_command",
     "coordinator": "biofed.coordinator.cli:coordinator_command",
     "demo": "biofed.demo:demo_command",
     "edge": "biofed.edge.cli:edge_command",
@@ -30,8 +30,9 @@ COMMANDS: dict[str, str] = {
     "predict": "biofed.edge.predict_cli:predict_command",
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
     "provision": "biofed.provision:provision_command",
-    "status": "biofed.status:status_command",
     "replay": "biofed.edge.replay_cli:replay_command",
+    "simulate": "biofed.simulate:simulate_command",
+    "status": "biofed.status:status_command",
     "warmup": "biofed.edge.warmup:warmup_command",
 }
 

@@ -38,9 +38,11 @@ their round and message id and are safe to repeat.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -194,6 +196,10 @@ class MqttClient:
         keeps offline messages only for sessions with a user name).
     tls : TlsSettings, optional
         Connect over TLS (see :class:`TlsSettings`); None: plain TCP.
+    on_message : callable, optional
+        Called on the network thread with each :class:`InboundMessage` instead of putting
+        it in the inbox (a process hosting many clients feeds one shared dispatcher this
+        way). It must not drop messages; blocking in it holds the PUBACK like a full inbox.
     """
 
     def __init__(
@@ -219,6 +225,7 @@ class MqttClient:
         username: str | None = None,
         password: str | None = None,
         tls: TlsSettings | None = None,
+        on_message: Callable[[InboundMessage], None] | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -248,6 +255,7 @@ class MqttClient:
         jitter = 1.0 + np.random.default_rng(random_state).random()
         self._reconnect_delays = (reconnect_min_delay_s * jitter, reconnect_max_delay_s * jitter)
         self._inbox: Inbox[InboundMessage] = Inbox(inbox_size, rate_per_s=inbox_rate_per_s, burst=inbox_burst)
+        self._deliver = on_message
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._suback = threading.Condition(self._lock)
@@ -349,6 +357,20 @@ class MqttClient:
             self._client.loop_stop()
             self._client = None
         self._connected.clear()
+
+    def drop_connection(self) -> bool:
+        """Cut the TCP connection without a DISCONNECT, as a network failure does: the broker
+        publishes the last will and paho reconnects with its backoff (fault injection in
+        simulations and tests). False when there is no open connection."""
+        client = self._client
+        sock = None if client is None else client.socket()
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        return True
 
     def __enter__(self) -> MqttClient:
         return self.connect()
@@ -543,7 +565,11 @@ class MqttClient:
         except UnicodeDecodeError:  # a topic that is not UTF-8 is no biofed topic
             logger.warning("dropped a message whose topic is not UTF-8: %r", message._topic[:200])
             return
-        self._inbox.put(topic, InboundMessage(topic, bytes(message.payload), message.qos, bool(message.retain)))
+        inbound = InboundMessage(topic, bytes(message.payload), message.qos, bool(message.retain))
+        if self._deliver is not None:
+            self._deliver(inbound)
+            return
+        self._inbox.put(topic, inbound)
 
 
 __all__ = ["ConnectError", "InboundMessage", "MqttClient", "MqttError", "PROTOCOLS", "PublishError", "TlsSettings", "Will"]

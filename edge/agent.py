@@ -313,6 +313,7 @@ class EdgeAgent:
         """The record-level gate of DP-SGD (``[dp] record_noise_multiplier``): every step's
         noised gradient sum is charged to the device's record-level ledger."""
         self._client: MqttClient | None = None
+        self._was_connected = False
         self.layout_json = self._stored_layout()
         """The device's feature layout (JSON of :class:`biofed.model_format.LayoutSpec`), "" until known."""
         self.predictor: OnnxModel | None = None
@@ -563,6 +564,27 @@ class EdgeAgent:
             return 0
         self.metrics.stored(len(rows))
         return len(rows)
+
+    def store_windows(self, X: np.ndarray, labels: Sequence[str], t: np.ndarray, *, layout_hash: str,
+                      layout_json: str, source: str) -> int:
+        """Add feature windows computed elsewhere with the same pipeline (a simulator deals the
+        windows of a few recordings to many small devices). ``layout_hash`` / ``layout_json``:
+        the :class:`~biofed.edge.pipeline.FeatureLayout` hash and
+        :class:`~biofed.model_format.LayoutSpec` JSON of the rows. Returns the rows added.
+
+        Raises
+        ------
+        StoreError
+            The store already holds rows of another layout, or the rows are invalid.
+        """
+        if not self._open_store_for(layout_hash):
+            raise StoreError(f"{self.config.store_path} holds layout {self.store.layout_hash}, not {layout_hash}")
+        with self._ingest_lock:
+            self._ingest_db.execute("INSERT OR REPLACE INTO agent_layout(hash, layout) VALUES (?, ?)",
+                                    (layout_hash, layout_json))
+        self.layout_json = layout_json
+        self.store.append(X, list(labels), t, source=source)
+        return len(t)
 
     # ------------------------------------------------------------------ local data
     def local_data(self, classes: Sequence[str]) -> LocalData:
@@ -930,6 +952,15 @@ class EdgeAgent:
         return [Outgoing(self.topics.update(self.device_id), self._encode(update))]
 
     # ------------------------------------------------------------------ MQTT loop
+    @property
+    def mqtt(self) -> MqttClient | None:
+        """The MQTT client of the open session (None outside :meth:`open_session` / :meth:`close_session`)."""
+        return self._client
+
+    def publish(self, out: Outgoing) -> None:
+        """Publish one of :meth:`handle_message`'s answers (QoS 1; failures are logged)."""
+        self._publish(out)
+
     def _publish(self, out: Outgoing) -> None:
         """Publish, waiting for the acknowledgement only while connected: during a broker
         outage the message waits in the client's queue and goes out after the reconnect,
@@ -943,7 +974,7 @@ class EdgeAgent:
         except MqttError as exc:
             logger.error("%s: could not publish to %s: %s", self.device_id, out.topic, exc)
 
-    def _connect(self, stop: threading.Event) -> MqttClient | None:
+    def _connect(self, stop: threading.Event, **client_options) -> MqttClient | None:
         broker = self.config.broker
         will = Will(self.topics.status(self.device_id), offline_status(fleet=self.config.fleet,
                                                                         device_id=self.device_id,
@@ -952,13 +983,67 @@ class EdgeAgent:
         jitter = np.random.default_rng()
         while not stop.is_set():
             try:  # address, protocol, limits, TLS files and credentials of config.broker
-                return MqttClient.from_config(broker, self.device_id, will=will).connect()
+                return MqttClient.from_config(broker, self.device_id, will=will, **client_options).connect()
             except (ConnectError, ConfigError) as exc:  # ConfigError: unreadable password file
                 wait = delay * (1.0 + jitter.random())
                 logger.warning("%s: %s; retrying in %.1f s", self.device_id, exc, wait)
                 stop.wait(wait)
                 delay = min(2 * delay, 60.0)
         return None
+
+    def open_session(self, stop: threading.Event, **client_options) -> bool:
+        """Connect (retrying until ``stop``), subscribe and publish the "online" status.
+
+        ``client_options`` go to :class:`biofed.mqtt.MqttClient` (a simulator hosting many
+        agents passes ``on_message`` to feed its shared dispatcher). False: stopped first.
+        """
+        self._enter(AgentState.CONNECTING)
+        client = self._connect(stop, **client_options)
+        if client is None:
+            return False
+        self._client = client
+        self._was_connected = True
+        for topic in (self.topics.basis, self.topics.task, self.topics.model, self.topics.secagg_relay):
+            try:
+                client.subscribe(topic, qos=1)
+            except MqttError as exc:  # remembered: renewed on the next (re)connect
+                logger.warning("%s: subscription to %s not confirmed yet: %s", self.device_id, topic, exc)
+        self._publish(self.status_message())
+        logger.info("%s: online with %d windows", self.device_id, self.n_rows)
+        self._enter(AgentState.IDLE)
+        return True
+
+    def check_connection(self) -> None:
+        """After paho reconnected, publish the "online" status again (the broker may have
+        published the last will meanwhile). Call it periodically while serving."""
+        client = self._client
+        if client is None or client.connected == self._was_connected:
+            return
+        self._was_connected = client.connected
+        if self._was_connected:
+            logger.info("%s: reconnected", self.device_id)
+            self._publish(self.status_message())
+
+    def serve(self, topic: str, payload: bytes) -> None:
+        """Handle one inbound message and publish what it asks for."""
+        for out in self.handle_message(topic, payload):
+            self._publish(out)
+
+    def close_session(self) -> None:
+        """Publish the "offline" status and disconnect cleanly (idempotent)."""
+        client = self._client
+        if client is None:
+            return
+        self._enter(AgentState.STOPPING)
+        offline = self.status_message("offline")
+        if client.connected:  # disconnected, nothing goes out now; the broker has our last will
+            try:  # bounded: should the broker go away now, its last will says "offline" anyway
+                client.publish(offline.topic, offline.payload, retain=True, timeout_s=_OFFLINE_PUBLISH_TIMEOUT_S)
+            except MqttError as exc:
+                logger.info("%s: offline status not delivered (%s); the broker publishes the last will",
+                            self.device_id, exc)
+        client.close()
+        self._client = None
 
     def run(self, stop: threading.Event) -> None:
         """Warm up, ingest, connect and serve tasks until ``stop`` is set; then go offline cleanly."""
@@ -978,44 +1063,17 @@ class EdgeAgent:
         else:
             ingest_thread = threading.Thread(target=self._ingest_live, args=(stop,), name="ingest", daemon=True)
             ingest_thread.start()
-        self._enter(AgentState.CONNECTING)
-        client = self._connect(stop)
-        if client is None:
+        if not self.open_session(stop):
             self._enter(AgentState.STOPPED)
             return
-        self._client = client
         try:
-            for topic in (self.topics.basis, self.topics.task, self.topics.model, self.topics.secagg_relay):
-                try:
-                    client.subscribe(topic, qos=1)
-                except MqttError as exc:  # remembered: renewed on the next (re)connect
-                    logger.warning("%s: subscription to %s not confirmed yet: %s", self.device_id, topic, exc)
-            self._publish(self.status_message())
-            logger.info("%s: online with %d windows", self.device_id, self.n_rows)
-            self._enter(AgentState.IDLE)
-            connected = True
             while not stop.is_set():
-                if client.connected != connected:
-                    connected = client.connected
-                    if connected:  # the broker may have published our will meanwhile: say we are back
-                        logger.info("%s: reconnected", self.device_id)
-                        self._publish(self.status_message())
-                inbound = client.receive(timeout_s=0.25)
-                if inbound is None:
-                    continue
-                for out in self.handle_message(inbound.topic, inbound.payload):
-                    self._publish(out)
+                self.check_connection()
+                inbound = self._client.receive(timeout_s=0.25)
+                if inbound is not None:
+                    self.serve(inbound.topic, inbound.payload)
         finally:
-            self._enter(AgentState.STOPPING)
-            offline = self.status_message("offline")
-            if client.connected:  # disconnected, nothing goes out now; the broker has our last will
-                try:  # bounded: should the broker go away now, its last will says "offline" anyway
-                    client.publish(offline.topic, offline.payload, retain=True, timeout_s=_OFFLINE_PUBLISH_TIMEOUT_S)
-                except MqttError as exc:
-                    logger.info("%s: offline status not delivered (%s); the broker publishes the last will",
-                                self.device_id, exc)
-            client.close()
-            self._client = None
+            self.close_session()
             if ingest_thread is not None:
                 ingest_thread.join(timeout=10.0)
             if continuous is not None:
