@@ -19,6 +19,16 @@ Windows and alignment
     drift, and its row carries ``t = j * hop_s`` (seconds since the first sample of the stream).
     A row is emitted as soon as every modality of the layout has produced window ``j``.
 
+Plans and shared segments
+    The spectral plan of each EEG / audio stream (taper, bins, band weights; see
+    :class:`biofed.kernels.SpectralPlan`) and the projection (:class:`biofed.kernels.TransformPlan`)
+    are built and validated once, when the pipeline is configured or its basis set; every
+    window then only computes. When the hop is a multiple of the Welch segment step
+    (``nperseg // 2``), consecutive windows share segments: the stream keeps the power spectra
+    of the segments the next window reuses and transforms only the new ones, with the same
+    bits as the batch kernel. Spectral features are computed in ``PipelineConfig.dtype``
+    (float32 by default, within ``FLOAT32_RTOL`` of float64).
+
 Memory
     Each modality keeps one buffer of ``round(window_s*fs) + round(max_chunk_s*fs)`` samples per
     channel, allocated once. Larger pushes are consumed in slices of ``max_chunk_s``; the samples
