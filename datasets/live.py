@@ -13,10 +13,10 @@ A source is given one or more *names*. A stream belongs to it when its LSL name 
 name, starts with ``name + "-"`` (``biofed play --lsl pi-01`` publishes ``pi-01-eeg``,
 ``pi-01-bio``, ``pi-01-audio`` and ``pi-01-markers``), or its ``source_id`` equals a name.
 Each regular-rate stream is one modality, from the channel types in its description
-(``eeg``; ``audio``; ``ecg``/``ppg``/``resp``/``eda``/``acc`` = ``bio``), else from its LSL
-type (``EEG``, ``Audio``, ``ECG``...), else from its channel labels
-(:func:`biofed.datasets.infer_channel_type`). Channels that are no feature (reference, EOG,
-trigger...) are dropped. An irregular-rate string stream is the *marker stream*.
+(``eeg``; ``audio``; ``ecg``/``ppg``/``resp``/``eda``/``acc`` = ``bio``), else from its channel
+labels, else from its LSL type (``EEG``, ``Audio``, ``ECG``...), as
+:func:`biofed.datasets.readers.stream_channel_types` decides; the stream is the modality most
+of its channels belong to. Other channels (reference, EOG, trigger...) are dropped. An irregular-rate string stream is the *marker stream*.
 
 Clock and alignment
 -------------------
@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from biofed.datasets.readers import infer_channel_type
+from biofed.datasets.readers import stream_channel_types
 from biofed.datasets.recording import BIO_TYPES, MODALITIES, Recording
 from biofed.datasets.replay import Chunk, bad_spans, replay
 
@@ -83,8 +83,6 @@ logger = logging.getLogger(__name__)
 
 _MARKER_SUFFIX = "markers"
 _STYPES = {"eeg": "EEG", "audio": "Audio", "bio": "Biosensor"}
-_STYPE_MODALITIES = {"eeg": "eeg", "audio": "audio", "microphone": "audio", "biosensor": "bio",
-                     **{t: "bio" for t in BIO_TYPES}, "gsr": "bio", "eda": "bio", "bio": "bio"}
 
 
 class LslError(RuntimeError):
@@ -166,25 +164,15 @@ def _matches(info, names: Sequence[str]) -> bool:
 
 def _modality_and_channels(info) -> tuple[str, tuple[str, ...], tuple[str, ...], tuple[int, ...]] | None:
     """Classify a data stream into one modality and its feature channels (None: nothing usable)."""
-    names = info.get_channel_names() or [f"ch{i}" for i in range(info.n_channels)]
-    names = [n if n else f"ch{i}" for i, n in enumerate(names)]
+    names = info.get_channel_names() or []
+    names = [names[i] if i < len(names) and names[i] else f"ch{i + 1}" for i in range(info.n_channels)]
     declared = info.get_channel_types() or [None] * len(names)
-    stype_modality = _STYPE_MODALITIES.get((info.stype or "").strip().lower())
-    types = []
-    for name, declared_type in zip(names, declared):
-        ch_type = (declared_type or "").lower()
-        if ch_type not in ("eeg", "audio", *BIO_TYPES):
-            inferred = infer_channel_type(name, default=None)
-            if inferred is None and stype_modality is not None:
-                inferred = {"eeg": "eeg", "audio": "audio"}.get(stype_modality) or (
-                    (info.stype or "").strip().lower() if (info.stype or "").strip().lower() in BIO_TYPES else None)
-            ch_type = inferred or "misc"
-        types.append(ch_type)
+    types = stream_channel_types(names, declared, info.stype)
     modality_of = {"eeg": "eeg", "audio": "audio", **{t: "bio" for t in BIO_TYPES}}
-    found = {modality_of[t] for t in types if t in modality_of}
+    found = [modality_of[t] for t in types if t in modality_of]
     if not found:
         return None
-    modality = stype_modality if stype_modality in found else next(m for m in MODALITIES if m in found)
+    modality = max(MODALITIES, key=found.count)  # the modality most channels belong to
     keep = tuple(i for i, t in enumerate(types) if modality_of.get(t) == modality)
     return modality, tuple(names[i] for i in keep), tuple(types[i] for i in keep), keep
 

@@ -11,7 +11,10 @@ extension                              reader
 ``.hea`` ``.dat`` ``.mat``             ``wfdb.rdrecord`` (+ beat annotations from ``.atr``)
 ``.wav``                               ``scipy.io.wavfile``
 ``.txt`` ``.csv``                      NumPy, sampling rate from a ``# Sampling Rate (Hz):=``
-                                       header line (BioSPPy "Simple Text Format") or ``sfreq=``
+                                       header line (BioSPPy "Simple Text Format") or ``sfreq=``;
+                                       BrainFlow's CSV with ``board=`` (:mod:`.brainflow_csv`)
+``.xdf`` ``.xdfz``                     ``pyxdf`` (LSL recordings: streams and markers,
+                                       :mod:`biofed.datasets.xdf`)
 =====================================  ======================================================
 
 Conventions
@@ -56,15 +59,19 @@ import numpy as np
 
 from biofed.datasets.recording import BIO_TYPES, MODALITIES, Annotation, Recording, RecordingError, Signal
 
-__all__ = ["SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording", "recordings_in"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording", "recordings_in",
+    "stream_channel_types",
+]
 
 logger = logging.getLogger(__name__)
 
 _MNE_EXTENSIONS = (".edf", ".bdf", ".fif", ".vhdr", ".set")
 _WFDB_EXTENSIONS = (".hea", ".dat", ".mat")
 _TEXT_EXTENSIONS = (".txt", ".csv")
+_XDF_EXTENSIONS = (".xdf", ".xdfz")
 #: Extensions :func:`read_recording` understands.
-SUPPORTED_EXTENSIONS = _MNE_EXTENSIONS + _WFDB_EXTENSIONS + (".wav",) + _TEXT_EXTENSIONS
+SUPPORTED_EXTENSIONS = _MNE_EXTENSIONS + _WFDB_EXTENSIONS + (".wav",) + _TEXT_EXTENSIONS + _XDF_EXTENSIONS
 
 
 # --------------------------------------------------------------------------------------
@@ -140,6 +147,8 @@ def read_recording(path, *, sfreq: float | None = None, modality: str | None = N
         reader = _read_wfdb
     elif ext == ".wav":
         reader = _read_wav
+    elif ext in _XDF_EXTENSIONS:
+        from biofed.datasets.xdf import read_xdf as reader
     else:
         reader = _read_text
     try:
@@ -272,6 +281,27 @@ def _dataset_naming_rules(stem: str) -> tuple[str | None, str | None]:
     return None, biosppy.get(stem)
 
 
+_STREAM_TYPES = {"eeg": "eeg", "audio": "audio", "microphone": "audio", "ecg": "ecg", "ekg": "ecg", "ppg": "ppg",
+                 "resp": "resp", "eda": "eda", "gsr": "eda", "acc": "acc"}
+
+
+def stream_channel_types(names, declared, stream_type: str | None) -> list[str]:
+    """Channel types of an LSL (or XDF) stream's channels, one of :data:`CH_TYPES` each.
+
+    A declared type biofed knows wins (``"EEG"``, ``"ECG"``...); otherwise the label decides
+    (:func:`infer_channel_type`); otherwise, for a channel without a declared type, the
+    stream's type (``EEG``, ``Audio``, ``ECG``, ``GSR``...); otherwise ``"misc"``.
+    """
+    from_stream = _STREAM_TYPES.get((stream_type or "").strip().lower())
+    types = []
+    for name, kind in zip(names, declared):
+        kind = (kind or "").strip().lower()
+        # a declared type biofed does not know (TRG, STIM, EXG...) is no vote for the stream's type
+        fallback = from_stream if not kind else None
+        types.append(_STREAM_TYPES.get(kind) or infer_channel_type(name, default=None) or fallback or "misc")
+    return types
+
+
 def _modality_of(ch_type: str) -> str | None:
     if ch_type in ("eeg", "audio"):
         return ch_type
@@ -281,7 +311,8 @@ def _modality_of(ch_type: str) -> str | None:
 
 
 _UNIT_SCALES = {"v": ("V", 1.0), "volt": ("V", 1.0), "volts": ("V", 1.0), "mv": ("V", 1e-3),
-                "uv": ("V", 1e-6), "µv": ("V", 1e-6), "μv": ("V", 1e-6)}  # fmt: skip
+                "uv": ("V", 1e-6), "µv": ("V", 1e-6), "μv": ("V", 1e-6),
+                "millivolts": ("V", 1e-3), "microvolts": ("V", 1e-6)}  # fmt: skip  (the last two: XDF/LSL spelling)
 
 
 def _normalise_unit(unit: str | None) -> tuple[str, float]:
