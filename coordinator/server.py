@@ -565,6 +565,8 @@ class Coordinator:
         except ValueError as exc:
             raise CoordinatorError(str(exc)) from None
         self._stop = threading.Event()
+        self.shed_messages = 0
+        """Inbound messages shed by the MQTT inbox's overload policy in finished runs (:mod:`biofed.inbox`)."""
         self._state = RunState.STARTING
         self._store: CoordinatorState | None = None
         self._dir_lock: StateDirLock | None = None
@@ -689,6 +691,7 @@ class Coordinator:
         finally:
             self.ingest.open = None
             if self._client is not None:
+                self.shed_messages += self._client.shed
                 self._client.close()
                 self._client = None
             if self._store is not None:

@@ -485,3 +485,35 @@ def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_disconnected_agent_stops_at_once(recordings, ingested_store, tmp_path):
+    """With its broker gone, a stopped agent exits without waiting for an acknowledgement that
+    cannot come (the broker has its last will)."""
+    from biofed.broker import start_embedded_broker
+
+    store = tmp_path / "features.sqlite"
+    shutil.copyfile(ingested_store, store)
+    server = start_embedded_broker()
+    agent = make_agent(recordings, store, broker={"host": server.host, "port": server.port, "protocol": "3.1.1"})
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while agent.state is not AgentState.IDLE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        while agent._client is not None and agent._client.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        stop.set()
+        runner.join(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        runner.join(timeout=60)
+        agent.close()
+        server.stop()
+    assert agent.state is AgentState.STOPPED
+    assert took < 15.0, f"a disconnected agent took {took:.1f} s to stop"
