@@ -682,10 +682,30 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
 @click.option("--private-projections", default="none", show_default=True,
               help="Projection variants of every private method (their basis releases are charged).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"), show_default=True)
-def evaluate_command(data, epsilons, delta, repeats, methods, projections, private_projections, out):
+@click.option("--tune", "tune_grid", default=None, metavar="JSON",
+              help='Instead of evaluating, tune each of --methods at the first of --epsilons by leave-one-subject-out '
+                   'CV on training windows only, over a grid of Defaults fields (plus projection, k), e.g. '
+                   '\'{"ridge": [1, 10], "scatter_clip": [null, 10]}\'.')
+def evaluate_command(data, epsilons, delta, repeats, methods, projections, private_projections, out, tune_grid):
     """Evaluate every method and baseline on the same rows: both views, mean, worst device, CI, spread."""
     methods = tuple(m.strip() for m in methods.split(",") if m.strip())
     _check_methods(methods)
+    if tune_grid is not None:
+        try:
+            grid = json.loads(tune_grid)
+            fields = set(Defaults.__dataclass_fields__) | {"projection", "k"}
+            if not isinstance(grid, dict) or not grid or set(grid) - fields or not all(isinstance(v, list) and v for v in grid.values()):
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"--tune needs a JSON object of non-empty lists keyed by {sorted(fields)}, "
+                                     f"got {tune_grid!r}") from None
+        devices = load_devices(devices_from_data(data))
+        epsilon = _parse_epsilons(epsilons)[0]
+        for method in methods:
+            click.echo(f"{method}: leave-one-subject-out CV on training windows at epsilon {epsilon:g}, {repeats} draws")
+            for settings, score in tune(devices, method, grid, epsilon=epsilon, delta=delta, repeats=repeats):
+                click.echo(f"  {score:.3f}  {json.dumps(settings)}")
+        return None
     result = evaluate_folder(data, epsilons=_parse_epsilons(epsilons), delta=delta, repeats=repeats, methods=methods,
                              variants=_parse_variants(projections), private_variants=_parse_variants(private_projections),
                              out=out, echo=click.echo)

@@ -24,6 +24,7 @@ from biofed.evaluation import (
     plain_pipeline_rows,
     run_evaluation,
     targets,
+    tune,
 )
 from biofed.kernels.training import init_params, predict_proba
 
@@ -218,6 +219,16 @@ def test_evaluation_on_synthetic_devices(synthetic_files):
     assert "single draw" not in evaluation.format_table()
 
 
+def test_tune_ranks_settings_without_touching_held_out_windows(synthetic_files):
+    devices = load_devices(synthetic_files)
+    for dev in devices:  # poison the held-out windows: tuning must not see them
+        dev.X[dev.held_out] = np.nan
+    ranked = tune(devices, "one-shot", {"ridge": [0.1, 10.0]}, epsilon=math.inf, repeats=1)
+    assert [sorted(s) for s, _ in ranked] == [["ridge"], ["ridge"]]
+    assert all(0.0 <= score <= 1.0 for _, score in ranked)
+    assert ranked[0][1] >= ranked[1][1]
+
+
 def test_parse_variants_errors():
     assert _parse_variants("none,pca32,class16") == (("none", 0), ("pca", 32), ("class", 16))
     import click
@@ -236,6 +247,8 @@ def test_evaluate_command_bad_input(tmp_path):
     assert result.exit_code != 0 and "at least 2 subjects" in result.output
     result = runner.invoke(evaluate_command, ["--data", str(tmp_path), "--methods", "magic"])
     assert result.exit_code != 0 and "unknown method" in result.output
+    result = runner.invoke(evaluate_command, ["--data", str(tmp_path), "--tune", '{"nope": [1]}'])
+    assert result.exit_code != 0 and "--tune needs a JSON object" in result.output
 
 
 def test_biofed_eeg_features_equal_the_plain_pipeline(shared_datasets):
