@@ -193,3 +193,23 @@ def test_status_without_a_broker(tmp_path):
     view = json.loads(out)
     assert view["coordinator"]["phase"] is None and view["coordinator"]["epsilon_budget"] == 4.0
     assert not (tmp_path / "state").exists()  # status never creates state
+
+
+def test_status_watch_prints_one_json_document_per_interval(tmp_path):
+    toml = tmp_path / "coordinator.toml"
+    toml.write_text('fleet = "ward7"\nrounds = 3\nstate_dir = "state"\n')
+    watch = _biofed("status", "--config", str(toml), "--no-broker", "--json", "--watch", "--interval", "0.5")
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while len(lines) < 3 and time.monotonic() < deadline:
+            lines.append(watch.stdout.readline())
+        watch.send_signal(signal.SIGINT)
+        watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    views = [json.loads(line) for line in lines]
+    assert len(views) == 3 and all(v["fleet"] == "ward7" and v["devices"] == [] for v in views)
+    assert views[0]["time"] < views[1]["time"] < views[2]["time"]
+    assert watch.returncode == 0
