@@ -101,6 +101,8 @@ def format_report(results, targets) -> str:
         lines += ["", "Other measurements", "-" * 60]
         for m in metrics:
             lines.append(f"{m.case:<16} {m.name:<62} {m.value:>12.8g} {m.unit}")
+    for table in (t for result in results for t in result.tables):
+        lines += ["", table.format()]
     errors = [r for r in results if r.error]
     if errors:
         lines += ["", "Errors", "-" * 60]

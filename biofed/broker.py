@@ -10,8 +10,29 @@
 - :func:`write_mosquitto_config` / :func:`start_mosquitto` run a real Mosquitto (MQTT 5)
   with limits fit for federated learning: Mosquitto's default ``max_queued_messages`` of
   1000 silently drops QoS 1 messages for a slow or offline subscriber, so it is raised to
-  100 000; the packet size is capped just above the protocol's message limit.
-- ``biofed broker [--port N] [--mosquitto] [--dir D]`` runs either until Ctrl-C.
+  100 000; the packet size is capped just above the protocol's message limit, and every
+  client's queue has a byte limit too (``max_queued_bytes``; 0 would let one flooding
+  client grow the broker without bound).
+- ``biofed broker [--port N] [--mosquitto] [--dir D]`` runs either until Ctrl-C or SIGTERM
+  (which stops a Mosquitto child too).
+
+Queue arithmetic (:func:`fleet_queue_limits`)
+--------------------------------------------
+Mosquitto queues QoS 1 messages per subscribing client while it is offline or slow; past
+``max_queued_messages`` or ``max_queued_bytes`` it drops new ones silently. The longest
+queue is the coordinator's: it subscribes to every device's status, update, sketch and
+secagg topics. While the coordinator is away no new round opens, so one device has at
+most its reply to the open task, the 4 secure-aggregation steps of that round and its
+status changes (online, offline, every reconnect) to send; :data:`QUEUED_MESSAGES_PER_DEVICE`
+(64) covers that with room for 50 reconnects. One reply of the default models (k = 32
+features, a few hundred hidden units at most, a handful of classes: under 10 000 float64
+parameters, 80 kB; its masked secure-aggregation words as large) fits
+:data:`QUEUED_BYTES_PER_DEVICE` (1 MiB) with the steps and statuses. A fleet of ``n``
+devices therefore needs ``max_queued_messages >= 64 n`` and ``max_queued_bytes >= n MiB``;
+the limits never go below 100 000 messages and 512 MiB (the plain broker's values, ample
+for up to 1 500 devices and 512 devices respectively). A device's own queue holds the
+tasks and models published while it is away; dropping old ones loses nothing, because the
+retained latest ones are delivered again at its reconnect.
 
 The plain config has no authentication (any client, any user name) and no TLS, on
 127.0.0.1. A secured fleet (TLS with client certificates, passwords, per-device ACLs and
@@ -50,8 +71,23 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 MOSQUITTO_MAX_QUEUED_MESSAGES = 100_000
+MOSQUITTO_MAX_QUEUED_BYTES = 512 * 1024 * 1024
 MOSQUITTO_MAX_INFLIGHT_MESSAGES = 100
 MOSQUITTO_MAX_PACKET_SIZE = DEFAULT_MAX_BYTES + 64 * 1024  # one message plus topic/headers
+QUEUED_MESSAGES_PER_DEVICE = 64
+"""Messages one device may need queued for an absent coordinator (see the module docstring)."""
+QUEUED_BYTES_PER_DEVICE = 1024 * 1024
+"""Bytes one device may need queued for an absent coordinator (see the module docstring)."""
+
+
+def fleet_queue_limits(n_devices: int) -> tuple[int, int]:
+    """``(max_queued_messages, max_queued_bytes)`` for a fleet of ``n_devices``: enough for
+    every device's messages to an absent coordinator (the arithmetic of the module
+    docstring), never below the plain broker's limits."""
+    if not isinstance(n_devices, int) or n_devices < 0:
+        raise ValueError(f"n_devices must be an integer >= 0, got {n_devices!r}")
+    return (max(MOSQUITTO_MAX_QUEUED_MESSAGES, QUEUED_MESSAGES_PER_DEVICE * n_devices),
+            max(MOSQUITTO_MAX_QUEUED_BYTES, QUEUED_BYTES_PER_DEVICE * n_devices))
 
 
 class BrokerError(RuntimeError):
@@ -202,12 +238,13 @@ def mosquitto_common_lines(
     data_dir: Path,
     *,
     max_queued_messages: int = MOSQUITTO_MAX_QUEUED_MESSAGES,
+    max_queued_bytes: int = MOSQUITTO_MAX_QUEUED_BYTES,
     max_inflight_messages: int = MOSQUITTO_MAX_INFLIGHT_MESSAGES,
     max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE,
 ) -> list[str]:
     """Config lines every biofed Mosquitto shares: the process user, persistence and the log
-    in ``data_dir``, and the queue/packet limits (see the module docstring)."""
-    for name, value in (("max_queued_messages", max_queued_messages),
+    in ``data_dir``, and the per-client queue/packet limits (see the module docstring)."""
+    for name, value in (("max_queued_messages", max_queued_messages), ("max_queued_bytes", max_queued_bytes),
                         ("max_inflight_messages", max_inflight_messages), ("max_packet_size", max_packet_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -222,7 +259,7 @@ def mosquitto_common_lines(
         "autosave_interval 60",
         "persistent_client_expiration 7d",
         f"max_queued_messages {max_queued_messages}",
-        "max_queued_bytes 0",
+        f"max_queued_bytes {max_queued_bytes}",
         f"max_inflight_messages {max_inflight_messages}",
         f"max_packet_size {max_packet_size}",
         f"log_dest file {data_dir}/mosquitto.log",
@@ -239,6 +276,7 @@ def write_mosquitto_config(
     *,
     host: str = LOOPBACK,
     max_queued_messages: int = MOSQUITTO_MAX_QUEUED_MESSAGES,
+    max_queued_bytes: int = MOSQUITTO_MAX_QUEUED_BYTES,
     max_inflight_messages: int = MOSQUITTO_MAX_INFLIGHT_MESSAGES,
     max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE,
 ) -> Path:
@@ -251,7 +289,7 @@ def write_mosquitto_config(
         raise ValueError(f"port must be a positive integer, got {port!r}")
     directory = Path(directory).resolve()
     common = mosquitto_common_lines(directory, max_queued_messages=max_queued_messages,
-                                    max_inflight_messages=max_inflight_messages, max_packet_size=max_packet_size)
+                                    max_queued_bytes=max_queued_bytes, max_inflight_messages=max_inflight_messages, max_packet_size=max_packet_size)
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "# written by biofed.broker.write_mosquitto_config",

@@ -126,6 +126,10 @@ class BrokerConfig(_Section):
     connect_timeout_s: float = Field(10.0, gt=0)
     session_expiry_s: int = Field(86_400, ge=0)
     inbox_size: int = Field(10_000, ge=1)
+    inbox_rate_per_s: float | None = Field(50.0, gt=0)
+    """Inbound messages per second one sender may sustain; beyond it they are shed (None: no limit)."""
+    inbox_burst: float = Field(500.0, ge=1)
+    """Messages one sender may send at once above ``inbox_rate_per_s``."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest accepted protocol message; larger ones are dropped before decoding."""
     tls: bool = False
@@ -230,6 +234,63 @@ class _SigningFields(_Section):
         return self
 
 
+class SourceConfig(_Section):
+    """One input of a device (``[[sources]]``), the same as ``biofed replay FILE`` / ``--lsl NAME``.
+
+    ``kind = "file"``: ``path`` is a recording file, or a folder whose recordings are all
+    ingested (and, with ``watch = true``, new files in it as they appear, without a restart).
+    ``kind = "lsl"``: ``name`` is the LSL stream name, name prefix (``pi-01`` for ``pi-01-eeg``,
+    ``pi-01-markers``...) or source id of the device's live streams.
+    """
+
+    kind: Literal["file", "lsl"]
+    path: ConfigPath | None = None
+    watch: bool = False
+    name: str | None = Field(None, min_length=1)
+    resolve_timeout_s: float = Field(5.0, gt=0)
+    """lsl: how long one look for the streams lasts (retried until they appear)."""
+    gap_tolerance_s: float = Field(0.1, gt=0)
+    """lsl: a larger deviation of a sample's timestamp from its expected time is a gap."""
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> SourceConfig:
+        if self.kind == "file":
+            if self.path is None:
+                raise ValueError('a kind = "file" source needs path = "recording file or folder"')
+            if self.name is not None:
+                raise ValueError('name belongs to kind = "lsl" sources; a file source has a path')
+            if self.watch and self.path.exists() and not self.path.is_dir():
+                raise ValueError(f"watch = true needs a folder, but {self.path} is a file")
+        else:
+            if self.name is None:
+                raise ValueError('a kind = "lsl" source needs name = "LSL stream name or source id"')
+            if self.path is not None or self.watch:
+                raise ValueError('path and watch belong to kind = "file" sources; an lsl source has a name')
+        return self
+
+
+class DeviceDPConfig(_Section):
+    """The device's own privacy (``[dp]`` of a device config).
+
+    Two guarantees, reported side by side and never mixed: *client-level* (one record = the
+    device's whole contribution; its own ledger charges what it releases in local and
+    distributed trust modes) and, with ``record_noise_multiplier`` set, *record-level*
+    (one record = one window of one person: for a device that holds several people's data,
+    e.g. a ward device) from DP-SGD in local training.
+    """
+
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """Delta at which the device reports the epsilons of its own ledgers."""
+    record_noise_multiplier: float | None = Field(None, ge=0)
+    """z_r of record-level DP-SGD (noise std / record_clip_norm on each step's gradient sum).
+    None: local training without record-level DP."""
+    record_clip_norm: float = Field(1.0, gt=0)
+    """L2 bound of one window's gradient in DP-SGD."""
+    record_sampling_rate: float = Field(0.05, gt=0, le=1)
+    """Probability that each training window is in a DP-SGD step's batch (Poisson sampling);
+    a round runs ``ceil(local_epochs / record_sampling_rate)`` steps."""
+
+
 class DeviceConfig(_SigningFields):
     """One edge device (``biofed agent``)."""
 
@@ -238,6 +299,10 @@ class DeviceConfig(_SigningFields):
     broker: BrokerConfig = BrokerConfig()
     recordings: tuple[ConfigPath, ...] = ()
     """Recording files replayed as the device's sensor stream."""
+    sources: tuple[SourceConfig, ...] = ()
+    """Inputs: recording files or folders (``kind = "file"``) and live LSL streams (``kind = "lsl"``)."""
+    warmup: bool = True
+    """Compile (or load from the cache) every kernel before reporting "online" (``biofed warmup``)."""
     replay_speed: float = Field(0.0, ge=0)
     """0 = as fast as possible, 1 = real time."""
     store_path: ConfigPath
@@ -246,6 +311,7 @@ class DeviceConfig(_SigningFields):
     training: TrainingSettings = TrainingSettings()
     predict: bool = False
     """Publish on-device predictions of the current global model."""
+    dp: DeviceDPConfig = DeviceDPConfig()
     wait_for_sources: bool = False
     """With no usable recording, wait for one (a service started before its data) instead of
     exiting with an error."""
@@ -276,7 +342,9 @@ class DPConfig(_Section):
     secagg_threshold: int | None = Field(None, ge=1)
     """distributed mode: minimum devices that must survive a secure-aggregation round (the
     Shamir threshold, raised to a majority of the round's devices) and the ``n_min`` each
-    device calibrates its noise share for. None: ``min_devices // 2 + 1``."""
+    device calibrates its noise share for. Never below ``min_devices`` (the coordinator
+    refuses it): a sum unmasked with fewer survivors would reach the coordinator and then be
+    discarded. None: ``min_devices``."""
     secagg_step_timeout_s: float = Field(10.0, gt=0)
     """distributed mode: how long each secure-aggregation step after the keys waits for the
     devices (they only compute; training happens before, within ``round_deadline_s``)."""
@@ -556,5 +624,6 @@ def load_allowed_devices(path: str | Path) -> frozenset[str]:
 __all__ = [
     "AdaptiveClippingConfig", "BrokerConfig", "BrokerServiceConfig", "ConfigError", "CoordinatorConfig", "DPConfig",
     "DeviceConfig", "ENV_PREFIX", "MetricsSettings", "ModelSettings", "PipelineSettings", "RECOMMENDED_PRIVACY",
-    "RECOMMENDED_ROUNDS", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices", "load_config", "toml_literal",
+    "RECOMMENDED_ROUNDS", "SourceConfig", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices",
+    "load_config", "toml_literal",
 ]

@@ -15,8 +15,11 @@ What it does
    every message (the observer uses read-only credentials).
 3. ``coordinator.toml`` and one ``devices/<id>/device.toml`` per device in the report folder;
    the coordinator (``biofed coordinator``) and one agent per device (``biofed edge``) run as
-   separate processes (``sys.executable -m biofed``). Their logs go to ``logs/``; the
-   coordinator's per-round lines are echoed as they come.
+   separate processes (``sys.executable -m biofed``); above ``IN_PROCESS_FLEET`` devices the
+   agents run inside the demo's process instead (:class:`biofed.simulate.SimulatedFleet`: real
+   agents with their own MQTT sessions and stores, sharing the kernels and a thread pool).
+   Their logs go to ``logs/`` (in-process agents: ``logs/devices.log``); the coordinator's
+   per-round lines are echoed as they come.
 4. An observer subscribed to the fleet's ``update/+`` topic keeps every device's held-out
    balanced accuracy (devices report the accuracy of the model they received, measured
    before training), so the table can show the mean *and the minimum* over devices.
@@ -42,6 +45,12 @@ What it does
        ``biofed predict --model model_final.onnx FILE``.
    ``summary.json``
        federated vs centralized accuracy, epsilon, settings.
+   ``evaluation/``
+       with ``--data`` (or ``--evaluate``): :mod:`biofed.evaluation` run on the same
+       recordings after the federation — the personalized and new-patient views, every
+       private method (DP-FTRL, one-shot LDA, DP-FedAvg, centralized DP) and baseline at
+       epsilon 1, 2, 4, 8 and inf, with the spread over ``--repeats`` privacy-noise draws;
+       its tables are printed and ``epsilon_accuracy.png`` plots the trade-off.
 
 Privacy defaults
 ----------------
@@ -130,6 +139,9 @@ SYNTHETIC_DEVICES = 10
 ``z C / n``, so a private federation needs a fleet (at the default epsilon 8.1, 3 runs each:
 5 devices mean 0.76, worst 0.46; 10 devices 0.83 / 0.61)."""
 CLASSES = ("rest", "arithmetic")
+IN_PROCESS_FLEET = 8
+"""Above this many devices the demo runs them in its own process (:mod:`biofed.simulate`:
+one agent per device, shared kernels and threads) instead of one process each."""
 _TAIL_LINES = 30
 
 
@@ -166,9 +178,12 @@ class DemoSettings:
     standardization: str = "device"
     round_deadline_s: float = 60.0
     min_devices: int | None = None
+    sampling_rate: float | str = "all"
     timeout_s: float = 900.0
     seed: int = 0
     agent_keepalive_s: int = 30
+    evaluate: bool | None = None
+    evaluation_repeats: int = 3
 
 
 # ----------------------------------------------------------------------------- devices
@@ -251,10 +266,11 @@ def _broker_section(host: str, port: int, protocol: str, keepalive: int = 30) ->
 
 
 def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]], host: str, port: int,
-                  protocol: str, fleet=None) -> tuple[Path, dict[str, Path]]:
+                  protocol: str, fleet=None, broker_extra: Mapping | None = None) -> tuple[Path, dict[str, Path]]:
     """Write ``coordinator.toml`` and ``devices/<id>/device.toml`` under ``settings.out``;
     with a provisioned ``fleet`` (:class:`biofed.provision.ProvisionedFleet`) each identity
-    gets its TLS credentials and signing key from it."""
+    gets its TLS credentials and signing key from it. ``broker_extra`` (e.g. a user name and
+    password every identity shares) goes into every ``[broker]`` section."""
     out = settings.out
     private = settings.noise_multiplier > 0  # z = 0: a non-private run (no basis noise, no budget either)
     dp = {"trust_mode": settings.trust_mode, "clip_norm": settings.clip,
@@ -269,13 +285,13 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
 
     def broker(identity: str, keepalive: int = 30) -> dict:
         if fleet is None:
-            return _broker_section(host, port, protocol, keepalive)
+            return {**_broker_section(host, port, protocol, keepalive), **(broker_extra or {})}
         return {**fleet.broker_settings(identity), "keepalive": keepalive}
 
     coordinator = _write_toml(
         out / "coordinator.toml",
         {"fleet": FLEET, "rounds": settings.rounds, "min_devices": settings.min_devices or len(devices),
-         "sampling_rate": "all", "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
+         "sampling_rate": settings.sampling_rate, "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
          **({"allowed_devices_file": str(fleet.layout.allowed_devices)} if fleet is not None else {}),
          **signing.get("coordinator", {})},
         {"broker": broker("coordinator"),
@@ -348,12 +364,14 @@ class UpdateObserver:
                 continue
             try:
                 message = decode_topic_message(self.topics, inbound.topic, inbound.payload)
+                metrics = message.payload.metrics
+                if metrics.eval_balanced_accuracy is not None:
+                    self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy,
+                                                                    metrics.eval_windows)
             except ProtocolError as exc:
                 logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
-                continue
-            metrics = message.payload.metrics
-            if metrics.eval_balanced_accuracy is not None:
-                self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy, metrics.eval_windows)
+            except Exception:  # noqa: BLE001 - one message never stops the observer
+                logger.exception("observer dropped a message on %s: internal error", inbound.topic)
 
     def stop(self) -> None:
         self._stop.set()
@@ -760,7 +778,7 @@ def run_demo(settings: DemoSettings) -> dict:
     except (BrokerError, ProvisionError) as exc:
         raise DemoError(f"cannot start the MQTT broker: {exc}") from None
     children: list[_Child] = []
-    observer = None
+    observer = fleet = None
     started = time.monotonic()
     try:
         coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, broker.port, protocol,
@@ -780,8 +798,11 @@ def run_demo(settings: DemoSettings) -> dict:
         children.append(coordinator)
         relay = threading.Thread(target=_relay, args=(coordinator.process.stdout, "  ", coordinator_lines), daemon=True)
         relay.start()
-        for device, toml in device_tomls.items():
-            children.append(_spawn(device, ["edge", "--config", str(toml)], out / "logs" / f"{device}.log"))
+        if len(devices) > IN_PROCESS_FLEET:
+            fleet, fleet_log = _launch_in_process(device_tomls.values(), out / "logs" / "devices.log")
+        else:
+            for device, toml in device_tomls.items():
+                children.append(_spawn(device, ["edge", "--config", str(toml)], out / "logs" / f"{device}.log"))
         reported_dead: set[str] = set()
         while coordinator.process.poll() is None:
             if time.monotonic() - started > settings.timeout_s:
@@ -802,6 +823,10 @@ def run_demo(settings: DemoSettings) -> dict:
         elapsed = time.monotonic() - started
     finally:
         _terminate(children)
+        if fleet is not None:
+            fleet.close()
+            logging.getLogger("biofed.edge").removeHandler(fleet_log)
+            fleet_log.close()
         if observer is not None:
             observer.stop()
         broker.stop()
@@ -854,7 +879,33 @@ def run_demo(settings: DemoSettings) -> dict:
                    f"windows: max |diff| {onnx_summary['max_abs_diff_vs_numba']:.1e}")
     click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, model_final.onnx, summary.json) "
                f"in {elapsed:.0f} s")
+    if settings.evaluate if settings.evaluate is not None else settings.data is not None:
+        from biofed.evaluation import evaluate_files
+
+        click.echo("")
+        evaluate_files(devices, delta=settings.delta, repeats=settings.evaluation_repeats, out=out / "evaluation",
+                       echo=click.echo)
+        summary["evaluation"] = str(out / "evaluation" / "evaluation.json")
+        click.echo(f"evaluation: {out / 'evaluation'} (evaluation.json, evaluation.txt, epsilon_accuracy.png)")
     return summary
+
+
+def _launch_in_process(tomls: Iterable[Path], log: Path):
+    """Run the devices as one in-process :class:`biofed.simulate.SimulatedFleet` (real agents
+    sharing the kernels and a thread pool) with their log lines in ``log``; returns the fleet
+    and the log handler to remove after it."""
+    from biofed.simulate import SimulatedFleet
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    edge_logger = logging.getLogger("biofed.edge")
+    edge_logger.addHandler(handler)
+    edge_logger.setLevel(logging.INFO)
+    fleet = SimulatedFleet.from_configs(tomls)
+    fleet.launch()
+    return fleet, handler
 
 
 def _tails(children: Sequence[_Child]) -> str:
@@ -913,9 +964,14 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
               help="Global timeout (s); every process is killed after it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
+@click.option("--evaluate/--no-evaluate", default=None,
+              help="After the federation, run `biofed evaluate` on the same recordings (both views, baselines, "
+                   "epsilon 1-inf, spread over noise draws). Default: with --data only.")
+@click.option("--repeats", "evaluation_repeats", type=click.IntRange(min=1), default=DemoSettings.evaluation_repeats,
+              show_default=True, help="Privacy-noise draws per private cell of the evaluation.")
 def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_multiplier, basis_clip, standardization,
                  epsilon_budget, delta, trust_mode, sign, secure, out, mosquitto, synthetic_seconds, timeout_s,
-                 seed) -> None:
+                 seed, evaluate, evaluation_repeats) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
@@ -928,6 +984,7 @@ def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_mult
         basis_clip=basis_clip, basis_noise_multiplier=basis_noise_multiplier, standardization=standardization,
         epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
         sign=sign, secure=secure, synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
+        evaluate=evaluate, evaluation_repeats=evaluation_repeats,
     )
     try:
         run_demo(settings)

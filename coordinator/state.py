@@ -27,7 +27,12 @@ Schema (``SCHEMA_VERSION`` 1)
     epsilon (RDP and PLD; NULL when not computed, ``inf`` is stored as SQLite's infinity),
     the DP parameters used (sampling rate, noise multiplier, clip norm), attempts and time.
 
-The database uses WAL with ``synchronous=FULL``: a commit survives a power cut.
+The database uses a rollback journal with ``synchronous=FULL`` (a commit survives a power
+cut) and no memory mapping at all (``mmap_size=0``; no WAL, whose shared-memory index is
+an mmapped file): a state directory that turns read-only or full mid-run then fails a
+write with an error instead of killing the process with SIGBUS. Every storage failure is
+a :class:`StateError` naming the directory and the cause; the transaction of the failed
+commit is rolled back, so the database keeps the last committed round.
 
 One coordinator at a time runs on a state directory: :class:`StateDirLock` holds an
 exclusive ``flock`` on ``state_dir/coordinator.lock`` (released by the kernel when the
@@ -63,7 +68,33 @@ DB_NAME = "coordinator.sqlite"
 
 
 class StateError(RuntimeError):
-    """The state database is unusable (other fleet, newer schema, corrupt)."""
+    """The state database is unusable (other fleet, newer schema, corrupt) or cannot be
+    written (read-only or full state directory, I/O error)."""
+
+
+def _storage_error(path: Path, action: str, exc: BaseException) -> StateError:
+    return StateError(
+        f"{path}: cannot {action}: {exc}; the state directory must be writable and have free space "
+        "(nothing after the last committed round is kept; fix the directory and restart to resume)"
+    )
+
+
+def _probe_writable(directory: Path) -> None:
+    """Write, sync and delete a small file in ``directory``: read-only or full fails here,
+    at start, rather than in the first commit."""
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise _storage_error(directory, "write the state directory", exc) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -211,12 +242,19 @@ class CoordinatorState:
 
     def __init__(self, state_dir: str | Path, fleet: str) -> None:
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error(self.state_dir, "create the state directory", exc) from None
+        _probe_writable(self.state_dir)
         self.path = self.state_dir / DB_NAME
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+            self._db.execute("PRAGMA mmap_size=0")
+            mode = self._db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+            if mode.lower() != "delete":
+                raise StateError(f"{self.path}: SQLite kept journal mode {mode!r}; put the state on a local disk")
             self._db.execute("PRAGMA synchronous=FULL")
             self._create(fleet)
         except sqlite3.DatabaseError as exc:
@@ -288,7 +326,18 @@ class CoordinatorState:
         """Persist that round numbers below ``next_round`` are used (called when a task is
         published, so a restarted coordinator never re-issues a task round number)."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('next_round', ?)", (json.dumps(int(next_round)),))
+            try:
+                self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('next_round', ?)",
+                                 (json.dumps(int(next_round)),))
+            except sqlite3.Error as exc:
+                raise _storage_error(self.path, f"reserve round numbers below {next_round}", exc) from None
+
+    def write_ledger(self, ledger_json: str) -> None:
+        """Persist the privacy ledger alone, at once (the write-ahead charge of
+        :class:`biofed.privacy_mechanism.PrivacyMechanism`: durable before the release is
+        published; a later :meth:`commit_round` writes the same ledger with the round)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('ledger', ?)", (json.dumps(str(ledger_json)),))
 
     def commit_round(
         self,
@@ -317,16 +366,25 @@ class CoordinatorState:
                         tuple(getattr(record, c) for c in ROUND_COLUMNS),
                     )
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite rolled back already (e.g. after a full disk)
+                if isinstance(exc, sqlite3.Error):
+                    raise _storage_error(self.path, "commit the round", exc) from None
                 raise
 
     def write_rounds_json(self) -> Path:
         """Write ``state_dir/rounds.json`` (the :meth:`history` as a list of dicts)."""
         path = self.state_dir / "rounds.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps([r.to_json_dict() for r in self.history()], indent=1))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps([r.to_json_dict() for r in self.history()], indent=1))
+            tmp.replace(path)
+        except OSError as exc:
+            raise _storage_error(path, "write the round history", exc) from None
         return path
 
 

@@ -56,7 +56,7 @@ import numpy as np
 
 from biofed.datasets.recording import BIO_TYPES, MODALITIES, Annotation, Recording, RecordingError, Signal
 
-__all__ = ["SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording"]
+__all__ = ["SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording", "recordings_in"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,20 @@ SUPPORTED_EXTENSIONS = _MNE_EXTENSIONS + _WFDB_EXTENSIONS + (".wav",) + _TEXT_EX
 
 
 # --------------------------------------------------------------------------------------
-# public entry point
+# public entry points
 # --------------------------------------------------------------------------------------
+def recordings_in(folder) -> list[Path]:
+    """The recording files of ``folder`` that :func:`read_recording` reads, sorted by name.
+
+    A WFDB record counts once, by its ``.hea`` header (its ``.dat``/``.mat`` signal file is
+    read with it).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
+    headers = {p.with_suffix("") for p in files if p.suffix.lower() == ".hea"}
+    return [p for p in files if not (p.suffix.lower() in (".dat", ".mat") and p.with_suffix("") in headers)]
+
+
 def read_recording(path, *, sfreq: float | None = None, modality: str | None = None) -> Recording:
     """Read one recording file.
 
@@ -344,7 +356,12 @@ def _check_edf_header(path: Path, bdf: bool) -> None:
             raise RecordingError(path, f"not an {'BDF' if bdf else 'EDF'} file: version field is {version!r}.")
         header_bytes = _header_field(path, header, 184, 192, "header bytes", int)
         n_records = _header_field(path, header, 236, 244, "number of data records", int)
-        _header_field(path, header, 244, 252, "record duration", float)
+        record_s = _header_field(path, header, 244, 252, "record duration", float)
+        if not (math.isfinite(record_s) and record_s > 0):
+            raise RecordingError(
+                path, f"corrupt EDF/BDF header: record duration (bytes 244-252) is {record_s:g} s; it must be a "
+                "positive number of seconds (the sampling rates are samples per record / record duration)."
+            )
         n_signals = _header_field(path, header, 252, 256, "number of signals", int)
         if n_signals < 1 or header_bytes != 256 * (n_signals + 1):
             raise RecordingError(
