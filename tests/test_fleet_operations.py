@@ -216,3 +216,28 @@ def test_status_watch_prints_one_json_document_per_interval(tmp_path):
     assert len(views) == 3 and all(v["fleet"] == "ward7" and v["devices"] == [] for v in views)
     assert views[0]["time"] < views[1]["time"] < views[2]["time"]
     assert watch.returncode == 0
+
+
+def test_agent_stops_within_seconds_with_the_broker_down(tmp_path):
+    from biofed.broker import start_embedded_broker
+
+    broker = start_embedded_broker()
+    try:
+        devices = write_synthetic_devices(tmp_path / "data", 1, duration_s=12.0, random_state=4)
+        _, device_tomls = write_configs(DemoSettings(out=tmp_path, rounds=2), devices, broker.host, broker.port, "3.1.1")
+        agent = _biofed("edge", "--config", str(next(iter(device_tomls.values()))))
+        deadline = time.monotonic() + 300
+        seen = ""
+        while "online with" not in seen and time.monotonic() < deadline and agent.poll() is None:
+            seen = agent.stderr.readline()
+    finally:
+        broker.stop()
+    try:
+        time.sleep(3)  # the agent notices and keeps trying to reconnect
+        elapsed, err = _stop(agent)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, err
+    assert elapsed < 5, f"the agent took {elapsed:.1f} s to stop with the broker down"
+    assert "ERROR" not in err and "Client is not connected" not in err
