@@ -70,6 +70,7 @@ from biofed.audit_stats import (
     softmax_invariant_basis,
     threshold_epsilon_lower_bound,
 )
+from biofed.cli_options import examples
 from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_config
 from biofed.coordinator.server import Coordinator, RunState
 from biofed.demo import (
@@ -572,7 +573,12 @@ def run_audit(settings: AuditSettings, *, coordinator_class: type[Coordinator] =
 
 
 # ----------------------------------------------------------------------------- command
-@click.command("audit")
+@click.command("audit", epilog=examples(
+    "biofed audit",
+    "biofed audit --trust-mode local --runs 3 --out audit-local",
+    "biofed audit --trust-mode central --devices 3 --rounds 5 --seconds 10 --sign",
+    exit_codes="Exit codes: 0 consistent; 1 a VIOLATION or a runtime error; 2 usage error.",
+))
 @click.option("--trust-mode", "trust_modes", type=click.Choice(TRUST_MODES), multiple=True,
               help="Trust mode to audit (repeatable); default: every mode (central, local, distributed).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-audit"),
@@ -612,13 +618,7 @@ def audit_command(trust_modes, out, runs, canaries, devices, rounds, noise_multi
     coordinator too in local and distributed modes) score the canaries, and a Gaussian fit of
     the scores gives an epsilon lower bound at --confidence, printed next to the ledger's
     epsilon with a verdict: "consistent" (lower bound <= ledger epsilon) or "VIOLATION"
-    (the federation leaks more than it accounts; exit code 1). Examples:
-
-        biofed audit
-
-        biofed audit --trust-mode local --runs 3 --out audit-local
-
-        biofed audit --trust-mode central --devices 3 --rounds 5 --seconds 10 --sign
+    (the federation leaks more than it accounts; exit code 1).
     """
     settings = AuditSettings(
         out=out, trust_modes=tuple(trust_modes) or TRUST_MODES, devices=devices, canaries=canaries, runs=runs,

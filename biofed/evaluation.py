@@ -55,6 +55,7 @@ import click
 import dp_accounting
 import numpy as np
 
+from biofed.cli_options import examples
 from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
 from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
 from biofed.coordinator.release import ReleaseLedger, release_statistics
@@ -669,7 +670,10 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
     return values
 
 
-@click.command("evaluate")
+@click.command("evaluate", epilog=examples(
+    "biofed evaluate --data /work/shared/datasets/eegmat",
+    "biofed evaluate --data eegmat --epsilons 1,8,inf --repeats 5 --out eval-eegmat",
+))
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Folder of eegmat recordings (SubjectNN_1.edf rest, SubjectNN_2.edf arithmetic); one device per subject.")
 @click.option("--epsilons", default="1,2,4,8,inf", show_default=True, help="Per-patient epsilons to evaluate.")

@@ -60,6 +60,23 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+class _NotConnectedIsExpected(logging.Filter):
+    """paho logs "Client is not connected" at ERROR whenever its network thread wakes on a
+    closed socket: during every reconnect while the broker is away, and after a deliberate
+    close. Both are expected (the connection-lost warning already said so): debug, not error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "Client is not connected" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_paho_logger = logging.getLogger(__name__ + ".paho")
+"""paho's own log records (a child of this module's logger, with the filter above)."""
+_paho_logger.addFilter(_NotConnectedIsExpected())
+
 ProtocolChoice = Literal["auto", "5", "3.1.1"]
 PROTOCOLS: tuple[str, ...] = ("auto", "5", "3.1.1")
 _PAHO_VERSION = {"5": MQTTProtocolVersion.MQTTv5, "3.1.1": MQTTProtocolVersion.MQTTv311}
@@ -498,7 +515,7 @@ class MqttClient:
             protocol=_PAHO_VERSION[version],
             **kwargs,
         )
-        client.enable_logger(logger)
+        client.enable_logger(_paho_logger)
         if self._ssl_context is not None:
             client.tls_set_context(self._ssl_context)
         client.username_pw_set(*self._credentials)

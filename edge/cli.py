@@ -22,21 +22,29 @@ SOURCE_POLL_S = 5.0
 
 def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: bool) -> bool:
     """True once the agent has something to learn from: windows in its store (the
-    recordings are ingested here first, in fast replay) or, in real-time replay (which
-    ingests while serving), a recording that exists.
+    recordings are ingested here first, in fast replay), a live source or watched folder
+    (they deliver while the agent serves), or, in real-time replay (which ingests while
+    serving), a recording that exists.
 
     Without ``wait`` an agent with nothing to learn from fails at once instead of sitting
     "online with 0 windows"; with it (a service started before its data) it retries every
     :data:`SOURCE_POLL_S` seconds until stopped.
     """
+    from biofed.edge.agent import recording_files
+    from biofed.edge.continuous import ContinuousIngestion
+
+    if ContinuousIngestion.needed(config):
+        return True
     while not stop.is_set():
+        files = recording_files(config)
         if config.replay_speed == 0:
             agent.ingest(stop)
-        if agent.n_rows or (config.replay_speed > 0 and any(p.exists() for p in config.recordings)):
+        if agent.n_rows or (config.replay_speed > 0 and any(p.exists() for p in files)):
             return True
-        missing = [str(p) for p in config.recordings if not p.exists()]
-        if not config.recordings:
-            problem = "no recordings configured (add recordings = [\"data/s01_1.edf\", ...] to the config)"
+        missing = [str(p) for p in files if not p.exists()]
+        if not files:
+            problem = ('no recordings configured (add recordings = ["data/s01_1.edf", ...] or [[sources]] to the '
+                       "config)")
         elif missing:
             problem = f"recordings not found: {', '.join(missing)}"
         else:

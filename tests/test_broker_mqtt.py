@@ -338,3 +338,14 @@ def test_broker_cli_with_config_stops_mosquitto_on_sigterm(tmp_path):
         pytest.fail(f"mosquitto (pid {mosquitto_pid}) outlived its biofed broker process")
     with pytest.raises(ConnectError):
         MqttClient("127.0.0.1", port, "dev-after", protocol="5", connect_timeout_s=2).connect()
+
+
+def test_paho_not_connected_noise_is_debug_not_error(caplog):
+    import logging
+
+    from biofed.mqtt import _paho_logger
+
+    with caplog.at_level(logging.INFO):
+        _paho_logger.error("Client is not connected. Socket: None). Last known Connection State: %s", "CONNECTING")
+        _paho_logger.error("failed to receive on socket: %s", "boom")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("ERROR", "failed to receive on socket: boom")]
