@@ -2,8 +2,8 @@
 
 ::
 
-    python benchmarks/fleet.py --devices 100 1000 --rounds 3
-    python benchmarks/fleet.py --rabbitmq --devices 100 --rounds 3
+    python -m benchmarks.fleet --devices 100 1000 --rounds 3
+    python -m benchmarks.fleet --rabbitmq --devices 100 --rounds 3
 
 For each N, :func:`biofed.simulate.run_simulation` runs a whole federation (synthetic
 sources dealt to N real edge agents in one process, the coordinator in its own process,

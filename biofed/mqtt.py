@@ -57,6 +57,7 @@ from biofed.inbox import Inbox
 
 if TYPE_CHECKING:
     from biofed.config import BrokerConfig
+    from biofed.mqtt_loop import NetworkLoop
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +218,10 @@ class MqttClient:
         Called on the network thread with each :class:`InboundMessage` instead of putting
         it in the inbox (a process hosting many clients feeds one shared dispatcher this
         way). It must not drop messages; blocking in it holds the PUBACK like a full inbox.
+    network : biofed.mqtt_loop.NetworkLoop, optional
+        Serve the connection from this shared network thread instead of a paho thread of
+        its own (a process hosting hundreds of clients); reconnects then follow the same
+        backoff from that thread.
     """
 
     def __init__(
@@ -243,6 +248,7 @@ class MqttClient:
         password: str | None = None,
         tls: TlsSettings | None = None,
         on_message: Callable[[InboundMessage], None] | None = None,
+        network: NetworkLoop | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -273,6 +279,8 @@ class MqttClient:
         self._reconnect_delays = (reconnect_min_delay_s * jitter, reconnect_max_delay_s * jitter)
         self._inbox: Inbox[InboundMessage] = Inbox(inbox_size, rate_per_s=inbox_rate_per_s, burst=inbox_burst)
         self._deliver = on_message
+        self._network = network
+        self._backoff_s: float | None = None
         self._subscriptions: dict[str, int] = {}
         self._lock = threading.Lock()
         self._suback = threading.Condition(self._lock)
@@ -345,7 +353,8 @@ class MqttClient:
                 ) from exc
             except OSError as exc:
                 raise ConnectError(f"cannot reach MQTT broker {self.host}:{self.port}: {exc}") from exc
-            client.loop_start()
+            if self._network is None:
+                client.loop_start()
             if self._connack.wait(timeout) and self._connack_error is None:
                 self._client = client
                 self.protocol_version = version
@@ -354,7 +363,7 @@ class MqttClient:
             reason = self._connack_error or f"no CONNACK within {timeout:g} s"
             failures.append(f"MQTT {version}: {reason}")
             client.disconnect()
-            client.loop_stop()
+            self._stop_network(client)
             logger.info("MQTT %s connection to %s:%d failed (%s)", version, self.host, self.port, reason)
         raise ConnectError(
             f"MQTT broker {self.host}:{self.port} did not accept the connection ({'; '.join(failures)}); "
@@ -371,7 +380,7 @@ class MqttClient:
             # nothing from this point on is news.
             self._client.disable_logger()
             self._client.disconnect()
-            self._client.loop_stop()
+            self._stop_network(self._client)
             self._client = None
         self._connected.clear()
 
@@ -388,6 +397,28 @@ class MqttClient:
         except OSError:
             return False
         return True
+
+    def _stop_network(self, client: paho.Client) -> None:
+        if self._network is None:
+            client.loop_stop()
+        else:
+            self._network.forget(client)
+
+    def _reconnect(self) -> None:
+        """Network-loop mode: reconnect now (called from the loop thread), or schedule the next try."""
+        client = self._client
+        if client is None or self._closing:
+            return
+        try:
+            client.reconnect()
+        except OSError as exc:
+            logger.debug("reconnect to %s:%d failed: %s", self.host, self.port, exc)
+            self._network.reconnect_later(self, self._next_backoff())
+
+    def _next_backoff(self) -> float:
+        low, high = self._reconnect_delays
+        self._backoff_s = low if self._backoff_s is None else min(2 * self._backoff_s, high)
+        return self._backoff_s
 
     def __enter__(self) -> MqttClient:
         return self.connect()
@@ -516,6 +547,8 @@ class MqttClient:
             **kwargs,
         )
         client.enable_logger(_paho_logger)
+        if self._network is not None:
+            self._network.prepare(client, self)
         if self._ssl_context is not None:
             client.tls_set_context(self._ssl_context)
         client.username_pw_set(*self._credentials)
@@ -545,6 +578,7 @@ class MqttClient:
                 self._down_since = None
         for topic_filter, qos in subscriptions:
             client.subscribe(topic_filter, qos)
+        self._backoff_s = None
         self._connected.set()
         self._connack.set()
         logger.debug("MQTT connected (session present: %s)", getattr(flags, "session_present", None))
@@ -560,6 +594,8 @@ class MqttClient:
             self._connack.set()
         elif not self._closing and self._client is not None:
             logger.warning("MQTT connection to %s:%d lost (%s); reconnecting", self.host, self.port, reason_code)
+            if self._network is not None:  # paho's own thread would reconnect by itself
+                self._network.reconnect_later(self, self._next_backoff())
 
     def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason_code: object,
                     properties: object) -> None:

@@ -3,12 +3,13 @@
 Each simulated device is a real :class:`biofed.edge.agent.EdgeAgent`: its own MQTT
 connection and client id with a persistent session and last will, its own keys (``--sign``)
 and its own SQLite feature store, answering tasks through the agent's own handlers. What the
-devices share is the process: one import of the Numba kernels (compiled once), one pool of
+devices share is the process: one import of the Numba kernels (compiled once), one network
+thread serving every connection (:class:`biofed.mqtt_loop.NetworkLoop`: paho's thread per
+client would hit ``select()``'s 1024 file-descriptor limit at about 300 clients), one pool of
 dispatcher threads that runs :meth:`EdgeAgent.handle_message` for every device (device ``i``
 always on shard ``i % workers``, so each device sees its messages in order), one thread
 that republishes "online" after reconnects, and one scheduler for delayed publications.
-Each connection keeps paho's own network thread. The coordinator runs as its own process
-(``biofed coordinator``), as in production.
+The coordinator runs as its own process (``biofed coordinator``), as in production.
 
 Devices
 -------
@@ -71,6 +72,7 @@ from biofed.demo import (
     write_configs,
     write_synthetic_devices,
 )
+from biofed.mqtt_loop import NetworkLoop
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +187,14 @@ class SimulatedFleet:
         self._sequence = 0
         self.late_published = 0
         self.duplicates_published = 0
+        self._network: NetworkLoop | None = None
+
+    @property
+    def network(self) -> NetworkLoop:
+        """The one network thread serving every device's MQTT connection (started on first use)."""
+        if self._network is None:
+            self._network = NetworkLoop()
+        return self._network
 
     @classmethod
     def from_configs(cls, tomls, **kwargs) -> SimulatedFleet:
@@ -228,7 +238,7 @@ class SimulatedFleet:
         def open_one(index: int) -> bool:
             shard = self._shards[index % len(self._shards)]
             return self.agents[index].open_session(
-                self._stop, on_message=lambda inbound: self._enqueue(shard, (index, inbound)))
+                self._stop, on_message=lambda inbound: self._enqueue(shard, (index, inbound)), network=self.network)
 
         with ThreadPoolExecutor(connect_threads, thread_name_prefix="connect") as pool:
             opened = sum(pool.map(open_one, range(len(self.agents))))
@@ -251,6 +261,8 @@ class SimulatedFleet:
             list(pool.map(lambda agent: agent.close_session(), self.agents))
         for thread in self._threads:
             thread.join(timeout=5.0)
+        if self._network is not None:
+            self._network.stop()
         for agent in self.agents:
             agent.close()
 
@@ -324,7 +336,7 @@ class FleetWatcher:
     (``time.monotonic``); calls ``on_task(round, phase, train_ordinal)`` for each new task."""
 
     def __init__(self, broker, protocol: str, on_task: Callable[[int, str, int], None] | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None, network=None) -> None:
         from biofed.mqtt import MqttClient
         from biofed.protocol import Topics
 
@@ -334,7 +346,7 @@ class FleetWatcher:
         self._on_task = on_task
         self._lock = threading.Lock()
         self.client = MqttClient(broker.host, broker.port, "simulate-watcher", protocol=protocol, clean=True,
-                                 on_message=self._handle, username=username, password=password)
+                                 on_message=self._handle, username=username, password=password, network=network)
 
     def start(self) -> FleetWatcher:
         self.client.connect()
@@ -644,7 +656,7 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
                 faults.append(f"round {round_} (training round {ordinal}): coordinator kill -9, restarted")
             logger.info("fault: %s", faults[-1] if faults else "none")
 
-        watcher = FleetWatcher(broker, protocol, on_task=on_task, **login).start()
+        watcher = FleetWatcher(broker, protocol, on_task=on_task, network=fleet.network, **login).start()
         coordinator.start()
         if cluster is not None:  # RabbitMQ: no retained statuses for its status/+ subscription
             _wait_for_session(cluster, f"coordinator-{FLEET}", coordinator, settings.timeout_s)
