@@ -111,3 +111,15 @@ def test_missing_source_tree_is_a_clear_error(tmp_path):
     with pytest.raises(click.ClickException, match="source checkout"):
         load_suite(tmp_path / "benchmarks")
     assert BENCHMARKS_DIR.name == "benchmarks" and (BENCHMARKS_DIR / "suite.py").is_file()
+
+
+def test_privacy_ledger_case_reports_a_bounded_ledger_equal_to_dp_accounting():
+    from benchmarks.suite import Settings, run_case
+
+    result = run_case("privacy_ledger", Settings(quick=True, repeats=3))
+    assert result.error is None
+    targets = {t.name: t for t in result.targets}
+    assert targets["ledger size at round 200 <= 1.1x round 10"].passed
+    assert targets["ledger epsilon equals dp_accounting on the full history"].passed
+    # timings are reported, never asserted: only their presence is checked here
+    assert any(t.name.startswith("accounting time per round") for t in result.targets)
