@@ -141,3 +141,15 @@ def test_bench_evaluation_case_quick(tmp_path):
     assert "new patient / dp-ftrl / proj none / eps 8" in names and "personalized / plain / proj none / eps inf" in names
     assert all(0.0 <= m["value"] <= 1.0 for m in case["metrics"])
     assert any("personalized mean (one-shot+personal, eps 8)" in t["name"] for t in case["targets"])
+
+
+def test_privacy_ledger_case_reports_a_bounded_ledger_equal_to_dp_accounting():
+    from benchmarks.suite import Settings, run_case
+
+    result = run_case("privacy_ledger", Settings(quick=True, repeats=3))
+    assert result.error is None
+    targets = {t.name: t for t in result.targets}
+    assert targets["ledger size at round 200 <= 1.1x round 10"].passed
+    assert targets["ledger epsilon equals dp_accounting on the full history"].passed
+    # timings are reported, never asserted: only their presence is checked here
+    assert any(t.name.startswith("accounting time per round") for t in result.targets)
