@@ -85,7 +85,13 @@ _RDP = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
 
 @dataclass(frozen=True)
 class Defaults:
-    """Hyper-parameters of every method (chosen by leave-subjects-out CV on training rows)."""
+    """Hyper-parameters of every method.
+
+    The private methods' settings (``dp_*``, ``ftrl_*``, ``central_steps/clip/lr``,
+    ``scatter_clip``, ``ridge``) were chosen with :func:`tune` (leave-one-subject-out CV on
+    eegmat's training windows at epsilon 8); the local training and personalization
+    settings are fixed.
+    """
 
     rounds: int = 20
     local_epochs: int = 2
