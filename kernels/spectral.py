@@ -60,8 +60,8 @@ Precision
 float64 samples are computed in float64 and match ``scipy.signal.welch`` to ~1e-14 relative.
 float32 samples are tapered and transformed in float32 (rocket-fft's float32 rfft), summed and
 weighted in float64; the band powers then stay within ``FLOAT32_RTOL`` = 1e-5 relative of the
-float64 result (measured ~1e-6; after ``log10`` or ``ln`` that is an absolute error below
-``FLOAT32_RTOL``), except for bands whose power is at the float32 noise floor of the window
+float64 result (after ``log10`` or ``ln`` an absolute error below ``FLOAT32_RTOL``, plus the
+float32 rounding of the logged value itself), except for bands whose power is at the float32 noise floor of the window
 (~1e-7 of its total power).
 """
 
