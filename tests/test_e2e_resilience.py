@@ -116,10 +116,12 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         outage_round = watcher.wait_for_train(3)
         time.sleep(0.3)
         broker.stop()
+        down_at = time.time()
         time.sleep(OUTAGE_S)
         assert runner.is_alive(), "the coordinator died during the outage"
         assert all(p.poll() is None for p in agents.values()), "an agent died during the outage"
         broker = start_mosquitto(broker_dir, port)
+        up_at = time.time()
 
         runner.join(timeout=600)
         assert not runner.is_alive(), "the coordinator did not finish after the outage"
@@ -150,6 +152,10 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         for process in agents.values():
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
+        print(f"flood {FLOOD} messages: {coordinator.shed_messages} shed by the inbox, {refused} refused by the "
+              f"ingest; outage {up_at - down_at:.0f} s during round {outage_round}, which closed "
+              f"{spanning.finished - up_at:.1f} s after the broker returned with {spanning.n_devices}/"
+              f"{spanning.n_selected} replies; {len(train)} training rounds done; accepted per round {accepted}")
     finally:
         watcher.close()
         coordinator.stop()
