@@ -72,10 +72,11 @@ class TaskWatcher:
 
 def flood(host: str, port: int, device: str) -> int:
     """Publish FLOOD small QoS 1 messages on ``device``'s update topic as fast as the broker takes them."""
-    client = MqttClient(host, port, f"{device}-flood", protocol="5", clean=True, max_inflight=1000).connect()
+    client = MqttClient(host, port, f"{device}-flood", protocol="5", clean=True, max_inflight=1000,
+                        reconnect_max_delay_s=5.0).connect()
     try:
         infos = [client.publish(TOPICS.update(device), b"\x81\xa1x%d" % i, wait=False) for i in range(FLOOD)]
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         while not all(client.acknowledged(info) for info in infos):
             assert time.monotonic() < deadline, "the broker did not take the flood"
             time.sleep(0.2)
@@ -94,7 +95,7 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
     port = broker.port
     devices = write_synthetic_devices(out / "data", 3, duration_s=12.0, random_state=5)
     # a deadline shorter than the outage: only the paused round clock lets the round collect its replies
-    settings = DemoSettings(out=out, rounds=5, min_devices=2, round_deadline_s=DEADLINE_S, agent_keepalive_s=5)
+    settings = DemoSettings(out=out, rounds=8, min_devices=2, round_deadline_s=DEADLINE_S, agent_keepalive_s=5)
     coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, port, "5")
     config = load_config(coordinator_toml, CoordinatorConfig)
     coordinator = Coordinator(config, discovery_timeout_s=900.0, accountants=("rdp",))
@@ -110,9 +111,12 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
             log.close()
         runner.start()
 
-        # 1. a flood with device00's identity during the first training round
+        # 1. a flood with device00's identity from the first training round on (it goes on
+        #    through the outage: its unacknowledged rest is sent again after the reconnect)
         watcher.wait_for_train(1)
-        assert flood(broker.host, port, "device00") == FLOOD
+        flooder = threading.Thread(target=lambda: result.setdefault("flooded", flood(broker.host, port, "device00")),
+                                   daemon=True)
+        flooder.start()
 
         # 2. the broker goes away right after the third training task went out, then comes back
         outage_round = watcher.wait_for_train(3)
@@ -123,6 +127,8 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         assert all(p.poll() is None for p in agents.values()), "an agent died during the outage"
         broker = start_mosquitto(broker_dir, port)
         up_at = time.time()
+        flooder.join(timeout=600)
+        assert result.get("flooded") == FLOOD  # the broker took all of it
 
         runner.join(timeout=600)
         assert not runner.is_alive(), "the coordinator did not finish after the outage"
@@ -142,9 +148,9 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         accepted = dict(db.execute("SELECT round, COUNT(*) FROM accepted GROUP BY round").fetchall())
         db.close()
         assert accepted == {r.round: r.n_devices for r in history if r.n_devices}
-        # the flood was shed or refused, counted, and cost nothing else
+        # the flood reached the coordinator and was shed (rate limit) or refused (malformed), counted
         refused = sum(coordinator.ingest.dropped.values())
-        assert coordinator.shed_messages + refused >= FLOOD
+        assert coordinator.shed_messages > 0 and coordinator.shed_messages + refused >= 1000
         # the model of the last round was published (retained) after the outage
         reader = MqttClient(broker.host, port, "model-reader", protocol="5", clean=True).connect()
         reader.subscribe(TOPICS.model)
