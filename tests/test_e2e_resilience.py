@@ -139,10 +139,10 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         train = [r for r in history if r.phase == "train"]
         assert len(train) == settings.rounds  # the rounds resumed after the outage
         spanning = next(r for r in train if r.round == outage_round)
-        # the round open during the outage closed after it, longer than its deadline, with every
-        # reply (queued by the devices meanwhile) counted
+        # the round open during the outage closed after it, longer than its deadline, with the
+        # replies the devices queued meanwhile (device00's may be shed: its identity floods)
         assert spanning.finished > up_at and up_at - down_at > DEADLINE_S
-        assert spanning.n_devices == spanning.n_selected == 3
+        assert spanning.n_selected == 3 and spanning.n_devices >= 2
         # no accepted update is lost: every accepted reply is committed with its round
         db = sqlite3.connect(config.state_dir / "coordinator.sqlite")
         accepted = dict(db.execute("SELECT round, COUNT(*) FROM accepted GROUP BY round").fetchall())
