@@ -202,7 +202,9 @@ class MqttClient:
     inbox_size : int
         Capacity of the inbox of received messages (see the module docstring).
     inbox_rate_per_s, inbox_burst : float
-        Per-sender rate limit of the inbox (:class:`biofed.inbox.Inbox`); None: no limit.
+        Per-sender rate limit of the inbox (:class:`biofed.inbox.Inbox`); None (the default
+        here): no limit. :meth:`from_config` applies the broker config's limit (50 messages
+        per second with bursts of 500 by default), which the coordinator and agents use.
     reconnect_min_delay_s, reconnect_max_delay_s : float
         Reconnect backoff bounds (before the per-client jitter factor in [1, 2)).
     max_inflight : int
@@ -238,7 +240,7 @@ class MqttClient:
         connect_timeout_s: float = 10.0,
         v5_probe_timeout_s: float = 2.0,
         inbox_size: int = 10_000,
-        inbox_rate_per_s: float | None = 50.0,
+        inbox_rate_per_s: float | None = None,
         inbox_burst: float = 500.0,
         reconnect_min_delay_s: float = 1.0,
         reconnect_max_delay_s: float = 60.0,

@@ -85,7 +85,8 @@ every publish (task, model, basis) waits in its queue until the broker acknowled
 round's model goes out when the broker returns. The deadline rule: the clock of an open
 round stops while the coordinator is disconnected; its deadline moves forward by the
 length of the outage and the task is republished with that deadline once the broker is
-back (:meth:`Coordinator._extend_deadline`). Secure-aggregation step timeouts are not
+back, and the round then waits for every participant until that deadline, whatever last
+wills the outage released (:meth:`Coordinator._extend_deadline`). Secure-aggregation step timeouts are not
 extended: an outage there ends the round with the survivors, as a dropout would.
 Inbound overload is shed per sender by the client's inbox (:mod:`biofed.inbox`); replies
 already accepted into an open round are held in memory and committed with the round.
@@ -971,10 +972,14 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 # The round clock stands still while the broker is unreachable (see _extend_deadline).
-                task = self._extend_deadline(task, deadline, self._client.downtime_s() - downtime_at_start)
+                paused_s = self._client.downtime_s() - downtime_at_start
+                task = self._extend_deadline(task, deadline, paused_s)
                 remaining = task.deadline - time.time()
-                # a participant that went offline (its last will) is not waited for
-                waiting = (set(participants) & self.ingest.online) - set(self.ingest.open.received)
+                # a participant that went offline (its last will) is not waited for, unless the
+                # broker itself went away meanwhile: it publishes every client's will as it goes
+                waiting = set(participants) - set(self.ingest.open.received)
+                if not paused_s:
+                    waiting &= self.ingest.online
                 if (remaining <= 0 and self._client.connected) or not waiting:
                     break
                 self._pump(min(0.1, remaining) if remaining > 0 else 0.1)
@@ -994,7 +999,9 @@ class Coordinator:
         was published (the round clock pauses during an outage; replies sent meanwhile wait
         in the devices' queues). Once connected again, a deadline moved by more than a
         second is republished in the (retained) task, so devices that saw the old deadline
-        pass still answer. Returns the task in force."""
+        pass still answer. After an outage, "offline" statuses no longer end the round
+        early (a broker that goes down publishes every client's last will): only replies
+        or the deadline do. Returns the task in force."""
         deadline = planned_deadline + paused_s
         self.ingest.open.deadline = deadline
         if deadline - task.deadline < 1.0 or not self._client.connected:

@@ -81,6 +81,26 @@ def test_2000_qos1_messages_all_arrive(broker, clients):
     assert sub.receive(timeout_s=0.2) is None
 
 
+def test_full_inbox_never_blocks_the_network_thread(broker, clients):
+    """The deadlock of a full inbox: the consumer never reads, 2000 messages arrive for an
+    inbox of 100. The network thread keeps acknowledging (the publisher is not throttled),
+    the consumer's own publish is acknowledged at once, and the excess is shed, counted,
+    oldest first."""
+    server, protocol = broker
+    sub = clients(server, protocol, "coordinator", inbox_size=100)
+    sub.subscribe(TOPICS.all_devices("update"))
+    pub = clients(server, protocol, "dev-1")
+    infos = [pub.publish(TOPICS.update("dev-1"), b"%d" % i, wait=False) for i in range(2000)]
+    for info in infos:
+        info.wait_for_publish(30)
+    deadline = time.monotonic() + 30
+    while sub.shed < 1900 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sub.publish(TOPICS.model, b"model", timeout_s=10)  # the PUBACK is read although nobody drained the inbox
+    assert sub.shed == 1900
+    assert [int(m.payload) for m in _drain(sub, 100, timeout_s=5)] == list(range(1900, 2000))
+
+
 def test_one_megabyte_update_passes(broker, clients):
     server, protocol = broker
     sub = clients(server, protocol, "coordinator")
