@@ -598,6 +598,27 @@ def case_warm_start(s: Settings, result: CaseResult) -> None:
     result.targets.append(Target("warm start to first window <= 2 s (Numba cache present)", warm, "<=", 2.0, " s"))
 
 
+def case_agent_memory(s: Settings, result: CaseResult) -> None:
+    """RSS of a whole agent process ingesting, storing (at its cap) and training over a long stream."""
+    hours = s.seconds(24.0, 1.5)
+    cmd = [sys.executable, str(Path(__file__).with_name("agent_memory.py")), "--hours", str(hours),
+           "--store-rows", "2000" if s.quick else "20000"]
+    proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"agent memory subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    detail = {k: out[k] for k in ("hours", "windows_stored", "rows_in_store", "store_max_rows", "training_rounds",
+                                  "wall_s", "samples")}
+    result.metrics.append(Metric("agent_memory", f"agent peak RSS over {hours:g} h of stream", out["peak_rss_mb"], "MB",
+                                 detail))
+    result.metrics.append(Metric("agent_memory", "RSS growth from the first simulated hour to the last",
+                                 out["rss_growth_after_first_hour_mb"], "MB"))
+    result.targets.append(Target("agent peak RSS <= 150 MB (ingesting, training, whole process)", out["peak_rss_mb"],
+                                 "<=", 150.0, " MB"))
+    result.targets.append(Target("flat memory: RSS growth after the first hour <= 5 MB",
+                                 out["rss_growth_after_first_hour_mb"], "<=", 5.0, " MB"))
+
+
 CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "windowing": case_windowing,
     "band_powers": case_band_powers,
@@ -616,6 +637,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "onnx_inference": case_onnx_inference,
     "realtime": case_realtime,
     "warm_start": case_warm_start,
+    "agent_memory": case_agent_memory,
 }
 
 
