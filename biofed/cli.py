@@ -17,17 +17,22 @@ from biofed import __version__
 
 # name -> "module:attribute" of a click.Command. One line per command; keep sorted.
 COMMANDS: dict[str, str] = {
+    "audit": "biofed.audit:audit_command",
     "bench": "biofed.bench:bench_command",
     "broker": "biofed.broker:broker_command",
+    "config": "biofed.config_cli:config_command",
     "coordinator": "biofed.coordinator.cli:coordinator_command",
     "demo": "biofed.demo:demo_command",
     "edge": "biofed.edge.cli:edge_command",
+    "evaluate": "biofed.evaluation:evaluate_command",
     "export": "biofed.coordinator.export_cli:export_command",
     "play": "biofed.edge.live_cli:play_command",
     "predict": "biofed.edge.predict_cli:predict_command",
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
     "provision": "biofed.provision:provision_command",
     "replay": "biofed.edge.replay_cli:replay_command",
+    "simulate": "biofed.simulate:simulate_command",
+    "status": "biofed.status:status_command",
     "warmup": "biofed.edge.warmup:warmup_command",
 }
 
@@ -90,11 +95,26 @@ def _summary(target: str) -> str:
     return ""
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Every command: `biofed COMMAND --help` ends with examples; --config is a biofed TOML file,
+--out a path (file or folder, as the command says), --json prints JSON on stdout.
+Exit codes: 0 success; 1 runtime error; 2 usage error (bad option, missing or invalid config).
+Shell completion (bash): eval "$(_BIOFED_COMPLETE=bash_source biofed)"   (zsh_source, fish_source)
+
+\b
+Examples:
+  biofed demo
+  biofed config init coordinator --out coordinator.toml
+  biofed status --config coordinator.toml --watch"""
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="biofed")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """biofed: privacy-preserving federated learning on edge biosensor devices."""
+    ctx.ensure_object(dict)["verbose"] = verbose  # long-running commands honour it (cli_options)
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 

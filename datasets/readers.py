@@ -397,7 +397,12 @@ def _check_edf_header(path: Path, bdf: bool) -> None:
             raise RecordingError(path, f"not an {'BDF' if bdf else 'EDF'} file: version field is {version!r}.")
         header_bytes = _header_field(path, header, 184, 192, "header bytes", int)
         n_records = _header_field(path, header, 236, 244, "number of data records", int)
-        _header_field(path, header, 244, 252, "record duration", float)
+        record_s = _header_field(path, header, 244, 252, "record duration", float)
+        if not (math.isfinite(record_s) and record_s > 0):
+            raise RecordingError(
+                path, f"corrupt EDF/BDF header: record duration (bytes 244-252) is {record_s:g} s; it must be a "
+                "positive number of seconds (the sampling rates are samples per record / record duration)."
+            )
         n_signals = _header_field(path, header, 252, 256, "number of signals", int)
         if n_signals < 1 or header_bytes != 256 * (n_signals + 1):
             raise RecordingError(

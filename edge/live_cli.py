@@ -25,14 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+
 import numpy as np
+
+from biofed.cli_options import examples
 
 __all__ = ["play_command", "replay_lsl"]
 
 logger = logging.getLogger(__name__)
 
 
-@click.command("play")
+@click.command("play", epilog=examples(
+    "biofed play eegmat/Subject02_2.edf --lsl pi-01",
+    "biofed play session.edf session.wav --lsl pi-02 --speed 2 --repeat 10",
+))
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--lsl", "name", required=True, help="Stream name prefix and source id (streams NAME-eeg, NAME-markers...).")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
@@ -43,9 +49,7 @@ logger = logging.getLogger(__name__)
 def play_command(files, name, speed, repeat, chunk_s) -> None:
     """Serve recording FILEs as live LSL streams in real time (for tests and demos).
 
-    The files play together on one clock, as `biofed replay` plays them; Ctrl-C stops. Example:
-
-        biofed play eegmat/Subject02_2.edf --lsl pi-01
+    The files play together on one clock, as `biofed replay` plays them; Ctrl-C stops.
     """
     from biofed.datasets import RecordingError, read_recording
     from biofed.datasets.live import LslPlayer

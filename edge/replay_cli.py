@@ -53,6 +53,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biofed.cli_options import examples
+
 __all__ = ["replay_command"]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,11 @@ def _peak_rss_mb() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
-@click.command("replay")
+@click.command("replay", epilog=examples(
+    "biofed replay eegmat/*.edf --speed 0 --out /tmp/features.npz",
+    "biofed replay Subject02_1.edf --speed 1 --no-progress   # real time",
+    "biofed replay --lsl pi-01 --seconds 60 --out /tmp/live.npz",
+))
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--lsl", "lsl_names", multiple=True,
               help="Read live LSL streams of this name, name prefix or source id instead of FILEs (repeatable).")
@@ -137,7 +143,7 @@ def _peak_rss_mb() -> float:
 @click.option("--speed", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Playback speed: 0 = as fast as possible, 1 = real time, 10 = ten times faster.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="Write features, labels, times, sources, names and a fitted local k-basis to this .npz.")
+              help="File (.npz) to write features, labels, times, sources, names and a fitted local k-basis to.")
 @click.option("--window", "window_s", default=2.0, show_default=True, type=float, help="Window length (s).")
 @click.option("--hop", "hop_s", default=1.0, show_default=True, type=float, help="Hop between windows (s).")
 @click.option("--k", "k", default=32, show_default=True, type=click.IntRange(min=1),
@@ -150,10 +156,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
 
     Each file is its own stream (own pipeline, own time base) unless it adds new modalities of
     the same subject to the file before it (e.g. an EDF followed by its WAV): then they form one
-    multimodal stream. With --lsl NAME --seconds S, live LSL streams are read instead. Examples:
-
-        biofed replay eegmat/*.edf --speed 0 --out /tmp/features.npz
-        biofed replay --lsl pi-01 --seconds 60 --out /tmp/live.npz
+    multimodal stream. With --lsl NAME --seconds S, live LSL streams are read instead.
     """
     from tqdm import tqdm
 

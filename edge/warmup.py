@@ -27,7 +27,10 @@ import time
 from pathlib import Path
 
 import click
+
 import numpy as np
+
+from biofed.cli_options import examples
 
 __all__ = ["warmup", "warmup_command"]
 
@@ -99,7 +102,10 @@ def warmup() -> float:
     return seconds
 
 
-@click.command("warmup")
+@click.command("warmup", epilog=examples(
+    "biofed warmup",
+    "biofed warmup && biofed edge --config device.toml",
+))
 def warmup_command() -> None:
     """Compile and cache every kernel the edge agent uses (run once after install or update)."""
     seconds = warmup()

@@ -1,0 +1,195 @@
+"""Fleet benchmark: N simulated devices x rounds against Mosquitto, next to the raw broker ceiling.
+
+::
+
+    python -m benchmarks.fleet --devices 100 1000 --rounds 3
+    python -m benchmarks.fleet --rabbitmq --devices 100 --rounds 3
+
+For each N, :func:`biofed.simulate.run_simulation` runs a whole federation (synthetic
+sources dealt to N real edge agents in one process, the coordinator in its own process,
+client-level DP at the demo's defaults) over a fresh Mosquitto, and reports:
+
+- round close latency after the round's last accepted update (p50, p95 over the training
+  rounds; the target is <= 5 s at 1000 devices);
+- updates/s while a round's updates arrive (bounded by the devices' training, all in one
+  process here), and the coordinator's own ingest rate (``benchmarks/ingest.py``'s path:
+  pre-built updates from 4 publisher processes through the broker into
+  :class:`~biofed.coordinator.server.Ingest`);
+- coordinator CPU seconds and peak RSS; memory per simulated device;
+- bytes per device per round (its task, its update and the round's model);
+- the raw ceiling measured in the same run: the same number of update-sized QoS 1
+  messages from 4 plain paho publisher processes through Mosquitto to one plain paho
+  subscriber, and the ratio of the coordinator's ingest to it (target >= 0.8).
+
+With ``--rabbitmq`` the federation runs on a two-node RabbitMQ cluster on loopback
+(:func:`biofed.rabbitmq.start_rabbitmq_cluster`; needs Debian ``rabbitmq-server`` and root)
+with the devices spread over both nodes and the coordinator on the first; the same figures
+are printed except the Mosquitto-only ingest and ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.ingest import run as ingest_run
+
+
+def _raw_publisher(host: str, port: int, index: int, n: int, size: int, go, done) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-pub-{index}")
+    client.max_inflight_messages_set(1000)
+    client.connect(host, port)
+    client.loop_start()
+    payload = bytes(size)
+    done.put(index)
+    go.get()
+    infos = [client.publish(f"raw/{index}/{k % 1000}", payload, qos=1) for k in range(n)]
+    for info in infos:
+        info.wait_for_publish(120)
+    done.put(index)
+    client.disconnect()
+    client.loop_stop()
+
+
+def raw_ceiling(n_messages: int, size: int, publishers: int = 4) -> float:
+    """Messages/s of plain paho QoS 1 publishers -> Mosquitto -> one plain paho subscriber
+    (first to last arrival)."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from biofed.broker import start_mosquitto
+
+    with tempfile.TemporaryDirectory(prefix="biofed-raw-") as scratch:
+        broker = start_mosquitto(Path(scratch) / "mosquitto")
+        arrivals: list[float] = []
+        complete = threading.Event()
+
+        def on_message(client, userdata, message) -> None:
+            arrivals.append(time.perf_counter())
+            if len(arrivals) >= n_messages:
+                complete.set()
+
+        subscriber = paho.Client(CallbackAPIVersion.VERSION2, client_id="raw-sub")
+        subscriber.on_message = on_message
+        ctx = mp.get_context("spawn")
+        go, done = ctx.Queue(), ctx.Queue()
+        share = [n_messages // publishers + (i < n_messages % publishers) for i in range(publishers)]
+        workers = [ctx.Process(target=_raw_publisher, args=(broker.host, broker.port, i, share[i], size, go, done))
+                   for i in range(publishers)]
+        try:
+            subscriber.connect(broker.host, broker.port)
+            subscriber.subscribe("raw/#", qos=1)
+            subscriber.loop_start()
+            time.sleep(0.5)
+            for worker in workers:
+                worker.start()
+            for _ in workers:
+                done.get(timeout=120)
+            for _ in workers:
+                go.put(1)
+            if not complete.wait(300):
+                raise RuntimeError(f"raw ceiling: {len(arrivals)} of {n_messages} messages arrived")
+        finally:
+            for worker in workers:
+                worker.join(60)
+                if worker.is_alive():
+                    worker.kill()
+            subscriber.disconnect()
+            subscriber.loop_stop()
+            broker.stop()
+    return n_messages / (arrivals[-1] - arrivals[0])
+
+
+def _fleet_figures(summary: dict) -> dict:
+    return {
+        "devices": summary["devices"],
+        "broker": summary["broker"],
+        "devices_per_broker": summary["devices_per_broker"],
+        "rounds": summary["rounds"],
+        "wall_s": summary["wall_s"],
+        "ready_s": summary["ready_s"],
+        "first_round_s": summary["first_round_s"],
+        "close_latency_p50_s": summary["close_latency_p50_s"],
+        "close_latency_p95_s": summary["close_latency_p95_s"],
+        "fleet_updates_per_s": summary["updates_per_s"],
+        "coordinator_cpu_s": summary["coordinator_cpu_s"],
+        "coordinator_rss_mb": summary["coordinator_rss_mb"],
+        "memory_per_device_mb": summary["memory_per_device_mb"],
+        "simulator_rss_mb": summary["process_rss_mb"],
+        "broker_rss_mb": summary["broker_rss_mb"],
+        "bytes_per_device_per_round": summary["bytes_per_device_per_round"],
+        "epsilon": summary["epsilon"],
+        "balanced_accuracy": summary["balanced_accuracy"],
+        "problems": summary["problems"],
+    }
+
+
+def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
+    from biofed.demo import DemoSettings
+    from biofed.rabbitmq import start_rabbitmq_cluster
+    from biofed.simulate import FleetOptions, run_simulation
+
+    started = time.monotonic()
+    with start_rabbitmq_cluster(2) as cluster:
+        cluster_start_s = time.monotonic() - started
+        settings = DemoSettings(out=out / f"fleet-rabbitmq-{n_devices}", devices=n_devices, rounds=rounds,
+                                noise_multiplier=noise_multiplier, round_deadline_s=120.0, timeout_s=3600.0)
+        summary = run_simulation(settings, FleetOptions(workers=workers, cluster=cluster))
+    return {**_fleet_figures(summary), "cluster_start_s": round(cluster_start_s, 1)}
+
+
+def run(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
+    from biofed.demo import DemoSettings
+    from biofed.simulate import FleetOptions, run_simulation
+
+    settings = DemoSettings(out=out / f"fleet-{n_devices}", devices=n_devices, rounds=rounds, mosquitto=True,
+                            noise_multiplier=noise_multiplier, round_deadline_s=120.0, timeout_s=3600.0)
+    summary = run_simulation(settings, FleetOptions(workers=workers))
+    update_bytes = max(r["bytes_per_update"] for r in summary["rounds"] if r["phase"] == "train")
+    n_messages = max(n_devices * rounds, 5000)
+    ingest = ingest_run("mosquitto", n_devices, n_messages, 4, "float64")
+    ceiling = raw_ceiling(n_messages, update_bytes)
+    return {
+        **_fleet_figures(summary),
+        "bytes_per_update": update_bytes,
+        "coordinator_ingest_per_s": ingest["updates_per_s"],
+        "raw_ceiling_per_s": round(ceiling, 1),
+        "ingest_to_ceiling": round(ingest["updates_per_s"] / ceiling, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--noise-multiplier", type=float, default=2.0, help="DP noise multiplier z (0: no DP).")
+    parser.add_argument("--workers", type=int, default=4, help="Dispatcher threads of the simulator.")
+    parser.add_argument("--rabbitmq", action="store_true", help="A 2-node RabbitMQ cluster instead of Mosquitto.")
+    parser.add_argument("--out", type=Path, default=None, help="Keep the runs' folders here (default: temporary).")
+    parser.add_argument("--json", action="store_true", help="Print the results as JSON lines.")
+    args = parser.parse_args()
+    if min(args.devices) < 1 or args.rounds < 1:
+        parser.error("--devices and --rounds must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="biofed-fleet-") as scratch:
+        out = args.out or Path(scratch)
+        for n in args.devices:
+            runner = run_rabbitmq if args.rabbitmq else run
+            result = runner(n, args.rounds, out, args.noise_multiplier, args.workers)
+            if args.json:
+                print(json.dumps(result), flush=True)
+            else:
+                print(f"--- {n} devices x {args.rounds} rounds ({result['broker']})")
+                for key, value in result.items():
+                    print(f"{key:>28}: {value}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
