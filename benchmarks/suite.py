@@ -678,7 +678,7 @@ def case_warm_start(s: Settings, result: CaseResult) -> None:
 
 def case_agent_memory(s: Settings, result: CaseResult) -> None:
     """RSS of a whole agent process ingesting, storing (at its cap) and training over a long stream."""
-    hours = s.seconds(24.0, 1.5)
+    hours = s.seconds(24.0, 3.0)
     cmd = [sys.executable, str(Path(__file__).with_name("agent_memory.py")), "--hours", str(hours),
            "--store-rows", "2000" if s.quick else "20000"]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
@@ -689,12 +689,12 @@ def case_agent_memory(s: Settings, result: CaseResult) -> None:
                                   "wall_s", "samples")}
     result.metrics.append(Metric("agent_memory", f"agent peak RSS over {hours:g} h of stream", out["peak_rss_mb"], "MB",
                                  detail))
-    result.metrics.append(Metric("agent_memory", "RSS growth from the first simulated hour to the last",
-                                 out["rss_growth_after_first_hour_mb"], "MB"))
+    result.metrics.append(Metric("agent_memory", "RSS growth while the store is at its cap (eviction running)",
+                                 out["rss_growth_at_store_cap_mb"], "MB"))
     result.targets.append(Target("agent peak RSS <= 150 MB (ingesting, training, whole process)", out["peak_rss_mb"],
                                  "<=", 150.0, " MB"))
-    result.targets.append(Target("flat memory: RSS growth after the first hour <= 5 MB",
-                                 out["rss_growth_after_first_hour_mb"], "<=", 5.0, " MB"))
+    result.targets.append(Target("flat memory: RSS growth with the store at its cap <= 5 MB",
+                                 out["rss_growth_at_store_cap_mb"], "<=", 5.0, " MB"))
 
 
 EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "eegmat"
