@@ -676,6 +676,27 @@ def case_warm_start(s: Settings, result: CaseResult) -> None:
     result.targets.append(Target("warm start to first window <= 2 s (Numba cache present)", warm, "<=", 2.0, " s"))
 
 
+def case_agent_memory(s: Settings, result: CaseResult) -> None:
+    """RSS of a whole agent process ingesting, storing (at its cap) and training over a long stream."""
+    hours = s.seconds(24.0, 3.0)
+    cmd = [sys.executable, str(Path(__file__).with_name("agent_memory.py")), "--hours", str(hours),
+           "--store-rows", "2000" if s.quick else "20000"]
+    proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"agent memory subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    detail = {k: out[k] for k in ("hours", "windows_stored", "rows_in_store", "store_max_rows", "training_rounds",
+                                  "wall_s", "samples")}
+    result.metrics.append(Metric("agent_memory", f"agent peak RSS over {hours:g} h of stream", out["peak_rss_mb"], "MB",
+                                 detail))
+    result.metrics.append(Metric("agent_memory", "RSS growth while the store is at its cap (eviction running)",
+                                 out["rss_growth_at_store_cap_mb"], "MB"))
+    result.targets.append(Target("agent peak RSS <= 150 MB (ingesting, training, whole process)", out["peak_rss_mb"],
+                                 "<=", 150.0, " MB"))
+    result.targets.append(Target("flat memory: RSS growth with the store at its cap <= 5 MB",
+                                 out["rss_growth_at_store_cap_mb"], "<=", 5.0, " MB"))
+
+
 EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "eegmat"
 
 
@@ -729,6 +750,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "onnx_inference": case_onnx_inference,
     "realtime": case_realtime,
     "warm_start": case_warm_start,
+    "agent_memory": case_agent_memory,
     "privacy_ledger": case_privacy_ledger,
     "evaluation": case_evaluation,
 }

@@ -789,6 +789,11 @@ def run_demo(settings: DemoSettings) -> dict:
                    f"on {broker.host}:{broker.port}, report in {out}")
         observer = UpdateObserver(broker.host, broker.port, protocol,
                                   None if fleet is None else fleet.broker_config("observer")).start()
+        # One compilation for the whole fleet (a cold cache takes minutes): every device then loads
+        # the kernels from the cache before it reports online, so no round waits on the compiler.
+        warm = _spawn("warmup", ["warmup"], out / "logs" / "warmup.log")
+        if warm.process.wait() != 0:
+            raise DemoError("biofed warmup failed:\n" + _tails([warm]))
         coordinator_lines: list[str] = []
         coordinator = _spawn(
             "coordinator",

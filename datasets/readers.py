@@ -12,7 +12,7 @@ extension                              reader
 ``.wav``                               ``scipy.io.wavfile``
 ``.txt`` ``.csv``                      NumPy, sampling rate from a ``# Sampling Rate (Hz):=``
                                        header line (BioSPPy "Simple Text Format") or ``sfreq=``;
-                                       BrainFlow's CSV with ``board=`` (:mod:`.brainflow_csv`)
+                                       BrainFlow's CSV with ``board=`` (:mod:`biofed.datasets.brainflow`)
 ``.xdf`` ``.xdfz``                     ``pyxdf`` (LSL recordings: streams and markers,
                                        :mod:`biofed.datasets.xdf`)
 =====================================  ======================================================
@@ -89,7 +89,7 @@ def recordings_in(folder) -> list[Path]:
     return [p for p in files if not (p.suffix.lower() in (".dat", ".mat") and p.with_suffix("") in headers)]
 
 
-def read_recording(path, *, sfreq: float | None = None, modality: str | None = None) -> Recording:
+def read_recording(path, *, sfreq: float | None = None, modality: str | None = None, board=None) -> Recording:
     """Read one recording file.
 
     Parameters
@@ -107,6 +107,9 @@ def read_recording(path, *, sfreq: float | None = None, modality: str | None = N
         BDF, FIF, BrainVision, EEGLAB) must hold EEG channels unless ``modality`` selects
         another one, e.g. ``modality="bio"`` for an ECG-only EDF.
         WAV files are always audio.
+    board : int, str or None
+        A BrainFlow board id or name (``"SYNTHETIC"``, ``"CYTON"``): read the file as written by
+        BrainFlow's ``DataFilter.write_file`` for that board (needs ``biofed[brainflow]``).
 
     Returns
     -------
@@ -141,6 +144,13 @@ def read_recording(path, *, sfreq: float | None = None, modality: str | None = N
         raise RecordingError(path, "no such file (check the path and that the dataset is downloaded).")
     if path.stat().st_size == 0:
         raise RecordingError(path, "the file is empty (0 bytes); re-download or re-export it.")
+    if board is not None:
+        from biofed.datasets.brainflow import read_brainflow_csv
+
+        try:
+            return read_brainflow_csv(path, board)
+        except ImportError as exc:
+            raise RecordingError(path, str(exc)) from None
     if ext in _MNE_EXTENSIONS:
         reader = _read_mne
     elif ext in _WFDB_EXTENSIONS:

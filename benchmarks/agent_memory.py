@@ -1,0 +1,134 @@
+"""Memory of a continuously ingesting, training edge agent over a long synthetic stream.
+
+Run as a fresh process (``python benchmarks/agent_memory.py --hours 24``) so its RSS is the
+whole agent's: interpreter, NumPy/Numba/SciPy/MNE, the compiled kernels, the SQLite store.
+It plays a synthetic multimodal stream (19 EEG channels at 250 Hz, a phonocardiogram at
+4 kHz, ECG + PPG at 250 Hz; the class alternates every 10 minutes) as fast as the CPU allows
+through the agent's live ingestion path (:class:`biofed.edge.continuous.LiveFeatures`, then
+the agent's store appends), with ``store_max_rows`` small enough that eviction runs for most
+of the stream. Every simulated hour the agent answers a local-DP covariance sketch and a
+training task on what is stored (after the first hour, with a basis fitted on its rows), and
+scores the newest windows with the model. The stream is generated chunk by chunk from a
+fixed pool of synthetic recordings, so the input itself holds no growing memory.
+
+Prints one JSON line: peak RSS (``ru_maxrss``), RSS samples over simulated time, the growth
+from the first hour with the store at its cap to the end, windows stored and evicted, and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+_CLASSES = ("rest", "arithmetic")
+_SEGMENT_S = 600.0  # the label alternates every 10 minutes
+_POOL_S = 60.0
+
+
+def _chunks(hours: float, chunk_s: float, seed: int):
+    """Chunks of ``hours`` of stream, looping over a pool of one-minute recordings per class."""
+    from biofed.datasets import make_recording, replay
+
+    pool = {label: [make_recording(label, duration_s=_POOL_S, audio_sfreq=4000.0, subject="bench",
+                                   random_state=seed + 10 * i + j) for j in range(2)]
+            for i, label in enumerate(_CLASSES)}
+    total = hours * 3600.0
+    t = 0.0
+    k = 0
+    while t < total:
+        label = _CLASSES[int(t // _SEGMENT_S) % 2]
+        recording = pool[label][k % 2]
+        for chunk in replay(recording, chunk_s=chunk_s):
+            yield t + chunk.t0, chunk
+        t += _POOL_S
+        k += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=24.0)
+    parser.add_argument("--store-rows", type=int, default=20_000)
+    parser.add_argument("--chunk", type=float, default=0.25)
+    args = parser.parse_args()
+
+    from biofed.config import DeviceConfig
+    from biofed.datasets.live import BadSpans
+    from biofed.edge.agent import EdgeAgent
+    from biofed.edge.continuous import LiveFeatures
+    from biofed.edge.pipeline import FeatureLayout, FeatureRow, fit_basis
+    from biofed.edge.warmup import warmup
+    from biofed.kernels import n_params
+    from biofed.protocol import Basis, Model, Task
+
+    process = psutil.Process()
+    started = time.perf_counter()
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="biofed-bench-agent-") as tmp:
+        config = DeviceConfig(device_id="bench", fleet="bench", store_path=Path(tmp) / "features.sqlite",
+                              store_max_rows=args.store_rows)
+        agent = EdgeAgent(config, random_state=0)
+        warmup()
+        features = None
+        rows: list = []
+        next_hour = 3600.0
+        hour = 0
+        stored = 0
+        trained = 0
+        for t, chunk in _chunks(args.hours, args.chunk, seed=0):
+            if features is None:
+                from biofed.datasets import make_recording
+
+                layout = FeatureLayout.from_recording(
+                    make_recording("rest", duration_s=2.0, audio_sfreq=4000.0, random_state=0), agent.pipeline_config)
+                agent._open_store_for(layout.hash)
+                agent._remember_layout(layout)
+                features = LiveFeatures(agent.pipeline_config, layout, BadSpans())
+            for row in features.feed(chunk):
+                rows.append(FeatureRow(row.t, _CLASSES[int(row.t // _SEGMENT_S) % 2], row.vector))
+            if len(rows) >= 64:
+                stored += agent._append_rows(rows, 0.0, "bench-stream")
+                rows = []
+            if t >= next_hour:
+                hour += 1
+                next_hour += 3600.0
+                deadline = time.time() + 3600
+                agent._on_task(Task(round=hour * 10, model=np.empty(0), basis_version=hour - 1 if hour > 1 else 0,
+                                    classes=_CLASSES, deadline=deadline, phase="covariance", trust_mode="local",
+                                    noise_multiplier=1.0))
+                X, _, _ = agent.store.read()
+                basis = fit_basis(X, 32)
+                agent._on_basis(Basis(round=hour, version=hour, components=basis.components, mean=basis.mean,
+                                      scale=basis.scale))
+                model = np.zeros(n_params(32, 2, 0))
+                out = agent._on_task(Task(round=hour * 10 + 1, model=model, basis_version=hour, classes=_CLASSES,
+                                          deadline=deadline, local_epochs=1))
+                trained += bool(out)
+                agent._on_model(Model(round=hour, params=model, basis_version=hour, classes=_CLASSES))
+                del X
+                samples.append({"hour": hour, "rss_mb": process.memory_info().rss / 2**20, "rows": agent.n_rows,
+                                "wall_s": round(time.perf_counter() - started, 1)})
+                print(json.dumps({"progress": samples[-1]}), file=sys.stderr, flush=True)
+        stored += agent._append_rows(rows, 0.0, "bench-stream")
+        n_rows = agent.n_rows
+        agent.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    # flat memory: from the first hourly sample with the store at its cap (eviction running) to the last
+    full = [sample for sample in samples if sample["rows"] >= args.store_rows]
+    growth = full[-1]["rss_mb"] - full[0]["rss_mb"] if len(full) > 1 else float("nan")
+    print(json.dumps({
+        "hours": args.hours, "peak_rss_mb": peak, "rss_growth_at_store_cap_mb": growth,
+        "samples": samples, "windows_stored": stored, "rows_in_store": n_rows, "store_max_rows": args.store_rows,
+        "training_rounds": trained, "wall_s": time.perf_counter() - started,
+    }))
+
+
+if __name__ == "__main__":
+    main()
