@@ -685,7 +685,8 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
               help="Projection variants of the centralized non-private model (none, pcaK, classK).")
 @click.option("--private-projections", default="none", show_default=True,
               help="Projection variants of every private method (their basis releases are charged).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"), show_default=True,
+              help="Report folder (evaluation.json, epsilon_accuracy.png).")
 def evaluate_command(data, epsilons, delta, repeats, methods, projections, private_projections, out):
     """Evaluate every method and baseline on the same rows: both views, mean, worst device, CI, spread."""
     methods = tuple(m.strip() for m in methods.split(",") if m.strip())
