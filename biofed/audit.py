@@ -70,7 +70,7 @@ from biofed.audit_stats import (
     softmax_invariant_basis,
     threshold_epsilon_lower_bound,
 )
-from biofed.cli_options import examples
+from biofed.cli_options import examples, logging_options
 from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_config
 from biofed.coordinator.server import Coordinator, RunState
 from biofed.demo import (
@@ -595,8 +595,8 @@ def run_audit(settings: AuditSettings, *, coordinator_class: type[Coordinator] =
               help="Training rounds per federation (a canary takes part in every one).")
 @click.option("--noise-multiplier", type=click.FloatRange(min=0), default=AuditSettings.noise_multiplier,
               show_default=True, help="DP noise multiplier z of the training rounds.")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=AuditSettings.clip, show_default=True,
-              help="L2 clip norm C of each device's update.")
+@click.option("--clip-norm", "--clip", "clip", type=click.FloatRange(min=0, min_open=True), default=AuditSettings.clip,
+              show_default=True, help="L2 clip norm C of each device's update (--clip: older spelling).")
 @click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
               default=AuditSettings.delta, show_default=True, help="DP delta of the ledger and of the bound.")
 @click.option("--confidence", type=click.FloatRange(min=0.5, max=1, max_open=True),
@@ -608,6 +608,7 @@ def run_audit(settings: AuditSettings, *, coordinator_class: type[Coordinator] =
               show_default=True, help="Timeout (s) of each federation; its processes are killed after it.")
 @click.option("--seed", type=int, default=AuditSettings.seed, show_default=True,
               help="Seed of the synthetic data (the canary directions always come from OS entropy).")
+@logging_options(default_level="warning")
 def audit_command(trust_modes, out, runs, canaries, devices, rounds, noise_multiplier, clip, delta, confidence,
                   synthetic_seconds, sign, timeout_s, seed) -> None:
     """Empirical privacy audit: an epsilon lower bound from canary clients beside the ledger's epsilon.

@@ -209,7 +209,8 @@ class MetricsSettings(_Section):
     port: int | None = Field(None, ge=0, le=65535)
     """TCP port of the metrics endpoint; None: no endpoint (0: any free port)."""
     host: str = "127.0.0.1"
-    """Address the endpoint listens on; "0.0.0.0" exposes it to the network (for a Prometheus server)."""
+    """Address the endpoint listens on; "0.0.0.0" exposes it to the network (for a Prometheus server).
+    An agent's endpoint shows how much data its device holds: keep it on the device's own network."""
 
 
 class _SigningFields(_Section):

@@ -50,11 +50,20 @@ _HEADERS = {
 }
 
 
+def _model_in(candidates) -> type[BaseModel] | None:
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
 def _section_model(annotation: object) -> type[BaseModel] | None:
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
+    """The model of a ``[table]`` setting (a model, or a model or None)."""
+    if typing.get_origin(annotation) in (tuple, list):
+        return None
+    return _model_in((annotation, *typing.get_args(annotation)))
+
+
+def _array_model(annotation: object) -> type[BaseModel] | None:
+    """The model of a ``[[array of tables]]`` setting (a tuple or list of a model)."""
+    return _model_in(typing.get_args(annotation)) if typing.get_origin(annotation) in (tuple, list) else None
 
 
 def _comment(text: str | None, indent: str = "") -> list[str]:
@@ -73,11 +82,16 @@ def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overr
     mark = "# " if commented else ""
     lines: list[str] = []
     sections = []
+    arrays = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _section_model(info.annotation)
         if sub is not None:
             sections.append((key, sub, info))
+            continue
+        item = _array_model(info.annotation)
+        if item is not None:  # none by default: one commented entry shows its keys
+            arrays.append((key, item, info))
             continue
         lines.append("")
         lines += _comment(info.description)
@@ -93,6 +107,14 @@ def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overr
             lines.append(f"# {key.rsplit('.', 1)[-1]} =   (not set by default)")
         else:
             lines.append(f"{mark}{name} = {toml_literal(value)}")
+    for key, item, info in arrays:
+        lines += ["", ""] + _comment(info.description or item.__doc__) + [f"# [[{key}]]"]
+        for name, field in item.model_fields.items():
+            lines += _comment(field.description)
+            default = None if field.is_required() else field.get_default(call_default_factory=True)
+            lines.append(f"# {name} = " + ("...   (required)" if field.is_required()
+                                             else "...   (not set by default)" if default is None
+                                             else toml_literal(default)))
     for key, sub, info in sections:
         optional = info.default is None  # an optional section: shown commented out
         lines += ["", ""] + _comment(info.description or sub.__doc__)

@@ -117,7 +117,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biofed.cli_options import examples
+from biofed.cli_options import examples, logging_options
 
 logger = logging.getLogger(__name__)
 
@@ -974,6 +974,7 @@ def _tails(children: Sequence[_Child]) -> str:
                    "epsilon 1-inf, spread over noise draws). Default: with --data only.")
 @click.option("--repeats", "evaluation_repeats", type=click.IntRange(min=1), default=DemoSettings.evaluation_repeats,
               show_default=True, help="Privacy-noise draws per private cell of the evaluation.")
+@logging_options(default_level="warning")
 def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_multiplier, basis_clip, standardization,
                  epsilon_budget, delta, trust_mode, sign, secure, out, mosquitto, synthetic_seconds, timeout_s,
                  seed, evaluate, evaluation_repeats) -> None:

@@ -60,7 +60,7 @@ import click
 import numpy as np
 import psutil
 
-from biofed.cli_options import examples
+from biofed.cli_options import examples, logging_options
 from biofed.demo import (
     FLEET,
     SYNTHETIC_DEVICES,
@@ -786,8 +786,8 @@ def _seconds(value: float | None) -> str:
               show_default=True, help="Report folder (configs, logs, stores, summary.json).")
 @click.option("--noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.noise_multiplier,
               show_default=True, help="DP noise multiplier z of the training rounds (0: non-private).")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip, show_default=True,
-              help="L2 clip norm C of each update.")
+@click.option("--clip-norm", "--clip", "clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip,
+              show_default=True, help="L2 clip norm C of each update (--clip: older spelling).")
 @click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.epsilon_budget,
               show_default=True, help="Stop training before epsilon (RDP) would exceed this.")
 @click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
@@ -816,6 +816,7 @@ def _seconds(value: float | None) -> str:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800.0, show_default=True,
               help="Global timeout (s).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
+@logging_options(default_level="warning")
 def simulate_command(devices, rounds, data, mosquitto, out, noise_multiplier, clip, epsilon_budget, delta,
                      trust_mode, sign, synthetic_seconds, windows_per_device, workers, round_deadline_s,
                      min_devices, sampling_rate, basis_noise_multiplier, faults, fault_seed, timeout_s,

@@ -28,7 +28,7 @@ import click
 
 import numpy as np
 
-from biofed.cli_options import examples
+from biofed.cli_options import examples, logging_options
 
 __all__ = ["play_command", "replay_lsl"]
 
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 @click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1), help="Play the files this many times.")
 @click.option("--chunk", "chunk_s", default=0.01, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               help="Seconds of signal per pushed chunk (a device's transfer block).")
+@logging_options(default_level="warning")
 def play_command(files, name, speed, repeat, chunk_s) -> None:
     """Serve recording FILEs as live LSL streams in real time (for tests and demos).
 

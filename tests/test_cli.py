@@ -76,7 +76,7 @@ def test_long_running_commands_take_logging_options():
     import click
 
     ctx = click.Context(cli)
-    for name in ("coordinator", "edge", "broker"):
+    for name in ("coordinator", "edge", "broker", "demo", "simulate", "audit", "play"):
         opts = {o for p in cli.get_command(ctx, name).params for o in p.opts}
         assert {"--log-level", "--log-format", "--log-file"} <= opts, name
 
