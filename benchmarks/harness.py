@@ -198,6 +198,32 @@ class Target:
         }
 
 
+@dataclass(frozen=True)
+class Table:
+    """A small table a case prints as is (e.g. the per-stage profile against the FFT limit)."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": list(self.columns), "rows": [list(r) for r in self.rows], "note": self.note}
+
+    def format(self) -> str:
+        """Fixed-width text: numbers with 4 significant digits."""
+        cells = [list(self.columns)] + [[c if isinstance(c, str) else f"{c:.4g}" for c in row] for row in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+        lines = [self.title]
+        for r, row in enumerate(cells):
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            if r == 0:
+                lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+        if self.note:
+            lines.append(f"note: {self.note}")
+        return "\n".join(lines)
+
+
 @dataclass
 class CaseResult:
     """Everything one benchmark case produced, or the error that stopped it."""
@@ -206,6 +232,7 @@ class CaseResult:
     comparisons: list[Comparison] = field(default_factory=list)
     metrics: list[Metric] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
 
@@ -215,6 +242,7 @@ class CaseResult:
             "comparisons": [c.to_dict() for c in self.comparisons],
             "metrics": [m.to_dict() for m in self.metrics],
             "targets": [t.to_dict() for t in self.targets],
+            "tables": [t.to_dict() for t in self.tables],
             "error": self.error,
             "seconds": self.seconds,
         }

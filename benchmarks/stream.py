@@ -3,33 +3,39 @@
 Profile: 19-channel EEG at 500 Hz, one audio channel at 16 kHz and 4 biosensors at 250 Hz
 (ECG, PPG, EDA, respiration), 2 s windows with a 1 s hop. Chain per window: EEG log band
 powers, audio log-mel energies, biosensor window statistics and ECG/PPG heart-rate
-features -> one feature row -> fused standardize-and-project ``transform`` onto a k=32 basis.
+features -> one feature row -> fused standardize-and-project transform onto a k=32 basis.
+The chain is configured once (:class:`Chain`: spectral plans, transform plan, precision) and
+then applied to every window, as a device does.
 
 Imported by :mod:`benchmarks.suite` for the in-process comparison, and run as a script
 (``python stream.py rtf|warm``) by the real-time-factor and warm-start measurements, which
-need a fresh interpreter. This file imports nothing but NumPy and :mod:`biofed.kernels`, so
-it runs on its own.
+need a fresh interpreter. It imports NumPy, Numba (for the FFT-rate probe) and biofed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
+import rocket_fft  # noqa: F401  -- np.fft inside @njit, the FFT the spectral kernels use
+from numba import njit
 
 from biofed.kernels import (
-    band_powers,
+    apply_transform,
+    band_power_plan,
     heart_rate_features,
-    log_band_energies,
+    log_band_energy_plan,
     moments_init,
     moments_scale,
     moments_update,
     sliding_windows,
-    transform,
+    spectral_features,
+    transform_plan,
     truncated_svd,
     window_statistics,
 )
@@ -75,22 +81,44 @@ def windows_of(stream: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {m: sliding_windows(x, int(WINDOW_S * fs[m]), int(HOP_S * fs[m])) for m, x in stream.items()}
 
 
-#: The feature stages of the chain, in feature-row order: name -> f(windows dict) -> (n, ch, f).
-FEATURE_STAGES = {
-    "eeg band_powers": lambda w: band_powers(w["eeg"], EEG_FS, log=True),
-    "audio log_band_energies": lambda w: log_band_energies(w["audio"], AUDIO_FS, n_bands=N_MELS),
-    "bio window_statistics": lambda w: window_statistics(w["bio"], BIO_FS),
-    "ecg/ppg heart_rate_features": lambda w: heart_rate_features(w["bio"][:, :HEART_CHANNELS], BIO_FS),
-}
+class Chain:
+    """The fusion chain configured once: spectral plans, precision and (optionally) the projection.
 
-
-def biofed_features(w: dict[str, np.ndarray]) -> np.ndarray:
-    """One feature row per window, (n_windows, n_features), from biofed kernels.
-
-    ``w`` maps "eeg", "audio", "bio" to windows (n_windows, n_channels, window).
+    Parameters
+    ----------
+    dtype : {"float32", "float64"}
+        Precision of the spectral stages (the device default is float32); biosensor features
+        and the projection run in float64, as in :class:`biofed.edge.pipeline.StreamingPipeline`.
+    mean, scale, basis : ndarray or None
+        Standardization (d,) and k=32 basis (k, d) of the projection; ``None`` = features only.
     """
-    n = w["eeg"].shape[0]
-    return np.concatenate([stage(w).reshape(n, -1) for stage in FEATURE_STAGES.values()], axis=1)
+
+    def __init__(self, dtype: str = "float32", mean=None, scale=None, basis=None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.eeg_plan = band_power_plan(EEG_FS, int(WINDOW_S * EEG_FS), log=True)
+        self.audio_plan = log_band_energy_plan(AUDIO_FS, int(WINDOW_S * AUDIO_FS), n_bands=N_MELS)
+        self.projection = None if basis is None else transform_plan(np.asarray(basis).T, mean=mean, scale=scale)
+        #: The feature stages in feature-row order: name -> f(windows dict) -> (n, ch, f).
+        self.stages = {
+            "eeg band powers": lambda w: spectral_features(np.ascontiguousarray(w["eeg"], dtype=self.dtype), self.eeg_plan),
+            "audio log-mel": lambda w: spectral_features(np.ascontiguousarray(w["audio"], dtype=self.dtype), self.audio_plan),
+            "bio window statistics": lambda w: window_statistics(w["bio"], BIO_FS),
+            "ecg/ppg heart rate": lambda w: heart_rate_features(w["bio"][:, :HEART_CHANNELS], BIO_FS),
+        }
+
+    def features(self, w: dict[str, np.ndarray]) -> np.ndarray:
+        """One float64 feature row per window, (n_windows, n_features); ``w`` maps modality -> windows."""
+        n = w["eeg"].shape[0]
+        return np.concatenate([stage(w).reshape(n, -1) for stage in self.stages.values()], axis=1, dtype=np.float64)
+
+    def __call__(self, w: dict[str, np.ndarray]) -> np.ndarray:
+        """features -> fused standardize-and-project transform: (n_windows, k)."""
+        return apply_transform(self.features(w), self.projection)
+
+    def ffts_per_window(self) -> dict[str, int]:
+        """rffts of ``nperseg`` points per window for each spectral stage (no segment is shared
+        between windows of this profile: its hop is not a multiple of the segment step)."""
+        return {"eeg band powers": EEG_CHANNELS * self.eeg_plan.n_seg, "audio log-mel": self.audio_plan.n_seg}
 
 
 def fit_projection(features: np.ndarray, k: int = K, random_state=0):
@@ -102,11 +130,6 @@ def fit_projection(features: np.ndarray, k: int = K, random_state=0):
     scale = moments_scale(moments)
     _, _, basis = truncated_svd((features - moments.mean) / scale, k, random_state=random_state)
     return moments.mean, scale, basis
-
-
-def biofed_chain(w: dict[str, np.ndarray], mean, scale, basis) -> np.ndarray:
-    """features -> fused standardize-and-project transform: (n_windows, k)."""
-    return transform(biofed_features(w), basis.T, mean=mean, scale=scale)
 
 
 def _limit_to_one_core() -> dict:
@@ -128,39 +151,100 @@ def _limit_to_one_core() -> dict:
     return info
 
 
+@njit(cache=True)
+def _rfft_rows(x):
+    return np.fft.rfft(x)
+
+
+def rfft_flops(n: int) -> float:
+    """Conventional flop count of a real FFT of ``n`` points: half of the complex ``5 n log2 n``."""
+    return 2.5 * n * math.log2(n)
+
+
+def measure_fft_rate(nperseg: int, dtype, repeats: int, rows: int = 256) -> float:
+    """GFLOP/s of rocket-fft's rfft on ``rows`` contiguous rows of ``nperseg`` points (best of ``repeats``).
+
+    The best repeat, not the median: this is the machine's limit for the FFTs the chain needs.
+    """
+    x = np.random.default_rng(0).standard_normal((rows, nperseg)).astype(dtype)
+    best = min(_times(lambda: _rfft_rows(x), max(repeats, 20)))
+    return rows * rfft_flops(nperseg) / best / 1e9
+
+
+def _pipeline_replay(stream: dict[str, np.ndarray], mean, scale, basis):
+    """A StreamingPipeline (device defaults) with the basis, and a function replaying ``stream`` in 1 s chunks."""
+    from biofed.edge.pipeline import Basis, FeatureLayout, PipelineConfig, StreamingPipeline
+
+    config = PipelineConfig(max_pending_windows=None)
+    eeg = tuple(f"E{i:02d}" for i in range(EEG_CHANNELS))
+    bio = (("ECG", "ecg"), ("PPG", "ppg"), ("EDA", "eda"), ("RESP", "resp"))
+    layout = FeatureLayout.from_channels({
+        "eeg": (EEG_FS, eeg, ("eeg",) * EEG_CHANNELS), "audio": (AUDIO_FS, ("PCG",), ("audio",)),
+        "bio": (BIO_FS, tuple(n for n, _ in bio), tuple(t for _, t in bio)),
+    }, config)  # fmt: skip
+    rates = {"eeg": EEG_FS, "audio": AUDIO_FS, "bio": BIO_FS}
+    seconds = stream["eeg"].shape[1] / EEG_FS
+
+    def replay() -> int:
+        pipe = StreamingPipeline(config, layout, Basis(np.asarray(basis), np.asarray(mean), np.asarray(scale)))
+        rows = 0
+        for t in range(int(seconds)):
+            for m, x in stream.items():
+                rows += len(pipe.push(m, x[:, int(t * rates[m]) : int((t + 1) * rates[m])], label="rest"))
+        return rows
+
+    return replay
+
+
 def measure_rtf(seconds: float, repeats: int) -> dict:
-    """Real-time factor (stream seconds / compute seconds) of the chain on one core.
+    """Real-time factor (stream seconds / compute seconds) of the chain on one core, and where it spends its time.
 
     ``batch``: all windows of the stream in one call per kernel. ``per_window``: one call
-    per 1 s hop with a single window, as a device processes its stream live.
+    per 1 s hop with a single window, as a device processes its stream live. ``replay``: the
+    stream pushed in 1 s chunks through :class:`biofed.edge.pipeline.StreamingPipeline`
+    (buffers, plans, labels, sketch and projection included). ``stages``: each stage called
+    once per window, its median and best time per window and its FFT limit: the rffts it
+    needs divided by the best rfft rate measured in this process.
     """
     limits = _limit_to_one_core()
     stream = make_stream(seconds, random_state=1)
-    mean, scale, basis = fit_projection(biofed_features(windows_of(make_stream(60.0, random_state=2))))
+    mean, scale, basis = fit_projection(Chain("float64").features(windows_of(make_stream(60.0, random_state=2))))
     w = windows_of(stream)
     n = w["eeg"].shape[0]
     stream_seconds = (n - 1) * HOP_S + WINDOW_S
-
-    def batch():
-        return biofed_chain(w, mean, scale, basis)
-
-    def per_window():
-        for i in range(n):
-            biofed_chain({m: x[i : i + 1] for m, x in w.items()}, mean, scale, basis)
-
+    singles = [{m: x[i : i + 1] for m, x in w.items()} for i in range(n)]
+    chains = {dtype: Chain(dtype, mean, scale, basis) for dtype in ("float32", "float64")}
+    replay = _pipeline_replay(stream, mean, scale, basis)
     out = {"stream_seconds": stream_seconds, "n_windows": n, "limits": limits}
-    for name, fn in (("batch", batch), ("per_window", per_window)):
+    runs = {
+        "batch": lambda: chains["float32"](w),
+        "per_window": lambda: [chains["float32"](one) for one in singles],
+        "per_window_float64": lambda: [chains["float64"](one) for one in singles],
+        "replay": replay,
+    }
+    for name, fn in runs.items():
         times = _times(fn, repeats)
         med = float(np.median(times))
         out[name] = {"median_s": med, "min_s": min(times), "max_s": max(times), "rtf": stream_seconds / med}
-    # Where a live device spends its time: each stage called once per window.
-    singles = [{m: x[i : i + 1] for m, x in w.items()} for i in range(n)]
-    rows = [biofed_features(one) for one in singles]
-    stages = {
-        name: (lambda stage=stage: [stage(one) for one in singles]) for name, stage in FEATURE_STAGES.items()
-    }
-    stages["transform (k=32)"] = lambda: [transform(row, basis.T, mean=mean, scale=scale) for row in rows]
-    out["per_window_stage_ms"] = {name: 1e3 * float(np.median(_times(fn, repeats))) / n for name, fn in stages.items()}
+    chain = chains["float32"]
+    nperseg = chain.eeg_plan.nperseg
+    assert chain.audio_plan.nperseg == nperseg  # one FFT size: one measured rate
+    rate = {dtype: measure_fft_rate(nperseg, dtype, repeats) for dtype in ("float32", "float64")}
+    out["fft"] = {"nperseg": nperseg, "gflops": rate, "flops_per_rfft": rfft_flops(nperseg)}
+    rows = [chain.features(one) for one in singles]
+    stage_fns = {name: (lambda stage=stage: [stage(one) for one in singles]) for name, stage in chain.stages.items()}
+    stage_fns["transform (k=32)"] = lambda: [apply_transform(row, chain.projection) for row in rows]
+    ffts = chain.ffts_per_window()
+    stages = {}
+    for name, fn in stage_fns.items():
+        times = _times(fn, repeats)
+        stages[name] = {
+            "ms_per_window": 1e3 * float(np.median(times)) / n,
+            "best_ms_per_window": 1e3 * min(times) / n,
+            "rffts_per_window": ffts.get(name, 0),
+            "fft_limit_ms": 1e3 * ffts.get(name, 0) * rfft_flops(nperseg) / (rate["float32"] * 1e9),
+        }
+    out["stages"] = stages
     return out
 
 
@@ -177,12 +261,10 @@ def _times(fn, repeats: int) -> list[float]:
 
 def first_window() -> dict:
     """Compute the first window of a fresh stream with a given basis (what a device does at boot)."""
-    stream = make_stream(WINDOW_S, random_state=3)
-    w = windows_of(stream)
-    features = biofed_features(w)
-    d = features.shape[1]
+    w = windows_of(make_stream(WINDOW_S, random_state=3))
+    d = Chain("float32").features(w).shape[1]
     basis = np.linalg.qr(np.random.default_rng(4).standard_normal((d, K)))[0].T
-    out = transform(features, basis.T, mean=np.zeros(d), scale=np.ones(d))
+    out = Chain("float32", np.zeros(d), np.ones(d), basis)(w)
     return {"shape": list(out.shape), "finite": bool(np.isfinite(out).all())}
 
 

@@ -19,6 +19,7 @@ from types import ModuleType
 import click
 
 import biofed
+from biofed.cli_options import examples
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def format_report(results, targets) -> str:
         lines += ["", "Other measurements", "-" * 60]
         for m in metrics:
             lines.append(f"{m.case:<16} {m.name:<62} {m.value:>12.8g} {m.unit}")
+    for table in (t for result in results for t in result.tables):
+        lines += ["", table.format()]
     errors = [r for r in results if r.error]
     if errors:
         lines += ["", "Errors", "-" * 60]
@@ -123,16 +126,28 @@ def _json_safe(value):
     return value
 
 
-@click.command("bench")
+@click.command("bench", epilog=examples(
+    "biofed bench --quick",
+    "biofed bench --only transform,chain --out bench.json",
+    "biofed bench --quick --json > bench.json",
+    exit_codes="Exit codes: 0 every case ran; 1 a case failed; 2 usage error (unknown case).",
+))
 @click.option("--quick", is_flag=True, help="Fewer repeats and smaller shapes (pipeline shapes kept); < 60 s.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write machine information and every result to this JSON file.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON file to write machine information and every result to.")
+@click.option("--json", "json_arg", is_flag=False, flag_value="-", default=None, metavar="",
+              help="Print the JSON on stdout (the table goes to stderr). `--json FILE` is the older spelling "
+                   "of --out FILE.")
 @click.option("--only", "only", multiple=True, metavar="NAME",
               help="Run only these cases (repeat the option or separate names with commas).")
 @click.option("--repeats", type=click.IntRange(min=1), default=None,
               help="Timed repeats per function (default: 5 with --quick, 20 otherwise).")
-def bench_command(quick: bool, json_path: Path | None, only: tuple[str, ...], repeats: int | None) -> None:
+def bench_command(quick: bool, out_path: Path | None, json_arg: str | None, only: tuple[str, ...],
+                  repeats: int | None) -> None:
     """Time every kernel and the fusion chain against MNE/SciPy/scikit-learn/NumPy baselines."""
+    to_stdout = json_arg == "-"
+    if json_arg is not None and not to_stdout:
+        out_path = out_path or Path(json_arg)
     suite = load_suite()
     names = [n.strip() for item in only for n in item.split(",") if n.strip()]
     unknown = [n for n in names if n not in suite.CASES]
@@ -148,10 +163,11 @@ def bench_command(quick: bool, json_path: Path | None, only: tuple[str, ...], re
         click.echo(f"running {name} ...", err=True)
         results.append(suite.run_case(name, settings))
     targets = [t for r in results for t in r.targets]
-    click.echo(format_report(results, targets))
+    click.echo(format_report(results, targets), err=to_stdout)
     elapsed = time.perf_counter() - started
-    click.echo(f"\n{len(selected)} case(s) in {elapsed:.1f} s ({'quick' if quick else 'full'} run, {settings.repeats} repeats).")
-    if json_path is not None:
+    click.echo(f"\n{len(selected)} case(s) in {elapsed:.1f} s ({'quick' if quick else 'full'} run, {settings.repeats} repeats).",
+               err=to_stdout)
+    if out_path is not None or to_stdout:
         payload = {
             "biofed_version": biofed.__version__,
             "created_unix": time.time(),
@@ -162,8 +178,12 @@ def bench_command(quick: bool, json_path: Path | None, only: tuple[str, ...], re
             "targets": [t.to_dict() for t in targets],
             "seconds": elapsed,
         }
-        json_path.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False), encoding="utf-8")
-        click.echo(f"results written to {json_path}")
+        text = json.dumps(_json_safe(payload), indent=2, allow_nan=False)
+        if to_stdout:
+            click.echo(text)
+        if out_path is not None:
+            out_path.write_text(text, encoding="utf-8")
+            click.echo(f"results written to {out_path}", err=to_stdout)
     failed = [r.name for r in results if r.error]
     if failed:
         raise click.ClickException(f"case(s) failed: {', '.join(failed)} (see Errors above; -vv for tracebacks).")

@@ -10,8 +10,29 @@
 - :func:`write_mosquitto_config` / :func:`start_mosquitto` run a real Mosquitto (MQTT 5)
   with limits fit for federated learning: Mosquitto's default ``max_queued_messages`` of
   1000 silently drops QoS 1 messages for a slow or offline subscriber, so it is raised to
-  100 000; the packet size is capped just above the protocol's message limit.
-- ``biofed broker [--port N] [--mosquitto] [--dir D]`` runs either until Ctrl-C.
+  100 000; the packet size is capped just above the protocol's message limit, and every
+  client's queue has a byte limit too (``max_queued_bytes``; 0 would let one flooding
+  client grow the broker without bound).
+- ``biofed broker [--port N] [--mosquitto] [--dir D]`` runs either until Ctrl-C or SIGTERM
+  (which stops a Mosquitto child too).
+
+Queue arithmetic (:func:`fleet_queue_limits`)
+--------------------------------------------
+Mosquitto queues QoS 1 messages per subscribing client while it is offline or slow; past
+``max_queued_messages`` or ``max_queued_bytes`` it drops new ones silently. The longest
+queue is the coordinator's: it subscribes to every device's status, update, sketch and
+secagg topics. While the coordinator is away no new round opens, so one device has at
+most its reply to the open task, the 4 secure-aggregation steps of that round and its
+status changes (online, offline, every reconnect) to send; :data:`QUEUED_MESSAGES_PER_DEVICE`
+(64) covers that with room for 50 reconnects. One reply of the default models (k = 32
+features, a few hundred hidden units at most, a handful of classes: under 10 000 float64
+parameters, 80 kB; its masked secure-aggregation words as large) fits
+:data:`QUEUED_BYTES_PER_DEVICE` (1 MiB) with the steps and statuses. A fleet of ``n``
+devices therefore needs ``max_queued_messages >= 64 n`` and ``max_queued_bytes >= n MiB``;
+the limits never go below 100 000 messages and 512 MiB (the plain broker's values, ample
+for up to 1 500 devices and 512 devices respectively). A device's own queue holds the
+tasks and models published while it is away; dropping old ones loses nothing, because the
+retained latest ones are delivered again at its reconnect.
 
 The plain config has no authentication (any client, any user name) and no TLS, on
 127.0.0.1. A secured fleet (TLS with client certificates, passwords, per-device ACLs and
@@ -41,14 +62,32 @@ from pathlib import Path
 
 import click
 
+from biofed.cli_options import config_option, examples, load_config_or_exit, logging_options, override_options
+from biofed.config import BrokerServiceConfig
+
 from biofed.protocol import DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 MOSQUITTO_MAX_QUEUED_MESSAGES = 100_000
+MOSQUITTO_MAX_QUEUED_BYTES = 512 * 1024 * 1024
 MOSQUITTO_MAX_INFLIGHT_MESSAGES = 100
 MOSQUITTO_MAX_PACKET_SIZE = DEFAULT_MAX_BYTES + 64 * 1024  # one message plus topic/headers
+QUEUED_MESSAGES_PER_DEVICE = 64
+"""Messages one device may need queued for an absent coordinator (see the module docstring)."""
+QUEUED_BYTES_PER_DEVICE = 1024 * 1024
+"""Bytes one device may need queued for an absent coordinator (see the module docstring)."""
+
+
+def fleet_queue_limits(n_devices: int) -> tuple[int, int]:
+    """``(max_queued_messages, max_queued_bytes)`` for a fleet of ``n_devices``: enough for
+    every device's messages to an absent coordinator (the arithmetic of the module
+    docstring), never below the plain broker's limits."""
+    if not isinstance(n_devices, int) or n_devices < 0:
+        raise ValueError(f"n_devices must be an integer >= 0, got {n_devices!r}")
+    return (max(MOSQUITTO_MAX_QUEUED_MESSAGES, QUEUED_MESSAGES_PER_DEVICE * n_devices),
+            max(MOSQUITTO_MAX_QUEUED_BYTES, QUEUED_BYTES_PER_DEVICE * n_devices))
 
 
 class BrokerError(RuntimeError):
@@ -199,12 +238,13 @@ def mosquitto_common_lines(
     data_dir: Path,
     *,
     max_queued_messages: int = MOSQUITTO_MAX_QUEUED_MESSAGES,
+    max_queued_bytes: int = MOSQUITTO_MAX_QUEUED_BYTES,
     max_inflight_messages: int = MOSQUITTO_MAX_INFLIGHT_MESSAGES,
     max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE,
 ) -> list[str]:
     """Config lines every biofed Mosquitto shares: the process user, persistence and the log
-    in ``data_dir``, and the queue/packet limits (see the module docstring)."""
-    for name, value in (("max_queued_messages", max_queued_messages),
+    in ``data_dir``, and the per-client queue/packet limits (see the module docstring)."""
+    for name, value in (("max_queued_messages", max_queued_messages), ("max_queued_bytes", max_queued_bytes),
                         ("max_inflight_messages", max_inflight_messages), ("max_packet_size", max_packet_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -219,7 +259,7 @@ def mosquitto_common_lines(
         "autosave_interval 60",
         "persistent_client_expiration 7d",
         f"max_queued_messages {max_queued_messages}",
-        "max_queued_bytes 0",
+        f"max_queued_bytes {max_queued_bytes}",
         f"max_inflight_messages {max_inflight_messages}",
         f"max_packet_size {max_packet_size}",
         f"log_dest file {data_dir}/mosquitto.log",
@@ -236,6 +276,7 @@ def write_mosquitto_config(
     *,
     host: str = LOOPBACK,
     max_queued_messages: int = MOSQUITTO_MAX_QUEUED_MESSAGES,
+    max_queued_bytes: int = MOSQUITTO_MAX_QUEUED_BYTES,
     max_inflight_messages: int = MOSQUITTO_MAX_INFLIGHT_MESSAGES,
     max_packet_size: int = MOSQUITTO_MAX_PACKET_SIZE,
 ) -> Path:
@@ -248,7 +289,7 @@ def write_mosquitto_config(
         raise ValueError(f"port must be a positive integer, got {port!r}")
     directory = Path(directory).resolve()
     common = mosquitto_common_lines(directory, max_queued_messages=max_queued_messages,
-                                    max_inflight_messages=max_inflight_messages, max_packet_size=max_packet_size)
+                                    max_queued_bytes=max_queued_bytes, max_inflight_messages=max_inflight_messages, max_packet_size=max_packet_size)
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "# written by biofed.broker.write_mosquitto_config",
@@ -397,17 +438,36 @@ def start_mosquitto(
 
 
 # ----------------------------------------------------------------------------- CLI
-@click.command("broker")
-@click.option("--host", default=LOOPBACK, show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=1883, show_default=True, help="TCP port (0: any free port).")
-@click.option("--mosquitto", "use_mosquitto", is_flag=True, help="Run Mosquitto (MQTT 5) instead of the embedded amqtt broker (MQTT 3.1.1).")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Mosquitto config, persistence and log directory (default: a temporary directory).")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="Run Mosquitto with this ready config (e.g. DIR/broker/mosquitto.conf from biofed provision); "
-                   "its listener line gives address and port.")
-def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | None, config_file: Path | None) -> None:
-    """Run an MQTT broker for a biofed fleet until Ctrl-C."""
+@click.command("broker", epilog=examples(
+    "biofed broker                                   # embedded amqtt on 127.0.0.1:1883",
+    "biofed broker --mosquitto --port 1884 --data-dir broker-data",
+    "biofed broker --config fleet/broker/broker.toml  # a provisioned fleet's TLS broker",
+    "biofed config init broker --out broker.toml",
+))
+@config_option("broker", required=False)
+@override_options(BrokerServiceConfig, aliases={"data_dir": "--dir"})
+@logging_options(default_level="warning")
+def broker_command(config_path: Path | None, overrides: dict) -> None:
+    """Run an MQTT broker for a biofed fleet until Ctrl-C or SIGTERM.
+
+    --config is a biofed broker TOML file; a Mosquitto config (FILE.conf, as older
+    versions took) is still accepted and run as --mosquitto-conf.
+    """
+    if config_path is not None and config_path.suffix == ".conf" and overrides.get("mosquitto_conf") is None:
+        logger.warning("--config %s is a Mosquitto config: pass it as --mosquitto-conf (--config takes biofed TOML)",
+                       config_path)
+        overrides["mosquitto_conf"], config_path = config_path, None
+    settings = load_config_or_exit(config_path, BrokerServiceConfig, overrides)
+    config_file, use_mosquitto, directory = settings.mosquitto_conf, settings.mosquitto, settings.data_dir
+    host, port = settings.host, settings.port
+    if config_file is not None and not config_file.is_file():
+        raise click.BadParameter(f"{config_file} does not exist", param_hint="mosquitto_conf")
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     with tempfile.TemporaryDirectory(prefix="biofed-broker-") as scratch:
         running: EmbeddedBroker | MosquittoBroker | None = None
         try:
@@ -424,7 +484,7 @@ def broker_command(host: str, port: int, use_mosquitto: bool, directory: Path | 
                 click.echo(f"amqtt broker (MQTT 3.1.1) listening on {running.host}:{running.port}; Ctrl-C stops it")
             while running.alive:
                 time.sleep(0.5)
-            raise click.ClickException("the broker stopped unexpectedly; run with -vv for its log")
+            raise click.ClickException("the broker stopped unexpectedly; run with --log-level debug for its log")
         except BrokerError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:

@@ -40,7 +40,7 @@ Example coordinator file::
 
     [strategy]
     name = "fedadam"
-    params = { server_lr = 0.01 }
+    params = { eta = 0.01 }
 
     [dp]
     trust_mode = "central"
@@ -51,14 +51,29 @@ Example coordinator file::
     epsilon_budget = 8.0
     [dp.adaptive_clipping]
     target_quantile = 0.5
+
+``biofed config init coordinator|device|broker`` prints a template with every setting
+and its default; ``biofed config check FILE`` validates a file.
+
+Precedence
+----------
+The settings in a model's ``OVERRIDABLE`` can also be set from the environment
+(``BIOFED_`` + the dotted key in upper case with ``.`` as ``_``, e.g.
+``BIOFED_BROKER_HOST``, ``BIOFED_DP_EPSILON_BUDGET``) and from the command line (see
+:func:`load_config`'s ``overrides``). One order applies: command line > environment >
+file > default.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
+import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -96,7 +111,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # attribute docstrings become field descriptions: the comments of `biofed config init`
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class BrokerConfig(_Section):
@@ -110,6 +126,10 @@ class BrokerConfig(_Section):
     connect_timeout_s: float = Field(10.0, gt=0)
     session_expiry_s: int = Field(86_400, ge=0)
     inbox_size: int = Field(10_000, ge=1)
+    inbox_rate_per_s: float | None = Field(50.0, gt=0)
+    """Inbound messages per second one sender may sustain; beyond it they are shed (None: no limit)."""
+    inbox_burst: float = Field(500.0, ge=1)
+    """Messages one sender may send at once above ``inbox_rate_per_s``."""
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """Largest accepted protocol message; larger ones are dropped before decoding."""
     tls: bool = False
@@ -183,6 +203,15 @@ class TrainingSettings(_Section):
     prox_mu: float = Field(0.0, ge=0)
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics endpoint (``http://HOST:PORT/metrics``) of a long-running process."""
+
+    port: int | None = Field(None, ge=0, le=65535)
+    """TCP port of the metrics endpoint; None: no endpoint (0: any free port)."""
+    host: str = "127.0.0.1"
+    """Address the endpoint listens on; "0.0.0.0" exposes it to the network (for a Prometheus server)."""
+
+
 class _SigningFields(_Section):
     """Signed envelopes (:mod:`biofed.signing`); all optional, off by default."""
 
@@ -205,6 +234,63 @@ class _SigningFields(_Section):
         return self
 
 
+class SourceConfig(_Section):
+    """One input of a device (``[[sources]]``), the same as ``biofed replay FILE`` / ``--lsl NAME``.
+
+    ``kind = "file"``: ``path`` is a recording file, or a folder whose recordings are all
+    ingested (and, with ``watch = true``, new files in it as they appear, without a restart).
+    ``kind = "lsl"``: ``name`` is the LSL stream name, name prefix (``pi-01`` for ``pi-01-eeg``,
+    ``pi-01-markers``...) or source id of the device's live streams.
+    """
+
+    kind: Literal["file", "lsl"]
+    path: ConfigPath | None = None
+    watch: bool = False
+    name: str | None = Field(None, min_length=1)
+    resolve_timeout_s: float = Field(5.0, gt=0)
+    """lsl: how long one look for the streams lasts (retried until they appear)."""
+    gap_tolerance_s: float = Field(0.1, gt=0)
+    """lsl: a larger deviation of a sample's timestamp from its expected time is a gap."""
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> SourceConfig:
+        if self.kind == "file":
+            if self.path is None:
+                raise ValueError('a kind = "file" source needs path = "recording file or folder"')
+            if self.name is not None:
+                raise ValueError('name belongs to kind = "lsl" sources; a file source has a path')
+            if self.watch and self.path.exists() and not self.path.is_dir():
+                raise ValueError(f"watch = true needs a folder, but {self.path} is a file")
+        else:
+            if self.name is None:
+                raise ValueError('a kind = "lsl" source needs name = "LSL stream name or source id"')
+            if self.path is not None or self.watch:
+                raise ValueError('path and watch belong to kind = "file" sources; an lsl source has a name')
+        return self
+
+
+class DeviceDPConfig(_Section):
+    """The device's own privacy (``[dp]`` of a device config).
+
+    Two guarantees, reported side by side and never mixed: *client-level* (one record = the
+    device's whole contribution; its own ledger charges what it releases in local and
+    distributed trust modes) and, with ``record_noise_multiplier`` set, *record-level*
+    (one record = one window of one person: for a device that holds several people's data,
+    e.g. a ward device) from DP-SGD in local training.
+    """
+
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """Delta at which the device reports the epsilons of its own ledgers."""
+    record_noise_multiplier: float | None = Field(None, ge=0)
+    """z_r of record-level DP-SGD (noise std / record_clip_norm on each step's gradient sum).
+    None: local training without record-level DP."""
+    record_clip_norm: float = Field(1.0, gt=0)
+    """L2 bound of one window's gradient in DP-SGD."""
+    record_sampling_rate: float = Field(0.05, gt=0, le=1)
+    """Probability that each training window is in a DP-SGD step's batch (Poisson sampling);
+    a round runs ``ceil(local_epochs / record_sampling_rate)`` steps."""
+
+
 class DeviceConfig(_SigningFields):
     """One edge device (``biofed agent``)."""
 
@@ -213,6 +299,10 @@ class DeviceConfig(_SigningFields):
     broker: BrokerConfig = BrokerConfig()
     recordings: tuple[ConfigPath, ...] = ()
     """Recording files replayed as the device's sensor stream."""
+    sources: tuple[SourceConfig, ...] = ()
+    """Inputs: recording files or folders (``kind = "file"``) and live LSL streams (``kind = "lsl"``)."""
+    warmup: bool = True
+    """Compile (or load from the cache) every kernel before reporting "online" (``biofed warmup``)."""
     replay_speed: float = Field(0.0, ge=0)
     """0 = as fast as possible, 1 = real time."""
     store_path: ConfigPath
@@ -221,6 +311,17 @@ class DeviceConfig(_SigningFields):
     training: TrainingSettings = TrainingSettings()
     predict: bool = False
     """Publish on-device predictions of the current global model."""
+    dp: DeviceDPConfig = DeviceDPConfig()
+    wait_for_sources: bool = False
+    """With no usable recording, wait for one (a service started before its data) instead of
+    exiting with an error."""
+    metrics: MetricsSettings = MetricsSettings()
+
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = (
+        "device_id", "fleet", "store_path", "replay_speed", "broker.host", "broker.port", "broker.protocol",
+        "broker.username", "broker.password_file", "metrics.port", "metrics.host",
+    )
+    """Settings that ``BIOFED_*`` variables and ``biofed edge`` options override."""
 
 
 class AdaptiveClippingConfig(_Section):
@@ -241,7 +342,9 @@ class DPConfig(_Section):
     secagg_threshold: int | None = Field(None, ge=1)
     """distributed mode: minimum devices that must survive a secure-aggregation round (the
     Shamir threshold, raised to a majority of the round's devices) and the ``n_min`` each
-    device calibrates its noise share for. None: ``min_devices // 2 + 1``."""
+    device calibrates its noise share for. Never below ``min_devices`` (the coordinator
+    refuses it): a sum unmasked with fewer survivors would reach the coordinator and then be
+    discarded. None: ``min_devices``."""
     secagg_step_timeout_s: float = Field(10.0, gt=0)
     """distributed mode: how long each secure-aggregation step after the keys waits for the
     devices (they only compute; training happens before, within ``round_deadline_s``)."""
@@ -317,6 +420,19 @@ class CoordinatorConfig(_SigningFields):
     """Allow list (``coordinator/allowed_devices.json`` from ``biofed provision``). When set,
     every message of a device not on it is dropped; the file is re-read when it changes, so
     ``biofed provision revoke`` takes effect in a running coordinator. None: any device."""
+    metrics: MetricsSettings = MetricsSettings()
+    status_broker: BrokerConfig | None = None
+    """How ``biofed status`` reaches the broker: read-only credentials (``biofed provision``
+    writes the observer's here), so it never takes over the coordinator's session. None:
+    ``[broker]``."""
+
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = (
+        "fleet", "rounds", "min_devices", "sampling_rate", "round_deadline_s", "state_dir", "broker.host",
+        "broker.port", "broker.protocol", "broker.username", "broker.password_file", "dp.trust_mode",
+        "dp.noise_multiplier", "dp.clip_norm", "dp.basis_noise_multiplier", "dp.basis_clip_norm",
+        "dp.epsilon_budget", "dp.delta", "metrics.port", "metrics.host",
+    )
+    """Settings that ``BIOFED_*`` variables and ``biofed coordinator`` options override."""
 
     @model_validator(mode="after")
     def _sampling_in_range(self) -> CoordinatorConfig:
@@ -325,11 +441,111 @@ class CoordinatorConfig(_SigningFields):
         return self
 
 
+class BrokerServiceConfig(_Section):
+    """The MQTT broker ``biofed broker`` runs (not how clients reach it: that is ``[broker]``)."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = Field(1883, ge=0, le=65535)
+    """TCP port (0: any free port)."""
+    mosquitto: bool = False
+    """Run Mosquitto (MQTT 5) instead of the embedded amqtt broker (MQTT 3.1.1)."""
+    data_dir: ConfigPath | None = None
+    """Mosquitto's config, persistence and log directory; None: a temporary directory."""
+    mosquitto_conf: ConfigPath | None = None
+    """Run Mosquitto with this ready mosquitto.conf (e.g. ``DIR/broker/mosquitto.conf`` from
+    ``biofed provision``); host, port and data_dir are then taken from that file."""
+
+    OVERRIDABLE: ClassVar[tuple[str, ...]] = ("host", "port", "mosquitto", "data_dir", "mosquitto_conf")
+    """Settings that ``BIOFED_*`` variables and ``biofed broker`` options override."""
+
+
+RECOMMENDED_PRIVACY: dict[str, float] = {
+    "noise_multiplier": 2.0, "clip_norm": 0.25, "basis_noise_multiplier": 10.0, "basis_clip_norm": 1.0,
+    "epsilon_budget": 10.0, "delta": 1e-5,
+}
+"""The ``[dp]`` settings ``biofed demo`` runs with and ``biofed provision`` and
+``biofed config init`` write: client-level DP at epsilon <= 10 (delta 1e-5) for about 10
+rounds of a small fleet (the demo module docstring has the reasoning)."""
+RECOMMENDED_ROUNDS = 10
+"""Training rounds of the recommended settings (what :data:`RECOMMENDED_PRIVACY` is sized for)."""
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ENV_PREFIX = "BIOFED_"
 
 
-def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
+def toml_literal(value: object) -> str:
+    """``value`` (bool, int, float, str, path, list, tuple or dict of those) as a TOML literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else "inf" if value > 0 else "-inf")
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a dotted setting: ``"broker.host"`` -> ``"BIOFED_BROKER_HOST"``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _set_dotted(data: dict, key: str, value: object) -> None:
+    *sections, leaf = key.split(".")
+    for section in sections:
+        child = data.get(section)
+        if not isinstance(child, dict):
+            child = data[section] = {}
+        data = child
+    data[leaf] = value
+
+
+def _field_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model that holds the field at ``loc[-1]`` (None when ``loc`` leaves the models)."""
+    for part in loc[:-1]:
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        if info is None:
+            return None
+        nested = [t for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _unknown_key_message(model: type[BaseModel], loc: tuple) -> str:
+    holder = _field_model(model, loc)
+    known = sorted(holder.model_fields) if holder is not None else []
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return "unknown key (known: " + ", ".join(known) + ")" if known else "unknown key (check the spelling)"
+
+
+def load_config(path: str | Path | None, model: type[ModelT], *, overrides: Mapping[str, object] | None = None,
+                environ: Mapping[str, str] | None = None) -> ModelT:
     """Read the TOML file ``path`` into ``model`` (e.g. :class:`DeviceConfig`).
+
+    Parameters
+    ----------
+    path : str, Path or None
+        The TOML file; relative paths in it are resolved against its directory. None:
+        no file (defaults, environment and ``overrides`` only).
+    model : type
+        :class:`DeviceConfig`, :class:`CoordinatorConfig` or :class:`BrokerServiceConfig`.
+    overrides : mapping, optional
+        ``{dotted key: value}`` from the command line; None values are ignored. Relative
+        paths are taken relative to the working directory.
+    environ : mapping, optional
+        Where ``BIOFED_*`` variables of the model's ``OVERRIDABLE`` settings are read;
+        default ``os.environ``. Command line > environment > file > default.
 
     Raises
     ------
@@ -337,6 +553,8 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
         One message naming the file and, for each problem, the dotted field, what was
         wrong and the offending value.
     """
+    if path is None:  # no file: defaults, environment and command line
+        return _validate({}, model, Path("(no config file)"), Path.cwd(), overrides, environ)
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -347,15 +565,34 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return _validate(data, model, path, path.resolve().parent, overrides, environ)
+
+
+def _validate(data: dict, model: type[ModelT], path: Path, base_dir: Path, overrides: Mapping[str, object] | None,
+              environ: Mapping[str, str] | None) -> ModelT:
+    environ = os.environ if environ is None else environ
+    source: dict[str, str] = {}
+    for key in getattr(model, "OVERRIDABLE", ()):
+        for origin, value in ((env_name(key), environ.get(env_name(key))), ("the command line", (overrides or {}).get(key))):
+            if value is None or value == "":
+                continue
+            if isinstance(value, Path) or (key.endswith(("_dir", "_path", "_file")) and origin != "the command line"):
+                value = str(Path(value).absolute())  # relative to the working directory, not the file
+            _set_dotted(data, key, value)
+            source[key] = origin
     try:
-        return model.model_validate(data, context={"base_dir": path.resolve().parent})
+        return model.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            message = "unknown key (check the spelling)" if error["type"] == "extra_forbidden" else error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = _unknown_key_message(model, error["loc"])
+            else:
+                message = error["msg"]
             got = "" if error["type"] in ("missing", "extra_forbidden") else f" (got {error['input']!r})"
-            problems.append(f"  {where}: {message}{got}")
+            origin = f" [set by {source[where]}]" if where in source else ""
+            problems.append(f"  {where}: {message}{got}{origin}")
         raise ConfigError(f"{path}: invalid {model.__name__}:\n" + "\n".join(problems)) from None
 
 
@@ -385,6 +622,8 @@ def load_allowed_devices(path: str | Path) -> frozenset[str]:
 
 
 __all__ = [
-    "AdaptiveClippingConfig", "BrokerConfig", "ConfigError", "CoordinatorConfig", "DPConfig", "DeviceConfig",
-    "ModelSettings", "PipelineSettings", "StrategyConfig", "TrainingSettings", "load_allowed_devices", "load_config",
+    "AdaptiveClippingConfig", "BrokerConfig", "BrokerServiceConfig", "ConfigError", "CoordinatorConfig", "DPConfig",
+    "DeviceConfig", "ENV_PREFIX", "MetricsSettings", "ModelSettings", "PipelineSettings", "RECOMMENDED_PRIVACY",
+    "RECOMMENDED_ROUNDS", "SourceConfig", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices",
+    "load_config", "toml_literal",
 ]

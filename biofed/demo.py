@@ -27,12 +27,14 @@ What it does
    killed and the failing ones' log tails are printed), the report folder gets:
 
    ``rounds.csv`` / ``rounds.json``
-       one row per training round: devices, mean local training loss, held-out balanced
-       accuracy of the model *after* the round (mean and min over devices; measured by the
-       devices at the start of the next round, or in the final evaluation), epsilon (RDP,
-       at ``--delta``).
-   ``rounds.png``
-       accuracy (mean, min, centralized baseline) and epsilon vs round.
+       one row per training round, and row 0 for the initial model: devices, mean local
+       training loss, held-out balanced accuracy of the model *after* the round (mean and
+       min over devices; measured by the devices at the start of the next round, or in the
+       final evaluation: the coordinator's live round line shows the same number), epsilon
+       (RDP and PLD, at ``--delta``).
+   ``rounds.png`` / ``rounds.svg``
+       accuracy (mean and worst device, federated and centralized, chance) and epsilon (RDP,
+       PLD, the budget) vs round, with the settings as a caption.
    ``model_final.npz``
        the coordinator's final model and basis.
    ``model_final.onnx``
@@ -43,6 +45,12 @@ What it does
        ``biofed predict --model model_final.onnx FILE``.
    ``summary.json``
        federated vs centralized accuracy, epsilon, settings.
+   ``evaluation/``
+       with ``--data`` (or ``--evaluate``): :mod:`biofed.evaluation` run on the same
+       recordings after the federation — the personalized and new-patient views, every
+       private method (DP-FTRL, one-shot LDA, DP-FedAvg, centralized DP) and baseline at
+       epsilon 1, 2, 4, 8 and inf, with the spread over ``--repeats`` privacy-noise draws;
+       its tables are printed and ``epsilon_accuracy.png`` plots the trade-off.
 
 Privacy defaults
 ----------------
@@ -109,6 +117,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biofed.cli_options import examples
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -172,6 +182,8 @@ class DemoSettings:
     timeout_s: float = 900.0
     seed: int = 0
     agent_keepalive_s: int = 30
+    evaluate: bool | None = None
+    evaluation_repeats: int = 3
 
 
 # ----------------------------------------------------------------------------- devices
@@ -352,12 +364,14 @@ class UpdateObserver:
                 continue
             try:
                 message = decode_topic_message(self.topics, inbound.topic, inbound.payload)
+                metrics = message.payload.metrics
+                if metrics.eval_balanced_accuracy is not None:
+                    self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy,
+                                                                    metrics.eval_windows)
             except ProtocolError as exc:
                 logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
-                continue
-            metrics = message.payload.metrics
-            if metrics.eval_balanced_accuracy is not None:
-                self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy, metrics.eval_windows)
+            except Exception:  # noqa: BLE001 - one message never stops the observer
+                logger.exception("observer dropped a message on %s: internal error", inbound.topic)
 
     def stop(self) -> None:
         self._stop.set()
@@ -384,7 +398,9 @@ class _Child:
 def _spawn(name: str, args: list[str], log: Path, *, stdout=None) -> _Child:
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = log.open("w")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the demo's own configs decide: no BIOFED_* setting of the caller's shell overrides them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BIOFED_")}
+    env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
         [sys.executable, "-m", "biofed", "-v", *args], stdout=stdout if stdout is not None else handle,
         stderr=handle, env=env, start_new_session=True, text=True,
@@ -416,7 +432,8 @@ def _relay(stream, prefix: str, sink: list[str]) -> None:
 # ----------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class RoundRow:
-    """One line of the report table."""
+    """One line of the report table: the model after training round ``round`` (0: the
+    initial model), as the devices measured it in task round ``task_round``."""
 
     round: int
     task_round: int
@@ -425,6 +442,7 @@ class RoundRow:
     accuracy_mean: float | None
     accuracy_min: float | None
     epsilon: float | None
+    epsilon_pld: float | None = None
 
 
 @dataclass(frozen=True)
@@ -460,25 +478,42 @@ def _float_or_none(value) -> float | None:
 def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, tuple[float, int]]]) -> list[RoundRow]:
     """Rows per training round from the coordinator's ``rounds.json`` records and the observed
     eval metrics: the accuracy of the model after training round i is what the devices
-    measured at the start of the next training round (or in the evaluation round)."""
+    measured at the start of the next training round (or in the evaluation round). Row 0 is
+    the initial model, measured at the start of the first training round, with the epsilon
+    the basis phase spent; the coordinator's live round line reports the same numbers."""
     train = [r for r in records if r["phase"] == "train"]
     after = [r for r in records if r["phase"] in ("train", "evaluate")]
+
+    def measured(record: Mapping | None) -> tuple[float | None, float | None]:
+        if record is None:
+            return None, None
+        observed = [acc for acc, _ in accuracy.get(record["round"], {}).values()]
+        if observed:
+            return float(np.mean(observed)), float(np.min(observed))
+        return _float_or_none(record.get("balanced_accuracy")), None
+
+    def epsilon(record: Mapping | None, key: str) -> float | None:
+        value = None if record is None else record.get(key)
+        return None if value in (None, "inf", "nan") else _float_or_none(value)
+
     rows = []
+    if train:
+        first = train[0]
+        basis = [r for r in records if r["round"] < first["round"] and r["phase"] not in ("train", "evaluate")]
+        mean, minimum = measured(first)
+        last_basis = basis[-1] if basis else None
+        rows.append(RoundRow(
+            round=0, task_round=int(first["round"]), devices=int(first["n_devices"]), loss=None,
+            accuracy_mean=mean, accuracy_min=minimum, epsilon=epsilon(last_basis, "epsilon_rdp"),
+            epsilon_pld=epsilon(last_basis, "epsilon_pld"),
+        ))
     for record in train:
         position = after.index(record)
-        next_record = after[position + 1] if position + 1 < len(after) else None
-        mean = minimum = None
-        if next_record is not None:
-            observed = [acc for acc, _ in accuracy.get(next_record["round"], {}).values()]
-            if observed:
-                mean, minimum = float(np.mean(observed)), float(np.min(observed))
-            else:
-                mean = _float_or_none(next_record.get("balanced_accuracy"))
-        epsilon = record.get("epsilon_rdp")
+        mean, minimum = measured(after[position + 1] if position + 1 < len(after) else None)
         rows.append(RoundRow(
             round=int(record["train_round"]), task_round=int(record["round"]), devices=int(record["n_devices"]),
             loss=_float_or_none(record.get("mean_loss")), accuracy_mean=mean, accuracy_min=minimum,
-            epsilon=None if epsilon in (None, "inf", "nan") else _float_or_none(epsilon),
+            epsilon=epsilon(record, "epsilon_rdp"), epsilon_pld=epsilon(record, "epsilon_pld"),
         ))
     return rows
 
@@ -611,19 +646,32 @@ def format_table(rows: Sequence[RoundRow]) -> str:
 
 
 def write_report(out: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None, summary: dict) -> None:
-    """rounds.csv, rounds.json, rounds.png and summary.json in ``out``."""
+    """rounds.csv, rounds.json, rounds.png, rounds.svg and summary.json in ``out``."""
     fields = list(RoundRow.__dataclass_fields__)
     with (out / "rounds.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
     (out / "rounds.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    _plot(out / "rounds.png", rows, baseline)
+    _plot(out / "rounds", rows, baseline, summary)
 
 
-def _plot(path: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None) -> None:
+def _caption(summary: Mapping) -> str:
+    """The settings a reader needs to judge the plot: data, devices, DP parameters."""
+    settings = summary.get("settings", {})
+    z, budget, z_basis = (settings.get(k) for k in ("noise_multiplier", "epsilon_budget", "basis_noise_multiplier"))
+    privacy = (f"trust {settings.get('trust_mode')}, z = {z:g}, C = {settings.get('clip'):g}, "
+               f"z_b = {z if z_basis is None else z_basis:g}, delta = {settings.get('delta'):g}, "
+               f"{'no budget' if budget is None else f'budget {budget:g}'}" if z else "no DP noise (epsilon infinite)")
+    return (f"{summary.get('source', '')}; {len(summary.get('devices', []))} devices; {privacy}; "
+            f"{settings.get('local_epochs')} local epochs, lr {settings.get('lr'):g}")
+
+
+def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None, summary: Mapping) -> None:
+    """``stem``.png and ``stem``.svg: accuracy per round (mean and worst device, the
+    centralized baseline's mean and worst device, chance) over epsilon (RDP, PLD, budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -632,25 +680,43 @@ def _plot(path: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None)
 
     rounds = [r.round for r in rows]
     nan = float("nan")
-    fig, (ax_acc, ax_eps) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax_acc.plot(rounds, [nan if r.accuracy_mean is None else r.accuracy_mean for r in rows], "o-", label="federated, mean over devices")
-    ax_acc.plot(rounds, [nan if r.accuracy_min is None else r.accuracy_min for r in rows], "s--", label="federated, worst device")
+    fig, (ax_acc, ax_eps) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
+    ax_acc.plot(rounds, [nan if r.accuracy_mean is None else r.accuracy_mean for r in rows], "o-",
+                color="tab:blue", label="federated, mean over devices")
+    ax_acc.plot(rounds, [nan if r.accuracy_min is None else r.accuracy_min for r in rows], "s--",
+                color="tab:blue", alpha=0.6, label="federated, worst device")
     if baseline is not None and baseline.centralized:
-        ax_acc.axhline(baseline.centralized_mean_min[0], color="k", linestyle=":", label="centralized, mean")
+        mean, worst = baseline.centralized_mean_min
+        ax_acc.axhline(mean, color="k", linestyle=":", label="centralized, mean")
+        ax_acc.axhline(worst, color="0.5", linestyle="-.", label="centralized, worst device")
+    ax_acc.axhline(1.0 / len(CLASSES), color="tab:gray", linewidth=0.8, label=f"chance ({1.0 / len(CLASSES):.2f})")
     ax_acc.set_ylabel("held-out balanced accuracy")
     ax_acc.set_ylim(0.0, 1.02)
-    ax_acc.legend(loc="lower right")
+    ax_acc.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: covers no curve
     ax_acc.grid(alpha=0.3)
-    eps = [nan if r.epsilon is None else r.epsilon for r in rows]
-    ax_eps.plot(rounds, eps, "o-", color="tab:red")
-    ax_eps.set_ylabel("epsilon (RDP)")
-    ax_eps.set_xlabel("training round")
+    rdp = [nan if r.epsilon is None else r.epsilon for r in rows]
+    pld = [nan if r.epsilon_pld is None else r.epsilon_pld for r in rows]
+    ax_eps.plot(rounds, rdp, "o-", color="tab:red", label="epsilon (RDP)")
+    if not all(math.isnan(e) for e in pld):
+        ax_eps.plot(rounds, pld, "^--", color="tab:orange", label="epsilon (PLD)")
+    budget = summary.get("settings", {}).get("epsilon_budget")
+    private = not all(math.isnan(e) for e in rdp)
+    if private and budget is not None:
+        ax_eps.axhline(budget, color="k", linestyle=":", label=f"budget ({budget:g})")
+    ax_eps.set_ylabel(f"epsilon at delta = {summary.get('delta', 0):g}")
+    ax_eps.set_xlabel("training round (0: the initial model)")
     ax_eps.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_eps.grid(alpha=0.3)
-    if all(math.isnan(e) for e in eps):
-        ax_eps.text(0.5, 0.5, "no DP noise: epsilon is infinite", transform=ax_eps.transAxes, ha="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if private:
+        ax_eps.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax_eps.set_yticks([])
+        ax_eps.text(0.5, 0.5, "no DP noise: epsilon is infinite (no privacy guarantee)", transform=ax_eps.transAxes,
+                    ha="center", va="center")
+    fig.text(0.01, 0.01, _caption(summary), fontsize="small", wrap=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    for suffix in (".png", ".svg"):
+        fig.savefig(stem.with_suffix(suffix), dpi=100)
     plt.close(fig)
 
 
@@ -799,7 +865,7 @@ def run_demo(settings: DemoSettings) -> dict:
     epsilon_text = ("inf (no noise)" if final_eps is None else f"{final_eps:.3f} (RDP)"
                     + ("" if final_eps_pld is None else f" / {final_eps_pld:.3f} (PLD)"))
     click.echo(f"final federated model:  balanced accuracy mean {fed_mean:.3f}, min {fed_min:.3f} "
-               f"(held-out windows of {len(baseline.federated)} devices, {len(rows)} training rounds), epsilon "
+               f"(held-out windows of {len(baseline.federated)} devices, {sum(r.round > 0 for r in rows)} training rounds), epsilon "
                f"{epsilon_text} at delta {settings.delta:g}")
     if stop_reason and stop_reason != "all training rounds done":
         click.echo(f"training stopped early: {stop_reason}")
@@ -811,8 +877,16 @@ def run_demo(settings: DemoSettings) -> dict:
         click.echo(f"ONNX model:             {onnx_summary['file']} ({onnx_summary['bytes'] / 1024:.1f} KiB, round "
                    f"{onnx_summary['round']}); onnxruntime vs Numba on {onnx_summary['held_out_windows']} held-out "
                    f"windows: max |diff| {onnx_summary['max_abs_diff_vs_numba']:.1e}")
-    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, model_final.npz, model_final.onnx, summary.json) "
+    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, model_final.onnx, summary.json) "
                f"in {elapsed:.0f} s")
+    if settings.evaluate if settings.evaluate is not None else settings.data is not None:
+        from biofed.evaluation import evaluate_files
+
+        click.echo("")
+        evaluate_files(devices, delta=settings.delta, repeats=settings.evaluation_repeats, out=out / "evaluation",
+                       echo=click.echo)
+        summary["evaluation"] = str(out / "evaluation" / "evaluation.json")
+        click.echo(f"evaluation: {out / 'evaluation'} (evaluation.json, evaluation.txt, epsilon_accuracy.png)")
     return summary
 
 
@@ -843,7 +917,12 @@ def _tails(children: Sequence[_Child]) -> str:
     return "\n".join(parts)
 
 
-@click.command("demo")
+@click.command("demo", epilog=examples(
+    "biofed demo",
+    "biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0",
+    "biofed demo --trust-mode distributed --sign --noise-multiplier 1.0",
+    "biofed demo --secure --trust-mode distributed --out secure-demo",
+))
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="eegmat folder (SubjectNN_1.edf + SubjectNN_2.edf per device); default: synthetic devices.")
 @click.option("--devices", type=click.IntRange(min=1), default=None,
@@ -854,13 +933,14 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.noise_multiplier,
               show_default=True, help="DP noise multiplier z of the training rounds (0: a non-private run: no noise "
                                       "anywhere, no budget, epsilon infinite).")
-@click.option("--clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip, show_default=True,
-              help="L2 clip norm C of each device's model update.")
+@click.option("--clip-norm", "--clip", "clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip,
+              show_default=True, help="L2 clip norm C of each device's model update (--clip: older spelling).")
 @click.option("--basis-noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.basis_noise_multiplier,
               show_default=True, help="DP noise multiplier z_b of the basis round (ignored when --noise-multiplier "
                                       "is 0).")
-@click.option("--basis-clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.basis_clip,
-              show_default=True, help="L2 clip norm C_b of the devices' basis statistics.")
+@click.option("--basis-clip-norm", "--basis-clip", "basis_clip", type=click.FloatRange(min=0, min_open=True),
+              default=DemoSettings.basis_clip, show_default=True,
+              help="L2 clip norm C_b of the devices' basis statistics (--basis-clip: older spelling).")
 @click.option("--standardization", type=click.Choice(["device", "global"]), default=DemoSettings.standardization,
               show_default=True, help="device: each device z-scores its rows with its own training statistics; "
                                       "global: a federated moments phase fixes one standardization.")
@@ -884,29 +964,27 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
               help="Global timeout (s); every process is killed after it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
+@click.option("--evaluate/--no-evaluate", default=None,
+              help="After the federation, run `biofed evaluate` on the same recordings (both views, baselines, "
+                   "epsilon 1-inf, spread over noise draws). Default: with --data only.")
+@click.option("--repeats", "evaluation_repeats", type=click.IntRange(min=1), default=DemoSettings.evaluation_repeats,
+              show_default=True, help="Privacy-noise draws per private cell of the evaluation.")
 def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_multiplier, basis_clip, standardization,
                  epsilon_budget, delta, trust_mode, sign, secure, out, mosquitto, synthetic_seconds, timeout_s,
-                 seed) -> None:
+                 seed, evaluate, evaluation_repeats) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
     prints one line per round and, at the end, the table of rounds (devices, loss,
     held-out balanced accuracy mean and min over devices, epsilon) next to a centralized
-    baseline. Examples:
-
-        biofed demo
-
-        biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0
-
-        biofed demo --trust-mode distributed --sign --noise-multiplier 1.0
-
-        biofed demo --secure --trust-mode distributed
+    baseline.
     """
     settings = DemoSettings(
         out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
         basis_clip=basis_clip, basis_noise_multiplier=basis_noise_multiplier, standardization=standardization,
         epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
         sign=sign, secure=secure, synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
+        evaluate=evaluate, evaluation_repeats=evaluation_repeats,
     )
     try:
         run_demo(settings)

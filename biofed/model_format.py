@@ -117,9 +117,62 @@ class ModelFormatError(ValueError):
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
         raise ModelFormatError(f"{what} must be a finite number, got {value!r}")
     return float(value)
+
+
+MAX_LAYOUT_JSON_CHARS = 64 * 1024
+"""Longest layout JSON read (a device's :class:`biofed.protocol.Status` carries it)."""
+_MAX_JSON_DEPTH = 4  # layout -> modalities -> modality -> names
+_MAX_JSON_INT_DIGITS = 19
+
+
+def _json_depth(text: str) -> int:
+    """Deepest bracket nesting of ``text`` outside JSON strings (a linear scan, no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > _MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer with {len(digits)} digits")
+    return int(digits)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _load_bounded_json(text: object, what: str):
+    """``json.loads`` of untrusted text with bounded size, nesting and integers: any input
+    gives the parsed value or a :class:`ModelFormatError`."""
+    if not isinstance(text, str):
+        raise ModelFormatError(f"{what} must be JSON text, got {type(text).__name__}")
+    if len(text) > MAX_LAYOUT_JSON_CHARS:
+        raise ModelFormatError(f"{what} is {len(text)} characters long, at most {MAX_LAYOUT_JSON_CHARS}")
+    if _json_depth(text) > _MAX_JSON_DEPTH:
+        raise ModelFormatError(f"{what} nests deeper than {_MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_int=_bounded_int, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, OverflowError) as exc:
+        raise ModelFormatError(f"{what} is not valid JSON: {exc}") from None
 
 
 def _names(value, what: str) -> tuple[str, ...]:
@@ -198,11 +251,21 @@ class LayoutSpec:
 
     @classmethod
     def from_json(cls, text: str) -> LayoutSpec:
-        """Parse :meth:`to_json` output; :class:`ModelFormatError` names what is wrong."""
+        """Parse :meth:`to_json` output; :class:`ModelFormatError` names what is wrong.
+
+        Total on untrusted text (a device's status carries it): size, nesting and numbers
+        are bounded, and any other failure is a :class:`ModelFormatError` too.
+        """
+        data = _load_bounded_json(text, "feature layout")
         try:
-            data = json.loads(text)
-        except (TypeError, ValueError) as exc:
-            raise ModelFormatError(f"feature layout is not valid JSON: {exc}") from None
+            return cls._from_dict(data)
+        except ModelFormatError:
+            raise
+        except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as exc:
+            raise ModelFormatError(f"feature layout is malformed: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, data) -> LayoutSpec:
         if not isinstance(data, dict):
             raise ModelFormatError(f"feature layout must be a JSON object, got {type(data).__name__}")
         missing = {"window_s", "hop_s", "bands", "n_mels", "modalities"} - set(data)
@@ -211,8 +274,9 @@ class LayoutSpec:
         window_s = _number(data["window_s"], "layout window_s")
         hop_s = _number(data["hop_s"], "layout hop_s")
         try:
-            bands = tuple((str(name), float(lo), float(hi)) for name, lo, hi in data["bands"])
-        except (TypeError, ValueError):
+            bands = tuple((str(name), _number(lo, "band edge"), _number(hi, "band edge"))
+                          for name, lo, hi in data["bands"])
+        except (TypeError, ValueError, ModelFormatError):
             raise ModelFormatError(
                 f"layout bands must be [name, lo_hz, hi_hz] triples, got {data['bands']!r}") from None
         n_mels = data["n_mels"]

@@ -17,13 +17,13 @@ What it adds to paho
   broker's ACL).
   A message published while the connection is down stays in paho's queue and goes out
   after the reconnect; the wait covers that too.
-- Incoming messages land in a bounded inbox (``queue.Queue(inbox_size)``) read with
-  :meth:`MqttClient.receive`. QoS 1 messages must not be lost, so when the inbox is full
-  the network thread *blocks* (no PUBACK is sent, the broker keeps the message and
-  throttles). If the consumer stalls for longer than 1.5 keepalive periods the broker
-  drops the connection and redelivers the unacknowledged messages after the reconnect,
-  so consumers must be idempotent (:class:`biofed.protocol.SeenMessageIds`). Size the
-  inbox generously (default 10 000 messages).
+- Incoming messages land in a bounded :class:`biofed.inbox.Inbox` read with
+  :meth:`MqttClient.receive`. The network thread never blocks on it: it always returns
+  at once, so PUBACKs, pings and the acknowledgements of our own publishes keep flowing
+  while the application is busy. Overload is shed by policy (a per-sender rate limit,
+  then the oldest messages of the sender with the longest backlog), counted in
+  :attr:`MqttClient.shed` and logged. Consumers must be idempotent
+  (:class:`biofed.protocol.SeenMessageIds`): QoS 1 may deliver twice.
 
 - TLS (:class:`TlsSettings`): TLS 1.2 or newer, the broker's certificate verified against
   a CA file *and* its host name (the certificate's subject alternative names must hold the
@@ -38,7 +38,6 @@ their round and message id and are safe to repeat.
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import ssl
 import threading
@@ -54,11 +53,30 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from biofed.inbox import Inbox
+
 if TYPE_CHECKING:
     from biofed.config import BrokerConfig
     from biofed.mqtt_loop import NetworkLoop
 
 logger = logging.getLogger(__name__)
+
+
+class _NotConnectedIsExpected(logging.Filter):
+    """paho logs "Client is not connected" at ERROR whenever its network thread wakes on a
+    closed socket: during every reconnect while the broker is away, and after a deliberate
+    close. Both are expected (the connection-lost warning already said so): debug, not error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "Client is not connected" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_paho_logger = logging.getLogger(__name__ + ".paho")
+"""paho's own log records (a child of this module's logger, with the filter above)."""
+_paho_logger.addFilter(_NotConnectedIsExpected())
 
 ProtocolChoice = Literal["auto", "5", "3.1.1"]
 PROTOCOLS: tuple[str, ...] = ("auto", "5", "3.1.1")
@@ -183,6 +201,8 @@ class MqttClient:
         With ``protocol="auto"``: how long to wait for a v5 CONNACK before trying 3.1.1.
     inbox_size : int
         Capacity of the inbox of received messages (see the module docstring).
+    inbox_rate_per_s, inbox_burst : float
+        Per-sender rate limit of the inbox (:class:`biofed.inbox.Inbox`); None: no limit.
     reconnect_min_delay_s, reconnect_max_delay_s : float
         Reconnect backoff bounds (before the per-client jitter factor in [1, 2)).
     max_inflight : int
@@ -218,6 +238,8 @@ class MqttClient:
         connect_timeout_s: float = 10.0,
         v5_probe_timeout_s: float = 2.0,
         inbox_size: int = 10_000,
+        inbox_rate_per_s: float | None = 50.0,
+        inbox_burst: float = 500.0,
         reconnect_min_delay_s: float = 1.0,
         reconnect_max_delay_s: float = 60.0,
         max_inflight: int = 64,
@@ -255,7 +277,7 @@ class MqttClient:
         self._ssl_context = tls.context() if tls is not None else None
         jitter = 1.0 + np.random.default_rng(random_state).random()
         self._reconnect_delays = (reconnect_min_delay_s * jitter, reconnect_max_delay_s * jitter)
-        self._inbox: queue.Queue[InboundMessage] = queue.Queue(maxsize=inbox_size)
+        self._inbox: Inbox[InboundMessage] = Inbox(inbox_size, rate_per_s=inbox_rate_per_s, burst=inbox_burst)
         self._deliver = on_message
         self._network = network
         self._backoff_s: float | None = None
@@ -265,6 +287,8 @@ class MqttClient:
         self._acked_mids: set[int] = set()
         self._refused: dict[int, str] = {}  # mid -> failure reason of its latest (v5) PUBACK
         self._connected = threading.Event()
+        self._down_since: float | None = None  # monotonic time the connection dropped
+        self._downtime_s = 0.0
         self._connack = threading.Event()
         self._connack_error: str | None = None
         self._closing = False
@@ -292,6 +316,7 @@ class MqttClient:
         settings = dict(
             protocol=broker.protocol, keepalive=broker.keepalive, connect_timeout_s=broker.connect_timeout_s,
             session_expiry_s=broker.session_expiry_s, inbox_size=broker.inbox_size,
+            inbox_rate_per_s=broker.inbox_rate_per_s, inbox_burst=broker.inbox_burst,
             username=broker.username, password=broker.read_password(), tls=tls,
         )
         settings.update(kwargs)
@@ -350,10 +375,11 @@ class MqttClient:
         """Disconnect cleanly (no last will) and stop the network thread."""
         self._closing = True
         if self._client is not None:
-            self._client.disconnect()
             # paho's network thread logs a spurious "Client is not connected" at ERROR level
-            # when it wakes after a deliberate disconnect; nothing after this point is news.
+            # when it wakes after a deliberate disconnect (even while disconnect() runs);
+            # nothing from this point on is news.
             self._client.disable_logger()
+            self._client.disconnect()
             self._stop_network(self._client)
             self._client = None
         self._connected.clear()
@@ -404,6 +430,23 @@ class MqttClient:
     def connected(self) -> bool:
         """True while the connection is up (it may drop and come back)."""
         return self._connected.is_set()
+
+    def downtime_s(self) -> float:
+        """Seconds this client has been disconnected since :meth:`connect` (outages so far,
+        including one going on now); a round clock subtracts it to pause during outages."""
+        with self._lock:
+            ongoing = 0.0 if self._down_since is None else time.monotonic() - self._down_since
+            return self._downtime_s + ongoing
+
+    def acknowledged(self, info: paho.MQTTMessageInfo) -> bool:
+        """Whether the broker acknowledged a publish made with ``wait=False`` (it may have
+        been queued while offline and sent after the reconnect)."""
+        return _is_published(info)
+
+    def refusal(self, info: paho.MQTTMessageInfo) -> str | None:
+        """The failure reason of an acknowledged MQTT 5 publish (e.g. "Not authorized"), or None."""
+        with self._lock:
+            return self._refused.pop(info.mid, None)
 
     def wait_connected(self, timeout_s: float | None = None) -> bool:
         """Block until (re)connected; False on timeout."""
@@ -477,10 +520,12 @@ class MqttClient:
 
     def receive(self, timeout_s: float | None = None) -> InboundMessage | None:
         """Next received message, or None after ``timeout_s`` (None blocks forever)."""
-        try:
-            return self._inbox.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+        return self._inbox.get(timeout_s)
+
+    @property
+    def shed(self) -> int:
+        """Inbound messages shed by the inbox's overload policy so far."""
+        return self._inbox.shed_total()
 
     # ------------------------------------------------------------------ paho plumbing
     def _require_client(self) -> paho.Client:
@@ -501,7 +546,7 @@ class MqttClient:
             protocol=_PAHO_VERSION[version],
             **kwargs,
         )
-        client.enable_logger(logger)
+        client.enable_logger(_paho_logger)
         if self._network is not None:
             self._network.prepare(client, self)
         if self._ssl_context is not None:
@@ -528,6 +573,9 @@ class MqttClient:
         with self._lock:
             self._acked_mids.clear()
             subscriptions = list(self._subscriptions.items())
+            if self._down_since is not None:
+                self._downtime_s += time.monotonic() - self._down_since
+                self._down_since = None
         for topic_filter, qos in subscriptions:
             client.subscribe(topic_filter, qos)
         self._backoff_s = None
@@ -538,6 +586,9 @@ class MqttClient:
     def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
                        properties: object) -> None:
         self._connected.clear()
+        with self._lock:
+            if self._down_since is None and self._connack.is_set():
+                self._down_since = time.monotonic()
         if not self._connack.is_set():  # closed during the handshake: fail connect() now
             self._connack_error = f"broker closed the connection before the CONNACK ({reason_code})"
             self._connack.set()
@@ -562,19 +613,16 @@ class MqttClient:
             self._suback.notify_all()
 
     def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        inbound = InboundMessage(message.topic, bytes(message.payload), message.qos, bool(message.retain))
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # a topic that is not UTF-8 is no biofed topic
+            logger.warning("dropped a message whose topic is not UTF-8: %r", message._topic[:200])
+            return
+        inbound = InboundMessage(topic, bytes(message.payload), message.qos, bool(message.retain))
         if self._deliver is not None:
             self._deliver(inbound)
             return
-        while True:
-            try:
-                self._inbox.put(inbound, timeout=0.5)
-                return
-            except queue.Full:
-                if self._closing:
-                    logger.warning("closing with a full inbox: dropped a message on %s", message.topic)
-                    return
-                logger.debug("inbox full (%d messages): holding the PUBACK", self._inbox.maxsize)
+        self._inbox.put(topic, inbound)
 
 
 __all__ = ["ConnectError", "InboundMessage", "MqttClient", "MqttError", "PROTOCOLS", "PublishError", "TlsSettings", "Will"]

@@ -326,20 +326,48 @@ def _decode_array(code: int, data: bytes) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- payload values
+@dataclass(frozen=True)
+class PayloadBounds:
+    """The bounds every payload value obeys, checked on encode and on decode before any
+    schema sees the value: map nesting, container lengths, string sizes, integer range.
+    They restate the unpacker's length limits so a value built in Python is held to the
+    same rules as one read off the wire."""
+
+    max_depth: int = _MAX_DEPTH
+    max_string_chars: int = _MAX_STR_LEN
+    max_list_items: int = _MAX_ARRAY_LEN
+    max_map_items: int = _MAX_MAP_LEN
+    int_range: tuple[int, int] = (-(2**63), 2**64 - 1)  # what msgpack can carry
+
+    def check_scalar(self, value: Any, path: str) -> None:
+        if isinstance(value, str) and len(value) > self.max_string_chars:
+            raise InvalidPayload(f"{path} is a string of {len(value)} characters, at most {self.max_string_chars}")
+        if isinstance(value, int) and not isinstance(value, bool) and not self.int_range[0] <= value <= self.int_range[1]:
+            raise InvalidPayload(f"{path} = {value} is outside the 64-bit integer range")
+
+
+PAYLOAD_BOUNDS = PayloadBounds()
+
+
 def _check_value(value: Any, path: str, depth: int = 0) -> Any:
-    """Validate one payload value (used on both encode and decode); return it, frozen."""
-    if value is None or isinstance(value, (bool, int, str, np.ndarray)):
-        return value
-    if isinstance(value, float):
+    """Validate one payload value against :data:`PAYLOAD_BOUNDS` (on both encode and
+    decode); return it, frozen."""
+    if value is None or isinstance(value, (bool, int, str, float, np.ndarray)):
+        PAYLOAD_BOUNDS.check_scalar(value, path)
         return value
     if isinstance(value, (list, tuple)):
+        if len(value) > PAYLOAD_BOUNDS.max_list_items:
+            raise InvalidPayload(f"{path} has {len(value)} items, at most {PAYLOAD_BOUNDS.max_list_items}")
         for i, item in enumerate(value):
             if not (item is None or isinstance(item, (bool, int, float, str))):
                 raise InvalidPayload(f"{path}[{i}] is a {type(item).__name__}; lists hold only scalars and strings")
+            PAYLOAD_BOUNDS.check_scalar(item, f"{path}[{i}]")
         return tuple(value)
     if isinstance(value, Mapping):
-        if depth >= _MAX_DEPTH:
-            raise InvalidPayload(f"{path} nests maps deeper than {_MAX_DEPTH} levels")
+        if depth >= PAYLOAD_BOUNDS.max_depth:
+            raise InvalidPayload(f"{path} nests maps deeper than {PAYLOAD_BOUNDS.max_depth} levels")
+        if len(value) > PAYLOAD_BOUNDS.max_map_items:
+            raise InvalidPayload(f"{path} has {len(value)} entries, at most {PAYLOAD_BOUNDS.max_map_items}")
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
@@ -1094,8 +1122,13 @@ def decode_message(
     fleet: str | None = None,
     kinds: Sequence[str] | None = None,
     verifier: MessageVerifier | None = None,
+    sender: str | None = None,
 ) -> Message:
     """Decode and validate one message; every failure is a :class:`ProtocolError`.
+
+    Total: whatever ``data`` holds, the result is a valid :class:`Message` or a
+    :class:`ProtocolError` (an unexpected failure inside decoding, such as a recursion or
+    overflow error, is reported as :class:`MalformedMessage`), never another exception.
 
     Parameters
     ----------
@@ -1111,11 +1144,33 @@ def decode_message(
         Require a valid signature, checked before the envelope is parsed
         (:class:`UnsignedMessage`, :class:`UnknownSender`, :class:`BadSignature`), then
         the verifier's replay checks (``admit``). None: signatures are not checked.
+    sender : str, optional
+        Expected sender (:class:`SenderMismatch` otherwise), checked before the verifier
+        records the message id, so a message posted on another device's topic cannot
+        spend the id of the genuine one.
 
     Returns
     -------
     Message
     """
+    try:
+        return _decode_message(data, max_bytes=max_bytes, fleet=fleet, kinds=kinds, verifier=verifier,
+                               sender=sender)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - total: one message never escapes as another error type
+        raise MalformedMessage(f"undecodable message ({type(exc).__name__}: {exc})") from None
+
+
+def _decode_message(
+    data: bytes,
+    *,
+    max_bytes: int,
+    fleet: str | None,
+    kinds: Sequence[str] | None,
+    verifier: MessageVerifier | None,
+    sender: str | None,
+) -> Message:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedMessage(f"message must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
@@ -1128,7 +1183,7 @@ def decode_message(
     if not signed:
         if verifier is not None:
             raise UnsignedMessage("message is not signed, and this receiver accepts only signed messages")
-        return _validate_envelope(outer, fleet=fleet, kinds=kinds)
+        return _check_sender(_validate_envelope(outer, fleet=fleet, kinds=kinds), sender)
     claimed, inner, signature = outer["s"], outer["e"], outer["sig"]
     if not isinstance(claimed, str) or not isinstance(inner, bytes) or not isinstance(signature, bytes):
         raise MalformedMessage("signed message fields have the wrong types (s: str, e: bytes, sig: bytes)")
@@ -1143,12 +1198,19 @@ def decode_message(
     message = _validate_envelope(_unpack(inner, max_bytes), fleet=fleet, kinds=kinds)
     if message.sender != claimed:
         raise SenderMismatch(f"message signed by {claimed!r} claims sender {message.sender!r}")
+    _check_sender(message, sender)
     if verifier is None:
         return message
     message = replace(message, verified=True)
     admit = getattr(verifier, "admit", None)
     if admit is not None:
         admit(message)
+    return message
+
+
+def _check_sender(message: Message, sender: str | None) -> Message:
+    if sender is not None and message.sender != sender:
+        raise SenderMismatch(f"message on the topic of {sender!r} claims sender {message.sender!r}")
     return message
 
 
@@ -1191,7 +1253,7 @@ def _validate_envelope(envelope: Any, *, fleet: str | None, kinds: Sequence[str]
             f"envelope fields {sorted(envelope)} differ from the expected {sorted(_ENVELOPE_KEYS)}"
         )
     kind = envelope["k"]
-    if kind not in PAYLOAD_TYPES:
+    if not isinstance(kind, str) or kind not in PAYLOAD_TYPES:
         raise MalformedMessage(f"unknown message kind {kind!r}")
     if kinds is not None and kind not in kinds:
         raise UnexpectedKind(f"got a {kind} message, expected one of {tuple(kinds)}")
@@ -1239,11 +1301,11 @@ def decode_topic_message(
     (:class:`SenderMismatch`), so one device cannot post updates as another through a
     topic it may write to. ``verifier`` as in :func:`decode_message`.
     """
+    if not isinstance(topic, str):
+        raise InvalidTopic(f"topic must be a string, got {type(topic).__name__}")
     kind, device = topics.parse(topic)
-    message = decode_message(data, max_bytes=max_bytes, fleet=topics.fleet, kinds=(kind,), verifier=verifier)
-    if device is not None and message.sender != device:
-        raise SenderMismatch(f"message on {topic!r} claims sender {message.sender!r}")
-    return message
+    return decode_message(data, max_bytes=max_bytes, fleet=topics.fleet, kinds=(kind,), verifier=verifier,
+                          sender=device)
 
 
 def offline_status(*, fleet: str, device_id: str, round: int = 0, signer: MessageSigner | None = None) -> bytes:
@@ -1287,7 +1349,8 @@ class SeenMessageIds:
 
 
 __all__ = [
-    "ALLOWED_DTYPES", "BASIS_PHASES", "DEFAULT_MAX_BYTES", "KINDS", "PAYLOAD_TYPES", "PHASES", "SCHEMA_VERSION",
+    "ALLOWED_DTYPES", "BASIS_PHASES", "DEFAULT_MAX_BYTES", "KINDS", "PAYLOAD_BOUNDS", "PAYLOAD_TYPES", "PHASES",
+    "PayloadBounds", "SCHEMA_VERSION",
     "STANDARDIZATIONS",
     "SIGNATURE_BYTES", "SIGNATURE_CONTEXT", "TRUST_MODES",
     "BadSignature", "MessageSigner", "MessageVerifier", "ReplayedMessage", "StaleMessage", "UnknownSender",

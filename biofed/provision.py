@@ -15,6 +15,7 @@ Fleet directory
     DIR/ca/ca.pem                          CA certificate (ECDSA P-256, self-signed)          0644
     DIR/ca/ca.key.pem                      CA private key: needed only to revoke or re-issue  0600
     DIR/broker/mosquitto.conf              TLS listener, password file, ACL, CRL, limits
+    DIR/broker/broker.toml                 biofed broker config running that mosquitto.conf
     DIR/broker/{ca,server,crl}.pem         what the broker reads (server cert SAN: the host,
     DIR/broker/server.key.pem              localhost, 127.0.0.1, ::1)                         0600
     DIR/broker/passwd                      mosquitto password file (PBKDF2-SHA512 hashes)     0600
@@ -23,7 +24,9 @@ Fleet directory
     DIR/keys/{id}.pub.pem                  Ed25519 public keys: every device and coordinator
     DIR/keys/revoked.txt                   revoked device ids (read by biofed.signing.KeyRing)
     DIR/coordinator/coordinator.toml       CoordinatorConfig: [broker] TLS settings, signing_key_file,
-                                           keys_dir = "../keys", allowed_devices_file
+                                           keys_dir = "../keys", allowed_devices_file, [dp] with the
+                                           recommended privacy settings and budget, [status_broker]
+                                           (the observer's credentials, for biofed status)
     DIR/coordinator/allowed_devices.json   {"fleet": ..., "devices": [ids]}, revoked ones removed
     DIR/coordinator/{ca,client}.pem, client.key.pem, mqtt.password, signing.key.pem
     DIR/devices/{id}/device.toml           DeviceConfig (add the recordings): [broker] TLS settings,
@@ -31,7 +34,8 @@ Fleet directory
     DIR/devices/{id}/keys/                 coordinator.pub.pem and {id}.pub.pem (devices trust the
                                            coordinator's signature only)
     DIR/devices/{id}/{ca,client}.pem, client.key.pem, mqtt.password, signing.key.pem
-    DIR/observer/...                       with --observer: read-only credentials (dashboards, the demo)
+    DIR/observer/...                       read-only credentials (biofed status, dashboards, the demo);
+                                           --no-observer leaves them out
 
 Private keys and passwords are mode 0600 in 0700 directories; each ``devices/{id}``
 folder is self-contained (relative paths in ``device.toml``): copy it to the device.
@@ -45,11 +49,19 @@ Security model
   verify the broker against ``ca.pem`` and its host name; the broker requires a client
   certificate signed by the fleet CA and not on the revocation list
   (``require_certificate true``, ``crlfile``).
-- Authentication needs both factors: the certificate *and* the identity's password
-  (``password_file``, ``allow_anonymous false``). ``use_identity_as_username`` is off
-  because Mosquitto then skips the password check; instead ``use_username_as_clientid``
-  ties each session to its user name, so no identity can take over another's session by
-  reusing its client id. One connection per identity at a time.
+- Authentication is the client certificate, bound to the MQTT user: with
+  ``use_identity_as_username`` the broker takes the user name from the certificate's
+  common name (the identity) and ignores the user name and password the client sends, so
+  a device's certificate logs in as that device and nothing else, whatever password it
+  presents. ``use_username_as_clientid`` then ties each session to that name, so no
+  identity can take over another's session by reusing its client id. One connection per
+  identity at a time. Mosquitto does not check the password on such a listener; the
+  generated passwords (``mqtt.password``, the ``password_file``) serve brokers that
+  authenticate by password, and an empty password file refuses password-only logins.
+- Limits (:func:`biofed.broker.fleet_queue_limits`, per client): ``max_queued_messages``
+  and ``max_queued_bytes`` sized to the fleet (the arithmetic is in :mod:`biofed.broker`),
+  ``max_packet_size`` just above the protocol's message limit, ``max_inflight_messages``,
+  and ``max_connections`` on the listener (two per identity, for reconnect overlaps).
 - Authorization (``acl_file``, topics of :class:`biofed.protocol.Topics`, derived from
   :data:`biofed.protocol.KINDS` by :func:`topic_kinds`): a device writes only its own
   per-device topics (``update|sketch|status|prediction|secagg/{its id}``) and reads the
@@ -73,9 +85,10 @@ coordinator re-reads ``allowed_devices.json`` when it changes and drops the devi
 messages from then on; its key ring reads ``revoked.txt`` at start.
 Mosquitto re-reads the password file, ACL and CRL on SIGHUP (``revoke --pid PID``,
 :func:`reload_broker`, :meth:`biofed.broker.MosquittoBroker.reload`) or at a restart.
-Mosquitto 2.0 re-authenticates connected clients at the reload, so an open connection of
-the revoked device is dropped at once, and every reconnect fails in the TLS handshake
-(certificate on the CRL) and would fail the password check too.
+At the reload Mosquitto 2.0 applies the new ACL to connected clients, so whatever an open
+connection of the revoked device publishes is refused from then on (its certificate is
+checked against the CRL at the next TLS handshake), and every reconnect fails in the TLS
+handshake (certificate on the CRL) and would fail the ACL too.
 
 Cost, measured here (2 cores, Python 3.11, cryptography 50): 100 devices in 0.12 s
 (0.01 s of it in the one ``mosquitto_passwd -U`` call that hashes every password), 1000
@@ -106,8 +119,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from biofed.broker import LOOPBACK, MosquittoBroker, mosquitto_common_lines, start_mosquitto
-from biofed.config import BrokerConfig, CoordinatorConfig, DeviceConfig, load_config
+from biofed.broker import LOOPBACK, MosquittoBroker, fleet_queue_limits, mosquitto_common_lines, start_mosquitto
+from biofed.cli_options import examples
+from biofed.config import (
+    RECOMMENDED_PRIVACY,
+    RECOMMENDED_ROUNDS,
+    BrokerConfig,
+    BrokerServiceConfig,
+    CoordinatorConfig,
+    DeviceConfig,
+    load_config,
+    toml_literal,
+)
 from biofed.protocol import KINDS, InvalidTopic, Topics, validate_id
 
 logger = logging.getLogger(__name__)
@@ -157,6 +180,11 @@ class FleetLayout:
     @property
     def broker_config(self) -> Path:
         return self.broker_dir / "mosquitto.conf"
+
+    @property
+    def broker_service_config(self) -> Path:
+        """``broker/broker.toml``: ``biofed broker --config`` runs :attr:`broker_config` with it."""
+        return self.broker_dir / "broker.toml"
 
     @property
     def password_file(self) -> Path:
@@ -328,22 +356,10 @@ def _mkdir(path: Path, mode: int) -> None:
     path.chmod(mode)
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def _toml(header: str, top: dict[str, object], broker: dict[str, object]) -> str:
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines += [f"{key} = {_toml_value(value)}" for key, value in top.items()]
-    lines += ["", "[broker]"] + [f"{key} = {_toml_value(value)}" for key, value in broker.items()]
+    lines += [f"{key} = {toml_literal(value)}" for key, value in top.items()]
+    lines += ["", "[broker]"] + [f"{key} = {toml_literal(value)}" for key, value in broker.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -511,19 +527,23 @@ def acl_text(fleet: str, devices: Sequence[str], *, observer: bool = False) -> s
     return "\n".join(lines) + "\n"
 
 
-def mosquitto_config_text(layout: FleetLayout, port: int, bind: str) -> str:
-    """``broker/mosquitto.conf`` of a provisioned fleet (absolute paths)."""
+def mosquitto_config_text(layout: FleetLayout, port: int, bind: str, n_identities: int) -> str:
+    """``broker/mosquitto.conf`` of a provisioned fleet of ``n_identities`` logins
+    (coordinator, devices, observer; absolute paths)."""
     broker = FleetLayout(layout.root.resolve())
+    max_queued_messages, max_queued_bytes = fleet_queue_limits(n_identities)
     lines = [
-        f"# written by biofed provision for {broker.root}; run: biofed broker --config {broker.broker_config}",
+        f"# written by biofed provision for {broker.root}; run: biofed broker --config {broker.broker_service_config}",
         "# SIGHUP re-reads the password file, the ACL and the CRL (biofed provision revoke --pid).",
-        *mosquitto_common_lines(broker.broker_data),
+        *mosquitto_common_lines(broker.broker_data, max_queued_messages=max_queued_messages,
+                                max_queued_bytes=max_queued_bytes),
         "allow_anonymous false",
         f"password_file {broker.password_file}",
         f"acl_file {broker.acl_file}",
         # Listener options below this line (above it they would open a default listener on 1883).
         f"listener {port} {bind}".rstrip(),
         "protocol mqtt",
+        f"max_connections {2 * n_identities}",
         # Sessions are keyed by user name: an identity cannot take over another's session.
         "use_username_as_clientid true",
         f"cafile {broker.broker_dir / 'ca.pem'}",
@@ -531,8 +551,8 @@ def mosquitto_config_text(layout: FleetLayout, port: int, bind: str) -> str:
         f"keyfile {broker.server_key}",
         f"crlfile {broker.crl_file}",
         "require_certificate true",
-        # With use_identity_as_username Mosquitto would skip the password: keep both factors.
-        "use_identity_as_username false",
+        # The certificate's common name is the user name: a certificate logs in only as its own identity.
+        "use_identity_as_username true",
         "tls_version tlsv1.2",
         "",
     ]
@@ -602,10 +622,10 @@ def provision_fleet(
     port: int = DEFAULT_TLS_PORT,
     bind: str | None = None,
     server_names: Sequence[str] = (),
-    observer: bool = False,
+    observer: bool = True,
     device_prefix: str = DEFAULT_DEVICE_PREFIX,
     cert_days: int = DEFAULT_CERT_DAYS,
-    rounds: int = 20,
+    rounds: int = RECOMMENDED_ROUNDS,
 ) -> ProvisionedFleet:
     """Create a secured fleet in the new (or empty) directory ``out``.
 
@@ -629,13 +649,15 @@ def provision_fleet(
         More names or addresses for the server certificate (localhost, 127.0.0.1 and ::1
         are always in it).
     observer : bool
-        Also create read-only ``observer`` credentials (monitoring, the demo).
+        Also create read-only ``observer`` credentials (``biofed status``, monitoring, the
+        demo); the coordinator config's ``[status_broker]`` uses them.
     device_prefix : str
         Prefix of generated device ids.
     cert_days : int
         Validity of the server and client certificates.
     rounds : int
-        ``rounds`` written into ``coordinator.toml`` (edit it afterwards).
+        ``rounds`` written into ``coordinator.toml`` (edit it afterwards); the ``[dp]`` there
+        holds :data:`biofed.config.RECOMMENDED_PRIVACY`, sized for the default rounds.
 
     Returns
     -------
@@ -735,7 +757,7 @@ def _provision_into(layout: FleetLayout, fleet: str, ids: list[str], *, host: st
     _write_password_file(layout, passwords)
     _write(layout.acl_file, acl_text(fleet, ids, observer=observer), _SECRET)
     _write_crl(layout, {}, number=1)
-    _write(layout.broker_config, mosquitto_config_text(layout, port, bind), _PUBLIC)
+    _write(layout.broker_config, mosquitto_config_text(layout, port, bind, len(identities)), _PUBLIC)
 
     manifest = {
         "version": MANIFEST_VERSION,
@@ -776,14 +798,26 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
         load_config(folder / "device.toml", DeviceConfig)
     folder = layout.identity_dir(COORDINATOR_ID)
     text = _toml(
-        f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).",
-        {"fleet": fleet.fleet, "rounds": rounds, "state_dir": "state",
+        f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).\n"
+        "`biofed config init coordinator` lists every other setting; `biofed status --config THIS_FILE` shows the fleet.",
+        {"fleet": fleet.fleet, "rounds": rounds, "min_devices": len(fleet.devices) // 2 + 1, "state_dir": "state",
          "allowed_devices_file": layout.allowed_devices.name,
          **_signing_table(fleet, COORDINATOR_ID, relative_to=folder)},
         _broker_table(fleet, COORDINATOR_ID, relative_to=folder),
     )
+    text += "\n# client-level DP: the settings biofed demo runs with, and a budget\n[dp]\n"
+    text += "".join(f"{key} = {toml_literal(value)}\n" for key, value in RECOMMENDED_PRIVACY.items())
+    if fleet.observer:  # read-only: biofed status never takes over the coordinator's session
+        observer = _broker_table(fleet, OBSERVER_ID, relative_to=None)
+        for key in ("ca_file", "cert_file", "key_file", "password_file"):  # ../observer/...: relative, like the rest
+            observer[key] = os.path.relpath(observer[key], folder)
+        text += "\n[status_broker]\n" + "".join(f"{key} = {toml_literal(value)}\n" for key, value in observer.items())
     _write(layout.coordinator_config, text, _PUBLIC)
-    load_config(layout.coordinator_config, CoordinatorConfig)
+    load_config(layout.coordinator_config, CoordinatorConfig, environ={})
+    _write(layout.broker_service_config,
+           f"# biofed broker of fleet {fleet.fleet} (written by biofed provision): biofed broker --config THIS_FILE\n"
+           f"mosquitto = true\nmosquitto_conf = {toml_literal(layout.broker_config.name)}\n", _PUBLIC)
+    load_config(layout.broker_service_config, BrokerServiceConfig, environ={})
 
 
 # ----------------------------------------------------------------------------- revoke
@@ -840,11 +874,15 @@ def revoke_device(directory: str | Path, device_id: str, *, broker_pid: int | No
 
 
 # ----------------------------------------------------------------------------- CLI
-@click.group("provision", invoke_without_command=True)
+@click.group("provision", invoke_without_command=True, epilog=examples(
+    "biofed provision --fleet ward7 --devices 20 --host 10.0.0.5 --out fleet",
+    "biofed provision --fleet lab --devices 3 --out lab-fleet --no-observer",
+    "biofed provision revoke device-007 --fleet-dir fleet",
+))
 @click.option("--fleet", default=None, help="Fleet id (topics biofed/FLEET/...).")
 @click.option("--devices", "n_devices", type=click.IntRange(1), default=None, help="Number of devices.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="New (or empty) fleet directory.")
+              help="Fleet folder to create (new or empty).")
 @click.option("--host", default=LOOPBACK, show_default=True,
               help="Broker address the devices and coordinator use (IP or DNS name; goes into the server certificate).")
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_TLS_PORT, show_default=True,
@@ -854,7 +892,8 @@ def revoke_device(directory: str | Path, device_id: str, *, broker_pid: int | No
               help="Extra DNS name or IP for the server certificate (repeatable).")
 @click.option("--prefix", "device_prefix", default=DEFAULT_DEVICE_PREFIX, show_default=True,
               help="Device id prefix (ids PREFIX001, PREFIX002, ...).")
-@click.option("--observer", is_flag=True, help="Also create read-only observer credentials.")
+@click.option("--observer/--no-observer", default=True, show_default=True,
+              help="Create read-only observer credentials (biofed status, dashboards).")
 @click.option("--days", "cert_days", type=click.IntRange(1), default=DEFAULT_CERT_DAYS, show_default=True,
               help="Validity of the server and client certificates.")
 @click.pass_context
@@ -864,7 +903,7 @@ def provision_command(ctx: click.Context, fleet: str | None, n_devices: int | No
     """Create a secured fleet: CA, TLS certificates, MQTT passwords and ACL for Mosquitto,
     signing keys and a ready config per device and for the coordinator.
 
-    Then run the broker with: biofed broker --config OUT/broker/mosquitto.conf
+    Then run the broker with: biofed broker --config OUT/broker/broker.toml
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -881,16 +920,21 @@ def provision_command(ctx: click.Context, fleet: str | None, n_devices: int | No
     layout = provisioned.layout
     click.echo(f"fleet {provisioned.fleet}: {len(provisioned.devices)} devices provisioned in {layout.root} "
                f"({time.perf_counter() - started:.2f} s)")
-    click.echo(f"  broker:      biofed broker --config {layout.broker_config}   (TLS on {host}:{port})")
-    click.echo(f"  coordinator: biofed coordinator --config {layout.coordinator_config}")
+    click.echo(f"  broker:      biofed broker --config {layout.broker_service_config}   (TLS on {host}:{port})")
+    click.echo(f"  coordinator: biofed coordinator --config {layout.coordinator_config} --metrics-port 9100")
+    click.echo(f"  status:      biofed status --config {layout.coordinator_config}")
     click.echo(f"  device:      biofed edge --config {layout.device_config(provisioned.devices[0])}   "
                f"(add its recordings first; copy devices/<id>/ to the device)")
-    click.echo(f"  revoke:      biofed provision revoke --dir {layout.root} DEVICE [--pid BROKER_PID]")
+    click.echo(f"  revoke:      biofed provision revoke --fleet-dir {layout.root} DEVICE [--pid BROKER_PID]")
 
 
-@provision_command.command("revoke")
-@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Fleet directory made by biofed provision.")
+@provision_command.command("revoke", epilog=examples(
+    "biofed provision revoke device-007 --fleet-dir fleet",
+    'biofed provision revoke device-007 --fleet-dir fleet --pid "$(pgrep mosquitto)"',
+))
+@click.option("--fleet-dir", "--dir", "directory", required=True,
+              type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="Fleet directory made by biofed provision (--dir is the older spelling).")
 @click.option("--pid", "broker_pid", type=int, default=None,
               help="Mosquitto's pid: send it SIGHUP so the revocation applies now (else at its next restart).")
 @click.argument("device")

@@ -88,10 +88,10 @@ Each device adds Gaussian noise of std ``z * C / sqrt(n_min)`` to its clipped up
 before encoding (:func:`prepare_input`), so a sum of at least ``n_min`` survivors carries
 std >= ``z * C``. Choose ``n_min = threshold``: a round that completes has at least that
 many inputs. The coordinator records the noise actually present,
-``coordinator.privacy.distributed_noise_multiplier(z, n_min, len(survivors))``. The
-guarantee assumes devices add their share honestly. The noise is continuous Gaussian
-rounded to the fixed-point grid (post-processing per device); the 2^-25 discretization is
-not modelled by the accountant (a discrete Gaussian or Skellam mechanism would be).
+``biofed.privacy_ledger.distributed_noise_multiplier(z, n_min, len(survivors))``. The
+guarantee assumes devices add their share honestly. The noise is an exact discrete
+Gaussian on the fixed-point grid (:meth:`biofed.privacy_mechanism.PrivacyMechanism.release_on_grid`),
+accounted against the grid sensitivity (see :mod:`biofed.privacy_mechanism`).
 
 Cost per device and round, n devices and m parameters: 2 key pairs, 2(n-1) X25519
 agreements, (n-1) AEAD encryptions and decryptions, Shamir evaluation of 2 secrets at n
@@ -119,7 +119,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -130,7 +130,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from biofed.kernels import clip_l2
+from biofed.privacy_mechanism import (
+    Charge,
+    ClippedSum,
+    PrivacyMechanism,
+    distributed_discrete_tau,
+    grid_sensitivity,
+)
 from biofed.protocol import ID_PATTERN, SecAggRelay, SecAggUpload
 
 __all__ = [
@@ -270,6 +276,25 @@ class FixedPoint:
             )
         return np.rint(np.ldexp(x, self.scale_bits)).astype(np.int64).view(np.uint64)
 
+    def encode_counts(self, counts) -> np.ndarray:
+        """Integer grid counts (multiples of :attr:`resolution`) modulo 2^64, shape (m,) uint64.
+
+        Raises
+        ------
+        SecAggError
+            ``|count| * resolution > max_abs`` (the sum could overflow).
+        """
+        c = np.asarray(counts)
+        if c.ndim != 1 or c.dtype.kind not in "iu":
+            raise SecAggError(f"grid counts must be a 1-D integer array, got {c.dtype} of shape {c.shape}")
+        peak = int(np.max(np.abs(c.astype(np.int64)))) if c.size else 0
+        if peak * self.resolution > self.max_abs:
+            raise SecAggError(
+                f"|value| {peak * self.resolution:.3g} exceeds the fixed-point limit {self.max_abs:.3g} "
+                f"(scale_bits={self.scale_bits}, max_summands={self.max_summands}); clip the update"
+            )
+        return c.astype(np.int64).view(np.uint64)
+
     def decode(self, words) -> np.ndarray:
         """Floats of an encoding or of a sum of encodings, shape (m,) float64."""
         w = np.asarray(words)
@@ -289,10 +314,16 @@ def noise_share_std(clip_norm: float, noise_multiplier: float, n_min: int) -> fl
 
 
 def prepare_input(
-    delta, *, clip_norm: float, noise_multiplier: float, n_min: int, fixed_point: FixedPoint = FixedPoint(),
-    rng: np.random.Generator | None = None,
+    delta, *, clip_norm: float, noise_multiplier: float, n_min: int, mechanism: PrivacyMechanism, charge: Charge,
+    fixed_point: FixedPoint = FixedPoint(),
 ) -> np.ndarray:
-    """A device's secure-aggregation input: clip, add its noise share, encode.
+    """A device's secure-aggregation input: clipped, rounded to the fixed-point grid and
+    noised with an exact discrete Gaussian share by the device's privacy mechanism (which
+    charges first, durably), then encoded.
+
+    The charge is recorded against the grid sensitivity
+    (:func:`biofed.privacy_mechanism.grid_sensitivity`): its noise multiplier is scaled
+    by ``C / grid_sensitivity(C, m, resolution)``.
 
     Parameters
     ----------
@@ -302,20 +333,27 @@ def prepare_input(
         C and the target z of the sum.
     n_min : int
         Survivors the noise is calibrated for (the round's threshold).
+    mechanism : biofed.privacy_mechanism.PrivacyMechanism
+        The device's release gate.
+    charge : biofed.privacy_mechanism.Charge
+        The ledger entry of this release.
     fixed_point : FixedPoint
-    rng : numpy.random.Generator or None
-        None (production): a generator seeded with 128 bits of OS entropy.
 
     Returns
     -------
     ndarray, shape (m,), uint64
     """
     std = noise_share_std(clip_norm, noise_multiplier, n_min)
-    clipped, _ = clip_l2(np.asarray(delta, dtype=np.float64), clip_norm)
-    rng = np.random.default_rng(secrets.randbits(128)) if rng is None else rng
-    if std > 0:
-        clipped = clipped + rng.normal(0.0, std, size=clipped.shape)
-    return fixed_point.encode(clipped)
+    vector = np.asarray(delta, dtype=np.float64)
+    if vector.ndim != 1:
+        raise SecAggError(f"the update must be 1-D, got shape {vector.shape}")
+    if std > 0 and distributed_discrete_tau(std / fixed_point.resolution, n_min) > 1e-12:
+        raise SecAggError(f"noise share std {std:g} is too close to the fixed-point resolution "
+                          f"{fixed_point.resolution:g} for the discrete Gaussian accounting; raise noise_multiplier")
+    scale = clip_norm / grid_sensitivity(clip_norm, vector.shape[0], fixed_point.resolution)
+    counts = mechanism.release_on_grid(replace(charge, noise_multiplier=charge.noise_multiplier * scale),
+                                       ClippedSum(vector, clip_norm, std), fixed_point.resolution)
+    return fixed_point.encode_counts(counts)
 
 
 # ----------------------------------------------------------------------------- primitives

@@ -60,6 +60,7 @@ import click
 import numpy as np
 import psutil
 
+from biofed.cli_options import examples
 from biofed.demo import (
     FLEET,
     SYNTHETIC_DEVICES,
@@ -770,7 +771,11 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
-@click.command("simulate")
+@click.command("simulate", epilog=examples(
+    "biofed simulate --devices 1000 --rounds 3 --mosquitto --noise-multiplier 0",
+    "biofed simulate --devices 100 --mosquitto --faults --deadline 10 --min-devices 50",
+    "biofed simulate --data /work/shared/datasets/eegmat --devices 34 --mosquitto",
+))
 @click.option("--devices", type=click.IntRange(min=1), default=100, show_default=True,
               help="Simulated devices (all in this process).")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Training rounds.")
@@ -818,13 +823,7 @@ def simulate_command(devices, rounds, data, mosquitto, out, noise_multiplier, cl
     """Run a federation of many simulated devices in this one process over a real broker.
 
     Every device is a real edge agent with its own MQTT session, keys and feature store;
-    the coordinator is its own process. Examples:
-
-        biofed simulate --devices 1000 --rounds 3 --mosquitto --noise-multiplier 0
-
-        biofed simulate --devices 100 --mosquitto --faults --deadline 10 --min-devices 50
-
-        biofed simulate --data /work/shared/datasets/eegmat --devices 34 --mosquitto
+    the coordinator is its own process.
     """
     settings = DemoSettings(
         out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,

@@ -44,7 +44,8 @@ import logging
 
 import numpy as np
 
-from biofed.coordinator.clipping import clip_update, secure_rng
+from biofed.kernels._validation import check_nonnegative_float, check_positive_float
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,10 @@ def aggregate_statistics(
     clip_norm: float,
     noise_multiplier: float = 0.0,
     *,
-    add_noise: bool = True,
-    rng: np.random.Generator | None = None,
+    mechanism: PrivacyMechanism | None = None,
+    charge: Charge | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Uniform mean of the devices' clipped statistics, with central Gaussian noise.
+    """Uniform mean of the devices' clipped statistics, released through the privacy mechanism.
 
     Parameters
     ----------
@@ -79,12 +80,14 @@ def aggregate_statistics(
     clip_norm : float
         C > 0, the L2 bound of one device's statistic.
     noise_multiplier : float
-        z >= 0. The sum receives ``N(0, (z C)^2)`` per coordinate when ``add_noise``.
-    add_noise : bool
-        True in central trust mode; False in local mode (devices already added their own
-        noise) and for non-private runs.
-    rng : numpy.random.Generator or None
-        None draws OS-seeded noise (production); tests pass a generator.
+        z >= 0: the mechanism adds ``N(0, (z C)^2)`` per coordinate to the sum (central
+        trust mode); 0 in local mode (devices already added their own noise) and for
+        non-private runs.
+    mechanism : PrivacyMechanism or None
+        The coordinator's gate, which clips, noises and charges ``charge`` before the mean
+        is formed. None only for a noise-free mean that is not released (tests, tools).
+    charge : Charge or None
+        The ledger entry of the release; required with ``mechanism``.
 
     Returns
     -------
@@ -102,15 +105,20 @@ def aggregate_statistics(
         )
     if not np.isfinite(stats).all():
         raise ValueError("statistics contain NaN or inf; drop the offending device's sketch before aggregating.")
-    total = np.zeros(stats.shape[1])
-    n_clipped = 0
-    for row in stats:
-        clipped, norm = clip_update(row, clip_norm)
-        n_clipped += norm > clip_norm * (1 + _CLIP_TOLERANCE)
-        total += clipped
-    if add_noise and noise_multiplier > 0:
-        total += secure_rng(rng).normal(0.0, noise_multiplier * clip_norm, size=total.shape)
-    return total / stats.shape[0], int(n_clipped)
+    c = check_positive_float(clip_norm, "clip_norm")
+    z = check_nonnegative_float(noise_multiplier, "noise_multiplier")
+    query = ClippedSum(stats, c, z * c)
+    if mechanism is None:
+        if z > 0 or charge is not None:
+            raise ValueError("a noised or charged release of statistics needs the privacy mechanism.")
+        total, norms = query.clipped_total()
+    else:
+        if charge is None:
+            raise ValueError("a release of statistics through the privacy mechanism needs its charge.")
+        _, norms = query.clipped_total()
+        (total,) = mechanism.release(charge, query)
+    n_clipped = int((norms > c * (1 + _CLIP_TOLERANCE)).sum())
+    return total / stats.shape[0], n_clipped
 
 
 def standardization_from_moments(statistic) -> tuple[np.ndarray, np.ndarray]:

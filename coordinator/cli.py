@@ -8,44 +8,65 @@ from pathlib import Path
 
 import click
 
-from biofed.config import ConfigError, CoordinatorConfig, load_config
+from biofed.cli_options import (
+    ConfigUsageError,
+    config_option,
+    examples,
+    load_config_or_exit,
+    logging_options,
+    override_options,
+)
+from biofed.config import CoordinatorConfig
 from biofed.coordinator.server import Coordinator, CoordinatorError, RunState
 from biofed.coordinator.state import RoundRecord, StateError
 
 
 def _round_line(record: RoundRecord) -> str:
+    """One line per closed round. The accuracy a round reports is the devices' held-out
+    balanced accuracy of the model they *received*: the model after the previous training
+    round (model 0: the initial one), which is how ``biofed demo``'s table labels it."""
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
     label = record.phase if record.train_round is None else f"train {record.train_round}"
     eps = fmt(record.epsilon_rdp if record.epsilon_rdp is not None else record.epsilon_pld, ".3f")
     pld = "" if record.epsilon_pld is None else f" (pld {record.epsilon_pld:.3f})"
+    if record.balanced_accuracy is None:
+        accuracy = ""
+    else:
+        model = "final model" if record.phase == "evaluate" else f"model {record.train_round - 1}" \
+            if record.train_round is not None else "current model"
+        accuracy = f"  balanced acc of {model} {record.balanced_accuracy:.3f}"
     return (f"round {record.round:4d} {label:<12} devices {record.n_devices}/{record.n_selected}  "
-            f"loss {fmt(record.mean_loss, '.4f')}  balanced acc {fmt(record.balanced_accuracy, '.3f')}  "
-            f"epsilon {eps}{pld}")
+            f"loss {fmt(record.mean_loss, '.4f')}{accuracy}  epsilon {eps}{pld}")
 
 
-@click.command("coordinator")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Coordinator TOML file (biofed.config.CoordinatorConfig).")
+@click.command("coordinator", epilog=examples(
+    "biofed coordinator --config coordinator.toml",
+    "biofed coordinator --config coordinator.toml --metrics-port 9100 --log-format json --log-file coordinator.log",
+    "BIOFED_DP_EPSILON_BUDGET=8 biofed coordinator --config coordinator.toml --rounds 20",
+))
+@config_option("coordinator")
+@override_options(CoordinatorConfig)
 @click.option("--discovery-timeout", type=click.FloatRange(min=0), default=300.0, show_default=True,
               help="Seconds to wait for min_devices online devices before giving up (0: wait forever).")
 @click.option("--max-retries", type=click.IntRange(min=0), default=3, show_default=True,
               help="Re-runs of a round with fewer than min_devices replies before aborting.")
-@click.option("--basis-clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Override the clip norm of the basis statistics (default: dp.basis_clip_norm, else "
-                   "dp.clip_norm).")
-def coordinator_command(config_path: Path, discovery_timeout: float, max_retries: int,
-                        basis_clip_norm: float | None) -> None:
-    """Run the coordinator of a fleet until all rounds ran (Ctrl-C stops it; rerun to resume)."""
+@logging_options()
+def coordinator_command(config_path: Path, overrides: dict, discovery_timeout: float, max_retries: int) -> None:
+    """Run the coordinator of a fleet until all rounds ran (Ctrl-C stops it; rerun to resume).
+
+    One coordinator runs per state_dir: a second one on the same directory exits with an
+    error. Settings come from the command line, then BIOFED_* variables, then the file.
+    """
+    config = load_config_or_exit(config_path, CoordinatorConfig, overrides)
     try:
-        config = load_config(config_path, CoordinatorConfig)
         coordinator = Coordinator(
             config, discovery_timeout_s=discovery_timeout or None, max_retries=max_retries,
-            basis_clip_norm=basis_clip_norm, on_round=lambda record: click.echo(_round_line(record)),
+            on_round=lambda record: click.echo(_round_line(record)),
         )
-    except (ConfigError, CoordinatorError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except CoordinatorError as exc:
+        raise ConfigUsageError(f"{config_path}: {exc}") from None
 
     def _stop(signum: int, frame: object) -> None:
         click.echo(f"received {signal.Signals(signum).name}: stopping after the current step", err=True)
@@ -54,8 +75,9 @@ def coordinator_command(config_path: Path, discovery_timeout: float, max_retries
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGTERM, _stop)
+    metrics = "" if config.metrics.port is None else f", metrics on {config.metrics.host}:{config.metrics.port}"
     click.echo(f"coordinator for fleet {config.fleet} on {config.broker.host}:{config.broker.port}, "
-               f"state in {config.state_dir}")
+               f"state in {config.state_dir}{metrics}")
     try:
         state = coordinator.run()
     except (CoordinatorError, StateError) as exc:

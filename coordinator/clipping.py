@@ -2,17 +2,10 @@
 
 Pure functions in the style of Flower's ``common/differential_privacy.py``
 (``compute_clip_model_update``, ``compute_stdv``) plus the adaptive clipping rule of
-Andrew et al. [1]_. Nothing here keeps global state; every noisy function takes a
-:class:`numpy.random.Generator`.
-
-Randomness
-----------
-Production code never passes a seeded generator: ``rng=None`` draws a fresh generator
-seeded with 128 bits from the operating system (:func:`secure_rng`). Tests pass their
-own generator to get reproducible draws. NumPy's Gaussian sampler is a floating-point
-sampler, not a constant-time discrete Gaussian: it protects against the federation's
-threat model (an honest-but-curious reader of the released model), not against an
-attacker inspecting the low-order bits of released floats.
+Andrew et al. [1]_. Nothing here draws noise: the noised clipped count of adaptive
+clipping is released by :class:`biofed.privacy_mechanism.PrivacyMechanism`
+(:meth:`AdaptiveClipping.count_query`), together with the update sum it is accounted with.
+:func:`secure_rng` makes the OS-seeded generators of non-noise randomness (device sampling).
 
 References
 ----------
@@ -30,12 +23,12 @@ import numpy as np
 
 from biofed.kernels import clip_l2
 from biofed.kernels._validation import check_nonnegative_float, check_positive_float
+from biofed.privacy_mechanism import ClippedSum
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdaptiveClipping",
-    "add_gaussian_noise",
     "central_noise_std",
     "clip_update",
     "delta_noise_multiplier",
@@ -113,24 +106,6 @@ def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
     return check_nonnegative_float(noise_multiplier, "noise_multiplier") * check_positive_float(clip_norm, "clip_norm")
 
 
-def add_gaussian_noise(vector, std: float, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Return ``vector + N(0, std^2 I)`` (float64).
-
-    Parameters
-    ----------
-    vector : array-like, shape (P,)
-    std : float
-        Noise standard deviation >= 0 (0 returns a float64 copy).
-    rng : numpy.random.Generator or None
-        None (production) draws from :func:`secure_rng`.
-    """
-    arr = _check_vector(vector, "vector").astype(np.float64)
-    s = check_nonnegative_float(std, "std")
-    if s == 0:
-        return arr.copy()
-    return arr + secure_rng(rng).normal(0.0, s, size=arr.shape)
-
-
 def delta_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
     """Noise multiplier left for the model update once the clipped-count query is paid for.
 
@@ -197,8 +172,6 @@ class AdaptiveClipping:
     count_noise_std : float
         sigma_b >= 0. Zero releases the count without noise (no DP for the count: only
         for non-private runs).
-    rng : numpy.random.Generator or None
-        None (production) draws from :func:`secure_rng`.
 
     Attributes
     ----------
@@ -212,7 +185,6 @@ class AdaptiveClipping:
         target_quantile: float,
         learning_rate: float = 0.2,
         count_noise_std: float = 0.0,
-        rng: np.random.Generator | None = None,
     ) -> None:
         self.clip = check_positive_float(initial_clip, "initial_clip")
         gamma = float(target_quantile)
@@ -221,7 +193,6 @@ class AdaptiveClipping:
         self.target_quantile = gamma
         self.learning_rate = check_positive_float(learning_rate, "learning_rate")
         self.count_noise_std = check_nonnegative_float(count_noise_std, "count_noise_std")
-        self._rng = secure_rng(rng)
 
     def __repr__(self) -> str:
         return (
@@ -233,13 +204,29 @@ class AdaptiveClipping:
         """:func:`delta_noise_multiplier` with this estimator's ``count_noise_std``."""
         return delta_noise_multiplier(noise_multiplier, self.count_noise_std)
 
-    def update(self, clipped_bits, n_expected: int) -> float:
-        """Fold one round of clipped-count bits into the clip norm.
+    def count_query(self, clipped_bits) -> ClippedSum:
+        """The clipped-count query for the privacy mechanism: one row ``b_i - 1/2`` per
+        reporting device (L2 bound 1/2), noise ``count_noise_std``.
 
         Parameters
         ----------
         clipped_bits : array-like of {0, 1} or bool, shape (n,)
             ``1`` where a device's update norm was <= the current clip.
+        """
+        bits = np.asarray(clipped_bits)
+        if bits.ndim != 1:
+            raise ValueError(f"clipped_bits must be 1-D (one bit per device), got shape {bits.shape}.")
+        if bits.dtype.kind not in "biuf" or not np.all((bits == 0) | (bits == 1)):
+            raise ValueError("clipped_bits must hold only 0/1 (or booleans), one per reporting device.")
+        return ClippedSum((bits.astype(np.float64) - 0.5)[:, None], 0.5, self.count_noise_std)
+
+    def apply(self, noised_centred_count: float, n_expected: int) -> float:
+        """Move the clip norm with a released ``sum_i (b_i - 1/2) + N(0, sigma_b^2)``.
+
+        Parameters
+        ----------
+        noised_centred_count : float
+            The released value of :meth:`count_query`.
         n_expected : int
             Denominator of the estimate (expected number of reports, >= 1).
 
@@ -248,17 +235,9 @@ class AdaptiveClipping:
         float
             The new clip norm (also stored in ``self.clip``).
         """
-        bits = np.asarray(clipped_bits)
-        if bits.ndim != 1:
-            raise ValueError(f"clipped_bits must be 1-D (one bit per device), got shape {bits.shape}.")
-        if bits.dtype.kind not in "biuf" or not np.all((bits == 0) | (bits == 1)):
-            raise ValueError("clipped_bits must hold only 0/1 (or booleans), one per reporting device.")
         if isinstance(n_expected, bool) or not isinstance(n_expected, (int, np.integer)) or n_expected < 1:
             raise ValueError(f"n_expected must be an integer >= 1, got {n_expected!r}.")
-        centred = float(bits.astype(np.float64).sum()) - 0.5 * bits.size
-        if self.count_noise_std > 0:
-            centred += float(self._rng.normal(0.0, self.count_noise_std))
-        b_bar = centred / int(n_expected) + 0.5
+        b_bar = float(noised_centred_count) / int(n_expected) + 0.5
         self.clip = float(self.clip * math.exp(-self.learning_rate * (b_bar - self.target_quantile)))
         logger.debug("adaptive clipping: b_bar=%.4f -> clip=%.6g", b_bar, self.clip)
         return self.clip

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from biofed.cli_options import examples
+
 from biofed.model_format import INPUT_FEATURES, INPUT_KINDS
 
 __all__ = ["export_command"]
@@ -19,11 +21,14 @@ __all__ = ["export_command"]
 logger = logging.getLogger(__name__)
 
 
-@click.command("export")
+@click.command("export", epilog=examples(
+    "biofed export --model state/model_final.npz --out model.onnx",
+    "biofed export --model state/models/round_00005.npz --out round5.onnx --input window --dtype float64",
+))
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Coordinator model file (.npz): model_final.npz, model_latest.npz or models/round_NNNNN.npz.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="ONNX file to write.")
+              help="ONNX file to write (a file path; its folder must exist).")
 @click.option("--input", "input_kind", type=click.Choice(INPUT_KINDS), default=INPUT_FEATURES, show_default=True,
               help="features: raw feature rows in; window: raw sensor windows (+ heart-rate features) in.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,

@@ -82,7 +82,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from biofed import __version__
 from biofed.coordinator.state import write_final_model
-from biofed.kernels.spectral import _filterbank_edges, _hann, _next_pow2, _triangles, _welch_plan
+from biofed.kernels.spectral import _hann, band_power_plan, log_band_energy_plan
 from biofed.kernels.training import n_params
 from biofed.model_format import (
     HR_INPUT,
@@ -107,8 +107,6 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 IR_VERSION = 8
 """IR version paired with opset 17 (read by every onnxruntime >= 1.13)."""
-_AUDIO_FRAME_S = 0.032  # kernels.spectral default audio frame (~32 ms)
-_AUDIO_FMIN = 20.0  # pipeline: log_band_energies(..., fmin=20.0, fmax=fs/2, scale="mel")
 _LN_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
 _NP_DTYPES = {"float32": np.float32, "float64": np.float64}
 _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float64": TensorProto.DOUBLE}
@@ -184,7 +182,20 @@ class ModelFile:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-            raise ExportError(f"{path}: not a biofed model file (.npz written by the coordinator): {exc}") from None
+            # numpy's own text about a pickle ("load it unsafely with allow_pickle") is advice
+            # biofed must never pass on: model files hold plain arrays only
+            try:
+                with path.open("rb") as handle:
+                    numpy_file = handle.read(6) == b"\x93NUMPY" or zipfile.is_zipfile(path)
+            except OSError:
+                numpy_file = True  # unreadable: numpy's own message says why
+            if not numpy_file:
+                reason = "not a NumPy .npz archive"
+            elif "pickle" in str(exc):
+                reason = "it holds pickled Python objects, which biofed never loads"
+            else:
+                reason = str(exc)
+            raise ExportError(f"{path}: not a biofed model file (.npz written by the coordinator): {reason}") from None
         if not isinstance(arrays, dict) or not arrays:
             raise ExportError(f"{path}: not a biofed model file (.npz written by the coordinator)")
         required = ("params", "classes", "hidden", "basis_components", "basis_mean", "basis_scale")
@@ -297,29 +308,18 @@ def _head(g: _Graph, features: str, model: ModelFile) -> str:
 
 
 def _spectral_plan(layout: LayoutSpec, part: ModalitySpec):
-    """``(nperseg, kmin, weights (n_bins, n_bands), log_base, floor)`` as the kernels compute them."""
-    fs = part.sfreq
+    """``(nperseg, n_seg, kmin, weights (n_bins, n_bands), log_base, floor)`` of the kernels' own plan."""
     window = layout.window_samples(part)
-    if part.modality == "eeg":
-        nperseg = min(window, _next_pow2(fs))
-        freqs = np.fft.rfftfreq(nperseg, d=1.0 / fs)
-        weights = np.stack([(freqs >= lo) & (freqs < hi) for _, lo, hi in layout.bands], axis=1).astype(np.float64)
-        base, floor = 10.0, None  # floor: smallest normal of the graph dtype (band_powers log=True)
-    else:
-        edges = _filterbank_edges(layout.n_mels, _AUDIO_FMIN, fs / 2.0, "mel")
-        narrowest = float(np.min(edges[2:] - edges[:-2]))
-        finest = _next_pow2(math.nextafter(fs / narrowest, math.inf))  # every band gets a bin
-        nperseg = min(window, max(_next_pow2(_AUDIO_FRAME_S * fs), finest))
-        weights = _triangles(np.fft.rfftfreq(nperseg, d=1.0 / fs), edges)
-        base, floor = math.e, _LN_FLOOR
-    empty = np.flatnonzero(~np.any(weights > 0, axis=0))
-    if empty.size:
-        raise ExportError(f"{part.modality}: band {int(empty[0])} contains no frequency bin at {fs:g} Hz with "
-                          f"{nperseg}-sample segments; the layout cannot have been produced by the pipeline")
-    taper = _hann(nperseg)
-    n_seg = (window - nperseg) // (nperseg - nperseg // 2) + 1
-    kmin, folded = _welch_plan(weights, taper, fs, n_seg)
-    return nperseg, n_seg, kmin, folded, base, floor
+    try:
+        if part.modality == "eeg":
+            plan = band_power_plan(part.sfreq, window, layout.bands, log=True)
+        else:
+            plan = log_band_energy_plan(part.sfreq, window, n_bands=layout.n_mels)
+    except ValueError as exc:
+        raise ExportError(f"{part.modality}: {exc} The layout cannot have been produced by the pipeline.") from None
+    # floor None: the smallest normal of the graph dtype (band_powers log=True)
+    base, floor = (10.0, None) if plan.log == "log10" else (math.e, _LN_FLOOR)
+    return plan.nperseg, plan.n_seg, plan.kmin, plan.weights, base, floor
 
 
 def _spectral(g: _Graph, x: str, layout: LayoutSpec, part: ModalitySpec) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import click
 
-from biofed.coordinator.privacy import (
+from biofed.cli_options import examples
+from biofed.privacy_ledger import (
     calibrate_noise_multiplier,
     check_delta,
     check_noise_multiplier,
@@ -40,7 +42,12 @@ def _format_epsilon(eps: float) -> str:
     return "inf (no noise: no differential privacy)" if math.isinf(eps) else f"{eps:.6f}"
 
 
-@click.command("privacy")
+@click.command("privacy", epilog=examples(
+    "biofed privacy --rounds 10 --noise-multiplier 2.0",
+    "biofed privacy -T 20 -q 0.5 -e 8 --calibrate-with pld",
+    "biofed privacy --rounds 10 --noise-multiplier 2.0 --json",
+    "biofed privacy --level record -T 20 -q 0.05 -z 1.1   # DP-SGD on a ward device",
+))
 @click.option("--rounds", "-T", type=int, required=True, callback=_validated(check_rounds),
               help="Number of federated rounds (>= 1).")
 @click.option("--sampling-rate", "-q", type=float, default=1.0, show_default=True,
@@ -54,26 +61,54 @@ def _format_epsilon(eps: float) -> str:
               help="Instead of --noise-multiplier: calibrate the smallest z reaching this epsilon.")
 @click.option("--calibrate-with", type=click.Choice(["rdp", "pld"]), default="rdp", show_default=True,
               help="Accountant used by --target-epsilon (PLD is tighter but takes seconds).")
+@click.option("--level", type=click.Choice(["client", "record"]), default="client", show_default=True,
+              help="client: one record is a device's whole contribution to a round (the coordinator's ledger; "
+                   "-q is the device sampling rate, 1 for biofed's public cohorts). record: one record is one "
+                   "window, protected by DP-SGD on the device ([dp] record_* of the device config; -q is "
+                   "record_sampling_rate, -z record_noise_multiplier).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (epsilon inf as the string \"inf\").")
+@click.option("--steps-per-round", type=int, default=None,
+              help="--level record: DP-SGD steps per round (default ceil(1 / q), one expected epoch).")
 def privacy_command(
     rounds: int, sampling_rate: float, noise_multiplier: float | None, delta: float,
-    target_epsilon: float | None, calibrate_with: str,
+    target_epsilon: float | None, calibrate_with: str, as_json: bool, level: str, steps_per_round: int | None,
 ) -> None:
-    """Client-level epsilon of a DP federated training plan (RDP and PLD), without training.
+    """Client-level or record-level epsilon of a DP training plan (RDP and PLD), without training.
 
-    One record is one device's whole contribution; each round is a Poisson-sampled
-    Gaussian mechanism accounted with Google's dp_accounting.
+    Client level: one record is one device's whole contribution; each round is a
+    Poisson-sampled Gaussian mechanism. Record level: one record is one window; each DP-SGD
+    step of each round is one. Both are accounted with Google's dp_accounting.
     """
+    if level == "client" and steps_per_round is not None:
+        raise click.UsageError("--steps-per-round applies to --level record only.")
+    if steps_per_round is not None and steps_per_round < 1:
+        raise click.BadParameter(f"must be an integer >= 1, got {steps_per_round}.", param_hint="--steps-per-round")
+    events = rounds
+    if level == "record":
+        steps_per_round = steps_per_round or math.ceil(1.0 / sampling_rate)
+        events = rounds * steps_per_round
     if (noise_multiplier is None) == (target_epsilon is None):
         raise click.UsageError("give exactly one of --noise-multiplier and --target-epsilon.")
     if target_epsilon is not None:
         noise_multiplier = calibrate_noise_multiplier(
-            target_epsilon, rounds, sampling_rate, delta, accountant=calibrate_with
+            target_epsilon, events, sampling_rate, delta, accountant=calibrate_with
         )
-        click.echo(
-            f"calibrated noise multiplier ({calibrate_with.upper()}, target epsilon {target_epsilon:g}): "
-            f"{noise_multiplier:.6f}"
-        )
-    eps = plan_epsilon(rounds, sampling_rate, noise_multiplier, delta)
-    click.echo(f"rounds={rounds} sampling_rate={sampling_rate:g} noise_multiplier={noise_multiplier:g} delta={delta:g}")
-    click.echo(f"epsilon (RDP): {_format_epsilon(eps['rdp'])}")
-    click.echo(f"epsilon (PLD): {_format_epsilon(eps['pld'])}")
+        if not as_json:
+            click.echo(
+                f"calibrated noise multiplier ({calibrate_with.upper()}, target epsilon {target_epsilon:g}): "
+                f"{noise_multiplier:.6f}"
+            )
+    eps = plan_epsilon(events, sampling_rate, noise_multiplier, delta)
+    if as_json:
+        click.echo(json.dumps({
+            "level": level, "rounds": rounds, "steps_per_round": steps_per_round, "sampling_rate": sampling_rate,
+            "noise_multiplier": noise_multiplier, "delta": delta, "target_epsilon": target_epsilon,
+            "calibrated_with": None if target_epsilon is None else calibrate_with,
+            "epsilon": {name: value if math.isfinite(value) else str(value) for name, value in eps.items()},
+        }))
+        return
+    steps = "" if level == "client" else f" steps_per_round={steps_per_round}"
+    click.echo(f"rounds={rounds}{steps} sampling_rate={sampling_rate:g} noise_multiplier={noise_multiplier:g} "
+               f"delta={delta:g}")
+    click.echo(f"{level}-level epsilon (RDP): {_format_epsilon(eps['rdp'])}")
+    click.echo(f"{level}-level epsilon (PLD): {_format_epsilon(eps['pld'])}")

@@ -13,15 +13,16 @@ every participant has advertised or at the task deadline. Each later step (``sha
 ``masked``, ``unmask``) is pure cryptography on the devices and closes when every device
 still in the round has answered or ``step_timeout_s`` after it opened. Devices missing at
 a step's close are dropouts (see :mod:`biofed.secagg` for what that means at each step).
-Fewer than the threshold at any close abandons the round: nothing is released and nothing
-is accounted.
+Fewer than the threshold at any close abandons the round: nothing is released. The
+coordinator charges the round before it publishes the unmask request (the step from which
+the sum can be revealed), so an abort at the unmasking is still accounted.
 
 Privacy accounting
 ------------------
 Each survivor's input carries a noise share of std ``z C / sqrt(n_min)`` with
 ``n_min = Task.secagg_threshold``; the revealed sum carries
 ``z C sqrt(n_survivors / n_min)``, recorded as
-:func:`biofed.coordinator.privacy.distributed_noise_multiplier` (:meth:`noise_multiplier`).
+:func:`biofed.privacy_ledger.distributed_noise_multiplier` (:meth:`noise_multiplier`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from biofed.coordinator.privacy import distributed_noise_multiplier
+from biofed.privacy_ledger import distributed_noise_multiplier
 from biofed.protocol import SecAggRelay, SecAggUpload
 from biofed.secagg import (
     AggregateResult,

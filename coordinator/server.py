@@ -22,8 +22,9 @@ participant has replied (or gone offline), then
 - with >= ``min_devices`` replies: aggregate, account, commit (one SQLite transaction),
   publish the result retained (:class:`Basis` after the covariance phase, :class:`Model`
   after each training round) and print one line;
-- with fewer: nothing is released or accounted; the round is retried with a fresh
-  selection and a new round number, at most ``max_retries`` times, then the run aborts.
+- with fewer: nothing is published; the round is retried with a fresh selection and a
+  new round number, at most ``max_retries`` times, then the run aborts. What already
+  reached the coordinator stays charged (local-mode replies, an unmasked sum; see below).
 
 Task round numbers increase across phases and are never reused (a retry or a restart
 takes the next one), so a device never sees two different tasks with one round number.
@@ -35,35 +36,59 @@ from a device not selected, a second reply of a device, or a duplicate message i
 redelivery; ids of committed replies are persisted, so a restarted coordinator does not
 accept them again). Nothing a device sends can stop the coordinator.
 
-Differential privacy (client level; see :mod:`biofed.coordinator.privacy`)
----------------------------------------------------------------------------
+Differential privacy (client level; see :mod:`biofed.privacy_ledger`)
+----------------------------------------------------------------------
+Every charge goes through the coordinator's :class:`~biofed.privacy_mechanism.PrivacyMechanism`
+(:attr:`Coordinator.mechanism`), which writes the ledger to the state database before
+anything it covers is published (write-ahead: a crash in between over-counts on restart).
+Its noise generator is its own; device sampling, model initialisation and the MQTT
+reconnect jitter each have another.
+
 central
-    Devices clip; the coordinator clips again, averages uniformly and adds
-    ``N(0, (z C / n)^2)`` to the mean (``DPAggregator``; OS-seeded generator). With
-    adaptive clipping the update uses ``z_delta`` and the devices' ``norm_bit`` move C
-    (:class:`~biofed.coordinator.clipping.AdaptiveClipping`, denominator = devices
-    selected). Robust strategies (trimmed mean, median) are refused with noise: their
-    sensitivity is not C/n.
+    Devices clip; the mechanism clips again, sums, adds ``N(0, (z C)^2)`` and charges the
+    round; the coordinator divides by ``n`` (``DPAggregator``). With adaptive clipping the
+    update uses ``z_delta`` and the devices' ``norm_bit`` move C
+    (:class:`~biofed.coordinator.clipping.AdaptiveClipping`), released in the same charge.
+    Robust strategies (trimmed mean, median) are refused with noise: their sensitivity is
+    not C/n (without noise they are charged as ``z = 0``: epsilon is infinite).
 local
-    Devices clip and noise; the coordinator averages uniformly. The ledger records
-    ``q = 1``: the coordinator itself knows who was sampled.
+    The coordinator is the adversary: devices clip, noise and charge through their own
+    gates and send no data-dependent cleartext. The coordinator charges every round (and
+    basis phase) before its task goes out, so retried and abandoned rounds are in epsilon.
 distributed
     Training rounds are secure-aggregated (:mod:`biofed.coordinator.secure_aggregation`,
-    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta (metrics
-    only), then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
-    (``n_min = Task.secagg_threshold``, ``dp.secagg_threshold`` or ``min_devices // 2 + 1``)
-    masked, and the coordinator learns only the sum over the survivors; the new model is
-    ``strategy.server_update(params, sum / survivors)`` (FedAvg family only: robust
-    strategies need the individual updates). The ledger records the noise actually in the
-    sum, ``distributed_noise_multiplier(z, n_min, survivors)``, with ``q = 1`` as in local
-    mode. Only the devices whose masked input is in the sum count as replies. Basis phases
-    are answered as in local mode (each device adds ``N(0, (z C)^2)`` to its sketch).
+    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta and no
+    metrics, then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
+    (``n_min = Task.secagg_threshold``: ``dp.secagg_threshold``, never below
+    ``min_devices``, default ``min_devices``) masked, and the coordinator learns only the
+    sum over the survivors; the new model is ``strategy.server_update(params, sum /
+    survivors)`` (FedAvg family only: robust strategies need the individual updates). The
+    round is charged ``distributed_noise_multiplier(z, n_min, survivors)`` before the
+    unmask request goes out; as ``n_min >= min_devices`` an unmasked sum always has enough
+    survivors to be used, never discarded. Basis phases are answered as in local mode.
+
+Sampling: the participants of a round are published (``Task.participants``) and so is
+their count (``Model.n_devices``); amplification by sampling needs a secret sample, so
+every round is charged with ``q = 1`` whatever ``sampling_rate`` is.
 
 Signed messages: with ``signing_key_file`` every message the coordinator publishes is
 signed; with ``keys_dir`` inbound messages without a valid signature of a known, unrevoked
 device are dropped (:mod:`biofed.signing`). With ``allowed_devices_file`` messages of devices
 not on the allow list are dropped too (:class:`AllowList`; a revocation while running takes
 effect at the next message: the device is no longer online, selected or waited for).
+
+Broker outages and overload
+---------------------------
+A broker outage of any length is ridden out: the MQTT client reconnects with backoff,
+every publish (task, model, basis) waits in its queue until the broker acknowledges it
+(:meth:`Coordinator._publish` keeps handling inbound messages meanwhile), so a committed
+round's model goes out when the broker returns. The deadline rule: the clock of an open
+round stops while the coordinator is disconnected; its deadline moves forward by the
+length of the outage and the task is republished with that deadline once the broker is
+back (:meth:`Coordinator._extend_deadline`). Secure-aggregation step timeouts are not
+extended: an outage there ends the round with the survivors, as a dropout would.
+Inbound overload is shed per sender by the client's inbox (:mod:`biofed.inbox`); replies
+already accepted into an open round are held in memory and committed with the round.
 
 Exported model (see :mod:`biofed.coordinator.onnx_export`)
 -----------------------------------------------------------
@@ -77,19 +102,13 @@ layout reported by the most devices among those whose width equals the basis's. 
 any reported layout only the ``.npz`` files are written. An export failure is logged; the
 round stays committed.
 
-Ledger entries per round: basis phases ``kind="basis"`` with ``q = 1`` (every online
-device is asked); training rounds ``kind="train"`` with the sampling rate actually used:
-``q`` for a Poisson round accepted on its first draw; ``1`` when the round needed a retry
-(the retry re-samples, which conditions the selection on the number of replies, so the
-independent-Bernoulli amplification argument no longer holds and no amplification is
-claimed); ``1`` for ``sampling_rate = "all"``. The population Poisson sampling draws
-from is the set of devices online at the start of the round. A round where fewer devices
-replied than were selected keeps the noise ``z C`` on the sum (``C`` still bounds each
-device), so it is recorded with the same ``z``; only utility suffers. The budget is
-checked with the next round's parameters before every round; training stops (and the
-evaluation still runs) when the next round would exceed it. Evaluation replies are not
-aggregated into anything released by DP and are not accounted: the per-device balanced
-accuracies are reported as is.
+Ledger entries per round: basis phases ``kind="basis"``, training rounds ``kind="train"``,
+all with ``q = 1``. A round where fewer devices replied than were selected keeps the noise
+``z C`` on the sum (``C`` still bounds each device), so it is recorded with the same ``z``;
+only utility suffers. The budget is checked with the next round's parameters before every
+round; training stops (and the evaluation still runs) when the next round would exceed it.
+Evaluation replies are not released: in central mode the per-device balanced accuracies are
+logged in the coordinator's own state; in local and distributed modes devices send none.
 """
 
 from __future__ import annotations
@@ -101,7 +120,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,11 +129,20 @@ from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
-from biofed.coordinator.privacy import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
+from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
-from biofed.coordinator.state import CoordinatorState, RoundRecord, Snapshot, write_final_model
+from biofed.coordinator.state import (
+    CoordinatorState,
+    RoundRecord,
+    Snapshot,
+    StateDirLock,
+    StateError,
+    write_final_model,
+)
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
+from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
 from biofed.protocol import (
@@ -145,6 +173,7 @@ COORDINATOR_SENDER = "coordinator"
 """Sender id of every message the coordinator publishes."""
 
 _STRATEGY_NAMES = {"coordinate_median": "median"}  # config name -> biofed.coordinator.strategies name
+_OUTAGE_LOG_INTERVAL_S = 30.0  # how often a publish held up by a broker outage is logged
 
 
 class CoordinatorError(RuntimeError):
@@ -313,13 +342,26 @@ class Ingest:
         return "dropped"
 
     def handle(self, topic: str, payload: bytes) -> str:
-        """Process one inbound MQTT message; never raises on bad input.
+        """Process one inbound MQTT message; never raises on any input.
+
+        Every rejection is counted in :attr:`dropped` under its reason; a failure inside
+        the handling of one message (a bug) costs that message (reason ``"internal error"``,
+        logged with its traceback), never the coordinator.
 
         Returns
         -------
         str
-            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"`` or ``"dropped"``.
+            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"``, ``"secagg"`` or
+            ``"dropped"``.
         """
+        try:
+            return self._handle(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - one message never stops the coordinator
+            self.dropped["internal error"] += 1
+            logger.exception("dropped message on %r: internal error handling it (%s)", topic, type(exc).__name__)
+            return "dropped"
+
+    def _handle(self, topic: str, payload: bytes) -> str:
         try:
             message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes,
                                            verifier=self.verifier)
@@ -340,7 +382,13 @@ class Ingest:
         assert isinstance(status, Status)
         self.known.add(device)
         if status.layout:
-            self.layouts[device] = status.layout
+            try:  # parsed once here, so a bad layout never reaches the export after a round
+                LayoutSpec.from_json(status.layout)
+            except ModelFormatError as exc:
+                self.dropped["bad layout"] += 1
+                logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
+            else:
+                self.layouts[device] = status.layout
         if status.state == "offline":
             if device in self.online:
                 self.online.discard(device)
@@ -424,6 +472,12 @@ class _Collected:
     attempts: int
     secure: SecureAggregationRound | None = None
 
+    @property
+    def n_contributions(self) -> int:
+        """Devices whose input is in the round's output: the survivors of a secure round
+        (their metrics-only updates may be missing), else the replies."""
+        return len(self.secure.result.survivors) if self.secure is not None else len(self.replies)
+
 
 class Coordinator:
     """The round loop of one fleet; :meth:`run` blocks, :meth:`stop` ends it from any thread.
@@ -445,7 +499,10 @@ class Coordinator:
         Epsilons reported per round; the first is the budget accountant. None:
         ``config.dp.accountant`` then the other one. PLD costs ~1 s per round.
     rng : numpy.random.Generator or None
-        Noise, sampling and initialization randomness; None (production) is OS-seeded.
+        Seeds the device-sampling and model-initialization generators (two independent
+        streams spawned from it); None (production) is OS-seeded. Privacy noise never comes
+        from it: it is drawn by the coordinator's :class:`~biofed.privacy_mechanism.PrivacyMechanism`,
+        and the MQTT reconnect jitter has its own generator too.
     on_round : callable or None
         Called with each :class:`RoundRecord` after its commit (the CLI prints it).
     client_id : str or None
@@ -486,7 +543,7 @@ class Coordinator:
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
-        self.rng = secure_rng(rng)
+        self._sampling_rng, self._init_rng = secure_rng(rng).spawn(2)
         self.on_round = on_round
         self.topics = Topics(config.fleet)
         self.client_id = client_id or f"coordinator-{config.fleet}"
@@ -496,14 +553,23 @@ class Coordinator:
                 f"strategy {config.strategy.name!r} needs the individual updates, but distributed trust mode reveals "
                 "only their sum (secure aggregation); use fedavg, fedavgm, fedadam, fedyogi or fedprox"
             )
-        self.secagg_threshold = dp.secagg_threshold or config.min_devices // 2 + 1
+        if dp.secagg_threshold is not None and dp.secagg_threshold < config.min_devices:
+            raise CoordinatorError(
+                f"dp.secagg_threshold = {dp.secagg_threshold} is below min_devices = {config.min_devices}: a sum "
+                "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
+                "least min_devices or leave it unset"
+            )
+        self.secagg_threshold = dp.secagg_threshold or config.min_devices
         try:
             self._signer, verifier = signing_from_config(config, COORDINATOR_SENDER)
         except ValueError as exc:
             raise CoordinatorError(str(exc)) from None
         self._stop = threading.Event()
+        self.shed_messages = 0
+        """Inbound messages shed by the MQTT inbox's overload policy in finished runs (:mod:`biofed.inbox`)."""
         self._state = RunState.STARTING
         self._store: CoordinatorState | None = None
+        self._dir_lock: StateDirLock | None = None
         self._client: MqttClient | None = None
         try:
             allowed = None if config.allowed_devices_file is None else AllowList(config.allowed_devices_file)
@@ -513,7 +579,12 @@ class Coordinator:
                              allowed=allowed)
         self.snapshot = Snapshot(clip_norm=dp.clip_norm)
         self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
+        self.mechanism = PrivacyMechanism(self.ledger, persist=self._persist_ledger)
+        """The coordinator's release gate: every round whose output reached the adversary of
+        the trust mode is charged through it, durably, before anything is published."""
         self.adaptive = self._make_adaptive()
+        self.metrics = CoordinatorMetrics(self)
+        """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
 
     # ------------------------------------------------------------------ setup
     def _make_strategy(self) -> Strategy:
@@ -545,7 +616,7 @@ class Coordinator:
         if settings is None:
             return None
         adaptive = AdaptiveClipping(self.config.dp.clip_norm, settings.target_quantile, settings.learning_rate,
-                                    settings.bit_noise_std, rng=self.rng)
+                                    settings.bit_noise_std)
         if self.config.dp.noise_multiplier > 0:
             try:
                 adaptive.delta_noise_multiplier(self.config.dp.noise_multiplier)
@@ -589,10 +660,20 @@ class Coordinator:
         ------
         CoordinatorError
             The broker is unreachable or the state directory belongs to another fleet.
+        StateError
+            The state directory cannot be written (read-only, full, I/O error), or another
+            coordinator runs on ``config.state_dir`` (:class:`StateDirLock`); logged. The last
+            committed round is intact: rerun once the directory is fixed.
         """
         self._stop.clear()
-        self._open_state()
+        metrics_server = None
         try:
+            self._open_state()
+            self.metrics.set_epsilons(self.ledger.epsilons())
+            try:
+                metrics_server = serve(self.metrics.registry, self.config.metrics)
+            except OSError as exc:
+                raise CoordinatorError(f"[metrics] {exc}") from None
             self._connect()
             while not self._stop.is_set():
                 phase = self.snapshot.phase
@@ -604,23 +685,40 @@ class Coordinator:
             if self._stop.is_set() and self._state is not RunState.DONE:
                 self._state = RunState.STOPPED
                 logger.info("coordinator stopped; resume with the same state_dir")
+        except StateError as exc:  # storage faults are loud: one clear line, then the caller exits
+            logger.error("state storage failed, stopping: %s", exc)
+            raise
         finally:
             self.ingest.open = None
             if self._client is not None:
+                self.shed_messages += self._client.shed
                 self._client.close()
                 self._client = None
             if self._store is not None:
                 self._store.close()
                 self._store = None
+            if self._dir_lock is not None:
+                self._dir_lock.release()
+                self._dir_lock = None
+            if metrics_server is not None:
+                metrics_server.close()
         return self._state
 
     # ------------------------------------------------------------------ plumbing
     def _open_state(self) -> None:
         self._state = RunState.STARTING
-        self._store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        self._dir_lock = StateDirLock(self.config.state_dir)
+        try:
+            self._store = CoordinatorState(self.config.state_dir, self.config.fleet)
+        except StateError:
+            self._dir_lock.release()
+            self._dir_lock = None
+            raise
         loaded = self._store.load()
         if loaded is not None:
             self.snapshot = loaded
+            self.ledger = PrivacyLedger(self.config.dp.delta, self.accountants, self.config.dp.epsilon_budget)
+            self.mechanism.ledger = self.ledger
             if loaded.ledger is not None:
                 self._restore_ledger(PrivacyLedger.from_json(loaded.ledger))
             if loaded.strategy_state:
@@ -641,12 +739,17 @@ class Coordinator:
         if persisted.delta != self.config.dp.delta:
             logger.warning("dp.delta changed from %g to %g: epsilon is now reported at the new delta",
                            persisted.delta, self.config.dp.delta)
-        for e in persisted.entries:
-            self.ledger.record_round(e.round, e.sampling_rate, e.noise_multiplier, kind=e.kind)
+        self.ledger.extend(persisted)
+
+    def _persist_ledger(self, ledger: PrivacyLedger) -> None:
+        """The mechanism's write-ahead: the ledger is in the state database before the
+        charged value is published (a crash in between over-counts on restart)."""
+        self.snapshot.ledger = ledger.to_json()
+        self._store.write_ledger(self.snapshot.ledger)
 
     def _connect(self) -> None:
         try:  # address, protocol, limits, TLS files and credentials of config.broker
-            self._client = MqttClient.from_config(self.config.broker, self.client_id, random_state=self.rng)
+            self._client = MqttClient.from_config(self.config.broker, self.client_id)
         except (ConnectError, ConfigError) as exc:  # a TLS or password file is missing or invalid
             raise CoordinatorError(str(exc)) from None
         try:
@@ -663,13 +766,45 @@ class Coordinator:
         self.ingest.refresh_allowed()
         message = self._client.receive(timeout_s)
         while message is not None:
-            self.ingest.handle(message.topic, message.payload)
+            result = self.ingest.handle(message.topic, message.payload)
+            self.metrics.received(message.topic, len(message.payload), result)
             message = self._client.receive(0)
 
-    def _publish(self, topic: str, payload, *, retain: bool = True) -> None:
+    def _publish(self, topic: str, payload, *, retain: bool = True) -> bool:
+        """Publish and wait for the broker's acknowledgement for as long as it takes,
+        handling inbound messages meanwhile (the network thread never blocks, so the wait
+        ends as soon as the broker answers). During a broker outage the message waits in
+        the client's queue and goes out after the reconnect. False: stopped first, or the
+        broker refused it (logged)."""
         data = encode_message(payload, fleet=self.config.fleet, sender=COORDINATOR_SENDER,
                               max_bytes=self.config.broker.max_message_bytes, signer=self._signer)
-        self._client.publish(topic, data, qos=1, retain=retain)
+        try:
+            info = self._client.publish(topic, data, qos=1, retain=retain, wait=False)
+        except MqttError as exc:
+            logger.error("%s of round %d not published: %s", payload.KIND, payload.round, exc)
+            return False
+        started = time.monotonic()
+        warned = 0.0
+        while not self._client.acknowledged(info):
+            if self._stop.is_set():
+                return False
+            waited = time.monotonic() - started
+            if waited - warned >= _OUTAGE_LOG_INTERVAL_S:
+                warned = waited
+                logger.warning("%s of round %d not acknowledged for %.0f s (broker %s); it is queued and goes "
+                               "out when the broker is back", payload.KIND, payload.round, waited,
+                               "connected" if self._client.connected else "unreachable")
+            self._pump(0.1)
+        refused = self._client.refusal(info)
+        if refused is not None:
+            logger.error("%s of round %d refused by the broker: %s (check the broker's ACL for user %r)",
+                         payload.KIND, payload.round, refused, self.config.broker.username or self.client_id)
+            return False
+        self.metrics.sent(len(data))
+        if warned:
+            logger.info("%s of round %d published after %.0f s", payload.KIND, payload.round,
+                        time.monotonic() - started)
+        return True
 
     def _format_eps(self) -> str:
         eps = self.ledger.epsilon()
@@ -692,7 +827,7 @@ class Coordinator:
             if self.snapshot.train_rounds_done >= self.config.rounds:
                 self._advance_to_evaluate("all training rounds done")
                 return True
-            if self.ledger.would_exceed(self._planned_sampling_rate(), self.config.dp.noise_multiplier):
+            if self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
                 self._advance_to_evaluate(
                     f"privacy budget: the next round would exceed epsilon={self.config.dp.epsilon_budget}"
                 )
@@ -706,11 +841,6 @@ class Coordinator:
         logger.error("aborting: %s", reason)
         self._state = RunState.ABORTED
         return False
-
-    def _planned_sampling_rate(self) -> float:
-        if self.config.sampling_rate == "all" or self.config.dp.trust_mode in ("local", "distributed"):
-            return 1.0
-        return float(self.config.sampling_rate)
 
     def _wait_for_devices(self) -> bool:
         need = self.config.min_devices
@@ -742,7 +872,7 @@ class Coordinator:
         if phase != "train" or self.config.sampling_rate == "all":
             return online
         q = float(self.config.sampling_rate)
-        return [device for device, draw in zip(online, self.rng.random(len(online))) if draw < q]
+        return [device for device, draw in zip(online, self._sampling_rng.random(len(online))) if draw < q]
 
     def _task(self, round_: int, phase: str, participants: list[str], deadline: float) -> Task:
         snap, cfg = self.snapshot, self.config
@@ -782,9 +912,9 @@ class Coordinator:
                 collected = self._gather(phase, participants, attempts)
                 if collected is None:
                     return None
-                if len(collected.replies) >= self.config.min_devices:
+                if collected.n_contributions >= self.config.min_devices:
                     return collected
-                reason = (f"round {collected.round} ({phase}) closed with {len(collected.replies)} of "
+                reason = (f"round {collected.round} ({phase}) closed with {collected.n_contributions} of "
                           f"{len(participants)} replies, fewer than min_devices={self.config.min_devices}")
             else:
                 reason = (f"sampling selected {len(participants)} of {len(self.ingest.online)} online devices, "
@@ -792,8 +922,22 @@ class Coordinator:
             if attempts > self.max_retries:
                 self._abort(f"{reason}; gave up after {attempts} attempts (max_retries={self.max_retries})")
                 return None
-            logger.warning("%s: nothing released or accounted; retrying (attempt %d of %d)",
-                           reason, attempts + 1, self.max_retries + 1)
+            logger.warning("%s: nothing published (what reached the coordinator is accounted); retrying "
+                           "(attempt %d of %d)", reason, attempts + 1, self.max_retries + 1)
+
+    def _charge_replies_ahead(self, round_: int, phase: str) -> None:
+        """Write-ahead charge of a round whose replies the coordinator itself sees: every
+        noised update or sketch in local mode, the noised sketches of the basis phases in
+        distributed mode. The coordinator is the adversary there, so the round is charged
+        before its task goes out, whether or not it is then completed, retried or abandoned.
+        Central rounds are charged by their release; distributed training rounds when the
+        unmasking is requested (:meth:`_gather_secure`)."""
+        mode = self.config.dp.trust_mode
+        if phase == "evaluate" or mode == "central" or (mode == "distributed" and phase not in BASIS_PHASES):
+            return
+        kind = "basis" if phase in BASIS_PHASES else "train"
+        z = self.basis_noise_multiplier if kind == "basis" else self.config.dp.noise_multiplier
+        self.mechanism.charge(Charge(round_, kind, 1.0, z))
 
     def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
         snap = self.snapshot
@@ -816,6 +960,9 @@ class Coordinator:
                 step_timeout_s=self.config.dp.secagg_step_timeout_s,
             )
         self._state = _PHASE_STATES[phase]
+        downtime_at_start = self._client.downtime_s()
+        self._charge_replies_ahead(round_, phase)
+        self.metrics.round_opened(round_)
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
                     round_, phase, len(participants), self.config.round_deadline_s)
@@ -823,12 +970,14 @@ class Coordinator:
             return self._gather_secure(round_, participants, attempts)
         try:
             while not self._stop.is_set():
-                remaining = deadline - time.time()
+                # The round clock stands still while the broker is unreachable (see _extend_deadline).
+                task = self._extend_deadline(task, deadline, self._client.downtime_s() - downtime_at_start)
+                remaining = task.deadline - time.time()
                 # a participant that went offline (its last will) is not waited for
                 waiting = (set(participants) & self.ingest.online) - set(self.ingest.open.received)
-                if remaining <= 0 or not waiting:
+                if (remaining <= 0 and self._client.connected) or not waiting:
                     break
-                self._pump(min(0.1, remaining))
+                self._pump(min(0.1, remaining) if remaining > 0 else 0.1)
             else:
                 return None
             replies = dict(self.ingest.open.received)
@@ -838,6 +987,23 @@ class Coordinator:
         if missing:
             logger.info("round %d (%s): no reply from %s", round_, phase, ", ".join(missing))
         return _Collected(round_, replies, len(participants), attempts)
+
+    def _extend_deadline(self, task: Task, planned_deadline: float, paused_s: float) -> Task:
+        """The deadline rule for broker outages: a round's deadline is its planned deadline
+        plus every second the coordinator was disconnected from the broker since the task
+        was published (the round clock pauses during an outage; replies sent meanwhile wait
+        in the devices' queues). Once connected again, a deadline moved by more than a
+        second is republished in the (retained) task, so devices that saw the old deadline
+        pass still answer. Returns the task in force."""
+        deadline = planned_deadline + paused_s
+        self.ingest.open.deadline = deadline
+        if deadline - task.deadline < 1.0 or not self._client.connected:
+            return task
+        logger.info("round %d: the broker was unreachable for %.0f s; deadline extended by as much",
+                    task.round, deadline - task.deadline)
+        task = replace(task, deadline=deadline)
+        self._publish(self.topics.task, task)
+        return task
 
     def _gather_secure(self, round_: int, participants: list[str], attempts: int) -> _Collected | None:
         """Run the secure-aggregation steps of a distributed-mode round; the replies are the
@@ -850,6 +1016,12 @@ class Coordinator:
                 self._pump(0.05)
                 relay = secure.poll()
                 if relay is not None:
+                    if relay.step == "unmask":  # from here the survivors' sum can be unmasked: charge it first
+                        clip = self.snapshot.clip_norm  # shares are exact discrete Gaussians on the grid
+                        z = distributed_noise_multiplier(self.config.dp.noise_multiplier, self.secagg_threshold,
+                                                         len(relay.survivors)) * clip / grid_sensitivity(
+                            clip, self.snapshot.params.size, secure.fixed_point.resolution)
+                        self.mechanism.charge(Charge(round_, "train", 1.0, z))
                     self._publish(self.topics.secagg_relay, relay, retain=False)
                     logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,
                                 len(secure.expected))
@@ -873,11 +1045,15 @@ class Coordinator:
             return False
         cfg, snap = self.config, self.snapshot
         sketches = [m.payload for m in collected.replies.values()]
-        central = cfg.dp.trust_mode == "central"
         z = self.basis_noise_multiplier
-        statistic, n_clipped = aggregate_statistics(
-            np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, add_noise=central, rng=self.rng
-        )
+        if cfg.dp.trust_mode == "central":
+            statistic, n_clipped = aggregate_statistics(
+                np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, mechanism=self.mechanism,
+                charge=Charge(collected.round, "basis", 1.0, z),
+            )
+        else:  # the devices noised and the round is charged (_charge_received): post-processing only
+            statistic, n_clipped = aggregate_statistics(np.vstack([s.statistic for s in sketches]),
+                                                        self.basis_clip_norm)
         if n_clipped:
             logger.warning("round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
                            collected.round, phase, n_clipped, self.basis_clip_norm)
@@ -895,12 +1071,11 @@ class Coordinator:
             else:
                 snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
             snap.params = init_params(components.shape[0], len(cfg.model.classes), cfg.model.hidden,
-                                      random_state=self.rng)
+                                      random_state=self._init_rng)
             self.strategy.load_state_dict({})
             snap.phase = "train"
             logger.info("basis version %d: %d components of %d features, leading eigenvalues %s",
                         snap.basis_version, components.shape[0], components.shape[1], np.round(eigenvalues[:4], 3))
-        self.ledger.record_round(collected.round, 1.0, z, kind="basis")
         record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.basis_clip_norm)
         if phase == "covariance":
             self._publish(self.topics.basis, Basis(
@@ -924,21 +1099,21 @@ class Coordinator:
             if oversized:
                 logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
                                "clipped here", collected.round, ", ".join(oversized), clip)
-        z_recorded = z
+        q_used = 1.0  # the cohort is public (Task.participants): no amplification by sampling is claimed
         if collected.secure is not None:  # only the sum of the survivors' noised updates is known
             snap.params = self.strategy.server_update(collected.round, snap.params, collected.secure.mean_update())
-            z_recorded = collected.secure.noise_multiplier(z)
         elif cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
-            z_update = self.adaptive.delta_noise_multiplier(z) if self.adaptive is not None and z > 0 else z
-            aggregator = DPAggregator(self.strategy, z_update, clip_norm=clip, rng=self.rng)
-            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates)
+            aggregator = DPAggregator(self.strategy, z, adaptive_clipping=self.adaptive,
+                                      clip_norm=None if self.adaptive is not None else clip, mechanism=self.mechanism)
+            bits = None if self.adaptive is None else [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
+            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates, norm_bits=bits,
+                                                  sampling_rate=q_used)
+            if self.adaptive is not None:
+                snap.clip_norm = self.adaptive.clip
         else:
+            if cfg.dp.trust_mode == "central":  # a robust strategy runs without noise: a non-private release
+                self.mechanism.charge(Charge(collected.round, "train", q_used, 0.0))
             snap.params, _ = self.strategy.aggregate(collected.round, snap.params, updates)
-        if self.adaptive is not None:
-            bits = [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
-            snap.clip_norm = self.adaptive.update(np.array(bits), collected.n_selected)
-        q_used = self._planned_sampling_rate() if collected.attempts == 1 else 1.0
-        self.ledger.record_round(collected.round, q_used, z_recorded, kind="train")
         snap.train_rounds_done += 1
         snap.strategy_state = self.strategy.state_dict()
         record = self._commit(collected, "train", sampling_rate=q_used, clip_norm=clip)
@@ -1007,6 +1182,7 @@ class Coordinator:
             record.n_devices, record.n_selected, fmt(record.mean_loss, ".4f"), fmt(record.balanced_accuracy, ".3f"),
             eps, self.ledger.budget_accountant, self.ledger.delta,
         )
+        self.metrics.round_closed(record)
         if self.on_round is not None:
             self.on_round(record)
 
@@ -1014,7 +1190,10 @@ class Coordinator:
         snap, cfg = self.snapshot, self.config
         train_rounds = [r.round for r in self._store.history() if r.phase == "train"]
         model = self._model_file(train_rounds[-1] if train_rounds else 0)
-        write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+        try:
+            write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+        except OSError as exc:
+            raise StateError(f"{cfg.state_dir / 'model_final.npz'}: cannot write the final model: {exc}") from None
         if model.layout is not None:
             try:
                 export_onnx(model, cfg.state_dir / "model_final.onnx")
@@ -1030,7 +1209,7 @@ class Coordinator:
         for device, text in sorted(self.ingest.layouts.items()):
             try:
                 layout = LayoutSpec.from_json(text)
-            except ModelFormatError as exc:
+            except ModelFormatError as exc:  # total: any text gives a layout or this error
                 logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
                 continue
             if layout.n_features == d:

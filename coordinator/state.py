@@ -27,15 +27,27 @@ Schema (``SCHEMA_VERSION`` 1)
     epsilon (RDP and PLD; NULL when not computed, ``inf`` is stored as SQLite's infinity),
     the DP parameters used (sampling rate, noise multiplier, clip norm), attempts and time.
 
-The database uses WAL with ``synchronous=FULL``: a commit survives a power cut.
+The database uses a rollback journal with ``synchronous=FULL`` (a commit survives a power
+cut) and no memory mapping at all (``mmap_size=0``; no WAL, whose shared-memory index is
+an mmapped file): a state directory that turns read-only or full mid-run then fails a
+write with an error instead of killing the process with SIGBUS. Every storage failure is
+a :class:`StateError` naming the directory and the cause; the transaction of the failed
+commit is rolled back, so the database keeps the last committed round.
+
+One coordinator at a time runs on a state directory: :class:`StateDirLock` holds an
+exclusive ``flock`` on ``state_dir/coordinator.lock`` (released by the kernel when the
+process dies, so a crash never leaves a stale lock). Readers such as ``biofed status``
+read the database without the lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import logging
 import math
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
@@ -47,7 +59,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ROUND_COLUMNS", "SCHEMA_VERSION", "CoordinatorState", "RoundRecord", "Snapshot", "StateError", "write_final_model",
+    "ROUND_COLUMNS", "SCHEMA_VERSION", "CoordinatorState", "RoundRecord", "Snapshot", "StateDirLock", "StateError",
+    "running_coordinator", "write_final_model",
 ]
 
 SCHEMA_VERSION = 1
@@ -55,7 +68,33 @@ DB_NAME = "coordinator.sqlite"
 
 
 class StateError(RuntimeError):
-    """The state database is unusable (other fleet, newer schema, corrupt)."""
+    """The state database is unusable (other fleet, newer schema, corrupt) or cannot be
+    written (read-only or full state directory, I/O error)."""
+
+
+def _storage_error(path: Path, action: str, exc: BaseException) -> StateError:
+    return StateError(
+        f"{path}: cannot {action}: {exc}; the state directory must be writable and have free space "
+        "(nothing after the last committed round is kept; fix the directory and restart to resume)"
+    )
+
+
+def _probe_writable(directory: Path) -> None:
+    """Write, sync and delete a small file in ``directory``: read-only or full fails here,
+    at start, rather than in the first commit."""
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise _storage_error(directory, "write the state directory", exc) from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -133,6 +172,59 @@ def _from_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+class StateDirLock:
+    """An exclusive lock on a state directory: a second coordinator on it fails at once.
+
+    Raises
+    ------
+    StateError
+        Another process (or another :class:`StateDirLock` in this one) holds the lock.
+    """
+
+    NAME = "coordinator.lock"
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / self.NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            self._fd = None
+            raise StateError(
+                f"another coordinator (pid {holder}) is running on {self.path.parent}; stop it first, or give this "
+                "one its own state_dir"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Unlock (idempotent); the file stays, its content is only informative."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+
+def running_coordinator(state_dir: str | Path) -> int | None:
+    """The pid of the coordinator holding ``state_dir``'s :class:`StateDirLock`, or None
+    when none runs there (the lock is probed, never taken for longer than the probe)."""
+    path = Path(state_dir) / StateDirLock.NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None
+
+
 class CoordinatorState:
     """The coordinator's SQLite state under ``state_dir``.
 
@@ -150,12 +242,19 @@ class CoordinatorState:
 
     def __init__(self, state_dir: str | Path, fleet: str) -> None:
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _storage_error(self.state_dir, "create the state directory", exc) from None
+        _probe_writable(self.state_dir)
         self.path = self.state_dir / DB_NAME
         self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+            self._db.execute("PRAGMA mmap_size=0")
+            mode = self._db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+            if mode.lower() != "delete":
+                raise StateError(f"{self.path}: SQLite kept journal mode {mode!r}; put the state on a local disk")
             self._db.execute("PRAGMA synchronous=FULL")
             self._create(fleet)
         except sqlite3.DatabaseError as exc:
@@ -227,7 +326,18 @@ class CoordinatorState:
         """Persist that round numbers below ``next_round`` are used (called when a task is
         published, so a restarted coordinator never re-issues a task round number)."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('next_round', ?)", (json.dumps(int(next_round)),))
+            try:
+                self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('next_round', ?)",
+                                 (json.dumps(int(next_round)),))
+            except sqlite3.Error as exc:
+                raise _storage_error(self.path, f"reserve round numbers below {next_round}", exc) from None
+
+    def write_ledger(self, ledger_json: str) -> None:
+        """Persist the privacy ledger alone, at once (the write-ahead charge of
+        :class:`biofed.privacy_mechanism.PrivacyMechanism`: durable before the release is
+        published; a later :meth:`commit_round` writes the same ledger with the round)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('ledger', ?)", (json.dumps(str(ledger_json)),))
 
     def commit_round(
         self,
@@ -256,16 +366,25 @@ class CoordinatorState:
                         tuple(getattr(record, c) for c in ROUND_COLUMNS),
                     )
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite rolled back already (e.g. after a full disk)
+                if isinstance(exc, sqlite3.Error):
+                    raise _storage_error(self.path, "commit the round", exc) from None
                 raise
 
     def write_rounds_json(self) -> Path:
         """Write ``state_dir/rounds.json`` (the :meth:`history` as a list of dicts)."""
         path = self.state_dir / "rounds.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps([r.to_json_dict() for r in self.history()], indent=1))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps([r.to_json_dict() for r in self.history()], indent=1))
+            tmp.replace(path)
+        except OSError as exc:
+            raise _storage_error(path, "write the round history", exc) from None
         return path
 
 

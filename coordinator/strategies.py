@@ -50,7 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biofed.coordinator.clipping import AdaptiveClipping, clip_update, secure_rng
+from biofed.coordinator.clipping import AdaptiveClipping
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 
 logger = logging.getLogger(__name__)
 
@@ -465,19 +466,19 @@ def make_strategy(name: str, **params) -> Strategy:
 class DPAggregator(Strategy):
     """Central DP by composition (Flower's ``DifferentialPrivacyServerSideFixedClipping``).
 
-    Each round: re-clip every update to ``C`` (defensive: devices may clip already), take
-    the uniform mean of the ``n`` clipped updates through the inner strategy's
-    ``combine``, add ``N(0, (z C / n)^2)`` per coordinate (the Gaussian mechanism with
-    noise ``z C`` on the sum, sensitivity ``C``, scaled by ``1/n``), then let the inner
-    strategy's server optimizer post-process the noised mean. ``n`` is the number of
-    updates actually aggregated; the count of reports is treated as public. The metrics
-    return the mechanism's parameters (``dp_noise_multiplier`` is the ``z`` to give
-    :meth:`PrivacyLedger.record_round <biofed.coordinator.privacy.PrivacyLedger.record_round>`).
+    Each round the :class:`~biofed.privacy_mechanism.PrivacyMechanism` re-clips every update
+    to ``C`` (defensive: devices may clip already), sums them, adds ``N(0, (z C)^2)`` per
+    coordinate (the Gaussian mechanism with sensitivity ``C``) and charges the round
+    (``Charge(round, "train", sampling_rate, z)``) to its ledger before anything leaves it;
+    the noised sum divided by ``n`` is then post-processed by the inner strategy's server
+    optimizer. ``n`` is the number of updates actually aggregated; the count of reports is
+    treated as public (the cohort is public: rounds are charged with ``q = 1``).
 
     With :class:`~biofed.coordinator.clipping.AdaptiveClipping` the clip norm follows the
-    target quantile of update norms: the server computes each device's clipped bit from
-    the update it received, the update noise uses ``z_delta`` (so that update and count
-    together are one mechanism of multiplier ``z``) and the clip moves after the round.
+    target quantile of update norms: the clipped bits (the devices' ``norm_bits``, or the
+    server's own from the updates it received) are released in the same charge as the
+    update sum, the update noise uses ``z_delta`` (so that update and count together are
+    one mechanism of multiplier ``z``) and the clip moves after the round.
 
     Any invalid update raises :class:`AggregationError` before anything is noised (fail
     closed: the round releases nothing and must not be recorded).
@@ -493,8 +494,8 @@ class DPAggregator(Strategy):
         Fixed clip norm C > 0. Give either this or ``adaptive_clipping``.
     adaptive_clipping : AdaptiveClipping or None
         Adaptive clip-norm estimator (its ``clip`` is the current C).
-    rng : numpy.random.Generator or None
-        None (production) draws OS-seeded noise; tests may pass a generator.
+    mechanism : PrivacyMechanism
+        The coordinator's release gate (its ledger is charged every round).
     """
 
     name = "dp"
@@ -506,7 +507,7 @@ class DPAggregator(Strategy):
         clip_norm: float | None = None,
         *,
         adaptive_clipping: AdaptiveClipping | None = None,
-        rng: np.random.Generator | None = None,
+        mechanism: PrivacyMechanism,
     ) -> None:
         if not isinstance(strategy, FedAvg):
             raise ValueError(
@@ -530,7 +531,9 @@ class DPAggregator(Strategy):
             if adaptive_clipping is not None and self.noise_multiplier > 0
             else self.noise_multiplier
         )
-        self._rng = secure_rng(rng)
+        if not isinstance(mechanism, PrivacyMechanism):
+            raise TypeError(f"mechanism must be a PrivacyMechanism, got {type(mechanism).__name__}.")
+        self.mechanism = mechanism
 
     def __repr__(self) -> str:
         clip = f"adaptive_clipping={self.adaptive_clipping!r}" if self.adaptive_clipping else f"clip_norm={self.clip_norm:g}"
@@ -551,16 +554,30 @@ class DPAggregator(Strategy):
         return self.strategy.server_update(round, params, aggregate)
 
     def aggregate(
-        self, round: int, global_params: np.ndarray, updates: Sequence[ClientUpdate]
+        self, round: int, global_params: np.ndarray, updates: Sequence[ClientUpdate], *,
+        norm_bits=None, sampling_rate: float = 1.0,
     ) -> tuple[np.ndarray, dict]:
-        """Clip, average uniformly, add noise ``z C / n``, apply the inner server optimizer.
+        """Release the noised clipped sum through the mechanism, average uniformly, apply
+        the inner server optimizer.
+
+        Parameters
+        ----------
+        round : int
+            The round (its ledger entry).
+        global_params : ndarray, shape (P,)
+        updates : sequence of ClientUpdate
+        norm_bits : array-like of {0, 1}, shape (n,), or None
+            With adaptive clipping: the devices' bits (``norm <= C`` before their own
+            clipping), in the order of ``updates``; None computes them from the updates.
+        sampling_rate : float
+            q recorded in the charge.
 
         Returns
         -------
         new_params : ndarray, shape (P,)
         metrics : dict
             ``n_updates``, ``n_clipped``, ``aggregate_norm`` (noised mean), and the
-            mechanism actually run: ``dp_noise_multiplier`` (z for the ledger),
+            mechanism actually run: ``dp_noise_multiplier`` (z in the ledger),
             ``dp_update_noise_multiplier`` (z_delta with adaptive clipping, else z),
             ``dp_clip_norm`` (C used), ``dp_noise_std`` (on the mean) and
             ``dp_next_clip_norm``.
@@ -568,23 +585,26 @@ class DPAggregator(Strategy):
         params, deltas, _ = validate_updates(global_params, updates)
         n = deltas.shape[0]
         c = self.clip_norm
-        norms = np.empty(n)
-        for i in range(n):
-            deltas[i], norms[i] = clip_update(deltas[i], c)
-        mean = self.combine(deltas, np.ones(n))
-        std = self.update_noise_multiplier * c / n
-        noised = mean + self._rng.normal(0.0, std, size=mean.shape) if std > 0 else mean
+        norms = np.linalg.norm(deltas, axis=1)
+        queries = [ClippedSum(deltas, c, self.update_noise_multiplier * c)]
+        if self.adaptive_clipping is not None:
+            bits = norms <= c if norm_bits is None else np.asarray(norm_bits)
+            if bits.shape != (n,):
+                raise AggregationError(f"norm_bits must hold one bit per update ({n}), got shape {bits.shape}.")
+            queries.append(self.adaptive_clipping.count_query(bits))
+        released = self.mechanism.release(Charge(round, "train", sampling_rate, self.noise_multiplier), *queries)
+        noised = released[0] / n  # the uniform mean of the clipped updates, noised
         new_params = self.server_update(round, params, noised)
         if self.adaptive_clipping is not None:
-            self.adaptive_clipping.update(norms <= c, n)
+            self.adaptive_clipping.apply(float(released[1][0]), n)
         metrics = {
             "n_updates": n,
-            "n_clipped": int((norms > c).sum()),
+            "n_clipped": int((norms > c * (1 + 1e-12)).sum()),
             "aggregate_norm": float(np.linalg.norm(noised)),
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_update_noise_multiplier": self.update_noise_multiplier,
             "dp_clip_norm": c,
-            "dp_noise_std": std,
+            "dp_noise_std": self.update_noise_multiplier * c / n,
             "dp_next_clip_norm": self.clip_norm,
         }
         logger.debug("round %d DP aggregate: %s", round, metrics)

@@ -6,7 +6,13 @@ modality (``eeg``, ``audio``, ``bio``); :func:`replay` streams them as time-orde
 """
 
 from biofed.datasets.partition import dirichlet_label_partition, partition_by_subject
-from biofed.datasets.readers import SUPPORTED_EXTENSIONS, eegmat_subject_and_label, infer_channel_type, read_recording
+from biofed.datasets.readers import (
+    SUPPORTED_EXTENSIONS,
+    eegmat_subject_and_label,
+    infer_channel_type,
+    read_recording,
+    recordings_in,
+)
 from biofed.datasets.recording import (
     BIO_TYPES,
     CH_TYPES,
@@ -38,5 +44,6 @@ __all__ = [
     "make_recording",
     "partition_by_subject",
     "read_recording",
+    "recordings_in",
     "replay",
 ]

@@ -11,7 +11,10 @@ extension                              reader
 ``.hea`` ``.dat`` ``.mat``             ``wfdb.rdrecord`` (+ beat annotations from ``.atr``)
 ``.wav``                               ``scipy.io.wavfile``
 ``.txt`` ``.csv``                      NumPy, sampling rate from a ``# Sampling Rate (Hz):=``
-                                       header line (BioSPPy "Simple Text Format") or ``sfreq=``
+                                       header line (BioSPPy "Simple Text Format") or ``sfreq=``;
+                                       BrainFlow's CSV with ``board=`` (:mod:`.brainflow_csv`)
+``.xdf`` ``.xdfz``                     ``pyxdf`` (LSL recordings: streams and markers,
+                                       :mod:`biofed.datasets.xdf`)
 =====================================  ======================================================
 
 Conventions
@@ -56,20 +59,36 @@ import numpy as np
 
 from biofed.datasets.recording import BIO_TYPES, MODALITIES, Annotation, Recording, RecordingError, Signal
 
-__all__ = ["SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording"]
+__all__ = [
+    "SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording", "recordings_in",
+    "stream_channel_types",
+]
 
 logger = logging.getLogger(__name__)
 
 _MNE_EXTENSIONS = (".edf", ".bdf", ".fif", ".vhdr", ".set")
 _WFDB_EXTENSIONS = (".hea", ".dat", ".mat")
 _TEXT_EXTENSIONS = (".txt", ".csv")
+_XDF_EXTENSIONS = (".xdf", ".xdfz")
 #: Extensions :func:`read_recording` understands.
-SUPPORTED_EXTENSIONS = _MNE_EXTENSIONS + _WFDB_EXTENSIONS + (".wav",) + _TEXT_EXTENSIONS
+SUPPORTED_EXTENSIONS = _MNE_EXTENSIONS + _WFDB_EXTENSIONS + (".wav",) + _TEXT_EXTENSIONS + _XDF_EXTENSIONS
 
 
 # --------------------------------------------------------------------------------------
-# public entry point
+# public entry points
 # --------------------------------------------------------------------------------------
+def recordings_in(folder) -> list[Path]:
+    """The recording files of ``folder`` that :func:`read_recording` reads, sorted by name.
+
+    A WFDB record counts once, by its ``.hea`` header (its ``.dat``/``.mat`` signal file is
+    read with it).
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS)
+    headers = {p.with_suffix("") for p in files if p.suffix.lower() == ".hea"}
+    return [p for p in files if not (p.suffix.lower() in (".dat", ".mat") and p.with_suffix("") in headers)]
+
+
 def read_recording(path, *, sfreq: float | None = None, modality: str | None = None) -> Recording:
     """Read one recording file.
 
@@ -128,6 +147,8 @@ def read_recording(path, *, sfreq: float | None = None, modality: str | None = N
         reader = _read_wfdb
     elif ext == ".wav":
         reader = _read_wav
+    elif ext in _XDF_EXTENSIONS:
+        from biofed.datasets.xdf import read_xdf as reader
     else:
         reader = _read_text
     try:
@@ -260,6 +281,27 @@ def _dataset_naming_rules(stem: str) -> tuple[str | None, str | None]:
     return None, biosppy.get(stem)
 
 
+_STREAM_TYPES = {"eeg": "eeg", "audio": "audio", "microphone": "audio", "ecg": "ecg", "ekg": "ecg", "ppg": "ppg",
+                 "resp": "resp", "eda": "eda", "gsr": "eda", "acc": "acc"}
+
+
+def stream_channel_types(names, declared, stream_type: str | None) -> list[str]:
+    """Channel types of an LSL (or XDF) stream's channels, one of :data:`CH_TYPES` each.
+
+    A declared type biofed knows wins (``"EEG"``, ``"ECG"``...); otherwise the label decides
+    (:func:`infer_channel_type`); otherwise, for a channel without a declared type, the
+    stream's type (``EEG``, ``Audio``, ``ECG``, ``GSR``...); otherwise ``"misc"``.
+    """
+    from_stream = _STREAM_TYPES.get((stream_type or "").strip().lower())
+    types = []
+    for name, kind in zip(names, declared):
+        kind = (kind or "").strip().lower()
+        # a declared type biofed does not know (TRG, STIM, EXG...) is no vote for the stream's type
+        fallback = from_stream if not kind else None
+        types.append(_STREAM_TYPES.get(kind) or infer_channel_type(name, default=None) or fallback or "misc")
+    return types
+
+
 def _modality_of(ch_type: str) -> str | None:
     if ch_type in ("eeg", "audio"):
         return ch_type
@@ -269,7 +311,8 @@ def _modality_of(ch_type: str) -> str | None:
 
 
 _UNIT_SCALES = {"v": ("V", 1.0), "volt": ("V", 1.0), "volts": ("V", 1.0), "mv": ("V", 1e-3),
-                "uv": ("V", 1e-6), "µv": ("V", 1e-6), "μv": ("V", 1e-6)}  # fmt: skip
+                "uv": ("V", 1e-6), "µv": ("V", 1e-6), "μv": ("V", 1e-6),
+                "millivolts": ("V", 1e-3), "microvolts": ("V", 1e-6)}  # fmt: skip  (the last two: XDF/LSL spelling)
 
 
 def _normalise_unit(unit: str | None) -> tuple[str, float]:
@@ -344,7 +387,12 @@ def _check_edf_header(path: Path, bdf: bool) -> None:
             raise RecordingError(path, f"not an {'BDF' if bdf else 'EDF'} file: version field is {version!r}.")
         header_bytes = _header_field(path, header, 184, 192, "header bytes", int)
         n_records = _header_field(path, header, 236, 244, "number of data records", int)
-        _header_field(path, header, 244, 252, "record duration", float)
+        record_s = _header_field(path, header, 244, 252, "record duration", float)
+        if not (math.isfinite(record_s) and record_s > 0):
+            raise RecordingError(
+                path, f"corrupt EDF/BDF header: record duration (bytes 244-252) is {record_s:g} s; it must be a "
+                "positive number of seconds (the sampling rates are samples per record / record duration)."
+            )
         n_signals = _header_field(path, header, 252, 256, "number of signals", int)
         if n_signals < 1 or header_bytes != 256 * (n_signals + 1):
             raise RecordingError(

@@ -35,7 +35,7 @@ import numpy as np
 
 from biofed.datasets.recording import MODALITIES, Recording
 
-__all__ = ["Chunk", "replay"]
+__all__ = ["Chunk", "bad_spans", "replay"]
 
 # A sample whose timestamp lies within this many sample periods below a step boundary is
 # counted in the next step; it absorbs float error in (k * chunk_s) * sfreq.
@@ -67,12 +67,22 @@ class Chunk:
     label: str | None
 
 
+def _is_bad(label: str) -> bool:
+    return label.upper().startswith("BAD")
+
+
 def _label_spans(rec: Recording) -> list[tuple[float, float, str]]:
     return sorted(
         (a.onset, a.onset + a.duration, a.label)
         for a in rec.annotations
-        if a.duration > 0 and not a.label.upper().startswith("BAD")
+        if a.duration > 0 and not _is_bad(a.label)
     )
+
+
+def bad_spans(rec: Recording) -> list[tuple[float, float]]:
+    """``(onset, end)`` seconds of the recording's ``BAD*`` annotations (MNE's convention: artefacts,
+    gaps), sorted; windows overlapping one are not used. A zero-duration ``BAD`` event marks one instant."""
+    return sorted((a.onset, a.onset + a.duration) for a in rec.annotations if _is_bad(a.label))
 
 
 def _label_at(spans, default: str | None, t: float) -> str | None:

@@ -20,7 +20,7 @@ Life of an agent (``biofed edge --config device.toml``)
    so far (a live sensor).
 2. **Connect.** :class:`biofed.mqtt.MqttClient` with a persistent session under the stable
    client id ``device_id``, last will = retained ``Status("offline")``; then a retained
-   ``Status("online", n_rows, basis_version)`` and subscriptions to ``task``, ``basis`` and
+   ``Status("online", basis_version)`` and subscriptions to ``task``, ``basis`` and
    ``model``. The first connection is retried with capped, jittered exponential backoff;
    later reconnects are paho's (see :mod:`biofed.mqtt`), after each of which the agent
    publishes its "online" status again (the broker may have published the will meanwhile).
@@ -36,14 +36,19 @@ Task phases (the "Federated flow" contract)
 -------------------------------------------
 With ``X`` the device's raw training rows (labels in ``Task.classes``, minus the held-out
 windows of :func:`biofed.edge.split.holdout_split`), every statistic and update is clipped to
-L2 norm ``Task.clip_norm`` with :func:`biofed.kernels.clip_l2`; in ``"local"`` and
-``"distributed"`` trust modes the device adds ``N(0, (Task.noise_multiplier * clip_norm)^2)``
-itself to its sketches. A distributed-mode *training* update is instead secure-aggregated
-(:mod:`biofed.edge.secure_aggregation`): the device adds only its noise share of std
-``noise_multiplier * clip_norm / sqrt(Task.secagg_threshold)``, sends an ``Update`` with an
-empty delta (metrics only) and its keys, and answers the coordinator's ``secagg_relay``
-steps; the delta leaves the device only masked. Noise comes from a generator seeded from OS
-entropy (:mod:`secrets`), never from a configurable seed.
+L2 norm ``Task.clip_norm``. In ``"local"`` and ``"distributed"`` trust modes the coordinator
+is the adversary, so the device is the release gate: its
+:class:`~biofed.privacy_mechanism.PrivacyMechanism` clips, adds
+``N(0, (Task.noise_multiplier * clip_norm)^2)`` to sketches and local-mode updates and
+charges the device's own ledger durably (``agent_privacy_ledger`` in the store's SQLite
+file) before the value is published. A distributed-mode *training* update is instead
+secure-aggregated (:mod:`biofed.edge.secure_aggregation`): the mechanism adds only the noise
+share of std ``noise_multiplier * clip_norm / sqrt(Task.secagg_threshold)``, the device
+sends an ``Update`` with an empty delta and its keys, and answers the coordinator's
+``secagg_relay`` steps; the delta leaves the device only masked. In those two modes nothing
+data-dependent travels in cleartext: ``n_examples``, ``clipped``, ``norm_bit`` and every
+metric (loss, windows, held-out accuracy, RSS, CPU time, bytes) are zero or absent, the
+sketch's ``clipped`` is False, and the status never carries a row count.
 
 Signed messages
 ---------------
@@ -86,10 +91,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import secrets
+import math
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +105,15 @@ import psutil
 
 from biofed.config import ConfigError, DeviceConfig
 from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
-from biofed.edge.pipeline import ChunkError, FeatureLayout, PipelineConfig, PipelineError, StreamingPipeline
+from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
-from biofed.kernels import clip_l2, n_params, predict_proba, project, train
+from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
+from biofed.metrics import AgentMetrics
 from biofed.model_format import LayoutSpec
+from biofed.privacy_ledger import PrivacyLedger
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
 from biofed.secagg import SecAggError
 from biofed.signing import signing_from_config
@@ -144,11 +153,21 @@ CREATE TABLE IF NOT EXISTS agent_layout (
     hash TEXT PRIMARY KEY,
     layout TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS agent_privacy_ledger (
+    id INTEGER PRIMARY KEY CHECK (id IN (1, 2)),
+    ledger TEXT NOT NULL
+);
 """
+_CLIENT_LEDGER, _RECORD_LEDGER = 1, 2
+"""Rows of ``agent_privacy_ledger``: the client-level and the record-level (DP-SGD) ledger."""
 _APPEND_EVERY = 64
 """Rows buffered before a store append while ingesting (one durable transaction each)."""
 _PREDICT_ROWS = 64
 """Newest stored windows classified when ``predict`` is on and a new global model arrives."""
+
+
+_OFFLINE_PUBLISH_TIMEOUT_S = 2.0
+"""How long a stopping agent waits for the broker to acknowledge its "offline" status."""
 
 
 class AgentState(enum.Enum):
@@ -221,6 +240,17 @@ def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Se
     return LocalData(X, y, train_mask, held_out)
 
 
+def recording_files(config: DeviceConfig) -> list[Path]:
+    """``config.recordings`` and the files of its ``kind = "file"`` sources (a folder's recordings, sorted)."""
+    from biofed.datasets import recordings_in
+
+    files = list(config.recordings)
+    for source in config.sources:
+        if source.kind == "file":
+            files += recordings_in(source.path) if source.path.is_dir() else [source.path]
+    return files
+
+
 def _stream_key(paths: Sequence[Path]) -> str:
     return "+".join(str(p) for p in paths)
 
@@ -250,7 +280,6 @@ class EdgeAgent:
         )
         self._clock = clock
         self._train_rng = np.random.default_rng(random_state)
-        self._noise_rng = np.random.default_rng(secrets.randbits(128))
         self._seen = SeenMessageIds(capacity=10_000)
         self._signer, self._verifier = signing_from_config(config, self.device_id)
         self._secagg: SecureAggregationParticipant | None = None
@@ -264,12 +293,25 @@ class EdgeAgent:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.dropped_messages = 0
+        self.rejections: Counter[str] = Counter()
+        """Inbound messages not acted on, per reason (a :class:`~biofed.protocol.ProtocolError`
+        class name, ``"duplicate"``, ``"secagg"`` or ``"internal error"``)."""
         self._process = psutil.Process()
         self.store = FeatureStore(config.store_path, max_rows=config.store_max_rows)
         self._ingest_db = sqlite3.connect(config.store_path, check_same_thread=False, isolation_level=None,
                                           timeout=30.0)
         self._ingest_db.executescript(_INGEST_SCHEMA)
+        self._ingest_db.execute("PRAGMA synchronous=FULL")
         self._ingest_lock = threading.Lock()
+        self.mechanism = PrivacyMechanism(self._stored_ledger(_CLIENT_LEDGER),
+                                          persist=lambda ledger: self._persist_ledger(_CLIENT_LEDGER, ledger))
+        """The device's client-level release gate (local and distributed trust modes): every
+        noised update, sketch and noise share is charged to the device's own ledger, durably
+        (in the store's SQLite file), before it is published."""
+        self.record_mechanism = PrivacyMechanism(self._stored_ledger(_RECORD_LEDGER),
+                                                 persist=lambda ledger: self._persist_ledger(_RECORD_LEDGER, ledger))
+        """The record-level gate of DP-SGD (``[dp] record_noise_multiplier``): every step's
+        noised gradient sum is charged to the device's record-level ledger."""
         self._client: MqttClient | None = None
         self._was_connected = False
         self.layout_json = self._stored_layout()
@@ -278,6 +320,8 @@ class EdgeAgent:
         """The ONNX global model predictions are made with (``predict = true``)."""
         self._predict_standardization: tuple[np.ndarray, np.ndarray] | None = None
         """Device standardization applied to raw rows before :attr:`predictor` (None: global)."""
+        self.metrics = AgentMetrics(self)
+        """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
 
     # ------------------------------------------------------------------ state
     @property
@@ -308,6 +352,27 @@ class EdgeAgent:
             self._ingest_db.close()
 
     # ------------------------------------------------------------------ layout
+    def _stored_ledger(self, row_id: int) -> PrivacyLedger:
+        row = self._ingest_db.execute("SELECT ledger FROM agent_privacy_ledger WHERE id = ?", (row_id,)).fetchone()
+        ledger = PrivacyLedger(self.config.dp.delta, ("rdp",))
+        if row is not None:
+            ledger.extend(PrivacyLedger.from_json(row[0]))
+        return ledger
+
+    def _persist_ledger(self, row_id: int, ledger: PrivacyLedger) -> None:
+        with self._ingest_lock:
+            self._ingest_db.execute("INSERT OR REPLACE INTO agent_privacy_ledger(id, ledger) VALUES (?, ?)",
+                                    (row_id, ledger.to_json()))
+
+    def privacy_report(self) -> dict[str, float | None]:
+        """The device's two guarantees at ``[dp] delta``, never mixed: ``client_epsilon``
+        (its client-level ledger: what it released in local/distributed trust modes; 0.0
+        when it released nothing itself) and ``record_epsilon`` (record-level DP-SGD; None
+        when record-level DP is off)."""
+        record = None if self.config.dp.record_noise_multiplier is None else self.record_mechanism.ledger.epsilon()
+        return {"client_epsilon": self.mechanism.ledger.epsilon(), "record_epsilon": record,
+                "delta": self.config.dp.delta}
+
     def _stored_layout(self) -> str:
         current = self.store.layout_hash
         if current is None:
@@ -405,25 +470,30 @@ class EdgeAgent:
             return True
         return False
 
-    def ingest(self, stop: threading.Event | None = None) -> int:
-        """Replay every configured recording not ingested yet into the store.
+    def ingest(self, stop: threading.Event | None = None, *, paths: Sequence[Path] | None = None) -> int:
+        """Replay every configured recording (or ``paths``) not ingested yet into the store.
 
         Returns the number of rows added. Unreadable files and streams whose feature layout
         differs from the stored one are logged and skipped (a device has one sensor layout).
+        Windows overlapping a ``BAD*`` annotation are not stored.
         """
         from biofed.datasets import replay
+        from biofed.datasets.live import BadSpans
+        from biofed.datasets.replay import bad_spans
+        from biofed.edge.continuous import LiveFeatures
 
         self._recover_pending()
         done = self._ingested_paths()
-        todo = [p for p in self.config.recordings if str(p) not in done]
-        skipped = len(self.config.recordings) - len(todo)
+        configured = recording_files(self.config) if paths is None else list(paths)
+        todo = [p for p in configured if str(p) not in done]
+        skipped = len(configured) - len(todo)
         if skipped:
             logger.info("%s: %d recording(s) already ingested, skipped", self.device_id, skipped)
         added = 0
-        for paths, recordings in self._streams(todo):
+        for stream_paths, recordings in self._streams(todo):
             if stop is not None and stop.is_set():
                 break
-            stream = _stream_key(paths)
+            stream = _stream_key(stream_paths)
             channels = {m: (s.sfreq, s.ch_names, s.ch_types) for r in recordings for m, s in r.signals.items()}
             try:
                 layout = FeatureLayout.from_channels(channels, self.pipeline_config)
@@ -439,8 +509,12 @@ class EdgeAgent:
                 continue
             self._remember_layout(layout)
             offset = self._next_stream_offset()
-            self._mark(paths, stream, done=False)
-            pipeline = StreamingPipeline(self.pipeline_config, layout)
+            self._mark(stream_paths, stream, done=False)
+            bad = BadSpans()
+            for recording in recordings:  # every recording of a stream starts at its t = 0
+                for onset, end in bad_spans(recording):
+                    bad.add(onset, end)
+            features = LiveFeatures(self.pipeline_config, layout, bad)
             rows: list = []
             n_stream = 0
             interrupted = False
@@ -448,36 +522,35 @@ class EdgeAgent:
                 if stop is not None and stop.is_set():
                     interrupted = True
                     break
-                if chunk.modality not in layout.modality_names:
-                    continue
-                try:
-                    new = pipeline.push(chunk.modality, chunk.data, chunk.label)
-                except ChunkError as exc:
-                    logger.warning("%s: dropped a %s chunk of %s at t=%.2f s: %s",
-                                   self.device_id, chunk.modality, chunk.source, chunk.t0, exc)
-                    continue
+                new = features.feed(chunk)
                 rows.extend(new)
-                predictor = self.predictor
-                if new and predictor is not None:  # a prediction for every new window, as it is produced
-                    t = offset + np.array([r.t for r in new])
-                    try:
-                        self._publish(self._prediction(predictor, np.stack([r.vector for r in new]), t))
-                    except InferenceError as exc:
-                        logger.error("%s: prediction failed, predictions stopped: %s", self.device_id, exc)
-                        self.predictor = None
+                self._predict_rows(new, offset)  # a prediction for every new window, as it is produced
                 if len(rows) >= _APPEND_EVERY:
                     n_stream += self._append_rows(rows, offset, stream)
                     rows = []
             if interrupted:
                 logger.info("%s: stopped while ingesting %s (replayed again on restart)", self.device_id, stream)
                 break
-            pipeline.flush()
+            features.pipeline.flush()
             n_stream += self._append_rows(rows, offset, stream)
-            self._mark(paths, stream, done=True, n_rows=n_stream)
+            self._mark(stream_paths, stream, done=True, n_rows=n_stream)
             added += n_stream
-            logger.info("%s: ingested %s: %d windows of %d features", self.device_id, stream, n_stream,
-                        layout.n_features)
+            logger.info("%s: ingested %s: %d windows of %d features%s", self.device_id, stream, n_stream,
+                        layout.n_features, f" ({features.rejected_bad} overlapping BAD annotations dropped)"
+                        if features.rejected_bad else "")
         return added
+
+    def _predict_rows(self, rows: list, offset: float) -> None:
+        """Classify new raw rows with the current global model and publish the prediction (``predict``)."""
+        predictor = self.predictor
+        if not rows or predictor is None:
+            return
+        t = offset + np.array([r.t for r in rows])
+        try:
+            self._publish(self._prediction(predictor, np.stack([r.vector for r in rows]), t))
+        except InferenceError as exc:
+            logger.error("%s: prediction failed, predictions stopped: %s", self.device_id, exc)
+            self.predictor = None
 
     def _append_rows(self, rows: list, offset: float, stream: str) -> int:
         if not rows:
@@ -489,6 +562,7 @@ class EdgeAgent:
         except StoreError as exc:
             logger.error("%s: %d windows of %s not stored: %s", self.device_id, len(rows), stream, exc)
             return 0
+        self.metrics.stored(len(rows))
         return len(rows)
 
     def store_windows(self, X: np.ndarray, labels: Sequence[str], t: np.ndarray, *, layout_hash: str,
@@ -532,19 +606,23 @@ class EdgeAgent:
                                                verifier=self._verifier)
             except ReplayedMessage as exc:
                 # A retained task or model is delivered again at every reconnect: expected, not an attack sign.
+                self.rejections[type(exc).__name__] += 1
                 logger.debug("%s: dropped a message on %s: %s", self.device_id, topic, exc)
                 return []
             except ProtocolError as exc:
                 self.dropped_messages += 1
+                self.rejections[type(exc).__name__] += 1
                 logger.warning("%s: dropped a message on %s: %s", self.device_id, topic, exc)
                 return []
             if not self._seen.add(message.message_id):
+                self.rejections["duplicate"] += 1
                 logger.debug("%s: duplicate %s message %s dropped", self.device_id, message.kind, message.message_id)
                 return []
             try:
                 return self._dispatch(message)
             except Exception:  # noqa: BLE001 - a long-running agent logs and drops, never dies on input
                 self.dropped_messages += 1
+                self.rejections["internal error"] += 1
                 logger.exception("%s: failed to handle the %s message of round %d; dropped",
                                  self.device_id, message.kind, message.round)
                 return []
@@ -568,7 +646,8 @@ class EdgeAgent:
 
     def status_message(self, state: str = "online", detail: str = "") -> Outgoing:
         """The retained status of this device (``online`` with row count and basis version)."""
-        status = Status(round=self.last_round, state=state, n_rows=self.n_rows, detail=detail,
+        # no row count: how much data a device holds is data-dependent and the status is readable fleet-wide
+        status = Status(round=self.last_round, state=state, detail=detail,
                         basis_version=0 if self.basis is None else self.basis.version, layout=self.layout_json)
         return Outgoing(self.topics.status(self.device_id), self._encode(status), retain=True)
 
@@ -663,6 +742,7 @@ class EdgeAgent:
             out = self._train(task) if task.phase == "train" else self._evaluate(task)
         if out:
             self._answered.add(key)
+            self.metrics.task_answered(task.round, task.phase)
         self._enter(AgentState.IDLE)
         return out
 
@@ -679,10 +759,22 @@ class EdgeAgent:
                            self.device_id, task.round, task.phase, task.basis_version, have)
         return False
 
-    def _noise(self, task: Task, size: int) -> np.ndarray | None:
-        if task.trust_mode == "central" or task.noise_multiplier == 0:
-            return None
-        return self._noise_rng.normal(0.0, task.noise_multiplier * task.clip_norm, size)
+    def _release(self, task: Task, vector: np.ndarray, kind: str) -> np.ndarray:
+        """``vector`` clipped to ``task.clip_norm``; in local and distributed modes noised
+        with ``N(0, (z C)^2)`` and charged by this device's privacy mechanism first (the
+        coordinator is the adversary there). In central mode the device only clips: the
+        coordinator's mechanism noises and charges."""
+        if task.trust_mode == "central":
+            return clip_l2(vector, task.clip_norm)[0]
+        (noised,) = self.mechanism.release(self._charge(task, kind),
+                                           ClippedSum(vector, task.clip_norm, task.noise_multiplier * task.clip_norm))
+        return noised
+
+    def _charge(self, task: Task, kind: str) -> Charge:
+        """The device ledger's entry for a release answering ``task``. Entries are numbered
+        by the device's own release count (a new coordinator state restarts the task round
+        numbers; the device's ledger spans every coordinator it ever answered)."""
+        return Charge(len(self.mechanism.ledger), kind, 1.0, task.noise_multiplier)
 
     def _sketch(self, task: Task) -> list[Outgoing]:
         self._enter(AgentState.SKETCHING)
@@ -706,12 +798,10 @@ class EdgeAgent:
                 mean, scale = task.stats_mean, task.stats_scale
             Z = (X - mean) / scale
             statistic = (Z.T @ Z / Z.shape[0]).ravel()
-        clipped, norm = clip_l2(statistic, task.clip_norm)
-        noise = self._noise(task, clipped.shape[0])
-        if noise is not None:
-            clipped = clipped + noise
-        sketch = Sketch(round=task.round, basis_version=task.basis_version, phase=task.phase, statistic=clipped,
-                        clipped=bool(norm > task.clip_norm), n_features=d)
+        norm = float(np.linalg.norm(statistic))
+        released = self._release(task, statistic, "basis")
+        sketch = Sketch(round=task.round, basis_version=task.basis_version, phase=task.phase, statistic=released,
+                        clipped=task.trust_mode == "central" and norm > task.clip_norm, n_features=d)
         logger.info("%s: %s statistic of round %d from %d windows (norm %.3g, clip %.3g)", self.device_id,
                     task.phase, task.round, X.shape[0], norm, task.clip_norm)
         return [Outgoing(self.topics.sketch(self.device_id), self._encode(sketch))]
@@ -746,7 +836,10 @@ class EdgeAgent:
         loss = float(-np.mean(np.log(np.maximum(proba[np.arange(y.size), y], 1e-300))))
         return accuracy, int(y.size), loss
 
-    def _metrics(self, loss: float, n_windows: int, cpu_start: float, accuracy, eval_windows: int) -> UpdateMetrics:
+    def _metrics(self, task: Task, loss: float, n_windows: int, cpu_start: float, accuracy,
+                 eval_windows: int) -> UpdateMetrics:
+        if task.trust_mode != "central":  # data-dependent cleartext must not reach the coordinator
+            return UpdateMetrics(loss=0.0, n_windows=0, rss_bytes=0, cpu_time_s=0.0)
         return UpdateMetrics(
             loss=loss, n_windows=n_windows, rss_bytes=int(self._process.memory_info().rss),
             cpu_time_s=max(time.process_time() - cpu_start, 0.0), bytes_sent=self.bytes_sent,
@@ -766,29 +859,27 @@ class EdgeAgent:
         accuracy, eval_windows, _ = self._held_out_metrics(task, data)
         Z = self._project(data.X[data.train], data)
         y = data.y[data.train]
-        params, loss = train(
-            task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs, batch_size=task.batch_size,
-            lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
-            prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng,
-        )
-        delta, norm = clip_l2(params - task.model, task.clip_norm)
+        params, loss = self._local_training(task, Z, y)
+        raw_delta = params - task.model
+        norm = float(np.linalg.norm(raw_delta))
         secure = task.trust_mode == "distributed"
-        if secure:  # the delta travels only masked; the participant adds the noise share
+        central = task.trust_mode == "central"
+        if secure:  # the delta travels only masked; the participant adds the noise share through the mechanism
             try:
-                self._secagg = SecureAggregationParticipant(self.device_id, self.config.fleet, task, delta,
-                                                            rng=self._noise_rng)
+                self._secagg = SecureAggregationParticipant(self.device_id, self.config.fleet, task, raw_delta,
+                                                            mechanism=self.mechanism,
+                                                            charge=self._charge(task, "train"))
             except SecAggError as exc:
                 logger.error("%s: round %d: %s; not answered", self.device_id, task.round, exc)
                 return []
+            delta = np.empty(0, dtype=np.float64)
         else:
-            noise = self._noise(task, delta.shape[0])
-            if noise is not None:
-                delta = delta + noise
+            delta = self._release(task, raw_delta, "train")
         update = Update(
-            round=task.round, basis_version=task.basis_version,
-            delta=np.empty(0, dtype=np.float64) if secure else delta, n_examples=int(y.size),
-            clipped=bool(norm > task.clip_norm), norm_bit=int(norm <= task.clip_norm) if task.adaptive_clipping else None,
-            metrics=self._metrics(loss, int(y.size), cpu_start, accuracy, eval_windows),
+            round=task.round, basis_version=task.basis_version, delta=delta,
+            n_examples=int(y.size) if central else 0, clipped=central and norm > task.clip_norm,
+            norm_bit=int(norm <= task.clip_norm) if task.adaptive_clipping and central else None,
+            metrics=self._metrics(task, loss, int(y.size), cpu_start, accuracy, eval_windows),
         )
         logger.info("%s: round %d trained on %d windows: loss %.4f, |delta| %.3g (clip %.3g), held-out balanced "
                     "accuracy of the incoming model %s", self.device_id, task.round, y.size, loss, norm,
@@ -797,6 +888,32 @@ class EdgeAgent:
         if secure:
             out.append(Outgoing(self.topics.secagg(self.device_id), self._encode(self._secagg.start())))
         return out
+
+    def _local_training(self, task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        """``(new params, loss)`` of local training from the task's model on projected rows ``Z``
+        (labels ``y``): minibatch SGD/Adam, or record-level DP-SGD through :attr:`record_mechanism`
+        when ``[dp] record_noise_multiplier`` is set. The one step of a training round that depends
+        on the learning rule (the audit's canary clients replace it; clipping, noise and publishing
+        stay the agent's)."""
+        common = dict(lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
+                      prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng)
+        dp = self.config.dp
+        if dp.record_noise_multiplier is None:
+            return train(task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs,
+                         batch_size=task.batch_size, **common)
+        z, clip, q = dp.record_noise_multiplier, dp.record_clip_norm, dp.record_sampling_rate
+        gate = self.record_mechanism
+
+        def release(grads: np.ndarray) -> np.ndarray:
+            return gate.release(Charge(len(gate.ledger), "train", q, z), ClippedSum(grads, clip, z * clip))[0]
+
+        params, loss = dp_sgd(task.model, Z, y, len(task.classes), task.hidden,
+                              steps=math.ceil(task.local_epochs / q), sampling_rate=q, release=release, **common)
+        report = self.privacy_report()
+        logger.info("%s: privacy after round %d: record-level epsilon %.4g (DP-SGD, q=%g, z=%g) | client-level "
+                    "epsilon of this device's own releases %.4g, at delta %g", self.device_id, task.round,
+                    report["record_epsilon"], q, z, report["client_epsilon"], report["delta"])
+        return params, 0.0 if math.isnan(loss) else loss
 
     def _on_secagg(self, relay: SecAggRelay) -> list[Outgoing]:
         """Answer the coordinator's next secure-aggregation step of the current round."""
@@ -809,6 +926,7 @@ class EdgeAgent:
             answer = participant.handle(relay)
         except SecAggError as exc:
             self.dropped_messages += 1
+            self.rejections["secagg"] += 1
             logger.warning("%s: secagg %s relay of round %d refused: %s", self.device_id, relay.step, relay.round, exc)
             return []
         if participant.finished:
@@ -827,7 +945,7 @@ class EdgeAgent:
             return []
         update = Update(
             round=task.round, basis_version=task.basis_version, delta=np.empty(0, dtype=np.float64), n_examples=0,
-            clipped=False, metrics=self._metrics(loss, eval_windows, cpu_start, accuracy, eval_windows),
+            clipped=False, metrics=self._metrics(task, loss, eval_windows, cpu_start, accuracy, eval_windows),
         )
         logger.info("%s: evaluated round %d on %d held-out windows: balanced accuracy %.3f", self.device_id,
                     task.round, eval_windows, accuracy)
@@ -844,11 +962,14 @@ class EdgeAgent:
         self._publish(out)
 
     def _publish(self, out: Outgoing) -> None:
+        """Publish, waiting for the acknowledgement only while connected: during a broker
+        outage the message waits in the client's queue and goes out after the reconnect,
+        and the agent keeps serving meanwhile."""
         client = self._client
         if client is None:
             return
         try:
-            client.publish(out.topic, out.payload, retain=out.retain)
+            client.publish(out.topic, out.payload, retain=out.retain, wait=client.connected)
             self.bytes_sent += len(out.payload)
         except MqttError as exc:
             logger.error("%s: could not publish to %s: %s", self.device_id, out.topic, exc)
@@ -914,14 +1035,29 @@ class EdgeAgent:
         if client is None:
             return
         self._enter(AgentState.STOPPING)
-        self._publish(self.status_message("offline"))
+        offline = self.status_message("offline")
+        if client.connected:  # disconnected, nothing goes out now; the broker has our last will
+            try:  # bounded: should the broker go away now, its last will says "offline" anyway
+                client.publish(offline.topic, offline.payload, retain=True, timeout_s=_OFFLINE_PUBLISH_TIMEOUT_S)
+            except MqttError as exc:
+                logger.info("%s: offline status not delivered (%s); the broker publishes the last will",
+                            self.device_id, exc)
         client.close()
         self._client = None
 
     def run(self, stop: threading.Event) -> None:
-        """Ingest, connect and serve tasks until ``stop`` is set; then go offline cleanly."""
+        """Warm up, ingest, connect and serve tasks until ``stop`` is set; then go offline cleanly."""
+        from biofed.edge.continuous import ContinuousIngestion
+
         ingest_thread = None
         self._enter(AgentState.STARTING)
+        if self.config.warmup:  # compile (or load) every kernel now, so no task waits on the JIT
+            from biofed.edge.warmup import warmup
+
+            logger.info("%s: kernels warmed up in %.1f s", self.device_id, warmup())
+        continuous = ContinuousIngestion(self) if ContinuousIngestion.needed(self.config) else None
+        if continuous is not None:
+            continuous.start(stop)
         if self.config.replay_speed == 0:
             self.ingest(stop)
         else:
@@ -940,6 +1076,8 @@ class EdgeAgent:
             self.close_session()
             if ingest_thread is not None:
                 ingest_thread.join(timeout=10.0)
+            if continuous is not None:
+                continuous.join()
             self._enter(AgentState.STOPPED)
             logger.info("%s: offline", self.device_id)
 

@@ -17,11 +17,15 @@ classes, the accuracy against those labels.
 
 from __future__ import annotations
 
+import json
 import logging
+import zipfile
 from collections import Counter
 from pathlib import Path
 
 import click
+
+from biofed.cli_options import examples
 
 __all__ = ["predict_command"]
 
@@ -64,7 +68,11 @@ def _session(paths: tuple[Path, ...]):
     )
 
 
-@click.command("predict")
+@click.command("predict", epilog=examples(
+    "biofed predict --model model.onnx Subject02_2.edf --calibrate Subject02_1.edf",
+    "biofed predict --model model.onnx session.edf session.wav --summary-only",
+    "biofed predict --model model.onnx Subject02_2.edf --json > predictions.json",
+))
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="ONNX model written by `biofed export` (or the coordinator's model_latest.onnx).")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
@@ -75,8 +83,10 @@ def _session(paths: tuple[Path, ...]):
 @click.option("--summary-only", is_flag=True, help="Print only the summary, not one line per window.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: model, recording, windows (unless --summary-only), counts, accuracy.")
 def predict_command(model_path: Path, files: tuple[Path, ...], calibration_files: tuple[Path, ...],
-                    summary_only: bool, threads: int) -> None:
+                    summary_only: bool, threads: int, as_json: bool) -> None:
     """Classify every window of a recording (FILE, or the files of one session) with an ONNX model.
 
     A model of a device-standardized fleet (the default) z-scores the windows with the
@@ -88,6 +98,11 @@ def predict_command(model_path: Path, files: tuple[Path, ...], calibration_files
     """
     from biofed.edge.inference import InferenceError, OnnxModel
 
+    if model_path.is_file() and (model_path.suffix == ".npz" or zipfile.is_zipfile(model_path)):
+        raise click.ClickException(
+            f"{model_path} is a coordinator model file, not an ONNX model; run `biofed export --model {model_path} "
+            "--out model.onnx` first, then `biofed predict --model model.onnx ...`"
+        )
     try:
         model = OnnxModel(model_path, threads=threads)
     except InferenceError as exc:
@@ -98,6 +113,23 @@ def predict_command(model_path: Path, files: tuple[Path, ...], calibration_files
         result = model.predict_recording(recording, calibration=calibration)
     except InferenceError as exc:
         raise click.ClickException(str(exc)) from None
+    counts = Counter(result.predicted.tolist())
+    total = len(result.t)
+    known = [i for i, label in enumerate(result.labels) if label in model.classes]
+    correct = sum(result.predicted[i] == result.labels[i] for i in known)
+    if as_json:
+        report = {
+            "model": model.describe(), "recording": recording.source, "duration_s": recording.duration,
+            "calibration": [str(p) for p in calibration_files], "classes": list(model.classes),
+            "counts": {c: counts.get(c, 0) for c in model.classes},
+            "accuracy": correct / len(known) if known else None, "labelled_windows": len(known),
+        }
+        if not summary_only:
+            report["windows"] = [
+                {"t": float(t), "predicted": str(predicted), "proba": [float(x) for x in proba], "label": label or None}
+                for t, predicted, proba, label in zip(result.t, result.predicted, result.proba, result.labels)]
+        click.echo(json.dumps(report))
+        return
     click.echo(f"model: {model.describe()}")
     click.echo(f"recording: {recording.source} ({recording.duration:.1f} s, {len(result.t)} windows)")
     if model.metadata.standardization == "device":
@@ -108,13 +140,9 @@ def predict_command(model_path: Path, files: tuple[Path, ...], calibration_files
         click.echo(f"{'t_s':>8}  {'predicted':<14} {'p':>6}  label")
         for t, predicted, proba, label in zip(result.t, result.predicted, result.proba, result.labels):
             click.echo(f"{t:8.1f}  {predicted:<14} {proba.max():6.3f}  {label or '-'}")
-    counts = Counter(result.predicted.tolist())
-    total = len(result.t)
     click.echo("predicted: " + (", ".join(f"{c} {counts.get(c, 0)} ({counts.get(c, 0) / total:.1%})"
                                           for c in model.classes) if total else "no complete window"))
-    known = [i for i, label in enumerate(result.labels) if label in model.classes]
     if known:
-        correct = sum(result.predicted[i] == result.labels[i] for i in known)
         labels = ", ".join(sorted(set(result.labels[known].tolist())))
         click.echo(f"accuracy: {correct / len(known):.3f} ({correct}/{len(known)} windows labelled {labels})")
     else:

@@ -53,6 +53,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biofed.cli_options import examples
+
 __all__ = ["replay_command"]
 
 logger = logging.getLogger(__name__)
@@ -126,12 +128,22 @@ def _peak_rss_mb() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
-@click.command("replay")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.command("replay", epilog=examples(
+    "biofed replay eegmat/*.edf --speed 0 --out /tmp/features.npz",
+    "biofed replay Subject02_1.edf --speed 1 --no-progress   # real time",
+    "biofed replay --lsl pi-01 --seconds 60 --out /tmp/live.npz",
+))
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--lsl", "lsl_names", multiple=True,
+              help="Read live LSL streams of this name, name prefix or source id instead of FILEs (repeatable).")
+@click.option("--seconds", type=click.FloatRange(min=0.0, min_open=True),
+              help="With --lsl: seconds of live signal to process (required).")
+@click.option("--timeout", "timeout_s", default=5.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="With --lsl: seconds to look for the streams.")
 @click.option("--speed", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="Playback speed: 0 = as fast as possible, 1 = real time, 10 = ten times faster.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="Write features, labels, times, sources, names and a fitted local k-basis to this .npz.")
+              help="File (.npz) to write features, labels, times, sources, names and a fitted local k-basis to.")
 @click.option("--window", "window_s", default=2.0, show_default=True, type=float, help="Window length (s).")
 @click.option("--hop", "hop_s", default=1.0, show_default=True, type=float, help="Hop between windows (s).")
 @click.option("--k", "k", default=32, show_default=True, type=click.IntRange(min=1),
@@ -139,14 +151,12 @@ def _peak_rss_mb() -> float:
 @click.option("--chunk", "chunk_s", default=0.25, show_default=True, type=float,
               help="Replay chunk length (s), i.e. how often a sensor delivers samples.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm progress bar on stderr.")
-def replay_command(files, speed, out, window_s, hop_s, k, chunk_s, progress) -> None:
+def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, hop_s, k, chunk_s, progress) -> None:
     """Replay recording FILEs through the edge feature pipeline and report its throughput.
 
     Each file is its own stream (own pipeline, own time base) unless it adds new modalities of
     the same subject to the file before it (e.g. an EDF followed by its WAV): then they form one
-    multimodal stream. Example:
-
-        biofed replay eegmat/*.edf --speed 0 --out /tmp/features.npz
+    multimodal stream. With --lsl NAME --seconds S, live LSL streams are read instead.
     """
     from tqdm import tqdm
 
@@ -159,6 +169,12 @@ def replay_command(files, speed, out, window_s, hop_s, k, chunk_s, progress) -> 
         StreamingPipeline,
     )
 
+    if bool(files) == bool(lsl_names):
+        raise click.UsageError("give recording FILEs or --lsl NAME (live streams), one of the two.")
+    if lsl_names and seconds is None:
+        raise click.BadParameter("--lsl needs --seconds S (how much live signal to process).", param_hint="--seconds")
+    if not lsl_names and seconds is not None:
+        raise click.BadParameter("--seconds applies to --lsl only; files are replayed whole.", param_hint="--seconds")
     if len(set(map(str, files))) != len(files):
         raise click.BadParameter("a file is given more than once.", param_hint="FILES")
     if not (math.isfinite(chunk_s) and chunk_s > 0):
@@ -170,6 +186,11 @@ def replay_command(files, speed, out, window_s, hop_s, k, chunk_s, progress) -> 
     except PipelineError as exc:
         raise click.UsageError(str(exc)) from None
 
+    if lsl_names:
+        from biofed.edge.live_cli import replay_lsl
+
+        replay_lsl(lsl_names, seconds, out, config, k, progress, timeout_s)
+        return
     timer = {"read": 0.0, "replay": 0.0}
     groups = _read_streams(files, config.modalities, timer)
     # speed 0: one stream at a time (bounded memory); speed > 0: every stream on one clock.

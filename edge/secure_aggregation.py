@@ -20,6 +20,7 @@ import logging
 
 import numpy as np
 
+from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.protocol import SecAggRelay, SecAggUpload, Task
 from biofed.secagg import (
     FixedPoint,
@@ -47,14 +48,19 @@ class SecureAggregationParticipant:
         The round's training task (``trust_mode == "distributed"``, ``secagg_threshold >= 1``).
     delta : ndarray, shape (P,)
         The local update (unclipped or clipped; it is clipped again to ``task.clip_norm``).
+    mechanism : PrivacyMechanism
+        The device's release gate: it clips, adds the noise share and charges ``charge``
+        before the input is encoded.
+    charge : Charge
+        The device ledger's entry: noise multiplier ``task.noise_multiplier``, the
+        guarantee of a sum of at least ``secagg_threshold`` honest shares, which is all this
+        device ever lets be unmasked.
     fixed_point : FixedPoint
         Must match the coordinator's.
-    rng : numpy.random.Generator or None
-        Noise-share generator; None: seeded from OS entropy.
     """
 
-    def __init__(self, device_id: str, fleet: str, task: Task, delta: np.ndarray, *,
-                 fixed_point: FixedPoint = FixedPoint(), rng: np.random.Generator | None = None) -> None:
+    def __init__(self, device_id: str, fleet: str, task: Task, delta: np.ndarray, *, mechanism: PrivacyMechanism,
+                 charge: Charge, fixed_point: FixedPoint = FixedPoint()) -> None:
         if task.trust_mode != "distributed" or task.secagg_threshold < 1:
             raise SecAggError(
                 f"round {task.round}: secure aggregation needs a distributed-mode task with secagg_threshold >= 1, "
@@ -62,7 +68,8 @@ class SecureAggregationParticipant:
             )
         self.task = task
         self.encoded = prepare_input(delta, clip_norm=task.clip_norm, noise_multiplier=task.noise_multiplier,
-                                     n_min=task.secagg_threshold, fixed_point=fixed_point, rng=rng)
+                                     n_min=task.secagg_threshold, fixed_point=fixed_point, mechanism=mechanism,
+                                     charge=charge)
         self._client = SecAggClient(device_id, session_id(fleet, task.round))
         self.step = "start"
 

@@ -1,9 +1,21 @@
 """biofed.kernels"""
 
 from biofed.kernels.biosensor import BIOSENSOR_FEATURES, detect_peaks, heart_rate_features, window_statistics
-from biofed.kernels.spectral import EEG_BANDS, SPECTRAL_BACKEND, band_powers, log_band_energies
+from biofed.kernels.spectral import (
+    EEG_BANDS,
+    FLOAT32_RTOL,
+    SPECTRAL_BACKEND,
+    SpectralPlan,
+    band_power_plan,
+    band_powers,
+    log_band_energies,
+    log_band_energy_plan,
+    reduce_segments,
+    segment_powers,
+    spectral_features,
+)
 from biofed.kernels.stats import Moments, moments_init, moments_merge, moments_scale, moments_update
 from biofed.kernels.svd import fd_basis, fd_init, fd_merge, fd_update, project, svd_compress, truncated_svd
-from biofed.kernels.training import clip_l2, init_params, loss_and_grad, n_params, predict_proba, train
-from biofed.kernels.transform import transform, transform_matrix
+from biofed.kernels.training import clip_l2, dp_sgd, init_params, loss_and_grad, n_params, predict_proba, train
+from biofed.kernels.transform import TransformPlan, apply_transform, transform, transform_matrix, transform_plan
 from biofed.kernels.windowing import count_windows, sliding_windows

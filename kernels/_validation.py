@@ -7,6 +7,8 @@ to fix it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -38,7 +40,7 @@ def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: b
     ValueError
         When the dimensionality is wrong, the array is empty or holds non-finite values.
     """
-    arr = np.asarray(x)
+    arr = x if type(x) is np.ndarray else np.asarray(x)
     if arr.dtype.kind not in "fiub":
         raise TypeError(
             f"{name} must be a real numeric array, got dtype {arr.dtype}. "
@@ -50,10 +52,12 @@ def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: b
         raise ValueError(f"{name} must be {wanted}, got a {arr.ndim}-D array of shape {arr.shape}.")
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape}); at least one element is required.")
-    dtype = np.float32 if arr.dtype == np.float32 else np.float64
-    arr = np.ascontiguousarray(arr, dtype=dtype)
-    # O(1)-memory check first; the element-wise scan only runs to build a precise message.
-    if not np.isfinite(arr.sum()):
+    if arr.dtype not in FLOAT_DTYPES or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
+    # O(1)-memory check first (add.reduce: the sum without ndarray.sum's Python layers, which
+    # cost more than the sum itself on a feature row); the element-wise scan only runs to
+    # build a precise message.
+    if not math.isfinite(np.add.reduce(arr, axis=None)):
         bad = ~np.isfinite(arr) if not allow_nan else np.isinf(arr)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])

@@ -141,21 +141,42 @@ def window_statistics(windows, fs: float) -> np.ndarray:
 
 @njit(cache=True, nogil=True)
 def _moving_average(x, half):
-    """Centred mean over ``[i - half, i + half]`` clipped to the array (float64 out).
+    """Centred mean over ``[i - half, i + half]`` clipped to the array (float64 out), in O(n).
 
-    Each window is summed afresh (O(n * half)): no running-sum drift on long records, and a
-    window of zeros averages to exactly 0, which keeps flat stretches of the rectified slope
-    exactly flat.
+    A running window sum adds the sample that enters and subtracts the one that leaves, with
+    Neumaier compensation: after a tall beat leaves the window the sum of the small samples
+    left is recovered to rounding of *their* size, not of the beat's (an uncompensated running
+    sum or a prefix-sum difference would carry an error of ``eps * beat`` into the quiet part
+    of the envelope). A count of the non-zero samples in the window makes a window of zeros
+    average to exactly 0, which keeps flat stretches of the rectified slope exactly flat.
     """
     n = x.shape[0]
     out = np.empty(n, dtype=np.float64)
+    total = 0.0
+    carry = 0.0  # Neumaier compensation: the low-order bits ``total`` has lost
+    nonzero = 0
+    lo = 0
+    hi = 0
     for i in range(n):
-        lo = max(i - half, 0)
-        hi = min(i + half + 1, n)
-        total = 0.0
-        for j in range(lo, hi):
-            total += x[j]
-        out[i] = total / (hi - lo)
+        stop = min(i + half + 1, n)
+        while hi < stop:
+            v = float(x[hi])
+            t = total + v
+            carry += (total - t) + v if abs(total) >= abs(v) else (v - t) + total
+            total = t
+            if v != 0.0:
+                nonzero += 1
+            hi += 1
+        start = max(i - half, 0)
+        while lo < start:
+            v = -float(x[lo])
+            t = total + v
+            carry += (total - t) + v if abs(total) >= abs(v) else (v - t) + total
+            total = t
+            if v != 0.0:
+                nonzero -= 1
+            lo += 1
+        out[i] = (total + carry) / (hi - lo) if nonzero else 0.0
     return out
 
 

@@ -36,22 +36,60 @@ lead). Numbers through the public API: ``band_powers`` on 60 strided 2 s windows
 500 Hz EEG 3.7 ms (f64) / 3.1 ms (f32); ``log_band_energies`` on 10 windows of 2 s 16 kHz audio,
 32 mel bands, 2.1 ms.
 
-Precomputed arrays (Hann taper, weight matrix) are tiny (``nperseg`` and ``n_bins x n_bands``
-values) and built by small pure functions on every call; no cache, no global state.
+Plans
+-----
+The precomputed part of a feature (Hann taper, the bins a band uses, the weight matrix with the
+Welch scaling folded in) is a :class:`SpectralPlan`, built once per (fs, window, nperseg, bands)
+by :func:`band_power_plan` or per (fs, window, frame, n_mels) by :func:`log_band_energy_plan`,
+which validate every parameter. A stream builds its plans when it is configured and applies them
+to every window (:func:`spectral_features`) without validating or planning again; the one-call
+functions :func:`band_powers` and :func:`log_band_energies` plan on every call. No cache and no
+global state: a plan is a value the caller keeps.
+
+Shared segments
+---------------
+Welch is split into :func:`segment_powers` (detrend, taper, rfft, ``|X|^2`` of single segments)
+and :func:`reduce_segments` (sum a window's ``n_seg`` segment powers, apply the weights). When
+consecutive windows start a multiple of ``step = nperseg - nperseg // 2`` samples apart their
+segments coincide, and a stream computes each segment once
+(:class:`biofed.edge.pipeline.StreamingPipeline` keeps them in its state). The arithmetic per
+segment and the summation order are those of the batch kernel, so both paths give the same bits.
+
+Precision
+---------
+float64 samples are computed in float64 and match ``scipy.signal.welch`` to ~1e-14 relative.
+float32 samples are tapered and transformed in float32 (rocket-fft's float32 rfft), summed and
+weighted in float64; the band powers then stay within ``FLOAT32_RTOL`` = 1e-5 relative of the
+float64 result (measured ~1e-6; after ``log10`` or ``ln`` that is an absolute error below
+``FLOAT32_RTOL``), except for bands whose power is at the float32 noise floor of the window
+(~1e-7 of its total power).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import rocket_fft  # noqa: F401  -- registers np.fft for Numba (see module docstring)
 from numba import njit
 
-from biofed.kernels._validation import check_positive_float, check_positive_int
+from biofed.kernels._validation import check_float_array, check_positive_float, check_positive_int
 from biofed.kernels.windowing import _check_windows
 
-__all__ = ["EEG_BANDS", "SPECTRAL_BACKEND", "band_powers", "log_band_energies"]
+__all__ = [
+    "EEG_BANDS",
+    "FLOAT32_RTOL",
+    "SPECTRAL_BACKEND",
+    "SpectralPlan",
+    "band_power_plan",
+    "band_powers",
+    "log_band_energies",
+    "log_band_energy_plan",
+    "reduce_segments",
+    "segment_powers",
+    "spectral_features",
+]
 
 #: FFT route of the jitted kernel (see "FFT route" above); recorded by benchmarks and reports.
 SPECTRAL_BACKEND = "rocket-fft"
@@ -64,10 +102,40 @@ EEG_BANDS: tuple[tuple[str, float, float], ...] = (
     ("gamma", 30.0, 45.0),
 )
 
+#: Relative tolerance of float32 band powers against float64 (see "Precision" above).
+FLOAT32_RTOL = 1e-5
+
 _SCALES = ("mel", "linear")
 _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _detrend_taper(x, start, taper, dst):
+    """``dst[:] = (x[start : start + nperseg] - mean) * taper``.
+
+    The mean is summed in float64 over four interleaved partial sums (independent dependency
+    chains: without them the sum is latency-bound and costs as much as the FFT), then rounded
+    to the samples' dtype so that the taper loop runs in that precision (float32 SIMD lanes
+    for float32 samples).
+    """
+    nperseg = taper.shape[0]
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    quad = nperseg - nperseg % 4
+    for j in range(0, quad, 4):
+        s0 += x[start + j]
+        s1 += x[start + j + 1]
+        s2 += x[start + j + 2]
+        s3 += x[start + j + 3]
+    for j in range(quad, nperseg):
+        s0 += x[start + j]
+    mean = x.dtype.type(((s0 + s1) + (s2 + s3)) / nperseg)
+    for j in range(nperseg):
+        dst[j] = (x[start + j] - mean) * taper[j]
 
 
 @njit(cache=True, nogil=True)
@@ -90,6 +158,10 @@ def _welch_weighted(windows, nperseg, taper, kmin, weights, out):
         one-sided doubling, segment averaging, ``df``) is folded into ``weights``.
     out : ndarray, shape (n_windows, n_channels, n_bands)
         Output, written in place.
+
+    The per-segment arithmetic (``_detrend_taper``, the rfft, ``|X|^2`` in the FFT's precision,
+    summed over segments in order in float64) is the same as ``_segment_powers`` followed by
+    ``_reduce_segments``, so the streaming path reproduces this one bit for bit.
     """
     n_windows, n_channels, n_samples = windows.shape
     step = nperseg - nperseg // 2
@@ -105,13 +177,7 @@ def _welch_weighted(windows, nperseg, taper, kmin, weights, out):
         for i in range(w0, w1):
             for c in range(n_channels):
                 for s in range(n_seg):
-                    start = s * step
-                    total = 0.0
-                    for j in range(nperseg):
-                        total += windows[i, c, start + j]
-                    mean = total / nperseg
-                    for j in range(nperseg):
-                        seg[r, j] = (windows[i, c, start + j] - mean) * taper[j]
+                    _detrend_taper(windows[i, c], s * step, taper, seg[r])
                     r += 1
         spectrum = np.fft.rfft(seg[:r])
         r = 0
@@ -128,6 +194,77 @@ def _welch_weighted(windows, nperseg, taper, kmin, weights, out):
                     for k in range(n_bins):
                         acc += power[k] * weights[k, b]
                     out[i, c, b] = acc
+
+
+@njit(cache=True, nogil=True)
+def _segment_powers(x, starts, taper, kmin, out):
+    """Power spectra ``|X_{kmin + k}|^2`` of the segments of a multichannel stream, into ``out``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (n_channels, n_samples)
+        float32 or float64 samples (rows may be a slice of a larger buffer).
+    starts : ndarray of int64, shape (n_segments,)
+        First sample of each segment in ``x``; segment ``g`` is ``x[:, starts[g] : starts[g] + nperseg]``.
+    taper : ndarray, shape (nperseg,)
+        Same dtype as ``x``.
+    kmin : int
+        First frequency bin kept.
+    out : ndarray, shape (n_segments, n_channels, n_bins), float64
+        ``out[g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the detrended,
+        tapered segment (computed in the precision of ``x``, stored in float64).
+    """
+    n_channels = x.shape[0]
+    nperseg = taper.shape[0]
+    n_segments = starts.shape[0]
+    n_bins = out.shape[2]
+    block = max(1, _BLOCK_ROWS // n_channels)
+    seg = np.empty((min(block, n_segments) * n_channels, nperseg), dtype=x.dtype)
+    for g0 in range(0, n_segments, block):
+        g1 = min(n_segments, g0 + block)
+        r = 0
+        for g in range(g0, g1):
+            for c in range(n_channels):
+                _detrend_taper(x[c], starts[g], taper, seg[r])
+                r += 1
+        spectrum = np.fft.rfft(seg[:r])
+        r = 0
+        for g in range(g0, g1):
+            for c in range(n_channels):
+                for k in range(n_bins):
+                    z = spectrum[r, kmin + k]
+                    out[g, c, k] = z.real * z.real + z.imag * z.imag
+                r += 1
+
+
+@njit(cache=True, nogil=True)
+def _reduce_segments(powers, firsts, n_seg, weights, out):
+    """Welch reduction of precomputed segment powers: ``out[i] = (sum_s powers[firsts[i] + s]) @ weights``.
+
+    Parameters
+    ----------
+    powers : ndarray, shape (n_segments, n_channels, n_bins), float64
+        From ``_segment_powers``.
+    firsts : ndarray of int64, shape (n_windows,)
+        Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
+    weights : ndarray, shape (n_bins, n_bands), float64
+        As in ``_welch_weighted``.
+    out : ndarray, shape (n_windows, n_channels, n_bands)
+    """
+    n_channels = powers.shape[1]
+    n_bins, n_bands = weights.shape
+    power = np.empty(n_bins, dtype=np.float64)
+    for i in range(firsts.shape[0]):
+        for c in range(n_channels):
+            power[:] = 0.0
+            for s in range(n_seg):
+                for k in range(n_bins):
+                    power[k] += powers[firsts[i] + s, c, k]
+            for b in range(n_bands):
+                acc = 0.0
+                for k in range(n_bins):
+                    acc += power[k] * weights[k, b]
+                out[i, c, b] = acc
 
 
 def _next_pow2(value: float) -> int:
@@ -156,36 +293,209 @@ def _check_nperseg(nperseg, window: int, default: int) -> int:
     return nperseg
 
 
-def _welch_plan(weights_per_freq: np.ndarray, taper: np.ndarray, fs: float, n_seg: int):
-    """Fold Welch scaling into per-frequency weights and keep the bins any band uses.
+class SpectralPlan(NamedTuple):
+    """Everything a Welch band feature needs besides the samples, computed once per stream.
 
-    ``weights_per_freq`` is ``(nperseg // 2 + 1, n_bands)``; returns ``(kmin, weights)`` with
-    weights ``(n_bins, n_bands)`` float64 covering bins ``kmin .. kmin + n_bins - 1``.
+    Build it with :func:`band_power_plan` or :func:`log_band_energy_plan` (which validate every
+    parameter) and apply it with :func:`spectral_features`, or segment by segment with
+    :func:`segment_powers` and :func:`reduce_segments`; a plan is immutable and can be shared.
+
+    Attributes
+    ----------
+    fs : float
+        Sampling rate in Hz.
+    window : int
+        Samples per window the plan was built for (it fixes ``n_seg``).
+    nperseg : int
+        Segment (frame) length; segments start every ``step = nperseg - nperseg // 2`` samples.
+    taper : ndarray, shape (nperseg,), float64
+        Periodic Hann window.
+    kmin : int
+        First frequency bin any band uses.
+    weights : ndarray, shape (n_bins, n_bands), float64
+        Band weights of bins ``kmin .. kmin + n_bins - 1`` with every Welch scale factor folded
+        in (density scaling, one-sided doubling, averaging over ``n_seg`` segments, ``df``).
+    log : {"none", "log10", "ln"}
+        Output transform: ``log10(p + tiny)`` (``tiny`` of the output dtype) or ``ln(p + 1e-10)``.
     """
-    nperseg = taper.shape[0]
+
+    fs: float
+    window: int
+    nperseg: int
+    taper: np.ndarray
+    kmin: int
+    weights: np.ndarray
+    log: str
+
+    @property
+    def step(self) -> int:
+        """Samples between consecutive segment starts (50 % overlap)."""
+        return self.nperseg - self.nperseg // 2
+
+    @property
+    def n_seg(self) -> int:
+        """Segments per window."""
+        return (self.window - self.nperseg) // self.step + 1
+
+    @property
+    def n_bands(self) -> int:
+        """Output features per channel."""
+        return self.weights.shape[1]
+
+    def taper_for(self, dtype) -> np.ndarray:
+        """The taper in the dtype of the samples (the kernels compute in that precision)."""
+        return self.taper if np.dtype(dtype) == np.float64 else self.taper.astype(np.float32)
+
+
+def _make_plan(weights_per_freq: np.ndarray, fs: float, window: int, nperseg: int, log: str) -> SpectralPlan:
+    """Fold Welch scaling into per-frequency weights ``(nperseg // 2 + 1, n_bands)`` and keep the bins any band uses."""
+    taper = _hann(nperseg)
+    step = nperseg - nperseg // 2
+    n_seg = (window - nperseg) // step + 1
     onesided = np.full(nperseg // 2 + 1, 2.0)
     onesided[0] = 1.0
     if nperseg % 2 == 0:
         onesided[-1] = 1.0
     df = fs / nperseg
-    scale = onesided * df / (fs * float(np.sum(taper.astype(np.float64) ** 2)) * n_seg)
+    scale = onesided * df / (fs * float(np.sum(taper**2)) * n_seg)
     used = np.flatnonzero(np.any(weights_per_freq != 0.0, axis=1))
     kmin, kmax = int(used[0]), int(used[-1])
-    weights = weights_per_freq[kmin : kmax + 1] * scale[kmin : kmax + 1, None]
-    return kmin, np.ascontiguousarray(weights, dtype=np.float64)
+    weights = np.ascontiguousarray(weights_per_freq[kmin : kmax + 1] * scale[kmin : kmax + 1, None], dtype=np.float64)
+    taper.flags.writeable = False
+    weights.flags.writeable = False
+    return SpectralPlan(fs, window, nperseg, taper, kmin, weights, log)
 
 
-def _run_welch(windows: np.ndarray, nperseg: int, fs: float, weights_per_freq: np.ndarray) -> np.ndarray:
-    """Allocate the output and call the jitted worker."""
-    n_windows, n_channels, window = windows.shape
-    out = np.empty((n_windows, n_channels, weights_per_freq.shape[1]), dtype=windows.dtype)
-    if n_windows == 0:
-        return out
-    taper = _hann(nperseg).astype(windows.dtype)
-    n_seg = (window - nperseg) // (nperseg - nperseg // 2) + 1
-    kmin, weights = _welch_plan(weights_per_freq, taper, fs, n_seg)
-    _welch_weighted(windows, nperseg, taper, kmin, weights, out)
+def _finish(out: np.ndarray, log: str) -> np.ndarray:
+    """Apply the plan's output transform in place."""
+    if log == "log10":
+        np.log10(out + np.finfo(out.dtype).tiny, out=out)
+    elif log == "ln":
+        np.log(out + _LOG_FLOOR, out=out)
     return out
+
+
+def _apply_plan(windows: np.ndarray, plan: SpectralPlan) -> np.ndarray:
+    """:func:`spectral_features` without validation (C-contiguous float32/float64 windows of ``plan.window``)."""
+    n_windows, n_channels, _ = windows.shape
+    out = np.empty((n_windows, n_channels, plan.n_bands), dtype=windows.dtype)
+    if n_windows:
+        _welch_weighted(windows, plan.nperseg, plan.taper_for(windows.dtype), plan.kmin, plan.weights, out)
+    return _finish(out, plan.log)
+
+
+def _check_plan(plan) -> SpectralPlan:
+    if not isinstance(plan, SpectralPlan):
+        raise TypeError(
+            f"plan must be a SpectralPlan (from band_power_plan or log_band_energy_plan), got {type(plan).__name__}."
+        )
+    return plan
+
+
+def spectral_features(windows, plan: SpectralPlan) -> np.ndarray:
+    """Apply a spectral plan to a stack of windows (what :func:`band_powers` computes after planning).
+
+    Parameters
+    ----------
+    windows : array-like, shape (n_windows, n_channels, plan.window)
+        Finite values; ``n_windows`` may be 0.
+    plan : SpectralPlan
+
+    Returns
+    -------
+    features : ndarray, shape (n_windows, n_channels, plan.n_bands)
+        float32 for float32 input, float64 otherwise.
+
+    Raises
+    ------
+    TypeError
+        When ``plan`` is not a SpectralPlan or the windows are not numeric.
+    ValueError
+        On non-3-D or non-finite windows, or windows of another length than the plan's.
+    """
+    plan = _check_plan(plan)
+    windows = _check_windows(windows, min_window=2)
+    if windows.shape[2] != plan.window:
+        raise ValueError(
+            f"windows hold {windows.shape[2]} samples but the plan was built for {plan.window}; "
+            "build the plan with the window length of the data."
+        )
+    return _apply_plan(windows, plan)
+
+
+def segment_powers(x, starts, plan: SpectralPlan) -> np.ndarray:
+    """Power spectra of individual Welch segments of a stream (the reusable part of Welch).
+
+    A window's features are the plan's weights applied to the sum of its ``n_seg`` segment
+    powers (:func:`reduce_segments`). Windows that overlap by a multiple of ``plan.step``
+    share segments, so a stream keeps the powers of the segments its next window reuses and
+    computes only the new ones.
+
+    Parameters
+    ----------
+    x : array-like, shape (n_channels, n_samples)
+        Finite samples; float32 stays float32 (the FFT runs in that precision).
+    starts : array-like of int, shape (n_segments,)
+        First sample of each segment, ``0 <= start <= n_samples - plan.nperseg``.
+    plan : SpectralPlan
+
+    Returns
+    -------
+    powers : ndarray, shape (n_segments, n_channels, n_bins), float64
+        ``|rfft((seg - mean(seg)) * taper)[plan.kmin + k]|^2``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad plan, non-finite or non-2-D ``x``, or a start outside the stream.
+    """
+    plan = _check_plan(plan)
+    x = check_float_array(x, "x", ndim=2)
+    starts = np.asarray(starts)
+    if starts.ndim != 1 or (starts.size and starts.dtype.kind not in "iu"):
+        raise TypeError(f"starts must be a 1-D array of integers, got dtype {starts.dtype} and shape {starts.shape}.")
+    starts = starts.astype(np.int64)
+    last = x.shape[1] - plan.nperseg
+    if starts.size and (starts.min() < 0 or starts.max() > last):
+        raise ValueError(f"segment starts must lie in [0, {last}] for {x.shape[1]} samples and nperseg={plan.nperseg}.")
+    out = np.empty((starts.size, x.shape[0], plan.weights.shape[0]), dtype=np.float64)
+    if starts.size:
+        _segment_powers(x, starts, plan.taper_for(x.dtype), plan.kmin, out)
+    return out
+
+
+def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.ndarray:
+    """Welch band features of windows from their segment powers.
+
+    Parameters
+    ----------
+    powers : array-like, shape (n_segments, n_channels, n_bins)
+        From :func:`segment_powers`.
+    firsts : array-like of int, shape (n_windows,)
+        Index in ``powers`` of each window's first segment; window ``i`` uses
+        ``powers[firsts[i] : firsts[i] + plan.n_seg]``.
+    plan : SpectralPlan
+    dtype : {numpy.float64, numpy.float32}
+        Output dtype (that of the samples).
+
+    Returns
+    -------
+    features : ndarray, shape (n_windows, n_channels, plan.n_bands)
+        Identical, bit for bit, to :func:`spectral_features` of the same windows.
+    """
+    plan = _check_plan(plan)
+    powers = np.ascontiguousarray(powers, dtype=np.float64)
+    if powers.ndim != 3 or powers.shape[2] != plan.weights.shape[0]:
+        raise ValueError(f"powers must have shape (n_segments, n_channels, {plan.weights.shape[0]}), got {powers.shape}.")
+    firsts = np.asarray(firsts)
+    if firsts.ndim != 1 or (firsts.size and firsts.dtype.kind not in "iu"):
+        raise TypeError(f"firsts must be a 1-D array of integers, got dtype {firsts.dtype} and shape {firsts.shape}.")
+    firsts = firsts.astype(np.int64)
+    if firsts.size and (firsts.min() < 0 or firsts.max() + plan.n_seg > powers.shape[0]):
+        raise ValueError(f"every window needs {plan.n_seg} segments from its first; powers has {powers.shape[0]}.")
+    out = np.empty((firsts.size, powers.shape[1], plan.n_bands), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64)
+    _reduce_segments(powers, firsts, plan.n_seg, plan.weights, out)
+    return _finish(out, plan.log)
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:
@@ -266,9 +576,32 @@ def band_powers(windows, fs: float, bands=EEG_BANDS, *, nperseg: int | None = No
     'alpha'
     """
     windows = _check_windows(windows, min_window=2)
+    return _apply_plan(windows, band_power_plan(fs, windows.shape[2], bands, nperseg=nperseg, log=log))
+
+
+def band_power_plan(fs: float, window: int, bands=EEG_BANDS, *, nperseg: int | None = None, log: bool = False) -> SpectralPlan:
+    """Validate the parameters of :func:`band_powers` once and precompute its taper and band weights.
+
+    Parameters
+    ----------
+    fs, bands, nperseg, log
+        As in :func:`band_powers`.
+    window : int
+        Samples per window (>= 2).
+
+    Returns
+    -------
+    plan : SpectralPlan
+        ``spectral_features(windows, plan)`` equals ``band_powers(windows, fs, bands, nperseg=nperseg, log=log)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`band_powers` for its parameters; on a window shorter than 2 samples.
+    """
     fs = check_positive_float(fs, "fs")
+    window = check_positive_int(window, "window", minimum=2)
     bands = _check_bands(bands, fs)
-    window = windows.shape[2]
     nperseg = _check_nperseg(nperseg, window, min(window, _next_pow2(fs)))
     freqs = np.fft.rfftfreq(nperseg, d=1.0 / fs)
     masks = np.empty((freqs.size, len(bands)))
@@ -280,10 +613,7 @@ def band_powers(windows, fs: float, bands=EEG_BANDS, *, nperseg: int | None = No
                 f"df={fs / nperseg:.4g} Hz (fs={fs} Hz, nperseg={nperseg}). Widen the band or "
                 "increase nperseg (longer windows)."
             )
-    out = _run_welch(windows, nperseg, fs, masks)
-    if log:
-        np.log10(out + np.finfo(out.dtype).tiny, out=out)
-    return out
+    return _make_plan(masks, fs, window, nperseg, "log10" if log else "none")
 
 
 def _hz_to_scale(f, scale: str):
@@ -375,7 +705,41 @@ def log_band_energies(
     (1, 1, 16)
     """
     windows = _check_windows(windows, min_window=2)
+    plan = log_band_energy_plan(fs, windows.shape[2], n_bands=n_bands, fmin=fmin, fmax=fmax, scale=scale, nperseg=nperseg)
+    return _apply_plan(windows, plan)
+
+
+def log_band_energy_plan(
+    fs: float,
+    window: int,
+    *,
+    n_bands: int = 32,
+    fmin: float = 20.0,
+    fmax: float | None = None,
+    scale: str = "mel",
+    nperseg: int | None = None,
+) -> SpectralPlan:
+    """Validate the parameters of :func:`log_band_energies` once and precompute its taper and filterbank.
+
+    Parameters
+    ----------
+    fs, n_bands, fmin, fmax, scale, nperseg
+        As in :func:`log_band_energies`.
+    window : int
+        Samples per window (>= 2).
+
+    Returns
+    -------
+    plan : SpectralPlan
+        ``spectral_features(windows, plan)`` equals ``log_band_energies(windows, fs, ...)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`log_band_energies` for its parameters; on a window shorter than 2 samples.
+    """
     fs = check_positive_float(fs, "fs")
+    window = check_positive_int(window, "window", minimum=2)
     n_bands = check_positive_int(n_bands, "n_bands")
     if scale not in _SCALES:
         raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}.")
@@ -395,7 +759,6 @@ def log_band_energies(
     if fmin >= fmax:
         raise ValueError(f"fmin ({fmin} Hz) must be < fmax ({fmax} Hz).")
     edges = _filterbank_edges(n_bands, fmin, fmax, scale)
-    window = windows.shape[2]
     narrowest = float(np.min(edges[2:] - edges[:-2]))
     default = min(window, max(_next_pow2(_AUDIO_FRAME_S * fs), _next_pow2(math.nextafter(fs / narrowest, math.inf))))
     nperseg = _check_nperseg(nperseg, window, default)
@@ -409,6 +772,4 @@ def log_band_energies(
             f"({edges[b]:.4g}-{edges[b + 2]:.4g} Hz). Use fewer bands, a higher fmin, or longer "
             "windows / a larger nperseg."
         )
-    out = _run_welch(windows, nperseg, fs, filters)
-    np.log(out + _LOG_FLOOR, out=out)
-    return out
+    return _make_plan(filters, fs, window, nperseg, "ln")

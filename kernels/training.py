@@ -25,14 +25,16 @@ returns the first two terms; :func:`train` also adds the FedProx term [2]_.
 
 DP-SGD
 ------
-With ``dp_clip_norm = C`` every example's gradient of its cross-entropy is clipped to L2 norm
-``<= C`` (computed exactly per example in a jitted loop), the clipped gradients of a minibatch
-are summed, Gaussian noise ``N(0, (dp_noise_multiplier * C)^2 I)`` is added to the sum, and
-the result is divided by the minibatch size [1]_. The data-independent L2 and prox gradients
-are added after noising (they need no privacy). Minibatches are a shuffled partition of the
-data each epoch (sampling without replacement); the privacy accountant must be told so.
-Noise is drawn per batch from the caller's ``numpy.random.Generator`` in Python and passed
-to the jitted step, so a seed fixes the whole run.
+:func:`dp_sgd` runs ``steps`` steps of DP-SGD [1]_. Each step Poisson-samples the examples
+(each independently with probability ``q``), computes every sampled example's gradient
+exactly in a jitted loop, and hands the (B, P) gradients to the caller's ``release``
+function, which clips each row to L2 norm ``C``, sums them and adds Gaussian noise: on a
+device that is the record-level :class:`biofed.privacy_mechanism.PrivacyMechanism`, so no
+privacy noise is drawn here. The noised sum is divided by the *expected* batch size
+``q N`` (never the drawn one, which is private) and the data-independent L2 and prox
+gradients are added after noising. Every step is then exactly the Poisson-subsampled
+Gaussian mechanism ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` the accountant
+composes ``steps`` times.
 
 Training always computes in float64; ``X`` of any real dtype is converted.
 
@@ -48,6 +50,7 @@ References
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit
@@ -67,6 +70,7 @@ __all__ = [
     "predict_proba",
     "loss_and_grad",
     "train",
+    "dp_sgd",
     "clip_l2",
 ]
 
@@ -166,8 +170,8 @@ def _loss_grad(params, x, y, n_classes, hidden, l2, weight_mask, grad):
 
 
 @njit(cache=True, nogil=True)
-def _clipped_grad_sum(params, x, y, n_classes, hidden, clip, out):
-    """DP-SGD core: sum over examples of each cross-entropy gradient clipped to L2 norm ``clip``.
+def _per_example_grads(params, x, y, n_classes, hidden, out):
+    """DP-SGD core: the cross-entropy gradient of every example, one row each.
 
     Parameters
     ----------
@@ -175,22 +179,17 @@ def _clipped_grad_sum(params, x, y, n_classes, hidden, clip, out):
     x : ndarray, shape (B, d), float64
     y : ndarray, shape (B,), int64
     n_classes, hidden : int
-    clip : float
-        Per-example L2 bound, > 0.
-    out : ndarray, shape (P,)
-        Receives the clipped sum (overwritten).
+    out : ndarray, shape (B, P)
+        Receives the gradients (overwritten).
 
     Returns
     -------
     loss_sum : float
-        Sum of the per-example cross-entropies (unclipped, for reporting).
+        Sum of the per-example cross-entropies.
     """
     n, d = x.shape
     c = n_classes
     h = hidden
-    p_total = params.shape[0]
-    out[:] = 0.0
-    g = np.empty(p_total)
     z = np.empty(c)
     hid = np.empty(max(h, 1))
     dh = np.empty(max(h, 1))
@@ -232,6 +231,7 @@ def _clipped_grad_sum(params, x, y, n_classes, hidden, clip, out):
         for k in range(c):
             z[k] = np.exp(z[k] - lse)  # z now holds dL/dz = p - onehot
         z[y[i]] -= 1.0
+        g = out[i]
         # backward into g
         if h == 0:
             for j in range(d):
@@ -256,13 +256,6 @@ def _clipped_grad_sum(params, x, y, n_classes, hidden, clip, out):
                     g[a * h + j] = xia * dh[j]
             for j in range(h):
                 g[d * h + j] = dh[j]
-        sq = 0.0
-        for p in range(p_total):
-            sq += g[p] * g[p]
-        norm = np.sqrt(sq)
-        factor = 1.0 if norm <= clip else clip / norm
-        for p in range(p_total):
-            out[p] += factor * g[p]
     return loss_sum
 
 
@@ -467,9 +460,8 @@ def clip_l2(vector, max_norm: float) -> tuple[np.ndarray, float]:
 
 def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, batch_size: int = 32,
           lr: float = 0.05, optimizer: str = "sgd", l2: float = 0.0, prox_mu: float = 0.0,
-          prox_center=None, dp_clip_norm: float | None = None, dp_noise_multiplier: float = 0.0,
-          random_state=None) -> tuple[np.ndarray, float]:
-    """Minibatch training from ``params`` (not modified); optional FedProx and DP-SGD.
+          prox_center=None, random_state=None) -> tuple[np.ndarray, float]:
+    """Minibatch training from ``params`` (not modified); optional FedProx (DP-SGD: :func:`dp_sgd`).
 
     Parameters
     ----------
@@ -495,12 +487,8 @@ def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, bat
         FedProx coefficient of ``(prox_mu / 2) ||params - prox_center||^2``.
     prox_center : array-like, shape (P,), optional
         Required when ``prox_mu > 0`` (normally the global model).
-    dp_clip_norm : float or None
-        Enables DP-SGD: per-example gradients clipped to this L2 norm.
-    dp_noise_multiplier : float, default 0.0
-        Gaussian noise std on the summed clipped gradient, in units of ``dp_clip_norm``.
     random_state : None, int or numpy.random.Generator
-        Drives the shuffles and the DP noise; a fixed seed reproduces the run exactly.
+        Drives the shuffles; a fixed seed reproduces the run exactly.
 
     Returns
     -------
@@ -510,14 +498,99 @@ def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, bat
         Mean cross-entropy (no penalty terms) over the examples of the last epoch, each
         batch evaluated just before its update.
     """
+    x, labels, p, d, c, h, center, lr, l2, prox_mu = _check_training(params, X, y, n_classes, hidden, optimizer, lr, l2,
+                                                                    prox_mu, prox_center)
+    epochs = check_positive_int(epochs, "epochs")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    rng = check_random_state(random_state)
+
+    n = x.shape[0]
+    mask = _weight_mask(d, c, h)
+    grad = np.empty_like(p)
+    m1 = np.zeros_like(p)
+    m2 = np.zeros_like(p)
+    use_adam = optimizer == "adam"
+    step = 0
+    epoch_loss = 0.0
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        epoch_loss = 0.0
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            batch_loss = _loss_grad(p, x[idx], labels[idx], c, h, 0.0, mask, grad)
+            epoch_loss += batch_loss * idx.shape[0]
+            step += 1
+            _apply_step(p, grad, l2, mask, prox_mu, center, use_adam, lr, m1, m2, step)
+        _check_finite(p, lr)
+    return p, float(epoch_loss / n)
+
+
+def dp_sgd(params, X, y, n_classes: int, hidden: int = 0, *, steps: int, sampling_rate: float,
+           release: Callable[[np.ndarray], np.ndarray], lr: float = 0.05, optimizer: str = "sgd", l2: float = 0.0,
+           prox_mu: float = 0.0, prox_center=None, random_state=None) -> tuple[np.ndarray, float]:
+    """Record-level DP-SGD from ``params`` (not modified): Poisson-sampled steps, noise by ``release``.
+
+    Parameters
+    ----------
+    params, X, y, n_classes, hidden, lr, optimizer, l2, prox_mu, prox_center
+        As in :func:`train`.
+    steps : int
+        Number of DP-SGD steps (>= 1); each is one ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``.
+    sampling_rate : float
+        q in (0, 1]: probability that each example is in a step's batch.
+    release : callable
+        ``release(grads)`` with ``grads`` of shape (B, P) (B may be 0) returns the (P,) sum
+        of the rows clipped to the clip norm plus Gaussian noise of std ``z C``. Called
+        once per step.
+    random_state : None, int or numpy.random.Generator
+        Drives the Poisson sampling (None: OS entropy; the sample must stay secret for the
+        amplification by sampling to hold).
+
+    Returns
+    -------
+    params : ndarray, shape (P,), float64
+    mean_loss : float
+        Mean cross-entropy of the sampled examples over all steps (before each update);
+        nan when no example was ever sampled.
+    """
+    x, labels, p, d, c, h, center, lr, l2, prox_mu = _check_training(params, X, y, n_classes, hidden, optimizer, lr, l2,
+                                                                    prox_mu, prox_center)
+    steps = check_positive_int(steps, "steps")
+    q = float(sampling_rate)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"sampling_rate must be in (0, 1] (the Poisson rate of each example per step), got {sampling_rate!r}.")
+    if not callable(release):
+        raise TypeError(f"release must be a callable (grads (B, P) -> noised clipped sum (P,)), got {type(release).__name__}.")
+    rng = check_random_state(random_state)
+    n = x.shape[0]
+    expected_batch = q * n
+    mask = _weight_mask(d, c, h)
+    m1 = np.zeros_like(p)
+    m2 = np.zeros_like(p)
+    use_adam = optimizer == "adam"
+    loss_sum, sampled = 0.0, 0
+    for step in range(1, steps + 1):
+        idx = np.flatnonzero(rng.random(n) < q)
+        grads = np.empty((idx.shape[0], p.shape[0]))
+        if idx.shape[0]:
+            loss_sum += _per_example_grads(p, x[idx], labels[idx], c, h, grads)
+            sampled += idx.shape[0]
+        noised = np.asarray(release(grads), dtype=np.float64)
+        if noised.shape != p.shape:
+            raise ValueError(f"release returned shape {noised.shape}, expected {p.shape}.")
+        grad = noised / expected_batch
+        _apply_step(p, grad, l2, mask, prox_mu, center, use_adam, lr, m1, m2, step)
+    _check_finite(p, lr)
+    return p, float(loss_sum / sampled) if sampled else math.nan
+
+
+def _check_training(params, X, y, n_classes, hidden, optimizer, lr, l2, prox_mu, prox_center):
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
     x = _check_x(X)
     d, c, h = _check_model(x.shape[1], n_classes, hidden)
     p = _check_params(params, d, c, h).copy()
     labels = _check_labels(y, x.shape[0], c)
-    epochs = check_positive_int(epochs, "epochs")
-    batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_positive_float(lr, "lr")
     l2 = check_nonnegative_float(l2, "l2")
     prox_mu = check_nonnegative_float(prox_mu, "prox_mu")
@@ -527,40 +600,11 @@ def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, bat
         center = _check_params(prox_center, d, c, h)
     else:
         center = np.zeros(0)
-    dp_noise_multiplier = check_nonnegative_float(dp_noise_multiplier, "dp_noise_multiplier")
-    if dp_clip_norm is not None:
-        dp_clip_norm = check_positive_float(dp_clip_norm, "dp_clip_norm")
-    elif dp_noise_multiplier > 0:
-        raise ValueError("dp_noise_multiplier > 0 needs dp_clip_norm: DP-SGD noise is calibrated to the clipping norm.")
-    rng = check_random_state(random_state)
+    return x, labels, p, d, c, h, center, lr, l2, prox_mu
 
-    n = x.shape[0]
-    mask = _weight_mask(d, c, h)
-    grad = np.empty_like(p)
-    m1 = np.zeros_like(p)
-    m2 = np.zeros_like(p)
-    use_adam = optimizer == "adam"
-    noise_std = dp_noise_multiplier * dp_clip_norm if dp_clip_norm is not None else 0.0
-    step = 0
-    epoch_loss = 0.0
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        epoch_loss = 0.0
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            xb, yb = x[idx], labels[idx]
-            if dp_clip_norm is None:
-                batch_loss = _loss_grad(p, xb, yb, c, h, 0.0, mask, grad)
-                epoch_loss += batch_loss * idx.shape[0]
-            else:
-                epoch_loss += _clipped_grad_sum(p, xb, yb, c, h, dp_clip_norm, grad)
-                if noise_std > 0:
-                    grad += rng.normal(0.0, noise_std, grad.shape[0])
-                grad /= idx.shape[0]
-            step += 1
-            _apply_step(p, grad, l2, mask, prox_mu, center, use_adam, lr, m1, m2, step)
-        if not np.all(np.isfinite(p)):
-            raise FloatingPointError(
-                f"training diverged (non-finite parameters after epoch with lr={lr}); lower lr or standardize X."
-            )
-    return p, float(epoch_loss / n)
+
+def _check_finite(p: np.ndarray, lr: float) -> None:
+    if not np.all(np.isfinite(p)):
+        raise FloatingPointError(
+            f"training diverged (non-finite parameters after epoch with lr={lr}); lower lr or standardize X."
+        )

@@ -24,18 +24,42 @@ inputs, about 2x faster for 20000 x 512 (no 80 MB temporary). The standardizatio
 multiplies by per-column reciprocals (one division per column instead of per element,
 within 1 ulp of dividing); that halved the kernel time at 256 x 64.
 
+BLAS route. The product is always BLAS ``gemm`` (``np.dot`` inside ``@njit``). A second
+route that leaves Numba for large batches (row blocks standardized by NumPy ufuncs into one
+scratch buffer, ``np.dot(..., out=...)`` on NumPy's own BLAS, bias and activation in place)
+was measured against the fused kernel with a crossover rule in mind (151 -> 32, relu,
+``OPENBLAS_NUM_THREADS=1``, median of interleaved calls on the shared 2-core machine)::
+
+    rows      float64 fused / NumPy-BLAS route     float32 fused / NumPy-BLAS route
+    1         4.1 / 13 us                          3.1 / 12 us
+    256       70 / 128 us                          36 / 66 us
+    1024      1.3 / 1.1 ms                         0.16 / 0.27 ms
+    5000      28 / 28 ms                           1.3 / 7.7 ms
+    20000     100 / 97 ms                          27 / 51 ms
+
+It never won by more than the run-to-run noise (float64 from ~1000 rows) and lost up to 6x
+elsewhere, so there is no dispatch: one fused kernel at every size. With the default (2)
+BLAS threads on a loaded machine both routes stall alike.
+
+Per-call overhead. For one window the kernel's arithmetic (151 x 32) is cheaper than
+validating its five arguments, so a device validates them once: :func:`transform_plan`
+returns a :class:`TransformPlan` and :func:`apply_transform` checks only the features.
+``biofed bench --only transform,project`` compares both with NumPy at 1 to 20000 rows.
+
 The result dtype follows ``features``: float32 features give float32 output (weights,
 bias, mean and scale are cast to float32); every other dtype computes in float64.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
 from biofed.kernels._validation import check_float_array
 
-__all__ = ["ACTIVATIONS", "transform", "transform_matrix"]
+__all__ = ["ACTIVATIONS", "TransformPlan", "apply_transform", "transform", "transform_matrix", "transform_plan"]
 
 ACTIVATIONS: tuple[str, ...] = ("identity", "relu", "tanh", "sigmoid")
 _BLOCK_ROWS = 4096
@@ -100,10 +124,112 @@ def _check_vector(x, name: str, length: int, dtype, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+class TransformPlan(NamedTuple):
+    """Validated parameters of :func:`transform`, prepared once and applied to many feature blocks.
+
+    Build it with :func:`transform_plan`; :func:`apply_transform` then validates only the
+    features. Every array is C-contiguous and held in both float64 and float32 (index by
+    ``dtype == float32``), so applying never converts.
+
+    Attributes
+    ----------
+    weights : tuple of ndarray, shape (d, m)
+    bias : tuple of ndarray, shape (m,)
+        Zeros when no bias was given.
+    mean, scale : tuple of ndarray, shape (d,)
+        Zeros / ones when not given.
+    standardize : bool
+        Whether a mean or a scale was given.
+    activation : str
+        One of :data:`ACTIVATIONS`.
+    """
+
+    weights: tuple[np.ndarray, np.ndarray]
+    bias: tuple[np.ndarray, np.ndarray]
+    mean: tuple[np.ndarray, np.ndarray]
+    scale: tuple[np.ndarray, np.ndarray]
+    standardize: bool
+    activation: str
+
+
+def _both_dtypes(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pair = (np.ascontiguousarray(arr, dtype=np.float64), np.ascontiguousarray(arr, dtype=np.float32))
+    for a in pair:
+        a.flags.writeable = False
+    return pair
+
+
+def transform_plan(weights, bias=None, *, mean=None, scale=None, activation: str = "identity") -> TransformPlan:
+    """Validate the parameters of :func:`transform` once (see there for their meaning).
+
+    Returns
+    -------
+    plan : TransformPlan
+        ``apply_transform(features, plan)`` equals ``transform(features, weights, bias,
+        mean=mean, scale=scale, activation=activation)``.
+
+    Raises
+    ------
+    ValueError
+        On NaN/inf, mismatched shapes, non-positive ``scale`` or an unknown activation.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}.")
+    w = check_float_array(weights, "weights", ndim=2)
+    d, m = w.shape
+    b = np.zeros(m) if bias is None else _check_vector(bias, "bias", m, np.float64, f"weights.shape[1] = {m}")
+    mu = np.zeros(d) if mean is None else _check_vector(mean, "mean", d, np.float64, f"weights.shape[0] = {d}")
+    if scale is None:
+        sc = np.ones(d)
+    else:
+        sc = _check_vector(scale, "scale", d, np.float64, f"weights.shape[0] = {d}")
+        if not sc.min() > 0:
+            bad = int(np.flatnonzero(~(sc > 0))[0])
+            raise ValueError(
+                f"scale must be strictly positive, got scale[{bad}] = {sc[bad]}; "
+                "replace zero deviations by 1 (moments_scale does this)."
+            )
+    standardize = mean is not None or scale is not None
+    return TransformPlan(_both_dtypes(w), _both_dtypes(b), _both_dtypes(mu), _both_dtypes(sc), standardize, activation)
+
+
+def _apply_transform(x: np.ndarray, plan: TransformPlan) -> np.ndarray:
+    """:func:`apply_transform` for a validated C-contiguous float32/float64 ``x`` of matching width."""
+    i = int(x.dtype == np.float32)
+    out = np.empty((x.shape[0], plan.weights[i].shape[1]), x.dtype)
+    _transform(x, plan.weights[i], plan.bias[i], plan.mean[i], plan.scale[i], plan.standardize,
+               ACTIVATIONS.index(plan.activation), out)
+    return out
+
+
+def apply_transform(features, plan: TransformPlan) -> np.ndarray:
+    """Apply a :class:`TransformPlan` to feature rows (validates only ``features``).
+
+    Parameters
+    ----------
+    features : array-like, shape (N, d)
+        Finite feature rows; float32 computes in float32, every other dtype in float64.
+    plan : TransformPlan
+
+    Returns
+    -------
+    out : ndarray, shape (N, m)
+    """
+    if not isinstance(plan, TransformPlan):
+        raise TypeError(f"plan must be a TransformPlan (from transform_plan), got {type(plan).__name__}.")
+    x = check_float_array(features, "features", ndim=2)
+    d = plan.weights[0].shape[0]
+    if x.shape[1] != d:
+        raise ValueError(f"features must have {d} columns to match the plan's weights (d, m) = {plan.weights[0].shape}, got shape {x.shape}.")
+    return _apply_transform(x, plan)
+
+
 def transform(features, weights, bias=None, *, mean=None, scale=None, activation: str = "identity") -> np.ndarray:
     """Standardize, project, add bias and apply an activation in one fused kernel.
 
-    Computes ``act(((features - mean) / scale) @ weights + bias)``.
+    Computes ``act(((features - mean) / scale) @ weights + bias)``. To apply the same
+    parameters to many blocks (a device's windows), validate them once with
+    :func:`transform_plan` and call :func:`apply_transform`.
 
     Parameters
     ----------
@@ -133,34 +259,13 @@ def transform(features, weights, bias=None, *, mean=None, scale=None, activation
     ValueError
         On NaN/inf, mismatched shapes, non-positive ``scale`` or an unknown activation.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}.")
     x = check_float_array(features, "features", ndim=2)
-    dtype = x.dtype
     w = check_float_array(weights, "weights", ndim=2)
     if w.shape[0] != x.shape[1]:
         raise ValueError(
             f"weights must have shape (d, m) with d = features.shape[1] = {x.shape[1]}, got shape {w.shape}."
         )
-    w = np.ascontiguousarray(w, dtype=dtype)
-    n, d = x.shape
-    m = w.shape[1]
-    b = np.zeros(m, dtype) if bias is None else _check_vector(bias, "bias", m, dtype, f"weights.shape[1] = {m}")
-    mu = np.zeros(d, dtype) if mean is None else _check_vector(mean, "mean", d, dtype, f"features.shape[1] = {d}")
-    if scale is None:
-        sc = np.ones(d, dtype)
-    else:
-        sc = _check_vector(scale, "scale", d, dtype, f"features.shape[1] = {d}")
-        if not sc.min() > 0:
-            bad = int(np.flatnonzero(~(sc > 0))[0])
-            raise ValueError(
-                f"scale must be strictly positive, got scale[{bad}] = {sc[bad]}; "
-                "replace zero deviations by 1 (moments_scale does this)."
-            )
-    out = np.empty((n, m), dtype)
-    standardize = mean is not None or scale is not None
-    _transform(x, w, b, mu, sc, standardize, ACTIVATIONS.index(activation), out)
-    return out
+    return _apply_transform(x, transform_plan(w, bias, mean=mean, scale=scale, activation=activation))
 
 
 def transform_matrix(data, weights) -> np.ndarray:

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LSL_CONFIG = Path(__file__).resolve().with_name("lsl_api.cfg")
+# Every LSL test stays on this machine (ResolveScope = machine, KnownPeers = 127.0.0.1, no
+# IPv6; see biofed.datasets.live). liblsl reads it at its first call, so set it before any.
+os.environ["LSLAPICFG"] = str(LSL_CONFIG)
 SHARED_DATASETS = Path(os.environ.get("BIOFED_DATASETS", PROJECT_ROOT.parent / "shared" / "datasets"))
 
 

@@ -40,6 +40,17 @@ def band_powers(windows, fs, bands, nperseg):
     return np.stack([psd[..., (freqs >= lo) & (freqs < hi)].sum(axis=-1) * df for _, lo, hi in bands], axis=-1)
 
 
+def segment_powers(x, starts, nperseg, kmin, n_bins):
+    """``|rfft((seg - mean) * hann)|^2`` of bins ``kmin .. kmin + n_bins - 1`` for each segment start."""
+    taper = scipy.signal.get_window("hann", nperseg)
+    out = np.empty((len(starts), x.shape[0], n_bins))
+    for g, start in enumerate(starts):
+        seg = np.asarray(x[:, start : start + nperseg], dtype=np.float64)
+        spectrum = np.fft.rfft((seg - seg.mean(axis=1, keepdims=True)) * taper, axis=1)
+        out[g] = np.abs(spectrum[:, kmin : kmin + n_bins]) ** 2
+    return out
+
+
 def filter_edges(n_bands, fmin, fmax, scale="mel"):
     """Band edges equally spaced on the HTK mel scale (or in Hz), one value at a time."""
     if scale == "mel":

@@ -305,3 +305,47 @@ def test_broker_cli_runs_mosquitto(tmp_path):
     assert "stopping broker" in out
     assert (tmp_path / "m" / "mosquitto.conf").is_file()
     assert os.path.exists(tmp_path / "m" / "mosquitto.log")
+
+
+@pytest.mark.mosquitto
+def test_broker_cli_with_config_stops_mosquitto_on_sigterm(tmp_path):
+    """SIGTERM (systemd, docker stop) stops the Mosquitto child too, never leaving it orphaned on its port."""
+    require_mosquitto()
+    port = free_port()
+    conf = write_mosquitto_config(tmp_path / "m", port)
+    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(conf)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = process.stdout.readline()  # "mosquitto (pid N) listening on ..."
+        mosquitto_pid = int(banner.split("(pid ")[1].split(")")[0])
+        os.kill(mosquitto_pid, 0)  # running
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, out
+    assert "stopping broker" in out
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(mosquitto_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"mosquitto (pid {mosquitto_pid}) outlived its biofed broker process")
+    with pytest.raises(ConnectError):
+        MqttClient("127.0.0.1", port, "dev-after", protocol="5", connect_timeout_s=2).connect()
+
+
+def test_paho_not_connected_noise_is_debug_not_error(caplog):
+    import logging
+
+    from biofed.mqtt import _paho_logger
+
+    with caplog.at_level(logging.INFO):
+        _paho_logger.error("Client is not connected. Socket: None). Last known Connection State: %s", "CONNECTING")
+        _paho_logger.error("failed to receive on socket: %s", "boom")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("ERROR", "failed to receive on socket: boom")]

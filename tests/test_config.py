@@ -136,8 +136,11 @@ def test_configs_are_frozen(tmp_path):
 
 
 @pytest.mark.parametrize("text,model,match", [
-    (DEVICE + "\nbatchsize = 3\n", DeviceConfig, r"batchsize: unknown key \(check the spelling\)"),
-    (DEVICE.replace("[training]", "[training]\nepochs = 2"), DeviceConfig, r"training.epochs: unknown key"),
+    (DEVICE + "\nbatchsize = 3\n", DeviceConfig, r"training.batchsize: unknown key; did you mean 'batch_size'\?"),
+    (DEVICE.replace("[training]", "[training]\nepochs = 2"), DeviceConfig, r"training.epochs: unknown key; did you mean 'local_epochs'\?"),
+    (DEVICE.replace("[training]", "[training]\nzzz = 2"), DeviceConfig, r"training.zzz: unknown key \(known: batch_size, l2"),
+    (DEVICE.replace('store_path =', 'stor_path = "x"\nstore_path ='), DeviceConfig, r"stor_path: unknown key; did you mean 'store_path'\?"),
+    (COORDINATOR.replace("[dp]", "[dp]\nnoise_multiplyer = 2"), CoordinatorConfig, r"dp.noise_multiplyer: unknown key; did you mean 'noise_multiplier'\?"),
     (DEVICE.replace("port = 1884", 'port = "high"'), DeviceConfig, r"broker.port: Input should be a valid integer.*\(got 'high'\)"),
     (DEVICE.replace("port = 1884", "port = 70000"), DeviceConfig, r"broker.port: Input should be less than or equal to 65535"),
     (DEVICE.replace('protocol = "3.1.1"', 'protocol = "4"'), DeviceConfig, r"broker.protocol: Input should be 'auto', '5' or '3.1.1'"),
@@ -180,3 +183,58 @@ def test_not_toml(tmp_path):
 def test_directory_instead_of_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path, DeviceConfig)
+
+
+def _docstring_block(title: str) -> str:
+    """The indented TOML block that follows ``title`` in the biofed.config module docstring."""
+    import biofed.config
+
+    doc = biofed.config.__doc__
+    start = doc.index(title + "::\n\n") + len(title) + 4
+    lines = []
+    for line in doc[start:].splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("title,model", [
+    ("Example device file", DeviceConfig), ("Example coordinator file", CoordinatorConfig),
+])
+def test_module_docstring_examples_load(tmp_path, title, model):
+    config = load_config(_write(tmp_path, _docstring_block(title)), model)
+    if model is CoordinatorConfig:  # the strategy parameters are accepted by the strategy itself
+        from biofed.coordinator.strategies import make_strategy
+
+        make_strategy(config.strategy.name, **config.strategy.params)
+        assert config.dp.epsilon_budget == 8.0
+
+
+MINIMAL_COORDINATOR = 'fleet = "ward7"\nrounds = 5\nstate_dir = "state"\n[broker]\nport = 1884\n[dp]\nclip_norm = 0.5\n'
+
+
+def test_precedence_cli_over_env_over_file_over_default(tmp_path):
+    path = _write(tmp_path, MINIMAL_COORDINATOR)
+    env = {"BIOFED_BROKER_PORT": "1999", "BIOFED_DP_CLIP_NORM": "0.75", "BIOFED_ROUNDS": "7",
+           "BIOFED_NOT_A_SETTING": "x"}
+    plain = load_config(path, CoordinatorConfig, environ={})
+    assert (plain.broker.port, plain.dp.clip_norm, plain.rounds, plain.broker.host) == (1884, 0.5, 5, "127.0.0.1")
+    from_env = load_config(path, CoordinatorConfig, environ=env)
+    assert (from_env.broker.port, from_env.dp.clip_norm, from_env.rounds) == (1999, 0.75, 7)
+    from_cli = load_config(path, CoordinatorConfig, environ=env,
+                           overrides={"broker.port": 2001, "rounds": None, "broker.host": "10.1.1.1"})
+    assert (from_cli.broker.port, from_cli.dp.clip_norm, from_cli.rounds, from_cli.broker.host) == \
+        (2001, 0.75, 7, "10.1.1.1")
+
+
+def test_env_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
+    path = _write(tmp_path, MINIMAL_COORDINATOR)
+    monkeypatch.chdir(tmp_path.parent)
+    config = load_config(path, CoordinatorConfig, environ={"BIOFED_STATE_DIR": "elsewhere"})
+    assert config.state_dir == tmp_path.parent / "elsewhere"
+
+
+def test_bad_env_value_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError, match=r"broker.port: Input should be a valid integer.*\[set by BIOFED_BROKER_PORT\]"):
+        load_config(_write(tmp_path, MINIMAL_COORDINATOR), CoordinatorConfig, environ={"BIOFED_BROKER_PORT": "high"})

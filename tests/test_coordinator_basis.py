@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from biofed.privacy_ledger import PrivacyLedger
+from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 
 
@@ -28,13 +30,13 @@ def test_equal_counts_match_pooled_data():
     devices = _devices()
     pooled = np.vstack(devices)
     big = 1e9  # clip far above every norm: no clipping
-    stat, n_clipped = aggregate_statistics([_moments(X) for X in devices], big, add_noise=False)
+    stat, n_clipped = aggregate_statistics([_moments(X) for X in devices], big)
     assert n_clipped == 0
     mean, scale = standardization_from_moments(stat)
     np.testing.assert_allclose(mean, pooled.mean(0), rtol=1e-12)
     np.testing.assert_allclose(scale, pooled.std(0), rtol=1e-9)
 
-    cov, _ = aggregate_statistics([_covariance(X, mean, scale) for X in devices], big, add_noise=False)
+    cov, _ = aggregate_statistics([_covariance(X, mean, scale) for X in devices], big)
     components, eigenvalues = basis_from_covariance(cov, k=3)
     Z = (pooled - pooled.mean(0)) / pooled.std(0)
     _, S, Vt = np.linalg.svd(Z, full_matrices=False)
@@ -48,22 +50,28 @@ def test_equal_counts_match_pooled_data():
 def test_unequal_counts_are_weighted_uniformly():
     a, b = _devices(2, rows=100, d=3, seed=1)
     b = b[:10]
-    stat, _ = aggregate_statistics([_moments(a), _moments(b)], 1e9, add_noise=False)
+    stat, _ = aggregate_statistics([_moments(a), _moments(b)], 1e9)
     np.testing.assert_allclose(stat[:3], (a.mean(0) + b.mean(0)) / 2)
     assert not np.allclose(stat[:3], np.vstack([a, b]).mean(0))
 
 
 def test_clipping_and_noise():
     stats = np.array([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
-    mean, n_clipped = aggregate_statistics(stats, 1.0, add_noise=False)
+    mean, n_clipped = aggregate_statistics(stats, 1.0)
     assert n_clipped == 1
     np.testing.assert_allclose(mean, ([0.6, 0.8] + stats[1]) / 2)
     # noise: std z*C on the sum, z*C/n on the mean
     many = np.zeros((4, 20_000))
-    noisy, _ = aggregate_statistics(many, 2.0, noise_multiplier=1.5, rng=np.random.default_rng(0))
+    gate = PrivacyMechanism(PrivacyLedger(1e-5))
+    noisy, _ = aggregate_statistics(many, 2.0, noise_multiplier=1.5, mechanism=gate,
+                                    charge=Charge(3, "basis", 1.0, 1.5))
     assert noisy.std() == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
-    quiet, _ = aggregate_statistics(many, 2.0, noise_multiplier=1.5, add_noise=False)
-    assert not quiet.any()
+    assert [(g.kind, g.noise_multiplier, g.count) for g in gate.ledger.groups] == [("basis", 1.5, 1)]
+    # noise or a charge without the mechanism is refused: every release goes through the gate
+    with pytest.raises(ValueError, match="needs the privacy mechanism"):
+        aggregate_statistics(many, 2.0, noise_multiplier=1.5)
+    with pytest.raises(ValueError, match="needs its charge"):
+        aggregate_statistics(many, 2.0, noise_multiplier=1.5, mechanism=gate)
 
 
 def test_variance_floor_keeps_scale_positive():

@@ -17,13 +17,12 @@ from scipy import stats
 from biofed.cli import cli
 from biofed.coordinator.clipping import (
     AdaptiveClipping,
-    add_gaussian_noise,
     central_noise_std,
     clip_update,
     delta_noise_multiplier,
     secure_rng,
 )
-from biofed.coordinator.privacy import (
+from biofed.privacy_ledger import (
     PrivacyLedger,
     calibrate_noise_multiplier,
     distributed_noise_multiplier,
@@ -31,6 +30,7 @@ from biofed.coordinator.privacy import (
     round_event,
 )
 from biofed.coordinator.privacy_cli import privacy_command
+from biofed.privacy_mechanism import Charge, PrivacyMechanism
 
 DELTA = 1e-5
 # (q, z, T): PLD composes a self-composed event fast, so these stay well under a second each.
@@ -156,10 +156,13 @@ def test_ledger_json_round_trip_and_dp_event():
     text = ledger.to_json()
     json.loads(text)  # plain JSON
     back = PrivacyLedger.from_json(text)
-    assert back.entries == ledger.entries
+    assert back.groups == ledger.groups and len(back) == len(ledger) == 4
     assert (back.delta, back.accountants, back.epsilon_budget) == (ledger.delta, ledger.accountants, 20.0)
     assert back.epsilons() == ledger.epsilons()
-    assert back.entries[0].kind == "basis" and back.entries[0].event == dp_accounting.GaussianDpEvent(2.0)
+    assert back.groups[0].kind == "basis" and back.groups[0].event == dp_accounting.SelfComposedDpEvent(
+        dp_accounting.GaussianDpEvent(2.0), 1)
+    assert [(g.sampling_rate, g.count, g.first_round, g.last_round) for g in back.groups[1:]] == [
+        (0.5, 2, 1, 2), (0.25, 1, 3, 3)]
     # The composed DpEvent reproduces epsilon in a fresh accountant.
     assert RdpAccountant().compose(back.dp_event).get_epsilon(DELTA) == pytest.approx(ledger.epsilon("rdp"))
     assert isinstance(back.dp_event, dp_accounting.ComposedDpEvent)
@@ -174,6 +177,11 @@ def test_ledger_json_round_trip_and_dp_event():
         ('{"format": 1, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, '
          '"entries": [{"round": 0, "kind": "train", "sampling_rate": 2.0, "noise_multiplier": 1.0}]}',
          "sampling_rate must be in"),
+        ('{"format": 2, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, "groups": [{"kind": '
+         '"train", "sampling_rate": 1.0, "noise_multiplier": 1.0, "count": 0, "first_round": 0, "last_round": 0}]}',
+         "malformed privacy ledger group"),
+        ('{"format": 2, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, "groups": [{"kind": '
+         '"train", "sampling_rate": 1.0, "noise_multiplier": 1.0, "count": 1}]}', "missing or invalid field"),
     ],
 )
 def test_ledger_from_json_bad_input(text, match):
@@ -209,7 +217,7 @@ def test_ledger_budget_stops_training():
         (lambda: PrivacyLedger(DELTA).record_round(0, 0.5, 1.0, kind="eval"), "kind must be one of"),
         (lambda: PrivacyLedger(DELTA).record_round(0, 0.0, 1.0), r"sampling_rate must be in \(0, 1\]"),
         (lambda: PrivacyLedger(DELTA).epsilon("moments"), "unknown accountant"),
-        (lambda: _ledger_with([(0.5, 1.0, "train")]).record_round(0, 0.5, 1.0), "already in the privacy ledger"),
+        (lambda: _ledger_with([(0.5, 1.0, "train")]).record_round(0, 0.5, 1.0), "is not after round 0"),
     ],
 )
 def test_ledger_bad_input(call, match):
@@ -243,6 +251,20 @@ def test_privacy_cli_matches_plan_epsilon():
     assert got["pld"] == pytest.approx(expected["pld"], abs=1e-6)
 
 
+def test_privacy_cli_plans_record_level_dp_sgd():
+    """--level record: every DP-SGD step of every round is one Poisson-sampled Gaussian."""
+    result = CliRunner().invoke(privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1"])
+    assert result.exit_code == 0, result.output
+    assert "steps_per_round=20" in result.output and "record-level epsilon (RDP)" in result.output
+    assert "client-level" not in result.output
+    assert _cli_epsilons(result.output)["rdp"] == pytest.approx(plan_epsilon(200, 0.05, 1.1, 1e-5)["rdp"], abs=1e-6)
+    result = CliRunner().invoke(privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1",
+                                                  "--steps-per-round", "5"])
+    assert _cli_epsilons(result.output)["rdp"] == pytest.approx(plan_epsilon(50, 0.05, 1.1, 1e-5)["rdp"], abs=1e-6)
+    client = CliRunner().invoke(privacy_command, ["-T", "10", "-q", "0.05", "-z", "1.1"])
+    assert "client-level epsilon (RDP)" in client.output
+
+
 def test_privacy_cli_no_noise_reports_infinity():
     result = CliRunner().invoke(privacy_command, ["--rounds", "3", "--noise-multiplier", "0"])
     assert result.exit_code == 0, result.output
@@ -269,6 +291,8 @@ def test_privacy_cli_target_epsilon_calibrates():
         (["--rounds", "5"], "exactly one of --noise-multiplier and --target-epsilon"),
         (["--rounds", "5", "-z", "1", "-e", "2"], "exactly one of --noise-multiplier and --target-epsilon"),
         (["--rounds", "5", "-e", "-2"], "target epsilon must be a finite number > 0"),
+        (["--rounds", "5", "-z", "1", "--steps-per-round", "3"], "applies to --level record only"),
+        (["--rounds", "5", "-z", "1", "--level", "record", "--steps-per-round", "0"], "must be an integer >= 1"),
     ],
 )
 def test_privacy_cli_bad_input(args, match):
@@ -309,14 +333,8 @@ def test_clip_update_bad_input(args, match):
         clip_update(*args)
 
 
-def test_gaussian_noise_std():
+def test_central_noise_std():
     assert central_noise_std(1.1, 2.0) == pytest.approx(2.2)
-    noised = add_gaussian_noise(np.zeros(200_000), 0.7, np.random.default_rng(1))
-    assert noised.std() == pytest.approx(0.7, rel=0.01)
-    assert abs(noised.mean()) < 0.01
-    np.testing.assert_array_equal(add_gaussian_noise(np.ones(3), 0.0), np.ones(3))
-    with pytest.raises(ValueError, match="std must be a finite number >= 0"):
-        add_gaussian_noise(np.ones(3), -1.0)
 
 
 def test_secure_rng_is_unseeded_and_checks_type():
@@ -338,7 +356,7 @@ def test_delta_noise_multiplier_formula_and_error():
         delta_noise_multiplier(1.0, 0.5)
     with pytest.raises(ValueError, match="count_noise_std must be a finite number > 0"):
         delta_noise_multiplier(1.0, 0.0)
-    assert AdaptiveClipping(1.0, 0.5, 0.2, 5.0, np.random.default_rng(0)).delta_noise_multiplier(1.0) == z_delta
+    assert AdaptiveClipping(1.0, 0.5, 0.2, 5.0).delta_noise_multiplier(1.0) == z_delta
 
 
 @pytest.mark.parametrize("gamma", [0.2, 0.5, 0.8])
@@ -346,22 +364,28 @@ def test_adaptive_clipping_converges_to_quantile(gamma):
     rng = np.random.default_rng(int(gamma * 100))
     mu, s, n = 0.0, 0.5, 200
     true_quantile = math.exp(mu + s * stats.norm.ppf(gamma))
-    clipper = AdaptiveClipping(initial_clip=0.1, target_quantile=gamma, learning_rate=0.2, count_noise_std=1.0, rng=rng)
+    clipper = AdaptiveClipping(initial_clip=0.1, target_quantile=gamma, learning_rate=0.2, count_noise_std=1.0)
+    gate = PrivacyMechanism(PrivacyLedger(DELTA))
     history = []
-    for _ in range(1500):
+    for r in range(1500):
         norms = rng.lognormal(mu, s, size=n)
-        history.append(clipper.update(norms <= clipper.clip, n))
+        (count,) = gate.release(Charge(r, "train", 1.0, 0.5), clipper.count_query(norms <= clipper.clip))
+        history.append(clipper.apply(float(count[0]), n))
     estimate = math.exp(np.mean(np.log(history[-500:])))
     assert estimate == pytest.approx(true_quantile, rel=0.03)
 
 
 def test_adaptive_clipping_update_rule():
-    clipper = AdaptiveClipping(2.0, 0.5, learning_rate=0.3, count_noise_std=0.0, rng=np.random.default_rng(0))
-    # 3 of 4 unclipped -> b_bar = 0.75 -> C * exp(-0.3 * 0.25)
-    assert clipper.update([1, 1, 1, 0], 4) == pytest.approx(2.0 * math.exp(-0.3 * 0.25))
+    clipper = AdaptiveClipping(2.0, 0.5, learning_rate=0.3, count_noise_std=0.0)
+    # 3 of 4 unclipped -> centred sum 1 -> b_bar = 0.75 -> C * exp(-0.3 * 0.25)
+    query = clipper.count_query([1, 1, 1, 0])
+    assert query.clip_norm == 0.5 and query.noise_std == 0.0
+    assert query.clipped_total()[0][0] == pytest.approx(1.0)
+    assert clipper.apply(1.0, 4) == pytest.approx(2.0 * math.exp(-0.3 * 0.25))
     # 2 reports while 4 were expected: centred estimate (2 - 1) / 4 + 1/2 = 0.75
     before = clipper.clip
-    assert clipper.update(np.array([True, True]), 4) == pytest.approx(before * math.exp(-0.3 * 0.25))
+    assert clipper.count_query(np.array([True, True])).clipped_total()[0][0] == pytest.approx(1.0)
+    assert clipper.apply(1.0, 4) == pytest.approx(before * math.exp(-0.3 * 0.25))
 
 
 @pytest.mark.parametrize(
@@ -370,9 +394,9 @@ def test_adaptive_clipping_update_rule():
         (lambda: AdaptiveClipping(0.0, 0.5), "initial_clip must be a finite number > 0"),
         (lambda: AdaptiveClipping(1.0, 1.0), r"target_quantile must be in \(0, 1\)"),
         (lambda: AdaptiveClipping(1.0, 0.5, learning_rate=-1), "learning_rate must be a finite number > 0"),
-        (lambda: AdaptiveClipping(1.0, 0.5).update([0, 2], 2), "only 0/1"),
-        (lambda: AdaptiveClipping(1.0, 0.5).update([[0, 1]], 2), "must be 1-D"),
-        (lambda: AdaptiveClipping(1.0, 0.5).update([0, 1], 0), "n_expected must be an integer >= 1"),
+        (lambda: AdaptiveClipping(1.0, 0.5).count_query([0, 2]), "only 0/1"),
+        (lambda: AdaptiveClipping(1.0, 0.5).count_query([[0, 1]]), "must be 1-D"),
+        (lambda: AdaptiveClipping(1.0, 0.5).apply(0.0, 0), "n_expected must be an integer >= 1"),
     ],
 )
 def test_adaptive_clipping_bad_input(call, match):

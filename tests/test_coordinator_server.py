@@ -342,8 +342,8 @@ def test_basis_round_uses_its_own_noise_multiplier(amqtt_broker, devices, tmp_pa
                 .compose(dp_accounting.GaussianDpEvent(z), 2).get_epsilon(delta))
     assert history[-2].epsilon_rdp == pytest.approx(expected, rel=1e-9)
     assert coord.epsilons()["rdp"] == pytest.approx(expected, rel=1e-9)
-    kinds = [(e.kind, e.noise_multiplier) for e in coord.ledger.entries]
-    assert kinds == [("basis", z_basis), ("train", z), ("train", z)]
+    kinds = [(g.kind, g.noise_multiplier, g.count) for g in coord.ledger.groups]
+    assert kinds == [("basis", z_basis, 1), ("train", z, 2)]
     assert history[-1].balanced_accuracy > 0.5 and len(fleet) == history[-1].n_devices
 
 
@@ -372,9 +372,9 @@ def test_short_round_is_retried_then_aborted(amqtt_broker, devices, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="biofed.coordinator"):
         assert coord.run() is RunState.ABORTED
     assert coord.history() == []
-    assert "nothing released or accounted; retrying (attempt 2 of 2)" in caplog.text
+    assert "nothing published (what reached the coordinator is accounted); retrying (attempt 2 of 2)" in caplog.text
     assert "gave up after 2 attempts" in caplog.text
-    assert len(coord.ledger) == 0
+    assert len(coord.ledger) == 0  # central mode: the trusted coordinator released nothing
 
 
 # ----------------------------------------------------------------------------- hostile input
@@ -546,7 +546,7 @@ def test_restart_resumes_with_the_same_ledger(amqtt_broker, devices, tmp_path, c
     assert first.run() is RunState.STOPPED
     before = first.history()
     assert [r.phase for r in before] == ["moments", "covariance", "train"]
-    ledger_before = first.ledger.to_dict()["entries"]
+    groups_before = first.ledger.groups
     old_update = next(data for topic, data in fleet[0].sent if "/update/" in topic)
 
     second = coordinator(config, rng=np.random.default_rng(1))
@@ -557,7 +557,9 @@ def test_restart_resumes_with_the_same_ledger(amqtt_broker, devices, tmp_path, c
     assert after[:3] == before
     assert [r.train_round for r in after if r.phase == "train"] == [1, 2, 3]
     assert after[3].round > before[-1].round
-    assert second.ledger.to_dict()["entries"][:3] == ledger_before
+    assert [(g.kind, g.count) for g in groups_before] == [("basis", 2), ("train", 1)]
+    assert [(g.kind, g.count, g.first_round) for g in second.ledger.groups] == [
+        ("basis", 2, groups_before[0].first_round), ("train", 3, groups_before[1].first_round)]
     assert second.ingest.dropped["duplicate"] >= 1  # the replayed update of round 1 was not re-accepted
     assert "was already accepted" in caplog.text
     assert all(r.n_devices == 3 for r in after)
@@ -585,7 +587,7 @@ def test_stop_mid_round_commits_nothing(amqtt_broker, devices, tmp_path):
     assert second.run() is RunState.DONE
     train = [r for r in second.history() if r.phase == "train"]
     assert len(train) == 1 and train[0].round > abandoned  # the abandoned round number is not reused
-    assert [e["kind"] for e in second.ledger.to_dict()["entries"]] == ["basis", "basis", "train"]
+    assert [(g.kind, g.count) for g in second.ledger.groups] == [("basis", 2), ("train", 1)]
 
 
 def test_budget_stops_training(amqtt_broker, devices, tmp_path):
@@ -626,7 +628,9 @@ def test_adaptive_clipping_follows_the_norm_bits(amqtt_broker, devices, tmp_path
     assert task.clip_norm == pytest.approx(math.exp(0.2)) and task.adaptive_clipping
 
 
-def test_poisson_sampling_is_accounted_with_the_rate_used(amqtt_broker, devices, tmp_path):
+def test_public_cohort_is_charged_with_q_1(amqtt_broker, devices, tmp_path):
+    """Poisson-sampled cohorts are published (Task.participants), so no amplification by
+    sampling is claimed: every round is charged with q = 1."""
     devices(4)
     config = make_config(amqtt_broker, tmp_path, rounds=4, min_devices=1, sampling_rate=0.5, round_deadline_s=2.0,
                          dp={"noise_multiplier": 1.5, "clip_norm": 1.0})
@@ -636,12 +640,10 @@ def test_poisson_sampling_is_accounted_with_the_rate_used(amqtt_broker, devices,
     train = [r for r in history if r.phase == "train"]
     assert len(train) == 4
     assert all(1 <= r.n_devices == r.n_selected <= 4 for r in train)
-    # q on a first draw, 1 after a retry (no amplification claimed for a re-drawn round)
-    assert all(r.sampling_rate == (0.5 if r.attempts == 1 else 1.0) for r in train)
-    assert {r.sampling_rate for r in history if r.phase in ("moments", "covariance")} == {1.0}
-    entries = coord.ledger.to_dict()["entries"]
-    assert [(e["round"], e["sampling_rate"]) for e in entries if e["kind"] == "train"] == \
-        [(r.round, r.sampling_rate) for r in train]
+    assert any(r.n_selected < 4 for r in train)  # the sample was drawn, and published in the task
+    assert {r.sampling_rate for r in history if r.phase != "evaluate"} == {1.0}
+    assert {(g.kind, g.sampling_rate) for g in coord.ledger.groups} == {("basis", 1.0), ("train", 1.0)}
+    assert coord.ledger.count("train") == 4
     assert train[-1].epsilon_rdp == pytest.approx(_independent_epsilon(history, 1.5, 1e-5), rel=1e-12)
 
 

@@ -592,6 +592,16 @@ def test_edf_corrupt_header_field(edf_twin):
         read_recording(path)
 
 
+@pytest.mark.parametrize("duration", [b"0       ", b"-1      ", b"nan     "])
+def test_edf_record_duration_must_be_positive(edf_twin, duration):
+    path, _ = edf_twin
+    raw = bytearray(path.read_bytes())
+    raw[244:252] = duration
+    path.write_bytes(bytes(raw))
+    with pytest.raises(RecordingError, match=_named(path) + ".*record duration .* must be a positive number"):
+        read_recording(path)
+
+
 def test_edf_truncated_data(edf_twin):
     path, _ = edf_twin
     path.write_bytes(path.read_bytes()[:-100])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,9 +33,11 @@ TOPICS = Topics(FLEET)
 
 def _check_report(out: Path, rounds: int) -> None:
     table = json.loads((out / "rounds.json").read_text())
-    assert [row["round"] for row in table] == list(range(1, rounds + 1))
-    assert (out / "rounds.csv").read_text().splitlines()[0].startswith("round,task_round,devices,loss")
+    assert [row["round"] for row in table] == list(range(0, rounds + 1))  # row 0: the initial model
+    csv_bytes = (out / "rounds.csv").read_bytes()
+    assert b"\r" not in csv_bytes and csv_bytes.decode().startswith("round,task_round,devices,loss")
     assert (out / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (out / "rounds.svg").read_bytes()[:2000]
     with np.load(out / "model_final.npz") as model:
         assert model["params"].shape == (33 * 2,)  # logistic regression on the k=32 basis, 2 classes
 
@@ -88,7 +91,10 @@ def test_central_dp_reports_the_epsilon_of_dp_accounting(tmp_path):
     assert np.isfinite(summary["epsilon"])
     assert summary["epsilon"] == pytest.approx(expected, rel=1e-9)
     epsilons = [row["epsilon"] for row in summary["rounds"]]
-    assert epsilons == sorted(epsilons) and len(set(epsilons)) == rounds
+    assert epsilons == sorted(epsilons) and len(set(epsilons)) == rounds + 1  # row 0: the basis round alone
+    basis_only = RdpAccountant().compose(dp_accounting.GaussianDpEvent(z_basis)).get_epsilon(delta)
+    assert epsilons[0] == pytest.approx(basis_only, rel=1e-9)
+    assert all(row["epsilon_pld"] is not None for row in summary["rounds"])
     _check_report(out, rounds)
 
 
@@ -177,6 +183,10 @@ def test_demo_command_writes_table_plot_and_model(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "round  devices     loss  bal.acc mean     min   epsilon" in result.stdout
     assert "train 2" in result.stdout  # the coordinator's per-round progress lines
+    # the live line of training round 2 reports the model after round 1, as the table's row 1 does
+    live = re.search(r"train 2 .*balanced acc of model 1 (\d\.\d{3})", result.stdout)
+    row = re.search(r"^\s+1\s+3\s+\S+\s+(\d\.\d{3})", result.stdout, re.M)
+    assert live and row and live.group(1) == row.group(1), result.stdout
     assert "centralized baseline:" in result.stdout
     _check_report(out, 2)
     assert {p.name for p in (out / "logs").iterdir()} == {"coordinator.log", "device00.log", "device01.log",

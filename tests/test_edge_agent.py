@@ -15,8 +15,10 @@ import threading
 import time
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting.rdp import RdpAccountant
 from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 from biofed.config import DeviceConfig
@@ -207,6 +209,64 @@ def test_local_trust_mode_adds_noise_of_the_right_scale(agent):
     sketch = decode(out[0]).payload
     # the clipped statistic has norm 1; 141**2 noise draws of std 2 dominate it
     assert np.std(sketch.statistic) == pytest.approx(2.0, rel=0.05)
+    assert not sketch.clipped  # its norm was above 1, but that bit is data-dependent cleartext
+    # the device's own gate charged the release, durably, before it was handed out
+    assert [(g.kind, g.noise_multiplier, g.count) for g in agent.mechanism.ledger.groups] == [("basis", 2.0, 1)]
+    row = sqlite3.connect(agent.config.store_path).execute(
+        "SELECT ledger FROM agent_privacy_ledger WHERE id = 1").fetchone()
+    assert '"noise_multiplier": 2.0' in row[0]
+
+
+def test_local_mode_update_carries_no_data_dependent_cleartext(agent):
+    send(agent, TOPICS.basis, basis_of(agent))
+    model = init_params(8, 2, random_state=1)
+    out = send(agent, TOPICS.task, task("train", basis_version=1, model=model, clip_norm=0.05, trust_mode="local",
+                                        noise_multiplier=1.0, local_epochs=2, lr=0.1, batch_size=4))
+    update = decode(out[0]).payload
+    assert update.n_examples == 0 and not update.clipped and update.norm_bit is None
+    m = update.metrics
+    assert (m.loss, m.n_windows, m.rss_bytes, m.cpu_time_s, m.bytes_sent, m.bytes_received,
+            m.eval_balanced_accuracy, m.eval_windows) == (0.0, 0, 0, 0.0, 0, 0, None, 0)
+    assert np.std(update.delta) == pytest.approx(0.05, rel=0.5)  # noise z C dominates the clipped delta
+    evaluation = decode(send(agent, TOPICS.task, task("evaluate", round=8, basis_version=1, model=model,
+                                                      trust_mode="local"))[0]).payload
+    assert evaluation.metrics.eval_balanced_accuracy is None and evaluation.metrics.eval_windows == 0
+    assert agent.privacy_report()["client_epsilon"] == pytest.approx(
+        RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.0)).get_epsilon(1e-5))
+    # a restarted agent keeps its ledger
+    path = agent.config.store_path
+    agent.close()
+    again = make_agent([], path)
+    try:
+        assert len(again.mechanism.ledger) == 1
+    finally:
+        again.close()
+
+
+def test_record_level_dp_sgd_is_wired_and_accounted(recordings, ingested_store, tmp_path, caplog):
+    store = tmp_path / "features.sqlite"
+    shutil.copyfile(ingested_store, store)
+    q, z = 0.25, 1.2
+    agent = make_agent(recordings, store, dp={"record_noise_multiplier": z, "record_clip_norm": 0.5,
+                                              "record_sampling_rate": q, "delta": 1e-4})
+    try:
+        send(agent, TOPICS.basis, basis_of(agent))
+        model = init_params(8, 2, random_state=1)
+        with caplog.at_level(logging.INFO, logger="biofed.edge"):
+            out = send(agent, TOPICS.task, task("train", basis_version=1, model=model, local_epochs=2, lr=0.1))
+        update = decode(out[0]).payload
+        assert update.delta.shape == model.shape and np.abs(update.delta).sum() > 0
+        # ceil(local_epochs / q) = 8 Poisson-sampled steps, each charged to the record-level ledger
+        groups = agent.record_mechanism.ledger.groups
+        assert [(g.sampling_rate, g.noise_multiplier, g.count) for g in groups] == [(q, z, 8)]
+        expected = RdpAccountant().compose(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), 8).get_epsilon(1e-4)
+        report = agent.privacy_report()
+        assert report["record_epsilon"] == pytest.approx(expected, rel=1e-12)
+        assert report["client_epsilon"] == 0.0  # central mode: the device itself released nothing noised
+        assert "record-level epsilon" in caplog.text and "client-level epsilon" in caplog.text
+    finally:
+        agent.close()
 
 
 def test_covariance_with_wrong_feature_count_is_refused(agent, caplog):
@@ -360,7 +420,7 @@ def test_predictions_of_a_device_standardized_model_use_the_training_statistics(
 
 # ----------------------------------------------------------------------------- MQTT loop
 def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker, recordings, tmp_path):
-    """replay_speed > 0: the agent connects at once, ingests in the background (status n_rows
+    """replay_speed > 0: the agent connects at once, ingests in the background (the store
     grows), answers a task over MQTT and publishes a retained "offline" status when stopped."""
     broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
     agent = make_agent(recordings, tmp_path / "features.sqlite", replay_speed=10.0, broker=broker)
@@ -379,10 +439,10 @@ def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker
             if inbound is not None:
                 message = decode_topic_message(TOPICS, inbound.topic, inbound.payload)
                 (statuses if message.kind == "status" else sketches).append(message.payload)
-            if not published and statuses and statuses[-1].n_rows == 2 * (SECONDS - 1):
+            if not published and statuses and agent.n_rows == 2 * (SECONDS - 1):
                 coordinator.publish(TOPICS.task, encode_message(task("moments"), fleet=FLEET, sender="coordinator"))
                 published = True
-        assert statuses[0].state == "online" and statuses[0].n_rows < 2 * (SECONDS - 1)  # online before ingesting all
+        assert statuses[0].state == "online" and statuses[0].n_rows == 0  # no row count in a status (data-dependent)
         assert sketches and sketches[0].n_features == 141
     finally:
         stop.set()
@@ -417,7 +477,7 @@ def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_
             coordinator.subscribe(TOPICS.all_devices("status"))
             inbound = coordinator.receive(timeout_s=60)  # the retained status re-published on reconnect
             status = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
-        assert status.state == "online" and status.n_rows == 2 * (SECONDS - 1)
+        assert status.state == "online" and status.n_rows == 0
     finally:
         stop.set()
         runner.join(timeout=30)
@@ -425,3 +485,35 @@ def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_disconnected_agent_stops_at_once(recordings, ingested_store, tmp_path):
+    """With its broker gone, a stopped agent exits without waiting for an acknowledgement that
+    cannot come (the broker has its last will)."""
+    from biofed.broker import start_embedded_broker
+
+    store = tmp_path / "features.sqlite"
+    shutil.copyfile(ingested_store, store)
+    server = start_embedded_broker()
+    agent = make_agent(recordings, store, broker={"host": server.host, "port": server.port, "protocol": "3.1.1"})
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while agent.state is not AgentState.IDLE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        while agent._client is not None and agent._client.connected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        stop.set()
+        runner.join(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        runner.join(timeout=60)
+        agent.close()
+        server.stop()
+    assert agent.state is AgentState.STOPPED
+    assert took < 15.0, f"a disconnected agent took {took:.1f} s to stop"

@@ -23,7 +23,7 @@ from biofed.edge.pipeline import (
     sketch_update,
 )
 from biofed.edge.store import FeatureStore
-from biofed.kernels import band_powers, heart_rate_features, log_band_energies, project, window_statistics
+from biofed.kernels import FLOAT32_RTOL, band_powers, heart_rate_features, log_band_energies, project, window_statistics
 
 CONFIG = PipelineConfig()
 
@@ -130,8 +130,9 @@ def test_random_chunks_equal_one_chunk_on_real_eegmat(eegmat_rest):
 
 # ---------------------------------------------------------------------------------- alignment
 @pytest.mark.parametrize("hop_s", [1.0, 0.5, 0.33])
-def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_s):
-    config = PipelineConfig(hop_s=hop_s)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_s, dtype):
+    config = PipelineConfig(hop_s=hop_s, dtype=dtype)
     X, _, t = extract_features(multirate, config)
     n_windows = int(np.floor((14.0 - 2.0) / hop_s + 1e-9)) + 1
     assert X.shape[0] == n_windows
@@ -149,7 +150,34 @@ def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_
             np.concatenate([window_statistics(parts[2], bio.sfreq)[0], heart_rate_features(parts[2], bio.sfreq)[0]],
                            axis=1).reshape(-1),
         ])  # fmt: skip
-        np.testing.assert_allclose(X[j], expected, rtol=1e-12, atol=1e-12)
+        if dtype == "float64":
+            np.testing.assert_allclose(X[j], expected, rtol=1e-12, atol=1e-12)
+        else:  # spectral features (all logged) within FLOAT32_RTOL, biosensor features in float64
+            n_spectral = expected.size - 14
+            np.testing.assert_allclose(X[j, :n_spectral], expected[:n_spectral], rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL)
+            np.testing.assert_array_equal(X[j, n_spectral:], expected[n_spectral:])
+
+
+def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
+    """256 Hz EEG, 1 s hop: windows are 2 segment steps apart, so each window computes only its new segments."""
+    assert PipelineConfig().dtype == "float32"
+    rng = np.random.default_rng(5)
+    eeg = rng.standard_normal((3, 256 * 12))
+    windows = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(eeg, 512, axis=1)[:, ::256].transpose(1, 0, 2))
+    for dtype, tolerance in (("float64", 0.0), ("float32", FLOAT32_RTOL)):
+        config = PipelineConfig(dtype=dtype, modalities=("eeg",))
+        pipe = StreamingPipeline(config, FeatureLayout.from_channels({"eeg": (256.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config))
+        stream = pipe._streams["eeg"]
+        assert stream.share_segments and stream.plan.n_seg == 3 and stream.plan.step == 128
+        rows = []
+        for a in range(0, eeg.shape[1], 100):  # chunks smaller than a hop
+            rows += pipe.push("eeg", eeg[:, a : a + 100])
+        X = _as_arrays(rows)[0]
+        expected = band_powers(windows, 256.0, log=True).reshape(len(windows), -1)
+        assert X.shape == expected.shape == (11, 15)
+        np.testing.assert_allclose(X, expected, rtol=tolerance, atol=tolerance)
+    stream = pipe._streams["eeg"]
+    assert stream.n_segments == 3  # only the last window's segments are kept between pushes
 
 
 def test_hop_longer_than_window_skips_samples(multirate):
@@ -333,6 +361,7 @@ def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirat
         ({"bands": ("alpha",)}, "triples"),
         ({"max_pending_windows": 0}, "max_pending_windows must be None or an integer >= 1"),
         ({"sketch_rows": 1}, r"sketch_rows must be an integer >= 2"),
+        ({"dtype": "float16"}, r"dtype must be one of \('float32', 'float64'\), got 'float16'"),
     ],
 )
 def test_bad_config_is_rejected(kwargs, match):
@@ -362,6 +391,11 @@ def test_bad_layout_and_basis_are_rejected(multirate):
         StreamingPipeline(CONFIG, layout).fit_local_basis()
     with pytest.raises(PipelineError, match=r"\(N >= 2, F\)"):
         fit_basis(np.ones((1, 4)))
+    # the spectral plan is validated once, when the pipeline is built, not at the first window
+    thin = PipelineConfig(bands=(("thin", 1.1, 1.2),), modalities=("eeg",))
+    thin_layout = FeatureLayout.from_channels({"eeg": (100.0, ("Cz",), ("eeg",))}, thin)
+    with pytest.raises(PipelineError, match=r"eeg at 100.0 Hz with 200-sample windows: band 'thin'.*no frequency bin"):
+        StreamingPipeline(thin, thin_layout)
 
 
 def test_flush_reports_unmatched_windows_and_restarts(multirate):

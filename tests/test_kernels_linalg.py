@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from biofed.kernels import (
     Moments,
+    apply_transform,
     band_powers,
     fd_basis,
     fd_init,
@@ -23,6 +24,7 @@ from biofed.kernels import (
     sliding_windows,
     svd_compress,
     transform,
+    transform_plan,
     transform_matrix,
     truncated_svd,
 )
@@ -58,6 +60,28 @@ def test_transform_matches_numpy(rng, activation, dtype, with_mean, with_scale, 
     assert out.dtype == dtype and out.shape == (70, 4)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(out, naive.transform(x, w, bias, mean, scale, activation), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n", [1, 7, 5000])
+def test_transform_plan_equals_one_call(rng, n):
+    x = rng.standard_normal((n, 12)) * 3 + 1
+    w, bias = rng.standard_normal((12, 5)), rng.standard_normal(5)
+    mean, scale = rng.standard_normal(12), rng.uniform(0.5, 2.0, 12)
+    plan = transform_plan(w, bias, mean=mean, scale=scale, activation="tanh")
+    for dtype in (np.float64, np.float32):
+        out = apply_transform(x.astype(dtype), plan)
+        assert out.dtype == dtype and out.shape == (n, 5)
+        np.testing.assert_array_equal(out, transform(x.astype(dtype), w, bias, mean=mean, scale=scale, activation="tanh"))
+    np.testing.assert_allclose(apply_transform(x, plan), naive.transform(x, w, bias, mean, scale, "tanh"), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"features must have 12 columns to match the plan's weights \(d, m\) = \(12, 5\)"):
+        apply_transform(np.ones((2, 11)), plan)
+    with pytest.raises(ValueError, match="features contains 1 NaN"):
+        apply_transform(np.r_[np.ones(11), np.nan].reshape(1, 12), plan)
+    with pytest.raises(TypeError, match="plan must be a TransformPlan"):
+        apply_transform(x, (w, bias))
+    with pytest.raises(ValueError, match="scale must be strictly positive"):
+        transform_plan(w, scale=np.zeros(12))
+    assert not plan.weights[0].flags.writeable
 
 
 def test_transform_spans_several_row_blocks_and_large_logits(rng):

@@ -15,12 +15,19 @@ from biofed.kernels import biosensor
 from biofed.kernels import (
     BIOSENSOR_FEATURES,
     EEG_BANDS,
+    FLOAT32_RTOL,
+    SpectralPlan,
+    band_power_plan,
     band_powers,
     count_windows,
     detect_peaks,
     heart_rate_features,
     log_band_energies,
+    log_band_energy_plan,
+    reduce_segments,
+    segment_powers,
     sliding_windows,
+    spectral_features,
     window_statistics,
 )
 
@@ -268,6 +275,83 @@ def test_band_powers_bad_input(kwargs, error, match):
 
 
 # --------------------------------------------------------------------------------------------
+# spectral: plans and shared segments
+
+
+@pytest.mark.parametrize(
+    "make_plan",
+    [
+        lambda: band_power_plan(500.0, 1000, log=True),
+        lambda: band_power_plan(256.0, 512, EEG_BANDS[:3], nperseg=200),
+        lambda: log_band_energy_plan(8000.0, 4000, n_bands=20),
+        lambda: log_band_energy_plan(1000.0, 777, n_bands=8, scale="linear", nperseg=101),
+    ],
+)
+def test_plan_equals_one_call_functions_and_segments_equal_batch(rng, make_plan):
+    plan = make_plan()
+    assert isinstance(plan, SpectralPlan) and not plan.weights.flags.writeable
+    x = rng.standard_normal((3, plan.window * 3)) + 0.3
+    hop = 2 * plan.step  # windows two segment steps apart share n_seg - 2 segments
+    windows = np.ascontiguousarray(sliding_windows(x, plan.window, hop))
+    batch = spectral_features(windows, plan)
+    if plan.log == "ln":
+        direct = log_band_energies(windows, plan.fs, n_bands=plan.n_bands, scale="linear" if plan.fs == 1000.0 else "mel",
+                                   nperseg=plan.nperseg)
+    else:
+        direct = band_powers(windows, plan.fs, EEG_BANDS[: plan.n_bands], nperseg=plan.nperseg, log=plan.log == "log10")
+    np.testing.assert_array_equal(batch, direct)
+    # every segment of the stream once, then each window sums its own n_seg of them
+    starts = np.arange(0, x.shape[1] - plan.nperseg + 1, plan.step)
+    powers = segment_powers(x, starts, plan)
+    n_bins = plan.weights.shape[0]
+    np.testing.assert_allclose(powers, naive.segment_powers(x, starts, plan.nperseg, plan.kmin, n_bins), rtol=1e-10, atol=1e-12)
+    firsts = np.arange(len(windows)) * 2
+    np.testing.assert_array_equal(reduce_segments(powers, firsts, plan), batch)  # bit for bit
+    for dtype in (np.float32, np.float64):
+        shared = reduce_segments(segment_powers(x.astype(dtype), starts, plan), firsts, plan, dtype=dtype)
+        assert shared.dtype == dtype
+        np.testing.assert_array_equal(shared, spectral_features(windows.astype(dtype), plan))
+
+
+@pytest.mark.parametrize("source", ["real", "synthetic"])
+def test_float32_features_within_documented_tolerance(request, rng, source):
+    x = _eegmat_crop(request.getfixturevalue("shared_datasets")) if source == "real" else _eeg_like(rng)
+    w = np.ascontiguousarray(sliding_windows(x, 1000, 500))
+    plan = band_power_plan(500.0, 1000)
+    p64, p32 = spectral_features(w, plan), spectral_features(w.astype(np.float32), plan)
+    assert p32.dtype == np.float32
+    np.testing.assert_allclose(p32, p64, rtol=FLOAT32_RTOL, atol=0)
+    audio = np.cumsum(rng.standard_normal((1, 64000)), axis=1) * 1e-3 + 0.2 * rng.standard_normal((1, 64000))
+    wa = np.ascontiguousarray(sliding_windows(audio, 32000, 16000))
+    mel = log_band_energy_plan(16000.0, 32000)
+    np.testing.assert_allclose(spectral_features(wa.astype(np.float32), mel), spectral_features(wa, mel),
+                               rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda p: spectral_features(np.ones((1, 1, 100)), "plan"), TypeError, "plan must be a SpectralPlan"),
+        (lambda p: spectral_features(np.ones((1, 1, 99)), p), ValueError, "plan was built for 100"),
+        (lambda p: spectral_features(np.full((1, 1, 100), np.nan), p), ValueError, "NaN or inf"),
+        (lambda p: band_power_plan(100.0, 1), ValueError, "window must be >= 2"),
+        (lambda p: band_power_plan(100.0, 100.0), TypeError, "window must be an integer"),
+        (lambda p: log_band_energy_plan(100.0, 100, n_bands=0), ValueError, "n_bands must be >= 1"),
+        (lambda p: segment_powers(np.ones((1, 100)), [0, 37], p), ValueError, r"segment starts must lie in \[0, 36\]"),
+        (lambda p: segment_powers(np.ones((1, 100)), [-1], p), ValueError, "segment starts must lie"),
+        (lambda p: segment_powers(np.ones((1, 100)), [0.5], p), TypeError, "starts must be a 1-D array of integers"),
+        (lambda p: segment_powers(np.ones(100), [0], p), ValueError, "x must be 2-D"),
+        (lambda p: reduce_segments(np.ones((1, 1, 3)), [0], p), ValueError, r"powers must have shape \(n_segments, n_channels, \d+\)"),
+        (lambda p: reduce_segments(segment_powers(np.ones((1, 100)), [0, 32], p), [1], p), ValueError, "needs 2 segments"),
+    ],
+)
+def test_plan_and_segment_bad_input(call, error, match):
+    plan = band_power_plan(100.0, 100, EEG_BANDS[:4], nperseg=64)
+    with pytest.raises(error, match=match):
+        call(plan)
+
+
+# --------------------------------------------------------------------------------------------
 # spectral: log_band_energies
 
 
@@ -390,6 +474,20 @@ def test_detect_peaks_envelope_matches_naive_on_ecg(rng):
     box, _ = naive.beat_envelopes(x, fs)
     threshold = 0.2 * box.max()
     np.testing.assert_array_equal(detect_peaks(x, fs, prominence=threshold), naive.detect_beats(x, fs, threshold))
+
+
+@pytest.mark.parametrize("half", [0, 1, 12, 300])
+def test_running_moving_average_matches_fresh_sums(rng, half):
+    # tall spikes next to tiny values and runs of exact zeros, as in a squared rising slope
+    x = np.maximum(rng.standard_normal(1200), 0.0) ** 2 * 1e-6
+    x[::97] = 1e6
+    x[400:700] = 0.0
+    out = biosensor._moving_average(x, half)
+    ref = naive.moving_average(x, half)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=0)
+    assert np.all(out[400 + half : 700 - half] == 0.0)
+    plateau = biosensor._moving_average(np.full(50, 0.1), 3)[3:-3]  # full windows of a constant
+    assert np.all(plateau == plateau[0])  # exactly flat: no spurious local maxima on a plateau
 
 
 def test_peak_selection_plateaus_and_edges_equal_scipy():

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from biofed.kernels import clip_l2, init_params, loss_and_grad, n_params, predict_proba, train
-from biofed.kernels.training import _clipped_grad_sum
+from biofed.kernels.training import _per_example_grads, dp_sgd
+from biofed.privacy_ledger import PrivacyLedger
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 
 
 @pytest.fixture
@@ -105,7 +107,7 @@ def test_train_one_full_batch_step_is_gradient_descent(rng):
     assert mean_loss == pytest.approx(naive.loss_and_grad(p0, x, y, 3, 0)[0], rel=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"optimizer": "adam", "lr": 0.01}, {"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.1}])
+@pytest.mark.parametrize("kwargs", [{}, {"optimizer": "adam", "lr": 0.01}])
 def test_train_is_deterministic_given_the_seed(rng, kwargs):
     x, y = blobs(rng, n=120)
     p0 = init_params(6, 3, 4, random_state=0)
@@ -118,40 +120,67 @@ def test_train_is_deterministic_given_the_seed(rng, kwargs):
     assert not np.array_equal(a[0], train(p0, x, y, 3, 4, epochs=3, random_state=8, **kwargs)[0])
 
 
+def _record_gate(clip, z):
+    """A record-level release for dp_sgd: the privacy mechanism with an in-memory ledger."""
+    gate = PrivacyMechanism(PrivacyLedger(1e-5))
+    counter = iter(range(10**9))
+
+    def release(grads):
+        return gate.release(Charge(next(counter), "train", 1.0, z), ClippedSum(grads, clip, z * clip))[0]
+
+    return gate, release
+
+
 @pytest.mark.parametrize("hidden", MODELS)
-def test_dp_sgd_with_huge_clip_and_no_noise_equals_sgd(rng, hidden):
+def test_dp_sgd_with_full_batches_huge_clip_and_no_noise_equals_gradient_descent(rng, hidden):
     x, y = blobs(rng, n=100)
     p0 = init_params(6, 3, hidden, random_state=0)
-    plain = train(p0, x, y, 3, hidden, epochs=2, batch_size=16, lr=0.1, l2=0.01, random_state=3)
-    dp = train(p0, x, y, 3, hidden, epochs=2, batch_size=16, lr=0.1, l2=0.01, dp_clip_norm=1e9, random_state=3)
-    np.testing.assert_allclose(dp[0], plain[0], rtol=1e-10, atol=1e-12)
-    assert dp[1] == pytest.approx(plain[1], rel=1e-10)
+    plain = train(p0, x, y, 3, hidden, epochs=3, batch_size=100, lr=0.1, l2=0.01, random_state=3)
+    gate, release = _record_gate(1e9, 0.0)
+    dp = dp_sgd(p0, x, y, 3, hidden, steps=3, sampling_rate=1.0, release=release, lr=0.1, l2=0.01, random_state=3)
+    np.testing.assert_allclose(dp[0], plain[0], rtol=1e-9, atol=1e-12)
+    assert len(gate.ledger) == 3  # one release (and one charge) per step
 
 
 @pytest.mark.parametrize("hidden", MODELS)
 @pytest.mark.parametrize("clip", [1e-3, 0.5, 1e6])
-def test_clipping_kernel_bounds_each_example(rng, hidden, clip):
+def test_per_example_gradients_and_their_clipped_sum(rng, hidden, clip):
     x = rng.standard_normal((12, 4)) * 3
     y = rng.integers(0, 3, 12).astype(np.int64)
     p = random_params(rng, 4, 3, hidden)
-    out = np.empty_like(p)
-    loss_sum = _clipped_grad_sum(p, x, y, 3, hidden, clip, out)
-    np.testing.assert_allclose(out, naive.clipped_grad_sum(p, x, y, 3, hidden, clip), rtol=1e-10, atol=1e-14)
+    grads = np.empty((12, p.size))
+    loss_sum = _per_example_grads(p, x, y, 3, hidden, grads)
+    for i in range(12):
+        np.testing.assert_allclose(grads[i], naive.loss_and_grad(p, x[i : i + 1], y[i : i + 1], 3, hidden)[1],
+                                   rtol=1e-10, atol=1e-14)
     assert loss_sum == pytest.approx(12 * naive.loss_and_grad(p, x, y, 3, hidden)[0], rel=1e-12)
-    assert np.linalg.norm(out) <= 12 * clip * (1 + 1e-12)
-    for i in range(12):  # one example alone never moves the sum by more than clip
-        _clipped_grad_sum(p, x[i : i + 1], y[i : i + 1], 3, hidden, clip, out)
-        assert np.linalg.norm(out) <= clip * (1 + 1e-12)
+    total, _ = ClippedSum(grads, clip, 0.0).clipped_total()
+    np.testing.assert_allclose(total, naive.clipped_grad_sum(p, x, y, 3, hidden, clip), rtol=1e-10, atol=1e-14)
+    assert np.linalg.norm(total) <= 12 * clip * (1 + 1e-12)
 
 
-def test_dp_noise_has_the_configured_scale(rng):
+def test_dp_sgd_noise_has_the_configured_scale(rng):
     # Zero data gradient is impossible, so compare two runs that differ only in the noise.
     x, y = blobs(rng, n=64)
     p0 = init_params(6, 3)
-    quiet = train(p0, x, y, 3, epochs=1, batch_size=64, lr=1.0, dp_clip_norm=0.5, random_state=1)[0]
-    noisy = train(p0, x, y, 3, epochs=1, batch_size=64, lr=1.0, dp_clip_norm=0.5, dp_noise_multiplier=2.0, random_state=1)[0]
-    noise = (quiet - noisy) * 64  # lr * noise / batch
+    quiet = dp_sgd(p0, x, y, 3, steps=1, sampling_rate=1.0, release=_record_gate(0.5, 0.0)[1], lr=1.0)[0]
+    noisy = dp_sgd(p0, x, y, 3, steps=1, sampling_rate=1.0, release=_record_gate(0.5, 2.0)[1], lr=1.0)[0]
+    noise = (quiet - noisy) * 64  # lr * noise / expected batch
     assert noise.std() == pytest.approx(2.0 * 0.5, rel=0.35)
+
+
+def test_dp_sgd_poisson_samples_and_divides_by_the_expected_batch(rng):
+    x, y = blobs(rng, n=200)
+    p0 = init_params(6, 3)
+    sizes = []
+
+    def release(grads):
+        sizes.append(grads.shape[0])
+        return np.ones(grads.shape[1])  # a constant "noised sum": the step is lr * 1 / (q N)
+
+    params, _ = dp_sgd(p0, x, y, 3, steps=400, sampling_rate=0.1, release=release, lr=1.0, random_state=0)
+    assert np.mean(sizes) == pytest.approx(20, rel=0.05) and len(set(sizes)) > 5  # Binomial(200, 0.1) batches
+    np.testing.assert_allclose(params, p0 - 400 / 20.0)
 
 
 def test_prox_term_pulls_toward_center(rng):
@@ -213,8 +242,14 @@ P_OK = np.zeros(12)
         (lambda: train(P_OK, X_OK, Y_OK, 3, batch_size=0), ValueError, "batch_size must be >= 1"),
         (lambda: train(P_OK, X_OK, Y_OK, 3, prox_mu=0.1), ValueError, "prox_mu > 0 needs prox_center"),
         (lambda: train(P_OK, X_OK, Y_OK, 3, prox_mu=0.1, prox_center=np.zeros(5)), ValueError, "params has 5 entries"),
-        (lambda: train(P_OK, X_OK, Y_OK, 3, dp_noise_multiplier=1.0), ValueError, "dp_noise_multiplier > 0 needs dp_clip_norm"),
-        (lambda: train(P_OK, X_OK, Y_OK, 3, dp_clip_norm=0.0), ValueError, "dp_clip_norm must be a finite number > 0"),
+        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=0, sampling_rate=0.5, release=np.sum), ValueError,
+         "steps must be >= 1"),
+        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=0.0, release=np.sum), ValueError,
+         r"sampling_rate must be in \(0, 1\]"),
+        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=0.5, release=None), TypeError,
+         "release must be a callable"),
+        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=1.0, release=lambda g: np.zeros(2)), ValueError,
+         "release returned shape"),
         (lambda: train(P_OK, X_OK, Y_OK, 3, random_state=1.5), TypeError, "random_state must be None"),
         (lambda: train(P_OK, (X_OK + 1) * 1e300, Y_OK, 3, lr=1e300), FloatingPointError, "training diverged"),
         (lambda: clip_l2(np.ones(3), 0.0), ValueError, "max_norm must be a finite number > 0"),
@@ -246,5 +281,6 @@ def test_training_shapes_and_dtypes(n, d, c, hidden, dtype, seed):
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     loss, grad = loss_and_grad(p, x, y, c, hidden)
     assert grad.shape == (n_params(d, c, hidden),) and np.isfinite(loss) and loss >= 0
-    trained, mean_loss = train(p, x, y, c, hidden, batch_size=4, dp_clip_norm=1.0, dp_noise_multiplier=0.5, random_state=seed)
+    trained, mean_loss = dp_sgd(p, x, y, c, hidden, steps=3, sampling_rate=1.0, release=_record_gate(1.0, 0.5)[1],
+                                random_state=seed)
     assert trained.shape == p.shape and trained.dtype == np.float64 and np.isfinite(mean_loss)

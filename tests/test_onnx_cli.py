@@ -216,3 +216,45 @@ def test_predict_a_session_of_two_files(tmp_path):
     result = _run("predict", "--model", tmp_path / "m.onnx", files[2])  # the WAV forgotten
     assert result.exit_code == 1
     assert "needs modalities ('eeg', 'audio', 'bio') but the data has ('eeg', 'bio')" in result.output
+
+
+@pytest.mark.parametrize("content", ["text", "pickle_npy", "pickle_npz"])
+def test_export_of_a_wrong_file_gives_no_pickle_advice(tmp_path, content):
+    path = tmp_path / "model.npz"
+    if content == "text":
+        path.write_text("not a model\n")
+    elif content == "pickle_npy":
+        with path.open("wb") as handle:
+            np.save(handle, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        np.savez(path, params=np.array([{"a": 1}], dtype=object))
+    result = CliRunner().invoke(cli, ["export", "--model", str(path), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1
+    assert "not a biofed model file" in result.output
+    assert "allow_pickle" not in result.output and "unsafely" not in result.output
+    assert ("not a NumPy .npz archive" in result.output) is (content == "text")
+
+
+def test_predict_on_a_coordinator_model_file_says_export_first(tmp_path):
+    path = tmp_path / "model_final.npz"
+    np.savez(path, params=np.zeros(3))
+    recording = tmp_path / "r.edf"
+    recording.write_bytes(b"0")
+    result = CliRunner().invoke(cli, ["predict", "--model", str(path), str(recording)])
+    assert result.exit_code == 1 and "run `biofed export --model" in result.output
+
+
+def test_predict_json_agrees_with_the_text_report(trained):
+    import json
+
+    folder, files, npz, proba = trained
+    out = folder / "json.onnx"
+    assert _run("export", "--model", npz, "--out", out).exit_code == 0
+    result = _run("predict", "--model", out, "--json", files[1])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    n_arith = int(np.sum(proba.argmax(axis=1) == 1))
+    assert report["counts"] == {"rest": 19 - n_arith, "arithmetic": n_arith}
+    assert report["accuracy"] == pytest.approx(n_arith / 19) and report["labelled_windows"] == 19
+    assert len(report["windows"]) == 19 and all(w["label"] == "arithmetic" for w in report["windows"])
+    np.testing.assert_allclose([max(w["proba"]) for w in report["windows"]], proba.max(axis=1), atol=1e-3)

@@ -174,9 +174,10 @@ def test_window_model_matches_pipeline_synthetic(synthetic, hidden):
     recordings, X, y, spec = synthetic
     model = _model_file(X, y, spec, hidden)
     rec = recordings[0]
-    rows, labels, t = extract_features(rec, pipeline_config(spec))
-    expected = _numba_proba(model, rows)
     for dtype, atol in (("float32", 1e-5), ("float64", 1e-10)):
+        # the device pipeline computes its spectral features in float32 by default
+        rows, labels, t = extract_features(rec, dataclasses.replace(pipeline_config(spec), dtype=dtype))
+        expected = _numba_proba(model, rows)
         result = _load(model, input_kind="window", dtype=dtype).predict_recording(rec)
         np.testing.assert_allclose(result.proba, expected, rtol=0, atol=atol)
         np.testing.assert_array_equal(result.labels, labels)
@@ -197,7 +198,7 @@ def test_window_features_match_band_powers_eegmat(eegmat):
 def test_window_model_matches_pipeline_eegmat(eegmat):
     recordings, X, y, spec = eegmat
     model = _model_file(X, y, spec, hidden=0)
-    rows, _, _ = extract_features(recordings[1], pipeline_config(spec))
+    rows, _, _ = extract_features(recordings[1], dataclasses.replace(pipeline_config(spec), dtype="float64"))
     result = _load(model, input_kind="window", dtype="float64").predict_recording(recordings[1])
     np.testing.assert_allclose(result.proba, _numba_proba(model, rows), rtol=0, atol=1e-10)
     assert set(result.labels) == {"arithmetic"}

@@ -23,11 +23,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from biofed import provision as provision_module
-from biofed.broker import free_port, start_mosquitto
+from biofed.broker import fleet_queue_limits, free_port, start_mosquitto
 from biofed.cli import cli
-from biofed.config import BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
+from biofed.config import RECOMMENDED_PRIVACY, RECOMMENDED_ROUNDS, BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
 from biofed.mqtt import ConnectError, MqttClient, PublishError, TlsSettings
-from biofed.protocol import KINDS, Topics
+from biofed.protocol import KINDS, Status, Topics, encode_message
 from biofed.provision import (
     ProvisionError,
     topic_kinds,
@@ -207,10 +207,21 @@ def test_acl_gives_devices_their_own_topics_only(fleet):
     broadcast, per_device = topic_kinds()
     assert set(broadcast) | set(per_device) == set(KINDS) and not set(broadcast) & set(per_device)
     conf = fleet.layout.broker_config.read_text()
-    for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username false",
+    n_identities = len(fleet.identities)
+    for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username true",
                  "use_username_as_clientid true", f"crlfile {fleet.layout.crl_file}",
-                 f"listener {fleet.port} 127.0.0.1", "max_queued_messages 100000"):
+                 f"listener {fleet.port} 127.0.0.1", "max_queued_messages 100000",
+                 f"max_queued_bytes {512 * 1024 * 1024}", "max_inflight_messages 100",
+                 f"max_packet_size {16 * 1024 * 1024 + 64 * 1024}", f"max_connections {2 * n_identities}"):
         assert line in conf.splitlines(), line
+    assert "max_queued_bytes 0" not in conf
+
+
+def test_queue_limits_grow_with_the_fleet():
+    assert fleet_queue_limits(3) == (100_000, 512 * 1024 * 1024)
+    assert fleet_queue_limits(5000) == (64 * 5000, 5000 * 1024 * 1024)  # 64 messages and 1 MiB per device
+    with pytest.raises(ValueError, match="n_devices"):
+        fleet_queue_limits(-1)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -382,15 +393,29 @@ def _raw_connect(fleet, identity: str | None, *, cert: bool = True) -> str:
     return outcome[0] if outcome else "no answer"
 
 
-def test_anonymous_connections_are_refused(fleet, broker):
+def test_connections_without_certificate_are_refused(fleet, broker):
     assert _raw_connect(fleet, "device-003") == "Success"  # the control: same path, with credentials
-    assert _raw_connect(fleet, None) == "Not authorized"  # certificate, no user name
     assert _raw_connect(fleet, "device-003", cert=False) != "Success"  # password, no certificate
+    assert _raw_connect(fleet, None, cert=False) != "Success"  # nothing at all
 
 
-def test_wrong_password_refused(broker, connect):
-    with pytest.raises(ConnectError, match="Not authorized"):
-        connect("device-003", password_file=None, password="not-the-password")
+def test_cross_bound_certificate_and_password_cannot_act_as_the_other_device(fleet, broker, connect):
+    """device-001's certificate with device-002's user name and password: the broker takes the
+    identity from the certificate, so the login is device-001's. Every attempt to act as
+    device-002 is refused, and device-002's own session is not taken over."""
+    victim = connect("device-002")
+    victim.subscribe(TOPICS.task)
+    layout = fleet.layout
+    attacker = connect("device-002", cert_file=layout.client_cert("device-001"),
+                       key_file=layout.client_key("device-001"))
+    update = encode_message(Status(round=0, state="online"), fleet=FLEET, sender="device-002")
+    with pytest.raises(PublishError, match="refused by the broker: Not authorized"):
+        attacker.publish(TOPICS.status("device-002"), update, timeout_s=10)
+    own = encode_message(Status(round=0, state="online"), fleet=FLEET, sender="device-001")
+    attacker.publish(TOPICS.status("device-001"), own, timeout_s=10)  # the certificate's own identity
+    time.sleep(0.5)
+    # its session (client id = user name = device-002) was never taken over, not even for a moment
+    assert victim.connected and victim.downtime_s() == 0.0
 
 
 def test_another_fleets_credentials_are_refused(fleet, broker, tmp_path):
@@ -432,18 +457,21 @@ def test_revoked_device_is_locked_out(tmp_path):
     try:
         connected = connect("device-002")
         revoked = revoke_device(layout.root, "device-002", broker_pid=broker.process.pid)
-        # the SIGHUP makes mosquitto re-check its clients: the open connection is dropped
+        # the SIGHUP reloads the ACL: whatever the still-open connection publishes is refused
+        # (a certificate-authenticated session is not re-checked against the CRL until it reconnects)
         deadline = time.monotonic() + 5
-        while connected.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not connected.connected
-        # publishing now waits for a reconnect that never succeeds: a PublishError, not paho's RuntimeError
-        with pytest.raises(PublishError, match="not acknowledged within 0.5 s"):
-            connected.publish(TOPICS.update("device-002"), b"too late", timeout_s=0.5)
+        while True:
+            try:
+                connected.publish(TOPICS.update("device-002"), b"too late", timeout_s=5)
+            except PublishError as exc:
+                assert "Not authorized" in str(exc) or "not acknowledged" in str(exc)
+                break
+            assert time.monotonic() < deadline, "the revoked device may still publish"
+            time.sleep(0.1)
         connected.close()
         with pytest.raises(ConnectError):
             connect("device-002", fleet.broker_config("device-002"))
-        # the CRL alone refuses the revoked certificate, even with a valid password (device-001's)
+        # the CRL refuses the revoked certificate, whatever user name and password come with it
         stolen = fleet.broker_config("device-001").model_copy(
             update={"cert_file": layout.client_cert("device-002"), "key_file": layout.client_key("device-002")})
         with pytest.raises(ConnectError):
@@ -510,15 +538,32 @@ def test_biofed_broker_runs_a_provisioned_config(tmp_path):
     require_mosquitto_passwd()
     require_mosquitto()
     own = provision_fleet(tmp_path / "cli-fleet", FLEET, 1, port=free_port())
-    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(own.layout.broker_config)],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        first_line = process.stdout.readline()
-        assert f"listening on 127.0.0.1:{own.port}" in first_line and "kill -HUP" in first_line
-        client = MqttClient.from_config(own.broker_config("device-001"), "device-001", protocol="5")
-        client.connect()
-        client.close()
-    finally:
-        process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=15)
-    assert "stopping broker" in output
+    # the provisioned biofed TOML, and the Mosquitto config itself as older versions took it
+    for config, warning in ((own.layout.broker_service_config, False), (own.layout.broker_config, True)):
+        process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(config)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first_line = process.stdout.readline()
+            assert f"listening on 127.0.0.1:{own.port}" in first_line and "kill -HUP" in first_line
+            client = MqttClient.from_config(own.broker_config("device-001"), "device-001", protocol="5")
+            client.connect()
+            client.close()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            output, errors = process.communicate(timeout=15)
+        assert "stopping broker" in output and process.returncode == 0
+        assert ("pass it as --mosquitto-conf" in errors) is warning
+
+
+def test_provisioned_coordinator_config_is_private_by_default(tmp_path):
+    require_mosquitto_passwd()
+    fleet = provision_fleet(tmp_path / "fleet", FLEET, 4, port=free_port())
+    config = load_config(fleet.layout.coordinator_config, CoordinatorConfig, environ={})
+    assert {key: getattr(config.dp, key) for key in RECOMMENDED_PRIVACY} == RECOMMENDED_PRIVACY
+    assert config.dp.epsilon_budget is not None and config.rounds == RECOMMENDED_ROUNDS
+    assert config.min_devices == 3  # a majority of the 4 devices
+    assert config.status_broker.username == "observer"  # biofed status reads with read-only credentials
+    assert config.status_broker.password_file.resolve() == fleet.layout.mqtt_password("observer")
+    from biofed.config_cli import check
+
+    assert "budget epsilon 10" in check(fleet.layout.coordinator_config, "coordinator")

@@ -11,7 +11,8 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 from scipy import stats
 
-from biofed.coordinator.privacy import PrivacyLedger, distributed_noise_multiplier
+from biofed.privacy_ledger import PrivacyLedger, distributed_noise_multiplier
+from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
 from biofed.secagg import (
     FIELD_PRIME,
     AdvertiseKeys,
@@ -190,18 +191,29 @@ def test_fixed_point_rejects_bad_values():
     assert FP.max_abs == 2.0**29
 
 
-def test_prepare_input_clips_and_noises():
+def _gate():
+    return PrivacyMechanism(PrivacyLedger(1e-5))
+
+
+def test_prepare_input_clips_noises_and_charges():
     x = np.full(M, 1.0)  # norm sqrt(66) > C
-    clean = FP.decode(prepare_input(x, clip_norm=0.5, noise_multiplier=0.0, n_min=4))
+    gate = _gate()
+    clean = FP.decode(prepare_input(x, clip_norm=0.5, noise_multiplier=0.0, n_min=4, mechanism=gate,
+                                    charge=Charge(0, "train", 1.0, 0.0)))
     np.testing.assert_allclose(np.linalg.norm(clean), 0.5, atol=1e-6)
-    noisy = FP.decode(prepare_input(np.zeros(20000), clip_norm=2.0, noise_multiplier=1.5, n_min=9,
-                                    rng=np.random.default_rng(0)))
+    noisy = FP.decode(prepare_input(np.zeros(20000), clip_norm=2.0, noise_multiplier=1.5, n_min=9, mechanism=gate,
+                                    charge=Charge(1, "train", 1.0, 1.5)))
     assert noisy.std() == pytest.approx(1.5 * 2.0 / 3.0, rel=0.03)
+    # charged against the grid sensitivity: rounding to the grid may lengthen the clipped update
+    charged = gate.ledger.groups[-1].noise_multiplier
+    assert len(gate.ledger) == 2 and charged < 1.5
+    assert charged == pytest.approx(1.5 * 2.0 / grid_sensitivity(2.0, 20000, FP.resolution), rel=1e-12)
     assert noise_share_std(2.0, 1.5, 9) == pytest.approx(1.0)
     with pytest.raises(SecAggError, match="n_min must be an integer >= 1"):
         noise_share_std(1.0, 1.0, 0)
     with pytest.raises(SecAggError, match="clip_norm must be"):
-        prepare_input(x, clip_norm=0.0, noise_multiplier=1.0, n_min=2)
+        prepare_input(x, clip_norm=0.0, noise_multiplier=1.0, n_min=2, mechanism=_gate(),
+                      charge=Charge(0, "train", 1.0, 1.0))
 
 
 # ----------------------------------------------------------------------------- distributed DP
@@ -211,8 +223,9 @@ def test_distributed_noise_and_epsilon_match_dp_accounting():
     n, n_min, z, clip, m, delta = 10, 6, 1.1, 0.8, 4000, 1e-5
     rng = np.random.default_rng(21)
     updates = {f"pi-{i:02d}": rng.normal(size=m) for i in range(n)}
-    inputs = {d: prepare_input(u, clip_norm=clip, noise_multiplier=z, n_min=n_min, rng=np.random.default_rng(i))
-              for i, (d, u) in enumerate(updates.items())}
+    inputs = {d: prepare_input(u, clip_norm=clip, noise_multiplier=z, n_min=n_min, mechanism=_gate(),
+                               charge=Charge(0, "train", 1.0, z))
+              for d, u in updates.items()}
     result = simulate_round(inputs, session=SESSION, threshold=n_min, drop_before_masking=["pi-00", "pi-05"],
                             random_bytes=_seeded(4))
     assert len(result.survivors) == 8

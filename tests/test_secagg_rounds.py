@@ -11,6 +11,8 @@ import pytest
 
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
+from biofed.privacy_ledger import PrivacyLedger
+from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.protocol import SecAggRelay, Task, Topics, decode_topic_message, encode_message
 from biofed.secagg import FixedPoint, SecAggError
 from biofed.signing import KeyRing, Signer, Verifier
@@ -25,6 +27,12 @@ class Clock:
 
     def __call__(self):
         return self.now
+
+
+def _gate(task):
+    """A device's release gate (in-memory ledger) and the charge of its input."""
+    return {"mechanism": PrivacyMechanism(PrivacyLedger(1e-5)),
+            "charge": Charge(task.round, "train", 1.0, task.noise_multiplier)}
 
 
 def _task(devices, *, threshold, z=0.0, clip=1.0):
@@ -65,8 +73,8 @@ def _run(n=6, *, silent=None, z=0.0, threshold=None, seed=0):
     server = SecureAggregationRound(fleet=FLEET, round=ROUND, participants=devices, vector_size=P,
                                     threshold=threshold, advertise_deadline=task.deadline, step_timeout_s=10.0,
                                     clock=clock)
-    parts = {d: SecureAggregationParticipant(d, FLEET, task, deltas[d], rng=np.random.default_rng(i))
-             for i, d in enumerate(devices)}
+    parts = {d: SecureAggregationParticipant(d, FLEET, task, deltas[d], **_gate(task))
+             for d in devices}
     gone: set[str] = set()
 
     def answering(step):
@@ -132,14 +140,15 @@ def test_coordinator_drops_messages_that_do_not_fit():
     task = _task(devices, threshold=2)
     server = SecureAggregationRound(fleet=FLEET, round=ROUND, participants=devices[:2], vector_size=P, threshold=2,
                                     advertise_deadline=task.deadline, step_timeout_s=5.0, clock=Clock())
-    parts = {d: SecureAggregationParticipant(d, FLEET, task, np.zeros(P)) for d in devices}
+    parts = {d: SecureAggregationParticipant(d, FLEET, task, np.zeros(P), **_gate(task)) for d in devices}
     advert = parts["a"].start()
     with pytest.raises(SecAggError, match="not expected at step 'advertise'"):
         server.handle("c", parts["c"].start())
     server.handle("a", advert)
     with pytest.raises(SecAggError, match="already answered"):
         server.handle("a", advert)
-    other_round = SecureAggregationParticipant("b", FLEET, replace(task, round=ROUND + 1), np.zeros(P))
+    other_round = SecureAggregationParticipant("b", FLEET, replace(task, round=ROUND + 1), np.zeros(P),
+                                               **_gate(task))
     with pytest.raises(SecAggError, match="the open round is 12"):
         server.handle("b", other_round.start())
     assert server.poll() is None  # b has not advertised and the deadline is ahead
@@ -148,9 +157,10 @@ def test_coordinator_drops_messages_that_do_not_fit():
 def test_participant_refusals():
     devices = ["a", "b", "c"]
     with pytest.raises(SecAggError, match="needs a distributed-mode task"):
-        SecureAggregationParticipant("a", FLEET, _task(devices, threshold=0), np.zeros(P))
+        SecureAggregationParticipant("a", FLEET, _task(devices, threshold=0), np.zeros(P),
+                                     **_gate(_task(devices, threshold=0)))
     task = _task(devices, threshold=3)
-    parts = {d: SecureAggregationParticipant(d, FLEET, task, np.zeros(P)) for d in [*devices, "x"]}
+    parts = {d: SecureAggregationParticipant(d, FLEET, task, np.zeros(P), **_gate(task)) for d in [*devices, "x"]}
     server = SecureAggregationRound(fleet=FLEET, round=ROUND, participants=[*devices, "x"], vector_size=P,
                                     threshold=1, advertise_deadline=0.0, step_timeout_s=5.0, clock=Clock())
     for d in ("a", "b", "c"):
@@ -167,7 +177,7 @@ def test_participant_refusals():
         parts["b"].start()
     # a key list naming a device that is not in the task
     lone = _task(["a", "b"], threshold=2)
-    strict = SecureAggregationParticipant("a", FLEET, lone, np.zeros(P))
+    strict = SecureAggregationParticipant("a", FLEET, lone, np.zeros(P), **_gate(task))
     strict.start()
     with pytest.raises(SecAggError, match="outside the task: \\['c'\\]"):
         strict.handle(SecAggRelay(ROUND, "keys", threshold=2, public_keys=dict(keys.public_keys)))

@@ -1,0 +1,160 @@
+"""End to end over a real Mosquitto: a 15 000-message flood with one device's identity, then
+a broker outage in the middle of a training round. The coordinator and every agent stay up,
+the rounds resume after the outage, and no accepted update is lost.
+
+The outage lasts ``BIOFED_OUTAGE_S`` seconds (default 15). Its length does not change what
+is tested: the coordinator's round clock stands still while it is disconnected (the deadline
+rule of :mod:`biofed.coordinator.server`), the devices' replies wait in their clients'
+queues, and every client reconnects with capped backoff, so a longer outage only takes
+longer. ``BIOFED_OUTAGE_S=120`` reproduces the two-minute outage.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from brokers import require_mosquitto
+
+from biofed.broker import start_mosquitto
+from biofed.config import CoordinatorConfig, load_config
+from biofed.coordinator.server import Coordinator, RunState
+from biofed.demo import FLEET, DemoSettings, write_configs, write_synthetic_devices
+from biofed.mqtt import MqttClient
+from biofed.protocol import Topics, decode_topic_message
+
+TOPICS = Topics(FLEET)
+FLOOD = 15_000
+OUTAGE_S = float(os.environ.get("BIOFED_OUTAGE_S", "15"))
+
+
+class TaskWatcher:
+    """Follows the retained task topic; ``wait_for_train(n)`` blocks until the n-th training task."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.client = MqttClient(host, port, "task-watcher", protocol="5", clean=True,
+                                 reconnect_max_delay_s=2.0).connect()
+        self.client.subscribe(TOPICS.task)
+        self.train_rounds: list[int] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            inbound = self.client.receive(0.2)
+            if inbound is None:
+                continue
+            task = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
+            with self._cond:
+                if task.phase == "train" and task.round not in self.train_rounds:
+                    self.train_rounds.append(task.round)
+                    self._cond.notify_all()
+
+    def wait_for_train(self, n: int, timeout_s: float = 900) -> int:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.train_rounds) >= n, timeout_s), "no training task"
+            return self.train_rounds[n - 1]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+def flood(host: str, port: int, device: str) -> int:
+    """Publish FLOOD small QoS 1 messages on ``device``'s update topic as fast as the broker takes them."""
+    client = MqttClient(host, port, f"{device}-flood", protocol="5", clean=True, max_inflight=1000).connect()
+    try:
+        infos = [client.publish(TOPICS.update(device), b"\x81\xa1x%d" % i, wait=False) for i in range(FLOOD)]
+        deadline = time.monotonic() + 300
+        while not all(client.acknowledged(info) for info in infos):
+            assert time.monotonic() < deadline, "the broker did not take the flood"
+            time.sleep(0.2)
+        return len(infos)
+    finally:
+        client.close()
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+def test_flood_and_broker_outage_during_a_round(tmp_path):
+    require_mosquitto()
+    out = tmp_path / "run"
+    broker_dir = tmp_path / "mosquitto"
+    broker = start_mosquitto(broker_dir)
+    port = broker.port
+    devices = write_synthetic_devices(out / "data", 3, duration_s=12.0, random_state=5)
+    settings = DemoSettings(out=out, rounds=5, min_devices=2, round_deadline_s=30.0, agent_keepalive_s=5)
+    coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, port, "5")
+    config = load_config(coordinator_toml, CoordinatorConfig)
+    coordinator = Coordinator(config, discovery_timeout_s=900.0, accountants=("rdp",))
+    agents: dict[str, subprocess.Popen] = {}
+    result: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: result.setdefault("state", coordinator.run()), daemon=True)
+    watcher = TaskWatcher(broker.host, port)
+    try:
+        for device, toml in device_tomls.items():
+            log = (out / f"{device}.log").open("w")
+            agents[device] = subprocess.Popen([sys.executable, "-m", "biofed", "-v", "edge", "--config", str(toml)],
+                                              stdout=log, stderr=log)
+            log.close()
+        runner.start()
+
+        # 1. a flood with device00's identity during the first training round
+        watcher.wait_for_train(1)
+        assert flood(broker.host, port, "device00") == FLOOD
+
+        # 2. the broker goes away right after the third training task went out, then comes back
+        outage_round = watcher.wait_for_train(3)
+        time.sleep(0.3)
+        broker.stop()
+        time.sleep(OUTAGE_S)
+        assert runner.is_alive(), "the coordinator died during the outage"
+        assert all(p.poll() is None for p in agents.values()), "an agent died during the outage"
+        broker = start_mosquitto(broker_dir, port)
+
+        runner.join(timeout=600)
+        assert not runner.is_alive(), "the coordinator did not finish after the outage"
+        assert result["state"] is RunState.DONE
+        assert all(p.poll() is None for p in agents.values()), "an agent died"
+
+        history = coordinator.history()
+        train = [r for r in history if r.phase == "train"]
+        assert len(train) == settings.rounds  # the rounds resumed after the outage
+        spanning = next(r for r in train if r.round == outage_round)
+        # every reply to the round open during the outage arrived (queued by the devices) and counted
+        assert spanning.n_devices == spanning.n_selected == 3
+        # no accepted update is lost: every accepted reply is committed with its round
+        db = sqlite3.connect(config.state_dir / "coordinator.sqlite")
+        accepted = dict(db.execute("SELECT round, COUNT(*) FROM accepted GROUP BY round").fetchall())
+        db.close()
+        assert accepted == {r.round: r.n_devices for r in history if r.n_devices}
+        # the flood was shed or refused, counted, and cost nothing else
+        refused = sum(coordinator.ingest.dropped.values())
+        assert coordinator.shed_messages + refused >= FLOOD
+        # the model of the last round was published (retained) after the outage
+        reader = MqttClient(broker.host, port, "model-reader", protocol="5", clean=True).connect()
+        reader.subscribe(TOPICS.model)
+        inbound = reader.receive(10)
+        reader.close()
+        assert inbound is not None and decode_topic_message(TOPICS, inbound.topic, inbound.payload).round == train[-1].round
+
+        for process in agents.values():
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+    finally:
+        watcher.close()
+        coordinator.stop()
+        for process in agents.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        broker.stop()
