@@ -103,3 +103,13 @@ def test_demo_runs_a_fleet_above_a_handful_in_its_own_process(tmp_path):
     log = (out / "logs" / "devices.log").read_text()
     assert all(f"{device}: online with" in log for device in summary["devices"])
     assert len(summary["federated"]["per_device"]) == n
+
+
+def test_simulate_refuses_the_fault_schedule_without_mosquitto(tmp_path):
+    from click.testing import CliRunner
+
+    from biofed.cli import cli
+
+    result = CliRunner().invoke(cli, ["simulate", "--devices", "2", "--faults", "--out", str(tmp_path / "sim")])
+    assert result.exit_code != 0
+    assert "the broker restart fault needs --mosquitto" in result.output
