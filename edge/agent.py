@@ -875,13 +875,14 @@ class EdgeAgent:
             self._publish(self.status_message())
             logger.info("%s: online with %d windows", self.device_id, self.n_rows)
             self._enter(AgentState.IDLE)
-            connected = True
+            downtime = client.downtime_s()
             while not stop.is_set():
-                if client.connected != connected:
-                    connected = client.connected
-                    if connected:  # the broker may have published our will meanwhile: say we are back
-                        logger.info("%s: reconnected", self.device_id)
-                        self._publish(self.status_message())
+                # Back after an outage, however short or unnoticed by this loop (it may have waited in a
+                # publish meanwhile): the broker may have published our will, so say we are back.
+                if client.connected and client.downtime_s() != downtime:
+                    downtime = client.downtime_s()
+                    logger.info("%s: reconnected", self.device_id)
+                    self._publish(self.status_message())
                 inbound = client.receive(timeout_s=0.25)
                 if inbound is None:
                     continue
