@@ -313,7 +313,7 @@ class EdgeAgent:
         """The record-level gate of DP-SGD (``[dp] record_noise_multiplier``): every step's
         noised gradient sum is charged to the device's record-level ledger."""
         self._client: MqttClient | None = None
-        self._was_connected = False
+        self._downtime_seen = 0.0
         self.layout_json = self._stored_layout()
         """The device's feature layout (JSON of :class:`biofed.model_format.LayoutSpec`), "" until known."""
         self.predictor: OnnxModel | None = None
@@ -1002,7 +1002,7 @@ class EdgeAgent:
         if client is None:
             return False
         self._client = client
-        self._was_connected = True
+        self._downtime_seen = client.downtime_s()
         for topic in (self.topics.basis, self.topics.task, self.topics.model, self.topics.secagg_relay):
             try:
                 client.subscribe(topic, qos=1)
@@ -1014,13 +1014,15 @@ class EdgeAgent:
         return True
 
     def check_connection(self) -> None:
-        """After paho reconnected, publish the "online" status again (the broker may have
-        published the last will meanwhile). Call it periodically while serving."""
+        """Back after an outage, however short or unnoticed by the serving loop (it may have
+        waited in a publish meanwhile): publish the "online" status again, since the broker
+        may have published the last will. Call it periodically while serving."""
         client = self._client
-        if client is None or client.connected == self._was_connected:
+        if client is None or not client.connected:
             return
-        self._was_connected = client.connected
-        if self._was_connected:
+        downtime = client.downtime_s()
+        if downtime != self._downtime_seen:
+            self._downtime_seen = downtime
             logger.info("%s: reconnected", self.device_id)
             self._publish(self.status_message())
 
