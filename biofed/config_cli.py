@@ -38,7 +38,8 @@ KINDS: dict[str, type[BaseModel]] = {
 _CHOSEN: dict[str, dict[str, object]] = {
     "coordinator": {"fleet": "ward7", "rounds": RECOMMENDED_ROUNDS, "min_devices": 2, "state_dir": "state",
                     **{f"dp.{key}": value for key, value in RECOMMENDED_PRIVACY.items()}},
-    "device": {"device_id": "pi-01", "fleet": "ward7", "store_path": "features.sqlite"},
+    "device": {"device_id": "pi-01", "fleet": "ward7", "store_path": "features.sqlite",
+               "sources.kind": "lsl", "sources.name": "pi-01"},
     "broker": {},
 }
 """Placeholders of the required settings and the recommended values that differ from a default."""
@@ -116,6 +117,10 @@ def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overr
                                              else "...   (not set by default)" if default is None
                                              else toml_literal(default)))
     for key, sub, info in sections:
+        if typing.get_origin(info.annotation) is tuple:  # an array of tables: one commented example entry
+            lines += ["", ""] + _comment(info.description or sub.__doc__) + [f"# [[{key}]]"]
+            lines += _table(sub, f"{key}.", chosen, overridable, commented=True)
+            continue
         optional = info.default is None  # an optional section: shown commented out
         lines += ["", ""] + _comment(info.description or sub.__doc__)
         lines.append(f"{'# ' if commented or optional else ''}[{key}]")

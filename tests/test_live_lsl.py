@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 from click.testing import CliRunner
 
 from biofed.cli import cli
@@ -293,3 +294,46 @@ def test_lsl_traffic_stays_on_loopback():
     remote = {c.raddr.ip for c in connections if c.raddr}
     assert remote, "expected LSL data connections"
     assert all(ipaddress.ip_address(ip).is_loopback for ip in remote), remote
+
+
+def test_agent_with_an_lsl_source_answers_tasks_over_mqtt(amqtt_broker, tmp_path):
+    """The whole device: LSL player -> agent.run (warm-up, live ingestion, MQTT) -> a sketch of
+    the live windows answered to the coordinator, then a clean stop."""
+    from biofed.mqtt import MqttClient
+    from biofed.protocol import Task, Topics, decode_topic_message, encode_message
+
+    name = unique("mqtt")
+    topics = Topics("ward7")
+    broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
+    config = DeviceConfig(device_id="pi-01", fleet="ward7", store_path=tmp_path / "features.sqlite", broker=broker,
+                          sources=[{"kind": "lsl", "name": name, "resolve_timeout_s": 2.0}])
+    agent = EdgeAgent(config)
+    player = LslPlayer(synthetic("rest", seconds=60.0), name, repeat=10).start()  # outlives a cold warm-up
+    coordinator = MqttClient(amqtt_broker.host, amqtt_broker.port, "coordinator", protocol="3.1.1").connect()
+    coordinator.subscribe(topics.all_devices("status"))
+    coordinator.subscribe(topics.all_devices("sketch"))
+    stop = threading.Event()
+    runner = threading.Thread(target=agent.run, args=(stop,))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 500
+        while agent.n_rows < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert agent.n_rows >= 4
+        task = Task(round=1, model=np.empty(0), basis_version=0, classes=("rest", "arithmetic"),
+                    deadline=time.time() + 60, phase="moments", clip_norm=1e6)
+        coordinator.publish(topics.task, encode_message(task, fleet="ward7", sender="coordinator"))
+        sketch = None
+        while sketch is None and time.monotonic() < deadline:
+            inbound = coordinator.receive(timeout_s=0.5)
+            if inbound is not None:
+                message = decode_topic_message(topics, inbound.topic, inbound.payload)
+                sketch = message.payload if message.kind == "sketch" else None
+        assert sketch is not None and sketch.n_features == agent.n_features
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+        player.stop()
+        coordinator.close()
+    assert not runner.is_alive()
+    agent.close()
