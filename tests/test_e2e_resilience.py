@@ -138,12 +138,13 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         history = coordinator.history()
         train = [r for r in history if r.phase == "train"]
         assert len(train) == settings.rounds  # the rounds resumed after the outage
-        spanning = next(r for r in train if r.round == outage_round)
-        # the round open when the broker went away kept its replies: either they arrived after the
-        # outage (queued by the devices; the paused clock kept the round open longer than its
-        # deadline) or before it, and then its model waited out the outage (the retained model below)
+        # The round open when the broker went away either kept its replies (they arrived before the
+        # outage, or after it while the paused clock kept the round open longer than its deadline)
+        # or, when the devices reconnected after its moved deadline, closed short and was retried
+        # under a new number: nothing of it released or accounted. Either way no reply is lost.
         assert up_at - down_at > DEADLINE_S
-        assert spanning.n_selected == 3 and spanning.n_devices >= 2  # device00's may be shed: its identity floods
+        spanning = next((r for r in train if r.round == outage_round), None)
+        assert spanning is None or spanning.n_devices >= settings.min_devices
         assert train[-1].finished > up_at  # the rounds resumed after the outage
         # no accepted update is lost: every accepted reply is committed with its round
         db = sqlite3.connect(config.state_dir / "coordinator.sqlite")
@@ -164,9 +165,11 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
         print(f"flood {FLOOD} messages: {coordinator.shed_messages} shed by the inbox, {refused} refused by the "
-              f"ingest; outage {up_at - down_at:.0f} s during round {outage_round}, which closed "
-              f"{spanning.finished - up_at:+.1f} s from the broker's return with {spanning.n_devices}/"
-              f"{spanning.n_selected} replies; {len(train)} training rounds done; accepted per round {accepted}")
+              f"ingest; outage {up_at - down_at:.0f} s during round {outage_round}, "
+              + ("which was retried" if spanning is None else
+                 f"which closed {spanning.finished - up_at:+.1f} s from the broker's return with "
+                 f"{spanning.n_devices}/{spanning.n_selected} replies")
+              + f"; {len(train)} training rounds done; accepted per round {accepted}")
     finally:
         watcher.close()
         coordinator.stop()
