@@ -189,8 +189,8 @@ def test_demo_command_writes_table_plot_and_model(tmp_path):
     assert live and row and live.group(1) == row.group(1), result.stdout
     assert "centralized baseline:" in result.stdout
     _check_report(out, 2)
-    assert {p.name for p in (out / "logs").iterdir()} == {"coordinator.log", "device00.log", "device01.log",
-                                                           "device02.log"}
+    assert {p.name for p in (out / "logs").iterdir()} == {"warmup.log", "coordinator.log", "device00.log",
+                                                           "device01.log", "device02.log"}
 
 
 def test_demo_without_eegmat_subjects_says_so(tmp_path):
