@@ -685,7 +685,8 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
               help="Projection variants of the centralized non-private model (none, pcaK, classK).")
 @click.option("--private-projections", default="none", show_default=True,
               help="Projection variants of every private method (their basis releases are charged).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"),
+              show_default=True, help="Report folder: evaluation.json and epsilon_accuracy.png.")
 @click.option("--tune", "tune_grid", default=None, metavar="JSON",
               help='Instead of evaluating, tune each of --methods at the first of --epsilons by leave-one-subject-out '
                    'CV on training windows only, over a grid of Defaults fields (plus projection, k), e.g. '
