@@ -40,6 +40,7 @@ the reported epsilon equal to a fresh accountant's over the same history.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -439,8 +440,8 @@ def check_federation(state_dir: Path, *, expected_train_rounds: int | None = Non
 
     Checks: no device counted twice in a round; every committed round's ``n_devices`` equals
     its accepted messages; no accepted message outside a committed round; the ledger holds
-    exactly one entry per committed basis and training round; the last round's epsilon
-    equals a fresh ledger's over those entries; ``expected_train_rounds`` rounds trained.
+    exactly one charge per committed basis and training round (its count and latest round
+    per kind); the last round's epsilon equals a fresh ledger's over those charges; ``expected_train_rounds`` rounds trained.
     """
     from biofed.coordinator.privacy import PrivacyLedger
     from biofed.coordinator.state import CoordinatorState
@@ -468,14 +469,20 @@ def check_federation(state_dir: Path, *, expected_train_rounds: int | None = Non
     if snapshot is None or snapshot.ledger is None:
         return problems + ["no committed ledger"]
     ledger = PrivacyLedger.from_json(snapshot.ledger)
-    charged = sorted((e.round, e.kind) for e in ledger.entries)
-    expected = sorted((r.round, "basis" if r.phase in ("moments", "covariance") else "train")
-                      for r in history if r.phase != "evaluate")
+    # the ledger keeps a count per (kind, q, z) group and each kind's latest round
+    committed_kinds = [(r.round, "basis" if r.phase in ("moments", "covariance") else "train")
+                       for r in history if r.phase != "evaluate"]
+    charged = {kind: (ledger.count(kind), ledger.last_round(kind)) for kind in ("basis", "train")}
+    expected = {kind: (sum(1 for _, k in committed_kinds if k == kind),
+                       max((round_ for round_, k in committed_kinds if k == kind), default=None))
+                for kind in ("basis", "train")}
     if charged != expected:
-        problems.append(f"ledger entries {charged} != committed rounds {expected}")
+        problems.append(f"ledger (count, last round) per kind {charged} != committed rounds {expected}")
     fresh = PrivacyLedger(ledger.delta, ("rdp",))
-    for e in ledger.entries:
-        fresh.record_round(e.round, e.sampling_rate, e.noise_multiplier, kind=e.kind)
+    fresh_round = itertools.count()
+    for group in ledger.groups:
+        for _ in range(group.count):
+            fresh.record_round(next(fresh_round), group.sampling_rate, group.noise_multiplier, kind=group.kind)
     last = next((r for r in reversed(history) if r.epsilon_rdp is not None), None)
     if last is not None and not math.isclose(fresh.epsilons()["rdp"], last.epsilon_rdp, rel_tol=1e-9):
         problems.append(f"reported epsilon {last.epsilon_rdp} != recomputed {fresh.epsilons()['rdp']}")
