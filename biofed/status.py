@@ -34,7 +34,6 @@ class DeviceStatus:
     state: str
     online: bool
     round: int
-    windows: int
     last_seen: float
     """Unix time the device's latest status was sent."""
     detail: str = ""
@@ -159,7 +158,7 @@ class FleetWatcher:
                 payload = message.payload
                 self.devices[message.sender] = DeviceStatus(
                     device=message.sender, state=payload.state, online=payload.state != "offline",
-                    round=payload.round, windows=payload.n_rows, last_seen=message.created, detail=payload.detail,
+                    round=payload.round, last_seen=message.created, detail=payload.detail,
                 )
 
     def close(self) -> None:
@@ -214,9 +213,9 @@ def render(status: FleetStatus) -> str:
     lines.append(f"devices: {status.online} online, {len(status.devices) - status.online} offline")
     if status.devices:
         width = max(6, *(len(d.device) for d in status.devices))
-        lines.append(f"  {'DEVICE':<{width}}  {'STATE':<10} {'ROUND':>5} {'WINDOWS':>8}  LAST SEEN")
+        lines.append(f"  {'DEVICE':<{width}}  {'STATE':<10} {'ROUND':>5}  LAST SEEN")
         for d in status.devices:
-            lines.append(f"  {d.device:<{width}}  {d.state:<10} {d.round:>5} {d.windows:>8}  "
+            lines.append(f"  {d.device:<{width}}  {d.state:<10} {d.round:>5}  "
                          f"{_ago(status.time - d.last_seen)}")
     return "\n".join(lines)
 

@@ -124,7 +124,7 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
         view = json.loads(out)
         assert view["fleet"] == "demo" and view["online"] == 2 and view["offline"] == 0
         assert sorted(d["device"] for d in view["devices"]) == sorted(devices)
-        assert all(d["online"] and d["windows"] > 0 and time.time() - d["last_seen"] < 120 for d in view["devices"])
+        assert all(d["online"] and time.time() - d["last_seen"] < 120 for d in view["devices"])
         assert view["coordinator"]["running"] and view["coordinator"]["pid"] == coordinator.pid
         assert view["coordinator"]["phase"] == "train" and view["coordinator"]["train_rounds_done"] >= 2
         assert 0 < view["coordinator"]["epsilon"] < 1000 and view["coordinator"]["epsilon_budget"] == 1000
