@@ -40,7 +40,6 @@ the reported epsilon equal to a fresh accountant's over the same history.
 from __future__ import annotations
 
 import heapq
-import itertools
 import json
 import logging
 import math
@@ -479,10 +478,7 @@ def check_federation(state_dir: Path, *, expected_train_rounds: int | None = Non
     if charged != expected:
         problems.append(f"ledger (count, last round) per kind {charged} != committed rounds {expected}")
     fresh = PrivacyLedger(ledger.delta, ("rdp",))
-    fresh_round = itertools.count()
-    for group in ledger.groups:
-        for _ in range(group.count):
-            fresh.record_round(next(fresh_round), group.sampling_rate, group.noise_multiplier, kind=group.kind)
+    fresh.extend(ledger)
     last = next((r for r in reversed(history) if r.epsilon_rdp is not None), None)
     if last is not None and not math.isclose(fresh.epsilons()["rdp"], last.epsilon_rdp, rel_tol=1e-9):
         problems.append(f"reported epsilon {last.epsilon_rdp} != recomputed {fresh.epsilons()['rdp']}")
