@@ -686,7 +686,7 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
 @click.option("--private-projections", default="none", show_default=True,
               help="Projection variants of every private method (their basis releases are charged).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"),
-              show_default=True, help="Report folder: evaluation.json and epsilon_accuracy.png.")
+              show_default=True, help="Report folder: evaluation.json, evaluation.txt and epsilon_accuracy.png.")
 @click.option("--tune", "tune_grid", default=None, metavar="JSON",
               help='Instead of evaluating, tune each of --methods at the first of --epsilons by leave-one-subject-out '
                    'CV on training windows only, over a grid of Defaults fields (plus projection, k), e.g. '
