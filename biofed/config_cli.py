@@ -38,7 +38,8 @@ KINDS: dict[str, type[BaseModel]] = {
 _CHOSEN: dict[str, dict[str, object]] = {
     "coordinator": {"fleet": "ward7", "rounds": RECOMMENDED_ROUNDS, "min_devices": 2, "state_dir": "state",
                     **{f"dp.{key}": value for key, value in RECOMMENDED_PRIVACY.items()}},
-    "device": {"device_id": "pi-01", "fleet": "ward7", "store_path": "features.sqlite"},
+    "device": {"device_id": "pi-01", "fleet": "ward7", "store_path": "features.sqlite",
+               "sources.kind": "file", "sources.path": "recordings"},
     "broker": {},
 }
 """Placeholders of the required settings and the recommended values that differ from a default."""
@@ -51,10 +52,20 @@ _HEADERS = {
 
 
 def _section_model(annotation: object) -> type[BaseModel] | None:
+    if _array_model(annotation) is not None:
+        return None
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
+
+
+def _array_model(annotation: object) -> type[BaseModel] | None:
+    """The model of an array of tables (``tuple[Model, ...]``: ``[[key]]``), else None."""
+    if typing.get_origin(annotation) not in (tuple, list):
+        return None
+    item = typing.get_args(annotation)[0]
+    return item if isinstance(item, type) and issubclass(item, BaseModel) else None
 
 
 def _comment(text: str | None, indent: str = "") -> list[str]:
@@ -73,11 +84,16 @@ def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overr
     mark = "# " if commented else ""
     lines: list[str] = []
     sections = []
+    arrays = []
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _section_model(info.annotation)
         if sub is not None:
             sections.append((key, sub, info))
+            continue
+        item = _array_model(info.annotation)
+        if item is not None:
+            arrays.append((key, item, info))
             continue
         lines.append("")
         lines += _comment(info.description)
@@ -98,6 +114,10 @@ def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overr
         lines += ["", ""] + _comment(info.description or sub.__doc__)
         lines.append(f"{'# ' if commented or optional else ''}[{key}]")
         lines += _table(sub, f"{key}.", chosen, overridable, commented=commented or optional)
+    for key, item, info in arrays:  # empty by default: one commented-out example entry
+        lines += ["", ""] + _comment(info.description or item.__doc__)
+        lines.append(f"# [[{key}]]")
+        lines += _table(item, f"{key}.", chosen, overridable, commented=True)
     return lines
 
 
