@@ -520,8 +520,8 @@ def audit_mode(settings: AuditSettings, mode: str, devices: Mapping[str, Sequenc
 def format_audits(audits: Sequence[ModeAudit], confidence: float, delta: float) -> str:
     lines = [f"{'mode':<12} {'adversary':<12} {'rounds':>6} {'canaries':>8} {'mu':>6} "
              f"{'eps lower':>9} {'eps est.':>8} {'threshold':>9} {'ledger eps':>10}  verdict",
-             f"{'':<12} {'':<12} {'':>6} {'in/out':>8} {'':>6} {f'({confidence:.0%})':>9} {'':>8} "
-             f"{f'({confidence:.0%})':>9} {'(min)':>10}"]
+             f"{'':<12} {'':<12} {'':>6} {'in/out':>8} {'':>6} {f'({100 * confidence:g}%)':>9} {'':>8} "
+             f"{f'({100 * confidence:g}%)':>9} {'(min)':>10}"]
     for a in audits:
         g = a.gaussian
         lines.append(
@@ -529,7 +529,7 @@ def format_audits(audits: Sequence[ModeAudit], confidence: float, delta: float) 
             f"{g.mu:>6.2f} {g.lower:>9.3f} {g.estimate:>8.3f} {a.threshold.lower:>9.3f} {a.ledger_epsilon:>10.3f}  "
             f"{a.verdict}")
     lines.append(f"epsilon at delta = {delta:g}; 'eps lower' is the Gaussian-fit lower bound (Andrew et al. 2023) at "
-                 f"{confidence:.0%} confidence, 'threshold' the distribution-free Clopper-Pearson one; the verdict "
+                 f"{100 * confidence:g}% confidence, 'threshold' the distribution-free Clopper-Pearson one; the verdict "
                  "compares the larger of the two with the ledger's smallest epsilon (RDP, PLD)")
     return "\n".join(lines)
 
