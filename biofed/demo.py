@@ -778,7 +778,7 @@ def run_demo(settings: DemoSettings) -> dict:
     except (BrokerError, ProvisionError) as exc:
         raise DemoError(f"cannot start the MQTT broker: {exc}") from None
     children: list[_Child] = []
-    observer = fleet = None
+    observer = in_process = None
     started = time.monotonic()
     try:
         coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, broker.port, protocol,
@@ -804,7 +804,7 @@ def run_demo(settings: DemoSettings) -> dict:
         relay = threading.Thread(target=_relay, args=(coordinator.process.stdout, "  ", coordinator_lines), daemon=True)
         relay.start()
         if len(devices) > IN_PROCESS_FLEET:
-            fleet, fleet_log = _launch_in_process(device_tomls.values(), out / "logs" / "devices.log")
+            in_process, fleet_log = _launch_in_process(device_tomls.values(), out / "logs" / "devices.log")
         else:
             for device, toml in device_tomls.items():
                 children.append(_spawn(device, ["edge", "--config", str(toml)], out / "logs" / f"{device}.log"))
@@ -828,8 +828,8 @@ def run_demo(settings: DemoSettings) -> dict:
         elapsed = time.monotonic() - started
     finally:
         _terminate(children)
-        if fleet is not None:
-            fleet.close()
+        if in_process is not None:
+            in_process.close()
             logging.getLogger("biofed.edge").removeHandler(fleet_log)
             fleet_log.close()
         if observer is not None:

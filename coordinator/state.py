@@ -178,15 +178,19 @@ class StateDirLock:
     Raises
     ------
     StateError
-        Another process (or another :class:`StateDirLock` in this one) holds the lock.
+        Another process (or another :class:`StateDirLock` in this one) holds the lock, or
+        the state directory cannot be written (read-only, full).
     """
 
     NAME = "coordinator.lock"
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / self.NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _storage_error(self.path.parent, "write the state directory", exc) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -34,6 +34,10 @@ NOISE_DRAWS = {"normal", "standard_normal", "laplace", "gauss", "normalvariate",
 
 NOT_PRIVACY_NOISE = {
     ("datasets/synthetic.py", "*"): "synthetic recordings",
+    ("biofed/audit.py", "__init__"): "the audit's canary device's own records",
+    ("biofed/audit_stats.py", "canary_directions"): "random canary directions of the audit",
+    ("biofed/simulate.py", "_warm_kernels"): "throw-away input that compiles the kernels",
+    ("edge/live_cli.py", "_load_kernels"): "a throw-away window that loads the compiled kernels",
     ("kernels/svd.py", "_randomized_svd"): "random projection of the randomized SVD",
     ("kernels/training.py", "init_params"): "model initialisation",
 }

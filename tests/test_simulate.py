@@ -73,8 +73,9 @@ def test_fault_schedule_at_100_devices_keeps_every_invariant(tmp_path):
     records = json.loads((tmp_path / "sim" / "state" / "rounds.json").read_text())
     train = [r for r in records if r["phase"] == "train"]
     assert len(train) == rounds
-    # the slow devices' updates arrive after the deadline: never in a committed round
-    assert all(50 <= r["n_devices"] <= 95 for r in train)
+    # the slow devices' updates arrive after the deadline: never in a committed round, except in
+    # the round of the broker restart (training round 2), whose deadline moves by the outage
+    assert all(50 <= r["n_devices"] <= (100 if r["train_round"] == 2 else 95) for r in train)
     assert records[-1]["phase"] == "evaluate"
     assert records[-1]["epsilon_rdp"] is not None and np.isfinite(records[-1]["epsilon_rdp"])
     # the invariants are checked against the committed state, so a broken state must be caught
