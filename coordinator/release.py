@@ -1,4 +1,10 @@
-"""Private releases of summed device contributions: the noise draw and the ledger charge.
+"""Simulated private releases of summed device contributions, for ``biofed evaluate``.
+
+The offline evaluation holds every recording in one process and estimates what the
+one-shot statistics and DP-FTRL algorithms would achieve at a given epsilon; nothing it
+computes crosses a trust boundary. A live federation releases through
+:mod:`biofed.privacy_mechanism` alone (``tests/test_privacy_gate.py`` checks that only the
+evaluation imports this module).
 
 Every privacy-noise draw of the one-shot statistics and DP-FTRL algorithms goes through
 this module, one function per release kind, each taking the *clipped* sum, the Gaussian

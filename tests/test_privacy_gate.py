@@ -37,6 +37,9 @@ NOT_PRIVACY_NOISE = {
     ("biofed/audit.py", "__init__"): "the audit's canary device's own records",
     ("biofed/audit_stats.py", "canary_directions"): "random canary directions of the audit",
     ("biofed/simulate.py", "_warm_kernels"): "throw-away input that compiles the kernels",
+    ("coordinator/release.py", "_os_seeded_normal"): "simulated releases of `biofed evaluate` only, which holds "
+    "every recording in one process (nothing crosses a trust boundary); "
+    "test_offline_release_module_stays_out_of_the_federation keeps it so",
     ("edge/live_cli.py", "_load_kernels"): "a throw-away window that loads the compiled kernels",
     ("kernels/svd.py", "_randomized_svd"): "random projection of the randomized SVD",
     ("kernels/training.py", "init_params"): "model initialisation",
@@ -237,3 +240,25 @@ def test_release_on_grid_is_integer_clipped_noised_and_charged():
     with pytest.raises(ValueError, match="grid_step must be a finite number > 0"):
         gate.release_on_grid(Charge(2, "train", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, 1.0), 0.0)
     assert len(gate.ledger) == 2
+
+
+OFFLINE_RELEASE_MODULES = ("biofed.coordinator.release", "biofed.coordinator.one_shot", "biofed.coordinator.dp_ftrl")
+"""Simulated private releases for the offline evaluation; they draw their own noise."""
+
+
+def test_offline_release_module_stays_out_of_the_federation():
+    """Only the offline evaluation (and the offline modules among themselves) may import the
+    simulated releases: a live federation releases through the gate alone."""
+    allowed = {"biofed/evaluation.py", "coordinator/release.py", "coordinator/one_shot.py", "coordinator/dp_ftrl.py"}
+    importers = set()
+    for path, tree in _package_files():
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            if any(name in OFFLINE_RELEASE_MODULES for name in names):
+                importers.add(path)
+    assert "biofed/evaluation.py" in importers  # the walk sees the one legitimate importer
+    assert importers <= allowed, f"simulated releases imported by {sorted(importers - allowed)}"
