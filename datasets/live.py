@@ -234,6 +234,8 @@ class LslSource:
         self._label: str | None = None
         self._session_start: float | None = None
         self._segment_start: float | None = None
+        self._pending_gap: tuple[str, float] | None = None
+        """(stream, seconds missing) of a gap whose new segment has not started yet."""
 
     # ------------------------------------------------------------------ resolution
     def _resolve(self, timeout: float) -> list:
@@ -430,6 +432,10 @@ class LslSource:
 
     def _emit(self) -> Iterator[Chunk | Gap]:
         session = self._session_start
+        if self._pending_gap is not None:  # the segment after a gap has started: report the gap first
+            stream, missing = self._pending_gap
+            self._pending_gap = None
+            yield Gap(stream, self._segment_start - session, missing)
         for modality in MODALITIES:
             item = self._inlets.get(modality)
             if item is None:
@@ -442,10 +448,12 @@ class LslSource:
                                    item.spec.name, "gap" if deviation > 0 else "clock jump back", abs(deviation),
                                    self._segment_start - session + item.n_emitted / item.spec.sfreq)
                     self._segment_start = None
-                    if not self._start_segment():
-                        return
-                    yield Gap(item.spec.name, self._segment_start - session, max(deviation, 0.0))
-                    yield from self._emit()
+                    missing = max(deviation, 0.0)
+                    if self._pending_gap is not None:  # a second gap before the first could be reported
+                        missing = max(missing, self._pending_gap[1])
+                    self._pending_gap = (item.spec.name, missing)
+                    if self._start_segment():  # else chunks() starts it once every stream has samples
+                        yield from self._emit()
                     return
                 data, ts = item.pending.pop(0)
                 yield from self._labelled_chunks(item, data)
