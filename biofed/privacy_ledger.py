@@ -271,6 +271,25 @@ class LedgerGroup:
         return dp_accounting.SelfComposedDpEvent(round_event(self.sampling_rate, self.noise_multiplier), self.count)
 
 
+def _merge_unsampled_gaussians(counts: dict[tuple[float, float], int]) -> dict[tuple[float, float], int]:
+    """``counts`` with every unsampled (q = 1) Gaussian round folded into one Gaussian of
+    ``1 / z^2 = sum_i count_i / z_i^2``.
+
+    Exact: the privacy loss of a Gaussian mechanism of sensitivity 1 and std ``z`` is
+    ``N(mu^2 / 2, mu^2)`` with ``mu = 1 / z``, and composing Gaussian mechanisms adds their
+    ``mu^2``. It keeps the PLD accountant's cost and memory independent of the number of
+    rounds, where ``SelfComposedDpEvent`` convolves ever wider loss distributions.
+    """
+    merged = {key: count for key, count in counts.items() if key[0] != 1.0}
+    unsampled = [(z, count) for (q, z), count in counts.items() if q == 1.0]
+    if unsampled:
+        if any(z == 0.0 for z, _ in unsampled):
+            merged[(1.0, 0.0)] = 1
+        else:
+            merged[(1.0, math.sqrt(1.0 / sum(count / z**2 for z, count in unsampled)))] = 1
+    return merged
+
+
 class PrivacyLedger:
     """Append-only record of the DP mechanisms run, with epsilon from dp_accounting.
 
@@ -280,9 +299,10 @@ class PrivacyLedger:
     not on the number of rounds. Epsilon composes ``SelfComposedDpEvent(event, count)`` of
     every distinct ``(q, z)`` into a fresh accountant, which is exactly what dp_accounting
     reports for the full history (composition is commutative in both accountants); the
-    result is cached until the next record. Cost: RDP takes milliseconds; PLD roughly
-    0.3-1 s per *distinct* ``(q, z)`` pair (distributed rounds with varying survivors are
-    distinct), so check the budget with RDP every round and report PLD at checkpoints.
+    result is cached until the next record. For PLD, every unsampled (q = 1) Gaussian round
+    folds into one Gaussian first (:func:`_merge_unsampled_gaussians`, exact), so its cost does
+    not grow with the rounds either. RDP takes milliseconds; PLD up to about a second per
+    distinct sampled ``(q, z)`` pair.
 
     Parameters
     ----------
@@ -407,6 +427,8 @@ class PrivacyLedger:
     @staticmethod
     def _compose(name: str, counts: dict[tuple[float, float], int]) -> dp_accounting.PrivacyAccountant:
         accountant = make_accountant(name)
+        if name == "pld":
+            counts = _merge_unsampled_gaussians(counts)
         for (q, z), count in counts.items():
             accountant.compose(round_event(q, z), count)
         return accountant
