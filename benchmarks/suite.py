@@ -24,6 +24,7 @@ import numpy as np
 
 from benchmarks import baselines, stream
 from benchmarks.harness import CaseResult, Comparison, Metric, Table, Target, machine_info, max_relative_difference, measure
+from benchmarks.coordinator_memory import case_coordinator_memory
 from benchmarks.privacy import case_privacy_ledger
 
 logger = logging.getLogger(__name__)
@@ -752,6 +753,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "warm_start": case_warm_start,
     "agent_memory": case_agent_memory,
     "privacy_ledger": case_privacy_ledger,
+    "coordinator_memory": case_coordinator_memory,
     "evaluation": case_evaluation,
 }
 

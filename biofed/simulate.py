@@ -620,6 +620,7 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         broker = start_mosquitto(out / "mosquitto") if settings.mosquitto else start_embedded_broker()
         protocol, mirror, nodes, login = ("5" if settings.mosquitto else "3.1.1"), None, [], {}
     holder = {"broker": broker}
+    coordinator_rss_mb: dict[int, float] = {}  # training round ordinal -> coordinator RSS when its task appeared
     coordinator = fleet = watcher = None
     faults: list[str] = []
     try:
@@ -631,6 +632,11 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         coordinator = _Coordinator(out / "coordinator.toml", out / "logs", settings.timeout_s)
 
         def on_task(round_: int, phase: str, ordinal: int) -> None:
+            try:  # the coordinator's RSS as each training round opens: flat memory shows here
+                coordinator_rss_mb[ordinal] = round(psutil.Process(coordinator.child.process.pid).memory_info().rss
+                                                    / 1e6, 1)
+            except psutil.Error:
+                pass
             if plan is None:
                 return
             time.sleep(plan.action_delay_s)
@@ -707,6 +713,7 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         "coordinator_cpu_s": round(sum(cpu for cpu, _ in usage.values()), 2),
         "coordinator_rss_mb": round(max((rss for _, rss in usage.values()), default=0) / 1e6, 1),
         "broker_rss_mb": round(max((rss for _, rss in broker_usage.values()), default=0) / 1e6, 1),
+        "coordinator_rss_mb_by_round": dict(sorted(coordinator_rss_mb.items())),
         "first_round_s": _first_round_s(watcher, started),
         "epsilon": records[-1].get("epsilon_rdp") if records else None,
         "balanced_accuracy": next((r.get("balanced_accuracy") for r in records if r["phase"] == "evaluate"), None),

@@ -153,3 +153,22 @@ def test_privacy_ledger_case_reports_a_bounded_ledger_equal_to_dp_accounting():
     assert targets["ledger epsilon equals dp_accounting on the full history"].passed
     # timings are reported, never asserted: only their presence is checked here
     assert any(t.name.startswith("accounting time per round") for t in result.targets)
+
+
+@pytest.mark.slow
+def test_coordinator_memory_case_quick_runs_a_federation_and_reports_the_rss_ratio():
+    from benchmarks.suite import Settings, run_case
+
+    result = run_case("coordinator_memory", Settings(quick=True))
+    assert result.error is None
+    metrics = {m.name: m for m in result.metrics}
+    first = metrics["coordinator RSS at training round 5 (10 devices, 20 rounds (--quick))"]
+    last = metrics["coordinator RSS at training round 20 (10 devices, 20 rounds (--quick))"]
+    assert 10 < first.value < 4000 and 10 < last.value < 4000  # MB of a real coordinator process
+    assert last.detail["broker"] == "mosquitto" and last.detail["rounds"] == 20
+    assert metrics["coordinator RSS round 20 / round 5"].value == pytest.approx(last.value / first.value)
+    # the ratio is reported as a target, never asserted
+    [target] = result.targets
+    assert target.name == "coordinator RSS at round 20 <= 1.10x round 5 (10 devices, 20 rounds (--quick))"
+    assert target.op == "<=" and target.threshold == 1.10
+    assert any(name.startswith("round close after last update") for name in metrics)
