@@ -18,7 +18,8 @@ What it does
    separate processes (``sys.executable -m biofed``); above ``IN_PROCESS_FLEET`` devices the
    agents run inside the demo's process instead (:class:`biofed.simulate.SimulatedFleet`: real
    agents with their own MQTT sessions and stores, sharing the kernels and a thread pool).
-   Their logs go to ``logs/`` (in-process agents: ``logs/devices.log``); the coordinator's
+   Their logs go to ``logs/`` (in-process agents: ``logs/devices.log``; the fleet's one kernel
+   compilation: ``logs/warmup.log``); the coordinator's
    per-round lines are echoed as they come.
 4. An observer subscribed to the fleet's ``update/+`` topic keeps every device's held-out
    balanced accuracy (devices report the accuracy of the model they received, measured

@@ -100,7 +100,7 @@ def test_demo_runs_a_fleet_above_a_handful_in_its_own_process(tmp_path):
     summary = run_demo(DemoSettings(out=out, devices=n, rounds=2, synthetic_seconds=10.0, timeout_s=400.0,
                                     noise_multiplier=0.0))
     assert len(summary["devices"]) == n
-    assert {p.name for p in (out / "logs").iterdir()} == {"coordinator.log", "devices.log"}
+    assert {p.name for p in (out / "logs").iterdir()} == {"warmup.log", "coordinator.log", "devices.log"}
     log = (out / "logs" / "devices.log").read_text()
     assert all(f"{device}: online with" in log for device in summary["devices"])
     assert len(summary["federated"]["per_device"]) == n
