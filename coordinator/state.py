@@ -13,7 +13,7 @@ Schema (``SCHEMA_VERSION`` 1)
 ``scalars(key TEXT PRIMARY KEY, value TEXT)``
     JSON values of :class:`Snapshot`'s scalar fields (``next_round``, ``phase``,
     ``train_rounds_done``, ``basis_version``, ``n_features``, ``clip_norm``,
-    ``stop_reason``) and ``ledger`` (the :class:`~biofed.coordinator.privacy.PrivacyLedger`
+    ``stop_reason``) and ``ledger`` (the :class:`~biofed.privacy_ledger.PrivacyLedger`
     JSON).
 ``arrays(name TEXT PRIMARY KEY, data BLOB)``
     ``.npy`` bytes (``allow_pickle=False``): ``params``, ``stats_mean``, ``stats_scale``,
