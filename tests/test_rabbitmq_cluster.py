@@ -3,6 +3,7 @@ stopped by the ``rabbitmq_cluster`` fixture, and a federation spread over both n
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import psutil
@@ -43,6 +44,11 @@ def test_cluster_speaks_mqtt_311_only(rabbitmq_cluster):
         assert client.protocol_version == "3.1.1"
 
 
+# RabbitMQ registers MQTT client ids cluster-wide; reusing an id right after its disconnect
+# races that registry, and the broker may then close the new connection before its CONNACK.
+_subscriber_ids = itertools.count()
+
+
 def _retained_seen(cluster, node, topic: str, wait_s: float = 3.0) -> bytes | None:
     got: list[bytes] = []
     arrived = threading.Event()
@@ -52,7 +58,7 @@ def _retained_seen(cluster, node, topic: str, wait_s: float = 3.0) -> bytes | No
             got.append(inbound.payload)
             arrived.set()
 
-    with _client(cluster, node, "late-subscriber", on_message=on_message) as client:
+    with _client(cluster, node, f"late-subscriber-{next(_subscriber_ids)}", on_message=on_message) as client:
         client.subscribe(topic, qos=1)
         arrived.wait(wait_s)
     return got[-1] if got else None
@@ -60,7 +66,7 @@ def _retained_seen(cluster, node, topic: str, wait_s: float = 3.0) -> bytes | No
 
 def test_retained_messages_reach_only_subscriptions_without_wildcards(rabbitmq_cluster):
     node = rabbitmq_cluster.nodes[0]
-    with _client(rabbitmq_cluster, node, "publisher") as publisher:
+    with _client(rabbitmq_cluster, node, "retained-publisher") as publisher:
         publisher.publish("biofed/probe/status/d1", b"online", retain=True)
     assert _retained_seen(rabbitmq_cluster, node, "biofed/probe/status/d1") == b"online"
     assert _retained_seen(rabbitmq_cluster, node, "biofed/probe/status/+", wait_s=2.0) is None
@@ -68,7 +74,7 @@ def test_retained_messages_reach_only_subscriptions_without_wildcards(rabbitmq_c
 
 def test_retained_messages_are_node_local_and_the_mirror_copies_them(rabbitmq_cluster):
     first, second = rabbitmq_cluster.nodes
-    with _client(rabbitmq_cluster, first, "publisher") as publisher:
+    with _client(rabbitmq_cluster, first, "mirrored-publisher") as publisher:
         publisher.publish("biofed/probe/task", b"task-1", retain=True)
         assert _retained_seen(rabbitmq_cluster, first, "biofed/probe/task") == b"task-1"
         assert _retained_seen(rabbitmq_cluster, second, "biofed/probe/task", wait_s=2.0) is None  # node-local
