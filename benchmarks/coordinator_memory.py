@@ -1,6 +1,6 @@
 """Coordinator memory over a long federation: RSS flat from round 10 to round 200.
 
-:func:`biofed.simulate.run_simulation` runs a real federation: 10 edge agents (synthetic
+:func:`biofed.apps.simulate.run_simulation` runs a real federation: 10 edge agents (synthetic
 sources) in this process, the coordinator in its own process, over a fresh Mosquitto, with
 central DP (z=2, C=0.25) and the epsilon budget lifted so every round runs. The simulator
 records the coordinator's RSS as each training round's task appears; the target is its
@@ -27,8 +27,8 @@ TREND_ROUNDS = 10
 
 
 def case_coordinator_memory(s, result: CaseResult) -> None:
-    from biofed.demo import DemoSettings
-    from biofed.simulate import FleetOptions, run_simulation
+    from biofed.apps.demo import DemoSettings
+    from biofed.apps.simulate import FleetOptions, run_simulation
 
     rounds, first = (20, 5) if s.quick else (200, 10)
     label = f"{DEVICES} devices, {rounds} rounds" + (" (--quick)" if s.quick else "")

@@ -5,7 +5,7 @@
     python -m benchmarks.fleet --devices 100 1000 --rounds 3
     python -m benchmarks.fleet --rabbitmq --devices 100 --rounds 3
 
-For each N, :func:`biofed.simulate.run_simulation` runs a whole federation (synthetic
+For each N, :func:`biofed.apps.simulate.run_simulation` runs a whole federation (synthetic
 sources dealt to N real edge agents in one process, the coordinator in its own process,
 client-level DP at the demo's defaults) over a fresh Mosquitto, and reports:
 
@@ -22,7 +22,7 @@ client-level DP at the demo's defaults) over a fresh Mosquitto, and reports:
   subscriber, and the ratio of the coordinator's ingest to it (target >= 0.8).
 
 With ``--rabbitmq`` the federation runs on a two-node RabbitMQ cluster on loopback
-(:func:`biofed.rabbitmq.start_rabbitmq_cluster`; needs Debian ``rabbitmq-server`` and root)
+(:func:`biofed.apps.rabbitmq.start_rabbitmq_cluster`; needs Debian ``rabbitmq-server`` and root)
 with the devices spread over both nodes and the coordinator on the first; the same figures
 are printed except the Mosquitto-only ingest and ceiling.
 """
@@ -65,7 +65,7 @@ def raw_ceiling(n_messages: int, size: int, publishers: int = 4) -> float:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from biofed.broker import start_mosquitto
+    from biofed.apps.broker import start_mosquitto
 
     with tempfile.TemporaryDirectory(prefix="biofed-raw-") as scratch:
         broker = start_mosquitto(Path(scratch) / "mosquitto")
@@ -133,9 +133,9 @@ def _fleet_figures(summary: dict) -> dict:
 
 
 def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
-    from biofed.demo import DemoSettings
-    from biofed.rabbitmq import start_rabbitmq_cluster
-    from biofed.simulate import FleetOptions, run_simulation
+    from biofed.apps.demo import DemoSettings
+    from biofed.apps.rabbitmq import start_rabbitmq_cluster
+    from biofed.apps.simulate import FleetOptions, run_simulation
 
     started = time.monotonic()
     with start_rabbitmq_cluster(2) as cluster:
@@ -147,8 +147,8 @@ def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float
 
 
 def run(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
-    from biofed.demo import DemoSettings
-    from biofed.simulate import FleetOptions, run_simulation
+    from biofed.apps.demo import DemoSettings
+    from biofed.apps.simulate import FleetOptions, run_simulation
 
     settings = DemoSettings(out=out / f"fleet-{n_devices}", devices=n_devices, rounds=rounds, mosquitto=True,
                             noise_multiplier=noise_multiplier, round_deadline_s=120.0, timeout_s=3600.0)

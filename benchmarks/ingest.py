@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biofed.broker import start_embedded_broker, start_mosquitto
+from biofed.apps.broker import start_embedded_broker, start_mosquitto
 from biofed.coordinator.server import Ingest, OpenRound
 from biofed.kernels.training import n_params
 from biofed.mqtt import MqttClient

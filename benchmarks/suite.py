@@ -703,11 +703,11 @@ EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "e
 
 def case_evaluation(s: Settings, result: CaseResult) -> None:
     """``biofed evaluate``: every method and baseline, both views, and the utility targets at
-    epsilon 8 for the default method (:data:`biofed.evaluation.DEFAULT_METHOD`). The full run uses eegmat (the subjects in
+    epsilon 8 for the default method (:data:`biofed.apps.evaluation.DEFAULT_METHOD`). The full run uses eegmat (the subjects in
     ../shared/datasets/eegmat; a synthetic fleet where it is absent), every epsilon, 3 noise
     draws and the projection variants; ``--quick`` a small synthetic fleet at epsilon 8 and inf."""
-    from biofed.demo import eegmat_devices, write_synthetic_devices
-    from biofed.evaluation import DEFAULT_METHOD, EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
+    from biofed.apps.demo import eegmat_devices, write_synthetic_devices
+    from biofed.apps.evaluation import DEFAULT_METHOD, EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
 
     with tempfile.TemporaryDirectory(prefix="biofed-bench-eval-") as tmp:
         files = eegmat_devices(EEGMAT) if EEGMAT.is_dir() and not s.quick else {}

@@ -1,3 +1,3 @@
-from biofed.cli import main
+from biofed.apps.cli import main
 
 main()

@@ -10,7 +10,7 @@ or sender (those are inside the signed bytes).
 
 Key files
 ---------
-Written by ``biofed.provision`` (one directory per fleet)::
+Written by ``biofed.apps.provision`` (one directory per fleet)::
 
     DIR/keys/{id}.pub.pem                 public keys, one per device, plus coordinator.pub.pem
     DIR/keys/revoked.txt                  optional: revoked ids, one per line ('#' starts a comment)

@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from biofed.broker import BrokerError, mosquitto_binary, start_embedded_broker, start_mosquitto
+from biofed.apps.broker import BrokerError, mosquitto_binary, start_embedded_broker, start_mosquitto
 
 
 def _require(check, variable: str) -> None:
@@ -37,7 +37,7 @@ def require_mosquitto() -> None:
 @pytest.fixture(scope="module")
 def rabbitmq_cluster():
     """A two-node RabbitMQ cluster with MQTT on loopback, removed in teardown."""
-    from biofed.rabbitmq import rabbitmq_binary, start_rabbitmq_cluster
+    from biofed.apps.rabbitmq import rabbitmq_binary, start_rabbitmq_cluster
 
     _require(rabbitmq_binary, "BIOFED_REQUIRE_RABBITMQ")
     cluster = start_rabbitmq_cluster(2)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from dp_accounting.pld import PLDAccountant
 
-from biofed.audit import AuditSettings, CanaryAgent, ledger_epsilons, run_audit
+from biofed.apps.audit import AuditSettings, CanaryAgent, ledger_epsilons, run_audit
 from biofed.coordinator.server import Coordinator
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import PrivacyMechanism

@@ -10,7 +10,7 @@ import pytest
 from dp_accounting.pld import PLDAccountant
 from scipy import optimize, stats
 
-from biofed.audit_stats import (
+from biofed.apps.audit_stats import (
     canary_directions,
     clopper_pearson,
     epsilon_of_gdp,
@@ -201,7 +201,7 @@ def test_threshold_bound_never_exceeds_the_true_epsilon():
 
 
 def test_mu_lower_bound_beyond_the_stable_noncentral_t_is_conservative(monkeypatch):
-    import biofed.audit_stats as audit_stats
+    import biofed.apps.audit_stats as audit_stats
 
     rng = np.random.default_rng(4)
     inserted, held_out = rng.normal(200.0, 1.0, 16), rng.normal(0.0, 1.0, 17)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from biofed.bench import BENCHMARKS_DIR, bench_command, format_report, load_suite
-from biofed.cli import COMMANDS, cli
+from biofed.apps.bench import BENCHMARKS_DIR, bench_command, format_report, load_suite
+from biofed.apps.cli import COMMANDS, cli
 
 load_suite()  # registers the source tree's benchmarks package
 from benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure  # noqa: E402
@@ -67,7 +67,7 @@ def test_target_pass_and_miss_in_report():
 
 
 def test_bench_registered_in_cli():
-    assert COMMANDS["bench"] == "biofed.bench:bench_command"
+    assert COMMANDS["bench"] == "biofed.apps.bench:bench_command"
 
 
 def test_bench_json_for_a_kernel_and_the_chain(tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from brokers import amqtt_broker, mosquitto_broker, require_mosquitto  # noqa: F401  (fixtures)
 
-from biofed.broker import free_port, start_embedded_broker, start_mosquitto, write_mosquitto_config
+from biofed.apps.broker import free_port, start_embedded_broker, start_mosquitto, write_mosquitto_config
 from biofed.mqtt import ConnectError, MqttClient, Will
 from biofed.protocol import (
     Model,

@@ -14,7 +14,7 @@ def test_version_and_help():
 def test_every_registered_command_has_help():
     from click.testing import CliRunner
 
-    from biofed.cli import COMMANDS, cli
+    from biofed.apps.cli import COMMANDS, cli
 
     runner = CliRunner()
     for name in COMMANDS:
@@ -26,7 +26,7 @@ def _all_commands():
     """``(path, click command)`` of every registered command and sub-command."""
     import click
 
-    from biofed.cli import COMMANDS, cli
+    from biofed.apps.cli import COMMANDS, cli
 
     ctx = click.Context(cli)
     for name in COMMANDS:
@@ -40,7 +40,7 @@ def _all_commands():
 def test_every_help_ends_with_examples_and_documents_exit_codes():
     from click.testing import CliRunner
 
-    from biofed.cli import cli
+    from biofed.apps.cli import cli
 
     runner = CliRunner()
     for path, _ in _all_commands():
@@ -71,7 +71,7 @@ def test_same_option_names_mean_the_same_thing():
 
 
 def test_long_running_commands_take_logging_options():
-    from biofed.cli import cli
+    from biofed.apps.cli import cli
 
     import click
 
@@ -107,7 +107,7 @@ def test_json_log_lines_to_a_file(tmp_path):
 def test_a_missing_config_file_is_a_usage_error(tmp_path):
     from click.testing import CliRunner
 
-    from biofed.cli import cli
+    from biofed.apps.cli import cli
 
     missing = str(tmp_path / "absent.toml")
     for command in (["coordinator"], ["edge"], ["status"]):

@@ -7,9 +7,9 @@ import tomllib
 import pytest
 from click.testing import CliRunner
 
-from biofed.cli import cli
+from biofed.apps.cli import cli
 from biofed.config import RECOMMENDED_PRIVACY, BrokerServiceConfig, CoordinatorConfig, DeviceConfig, load_config
-from biofed.config_cli import KINDS, template
+from biofed.apps.config_cli import KINDS, template
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))

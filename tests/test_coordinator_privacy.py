@@ -14,7 +14,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from scipy import stats
 
-from biofed.cli import cli
+from biofed.apps.cli import cli
 from biofed.coordinator.clipping import (
     AdaptiveClipping,
     central_noise_std,

@@ -22,7 +22,7 @@ from brokers import amqtt_broker, mosquitto_broker  # noqa: F401  (pytest fixtur
 from click.testing import CliRunner
 from dp_accounting.rdp import RdpAccountant
 
-from biofed.cli import cli
+from biofed.apps.cli import cli
 from biofed.config import CoordinatorConfig
 from biofed.coordinator.server import AllowList, Coordinator, CoordinatorError, Ingest, OpenRound, RunState
 from biofed.kernels.training import predict_proba, train

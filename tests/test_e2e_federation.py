@@ -24,7 +24,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.config import CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.demo import FLEET, DemoError, DemoSettings, run_demo, write_configs, write_synthetic_devices
+from biofed.apps.demo import FLEET, DemoError, DemoSettings, run_demo, write_configs, write_synthetic_devices
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
 

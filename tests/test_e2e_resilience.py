@@ -22,10 +22,10 @@ import time
 import pytest
 from brokers import require_mosquitto
 
-from biofed.broker import start_mosquitto
+from biofed.apps.broker import start_mosquitto
 from biofed.config import CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.demo import FLEET, DemoSettings, write_configs, write_synthetic_devices
+from biofed.apps.demo import FLEET, DemoSettings, write_configs, write_synthetic_devices
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
 

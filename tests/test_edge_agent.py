@@ -22,7 +22,7 @@ from dp_accounting.rdp import RdpAccountant
 from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 from biofed.config import DeviceConfig
-from biofed.demo import write_synthetic_devices
+from biofed.apps.demo import write_synthetic_devices
 from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.edge.pipeline import fit_basis
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
@@ -457,7 +457,7 @@ def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker
 
 
 def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_store, tmp_path):
-    from biofed.broker import start_embedded_broker
+    from biofed.apps.broker import start_embedded_broker
 
     store = tmp_path / "features.sqlite"
     shutil.copyfile(ingested_store, store)
@@ -490,7 +490,7 @@ def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_
 def test_disconnected_agent_stops_at_once(recordings, ingested_store, tmp_path):
     """With its broker gone, a stopped agent exits without waiting for an acknowledgement that
     cannot come (the broker has its last will)."""
-    from biofed.broker import start_embedded_broker
+    from biofed.apps.broker import start_embedded_broker
 
     store = tmp_path / "features.sqlite"
     shutil.copyfile(ingested_store, store)

@@ -26,7 +26,7 @@ HEAVY = ("numba", "scipy", "onnx", "onnxruntime", "mne", "mne_lsl", "dp_accounti
 def test_cli_help_and_version_import_nothing_heavy(args):
     code = textwrap.dedent(f"""
         import json, sys
-        from biofed.cli import cli
+        from biofed.apps.cli import cli
         try:
             cli.main({args!r}, standalone_mode=False)
         except SystemExit:
@@ -45,7 +45,7 @@ def test_help_lists_every_command_with_its_summary():
 
 
 def test_windows_overlapping_bad_annotations_are_not_stored(tmp_path):
-    from biofed.demo import write_synthetic_devices
+    from biofed.apps.demo import write_synthetic_devices
     import mne
 
     fif = next(f for f in write_synthetic_devices(tmp_path, 1, duration_s=12.0, random_state=4)["device00"]

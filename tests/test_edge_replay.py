@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from scipy.io import wavfile
 
-from biofed.cli import cli
+from biofed.apps.cli import cli
 from biofed.datasets import Recording, make_recording, read_recording
 from biofed.edge.pipeline import PipelineConfig, extract_features
 

@@ -14,7 +14,7 @@ from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
 from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
 from biofed.coordinator.release import ReleaseLedger, TreePrefixRelease, release_statistics, tree_nodes
 from biofed.edge.statistics import class_statistics, personalize
-from biofed.evaluation import (
+from biofed.apps.evaluation import (
     Defaults,
     _method_event,
     _parse_variants,
@@ -188,7 +188,7 @@ def test_personalize_moves_toward_the_device_data():
 # ----------------------------------------------------------------------------- evaluation
 @pytest.fixture(scope="module")
 def synthetic_files(tmp_path_factory):
-    from biofed.demo import write_synthetic_devices
+    from biofed.apps.demo import write_synthetic_devices
 
     return write_synthetic_devices(tmp_path_factory.mktemp("fleet"), 3, duration_s=30.0, random_state=5)
 
@@ -255,7 +255,7 @@ def test_biofed_eeg_features_equal_the_plain_pipeline(shared_datasets):
     """The feature gap is not in the features: biofed's 95 EEG band powers are the plain
     MNE/SciPy pipeline's log10 Welch band powers, window for window (to the float32
     precision the device pipeline computes them in by default)."""
-    from biofed.evaluation import _recording_rows
+    from biofed.apps.evaluation import _recording_rows
     from biofed.kernels import FLOAT32_RTOL
 
     paths = [shared_datasets / "eegmat" / "Subject02_1.edf"]

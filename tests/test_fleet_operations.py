@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
-from biofed.demo import DemoSettings, write_configs, write_synthetic_devices
+from biofed.apps.demo import DemoSettings, write_configs, write_synthetic_devices
 
 pytestmark = pytest.mark.slow
 
@@ -225,7 +225,7 @@ def test_status_watch_prints_one_json_document_per_interval(tmp_path):
 
 
 def test_agent_stops_within_seconds_with_the_broker_down(tmp_path):
-    from biofed.broker import start_embedded_broker
+    from biofed.apps.broker import start_embedded_broker
 
     broker = start_embedded_broker()
     try:

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from biofed.cli import cli
+from biofed.apps.cli import cli
 from biofed.coordinator.onnx_export import ModelFile
 from biofed.coordinator.state import write_final_model
 from biofed.datasets import make_recording, read_recording
@@ -188,7 +188,7 @@ def test_predict_refuses_other_layout(trained, shared_datasets):
 
 def test_predict_a_session_of_two_files(tmp_path):
     """An EEG + ECG/PPG FIF and the WAV recorded with it form one session (the demo's devices)."""
-    from biofed.demo import write_synthetic_devices
+    from biofed.apps.demo import write_synthetic_devices
     from biofed.edge.predict_cli import _session
 
     files = write_synthetic_devices(tmp_path / "data", 1, duration_s=10.0, random_state=2)["device00"]

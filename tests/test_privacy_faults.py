@@ -28,7 +28,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.config import CoordinatorConfig, DeviceConfig
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.demo import write_synthetic_devices
+from biofed.apps.demo import write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, Outgoing
 from biofed.mqtt import MqttClient
 from biofed.protocol import Basis, Model, SecAggUpload, Sketch, Status, Topics, Update, decode_topic_message

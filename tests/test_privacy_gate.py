@@ -34,9 +34,9 @@ NOISE_DRAWS = {"normal", "standard_normal", "laplace", "gauss", "normalvariate",
 
 NOT_PRIVACY_NOISE = {
     ("datasets/synthetic.py", "*"): "synthetic recordings",
-    ("biofed/audit.py", "__init__"): "the audit's canary device's own records",
-    ("biofed/audit_stats.py", "canary_directions"): "random canary directions of the audit",
-    ("biofed/simulate.py", "_warm_kernels"): "throw-away input that compiles the kernels",
+    ("biofed/apps/audit.py", "__init__"): "the audit's canary device's own records",
+    ("biofed/apps/audit_stats.py", "canary_directions"): "random canary directions of the audit",
+    ("biofed/apps/simulate.py", "_warm_kernels"): "throw-away input that compiles the kernels",
     ("coordinator/release.py", "_os_seeded_normal"): "simulated releases of `biofed evaluate` only, which holds "
     "every recording in one process (nothing crosses a trust boundary); "
     "test_offline_release_module_stays_out_of_the_federation keeps it so",
@@ -249,7 +249,7 @@ OFFLINE_RELEASE_MODULES = ("biofed.coordinator.release", "biofed.coordinator.one
 def test_offline_release_module_stays_out_of_the_federation():
     """Only the offline evaluation (and the offline modules among themselves) may import the
     simulated releases: a live federation releases through the gate alone."""
-    allowed = {"biofed/evaluation.py", "coordinator/release.py", "coordinator/one_shot.py", "coordinator/dp_ftrl.py"}
+    allowed = {"biofed/apps/evaluation.py", "coordinator/release.py", "coordinator/one_shot.py", "coordinator/dp_ftrl.py"}
     importers = set()
     for path, tree in _package_files():
         for node in ast.walk(tree):
@@ -260,5 +260,5 @@ def test_offline_release_module_stays_out_of_the_federation():
                 names = [alias.name for alias in node.names]
             if any(name in OFFLINE_RELEASE_MODULES for name in names):
                 importers.add(path)
-    assert "biofed/evaluation.py" in importers  # the walk sees the one legitimate importer
+    assert "biofed/apps/evaluation.py" in importers  # the walk sees the one legitimate importer
     assert importers <= allowed, f"simulated releases imported by {sorted(importers - allowed)}"

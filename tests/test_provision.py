@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from biofed import provision as provision_module
-from biofed.broker import fleet_queue_limits, free_port, start_mosquitto
-from biofed.cli import cli
+from biofed.apps import provision as provision_module
+from biofed.apps.broker import fleet_queue_limits, free_port, start_mosquitto
+from biofed.apps.cli import cli
 from biofed.config import RECOMMENDED_PRIVACY, RECOMMENDED_ROUNDS, BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
 from biofed.mqtt import ConnectError, MqttClient, PublishError, TlsSettings
 from biofed.protocol import KINDS, Status, Topics, encode_message
-from biofed.provision import (
+from biofed.apps.provision import (
     ProvisionError,
     topic_kinds,
     load_fleet,
@@ -564,6 +564,6 @@ def test_provisioned_coordinator_config_is_private_by_default(tmp_path):
     assert config.min_devices == 3  # a majority of the 4 devices
     assert config.status_broker.username == "observer"  # biofed status reads with read-only credentials
     assert config.status_broker.password_file.resolve() == fleet.layout.mqtt_password("observer")
-    from biofed.config_cli import check
+    from biofed.apps.config_cli import check
 
     assert "budget epsilon 10" in check(fleet.layout.coordinator_config, "coordinator")

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from brokers import require_mosquitto
 
-from biofed.broker import free_port
+from biofed.apps.broker import free_port
 from biofed.config import CoordinatorConfig, DeviceConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.demo import DemoSettings, run_demo, write_synthetic_devices
+from biofed.apps.demo import DemoSettings, run_demo, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
-from biofed.provision import ProvisionError, mosquitto_passwd_binary, provision_fleet
+from biofed.apps.provision import ProvisionError, mosquitto_passwd_binary, provision_fleet
 from biofed.signing import KeyRing
 
 pytestmark = pytest.mark.mosquitto

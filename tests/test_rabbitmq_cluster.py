@@ -10,10 +10,10 @@ import psutil
 import pytest
 from brokers import rabbitmq_cluster  # noqa: F401  (pytest fixture)
 
-from biofed.demo import DemoSettings
+from biofed.apps.demo import DemoSettings
 from biofed.mqtt import ConnectError, MqttClient
-from biofed.rabbitmq import RetainedMirror
-from biofed.simulate import FleetOptions, run_simulation
+from biofed.apps.rabbitmq import RetainedMirror
+from biofed.apps.simulate import FleetOptions, run_simulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from brokers import require_mosquitto
 
-from biofed.demo import DemoSettings
-from biofed.simulate import FaultPlan, FleetOptions, check_federation, run_simulation, split_windows
+from biofed.apps.demo import DemoSettings
+from biofed.apps.simulate import FaultPlan, FleetOptions, check_federation, run_simulation, split_windows
 
 
 def _labels(n_rest: int, n_task: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +93,7 @@ def test_fault_schedule_at_100_devices_keeps_every_invariant(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_a_fleet_above_a_handful_in_its_own_process(tmp_path):
-    from biofed.demo import IN_PROCESS_FLEET, run_demo
+    from biofed.apps.demo import IN_PROCESS_FLEET, run_demo
 
     out = tmp_path / "demo"
     n = IN_PROCESS_FLEET + 1
@@ -109,7 +109,7 @@ def test_demo_runs_a_fleet_above_a_handful_in_its_own_process(tmp_path):
 def test_simulate_refuses_the_fault_schedule_without_mosquitto(tmp_path):
     from click.testing import CliRunner
 
-    from biofed.cli import cli
+    from biofed.apps.cli import cli
 
     result = CliRunner().invoke(cli, ["simulate", "--devices", "2", "--faults", "--out", str(tmp_path / "sim")])
     assert result.exit_code != 0

@@ -1,4 +1,4 @@
-"""Statistics of the empirical privacy audit (:mod:`biofed.audit`): pure functions on arrays.
+"""Statistics of the empirical privacy audit (:mod:`biofed.apps.audit`): pure functions on arrays.
 
 The audit inserts *canaries* into a federation: clients whose update is ``C * c`` for a secret
 unit direction ``c`` (Andrew et al. 2023, "One-shot empirical privacy estimation for federated

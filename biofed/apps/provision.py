@@ -58,8 +58,8 @@ Security model
   identity at a time. Mosquitto does not check the password on such a listener; the
   generated passwords (``mqtt.password``, the ``password_file``) serve brokers that
   authenticate by password, and an empty password file refuses password-only logins.
-- Limits (:func:`biofed.broker.fleet_queue_limits`, per client): ``max_queued_messages``
-  and ``max_queued_bytes`` sized to the fleet (the arithmetic is in :mod:`biofed.broker`),
+- Limits (:func:`biofed.apps.broker.fleet_queue_limits`, per client): ``max_queued_messages``
+  and ``max_queued_bytes`` sized to the fleet (the arithmetic is in :mod:`biofed.apps.broker`),
   ``max_packet_size`` just above the protocol's message limit, ``max_inflight_messages``,
   and ``max_connections`` on the listener (two per identity, for reconnect overlaps).
 - Authorization (``acl_file``, topics of :class:`biofed.protocol.Topics`, derived from
@@ -84,7 +84,7 @@ appends it to ``keys/revoked.txt``. The device's folder is left for the record. 
 coordinator re-reads ``allowed_devices.json`` when it changes and drops the device's
 messages from then on; its key ring reads ``revoked.txt`` at start.
 Mosquitto re-reads the password file, ACL and CRL on SIGHUP (``revoke --pid PID``,
-:func:`reload_broker`, :meth:`biofed.broker.MosquittoBroker.reload`) or at a restart.
+:func:`reload_broker`, :meth:`biofed.apps.broker.MosquittoBroker.reload`) or at a restart.
 At the reload Mosquitto 2.0 applies the new ACL to connected clients, so whatever an open
 connection of the revoked device publishes is refused from then on (its certificate is
 checked against the CRL at the next TLS handshake), and every reconnect fails in the TLS
@@ -119,7 +119,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from biofed.broker import LOOPBACK, MosquittoBroker, fleet_queue_limits, mosquitto_common_lines, start_mosquitto
+from biofed.apps.broker import LOOPBACK, MosquittoBroker, fleet_queue_limits, mosquitto_common_lines, start_mosquitto
 from biofed.cli_options import examples
 from biofed.config import (
     RECOMMENDED_PRIVACY,

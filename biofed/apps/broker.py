@@ -36,7 +36,7 @@ retained latest ones are delivered again at its reconnect.
 
 The plain config has no authentication (any client, any user name) and no TLS, on
 127.0.0.1. A secured fleet (TLS with client certificates, passwords, per-device ACLs and
-a revocation list) gets its config from ``biofed provision`` (:mod:`biofed.provision`,
+a revocation list) gets its config from ``biofed provision`` (:mod:`biofed.apps.provision`,
 which shares :func:`mosquitto_common_lines`); run it with
 ``start_mosquitto(config_file=DIR/broker/mosquitto.conf)`` or
 ``biofed broker --config DIR/broker/mosquitto.conf``. Mosquitto re-reads its password
@@ -292,7 +292,7 @@ def write_mosquitto_config(
                                     max_queued_bytes=max_queued_bytes, max_inflight_messages=max_inflight_messages, max_packet_size=max_packet_size)
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# written by biofed.broker.write_mosquitto_config",
+        "# written by biofed.apps.broker.write_mosquitto_config",
         *common,
         f"listener {port} {host}",
         "protocol mqtt",

@@ -658,7 +658,7 @@ def format_targets(rows) -> str:
 
 
 def devices_from_data(data: Path) -> dict[str, list[Path]]:
-    from biofed.demo import eegmat_devices
+    from biofed.apps.demo import eegmat_devices
 
     files = eegmat_devices(data)
     if len(files) < 2:

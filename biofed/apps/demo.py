@@ -9,14 +9,14 @@ What it does
    ``.wav`` phonocardiogram recorded with it.
 2. An MQTT broker on a free loopback port: the embedded amqtt broker (MQTT 3.1.1) or, with
    ``--mosquitto``, Mosquitto (MQTT 5). With ``--secure`` the fleet is provisioned first
-   (:mod:`biofed.provision`, in ``fleet/``: CA, TLS certificates, passwords, per-device ACLs,
+   (:mod:`biofed.apps.provision`, in ``fleet/``: CA, TLS certificates, passwords, per-device ACLs,
    Ed25519 signing keys) and Mosquitto runs with its config: every process connects over
    TLS with its own certificate and password, may touch only its own topics, and signs
    every message (the observer uses read-only credentials).
 3. ``coordinator.toml`` and one ``devices/<id>/device.toml`` per device in the report folder;
    the coordinator (``biofed coordinator``) and one agent per device (``biofed edge``) run as
    separate processes (``sys.executable -m biofed``); above ``IN_PROCESS_FLEET`` devices the
-   agents run inside the demo's process instead (:class:`biofed.simulate.SimulatedFleet`: real
+   agents run inside the demo's process instead (:class:`biofed.apps.simulate.SimulatedFleet`: real
    agents with their own MQTT sessions and stores, sharing the kernels and a thread pool).
    Their logs go to ``logs/`` (in-process agents: ``logs/devices.log``; the fleet's one kernel
    compilation: ``logs/warmup.log``); the coordinator's
@@ -47,7 +47,7 @@ What it does
    ``summary.json``
        federated vs centralized accuracy, epsilon, settings.
    ``evaluation/``
-       with ``--data`` (or ``--evaluate``): :mod:`biofed.evaluation` run on the same
+       with ``--data`` (or ``--evaluate``): :mod:`biofed.apps.evaluation` run on the same
        recordings after the federation — the personalized and new-patient views, every
        private method (DP-FTRL, one-shot LDA, DP-FedAvg, centralized DP) and baseline at
        epsilon 1, 2, 4, 8 and inf, with the spread over ``--repeats`` privacy-noise draws;
@@ -141,7 +141,7 @@ SYNTHETIC_DEVICES = 10
 5 devices mean 0.76, worst 0.46; 10 devices 0.83 / 0.61)."""
 CLASSES = ("rest", "arithmetic")
 IN_PROCESS_FLEET = 8
-"""Above this many devices the demo runs them in its own process (:mod:`biofed.simulate`:
+"""Above this many devices the demo runs them in its own process (:mod:`biofed.apps.simulate`:
 one agent per device, shared kernels and threads) instead of one process each."""
 _TAIL_LINES = 30
 
@@ -269,7 +269,7 @@ def _broker_section(host: str, port: int, protocol: str, keepalive: int = 30) ->
 def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]], host: str, port: int,
                   protocol: str, fleet=None, broker_extra: Mapping | None = None) -> tuple[Path, dict[str, Path]]:
     """Write ``coordinator.toml`` and ``devices/<id>/device.toml`` under ``settings.out``;
-    with a provisioned ``fleet`` (:class:`biofed.provision.ProvisionedFleet`) each identity
+    with a provisioned ``fleet`` (:class:`biofed.apps.provision.ProvisionedFleet`) each identity
     gets its TLS credentials and signing key from it. ``broker_extra`` (e.g. a user name and
     password every identity shares) goes into every ``[broker]`` section."""
     out = settings.out
@@ -724,10 +724,10 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
 # ----------------------------------------------------------------------------- run
 def _start_broker(settings: DemoSettings, devices: Iterable[str]):
     """``(broker, protocol, fleet)``; ``fleet`` is the provisioned fleet with ``--secure``, else None."""
-    from biofed.broker import free_port, start_embedded_broker, start_mosquitto
+    from biofed.apps.broker import free_port, start_embedded_broker, start_mosquitto
 
     if settings.secure:
-        from biofed.provision import provision_fleet
+        from biofed.apps.provision import provision_fleet
 
         shutil.rmtree(settings.out / "fleet", ignore_errors=True)
         fleet = provision_fleet(settings.out / "fleet", FLEET, sorted(devices), port=free_port(), observer=True)
@@ -746,8 +746,8 @@ def run_demo(settings: DemoSettings) -> dict:
         No devices, a child process failed, or the global timeout expired; the message
         carries the failing processes' log tails.
     """
-    from biofed.broker import BrokerError
-    from biofed.provision import ProvisionError
+    from biofed.apps.broker import BrokerError
+    from biofed.apps.provision import ProvisionError
 
     out = settings.out.resolve()
     settings = DemoSettings(**{**asdict(settings), "out": out})
@@ -886,7 +886,7 @@ def run_demo(settings: DemoSettings) -> dict:
     click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, model_final.onnx, summary.json) "
                f"in {elapsed:.0f} s")
     if settings.evaluate if settings.evaluate is not None else settings.data is not None:
-        from biofed.evaluation import evaluate_files
+        from biofed.apps.evaluation import evaluate_files
 
         click.echo("")
         evaluate_files(devices, delta=settings.delta, repeats=settings.evaluation_repeats, out=out / "evaluation",
@@ -897,10 +897,10 @@ def run_demo(settings: DemoSettings) -> dict:
 
 
 def _launch_in_process(tomls: Iterable[Path], log: Path):
-    """Run the devices as one in-process :class:`biofed.simulate.SimulatedFleet` (real agents
+    """Run the devices as one in-process :class:`biofed.apps.simulate.SimulatedFleet` (real agents
     sharing the kernels and a thread pool) with their log lines in ``log``; returns the fleet
     and the log handler to remove after it."""
-    from biofed.simulate import SimulatedFleet
+    from biofed.apps.simulate import SimulatedFleet
 
     log.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log, mode="w")

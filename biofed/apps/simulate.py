@@ -62,7 +62,7 @@ import numpy as np
 import psutil
 
 from biofed.cli_options import examples, logging_options
-from biofed.demo import (
+from biofed.apps.demo import (
     FLEET,
     SYNTHETIC_DEVICES,
     DemoError,
@@ -502,9 +502,9 @@ class FleetOptions:
     windows_per_device: int = WINDOWS_PER_DEVICE
     plan: FaultPlan | None = None
     cluster: object | None = None
-    """A running :class:`biofed.rabbitmq.RabbitCluster` to use instead of a broker of our own:
+    """A running :class:`biofed.apps.rabbitmq.RabbitCluster` to use instead of a broker of our own:
     the coordinator connects to its first node, device ``i`` to node ``i % len(nodes)``,
-    over MQTT 3.1.1, with a :class:`~biofed.rabbitmq.RetainedMirror` running."""
+    over MQTT 3.1.1, with a :class:`~biofed.apps.rabbitmq.RetainedMirror` running."""
 
 
 def _source_files(settings: DemoSettings, n_sources: int) -> dict[str, list[Path]]:
@@ -524,7 +524,7 @@ def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port:
     kernels and, for dealt devices, the source recordings' ingestion included). With
     ``nodes``, device ``i`` connects to ``nodes[i % len(nodes)]``; ``login`` (user name and
     password) goes into every broker config."""
-    from biofed.demo import CLASSES
+    from biofed.apps.demo import CLASSES
     from biofed.edge.warmup import warmup
 
     warmup()  # every kernel signature the agents use, compiled (or loaded) once for all of them
@@ -585,7 +585,7 @@ class _Coordinator:
 
 
 def _restart_broker(broker):
-    from biofed.broker import start_mosquitto
+    from biofed.apps.broker import start_mosquitto
 
     broker.stop()
     return start_mosquitto(broker.directory, broker.port, host=broker.host)
@@ -594,7 +594,7 @@ def _restart_broker(broker):
 def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions()) -> dict:
     """Run a federation of ``settings.devices`` simulated devices; returns the summary
     (also written to ``summary.json``). Raises :class:`DemoError` when it cannot finish."""
-    from biofed.broker import start_embedded_broker, start_mosquitto
+    from biofed.apps.broker import start_embedded_broker, start_mosquitto
 
     out = settings.out.resolve()
     settings = replace(settings, out=out)
@@ -608,7 +608,7 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
     cluster = options.cluster
     if cluster is not None:
         from biofed.protocol import Topics
-        from biofed.rabbitmq import RetainedMirror
+        from biofed.apps.rabbitmq import RetainedMirror
 
         broker, protocol = cluster.nodes[0], "3.1.1"
         topics = Topics(FLEET)

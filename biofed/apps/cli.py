@@ -17,22 +17,22 @@ from biofed import __version__
 
 # name -> "module:attribute" of a click.Command. One line per command; keep sorted.
 COMMANDS: dict[str, str] = {
-    "audit": "biofed.audit:audit_command",
-    "bench": "biofed.bench:bench_command",
-    "broker": "biofed.broker:broker_command",
-    "config": "biofed.config_cli:config_command",
+    "audit": "biofed.apps.audit:audit_command",
+    "bench": "biofed.apps.bench:bench_command",
+    "broker": "biofed.apps.broker:broker_command",
+    "config": "biofed.apps.config_cli:config_command",
     "coordinator": "biofed.coordinator.cli:coordinator_command",
-    "demo": "biofed.demo:demo_command",
+    "demo": "biofed.apps.demo:demo_command",
     "edge": "biofed.edge.cli:edge_command",
-    "evaluate": "biofed.evaluation:evaluate_command",
+    "evaluate": "biofed.apps.evaluation:evaluate_command",
     "export": "biofed.coordinator.export_cli:export_command",
     "play": "biofed.edge.live_cli:play_command",
     "predict": "biofed.edge.predict_cli:predict_command",
     "privacy": "biofed.coordinator.privacy_cli:privacy_command",
-    "provision": "biofed.provision:provision_command",
+    "provision": "biofed.apps.provision:provision_command",
     "replay": "biofed.edge.replay_cli:replay_command",
-    "simulate": "biofed.simulate:simulate_command",
-    "status": "biofed.status:status_command",
+    "simulate": "biofed.apps.simulate:simulate_command",
+    "status": "biofed.apps.status:status_command",
     "warmup": "biofed.edge.warmup:warmup_command",
 }
 

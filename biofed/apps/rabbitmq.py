@@ -54,7 +54,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from biofed.broker import LOOPBACK, BrokerError, free_port, wait_for_port
+from biofed.apps.broker import LOOPBACK, BrokerError, free_port, wait_for_port
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ What it does
 ------------
 For each trust mode (``central``, ``local``, ``distributed``) and each run:
 
-1. The synthetic demo fleet (:func:`biofed.demo.write_synthetic_devices`, the configs of
-   :func:`biofed.demo.write_configs`, the broker of the demo) runs for real: one edge agent
+1. The synthetic demo fleet (:func:`biofed.apps.demo.write_synthetic_devices`, the configs of
+   :func:`biofed.apps.demo.write_configs`, the broker of the demo) runs for real: one edge agent
    process per device (``biofed edge``), the coordinator (:class:`biofed.coordinator.server.Coordinator`,
    in this process so the audit can read what it received), over MQTT.
 2. ``n`` canary clients join it: :class:`CanaryAgent`, an :class:`biofed.edge.agent.EdgeAgent`
@@ -14,7 +14,7 @@ For each trust mode (``central``, ``local``, ``distributed``) and each run:
    is the agent's: clipping, its own DP noise (local mode), secure aggregation (distributed
    mode), signed envelopes, statuses. Canaries take part in every round. Their directions and
    ``m - n`` held-out directions are orthonormal and lie where honest updates have no component
-   (:mod:`biofed.audit_stats`), so one run carries many independent canaries.
+   (:mod:`biofed.apps.audit_stats`), so one run carries many independent canaries.
 3. The adversaries of the mode score every canary (``AuditTap``):
 
    ``observer`` (every mode)
@@ -29,8 +29,8 @@ For each trust mode (``central``, ``local``, ``distributed``) and each run:
        ``sum_t (n_t / C) <mean_t, c>`` with ``n_t`` the survivors.
 
 4. The scores of all runs give an epsilon lower bound at ``--confidence``
-   (:func:`biofed.audit_stats.gaussian_epsilon_lower_bound`, the distribution-free
-   :func:`~biofed.audit_stats.threshold_epsilon_lower_bound` beside it), printed next to the
+   (:func:`biofed.apps.audit_stats.gaussian_epsilon_lower_bound`, the distribution-free
+   :func:`~biofed.apps.audit_stats.threshold_epsilon_lower_bound` beside it), printed next to the
    ledger's epsilon (:func:`ledger_epsilons`) with a verdict: ``consistent`` when the lower
    bound is at most the ledger's smallest epsilon, ``VIOLATION`` otherwise.
 
@@ -63,7 +63,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biofed.audit_stats import (
+from biofed.apps.audit_stats import (
     EpsilonBound,
     canary_directions,
     gaussian_epsilon_lower_bound,
@@ -73,7 +73,7 @@ from biofed.audit_stats import (
 from biofed.cli_options import examples, logging_options
 from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.demo import (
+from biofed.apps.demo import (
     FLEET,
     DemoSettings,
     _spawn,
