@@ -89,10 +89,6 @@ class Inbox(Generic[Item]):
         with self._cond:
             return self._size
 
-    @property
-    def maxsize(self) -> int:
-        return self.capacity
-
     def shed_total(self, reason: str | None = None) -> int:
         """Messages shed so far (of one reason, or all)."""
         with self._cond:

@@ -5,7 +5,6 @@ Pure functions in the style of Flower's ``common/differential_privacy.py``
 Andrew et al. [1]_. Nothing here draws noise: the noised clipped count of adaptive
 clipping is released by :class:`biofed.privacy_mechanism.PrivacyMechanism`
 (:meth:`AdaptiveClipping.count_query`), together with the update sum it is accounted with.
-:func:`secure_rng` makes the OS-seeded generators of non-noise randomness (device sampling).
 
 References
 ----------
@@ -17,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 
 import numpy as np
 
@@ -32,30 +30,7 @@ __all__ = [
     "central_noise_std",
     "clip_update",
     "delta_noise_multiplier",
-    "secure_rng",
 ]
-
-
-def secure_rng(rng: np.random.Generator | None = None) -> np.random.Generator:
-    """Return ``rng``, or a new generator seeded with 128 bits of OS entropy.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator or None
-        A generator to use as is (tests), or None for a fresh, unpredictable one.
-
-    Returns
-    -------
-    numpy.random.Generator
-    """
-    if rng is None:
-        return np.random.default_rng(secrets.randbits(128))
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(
-            f"rng must be a numpy.random.Generator or None, got {type(rng).__name__}. "
-            "Pass np.random.default_rng(...) in tests and None in production."
-        )
-    return rng
 
 
 def _check_vector(vector, name: str) -> np.ndarray:

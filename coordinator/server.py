@@ -128,7 +128,7 @@ import numpy as np
 
 from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
-from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
+from biofed.coordinator.clipping import AdaptiveClipping
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
 from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
@@ -142,6 +142,7 @@ from biofed.coordinator.state import (
     write_final_model,
 )
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
+from biofed.kernels.random_state import check_random_state
 from biofed.kernels.training import init_params
 from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
@@ -544,7 +545,7 @@ class Coordinator:
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
-        self._sampling_rng, self._init_rng = secure_rng(rng).spawn(2)
+        self._sampling_rng, self._init_rng = check_random_state(rng).spawn(2)
         self.on_round = on_round
         self.topics = Topics(config.fleet)
         self.client_id = client_id or f"coordinator-{config.fleet}"

@@ -75,7 +75,7 @@ import numpy as np
 
 from biofed.datasets.readers import stream_channel_types
 from biofed.datasets.recording import BIO_TYPES, MODALITIES, Recording
-from biofed.datasets.replay import Chunk, bad_spans, replay
+from biofed.datasets.replay import Chunk, bad_spans, is_bad_label, replay
 
 __all__ = ["BadSpans", "Gap", "LslError", "LslPlayer", "LslSource", "StreamSpec"]
 
@@ -231,7 +231,6 @@ class LslSource:
         self._markers = None
         self._marker_times: list[float] = []  # LSL clock, ascending
         self._marker_labels: list[str | None] = []
-        self._label: str | None = None
         self._session_start: float | None = None
         self._segment_start: float | None = None
         self._pending_gap: tuple[str, float] | None = None
@@ -335,7 +334,7 @@ class LslSource:
 
     def _add_marker(self, t: float, text: str) -> None:
         session = self._session_start
-        if text.upper().startswith("BAD"):
+        if is_bad_label(text):
             if session is not None:
                 self.bad_spans.open(t - session)
             else:

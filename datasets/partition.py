@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from biofed.datasets.recording import Recording
+from biofed.kernels.random_state import check_random_state
 
 __all__ = ["dirichlet_label_partition", "partition_by_subject"]
 
@@ -90,7 +91,7 @@ def dirichlet_label_partition(labels, n_devices: int, alpha: float, *, random_st
         raise ValueError(f"min_size must be an integer >= 0, got {min_size!r}.")
     if min_size * n_devices > y.size:
         raise ValueError(f"min_size={min_size} for {n_devices} devices needs {min_size * n_devices} samples, got {y.size}.")
-    rng = np.random.default_rng(random_state)
+    rng = check_random_state(random_state)
     classes, inverse = np.unique(y, return_inverse=True)
     by_class = [np.flatnonzero(inverse == c) for c in range(len(classes))]
     for _ in range(1000):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,6 +36,7 @@ __all__ = [
     "Recording",
     "RecordingError",
     "Signal",
+    "stream_channels",
 ]
 
 #: Every channel type a :class:`Signal` may carry.
@@ -267,3 +268,21 @@ class Recording:
     def modalities(self) -> tuple[str, ...]:
         """The modalities present, in :data:`MODALITIES` order."""
         return tuple(m for m in MODALITIES if m in self.signals)
+
+
+def stream_channels(recordings: Iterable[Recording]) -> dict[str, tuple[float, tuple[str, ...], tuple[str, ...]]]:
+    """The channels of a stream: ``{modality: (sfreq, ch_names, ch_types)}`` over its recordings.
+
+    A stream's recordings hold different modalities (see :func:`biofed.datasets.replay.group_streams`);
+    where two hold the same one, the later wins. This is what a feature layout is built from.
+
+    Examples
+    --------
+    >>> from biofed.datasets import make_recording
+    >>> channels = stream_channels([make_recording("rest", duration_s=2.0, eeg_channels=2, random_state=0)])
+    >>> channels["eeg"]
+    (250.0, ('Fp1', 'Fp2'), ('eeg', 'eeg'))
+    >>> sorted(channels)
+    ['audio', 'bio', 'eeg']
+    """
+    return {m: (s.sfreq, s.ch_names, s.ch_types) for rec in recordings for m, s in rec.signals.items()}

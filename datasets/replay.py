@@ -28,18 +28,21 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from biofed.datasets.recording import MODALITIES, Recording
 
-__all__ = ["Chunk", "bad_spans", "replay"]
+__all__ = ["Chunk", "bad_spans", "group_streams", "is_bad_label", "label_segments", "replay"]
 
 # A sample whose timestamp lies within this many sample periods below a step boundary is
 # counted in the next step; it absorbs float error in (k * chunk_s) * sfreq.
 _BOUNDARY_TOL = 1e-7
+
+Key = TypeVar("Key")
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +70,9 @@ class Chunk:
     label: str | None
 
 
-def _is_bad(label: str) -> bool:
+def is_bad_label(label: str) -> bool:
+    """Whether an annotation or marker text marks a ``BAD*`` span (MNE's convention: artefacts,
+    gaps), case-insensitively."""
     return label.upper().startswith("BAD")
 
 
@@ -75,14 +80,14 @@ def _label_spans(rec: Recording) -> list[tuple[float, float, str]]:
     return sorted(
         (a.onset, a.onset + a.duration, a.label)
         for a in rec.annotations
-        if a.duration > 0 and not _is_bad(a.label)
+        if a.duration > 0 and not is_bad_label(a.label)
     )
 
 
 def bad_spans(rec: Recording) -> list[tuple[float, float]]:
     """``(onset, end)`` seconds of the recording's ``BAD*`` annotations (MNE's convention: artefacts,
     gaps), sorted; windows overlapping one are not used. A zero-duration ``BAD`` event marks one instant."""
-    return sorted((a.onset, a.onset + a.duration) for a in rec.annotations if _is_bad(a.label))
+    return sorted((a.onset, a.onset + a.duration) for a in rec.annotations if is_bad_label(a.label))
 
 
 def _label_at(spans, default: str | None, t: float) -> str | None:
@@ -93,6 +98,75 @@ def _label_at(spans, default: str | None, t: float) -> str | None:
         if t < end:
             label = text
     return label
+
+
+def label_segments(recording: Recording) -> list[tuple[float, str | None]]:
+    """``(start_s, label)`` pieces of a recording, cut where its labelled annotations start or end.
+
+    The label of each piece follows the rule :func:`replay` labels its chunks with (see the
+    module docstring), so a whole recording pushed piece by piece is labelled as its replay is.
+
+    Examples
+    --------
+    >>> import dataclasses
+    >>> from biofed.datasets import Annotation, make_recording
+    >>> rec = make_recording("rest", duration_s=10.0, random_state=0)
+    >>> marks = (Annotation(2.0, 3.0, "arithmetic"), Annotation(3.0, 1.0, "BAD_gap"))
+    >>> label_segments(dataclasses.replace(rec, annotations=marks))
+    [(0.0, 'rest'), (2.0, 'arithmetic'), (5.0, 'rest')]
+    """
+    spans = _label_spans(recording)
+    cuts = sorted({0.0} | {t for onset, end, _ in spans for t in (onset, end) if 0.0 < t < recording.duration})
+    return [(cut, _label_at(spans, recording.label, cut)) for cut in cuts]
+
+
+def group_streams(
+    recordings: Iterable[tuple[Key, Recording]], modalities: Collection[str] = MODALITIES
+) -> Iterator[list[tuple[Key, Recording]]]:
+    """Group recordings, in order, into the streams one device records at once.
+
+    A recording joins the stream of the recording before it when it adds only modalities (of
+    ``modalities``) that stream lacks and the subjects agree (equal, or one unknown, e.g. a WAV
+    without subject information). So an EDF with EEG + ECG followed by the WAV recorded with it
+    form one multimodal stream. Any other recording (another subject, or a second one with the
+    same modalities, such as ``Subject02_1.edf`` then ``Subject02_2.edf``) starts a new stream.
+    Lazy: a stream is yielded as soon as the recording after it is known to start another, so
+    only one stream's recordings need to be in memory.
+
+    Parameters
+    ----------
+    recordings : iterable of (key, Recording)
+        ``key`` (e.g. the file path) travels with its recording.
+    modalities : collection of str
+        The modalities that count (e.g. the pipeline's); others never split a stream.
+
+    Yields
+    ------
+    list of (key, Recording)
+        The recordings of one stream, in input order.
+
+    Examples
+    --------
+    >>> from biofed.datasets import make_recording
+    >>> rest = make_recording("rest", duration_s=2.0, subject="S1", random_state=0)
+    >>> task = make_recording("arithmetic", duration_s=2.0, subject="S1", random_state=1)
+    >>> [[key for key, _ in stream] for stream in group_streams([("rest", rest), ("task", task)])]
+    [['rest'], ['task']]
+    """
+    stream: list[tuple[Key, Recording]] = []
+    present: set[str] = set()
+    subject = None
+    for key, rec in recordings:
+        rec_modalities = {m for m in rec.modalities if m in modalities}
+        conflict = rec.subject is not None and subject is not None and rec.subject != subject
+        if stream and (conflict or rec_modalities & present):
+            yield stream
+            stream, present, subject = [], set(), None
+        stream.append((key, rec))
+        present |= rec_modalities
+        subject = subject or rec.subject
+    if stream:
+        yield stream
 
 
 def _boundary(time_s: float, offset: float, sfreq: float, n: int) -> int:

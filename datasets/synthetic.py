@@ -41,6 +41,7 @@ import zlib
 import numpy as np
 
 from biofed.datasets.recording import Recording, Signal
+from biofed.kernels.random_state import check_random_state
 
 __all__ = ["CLASSES", "EEG_CHANNELS", "make_federation", "make_recording"]
 
@@ -69,13 +70,6 @@ _SESSION_SIGMA = 0.15
 """Log-power std of a recording's (session's) own offset per rhythm: state, electrode contact."""
 _HR_DRIFT_BPM = 3.0
 """Std of the slow heart-rate drift within a recording."""
-
-
-def _as_generator(random_state) -> np.random.Generator:
-    """``random_state`` (int, Generator, SeedSequence or None) as a Generator."""
-    if isinstance(random_state, (bool, np.bool_)):
-        raise TypeError("random_state must be an int, numpy Generator, SeedSequence or None, got a bool.")
-    return np.random.default_rng(random_state)
 
 
 def _subject_traits(subject: str, n_channels: int) -> dict:
@@ -263,7 +257,7 @@ def make_recording(
             raise ValueError(f"{name} must be a finite number >= {minimum:g} Hz, got {value!r}.")
     if not isinstance(subject, str) or not subject:
         raise ValueError(f"subject must be a non-empty string, got {subject!r}.")
-    rng = _as_generator(random_state)
+    rng = check_random_state(random_state)
     traits = _subject_traits(subject, int(eeg_channels))
     beats = _beat_times(label, traits, float(duration_s), rng)
     signals = {
@@ -300,7 +294,7 @@ def make_federation(
     for name, value in (("n_devices", n_devices), ("recordings_per_class", recordings_per_class)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    rng = _as_generator(random_state)
+    rng = check_random_state(random_state)
     children = iter(rng.spawn(int(n_devices) * int(recordings_per_class) * len(CLASSES)))
     federation = {}
     for i in range(int(n_devices)):

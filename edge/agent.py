@@ -109,7 +109,7 @@ from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
-from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
+from biofed.kernels import check_random_state, clip_l2, dp_sgd, n_params, predict_proba, project, train
 from biofed.metrics import AgentMetrics
 from biofed.model_format import LayoutSpec
 from biofed.privacy_ledger import PrivacyLedger
@@ -279,7 +279,7 @@ class EdgeAgent:
             window_s=config.pipeline.window_s, hop_s=config.pipeline.hop_s, n_mels=config.pipeline.n_mels
         )
         self._clock = clock
-        self._train_rng = np.random.default_rng(random_state)
+        self._train_rng = check_random_state(random_state)
         self._seen = SeenMessageIds(capacity=10_000)
         self._signer, self._verifier = signing_from_config(config, self.device_id)
         self._secagg: SecureAggregationParticipant | None = None
@@ -433,30 +433,19 @@ class EdgeAgent:
         return 0.0 if last is None else float(last) + self.pipeline_config.window_s + self.pipeline_config.hop_s
 
     def _streams(self, paths: Sequence[Path]):
-        """Read ``paths`` one by one and yield ``(paths, recordings)`` per stream."""
+        """Read ``paths`` one by one and yield ``(paths, recordings)`` per stream (unreadable files skipped)."""
         from biofed.datasets import RecordingError, read_recording
+        from biofed.datasets.replay import group_streams
 
-        group: list = []
-        group_paths: list[Path] = []
-        modalities: set[str] = set()
-        subject = None
-        for path in paths:
-            try:
-                recording = read_recording(path)
-            except (RecordingError, OSError) as exc:
-                logger.error("%s: cannot read recording %s, skipped: %s", self.device_id, path, exc)
-                continue
-            mods = {m for m in recording.signals if m in self.pipeline_config.modalities}
-            conflict = recording.subject is not None and subject is not None and recording.subject != subject
-            if group and (conflict or mods & modalities):
-                yield group_paths, group
-                group, group_paths, modalities, subject = [], [], set(), None
-            group.append(recording)
-            group_paths.append(Path(path))
-            modalities |= mods
-            subject = subject or recording.subject
-        if group:
-            yield group_paths, group
+        def readable():
+            for path in paths:
+                try:
+                    yield Path(path), read_recording(path)
+                except (RecordingError, OSError) as exc:
+                    logger.error("%s: cannot read recording %s, skipped: %s", self.device_id, path, exc)
+
+        for stream in group_streams(readable(), self.pipeline_config.modalities):
+            yield [path for path, _ in stream], [recording for _, recording in stream]
 
     def _open_store_for(self, layout_hash: str) -> bool:
         """Make the store read/write ``layout_hash``; False when it already holds another layout."""
@@ -479,6 +468,7 @@ class EdgeAgent:
         """
         from biofed.datasets import replay
         from biofed.datasets.live import BadSpans
+        from biofed.datasets.recording import stream_channels
         from biofed.datasets.replay import bad_spans
         from biofed.edge.continuous import LiveFeatures
 
@@ -494,7 +484,7 @@ class EdgeAgent:
             if stop is not None and stop.is_set():
                 break
             stream = _stream_key(stream_paths)
-            channels = {m: (s.sfreq, s.ch_names, s.ch_types) for r in recordings for m, s in r.signals.items()}
+            channels = stream_channels(recordings)
             try:
                 layout = FeatureLayout.from_channels(channels, self.pipeline_config)
             except PipelineError as exc:

@@ -30,7 +30,8 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError, _label_segments, extract_features
+from biofed.datasets.replay import label_segments
+from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError, extract_features
 from biofed.edge.split import device_standardization
 from biofed.kernels import heart_rate_features, sliding_windows
 from biofed.model_format import (
@@ -293,8 +294,9 @@ class OnnxModel:
         reference = spec.modalities[0]
         fs = reference.sfreq
         n_samples = recording.signals[reference.modality].n_samples
-        cuts = [min(max(math.ceil(start * fs - 1e-7), 0), n_samples) for start, _ in _label_segments(recording)]
-        texts = [label for _, label in _label_segments(recording)]
+        segments = label_segments(recording)
+        cuts = [min(max(math.ceil(start * fs - 1e-7), 0), n_samples) for start, _ in segments]
+        texts = [label for _, label in segments]
         ends = np.arange(n) * hops[reference.modality] + spec.window_samples(reference) - 1
         index = np.searchsorted(np.asarray(cuts), ends, side="right") - 1
         labels = np.array(["" if texts[i] is None else texts[i] for i in index], dtype=str)

@@ -71,7 +71,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from biofed.datasets.recording import MODALITIES
+from biofed.datasets.recording import MODALITIES, stream_channels
+from biofed.datasets.replay import label_segments
 from biofed.kernels import (
     BIOSENSOR_FEATURES,
     EEG_BANDS,
@@ -337,7 +338,7 @@ class FeatureLayout:
     @classmethod
     def from_recording(cls, recording: Recording, config: PipelineConfig) -> FeatureLayout:
         """Layout of a :class:`biofed.datasets.Recording` (its configured modalities)."""
-        channels = {m: (s.sfreq, s.ch_names, s.ch_types) for m, s in recording.signals.items()}
+        channels = stream_channels([recording])
         try:
             return cls.from_channels(channels, config)
         except PipelineError as exc:
@@ -952,31 +953,6 @@ class StreamingPipeline:
 
 
 # --------------------------------------------------------------------------- offline convenience
-def _label_segments(recording: Recording) -> list[tuple[float, str | None]]:
-    """``(start_s, label)`` pieces of a recording, cut where its labelled annotations start or end.
-
-    Same rule as :func:`biofed.datasets.replay`: the label in force at a time is the description
-    of the latest-starting annotation of positive duration covering it (``BAD*`` spans and
-    instant events ignored), otherwise the recording label.
-    """
-    spans = sorted(
-        (a.onset, a.onset + a.duration, a.label)
-        for a in recording.annotations
-        if a.duration > 0 and not a.label.upper().startswith("BAD")
-    )
-    cuts = sorted({0.0} | {t for onset, end, _ in spans for t in (onset, end) if 0.0 < t < recording.duration})
-    segments = []
-    for cut in cuts:
-        label = recording.label
-        for onset, end, text in spans:
-            if onset > cut:
-                break
-            if cut < end:
-                label = text
-        segments.append((cut, label))
-    return segments
-
-
 def extract_features(
     recording: Recording, config: PipelineConfig | None = None, basis: Basis | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1008,7 +984,7 @@ def extract_features(
     config = dataclasses.replace(config, max_pending_windows=None)
     layout = FeatureLayout.from_recording(recording, config)
     pipe = StreamingPipeline(config, layout, basis)
-    segments = _label_segments(recording)
+    segments = label_segments(recording)
     rows: list[FeatureRow] = []
     for modality in layout.modality_names:
         signal = recording.signals[modality]

@@ -5,14 +5,12 @@ Every FILE is read with :func:`biofed.datasets.read_recording` and played with
 chunk into :class:`biofed.edge.pipeline.StreamingPipeline` objects.
 
 Streams
-    Files become *streams*, one pipeline each, in command-line order: a file joins the stream of
-    the file before it when it adds only modalities that stream lacks and the subjects agree
-    (equal, or one unknown, e.g. a WAV without subject information). So an EDF with EEG + ECG
-    followed by the WAV recorded with it form one multimodal stream whose rows hold EEG, ECG and
-    audio features of the same windows (the stream ends with its shorter file). Any other file —
-    another subject, or a second file with the same modalities (``Subject02_1.edf`` then
-    ``Subject02_2.edf``) — starts a stream of its own with its own pipeline and time base
-    (every stream starts at t = 0).
+    Files become *streams*, one pipeline each, in command-line order, grouped by
+    :func:`biofed.datasets.replay.group_streams`: an EDF with EEG + ECG followed by the WAV
+    recorded with it form one multimodal stream whose rows hold EEG, ECG and audio features of
+    the same windows (the stream ends with its shorter file); another subject, or a second file
+    with the same modalities (``Subject02_1.edf`` then ``Subject02_2.edf``), starts a stream of
+    its own with its own pipeline and time base (every stream starts at t = 0).
 
 Clock and memory
     The files of a stream always play together on one clock. With ``--speed`` > 0 every stream
@@ -83,27 +81,20 @@ class _Stream:
 def _read_streams(paths, modalities: tuple[str, ...], timer: dict) -> Iterator[list]:
     """Read ``paths`` one by one and yield the recordings of each stream (see module docstring)."""
     from biofed.datasets import RecordingError, read_recording
+    from biofed.datasets.replay import group_streams
 
-    group: list = []
-    mods: set[str] = set()
-    subject = None
-    for path in paths:
-        started = time.perf_counter()
-        try:
-            rec = read_recording(path)
-        except RecordingError as exc:
-            raise click.ClickException(f"cannot read {path}: {exc}") from None
-        timer["read"] += time.perf_counter() - started
-        rec_mods = {m for m in rec.modalities if m in modalities}
-        conflict = rec.subject is not None and subject is not None and rec.subject != subject
-        if group and (conflict or rec_mods & mods):
-            yield group
-            group, mods, subject = [], set(), None
-        group.append(rec)
-        mods |= rec_mods
-        subject = subject or rec.subject
-    if group:
-        yield group
+    def read():
+        for path in paths:
+            started = time.perf_counter()
+            try:
+                rec = read_recording(path)
+            except RecordingError as exc:
+                raise click.ClickException(f"cannot read {path}: {exc}") from None
+            timer["read"] += time.perf_counter() - started
+            yield path, rec
+
+    for stream in group_streams(read(), modalities):
+        yield [rec for _, rec in stream]
 
 
 def _return_freed_memory() -> None:
@@ -161,6 +152,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
     from tqdm import tqdm
 
     from biofed.datasets import replay
+    from biofed.datasets.recording import stream_channels
     from biofed.edge.pipeline import (
         ChunkError,
         FeatureLayout,
@@ -205,7 +197,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
             batch_streams, by_source = [], {}
             for group in batch:
                 stream = _Stream(recordings=group)
-                channels = {m: (sig.sfreq, sig.ch_names, sig.ch_types) for rec in group for m, sig in rec.signals.items()}
+                channels = stream_channels(group)
                 try:
                     layout = FeatureLayout.from_channels(channels, config)
                 except PipelineError as exc:

@@ -14,6 +14,7 @@ from biofed.kernels.spectral import (
     segment_powers,
     spectral_features,
 )
+from biofed.kernels.random_state import check_random_state
 from biofed.kernels.stats import Moments, moments_init, moments_merge, moments_scale, moments_update
 from biofed.kernels.svd import fd_basis, fd_init, fd_merge, fd_update, project, svd_compress, truncated_svd
 from biofed.kernels.training import clip_l2, dp_sgd, init_params, loss_and_grad, n_params, predict_proba, train

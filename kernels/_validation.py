@@ -11,8 +11,6 @@ import math
 
 import numpy as np
 
-FLOAT_DTYPES = (np.float32, np.float64)
-
 
 def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: bool = False) -> np.ndarray:
     """Return ``x`` as a C-contiguous float32/float64 array after checking it.
@@ -52,7 +50,7 @@ def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: b
         raise ValueError(f"{name} must be {wanted}, got a {arr.ndim}-D array of shape {arr.shape}.")
     if arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape}); at least one element is required.")
-    if arr.dtype not in FLOAT_DTYPES or not arr.flags.c_contiguous:
+    if arr.dtype not in (np.float32, np.float64) or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
     # O(1)-memory check first (add.reduce: the sum without ndarray.sum's Python layers, which
     # cost more than the sum itself on a feature row); the element-wise scan only runs to

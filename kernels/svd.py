@@ -79,7 +79,7 @@ import numpy as np
 import scipy.linalg
 from numba import njit
 
-from biofed.kernels._random import check_random_state
+from biofed.kernels.random_state import check_random_state
 from biofed.kernels._validation import check_float_array, check_positive_int
 from biofed.kernels.transform import transform
 

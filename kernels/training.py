@@ -55,7 +55,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from biofed.kernels._random import check_random_state
+from biofed.kernels.random_state import check_random_state
 from biofed.kernels._validation import (
     check_float_array,
     check_nonnegative_float,

@@ -20,7 +20,6 @@ from biofed.coordinator.clipping import (
     central_noise_std,
     clip_update,
     delta_noise_multiplier,
-    secure_rng,
 )
 from biofed.privacy_ledger import (
     PrivacyLedger,
@@ -335,14 +334,6 @@ def test_clip_update_bad_input(args, match):
 
 def test_central_noise_std():
     assert central_noise_std(1.1, 2.0) == pytest.approx(2.2)
-
-
-def test_secure_rng_is_unseeded_and_checks_type():
-    assert secure_rng().integers(2**62) != secure_rng().integers(2**62)
-    gen = np.random.default_rng(3)
-    assert secure_rng(gen) is gen
-    with pytest.raises(TypeError, match="numpy.random.Generator"):
-        secure_rng(42)
 
 
 def test_delta_noise_multiplier_formula_and_error():

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from biofed.datasets import Annotation, Recording, Signal, make_recording, read_recording, replay
+from biofed.datasets.recording import stream_channels
+from biofed.datasets.replay import group_streams, label_segments
 
 
 def _streams(chunks):
@@ -145,3 +147,54 @@ def test_replay_is_lazy_and_restartable():
     first = [c.t0 for c in replay(rec)]
     assert first == [c.t0 for c in replay(rec)]
     assert len(first) == 3 * 4
+
+
+def _only(rec: Recording, *modalities: str, subject: str | None = "S1") -> Recording:
+    """``rec`` with only ``modalities`` (one file of a session) and the given subject."""
+    return dataclasses.replace(rec, signals={m: rec.signals[m] for m in modalities}, subject=subject)
+
+
+def test_label_segments_match_the_labels_replay_gives_its_chunks():
+    rec = make_recording("rest", duration_s=6.0, random_state=0)
+    rec = dataclasses.replace(rec, annotations=(
+        Annotation(1.0, 2.0, "arithmetic"), Annotation(2.0, 0.5, "BAD_gap"), Annotation(2.5, 0.0, "beat"),
+        Annotation(4.0, 1.0, "arithmetic"),
+    ))
+    segments = label_segments(rec)
+    assert segments == [(0.0, "rest"), (1.0, "arithmetic"), (3.0, "rest"), (4.0, "arithmetic"), (5.0, "rest")]
+    starts = [start for start, _ in segments]
+    for chunk in replay(rec, chunk_s=0.25):
+        assert chunk.label == segments[np.searchsorted(starts, chunk.t0, side="right") - 1][1]
+
+
+def test_group_streams_joins_the_files_of_one_session():
+    rec = make_recording("rest", duration_s=1.0, subject="S1", random_state=0)
+    edf, wav = _only(rec, "eeg", "bio"), _only(rec, "audio", subject=None)
+    other = _only(make_recording("rest", duration_s=1.0, random_state=1), "eeg", subject="S2")
+    again = _only(rec, "eeg")
+    items = [("s1.edf", edf), ("s1.wav", wav), ("s2.edf", other), ("s1b.edf", again), ("s1b.wav", wav)]
+    streams = [[key for key, _ in stream] for stream in group_streams(items)]
+    assert streams == [["s1.edf", "s1.wav"], ["s2.edf"], ["s1b.edf", "s1b.wav"]]
+    # A modality outside the collection never splits a stream; an unknown subject joins any.
+    assert [[k for k, _ in s] for s in group_streams([("a", edf), ("b", again)], ("audio",))] == [["a", "b"]]
+    assert list(group_streams([])) == []
+
+
+def test_group_streams_is_lazy():
+    rec = make_recording("rest", duration_s=1.0, subject="S1", random_state=0)
+
+    def read():
+        yield "first", rec
+        yield "second", rec
+        raise AssertionError("read past the second stream's first recording")
+
+    first = next(group_streams(read()))
+    assert [key for key, _ in first] == ["first"]
+
+
+def test_stream_channels_of_a_multimodal_session():
+    rec = make_recording("rest", duration_s=1.0, eeg_channels=3, random_state=0)
+    channels = stream_channels([_only(rec, "eeg"), _only(rec, "audio", "bio")])
+    assert set(channels) == {"eeg", "audio", "bio"}
+    for modality, signal in rec.signals.items():
+        assert channels[modality] == (signal.sfreq, signal.ch_names, signal.ch_types)

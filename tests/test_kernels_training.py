@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from biofed.kernels import clip_l2, init_params, loss_and_grad, n_params, predict_proba, train
+from biofed.kernels import check_random_state, clip_l2, init_params, loss_and_grad, n_params, predict_proba, train
 from biofed.kernels.training import _per_example_grads, dp_sgd
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
@@ -284,3 +284,17 @@ def test_training_shapes_and_dtypes(n, d, c, hidden, dtype, seed):
     trained, mean_loss = dp_sgd(p, x, y, c, hidden, steps=3, sampling_rate=1.0, release=_record_gate(1.0, 0.5)[1],
                                 random_state=seed)
     assert trained.shape == p.shape and trained.dtype == np.float64 and np.isfinite(mean_loss)
+
+
+def test_check_random_state_is_the_one_generator_source():
+    assert check_random_state().integers(2**62) != check_random_state().integers(2**62)  # OS-seeded
+    gen = np.random.default_rng(3)
+    assert check_random_state(gen) is gen
+    assert check_random_state(5).integers(2**62) == check_random_state(np.int64(5)).integers(2**62)
+    seq = np.random.SeedSequence(9)
+    assert check_random_state(seq).integers(2**62) == np.random.default_rng(np.random.SeedSequence(9)).integers(2**62)
+    for bad in (True, 1.5, "seed", [1, 2]):
+        with pytest.raises(TypeError, match="random_state must be None"):
+            check_random_state(bad)
+    with pytest.raises(ValueError, match="random_state must be >= 0"):
+        check_random_state(-1)

@@ -584,13 +584,6 @@ class _Coordinator:
         self.child.process.wait()
 
 
-def _restart_broker(broker):
-    from biofed.apps.broker import start_mosquitto
-
-    broker.stop()
-    return start_mosquitto(broker.directory, broker.port, host=broker.host)
-
-
 def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions()) -> dict:
     """Run a federation of ``settings.devices`` simulated devices; returns the summary
     (also written to ``summary.json``). Raises :class:`DemoError` when it cannot finish."""
