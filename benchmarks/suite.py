@@ -706,7 +706,8 @@ def case_evaluation(s: Settings, result: CaseResult) -> None:
     epsilon 8 for the default method (:data:`biofed.apps.evaluation.DEFAULT_METHOD`). The full run uses eegmat (the subjects in
     ../shared/datasets/eegmat; a synthetic fleet where it is absent), every epsilon, 3 noise
     draws and the projection variants; ``--quick`` a small synthetic fleet at epsilon 8 and inf."""
-    from biofed.apps.demo import eegmat_devices, write_synthetic_devices
+    from biofed.apps.demo import eegmat_devices
+    from biofed.apps.federation import write_synthetic_devices
     from biofed.apps.evaluation import DEFAULT_METHOD, EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
 
     with tempfile.TemporaryDirectory(prefix="biofed-bench-eval-") as tmp:

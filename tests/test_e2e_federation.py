@@ -24,7 +24,8 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.config import CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.demo import FLEET, DemoError, DemoSettings, run_demo, write_configs, write_synthetic_devices
+from biofed.apps.demo import FLEET, DemoError, DemoSettings, run_demo, write_configs
+from biofed.apps.federation import spawn, terminate, write_synthetic_devices
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
 
@@ -133,16 +134,13 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
             if inbound is None:
                 continue
             if decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload.phase == "train":
-                os.kill(agents[victim].pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
+                os.kill(agents[victim].process.pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
                 killed.set()
 
     coordinator = Coordinator(config, discovery_timeout_s=120.0, accountants=("rdp",))
     try:
         for device, toml in device_tomls.items():
-            log = (out / f"{device}.log").open("w")
-            agents[device] = subprocess.Popen([sys.executable, "-m", "biofed", "-v", "edge", "--config", str(toml)],
-                                              stdout=log, stderr=log)
-            log.close()
+            agents[device] = spawn(device, ["edge", "--config", str(toml)], out / f"{device}.log")
         # all four online before the first round (with min_devices=3 the first rounds could otherwise
         # start without a slow starter, and the killed device would leave too few replies)
         deadline = time.monotonic() + 120
@@ -158,19 +156,16 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
         assert short and short[0].n_selected == 4 and short[0].n_devices == 3
         assert train[-1].n_selected == train[-1].n_devices == 3  # the killed device's will took it offline
         # the others shut down cleanly on SIGTERM and say so
-        for device, process in agents.items():
+        for device, child in agents.items():
             if device != victim:
-                process.send_signal(signal.SIGTERM)
-                assert process.wait(timeout=30) == 0
+                child.process.send_signal(signal.SIGTERM)
+                assert child.process.wait(timeout=30) == 0
         assert _retained_statuses(amqtt_broker.host, amqtt_broker.port, devices) == dict.fromkeys(devices, "offline")
     finally:
         killed.set()
         watcher.close()
         coordinator.stop()
-        for process in agents.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        terminate(list(agents.values()))
 
 
 def test_demo_command_writes_table_plot_and_model(tmp_path):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,7 +23,8 @@ from brokers import require_mosquitto
 from biofed.apps.broker import start_mosquitto
 from biofed.config import CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.demo import FLEET, DemoSettings, write_configs, write_synthetic_devices
+from biofed.apps.demo import FLEET, DemoSettings, write_configs
+from biofed.apps.federation import Child, spawn, terminate, write_synthetic_devices
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
 
@@ -99,16 +98,13 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
     coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, port, "5")
     config = load_config(coordinator_toml, CoordinatorConfig)
     coordinator = Coordinator(config, discovery_timeout_s=900.0, accountants=("rdp",))
-    agents: dict[str, subprocess.Popen] = {}
+    agents: dict[str, Child] = {}
     result: dict[str, object] = {}
     runner = threading.Thread(target=lambda: result.setdefault("state", coordinator.run()), daemon=True)
     watcher = TaskWatcher(broker.host, port)
     try:
         for device, toml in device_tomls.items():
-            log = (out / f"{device}.log").open("w")
-            agents[device] = subprocess.Popen([sys.executable, "-m", "biofed", "-v", "edge", "--config", str(toml)],
-                                              stdout=log, stderr=log)
-            log.close()
+            agents[device] = spawn(device, ["edge", "--config", str(toml)], out / f"{device}.log")
         runner.start()
 
         # 1. a flood with device00's identity from the first training round on (it goes on
@@ -124,7 +120,7 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         down_at = time.time()
         time.sleep(OUTAGE_S)
         assert runner.is_alive(), "the coordinator died during the outage"
-        assert all(p.poll() is None for p in agents.values()), "an agent died during the outage"
+        assert all(c.process.poll() is None for c in agents.values()), "an agent died during the outage"
         broker = start_mosquitto(broker_dir, port)
         up_at = time.time()
         flooder.join(timeout=600)
@@ -133,7 +129,7 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         runner.join(timeout=600)
         assert not runner.is_alive(), "the coordinator did not finish after the outage"
         assert result["state"] is RunState.DONE
-        assert all(p.poll() is None for p in agents.values()), "an agent died"
+        assert all(c.process.poll() is None for c in agents.values()), "an agent died"
 
         history = coordinator.history()
         train = [r for r in history if r.phase == "train"]
@@ -161,9 +157,9 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         reader.close()
         assert inbound is not None and decode_topic_message(TOPICS, inbound.topic, inbound.payload).round == train[-1].round
 
-        for process in agents.values():
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=30) == 0
+        for child in agents.values():
+            child.process.send_signal(signal.SIGTERM)
+            assert child.process.wait(timeout=30) == 0
         print(f"flood {FLOOD} messages: {coordinator.shed_messages} shed by the inbox, {refused} refused by the "
               f"ingest; outage {up_at - down_at:.0f} s during round {outage_round}, "
               + ("which was retried" if spanning is None else
@@ -173,8 +169,5 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
     finally:
         watcher.close()
         coordinator.stop()
-        for process in agents.values():
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        terminate(list(agents.values()))
         broker.stop()

@@ -22,7 +22,7 @@ from dp_accounting.rdp import RdpAccountant
 from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 from biofed.config import DeviceConfig
-from biofed.apps.demo import write_synthetic_devices
+from biofed.apps.federation import write_synthetic_devices
 from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.edge.pipeline import fit_basis
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split

@@ -45,7 +45,7 @@ def test_help_lists_every_command_with_its_summary():
 
 
 def test_windows_overlapping_bad_annotations_are_not_stored(tmp_path):
-    from biofed.apps.demo import write_synthetic_devices
+    from biofed.apps.federation import write_synthetic_devices
     import mne
 
     fif = next(f for f in write_synthetic_devices(tmp_path, 1, duration_s=12.0, random_state=4)["device00"]

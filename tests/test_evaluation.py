@@ -188,7 +188,7 @@ def test_personalize_moves_toward_the_device_data():
 # ----------------------------------------------------------------------------- evaluation
 @pytest.fixture(scope="module")
 def synthetic_files(tmp_path_factory):
-    from biofed.apps.demo import write_synthetic_devices
+    from biofed.apps.federation import write_synthetic_devices
 
     return write_synthetic_devices(tmp_path_factory.mktemp("fleet"), 3, duration_s=30.0, random_state=5)
 

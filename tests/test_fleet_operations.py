@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
-from biofed.apps.demo import DemoSettings, write_configs, write_synthetic_devices
+from biofed.apps.demo import DemoSettings, write_configs
+
+from biofed.apps.federation import write_synthetic_devices
 
 pytestmark = pytest.mark.slow
 

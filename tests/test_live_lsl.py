@@ -193,7 +193,7 @@ def test_player_refuses_bad_settings():
 
 
 def test_play_and_replay_lsl_commands_compute_features_over_loopback(tmp_path):
-    from biofed.apps.demo import write_synthetic_devices
+    from biofed.apps.federation import write_synthetic_devices
 
     files = write_synthetic_devices(tmp_path, 1, duration_s=40.0, random_state=5)["device00"]
     fif = next(f for f in files if f.suffix == ".fif")
@@ -254,7 +254,7 @@ def test_agent_ingests_a_live_source_and_keeps_its_windows(tmp_path):
 
 
 def test_watched_folder_is_ingested_without_restart(tmp_path):
-    from biofed.apps.demo import write_synthetic_devices
+    from biofed.apps.federation import write_synthetic_devices
 
     source_files = write_synthetic_devices(tmp_path / "made", 1, duration_s=8.0, random_state=2)["device00"]
     watched = tmp_path / "incoming"

@@ -18,7 +18,7 @@ from biofed.config import CoordinatorConfig, DeviceConfig
 from biofed.coordinator.onnx_export import ModelFile, build_model
 from biofed.coordinator.server import Coordinator
 from biofed.coordinator.state import CoordinatorState
-from biofed.apps.demo import write_synthetic_devices
+from biofed.apps.federation import write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.edge.inference import OnnxModel
 from biofed.edge.pipeline import fit_basis

@@ -188,7 +188,7 @@ def test_predict_refuses_other_layout(trained, shared_datasets):
 
 def test_predict_a_session_of_two_files(tmp_path):
     """An EEG + ECG/PPG FIF and the WAV recorded with it form one session (the demo's devices)."""
-    from biofed.apps.demo import write_synthetic_devices
+    from biofed.apps.federation import write_synthetic_devices
     from biofed.edge.predict_cli import _session
 
     files = write_synthetic_devices(tmp_path / "data", 1, duration_s=10.0, random_state=2)["device00"]

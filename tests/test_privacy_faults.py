@@ -17,7 +17,6 @@ decodes every device message and checks no data-dependent field left a device in
 from __future__ import annotations
 
 import math
-import threading
 from collections import defaultdict
 
 import dp_accounting
@@ -28,7 +27,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.config import CoordinatorConfig, DeviceConfig
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.demo import write_synthetic_devices
+from biofed.apps.federation import AgentThreads, broker_settings, received, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, Outgoing
 from biofed.mqtt import MqttClient
 from biofed.protocol import Basis, Model, SecAggUpload, Sketch, Status, Topics, Update, decode_topic_message
@@ -67,7 +66,7 @@ def never(message) -> bool:
 def _run(amqtt_broker, recordings, tmp_path, *, mode, silences, min_devices, rounds=1, max_retries=1,
          coordinator_cls=Coordinator, extra_dp=None):
     """Run a federation; return (coordinator, run state, agents, what the spy received)."""
-    broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
+    broker = broker_settings(amqtt_broker, "3.1.1")
     devices = sorted(recordings)[: len(silences)]
     config = CoordinatorConfig(
         fleet=FLEET, broker=broker, rounds=rounds, min_devices=min_devices, round_deadline_s=6.0,
@@ -83,28 +82,18 @@ def _run(amqtt_broker, recordings, tmp_path, *, mode, silences, min_devices, rou
     agents = [FaultyAgent(DeviceConfig(device_id=d, fleet=FLEET, broker=broker, recordings=tuple(recordings[d]),
                                        store_path=tmp_path / f"{d}.sqlite"), silent, random_state=i)
               for i, (d, silent) in enumerate(zip(devices, silences))]
-    stop = threading.Event()
-    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
-    for t in threads:
-        t.start()
-    coordinator = coordinator_cls(config, discovery_timeout_s=60.0, accountants=("rdp",), max_retries=max_retries,
-                                  rng=np.random.default_rng(0))
     try:
-        try:
-            state = coordinator.run()
-        except _Crash:
-            state = None
-        received = []
-        while (inbound := spy.receive(timeout_s=1.0)) is not None:
-            received.append(decode_topic_message(TOPICS, inbound.topic, inbound.payload))
+        with AgentThreads(agents):
+            coordinator = coordinator_cls(config, discovery_timeout_s=60.0, accountants=("rdp",),
+                                          max_retries=max_retries, rng=np.random.default_rng(0))
+            try:
+                state = coordinator.run()
+            except _Crash:
+                state = None
+            seen = received(spy, TOPICS, timeout_s=1.0)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        for a in agents:
-            a.close()
         spy.close()
-    return coordinator, state, agents, received, config
+    return coordinator, state, agents, seen, config
 
 
 def _epsilon(events) -> float:

@@ -6,7 +6,6 @@ protocol uses passes the broker's ACL."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -15,10 +14,11 @@ from brokers import require_mosquitto
 from biofed.apps.broker import free_port
 from biofed.config import CoordinatorConfig, DeviceConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.demo import DemoSettings, run_demo, write_synthetic_devices
+from biofed.apps.demo import DemoSettings, run_demo
+from biofed.apps.federation import AgentThreads, received, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.mqtt import MqttClient
-from biofed.protocol import Topics, decode_topic_message
+from biofed.protocol import Topics
 from biofed.apps.provision import ProvisionError, mosquitto_passwd_binary, provision_fleet
 from biofed.signing import KeyRing
 
@@ -61,22 +61,14 @@ def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
 
     broker = fleet.start_broker()
     observer = MqttClient.from_config(fleet.broker_config("observer"), "observer", protocol="5", clean=True)
-    stop = threading.Event()
-    threads = [threading.Thread(target=agent.run, args=(stop,), daemon=True) for agent in agents]
     coordinator = Coordinator(config, discovery_timeout_s=60.0, accountants=("rdp",), basis_clip_norm=1e4,
                               rng=np.random.default_rng(0))
     try:
         observer.connect()
         observer.subscribe(f"{TOPICS.base}/#")
-        for thread in threads:
-            thread.start()
-        assert coordinator.run() is RunState.DONE
+        with AgentThreads(agents):
+            assert coordinator.run() is RunState.DONE
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
-        for agent in agents:
-            agent.close()
         coordinator.stop()
         broker.stop()
 
@@ -87,8 +79,7 @@ def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
     # the read-only observer saw the whole protocol, every message signed and verified
     ring = KeyRing.from_dir(layout.keys_dir)
     kinds: dict[str, set[str]] = {}
-    while (inbound := observer.receive(timeout_s=0.5)) is not None:
-        message = decode_topic_message(TOPICS, inbound.topic, inbound.payload, verifier=ring)
+    for message in received(observer, TOPICS, verifier=ring):
         assert message.verified
         kinds.setdefault(message.kind, set()).add(message.sender)
     observer.close()

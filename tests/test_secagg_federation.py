@@ -4,7 +4,6 @@ message signed, model updates aggregated with secure aggregation (never sent in 
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import dp_accounting
@@ -15,10 +14,10 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.config import CoordinatorConfig, DeviceConfig
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.demo import write_synthetic_devices
+from biofed.apps.federation import AgentThreads, broker_settings, received, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.mqtt import MqttClient
-from biofed.protocol import Topics, Update, decode_topic_message, encode_message
+from biofed.protocol import Topics, Update, encode_message
 from biofed.signing import Signer
 
 FLEET = "ward7"
@@ -50,7 +49,7 @@ def recordings(tmp_path_factory):
 def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, tmp_path):
     devices = sorted(recordings)
     _write_keys(tmp_path / "pki", [*devices, "coordinator"])
-    broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
+    broker = broker_settings(amqtt_broker, "3.1.1")
     z, n_min = 0.2, N_DEVICES  # the threshold may not be below min_devices
     config = CoordinatorConfig(
         fleet=FLEET, broker=broker, rounds=2, min_devices=N_DEVICES, round_deadline_s=20.0,
@@ -68,20 +67,10 @@ def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, t
     ]
     observer = MqttClient(amqtt_broker.host, amqtt_broker.port, "observer", protocol="3.1.1").connect()
     observer.subscribe(TOPICS.all_devices("update"))
-    stop = threading.Event()
-    threads = [threading.Thread(target=a.run, args=(stop,), daemon=True) for a in agents]
-    for t in threads:
-        t.start()
-    coordinator = Coordinator(config, discovery_timeout_s=60.0, accountants=("rdp",), basis_clip_norm=1e4,
-                              rng=np.random.default_rng(0))
-    try:
+    with AgentThreads(agents):
+        coordinator = Coordinator(config, discovery_timeout_s=60.0, accountants=("rdp",), basis_clip_norm=1e4,
+                                  rng=np.random.default_rng(0))
         assert coordinator.run() is RunState.DONE
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-        for a in agents:
-            a.close()
 
     history = coordinator.history()
     basis_phases = [r.phase for r in history if r.phase in ("moments", "covariance")]
@@ -109,11 +98,7 @@ def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, t
 
     # the updates seen on the broker never carried a delta in distributed rounds
     train_rounds = {r.round for r in history if r.phase == "train"}
-    seen = []
-    while (inbound := observer.receive(timeout_s=0.5)) is not None:
-        message = decode_topic_message(TOPICS, inbound.topic, inbound.payload)
-        if message.sender in devices and message.round in train_rounds:
-            seen.append(message.payload)
+    seen = [m.payload for m in received(observer, TOPICS) if m.sender in devices and m.round in train_rounds]
     observer.close()
     assert len(seen) == 2 * N_DEVICES and all(u.delta.size == 0 and u.n_examples == 0 for u in seen)
     final = np.load(tmp_path / "state" / "model_final.npz")

@@ -4,7 +4,7 @@ What it does
 ------------
 For each trust mode (``central``, ``local``, ``distributed``) and each run:
 
-1. The synthetic demo fleet (:func:`biofed.apps.demo.write_synthetic_devices`, the configs of
+1. The synthetic demo fleet (:func:`biofed.apps.federation.write_synthetic_devices`, the configs of
    :func:`biofed.apps.demo.write_configs`, the broker of the demo) runs for real: one edge agent
    process per device (``biofed edge``), the coordinator (:class:`biofed.coordinator.server.Coordinator`,
    in this process so the audit can read what it received), over MQTT.
@@ -73,16 +73,8 @@ from biofed.apps.audit_stats import (
 from biofed.cli_options import examples, logging_options
 from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.demo import (
-    FLEET,
-    DemoSettings,
-    _spawn,
-    _start_broker,
-    _tails,
-    _terminate,
-    write_configs,
-    write_synthetic_devices,
-)
+from biofed.apps.demo import FLEET, DemoSettings, write_configs
+from biofed.apps.federation import spawn, start_broker, tails, terminate, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, LocalData
 from biofed.model_format import LayoutSpec
 from biofed.protocol import TRUST_MODES, Model, ProtocolError, Status, Task, Topics, Update, decode_topic_message
@@ -336,7 +328,7 @@ def _wait(condition, timeout_s: float, what: str, children=()) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AuditError(f"{what} within {timeout_s:g} s\n" + _tails(list(children)))
+            raise AuditError(f"{what} within {timeout_s:g} s\n" + tails(list(children)))
         time.sleep(0.2)
 
 
@@ -359,7 +351,7 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
     if n_canaries is None:
         n_canaries = canary_capacity(model.basis_k, model.hidden) // 2
     canary_ids = [f"{CANARY_PREFIX}{i:02d}" for i in range(n_canaries)]
-    broker, protocol, _ = _start_broker(demo, devices)
+    broker, protocol, _ = start_broker(demo.out, FLEET, devices, secure=demo.secure, mosquitto=demo.mosquitto)
     topics = Topics(FLEET)
     tap = AuditTap()
     children, canary_threads = [], []
@@ -371,7 +363,7 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
             demo, {**devices, **{c: [] for c in canary_ids}}, broker.host, broker.port, protocol)
         listener = _Listener(broker.host, broker.port, protocol, topics, tap).start()
         for device in devices:
-            children.append(_spawn(device, ["edge", "--config", str(device_tomls[device])],
+            children.append(spawn(device, ["edge", "--config", str(device_tomls[device])],
                                    out / "logs" / f"{device}.log"))
 
         def online(ids) -> bool:
@@ -411,10 +403,10 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
             coordinator.stop()
             runner.join(30.0)
             raise AuditError(f"the {mode} federation did not finish within {settings.timeout_s:g} s\n"
-                             + _tails(children))
+                             + tails(children))
         if result != [RunState.DONE]:
             raise AuditError(f"the {mode} coordinator ended in state {result}; see {out / 'logs'}\n"
-                             + _tails(children))
+                             + tails(children))
         released = [r.round for r in coordinator.history() if r.phase == "train"]
 
         def tapped_last_model() -> bool:
@@ -426,7 +418,7 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
         stop_canaries.set()
         for thread in canary_threads:
             thread.join(timeout=15.0)
-        _terminate(children)
+        terminate(children)
         if listener is not None:
             listener.stop()
         broker.stop()

@@ -102,12 +102,9 @@ import csv
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -118,6 +115,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from biofed.apps.federation import Child, spawn, start_broker, tails, terminate, write_synthetic_devices
 from biofed.cli_options import examples, logging_options
 
 logger = logging.getLogger(__name__)
@@ -131,7 +129,6 @@ __all__ = [
     "demo_command",
     "eegmat_devices",
     "run_demo",
-    "write_synthetic_devices",
 ]
 
 FLEET = "demo"
@@ -143,7 +140,6 @@ CLASSES = ("rest", "arithmetic")
 IN_PROCESS_FLEET = 8
 """Above this many devices the demo runs them in its own process (:mod:`biofed.apps.simulate`:
 one agent per device, shared kernels and threads) instead of one process each."""
-_TAIL_LINES = 30
 
 
 class DemoError(RuntimeError):
@@ -199,44 +195,6 @@ def eegmat_devices(data: Path, limit: int | None = None) -> dict[str, list[Path]
     if limit is not None:
         devices = dict(list(devices.items())[:limit])
     return devices
-
-
-def write_synthetic_devices(folder: Path, n_devices: int, *, duration_s: float = 60.0,
-                            random_state=None) -> dict[str, list[Path]]:
-    """Write a synthetic federation (:func:`make_federation`) as files a device replays.
-
-    Each recording becomes ``<device>_<k>_<label>_raw.fif`` (EEG + ECG + PPG, the label as an
-    annotation over the whole recording, the subject as ``his_id``) and
-    ``<device>_<k>_<label>.wav`` (the phonocardiogram, float32). Returns the files per device
-    in replay order (each FIF followed by its WAV: they form one multimodal stream).
-    """
-    import mne
-    from scipy.io import wavfile
-
-    from biofed.datasets import make_federation
-
-    folder.mkdir(parents=True, exist_ok=True)
-    federation = make_federation(n_devices, duration_s=duration_s, random_state=random_state)
-    files: dict[str, list[Path]] = {}
-    for device, recordings in federation.items():
-        paths = []
-        for k, rec in enumerate(recordings):
-            eeg, bio, audio = rec.signals["eeg"], rec.signals["bio"], rec.signals["audio"]
-            if bio.sfreq != eeg.sfreq:
-                raise DemoError(f"synthetic EEG ({eeg.sfreq} Hz) and bio ({bio.sfreq} Hz) rates differ; one FIF needs one rate")
-            mne_types = ["eeg"] * len(eeg.ch_names) + ["ecg" if t == "ecg" else "misc" for t in bio.ch_types]
-            info = mne.create_info(list(eeg.ch_names) + list(bio.ch_names), eeg.sfreq, mne_types)
-            info["subject_info"] = {"his_id": rec.subject}
-            raw = mne.io.RawArray(np.vstack([eeg.data, bio.data]), info, verbose="error")
-            raw.set_annotations(mne.Annotations([0.0], [rec.duration], [rec.label]))
-            stem = f"{device}_{k}_{rec.label}"
-            fif = folder / f"{stem}_raw.fif"
-            raw.save(fif, overwrite=True, verbose="error")
-            wav = folder / f"{stem}.wav"
-            wavfile.write(wav, int(audio.sfreq), audio.data[0].astype(np.float32))
-            paths += [fif.resolve(), wav.resolve()]
-        files[device] = paths
-    return files
 
 
 # ----------------------------------------------------------------------------- config files
@@ -379,48 +337,6 @@ class UpdateObserver:
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
         self.client.close()
-
-
-# ----------------------------------------------------------------------------- processes
-@dataclass
-class _Child:
-    name: str
-    process: subprocess.Popen
-    log: Path
-
-    def tail(self, n: int = _TAIL_LINES) -> str:
-        try:
-            lines = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-n:])
-
-
-def _spawn(name: str, args: list[str], log: Path, *, stdout=None) -> _Child:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    handle = log.open("w")
-    # the demo's own configs decide: no BIOFED_* setting of the caller's shell overrides them
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BIOFED_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "biofed", "-v", *args], stdout=stdout if stdout is not None else handle,
-        stderr=handle, env=env, start_new_session=True, text=True,
-    )
-    handle.close()  # the child holds its own descriptor
-    return _Child(name, process, log)
-
-
-def _terminate(children: Sequence[_Child], timeout_s: float = 10.0) -> None:
-    for child in children:
-        if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        try:
-            child.process.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
 
 
 def _relay(stream, prefix: str, sink: list[str]) -> None:
@@ -722,21 +638,6 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
 
 
 # ----------------------------------------------------------------------------- run
-def _start_broker(settings: DemoSettings, devices: Iterable[str]):
-    """``(broker, protocol, fleet)``; ``fleet`` is the provisioned fleet with ``--secure``, else None."""
-    from biofed.apps.broker import free_port, start_embedded_broker, start_mosquitto
-
-    if settings.secure:
-        from biofed.apps.provision import provision_fleet
-
-        shutil.rmtree(settings.out / "fleet", ignore_errors=True)
-        fleet = provision_fleet(settings.out / "fleet", FLEET, sorted(devices), port=free_port(), observer=True)
-        return fleet.start_broker(), "5", fleet
-    if settings.mosquitto:
-        return start_mosquitto(settings.out / "mosquitto"), "5", None
-    return start_embedded_broker(), "3.1.1", None
-
-
 def run_demo(settings: DemoSettings) -> dict:
     """Run the whole demo (see the module docstring); returns the summary dict.
 
@@ -775,10 +676,11 @@ def run_demo(settings: DemoSettings) -> dict:
             "entry (--basis-clip), which swamps them unless the fleet is large", err=True,
         )
     try:
-        broker, protocol, fleet = _start_broker(settings, devices)
+        broker, protocol, fleet = start_broker(out, FLEET, devices, secure=settings.secure,
+                                               mosquitto=settings.mosquitto)
     except (BrokerError, ProvisionError) as exc:
         raise DemoError(f"cannot start the MQTT broker: {exc}") from None
-    children: list[_Child] = []
+    children: list[Child] = []
     observer = in_process = None
     started = time.monotonic()
     try:
@@ -792,11 +694,11 @@ def run_demo(settings: DemoSettings) -> dict:
                                   None if fleet is None else fleet.broker_config("observer")).start()
         # One compilation for the whole fleet (a cold cache takes minutes): every device then loads
         # the kernels from the cache before it reports online, so no round waits on the compiler.
-        warm = _spawn("warmup", ["warmup"], out / "logs" / "warmup.log")
+        warm = spawn("warmup", ["warmup"], out / "logs" / "warmup.log")
         if warm.process.wait() != 0:
-            raise DemoError("biofed warmup failed:\n" + _tails([warm]))
+            raise DemoError("biofed warmup failed:\n" + tails([warm]))
         coordinator_lines: list[str] = []
-        coordinator = _spawn(
+        coordinator = spawn(
             "coordinator",
             ["coordinator", "--config", str(coordinator_toml), "--discovery-timeout", repr(settings.timeout_s)],
             out / "logs" / "coordinator.log", stdout=subprocess.PIPE,
@@ -808,13 +710,13 @@ def run_demo(settings: DemoSettings) -> dict:
             in_process, fleet_log = _launch_in_process(device_tomls.values(), out / "logs" / "devices.log")
         else:
             for device, toml in device_tomls.items():
-                children.append(_spawn(device, ["edge", "--config", str(toml)], out / "logs" / f"{device}.log"))
+                children.append(spawn(device, ["edge", "--config", str(toml)], out / "logs" / f"{device}.log"))
         reported_dead: set[str] = set()
         while coordinator.process.poll() is None:
             if time.monotonic() - started > settings.timeout_s:
                 raise DemoError(
                     f"the federation did not finish within {settings.timeout_s:g} s (--timeout)\n"
-                    + _tails([coordinator] + [c for c in children[1:] if c.process.poll() is not None])
+                    + tails([coordinator] + [c for c in children[1:] if c.process.poll() is not None])
                 )
             for child in children[1:]:
                 if child.process.poll() not in (None, 0) and child.name not in reported_dead:
@@ -825,10 +727,10 @@ def run_demo(settings: DemoSettings) -> dict:
         relay.join(timeout=5.0)
         if coordinator.process.returncode != 0:
             raise DemoError(f"the coordinator exited with code {coordinator.process.returncode}\n"
-                            + _tails(children))
+                            + tails(children))
         elapsed = time.monotonic() - started
     finally:
-        _terminate(children)
+        terminate(children)
         if in_process is not None:
             in_process.close()
             logging.getLogger("biofed.edge").removeHandler(fleet_log)
@@ -912,15 +814,6 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     fleet = SimulatedFleet.from_configs(tomls)
     fleet.launch()
     return fleet, handler
-
-
-def _tails(children: Sequence[_Child]) -> str:
-    parts = []
-    for child in children:
-        code = child.process.poll()
-        parts.append(f"--- {child.name} (exit code {code if code is not None else 'running'}), {child.log}:\n"
-                     f"{child.tail()}")
-    return "\n".join(parts)
 
 
 @click.command("demo", epilog=examples(

@@ -67,12 +67,10 @@ from biofed.apps.demo import (
     SYNTHETIC_DEVICES,
     DemoError,
     DemoSettings,
-    _spawn,
-    _terminate,
     eegmat_devices,
     write_configs,
-    write_synthetic_devices,
 )
+from biofed.apps.federation import spawn, terminate, write_synthetic_devices
 from biofed.mqtt_loop import NetworkLoop
 
 logger = logging.getLogger(__name__)
@@ -576,7 +574,7 @@ class _Coordinator:
 
     def start(self) -> None:
         self.starts += 1
-        self.child = _spawn("coordinator", ["coordinator", "--config", str(self.toml), "--discovery-timeout",
+        self.child = spawn("coordinator", ["coordinator", "--config", str(self.toml), "--discovery-timeout",
                                             repr(self.timeout_s)], self.logs / f"coordinator-{self.starts}.log")
 
     def kill9(self) -> None:
@@ -682,7 +680,7 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         if fleet is not None:
             fleet.close()
         if coordinator is not None and coordinator.child is not None:
-            _terminate([coordinator.child])
+            terminate([coordinator.child])
         if mirror is not None:
             mirror.stop()
         if cluster is None:
