@@ -13,10 +13,8 @@ Each :class:`~biofed.datasets.recording.Recording` carries three modalities on o
     band powers are ``rest * (arithmetic / rest) ** reactivity``), every rhythm waxes and wanes
     over seconds (a log-normal amplitude envelope, so band power differs between windows of
     one recording) and every recording has its own offset per rhythm (session effect). A
-    logistic regression on the pipeline's features, trained on 5 subjects' pooled windows
-    and tested on their last 20 % per class, scores about 0.90 balanced accuracy with
-    per-device standardization and 0.85-0.88 with one global standardization (60 s per
-    class; not 1.0: the features carry the class only statistically).
+    logistic regression on the pipeline's features separates the classes well but not
+    perfectly: the features carry the class only statistically (``docs/measurements.md``).
 ``audio``
     a phonocardiogram-like signal (full scale [-1, 1]): S1 and S2 heart-sound bursts (decaying
     low-frequency tones) following each heart beat, plus noise.

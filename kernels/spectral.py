@@ -12,29 +12,14 @@ gives float32 output.
 
 FFT route (SPECTRAL_BACKEND)
 ----------------------------
-Measured on 2026-11-23 with a stand-alone script that runs three routes on identical inputs and
-checks they agree (script, command and raw output are in the kernels report to the lead):
-2-core Xeon, OPENBLAS_NUM_THREADS=1, best of 7 calls, whole computation incl. segmenting and
-band reduction; Numba 0.68.1, NumPy 2.4.6, rocket-fft 0.4.1. Milliseconds per call:
-
-========================================  ==========  ==========  =======================
-case                                      rocket-fft  DFT-matrix  NumPy rfft outside njit
-========================================  ==========  ==========  =======================
-EEG 60 windows x 19 ch x 1000 (500 Hz) f64       2.9     5.1-5.6                  3.2-3.5
-EEG 60 windows x 19 ch x 1000 (500 Hz) f32       2.7     3.1-3.5                  6.0-7.6
-audio 10 windows x 32000 (16 kHz) f64            1.7     9.4-10.8                 1.8-1.9
-audio 10 windows x 32000 (16 kHz) f32            1.5     4.9-5.5                  2.5-2.7
-========================================  ==========  ==========  =======================
-
-EEG: nperseg 512, the 45 bins of 1-45 Hz; audio: 512-sample frames, the 255 bins of 20-8000 Hz.
-The DFT-as-matrix route (BLAS gemm of the segments with a cos/sin basis restricted to the
-needed bins) costs ``2 * nperseg * n_bins`` flops per segment against ~``5 nperseg log2 nperseg``
-for an FFT, so it only competes when very few bins are needed: it loses 1.2-1.9x on EEG and
-3-6x on audio, where nearly all bins are needed. Rule kept: **rocket-fft** (``np.fft.rfft``
-inside ``@njit``); it is not among the fixed dependencies of pyproject.toml (reported to the
-lead). Numbers through the public API: ``band_powers`` on 60 strided 2 s windows of 19-channel
-500 Hz EEG 3.7 ms (f64) / 3.1 ms (f32); ``log_band_energies`` on 10 windows of 2 s 16 kHz audio,
-32 mel bands, 2.1 ms.
+Three routes compute the same spectra: rocket-fft (``np.fft.rfft`` inside ``@njit``), a
+DFT-as-matrix product (BLAS gemm of the segments with a cos/sin basis restricted to the
+needed bins) and NumPy's ``rfft`` outside the jitted code. The DFT matrix costs
+``2 * nperseg * n_bins`` flops per segment against ~``5 nperseg log2 nperseg`` for an FFT, so
+it only competes when very few bins are needed, and EEG and audio features need nearly all of
+them; NumPy outside ``@njit`` pays a copy of every segment. The kernels therefore use
+**rocket-fft**. The comparison behind this choice is in ``docs/kernel-design.md``;
+``biofed bench --only band_powers,log_band_energies`` measures the kernels against SciPy.
 
 Plans
 -----

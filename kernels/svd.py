@@ -15,25 +15,11 @@ Truncated SVD: method per shape
 * ``"randomized"`` otherwise: the range finder of Halko, Martinsson and Tropp [1]_
   (Algorithm 4.4, randomized subspace iteration) with ``k + n_oversamples`` Gaussian test
   vectors and ``n_power_iter`` power iterations, renormalized by LU each half step (as
-  scikit-learn does; measured 486 -> 372 ms at 20000 x 512 against QR), a final QR, then an
-  exact SVD of the small projected matrix.
+  scikit-learn does; cheaper than QR), a final QR, then an exact SVD of the small projected
+  matrix.
 
-Numbers behind the rule (x86-64, OpenBLAS 0.3.31, shared 2-core machine, k = 32, best of
-7 runs, low-rank plus noise data, default BLAS threads; sklearn =
-``sklearn.utils.extmath.randomized_svd`` with default settings)::
-
-    N x d         sklearn    eigh      randomized (QR prototype, q = 7 if k < min/10 else 4)
-    1024 x 256    47 ms      7.7 ms    17 ms
-    20000 x 512   853 ms     136 ms    481 ms
-    50000 x 128   545 ms     103 ms    544 ms
-    4096 x 1024   336 ms     154 ms    162 ms
-    2048 x 1024   140 ms     144 ms    95 ms
-    1024 x 1024   131 ms     128 ms    59 ms
-
-With one BLAS thread (``OPENBLAS_NUM_THREADS=1``): 1024 x 256 sklearn 9.3 ms, eigh 7.3 ms;
-20000 x 512 sklearn 582 ms, eigh 153 ms. At 1024 x 256 the LAPACK tridiagonalization of the
-256 x 256 Gram matrix (~4 ms) is most of the eigh time. Error ratios to the Eckart-Young
-optimum: eigh 1.000000, randomized 1.0002, sklearn 1.0001 at both shapes.
+The timings behind the rule are in ``docs/kernel-design.md``; ``biofed bench --only svd``
+measures :func:`truncated_svd` against scikit-learn's randomized SVD and TruncatedSVD.
 
 The Gram product costs ``large * small**2`` flops against ``~4 (q + 1) * large * small * l``
 for subspace iteration (``l = k + 10``), and LAPACK ``syevr`` adds ``~small**3``; BLAS-3 on a

@@ -7,39 +7,15 @@ calls the same ``gemm`` NumPy uses), and the bias and activation are applied to 
 output block while it is still in cache. NumPy's plain expression allocates four
 full-size temporaries instead (``X - mean``, ``/ scale``, ``@``, ``+ bias``).
 
-Measured with ``activation="relu"``, mean, scale and bias (x86-64, OpenBLAS 0.3.31, numba
-0.68, shared 2-core machine, best of 21 interleaved calls, ``OPENBLAS_NUM_THREADS=1``)::
-
-    shape (N, d) -> m    dtype    numpy      transform
-    256 x 64 -> 32       float64  0.045 ms   0.034 ms
-    2048 x 256 -> 32     float64  1.5 ms     1.2 ms
-    20000 x 95 -> 32     float64  8.7 ms     5.6 ms
-    20000 x 512 -> 32    float64  66 ms      34 ms
-    256 x 64 -> 32       float32  0.030 ms   0.028 ms
-    20000 x 512 -> 32    float32  31 ms      15 ms
-
-With the default BLAS threads the ratios are the same or larger (1.2x-1.9x). Row blocks of
-``_BLOCK_ROWS`` rows were measured against one full-size scratch array: equal for small
-inputs, about 2x faster for 20000 x 512 (no 80 MB temporary). The standardization
-multiplies by per-column reciprocals (one division per column instead of per element,
-within 1 ulp of dividing); that halved the kernel time at 256 x 64.
+Row blocks of ``_BLOCK_ROWS`` rows bound the scratch memory (no full-size temporary). The
+standardization multiplies by per-column reciprocals: one division per column instead of per
+element, within 1 ulp of dividing.
 
 BLAS route. The product is always BLAS ``gemm`` (``np.dot`` inside ``@njit``). A second
-route that leaves Numba for large batches (row blocks standardized by NumPy ufuncs into one
-scratch buffer, ``np.dot(..., out=...)`` on NumPy's own BLAS, bias and activation in place)
-was measured against the fused kernel with a crossover rule in mind (151 -> 32, relu,
-``OPENBLAS_NUM_THREADS=1``, median of interleaved calls on the shared 2-core machine)::
-
-    rows      float64 fused / NumPy-BLAS route     float32 fused / NumPy-BLAS route
-    1         4.1 / 13 us                          3.1 / 12 us
-    256       70 / 128 us                          36 / 66 us
-    1024      1.3 / 1.1 ms                         0.16 / 0.27 ms
-    5000      28 / 28 ms                           1.3 / 7.7 ms
-    20000     100 / 97 ms                          27 / 51 ms
-
-It never won by more than the run-to-run noise (float64 from ~1000 rows) and lost up to 6x
-elsewhere, so there is no dispatch: one fused kernel at every size. With the default (2)
-BLAS threads on a loaded machine both routes stall alike.
+route that leaves Numba for large batches (NumPy ufuncs and ``np.dot(..., out=...)`` on
+NumPy's own BLAS) never beat the fused kernel by more than run-to-run noise and lost
+elsewhere, so there is no dispatch: one fused kernel at every size. The comparisons are in
+``docs/kernel-design.md``.
 
 Per-call overhead. For one window the kernel's arithmetic (151 x 32) is cheaper than
 validating its five arguments, so a device validates them once: :func:`transform_plan`

@@ -68,14 +68,10 @@ Privacy defaults
   costs 0.38), under a budget of 10 that stops training before it would be exceeded (so
   ``--noise-multiplier 1.5`` stops after the round that would cross it).
 
-Measured (3 runs each, held-out balanced accuracy mean over devices / worst device):
-eegmat (8 devices) 0.65 / 0.41 at epsilon 8.1 against 0.79 / 0.63 without noise; synthetic
-defaults (10 devices) 0.83 / 0.61 against 0.92 / 0.78. The eegmat worst device stays below
-chance under DP: with 8 devices the noise on the averaged update is ``z C / 8`` per
-coordinate, and epsilon buys accuracy slowly. Why these values: sweeps on the eegmat features
-at epsilon ~ 8 (rounds 3-20, local epochs 2-10, C 0.1-2, z_b 2-10) all landed at a mean of
-0.60-0.70, best with small C and few local epochs; 10 rounds at z = 2 varied least between
-runs (fewer rounds at a lower z were as good on average but much less stable). A noised basis
+Why these values: with few devices the noise on the averaged update is ``z C / n`` per
+coordinate, so small C and few local epochs serve best, and 10 rounds at z = 2 vary least
+between runs. The accuracies these defaults reach, and the sweeps behind them, are in
+``docs/measurements.md`` with the commands that produced them. A noised basis
 is little better than a random projection of the standardized features at this fleet size
 (z_b from 2 to 10 gave the same accuracy), so z_b = 10 spends almost no epsilon on it and
 leaves the budget to training. Epsilon 8-10 at delta 1e-5 is the range production federated
@@ -134,8 +130,7 @@ __all__ = [
 FLEET = "demo"
 SYNTHETIC_DEVICES = 10
 """Synthetic devices without ``--devices``: client-level DP noise on the mean update is
-``z C / n``, so a private federation needs a fleet (at the default epsilon 8.1, 3 runs each:
-5 devices mean 0.76, worst 0.46; 10 devices 0.83 / 0.61)."""
+``z C / n``, so a private federation needs a fleet (``docs/measurements.md`` compares 5 and 10)."""
 CLASSES = ("rest", "arithmetic")
 IN_PROCESS_FLEET = 8
 """Above this many devices the demo runs them in its own process (:mod:`biofed.apps.simulate`:

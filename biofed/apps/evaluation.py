@@ -628,7 +628,7 @@ def tune(devices: list[DeviceRows], method: str, grid: Mapping[str, Sequence], *
 
 
 def targets(evaluation: Evaluation, method: str, epsilon: float = 8.0) -> list[tuple[str, float, str, float]]:
-    """The issue's targets as ``(name, measured, op, threshold)`` for ``method`` at ``epsilon``."""
+    """The utility targets as ``(name, measured, op, threshold)`` for ``method`` at ``epsilon``."""
     out = []
     pers = evaluation.find("personalized", f"{method}+personal", epsilon)
     if pers:
