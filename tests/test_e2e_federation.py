@@ -25,7 +25,7 @@ from dp_accounting.rdp import RdpAccountant
 from biofed.config import CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import FLEET, DemoError, DemoSettings, run_demo, write_configs
-from biofed.apps.federation import spawn, terminate, write_synthetic_devices
+from biofed.apps.federation import Listener, spawn, terminate, write_synthetic_devices
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
 
@@ -125,17 +125,14 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
     victim = "device00"
     killed = threading.Event()
     agents = {}
-    watcher = MqttClient(amqtt_broker.host, amqtt_broker.port, "task-watcher", protocol="3.1.1", clean=True).connect()
-    watcher.subscribe(TOPICS.task)
 
-    def kill_on_first_training_task() -> None:
-        while not killed.is_set():
-            inbound = watcher.receive(timeout_s=0.2)
-            if inbound is None:
-                continue
-            if decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload.phase == "train":
-                os.kill(agents[victim].process.pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
-                killed.set()
+    def kill_on_first_training_task(inbound) -> None:
+        if not killed.is_set() and decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload.phase == "train":
+            os.kill(agents[victim].process.pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
+            killed.set()
+
+    watcher = Listener(MqttClient(amqtt_broker.host, amqtt_broker.port, "task-watcher", protocol="3.1.1", clean=True),
+                       [TOPICS.task], kill_on_first_training_task, name="task-watcher")
 
     coordinator = Coordinator(config, discovery_timeout_s=120.0, accountants=("rdp",))
     try:
@@ -147,7 +144,7 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
         while _retained_statuses(amqtt_broker.host, amqtt_broker.port, devices) != dict.fromkeys(devices, "online"):
             assert time.monotonic() < deadline, "the agents did not come online"
             time.sleep(0.2)
-        threading.Thread(target=kill_on_first_training_task, daemon=True).start()
+        watcher.start()
         assert coordinator.run() is RunState.DONE
         assert killed.is_set()
         train = [r for r in coordinator.history() if r.phase == "train"]
@@ -163,7 +160,7 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
         assert _retained_statuses(amqtt_broker.host, amqtt_broker.port, devices) == dict.fromkeys(devices, "offline")
     finally:
         killed.set()
-        watcher.close()
+        watcher.stop()
         coordinator.stop()
         terminate(list(agents.values()))
 

@@ -24,7 +24,7 @@ from biofed.apps.broker import start_mosquitto
 from biofed.config import CoordinatorConfig, load_config
 from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import FLEET, DemoSettings, write_configs
-from biofed.apps.federation import Child, spawn, terminate, write_synthetic_devices
+from biofed.apps.federation import Child, Listener, spawn, terminate, write_synthetic_devices
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
 
@@ -38,25 +38,17 @@ class TaskWatcher:
     """Follows the retained task topic; ``wait_for_train(n)`` blocks until the n-th training task."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.client = MqttClient(host, port, "task-watcher", protocol="5", clean=True,
-                                 reconnect_max_delay_s=2.0).connect()
-        self.client.subscribe(TOPICS.task)
+        client = MqttClient(host, port, "task-watcher", protocol="5", clean=True, reconnect_max_delay_s=2.0)
         self.train_rounds: list[int] = []
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        self._listener = Listener(client, [TOPICS.task], self._on_task, name="task-watcher").start()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            inbound = self.client.receive(0.2)
-            if inbound is None:
-                continue
-            task = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
-            with self._cond:
-                if task.phase == "train" and task.round not in self.train_rounds:
-                    self.train_rounds.append(task.round)
-                    self._cond.notify_all()
+    def _on_task(self, inbound) -> None:
+        task = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
+        with self._cond:
+            if task.phase == "train" and task.round not in self.train_rounds:
+                self.train_rounds.append(task.round)
+                self._cond.notify_all()
 
     def wait_for_train(self, n: int, timeout_s: float = 900) -> int:
         with self._cond:
@@ -64,9 +56,7 @@ class TaskWatcher:
             return self.train_rounds[n - 1]
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.client.close()
+        self._listener.stop()
 
 
 def flood(host: str, port: int, device: str) -> int:

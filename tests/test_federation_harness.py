@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -10,6 +11,7 @@ from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 from biofed.apps.broker import free_port
 from biofed.apps.federation import (
     AgentThreads,
+    Listener,
     broker_settings,
     received,
     spawn,
@@ -116,3 +118,27 @@ def test_received_returns_nothing_once_the_topic_is_quiet(amqtt_broker, devices)
     finally:
         client.close()
         sender.close()
+
+
+def test_listener_hands_every_message_to_its_callback_in_order(amqtt_broker):
+    seen, done = [], threading.Event()
+
+    def handle(inbound):
+        seen.append(inbound.payload)
+        if len(seen) == 20:
+            done.set()
+
+    client = MqttClient(amqtt_broker.host, amqtt_broker.port, "listener", protocol="3.1.1", clean=True)
+    listener = Listener(client, [TOPICS.all_devices("update")], handle, name="test-listener").start()
+    sender = MqttClient(amqtt_broker.host, amqtt_broker.port, "sender", protocol="3.1.1", clean=True).connect()
+    try:
+        for i in range(20):
+            sender.publish(TOPICS.update("pi-01"), b"%d" % i)
+        assert done.wait(30)
+        assert seen == [b"%d" % i for i in range(20)]
+    finally:
+        sender.close()
+        listener.stop()
+    assert not listener._thread.is_alive()
+    never_started = Listener(MqttClient(amqtt_broker.host, amqtt_broker.port, "idle", protocol="3.1.1"), [], handle)
+    never_started.stop()  # stopping before start only closes the client

@@ -74,7 +74,7 @@ from biofed.cli_options import examples, logging_options
 from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_config
 from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import FLEET, DemoSettings, write_configs
-from biofed.apps.federation import spawn, start_broker, tails, terminate, write_synthetic_devices
+from biofed.apps.federation import Listener, spawn, start_broker, tails, terminate, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, LocalData
 from biofed.model_format import LayoutSpec
 from biofed.protocol import TRUST_MODES, Model, ProtocolError, Status, Task, Topics, Update, decode_topic_message
@@ -254,36 +254,13 @@ def _tap_class(base: type[Coordinator], tap: AuditTap) -> type[Coordinator]:
     return TappedCoordinator
 
 
-class _Listener:
-    """An MQTT subscriber feeding an :class:`AuditTap` from a thread."""
+def _tap_listener(host: str, port: int, protocol: str, topics: Topics, tap: AuditTap) -> Listener:
+    """An MQTT subscriber feeding ``tap`` from a thread."""
+    from biofed.mqtt import MqttClient
 
-    def __init__(self, host: str, port: int, protocol: str, topics: Topics, tap: AuditTap) -> None:
-        from biofed.mqtt import MqttClient
-
-        self.topics, self.tap = topics, tap
-        self.client = MqttClient(host, port, "audit-tap", protocol=protocol, clean=True)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="audit-tap", daemon=True)
-
-    def start(self) -> _Listener:
-        self.client.connect()
-        for topic in (self.topics.task, self.topics.model, self.topics.all_devices("status"),
-                      self.topics.all_devices("update")):
-            self.client.subscribe(topic, qos=1)
-        self._thread.start()
-        return self
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            inbound = self.client.receive(timeout_s=0.2)
-            if inbound is not None:
-                self.tap.record(self.topics, inbound.topic, inbound.payload)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5.0)
-        self.client.close()
+    client = MqttClient(host, port, "audit-tap", protocol=protocol, clean=True)
+    return Listener(client, (topics.task, topics.model, topics.all_devices("status"), topics.all_devices("update")),
+                    lambda inbound: tap.record(topics, inbound.topic, inbound.payload), name="audit-tap")
 
 
 # ----------------------------------------------------------------------------- scores
@@ -361,7 +338,7 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
         # the canaries get device configs (and signing keys) like the devices, without recordings
         coordinator_toml, device_tomls = write_configs(
             demo, {**devices, **{c: [] for c in canary_ids}}, broker.host, broker.port, protocol)
-        listener = _Listener(broker.host, broker.port, protocol, topics, tap).start()
+        listener = _tap_listener(broker.host, broker.port, protocol, topics, tap).start()
         for device in devices:
             children.append(spawn(device, ["edge", "--config", str(device_tomls[device])],
                                    out / "logs" / f"{device}.log"))

@@ -111,7 +111,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from biofed.apps.federation import Child, spawn, start_broker, tails, terminate, write_synthetic_devices
+from biofed.apps.federation import Child, Listener, spawn, start_broker, tails, terminate, write_synthetic_devices
 from biofed.cli_options import examples, logging_options
 
 logger = logging.getLogger(__name__)
@@ -300,38 +300,28 @@ class UpdateObserver:
         else:  # a provisioned fleet's read-only observer credentials
             self.client = MqttClient.from_config(broker_config, "demo-observer", clean=True)
         self.accuracy: dict[int, dict[str, tuple[float, int]]] = defaultdict(dict)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="observer", daemon=True)
+        self._listener = Listener(self.client, [self.topics.all_devices("update")], self._record, name="observer")
 
     def start(self) -> UpdateObserver:
-        self.client.connect()
-        self.client.subscribe(self.topics.all_devices("update"), qos=1)
-        self._thread.start()
+        self._listener.start()
         return self
 
-    def _loop(self) -> None:
+    def _record(self, inbound) -> None:
         from biofed.protocol import ProtocolError, decode_topic_message
 
-        while not self._stop.is_set():
-            inbound = self.client.receive(timeout_s=0.2)
-            if inbound is None:
-                continue
-            try:
-                message = decode_topic_message(self.topics, inbound.topic, inbound.payload)
-                metrics = message.payload.metrics
-                if metrics.eval_balanced_accuracy is not None:
-                    self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy,
-                                                                    metrics.eval_windows)
-            except ProtocolError as exc:
-                logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
-            except Exception:  # noqa: BLE001 - one message never stops the observer
-                logger.exception("observer dropped a message on %s: internal error", inbound.topic)
+        try:
+            message = decode_topic_message(self.topics, inbound.topic, inbound.payload)
+            metrics = message.payload.metrics
+            if metrics.eval_balanced_accuracy is not None:
+                self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy,
+                                                                metrics.eval_windows)
+        except ProtocolError as exc:
+            logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
+        except Exception:  # noqa: BLE001 - one message never stops the observer
+            logger.exception("observer dropped a message on %s: internal error", inbound.topic)
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5.0)
-        self.client.close()
+        self._listener.stop()
 
 
 def _relay(stream, prefix: str, sink: list[str]) -> None:

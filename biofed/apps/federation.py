@@ -9,6 +9,8 @@
   child processes in their own sessions, each with its log file.
 - :class:`AgentThreads`: real :class:`~biofed.edge.agent.EdgeAgent` objects, each running its
   loop in a thread of this process (a federation a test can inspect and fault from inside).
+- :class:`Listener`: a subscribed client whose messages a thread hands to a callback (the
+  demo's accuracy observer, the audit's tap, the tests' task watchers).
 - :func:`received`: every message a subscribed client has been sent, decoded.
 
 Every server listens on loopback only.
@@ -32,6 +34,7 @@ import numpy as np
 __all__ = [
     "AgentThreads",
     "Child",
+    "Listener",
     "broker_settings",
     "received",
     "spawn",
@@ -222,6 +225,50 @@ class AgentThreads:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class Listener:
+    """A subscribed MQTT client whose inbound messages a thread hands to ``handle``, in order.
+
+    Parameters
+    ----------
+    client : biofed.mqtt.MqttClient
+        Not connected yet: :meth:`start` connects it; :meth:`stop` closes it.
+    subscriptions : iterable of str
+        Topic filters, subscribed at QoS 1.
+    handle : callable
+        Called with each :class:`biofed.mqtt.InboundMessage` on the listener's thread.
+    name : str
+        The thread's name.
+    """
+
+    def __init__(self, client, subscriptions: Iterable[str], handle, *, name: str = "listener") -> None:
+        self.client = client
+        self.subscriptions = tuple(subscriptions)
+        self._handle = handle
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> Listener:
+        """Connect, subscribe and start handing messages over."""
+        self.client.connect()
+        for topic in self.subscriptions:
+            self.client.subscribe(topic, qos=1)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            inbound = self.client.receive(timeout_s=0.2)
+            if inbound is not None:
+                self._handle(inbound)
+
+    def stop(self) -> None:
+        """Stop the thread and close the client."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self.client.close()
 
 
 def received(client, topics, *, timeout_s: float = 0.5, verifier=None) -> list:
