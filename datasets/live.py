@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from biofed.datasets.readers import stream_channel_types
-from biofed.datasets.recording import BIO_TYPES, MODALITIES, Recording
+from biofed.datasets.recording import MODALITIES, Recording, modality_of
 from biofed.datasets.replay import Chunk, bad_spans, is_bad_label, replay
 
 __all__ = ["BadSpans", "Gap", "LslError", "LslPlayer", "LslSource", "StreamSpec"]
@@ -168,12 +168,11 @@ def _modality_and_channels(info) -> tuple[str, tuple[str, ...], tuple[str, ...],
     names = [names[i] if i < len(names) and names[i] else f"ch{i + 1}" for i in range(info.n_channels)]
     declared = info.get_channel_types() or [None] * len(names)
     types = stream_channel_types(names, declared, info.stype)
-    modality_of = {"eeg": "eeg", "audio": "audio", **{t: "bio" for t in BIO_TYPES}}
-    found = [modality_of[t] for t in types if t in modality_of]
+    found = [m for m in map(modality_of, types) if m is not None]
     if not found:
         return None
     modality = max(MODALITIES, key=found.count)  # the modality most channels belong to
-    keep = tuple(i for i, t in enumerate(types) if modality_of.get(t) == modality)
+    keep = tuple(i for i, t in enumerate(types) if modality_of(t) == modality)
     return modality, tuple(names[i] for i in keep), tuple(types[i] for i in keep), keep
 
 

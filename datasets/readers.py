@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biofed.datasets.recording import BIO_TYPES, MODALITIES, Annotation, Recording, RecordingError, Signal
+from biofed.datasets.recording import BIO_TYPES, MODALITIES, Annotation, Recording, RecordingError, Signal, modality_of
 
 __all__ = [
     "SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording", "recordings_in",
@@ -312,14 +312,6 @@ def stream_channel_types(names, declared, stream_type: str | None) -> list[str]:
     return types
 
 
-def _modality_of(ch_type: str) -> str | None:
-    if ch_type in ("eeg", "audio"):
-        return ch_type
-    if ch_type in BIO_TYPES:
-        return "bio"
-    return None
-
-
 _UNIT_SCALES = {"v": ("V", 1.0), "volt": ("V", 1.0), "volts": ("V", 1.0), "mv": ("V", 1e-3),
                 "uv": ("V", 1e-6), "µv": ("V", 1e-6), "μv": ("V", 1e-6),
                 "millivolts": ("V", 1e-3), "microvolts": ("V", 1e-6)}  # fmt: skip  (the last two: XDF/LSL spelling)
@@ -344,7 +336,7 @@ def _group_signals(path, data, sfreq, names, types, units, modality):
     groups: dict[str, list[int]] = {}
     excluded = []
     for i, (name, kind) in enumerate(zip(names, types)):
-        target = _modality_of(kind)
+        target = modality_of(kind)
         if target is None or (modality is not None and target != modality):
             excluded.append((name, kind))
         else:

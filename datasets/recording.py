@@ -36,6 +36,7 @@ __all__ = [
     "Recording",
     "RecordingError",
     "Signal",
+    "modality_of",
     "stream_channels",
 ]
 
@@ -46,6 +47,17 @@ MODALITIES = ("eeg", "audio", "bio")
 #: Channel types allowed in the ``"bio"`` modality.
 BIO_TYPES = ("ecg", "ppg", "resp", "eda", "acc")
 _MODALITY_TYPES = {"eeg": ("eeg",), "audio": ("audio",), "bio": BIO_TYPES}
+
+
+def modality_of(ch_type: str) -> str | None:
+    """The modality a channel of type ``ch_type`` feeds (one of :data:`MODALITIES`), or None.
+
+    Examples
+    --------
+    >>> modality_of("ecg"), modality_of("eeg"), modality_of("misc")
+    ('bio', 'eeg', None)
+    """
+    return next((m for m, types in _MODALITY_TYPES.items() if ch_type in types), None)
 
 
 class RecordingError(ValueError):
