@@ -127,7 +127,8 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
     agents = {}
 
     def kill_on_first_training_task(inbound) -> None:
-        if not killed.is_set() and decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload.phase == "train":
+        task = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
+        if not killed.is_set() and task.phase == "train":
             os.kill(agents[victim].process.pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
             killed.set()
 
