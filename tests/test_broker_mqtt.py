@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -285,21 +286,33 @@ def test_mosquitto_config_raises_queue_limits(tmp_path):
         write_mosquitto_config(tmp_path, 18830, max_queued_messages=0)
 
 
-def test_broker_cli_serves_until_interrupted():
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--port", str(port)],
+@contextlib.contextmanager
+def _broker_cli(*args: str):
+    """``biofed broker ARGS`` as a child: yields it and its first stdout line (printed once it
+    listens); kills it at the end unless the test stopped it."""
+    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        banner = process.stdout.readline()  # printed once the broker listens
-        client = MqttClient("127.0.0.1", port, "dev-cli", protocol="3.1.1").connect()
-        client.publish(TOPICS.status("dev-cli"), b"x")
-        client.close()
-        process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=30)
+        yield process, process.stdout.readline()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _stop(process: subprocess.Popen, sig: int) -> str:
+    """Send ``sig`` and return the rest of the child's stdout once it exits."""
+    process.send_signal(sig)
+    return process.communicate(timeout=30)[0]
+
+
+def test_broker_cli_serves_until_interrupted():
+    port = free_port()
+    with _broker_cli("--port", str(port)) as (process, banner):
+        client = MqttClient("127.0.0.1", port, "dev-cli", protocol="3.1.1").connect()
+        client.publish(TOPICS.status("dev-cli"), b"x")
+        client.close()
+        out = _stop(process, signal.SIGINT)
     assert process.returncode == 0, out
     assert f"listening on 127.0.0.1:{port}" in banner
     assert "stopping broker" in out
@@ -309,18 +322,10 @@ def test_broker_cli_serves_until_interrupted():
 def test_broker_cli_runs_mosquitto(tmp_path):
     require_mosquitto()
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--mosquitto", "--port", str(port),
-                                "--dir", str(tmp_path / "m")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        banner = process.stdout.readline()  # printed once mosquitto listens
+    with _broker_cli("--mosquitto", "--port", str(port), "--dir", str(tmp_path / "m")) as (process, banner):
         client = MqttClient("127.0.0.1", port, "dev-cli", protocol="5").connect()
         client.close()
-        process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        out = _stop(process, signal.SIGINT)
     assert process.returncode == 0, out
     assert f"mosquitto listening on 127.0.0.1:{port}" in banner
     assert "stopping broker" in out
@@ -334,18 +339,10 @@ def test_broker_cli_with_config_stops_mosquitto_on_sigterm(tmp_path):
     require_mosquitto()
     port = free_port()
     conf = write_mosquitto_config(tmp_path / "m", port)
-    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(conf)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        banner = process.stdout.readline()  # "mosquitto (pid N) listening on ..."
+    with _broker_cli("--config", str(conf)) as (process, banner):  # "mosquitto (pid N) listening on ..."
         mosquitto_pid = int(banner.split("(pid ")[1].split(")")[0])
         os.kill(mosquitto_pid, 0)  # running
-        process.send_signal(signal.SIGTERM)
-        out, _ = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        out = _stop(process, signal.SIGTERM)
     assert process.returncode == 0, out
     assert "stopping broker" in out
     deadline = time.monotonic() + 10
