@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import psutil
@@ -22,10 +21,11 @@ from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 from click.testing import CliRunner
 
 from biofed.apps.cli import cli
+from biofed.apps.federation import AgentThreads, broker_settings
 from biofed.config import DeviceConfig
 from biofed.datasets import Annotation, Recording, make_recording
 from biofed.datasets.live import BadSpans, Gap, LslError, LslPlayer, LslSource
-from biofed.edge.agent import EdgeAgent
+from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.edge.continuous import ContinuousIngestion
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -306,7 +306,7 @@ def test_agent_with_an_lsl_source_answers_tasks_over_mqtt(amqtt_broker, tmp_path
 
     name = unique("mqtt")
     topics = Topics("ward7")
-    broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
+    broker = broker_settings(amqtt_broker, "3.1.1")
     config = DeviceConfig(device_id="pi-01", fleet="ward7", store_path=tmp_path / "features.sqlite", broker=broker,
                           sources=[{"kind": "lsl", "name": name, "resolve_timeout_s": 2.0}])
     agent = EdgeAgent(config)
@@ -314,28 +314,23 @@ def test_agent_with_an_lsl_source_answers_tasks_over_mqtt(amqtt_broker, tmp_path
     coordinator = MqttClient(amqtt_broker.host, amqtt_broker.port, "coordinator", protocol="3.1.1").connect()
     coordinator.subscribe(topics.all_devices("status"))
     coordinator.subscribe(topics.all_devices("sketch"))
-    stop = threading.Event()
-    runner = threading.Thread(target=agent.run, args=(stop,))
-    runner.start()
     try:
-        deadline = time.monotonic() + 500
-        while agent.n_rows < 4 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert agent.n_rows >= 4
-        task = Task(round=1, model=np.empty(0), basis_version=0, classes=("rest", "arithmetic"),
-                    deadline=time.time() + 60, phase="moments", clip_norm=1e6)
-        coordinator.publish(topics.task, encode_message(task, fleet="ward7", sender="coordinator"))
-        sketch = None
-        while sketch is None and time.monotonic() < deadline:
-            inbound = coordinator.receive(timeout_s=0.5)
-            if inbound is not None:
-                message = decode_topic_message(topics, inbound.topic, inbound.payload)
-                sketch = message.payload if message.kind == "sketch" else None
-        assert sketch is not None and sketch.n_features == agent.n_features
+        with AgentThreads([agent]):
+            deadline = time.monotonic() + 500
+            while agent.n_rows < 4 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert agent.n_rows >= 4
+            task = Task(round=1, model=np.empty(0), basis_version=0, classes=("rest", "arithmetic"),
+                        deadline=time.time() + 60, phase="moments", clip_norm=1e6)
+            coordinator.publish(topics.task, encode_message(task, fleet="ward7", sender="coordinator"))
+            sketch = None
+            while sketch is None and time.monotonic() < deadline:
+                inbound = coordinator.receive(timeout_s=0.5)
+                if inbound is not None:
+                    message = decode_topic_message(topics, inbound.topic, inbound.payload)
+                    sketch = message.payload if message.kind == "sketch" else None
+            assert sketch is not None and sketch.n_features == agent.n_features
     finally:
-        stop.set()
-        runner.join(timeout=30)
         player.stop()
         coordinator.close()
-    assert not runner.is_alive()
-    agent.close()
+    assert agent.state is AgentState.STOPPED  # the loop ended cleanly
