@@ -127,13 +127,14 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
     agents = {}
 
     def kill_on_first_training_task(inbound) -> None:
-        task = decode_topic_message(TOPICS, inbound.topic, inbound.payload).payload
-        if not killed.is_set() and task.phase == "train":
+        message = decode_topic_message(TOPICS, inbound.topic, inbound.payload)
+        # amqtt also hands a fresh subscriber other retained topics
+        if not killed.is_set() and message.kind == "task" and message.payload.phase == "train":
             os.kill(agents[victim].process.pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
             killed.set()
 
     watcher = Listener(MqttClient(amqtt_broker.host, amqtt_broker.port, "task-watcher", protocol="3.1.1", clean=True),
-                       [TOPICS.task], kill_on_first_training_task, name="task-watcher")
+                       [TOPICS.task], kill_on_first_training_task, name="task-watcher").start()
 
     coordinator = Coordinator(config, discovery_timeout_s=120.0, accountants=("rdp",))
     try:
@@ -145,7 +146,6 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
         while _retained_statuses(amqtt_broker.host, amqtt_broker.port, devices) != dict.fromkeys(devices, "online"):
             assert time.monotonic() < deadline, "the agents did not come online"
             time.sleep(0.2)
-        watcher.start()
         assert coordinator.run() is RunState.DONE
         assert killed.is_set()
         train = [r for r in coordinator.history() if r.phase == "train"]
