@@ -137,7 +137,8 @@ from biofed.privacy_mechanism import (
     distributed_discrete_tau,
     grid_sensitivity,
 )
-from biofed.protocol import ID_PATTERN, SecAggRelay, SecAggUpload
+from biofed.protocol import ID_PATTERN
+from biofed.secure_aggregation.messages import SecAggRelay, SecAggUpload
 
 __all__ = [
     "FIELD_PRIME",

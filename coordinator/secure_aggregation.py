@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from biofed.privacy_ledger import distributed_noise_multiplier
-from biofed.protocol import SecAggRelay, SecAggUpload
 from biofed.secagg import (
     AggregateResult,
     FixedPoint,
@@ -44,6 +43,7 @@ from biofed.secagg import (
     relay_payload,
     session_id,
 )
+from biofed.secure_aggregation.messages import SecAggRelay, SecAggUpload
 
 logger = logging.getLogger(__name__)
 

@@ -153,7 +153,6 @@ from biofed.protocol import (
     Model,
     MessageVerifier,
     ProtocolError,
-    SecAggUpload,
     SeenMessageIds,
     Sketch,
     Status,
@@ -164,6 +163,7 @@ from biofed.protocol import (
     encode_message,
 )
 from biofed.secagg import SecAggError
+from biofed.secure_aggregation.messages import SecAggUpload
 from biofed.signing import signing_from_config
 
 logger = logging.getLogger(__name__)

@@ -116,6 +116,7 @@ from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
 from biofed.secagg import SecAggError
+from biofed.secure_aggregation.messages import SecAggRelay
 from biofed.signing import signing_from_config
 from biofed.protocol import (
     Basis,
@@ -124,7 +125,6 @@ from biofed.protocol import (
     Prediction,
     ProtocolError,
     ReplayedMessage,
-    SecAggRelay,
     SeenMessageIds,
     Sketch,
     Status,

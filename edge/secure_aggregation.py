@@ -21,7 +21,7 @@ import logging
 import numpy as np
 
 from biofed.privacy_mechanism import Charge, PrivacyMechanism
-from biofed.protocol import SecAggRelay, SecAggUpload, Task
+from biofed.protocol import Task
 from biofed.secagg import (
     FixedPoint,
     KeyList,
@@ -32,6 +32,7 @@ from biofed.secagg import (
     session_id,
     upload_payload,
 )
+from biofed.secure_aggregation.messages import SecAggRelay, SecAggUpload
 
 logger = logging.getLogger(__name__)
 

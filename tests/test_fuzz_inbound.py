@@ -32,8 +32,6 @@ from biofed.protocol import (
     Model,
     Prediction,
     ProtocolError,
-    SecAggRelay,
-    SecAggUpload,
     Sketch,
     Status,
     Task,
@@ -43,6 +41,7 @@ from biofed.protocol import (
     decode_topic_message,
     encode_message,
 )
+from biofed.secure_aggregation.messages import SecAggRelay, SecAggUpload
 
 FLEET = "ward7"
 DEVICE = "pi-01"

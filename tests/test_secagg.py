@@ -452,7 +452,8 @@ def test_round_over_signed_protocol_messages():
 
 
 def test_secagg_payload_validation():
-    from biofed.protocol import InvalidPayload, SecAggRelay, SecAggUpload, Topics
+    from biofed.protocol import InvalidPayload, Topics
+    from biofed.secure_aggregation.messages import SecAggRelay, SecAggUpload
     from biofed.secagg import from_relay, relay_payload, upload_payload
 
     u8 = np.zeros(64, np.uint8)
