@@ -512,9 +512,10 @@ def case_onnx_inference(s: Settings, result: CaseResult) -> None:
                                              rows[0].biofed.median / batch * 1e3, "ms"))
 
 
-def _secagg_round(inputs, session, drop_before_masking=()):
+def _secagg_round(inputs, fleet, round_, drop_before_masking=()):
     """One in-process SecAgg round, timing the devices' and the coordinator's work apart."""
-    from biofed.secagg import SecAggClient, SecAggServer
+    from biofed.coordinator.secure_aggregation import SecAggServer
+    from biofed.edge.secure_aggregation import SecAggClient
 
     clock = time.perf_counter
     devices = sorted(inputs)
@@ -527,31 +528,33 @@ def _secagg_round(inputs, session, drop_before_masking=()):
         spent[role] += clock() - start
         return out
 
-    server = SecAggServer(session, vector_size=len(inputs[devices[0]]))
-    clients = {d: run("devices", SecAggClient, d, session) for d in devices}
-    for c in clients.values():
-        run("coordinator", server.receive_advertise, run("devices", c.advertise))
+    server = SecAggServer(fleet, round_, vector_size=len(inputs[devices[0]]))
+    clients = {d: run("devices", SecAggClient, d, fleet, round_) for d in devices}
+    for d, c in clients.items():
+        run("coordinator", server.receive, d, run("devices", c.advertise))
     keys = run("coordinator", server.key_list)
-    for c in clients.values():
+    for d, c in clients.items():
         shares = run("devices", c.share_keys, keys)
-        traffic["device_sent_bytes"] += 64 + 32 + sum(len(ct) for ct in shares.ciphertexts.values())
-        run("coordinator", server.receive_shares, shares)
-    for d, forwarded in run("coordinator", server.forward).items():
+        traffic["device_sent_bytes"] += 64 + 32 + sum(ct.size for ct in shares.ciphertexts.values())
+        run("coordinator", server.receive, d, shares)
+    forwarded = run("coordinator", server.forward)
+    for d in forwarded.ciphertexts:
         if d not in drop_before_masking:
             masked = run("devices", clients[d].masked_input, forwarded, inputs[d])
             traffic["device_sent_bytes"] += masked.masked.nbytes
-            run("coordinator", server.receive_masked, masked)
+            run("coordinator", server.receive, d, masked)
     request = run("coordinator", server.unmask_request)
     for d in request.survivors:
         response = run("devices", clients[d].unmask, request)
-        traffic["device_sent_bytes"] += sum(len(v) for v in (*response.b_shares.values(), *response.key_shares.values()))
-        run("coordinator", server.receive_unmask, response)
+        shares = (*response.b_shares.values(), *response.key_shares.values())
+        traffic["device_sent_bytes"] += sum(v.size for v in shares)
+        run("coordinator", server.receive, d, response)
     result = run("coordinator", server.aggregate)
     return result, spent, traffic
 
 
 def case_secagg(s: Settings, result: CaseResult) -> None:
-    from biofed.secagg import FixedPoint, default_threshold, session_id
+    from biofed.secure_aggregation import FixedPoint, default_threshold
 
     rng = np.random.default_rng(s.seed)
     fp = FixedPoint()
@@ -566,7 +569,7 @@ def case_secagg(s: Settings, result: CaseResult) -> None:
             rows = []
 
             def secure(drop=drop):
-                out, spent, traffic = _secagg_round(inputs, session_id("bench", 1), drop)
+                out, spent, traffic = _secagg_round(inputs, "bench", 1, drop)
                 rows.append((spent, traffic))
                 return fp.decode(out.total)
 

@@ -57,7 +57,7 @@ local
     basis phase) before its task goes out, so retried and abandoned rounds are in epsilon.
 distributed
     Training rounds are secure-aggregated (:mod:`biofed.coordinator.secure_aggregation`,
-    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta and no
+    :mod:`biofed.secure_aggregation`): each device sends an ``Update`` with an empty delta and no
     metrics, then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
     (``n_min = Task.secagg_threshold``: ``dp.secagg_threshold``, never below
     ``min_devices``, default ``min_devices``) masked, and the coordinator learns only the
@@ -162,8 +162,7 @@ from biofed.protocol import (
     decode_topic_message,
     encode_message,
 )
-from biofed.secagg import SecAggError
-from biofed.secure_aggregation.messages import SecAggUpload
+from biofed.secure_aggregation import SecAggError, SecAggUpload
 from biofed.signing import signing_from_config
 
 logger = logging.getLogger(__name__)

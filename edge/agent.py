@@ -115,8 +115,7 @@ from biofed.model_format import LayoutSpec
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
-from biofed.secagg import SecAggError
-from biofed.secure_aggregation.messages import SecAggRelay
+from biofed.secure_aggregation import SecAggError, SecAggRelay
 from biofed.signing import signing_from_config
 from biofed.protocol import (
     Basis,

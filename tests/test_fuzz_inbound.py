@@ -41,7 +41,7 @@ from biofed.protocol import (
     decode_topic_message,
     encode_message,
 )
-from biofed.secure_aggregation.messages import SecAggRelay, SecAggUpload
+from biofed.secure_aggregation import SecAggRelay, SecAggUpload
 
 FLEET = "ward7"
 DEVICE = "pi-01"

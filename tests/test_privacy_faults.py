@@ -32,7 +32,7 @@ from biofed.apps.demo import write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, Outgoing
 from biofed.mqtt import MqttClient
 from biofed.protocol import Basis, Model, Sketch, Status, Topics, Update, decode_topic_message
-from biofed.secure_aggregation.messages import SecAggUpload
+from biofed.secure_aggregation import SecAggUpload
 
 pytestmark = pytest.mark.slow
 

@@ -129,7 +129,7 @@ def test_ingest_routes_secagg_messages_only_to_a_secure_round():
     from biofed.coordinator.secure_aggregation import SecureAggregationRound
     from biofed.coordinator.server import Ingest, OpenRound
     from biofed.protocol import Status
-    from biofed.secure_aggregation.messages import SecAggUpload
+    from biofed.secure_aggregation import SecAggUpload
 
     ingest = Ingest(TOPICS, max_bytes=1 << 20)
     ingest.handle(TOPICS.status("pi-01"), encode_message(Status(round=0, state="online"), fleet=FLEET, sender="pi-01"))

@@ -65,7 +65,7 @@ class Task:
     its training rows with their own mean and scale (which never leave the device).
 
     ``secagg_threshold`` (distributed trust mode; 0 otherwise) is the minimum number of
-    survivors of the round's secure aggregation (:mod:`biofed.secagg`): each device adds
+    survivors of the round's secure aggregation (:mod:`biofed.secure_aggregation`): each device adds
     noise of std ``noise_multiplier * clip_norm / sqrt(secagg_threshold)`` and its delta
     travels only masked, in :class:`~biofed.secure_aggregation.messages.SecAggUpload` steps.
     """
