@@ -530,3 +530,24 @@ def test_basis_standardization_is_validated():
     with pytest.raises(InvalidPayload, match="needs mean all zeros and scale all ones"):
         Basis(round=0, version=1, components=np.ones((2, d)), mean=np.zeros(d), scale=np.full(d, 2.0),
               standardization="device")
+
+
+def test_task_optimizers_are_the_ones_the_kernels_implement():
+    from biofed.kernels.training import OPTIMIZERS
+
+    assert protocol.OPTIMIZERS == OPTIMIZERS
+    for optimizer in OPTIMIZERS:
+        assert Task(round=1, model=np.zeros(3), basis_version=1, classes=("a", "b"), deadline=1.0,
+                    optimizer=optimizer).optimizer == optimizer
+    with pytest.raises(InvalidPayload, match=r"Task.optimizer must be one of \('sgd', 'adam'\)"):
+        Task(round=1, model=np.zeros(3), basis_version=1, classes=("a", "b"), deadline=1.0, optimizer="rmsprop")
+
+
+def test_the_import_of_the_protocol_stays_light():
+    """Every command decodes messages; none of them should pay for Numba to do so."""
+    import subprocess
+    import sys
+
+    code = "import sys, biofed.protocol, biofed.config; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

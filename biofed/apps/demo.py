@@ -119,6 +119,7 @@ import click
 import numpy as np
 
 from biofed.cli_options import examples, logging_options
+from biofed.protocol import STANDARDIZATIONS, TRUST_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -240,25 +241,11 @@ def write_synthetic_devices(folder: Path, n_devices: int, *, duration_s: float =
 
 
 # ----------------------------------------------------------------------------- config files
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def _write_toml(path: Path, top: Mapping, sections: Mapping[str, Mapping]) -> Path:
-    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items() if value is not None]
-    for name, section in sections.items():
-        lines += ["", f"[{name}]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in section.items() if value is not None]
+    from biofed.config import toml_document
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(toml_document(top, sections))
     return path
 
 
@@ -947,14 +934,14 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--basis-clip-norm", "--basis-clip", "basis_clip", type=click.FloatRange(min=0, min_open=True),
               default=DemoSettings.basis_clip, show_default=True,
               help="L2 clip norm C_b of the devices' basis statistics (--basis-clip: older spelling).")
-@click.option("--standardization", type=click.Choice(["device", "global"]), default=DemoSettings.standardization,
+@click.option("--standardization", type=click.Choice(STANDARDIZATIONS), default=DemoSettings.standardization,
               show_default=True, help="device: each device z-scores its rows with its own training statistics; "
                                       "global: a federated moments phase fixes one standardization.")
 @click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.epsilon_budget,
               show_default=True, help="Stop training before epsilon (RDP) would exceed this (not with z = 0).")
 @click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
               show_default=True, help="DP delta.")
-@click.option("--trust-mode", type=click.Choice(["central", "local", "distributed"]), default="central",
+@click.option("--trust-mode", type=click.Choice(TRUST_MODES), default="central",
               show_default=True,
               help="Who adds the DP noise: the coordinator (central), each device (local), or each device a share "
                    "with the coordinator seeing only the securely aggregated sum (distributed).")

@@ -38,6 +38,9 @@ BASIS_PHASES = ("moments", "covariance")
 STANDARDIZATIONS = ("global", "device")
 """How devices standardize raw feature rows before the basis projection (:attr:`Basis.standardization`)."""
 OPTIMIZERS = ("sgd", "adam")
+"""The local optimizers a task can ask for: those :mod:`biofed.kernels.training` implements (the
+kernels, which import nothing else of biofed, keep the same tuple; a test holds them equal). Not
+imported from the kernels so that the protocol, and every command built on it, loads without Numba."""
 _STATE_PATTERN = re.compile(r"[a-z_]{1,32}")
 
 
