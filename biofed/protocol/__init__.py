@@ -73,13 +73,21 @@ from biofed.protocol.payloads import (
     Update,
     UpdateMetrics,
 )
-from biofed.protocol.topics import ID_PATTERN, KINDS, TOPIC_ROOT, Topics, validate_id
+from biofed.protocol.topics import (
+    BROADCAST_KINDS,
+    DEVICE_KINDS,
+    ID_PATTERN,
+    KINDS,
+    TOPIC_ROOT,
+    Topics,
+    validate_id,
+)
 from biofed.protocol.values import PAYLOAD_BOUNDS, PayloadBounds
 
 __all__ = [
-    "ALLOWED_DTYPES", "BASIS_PHASES", "DEFAULT_MAX_BYTES", "ID_PATTERN", "KINDS", "OPTIMIZERS", "PAYLOAD_BOUNDS",
-    "PAYLOAD_TYPES", "PHASES", "SCHEMA_VERSION", "SIGNATURE_BYTES", "SIGNATURE_CONTEXT", "STANDARDIZATIONS",
-    "TOPIC_ROOT", "TRUST_MODES",
+    "ALLOWED_DTYPES", "BASIS_PHASES", "BROADCAST_KINDS", "DEFAULT_MAX_BYTES", "DEVICE_KINDS", "ID_PATTERN", "KINDS",
+    "OPTIMIZERS", "PAYLOAD_BOUNDS", "PAYLOAD_TYPES", "PHASES", "SCHEMA_VERSION", "SIGNATURE_BYTES", "SIGNATURE_CONTEXT",
+    "STANDARDIZATIONS", "TOPIC_ROOT", "TRUST_MODES",
     "BadSignature", "Basis", "InvalidPayload", "InvalidTopic", "MalformedMessage", "Message", "MessageSigner",
     "MessageTooLarge", "MessageVerifier", "Model", "Payload", "PayloadBounds", "Prediction", "ProtocolError",
     "ReplayedMessage", "SeenMessageIds", "SenderMismatch", "Sketch", "StaleMessage", "Status", "Task", "Topics",

@@ -24,21 +24,34 @@ from dataclasses import dataclass
 from biofed.protocol.errors import InvalidTopic
 
 TOPIC_ROOT = "biofed"
-KINDS = ("task", "update", "model", "basis", "status", "sketch", "prediction", "secagg", "secagg_relay")
+BROADCAST_KINDS = ("task", "model", "basis", "secagg_relay")
+"""Kinds the coordinator publishes on one topic of the fleet."""
+DEVICE_KINDS = ("update", "status", "sketch", "prediction", "secagg")
+"""Kinds each device publishes on a topic of its own (``{kind}/{device_id}``)."""
+KINDS = BROADCAST_KINDS + DEVICE_KINDS
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def validate_id(value: object, what: str = "device id") -> str:
-    """Return ``value`` if it is a valid fleet/device id, else raise :class:`InvalidTopic`."""
+    """Return ``value`` if it is a valid fleet or device id, else raise :class:`InvalidTopic`.
+
+    The one check of the id rule, wherever an id enters biofed (topics, envelopes, config
+    files, allow lists, key files, secure aggregation); ``what`` names the id in the error.
+
+    Examples
+    --------
+    >>> validate_id("pi-01")
+    'pi-01'
+    >>> validate_id("ward/7", "fleet")
+    Traceback (most recent call last):
+    ...
+    biofed.protocol.errors.InvalidTopic: invalid fleet 'ward/7': use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'
+    """
     if not isinstance(value, str) or ID_PATTERN.fullmatch(value) is None:
         raise InvalidTopic(
             f"invalid {what} {value!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
         )
     return value
-
-
-_BROADCAST_KINDS = ("model", "task", "basis", "secagg_relay")
-_DEVICE_KINDS = ("update", "sketch", "status", "prediction", "secagg")
 
 
 @dataclass(frozen=True)
@@ -96,8 +109,8 @@ class Topics:
 
     def all_devices(self, kind: str) -> str:
         """Subscription filter for one device-to-coordinator kind, e.g. ``biofed/f/update/+``."""
-        if kind not in _DEVICE_KINDS:
-            raise InvalidTopic(f"kind {kind!r} has no per-device topic; use one of {_DEVICE_KINDS}")
+        if kind not in DEVICE_KINDS:
+            raise InvalidTopic(f"kind {kind!r} has no per-device topic; use one of {DEVICE_KINDS}")
         return f"{self.base}/{kind}/+"
 
     def parse(self, topic: str) -> tuple[str, str | None]:
@@ -107,13 +120,13 @@ class Topics:
         if len(parts) < 3 or parts[0] != TOPIC_ROOT or parts[1] != self.fleet:
             raise InvalidTopic(f"topic {topic!r} is not under {self.base}/")
         kind = parts[2]
-        if kind in _BROADCAST_KINDS and len(parts) == 3:
+        if kind in BROADCAST_KINDS and len(parts) == 3:
             return kind, None
-        if kind in _DEVICE_KINDS and len(parts) == 4:
+        if kind in DEVICE_KINDS and len(parts) == 4:
             return kind, validate_id(parts[3])
         raise InvalidTopic(
-            f"topic {topic!r} is not a biofed topic: expected {self.base}/({'|'.join(_BROADCAST_KINDS)}) "
-            f"or {self.base}/({'|'.join(_DEVICE_KINDS)})/<device_id>"
+            f"topic {topic!r} is not a biofed topic: expected {self.base}/({'|'.join(BROADCAST_KINDS)}) "
+            f"or {self.base}/({'|'.join(DEVICE_KINDS)})/<device_id>"
         )
 
     def device_id(self, topic: str, kind: str) -> str:
@@ -124,4 +137,4 @@ class Topics:
         return device
 
 
-__all__ = ["ID_PATTERN", "KINDS", "TOPIC_ROOT", "Topics", "validate_id"]
+__all__ = ["BROADCAST_KINDS", "DEVICE_KINDS", "ID_PATTERN", "KINDS", "TOPIC_ROOT", "Topics", "validate_id"]
