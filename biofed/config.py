@@ -19,6 +19,10 @@ Example device file::
 A device of a fleet made by ``biofed provision`` (TLS with a client certificate plus a
 user name and password; the broker's ACL lets it touch only its own topics)::
 
+    device_id = "pi-01"
+    fleet = "ward7"
+    store_path = "features.sqlite"
+
     [broker]
     host = "192.168.1.10"
     port = 8883
@@ -295,7 +299,7 @@ class DeviceDPConfig(_Section):
 
 
 class DeviceConfig(_SigningFields):
-    """One edge device (``biofed agent``)."""
+    """One edge device (``biofed edge``)."""
 
     device_id: Id
     fleet: Id
@@ -386,7 +390,6 @@ class ModelSettings(_Section):
     hidden: int = Field(0, ge=0)
     """0: logistic regression; > 0: MLP with this many hidden units."""
     basis_k: int = Field(32, ge=1)
-    sketch_ell: int = Field(64, ge=1)
     standardization: Literal[STANDARDIZATIONS] = "device"
     """How raw feature rows are standardized before the basis projection. "device": each
     device z-scores its rows with the mean and scale of its *own* training split (a

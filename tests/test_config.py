@@ -201,6 +201,7 @@ def _docstring_block(title: str) -> str:
 
 @pytest.mark.parametrize("title,model", [
     ("Example device file", DeviceConfig), ("Example coordinator file", CoordinatorConfig),
+    ("the broker's ACL lets it touch only its own topics)", DeviceConfig),
 ])
 def test_module_docstring_examples_load(tmp_path, title, model):
     config = load_config(_write(tmp_path, _docstring_block(title)), model)
