@@ -31,6 +31,15 @@ _MAX_NDIM = 8
 
 
 def encode_array(array: np.ndarray) -> msgpack.ExtType:
+    """The ExtType of ``array``; :class:`~biofed.protocol.errors.InvalidPayload` for a dtype
+    outside :data:`ALLOWED_DTYPES` or more than 8 dimensions.
+
+    Examples
+    --------
+    >>> ext = encode_array(np.arange(3, dtype=np.int32))
+    >>> decode_array(ext.code, ext.data)
+    array([0, 1, 2], dtype=int32)
+    """
     if array.dtype.kind == "O":
         raise InvalidPayload("object arrays cannot be sent; convert to a numeric dtype")
     wire = array.dtype.newbyteorder("<") if array.dtype.itemsize > 1 else array.dtype
@@ -48,6 +57,8 @@ def encode_array(array: np.ndarray) -> msgpack.ExtType:
 
 
 def decode_array(code: int, data: bytes) -> np.ndarray:
+    """The array of an ExtType (msgpack's ``ext_hook``): a read-only view of ``data`` in native
+    byte order; :class:`~biofed.protocol.errors.MalformedMessage` for any inconsistency."""
     if code != _ARRAY_EXT:
         raise MalformedMessage(f"unknown msgpack extension type {code}")
     if len(data) < 2:

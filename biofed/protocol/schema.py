@@ -20,6 +20,7 @@ from biofed.protocol.topics import validate_id
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = 0) -> int:
+    """``value`` as an int (NumPy integers included, bools and floats refused), at least ``minimum``."""
     if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
         raise InvalidPayload(f"{name} must be an integer, got {value!r}")
     value = int(value)
@@ -29,6 +30,7 @@ def check_int(value: Any, name: str, *, minimum: int | None = 0) -> int:
 
 
 def check_float(value: Any, name: str, *, minimum: float | None = None, allow_none: bool = False) -> float | None:
+    """``value`` as a finite float of at least ``minimum``; None passes only with ``allow_none``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
@@ -42,18 +44,21 @@ def check_float(value: Any, name: str, *, minimum: float | None = None, allow_no
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``."""
     if value not in choices:
         raise InvalidPayload(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 
 def check_strings(value: Any, name: str) -> tuple[str, ...]:
+    """``value`` (a list or tuple of str) as a tuple."""
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise InvalidPayload(f"{name} must be a list of strings, got {value!r}")
     return tuple(value)
 
 
 def check_array(value: Any, name: str, *, ndim: int, floating: bool = True, finite: bool = True) -> np.ndarray:
+    """``value`` if it is an ``ndim``-D typed array: floating point and free of NaN/inf unless told otherwise."""
     if not isinstance(value, np.ndarray):
         raise InvalidPayload(f"{name} must be a typed array, got {type(value).__name__}")
     if value.ndim != ndim:
@@ -68,10 +73,12 @@ def check_array(value: Any, name: str, *, ndim: int, floating: bool = True, fini
 
 
 def set_field(obj: Any, name: str, value: Any) -> None:
+    """Set ``name`` on a frozen dataclass from its ``__post_init__`` (the checked, normalized value)."""
     object.__setattr__(obj, name, value)
 
 
 def check_bytes(value: Any, name: str, *, size: int | None = None, max_size: int | None = None) -> np.ndarray:
+    """``value`` if it is a 1-D uint8 array (a byte string on the wire) of ``size`` or at most ``max_size`` bytes."""
     if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
         got = getattr(value, "dtype", type(value).__name__)
         raise InvalidPayload(f"{name} must be a 1-D uint8 array (bytes), got {got}")
@@ -83,6 +90,7 @@ def check_bytes(value: Any, name: str, *, size: int | None = None, max_size: int
 
 
 def check_id_map(value: Any, name: str, check) -> Mapping[str, Any]:
+    """``value`` as a read-only map of valid device ids to ``check(item, path)`` of each item."""
     if not isinstance(value, Mapping):
         raise InvalidPayload(f"{name} must be a map of device id to value, got {type(value).__name__}")
     out = {}
@@ -96,10 +104,13 @@ def check_id_map(value: Any, name: str, check) -> Mapping[str, Any]:
 
 
 def fields_payload(obj: Any, skip: Sequence[str]) -> dict[str, Any]:
+    """The payload map of dataclass ``obj``: its fields but ``skip``."""
     return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
 
 
 def payload_from_fields(cls: type, round: int, payload: Mapping[str, Any]) -> Any:
+    """``cls(round=round, **payload)`` after checking that the payload has every required field of
+    ``cls`` and no unknown one."""
     schema = [f for f in fields(cls) if f.name != "round"]
     unknown = set(payload) - {f.name for f in schema}
     if unknown:

@@ -77,6 +77,7 @@ def check_value(value: Any, path: str, depth: int = 0) -> Any:
 
 
 def to_wire(value: Any) -> Any:
+    """``value`` with arrays as ExtTypes and NumPy scalars as Python ones, ready for msgpack."""
     if isinstance(value, np.ndarray):
         return encode_array(value)
     if isinstance(value, np.generic):
