@@ -179,8 +179,8 @@ class SecAggClient:
     def share_keys(self, relay: SecAggRelay) -> SecAggUpload:
         """Step 2: Shamir-share ``b_u`` and ``s_sk_u`` to U1 (the ``keys`` relay), encrypted
         per recipient."""
+        keys = advertised_keys(self._relay(relay, "keys"))  # a malformed relay leaves the step open
         self._advance("share_keys", "masked_input")
-        keys = advertised_keys(self._relay(relay, "keys"))
         if keys.get(self.device_id) != self._public:
             raise SecAggError(f"{self.device_id}: the key list lacks this device's advertised keys")
         self._keys, self._threshold = keys, relay.threshold
@@ -212,11 +212,11 @@ class SecAggClient:
         encoded : ndarray, shape (m,), uint64
             :func:`prepare_input` (or :meth:`FixedPoint.encode`) of the update.
         """
-        self._advance("masked_input", "unmask")
         forwarded = self._relay(relay, "shares").ciphertexts.get(self.device_id)
         if forwarded is None:
             raise SecAggError(
                 f"{self.device_id}: the shares relay has nothing for this device (dropped from the round)")
+        self._advance("masked_input", "unmask")
         encoded = np.asarray(encoded)
         if encoded.dtype != np.uint64 or encoded.ndim != 1:
             raise SecAggError(f"encoded input must be a 1-D uint64 array, got {encoded.dtype} of shape {encoded.shape}")
@@ -252,8 +252,8 @@ class SecAggClient:
     def unmask(self, relay: SecAggRelay) -> SecAggUpload:
         """Step 4: shares of the survivors' ``b`` and the dropped devices' mask keys (the
         ``unmask`` relay names both)."""
-        self._advance("unmask", "done")
         self._relay(relay, "unmask")
+        self._advance("unmask", "done")
         survivors, dropped = set(relay.survivors), set(relay.dropped)
         if self.device_id not in survivors:
             raise SecAggError(f"{self.device_id}: unmask request does not list this device as a survivor")

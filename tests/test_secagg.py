@@ -549,3 +549,27 @@ def test_secagg_payload_validation():
     assert topics.parse(topics.secagg("pi-01")) == ("secagg", "pi-01")
     assert topics.parse(topics.secagg_relay) == ("secagg_relay", None)
     assert topics.all_devices("secagg") == "biofed/ward7/secagg/+"
+
+
+def test_a_refused_relay_leaves_the_step_open():
+    """A key list or shares relay the device refuses does not use up its step: the genuine one still works."""
+    inputs = _inputs(3)
+    devices = sorted(inputs)
+    server = SecAggServer(FLEET, ROUND, vector_size=M)
+    clients = {d: SecAggClient(d, FLEET, ROUND, random_bytes=_seeded(i)) for i, d in enumerate(devices)}
+    for d, c in clients.items():
+        server.receive(d, c.advertise())
+    keys = server.key_list()
+    with pytest.raises(SecAggError, match="not a majority"):
+        clients[devices[0]].share_keys(_key_relay(1, keys.public_keys))
+    for d, c in clients.items():
+        server.receive(d, c.share_keys(keys))
+    forwarded = server.forward()
+    with pytest.raises(SecAggError, match="nothing for this device"):
+        clients[devices[0]].masked_input(SecAggRelay(ROUND, "shares", ciphertexts={devices[1]: {}}), inputs[devices[0]])
+    for d, c in clients.items():
+        server.receive(d, c.masked_input(forwarded, inputs[d]))
+    request = server.unmask_request()
+    for d, c in clients.items():
+        server.receive(d, c.unmask(request))
+    np.testing.assert_array_equal(server.aggregate().total, _sum(inputs, devices))
