@@ -239,3 +239,39 @@ def test_env_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
 def test_bad_env_value_names_the_variable(tmp_path):
     with pytest.raises(ConfigError, match=r"broker.port: Input should be a valid integer.*\[set by BIOFED_BROKER_PORT\]"):
         load_config(_write(tmp_path, MINIMAL_COORDINATOR), CoordinatorConfig, environ={"BIOFED_BROKER_PORT": "high"})
+
+
+# ----------------------------------------------------------------------------- the TOML writer
+def test_toml_document_reads_back_as_written():
+    import math
+    import tomllib
+
+    from biofed.config import toml_document
+
+    top = {"fleet": "ward7", "rounds": 3, "rate": 0.25, "tiny": 1e-300, "on": True, "skipped": None,
+           "path": Path("/data/s 01.edf"), "quote": 'say "hi"\\n', "names": ("rest", "arithmetic"),
+           "params": {"eta": 0.01, "beta": -2}, "unicode": "Zürich"}
+    text = toml_document(top, {"broker": {"host": "127.0.0.1", "port": 1883, "password": None}, "empty": {}},
+                         header="line one\n\nline three")
+    assert text.startswith("# line one\n#\n# line three\n")
+    data = tomllib.loads(text)
+    expected = {k: v for k, v in top.items() if v is not None}
+    expected.update(path="/data/s 01.edf", names=["rest", "arithmetic"])
+    assert {k: v for k, v in data.items() if k not in ("broker", "empty")} == expected
+    assert data["broker"] == {"host": "127.0.0.1", "port": 1883} and data["empty"] == {}
+    special = tomllib.loads(toml_document({"a": math.inf, "b": -math.inf, "c": math.nan}))
+    assert special["a"] == math.inf and special["b"] == -math.inf and math.isnan(special["c"])
+    with pytest.raises(TypeError, match="cannot write object to TOML"):
+        toml_document({"x": object()})
+
+
+def test_written_configs_load(tmp_path):
+    from biofed.config import RECOMMENDED_PRIVACY, toml_document
+
+    path = tmp_path / "coordinator.toml"
+    path.write_text(toml_document({"fleet": "ward7", "rounds": 2, "state_dir": "state", "sampling_rate": None},
+                                  {"broker": {"port": 1884}, "dp": RECOMMENDED_PRIVACY,
+                                   "strategy": {"name": "fedadam", "params": {"eta": 0.01}}}))
+    config = load_config(path, CoordinatorConfig, environ={})
+    assert config.dp.noise_multiplier == RECOMMENDED_PRIVACY["noise_multiplier"] and config.sampling_rate == "all"
+    assert config.strategy.params == {"eta": 0.01} and config.state_dir == tmp_path / "state"
