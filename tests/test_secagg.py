@@ -573,3 +573,17 @@ def test_a_refused_relay_leaves_the_step_open():
     for d, c in clients.items():
         server.receive(d, c.unmask(request))
     np.testing.assert_array_equal(server.aggregate().total, _sum(inputs, devices))
+
+
+@pytest.mark.parametrize("first", ["biofed.secure_aggregation.messages", "biofed.secure_aggregation",
+                                   "biofed.protocol.envelope", "biofed.protocol"])
+def test_the_protocol_and_its_secagg_kinds_import_in_either_order(first):
+    """biofed.protocol registers the secure-aggregation messages as payload kinds, which build on its schema."""
+    import subprocess
+    import sys
+
+    code = (f"import {first}\n"
+            "from biofed.protocol import PAYLOAD_TYPES\n"
+            "from biofed.secure_aggregation import SecAggRelay, SecAggUpload\n"
+            "assert PAYLOAD_TYPES['secagg'] is SecAggUpload and PAYLOAD_TYPES['secagg_relay'] is SecAggRelay\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
