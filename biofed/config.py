@@ -384,7 +384,6 @@ class ModelSettings(_Section):
     hidden: int = Field(0, ge=0)
     """0: logistic regression; > 0: MLP with this many hidden units."""
     basis_k: int = Field(32, ge=1)
-    sketch_ell: int = Field(64, ge=1)
     standardization: Literal["device", "global"] = "device"
     """How raw feature rows are standardized before the basis projection. "device": each
     device z-scores its rows with the mean and scale of its *own* training split (a
