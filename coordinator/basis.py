@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 _CLIP_TOLERANCE = 1e-9  # a device's own clipping lands at C up to rounding: not "clipped here"
+_MOMENTS_RTOL = 1e-12
+"""``E[x^2] - E[x]^2`` cancels: a variance within this fraction of ``E[x^2]`` is rounding, i.e. 0."""
 
 
 def aggregate_statistics(
@@ -131,8 +133,9 @@ def standardization_from_moments(statistic) -> tuple[np.ndarray, np.ndarray]:
     mean : ndarray, shape (d,)
     scale : ndarray, shape (d,)
         ``standard_scale(E[x], E[x^2] - E[x]^2)`` (:func:`biofed.kernels.standard_scale`):
-        the standard deviation, and 1 where the feature is constant or noise made the
-        variance estimate negative, so the devices never divide by ~0. ``scale > 0``
+        the standard deviation, and 1 where the feature is constant (its variance within the
+        rounding of the difference) or noise made the variance estimate negative, so the
+        devices never divide by ~0. ``scale > 0``
         everywhere, as :class:`biofed.protocol.Basis` requires.
     """
     s = np.asarray(statistic, dtype=np.float64)
@@ -143,6 +146,7 @@ def standardization_from_moments(statistic) -> tuple[np.ndarray, np.ndarray]:
     d = s.size // 2
     mean = s[:d].copy()
     var = s[d:] - mean**2
+    var[np.abs(var) <= _MOMENTS_RTOL * np.abs(s[d:])] = 0.0
     scale = standard_scale(mean, var)
     n_floored = int(np.count_nonzero((scale == 1.0) & (var != 1.0)))
     if n_floored:

@@ -370,9 +370,14 @@ class StreamingPipeline:
 
     Examples
     --------
-    >>> layout = FeatureLayout.from_recording(recording, config)  # doctest: +SKIP
+    >>> config = PipelineConfig(modalities=("eeg",))
+    >>> layout = FeatureLayout.from_channels({"eeg": (100.0, ["Cz", "Pz"], ["eeg", "eeg"])}, config)
     >>> pipe = StreamingPipeline(config, layout)
-    >>> rows = pipe.push("eeg", chunk, label="rest")             # list[FeatureRow]
+    >>> pipe.push("eeg", np.zeros((2, 150)), label="rest")   # 1.5 s: no window complete yet
+    []
+    >>> rows = pipe.push("eeg", np.ones((2, 100)), label="rest")
+    >>> [(row.t, row.label, row.vector.shape) for row in rows]
+    [(0.0, 'rest', (10,))]
     """
 
     def __init__(self, config: PipelineConfig, layout: FeatureLayout, basis: Basis | None = None) -> None:

@@ -28,8 +28,8 @@ __all__ = ["SCALE_FLOOR_REL", "Moments", "moments_init", "moments_update", "mome
            "standard_scale"]
 
 SCALE_FLOOR_REL = 1e-9
-"""A feature whose standard deviation is at most ``SCALE_FLOOR_REL * max(1, |mean|)`` is constant:
-its scale is 1 (it is centred, not blown up). See :func:`standard_scale`."""
+"""A feature whose standard deviation is at most ``SCALE_FLOOR_REL * max(1, |mean|)`` is constant
+(see :func:`standard_scale`)."""
 
 
 class Moments(NamedTuple):
@@ -200,7 +200,7 @@ def standard_scale(mean, variance) -> np.ndarray:
 
     The one scale floor of biofed: devices, the coordinator's moments phase and the kernels'
     streaming moments all standardize with it. A feature counts as constant when its standard
-    deviation is at most :data:`SCALE_FLOOR_REL` ``* max(1, |mean|)`` (rounding level, as in
+    deviation is at most ``SCALE_FLOOR_REL * max(1, |mean|)`` (rounding level, as in
     scikit-learn's scalers) or its variance is negative (a noised estimate); dividing by a
     deviation that small would turn rounding or noise into huge standardized values.
 
@@ -216,8 +216,8 @@ def standard_scale(mean, variance) -> np.ndarray:
 
     Examples
     --------
-    >>> standard_scale([0.0, 5.0, 1e12], [4.0, 0.0, 1e-6]).tolist()
-    [2.0, 1.0, 1.0]
+    >>> standard_scale([0.0, 5.0, 1e6, 0.0], [4.0, 0.0, 1e-12, -1.0]).tolist()
+    [2.0, 1.0, 1.0, 1.0]
     """
     mean = np.asarray(mean, dtype=np.float64)
     variance = np.asarray(variance, dtype=np.float64)
