@@ -20,8 +20,8 @@ training split (never sent), so its covariance statistic is the correlation matr
 rows (entries in [-1, 1], diagonal 1, Frobenius norm between sqrt(d) and d whatever the raw
 feature units). :func:`basis_from_covariance` is used unchanged; the published basis has
 mean 0 and scale 1. Raw-feature moments, by contrast, have the norm of the feature scale
-(heart rate ~70 bpm next to log band powers ~-11 and ECG volts: ~4e4 on eegmat), so noise
-calibrated to a clip norm that large swamps them unless the fleet is very large. Clipping a
+(heart rate in bpm next to log band powers and ECG volts), so noise calibrated to a clip
+norm that large swamps them unless the fleet is very large. Clipping a
 correlation matrix only rescales it (eigenvectors unchanged), and the signal-to-noise ratio
 of the noised average, ``n / (z ||R_i||)`` per entry, does not depend on the clip norm once
 it is below the norms: ``dp.basis_clip_norm = 1`` is a sound choice.

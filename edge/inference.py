@@ -265,11 +265,11 @@ class OnnxModel:
         windows, hops = {}, {}
         for part in spec.modalities:
             signal = recording.signals[part.modality]
-            hop = spec.hop_s * part.sfreq
-            if abs(hop - round(hop)) > 1e-9:
-                raise InferenceError(f"{self.name}: hop_s * sfreq = {hop:g} samples is not an integer for "
-                                     f"{part.modality}; use the features model for this layout")
-            hops[part.modality] = int(round(hop))
+            hop = spec.hop_samples(part)
+            if hop is None:
+                raise InferenceError(f"{self.name}: hop_s * sfreq = {spec.hop_s * part.sfreq:g} samples is not an "
+                                     f"integer for {part.modality}; use the features model for this layout")
+            hops[part.modality] = hop
             windows[part.modality] = sliding_windows(signal.data, spec.window_samples(part), hops[part.modality])
         n = min(w.shape[0] for w in windows.values())
         windows = {m: w[:n] for m, w in windows.items()}

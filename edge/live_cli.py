@@ -93,7 +93,7 @@ def _load_kernels(config, layout) -> None:
 
     pipeline = StreamingPipeline(config, layout)
     for part in layout.modalities:
-        n = int(round(config.window_s * part.sfreq))
+        n = layout.window_samples(part)
         pipeline.push(part.modality, np.random.default_rng(0).normal(size=(part.n_channels, n)))
 
 

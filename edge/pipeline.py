@@ -210,9 +210,8 @@ class _ModalityStream:
         self.config = config
         self.fs = part.sfreq
         self.window = layout.window_samples(part)
-        hop_exact = config.hop_s * self.fs
-        self.hop = int(round(hop_exact)) if abs(hop_exact - round(hop_exact)) < 1e-9 else None
-        self.hop_exact = hop_exact
+        self.hop = layout.hop_samples(part)
+        self.hop_exact = layout.hop_s * self.fs
         self.slice = max(1, int(round(config.max_chunk_s * self.fs)))
         self.capacity = self.window + self.slice
         try:

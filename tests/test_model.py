@@ -52,6 +52,9 @@ def test_columns_are_named_modality_channel_feature(layout):
     assert layout.n_features == len(eeg) + len(bio) == 10 + 19
     assert layout.modality("bio").hr_channels == (0, 2) and layout.modality("audio") is None
     assert layout.window_samples(layout.modality("eeg")) == 500
+    assert layout.hop_samples(layout.modality("bio")) == 100
+    odd = FeatureLayout.from_channels(CHANNELS, CONFIG, hop_s=0.333)
+    assert odd.hop_samples(odd.modality("eeg")) is None and odd.hop_samples(odd.modality("bio")) is None
 
 
 def test_bio_columns_place_what_the_kernels_compute(layout):

@@ -259,6 +259,13 @@ class FeatureLayout:
         """Samples per window of ``modality``: ``round(window_s * sfreq)``."""
         return int(round(self.window_s * modality.sfreq))
 
+    def hop_samples(self, modality: ModalityLayout) -> int | None:
+        """Samples between window starts of ``modality`` when ``hop_s * sfreq`` is an integer
+        (to 1e-9, the usual case), else ``None``: window ``j`` then starts at sample
+        ``round(j * hop_s * sfreq)``."""
+        hop = self.hop_s * modality.sfreq
+        return int(round(hop)) if abs(hop - round(hop)) < 1e-9 else None
+
     def spectral_plan(self, modality: ModalityLayout) -> SpectralPlan | None:
         """The kernels' spectral plan of an EEG or audio modality (``None`` for bio): the one
         definition of its features, shared by the pipeline and the ONNX graph.
