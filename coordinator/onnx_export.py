@@ -74,7 +74,9 @@ from biofed.model import (
     ModelMetadata,
 )
 
-__all__ = ["OPSET", "ExportError", "build_feature_extractor", "build_model", "export_onnx", "export_round", "write_bytes"]
+__all__ = [
+    "OPSET", "ExportError", "build_feature_extractor", "build_model", "export_onnx", "export_round", "write_bytes",
+]
 
 logger = logging.getLogger(__name__)
 

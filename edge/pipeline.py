@@ -72,10 +72,11 @@ from biofed.kernels import (
     EEG_BANDS,
     apply_transform,
     heart_rate_features,
+    reduce_segments,
     transform_plan,
     window_statistics,
 )
-from biofed.kernels.spectral import _finish, _reduce_segments, _segment_powers
+from biofed.kernels.spectral import _segment_powers  # into the ring of kept segments, without a copy
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
 if TYPE_CHECKING:
@@ -334,9 +335,7 @@ class _ModalityStream:
             powers = np.empty((seg_starts.size, self.part.n_channels, plan.weights.shape[0]), dtype=np.float64)
             _segment_powers(x, seg_starts, self.taper, plan.kmin, powers)
             firsts = np.arange(len(starts), dtype=np.int64) * n_seg
-        out = np.empty((len(starts), self.part.n_channels, plan.n_bands), dtype=self.buf.dtype)
-        _reduce_segments(powers, firsts, n_seg, plan.weights, out)
-        return _finish(out, plan.log).reshape(len(starts), -1)
+        return reduce_segments(powers, firsts, plan, dtype=self.buf.dtype).reshape(len(starts), -1)
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""
@@ -384,11 +383,12 @@ class StreamingPipeline:
             raise PipelineError(f"config must be a PipelineConfig, got {type(config).__name__}.")
         if not isinstance(layout, FeatureLayout):
             raise PipelineError(f"layout must be a FeatureLayout, got {type(layout).__name__}.")
-        expected = FeatureLayout(config.window_s, config.hop_s, config.bands, config.n_mels, ()).feature_params
-        if layout.feature_params != expected:
+        built_for = (layout.window_s, layout.hop_s, layout.bands, layout.n_mels)
+        expected = (config.window_s, config.hop_s, config.bands, config.n_mels)
+        if built_for != expected:
             raise PipelineError(
-                f"layout was built for feature settings {layout.feature_params} but the config has {expected}; "
-                "rebuild it with FeatureLayout.from_recording(recording, config)."
+                f"layout was built for feature settings (window_s, hop_s, bands, n_mels) = {built_for} but the config "
+                f"has {expected}; rebuild it with FeatureLayout.from_recording(recording, config)."
             )
         self.config = config
         self.layout = layout

@@ -222,7 +222,9 @@ def standard_scale(mean, variance) -> np.ndarray:
     mean = np.asarray(mean, dtype=np.float64)
     variance = np.asarray(variance, dtype=np.float64)
     if mean.ndim != 1 or mean.shape != variance.shape:
-        raise ValueError(f"mean and variance must be 1-D of equal length, got shapes {mean.shape} and {variance.shape}.")
+        raise ValueError(
+            f"mean and variance must be 1-D of equal length, got shapes {mean.shape} and {variance.shape}."
+        )
     if not (np.isfinite(mean).all() and np.isfinite(variance).all()):
         raise ValueError("mean and variance must be finite.")
     std = np.sqrt(np.maximum(variance, 0.0))

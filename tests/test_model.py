@@ -12,8 +12,16 @@ import pytest
 from biofed.coordinator.basis import standardization_from_moments
 from biofed.edge.pipeline import PipelineConfig, StreamingPipeline
 from biofed.edge.split import device_standardization
-from biofed.kernels import heart_rate_features, init_params, moments_init, moments_scale, moments_update, n_params
-from biofed.kernels import standard_scale, window_statistics
+from biofed.kernels import (
+    heart_rate_features,
+    init_params,
+    moments_init,
+    moments_scale,
+    moments_update,
+    n_params,
+    standard_scale,
+    window_statistics,
+)
 from biofed.model import (
     BIO_STATISTICS,
     HR_FEATURES,
@@ -206,6 +214,9 @@ def test_bad_model_files_are_refused(layout, tmp_path):
     (tmp_path / "text.npz").write_text("hello")
     with pytest.raises(ModelFileError, match="text.npz: not a biofed model file.*not a NumPy .npz archive"):
         ModelFile.load(tmp_path / "text.npz")
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ModelFileError, match=r"other.npz: not a biofed model file: lacks \['params'"):
+        ModelFile.load(tmp_path / "other.npz")
     np.savez(tmp_path / "pickled.npz", params=np.array([object()], dtype=object))
     with pytest.raises(ModelFileError, match="pickled Python objects, which biofed never loads"):
         ModelFile.load(tmp_path / "pickled.npz")

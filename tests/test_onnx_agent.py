@@ -72,7 +72,8 @@ def _send(agent, topic, payload):
 
 
 def _numba(model: ModelFile, X) -> np.ndarray:
-    return predict_proba(model.params, project(X, model.basis.components, mean=model.basis.mean, scale=model.basis.scale), 2,
+    basis = model.basis
+    return predict_proba(model.params, project(X, basis.components, mean=basis.mean, scale=basis.scale), 2,
                          model.hidden)
 
 

@@ -32,7 +32,6 @@ from biofed.kernels import (
     window_statistics,
 )
 from biofed.model import METADATA_KEYS, FeatureLayout, ModelFile, ModelFileError, ModelMetadata, PrivacySpec, fit_basis
-from biofed.model import save_arrays
 from biofed.model.format import KEY_FORMAT
 
 CLASSES = ("rest", "arithmetic")
@@ -262,30 +261,7 @@ def test_bad_inputs(synthetic, tmp_path):
         dataclasses.replace(model, params=np.zeros(5))
 
 
-# ----------------------------------------------------------------------------- model files
-def test_model_file_round_trip_and_errors(synthetic, tmp_path):
-    _, X, y, spec = synthetic
-    model = _model_file(X, y, spec, hidden=4)
-    path = save_arrays(tmp_path / "model.npz", model.to_arrays())
-    loaded = ModelFile.load(path)
-    np.testing.assert_array_equal(loaded.params, model.params)
-    assert (loaded.classes, loaded.hidden, loaded.fleet, loaded.round, loaded.train_round, loaded.layout) == (
-        CLASSES, 4, "ward7", 12, 9, spec)
-    assert loaded.privacy == PRIVACY
-    with pytest.raises(ModelFileError, match="no such model file"):
-        ModelFile.load(tmp_path / "absent.npz")
-    (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(ModelFileError, match="text.npz: not a biofed model file"):
-        ModelFile.load(tmp_path / "text.npz")
-    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
-    with pytest.raises(ModelFileError, match=r"other.npz: not a biofed model file: lacks \['params'"):
-        ModelFile.load(tmp_path / "other.npz")
-    arrays = model.to_arrays()
-    del arrays["layout"], arrays["epsilon"]
-    old = ModelFile.load(save_arrays(tmp_path / "old.npz", arrays))  # written before layouts existed
-    assert old.layout is None and old.privacy.epsilon is None
-
-
+# ----------------------------------------------------------------------------- per-round export
 def test_export_round_writes_per_round_and_latest(synthetic, tmp_path):
     _, X, y, spec = synthetic
     model = _model_file(X, y, spec, hidden=0)

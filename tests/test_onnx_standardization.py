@@ -19,8 +19,17 @@ from biofed.edge.inference import InferenceError, LayoutMismatch, OnnxModel
 from biofed.edge.pipeline import PipelineConfig, extract_features
 from biofed.edge.split import device_standardization
 from biofed.kernels import init_params, predict_proba, train
-from biofed.model import Basis, FeatureLayout, ModelFile, ModelFileError, ModelFormatError, ModelMetadata, PrivacySpec
-from biofed.model import fit_basis, save_arrays
+from biofed.model import (
+    Basis,
+    FeatureLayout,
+    ModelFile,
+    ModelFileError,
+    ModelFormatError,
+    ModelMetadata,
+    PrivacySpec,
+    fit_basis,
+    save_arrays,
+)
 from biofed.model.format import KEY_STANDARDIZATION
 
 CLASSES = ("rest", "arithmetic")

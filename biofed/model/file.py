@@ -91,8 +91,8 @@ class ModelFile:
             raise ModelFileError(f"a model needs at least 2 classes, got {self.classes}")
         expected = n_params(k, c, self.hidden)
         if self.params.shape != (expected,):
-            raise ModelFileError(f"params has shape {self.params.shape}, expected ({expected},) for k={k}, {c} classes, "
-                                 f"hidden={self.hidden} (layout of biofed.kernels.training)")
+            raise ModelFileError(f"params has shape {self.params.shape}, expected ({expected},) for k={k}, {c} "
+                                 f"classes, hidden={self.hidden} (layout of biofed.kernels.training)")
         if self.layout is not None and self.layout.n_features != d:
             raise ModelFileError(f"the feature layout names {self.layout.n_features} features but the basis has {d}")
 
