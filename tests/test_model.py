@@ -124,6 +124,14 @@ def test_bad_channels_are_refused(channels, match):
         FeatureLayout.from_channels(channels, CONFIG)
 
 
+def test_settings_come_from_a_config_or_keywords(layout):
+    explicit = FeatureLayout.from_channels(CHANNELS, window_s=2.0, hop_s=1.0, bands=CONFIG.bands, n_mels=32,
+                                           modalities=("eeg", "bio"))
+    assert explicit == layout
+    with pytest.raises(TypeError, match="needs settings .* or hop_s, bands, n_mels, modalities"):
+        FeatureLayout.from_channels(CHANNELS, window_s=2.0)
+
+
 def test_malformed_layout_json_is_a_format_error(layout):
     data = json.loads(layout.to_json())
     data["modalities"][0]["modality"] = "emg"

@@ -188,6 +188,10 @@ class FeatureLayout:
             Unknown modality, no selected modality present, inconsistent channel lists, a rate
             too low for two samples per window, or an EEG band above the Nyquist frequency.
         """
+        given = {"window_s": window_s, "hop_s": hop_s, "bands": bands, "n_mels": n_mels, "modalities": modalities}
+        missing = [name for name, value in given.items() if value is None and not hasattr(settings, name)]
+        if missing:
+            raise TypeError(f"FeatureLayout.from_channels needs settings (a PipelineConfig) or {', '.join(missing)}")
         window_s = float(settings.window_s if window_s is None else window_s)
         hop_s = float(settings.hop_s if hop_s is None else hop_s)
         bands = tuple((str(b), float(lo), float(hi)) for b, lo, hi in (settings.bands if bands is None else bands))
