@@ -22,7 +22,6 @@ feature pipeline and MQTT); pass ``threads`` to change it.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from biofed.edge.pipeline import PipelineConfig, _label_segments, extract_features
+from biofed.edge.pipeline import PipelineConfig, extract_features, label_pieces
 from biofed.edge.split import device_standardization
 from biofed.kernels import heart_rate_features, sliding_windows
 from biofed.model import (
@@ -274,11 +273,8 @@ class OnnxModel:
         n = min(w.shape[0] for w in windows.values())
         windows = {m: w[:n] for m, w in windows.items()}
         reference = spec.modalities[0]
-        fs = reference.sfreq
-        n_samples = recording.signals[reference.modality].n_samples
-        cuts = [min(max(math.ceil(start * fs - 1e-7), 0), n_samples) for start, _ in _label_segments(recording)]
-        texts = [label for _, label in _label_segments(recording)]
+        pieces = label_pieces(recording, reference.modality)  # the labels extract_features gives
         ends = np.arange(n) * hops[reference.modality] + spec.window_samples(reference) - 1
-        index = np.searchsorted(np.asarray(cuts), ends, side="right") - 1
-        labels = np.array(["" if texts[i] is None else texts[i] for i in index], dtype=str)
+        index = np.searchsorted(np.array([first for first, _, _ in pieces]), ends, side="right") - 1
+        labels = np.array(["" if pieces[i][2] is None else pieces[i][2] for i in index], dtype=str)
         return windows, labels, np.arange(n) * spec.hop_s

@@ -89,6 +89,7 @@ __all__ = [
     "PipelineError",
     "StreamingPipeline",
     "extract_features",
+    "label_pieces",
 ]
 
 logger = logging.getLogger(__name__)
@@ -599,6 +600,22 @@ def _label_segments(recording: Recording) -> list[tuple[float, str | None]]:
     return segments
 
 
+def label_pieces(recording: Recording, modality: str) -> list[tuple[int, int, str | None]]:
+    """``(first, stop, label)`` sample ranges of one modality of a recording, one per labelled piece.
+
+    The recording is cut where its labelled annotations start or end (the label in force at a
+    time is the description of the latest-starting annotation of positive duration covering it,
+    ``BAD*`` spans and instant events ignored, otherwise the recording label), as
+    :func:`biofed.datasets.replay` labels its chunks; a piece starts at the first sample at or
+    after its start time. The pieces cover ``[0, n_samples)`` in order.
+    """
+    signal = recording.signals[modality]
+    segments = _label_segments(recording)
+    cuts = [min(max(math.ceil(start * signal.sfreq - 1e-7), 0), signal.n_samples) for start, _ in segments]
+    cuts.append(signal.n_samples)
+    return [(a, b, label) for (_, label), a, b in zip(segments, cuts[:-1], cuts[1:])]
+
+
 def extract_features(
     recording: Recording, config: PipelineConfig | None = None, basis: Basis | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -630,14 +647,11 @@ def extract_features(
     config = dataclasses.replace(config, max_pending_windows=None)
     layout = FeatureLayout.from_recording(recording, config)
     pipe = StreamingPipeline(config, layout, basis)
-    segments = _label_segments(recording)
     rows: list[FeatureRow] = []
     for modality in layout.modality_names:
-        signal = recording.signals[modality]
-        cuts = [min(max(math.ceil(start * signal.sfreq - 1e-7), 0), signal.n_samples) for start, _ in segments]
-        cuts.append(signal.n_samples)
-        for (_, label), a, b in zip(segments, cuts[:-1], cuts[1:]):
-            rows += pipe.push(modality, signal.data[:, a:b], label=label)
+        data = recording.signals[modality].data
+        for a, b, label in label_pieces(recording, modality):
+            rows += pipe.push(modality, data[:, a:b], label=label)
     pipe.flush()
     X = np.stack([r.vector for r in rows]) if rows else np.empty((0, pipe.row_width))
     labels = np.array(["" if r.label is None else r.label for r in rows], dtype=str)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from biofed.datasets import Annotation, Recording, Signal, make_recording, read_recording
-from biofed.edge.pipeline import ChunkError, PipelineConfig, PipelineError, StreamingPipeline, extract_features
+from biofed.edge.pipeline import (
+    ChunkError,
+    PipelineConfig,
+    PipelineError,
+    StreamingPipeline,
+    extract_features,
+    label_pieces,
+)
 from biofed.model import FeatureLayout, fit_basis
 from biofed.kernels import FLOAT32_RTOL, band_powers, heart_rate_features, log_band_energies, project, window_statistics
 
@@ -239,6 +246,8 @@ def test_extract_features_labels_follow_annotations():
         source="annotated", signals={"eeg": sig}, label="rest",
         annotations=(Annotation(3.0, 2.0, "T1"), Annotation(6.0, 0.0, "beat"), Annotation(0.0, 10.0, "BAD_x")),
     )  # fmt: skip
+    # BAD_x and the instant "beat" do not label; T1 covers [3, 5) s
+    assert label_pieces(rec, "eeg") == [(0, 300, "rest"), (300, 500, "T1"), (500, 1000, "rest")]
     X, labels, t = extract_features(rec, CONFIG)
     # window j = [j, j+2): its last sample decides -> T1 covers samples in [3, 5)
     assert list(labels) == ["rest", "rest", "T1", "T1", "rest", "rest", "rest", "rest", "rest"]
