@@ -515,11 +515,6 @@ def _device_split(store_path: Path, classes: Sequence[str]):
     return data.X, data.y, data.train, data.held_out
 
 
-def _standardization_of(final) -> str:
-    """The model file's standardization ("global" in files written before the key existed)."""
-    return str(final["standardization"]) if "standardization" in final.files else "global"
-
-
 def _row_standardization(X: np.ndarray, train_mask: np.ndarray, standardization: str, mean: np.ndarray,
                          scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The (mean, scale) a device z-scores its rows with: its own training rows' statistics
@@ -553,13 +548,12 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
     """
     from biofed.edge.split import balanced_accuracy
     from biofed.kernels import init_params, predict_proba, project, train
+    from biofed.model import ModelFile
 
-    with np.load(model_path, allow_pickle=False) as final:
-        classes = tuple(str(c) for c in final["classes"])
-        hidden = int(final["hidden"])
-        components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
-        federated_params = final["params"]
-        standardization = _standardization_of(final)
+    final = ModelFile.load(model_path)
+    classes, hidden, federated_params, standardization = final.classes, final.hidden, final.params, \
+        final.standardization
+    components, mean, scale = final.basis
     splits = {}
     for device, path in stores.items():
         X, y, train_mask, held_out = _device_split(path, classes)
@@ -594,14 +588,14 @@ def onnx_check(stores: Mapping[str, Path], onnx_path: Path, model_path: Path) ->
     """
     from biofed.edge.inference import OnnxModel
     from biofed.kernels import predict_proba, project
+    from biofed.model import ModelFile
 
     if not onnx_path.is_file():
         return None
     model = OnnxModel(onnx_path)
-    with np.load(model_path, allow_pickle=False) as final:
-        params, hidden = final["params"], int(final["hidden"])
-        components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
-        standardization = _standardization_of(final)
+    final = ModelFile.load(model_path)
+    params, hidden, standardization = final.params, final.hidden, final.standardization
+    components, mean, scale = final.basis
     n_windows, max_diff = 0, 0.0
     for path in stores.values():
         X, _, train_mask, held_out = _device_split(path, model.classes)
@@ -735,6 +729,7 @@ def run_demo(settings: DemoSettings) -> dict:
     """
     from biofed.apps.broker import BrokerError
     from biofed.apps.provision import ProvisionError
+    from biofed.model import ModelFile
 
     out = settings.out.resolve()
     settings = DemoSettings(**{**asdict(settings), "out": out})
@@ -836,8 +831,7 @@ def run_demo(settings: DemoSettings) -> dict:
     # everything the coordinator accounted (the basis round included), from its last committed round
     final_eps = _float_or_none(records[-1].get("epsilon_rdp")) if records else None
     final_eps_pld = _float_or_none(records[-1].get("epsilon_pld")) if records else None
-    with np.load(out / "model_final.npz", allow_pickle=False) as final:
-        stop_reason = str(final["stop_reason"]) if "stop_reason" in final.files else ""
+    stop_reason = ModelFile.load(out / "model_final.npz").stop_reason
     evaluation = next((r for r in records if r["phase"] == "evaluate"), None)
     onnx_summary = onnx_check(stores, out / "model_final.onnx", out / "model_final.npz")
     summary = {

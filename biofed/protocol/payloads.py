@@ -229,7 +229,7 @@ class Model:
 
     ``epsilon`` is the privacy spent so far at the configured delta (None without DP).
     ``onnx`` is the serialized ONNX model of the same parameters and basis (uint8 bytes,
-    ``features`` input, metadata of :mod:`biofed.model_format`; built by
+    ``features`` input, metadata of :mod:`biofed.model.format`; built by
     :mod:`biofed.coordinator.onnx_export`), empty when the coordinator knows no feature layout.
     """
 
@@ -366,7 +366,7 @@ class Status:
     ``state`` is a short lowercase word: ``"online"``, ``"offline"`` (the MQTT last will,
     see :func:`offline_status`), ``"idle"``, ``"training"`` ... ``round`` is the last round
     the device saw. ``layout`` is the device's feature layout as JSON
-    (:class:`biofed.model_format.LayoutSpec`; empty until the device has ingested data): the
+    (:class:`biofed.model.FeatureLayout`; empty until the device has ingested data): the
     coordinator writes it into the exported ONNX model.
     """
 
