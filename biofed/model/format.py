@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 
 from biofed.model._json import ModelFormatError, names
 from biofed.model.layout import FeatureLayout
+from biofed.protocol import STANDARDIZATIONS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -98,7 +99,6 @@ KEY_MODEL = "biofed.model"
 KEY_LAYOUT = "biofed.layout"
 KEY_PRIVACY = "biofed.privacy"
 KEY_STANDARDIZATION = "biofed.standardization"
-STANDARDIZATIONS = ("global", "device")
 METADATA_KEYS = (KEY_FORMAT, KEY_VERSION, KEY_FLEET, KEY_ROUND, KEY_TRAIN_ROUND, KEY_BASIS_VERSION, KEY_INPUT,
                  KEY_CLASSES, KEY_MODEL, KEY_LAYOUT, KEY_PRIVACY)
 
