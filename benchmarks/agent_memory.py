@@ -63,7 +63,8 @@ def main() -> None:
     from biofed.datasets.live import BadSpans
     from biofed.edge.agent import EdgeAgent
     from biofed.edge.continuous import LiveFeatures
-    from biofed.edge.pipeline import FeatureLayout, FeatureRow, fit_basis
+    from biofed.edge.pipeline import FeatureRow
+    from biofed.model import FeatureLayout, fit_basis
     from biofed.edge.warmup import warmup
     from biofed.kernels import n_params
     from biofed.protocol import Basis, Model, Task

@@ -57,7 +57,7 @@ local
     basis phase) before its task goes out, so retried and abandoned rounds are in epsilon.
 distributed
     Training rounds are secure-aggregated (:mod:`biofed.coordinator.secure_aggregation`,
-    :mod:`biofed.secagg`): each device sends an ``Update`` with an empty delta and no
+    :mod:`biofed.secure_aggregation`): each device sends an ``Update`` with an empty delta and no
     metrics, then its clipped update plus a noise share of std ``z C / sqrt(n_min)``
     (``n_min = Task.secagg_threshold``: ``dp.secagg_threshold``, never below
     ``min_devices``, default ``min_devices``) masked, and the coordinator learns only the
@@ -129,7 +129,7 @@ import numpy as np
 from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping
-from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
+from biofed.coordinator.onnx_export import ExportError, export_onnx, export_round
 from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
 from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
@@ -139,13 +139,12 @@ from biofed.coordinator.state import (
     Snapshot,
     StateDirLock,
     StateError,
-    write_final_model,
 )
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.random_state import check_random_state
 from biofed.kernels.training import init_params
 from biofed.metrics import CoordinatorMetrics, serve
-from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
+from biofed.model import FeatureLayout, ModelFile, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
 from biofed.protocol import (
     BASIS_PHASES,
@@ -154,7 +153,6 @@ from biofed.protocol import (
     Model,
     MessageVerifier,
     ProtocolError,
-    SecAggUpload,
     SeenMessageIds,
     Sketch,
     Status,
@@ -164,7 +162,7 @@ from biofed.protocol import (
     decode_topic_message,
     encode_message,
 )
-from biofed.secagg import SecAggError
+from biofed.secure_aggregation import SecAggError, SecAggUpload
 from biofed.signing import signing_from_config
 
 logger = logging.getLogger(__name__)
@@ -321,7 +319,7 @@ class Ingest:
         self.online: set[str] = set()
         """Devices whose latest status is not "offline"."""
         self.layouts: dict[str, str] = {}
-        """Latest feature layout (JSON, :class:`biofed.model_format.LayoutSpec`) each device reported."""
+        """Latest feature layout (JSON, :class:`biofed.model.FeatureLayout`) each device reported."""
         self.open: OpenRound | None = None
         self.dropped: Counter[str] = Counter()
         """Drop counts per reason (for tests and the benchmark)."""
@@ -385,7 +383,7 @@ class Ingest:
         self.known.add(device)
         if status.layout:
             try:  # parsed once here, so a bad layout never reaches the export after a round
-                LayoutSpec.from_json(status.layout)
+                FeatureLayout.from_json(status.layout)
             except ModelFormatError as exc:
                 self.dropped["bad layout"] += 1
                 logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
@@ -1199,7 +1197,7 @@ class Coordinator:
         train_rounds = [r.round for r in self._store.history() if r.phase == "train"]
         model = self._model_file(train_rounds[-1] if train_rounds else 0)
         try:
-            write_final_model(cfg.state_dir / "model_final.npz", {**model.to_arrays(), "stop_reason": snap.stop_reason})
+            replace(model, stop_reason=snap.stop_reason).save(cfg.state_dir / "model_final.npz")
         except OSError as exc:
             raise StateError(f"{cfg.state_dir / 'model_final.npz'}: cannot write the final model: {exc}") from None
         if model.layout is not None:
@@ -1210,13 +1208,13 @@ class Coordinator:
         logger.info("final model written to %s (epsilon %s)", cfg.state_dir / "model_final.npz", self._format_eps())
 
     # ------------------------------------------------------------------ exported model
-    def _feature_layout(self) -> LayoutSpec | None:
+    def _feature_layout(self) -> FeatureLayout | None:
         """The layout reported by the most devices among those as wide as the basis (None: none)."""
         d = self.snapshot.n_features
         votes: Counter[str] = Counter()
         for device, text in sorted(self.ingest.layouts.items()):
             try:
-                layout = LayoutSpec.from_json(text)
+                layout = FeatureLayout.from_json(text)
             except ModelFormatError as exc:  # total: any text gives a layout or this error
                 logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
                 continue
@@ -1227,7 +1225,7 @@ class Coordinator:
         if len(votes) > 1:
             logger.warning("devices report %d different feature layouts of %d features; the ONNX model carries "
                            "the most common one", len(votes), d)
-        return LayoutSpec.from_json(votes.most_common(1)[0][0])
+        return FeatureLayout.from_json(votes.most_common(1)[0][0])
 
     def _model_file(self, round_: int) -> ModelFile:
         snap, cfg = self.snapshot, self.config
@@ -1240,7 +1238,7 @@ class Coordinator:
         )
         return ModelFile(
             params=snap.params, classes=tuple(cfg.model.classes), hidden=cfg.model.hidden,
-            components=snap.basis_components, mean=snap.basis_mean, scale=snap.basis_scale,
+            basis=(snap.basis_components, snap.basis_mean, snap.basis_scale),
             basis_version=snap.basis_version, fleet=cfg.fleet, round=round_, train_round=snap.train_rounds_done,
             layout=self._feature_layout(), privacy=privacy, standardization=self._standardization,
         )
@@ -1258,6 +1256,6 @@ class Coordinator:
         try:
             _, path = export_round(self.config.state_dir, self._model_file(round_))
             return np.empty(0, dtype=np.uint8) if path is None else np.frombuffer(path.read_bytes(), dtype=np.uint8)
-        except (ExportError, OSError) as exc:
+        except (ExportError, ModelFormatError, OSError) as exc:
             logger.error("round %d: model export failed (the round is committed): %s", round_, exc)
             return np.empty(0, dtype=np.uint8)

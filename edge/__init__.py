@@ -1,28 +1,23 @@
 """biofed.edge: what runs on a device.
 
 - :mod:`biofed.edge.pipeline`: sensor chunks -> aligned windows -> feature rows (optionally
-  projected onto the k=32 basis), with a mergeable sketch for fitting a local basis.
+  projected onto the k=32 basis of :mod:`biofed.model`).
 - :mod:`biofed.edge.store`: durable, capped SQLite store of feature rows.
 - :mod:`biofed.edge.replay_cli`: ``biofed replay``, recordings streamed through the pipeline.
 """
 
 from biofed.edge.pipeline import (
-    Basis,
     ChunkError,
-    FeatureLayout,
     FeatureRow,
     PipelineConfig,
     PipelineError,
     StreamingPipeline,
     extract_features,
-    fit_basis,
 )
 from biofed.edge.store import FeatureStore, StoreError
 
 __all__ = [
-    "Basis",
     "ChunkError",
-    "FeatureLayout",
     "FeatureRow",
     "FeatureStore",
     "PipelineConfig",
@@ -30,5 +25,4 @@ __all__ = [
     "StoreError",
     "StreamingPipeline",
     "extract_features",
-    "fit_basis",
 ]

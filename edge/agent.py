@@ -104,18 +104,18 @@ import numpy as np
 import psutil
 
 from biofed.config import ConfigError, DeviceConfig
-from biofed.edge.inference import InferenceError, OnnxModel, layout_spec
-from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError
+from biofed.edge.inference import InferenceError, OnnxModel
+from biofed.edge.pipeline import PipelineConfig
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore, StoreError
 from biofed.kernels import check_random_state, clip_l2, dp_sgd, n_params, predict_proba, project, train
 from biofed.metrics import AgentMetrics
-from biofed.model_format import LayoutSpec
+from biofed.model import FeatureLayout, LayoutError
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
-from biofed.secagg import SecAggError
+from biofed.secure_aggregation import SecAggError, SecAggRelay
 from biofed.signing import signing_from_config
 from biofed.protocol import (
     Basis,
@@ -124,7 +124,6 @@ from biofed.protocol import (
     Prediction,
     ProtocolError,
     ReplayedMessage,
-    SecAggRelay,
     SeenMessageIds,
     Sketch,
     Status,
@@ -315,7 +314,7 @@ class EdgeAgent:
         self._client: MqttClient | None = None
         self._downtime_seen = 0.0
         self.layout_json = self._stored_layout()
-        """The device's feature layout (JSON of :class:`biofed.model_format.LayoutSpec`), "" until known."""
+        """The device's feature layout (JSON of :class:`biofed.model.FeatureLayout`), "" until known."""
         self.predictor: OnnxModel | None = None
         """The ONNX global model predictions are made with (``predict = true``)."""
         self._predict_standardization: tuple[np.ndarray, np.ndarray] | None = None
@@ -382,7 +381,7 @@ class EdgeAgent:
         return row[0] if row else ""
 
     def _remember_layout(self, layout: FeatureLayout) -> None:
-        text = layout_spec(layout, self.pipeline_config).to_json()
+        text = layout.to_json()
         if text == self.layout_json:
             return
         with self._ingest_lock:
@@ -397,7 +396,7 @@ class EdgeAgent:
         """Whether ``predictor`` was trained on this device's feature layout (logged when not)."""
         if not self.layout_json:
             return True  # nothing ingested yet: checked again when the first stream fixes the layout
-        problem = predictor.layout.mismatch(LayoutSpec.from_json(self.layout_json))
+        problem = predictor.layout.mismatch(FeatureLayout.from_json(self.layout_json))
         if problem is not None:
             logger.error("%s: %s does not fit this device: %s; no predictions with it", self.device_id,
                          predictor.name, problem)
@@ -487,7 +486,7 @@ class EdgeAgent:
             channels = stream_channels(recordings)
             try:
                 layout = FeatureLayout.from_channels(channels, self.pipeline_config)
-            except PipelineError as exc:
+            except LayoutError as exc:
                 logger.error("%s: stream %s has no usable layout, skipped: %s", self.device_id, stream, exc)
                 continue
             if not self._open_store_for(layout.hash):
@@ -559,8 +558,7 @@ class EdgeAgent:
                       layout_json: str, source: str) -> int:
         """Add feature windows computed elsewhere with the same pipeline (a simulator deals the
         windows of a few recordings to many small devices). ``layout_hash`` / ``layout_json``:
-        the :class:`~biofed.edge.pipeline.FeatureLayout` hash and
-        :class:`~biofed.model_format.LayoutSpec` JSON of the rows. Returns the rows added.
+        the :class:`~biofed.model.FeatureLayout` hash and JSON of the rows. Returns the rows added.
 
         Raises
         ------

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from biofed.datasets.live import BadSpans, Gap
-from biofed.edge.pipeline import ChunkError, FeatureLayout, FeatureRow, PipelineConfig, PipelineError, StreamingPipeline
+from biofed.edge.pipeline import ChunkError, FeatureRow, PipelineConfig, StreamingPipeline
+from biofed.model import FeatureLayout, LayoutError
 
 __all__ = ["ContinuousIngestion", "LiveFeatures"]
 
@@ -149,7 +150,7 @@ class ContinuousIngestion:
                 return
             try:
                 layout = FeatureLayout.from_channels(live.channels(), agent.pipeline_config)
-            except PipelineError as exc:
+            except LayoutError as exc:
                 logger.error("%s: LSL source %s has no usable feature layout: %s", agent.device_id, source.name, exc)
                 return
             if not agent._open_store_for(layout.hash):

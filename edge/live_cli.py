@@ -93,7 +93,7 @@ def _load_kernels(config, layout) -> None:
 
     pipeline = StreamingPipeline(config, layout)
     for part in layout.modalities:
-        n = int(round(config.window_s * part.sfreq))
+        n = layout.window_samples(part)
         pipeline.push(part.modality, np.random.default_rng(0).normal(size=(part.n_channels, n)))
 
 
@@ -103,7 +103,7 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
 
     from biofed.datasets.live import Gap, LslError, LslSource
     from biofed.edge.continuous import LiveFeatures
-    from biofed.edge.pipeline import FeatureLayout, PipelineError
+    from biofed.model import FeatureLayout, LayoutError
     from biofed.edge.replay_cli import _peak_rss_mb, _write_npz
 
     source = LslSource(names, modalities=config.modalities, resolve_timeout_s=timeout_s)
@@ -114,7 +114,7 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
             raise click.ClickException(str(exc)) from None
         try:
             layout = FeatureLayout.from_channels(source.channels(), config)
-        except PipelineError as exc:
+        except LayoutError as exc:
             raise click.ClickException(f"{source.source}: {exc}") from None
         _load_kernels(config, layout)
         source.flush()  # start with fresh samples, not those buffered while the kernels loaded

@@ -155,11 +155,11 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
     from biofed.datasets.recording import stream_channels
     from biofed.edge.pipeline import (
         ChunkError,
-        FeatureLayout,
         PipelineConfig,
         PipelineError,
         StreamingPipeline,
     )
+    from biofed.model import FeatureLayout, LayoutError
 
     if bool(files) == bool(lsl_names):
         raise click.UsageError("give recording FILEs or --lsl NAME (live streams), one of the two.")
@@ -200,7 +200,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
                 channels = stream_channels(group)
                 try:
                     layout = FeatureLayout.from_channels(channels, config)
-                except PipelineError as exc:
+                except LayoutError as exc:
                     raise click.ClickException(f"{stream.name}: {exc}") from None
                 if out is not None and streams and layout.hash != streams[0].pipeline.layout.hash:
                     first = streams[0].pipeline.layout
@@ -264,7 +264,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
 
 def _write_npz(out: Path, streams: list[_Stream], k: int) -> None:
     """Stack every stream's rows, fit the local basis and write the ``--out`` archive."""
-    from biofed.edge.pipeline import fit_basis
+    from biofed.model import fit_basis
     from biofed.kernels import project
 
     layout = streams[0].pipeline.layout

@@ -11,7 +11,7 @@ coordinator opens a round. The store is a single SQLite file (stdlib :mod:`sqlit
   order) are evicted in the same transaction that inserts new ones, so the cap holds at
   every commit.
 - **Layouts never mix.** Every row carries a layout hash (see
-  ``biofed.edge.pipeline.FeatureLayout.hash``) and the width of each layout is recorded
+  ``biofed.model.FeatureLayout.hash``) and the width of each layout is recorded
   once. A store opened for one layout reads only that layout's rows; appending a matrix of
   another width under the same layout is an error.
 

@@ -45,7 +45,8 @@ def warmup() -> float:
     from biofed.config import DeviceConfig
     from biofed.datasets import make_recording, replay
     from biofed.edge.agent import EdgeAgent
-    from biofed.edge.pipeline import FeatureLayout, StreamingPipeline, fit_basis
+    from biofed.edge.pipeline import StreamingPipeline
+    from biofed.model import FeatureLayout, fit_basis
     from biofed.kernels import n_params
     from biofed.protocol import Basis, Model, Task
 

@@ -24,7 +24,7 @@ from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 from biofed.config import DeviceConfig
 from biofed.apps.federation import write_synthetic_devices
 from biofed.edge.agent import AgentState, EdgeAgent
-from biofed.edge.pipeline import fit_basis
+from biofed.model import fit_basis
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.kernels import clip_l2, init_params, n_params, predict_proba, project, train
 from biofed.mqtt import MqttClient

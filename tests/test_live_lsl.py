@@ -123,7 +123,8 @@ def test_a_dropped_stream_is_reconnected_and_the_gap_reported():
 
 def test_bad_markers_open_spans_that_drop_windows():
     from biofed.edge.continuous import LiveFeatures
-    from biofed.edge.pipeline import FeatureLayout, PipelineConfig
+    from biofed.edge.pipeline import PipelineConfig
+    from biofed.model import FeatureLayout
 
     rec = synthetic(seconds=40.0)
     rec = Recording(signals=rec.signals, annotations=(Annotation(14.0, 2.0, "BAD_motion"),), label="rest",

@@ -30,7 +30,8 @@ from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.federation import AgentThreads, broker_settings, received, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, Outgoing
 from biofed.mqtt import MqttClient
-from biofed.protocol import Basis, Model, SecAggUpload, Sketch, Status, Topics, Update, decode_topic_message
+from biofed.protocol import Basis, Model, Sketch, Status, Topics, Update, decode_topic_message
+from biofed.secure_aggregation import SecAggUpload
 
 pytestmark = pytest.mark.slow
 
