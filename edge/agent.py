@@ -29,7 +29,7 @@ Life of an agent (``biofed edge --config device.toml``)
 Release gate
 ------------
 In ``"local"`` and ``"distributed"`` trust modes the coordinator is the adversary, so the
-device is the release gate (:meth:`EdgeAgent.release`): its
+device is the release gate (:class:`~biofed.edge.tasks.DeviceRelease`): its
 :class:`~biofed.privacy_mechanism.PrivacyMechanism` clips, adds
 ``N(0, (Task.noise_multiplier * clip_norm)^2)`` to sketches and local-mode updates and charges
 the device's own ledger durably (in the store's file) before the value is published. A
@@ -79,6 +79,7 @@ from biofed.edge.prediction import DevicePredictor
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore
 from biofed.edge.tasks import (
+    DeviceRelease,
     DeviceUsage,
     LocalData,
     TaskRefused,
@@ -87,7 +88,7 @@ from biofed.edge.tasks import (
     sketch_reply,
     train_reply,
 )
-from biofed.kernels import clip_l2, dp_sgd, train
+from biofed.kernels import dp_sgd, train
 from biofed.metrics import AgentMetrics
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
@@ -210,6 +211,9 @@ class EdgeAgent:
                                                  persist=lambda ledger: self._persist_ledger("record", ledger))
         """The record-level gate of DP-SGD (``[dp] record_noise_multiplier``): every step's
         noised gradient sum is charged to the device's record-level ledger."""
+        self.release = DeviceRelease(self.mechanism)
+        """Clips every statistic and update; noises and charges them through :attr:`mechanism`
+        in local and distributed trust modes."""
         self._client: MqttClient | None = None
         self._downtime_seen = 0.0
         self.metrics = AgentMetrics(self)
@@ -276,23 +280,6 @@ class EdgeAgent:
         record = None if self.config.dp.record_noise_multiplier is None else self.record_mechanism.ledger.epsilon()
         return {"client_epsilon": self.mechanism.ledger.epsilon(), "record_epsilon": record,
                 "delta": self.config.dp.delta}
-
-    def release(self, task: Task, vector: np.ndarray, kind: str) -> np.ndarray:
-        """``vector`` clipped to ``task.clip_norm``; in local and distributed modes noised
-        with ``N(0, (z C)^2)`` and charged by this device's privacy mechanism first (the
-        coordinator is the adversary there). In central mode the device only clips: the
-        coordinator's mechanism noises and charges."""
-        if task.trust_mode == "central":
-            return clip_l2(vector, task.clip_norm)[0]
-        (noised,) = self.mechanism.release(self._charge(task, kind),
-                                           ClippedSum(vector, task.clip_norm, task.noise_multiplier * task.clip_norm))
-        return noised
-
-    def _charge(self, task: Task, kind: str) -> Charge:
-        """The device ledger's entry for a release answering ``task``. Entries are numbered
-        by the device's own release count (a new coordinator state restarts the task round
-        numbers; the device's ledger spans every coordinator it ever answered)."""
-        return Charge(len(self.mechanism.ledger), kind, 1.0, task.noise_multiplier)
 
     # ------------------------------------------------------------------ data
     def ingest(self, stop: threading.Event | None = None, *, paths: Sequence[Path] | None = None) -> int:
@@ -486,7 +473,7 @@ class EdgeAgent:
             try:
                 self._secagg = SecureAggregationParticipant(self.device_id, self.config.fleet, task, reply.raw_delta,
                                                             mechanism=self.mechanism,
-                                                            charge=self._charge(task, "train"))
+                                                            charge=self.release.charge(task, "train"))
             except SecAggError as exc:
                 logger.error("%s: round %d: %s; not answered", self.device_id, task.round, exc)
                 return []

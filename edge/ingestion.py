@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-
-from biofed.config import DeviceConfig
 from biofed.edge.inference import layout_spec
 from biofed.edge.pipeline import FeatureLayout, FeatureRow, PipelineConfig, PipelineError
 from biofed.edge.store import FeatureStore, StoreError
+
+from biofed.config import DeviceConfig
 
 __all__ = ["Ingestion", "recording_files"]
 

@@ -19,10 +19,10 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-
 from biofed.edge.inference import InferenceError, OnnxModel
 from biofed.edge.tasks import LocalData, project_rows
 from biofed.kernels import n_params, predict_proba
+
 from biofed.model_format import LayoutSpec
 from biofed.protocol import Basis, Model, Prediction
 
@@ -116,7 +116,7 @@ class DevicePredictor:
         proba = model.predict_features(X)
         counts = np.bincount(proba.argmax(axis=1), minlength=len(model.classes))
         logger.info("%s: predicted %d window(s) at t=%.0f-%.0f s: %s", self.device_id, len(t), t[0], t[-1],
-                    ", ".join(f"{c} {n}" for c, n in zip(model.classes, counts)))
+                    ", ".join(f"{c} {n}" for c, n in zip(model.classes, counts, strict=True)))
         return Prediction(round=model.metadata.round, t=t, proba=proba, classes=model.classes)
 
     def predict_rows(self, rows: list, offset: float) -> Prediction | None:

@@ -315,7 +315,8 @@ class FeatureStore:
         if X.dtype.kind not in "fiub":
             raise StoreError(f"features must be a real numeric array, got dtype {X.dtype}.")
         if X.ndim != 2:
-            raise StoreError(f"features must be 2-D (N windows, F features), got shape {X.shape}; reshape(1, -1) a single row.")
+            raise StoreError(f"features must be 2-D (N windows, F features), got shape {X.shape}; "
+                             "reshape(1, -1) a single row.")
         n, width = X.shape
         if width == 0:
             raise StoreError("features has 0 columns; a feature row needs at least one value.")

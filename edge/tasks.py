@@ -3,7 +3,7 @@
 With ``X`` the device's raw training rows (labels in ``Task.classes``, minus the held-out
 windows of :func:`biofed.edge.split.holdout_split`), every statistic and update is clipped to
 L2 norm ``Task.clip_norm`` by the ``release`` the caller passes (the device's release gate,
-see :meth:`biofed.edge.agent.EdgeAgent.release`):
+:class:`DeviceRelease`):
 
 ``moments``     :func:`sketch_reply`: sketch of ``concat(mean(X, 0), mean(X**2, 0))``.
 ``covariance``  :func:`sketch_reply`: sketch of ``(Z.T @ Z / n).ravel()``,
@@ -40,12 +40,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
-from biofed.kernels import n_params, predict_proba, project
+from biofed.kernels import clip_l2, n_params, predict_proba, project
+
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.protocol import Basis, Sketch, Task, Update, UpdateMetrics
 
 __all__ = [
+    "DeviceRelease",
     "DeviceUsage",
     "EvaluateReply",
     "HeldOutMetrics",
@@ -72,6 +74,42 @@ charged where the trust mode asks for it); ``kind`` is ``"basis"`` or ``"train"`
 LocalTraining = Callable[[Task, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 """``local_training(task, Z, y)``: ``(new params, loss)`` of local training from ``task.model``
 on the projected training rows ``Z`` (n, k) with labels ``y`` (n,)."""
+
+
+class DeviceRelease:
+    """The device's release gate, a :data:`Release`.
+
+    In ``"local"`` and ``"distributed"`` trust modes the coordinator is the adversary: a
+    vector is clipped to ``task.clip_norm``, noised with ``N(0, (z C)^2)`` and charged to the
+    ledger of ``mechanism`` (durably, when the mechanism persists it) before it is returned.
+    In ``"central"`` mode the device only clips: the coordinator's mechanism noises and charges.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from biofed.privacy_ledger import PrivacyLedger
+    >>> release = DeviceRelease(PrivacyMechanism(PrivacyLedger(1e-5, ("rdp",))))
+    >>> task = Task(round=1, model=np.empty(0), basis_version=0, classes=("a", "b"), deadline=0.0,
+    ...             phase="moments", clip_norm=1.0)
+    >>> release(task, np.array([0.0, 2.0]), "basis").tolist()  # central mode: clipped only
+    [0.0, 1.0]
+    """
+
+    def __init__(self, mechanism: PrivacyMechanism) -> None:
+        self.mechanism = mechanism
+
+    def __call__(self, task: Task, vector: np.ndarray, kind: str) -> np.ndarray:
+        if task.trust_mode == "central":
+            return clip_l2(vector, task.clip_norm)[0]
+        (noised,) = self.mechanism.release(self.charge(task, kind),
+                                           ClippedSum(vector, task.clip_norm, task.noise_multiplier * task.clip_norm))
+        return noised
+
+    def charge(self, task: Task, kind: str) -> Charge:
+        """The ledger entry of a release answering ``task``. Entries are numbered by the
+        device's own release count (a new coordinator state restarts the task round numbers;
+        the device's ledger spans every coordinator it ever answered)."""
+        return Charge(len(self.mechanism.ledger), kind, 1.0, task.noise_multiplier)
 
 
 class TaskRefused(Exception):
