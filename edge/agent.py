@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
 import threading
 import time
 from collections import Counter
@@ -79,19 +78,21 @@ from biofed.edge.prediction import DevicePredictor
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
 from biofed.edge.store import FeatureStore
 from biofed.edge.tasks import (
+    Admission,
     DeviceRelease,
     DeviceUsage,
     LocalData,
     TaskRefused,
+    admit,
     evaluate_reply,
     labelled_split,
     sketch_reply,
+    train_locally,
     train_reply,
 )
-from biofed.kernels import dp_sgd, train
 from biofed.metrics import AgentMetrics
 from biofed.privacy_ledger import PrivacyLedger
-from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
+from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
 from biofed.secagg import SecAggError
 from biofed.signing import signing_from_config
@@ -401,44 +402,38 @@ class EdgeAgent:
 
     def _on_task(self, task: Task) -> list[Outgoing]:
         now = self._clock()
-        if task.deadline <= now:
+        have = None if self.basis is None else self.basis.version
+        admission = admit(task, device_id=self.device_id, now=now, answered=self._answered, basis_version=have)
+        if admission is Admission.EXPIRED:
             logger.info("%s: task of round %d (%s) expired %.1f s ago; skipped", self.device_id, task.round,
                         task.phase, now - task.deadline)
             return []
-        if task.participants and self.device_id not in task.participants:
+        if admission is Admission.NOT_SELECTED:
             logger.debug("%s: not selected for round %d", self.device_id, task.round)
             return []
-        key = (task.round, task.phase)
-        if key in self._answered:
+        if admission is Admission.ANSWERED:
             logger.debug("%s: round %d (%s) already answered", self.device_id, task.round, task.phase)
             return []
         self.last_round = max(self.last_round, task.round)
-        if task.phase in ("moments", "covariance") or self._basis_ready(task):
-            try:
-                out = self._answer_task(task)
-            except TaskRefused as exc:
-                logger.log(exc.level, "%s: %s", self.device_id, exc)
-                out = []
-        else:
-            out = []
-        if out:
-            self._answered.add(key)
-            self.metrics.task_answered(task.round, task.phase)
-        self._enter(AgentState.IDLE)
-        return out
-
-    def _basis_ready(self, task: Task) -> bool:
-        have = None if self.basis is None else self.basis.version
-        if have == task.basis_version:
-            return True
-        if have is None or task.basis_version > have:
+        if admission is Admission.WAIT_FOR_BASIS:
             logger.info("%s: round %d needs basis version %d, have %s; waiting for it until the deadline",
                         self.device_id, task.round, task.basis_version, have)
             self._pending_task = task
-        else:
+            return []
+        if admission is Admission.STALE_BASIS:
             logger.warning("%s: round %d (%s) is for basis version %d but this device has version %d; refused",
                            self.device_id, task.round, task.phase, task.basis_version, have)
-        return False
+            return []
+        try:
+            out = self._answer_task(task)
+        except TaskRefused as exc:
+            logger.log(exc.level, "%s: %s", self.device_id, exc)
+            out = []
+        if out:
+            self._answered.add((task.round, task.phase))
+            self.metrics.task_answered(task.round, task.phase)
+        self._enter(AgentState.IDLE)
+        return out
 
     def _answer_task(self, task: Task) -> list[Outgoing]:
         """Run the task's handler of :mod:`biofed.edge.tasks` on the stored rows; what to publish."""
@@ -487,30 +482,21 @@ class EdgeAgent:
         return out
 
     def _local_training(self, task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-        """``(new params, loss)`` of local training from the task's model on projected rows ``Z``
-        (labels ``y``): minibatch SGD/Adam, or record-level DP-SGD through :attr:`record_mechanism`
-        when ``[dp] record_noise_multiplier`` is set. The one step of a training round that depends
-        on the learning rule (the audit's canary clients replace it; clipping, noise and publishing
-        stay the agent's)."""
-        common = dict(lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
-                      prox_center=task.model if task.prox_mu > 0 else None, random_state=self._train_rng)
+        """``(new params, loss)`` of local training (:func:`~biofed.edge.tasks.train_locally`):
+        minibatch SGD/Adam, or record-level DP-SGD through :attr:`record_mechanism` when
+        ``[dp] record_noise_multiplier`` is set. The one step of a training round that depends
+        on the learning rule (the audit's canary clients replace it; clipping, noise and
+        publishing stay the agent's)."""
         dp = self.config.dp
-        if dp.record_noise_multiplier is None:
-            return train(task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs,
-                         batch_size=task.batch_size, **common)
-        z, clip, q = dp.record_noise_multiplier, dp.record_clip_norm, dp.record_sampling_rate
-        gate = self.record_mechanism
-
-        def release(grads: np.ndarray) -> np.ndarray:
-            return gate.release(Charge(len(gate.ledger), "train", q, z), ClippedSum(grads, clip, z * clip))[0]
-
-        params, loss = dp_sgd(task.model, Z, y, len(task.classes), task.hidden,
-                              steps=math.ceil(task.local_epochs / q), sampling_rate=q, release=release, **common)
-        report = self.privacy_report()
-        logger.info("%s: privacy after round %d: record-level epsilon %.4g (DP-SGD, q=%g, z=%g) | client-level "
-                    "epsilon of this device's own releases %.4g, at delta %g", self.device_id, task.round,
-                    report["record_epsilon"], q, z, report["client_epsilon"], report["delta"])
-        return params, 0.0 if math.isnan(loss) else loss
+        result = train_locally(task, Z, y, random_state=self._train_rng, record_dp=dp,
+                               record_gate=self.record_mechanism)
+        if dp.record_noise_multiplier is not None:
+            report = self.privacy_report()
+            logger.info("%s: privacy after round %d: record-level epsilon %.4g (DP-SGD, q=%g, z=%g) | client-level "
+                        "epsilon of this device's own releases %.4g, at delta %g", self.device_id, task.round,
+                        report["record_epsilon"], dp.record_sampling_rate, dp.record_noise_multiplier,
+                        report["client_epsilon"], report["delta"])
+        return result
 
     def _on_secagg(self, relay: SecAggRelay) -> list[Outgoing]:
         """Answer the coordinator's next secure-aggregation step of the current round."""

@@ -35,18 +35,21 @@ resource usage.
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
-from biofed.kernels import clip_l2, n_params, predict_proba, project
+from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
 
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.protocol import Basis, Sketch, Task, Update, UpdateMetrics
 
 __all__ = [
+    "Admission",
     "DeviceRelease",
     "DeviceUsage",
     "EvaluateReply",
@@ -57,12 +60,14 @@ __all__ = [
     "SketchReply",
     "TaskRefused",
     "TrainReply",
+    "admit",
     "check_model_size",
     "evaluate_reply",
     "held_out_metrics",
     "labelled_split",
     "project_rows",
     "sketch_reply",
+    "train_locally",
     "train_reply",
     "update_metrics",
 ]
@@ -74,6 +79,76 @@ charged where the trust mode asks for it); ``kind`` is ``"basis"`` or ``"train"`
 LocalTraining = Callable[[Task, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 """``local_training(task, Z, y)``: ``(new params, loss)`` of local training from ``task.model``
 on the projected training rows ``Z`` (n, k) with labels ``y`` (n,)."""
+
+
+class Admission(enum.Enum):
+    """What a device does with a task (:func:`admit`)."""
+
+    ANSWER = "answer"
+    """Answer it now."""
+    EXPIRED = "expired"
+    """Its deadline has passed."""
+    NOT_SELECTED = "not selected"
+    """It lists participants, and this device is not one of them."""
+    ANSWERED = "answered"
+    """Its round and phase were answered already (a new message id for the same task)."""
+    WAIT_FOR_BASIS = "wait for basis"
+    """It is for a basis this device does not have yet: keep it until the basis arrives."""
+    STALE_BASIS = "stale basis"
+    """It is for an older basis than this device's: refused."""
+
+
+def admit(task: Task, *, device_id: str, now: float, answered: Container[tuple[int, str]],
+          basis_version: int | None) -> Admission:
+    """Whether device ``device_id`` answers ``task`` at Unix time ``now``, having answered the
+    ``(round, phase)`` pairs in ``answered`` and holding basis ``basis_version`` (None: none).
+
+    The basis phases (``moments``, ``covariance``) need no basis; ``train`` and ``evaluate``
+    need the task's.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> task = Task(round=3, model=np.empty(0), basis_version=2, classes=("a", "b"), deadline=100.0)
+    >>> admit(task, device_id="pi-01", now=50.0, answered=set(), basis_version=1)
+    <Admission.WAIT_FOR_BASIS: 'wait for basis'>
+    >>> admit(task, device_id="pi-01", now=150.0, answered=set(), basis_version=2)
+    <Admission.EXPIRED: 'expired'>
+    """
+    if task.deadline <= now:
+        return Admission.EXPIRED
+    if task.participants and device_id not in task.participants:
+        return Admission.NOT_SELECTED
+    if (task.round, task.phase) in answered:
+        return Admission.ANSWERED
+    if task.phase in ("moments", "covariance") or basis_version == task.basis_version:
+        return Admission.ANSWER
+    if basis_version is None or task.basis_version > basis_version:
+        return Admission.WAIT_FOR_BASIS
+    return Admission.STALE_BASIS
+
+
+def train_locally(task: Task, Z: np.ndarray, y: np.ndarray, *, random_state: np.random.Generator,
+                  record_dp=None, record_gate: PrivacyMechanism | None = None) -> tuple[np.ndarray, float]:
+    """``(new params, loss)`` of local training from ``task.model`` on projected rows ``Z`` (n, k)
+    with labels ``y`` (n,): minibatch SGD/Adam with the task's settings (FedProx centre = the
+    incoming model), or, with ``record_dp`` (a device's ``[dp]`` section whose
+    ``record_noise_multiplier`` is set), record-level DP-SGD of ``ceil(local_epochs / q)``
+    Poisson-sampled steps, each noised gradient sum released and charged by ``record_gate``.
+    ``random_state`` drives the minibatch shuffles and the sampling only."""
+    common = dict(lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
+                  prox_center=task.model if task.prox_mu > 0 else None, random_state=random_state)
+    if record_dp is None or record_dp.record_noise_multiplier is None:
+        return train(task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs,
+                     batch_size=task.batch_size, **common)
+    z, clip, q = record_dp.record_noise_multiplier, record_dp.record_clip_norm, record_dp.record_sampling_rate
+
+    def release(grads: np.ndarray) -> np.ndarray:
+        return record_gate.release(Charge(len(record_gate.ledger), "train", q, z), ClippedSum(grads, clip, z * clip))[0]
+
+    params, loss = dp_sgd(task.model, Z, y, len(task.classes), task.hidden,
+                          steps=math.ceil(task.local_epochs / q), sampling_rate=q, release=release, **common)
+    return params, 0.0 if math.isnan(loss) else loss
 
 
 class DeviceRelease:

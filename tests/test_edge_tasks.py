@@ -13,16 +13,20 @@ import numpy as np
 import pytest
 from biofed.edge.pipeline import fit_basis
 from biofed.edge.split import balanced_accuracy, device_standardization
+from biofed.config import DeviceDPConfig
 from biofed.edge.tasks import (
+    Admission,
     DeviceRelease,
     DeviceUsage,
     LocalData,
     TaskRefused,
+    admit,
     evaluate_reply,
     held_out_metrics,
     labelled_split,
     project_rows,
     sketch_reply,
+    train_locally,
     train_reply,
 )
 from biofed.kernels import clip_l2, init_params, n_params, predict_proba, project, train
@@ -77,6 +81,25 @@ def seeded_training(task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarra
 
 def never_measured() -> DeviceUsage:
     raise AssertionError("usage must not be measured outside central mode")
+
+
+# ----------------------------------------------------------------------------- admission
+@pytest.mark.parametrize("overrides, now, answered, have, expected", [
+    ({}, 50.0, set(), 1, Admission.ANSWER),
+    ({}, 100.0, set(), 1, Admission.EXPIRED),  # the deadline itself is too late
+    ({"participants": ("pi-02",)}, 50.0, set(), 1, Admission.NOT_SELECTED),
+    ({"participants": ("pi-02", "pi-01")}, 50.0, set(), 1, Admission.ANSWER),
+    ({}, 50.0, {(7, "train")}, 1, Admission.ANSWERED),
+    ({"phase": "evaluate"}, 50.0, {(7, "train")}, 1, Admission.ANSWER),
+    ({}, 50.0, set(), None, Admission.WAIT_FOR_BASIS),
+    ({"basis_version": 2}, 50.0, set(), 1, Admission.WAIT_FOR_BASIS),
+    ({}, 50.0, set(), 2, Admission.STALE_BASIS),
+    ({"phase": "moments", "basis_version": 0}, 50.0, set(), None, Admission.ANSWER),  # no basis needed
+    ({"phase": "covariance"}, 50.0, set(), 3, Admission.ANSWER),
+])
+def test_admission_rules(overrides, now, answered, have, expected):
+    t = task(**{"deadline": 100.0, **overrides})
+    assert admit(t, device_id="pi-01", now=now, answered=answered, basis_version=have) is expected
 
 
 # ----------------------------------------------------------------------------- local data
@@ -235,3 +258,28 @@ def test_evaluate_without_held_out_windows_is_refused():
     none_held = LocalData(data.X, data.y, np.ones_like(data.train), np.zeros_like(data.held_out))
     with pytest.raises(TaskRefused, match="no held-out windows to evaluate round 7"):
         evaluate_reply(task("evaluate", model=init_params(K, 2)), none_held, basis_for(data), lambda: USAGE)
+
+
+# ----------------------------------------------------------------------------- local training
+def test_train_locally_is_minibatch_training_from_the_task_model():
+    data = local_data()
+    Z = project_rows(data.X[data.train], basis_for(data), data)
+    y = data.y[data.train]
+    t = task(model=init_params(K, 2, random_state=1), local_epochs=2, lr=0.1, batch_size=4, prox_mu=0.1)
+    params, loss = train_locally(t, Z, y, random_state=np.random.default_rng(5))
+    expected, expected_loss = train(t.model, Z, y, 2, epochs=2, lr=0.1, batch_size=4, prox_mu=0.1,
+                                    prox_center=t.model, random_state=np.random.default_rng(5))
+    np.testing.assert_array_equal(params, expected)
+    assert loss == expected_loss
+
+
+def test_train_locally_with_record_level_dp_charges_every_dp_sgd_step():
+    data = local_data()
+    Z = project_rows(data.X[data.train], basis_for(data), data)
+    gate = PrivacyMechanism(PrivacyLedger(1e-4, ("rdp",)))
+    dp = DeviceDPConfig(delta=1e-4, record_noise_multiplier=1.2, record_clip_norm=0.5, record_sampling_rate=0.25)
+    t = task(model=init_params(K, 2, random_state=1), local_epochs=2, lr=0.1)
+    params, loss = train_locally(t, Z, data.y[data.train], random_state=np.random.default_rng(0), record_dp=dp,
+                                 record_gate=gate)
+    assert params.shape == t.model.shape and np.isfinite(loss)
+    assert [(g.sampling_rate, g.noise_multiplier, g.count) for g in gate.ledger.groups] == [(0.25, 1.2, 8)]
