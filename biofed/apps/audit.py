@@ -83,7 +83,8 @@ from biofed.apps.demo import (
     write_configs,
     write_synthetic_devices,
 )
-from biofed.edge.agent import EdgeAgent, LocalData
+from biofed.edge.agent import EdgeAgent
+from biofed.edge.tasks import LocalData
 from biofed.model import FeatureLayout
 from biofed.protocol import TRUST_MODES, Model, ProtocolError, Status, Task, Topics, Update, decode_topic_message
 
