@@ -94,7 +94,7 @@ from biofed.metrics import AgentMetrics
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
-from biofed.secagg import SecAggError
+from biofed.secure_aggregation import SecAggError, SecAggRelay
 from biofed.signing import signing_from_config
 from biofed.protocol import (
     Basis,
@@ -102,7 +102,6 @@ from biofed.protocol import (
     Model,
     ProtocolError,
     ReplayedMessage,
-    SecAggRelay,
     SeenMessageIds,
     Status,
     Task,

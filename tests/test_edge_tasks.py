@@ -11,7 +11,7 @@ import logging
 import dp_accounting
 import numpy as np
 import pytest
-from biofed.edge.pipeline import fit_basis
+from biofed.model import fit_basis
 from biofed.edge.split import balanced_accuracy, device_standardization
 from biofed.config import DeviceDPConfig
 from biofed.edge.tasks import (
