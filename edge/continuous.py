@@ -140,6 +140,7 @@ class ContinuousIngestion:
         from biofed.datasets.live import LslError, LslSource
 
         agent = self.agent
+        ingestion = agent.ingestion
         live = LslSource(source.name, modalities=agent.pipeline_config.modalities,
                          resolve_timeout_s=source.resolve_timeout_s, gap_tolerance_s=source.gap_tolerance_s)
         try:
@@ -153,21 +154,20 @@ class ContinuousIngestion:
             except LayoutError as exc:
                 logger.error("%s: LSL source %s has no usable feature layout: %s", agent.device_id, source.name, exc)
                 return
-            if not agent._open_store_for(layout.hash):
+            if not ingestion.bind(layout):
                 logger.error("%s: LSL source %s has feature layout %s (%d features) but the store holds layout %s; "
                              "a device keeps one sensor layout", agent.device_id, source.name, layout.hash,
                              layout.n_features, agent.store.layout_hash)
                 return
-            agent._remember_layout(layout)
-            offset = agent._next_stream_offset()
+            offset = ingestion.next_offset()
             key = f"{live.source}@{time.strftime('%Y-%m-%dT%H:%M:%S')}"
             features = LiveFeatures(agent.pipeline_config, layout, live.bad_spans)
             logger.info("%s: ingesting live from %s (%d features)", agent.device_id, live.source, layout.n_features)
             for event in live.chunks(stop):
                 rows = features.feed(event)
                 if rows:
-                    self.rows_stored += agent._append_rows(rows, offset, key)
-                    agent._predict_rows(rows, offset)
+                    self.rows_stored += ingestion.append(rows, offset, key)
+                    ingestion.produced(rows, offset)
             self.windows_rejected += features.rejected_bad
         finally:
             live.close()
@@ -178,7 +178,7 @@ class ContinuousIngestion:
 
         sizes: dict[Path, int] = {}
         while not stop.is_set():
-            done = self.agent._ingested_paths()
+            done = self.agent.ingestion.ingested_paths()
             ready = []
             for folder in folders:
                 try:
@@ -206,5 +206,5 @@ class ContinuousIngestion:
                 for path in ready:
                     sizes.pop(path, None)
                 if added:
-                    self.agent._publish(self.agent.status_message())
+                    self.agent.publish(self.agent.status_message())
             stop.wait(self.watch_interval_s)

@@ -40,10 +40,12 @@ logger = logging.getLogger(__name__)
     "biofed play session.edf session.wav --lsl pi-02 --speed 2 --repeat 10",
 ))
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--lsl", "name", required=True, help="Stream name prefix and source id (streams NAME-eeg, NAME-markers...).")
+@click.option("--lsl", "name", required=True,
+              help="Stream name prefix and source id (streams NAME-eeg, NAME-markers...).")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               help="Playback speed: 1 = real time.")
-@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1), help="Play the files this many times.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Play the files this many times.")
 @click.option("--chunk", "chunk_s", default=0.01, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               help="Seconds of signal per pushed chunk (a device's transfer block).")
 @logging_options(default_level="warning")

@@ -123,7 +123,7 @@ def test_restart_skips_ingested_files_and_replays_an_interrupted_stream(recordin
     db.commit()
     db.close()
     agent = make_agent(recordings, store)
-    with caplog.at_level(logging.WARNING, logger="biofed.edge.agent"):
+    with caplog.at_level(logging.WARNING, logger="biofed.edge.ingestion"):
         assert agent.ingest() == SECONDS - 1
     assert "interrupted" in caplog.text
     _, labels, t = agent.store.read()
@@ -136,7 +136,7 @@ def test_unreadable_recording_is_logged_and_skipped(recordings, tmp_path, caplog
     bad = tmp_path / "broken_raw.fif"
     bad.write_bytes(b"not a fif file")
     agent = make_agent([bad, *recordings[:2]], tmp_path / "features.sqlite")
-    with caplog.at_level(logging.ERROR, logger="biofed.edge.agent"):
+    with caplog.at_level(logging.ERROR, logger="biofed.edge.ingestion"):
         assert agent.ingest() == SECONDS - 1
     assert "cannot read recording" in caplog.text and "broken_raw.fif" in caplog.text
     agent.close()

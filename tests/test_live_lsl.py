@@ -278,7 +278,7 @@ def test_watched_folder_is_ingested_without_restart(tmp_path):
         stop.set()
         ingestion.join()
     assert agent.n_rows == 7  # 8 s: windows of 2 s every 1 s
-    assert str(watched / fif.name) in agent._ingested_paths()
+    assert str(watched / fif.name) in agent.store.ingested_paths()
     agent.close()
 
 

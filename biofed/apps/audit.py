@@ -75,7 +75,8 @@ from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_c
 from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import FLEET, DemoSettings, write_configs
 from biofed.apps.federation import Listener, spawn, start_broker, tails, terminate, write_synthetic_devices
-from biofed.edge.agent import EdgeAgent, LocalData
+from biofed.edge.agent import EdgeAgent
+from biofed.edge.tasks import LocalData
 from biofed.model import FeatureLayout
 from biofed.protocol import TRUST_MODES, Model, ProtocolError, Status, Task, Topics, Update, decode_topic_message
 

@@ -84,7 +84,7 @@ anywhere, no budget).
 Centralized baseline
 --------------------
 :func:`centralized_baseline` pools the training windows of every device (the same rows and
-held-out split the devices use: :func:`biofed.edge.agent.labelled_split` on each device's
+held-out split the devices use: :func:`biofed.edge.tasks.labelled_split` on each device's
 feature store; under device standardization each device's rows z-scored with its own training
 statistics, as the agents do), projects them onto the federation's final basis, trains the same logistic
 regression centrally (:func:`biofed.kernels.training.train`, no privacy) and scores it on
@@ -408,7 +408,7 @@ def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, 
 
 
 def _device_split(store_path: Path, classes: Sequence[str]):
-    from biofed.edge.agent import labelled_split
+    from biofed.edge.tasks import labelled_split
     from biofed.edge.store import FeatureStore
 
     with FeatureStore(store_path) as store:
@@ -435,7 +435,7 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
     ----------
     stores : mapping device -> feature store path
         The devices' stores (raw feature rows), split with
-        :func:`biofed.edge.agent.labelled_split` as the devices split them.
+        :func:`biofed.edge.tasks.labelled_split` as the devices split them.
     model_path : Path
         The coordinator's ``model_final.npz``: the basis to project onto, the classes, the
         hidden size and the federated parameters (scored here as well).
