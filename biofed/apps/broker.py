@@ -330,13 +330,6 @@ class MosquittoBroker:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def reload(self) -> None:
-        """Send SIGHUP: Mosquitto re-reads its password file, ACL file and revocation list
-        (used after ``biofed provision revoke``)."""
-        if self.process.poll() is not None:
-            raise BrokerError(f"mosquitto (pid {self.process.pid}) is not running; nothing to reload")
-        os.kill(self.process.pid, signal.SIGHUP)
-
     def stop(self, timeout_s: float = 10.0) -> None:
         """Terminate (then kill) the process and wait for it (idempotent)."""
         if self.process.poll() is None:

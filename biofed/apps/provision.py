@@ -84,7 +84,7 @@ appends it to ``keys/revoked.txt``. The device's folder is left for the record. 
 coordinator re-reads ``allowed_devices.json`` when it changes and drops the device's
 messages from then on; its key ring reads ``revoked.txt`` at start.
 Mosquitto re-reads the password file, ACL and CRL on SIGHUP (``revoke --pid PID``,
-:func:`reload_broker`, :meth:`biofed.apps.broker.MosquittoBroker.reload`) or at a restart.
+:func:`reload_broker`) or at a restart.
 At the reload Mosquitto 2.0 applies the new ACL to connected clients, so whatever an open
 connection of the revoked device publishes is refused from then on (its certificate is
 checked against the CRL at the next TLS handshake), and every reconnect fails in the TLS
