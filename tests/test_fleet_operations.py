@@ -8,18 +8,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
+from biofed.apps.broker import free_port
 from biofed.apps.demo import DemoSettings, write_configs
-
 from biofed.apps.federation import write_synthetic_devices
 
 pytestmark = pytest.mark.slow
@@ -28,12 +26,6 @@ STOP_BOUND_S = 25.0
 """A stopped process must not wait out a 30 s MQTT publish timeout (the old behaviour with the
 broker gone). Not a speed target: the time to stop on an idle machine (about 2-3 s) is
 measured outside the tests; a round being committed when SIGTERM arrives is finished first."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _biofed(*args: str, **kwargs) -> subprocess.Popen:
@@ -82,7 +74,7 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
     settings = DemoSettings(out=tmp_path, rounds=5000, noise_multiplier=1.0, epsilon_budget=None,
                             round_deadline_s=300.0)
     coordinator_toml, device_tomls = write_configs(settings, devices, amqtt_broker.host, amqtt_broker.port, "3.1.1")
-    metrics_port, agent_port = _free_port(), _free_port()
+    metrics_port, agent_port = free_port(), free_port()
     coordinator = _biofed("coordinator", "--config", str(coordinator_toml), "--metrics-port", str(metrics_port),
                           "--epsilon-budget", "1000")
     agents = {}
@@ -193,7 +185,7 @@ def test_agent_without_a_usable_source_fails_fast(amqtt_broker, tmp_path):
 
 def test_status_without_a_broker(tmp_path):
     toml = tmp_path / "coordinator.toml"
-    toml.write_text(f'fleet = "ward7"\nrounds = 3\nstate_dir = "state"\n[broker]\nport = {_free_port()}\n'
+    toml.write_text(f'fleet = "ward7"\nrounds = 3\nstate_dir = "state"\n[broker]\nport = {free_port()}\n'
                     '[dp]\nepsilon_budget = 4.0\n')
     unreachable = _biofed("status", "--config", str(toml))
     _, err = unreachable.communicate(timeout=120)
