@@ -24,7 +24,8 @@ from dp_accounting.rdp import RdpAccountant
 
 from biofed.apps.cli import cli
 from biofed.config import CoordinatorConfig
-from biofed.coordinator.server import AllowList, Coordinator, CoordinatorError, Ingest, OpenRound, RunState
+from biofed.coordinator.ingest import AllowList, Ingest, OpenRound
+from biofed.coordinator.server import Coordinator, CoordinatorError, RunState
 from biofed.kernels.training import predict_proba, train
 from biofed.mqtt import MqttClient, Will
 from biofed.protocol import (
