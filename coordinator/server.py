@@ -126,12 +126,26 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from biofed.config import ConfigError, CoordinatorConfig
-from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
+from biofed.coordinator.central_dp import DPAggregator
 from biofed.coordinator.ingest import AllowList, Ingest, OpenRound
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
-from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
-from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_mechanism import PrivacyMechanism
+from biofed.coordinator.phases import (
+    PendingPhase,
+    PhaseOutcome,
+    PhaseSettings,
+    basis_phase,
+    charge_before_task,
+    evaluate_phase,
+    make_task,
+    round_record,
+    select_participants,
+    standardization,
+    train_phase,
+    unmask_charge,
+)
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import (
     CoordinatorState,
@@ -141,19 +155,15 @@ from biofed.coordinator.state import (
     StateError,
     write_final_model,
 )
-from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
-from biofed.kernels.training import init_params
+from biofed.coordinator.strategies import STRATEGIES, FedAvg, Strategy, make_strategy
 from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
 from biofed.protocol import (
     BASIS_PHASES,
-    Basis,
     Message,
-    Model,
     Task,
     Topics,
-    Update,
     encode_message,
 )
 from biofed.signing import signing_from_config
@@ -278,12 +288,8 @@ class Coordinator:
         self.max_retries = int(max_retries)
         if basis_clip_norm is None:
             basis_clip_norm = dp.basis_clip_norm if dp.basis_clip_norm is not None else dp.clip_norm
-        self.basis_clip_norm = float(basis_clip_norm)
-        if not self.basis_clip_norm > 0:
+        if not float(basis_clip_norm) > 0:
             raise CoordinatorError(f"basis_clip_norm must be > 0, got {basis_clip_norm}")
-        self.basis_noise_multiplier = float(
-            dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None else dp.noise_multiplier)
-        """z_b of the basis phase(s): ``dp.basis_noise_multiplier``, else the training z."""
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
@@ -303,7 +309,23 @@ class Coordinator:
                 "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
                 "least min_devices or leave it unset"
             )
-        self.secagg_threshold = dp.secagg_threshold or config.min_devices
+        self.adaptive = self._make_adaptive()
+        self.central_dp: DPAggregator | None = None
+        if dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
+            try:
+                self.central_dp = DPAggregator(self.strategy, dp.noise_multiplier, adaptive_clipping=self.adaptive)
+            except ValueError as exc:
+                raise CoordinatorError(f"[strategy] {config.strategy.name}: {exc}") from None
+        """The central-DP composition around :attr:`strategy`, built once (central mode, FedAvg family)."""
+        self.settings = PhaseSettings.from_config(
+            config, basis_clip_norm=float(basis_clip_norm),
+            basis_noise_multiplier=float(dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None
+                                         else dp.noise_multiplier),
+            secagg_threshold=dp.secagg_threshold or config.min_devices,
+            strategy_config=self.strategy.client_config(),
+        )
+        """What every round of the run is built with (:mod:`biofed.coordinator.phases`); z_b of the
+        basis phases is ``dp.basis_noise_multiplier``, else the training z."""
         try:
             self._signer, verifier = signing_from_config(config, COORDINATOR_SENDER)
         except ValueError as exc:
@@ -326,7 +348,6 @@ class Coordinator:
         self.mechanism = PrivacyMechanism(self.ledger, persist=self._persist_ledger)
         """The coordinator's release gate: every round whose output reached the adversary of
         the trust mode is charged through it, durably, before anything is published."""
-        self.adaptive = self._make_adaptive()
         self.metrics = CoordinatorMetrics(self)
         """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
 
@@ -359,8 +380,7 @@ class Coordinator:
         settings = self.config.dp.adaptive_clipping
         if settings is None:
             return None
-        adaptive = AdaptiveClipping(self.config.dp.clip_norm, settings.target_quantile, settings.learning_rate,
-                                    settings.bit_noise_std)
+        adaptive = AdaptiveClipping(settings.target_quantile, settings.learning_rate, settings.bit_noise_std)
         if self.config.dp.noise_multiplier > 0:
             try:
                 adaptive.delta_noise_multiplier(self.config.dp.noise_multiplier)
@@ -467,8 +487,6 @@ class Coordinator:
                 self._restore_ledger(PrivacyLedger.from_json(loaded.ledger))
             if loaded.strategy_state:
                 self.strategy.load_state_dict(loaded.strategy_state)
-            if self.adaptive is not None:
-                self.adaptive.clip = loaded.clip_norm
             logger.info(
                 "resuming fleet %s from %s: phase %s, next round %d, %d training rounds done, epsilon %s",
                 self.config.fleet, self._store.path, loaded.phase, loaded.next_round, loaded.train_rounds_done,
@@ -561,7 +579,7 @@ class Coordinator:
             # device standardization: no moments phase, the devices z-score with their own statistics
             phase = self.snapshot.phase = "covariance"
         if phase in BASIS_PHASES:
-            if self.ledger.would_exceed(1.0, self.basis_noise_multiplier):
+            if self.ledger.would_exceed(1.0, self.settings.basis_noise_multiplier):
                 return self._abort(
                     f"the {phase} basis phase alone would exceed the privacy budget "
                     f"epsilon={self.config.dp.epsilon_budget}; raise dp.epsilon_budget or dp.basis_noise_multiplier"
@@ -611,36 +629,6 @@ class Coordinator:
         self._state = previous
         return True
 
-    def _select(self, phase: str) -> list[str]:
-        online = sorted(self.ingest.online)
-        if phase != "train" or self.config.sampling_rate == "all":
-            return online
-        q = float(self.config.sampling_rate)
-        return [device for device, draw in zip(online, self._sampling_rng.random(len(online))) if draw < q]
-
-    def _task(self, round_: int, phase: str, participants: list[str], deadline: float) -> Task:
-        snap, cfg = self.snapshot, self.config
-        common = dict(
-            round=round_, basis_version=snap.basis_version, classes=cfg.model.classes, deadline=deadline,
-            hidden=cfg.model.hidden, trust_mode=cfg.dp.trust_mode, noise_multiplier=cfg.dp.noise_multiplier,
-            participants=tuple(participants), phase=phase,
-        )
-        if phase in BASIS_PHASES:
-            extra = {}
-            if phase == "covariance" and snap.stats_mean is not None:  # global standardization
-                extra = dict(stats_mean=snap.stats_mean, stats_scale=snap.stats_scale)
-            common["noise_multiplier"] = self.basis_noise_multiplier
-            return Task(model=np.empty(0), clip_norm=self.basis_clip_norm, **common, **extra)
-        training = cfg.training
-        client = {
-            "local_epochs": training.local_epochs, "lr": training.lr, "batch_size": training.batch_size,
-            "optimizer": training.optimizer, "l2": training.l2, "prox_mu": training.prox_mu,
-            **self.strategy.client_config(),
-        }
-        secure = cfg.dp.trust_mode == "distributed" and phase == "train"
-        return Task(model=snap.params, clip_norm=snap.clip_norm, adaptive_clipping=self.adaptive is not None,
-                    secagg_threshold=self.secagg_threshold if secure else 0, **common, **client)
-
     def _collect(self, phase: str) -> _Collected | None:
         """Select, publish the task, gather replies; retry short rounds. None: stopped/aborted."""
         attempts = 0
@@ -651,7 +639,8 @@ class Coordinator:
             if attempts > 1 and phase == "train" and self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
                 self._advance_to_evaluate("privacy budget: a retried round (q = 1) would exceed the budget")
                 return None
-            participants = self._select(phase)
+            participants = select_participants(self.ingest.online, phase, self.settings.sampling_rate,
+                                               self._sampling_rng)
             if len(participants) >= self.config.min_devices:
                 collected = self._gather(phase, participants, attempts)
                 if collected is None:
@@ -669,33 +658,19 @@ class Coordinator:
             logger.warning("%s: nothing published (what reached the coordinator is accounted); retrying "
                            "(attempt %d of %d)", reason, attempts + 1, self.max_retries + 1)
 
-    def _charge_replies_ahead(self, round_: int, phase: str) -> None:
-        """Write-ahead charge of a round whose replies the coordinator itself sees: every
-        noised update or sketch in local mode, the noised sketches of the basis phases in
-        distributed mode. The coordinator is the adversary there, so the round is charged
-        before its task goes out, whether or not it is then completed, retried or abandoned.
-        Central rounds are charged by their release; distributed training rounds when the
-        unmasking is requested (:meth:`_gather_secure`)."""
-        mode = self.config.dp.trust_mode
-        if phase == "evaluate" or mode == "central" or (mode == "distributed" and phase not in BASIS_PHASES):
-            return
-        kind = "basis" if phase in BASIS_PHASES else "train"
-        z = self.basis_noise_multiplier if kind == "basis" else self.config.dp.noise_multiplier
-        self.mechanism.charge(Charge(round_, kind, 1.0, z))
-
     def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
         snap = self.snapshot
         round_ = snap.next_round
         snap.next_round += 1
         self._store.reserve_round(snap.next_round)
         deadline = time.time() + self.config.round_deadline_s
-        task = self._task(round_, phase, participants, deadline)
+        task = make_task(self.settings, snap, round_, phase, participants, deadline)
         self.ingest.open = OpenRound(
             round=round_, phase=phase, participants=frozenset(participants), deadline=deadline,
             basis_version=snap.basis_version,
             n_params=(0 if phase == "evaluate" else None if snap.params is None else snap.params.size),
             n_features=snap.n_features if phase == "covariance" else None,
-            need_norm_bit=phase == "train" and self.adaptive is not None,
+            need_norm_bit=phase == "train" and self.settings.adaptive_clipping,
         )
         if task.secagg_threshold:
             self.ingest.open.secure = SecureAggregationRound(
@@ -705,7 +680,9 @@ class Coordinator:
             )
         self._state = _PHASE_STATES[phase]
         downtime_at_start = self._client.downtime_s()
-        self._charge_replies_ahead(round_, phase)
+        charge = charge_before_task(self.settings, round_, phase)
+        if charge is not None:
+            self.mechanism.charge(charge)
         self.metrics.round_opened(round_)
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
@@ -767,11 +744,9 @@ class Coordinator:
                 relay = secure.poll()
                 if relay is not None:
                     if relay.step == "unmask":  # from here the survivors' sum can be unmasked: charge it first
-                        clip = self.snapshot.clip_norm  # shares are exact discrete Gaussians on the grid
-                        z = distributed_noise_multiplier(self.config.dp.noise_multiplier, self.secagg_threshold,
-                                                         len(relay.survivors)) * clip / grid_sensitivity(
-                            clip, self.snapshot.params.size, secure.fixed_point.resolution)
-                        self.mechanism.charge(Charge(round_, "train", 1.0, z))
+                        self.mechanism.charge(unmask_charge(
+                            self.settings, round_, self.snapshot.clip_norm, self.snapshot.params.size,
+                            secure.fixed_point.resolution, len(relay.survivors)))
                     self._publish(self.topics.secagg_relay, relay, retain=False)
                     logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,
                                 len(secure.expected))
@@ -789,49 +764,22 @@ class Coordinator:
         return [(m.message_id, collected.round, device, m.kind) for device, m in collected.replies.items()]
 
     # ------------------------------------------------------------------ phases
+    def _close(self, pending: PendingPhase) -> PhaseOutcome:
+        """Run a phase's release through the mechanism, close it and take its new state."""
+        outcome = pending.close(() if pending.release is None else pending.release.run(self.mechanism))
+        self.snapshot = outcome.state
+        return outcome
+
     def _basis_round(self, phase: str) -> bool:
         collected = self._collect(phase)
         if collected is None:
             return False
-        cfg, snap = self.config, self.snapshot
         sketches = [m.payload for m in collected.replies.values()]
-        z = self.basis_noise_multiplier
-        if cfg.dp.trust_mode == "central":
-            statistic, n_clipped = aggregate_statistics(
-                np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, mechanism=self.mechanism,
-                charge=Charge(collected.round, "basis", 1.0, z),
-            )
-        else:  # the devices noised and the round is charged (_charge_received): post-processing only
-            statistic, n_clipped = aggregate_statistics(np.vstack([s.statistic for s in sketches]),
-                                                        self.basis_clip_norm)
-        if n_clipped:
-            logger.warning("round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
-                           collected.round, phase, n_clipped, self.basis_clip_norm)
-        if phase == "moments":
-            snap.stats_mean, snap.stats_scale = standardization_from_moments(statistic)
-            snap.n_features = sketches[0].n_features
-            snap.phase = "covariance"
-        else:
-            components, eigenvalues = basis_from_covariance(statistic, cfg.model.basis_k)
-            snap.basis_version += 1
-            snap.basis_components = components
-            if snap.stats_mean is None:  # device standardization: the devices z-score their own rows
-                snap.n_features = sketches[0].n_features
-                snap.basis_mean, snap.basis_scale = np.zeros(components.shape[1]), np.ones(components.shape[1])
-            else:
-                snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
-            snap.params = init_params(components.shape[0], len(cfg.model.classes), cfg.model.hidden,
-                                      random_state=self._init_rng)
-            self.strategy.load_state_dict({})
-            snap.phase = "train"
-            logger.info("basis version %d: %d components of %d features, leading eigenvalues %s",
-                        snap.basis_version, components.shape[0], components.shape[1], np.round(eigenvalues[:4], 3))
-        record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.basis_clip_norm)
-        if phase == "covariance":
-            self._publish(self.topics.basis, Basis(
-                round=collected.round, version=snap.basis_version, components=snap.basis_components,
-                mean=snap.basis_mean, scale=snap.basis_scale, standardization=self._standardization,
-            ))
+        outcome = self._close(basis_phase(self.settings, self.snapshot, collected.round, phase, sketches,
+                                          self._init_rng))
+        record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.settings.basis_clip_norm)
+        if outcome.payload is not None:
+            self._publish(self.topics.basis, outcome.payload)
         self._report(record)
         return True
 
@@ -839,40 +787,16 @@ class Coordinator:
         collected = self._collect("train")
         if collected is None:
             return not self._stop.is_set() and self._state is not RunState.ABORTED
-        cfg, snap = self.config, self.snapshot
-        z = cfg.dp.noise_multiplier
-        updates = [ClientUpdate(np.asarray(m.payload.delta, dtype=np.float64), m.payload.n_examples, device)
-                   for device, m in sorted(collected.replies.items())]
-        clip = snap.clip_norm
-        if cfg.dp.trust_mode == "central":
-            oversized = [u.device_id for u in updates if np.linalg.norm(u.delta) > clip * (1 + 1e-9)]
-            if oversized:
-                logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
-                               "clipped here", collected.round, ", ".join(oversized), clip)
-        q_used = 1.0  # the cohort is public (Task.participants): no amplification by sampling is claimed
-        if collected.secure is not None:  # only the sum of the survivors' noised updates is known
-            snap.params = self.strategy.server_update(collected.round, snap.params, collected.secure.mean_update())
-        elif cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
-            aggregator = DPAggregator(self.strategy, z, adaptive_clipping=self.adaptive,
-                                      clip_norm=None if self.adaptive is not None else clip, mechanism=self.mechanism)
-            bits = None if self.adaptive is None else [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
-            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates, norm_bits=bits,
-                                                  sampling_rate=q_used)
-            if self.adaptive is not None:
-                snap.clip_norm = self.adaptive.clip
-        else:
-            if cfg.dp.trust_mode == "central":  # a robust strategy runs without noise: a non-private release
-                self.mechanism.charge(Charge(collected.round, "train", q_used, 0.0))
-            snap.params, _ = self.strategy.aggregate(collected.round, snap.params, updates)
-        snap.train_rounds_done += 1
-        snap.strategy_state = self.strategy.state_dict()
-        record = self._commit(collected, "train", sampling_rate=q_used, clip_norm=clip)
+        clip = self.snapshot.clip_norm
+        updates = {device: m.payload for device, m in collected.replies.items()}
+        secure_mean = None if collected.secure is None else collected.secure.mean_update()
+        outcome = self._close(train_phase(self.settings, self.snapshot, collected.round, updates,
+                                          strategy=self.strategy, central_dp=self.central_dp,
+                                          secure_mean=secure_mean))
+        record = self._commit(collected, "train", sampling_rate=1.0, clip_norm=clip)
         eps = self.ledger.epsilon()
-        self._publish(self.topics.model, Model(
-            round=collected.round, params=snap.params, basis_version=snap.basis_version,
-            classes=cfg.model.classes, hidden=cfg.model.hidden, n_devices=len(updates),
-            epsilon=eps if math.isfinite(eps) else None, onnx=self._export(collected.round),
-        ))
+        self._publish(self.topics.model, replace(outcome.payload, epsilon=eps if math.isfinite(eps) else None,
+                                                 onnx=self._export(collected.round)))
         self._report(record)
         return True
 
@@ -885,11 +809,12 @@ class Coordinator:
     def _evaluate_round(self) -> bool:
         if not self._wait_for_devices():
             return False
-        participants = self._select("evaluate")
+        participants = select_participants(self.ingest.online, "evaluate", self.settings.sampling_rate,
+                                           self._sampling_rng)
         collected = self._gather("evaluate", participants, 1)
         if collected is None:
             return False
-        self.snapshot.phase = "done"
+        self.snapshot = evaluate_phase(self.snapshot).state
         record = self._commit(collected, "evaluate", sampling_rate=None, clip_norm=None)
         self._write_final()
         self._report(record)
@@ -901,22 +826,10 @@ class Coordinator:
                 clip_norm: float | None) -> RoundRecord:
         snap = self.snapshot
         snap.ledger = self.ledger.to_json()
-        metrics = [m.payload.metrics for m in collected.replies.values() if isinstance(m.payload, Update)]
-        accuracies = [x.eval_balanced_accuracy for x in metrics if x.eval_balanced_accuracy is not None]
-        eps = self.ledger.epsilons()
-        record = RoundRecord(
-            round=collected.round, phase=phase,
-            train_round=snap.train_rounds_done if phase == "train" else None,
-            n_selected=collected.n_selected, n_devices=len(collected.replies),
-            mean_loss=float(np.mean([x.loss for x in metrics])) if metrics and phase == "train" else None,
-            balanced_accuracy=float(np.mean(accuracies)) if accuracies else None,
-            eval_windows=int(sum(x.eval_windows for x in metrics)),
-            epsilon_rdp=eps.get("rdp"), epsilon_pld=eps.get("pld"),
-            sampling_rate=sampling_rate,
-            noise_multiplier=(None if phase == "evaluate" else self.basis_noise_multiplier if phase in BASIS_PHASES
-                              else self.config.dp.noise_multiplier),
-            clip_norm=clip_norm, attempts=collected.attempts, finished=time.time(),
-        )
+        record = round_record(self.settings, snap, collected.round, phase,
+                              [m.payload for m in collected.replies.values()], n_selected=collected.n_selected,
+                              attempts=collected.attempts, epsilons=self.ledger.epsilons(),
+                              sampling_rate=sampling_rate, clip_norm=clip_norm, finished=time.time())
         self._store.commit_round(snap, accepted=self._accepted_rows(collected), record=record)
         self._store.write_rounds_json()
         return record
@@ -984,16 +897,8 @@ class Coordinator:
             params=snap.params, classes=tuple(cfg.model.classes), hidden=cfg.model.hidden,
             components=snap.basis_components, mean=snap.basis_mean, scale=snap.basis_scale,
             basis_version=snap.basis_version, fleet=cfg.fleet, round=round_, train_round=snap.train_rounds_done,
-            layout=self._feature_layout(), privacy=privacy, standardization=self._standardization,
+            layout=self._feature_layout(), privacy=privacy, standardization=standardization(snap),
         )
-
-    @property
-    def _standardization(self) -> str:
-        """"global" when a moments phase fixed the fleet's standardization, else "device".
-
-        Read from the state (not the config), so a resumed run describes the basis it made.
-        """
-        return "device" if self.snapshot.stats_mean is None else "global"
 
     def _export(self, round_: int) -> np.ndarray:
         """Write the round's model files; return the ONNX bytes for the Model message (empty if none)."""

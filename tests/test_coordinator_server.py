@@ -301,7 +301,7 @@ def test_device_standardization_federation(amqtt_broker, devices, tmp_path):
     config = make_config(amqtt_broker, tmp_path, rounds=3, model={"standardization": "device"},
                          dp={"basis_clip_norm": 100.0})
     coord = coordinator(config, basis_clip_norm=None)
-    assert coord.basis_clip_norm == 100.0  # from dp.basis_clip_norm
+    assert coord.settings.basis_clip_norm == 100.0  # from dp.basis_clip_norm
     assert coord.run() is RunState.DONE
 
     history = coord.history()
