@@ -290,7 +290,9 @@ def train_phase(settings: PhaseSettings, state: Snapshot, round_: int, updates: 
     if secure_mean is not None:
         release, close = None, partial(_step_with_mean, strategy, round_, state.params, secure_mean)
     elif central and central_dp is not None:
-        bits = [u.norm_bit for _, u in ordered] if central_dp.adaptive_clipping is not None else None
+        bits = [u.norm_bit for _, u in ordered]
+        if central_dp.adaptive_clipping is None or None in bits:
+            bits = None
         params, release = central_dp.release(round_, state.params, client_updates, clip, norm_bits=bits,
                                              sampling_rate=_PUBLIC_COHORT_Q)
         close = partial(_finish_central, central_dp, round_, params, len(client_updates), clip)
