@@ -1,4 +1,15 @@
-"""The federated coordinator: device discovery, the round state machine, DP aggregation.
+"""The federated coordinator: the loop that runs a fleet's rounds over MQTT.
+
+:class:`Coordinator` is a thin loop over three parts, each in its own module:
+
+- :mod:`biofed.coordinator.ingest`: the inbound path (decode, allow list, dedupe, routing);
+- :mod:`biofed.coordinator.phases`: the round phases, pure functions from (state, replies)
+  to (new state, DP event, payload);
+- :mod:`biofed.coordinator.central_dp`: central DP composed once around the strategy.
+
+The loop owns what those leave out: the broker connection, the clock (deadlines, outages),
+the state database (one commit per round) and the privacy mechanism that runs each phase's
+release.
 
 Flow (the "Federated flow" contract shared with ``biofed.edge``)
 ----------------------------------------------------------------
@@ -29,12 +40,9 @@ participant has replied (or gone offline), then
 Task round numbers increase across phases and are never reused (a retry or a restart
 takes the next one), so a device never sees two different tasks with one round number.
 
-Inbound messages (:class:`Ingest`) are decoded with the size limit of the config and
-dropped with one log line when malformed, oversized, from another fleet, from a device
-never seen online, for another round, past the deadline, for another basis version,
-from a device not selected, a second reply of a device, or a duplicate message id (QoS 1
-redelivery; ids of committed replies are persisted, so a restarted coordinator does not
-accept them again). Nothing a device sends can stop the coordinator.
+Inbound messages go through :class:`~biofed.coordinator.ingest.Ingest`, which drops
+(with one log line) whatever is malformed, unexpected or a duplicate, so nothing a device
+sends can stop the coordinator.
 
 Differential privacy (client level; see :mod:`biofed.privacy_ledger`)
 ----------------------------------------------------------------------
@@ -46,8 +54,9 @@ reconnect jitter each have another.
 
 central
     Devices clip; the mechanism clips again, sums, adds ``N(0, (z C)^2)`` and charges the
-    round; the coordinator divides by ``n`` (``DPAggregator``). With adaptive clipping the
-    update uses ``z_delta`` and the devices' ``norm_bit`` move C
+    round; the coordinator divides by ``n`` (:class:`~biofed.coordinator.central_dp.DPAggregator`,
+    built once per run). With adaptive clipping the update uses ``z_delta`` and the
+    devices' ``norm_bit`` move C
     (:class:`~biofed.coordinator.clipping.AdaptiveClipping`), released in the same charge.
     Robust strategies (trimmed mean, median) are refused with noise: their sensitivity is
     not C/n (without noise they are charged as ``z = 0``: epsilon is infinite).
@@ -74,7 +83,7 @@ every round is charged with ``q = 1`` whatever ``sampling_rate`` is.
 Signed messages: with ``signing_key_file`` every message the coordinator publishes is
 signed; with ``keys_dir`` inbound messages without a valid signature of a known, unrevoked
 device are dropped (:mod:`biofed.signing`). With ``allowed_devices_file`` messages of devices
-not on the allow list are dropped too (:class:`AllowList`; a revocation while running takes
+not on the allow list are dropped too (:class:`~biofed.coordinator.ingest.AllowList`; a revocation while running takes
 effect at the next message: the device is no longer online, selected or waited for).
 
 Broker outages and overload
@@ -251,7 +260,7 @@ class Coordinator:
         ``config.dp.clip_norm`` when that is unset too.
     accountants : sequence of {"rdp", "pld"} or None
         Epsilons reported per round; the first is the budget accountant. None:
-        ``config.dp.accountant`` then the other one. PLD costs ~1 s per round.
+        ``config.dp.accountant`` then the other one. PLD is slower to compute than RDP.
     rng : numpy.random.Generator or None
         Seeds the device-sampling and model-initialization generators (two independent
         streams spawned from it); None (production) is OS-seeded. Privacy noise never comes
