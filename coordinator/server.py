@@ -318,14 +318,14 @@ class Coordinator:
                 "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
                 "least min_devices or leave it unset"
             )
-        self.adaptive = self._make_adaptive()
         self.central_dp: DPAggregator | None = None
+        """The central-DP composition around :attr:`strategy`, built once (central mode, FedAvg family)."""
+        adaptive = self._make_adaptive()
         if dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
             try:
-                self.central_dp = DPAggregator(self.strategy, dp.noise_multiplier, adaptive_clipping=self.adaptive)
+                self.central_dp = DPAggregator(self.strategy, dp.noise_multiplier, adaptive_clipping=adaptive)
             except ValueError as exc:
                 raise CoordinatorError(f"[strategy] {config.strategy.name}: {exc}") from None
-        """The central-DP composition around :attr:`strategy`, built once (central mode, FedAvg family)."""
         self.settings = PhaseSettings.from_config(
             config, basis_clip_norm=float(basis_clip_norm),
             basis_noise_multiplier=float(dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None
