@@ -23,7 +23,8 @@ What each trust mode charges, and when (see :mod:`biofed.coordinator.server`):
   before the unmask request goes out.
 
 The phases also build the task of a round (:func:`make_task`), select its participants
-(:func:`select_participants`) and summarize it (:func:`round_record`).
+(:func:`select_participants`) and summarize it (:func:`round_record`); :func:`compose_rounds`
+checks a configuration and composes, once per run, what every round is built with.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ import numpy as np
 from biofed.config import CoordinatorConfig
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.central_dp import DPAggregator, Release
+from biofed.coordinator.clipping import AdaptiveClipping
 from biofed.coordinator.state import RoundRecord, Snapshot
-from biofed.coordinator.strategies import ClientUpdate, Strategy
+from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
 from biofed.privacy_ledger import distributed_noise_multiplier
 from biofed.privacy_mechanism import Charge, ClippedSum, grid_sensitivity
@@ -48,11 +50,13 @@ from biofed.protocol import BASIS_PHASES, Basis, Model, Sketch, Task, Update
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Composition",
     "PendingPhase",
     "PhaseOutcome",
     "PhaseSettings",
     "basis_phase",
     "charge_before_task",
+    "compose_rounds",
     "evaluate_phase",
     "make_task",
     "round_record",
@@ -62,6 +66,7 @@ __all__ = [
     "unmask_charge",
 ]
 
+_STRATEGY_NAMES = {"coordinate_median": "median"}  # config name -> biofed.coordinator.strategies name
 _PUBLIC_COHORT_Q = 1.0
 """The sampling rate of every charge: the cohort is public (``Task.participants``), so no
 amplification by sampling is claimed."""
@@ -134,6 +139,102 @@ class PendingPhase:
 
     release: Release | None
     close: Callable[[tuple[np.ndarray, ...]], PhaseOutcome]
+
+
+@dataclass(frozen=True)
+class Composition:
+    """What a run's rounds are built with, composed once from its configuration."""
+
+    settings: PhaseSettings
+    strategy: Strategy
+    central_dp: DPAggregator | None
+    """The central-DP composition around ``strategy`` (central mode, FedAvg family), else None."""
+
+
+def compose_rounds(config: CoordinatorConfig, *, basis_clip_norm: float | None = None) -> Composition:
+    """Check that the strategy, the trust mode and the DP settings of ``config`` go together,
+    and compose the strategy, its central DP and the :class:`PhaseSettings`.
+
+    Parameters
+    ----------
+    config : CoordinatorConfig
+    basis_clip_norm : float or None
+        C_b overriding ``config.dp.basis_clip_norm`` (None: that, else ``config.dp.clip_norm``).
+
+    Raises
+    ------
+    ValueError
+        A combination that would break the privacy guarantee or cannot run, with what to change.
+    """
+    dp = config.dp
+    if dp.adaptive_clipping is not None and dp.trust_mode != "central":
+        raise ValueError(
+            "dp.adaptive_clipping needs trust_mode = \"central\": in local mode the devices' clipped-count "
+            "bits would reach the coordinator without noise; remove [dp.adaptive_clipping]"
+        )
+    if basis_clip_norm is None:
+        basis_clip_norm = dp.basis_clip_norm if dp.basis_clip_norm is not None else dp.clip_norm
+    if not float(basis_clip_norm) > 0:
+        raise ValueError(f"basis_clip_norm must be > 0, got {basis_clip_norm}")
+    strategy = _make_strategy(config)
+    if dp.trust_mode == "distributed" and not isinstance(strategy, FedAvg):
+        raise ValueError(
+            f"strategy {config.strategy.name!r} needs the individual updates, but distributed trust mode reveals "
+            "only their sum (secure aggregation); use fedavg, fedavgm, fedadam, fedyogi or fedprox"
+        )
+    if dp.secagg_threshold is not None and dp.secagg_threshold < config.min_devices:
+        raise ValueError(
+            f"dp.secagg_threshold = {dp.secagg_threshold} is below min_devices = {config.min_devices}: a sum "
+            "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
+            "least min_devices or leave it unset"
+        )
+    adaptive = None
+    if dp.adaptive_clipping is not None:
+        adaptive = AdaptiveClipping(dp.adaptive_clipping.target_quantile, dp.adaptive_clipping.learning_rate,
+                                    dp.adaptive_clipping.bit_noise_std)
+        if dp.noise_multiplier > 0:
+            try:
+                adaptive.delta_noise_multiplier(dp.noise_multiplier)
+            except ValueError as exc:
+                raise ValueError(f"[dp.adaptive_clipping] {exc}") from None
+    central_dp = None
+    if dp.trust_mode == "central" and isinstance(strategy, FedAvg):
+        try:
+            central_dp = DPAggregator(strategy, dp.noise_multiplier, adaptive_clipping=adaptive)
+        except ValueError as exc:
+            raise ValueError(f"[strategy] {config.strategy.name}: {exc}") from None
+    settings = PhaseSettings.from_config(
+        config, basis_clip_norm=float(basis_clip_norm),
+        basis_noise_multiplier=float(dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None
+                                     else dp.noise_multiplier),
+        secagg_threshold=dp.secagg_threshold or config.min_devices, strategy_config=strategy.client_config(),
+    )
+    return Composition(settings, strategy, central_dp)
+
+
+def _make_strategy(config: CoordinatorConfig) -> Strategy:
+    cfg = config.strategy
+    name = _STRATEGY_NAMES.get(cfg.name, cfg.name)
+    params = dict(cfg.params)
+    if issubclass(STRATEGIES[name], FedAvg):
+        params.setdefault("weighting", "uniform")
+    try:
+        strategy = make_strategy(name, **params)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"[strategy] {cfg.name}: {exc}") from None
+    robust = not isinstance(strategy, FedAvg)
+    if config.dp.noise_multiplier > 0:
+        if robust and config.dp.trust_mode == "central":
+            raise ValueError(
+                f"strategy {cfg.name!r} cannot be combined with central DP noise: its sensitivity to one "
+                "device is not clip_norm / n; use fedavg, fedavgm, fedadam, fedyogi or fedprox"
+            )
+        if not robust and strategy.weighting != "uniform":
+            raise ValueError(
+                "with DP noise the strategy must use weighting = \"uniform\": example counts are private "
+                "and example weighting breaks the sensitivity bound"
+            )
+    return strategy
 
 
 def standardization(state: Snapshot) -> str:

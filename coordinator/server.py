@@ -135,8 +135,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from biofed.config import ConfigError, CoordinatorConfig
-from biofed.coordinator.clipping import AdaptiveClipping, secure_rng
-from biofed.coordinator.central_dp import DPAggregator
+from biofed.coordinator.clipping import secure_rng
 from biofed.coordinator.ingest import AllowList, Ingest, OpenRound
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
 from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
@@ -144,9 +143,9 @@ from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.coordinator.phases import (
     PendingPhase,
     PhaseOutcome,
-    PhaseSettings,
     basis_phase,
     charge_before_task,
+    compose_rounds,
     evaluate_phase,
     make_task,
     round_record,
@@ -164,7 +163,6 @@ from biofed.coordinator.state import (
     StateError,
     write_final_model,
 )
-from biofed.coordinator.strategies import STRATEGIES, FedAvg, Strategy, make_strategy
 from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model_format import LayoutSpec, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
@@ -184,7 +182,6 @@ __all__ = ["COORDINATOR_SENDER", "Coordinator", "CoordinatorError", "RunState"]
 COORDINATOR_SENDER = "coordinator"
 """Sender id of every message the coordinator publishes."""
 
-_STRATEGY_NAMES = {"coordinate_median": "median"}  # config name -> biofed.coordinator.strategies name
 _OUTAGE_LOG_INTERVAL_S = 30.0  # how often a publish held up by a broker outage is logged
 
 
@@ -286,19 +283,19 @@ class Coordinator:
     ) -> None:
         self.config = config
         dp = config.dp
-        if dp.adaptive_clipping is not None and dp.trust_mode != "central":
-            raise CoordinatorError(
-                "dp.adaptive_clipping needs trust_mode = \"central\": in local mode the devices' clipped-count "
-                "bits would reach the coordinator without noise; remove [dp.adaptive_clipping]"
-            )
         if max_retries < 0:
             raise CoordinatorError(f"max_retries must be >= 0, got {max_retries}")
         self.discovery_timeout_s = discovery_timeout_s
         self.max_retries = int(max_retries)
-        if basis_clip_norm is None:
-            basis_clip_norm = dp.basis_clip_norm if dp.basis_clip_norm is not None else dp.clip_norm
-        if not float(basis_clip_norm) > 0:
-            raise CoordinatorError(f"basis_clip_norm must be > 0, got {basis_clip_norm}")
+        try:
+            composition = compose_rounds(config, basis_clip_norm=basis_clip_norm)
+        except ValueError as exc:
+            raise CoordinatorError(str(exc)) from None
+        self.settings = composition.settings
+        """What every round of the run is built with (:mod:`biofed.coordinator.phases`)."""
+        self.strategy = composition.strategy
+        self.central_dp = composition.central_dp
+        """The central-DP composition around :attr:`strategy`, built once (central mode, FedAvg family)."""
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
@@ -306,35 +303,6 @@ class Coordinator:
         self.on_round = on_round
         self.topics = Topics(config.fleet)
         self.client_id = client_id or f"coordinator-{config.fleet}"
-        self.strategy = self._make_strategy()
-        if dp.trust_mode == "distributed" and not isinstance(self.strategy, FedAvg):
-            raise CoordinatorError(
-                f"strategy {config.strategy.name!r} needs the individual updates, but distributed trust mode reveals "
-                "only their sum (secure aggregation); use fedavg, fedavgm, fedadam, fedyogi or fedprox"
-            )
-        if dp.secagg_threshold is not None and dp.secagg_threshold < config.min_devices:
-            raise CoordinatorError(
-                f"dp.secagg_threshold = {dp.secagg_threshold} is below min_devices = {config.min_devices}: a sum "
-                "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
-                "least min_devices or leave it unset"
-            )
-        self.central_dp: DPAggregator | None = None
-        """The central-DP composition around :attr:`strategy`, built once (central mode, FedAvg family)."""
-        adaptive = self._make_adaptive()
-        if dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
-            try:
-                self.central_dp = DPAggregator(self.strategy, dp.noise_multiplier, adaptive_clipping=adaptive)
-            except ValueError as exc:
-                raise CoordinatorError(f"[strategy] {config.strategy.name}: {exc}") from None
-        self.settings = PhaseSettings.from_config(
-            config, basis_clip_norm=float(basis_clip_norm),
-            basis_noise_multiplier=float(dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None
-                                         else dp.noise_multiplier),
-            secagg_threshold=dp.secagg_threshold or config.min_devices,
-            strategy_config=self.strategy.client_config(),
-        )
-        """What every round of the run is built with (:mod:`biofed.coordinator.phases`); z_b of the
-        basis phases is ``dp.basis_noise_multiplier``, else the training z."""
         try:
             self._signer, verifier = signing_from_config(config, COORDINATOR_SENDER)
         except ValueError as exc:
@@ -359,43 +327,6 @@ class Coordinator:
         the trust mode is charged through it, durably, before anything is published."""
         self.metrics = CoordinatorMetrics(self)
         """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
-
-    # ------------------------------------------------------------------ setup
-    def _make_strategy(self) -> Strategy:
-        cfg = self.config.strategy
-        name = _STRATEGY_NAMES.get(cfg.name, cfg.name)
-        params = dict(cfg.params)
-        if issubclass(STRATEGIES[name], FedAvg):
-            params.setdefault("weighting", "uniform")
-        try:
-            strategy = make_strategy(name, **params)
-        except (TypeError, ValueError) as exc:
-            raise CoordinatorError(f"[strategy] {cfg.name}: {exc}") from None
-        robust = not isinstance(strategy, FedAvg)
-        if self.config.dp.noise_multiplier > 0:
-            if robust and self.config.dp.trust_mode == "central":
-                raise CoordinatorError(
-                    f"strategy {cfg.name!r} cannot be combined with central DP noise: its sensitivity to one "
-                    "device is not clip_norm / n; use fedavg, fedavgm, fedadam, fedyogi or fedprox"
-                )
-            if not robust and strategy.weighting != "uniform":
-                raise CoordinatorError(
-                    "with DP noise the strategy must use weighting = \"uniform\": example counts are private "
-                    "and example weighting breaks the sensitivity bound"
-                )
-        return strategy
-
-    def _make_adaptive(self) -> AdaptiveClipping | None:
-        settings = self.config.dp.adaptive_clipping
-        if settings is None:
-            return None
-        adaptive = AdaptiveClipping(settings.target_quantile, settings.learning_rate, settings.bit_noise_std)
-        if self.config.dp.noise_multiplier > 0:
-            try:
-                adaptive.delta_noise_multiplier(self.config.dp.noise_multiplier)
-            except ValueError as exc:
-                raise CoordinatorError(f"[dp.adaptive_clipping] {exc}") from None
-        return adaptive
 
     # ------------------------------------------------------------------ public API
     @property

@@ -16,6 +16,7 @@ from biofed.coordinator.phases import (
     PhaseSettings,
     basis_phase,
     charge_before_task,
+    compose_rounds,
     evaluate_phase,
     make_task,
     round_record,
@@ -118,6 +119,42 @@ def test_settings_from_config_resolve_the_task_fields():
     assert not settings.adaptive_clipping and settings.classes == CLASSES
     assert [settings.noise_multiplier_of(p) for p in ("moments", "covariance", "train", "evaluate")] == \
         [0.5, 0.5, 1.1, None]
+
+
+def _config(**overrides) -> CoordinatorConfig:
+    data = {"fleet": "lab", "rounds": 3, "state_dir": "state", "min_devices": 2,
+            "model": {"classes": list(CLASSES), "basis_k": K}, "dp": {"noise_multiplier": 1.0, "clip_norm": 1.0}}
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value}
+    return CoordinatorConfig.model_validate(data)
+
+
+def test_compose_rounds_builds_central_dp_once_for_the_fedavg_family():
+    central = compose_rounds(_config(strategy={"name": "fedavgm"}, dp={"adaptive_clipping": {"bit_noise_std": 5.0}}))
+    assert central.central_dp is not None and central.central_dp.strategy is central.strategy
+    assert central.central_dp.adaptive_clipping is not None and central.settings.adaptive_clipping
+    assert central.strategy.weighting == "uniform"  # the DP default
+    assert compose_rounds(_config(dp={"trust_mode": "local"})).central_dp is None
+    robust = compose_rounds(_config(strategy={"name": "coordinate_median"}, dp={"noise_multiplier": 0.0}))
+    assert robust.central_dp is None and isinstance(robust.strategy, CoordinateMedian)
+    assert compose_rounds(_config(dp={"basis_clip_norm": 7.0})).settings.basis_clip_norm == 7.0
+    assert compose_rounds(_config(), basis_clip_norm=3.0).settings.basis_clip_norm == 3.0
+    assert compose_rounds(_config()).settings.basis_noise_multiplier == 1.0  # z_b defaults to z
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    ({"dp": {"trust_mode": "local", "adaptive_clipping": {}}}, "adaptive_clipping needs trust_mode"),
+    ({"strategy": {"name": "trimmed_mean"}}, "cannot be combined with central DP"),
+    ({"strategy": {"name": "fedavg", "params": {"weighting": "examples"}}}, "weighting = \"uniform\""),
+    ({"strategy": {"name": "fedavg", "params": {"weighting": "examples"}}, "dp": {"noise_multiplier": 0.0}},
+     r"\[strategy\] fedavg: DPAggregator needs the inner strategy built with weighting='uniform'"),
+    ({"dp": {"trust_mode": "distributed"}, "strategy": {"name": "coordinate_median"}}, "secure aggregation"),
+    ({"dp": {"trust_mode": "distributed", "secagg_threshold": 1}}, "below min_devices"),
+    ({"dp": {"adaptive_clipping": {"bit_noise_std": 0.1}}}, r"\[dp.adaptive_clipping\] count_noise_std"),
+])
+def test_compose_rounds_refuses_settings_that_break_the_guarantee(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        compose_rounds(_config(**overrides))
 
 
 @pytest.mark.parametrize(("mode", "phase", "expected"), [
