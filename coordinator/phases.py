@@ -254,7 +254,7 @@ def select_participants(online: Sequence[str], phase: str, sampling_rate: float 
     if phase != "train" or sampling_rate == "all":
         return online
     q = float(sampling_rate)
-    return [device for device, draw in zip(online, rng.random(len(online))) if draw < q]
+    return [device for device, draw in zip(online, rng.random(len(online)), strict=True) if draw < q]
 
 
 def make_task(settings: PhaseSettings, state: Snapshot, round_: int, phase: str, participants: Sequence[str],

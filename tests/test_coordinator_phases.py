@@ -82,7 +82,7 @@ def test_select_participants_takes_every_device_unless_training_is_sampled():
     assert select_participants(online, "covariance", 0.5, rng) == ["pi-00", "pi-01", "pi-02"]
     assert select_participants(online, "train", "all", rng) == ["pi-00", "pi-01", "pi-02"]
     draws = np.random.default_rng(5).random(3)
-    expected = [d for d, u in zip(["pi-00", "pi-01", "pi-02"], draws) if u < 0.5]
+    expected = [d for d, u in zip(["pi-00", "pi-01", "pi-02"], draws, strict=True) if u < 0.5]
     assert select_participants(online, "train", 0.5, np.random.default_rng(5)) == expected
     assert select_participants(online, "train", 1.0, rng) == ["pi-00", "pi-01", "pi-02"]
 
