@@ -377,7 +377,11 @@ def train_phase(settings: PhaseSettings, state: Snapshot, round_: int, updates: 
     ------
     AggregationError
         An invalid update: nothing is released.
+    ValueError
+        ``central_dp`` wraps another strategy than ``strategy``.
     """
+    if central_dp is not None and central_dp.strategy is not strategy:
+        raise ValueError("central_dp must be the DP composition around strategy (DPAggregator(strategy, ...))")
     ordered = sorted(updates.items())
     client_updates = [ClientUpdate(np.asarray(u.delta, dtype=np.float64), u.n_examples, device)
                       for device, u in ordered]

@@ -284,6 +284,8 @@ def test_adaptive_clipping_moves_the_clip_in_the_new_state():
     assert len(pending.release.queries) == 2
     outcome = pending.close(pending.release.run(_gate()))
     assert outcome.state.clip_norm != 0.5
+    with pytest.raises(ValueError, match="central_dp must be the DP composition around strategy"):
+        train_phase(_settings(noise_multiplier=1.0), state, 7, updates, strategy=FedAvg("uniform"), central_dp=dp)
     with pytest.raises(AggregationError, match="norm bit"):
         train_phase(_settings(noise_multiplier=1.0), state, 7, {"pi-00": _update(np.ones(P))}, strategy=strategy,
                     central_dp=dp)
