@@ -138,8 +138,6 @@ from biofed.config import ConfigError, CoordinatorConfig
 from biofed.coordinator.clipping import secure_rng
 from biofed.coordinator.ingest import AllowList, Ingest, OpenRound
 from biofed.coordinator.onnx_export import ExportError, ModelFile, export_onnx, export_round
-from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
-from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.coordinator.phases import (
     PendingPhase,
     PhaseOutcome,
@@ -154,6 +152,8 @@ from biofed.coordinator.phases import (
     train_phase,
     unmask_charge,
 )
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import (
     CoordinatorState,
