@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from biofed.config import DeviceConfig
-from biofed.coordinator.server import Ingest
+from biofed.coordinator.ingest import Ingest
 from biofed.edge.agent import EdgeAgent
 from biofed.model import FeatureLayout, ModelFormatError
 from biofed.protocol import (
