@@ -120,12 +120,12 @@ def _from_the_gate_or_empty(value: ast.expr) -> bool:
 
 @pytest.mark.parametrize(("payload", "field"), [("Update", "delta"), ("Sketch", "statistic")])
 def test_device_payload_vectors_come_from_the_gate(payload, field):
-    """Every Update/Sketch the agent builds takes its vector from a name that is only ever
-    assigned a gate release (``_release`` clips, and in local/distributed modes noises and
-    charges) or an empty array."""
-    tree = ast.parse((ROOT / "edge/agent.py").read_text())
+    """Every Update/Sketch the device builds (its agent and its task handlers) takes its vector
+    from a name that is only ever assigned a gate release (``release`` clips, and in
+    local/distributed modes noises and charges) or an empty array."""
+    trees = [ast.parse((ROOT / path).read_text()) for path in ("edge/agent.py", "edge/tasks.py")]
     built = 0
-    for function in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
+    for function in [n for tree in trees for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]:
         for call in [n for n in ast.walk(function) if isinstance(n, ast.Call) and _called_name(n) == payload]:
             built += 1
             value = next(k.value for k in call.keywords if k.arg == field)
