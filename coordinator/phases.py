@@ -66,7 +66,6 @@ __all__ = [
     "unmask_charge",
 ]
 
-_STRATEGY_NAMES = {"coordinate_median": "median"}  # config name -> biofed.coordinator.strategies name
 _PUBLIC_COHORT_Q = 1.0
 """The sampling rate of every charge: the cohort is public (``Task.participants``), so no
 amplification by sampling is claimed."""
@@ -214,7 +213,7 @@ def compose_rounds(config: CoordinatorConfig, *, basis_clip_norm: float | None =
 
 def _make_strategy(config: CoordinatorConfig) -> Strategy:
     cfg = config.strategy
-    name = _STRATEGY_NAMES.get(cfg.name, cfg.name)
+    name = cfg.name
     params = dict(cfg.params)
     if issubclass(STRATEGIES[name], FedAvg):
         params.setdefault("weighting", "uniform")

@@ -421,7 +421,7 @@ class TrimmedMean(Strategy):
 class CoordinateMedian(Strategy):
     """Coordinate-wise median of the updates [5]_ (unweighted)."""
 
-    name = "median"
+    name = "coordinate_median"
 
     def combine(self, deltas: np.ndarray, n_examples: np.ndarray) -> np.ndarray:
         return np.median(deltas, axis=0)
@@ -436,7 +436,7 @@ def make_strategy(name: str, **params) -> Strategy:
     """Build a strategy by name (case-insensitive) with its keyword parameters.
 
     Names: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedprox``,
-    ``trimmed_mean``, ``median``.
+    ``trimmed_mean``, ``coordinate_median`` (:data:`biofed.config.STRATEGY_NAMES`).
 
     Raises
     ------

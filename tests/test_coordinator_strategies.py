@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from biofed.config import STRATEGY_NAMES
 from biofed.coordinator.strategies import (
     STRATEGIES,
     AggregationError,
@@ -195,7 +196,7 @@ def test_state_of_other_model_size_is_refused(round_data):
 
 
 def test_make_strategy():
-    assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "trimmed_mean", "median"}
+    assert set(STRATEGIES) == set(STRATEGY_NAMES)  # the config's vocabulary, one strategy each
     s = make_strategy("FedAdam", eta=0.2, weighting="uniform")
     assert isinstance(s, FedAdam) and s.eta == 0.2 and s.weighting == "uniform"
     assert isinstance(make_strategy("trimmed-mean", beta=0.25), TrimmedMean)
@@ -205,9 +206,9 @@ def test_make_strategy():
 @pytest.mark.parametrize(
     ("name", "params", "match"),
     [
-        ("fedsgd", {}, "unknown strategy 'fedsgd'; choose one of fedadam, fedavg"),
+        ("fedsgd", {}, "unknown strategy 'fedsgd'; choose one of coordinate_median, fedadam, fedavg"),
         ("fedavg", {"prox_mu": 0.1}, "does not take parameter.*prox_mu.*accepts weighting"),
-        ("median", {"beta": 0.1}, "accepts no parameters"),
+        ("coordinate_median", {"beta": 0.1}, "accepts no parameters"),
         ("fedavg", {"weighting": "devices"}, "weighting must be 'examples' or 'uniform'"),
         ("fedavgm", {"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\)"),
         ("fedadam", {"tau": 0.0}, r"tau must be a finite number in \(0, inf\)"),
