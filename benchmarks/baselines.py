@@ -11,7 +11,7 @@ import numpy as np
 import scipy.signal
 from numpy.lib.stride_tricks import sliding_window_view
 
-from benchmarks import stream as profile
+from biofed.benchmarks import stream as profile
 
 #: The EEG bands in Hz, (name, lo, hi) with lo <= f < hi.
 EEG_BANDS_HZ = (("delta", 1.0, 4.0), ("theta", 4.0, 8.0), ("alpha", 8.0, 13.0), ("beta", 13.0, 30.0), ("gamma", 30.0, 45.0))

@@ -16,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import CaseResult, Metric, Target
+from biofed.benchmarks.harness import CaseResult, Metric, Target
 
 __all__ = ["case_coordinator_memory"]
 

@@ -2,8 +2,8 @@
 
 ::
 
-    python -m benchmarks.fleet --devices 100 1000 --rounds 3
-    python -m benchmarks.fleet --rabbitmq --devices 100 --rounds 3
+    python -m biofed.benchmarks.fleet --devices 100 1000 --rounds 3
+    python -m biofed.benchmarks.fleet --rabbitmq --devices 100 --rounds 3
 
 For each N, :func:`biofed.apps.simulate.run_simulation` runs a whole federation (synthetic
 sources dealt to N real edge agents in one process, the coordinator in its own process,
@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.ingest import run as ingest_run
+from biofed.benchmarks.ingest import run as ingest_run
 
 
 def _raw_publisher(host: str, port: int, index: int, n: int, size: int, go, done) -> None:

@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/ingest.py --mosquitto --devices 200 --updates 5000
+    python -m biofed.benchmarks.ingest --mosquitto --devices 200 --updates 5000
 
 Starts a broker (Mosquitto with ``--mosquitto``, else the embedded amqtt), connects a
 coordinator-side client that feeds every message into :class:`biofed.coordinator.server.Ingest`

@@ -15,7 +15,7 @@ import tracemalloc
 
 from dp_accounting.rdp import RdpAccountant
 
-from benchmarks.harness import CaseResult, Metric, Target
+from biofed.benchmarks.harness import CaseResult, Metric, Target
 from biofed.privacy_ledger import PrivacyLedger, distributed_noise_multiplier, round_event
 
 __all__ = ["case_privacy_ledger"]

@@ -1,7 +1,7 @@
 """The benchmark cases: shapes, baselines, output checks and the issue's targets.
 
 Each case times biofed and its baselines on the same float64 input in the same run
-(:func:`benchmarks.harness.measure`: a warm-up call first, reported as the first-call
+(:func:`biofed.benchmarks.harness.measure`: a warm-up call first, reported as the first-call
 (compile) time, then ``repeats`` timed calls) and records the outputs' difference.
 ``--quick`` uses fewer repeats and shorter streams but keeps the per-window pipeline shapes
 (2 s windows of the stream profile) and the SVD target shapes.
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import baselines, stream
-from benchmarks.harness import CaseResult, Comparison, Metric, Table, Target, machine_info, max_relative_difference, measure
-from benchmarks.coordinator_memory import case_coordinator_memory
-from benchmarks.privacy import case_privacy_ledger
+from biofed.benchmarks import baselines, stream
+from biofed.benchmarks.harness import CaseResult, Comparison, Metric, Table, Target, machine_info, max_relative_difference, measure
+from biofed.benchmarks.coordinator_memory import case_coordinator_memory
+from biofed.benchmarks.privacy import case_privacy_ledger
 
 logger = logging.getLogger(__name__)
 
@@ -592,10 +592,6 @@ def case_secagg(s: Settings, result: CaseResult) -> None:
 
 
 # --- fresh-process measurements -----------------------------------------------------------
-def _stream_script() -> Path:
-    return Path(stream.__file__).resolve()
-
-
 def _one_core_env() -> dict[str, str]:
     env = dict(os.environ)
     for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -605,7 +601,7 @@ def _one_core_env() -> dict[str, str]:
 
 def case_realtime(s: Settings, result: CaseResult) -> None:
     seconds = s.seconds(600, 120)
-    cmd = [sys.executable, str(_stream_script()), "rtf", "--seconds", str(seconds), "--repeats", str(s.reps(0.25))]
+    cmd = [sys.executable, "-m", stream.__name__, "rtf", "--seconds", str(seconds), "--repeats", str(s.reps(0.25))]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"stream profile subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -653,7 +649,7 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
 def _time_first_window(env: dict[str, str]) -> float:
     """Seconds from launching a fresh interpreter to it printing its first computed window."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(_stream_script()), "warm"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", stream.__name__, "warm"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - start
@@ -680,7 +676,7 @@ def case_warm_start(s: Settings, result: CaseResult) -> None:
 def case_agent_memory(s: Settings, result: CaseResult) -> None:
     """RSS of a whole agent process ingesting, storing (at its cap) and training over a long stream."""
     hours = s.seconds(24.0, 3.0)
-    cmd = [sys.executable, str(Path(__file__).with_name("agent_memory.py")), "--hours", str(hours),
+    cmd = [sys.executable, "-m", "biofed.benchmarks.agent_memory", "--hours", str(hours),
            "--store-rows", "2000" if s.quick else "20000"]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:

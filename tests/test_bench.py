@@ -5,16 +5,15 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from biofed.apps.bench import BENCHMARKS_DIR, bench_command, format_report, load_suite
+from biofed.apps.bench import bench_command, format_report, load_suite
 from biofed.apps.cli import COMMANDS, cli
-
-load_suite()  # registers the source tree's benchmarks package
-from benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure  # noqa: E402
+from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
 
 
 def fake_clock(durations):
@@ -106,7 +105,7 @@ def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
 
 
 def test_stage_table_is_printed_with_the_fft_limit():
-    from benchmarks.harness import Table
+    from biofed.benchmarks.harness import Table
 
     table = Table("Per-window stage profile", ("stage", "us/window", "fraction of limit"),
                   (("eeg band powers", 61.5, 0.55), ("bio window statistics", 9.0, "-")), note="limit measured here")
@@ -122,12 +121,20 @@ def test_bench_unknown_case_is_a_clear_error():
     assert "unknown case(s) nope" in result.output and "band_powers" in result.output
 
 
-def test_missing_source_tree_is_a_clear_error(tmp_path):
+def test_suite_is_the_installed_package():
+    suite = load_suite()
+    assert suite.__name__ == "biofed.benchmarks.suite" and "windowing" in suite.CASES
+
+
+def test_missing_suite_dependency_is_a_clear_error(monkeypatch):
     import click
 
-    with pytest.raises(click.ClickException, match="source checkout"):
-        load_suite(tmp_path / "benchmarks")
-    assert BENCHMARKS_DIR.name == "benchmarks" and (BENCHMARKS_DIR / "suite.py").is_file()
+    # numpy absent, as in a base install without the extras: importing the suite fails on it
+    for name in [m for m in sys.modules if m == "biofed.benchmarks" or m.startswith("biofed.benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    with pytest.raises(click.ClickException, match=r"needs numpy.*biofed\[coordinator\]"):
+        load_suite()
 
 
 @pytest.mark.slow
@@ -144,7 +151,7 @@ def test_bench_evaluation_case_quick(tmp_path):
 
 
 def test_privacy_ledger_case_reports_a_bounded_ledger_equal_to_dp_accounting():
-    from benchmarks.suite import Settings, run_case
+    from biofed.benchmarks.suite import Settings, run_case
 
     result = run_case("privacy_ledger", Settings(quick=True, repeats=3))
     assert result.error is None
@@ -157,7 +164,7 @@ def test_privacy_ledger_case_reports_a_bounded_ledger_equal_to_dp_accounting():
 
 @pytest.mark.slow
 def test_coordinator_memory_case_quick_runs_a_federation_and_reports_the_rss_ratio():
-    from benchmarks.suite import Settings, run_case
+    from biofed.benchmarks.suite import Settings, run_case
 
     result = run_case("coordinator_memory", Settings(quick=True))
     assert result.error is None

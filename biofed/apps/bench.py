@@ -1,17 +1,10 @@
-"""``biofed bench``: run the benchmark suite and print (and optionally save) the results.
-
-The suite is the ``benchmarks/`` folder beside the package in the source tree; it is not
-installed, so this command imports it from ``Path(biofed.__file__).parents[1] / "benchmarks"``.
-"""
+"""``biofed bench``: run the benchmark suite (:mod:`biofed.benchmarks`) and print (and optionally save) the results."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -23,38 +16,24 @@ from biofed.cli_options import examples
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS_DIR = Path(biofed.__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_suite(directory: Path = BENCHMARKS_DIR) -> ModuleType:
-    """Import ``benchmarks.suite`` from ``directory`` (the source tree's benchmark folder).
+def load_suite() -> ModuleType:
+    """Import the benchmark suite, :mod:`biofed.benchmarks.suite`.
 
     Raises
     ------
     click.ClickException
-        When the folder is missing (biofed installed without its source tree) or the
-        suite's dependencies (scikit-learn) are not installed.
+        When a dependency of the suite is not installed; the message names it and the extra
+        that provides it.
     """
-    init = directory / "__init__.py"
-    if not init.is_file():
-        raise click.ClickException(
-            f"the benchmark suite was not found at {directory}. `biofed bench` runs from a source "
-            "checkout: clone the biofed repository and install it with `pip install -e \".[test]\"`."
-        )
-    loaded = sys.modules.get("benchmarks")
-    if loaded is None or Path(getattr(loaded, "__file__", "") or "").resolve() != init.resolve():
-        spec = importlib.util.spec_from_file_location("benchmarks", init, submodule_search_locations=[str(directory)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = package
-        spec.loader.exec_module(package)
-        for name in [m for m in sys.modules if m.startswith("benchmarks.")]:
-            del sys.modules[name]  # submodules of a previously loaded, different folder
     try:
-        return importlib.import_module("benchmarks.suite")
+        from biofed.benchmarks import suite
     except ImportError as exc:
+        missing = exc.name or str(exc)
         raise click.ClickException(
-            f"the benchmark suite needs {exc.name or exc}: install the test extra with `pip install -e \".[test]\"`."
+            f"the benchmark suite needs {missing}, which is not installed: install biofed with its "
+            "coordinator extra (`pip install \"biofed[coordinator]\"`)."
         ) from exc
+    return suite
 
 
 def _ms(seconds: float) -> str:
