@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.signal
+from biofed.benchmarks import stream as profile
 from numpy.lib.stride_tricks import sliding_window_view
 
-from biofed.benchmarks import stream as profile
-
 #: The EEG bands in Hz, (name, lo, hi) with lo <= f < hi.
-EEG_BANDS_HZ = (("delta", 1.0, 4.0), ("theta", 4.0, 8.0), ("alpha", 8.0, 13.0), ("beta", 13.0, 30.0), ("gamma", 30.0, 45.0))
+EEG_BANDS_HZ = (
+    ("delta", 1.0, 4.0),
+    ("theta", 4.0, 8.0),
+    ("alpha", 8.0, 13.0),
+    ("beta", 13.0, 30.0),
+    ("gamma", 30.0, 45.0),
+)
 
 
 # --- windowing ----------------------------------------------------------------------------
@@ -34,8 +39,15 @@ def _band_sums(freqs, psd, bands, log: bool, tiny: float):
 def band_powers_scipy(windows, fs: float, bands, *, nperseg: int, log: bool = False, tiny: float = 0.0):
     """``scipy.signal.welch`` (Hann, 50 % overlap, constant detrend, density) then band sums."""
     freqs, psd = scipy.signal.welch(
-        windows, fs, window="hann", nperseg=nperseg, noverlap=nperseg // 2,
-        detrend="constant", scaling="density", average="mean", axis=-1,
+        windows,
+        fs,
+        window="hann",
+        nperseg=nperseg,
+        noverlap=nperseg // 2,
+        detrend="constant",
+        scaling="density",
+        average="mean",
+        axis=-1,
     )
     return _band_sums(freqs, psd, bands, log, tiny)
 
@@ -45,8 +57,17 @@ def band_powers_mne(windows, fs: float, bands, *, nperseg: int, log: bool = Fals
     from mne.time_frequency import psd_array_welch
 
     psd, freqs = psd_array_welch(
-        windows, fs, fmin=0.0, fmax=np.inf, n_fft=nperseg, n_per_seg=nperseg,
-        n_overlap=nperseg // 2, window="hann", average="mean", remove_dc=True, verbose=False,
+        windows,
+        fs,
+        fmin=0.0,
+        fmax=np.inf,
+        n_fft=nperseg,
+        n_per_seg=nperseg,
+        n_overlap=nperseg // 2,
+        window="hann",
+        average="mean",
+        remove_dc=True,
+        verbose=False,
     )
     return _band_sums(freqs, psd, bands, log, tiny)
 
@@ -128,8 +149,15 @@ def mel_filterbank(freqs, n_bands: int, fmin: float, fmax: float):
 def log_mel_scipy(windows, fs: float, *, n_bands: int = 32, fmin: float = 20.0, nperseg: int = 512):
     """``scipy.signal.welch`` frames (Hann, 50 % overlap) -> mel filterbank -> ``ln(E + 1e-10)``."""
     freqs, psd = scipy.signal.welch(
-        windows, fs, window="hann", nperseg=nperseg, noverlap=nperseg // 2,
-        detrend="constant", scaling="density", average="mean", axis=-1,
+        windows,
+        fs,
+        window="hann",
+        nperseg=nperseg,
+        noverlap=nperseg // 2,
+        detrend="constant",
+        scaling="density",
+        average="mean",
+        axis=-1,
     )
     energies = psd @ mel_filterbank(freqs, n_bands, fmin, fs / 2.0) * (freqs[1] - freqs[0])
     return np.log(energies + 1e-10)

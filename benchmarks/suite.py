@@ -21,10 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from biofed.benchmarks import baselines, stream
-from biofed.benchmarks.harness import CaseResult, Comparison, Metric, Table, Target, machine_info, max_relative_difference, measure
 from biofed.benchmarks.coordinator_memory import case_coordinator_memory
+from biofed.benchmarks.harness import (
+    CaseResult,
+    Comparison,
+    Metric,
+    Table,
+    Target,
+    machine_info,
+    max_relative_difference,
+    measure,
+)
 from biofed.benchmarks.privacy import case_privacy_ledger
 
 logger = logging.getLogger(__name__)
@@ -365,6 +373,7 @@ def case_chain(s: Settings, result: CaseResult) -> None:
 def _default_update(rng):
     """An update of the default model: logistic regression on k=32 features, 2 classes."""
     from biofed.kernels import n_params
+
     from biofed.protocol import Update, UpdateMetrics
 
     delta = rng.standard_normal(n_params(stream.K, 2, 0)) * 0.01
@@ -419,6 +428,7 @@ def _onnx_profile_model(s: Settings, hidden: int):
     from biofed.edge.inference import layout_spec
     from biofed.edge.pipeline import FeatureLayout, PipelineConfig
     from biofed.kernels import init_params, train
+
     from biofed.model_format import PrivacySpec
 
     config = PipelineConfig()
@@ -634,8 +644,8 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
     rows.append(("whole chain (one window per call)", chain_best, chain_median, 100.0, sum(r[4] for r in rows),
                  limit_us, limit_us / chain_best))
     result.tables.append(Table(
-        f"Per-window stage profile on one core vs the FFT flop limit (rfft of {fft['nperseg']} points measured here: "
-        f"{fft['gflops']['float32']:.3g} GFLOP/s float32, {fft['gflops']['float64']:.3g} GFLOP/s float64)",
+        f"Per-window stage profile on one core vs the FFT flop limit (rfft of {fft['nperseg']} points measured "
+        f"here: {fft['gflops']['float32']:.3g} GFLOP/s float32, {fft['gflops']['float64']:.3g} GFLOP/s float64)",
         ("stage", "us/window best", "median", "% of chain", "rffts/window", "FFT limit us", "fraction of limit"),
         tuple(rows),
         note="FFT limit = rffts x 2.5 n log2 n flops / best float32 rfft rate; shares are of the best chain time "
@@ -699,11 +709,19 @@ EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "e
 
 def case_evaluation(s: Settings, result: CaseResult) -> None:
     """``biofed evaluate``: every method and baseline, both views, and the utility targets at
-    epsilon 8 for the default method (:data:`biofed.apps.evaluation.DEFAULT_METHOD`). The full run uses eegmat (the subjects in
-    ../shared/datasets/eegmat; a synthetic fleet where it is absent), every epsilon, 3 noise
-    draws and the projection variants; ``--quick`` a small synthetic fleet at epsilon 8 and inf."""
+    epsilon 8 for the default method (:data:`biofed.apps.evaluation.DEFAULT_METHOD`). The full run
+    uses eegmat (the subjects in ../shared/datasets/eegmat; a synthetic fleet where it is absent),
+    every epsilon, 3 noise draws and the projection variants; ``--quick`` a small synthetic fleet
+    at epsilon 8 and inf."""
     from biofed.apps.demo import eegmat_devices, write_synthetic_devices
-    from biofed.apps.evaluation import DEFAULT_METHOD, EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
+    from biofed.apps.evaluation import (
+        DEFAULT_METHOD,
+        EPSILONS,
+        load_devices,
+        plain_pipeline_rows,
+        run_evaluation,
+        targets,
+    )
 
     with tempfile.TemporaryDirectory(prefix="biofed-bench-eval-") as tmp:
         files = eegmat_devices(EEGMAT) if EEGMAT.is_dir() and not s.quick else {}

@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
 from click.testing import CliRunner
 
 from biofed.apps.bench import bench_command, format_report, load_suite
 from biofed.apps.cli import COMMANDS, cli
-from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
 
 
 def fake_clock(durations):
@@ -28,8 +28,9 @@ def fake_clock(durations):
 
 def test_measure_statistics_from_injected_clock():
     calls = []
-    timing, result = measure(lambda: calls.append(1) or len(calls), repeats=5,
-                             clock=fake_clock([7.0, 3.0, 1.0, 3.0, 2.0, 9.0]))
+    timing, result = measure(
+        lambda: calls.append(1) or len(calls), repeats=5, clock=fake_clock([7.0, 3.0, 1.0, 3.0, 2.0, 9.0])
+    )
     assert result == 1  # the warm-up call's return value
     assert len(calls) == 6  # warm-up + 5 repeats
     assert timing.first_call == 7.0
@@ -91,7 +92,9 @@ def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
     assert [s.split(",")[0] for s in sweep] == ["(1", "(16", "(256", "(5000"]
     chain = [row for row in rows if row["case"].startswith("fusion chain")]
     assert {(row["case"], row["baseline_name"]) for row in chain} == {
-        (f"fusion chain ({mode})", base) for mode in ("batch", "per window") for base in ("mne+scipy+numpy", "scipy+numpy")
+        (f"fusion chain ({mode})", base)
+        for mode in ("batch", "per window")
+        for base in ("mne+scipy+numpy", "scipy+numpy")
     } | {(f"fusion chain float64 ({mode})", "mne+scipy+numpy") for mode in ("batch", "per window")}
     for row in chain:
         if "float64" in row["case"]:
@@ -107,11 +110,17 @@ def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
 def test_stage_table_is_printed_with_the_fft_limit():
     from biofed.benchmarks.harness import Table
 
-    table = Table("Per-window stage profile", ("stage", "us/window", "fraction of limit"),
-                  (("eeg band powers", 61.5, 0.55), ("bio window statistics", 9.0, "-")), note="limit measured here")
+    table = Table(
+        "Per-window stage profile",
+        ("stage", "us/window", "fraction of limit"),
+        (("eeg band powers", 61.5, 0.55), ("bio window statistics", 9.0, "-")),
+        note="limit measured here",
+    )
     result = CaseResult("realtime", tables=[table])
     text = format_report([result], [])
-    assert "Per-window stage profile" in text and "61.5" in text and "0.55" in text and "note: limit measured here" in text
+    assert (
+        "Per-window stage profile" in text and "61.5" in text and "0.55" in text and "note: limit measured here" in text
+    )
     assert result.to_dict()["tables"][0]["rows"][1] == ["bio window statistics", 9.0, "-"]
 
 
@@ -145,7 +154,9 @@ def test_bench_evaluation_case_quick(tmp_path):
     case = json.loads(out.read_text())["cases"][0]
     assert case["error"] is None
     names = {m["name"] for m in case["metrics"]}
-    assert "new patient / dp-ftrl / proj none / eps 8" in names and "personalized / plain / proj none / eps inf" in names
+    assert (
+        "new patient / dp-ftrl / proj none / eps 8" in names and "personalized / plain / proj none / eps inf" in names
+    )
     assert all(0.0 <= m["value"] <= 1.0 for m in case["metrics"])
     assert any("personalized mean (one-shot+personal, eps 8)" in t["name"] for t in case["targets"])
 
