@@ -21,3 +21,14 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"real recordings not found at {SHARED_DATASETS}")
     return SHARED_DATASETS
+
+
+#: Fixtures that start a real broker (tests/brokers.py): a test using one is an integration test.
+BROKER_FIXTURES = frozenset({"amqtt_broker", "mosquitto_broker", "rabbitmq_cluster"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that starts a broker, so the fast lane (``-m "not slow"``) leaves it out."""
+    for item in items:
+        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
