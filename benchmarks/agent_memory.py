@@ -59,14 +59,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=float, default=0.25)
     args = parser.parse_args()
 
+    from biofed.config import DeviceConfig
     from biofed.datasets.live import BadSpans
     from biofed.edge.agent import EdgeAgent
     from biofed.edge.continuous import LiveFeatures
     from biofed.edge.pipeline import FeatureLayout, FeatureRow, fit_basis
     from biofed.edge.warmup import warmup
     from biofed.kernels import n_params
-
-    from biofed.config import DeviceConfig
     from biofed.protocol import Basis, Model, Task
 
     process = psutil.Process()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.signal
-from biofed.benchmarks import stream as profile
 from numpy.lib.stride_tricks import sliding_window_view
+
+from biofed.benchmarks import stream as profile
 
 #: The EEG bands in Hz, (name, lo, hi) with lo <= f < hi.
 EEG_BANDS_HZ = (
@@ -36,9 +37,9 @@ def _band_sums(freqs, psd, bands, log: bool, tiny: float):
     return np.log10(out + tiny) if log else out
 
 
-def band_powers_scipy(windows, fs: float, bands, *, nperseg: int, log: bool = False, tiny: float = 0.0):
-    """``scipy.signal.welch`` (Hann, 50 % overlap, constant detrend, density) then band sums."""
-    freqs, psd = scipy.signal.welch(
+def _welch(windows, fs: float, nperseg: int):
+    """``scipy.signal.welch`` with the kernels' settings (Hann, 50 % overlap, constant detrend, density)."""
+    return scipy.signal.welch(
         windows,
         fs,
         window="hann",
@@ -49,6 +50,11 @@ def band_powers_scipy(windows, fs: float, bands, *, nperseg: int, log: bool = Fa
         average="mean",
         axis=-1,
     )
+
+
+def band_powers_scipy(windows, fs: float, bands, *, nperseg: int, log: bool = False, tiny: float = 0.0):
+    """``scipy.signal.welch`` (Hann, 50 % overlap, constant detrend, density) then band sums."""
+    freqs, psd = _welch(windows, fs, nperseg)
     return _band_sums(freqs, psd, bands, log, tiny)
 
 
@@ -148,17 +154,7 @@ def mel_filterbank(freqs, n_bands: int, fmin: float, fmax: float):
 
 def log_mel_scipy(windows, fs: float, *, n_bands: int = 32, fmin: float = 20.0, nperseg: int = 512):
     """``scipy.signal.welch`` frames (Hann, 50 % overlap) -> mel filterbank -> ``ln(E + 1e-10)``."""
-    freqs, psd = scipy.signal.welch(
-        windows,
-        fs,
-        window="hann",
-        nperseg=nperseg,
-        noverlap=nperseg // 2,
-        detrend="constant",
-        scaling="density",
-        average="mean",
-        axis=-1,
-    )
+    freqs, psd = _welch(windows, fs, nperseg)
     energies = psd @ mel_filterbank(freqs, n_bands, fmin, fs / 2.0) * (freqs[1] - freqs[0])
     return np.log(energies + 1e-10)
 

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from biofed.coordinator.server import Ingest, OpenRound
-from biofed.kernels.training import n_params
 
 from biofed.apps.broker import start_embedded_broker, start_mosquitto
+from biofed.coordinator.server import Ingest, OpenRound
+from biofed.kernels.training import n_params
 from biofed.mqtt import MqttClient
 from biofed.protocol import SeenMessageIds, Status, Topics, Update, UpdateMetrics, encode_message
 

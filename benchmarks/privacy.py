@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 import tracemalloc
 
-from biofed.benchmarks.harness import CaseResult, Metric, Target
 from dp_accounting.rdp import RdpAccountant
 
+from biofed.benchmarks.harness import CaseResult, Metric, Target
 from biofed.privacy_ledger import PrivacyLedger, distributed_noise_multiplier, round_event
 
 __all__ = ["case_privacy_ledger"]

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 import rocket_fft  # noqa: F401  -- np.fft inside @njit, the FFT the spectral kernels use
+from numba import njit
+
 from biofed.kernels import (
     apply_transform,
     band_power_plan,
@@ -37,7 +39,6 @@ from biofed.kernels import (
     truncated_svd,
     window_statistics,
 )
-from numba import njit
 
 EEG_CHANNELS, EEG_FS = 19, 500.0
 AUDIO_FS = 16000.0  # one channel

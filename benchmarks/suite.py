@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from biofed.benchmarks import baselines, stream
 from biofed.benchmarks.coordinator_memory import case_coordinator_memory
 from biofed.benchmarks.harness import (
@@ -373,7 +374,6 @@ def case_chain(s: Settings, result: CaseResult) -> None:
 def _default_update(rng):
     """An update of the default model: logistic regression on k=32 features, 2 classes."""
     from biofed.kernels import n_params
-
     from biofed.protocol import Update, UpdateMetrics
 
     delta = rng.standard_normal(n_params(stream.K, 2, 0)) * 0.01
@@ -428,7 +428,6 @@ def _onnx_profile_model(s: Settings, hidden: int):
     from biofed.edge.inference import layout_spec
     from biofed.edge.pipeline import FeatureLayout, PipelineConfig
     from biofed.kernels import init_params, train
-
     from biofed.model_format import PrivacySpec
 
     config = PipelineConfig()

@@ -9,11 +9,11 @@ import sys
 
 import numpy as np
 import pytest
-from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
 from click.testing import CliRunner
 
 from biofed.apps.bench import bench_command, format_report, load_suite
 from biofed.apps.cli import COMMANDS, cli
+from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
 
 
 def fake_clock(durations):
