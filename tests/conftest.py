@@ -23,12 +23,13 @@ def shared_datasets() -> Path:
     return SHARED_DATASETS
 
 
-#: Fixtures that start a real broker (tests/brokers.py): a test using one is an integration test.
-BROKER_FIXTURES = frozenset({"amqtt_broker", "mosquitto_broker", "rabbitmq_cluster"})
+def starts_a_broker(fixture_name: str) -> bool:
+    """A fixture that starts a real broker: ``broker``, ``*_broker`` (tests/brokers.py) or ``rabbitmq_cluster``."""
+    return fixture_name == "broker" or fixture_name.endswith("_broker") or fixture_name == "rabbitmq_cluster"
 
 
 def pytest_collection_modifyitems(config, items):
     """Mark ``slow`` every test that starts a broker, so the fast lane (``-m "not slow"``) leaves it out."""
     for item in items:
-        if BROKER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        if any(starts_a_broker(name) for name in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

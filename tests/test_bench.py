@@ -70,6 +70,7 @@ def test_bench_registered_in_cli():
     assert COMMANDS["bench"] == "biofed.apps.bench:bench_command"
 
 
+@pytest.mark.slow
 def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(

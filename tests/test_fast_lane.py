@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import brokers
-from conftest import BROKER_FIXTURES
+from conftest import starts_a_broker
 
 pytest_plugins = ["pytester"]
 
 
-def test_the_broker_fixtures_are_the_ones_marked_slow():
-    for name in BROKER_FIXTURES:
+def test_the_shared_broker_fixtures_are_recognised():
+    for name in ("amqtt_broker", "mosquitto_broker", "rabbitmq_cluster"):
         assert callable(getattr(brokers, name)), f"tests/brokers.py has no fixture {name}"
+        assert starts_a_broker(name)
+    assert not starts_a_broker("broker_config") and not starts_a_broker("tmp_path")
 
 
 def test_a_test_using_a_broker_fixture_is_deselected_from_the_fast_lane(pytester):
