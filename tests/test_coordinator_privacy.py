@@ -66,6 +66,7 @@ def test_round_event_bad_input(args, match):
 
 
 @pytest.mark.parametrize(("q", "z", "T"), PLANS)
+@pytest.mark.slow
 def test_plan_epsilon_matches_dp_accounting(q, z, T):
     eps = plan_epsilon(T, q, z, DELTA)
     assert eps["rdp"] == pytest.approx(_direct(RdpAccountant, q, z, T), rel=1e-12)
