@@ -169,7 +169,7 @@ class Metric:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue, reported (never asserted): ``measured <op> threshold``."""
+    """A performance goal, reported (never asserted): ``measured <op> threshold``."""
 
     name: str
     measured: float

@@ -1,4 +1,4 @@
-"""The benchmark cases: shapes, baselines, output checks and the issue's targets.
+"""The benchmark cases: shapes, baselines, output checks and the performance targets.
 
 Each case times biofed and its baselines on the same float64 input in the same run
 (:func:`biofed.benchmarks.harness.measure`: a warm-up call first, reported as the first-call
