@@ -63,7 +63,8 @@ def main() -> None:
     from biofed.datasets.live import BadSpans
     from biofed.edge.agent import EdgeAgent
     from biofed.edge.continuous import LiveFeatures
-    from biofed.edge.pipeline import FeatureLayout, FeatureRow, fit_basis
+    from biofed.edge.pipeline import FeatureRow
+    from biofed.model import FeatureLayout, fit_basis
     from biofed.edge.warmup import warmup
     from biofed.kernels import n_params
     from biofed.protocol import Basis, Model, Task
@@ -88,13 +89,12 @@ def main() -> None:
 
                 layout = FeatureLayout.from_recording(
                     make_recording("rest", duration_s=2.0, audio_sfreq=4000.0, random_state=0), agent.pipeline_config)
-                agent._open_store_for(layout.hash)
-                agent._remember_layout(layout)
+                agent.ingestion.bind(layout)
                 features = LiveFeatures(agent.pipeline_config, layout, BadSpans())
             for row in features.feed(chunk):
                 rows.append(FeatureRow(row.t, _CLASSES[int(row.t // _SEGMENT_S) % 2], row.vector))
             if len(rows) >= 64:
-                stored += agent._append_rows(rows, 0.0, "bench-stream")
+                stored += agent.ingestion.append(rows, 0.0, "bench-stream")
                 rows = []
             if t >= next_hour:
                 hour += 1
@@ -116,7 +116,7 @@ def main() -> None:
                 samples.append({"hour": hour, "rss_mb": process.memory_info().rss / 2**20, "rows": agent.n_rows,
                                 "wall_s": round(time.perf_counter() - started, 1)})
                 print(json.dumps({"progress": samples[-1]}), file=sys.stderr, flush=True)
-        stored += agent._append_rows(rows, 0.0, "bench-stream")
+        stored += agent.ingestion.append(rows, 0.0, "bench-stream")
         n_rows = agent.n_rows
         agent.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -14,7 +14,7 @@ client-level DP at the demo's defaults) over a fresh Mosquitto, and reports:
 - updates/s while a round's updates arrive (bounded by the devices' training, all in one
   process here), and the coordinator's own ingest rate (``benchmarks/ingest.py``'s path:
   pre-built updates from 4 publisher processes through the broker into
-  :class:`~biofed.coordinator.server.Ingest`);
+  :class:`~biofed.coordinator.ingest.Ingest`);
 - coordinator CPU seconds and peak RSS; memory per simulated device;
 - bytes per device per round (its task, its update and the round's model);
 - the raw ceiling measured in the same run: the same number of update-sized QoS 1

@@ -5,7 +5,7 @@
     python -m biofed.benchmarks.ingest --mosquitto --devices 200 --updates 5000
 
 Starts a broker (Mosquitto with ``--mosquitto``, else the embedded amqtt), connects a
-coordinator-side client that feeds every message into :class:`biofed.coordinator.server.Ingest`
+coordinator-side client that feeds every message into :class:`biofed.coordinator.ingest.Ingest`
 (the exact path :class:`~biofed.coordinator.server.Coordinator` runs: size limit, envelope
 and payload validation, fleet/sender/round/deadline/basis/participant checks, duplicate
 ids), and publishes pre-built :class:`~biofed.protocol.Update` messages of the default
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from biofed.apps.broker import start_embedded_broker, start_mosquitto
-from biofed.coordinator.server import Ingest, OpenRound
+from biofed.coordinator.ingest import Ingest, OpenRound
 from biofed.kernels.training import n_params
 from biofed.mqtt import MqttClient
 from biofed.protocol import SeenMessageIds, Status, Topics, Update, UpdateMetrics, encode_message

@@ -173,7 +173,8 @@ def measure_fft_rate(nperseg: int, dtype, repeats: int, rows: int = 256) -> floa
 
 def _pipeline_replay(stream: dict[str, np.ndarray], mean, scale, basis):
     """A StreamingPipeline (device defaults) with the basis, and a function replaying ``stream`` in 1 s chunks."""
-    from biofed.edge.pipeline import Basis, FeatureLayout, PipelineConfig, StreamingPipeline
+    from biofed.edge.pipeline import PipelineConfig, StreamingPipeline
+    from biofed.model import Basis, FeatureLayout
 
     config = PipelineConfig(max_pending_windows=None)
     eeg = tuple(f"E{i:02d}" for i in range(EEG_CHANNELS))

@@ -424,11 +424,9 @@ def case_signing(s: Settings, result: CaseResult) -> None:
 # --- ONNX inference on the device ---------------------------------------------------------
 def _onnx_profile_model(s: Settings, hidden: int):
     """A model file for the stream profile: layout, basis fitted on its features, trained weights."""
-    from biofed.coordinator.onnx_export import ModelFile
-    from biofed.edge.inference import layout_spec
-    from biofed.edge.pipeline import FeatureLayout, PipelineConfig
+    from biofed.edge.pipeline import PipelineConfig
     from biofed.kernels import init_params, train
-    from biofed.model_format import PrivacySpec
+    from biofed.model import Basis, FeatureLayout, ModelFile, PrivacySpec
 
     config = PipelineConfig()
     eeg = tuple(f"E{i:02d}" for i in range(stream.EEG_CHANNELS))
@@ -437,37 +435,34 @@ def _onnx_profile_model(s: Settings, hidden: int):
         "eeg": (stream.EEG_FS, eeg, ("eeg",) * len(eeg)), "audio": (stream.AUDIO_FS, ("PCG",), ("audio",)),
         "bio": (stream.BIO_FS, tuple(n for n, _ in bio), tuple(t for _, t in bio)),
     }, config)
-    spec = layout_spec(layout, config)
     w = stream.windows_of(stream.make_stream(s.seconds(120, 70), s.seed))
-    X = _profile_features(w, spec)
+    X = _profile_features(w, layout)
     mean, scale, basis = stream.fit_projection(X, random_state=s.seed)
     Z = (X - mean) / scale @ basis.T
     y = (Z[:, 0] > np.median(Z[:, 0])).astype(np.int64)
     params, _ = train(init_params(Z.shape[1], 2, hidden, random_state=s.seed), Z, y, 2, hidden, epochs=5,
                       random_state=s.seed)
-    model = ModelFile(params, ("rest", "arithmetic"), hidden, basis, mean, scale, 1, "bench", 1, 1, spec,
+    model = ModelFile(params, ("rest", "arithmetic"), hidden, Basis(basis, mean, scale), 1, "bench", 1, 1, layout,
                       PrivacySpec(None, None, ""))
     return model, w, X
 
 
-def _profile_features(w: dict[str, np.ndarray], spec, hr=None) -> np.ndarray:
+def _profile_features(w: dict[str, np.ndarray], layout, hr=None) -> np.ndarray:
     """Raw feature rows of the stream-profile windows in the pipeline's column order (Numba kernels);
     ``hr`` (n, n_hr, 2): precomputed heart-rate features (computed here when None)."""
     from biofed.kernels import band_powers, heart_rate_features, log_band_energies, window_statistics
 
     n = w["eeg"].shape[0]
-    bio = spec.modality("bio")
-    stats = window_statistics(w["bio"], stream.BIO_FS)
+    bio = layout.modality("bio")
     if hr is None:
         hr = heart_rate_features(np.ascontiguousarray(w["bio"][:, list(bio.hr_channels)]), stream.BIO_FS)
-    cols = []
-    for c in range(len(bio.ch_names)):
-        cols.append(stats[:, c])
-        if c in bio.hr_channels:
-            cols.append(hr[:, bio.hr_channels.index(c)])
-    return np.concatenate([band_powers(w["eeg"], stream.EEG_FS, spec.bands, log=True).reshape(n, -1),
-                           log_band_energies(w["audio"], stream.AUDIO_FS, n_bands=spec.n_mels).reshape(n, -1),
-                           np.concatenate(cols, axis=1)], axis=1)
+    stat_cols, hr_cols = bio.bio_columns()
+    bio_rows = np.empty((n, bio.n_features))
+    bio_rows[:, list(stat_cols)] = window_statistics(w["bio"], stream.BIO_FS).reshape(n, -1)
+    bio_rows[:, list(hr_cols)] = np.asarray(hr).reshape(n, -1)
+    return np.concatenate([band_powers(w["eeg"], stream.EEG_FS, layout.bands, log=True).reshape(n, -1),
+                           log_band_energies(w["audio"], stream.AUDIO_FS, n_bands=layout.n_mels).reshape(n, -1),
+                           bio_rows], axis=1)
 
 
 def case_onnx_inference(s: Settings, result: CaseResult) -> None:
@@ -497,12 +492,12 @@ def case_onnx_inference(s: Settings, result: CaseResult) -> None:
                 hb = hr_all[:batch]
 
                 def numba_features(xb=xb):
-                    z = project(xb, model.components, mean=model.mean, scale=model.scale)
+                    z = project(xb, model.basis.components, mean=model.basis.mean, scale=model.basis.scale)
                     return predict_proba(model.params, z, 2, hidden)
 
                 def numba_window(wb=wb, hb=hb):
-                    z = project(_profile_features(wb, model.layout, hb), model.components, mean=model.mean,
-                                scale=model.scale)
+                    z = project(_profile_features(wb, model.layout, hb), model.basis.components,
+                                mean=model.basis.mean, scale=model.basis.scale)
                     return predict_proba(model.params, z, 2, hidden)
 
                 shape = f"batch {batch}, F={X.shape[1]}, k={model.k}, {dtype}"
@@ -521,9 +516,10 @@ def case_onnx_inference(s: Settings, result: CaseResult) -> None:
                                              rows[0].biofed.median / batch * 1e3, "ms"))
 
 
-def _secagg_round(inputs, session, drop_before_masking=()):
+def _secagg_round(inputs, fleet, round_, drop_before_masking=()):
     """One in-process SecAgg round, timing the devices' and the coordinator's work apart."""
-    from biofed.secagg import SecAggClient, SecAggServer
+    from biofed.coordinator.secure_aggregation import SecAggServer
+    from biofed.edge.secure_aggregation import SecAggClient
 
     clock = time.perf_counter
     devices = sorted(inputs)
@@ -536,31 +532,33 @@ def _secagg_round(inputs, session, drop_before_masking=()):
         spent[role] += clock() - start
         return out
 
-    server = SecAggServer(session, vector_size=len(inputs[devices[0]]))
-    clients = {d: run("devices", SecAggClient, d, session) for d in devices}
-    for c in clients.values():
-        run("coordinator", server.receive_advertise, run("devices", c.advertise))
+    server = SecAggServer(fleet, round_, vector_size=len(inputs[devices[0]]))
+    clients = {d: run("devices", SecAggClient, d, fleet, round_) for d in devices}
+    for d, c in clients.items():
+        run("coordinator", server.receive, d, run("devices", c.advertise))
     keys = run("coordinator", server.key_list)
-    for c in clients.values():
+    for d, c in clients.items():
         shares = run("devices", c.share_keys, keys)
-        traffic["device_sent_bytes"] += 64 + 32 + sum(len(ct) for ct in shares.ciphertexts.values())
-        run("coordinator", server.receive_shares, shares)
-    for d, forwarded in run("coordinator", server.forward).items():
+        traffic["device_sent_bytes"] += 64 + 32 + sum(ct.size for ct in shares.ciphertexts.values())
+        run("coordinator", server.receive, d, shares)
+    forwarded = run("coordinator", server.forward)
+    for d in forwarded.ciphertexts:
         if d not in drop_before_masking:
             masked = run("devices", clients[d].masked_input, forwarded, inputs[d])
             traffic["device_sent_bytes"] += masked.masked.nbytes
-            run("coordinator", server.receive_masked, masked)
+            run("coordinator", server.receive, d, masked)
     request = run("coordinator", server.unmask_request)
     for d in request.survivors:
         response = run("devices", clients[d].unmask, request)
-        traffic["device_sent_bytes"] += sum(len(v) for v in (*response.b_shares.values(), *response.key_shares.values()))
-        run("coordinator", server.receive_unmask, response)
+        shares = (*response.b_shares.values(), *response.key_shares.values())
+        traffic["device_sent_bytes"] += sum(v.size for v in shares)
+        run("coordinator", server.receive, d, response)
     result = run("coordinator", server.aggregate)
     return result, spent, traffic
 
 
 def case_secagg(s: Settings, result: CaseResult) -> None:
-    from biofed.secagg import FixedPoint, default_threshold, session_id
+    from biofed.secure_aggregation import FixedPoint, default_threshold
 
     rng = np.random.default_rng(s.seed)
     fp = FixedPoint()
@@ -575,7 +573,7 @@ def case_secagg(s: Settings, result: CaseResult) -> None:
             rows = []
 
             def secure(drop=drop):
-                out, spent, traffic = _secagg_round(inputs, session_id("bench", 1), drop)
+                out, spent, traffic = _secagg_round(inputs, "bench", 1, drop)
                 rows.append((spent, traffic))
                 return fp.decode(out.total)
 

@@ -19,6 +19,10 @@ Example device file::
 A device of a fleet made by ``biofed provision`` (TLS with a client certificate plus a
 user name and password; the broker's ACL lets it touch only its own topics)::
 
+    device_id = "pi-01"
+    fleet = "ward7"
+    store_path = "features.sqlite"
+
     [broker]
     host = "192.168.1.10"
     port = 8883
@@ -81,16 +85,18 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     ValidationInfo,
     model_validator,
 )
 
-from biofed.protocol import ID_PATTERN
+from biofed.protocol import OPTIMIZERS, STANDARDIZATIONS, TRUST_MODES, validate_id
 
-Id = Annotated[str, StringConstraints(pattern=f"^{ID_PATTERN.pattern}$")]
-"""A fleet or device id: 1-64 characters from A-Z, a-z, 0-9, '_' and '-'."""
+Id = Annotated[str, AfterValidator(lambda value: validate_id(value, "id"))]
+"""A fleet or device id (:func:`biofed.protocol.validate_id`)."""
+
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "trimmed_mean", "coordinate_median")
+"""The aggregation strategies a coordinator config can name (``[strategy] name``)."""
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
@@ -198,7 +204,7 @@ class TrainingSettings(_Section):
     local_epochs: int = Field(1, ge=1)
     lr: float = Field(0.05, gt=0)
     batch_size: int = Field(32, ge=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: Literal[OPTIMIZERS] = "sgd"
     l2: float = Field(0.0, ge=0)
     prox_mu: float = Field(0.0, ge=0)
 
@@ -293,7 +299,7 @@ class DeviceDPConfig(_Section):
 
 
 class DeviceConfig(_SigningFields):
-    """One edge device (``biofed agent``)."""
+    """One edge device (``biofed edge``)."""
 
     device_id: Id
     fleet: Id
@@ -339,7 +345,7 @@ class AdaptiveClippingConfig(_Section):
 class DPConfig(_Section):
     """Differential privacy of the coordinator."""
 
-    trust_mode: Literal["central", "local", "distributed"] = "central"
+    trust_mode: Literal[TRUST_MODES] = "central"
     secagg_threshold: int | None = Field(None, ge=1)
     """distributed mode: minimum devices that must survive a secure-aggregation round (the
     Shamir threshold, raised to a majority of the round's devices) and the ``n_min`` each
@@ -373,7 +379,7 @@ class DPConfig(_Section):
 class StrategyConfig(_Section):
     """Server-side aggregation strategy and its keyword parameters."""
 
-    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "trimmed_mean", "coordinate_median"] = "fedavg"
+    name: Literal[STRATEGY_NAMES] = "fedavg"
     params: dict[str, float | int | str | bool] = {}
 
 
@@ -384,8 +390,7 @@ class ModelSettings(_Section):
     hidden: int = Field(0, ge=0)
     """0: logistic regression; > 0: MLP with this many hidden units."""
     basis_k: int = Field(32, ge=1)
-    sketch_ell: int = Field(64, ge=1)
-    standardization: Literal["device", "global"] = "device"
+    standardization: Literal[STANDARDIZATIONS] = "device"
     """How raw feature rows are standardized before the basis projection. "device": each
     device z-scores its rows with the mean and scale of its *own* training split (a
     per-subject calibration that never leaves the device; held-out and live windows use the
@@ -476,7 +481,13 @@ ENV_PREFIX = "BIOFED_"
 
 
 def toml_literal(value: object) -> str:
-    """``value`` (bool, int, float, str, path, list, tuple or dict of those) as a TOML literal."""
+    """``value`` (bool, int, float, str, path, list, tuple or dict of those) as a TOML literal.
+
+    Examples
+    --------
+    >>> toml_literal({"eta": 0.01, "names": ("rest", "arithmetic"), "on": True})
+    '{eta = 0.01, names = ["rest", "arithmetic"], on = true}'
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -490,6 +501,31 @@ def toml_literal(value: object) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {toml_literal(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def toml_document(top: Mapping[str, object], tables: Mapping[str, Mapping[str, object]] | None = None, *,
+                  header: str = "") -> str:
+    """A TOML document: ``header`` as comment lines, the ``top`` keys, then one ``[name]``
+    table per entry of ``tables``. None values are left out (the setting keeps its default).
+
+    Examples
+    --------
+    >>> print(toml_document({"fleet": "ward7", "rounds": 3, "sampling_rate": None},
+    ...                     {"broker": {"host": "127.0.0.1", "port": 1883}}, header="a fleet"), end="")
+    # a fleet
+    fleet = "ward7"
+    rounds = 3
+    <BLANKLINE>
+    [broker]
+    host = "127.0.0.1"
+    port = 1883
+    """
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    lines += [f"{key} = {toml_literal(value)}" for key, value in top.items() if value is not None]
+    for name, table in (tables or {}).items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {toml_literal(value)}" for key, value in table.items() if value is not None]
+    return "\n".join(lines) + "\n"
 
 
 def env_name(key: str) -> str:
@@ -616,15 +652,21 @@ def load_allowed_devices(path: str | Path) -> frozenset[str]:
     devices = data.get("devices") if isinstance(data, dict) else None
     if not isinstance(devices, list):
         raise ConfigError(f'{path}: expected {{"fleet": ..., "devices": [device ids]}}, got {type(data).__name__}')
-    bad = [d for d in devices if not isinstance(d, str) or ID_PATTERN.fullmatch(d) is None]
-    if bad:
-        raise ConfigError(f"{path}: invalid device ids {bad[:5]!r} (1-64 characters from A-Z, a-z, 0-9, '_', '-')")
+    problems = []
+    for device in devices:
+        try:
+            validate_id(device)
+        except ValueError as exc:
+            problems.append((device, str(exc)))
+    if problems:
+        bad = [device for device, _ in problems]
+        raise ConfigError(f"{path}: invalid device ids {bad[:5]!r} ({problems[0][1]})")
     return frozenset(devices)
 
 
 __all__ = [
     "AdaptiveClippingConfig", "BrokerConfig", "BrokerServiceConfig", "ConfigError", "CoordinatorConfig", "DPConfig",
     "DeviceConfig", "ENV_PREFIX", "MetricsSettings", "ModelSettings", "PipelineSettings", "RECOMMENDED_PRIVACY",
-    "RECOMMENDED_ROUNDS", "SourceConfig", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices",
-    "load_config", "toml_literal",
+    "RECOMMENDED_ROUNDS", "STRATEGY_NAMES", "SourceConfig", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices",
+    "load_config", "toml_document", "toml_literal",
 ]

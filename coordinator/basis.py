@@ -6,8 +6,8 @@ without pooling any data. Each device sends one clipped statistic per phase (a
 
 moments
     ``s_i = concat(mean(X, 0), mean(X**2, 0))`` (D = 2d). The coordinator averages the
-    devices' statistics, ``mean = s[:d]``, ``var = s[d:] - mean**2`` (floored, see
-    :func:`standardization_from_moments`), ``scale = sqrt(var)``.
+    devices' statistics, ``mean = s[:d]``, ``var = s[d:] - mean**2``,
+    ``scale = standard_scale(mean, var)`` (:func:`biofed.kernels.standard_scale`).
 covariance
     ``s_i = (Z.T @ Z / n).ravel()`` with ``Z = (X - mean) / scale`` (D = d*d). The
     coordinator averages, symmetrizes and keeps the top-k eigenvectors
@@ -20,8 +20,8 @@ training split (never sent), so its covariance statistic is the correlation matr
 rows (entries in [-1, 1], diagonal 1, Frobenius norm between sqrt(d) and d whatever the raw
 feature units). :func:`basis_from_covariance` is used unchanged; the published basis has
 mean 0 and scale 1. Raw-feature moments, by contrast, have the norm of the feature scale
-(heart rate ~70 bpm next to log band powers ~-11 and ECG volts: ~4e4 on eegmat), so noise
-calibrated to a clip norm that large swamps them unless the fleet is very large. Clipping a
+(heart rate in bpm next to log band powers and ECG volts), so noise calibrated to a clip
+norm that large swamps them unless the fleet is very large. Clipping a
 correlation matrix only rescales it (eigenvectors unchanged), and the signal-to-noise ratio
 of the noised average, ``n / (z ||R_i||)`` per entry, does not depend on the clip norm once
 it is below the norms: ``dp.basis_clip_norm = 1`` is a sound choice.
@@ -44,6 +44,7 @@ import logging
 
 import numpy as np
 
+from biofed.kernels import standard_scale
 from biofed.kernels._validation import check_nonnegative_float, check_positive_float
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 
@@ -56,10 +57,8 @@ __all__ = [
 ]
 
 _CLIP_TOLERANCE = 1e-9  # a device's own clipping lands at C up to rounding: not "clipped here"
-VAR_FLOOR_ABS = 1e-12
-"""Absolute floor on a feature variance (see :func:`standardization_from_moments`)."""
-VAR_FLOOR_REL = 1e-9
-"""Relative floor: variance >= VAR_FLOOR_REL * E[x^2] (a feature constant up to noise)."""
+_MOMENTS_RTOL = 1e-12
+"""``E[x^2] - E[x]^2`` cancels: a variance within this fraction of ``E[x^2]`` is rounding, i.e. 0."""
 
 
 def aggregate_statistics(
@@ -133,11 +132,11 @@ def standardization_from_moments(statistic) -> tuple[np.ndarray, np.ndarray]:
     -------
     mean : ndarray, shape (d,)
     scale : ndarray, shape (d,)
-        ``sqrt(max(E[x^2] - E[x]^2, floor))`` with
-        ``floor = max(VAR_FLOOR_ABS, VAR_FLOOR_REL * |E[x^2]|)``: noise can make the
-        variance estimate negative, and a feature that is constant (up to noise) would
-        otherwise be divided by ~0 on the devices. ``scale > 0`` everywhere, as
-        :class:`biofed.protocol.Basis` requires.
+        ``standard_scale(E[x], E[x^2] - E[x]^2)`` (:func:`biofed.kernels.standard_scale`):
+        the standard deviation, and 1 where the feature is constant (its variance within the
+        rounding of the difference) or noise made the variance estimate negative, so the
+        devices never divide by ~0. ``scale > 0``
+        everywhere, as :class:`biofed.protocol.Basis` requires.
     """
     s = np.asarray(statistic, dtype=np.float64)
     if s.ndim != 1 or s.size == 0 or s.size % 2:
@@ -145,13 +144,14 @@ def standardization_from_moments(statistic) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(s).all():
         raise ValueError("the moments statistic contains NaN or inf.")
     d = s.size // 2
-    mean, second = s[:d], s[d:]
-    floor = np.maximum(VAR_FLOOR_ABS, VAR_FLOOR_REL * np.abs(second))
-    var = second - mean**2
-    n_floored = int(np.count_nonzero(var < floor))
+    mean = s[:d].copy()
+    var = s[d:] - mean**2
+    var[np.abs(var) <= _MOMENTS_RTOL * np.abs(s[d:])] = 0.0
+    scale = standard_scale(mean, var)
+    n_floored = int(np.count_nonzero((scale == 1.0) & (var != 1.0)))
     if n_floored:
-        logger.info("basis: %d of %d feature variances floored (constant features or noise)", n_floored, d)
-    return mean.copy(), np.sqrt(np.maximum(var, floor))
+        logger.info("basis: %d of %d features constant or noise-dominated, their scale is 1", n_floored, d)
+    return mean, scale
 
 
 def basis_from_covariance(statistic, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
 """``biofed export --model MODEL --out model.onnx``: the coordinator's model as an ONNX graph.
 
 MODEL is a coordinator model file (``state_dir/model_final.npz``, ``model_latest.npz`` or a
-per-round ``models/round_NNNNN.npz``); see :mod:`biofed.coordinator.onnx_export` for the
-graph and :mod:`biofed.model_format` for the metadata it carries.
+per-round ``models/round_NNNNN.npz``, read by :class:`biofed.model.ModelFile`); see
+:mod:`biofed.coordinator.onnx_export` for the graph and :mod:`biofed.model.format` for the
+metadata it carries.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from pathlib import Path
 import click
 
 from biofed.cli_options import examples
-
-from biofed.model_format import INPUT_FEATURES, INPUT_KINDS
+from biofed.model import DTYPES, INPUT_FEATURES, INPUT_KINDS
 
 __all__ = ["export_command"]
 
@@ -31,16 +31,17 @@ logger = logging.getLogger(__name__)
               help="ONNX file to write (a file path; its folder must exist).")
 @click.option("--input", "input_kind", type=click.Choice(INPUT_KINDS), default=INPUT_FEATURES, show_default=True,
               help="features: raw feature rows in; window: raw sensor windows (+ heart-rate features) in.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Element type of the graph (float64 matches the Numba path to ~1e-12).")
 def export_command(model_path: Path, out_path: Path, input_kind: str, dtype: str) -> None:
     """Export a coordinator model file as an ONNX model with biofed metadata."""
-    from biofed.coordinator.onnx_export import ExportError, ModelFile, build_model, write_bytes
+    from biofed.coordinator.onnx_export import ExportError, build_model, write_bytes
+    from biofed.model import ModelFile, ModelFileError
 
     try:
         model = ModelFile.load(model_path)
         onnx_model = build_model(model, input_kind=input_kind, dtype=dtype)
-    except ExportError as exc:
+    except (ModelFileError, ExportError) as exc:
         raise click.ClickException(str(exc)) from None
     data = onnx_model.SerializeToString()
     try:

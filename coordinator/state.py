@@ -50,7 +50,7 @@ import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ROUND_COLUMNS", "SCHEMA_VERSION", "CoordinatorState", "RoundRecord", "Snapshot", "StateDirLock", "StateError",
-    "running_coordinator", "write_final_model",
+    "running_coordinator",
 ]
 
 SCHEMA_VERSION = 1
@@ -390,14 +390,3 @@ class CoordinatorState:
         except OSError as exc:
             raise _storage_error(path, "write the round history", exc) from None
         return path
-
-
-def write_final_model(path: str | Path, arrays: Mapping[str, object]) -> Path:
-    """Write the final model ``.npz`` atomically (no pickled objects: strings become
-    unicode arrays)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
-    tmp.replace(path)
-    return path

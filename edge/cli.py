@@ -30,7 +30,7 @@ def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: 
     "online with 0 windows"; with it (a service started before its data) it retries every
     :data:`SOURCE_POLL_S` seconds until stopped.
     """
-    from biofed.edge.agent import recording_files
+    from biofed.edge.ingestion import recording_files
     from biofed.edge.continuous import ContinuousIngestion
 
     if ContinuousIngestion.needed(config):

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from biofed.datasets.live import BadSpans, Gap
-from biofed.edge.pipeline import ChunkError, FeatureLayout, FeatureRow, PipelineConfig, PipelineError, StreamingPipeline
+from biofed.edge.pipeline import ChunkError, FeatureRow, PipelineConfig, StreamingPipeline
+from biofed.model import FeatureLayout, LayoutError
 
 __all__ = ["ContinuousIngestion", "LiveFeatures"]
 
@@ -139,6 +140,7 @@ class ContinuousIngestion:
         from biofed.datasets.live import LslError, LslSource
 
         agent = self.agent
+        ingestion = agent.ingestion
         live = LslSource(source.name, modalities=agent.pipeline_config.modalities,
                          resolve_timeout_s=source.resolve_timeout_s, gap_tolerance_s=source.gap_tolerance_s)
         try:
@@ -149,24 +151,23 @@ class ContinuousIngestion:
                 return
             try:
                 layout = FeatureLayout.from_channels(live.channels(), agent.pipeline_config)
-            except PipelineError as exc:
+            except LayoutError as exc:
                 logger.error("%s: LSL source %s has no usable feature layout: %s", agent.device_id, source.name, exc)
                 return
-            if not agent._open_store_for(layout.hash):
+            if not ingestion.bind(layout):
                 logger.error("%s: LSL source %s has feature layout %s (%d features) but the store holds layout %s; "
                              "a device keeps one sensor layout", agent.device_id, source.name, layout.hash,
                              layout.n_features, agent.store.layout_hash)
                 return
-            agent._remember_layout(layout)
-            offset = agent._next_stream_offset()
+            offset = ingestion.next_offset()
             key = f"{live.source}@{time.strftime('%Y-%m-%dT%H:%M:%S')}"
             features = LiveFeatures(agent.pipeline_config, layout, live.bad_spans)
             logger.info("%s: ingesting live from %s (%d features)", agent.device_id, live.source, layout.n_features)
             for event in live.chunks(stop):
                 rows = features.feed(event)
                 if rows:
-                    self.rows_stored += agent._append_rows(rows, offset, key)
-                    agent._predict_rows(rows, offset)
+                    self.rows_stored += ingestion.append(rows, offset, key)
+                    ingestion.produced(rows, offset)
             self.windows_rejected += features.rejected_bad
         finally:
             live.close()
@@ -177,7 +178,7 @@ class ContinuousIngestion:
 
         sizes: dict[Path, int] = {}
         while not stop.is_set():
-            done = self.agent._ingested_paths()
+            done = self.agent.ingestion.ingested_paths()
             ready = []
             for folder in folders:
                 try:
@@ -205,5 +206,5 @@ class ContinuousIngestion:
                 for path in ready:
                     sizes.pop(path, None)
                 if added:
-                    self.agent._publish(self.agent.status_message())
+                    self.agent.publish(self.agent.status_message())
             stop.wait(self.watch_interval_s)

@@ -1,6 +1,6 @@
 """On-device inference with the coordinator's ONNX models (onnxruntime).
 
-A biofed ONNX model (graph contract and metadata: :mod:`biofed.model_format`) is loaded from a
+A biofed ONNX model (graph contract and metadata: :mod:`biofed.model.format`) is loaded from a
 file or from the bytes a :class:`biofed.protocol.Model` message carries. Loading checks that
 it is a biofed model of a format this version reads; before any data goes in, the model's
 feature layout (channels, rates, window/hop, bands, mels) is compared with the data's and a
@@ -22,7 +22,6 @@ feature pipeline and MQTT); pass ``threads`` to change it.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -30,24 +29,22 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from biofed.edge.pipeline import FeatureLayout, PipelineConfig, PipelineError, _label_segments, extract_features
+from biofed.edge.pipeline import PipelineConfig, extract_features, label_pieces
 from biofed.edge.split import device_standardization
 from biofed.kernels import heart_rate_features, sliding_windows
-from biofed.model_format import (
+from biofed.model import (
     HR_INPUT,
     INPUT_FEATURES,
     OUTPUT_PROBA,
-    LayoutSpec,
-    ModalitySpec,
+    FeatureLayout,
+    LayoutError,
     ModelFormatError,
     ModelMetadata,
 )
 
-__all__ = ["InferenceError", "LayoutMismatch", "OnnxModel", "RecordingPrediction", "layout_spec", "pipeline_config"]
+__all__ = ["InferenceError", "LayoutMismatch", "OnnxModel", "RecordingPrediction"]
 
 logger = logging.getLogger(__name__)
-
-_NP_DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
 class InferenceError(ValueError):
@@ -69,21 +66,6 @@ class RecordingPrediction(NamedTuple):
     predicted: np.ndarray
     labels: np.ndarray
     t: np.ndarray
-
-
-def layout_spec(layout: FeatureLayout, config: PipelineConfig) -> LayoutSpec:
-    """The :class:`biofed.model_format.LayoutSpec` of a pipeline layout (what devices report and models carry)."""
-    return LayoutSpec(
-        window_s=config.window_s, hop_s=config.hop_s, bands=tuple(config.bands), n_mels=config.n_mels,
-        modalities=tuple(ModalitySpec(m.modality, m.sfreq, m.ch_names, m.ch_types, m.feature_names)
-                         for m in layout.modalities),
-    )
-
-
-def pipeline_config(spec: LayoutSpec) -> PipelineConfig:
-    """The :class:`PipelineConfig` that reproduces the features of ``spec``."""
-    return PipelineConfig(window_s=spec.window_s, hop_s=spec.hop_s, bands=spec.bands, n_mels=spec.n_mels,
-                          modalities=tuple(m.modality for m in spec.modalities))
 
 
 class OnnxModel:
@@ -128,7 +110,7 @@ class OnnxModel:
             self.metadata: ModelMetadata = ModelMetadata.from_props(props, self.name)
         except ModelFormatError as exc:
             raise InferenceError(str(exc)) from None
-        self.dtype = _NP_DTYPES[self.metadata.dtype]
+        self.dtype = np.dtype(self.metadata.dtype).type
         self.input_names = tuple(i.name for i in self.session.get_inputs())
 
     # ---------------------------------------------------------------- properties
@@ -137,7 +119,7 @@ class OnnxModel:
         return self.metadata.classes
 
     @property
-    def layout(self) -> LayoutSpec:
+    def layout(self) -> FeatureLayout:
         return self.metadata.layout
 
     @property
@@ -153,9 +135,9 @@ class OnnxModel:
                 f"{', '.join(m.classes)}; {m.privacy.describe()}")
 
     # ---------------------------------------------------------------- checks
-    def check_layout(self, spec: LayoutSpec, data_name: str = "the data") -> None:
-        """Raise :class:`LayoutMismatch` unless ``spec`` is the model's layout."""
-        problem = self.layout.mismatch(spec)
+    def check_layout(self, layout: FeatureLayout, data_name: str = "the data") -> None:
+        """Raise :class:`LayoutMismatch` unless ``layout`` is the model's layout."""
+        problem = self.layout.mismatch(layout)
         if problem is not None:
             raise LayoutMismatch(f"{self.name} does not fit {data_name}: {problem}")
 
@@ -198,7 +180,7 @@ class OnnxModel:
             if part.modality not in windows:
                 raise InferenceError(f"{self.name} needs {part.modality} windows; got {sorted(windows)}")
             w = np.asarray(windows[part.modality])
-            expected = (len(part.ch_names), self.layout.window_samples(part))
+            expected = (part.n_channels, self.layout.window_samples(part))
             if w.ndim != 3 or w.shape[1:] != expected or (n is not None and w.shape[0] != n):
                 raise InferenceError(f"{self.name}: {part.modality} windows must have shape (N, {expected[0]}, "
                                      f"{expected[1]}) with one N for all modalities, got {w.shape}")
@@ -237,7 +219,7 @@ class OnnxModel:
             Recordings of the same subject for the standardization (device models only); each
             must fit the model's layout on its own.
         """
-        config = pipeline_config(self.layout)
+        config = PipelineConfig.from_layout(self.layout)
         device = self.metadata.standardization == "device"
         if calibration and not device:
             raise InferenceError(f"{self.name} has one global standardization; calibration recordings apply only "
@@ -268,9 +250,9 @@ class OnnxModel:
         """Raise :class:`LayoutMismatch` unless ``recording`` has the model's feature layout."""
         try:
             layout = FeatureLayout.from_recording(recording, config)
-        except PipelineError as exc:
+        except LayoutError as exc:
             raise LayoutMismatch(f"{self.name} does not fit {recording.source}: {exc}") from None
-        self.check_layout(layout_spec(layout, config), recording.source)
+        self.check_layout(layout, recording.source)
 
     def _features(self, recording, config: PipelineConfig):
         """``extract_features`` of a recording checked against the model's layout."""
@@ -282,20 +264,17 @@ class OnnxModel:
         windows, hops = {}, {}
         for part in spec.modalities:
             signal = recording.signals[part.modality]
-            hop = spec.hop_s * part.sfreq
-            if abs(hop - round(hop)) > 1e-9:
-                raise InferenceError(f"{self.name}: hop_s * sfreq = {hop:g} samples is not an integer for "
-                                     f"{part.modality}; use the features model for this layout")
-            hops[part.modality] = int(round(hop))
+            hop = spec.hop_samples(part)
+            if hop is None:
+                raise InferenceError(f"{self.name}: hop_s * sfreq = {spec.hop_s * part.sfreq:g} samples is not an "
+                                     f"integer for {part.modality}; use the features model for this layout")
+            hops[part.modality] = hop
             windows[part.modality] = sliding_windows(signal.data, spec.window_samples(part), hops[part.modality])
         n = min(w.shape[0] for w in windows.values())
         windows = {m: w[:n] for m, w in windows.items()}
         reference = spec.modalities[0]
-        fs = reference.sfreq
-        n_samples = recording.signals[reference.modality].n_samples
-        cuts = [min(max(math.ceil(start * fs - 1e-7), 0), n_samples) for start, _ in _label_segments(recording)]
-        texts = [label for _, label in _label_segments(recording)]
+        pieces = label_pieces(recording, reference.modality)  # the labels extract_features gives
         ends = np.arange(n) * hops[reference.modality] + spec.window_samples(reference) - 1
-        index = np.searchsorted(np.asarray(cuts), ends, side="right") - 1
-        labels = np.array(["" if texts[i] is None else texts[i] for i in index], dtype=str)
+        index = np.searchsorted(np.array([first for first, _, _ in pieces]), ends, side="right") - 1
+        labels = np.array(["" if pieces[i][2] is None else pieces[i][2] for i in index], dtype=str)
         return windows, labels, np.arange(n) * spec.hop_s

@@ -40,10 +40,12 @@ logger = logging.getLogger(__name__)
     "biofed play session.edf session.wav --lsl pi-02 --speed 2 --repeat 10",
 ))
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--lsl", "name", required=True, help="Stream name prefix and source id (streams NAME-eeg, NAME-markers...).")
+@click.option("--lsl", "name", required=True,
+              help="Stream name prefix and source id (streams NAME-eeg, NAME-markers...).")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               help="Playback speed: 1 = real time.")
-@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1), help="Play the files this many times.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Play the files this many times.")
 @click.option("--chunk", "chunk_s", default=0.01, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
               help="Seconds of signal per pushed chunk (a device's transfer block).")
 @logging_options(default_level="warning")
@@ -93,7 +95,7 @@ def _load_kernels(config, layout) -> None:
 
     pipeline = StreamingPipeline(config, layout)
     for part in layout.modalities:
-        n = int(round(config.window_s * part.sfreq))
+        n = layout.window_samples(part)
         pipeline.push(part.modality, np.random.default_rng(0).normal(size=(part.n_channels, n)))
 
 
@@ -103,7 +105,7 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
 
     from biofed.datasets.live import Gap, LslError, LslSource
     from biofed.edge.continuous import LiveFeatures
-    from biofed.edge.pipeline import FeatureLayout, PipelineError
+    from biofed.model import FeatureLayout, LayoutError
     from biofed.edge.replay_cli import _peak_rss_mb, _write_npz
 
     source = LslSource(names, modalities=config.modalities, resolve_timeout_s=timeout_s)
@@ -114,7 +116,7 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
             raise click.ClickException(str(exc)) from None
         try:
             layout = FeatureLayout.from_channels(source.channels(), config)
-        except PipelineError as exc:
+        except LayoutError as exc:
             raise click.ClickException(f"{source.source}: {exc}") from None
         _load_kernels(config, layout)
         source.flush()  # start with fresh samples, not those buffered while the kernels loaded

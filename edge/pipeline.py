@@ -8,6 +8,7 @@ Data flow on a device::
       -> features per modality (biofed.kernels) eeg: log10 band powers; audio: log-mel energies;
                                                 bio: statistics (+ heart rate, RMSSD for ecg/ppg)
       -> raw row (F,) named by FeatureLayout    e.g. "eeg:Fp1:alpha", "bio:ECG:heart_rate"
+                                                (biofed.model.FeatureLayout)
       -> optional standardize + project         onto the current k=32 basis (kernels.apply_transform)
       -> FeatureRow(t, label, vector)
 
@@ -45,11 +46,8 @@ Labels
     change). Labels passed with chunks of the other modalities are ignored.
 
 Basis
-    Without a basis the rows are the raw feature vectors, and the pipeline folds every row into a
-    mergeable :class:`FeatureSketch` (Frequent Directions over centred rows + Chan moments), from
-    which :meth:`StreamingPipeline.fit_local_basis` fits a standardized PCA basis; with a store it
-    fits one exactly by truncated SVD of the stored rows. With a basis, rows are the k projected
-    coordinates ``((raw - mean) / scale) @ components.T``.
+    Without a basis the rows are the raw feature vectors. With a :class:`biofed.model.Basis`,
+    rows are the k projected coordinates ``((raw - mean) / scale) @ components.T``.
 
 Errors
     Bad chunks raise :class:`ChunkError` *before* any state changes, so a long-running agent logs
@@ -62,68 +60,39 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from biofed.datasets.recording import MODALITIES
 from biofed.kernels import (
-    BIOSENSOR_FEATURES,
     EEG_BANDS,
-    Moments,
-    SpectralPlan,
-    band_power_plan,
-    fd_basis,
-    fd_init,
-    fd_merge,
-    fd_update,
-    heart_rate_features,
-    log_band_energy_plan,
-    moments_init,
-    moments_merge,
-    moments_scale,
-    moments_update,
     apply_transform,
+    heart_rate_features,
+    reduce_segments,
     transform_plan,
-    truncated_svd,
     window_statistics,
 )
-from biofed.kernels.spectral import _finish, _reduce_segments, _segment_powers
-from biofed.model_format import HR_TYPES, ModalitySpec
+from biofed.kernels.spectral import _segment_powers  # into the ring of kept segments, without a copy
+from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
 if TYPE_CHECKING:
     from biofed.datasets import Recording
-    from biofed.edge.store import FeatureStore
 
 __all__ = [
-    "MODALITIES",
-    "Basis",
     "ChunkError",
-    "FeatureLayout",
     "FeatureRow",
-    "FeatureSketch",
-    "ModalityLayout",
     "PipelineConfig",
     "PipelineError",
     "StreamingPipeline",
-    "basis_from_sketch",
     "extract_features",
-    "fit_basis",
-    "sketch_init",
-    "sketch_merge",
-    "sketch_update",
+    "label_pieces",
 ]
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = ("float32", "float64")
-_STAT_NAMES = BIOSENSOR_FEATURES[:5]
-_HR_NAMES = BIOSENSOR_FEATURES[5:]
 
 
 class PipelineError(ValueError):
@@ -159,9 +128,6 @@ class PipelineConfig:
     max_chunk_s : float, default 4.0
         Largest slice of a push processed at once; each modality's buffer holds
         ``window_s + max_chunk_s`` seconds of samples.
-    sketch_rows : int, default 64
-        Rows ``ell`` of the Frequent Directions sketch; raw rows are folded in blocks of this
-        many (the first block fixes the sketch's units).
     max_pending_windows : int or None, default 600
         Most windows one modality may run ahead of the slowest one before the oldest are
         dropped; ``None`` = unbounded (offline extraction of whole recordings).
@@ -182,7 +148,6 @@ class PipelineConfig:
     k: int = 32
     modalities: tuple[str, ...] = MODALITIES
     max_chunk_s: float = 4.0
-    sketch_rows: int = 64
     max_pending_windows: int | None = 600
     dtype: str = "float32"
 
@@ -194,7 +159,7 @@ class PipelineConfig:
             if not (math.isfinite(value) and value > 0):
                 raise PipelineError(f"PipelineConfig.{name} must be finite and > 0 s, got {value!r}.")
             object.__setattr__(self, name, float(value))
-        for name, minimum in (("n_mels", 1), ("k", 1), ("sketch_rows", 2)):
+        for name, minimum in (("n_mels", 1), ("k", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
                 raise PipelineError(f"PipelineConfig.{name} must be an integer >= {minimum}, got {value!r}.")
@@ -218,291 +183,15 @@ class PipelineConfig:
                 f"PipelineConfig.modalities must be distinct names from {MODALITIES}, got {self.modalities!r}."
             )
         object.__setattr__(self, "modalities", tuple(m for m in MODALITIES if m in modalities))
-        if self.dtype not in _DTYPES:
-            raise PipelineError(f"PipelineConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}.")
-
-    @property
-    def feature_params(self) -> dict:
-        """The settings that change feature values (part of every layout hash)."""
-        return {"window_s": self.window_s, "hop_s": self.hop_s, "bands": [list(b) for b in self.bands], "n_mels": self.n_mels}
-
-
-# --------------------------------------------------------------------------- layout
-@dataclasses.dataclass(frozen=True)
-class ModalityLayout(ModalitySpec):
-    """Channels and feature columns of one modality (the fields of
-    :class:`biofed.model_format.ModalitySpec`, which models carry).
-
-    Attributes
-    ----------
-    modality : str
-        ``"eeg"``, ``"audio"`` or ``"bio"``.
-    sfreq : float
-        Sampling rate in Hz.
-    ch_names, ch_types : tuple of str
-        One entry per channel, in the order chunks must have their rows.
-    feature_names : tuple of str
-        ``"<modality>:<channel>:<feature>"`` per column, channel-major.
-    """
-
-    @property
-    def n_channels(self) -> int:
-        """Channels per chunk."""
-        return len(self.ch_names)
-
-    @property
-    def n_features(self) -> int:
-        """Feature columns of this modality."""
-        return len(self.feature_names)
-
-
-def _modality_feature_names(modality: str, ch_names, ch_types, config: PipelineConfig) -> tuple[str, ...]:
-    names = []
-    for ch, ch_type in zip(ch_names, ch_types):
-        if modality == "eeg":
-            feats = [band for band, _, _ in config.bands]
-        elif modality == "audio":
-            feats = [f"mel{i:02d}" for i in range(config.n_mels)]
-        else:
-            feats = list(_STAT_NAMES) + (list(_HR_NAMES) if ch_type in HR_TYPES else [])
-        names.extend(f"{modality}:{ch}:{feat}" for feat in feats)
-    return tuple(names)
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureLayout:
-    """Names every column of a raw feature row, and the channels each modality's chunks carry.
-
-    Build it with :meth:`from_recording` or :meth:`from_channels`; two devices with the same
-    channels, rates and config get the same :attr:`hash`, which keys the feature store.
-
-    Attributes
-    ----------
-    modalities : tuple of ModalityLayout
-        In :data:`MODALITIES` order; the first is the label reference modality.
-    feature_params : str
-        JSON of the config settings the features depend on (window, hop, bands, mels).
-    """
-
-    modalities: tuple[ModalityLayout, ...]
-    feature_params: str
+        if self.dtype not in DTYPES:
+            raise PipelineError(f"PipelineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}.")
 
     @classmethod
-    def from_channels(
-        cls, channels: Mapping[str, tuple[float, Sequence[str], Sequence[str]]], config: PipelineConfig
-    ) -> FeatureLayout:
-        """Layout from ``{modality: (sfreq, ch_names, ch_types)}`` (modalities outside the config are skipped).
-
-        Raises
-        ------
-        PipelineError
-            Unknown modality, no configured modality present, inconsistent channel lists, or a
-            rate too low for one sample per window.
-        """
-        unknown = [m for m in channels if m not in MODALITIES]
-        if unknown:
-            raise PipelineError(f"unknown modality {unknown[0]!r}; use one of {MODALITIES}.")
-        parts = []
-        for modality in config.modalities:
-            if modality not in channels:
-                continue
-            sfreq, ch_names, ch_types = channels[modality]
-            sfreq = float(sfreq)
-            ch_names, ch_types = tuple(map(str, ch_names)), tuple(map(str, ch_types))
-            if not ch_names or len(ch_names) != len(ch_types) or len(set(ch_names)) != len(ch_names):
-                raise PipelineError(
-                    f"{modality}: need unique channel names with one type each, got {ch_names} / {ch_types}."
-                )
-            if not (math.isfinite(sfreq) and sfreq > 0):
-                raise PipelineError(f"{modality}: sampling rate must be finite and > 0 Hz, got {sfreq!r}.")
-            if round(config.window_s * sfreq) < 2:
-                raise PipelineError(
-                    f"{modality}: {sfreq} Hz gives {round(config.window_s * sfreq)} sample(s) per "
-                    f"{config.window_s} s window; use a longer window_s."
-                )
-            too_high = [name for name, _, hi in config.bands if hi > sfreq / 2]
-            if modality == "eeg" and too_high:
-                raise PipelineError(
-                    f"eeg: band(s) {too_high} reach above the Nyquist frequency {sfreq / 2} Hz of {sfreq} Hz EEG; "
-                    "drop or narrow them in PipelineConfig.bands."
-                )
-            names = _modality_feature_names(modality, ch_names, ch_types, config)
-            parts.append(ModalityLayout(modality, sfreq, ch_names, ch_types, names))
-        if not parts:
-            raise PipelineError(
-                f"none of the configured modalities {config.modalities} is present (got {tuple(channels)})."
-            )
-        return cls(tuple(parts), json.dumps(config.feature_params, sort_keys=True))
-
-    @classmethod
-    def from_recording(cls, recording: Recording, config: PipelineConfig) -> FeatureLayout:
-        """Layout of a :class:`biofed.datasets.Recording` (its configured modalities)."""
-        channels = {m: (s.sfreq, s.ch_names, s.ch_types) for m, s in recording.signals.items()}
-        try:
-            return cls.from_channels(channels, config)
-        except PipelineError as exc:
-            raise PipelineError(f"{recording.source}: {exc}") from None
-
-    @property
-    def modality_names(self) -> tuple[str, ...]:
-        """Modality names in layout order."""
-        return tuple(m.modality for m in self.modalities)
-
-    def modality(self, name: str) -> ModalityLayout:
-        """The :class:`ModalityLayout` of ``name`` (ChunkError when absent)."""
-        for part in self.modalities:
-            if part.modality == name:
-                return part
-        raise ChunkError(f"unknown modality {name!r}: this pipeline's layout has {self.modality_names}.")
-
-    @property
-    def feature_names(self) -> tuple[str, ...]:
-        """All F column names, modality by modality."""
-        return tuple(name for part in self.modalities for name in part.feature_names)
-
-    @property
-    def n_features(self) -> int:
-        """F, the width of a raw feature row."""
-        return sum(part.n_features for part in self.modalities)
-
-    @property
-    def hash(self) -> str:
-        """16 hex digits identifying channels, rates, feature names and feature settings."""
-        payload = json.dumps(
-            {"params": self.feature_params, "modalities": [dataclasses.astuple(m) for m in self.modalities]},
-            sort_keys=True,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------- basis and sketch
-class Basis(NamedTuple):
-    """A standardized PCA basis: ``project(X, components, mean=mean, scale=scale)``.
-
-    Attributes
-    ----------
-    components : ndarray, shape (k, F)
-        Orthonormal rows.
-    mean, scale : ndarray, shape (F,)
-        Standardization applied before projecting (``scale > 0``).
-    """
-
-    components: np.ndarray
-    mean: np.ndarray
-    scale: np.ndarray
-
-
-class FeatureSketch(NamedTuple):
-    """Mergeable, bounded-memory summary of a stream of raw feature rows.
-
-    Attributes
-    ----------
-    fd : ndarray, shape (ell, F)
-        Frequent Directions sketch of the *centred* rows in units of ``unit``:
-        ``fd.T @ fd`` approximates ``sum_i ((x_i - mean) / unit)^T ((x_i - mean) / unit)``.
-    moments : Moments
-        Exact count, mean and sum of squared deviations of the rows.
-    unit : ndarray, shape (F,)
-        Fixed per-feature scale the sketch is kept in (so features of very different magnitude
-        are sketched with equal weight); set from the first rows seen.
-
-    Notes
-    -----
-    Centring is exact in a stream: with ``n`` rows seen and running mean ``mu``, the scatter
-    matrix grows by ``n / (n + 1) * (x - mu)^T (x - mu)`` (Welford), so each row enters the
-    sketch as ``sqrt(n / (n + 1)) * (x - mu) / unit``. Merging adds the between-sketch term
-    ``sqrt(n_a n_b / n) * (mu_a - mu_b)`` as one more row (Chan et al.).
-    """
-
-    fd: np.ndarray
-    moments: Moments
-    unit: np.ndarray
-
-
-def sketch_init(unit, ell: int = 64) -> FeatureSketch:
-    """Empty sketch of ``len(unit)`` features kept in units of ``unit`` (> 0, shape (F,))."""
-    unit = np.asarray(unit, dtype=np.float64)
-    if unit.ndim != 1 or unit.size == 0 or not np.all(np.isfinite(unit)) or np.any(unit <= 0):
-        raise PipelineError(f"sketch unit must be a 1-D array of finite values > 0, got shape {unit.shape}.")
-    return FeatureSketch(fd_init(unit.size, ell), moments_init(unit.size), unit.copy())
-
-
-def sketch_update(sketch: FeatureSketch, X) -> FeatureSketch:
-    """Fold raw feature rows ``X`` (N, F) into ``sketch`` (returns a new sketch)."""
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or X.shape[1] != sketch.unit.size:
-        raise PipelineError(f"rows must have shape (N, {sketch.unit.size}), got {X.shape}.")
-    n = X.shape[0]
-    if n == 0:
-        return sketch
-    count0, mean0 = sketch.moments.count, sketch.moments.mean
-    seen = count0 + np.arange(n, dtype=np.float64)  # rows seen before row i
-    totals = np.cumsum(X, axis=0)
-    prev_mean = np.empty_like(X)
-    prev_mean[0] = mean0
-    if n > 1:
-        prev_mean[1:] = (count0 * mean0 + totals[:-1]) / seen[1:, None]
-    weight = np.sqrt(seen / (seen + 1.0))  # 0 for the very first row: it has no deviation yet
-    centred = (X - prev_mean) * weight[:, None] / sketch.unit
-    return FeatureSketch(fd_update(sketch.fd, centred), moments_update(sketch.moments, X), sketch.unit)
-
-
-def sketch_merge(a: FeatureSketch, b: FeatureSketch) -> FeatureSketch:
-    """Sketch of the union of the rows summarised by ``a`` and ``b`` (kept in ``a``'s units)."""
-    if a.fd.shape != b.fd.shape:
-        raise PipelineError(f"cannot merge sketches of shapes {a.fd.shape} and {b.fd.shape}.")
-    fd = fd_merge(a.fd, b.fd * (b.unit / a.unit))
-    na, nb = a.moments.count, b.moments.count
-    if na > 0 and nb > 0:
-        between = math.sqrt(na * nb / (na + nb)) * (a.moments.mean - b.moments.mean) / a.unit
-        fd = fd_update(fd, between[None, :])
-    return FeatureSketch(fd, moments_merge(a.moments, b.moments), a.unit)
-
-
-def basis_from_sketch(sketch: FeatureSketch, k: int = 32) -> Basis:
-    """Standardized PCA basis (k' = min(k, ell, F) components) from a :class:`FeatureSketch`.
-
-    Raises
-    ------
-    PipelineError
-        Fewer than two rows were sketched.
-    """
-    if sketch.moments.count < 2:
-        raise PipelineError(
-            f"a basis needs at least 2 feature windows, the sketch has {int(sketch.moments.count)}; stream longer."
-        )
-    scale = moments_scale(sketch.moments)
-    components = fd_basis(sketch.fd * (sketch.unit / scale), k)
-    return Basis(np.ascontiguousarray(components, dtype=np.float64), sketch.moments.mean.copy(), scale)
-
-
-def fit_basis(X, k: int = 32, *, random_state=0) -> Basis:
-    """Exact standardized PCA basis of feature rows ``X`` (N, F) by :func:`biofed.kernels.truncated_svd`.
-
-    Returns ``Basis(components (k', F), mean (F,), scale (F,))`` with ``k' = min(k, N, F)``.
-    """
-    X = np.asarray(X, dtype=np.float64)
-    if X.ndim != 2 or X.shape[0] < 2 or X.shape[1] < 1:
-        raise PipelineError(f"a basis needs a (N >= 2, F) matrix of feature rows, got shape {X.shape}.")
-    moments = moments_update(moments_init(X.shape[1]), X)
-    scale = moments_scale(moments)
-    _, _, vt = truncated_svd((X - moments.mean) / scale, k, random_state=random_state)
-    return Basis(np.ascontiguousarray(vt, dtype=np.float64), moments.mean, scale)
-
-
-def _check_basis(basis, n_features: int) -> Basis:
-    if not isinstance(basis, tuple) or len(basis) != 3:
-        raise PipelineError(f"basis must be a (components, mean, scale) tuple, got {type(basis).__name__}.")
-    components, mean, scale = (np.asarray(a, dtype=np.float64) for a in basis)
-    if components.ndim != 2 or components.shape[1] != n_features or components.shape[0] < 1:
-        raise PipelineError(
-            f"basis components must have shape (k, {n_features}) for this layout, got {components.shape}."
-        )
-    if mean.shape != (n_features,) or scale.shape != (n_features,):
-        raise PipelineError(f"basis mean and scale must have shape ({n_features},), got {mean.shape} and {scale.shape}.")
-    if not (np.isfinite(components).all() and np.isfinite(mean).all() and np.isfinite(scale).all()) or np.any(scale <= 0):
-        raise PipelineError("basis must be finite with scale > 0 everywhere.")
-    return Basis(np.ascontiguousarray(components), np.ascontiguousarray(mean), np.ascontiguousarray(scale))
+    def from_layout(cls, layout: FeatureLayout, **settings) -> PipelineConfig:
+        """The config that reproduces the features of ``layout`` (a model's, or a device's report);
+        ``settings`` sets the fields the layout does not fix (``k``, ``dtype``, ...)."""
+        return cls(window_s=layout.window_s, hop_s=layout.hop_s, bands=layout.bands, n_mels=layout.n_mels,
+                   modalities=layout.modality_names, **settings)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -514,32 +203,23 @@ class FeatureRow(NamedTuple):
     vector: np.ndarray
 
 
-def _spectral_plan(part: ModalityLayout, config: PipelineConfig, window: int) -> SpectralPlan | None:
-    """The spectral plan of an EEG or audio modality (None for biosensors), validated once per stream."""
-    try:
-        if part.modality == "eeg":
-            return band_power_plan(part.sfreq, window, config.bands, log=True)
-        if part.modality == "audio":
-            return log_band_energy_plan(part.sfreq, window, n_bands=config.n_mels)
-    except ValueError as exc:
-        raise PipelineError(f"{part.modality} at {part.sfreq} Hz with {window}-sample windows: {exc}") from None
-    return None
-
-
 class _ModalityStream:
     """Fixed-capacity sample buffer and feature extraction of one modality."""
 
-    def __init__(self, part: ModalityLayout, config: PipelineConfig, track_labels: bool) -> None:
+    def __init__(self, part: ModalityLayout, layout: FeatureLayout, config: PipelineConfig,
+                 track_labels: bool) -> None:
         self.part = part
         self.config = config
         self.fs = part.sfreq
-        self.window = int(round(config.window_s * self.fs))
-        hop_exact = config.hop_s * self.fs
-        self.hop = int(round(hop_exact)) if abs(hop_exact - round(hop_exact)) < 1e-9 else None
-        self.hop_exact = hop_exact
+        self.window = layout.window_samples(part)
+        self.hop = layout.hop_samples(part)
+        self.hop_exact = layout.hop_s * self.fs
         self.slice = max(1, int(round(config.max_chunk_s * self.fs)))
         self.capacity = self.window + self.slice
-        self.plan = _spectral_plan(part, config, self.window)
+        try:
+            self.plan = layout.spectral_plan(part)
+        except LayoutError as exc:
+            raise PipelineError(str(exc)) from None
         dtype = np.float64 if self.plan is None else np.dtype(config.dtype)
         self.buf = np.empty((part.n_channels, self.capacity), dtype=dtype)
         self.track_labels = track_labels
@@ -552,14 +232,7 @@ class _ModalityStream:
             self.segments = np.empty((n_slots, part.n_channels, self.plan.weights.shape[0]), dtype=np.float64)
         if part.modality == "bio":
             self.hr_channels = np.array(part.hr_channels, dtype=np.intp)
-            n_stat = len(_STAT_NAMES)
-            stat_cols, hr_cols, col = [], [], 0
-            for ch_type in part.ch_types:
-                stat_cols.extend(range(col, col + n_stat))
-                col += n_stat
-                if ch_type in HR_TYPES:
-                    hr_cols.extend(range(col, col + len(_HR_NAMES)))
-                    col += len(_HR_NAMES)
+            stat_cols, hr_cols = part.bio_columns()
             self.stat_cols = np.array(stat_cols, dtype=np.intp)
             self.hr_cols = np.array(hr_cols, dtype=np.intp)
         self.reset()
@@ -663,9 +336,7 @@ class _ModalityStream:
             powers = np.empty((seg_starts.size, self.part.n_channels, plan.weights.shape[0]), dtype=np.float64)
             _segment_powers(x, seg_starts, self.taper, plan.kmin, powers)
             firsts = np.arange(len(starts), dtype=np.int64) * n_seg
-        out = np.empty((len(starts), self.part.n_channels, plan.n_bands), dtype=self.buf.dtype)
-        _reduce_segments(powers, firsts, n_seg, plan.weights, out)
-        return _finish(out, plan.log).reshape(len(starts), -1)
+        return reduce_segments(powers, firsts, plan, dtype=self.buf.dtype).reshape(len(starts), -1)
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""
@@ -698,9 +369,14 @@ class StreamingPipeline:
 
     Examples
     --------
-    >>> layout = FeatureLayout.from_recording(recording, config)  # doctest: +SKIP
+    >>> config = PipelineConfig(modalities=("eeg",))
+    >>> layout = FeatureLayout.from_channels({"eeg": (100.0, ["Cz", "Pz"], ["eeg", "eeg"])}, config)
     >>> pipe = StreamingPipeline(config, layout)
-    >>> rows = pipe.push("eeg", chunk, label="rest")             # list[FeatureRow]
+    >>> pipe.push("eeg", np.zeros((2, 150)), label="rest")   # 1.5 s: no window complete yet
+    []
+    >>> rows = pipe.push("eeg", np.ones((2, 100)), label="rest")
+    >>> [(row.t, row.label, row.vector.shape) for row in rows]
+    [(0.0, 'rest', (10,))]
     """
 
     def __init__(self, config: PipelineConfig, layout: FeatureLayout, basis: Basis | None = None) -> None:
@@ -708,22 +384,21 @@ class StreamingPipeline:
             raise PipelineError(f"config must be a PipelineConfig, got {type(config).__name__}.")
         if not isinstance(layout, FeatureLayout):
             raise PipelineError(f"layout must be a FeatureLayout, got {type(layout).__name__}.")
-        expected = json.dumps(config.feature_params, sort_keys=True)
-        if layout.feature_params != expected:
+        built_for = (layout.window_s, layout.hop_s, layout.bands, layout.n_mels)
+        expected = (config.window_s, config.hop_s, config.bands, config.n_mels)
+        if built_for != expected:
             raise PipelineError(
-                f"layout was built for feature settings {layout.feature_params} but the config has {expected}; "
-                "rebuild it with FeatureLayout.from_recording(recording, config)."
+                f"layout was built for feature settings (window_s, hop_s, bands, n_mels) = {built_for} but the config "
+                f"has {expected}; rebuild it with FeatureLayout.from_recording(recording, config)."
             )
         self.config = config
         self.layout = layout
         self._streams = {
-            part.modality: _ModalityStream(part, config, track_labels=(i == 0))
+            part.modality: _ModalityStream(part, layout, config, track_labels=(i == 0))
             for i, part in enumerate(layout.modalities)
         }
         self._reference = layout.modalities[0].modality
         self._next_emit = 0
-        self._sketch_rows: list[np.ndarray] = []  # rows not folded into the sketch yet (< ell)
-        self._sketch: FeatureSketch | None = None
         self._basis: Basis | None = None
         self._row_layout_hash = layout.hash
         self.windows_emitted = 0
@@ -743,7 +418,10 @@ class StreamingPipeline:
             self._projection = None
             self._row_layout_hash = self.layout.hash
             return
-        self._basis = _check_basis(basis, self.layout.n_features)
+        try:
+            self._basis = Basis.checked(basis, self.layout.n_features)
+        except BasisError as exc:
+            raise PipelineError(str(exc)) from None
         # validated once here; every emitted block is then only multiplied
         self._projection = transform_plan(self._basis.components.T, mean=self._basis.mean, scale=self._basis.scale)
         digest = hashlib.sha256(self.layout.hash.encode())
@@ -759,61 +437,7 @@ class StreamingPipeline:
     @property
     def row_width(self) -> int:
         """Length of emitted row vectors: F raw, or k projected."""
-        return self.layout.n_features if self._basis is None else self._basis.components.shape[0]
-
-    # ------------------------------------------------------------------ sketch
-    @property
-    def sketch(self) -> FeatureSketch | None:
-        """Sketch of every raw row emitted so far (``None`` before the first row)."""
-        if not self._sketch_rows:
-            return self._sketch
-        return self._sketch_with(np.stack(self._sketch_rows))
-
-    def _sketch_with(self, rows: np.ndarray) -> FeatureSketch:
-        if self._sketch is not None:
-            return sketch_update(self._sketch, rows)
-        unit = moments_scale(moments_update(moments_init(rows.shape[1]), rows))
-        return sketch_update(sketch_init(unit, self.config.sketch_rows), rows)
-
-    def _fold_into_sketch(self, rows: np.ndarray) -> None:
-        # Rows are folded in blocks of ell: one sketch shrink (an SVD) per block, not per row.
-        # The first block also fixes the sketch's units.
-        self._sketch_rows.extend(rows)
-        if len(self._sketch_rows) >= self.config.sketch_rows:
-            self._sketch = self._sketch_with(np.stack(self._sketch_rows))
-            self._sketch_rows = []
-
-    def fit_local_basis(self, k: int | None = None, *, store: FeatureStore | None = None, random_state=0) -> Basis:
-        """Fit a standardized PCA basis of this device's raw feature rows.
-
-        Parameters
-        ----------
-        k : int or None
-            Components (``None`` = ``config.k``); fewer when there are fewer rows or features.
-        store : FeatureStore or None
-            Fit exactly with :func:`fit_basis` (truncated SVD) on the raw rows stored there
-            (width must equal F); ``None`` uses the streaming sketch (:func:`basis_from_sketch`).
-        random_state : int, Generator or None
-            For the randomized SVD of the store path.
-
-        Returns
-        -------
-        basis : Basis
-            ``(components (k', F), mean (F,), scale (F,))``; pass it to :meth:`set_basis`.
-        """
-        k = self.config.k if k is None else k
-        if store is not None:
-            X, _, _ = store.read()
-            if X.shape[0] and X.shape[1] != self.layout.n_features:
-                raise PipelineError(
-                    f"the store holds {X.shape[1]}-wide rows, this layout has {self.layout.n_features} raw features; "
-                    "fit from a store of raw rows of the same layout."
-                )
-            return fit_basis(X, k, random_state=random_state)
-        sketch = self.sketch
-        if sketch is None:
-            raise PipelineError("no feature window has been produced yet; push at least two windows of every modality.")
-        return basis_from_sketch(sketch, k)
+        return self.layout.n_features if self._basis is None else self._basis.k
 
     # ------------------------------------------------------------------ streaming
     @property
@@ -904,7 +528,6 @@ class StreamingPipeline:
                 if s.track_labels:
                     labels = [e[1] for e in entries]
             raw = np.concatenate(blocks, axis=1, dtype=np.float64) if len(blocks) > 1 else blocks[0].astype(np.float64, copy=False)
-            self._fold_into_sketch(raw)
             if self._projection is not None:
                 vectors = apply_transform(raw, self._projection)
             else:
@@ -934,7 +557,7 @@ class StreamingPipeline:
 
         Every window complete in all modalities has already been returned by :meth:`push`; what
         remains are windows some modality never completed (a shorter stream, a trailing partial
-        window). The sketch and the basis are kept.
+        window). The basis is kept.
 
         Returns
         -------
@@ -977,6 +600,22 @@ def _label_segments(recording: Recording) -> list[tuple[float, str | None]]:
     return segments
 
 
+def label_pieces(recording: Recording, modality: str) -> list[tuple[int, int, str | None]]:
+    """``(first, stop, label)`` sample ranges of one modality of a recording, one per labelled piece.
+
+    The recording is cut where its labelled annotations start or end (the label in force at a
+    time is the description of the latest-starting annotation of positive duration covering it,
+    ``BAD*`` spans and instant events ignored, otherwise the recording label), as
+    :func:`biofed.datasets.replay` labels its chunks; a piece starts at the first sample at or
+    after its start time. The pieces cover ``[0, n_samples)`` in order.
+    """
+    signal = recording.signals[modality]
+    segments = _label_segments(recording)
+    cuts = [min(max(math.ceil(start * signal.sfreq - 1e-7), 0), signal.n_samples) for start, _ in segments]
+    cuts.append(signal.n_samples)
+    return [(a, b, label) for (_, label), a, b in zip(segments, cuts[:-1], cuts[1:])]
+
+
 def extract_features(
     recording: Recording, config: PipelineConfig | None = None, basis: Basis | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1008,14 +647,11 @@ def extract_features(
     config = dataclasses.replace(config, max_pending_windows=None)
     layout = FeatureLayout.from_recording(recording, config)
     pipe = StreamingPipeline(config, layout, basis)
-    segments = _label_segments(recording)
     rows: list[FeatureRow] = []
     for modality in layout.modality_names:
-        signal = recording.signals[modality]
-        cuts = [min(max(math.ceil(start * signal.sfreq - 1e-7), 0), signal.n_samples) for start, _ in segments]
-        cuts.append(signal.n_samples)
-        for (_, label), a, b in zip(segments, cuts[:-1], cuts[1:]):
-            rows += pipe.push(modality, signal.data[:, a:b], label=label)
+        data = recording.signals[modality].data
+        for a, b, label in label_pieces(recording, modality):
+            rows += pipe.push(modality, data[:, a:b], label=label)
     pipe.flush()
     X = np.stack([r.vector for r in rows]) if rows else np.empty((0, pipe.row_width))
     labels = np.array(["" if r.label is None else r.label for r in rows], dtype=str)

@@ -163,11 +163,11 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
     from biofed.datasets import replay
     from biofed.edge.pipeline import (
         ChunkError,
-        FeatureLayout,
         PipelineConfig,
         PipelineError,
         StreamingPipeline,
     )
+    from biofed.model import FeatureLayout, LayoutError
 
     if bool(files) == bool(lsl_names):
         raise click.UsageError("give recording FILEs or --lsl NAME (live streams), one of the two.")
@@ -208,7 +208,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
                 channels = {m: (sig.sfreq, sig.ch_names, sig.ch_types) for rec in group for m, sig in rec.signals.items()}
                 try:
                     layout = FeatureLayout.from_channels(channels, config)
-                except PipelineError as exc:
+                except LayoutError as exc:
                     raise click.ClickException(f"{stream.name}: {exc}") from None
                 if out is not None and streams and layout.hash != streams[0].pipeline.layout.hash:
                     first = streams[0].pipeline.layout
@@ -272,7 +272,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
 
 def _write_npz(out: Path, streams: list[_Stream], k: int) -> None:
     """Stack every stream's rows, fit the local basis and write the ``--out`` archive."""
-    from biofed.edge.pipeline import fit_basis
+    from biofed.model import fit_basis
     from biofed.kernels import project
 
     layout = streams[0].pipeline.layout

@@ -19,7 +19,9 @@ import math
 
 import numpy as np
 
-__all__ = ["HOLDOUT_FRACTION", "SCALE_FLOOR_REL", "balanced_accuracy", "device_standardization", "holdout_split"]
+from biofed.kernels import standard_scale
+
+__all__ = ["HOLDOUT_FRACTION", "balanced_accuracy", "device_standardization", "holdout_split"]
 
 HOLDOUT_FRACTION = 0.2
 """Fraction of each label's windows held out for evaluation."""
@@ -73,11 +75,6 @@ def holdout_split(labels, t, fraction: float = HOLDOUT_FRACTION) -> tuple[np.nda
     return ~held_out, held_out
 
 
-SCALE_FLOOR_REL = 1e-9
-"""A feature whose standard deviation is below ``SCALE_FLOOR_REL * max(1, |mean|)`` is
-constant on this device: its scale is set to 1 (it is centred, not blown up)."""
-
-
 def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
     """Mean and scale of a device's own training rows (device standardization).
 
@@ -97,8 +94,8 @@ def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
     -------
     mean : ndarray, shape (d,)
     scale : ndarray, shape (d,)
-        Standard deviation (ddof=0); 1 where the feature is constant on the device (see
-        :data:`SCALE_FLOOR_REL`), so ``scale > 0`` everywhere.
+        Standard deviation (ddof=0); 1 where the feature is constant on the device
+        (:func:`biofed.kernels.standard_scale`), so ``scale > 0`` everywhere.
 
     Examples
     --------
@@ -113,9 +110,7 @@ def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(X)):
         raise ValueError("the training rows contain NaN/inf; drop those windows before standardizing")
     mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale[scale <= SCALE_FLOOR_REL * np.maximum(1.0, np.abs(mean))] = 1.0
-    return mean, scale
+    return mean, standard_scale(mean, X.var(axis=0))
 
 
 def balanced_accuracy(y_true, y_pred) -> float:

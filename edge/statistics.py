@@ -55,7 +55,8 @@ def class_statistics(X, y, n_classes: int, *, means_clip: float, scatter_clip: f
         raise ValueError("X contains NaN/inf; drop those windows before computing statistics")
     missing = [c for c in range(n_classes) if not np.any(y == c)]
     if missing:
-        raise ValueError(f"class(es) {missing} have no training window on this device; it cannot contribute class means")
+        raise ValueError(f"class(es) {missing} have no training window on this device; it cannot contribute "
+                         "class means")
     means = np.stack([X[y == c].mean(axis=0) for c in range(n_classes)])
     clipped_means, _ = clip_l2(means.ravel(), means_clip)
     scatter = None

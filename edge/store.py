@@ -11,15 +11,23 @@ coordinator opens a round. The store is a single SQLite file (stdlib :mod:`sqlit
   order) are evicted in the same transaction that inserts new ones, so the cap holds at
   every commit.
 - **Layouts never mix.** Every row carries a layout hash (see
-  ``biofed.edge.pipeline.FeatureLayout.hash``) and the width of each layout is recorded
+  ``biofed.model.FeatureLayout.hash``) and the width of each layout is recorded
   once. A store opened for one layout reads only that layout's rows; appending a matrix of
   another width under the same layout is an error.
+- **The device's own records.** Beside the rows, the file keeps what a restarted device
+  needs to resume: the *ingestion ledger* (which recordings were ingested, which stream was
+  interrupted), the JSON feature layout of each layout hash, and the device's privacy
+  ledgers. Every statement on the file lives in this module.
 
 Schema::
 
     layouts(hash TEXT PRIMARY KEY, n_features INTEGER)
     windows(id INTEGER PRIMARY KEY AUTOINCREMENT, t REAL, source TEXT, label TEXT,
             layout TEXT, features BLOB)   -- features: little-endian float64, n_features values
+    agent_ingested(path TEXT PRIMARY KEY, stream TEXT, done INTEGER, n_rows INTEGER,
+                   finished REAL)         -- one row per recording file of an ingested stream
+    agent_layout(hash TEXT PRIMARY KEY, layout TEXT)       -- FeatureLayout JSON per layout hash
+    agent_privacy_ledger(id INTEGER PRIMARY KEY, ledger TEXT)  -- 1 client-level, 2 record-level
 """
 
 from __future__ import annotations
@@ -27,12 +35,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FeatureStore", "StoreError"]
+__all__ = ["FeatureStore", "PRIVACY_LEDGERS", "StoreError"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +59,26 @@ CREATE TABLE IF NOT EXISTS windows (
     features BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS windows_layout ON windows(layout, id);
+CREATE TABLE IF NOT EXISTS agent_ingested (
+    path TEXT PRIMARY KEY,
+    stream TEXT NOT NULL,
+    done INTEGER NOT NULL,
+    n_rows INTEGER NOT NULL,
+    finished REAL
+);
+CREATE TABLE IF NOT EXISTS agent_layout (
+    hash TEXT PRIMARY KEY,
+    layout TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_privacy_ledger (
+    id INTEGER PRIMARY KEY CHECK (id IN (1, 2)),
+    ledger TEXT NOT NULL
+);
 """
+
+PRIVACY_LEDGERS = {"client": 1, "record": 2}
+"""The device's privacy ledgers and their rows in ``agent_privacy_ledger``: the client-level
+ledger (releases in local and distributed trust modes) and the record-level one (DP-SGD)."""
 
 _BLOB_DTYPE = np.dtype("<f8")
 
@@ -148,6 +176,108 @@ class FeatureStore:
                 self._layout = row[0]
         return self._layout
 
+    def bind_layout(self, layout_hash: str) -> bool:
+        """Make the store read and write ``layout_hash``.
+
+        True when it does (already, or from now on: an anonymous store without rows adopts
+        it); False when it holds rows of another layout, which is left unchanged.
+        """
+        if not isinstance(layout_hash, str) or not layout_hash:
+            raise StoreError(f"layout_hash must be a non-empty str, got {layout_hash!r}.")
+        with self._lock:
+            current = self._current_layout(self._connection())
+            if current is None:
+                self._layout = layout_hash
+                return True
+            return current == layout_hash
+
+    def layout_spec_json(self, layout_hash: str) -> str:
+        """The JSON feature layout recorded for ``layout_hash`` (see :meth:`save_layout_spec`); "" if none."""
+        with self._lock:
+            row = self._connection().execute("SELECT layout FROM agent_layout WHERE hash = ?",
+                                             (layout_hash,)).fetchone()
+        return row[0] if row else ""
+
+    def save_layout_spec(self, layout_hash: str, spec_json: str) -> None:
+        """Record the JSON feature layout (``biofed.model.FeatureLayout``) of ``layout_hash``,
+        so that a restarted device that ingests nothing new still knows its layout."""
+        with self._lock:
+            self._connection().execute("INSERT OR REPLACE INTO agent_layout(hash, layout) VALUES (?, ?)",
+                                       (layout_hash, spec_json))
+
+    # ------------------------------------------------------------------ ingestion ledger
+    def ingested_paths(self) -> set[str]:
+        """The recording files whose stream was ingested completely."""
+        with self._lock:
+            rows = self._connection().execute("SELECT path FROM agent_ingested WHERE done = 1").fetchall()
+        return {row[0] for row in rows}
+
+    def begin_stream(self, paths: Sequence[str | Path], stream: str) -> None:
+        """Mark the files of ``stream`` as being ingested, before its first row is appended
+        (its rows carry ``source = stream``); :meth:`recover_interrupted` undoes an unfinished one."""
+        self._mark_stream(paths, stream, done=False, n_rows=0)
+
+    def finish_stream(self, paths: Sequence[str | Path], stream: str, n_rows: int) -> None:
+        """Mark the files of ``stream`` as ingested (``n_rows`` windows), after its last row was appended."""
+        self._mark_stream(paths, stream, done=True, n_rows=n_rows)
+
+    def _mark_stream(self, paths: Sequence[str | Path], stream: str, *, done: bool, n_rows: int) -> None:
+        finished = time.time() if done else None
+        with self._lock:
+            self._connection().executemany(
+                "INSERT OR REPLACE INTO agent_ingested(path, stream, done, n_rows, finished) VALUES (?, ?, ?, ?, ?)",
+                [(str(p), stream, int(done), int(n_rows), finished) for p in paths],
+            )
+
+    def recover_interrupted(self) -> dict[str, int]:
+        """Delete the rows of every stream begun but not finished (over every layout) and forget
+        it, in one transaction, so that replaying it neither duplicates nor loses windows.
+
+        Returns the number of rows deleted per interrupted stream.
+        """
+        with self._lock:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                pending = [row[0] for row in conn.execute("SELECT DISTINCT stream FROM agent_ingested WHERE done = 0")]
+                deleted = {stream: conn.execute("DELETE FROM windows WHERE source = ?", (stream,)).rowcount
+                           for stream in pending}
+                conn.execute("DELETE FROM agent_ingested WHERE done = 0")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return deleted
+
+    def latest_time(self) -> float | None:
+        """The largest window time stored (over every layout); None for an empty file."""
+        with self._lock:
+            row = self._connection().execute("SELECT MAX(t) FROM windows").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    # ------------------------------------------------------------------ privacy ledgers
+    def privacy_ledger_json(self, name: str) -> str | None:
+        """The stored JSON of the device's privacy ledger ``name`` (a key of :data:`PRIVACY_LEDGERS`); None if none."""
+        row_id = self._ledger_row(name)
+        with self._lock:
+            row = self._connection().execute("SELECT ledger FROM agent_privacy_ledger WHERE id = ?",
+                                             (row_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def save_privacy_ledger_json(self, name: str, ledger_json: str) -> None:
+        """Replace the device's privacy ledger ``name`` durably (one committed statement)."""
+        row_id = self._ledger_row(name)
+        with self._lock:
+            self._connection().execute("INSERT OR REPLACE INTO agent_privacy_ledger(id, ledger) VALUES (?, ?)",
+                                       (row_id, ledger_json))
+
+    @staticmethod
+    def _ledger_row(name: str) -> int:
+        try:
+            return PRIVACY_LEDGERS[name]
+        except (KeyError, TypeError):
+            raise StoreError(f"unknown privacy ledger {name!r}; expected one of {sorted(PRIVACY_LEDGERS)}.") from None
+
     # ------------------------------------------------------------------ writing
     def append(
         self,
@@ -185,7 +315,8 @@ class FeatureStore:
         if X.dtype.kind not in "fiub":
             raise StoreError(f"features must be a real numeric array, got dtype {X.dtype}.")
         if X.ndim != 2:
-            raise StoreError(f"features must be 2-D (N windows, F features), got shape {X.shape}; reshape(1, -1) a single row.")
+            raise StoreError(f"features must be 2-D (N windows, F features), got shape {X.shape}; "
+                             "reshape(1, -1) a single row.")
         n, width = X.shape
         if width == 0:
             raise StoreError("features has 0 columns; a feature row needs at least one value.")

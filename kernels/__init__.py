@@ -14,7 +14,15 @@ from biofed.kernels.spectral import (
     segment_powers,
     spectral_features,
 )
-from biofed.kernels.stats import Moments, moments_init, moments_merge, moments_scale, moments_update
+from biofed.kernels.stats import (
+    SCALE_FLOOR_REL,
+    Moments,
+    moments_init,
+    moments_merge,
+    moments_scale,
+    moments_update,
+    standard_scale,
+)
 from biofed.kernels.svd import fd_basis, fd_init, fd_merge, fd_update, project, svd_compress, truncated_svd
 from biofed.kernels.training import clip_l2, dp_sgd, init_params, loss_and_grad, n_params, predict_proba, train
 from biofed.kernels.transform import TransformPlan, apply_transform, transform, transform_matrix, transform_plan

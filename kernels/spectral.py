@@ -346,6 +346,13 @@ class SpectralPlan(NamedTuple):
         """The taper in the dtype of the samples (the kernels compute in that precision)."""
         return self.taper if np.dtype(dtype) == np.float64 else self.taper.astype(np.float32)
 
+    def log_floor(self, dtype) -> float:
+        """What the output transform adds before its logarithm for features of ``dtype``:
+        ``tiny`` of the dtype for ``log10``, ``1e-10`` for ``ln`` (0 without a logarithm)."""
+        if self.log == "log10":
+            return float(np.finfo(dtype).tiny)
+        return _LOG_FLOOR if self.log == "ln" else 0.0
+
 
 def _make_plan(weights_per_freq: np.ndarray, fs: float, window: int, nperseg: int, log: str) -> SpectralPlan:
     """Fold Welch scaling into per-frequency weights ``(nperseg // 2 + 1, n_bands)`` and keep the bins any band uses."""

@@ -24,7 +24,12 @@ from numba import njit
 
 from biofed.kernels._validation import check_float_array, check_nonnegative_float, check_positive_int
 
-__all__ = ["Moments", "moments_init", "moments_update", "moments_merge", "moments_scale"]
+__all__ = ["SCALE_FLOOR_REL", "Moments", "moments_init", "moments_update", "moments_merge", "moments_scale",
+           "standard_scale"]
+
+SCALE_FLOOR_REL = 1e-9
+"""A feature whose standard deviation is at most ``SCALE_FLOOR_REL * max(1, |mean|)`` is constant
+(see :func:`standard_scale`)."""
 
 
 class Moments(NamedTuple):
@@ -171,10 +176,7 @@ def moments_merge(a: Moments, b: Moments) -> Moments:
 
 
 def moments_scale(m: Moments) -> np.ndarray:
-    """Population standard deviation (ddof=0) with zeros replaced by 1.
-
-    A deviation at rounding level (``std <= 10 * eps * |mean|``, e.g. a constant 0.1 whose
-    running mean is off by one ulp) counts as zero too, as in scikit-learn's scalers.
+    """Population standard deviation (ddof=0) with 1 for constant features (:func:`standard_scale`).
 
     Parameters
     ----------
@@ -189,7 +191,42 @@ def moments_scale(m: Moments) -> np.ndarray:
     m = _check_moments(m, "m")
     if m.count == 0:
         raise ValueError("moments hold no rows (count == 0); call moments_update with data first.")
-    std = np.sqrt(m.m2 / m.count)
-    std[std <= 10.0 * np.finfo(np.float64).eps * np.abs(m.mean)] = 1.0
-    std[std == 0] = 1.0
+    return standard_scale(m.mean, m.m2 / m.count)
+
+
+def standard_scale(mean, variance) -> np.ndarray:
+    """The scale that standardizes features of this mean and variance: the standard deviation,
+    with 1 where the feature is constant.
+
+    The one scale floor of biofed: devices, the coordinator's moments phase and the kernels'
+    streaming moments all standardize with it. A feature counts as constant when its standard
+    deviation is at most ``SCALE_FLOOR_REL * max(1, |mean|)`` (rounding level, as in
+    scikit-learn's scalers) or its variance is negative (a noised estimate); dividing by a
+    deviation that small would turn rounding or noise into huge standardized values.
+
+    Parameters
+    ----------
+    mean, variance : array-like, shape (d,)
+        Finite per-feature mean and (population, possibly noised) variance.
+
+    Returns
+    -------
+    scale : ndarray, shape (d,), float64
+        Strictly positive, ready to be the ``scale`` of :func:`biofed.kernels.transform`.
+
+    Examples
+    --------
+    >>> standard_scale([0.0, 5.0, 1e6, 0.0], [4.0, 0.0, 1e-12, -1.0]).tolist()
+    [2.0, 1.0, 1.0, 1.0]
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    variance = np.asarray(variance, dtype=np.float64)
+    if mean.ndim != 1 or mean.shape != variance.shape:
+        raise ValueError(
+            f"mean and variance must be 1-D of equal length, got shapes {mean.shape} and {variance.shape}."
+        )
+    if not (np.isfinite(mean).all() and np.isfinite(variance).all()):
+        raise ValueError("mean and variance must be finite.")
+    std = np.sqrt(np.maximum(variance, 0.0))
+    std[std <= SCALE_FLOOR_REL * np.maximum(1.0, np.abs(mean))] = 1.0
     return std

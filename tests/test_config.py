@@ -119,7 +119,7 @@ def test_standardization_and_basis_dp_settings(tmp_path):
 
 
 @pytest.mark.parametrize("text,match", [
-    ('[model]\nstandardization = "subject"\n', r"model.standardization: Input should be 'device' or 'global'"),
+    ('[model]\nstandardization = "subject"\n', r"model.standardization: Input should be 'global' or 'device'"),
     ("[dp]\nbasis_noise_multiplier = -1.0\n", r"dp.basis_noise_multiplier: Input should be greater than or equal to 0"),
     ("[dp]\nbasis_clip_norm = 0.0\n", r"dp.basis_clip_norm: Input should be greater than 0"),
 ])
@@ -144,7 +144,7 @@ def test_configs_are_frozen(tmp_path):
     (DEVICE.replace("port = 1884", 'port = "high"'), DeviceConfig, r"broker.port: Input should be a valid integer.*\(got 'high'\)"),
     (DEVICE.replace("port = 1884", "port = 70000"), DeviceConfig, r"broker.port: Input should be less than or equal to 65535"),
     (DEVICE.replace('protocol = "3.1.1"', 'protocol = "4"'), DeviceConfig, r"broker.protocol: Input should be 'auto', '5' or '3.1.1'"),
-    (DEVICE.replace('device_id = "pi-01"', 'device_id = "pi/01"'), DeviceConfig, r"device_id: String should match pattern"),
+    (DEVICE.replace('device_id = "pi-01"', 'device_id = "pi/01"'), DeviceConfig, r"device_id: Value error, invalid id .pi/01.: use 1 to 64 characters"),
     (DEVICE.replace('device_id = "pi-01"', ""), DeviceConfig, r"device_id: Field required"),
     (DEVICE.replace("hop_s = 2.0", "hop_s = 8.0"), DeviceConfig, r"pipeline: Value error, hop_s \(8.0\) must not exceed window_s"),
     (COORDINATOR.replace("rounds = 50", "rounds = 0"), CoordinatorConfig, r"rounds: Input should be greater than or equal to 1"),
@@ -201,6 +201,7 @@ def _docstring_block(title: str) -> str:
 
 @pytest.mark.parametrize("title,model", [
     ("Example device file", DeviceConfig), ("Example coordinator file", CoordinatorConfig),
+    ("the broker's ACL lets it touch only its own topics)", DeviceConfig),
 ])
 def test_module_docstring_examples_load(tmp_path, title, model):
     config = load_config(_write(tmp_path, _docstring_block(title)), model)
@@ -238,3 +239,39 @@ def test_env_paths_are_relative_to_the_working_directory(tmp_path, monkeypatch):
 def test_bad_env_value_names_the_variable(tmp_path):
     with pytest.raises(ConfigError, match=r"broker.port: Input should be a valid integer.*\[set by BIOFED_BROKER_PORT\]"):
         load_config(_write(tmp_path, MINIMAL_COORDINATOR), CoordinatorConfig, environ={"BIOFED_BROKER_PORT": "high"})
+
+
+# ----------------------------------------------------------------------------- the TOML writer
+def test_toml_document_reads_back_as_written():
+    import math
+    import tomllib
+
+    from biofed.config import toml_document
+
+    top = {"fleet": "ward7", "rounds": 3, "rate": 0.25, "tiny": 1e-300, "on": True, "skipped": None,
+           "path": Path("/data/s 01.edf"), "quote": 'say "hi"\\n', "names": ("rest", "arithmetic"),
+           "params": {"eta": 0.01, "beta": -2}, "unicode": "Zürich"}
+    text = toml_document(top, {"broker": {"host": "127.0.0.1", "port": 1883, "password": None}, "empty": {}},
+                         header="line one\n\nline three")
+    assert text.startswith("# line one\n#\n# line three\n")
+    data = tomllib.loads(text)
+    expected = {k: v for k, v in top.items() if v is not None}
+    expected.update(path="/data/s 01.edf", names=["rest", "arithmetic"])
+    assert {k: v for k, v in data.items() if k not in ("broker", "empty")} == expected
+    assert data["broker"] == {"host": "127.0.0.1", "port": 1883} and data["empty"] == {}
+    special = tomllib.loads(toml_document({"a": math.inf, "b": -math.inf, "c": math.nan}))
+    assert special["a"] == math.inf and special["b"] == -math.inf and math.isnan(special["c"])
+    with pytest.raises(TypeError, match="cannot write object to TOML"):
+        toml_document({"x": object()})
+
+
+def test_written_configs_load(tmp_path):
+    from biofed.config import RECOMMENDED_PRIVACY, toml_document
+
+    path = tmp_path / "coordinator.toml"
+    path.write_text(toml_document({"fleet": "ward7", "rounds": 2, "state_dir": "state", "sampling_rate": None},
+                                  {"broker": {"port": 1884}, "dp": RECOMMENDED_PRIVACY,
+                                   "strategy": {"name": "fedadam", "params": {"eta": 0.01}}}))
+    config = load_config(path, CoordinatorConfig, environ={})
+    assert config.dp.noise_multiplier == RECOMMENDED_PRIVACY["noise_multiplier"] and config.sampling_rate == "all"
+    assert config.strategy.params == {"eta": 0.01} and config.state_dir == tmp_path / "state"

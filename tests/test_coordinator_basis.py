@@ -8,6 +8,7 @@ import pytest
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
+from biofed.kernels import standard_scale
 
 
 def _devices(n_devices=5, rows=200, d=6, seed=0):
@@ -75,11 +76,11 @@ def test_clipping_and_noise():
 
 
 def test_variance_floor_keeps_scale_positive():
-    # a constant feature and a noise-made negative variance
-    mean, scale = standardization_from_moments(np.array([2.0, 1.0, 4.0, 0.5]))
-    np.testing.assert_allclose(mean, [2.0, 1.0])
-    assert np.all(scale > 0)
-    assert scale[0] == pytest.approx(np.sqrt(1e-9 * 4.0))
+    # a constant feature, a noise-made negative variance and an ordinary one: the one scale rule
+    mean, scale = standardization_from_moments(np.array([2.0, 1.0, 3.0, 4.0, 0.5, 13.0]))
+    np.testing.assert_allclose(mean, [2.0, 1.0, 3.0])
+    np.testing.assert_allclose(scale, [1.0, 1.0, 2.0])
+    np.testing.assert_array_equal(scale, standard_scale(mean, [0.0, -0.5, 4.0]))
 
 
 @pytest.mark.parametrize("call,match", [

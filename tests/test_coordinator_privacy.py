@@ -1,4 +1,4 @@
-"""Privacy accounting (against dp_accounting used directly), the CLI, clipping math."""
+"""Privacy accounting (against dp_accounting used directly), the CLI, adaptive clipping."""
 
 from __future__ import annotations
 
@@ -15,13 +15,7 @@ from dp_accounting.rdp import RdpAccountant
 from scipy import stats
 
 from biofed.apps.cli import cli
-from biofed.coordinator.clipping import (
-    AdaptiveClipping,
-    central_noise_std,
-    clip_update,
-    delta_noise_multiplier,
-    secure_rng,
-)
+from biofed.coordinator.clipping import AdaptiveClipping, delta_noise_multiplier, secure_rng
 from biofed.privacy_ledger import (
     PrivacyLedger,
     calibrate_noise_multiplier,
@@ -307,40 +301,7 @@ def test_privacy_cli_bad_input(args, match):
     assert re.search(match, result.output), result.output
 
 
-# ---------------------------------------------------------------------------- clipping math
-
-
-def test_clip_update_bounds_norm_and_keeps_small_updates():
-    rng = np.random.default_rng(0)
-    big = rng.normal(size=50) * 10
-    clipped, norm = clip_update(big, 1.5)
-    assert norm == pytest.approx(np.linalg.norm(big))
-    assert np.linalg.norm(clipped) == pytest.approx(1.5)
-    np.testing.assert_allclose(clipped, big * 1.5 / np.linalg.norm(big))
-    small = big / np.linalg.norm(big) * 0.5
-    same, _ = clip_update(small, 1.5)
-    np.testing.assert_array_equal(same, small)
-    zero, zero_norm = clip_update(np.zeros(3), 1.0)
-    assert zero_norm == 0.0 and not zero.any()
-    assert clip_update(big.astype(np.float32), 1.0)[0].dtype == np.float32
-
-
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        ((np.ones((2, 2)), 1.0), r"1-D parameter vector"),
-        ((np.array([1.0, np.nan]), 1.0), "NaN or inf"),
-        ((np.ones(3), 0.0), "clip_norm must be a finite number > 0"),
-        ((np.ones(3), -1.0), "clip_norm must be a finite number > 0"),
-    ],
-)
-def test_clip_update_bad_input(args, match):
-    with pytest.raises(ValueError, match=match):
-        clip_update(*args)
-
-
-def test_central_noise_std():
-    assert central_noise_std(1.1, 2.0) == pytest.approx(2.2)
+# ---------------------------------------------------------------------------- adaptive clipping
 
 
 def test_secure_rng_is_unseeded_and_checks_type():
@@ -362,7 +323,7 @@ def test_delta_noise_multiplier_formula_and_error():
         delta_noise_multiplier(1.0, 0.5)
     with pytest.raises(ValueError, match="count_noise_std must be a finite number > 0"):
         delta_noise_multiplier(1.0, 0.0)
-    assert AdaptiveClipping(1.0, 0.5, 0.2, 5.0).delta_noise_multiplier(1.0) == z_delta
+    assert AdaptiveClipping(0.5, 0.2, 5.0).delta_noise_multiplier(1.0) == z_delta
 
 
 @pytest.mark.parametrize("gamma", [0.2, 0.5, 0.8])
@@ -370,39 +331,42 @@ def test_adaptive_clipping_converges_to_quantile(gamma):
     rng = np.random.default_rng(int(gamma * 100))
     mu, s, n = 0.0, 0.5, 200
     true_quantile = math.exp(mu + s * stats.norm.ppf(gamma))
-    clipper = AdaptiveClipping(initial_clip=0.1, target_quantile=gamma, learning_rate=0.2, count_noise_std=1.0)
+    clipper = AdaptiveClipping(target_quantile=gamma, learning_rate=0.2, count_noise_std=1.0)
     gate = PrivacyMechanism(PrivacyLedger(DELTA))
-    history = []
+    clip, history = 0.1, []
     for r in range(1500):
         norms = rng.lognormal(mu, s, size=n)
-        (count,) = gate.release(Charge(r, "train", 1.0, 0.5), clipper.count_query(norms <= clipper.clip))
-        history.append(clipper.apply(float(count[0]), n))
+        (count,) = gate.release(Charge(r, "train", 1.0, 0.5), clipper.count_query(norms <= clip))
+        clip = clipper.next_clip(clip, float(count[0]), n)
+        history.append(clip)
     estimate = math.exp(np.mean(np.log(history[-500:])))
     assert estimate == pytest.approx(true_quantile, rel=0.03)
 
 
 def test_adaptive_clipping_update_rule():
-    clipper = AdaptiveClipping(2.0, 0.5, learning_rate=0.3, count_noise_std=0.0)
+    clipper = AdaptiveClipping(0.5, learning_rate=0.3, count_noise_std=0.0)
     # 3 of 4 unclipped -> centred sum 1 -> b_bar = 0.75 -> C * exp(-0.3 * 0.25)
     query = clipper.count_query([1, 1, 1, 0])
     assert query.clip_norm == 0.5 and query.noise_std == 0.0
     assert query.clipped_total()[0][0] == pytest.approx(1.0)
-    assert clipper.apply(1.0, 4) == pytest.approx(2.0 * math.exp(-0.3 * 0.25))
+    assert clipper.next_clip(2.0, 1.0, 4) == pytest.approx(2.0 * math.exp(-0.3 * 0.25))
     # 2 reports while 4 were expected: centred estimate (2 - 1) / 4 + 1/2 = 0.75
-    before = clipper.clip
     assert clipper.count_query(np.array([True, True])).clipped_total()[0][0] == pytest.approx(1.0)
-    assert clipper.apply(1.0, 4) == pytest.approx(before * math.exp(-0.3 * 0.25))
+    assert clipper.next_clip(3.0, 1.0, 4) == pytest.approx(3.0 * math.exp(-0.3 * 0.25))
+    # all clipped (b_bar = 0 < gamma): the clip grows; none clipped: it shrinks
+    assert clipper.next_clip(1.0, -2.0, 4) > 1.0 > clipper.next_clip(1.0, 2.0, 4)
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: AdaptiveClipping(0.0, 0.5), "initial_clip must be a finite number > 0"),
-        (lambda: AdaptiveClipping(1.0, 1.0), r"target_quantile must be in \(0, 1\)"),
-        (lambda: AdaptiveClipping(1.0, 0.5, learning_rate=-1), "learning_rate must be a finite number > 0"),
-        (lambda: AdaptiveClipping(1.0, 0.5).count_query([0, 2]), "only 0/1"),
-        (lambda: AdaptiveClipping(1.0, 0.5).count_query([[0, 1]]), "must be 1-D"),
-        (lambda: AdaptiveClipping(1.0, 0.5).apply(0.0, 0), "n_expected must be an integer >= 1"),
+        (lambda: AdaptiveClipping(1.0), r"target_quantile must be in \(0, 1\)"),
+        (lambda: AdaptiveClipping(0.5, learning_rate=-1), "learning_rate must be a finite number > 0"),
+        (lambda: AdaptiveClipping(0.5, count_noise_std=-1), "count_noise_std must be a finite number >= 0"),
+        (lambda: AdaptiveClipping(0.5).count_query([0, 2]), "only 0/1"),
+        (lambda: AdaptiveClipping(0.5).count_query([[0, 1]]), "must be 1-D"),
+        (lambda: AdaptiveClipping(0.5).next_clip(1.0, 0.0, 0), "n_expected must be an integer >= 1"),
+        (lambda: AdaptiveClipping(0.5).next_clip(0.0, 0.0, 4), "clip_norm must be a finite number > 0"),
     ],
 )
 def test_adaptive_clipping_bad_input(call, match):

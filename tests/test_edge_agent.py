@@ -24,7 +24,7 @@ from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 from biofed.config import DeviceConfig
 from biofed.apps.demo import write_synthetic_devices
 from biofed.edge.agent import AgentState, EdgeAgent
-from biofed.edge.pipeline import fit_basis
+from biofed.model import fit_basis
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.kernels import clip_l2, init_params, n_params, predict_proba, project, train
 from biofed.mqtt import MqttClient
@@ -123,7 +123,7 @@ def test_restart_skips_ingested_files_and_replays_an_interrupted_stream(recordin
     db.commit()
     db.close()
     agent = make_agent(recordings, store)
-    with caplog.at_level(logging.WARNING, logger="biofed.edge.agent"):
+    with caplog.at_level(logging.WARNING, logger="biofed.edge.ingestion"):
         assert agent.ingest() == SECONDS - 1
     assert "interrupted" in caplog.text
     _, labels, t = agent.store.read()
@@ -136,7 +136,7 @@ def test_unreadable_recording_is_logged_and_skipped(recordings, tmp_path, caplog
     bad = tmp_path / "broken_raw.fif"
     bad.write_bytes(b"not a fif file")
     agent = make_agent([bad, *recordings[:2]], tmp_path / "features.sqlite")
-    with caplog.at_level(logging.ERROR, logger="biofed.edge.agent"):
+    with caplog.at_level(logging.ERROR, logger="biofed.edge.ingestion"):
         assert agent.ingest() == SECONDS - 1
     assert "cannot read recording" in caplog.text and "broken_raw.fif" in caplog.text
     agent.close()

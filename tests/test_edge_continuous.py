@@ -17,7 +17,8 @@ from biofed.datasets.live import BadSpans
 from biofed.datasets.replay import bad_spans, replay
 from biofed.edge.agent import EdgeAgent
 from biofed.edge.continuous import LiveFeatures
-from biofed.edge.pipeline import FeatureLayout, PipelineConfig
+from biofed.edge.pipeline import PipelineConfig
+from biofed.model import FeatureLayout
 
 HEAVY = ("numba", "scipy", "onnx", "onnxruntime", "mne", "mne_lsl", "dp_accounting", "matplotlib", "amqtt")
 

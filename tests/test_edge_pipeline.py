@@ -11,18 +11,13 @@ import pytest
 from biofed.datasets import Annotation, Recording, Signal, make_recording, read_recording
 from biofed.edge.pipeline import (
     ChunkError,
-    FeatureLayout,
     PipelineConfig,
     PipelineError,
     StreamingPipeline,
-    basis_from_sketch,
     extract_features,
-    fit_basis,
-    sketch_init,
-    sketch_merge,
-    sketch_update,
+    label_pieces,
 )
-from biofed.edge.store import FeatureStore
+from biofed.model import FeatureLayout, fit_basis
 from biofed.kernels import FLOAT32_RTOL, band_powers, heart_rate_features, log_band_energies, project, window_statistics
 
 CONFIG = PipelineConfig()
@@ -218,8 +213,6 @@ def test_hours_of_signal_keep_buffers_within_capacity():
     assert peak_pending <= 31  # at most one 30 s chunk of windows waits for the other modality
     assert n_rows == int(np.floor(sent_s - 2.0)) + 1 or n_rows == int(np.floor(sent_s - 2.0))
     assert pipe.windows_dropped == 0
-    sketch = pipe.sketch
-    assert sketch.fd.shape == (64, layout.n_features) and sketch.moments.count == n_rows
 
 
 def test_lagging_modality_is_capped_and_windows_dropped(caplog):
@@ -255,6 +248,8 @@ def test_extract_features_labels_follow_annotations():
         source="annotated", signals={"eeg": sig}, label="rest",
         annotations=(Annotation(3.0, 2.0, "T1"), Annotation(6.0, 0.0, "beat"), Annotation(0.0, 10.0, "BAD_x")),
     )  # fmt: skip
+    # BAD_x and the instant "beat" do not label; T1 covers [3, 5) s
+    assert label_pieces(rec, "eeg") == [(0, 300, "rest"), (300, 500, "T1"), (500, 1000, "rest")]
     X, labels, t = extract_features(rec, CONFIG)
     # window j = [j, j+2): its last sample decides -> T1 covers samples in [3, 5)
     assert list(labels) == ["rest", "rest", "T1", "T1", "rest", "rest", "rest", "rest", "rest"]
@@ -262,55 +257,13 @@ def test_extract_features_labels_follow_annotations():
     np.testing.assert_allclose(_as_arrays(rows)[0], X, rtol=1e-12, atol=1e-12)
 
 
-# ---------------------------------------------------------------------------------- basis and sketch
-def _scatter(X):
-    Z = X - X.mean(axis=0)
-    return Z.T @ Z
-
-
-def test_sketch_is_exact_centred_scatter_when_ell_exceeds_width():
-    rng = np.random.default_rng(5)
-    X = rng.normal(size=(300, 6)) * np.array([1e-6, 1.0, 50.0, 3.0, 1e3, 0.1]) + 7.0
-    unit = X[:20].std(axis=0)
-    sk = sketch_init(unit, ell=8)
-    for block in np.array_split(X, [1, 2, 50, 51, 180]):
-        sk = sketch_update(sk, block)
-    B = sk.fd * sk.unit
-    np.testing.assert_allclose(B.T @ B, _scatter(X), rtol=1e-9, atol=1e-9 * np.abs(_scatter(X)).max())
-    np.testing.assert_allclose(sk.moments.mean, X.mean(axis=0), rtol=1e-12)
-    # Merging two devices' sketches (different units) = the sketch of all rows.
-    a = sketch_update(sketch_init(unit, 8), X[:120])
-    b = sketch_update(sketch_init(unit * 3.0, 8), X[120:])
-    merged = sketch_merge(a, b)
-    Bm = merged.fd * merged.unit
-    np.testing.assert_allclose(Bm.T @ Bm, _scatter(X), rtol=1e-9, atol=1e-9 * np.abs(_scatter(X)).max())
-    # ... and its basis is the exact standardized PCA basis (up to sign).
-    exact = fit_basis(X, k=3)
-    approx = basis_from_sketch(merged, k=3)
-    np.testing.assert_allclose(np.abs(np.sum(exact.components * approx.components, axis=1)), 1.0, atol=1e-8)
-    np.testing.assert_allclose(approx.scale, X.std(axis=0), rtol=1e-10)
-
-
-def test_local_basis_projection_and_store(multirate, tmp_path):
-    config = PipelineConfig(hop_s=0.25, sketch_rows=80)  # ell > F = 61: the sketch is exact
-    X, labels, t = extract_features(multirate, config)
+# ---------------------------------------------------------------------------------- basis
+def test_basis_projection(multirate):
+    config = PipelineConfig(hop_s=0.25)
+    X, _, _ = extract_features(multirate, config)
     layout = FeatureLayout.from_recording(multirate, config)
-    pipe = StreamingPipeline(config, layout)
-    for m in layout.modality_names:
-        pipe.push(m, multirate.signals[m].data, label="rest")
-    with pytest.raises(PipelineError, match="the sketch has 0"):
-        basis_from_sketch(sketch_init(np.ones(layout.n_features), 80))
-    from_sketch = pipe.fit_local_basis(k=32)
-    assert from_sketch.components.shape == (32, 61)
-    np.testing.assert_allclose(from_sketch.components @ from_sketch.components.T, np.eye(32), atol=1e-10)
-    with FeatureStore(tmp_path / "f.sqlite", layout_hash=layout.hash) as store:
-        store.append(X, labels, t)
-        from_store = pipe.fit_local_basis(k=32, store=store)
     exact = fit_basis(X, k=32)
-    np.testing.assert_allclose(from_store.components, exact.components, atol=1e-12)
-    # The sketch (exact here) and the SVD agree on the leading, well-separated components.
-    top = np.abs(np.sum(from_sketch.components[:3] * exact.components[:3], axis=1))
-    np.testing.assert_allclose(top, 1.0, atol=1e-6)
+    assert exact.components.shape == (32, 61)
     # With a basis rows are projected, and the layout hash changes with it.
     Xp, _, _ = extract_features(multirate, config, basis=exact)
     np.testing.assert_allclose(Xp, project(X, exact.components, mean=exact.mean, scale=exact.scale), rtol=1e-12, atol=1e-12)
@@ -362,7 +315,6 @@ def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirat
         ({"bands": (("a", 1, 4), ("a", 4, 8))}, "names must be unique"),
         ({"bands": ("alpha",)}, "triples"),
         ({"max_pending_windows": 0}, "max_pending_windows must be None or an integer >= 1"),
-        ({"sketch_rows": 1}, r"sketch_rows must be an integer >= 2"),
         ({"dtype": "float16"}, r"dtype must be one of \('float32', 'float64'\), got 'float16'"),
     ],
 )
@@ -372,16 +324,6 @@ def test_bad_config_is_rejected(kwargs, match):
 
 
 def test_bad_layout_and_basis_are_rejected(multirate):
-    with pytest.raises(PipelineError, match="none of the configured modalities"):
-        FeatureLayout.from_recording(multirate, PipelineConfig()).from_channels({}, CONFIG)
-    with pytest.raises(PipelineError, match="unknown modality 'emg'"):
-        FeatureLayout.from_channels({"emg": (100.0, ("x",), ("misc",))}, CONFIG)
-    with pytest.raises(PipelineError, match="sample\\(s\\) per 2.0 s window"):
-        FeatureLayout.from_channels({"bio": (0.5, ("x",), ("eda",))}, CONFIG)
-    with pytest.raises(PipelineError, match=r"band\(s\) \['gamma'\] reach above the Nyquist frequency 32.0 Hz"):
-        FeatureLayout.from_channels({"eeg": (64.0, ("Cz",), ("eeg",))}, CONFIG)
-    with pytest.raises(PipelineError, match="unique channel names"):
-        FeatureLayout.from_channels({"eeg": (100.0, ("Cz", "Cz"), ("eeg", "eeg"))}, CONFIG)
     layout = FeatureLayout.from_recording(multirate, CONFIG)
     with pytest.raises(PipelineError, match="layout was built for feature settings"):
         StreamingPipeline(PipelineConfig(hop_s=0.5), layout)
@@ -389,10 +331,6 @@ def test_bad_layout_and_basis_are_rejected(multirate):
         StreamingPipeline(CONFIG, layout, basis=(np.eye(3), np.zeros(3), np.ones(3)))
     with pytest.raises(PipelineError, match="scale > 0"):
         StreamingPipeline(CONFIG, layout, basis=(np.ones((2, 61)), np.zeros(61), np.zeros(61)))
-    with pytest.raises(PipelineError, match="no feature window has been produced"):
-        StreamingPipeline(CONFIG, layout).fit_local_basis()
-    with pytest.raises(PipelineError, match=r"\(N >= 2, F\)"):
-        fit_basis(np.ones((1, 4)))
     # the spectral plan is validated once, when the pipeline is built, not at the first window
     thin = PipelineConfig(bands=(("thin", 1.1, 1.2),), modalities=("eeg",))
     thin_layout = FeatureLayout.from_channels({"eeg": (100.0, ("Cz",), ("eeg",))}, thin)

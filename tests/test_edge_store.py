@@ -60,7 +60,8 @@ def test_cap_evicts_oldest_first_in_insertion_order(tmp_path):
         for i in range(5):
             assert store.append(_row(i)[None], [f"l{i}"], [float(i)]) == 0
         # 5 stored, append 4 -> 9 > 7: the two oldest (0, 1) go in the same transaction.
-        evicted = store.append(np.stack([_row(i) for i in range(5, 9)]), [f"l{i}" for i in range(5, 9)], np.arange(5, 9.0))
+        evicted = store.append(np.stack([_row(i) for i in range(5, 9)]), [f"l{i}" for i in range(5, 9)],
+                               np.arange(5, 9.0))
         assert evicted == 2
         assert len(store) == 7
         X, y, t = store.read()
@@ -204,3 +205,67 @@ def test_sigkill_mid_stream_loses_at_most_the_window_in_progress(tmp_path):
         # The store is writable again after the crash.
         store.append(_row(n)[None], ["rest"], [float(n)])
         assert len(store) == n + 1
+
+
+# ----------------------------------------------------------------------------- the device's own records
+def test_an_empty_store_binds_to_a_layout_and_keeps_it(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with FeatureStore(path) as store:
+        assert store.layout_hash is None
+        assert store.bind_layout("layout-a") and store.layout_hash == "layout-a"
+        assert store.bind_layout("layout-a")
+        store.append(np.ones((2, F)), ["a", "b"], [0.0, 1.0])
+    with FeatureStore(path) as store:  # an anonymous store adopts the newest row's layout
+        assert not store.bind_layout("layout-b") and store.layout_hash == "layout-a"
+        assert len(store) == 2
+        with pytest.raises(StoreError, match="non-empty str"):
+            store.bind_layout("")
+
+
+def test_ingestion_ledger_survives_a_reopen_and_undoes_an_interrupted_stream(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with FeatureStore(path) as store:
+        store.begin_stream(["a.fif", "a.wav"], "a.fif+a.wav")
+        store.append(np.ones((3, F)), ["rest"] * 3, [0.0, 1.0, 2.0], source="a.fif+a.wav")
+        store.finish_stream(["a.fif", "a.wav"], "a.fif+a.wav", 3)
+        store.begin_stream(["b.fif"], "b.fif")  # the device dies while this stream is stored
+        store.append(np.ones((2, F)), ["task"] * 2, [6.0, 7.0], source="b.fif")
+        assert store.ingested_paths() == {"a.fif", "a.wav"}
+        assert store.latest_time() == 7.0
+    with FeatureStore(path) as store:
+        assert store.recover_interrupted() == {"b.fif": 2}
+        assert store.recover_interrupted() == {}
+        _, labels, t = store.read()
+        assert list(labels) == ["rest"] * 3 and store.latest_time() == 2.0
+        assert store.ingested_paths() == {"a.fif", "a.wav"}
+
+
+def test_latest_time_of_an_empty_store_is_none(tmp_path):
+    with FeatureStore(tmp_path / "s.sqlite") as store:
+        assert store.latest_time() is None
+
+
+def test_layout_specs_and_privacy_ledgers_are_kept_by_name(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with FeatureStore(path) as store:
+        assert store.layout_spec_json("layout-a") == ""
+        store.save_layout_spec("layout-a", '{"window_s": 2.0}')
+        assert store.privacy_ledger_json("client") is None
+        store.save_privacy_ledger_json("client", '{"groups": [1]}')
+        store.save_privacy_ledger_json("record", '{"groups": [2]}')
+        store.save_privacy_ledger_json("client", '{"groups": [1, 1]}')
+        with pytest.raises(StoreError, match="unknown privacy ledger 'server'"):
+            store.save_privacy_ledger_json("server", "{}")
+    with FeatureStore(path) as store:
+        assert store.layout_spec_json("layout-a") == '{"window_s": 2.0}'
+        assert store.privacy_ledger_json("client") == '{"groups": [1, 1]}'
+        assert store.privacy_ledger_json("record") == '{"groups": [2]}'
+
+
+def test_the_devices_records_need_an_open_store(tmp_path):
+    store = FeatureStore(tmp_path / "s.sqlite")
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.ingested_paths()
+    with pytest.raises(StoreError, match="closed"):
+        store.save_privacy_ledger_json("client", "{}")

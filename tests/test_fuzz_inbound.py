@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from biofed.config import DeviceConfig
-from biofed.coordinator.server import Ingest
+from biofed.coordinator.ingest import Ingest
 from biofed.edge.agent import EdgeAgent
-from biofed.model_format import LayoutSpec, ModelFormatError
+from biofed.model import FeatureLayout, ModelFormatError
 from biofed.protocol import (
     PAYLOAD_TYPES,
     Basis,
@@ -32,8 +32,6 @@ from biofed.protocol import (
     Model,
     Prediction,
     ProtocolError,
-    SecAggRelay,
-    SecAggUpload,
     Sketch,
     Status,
     Task,
@@ -43,6 +41,7 @@ from biofed.protocol import (
     decode_topic_message,
     encode_message,
 )
+from biofed.secure_aggregation import SecAggRelay, SecAggUpload
 
 FLEET = "ward7"
 DEVICE = "pi-01"
@@ -280,7 +279,7 @@ def test_regression_corpus(handlers, name):
                                   '"' + "x" * 70000 + '"', '{"a":' * 3 + "1" + "}" * 3, "[" * 5 + "]" * 5])
 def test_layout_parsing_is_total(text):
     with pytest.raises(ModelFormatError):
-        LayoutSpec.from_json(text)
+        FeatureLayout.from_json(text)
 
 
 def test_unhashable_kind_is_a_malformed_message():

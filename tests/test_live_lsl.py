@@ -126,7 +126,8 @@ def test_a_dropped_stream_is_reconnected_and_the_gap_reported():
 @pytest.mark.slow
 def test_bad_markers_open_spans_that_drop_windows():
     from biofed.edge.continuous import LiveFeatures
-    from biofed.edge.pipeline import FeatureLayout, PipelineConfig
+    from biofed.edge.pipeline import PipelineConfig
+    from biofed.model import FeatureLayout
 
     rec = synthetic(seconds=40.0)
     rec = Recording(signals=rec.signals, annotations=(Annotation(14.0, 2.0, "BAD_motion"),), label="rest",
@@ -283,7 +284,7 @@ def test_watched_folder_is_ingested_without_restart(tmp_path):
         stop.set()
         ingestion.join()
     assert agent.n_rows == 7  # 8 s: windows of 2 s every 1 s
-    assert str(watched / fif.name) in agent._ingested_paths()
+    assert str(watched / fif.name) in agent.store.ingested_paths()
     agent.close()
 
 

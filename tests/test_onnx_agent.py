@@ -15,15 +15,14 @@ import pytest
 from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 from biofed.config import CoordinatorConfig, DeviceConfig
-from biofed.coordinator.onnx_export import ModelFile, build_model
+from biofed.coordinator.onnx_export import build_model
 from biofed.coordinator.server import Coordinator
 from biofed.coordinator.state import CoordinatorState
 from biofed.apps.demo import write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.edge.inference import OnnxModel
-from biofed.edge.pipeline import fit_basis
 from biofed.kernels import init_params, predict_proba, project, train
-from biofed.model_format import LayoutSpec, PrivacySpec
+from biofed.model import FeatureLayout, ModelFile, PrivacySpec, fit_basis
 from biofed.mqtt import MqttClient
 from biofed.protocol import Model, Prediction, Status, Topics, decode_topic_message, encode_message
 
@@ -47,13 +46,13 @@ def ingested(recordings, tmp_path_factory):
     agent = EdgeAgent(DeviceConfig(device_id=DEVICE, fleet=FLEET, recordings=tuple(recordings), store_path=path))
     agent.ingest()
     X, labels, _ = agent.store.read()
-    layout = LayoutSpec.from_json(agent.layout_json)
+    layout = FeatureLayout.from_json(agent.layout_json)
     agent.close()
     y = np.array([CLASSES.index(label) for label in labels])
     basis = fit_basis(X, 8)
     Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
     params, _ = train(init_params(8, 2, 4, random_state=0), Z, y, 2, 4, epochs=20, lr=0.1, random_state=0)
-    model = ModelFile(params, CLASSES, 4, basis.components, basis.mean, basis.scale, 1, FLEET, 9, 3, layout,
+    model = ModelFile(params, CLASSES, 4, basis, 1, FLEET, 9, 3, layout,
                       PrivacySpec(1.5, 1e-5, "rdp", {"rdp": 1.5}))
     return path, layout, model
 
@@ -73,7 +72,8 @@ def _send(agent, topic, payload):
 
 
 def _numba(model: ModelFile, X) -> np.ndarray:
-    return predict_proba(model.params, project(X, model.components, mean=model.mean, scale=model.scale), 2,
+    basis = model.basis
+    return predict_proba(model.params, project(X, basis.components, mean=basis.mean, scale=basis.scale), 2,
                          model.hidden)
 
 
@@ -84,7 +84,7 @@ def test_agent_reports_layout_and_predicts_with_the_onnx_model(recordings, inges
     agent = _agent(recordings, store, predict=True)
     try:
         status = decode_topic_message(TOPICS, *_outgoing(agent.status_message())).payload
-        assert LayoutSpec.from_json(status.layout) == layout and layout.n_features == 141
+        assert FeatureLayout.from_json(status.layout) == layout and layout.n_features == 141
         out = _send(agent, TOPICS.model, _model_message(model, build_model(model).SerializeToString()))
         prediction = decode_topic_message(TOPICS, *_outgoing(out[0])).payload
         assert out[0].topic == TOPICS.prediction(DEVICE) and isinstance(prediction, Prediction)
@@ -156,8 +156,7 @@ def test_coordinator_exports_each_round_with_the_reported_layout(ingested, tmp_p
     config = CoordinatorConfig(fleet=FLEET, rounds=2, state_dir=tmp_path / "state")
     coordinator = Coordinator(config)
     snap = coordinator.snapshot
-    snap.params, snap.basis_components, snap.basis_mean, snap.basis_scale = (model.params, model.components,
-                                                                             model.mean, model.scale)
+    snap.params, snap.basis_components, snap.basis_mean, snap.basis_scale = (model.params, *model.basis)
     snap.n_features, snap.basis_version, snap.train_rounds_done = model.n_features, 1, 2
     coordinator.config = config.model_copy(update={"model": config.model.model_copy(update={"hidden": 4})})
     coordinator.ledger.record_round(7, 1.0, 1.0, kind="train")
@@ -208,4 +207,4 @@ def test_protocol_carries_onnx_bytes_and_layouts(ingested):
         Status(round=0, state="online", layout={"window_s": 2.0})
     status = decode_topic_message(TOPICS, TOPICS.status(DEVICE), encode_message(
         Status(round=0, state="online", layout=layout.to_json()), fleet=FLEET, sender=DEVICE)).payload
-    assert LayoutSpec.from_json(status.layout) == layout
+    assert FeatureLayout.from_json(status.layout) == layout

@@ -11,14 +11,12 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 from biofed.apps.cli import cli
-from biofed.coordinator.onnx_export import ModelFile
-from biofed.coordinator.state import write_final_model
 from biofed.datasets import make_recording, read_recording
-from biofed.edge.inference import OnnxModel, layout_spec
-from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
+from biofed.edge.inference import OnnxModel
+from biofed.edge.pipeline import PipelineConfig, extract_features
 from biofed.edge.split import device_standardization
 from biofed.kernels import init_params, predict_proba, project, train
-from biofed.model_format import PrivacySpec
+from biofed.model import Basis, FeatureLayout, ModelFile, PrivacySpec, fit_basis, save_arrays
 
 CLASSES = ("rest", "arithmetic")
 
@@ -51,10 +49,10 @@ def trained(tmp_path_factory):
     basis = fit_basis(X, 32)
     Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
     params, _ = train(init_params(Z.shape[1], 2, 0, random_state=0), Z, y, 2, epochs=30, lr=0.1, random_state=0)
-    spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
-    model = ModelFile(params, CLASSES, 0, basis.components, basis.mean, basis.scale, 1, "ward7", 21, 20, spec,
+    spec = FeatureLayout.from_recording(recordings[0], config)
+    model = ModelFile(params, CLASSES, 0, basis, 1, "ward7", 21, 20, spec,
                       PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0))
-    npz = write_final_model(folder / "model_final.npz", model.to_arrays())
+    npz = save_arrays(folder / "model_final.npz", model.to_arrays())
     proba = predict_proba(params, project(rows[1], basis.components, mean=basis.mean, scale=basis.scale), 2)
     return folder, files, npz, proba
 
@@ -110,7 +108,7 @@ def test_export_bad_inputs(trained, tmp_path):
     assert result.exit_code == 1 and "not a biofed model file: lacks ['params'" in result.output
     arrays = dict(np.load(npz))
     del arrays["layout"]
-    write_final_model(tmp_path / "nolayout.npz", arrays)
+    save_arrays(tmp_path / "nolayout.npz", arrays)
     result = _run("export", "--model", tmp_path / "nolayout.npz", "--out", tmp_path / "m.onnx")
     assert result.exit_code == 1 and "has no feature layout" in result.output
     assert not (tmp_path / "m.onnx").exists()
@@ -153,10 +151,10 @@ def test_predict_calibrate_option(tmp_path):
     d = Z.shape[1]
     params, _ = train(init_params(16, 2, 0, random_state=0), Z @ basis.components.T, y, 2, epochs=30, lr=0.1,
                       random_state=0)
-    spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
-    model = ModelFile(params, CLASSES, 0, basis.components, np.zeros(d), np.ones(d), 1, "ward7", 21, 20, spec,
+    spec = FeatureLayout.from_recording(recordings[0], config)
+    model = ModelFile(params, CLASSES, 0, Basis(basis.components, np.zeros(d), np.ones(d)), 1, "ward7", 21, 20, spec,
                       PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0), standardization="device")
-    npz = write_final_model(tmp_path / "device.npz", model.to_arrays())
+    npz = save_arrays(tmp_path / "device.npz", model.to_arrays())
     assert _run("export", "--model", npz, "--out", tmp_path / "device.onnx").exit_code == 0
     result = _run("predict", "--model", tmp_path / "device.onnx", "--summary-only", files[1],
                   "--calibrate", files[0], "--calibrate", files[1])
@@ -169,8 +167,8 @@ def test_predict_calibrate_option(tmp_path):
     assert result.exit_code == 0 and "from the recording itself (pass --calibrate" in result.output
     result = _run("predict", "--model", tmp_path / "device.onnx", files[1], "--calibrate", tmp_path / "absent.edf")
     assert result.exit_code == 1 and "absent.edf: no such recording file" in result.output
-    global_npz = write_final_model(tmp_path / "global.npz", dataclasses.replace(model, standardization="global",
-                                                                                mean=mean, scale=scale).to_arrays())
+    global_npz = dataclasses.replace(model, standardization="global", basis=Basis(basis.components, mean, scale)).save(
+        tmp_path / "global.npz")
     assert _run("export", "--model", global_npz, "--out", tmp_path / "global.onnx").exit_code == 0
     result = _run("predict", "--model", tmp_path / "global.onnx", files[1], "--calibrate", files[0])
     assert result.exit_code == 1 and "calibration recordings apply only" in result.output
@@ -200,10 +198,9 @@ def test_predict_a_session_of_two_files(tmp_path):
     basis = fit_basis(X, 8)
     Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
     params, _ = train(init_params(8, 2, 0, random_state=0), Z, y, 2, epochs=30, lr=0.1, random_state=0)
-    spec = layout_spec(FeatureLayout.from_recording(sessions[0], config), config)
-    npz = write_final_model(tmp_path / "model.npz", ModelFile(
-        params, CLASSES, 0, basis.components, basis.mean, basis.scale, 1, "demo", 3, 2, spec,
-        PrivacySpec(None, None, "rdp")).to_arrays())
+    spec = FeatureLayout.from_recording(sessions[0], config)
+    npz = ModelFile(params, CLASSES, 0, basis, 1, "demo", 3, 2, spec, PrivacySpec(None, None, "rdp")).save(
+        tmp_path / "model.npz")
     assert _run("export", "--model", npz, "--out", tmp_path / "m.onnx").exit_code == 0
     result = _run("predict", "--model", tmp_path / "m.onnx", "--summary-only", files[2], files[3])
     assert result.exit_code == 0, result.output

@@ -13,15 +13,13 @@ from biofed import __version__
 from biofed.coordinator.onnx_export import (
     OPSET,
     ExportError,
-    ModelFile,
     build_feature_extractor,
     build_model,
     export_round,
 )
-from biofed.coordinator.state import write_final_model
 from biofed.datasets import Recording, Signal, make_recording, read_recording
-from biofed.edge.inference import InferenceError, LayoutMismatch, OnnxModel, layout_spec, pipeline_config
-from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
+from biofed.edge.inference import InferenceError, LayoutMismatch, OnnxModel
+from biofed.edge.pipeline import PipelineConfig, extract_features
 from biofed.kernels import (
     band_powers,
     heart_rate_features,
@@ -33,7 +31,8 @@ from biofed.kernels import (
     train,
     window_statistics,
 )
-from biofed.model_format import KEY_FORMAT, METADATA_KEYS, LayoutSpec, ModelMetadata, PrivacySpec
+from biofed.model import METADATA_KEYS, FeatureLayout, ModelFile, ModelFileError, ModelMetadata, PrivacySpec, fit_basis
+from biofed.model.format import KEY_FORMAT
 
 CLASSES = ("rest", "arithmetic")
 PRIVACY = PrivacySpec(epsilon=2.5, delta=1e-5, accountant="rdp", epsilons={"rdp": 2.5, "pld": 2.1},
@@ -46,12 +45,12 @@ def _model_file(X, y, spec, hidden, *, k=32, seed=0) -> ModelFile:
     Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
     params = init_params(Z.shape[1], len(CLASSES), hidden, random_state=seed)
     params, _ = train(params, Z, y, len(CLASSES), hidden, epochs=15, lr=0.1, random_state=seed)
-    return ModelFile(params, CLASSES, hidden, basis.components, basis.mean, basis.scale, basis_version=3,
+    return ModelFile(params, CLASSES, hidden, basis, basis_version=3,
                      fleet="ward7", round=12, train_round=9, layout=spec, privacy=PRIVACY)
 
 
 def _numba_proba(model: ModelFile, X) -> np.ndarray:
-    Z = project(X, model.components, mean=model.mean, scale=model.scale)
+    Z = project(X, model.basis.components, mean=model.basis.mean, scale=model.basis.scale)
     return predict_proba(model.params, Z, len(model.classes), model.hidden)
 
 
@@ -67,7 +66,7 @@ def synthetic():
     rows = [extract_features(r, config) for r in recordings]
     X = np.vstack([r[0] for r in rows])
     y = np.concatenate([np.full(len(r[0]), i, dtype=np.int64) for i, r in enumerate(rows)])
-    spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
+    spec = FeatureLayout.from_recording(recordings[0], config)
     return recordings, X, y, spec
 
 
@@ -80,7 +79,7 @@ def eegmat(shared_datasets):
     rows = [extract_features(r, config) for r in recordings]
     X = np.vstack([r[0][:40] for r in rows])
     y = np.concatenate([np.full(len(r[0][:40]), i, dtype=np.int64) for i, r in enumerate(rows)])
-    spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
+    spec = FeatureLayout.from_recording(recordings[0], config)
     return recordings, X, y, spec
 
 
@@ -123,11 +122,11 @@ def test_checker_opset_and_metadata_round_trip(synthetic):
         assert meta.layout == spec and meta.layout.feature_names == spec.feature_names
         assert meta.privacy.epsilon == 2.5 and meta.privacy.delta == 1e-5 and meta.privacy.accountant == "rdp"
         assert dict(meta.privacy.epsilons) == {"rdp": 2.5, "pld": 2.1} and meta.privacy.trust_mode == "central"
-    assert LayoutSpec.from_json(spec.to_json()) == spec
+    assert FeatureLayout.from_json(spec.to_json()) == spec
 
 
 # ----------------------------------------------------------------------------- window graph
-def _extractor(spec: LayoutSpec, dtype: str):
+def _extractor(spec: FeatureLayout, dtype: str):
     import onnxruntime as ort
 
     return ort.InferenceSession(build_feature_extractor(spec, dtype=dtype).SerializeToString(),
@@ -176,7 +175,7 @@ def test_window_model_matches_pipeline_synthetic(synthetic, hidden):
     rec = recordings[0]
     for dtype, atol in (("float32", 1e-5), ("float64", 1e-10)):
         # the device pipeline computes its spectral features in float32 by default
-        rows, labels, t = extract_features(rec, dataclasses.replace(pipeline_config(spec), dtype=dtype))
+        rows, labels, t = extract_features(rec, dataclasses.replace(PipelineConfig.from_layout(spec), dtype=dtype))
         expected = _numba_proba(model, rows)
         result = _load(model, input_kind="window", dtype=dtype).predict_recording(rec)
         np.testing.assert_allclose(result.proba, expected, rtol=0, atol=atol)
@@ -198,7 +197,7 @@ def test_window_features_match_band_powers_eegmat(eegmat):
 def test_window_model_matches_pipeline_eegmat(eegmat):
     recordings, X, y, spec = eegmat
     model = _model_file(X, y, spec, hidden=0)
-    rows, _, _ = extract_features(recordings[1], dataclasses.replace(pipeline_config(spec), dtype="float64"))
+    rows, _, _ = extract_features(recordings[1], dataclasses.replace(PipelineConfig.from_layout(spec), dtype="float64"))
     result = _load(model, input_kind="window", dtype="float64").predict_recording(recordings[1])
     np.testing.assert_allclose(result.proba, _numba_proba(model, rows), rtol=0, atol=1e-10)
     assert set(result.labels) == {"arithmetic"}
@@ -258,34 +257,11 @@ def test_bad_inputs(synthetic, tmp_path):
         build_model(model, input_kind="spectrogram")
     with pytest.raises(ExportError, match="no feature layout"):
         build_model(dataclasses.replace(model, layout=None))
-    with pytest.raises(ExportError, match=r"params has shape \(5,\), expected \(66,\)"):
+    with pytest.raises(ModelFileError, match=r"params has shape \(5,\), expected \(66,\)"):
         dataclasses.replace(model, params=np.zeros(5))
 
 
-# ----------------------------------------------------------------------------- model files
-def test_model_file_round_trip_and_errors(synthetic, tmp_path):
-    _, X, y, spec = synthetic
-    model = _model_file(X, y, spec, hidden=4)
-    path = write_final_model(tmp_path / "model.npz", model.to_arrays())
-    loaded = ModelFile.load(path)
-    np.testing.assert_array_equal(loaded.params, model.params)
-    assert (loaded.classes, loaded.hidden, loaded.fleet, loaded.round, loaded.train_round, loaded.layout) == (
-        CLASSES, 4, "ward7", 12, 9, spec)
-    assert loaded.privacy == PRIVACY
-    with pytest.raises(ExportError, match="no such model file"):
-        ModelFile.load(tmp_path / "absent.npz")
-    (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(ExportError, match="text.npz: not a biofed model file"):
-        ModelFile.load(tmp_path / "text.npz")
-    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
-    with pytest.raises(ExportError, match=r"other.npz: not a biofed model file: lacks \['params'"):
-        ModelFile.load(tmp_path / "other.npz")
-    arrays = model.to_arrays()
-    del arrays["layout"], arrays["epsilon"]
-    old = ModelFile.load(write_final_model(tmp_path / "old.npz", arrays))  # written before layouts existed
-    assert old.layout is None and old.privacy.epsilon is None
-
-
+# ----------------------------------------------------------------------------- per-round export
 def test_export_round_writes_per_round_and_latest(synthetic, tmp_path):
     _, X, y, spec = synthetic
     model = _model_file(X, y, spec, hidden=0)

@@ -13,14 +13,24 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from biofed.coordinator.onnx_export import ExportError, ModelFile, build_model
-from biofed.coordinator.state import write_final_model
+from biofed.coordinator.onnx_export import ExportError, build_model
 from biofed.datasets import make_recording
-from biofed.edge.inference import InferenceError, LayoutMismatch, OnnxModel, layout_spec
-from biofed.edge.pipeline import FeatureLayout, PipelineConfig, extract_features, fit_basis
+from biofed.edge.inference import InferenceError, LayoutMismatch, OnnxModel
+from biofed.edge.pipeline import PipelineConfig, extract_features
 from biofed.edge.split import device_standardization
 from biofed.kernels import init_params, predict_proba, train
-from biofed.model_format import KEY_STANDARDIZATION, ModelFormatError, ModelMetadata, PrivacySpec
+from biofed.model import (
+    Basis,
+    FeatureLayout,
+    ModelFile,
+    ModelFileError,
+    ModelFormatError,
+    ModelMetadata,
+    PrivacySpec,
+    fit_basis,
+    save_arrays,
+)
+from biofed.model.format import KEY_STANDARDIZATION
 
 CLASSES = ("rest", "arithmetic")
 PRIVACY = PrivacySpec(epsilon=8.1, delta=1e-5, accountant="rdp", epsilons={"rdp": 8.1}, trust_mode="central",
@@ -42,8 +52,8 @@ def device_model():
     d = Z.shape[1]
     params = init_params(basis.components.shape[0], 2, random_state=0)
     params, _ = train(params, Z @ basis.components.T, y, 2, epochs=15, lr=0.1, random_state=0)
-    spec = layout_spec(FeatureLayout.from_recording(recordings[0], config), config)
-    model = ModelFile(params, CLASSES, 0, basis.components, np.zeros(d), np.ones(d), basis_version=1, fleet="f",
+    spec = FeatureLayout.from_recording(recordings[0], config)
+    model = ModelFile(params, CLASSES, 0, Basis(basis.components, np.zeros(d), np.ones(d)), basis_version=1, fleet="f",
                       round=11, train_round=10, layout=spec, privacy=PRIVACY, standardization="device")
     return recordings, model
 
@@ -53,11 +63,11 @@ def test_metadata_and_model_file_carry_device_standardization(device_model, tmp_
     onnx_model = OnnxModel(build_model(model).SerializeToString(), name="device.onnx")
     assert onnx_model.metadata.standardization == "device"
     path = tmp_path / "model.npz"
-    write_final_model(path, model.to_arrays())
+    save_arrays(path, model.to_arrays())
     assert ModelFile.load(path).standardization == "device"
     # a global model keeps the metadata keys of older biofed versions; files without the key read as global
     arrays = {k: v for k, v in model.to_arrays().items() if k != "standardization"}
-    write_final_model(path, {**arrays, "basis_mean": np.full(model.n_features, 0.5)})
+    save_arrays(path, {**arrays, "basis_mean": np.full(model.n_features, 0.5)})
     assert ModelFile.load(path).standardization == "global"
     meta = onnx_model.metadata.to_props()
     assert meta[KEY_STANDARDIZATION] == "device"
@@ -71,7 +81,7 @@ def test_predict_recording_calibrates_on_the_recording(device_model):
     result = onnx_model.predict_recording(recordings[1])
     X, _, _ = extract_features(recordings[1], PipelineConfig())
     mean, scale = device_standardization(X)  # the session's own mean and scale
-    expected = predict_proba(model.params, ((X - mean) / scale) @ model.components.T, 2)
+    expected = predict_proba(model.params, ((X - mean) / scale) @ model.basis.components.T, 2)
     np.testing.assert_allclose(result.proba, expected, rtol=0, atol=1e-12)
 
 
@@ -81,7 +91,7 @@ def test_predict_recording_calibrates_on_the_given_recordings(device_model):
     result = onnx_model.predict_recording(recordings[1], calibration=recordings)
     rows = [extract_features(r, PipelineConfig())[0] for r in recordings]
     mean, scale = device_standardization(np.vstack(rows))  # both sessions of the subject, as its device does
-    expected = predict_proba(model.params, ((rows[1] - mean) / scale) @ model.components.T, 2)
+    expected = predict_proba(model.params, ((rows[1] - mean) / scale) @ model.basis.components.T, 2)
     np.testing.assert_allclose(result.proba, expected, rtol=0, atol=1e-12)
     self_calibrated = onnx_model.predict_recording(recordings[1]).proba
     assert np.abs(self_calibrated - result.proba).max() > 1e-3  # the reference changes the answer
@@ -116,6 +126,6 @@ def test_window_graph_of_a_device_model_is_refused(device_model):
 
 def test_model_file_rejects_unknown_standardization(device_model):
     _, model = device_model
-    with pytest.raises(ExportError, match='standardization must be "global" or "device"'):
-        ModelFile(model.params, CLASSES, 0, model.components, model.mean, model.scale, basis_version=1, fleet="f",
+    with pytest.raises(ModelFileError, match=r"standardization must be one of \('global', 'device'\)"):
+        ModelFile(model.params, CLASSES, 0, model.basis, basis_version=1, fleet="f",
                   round=1, train_round=1, layout=None, privacy=PRIVACY, standardization="subject")

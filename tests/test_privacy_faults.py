@@ -31,7 +31,8 @@ from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, Outgoing
 from biofed.mqtt import MqttClient
-from biofed.protocol import Basis, Model, SecAggUpload, Sketch, Status, Topics, Update, decode_topic_message
+from biofed.protocol import Basis, Model, Sketch, Status, Topics, Update, decode_topic_message
+from biofed.secure_aggregation import SecAggUpload
 
 pytestmark = pytest.mark.slow
 
@@ -214,7 +215,7 @@ def test_distributed_mode_silence_at_every_step(amqtt_broker, recordings, tmp_pa
         amqtt_broker, recordings, tmp_path, mode="distributed", silences=[never, never, never, _silent_at(step)],
         min_devices=3)
     assert state is RunState.DONE
-    assert coordinator.secagg_threshold == 3
+    assert coordinator.settings.secagg_threshold == 3
     honest, _ = _received_epsilon("distributed", received, threshold=3)
     assert honest > 0 and coordinator.ledger.epsilon() >= honest - 1e-9
     _assert_no_cleartext(received, agents)

@@ -77,7 +77,7 @@ def _called_name(call: ast.Call) -> str | None:
 
 def test_the_walk_sees_the_package():
     files = dict(_package_files())
-    assert {GATE, "coordinator/server.py", "edge/agent.py", "biofed/secagg.py"} <= set(files)
+    assert {GATE, "coordinator/server.py", "edge/agent.py", "edge/secure_aggregation.py"} <= set(files)
     draws = [(f, fn) for f, tree in files.items() for call, fn in _calls_with_function(tree)
              if _called_name(call) in NOISE_DRAWS]
     assert (GATE, "release") in draws  # the walk finds the gate's own draw

@@ -38,8 +38,10 @@ from biofed.protocol import (
     decode_message,
     decode_topic_message,
     encode_message,
+    envelope,
     offline_status,
 )
+from biofed.protocol.arrays import decode_array, encode_array
 
 RNG = np.random.default_rng(42)
 METRICS = UpdateMetrics(loss=0.7, n_windows=120, rss_bytes=80_000_000, cpu_time_s=3.5, bytes_sent=1000, bytes_received=2000,
@@ -169,8 +171,8 @@ def test_message_ids_are_fresh_unless_given():
     shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
 ))
 def test_array_codec_round_trip(array):
-    ext = protocol._encode_array(array)
-    decoded = protocol._decode_array(ext.code, ext.data)
+    ext = encode_array(array)
+    decoded = decode_array(ext.code, ext.data)
     assert decoded.shape == array.shape
     assert decoded.dtype == array.dtype.newbyteorder("=")
     np.testing.assert_array_equal(decoded, array)
@@ -198,7 +200,7 @@ def test_oversized_message_rejected_before_unpacking(monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("msgpack.unpackb must not run on an oversized message")
 
-    monkeypatch.setattr(protocol.msgpack, "unpackb", never)
+    monkeypatch.setattr(envelope.msgpack, "unpackb", never)
     huge_prefix = b"\xc6\xff\xff\xff\xff" + b"\x00" * 2000  # bin32 claiming 4 GiB
     with pytest.raises(MessageTooLarge, match="2005 bytes, above the 1000-byte limit"):
         decode_message(huge_prefix, max_bytes=1000)
@@ -298,7 +300,7 @@ def test_unknown_or_object_dtype_code(code):
 
 def test_object_dtype_cannot_be_encoded():
     with pytest.raises(InvalidPayload, match="object arrays cannot be sent"):
-        protocol._encode_array(np.array([{"a": 1}, None], dtype=object))
+        encode_array(np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(InvalidPayload, match="float32 or float64"):
         Update(round=1, basis_version=0, delta=np.array([1.0, "x"], dtype=object), n_examples=1, clipped=False,
                metrics=METRICS)
@@ -307,7 +309,7 @@ def test_object_dtype_cannot_be_encoded():
 @pytest.mark.parametrize("dtype", [np.float16, np.complex128, np.bool_, np.int8, np.uint32])
 def test_unlisted_dtypes_cannot_be_encoded(dtype):
     with pytest.raises(InvalidPayload, match="cannot be sent; use one of float32"):
-        protocol._encode_array(np.zeros(3, dtype=dtype))
+        encode_array(np.zeros(3, dtype=dtype))
 
 
 @pytest.mark.parametrize("shape,extra", [((11,), 0), ((10,), 8), ((10,), -8), ((5, 3), 0), ((2**40,), 0)])
@@ -352,7 +354,7 @@ def test_non_finite_delta_rejected_on_encode():
 
 def test_wrong_delta_shape_on_the_wire():
     envelope = _update_envelope()
-    envelope["p"]["delta"] = protocol._encode_array(np.ones((2, 5)))
+    envelope["p"]["delta"] = encode_array(np.ones((2, 5)))
     with pytest.raises(InvalidPayload, match=r"Update.delta must be 1-D, got shape \(2, 5\)"):
         decode_message(_pack(envelope))
 
@@ -528,3 +530,24 @@ def test_basis_standardization_is_validated():
     with pytest.raises(InvalidPayload, match="needs mean all zeros and scale all ones"):
         Basis(round=0, version=1, components=np.ones((2, d)), mean=np.zeros(d), scale=np.full(d, 2.0),
               standardization="device")
+
+
+def test_task_optimizers_are_the_ones_the_kernels_implement():
+    from biofed.kernels.training import OPTIMIZERS
+
+    assert protocol.OPTIMIZERS == OPTIMIZERS
+    for optimizer in OPTIMIZERS:
+        assert Task(round=1, model=np.zeros(3), basis_version=1, classes=("a", "b"), deadline=1.0,
+                    optimizer=optimizer).optimizer == optimizer
+    with pytest.raises(InvalidPayload, match=r"Task.optimizer must be one of \('sgd', 'adam'\)"):
+        Task(round=1, model=np.zeros(3), basis_version=1, classes=("a", "b"), deadline=1.0, optimizer="rmsprop")
+
+
+def test_the_import_of_the_protocol_stays_light():
+    """Every command decodes messages; none of them should pay for Numba to do so."""
+    import subprocess
+    import sys
+
+    code = "import sys, biofed.protocol, biofed.config; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,43 +1,40 @@
-"""biofed.secagg: exact sums under dropouts, thresholds, uniformity of masked inputs,
-fixed point, Shamir sharing, refusals, and distributed-DP accounting vs dp_accounting."""
+"""biofed.secure_aggregation and its two halves' cores (SecAggClient, SecAggServer): exact
+sums under dropouts, thresholds, uniformity of masked inputs, fixed point, Shamir sharing,
+refusals, and distributed-DP accounting vs dp_accounting."""
 
 from __future__ import annotations
 
 import math
+import secrets
+from collections.abc import Mapping, Sequence
 
 import dp_accounting
 import numpy as np
 import pytest
+from biofed.coordinator.secure_aggregation import AggregateResult, SecAggServer
+from biofed.edge.secure_aggregation import SecAggClient, noise_share_std, prepare_input
 from dp_accounting.rdp import RdpAccountant
 from scipy import stats
 
 from biofed.privacy_ledger import PrivacyLedger, distributed_noise_multiplier
 from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
-from biofed.secagg import (
+from biofed.protocol import InvalidPayload, InvalidTopic
+from biofed.secure_aggregation import (
     FIELD_PRIME,
-    AdvertiseKeys,
-    EncryptedShares,
     FixedPoint,
-    ForwardedShares,
-    KeyList,
-    MaskedInput,
     NotEnoughSurvivors,
-    SecAggClient,
     SecAggError,
-    SecAggServer,
-    UnmaskRequest,
-    UnmaskResponse,
+    SecAggRelay,
+    SecAggUpload,
+    advertised_keys,
     default_threshold,
-    noise_share_std,
-    prepare_input,
     prg_words,
     session_id,
     shamir_combine,
     shamir_split,
-    simulate_round,
 )
 
-SESSION = session_id("ward7", 3)
+FLEET, ROUND = "ward7", 3
 FP = FixedPoint()
 M = 66  # default model: logistic regression on k=32 features, 2 classes
 
@@ -50,6 +47,43 @@ def _seeded(seed):
 def _inputs(n, m=M, seed=0):
     rng = np.random.default_rng(seed)
     return {f"pi-{i:02d}": FP.encode(rng.uniform(-1, 1, m) / math.sqrt(m)) for i in range(n)}
+
+
+def simulate_round(
+    inputs: Mapping[str, np.ndarray], *, threshold: int | None = None, drop_before_sharing: Sequence[str] = (),
+    drop_before_masking: Sequence[str] = (), drop_before_unmasking: Sequence[str] = (),
+    random_bytes=secrets.token_bytes,
+) -> AggregateResult:
+    """Run every step of one round in-process.
+
+    Parameters
+    ----------
+    inputs : mapping of device id to (m,) uint64
+        Encoded inputs (:func:`prepare_input`).
+    drop_before_sharing, drop_before_masking, drop_before_unmasking : sequence of str
+        Devices that go silent after advertising keys, after sharing keys (so their pairwise
+        masks must be removed), and after sending their masked input (they are survivors
+        whose self mask the others reconstruct).
+    """
+    devices = sorted(inputs)
+    m = len(next(iter(inputs.values())))
+    server = SecAggServer(FLEET, ROUND, vector_size=m, threshold=threshold)
+    clients = {d: SecAggClient(d, FLEET, ROUND, random_bytes=random_bytes) for d in devices}
+    for d, c in clients.items():
+        server.receive(d, c.advertise())
+    key_list = server.key_list()
+    for d in devices:
+        if d not in drop_before_sharing:
+            server.receive(d, clients[d].share_keys(key_list))
+    forwarded = server.forward()
+    for d in forwarded.ciphertexts:
+        if d not in drop_before_masking:
+            server.receive(d, clients[d].masked_input(forwarded, inputs[d]))
+    request = server.unmask_request()
+    for d in request.survivors:
+        if d not in drop_before_unmasking:
+            server.receive(d, clients[d].unmask(request))
+    return server.aggregate()
 
 
 def _sum(inputs, devices):
@@ -77,7 +111,7 @@ def test_sum_is_exact_under_dropouts(n, before, after):
     t = default_threshold(n)
     assert before + after <= n - t
     dropped_early, dropped_late = devices[:before], devices[n - after:]
-    result = simulate_round(inputs, session=SESSION, drop_before_masking=dropped_early,
+    result = simulate_round(inputs, drop_before_masking=dropped_early,
                             drop_before_unmasking=dropped_late, random_bytes=_seeded(n))
     survivors = [d for d in devices if d not in dropped_early]
     assert result.survivors == tuple(survivors) and result.dropped == tuple(dropped_early)
@@ -90,7 +124,7 @@ def test_sum_is_exact_under_dropouts(n, before, after):
 def test_device_dropping_before_sharing_is_left_out():
     inputs = _inputs(6)
     devices = sorted(inputs)
-    result = simulate_round(inputs, session=SESSION, drop_before_sharing=devices[:2], random_bytes=_seeded(1))
+    result = simulate_round(inputs, drop_before_sharing=devices[:2], random_bytes=_seeded(1))
     assert result.survivors == tuple(devices[2:])
     np.testing.assert_array_equal(result.total, _sum(inputs, devices[2:]))
 
@@ -99,7 +133,7 @@ def test_sum_is_exact_with_os_randomness_and_large_values():
     fp = FixedPoint(scale_bits=16, max_summands=8)
     rng = np.random.default_rng(5)
     inputs = {f"d{i}": fp.encode(rng.uniform(-fp.max_abs, fp.max_abs, 40)) for i in range(8)}
-    result = simulate_round(inputs, session=SESSION, drop_before_unmasking=["d3"])
+    result = simulate_round(inputs, drop_before_unmasking=["d3"])
     np.testing.assert_array_equal(result.total, _sum(inputs, sorted(inputs)))
     # near the limit, the signed integer sum (exact in Python ints) still fits: no wrap-around
     exact = [sum(int(v.view(np.int64)[j]) for v in inputs.values()) for j in range(40)]
@@ -114,21 +148,21 @@ def test_fewer_than_threshold_survivors_is_a_clear_error(step):
     silent = devices[:4]  # leaves 3 < t = 4
     kwargs = {f"drop_before_{step}": silent}
     with pytest.raises(NotEnoughSurvivors, match="threshold is 4: the round is abandoned"):
-        simulate_round(inputs, session=SESSION, random_bytes=_seeded(2), **kwargs)
+        simulate_round(inputs, random_bytes=_seeded(2), **kwargs)
 
 
 def test_too_few_devices_advertising():
-    server = SecAggServer(SESSION, vector_size=M, threshold=3)
-    server.receive_advertise(SecAggClient("a", SESSION).advertise())
-    server.receive_advertise(SecAggClient("b", SESSION).advertise())
+    server = SecAggServer(FLEET, ROUND, vector_size=M, threshold=3)
+    server.receive("a", SecAggClient("a", FLEET, ROUND).advertise())
+    server.receive("b", SecAggClient("b", FLEET, ROUND).advertise())
     with pytest.raises(NotEnoughSurvivors, match="2 devices advertised keys, threshold is 3"):
         server.key_list()
 
 
 def test_threshold_is_raised_to_a_majority():
-    server = SecAggServer(SESSION, vector_size=M, threshold=2)
+    server = SecAggServer(FLEET, ROUND, vector_size=M, threshold=2)
     for i in range(6):
-        server.receive_advertise(SecAggClient(f"d{i}", SESSION).advertise())
+        server.receive(f"d{i}", SecAggClient(f"d{i}", FLEET, ROUND).advertise())
     assert server.key_list().threshold == 4
 
 
@@ -137,15 +171,15 @@ def _masked_of_one(m, seed):
     """The masked input of one device among 5 (its plaintext: small values, very non-uniform bytes)."""
     rng = np.random.default_rng(seed)
     inputs = {f"d{i}": FP.encode(rng.normal(0, 0.01, m)) for i in range(5)}
-    server = SecAggServer(SESSION, vector_size=m)
-    clients = {d: SecAggClient(d, SESSION, random_bytes=_seeded(seed + i)) for i, d in enumerate(inputs)}
-    for c in clients.values():
-        server.receive_advertise(c.advertise())
+    server = SecAggServer(FLEET, ROUND, vector_size=m)
+    clients = {d: SecAggClient(d, FLEET, ROUND, random_bytes=_seeded(seed + i)) for i, d in enumerate(inputs)}
+    for d, c in clients.items():
+        server.receive(d, c.advertise())
     keys = server.key_list()
-    for c in clients.values():
-        server.receive_shares(c.share_keys(keys))
+    for d, c in clients.items():
+        server.receive(d, c.share_keys(keys))
     forwarded = server.forward()
-    return inputs["d2"], clients["d2"].masked_input(forwarded["d2"], inputs["d2"]).masked
+    return inputs["d2"], clients["d2"].masked_input(forwarded, inputs["d2"]).masked.view(np.uint64)
 
 
 def test_masked_input_is_indistinguishable_from_uniform():
@@ -227,7 +261,7 @@ def test_distributed_noise_and_epsilon_match_dp_accounting():
     inputs = {d: prepare_input(u, clip_norm=clip, noise_multiplier=z, n_min=n_min, mechanism=_gate(),
                                charge=Charge(0, "train", 1.0, z))
               for d, u in updates.items()}
-    result = simulate_round(inputs, session=SESSION, threshold=n_min, drop_before_masking=["pi-00", "pi-05"],
+    result = simulate_round(inputs, threshold=n_min, drop_before_masking=["pi-00", "pi-05"],
                             random_bytes=_seeded(4))
     assert len(result.survivors) == 8
     clipped_sum = sum(u * min(1.0, clip / np.linalg.norm(u)) for d, u in updates.items() if d in result.survivors)
@@ -271,92 +305,118 @@ def test_shamir_any_t_shares_reconstruct():
 # ----------------------------------------------------------------------------- refusals
 def _round_to_masked(n=5, seed=0):
     inputs = _inputs(n, seed=seed)
-    server = SecAggServer(SESSION, vector_size=M)
-    clients = {d: SecAggClient(d, SESSION, random_bytes=_seeded(seed * 100 + i)) for i, d in enumerate(sorted(inputs))}
-    for c in clients.values():
-        server.receive_advertise(c.advertise())
+    server = SecAggServer(FLEET, ROUND, vector_size=M)
+    clients = {d: SecAggClient(d, FLEET, ROUND, random_bytes=_seeded(seed * 100 + i))
+               for i, d in enumerate(sorted(inputs))}
+    for d, c in clients.items():
+        server.receive(d, c.advertise())
     keys = server.key_list()
-    for c in clients.values():
-        server.receive_shares(c.share_keys(keys))
+    for d, c in clients.items():
+        server.receive(d, c.share_keys(keys))
     return inputs, server, clients, keys, server.forward()
+
+
+def _unmask_relay(survivors, dropped=()):
+    return SecAggRelay(ROUND, "unmask", survivors=tuple(survivors), dropped=tuple(dropped))
+
+
+def _with_ciphertext(forwarded, recipient, sender, ciphertext):
+    """The shares relay with ``recipient``'s ciphertext from ``sender`` replaced."""
+    ciphertexts = {v: dict(cts) for v, cts in forwarded.ciphertexts.items()}
+    ciphertexts[recipient][sender] = ciphertext
+    return SecAggRelay(ROUND, "shares", ciphertexts=ciphertexts)
 
 
 def test_devices_refuse_unsafe_unmask_requests():
     inputs, server, clients, keys, forwarded = _round_to_masked()
     for d, c in clients.items():
-        server.receive_masked(c.masked_input(forwarded[d], inputs[d]))
+        server.receive(d, c.masked_input(forwarded, inputs[d]))
     devices = sorted(inputs)
     with pytest.raises(SecAggError, match="must partition"):
-        clients[devices[0]].unmask(UnmaskRequest(tuple(devices[:4]), ()))
-    with pytest.raises(SecAggError, match="both as survivor and as dropped"):
-        UnmaskRequest(tuple(devices), (devices[0],))
+        clients[devices[0]].unmask(_unmask_relay(devices[:4]))
+    with pytest.raises(InvalidPayload, match="both as survivor and as dropped"):
+        _unmask_relay(devices, (devices[0],))
     with pytest.raises(NotEnoughSurvivors, match="2 survivors < threshold 3; refusing"):
-        clients[devices[1]].unmask(UnmaskRequest(tuple(devices[:2]), tuple(devices[2:])))
+        clients[devices[1]].unmask(_unmask_relay(devices[:2], devices[2:]))
     with pytest.raises(SecAggError, match="step 'unmask' called while the round expects 'done'"):
-        clients[devices[1]].unmask(UnmaskRequest(tuple(devices), ()))  # a device answers once
+        clients[devices[1]].unmask(_unmask_relay(devices))  # a device answers once
     with pytest.raises(SecAggError, match="not list this device as a survivor"):
-        clients[devices[2]].unmask(UnmaskRequest(tuple(devices[3:] + devices[:2]), (devices[2],)))
+        clients[devices[2]].unmask(_unmask_relay(devices[3:] + devices[:2], (devices[2],)))
+    with pytest.raises(SecAggError, match="relay of round 4, this device is in round 3"):
+        clients[devices[3]].unmask(SecAggRelay(ROUND + 1, "unmask", survivors=tuple(devices)))
 
 
 def test_tampered_or_misrouted_shares_rejected():
     inputs, server, clients, keys, forwarded = _round_to_masked()
     a, b = sorted(inputs)[:2]
-    ct = bytearray(forwarded[a].ciphertexts[b])
+    ct = forwarded.ciphertexts[a][b].copy()
     ct[20] ^= 1
     with pytest.raises(SecAggError, match=f"shares from '{b}' fail authentication"):
-        clients[a].masked_input(ForwardedShares(a, {**forwarded[a].ciphertexts, b: bytes(ct)}), inputs[a])
+        clients[a].masked_input(_with_ciphertext(forwarded, a, b, ct), inputs[a])
     # a ciphertext meant for a, delivered to c
     c = sorted(inputs)[2]
     with pytest.raises(SecAggError, match="fail authentication"):
-        clients[c].masked_input(ForwardedShares(c, {**forwarded[c].ciphertexts, b: forwarded[a].ciphertexts[b]}),
-                                inputs[c])
-    with pytest.raises(SecAggError, match="forwarded to"):
-        clients[sorted(inputs)[3]].masked_input(forwarded[a], inputs[a])
+        clients[c].masked_input(_with_ciphertext(forwarded, c, b, forwarded.ciphertexts[a][b]), inputs[c])
+    # a device left out of the relay
+    d = sorted(inputs)[3]
+    others = {v: cts for v, cts in forwarded.ciphertexts.items() if v != d}
+    with pytest.raises(SecAggError, match="nothing for this device"):
+        clients[d].masked_input(SecAggRelay(ROUND, "shares", ciphertexts=others), inputs[d])
 
 
 def test_other_session_cannot_decrypt():
     """Keys and ciphertexts are bound to (fleet, round): a device in another session rejects them."""
-    server = SecAggServer(SESSION, vector_size=M)
-    clients = [SecAggClient("a", SESSION), SecAggClient("b", SESSION), SecAggClient("c", session_id("ward7", 4))]
-    for c in clients:
-        server.receive_advertise(c.advertise())
+    server = SecAggServer(FLEET, ROUND, vector_size=M)
+    clients = {"a": SecAggClient("a", FLEET, ROUND), "b": SecAggClient("b", FLEET, ROUND),
+               "c": SecAggClient("c", "ward8", ROUND)}
+    for d, c in clients.items():
+        server.receive(d, c.advertise())
     keys = server.key_list()
-    for c in clients:
-        server.receive_shares(c.share_keys(keys))
+    for d, c in clients.items():
+        server.receive(d, c.share_keys(keys))
     with pytest.raises(SecAggError, match="fail authentication"):
-        clients[2].masked_input(server.forward()["c"], np.zeros(M, np.uint64))
+        clients["c"].masked_input(server.forward(), np.zeros(M, np.uint64))
+
+
+def _masked(values):
+    return SecAggUpload(ROUND, "masked", masked=np.asarray(values, np.uint64).view(np.int64))
 
 
 def test_server_rejects_messages_out_of_place():
     inputs, server, clients, keys, forwarded = _round_to_masked()
     devices = sorted(inputs)
     with pytest.raises(SecAggError, match="after the key list was sent"):
-        server.receive_advertise(SecAggClient("late", SESSION).advertise())
+        server.receive("late", SecAggClient("late", FLEET, ROUND).advertise())
     with pytest.raises(SecAggError, match="outside the share-keys step"):
-        server.receive_shares(EncryptedShares("x", {}, bytes(32)))
+        server.receive("x", SecAggUpload(ROUND, "shares", ciphertexts={"a": np.zeros(3, np.uint8)},
+                                         commitment=np.zeros(32, np.uint8)))
     with pytest.raises(SecAggError, match="has shape"):
-        server.receive_masked(MaskedInput(devices[0], np.zeros(M + 1, np.uint64)))
+        server.receive(devices[0], _masked(np.zeros(M + 1)))
     with pytest.raises(SecAggError, match="did not share keys"):
-        server.receive_masked(MaskedInput("stranger", np.zeros(M, np.uint64)))
-    server.receive_masked(clients[devices[0]].masked_input(forwarded[devices[0]], inputs[devices[0]]))
+        server.receive("stranger", _masked(np.zeros(M)))
+    with pytest.raises(SecAggError, match="is for round 4, this round is 3"):
+        server.receive(devices[0], SecAggUpload(ROUND + 1, "masked", masked=np.zeros(M, np.int64)))
+    server.receive(devices[0], clients[devices[0]].masked_input(forwarded, inputs[devices[0]]))
     with pytest.raises(SecAggError, match="twice"):
-        server.receive_masked(MaskedInput(devices[0], np.zeros(M, np.uint64)))
+        server.receive(devices[0], _masked(np.zeros(M)))
     for d in devices[1:]:
-        server.receive_masked(clients[d].masked_input(forwarded[d], inputs[d]))
+        server.receive(d, clients[d].masked_input(forwarded, inputs[d]))
     request = server.unmask_request()
     with pytest.raises(SecAggError, match="does not match the request"):
-        server.receive_unmask(UnmaskResponse(devices[0], {}, {}))
-    with pytest.raises(SecAggError, match="reveals both shares"):
-        UnmaskResponse(devices[0], {devices[1]: bytes(66)}, {devices[1]: bytes(66)})
-    with pytest.raises(SecAggError, match="1-D uint64"):
-        MaskedInput("a", np.zeros(3))
+        server.receive(devices[0], SecAggUpload(ROUND, "unmask", b_shares={devices[0]: np.zeros(66, np.uint8)}))
+    with pytest.raises(InvalidPayload, match="reveals both shares"):
+        SecAggUpload(ROUND, "unmask", b_shares={devices[1]: np.zeros(66, np.uint8)},
+                     key_shares={devices[1]: np.zeros(66, np.uint8)})
+    with pytest.raises(InvalidPayload, match="non-empty 1-D int64"):
+        SecAggUpload(ROUND, "masked", masked=np.zeros(3))
     responses = {d: clients[d].unmask(request) for d in devices}
     # a corrupted share: the reconstructed seed fails its SHA-256 commitment
     bad = dict(responses[devices[0]].b_shares)
-    bad[devices[1]] = (int.from_bytes(bad[devices[1]], "big") + 1).to_bytes(66, "big")
-    server.receive_unmask(UnmaskResponse(devices[0], bad, {}))
+    bad[devices[1]] = np.frombuffer((int.from_bytes(bad[devices[1]].tobytes(), "big") + 1).to_bytes(66, "big"),
+                                    np.uint8)
+    server.receive(devices[0], SecAggUpload(ROUND, "unmask", b_shares=bad))
     for d in devices[1:]:
-        server.receive_unmask(responses[d])
+        server.receive(d, responses[d])
     with pytest.raises(SecAggError, match="does not match its commitment"):
         server.aggregate()
 
@@ -365,43 +425,55 @@ def test_corrupted_key_share_detected():
     inputs, server, clients, keys, forwarded = _round_to_masked(seed=3)
     devices = sorted(inputs)
     for d in devices[1:]:
-        server.receive_masked(clients[d].masked_input(forwarded[d], inputs[d]))
+        server.receive(d, clients[d].masked_input(forwarded, inputs[d]))
     request = server.unmask_request()
     assert request.dropped == (devices[0],)
     responses = {d: clients[d].unmask(request) for d in devices[1:]}
     first = min(responses)
-    key = responses[first].key_shares[devices[0]]
-    bad = (int.from_bytes(key, "big") ^ 1).to_bytes(66, "big")
-    server.receive_unmask(UnmaskResponse(first, responses[first].b_shares, {devices[0]: bad}))
+    key = responses[first].key_shares[devices[0]].tobytes()
+    bad = np.frombuffer((int.from_bytes(key, "big") ^ 1).to_bytes(66, "big"), np.uint8)
+    server.receive(first, SecAggUpload(ROUND, "unmask", b_shares=responses[first].b_shares,
+                                       key_shares={devices[0]: bad}))
     for d in sorted(responses)[1:]:
-        server.receive_unmask(responses[d])
+        server.receive(d, responses[d])
     with pytest.raises(SecAggError, match="does not match its advertised public key"):
         server.aggregate()
 
 
+def _key_relay(threshold, public_keys):
+    return SecAggRelay(ROUND, "keys", threshold=threshold, public_keys=public_keys)
+
+
 def test_message_and_key_list_validation():
-    a, b = SecAggClient("a", SESSION), SecAggClient("b", SESSION)
-    ka, kb = a.advertise(), b.advertise()
+    ka, kb = SecAggClient("a", FLEET, ROUND).advertise(), SecAggClient("b", FLEET, ROUND).advertise()
+    keys = {"a": ka.public_keys, "b": kb.public_keys}
+    assert advertised_keys(_key_relay(2, keys))["a"] == (ka.public_keys[:32].tobytes(), ka.public_keys[32:].tobytes())
     with pytest.raises(SecAggError, match="not a majority"):
-        KeyList(1, {"a": ka, "b": kb})
-    with pytest.raises(SecAggError, match="must be that device's AdvertiseKeys"):
-        KeyList(2, {"a": kb, "b": ka})
+        advertised_keys(_key_relay(1, keys))
     with pytest.raises(SecAggError, match="repeats a public key"):
-        KeyList(2, {"a": ka, "b": AdvertiseKeys("b", ka.c_pk, kb.s_pk)})
+        advertised_keys(_key_relay(2, {"a": ka.public_keys, "b": np.concatenate([ka.public_keys[:32],
+                                                                                 kb.public_keys[32:]])}))
+    same = np.concatenate([ka.public_keys[:32], ka.public_keys[:32]])
     with pytest.raises(SecAggError, match="must be different keys"):
-        AdvertiseKeys("a", ka.c_pk, ka.c_pk)
-    with pytest.raises(SecAggError, match="must be 32 bytes"):
-        AdvertiseKeys("a", b"x", ka.s_pk)
-    with pytest.raises(SecAggError, match="not a valid device id"):
-        AdvertiseKeys("a/b", ka.c_pk, ka.s_pk)
-    c = SecAggClient("c", SESSION)
+        advertised_keys(_key_relay(2, {"a": same, "b": kb.public_keys}))
+    server = SecAggServer(FLEET, ROUND, vector_size=M)
+    with pytest.raises(SecAggError, match="keys of 'a': advertised c_pk and s_pk must be different keys"):
+        server.receive("a", SecAggUpload(ROUND, "advertise", public_keys=same))
+    with pytest.raises(InvalidPayload, match="must hold 64 bytes"):
+        SecAggUpload(ROUND, "advertise", public_keys=np.zeros(33, np.uint8))
+    with pytest.raises(InvalidTopic, match="invalid device id 'a/b'"):
+        SecAggClient("a/b", FLEET, ROUND)
+    c = SecAggClient("c", FLEET, ROUND)
     c.advertise()
     with pytest.raises(SecAggError, match="lacks this device's advertised keys"):
-        c.share_keys(KeyList(2, {"a": ka, "b": kb}))
+        c.share_keys(_key_relay(2, keys))
     with pytest.raises(SecAggError, match="step 'masked_input' called while the round expects 'advertise'"):
-        SecAggClient("d", SESSION).masked_input(ForwardedShares("d", {}), np.zeros(3, np.uint64))
-    with pytest.raises(SecAggError, match="session must be non-empty bytes"):
-        SecAggClient("d", b"")
+        SecAggClient("d", FLEET, ROUND).masked_input(SecAggRelay(ROUND, "shares", ciphertexts={"d": {}}),
+                                                     np.zeros(3, np.uint64))
+    e = SecAggClient("e", FLEET, ROUND)
+    e.advertise()
+    with pytest.raises(SecAggError, match="expected the 'keys' relay, got the 'unmask' relay"):
+        e.share_keys(_unmask_relay(["e"]))
     with pytest.raises(SecAggError, match="round must be an integer >= 0"):
         session_id("ward7", -1)
 
@@ -410,51 +482,46 @@ def test_message_and_key_list_validation():
 def test_round_over_signed_protocol_messages():
     """Every step message encoded, signed, decoded and verified as on MQTT; 1 dropout each way."""
     from biofed.protocol import Topics, decode_topic_message, encode_message
-    from biofed.secagg import from_relay, from_upload, relay_payload, upload_payload
     from biofed.signing import KeyRing, Signer, Verifier
 
-    topics, round_ = Topics("ward7"), 3
-    session = session_id("ward7", round_)
+    topics = Topics(FLEET)
     inputs = _inputs(6, seed=9)
     devices = sorted(inputs)
     signers = {d: Signer.generate(d) for d in [*devices, "coordinator"]}
     ring = KeyRing({d: s.public_key for d, s in signers.items()})
     coordinator_in, device_in = Verifier(ring), {d: Verifier(ring) for d in devices}
-    server = SecAggServer(session, vector_size=M)
-    clients = {d: SecAggClient(d, session, random_bytes=_seeded(i)) for i, d in enumerate(devices)}
+    server = SecAggServer(FLEET, ROUND, vector_size=M)
+    clients = {d: SecAggClient(d, FLEET, ROUND, random_bytes=_seeded(i)) for i, d in enumerate(devices)}
 
     def upload(device, message):
-        data = encode_message(upload_payload(round_, message), fleet="ward7", sender=device, signer=signers[device])
+        data = encode_message(message, fleet=FLEET, sender=device, signer=signers[device])
         decoded = decode_topic_message(topics, topics.secagg(device), data, verifier=coordinator_in)
-        assert decoded.round == round_
-        return from_upload(decoded.sender, decoded.payload)
+        assert decoded.round == ROUND
+        server.receive(decoded.sender, decoded.payload)
 
-    def relay(step, device):
-        data = encode_message(relay_payload(round_, step), fleet="ward7", sender="coordinator",
-                              signer=signers["coordinator"])
-        decoded = decode_topic_message(topics, topics.secagg_relay, data, verifier=device_in[device])
-        return from_relay(decoded.payload, device)
+    def relay(message, device):
+        data = encode_message(message, fleet=FLEET, sender="coordinator", signer=signers["coordinator"])
+        return decode_topic_message(topics, topics.secagg_relay, data, verifier=device_in[device]).payload
 
     for d in devices:
-        server.receive_advertise(upload(d, clients[d].advertise()))
+        upload(d, clients[d].advertise())
     keys = server.key_list()
     for d in devices:
-        server.receive_shares(upload(d, clients[d].share_keys(relay(keys, d))))
+        upload(d, clients[d].share_keys(relay(keys, d)))
     forwarded = server.forward()
     early, late = devices[0], devices[-1]
     for d in devices[1:]:
-        server.receive_masked(upload(d, clients[d].masked_input(relay(forwarded, d), inputs[d])))
+        upload(d, clients[d].masked_input(relay(forwarded, d), inputs[d]))
     request = server.unmask_request()
     for d in devices[1:-1]:
-        server.receive_unmask(upload(d, clients[d].unmask(relay(request, d))))
+        upload(d, clients[d].unmask(relay(request, d)))
     result = server.aggregate()
     assert result.dropped == (early,) and late in result.survivors
     np.testing.assert_array_equal(result.total, _sum(inputs, devices[1:]))
 
 
 def test_secagg_payload_validation():
-    from biofed.protocol import InvalidPayload, SecAggRelay, SecAggUpload, Topics
-    from biofed.secagg import from_relay, relay_payload, upload_payload
+    from biofed.protocol import Topics
 
     u8 = np.zeros(64, np.uint8)
     with pytest.raises(InvalidPayload, match="step 'advertise' needs public_keys"):
@@ -479,14 +546,45 @@ def test_secagg_payload_validation():
         SecAggRelay(1, "unmask", survivors=("a", "b"), dropped=("a",))
     with pytest.raises(InvalidPayload, match="step 'unmask' must not carry threshold"):
         SecAggRelay(1, "unmask", survivors=("a",), threshold=3)
-    relay = relay_payload(1, {"a": ForwardedShares("a", {"b": b"x" * 20})})
-    with pytest.raises(SecAggError, match="nothing for this device"):
-        from_relay(relay, "c")
-    with pytest.raises(SecAggError, match="cannot send a str"):
-        upload_payload(1, "advertise")
-    with pytest.raises(SecAggError, match="cannot broadcast a str"):
-        relay_payload(1, "keys")
     topics = Topics("ward7")
     assert topics.parse(topics.secagg("pi-01")) == ("secagg", "pi-01")
     assert topics.parse(topics.secagg_relay) == ("secagg_relay", None)
     assert topics.all_devices("secagg") == "biofed/ward7/secagg/+"
+
+
+def test_a_refused_relay_leaves_the_step_open():
+    """A key list or shares relay the device refuses does not use up its step: the genuine one still works."""
+    inputs = _inputs(3)
+    devices = sorted(inputs)
+    server = SecAggServer(FLEET, ROUND, vector_size=M)
+    clients = {d: SecAggClient(d, FLEET, ROUND, random_bytes=_seeded(i)) for i, d in enumerate(devices)}
+    for d, c in clients.items():
+        server.receive(d, c.advertise())
+    keys = server.key_list()
+    with pytest.raises(SecAggError, match="not a majority"):
+        clients[devices[0]].share_keys(_key_relay(1, keys.public_keys))
+    for d, c in clients.items():
+        server.receive(d, c.share_keys(keys))
+    forwarded = server.forward()
+    with pytest.raises(SecAggError, match="nothing for this device"):
+        clients[devices[0]].masked_input(SecAggRelay(ROUND, "shares", ciphertexts={devices[1]: {}}), inputs[devices[0]])
+    for d, c in clients.items():
+        server.receive(d, c.masked_input(forwarded, inputs[d]))
+    request = server.unmask_request()
+    for d, c in clients.items():
+        server.receive(d, c.unmask(request))
+    np.testing.assert_array_equal(server.aggregate().total, _sum(inputs, devices))
+
+
+@pytest.mark.parametrize("first", ["biofed.secure_aggregation.messages", "biofed.secure_aggregation",
+                                   "biofed.protocol.envelope", "biofed.protocol"])
+def test_the_protocol_and_its_secagg_kinds_import_in_either_order(first):
+    """biofed.protocol registers the secure-aggregation messages as payload kinds, which build on its schema."""
+    import subprocess
+    import sys
+
+    code = (f"import {first}\n"
+            "from biofed.protocol import PAYLOAD_TYPES\n"
+            "from biofed.secure_aggregation import SecAggRelay, SecAggUpload\n"
+            "assert PAYLOAD_TYPES['secagg'] is SecAggUpload and PAYLOAD_TYPES['secagg_relay'] is SecAggRelay\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -8,13 +8,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
+
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, PrivacyMechanism
-from biofed.protocol import SecAggRelay, Task, Topics, decode_topic_message, encode_message
-from biofed.secagg import FixedPoint, SecAggError
+from biofed.protocol import Task, Topics, decode_topic_message, encode_message
+from biofed.secure_aggregation import FixedPoint, SecAggError, SecAggRelay
 from biofed.signing import KeyRing, Signer, Verifier
 
 FLEET, ROUND, P = "ward7", 12, 66

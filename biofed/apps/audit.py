@@ -83,8 +83,9 @@ from biofed.apps.demo import (
     write_configs,
     write_synthetic_devices,
 )
-from biofed.edge.agent import EdgeAgent, LocalData
-from biofed.model_format import LayoutSpec
+from biofed.edge.agent import EdgeAgent
+from biofed.edge.tasks import LocalData
+from biofed.model import FeatureLayout
 from biofed.protocol import TRUST_MODES, Model, ProtocolError, Status, Task, Topics, Update, decode_topic_message
 
 logger = logging.getLogger(__name__)
@@ -384,7 +385,7 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
 
         _wait(reported_layout, settings.timeout_s, "the devices did not come online", children)
         with tap.lock:
-            layout = LayoutSpec.from_json(tap.statuses[sorted(devices)[0]].layout)
+            layout = FeatureLayout.from_json(tap.statuses[sorted(devices)[0]].layout)
         config = load_config(coordinator_toml, CoordinatorConfig)
         k = min(config.model.basis_k, layout.n_features)
         subspace = softmax_invariant_basis(k, len(config.model.classes), config.model.hidden)

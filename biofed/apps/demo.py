@@ -88,7 +88,7 @@ anywhere, no budget).
 Centralized baseline
 --------------------
 :func:`centralized_baseline` pools the training windows of every device (the same rows and
-held-out split the devices use: :func:`biofed.edge.agent.labelled_split` on each device's
+held-out split the devices use: :func:`biofed.edge.tasks.labelled_split` on each device's
 feature store; under device standardization each device's rows z-scored with its own training
 statistics, as the agents do), projects them onto the federation's final basis, trains the same logistic
 regression centrally (:func:`biofed.kernels.training.train`, no privacy) and scores it on
@@ -119,6 +119,7 @@ import click
 import numpy as np
 
 from biofed.cli_options import examples, logging_options
+from biofed.protocol import STANDARDIZATIONS, TRUST_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -240,25 +241,11 @@ def write_synthetic_devices(folder: Path, n_devices: int, *, duration_s: float =
 
 
 # ----------------------------------------------------------------------------- config files
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
 def _write_toml(path: Path, top: Mapping, sections: Mapping[str, Mapping]) -> Path:
-    lines = [f"{key} = {_toml_value(value)}" for key, value in top.items() if value is not None]
-    for name, section in sections.items():
-        lines += ["", f"[{name}]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in section.items() if value is not None]
+    from biofed.config import toml_document
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(toml_document(top, sections))
     return path
 
 
@@ -520,17 +507,12 @@ def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, 
 
 
 def _device_split(store_path: Path, classes: Sequence[str]):
-    from biofed.edge.agent import labelled_split
+    from biofed.edge.tasks import labelled_split
     from biofed.edge.store import FeatureStore
 
     with FeatureStore(store_path) as store:
         data = labelled_split(*store.read(), classes)
     return data.X, data.y, data.train, data.held_out
-
-
-def _standardization_of(final) -> str:
-    """The model file's standardization ("global" in files written before the key existed)."""
-    return str(final["standardization"]) if "standardization" in final.files else "global"
 
 
 def _row_standardization(X: np.ndarray, train_mask: np.ndarray, standardization: str, mean: np.ndarray,
@@ -552,7 +534,7 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
     ----------
     stores : mapping device -> feature store path
         The devices' stores (raw feature rows), split with
-        :func:`biofed.edge.agent.labelled_split` as the devices split them.
+        :func:`biofed.edge.tasks.labelled_split` as the devices split them.
     model_path : Path
         The coordinator's ``model_final.npz``: the basis to project onto, the classes, the
         hidden size and the federated parameters (scored here as well).
@@ -566,13 +548,12 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
     """
     from biofed.edge.split import balanced_accuracy
     from biofed.kernels import init_params, predict_proba, project, train
+    from biofed.model import ModelFile
 
-    with np.load(model_path, allow_pickle=False) as final:
-        classes = tuple(str(c) for c in final["classes"])
-        hidden = int(final["hidden"])
-        components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
-        federated_params = final["params"]
-        standardization = _standardization_of(final)
+    final = ModelFile.load(model_path)
+    classes, hidden, federated_params, standardization = final.classes, final.hidden, final.params, \
+        final.standardization
+    components, mean, scale = final.basis
     splits = {}
     for device, path in stores.items():
         X, y, train_mask, held_out = _device_split(path, classes)
@@ -607,14 +588,14 @@ def onnx_check(stores: Mapping[str, Path], onnx_path: Path, model_path: Path) ->
     """
     from biofed.edge.inference import OnnxModel
     from biofed.kernels import predict_proba, project
+    from biofed.model import ModelFile
 
     if not onnx_path.is_file():
         return None
     model = OnnxModel(onnx_path)
-    with np.load(model_path, allow_pickle=False) as final:
-        params, hidden = final["params"], int(final["hidden"])
-        components, mean, scale = final["basis_components"], final["basis_mean"], final["basis_scale"]
-        standardization = _standardization_of(final)
+    final = ModelFile.load(model_path)
+    params, hidden, standardization = final.params, final.hidden, final.standardization
+    components, mean, scale = final.basis
     n_windows, max_diff = 0, 0.0
     for path in stores.values():
         X, _, train_mask, held_out = _device_split(path, model.classes)
@@ -748,6 +729,7 @@ def run_demo(settings: DemoSettings) -> dict:
     """
     from biofed.apps.broker import BrokerError
     from biofed.apps.provision import ProvisionError
+    from biofed.model import ModelFile
 
     out = settings.out.resolve()
     settings = DemoSettings(**{**asdict(settings), "out": out})
@@ -849,8 +831,7 @@ def run_demo(settings: DemoSettings) -> dict:
     # everything the coordinator accounted (the basis round included), from its last committed round
     final_eps = _float_or_none(records[-1].get("epsilon_rdp")) if records else None
     final_eps_pld = _float_or_none(records[-1].get("epsilon_pld")) if records else None
-    with np.load(out / "model_final.npz", allow_pickle=False) as final:
-        stop_reason = str(final["stop_reason"]) if "stop_reason" in final.files else ""
+    stop_reason = ModelFile.load(out / "model_final.npz").stop_reason
     evaluation = next((r for r in records if r["phase"] == "evaluate"), None)
     onnx_summary = onnx_check(stores, out / "model_final.onnx", out / "model_final.npz")
     summary = {
@@ -947,14 +928,14 @@ def _tails(children: Sequence[_Child]) -> str:
 @click.option("--basis-clip-norm", "--basis-clip", "basis_clip", type=click.FloatRange(min=0, min_open=True),
               default=DemoSettings.basis_clip, show_default=True,
               help="L2 clip norm C_b of the devices' basis statistics (--basis-clip: older spelling).")
-@click.option("--standardization", type=click.Choice(["device", "global"]), default=DemoSettings.standardization,
+@click.option("--standardization", type=click.Choice(STANDARDIZATIONS), default=DemoSettings.standardization,
               show_default=True, help="device: each device z-scores its rows with its own training statistics; "
                                       "global: a federated moments phase fixes one standardization.")
 @click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.epsilon_budget,
               show_default=True, help="Stop training before epsilon (RDP) would exceed this (not with z = 0).")
 @click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
               show_default=True, help="DP delta.")
-@click.option("--trust-mode", type=click.Choice(["central", "local", "distributed"]), default="central",
+@click.option("--trust-mode", type=click.Choice(TRUST_MODES), default="central",
               show_default=True,
               help="Who adds the DP noise: the coordinator (central), each device (local), or each device a share "
                    "with the coordinator seeing only the securely aggregated sum (distributed).")

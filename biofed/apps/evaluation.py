@@ -2,7 +2,7 @@
 
 Every method runs in one process on the same rows and the same split: each device's
 feature rows (:func:`biofed.edge.pipeline.extract_features` of its recordings), split by
-:func:`biofed.edge.agent.labelled_split` (the last 20 % of each class held out, as the
+:func:`biofed.edge.tasks.labelled_split` (the last 20 % of each class held out, as the
 agents do), each device z-scoring its rows with its own training statistics.
 
 Two views
@@ -161,7 +161,7 @@ def _recording_rows(paths: Sequence[Path]):
 def load_devices(files: Mapping[str, Sequence[Path]], classes: Sequence[str] = CLASSES,
                  rows: Callable | None = None) -> list[DeviceRows]:
     """Each device's labelled, split rows; ``rows(paths) -> (X, labels, t)`` defaults to biofed's features."""
-    from biofed.edge.agent import labelled_split
+    from biofed.edge.tasks import labelled_split
 
     devices = []
     for name, paths in files.items():

@@ -129,7 +129,7 @@ from biofed.config import (
     CoordinatorConfig,
     DeviceConfig,
     load_config,
-    toml_literal,
+    toml_document,
 )
 from biofed.protocol import KINDS, InvalidTopic, Topics, validate_id
 
@@ -354,13 +354,6 @@ def _write(path: Path, data: bytes | str, mode: int) -> None:
 def _mkdir(path: Path, mode: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(mode)
-
-
-def _toml(header: str, top: dict[str, object], broker: dict[str, object]) -> str:
-    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    lines += [f"{key} = {toml_literal(value)}" for key, value in top.items()]
-    lines += ["", "[broker]"] + [f"{key} = {toml_literal(value)}" for key, value in broker.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
@@ -787,36 +780,37 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
     layout = fleet.layout
     for device in fleet.devices:
         folder = layout.identity_dir(device)
-        text = _toml(
-            f"biofed device {device} of fleet {fleet.fleet} (written by biofed provision).\n"
-            "Add the device's recordings, e.g. recordings = [\"data/s01_1.edf\"]; paths are relative to this file.",
+        text = toml_document(
             {"device_id": device, "fleet": fleet.fleet, "recordings": [], "store_path": "features.sqlite",
              **_signing_table(fleet, device, relative_to=folder)},
-            _broker_table(fleet, device, relative_to=folder),
+            {"broker": _broker_table(fleet, device, relative_to=folder)},
+            header=f"biofed device {device} of fleet {fleet.fleet} (written by biofed provision).\n"
+            "Add the device's recordings, e.g. recordings = [\"data/s01_1.edf\"]; paths are relative to this file.",
         )
         _write(folder / "device.toml", text, _PUBLIC)
         load_config(folder / "device.toml", DeviceConfig)
     folder = layout.identity_dir(COORDINATOR_ID)
-    text = _toml(
-        f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).\n"
-        "`biofed config init coordinator` lists every other setting; `biofed status --config THIS_FILE` shows the fleet.",
-        {"fleet": fleet.fleet, "rounds": rounds, "min_devices": len(fleet.devices) // 2 + 1, "state_dir": "state",
-         "allowed_devices_file": layout.allowed_devices.name,
-         **_signing_table(fleet, COORDINATOR_ID, relative_to=folder)},
-        _broker_table(fleet, COORDINATOR_ID, relative_to=folder),
-    )
-    text += "\n# client-level DP: the settings biofed demo runs with, and a budget\n[dp]\n"
-    text += "".join(f"{key} = {toml_literal(value)}\n" for key, value in RECOMMENDED_PRIVACY.items())
+    tables = {"broker": _broker_table(fleet, COORDINATOR_ID, relative_to=folder), "dp": RECOMMENDED_PRIVACY}
     if fleet.observer:  # read-only: biofed status never takes over the coordinator's session
         observer = _broker_table(fleet, OBSERVER_ID, relative_to=None)
         for key in ("ca_file", "cert_file", "key_file", "password_file"):  # ../observer/...: relative, like the rest
             observer[key] = os.path.relpath(observer[key], folder)
-        text += "\n[status_broker]\n" + "".join(f"{key} = {toml_literal(value)}\n" for key, value in observer.items())
+        tables["status_broker"] = observer
+    text = toml_document(
+        {"fleet": fleet.fleet, "rounds": rounds, "min_devices": len(fleet.devices) // 2 + 1, "state_dir": "state",
+         "allowed_devices_file": layout.allowed_devices.name,
+         **_signing_table(fleet, COORDINATOR_ID, relative_to=folder)},
+        tables,
+        header=f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).\n"
+        "`biofed config init coordinator` lists every other setting; `biofed status --config THIS_FILE` shows the fleet.\n"
+        "[dp] is client-level DP: the settings biofed demo runs with, and a budget.",
+    )
     _write(layout.coordinator_config, text, _PUBLIC)
     load_config(layout.coordinator_config, CoordinatorConfig, environ={})
     _write(layout.broker_service_config,
-           f"# biofed broker of fleet {fleet.fleet} (written by biofed provision): biofed broker --config THIS_FILE\n"
-           f"mosquitto = true\nmosquitto_conf = {toml_literal(layout.broker_config.name)}\n", _PUBLIC)
+           toml_document({"mosquitto": True, "mosquitto_conf": layout.broker_config.name},
+                         header=f"biofed broker of fleet {fleet.fleet} (written by biofed provision): "
+                         "biofed broker --config THIS_FILE"), _PUBLIC)
     load_config(layout.broker_service_config, BrokerServiceConfig, environ={})
 
 

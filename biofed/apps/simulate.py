@@ -74,6 +74,7 @@ from biofed.apps.demo import (
     write_synthetic_devices,
 )
 from biofed.mqtt_loop import NetworkLoop
+from biofed.protocol import TRUST_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -793,7 +794,7 @@ def _seconds(value: float | None) -> str:
               show_default=True, help="Stop training before epsilon (RDP) would exceed this.")
 @click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
               show_default=True, help="DP delta.")
-@click.option("--trust-mode", type=click.Choice(["central", "local", "distributed"]), default="central",
+@click.option("--trust-mode", type=click.Choice(TRUST_MODES), default="central",
               show_default=True, help="Who adds the DP noise (see biofed demo --help).")
 @click.option("--sign", is_flag=True, help="Every device signs with its own fresh Ed25519 key.")
 @click.option("--seconds", "synthetic_seconds", type=click.FloatRange(min=5), default=60.0, show_default=True,
