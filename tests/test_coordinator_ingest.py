@@ -3,6 +3,7 @@ dropped with its reason, fed message by message without a broker (the clock is i
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_ingest_drop_reasons(caplog):
 
 def _write_allow_list(path: Path, devices: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text('{"fleet": "%s", "devices": %s}' % (FLEET, str(devices).replace("'", '"')))
+    tmp.write_text(json.dumps({"fleet": FLEET, "devices": list(devices)}))
     tmp.replace(path)  # as biofed provision writes it: a new file, atomically
 
 

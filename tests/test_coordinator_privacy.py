@@ -60,6 +60,7 @@ def test_round_event_bad_input(args, match):
 
 
 @pytest.mark.parametrize(("q", "z", "T"), PLANS)
+@pytest.mark.slow
 def test_plan_epsilon_matches_dp_accounting(q, z, T):
     eps = plan_epsilon(T, q, z, DELTA)
     assert eps["rdp"] == pytest.approx(_direct(RdpAccountant, q, z, T), rel=1e-12)
@@ -112,6 +113,7 @@ def _ledger_with(rounds, delta=DELTA, **kwargs):
     return ledger
 
 
+@pytest.mark.slow
 def test_ledger_epsilon_matches_direct_composition_of_every_round():
     # Distributed-mode rounds with varying survivors, one basis round, varying q.
     rounds = [(0.2, 1.1, "basis")] + [(0.2, distributed_noise_multiplier(1.2, 8, n), "train") for n in (8, 6, 8)]
@@ -144,6 +146,7 @@ def test_ledger_zero_noise_is_infinite():
     assert ledger.epsilon("pld") == math.inf
 
 
+@pytest.mark.slow
 def test_ledger_json_round_trip_and_dp_event():
     rounds = [(1.0, 2.0, "basis"), (0.5, 1.0, "train"), (0.5, 1.0, "train"), (0.25, 0.9, "train")]
     ledger = _ledger_with(rounds, epsilon_budget=20.0)
@@ -234,6 +237,7 @@ def _cli_epsilons(output):
     return {k.lower(): float(v) for k, v in found.items()}
 
 
+@pytest.mark.slow
 def test_privacy_cli_matches_plan_epsilon():
     runner = CliRunner()
     result = runner.invoke(cli, ["privacy", "--rounds", "50", "--sampling-rate", "0.1", "--noise-multiplier", "1.0",
@@ -245,6 +249,7 @@ def test_privacy_cli_matches_plan_epsilon():
     assert got["pld"] == pytest.approx(expected["pld"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_privacy_cli_plans_record_level_dp_sgd():
     """--level record: every DP-SGD step of every round is one Poisson-sampled Gaussian."""
     result = CliRunner().invoke(privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1"])
@@ -265,6 +270,7 @@ def test_privacy_cli_no_noise_reports_infinity():
     assert result.output.count("inf (no noise: no differential privacy)") == 2
 
 
+@pytest.mark.slow
 def test_privacy_cli_target_epsilon_calibrates():
     result = CliRunner().invoke(privacy_command, ["-T", "100", "-q", "0.1", "--target-epsilon", "4"])
     assert result.exit_code == 0, result.output
