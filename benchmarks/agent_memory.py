@@ -1,6 +1,6 @@
 """Memory of a continuously ingesting, training edge agent over a long synthetic stream.
 
-Run as a fresh process (``python benchmarks/agent_memory.py --hours 24``) so its RSS is the
+Run as a fresh process (``python -m biofed.benchmarks.agent_memory --hours 24``) so its RSS is the
 whole agent's: interpreter, NumPy/Numba/SciPy/MNE, the compiled kernels, the SQLite store.
 It plays a synthetic multimodal stream (19 EEG channels at 250 Hz, a phonocardiogram at
 4 kHz, ECG + PPG at 250 Hz; the class alternates every 10 minutes) as fast as the CPU allows

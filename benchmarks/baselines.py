@@ -11,10 +11,16 @@ import numpy as np
 import scipy.signal
 from numpy.lib.stride_tricks import sliding_window_view
 
-from benchmarks import stream as profile
+from biofed.benchmarks import stream as profile
 
 #: The EEG bands in Hz, (name, lo, hi) with lo <= f < hi.
-EEG_BANDS_HZ = (("delta", 1.0, 4.0), ("theta", 4.0, 8.0), ("alpha", 8.0, 13.0), ("beta", 13.0, 30.0), ("gamma", 30.0, 45.0))
+EEG_BANDS_HZ = (
+    ("delta", 1.0, 4.0),
+    ("theta", 4.0, 8.0),
+    ("alpha", 8.0, 13.0),
+    ("beta", 13.0, 30.0),
+    ("gamma", 30.0, 45.0),
+)
 
 
 # --- windowing ----------------------------------------------------------------------------
@@ -31,12 +37,24 @@ def _band_sums(freqs, psd, bands, log: bool, tiny: float):
     return np.log10(out + tiny) if log else out
 
 
+def _welch(windows, fs: float, nperseg: int):
+    """``scipy.signal.welch`` with the kernels' settings (Hann, 50 % overlap, constant detrend, density)."""
+    return scipy.signal.welch(
+        windows,
+        fs,
+        window="hann",
+        nperseg=nperseg,
+        noverlap=nperseg // 2,
+        detrend="constant",
+        scaling="density",
+        average="mean",
+        axis=-1,
+    )
+
+
 def band_powers_scipy(windows, fs: float, bands, *, nperseg: int, log: bool = False, tiny: float = 0.0):
     """``scipy.signal.welch`` (Hann, 50 % overlap, constant detrend, density) then band sums."""
-    freqs, psd = scipy.signal.welch(
-        windows, fs, window="hann", nperseg=nperseg, noverlap=nperseg // 2,
-        detrend="constant", scaling="density", average="mean", axis=-1,
-    )
+    freqs, psd = _welch(windows, fs, nperseg)
     return _band_sums(freqs, psd, bands, log, tiny)
 
 
@@ -45,8 +63,17 @@ def band_powers_mne(windows, fs: float, bands, *, nperseg: int, log: bool = Fals
     from mne.time_frequency import psd_array_welch
 
     psd, freqs = psd_array_welch(
-        windows, fs, fmin=0.0, fmax=np.inf, n_fft=nperseg, n_per_seg=nperseg,
-        n_overlap=nperseg // 2, window="hann", average="mean", remove_dc=True, verbose=False,
+        windows,
+        fs,
+        fmin=0.0,
+        fmax=np.inf,
+        n_fft=nperseg,
+        n_per_seg=nperseg,
+        n_overlap=nperseg // 2,
+        window="hann",
+        average="mean",
+        remove_dc=True,
+        verbose=False,
     )
     return _band_sums(freqs, psd, bands, log, tiny)
 
@@ -127,10 +154,7 @@ def mel_filterbank(freqs, n_bands: int, fmin: float, fmax: float):
 
 def log_mel_scipy(windows, fs: float, *, n_bands: int = 32, fmin: float = 20.0, nperseg: int = 512):
     """``scipy.signal.welch`` frames (Hann, 50 % overlap) -> mel filterbank -> ``ln(E + 1e-10)``."""
-    freqs, psd = scipy.signal.welch(
-        windows, fs, window="hann", nperseg=nperseg, noverlap=nperseg // 2,
-        detrend="constant", scaling="density", average="mean", axis=-1,
-    )
+    freqs, psd = _welch(windows, fs, nperseg)
     energies = psd @ mel_filterbank(freqs, n_bands, fmin, fs / 2.0) * (freqs[1] - freqs[0])
     return np.log(energies + 1e-10)
 

@@ -16,7 +16,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import CaseResult, Metric, Target
+from biofed.benchmarks.harness import CaseResult, Metric, Target
 
 __all__ = ["case_coordinator_memory"]
 
@@ -33,10 +33,21 @@ def case_coordinator_memory(s, result: CaseResult) -> None:
     rounds, first = (20, 5) if s.quick else (200, 10)
     label = f"{DEVICES} devices, {rounds} rounds" + (" (--quick)" if s.quick else "")
     with tempfile.TemporaryDirectory(prefix="biofed-bench-coordinator-") as tmp:
-        settings = DemoSettings(out=Path(tmp), devices=DEVICES, rounds=rounds, mosquitto=True, noise_multiplier=2.0,
-                                clip=0.25, epsilon_budget=EPSILON_BUDGET, trust_mode="central", evaluate=False,
-                                synthetic_seconds=s.seconds(60.0, 20.0), round_deadline_s=60.0,
-                                timeout_s=s.seconds(7200.0, 900.0), seed=s.seed)
+        settings = DemoSettings(
+            out=Path(tmp),
+            devices=DEVICES,
+            rounds=rounds,
+            mosquitto=True,
+            noise_multiplier=2.0,
+            clip=0.25,
+            epsilon_budget=EPSILON_BUDGET,
+            trust_mode="central",
+            evaluate=False,
+            synthetic_seconds=s.seconds(60.0, 20.0),
+            round_deadline_s=60.0,
+            timeout_s=s.seconds(7200.0, 900.0),
+            seed=s.seed,
+        )
         summary = run_simulation(settings, FleetOptions(workers=2))
     if summary["problems"]:
         raise RuntimeError("the federation broke an invariant: " + "; ".join(summary["problems"]))
@@ -45,20 +56,46 @@ def case_coordinator_memory(s, result: CaseResult) -> None:
     if missing:
         raise RuntimeError(f"no coordinator RSS sample at training round(s) {missing}; sampled {sorted(rss)}")
     samples = {r: rss[r] for r in sorted(rss) if r == first or r % max(rounds // 10, 1) == 0 or r == rounds}
-    detail = {"devices": DEVICES, "rounds": rounds, "broker": summary["broker"], "epsilon": summary["epsilon"],
-              "rss_mb_by_round": samples, "wall_s": summary["wall_s"]}
+    detail = {
+        "devices": DEVICES,
+        "rounds": rounds,
+        "broker": summary["broker"],
+        "epsilon": summary["epsilon"],
+        "rss_mb_by_round": samples,
+        "wall_s": summary["wall_s"],
+    }
     for r in (first, rounds):
-        result.metrics.append(Metric("coordinator_memory", f"coordinator RSS at training round {r} ({label})", rss[r],
-                                     "MB", detail if r == rounds else {}))
+        result.metrics.append(
+            Metric(
+                "coordinator_memory",
+                f"coordinator RSS at training round {r} ({label})",
+                rss[r],
+                "MB",
+                detail if r == rounds else {},
+            )
+        )
     ratio = rss[rounds] / rss[first]
     result.metrics.append(Metric("coordinator_memory", f"coordinator RSS round {rounds} / round {first}", ratio, "x"))
-    result.targets.append(Target(f"coordinator RSS at round {rounds} <= 1.10x round {first} ({label})", ratio, "<=",
-                                 1.10, "x"))
+    result.targets.append(
+        Target(f"coordinator RSS at round {rounds} <= 1.10x round {first} ({label})", ratio, "<=", 1.10, "x")
+    )
     close = [r["close_after_last_update_s"] for r in summary["rounds"] if r["phase"] == "train"]
     if len(close) >= 2 * TREND_ROUNDS:
         early = statistics.median(close[:TREND_ROUNDS])
         late = statistics.median(close[-TREND_ROUNDS:])
-        result.metrics.append(Metric("coordinator_memory", f"round close after last update, median of the first "
-                                     f"{TREND_ROUNDS} training rounds", early * 1e3, "ms"))
-        result.metrics.append(Metric("coordinator_memory", f"round close after last update, median of the last "
-                                     f"{TREND_ROUNDS} training rounds", late * 1e3, "ms"))
+        result.metrics.append(
+            Metric(
+                "coordinator_memory",
+                f"round close after last update, median of the first {TREND_ROUNDS} training rounds",
+                early * 1e3,
+                "ms",
+            )
+        )
+        result.metrics.append(
+            Metric(
+                "coordinator_memory",
+                f"round close after last update, median of the last {TREND_ROUNDS} training rounds",
+                late * 1e3,
+                "ms",
+            )
+        )

@@ -2,8 +2,8 @@
 
 ::
 
-    python -m benchmarks.fleet --devices 100 1000 --rounds 3
-    python -m benchmarks.fleet --rabbitmq --devices 100 --rounds 3
+    python -m biofed.benchmarks.fleet --devices 100 1000 --rounds 3
+    python -m biofed.benchmarks.fleet --rabbitmq --devices 100 --rounds 3
 
 For each N, :func:`biofed.apps.simulate.run_simulation` runs a whole federation (synthetic
 sources dealt to N real edge agents in one process, the coordinator in its own process,
@@ -14,7 +14,7 @@ client-level DP at the demo's defaults) over a fresh Mosquitto, and reports:
 - updates/s while a round's updates arrive (bounded by the devices' training, all in one
   process here), and the coordinator's own ingest rate (``benchmarks/ingest.py``'s path:
   pre-built updates from 4 publisher processes through the broker into
-  :class:`~biofed.coordinator.server.Ingest`);
+  :class:`~biofed.coordinator.ingest.Ingest`);
 - coordinator CPU seconds and peak RSS; memory per simulated device;
 - bytes per device per round (its task, its update and the round's model);
 - the raw ceiling measured in the same run: the same number of update-sized QoS 1
@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.ingest import run as ingest_run
+from biofed.benchmarks.ingest import run as ingest_run
 
 
 def _raw_publisher(host: str, port: int, index: int, n: int, size: int, go, done) -> None:
@@ -82,8 +82,10 @@ def raw_ceiling(n_messages: int, size: int, publishers: int = 4) -> float:
         ctx = mp.get_context("spawn")
         go, done = ctx.Queue(), ctx.Queue()
         share = [n_messages // publishers + (i < n_messages % publishers) for i in range(publishers)]
-        workers = [ctx.Process(target=_raw_publisher, args=(broker.host, broker.port, i, share[i], size, go, done))
-                   for i in range(publishers)]
+        workers = [
+            ctx.Process(target=_raw_publisher, args=(broker.host, broker.port, i, share[i], size, go, done))
+            for i in range(publishers)
+        ]
         try:
             subscriber.connect(broker.host, broker.port)
             subscriber.subscribe("raw/#", qos=1)
@@ -140,8 +142,14 @@ def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float
     started = time.monotonic()
     with start_rabbitmq_cluster(2) as cluster:
         cluster_start_s = time.monotonic() - started
-        settings = DemoSettings(out=out / f"fleet-rabbitmq-{n_devices}", devices=n_devices, rounds=rounds,
-                                noise_multiplier=noise_multiplier, round_deadline_s=120.0, timeout_s=3600.0)
+        settings = DemoSettings(
+            out=out / f"fleet-rabbitmq-{n_devices}",
+            devices=n_devices,
+            rounds=rounds,
+            noise_multiplier=noise_multiplier,
+            round_deadline_s=120.0,
+            timeout_s=3600.0,
+        )
         summary = run_simulation(settings, FleetOptions(workers=workers, cluster=cluster))
     return {**_fleet_figures(summary), "cluster_start_s": round(cluster_start_s, 1)}
 
@@ -150,8 +158,15 @@ def run(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers
     from biofed.apps.demo import DemoSettings
     from biofed.apps.simulate import FleetOptions, run_simulation
 
-    settings = DemoSettings(out=out / f"fleet-{n_devices}", devices=n_devices, rounds=rounds, mosquitto=True,
-                            noise_multiplier=noise_multiplier, round_deadline_s=120.0, timeout_s=3600.0)
+    settings = DemoSettings(
+        out=out / f"fleet-{n_devices}",
+        devices=n_devices,
+        rounds=rounds,
+        mosquitto=True,
+        noise_multiplier=noise_multiplier,
+        round_deadline_s=120.0,
+        timeout_s=3600.0,
+    )
     summary = run_simulation(settings, FleetOptions(workers=workers))
     update_bytes = max(r["bytes_per_update"] for r in summary["rounds"] if r["phase"] == "train")
     n_messages = max(n_devices * rounds, 5000)

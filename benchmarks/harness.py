@@ -61,7 +61,9 @@ class Timing:
         }
 
 
-def measure(fn: Callable[[], Any], *, repeats: int, clock: Callable[[], float] = time.perf_counter) -> tuple[Timing, Any]:
+def measure(
+    fn: Callable[[], Any], *, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> tuple[Timing, Any]:
     """Time ``fn()``: one warm-up call, then ``repeats`` timed calls.
 
     Parameters
@@ -167,7 +169,7 @@ class Metric:
 
 @dataclass(frozen=True)
 class Target:
-    """A goal from the issue, reported (never asserted): ``measured <op> threshold``."""
+    """A performance goal, reported (never asserted): ``measured <op> threshold``."""
 
     name: str
     measured: float
@@ -208,7 +210,12 @@ class Table:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "columns": list(self.columns), "rows": [list(r) for r in self.rows], "note": self.note}
+        return {
+            "title": self.title,
+            "columns": list(self.columns),
+            "rows": [list(r) for r in self.rows],
+            "note": self.note,
+        }
 
     def format(self) -> str:
         """Fixed-width text: numbers with 4 significant digits."""
@@ -275,7 +282,10 @@ def _blas_info() -> list[dict[str, Any]]:
         config = np.show_config(mode="dicts")
         return [{"numpy_build": config.get("Build Dependencies", {}).get("blas", {})}]
     return [
-        {k: info.get(k) for k in ("user_api", "internal_api", "version", "num_threads", "threading_layer", "architecture")}
+        {
+            k: info.get(k)
+            for k in ("user_api", "internal_api", "version", "num_threads", "threading_layer", "architecture")
+        }
         for info in threadpool_info()
     ]
 
@@ -298,7 +308,17 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "versions": {
             name: _version(name)
-            for name in ("biofed", "numpy", "numba", "llvmlite", "rocket-fft", "scipy", "mne", "scikit-learn", "threadpoolctl")
+            for name in (
+                "biofed",
+                "numpy",
+                "numba",
+                "llvmlite",
+                "rocket-fft",
+                "scipy",
+                "mne",
+                "scikit-learn",
+                "threadpoolctl",
+            )
         },
         "numba_threads": numba.config.NUMBA_NUM_THREADS,
         "numba_threading_layer": numba.config.THREADING_LAYER,

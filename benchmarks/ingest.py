@@ -2,10 +2,10 @@
 
 ::
 
-    python benchmarks/ingest.py --mosquitto --devices 200 --updates 5000
+    python -m biofed.benchmarks.ingest --mosquitto --devices 200 --updates 5000
 
 Starts a broker (Mosquitto with ``--mosquitto``, else the embedded amqtt), connects a
-coordinator-side client that feeds every message into :class:`biofed.coordinator.server.Ingest`
+coordinator-side client that feeds every message into :class:`biofed.coordinator.ingest.Ingest`
 (the exact path :class:`~biofed.coordinator.server.Coordinator` runs: size limit, envelope
 and payload validation, fleet/sender/round/deadline/basis/participant checks, duplicate
 ids), and publishes pre-built :class:`~biofed.protocol.Update` messages of the default
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from biofed.apps.broker import start_embedded_broker, start_mosquitto
-from biofed.coordinator.server import Ingest, OpenRound
+from biofed.coordinator.ingest import Ingest, OpenRound
 from biofed.kernels.training import n_params
 from biofed.mqtt import MqttClient
 from biofed.protocol import SeenMessageIds, Status, Topics, Update, UpdateMetrics, encode_message
@@ -86,15 +86,8 @@ def _publisher(host: str, port: int, protocol: str, index: int, rounds: list[lis
         go.get()  # keep the connection until the receiver is finished
 
 
-def run(broker_kind: str, n_devices: int, n_updates: int, n_publishers: int, dtype: str) -> dict:
-    devices = device_ids(n_devices)
-    rounds = math.ceil(n_updates / n_devices)
-    updates = build_updates(devices, rounds, n_updates, dtype)
-    bytes_per_update = int(np.mean([len(data) for batch in updates for _, data in batch]))
-    statuses = [(TOPICS.status(d), encode_message(Status(round=0, state="online"), fleet=FLEET, sender=d))
-                for d in devices]
-
-    # in-process ingest cost (no broker)
+def _ingest_only_rate(devices, statuses, updates, n_updates: int) -> float:
+    """Updates per second through ``Ingest.handle`` in-process: the coordinator's CPU cost, no broker."""
     ingest = Ingest(TOPICS, max_bytes=16 * 1024 * 1024, seen=SeenMessageIds(n_updates + 10))
     for topic, data in statuses:
         ingest.handle(topic, data)
@@ -104,7 +97,18 @@ def run(broker_kind: str, n_devices: int, n_updates: int, n_publishers: int, dty
                                 basis_version=BASIS_VERSION, n_params=n_params(K, N_CLASSES))
         for topic, data in batch:
             ingest.handle(topic, data)
-    ingest_only = n_updates / (time.perf_counter() - start)
+    return n_updates / (time.perf_counter() - start)
+
+
+def run(broker_kind: str, n_devices: int, n_updates: int, n_publishers: int, dtype: str) -> dict:
+    devices = device_ids(n_devices)
+    rounds = math.ceil(n_updates / n_devices)
+    updates = build_updates(devices, rounds, n_updates, dtype)
+    bytes_per_update = int(np.mean([len(data) for batch in updates for _, data in batch]))
+    statuses = [(TOPICS.status(d), encode_message(Status(round=0, state="online"), fleet=FLEET, sender=d))
+                for d in devices]
+
+    ingest_only = _ingest_only_rate(devices, statuses, updates, n_updates)
 
     with tempfile.TemporaryDirectory(prefix="biofed-ingest-") as scratch:
         if broker_kind == "mosquitto":

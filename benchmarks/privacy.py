@@ -15,7 +15,7 @@ import tracemalloc
 
 from dp_accounting.rdp import RdpAccountant
 
-from benchmarks.harness import CaseResult, Metric, Target
+from biofed.benchmarks.harness import CaseResult, Metric, Target
 from biofed.privacy_ledger import PrivacyLedger, distributed_noise_multiplier, round_event
 
 __all__ = ["case_privacy_ledger"]
@@ -33,7 +33,9 @@ def _round_parameters(r: int) -> tuple[str, float]:
     return "train", distributed_noise_multiplier(Z, N_MIN, SURVIVORS[r % len(SURVIVORS)])
 
 
-def _per_round_seconds(rounds: int, checkpoints: tuple[int, ...], repeats: int) -> dict[int, tuple[float, float, float]]:
+def _per_round_seconds(
+    rounds: int, checkpoints: tuple[int, ...], repeats: int
+) -> dict[int, tuple[float, float, float]]:
     """Fastest seconds of one round's accounting at each checkpoint round: (ledger, full recomposition, |eps diff|)."""
     ledger = PrivacyLedger(DELTA, ("rdp",), epsilon_budget=1e9)
     history = []
@@ -45,7 +47,7 @@ def _per_round_seconds(rounds: int, checkpoints: tuple[int, ...], repeats: int) 
             ledger.record_round(r, 1.0, z, kind=kind)
             continue
         ours, theirs = [], []
-        for i in range(repeats):
+        for _ in range(repeats):
             trial = PrivacyLedger.from_json(ledger.to_json())
             start = time.perf_counter()
             trial.record_round(r, 1.0, z, kind=kind)
@@ -73,14 +75,17 @@ def case_privacy_ledger(s, result: CaseResult) -> None:
     found = _per_round_seconds(rounds, (10, rounds), s.reps(0.5))
     for r, (ours, theirs, diff) in found.items():
         result.metrics.append(Metric("privacy_ledger", f"accounting per round at round {r}", ours * 1e3, "ms"))
-        result.metrics.append(Metric("privacy_ledger", f"full recomposition per round at round {r}", theirs * 1e3,
-                                     "ms"))
-        result.metrics.append(Metric("privacy_ledger", f"|epsilon - dp_accounting full history| at round {r}", diff,
-                                     ""))
+        result.metrics.append(
+            Metric("privacy_ledger", f"full recomposition per round at round {r}", theirs * 1e3, "ms")
+        )
+        result.metrics.append(
+            Metric("privacy_ledger", f"|epsilon - dp_accounting full history| at round {r}", diff, "")
+        )
     ratio = found[rounds][0] / found[10][0]
     result.metrics.append(Metric("privacy_ledger", f"accounting time round {rounds} / round 10", ratio, "x"))
-    result.targets.append(Target(f"accounting time per round at round {rounds} <= 1.5x round 10", ratio, "<=", 1.5,
-                                 "x"))
+    result.targets.append(
+        Target(f"accounting time per round at round {rounds} <= 1.5x round 10", ratio, "<=", 1.5, "x")
+    )
     sizes, held = {}, {}
     tracemalloc.start()
     try:
@@ -96,9 +101,17 @@ def case_privacy_ledger(s, result: CaseResult) -> None:
         tracemalloc.stop()
     for r in sizes:
         result.metrics.append(Metric("privacy_ledger", f"persisted ledger size at round {r}", sizes[r], "bytes"))
-        result.metrics.append(Metric("privacy_ledger", f"ledger memory held at round {r} (tracemalloc)", held[r],
-                                     "bytes"))
-    result.targets.append(Target(f"ledger size at round {rounds} <= 1.1x round 10", sizes[rounds] / sizes[10], "<=",
-                                 1.1, "x"))
-    result.targets.append(Target("ledger epsilon equals dp_accounting on the full history",
-                                 max(diff for _, _, diff in found.values()), "<=", 1e-9))
+        result.metrics.append(
+            Metric("privacy_ledger", f"ledger memory held at round {r} (tracemalloc)", held[r], "bytes")
+        )
+    result.targets.append(
+        Target(f"ledger size at round {rounds} <= 1.1x round 10", sizes[rounds] / sizes[10], "<=", 1.1, "x")
+    )
+    result.targets.append(
+        Target(
+            "ledger epsilon equals dp_accounting on the full history",
+            max(diff for _, _, diff in found.values()),
+            "<=",
+            1e-9,
+        )
+    )

@@ -7,8 +7,8 @@ features -> one feature row -> fused standardize-and-project transform onto a k=
 The chain is configured once (:class:`Chain`: spectral plans, transform plan, precision) and
 then applied to every window, as a device does.
 
-Imported by :mod:`benchmarks.suite` for the in-process comparison, and run as a script
-(``python stream.py rtf|warm``) by the real-time-factor and warm-start measurements, which
+Imported by :mod:`biofed.benchmarks.suite` for the in-process comparison, and run as a script
+(``python -m biofed.benchmarks.stream rtf|warm``) by the real-time-factor and warm-start measurements, which
 need a fresh interpreter. It imports NumPy, Numba (for the FFT-rate probe) and biofed.
 """
 

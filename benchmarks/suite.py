@@ -1,7 +1,7 @@
-"""The benchmark cases: shapes, baselines, output checks and the issue's targets.
+"""The benchmark cases: shapes, baselines, output checks and the performance targets.
 
 Each case times biofed and its baselines on the same float64 input in the same run
-(:func:`benchmarks.harness.measure`: a warm-up call first, reported as the first-call
+(:func:`biofed.benchmarks.harness.measure`: a warm-up call first, reported as the first-call
 (compile) time, then ``repeats`` timed calls) and records the outputs' difference.
 ``--quick`` uses fewer repeats and shorter streams but keeps the per-window pipeline shapes
 (2 s windows of the stream profile) and the SVD target shapes.
@@ -22,10 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import baselines, stream
-from benchmarks.harness import CaseResult, Comparison, Metric, Table, Target, machine_info, max_relative_difference, measure
-from benchmarks.coordinator_memory import case_coordinator_memory
-from benchmarks.privacy import case_privacy_ledger
+from biofed.benchmarks import baselines, stream
+from biofed.benchmarks.coordinator_memory import case_coordinator_memory
+from biofed.benchmarks.harness import (
+    CaseResult,
+    Comparison,
+    Metric,
+    Table,
+    Target,
+    machine_info,
+    max_relative_difference,
+    measure,
+)
+from biofed.benchmarks.privacy import case_privacy_ledger
 
 logger = logging.getLogger(__name__)
 
@@ -590,10 +599,6 @@ def case_secagg(s: Settings, result: CaseResult) -> None:
 
 
 # --- fresh-process measurements -----------------------------------------------------------
-def _stream_script() -> Path:
-    return Path(stream.__file__).resolve()
-
-
 def _one_core_env() -> dict[str, str]:
     env = dict(os.environ)
     for var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -603,7 +608,7 @@ def _one_core_env() -> dict[str, str]:
 
 def case_realtime(s: Settings, result: CaseResult) -> None:
     seconds = s.seconds(600, 120)
-    cmd = [sys.executable, str(_stream_script()), "rtf", "--seconds", str(seconds), "--repeats", str(s.reps(0.25))]
+    cmd = [sys.executable, "-m", stream.__name__, "rtf", "--seconds", str(seconds), "--repeats", str(s.reps(0.25))]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"stream profile subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -636,8 +641,8 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
     rows.append(("whole chain (one window per call)", chain_best, chain_median, 100.0, sum(r[4] for r in rows),
                  limit_us, limit_us / chain_best))
     result.tables.append(Table(
-        f"Per-window stage profile on one core vs the FFT flop limit (rfft of {fft['nperseg']} points measured here: "
-        f"{fft['gflops']['float32']:.3g} GFLOP/s float32, {fft['gflops']['float64']:.3g} GFLOP/s float64)",
+        f"Per-window stage profile on one core vs the FFT flop limit (rfft of {fft['nperseg']} points measured "
+        f"here: {fft['gflops']['float32']:.3g} GFLOP/s float32, {fft['gflops']['float64']:.3g} GFLOP/s float64)",
         ("stage", "us/window best", "median", "% of chain", "rffts/window", "FFT limit us", "fraction of limit"),
         tuple(rows),
         note="FFT limit = rffts x 2.5 n log2 n flops / best float32 rfft rate; shares are of the best chain time "
@@ -651,7 +656,7 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
 def _time_first_window(env: dict[str, str]) -> float:
     """Seconds from launching a fresh interpreter to it printing its first computed window."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(_stream_script()), "warm"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", stream.__name__, "warm"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - start
@@ -678,7 +683,7 @@ def case_warm_start(s: Settings, result: CaseResult) -> None:
 def case_agent_memory(s: Settings, result: CaseResult) -> None:
     """RSS of a whole agent process ingesting, storing (at its cap) and training over a long stream."""
     hours = s.seconds(24.0, 3.0)
-    cmd = [sys.executable, str(Path(__file__).with_name("agent_memory.py")), "--hours", str(hours),
+    cmd = [sys.executable, "-m", "biofed.benchmarks.agent_memory", "--hours", str(hours),
            "--store-rows", "2000" if s.quick else "20000"]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -701,12 +706,20 @@ EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "e
 
 def case_evaluation(s: Settings, result: CaseResult) -> None:
     """``biofed evaluate``: every method and baseline, both views, and the utility targets at
-    epsilon 8 for the default method (:data:`biofed.apps.evaluation.DEFAULT_METHOD`). The full run uses eegmat (the subjects in
-    ../shared/datasets/eegmat; a synthetic fleet where it is absent), every epsilon, 3 noise
-    draws and the projection variants; ``--quick`` a small synthetic fleet at epsilon 8 and inf."""
+    epsilon 8 for the default method (:data:`biofed.apps.evaluation.DEFAULT_METHOD`). The full run
+    uses eegmat (the subjects in ../shared/datasets/eegmat; a synthetic fleet where it is absent),
+    every epsilon, 3 noise draws and the projection variants; ``--quick`` a small synthetic fleet
+    at epsilon 8 and inf."""
     from biofed.apps.demo import eegmat_devices
     from biofed.apps.federation import write_synthetic_devices
-    from biofed.apps.evaluation import DEFAULT_METHOD, EPSILONS, load_devices, plain_pipeline_rows, run_evaluation, targets
+    from biofed.apps.evaluation import (
+        DEFAULT_METHOD,
+        EPSILONS,
+        load_devices,
+        plain_pipeline_rows,
+        run_evaluation,
+        targets,
+    )
 
     with tempfile.TemporaryDirectory(prefix="biofed-bench-eval-") as tmp:
         files = eegmat_devices(EEGMAT) if EEGMAT.is_dir() and not s.quick else {}

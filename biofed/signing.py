@@ -386,7 +386,8 @@ def signing_from_config(config: Any, sender: str) -> tuple[Signer | None, Verifi
     own = ring.public_key(sender)
     if signer is not None and own is not None and own.public_bytes_raw() != signer.public_key.public_bytes_raw():
         raise ValueError(
-            f"{config.signing_key_file}: this private key does not match {config.keys_dir}/{sender}{PUBLIC_KEY_SUFFIX}; "
+            f"{config.signing_key_file}: this private key does not match "
+            f"{config.keys_dir}/{sender}{PUBLIC_KEY_SUFFIX}; "
             "receivers would reject every message of this process"
         )
     return signer, Verifier(ring, max_skew_s=config.max_clock_skew_s)

@@ -45,8 +45,8 @@ import logging
 import numpy as np
 
 from biofed.kernels import standard_scale
-from biofed.kernels._validation import check_nonnegative_float, check_positive_float
-from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
+from biofed.kernels._validation import check_positive_float
+from biofed.privacy_mechanism import ClippedSum
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +61,11 @@ _MOMENTS_RTOL = 1e-12
 """``E[x^2] - E[x]^2`` cancels: a variance within this fraction of ``E[x^2]`` is rounding, i.e. 0."""
 
 
-def aggregate_statistics(
-    statistics,
-    clip_norm: float,
-    noise_multiplier: float = 0.0,
-    *,
-    mechanism: PrivacyMechanism | None = None,
-    charge: Charge | None = None,
-) -> tuple[np.ndarray, int]:
-    """Uniform mean of the devices' clipped statistics, released through the privacy mechanism.
+def aggregate_statistics(statistics, clip_norm: float) -> tuple[np.ndarray, int]:
+    """Uniform mean of the devices' statistics, each clipped to ``clip_norm``, without noise.
+
+    The coordinator validates and averages sketches with it; a central-mode release of the
+    same clipped sum goes through the privacy mechanism (:func:`biofed.coordinator.phases.basis_phase`).
 
     Parameters
     ----------
@@ -78,20 +74,11 @@ def aggregate_statistics(
         misbehaving device cannot exceed the sensitivity).
     clip_norm : float
         C > 0, the L2 bound of one device's statistic.
-    noise_multiplier : float
-        z >= 0: the mechanism adds ``N(0, (z C)^2)`` per coordinate to the sum (central
-        trust mode); 0 in local mode (devices already added their own noise) and for
-        non-private runs.
-    mechanism : PrivacyMechanism or None
-        The coordinator's gate, which clips, noises and charges ``charge`` before the mean
-        is formed. None only for a noise-free mean that is not released (tests, tools).
-    charge : Charge or None
-        The ledger entry of the release; required with ``mechanism``.
 
     Returns
     -------
     mean : ndarray, shape (D,)
-        ``(sum_i clip(s_i) + noise) / n``.
+        ``sum_i clip(s_i) / n``.
     n_clipped : int
         Statistics above C (beyond rounding) that this re-clipping shrank: devices that did
         not clip themselves.
@@ -105,17 +92,7 @@ def aggregate_statistics(
     if not np.isfinite(stats).all():
         raise ValueError("statistics contain NaN or inf; drop the offending device's sketch before aggregating.")
     c = check_positive_float(clip_norm, "clip_norm")
-    z = check_nonnegative_float(noise_multiplier, "noise_multiplier")
-    query = ClippedSum(stats, c, z * c)
-    if mechanism is None:
-        if z > 0 or charge is not None:
-            raise ValueError("a noised or charged release of statistics needs the privacy mechanism.")
-        total, norms = query.clipped_total()
-    else:
-        if charge is None:
-            raise ValueError("a release of statistics through the privacy mechanism needs its charge.")
-        _, norms = query.clipped_total()
-        (total,) = mechanism.release(charge, query)
+    total, norms = ClippedSum(stats, c, 0.0).clipped_total()
     n_clipped = int((norms > c * (1 + _CLIP_TOLERANCE)).sum())
     return total / stats.shape[0], n_clipped
 

@@ -1,10 +1,12 @@
-"""Clipping and Gaussian-noise math for client-level differential privacy.
+"""Adaptive clipping for client-level differential privacy.
 
-Pure functions in the style of Flower's ``common/differential_privacy.py``
-(``compute_clip_model_update``, ``compute_stdv``) plus the adaptive clipping rule of
-Andrew et al. [1]_. Nothing here draws noise: the noised clipped count of adaptive
-clipping is released by :class:`biofed.privacy_mechanism.PrivacyMechanism`
-(:meth:`AdaptiveClipping.count_query`), together with the update sum it is accounted with.
+:class:`AdaptiveClipping` is the clip-norm rule of Andrew et al. [1]_ as pure functions of
+the current clip norm: nothing here draws noise or keeps state. Its noised clipped count is
+released by :class:`biofed.privacy_mechanism.PrivacyMechanism` (:meth:`AdaptiveClipping.count_query`),
+together with the update sum it is accounted with (:class:`biofed.coordinator.central_dp.DPAggregator`);
+the clip norm itself lives in the coordinator's state. The coordinator's non-noise
+randomness (device sampling, model initialisation) comes from
+:func:`biofed.kernels.random_state.check_random_state`.
 
 References
 ----------
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from biofed.kernels import clip_l2
 from biofed.kernels._validation import check_nonnegative_float, check_positive_float
 from biofed.privacy_mechanism import ClippedSum
 
@@ -27,58 +29,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AdaptiveClipping",
-    "central_noise_std",
-    "clip_update",
     "delta_noise_multiplier",
 ]
-
-
-def _check_vector(vector, name: str) -> np.ndarray:
-    arr = np.asarray(vector)
-    if arr.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must be a real numeric array, got dtype {arr.dtype}.")
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be a 1-D parameter vector (P,), got shape {arr.shape}.")
-    arr = np.asarray(arr, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
-    if not np.isfinite(arr.sum()):
-        raise ValueError(
-            f"{name} contains {int((~np.isfinite(arr)).sum())} NaN or inf value(s); "
-            "a device update must be finite."
-        )
-    return arr
-
-
-def clip_update(delta, clip_norm: float) -> tuple[np.ndarray, float]:
-    """Scale an update so that its L2 norm is at most ``clip_norm``.
-
-    Parameters
-    ----------
-    delta : array-like, shape (P,)
-        A device's model update (new parameters minus global parameters).
-    clip_norm : float
-        The L2 bound C > 0.
-
-    Returns
-    -------
-    clipped : ndarray, shape (P,)
-        ``delta * min(1, C / ||delta||)`` (a new array; float32 stays float32).
-    norm : float
-        ``||delta||`` before clipping; ``norm <= C`` is the device's clipped-count bit.
-
-    Notes
-    -----
-    Computed by :func:`biofed.kernels.clip_l2`, the same routine the devices use.
-    """
-    # Validated here so errors name the coordinator's terms; the math is the kernel's.
-    return clip_l2(_check_vector(delta, "delta"), check_positive_float(clip_norm, "clip_norm"))
-
-
-def central_noise_std(noise_multiplier: float, clip_norm: float) -> float:
-    """Standard deviation ``z * C`` of the Gaussian noise added to a sum of clipped updates.
-
-    Divide by the number of aggregated updates for the noise on their mean.
-    """
-    return check_nonnegative_float(noise_multiplier, "noise_multiplier") * check_positive_float(clip_norm, "clip_norm")
 
 
 def delta_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> float:
@@ -122,6 +74,7 @@ def delta_noise_multiplier(noise_multiplier: float, count_noise_std: float) -> f
     return remaining**-0.5
 
 
+@dataclass(frozen=True)
 class AdaptiveClipping:
     """Geometric clip-norm update tracking a target quantile of update norms [1]_.
 
@@ -138,8 +91,6 @@ class AdaptiveClipping:
 
     Parameters
     ----------
-    initial_clip : float
-        Starting clip norm C_0 > 0.
     target_quantile : float
         gamma in (0, 1): the fraction of updates that should end up unclipped.
     learning_rate : float
@@ -147,33 +98,19 @@ class AdaptiveClipping:
     count_noise_std : float
         sigma_b >= 0. Zero releases the count without noise (no DP for the count: only
         for non-private runs).
-
-    Attributes
-    ----------
-    clip : float
-        The current clip norm.
     """
 
-    def __init__(
-        self,
-        initial_clip: float,
-        target_quantile: float,
-        learning_rate: float = 0.2,
-        count_noise_std: float = 0.0,
-    ) -> None:
-        self.clip = check_positive_float(initial_clip, "initial_clip")
-        gamma = float(target_quantile)
-        if not 0.0 < gamma < 1.0:
-            raise ValueError(f"target_quantile must be in (0, 1), got {target_quantile!r}.")
-        self.target_quantile = gamma
-        self.learning_rate = check_positive_float(learning_rate, "learning_rate")
-        self.count_noise_std = check_nonnegative_float(count_noise_std, "count_noise_std")
+    target_quantile: float
+    learning_rate: float = 0.2
+    count_noise_std: float = 0.0
 
-    def __repr__(self) -> str:
-        return (
-            f"AdaptiveClipping(clip={self.clip:g}, target_quantile={self.target_quantile:g}, "
-            f"learning_rate={self.learning_rate:g}, count_noise_std={self.count_noise_std:g})"
-        )
+    def __post_init__(self) -> None:
+        gamma = float(self.target_quantile)
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile!r}.")
+        object.__setattr__(self, "target_quantile", gamma)
+        object.__setattr__(self, "learning_rate", check_positive_float(self.learning_rate, "learning_rate"))
+        object.__setattr__(self, "count_noise_std", check_nonnegative_float(self.count_noise_std, "count_noise_std"))
 
     def delta_noise_multiplier(self, noise_multiplier: float) -> float:
         """:func:`delta_noise_multiplier` with this estimator's ``count_noise_std``."""
@@ -195,11 +132,13 @@ class AdaptiveClipping:
             raise ValueError("clipped_bits must hold only 0/1 (or booleans), one per reporting device.")
         return ClippedSum((bits.astype(np.float64) - 0.5)[:, None], 0.5, self.count_noise_std)
 
-    def apply(self, noised_centred_count: float, n_expected: int) -> float:
-        """Move the clip norm with a released ``sum_i (b_i - 1/2) + N(0, sigma_b^2)``.
+    def next_clip(self, clip_norm: float, noised_centred_count: float, n_expected: int) -> float:
+        """The clip norm after a round, from the released ``sum_i (b_i - 1/2) + N(0, sigma_b^2)``.
 
         Parameters
         ----------
+        clip_norm : float
+            The clip norm C > 0 the round used.
         noised_centred_count : float
             The released value of :meth:`count_query`.
         n_expected : int
@@ -208,11 +147,12 @@ class AdaptiveClipping:
         Returns
         -------
         float
-            The new clip norm (also stored in ``self.clip``).
+            ``C * exp(-eta * (b_bar - gamma))``.
         """
+        clip = check_positive_float(clip_norm, "clip_norm")
         if isinstance(n_expected, bool) or not isinstance(n_expected, (int, np.integer)) or n_expected < 1:
             raise ValueError(f"n_expected must be an integer >= 1, got {n_expected!r}.")
         b_bar = float(noised_centred_count) / int(n_expected) + 0.5
-        self.clip = float(self.clip * math.exp(-self.learning_rate * (b_bar - self.target_quantile)))
-        logger.debug("adaptive clipping: b_bar=%.4f -> clip=%.6g", b_bar, self.clip)
-        return self.clip
+        new_clip = float(clip * math.exp(-self.learning_rate * (b_bar - self.target_quantile)))
+        logger.debug("adaptive clipping: b_bar=%.4f -> clip=%.6g", b_bar, new_clip)
+        return new_clip

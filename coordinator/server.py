@@ -1,4 +1,15 @@
-"""The federated coordinator: device discovery, the round state machine, DP aggregation.
+"""The federated coordinator: the loop that runs a fleet's rounds over MQTT.
+
+:class:`Coordinator` is a thin loop over three parts, each in its own module:
+
+- :mod:`biofed.coordinator.ingest`: the inbound path (decode, allow list, dedupe, routing);
+- :mod:`biofed.coordinator.phases`: the round phases, pure functions from (state, replies)
+  to (new state, DP event, payload);
+- :mod:`biofed.coordinator.central_dp`: central DP composed once around the strategy.
+
+The loop owns what those leave out: the broker connection, the clock (deadlines, outages),
+the state database (one commit per round) and the privacy mechanism that runs each phase's
+release.
 
 Flow (the "Federated flow" contract shared with ``biofed.edge``)
 ----------------------------------------------------------------
@@ -29,12 +40,9 @@ participant has replied (or gone offline), then
 Task round numbers increase across phases and are never reused (a retry or a restart
 takes the next one), so a device never sees two different tasks with one round number.
 
-Inbound messages (:class:`Ingest`) are decoded with the size limit of the config and
-dropped with one log line when malformed, oversized, from another fleet, from a device
-never seen online, for another round, past the deadline, for another basis version,
-from a device not selected, a second reply of a device, or a duplicate message id (QoS 1
-redelivery; ids of committed replies are persisted, so a restarted coordinator does not
-accept them again). Nothing a device sends can stop the coordinator.
+Inbound messages go through :class:`~biofed.coordinator.ingest.Ingest`, which drops
+(with one log line) whatever is malformed, unexpected or a duplicate, so nothing a device
+sends can stop the coordinator.
 
 Differential privacy (client level; see :mod:`biofed.privacy_ledger`)
 ----------------------------------------------------------------------
@@ -46,8 +54,9 @@ reconnect jitter each have another.
 
 central
     Devices clip; the mechanism clips again, sums, adds ``N(0, (z C)^2)`` and charges the
-    round; the coordinator divides by ``n`` (``DPAggregator``). With adaptive clipping the
-    update uses ``z_delta`` and the devices' ``norm_bit`` move C
+    round; the coordinator divides by ``n`` (:class:`~biofed.coordinator.central_dp.DPAggregator`,
+    built once per run). With adaptive clipping the update uses ``z_delta`` and the
+    devices' ``norm_bit`` move C
     (:class:`~biofed.coordinator.clipping.AdaptiveClipping`), released in the same charge.
     Robust strategies (trimmed mean, median) are refused with noise: their sensitivity is
     not C/n (without noise they are charged as ``z = 0``: epsilon is infinite).
@@ -74,7 +83,7 @@ every round is charged with ``q = 1`` whatever ``sampling_rate`` is.
 Signed messages: with ``signing_key_file`` every message the coordinator publishes is
 signed; with ``keys_dir`` inbound messages without a valid signature of a known, unrevoked
 device are dropped (:mod:`biofed.signing`). With ``allowed_devices_file`` messages of devices
-not on the allow list are dropped too (:class:`AllowList`; a revocation while running takes
+not on the allow list are dropped too (:class:`~biofed.coordinator.ingest.AllowList`; a revocation while running takes
 effect at the next message: the device is no longer online, selected or waited for).
 
 Broker outages and overload
@@ -121,17 +130,29 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from biofed.config import ConfigError, CoordinatorConfig, load_allowed_devices
-from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
-from biofed.coordinator.clipping import AdaptiveClipping
+from biofed.config import ConfigError, CoordinatorConfig
+from biofed.coordinator.ingest import AllowList, Ingest, OpenRound
 from biofed.coordinator.onnx_export import ExportError, export_onnx, export_round
-from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
-from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
+from biofed.coordinator.phases import (
+    PendingPhase,
+    PhaseOutcome,
+    basis_phase,
+    charge_before_task,
+    compose_rounds,
+    evaluate_phase,
+    make_task,
+    round_record,
+    select_participants,
+    standardization,
+    train_phase,
+    unmask_charge,
+)
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import (
     CoordinatorState,
@@ -140,39 +161,26 @@ from biofed.coordinator.state import (
     StateDirLock,
     StateError,
 )
-from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, DPAggregator, FedAvg, Strategy, make_strategy
 from biofed.kernels.random_state import check_random_state
-from biofed.kernels.training import init_params
 from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model import FeatureLayout, ModelFile, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
 from biofed.protocol import (
     BASIS_PHASES,
-    Basis,
     Message,
-    Model,
-    MessageVerifier,
-    ProtocolError,
-    SeenMessageIds,
-    Sketch,
-    Status,
     Task,
     Topics,
-    Update,
-    decode_topic_message,
     encode_message,
 )
-from biofed.secure_aggregation import SecAggError, SecAggUpload
 from biofed.signing import signing_from_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COORDINATOR_SENDER", "AllowList", "Coordinator", "CoordinatorError", "Ingest", "OpenRound", "RunState"]
+__all__ = ["COORDINATOR_SENDER", "Coordinator", "CoordinatorError", "RunState"]
 
 COORDINATOR_SENDER = "coordinator"
 """Sender id of every message the coordinator publishes."""
 
-_STRATEGY_NAMES = {"coordinate_median": "median"}  # config name -> biofed.coordinator.strategies name
 _OUTAGE_LOG_INTERVAL_S = 30.0  # how often a publish held up by a broker outage is logged
 
 
@@ -214,255 +222,6 @@ _PHASE_STATES = {"moments": RunState.MOMENTS, "covariance": RunState.COVARIANCE,
                  "evaluate": RunState.EVALUATING}
 
 
-# ----------------------------------------------------------------------------- ingest
-class AllowList:
-    """The admitted devices of an allow list file (``allowed_devices.json``), re-read by
-    :meth:`refresh` whenever the file changes (``biofed provision revoke`` rewrites it).
-
-    Raises
-    ------
-    ConfigError
-        At construction: the file is missing or invalid. A later change to an invalid or
-        missing file is logged and the previous list kept, so a half-edited file never
-        admits everybody or nobody.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._stamp = self._file_stamp()
-        self.devices = load_allowed_devices(self.path)
-
-    def __contains__(self, device: object) -> bool:
-        return device in self.devices
-
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            info = self.path.stat()
-        except OSError:
-            return None
-        return info.st_ino, info.st_mtime_ns, info.st_size
-
-    def refresh(self) -> frozenset[str]:
-        """Re-read the file if it changed; returns the devices taken off the list."""
-        stamp = self._file_stamp()
-        if stamp == self._stamp:
-            return frozenset()
-        self._stamp = stamp
-        try:
-            devices = load_allowed_devices(self.path)
-        except ConfigError as exc:
-            logger.error("%s; keeping the previous allow list of %d devices", exc, len(self.devices))
-            return frozenset()
-        removed, added = self.devices - devices, devices - self.devices
-        self.devices = devices
-        logger.info("allow list %s changed: %d devices (removed %s, added %s)", self.path, len(devices),
-                    sorted(removed) or "none", sorted(added) or "none")
-        return removed
-
-
-@dataclass
-class OpenRound:
-    """The round currently accepting replies.
-
-    ``n_params`` is the update length expected in training (0 for evaluation replies);
-    ``n_features`` the sketch dimension expected (None in the moments phase until the
-    first accepted sketch fixes it: every device must report the same feature count).
-    """
-
-    round: int
-    phase: str
-    participants: frozenset[str]
-    deadline: float
-    basis_version: int
-    n_params: int | None = None
-    n_features: int | None = None
-    need_norm_bit: bool = False
-    received: dict[str, Message] = field(default_factory=dict)
-    secure: SecureAggregationRound | None = None
-    """The secure aggregation of a distributed-mode training round (updates carry no delta)."""
-
-    @property
-    def kind(self) -> str:
-        return "sketch" if self.phase in BASIS_PHASES else "update"
-
-
-class Ingest:
-    """The coordinator's inbound path: decode, validate, deduplicate, route.
-
-    Parameters
-    ----------
-    topics : Topics
-        The fleet's topics.
-    max_bytes : int
-        Larger payloads are dropped before decoding.
-    seen : SeenMessageIds
-        Ids of accepted messages (pre-filled from the state database on restart).
-    clock : callable
-        Unix time now (the deadline check).
-    verifier : biofed.signing.Verifier or None
-        Require valid signatures (see :func:`biofed.protocol.decode_message`).
-    allowed : AllowList or None
-        Drop every message of a device not on it; None: any device of the fleet.
-    """
-
-    def __init__(self, topics: Topics, *, max_bytes: int, seen: SeenMessageIds | None = None,
-                 clock: Callable[[], float] = time.time, verifier: MessageVerifier | None = None,
-                 allowed: AllowList | None = None) -> None:
-        self.topics = topics
-        self.max_bytes = max_bytes
-        self.verifier = verifier
-        self.allowed = allowed
-        self.seen = seen if seen is not None else SeenMessageIds(1_000_000)
-        self.clock = clock
-        self.known: set[str] = set()
-        """Devices that ever published a status."""
-        self.online: set[str] = set()
-        """Devices whose latest status is not "offline"."""
-        self.layouts: dict[str, str] = {}
-        """Latest feature layout (JSON, :class:`biofed.model.FeatureLayout`) each device reported."""
-        self.open: OpenRound | None = None
-        self.dropped: Counter[str] = Counter()
-        """Drop counts per reason (for tests and the benchmark)."""
-
-    def refresh_allowed(self) -> None:
-        """Pick up a changed allow list: a device taken off it is no longer online or known,
-        so it is neither selected nor waited for."""
-        if self.allowed is None:
-            return
-        for device in self.allowed.refresh():
-            self.known.discard(device)
-            if device in self.online:
-                self.online.discard(device)
-                logger.warning("device %s was removed from the allow list; ignoring it (%d online)",
-                               device, len(self.online))
-
-    def _drop(self, reason: str, topic: str, detail: str) -> str:
-        self.dropped[reason] += 1
-        logger.warning("dropped message on %s: %s (%s)", topic, reason, detail)
-        return "dropped"
-
-    def handle(self, topic: str, payload: bytes) -> str:
-        """Process one inbound MQTT message; never raises on any input.
-
-        Every rejection is counted in :attr:`dropped` under its reason; a failure inside
-        the handling of one message (a bug) costs that message (reason ``"internal error"``,
-        logged with its traceback), never the coordinator.
-
-        Returns
-        -------
-        str
-            ``"accepted"`` (a reply stored in :attr:`open`), ``"status"``, ``"secagg"`` or
-            ``"dropped"``.
-        """
-        try:
-            return self._handle(topic, payload)
-        except Exception as exc:  # noqa: BLE001 - one message never stops the coordinator
-            self.dropped["internal error"] += 1
-            logger.exception("dropped message on %r: internal error handling it (%s)", topic, type(exc).__name__)
-            return "dropped"
-
-    def _handle(self, topic: str, payload: bytes) -> str:
-        try:
-            message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes,
-                                           verifier=self.verifier)
-        except ProtocolError as exc:
-            return self._drop(type(exc).__name__, topic, str(exc))
-        if self.allowed is not None and message.sender not in self.allowed:
-            return self._drop("not admitted", topic, f"{message.sender} is not on the allow list {self.allowed.path}")
-        if message.kind == "status":
-            return self._status(message)
-        if message.kind == "secagg":
-            return self._secagg(topic, message)
-        if message.kind not in ("update", "sketch"):
-            return self._drop("unexpected kind", topic, f"{message.kind} is not sent to the coordinator")
-        return self._reply(topic, message)
-
-    def _status(self, message: Message) -> str:
-        device, status = message.sender, message.payload
-        assert isinstance(status, Status)
-        self.known.add(device)
-        if status.layout:
-            try:  # parsed once here, so a bad layout never reaches the export after a round
-                FeatureLayout.from_json(status.layout)
-            except ModelFormatError as exc:
-                self.dropped["bad layout"] += 1
-                logger.warning("device %s reported an unreadable feature layout, ignored: %s", device, exc)
-            else:
-                self.layouts[device] = status.layout
-        if status.state == "offline":
-            if device in self.online:
-                self.online.discard(device)
-                logger.info("device %s is offline (%d online)", device, len(self.online))
-        elif device not in self.online:
-            self.online.add(device)
-            logger.info("device %s is online (%s; %d online)", device, status.state, len(self.online))
-        return "status"
-
-    def _secagg(self, topic: str, message: Message) -> str:
-        rnd = self.open
-        if rnd is None or rnd.secure is None:
-            return self._drop("no secure aggregation", topic, f"secagg for round {message.round}")
-        payload = message.payload
-        assert isinstance(payload, SecAggUpload)
-        try:
-            rnd.secure.handle(message.sender, payload)
-        except SecAggError as exc:
-            return self._drop("secagg", topic, str(exc))
-        return "secagg"
-
-    def _reply(self, topic: str, message: Message) -> str:
-        device, payload = message.sender, message.payload
-        rnd = self.open
-        if device not in self.known:
-            return self._drop("unknown device", topic, f"{device} never published a status")
-        if message.message_id in self.seen:
-            return self._drop("duplicate", topic, f"message id {message.message_id} was already accepted")
-        if rnd is None:
-            return self._drop("no open round", topic, f"{message.kind} for round {message.round}")
-        if message.round != rnd.round:
-            return self._drop("wrong round", topic, f"round {message.round}, the open round is {rnd.round}")
-        if message.kind != rnd.kind:
-            return self._drop("wrong kind", topic, f"a {message.kind} in the {rnd.phase} phase")
-        if self.clock() > rnd.deadline:
-            return self._drop("late", topic, f"arrived {self.clock() - rnd.deadline:.2f} s after the deadline")
-        if payload.basis_version != rnd.basis_version:
-            return self._drop("basis version", topic,
-                              f"basis version {payload.basis_version}, current is {rnd.basis_version}")
-        if device not in rnd.participants:
-            return self._drop("not selected", topic, f"{device} is not a participant of round {rnd.round}")
-        if device in rnd.received:
-            return self._drop("second reply", topic, f"{device} already replied in round {rnd.round}")
-        problem = self._check_payload(rnd, payload)
-        if problem is not None:
-            return self._drop("bad payload", topic, problem)
-        if isinstance(payload, Sketch) and rnd.n_features is None:
-            rnd.n_features = payload.n_features
-        self.seen.add(message.message_id)
-        rnd.received[device] = message
-        return "accepted"
-
-    @staticmethod
-    def _check_payload(rnd: OpenRound, payload: Update | Sketch) -> str | None:
-        if isinstance(payload, Sketch):
-            if payload.phase != rnd.phase:
-                return f"a {payload.phase} sketch in the {rnd.phase} phase"
-            if rnd.n_features is not None and payload.n_features != rnd.n_features:
-                return f"{payload.n_features} features, the round has {rnd.n_features}"
-            return None
-        if rnd.phase == "evaluate":
-            if payload.delta.size or payload.n_examples:
-                return "an evaluation reply must have an empty delta and n_examples=0"
-            return None
-        if rnd.secure is not None:
-            return "a distributed-mode update must not carry its delta (it is secure-aggregated)" \
-                if payload.delta.size else None
-        if payload.delta.shape != (rnd.n_params,):
-            return f"delta has {payload.delta.size} parameters, the model has {rnd.n_params}"
-        if rnd.need_norm_bit and payload.norm_bit is None:
-            return "adaptive clipping is on but the update carries no norm_bit"
-        return None
-
-
 # ----------------------------------------------------------------------------- coordinator
 @dataclass(frozen=True)
 class _Collected:
@@ -497,7 +256,7 @@ class Coordinator:
         ``config.dp.clip_norm`` when that is unset too.
     accountants : sequence of {"rdp", "pld"} or None
         Epsilons reported per round; the first is the budget accountant. None:
-        ``config.dp.accountant`` then the other one. PLD costs ~1 s per round.
+        ``config.dp.accountant`` then the other one. PLD is slower to compute than RDP.
     rng : numpy.random.Generator or None
         Seeds the device-sampling and model-initialization generators (two independent
         streams spawned from it); None (production) is OS-seeded. Privacy noise never comes
@@ -523,23 +282,19 @@ class Coordinator:
     ) -> None:
         self.config = config
         dp = config.dp
-        if dp.adaptive_clipping is not None and dp.trust_mode != "central":
-            raise CoordinatorError(
-                "dp.adaptive_clipping needs trust_mode = \"central\": in local mode the devices' clipped-count "
-                "bits would reach the coordinator without noise; remove [dp.adaptive_clipping]"
-            )
         if max_retries < 0:
             raise CoordinatorError(f"max_retries must be >= 0, got {max_retries}")
         self.discovery_timeout_s = discovery_timeout_s
         self.max_retries = int(max_retries)
-        if basis_clip_norm is None:
-            basis_clip_norm = dp.basis_clip_norm if dp.basis_clip_norm is not None else dp.clip_norm
-        self.basis_clip_norm = float(basis_clip_norm)
-        if not self.basis_clip_norm > 0:
-            raise CoordinatorError(f"basis_clip_norm must be > 0, got {basis_clip_norm}")
-        self.basis_noise_multiplier = float(
-            dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None else dp.noise_multiplier)
-        """z_b of the basis phase(s): ``dp.basis_noise_multiplier``, else the training z."""
+        try:
+            composition = compose_rounds(config, basis_clip_norm=basis_clip_norm)
+        except ValueError as exc:
+            raise CoordinatorError(str(exc)) from None
+        self.settings = composition.settings
+        """What every round of the run is built with (:mod:`biofed.coordinator.phases`)."""
+        self.strategy = composition.strategy
+        self.central_dp = composition.central_dp
+        """The central-DP composition around :attr:`strategy`, built once (central mode, FedAvg family)."""
         if accountants is None:
             accountants = (dp.accountant, *[a for a in ACCOUNTANTS if a != dp.accountant])
         self.accountants = tuple(accountants)
@@ -547,19 +302,6 @@ class Coordinator:
         self.on_round = on_round
         self.topics = Topics(config.fleet)
         self.client_id = client_id or f"coordinator-{config.fleet}"
-        self.strategy = self._make_strategy()
-        if dp.trust_mode == "distributed" and not isinstance(self.strategy, FedAvg):
-            raise CoordinatorError(
-                f"strategy {config.strategy.name!r} needs the individual updates, but distributed trust mode reveals "
-                "only their sum (secure aggregation); use fedavg, fedavgm, fedadam, fedyogi or fedprox"
-            )
-        if dp.secagg_threshold is not None and dp.secagg_threshold < config.min_devices:
-            raise CoordinatorError(
-                f"dp.secagg_threshold = {dp.secagg_threshold} is below min_devices = {config.min_devices}: a sum "
-                "unmasked with fewer survivors would reach the coordinator and then be discarded; raise it to at "
-                "least min_devices or leave it unset"
-            )
-        self.secagg_threshold = dp.secagg_threshold or config.min_devices
         try:
             self._signer, verifier = signing_from_config(config, COORDINATOR_SENDER)
         except ValueError as exc:
@@ -582,47 +324,8 @@ class Coordinator:
         self.mechanism = PrivacyMechanism(self.ledger, persist=self._persist_ledger)
         """The coordinator's release gate: every round whose output reached the adversary of
         the trust mode is charged through it, durably, before anything is published."""
-        self.adaptive = self._make_adaptive()
         self.metrics = CoordinatorMetrics(self)
         """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
-
-    # ------------------------------------------------------------------ setup
-    def _make_strategy(self) -> Strategy:
-        cfg = self.config.strategy
-        name = _STRATEGY_NAMES.get(cfg.name, cfg.name)
-        params = dict(cfg.params)
-        if issubclass(STRATEGIES[name], FedAvg):
-            params.setdefault("weighting", "uniform")
-        try:
-            strategy = make_strategy(name, **params)
-        except (TypeError, ValueError) as exc:
-            raise CoordinatorError(f"[strategy] {cfg.name}: {exc}") from None
-        robust = not isinstance(strategy, FedAvg)
-        if self.config.dp.noise_multiplier > 0:
-            if robust and self.config.dp.trust_mode == "central":
-                raise CoordinatorError(
-                    f"strategy {cfg.name!r} cannot be combined with central DP noise: its sensitivity to one "
-                    "device is not clip_norm / n; use fedavg, fedavgm, fedadam, fedyogi or fedprox"
-                )
-            if not robust and strategy.weighting != "uniform":
-                raise CoordinatorError(
-                    "with DP noise the strategy must use weighting = \"uniform\": example counts are private "
-                    "and example weighting breaks the sensitivity bound"
-                )
-        return strategy
-
-    def _make_adaptive(self) -> AdaptiveClipping | None:
-        settings = self.config.dp.adaptive_clipping
-        if settings is None:
-            return None
-        adaptive = AdaptiveClipping(self.config.dp.clip_norm, settings.target_quantile, settings.learning_rate,
-                                    settings.bit_noise_std)
-        if self.config.dp.noise_multiplier > 0:
-            try:
-                adaptive.delta_noise_multiplier(self.config.dp.noise_multiplier)
-            except ValueError as exc:
-                raise CoordinatorError(f"[dp.adaptive_clipping] {exc}") from None
-        return adaptive
 
     # ------------------------------------------------------------------ public API
     @property
@@ -723,8 +426,6 @@ class Coordinator:
                 self._restore_ledger(PrivacyLedger.from_json(loaded.ledger))
             if loaded.strategy_state:
                 self.strategy.load_state_dict(loaded.strategy_state)
-            if self.adaptive is not None:
-                self.adaptive.clip = loaded.clip_norm
             logger.info(
                 "resuming fleet %s from %s: phase %s, next round %d, %d training rounds done, epsilon %s",
                 self.config.fleet, self._store.path, loaded.phase, loaded.next_round, loaded.train_rounds_done,
@@ -817,7 +518,7 @@ class Coordinator:
             # device standardization: no moments phase, the devices z-score with their own statistics
             phase = self.snapshot.phase = "covariance"
         if phase in BASIS_PHASES:
-            if self.ledger.would_exceed(1.0, self.basis_noise_multiplier):
+            if self.ledger.would_exceed(1.0, self.settings.basis_noise_multiplier):
                 return self._abort(
                     f"the {phase} basis phase alone would exceed the privacy budget "
                     f"epsilon={self.config.dp.epsilon_budget}; raise dp.epsilon_budget or dp.basis_noise_multiplier"
@@ -867,36 +568,6 @@ class Coordinator:
         self._state = previous
         return True
 
-    def _select(self, phase: str) -> list[str]:
-        online = sorted(self.ingest.online)
-        if phase != "train" or self.config.sampling_rate == "all":
-            return online
-        q = float(self.config.sampling_rate)
-        return [device for device, draw in zip(online, self._sampling_rng.random(len(online))) if draw < q]
-
-    def _task(self, round_: int, phase: str, participants: list[str], deadline: float) -> Task:
-        snap, cfg = self.snapshot, self.config
-        common = dict(
-            round=round_, basis_version=snap.basis_version, classes=cfg.model.classes, deadline=deadline,
-            hidden=cfg.model.hidden, trust_mode=cfg.dp.trust_mode, noise_multiplier=cfg.dp.noise_multiplier,
-            participants=tuple(participants), phase=phase,
-        )
-        if phase in BASIS_PHASES:
-            extra = {}
-            if phase == "covariance" and snap.stats_mean is not None:  # global standardization
-                extra = dict(stats_mean=snap.stats_mean, stats_scale=snap.stats_scale)
-            common["noise_multiplier"] = self.basis_noise_multiplier
-            return Task(model=np.empty(0), clip_norm=self.basis_clip_norm, **common, **extra)
-        training = cfg.training
-        client = {
-            "local_epochs": training.local_epochs, "lr": training.lr, "batch_size": training.batch_size,
-            "optimizer": training.optimizer, "l2": training.l2, "prox_mu": training.prox_mu,
-            **self.strategy.client_config(),
-        }
-        secure = cfg.dp.trust_mode == "distributed" and phase == "train"
-        return Task(model=snap.params, clip_norm=snap.clip_norm, adaptive_clipping=self.adaptive is not None,
-                    secagg_threshold=self.secagg_threshold if secure else 0, **common, **client)
-
     def _collect(self, phase: str) -> _Collected | None:
         """Select, publish the task, gather replies; retry short rounds. None: stopped/aborted."""
         attempts = 0
@@ -907,7 +578,8 @@ class Coordinator:
             if attempts > 1 and phase == "train" and self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
                 self._advance_to_evaluate("privacy budget: a retried round (q = 1) would exceed the budget")
                 return None
-            participants = self._select(phase)
+            participants = select_participants(self.ingest.online, phase, self.settings.sampling_rate,
+                                               self._sampling_rng)
             if len(participants) >= self.config.min_devices:
                 collected = self._gather(phase, participants, attempts)
                 if collected is None:
@@ -925,33 +597,19 @@ class Coordinator:
             logger.warning("%s: nothing published (what reached the coordinator is accounted); retrying "
                            "(attempt %d of %d)", reason, attempts + 1, self.max_retries + 1)
 
-    def _charge_replies_ahead(self, round_: int, phase: str) -> None:
-        """Write-ahead charge of a round whose replies the coordinator itself sees: every
-        noised update or sketch in local mode, the noised sketches of the basis phases in
-        distributed mode. The coordinator is the adversary there, so the round is charged
-        before its task goes out, whether or not it is then completed, retried or abandoned.
-        Central rounds are charged by their release; distributed training rounds when the
-        unmasking is requested (:meth:`_gather_secure`)."""
-        mode = self.config.dp.trust_mode
-        if phase == "evaluate" or mode == "central" or (mode == "distributed" and phase not in BASIS_PHASES):
-            return
-        kind = "basis" if phase in BASIS_PHASES else "train"
-        z = self.basis_noise_multiplier if kind == "basis" else self.config.dp.noise_multiplier
-        self.mechanism.charge(Charge(round_, kind, 1.0, z))
-
     def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
         snap = self.snapshot
         round_ = snap.next_round
         snap.next_round += 1
         self._store.reserve_round(snap.next_round)
         deadline = time.time() + self.config.round_deadline_s
-        task = self._task(round_, phase, participants, deadline)
+        task = make_task(self.settings, snap, round_, phase, participants, deadline)
         self.ingest.open = OpenRound(
             round=round_, phase=phase, participants=frozenset(participants), deadline=deadline,
             basis_version=snap.basis_version,
             n_params=(0 if phase == "evaluate" else None if snap.params is None else snap.params.size),
             n_features=snap.n_features if phase == "covariance" else None,
-            need_norm_bit=phase == "train" and self.adaptive is not None,
+            need_norm_bit=phase == "train" and self.settings.adaptive_clipping,
         )
         if task.secagg_threshold:
             self.ingest.open.secure = SecureAggregationRound(
@@ -961,7 +619,9 @@ class Coordinator:
             )
         self._state = _PHASE_STATES[phase]
         downtime_at_start = self._client.downtime_s()
-        self._charge_replies_ahead(round_, phase)
+        charge = charge_before_task(self.settings, round_, phase)
+        if charge is not None:
+            self.mechanism.charge(charge)
         self.metrics.round_opened(round_)
         self._publish(self.topics.task, task)
         logger.info("round %d (%s): task published to %d devices, deadline in %g s",
@@ -1023,11 +683,9 @@ class Coordinator:
                 relay = secure.poll()
                 if relay is not None:
                     if relay.step == "unmask":  # from here the survivors' sum can be unmasked: charge it first
-                        clip = self.snapshot.clip_norm  # shares are exact discrete Gaussians on the grid
-                        z = distributed_noise_multiplier(self.config.dp.noise_multiplier, self.secagg_threshold,
-                                                         len(relay.survivors)) * clip / grid_sensitivity(
-                            clip, self.snapshot.params.size, secure.fixed_point.resolution)
-                        self.mechanism.charge(Charge(round_, "train", 1.0, z))
+                        self.mechanism.charge(unmask_charge(
+                            self.settings, round_, self.snapshot.clip_norm, self.snapshot.params.size,
+                            secure.fixed_point.resolution, len(relay.survivors)))
                     self._publish(self.topics.secagg_relay, relay, retain=False)
                     logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,
                                 len(secure.expected))
@@ -1045,49 +703,22 @@ class Coordinator:
         return [(m.message_id, collected.round, device, m.kind) for device, m in collected.replies.items()]
 
     # ------------------------------------------------------------------ phases
+    def _close(self, pending: PendingPhase) -> PhaseOutcome:
+        """Run a phase's release through the mechanism, close it and take its new state."""
+        outcome = pending.close(() if pending.release is None else pending.release.run(self.mechanism))
+        self.snapshot = outcome.state
+        return outcome
+
     def _basis_round(self, phase: str) -> bool:
         collected = self._collect(phase)
         if collected is None:
             return False
-        cfg, snap = self.config, self.snapshot
         sketches = [m.payload for m in collected.replies.values()]
-        z = self.basis_noise_multiplier
-        if cfg.dp.trust_mode == "central":
-            statistic, n_clipped = aggregate_statistics(
-                np.vstack([s.statistic for s in sketches]), self.basis_clip_norm, z, mechanism=self.mechanism,
-                charge=Charge(collected.round, "basis", 1.0, z),
-            )
-        else:  # the devices noised and the round is charged (_charge_received): post-processing only
-            statistic, n_clipped = aggregate_statistics(np.vstack([s.statistic for s in sketches]),
-                                                        self.basis_clip_norm)
-        if n_clipped:
-            logger.warning("round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
-                           collected.round, phase, n_clipped, self.basis_clip_norm)
-        if phase == "moments":
-            snap.stats_mean, snap.stats_scale = standardization_from_moments(statistic)
-            snap.n_features = sketches[0].n_features
-            snap.phase = "covariance"
-        else:
-            components, eigenvalues = basis_from_covariance(statistic, cfg.model.basis_k)
-            snap.basis_version += 1
-            snap.basis_components = components
-            if snap.stats_mean is None:  # device standardization: the devices z-score their own rows
-                snap.n_features = sketches[0].n_features
-                snap.basis_mean, snap.basis_scale = np.zeros(components.shape[1]), np.ones(components.shape[1])
-            else:
-                snap.basis_mean, snap.basis_scale = snap.stats_mean, snap.stats_scale
-            snap.params = init_params(components.shape[0], len(cfg.model.classes), cfg.model.hidden,
-                                      random_state=self._init_rng)
-            self.strategy.load_state_dict({})
-            snap.phase = "train"
-            logger.info("basis version %d: %d components of %d features, leading eigenvalues %s",
-                        snap.basis_version, components.shape[0], components.shape[1], np.round(eigenvalues[:4], 3))
-        record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.basis_clip_norm)
-        if phase == "covariance":
-            self._publish(self.topics.basis, Basis(
-                round=collected.round, version=snap.basis_version, components=snap.basis_components,
-                mean=snap.basis_mean, scale=snap.basis_scale, standardization=self._standardization,
-            ))
+        outcome = self._close(basis_phase(self.settings, self.snapshot, collected.round, phase, sketches,
+                                          self._init_rng))
+        record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.settings.basis_clip_norm)
+        if outcome.payload is not None:
+            self._publish(self.topics.basis, outcome.payload)
         self._report(record)
         return True
 
@@ -1095,40 +726,16 @@ class Coordinator:
         collected = self._collect("train")
         if collected is None:
             return not self._stop.is_set() and self._state is not RunState.ABORTED
-        cfg, snap = self.config, self.snapshot
-        z = cfg.dp.noise_multiplier
-        updates = [ClientUpdate(np.asarray(m.payload.delta, dtype=np.float64), m.payload.n_examples, device)
-                   for device, m in sorted(collected.replies.items())]
-        clip = snap.clip_norm
-        if cfg.dp.trust_mode == "central":
-            oversized = [u.device_id for u in updates if np.linalg.norm(u.delta) > clip * (1 + 1e-9)]
-            if oversized:
-                logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
-                               "clipped here", collected.round, ", ".join(oversized), clip)
-        q_used = 1.0  # the cohort is public (Task.participants): no amplification by sampling is claimed
-        if collected.secure is not None:  # only the sum of the survivors' noised updates is known
-            snap.params = self.strategy.server_update(collected.round, snap.params, collected.secure.mean_update())
-        elif cfg.dp.trust_mode == "central" and isinstance(self.strategy, FedAvg):
-            aggregator = DPAggregator(self.strategy, z, adaptive_clipping=self.adaptive,
-                                      clip_norm=None if self.adaptive is not None else clip, mechanism=self.mechanism)
-            bits = None if self.adaptive is None else [m.payload.norm_bit for _, m in sorted(collected.replies.items())]
-            snap.params, _ = aggregator.aggregate(collected.round, snap.params, updates, norm_bits=bits,
-                                                  sampling_rate=q_used)
-            if self.adaptive is not None:
-                snap.clip_norm = self.adaptive.clip
-        else:
-            if cfg.dp.trust_mode == "central":  # a robust strategy runs without noise: a non-private release
-                self.mechanism.charge(Charge(collected.round, "train", q_used, 0.0))
-            snap.params, _ = self.strategy.aggregate(collected.round, snap.params, updates)
-        snap.train_rounds_done += 1
-        snap.strategy_state = self.strategy.state_dict()
-        record = self._commit(collected, "train", sampling_rate=q_used, clip_norm=clip)
+        clip = self.snapshot.clip_norm
+        updates = {device: m.payload for device, m in collected.replies.items()}
+        secure_mean = None if collected.secure is None else collected.secure.mean_update()
+        outcome = self._close(train_phase(self.settings, self.snapshot, collected.round, updates,
+                                          strategy=self.strategy, central_dp=self.central_dp,
+                                          secure_mean=secure_mean))
+        record = self._commit(collected, "train", sampling_rate=1.0, clip_norm=clip)
         eps = self.ledger.epsilon()
-        self._publish(self.topics.model, Model(
-            round=collected.round, params=snap.params, basis_version=snap.basis_version,
-            classes=cfg.model.classes, hidden=cfg.model.hidden, n_devices=len(updates),
-            epsilon=eps if math.isfinite(eps) else None, onnx=self._export(collected.round),
-        ))
+        self._publish(self.topics.model, replace(outcome.payload, epsilon=eps if math.isfinite(eps) else None,
+                                                 onnx=self._export(collected.round)))
         self._report(record)
         return True
 
@@ -1141,11 +748,12 @@ class Coordinator:
     def _evaluate_round(self) -> bool:
         if not self._wait_for_devices():
             return False
-        participants = self._select("evaluate")
+        participants = select_participants(self.ingest.online, "evaluate", self.settings.sampling_rate,
+                                           self._sampling_rng)
         collected = self._gather("evaluate", participants, 1)
         if collected is None:
             return False
-        self.snapshot.phase = "done"
+        self.snapshot = evaluate_phase(self.snapshot).state
         record = self._commit(collected, "evaluate", sampling_rate=None, clip_norm=None)
         self._write_final()
         self._report(record)
@@ -1157,22 +765,10 @@ class Coordinator:
                 clip_norm: float | None) -> RoundRecord:
         snap = self.snapshot
         snap.ledger = self.ledger.to_json()
-        metrics = [m.payload.metrics for m in collected.replies.values() if isinstance(m.payload, Update)]
-        accuracies = [x.eval_balanced_accuracy for x in metrics if x.eval_balanced_accuracy is not None]
-        eps = self.ledger.epsilons()
-        record = RoundRecord(
-            round=collected.round, phase=phase,
-            train_round=snap.train_rounds_done if phase == "train" else None,
-            n_selected=collected.n_selected, n_devices=len(collected.replies),
-            mean_loss=float(np.mean([x.loss for x in metrics])) if metrics and phase == "train" else None,
-            balanced_accuracy=float(np.mean(accuracies)) if accuracies else None,
-            eval_windows=int(sum(x.eval_windows for x in metrics)),
-            epsilon_rdp=eps.get("rdp"), epsilon_pld=eps.get("pld"),
-            sampling_rate=sampling_rate,
-            noise_multiplier=(None if phase == "evaluate" else self.basis_noise_multiplier if phase in BASIS_PHASES
-                              else self.config.dp.noise_multiplier),
-            clip_norm=clip_norm, attempts=collected.attempts, finished=time.time(),
-        )
+        record = round_record(self.settings, snap, collected.round, phase,
+                              [m.payload for m in collected.replies.values()], n_selected=collected.n_selected,
+                              attempts=collected.attempts, epsilons=self.ledger.epsilons(),
+                              sampling_rate=sampling_rate, clip_norm=clip_norm, finished=time.time())
         self._store.commit_round(snap, accepted=self._accepted_rows(collected), record=record)
         self._store.write_rounds_json()
         return record
@@ -1240,16 +836,8 @@ class Coordinator:
             params=snap.params, classes=tuple(cfg.model.classes), hidden=cfg.model.hidden,
             basis=(snap.basis_components, snap.basis_mean, snap.basis_scale),
             basis_version=snap.basis_version, fleet=cfg.fleet, round=round_, train_round=snap.train_rounds_done,
-            layout=self._feature_layout(), privacy=privacy, standardization=self._standardization,
+            layout=self._feature_layout(), privacy=privacy, standardization=standardization(snap),
         )
-
-    @property
-    def _standardization(self) -> str:
-        """"global" when a moments phase fixed the fleet's standardization, else "device".
-
-        Read from the state (not the config), so a resumed run describes the basis it made.
-        """
-        return "device" if self.snapshot.stats_mean is None else "global"
 
     def _export(self, round_: int) -> np.ndarray:
         """Write the round's model files; return the ONNX bytes for the Model message (empty if none)."""

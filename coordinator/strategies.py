@@ -23,9 +23,10 @@ Bad updates (wrong shape, NaN/inf, duplicate device) raise :class:`AggregationEr
 before anything is computed; the coordinator drops the offending device or skips the
 round. Under DP that is the fail-closed behaviour: nothing noisy is released.
 
-Differential privacy is added by composition: :class:`DPAggregator` wraps a mean-based
-strategy, clips every update, averages uniformly and adds Gaussian noise, then lets the
-inner strategy's server optimizer post-process the noised mean.
+Differential privacy is added by composition around a strategy, not inside one:
+:class:`biofed.coordinator.central_dp.DPAggregator` wraps a mean-based strategy, has every
+update clipped, summed and noised by the privacy mechanism, then lets the inner strategy's
+server optimizer post-process the noised uniform mean.
 
 References
 ----------
@@ -43,24 +44,17 @@ References
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from biofed.coordinator.clipping import AdaptiveClipping
-from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
-
-logger = logging.getLogger(__name__)
-
 __all__ = [
     "STRATEGIES",
     "AggregationError",
     "ClientUpdate",
     "CoordinateMedian",
-    "DPAggregator",
     "FedAdam",
     "FedAvg",
     "FedAvgM",
@@ -427,7 +421,7 @@ class TrimmedMean(Strategy):
 class CoordinateMedian(Strategy):
     """Coordinate-wise median of the updates [5]_ (unweighted)."""
 
-    name = "median"
+    name = "coordinate_median"
 
     def combine(self, deltas: np.ndarray, n_examples: np.ndarray) -> np.ndarray:
         return np.median(deltas, axis=0)
@@ -442,7 +436,7 @@ def make_strategy(name: str, **params) -> Strategy:
     """Build a strategy by name (case-insensitive) with its keyword parameters.
 
     Names: ``fedavg``, ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedprox``,
-    ``trimmed_mean``, ``median``.
+    ``trimmed_mean``, ``coordinate_median`` (:data:`biofed.config.STRATEGY_NAMES`).
 
     Raises
     ------
@@ -461,167 +455,3 @@ def make_strategy(name: str, **params) -> Strategy:
             f"it accepts {', '.join(accepted) if accepted else 'no parameters'}."
         )
     return cls(**params)
-
-
-class DPAggregator(Strategy):
-    """Central DP by composition (Flower's ``DifferentialPrivacyServerSideFixedClipping``).
-
-    Each round the :class:`~biofed.privacy_mechanism.PrivacyMechanism` re-clips every update
-    to ``C`` (defensive: devices may clip already), sums them, adds ``N(0, (z C)^2)`` per
-    coordinate (the Gaussian mechanism with sensitivity ``C``) and charges the round
-    (``Charge(round, "train", sampling_rate, z)``) to its ledger before anything leaves it;
-    the noised sum divided by ``n`` is then post-processed by the inner strategy's server
-    optimizer. ``n`` is the number of updates actually aggregated; the count of reports is
-    treated as public (the cohort is public: rounds are charged with ``q = 1``).
-
-    With :class:`~biofed.coordinator.clipping.AdaptiveClipping` the clip norm follows the
-    target quantile of update norms: the clipped bits (the devices' ``norm_bits``, or the
-    server's own from the updates it received) are released in the same charge as the
-    update sum, the update noise uses ``z_delta`` (so that update and count together are
-    one mechanism of multiplier ``z``) and the clip moves after the round.
-
-    Any invalid update raises :class:`AggregationError` before anything is noised (fail
-    closed: the round releases nothing and must not be recorded).
-
-    Parameters
-    ----------
-    strategy : FedAvg, FedAvgM, FedAdam, FedYogi or FedProx
-        A mean-based strategy with ``weighting="uniform"``. Robust rules (trimmed mean,
-        median) are refused: their sensitivity is not ``C / n``.
-    noise_multiplier : float
-        z >= 0 for the round (0: clipping without privacy, epsilon = inf).
-    clip_norm : float or None
-        Fixed clip norm C > 0. Give either this or ``adaptive_clipping``.
-    adaptive_clipping : AdaptiveClipping or None
-        Adaptive clip-norm estimator (its ``clip`` is the current C).
-    mechanism : PrivacyMechanism
-        The coordinator's release gate (its ledger is charged every round).
-    """
-
-    name = "dp"
-
-    def __init__(
-        self,
-        strategy: Strategy,
-        noise_multiplier: float,
-        clip_norm: float | None = None,
-        *,
-        adaptive_clipping: AdaptiveClipping | None = None,
-        mechanism: PrivacyMechanism,
-    ) -> None:
-        if not isinstance(strategy, FedAvg):
-            raise ValueError(
-                f"DPAggregator needs a mean-based strategy (FedAvg, FedAvgM, FedAdam, FedYogi, FedProx), "
-                f"got {type(strategy).__name__}: its sensitivity to one device is not clip_norm / n."
-            )
-        if strategy.weighting != "uniform":
-            raise ValueError(
-                "DPAggregator needs the inner strategy built with weighting='uniform': example counts are "
-                "private and example weighting breaks the clip_norm / n sensitivity bound."
-            )
-        if (clip_norm is None) == (adaptive_clipping is None):
-            raise ValueError("give exactly one of clip_norm (fixed clipping) and adaptive_clipping.")
-        self.strategy = strategy
-        self.noise_multiplier = _check_number(noise_multiplier, "noise_multiplier", low=0)
-        self.adaptive_clipping = adaptive_clipping
-        self._clip_norm = None if clip_norm is None else _check_number(clip_norm, "clip_norm", low=0, low_open=True)
-        # Fails here, not mid-training, when count_noise_std is too small for z.
-        self.update_noise_multiplier = (
-            adaptive_clipping.delta_noise_multiplier(self.noise_multiplier)
-            if adaptive_clipping is not None and self.noise_multiplier > 0
-            else self.noise_multiplier
-        )
-        if not isinstance(mechanism, PrivacyMechanism):
-            raise TypeError(f"mechanism must be a PrivacyMechanism, got {type(mechanism).__name__}.")
-        self.mechanism = mechanism
-
-    def __repr__(self) -> str:
-        clip = f"adaptive_clipping={self.adaptive_clipping!r}" if self.adaptive_clipping else f"clip_norm={self.clip_norm:g}"
-        return f"DPAggregator({self.strategy!r}, noise_multiplier={self.noise_multiplier:g}, {clip})"
-
-    @property
-    def clip_norm(self) -> float:
-        """The clip norm C the next round uses."""
-        return self.adaptive_clipping.clip if self.adaptive_clipping is not None else self._clip_norm
-
-    def client_config(self) -> dict:
-        return self.strategy.client_config()
-
-    def combine(self, deltas: np.ndarray, n_examples: np.ndarray) -> np.ndarray:
-        return self.strategy.combine(deltas, np.ones(deltas.shape[0]))
-
-    def server_update(self, round: int, params: np.ndarray, aggregate: np.ndarray) -> np.ndarray:
-        return self.strategy.server_update(round, params, aggregate)
-
-    def aggregate(
-        self, round: int, global_params: np.ndarray, updates: Sequence[ClientUpdate], *,
-        norm_bits=None, sampling_rate: float = 1.0,
-    ) -> tuple[np.ndarray, dict]:
-        """Release the noised clipped sum through the mechanism, average uniformly, apply
-        the inner server optimizer.
-
-        Parameters
-        ----------
-        round : int
-            The round (its ledger entry).
-        global_params : ndarray, shape (P,)
-        updates : sequence of ClientUpdate
-        norm_bits : array-like of {0, 1}, shape (n,), or None
-            With adaptive clipping: the devices' bits (``norm <= C`` before their own
-            clipping), in the order of ``updates``; None computes them from the updates.
-        sampling_rate : float
-            q recorded in the charge.
-
-        Returns
-        -------
-        new_params : ndarray, shape (P,)
-        metrics : dict
-            ``n_updates``, ``n_clipped``, ``aggregate_norm`` (noised mean), and the
-            mechanism actually run: ``dp_noise_multiplier`` (z in the ledger),
-            ``dp_update_noise_multiplier`` (z_delta with adaptive clipping, else z),
-            ``dp_clip_norm`` (C used), ``dp_noise_std`` (on the mean) and
-            ``dp_next_clip_norm``.
-        """
-        params, deltas, _ = validate_updates(global_params, updates)
-        n = deltas.shape[0]
-        c = self.clip_norm
-        norms = np.linalg.norm(deltas, axis=1)
-        queries = [ClippedSum(deltas, c, self.update_noise_multiplier * c)]
-        if self.adaptive_clipping is not None:
-            bits = norms <= c if norm_bits is None else np.asarray(norm_bits)
-            if bits.shape != (n,):
-                raise AggregationError(f"norm_bits must hold one bit per update ({n}), got shape {bits.shape}.")
-            queries.append(self.adaptive_clipping.count_query(bits))
-        released = self.mechanism.release(Charge(round, "train", sampling_rate, self.noise_multiplier), *queries)
-        noised = released[0] / n  # the uniform mean of the clipped updates, noised
-        new_params = self.server_update(round, params, noised)
-        if self.adaptive_clipping is not None:
-            self.adaptive_clipping.apply(float(released[1][0]), n)
-        metrics = {
-            "n_updates": n,
-            "n_clipped": int((norms > c * (1 + 1e-12)).sum()),
-            "aggregate_norm": float(np.linalg.norm(noised)),
-            "dp_noise_multiplier": self.noise_multiplier,
-            "dp_update_noise_multiplier": self.update_noise_multiplier,
-            "dp_clip_norm": c,
-            "dp_noise_std": self.update_noise_multiplier * c / n,
-            "dp_next_clip_norm": self.clip_norm,
-        }
-        logger.debug("round %d DP aggregate: %s", round, metrics)
-        return new_params, metrics
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Inner optimizer state, plus ``dp_clip_norm`` (0-d) when clipping is adaptive."""
-        state = self.strategy.state_dict()
-        if self.adaptive_clipping is not None:
-            state["dp_clip_norm"] = np.array(self.adaptive_clipping.clip)
-        return state
-
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        inner = dict(state)
-        clip = inner.pop("dp_clip_norm", None)
-        if clip is not None:
-            if self.adaptive_clipping is None:
-                raise ValueError("state has dp_clip_norm but this DPAggregator uses a fixed clip_norm.")
-            self.adaptive_clipping.clip = _check_number(np.asarray(clip).item(), "dp_clip_norm", low=0, low_open=True)
-        self.strategy.load_state_dict(inner)

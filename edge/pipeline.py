@@ -135,11 +135,11 @@ class PipelineConfig:
     dtype : {"float32", "float64"}, default "float32"
         Precision of the spectral features (EEG band powers, audio log-mel energies): their
         buffers, tapers and FFTs. float32 runs the FFTs faster (``biofed bench`` measures the
-        rfft rate of both) and halves the buffers; every band power stays within :data:`biofed.kernels.FLOAT32_RTOL` (1e-5)
-        relative of float64, i.e. the logged features within 1e-5 absolute. Biosensor
-        features are always computed in float64 (the beat detector's decisions are not
-        continuous in the samples). Rows are float64 either way; the setting is not part of
-        the layout hash.
+        rfft rate of both) and halves the buffers; every band power stays within
+        :data:`biofed.kernels.FLOAT32_RTOL` (1e-5) relative of float64, i.e. the logged
+        features within 1e-5 absolute. Biosensor features are always computed in float64
+        (the beat detector's decisions are not continuous in the samples). Rows are float64
+        either way; the setting is not part of the layout hash.
     """
 
     window_s: float = 2.0

@@ -21,3 +21,15 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"real recordings not found at {SHARED_DATASETS}")
     return SHARED_DATASETS
+
+
+def starts_a_broker(fixture_name: str) -> bool:
+    """A fixture that starts a real broker: ``broker``, ``*_broker`` (tests/brokers.py) or ``rabbitmq_cluster``."""
+    return fixture_name == "broker" or fixture_name.endswith("_broker") or fixture_name == "rabbitmq_cluster"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``slow`` every test that starts a broker, so the fast lane (``-m "not slow"``) leaves it out."""
+    for item in items:
+        if any(starts_a_broker(name) for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -32,6 +32,7 @@ def _only(audits, mode, adversary):
     return audit
 
 
+@pytest.mark.slow
 def test_audit_help_documents_the_command():
     result = subprocess.run([sys.executable, "-m", "biofed", "audit", "--help"], capture_output=True, text=True,
                             timeout=60)
@@ -41,6 +42,7 @@ def test_audit_help_documents_the_command():
         assert text in result.stdout
 
 
+@pytest.mark.slow
 def test_audit_of_a_small_central_federation_is_consistent(tmp_path):
     out = tmp_path / "audit"
     result = subprocess.run(

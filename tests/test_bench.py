@@ -5,16 +5,15 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from biofed.apps.bench import BENCHMARKS_DIR, bench_command, format_report, load_suite
+from biofed.apps.bench import bench_command, format_report, load_suite
 from biofed.apps.cli import COMMANDS, cli
-
-load_suite()  # registers the source tree's benchmarks package
-from benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure  # noqa: E402
+from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
 
 
 def fake_clock(durations):
@@ -29,8 +28,9 @@ def fake_clock(durations):
 
 def test_measure_statistics_from_injected_clock():
     calls = []
-    timing, result = measure(lambda: calls.append(1) or len(calls), repeats=5,
-                             clock=fake_clock([7.0, 3.0, 1.0, 3.0, 2.0, 9.0]))
+    timing, result = measure(
+        lambda: calls.append(1) or len(calls), repeats=5, clock=fake_clock([7.0, 3.0, 1.0, 3.0, 2.0, 9.0])
+    )
     assert result == 1  # the warm-up call's return value
     assert len(calls) == 6  # warm-up + 5 repeats
     assert timing.first_call == 7.0
@@ -70,6 +70,7 @@ def test_bench_registered_in_cli():
     assert COMMANDS["bench"] == "biofed.apps.bench:bench_command"
 
 
+@pytest.mark.slow
 def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(
@@ -92,7 +93,9 @@ def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
     assert [s.split(",")[0] for s in sweep] == ["(1", "(16", "(256", "(5000"]
     chain = [row for row in rows if row["case"].startswith("fusion chain")]
     assert {(row["case"], row["baseline_name"]) for row in chain} == {
-        (f"fusion chain ({mode})", base) for mode in ("batch", "per window") for base in ("mne+scipy+numpy", "scipy+numpy")
+        (f"fusion chain ({mode})", base)
+        for mode in ("batch", "per window")
+        for base in ("mne+scipy+numpy", "scipy+numpy")
     } | {(f"fusion chain float64 ({mode})", "mne+scipy+numpy") for mode in ("batch", "per window")}
     for row in chain:
         if "float64" in row["case"]:
@@ -106,13 +109,19 @@ def test_bench_json_for_a_kernel_and_the_chain(tmp_path):
 
 
 def test_stage_table_is_printed_with_the_fft_limit():
-    from benchmarks.harness import Table
+    from biofed.benchmarks.harness import Table
 
-    table = Table("Per-window stage profile", ("stage", "us/window", "fraction of limit"),
-                  (("eeg band powers", 61.5, 0.55), ("bio window statistics", 9.0, "-")), note="limit measured here")
+    table = Table(
+        "Per-window stage profile",
+        ("stage", "us/window", "fraction of limit"),
+        (("eeg band powers", 61.5, 0.55), ("bio window statistics", 9.0, "-")),
+        note="limit measured here",
+    )
     result = CaseResult("realtime", tables=[table])
     text = format_report([result], [])
-    assert "Per-window stage profile" in text and "61.5" in text and "0.55" in text and "note: limit measured here" in text
+    assert (
+        "Per-window stage profile" in text and "61.5" in text and "0.55" in text and "note: limit measured here" in text
+    )
     assert result.to_dict()["tables"][0]["rows"][1] == ["bio window statistics", 9.0, "-"]
 
 
@@ -122,12 +131,20 @@ def test_bench_unknown_case_is_a_clear_error():
     assert "unknown case(s) nope" in result.output and "band_powers" in result.output
 
 
-def test_missing_source_tree_is_a_clear_error(tmp_path):
+def test_suite_is_the_installed_package():
+    suite = load_suite()
+    assert suite.__name__ == "biofed.benchmarks.suite" and "windowing" in suite.CASES
+
+
+def test_missing_suite_dependency_is_a_clear_error(monkeypatch):
     import click
 
-    with pytest.raises(click.ClickException, match="source checkout"):
-        load_suite(tmp_path / "benchmarks")
-    assert BENCHMARKS_DIR.name == "benchmarks" and (BENCHMARKS_DIR / "suite.py").is_file()
+    # numpy absent, as in a base install without the extras: importing the suite fails on it
+    for name in [m for m in sys.modules if m == "biofed.benchmarks" or m.startswith("biofed.benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    with pytest.raises(click.ClickException, match=r"needs numpy.*biofed\[coordinator\]"):
+        load_suite()
 
 
 @pytest.mark.slow
@@ -138,13 +155,15 @@ def test_bench_evaluation_case_quick(tmp_path):
     case = json.loads(out.read_text())["cases"][0]
     assert case["error"] is None
     names = {m["name"] for m in case["metrics"]}
-    assert "new patient / dp-ftrl / proj none / eps 8" in names and "personalized / plain / proj none / eps inf" in names
+    assert (
+        "new patient / dp-ftrl / proj none / eps 8" in names and "personalized / plain / proj none / eps inf" in names
+    )
     assert all(0.0 <= m["value"] <= 1.0 for m in case["metrics"])
     assert any("personalized mean (one-shot+personal, eps 8)" in t["name"] for t in case["targets"])
 
 
 def test_privacy_ledger_case_reports_a_bounded_ledger_equal_to_dp_accounting():
-    from benchmarks.suite import Settings, run_case
+    from biofed.benchmarks.suite import Settings, run_case
 
     result = run_case("privacy_ledger", Settings(quick=True, repeats=3))
     assert result.error is None
@@ -157,7 +176,7 @@ def test_privacy_ledger_case_reports_a_bounded_ledger_equal_to_dp_accounting():
 
 @pytest.mark.slow
 def test_coordinator_memory_case_quick_runs_a_federation_and_reports_the_rss_ratio():
-    from benchmarks.suite import Settings, run_case
+    from biofed.benchmarks.suite import Settings, run_case
 
     result = run_case("coordinator_memory", Settings(quick=True))
     assert result.error is None

@@ -207,6 +207,7 @@ def test_v5_message_expiry_drops_stale_queued_message(mosquitto_broker, clients)
     assert [m.payload for m in _drain(back, 2, timeout_s=2.0)] == [b"fresh"]
 
 
+@pytest.mark.slow
 def test_reconnects_and_resubscribes_after_broker_restart():
     first = start_embedded_broker()
     second = None
@@ -239,6 +240,7 @@ def test_reconnects_and_resubscribes_after_broker_restart():
 
 @pytest.mark.mosquitto
 @pytest.mark.parametrize("max_queued", [None, 100], ids=["biofed-config", "low-limit"])
+@pytest.mark.slow
 def test_mosquitto_queue_limit_for_offline_device(tmp_path, clients, max_queued):
     """biofed's config keeps 2000 QoS 1 messages for an offline device; a low
     max_queued_messages (Mosquitto's default is 1000) silently drops the excess."""
@@ -306,6 +308,7 @@ def _stop(process: subprocess.Popen, sig: int) -> str:
     return process.communicate(timeout=30)[0]
 
 
+@pytest.mark.slow
 def test_broker_cli_serves_until_interrupted():
     port = free_port()
     with _broker_cli("--port", str(port)) as (process, banner):
@@ -319,6 +322,7 @@ def test_broker_cli_serves_until_interrupted():
 
 
 @pytest.mark.mosquitto
+@pytest.mark.slow
 def test_broker_cli_runs_mosquitto(tmp_path):
     require_mosquitto()
     port = free_port()
@@ -334,6 +338,7 @@ def test_broker_cli_runs_mosquitto(tmp_path):
 
 
 @pytest.mark.mosquitto
+@pytest.mark.slow
 def test_broker_cli_with_config_stops_mosquitto_on_sigterm(tmp_path):
     """SIGTERM (systemd, docker stop) stops the Mosquitto child too, never leaving it orphaned on its port."""
     require_mosquitto()

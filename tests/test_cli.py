@@ -71,9 +71,9 @@ def test_same_option_names_mean_the_same_thing():
 
 
 def test_long_running_commands_take_logging_options():
-    from biofed.apps.cli import cli
-
     import click
+
+    from biofed.apps.cli import cli
 
     ctx = click.Context(cli)
     for name in ("coordinator", "edge", "broker", "demo", "simulate", "audit", "play"):

@@ -37,7 +37,7 @@ def test_template_lists_every_setting_with_its_default(tmp_path, kind, model):
     path.write_text(text)
     config = load_config(path, model, environ={})
     # every top-level setting appears, set or commented out (None defaults)
-    for name, info in model.model_fields.items():
+    for name in model.model_fields:
         assert f"{name} =" in text or f"[{name}]" in text, name
     if kind == "coordinator":
         assert {key: data["dp"][key] for key in RECOMMENDED_PRIVACY} == RECOMMENDED_PRIVACY

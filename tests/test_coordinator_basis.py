@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from biofed.privacy_ledger import PrivacyLedger
-from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.kernels import standard_scale
 
@@ -56,23 +54,11 @@ def test_unequal_counts_are_weighted_uniformly():
     assert not np.allclose(stat[:3], np.vstack([a, b]).mean(0))
 
 
-def test_clipping_and_noise():
+def test_clipping():
     stats = np.array([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
     mean, n_clipped = aggregate_statistics(stats, 1.0)
     assert n_clipped == 1
     np.testing.assert_allclose(mean, ([0.6, 0.8] + stats[1]) / 2)
-    # noise: std z*C on the sum, z*C/n on the mean
-    many = np.zeros((4, 20_000))
-    gate = PrivacyMechanism(PrivacyLedger(1e-5))
-    noisy, _ = aggregate_statistics(many, 2.0, noise_multiplier=1.5, mechanism=gate,
-                                    charge=Charge(3, "basis", 1.0, 1.5))
-    assert noisy.std() == pytest.approx(1.5 * 2.0 / 4, rel=0.03)
-    assert [(g.kind, g.noise_multiplier, g.count) for g in gate.ledger.groups] == [("basis", 1.5, 1)]
-    # noise or a charge without the mechanism is refused: every release goes through the gate
-    with pytest.raises(ValueError, match="needs the privacy mechanism"):
-        aggregate_statistics(many, 2.0, noise_multiplier=1.5)
-    with pytest.raises(ValueError, match="needs its charge"):
-        aggregate_statistics(many, 2.0, noise_multiplier=1.5, mechanism=gate)
 
 
 def test_variance_floor_keeps_scale_positive():

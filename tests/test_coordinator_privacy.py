@@ -1,4 +1,4 @@
-"""Privacy accounting (against dp_accounting used directly), the CLI, clipping math."""
+"""Privacy accounting (against dp_accounting used directly), the CLI, adaptive clipping."""
 
 from __future__ import annotations
 
@@ -15,12 +15,7 @@ from dp_accounting.rdp import RdpAccountant
 from scipy import stats
 
 from biofed.apps.cli import cli
-from biofed.coordinator.clipping import (
-    AdaptiveClipping,
-    central_noise_std,
-    clip_update,
-    delta_noise_multiplier,
-)
+from biofed.coordinator.clipping import AdaptiveClipping, delta_noise_multiplier
 from biofed.privacy_ledger import (
     PrivacyLedger,
     calibrate_noise_multiplier,
@@ -65,6 +60,7 @@ def test_round_event_bad_input(args, match):
 
 
 @pytest.mark.parametrize(("q", "z", "T"), PLANS)
+@pytest.mark.slow
 def test_plan_epsilon_matches_dp_accounting(q, z, T):
     eps = plan_epsilon(T, q, z, DELTA)
     assert eps["rdp"] == pytest.approx(_direct(RdpAccountant, q, z, T), rel=1e-12)
@@ -117,6 +113,7 @@ def _ledger_with(rounds, delta=DELTA, **kwargs):
     return ledger
 
 
+@pytest.mark.slow
 def test_ledger_epsilon_matches_direct_composition_of_every_round():
     # Distributed-mode rounds with varying survivors, one basis round, varying q.
     rounds = [(0.2, 1.1, "basis")] + [(0.2, distributed_noise_multiplier(1.2, 8, n), "train") for n in (8, 6, 8)]
@@ -149,6 +146,7 @@ def test_ledger_zero_noise_is_infinite():
     assert ledger.epsilon("pld") == math.inf
 
 
+@pytest.mark.slow
 def test_ledger_json_round_trip_and_dp_event():
     rounds = [(1.0, 2.0, "basis"), (0.5, 1.0, "train"), (0.5, 1.0, "train"), (0.25, 0.9, "train")]
     ledger = _ledger_with(rounds, epsilon_budget=20.0)
@@ -239,6 +237,7 @@ def _cli_epsilons(output):
     return {k.lower(): float(v) for k, v in found.items()}
 
 
+@pytest.mark.slow
 def test_privacy_cli_matches_plan_epsilon():
     runner = CliRunner()
     result = runner.invoke(cli, ["privacy", "--rounds", "50", "--sampling-rate", "0.1", "--noise-multiplier", "1.0",
@@ -250,6 +249,7 @@ def test_privacy_cli_matches_plan_epsilon():
     assert got["pld"] == pytest.approx(expected["pld"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_privacy_cli_plans_record_level_dp_sgd():
     """--level record: every DP-SGD step of every round is one Poisson-sampled Gaussian."""
     result = CliRunner().invoke(privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1"])
@@ -270,6 +270,7 @@ def test_privacy_cli_no_noise_reports_infinity():
     assert result.output.count("inf (no noise: no differential privacy)") == 2
 
 
+@pytest.mark.slow
 def test_privacy_cli_target_epsilon_calibrates():
     result = CliRunner().invoke(privacy_command, ["-T", "100", "-q", "0.1", "--target-epsilon", "4"])
     assert result.exit_code == 0, result.output
@@ -300,40 +301,7 @@ def test_privacy_cli_bad_input(args, match):
     assert re.search(match, result.output), result.output
 
 
-# ---------------------------------------------------------------------------- clipping math
-
-
-def test_clip_update_bounds_norm_and_keeps_small_updates():
-    rng = np.random.default_rng(0)
-    big = rng.normal(size=50) * 10
-    clipped, norm = clip_update(big, 1.5)
-    assert norm == pytest.approx(np.linalg.norm(big))
-    assert np.linalg.norm(clipped) == pytest.approx(1.5)
-    np.testing.assert_allclose(clipped, big * 1.5 / np.linalg.norm(big))
-    small = big / np.linalg.norm(big) * 0.5
-    same, _ = clip_update(small, 1.5)
-    np.testing.assert_array_equal(same, small)
-    zero, zero_norm = clip_update(np.zeros(3), 1.0)
-    assert zero_norm == 0.0 and not zero.any()
-    assert clip_update(big.astype(np.float32), 1.0)[0].dtype == np.float32
-
-
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        ((np.ones((2, 2)), 1.0), r"1-D parameter vector"),
-        ((np.array([1.0, np.nan]), 1.0), "NaN or inf"),
-        ((np.ones(3), 0.0), "clip_norm must be a finite number > 0"),
-        ((np.ones(3), -1.0), "clip_norm must be a finite number > 0"),
-    ],
-)
-def test_clip_update_bad_input(args, match):
-    with pytest.raises(ValueError, match=match):
-        clip_update(*args)
-
-
-def test_central_noise_std():
-    assert central_noise_std(1.1, 2.0) == pytest.approx(2.2)
+# ---------------------------------------------------------------------------- adaptive clipping
 
 
 def test_delta_noise_multiplier_formula_and_error():
@@ -347,7 +315,7 @@ def test_delta_noise_multiplier_formula_and_error():
         delta_noise_multiplier(1.0, 0.5)
     with pytest.raises(ValueError, match="count_noise_std must be a finite number > 0"):
         delta_noise_multiplier(1.0, 0.0)
-    assert AdaptiveClipping(1.0, 0.5, 0.2, 5.0).delta_noise_multiplier(1.0) == z_delta
+    assert AdaptiveClipping(0.5, 0.2, 5.0).delta_noise_multiplier(1.0) == z_delta
 
 
 @pytest.mark.parametrize("gamma", [0.2, 0.5, 0.8])
@@ -355,39 +323,42 @@ def test_adaptive_clipping_converges_to_quantile(gamma):
     rng = np.random.default_rng(int(gamma * 100))
     mu, s, n = 0.0, 0.5, 200
     true_quantile = math.exp(mu + s * stats.norm.ppf(gamma))
-    clipper = AdaptiveClipping(initial_clip=0.1, target_quantile=gamma, learning_rate=0.2, count_noise_std=1.0)
+    clipper = AdaptiveClipping(target_quantile=gamma, learning_rate=0.2, count_noise_std=1.0)
     gate = PrivacyMechanism(PrivacyLedger(DELTA))
-    history = []
+    clip, history = 0.1, []
     for r in range(1500):
         norms = rng.lognormal(mu, s, size=n)
-        (count,) = gate.release(Charge(r, "train", 1.0, 0.5), clipper.count_query(norms <= clipper.clip))
-        history.append(clipper.apply(float(count[0]), n))
+        (count,) = gate.release(Charge(r, "train", 1.0, 0.5), clipper.count_query(norms <= clip))
+        clip = clipper.next_clip(clip, float(count[0]), n)
+        history.append(clip)
     estimate = math.exp(np.mean(np.log(history[-500:])))
     assert estimate == pytest.approx(true_quantile, rel=0.03)
 
 
 def test_adaptive_clipping_update_rule():
-    clipper = AdaptiveClipping(2.0, 0.5, learning_rate=0.3, count_noise_std=0.0)
+    clipper = AdaptiveClipping(0.5, learning_rate=0.3, count_noise_std=0.0)
     # 3 of 4 unclipped -> centred sum 1 -> b_bar = 0.75 -> C * exp(-0.3 * 0.25)
     query = clipper.count_query([1, 1, 1, 0])
     assert query.clip_norm == 0.5 and query.noise_std == 0.0
     assert query.clipped_total()[0][0] == pytest.approx(1.0)
-    assert clipper.apply(1.0, 4) == pytest.approx(2.0 * math.exp(-0.3 * 0.25))
+    assert clipper.next_clip(2.0, 1.0, 4) == pytest.approx(2.0 * math.exp(-0.3 * 0.25))
     # 2 reports while 4 were expected: centred estimate (2 - 1) / 4 + 1/2 = 0.75
-    before = clipper.clip
     assert clipper.count_query(np.array([True, True])).clipped_total()[0][0] == pytest.approx(1.0)
-    assert clipper.apply(1.0, 4) == pytest.approx(before * math.exp(-0.3 * 0.25))
+    assert clipper.next_clip(3.0, 1.0, 4) == pytest.approx(3.0 * math.exp(-0.3 * 0.25))
+    # all clipped (b_bar = 0 < gamma): the clip grows; none clipped: it shrinks
+    assert clipper.next_clip(1.0, -2.0, 4) > 1.0 > clipper.next_clip(1.0, 2.0, 4)
 
 
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: AdaptiveClipping(0.0, 0.5), "initial_clip must be a finite number > 0"),
-        (lambda: AdaptiveClipping(1.0, 1.0), r"target_quantile must be in \(0, 1\)"),
-        (lambda: AdaptiveClipping(1.0, 0.5, learning_rate=-1), "learning_rate must be a finite number > 0"),
-        (lambda: AdaptiveClipping(1.0, 0.5).count_query([0, 2]), "only 0/1"),
-        (lambda: AdaptiveClipping(1.0, 0.5).count_query([[0, 1]]), "must be 1-D"),
-        (lambda: AdaptiveClipping(1.0, 0.5).apply(0.0, 0), "n_expected must be an integer >= 1"),
+        (lambda: AdaptiveClipping(1.0), r"target_quantile must be in \(0, 1\)"),
+        (lambda: AdaptiveClipping(0.5, learning_rate=-1), "learning_rate must be a finite number > 0"),
+        (lambda: AdaptiveClipping(0.5, count_noise_std=-1), "count_noise_std must be a finite number >= 0"),
+        (lambda: AdaptiveClipping(0.5).count_query([0, 2]), "only 0/1"),
+        (lambda: AdaptiveClipping(0.5).count_query([[0, 1]]), "must be 1-D"),
+        (lambda: AdaptiveClipping(0.5).next_clip(1.0, 0.0, 0), "n_expected must be an integer >= 1"),
+        (lambda: AdaptiveClipping(0.5).next_clip(0.0, 0.0, 4), "clip_norm must be a finite number > 0"),
     ],
 )
 def test_adaptive_clipping_bad_input(call, match):

@@ -115,6 +115,7 @@ print("OK")
     _assert_clean(result)
 
 
+@pytest.mark.slow
 def test_coordinator_cli_exits_cleanly_on_a_read_only_state_directory(tmp_path):
     config = tmp_path / "coordinator.toml"
     config.write_text(textwrap.dedent(f"""

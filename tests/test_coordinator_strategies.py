@@ -1,21 +1,16 @@
-"""Aggregation strategies against hand-written NumPy references, and the central-DP wrapper."""
+"""Aggregation strategies against hand-written NumPy references."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 
-from biofed.coordinator.clipping import AdaptiveClipping
-from biofed.privacy_ledger import PrivacyLedger
-from biofed.privacy_mechanism import PrivacyMechanism
+from biofed.config import STRATEGY_NAMES
 from biofed.coordinator.strategies import (
     STRATEGIES,
     AggregationError,
     ClientUpdate,
     CoordinateMedian,
-    DPAggregator,
     FedAdam,
     FedAvg,
     FedAvgM,
@@ -201,7 +196,7 @@ def test_state_of_other_model_size_is_refused(round_data):
 
 
 def test_make_strategy():
-    assert set(STRATEGIES) == {"fedavg", "fedavgm", "fedadam", "fedyogi", "fedprox", "trimmed_mean", "median"}
+    assert set(STRATEGIES) == set(STRATEGY_NAMES)  # the config's vocabulary, one strategy each
     s = make_strategy("FedAdam", eta=0.2, weighting="uniform")
     assert isinstance(s, FedAdam) and s.eta == 0.2 and s.weighting == "uniform"
     assert isinstance(make_strategy("trimmed-mean", beta=0.25), TrimmedMean)
@@ -211,9 +206,9 @@ def test_make_strategy():
 @pytest.mark.parametrize(
     ("name", "params", "match"),
     [
-        ("fedsgd", {}, "unknown strategy 'fedsgd'; choose one of fedadam, fedavg"),
+        ("fedsgd", {}, "unknown strategy 'fedsgd'; choose one of coordinate_median, fedadam, fedavg"),
         ("fedavg", {"prox_mu": 0.1}, "does not take parameter.*prox_mu.*accepts weighting"),
-        ("median", {"beta": 0.1}, "accepts no parameters"),
+        ("coordinate_median", {"beta": 0.1}, "accepts no parameters"),
         ("fedavg", {"weighting": "devices"}, "weighting must be 'examples' or 'uniform'"),
         ("fedavgm", {"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\)"),
         ("fedadam", {"tau": 0.0}, r"tau must be a finite number in \(0, inf\)"),
@@ -240,7 +235,7 @@ def test_make_strategy_errors(name, params, match):
 def test_aggregate_fails_closed_on_bad_updates(mutate, match, round_data):
     params, deltas, counts = round_data
     adam = FedAdam()
-    for strategy in (FedAvg(), adam, DPAggregator(FedAvg("uniform"), 1.0, 1.0, mechanism=_gate())):
+    for strategy in (FedAvg(), adam):
         with pytest.raises(AggregationError, match=match):
             strategy.aggregate(1, params, mutate(_updates(deltas, counts)))
     assert adam.state_dict() == {}  # a refused round leaves the optimizer state untouched
@@ -252,102 +247,3 @@ def test_aggregate_bad_global_params(round_data):
         FedAvg().aggregate(1, np.zeros((2, 3)), _updates(deltas, counts))
     with pytest.raises(AggregationError, match="global_params contain NaN or inf"):
         FedAvg().aggregate(1, np.full(P, np.nan), _updates(deltas, counts))
-
-
-# ---------------------------------------------------------------------------- central DP
-def _gate():
-    return PrivacyMechanism(PrivacyLedger(1e-5))
-
-
-
-def test_dp_aggregator_noise_std_matches_zc_over_n():
-    z, c, n, dim = 1.3, 0.8, 5, 40_000
-    rng = np.random.default_rng(11)
-    deltas = rng.normal(size=(n, dim)) * 0.001  # well inside the clip norm: nothing is clipped
-    dp = DPAggregator(FedAvg("uniform"), noise_multiplier=z, clip_norm=c, mechanism=_gate())
-    params = np.zeros(dim)
-    new, metrics = dp.aggregate(3, params, _updates(deltas))
-    noise = new - deltas.mean(axis=0)
-    # 40 000 independent draws: the sample std is within 1 % of z C / n with overwhelming probability.
-    assert noise.std() == pytest.approx(z * c / n, rel=0.02)
-    assert abs(noise.mean()) < 5 * z * c / n / math.sqrt(dim)
-    assert metrics["dp_noise_std"] == pytest.approx(z * c / n)
-    assert metrics["dp_noise_multiplier"] == z and metrics["dp_clip_norm"] == c
-    assert metrics["n_updates"] == n and metrics["n_clipped"] == 0
-
-
-def test_dp_aggregator_clipping_bounds_each_contribution():
-    rng = np.random.default_rng(5)
-    c = 1.0
-    honest = rng.normal(size=(4, P)) * 0.01
-    huge = np.full(P, 1e6)
-    dp = DPAggregator(FedAvg("uniform"), noise_multiplier=0.0, clip_norm=c, mechanism=_gate())
-    params = np.zeros(P)
-    new, metrics = dp.aggregate(1, params, _updates(np.vstack([honest, huge])))
-    expected = (honest.sum(axis=0) + huge / np.linalg.norm(huge) * c) / 5
-    np.testing.assert_allclose(new, expected, rtol=1e-12)
-    assert metrics["n_clipped"] == 1
-    # Replacing one device's update moves the (noise-free) mean by at most 2 C / n.
-    other, _ = dp.aggregate(2, params, _updates(np.vstack([honest, -huge])))
-    assert np.linalg.norm(new - other) <= 2 * c / 5 + 1e-12
-
-
-def test_dp_aggregator_posts_noised_mean_to_inner_optimizer():
-    rng = np.random.default_rng(2)
-    deltas = rng.normal(size=(4, P)) * 0.01
-    inner = FedAvgM(server_learning_rate=1.0, momentum=0.5, weighting="uniform")
-    dp = DPAggregator(inner, noise_multiplier=0.0, clip_norm=10.0, mechanism=_gate())
-    p1, _ = dp.aggregate(1, np.zeros(P), _updates(deltas))
-    p2, _ = dp.aggregate(2, p1, _updates(deltas))
-    np.testing.assert_allclose(p2, deltas.mean(axis=0) * (1 + 1.5), rtol=1e-12)
-    assert set(dp.state_dict()) == {"momentum"}
-    assert DPAggregator(FedProx(0.2, weighting="uniform"), 1.0, 1.0, mechanism=_gate()).client_config() == {"prox_mu": 0.2}
-
-
-def test_dp_aggregator_adaptive_clipping():
-    z, sigma_b = 1.0, 2.0
-    clipper = AdaptiveClipping(1.0, 0.5, learning_rate=0.2, count_noise_std=sigma_b)
-    gate = _gate()
-    dp = DPAggregator(FedAvg("uniform"), noise_multiplier=z, adaptive_clipping=clipper, mechanism=gate)
-    z_delta = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
-    assert dp.update_noise_multiplier == pytest.approx(z_delta)
-    rng = np.random.default_rng(3)
-    deltas = rng.normal(size=(20, P)) * 10  # every norm > 1: all clipped, the clip must grow
-    _, metrics = dp.aggregate(1, np.zeros(P), _updates(deltas))
-    assert metrics["dp_noise_multiplier"] == z  # what the ledger records
-    assert metrics["dp_update_noise_multiplier"] == pytest.approx(z_delta)
-    assert metrics["dp_noise_std"] == pytest.approx(z_delta * 1.0 / 20)
-    assert metrics["dp_clip_norm"] == 1.0 and metrics["n_clipped"] == 20
-    assert metrics["dp_next_clip_norm"] == clipper.clip > 1.0
-    # update sum and clipped count are one mechanism of multiplier z, charged once
-    assert [(g.kind, g.noise_multiplier, g.count) for g in gate.ledger.groups] == [("train", z, 1)]
-    state = dp.state_dict()
-    assert float(state["dp_clip_norm"]) == clipper.clip
-    other = DPAggregator(
-        FedAvg("uniform"), z, adaptive_clipping=AdaptiveClipping(1.0, 0.5, count_noise_std=sigma_b), mechanism=_gate()
-    )
-    other.load_state_dict(state)
-    assert other.clip_norm == clipper.clip
-
-
-@pytest.mark.parametrize(
-    ("call", "match"),
-    [
-        (lambda: DPAggregator(TrimmedMean(0.1), 1.0, 1.0, mechanism=_gate()), "needs a mean-based strategy"),
-        (lambda: DPAggregator(CoordinateMedian(), 1.0, 1.0, mechanism=_gate()), "needs a mean-based strategy"),
-        (lambda: DPAggregator(FedAvg(), 1.0, 1.0, mechanism=_gate()), "weighting='uniform'"),
-        (lambda: DPAggregator(FedAvg("uniform"), -1.0, 1.0, mechanism=_gate()), "noise_multiplier must be a finite number"),
-        (lambda: DPAggregator(FedAvg("uniform"), 1.0, 0.0, mechanism=_gate()), r"clip_norm must be a finite number in \(0"),
-        (lambda: DPAggregator(FedAvg("uniform"), 1.0, mechanism=_gate()), "exactly one of clip_norm"),
-        (
-            lambda: DPAggregator(FedAvg("uniform"), 1.0, adaptive_clipping=AdaptiveClipping(1.0, 0.5, count_noise_std=0.4),
-                                 mechanism=_gate()),
-            "count_noise_std=0.4 is too small",
-        ),
-        (lambda: DPAggregator(FedAvg("uniform"), 1.0, 1.0, mechanism=_gate()).load_state_dict({"dp_clip_norm": np.array(2.0)}),
-         "uses a fixed clip_norm"),
-    ],
-)
-def test_dp_aggregator_bad_input(call, match):
-    with pytest.raises(ValueError, match=match):
-        call()

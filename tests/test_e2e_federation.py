@@ -69,16 +69,19 @@ def _converges_like_centralized(out: Path, mosquitto: bool) -> None:
     assert rows[-1]["accuracy_min"] == pytest.approx(federated["min"])
 
 
+@pytest.mark.slow
 def test_federation_converges_like_centralized_training(tmp_path):
     _converges_like_centralized(tmp_path / "report", mosquitto=False)
 
 
 @pytest.mark.mosquitto
+@pytest.mark.slow
 def test_federation_over_mosquitto(tmp_path):
     require_mosquitto()
     _converges_like_centralized(tmp_path / "report", mosquitto=True)
 
 
+@pytest.mark.slow
 def test_central_dp_reports_the_epsilon_of_dp_accounting(tmp_path):
     out = tmp_path / "report"
     rounds, z, z_basis, delta = 3, 1.0, 5.0, 1e-5
@@ -166,6 +169,7 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
         terminate(list(agents.values()))
 
 
+@pytest.mark.slow
 def test_demo_command_writes_table_plot_and_model(tmp_path):
     out = tmp_path / "report"
     result = subprocess.run(
@@ -186,6 +190,7 @@ def test_demo_command_writes_table_plot_and_model(tmp_path):
                                                            "device01.log", "device02.log"}
 
 
+@pytest.mark.slow
 def test_demo_without_eegmat_subjects_says_so(tmp_path):
     result = subprocess.run([sys.executable, "-m", "biofed", "demo", "--data", str(tmp_path), "--out",
                              str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
@@ -193,6 +198,7 @@ def test_demo_without_eegmat_subjects_says_so(tmp_path):
     assert "no eegmat subjects (SubjectNN_1.edf + SubjectNN_2.edf) found" in result.stderr
 
 
+@pytest.mark.slow
 def test_demo_timeout_kills_the_children_and_shows_their_logs(tmp_path):
     with pytest.raises(DemoError, match=r"did not finish within 1 s \(--timeout\)") as info:
         run_demo(DemoSettings(out=tmp_path / "report", devices=2, rounds=2, synthetic_seconds=8.0, timeout_s=1.0))

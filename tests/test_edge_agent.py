@@ -243,6 +243,7 @@ def test_local_mode_update_carries_no_data_dependent_cleartext(agent):
         again.close()
 
 
+@pytest.mark.slow
 def test_record_level_dp_sgd_is_wired_and_accounted(recordings, ingested_store, tmp_path, caplog):
     store = tmp_path / "features.sqlite"
     shutil.copyfile(ingested_store, store)
@@ -456,6 +457,7 @@ def test_live_agent_serves_while_ingesting_and_goes_offline_on_stop(amqtt_broker
     agent.close()
 
 
+@pytest.mark.slow
 def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_store, tmp_path):
     from biofed.apps.broker import start_embedded_broker
 
@@ -487,6 +489,7 @@ def test_agent_says_online_again_after_the_broker_restarts(recordings, ingested_
             second.stop()
 
 
+@pytest.mark.slow
 def test_disconnected_agent_stops_at_once(recordings, ingested_store, tmp_path):
     """With its broker gone, a stopped agent exits without waiting for an acknowledgement that
     cannot come (the broker has its last will)."""

@@ -111,6 +111,7 @@ def test_random_chunks_equal_one_chunk_multirate(multirate):
         assert pipe.flush() == 0
 
 
+@pytest.mark.slow
 def test_random_chunks_equal_one_chunk_on_real_eegmat(eegmat_rest):
     X1, y1, t1 = extract_features(eegmat_rest, CONFIG)
     assert X1.shape == (181, 19 * 5 + 7)  # 182 s, 19 EEG channels + ECG (A2-A1 reference excluded)
@@ -184,6 +185,7 @@ def test_hop_longer_than_window_skips_samples(multirate):
 
 
 # ---------------------------------------------------------------------------------- memory
+@pytest.mark.slow
 def test_hours_of_signal_keep_buffers_within_capacity():
     """3 h of EEG (2 ch, 100 Hz) + ECG (128 Hz) in random chunks: buffers never exceed capacity."""
     rng = np.random.default_rng(11)

@@ -173,6 +173,7 @@ _WRITER = textwrap.dedent(
 ).format(F=F)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stream_loses_at_most_the_window_in_progress(tmp_path):
     path = tmp_path / "crash.sqlite"
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)

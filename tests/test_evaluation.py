@@ -193,6 +193,7 @@ def synthetic_files(tmp_path_factory):
     return write_synthetic_devices(tmp_path_factory.mktemp("fleet"), 3, duration_s=30.0, random_state=5)
 
 
+@pytest.mark.slow
 def test_evaluation_on_synthetic_devices(synthetic_files):
     devices = load_devices(synthetic_files)
     plain = load_devices(synthetic_files, rows=plain_pipeline_rows)

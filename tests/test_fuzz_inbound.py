@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from biofed.config import DeviceConfig
-from biofed.coordinator.server import Ingest
+from biofed.coordinator.ingest import Ingest
 from biofed.edge.agent import EdgeAgent
 from biofed.model import FeatureLayout, ModelFormatError
 from biofed.protocol import (
@@ -197,6 +197,7 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
 # ----------------------------------------------------------------------------- the fuzz runs (10 300 cases)
 @fuzz(1000)
 @given(env=envelopes(), topic=st.sampled_from(TOPIC_CHOICES))
+@pytest.mark.slow
 def test_fuzz_envelopes(handlers, env, topic):
     data = _pack(env)
     if data is not None:
@@ -205,6 +206,7 @@ def test_fuzz_envelopes(handlers, env, topic):
 
 @fuzz(1000)
 @given(case=payload_fields())
+@pytest.mark.slow
 def test_fuzz_payload_fields_of_every_kind(handlers, case):
     kind, env = case
     data = _pack(env)
@@ -215,6 +217,7 @@ def test_fuzz_payload_fields_of_every_kind(handlers, case):
 MUTATIONS = 8000
 
 
+@pytest.mark.slow
 def test_fuzz_byte_mutations_of_valid_messages(handlers):
     """Seeded byte-level mutation of every valid message (a fifth also moved to another topic)."""
     rng = np.random.default_rng(int(os.environ.get("BIOFED_FUZZ_SEED", "11")))

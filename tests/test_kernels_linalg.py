@@ -311,6 +311,7 @@ def eeg_matrices(x, fs):
 
 
 @pytest.mark.parametrize("source", ["real", "synthetic"])
+@pytest.mark.slow
 def test_truncated_svd_on_eeg(request, source):
     if source == "real":
         x = request.getfixturevalue("eegmat_rest")

@@ -52,6 +52,7 @@ def collect(source: LslSource, seconds: float) -> tuple[dict, list]:
     return chunks, gaps
 
 
+@pytest.mark.slow
 def test_source_aligns_every_modality_on_the_recordings_clock_with_marker_labels():
     rec = synthetic()
     name = unique("align")
@@ -86,6 +87,7 @@ def test_source_aligns_every_modality_on_the_recordings_clock_with_marker_labels
 
 @pytest.mark.xfail(reason="known bug: after the player restarts, liblsl's recovered inlet delivers the new "
                    "stream's samples only about 28 s later, past the test's window", strict=False)
+@pytest.mark.slow
 def test_a_dropped_stream_is_reconnected_and_the_gap_reported():
     rec = synthetic(seconds=40.0)
     name = unique("gap")
@@ -121,6 +123,7 @@ def test_a_dropped_stream_is_reconnected_and_the_gap_reported():
     assert max(e.t0 for e in after) > gaps[0].t + 1.0
 
 
+@pytest.mark.slow
 def test_bad_markers_open_spans_that_drop_windows():
     from biofed.edge.continuous import LiveFeatures
     from biofed.edge.pipeline import PipelineConfig
@@ -169,6 +172,7 @@ def test_bad_spans_overlap_rule():
     assert spans.spans == [[10.0, 11.0]]
 
 
+@pytest.mark.slow
 def test_missing_stream_is_a_clear_error():
     source = LslSource(unique("absent"), resolve_timeout_s=0.3)
     with pytest.raises(LslError, match="no LSL data stream named"):
@@ -193,6 +197,7 @@ def test_player_refuses_bad_settings():
         LslPlayer(synthetic(seconds=2.0), "")
 
 
+@pytest.mark.slow
 def test_play_and_replay_lsl_commands_compute_features_over_loopback(tmp_path):
     from biofed.apps.federation import write_synthetic_devices
 
@@ -229,6 +234,7 @@ def test_replay_needs_files_or_lsl_with_seconds():
     assert "--lsl needs --seconds" in runner.invoke(cli, ["replay", "--lsl", "x"]).output
 
 
+@pytest.mark.slow
 def test_agent_ingests_a_live_source_and_keeps_its_windows(tmp_path):
     name = unique("agent")
     config = DeviceConfig(device_id="pi-01", fleet="ward7", store_path=tmp_path / "features.sqlite",
@@ -282,6 +288,7 @@ def test_watched_folder_is_ingested_without_restart(tmp_path):
     agent.close()
 
 
+@pytest.mark.slow
 def test_lsl_traffic_stays_on_loopback():
     """Every socket liblsl opens while resolving and streaming talks to loopback only."""
     name = unique("net")

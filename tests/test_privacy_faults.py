@@ -204,7 +204,7 @@ def test_distributed_mode_silence_at_every_step(amqtt_broker, recordings, tmp_pa
         amqtt_broker, recordings, tmp_path, mode="distributed", silences=[never, never, never, _silent_at(step)],
         min_devices=3)
     assert state is RunState.DONE
-    assert coordinator.secagg_threshold == 3
+    assert coordinator.settings.secagg_threshold == 3
     honest, _ = _received_epsilon("distributed", received, threshold=3)
     assert honest > 0 and coordinator.ledger.epsilon() >= honest - 1e-9
     _assert_no_cleartext(received, agents)

@@ -127,8 +127,8 @@ def _from_the_gate_or_empty(value: ast.expr) -> bool:
 
 @pytest.mark.parametrize(("payload", "field"), [("Update", "delta"), ("Sketch", "statistic")])
 def test_device_payload_vectors_come_from_the_gate(payload, field):
-    """Every Update/Sketch the device builds (the agent and its task handlers) takes its vector
-    from a name that is only ever assigned a gate release (``_release`` clips, and in
+    """Every Update/Sketch the device builds (its agent and its task handlers) takes its vector
+    from a name that is only ever assigned a gate release (``release`` clips, and in
     local/distributed modes noises and charges) or an empty array."""
     trees = [ast.parse((ROOT / path).read_text()) for path in ("edge/agent.py", "edge/tasks.py")]
     built = 0

@@ -439,6 +439,7 @@ def test_tls_with_an_unknown_ca_fails(broker, connect, tmp_path):
 
 
 # ----------------------------------------------------------------------------- revoke
+@pytest.mark.slow
 def test_revoked_device_is_locked_out(tmp_path):
     require_mosquitto_passwd()
     require_mosquitto()
@@ -533,6 +534,7 @@ def test_cli_provision_and_revoke(tmp_path):
     assert result.exit_code != 0 and "not an empty directory" in result.output
 
 
+@pytest.mark.slow
 def test_biofed_broker_runs_a_provisioned_config(tmp_path):
     """``biofed broker --config`` runs a provisioned fleet's broker until Ctrl-C."""
     require_mosquitto_passwd()

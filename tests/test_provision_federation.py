@@ -37,6 +37,7 @@ def _require_tools() -> None:
     require_mosquitto()
 
 
+@pytest.mark.slow
 def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
     _require_tools()
     recordings = write_synthetic_devices(tmp_path / "data", N_DEVICES, duration_s=12.0, random_state=5)
@@ -87,6 +88,7 @@ def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
     assert kinds["secagg_relay"] == kinds["task"] == kinds["model"] == {"coordinator"}
 
 
+@pytest.mark.slow
 def test_demo_secure_runs_over_the_provisioned_broker(tmp_path):
     _require_tools()
     out = tmp_path / "report"

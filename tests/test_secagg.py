@@ -251,6 +251,7 @@ def test_prepare_input_clips_noises_and_charges():
 
 
 # ----------------------------------------------------------------------------- distributed DP
+@pytest.mark.slow
 def test_distributed_noise_and_epsilon_match_dp_accounting():
     """10 devices, threshold (= n_min) 6, 2 drop after sharing: the revealed sum carries
     std z*C*sqrt(8/6), and the ledger's epsilon is dp_accounting's for that z."""

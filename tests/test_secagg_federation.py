@@ -112,7 +112,7 @@ def test_distributed_federation_with_signed_messages(amqtt_broker, recordings, t
 def test_ingest_routes_secagg_messages_only_to_a_secure_round():
     """No open secure round: secagg uploads are dropped; in one, a metrics update carrying a delta is refused."""
     from biofed.coordinator.secure_aggregation import SecureAggregationRound
-    from biofed.coordinator.server import Ingest, OpenRound
+    from biofed.coordinator.ingest import Ingest, OpenRound
     from biofed.protocol import Status
     from biofed.secure_aggregation import SecAggUpload
 

@@ -1,17 +1,10 @@
-"""``biofed bench``: run the benchmark suite and print (and optionally save) the results.
-
-The suite is the ``benchmarks/`` folder beside the package in the source tree; it is not
-installed, so this command imports it from ``Path(biofed.__file__).parents[1] / "benchmarks"``.
-"""
+"""``biofed bench``: run the benchmark suite (:mod:`biofed.benchmarks`) and print (and optionally save) the results."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -23,38 +16,25 @@ from biofed.cli_options import examples
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS_DIR = Path(biofed.__file__).resolve().parents[1] / "benchmarks"
 
-
-def load_suite(directory: Path = BENCHMARKS_DIR) -> ModuleType:
-    """Import ``benchmarks.suite`` from ``directory`` (the source tree's benchmark folder).
+def load_suite() -> ModuleType:
+    """Import the benchmark suite, :mod:`biofed.benchmarks.suite`.
 
     Raises
     ------
     click.ClickException
-        When the folder is missing (biofed installed without its source tree) or the
-        suite's dependencies (scikit-learn) are not installed.
+        When a dependency of the suite is not installed; the message names it and the extra
+        that provides it.
     """
-    init = directory / "__init__.py"
-    if not init.is_file():
-        raise click.ClickException(
-            f"the benchmark suite was not found at {directory}. `biofed bench` runs from a source "
-            "checkout: clone the biofed repository and install it with `pip install -e \".[test]\"`."
-        )
-    loaded = sys.modules.get("benchmarks")
-    if loaded is None or Path(getattr(loaded, "__file__", "") or "").resolve() != init.resolve():
-        spec = importlib.util.spec_from_file_location("benchmarks", init, submodule_search_locations=[str(directory)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["benchmarks"] = package
-        spec.loader.exec_module(package)
-        for name in [m for m in sys.modules if m.startswith("benchmarks.")]:
-            del sys.modules[name]  # submodules of a previously loaded, different folder
     try:
-        return importlib.import_module("benchmarks.suite")
+        from biofed.benchmarks import suite
     except ImportError as exc:
+        missing = exc.name or str(exc)
         raise click.ClickException(
-            f"the benchmark suite needs {exc.name or exc}: install the test extra with `pip install -e \".[test]\"`."
+            f"the benchmark suite needs {missing}, which is not installed: install biofed with its "
+            'coordinator extra (`pip install "biofed[coordinator]"`).'
         ) from exc
+    return suite
 
 
 def _ms(seconds: float) -> str:
@@ -109,7 +89,12 @@ def format_report(results, targets) -> str:
         for r in errors:
             lines.append(f"{r.name:<22} {r.error}")
     if targets:
-        lines += ["", "Targets (reported, not asserted)", f"{'target':<72} {'measured':>12} {'goal':>12}  result", "-" * 106]
+        lines += [
+            "",
+            "Targets (reported, not asserted)",
+            f"{'target':<72} {'measured':>12} {'goal':>12}  result",
+            "-" * 106,
+        ]
         for t in targets:
             lines.append(f"{t.name:<72} {t.measured:>12.6g} {t.goal:>12}  {'PASS' if t.passed else 'MISS'}")
     return "\n".join(lines)
@@ -126,24 +111,48 @@ def _json_safe(value):
     return value
 
 
-@click.command("bench", epilog=examples(
-    "biofed bench --quick",
-    "biofed bench --only transform,chain --out bench.json",
-    "biofed bench --quick --json > bench.json",
-    exit_codes="Exit codes: 0 every case ran; 1 a case failed; 2 usage error (unknown case).",
-))
+@click.command(
+    "bench",
+    epilog=examples(
+        "biofed bench --quick",
+        "biofed bench --only transform,chain --out bench.json",
+        "biofed bench --quick --json > bench.json",
+        exit_codes="Exit codes: 0 every case ran; 1 a case failed; 2 usage error (unknown case).",
+    ),
+)
 @click.option("--quick", is_flag=True, help="Fewer repeats and smaller shapes (pipeline shapes kept); < 60 s.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="JSON file to write machine information and every result to.")
-@click.option("--json", "json_arg", is_flag=False, flag_value="-", default=None, metavar="",
-              help="Print the JSON on stdout (the table goes to stderr). `--json FILE` is the older spelling "
-                   "of --out FILE.")
-@click.option("--only", "only", multiple=True, metavar="NAME",
-              help="Run only these cases (repeat the option or separate names with commas).")
-@click.option("--repeats", type=click.IntRange(min=1), default=None,
-              help="Timed repeats per function (default: 5 with --quick, 20 otherwise).")
-def bench_command(quick: bool, out_path: Path | None, json_arg: str | None, only: tuple[str, ...],
-                  repeats: int | None) -> None:
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON file to write machine information and every result to.",
+)
+@click.option(
+    "--json",
+    "json_arg",
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="",
+    help="Print the JSON on stdout (the table goes to stderr). `--json FILE` is the older spelling of --out FILE.",
+)
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    metavar="NAME",
+    help="Run only these cases (repeat the option or separate names with commas).",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Timed repeats per function (default: 5 with --quick, 20 otherwise).",
+)
+def bench_command(
+    quick: bool, out_path: Path | None, json_arg: str | None, only: tuple[str, ...], repeats: int | None
+) -> None:
     """Time every kernel and the fusion chain against MNE/SciPy/scikit-learn/NumPy baselines."""
     to_stdout = json_arg == "-"
     if json_arg is not None and not to_stdout:
@@ -165,13 +174,13 @@ def bench_command(quick: bool, out_path: Path | None, json_arg: str | None, only
     targets = [t for r in results for t in r.targets]
     click.echo(format_report(results, targets), err=to_stdout)
     elapsed = time.perf_counter() - started
-    click.echo(f"\n{len(selected)} case(s) in {elapsed:.1f} s ({'quick' if quick else 'full'} run, {settings.repeats} repeats).",
-               err=to_stdout)
+    mode = "quick" if quick else "full"
+    click.echo(f"\n{len(selected)} case(s) in {elapsed:.1f} s ({mode} run, {settings.repeats} repeats).", err=to_stdout)
     if out_path is not None or to_stdout:
         payload = {
             "biofed_version": biofed.__version__,
             "created_unix": time.time(),
-            "mode": "quick" if quick else "full",
+            "mode": mode,
             "repeats": settings.repeats,
             "machine": suite.machine_info(),
             "cases": [r.to_dict() for r in results],
