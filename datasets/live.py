@@ -16,7 +16,8 @@ Each regular-rate stream is one modality, from the channel types in its descript
 (``eeg``; ``audio``; ``ecg``/``ppg``/``resp``/``eda``/``acc`` = ``bio``), else from its channel
 labels, else from its LSL type (``EEG``, ``Audio``, ``ECG``...), as
 :func:`biofed.datasets.readers.stream_channel_types` decides; the stream is the modality most
-of its channels belong to. Other channels (reference, EOG, trigger...) are dropped. An irregular-rate string stream is the *marker stream*.
+of its channels belong to. Other channels (reference, EOG, trigger...) are dropped. An
+irregular-rate string stream is the *marker stream*.
 
 Clock and alignment
 -------------------

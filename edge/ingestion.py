@@ -5,10 +5,10 @@ through :class:`~biofed.edge.continuous.LiveFeatures` into the
 :class:`~biofed.edge.store.FeatureStore` as raw, labelled feature rows. Files are grouped into
 *streams* as ``biofed replay`` does (:func:`biofed.datasets.replay.group_streams`: an EDF/FIF
 with EEG + ECG and the WAV recorded with it form one); every stream has its own pipeline.
-Streams play one after the other on a device clock (each stream starts ``window_s + hop_s`` after the last stored window), so window
-times increase across sessions and the held-out rule of :mod:`biofed.edge.split` ("last 20 % of
-each label in time order") is well defined. Windows overlapping a ``BAD*`` annotation are not
-stored.
+Streams play one after the other on a device clock (each stream starts ``window_s + hop_s``
+after the last stored window), so window times increase across sessions and the held-out rule
+of :mod:`biofed.edge.split` ("last 20 % of each label in time order") is well defined. Windows
+overlapping a ``BAD*`` annotation are not stored.
 
 The store's ingestion ledger records each stream: *begun* before its first row is written and
 *finished* after its last; :meth:`Ingestion.ingest` first deletes the rows of a stream begun but

@@ -169,7 +169,7 @@ def _welch_weighted(windows, nperseg, taper, kmin, weights, out):
         for i in range(w0, w1):
             for c in range(n_channels):
                 power[:] = 0.0
-                for s in range(n_seg):
+                for _ in range(n_seg):
                     for k in range(n_bins):
                         z = spectrum[r, kmin + k]
                         power[k] += z.real * z.real + z.imag * z.imag

@@ -196,7 +196,8 @@ def apply_transform(features, plan: TransformPlan) -> np.ndarray:
     x = check_float_array(features, "features", ndim=2)
     d = plan.weights[0].shape[0]
     if x.shape[1] != d:
-        raise ValueError(f"features must have {d} columns to match the plan's weights (d, m) = {plan.weights[0].shape}, got shape {x.shape}.")
+        raise ValueError(f"features must have {d} columns to match the plan's weights (d, m) = "
+                         f"{plan.weights[0].shape}, got shape {x.shape}.")
     return _apply_transform(x, plan)
 
 

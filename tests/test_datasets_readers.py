@@ -28,8 +28,8 @@ with warnings.catch_warnings():  # wfdb runs deprecated pandas calls at import t
 # wfdb's writers use deprecated pandas calls (wfdb's business, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:wfdb")
 
-EEGMAT_CHANNELS = ["EEG Fp1", "EEG Fp2", "EEG F3", "EEG F4", "EEG F7", "EEG F8", "EEG T3", "EEG T4", "EEG C3",
-                   "EEG C4", "EEG T5", "EEG T6", "EEG P3", "EEG P4", "EEG O1", "EEG O2", "EEG Fz", "EEG Cz", "EEG Pz"]  # fmt: skip
+EEGMAT_CHANNELS = [f"EEG {name}" for name in ("Fp1", "Fp2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4", "T5",
+                                                "T6", "P3", "P4", "O1", "O2", "Fz", "Cz", "Pz")]
 
 
 def _named(path: Path) -> str:
@@ -555,7 +555,8 @@ def test_text_modality_from_file_name_and_csv_with_sfreq(tmp_path):
         (SIMPLE_TEXT.format(fs="100", units="", labels="ECG", rows=""), {}, "no samples"),
         (SIMPLE_TEXT.format(fs="100", units="", labels="ECG\tPPG", rows="1\t2\n3\n"), {}, "mismatched column counts"),
         (SIMPLE_TEXT.format(fs="100", units="", labels="ECG PPG EDA", rows="1\t2\n"), {}, "names 3 channel"),
-        (SIMPLE_TEXT.format(fs="100", units="", labels="ECG", rows="1\nnan\n"), {}, "non-finite sample in column 0 at data row 1"),
+        (SIMPLE_TEXT.format(fs="100", units="", labels="ECG", rows="1\nnan\n"), {},
+         "non-finite sample in column 0 at data row 1"),
         (SIMPLE_TEXT.format(fs="100", units="", labels="ECG", rows="1\nabc\n"), {}, "non-numeric"),
     ],
 )  # fmt: skip

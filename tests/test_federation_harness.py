@@ -34,7 +34,7 @@ TOPICS = Topics(FLEET)
 def test_synthetic_devices_are_fif_and_wav_pairs_that_form_one_stream_each(tmp_path):
     files = write_synthetic_devices(tmp_path, 2, duration_s=3.0, random_state=1)
     assert sorted(files) == ["device00", "device01"]
-    for device, paths in files.items():
+    for paths in files.values():
         assert [p.suffix for p in paths] == [".fif", ".wav"] * (len(paths) // 2) and all(p.is_file() for p in paths)
         recordings = [(path, read_recording(path)) for path in paths]
         streams = list(group_streams(recordings))

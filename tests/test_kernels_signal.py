@@ -38,7 +38,8 @@ def rng():
 
 
 def ecg_like(fs, duration_s, rr_s, *, rng, noise=0.02, wander=0.5):
-    """Synthetic ECG: narrow R, P and T waves, baseline wander, noise; ``rr_s`` is one RR interval or a cycle of them."""
+    """Synthetic ECG: narrow R, P and T waves, baseline wander, noise; ``rr_s`` is one RR
+    interval or a cycle of them."""
     t = np.arange(int(duration_s * fs)) / fs
     rr = np.resize(np.atleast_1d(rr_s), int(duration_s / min(np.atleast_1d(rr_s))) + 2)
     beats = 0.4 + np.concatenate([[0.0], np.cumsum(rr)])

@@ -471,7 +471,8 @@ def broker_command(config_path: Path | None, overrides: dict) -> None:
                            f"Ctrl-C stops it")
             elif use_mosquitto:
                 running = start_mosquitto(directory or Path(scratch), port, host=host)
-                click.echo(f"mosquitto listening on {running.host}:{running.port} (data in {running.directory}); Ctrl-C stops it")
+                click.echo(f"mosquitto listening on {running.host}:{running.port} "
+                           f"(data in {running.directory}); Ctrl-C stops it")
             else:
                 running = start_embedded_broker(host, port)
                 click.echo(f"amqtt broker (MQTT 3.1.1) listening on {running.host}:{running.port}; Ctrl-C stops it")

@@ -739,7 +739,8 @@ def run_demo(settings: DemoSettings) -> dict:
     epsilon_text = ("inf (no noise)" if final_eps is None else f"{final_eps:.3f} (RDP)"
                     + ("" if final_eps_pld is None else f" / {final_eps_pld:.3f} (PLD)"))
     click.echo(f"final federated model:  balanced accuracy mean {fed_mean:.3f}, min {fed_min:.3f} "
-               f"(held-out windows of {len(baseline.federated)} devices, {sum(r.round > 0 for r in rows)} training rounds), epsilon "
+               f"(held-out windows of {len(baseline.federated)} devices, "
+               f"{sum(r.round > 0 for r in rows)} training rounds), epsilon "
                f"{epsilon_text} at delta {settings.delta:g}")
     if stop_reason and stop_reason != "all training rounds done":
         click.echo(f"training stopped early: {stop_reason}")
@@ -751,8 +752,8 @@ def run_demo(settings: DemoSettings) -> dict:
         click.echo(f"ONNX model:             {onnx_summary['file']} ({onnx_summary['bytes'] / 1024:.1f} KiB, round "
                    f"{onnx_summary['round']}); onnxruntime vs Numba on {onnx_summary['held_out_windows']} held-out "
                    f"windows: max |diff| {onnx_summary['max_abs_diff_vs_numba']:.1e}")
-    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, model_final.onnx, summary.json) "
-               f"in {elapsed:.0f} s")
+    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, "
+               f"model_final.onnx, summary.json) in {elapsed:.0f} s")
     if settings.evaluate if settings.evaluate is not None else settings.data is not None:
         from biofed.apps.evaluation import evaluate_files
 

@@ -444,7 +444,8 @@ class Evaluation:
         """Accuracy against epsilon: one line per (view, private method), ``mean/worst`` per epsilon."""
         epsilons = self.settings.get("epsilons", list(EPSILONS))
         head = "".join(f"{'eps ' + ('inf' if math.isinf(e) else f'{e:g}'):>14s}" for e in epsilons)
-        lines = [f"privacy-utility trade-off (balanced accuracy mean/worst device, delta {self.settings.get('delta', 1e-5):g}, "
+        delta = self.settings.get("delta", 1e-5)
+        lines = [f"privacy-utility trade-off (balanced accuracy mean/worst device, delta {delta:g}, "
                  f"{self.settings.get('repeats', 1)} noise draws per private cell)", f"{'view':12s} {'method':24s}{head}"]
         keys = []
         for r in self.rows:
@@ -486,7 +487,7 @@ class Evaluation:
                 if s:
                     ax.axhline(s["mean"], color=colour, linestyle=style, label=f"{method} (no DP)")
             ax.set_xticks(xs, ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons])
-            ax.set_xlabel("per-patient epsilon (delta = %g)" % self.settings.get("delta", 1e-5))
+            ax.set_xlabel(f"per-patient epsilon (delta = {self.settings.get('delta', 1e-5):g})")
             ax.set_title(f"{view} (dashed: fine-tuned on the device, no privacy cost)" if view == "personalized" else view,
                          fontsize=9)
             ax.axhline(0.5, color="grey", lw=0.5)

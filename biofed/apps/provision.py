@@ -800,7 +800,8 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
          **_signing_table(fleet, COORDINATOR_ID, relative_to=folder)},
         tables,
         header=f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).\n"
-        "`biofed config init coordinator` lists every other setting; `biofed status --config THIS_FILE` shows the fleet.\n"
+        "`biofed config init coordinator` lists every other setting; "
+        "`biofed status --config THIS_FILE` shows the fleet.\n"
         "[dp] is client-level DP: the settings biofed demo runs with, and a budget.",
     )
     _write(layout.coordinator_config, text, _PUBLIC)
