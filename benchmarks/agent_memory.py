@@ -37,9 +37,15 @@ def _chunks(hours: float, chunk_s: float, seed: int):
     """Chunks of ``hours`` of stream, looping over a pool of one-minute recordings per class."""
     from biofed.datasets import make_recording, replay
 
-    pool = {label: [make_recording(label, duration_s=_POOL_S, audio_sfreq=4000.0, subject="bench",
-                                   random_state=seed + 10 * i + j) for j in range(2)]
-            for i, label in enumerate(_CLASSES)}
+    pool = {
+        label: [
+            make_recording(
+                label, duration_s=_POOL_S, audio_sfreq=4000.0, subject="bench", random_state=seed + 10 * i + j
+            )
+            for j in range(2)
+        ]
+        for i, label in enumerate(_CLASSES)
+    }
     total = hours * 3600.0
     t = 0.0
     k = 0
@@ -64,17 +70,18 @@ def main() -> None:
     from biofed.edge.agent import EdgeAgent
     from biofed.edge.continuous import LiveFeatures
     from biofed.edge.pipeline import FeatureRow
-    from biofed.model import FeatureLayout, fit_basis
     from biofed.edge.warmup import warmup
     from biofed.kernels import n_params
+    from biofed.model import FeatureLayout, fit_basis
     from biofed.protocol import Basis, Model, Task
 
     process = psutil.Process()
     started = time.perf_counter()
     samples = []
     with tempfile.TemporaryDirectory(prefix="biofed-bench-agent-") as tmp:
-        config = DeviceConfig(device_id="bench", fleet="bench", store_path=Path(tmp) / "features.sqlite",
-                              store_max_rows=args.store_rows)
+        config = DeviceConfig(
+            device_id="bench", fleet="bench", store_path=Path(tmp) / "features.sqlite", store_max_rows=args.store_rows
+        )
         agent = EdgeAgent(config, random_state=0)
         warmup()
         features = None
@@ -88,7 +95,8 @@ def main() -> None:
                 from biofed.datasets import make_recording
 
                 layout = FeatureLayout.from_recording(
-                    make_recording("rest", duration_s=2.0, audio_sfreq=4000.0, random_state=0), agent.pipeline_config)
+                    make_recording("rest", duration_s=2.0, audio_sfreq=4000.0, random_state=0), agent.pipeline_config
+                )
                 agent.ingestion.bind(layout)
                 features = LiveFeatures(agent.pipeline_config, layout, BadSpans())
             for row in features.feed(chunk):
@@ -100,21 +108,45 @@ def main() -> None:
                 hour += 1
                 next_hour += 3600.0
                 deadline = time.time() + 3600
-                agent._on_task(Task(round=hour * 10, model=np.empty(0), basis_version=hour - 1 if hour > 1 else 0,
-                                    classes=_CLASSES, deadline=deadline, phase="covariance", trust_mode="local",
-                                    noise_multiplier=1.0))
+                agent._on_task(
+                    Task(
+                        round=hour * 10,
+                        model=np.empty(0),
+                        basis_version=hour - 1 if hour > 1 else 0,
+                        classes=_CLASSES,
+                        deadline=deadline,
+                        phase="covariance",
+                        trust_mode="local",
+                        noise_multiplier=1.0,
+                    )
+                )
                 X, _, _ = agent.store.read()
                 basis = fit_basis(X, 32)
-                agent._on_basis(Basis(round=hour, version=hour, components=basis.components, mean=basis.mean,
-                                      scale=basis.scale))
+                agent._on_basis(
+                    Basis(round=hour, version=hour, components=basis.components, mean=basis.mean, scale=basis.scale)
+                )
                 model = np.zeros(n_params(32, 2, 0))
-                out = agent._on_task(Task(round=hour * 10 + 1, model=model, basis_version=hour, classes=_CLASSES,
-                                          deadline=deadline, local_epochs=1))
+                out = agent._on_task(
+                    Task(
+                        round=hour * 10 + 1,
+                        model=model,
+                        basis_version=hour,
+                        classes=_CLASSES,
+                        deadline=deadline,
+                        local_epochs=1,
+                    )
+                )
                 trained += bool(out)
                 agent._on_model(Model(round=hour, params=model, basis_version=hour, classes=_CLASSES))
                 del X
-                samples.append({"hour": hour, "rss_mb": process.memory_info().rss / 2**20, "rows": agent.n_rows,
-                                "wall_s": round(time.perf_counter() - started, 1)})
+                samples.append(
+                    {
+                        "hour": hour,
+                        "rss_mb": process.memory_info().rss / 2**20,
+                        "rows": agent.n_rows,
+                        "wall_s": round(time.perf_counter() - started, 1),
+                    }
+                )
                 print(json.dumps({"progress": samples[-1]}), file=sys.stderr, flush=True)
         stored += agent.ingestion.append(rows, 0.0, "bench-stream")
         n_rows = agent.n_rows
@@ -123,11 +155,21 @@ def main() -> None:
     # flat memory: from the first hourly sample with the store at its cap (eviction running) to the last
     full = [sample for sample in samples if sample["rows"] >= args.store_rows]
     growth = full[-1]["rss_mb"] - full[0]["rss_mb"] if len(full) > 1 else float("nan")
-    print(json.dumps({
-        "hours": args.hours, "peak_rss_mb": peak, "rss_growth_at_store_cap_mb": growth,
-        "samples": samples, "windows_stored": stored, "rows_in_store": n_rows, "store_max_rows": args.store_rows,
-        "training_rounds": trained, "wall_s": time.perf_counter() - started,
-    }))
+    print(
+        json.dumps(
+            {
+                "hours": args.hours,
+                "peak_rss_mb": peak,
+                "rss_growth_at_store_cap_mb": growth,
+                "samples": samples,
+                "windows_stored": stored,
+                "rows_in_store": n_rows,
+                "store_max_rows": args.store_rows,
+                "training_rounds": trained,
+                "wall_s": time.perf_counter() - started,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

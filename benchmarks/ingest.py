@@ -52,26 +52,43 @@ def device_ids(n: int) -> list[str]:
     return [f"dev-{i:05d}" for i in range(n)]
 
 
-def build_updates(devices: list[str], rounds: int, total: int, dtype: str, seed: int = 0) -> list[list[tuple[str, bytes]]]:
+def build_updates(
+    devices: list[str], rounds: int, total: int, dtype: str, seed: int = 0
+) -> list[list[tuple[str, bytes]]]:
     """Encoded updates per round: ``[(topic, bytes), ...]`` for rounds 1..rounds (``total`` in all)."""
     rng = np.random.default_rng(seed)
     size = n_params(K, N_CLASSES)
-    metrics = UpdateMetrics(loss=0.6, n_windows=240, rss_bytes=80_000_000, cpu_time_s=0.2,
-                            eval_balanced_accuracy=0.7, eval_windows=60)
+    metrics = UpdateMetrics(
+        loss=0.6, n_windows=240, rss_bytes=80_000_000, cpu_time_s=0.2, eval_balanced_accuracy=0.7, eval_windows=60
+    )
     out, left = [], total
     for r in range(1, rounds + 1):
         batch = []
         for device in devices[: min(len(devices), left)]:
-            update = Update(round=r, basis_version=BASIS_VERSION, delta=(rng.normal(size=size) * 0.01).astype(dtype),
-                            n_examples=240, clipped=False, metrics=metrics)
+            update = Update(
+                round=r,
+                basis_version=BASIS_VERSION,
+                delta=(rng.normal(size=size) * 0.01).astype(dtype),
+                n_examples=240,
+                clipped=False,
+                metrics=metrics,
+            )
             batch.append((TOPICS.update(device), encode_message(update, fleet=FLEET, sender=device)))
         left -= len(batch)
         out.append(batch)
     return out
 
 
-def _publisher(host: str, port: int, protocol: str, index: int, rounds: list[list[tuple[str, bytes]]],
-               statuses: list[tuple[str, bytes]], go: mp.Queue, done: mp.Queue) -> None:
+def _publisher(
+    host: str,
+    port: int,
+    protocol: str,
+    index: int,
+    rounds: list[list[tuple[str, bytes]]],
+    statuses: list[tuple[str, bytes]],
+    go: mp.Queue,
+    done: mp.Queue,
+) -> None:
     """Publisher process body: statuses first, then one round per ``go`` token."""
     with MqttClient(host, port, f"publisher-{index}", protocol=protocol, clean=True, max_inflight=1000) as client:
         for topic, data in statuses:
@@ -93,8 +110,14 @@ def _ingest_only_rate(devices, statuses, updates, n_updates: int) -> float:
         ingest.handle(topic, data)
     start = time.perf_counter()
     for r, batch in enumerate(updates, start=1):
-        ingest.open = OpenRound(round=r, phase="train", participants=frozenset(devices), deadline=time.time() + 3600,
-                                basis_version=BASIS_VERSION, n_params=n_params(K, N_CLASSES))
+        ingest.open = OpenRound(
+            round=r,
+            phase="train",
+            participants=frozenset(devices),
+            deadline=time.time() + 3600,
+            basis_version=BASIS_VERSION,
+            n_params=n_params(K, N_CLASSES),
+        )
         for topic, data in batch:
             ingest.handle(topic, data)
     return n_updates / (time.perf_counter() - start)
@@ -105,8 +128,9 @@ def run(broker_kind: str, n_devices: int, n_updates: int, n_publishers: int, dty
     rounds = math.ceil(n_updates / n_devices)
     updates = build_updates(devices, rounds, n_updates, dtype)
     bytes_per_update = int(np.mean([len(data) for batch in updates for _, data in batch]))
-    statuses = [(TOPICS.status(d), encode_message(Status(round=0, state="online"), fleet=FLEET, sender=d))
-                for d in devices]
+    statuses = [
+        (TOPICS.status(d), encode_message(Status(round=0, state="online"), fleet=FLEET, sender=d)) for d in devices
+    ]
 
     ingest_only = _ingest_only_rate(devices, statuses, updates, n_updates)
 
@@ -120,11 +144,25 @@ def run(broker_kind: str, n_devices: int, n_updates: int, n_publishers: int, dty
         # tokens and send its next round while the current one is still open
         gos, done = [ctx.Queue() for _ in range(n_publishers)], ctx.Queue()
         shares = [slice(i, None, n_publishers) for i in range(n_publishers)]
-        workers = [ctx.Process(target=_publisher, args=(
-            broker.host, broker.port, protocol, i, [batch[share] for batch in updates], statuses[share], gos[i], done))
-            for i, share in enumerate(shares)]
-        receiver = MqttClient(broker.host, broker.port, "coordinator-bench", protocol=protocol, clean=True,
-                              inbox_size=100_000)
+        workers = [
+            ctx.Process(
+                target=_publisher,
+                args=(
+                    broker.host,
+                    broker.port,
+                    protocol,
+                    i,
+                    [batch[share] for batch in updates],
+                    statuses[share],
+                    gos[i],
+                    done,
+                ),
+            )
+            for i, share in enumerate(shares)
+        ]
+        receiver = MqttClient(
+            broker.host, broker.port, "coordinator-bench", protocol=protocol, clean=True, inbox_size=100_000
+        )
         try:
             receiver.connect()
             for kind in ("status", "update"):
@@ -142,9 +180,14 @@ def run(broker_kind: str, n_devices: int, n_updates: int, n_publishers: int, dty
             accepted = 0
             start = time.perf_counter()
             for r, batch in enumerate(updates, start=1):
-                ingest.open = OpenRound(round=r, phase="train", participants=frozenset(devices),
-                                        deadline=time.time() + 3600, basis_version=BASIS_VERSION,
-                                        n_params=n_params(K, N_CLASSES))
+                ingest.open = OpenRound(
+                    round=r,
+                    phase="train",
+                    participants=frozenset(devices),
+                    deadline=time.time() + 3600,
+                    basis_version=BASIS_VERSION,
+                    n_params=n_params(K, N_CLASSES),
+                )
                 for go in gos:
                     go.put(r)
                 while len(ingest.open.received) < len(batch):

@@ -65,7 +65,9 @@ def make_stream(seconds: float, random_state=0) -> dict[str, np.ndarray]:
         + 8.0 * rng.standard_normal((EEG_CHANNELS, t.size))
     )
     ta = clock(AUDIO_FS)
-    audio = (0.3 * np.sin(2 * np.pi * 220.0 * ta) * (1 + np.sin(2 * np.pi * 0.5 * ta)) + 0.05 * rng.standard_normal(ta.size))[None]
+    audio = (
+        0.3 * np.sin(2 * np.pi * 220.0 * ta) * (1 + np.sin(2 * np.pi * 0.5 * ta)) + 0.05 * rng.standard_normal(ta.size)
+    )[None]
     tb = clock(BIO_FS)
     beat_phase = 2 * np.pi * 1.2 * tb + 0.3 * np.sin(2 * np.pi * 0.1 * tb)  # ~72 bpm with variability
     ecg = np.exp(-((np.mod(beat_phase, 2 * np.pi) - np.pi) ** 2) / 0.02) + 0.02 * rng.standard_normal(tb.size)
@@ -100,8 +102,12 @@ class Chain:
         self.projection = None if basis is None else transform_plan(np.asarray(basis).T, mean=mean, scale=scale)
         #: The feature stages in feature-row order: name -> f(windows dict) -> (n, ch, f).
         self.stages = {
-            "eeg band powers": lambda w: spectral_features(np.ascontiguousarray(w["eeg"], dtype=self.dtype), self.eeg_plan),
-            "audio log-mel": lambda w: spectral_features(np.ascontiguousarray(w["audio"], dtype=self.dtype), self.audio_plan),
+            "eeg band powers": lambda w: spectral_features(
+                np.ascontiguousarray(w["eeg"], dtype=self.dtype), self.eeg_plan
+            ),
+            "audio log-mel": lambda w: spectral_features(
+                np.ascontiguousarray(w["audio"], dtype=self.dtype), self.audio_plan
+            ),
             "bio window statistics": lambda w: window_statistics(w["bio"], BIO_FS),
             "ecg/ppg heart rate": lambda w: heart_rate_features(w["bio"][:, :HEART_CHANNELS], BIO_FS),
         }

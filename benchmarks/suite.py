@@ -62,8 +62,17 @@ class Settings:
         return max(3, int(round(self.repeats * fraction)))
 
 
-def _compare(result: CaseResult, case: str, shape: str, biofed_fn, baselines_: dict[str, Callable], *,
-             repeats: int, tolerance: float = EQUAL_TOL, note: str = "") -> list[Comparison]:
+def _compare(
+    result: CaseResult,
+    case: str,
+    shape: str,
+    biofed_fn,
+    baselines_: dict[str, Callable],
+    *,
+    repeats: int,
+    tolerance: float = EQUAL_TOL,
+    note: str = "",
+) -> list[Comparison]:
     """Time ``biofed_fn`` and every baseline on the same input; record the outputs' difference."""
     timing, out = measure(biofed_fn, repeats=repeats)
     rows = []
@@ -81,25 +90,41 @@ def case_windowing(s: Settings, result: CaseResult) -> None:
 
     x = stream.make_stream(s.seconds(600, 120), s.seed)["eeg"]
     window, hop = int(stream.WINDOW_S * stream.EEG_FS), int(stream.HOP_S * stream.EEG_FS)
-    _compare(result, "sliding_windows", f"{x.shape} w={window} h={hop}",
-             lambda: sliding_windows(x, window, hop),
-             {"numpy sliding_window_view": lambda: baselines.sliding_windows_numpy(x, window, hop)},
-             repeats=s.repeats, tolerance=0.0, note="both are zero-copy views")
+    _compare(
+        result,
+        "sliding_windows",
+        f"{x.shape} w={window} h={hop}",
+        lambda: sliding_windows(x, window, hop),
+        {"numpy sliding_window_view": lambda: baselines.sliding_windows_numpy(x, window, hop)},
+        repeats=s.repeats,
+        tolerance=0.0,
+        note="both are zero-copy views",
+    )
 
 
 def case_band_powers(s: Settings, result: CaseResult) -> None:
     from biofed.kernels import band_powers, sliding_windows
 
     x = stream.make_stream(s.seconds(600, 60), s.seed)["eeg"]
-    w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * stream.EEG_FS), int(stream.HOP_S * stream.EEG_FS)))
+    w = np.ascontiguousarray(
+        sliding_windows(x, int(stream.WINDOW_S * stream.EEG_FS), int(stream.HOP_S * stream.EEG_FS))
+    )
     fs, nperseg = stream.EEG_FS, 512  # the documented default: min(window, next power of two >= fs)
-    _compare(result, "band_powers", f"{w.shape} fs={fs:g}",
-             lambda: band_powers(w, fs),
-             {
-                 "scipy welch + band sums": lambda: baselines.band_powers_scipy(w, fs, baselines.EEG_BANDS_HZ, nperseg=nperseg),
-                 "mne psd_array_welch + sums": lambda: baselines.band_powers_mne(w, fs, baselines.EEG_BANDS_HZ, nperseg=nperseg),
-             },
-             repeats=s.reps(0.5))
+    _compare(
+        result,
+        "band_powers",
+        f"{w.shape} fs={fs:g}",
+        lambda: band_powers(w, fs),
+        {
+            "scipy welch + band sums": lambda: baselines.band_powers_scipy(
+                w, fs, baselines.EEG_BANDS_HZ, nperseg=nperseg
+            ),
+            "mne psd_array_welch + sums": lambda: baselines.band_powers_mne(
+                w, fs, baselines.EEG_BANDS_HZ, nperseg=nperseg
+            ),
+        },
+        repeats=s.reps(0.5),
+    )
 
 
 def case_log_band_energies(s: Settings, result: CaseResult) -> None:
@@ -108,10 +133,14 @@ def case_log_band_energies(s: Settings, result: CaseResult) -> None:
     x = stream.make_stream(s.seconds(300, 30), s.seed)["audio"]
     fs = stream.AUDIO_FS
     w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * fs), int(stream.HOP_S * fs)))
-    _compare(result, "log_band_energies", f"{w.shape} fs={fs:g}",
-             lambda: log_band_energies(w, fs, n_bands=stream.N_MELS),
-             {"scipy welch frames + mel bank": lambda: baselines.log_mel_scipy(w, fs, n_bands=stream.N_MELS, nperseg=512)},
-             repeats=s.reps(0.5))
+    _compare(
+        result,
+        "log_band_energies",
+        f"{w.shape} fs={fs:g}",
+        lambda: log_band_energies(w, fs, n_bands=stream.N_MELS),
+        {"scipy welch frames + mel bank": lambda: baselines.log_mel_scipy(w, fs, n_bands=stream.N_MELS, nperseg=512)},
+        repeats=s.reps(0.5),
+    )
 
 
 def case_heart_rate(s: Settings, result: CaseResult) -> None:
@@ -120,21 +149,31 @@ def case_heart_rate(s: Settings, result: CaseResult) -> None:
     x = stream.make_stream(s.seconds(600, 120), s.seed)["bio"][: stream.HEART_CHANNELS]
     fs = stream.BIO_FS
     w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * fs), int(stream.HOP_S * fs)))
-    _compare(result, "heart_rate_features", f"{w.shape} fs={fs:g}",
-             lambda: heart_rate_features(w, fs),
-             {"scipy find_peaks + numpy": lambda: baselines.heart_rate_scipy(w, fs)},
-             repeats=s.reps(0.5))
+    _compare(
+        result,
+        "heart_rate_features",
+        f"{w.shape} fs={fs:g}",
+        lambda: heart_rate_features(w, fs),
+        {"scipy find_peaks + numpy": lambda: baselines.heart_rate_scipy(w, fs)},
+        repeats=s.reps(0.5),
+    )
 
 
 def case_window_statistics(s: Settings, result: CaseResult) -> None:
     from biofed.kernels import sliding_windows, window_statistics
 
     x = stream.make_stream(s.seconds(1200, 300), s.seed)["bio"]
-    w = np.ascontiguousarray(sliding_windows(x, int(stream.WINDOW_S * stream.BIO_FS), int(stream.HOP_S * stream.BIO_FS)))
-    _compare(result, "window_statistics", f"{w.shape} fs={stream.BIO_FS:g}",
-             lambda: window_statistics(w, stream.BIO_FS),
-             {"numpy mean/std/lstsq/min/max": lambda: baselines.window_statistics_numpy(w, stream.BIO_FS)},
-             repeats=s.repeats)
+    w = np.ascontiguousarray(
+        sliding_windows(x, int(stream.WINDOW_S * stream.BIO_FS), int(stream.HOP_S * stream.BIO_FS))
+    )
+    _compare(
+        result,
+        "window_statistics",
+        f"{w.shape} fs={stream.BIO_FS:g}",
+        lambda: window_statistics(w, stream.BIO_FS),
+        {"numpy mean/std/lstsq/min/max": lambda: baselines.window_statistics_numpy(w, stream.BIO_FS)},
+        repeats=s.repeats,
+    )
 
 
 def _sizes(s: Settings) -> tuple[int, ...]:
@@ -154,17 +193,34 @@ def case_transform(s: Settings, result: CaseResult) -> None:
         mean, scale = X.mean(axis=0), X.std(axis=0) + 0.1
         plan = transform_plan(W, b, mean=mean, scale=scale, activation="relu")
         reps = s.repeats if n >= 256 else 50 * s.repeats
-        rows = _compare(result, "transform[relu] (plan)", f"({n}, {d}) @ ({d}, {m})", lambda: apply_transform(X, plan),
-                        {"numpy ((X-mean)/scale)@W+b": lambda: baselines.transform_numpy(X, W, b, mean, scale, "relu")},
-                        repeats=reps, note="parameters validated once (transform_plan); features validated per call")
+        rows = _compare(
+            result,
+            "transform[relu] (plan)",
+            f"({n}, {d}) @ ({d}, {m})",
+            lambda: apply_transform(X, plan),
+            {"numpy ((X-mean)/scale)@W+b": lambda: baselines.transform_numpy(X, W, b, mean, scale, "relu")},
+            repeats=reps,
+            note="parameters validated once (transform_plan); features validated per call",
+        )
         ratios.append(rows[0].ratio)
         if n == 5000:
             for activation in ("identity", "relu"):
-                _compare(result, f"transform[{activation}]", f"({n}, {d}) @ ({d}, {m})",
-                         lambda a=activation: transform(X, W, b, mean=mean, scale=scale, activation=a),
-                         {"numpy ((X-mean)/scale)@W+b": lambda a=activation: baselines.transform_numpy(X, W, b, mean, scale, a)},
-                         repeats=s.repeats, note="one call: every argument validated")
-    result.targets.append(Target(f"transform (plan) >= 1x NumPy at every size {_sizes(s)}", min(ratios), ">=", 1.0, "x"))
+                _compare(
+                    result,
+                    f"transform[{activation}]",
+                    f"({n}, {d}) @ ({d}, {m})",
+                    lambda a=activation: transform(X, W, b, mean=mean, scale=scale, activation=a),
+                    {
+                        "numpy ((X-mean)/scale)@W+b": lambda a=activation: baselines.transform_numpy(
+                            X, W, b, mean, scale, a
+                        )
+                    },
+                    repeats=s.repeats,
+                    note="one call: every argument validated",
+                )
+    result.targets.append(
+        Target(f"transform (plan) >= 1x NumPy at every size {_sizes(s)}", min(ratios), ">=", 1.0, "x")
+    )
 
 
 def case_stats(s: Settings, result: CaseResult) -> None:
@@ -182,8 +238,14 @@ def case_stats(s: Settings, result: CaseResult) -> None:
         count, mean, m2 = baselines.moments_numpy(X)
         return np.concatenate([[count], mean, m2])
 
-    _compare(result, "moments_update", f"({n}, {d})", biofed_fn, {"numpy mean / squared deviations": numpy_fn},
-             repeats=s.repeats)
+    _compare(
+        result,
+        "moments_update",
+        f"({n}, {d})",
+        biofed_fn,
+        {"numpy mean / squared deviations": numpy_fn},
+        repeats=s.repeats,
+    )
 
     half = n // 2
 
@@ -192,9 +254,15 @@ def case_stats(s: Settings, result: CaseResult) -> None:
         b = moments_update(moments_init(d), X[half:])
         return moments_scale(moments_merge(a, b))
 
-    _compare(result, "moments merge+scale", f"2 x ({half}, {d})", merged,
-             {"numpy std over all rows": lambda: baselines.standard_scale_numpy(X)}, repeats=s.repeats,
-             note="two devices' statistics merged (Chan et al.) vs one pass over the pooled rows")
+    _compare(
+        result,
+        "moments merge+scale",
+        f"2 x ({half}, {d})",
+        merged,
+        {"numpy std over all rows": lambda: baselines.standard_scale_numpy(X)},
+        repeats=s.repeats,
+        note="two devices' statistics merged (Chan et al.) vs one pass over the pooled rows",
+    )
 
 
 def case_project(s: Settings, result: CaseResult) -> None:
@@ -209,14 +277,26 @@ def case_project(s: Settings, result: CaseResult) -> None:
         mean, scale = X.mean(axis=0), X.std(axis=0) + 0.1
         plan = transform_plan(basis.T, mean=mean, scale=scale)  # what StreamingPipeline.set_basis prepares
         reps = s.repeats if n >= 256 else 50 * s.repeats
-        rows = _compare(result, "project (plan)", f"({n}, {d}) -> k={k}", lambda: apply_transform(X, plan),
-                        {"numpy ((X-mean)/scale)@basis.T": lambda: baselines.project_numpy(X, basis, mean, scale)},
-                        repeats=reps, note="basis validated once, as the pipeline does")
+        rows = _compare(
+            result,
+            "project (plan)",
+            f"({n}, {d}) -> k={k}",
+            lambda: apply_transform(X, plan),
+            {"numpy ((X-mean)/scale)@basis.T": lambda: baselines.project_numpy(X, basis, mean, scale)},
+            repeats=reps,
+            note="basis validated once, as the pipeline does",
+        )
         ratios.append(rows[0].ratio)
         if n == 5000:
-            _compare(result, "project", f"({n}, {d}) -> k={k}", lambda: project(X, basis, mean=mean, scale=scale),
-                     {"numpy ((X-mean)/scale)@basis.T": lambda: baselines.project_numpy(X, basis, mean, scale)},
-                     repeats=s.repeats, note="one call: every argument validated")
+            _compare(
+                result,
+                "project",
+                f"({n}, {d}) -> k={k}",
+                lambda: project(X, basis, mean=mean, scale=scale),
+                {"numpy ((X-mean)/scale)@basis.T": lambda: baselines.project_numpy(X, basis, mean, scale)},
+                repeats=s.repeats,
+                note="one call: every argument validated",
+            )
     result.targets.append(Target(f"project (plan) >= 1x NumPy at every size {_sizes(s)}", min(ratios), ">=", 1.0, "x"))
 
 
@@ -251,16 +331,26 @@ def case_svd(s: Settings, result: CaseResult) -> None:
             values[name] = S
         ours = "biofed truncated_svd"
         rows = [
-            Comparison("truncated_svd", shape, timings[ours], name, timings[name],
-                       max_relative_difference(values[ours], values[name]), None,
-                       "max rel diff compares the k singular values")
-            for name in runs if name != ours
+            Comparison(
+                "truncated_svd",
+                shape,
+                timings[ours],
+                name,
+                timings[name],
+                max_relative_difference(values[ours], values[name]),
+                None,
+                "max rel diff compares the k singular values",
+            )
+            for name in runs
+            if name != ours
         ]
         result.comparisons.extend(rows)
         for name, err in errors.items():
             result.metrics.append(Metric("truncated_svd", f"{name} error / optimal {shape}", err, "x"))
         result.targets.append(Target(f"truncated_svd error <= 1.01x optimal {shape}", errors[ours], "<=", 1.01, "x"))
-        result.targets.append(Target(f"truncated_svd >= 2x faster than randomized_svd {shape}", rows[0].ratio, ">=", 2.0, "x"))
+        result.targets.append(
+            Target(f"truncated_svd >= 2x faster than randomized_svd {shape}", rows[0].ratio, ">=", 2.0, "x")
+        )
 
 
 def case_fd_sketch(s: Settings, result: CaseResult) -> None:
@@ -316,8 +406,14 @@ def case_training(s: Settings, result: CaseResult) -> None:
             loss, grad = baselines.loss_and_grad_numpy(p, X, y, c, h, l2=1e-3)
             return np.concatenate([[loss], grad])
 
-        _compare(result, f"loss_and_grad[{label}]", f"({n}, {d}) c={c}", biofed_fn,
-                 {"numpy forward/backward": numpy_fn}, repeats=s.repeats)
+        _compare(
+            result,
+            f"loss_and_grad[{label}]",
+            f"({n}, {d}) c={c}",
+            biofed_fn,
+            {"numpy forward/backward": numpy_fn},
+            repeats=s.repeats,
+        )
 
 
 # --- the fusion chain ---------------------------------------------------------------------
@@ -355,19 +451,40 @@ def case_chain(s: Settings, result: CaseResult) -> None:
 
     tolerance32 = _float32_chain_tolerance(features, scale, basis, theirs("mne")(w))
     for mode, wrap in (("batch", lambda f: lambda: f(w)), ("per window", lambda f: _per_window(f, w))):
-        rows = _compare(result, f"fusion chain ({mode})", f"{seconds:g} s stream, {n} windows", wrap(chains["float32"]),
-                        {"mne+scipy+numpy": wrap(theirs("mne")), "scipy+numpy": wrap(theirs("scipy"))},
-                        repeats=s.reps(0.5), tolerance=tolerance32,
-                        note="device default: float32 spectral stages; tolerance = FLOAT32_RTOL carried through the projection")
+        rows = _compare(
+            result,
+            f"fusion chain ({mode})",
+            f"{seconds:g} s stream, {n} windows",
+            wrap(chains["float32"]),
+            {"mne+scipy+numpy": wrap(theirs("mne")), "scipy+numpy": wrap(theirs("scipy"))},
+            repeats=s.reps(0.5),
+            tolerance=tolerance32,
+            note="device default: float32 spectral stages; tolerance = FLOAT32_RTOL carried through the projection",
+        )
         goal = 20.0 if mode == "per window" else 10.0
-        result.targets.append(Target(f"fusion chain >= {goal:g}x faster than MNE/SciPy version ({mode})", rows[0].ratio, ">=", goal, "x"))
-        result.targets.append(Target(f"fusion chain float32 max rel diff <= {tolerance32:.1e} ({mode})",
-                                     max(r.rel_diff for r in rows), "<=", tolerance32))
-        rows64 = _compare(result, f"fusion chain float64 ({mode})", f"{seconds:g} s stream, {n} windows",
-                          wrap(chains["float64"]), {"mne+scipy+numpy": wrap(theirs("mne"))},
-                          repeats=s.reps(0.5), tolerance=CHAIN_TOL)
-        result.targets.append(Target(f"fusion chain float64 max rel diff <= {CHAIN_TOL:g} ({mode})",
-                                     rows64[0].rel_diff, "<=", CHAIN_TOL))
+        result.targets.append(
+            Target(f"fusion chain >= {goal:g}x faster than MNE/SciPy version ({mode})", rows[0].ratio, ">=", goal, "x")
+        )
+        result.targets.append(
+            Target(
+                f"fusion chain float32 max rel diff <= {tolerance32:.1e} ({mode})",
+                max(r.rel_diff for r in rows),
+                "<=",
+                tolerance32,
+            )
+        )
+        rows64 = _compare(
+            result,
+            f"fusion chain float64 ({mode})",
+            f"{seconds:g} s stream, {n} windows",
+            wrap(chains["float64"]),
+            {"mne+scipy+numpy": wrap(theirs("mne"))},
+            repeats=s.reps(0.5),
+            tolerance=CHAIN_TOL,
+        )
+        result.targets.append(
+            Target(f"fusion chain float64 max rel diff <= {CHAIN_TOL:g} ({mode})", rows64[0].rel_diff, "<=", CHAIN_TOL)
+        )
 
 
 # --- trust: signed envelopes --------------------------------------------------------------
@@ -407,18 +524,35 @@ def case_signing(s: Settings, result: CaseResult) -> None:
     shape = f"{batch} updates of {update.delta.size} float64 (k={stream.K} logreg, 2 classes)"
     timing_signed, out = measure(signed, repeats=s.reps(0.5))
     timing_plain, expected = measure(plain, repeats=s.reps(0.5))
-    result.comparisons.append(Comparison(
-        "signed envelope encode+decode", shape, timing_signed, "unsigned encode+decode", timing_plain,
-        max_relative_difference(out, expected), 0.0,
-        "signed = Ed25519 sign + verify + replay checks; ratio < 1 is the overhead"))
+    result.comparisons.append(
+        Comparison(
+            "signed envelope encode+decode",
+            shape,
+            timing_signed,
+            "unsigned encode+decode",
+            timing_plain,
+            max_relative_difference(out, expected),
+            0.0,
+            "signed = Ed25519 sign + verify + replay checks; ratio < 1 is the overhead",
+        )
+    )
     per_signed, per_plain = timing_signed.median / batch, timing_plain.median / batch
     result.metrics.append(Metric("signing", "signed encode+decode per update", per_signed * 1e6, "us"))
     result.metrics.append(Metric("signing", "unsigned encode+decode per update", per_plain * 1e6, "us"))
     result.metrics.append(Metric("signing", "signature overhead per update", (per_signed - per_plain) * 1e6, "us"))
-    sizes = (len(encode_message(update, fleet="bench", sender=device, signer=signer)),
-             len(encode_message(update, fleet="bench", sender=device)))
-    result.metrics.append(Metric("signing", "signed - unsigned message size", sizes[0] - sizes[1], "bytes",
-                                 {"signed_bytes": sizes[0], "unsigned_bytes": sizes[1]}))
+    sizes = (
+        len(encode_message(update, fleet="bench", sender=device, signer=signer)),
+        len(encode_message(update, fleet="bench", sender=device)),
+    )
+    result.metrics.append(
+        Metric(
+            "signing",
+            "signed - unsigned message size",
+            sizes[0] - sizes[1],
+            "bytes",
+            {"signed_bytes": sizes[0], "unsigned_bytes": sizes[1]},
+        )
+    )
 
 
 # --- ONNX inference on the device ---------------------------------------------------------
@@ -431,19 +565,34 @@ def _onnx_profile_model(s: Settings, hidden: int):
     config = PipelineConfig()
     eeg = tuple(f"E{i:02d}" for i in range(stream.EEG_CHANNELS))
     bio = (("ECG", "ecg"), ("PPG", "ppg"), ("EDA", "eda"), ("RESP", "resp"))
-    layout = FeatureLayout.from_channels({
-        "eeg": (stream.EEG_FS, eeg, ("eeg",) * len(eeg)), "audio": (stream.AUDIO_FS, ("PCG",), ("audio",)),
-        "bio": (stream.BIO_FS, tuple(n for n, _ in bio), tuple(t for _, t in bio)),
-    }, config)
+    layout = FeatureLayout.from_channels(
+        {
+            "eeg": (stream.EEG_FS, eeg, ("eeg",) * len(eeg)),
+            "audio": (stream.AUDIO_FS, ("PCG",), ("audio",)),
+            "bio": (stream.BIO_FS, tuple(n for n, _ in bio), tuple(t for _, t in bio)),
+        },
+        config,
+    )
     w = stream.windows_of(stream.make_stream(s.seconds(120, 70), s.seed))
     X = _profile_features(w, layout)
     mean, scale, basis = stream.fit_projection(X, random_state=s.seed)
     Z = (X - mean) / scale @ basis.T
     y = (Z[:, 0] > np.median(Z[:, 0])).astype(np.int64)
-    params, _ = train(init_params(Z.shape[1], 2, hidden, random_state=s.seed), Z, y, 2, hidden, epochs=5,
-                      random_state=s.seed)
-    model = ModelFile(params, ("rest", "arithmetic"), hidden, Basis(basis, mean, scale), 1, "bench", 1, 1, layout,
-                      PrivacySpec(None, None, ""))
+    params, _ = train(
+        init_params(Z.shape[1], 2, hidden, random_state=s.seed), Z, y, 2, hidden, epochs=5, random_state=s.seed
+    )
+    model = ModelFile(
+        params,
+        ("rest", "arithmetic"),
+        hidden,
+        Basis(basis, mean, scale),
+        1,
+        "bench",
+        1,
+        1,
+        layout,
+        PrivacySpec(None, None, ""),
+    )
     return model, w, X
 
 
@@ -460,9 +609,14 @@ def _profile_features(w: dict[str, np.ndarray], layout, hr=None) -> np.ndarray:
     bio_rows = np.empty((n, bio.n_features))
     bio_rows[:, list(stat_cols)] = window_statistics(w["bio"], stream.BIO_FS).reshape(n, -1)
     bio_rows[:, list(hr_cols)] = np.asarray(hr).reshape(n, -1)
-    return np.concatenate([band_powers(w["eeg"], stream.EEG_FS, layout.bands, log=True).reshape(n, -1),
-                           log_band_energies(w["audio"], stream.AUDIO_FS, n_bands=layout.n_mels).reshape(n, -1),
-                           bio_rows], axis=1)
+    return np.concatenate(
+        [
+            band_powers(w["eeg"], stream.EEG_FS, layout.bands, log=True).reshape(n, -1),
+            log_band_energies(w["audio"], stream.AUDIO_FS, n_bands=layout.n_mels).reshape(n, -1),
+            bio_rows,
+        ],
+        axis=1,
+    )
 
 
 def case_onnx_inference(s: Settings, result: CaseResult) -> None:
@@ -496,24 +650,51 @@ def case_onnx_inference(s: Settings, result: CaseResult) -> None:
                     return predict_proba(model.params, z, 2, hidden)
 
                 def numba_window(wb=wb, hb=hb):
-                    z = project(_profile_features(wb, model.layout, hb), model.basis.components,
-                                mean=model.basis.mean, scale=model.basis.scale)
+                    z = project(
+                        _profile_features(wb, model.layout, hb),
+                        model.basis.components,
+                        mean=model.basis.mean,
+                        scale=model.basis.scale,
+                    )
                     return predict_proba(model.params, z, 2, hidden)
 
                 shape = f"batch {batch}, F={X.shape[1]}, k={model.k}, {dtype}"
                 reps = s.reps(5.0 if batch == 1 else 1.0)
-                rows = _compare(result, f"onnx features graph [{label}]", shape, lambda xb=xb: features.predict_features(xb),
-                                {"numba project+predict_proba": numba_features}, repeats=reps,
-                                tolerance=1e-5 if dtype == "float32" else 1e-9)
-                result.metrics.append(Metric("onnx_inference", f"features graph per window [{label}, {shape}]",
-                                             rows[0].biofed.median / batch * 1e6, "us"))
-                rows = _compare(result, f"onnx window graph [{label}]", shape,
-                                lambda wb=wb, hb=hb: window.predict_windows(wb, hb),
-                                {"numba features+project+predict_proba": numba_window}, repeats=s.reps(0.5),
-                                tolerance=1e-4 if dtype == "float32" else 1e-9,
-                                note="heart rate (peak detection) computed outside both timings")
-                result.metrics.append(Metric("onnx_inference", f"window graph per window [{label}, {shape}]",
-                                             rows[0].biofed.median / batch * 1e3, "ms"))
+                rows = _compare(
+                    result,
+                    f"onnx features graph [{label}]",
+                    shape,
+                    lambda xb=xb: features.predict_features(xb),
+                    {"numba project+predict_proba": numba_features},
+                    repeats=reps,
+                    tolerance=1e-5 if dtype == "float32" else 1e-9,
+                )
+                result.metrics.append(
+                    Metric(
+                        "onnx_inference",
+                        f"features graph per window [{label}, {shape}]",
+                        rows[0].biofed.median / batch * 1e6,
+                        "us",
+                    )
+                )
+                rows = _compare(
+                    result,
+                    f"onnx window graph [{label}]",
+                    shape,
+                    lambda wb=wb, hb=hb: window.predict_windows(wb, hb),
+                    {"numba features+project+predict_proba": numba_window},
+                    repeats=s.reps(0.5),
+                    tolerance=1e-4 if dtype == "float32" else 1e-9,
+                    note="heart rate (peak detection) computed outside both timings",
+                )
+                result.metrics.append(
+                    Metric(
+                        "onnx_inference",
+                        f"window graph per window [{label}, {shape}]",
+                        rows[0].biofed.median / batch * 1e3,
+                        "ms",
+                    )
+                )
 
 
 def _secagg_round(inputs, fleet, round_, drop_before_masking=()):
@@ -585,17 +766,28 @@ def case_secagg(s: Settings, result: CaseResult) -> None:
             base_timing, expected = measure(plain, repeats=s.reps(0.5))
             # fixed-point rounding: at most 2^-(scale_bits+1) per device and coordinate
             tolerance = len(survivors) * fp.resolution / 2 / float(np.max(np.abs(expected)))
-            result.comparisons.append(Comparison(
-                "secagg round (all devices + coordinator, one process)", shape, timing, "plain float64 sum",
-                base_timing, max_relative_difference(out, expected), tolerance,
-                "ratio << 1 is the SecAgg cost; tolerance = fixed-point rounding bound"))
+            result.comparisons.append(
+                Comparison(
+                    "secagg round (all devices + coordinator, one process)",
+                    shape,
+                    timing,
+                    "plain float64 sum",
+                    base_timing,
+                    max_relative_difference(out, expected),
+                    tolerance,
+                    "ratio << 1 is the SecAgg cost; tolerance = fixed-point rounding bound",
+                )
+            )
             device_s = float(np.median([spent["devices"] for spent, _ in rows])) / n
             coordinator_s = float(np.median([spent["coordinator"] for spent, _ in rows]))
             sent = float(np.median([traffic["device_sent_bytes"] for _, traffic in rows])) / n
             result.metrics.append(Metric("secagg", f"device CPU per round, {shape}", device_s * 1e3, "ms"))
             result.metrics.append(Metric("secagg", f"coordinator CPU per round, {shape}", coordinator_s * 1e3, "ms"))
-            result.metrics.append(Metric("secagg", f"bytes sent per device per round, {shape}", sent, "bytes",
-                                         {"plain_update_bytes": m * 8}))
+            result.metrics.append(
+                Metric(
+                    "secagg", f"bytes sent per device per round, {shape}", sent, "bytes", {"plain_update_bytes": m * 8}
+                )
+            )
 
 
 # --- fresh-process measurements -----------------------------------------------------------
@@ -624,9 +816,13 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
     for mode, label, goal in runs:
         m = out[mode]
         result.metrics.append(Metric("realtime", f"real-time factor, {label}", m["rtf"], "x", {**detail, **m}))
-        result.metrics.append(Metric("realtime", f"compute s for {out['stream_seconds']:g} s stream, {label}", m["median_s"], "s"))
+        result.metrics.append(
+            Metric("realtime", f"compute s for {out['stream_seconds']:g} s stream, {label}", m["median_s"], "s")
+        )
         if goal is not None:
-            result.targets.append(Target(f"replay real-time factor >= {goal:g}x on one core ({label})", m["rtf"], ">=", goal, "x"))
+            result.targets.append(
+                Target(f"replay real-time factor >= {goal:g}x on one core ({label})", m["rtf"], ">=", goal, "x")
+            )
     # Per-stage profile of one window against the FFT limit measured in the same process. The
     # limit is the best rfft rate, so the stages are compared by their best repeat too (the
     # medians, which include the load of a shared machine, are listed beside them).
@@ -637,27 +833,51 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
     for stage, st in out["stages"].items():
         best, median, lim = 1e3 * st["best_ms_per_window"], 1e3 * st["ms_per_window"], 1e3 * st["fft_limit_ms"]
         limit_us += lim
-        rows.append((stage, best, median, 100.0 * best / chain_best, st["rffts_per_window"], lim, lim / best if lim else "-"))
-    rows.append(("whole chain (one window per call)", chain_best, chain_median, 100.0, sum(r[4] for r in rows),
-                 limit_us, limit_us / chain_best))
-    result.tables.append(Table(
-        f"Per-window stage profile on one core vs the FFT flop limit (rfft of {fft['nperseg']} points measured "
-        f"here: {fft['gflops']['float32']:.3g} GFLOP/s float32, {fft['gflops']['float64']:.3g} GFLOP/s float64)",
-        ("stage", "us/window best", "median", "% of chain", "rffts/window", "FFT limit us", "fraction of limit"),
-        tuple(rows),
-        note="FFT limit = rffts x 2.5 n log2 n flops / best float32 rfft rate; shares are of the best chain time "
-             "and leave out the chain's glue (casts, concatenation)",
-    ))
-    result.metrics.append(Metric("realtime", f"rfft {fft['nperseg']} points, float32", fft["gflops"]["float32"], "GFLOP/s"))
-    result.metrics.append(Metric("realtime", f"rfft {fft['nperseg']} points, float64", fft["gflops"]["float64"], "GFLOP/s"))
-    result.targets.append(Target("whole chain per window <= 2x its FFT flop limit (best repeats)", chain_best / limit_us, "<=", 2.0, "x"))
+        rows.append(
+            (stage, best, median, 100.0 * best / chain_best, st["rffts_per_window"], lim, lim / best if lim else "-")
+        )
+    rows.append(
+        (
+            "whole chain (one window per call)",
+            chain_best,
+            chain_median,
+            100.0,
+            sum(r[4] for r in rows),
+            limit_us,
+            limit_us / chain_best,
+        )
+    )
+    result.tables.append(
+        Table(
+            f"Per-window stage profile on one core vs the FFT flop limit (rfft of {fft['nperseg']} points measured "
+            f"here: {fft['gflops']['float32']:.3g} GFLOP/s float32, {fft['gflops']['float64']:.3g} GFLOP/s float64)",
+            ("stage", "us/window best", "median", "% of chain", "rffts/window", "FFT limit us", "fraction of limit"),
+            tuple(rows),
+            note="FFT limit = rffts x 2.5 n log2 n flops / best float32 rfft rate; shares are of the best chain time "
+            "and leave out the chain's glue (casts, concatenation)",
+        )
+    )
+    result.metrics.append(
+        Metric("realtime", f"rfft {fft['nperseg']} points, float32", fft["gflops"]["float32"], "GFLOP/s")
+    )
+    result.metrics.append(
+        Metric("realtime", f"rfft {fft['nperseg']} points, float64", fft["gflops"]["float64"], "GFLOP/s")
+    )
+    result.targets.append(
+        Target("whole chain per window <= 2x its FFT flop limit (best repeats)", chain_best / limit_us, "<=", 2.0, "x")
+    )
 
 
 def _time_first_window(env: dict[str, str]) -> float:
     """Seconds from launching a fresh interpreter to it printing its first computed window."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", stream.__name__, "warm"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", stream.__name__, "warm"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     line = proc.stdout.readline()
     elapsed = time.perf_counter() - start
     _, err = proc.communicate()
@@ -683,22 +903,46 @@ def case_warm_start(s: Settings, result: CaseResult) -> None:
 def case_agent_memory(s: Settings, result: CaseResult) -> None:
     """RSS of a whole agent process ingesting, storing (at its cap) and training over a long stream."""
     hours = s.seconds(24.0, 3.0)
-    cmd = [sys.executable, "-m", "biofed.benchmarks.agent_memory", "--hours", str(hours),
-           "--store-rows", "2000" if s.quick else "20000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "biofed.benchmarks.agent_memory",
+        "--hours",
+        str(hours),
+        "--store-rows",
+        "2000" if s.quick else "20000",
+    ]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"agent memory subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    detail = {k: out[k] for k in ("hours", "windows_stored", "rows_in_store", "store_max_rows", "training_rounds",
-                                  "wall_s", "samples")}
-    result.metrics.append(Metric("agent_memory", f"agent peak RSS over {hours:g} h of stream", out["peak_rss_mb"], "MB",
-                                 detail))
-    result.metrics.append(Metric("agent_memory", "RSS growth while the store is at its cap (eviction running)",
-                                 out["rss_growth_at_store_cap_mb"], "MB"))
-    result.targets.append(Target("agent peak RSS <= 150 MB (ingesting, training, whole process)", out["peak_rss_mb"],
-                                 "<=", 150.0, " MB"))
-    result.targets.append(Target("flat memory: RSS growth with the store at its cap <= 5 MB",
-                                 out["rss_growth_at_store_cap_mb"], "<=", 5.0, " MB"))
+    detail = {
+        k: out[k]
+        for k in ("hours", "windows_stored", "rows_in_store", "store_max_rows", "training_rounds", "wall_s", "samples")
+    }
+    result.metrics.append(
+        Metric("agent_memory", f"agent peak RSS over {hours:g} h of stream", out["peak_rss_mb"], "MB", detail)
+    )
+    result.metrics.append(
+        Metric(
+            "agent_memory",
+            "RSS growth while the store is at its cap (eviction running)",
+            out["rss_growth_at_store_cap_mb"],
+            "MB",
+        )
+    )
+    result.targets.append(
+        Target("agent peak RSS <= 150 MB (ingesting, training, whole process)", out["peak_rss_mb"], "<=", 150.0, " MB")
+    )
+    result.targets.append(
+        Target(
+            "flat memory: RSS growth with the store at its cap <= 5 MB",
+            out["rss_growth_at_store_cap_mb"],
+            "<=",
+            5.0,
+            " MB",
+        )
+    )
 
 
 EEGMAT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "eegmat"
@@ -711,7 +955,6 @@ def case_evaluation(s: Settings, result: CaseResult) -> None:
     every epsilon, 3 noise draws and the projection variants; ``--quick`` a small synthetic fleet
     at epsilon 8 and inf."""
     from biofed.apps.demo import eegmat_devices
-    from biofed.apps.federation import write_synthetic_devices
     from biofed.apps.evaluation import (
         DEFAULT_METHOD,
         EPSILONS,
@@ -720,6 +963,7 @@ def case_evaluation(s: Settings, result: CaseResult) -> None:
         run_evaluation,
         targets,
     )
+    from biofed.apps.federation import write_synthetic_devices
 
     with tempfile.TemporaryDirectory(prefix="biofed-bench-eval-") as tmp:
         files = eegmat_devices(EEGMAT) if EEGMAT.is_dir() and not s.quick else {}
@@ -731,11 +975,23 @@ def case_evaluation(s: Settings, result: CaseResult) -> None:
         devices = load_devices(files)
         plain = load_devices(files, rows=plain_pipeline_rows)
     if s.quick:
-        evaluation = run_evaluation(devices, plain_devices=plain, epsilons=(8.0, float("inf")), repeats=1,
-                                    methods=("dp-ftrl", "one-shot"), seed=s.seed)
+        evaluation = run_evaluation(
+            devices,
+            plain_devices=plain,
+            epsilons=(8.0, float("inf")),
+            repeats=1,
+            methods=("dp-ftrl", "one-shot"),
+            seed=s.seed,
+        )
     else:
-        evaluation = run_evaluation(devices, plain_devices=plain, epsilons=EPSILONS, repeats=3,
-                                    variants=(("none", 0), ("pca", 32), ("class", 32), ("pca", 64)), seed=s.seed)
+        evaluation = run_evaluation(
+            devices,
+            plain_devices=plain,
+            epsilons=EPSILONS,
+            repeats=3,
+            variants=(("none", 0), ("pca", 32), ("class", 32), ("pca", 64)),
+            seed=s.seed,
+        )
     for row in evaluation.summaries():
         eps = row["epsilon_target"]
         name = f"{row['view']} / {row['method']} / proj {row['variant']} / eps {eps:g}"

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import click
 
-EXIT_CODES = ("Exit codes: 0 success; 1 runtime error (broker unreachable, aborted run, failed check); "
-              "2 usage error (bad option, missing or invalid config file).")
+EXIT_CODES = (
+    "Exit codes: 0 success; 1 runtime error (broker unreachable, aborted run, failed check); "
+    "2 usage error (bad option, missing or invalid config file)."
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
@@ -50,7 +52,10 @@ def examples(*lines: str, exit_codes: str | None = EXIT_CODES) -> str:
 def config_option(kind: str, *, required: bool = True) -> Callable:
     """``--config FILE``: the command's biofed TOML file (``biofed config init KIND`` writes one)."""
     return click.option(
-        "--config", "config_path", required=required, type=click.Path(dir_okay=False, path_type=Path),
+        "--config",
+        "config_path",
+        required=required,
+        type=click.Path(dir_okay=False, path_type=Path),
         help=f"biofed {kind} config (TOML; `biofed config init {kind}` writes a template).",
     )
 
@@ -111,15 +116,30 @@ def logging_options(default_level: str = "info") -> Callable:
             configure_logging(log_level, log_format, log_file)
             return command(*args, **kwargs)
 
-        for option in reversed((
-            click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None,
-                         help=f"Least severe log records shown [default: {default_level}; -v: debug]."),
-            click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-                         help="json: one JSON object per line (for journald, Loki, Elasticsearch)."),
-            click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                         help="Append the log to this file instead of stderr (logrotate-safe)."),
-            click.option("-v", "--verbose", count=True, help="Debug logging (same as --log-level debug)."),
-        )):
+        for option in reversed(
+            (
+                click.option(
+                    "--log-level",
+                    type=click.Choice(LOG_LEVELS),
+                    default=None,
+                    help=f"Least severe log records shown [default: {default_level}; -v: debug].",
+                ),
+                click.option(
+                    "--log-format",
+                    type=click.Choice(["text", "json"]),
+                    default="text",
+                    show_default=True,
+                    help="json: one JSON object per line (for journald, Loki, Elasticsearch).",
+                ),
+                click.option(
+                    "--log-file",
+                    type=click.Path(dir_okay=False, path_type=Path),
+                    default=None,
+                    help="Append the log to this file instead of stderr (logrotate-safe).",
+                ),
+                click.option("-v", "--verbose", count=True, help="Debug logging (same as --log-level debug)."),
+            )
+        ):
             run = option(run)
         return run
 
@@ -137,10 +157,14 @@ def option_name(key: str) -> str:
 
 
 def _click_type(annotation: object) -> click.ParamType:
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) \
-        is typing.Union else (annotation,)
-    kinds = {typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
-             for a in args if a is not type(None)}
+    args = (
+        typing.get_args(annotation)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+        else (annotation,)
+    )
+    kinds = {
+        typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args if a is not type(None)
+    }
     if kinds == {int}:
         return click.INT
     if kinds == {float}:
@@ -192,14 +216,24 @@ def override_options(model: type, *, aliases: dict[str, str] | None = None) -> C
             else:
                 run = click.option(name, params[key], type=kind, default=None, help=help_text)(run)
             if key in aliases:
-                run = click.option(aliases[key], f"alias_{params[key]}", type=_click_type(info.annotation),
-                                   default=None, hidden=True)(run)
+                run = click.option(
+                    aliases[key], f"alias_{params[key]}", type=_click_type(info.annotation), default=None, hidden=True
+                )(run)
         return run
 
     return decorate
 
 
 __all__ = [
-    "ConfigUsageError", "EXIT_CODES", "JsonFormatter", "LOG_LEVELS", "config_option", "configure_logging", "examples",
-    "load_config_or_exit", "logging_options", "option_name", "override_options",
+    "ConfigUsageError",
+    "EXIT_CODES",
+    "JsonFormatter",
+    "LOG_LEVELS",
+    "config_option",
+    "configure_logging",
+    "examples",
+    "load_config_or_exit",
+    "logging_options",
+    "option_name",
+    "override_options",
 ]

@@ -194,7 +194,9 @@ class PipelineSettings(_Section):
     @model_validator(mode="after")
     def _hop_within_window(self) -> PipelineSettings:
         if self.hop_s > self.window_s:
-            raise ValueError(f"hop_s ({self.hop_s}) must not exceed window_s ({self.window_s}): samples would be skipped")
+            raise ValueError(
+                f"hop_s ({self.hop_s}) must not exceed window_s ({self.window_s}): samples would be skipped"
+            )
         return self
 
 
@@ -325,8 +327,17 @@ class DeviceConfig(_SigningFields):
     metrics: MetricsSettings = MetricsSettings()
 
     OVERRIDABLE: ClassVar[tuple[str, ...]] = (
-        "device_id", "fleet", "store_path", "replay_speed", "broker.host", "broker.port", "broker.protocol",
-        "broker.username", "broker.password_file", "metrics.port", "metrics.host",
+        "device_id",
+        "fleet",
+        "store_path",
+        "replay_speed",
+        "broker.host",
+        "broker.port",
+        "broker.protocol",
+        "broker.username",
+        "broker.password_file",
+        "metrics.port",
+        "metrics.host",
     )
     """Settings that ``BIOFED_*`` variables and ``biofed edge`` options override."""
 
@@ -433,10 +444,26 @@ class CoordinatorConfig(_SigningFields):
     ``[broker]``."""
 
     OVERRIDABLE: ClassVar[tuple[str, ...]] = (
-        "fleet", "rounds", "min_devices", "sampling_rate", "round_deadline_s", "state_dir", "broker.host",
-        "broker.port", "broker.protocol", "broker.username", "broker.password_file", "dp.trust_mode",
-        "dp.noise_multiplier", "dp.clip_norm", "dp.basis_noise_multiplier", "dp.basis_clip_norm",
-        "dp.epsilon_budget", "dp.delta", "metrics.port", "metrics.host",
+        "fleet",
+        "rounds",
+        "min_devices",
+        "sampling_rate",
+        "round_deadline_s",
+        "state_dir",
+        "broker.host",
+        "broker.port",
+        "broker.protocol",
+        "broker.username",
+        "broker.password_file",
+        "dp.trust_mode",
+        "dp.noise_multiplier",
+        "dp.clip_norm",
+        "dp.basis_noise_multiplier",
+        "dp.basis_clip_norm",
+        "dp.epsilon_budget",
+        "dp.delta",
+        "metrics.port",
+        "metrics.host",
     )
     """Settings that ``BIOFED_*`` variables and ``biofed coordinator`` options override."""
 
@@ -467,8 +494,12 @@ class BrokerServiceConfig(_Section):
 
 
 RECOMMENDED_PRIVACY: dict[str, float] = {
-    "noise_multiplier": 2.0, "clip_norm": 0.25, "basis_noise_multiplier": 10.0, "basis_clip_norm": 1.0,
-    "epsilon_budget": 10.0, "delta": 1e-5,
+    "noise_multiplier": 2.0,
+    "clip_norm": 0.25,
+    "basis_noise_multiplier": 10.0,
+    "basis_clip_norm": 1.0,
+    "epsilon_budget": 10.0,
+    "delta": 1e-5,
 }
 """The ``[dp]`` settings ``biofed demo`` runs with and ``biofed provision`` and
 ``biofed config init`` write: client-level DP at epsilon <= 10 (delta 1e-5) for about 10
@@ -503,8 +534,9 @@ def toml_literal(value: object) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def toml_document(top: Mapping[str, object], tables: Mapping[str, Mapping[str, object]] | None = None, *,
-                  header: str = "") -> str:
+def toml_document(
+    top: Mapping[str, object], tables: Mapping[str, Mapping[str, object]] | None = None, *, header: str = ""
+) -> str:
     """A TOML document: ``header`` as comment lines, the ``top`` keys, then one ``[name]``
     table per entry of ``tables``. None values are left out (the setting keeps its default).
 
@@ -549,8 +581,11 @@ def _field_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         info = model.model_fields.get(part) if isinstance(part, str) else None
         if info is None:
             return None
-        nested = [t for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
-                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        nested = [
+            t
+            for t in (info.annotation, *getattr(info.annotation, "__args__", ()))
+            if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
         if not nested:
             return None
         model = nested[0]
@@ -566,8 +601,13 @@ def _unknown_key_message(model: type[BaseModel], loc: tuple) -> str:
     return "unknown key (known: " + ", ".join(known) + ")" if known else "unknown key (check the spelling)"
 
 
-def load_config(path: str | Path | None, model: type[ModelT], *, overrides: Mapping[str, object] | None = None,
-                environ: Mapping[str, str] | None = None) -> ModelT:
+def load_config(
+    path: str | Path | None,
+    model: type[ModelT],
+    *,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ModelT:
     """Read the TOML file ``path`` into ``model`` (e.g. :class:`DeviceConfig`).
 
     Parameters
@@ -605,12 +645,21 @@ def load_config(path: str | Path | None, model: type[ModelT], *, overrides: Mapp
     return _validate(data, model, path, path.resolve().parent, overrides, environ)
 
 
-def _validate(data: dict, model: type[ModelT], path: Path, base_dir: Path, overrides: Mapping[str, object] | None,
-              environ: Mapping[str, str] | None) -> ModelT:
+def _validate(
+    data: dict,
+    model: type[ModelT],
+    path: Path,
+    base_dir: Path,
+    overrides: Mapping[str, object] | None,
+    environ: Mapping[str, str] | None,
+) -> ModelT:
     environ = os.environ if environ is None else environ
     source: dict[str, str] = {}
     for key in getattr(model, "OVERRIDABLE", ()):
-        for origin, value in ((env_name(key), environ.get(env_name(key))), ("the command line", (overrides or {}).get(key))):
+        for origin, value in (
+            (env_name(key), environ.get(env_name(key))),
+            ("the command line", (overrides or {}).get(key)),
+        ):
             if value is None or value == "":
                 continue
             if isinstance(value, Path) or (key.endswith(("_dir", "_path", "_file")) and origin != "the command line"):
@@ -646,7 +695,9 @@ def load_allowed_devices(path: str | Path) -> frozenset[str]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: allow list not found (biofed provision writes coordinator/allowed_devices.json)") from None
+        raise ConfigError(
+            f"{path}: allow list not found (biofed provision writes coordinator/allowed_devices.json)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read the allow list: {exc}") from None
     devices = data.get("devices") if isinstance(data, dict) else None
@@ -665,8 +716,26 @@ def load_allowed_devices(path: str | Path) -> frozenset[str]:
 
 
 __all__ = [
-    "AdaptiveClippingConfig", "BrokerConfig", "BrokerServiceConfig", "ConfigError", "CoordinatorConfig", "DPConfig",
-    "DeviceConfig", "ENV_PREFIX", "MetricsSettings", "ModelSettings", "PipelineSettings", "RECOMMENDED_PRIVACY",
-    "RECOMMENDED_ROUNDS", "STRATEGY_NAMES", "SourceConfig", "StrategyConfig", "TrainingSettings", "env_name", "load_allowed_devices",
-    "load_config", "toml_document", "toml_literal",
+    "AdaptiveClippingConfig",
+    "BrokerConfig",
+    "BrokerServiceConfig",
+    "ConfigError",
+    "CoordinatorConfig",
+    "DPConfig",
+    "DeviceConfig",
+    "ENV_PREFIX",
+    "MetricsSettings",
+    "ModelSettings",
+    "PipelineSettings",
+    "RECOMMENDED_PRIVACY",
+    "RECOMMENDED_ROUNDS",
+    "STRATEGY_NAMES",
+    "SourceConfig",
+    "StrategyConfig",
+    "TrainingSettings",
+    "env_name",
+    "load_allowed_devices",
+    "load_config",
+    "toml_document",
+    "toml_literal",
 ]

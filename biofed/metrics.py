@@ -108,14 +108,20 @@ class CoordinatorMetrics(Collector):
         self.registry = CollectorRegistry()
         prefix = "biofed_coordinator_"
         self.rounds = Counter(prefix + "rounds", "Closed rounds", ["phase"], registry=self.registry)
-        self.round_number = Gauge(prefix + "round", "Number of the last closed round", ["phase"],
-                                  registry=self.registry)
-        self.round_duration = Histogram(prefix + "round_duration_seconds", "Task published -> round committed",
-                                        ["phase"], buckets=ROUND_BUCKETS, registry=self.registry)
-        self.accepted = Counter(prefix + "updates_accepted", "Device replies accepted into a round", ["kind"],
-                                registry=self.registry)
-        self.received_bytes = Counter(prefix + "received_bytes", "MQTT payload bytes received",
-                                      registry=self.registry)
+        self.round_number = Gauge(
+            prefix + "round", "Number of the last closed round", ["phase"], registry=self.registry
+        )
+        self.round_duration = Histogram(
+            prefix + "round_duration_seconds",
+            "Task published -> round committed",
+            ["phase"],
+            buckets=ROUND_BUCKETS,
+            registry=self.registry,
+        )
+        self.accepted = Counter(
+            prefix + "updates_accepted", "Device replies accepted into a round", ["kind"], registry=self.registry
+        )
+        self.received_bytes = Counter(prefix + "received_bytes", "MQTT payload bytes received", registry=self.registry)
         self.sent_bytes = Counter(prefix + "sent_bytes", "MQTT payload bytes published", registry=self.registry)
         self._opened: dict[int, float] = {}
         self._epsilons: dict[str, float] = {}
@@ -158,19 +164,24 @@ class CoordinatorMetrics(Collector):
         coordinator = self._coordinator
         ingest = coordinator.ingest
         prefix = "biofed_coordinator_"
-        yield GaugeMetricFamily(prefix + "devices_online", "Devices whose retained status is not offline",
-                                value=len(ingest.online))
-        yield GaugeMetricFamily(prefix + "devices_known", "Devices that ever published a status",
-                                value=len(ingest.known))
-        rejected = CounterMetricFamily(prefix + "messages_rejected", "Inbound messages dropped, by reason",
-                                       labels=["reason"])
+        yield GaugeMetricFamily(
+            prefix + "devices_online", "Devices whose retained status is not offline", value=len(ingest.online)
+        )
+        yield GaugeMetricFamily(
+            prefix + "devices_known", "Devices that ever published a status", value=len(ingest.known)
+        )
+        rejected = CounterMetricFamily(
+            prefix + "messages_rejected", "Inbound messages dropped, by reason", labels=["reason"]
+        )
         for reason, count in sorted(dict(ingest.dropped).items()):
             rejected.add_metric([reason], count)
         yield rejected
-        yield GaugeMetricFamily(prefix + "train_rounds_done", "Training rounds committed",
-                                value=coordinator.snapshot.train_rounds_done)
-        spent = GaugeMetricFamily(prefix + "epsilon_spent", "Privacy spent at delta (dp-accounting)",
-                                  labels=["accountant"])
+        yield GaugeMetricFamily(
+            prefix + "train_rounds_done", "Training rounds committed", value=coordinator.snapshot.train_rounds_done
+        )
+        spent = GaugeMetricFamily(
+            prefix + "epsilon_spent", "Privacy spent at delta (dp-accounting)", labels=["accountant"]
+        )
         with self._lock:
             for accountant, value in sorted(self._epsilons.items()):
                 spent.add_metric([accountant], value)
@@ -190,12 +201,18 @@ class AgentMetrics(Collector):
         self._agent = agent
         self.registry = CollectorRegistry()
         prefix = "biofed_agent_"
-        self.windows = Counter(prefix + "windows_ingested", "Feature windows stored since start",
-                               registry=self.registry)
-        self.last_task_round = Gauge(prefix + "last_task_round", "Round of the last task answered",
-                                     registry=self.registry)
-        self.last_task_time = Gauge(prefix + "last_task_timestamp_seconds", "Unix time of the last task answered",
-                                    ["phase"], registry=self.registry)
+        self.windows = Counter(
+            prefix + "windows_ingested", "Feature windows stored since start", registry=self.registry
+        )
+        self.last_task_round = Gauge(
+            prefix + "last_task_round", "Round of the last task answered", registry=self.registry
+        )
+        self.last_task_time = Gauge(
+            prefix + "last_task_timestamp_seconds",
+            "Unix time of the last task answered",
+            ["phase"],
+            registry=self.registry,
+        )
         self.registry.register(self)
         ProcessCollector(registry=self.registry)
 
@@ -209,11 +226,9 @@ class AgentMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         agent = self._agent
         prefix = "biofed_agent_"
-        yield CounterMetricFamily(prefix + "received_bytes", "MQTT payload bytes received",
-                                  value=agent.bytes_received)
+        yield CounterMetricFamily(prefix + "received_bytes", "MQTT payload bytes received", value=agent.bytes_received)
         yield CounterMetricFamily(prefix + "sent_bytes", "MQTT payload bytes published", value=agent.bytes_sent)
-        yield CounterMetricFamily(prefix + "dropped_messages", "Inbound messages dropped",
-                                  value=agent.dropped_messages)
+        yield CounterMetricFamily(prefix + "dropped_messages", "Inbound messages dropped", value=agent.dropped_messages)
         yield _state_family(prefix + "state", "1 for the current agent state", type(agent.state), agent.state)
 
 

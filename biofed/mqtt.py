@@ -316,10 +316,16 @@ class MqttClient:
         if broker.tls:
             tls = TlsSettings(broker.ca_file, broker.cert_file, broker.key_file)
         settings = dict(
-            protocol=broker.protocol, keepalive=broker.keepalive, connect_timeout_s=broker.connect_timeout_s,
-            session_expiry_s=broker.session_expiry_s, inbox_size=broker.inbox_size,
-            inbox_rate_per_s=broker.inbox_rate_per_s, inbox_burst=broker.inbox_burst,
-            username=broker.username, password=broker.read_password(), tls=tls,
+            protocol=broker.protocol,
+            keepalive=broker.keepalive,
+            connect_timeout_s=broker.connect_timeout_s,
+            session_expiry_s=broker.session_expiry_s,
+            inbox_size=broker.inbox_size,
+            inbox_rate_per_s=broker.inbox_rate_per_s,
+            inbox_burst=broker.inbox_burst,
+            username=broker.username,
+            password=broker.read_password(),
+            tls=tls,
         )
         settings.update(kwargs)
         return cls(broker.host, broker.port, client_id, **settings)
@@ -343,8 +349,13 @@ class MqttClient:
             self._connack_error = None
             try:
                 if version == "5":
-                    client.connect(self.host, self.port, self.keepalive, clean_start=self.clean,
-                                   properties=self._connect_properties())
+                    client.connect(
+                        self.host,
+                        self.port,
+                        self.keepalive,
+                        clean_start=self.clean,
+                        properties=self._connect_properties(),
+                    )
                 else:
                     client.connect(self.host, self.port, self.keepalive)
             except ssl.SSLError as exc:  # an OSError too: report it as what it is
@@ -516,8 +527,10 @@ class MqttClient:
         with self._lock:
             refused = self._refused.pop(info.mid, None)
         if refused is not None:
-            raise PublishError(f"publish to {topic!r} refused by the broker: {refused} (a provisioned broker's ACL "
-                               f"lets user {self._credentials[0]!r} publish only to its own topics)")
+            raise PublishError(
+                f"publish to {topic!r} refused by the broker: {refused} (a provisioned broker's ACL "
+                f"lets user {self._credentials[0]!r} publish only to its own topics)"
+            )
         return info
 
     def receive(self, timeout_s: float | None = None) -> InboundMessage | None:
@@ -566,8 +579,9 @@ class MqttClient:
         client.on_publish = self._on_publish
         return client
 
-    def _on_connect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
-                    properties: object) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: object, flags: object, reason_code: object, properties: object
+    ) -> None:
         if getattr(reason_code, "is_failure", False):
             self._connack_error = f"refused: {reason_code}"
             self._connack.set()
@@ -585,8 +599,9 @@ class MqttClient:
         self._connack.set()
         logger.debug("MQTT connected (session present: %s)", getattr(flags, "session_present", None))
 
-    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object, reason_code: object,
-                       properties: object) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: object, flags: object, reason_code: object, properties: object
+    ) -> None:
         self._connected.clear()
         with self._lock:
             if self._down_since is None and self._connack.is_set():
@@ -599,8 +614,9 @@ class MqttClient:
             if self._network is not None:  # paho's own thread would reconnect by itself
                 self._network.reconnect_later(self, self._next_backoff())
 
-    def _on_publish(self, client: paho.Client, userdata: object, mid: int, reason_code: object,
-                    properties: object) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: object, mid: int, reason_code: object, properties: object
+    ) -> None:
         # paho calls this before it marks the message published, so publish() sees the reason
         with self._lock:
             if getattr(reason_code, "is_failure", False):
@@ -608,8 +624,9 @@ class MqttClient:
             else:
                 self._refused.pop(mid, None)
 
-    def _on_subscribe(self, client: paho.Client, userdata: object, mid: int, reason_codes: object,
-                      properties: object) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: object, mid: int, reason_codes: object, properties: object
+    ) -> None:
         with self._suback:
             self._acked_mids.add(mid)
             self._suback.notify_all()
@@ -627,4 +644,13 @@ class MqttClient:
         self._inbox.put(topic, inbound)
 
 
-__all__ = ["ConnectError", "InboundMessage", "MqttClient", "MqttError", "PROTOCOLS", "PublishError", "TlsSettings", "Will"]
+__all__ = [
+    "ConnectError",
+    "InboundMessage",
+    "MqttClient",
+    "MqttError",
+    "PROTOCOLS",
+    "PublishError",
+    "TlsSettings",
+    "Will",
+]

@@ -101,9 +101,7 @@ def check_delta(delta) -> float:
     """Return ``delta`` as a float in (0, 1) or raise a ValueError naming it."""
     d = _as_float(delta, "delta")
     if not 0.0 < d < 1.0:
-        raise ValueError(
-            f"delta must be in (0, 1), typically below 1 / number of devices (e.g. 1e-5), got {delta!r}."
-        )
+        raise ValueError(f"delta must be in (0, 1), typically below 1 / number of devices (e.g. 1e-5), got {delta!r}.")
     return d
 
 
@@ -189,7 +187,9 @@ def distributed_noise_multiplier(z_target: float, n_min: int, n_survivors: int) 
     if n_survivors < n_min:
         logger.warning(
             "distributed DP: %d survivors < n_min=%d, effective noise multiplier drops to %.4g",
-            n_survivors, n_min, z * math.sqrt(n_survivors / n_min),
+            n_survivors,
+            n_min,
+            z * math.sqrt(n_survivors / n_min),
         )
     return z * math.sqrt(int(n_survivors) / int(n_min))
 
@@ -209,7 +209,12 @@ def plan_epsilon(rounds: int, sampling_rate: float, noise_multiplier: float, del
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, rounds: int, sampling_rate: float, delta: float, *, accountant: str = "rdp",
+    target_epsilon: float,
+    rounds: int,
+    sampling_rate: float,
+    delta: float,
+    *,
+    accountant: str = "rdp",
     tol: float = 1e-4,
 ) -> float:
     """Smallest noise multiplier meeting ``target_epsilon`` after ``rounds`` rounds.
@@ -363,7 +368,9 @@ class PrivacyLedger:
         """The accountant :meth:`would_exceed` checks the budget with."""
         return self.accountants[0]
 
-    def record_round(self, round: int, sampling_rate: float, noise_multiplier: float, *, kind: str = "train") -> LedgerEntry:
+    def record_round(
+        self, round: int, sampling_rate: float, noise_multiplier: float, *, kind: str = "train"
+    ) -> LedgerEntry:
         """Record one mechanism that was actually run.
 
         Parameters
@@ -382,7 +389,9 @@ class PrivacyLedger:
             raise ValueError(f"round must be an integer >= 0, got {round!r}.")
         if kind not in ROUND_KINDS:
             raise ValueError(f"kind must be one of {ROUND_KINDS}, got {kind!r}.")
-        entry = LedgerEntry(int(round), kind, check_sampling_rate(sampling_rate), check_noise_multiplier(noise_multiplier))
+        entry = LedgerEntry(
+            int(round), kind, check_sampling_rate(sampling_rate), check_noise_multiplier(noise_multiplier)
+        )
         last = self._last_round.get(kind)
         if last is not None and entry.round <= last:
             raise ValueError(
@@ -393,8 +402,11 @@ class PrivacyLedger:
             logger.warning("round %d (%s) ran without noise: epsilon is now infinite", round, kind)
         key = (kind, entry.sampling_rate, entry.noise_multiplier)
         group = self._groups.get(key)
-        self._groups[key] = (LedgerGroup(kind, entry.sampling_rate, entry.noise_multiplier, 1, entry.round, entry.round)
-                             if group is None else replace(group, count=group.count + 1, last_round=entry.round))
+        self._groups[key] = (
+            LedgerGroup(kind, entry.sampling_rate, entry.noise_multiplier, 1, entry.round, entry.round)
+            if group is None
+            else replace(group, count=group.count + 1, last_round=entry.round)
+        )
         self._last_round[kind] = entry.round
         self._count += 1
         self._cache.clear()
@@ -410,8 +422,11 @@ class PrivacyLedger:
         for group in other.groups:
             key = (group.kind, group.sampling_rate, group.noise_multiplier)
             mine = self._groups.get(key)
-            self._groups[key] = group if mine is None else replace(
-                mine, count=mine.count + group.count, last_round=max(mine.last_round, group.last_round))
+            self._groups[key] = (
+                group
+                if mine is None
+                else replace(mine, count=mine.count + group.count, last_round=max(mine.last_round, group.last_round))
+            )
             self._last_round[group.kind] = max(self._last_round.get(group.kind, -1), group.last_round)
             self._count += group.count
         self._cache.clear()
@@ -419,7 +434,9 @@ class PrivacyLedger:
     def _counts(self, extra: tuple[float, float] | None = None) -> dict[tuple[float, float], int]:
         counts: dict[tuple[float, float], int] = {}
         for g in self._groups.values():  # dicts keep first-appearance order: deterministic
-            counts[(g.sampling_rate, g.noise_multiplier)] = counts.get((g.sampling_rate, g.noise_multiplier), 0) + g.count
+            counts[(g.sampling_rate, g.noise_multiplier)] = (
+                counts.get((g.sampling_rate, g.noise_multiplier), 0) + g.count
+            )
         if extra is not None:
             counts[extra] = counts.get(extra, 0) + 1
         return counts
@@ -474,7 +491,9 @@ class PrivacyLedger:
         if exceeded:
             logger.info(
                 "privacy budget: next round would reach epsilon=%.4g > budget %.4g (%s)",
-                eps, self.epsilon_budget, self.budget_accountant,
+                eps,
+                self.epsilon_budget,
+                self.budget_accountant,
             )
         return exceeded
 
@@ -514,9 +533,14 @@ class PrivacyLedger:
                     ledger.record_round(e["round"], e["sampling_rate"], e["noise_multiplier"], kind=e["kind"])
                 return ledger
             for g in data["groups"]:
-                group = LedgerGroup(str(g["kind"]), check_sampling_rate(g["sampling_rate"]),
-                                    check_noise_multiplier(g["noise_multiplier"]), int(g["count"]),
-                                    int(g["first_round"]), int(g["last_round"]))
+                group = LedgerGroup(
+                    str(g["kind"]),
+                    check_sampling_rate(g["sampling_rate"]),
+                    check_noise_multiplier(g["noise_multiplier"]),
+                    int(g["count"]),
+                    int(g["first_round"]),
+                    int(g["last_round"]),
+                )
                 if group.kind not in ROUND_KINDS or group.count < 1 or not 0 <= group.first_round <= group.last_round:
                     raise ValueError(f"malformed privacy ledger group {g!r}.")
                 key = (group.kind, group.sampling_rate, group.noise_multiplier)

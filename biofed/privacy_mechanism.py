@@ -66,8 +66,14 @@ from biofed.privacy_ledger import LedgerEntry, PrivacyLedger, check_noise_multip
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Charge", "ClippedSum", "PrivacyMechanism", "discrete_gaussian", "distributed_discrete_tau",
-           "grid_sensitivity"]
+__all__ = [
+    "Charge",
+    "ClippedSum",
+    "PrivacyMechanism",
+    "discrete_gaussian",
+    "distributed_discrete_tau",
+    "grid_sensitivity",
+]
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,9 @@ class PrivacyMechanism:
         if not isinstance(charge, Charge):
             raise TypeError(f"charge must be a Charge, got {type(charge).__name__}.")
         entry = self.ledger.record_round(
-            charge.round, check_sampling_rate(charge.sampling_rate), check_noise_multiplier(charge.noise_multiplier),
+            charge.round,
+            check_sampling_rate(charge.sampling_rate),
+            check_noise_multiplier(charge.noise_multiplier),
             kind=charge.kind,
         )
         if self._persist is not None:

@@ -129,8 +129,9 @@ class Signer:
 
     def private_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM (the ``signing.key.pem`` format; keep it 0600)."""
-        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def public_pem(self) -> bytes:
         """The public key as SubjectPublicKeyInfo PEM (the ``{id}.pub.pem`` format)."""
@@ -149,7 +150,9 @@ def load_signer(path: str | Path, key_id: str) -> Signer:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
-        raise ValueError(f"{path}: signing key file not found (run biofed provision, or fix signing_key_file)") from None
+        raise ValueError(
+            f"{path}: signing key file not found (run biofed provision, or fix signing_key_file)"
+        ) from None
     except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not an unencrypted PEM private key: {exc}") from None
     if not isinstance(key, Ed25519PrivateKey):
@@ -271,7 +274,9 @@ class KeyRing:
         if revoked:
             raise UnknownSender(f"sender {sender!r} is revoked; its messages are refused")
         if key is None:
-            raise UnknownSender(f"sender {sender!r} has no public key in the key ring (provision it, or check keys_dir)")
+            raise UnknownSender(
+                f"sender {sender!r} has no public key in the key ring (provision it, or check keys_dir)"
+            )
         if len(signature) != SIGNATURE_BYTES:
             raise BadSignature(f"signature of {sender!r} is {len(signature)} bytes, expected {SIGNATURE_BYTES}")
         try:

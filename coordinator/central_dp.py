@@ -77,8 +77,9 @@ class DPAggregator:
         ``count_noise_std`` too small for ``noise_multiplier``.
     """
 
-    def __init__(self, strategy: Strategy, noise_multiplier: float, *,
-                 adaptive_clipping: AdaptiveClipping | None = None) -> None:
+    def __init__(
+        self, strategy: Strategy, noise_multiplier: float, *, adaptive_clipping: AdaptiveClipping | None = None
+    ) -> None:
         if not isinstance(strategy, FedAvg):
             raise ValueError(
                 f"DPAggregator needs a mean-based strategy (FedAvg, FedAvgM, FedAdam, FedYogi, FedProx), "
@@ -99,8 +100,16 @@ class DPAggregator:
             else self.noise_multiplier
         )
 
-    def release(self, round: int, global_params: np.ndarray, updates: Sequence[ClientUpdate], clip_norm: float, *,
-                norm_bits=None, sampling_rate: float = 1.0) -> tuple[np.ndarray, Release]:
+    def release(
+        self,
+        round: int,
+        global_params: np.ndarray,
+        updates: Sequence[ClientUpdate],
+        clip_norm: float,
+        *,
+        norm_bits=None,
+        sampling_rate: float = 1.0,
+    ) -> tuple[np.ndarray, Release]:
         """Validate the updates and state what the mechanism must release; nothing is drawn.
 
         Parameters
@@ -136,13 +145,16 @@ class DPAggregator:
         if self.adaptive_clipping is not None:
             bits = np.asarray(norm_bits) if norm_bits is not None else None
             if bits is None or bits.shape != (deltas.shape[0],):
-                raise AggregationError(f"adaptive clipping needs one norm bit per update ({deltas.shape[0]}), got "
-                                       f"{'none' if bits is None else f'shape {bits.shape}'}.")
+                raise AggregationError(
+                    f"adaptive clipping needs one norm bit per update ({deltas.shape[0]}), got "
+                    f"{'none' if bits is None else f'shape {bits.shape}'}."
+                )
             queries.append(self.adaptive_clipping.count_query(bits))
         return params, Release(Charge(round, "train", sampling_rate, self.noise_multiplier), tuple(queries))
 
-    def finish(self, round: int, params: np.ndarray, released: Sequence[np.ndarray], n_updates: int,
-               clip_norm: float) -> tuple[np.ndarray, float]:
+    def finish(
+        self, round: int, params: np.ndarray, released: Sequence[np.ndarray], n_updates: int, clip_norm: float
+    ) -> tuple[np.ndarray, float]:
         """Post-process what the mechanism released for :meth:`release`.
 
         Parameters

@@ -61,8 +61,18 @@ class DPFTRL:
     ledger : ReleaseLedger
     """
 
-    def __init__(self, initial, rounds_per_epoch: int, epochs: int = 1, *, clip: float, noise_multiplier: float,
-                 lr: float, momentum: float = 0.0, ledger: ReleaseLedger) -> None:
+    def __init__(
+        self,
+        initial,
+        rounds_per_epoch: int,
+        epochs: int = 1,
+        *,
+        clip: float,
+        noise_multiplier: float,
+        lr: float,
+        momentum: float = 0.0,
+        ledger: ReleaseLedger,
+    ) -> None:
         for value, name in ((rounds_per_epoch, "rounds_per_epoch"), (epochs, "epochs")):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -98,8 +108,10 @@ class DPFTRL:
             self._start_epoch()
         again = sorted(set(pseudo_gradients) & self._seen)
         if again:
-            raise ValueError(f"device(s) {again} already contributed in this epoch; the tree's accounting allows each "
-                             "device once per epoch (schedule disjoint groups)")
+            raise ValueError(
+                f"device(s) {again} already contributed in this epoch; the tree's accounting allows each "
+                "device once per epoch (schedule disjoint groups)"
+            )
         grads = [clip_l2(np.asarray(g, dtype=np.float64), self.clip)[0] for g in pseudo_gradients.values()]
         self._seen |= set(pseudo_gradients)
         self._round += 1

@@ -89,8 +89,13 @@ class AllowList:
             return frozenset()
         removed, added = self.devices - devices, devices - self.devices
         self.devices = devices
-        logger.info("allow list %s changed: %d devices (removed %s, added %s)", self.path, len(devices),
-                    sorted(removed) or "none", sorted(added) or "none")
+        logger.info(
+            "allow list %s changed: %d devices (removed %s, added %s)",
+            self.path,
+            len(devices),
+            sorted(removed) or "none",
+            sorted(added) or "none",
+        )
         return removed
 
 
@@ -139,9 +144,16 @@ class Ingest:
         Drop every message of a device not on it; None: any device of the fleet.
     """
 
-    def __init__(self, topics: Topics, *, max_bytes: int, seen: SeenMessageIds | None = None,
-                 clock: Callable[[], float] = time.time, verifier: MessageVerifier | None = None,
-                 allowed: AllowList | None = None) -> None:
+    def __init__(
+        self,
+        topics: Topics,
+        *,
+        max_bytes: int,
+        seen: SeenMessageIds | None = None,
+        clock: Callable[[], float] = time.time,
+        verifier: MessageVerifier | None = None,
+        allowed: AllowList | None = None,
+    ) -> None:
         self.topics = topics
         self.max_bytes = max_bytes
         self.verifier = verifier
@@ -167,8 +179,9 @@ class Ingest:
             self.known.discard(device)
             if device in self.online:
                 self.online.discard(device)
-                logger.warning("device %s was removed from the allow list; ignoring it (%d online)",
-                               device, len(self.online))
+                logger.warning(
+                    "device %s was removed from the allow list; ignoring it (%d online)", device, len(self.online)
+                )
 
     def _drop(self, reason: str, topic: str, detail: str) -> str:
         self.dropped[reason] += 1
@@ -197,8 +210,9 @@ class Ingest:
 
     def _handle(self, topic: str, payload: bytes) -> str:
         try:
-            message = decode_topic_message(self.topics, topic, payload, max_bytes=self.max_bytes,
-                                           verifier=self.verifier)
+            message = decode_topic_message(
+                self.topics, topic, payload, max_bytes=self.max_bytes, verifier=self.verifier
+            )
         except ProtocolError as exc:
             return self._drop(type(exc).__name__, topic, str(exc))
         if self.allowed is not None and message.sender not in self.allowed:
@@ -260,8 +274,9 @@ class Ingest:
         if self.clock() > rnd.deadline:
             return self._drop("late", topic, f"arrived {self.clock() - rnd.deadline:.2f} s after the deadline")
         if payload.basis_version != rnd.basis_version:
-            return self._drop("basis version", topic,
-                              f"basis version {payload.basis_version}, current is {rnd.basis_version}")
+            return self._drop(
+                "basis version", topic, f"basis version {payload.basis_version}, current is {rnd.basis_version}"
+            )
         if device not in rnd.participants:
             return self._drop("not selected", topic, f"{device} is not a participant of round {rnd.round}")
         if device in rnd.received:
@@ -288,8 +303,11 @@ class Ingest:
                 return "an evaluation reply must have an empty delta and n_examples=0"
             return None
         if rnd.secure is not None:
-            return "a distributed-mode update must not carry its delta (it is secure-aggregated)" \
-                if payload.delta.size else None
+            return (
+                "a distributed-mode update must not carry its delta (it is secure-aggregated)"
+                if payload.delta.size
+                else None
+            )
         if payload.delta.shape != (rnd.n_params,):
             return f"delta has {payload.delta.size} parameters, the model has {rnd.n_params}"
         if rnd.need_norm_bit and payload.norm_bit is None:

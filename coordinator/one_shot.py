@@ -23,8 +23,15 @@ from biofed.coordinator.release import ReleaseLedger, release_statistics
 __all__ = ["lda_from_statistics", "release_class_statistics"]
 
 
-def release_class_statistics(contributions, n_classes: int, *, means_clip: float, scatter_clip: float | None,
-                             noise_multiplier: float, ledger: ReleaseLedger) -> tuple[np.ndarray, np.ndarray | None]:
+def release_class_statistics(
+    contributions,
+    n_classes: int,
+    *,
+    means_clip: float,
+    scatter_clip: float | None,
+    noise_multiplier: float,
+    ledger: ReleaseLedger,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Sum the devices' clipped statistics, release each sum once, return the noised averages.
 
     ``contributions`` is a sequence of :class:`~biofed.edge.statistics.ClassStatistics`; the

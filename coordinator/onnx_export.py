@@ -75,7 +75,13 @@ from biofed.model import (
 )
 
 __all__ = [
-    "OPSET", "ExportError", "build_feature_extractor", "build_model", "export_onnx", "export_round", "write_bytes",
+    "OPSET",
+    "ExportError",
+    "build_feature_extractor",
+    "build_model",
+    "export_onnx",
+    "export_round",
+    "write_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,8 +118,7 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], stem: str | None = None, output: str | None = None,
-           **attrs) -> str:
+    def op(self, op_type: str, inputs: list[str], stem: str | None = None, output: str | None = None, **attrs) -> str:
         out = output or self.name(stem or op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type), **attrs))
         return out
@@ -128,12 +133,12 @@ def _head(g: _Graph, features: str, model: ModelFile) -> str:
     z = g.op("MatMul", [z, g.const("basis_components_T", np.ascontiguousarray(basis.components.T))], "projected")
     p = model.params
     if h == 0:
-        w, b = p[: k * c].reshape(k, c), p[k * c:]
+        w, b = p[: k * c].reshape(k, c), p[k * c :]
         logits = g.op("Add", [g.op("MatMul", [z, g.const("W", w)]), g.const("b", b)], "logits")
     else:
         off = k * h + h
-        w1, b1 = p[: k * h].reshape(k, h), p[k * h: off]
-        w2, b2 = p[off: off + h * c].reshape(h, c), p[off + h * c:]
+        w1, b1 = p[: k * h].reshape(k, h), p[k * h : off]
+        w2, b2 = p[off : off + h * c].reshape(h, c), p[off + h * c :]
         hidden = g.op("Relu", [g.op("Add", [g.op("MatMul", [z, g.const("W1", w1)]), g.const("b1", b1)])], "hidden")
         logits = g.op("Add", [g.op("MatMul", [hidden, g.const("W2", w2)]), g.const("b2", b2)], "logits")
     return g.op("Softmax", [logits], output=OUTPUT_PROBA, axis=-1)
@@ -148,8 +153,9 @@ def _spectral(g: _Graph, x: str, layout: FeatureLayout, part: ModalityLayout) ->
     nperseg, kmin, weights = plan.nperseg, plan.kmin, plan.weights
     n_bins = weights.shape[0]
     index = np.arange(plan.n_seg)[:, None] * plan.step + np.arange(nperseg)[None, :]
-    frames = g.op("Gather", [x, g.const(f"{part.modality}_segments", index, np.int64)], f"{part.modality}_frames",
-                  axis=2)
+    frames = g.op(
+        "Gather", [x, g.const(f"{part.modality}_segments", index, np.int64)], f"{part.modality}_frames", axis=2
+    )
     j = np.arange(nperseg)[:, None]
     k = np.arange(kmin, kmin + n_bins)[None, :]
     angle = 2.0 * np.pi * ((j * k) % nperseg) / nperseg
@@ -159,8 +165,11 @@ def _spectral(g: _Graph, x: str, layout: FeatureLayout, part: ModalityLayout) ->
     spectrum = g.op("MatMul", [frames, g.const(f"{part.modality}_dft", basis)], f"{part.modality}_spectrum")
     power = g.op("Mul", [spectrum, spectrum], f"{part.modality}_power")
     power = g.op("ReduceSum", [power, g.const("axis_segments", [2], np.int64)], f"{part.modality}_welch", keepdims=0)
-    bands = g.op("MatMul", [power, g.const(f"{part.modality}_bands", np.vstack([weights, weights]))],
-                 f"{part.modality}_bandpower")
+    bands = g.op(
+        "MatMul",
+        [power, g.const(f"{part.modality}_bands", np.vstack([weights, weights]))],
+        f"{part.modality}_bandpower",
+    )
     logged = g.op("Log", [g.op("Add", [bands, g.const("floor", plan.log_floor(g.np_dtype))])])
     if plan.log == "log10":
         logged = g.op("Mul", [logged, g.const("inv_ln_base", 1.0 / math.log(10.0))])
@@ -201,8 +210,9 @@ def _window_features(g: _Graph, layout: FeatureLayout) -> tuple[list[onnx.ValueI
         if part.modality == "bio":
             hr = None
             if part.hr_channels:
-                inputs.append(helper.make_tensor_value_info(HR_INPUT, elem, ["N", len(part.hr_channels),
-                                                                              len(HR_FEATURES)]))
+                inputs.append(
+                    helper.make_tensor_value_info(HR_INPUT, elem, ["N", len(part.hr_channels), len(HR_FEATURES)])
+                )
                 hr = HR_INPUT
             parts.append(_bio(g, part.modality, layout, part, hr))
         else:
@@ -243,7 +253,7 @@ def build_model(model: ModelFile, *, input_kind: str = INPUT_FEATURES, dtype: st
         raise ExportError(
             "a window graph needs one fixed standardization, but this model was trained on device-standardized "
             "rows (each device z-scores with its own statistics); export the features graph (--input features), "
-            "which biofed predict calibrates per recording, or train with [model] standardization = \"global\" "
+            'which biofed predict calibrates per recording, or train with [model] standardization = "global" '
             "(biofed demo --standardization global)"
         )
     g = _Graph(dtype)
@@ -256,14 +266,30 @@ def build_model(model: ModelFile, *, input_kind: str = INPUT_FEATURES, dtype: st
     _head(g, features, model)
     output = helper.make_tensor_value_info(OUTPUT_PROBA, elem, ["N", len(model.classes)])
     graph = helper.make_graph(g.nodes, f"biofed_{input_kind}", inputs, [output], initializer=g.initializers)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="biofed",
-                                   producer_version=__version__, ir_version=IR_VERSION,
-                                   doc_string=f"biofed classifier ({input_kind} input) of fleet {model.fleet}")
+    onnx_model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="biofed",
+        producer_version=__version__,
+        ir_version=IR_VERSION,
+        doc_string=f"biofed classifier ({input_kind} input) of fleet {model.fleet}",
+    )
     metadata = ModelMetadata(
-        biofed_version=__version__, fleet=model.fleet, round=model.round, train_round=model.train_round,
-        basis_version=model.basis_version, input_kind=input_kind, classes=model.classes,
-        kind="logreg" if model.hidden == 0 else "mlp", hidden=model.hidden, n_features=model.n_features,
-        k=model.k, dtype=dtype, layout=layout, privacy=model.privacy, standardization=model.standardization,
+        biofed_version=__version__,
+        fleet=model.fleet,
+        round=model.round,
+        train_round=model.train_round,
+        basis_version=model.basis_version,
+        input_kind=input_kind,
+        classes=model.classes,
+        kind="logreg" if model.hidden == 0 else "mlp",
+        hidden=model.hidden,
+        n_features=model.n_features,
+        k=model.k,
+        dtype=dtype,
+        layout=layout,
+        privacy=model.privacy,
+        standardization=model.standardization,
     )
     helper.set_model_props(onnx_model, metadata.to_props())
     onnx.checker.check_model(onnx_model, full_check=True)
@@ -282,14 +308,20 @@ def build_feature_extractor(layout: FeatureLayout, *, dtype: str = "float64") ->
     g.op("Identity", [features], output=INPUT_FEATURES)
     output = helper.make_tensor_value_info(INPUT_FEATURES, _ONNX_DTYPES[dtype], ["N", layout.n_features])
     graph = helper.make_graph(g.nodes, "biofed_feature_extractor", inputs, [output], initializer=g.initializers)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="biofed",
-                                   producer_version=__version__, ir_version=IR_VERSION)
+    onnx_model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="biofed",
+        producer_version=__version__,
+        ir_version=IR_VERSION,
+    )
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
 
 
-def export_onnx(model: ModelFile, path: str | Path, *, input_kind: str = INPUT_FEATURES,
-                dtype: str = "float32") -> Path:
+def export_onnx(
+    model: ModelFile, path: str | Path, *, input_kind: str = INPUT_FEATURES, dtype: str = "float32"
+) -> Path:
     """Build the ONNX model of ``model`` and write it to ``path`` atomically."""
     return write_bytes(Path(path), build_model(model, input_kind=input_kind, dtype=dtype).SerializeToString())
 

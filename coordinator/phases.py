@@ -97,20 +97,39 @@ class PhaseSettings:
     client_config: Mapping[str, object] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, config: CoordinatorConfig, *, basis_clip_norm: float, basis_noise_multiplier: float,
-                    secagg_threshold: int, strategy_config: Mapping[str, object]) -> PhaseSettings:
+    def from_config(
+        cls,
+        config: CoordinatorConfig,
+        *,
+        basis_clip_norm: float,
+        basis_noise_multiplier: float,
+        secagg_threshold: int,
+        strategy_config: Mapping[str, object],
+    ) -> PhaseSettings:
         """The settings of ``config`` with the coordinator's resolved basis DP parameters,
         secure-aggregation threshold and the strategy's :meth:`~Strategy.client_config`."""
         training = config.training
-        client = {"local_epochs": training.local_epochs, "lr": training.lr, "batch_size": training.batch_size,
-                  "optimizer": training.optimizer, "l2": training.l2, "prox_mu": training.prox_mu,
-                  **strategy_config}
+        client = {
+            "local_epochs": training.local_epochs,
+            "lr": training.lr,
+            "batch_size": training.batch_size,
+            "optimizer": training.optimizer,
+            "l2": training.l2,
+            "prox_mu": training.prox_mu,
+            **strategy_config,
+        }
         return cls(
-            trust_mode=config.dp.trust_mode, noise_multiplier=config.dp.noise_multiplier,
-            basis_noise_multiplier=basis_noise_multiplier, basis_clip_norm=basis_clip_norm,
-            secagg_threshold=secagg_threshold, basis_k=config.model.basis_k, classes=tuple(config.model.classes),
-            hidden=config.model.hidden, sampling_rate=config.sampling_rate,
-            adaptive_clipping=config.dp.adaptive_clipping is not None, client_config=client,
+            trust_mode=config.dp.trust_mode,
+            noise_multiplier=config.dp.noise_multiplier,
+            basis_noise_multiplier=basis_noise_multiplier,
+            basis_clip_norm=basis_clip_norm,
+            secagg_threshold=secagg_threshold,
+            basis_k=config.model.basis_k,
+            classes=tuple(config.model.classes),
+            hidden=config.model.hidden,
+            sampling_rate=config.sampling_rate,
+            adaptive_clipping=config.dp.adaptive_clipping is not None,
+            client_config=client,
         )
 
     def noise_multiplier_of(self, phase: str) -> float | None:
@@ -168,7 +187,7 @@ def compose_rounds(config: CoordinatorConfig, *, basis_clip_norm: float | None =
     dp = config.dp
     if dp.adaptive_clipping is not None and dp.trust_mode != "central":
         raise ValueError(
-            "dp.adaptive_clipping needs trust_mode = \"central\": in local mode the devices' clipped-count "
+            'dp.adaptive_clipping needs trust_mode = "central": in local mode the devices\' clipped-count '
             "bits would reach the coordinator without noise; remove [dp.adaptive_clipping]"
         )
     if basis_clip_norm is None:
@@ -189,8 +208,9 @@ def compose_rounds(config: CoordinatorConfig, *, basis_clip_norm: float | None =
         )
     adaptive = None
     if dp.adaptive_clipping is not None:
-        adaptive = AdaptiveClipping(dp.adaptive_clipping.target_quantile, dp.adaptive_clipping.learning_rate,
-                                    dp.adaptive_clipping.bit_noise_std)
+        adaptive = AdaptiveClipping(
+            dp.adaptive_clipping.target_quantile, dp.adaptive_clipping.learning_rate, dp.adaptive_clipping.bit_noise_std
+        )
         if dp.noise_multiplier > 0:
             try:
                 adaptive.delta_noise_multiplier(dp.noise_multiplier)
@@ -203,10 +223,13 @@ def compose_rounds(config: CoordinatorConfig, *, basis_clip_norm: float | None =
         except ValueError as exc:
             raise ValueError(f"[strategy] {config.strategy.name}: {exc}") from None
     settings = PhaseSettings.from_config(
-        config, basis_clip_norm=float(basis_clip_norm),
-        basis_noise_multiplier=float(dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None
-                                     else dp.noise_multiplier),
-        secagg_threshold=dp.secagg_threshold or config.min_devices, strategy_config=strategy.client_config(),
+        config,
+        basis_clip_norm=float(basis_clip_norm),
+        basis_noise_multiplier=float(
+            dp.basis_noise_multiplier if dp.basis_noise_multiplier is not None else dp.noise_multiplier
+        ),
+        secagg_threshold=dp.secagg_threshold or config.min_devices,
+        strategy_config=strategy.client_config(),
     )
     return Composition(settings, strategy, central_dp)
 
@@ -230,7 +253,7 @@ def _make_strategy(config: CoordinatorConfig) -> Strategy:
             )
         if not robust and strategy.weighting != "uniform":
             raise ValueError(
-                "with DP noise the strategy must use weighting = \"uniform\": example counts are private "
+                'with DP noise the strategy must use weighting = "uniform": example counts are private '
                 "and example weighting breaks the sensitivity bound"
             )
     return strategy
@@ -245,8 +268,9 @@ def standardization(state: Snapshot) -> str:
 
 
 # ----------------------------------------------------------------------------- before the replies
-def select_participants(online: Sequence[str], phase: str, sampling_rate: float | str,
-                        rng: np.random.Generator) -> list[str]:
+def select_participants(
+    online: Sequence[str], phase: str, sampling_rate: float | str, rng: np.random.Generator
+) -> list[str]:
     """The devices asked to reply: every online device, or for a training round with a
     numeric ``sampling_rate`` q each one independently with probability q (``rng`` draws)."""
     online = sorted(online)
@@ -256,15 +280,22 @@ def select_participants(online: Sequence[str], phase: str, sampling_rate: float 
     return [device for device, draw in zip(online, rng.random(len(online)), strict=True) if draw < q]
 
 
-def make_task(settings: PhaseSettings, state: Snapshot, round_: int, phase: str, participants: Sequence[str],
-              deadline: float) -> Task:
+def make_task(
+    settings: PhaseSettings, state: Snapshot, round_: int, phase: str, participants: Sequence[str], deadline: float
+) -> Task:
     """The task of a round: a basis phase carries no model, the clip norm C_b and z_b (and
     the fleet's moments in a covariance phase under global standardization); a training or
     evaluation round carries the model, the current clip norm and the training settings."""
     common = dict(
-        round=round_, basis_version=state.basis_version, classes=settings.classes, deadline=deadline,
-        hidden=settings.hidden, trust_mode=settings.trust_mode, noise_multiplier=settings.noise_multiplier,
-        participants=tuple(participants), phase=phase,
+        round=round_,
+        basis_version=state.basis_version,
+        classes=settings.classes,
+        deadline=deadline,
+        hidden=settings.hidden,
+        trust_mode=settings.trust_mode,
+        noise_multiplier=settings.noise_multiplier,
+        participants=tuple(participants),
+        phase=phase,
     )
     if phase in BASIS_PHASES:
         extra = {}
@@ -273,8 +304,14 @@ def make_task(settings: PhaseSettings, state: Snapshot, round_: int, phase: str,
         common["noise_multiplier"] = settings.basis_noise_multiplier
         return Task(model=np.empty(0), clip_norm=settings.basis_clip_norm, **common, **extra)
     secure = settings.trust_mode == "distributed" and phase == "train"
-    return Task(model=state.params, clip_norm=state.clip_norm, adaptive_clipping=settings.adaptive_clipping,
-                secagg_threshold=settings.secagg_threshold if secure else 0, **common, **settings.client_config)
+    return Task(
+        model=state.params,
+        clip_norm=state.clip_norm,
+        adaptive_clipping=settings.adaptive_clipping,
+        secagg_threshold=settings.secagg_threshold if secure else 0,
+        **common,
+        **settings.client_config,
+    )
 
 
 def charge_before_task(settings: PhaseSettings, round_: int, phase: str) -> Charge | None:
@@ -291,20 +328,26 @@ def charge_before_task(settings: PhaseSettings, round_: int, phase: str) -> Char
     return Charge(round_, kind, _PUBLIC_COHORT_Q, settings.noise_multiplier_of(phase))
 
 
-def unmask_charge(settings: PhaseSettings, round_: int, clip_norm: float, n_params: int, grid_step: float,
-                  n_survivors: int) -> Charge:
+def unmask_charge(
+    settings: PhaseSettings, round_: int, clip_norm: float, n_params: int, grid_step: float, n_survivors: int
+) -> Charge:
     """The charge of a distributed-mode training round, due before its unmask request goes
     out: the survivors' noise shares (exact discrete Gaussians on the fixed-point grid) add
     up to multiplier :func:`~biofed.privacy_ledger.distributed_noise_multiplier` of C, stated
     against the grid's sensitivity (:func:`~biofed.privacy_mechanism.grid_sensitivity`)."""
     z = distributed_noise_multiplier(settings.noise_multiplier, settings.secagg_threshold, n_survivors)
-    return Charge(round_, "train", _PUBLIC_COHORT_Q,
-                  z * clip_norm / grid_sensitivity(clip_norm, n_params, grid_step))
+    return Charge(round_, "train", _PUBLIC_COHORT_Q, z * clip_norm / grid_sensitivity(clip_norm, n_params, grid_step))
 
 
 # ----------------------------------------------------------------------------- closing a round
-def basis_phase(settings: PhaseSettings, state: Snapshot, round_: int, phase: str, sketches: Sequence[Sketch],
-                init_rng: np.random.Generator) -> PendingPhase:
+def basis_phase(
+    settings: PhaseSettings,
+    state: Snapshot,
+    round_: int,
+    phase: str,
+    sketches: Sequence[Sketch],
+    init_rng: np.random.Generator,
+) -> PendingPhase:
     """Close a basis phase from the accepted sketches.
 
     The uniform mean of the clipped statistics (C_b) is released with noise ``z_b C_b`` in
@@ -316,45 +359,99 @@ def basis_phase(settings: PhaseSettings, state: Snapshot, round_: int, phase: st
     statistics = np.vstack([s.statistic for s in sketches])
     mean, n_clipped = aggregate_statistics(statistics, settings.basis_clip_norm)  # also validates
     if n_clipped:
-        logger.warning("round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
-                       round_, phase, n_clipped, settings.basis_clip_norm)
+        logger.warning(
+            "round %d (%s): %d statistics exceeded the clip norm %g and were clipped here",
+            round_,
+            phase,
+            n_clipped,
+            settings.basis_clip_norm,
+        )
     release = None
     if settings.trust_mode == "central":
         c, z = settings.basis_clip_norm, settings.basis_noise_multiplier
         release = Release(Charge(round_, "basis", _PUBLIC_COHORT_Q, z), (ClippedSum(statistics, c, z * c),))
-    return PendingPhase(release, partial(_close_basis, settings, state, round_, phase, sketches[0].n_features,
-                                         None if release is not None else mean, len(sketches), init_rng, release))
+    return PendingPhase(
+        release,
+        partial(
+            _close_basis,
+            settings,
+            state,
+            round_,
+            phase,
+            sketches[0].n_features,
+            None if release is not None else mean,
+            len(sketches),
+            init_rng,
+            release,
+        ),
+    )
 
 
-def _close_basis(settings: PhaseSettings, state: Snapshot, round_: int, phase: str, n_features: int,
-                 mean: np.ndarray | None, n_devices: int, init_rng: np.random.Generator, release: Release | None,
-                 released: tuple[np.ndarray, ...]) -> PhaseOutcome:
+def _close_basis(
+    settings: PhaseSettings,
+    state: Snapshot,
+    round_: int,
+    phase: str,
+    n_features: int,
+    mean: np.ndarray | None,
+    n_devices: int,
+    init_rng: np.random.Generator,
+    release: Release | None,
+    released: tuple[np.ndarray, ...],
+) -> PhaseOutcome:
     statistic = released[0] / n_devices if mean is None else mean
     event = None if release is None else release.charge
     if phase == "moments":
         stats_mean, stats_scale = standardization_from_moments(statistic)
-        return PhaseOutcome(replace(state, stats_mean=stats_mean, stats_scale=stats_scale, n_features=n_features,
-                                    phase="covariance"), event, None)
+        return PhaseOutcome(
+            replace(state, stats_mean=stats_mean, stats_scale=stats_scale, n_features=n_features, phase="covariance"),
+            event,
+            None,
+        )
     components, eigenvalues = basis_from_covariance(statistic, settings.basis_k)
     if state.stats_mean is None:  # device standardization: the devices z-score their own rows
         basis_mean, basis_scale = np.zeros(components.shape[1]), np.ones(components.shape[1])
     else:
         n_features, basis_mean, basis_scale = state.n_features, state.stats_mean, state.stats_scale
     new_state = replace(
-        state, basis_version=state.basis_version + 1, basis_components=components, n_features=n_features,
-        basis_mean=basis_mean, basis_scale=basis_scale, strategy_state={}, phase="train",
+        state,
+        basis_version=state.basis_version + 1,
+        basis_components=components,
+        n_features=n_features,
+        basis_mean=basis_mean,
+        basis_scale=basis_scale,
+        strategy_state={},
+        phase="train",
         params=init_params(components.shape[0], len(settings.classes), settings.hidden, random_state=init_rng),
     )
-    logger.info("basis version %d: %d components of %d features, leading eigenvalues %s",
-                new_state.basis_version, components.shape[0], components.shape[1], np.round(eigenvalues[:4], 3))
-    payload = Basis(round=round_, version=new_state.basis_version, components=components, mean=basis_mean,
-                    scale=basis_scale, standardization=standardization(new_state))
+    logger.info(
+        "basis version %d: %d components of %d features, leading eigenvalues %s",
+        new_state.basis_version,
+        components.shape[0],
+        components.shape[1],
+        np.round(eigenvalues[:4], 3),
+    )
+    payload = Basis(
+        round=round_,
+        version=new_state.basis_version,
+        components=components,
+        mean=basis_mean,
+        scale=basis_scale,
+        standardization=standardization(new_state),
+    )
     return PhaseOutcome(new_state, event, payload)
 
 
-def train_phase(settings: PhaseSettings, state: Snapshot, round_: int, updates: Mapping[str, Update], *,
-                strategy: Strategy, central_dp: DPAggregator | None = None,
-                secure_mean: np.ndarray | None = None) -> PendingPhase:
+def train_phase(
+    settings: PhaseSettings,
+    state: Snapshot,
+    round_: int,
+    updates: Mapping[str, Update],
+    *,
+    strategy: Strategy,
+    central_dp: DPAggregator | None = None,
+    secure_mean: np.ndarray | None = None,
+) -> PendingPhase:
     """Close a training round from the accepted updates (device id -> :class:`Update`).
 
     - ``secure_mean`` given (distributed mode): the mean of the survivors' noised updates,
@@ -382,55 +479,88 @@ def train_phase(settings: PhaseSettings, state: Snapshot, round_: int, updates: 
     if central_dp is not None and central_dp.strategy is not strategy:
         raise ValueError("central_dp must be the DP composition around strategy (DPAggregator(strategy, ...))")
     ordered = sorted(updates.items())
-    client_updates = [ClientUpdate(np.asarray(u.delta, dtype=np.float64), u.n_examples, device)
-                      for device, u in ordered]
+    client_updates = [
+        ClientUpdate(np.asarray(u.delta, dtype=np.float64), u.n_examples, device) for device, u in ordered
+    ]
     clip = state.clip_norm
     central = settings.trust_mode == "central"
     if central:
         oversized = [u.device_id for u in client_updates if np.linalg.norm(u.delta) > clip * (1 + 1e-9)]
         if oversized:
-            logger.warning("round %d: updates of %s exceed the clip norm %g (the devices did not clip): "
-                           "clipped here", round_, ", ".join(oversized), clip)
+            logger.warning(
+                "round %d: updates of %s exceed the clip norm %g (the devices did not clip): clipped here",
+                round_,
+                ", ".join(oversized),
+                clip,
+            )
     if secure_mean is not None:
         release, close = None, partial(_step_with_mean, strategy, round_, state.params, secure_mean)
     elif central and central_dp is not None:
         bits = [u.norm_bit for _, u in ordered]
         if central_dp.adaptive_clipping is None or None in bits:
             bits = None
-        params, release = central_dp.release(round_, state.params, client_updates, clip, norm_bits=bits,
-                                             sampling_rate=_PUBLIC_COHORT_Q)
+        params, release = central_dp.release(
+            round_, state.params, client_updates, clip, norm_bits=bits, sampling_rate=_PUBLIC_COHORT_Q
+        )
         close = partial(_finish_central, central_dp, round_, params, len(client_updates), clip)
     else:
         release = Release(Charge(round_, "train", _PUBLIC_COHORT_Q, 0.0)) if central else None
         close = partial(_aggregate, strategy, round_, state.params, client_updates)
-    return PendingPhase(release, partial(_close_train, settings, state, round_, len(client_updates), strategy,
-                                         release, close))
+    return PendingPhase(
+        release, partial(_close_train, settings, state, round_, len(client_updates), strategy, release, close)
+    )
 
 
-def _step_with_mean(strategy: Strategy, round_: int, params: np.ndarray, mean: np.ndarray,
-                    released: tuple[np.ndarray, ...]) -> tuple[np.ndarray, float | None]:
+def _step_with_mean(
+    strategy: Strategy, round_: int, params: np.ndarray, mean: np.ndarray, released: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, float | None]:
     return strategy.server_update(round_, params, mean), None
 
 
-def _finish_central(central_dp: DPAggregator, round_: int, params: np.ndarray, n_updates: int, clip: float,
-                    released: tuple[np.ndarray, ...]) -> tuple[np.ndarray, float | None]:
+def _finish_central(
+    central_dp: DPAggregator,
+    round_: int,
+    params: np.ndarray,
+    n_updates: int,
+    clip: float,
+    released: tuple[np.ndarray, ...],
+) -> tuple[np.ndarray, float | None]:
     return central_dp.finish(round_, params, released, n_updates, clip)
 
 
-def _aggregate(strategy: Strategy, round_: int, params: np.ndarray, updates: list[ClientUpdate],
-               released: tuple[np.ndarray, ...]) -> tuple[np.ndarray, float | None]:
+def _aggregate(
+    strategy: Strategy, round_: int, params: np.ndarray, updates: list[ClientUpdate], released: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, float | None]:
     return strategy.aggregate(round_, params, updates)[0], None
 
 
-def _close_train(settings: PhaseSettings, state: Snapshot, round_: int, n_devices: int, strategy: Strategy,
-                 release: Release | None, step: Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, float | None]],
-                 released: tuple[np.ndarray, ...]) -> PhaseOutcome:
+def _close_train(
+    settings: PhaseSettings,
+    state: Snapshot,
+    round_: int,
+    n_devices: int,
+    strategy: Strategy,
+    release: Release | None,
+    step: Callable[[tuple[np.ndarray, ...]], tuple[np.ndarray, float | None]],
+    released: tuple[np.ndarray, ...],
+) -> PhaseOutcome:
     strategy.load_state_dict(state.strategy_state)
     params, next_clip = step(released)
-    new_state = replace(state, params=params, clip_norm=state.clip_norm if next_clip is None else next_clip,
-                        train_rounds_done=state.train_rounds_done + 1, strategy_state=strategy.state_dict())
-    payload = Model(round=round_, params=params, basis_version=state.basis_version, classes=settings.classes,
-                    hidden=settings.hidden, n_devices=n_devices)
+    new_state = replace(
+        state,
+        params=params,
+        clip_norm=state.clip_norm if next_clip is None else next_clip,
+        train_rounds_done=state.train_rounds_done + 1,
+        strategy_state=strategy.state_dict(),
+    )
+    payload = Model(
+        round=round_,
+        params=params,
+        basis_version=state.basis_version,
+        classes=settings.classes,
+        hidden=settings.hidden,
+        n_devices=n_devices,
+    )
     return PhaseOutcome(new_state, None if release is None else release.charge, payload)
 
 
@@ -441,21 +571,39 @@ def evaluate_phase(state: Snapshot) -> PhaseOutcome:
 
 
 # ----------------------------------------------------------------------------- the record
-def round_record(settings: PhaseSettings, state: Snapshot, round_: int, phase: str, replies: Sequence[Update | Sketch],
-                 *, n_selected: int, attempts: int, epsilons: Mapping[str, float], sampling_rate: float | None,
-                 clip_norm: float | None, finished: float) -> RoundRecord:
+def round_record(
+    settings: PhaseSettings,
+    state: Snapshot,
+    round_: int,
+    phase: str,
+    replies: Sequence[Update | Sketch],
+    *,
+    n_selected: int,
+    attempts: int,
+    epsilons: Mapping[str, float],
+    sampling_rate: float | None,
+    clip_norm: float | None,
+    finished: float,
+) -> RoundRecord:
     """The row of a closed round in the state database: the state after the round, its
     replies (device metrics: mean training loss, mean balanced accuracy, evaluation
     windows), the epsilons spent so far and when it was committed (``finished``, Unix time)."""
     metrics = [u.metrics for u in replies if isinstance(u, Update)]
     accuracies = [m.eval_balanced_accuracy for m in metrics if m.eval_balanced_accuracy is not None]
     return RoundRecord(
-        round=round_, phase=phase, train_round=state.train_rounds_done if phase == "train" else None,
-        n_selected=n_selected, n_devices=len(replies),
+        round=round_,
+        phase=phase,
+        train_round=state.train_rounds_done if phase == "train" else None,
+        n_selected=n_selected,
+        n_devices=len(replies),
         mean_loss=float(np.mean([m.loss for m in metrics])) if metrics and phase == "train" else None,
         balanced_accuracy=float(np.mean(accuracies)) if accuracies else None,
         eval_windows=int(sum(m.eval_windows for m in metrics)),
-        epsilon_rdp=epsilons.get("rdp"), epsilon_pld=epsilons.get("pld"),
-        sampling_rate=sampling_rate, noise_multiplier=settings.noise_multiplier_of(phase),
-        clip_norm=clip_norm, attempts=attempts, finished=finished,
+        epsilon_rdp=epsilons.get("rdp"),
+        epsilon_pld=epsilons.get("pld"),
+        sampling_rate=sampling_rate,
+        noise_multiplier=settings.noise_multiplier_of(phase),
+        clip_norm=clip_norm,
+        attempts=attempts,
+        finished=finished,
     )

@@ -42,36 +42,91 @@ def _format_epsilon(eps: float) -> str:
     return "inf (no noise: no differential privacy)" if math.isinf(eps) else f"{eps:.6f}"
 
 
-@click.command("privacy", epilog=examples(
-    "biofed privacy --rounds 10 --noise-multiplier 2.0",
-    "biofed privacy -T 20 -q 0.5 -e 8 --calibrate-with pld",
-    "biofed privacy --rounds 10 --noise-multiplier 2.0 --json",
-    "biofed privacy --level record -T 20 -q 0.05 -z 1.1   # DP-SGD on a ward device",
-))
-@click.option("--rounds", "-T", type=int, required=True, callback=_validated(check_rounds),
-              help="Number of federated rounds (>= 1).")
-@click.option("--sampling-rate", "-q", type=float, default=1.0, show_default=True,
-              callback=_validated(check_sampling_rate),
-              help="Probability that each device is sampled into a round, in (0, 1].")
-@click.option("--noise-multiplier", "-z", type=float, default=None, callback=_validated(check_noise_multiplier),
-              help="Noise std on the sum of clipped updates divided by the clip norm (>= 0; 0 = no DP).")
-@click.option("--delta", "-d", type=float, default=1e-5, show_default=True, callback=_validated(check_delta),
-              help="Target delta in (0, 1); keep it below 1 / number of devices.")
-@click.option("--target-epsilon", "-e", type=float, default=None, callback=_validated(_check_target_epsilon),
-              help="Instead of --noise-multiplier: calibrate the smallest z reaching this epsilon.")
-@click.option("--calibrate-with", type=click.Choice(["rdp", "pld"]), default="rdp", show_default=True,
-              help="Accountant used by --target-epsilon (PLD is tighter but takes seconds).")
-@click.option("--level", type=click.Choice(["client", "record"]), default="client", show_default=True,
-              help="client: one record is a device's whole contribution to a round (the coordinator's ledger; "
-                   "-q is the device sampling rate, 1 for biofed's public cohorts). record: one record is one "
-                   "window, protected by DP-SGD on the device ([dp] record_* of the device config; -q is "
-                   "record_sampling_rate, -z record_noise_multiplier).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (epsilon inf as the string \"inf\").")
-@click.option("--steps-per-round", type=int, default=None,
-              help="--level record: DP-SGD steps per round (default ceil(1 / q), one expected epoch).")
+@click.command(
+    "privacy",
+    epilog=examples(
+        "biofed privacy --rounds 10 --noise-multiplier 2.0",
+        "biofed privacy -T 20 -q 0.5 -e 8 --calibrate-with pld",
+        "biofed privacy --rounds 10 --noise-multiplier 2.0 --json",
+        "biofed privacy --level record -T 20 -q 0.05 -z 1.1   # DP-SGD on a ward device",
+    ),
+)
+@click.option(
+    "--rounds",
+    "-T",
+    type=int,
+    required=True,
+    callback=_validated(check_rounds),
+    help="Number of federated rounds (>= 1).",
+)
+@click.option(
+    "--sampling-rate",
+    "-q",
+    type=float,
+    default=1.0,
+    show_default=True,
+    callback=_validated(check_sampling_rate),
+    help="Probability that each device is sampled into a round, in (0, 1].",
+)
+@click.option(
+    "--noise-multiplier",
+    "-z",
+    type=float,
+    default=None,
+    callback=_validated(check_noise_multiplier),
+    help="Noise std on the sum of clipped updates divided by the clip norm (>= 0; 0 = no DP).",
+)
+@click.option(
+    "--delta",
+    "-d",
+    type=float,
+    default=1e-5,
+    show_default=True,
+    callback=_validated(check_delta),
+    help="Target delta in (0, 1); keep it below 1 / number of devices.",
+)
+@click.option(
+    "--target-epsilon",
+    "-e",
+    type=float,
+    default=None,
+    callback=_validated(_check_target_epsilon),
+    help="Instead of --noise-multiplier: calibrate the smallest z reaching this epsilon.",
+)
+@click.option(
+    "--calibrate-with",
+    type=click.Choice(["rdp", "pld"]),
+    default="rdp",
+    show_default=True,
+    help="Accountant used by --target-epsilon (PLD is tighter but takes seconds).",
+)
+@click.option(
+    "--level",
+    type=click.Choice(["client", "record"]),
+    default="client",
+    show_default=True,
+    help="client: one record is a device's whole contribution to a round (the coordinator's ledger; "
+    "-q is the device sampling rate, 1 for biofed's public cohorts). record: one record is one "
+    "window, protected by DP-SGD on the device ([dp] record_* of the device config; -q is "
+    "record_sampling_rate, -z record_noise_multiplier).",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print one JSON object (epsilon inf as the string "inf").')
+@click.option(
+    "--steps-per-round",
+    type=int,
+    default=None,
+    help="--level record: DP-SGD steps per round (default ceil(1 / q), one expected epoch).",
+)
 def privacy_command(
-    rounds: int, sampling_rate: float, noise_multiplier: float | None, delta: float,
-    target_epsilon: float | None, calibrate_with: str, as_json: bool, level: str, steps_per_round: int | None,
+    rounds: int,
+    sampling_rate: float,
+    noise_multiplier: float | None,
+    delta: float,
+    target_epsilon: float | None,
+    calibrate_with: str,
+    as_json: bool,
+    level: str,
+    steps_per_round: int | None,
 ) -> None:
     """Client-level or record-level epsilon of a DP training plan (RDP and PLD), without training.
 
@@ -100,15 +155,25 @@ def privacy_command(
             )
     eps = plan_epsilon(events, sampling_rate, noise_multiplier, delta)
     if as_json:
-        click.echo(json.dumps({
-            "level": level, "rounds": rounds, "steps_per_round": steps_per_round, "sampling_rate": sampling_rate,
-            "noise_multiplier": noise_multiplier, "delta": delta, "target_epsilon": target_epsilon,
-            "calibrated_with": None if target_epsilon is None else calibrate_with,
-            "epsilon": {name: value if math.isfinite(value) else str(value) for name, value in eps.items()},
-        }))
+        click.echo(
+            json.dumps(
+                {
+                    "level": level,
+                    "rounds": rounds,
+                    "steps_per_round": steps_per_round,
+                    "sampling_rate": sampling_rate,
+                    "noise_multiplier": noise_multiplier,
+                    "delta": delta,
+                    "target_epsilon": target_epsilon,
+                    "calibrated_with": None if target_epsilon is None else calibrate_with,
+                    "epsilon": {name: value if math.isfinite(value) else str(value) for name, value in eps.items()},
+                }
+            )
+        )
         return
     steps = "" if level == "client" else f" steps_per_round={steps_per_round}"
-    click.echo(f"rounds={rounds}{steps} sampling_rate={sampling_rate:g} noise_multiplier={noise_multiplier:g} "
-               f"delta={delta:g}")
+    click.echo(
+        f"rounds={rounds}{steps} sampling_rate={sampling_rate:g} noise_multiplier={noise_multiplier:g} delta={delta:g}"
+    )
     click.echo(f"{level}-level epsilon (RDP): {_format_epsilon(eps['rdp'])}")
     click.echo(f"{level}-level epsilon (PLD): {_format_epsilon(eps['pld'])}")

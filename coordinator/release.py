@@ -81,7 +81,9 @@ def _check_release(clipped_sum, noise_std) -> tuple[np.ndarray, float]:
     return values, std
 
 
-def release_statistics(clipped_sum, noise_std: float, event: dp_accounting.DpEvent, ledger: ReleaseLedger) -> np.ndarray:
+def release_statistics(
+    clipped_sum, noise_std: float, event: dp_accounting.DpEvent, ledger: ReleaseLedger
+) -> np.ndarray:
     """Release ``clipped_sum + N(0, noise_std^2 I)`` after charging ``event`` to ``ledger``.
 
     ``clipped_sum`` is the sum over devices of contributions each clipped to norm ``C``;

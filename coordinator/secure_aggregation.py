@@ -110,10 +110,15 @@ class SecAggServer:
     def receive(self, sender: str, message: SecAggUpload) -> None:
         """Accept ``sender``'s upload (``sender`` = the verified envelope sender)."""
         if message.round != self.round:
-            raise SecAggError(f"secagg {message.step} of {sender!r} is for round {message.round}, "
-                              f"this round is {self.round}")
-        {"advertise": self._receive_advertise, "shares": self._receive_shares, "masked": self._receive_masked,
-         "unmask": self._receive_unmask}[message.step](sender, message)
+            raise SecAggError(
+                f"secagg {message.step} of {sender!r} is for round {message.round}, this round is {self.round}"
+            )
+        {
+            "advertise": self._receive_advertise,
+            "shares": self._receive_shares,
+            "masked": self._receive_masked,
+            "unmask": self._receive_unmask,
+        }[message.step](sender, message)
 
     def _receive_advertise(self, sender: str, message: SecAggUpload) -> None:
         if self._keys is not None:
@@ -158,9 +163,11 @@ class SecAggServer:
         if self._u2 is None:
             self._need(self.threshold, len(self._shares), "shared keys")
             self._u2 = tuple(sorted(self._shares))
-        return SecAggRelay(self.round, "shares", ciphertexts={
-            v: {u: self._shares[u].ciphertexts[v] for u in self._u2 if u != v} for v in self._u2
-        })
+        return SecAggRelay(
+            self.round,
+            "shares",
+            ciphertexts={v: {u: self._shares[u].ciphertexts[v] for u in self._u2 if u != v} for v in self._u2},
+        )
 
     def _receive_masked(self, sender: str, message: SecAggUpload) -> None:
         if self._u2 is None or self._request is not None:
@@ -169,7 +176,8 @@ class SecAggServer:
             raise SecAggError(f"{sender!r} sent a masked input but did not share keys")
         if message.masked.shape != (self.vector_size,):
             raise SecAggError(
-                f"masked input of {sender!r} has shape {message.masked.shape}, expected ({self.vector_size},)")
+                f"masked input of {sender!r} has shape {message.masked.shape}, expected ({self.vector_size},)"
+            )
         if sender in self._masked:
             raise SecAggError(f"{sender!r} sent its masked input twice")
         self._masked[sender] = message.masked.view(np.uint64)
@@ -181,8 +189,12 @@ class SecAggServer:
             raise SecAggError("unmask_request() before forward()")
         if self._request is None:
             self._need(self.threshold, len(self._masked), "sent masked inputs")
-            self._request = SecAggRelay(self.round, "unmask", survivors=tuple(sorted(self._masked)),
-                                        dropped=tuple(d for d in self._u2 if d not in self._masked))
+            self._request = SecAggRelay(
+                self.round,
+                "unmask",
+                survivors=tuple(sorted(self._masked)),
+                dropped=tuple(d for d in self._u2 if d not in self._masked),
+            )
         return self._request
 
     def _receive_unmask(self, sender: str, message: SecAggUpload) -> None:
@@ -190,8 +202,9 @@ class SecAggServer:
             raise SecAggError(f"unmask response of {sender!r} arrived before the unmask request")
         if sender not in self._request.survivors:
             raise SecAggError(f"{sender!r} sent an unmask response but is not a survivor")
-        if (set(message.b_shares) != set(self._request.survivors)
-                or set(message.key_shares) != set(self._request.dropped)):
+        if set(message.b_shares) != set(self._request.survivors) or set(message.key_shares) != set(
+            self._request.dropped
+        ):
             raise SecAggError(f"unmask response of {sender!r} does not match the request")
         if sender in self._responses:
             raise SecAggError(f"{sender!r} sent its unmask response twice")
@@ -269,8 +282,16 @@ class SecureAggregationRound:
     """
 
     def __init__(
-        self, *, fleet: str, round: int, participants: Iterable[str], vector_size: int, threshold: int,
-        advertise_deadline: float, step_timeout_s: float, fixed_point: FixedPoint = FixedPoint(),
+        self,
+        *,
+        fleet: str,
+        round: int,
+        participants: Iterable[str],
+        vector_size: int,
+        threshold: int,
+        advertise_deadline: float,
+        step_timeout_s: float,
+        fixed_point: FixedPoint = FixedPoint(),
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not step_timeout_s > 0:
@@ -290,8 +311,10 @@ class SecureAggregationRound:
         self.failure: str | None = None
 
     def __repr__(self) -> str:
-        return (f"SecureAggregationRound(round={self.round}, step={self.step!r}, "
-                f"{len(self._arrived)}/{len(self._expected)} arrived)")
+        return (
+            f"SecureAggregationRound(round={self.round}, step={self.step!r}, "
+            f"{len(self._arrived)}/{len(self._expected)} arrived)"
+        )
 
     @property
     def expected(self) -> frozenset[str]:

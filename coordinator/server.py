@@ -151,8 +151,6 @@ from biofed.coordinator.phases import (
     train_phase,
     unmask_charge,
 )
-from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
-from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.coordinator.state import (
     CoordinatorState,
@@ -165,6 +163,8 @@ from biofed.kernels.random_state import check_random_state
 from biofed.metrics import CoordinatorMetrics, serve
 from biofed.model import FeatureLayout, ModelFile, ModelFormatError, PrivacySpec
 from biofed.mqtt import ConnectError, MqttClient, MqttError
+from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger
+from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.protocol import (
     BASIS_PHASES,
     Message,
@@ -218,8 +218,12 @@ class RunState(enum.Enum):
         return member
 
 
-_PHASE_STATES = {"moments": RunState.MOMENTS, "covariance": RunState.COVARIANCE, "train": RunState.TRAINING,
-                 "evaluate": RunState.EVALUATING}
+_PHASE_STATES = {
+    "moments": RunState.MOMENTS,
+    "covariance": RunState.COVARIANCE,
+    "train": RunState.TRAINING,
+    "evaluate": RunState.EVALUATING,
+}
 
 
 # ----------------------------------------------------------------------------- coordinator
@@ -317,8 +321,7 @@ class Coordinator:
             allowed = None if config.allowed_devices_file is None else AllowList(config.allowed_devices_file)
         except ConfigError as exc:
             raise CoordinatorError(str(exc)) from None
-        self.ingest = Ingest(self.topics, max_bytes=config.broker.max_message_bytes, verifier=verifier,
-                             allowed=allowed)
+        self.ingest = Ingest(self.topics, max_bytes=config.broker.max_message_bytes, verifier=verifier, allowed=allowed)
         self.snapshot = Snapshot(clip_norm=dp.clip_norm)
         self.ledger = PrivacyLedger(dp.delta, self.accountants, dp.epsilon_budget)
         self.mechanism = PrivacyMechanism(self.ledger, persist=self._persist_ledger)
@@ -428,7 +431,11 @@ class Coordinator:
                 self.strategy.load_state_dict(loaded.strategy_state)
             logger.info(
                 "resuming fleet %s from %s: phase %s, next round %d, %d training rounds done, epsilon %s",
-                self.config.fleet, self._store.path, loaded.phase, loaded.next_round, loaded.train_rounds_done,
+                self.config.fleet,
+                self._store.path,
+                loaded.phase,
+                loaded.next_round,
+                loaded.train_rounds_done,
                 self._format_eps(),
             )
         for message_id in self._store.accepted_ids():
@@ -438,8 +445,11 @@ class Coordinator:
         """Re-record the persisted entries (what was spent) under this run's accountants and
         budget (the config may raise or lower the budget between runs)."""
         if persisted.delta != self.config.dp.delta:
-            logger.warning("dp.delta changed from %g to %g: epsilon is now reported at the new delta",
-                           persisted.delta, self.config.dp.delta)
+            logger.warning(
+                "dp.delta changed from %g to %g: epsilon is now reported at the new delta",
+                persisted.delta,
+                self.config.dp.delta,
+            )
         self.ledger.extend(persisted)
 
     def _persist_ledger(self, ledger: PrivacyLedger) -> None:
@@ -477,8 +487,13 @@ class Coordinator:
         ends as soon as the broker answers). During a broker outage the message waits in
         the client's queue and goes out after the reconnect. False: stopped first, or the
         broker refused it (logged)."""
-        data = encode_message(payload, fleet=self.config.fleet, sender=COORDINATOR_SENDER,
-                              max_bytes=self.config.broker.max_message_bytes, signer=self._signer)
+        data = encode_message(
+            payload,
+            fleet=self.config.fleet,
+            sender=COORDINATOR_SENDER,
+            max_bytes=self.config.broker.max_message_bytes,
+            signer=self._signer,
+        )
         try:
             info = self._client.publish(topic, data, qos=1, retain=retain, wait=False)
         except MqttError as exc:
@@ -492,19 +507,30 @@ class Coordinator:
             waited = time.monotonic() - started
             if waited - warned >= _OUTAGE_LOG_INTERVAL_S:
                 warned = waited
-                logger.warning("%s of round %d not acknowledged for %.0f s (broker %s); it is queued and goes "
-                               "out when the broker is back", payload.KIND, payload.round, waited,
-                               "connected" if self._client.connected else "unreachable")
+                logger.warning(
+                    "%s of round %d not acknowledged for %.0f s (broker %s); it is queued and goes "
+                    "out when the broker is back",
+                    payload.KIND,
+                    payload.round,
+                    waited,
+                    "connected" if self._client.connected else "unreachable",
+                )
             self._pump(0.1)
         refused = self._client.refusal(info)
         if refused is not None:
-            logger.error("%s of round %d refused by the broker: %s (check the broker's ACL for user %r)",
-                         payload.KIND, payload.round, refused, self.config.broker.username or self.client_id)
+            logger.error(
+                "%s of round %d refused by the broker: %s (check the broker's ACL for user %r)",
+                payload.KIND,
+                payload.round,
+                refused,
+                self.config.broker.username or self.client_id,
+            )
             return False
         self.metrics.sent(len(data))
         if warned:
-            logger.info("%s of round %d published after %.0f s", payload.KIND, payload.round,
-                        time.monotonic() - started)
+            logger.info(
+                "%s of round %d published after %.0f s", payload.KIND, payload.round, time.monotonic() - started
+            )
         return True
 
     def _format_eps(self) -> str:
@@ -578,24 +604,33 @@ class Coordinator:
             if attempts > 1 and phase == "train" and self.ledger.would_exceed(1.0, self.config.dp.noise_multiplier):
                 self._advance_to_evaluate("privacy budget: a retried round (q = 1) would exceed the budget")
                 return None
-            participants = select_participants(self.ingest.online, phase, self.settings.sampling_rate,
-                                               self._sampling_rng)
+            participants = select_participants(
+                self.ingest.online, phase, self.settings.sampling_rate, self._sampling_rng
+            )
             if len(participants) >= self.config.min_devices:
                 collected = self._gather(phase, participants, attempts)
                 if collected is None:
                     return None
                 if collected.n_contributions >= self.config.min_devices:
                     return collected
-                reason = (f"round {collected.round} ({phase}) closed with {collected.n_contributions} of "
-                          f"{len(participants)} replies, fewer than min_devices={self.config.min_devices}")
+                reason = (
+                    f"round {collected.round} ({phase}) closed with {collected.n_contributions} of "
+                    f"{len(participants)} replies, fewer than min_devices={self.config.min_devices}"
+                )
             else:
-                reason = (f"sampling selected {len(participants)} of {len(self.ingest.online)} online devices, "
-                          f"fewer than min_devices={self.config.min_devices}")
+                reason = (
+                    f"sampling selected {len(participants)} of {len(self.ingest.online)} online devices, "
+                    f"fewer than min_devices={self.config.min_devices}"
+                )
             if attempts > self.max_retries:
                 self._abort(f"{reason}; gave up after {attempts} attempts (max_retries={self.max_retries})")
                 return None
-            logger.warning("%s: nothing published (what reached the coordinator is accounted); retrying "
-                           "(attempt %d of %d)", reason, attempts + 1, self.max_retries + 1)
+            logger.warning(
+                "%s: nothing published (what reached the coordinator is accounted); retrying (attempt %d of %d)",
+                reason,
+                attempts + 1,
+                self.max_retries + 1,
+            )
 
     def _gather(self, phase: str, participants: list[str], attempts: int) -> _Collected | None:
         snap = self.snapshot
@@ -605,7 +640,10 @@ class Coordinator:
         deadline = time.time() + self.config.round_deadline_s
         task = make_task(self.settings, snap, round_, phase, participants, deadline)
         self.ingest.open = OpenRound(
-            round=round_, phase=phase, participants=frozenset(participants), deadline=deadline,
+            round=round_,
+            phase=phase,
+            participants=frozenset(participants),
+            deadline=deadline,
             basis_version=snap.basis_version,
             n_params=(0 if phase == "evaluate" else None if snap.params is None else snap.params.size),
             n_features=snap.n_features if phase == "covariance" else None,
@@ -613,8 +651,12 @@ class Coordinator:
         )
         if task.secagg_threshold:
             self.ingest.open.secure = SecureAggregationRound(
-                fleet=self.config.fleet, round=round_, participants=participants, vector_size=snap.params.size,
-                threshold=task.secagg_threshold, advertise_deadline=deadline,
+                fleet=self.config.fleet,
+                round=round_,
+                participants=participants,
+                vector_size=snap.params.size,
+                threshold=task.secagg_threshold,
+                advertise_deadline=deadline,
                 step_timeout_s=self.config.dp.secagg_step_timeout_s,
             )
         self._state = _PHASE_STATES[phase]
@@ -624,8 +666,13 @@ class Coordinator:
             self.mechanism.charge(charge)
         self.metrics.round_opened(round_)
         self._publish(self.topics.task, task)
-        logger.info("round %d (%s): task published to %d devices, deadline in %g s",
-                    round_, phase, len(participants), self.config.round_deadline_s)
+        logger.info(
+            "round %d (%s): task published to %d devices, deadline in %g s",
+            round_,
+            phase,
+            len(participants),
+            self.config.round_deadline_s,
+        )
         if self.ingest.open.secure is not None:
             return self._gather_secure(round_, participants, attempts)
         try:
@@ -665,8 +712,11 @@ class Coordinator:
         self.ingest.open.deadline = deadline
         if deadline - task.deadline < 1.0 or not self._client.connected:
             return task
-        logger.info("round %d: the broker was unreachable for %.0f s; deadline extended by as much",
-                    task.round, deadline - task.deadline)
+        logger.info(
+            "round %d: the broker was unreachable for %.0f s; deadline extended by as much",
+            task.round,
+            deadline - task.deadline,
+        )
         task = replace(task, deadline=deadline)
         self._publish(self.topics.task, task)
         return task
@@ -683,20 +733,34 @@ class Coordinator:
                 relay = secure.poll()
                 if relay is not None:
                     if relay.step == "unmask":  # from here the survivors' sum can be unmasked: charge it first
-                        self.mechanism.charge(unmask_charge(
-                            self.settings, round_, self.snapshot.clip_norm, self.snapshot.params.size,
-                            secure.fixed_point.resolution, len(relay.survivors)))
+                        self.mechanism.charge(
+                            unmask_charge(
+                                self.settings,
+                                round_,
+                                self.snapshot.clip_norm,
+                                self.snapshot.params.size,
+                                secure.fixed_point.resolution,
+                                len(relay.survivors),
+                            )
+                        )
                     self._publish(self.topics.secagg_relay, relay, retain=False)
-                    logger.info("round %d: secure aggregation step %s with %d devices", round_, secure.step,
-                                len(secure.expected))
+                    logger.info(
+                        "round %d: secure aggregation step %s with %d devices",
+                        round_,
+                        secure.step,
+                        len(secure.expected),
+                    )
             received = dict(self.ingest.open.received)
         finally:
             self.ingest.open = None
         survivors = set() if secure.result is None else set(secure.result.survivors)
         replies = {device: message for device, message in received.items() if device in survivors}
         if survivors - set(replies):
-            logger.warning("round %d: %s sent masked inputs but no metrics update", round_,
-                           ", ".join(sorted(survivors - set(replies))))
+            logger.warning(
+                "round %d: %s sent masked inputs but no metrics update",
+                round_,
+                ", ".join(sorted(survivors - set(replies))),
+            )
         return _Collected(round_, replies, len(participants), attempts, secure if survivors else None)
 
     def _accepted_rows(self, collected: _Collected) -> list[tuple[str, int, str, str]]:
@@ -714,8 +778,9 @@ class Coordinator:
         if collected is None:
             return False
         sketches = [m.payload for m in collected.replies.values()]
-        outcome = self._close(basis_phase(self.settings, self.snapshot, collected.round, phase, sketches,
-                                          self._init_rng))
+        outcome = self._close(
+            basis_phase(self.settings, self.snapshot, collected.round, phase, sketches, self._init_rng)
+        )
         record = self._commit(collected, phase, sampling_rate=1.0, clip_norm=self.settings.basis_clip_norm)
         if outcome.payload is not None:
             self._publish(self.topics.basis, outcome.payload)
@@ -729,13 +794,23 @@ class Coordinator:
         clip = self.snapshot.clip_norm
         updates = {device: m.payload for device, m in collected.replies.items()}
         secure_mean = None if collected.secure is None else collected.secure.mean_update()
-        outcome = self._close(train_phase(self.settings, self.snapshot, collected.round, updates,
-                                          strategy=self.strategy, central_dp=self.central_dp,
-                                          secure_mean=secure_mean))
+        outcome = self._close(
+            train_phase(
+                self.settings,
+                self.snapshot,
+                collected.round,
+                updates,
+                strategy=self.strategy,
+                central_dp=self.central_dp,
+                secure_mean=secure_mean,
+            )
+        )
         record = self._commit(collected, "train", sampling_rate=1.0, clip_norm=clip)
         eps = self.ledger.epsilon()
-        self._publish(self.topics.model, replace(outcome.payload, epsilon=eps if math.isfinite(eps) else None,
-                                                 onnx=self._export(collected.round)))
+        self._publish(
+            self.topics.model,
+            replace(outcome.payload, epsilon=eps if math.isfinite(eps) else None, onnx=self._export(collected.round)),
+        )
         self._report(record)
         return True
 
@@ -748,8 +823,9 @@ class Coordinator:
     def _evaluate_round(self) -> bool:
         if not self._wait_for_devices():
             return False
-        participants = select_participants(self.ingest.online, "evaluate", self.settings.sampling_rate,
-                                           self._sampling_rng)
+        participants = select_participants(
+            self.ingest.online, "evaluate", self.settings.sampling_rate, self._sampling_rng
+        )
         collected = self._gather("evaluate", participants, 1)
         if collected is None:
             return False
@@ -761,14 +837,24 @@ class Coordinator:
         return True
 
     # ------------------------------------------------------------------ commit and report
-    def _commit(self, collected: _Collected, phase: str, *, sampling_rate: float | None,
-                clip_norm: float | None) -> RoundRecord:
+    def _commit(
+        self, collected: _Collected, phase: str, *, sampling_rate: float | None, clip_norm: float | None
+    ) -> RoundRecord:
         snap = self.snapshot
         snap.ledger = self.ledger.to_json()
-        record = round_record(self.settings, snap, collected.round, phase,
-                              [m.payload for m in collected.replies.values()], n_selected=collected.n_selected,
-                              attempts=collected.attempts, epsilons=self.ledger.epsilons(),
-                              sampling_rate=sampling_rate, clip_norm=clip_norm, finished=time.time())
+        record = round_record(
+            self.settings,
+            snap,
+            collected.round,
+            phase,
+            [m.payload for m in collected.replies.values()],
+            n_selected=collected.n_selected,
+            attempts=collected.attempts,
+            epsilons=self.ledger.epsilons(),
+            sampling_rate=sampling_rate,
+            clip_norm=clip_norm,
+            finished=time.time(),
+        )
         self._store.commit_round(snap, accepted=self._accepted_rows(collected), record=record)
         self._store.write_rounds_json()
         return record
@@ -780,9 +866,16 @@ class Coordinator:
         eps = self.ledger.epsilon()
         logger.info(
             "round %d (%s%s): %d/%d devices, mean loss %s, balanced accuracy %s, epsilon %.4g (%s) at delta %g",
-            record.round, record.phase, "" if record.train_round is None else f" {record.train_round}",
-            record.n_devices, record.n_selected, fmt(record.mean_loss, ".4f"), fmt(record.balanced_accuracy, ".3f"),
-            eps, self.ledger.budget_accountant, self.ledger.delta,
+            record.round,
+            record.phase,
+            "" if record.train_round is None else f" {record.train_round}",
+            record.n_devices,
+            record.n_selected,
+            fmt(record.mean_loss, ".4f"),
+            fmt(record.balanced_accuracy, ".3f"),
+            eps,
+            self.ledger.budget_accountant,
+            self.ledger.delta,
         )
         self.metrics.round_closed(record)
         if self.on_round is not None:
@@ -819,8 +912,12 @@ class Coordinator:
         if not votes:
             return None
         if len(votes) > 1:
-            logger.warning("devices report %d different feature layouts of %d features; the ONNX model carries "
-                           "the most common one", len(votes), d)
+            logger.warning(
+                "devices report %d different feature layouts of %d features; the ONNX model carries "
+                "the most common one",
+                len(votes),
+                d,
+            )
         return FeatureLayout.from_json(votes.most_common(1)[0][0])
 
     def _model_file(self, round_: int) -> ModelFile:
@@ -828,15 +925,25 @@ class Coordinator:
         budget = self.ledger.budget_accountant
         epsilons = self.ledger.epsilons()
         privacy = PrivacySpec(
-            epsilon=epsilons[budget] if math.isfinite(epsilons[budget]) else None, delta=self.ledger.delta,
-            accountant=budget, epsilons=epsilons, trust_mode=cfg.dp.trust_mode,
+            epsilon=epsilons[budget] if math.isfinite(epsilons[budget]) else None,
+            delta=self.ledger.delta,
+            accountant=budget,
+            epsilons=epsilons,
+            trust_mode=cfg.dp.trust_mode,
             noise_multiplier=cfg.dp.noise_multiplier,
         )
         return ModelFile(
-            params=snap.params, classes=tuple(cfg.model.classes), hidden=cfg.model.hidden,
+            params=snap.params,
+            classes=tuple(cfg.model.classes),
+            hidden=cfg.model.hidden,
             basis=(snap.basis_components, snap.basis_mean, snap.basis_scale),
-            basis_version=snap.basis_version, fleet=cfg.fleet, round=round_, train_round=snap.train_rounds_done,
-            layout=self._feature_layout(), privacy=privacy, standardization=standardization(snap),
+            basis_version=snap.basis_version,
+            fleet=cfg.fleet,
+            round=round_,
+            train_round=snap.train_rounds_done,
+            layout=self._feature_layout(),
+            privacy=privacy,
+            standardization=standardization(snap),
         )
 
     def _export(self, round_: int) -> np.ndarray:

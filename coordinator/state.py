@@ -59,7 +59,13 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ROUND_COLUMNS", "SCHEMA_VERSION", "CoordinatorState", "RoundRecord", "Snapshot", "StateDirLock", "StateError",
+    "ROUND_COLUMNS",
+    "SCHEMA_VERSION",
+    "CoordinatorState",
+    "RoundRecord",
+    "Snapshot",
+    "StateDirLock",
+    "StateError",
     "running_coordinator",
 ]
 
@@ -121,8 +127,16 @@ class Snapshot:
     strategy_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-_SCALARS = ("next_round", "phase", "train_rounds_done", "basis_version", "n_features", "clip_norm", "stop_reason",
-            "ledger")
+_SCALARS = (
+    "next_round",
+    "phase",
+    "train_rounds_done",
+    "basis_version",
+    "n_features",
+    "clip_norm",
+    "stop_reason",
+    "ledger",
+)
 _ARRAYS = ("params", "stats_mean", "stats_scale", "basis_components", "basis_mean", "basis_scale")
 _STRATEGY_PREFIX = "strategy."
 
@@ -265,9 +279,7 @@ class CoordinatorState:
             raise StateError(f"{self.path}: cannot open the coordinator state database: {exc}") from None
 
     def _create(self, fleet: str) -> None:
-        columns = ", ".join(
-            f"{name} {'INTEGER PRIMARY KEY' if name == 'round' else ''}" for name in ROUND_COLUMNS
-        )
+        columns = ", ".join(f"{name} {'INTEGER PRIMARY KEY' if name == 'round' else ''}" for name in ROUND_COLUMNS)
         with self._lock:
             self._db.executescript(
                 f"""
@@ -310,7 +322,7 @@ class CoordinatorState:
         for name in _ARRAYS:
             setattr(snapshot, name, arrays.get(name))
         snapshot.strategy_state = {
-            name[len(_STRATEGY_PREFIX):]: value for name, value in arrays.items() if name.startswith(_STRATEGY_PREFIX)
+            name[len(_STRATEGY_PREFIX) :]: value for name, value in arrays.items() if name.startswith(_STRATEGY_PREFIX)
         }
         return snapshot
 
@@ -331,8 +343,9 @@ class CoordinatorState:
         published, so a restarted coordinator never re-issues a task round number)."""
         with self._lock:
             try:
-                self._db.execute("INSERT OR REPLACE INTO scalars VALUES ('next_round', ?)",
-                                 (json.dumps(int(next_round)),))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO scalars VALUES ('next_round', ?)", (json.dumps(int(next_round)),)
+                )
             except sqlite3.Error as exc:
                 raise _storage_error(self.path, f"reserve round numbers below {next_round}", exc) from None
 

@@ -88,8 +88,9 @@ class ClientUpdate:
     device_id: str
 
 
-def _check_number(value, name: str, *, low: float, high: float = math.inf, low_open: bool = False,
-                  high_open: bool = False) -> float:
+def _check_number(
+    value, name: str, *, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False
+) -> float:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got bool {value!r}.")
     try:
@@ -340,8 +341,9 @@ class FedAdam(_StatefulFedAvg):
     name = "fedadam"
     _state_keys = ("m", "v")
 
-    def __init__(self, eta: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
-                 weighting: str = "examples") -> None:
+    def __init__(
+        self, eta: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, weighting: str = "examples"
+    ) -> None:
         super().__init__(weighting)
         self.eta = _check_number(eta, "eta", low=0, low_open=True)
         self.beta1 = _check_number(beta1, "beta1", low=0, high=1, high_open=True)

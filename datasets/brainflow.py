@@ -52,8 +52,10 @@ def _board_id(board) -> int:
         try:
             return BoardIds[key].value
         except KeyError:
-            raise ValueError(f"unknown BrainFlow board {board!r}; use a BoardIds name such as 'SYNTHETIC' or "
-                             "'CYTON', or its integer id.") from None
+            raise ValueError(
+                f"unknown BrainFlow board {board!r}; use a BoardIds name such as 'SYNTHETIC' or "
+                "'CYTON', or its integer id."
+            ) from None
     raise ValueError(f"board must be a BrainFlow board id (int) or name (str), got {board!r}.")
 
 
@@ -67,8 +69,12 @@ def board_rows(board) -> dict:
     eeg_names = names.split(",") if names else [f"EEG{i + 1}" for i in range(len(eeg))]
     bio_rows, bio_names, bio_types = [], [], []
     ecg = [r for r in descr.get("ecg_channels", []) if r not in eeg]
-    for kind, rows in (("ecg", ecg), ("ppg", descr.get("ppg_channels", [])), ("eda", descr.get("eda_channels", [])),
-                       ("acc", descr.get("accel_channels", []))):
+    for kind, rows in (
+        ("ecg", ecg),
+        ("ppg", descr.get("ppg_channels", [])),
+        ("eda", descr.get("eda_channels", [])),
+        ("acc", descr.get("accel_channels", [])),
+    ):
         for i, row in enumerate(rows):
             bio_rows.append(row)
             bio_names.append(f"{kind.upper()}{i + 1}")
@@ -78,9 +84,14 @@ def board_rows(board) -> dict:
         modalities["eeg"] = (eeg, tuple(eeg_names), ("eeg",) * len(eeg), 1e-6)
     if bio_rows:
         modalities["bio"] = (bio_rows, tuple(bio_names), tuple(bio_types), 1.0)
-    return {"modalities": modalities, "sfreq": float(descr["sampling_rate"]), "num_rows": int(descr["num_rows"]),
-            "marker": descr.get("marker_channel"), "package": descr.get("package_num_channel"),
-            "name": descr.get("name", str(board_id))}
+    return {
+        "modalities": modalities,
+        "sfreq": float(descr["sampling_rate"]),
+        "num_rows": int(descr["num_rows"]),
+        "marker": descr.get("marker_channel"),
+        "package": descr.get("package_num_channel"),
+        "name": descr.get("name", str(board_id)),
+    }
 
 
 def _signals(table: np.ndarray, rows: dict) -> dict[str, Signal]:
@@ -103,8 +114,11 @@ def read_brainflow_csv(path, board) -> Recording:
     except ValueError as exc:
         raise RecordingError(path, f"not a BrainFlow CSV (tab-separated numbers): {exc}") from None
     if table.shape[0] != rows["num_rows"]:
-        raise RecordingError(path, f"has {table.shape[0]} columns but a {rows['name']} board writes "
-                                   f"{rows['num_rows']}; is it a file of another board?")
+        raise RecordingError(
+            path,
+            f"has {table.shape[0]} columns but a {rows['name']} board writes "
+            f"{rows['num_rows']}; is it a file of another board?",
+        )
     if table.shape[1] == 0:
         raise RecordingError(path, "holds no samples.")
     try:

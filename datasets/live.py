@@ -207,14 +207,27 @@ class LslSource:
         Sleep between pulls when no stream had new samples.
     """
 
-    def __init__(self, names: str | Sequence[str], *, modalities: Sequence[str] = MODALITIES,
-                 resolve_timeout_s: float = 5.0, gap_tolerance_s: float = 0.1, stall_s: float = 2.0,
-                 reconnect_s: float = 5.0, poll_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        names: str | Sequence[str],
+        *,
+        modalities: Sequence[str] = MODALITIES,
+        resolve_timeout_s: float = 5.0,
+        gap_tolerance_s: float = 0.1,
+        stall_s: float = 2.0,
+        reconnect_s: float = 5.0,
+        poll_s: float = 0.005,
+    ) -> None:
         names = (names,) if isinstance(names, str) else tuple(names)
         if not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"LslSource needs one or more non-empty stream names, got {names!r}.")
-        for label, value in (("resolve_timeout_s", resolve_timeout_s), ("gap_tolerance_s", gap_tolerance_s),
-                             ("stall_s", stall_s), ("reconnect_s", reconnect_s), ("poll_s", poll_s)):
+        for label, value in (
+            ("resolve_timeout_s", resolve_timeout_s),
+            ("gap_tolerance_s", gap_tolerance_s),
+            ("stall_s", stall_s),
+            ("reconnect_s", reconnect_s),
+            ("poll_s", poll_s),
+        ):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{label} must be a finite number of seconds > 0, got {value!r}.")
         self.names = names
@@ -269,22 +282,32 @@ class LslSource:
             if modality in specs:
                 inlet.close_stream()
                 self.close()
-                raise LslError(f"LSL streams {specs[modality].name} and {info.name} are both {modality}; a device has "
-                               "one stream per modality: name the one to use.")
+                raise LslError(
+                    f"LSL streams {specs[modality].name} and {info.name} are both {modality}; a device has "
+                    "one stream per modality: name the one to use."
+                )
             specs[modality] = StreamSpec(info.name, modality, float(info.sfreq), ch_names, ch_types, keep)
             self._inlets[modality] = _Inlet(specs[modality], info, inlet)
         if not specs:
             found = ", ".join(sorted(i.name for i in lsl.resolve_streams(timeout=0.5))) or "none"
-            raise LslError(f"no LSL data stream named {' or '.join(self.names)} (or {self.names[0]}-*) within "
-                           f"{self.resolve_timeout_s:g} s; streams visible: {found}. Is the device (or biofed play) "
-                           "running, and does LSLAPICFG allow discovery on this machine?")
+            raise LslError(
+                f"no LSL data stream named {' or '.join(self.names)} (or {self.names[0]}-*) within "
+                f"{self.resolve_timeout_s:g} s; streams visible: {found}. Is the device (or biofed play) "
+                "running, and does LSLAPICFG allow discovery on this machine?"
+            )
         if marker_info is not None:
-            self._markers = _Inlet(StreamSpec(marker_info.name, "markers", 0.0, (), (), ()), marker_info,
-                                   self._open_inlet(lsl, marker_info))
+            self._markers = _Inlet(
+                StreamSpec(marker_info.name, "markers", 0.0, (), (), ()),
+                marker_info,
+                self._open_inlet(lsl, marker_info),
+            )
         self.flush()
-        logger.info("LSL source %s: %s%s", self.source,
-                    ", ".join(f"{s.name} ({s.modality}, {len(s.ch_names)} ch, {s.sfreq:g} Hz)" for s in specs.values()),
-                    f", markers {marker_info.name}" if marker_info is not None else ", no marker stream")
+        logger.info(
+            "LSL source %s: %s%s",
+            self.source,
+            ", ".join(f"{s.name} ({s.modality}, {len(s.ch_names)} ch, {s.sfreq:g} Hz)" for s in specs.values()),
+            f", markers {marker_info.name}" if marker_info is not None else ", no marker stream",
+        )
         return specs
 
     def flush(self) -> None:
@@ -443,9 +466,13 @@ class LslSource:
                 deviation = self._deviation(item)
                 if abs(deviation) > self.gap_tolerance_s:
                     self.gaps += 1
-                    logger.warning("LSL stream %s: %s of %.3f s at session t=%.2f s; starting a new segment",
-                                   item.spec.name, "gap" if deviation > 0 else "clock jump back", abs(deviation),
-                                   self._segment_start - session + item.n_emitted / item.spec.sfreq)
+                    logger.warning(
+                        "LSL stream %s: %s of %.3f s at session t=%.2f s; starting a new segment",
+                        item.spec.name,
+                        "gap" if deviation > 0 else "clock jump back",
+                        abs(deviation),
+                        self._segment_start - session + item.n_emitted / item.spec.sfreq,
+                    )
                     self._segment_start = None
                     missing = max(deviation, 0.0)
                     if self._pending_gap is not None:  # a second gap before the first could be reported
@@ -472,8 +499,13 @@ class LslSource:
         for a, b in zip(cuts[:-1], cuts[1:]):
             if b > a:
                 t = first + a / fs
-                yield Chunk(source=self.source, modality=item.spec.modality, t0=t - session,
-                            data=data[:, a:b], label=self._label_at(t))
+                yield Chunk(
+                    source=self.source,
+                    modality=item.spec.modality,
+                    t0=t - session,
+                    data=data[:, a:b],
+                    label=self._label_at(t),
+                )
 
     def chunks(self, stop: threading.Event | None = None, *, seconds: float | None = None) -> Iterator[Chunk | Gap]:
         """Pull the streams until ``stop`` is set (or ``seconds`` of session time have been emitted).
@@ -513,8 +545,9 @@ class LslSource:
                 if len(finished) == len(self._inlets):
                     return
             if self._session_start is not None and self._segment_start is not None:
-                reference = min(self._segment_start + item.n_emitted / item.spec.sfreq
-                                for item in self._inlets.values())
+                reference = min(
+                    self._segment_start + item.n_emitted / item.spec.sfreq for item in self._inlets.values()
+                )
                 self._forget_markers_before(reference)
                 self.bad_spans.forget_before(reference - self._session_start - 3600.0)
             if not got and not emitted:
@@ -555,8 +588,16 @@ class LslPlayer:
         connects mid-way learns it.
     """
 
-    def __init__(self, recordings: Recording | Iterable[Recording], name: str, *, chunk_s: float = 0.01,
-                 speed: float = 1.0, repeat: int = 1, marker_every_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        recordings: Recording | Iterable[Recording],
+        name: str,
+        *,
+        chunk_s: float = 0.01,
+        speed: float = 1.0,
+        repeat: int = 1,
+        marker_every_s: float = 1.0,
+    ) -> None:
         if isinstance(recordings, Recording):
             recordings = [recordings]
         self.recordings = list(recordings)
@@ -578,8 +619,10 @@ class LslPlayer:
             for modality, sig in rec.signals.items():
                 have = self.signals.get(modality)
                 if have is not None and (have.ch_names != sig.ch_names or have.sfreq != sig.sfreq):
-                    raise ValueError(f"{rec.source}: its {modality} channels or rate differ from another recording's; "
-                                     "play recordings of one device layout together.")
+                    raise ValueError(
+                        f"{rec.source}: its {modality} channels or rate differ from another recording's; "
+                        "play recordings of one device layout together."
+                    )
                 self.signals[modality] = sig
         self._spans = {rec.source: bad_spans(rec) for rec in self.recordings}
         self._outlets: dict = {}
@@ -591,8 +634,14 @@ class LslPlayer:
     def _create_outlets(self) -> None:
         lsl = _lsl()
         for modality, sig in self.signals.items():
-            info = lsl.StreamInfo(f"{self.name}-{modality}", _STYPES[modality], sig.n_channels, sig.sfreq,
-                                  "float32" if modality == "audio" else "float64", self.name)
+            info = lsl.StreamInfo(
+                f"{self.name}-{modality}",
+                _STYPES[modality],
+                sig.n_channels,
+                sig.sfreq,
+                "float32" if modality == "audio" else "float64",
+                self.name,
+            )
             info.set_channel_names(list(sig.ch_names))
             info.set_channel_types(list(sig.ch_types))
             info.set_channel_units(list(sig.units))

@@ -44,8 +44,15 @@ class MicrophoneSource:
         Most seconds of samples waiting for the consumer; beyond it blocks are dropped (a gap).
     """
 
-    def __init__(self, *, device=None, sfreq: float = 8000.0, n_channels: int = 1, block_s: float = 0.05,
-                 max_queued_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        device=None,
+        sfreq: float = 8000.0,
+        n_channels: int = 1,
+        block_s: float = 0.05,
+        max_queued_s: float = 10.0,
+    ) -> None:
         if not (math.isfinite(sfreq) and sfreq > 0):
             raise ValueError(f"sfreq must be finite and > 0 Hz, got {sfreq!r}.")
         if not (isinstance(n_channels, int) and n_channels >= 1):
@@ -75,11 +82,19 @@ class MicrophoneSource:
         try:
             import sounddevice as sd
         except (ImportError, OSError) as exc:
-            raise ImportError(f'a microphone needs sounddevice and PortAudio: pip install "biofed[audio]" and '
-                              f"apt install libportaudio2 ({exc})") from None
+            raise ImportError(
+                f'a microphone needs sounddevice and PortAudio: pip install "biofed[audio]" and '
+                f"apt install libportaudio2 ({exc})"
+            ) from None
         self._dropped = False
-        self._stream = sd.InputStream(samplerate=self.sfreq, channels=self.n_channels, dtype="float32",
-                                      blocksize=self.blocksize, device=self.device, callback=self._callback)
+        self._stream = sd.InputStream(
+            samplerate=self.sfreq,
+            channels=self.n_channels,
+            dtype="float32",
+            blocksize=self.blocksize,
+            device=self.device,
+            callback=self._callback,
+        )
         self._stream.start()
 
     def close(self) -> None:

@@ -48,7 +48,9 @@ def partition_by_subject(recordings: Iterable[Recording]) -> dict[str, list[Reco
     return groups
 
 
-def dirichlet_label_partition(labels, n_devices: int, alpha: float, *, random_state=None, min_size: int = 0) -> list[np.ndarray]:
+def dirichlet_label_partition(
+    labels, n_devices: int, alpha: float, *, random_state=None, min_size: int = 0
+) -> list[np.ndarray]:
     """Label-skewed (non-IID) split of sample indices over devices.
 
     For each class, device shares are drawn from ``Dirichlet(alpha * ones(n_devices))`` and
@@ -90,7 +92,9 @@ def dirichlet_label_partition(labels, n_devices: int, alpha: float, *, random_st
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size must be an integer >= 0, got {min_size!r}.")
     if min_size * n_devices > y.size:
-        raise ValueError(f"min_size={min_size} for {n_devices} devices needs {min_size * n_devices} samples, got {y.size}.")
+        raise ValueError(
+            f"min_size={min_size} for {n_devices} devices needs {min_size * n_devices} samples, got {y.size}."
+        )
     rng = check_random_state(random_state)
     classes, inverse = np.unique(y, return_inverse=True)
     by_class = [np.flatnonzero(inverse == c) for c in range(len(classes))]

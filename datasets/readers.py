@@ -60,7 +60,11 @@ import numpy as np
 from biofed.datasets.recording import BIO_TYPES, MODALITIES, Annotation, Recording, RecordingError, Signal, modality_of
 
 __all__ = [
-    "SUPPORTED_EXTENSIONS", "eegmat_subject_and_label", "infer_channel_type", "read_recording", "recordings_in",
+    "SUPPORTED_EXTENSIONS",
+    "eegmat_subject_and_label",
+    "infer_channel_type",
+    "read_recording",
+    "recordings_in",
     "stream_channel_types",
 ]
 
@@ -167,8 +171,9 @@ def read_recording(path, *, sfreq: float | None = None, modality: str | None = N
         raise
     except Exception as exc:  # third-party readers raise anything on corrupt input
         raise RecordingError(
-            path, f"could not read the file as {ext[1:].upper()}: {type(exc).__name__}: {exc}. "
-            "The file may be truncated or corrupt."
+            path,
+            f"could not read the file as {ext[1:].upper()}: {type(exc).__name__}: {exc}. "
+            "The file may be truncated or corrupt.",
         ) from exc
 
 
@@ -291,8 +296,18 @@ def _dataset_naming_rules(stem: str) -> tuple[str | None, str | None]:
     return None, biosppy.get(stem)
 
 
-_STREAM_TYPES = {"eeg": "eeg", "audio": "audio", "microphone": "audio", "ecg": "ecg", "ekg": "ecg", "ppg": "ppg",
-                 "resp": "resp", "eda": "eda", "gsr": "eda", "acc": "acc"}
+_STREAM_TYPES = {
+    "eeg": "eeg",
+    "audio": "audio",
+    "microphone": "audio",
+    "ecg": "ecg",
+    "ekg": "ecg",
+    "ppg": "ppg",
+    "resp": "resp",
+    "eda": "eda",
+    "gsr": "eda",
+    "acc": "acc",
+}
 
 
 def stream_channel_types(names, declared, stream_type: str | None) -> list[str]:
@@ -312,9 +327,17 @@ def stream_channel_types(names, declared, stream_type: str | None) -> list[str]:
     return types
 
 
-_UNIT_SCALES = {"v": ("V", 1.0), "volt": ("V", 1.0), "volts": ("V", 1.0), "mv": ("V", 1e-3),
-                "uv": ("V", 1e-6), "µv": ("V", 1e-6), "μv": ("V", 1e-6),
-                "millivolts": ("V", 1e-3), "microvolts": ("V", 1e-6)}  # fmt: skip  (the last two: XDF/LSL spelling)
+_UNIT_SCALES = {
+    "v": ("V", 1.0),
+    "volt": ("V", 1.0),
+    "volts": ("V", 1.0),
+    "mv": ("V", 1e-3),
+    "uv": ("V", 1e-6),
+    "µv": ("V", 1e-6),
+    "μv": ("V", 1e-6),
+    "millivolts": ("V", 1e-3),
+    "microvolts": ("V", 1e-6),
+}  # fmt: skip  (the last two: XDF/LSL spelling)
 
 
 def _normalise_unit(unit: str | None) -> tuple[str, float]:
@@ -342,7 +365,9 @@ def _group_signals(path, data, sfreq, names, types, units, modality):
         else:
             groups.setdefault(target, []).append(i)
     signals = {
-        m: _make_signal(path, data[idx], sfreq, [names[i] for i in idx], [types[i] for i in idx], [units[i] for i in idx])
+        m: _make_signal(
+            path, data[idx], sfreq, [names[i] for i in idx], [types[i] for i in idx], [units[i] for i in idx]
+        )
         for m in MODALITIES
         if (idx := groups.get(m))
     }
@@ -355,8 +380,9 @@ def _group_signals(path, data, sfreq, names, types, units, modality):
 def _check_sfreq(path, declared: float, given: float | None) -> None:
     if given is not None and not math.isclose(declared, given, rel_tol=1e-9):
         raise RecordingError(
-            path, f"the file declares a sampling rate of {declared:g} Hz but sfreq={given:g} was passed; "
-            "drop the sfreq argument (it is only for text files without a header)."
+            path,
+            f"the file declares a sampling rate of {declared:g} Hz but sfreq={given:g} was passed; "
+            "drop the sfreq argument (it is only for text files without a header).",
         )
 
 
@@ -392,20 +418,26 @@ def _check_edf_header(path: Path, bdf: bool) -> None:
         record_s = _header_field(path, header, 244, 252, "record duration", float)
         if not (math.isfinite(record_s) and record_s > 0):
             raise RecordingError(
-                path, f"corrupt EDF/BDF header: record duration (bytes 244-252) is {record_s:g} s; it must be a "
-                "positive number of seconds (the sampling rates are samples per record / record duration)."
+                path,
+                f"corrupt EDF/BDF header: record duration (bytes 244-252) is {record_s:g} s; it must be a "
+                "positive number of seconds (the sampling rates are samples per record / record duration).",
             )
         n_signals = _header_field(path, header, 252, 256, "number of signals", int)
         if n_signals < 1 or header_bytes != 256 * (n_signals + 1):
             raise RecordingError(
-                path, f"corrupt EDF/BDF header: {n_signals} signal(s) need {256 * (n_signals + 1)} header "
-                f"bytes, the header says {header_bytes}."
+                path,
+                f"corrupt EDF/BDF header: {n_signals} signal(s) need {256 * (n_signals + 1)} header "
+                f"bytes, the header says {header_bytes}.",
             )
         if size < header_bytes:
-            raise RecordingError(path, f"truncated EDF/BDF header: the file has {size} bytes, the header {header_bytes}.")
+            raise RecordingError(
+                path, f"truncated EDF/BDF header: the file has {size} bytes, the header {header_bytes}."
+            )
         fh.seek(256 + 216 * n_signals)
         spr_field = fh.read(8 * n_signals)
-    samples = [_header_field(path, spr_field, 8 * i, 8 * i + 8, f"samples per record [{i}]", int) for i in range(n_signals)]
+    samples = [
+        _header_field(path, spr_field, 8 * i, 8 * i + 8, f"samples per record [{i}]", int) for i in range(n_signals)
+    ]
     record_bytes = sum(samples) * (3 if bdf else 2)
     if record_bytes <= 0:
         raise RecordingError(path, "corrupt EDF/BDF header: data records hold no samples.")
@@ -415,8 +447,9 @@ def _check_edf_header(path: Path, bdf: bool) -> None:
             raise RecordingError(path, f"truncated EDF/BDF data: {data_bytes} bytes is not a whole number of records.")
     elif n_records < 0 or data_bytes < n_records * record_bytes:
         raise RecordingError(
-            path, f"truncated EDF/BDF data: the header declares {n_records} data records "
-            f"({n_records * record_bytes} bytes) but the file holds {data_bytes} bytes of data."
+            path,
+            f"truncated EDF/BDF data: the header declares {n_records} data records "
+            f"({n_records * record_bytes} bytes) but the file holds {data_bytes} bytes of data.",
         )
 
 
@@ -457,7 +490,8 @@ def _read_mne(path: Path, *, sfreq, modality) -> Recording:
     ann = raw.annotations
     shift = raw.first_time if ann.orig_time is not None else 0.0
     annotations = tuple(
-        Annotation(float(o) - shift, float(d), str(desc)) for o, d, desc in zip(ann.onset, ann.duration, ann.description)
+        Annotation(float(o) - shift, float(d), str(desc))
+        for o, d, desc in zip(ann.onset, ann.duration, ann.description)
     )
     subject, label = _dataset_naming_rules(path.stem)
     if subject is None:
@@ -512,7 +546,9 @@ def _read_wfdb(path: Path, *, sfreq, modality) -> Recording:
     fs = float(rec.fs)
     _check_sfreq(path, fs, sfreq)
     if rec.p_signal.shape[0] != rec.sig_len:
-        raise RecordingError(path, f"the header declares {rec.sig_len} samples, the signal file gave {rec.p_signal.shape[0]}.")
+        raise RecordingError(
+            path, f"the header declares {rec.sig_len} samples, the signal file gave {rec.p_signal.shape[0]}."
+        )
     signal = np.asarray(rec.p_signal, dtype=np.float64).T.copy()
     if np.isinf(signal).any():
         raise RecordingError(path, "the WFDB record holds infinite samples.")
@@ -606,8 +642,9 @@ def _read_text(path: Path, *, sfreq, modality) -> Recording:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RecordingError(
-            path, f"not a text file: undecodable byte 0x{raw[exc.start]:02x} at offset {exc.start} "
-            "(garbage bytes or a binary file with a text extension)."
+            path,
+            f"not a text file: undecodable byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+            "(garbage bytes or a binary file with a text extension).",
         ) from None
     if "\x00" in text:
         raise RecordingError(path, "not a text file: it contains NUL bytes (garbage or binary data).")
@@ -645,16 +682,22 @@ def _read_text(path: Path, *, sfreq, modality) -> Recording:
     try:
         data = np.loadtxt(io.StringIO("\n".join(body)), delimiter=delimiter, ndmin=2, dtype=np.float64)
     except ValueError as exc:
-        raise RecordingError(path, f"malformed data rows (mismatched column counts or non-numeric values): {exc}") from None
+        raise RecordingError(
+            path, f"malformed data rows (mismatched column counts or non-numeric values): {exc}"
+        ) from None
     data = data.T.copy()
     n_channels = data.shape[0]
     if not np.isfinite(data).all():
         ch, row = (int(v) for v in np.argwhere(~np.isfinite(data))[0])
-        raise RecordingError(path, f"non-finite sample in column {ch} at data row {row}; text files have no gap convention.")
+        raise RecordingError(
+            path, f"non-finite sample in column {ch} at data row {row}; text files have no gap convention."
+        )
     if labels is None:
         labels = [path.stem] if n_channels == 1 else [f"{path.stem}_{i + 1}" for i in range(n_channels)]
     if len(labels) != n_channels:
-        raise RecordingError(path, f"the header names {len(labels)} channel(s) {labels} but rows hold {n_channels} column(s).")
+        raise RecordingError(
+            path, f"the header names {len(labels)} channel(s) {labels} but rows hold {n_channels} column(s)."
+        )
     unit_values = header.get("units", "").split(delimiter) if header.get("units") else [""]
     if len(unit_values) not in (1, n_channels):
         raise RecordingError(path, f"'Units' lists {len(unit_values)} unit(s) for {n_channels} column(s).")

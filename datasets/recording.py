@@ -248,7 +248,9 @@ class Recording:
             if modality not in MODALITIES:
                 raise RecordingError(self.source, f"unknown modality {modality!r}; use one of {MODALITIES}.")
             if not isinstance(signal, Signal):
-                raise RecordingError(self.source, f"signals[{modality!r}] must be a Signal, got {type(signal).__name__}.")
+                raise RecordingError(
+                    self.source, f"signals[{modality!r}] must be a Signal, got {type(signal).__name__}."
+                )
             wrong = [(n, t) for n, t in zip(signal.ch_names, signal.ch_types) if t not in _MODALITY_TYPES[modality]]
             if wrong:
                 raise RecordingError(

@@ -244,7 +244,9 @@ def _replay(recordings: list[Recording], speed: float, chunk_s: float, sequentia
             b = _boundary(hi, off, sig.sfreq, sig.n_samples)
             if b > a:
                 t_rec = a / sig.sfreq
-                step.append((off + t_rec, j, rank, rec.source, modality, sig.data[:, a:b], _label_at(spans, rec.label, t_rec)))
+                step.append(
+                    (off + t_rec, j, rank, rec.source, modality, sig.data[:, a:b], _label_at(spans, rec.label, t_rec))
+                )
         if not step:
             continue
         if speed > 0:

@@ -130,7 +130,9 @@ def _shaped_noise(rng, n_channels: int, n: int, fs: float, gain: np.ndarray, rho
 
 def _make_eeg(label, traits, n_channels, fs, duration_s, rng) -> Signal:
     n = max(int(round(duration_s * fs)), 1)
-    names = EEG_CHANNELS[:n_channels] if n_channels <= len(EEG_CHANNELS) else tuple(f"E{i + 1}" for i in range(n_channels))
+    names = (
+        EEG_CHANNELS[:n_channels] if n_channels <= len(EEG_CHANNELS) else tuple(f"E{i + 1}" for i in range(n_channels))
+    )
     freqs = np.fft.rfftfreq(n, 1.0 / fs)
     background = np.where(freqs > 0, np.maximum(freqs, 0.5) ** (-traits["chi"] / 2.0), 0.0)
     background[freqs > 0.45 * fs] *= 0.1
@@ -250,7 +252,11 @@ def make_recording(
         raise ValueError(f"duration_s must be a finite number > 0, got {duration_s!r}.")
     if isinstance(eeg_channels, bool) or not isinstance(eeg_channels, (int, np.integer)) or eeg_channels < 1:
         raise ValueError(f"eeg_channels must be an integer >= 1, got {eeg_channels!r}.")
-    for name, value, minimum in (("eeg_sfreq", eeg_sfreq, 64.0), ("audio_sfreq", audio_sfreq, 500.0), ("bio_sfreq", bio_sfreq, 50.0)):
+    for name, value, minimum in (
+        ("eeg_sfreq", eeg_sfreq, 64.0),
+        ("audio_sfreq", audio_sfreq, 500.0),
+        ("bio_sfreq", bio_sfreq, 50.0),
+    ):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
             raise ValueError(f"{name} must be a finite number >= {minimum:g} Hz, got {value!r}.")
     if not isinstance(subject, str) or not subject:

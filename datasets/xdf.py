@@ -91,7 +91,7 @@ def read_xdf(path: Path, *, sfreq, modality) -> Recording:
         ts = np.asarray(stream["time_stamps"], dtype=np.float64)
         first = int(np.searchsorted(ts, start - 0.5 / rate))
         count = min(int(math.floor((end - start) * rate + 1e-9)), series.shape[0] - first)
-        data = series[first:first + count].T
+        data = series[first : first + count].T
         names, declared, units = _channels(info, data.shape[0])
         types = stream_channel_types(names, declared, _first(info, "type"))
         scaled = [_normalise_unit(u) for u in units]
@@ -105,18 +105,28 @@ def read_xdf(path: Path, *, sfreq, modality) -> Recording:
         excluded += list(dropped)
         for key, signal in parts.items():
             if key in signals:
-                raise RecordingError(path, f"two XDF streams hold {key} channels ({name} and another); a recording "
-                                           "has one signal per modality: re-record or split the file.")
+                raise RecordingError(
+                    path,
+                    f"two XDF streams hold {key} channels ({name} and another); a recording "
+                    "has one signal per modality: re-record or split the file.",
+                )
             signals[key] = signal
     if not signals:
         raise RecordingError(path, f"no XDF stream holds {modality or 'EEG, audio or biosensor'} channels.")
-    return Recording(source=str(path), signals=signals, annotations=_marker_annotations(markers, start, end),
-                     excluded_channels=tuple(excluded))
+    return Recording(
+        source=str(path),
+        signals=signals,
+        annotations=_marker_annotations(markers, start, end),
+        excluded_channels=tuple(excluded),
+    )
 
 
 def _marker_annotations(markers: list[dict], start: float, end: float) -> tuple[Annotation, ...]:
-    events = sorted((float(t), str(row[0]) if len(row) else "")
-                    for stream in markers for t, row in zip(stream["time_stamps"], stream["time_series"]))
+    events = sorted(
+        (float(t), str(row[0]) if len(row) else "")
+        for stream in markers
+        for t, row in zip(stream["time_stamps"], stream["time_series"])
+    )
     annotations = []
     for i, (t, text) in enumerate(events):
         stop = events[i + 1][0] if i + 1 < len(events) else end

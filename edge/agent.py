@@ -92,11 +92,9 @@ from biofed.edge.tasks import (
 )
 from biofed.kernels.random_state import check_random_state
 from biofed.metrics import AgentMetrics
+from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import PrivacyMechanism
-from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
-from biofed.secure_aggregation import SecAggError, SecAggRelay
-from biofed.signing import signing_from_config
 from biofed.protocol import (
     Basis,
     Message,
@@ -107,10 +105,12 @@ from biofed.protocol import (
     Status,
     Task,
     Topics,
-    encode_message,
     decode_topic_message,
+    encode_message,
     offline_status,
 )
+from biofed.secure_aggregation import SecAggError, SecAggRelay
+from biofed.signing import signing_from_config
 
 __all__ = ["AgentState", "EdgeAgent", "Outgoing"]
 
@@ -203,13 +203,15 @@ class EdgeAgent:
         class name, ``"duplicate"``, ``"secagg"`` or ``"internal error"``)."""
         self._process = psutil.Process()
         self.store = FeatureStore(config.store_path, max_rows=config.store_max_rows)
-        self.mechanism = PrivacyMechanism(self._stored_ledger("client"),
-                                          persist=lambda ledger: self._persist_ledger("client", ledger))
+        self.mechanism = PrivacyMechanism(
+            self._stored_ledger("client"), persist=lambda ledger: self._persist_ledger("client", ledger)
+        )
         """The device's client-level release gate (local and distributed trust modes): every
         noised update, sketch and noise share is charged to the device's own ledger, durably
         (in the store's SQLite file), before it is published."""
-        self.record_mechanism = PrivacyMechanism(self._stored_ledger("record"),
-                                                 persist=lambda ledger: self._persist_ledger("record", ledger))
+        self.record_mechanism = PrivacyMechanism(
+            self._stored_ledger("record"), persist=lambda ledger: self._persist_ledger("record", ledger)
+        )
         """The record-level gate of DP-SGD (``[dp] record_noise_multiplier``): every step's
         noised gradient sum is charged to the device's record-level ledger."""
         self.release = DeviceRelease(self.mechanism)
@@ -221,8 +223,14 @@ class EdgeAgent:
         """Prometheus series (served on ``config.metrics`` while :meth:`run` runs)."""
         self.predictions = DevicePredictor(self.device_id)
         """The global model this device classifies its windows with (``predict = true``)."""
-        self.ingestion = Ingestion(config, self.store, self.pipeline_config, on_rows=self._predict_rows,
-                                   on_layout=self.predictions.set_layout, on_stored=self.metrics.stored)
+        self.ingestion = Ingestion(
+            config,
+            self.store,
+            self.pipeline_config,
+            on_rows=self._predict_rows,
+            on_layout=self.predictions.set_layout,
+            on_stored=self.metrics.stored,
+        )
         """Recordings and live rows into :attr:`store`."""
         self.predictions.set_layout(self.ingestion.layout_json)
 
@@ -279,8 +287,11 @@ class EdgeAgent:
         when it released nothing itself) and ``record_epsilon`` (record-level DP-SGD; None
         when record-level DP is off)."""
         record = None if self.config.dp.record_noise_multiplier is None else self.record_mechanism.ledger.epsilon()
-        return {"client_epsilon": self.mechanism.ledger.epsilon(), "record_epsilon": record,
-                "delta": self.config.dp.delta}
+        return {
+            "client_epsilon": self.mechanism.ledger.epsilon(),
+            "record_epsilon": record,
+            "delta": self.config.dp.delta,
+        }
 
     # ------------------------------------------------------------------ data
     def ingest(self, stop: threading.Event | None = None, *, paths: Sequence[Path] | None = None) -> int:
@@ -288,12 +299,14 @@ class EdgeAgent:
         (:meth:`Ingestion.ingest <biofed.edge.ingestion.Ingestion.ingest>`); the rows added."""
         return self.ingestion.ingest(stop, paths=paths)
 
-    def store_windows(self, X: np.ndarray, labels: Sequence[str], t: np.ndarray, *, layout_hash: str,
-                      layout_json: str, source: str) -> int:
+    def store_windows(
+        self, X: np.ndarray, labels: Sequence[str], t: np.ndarray, *, layout_hash: str, layout_json: str, source: str
+    ) -> int:
         """Add feature windows computed elsewhere (:meth:`Ingestion.store_windows
         <biofed.edge.ingestion.Ingestion.store_windows>`); the rows added."""
-        return self.ingestion.store_windows(X, labels, t, layout_hash=layout_hash, layout_json=layout_json,
-                                            source=source)
+        return self.ingestion.store_windows(
+            X, labels, t, layout_hash=layout_hash, layout_json=layout_json, source=source
+        )
 
     def local_data(self, classes: Sequence[str]) -> LocalData:
         """The stored windows labelled with one of ``classes``, split by :func:`~biofed.edge.split.holdout_split`."""
@@ -315,9 +328,9 @@ class EdgeAgent:
         with self._lock:
             self.bytes_received += len(data)
             try:
-                message = decode_topic_message(self.topics, topic, data,
-                                               max_bytes=self.config.broker.max_message_bytes,
-                                               verifier=self._verifier)
+                message = decode_topic_message(
+                    self.topics, topic, data, max_bytes=self.config.broker.max_message_bytes, verifier=self._verifier
+                )
             except ReplayedMessage as exc:
                 # A retained task or model is delivered again at every reconnect: expected, not an attack sign.
                 self.rejections[type(exc).__name__] += 1
@@ -337,8 +350,12 @@ class EdgeAgent:
             except Exception:  # noqa: BLE001 - a long-running agent logs and drops, never dies on input
                 self.dropped_messages += 1
                 self.rejections["internal error"] += 1
-                logger.exception("%s: failed to handle the %s message of round %d; dropped",
-                                 self.device_id, message.kind, message.round)
+                logger.exception(
+                    "%s: failed to handle the %s message of round %d; dropped",
+                    self.device_id,
+                    message.kind,
+                    message.round,
+                )
                 return []
 
     def _dispatch(self, message: Message) -> list[Outgoing]:
@@ -362,25 +379,41 @@ class EdgeAgent:
         return None
 
     def _encode(self, payload) -> bytes:
-        return encode_message(payload, fleet=self.config.fleet, sender=self.device_id,
-                              max_bytes=self.config.broker.max_message_bytes, signer=self._signer)
+        return encode_message(
+            payload,
+            fleet=self.config.fleet,
+            sender=self.device_id,
+            max_bytes=self.config.broker.max_message_bytes,
+            signer=self._signer,
+        )
 
     def status_message(self, state: str = "online", detail: str = "") -> Outgoing:
         """The retained status of this device (``online`` with row count and basis version)."""
         # no row count: how much data a device holds is data-dependent and the status is readable fleet-wide
-        status = Status(round=self.last_round, state=state, detail=detail,
-                        basis_version=0 if self.basis is None else self.basis.version, layout=self.layout_json)
+        status = Status(
+            round=self.last_round,
+            state=state,
+            detail=detail,
+            basis_version=0 if self.basis is None else self.basis.version,
+            layout=self.layout_json,
+        )
         return Outgoing(self.topics.status(self.device_id), self._encode(status), retain=True)
 
     def _on_basis(self, basis: Basis) -> list[Outgoing]:
         d = self.n_features
         if d is not None and basis.components.shape[1] != d:
-            logger.error("%s: basis version %d has %d features, this device's rows have %d; basis refused",
-                         self.device_id, basis.version, basis.components.shape[1], d)
+            logger.error(
+                "%s: basis version %d has %d features, this device's rows have %d; basis refused",
+                self.device_id,
+                basis.version,
+                basis.components.shape[1],
+                d,
+            )
             return []
         if self.basis is not None and basis.version < self.basis.version:
-            logger.info("%s: stale basis version %d ignored (have %d)", self.device_id, basis.version,
-                        self.basis.version)
+            logger.info(
+                "%s: stale basis version %d ignored (have %d)", self.device_id, basis.version, self.basis.version
+            )
             return []
         self.basis = basis
         logger.info("%s: basis version %d (k=%d, d=%d)", self.device_id, basis.version, *basis.components.shape)
@@ -405,8 +438,13 @@ class EdgeAgent:
         have = None if self.basis is None else self.basis.version
         admission = admit(task, device_id=self.device_id, now=now, answered=self._answered, basis_version=have)
         if admission is Admission.EXPIRED:
-            logger.info("%s: task of round %d (%s) expired %.1f s ago; skipped", self.device_id, task.round,
-                        task.phase, now - task.deadline)
+            logger.info(
+                "%s: task of round %d (%s) expired %.1f s ago; skipped",
+                self.device_id,
+                task.round,
+                task.phase,
+                now - task.deadline,
+            )
             return []
         if admission is Admission.NOT_SELECTED:
             logger.debug("%s: not selected for round %d", self.device_id, task.round)
@@ -416,13 +454,24 @@ class EdgeAgent:
             return []
         self.last_round = max(self.last_round, task.round)
         if admission is Admission.WAIT_FOR_BASIS:
-            logger.info("%s: round %d needs basis version %d, have %s; waiting for it until the deadline",
-                        self.device_id, task.round, task.basis_version, have)
+            logger.info(
+                "%s: round %d needs basis version %d, have %s; waiting for it until the deadline",
+                self.device_id,
+                task.round,
+                task.basis_version,
+                have,
+            )
             self._pending_task = task
             return []
         if admission is Admission.STALE_BASIS:
-            logger.warning("%s: round %d (%s) is for basis version %d but this device has version %d; refused",
-                           self.device_id, task.round, task.phase, task.basis_version, have)
+            logger.warning(
+                "%s: round %d (%s) is for basis version %d but this device has version %d; refused",
+                self.device_id,
+                task.round,
+                task.phase,
+                task.basis_version,
+                have,
+            )
             return []
         try:
             out = self._answer_task(task)
@@ -440,42 +489,77 @@ class EdgeAgent:
         if task.phase in ("moments", "covariance"):
             self._enter(AgentState.SKETCHING)
             reply = sketch_reply(task, self.local_data(task.classes), self.release)
-            logger.info("%s: %s statistic of round %d from %d windows (norm %.3g, clip %.3g)", self.device_id,
-                        task.phase, task.round, reply.n_windows, reply.norm, task.clip_norm)
+            logger.info(
+                "%s: %s statistic of round %d from %d windows (norm %.3g, clip %.3g)",
+                self.device_id,
+                task.phase,
+                task.round,
+                reply.n_windows,
+                reply.norm,
+                task.clip_norm,
+            )
             return [Outgoing(self.topics.sketch(self.device_id), self._encode(reply.sketch))]
         usage = self._usage(time.process_time())
         if task.phase == "train":
             return self._train(task, usage)
         self._enter(AgentState.EVALUATING)
         evaluation = evaluate_reply(task, self.local_data(task.classes), self.basis, usage)
-        logger.info("%s: evaluated round %d on %d held-out windows: balanced accuracy %.3f", self.device_id,
-                    task.round, evaluation.held_out.windows, evaluation.held_out.accuracy)
+        logger.info(
+            "%s: evaluated round %d on %d held-out windows: balanced accuracy %.3f",
+            self.device_id,
+            task.round,
+            evaluation.held_out.windows,
+            evaluation.held_out.accuracy,
+        )
         return [Outgoing(self.topics.update(self.device_id), self._encode(evaluation.update))]
 
     def _usage(self, cpu_start: float) -> Callable[[], DeviceUsage]:
         def measure() -> DeviceUsage:
-            return DeviceUsage(rss_bytes=int(self._process.memory_info().rss),
-                               cpu_time_s=max(time.process_time() - cpu_start, 0.0), bytes_sent=self.bytes_sent,
-                               bytes_received=self.bytes_received)
+            return DeviceUsage(
+                rss_bytes=int(self._process.memory_info().rss),
+                cpu_time_s=max(time.process_time() - cpu_start, 0.0),
+                bytes_sent=self.bytes_sent,
+                bytes_received=self.bytes_received,
+            )
+
         return measure
 
     def _train(self, task: Task, usage: Callable[[], DeviceUsage]) -> list[Outgoing]:
         self._enter(AgentState.TRAINING)
-        reply = train_reply(task, self.local_data(task.classes), self.basis, local_training=self._local_training,
-                            release=self.release, usage=usage)
+        reply = train_reply(
+            task,
+            self.local_data(task.classes),
+            self.basis,
+            local_training=self._local_training,
+            release=self.release,
+            usage=usage,
+        )
         secure = task.trust_mode == "distributed"
         if secure:  # the delta travels only masked; the participant adds the noise share through the mechanism
             try:
-                self._secagg = SecureAggregationParticipant(self.device_id, self.config.fleet, task, reply.raw_delta,
-                                                            mechanism=self.mechanism,
-                                                            charge=self.release.charge(task, "train"))
+                self._secagg = SecureAggregationParticipant(
+                    self.device_id,
+                    self.config.fleet,
+                    task,
+                    reply.raw_delta,
+                    mechanism=self.mechanism,
+                    charge=self.release.charge(task, "train"),
+                )
             except SecAggError as exc:
                 logger.error("%s: round %d: %s; not answered", self.device_id, task.round, exc)
                 return []
         accuracy = reply.held_out.accuracy
-        logger.info("%s: round %d trained on %d windows: loss %.4f, |delta| %.3g (clip %.3g), held-out balanced "
-                    "accuracy of the incoming model %s", self.device_id, task.round, reply.n_windows, reply.loss,
-                    reply.norm, task.clip_norm, "n/a" if accuracy is None else f"{accuracy:.3f}")
+        logger.info(
+            "%s: round %d trained on %d windows: loss %.4f, |delta| %.3g (clip %.3g), held-out balanced "
+            "accuracy of the incoming model %s",
+            self.device_id,
+            task.round,
+            reply.n_windows,
+            reply.loss,
+            reply.norm,
+            task.clip_norm,
+            "n/a" if accuracy is None else f"{accuracy:.3f}",
+        )
         out = [Outgoing(self.topics.update(self.device_id), self._encode(reply.update))]
         if secure:
             out.append(Outgoing(self.topics.secagg(self.device_id), self._encode(self._secagg.start())))
@@ -488,22 +572,34 @@ class EdgeAgent:
         on the learning rule (the audit's canary clients replace it; clipping, noise and
         publishing stay the agent's)."""
         dp = self.config.dp
-        result = train_locally(task, Z, y, random_state=self._train_rng, record_dp=dp,
-                               record_gate=self.record_mechanism)
+        result = train_locally(
+            task, Z, y, random_state=self._train_rng, record_dp=dp, record_gate=self.record_mechanism
+        )
         if dp.record_noise_multiplier is not None:
             report = self.privacy_report()
-            logger.info("%s: privacy after round %d: record-level epsilon %.4g (DP-SGD, q=%g, z=%g) | client-level "
-                        "epsilon of this device's own releases %.4g, at delta %g", self.device_id, task.round,
-                        report["record_epsilon"], dp.record_sampling_rate, dp.record_noise_multiplier,
-                        report["client_epsilon"], report["delta"])
+            logger.info(
+                "%s: privacy after round %d: record-level epsilon %.4g (DP-SGD, q=%g, z=%g) | client-level "
+                "epsilon of this device's own releases %.4g, at delta %g",
+                self.device_id,
+                task.round,
+                report["record_epsilon"],
+                dp.record_sampling_rate,
+                dp.record_noise_multiplier,
+                report["client_epsilon"],
+                report["delta"],
+            )
         return result
 
     def _on_secagg(self, relay: SecAggRelay) -> list[Outgoing]:
         """Answer the coordinator's next secure-aggregation step of the current round."""
         participant = self._secagg
         if participant is None or relay.round != participant.round:
-            logger.debug("%s: secagg %s relay of round %d is not for an open round here; ignored",
-                         self.device_id, relay.step, relay.round)
+            logger.debug(
+                "%s: secagg %s relay of round %d is not for an open round here; ignored",
+                self.device_id,
+                relay.step,
+                relay.round,
+            )
             return []
         try:
             answer = participant.handle(relay)
@@ -541,9 +637,10 @@ class EdgeAgent:
 
     def _connect(self, stop: threading.Event, **client_options) -> MqttClient | None:
         broker = self.config.broker
-        will = Will(self.topics.status(self.device_id), offline_status(fleet=self.config.fleet,
-                                                                        device_id=self.device_id,
-                                                                        signer=self._signer))
+        will = Will(
+            self.topics.status(self.device_id),
+            offline_status(fleet=self.config.fleet, device_id=self.device_id, signer=self._signer),
+        )
         delay = 1.0
         jitter = np.random.default_rng()
         while not stop.is_set():
@@ -607,8 +704,9 @@ class EdgeAgent:
             try:  # bounded: should the broker go away now, its last will says "offline" anyway
                 client.publish(offline.topic, offline.payload, retain=True, timeout_s=_OFFLINE_PUBLISH_TIMEOUT_S)
             except MqttError as exc:
-                logger.info("%s: offline status not delivered (%s); the broker publishes the last will",
-                            self.device_id, exc)
+                logger.info(
+                    "%s: offline status not delivered (%s); the broker publishes the last will", self.device_id, exc
+                )
         client.close()
         self._client = None
 

@@ -30,8 +30,8 @@ def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: 
     "online with 0 windows"; with it (a service started before its data) it retries every
     :data:`SOURCE_POLL_S` seconds until stopped.
     """
-    from biofed.edge.ingestion import recording_files
     from biofed.edge.continuous import ContinuousIngestion
+    from biofed.edge.ingestion import recording_files
 
     if ContinuousIngestion.needed(config):
         return True
@@ -43,8 +43,7 @@ def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: 
             return True
         missing = [str(p) for p in files if not p.exists()]
         if not files:
-            problem = ('no recordings configured (add recordings = ["data/s01_1.edf", ...] or [[sources]] to the '
-                       "config)")
+            problem = 'no recordings configured (add recordings = ["data/s01_1.edf", ...] or [[sources]] to the config)'
         elif missing:
             problem = f"recordings not found: {', '.join(missing)}"
         else:
@@ -54,22 +53,27 @@ def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: 
                 f"{config.device_id}: no usable source: {problem}; the agent has nothing to train on. Fix the "
                 "config, or pass --wait-for-sources (wait_for_sources = true) to wait for the data"
             )
-        logger.warning("%s: no usable source yet (%s); looking again in %g s", config.device_id, problem,
-                       SOURCE_POLL_S)
+        logger.warning("%s: no usable source yet (%s); looking again in %g s", config.device_id, problem, SOURCE_POLL_S)
         stop.wait(SOURCE_POLL_S)
     return False
 
 
-@click.command("edge", epilog=examples(
-    "biofed edge --config pi-01/device.toml",
-    "biofed edge --config device.toml --metrics-port 9101 --log-format json --log-file agent.log",
-    "BIOFED_BROKER_HOST=10.0.0.5 biofed edge --config device.toml",
-    "biofed edge --config device.toml --wait-for-sources   # a service started before its data",
-))
+@click.command(
+    "edge",
+    epilog=examples(
+        "biofed edge --config pi-01/device.toml",
+        "biofed edge --config device.toml --metrics-port 9101 --log-format json --log-file agent.log",
+        "BIOFED_BROKER_HOST=10.0.0.5 biofed edge --config device.toml",
+        "biofed edge --config device.toml --wait-for-sources   # a service started before its data",
+    ),
+)
 @config_option("device")
 @override_options(DeviceConfig)
-@click.option("--wait-for-sources/--no-wait-for-sources", default=None,
-              help="Wait for a usable recording instead of failing at once [default: wait_for_sources].")
+@click.option(
+    "--wait-for-sources/--no-wait-for-sources",
+    default=None,
+    help="Wait for a usable recording instead of failing at once [default: wait_for_sources].",
+)
 @logging_options()
 def edge_command(config_path: Path, overrides: dict, wait_for_sources: bool | None) -> None:
     """Run an edge device: ingest its recordings, then answer federated tasks over MQTT.

@@ -132,8 +132,9 @@ class ContinuousIngestion:
             try:
                 self._lsl_session(source, stop)
             except Exception:  # noqa: BLE001 - a live source is reopened, never ends the agent
-                logger.exception("%s: LSL source %s failed; reopening in %.0f s", self.agent.device_id, source.name,
-                                 _RETRY_S)
+                logger.exception(
+                    "%s: LSL source %s failed; reopening in %.0f s", self.agent.device_id, source.name, _RETRY_S
+                )
             stop.wait(_RETRY_S)
 
     def _lsl_session(self, source, stop: threading.Event) -> None:
@@ -141,8 +142,12 @@ class ContinuousIngestion:
 
         agent = self.agent
         ingestion = agent.ingestion
-        live = LslSource(source.name, modalities=agent.pipeline_config.modalities,
-                         resolve_timeout_s=source.resolve_timeout_s, gap_tolerance_s=source.gap_tolerance_s)
+        live = LslSource(
+            source.name,
+            modalities=agent.pipeline_config.modalities,
+            resolve_timeout_s=source.resolve_timeout_s,
+            gap_tolerance_s=source.gap_tolerance_s,
+        )
         try:
             try:
                 live.open()
@@ -155,9 +160,15 @@ class ContinuousIngestion:
                 logger.error("%s: LSL source %s has no usable feature layout: %s", agent.device_id, source.name, exc)
                 return
             if not ingestion.bind(layout):
-                logger.error("%s: LSL source %s has feature layout %s (%d features) but the store holds layout %s; "
-                             "a device keeps one sensor layout", agent.device_id, source.name, layout.hash,
-                             layout.n_features, agent.store.layout_hash)
+                logger.error(
+                    "%s: LSL source %s has feature layout %s (%d features) but the store holds layout %s; "
+                    "a device keeps one sensor layout",
+                    agent.device_id,
+                    source.name,
+                    layout.hash,
+                    layout.n_features,
+                    agent.store.layout_hash,
+                )
                 return
             offset = ingestion.next_offset()
             key = f"{live.source}@{time.strftime('%Y-%m-%dT%H:%M:%S')}"

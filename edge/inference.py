@@ -130,9 +130,11 @@ class OnnxModel:
         """One line: fleet, round, model kind, classes, privacy."""
         m = self.metadata
         model = "logistic regression" if m.kind == "logreg" else f"MLP ({m.hidden} hidden units)"
-        return (f"fleet {m.fleet or '-'}, round {m.round} ({m.train_round} training rounds), basis v{m.basis_version}, "
-                f"{model} on k={m.k} of {m.n_features} features ({m.input_kind} input, {m.dtype}), classes "
-                f"{', '.join(m.classes)}; {m.privacy.describe()}")
+        return (
+            f"fleet {m.fleet or '-'}, round {m.round} ({m.train_round} training rounds), basis v{m.basis_version}, "
+            f"{model} on k={m.k} of {m.n_features} features ({m.input_kind} input, {m.dtype}), classes "
+            f"{', '.join(m.classes)}; {m.privacy.describe()}"
+        )
 
     # ---------------------------------------------------------------- checks
     def check_layout(self, layout: FeatureLayout, data_name: str = "the data") -> None:
@@ -182,8 +184,10 @@ class OnnxModel:
             w = np.asarray(windows[part.modality])
             expected = (part.n_channels, self.layout.window_samples(part))
             if w.ndim != 3 or w.shape[1:] != expected or (n is not None and w.shape[0] != n):
-                raise InferenceError(f"{self.name}: {part.modality} windows must have shape (N, {expected[0]}, "
-                                     f"{expected[1]}) with one N for all modalities, got {w.shape}")
+                raise InferenceError(
+                    f"{self.name}: {part.modality} windows must have shape (N, {expected[0]}, "
+                    f"{expected[1]}) with one N for all modalities, got {w.shape}"
+                )
             n = w.shape[0]
             feeds[part.modality] = np.ascontiguousarray(w, dtype=self.dtype)
             if part.hr_channels:
@@ -222,8 +226,10 @@ class OnnxModel:
         config = PipelineConfig.from_layout(self.layout)
         device = self.metadata.standardization == "device"
         if calibration and not device:
-            raise InferenceError(f"{self.name} has one global standardization; calibration recordings apply only "
-                                 "to models of a device-standardized fleet")
+            raise InferenceError(
+                f"{self.name} has one global standardization; calibration recordings apply only "
+                "to models of a device-standardized fleet"
+            )
         if self.input_kind == INPUT_FEATURES:
             X, labels, t = self._features(recording, config)
             if device and X.shape[0]:
@@ -242,8 +248,11 @@ class OnnxModel:
             self._features_layout(recording, config)
             windows, labels, t = self._recording_windows(recording)
             proba = self.predict_windows(windows)
-        predicted = np.array([self.classes[i] for i in proba.argmax(axis=1)], dtype=str) if len(proba) else \
-            np.empty(0, dtype=str)
+        predicted = (
+            np.array([self.classes[i] for i in proba.argmax(axis=1)], dtype=str)
+            if len(proba)
+            else np.empty(0, dtype=str)
+        )
         return RecordingPrediction(proba, predicted, labels, t)
 
     def _features_layout(self, recording, config: PipelineConfig) -> None:
@@ -266,8 +275,10 @@ class OnnxModel:
             signal = recording.signals[part.modality]
             hop = spec.hop_samples(part)
             if hop is None:
-                raise InferenceError(f"{self.name}: hop_s * sfreq = {spec.hop_s * part.sfreq:g} samples is not an "
-                                     f"integer for {part.modality}; use the features model for this layout")
+                raise InferenceError(
+                    f"{self.name}: hop_s * sfreq = {spec.hop_s * part.sfreq:g} samples is not an "
+                    f"integer for {part.modality}; use the features model for this layout"
+                )
             hops[part.modality] = hop
             windows[part.modality] = sliding_windows(signal.data, spec.window_samples(part), hops[part.modality])
         n = min(w.shape[0] for w in windows.values())

@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from biofed.edge.pipeline import FeatureRow, PipelineConfig
-from biofed.edge.store import FeatureStore, StoreError
 
 from biofed.config import DeviceConfig
+from biofed.edge.pipeline import FeatureRow, PipelineConfig
+from biofed.edge.store import FeatureStore, StoreError
 from biofed.model import FeatureLayout, LayoutError
 
 __all__ = ["Ingestion", "recording_files"]
@@ -74,10 +74,16 @@ class Ingestion:
         ``on_stored(n)`` after ``n`` rows were committed.
     """
 
-    def __init__(self, config: DeviceConfig, store: FeatureStore, pipeline_config: PipelineConfig, *,
-                 on_rows: Callable[[list[FeatureRow], float], None] | None = None,
-                 on_layout: Callable[[str], None] | None = None,
-                 on_stored: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: DeviceConfig,
+        store: FeatureStore,
+        pipeline_config: PipelineConfig,
+        *,
+        on_rows: Callable[[list[FeatureRow], float], None] | None = None,
+        on_layout: Callable[[str], None] | None = None,
+        on_stored: Callable[[int], None] | None = None,
+    ) -> None:
         self.config = config
         self.device_id = config.device_id
         self.store = store
@@ -134,8 +140,9 @@ class Ingestion:
         if rows and self._on_rows is not None:
             self._on_rows(rows, offset)
 
-    def store_windows(self, X: np.ndarray, labels: Sequence[str], t: np.ndarray, *, layout_hash: str,
-                      layout_json: str, source: str) -> int:
+    def store_windows(
+        self, X: np.ndarray, labels: Sequence[str], t: np.ndarray, *, layout_hash: str, layout_json: str, source: str
+    ) -> int:
         """Add feature windows computed elsewhere with the same pipeline (a simulator deals the
         windows of a few recordings to many small devices). ``layout_hash`` / ``layout_json``:
         the :class:`~biofed.model.FeatureLayout` hash and JSON of the rows. Returns the rows added.
@@ -184,8 +191,12 @@ class Ingestion:
         from biofed.edge.continuous import LiveFeatures
 
         for stream, deleted in self.store.recover_interrupted().items():
-            logger.warning("%s: ingestion of %s was interrupted; dropped its %d stored rows, replaying it",
-                           self.device_id, stream, deleted)
+            logger.warning(
+                "%s: ingestion of %s was interrupted; dropped its %d stored rows, replaying it",
+                self.device_id,
+                stream,
+                deleted,
+            )
         done = self.store.ingested_paths()
         configured = recording_files(self.config) if paths is None else list(paths)
         todo = [p for p in configured if str(p) not in done]
@@ -206,8 +217,13 @@ class Ingestion:
             if not self.bind(layout):
                 logger.error(
                     "%s: stream %s has feature layout %s (%d features) but the store %s holds layout %s; "
-                    "a device keeps one sensor layout: skipped", self.device_id, stream, layout.hash,
-                    layout.n_features, self.config.store_path, self.store.layout_hash,
+                    "a device keeps one sensor layout: skipped",
+                    self.device_id,
+                    stream,
+                    layout.hash,
+                    layout.n_features,
+                    self.config.store_path,
+                    self.store.layout_hash,
                 )
                 continue
             offset = self.next_offset()
@@ -237,7 +253,12 @@ class Ingestion:
             n_stream += self.append(rows, offset, stream)
             self.store.finish_stream(stream_paths, stream, n_stream)
             added += n_stream
-            logger.info("%s: ingested %s: %d windows of %d features%s", self.device_id, stream, n_stream,
-                        layout.n_features, f" ({features.rejected_bad} overlapping BAD annotations dropped)"
-                        if features.rejected_bad else "")
+            logger.info(
+                "%s: ingested %s: %d windows of %d features%s",
+                self.device_id,
+                stream,
+                n_stream,
+                layout.n_features,
+                f" ({features.rejected_bad} overlapping BAD annotations dropped)" if features.rejected_bad else "",
+            )
         return added

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-
 import numpy as np
 
 from biofed.cli_options import examples, logging_options
@@ -35,19 +34,35 @@ __all__ = ["play_command", "replay_lsl"]
 logger = logging.getLogger(__name__)
 
 
-@click.command("play", epilog=examples(
-    "biofed play eegmat/Subject02_2.edf --lsl pi-01",
-    "biofed play session.edf session.wav --lsl pi-02 --speed 2 --repeat 10",
-))
+@click.command(
+    "play",
+    epilog=examples(
+        "biofed play eegmat/Subject02_2.edf --lsl pi-01",
+        "biofed play session.edf session.wav --lsl pi-02 --speed 2 --repeat 10",
+    ),
+)
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--lsl", "name", required=True,
-              help="Stream name prefix and source id (streams NAME-eeg, NAME-markers...).")
-@click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
-              help="Playback speed: 1 = real time.")
-@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Play the files this many times.")
-@click.option("--chunk", "chunk_s", default=0.01, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
-              help="Seconds of signal per pushed chunk (a device's transfer block).")
+@click.option(
+    "--lsl", "name", required=True, help="Stream name prefix and source id (streams NAME-eeg, NAME-markers...)."
+)
+@click.option(
+    "--speed",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Playback speed: 1 = real time.",
+)
+@click.option(
+    "--repeat", default=1, show_default=True, type=click.IntRange(min=1), help="Play the files this many times."
+)
+@click.option(
+    "--chunk",
+    "chunk_s",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Seconds of signal per pushed chunk (a device's transfer block).",
+)
 @logging_options(default_level="warning")
 def play_command(files, name, speed, repeat, chunk_s) -> None:
     """Serve recording FILEs as live LSL streams in real time (for tests and demos).
@@ -105,8 +120,8 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
 
     from biofed.datasets.live import Gap, LslError, LslSource
     from biofed.edge.continuous import LiveFeatures
-    from biofed.model import FeatureLayout, LayoutError
     from biofed.edge.replay_cli import _peak_rss_mb, _write_npz
+    from biofed.model import FeatureLayout, LayoutError
 
     source = LslSource(names, modalities=config.modalities, resolve_timeout_s=timeout_s)
     try:
@@ -148,17 +163,21 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
         source.close()
     n_rows = len(stream.rows)
     click.echo(f"source: {source.source}: {', '.join(layout.modality_names)}, {layout.n_features} features")
-    click.echo(f"windows processed: {n_rows} in {wall:.1f} s wall"
-               + (f" ({features.rejected_bad} overlapping BAD markers dropped)" if features.rejected_bad else ""))
+    click.echo(
+        f"windows processed: {n_rows} in {wall:.1f} s wall"
+        + (f" ({features.rejected_bad} overlapping BAD markers dropped)" if features.rejected_bad else "")
+    )
     if gaps:
-        click.echo(f"gaps: {len(gaps)} (" + ", ".join(f"{g.stream} {g.missing_s:.2f} s at t={g.t:.1f} s" for g in gaps)
-                   + ")")
+        click.echo(
+            f"gaps: {len(gaps)} (" + ", ".join(f"{g.stream} {g.missing_s:.2f} s at t={g.t:.1f} s" for g in gaps) + ")"
+        )
     labels = sorted({row.label or "" for row in stream.rows})
     click.echo("labels: " + (", ".join(label or "(none)" for label in labels) if labels else "none"))
     if latencies:
         p50, p95, p99 = np.percentile(np.array(latencies) * 1e3, [50, 95, 99])
-        click.echo(f"latency per window (sample timestamp -> row): p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
-                   f"p99 {p99:.1f} ms")
+        click.echo(
+            f"latency per window (sample timestamp -> row): p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms"
+        )
     if out is not None:
         if n_rows < 2:
             raise click.ClickException(f"only {n_rows} window(s) were produced; --out needs at least 2 to fit a basis.")

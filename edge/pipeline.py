@@ -166,12 +166,16 @@ class PipelineConfig:
                 raise PipelineError(f"PipelineConfig.{name} must be an integer >= {minimum}, got {value!r}.")
             object.__setattr__(self, name, int(value))
         pending = self.max_pending_windows
-        if pending is not None and (isinstance(pending, bool) or not isinstance(pending, (int, np.integer)) or pending < 1):
+        if pending is not None and (
+            isinstance(pending, bool) or not isinstance(pending, (int, np.integer)) or pending < 1
+        ):
             raise PipelineError(f"PipelineConfig.max_pending_windows must be None or an integer >= 1, got {pending!r}.")
         try:
             bands = tuple((str(name), float(lo), float(hi)) for name, lo, hi in self.bands)
         except (TypeError, ValueError):
-            raise PipelineError(f"PipelineConfig.bands must be (name, lo_hz, hi_hz) triples, got {self.bands!r}.") from None
+            raise PipelineError(
+                f"PipelineConfig.bands must be (name, lo_hz, hi_hz) triples, got {self.bands!r}."
+            ) from None
         if not bands or any(not (0 <= lo < hi) for _, lo, hi in bands):
             raise PipelineError(f"PipelineConfig.bands needs at least one band with 0 <= lo < hi, got {bands!r}.")
         if len({name for name, _, _ in bands}) != len(bands):
@@ -191,8 +195,14 @@ class PipelineConfig:
     def from_layout(cls, layout: FeatureLayout, **settings) -> PipelineConfig:
         """The config that reproduces the features of ``layout`` (a model's, or a device's report);
         ``settings`` sets the fields the layout does not fix (``k``, ``dtype``, ...)."""
-        return cls(window_s=layout.window_s, hop_s=layout.hop_s, bands=layout.bands, n_mels=layout.n_mels,
-                   modalities=layout.modality_names, **settings)
+        return cls(
+            window_s=layout.window_s,
+            hop_s=layout.hop_s,
+            bands=layout.bands,
+            n_mels=layout.n_mels,
+            modalities=layout.modality_names,
+            **settings,
+        )
 
 
 # --------------------------------------------------------------------------- streaming
@@ -207,8 +217,7 @@ class FeatureRow(NamedTuple):
 class _ModalityStream:
     """Fixed-capacity sample buffer and feature extraction of one modality."""
 
-    def __init__(self, part: ModalityLayout, layout: FeatureLayout, config: PipelineConfig,
-                 track_labels: bool) -> None:
+    def __init__(self, part: ModalityLayout, layout: FeatureLayout, config: PipelineConfig, track_labels: bool) -> None:
         self.part = part
         self.config = config
         self.fs = part.sfreq
@@ -305,7 +314,9 @@ class _ModalityStream:
         if self.plan is not None:
             features = self._spectral_features(starts)
         else:
-            features = self._features(np.stack([self.buf[:, s - self.buf_start : s - self.buf_start + self.window] for s in starts]))
+            features = self._features(
+                np.stack([self.buf[:, s - self.buf_start : s - self.buf_start + self.window] for s in starts])
+            )
         for row, s in zip(features, starts):
             label = self._label_at(s + self.window - 1) if self.track_labels else None
             self.pending.append((row, label))
@@ -528,7 +539,11 @@ class StreamingPipeline:
                 blocks.append(np.stack([e[0] for e in entries]))
                 if s.track_labels:
                     labels = [e[1] for e in entries]
-            raw = np.concatenate(blocks, axis=1, dtype=np.float64) if len(blocks) > 1 else blocks[0].astype(np.float64, copy=False)
+            raw = (
+                np.concatenate(blocks, axis=1, dtype=np.float64)
+                if len(blocks) > 1
+                else blocks[0].astype(np.float64, copy=False)
+            )
             if self._projection is not None:
                 vectors = apply_transform(raw, self._projection)
             else:
@@ -545,7 +560,11 @@ class StreamingPipeline:
                 lagging = [s.part.modality for s in streams if s.next_window <= self._next_emit]
                 logger.warning(
                     "dropping %d feature window(s) at t=%.1f s: %s is %d window(s) behind (max_pending_windows=%d)",
-                    drop, self._next_emit * self.config.hop_s, "/".join(lagging), ahead, cap,
+                    drop,
+                    self._next_emit * self.config.hop_s,
+                    "/".join(lagging),
+                    ahead,
+                    cap,
                 )
                 self._next_emit += drop
                 self.windows_dropped += drop

@@ -61,32 +61,58 @@ def _session(paths: tuple[Path, ...]):
         signals.update(recording.signals)
     first = recordings[0]
     return Recording(
-        source="+".join(str(p) for p in paths), signals=signals, start_time=first.start_time,
+        source="+".join(str(p) for p in paths),
+        signals=signals,
+        start_time=first.start_time,
         annotations=next((r.annotations for r in recordings if r.annotations), ()),
         label=next((r.label for r in recordings if r.label is not None), None),
         subject=next((r.subject for r in recordings if r.subject is not None), None),
     )
 
 
-@click.command("predict", epilog=examples(
-    "biofed predict --model model.onnx Subject02_2.edf --calibrate Subject02_1.edf",
-    "biofed predict --model model.onnx session.edf session.wav --summary-only",
-    "biofed predict --model model.onnx Subject02_2.edf --json > predictions.json",
-))
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="ONNX model written by `biofed export` (or the coordinator's model_latest.onnx).")
+@click.command(
+    "predict",
+    epilog=examples(
+        "biofed predict --model model.onnx Subject02_2.edf --calibrate Subject02_1.edf",
+        "biofed predict --model model.onnx session.edf session.wav --summary-only",
+        "biofed predict --model model.onnx Subject02_2.edf --json > predictions.json",
+    ),
+)
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="ONNX model written by `biofed export` (or the coordinator's model_latest.onnx).",
+)
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--calibrate", "calibration_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Recording of the same subject whose windows set the standardization of a device-standardized "
-                   "model (repeatable; e.g. the subject's sessions of the other classes). Default: the recording "
-                   "itself.")
+@click.option(
+    "--calibrate",
+    "calibration_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Recording of the same subject whose windows set the standardization of a device-standardized "
+    "model (repeatable; e.g. the subject's sessions of the other classes). Default: the recording "
+    "itself.",
+)
 @click.option("--summary-only", is_flag=True, help="Print only the summary, not one line per window.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="onnxruntime intra-op threads.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object: model, recording, windows (unless --summary-only), counts, accuracy.")
-def predict_command(model_path: Path, files: tuple[Path, ...], calibration_files: tuple[Path, ...],
-                    summary_only: bool, threads: int, as_json: bool) -> None:
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime intra-op threads."
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object: model, recording, windows (unless --summary-only), counts, accuracy.",
+)
+def predict_command(
+    model_path: Path,
+    files: tuple[Path, ...],
+    calibration_files: tuple[Path, ...],
+    summary_only: bool,
+    threads: int,
+    as_json: bool,
+) -> None:
     """Classify every window of a recording (FILE, or the files of one session) with an ONNX model.
 
     A model of a device-standardized fleet (the default) z-scores the windows with the
@@ -119,29 +145,43 @@ def predict_command(model_path: Path, files: tuple[Path, ...], calibration_files
     correct = sum(result.predicted[i] == result.labels[i] for i in known)
     if as_json:
         report = {
-            "model": model.describe(), "recording": recording.source, "duration_s": recording.duration,
-            "calibration": [str(p) for p in calibration_files], "classes": list(model.classes),
+            "model": model.describe(),
+            "recording": recording.source,
+            "duration_s": recording.duration,
+            "calibration": [str(p) for p in calibration_files],
+            "classes": list(model.classes),
             "counts": {c: counts.get(c, 0) for c in model.classes},
-            "accuracy": correct / len(known) if known else None, "labelled_windows": len(known),
+            "accuracy": correct / len(known) if known else None,
+            "labelled_windows": len(known),
         }
         if not summary_only:
             report["windows"] = [
                 {"t": float(t), "predicted": str(predicted), "proba": [float(x) for x in proba], "label": label or None}
-                for t, predicted, proba, label in zip(result.t, result.predicted, result.proba, result.labels)]
+                for t, predicted, proba, label in zip(result.t, result.predicted, result.proba, result.labels)
+            ]
         click.echo(json.dumps(report))
         return
     click.echo(f"model: {model.describe()}")
     click.echo(f"recording: {recording.source} ({recording.duration:.1f} s, {len(result.t)} windows)")
     if model.metadata.standardization == "device":
-        source = ", ".join(str(p) for p in calibration_files) or "the recording itself (pass --calibrate with the " \
+        source = (
+            ", ".join(str(p) for p in calibration_files)
+            or "the recording itself (pass --calibrate with the "
             "subject's other sessions when this one holds a single class)"
+        )
         click.echo(f"standardization: the subject's own, from {source}")
     if not summary_only:
         click.echo(f"{'t_s':>8}  {'predicted':<14} {'p':>6}  label")
         for t, predicted, proba, label in zip(result.t, result.predicted, result.proba, result.labels):
             click.echo(f"{t:8.1f}  {predicted:<14} {proba.max():6.3f}  {label or '-'}")
-    click.echo("predicted: " + (", ".join(f"{c} {counts.get(c, 0)} ({counts.get(c, 0) / total:.1%})"
-                                          for c in model.classes) if total else "no complete window"))
+    click.echo(
+        "predicted: "
+        + (
+            ", ".join(f"{c} {counts.get(c, 0)} ({counts.get(c, 0) / total:.1%})" for c in model.classes)
+            if total
+            else "no complete window"
+        )
+    )
     if known:
         labels = ", ".join(sorted(set(result.labels[known].tolist())))
         click.echo(f"accuracy: {correct / len(known):.3f} ({correct}/{len(known)} windows labelled {labels})")

@@ -19,10 +19,10 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
+
 from biofed.edge.inference import InferenceError, OnnxModel
 from biofed.edge.tasks import LocalData, project_rows
 from biofed.kernels import n_params, predict_proba
-
 from biofed.model import FeatureLayout
 from biofed.protocol import Basis, Model, Prediction
 
@@ -63,13 +63,20 @@ class DevicePredictor:
             return True  # nothing ingested yet: checked again when the first stream fixes the layout
         problem = model.layout.mismatch(FeatureLayout.from_json(self.layout_json))
         if problem is not None:
-            logger.error("%s: %s does not fit this device: %s; no predictions with it", self.device_id,
-                         model.name, problem)
+            logger.error(
+                "%s: %s does not fit this device: %s; no predictions with it", self.device_id, model.name, problem
+            )
             return False
         return True
 
-    def on_model(self, model: Model, basis: Basis | None, X: np.ndarray, t: np.ndarray,
-                 local_data: Callable[[tuple[str, ...]], LocalData]) -> Prediction | None:
+    def on_model(
+        self,
+        model: Model,
+        basis: Basis | None,
+        X: np.ndarray,
+        t: np.ndarray,
+        local_data: Callable[[tuple[str, ...]], LocalData],
+    ) -> Prediction | None:
         """Predict with the new global ``model`` from now on; the prediction of the newest stored
         raw rows ``X`` (n, d) at times ``t`` (n,), if any.
 
@@ -80,9 +87,13 @@ class DevicePredictor:
         data = local_data(model.classes) if device_mode else None
         if device_mode and not data.train.any():
             self.model = None
-            logger.warning("%s: the model of round %d needs this device's standardization, but the device has no "
-                           "training windows of classes %s yet; no predictions", self.device_id, model.round,
-                           model.classes)
+            logger.warning(
+                "%s: the model of round %d needs this device's standardization, but the device has no "
+                "training windows of classes %s yet; no predictions",
+                self.device_id,
+                model.round,
+                model.classes,
+            )
             return None
         if model.onnx.size:
             self.model = None  # predictions follow the latest global model, or stop
@@ -115,8 +126,14 @@ class DevicePredictor:
             X = (X - standardization[0]) / standardization[1]
         proba = model.predict_features(X)
         counts = np.bincount(proba.argmax(axis=1), minlength=len(model.classes))
-        logger.info("%s: predicted %d window(s) at t=%.0f-%.0f s: %s", self.device_id, len(t), t[0], t[-1],
-                    ", ".join(f"{c} {n}" for c, n in zip(model.classes, counts, strict=True)))
+        logger.info(
+            "%s: predicted %d window(s) at t=%.0f-%.0f s: %s",
+            self.device_id,
+            len(t),
+            t[0],
+            t[-1],
+            ", ".join(f"{c} {n}" for c, n in zip(model.classes, counts, strict=True)),
+        )
         return Prediction(round=model.metadata.round, t=t, proba=proba, classes=model.classes)
 
     def predict_rows(self, rows: list, offset: float) -> Prediction | None:

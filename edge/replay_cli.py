@@ -119,28 +119,64 @@ def _peak_rss_mb() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
-@click.command("replay", epilog=examples(
-    "biofed replay eegmat/*.edf --speed 0 --out /tmp/features.npz",
-    "biofed replay Subject02_1.edf --speed 1 --no-progress   # real time",
-    "biofed replay --lsl pi-01 --seconds 60 --out /tmp/live.npz",
-))
+@click.command(
+    "replay",
+    epilog=examples(
+        "biofed replay eegmat/*.edf --speed 0 --out /tmp/features.npz",
+        "biofed replay Subject02_1.edf --speed 1 --no-progress   # real time",
+        "biofed replay --lsl pi-01 --seconds 60 --out /tmp/live.npz",
+    ),
+)
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--lsl", "lsl_names", multiple=True,
-              help="Read live LSL streams of this name, name prefix or source id instead of FILEs (repeatable).")
-@click.option("--seconds", type=click.FloatRange(min=0.0, min_open=True),
-              help="With --lsl: seconds of live signal to process (required).")
-@click.option("--timeout", "timeout_s", default=5.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
-              help="With --lsl: seconds to look for the streams.")
-@click.option("--speed", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
-              help="Playback speed: 0 = as fast as possible, 1 = real time, 10 = ten times faster.")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path),
-              help="File (.npz) to write features, labels, times, sources, names and a fitted local k-basis to.")
+@click.option(
+    "--lsl",
+    "lsl_names",
+    multiple=True,
+    help="Read live LSL streams of this name, name prefix or source id instead of FILEs (repeatable).",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="With --lsl: seconds of live signal to process (required).",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="With --lsl: seconds to look for the streams.",
+)
+@click.option(
+    "--speed",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="Playback speed: 0 = as fast as possible, 1 = real time, 10 = ten times faster.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="File (.npz) to write features, labels, times, sources, names and a fitted local k-basis to.",
+)
 @click.option("--window", "window_s", default=2.0, show_default=True, type=float, help="Window length (s).")
 @click.option("--hop", "hop_s", default=1.0, show_default=True, type=float, help="Hop between windows (s).")
-@click.option("--k", "k", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Components of the local basis written with --out.")
-@click.option("--chunk", "chunk_s", default=0.25, show_default=True, type=float,
-              help="Replay chunk length (s), i.e. how often a sensor delivers samples.")
+@click.option(
+    "--k",
+    "k",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Components of the local basis written with --out.",
+)
+@click.option(
+    "--chunk",
+    "chunk_s",
+    default=0.25,
+    show_default=True,
+    type=float,
+    help="Replay chunk length (s), i.e. how often a sensor delivers samples.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True, help="tqdm progress bar on stderr.")
 def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, hop_s, k, chunk_s, progress) -> None:
     """Replay recording FILEs through the edge feature pipeline and report its throughput.
@@ -211,7 +247,9 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
                         "same channels and rates together, or run once per layout."
                     )
                 stream.pipeline = StreamingPipeline(config, layout)
-                logger.info("stream %s: %s, %d features", stream.name, "+".join(layout.modality_names), layout.n_features)
+                logger.info(
+                    "stream %s: %s, %d features", stream.name, "+".join(layout.modality_names), layout.n_features
+                )
                 streams.append(stream)
                 batch_streams.append(stream)
                 for rec in group:
@@ -229,7 +267,9 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
                     rows = pipe.push(chunk.modality, chunk.data, chunk.label)
                 except ChunkError as exc:  # as on a device: log and drop, never crash
                     dropped_chunks += 1
-                    logger.warning("%s: dropped a %s chunk at t=%.2f s: %s", chunk.source, chunk.modality, chunk.t0, exc)
+                    logger.warning(
+                        "%s: dropped a %s chunk at t=%.2f s: %s", chunk.source, chunk.modality, chunk.t0, exc
+                    )
                     continue
                 if rows:
                     latency = time.perf_counter() - started
@@ -264,8 +304,8 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
 
 def _write_npz(out: Path, streams: list[_Stream], k: int) -> None:
     """Stack every stream's rows, fit the local basis and write the ``--out`` archive."""
-    from biofed.model import fit_basis
     from biofed.kernels import project
+    from biofed.model import fit_basis
 
     layout = streams[0].pipeline.layout
     X = np.stack([row.vector for stream in streams for row in stream.rows])
@@ -281,4 +321,6 @@ def _write_npz(out: Path, streams: list[_Stream], k: int) -> None:
             feature_names=np.array(layout.feature_names, dtype=str), layout_hash=np.array(layout.hash),
             components=basis.components, mean=basis.mean, scale=basis.scale, projected=projected,
         )  # fmt: skip
-    click.echo(f"wrote {out}: features {X.shape}, projected {projected.shape} (local k={basis.components.shape[0]} basis)")
+    click.echo(
+        f"wrote {out}: features {X.shape}, projected {projected.shape} (local k={basis.components.shape[0]} basis)"
+    )

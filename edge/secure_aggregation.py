@@ -73,7 +73,13 @@ def noise_share_std(clip_norm: float, noise_multiplier: float, n_min: int) -> fl
 
 
 def prepare_input(
-    delta, *, clip_norm: float, noise_multiplier: float, n_min: int, mechanism: PrivacyMechanism, charge: Charge,
+    delta,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    n_min: int,
+    mechanism: PrivacyMechanism,
+    charge: Charge,
     fixed_point: FixedPoint = FixedPoint(),
 ) -> np.ndarray:
     """A device's secure-aggregation input: clipped, rounded to the fixed-point grid and
@@ -107,11 +113,16 @@ def prepare_input(
     if vector.ndim != 1:
         raise SecAggError(f"the update must be 1-D, got shape {vector.shape}")
     if std > 0 and distributed_discrete_tau(std / fixed_point.resolution, n_min) > 1e-12:
-        raise SecAggError(f"noise share std {std:g} is too close to the fixed-point resolution "
-                          f"{fixed_point.resolution:g} for the discrete Gaussian accounting; raise noise_multiplier")
+        raise SecAggError(
+            f"noise share std {std:g} is too close to the fixed-point resolution "
+            f"{fixed_point.resolution:g} for the discrete Gaussian accounting; raise noise_multiplier"
+        )
     scale = clip_norm / grid_sensitivity(clip_norm, vector.shape[0], fixed_point.resolution)
-    counts = mechanism.release_on_grid(replace(charge, noise_multiplier=charge.noise_multiplier * scale),
-                                       ClippedSum(vector, clip_norm, std), fixed_point.resolution)
+    counts = mechanism.release_on_grid(
+        replace(charge, noise_multiplier=charge.noise_multiplier * scale),
+        ClippedSum(vector, clip_norm, std),
+        fixed_point.resolution,
+    )
     return fixed_point.encode_counts(counts)
 
 
@@ -131,8 +142,9 @@ class SecAggClient:
         default; tests inject a seeded source for reproducibility).
     """
 
-    def __init__(self, device_id: str, fleet: str, round: int, *,
-                 random_bytes: RandomBytes = secrets.token_bytes) -> None:
+    def __init__(
+        self, device_id: str, fleet: str, round: int, *, random_bytes: RandomBytes = secrets.token_bytes
+    ) -> None:
         self.device_id = validate_id(device_id)
         self.session = session_id(fleet, round)
         self.round = int(round)
@@ -156,8 +168,9 @@ class SecAggClient:
 
     def _relay(self, relay: SecAggRelay, step: str) -> SecAggRelay:
         if relay.round != self.round:
-            raise SecAggError(f"{self.device_id}: {relay.step!r} relay of round {relay.round}, "
-                              f"this device is in round {self.round}")
+            raise SecAggError(
+                f"{self.device_id}: {relay.step!r} relay of round {relay.round}, this device is in round {self.round}"
+            )
         if relay.step != step:
             raise SecAggError(f"{self.device_id}: expected the {step!r} relay, got the {relay.step!r} relay")
         return relay
@@ -187,8 +200,9 @@ class SecAggClient:
         xs = shamir_xs(keys)
         s_sk = int.from_bytes(self._s_sk.private_bytes_raw(), "big")
         points = list(xs.values())
-        b_shares = shamir_split(int.from_bytes(self._b, "big"), self._threshold, points,
-                                random_bytes=self._random_bytes)
+        b_shares = shamir_split(
+            int.from_bytes(self._b, "big"), self._threshold, points, random_bytes=self._random_bytes
+        )
         k_shares = shamir_split(s_sk, self._threshold, points, random_bytes=self._random_bytes)
         ciphertexts = {}
         for peer, x in xs.items():
@@ -198,9 +212,11 @@ class SecAggClient:
             nonce = self._random_bytes(NONCE_BYTES)
             plain = to_field_bytes(b_shares[x]) + to_field_bytes(k_shares[x])
             ciphertexts[peer] = as_bytes_array(
-                nonce + self._channel(peer).encrypt(nonce, plain, self._aad(self.device_id, peer)))
-        return SecAggUpload(self.round, "shares", ciphertexts=ciphertexts,
-                            commitment=as_bytes_array(hashlib.sha256(self._b).digest()))
+                nonce + self._channel(peer).encrypt(nonce, plain, self._aad(self.device_id, peer))
+            )
+        return SecAggUpload(
+            self.round, "shares", ciphertexts=ciphertexts, commitment=as_bytes_array(hashlib.sha256(self._b).digest())
+        )
 
     def masked_input(self, relay: SecAggRelay, encoded: np.ndarray) -> SecAggUpload:
         """Step 3: decrypt and keep the shares received, then mask ``encoded``.
@@ -215,7 +231,8 @@ class SecAggClient:
         forwarded = self._relay(relay, "shares").ciphertexts.get(self.device_id)
         if forwarded is None:
             raise SecAggError(
-                f"{self.device_id}: the shares relay has nothing for this device (dropped from the round)")
+                f"{self.device_id}: the shares relay has nothing for this device (dropped from the round)"
+            )
         self._advance("masked_input", "unmask")
         encoded = np.asarray(encoded)
         if encoded.dtype != np.uint64 or encoded.ndim != 1:
@@ -224,7 +241,8 @@ class SecAggClient:
         unknown = u2 - set(self._keys)
         if unknown:
             raise SecAggError(
-                f"{self.device_id}: forwarded shares from devices outside the key list: {sorted(unknown)}")
+                f"{self.device_id}: forwarded shares from devices outside the key list: {sorted(unknown)}"
+            )
         if len(u2) < self._threshold:
             raise NotEnoughSurvivors(f"only {len(u2)} devices shared keys, threshold is {self._threshold}")
         for peer, array in forwarded.items():
@@ -237,8 +255,10 @@ class SecAggClient:
                 raise SecAggError(f"{self.device_id}: shares from {peer!r} fail authentication") from None
             if len(plain) != 2 * FIELD_BYTES:
                 raise SecAggError(f"{self.device_id}: shares from {peer!r} have the wrong length")
-            self._received[peer] = (from_field_bytes(plain[:FIELD_BYTES], "b share"),
-                                    from_field_bytes(plain[FIELD_BYTES:], "key share"))
+            self._received[peer] = (
+                from_field_bytes(plain[:FIELD_BYTES], "b share"),
+                from_field_bytes(plain[FIELD_BYTES:], "key share"),
+            )
         self._u2 = tuple(sorted(u2))
         masked = encoded + prg_words(self_seed(self._b, self.session, self.device_id), encoded.size)
         for peer in self._u2:
@@ -268,7 +288,8 @@ class SecAggClient:
             )
         held = {**self._received, self.device_id: self._own_shares}
         return SecAggUpload(
-            self.round, "unmask",
+            self.round,
+            "unmask",
             b_shares={v: as_bytes_array(to_field_bytes(held[v][0])) for v in sorted(survivors)},
             key_shares={v: as_bytes_array(to_field_bytes(held[v][1])) for v in sorted(dropped)},
         )
@@ -295,17 +316,32 @@ class SecureAggregationParticipant:
         Must match the coordinator's.
     """
 
-    def __init__(self, device_id: str, fleet: str, task: Task, delta: np.ndarray, *, mechanism: PrivacyMechanism,
-                 charge: Charge, fixed_point: FixedPoint = FixedPoint()) -> None:
+    def __init__(
+        self,
+        device_id: str,
+        fleet: str,
+        task: Task,
+        delta: np.ndarray,
+        *,
+        mechanism: PrivacyMechanism,
+        charge: Charge,
+        fixed_point: FixedPoint = FixedPoint(),
+    ) -> None:
         if task.trust_mode != "distributed" or task.secagg_threshold < 1:
             raise SecAggError(
                 f"round {task.round}: secure aggregation needs a distributed-mode task with secagg_threshold >= 1, "
                 f"got trust_mode={task.trust_mode!r}, secagg_threshold={task.secagg_threshold}"
             )
         self.task = task
-        self.encoded = prepare_input(delta, clip_norm=task.clip_norm, noise_multiplier=task.noise_multiplier,
-                                     n_min=task.secagg_threshold, fixed_point=fixed_point, mechanism=mechanism,
-                                     charge=charge)
+        self.encoded = prepare_input(
+            delta,
+            clip_norm=task.clip_norm,
+            noise_multiplier=task.noise_multiplier,
+            n_min=task.secagg_threshold,
+            fixed_point=fixed_point,
+            mechanism=mechanism,
+            charge=charge,
+        )
         self._client = SecAggClient(device_id, fleet, task.round)
         self.step = "start"
 

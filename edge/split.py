@@ -105,8 +105,10 @@ def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
     """
     X = np.asarray(X_train, dtype=np.float64)
     if X.ndim != 2 or X.shape[0] == 0:
-        raise ValueError(f"device standardization needs a non-empty (n, d) array of training rows, got shape "
-                         f"{X.shape}; a device without training windows cannot standardize")
+        raise ValueError(
+            f"device standardization needs a non-empty (n, d) array of training rows, got shape "
+            f"{X.shape}; a device without training windows cannot standardize"
+        )
     if not np.all(np.isfinite(X)):
         raise ValueError("the training rows contain NaN/inf; drop those windows before standardizing")
     mean = X.mean(axis=0)

@@ -55,8 +55,9 @@ def class_statistics(X, y, n_classes: int, *, means_clip: float, scatter_clip: f
         raise ValueError("X contains NaN/inf; drop those windows before computing statistics")
     missing = [c for c in range(n_classes) if not np.any(y == c)]
     if missing:
-        raise ValueError(f"class(es) {missing} have no training window on this device; it cannot contribute "
-                         "class means")
+        raise ValueError(
+            f"class(es) {missing} have no training window on this device; it cannot contribute class means"
+        )
     means = np.stack([X[y == c].mean(axis=0) for c in range(n_classes)])
     clipped_means, _ = clip_l2(means.ravel(), means_clip)
     scatter = None
@@ -67,14 +68,25 @@ def class_statistics(X, y, n_classes: int, *, means_clip: float, scatter_clip: f
     return ClassStatistics(clipped_means.reshape(means.shape), scatter)
 
 
-def personalize(global_params, X, y, n_classes: int, *, epochs: int = 20, lr: float = 0.01,
-                prox_mu: float = 0.1, random_state=None) -> np.ndarray:
+def personalize(
+    global_params, X, y, n_classes: int, *, epochs: int = 20, lr: float = 0.01, prox_mu: float = 0.1, random_state=None
+) -> np.ndarray:
     """The global logistic-regression model fine-tuned on the device's own labelled rows.
 
     Adam from the global parameters, with a FedProx pull ``prox_mu`` toward them so a few
     windows adapt the model rather than replace it. Returns the device's own parameters
     (same layout as ``global_params``); nothing of them is sent anywhere.
     """
-    params, _ = train(global_params, X, y, n_classes, epochs=epochs, lr=lr, optimizer="adam",
-                      prox_mu=prox_mu, prox_center=global_params, random_state=random_state)
+    params, _ = train(
+        global_params,
+        X,
+        y,
+        n_classes,
+        epochs=epochs,
+        lr=lr,
+        optimizer="adam",
+        prox_mu=prox_mu,
+        prox_center=global_params,
+        random_state=random_state,
+    )
     return params

@@ -194,16 +194,18 @@ class FeatureStore:
     def layout_spec_json(self, layout_hash: str) -> str:
         """The JSON feature layout recorded for ``layout_hash`` (see :meth:`save_layout_spec`); "" if none."""
         with self._lock:
-            row = self._connection().execute("SELECT layout FROM agent_layout WHERE hash = ?",
-                                             (layout_hash,)).fetchone()
+            row = (
+                self._connection().execute("SELECT layout FROM agent_layout WHERE hash = ?", (layout_hash,)).fetchone()
+            )
         return row[0] if row else ""
 
     def save_layout_spec(self, layout_hash: str, spec_json: str) -> None:
         """Record the JSON feature layout (``biofed.model.FeatureLayout``) of ``layout_hash``,
         so that a restarted device that ingests nothing new still knows its layout."""
         with self._lock:
-            self._connection().execute("INSERT OR REPLACE INTO agent_layout(hash, layout) VALUES (?, ?)",
-                                       (layout_hash, spec_json))
+            self._connection().execute(
+                "INSERT OR REPLACE INTO agent_layout(hash, layout) VALUES (?, ?)", (layout_hash, spec_json)
+            )
 
     # ------------------------------------------------------------------ ingestion ledger
     def ingested_paths(self) -> set[str]:
@@ -240,8 +242,10 @@ class FeatureStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 pending = [row[0] for row in conn.execute("SELECT DISTINCT stream FROM agent_ingested WHERE done = 0")]
-                deleted = {stream: conn.execute("DELETE FROM windows WHERE source = ?", (stream,)).rowcount
-                           for stream in pending}
+                deleted = {
+                    stream: conn.execute("DELETE FROM windows WHERE source = ?", (stream,)).rowcount
+                    for stream in pending
+                }
                 conn.execute("DELETE FROM agent_ingested WHERE done = 0")
                 conn.execute("COMMIT")
             except BaseException:
@@ -260,16 +264,18 @@ class FeatureStore:
         """The stored JSON of the device's privacy ledger ``name`` (a key of :data:`PRIVACY_LEDGERS`); None if none."""
         row_id = self._ledger_row(name)
         with self._lock:
-            row = self._connection().execute("SELECT ledger FROM agent_privacy_ledger WHERE id = ?",
-                                             (row_id,)).fetchone()
+            row = (
+                self._connection().execute("SELECT ledger FROM agent_privacy_ledger WHERE id = ?", (row_id,)).fetchone()
+            )
         return None if row is None else row[0]
 
     def save_privacy_ledger_json(self, name: str, ledger_json: str) -> None:
         """Replace the device's privacy ledger ``name`` durably (one committed statement)."""
         row_id = self._ledger_row(name)
         with self._lock:
-            self._connection().execute("INSERT OR REPLACE INTO agent_privacy_ledger(id, ledger) VALUES (?, ?)",
-                                       (row_id, ledger_json))
+            self._connection().execute(
+                "INSERT OR REPLACE INTO agent_privacy_ledger(id, ledger) VALUES (?, ?)", (row_id, ledger_json)
+            )
 
     @staticmethod
     def _ledger_row(name: str) -> int:
@@ -315,8 +321,9 @@ class FeatureStore:
         if X.dtype.kind not in "fiub":
             raise StoreError(f"features must be a real numeric array, got dtype {X.dtype}.")
         if X.ndim != 2:
-            raise StoreError(f"features must be 2-D (N windows, F features), got shape {X.shape}; "
-                             "reshape(1, -1) a single row.")
+            raise StoreError(
+                f"features must be 2-D (N windows, F features), got shape {X.shape}; reshape(1, -1) a single row."
+            )
         n, width = X.shape
         if width == 0:
             raise StoreError("features has 0 columns; a feature row needs at least one value.")

@@ -42,9 +42,9 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
-
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 from biofed.protocol import Basis, Sketch, Task, Update, UpdateMetrics
 
@@ -98,8 +98,9 @@ class Admission(enum.Enum):
     """It is for an older basis than this device's: refused."""
 
 
-def admit(task: Task, *, device_id: str, now: float, answered: Container[tuple[int, str]],
-          basis_version: int | None) -> Admission:
+def admit(
+    task: Task, *, device_id: str, now: float, answered: Container[tuple[int, str]], basis_version: int | None
+) -> Admission:
     """Whether device ``device_id`` answers ``task`` at Unix time ``now``, having answered the
     ``(round, phase)`` pairs in ``answered`` and holding basis ``basis_version`` (None: none).
 
@@ -128,26 +129,56 @@ def admit(task: Task, *, device_id: str, now: float, answered: Container[tuple[i
     return Admission.STALE_BASIS
 
 
-def train_locally(task: Task, Z: np.ndarray, y: np.ndarray, *, random_state: np.random.Generator,
-                  record_dp=None, record_gate: PrivacyMechanism | None = None) -> tuple[np.ndarray, float]:
+def train_locally(
+    task: Task,
+    Z: np.ndarray,
+    y: np.ndarray,
+    *,
+    random_state: np.random.Generator,
+    record_dp=None,
+    record_gate: PrivacyMechanism | None = None,
+) -> tuple[np.ndarray, float]:
     """``(new params, loss)`` of local training from ``task.model`` on projected rows ``Z`` (n, k)
     with labels ``y`` (n,): minibatch SGD/Adam with the task's settings (FedProx centre = the
     incoming model), or, with ``record_dp`` (a device's ``[dp]`` section whose
     ``record_noise_multiplier`` is set), record-level DP-SGD of ``ceil(local_epochs / q)``
     Poisson-sampled steps, each noised gradient sum released and charged by ``record_gate``.
     ``random_state`` drives the minibatch shuffles and the sampling only."""
-    common = dict(lr=task.lr, optimizer=task.optimizer, l2=task.l2, prox_mu=task.prox_mu,
-                  prox_center=task.model if task.prox_mu > 0 else None, random_state=random_state)
+    common = dict(
+        lr=task.lr,
+        optimizer=task.optimizer,
+        l2=task.l2,
+        prox_mu=task.prox_mu,
+        prox_center=task.model if task.prox_mu > 0 else None,
+        random_state=random_state,
+    )
     if record_dp is None or record_dp.record_noise_multiplier is None:
-        return train(task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs,
-                     batch_size=task.batch_size, **common)
+        return train(
+            task.model,
+            Z,
+            y,
+            len(task.classes),
+            task.hidden,
+            epochs=task.local_epochs,
+            batch_size=task.batch_size,
+            **common,
+        )
     z, clip, q = record_dp.record_noise_multiplier, record_dp.record_clip_norm, record_dp.record_sampling_rate
 
     def release(grads: np.ndarray) -> np.ndarray:
         return record_gate.release(Charge(len(record_gate.ledger), "train", q, z), ClippedSum(grads, clip, z * clip))[0]
 
-    params, loss = dp_sgd(task.model, Z, y, len(task.classes), task.hidden,
-                          steps=math.ceil(task.local_epochs / q), sampling_rate=q, release=release, **common)
+    params, loss = dp_sgd(
+        task.model,
+        Z,
+        y,
+        len(task.classes),
+        task.hidden,
+        steps=math.ceil(task.local_epochs / q),
+        sampling_rate=q,
+        release=release,
+        **common,
+    )
     return params, 0.0 if math.isnan(loss) else loss
 
 
@@ -176,8 +207,9 @@ class DeviceRelease:
     def __call__(self, task: Task, vector: np.ndarray, kind: str) -> np.ndarray:
         if task.trust_mode == "central":
             return clip_l2(vector, task.clip_norm)[0]
-        (noised,) = self.mechanism.release(self.charge(task, kind),
-                                           ClippedSum(vector, task.clip_norm, task.noise_multiplier * task.clip_norm))
+        (noised,) = self.mechanism.release(
+            self.charge(task, kind), ClippedSum(vector, task.clip_norm, task.noise_multiplier * task.clip_norm)
+        )
         return noised
 
     def charge(self, task: Task, kind: str) -> Charge:
@@ -306,8 +338,9 @@ def sketch_reply(task: Task, data: LocalData, release: Release) -> SketchReply:
     """
     X = data.X[data.train]
     if X.shape[0] == 0:
-        raise TaskRefused(f"no training windows of classes {task.classes}; cannot answer the {task.phase} phase of "
-                          f"round {task.round}")
+        raise TaskRefused(
+            f"no training windows of classes {task.classes}; cannot answer the {task.phase} phase of round {task.round}"
+        )
     d = X.shape[1]
     if task.phase == "moments":
         statistic = np.concatenate([X.mean(axis=0), (X * X).mean(axis=0)])
@@ -315,16 +348,25 @@ def sketch_reply(task: Task, data: LocalData, release: Release) -> SketchReply:
         if task.stats_mean is None:  # device standardization: this device's own statistics
             mean, scale = data.standardization()
         elif task.stats_mean.shape != (d,):
-            raise TaskRefused(f"covariance task of round {task.round} has stats_mean of shape {task.stats_mean.shape}, "
-                              f"this device has {d} features; refused", logging.ERROR)
+            raise TaskRefused(
+                f"covariance task of round {task.round} has stats_mean of shape {task.stats_mean.shape}, "
+                f"this device has {d} features; refused",
+                logging.ERROR,
+            )
         else:
             mean, scale = task.stats_mean, task.stats_scale
         Z = (X - mean) / scale
         statistic = (Z.T @ Z / Z.shape[0]).ravel()
     norm = float(np.linalg.norm(statistic))
     released = release(task, statistic, "basis")
-    sketch = Sketch(round=task.round, basis_version=task.basis_version, phase=task.phase, statistic=released,
-                    clipped=_central(task) and norm > task.clip_norm, n_features=d)
+    sketch = Sketch(
+        round=task.round,
+        basis_version=task.basis_version,
+        phase=task.phase,
+        statistic=released,
+        clipped=_central(task) and norm > task.clip_norm,
+        n_features=d,
+    )
     return SketchReply(sketch, norm, X.shape[0])
 
 
@@ -346,8 +388,11 @@ def check_model_size(task: Task, basis: Basis) -> None:
     k = basis.components.shape[0]
     expected = n_params(k, len(task.classes), task.hidden)
     if task.model.shape[0] != expected:
-        raise TaskRefused(f"round {task.round} model has {task.model.shape[0]} parameters, expected {expected} for "
-                          f"k={k}, {len(task.classes)} classes, hidden={task.hidden}; refused", logging.ERROR)
+        raise TaskRefused(
+            f"round {task.round} model has {task.model.shape[0]} parameters, expected {expected} for "
+            f"k={k}, {len(task.classes)} classes, hidden={task.hidden}; refused",
+            logging.ERROR,
+        )
 
 
 def held_out_metrics(task: Task, basis: Basis, data: LocalData) -> HeldOutMetrics:
@@ -362,22 +407,35 @@ def held_out_metrics(task: Task, basis: Basis, data: LocalData) -> HeldOutMetric
     return HeldOutMetrics(accuracy, int(y.size), loss)
 
 
-def update_metrics(task: Task, loss: float, n_windows: int, held_out: HeldOutMetrics,
-                   usage: Callable[[], DeviceUsage]) -> UpdateMetrics:
+def update_metrics(
+    task: Task, loss: float, n_windows: int, held_out: HeldOutMetrics, usage: Callable[[], DeviceUsage]
+) -> UpdateMetrics:
     """The metrics of an update: all zero outside central mode (data-dependent cleartext must
     not reach the coordinator there, so ``usage`` is not even measured)."""
     if not _central(task):
         return UpdateMetrics(loss=0.0, n_windows=0, rss_bytes=0, cpu_time_s=0.0)
     measured = usage()
     return UpdateMetrics(
-        loss=loss, n_windows=n_windows, rss_bytes=measured.rss_bytes, cpu_time_s=measured.cpu_time_s,
-        bytes_sent=measured.bytes_sent, bytes_received=measured.bytes_received,
-        eval_balanced_accuracy=held_out.accuracy, eval_windows=held_out.windows,
+        loss=loss,
+        n_windows=n_windows,
+        rss_bytes=measured.rss_bytes,
+        cpu_time_s=measured.cpu_time_s,
+        bytes_sent=measured.bytes_sent,
+        bytes_received=measured.bytes_received,
+        eval_balanced_accuracy=held_out.accuracy,
+        eval_windows=held_out.windows,
     )
 
 
-def train_reply(task: Task, data: LocalData, basis: Basis, *, local_training: LocalTraining, release: Release,
-                usage: Callable[[], DeviceUsage]) -> TrainReply:
+def train_reply(
+    task: Task,
+    data: LocalData,
+    basis: Basis,
+    *,
+    local_training: LocalTraining,
+    release: Release,
+    usage: Callable[[], DeviceUsage],
+) -> TrainReply:
     """Evaluate the incoming model on the held-out rows, train locally, release the delta.
 
     ``basis`` must be the task's (``basis.version == task.basis_version``). In distributed
@@ -404,8 +462,11 @@ def train_reply(task: Task, data: LocalData, basis: Basis, *, local_training: Lo
     else:
         delta = release(task, raw_delta, "train")
     update = Update(
-        round=task.round, basis_version=task.basis_version, delta=delta,
-        n_examples=int(y.size) if central else 0, clipped=central and norm > task.clip_norm,
+        round=task.round,
+        basis_version=task.basis_version,
+        delta=delta,
+        n_examples=int(y.size) if central else 0,
+        clipped=central and norm > task.clip_norm,
         norm_bit=int(norm <= task.clip_norm) if task.adaptive_clipping and central else None,
         metrics=update_metrics(task, loss, int(y.size), held_out, usage),
     )
@@ -425,8 +486,11 @@ def evaluate_reply(task: Task, data: LocalData, basis: Basis, usage: Callable[[]
     if held_out.accuracy is None:
         raise TaskRefused(f"no held-out windows to evaluate round {task.round} on")
     update = Update(
-        round=task.round, basis_version=task.basis_version, delta=np.empty(0, dtype=np.float64), n_examples=0,
-        clipped=False, metrics=update_metrics(task, held_out.loss, held_out.windows, held_out, usage),
+        round=task.round,
+        basis_version=task.basis_version,
+        delta=np.empty(0, dtype=np.float64),
+        n_examples=0,
+        clipped=False,
+        metrics=update_metrics(task, held_out.loss, held_out.windows, held_out, usage),
     )
     return EvaluateReply(update, held_out)
-

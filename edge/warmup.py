@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import click
-
 import numpy as np
 
 from biofed.cli_options import examples
@@ -46,19 +45,19 @@ def warmup() -> float:
     from biofed.datasets import make_recording, replay
     from biofed.edge.agent import EdgeAgent
     from biofed.edge.pipeline import StreamingPipeline
-    from biofed.model import FeatureLayout, fit_basis
     from biofed.kernels import n_params
+    from biofed.model import FeatureLayout, fit_basis
     from biofed.protocol import Basis, Model, Task
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="biofed-warmup-") as tmp:
-        config = DeviceConfig(device_id="warmup", fleet=_FLEET, store_path=Path(tmp) / "features.sqlite",
-                              predict=True)
+        config = DeviceConfig(device_id="warmup", fleet=_FLEET, store_path=Path(tmp) / "features.sqlite", predict=True)
         agent = EdgeAgent(config, random_state=0)
         try:
             for i, label in enumerate(_CLASSES):
-                recording = make_recording(label, duration_s=12.0, eeg_channels=4, audio_sfreq=2000.0,
-                                           subject="warmup", random_state=i)
+                recording = make_recording(
+                    label, duration_s=12.0, eeg_channels=4, audio_sfreq=2000.0, subject="warmup", random_state=i
+                )
                 layout = FeatureLayout.from_recording(recording, agent.pipeline_config)
                 agent.ingestion.bind(layout)
                 pipeline = StreamingPipeline(agent.pipeline_config, layout)
@@ -69,9 +68,19 @@ def warmup() -> float:
                 agent.ingestion.append(rows, agent.ingestion.next_offset(), f"warmup-{label}")
             deadline = time.time() + 3600
             for phase in ("moments", "covariance"):
-                agent.answer(Task(round=1, model=np.empty(0), basis_version=0, classes=_CLASSES,
-                                  deadline=deadline, phase=phase, clip_norm=1.0, noise_multiplier=1.0,
-                                  trust_mode="local"))
+                agent.answer(
+                    Task(
+                        round=1,
+                        model=np.empty(0),
+                        basis_version=0,
+                        classes=_CLASSES,
+                        deadline=deadline,
+                        phase=phase,
+                        clip_norm=1.0,
+                        noise_multiplier=1.0,
+                        trust_mode="local",
+                    )
+                )
             X, _, _ = agent.store.read()
             k = min(8, X.shape[1])
             fitted = fit_basis(X, k)
@@ -80,20 +89,48 @@ def warmup() -> float:
                 version += 1
                 mean = fitted.mean if standardization == "global" else np.zeros(X.shape[1])
                 scale = fitted.scale if standardization == "global" else np.ones(X.shape[1])
-                agent.answer(Basis(round=1, version=version, components=fitted.components, mean=mean,
-                                   scale=scale, standardization=standardization))
+                agent.answer(
+                    Basis(
+                        round=1,
+                        version=version,
+                        components=fitted.components,
+                        mean=mean,
+                        scale=scale,
+                        standardization=standardization,
+                    )
+                )
                 for hidden in (0, 4):
                     model = np.zeros(n_params(k, len(_CLASSES), hidden))
                     for optimizer, prox_mu in (("sgd", 0.0), ("adam", 0.1)):
-                        agent.answer(Task(
-                            round=version * 10 + hidden + len(optimizer), model=model, basis_version=version,
-                            classes=_CLASSES, deadline=deadline, hidden=hidden, optimizer=optimizer,
-                            prox_mu=prox_mu, adaptive_clipping=True, trust_mode="local", noise_multiplier=1.0,
-                        ))
-                    agent.answer(Task(round=version * 10 + hidden + 9, model=model, basis_version=version,
-                                      classes=_CLASSES, deadline=deadline, hidden=hidden, phase="evaluate"))
-                    agent.answer(Model(round=version, params=model, basis_version=version, classes=_CLASSES,
-                                       hidden=hidden))
+                        agent.answer(
+                            Task(
+                                round=version * 10 + hidden + len(optimizer),
+                                model=model,
+                                basis_version=version,
+                                classes=_CLASSES,
+                                deadline=deadline,
+                                hidden=hidden,
+                                optimizer=optimizer,
+                                prox_mu=prox_mu,
+                                adaptive_clipping=True,
+                                trust_mode="local",
+                                noise_multiplier=1.0,
+                            )
+                        )
+                    agent.answer(
+                        Task(
+                            round=version * 10 + hidden + 9,
+                            model=model,
+                            basis_version=version,
+                            classes=_CLASSES,
+                            deadline=deadline,
+                            hidden=hidden,
+                            phase="evaluate",
+                        )
+                    )
+                    agent.answer(
+                        Model(round=version, params=model, basis_version=version, classes=_CLASSES, hidden=hidden)
+                    )
         finally:
             agent.close()
     seconds = time.perf_counter() - started
@@ -101,10 +138,13 @@ def warmup() -> float:
     return seconds
 
 
-@click.command("warmup", epilog=examples(
-    "biofed warmup",
-    "biofed warmup && biofed edge --config device.toml",
-))
+@click.command(
+    "warmup",
+    epilog=examples(
+        "biofed warmup",
+        "biofed warmup && biofed edge --config device.toml",
+    ),
+)
 def warmup_command() -> None:
     """Compile and cache every kernel the edge agent uses (run once after install or update)."""
     seconds = warmup()

@@ -1,6 +1,7 @@
 """biofed.kernels"""
 
 from biofed.kernels.biosensor import BIOSENSOR_FEATURES, detect_peaks, heart_rate_features, window_statistics
+from biofed.kernels.random_state import check_random_state
 from biofed.kernels.spectral import (
     EEG_BANDS,
     FLOAT32_RTOL,
@@ -14,7 +15,6 @@ from biofed.kernels.spectral import (
     segment_powers,
     spectral_features,
 )
-from biofed.kernels.random_state import check_random_state
 from biofed.kernels.stats import (
     SCALE_FLOOR_REL,
     Moments,

@@ -305,7 +305,9 @@ def _detect_peaks(x, fs, prominence, lengths, adaptive_fraction):
     if n < 3:
         return np.empty(0, dtype=np.int64)
     d2 = _slope_energy(x, fs, smooth_half)
-    candidates = _select_peaks(_moving_average(d2, envelope_half), distance, half_window, prominence, adaptive_half, adaptive_fraction)
+    candidates = _select_peaks(
+        _moving_average(d2, envelope_half), distance, half_window, prominence, adaptive_half, adaptive_fraction
+    )
     fine = _moving_average(_moving_average(d2, fiducial_half), fiducial_half)
     beats = np.empty(candidates.shape[0], dtype=np.int64)
     m = 0

@@ -478,14 +478,18 @@ def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.
     plan = _check_plan(plan)
     powers = np.ascontiguousarray(powers, dtype=np.float64)
     if powers.ndim != 3 or powers.shape[2] != plan.weights.shape[0]:
-        raise ValueError(f"powers must have shape (n_segments, n_channels, {plan.weights.shape[0]}), got {powers.shape}.")
+        raise ValueError(
+            f"powers must have shape (n_segments, n_channels, {plan.weights.shape[0]}), got {powers.shape}."
+        )
     firsts = np.asarray(firsts)
     if firsts.ndim != 1 or (firsts.size and firsts.dtype.kind not in "iu"):
         raise TypeError(f"firsts must be a 1-D array of integers, got dtype {firsts.dtype} and shape {firsts.shape}.")
     firsts = firsts.astype(np.int64)
     if firsts.size and (firsts.min() < 0 or firsts.max() + plan.n_seg > powers.shape[0]):
         raise ValueError(f"every window needs {plan.n_seg} segments from its first; powers has {powers.shape[0]}.")
-    out = np.empty((firsts.size, powers.shape[1], plan.n_bands), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64)
+    out = np.empty(
+        (firsts.size, powers.shape[1], plan.n_bands), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64
+    )
     _reduce_segments(powers, firsts, plan.n_seg, plan.weights, out)
     return _finish(out, plan.log)
 
@@ -571,7 +575,9 @@ def band_powers(windows, fs: float, bands=EEG_BANDS, *, nperseg: int | None = No
     return _apply_plan(windows, band_power_plan(fs, windows.shape[2], bands, nperseg=nperseg, log=log))
 
 
-def band_power_plan(fs: float, window: int, bands=EEG_BANDS, *, nperseg: int | None = None, log: bool = False) -> SpectralPlan:
+def band_power_plan(
+    fs: float, window: int, bands=EEG_BANDS, *, nperseg: int | None = None, log: bool = False
+) -> SpectralPlan:
     """Validate the parameters of :func:`band_powers` once and precompute its taper and band weights.
 
     Parameters
@@ -609,7 +615,11 @@ def band_power_plan(fs: float, window: int, bands=EEG_BANDS, *, nperseg: int | N
 
 
 def _hz_to_scale(f, scale: str):
-    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0) if scale == "mel" else np.asarray(f, dtype=np.float64)
+    return (
+        2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+        if scale == "mel"
+        else np.asarray(f, dtype=np.float64)
+    )
 
 
 def _scale_to_hz(m, scale: str):
@@ -697,7 +707,9 @@ def log_band_energies(
     (1, 1, 16)
     """
     windows = _check_windows(windows, min_window=2)
-    plan = log_band_energy_plan(fs, windows.shape[2], n_bands=n_bands, fmin=fmin, fmax=fmax, scale=scale, nperseg=nperseg)
+    plan = log_band_energy_plan(
+        fs, windows.shape[2], n_bands=n_bands, fmin=fmin, fmax=fmax, scale=scale, nperseg=nperseg
+    )
     return _apply_plan(windows, plan)
 
 
@@ -745,8 +757,7 @@ def log_band_energy_plan(
         raise ValueError(f"fmin must be a finite frequency >= 0 Hz, got {fmin}.")
     if not math.isfinite(fmax) or fmax > nyquist:
         raise ValueError(
-            f"fmax ({fmax} Hz) is above the Nyquist frequency {nyquist} Hz (fs={fs} Hz); "
-            "pass fmax <= fs / 2 or None."
+            f"fmax ({fmax} Hz) is above the Nyquist frequency {nyquist} Hz (fs={fs} Hz); pass fmax <= fs / 2 or None."
         )
     if fmin >= fmax:
         raise ValueError(f"fmin ({fmin} Hz) must be < fmax ({fmax} Hz).")

@@ -24,8 +24,15 @@ from numba import njit
 
 from biofed.kernels._validation import check_float_array, check_nonnegative_float, check_positive_int
 
-__all__ = ["SCALE_FLOOR_REL", "Moments", "moments_init", "moments_update", "moments_merge", "moments_scale",
-           "standard_scale"]
+__all__ = [
+    "SCALE_FLOOR_REL",
+    "Moments",
+    "moments_init",
+    "moments_update",
+    "moments_merge",
+    "moments_scale",
+    "standard_scale",
+]
 
 SCALE_FLOOR_REL = 1e-9
 """A feature whose standard deviation is at most ``SCALE_FLOOR_REL * max(1, |mean|)`` is constant
@@ -91,7 +98,9 @@ def _chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b, mean_out, m2_out):
 
 def _check_moments(m, name: str) -> Moments:
     if not isinstance(m, tuple) or len(m) != 3:
-        raise TypeError(f"{name} must be a Moments(count, mean, m2) tuple, got {type(m).__name__}; use moments_init(d).")
+        raise TypeError(
+            f"{name} must be a Moments(count, mean, m2) tuple, got {type(m).__name__}; use moments_init(d)."
+        )
     count, mean, m2 = m
     count = check_nonnegative_float(count, f"{name}.count")
     mean = np.asarray(check_float_array(mean, f"{name}.mean", ndim=1), dtype=np.float64)

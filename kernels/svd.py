@@ -65,8 +65,8 @@ import numpy as np
 import scipy.linalg
 from numba import njit
 
-from biofed.kernels.random_state import check_random_state
 from biofed.kernels._validation import check_float_array, check_positive_int
+from biofed.kernels.random_state import check_random_state
 from biofed.kernels.transform import transform
 
 __all__ = [
@@ -134,8 +134,9 @@ def _randomized_svd(x: np.ndarray, k: int, n_oversamples: int, n_power_iter: int
     return q @ ub[:, :k], s[:k], vt[:k]
 
 
-def truncated_svd(X, k: int = 32, *, n_oversamples: int = 10, n_power_iter: int | None = None,
-                  random_state=None, method: str = "auto"):
+def truncated_svd(
+    X, k: int = 32, *, n_oversamples: int = 10, n_power_iter: int | None = None, random_state=None, method: str = "auto"
+):
     """Top-k singular triplets of ``X``, exact (Gram + eigh) or randomized per shape.
 
     Parameters

@@ -55,13 +55,13 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from biofed.kernels.random_state import check_random_state
 from biofed.kernels._validation import (
     check_float_array,
     check_nonnegative_float,
     check_positive_float,
     check_positive_int,
 )
+from biofed.kernels.random_state import check_random_state
 
 __all__ = [
     "OPTIMIZERS",
@@ -458,9 +458,22 @@ def clip_l2(vector, max_norm: float) -> tuple[np.ndarray, float]:
     return (v * (max_norm / norm)).astype(v.dtype, copy=False), norm
 
 
-def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, batch_size: int = 32,
-          lr: float = 0.05, optimizer: str = "sgd", l2: float = 0.0, prox_mu: float = 0.0,
-          prox_center=None, random_state=None) -> tuple[np.ndarray, float]:
+def train(
+    params,
+    X,
+    y,
+    n_classes: int,
+    hidden: int = 0,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+    l2: float = 0.0,
+    prox_mu: float = 0.0,
+    prox_center=None,
+    random_state=None,
+) -> tuple[np.ndarray, float]:
     """Minibatch training from ``params`` (not modified); optional FedProx (DP-SGD: :func:`dp_sgd`).
 
     Parameters
@@ -498,8 +511,9 @@ def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, bat
         Mean cross-entropy (no penalty terms) over the examples of the last epoch, each
         batch evaluated just before its update.
     """
-    x, labels, p, d, c, h, center, lr, l2, prox_mu = _check_training(params, X, y, n_classes, hidden, optimizer, lr, l2,
-                                                                    prox_mu, prox_center)
+    x, labels, p, d, c, h, center, lr, l2, prox_mu = _check_training(
+        params, X, y, n_classes, hidden, optimizer, lr, l2, prox_mu, prox_center
+    )
     epochs = check_positive_int(epochs, "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     rng = check_random_state(random_state)
@@ -525,9 +539,23 @@ def train(params, X, y, n_classes: int, hidden: int = 0, *, epochs: int = 1, bat
     return p, float(epoch_loss / n)
 
 
-def dp_sgd(params, X, y, n_classes: int, hidden: int = 0, *, steps: int, sampling_rate: float,
-           release: Callable[[np.ndarray], np.ndarray], lr: float = 0.05, optimizer: str = "sgd", l2: float = 0.0,
-           prox_mu: float = 0.0, prox_center=None, random_state=None) -> tuple[np.ndarray, float]:
+def dp_sgd(
+    params,
+    X,
+    y,
+    n_classes: int,
+    hidden: int = 0,
+    *,
+    steps: int,
+    sampling_rate: float,
+    release: Callable[[np.ndarray], np.ndarray],
+    lr: float = 0.05,
+    optimizer: str = "sgd",
+    l2: float = 0.0,
+    prox_mu: float = 0.0,
+    prox_center=None,
+    random_state=None,
+) -> tuple[np.ndarray, float]:
     """Record-level DP-SGD from ``params`` (not modified): Poisson-sampled steps, noise by ``release``.
 
     Parameters
@@ -553,14 +581,19 @@ def dp_sgd(params, X, y, n_classes: int, hidden: int = 0, *, steps: int, samplin
         Mean cross-entropy of the sampled examples over all steps (before each update);
         nan when no example was ever sampled.
     """
-    x, labels, p, d, c, h, center, lr, l2, prox_mu = _check_training(params, X, y, n_classes, hidden, optimizer, lr, l2,
-                                                                    prox_mu, prox_center)
+    x, labels, p, d, c, h, center, lr, l2, prox_mu = _check_training(
+        params, X, y, n_classes, hidden, optimizer, lr, l2, prox_mu, prox_center
+    )
     steps = check_positive_int(steps, "steps")
     q = float(sampling_rate)
     if not 0.0 < q <= 1.0:
-        raise ValueError(f"sampling_rate must be in (0, 1] (the Poisson rate of each example per step), got {sampling_rate!r}.")
+        raise ValueError(
+            f"sampling_rate must be in (0, 1] (the Poisson rate of each example per step), got {sampling_rate!r}."
+        )
     if not callable(release):
-        raise TypeError(f"release must be a callable (grads (B, P) -> noised clipped sum (P,)), got {type(release).__name__}.")
+        raise TypeError(
+            f"release must be a callable (grads (B, P) -> noised clipped sum (P,)), got {type(release).__name__}."
+        )
     rng = check_random_state(random_state)
     n = x.shape[0]
     expected_batch = q * n

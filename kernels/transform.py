@@ -173,8 +173,16 @@ def _apply_transform(x: np.ndarray, plan: TransformPlan) -> np.ndarray:
     """:func:`apply_transform` for a validated C-contiguous float32/float64 ``x`` of matching width."""
     i = int(x.dtype == np.float32)
     out = np.empty((x.shape[0], plan.weights[i].shape[1]), x.dtype)
-    _transform(x, plan.weights[i], plan.bias[i], plan.mean[i], plan.scale[i], plan.standardize,
-               ACTIVATIONS.index(plan.activation), out)
+    _transform(
+        x,
+        plan.weights[i],
+        plan.bias[i],
+        plan.mean[i],
+        plan.scale[i],
+        plan.standardize,
+        ACTIVATIONS.index(plan.activation),
+        out,
+    )
     return out
 
 
@@ -196,8 +204,10 @@ def apply_transform(features, plan: TransformPlan) -> np.ndarray:
     x = check_float_array(features, "features", ndim=2)
     d = plan.weights[0].shape[0]
     if x.shape[1] != d:
-        raise ValueError(f"features must have {d} columns to match the plan's weights (d, m) = "
-                         f"{plan.weights[0].shape}, got shape {x.shape}.")
+        raise ValueError(
+            f"features must have {d} columns to match the plan's weights (d, m) = "
+            f"{plan.weights[0].shape}, got shape {x.shape}."
+        )
     return _apply_transform(x, plan)
 
 

@@ -110,7 +110,9 @@ def heart_rate(peaks, fs):
 def moving_average(x, half):
     """Centred mean over the samples of ``[i - half, i + half]`` that exist."""
     x = np.asarray(x, dtype=np.float64).tolist()
-    return np.array([sum(x[max(0, i - half) : i + half + 1]) / len(x[max(0, i - half) : i + half + 1]) for i in range(len(x))])
+    return np.array(
+        [sum(x[max(0, i - half) : i + half + 1]) / len(x[max(0, i - half) : i + half + 1]) for i in range(len(x))]
+    )
 
 
 def beat_envelopes(x, fs):

@@ -34,11 +34,19 @@ def _only(audits, mode, adversary):
 
 @pytest.mark.slow
 def test_audit_help_documents_the_command():
-    result = subprocess.run([sys.executable, "-m", "biofed", "audit", "--help"], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "biofed", "audit", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
-    for text in ("--trust-mode", "--out", "--runs", "--confidence", "Andrew et al. 2023", "VIOLATION",
-                 "biofed audit --trust-mode local --runs 3"):
+    for text in (
+        "--trust-mode",
+        "--out",
+        "--runs",
+        "--confidence",
+        "Andrew et al. 2023",
+        "VIOLATION",
+        "biofed audit --trust-mode local --runs 3",
+    ):
         assert text in result.stdout
 
 
@@ -46,9 +54,31 @@ def test_audit_help_documents_the_command():
 def test_audit_of_a_small_central_federation_is_consistent(tmp_path):
     out = tmp_path / "audit"
     result = subprocess.run(
-        [sys.executable, "-m", "biofed", "audit", "--trust-mode", "central", "--runs", "1", "--devices", "2",
-         "--rounds", "3", "--seconds", "8", "--confidence", "0.999", "--timeout", "240", "--out", str(out)],
-        capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            "-m",
+            "biofed",
+            "audit",
+            "--trust-mode",
+            "central",
+            "--runs",
+            "1",
+            "--devices",
+            "2",
+            "--rounds",
+            "3",
+            "--seconds",
+            "8",
+            "--confidence",
+            "0.999",
+            "--timeout",
+            "240",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "eps lower" in result.stdout and "ledger eps" in result.stdout
@@ -72,10 +102,15 @@ def test_audit_of_a_small_central_federation_is_consistent(tmp_path):
 
 @pytest.mark.slow
 def test_audit_of_small_local_and_distributed_federations_is_consistent(tmp_path):
-    audits = run_audit(AuditSettings(out=tmp_path / "audit", trust_modes=("local", "distributed"),
-                                     confidence=0.999, **SMALL))
+    audits = run_audit(
+        AuditSettings(out=tmp_path / "audit", trust_modes=("local", "distributed"), confidence=0.999, **SMALL)
+    )
     assert {(a.trust_mode, a.adversary) for a in audits} == {
-        ("local", "observer"), ("local", "coordinator"), ("distributed", "observer"), ("distributed", "coordinator")}
+        ("local", "observer"),
+        ("local", "coordinator"),
+        ("distributed", "observer"),
+        ("distributed", "coordinator"),
+    }
     for audit in audits:
         assert audit.consistent, audit
         assert audit.lower_bound <= audit.ledger_epsilon
@@ -111,8 +146,7 @@ def undercharging_ledger(monkeypatch):
 
 @pytest.mark.slow
 def test_audit_catches_a_ledger_that_charges_less_than_was_released(tmp_path, undercharging_ledger):
-    [audit] = run_audit(AuditSettings(out=tmp_path / "audit", trust_modes=("central",), noise_multiplier=0.5,
-                                      **SMALL))
+    [audit] = run_audit(AuditSettings(out=tmp_path / "audit", trust_modes=("central",), noise_multiplier=0.5, **SMALL))
     assert audit.verdict == "VIOLATION"
     assert audit.ledger_epsilon < 0.5 < audit.gaussian.lower
 
@@ -146,8 +180,9 @@ class RetryingCoordinator(Coordinator):
 
 @pytest.mark.slow
 def test_audit_catches_uncharged_retried_rounds_against_the_local_coordinator(tmp_path):
-    settings = AuditSettings(out=tmp_path / "audit", trust_modes=("local",), noise_multiplier=1.0,
-                             **{**SMALL, "rounds": 2})
+    settings = AuditSettings(
+        out=tmp_path / "audit", trust_modes=("local",), noise_multiplier=1.0, **{**SMALL, "rounds": 2}
+    )
     audits = run_audit(settings, coordinator_class=RetryingCoordinator)
     coordinator = _only(audits, "local", "coordinator")
     assert coordinator.rounds_seen == 14  # 2 charged rounds, 12 discarded ones
@@ -163,8 +198,9 @@ def test_audit_catches_uncharged_unmasked_sums_against_the_distributed_coordinat
         discarded = 10
 
     # z = 0.3 planned for the secure-aggregation threshold (2 of 18 devices): the sum carries z 3
-    settings = AuditSettings(out=tmp_path / "audit", trust_modes=("distributed",), noise_multiplier=0.3,
-                             **{**SMALL, "rounds": 2})
+    settings = AuditSettings(
+        out=tmp_path / "audit", trust_modes=("distributed",), noise_multiplier=0.3, **{**SMALL, "rounds": 2}
+    )
     audits = run_audit(settings, coordinator_class=Retrying)
     coordinator = _only(audits, "distributed", "coordinator")
     assert coordinator.rounds_seen == 22
@@ -182,7 +218,11 @@ def test_audit_catches_devices_that_send_their_update_without_noise(tmp_path, no
 def test_canary_agent_refuses_a_direction_that_is_not_a_unit_vector(tmp_path):
     from biofed.config import DeviceConfig
 
-    config = DeviceConfig(device_id="canary00", fleet="demo", store_path=tmp_path / "features.sqlite",
-                          broker={"host": "127.0.0.1", "port": 1})
+    config = DeviceConfig(
+        device_id="canary00",
+        fleet="demo",
+        store_path=tmp_path / "features.sqlite",
+        broker={"host": "127.0.0.1", "port": 1},
+    )
     with pytest.raises(ValueError, match="unit vector"):
         CanaryAgent(config, np.ones(4), 8, random_state=np.random.default_rng(0))

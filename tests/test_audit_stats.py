@@ -24,6 +24,7 @@ from biofed.kernels import init_params, loss_and_grad, n_params, train
 
 def _gdp_epsilon_reference(mu: float, delta: float) -> float:
     """Balle & Wang (2018): the Gaussian mechanism's exact delta(epsilon), inverted with brentq."""
+
     def delta_of(eps):
         return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
 
@@ -148,11 +149,14 @@ def test_gaussian_bound_is_below_the_true_epsilon_and_tight_with_many_canaries()
     assert bound.n_inserted == 2000 and bound.mu_lower < bound.mu
 
 
-@pytest.mark.parametrize(("inserted", "held_out", "message"), [
-    ([1.0], [0.0, 1.0], "inserted must be a 1-d array of at least 2 scores"),
-    ([1.0, math.nan], [0.0, 1.0], "inserted must be finite"),
-    ([1.0, 2.0], [[0.0, 1.0]], "held_out must be a 1-d array"),
-])
+@pytest.mark.parametrize(
+    ("inserted", "held_out", "message"),
+    [
+        ([1.0], [0.0, 1.0], "inserted must be a 1-d array of at least 2 scores"),
+        ([1.0, math.nan], [0.0, 1.0], "inserted must be finite"),
+        ([1.0, 2.0], [[0.0, 1.0]], "held_out must be a 1-d array"),
+    ],
+)
 def test_bounds_reject_bad_scores(inserted, held_out, message):
     with pytest.raises(ValueError, match=message):
         gaussian_epsilon_lower_bound(inserted, held_out, 1e-5)

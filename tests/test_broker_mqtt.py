@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-from brokers import amqtt_broker, mosquitto_broker, require_mosquitto  # noqa: F401  (fixtures)
 
 from biofed.apps.broker import free_port, start_embedded_broker, start_mosquitto, write_mosquitto_config
 from biofed.mqtt import ConnectError, MqttClient, Will
@@ -26,6 +25,7 @@ from biofed.protocol import (
     encode_message,
     offline_status,
 )
+from brokers import amqtt_broker, mosquitto_broker, require_mosquitto  # noqa: F401  (fixtures)
 
 TOPICS = Topics("testfleet")
 BROKERS = [
@@ -110,8 +110,11 @@ def test_one_megabyte_update_passes(broker, clients):
     pub = clients(server, protocol, "dev-1")
     delta = np.random.default_rng(0).normal(size=125_000)
     metrics = UpdateMetrics(loss=0.3, n_windows=100, rss_bytes=50_000_000, cpu_time_s=1.5)
-    data = encode_message(Update(round=1, basis_version=1, delta=delta, n_examples=100, clipped=True,
-                                 metrics=metrics), fleet="testfleet", sender="dev-1")
+    data = encode_message(
+        Update(round=1, basis_version=1, delta=delta, n_examples=100, clipped=True, metrics=metrics),
+        fleet="testfleet",
+        sender="dev-1",
+    )
     assert len(data) > 1_000_000
     pub.publish(TOPICS.update("dev-1"), data)
     (received,) = _drain(sub, 1)
@@ -165,8 +168,9 @@ def test_last_will_on_abrupt_disconnect(broker, clients):
     server, protocol = broker
     watcher = clients(server, protocol, "coordinator")
     watcher.subscribe(TOPICS.all_devices("status"))
-    subprocess.run([sys.executable, "-c", _CRASHING_DEVICE, server.host, str(server.port), protocol],
-                   check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", _CRASHING_DEVICE, server.host, str(server.port), protocol], check=True, timeout=60
+    )
     states = [decode_topic_message(TOPICS, m.topic, m.payload).payload for m in _drain(watcher, 2)]
     assert [(s.state, s.round) for s in states] == [("online", 3), ("offline", 3)]
     assert all(isinstance(s, Status) for s in states)
@@ -211,8 +215,15 @@ def test_v5_message_expiry_drops_stale_queued_message(mosquitto_broker, clients)
 def test_reconnects_and_resubscribes_after_broker_restart():
     first = start_embedded_broker()
     second = None
-    device = MqttClient(first.host, first.port, "dev-1", protocol="3.1.1",
-                        reconnect_min_delay_s=0.1, reconnect_max_delay_s=0.5, random_state=0)
+    device = MqttClient(
+        first.host,
+        first.port,
+        "dev-1",
+        protocol="3.1.1",
+        reconnect_min_delay_s=0.1,
+        reconnect_max_delay_s=0.5,
+        random_state=0,
+    )
     device.subscribe(TOPICS.task)  # before connect: made in on_connect
     try:
         device.connect()
@@ -292,8 +303,9 @@ def test_mosquitto_config_raises_queue_limits(tmp_path):
 def _broker_cli(*args: str):
     """``biofed broker ARGS`` as a child: yields it and its first stdout line (printed once it
     listens); kills it at the end unless the test stopped it."""
-    process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", *args],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "biofed", "broker", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         yield process, process.stdout.readline()
     finally:

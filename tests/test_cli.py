@@ -64,8 +64,10 @@ def test_same_option_names_mean_the_same_thing():
             if "--out" in param.opts:
                 assert isinstance(param.type, click.Path) and param.help, path
                 kind = "folder" if not param.type.file_okay else "file" if not param.type.dir_okay else None
-                assert kind is not None and (kind in param.help or (kind == "file" and "." in param.help)), \
-                    (path, param.help)
+                assert kind is not None and (kind in param.help or (kind == "file" and "." in param.help)), (
+                    path,
+                    param.help,
+                )
             if "--json" in param.opts and path != ["bench"]:
                 assert param.is_flag, path
 
@@ -100,7 +102,9 @@ def test_json_log_lines_to_a_file(tmp_path):
         configure_logging("warning")
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(e["level"], e["logger"], e["message"]) for e in entries] == [
-        ("info", "biofed.test", "round 3 closed"), ("error", "biofed.test", "failed")]
+        ("info", "biofed.test", "round 3 closed"),
+        ("error", "biofed.test", "failed"),
+    ]
     assert "ValueError: boom" in entries[1]["exception"] and entries[0]["time"].endswith("Z")
 
 

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from biofed.apps.cli import cli
-from biofed.config import RECOMMENDED_PRIVACY, BrokerServiceConfig, CoordinatorConfig, DeviceConfig, load_config
 from biofed.apps.config_cli import KINDS, template
+from biofed.config import RECOMMENDED_PRIVACY, BrokerServiceConfig, CoordinatorConfig, DeviceConfig, load_config
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
@@ -28,8 +28,9 @@ def test_template_round_trips_through_check(tmp_path, kind, monkeypatch):
     assert f"valid {kind} config" in checked.output
 
 
-@pytest.mark.parametrize("kind,model", [("coordinator", CoordinatorConfig), ("device", DeviceConfig),
-                                        ("broker", BrokerServiceConfig)])
+@pytest.mark.parametrize(
+    "kind,model", [("coordinator", CoordinatorConfig), ("device", DeviceConfig), ("broker", BrokerServiceConfig)]
+)
 def test_template_lists_every_setting_with_its_default(tmp_path, kind, model):
     text = template(kind)
     data = tomllib.loads(text)
@@ -65,8 +66,10 @@ def test_check_reports_problems_with_exit_code_1(tmp_path):
 def test_check_runs_the_coordinator_checks(tmp_path):
     # valid TOML for the model, but fedadam has no server_lr: the old docstring example
     path = tmp_path / "c.toml"
-    path.write_text('fleet = "w"\nrounds = 3\nstate_dir = "s"\n[strategy]\nname = "fedadam"\n'
-                    'params = { server_lr = 0.01 }\n[dp]\nnoise_multiplier = 0.0\n')
+    path.write_text(
+        'fleet = "w"\nrounds = 3\nstate_dir = "s"\n[strategy]\nname = "fedadam"\n'
+        "params = { server_lr = 0.01 }\n[dp]\nnoise_multiplier = 0.0\n"
+    )
     result = CliRunner().invoke(cli, ["config", "check", str(path)])
     assert result.exit_code == 1 and "server_lr" in result.output
 

@@ -12,8 +12,10 @@ from biofed.kernels import standard_scale
 def _devices(n_devices=5, rows=200, d=6, seed=0):
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(d, d))
-    return [rng.normal(size=(rows, d)) @ mixing * rng.uniform(0.5, 3, size=d) + rng.normal(size=d) * 4
-            for _ in range(n_devices)]
+    return [
+        rng.normal(size=(rows, d)) @ mixing * rng.uniform(0.5, 3, size=d) + rng.normal(size=d) * 4
+        for _ in range(n_devices)
+    ]
 
 
 def _moments(X):
@@ -69,17 +71,20 @@ def test_variance_floor_keeps_scale_positive():
     np.testing.assert_array_equal(scale, standard_scale(mean, [0.0, -0.5, 4.0]))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: aggregate_statistics(np.zeros((0, 3)), 1.0), "non-empty"),
-    (lambda: aggregate_statistics(np.array([[np.nan, 1.0]]), 1.0), "NaN or inf"),
-    (lambda: aggregate_statistics(np.ones((2, 2)), 0.0), "clip_norm must be a finite number > 0"),
-    (lambda: standardization_from_moments(np.ones(3)), "even length 2d"),
-    (lambda: standardization_from_moments(np.array([1.0, np.inf])), "NaN or inf"),
-    (lambda: basis_from_covariance(np.ones(5), 2), "not d\\*d"),
-    (lambda: basis_from_covariance(np.ones((2, 3)), 2), r"\(d\*d,\) or \(d, d\)"),
-    (lambda: basis_from_covariance(np.eye(3), 0), "k must be an integer >= 1"),
-    (lambda: basis_from_covariance(np.full((2, 2), np.nan), 1), "NaN or inf"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: aggregate_statistics(np.zeros((0, 3)), 1.0), "non-empty"),
+        (lambda: aggregate_statistics(np.array([[np.nan, 1.0]]), 1.0), "NaN or inf"),
+        (lambda: aggregate_statistics(np.ones((2, 2)), 0.0), "clip_norm must be a finite number > 0"),
+        (lambda: standardization_from_moments(np.ones(3)), "even length 2d"),
+        (lambda: standardization_from_moments(np.array([1.0, np.inf])), "NaN or inf"),
+        (lambda: basis_from_covariance(np.ones(5), 2), "not d\\*d"),
+        (lambda: basis_from_covariance(np.ones((2, 3)), 2), r"\(d\*d,\) or \(d, d\)"),
+        (lambda: basis_from_covariance(np.eye(3), 0), "k must be an integer >= 1"),
+        (lambda: basis_from_covariance(np.full((2, 2), np.nan), 1), "NaN or inf"),
+    ],
+)
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -86,8 +86,11 @@ def test_dp_aggregator_posts_noised_mean_to_inner_optimizer():
 
 def test_dp_aggregator_adaptive_clipping():
     z, sigma_b = 1.0, 2.0
-    dp = DPAggregator(FedAvg("uniform"), noise_multiplier=z,
-                      adaptive_clipping=AdaptiveClipping(0.5, learning_rate=0.2, count_noise_std=sigma_b))
+    dp = DPAggregator(
+        FedAvg("uniform"),
+        noise_multiplier=z,
+        adaptive_clipping=AdaptiveClipping(0.5, learning_rate=0.2, count_noise_std=sigma_b),
+    )
     z_delta = (z**-2 - (2 * sigma_b) ** -2) ** -0.5
     assert dp.update_noise_multiplier == pytest.approx(z_delta)
     rng = np.random.default_rng(3)
@@ -137,8 +140,10 @@ def test_a_bad_update_releases_nothing(mutate, match):
         (lambda: DPAggregator(CoordinateMedian(), 1.0), "needs a mean-based strategy"),
         (lambda: DPAggregator(FedAvg(), 1.0), "weighting='uniform'"),
         (lambda: DPAggregator(FedAvg("uniform"), -1.0), "noise_multiplier must be a finite number"),
-        (lambda: DPAggregator(FedAvg("uniform"), 1.0).release(1, np.zeros(P), _updates(np.ones((2, P))), 0.0),
-         "clip_norm must be a finite number > 0"),
+        (
+            lambda: DPAggregator(FedAvg("uniform"), 1.0).release(1, np.zeros(P), _updates(np.ones((2, P))), 0.0),
+            "clip_norm must be a finite number > 0",
+        ),
         (
             lambda: DPAggregator(FedAvg("uniform"), 1.0, adaptive_clipping=AdaptiveClipping(0.5, count_noise_std=0.4)),
             "count_noise_std=0.4 is too small",

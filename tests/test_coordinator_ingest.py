@@ -18,8 +18,14 @@ TOPICS = Topics(FLEET)
 
 
 def _update_bytes(device="pi-00", round=5, basis_version=1, size=10, fleet=FLEET, message_id=None, **kwargs):
-    fields = dict(round=round, basis_version=basis_version, delta=np.full(size, 0.01), n_examples=3, clipped=False,
-                  metrics=UpdateMetrics(loss=0.1, n_windows=3, rss_bytes=1, cpu_time_s=0))
+    fields = dict(
+        round=round,
+        basis_version=basis_version,
+        delta=np.full(size, 0.01),
+        n_examples=3,
+        clipped=False,
+        metrics=UpdateMetrics(loss=0.1, n_windows=3, rss_bytes=1, cpu_time_s=0),
+    )
     fields.update(kwargs)
     return encode_message(Update(**fields), fleet=fleet, sender=device, message_id=message_id)
 
@@ -31,8 +37,15 @@ def test_ingest_drop_reasons(caplog):
     assert ingest.handle(TOPICS.status("pi-00"), status) == "status" and ingest.online == {"pi-00"}
     topic = TOPICS.update("pi-00")
     assert ingest.handle(topic, _update_bytes()) == "dropped"  # no open round
-    ingest.open = OpenRound(round=5, phase="train", participants=frozenset({"pi-00"}), deadline=1010.0,
-                            basis_version=1, n_params=10, need_norm_bit=True)
+    ingest.open = OpenRound(
+        round=5,
+        phase="train",
+        participants=frozenset({"pi-00"}),
+        deadline=1010.0,
+        basis_version=1,
+        n_params=10,
+        need_norm_bit=True,
+    )
     cases = [
         (TOPICS.update("pi-01"), _update_bytes("pi-01"), "unknown device"),
         (topic, _update_bytes(round=4), "wrong round"),
@@ -43,9 +56,15 @@ def test_ingest_drop_reasons(caplog):
         (topic, b"\xc1", "MalformedMessage"),
         (topic, b"x" * 5000, "MessageTooLarge"),
         (topic, _update_bytes(fleet="other"), "WrongFleet"),
-        (TOPICS.sketch("pi-00"), encode_message(
-            Sketch(round=5, basis_version=1, phase="moments", statistic=np.ones(4), clipped=False, n_features=2),
-            fleet=FLEET, sender="pi-00"), "wrong kind"),
+        (
+            TOPICS.sketch("pi-00"),
+            encode_message(
+                Sketch(round=5, basis_version=1, phase="moments", statistic=np.ones(4), clipped=False, n_features=2),
+                fleet=FLEET,
+                sender="pi-00",
+            ),
+            "wrong kind",
+        ),
     ]
     with caplog.at_level(logging.WARNING):
         for t, data, reason in cases:
@@ -58,18 +77,23 @@ def test_ingest_drop_reasons(caplog):
     assert ingest.handle(topic, good) == "dropped" and ingest.dropped["duplicate"] == 1
     assert ingest.handle(topic, _update_bytes(norm_bit=1)) == "dropped" and ingest.dropped["second reply"] == 1
     # late and not-selected
-    ingest.open = OpenRound(round=6, phase="train", participants=frozenset({"pi-01"}), deadline=1010.0,
-                            basis_version=1, n_params=10)
+    ingest.open = OpenRound(
+        round=6, phase="train", participants=frozenset({"pi-01"}), deadline=1010.0, basis_version=1, n_params=10
+    )
     assert ingest.handle(topic, _update_bytes(round=6)) == "dropped" and ingest.dropped["not selected"] == 1
     now[0] = 1011.0
     assert ingest.handle(topic, _update_bytes(round=6)) == "dropped" and ingest.dropped["late"] == 1
     # sketches of another feature count than the first accepted one
     ingest.handle(TOPICS.status("pi-01"), encode_message(Status(round=0, state="idle"), fleet=FLEET, sender="pi-01"))
-    ingest.open = OpenRound(round=7, phase="moments", participants=frozenset({"pi-00", "pi-01"}), deadline=2000.0,
-                            basis_version=0)
+    ingest.open = OpenRound(
+        round=7, phase="moments", participants=frozenset({"pi-00", "pi-01"}), deadline=2000.0, basis_version=0
+    )
     for device, d, outcome in (("pi-00", 2, "accepted"), ("pi-01", 3, "dropped")):
-        data = encode_message(Sketch(round=7, basis_version=0, phase="moments", statistic=np.ones(2 * d),
-                                     clipped=False, n_features=d), fleet=FLEET, sender=device)
+        data = encode_message(
+            Sketch(round=7, basis_version=0, phase="moments", statistic=np.ones(2 * d), clipped=False, n_features=d),
+            fleet=FLEET,
+            sender=device,
+        )
         assert ingest.handle(TOPICS.sketch(device), data) == outcome
     offline = offline_status(fleet=FLEET, device_id="pi-01")
     assert ingest.handle(TOPICS.status("pi-01"), offline) == "status" and ingest.online == {"pi-00"}
@@ -86,11 +110,18 @@ def test_ingest_drops_devices_not_on_the_allow_list_and_follows_revocation(tmp_p
     _write_allow_list(path, ["pi-00", "pi-01"])
     ingest = Ingest(TOPICS, max_bytes=4096, allowed=AllowList(path))
     for device in ("pi-00", "pi-01", "pi-99"):
-        ingest.handle(TOPICS.status(device), encode_message(Status(round=0, state="online"), fleet=FLEET,
-                                                            sender=device))
+        ingest.handle(
+            TOPICS.status(device), encode_message(Status(round=0, state="online"), fleet=FLEET, sender=device)
+        )
     assert ingest.online == {"pi-00", "pi-01"} and ingest.dropped["not admitted"] == 1
-    ingest.open = OpenRound(round=5, phase="train", participants=frozenset({"pi-00", "pi-01", "pi-99"}),
-                            deadline=time.time() + 60, basis_version=1, n_params=10)
+    ingest.open = OpenRound(
+        round=5,
+        phase="train",
+        participants=frozenset({"pi-00", "pi-01", "pi-99"}),
+        deadline=time.time() + 60,
+        basis_version=1,
+        n_params=10,
+    )
     assert ingest.handle(TOPICS.update("pi-99"), _update_bytes("pi-99")) == "dropped"
     assert ingest.dropped["not admitted"] == 2
     assert ingest.handle(TOPICS.update("pi-00"), _update_bytes("pi-00")) == "accepted"

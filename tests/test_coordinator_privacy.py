@@ -16,6 +16,7 @@ from scipy import stats
 
 from biofed.apps.cli import cli
 from biofed.coordinator.clipping import AdaptiveClipping, delta_noise_multiplier
+from biofed.coordinator.privacy_cli import privacy_command
 from biofed.privacy_ledger import (
     PrivacyLedger,
     calibrate_noise_multiplier,
@@ -23,7 +24,6 @@ from biofed.privacy_ledger import (
     plan_epsilon,
     round_event,
 )
-from biofed.coordinator.privacy_cli import privacy_command
 from biofed.privacy_mechanism import Charge, PrivacyMechanism
 
 DELTA = 1e-5
@@ -157,9 +157,12 @@ def test_ledger_json_round_trip_and_dp_event():
     assert (back.delta, back.accountants, back.epsilon_budget) == (ledger.delta, ledger.accountants, 20.0)
     assert back.epsilons() == ledger.epsilons()
     assert back.groups[0].kind == "basis" and back.groups[0].event == dp_accounting.SelfComposedDpEvent(
-        dp_accounting.GaussianDpEvent(2.0), 1)
+        dp_accounting.GaussianDpEvent(2.0), 1
+    )
     assert [(g.sampling_rate, g.count, g.first_round, g.last_round) for g in back.groups[1:]] == [
-        (0.5, 2, 1, 2), (0.25, 1, 3, 3)]
+        (0.5, 2, 1, 2),
+        (0.25, 1, 3, 3),
+    ]
     # The composed DpEvent reproduces epsilon in a fresh accountant.
     assert RdpAccountant().compose(back.dp_event).get_epsilon(DELTA) == pytest.approx(ledger.epsilon("rdp"))
     assert isinstance(back.dp_event, dp_accounting.ComposedDpEvent)
@@ -171,14 +174,21 @@ def test_ledger_json_round_trip_and_dp_event():
         ("{not json", "not valid JSON"),
         ('{"format": 99}', "not a biofed privacy ledger"),
         ('{"format": 1, "delta": 1e-5}', "malformed privacy ledger"),
-        ('{"format": 1, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, '
-         '"entries": [{"round": 0, "kind": "train", "sampling_rate": 2.0, "noise_multiplier": 1.0}]}',
-         "sampling_rate must be in"),
-        ('{"format": 2, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, "groups": [{"kind": '
-         '"train", "sampling_rate": 1.0, "noise_multiplier": 1.0, "count": 0, "first_round": 0, "last_round": 0}]}',
-         "malformed privacy ledger group"),
-        ('{"format": 2, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, "groups": [{"kind": '
-         '"train", "sampling_rate": 1.0, "noise_multiplier": 1.0, "count": 1}]}', "missing or invalid field"),
+        (
+            '{"format": 1, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, '
+            '"entries": [{"round": 0, "kind": "train", "sampling_rate": 2.0, "noise_multiplier": 1.0}]}',
+            "sampling_rate must be in",
+        ),
+        (
+            '{"format": 2, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, "groups": [{"kind": '
+            '"train", "sampling_rate": 1.0, "noise_multiplier": 1.0, "count": 0, "first_round": 0, "last_round": 0}]}',
+            "malformed privacy ledger group",
+        ),
+        (
+            '{"format": 2, "delta": 1e-5, "accountants": ["rdp"], "epsilon_budget": null, "groups": [{"kind": '
+            '"train", "sampling_rate": 1.0, "noise_multiplier": 1.0, "count": 1}]}',
+            "missing or invalid field",
+        ),
     ],
 )
 def test_ledger_from_json_bad_input(text, match):
@@ -240,8 +250,9 @@ def _cli_epsilons(output):
 @pytest.mark.slow
 def test_privacy_cli_matches_plan_epsilon():
     runner = CliRunner()
-    result = runner.invoke(cli, ["privacy", "--rounds", "50", "--sampling-rate", "0.1", "--noise-multiplier", "1.0",
-                                 "--delta", "1e-5"])
+    result = runner.invoke(
+        cli, ["privacy", "--rounds", "50", "--sampling-rate", "0.1", "--noise-multiplier", "1.0", "--delta", "1e-5"]
+    )
     assert result.exit_code == 0, result.output
     expected = plan_epsilon(50, 0.1, 1.0, 1e-5)
     got = _cli_epsilons(result.output)
@@ -257,8 +268,9 @@ def test_privacy_cli_plans_record_level_dp_sgd():
     assert "steps_per_round=20" in result.output and "record-level epsilon (RDP)" in result.output
     assert "client-level" not in result.output
     assert _cli_epsilons(result.output)["rdp"] == pytest.approx(plan_epsilon(200, 0.05, 1.1, 1e-5)["rdp"], abs=1e-6)
-    result = CliRunner().invoke(privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1",
-                                                  "--steps-per-round", "5"])
+    result = CliRunner().invoke(
+        privacy_command, ["--level", "record", "-T", "10", "-q", "0.05", "-z", "1.1", "--steps-per-round", "5"]
+    )
     assert _cli_epsilons(result.output)["rdp"] == pytest.approx(plan_epsilon(50, 0.05, 1.1, 1e-5)["rdp"], abs=1e-6)
     client = CliRunner().invoke(privacy_command, ["-T", "10", "-q", "0.05", "-z", "1.1"])
     assert "client-level epsilon (RDP)" in client.output

@@ -18,7 +18,6 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-from brokers import amqtt_broker, mosquitto_broker  # noqa: F401  (pytest fixtures)
 from click.testing import CliRunner
 from dp_accounting.rdp import RdpAccountant
 
@@ -40,6 +39,7 @@ from biofed.protocol import (
     encode_message,
     offline_status,
 )
+from brokers import amqtt_broker, mosquitto_broker  # noqa: F401  (pytest fixtures)
 
 FLEET = "ward7"
 TOPICS = Topics(FLEET)
@@ -74,7 +74,11 @@ class SimDevice:
         self.answered: set[int] = set()
         self.sent: list[tuple[str, bytes]] = []
         self.client = MqttClient(
-            broker.host, broker.port, device_id, protocol=protocol, keepalive=5,
+            broker.host,
+            broker.port,
+            device_id,
+            protocol=protocol,
+            keepalive=5,
             will=Will(TOPICS.status(device_id), offline_status(fleet=FLEET, device_id=device_id)),
         )
         self._stop = threading.Event()
@@ -117,7 +121,8 @@ class SimDevice:
 
     def _ready(self, task: Task) -> bool:
         return task.phase in ("moments", "covariance") or (
-            self.basis is not None and self.basis.version == task.basis_version)
+            self.basis is not None and self.basis.version == task.basis_version
+        )
 
     def features(self) -> np.ndarray:
         b = self.basis
@@ -136,31 +141,79 @@ class SimDevice:
             stat = (Z.T @ Z / len(Z)).ravel()
         if task.phase in ("moments", "covariance"):
             stat, clipped = _clip(stat, task.clip_norm)
-            self.publish(TOPICS.sketch(self.device_id), Sketch(round=task.round, basis_version=task.basis_version,
-                         phase=task.phase, statistic=stat, clipped=clipped, n_features=D))
+            self.publish(
+                TOPICS.sketch(self.device_id),
+                Sketch(
+                    round=task.round,
+                    basis_version=task.basis_version,
+                    phase=task.phase,
+                    statistic=stat,
+                    clipped=clipped,
+                    n_features=D,
+                ),
+            )
             return
         F = self.features()
-        accuracy = float(np.mean([np.mean(predict_proba(task.model, F[self.y == c], 2).argmax(1) == c)
-                                  for c in (0, 1)]))
-        metrics = UpdateMetrics(loss=0.5, n_windows=len(F), rss_bytes=1, cpu_time_s=0.01,
-                                eval_balanced_accuracy=accuracy, eval_windows=len(F))
+        accuracy = float(
+            np.mean([np.mean(predict_proba(task.model, F[self.y == c], 2).argmax(1) == c) for c in (0, 1)])
+        )
+        metrics = UpdateMetrics(
+            loss=0.5,
+            n_windows=len(F),
+            rss_bytes=1,
+            cpu_time_s=0.01,
+            eval_balanced_accuracy=accuracy,
+            eval_windows=len(F),
+        )
         if task.phase == "evaluate":
-            self.publish(TOPICS.update(self.device_id), Update(round=task.round, basis_version=task.basis_version,
-                         delta=np.empty(0), n_examples=0, clipped=False, metrics=metrics))
+            self.publish(
+                TOPICS.update(self.device_id),
+                Update(
+                    round=task.round,
+                    basis_version=task.basis_version,
+                    delta=np.empty(0),
+                    n_examples=0,
+                    clipped=False,
+                    metrics=metrics,
+                ),
+            )
             return
         if self.fixed_delta is not None:
             delta, loss = self.fixed_delta.copy(), 0.5
         else:
-            new, loss = train(task.model, F, self.y, 2, epochs=task.local_epochs, lr=task.lr,
-                              batch_size=task.batch_size, random_state=0)
+            new, loss = train(
+                task.model,
+                F,
+                self.y,
+                2,
+                epochs=task.local_epochs,
+                lr=task.lr,
+                batch_size=task.batch_size,
+                random_state=0,
+            )
             delta = new - task.model
         norm = float(np.linalg.norm(delta))
         delta, clipped = _clip(delta, task.clip_norm)
-        metrics = UpdateMetrics(loss=loss, n_windows=len(F), rss_bytes=1, cpu_time_s=0.01,
-                                eval_balanced_accuracy=accuracy, eval_windows=len(F))
-        self.publish(TOPICS.update(self.device_id), Update(
-            round=task.round, basis_version=task.basis_version, delta=delta, n_examples=len(F), clipped=clipped,
-            metrics=metrics, norm_bit=int(norm <= task.clip_norm) if task.adaptive_clipping else None))
+        metrics = UpdateMetrics(
+            loss=loss,
+            n_windows=len(F),
+            rss_bytes=1,
+            cpu_time_s=0.01,
+            eval_balanced_accuracy=accuracy,
+            eval_windows=len(F),
+        )
+        self.publish(
+            TOPICS.update(self.device_id),
+            Update(
+                round=task.round,
+                basis_version=task.basis_version,
+                delta=delta,
+                n_examples=len(F),
+                clipped=clipped,
+                metrics=metrics,
+                norm_bit=int(norm <= task.clip_norm) if task.adaptive_clipping else None,
+            ),
+        )
 
 
 def make_config(server, tmp_path: Path, **overrides) -> CoordinatorConfig:
@@ -227,8 +280,10 @@ def devices(amqtt_broker):
     started: list[SimDevice] = []
 
     def start(n: int, **kwargs) -> list[SimDevice]:
-        new = [SimDevice(amqtt_broker, f"pi-{len(started) + i:02d}", seed=len(started) + i, **kwargs).start()
-               for i in range(n)]
+        new = [
+            SimDevice(amqtt_broker, f"pi-{len(started) + i:02d}", seed=len(started) + i, **kwargs).start()
+            for i in range(n)
+        ]
         started.extend(new)
         return new
 
@@ -297,8 +352,9 @@ def test_federation_end_to_end(amqtt_broker, devices, tmp_path):
 
 def test_device_standardization_federation(amqtt_broker, devices, tmp_path):
     fleet = devices(3)
-    config = make_config(amqtt_broker, tmp_path, rounds=3, model={"standardization": "device"},
-                         dp={"basis_clip_norm": 100.0})
+    config = make_config(
+        amqtt_broker, tmp_path, rounds=3, model={"standardization": "device"}, dp={"basis_clip_norm": 100.0}
+    )
     coord = coordinator(config, basis_clip_norm=None)
     assert coord.settings.basis_clip_norm == 100.0  # from dp.basis_clip_norm
     assert coord.run() is RunState.DONE
@@ -310,8 +366,7 @@ def test_device_standardization_federation(amqtt_broker, devices, tmp_path):
     correlations = [np.corrcoef(d.X, rowvar=False) for d in fleet]
     _, eigenvectors = np.linalg.eigh(np.mean(correlations, axis=0))
     final = np.load(tmp_path / "state" / "model_final.npz")
-    np.testing.assert_allclose(np.abs(final["basis_components"] @ eigenvectors[:, ::-1][:, :4]), np.eye(4),
-                               atol=1e-6)
+    np.testing.assert_allclose(np.abs(final["basis_components"] @ eigenvectors[:, ::-1][:, :4]), np.eye(4), atol=1e-6)
     np.testing.assert_array_equal(final["basis_mean"], np.zeros(D))
     np.testing.assert_array_equal(final["basis_scale"], np.ones(D))
     assert str(final["standardization"]) == "device"
@@ -324,22 +379,31 @@ def test_device_standardization_federation(amqtt_broker, devices, tmp_path):
 def test_basis_round_uses_its_own_noise_multiplier(amqtt_broker, devices, tmp_path):
     fleet = devices(3)
     z, z_basis, delta = 1.0, 4.0, 1e-5
-    config = make_config(amqtt_broker, tmp_path, rounds=2, model={"standardization": "device"},
-                         dp={"noise_multiplier": z, "basis_noise_multiplier": z_basis, "basis_clip_norm": 50.0})
+    config = make_config(
+        amqtt_broker,
+        tmp_path,
+        rounds=2,
+        model={"standardization": "device"},
+        dp={"noise_multiplier": z, "basis_noise_multiplier": z_basis, "basis_clip_norm": 50.0},
+    )
     tasks = []
-    coord = coordinator(config, basis_clip_norm=None,
-                        on_round=lambda r: tasks.append(retained(amqtt_broker, TOPICS.task).payload))
+    coord = coordinator(
+        config, basis_clip_norm=None, on_round=lambda r: tasks.append(retained(amqtt_broker, TOPICS.task).payload)
+    )
     assert coord.run() is RunState.DONE
     history = coord.history()
-    assert [(r.phase, r.noise_multiplier) for r in history[:3]] == [("covariance", z_basis), ("train", z),
-                                                                     ("train", z)]
+    assert [(r.phase, r.noise_multiplier) for r in history[:3]] == [("covariance", z_basis), ("train", z), ("train", z)]
     # what the devices were told: the basis task carries z_b and C_b (devices noise with it in local mode)
     assert (tasks[0].phase, tasks[0].noise_multiplier, tasks[0].clip_norm) == ("covariance", z_basis, 50.0)
     assert tasks[0].stats_mean is None and tasks[0].stats_scale is None
     assert (tasks[1].phase, tasks[1].noise_multiplier, tasks[1].clip_norm) == ("train", z, 1.0)
     # epsilon composes one Gaussian(z_b) basis event with the training rounds' Gaussian(z)
-    expected = (RdpAccountant().compose(dp_accounting.GaussianDpEvent(z_basis))
-                .compose(dp_accounting.GaussianDpEvent(z), 2).get_epsilon(delta))
+    expected = (
+        RdpAccountant()
+        .compose(dp_accounting.GaussianDpEvent(z_basis))
+        .compose(dp_accounting.GaussianDpEvent(z), 2)
+        .get_epsilon(delta)
+    )
     assert history[-2].epsilon_rdp == pytest.approx(expected, rel=1e-9)
     assert coord.epsilons()["rdp"] == pytest.approx(expected, rel=1e-9)
     kinds = [(g.kind, g.noise_multiplier, g.count) for g in coord.ledger.groups]
@@ -395,10 +459,21 @@ def test_duplicates_and_hostile_messages_are_dropped(amqtt_broker, devices, tmp_
         c.publish(TOPICS.update(attacker.device_id), b"\x00" * (100 * 1024))
         other = encode_message(Status(round=0, state="online"), fleet="other", sender=attacker.device_id)
         c.publish(TOPICS.status(attacker.device_id), other)
-        c.publish(TOPICS.update("stranger"), encode_message(
-            Update(round=record.round + 1, basis_version=1, delta=delta, n_examples=1, clipped=False,
-                   metrics=UpdateMetrics(loss=0, n_windows=1, rss_bytes=1, cpu_time_s=0)),
-            fleet=FLEET, sender="stranger"))
+        c.publish(
+            TOPICS.update("stranger"),
+            encode_message(
+                Update(
+                    round=record.round + 1,
+                    basis_version=1,
+                    delta=delta,
+                    n_examples=1,
+                    clipped=False,
+                    metrics=UpdateMetrics(loss=0, n_windows=1, rss_bytes=1, cpu_time_s=0),
+                ),
+                fleet=FLEET,
+                sender="stranger",
+            ),
+        )
         marks["sent"] = len(attacker.sent)
 
     coord = coordinator(config, on_round=on_round)
@@ -423,8 +498,9 @@ def test_duplicates_and_hostile_messages_are_dropped(amqtt_broker, devices, tmp_
 
 
 def test_coordinator_refuses_a_missing_or_invalid_allow_list(tmp_path):
-    config = CoordinatorConfig(fleet=FLEET, rounds=1, state_dir=tmp_path / "state",
-                               allowed_devices_file=tmp_path / "allowed_devices.json")
+    config = CoordinatorConfig(
+        fleet=FLEET, rounds=1, state_dir=tmp_path / "state", allowed_devices_file=tmp_path / "allowed_devices.json"
+    )
     with pytest.raises(CoordinatorError, match="allow list not found"):
         Coordinator(config)
     (tmp_path / "allowed_devices.json").write_text('{"fleet": "ward7", "devices": ["ok", "bad id!"]}')
@@ -446,8 +522,9 @@ def _independent_epsilon(history, z: float, delta: float) -> float:
 
 def test_restart_resumes_with_the_same_ledger(amqtt_broker, devices, tmp_path, caplog):
     fleet = devices(3)
-    config = make_config(amqtt_broker, tmp_path, rounds=3, sampling_rate=1.0,
-                         dp={"noise_multiplier": 2.0, "clip_norm": 5.0})
+    config = make_config(
+        amqtt_broker, tmp_path, rounds=3, sampling_rate=1.0, dp={"noise_multiplier": 2.0, "clip_norm": 5.0}
+    )
     first = coordinator(config)
     first.on_round = lambda r: first.stop() if r.phase == "train" else None
     assert first.run() is RunState.STOPPED
@@ -457,7 +534,9 @@ def test_restart_resumes_with_the_same_ledger(amqtt_broker, devices, tmp_path, c
     old_update = next(data for topic, data in fleet[0].sent if "/update/" in topic)
 
     second = coordinator(config, rng=np.random.default_rng(1))
-    second.on_round = lambda r: fleet[0].client.publish(TOPICS.update("pi-00"), old_update) if r.train_round == 2 else None
+    second.on_round = lambda r: (
+        fleet[0].client.publish(TOPICS.update("pi-00"), old_update) if r.train_round == 2 else None
+    )
     with caplog.at_level(logging.WARNING, logger="biofed.coordinator"):
         assert second.run() is RunState.DONE
     after = second.history()
@@ -466,7 +545,9 @@ def test_restart_resumes_with_the_same_ledger(amqtt_broker, devices, tmp_path, c
     assert after[3].round > before[-1].round
     assert [(g.kind, g.count) for g in groups_before] == [("basis", 2), ("train", 1)]
     assert [(g.kind, g.count, g.first_round) for g in second.ledger.groups] == [
-        ("basis", 2, groups_before[0].first_round), ("train", 3, groups_before[1].first_round)]
+        ("basis", 2, groups_before[0].first_round),
+        ("train", 3, groups_before[1].first_round),
+    ]
     assert second.ingest.dropped["duplicate"] >= 1  # the replayed update of round 1 was not re-accepted
     assert "was already accepted" in caplog.text
     assert all(r.n_devices == 3 for r in after)
@@ -500,11 +581,14 @@ def test_stop_mid_round_commits_nothing(amqtt_broker, devices, tmp_path):
 def test_budget_stops_training(amqtt_broker, devices, tmp_path):
     devices(2)
     z, delta = 3.0, 1e-5
-    eps = {t: _independent_epsilon([type("R", (), {"phase": "train", "sampling_rate": 1.0})] * (2 + t), z, delta)
-           for t in (2, 3)}
+    eps = {
+        t: _independent_epsilon([type("R", (), {"phase": "train", "sampling_rate": 1.0})] * (2 + t), z, delta)
+        for t in (2, 3)
+    }
     budget = (eps[2] + eps[3]) / 2  # room for the two basis phases and exactly 2 training rounds
-    config = make_config(amqtt_broker, tmp_path, rounds=10,
-                         dp={"noise_multiplier": z, "clip_norm": 5.0, "epsilon_budget": budget})
+    config = make_config(
+        amqtt_broker, tmp_path, rounds=10, dp={"noise_multiplier": z, "clip_norm": 5.0, "epsilon_budget": budget}
+    )
     coord = coordinator(config, accountants=("rdp", "pld"))
     assert coord.run() is RunState.DONE
     history = coord.history()
@@ -521,10 +605,16 @@ def test_budget_stops_training(amqtt_broker, devices, tmp_path):
 def test_adaptive_clipping_follows_the_norm_bits(amqtt_broker, devices, tmp_path):
     delta = np.full(10, 1.0)  # norm 3.16 > C: clipped on the devices, norm_bit 0
     devices(3, fixed_delta=delta)
-    config = make_config(amqtt_broker, tmp_path, rounds=2,
-                         dp={"noise_multiplier": 0.0, "clip_norm": 1.0,  # z = 0: noiseless bits, exact clip
-                             "adaptive_clipping": {"target_quantile": 0.5, "learning_rate": 0.2,
-                                                   "bit_noise_std": 0.0}})
+    config = make_config(
+        amqtt_broker,
+        tmp_path,
+        rounds=2,
+        dp={
+            "noise_multiplier": 0.0,
+            "clip_norm": 1.0,  # z = 0: noiseless bits, exact clip
+            "adaptive_clipping": {"target_quantile": 0.5, "learning_rate": 0.2, "bit_noise_std": 0.0},
+        },
+    )
     coord = coordinator(config)
     assert coord.run() is RunState.DONE
     train = [r for r in coord.history() if r.phase == "train"]
@@ -539,8 +629,15 @@ def test_public_cohort_is_charged_with_q_1(amqtt_broker, devices, tmp_path):
     """Poisson-sampled cohorts are published (Task.participants), so no amplification by
     sampling is claimed: every round is charged with q = 1."""
     devices(4)
-    config = make_config(amqtt_broker, tmp_path, rounds=4, min_devices=1, sampling_rate=0.5, round_deadline_s=2.0,
-                         dp={"noise_multiplier": 1.5, "clip_norm": 1.0})
+    config = make_config(
+        amqtt_broker,
+        tmp_path,
+        rounds=4,
+        min_devices=1,
+        sampling_rate=0.5,
+        round_deadline_s=2.0,
+        dp={"noise_multiplier": 1.5, "clip_norm": 1.0},
+    )
     coord = coordinator(config, rng=np.random.default_rng(3), max_retries=10)
     assert coord.run() is RunState.DONE
     history = coord.history()
@@ -557,8 +654,13 @@ def test_public_cohort_is_charged_with_q_1(amqtt_broker, devices, tmp_path):
 def test_local_trust_mode_adds_no_central_noise(amqtt_broker, devices, tmp_path):
     delta = np.linspace(0.0, 0.2, 10)
     devices(2, fixed_delta=delta)
-    config = make_config(amqtt_broker, tmp_path, rounds=1, sampling_rate=0.5,
-                         dp={"trust_mode": "local", "noise_multiplier": 1.0, "clip_norm": 1.0})
+    config = make_config(
+        amqtt_broker,
+        tmp_path,
+        rounds=1,
+        sampling_rate=0.5,
+        dp={"trust_mode": "local", "noise_multiplier": 1.0, "clip_norm": 1.0},
+    )
     coord = coordinator(config, max_retries=20)
     assert coord.run() is RunState.DONE
     # the simulated devices skip their local noise: the model is exactly their mean update
@@ -569,15 +671,20 @@ def test_local_trust_mode_adds_no_central_noise(amqtt_broker, devices, tmp_path)
 
 
 # ----------------------------------------------------------------------------- settings and CLI
-@pytest.mark.parametrize("overrides,match", [
-    ({"dp": {"trust_mode": "distributed"}, "strategy": {"name": "trimmed_mean"}}, "secure aggregation"),
-    ({"dp": {"trust_mode": "local", "adaptive_clipping": {}}}, "adaptive_clipping needs trust_mode"),
-    ({"dp": {"noise_multiplier": 1.0}, "strategy": {"name": "trimmed_mean"}}, "cannot be combined with central DP"),
-    ({"dp": {"noise_multiplier": 1.0}, "strategy": {"name": "fedavg", "params": {"weighting": "examples"}}},
-     'weighting = "uniform"'),
-    ({"strategy": {"name": "fedadam", "params": {"lr": 1}}}, "does not take parameter"),
-    ({"dp": {"noise_multiplier": 1.0, "adaptive_clipping": {"bit_noise_std": 0.1}}}, "count_noise_std"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"dp": {"trust_mode": "distributed"}, "strategy": {"name": "trimmed_mean"}}, "secure aggregation"),
+        ({"dp": {"trust_mode": "local", "adaptive_clipping": {}}}, "adaptive_clipping needs trust_mode"),
+        ({"dp": {"noise_multiplier": 1.0}, "strategy": {"name": "trimmed_mean"}}, "cannot be combined with central DP"),
+        (
+            {"dp": {"noise_multiplier": 1.0}, "strategy": {"name": "fedavg", "params": {"weighting": "examples"}}},
+            'weighting = "uniform"',
+        ),
+        ({"strategy": {"name": "fedadam", "params": {"lr": 1}}}, "does not take parameter"),
+        ({"dp": {"noise_multiplier": 1.0, "adaptive_clipping": {"bit_noise_std": 0.1}}}, "count_noise_std"),
+    ],
+)
 def test_refused_settings(tmp_path, overrides, match):
     broker = type("B", (), {"host": "127.0.0.1", "port": 1})
     with pytest.raises(CoordinatorError, match=match):
@@ -599,8 +706,9 @@ def test_cli(amqtt_broker, devices, tmp_path):
         f'[broker]\nhost = "{amqtt_broker.host}"\nport = {amqtt_broker.port}\nprotocol = "3.1.1"\n'
         '[model]\nbasis_k = 4\n[dp]\nnoise_multiplier = 1.0\nclip_norm = 1.0\naccountant = "rdp"\n'
     )
-    result = CliRunner().invoke(cli, ["coordinator", "--config", str(config), "--basis-clip-norm", "1e6",
-                                      "--discovery-timeout", "20"])
+    result = CliRunner().invoke(
+        cli, ["coordinator", "--config", str(config), "--basis-clip-norm", "1e6", "--discovery-timeout", "20"]
+    )
     assert result.exit_code == 0, result.output
     assert "train 1" in result.output and "balanced acc" in result.output and "epsilon" in result.output
     assert "done: final model in" in result.output
@@ -617,9 +725,13 @@ def test_cli(amqtt_broker, devices, tmp_path):
 def test_federation_over_mosquitto(mosquitto_broker, tmp_path):
     fleet = [SimDevice(mosquitto_broker, f"pi-{i:02d}", seed=i, protocol="5").start() for i in range(2)]
     try:
-        config = make_config(mosquitto_broker, tmp_path, rounds=2,
-                             broker={"host": mosquitto_broker.host, "port": mosquitto_broker.port, "protocol": "5"},
-                             dp={"noise_multiplier": 1.0, "clip_norm": 1.0})
+        config = make_config(
+            mosquitto_broker,
+            tmp_path,
+            rounds=2,
+            broker={"host": mosquitto_broker.host, "port": mosquitto_broker.port, "protocol": "5"},
+            dp={"noise_multiplier": 1.0, "clip_norm": 1.0},
+        )
         coord = coordinator(config)
         assert coord.run() is RunState.DONE
         history = coord.history()

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _can_mount() -> bool:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
     return probe.returncode == 0
 
 
@@ -38,10 +37,8 @@ def run_on_tmpfs(tmp_path: Path, size: str, script: str, *, shell_after_mount: s
     state.mkdir()
     code = tmp_path / "child.py"
     code.write_text(f"STATE = {str(state)!r}\n" + textwrap.dedent(script))
-    command = (f"mount -t tmpfs -o size={size} tmpfs {state} && {shell_after_mount} "
-               f"exec {sys.executable} {code}")
-    return subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+    command = f"mount -t tmpfs -o size={size} tmpfs {state} && {shell_after_mount} exec {sys.executable} {code}"
+    return subprocess.run(["unshare", "-m", "sh", "-c", command], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def _assert_clean(result: subprocess.CompletedProcess) -> None:
@@ -60,7 +57,11 @@ def snapshot(n, size):
 
 
 def test_full_state_directory_fails_the_commit_loudly_and_keeps_the_last_round(tmp_path):
-    result = run_on_tmpfs(tmp_path, "512k", COMMON + """
+    result = run_on_tmpfs(
+        tmp_path,
+        "512k",
+        COMMON
+        + """
 store = CoordinatorState(STATE, "ward7")
 store.commit_round(snapshot(1, 1000))
 committed = 1
@@ -81,12 +82,17 @@ db = sqlite3.connect(Path(STATE) / "coordinator.sqlite")  # a full disk still re
 rounds_done = dict(db.execute("SELECT key, value FROM scalars"))["train_rounds_done"]
 assert int(rounds_done) == committed, (rounds_done, committed)
 print("OK", committed)
-""")
+""",
+    )
     _assert_clean(result)
 
 
 def test_state_directory_turning_read_only_mid_run_fails_the_commit_loudly(tmp_path):
-    result = run_on_tmpfs(tmp_path, "8m", COMMON + """
+    result = run_on_tmpfs(
+        tmp_path,
+        "8m",
+        COMMON
+        + """
 store = CoordinatorState(STATE, "ward7")
 store.commit_round(snapshot(1, 1000))
 # Linux refuses to remount a file system read-only while a file on it is open for writing, so
@@ -111,16 +117,18 @@ except StateError as exc:
 else:
     raise SystemExit("a read-only state directory opened for writing")
 print("OK")
-""")
+""",
+    )
     _assert_clean(result)
 
 
 @pytest.mark.slow
 def test_coordinator_cli_exits_cleanly_on_a_read_only_state_directory(tmp_path):
     config = tmp_path / "coordinator.toml"
-    config.write_text(textwrap.dedent(f"""
+    config.write_text(
+        textwrap.dedent(f"""
         fleet = "ward7"
-        state_dir = "{tmp_path / 'state'}"
+        state_dir = "{tmp_path / "state"}"
         min_devices = 1
         rounds = 1
         [broker]
@@ -128,8 +136,12 @@ def test_coordinator_cli_exits_cleanly_on_a_read_only_state_directory(tmp_path):
         port = 1
         [model]
         classes = ["rest", "task"]
-    """))
-    result = run_on_tmpfs(tmp_path, "1m", f"""
+    """)
+    )
+    result = run_on_tmpfs(
+        tmp_path,
+        "1m",
+        f"""
 import subprocess, sys
 run = subprocess.run([sys.executable, "-m", "biofed", "coordinator", "--config", {str(config)!r}],
                      capture_output=True, text=True, timeout=120)
@@ -139,5 +151,7 @@ assert run.returncode == 1, run.returncode
 assert "state directory must be writable" in run.stderr and "Read-only file system" in run.stderr, run.stderr
 assert "Traceback" not in run.stderr, run.stderr
 print("OK")
-""", shell_after_mount=f"mount -o remount,ro {tmp_path / 'state'} &&")
+""",
+        shell_after_mount=f"mount -o remount,ro {tmp_path / 'state'} &&",
+    )
     _assert_clean(result)

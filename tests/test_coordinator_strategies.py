@@ -114,7 +114,8 @@ def test_fedprox_is_fedavg_on_server_and_sends_mu(round_data):
     assert prox.client_config() == {"prox_mu": 0.3}
     assert FedAvg().client_config() == {}
     np.testing.assert_array_equal(
-        prox.aggregate(1, params, _updates(deltas, counts))[0], FedAvg().aggregate(1, params, _updates(deltas, counts))[0]
+        prox.aggregate(1, params, _updates(deltas, counts))[0],
+        FedAvg().aggregate(1, params, _updates(deltas, counts))[0],
     )
 
 

@@ -34,7 +34,7 @@ class FakeInputStream:
             for k, start in enumerate(range(0, len(TONE), self.blocksize)):
                 if self.stop_event.is_set():
                     return
-                block = TONE[start:start + self.blocksize, None]
+                block = TONE[start : start + self.blocksize, None]
                 status = SimpleNamespace(input_overflow=(k == self.overflow_at))
                 self.callback(block, len(block), None, status)
 

@@ -28,8 +28,30 @@ with warnings.catch_warnings():  # wfdb runs deprecated pandas calls at import t
 # wfdb's writers use deprecated pandas calls (wfdb's business, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:wfdb")
 
-EEGMAT_CHANNELS = [f"EEG {name}" for name in ("Fp1", "Fp2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4", "T5",
-                                                "T6", "P3", "P4", "O1", "O2", "Fz", "Cz", "Pz")]
+EEGMAT_CHANNELS = [
+    f"EEG {name}"
+    for name in (
+        "Fp1",
+        "Fp2",
+        "F3",
+        "F4",
+        "F7",
+        "F8",
+        "T3",
+        "T4",
+        "C3",
+        "C4",
+        "T5",
+        "T6",
+        "P3",
+        "P4",
+        "O1",
+        "O2",
+        "Fz",
+        "Cz",
+        "Pz",
+    )
+]
 
 
 def _named(path: Path) -> str:
@@ -108,7 +130,9 @@ def write_eeglab(path: Path, data_v, sfreq, labels, events=()):
     from scipy.io import savemat
 
     chanlocs = np.array([(lab,) for lab in labels], dtype=[("labels", object)])
-    event = np.array([(name, s + 1.0, 0.0) for s, name in events], dtype=[("type", object), ("latency", float), ("duration", float)])
+    event = np.array(
+        [(name, s + 1.0, 0.0) for s, name in events], dtype=[("type", object), ("latency", float), ("duration", float)]
+    )
     n = data_v.shape[1]
     eeg = {"srate": float(sfreq), "nbchan": len(labels), "pnts": n, "trials": 1, "xmin": 0.0, "xmax": (n - 1) / sfreq,
            "data": (np.asarray(data_v) * 1e6).astype(np.float32), "chanlocs": chanlocs, "event": event,
@@ -126,7 +150,9 @@ def eeg_data():
 def edf_twin(tmp_path, eeg_data):
     """An eegmat-like EDF+: EEG channels, the linked-ear reference and ECG, with annotations."""
     path = tmp_path / "Subject99_2.edf"
-    step = write_edf(path, eeg_data, 250.0, ["EEG Fz", "EEG Cz", "EEG A2-A1", "ECG ECG"], [(0.5, 1.0, "T1"), (2.0, 1.5, "T2")])
+    step = write_edf(
+        path, eeg_data, 250.0, ["EEG Fz", "EEG Cz", "EEG A2-A1", "ECG ECG"], [(0.5, 1.0, "T1"), (2.0, 1.5, "T2")]
+    )
     return path, step
 
 
@@ -387,7 +413,10 @@ def test_fif_with_non_finite_samples(tmp_path, eeg_data):
         read_recording(path)
 
 
-@pytest.mark.parametrize(("fmt", "ext", "backend"), [("edf", ".edf", "edfio"), ("brainvision", ".vhdr", "pybv"), ("eeglab", ".set", "eeglabio")])
+@pytest.mark.parametrize(
+    ("fmt", "ext", "backend"),
+    [("edf", ".edf", "edfio"), ("brainvision", ".vhdr", "pybv"), ("eeglab", ".set", "eeglabio")],
+)
 def test_mne_export_roundtrip(tmp_path, eeg_data, fmt, ext, backend):
     pytest.importorskip(backend, reason=f"mne.export to {fmt} needs the optional package {backend!r}")
     raw = _raw_array(eeg_data).pick(["Fz", "Cz", "ECG"])
@@ -606,7 +635,9 @@ def test_edf_record_duration_must_be_positive(edf_twin, duration):
 def test_edf_truncated_data(edf_twin):
     path, _ = edf_twin
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(RecordingError, match=_named(path) + ".*truncated EDF/BDF data: the header declares 4 data records"):
+    with pytest.raises(
+        RecordingError, match=_named(path) + ".*truncated EDF/BDF data: the header declares 4 data records"
+    ):
         read_recording(path)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pickle
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -73,7 +73,7 @@ def test_annotation_validation():
 def test_recording_properties_and_read_only_mapping():
     eeg = _signal(n=200)
     bio = _signal(n_ch=1, n=50, kind="ecg", sfreq=10.0)
-    start = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
     rec = Recording("x.edf", {"bio": bio, "eeg": eeg}, start, [Annotation(0, 1, "a")], "rest", "s1")
     assert rec.duration == 5.0  # the longest modality
     assert rec.modalities == ("eeg", "bio")

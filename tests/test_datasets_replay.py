@@ -81,7 +81,9 @@ def test_sequential_playback():
     assert [c.t0 for c in chunks] == sorted(c.t0 for c in chunks)
     streams = _streams(chunks)
     assert streams[(b.source, "eeg")][0].t0 == pytest.approx(1.2)
-    np.testing.assert_array_equal(np.concatenate([c.data for c in streams[(b.source, "eeg")]], axis=1), b.signals["eeg"].data)
+    np.testing.assert_array_equal(
+        np.concatenate([c.data for c in streams[(b.source, "eeg")]], axis=1), b.signals["eeg"].data
+    )
     # the step [1.0, 1.5) holds a's last 0.2 s and b's first 0.3 s
     assert [c.data.shape[1] for c in chunks if c.modality == "eeg" and 1.0 <= c.t0 < 1.5] == [50, 75]
     assert {c.label for c in chunks if c.source == b.source} == {"arithmetic"}
@@ -156,10 +158,15 @@ def _only(rec: Recording, *modalities: str, subject: str | None = "S1") -> Recor
 
 def test_label_segments_match_the_labels_replay_gives_its_chunks():
     rec = make_recording("rest", duration_s=6.0, random_state=0)
-    rec = dataclasses.replace(rec, annotations=(
-        Annotation(1.0, 2.0, "arithmetic"), Annotation(2.0, 0.5, "BAD_gap"), Annotation(2.5, 0.0, "beat"),
-        Annotation(4.0, 1.0, "arithmetic"),
-    ))
+    rec = dataclasses.replace(
+        rec,
+        annotations=(
+            Annotation(1.0, 2.0, "arithmetic"),
+            Annotation(2.0, 0.5, "BAD_gap"),
+            Annotation(2.5, 0.0, "beat"),
+            Annotation(4.0, 1.0, "arithmetic"),
+        ),
+    )
     segments = label_segments(rec)
     assert segments == [(0.0, "rest"), (1.0, "arithmetic"), (3.0, "rest"), (4.0, "arithmetic"), (5.0, "rest")]
     starts = [start for start, _ in segments]

@@ -72,7 +72,9 @@ def test_classes_differ_in_band_power_not_total_power():
     for recs in fed.values():
         rest, arith = recs
         # Total power per channel is the subject's, identical for both classes ...
-        np.testing.assert_allclose(rest.signals["eeg"].data.var(axis=1), arith.signals["eeg"].data.var(axis=1), rtol=1e-9)
+        np.testing.assert_allclose(
+            rest.signals["eeg"].data.var(axis=1), arith.signals["eeg"].data.var(axis=1), rtol=1e-9
+        )
         for rec in recs:
             alpha[rec.label].append(_relative_band(rec.signals["eeg"], 8, 13))
             theta[rec.label].append(_relative_band(rec.signals["eeg"], 4, 8))

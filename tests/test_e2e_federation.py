@@ -19,15 +19,15 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
-from brokers import amqtt_broker, require_mosquitto  # noqa: F401  (pytest fixtures)
 from dp_accounting.rdp import RdpAccountant
 
-from biofed.config import CoordinatorConfig, load_config
-from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import FLEET, DemoError, DemoSettings, run_demo, write_configs
 from biofed.apps.federation import Listener, spawn, terminate, write_synthetic_devices
+from biofed.config import CoordinatorConfig, load_config
+from biofed.coordinator.server import Coordinator, RunState
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
+from brokers import amqtt_broker, require_mosquitto  # noqa: F401  (pytest fixtures)
 
 TOPICS = Topics(FLEET)
 
@@ -46,8 +46,15 @@ def _check_report(out: Path, rounds: int) -> None:
 def _converges_like_centralized(out: Path, mosquitto: bool) -> None:
     # non-private, so federated and centralized training can be compared; 60 s per class gives each
     # device 12 held-out windows per class (one window then moves the mean by less than a point)
-    settings = DemoSettings(out=out, devices=5, rounds=10, synthetic_seconds=60.0, timeout_s=240.0,
-                            mosquitto=mosquitto, noise_multiplier=0.0)
+    settings = DemoSettings(
+        out=out,
+        devices=5,
+        rounds=10,
+        synthetic_seconds=60.0,
+        timeout_s=240.0,
+        mosquitto=mosquitto,
+        noise_multiplier=0.0,
+    )
     summary = run_demo(settings)
     _check_report(out, 10)
     federated, centralized = summary["federated"], summary["centralized"]
@@ -85,9 +92,19 @@ def test_federation_over_mosquitto(tmp_path):
 def test_central_dp_reports_the_epsilon_of_dp_accounting(tmp_path):
     out = tmp_path / "report"
     rounds, z, z_basis, delta = 3, 1.0, 5.0, 1e-5
-    summary = run_demo(DemoSettings(out=out, devices=3, rounds=rounds, synthetic_seconds=12.0, timeout_s=240.0,
-                                    noise_multiplier=z, basis_noise_multiplier=z_basis, delta=delta,
-                                    epsilon_budget=None))
+    summary = run_demo(
+        DemoSettings(
+            out=out,
+            devices=3,
+            rounds=rounds,
+            synthetic_seconds=12.0,
+            timeout_s=240.0,
+            noise_multiplier=z,
+            basis_noise_multiplier=z_basis,
+            delta=delta,
+            epsilon_budget=None,
+        )
+    )
     # one basis round with z_b (device standardization: no moments phase) and `rounds` training
     # rounds with z, every device asked (q = 1)
     accountant = RdpAccountant().compose(dp_accounting.GaussianDpEvent(z_basis))
@@ -136,8 +153,12 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
             os.kill(agents[victim].process.pid, signal.SIGKILL)  # no DISCONNECT: the broker sends its will
             killed.set()
 
-    watcher = Listener(MqttClient(amqtt_broker.host, amqtt_broker.port, "task-watcher", protocol="3.1.1", clean=True),
-                       [TOPICS.task], kill_on_first_training_task, name="task-watcher").start()
+    watcher = Listener(
+        MqttClient(amqtt_broker.host, amqtt_broker.port, "task-watcher", protocol="3.1.1", clean=True),
+        [TOPICS.task],
+        kill_on_first_training_task,
+        name="task-watcher",
+    ).start()
 
     coordinator = Coordinator(config, discovery_timeout_s=120.0, accountants=("rdp",))
     try:
@@ -173,9 +194,25 @@ def test_agent_killed_mid_round_leaves_the_round_to_the_others(amqtt_broker, tmp
 def test_demo_command_writes_table_plot_and_model(tmp_path):
     out = tmp_path / "report"
     result = subprocess.run(
-        [sys.executable, "-m", "biofed", "demo", "--out", str(out), "--devices", "3", "--seconds", "10",
-         "--rounds", "2", "--timeout", "240"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "biofed",
+            "demo",
+            "--out",
+            str(out),
+            "--devices",
+            "3",
+            "--seconds",
+            "10",
+            "--rounds",
+            "2",
+            "--timeout",
+            "240",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "round  devices     loss  bal.acc mean     min   epsilon" in result.stdout
@@ -186,14 +223,23 @@ def test_demo_command_writes_table_plot_and_model(tmp_path):
     assert live and row and live.group(1) == row.group(1), result.stdout
     assert "centralized baseline:" in result.stdout
     _check_report(out, 2)
-    assert {p.name for p in (out / "logs").iterdir()} == {"warmup.log", "coordinator.log", "device00.log",
-                                                           "device01.log", "device02.log"}
+    assert {p.name for p in (out / "logs").iterdir()} == {
+        "warmup.log",
+        "coordinator.log",
+        "device00.log",
+        "device01.log",
+        "device02.log",
+    }
 
 
 @pytest.mark.slow
 def test_demo_without_eegmat_subjects_says_so(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "biofed", "demo", "--data", str(tmp_path), "--out",
-                             str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "biofed", "demo", "--data", str(tmp_path), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "no eegmat subjects (SubjectNN_1.edf + SubjectNN_2.edf) found" in result.stderr
 

@@ -18,15 +18,15 @@ import threading
 import time
 
 import pytest
-from brokers import require_mosquitto
 
 from biofed.apps.broker import start_mosquitto
-from biofed.config import CoordinatorConfig, load_config
-from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import FLEET, DemoSettings, write_configs
 from biofed.apps.federation import Child, Listener, spawn, terminate, write_synthetic_devices
+from biofed.config import CoordinatorConfig, load_config
+from biofed.coordinator.server import Coordinator, RunState
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics, decode_topic_message
+from brokers import require_mosquitto
 
 TOPICS = Topics(FLEET)
 FLOOD = 15_000
@@ -61,8 +61,9 @@ class TaskWatcher:
 
 def flood(host: str, port: int, device: str) -> int:
     """Publish FLOOD small QoS 1 messages on ``device``'s update topic as fast as the broker takes them."""
-    client = MqttClient(host, port, f"{device}-flood", protocol="5", clean=True, max_inflight=1000,
-                        reconnect_max_delay_s=5.0).connect()
+    client = MqttClient(
+        host, port, f"{device}-flood", protocol="5", clean=True, max_inflight=1000, reconnect_max_delay_s=5.0
+    ).connect()
     try:
         infos = [client.publish(TOPICS.update(device), b"\x81\xa1x%d" % i, wait=False) for i in range(FLOOD)]
         deadline = time.monotonic() + 900
@@ -100,8 +101,9 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         # 1. a flood with device00's identity from the first training round on (it goes on
         #    through the outage: its unacknowledged rest is sent again after the reconnect)
         watcher.wait_for_train(1)
-        flooder = threading.Thread(target=lambda: result.setdefault("flooded", flood(broker.host, port, "device00")),
-                                   daemon=True)
+        flooder = threading.Thread(
+            target=lambda: result.setdefault("flooded", flood(broker.host, port, "device00")), daemon=True
+        )
         flooder.start()
 
         # 2. the broker goes away right after the third training task went out, then comes back
@@ -145,17 +147,25 @@ def test_flood_and_broker_outage_during_a_round(tmp_path):
         reader.subscribe(TOPICS.model)
         inbound = reader.receive(10)
         reader.close()
-        assert inbound is not None and decode_topic_message(TOPICS, inbound.topic, inbound.payload).round == train[-1].round
+        assert (
+            inbound is not None
+            and decode_topic_message(TOPICS, inbound.topic, inbound.payload).round == train[-1].round
+        )
 
         for child in agents.values():
             child.process.send_signal(signal.SIGTERM)
             assert child.process.wait(timeout=30) == 0
-        print(f"flood {FLOOD} messages: {coordinator.shed_messages} shed by the inbox, {refused} refused by the "
-              f"ingest; outage {up_at - down_at:.0f} s during round {outage_round}, "
-              + ("which was retried" if spanning is None else
-                 f"which closed {spanning.finished - up_at:+.1f} s from the broker's return with "
-                 f"{spanning.n_devices}/{spanning.n_selected} replies")
-              + f"; {len(train)} training rounds done; accepted per round {accepted}")
+        print(
+            f"flood {FLOOD} messages: {coordinator.shed_messages} shed by the inbox, {refused} refused by the "
+            f"ingest; outage {up_at - down_at:.0f} s during round {outage_round}, "
+            + (
+                "which was retried"
+                if spanning is None
+                else f"which closed {spanning.finished - up_at:+.1f} s from the broker's return with "
+                f"{spanning.n_devices}/{spanning.n_selected} replies"
+            )
+            + f"; {len(train)} training rounds done; accepted per round {accepted}"
+        )
     finally:
         watcher.close()
         coordinator.stop()

@@ -19,14 +19,13 @@ import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
-from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
-from biofed.config import DeviceConfig
 from biofed.apps.federation import write_synthetic_devices
+from biofed.config import DeviceConfig
 from biofed.edge.agent import AgentState, EdgeAgent
-from biofed.model import fit_basis
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
 from biofed.kernels import clip_l2, init_params, n_params, predict_proba, project, train
+from biofed.model import fit_basis
 from biofed.mqtt import MqttClient
 from biofed.protocol import (
     Basis,
@@ -39,6 +38,7 @@ from biofed.protocol import (
     decode_topic_message,
     encode_message,
 )
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 FLEET = "ward7"
 DEVICE = "device00"
@@ -82,8 +82,15 @@ def send(agent: EdgeAgent, topic: str, payload, **kwargs):
 
 
 def task(phase: str = "train", **overrides) -> Task:
-    fields = dict(round=7, model=np.empty(0), basis_version=0, classes=CLASSES, deadline=time.time() + 60,
-                  phase=phase, clip_norm=1e6)
+    fields = dict(
+        round=7,
+        model=np.empty(0),
+        basis_version=0,
+        classes=CLASSES,
+        deadline=time.time() + 60,
+        phase=phase,
+        clip_norm=1e6,
+    )
     fields.update(overrides)
     return Task(**fields)
 
@@ -189,50 +196,100 @@ def test_device_standardized_basis_trains_and_evaluates_on_own_statistics(agent)
     mean, scale = data.standardization()  # the training rows' statistics, also applied to held-out rows
     components, _, _ = fit_basis((data.X[data.train] - mean) / scale, 8)
     d = components.shape[1]
-    basis = Basis(round=3, version=1, components=components, mean=np.zeros(d), scale=np.ones(d),
-                  standardization="device")
+    basis = Basis(
+        round=3, version=1, components=components, mean=np.zeros(d), scale=np.ones(d), standardization="device"
+    )
     send(agent, TOPICS.basis, basis)
     model = init_params(8, 2, random_state=1)
-    update = decode(send(agent, TOPICS.task, task("train", basis_version=1, model=model, clip_norm=1e6,
-                                                  local_epochs=2, lr=0.1, batch_size=4))[0]).payload
+    update = decode(
+        send(
+            agent,
+            TOPICS.task,
+            task("train", basis_version=1, model=model, clip_norm=1e6, local_epochs=2, lr=0.1, batch_size=4),
+        )[0]
+    ).payload
     Z = ((data.X - mean) / scale) @ components.T
     expected_acc = balanced_accuracy(data.y[data.held_out], predict_proba(model, Z[data.held_out], 2).argmax(1))
     assert update.metrics.eval_balanced_accuracy == pytest.approx(expected_acc)
-    trained, _ = train(model, Z[data.train], data.y[data.train], 2, epochs=2, lr=0.1, batch_size=4,
-                       random_state=np.random.default_rng(0))
+    trained, _ = train(
+        model,
+        Z[data.train],
+        data.y[data.train],
+        2,
+        epochs=2,
+        lr=0.1,
+        batch_size=4,
+        random_state=np.random.default_rng(0),
+    )
     np.testing.assert_allclose(update.delta, trained - model, rtol=1e-9, atol=1e-12)
 
 
 def test_local_trust_mode_adds_noise_of_the_right_scale(agent):
-    out = send(agent, TOPICS.task, task("covariance", stats_mean=np.zeros(141), stats_scale=np.ones(141),
-                                       clip_norm=1.0, trust_mode="local", noise_multiplier=2.0))
+    out = send(
+        agent,
+        TOPICS.task,
+        task(
+            "covariance",
+            stats_mean=np.zeros(141),
+            stats_scale=np.ones(141),
+            clip_norm=1.0,
+            trust_mode="local",
+            noise_multiplier=2.0,
+        ),
+    )
     sketch = decode(out[0]).payload
     # the clipped statistic has norm 1; 141**2 noise draws of std 2 dominate it
     assert np.std(sketch.statistic) == pytest.approx(2.0, rel=0.05)
     assert not sketch.clipped  # its norm was above 1, but that bit is data-dependent cleartext
     # the device's own gate charged the release, durably, before it was handed out
     assert [(g.kind, g.noise_multiplier, g.count) for g in agent.mechanism.ledger.groups] == [("basis", 2.0, 1)]
-    row = sqlite3.connect(agent.config.store_path).execute(
-        "SELECT ledger FROM agent_privacy_ledger WHERE id = 1").fetchone()
+    row = (
+        sqlite3.connect(agent.config.store_path)
+        .execute("SELECT ledger FROM agent_privacy_ledger WHERE id = 1")
+        .fetchone()
+    )
     assert '"noise_multiplier": 2.0' in row[0]
 
 
 def test_local_mode_update_carries_no_data_dependent_cleartext(agent):
     send(agent, TOPICS.basis, basis_of(agent))
     model = init_params(8, 2, random_state=1)
-    out = send(agent, TOPICS.task, task("train", basis_version=1, model=model, clip_norm=0.05, trust_mode="local",
-                                        noise_multiplier=1.0, local_epochs=2, lr=0.1, batch_size=4))
+    out = send(
+        agent,
+        TOPICS.task,
+        task(
+            "train",
+            basis_version=1,
+            model=model,
+            clip_norm=0.05,
+            trust_mode="local",
+            noise_multiplier=1.0,
+            local_epochs=2,
+            lr=0.1,
+            batch_size=4,
+        ),
+    )
     update = decode(out[0]).payload
     assert update.n_examples == 0 and not update.clipped and update.norm_bit is None
     m = update.metrics
-    assert (m.loss, m.n_windows, m.rss_bytes, m.cpu_time_s, m.bytes_sent, m.bytes_received,
-            m.eval_balanced_accuracy, m.eval_windows) == (0.0, 0, 0, 0.0, 0, 0, None, 0)
+    assert (
+        m.loss,
+        m.n_windows,
+        m.rss_bytes,
+        m.cpu_time_s,
+        m.bytes_sent,
+        m.bytes_received,
+        m.eval_balanced_accuracy,
+        m.eval_windows,
+    ) == (0.0, 0, 0, 0.0, 0, 0, None, 0)
     assert np.std(update.delta) == pytest.approx(0.05, rel=0.5)  # noise z C dominates the clipped delta
-    evaluation = decode(send(agent, TOPICS.task, task("evaluate", round=8, basis_version=1, model=model,
-                                                      trust_mode="local"))[0]).payload
+    evaluation = decode(
+        send(agent, TOPICS.task, task("evaluate", round=8, basis_version=1, model=model, trust_mode="local"))[0]
+    ).payload
     assert evaluation.metrics.eval_balanced_accuracy is None and evaluation.metrics.eval_windows == 0
     assert agent.privacy_report()["client_epsilon"] == pytest.approx(
-        RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.0)).get_epsilon(1e-5))
+        RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.0)).get_epsilon(1e-5)
+    )
     # a restarted agent keeps its ledger
     path = agent.config.store_path
     agent.close()
@@ -248,8 +305,11 @@ def test_record_level_dp_sgd_is_wired_and_accounted(recordings, ingested_store, 
     store = tmp_path / "features.sqlite"
     shutil.copyfile(ingested_store, store)
     q, z = 0.25, 1.2
-    agent = make_agent(recordings, store, dp={"record_noise_multiplier": z, "record_clip_norm": 0.5,
-                                              "record_sampling_rate": q, "delta": 1e-4})
+    agent = make_agent(
+        recordings,
+        store,
+        dp={"record_noise_multiplier": z, "record_clip_norm": 0.5, "record_sampling_rate": q, "delta": 1e-4},
+    )
     try:
         send(agent, TOPICS.basis, basis_of(agent))
         model = init_params(8, 2, random_state=1)
@@ -260,8 +320,11 @@ def test_record_level_dp_sgd_is_wired_and_accounted(recordings, ingested_store, 
         # ceil(local_epochs / q) = 8 Poisson-sampled steps, each charged to the record-level ledger
         groups = agent.record_mechanism.ledger.groups
         assert [(g.sampling_rate, g.noise_multiplier, g.count) for g in groups] == [(q, z, 8)]
-        expected = RdpAccountant().compose(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), 8).get_epsilon(1e-4)
+        expected = (
+            RdpAccountant()
+            .compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), 8)
+            .get_epsilon(1e-4)
+        )
         report = agent.privacy_report()
         assert report["record_epsilon"] == pytest.approx(expected, rel=1e-12)
         assert report["client_epsilon"] == 0.0  # central mode: the device itself released nothing noised
@@ -325,8 +388,20 @@ def test_train_evaluates_the_incoming_model_then_sends_a_clipped_delta(agent):
     assert len(send(agent, TOPICS.basis, basis)) == 1  # a status with the new basis version
     model = init_params(8, 2, random_state=1)
     clip = 0.05
-    out = send(agent, TOPICS.task, task("train", basis_version=1, model=model, clip_norm=clip, local_epochs=3,
-                                        lr=0.1, batch_size=4, adaptive_clipping=True))
+    out = send(
+        agent,
+        TOPICS.task,
+        task(
+            "train",
+            basis_version=1,
+            model=model,
+            clip_norm=clip,
+            local_epochs=3,
+            lr=0.1,
+            batch_size=4,
+            adaptive_clipping=True,
+        ),
+    )
     assert len(out) == 1 and out[0].topic == TOPICS.update(DEVICE)
     update = decode(out[0]).payload
     assert isinstance(update, Update) and update.basis_version == 1
@@ -338,8 +413,16 @@ def test_train_evaluates_the_incoming_model_then_sends_a_clipped_delta(agent):
     assert update.n_examples == update.metrics.n_windows == data.train.sum()
     assert np.linalg.norm(update.delta) == pytest.approx(clip) and update.clipped and update.norm_bit == 0
     # the same local training, reproduced with the same shuffles, gives the unclipped direction
-    trained, loss = train(model, Z[data.train], data.y[data.train], 2, epochs=3, lr=0.1, batch_size=4,
-                          random_state=np.random.default_rng(0))
+    trained, loss = train(
+        model,
+        Z[data.train],
+        data.y[data.train],
+        2,
+        epochs=3,
+        lr=0.1,
+        batch_size=4,
+        random_state=np.random.default_rng(0),
+    )
     expected_delta, _ = clip_l2(trained - model, clip)
     np.testing.assert_allclose(update.delta, expected_delta, rtol=1e-9)
     assert update.metrics.loss == pytest.approx(loss)
@@ -400,8 +483,7 @@ def test_predictions_follow_each_model_when_enabled(recordings, ingested_store, 
     agent.close()
 
 
-def test_predictions_of_a_device_standardized_model_use_the_training_statistics(recordings, ingested_store,
-                                                                                  tmp_path):
+def test_predictions_of_a_device_standardized_model_use_the_training_statistics(recordings, ingested_store, tmp_path):
     store = tmp_path / "features.sqlite"
     shutil.copyfile(ingested_store, store)
     agent = make_agent(recordings, store, predict=True)
@@ -409,8 +491,11 @@ def test_predictions_of_a_device_standardized_model_use_the_training_statistics(
     mean, scale = data.standardization()
     components, _, _ = fit_basis((data.X[data.train] - mean) / scale, 8)
     d = components.shape[1]
-    send(agent, TOPICS.basis, Basis(round=3, version=1, components=components, mean=np.zeros(d), scale=np.ones(d),
-                                    standardization="device"))
+    send(
+        agent,
+        TOPICS.basis,
+        Basis(round=3, version=1, components=components, mean=np.zeros(d), scale=np.ones(d), standardization="device"),
+    )
     params = init_params(8, 2, random_state=4)
     out = send(agent, TOPICS.model, Model(round=9, params=params, basis_version=1, classes=CLASSES))
     X, _, _ = agent.store.read()

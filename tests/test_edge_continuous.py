@@ -46,19 +46,24 @@ def test_help_lists_every_command_with_its_summary():
 
 
 def test_windows_overlapping_bad_annotations_are_not_stored(tmp_path):
-    from biofed.apps.federation import write_synthetic_devices
     import mne
 
-    fif = next(f for f in write_synthetic_devices(tmp_path, 1, duration_s=12.0, random_state=4)["device00"]
-               if f.suffix == ".fif")
+    from biofed.apps.federation import write_synthetic_devices
+
+    fif = next(
+        f
+        for f in write_synthetic_devices(tmp_path, 1, duration_s=12.0, random_state=4)["device00"]
+        if f.suffix == ".fif"
+    )
     raw = mne.io.read_raw_fif(fif, preload=True, verbose="error")
     raw.set_annotations(raw.annotations + mne.Annotations([5.0], [1.0], ["BAD_motion"]))
     bad_fif = tmp_path / "with_bad_raw.fif"
     raw.save(bad_fif, verbose="error")
     stores = {}
     for name, path in (("clean", fif), ("bad", bad_fif)):
-        agent = EdgeAgent(DeviceConfig(device_id="d", fleet="f", recordings=[path], store_path=tmp_path / f"{name}.db",
-                                       warmup=False))
+        agent = EdgeAgent(
+            DeviceConfig(device_id="d", fleet="f", recordings=[path], store_path=tmp_path / f"{name}.db", warmup=False)
+        )
         agent.ingest()
         stores[name] = agent.store.read()
         agent.close()
@@ -75,8 +80,7 @@ def test_live_features_drop_bad_windows_and_restart_after_a_gap():
     rec = make_recording("rest", duration_s=10.0, eeg_channels=2, audio_sfreq=1000.0, random_state=0)
     config = PipelineConfig()
     spans = BadSpans()
-    spans.add(*bad_spans(Recording(source="x", signals=rec.signals,
-                                   annotations=(Annotation(2.5, 0.5, "BAD_x"),)))[0])
+    spans.add(*bad_spans(Recording(source="x", signals=rec.signals, annotations=(Annotation(2.5, 0.5, "BAD_x"),)))[0])
     features = LiveFeatures(config, FeatureLayout.from_recording(rec, config), spans)
     rows = []
     for chunk in replay(rec):
@@ -93,7 +97,8 @@ def test_live_features_drop_bad_windows_and_restart_after_a_gap():
 def test_sources_config_accepts_file_folder_and_lsl(tmp_path):
     (tmp_path / "incoming").mkdir()
     path = tmp_path / "device.toml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         device_id = "pi-01"
         fleet = "ward7"
         store_path = "features.sqlite"
@@ -104,19 +109,23 @@ def test_sources_config_accepts_file_folder_and_lsl(tmp_path):
         kind = "file"
         path = "incoming"
         watch = true
-    """))
+    """)
+    )
     config = load_config(path, DeviceConfig)
     assert [s.kind for s in config.sources] == ["lsl", "file"]
     assert config.sources[1].path == tmp_path / "incoming"
 
 
-@pytest.mark.parametrize("source, message", [
-    ('kind = "lsl"', "needs name"),
-    ('kind = "file"', "needs path"),
-    ('kind = "lsl"\nname = "x"\nwatch = true', "belong to kind"),
-    ('kind = "file"\npath = "device.toml"\nwatch = true', "needs a folder"),
-    ('kind = "serial"\npath = "x"', "sources.0.kind"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ('kind = "lsl"', "needs name"),
+        ('kind = "file"', "needs path"),
+        ('kind = "lsl"\nname = "x"\nwatch = true', "belong to kind"),
+        ('kind = "file"\npath = "device.toml"\nwatch = true', "needs a folder"),
+        ('kind = "serial"\npath = "x"', "sources.0.kind"),
+    ],
+)
 def test_bad_sources_are_clear_config_errors(tmp_path, source, message):
     path = tmp_path / "device.toml"
     path.write_text(f'device_id = "d"\nfleet = "f"\nstore_path = "s.db"\n[[sources]]\n{source}\n')

@@ -17,8 +17,8 @@ from biofed.edge.pipeline import (
     extract_features,
     label_pieces,
 )
-from biofed.model import FeatureLayout, fit_basis
 from biofed.kernels import FLOAT32_RTOL, band_powers, heart_rate_features, log_band_energies, project, window_statistics
+from biofed.model import FeatureLayout, fit_basis
 
 CONFIG = PipelineConfig()
 
@@ -159,10 +159,14 @@ def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
     assert PipelineConfig().dtype == "float32"
     rng = np.random.default_rng(5)
     eeg = rng.standard_normal((3, 256 * 12))
-    windows = np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(eeg, 512, axis=1)[:, ::256].transpose(1, 0, 2))
+    windows = np.ascontiguousarray(
+        np.lib.stride_tricks.sliding_window_view(eeg, 512, axis=1)[:, ::256].transpose(1, 0, 2)
+    )
     for dtype, tolerance in (("float64", 0.0), ("float32", FLOAT32_RTOL)):
         config = PipelineConfig(dtype=dtype, modalities=("eeg",))
-        pipe = StreamingPipeline(config, FeatureLayout.from_channels({"eeg": (256.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config))
+        pipe = StreamingPipeline(
+            config, FeatureLayout.from_channels({"eeg": (256.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config)
+        )
         stream = pipe._streams["eeg"]
         assert stream.share_segments and stream.plan.n_seg == 3 and stream.plan.step == 128
         rows = []
@@ -266,7 +270,9 @@ def test_basis_projection(multirate):
     assert exact.components.shape == (32, 61)
     # With a basis rows are projected, and the layout hash changes with it.
     Xp, _, _ = extract_features(multirate, config, basis=exact)
-    np.testing.assert_allclose(Xp, project(X, exact.components, mean=exact.mean, scale=exact.scale), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        Xp, project(X, exact.components, mean=exact.mean, scale=exact.scale), rtol=1e-12, atol=1e-12
+    )
     projected = StreamingPipeline(config, layout, basis=exact)
     assert projected.row_width == 32 and projected.row_layout_hash != layout.hash
     projected.set_basis(None)

@@ -40,8 +40,7 @@ def test_single_window_label_is_kept_for_training_and_zero_fraction_holds_out_no
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.sampled_from(["rest", "arithmetic", ""]), min_size=1, max_size=60),
-       st.floats(0.0, 0.95))
+@given(st.lists(st.sampled_from(["rest", "arithmetic", ""]), min_size=1, max_size=60), st.floats(0.0, 0.95))
 def test_split_properties(labels, fraction):
     labels = np.array(labels)
     t = np.random.default_rng(len(labels)).permutation(len(labels)).astype(float)
@@ -97,11 +96,14 @@ def test_device_standardization_is_the_training_rows_z_score():
     assert not Z[:, 3].any()
 
 
-@pytest.mark.parametrize("X,match", [
-    (np.empty((0, 3)), "non-empty"),
-    (np.ones(3), "non-empty"),
-    (np.array([[1.0, np.nan]]), "NaN/inf"),
-])
+@pytest.mark.parametrize(
+    "X,match",
+    [
+        (np.empty((0, 3)), "non-empty"),
+        (np.ones(3), "non-empty"),
+        (np.array([[1.0, np.nan]]), "NaN/inf"),
+    ],
+)
 def test_device_standardization_bad_input(X, match):
     with pytest.raises(ValueError, match=match):
         device_standardization(X)

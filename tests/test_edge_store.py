@@ -60,8 +60,9 @@ def test_cap_evicts_oldest_first_in_insertion_order(tmp_path):
         for i in range(5):
             assert store.append(_row(i)[None], [f"l{i}"], [float(i)]) == 0
         # 5 stored, append 4 -> 9 > 7: the two oldest (0, 1) go in the same transaction.
-        evicted = store.append(np.stack([_row(i) for i in range(5, 9)]), [f"l{i}" for i in range(5, 9)],
-                               np.arange(5, 9.0))
+        evicted = store.append(
+            np.stack([_row(i) for i in range(5, 9)]), [f"l{i}" for i in range(5, 9)], np.arange(5, 9.0)
+        )
         assert evicted == 2
         assert len(store) == 7
         X, y, t = store.read()

@@ -11,9 +11,10 @@ import logging
 import dp_accounting
 import numpy as np
 import pytest
-from biofed.model import fit_basis
-from biofed.edge.split import balanced_accuracy, device_standardization
+from dp_accounting.rdp import RdpAccountant
+
 from biofed.config import DeviceDPConfig
+from biofed.edge.split import balanced_accuracy, device_standardization
 from biofed.edge.tasks import (
     Admission,
     DeviceRelease,
@@ -30,8 +31,7 @@ from biofed.edge.tasks import (
     train_reply,
 )
 from biofed.kernels import clip_l2, init_params, n_params, predict_proba, project, train
-from dp_accounting.rdp import RdpAccountant
-
+from biofed.model import fit_basis
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.protocol import Basis, Task
@@ -54,8 +54,9 @@ def local_data(n_per_class: int = 10, seed: int = 0) -> LocalData:
 
 
 def task(phase: str = "train", **overrides) -> Task:
-    fields = dict(round=7, model=np.empty(0), basis_version=1, classes=CLASSES, deadline=0.0, phase=phase,
-                  clip_norm=1e6)
+    fields = dict(
+        round=7, model=np.empty(0), basis_version=1, classes=CLASSES, deadline=0.0, phase=phase, clip_norm=1e6
+    )
     fields.update(overrides)
     return Task(**fields)
 
@@ -64,8 +65,9 @@ def basis_for(data: LocalData, standardization: str = "global") -> Basis:
     if standardization == "device":
         mean, scale = data.standardization()
         components = fit_basis((data.X[data.train] - mean) / scale, K).components
-        return Basis(round=3, version=1, components=components, mean=np.zeros(D), scale=np.ones(D),
-                     standardization="device")
+        return Basis(
+            round=3, version=1, components=components, mean=np.zeros(D), scale=np.ones(D), standardization="device"
+        )
     fitted = fit_basis(data.X[data.train], K)
     return Basis(round=3, version=1, components=fitted.components, mean=fitted.mean, scale=fitted.scale)
 
@@ -75,8 +77,17 @@ def gate() -> DeviceRelease:
 
 
 def seeded_training(task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    return train(task.model, Z, y, len(task.classes), task.hidden, epochs=task.local_epochs, lr=task.lr,
-                 batch_size=task.batch_size, random_state=np.random.default_rng(0))
+    return train(
+        task.model,
+        Z,
+        y,
+        len(task.classes),
+        task.hidden,
+        epochs=task.local_epochs,
+        lr=task.lr,
+        batch_size=task.batch_size,
+        random_state=np.random.default_rng(0),
+    )
 
 
 def never_measured() -> DeviceUsage:
@@ -84,19 +95,22 @@ def never_measured() -> DeviceUsage:
 
 
 # ----------------------------------------------------------------------------- admission
-@pytest.mark.parametrize("overrides, now, answered, have, expected", [
-    ({}, 50.0, set(), 1, Admission.ANSWER),
-    ({}, 100.0, set(), 1, Admission.EXPIRED),  # the deadline itself is too late
-    ({"participants": ("pi-02",)}, 50.0, set(), 1, Admission.NOT_SELECTED),
-    ({"participants": ("pi-02", "pi-01")}, 50.0, set(), 1, Admission.ANSWER),
-    ({}, 50.0, {(7, "train")}, 1, Admission.ANSWERED),
-    ({"phase": "evaluate"}, 50.0, {(7, "train")}, 1, Admission.ANSWER),
-    ({}, 50.0, set(), None, Admission.WAIT_FOR_BASIS),
-    ({"basis_version": 2}, 50.0, set(), 1, Admission.WAIT_FOR_BASIS),
-    ({}, 50.0, set(), 2, Admission.STALE_BASIS),
-    ({"phase": "moments", "basis_version": 0}, 50.0, set(), None, Admission.ANSWER),  # no basis needed
-    ({"phase": "covariance"}, 50.0, set(), 3, Admission.ANSWER),
-])
+@pytest.mark.parametrize(
+    "overrides, now, answered, have, expected",
+    [
+        ({}, 50.0, set(), 1, Admission.ANSWER),
+        ({}, 100.0, set(), 1, Admission.EXPIRED),  # the deadline itself is too late
+        ({"participants": ("pi-02",)}, 50.0, set(), 1, Admission.NOT_SELECTED),
+        ({"participants": ("pi-02", "pi-01")}, 50.0, set(), 1, Admission.ANSWER),
+        ({}, 50.0, {(7, "train")}, 1, Admission.ANSWERED),
+        ({"phase": "evaluate"}, 50.0, {(7, "train")}, 1, Admission.ANSWER),
+        ({}, 50.0, set(), None, Admission.WAIT_FOR_BASIS),
+        ({"basis_version": 2}, 50.0, set(), 1, Admission.WAIT_FOR_BASIS),
+        ({}, 50.0, set(), 2, Admission.STALE_BASIS),
+        ({"phase": "moments", "basis_version": 0}, 50.0, set(), None, Admission.ANSWER),  # no basis needed
+        ({"phase": "covariance"}, 50.0, set(), 3, Admission.ANSWER),
+    ],
+)
 def test_admission_rules(overrides, now, answered, have, expected):
     t = task(**{"deadline": 100.0, **overrides})
     assert admit(t, device_id="pi-01", now=now, answered=answered, basis_version=have) is expected
@@ -150,14 +164,30 @@ def test_no_training_windows_refuses_every_phase():
         sketch_reply(task("moments"), empty, gate())
     model = init_params(K, 2, random_state=1)
     with pytest.raises(TaskRefused, match="no training windows of classes"):
-        train_reply(task(model=model), empty, basis_for(data), local_training=seeded_training, release=gate(),
-                    usage=lambda: USAGE)
+        train_reply(
+            task(model=model),
+            empty,
+            basis_for(data),
+            local_training=seeded_training,
+            release=gate(),
+            usage=lambda: USAGE,
+        )
 
 
 def test_local_mode_sketch_is_noised_charged_and_says_nothing_in_cleartext():
     release = gate()
-    reply = sketch_reply(task("covariance", stats_mean=np.zeros(D), stats_scale=np.ones(D), clip_norm=1.0,
-                              trust_mode="local", noise_multiplier=2.0), local_data(), release)
+    reply = sketch_reply(
+        task(
+            "covariance",
+            stats_mean=np.zeros(D),
+            stats_scale=np.ones(D),
+            clip_norm=1.0,
+            trust_mode="local",
+            noise_multiplier=2.0,
+        ),
+        local_data(),
+        release,
+    )
     assert not reply.sketch.clipped and reply.norm > 1.0  # clipped, but that bit is data-dependent cleartext
     assert not np.allclose(reply.sketch.statistic, clip_l2(reply.sketch.statistic, 1.0)[0])  # the noise is there
     assert [(g.kind, g.noise_multiplier, g.count) for g in release.mechanism.ledger.groups] == [("basis", 2.0, 1)]
@@ -194,14 +224,25 @@ def test_local_train_reply_is_noised_charged_and_carries_no_cleartext():
     data = local_data()
     release = gate()
     model = init_params(K, 2, random_state=1)
-    reply = train_reply(task(model=model, clip_norm=0.05, trust_mode="local", noise_multiplier=1.0,
-                             adaptive_clipping=True), data, basis_for(data), local_training=seeded_training,
-                        release=release, usage=never_measured)
+    reply = train_reply(
+        task(model=model, clip_norm=0.05, trust_mode="local", noise_multiplier=1.0, adaptive_clipping=True),
+        data,
+        basis_for(data),
+        local_training=seeded_training,
+        release=release,
+        usage=never_measured,
+    )
     update = reply.update
     assert update.n_examples == 0 and not update.clipped and update.norm_bit is None
     m = update.metrics
     assert (m.loss, m.n_windows, m.rss_bytes, m.cpu_time_s, m.eval_balanced_accuracy, m.eval_windows) == (
-        0.0, 0, 0, 0.0, None, 0)
+        0.0,
+        0,
+        0,
+        0.0,
+        None,
+        0,
+    )
     assert not np.allclose(update.delta, clip_l2(reply.raw_delta, 0.05)[0])
     epsilon = RdpAccountant().compose(dp_accounting.GaussianDpEvent(1.0)).get_epsilon(1e-5)
     assert release.mechanism.ledger.epsilon() == pytest.approx(epsilon)
@@ -214,8 +255,14 @@ def test_distributed_train_reply_leaves_the_delta_to_secure_aggregation():
     def refuse(task, vector, kind):
         raise AssertionError("a distributed-mode delta must not be released in the clear")
 
-    reply = train_reply(task(model=model, trust_mode="distributed", noise_multiplier=1.0), data, basis_for(data),
-                        local_training=seeded_training, release=refuse, usage=never_measured)
+    reply = train_reply(
+        task(model=model, trust_mode="distributed", noise_multiplier=1.0),
+        data,
+        basis_for(data),
+        local_training=seeded_training,
+        release=refuse,
+        usage=never_measured,
+    )
     assert reply.update.delta.size == 0 and reply.update.n_examples == 0
     assert reply.raw_delta.shape == model.shape and np.abs(reply.raw_delta).sum() > 0
 
@@ -227,8 +274,14 @@ def test_model_of_the_wrong_size_is_refused_before_training():
         raise AssertionError("trained on a refused task")
 
     with pytest.raises(TaskRefused, match=f"expected {n_params(K, 2)} for k={K}") as refused:
-        train_reply(task(model=np.zeros(5)), data, basis_for(data), local_training=must_not_train, release=gate(),
-                    usage=lambda: USAGE)
+        train_reply(
+            task(model=np.zeros(5)),
+            data,
+            basis_for(data),
+            local_training=must_not_train,
+            release=gate(),
+            usage=lambda: USAGE,
+        )
     assert refused.value.level == logging.ERROR
     with pytest.raises(TaskRefused, match="expected"):
         evaluate_reply(task("evaluate", model=np.zeros(5)), data, basis_for(data), lambda: USAGE)
@@ -267,8 +320,18 @@ def test_train_locally_is_minibatch_training_from_the_task_model():
     y = data.y[data.train]
     t = task(model=init_params(K, 2, random_state=1), local_epochs=2, lr=0.1, batch_size=4, prox_mu=0.1)
     params, loss = train_locally(t, Z, y, random_state=np.random.default_rng(5))
-    expected, expected_loss = train(t.model, Z, y, 2, epochs=2, lr=0.1, batch_size=4, prox_mu=0.1,
-                                    prox_center=t.model, random_state=np.random.default_rng(5))
+    expected, expected_loss = train(
+        t.model,
+        Z,
+        y,
+        2,
+        epochs=2,
+        lr=0.1,
+        batch_size=4,
+        prox_mu=0.1,
+        prox_center=t.model,
+        random_state=np.random.default_rng(5),
+    )
     np.testing.assert_array_equal(params, expected)
     assert loss == expected_loss
 
@@ -279,7 +342,8 @@ def test_train_locally_with_record_level_dp_charges_every_dp_sgd_step():
     gate = PrivacyMechanism(PrivacyLedger(1e-4, ("rdp",)))
     dp = DeviceDPConfig(delta=1e-4, record_noise_multiplier=1.2, record_clip_norm=0.5, record_sampling_rate=0.25)
     t = task(model=init_params(K, 2, random_state=1), local_epochs=2, lr=0.1)
-    params, loss = train_locally(t, Z, data.y[data.train], random_state=np.random.default_rng(0), record_dp=dp,
-                                 record_gate=gate)
+    params, loss = train_locally(
+        t, Z, data.y[data.train], random_state=np.random.default_rng(0), record_dp=dp, record_gate=gate
+    )
     assert params.shape == t.model.shape and np.isfinite(loss)
     assert [(g.sampling_rate, g.noise_multiplier, g.count) for g in gate.ledger.groups] == [(0.25, 1.2, 8)]

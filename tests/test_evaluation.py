@@ -10,10 +10,6 @@ import pytest
 from click.testing import CliRunner
 from dp_accounting.rdp import RdpAccountant
 
-from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
-from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
-from biofed.coordinator.release import ReleaseLedger, TreePrefixRelease, release_statistics, tree_nodes
-from biofed.edge.statistics import class_statistics, personalize
 from biofed.apps.evaluation import (
     Defaults,
     _method_event,
@@ -26,6 +22,10 @@ from biofed.apps.evaluation import (
     targets,
     tune,
 )
+from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
+from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
+from biofed.coordinator.release import ReleaseLedger, TreePrefixRelease, release_statistics, tree_nodes
+from biofed.edge.statistics import class_statistics, personalize
 from biofed.kernels.training import init_params, predict_proba
 
 REPLACE_SPECIAL = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
@@ -108,8 +108,9 @@ def test_lda_from_statistics_matches_scikit_learn():
     rng = np.random.default_rng(0)
     X, y = _two_gaussians(rng)
     stats = class_statistics(X, y, 2, means_clip=1e6, scatter_clip=1e6)
-    means, scatter = release_class_statistics([stats], 2, means_clip=1e6, scatter_clip=1e6, noise_multiplier=0.0,
-                                              ledger=ReleaseLedger())
+    means, scatter = release_class_statistics(
+        [stats], 2, means_clip=1e6, scatter_clip=1e6, noise_multiplier=0.0, ledger=ReleaseLedger()
+    )
     params = lda_from_statistics(means, scatter, ridge=1e-9)
     ours = predict_proba(params, X, 2).argmax(axis=1)
     theirs = LinearDiscriminantAnalysis(priors=[0.5, 0.5]).fit(X, y).predict(X)
@@ -201,13 +202,25 @@ def test_evaluation_on_synthetic_devices(synthetic_files):
     for ours, theirs in zip(devices, plain):
         np.testing.assert_array_equal(ours.held_out, theirs.held_out)  # same windows, same split
     fast = Defaults(rounds=3, dp_rounds=3, ftrl_epochs=1, central_epochs=10, central_steps=5, personal_epochs=5)
-    evaluation = run_evaluation(devices, plain_devices=plain, epsilons=(2.0, math.inf), repeats=2,
-                                methods=("one-shot", "dp-ftrl"), variants=(("none", 0), ("pca", 8)), defaults=fast)
+    evaluation = run_evaluation(
+        devices,
+        plain_devices=plain,
+        epsilons=(2.0, math.inf),
+        repeats=2,
+        methods=("one-shot", "dp-ftrl"),
+        variants=(("none", 0), ("pca", 8)),
+        defaults=fast,
+    )
     summaries = {(s["view"], s["method"], s["variant"], s["epsilon_target"]): s for s in evaluation.summaries()}
-    for key in [("personalized", "local", "none", math.inf), ("new patient", "central", "pca8", math.inf),
-                ("personalized", "one-shot+personal", "none", 2.0), ("new patient", "dp-ftrl", "none", 2.0),
-                ("personalized", "plain", "none", math.inf), ("new patient", "fedavg", "none", math.inf),
-                ("new patient", "biofed-features+sklearn", "none", math.inf)]:
+    for key in [
+        ("personalized", "local", "none", math.inf),
+        ("new patient", "central", "pca8", math.inf),
+        ("personalized", "one-shot+personal", "none", 2.0),
+        ("new patient", "dp-ftrl", "none", 2.0),
+        ("personalized", "plain", "none", math.inf),
+        ("new patient", "fedavg", "none", math.inf),
+        ("new patient", "biofed-features+sklearn", "none", math.inf),
+    ]:
         assert key in summaries, key
     private = summaries[("personalized", "one-shot", "none", 2.0)]
     assert private["repeats"] == 2 and private["epsilon_spent"] <= 2.0
@@ -271,9 +284,23 @@ def test_biofed_eeg_features_equal_the_plain_pipeline(shared_datasets):
 @pytest.mark.slow
 def test_evaluate_command_on_eegmat(shared_datasets, tmp_path):
     out = tmp_path / "ev"
-    result = CliRunner().invoke(evaluate_command, [
-        "--data", str(shared_datasets / "eegmat"), "--epsilons", "8,inf", "--repeats", "1",
-        "--methods", "one-shot", "--projections", "none", "--out", str(out)])
+    result = CliRunner().invoke(
+        evaluate_command,
+        [
+            "--data",
+            str(shared_datasets / "eegmat"),
+            "--epsilons",
+            "8,inf",
+            "--repeats",
+            "1",
+            "--methods",
+            "one-shot",
+            "--projections",
+            "none",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "new patient" in result.output and "plain" in result.output and "single draw" in result.output
     assert (out / "epsilon_accuracy.png").stat().st_size > 0

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 from biofed.apps.broker import free_port
 from biofed.apps.federation import (
@@ -26,6 +25,7 @@ from biofed.datasets.replay import group_streams, label_segments
 from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.mqtt import MqttClient
 from biofed.protocol import Status, Topics, encode_message
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 FLEET = "harness"
 TOPICS = Topics(FLEET)
@@ -38,13 +38,15 @@ def test_synthetic_devices_are_fif_and_wav_pairs_that_form_one_stream_each(tmp_p
         assert [p.suffix for p in paths] == [".fif", ".wav"] * (len(paths) // 2) and all(p.is_file() for p in paths)
         recordings = [(path, read_recording(path)) for path in paths]
         streams = list(group_streams(recordings))
-        assert [[p for p, _ in stream] for stream in streams] == [paths[i:i + 2] for i in range(0, len(paths), 2)]
+        assert [[p for p, _ in stream] for stream in streams] == [paths[i : i + 2] for i in range(0, len(paths), 2)]
         fif = recordings[0][1]
         assert fif.subject is not None and label_segments(fif) == [(0.0, paths[0].name.split("_")[2])]
         assert set(fif.modalities) == {"eeg", "bio"} and recordings[1][1].modalities == ("audio",)
     again = write_synthetic_devices(tmp_path / "again", 2, duration_s=3.0, random_state=1)
-    assert (read_recording(again["device01"][0]).signals["eeg"].data
-            == read_recording(files["device01"][0]).signals["eeg"].data).all()
+    assert (
+        read_recording(again["device01"][0]).signals["eeg"].data
+        == read_recording(files["device01"][0]).signals["eeg"].data
+    ).all()
 
 
 def _states(observer, devices, wanted: str, timeout_s: float = 60.0) -> dict[str, str]:
@@ -59,8 +61,18 @@ def _states(observer, devices, wanted: str, timeout_s: float = 60.0) -> dict[str
 
 def test_agent_threads_run_real_agents_and_close_them(amqtt_broker, tmp_path):
     devices = ("pi-01", "pi-02")
-    agents = [EdgeAgent(DeviceConfig(device_id=d, fleet=FLEET, broker=broker_settings(amqtt_broker, "3.1.1"),
-                                     store_path=tmp_path / f"{d}.sqlite", warmup=False)) for d in devices]
+    agents = [
+        EdgeAgent(
+            DeviceConfig(
+                device_id=d,
+                fleet=FLEET,
+                broker=broker_settings(amqtt_broker, "3.1.1"),
+                store_path=tmp_path / f"{d}.sqlite",
+                warmup=False,
+            )
+        )
+        for d in devices
+    ]
     observer = MqttClient(amqtt_broker.host, amqtt_broker.port, "observer", protocol="3.1.1", clean=True).connect()
     try:
         observer.subscribe(TOPICS.all_devices("status"))
@@ -77,8 +89,12 @@ def test_start_broker_defaults_to_the_embedded_broker(tmp_path):
     broker, protocol, fleet = start_broker(tmp_path, FLEET, ["pi-01"])
     try:
         assert (protocol, fleet) == ("3.1.1", None) and broker.host == "127.0.0.1"
-        assert broker_settings(broker, protocol, keepalive=5) == {"host": broker.host, "port": broker.port,
-                                                                 "protocol": "3.1.1", "keepalive": 5}
+        assert broker_settings(broker, protocol, keepalive=5) == {
+            "host": broker.host,
+            "port": broker.port,
+            "protocol": "3.1.1",
+            "keepalive": 5,
+        }
         client = MqttClient(**broker_settings(broker, protocol), client_id="probe").connect()
         client.close()
     finally:
@@ -109,11 +125,13 @@ def test_received_returns_nothing_once_the_topic_is_quiet(amqtt_broker, devices)
     try:
         client.subscribe(TOPICS.all_devices("status"))
         for i in range(devices):
-            sender.publish(TOPICS.status(f"pi-{i}"), encode_message(Status(round=0, state="online"), fleet=FLEET,
-                                                                   sender=f"pi-{i}"))
+            sender.publish(
+                TOPICS.status(f"pi-{i}"), encode_message(Status(round=0, state="online"), fleet=FLEET, sender=f"pi-{i}")
+            )
         messages = received(client, TOPICS, timeout_s=1.0)
-        assert [(m.kind, m.sender, m.payload.state) for m in messages] == [("status", f"pi-{i}", "online")
-                                                                         for i in range(devices)]
+        assert [(m.kind, m.sender, m.payload.state) for m in messages] == [
+            ("status", f"pi-{i}", "online") for i in range(devices)
+        ]
         assert received(client, TOPICS, timeout_s=0.2) == []
     finally:
         client.close()

@@ -14,11 +14,11 @@ import time
 import urllib.request
 
 import pytest
-from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 from biofed.apps.broker import free_port
 from biofed.apps.demo import DemoSettings, write_configs
 from biofed.apps.federation import write_synthetic_devices
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,14 @@ measured outside the tests; a round being committed when SIGTERM arrives is fini
 
 def _biofed(*args: str, **kwargs) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIOFED_")}
-    return subprocess.Popen([sys.executable, "-m", "biofed", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "biofed", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -71,12 +77,20 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
     devices = write_synthetic_devices(tmp_path / "data", 2, duration_s=12.0, random_state=3)
     # many rounds: the coordinator is still running while the test looks at it; a long deadline
     # leaves room for a first Numba compilation on a loaded machine
-    settings = DemoSettings(out=tmp_path, rounds=5000, noise_multiplier=1.0, epsilon_budget=None,
-                            round_deadline_s=300.0)
+    settings = DemoSettings(
+        out=tmp_path, rounds=5000, noise_multiplier=1.0, epsilon_budget=None, round_deadline_s=300.0
+    )
     coordinator_toml, device_tomls = write_configs(settings, devices, amqtt_broker.host, amqtt_broker.port, "3.1.1")
     metrics_port, agent_port = free_port(), free_port()
-    coordinator = _biofed("coordinator", "--config", str(coordinator_toml), "--metrics-port", str(metrics_port),
-                          "--epsilon-budget", "1000")
+    coordinator = _biofed(
+        "coordinator",
+        "--config",
+        str(coordinator_toml),
+        "--metrics-port",
+        str(metrics_port),
+        "--epsilon-budget",
+        "1000",
+    )
     agents = {}
     try:
         for i, (device, toml) in enumerate(sorted(device_tomls.items())):
@@ -98,9 +112,12 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
         assert series["biofed_coordinator_received_bytes_total"] > 0
         assert series["biofed_coordinator_sent_bytes_total"] > 0
         assert series['biofed_coordinator_round_duration_seconds_count{phase="train"}'] >= 2
-        assert series['biofed_coordinator_state{state="training"}'] + \
-            series['biofed_coordinator_state{state="evaluating"}'] + \
-            series['biofed_coordinator_state{state="waiting"}'] <= 1
+        assert (
+            series['biofed_coordinator_state{state="training"}']
+            + series['biofed_coordinator_state{state="evaluating"}']
+            + series['biofed_coordinator_state{state="waiting"}']
+            <= 1
+        )
         assert series["process_resident_memory_bytes"] > 10e6
         assert 0 < series['biofed_coordinator_epsilon_spent{accountant="rdp"}'] < 1000
 
@@ -159,8 +176,9 @@ def test_operator_view_of_a_running_fleet(amqtt_broker, tmp_path):
 
 def test_agent_without_a_usable_source_fails_fast(amqtt_broker, tmp_path):
     settings = DemoSettings(out=tmp_path, rounds=1)
-    _, device_tomls = write_configs(settings, {"lonely": [tmp_path / "missing.fif"]}, amqtt_broker.host,
-                                    amqtt_broker.port, "3.1.1")
+    _, device_tomls = write_configs(
+        settings, {"lonely": [tmp_path / "missing.fif"]}, amqtt_broker.host, amqtt_broker.port, "3.1.1"
+    )
     start = time.monotonic()
     agent = _biofed("edge", "--config", str(device_tomls["lonely"]))
     _, err = agent.communicate(timeout=120)
@@ -185,8 +203,10 @@ def test_agent_without_a_usable_source_fails_fast(amqtt_broker, tmp_path):
 
 def test_status_without_a_broker(tmp_path):
     toml = tmp_path / "coordinator.toml"
-    toml.write_text(f'fleet = "ward7"\nrounds = 3\nstate_dir = "state"\n[broker]\nport = {free_port()}\n'
-                    '[dp]\nepsilon_budget = 4.0\n')
+    toml.write_text(
+        f'fleet = "ward7"\nrounds = 3\nstate_dir = "state"\n[broker]\nport = {free_port()}\n'
+        "[dp]\nepsilon_budget = 4.0\n"
+    )
     unreachable = _biofed("status", "--config", str(toml))
     _, err = unreachable.communicate(timeout=120)
     assert unreachable.returncode == 1 and "cannot reach MQTT broker" in err and "--no-broker" in err
@@ -224,7 +244,9 @@ def test_agent_stops_within_seconds_with_the_broker_down(tmp_path):
     broker = start_embedded_broker()
     try:
         devices = write_synthetic_devices(tmp_path / "data", 1, duration_s=12.0, random_state=4)
-        _, device_tomls = write_configs(DemoSettings(out=tmp_path, rounds=2), devices, broker.host, broker.port, "3.1.1")
+        _, device_tomls = write_configs(
+            DemoSettings(out=tmp_path, rounds=2), devices, broker.host, broker.port, "3.1.1"
+        )
         agent = _biofed("edge", "--config", str(next(iter(device_tomls.values()))))
         deadline = time.monotonic() + 300
         seen = ""

@@ -49,8 +49,15 @@ TOPICS = Topics(FLEET)
 
 
 def fuzz(max_examples: int) -> settings:
-    return settings(max_examples=max_examples, deadline=None, database=None,
-                    derandomize=os.environ.get("BIOFED_FUZZ_RANDOM") != "1", suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=os.environ.get("BIOFED_FUZZ_RANDOM") != "1",
+        suppress_health_check=list(HealthCheck),
+    )
+
+
 RNG = np.random.default_rng(7)
 
 
@@ -58,10 +65,22 @@ def valid_payloads() -> list:
     """One valid payload of every kind the handlers receive."""
     classes = ("rest", "task")
     return [
-        Task(round=3, model=RNG.normal(size=10), basis_version=1, classes=classes, deadline=time.time() + 600,
-             participants=(DEVICE,)),
-        Update(round=3, basis_version=1, delta=RNG.normal(size=10), n_examples=20, clipped=False,
-               metrics=UpdateMetrics(loss=0.5, n_windows=20, rss_bytes=1, cpu_time_s=0.1)),
+        Task(
+            round=3,
+            model=RNG.normal(size=10),
+            basis_version=1,
+            classes=classes,
+            deadline=time.time() + 600,
+            participants=(DEVICE,),
+        ),
+        Update(
+            round=3,
+            basis_version=1,
+            delta=RNG.normal(size=10),
+            n_examples=20,
+            clipped=False,
+            metrics=UpdateMetrics(loss=0.5, n_windows=20, rss_bytes=1, cpu_time_s=0.1),
+        ),
         Model(round=3, params=RNG.normal(size=10), basis_version=1, classes=classes),
         Basis(round=2, version=1, components=RNG.normal(size=(4, 6)), mean=np.zeros(6), scale=np.ones(6)),
         Sketch(round=1, basis_version=0, phase="moments", statistic=RNG.normal(size=12), clipped=False, n_features=6),
@@ -77,11 +96,24 @@ def topic_for(kind: str, device: str = DEVICE) -> str:
     return f"biofed/{FLEET}/{kind}/{device}" if kind in per_device else f"biofed/{FLEET}/{kind}"
 
 
-VALID = [(topic_for(p.KIND), encode_message(p, fleet=FLEET, sender="coordinator" if p.KIND in
-          ("task", "model", "basis", "secagg_relay") else DEVICE)) for p in valid_payloads()]
+VALID = [
+    (
+        topic_for(p.KIND),
+        encode_message(
+            p, fleet=FLEET, sender="coordinator" if p.KIND in ("task", "model", "basis", "secagg_relay") else DEVICE
+        ),
+    )
+    for p in valid_payloads()
+]
 TOPIC_CHOICES = [topic_for(kind) for kind in PAYLOAD_TYPES] + [
-    f"biofed/{FLEET}/update/pi-02", f"biofed/other/update/{DEVICE}", "biofed", "", "biofed/ward7/update/a/b",
-    "biofed/ward7/update/+", "biofed/ward7/status/" + "x" * 65]
+    f"biofed/{FLEET}/update/pi-02",
+    f"biofed/other/update/{DEVICE}",
+    "biofed",
+    "",
+    "biofed/ward7/update/a/b",
+    "biofed/ward7/update/+",
+    "biofed/ward7/status/" + "x" * 65,
+]
 
 
 # ----------------------------------------------------------------------------- the handlers under test
@@ -91,8 +123,9 @@ class Handlers:
     def __init__(self, tmp_path) -> None:
         self.ingest = Ingest(TOPICS, max_bytes=1 << 20)
         self.ingest.known.add(DEVICE)
-        self.agent = EdgeAgent(DeviceConfig(device_id=DEVICE, fleet=FLEET, recordings=(),
-                                            store_path=tmp_path / "features.sqlite"))
+        self.agent = EdgeAgent(
+            DeviceConfig(device_id=DEVICE, fleet=FLEET, recordings=(), store_path=tmp_path / "features.sqlite")
+        )
         self.cases = 0
         self.ingest_outcomes: Counter[str] = Counter()
         self.agent_dispatched = 0
@@ -129,13 +162,20 @@ def handlers(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- strategies
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.binary(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.binary(max_size=20),
     st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=40)),
 )
 # one level of containers keeps generation cheap; nesting limits are covered by the corpus below
-values = st.one_of(scalars, st.lists(scalars, max_size=4),
-                   st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), scalars, max_size=4))
+values = st.one_of(
+    scalars,
+    st.lists(scalars, max_size=4),
+    st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), scalars, max_size=4),
+)
 kinds = st.one_of(st.sampled_from(sorted(PAYLOAD_TYPES)), values)
 
 
@@ -149,11 +189,16 @@ def _pack(obj) -> bytes | None:
 @st.composite
 def envelopes(draw):
     """An envelope map whose every field may be any msgpack value (or missing, or extra)."""
-    env = {"v": draw(st.one_of(st.just(1), values)), "k": draw(kinds), "f": draw(st.one_of(st.just(FLEET), values)),
-           "r": draw(st.one_of(st.integers(0, 10), values)), "s": draw(st.one_of(st.just(DEVICE), values)),
-           "id": draw(st.one_of(st.binary(min_size=16, max_size=16), values)),
-           "t": draw(st.one_of(st.floats(), values)), "p": draw(st.one_of(st.dictionaries(st.text(max_size=12),
-                                                                                            values, max_size=8), values))}
+    env = {
+        "v": draw(st.one_of(st.just(1), values)),
+        "k": draw(kinds),
+        "f": draw(st.one_of(st.just(FLEET), values)),
+        "r": draw(st.one_of(st.integers(0, 10), values)),
+        "s": draw(st.one_of(st.just(DEVICE), values)),
+        "id": draw(st.one_of(st.binary(min_size=16, max_size=16), values)),
+        "t": draw(st.one_of(st.floats(), values)),
+        "p": draw(st.one_of(st.dictionaries(st.text(max_size=12), values, max_size=8), values)),
+    }
     for key in draw(st.lists(st.sampled_from(sorted(env)), max_size=2, unique=True)):
         del env[key]
     if draw(st.booleans()):
@@ -165,14 +210,24 @@ def envelopes(draw):
 def payload_fields(draw):
     """A well-formed envelope of one kind whose payload mixes valid fields with random ones."""
     payload = draw(st.sampled_from(valid_payloads()))
-    fields = {k: v for k, v in msgpack.unpackb(encode_message(payload, fleet=FLEET, sender=DEVICE), raw=False)["p"].items()}
+    fields = {
+        k: v for k, v in msgpack.unpackb(encode_message(payload, fleet=FLEET, sender=DEVICE), raw=False)["p"].items()
+    }
     for name in draw(st.lists(st.sampled_from(sorted(fields) + ["extra"]), min_size=1, max_size=3, unique=True)):
         if draw(st.integers(0, 3)) == 0:
             fields.pop(name, None)
         else:
             fields[name] = draw(values)
-    return payload.KIND, {"v": 1, "k": payload.KIND, "f": FLEET, "r": payload.round, "s": DEVICE,
-                          "id": draw(st.binary(min_size=16, max_size=16)), "t": time.time(), "p": fields}
+    return payload.KIND, {
+        "v": 1,
+        "k": payload.KIND,
+        "f": FLEET,
+        "r": payload.round,
+        "s": DEVICE,
+        "id": draw(st.binary(min_size=16, max_size=16)),
+        "t": time.time(),
+        "p": fields,
+    }
 
 
 def mutate(data: bytes, rng: np.random.Generator) -> bytes:
@@ -186,11 +241,11 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
         elif op == 1:
             data[at:at] = rng.bytes(int(rng.integers(1, 9)))
         elif op == 2:
-            del data[at:at + int(rng.integers(1, 9))]
+            del data[at : at + int(rng.integers(1, 9))]
         elif op == 3:
             data = data[:at]
         else:
-            data[at:at] = data[at:at + int(rng.integers(1, 65))]
+            data[at:at] = data[at : at + int(rng.integers(1, 65))]
     return bytes(data)
 
 
@@ -243,8 +298,10 @@ def test_valid_messages_are_handled(handlers):
 
 # ----------------------------------------------------------------------------- regression corpus
 def _envelope(kind, payload: dict, sender: str = DEVICE) -> bytes:
-    return msgpack.packb({"v": 1, "k": kind, "f": FLEET, "r": 0, "s": sender, "id": os.urandom(16),
-                          "t": time.time(), "p": payload}, use_bin_type=True)
+    return msgpack.packb(
+        {"v": 1, "k": kind, "f": FLEET, "r": 0, "s": sender, "id": os.urandom(16), "t": time.time(), "p": payload},
+        use_bin_type=True,
+    )
 
 
 def _status_with_layout(layout: str) -> bytes:
@@ -252,8 +309,7 @@ def _status_with_layout(layout: str) -> bytes:
 
 
 DEEP_LAYOUT = "[" * 50000
-HUGE_INT_LAYOUT = ('{"bands":[["alpha",1' + "0" * 309 + ',2]],"hop_s":1,"modalities":[],"n_mels":1,'
-                   '"window_s":2}')
+HUGE_INT_LAYOUT = '{"bands":[["alpha",1' + "0" * 309 + ',2]],"hop_s":1,"modalities":[],"n_mels":1,"window_s":2}'
 CORPUS = {
     "list kind": (topic_for("update"), _envelope(["update"], {})),
     "dict kind": (topic_for("update"), _envelope({"k": "update"}, {})),
@@ -271,12 +327,24 @@ def test_regression_corpus(handlers, name):
     before = sum(handlers.ingest.dropped.values())
     handlers.feed(topic, data)
     assert sum(handlers.ingest.dropped.values()) == before + 1, handlers.ingest.dropped  # counted as a rejection
-    assert DEVICE not in handlers.ingest.layouts or handlers.ingest.layouts[DEVICE] not in (DEEP_LAYOUT,
-                                                                                             HUGE_INT_LAYOUT)
+    assert DEVICE not in handlers.ingest.layouts or handlers.ingest.layouts[DEVICE] not in (
+        DEEP_LAYOUT,
+        HUGE_INT_LAYOUT,
+    )
 
 
-@pytest.mark.parametrize("text", [DEEP_LAYOUT, HUGE_INT_LAYOUT, '{"window_s":1' + "0" * 5000 + "}", "1e999",
-                                  '"' + "x" * 70000 + '"', '{"a":' * 3 + "1" + "}" * 3, "[" * 5 + "]" * 5])
+@pytest.mark.parametrize(
+    "text",
+    [
+        DEEP_LAYOUT,
+        HUGE_INT_LAYOUT,
+        '{"window_s":1' + "0" * 5000 + "}",
+        "1e999",
+        '"' + "x" * 70000 + '"',
+        '{"a":' * 3 + "1" + "}" * 3,
+        "[" * 5 + "]" * 5,
+    ],
+)
 def test_layout_parsing_is_total(text):
     with pytest.raises(ModelFormatError):
         FeatureLayout.from_json(text)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import naive_linalg as naive
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import naive_linalg as naive
 from biofed.kernels import (
     Moments,
     apply_transform,
@@ -24,8 +24,8 @@ from biofed.kernels import (
     sliding_windows,
     svd_compress,
     transform,
-    transform_plan,
     transform_matrix,
+    transform_plan,
     truncated_svd,
 )
 from biofed.kernels.svd import _auto_method
@@ -49,7 +49,10 @@ def low_rank_plus_noise(rng, n, d, *, rank=12, noise=0.05):
 
 @pytest.mark.parametrize("activation", ["identity", "relu", "tanh", "sigmoid"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("with_mean, with_scale, with_bias", [(False, False, False), (True, True, True), (True, False, True), (False, True, False)])
+@pytest.mark.parametrize(
+    "with_mean, with_scale, with_bias",
+    [(False, False, False), (True, True, True), (True, False, True), (False, True, False)],
+)
 def test_transform_matches_numpy(rng, activation, dtype, with_mean, with_scale, with_bias):
     x = (rng.standard_normal((70, 9)) * 3 + 5).astype(dtype)
     w = rng.standard_normal((9, 4)).astype(dtype)
@@ -71,9 +74,15 @@ def test_transform_plan_equals_one_call(rng, n):
     for dtype in (np.float64, np.float32):
         out = apply_transform(x.astype(dtype), plan)
         assert out.dtype == dtype and out.shape == (n, 5)
-        np.testing.assert_array_equal(out, transform(x.astype(dtype), w, bias, mean=mean, scale=scale, activation="tanh"))
-    np.testing.assert_allclose(apply_transform(x, plan), naive.transform(x, w, bias, mean, scale, "tanh"), rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match=r"features must have 12 columns to match the plan's weights \(d, m\) = \(12, 5\)"):
+        np.testing.assert_array_equal(
+            out, transform(x.astype(dtype), w, bias, mean=mean, scale=scale, activation="tanh")
+        )
+    np.testing.assert_allclose(
+        apply_transform(x, plan), naive.transform(x, w, bias, mean, scale, "tanh"), rtol=1e-12, atol=1e-12
+    )
+    with pytest.raises(
+        ValueError, match=r"features must have 12 columns to match the plan's weights \(d, m\) = \(12, 5\)"
+    ):
         apply_transform(np.ones((2, 11)), plan)
     with pytest.raises(ValueError, match="features contains 1 NaN"):
         apply_transform(np.r_[np.ones(11), np.nan].reshape(1, 12), plan)
@@ -89,7 +98,9 @@ def test_transform_spans_several_row_blocks_and_large_logits(rng):
     w = rng.standard_normal((3, 2))
     for activation in ("sigmoid", "relu"):
         out = transform(x, w, np.ones(2), mean=np.ones(3), scale=np.full(3, 2.0), activation=activation)
-        np.testing.assert_allclose(out, naive.transform(x, w, np.ones(2), np.ones(3), np.full(3, 2.0), activation), rtol=1e-12, atol=1e-300)
+        np.testing.assert_allclose(
+            out, naive.transform(x, w, np.ones(2), np.ones(3), np.full(3, 2.0), activation), rtol=1e-12, atol=1e-300
+        )
         assert np.all(np.isfinite(out))
 
 
@@ -112,7 +123,11 @@ def test_transform_matrix_is_plain_product(rng):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"weights": np.ones((4, 2))}, ValueError, r"weights must have shape \(d, m\) with d = features.shape\[1\] = 3"),
+        (
+            {"weights": np.ones((4, 2))},
+            ValueError,
+            r"weights must have shape \(d, m\) with d = features.shape\[1\] = 3",
+        ),
         ({"bias": np.ones(3)}, ValueError, r"bias must have shape \(2,\)"),
         ({"mean": np.ones(2)}, ValueError, r"mean must have shape \(3,\)"),
         ({"scale": np.array([1.0, 0.0, 1.0])}, ValueError, r"scale must be strictly positive, got scale\[1\]"),
@@ -142,7 +157,9 @@ def test_transform_properties(n, d, m, dtype, activation, seed):
     r = np.random.default_rng(seed)
     x = r.standard_normal((n, d)).astype(dtype)
     w = r.standard_normal((d, m)).astype(dtype)
-    out = transform(x, w, r.standard_normal(m), mean=r.standard_normal(d), scale=r.uniform(0.5, 2, d), activation=activation)
+    out = transform(
+        x, w, r.standard_normal(m), mean=r.standard_normal(d), scale=r.uniform(0.5, 2, d), activation=activation
+    )
     assert out.shape == (n, m) and out.dtype == dtype and np.all(np.isfinite(out))
     if activation in ("relu", "sigmoid"):
         assert out.min() >= 0
@@ -165,7 +182,9 @@ def test_moments_chunks_and_merge_equal_whole(rng, dtype):
     # Tree merge of per-chunk moments (as devices would do).
     parts = [moments_update(moments_init(6), chunk) for chunk in chunks]
     while len(parts) > 1:
-        parts = [moments_merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        parts = [
+            moments_merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)
+        ]
     x64 = x.astype(np.float64)
     for m in (sequential, parts[0]):
         assert isinstance(m, Moments) and m.count == 1000
@@ -199,10 +218,22 @@ def test_moments_inputs_are_not_modified(rng):
         (lambda: moments_init(0), ValueError, "d must be >= 1"),
         (lambda: moments_update(moments_init(3), np.ones((4, 2))), ValueError, "X must have 3 columns"),
         (lambda: moments_update(moments_init(2), [[1.0, np.nan]]), ValueError, "X contains 1 NaN or inf"),
-        (lambda: moments_merge(moments_init(2), moments_init(3)), ValueError, "cannot merge moments over 2 and 3 features"),
+        (
+            lambda: moments_merge(moments_init(2), moments_init(3)),
+            ValueError,
+            "cannot merge moments over 2 and 3 features",
+        ),
         (lambda: moments_scale(moments_init(2)), ValueError, r"moments hold no rows \(count == 0\)"),
-        (lambda: moments_update((1.0, np.zeros(2)), np.ones((1, 2))), TypeError, r"m must be a Moments\(count, mean, m2\)"),
-        (lambda: moments_scale(Moments(-1.0, np.zeros(2), np.zeros(2))), ValueError, "m.count must be a finite number >= 0"),
+        (
+            lambda: moments_update((1.0, np.zeros(2)), np.ones((1, 2))),
+            TypeError,
+            r"m must be a Moments\(count, mean, m2\)",
+        ),
+        (
+            lambda: moments_scale(Moments(-1.0, np.zeros(2), np.zeros(2))),
+            ValueError,
+            "m.count must be a finite number >= 0",
+        ),
         (lambda: moments_scale(Moments(2.0, np.zeros(2), -np.ones(2))), ValueError, "m.m2 holds negative"),
     ],
 )
@@ -445,9 +476,17 @@ def test_project_matches_naive(rng):
         (lambda: fd_update(fd_init(5, 4), np.ones((3, 6))), ValueError, "X must have 5 columns"),
         (lambda: fd_update(fd_init(5, 4), np.full((3, 5), np.nan)), ValueError, "X contains 15 NaN"),
         (lambda: fd_update(np.ones((1, 5)), np.ones((3, 5))), ValueError, "sketch must have at least 2 rows"),
-        (lambda: fd_merge(fd_init(5, 4), fd_init(5, 6)), ValueError, r"cannot merge sketches of shapes \(4, 5\) and \(6, 5\)"),
+        (
+            lambda: fd_merge(fd_init(5, 4), fd_init(5, 6)),
+            ValueError,
+            r"cannot merge sketches of shapes \(4, 5\) and \(6, 5\)",
+        ),
         (lambda: fd_basis(fd_init(5, 4), k=0), ValueError, "k must be >= 1"),
-        (lambda: project(np.ones((3, 5)), np.ones((2, 4))), ValueError, r"basis must have shape \(k, d\) with d = X.shape\[1\] = 5"),
+        (
+            lambda: project(np.ones((3, 5)), np.ones((2, 4))),
+            ValueError,
+            r"basis must have shape \(k, d\) with d = X.shape\[1\] = 5",
+        ),
         (lambda: project(np.ones((3, 2)), np.eye(2), scale=[1.0, -1.0]), ValueError, "scale must be strictly positive"),
     ],
 )

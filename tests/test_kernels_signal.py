@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 
-import naive_signal as naive
 import numpy as np
 import pytest
 import scipy.signal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from biofed.kernels import biosensor
+import naive_signal as naive
 from biofed.kernels import (
     BIOSENSOR_FEATURES,
     EEG_BANDS,
@@ -19,6 +18,7 @@ from biofed.kernels import (
     SpectralPlan,
     band_power_plan,
     band_powers,
+    biosensor,
     count_windows,
     detect_peaks,
     heart_rate_features,
@@ -155,7 +155,9 @@ def test_count_windows_bad_input(args, match):
 # spectral: band_powers
 
 
-@pytest.mark.parametrize(("fs", "window", "nperseg"), [(500.0, 1000, None), (250.0, 500, None), (160.0, 320, 100), (100.0, 333, 65)])
+@pytest.mark.parametrize(
+    ("fs", "window", "nperseg"), [(500.0, 1000, None), (250.0, 500, None), (160.0, 320, 100), (100.0, 333, 65)]
+)
 def test_band_powers_match_scipy_welch(rng, fs, window, nperseg):
     x = rng.standard_normal((3, 4, window)) + 0.5
     bands = EEG_BANDS if fs >= 100 else EEG_BANDS[:4]
@@ -296,8 +298,9 @@ def test_plan_equals_one_call_functions_and_segments_equal_batch(rng, make_plan)
     windows = np.ascontiguousarray(sliding_windows(x, plan.window, hop))
     batch = spectral_features(windows, plan)
     if plan.log == "ln":
-        direct = log_band_energies(windows, plan.fs, n_bands=plan.n_bands, scale="linear" if plan.fs == 1000.0 else "mel",
-                                   nperseg=plan.nperseg)
+        direct = log_band_energies(
+            windows, plan.fs, n_bands=plan.n_bands, scale="linear" if plan.fs == 1000.0 else "mel", nperseg=plan.nperseg
+        )
     else:
         direct = band_powers(windows, plan.fs, EEG_BANDS[: plan.n_bands], nperseg=plan.nperseg, log=plan.log == "log10")
     np.testing.assert_array_equal(batch, direct)
@@ -305,7 +308,9 @@ def test_plan_equals_one_call_functions_and_segments_equal_batch(rng, make_plan)
     starts = np.arange(0, x.shape[1] - plan.nperseg + 1, plan.step)
     powers = segment_powers(x, starts, plan)
     n_bins = plan.weights.shape[0]
-    np.testing.assert_allclose(powers, naive.segment_powers(x, starts, plan.nperseg, plan.kmin, n_bins), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        powers, naive.segment_powers(x, starts, plan.nperseg, plan.kmin, n_bins), rtol=1e-10, atol=1e-12
+    )
     firsts = np.arange(len(windows)) * 2
     np.testing.assert_array_equal(reduce_segments(powers, firsts, plan), batch)  # bit for bit
     for dtype in (np.float32, np.float64):
@@ -325,8 +330,9 @@ def test_float32_features_within_documented_tolerance(request, rng, source):
     audio = np.cumsum(rng.standard_normal((1, 64000)), axis=1) * 1e-3 + 0.2 * rng.standard_normal((1, 64000))
     wa = np.ascontiguousarray(sliding_windows(audio, 32000, 16000))
     mel = log_band_energy_plan(16000.0, 32000)
-    np.testing.assert_allclose(spectral_features(wa.astype(np.float32), mel), spectral_features(wa, mel),
-                               rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL)
+    np.testing.assert_allclose(
+        spectral_features(wa.astype(np.float32), mel), spectral_features(wa, mel), rtol=FLOAT32_RTOL, atol=FLOAT32_RTOL
+    )
 
 
 @pytest.mark.parametrize(
@@ -342,8 +348,16 @@ def test_float32_features_within_documented_tolerance(request, rng, source):
         (lambda p: segment_powers(np.ones((1, 100)), [-1], p), ValueError, "segment starts must lie"),
         (lambda p: segment_powers(np.ones((1, 100)), [0.5], p), TypeError, "starts must be a 1-D array of integers"),
         (lambda p: segment_powers(np.ones(100), [0], p), ValueError, "x must be 2-D"),
-        (lambda p: reduce_segments(np.ones((1, 1, 3)), [0], p), ValueError, r"powers must have shape \(n_segments, n_channels, \d+\)"),
-        (lambda p: reduce_segments(segment_powers(np.ones((1, 100)), [0, 32], p), [1], p), ValueError, "needs 2 segments"),
+        (
+            lambda p: reduce_segments(np.ones((1, 1, 3)), [0], p),
+            ValueError,
+            r"powers must have shape \(n_segments, n_channels, \d+\)",
+        ),
+        (
+            lambda p: reduce_segments(segment_powers(np.ones((1, 100)), [0, 32], p), [1], p),
+            ValueError,
+            "needs 2 segments",
+        ),
     ],
 )
 def test_plan_and_segment_bad_input(call, error, match):
@@ -382,7 +396,9 @@ def test_log_band_energies_default_frame_grows_for_narrow_bands(rng):
     # at 1 kHz with 32 mel bands from 20 Hz the lowest band is ~22 Hz wide: 32 ms frames
     # (df = 31 Hz) would leave bands empty, so the frame grows to 64 samples
     x = rng.standard_normal((1, 1, 2000))
-    np.testing.assert_allclose(log_band_energies(x, 1000.0), naive.log_band_energies(x, 1000.0, 32, 20.0, 500.0, 64), rtol=1e-10)
+    np.testing.assert_allclose(
+        log_band_energies(x, 1000.0), naive.log_band_energies(x, 1000.0, 32, 20.0, 500.0, 64), rtol=1e-10
+    )
 
 
 @pytest.mark.parametrize("tone_hz", [150.0, 1000.0, 3500.0])
@@ -407,7 +423,9 @@ def test_log_band_energies_on_real_heart_sound(shared_datasets):
     x = np.loadtxt(path)[None]
     w = sliding_windows(x, int(2 * fs), int(fs))
     out = log_band_energies(w, fs, n_bands=16)  # default frame at 1 kHz: 32 ms = 32 samples
-    np.testing.assert_allclose(out, naive.log_band_energies(np.array(w), fs, 16, 20.0, fs / 2, 32), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        out, naive.log_band_energies(np.array(w), fs, 16, 20.0, fs / 2, 32), rtol=1e-9, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize(
@@ -535,7 +553,11 @@ def ppg_like(fs, duration_s, rate_bpm, *, rng):
     period = 60.0 / rate_bpm
     phase = (t % period) / period
     pulse = phase**2 * np.exp(-phase / 0.12) * 100 + 0.25 * np.exp(-0.5 * ((phase - 0.55) / 0.07) ** 2)
-    return pulse * (1 + 0.2 * np.sin(2 * np.pi * 0.25 * t)) + 0.3 * np.sin(2 * np.pi * 0.1 * t) + 0.01 * rng.standard_normal(t.size)
+    return (
+        pulse * (1 + 0.2 * np.sin(2 * np.pi * 0.25 * t))
+        + 0.3 * np.sin(2 * np.pi * 0.1 * t)
+        + 0.01 * rng.standard_normal(t.size)
+    )
 
 
 @pytest.mark.parametrize("rate_bpm", [55.0, 72.0, 110.0])
@@ -626,7 +648,11 @@ def test_real_ecg_text_matches_find_peaks_reference(shared_datasets):
         (lambda: detect_peaks(np.ones((2, 10)), 100.0), ValueError, "x must be 1-D"),
         (lambda: detect_peaks(np.ones(10), 0.0), ValueError, "fs must be a finite number > 0"),
         (lambda: detect_peaks(np.ones(10), 100.0, min_distance_s=0.0), ValueError, "min_distance_s must be"),
-        (lambda: detect_peaks(np.ones(10), 100.0, prominence=-1.0), ValueError, "prominence must be a finite number >= 0"),
+        (
+            lambda: detect_peaks(np.ones(10), 100.0, prominence=-1.0),
+            ValueError,
+            "prominence must be a finite number >= 0",
+        ),
         (lambda: detect_peaks(np.ones(10), 100.0, prominence="high"), TypeError, "prominence must be a number"),
         (lambda: window_statistics(np.full((1, 1, 5), np.nan), 10.0), ValueError, "NaN or inf"),
         (lambda: window_statistics(np.ones((1, 5)), 10.0), ValueError, "windows must be 3-D"),

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import naive_linalg as naive
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import naive_linalg as naive
 from biofed.kernels import check_random_state, clip_l2, init_params, loss_and_grad, n_params, predict_proba, train
 from biofed.kernels.training import _per_example_grads, dp_sgd
 from biofed.privacy_ledger import PrivacyLedger
@@ -73,7 +73,9 @@ def test_loss_and_grad_matches_numpy_and_finite_differences(rng, hidden, l2):
     for i in range(p.size):
         e = np.zeros_like(p)
         e[i] = eps
-        fd[i] = (loss_and_grad(p + e, x, y, 3, hidden, l2=l2)[0] - loss_and_grad(p - e, x, y, 3, hidden, l2=l2)[0]) / (2 * eps)
+        fd[i] = (loss_and_grad(p + e, x, y, 3, hidden, l2=l2)[0] - loss_and_grad(p - e, x, y, 3, hidden, l2=l2)[0]) / (
+            2 * eps
+        )
     np.testing.assert_allclose(grad, fd, atol=1e-7)
 
 
@@ -151,8 +153,9 @@ def test_per_example_gradients_and_their_clipped_sum(rng, hidden, clip):
     grads = np.empty((12, p.size))
     loss_sum = _per_example_grads(p, x, y, 3, hidden, grads)
     for i in range(12):
-        np.testing.assert_allclose(grads[i], naive.loss_and_grad(p, x[i : i + 1], y[i : i + 1], 3, hidden)[1],
-                                   rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(
+            grads[i], naive.loss_and_grad(p, x[i : i + 1], y[i : i + 1], 3, hidden)[1], rtol=1e-10, atol=1e-14
+        )
     assert loss_sum == pytest.approx(12 * naive.loss_and_grad(p, x, y, 3, hidden)[0], rel=1e-12)
     total, _ = ClippedSum(grads, clip, 0.0).clipped_total()
     np.testing.assert_allclose(total, naive.clipped_grad_sum(p, x, y, 3, hidden, clip), rtol=1e-10, atol=1e-14)
@@ -191,7 +194,9 @@ def test_prox_term_pulls_toward_center(rng):
     assert np.linalg.norm(prox - center) < 0.7 * np.linalg.norm(free - center)
     # With data-free gradients the prox term alone contracts toward the center geometrically.
     start = center + 1.0
-    moved = train(start, x[:1], y[:1], 3, 4, epochs=1, batch_size=1, lr=0.5, prox_mu=1.0, prox_center=center, random_state=0)[0]
+    moved = train(
+        start, x[:1], y[:1], 3, 4, epochs=1, batch_size=1, lr=0.5, prox_mu=1.0, prox_center=center, random_state=0
+    )[0]
     assert np.linalg.norm(moved - center) < 0.7 * np.linalg.norm(start - center)
 
 
@@ -228,8 +233,16 @@ P_OK = np.zeros(12)
     [
         (lambda: loss_and_grad(P_OK, np.full((4, 3), np.nan), Y_OK, 3), ValueError, "X contains 12 NaN or inf"),
         (lambda: loss_and_grad(P_OK, np.zeros(3), Y_OK, 3), ValueError, "X must be 2-D"),
-        (lambda: loss_and_grad(np.zeros(11), X_OK, Y_OK, 3), ValueError, "params has 11 entries but a model with d=3, n_classes=3, hidden=0 needs 12"),
-        (lambda: loss_and_grad(P_OK, X_OK, np.array([0, 1, 3, 1]), 3), ValueError, r"labels must lie in \[0, 3\) for n_classes=3, found label 3"),
+        (
+            lambda: loss_and_grad(np.zeros(11), X_OK, Y_OK, 3),
+            ValueError,
+            "params has 11 entries but a model with d=3, n_classes=3, hidden=0 needs 12",
+        ),
+        (
+            lambda: loss_and_grad(P_OK, X_OK, np.array([0, 1, 3, 1]), 3),
+            ValueError,
+            r"labels must lie in \[0, 3\) for n_classes=3, found label 3",
+        ),
         (lambda: loss_and_grad(P_OK, X_OK, np.array([0, -1, 2, 1]), 3), ValueError, "found label -1"),
         (lambda: loss_and_grad(P_OK, X_OK, Y_OK.astype(float), 3), TypeError, "y must hold integer class labels"),
         (lambda: loss_and_grad(P_OK, X_OK, Y_OK[:3], 3), ValueError, r"y must have shape \(4,\) to match X"),
@@ -242,14 +255,26 @@ P_OK = np.zeros(12)
         (lambda: train(P_OK, X_OK, Y_OK, 3, batch_size=0), ValueError, "batch_size must be >= 1"),
         (lambda: train(P_OK, X_OK, Y_OK, 3, prox_mu=0.1), ValueError, "prox_mu > 0 needs prox_center"),
         (lambda: train(P_OK, X_OK, Y_OK, 3, prox_mu=0.1, prox_center=np.zeros(5)), ValueError, "params has 5 entries"),
-        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=0, sampling_rate=0.5, release=np.sum), ValueError,
-         "steps must be >= 1"),
-        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=0.0, release=np.sum), ValueError,
-         r"sampling_rate must be in \(0, 1\]"),
-        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=0.5, release=None), TypeError,
-         "release must be a callable"),
-        (lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=1.0, release=lambda g: np.zeros(2)), ValueError,
-         "release returned shape"),
+        (
+            lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=0, sampling_rate=0.5, release=np.sum),
+            ValueError,
+            "steps must be >= 1",
+        ),
+        (
+            lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=0.0, release=np.sum),
+            ValueError,
+            r"sampling_rate must be in \(0, 1\]",
+        ),
+        (
+            lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=0.5, release=None),
+            TypeError,
+            "release must be a callable",
+        ),
+        (
+            lambda: dp_sgd(P_OK, X_OK, Y_OK, 3, steps=1, sampling_rate=1.0, release=lambda g: np.zeros(2)),
+            ValueError,
+            "release returned shape",
+        ),
         (lambda: train(P_OK, X_OK, Y_OK, 3, random_state=1.5), TypeError, "random_state must be None"),
         (lambda: train(P_OK, (X_OK + 1) * 1e300, Y_OK, 3, lr=1e300), FloatingPointError, "training diverged"),
         (lambda: clip_l2(np.ones(3), 0.0), ValueError, "max_norm must be a finite number > 0"),
@@ -281,8 +306,9 @@ def test_training_shapes_and_dtypes(n, d, c, hidden, dtype, seed):
     np.testing.assert_allclose(proba.sum(axis=1), 1.0)
     loss, grad = loss_and_grad(p, x, y, c, hidden)
     assert grad.shape == (n_params(d, c, hidden),) and np.isfinite(loss) and loss >= 0
-    trained, mean_loss = dp_sgd(p, x, y, c, hidden, steps=3, sampling_rate=1.0, release=_record_gate(1.0, 0.5)[1],
-                                random_state=seed)
+    trained, mean_loss = dp_sgd(
+        p, x, y, c, hidden, steps=3, sampling_rate=1.0, release=_record_gate(1.0, 0.5)[1], random_state=seed
+    )
     assert trained.shape == p.shape and trained.dtype == np.float64 and np.isfinite(mean_loss)
 
 

@@ -17,7 +17,6 @@ import time
 import numpy as np
 import psutil
 import pytest
-from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 from click.testing import CliRunner
 
 from biofed.apps.cli import cli
@@ -27,6 +26,7 @@ from biofed.datasets import Annotation, Recording, make_recording
 from biofed.datasets.live import BadSpans, Gap, LslError, LslPlayer, LslSource
 from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.edge.continuous import ContinuousIngestion
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -77,7 +77,7 @@ def test_source_aligns_every_modality_on_the_recordings_clock_with_marker_labels
         reference = sig.data[0]
         first = int(np.argmin(np.abs(reference - data[0, 0]) + np.abs(np.roll(reference, -1) - data[0, 1])))
         tol = 1e-6 * np.abs(sig.data).max() if modality == "audio" else 0.0  # audio travels as float32
-        np.testing.assert_allclose(data, sig.data[:, first:first + data.shape[1]], atol=tol, rtol=0)
+        np.testing.assert_allclose(data, sig.data[:, first : first + data.shape[1]], atol=tol, rtol=0)
         starts[modality] = first / sig.sfreq
         assert [c.t0 for c in parts] == sorted(c.t0 for c in parts)
         assert {c.label for c in parts} == {"rest"}
@@ -85,8 +85,11 @@ def test_source_aligns_every_modality_on_the_recordings_clock_with_marker_labels
     assert max(starts.values()) - min(starts.values()) <= 1.0 / 250.0 + 1e-9
 
 
-@pytest.mark.xfail(reason="known bug: after the player restarts, liblsl's recovered inlet delivers the new "
-                   "stream's samples only about 28 s later, past the test's window", strict=False)
+@pytest.mark.xfail(
+    reason="known bug: after the player restarts, liblsl's recovered inlet delivers the new "
+    "stream's samples only about 28 s later, past the test's window",
+    strict=False,
+)
 @pytest.mark.slow
 def test_a_dropped_stream_is_reconnected_and_the_gap_reported():
     rec = synthetic(seconds=40.0)
@@ -130,8 +133,13 @@ def test_bad_markers_open_spans_that_drop_windows():
     from biofed.model import FeatureLayout
 
     rec = synthetic(seconds=40.0)
-    rec = Recording(signals=rec.signals, annotations=(Annotation(14.0, 2.0, "BAD_motion"),), label="rest",
-                    subject=rec.subject, source="bad.fif")
+    rec = Recording(
+        signals=rec.signals,
+        annotations=(Annotation(14.0, 2.0, "BAD_motion"),),
+        label="rest",
+        subject=rec.subject,
+        source="bad.fif",
+    )
     name = unique("bad")
     player = LslPlayer(rec, name).start()
     source = LslSource(name, resolve_timeout_s=2.0)
@@ -179,11 +187,14 @@ def test_missing_stream_is_a_clear_error():
         source.open()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(names=()), "non-empty stream names"),
-    (dict(names="x", gap_tolerance_s=0), "gap_tolerance_s"),
-    (dict(names="x", poll_s=float("nan")), "poll_s"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(names=()), "non-empty stream names"),
+        (dict(names="x", gap_tolerance_s=0), "gap_tolerance_s"),
+        (dict(names="x", poll_s=float("nan")), "poll_s"),
+    ],
+)
 def test_bad_source_settings_are_clear_errors(kwargs, match):
     names = kwargs.pop("names")
     with pytest.raises(ValueError, match=match):
@@ -204,13 +215,18 @@ def test_play_and_replay_lsl_commands_compute_features_over_loopback(tmp_path):
     files = write_synthetic_devices(tmp_path, 1, duration_s=40.0, random_state=5)["device00"]
     fif = next(f for f in files if f.suffix == ".fif")
     name = unique("cli")
-    player = subprocess.Popen([sys.executable, "-m", "biofed", "play", str(fif), "--lsl", name],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    player = subprocess.Popen(
+        [sys.executable, "-m", "biofed", "play", str(fif), "--lsl", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     out = tmp_path / "live.npz"
     try:
         assert player.stdout.readline().startswith("playing 1 file(s) as LSL streams")  # outlets exist now
-        result = CliRunner().invoke(cli, ["replay", "--lsl", name, "--seconds", "8", "--timeout", "10",
-                                          "--no-progress", "--out", str(out)])
+        result = CliRunner().invoke(
+            cli, ["replay", "--lsl", name, "--seconds", "8", "--timeout", "10", "--no-progress", "--out", str(out)]
+        )
     finally:
         player.terminate()
         player.wait(timeout=30)
@@ -237,8 +253,13 @@ def test_replay_needs_files_or_lsl_with_seconds():
 @pytest.mark.slow
 def test_agent_ingests_a_live_source_and_keeps_its_windows(tmp_path):
     name = unique("agent")
-    config = DeviceConfig(device_id="pi-01", fleet="ward7", store_path=tmp_path / "features.sqlite",
-                          sources=[{"kind": "lsl", "name": name, "resolve_timeout_s": 2.0}], warmup=False)
+    config = DeviceConfig(
+        device_id="pi-01",
+        fleet="ward7",
+        store_path=tmp_path / "features.sqlite",
+        sources=[{"kind": "lsl", "name": name, "resolve_timeout_s": 2.0}],
+        warmup=False,
+    )
     agent = EdgeAgent(config)
     player = LslPlayer(synthetic("arithmetic", seconds=60.0), name).start()
     stop = threading.Event()
@@ -266,8 +287,13 @@ def test_watched_folder_is_ingested_without_restart(tmp_path):
     source_files = write_synthetic_devices(tmp_path / "made", 1, duration_s=8.0, random_state=2)["device00"]
     watched = tmp_path / "incoming"
     watched.mkdir()
-    config = DeviceConfig(device_id="pi-01", fleet="ward7", store_path=tmp_path / "features.sqlite",
-                          sources=[{"kind": "file", "path": watched, "watch": True}], warmup=False)
+    config = DeviceConfig(
+        device_id="pi-01",
+        fleet="ward7",
+        store_path=tmp_path / "features.sqlite",
+        sources=[{"kind": "file", "path": watched, "watch": True}],
+        warmup=False,
+    )
     agent = EdgeAgent(config)
     stop = threading.Event()
     ingestion = ContinuousIngestion(agent, watch_interval_s=0.2)
@@ -315,8 +341,13 @@ def test_agent_with_an_lsl_source_answers_tasks_over_mqtt(amqtt_broker, tmp_path
     name = unique("mqtt")
     topics = Topics("ward7")
     broker = broker_settings(amqtt_broker, "3.1.1")
-    config = DeviceConfig(device_id="pi-01", fleet="ward7", store_path=tmp_path / "features.sqlite", broker=broker,
-                          sources=[{"kind": "lsl", "name": name, "resolve_timeout_s": 2.0}])
+    config = DeviceConfig(
+        device_id="pi-01",
+        fleet="ward7",
+        store_path=tmp_path / "features.sqlite",
+        broker=broker,
+        sources=[{"kind": "lsl", "name": name, "resolve_timeout_s": 2.0}],
+    )
     agent = EdgeAgent(config)
     player = LslPlayer(synthetic("rest", seconds=60.0), name, repeat=10).start()  # outlives a cold warm-up
     coordinator = MqttClient(amqtt_broker.host, amqtt_broker.port, "coordinator", protocol="3.1.1").connect()
@@ -328,8 +359,15 @@ def test_agent_with_an_lsl_source_answers_tasks_over_mqtt(amqtt_broker, tmp_path
             while agent.n_rows < 4 and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert agent.n_rows >= 4
-            task = Task(round=1, model=np.empty(0), basis_version=0, classes=("rest", "arithmetic"),
-                        deadline=time.time() + 60, phase="moments", clip_norm=1e6)
+            task = Task(
+                round=1,
+                model=np.empty(0),
+                basis_version=0,
+                classes=("rest", "arithmetic"),
+                deadline=time.time() + 60,
+                phase="moments",
+                clip_norm=1e6,
+            )
             coordinator.publish(topics.task, encode_message(task, fleet="ward7", sender="coordinator"))
             sketch = None
             while sketch is None and time.monotonic() < deadline:

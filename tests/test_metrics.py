@@ -21,8 +21,9 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-dashboard.js
 
 
 def _coordinator(tmp_path) -> Coordinator:
-    config = CoordinatorConfig(fleet="ward7", rounds=3, state_dir=tmp_path / "state",
-                               dp={"epsilon_budget": 6.0, "noise_multiplier": 1.0})
+    config = CoordinatorConfig(
+        fleet="ward7", rounds=3, state_dir=tmp_path / "state", dp={"epsilon_budget": 6.0, "noise_multiplier": 1.0}
+    )
     return Coordinator(config)
 
 
@@ -33,9 +34,12 @@ def _agent(tmp_path) -> EdgeAgent:
 def _samples(registry) -> dict[str, float]:
     text = generate_latest(registry).decode()
     return {
-        sample.name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items())) + "}"
-                       if sample.labels else ""): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
+        sample.name
+        + (
+            "{" + ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items())) + "}" if sample.labels else ""
+        ): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }
 
 
@@ -49,17 +53,33 @@ def test_coordinator_hooks_and_scrape_time_state(tmp_path):
     metrics.received("biofed/ward7/status/pi-01", 50, "status")
     metrics.sent(300)
     metrics.round_opened(4)
-    record = RoundRecord(round=4, phase="train", train_round=2, n_selected=2, n_devices=2, mean_loss=0.5,
-                         balanced_accuracy=0.7, eval_windows=10, epsilon_rdp=1.5, epsilon_pld=1.25,
-                         sampling_rate=1.0, noise_multiplier=1.0, clip_norm=1.0, attempts=1,
-                         finished=time.time() + 3)  # committed 3 s after the task went out
+    record = RoundRecord(
+        round=4,
+        phase="train",
+        train_round=2,
+        n_selected=2,
+        n_devices=2,
+        mean_loss=0.5,
+        balanced_accuracy=0.7,
+        eval_windows=10,
+        epsilon_rdp=1.5,
+        epsilon_pld=1.25,
+        sampling_rate=1.0,
+        noise_multiplier=1.0,
+        clip_norm=1.0,
+        attempts=1,
+        finished=time.time() + 3,
+    )  # committed 3 s after the task went out
     metrics.round_closed(record)
     series = _samples(metrics.registry)
     assert series["biofed_coordinator_devices_online"] == 2 and series["biofed_coordinator_devices_known"] == 3
     assert series['biofed_coordinator_messages_rejected_total{reason="late"}'] == 2
     assert series['biofed_coordinator_messages_rejected_total{reason="BadSignature"}'] == 1
     assert series['biofed_coordinator_updates_accepted_total{kind="update"}'] == 1
-    assert series["biofed_coordinator_received_bytes_total"] == 1050 and series["biofed_coordinator_sent_bytes_total"] == 300
+    assert (
+        series["biofed_coordinator_received_bytes_total"] == 1050
+        and series["biofed_coordinator_sent_bytes_total"] == 300
+    )
     assert series['biofed_coordinator_rounds_total{phase="train"}'] == 1
     assert series['biofed_coordinator_round{phase="train"}'] == 4
     assert 2.5 < series['biofed_coordinator_round_duration_seconds_sum{phase="train"}'] < 10
@@ -93,18 +113,40 @@ def test_agent_series_and_the_endpoint(tmp_path):
 def test_dashboard_queries_only_series_that_exist(tmp_path):
     coordinator, agent = _coordinator(tmp_path), _agent(tmp_path)
     try:
-        coordinator.metrics.round_closed(RoundRecord(
-            round=1, phase="train", train_round=1, n_selected=1, n_devices=1, mean_loss=None, balanced_accuracy=None,
-            eval_windows=0, epsilon_rdp=1.0, epsilon_pld=None, sampling_rate=1.0, noise_multiplier=1.0,
-            clip_norm=1.0, attempts=1, finished=0.0))
+        coordinator.metrics.round_closed(
+            RoundRecord(
+                round=1,
+                phase="train",
+                train_round=1,
+                n_selected=1,
+                n_devices=1,
+                mean_loss=None,
+                balanced_accuracy=None,
+                eval_windows=0,
+                epsilon_rdp=1.0,
+                epsilon_pld=None,
+                sampling_rate=1.0,
+                noise_multiplier=1.0,
+                clip_norm=1.0,
+                attempts=1,
+                finished=0.0,
+            )
+        )
         coordinator.metrics.received("biofed/ward7/update/pi-01", 1, "accepted")
         agent.metrics.task_answered(1, "train")
-        exposed = {family.name for registry in (coordinator.metrics.registry, agent.metrics.registry)
-                   for family in text_string_to_metric_families(generate_latest(registry).decode())}
+        exposed = {
+            family.name
+            for registry in (coordinator.metrics.registry, agent.metrics.registry)
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+        }
         exposed |= {f"{name}_total" for name in exposed} | {f"{name}_bucket" for name in exposed}
     finally:
         agent.close()
     dashboard = json.loads(DASHBOARD.read_text())
-    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
-               for name in re.findall(r"\b((?:biofed|process)_[a-z_]+)", target["expr"])}
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b((?:biofed|process)_[a-z_]+)", target["expr"])
+    }
     assert queried and queried <= exposed, queried - exposed

@@ -54,8 +54,11 @@ def test_columns_are_named_modality_channel_feature(layout):
     assert layout.modality_names == ("eeg", "bio")
     bands = [name for name, _, _ in CONFIG.bands]
     eeg = [f"eeg:{ch}:{band}" for ch in ("Fp1", "Cz") for band in bands]
-    bio = ([f"bio:ECG:{f}" for f in BIO_STATISTICS + HR_FEATURES] + [f"bio:EDA:{f}" for f in BIO_STATISTICS]
-           + [f"bio:PPG:{f}" for f in BIO_STATISTICS + HR_FEATURES])
+    bio = (
+        [f"bio:ECG:{f}" for f in BIO_STATISTICS + HR_FEATURES]
+        + [f"bio:EDA:{f}" for f in BIO_STATISTICS]
+        + [f"bio:PPG:{f}" for f in BIO_STATISTICS + HR_FEATURES]
+    )
     assert layout.feature_names == tuple(eeg + bio)
     assert layout.n_features == len(eeg) + len(bio) == 10 + 19
     assert layout.modality("bio").hr_channels == (0, 2) and layout.modality("audio") is None
@@ -88,8 +91,13 @@ def test_bio_columns_place_what_the_kernels_compute(layout):
 def test_hash_keys_the_store_and_json_round_trips(layout):
     # the feature store is keyed by this hash: its formula must not drift
     params = {"window_s": 2.0, "hop_s": 1.0, "bands": [list(b) for b in CONFIG.bands], "n_mels": 32}
-    payload = json.dumps({"params": json.dumps(params, sort_keys=True),
-                          "modalities": [dataclasses.astuple(m) for m in layout.modalities]}, sort_keys=True)
+    payload = json.dumps(
+        {
+            "params": json.dumps(params, sort_keys=True),
+            "modalities": [dataclasses.astuple(m) for m in layout.modalities],
+        },
+        sort_keys=True,
+    )
     assert layout.hash == hashlib.sha256(payload.encode()).hexdigest()[:16] == "3d98cdbbfa0ab63e"
     assert FeatureLayout.from_json(layout.to_json()) == layout
     assert FeatureLayout.from_json(layout.to_json()).hash == layout.hash
@@ -111,22 +119,26 @@ def test_spectral_plan_is_the_kernels_plan(layout):
         thin.spectral_plan(thin.modality("eeg"))
 
 
-@pytest.mark.parametrize(("channels", "match"), [
-    ({}, "none of the configured modalities"),
-    ({"emg": (100.0, ("x",), ("misc",))}, "unknown modality 'emg'"),
-    ({"bio": (0.5, ("x",), ("eda",))}, r"sample\(s\) per 2.0 s window"),
-    ({"eeg": (64.0, ("Cz",), ("eeg",))}, r"band\(s\) \['gamma'\] reach above the Nyquist frequency 32.0 Hz"),
-    ({"eeg": (100.0, ("Cz", "Cz"), ("eeg", "eeg"))}, "unique channel names"),
-    ({"eeg": (float("nan"), ("Cz",), ("eeg",))}, "finite and > 0 Hz"),
-])
+@pytest.mark.parametrize(
+    ("channels", "match"),
+    [
+        ({}, "none of the configured modalities"),
+        ({"emg": (100.0, ("x",), ("misc",))}, "unknown modality 'emg'"),
+        ({"bio": (0.5, ("x",), ("eda",))}, r"sample\(s\) per 2.0 s window"),
+        ({"eeg": (64.0, ("Cz",), ("eeg",))}, r"band\(s\) \['gamma'\] reach above the Nyquist frequency 32.0 Hz"),
+        ({"eeg": (100.0, ("Cz", "Cz"), ("eeg", "eeg"))}, "unique channel names"),
+        ({"eeg": (float("nan"), ("Cz",), ("eeg",))}, "finite and > 0 Hz"),
+    ],
+)
 def test_bad_channels_are_refused(channels, match):
     with pytest.raises(LayoutError, match=match):
         FeatureLayout.from_channels(channels, CONFIG)
 
 
 def test_settings_come_from_a_config_or_keywords(layout):
-    explicit = FeatureLayout.from_channels(CHANNELS, window_s=2.0, hop_s=1.0, bands=CONFIG.bands, n_mels=32,
-                                           modalities=("eeg", "bio"))
+    explicit = FeatureLayout.from_channels(
+        CHANNELS, window_s=2.0, hop_s=1.0, bands=CONFIG.bands, n_mels=32, modalities=("eeg", "bio")
+    )
     assert explicit == layout
     with pytest.raises(TypeError, match="needs settings .* or hop_s, bands, n_mels, modalities"):
         FeatureLayout.from_channels(CHANNELS, window_s=2.0)
@@ -156,13 +168,16 @@ def test_fit_basis_is_the_standardized_pca_basis():
     assert (basis.k, basis.n_features) == (3, 6)
 
 
-@pytest.mark.parametrize(("basis", "n_features", "match"), [
-    ((np.eye(2), np.zeros(2)), None, r"\(components, mean, scale\) tuple"),
-    ((np.eye(3), np.zeros(3), np.ones(3)), 4, r"shape \(k, 4\)"),
-    ((np.eye(3), np.zeros(2), np.ones(3)), None, r"shape \(3,\)"),
-    ((np.eye(3), np.zeros(3), np.array([1.0, 0.0, 1.0])), None, "scale > 0"),
-    ((np.full((1, 3), np.nan), np.zeros(3), np.ones(3)), None, "finite"),
-])
+@pytest.mark.parametrize(
+    ("basis", "n_features", "match"),
+    [
+        ((np.eye(2), np.zeros(2)), None, r"\(components, mean, scale\) tuple"),
+        ((np.eye(3), np.zeros(3), np.ones(3)), 4, r"shape \(k, 4\)"),
+        ((np.eye(3), np.zeros(2), np.ones(3)), None, r"shape \(3,\)"),
+        ((np.eye(3), np.zeros(3), np.array([1.0, 0.0, 1.0])), None, "scale > 0"),
+        ((np.full((1, 3), np.nan), np.zeros(3), np.ones(3)), None, "finite"),
+    ],
+)
 def test_bad_basis_is_refused(basis, n_features, match):
     with pytest.raises(BasisError, match=match):
         Basis.checked(basis, n_features)
@@ -195,8 +210,18 @@ def _model(layout, hidden=0, **changes) -> ModelFile:
     rng = np.random.default_rng(1)
     basis = fit_basis(rng.standard_normal((40, layout.n_features)), k=4)
     params = init_params(4, 2, hidden, random_state=0)
-    model = ModelFile(params, ("rest", "task"), hidden, basis, 3, "ward7", 12, 9, layout,
-                      PrivacySpec(2.5, 1e-5, "rdp", {"rdp": 2.5, "pld": 2.1}, "central", 1.1))
+    model = ModelFile(
+        params,
+        ("rest", "task"),
+        hidden,
+        basis,
+        3,
+        "ward7",
+        12,
+        9,
+        layout,
+        PrivacySpec(2.5, 1e-5, "rdp", {"rdp": 2.5, "pld": 2.1}, "central", 1.1),
+    )
     return dataclasses.replace(model, **changes)
 
 
@@ -207,9 +232,18 @@ def test_model_file_round_trip(layout, tmp_path):
     np.testing.assert_array_equal(loaded.params, model.params)
     for mine, theirs in zip(loaded.basis, model.basis):
         np.testing.assert_array_equal(mine, theirs)
-    assert (loaded.classes, loaded.hidden, loaded.basis_version, loaded.fleet, loaded.round, loaded.train_round,
-            loaded.layout, loaded.privacy, loaded.standardization, loaded.stop_reason) == (
-        model.classes, 3, 3, "ward7", 12, 9, layout, model.privacy, "global", "budget")
+    assert (
+        loaded.classes,
+        loaded.hidden,
+        loaded.basis_version,
+        loaded.fleet,
+        loaded.round,
+        loaded.train_round,
+        loaded.layout,
+        loaded.privacy,
+        loaded.standardization,
+        loaded.stop_reason,
+    ) == (model.classes, 3, 3, "ward7", 12, 9, layout, model.privacy, "global", "budget")
     arrays = model.to_arrays()
     del arrays["layout"], arrays["epsilon"], arrays["standardization"], arrays["stop_reason"]
     old = ModelFile.load(save_arrays(tmp_path / "old.npz", arrays))  # written before these keys existed

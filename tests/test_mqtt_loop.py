@@ -7,10 +7,10 @@ import threading
 import time
 
 import pytest
-from brokers import mosquitto_broker  # noqa: F401  (pytest fixture)
 
 from biofed.mqtt import MqttClient
 from biofed.mqtt_loop import NetworkLoop
+from brokers import mosquitto_broker  # noqa: F401  (pytest fixture)
 
 
 @pytest.fixture
@@ -44,12 +44,14 @@ def test_one_thread_serves_clients_whose_descriptors_exceed_fd_setsize(mosquitto
             def on_message(inbound) -> None:
                 with lock:
                     got.setdefault(name, []).append(inbound.payload)
+
             return on_message
 
         threads_before = threading.active_count()
         for i in range(30):
-            client = MqttClient(broker.host, broker.port, f"dev-{i}", protocol="5", network=network,
-                                on_message=collector(f"dev-{i}"))
+            client = MqttClient(
+                broker.host, broker.port, f"dev-{i}", protocol="5", network=network, on_message=collector(f"dev-{i}")
+            )
             clients.append(client.connect())
             client.subscribe("fleet/task", qos=1)
         assert threading.active_count() == threads_before  # no thread per client
@@ -69,9 +71,16 @@ def test_one_thread_serves_clients_whose_descriptors_exceed_fd_setsize(mosquitto
 def test_a_dropped_client_reconnects_and_gets_what_was_queued(mosquitto_broker, network):
     broker = mosquitto_broker
     received: list[bytes] = []
-    client = MqttClient(broker.host, broker.port, "dev-drop", protocol="5", network=network,
-                        reconnect_min_delay_s=0.2, reconnect_max_delay_s=1.0,
-                        on_message=lambda inbound: received.append(inbound.payload)).connect()
+    client = MqttClient(
+        broker.host,
+        broker.port,
+        "dev-drop",
+        protocol="5",
+        network=network,
+        reconnect_min_delay_s=0.2,
+        reconnect_max_delay_s=1.0,
+        on_message=lambda inbound: received.append(inbound.payload),
+    ).connect()
     other = MqttClient(broker.host, broker.port, "coordinator", protocol="5", network=network).connect()
     try:
         client.subscribe("fleet/model", qos=1)

@@ -12,19 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
+from biofed.apps.federation import write_synthetic_devices
 from biofed.config import CoordinatorConfig, DeviceConfig
 from biofed.coordinator.onnx_export import build_model
 from biofed.coordinator.server import Coordinator
 from biofed.coordinator.state import CoordinatorState
-from biofed.apps.federation import write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.edge.inference import OnnxModel
 from biofed.kernels import init_params, predict_proba, project, train
 from biofed.model import FeatureLayout, ModelFile, PrivacySpec, fit_basis
 from biofed.mqtt import MqttClient
 from biofed.protocol import Model, Prediction, Status, Topics, decode_topic_message, encode_message
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 FLEET = "ward7"
 DEVICE = "device00"
@@ -35,8 +35,7 @@ SECONDS = 12.0
 
 @pytest.fixture(scope="module")
 def recordings(tmp_path_factory) -> list[Path]:
-    return write_synthetic_devices(tmp_path_factory.mktemp("recordings"), 1, duration_s=SECONDS,
-                                   random_state=5)[DEVICE]
+    return write_synthetic_devices(tmp_path_factory.mktemp("recordings"), 1, duration_s=SECONDS, random_state=5)[DEVICE]
 
 
 @pytest.fixture(scope="module")
@@ -52,19 +51,26 @@ def ingested(recordings, tmp_path_factory):
     basis = fit_basis(X, 8)
     Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
     params, _ = train(init_params(8, 2, 4, random_state=0), Z, y, 2, 4, epochs=20, lr=0.1, random_state=0)
-    model = ModelFile(params, CLASSES, 4, basis, 1, FLEET, 9, 3, layout,
-                      PrivacySpec(1.5, 1e-5, "rdp", {"rdp": 1.5}))
+    model = ModelFile(params, CLASSES, 4, basis, 1, FLEET, 9, 3, layout, PrivacySpec(1.5, 1e-5, "rdp", {"rdp": 1.5}))
     return path, layout, model
 
 
 def _agent(recordings, store, **config) -> EdgeAgent:
-    return EdgeAgent(DeviceConfig(device_id=DEVICE, fleet=FLEET, recordings=tuple(recordings), store_path=store,
-                                  **config), random_state=0)
+    return EdgeAgent(
+        DeviceConfig(device_id=DEVICE, fleet=FLEET, recordings=tuple(recordings), store_path=store, **config),
+        random_state=0,
+    )
 
 
 def _model_message(model: ModelFile, onnx_bytes: bytes) -> Model:
-    return Model(round=model.round, params=model.params, basis_version=1, classes=CLASSES, hidden=model.hidden,
-                 onnx=np.frombuffer(onnx_bytes, dtype=np.uint8))
+    return Model(
+        round=model.round,
+        params=model.params,
+        basis_version=1,
+        classes=CLASSES,
+        hidden=model.hidden,
+        onnx=np.frombuffer(onnx_bytes, dtype=np.uint8),
+    )
 
 
 def _send(agent, topic, payload):
@@ -73,8 +79,9 @@ def _send(agent, topic, payload):
 
 def _numba(model: ModelFile, X) -> np.ndarray:
     basis = model.basis
-    return predict_proba(model.params, project(X, basis.components, mean=basis.mean, scale=basis.scale), 2,
-                         model.hidden)
+    return predict_proba(
+        model.params, project(X, basis.components, mean=basis.mean, scale=basis.scale), 2, model.hidden
+    )
 
 
 def test_agent_reports_layout_and_predicts_with_the_onnx_model(recordings, ingested, tmp_path, caplog):
@@ -96,8 +103,9 @@ def test_agent_reports_layout_and_predicts_with_the_onnx_model(recordings, inges
 
         # a model trained on another layout (same width) is refused, and predictions stop
         eeg = layout.modality("eeg")
-        other = dataclasses.replace(layout, modalities=(dataclasses.replace(eeg, ch_names=("X1",) + eeg.ch_names[1:]),
-                                                        *layout.modalities[1:]))
+        other = dataclasses.replace(
+            layout, modalities=(dataclasses.replace(eeg, ch_names=("X1",) + eeg.ch_names[1:]), *layout.modalities[1:])
+        )
         wrong = dataclasses.replace(model, round=10, layout=other)
         with caplog.at_level(logging.ERROR, logger="biofed.edge.agent"):
             assert _send(agent, TOPICS.model, _model_message(wrong, build_model(wrong).SerializeToString())) == []
@@ -120,8 +128,14 @@ def test_live_agent_predicts_every_new_window(amqtt_broker, recordings, ingested
     _, _, model = ingested
     broker = {"host": amqtt_broker.host, "port": amqtt_broker.port, "protocol": "3.1.1"}
     with MqttClient(amqtt_broker.host, amqtt_broker.port, "coordinator", protocol="3.1.1") as coordinator:
-        coordinator.publish(TOPICS.model, encode_message(_model_message(model, build_model(model).SerializeToString()),
-                                                         fleet=FLEET, sender="coordinator"), qos=1, retain=True)
+        coordinator.publish(
+            TOPICS.model,
+            encode_message(
+                _model_message(model, build_model(model).SerializeToString()), fleet=FLEET, sender="coordinator"
+            ),
+            qos=1,
+            retain=True,
+        )
         coordinator.subscribe(TOPICS.all_devices("prediction"))
         agent = _agent(recordings, tmp_path / "features.sqlite", predict=True, replay_speed=10.0, broker=broker)
         stop = threading.Event()
@@ -147,8 +161,9 @@ def test_live_agent_predicts_every_new_window(amqtt_broker, recordings, ingested
     index = {float(ti): i for i, ti in enumerate(t)}
     assert set(by_time) <= set(index)
     rows = [index[ti] for ti in sorted(by_time)]
-    np.testing.assert_allclose(np.array([by_time[ti] for ti in sorted(by_time)]), _numba(model, X[rows]),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array([by_time[ti] for ti in sorted(by_time)]), _numba(model, X[rows]), rtol=0, atol=1e-5
+    )
 
 
 def test_coordinator_exports_each_round_with_the_reported_layout(ingested, tmp_path, caplog):
@@ -165,11 +180,17 @@ def test_coordinator_exports_each_round_with_the_reported_layout(ingested, tmp_p
     assert not (tmp_path / "state" / "model_latest.onnx").exists()
 
     other_width = dataclasses.replace(layout, modalities=layout.modalities[:1])
-    for device, text in (("d1", layout.to_json()), ("d2", layout.to_json()), ("d3", other_width.to_json()),
-                         ("d4", "{not json")):
+    for device, text in (
+        ("d1", layout.to_json()),
+        ("d2", layout.to_json()),
+        ("d3", other_width.to_json()),
+        ("d4", "{not json"),
+    ):
         status = Status(round=0, state="online", layout=text)
-        assert coordinator.ingest.handle(TOPICS.status(device), encode_message(status, fleet=FLEET,
-                                                                               sender=device)) == "status"
+        assert (
+            coordinator.ingest.handle(TOPICS.status(device), encode_message(status, fleet=FLEET, sender=device))
+            == "status"
+        )
     with caplog.at_level(logging.WARNING, logger="biofed.coordinator.server"):
         onnx_bytes = coordinator._export(8)
     assert "device d4 reported an unreadable feature layout" in caplog.text
@@ -197,14 +218,18 @@ def test_protocol_carries_onnx_bytes_and_layouts(ingested):
 
     _, layout, model = ingested
     data = build_model(model).SerializeToString()
-    message = decode_topic_message(TOPICS, TOPICS.model, encode_message(_model_message(model, data), fleet=FLEET,
-                                                                        sender="coordinator"))
+    message = decode_topic_message(
+        TOPICS, TOPICS.model, encode_message(_model_message(model, data), fleet=FLEET, sender="coordinator")
+    )
     assert message.payload.onnx.tobytes() == data and OnnxModel(message.payload.onnx.tobytes()).layout == layout
     assert Model(round=1, params=model.params, basis_version=1, classes=CLASSES).onnx.size == 0  # optional
     with pytest.raises(InvalidPayload, match="Model.onnx must be a uint8 byte array, got float32"):
         Model(round=1, params=model.params, basis_version=1, classes=CLASSES, onnx=np.zeros(3, dtype=np.float32))
     with pytest.raises(InvalidPayload, match="Status.layout must be a JSON string, got dict"):
         Status(round=0, state="online", layout={"window_s": 2.0})
-    status = decode_topic_message(TOPICS, TOPICS.status(DEVICE), encode_message(
-        Status(round=0, state="online", layout=layout.to_json()), fleet=FLEET, sender=DEVICE)).payload
+    status = decode_topic_message(
+        TOPICS,
+        TOPICS.status(DEVICE),
+        encode_message(Status(round=0, state="online", layout=layout.to_json()), fleet=FLEET, sender=DEVICE),
+    ).payload
     assert FeatureLayout.from_json(status.layout) == layout

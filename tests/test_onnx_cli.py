@@ -27,8 +27,9 @@ def _write_fif(path, recording):
 
     eeg, bio = recording.signals["eeg"], recording.signals["bio"]
     ecg = [i for i, t in enumerate(bio.ch_types) if t == "ecg"]
-    info = mne.create_info(list(eeg.ch_names) + [bio.ch_names[i] for i in ecg], eeg.sfreq,
-                           ["eeg"] * len(eeg.ch_names) + ["ecg"] * len(ecg))
+    info = mne.create_info(
+        list(eeg.ch_names) + [bio.ch_names[i] for i in ecg], eeg.sfreq, ["eeg"] * len(eeg.ch_names) + ["ecg"] * len(ecg)
+    )
     raw = mne.io.RawArray(np.vstack([eeg.data, bio.data[ecg]]), info, verbose="error")
     raw.set_annotations(mne.Annotations([0.0], [recording.duration], [recording.label]))
     raw.save(path, overwrite=True, verbose="error")
@@ -39,8 +40,10 @@ def _write_fif(path, recording):
 def trained(tmp_path_factory):
     """Two FIF sessions, a model file trained on their windows, and the Numba probabilities."""
     folder = tmp_path_factory.mktemp("onnx_cli")
-    files = [_write_fif(folder / f"s{i}_{label}_raw.fif", make_recording(label, duration_s=20.0, random_state=i))
-             for i, label in enumerate(CLASSES)]
+    files = [
+        _write_fif(folder / f"s{i}_{label}_raw.fif", make_recording(label, duration_s=20.0, random_state=i))
+        for i, label in enumerate(CLASSES)
+    ]
     recordings = [read_recording(f) for f in files]
     config = PipelineConfig()
     rows = [extract_features(r, config)[0] for r in recordings]
@@ -50,8 +53,18 @@ def trained(tmp_path_factory):
     Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
     params, _ = train(init_params(Z.shape[1], 2, 0, random_state=0), Z, y, 2, epochs=30, lr=0.1, random_state=0)
     spec = FeatureLayout.from_recording(recordings[0], config)
-    model = ModelFile(params, CLASSES, 0, basis, 1, "ward7", 21, 20, spec,
-                      PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0))
+    model = ModelFile(
+        params,
+        CLASSES,
+        0,
+        basis,
+        1,
+        "ward7",
+        21,
+        20,
+        spec,
+        PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0),
+    )
     npz = save_arrays(folder / "model_final.npz", model.to_arrays())
     proba = predict_proba(params, project(rows[1], basis.components, mean=basis.mean, scale=basis.scale), 2)
     return folder, files, npz, proba
@@ -123,9 +136,12 @@ def test_predict_bad_inputs(trained, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x00\x01 definitely not protobuf")
     result = _run("predict", "--model", tmp_path / "junk.onnx", files[0])
     assert result.exit_code == 1 and "junk.onnx: not a loadable ONNX model" in result.output
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "plain",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     plain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(plain, tmp_path / "plain.onnx")
     result = _run("predict", "--model", tmp_path / "plain.onnx", files[0])
@@ -138,9 +154,10 @@ def test_predict_bad_inputs(trained, tmp_path):
 
 def test_predict_calibrate_option(tmp_path):
     """A device-standardized model: --calibrate sets the standardization; a global one refuses it."""
-    files = [_write_fif(tmp_path / f"{label}_raw.fif", make_recording(label, duration_s=20.0, subject="s3",
-                                                                      random_state=i))
-             for i, label in enumerate(CLASSES)]
+    files = [
+        _write_fif(tmp_path / f"{label}_raw.fif", make_recording(label, duration_s=20.0, subject="s3", random_state=i))
+        for i, label in enumerate(CLASSES)
+    ]
     recordings = [read_recording(f) for f in files]
     config = PipelineConfig()
     rows = [extract_features(r, config)[0] for r in recordings]
@@ -149,15 +166,36 @@ def test_predict_calibrate_option(tmp_path):
     y = np.concatenate([np.full(len(r), i, dtype=np.int64) for i, r in enumerate(rows)])
     basis = fit_basis(Z, 16)
     d = Z.shape[1]
-    params, _ = train(init_params(16, 2, 0, random_state=0), Z @ basis.components.T, y, 2, epochs=30, lr=0.1,
-                      random_state=0)
+    params, _ = train(
+        init_params(16, 2, 0, random_state=0), Z @ basis.components.T, y, 2, epochs=30, lr=0.1, random_state=0
+    )
     spec = FeatureLayout.from_recording(recordings[0], config)
-    model = ModelFile(params, CLASSES, 0, Basis(basis.components, np.zeros(d), np.ones(d)), 1, "ward7", 21, 20, spec,
-                      PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0), standardization="device")
+    model = ModelFile(
+        params,
+        CLASSES,
+        0,
+        Basis(basis.components, np.zeros(d), np.ones(d)),
+        1,
+        "ward7",
+        21,
+        20,
+        spec,
+        PrivacySpec(3.25, 1e-5, "rdp", {"rdp": 3.25}, "central", 1.0),
+        standardization="device",
+    )
     npz = save_arrays(tmp_path / "device.npz", model.to_arrays())
     assert _run("export", "--model", npz, "--out", tmp_path / "device.onnx").exit_code == 0
-    result = _run("predict", "--model", tmp_path / "device.onnx", "--summary-only", files[1],
-                  "--calibrate", files[0], "--calibrate", files[1])
+    result = _run(
+        "predict",
+        "--model",
+        tmp_path / "device.onnx",
+        "--summary-only",
+        files[1],
+        "--calibrate",
+        files[0],
+        "--calibrate",
+        files[1],
+    )
     assert result.exit_code == 0, result.output
     assert f"standardization: the subject's own, from {files[0]}, {files[1]}" in result.output
     expected = predict_proba(params, ((rows[1] - mean) / scale) @ basis.components.T, 2).argmax(axis=1)
@@ -168,7 +206,8 @@ def test_predict_calibrate_option(tmp_path):
     result = _run("predict", "--model", tmp_path / "device.onnx", files[1], "--calibrate", tmp_path / "absent.edf")
     assert result.exit_code == 1 and "absent.edf: no such recording file" in result.output
     global_npz = dataclasses.replace(model, standardization="global", basis=Basis(basis.components, mean, scale)).save(
-        tmp_path / "global.npz")
+        tmp_path / "global.npz"
+    )
     assert _run("export", "--model", global_npz, "--out", tmp_path / "global.onnx").exit_code == 0
     result = _run("predict", "--model", tmp_path / "global.onnx", files[1], "--calibrate", files[0])
     assert result.exit_code == 1 and "calibration recordings apply only" in result.output
@@ -180,8 +219,10 @@ def test_predict_refuses_other_layout(trained, shared_datasets):
     assert _run("export", "--model", npz, "--out", model).exit_code == 0
     result = _run("predict", "--model", model, shared_datasets / "eegmat" / "Subject02_2.edf")
     assert result.exit_code == 1
-    assert "does not fit" in result.output and "eeg: the model expects 250 Hz but the data is sampled at 500 Hz" \
-        in result.output
+    assert (
+        "does not fit" in result.output
+        and "eeg: the model expects 250 Hz but the data is sampled at 500 Hz" in result.output
+    )
 
 
 def test_predict_a_session_of_two_files(tmp_path):
@@ -200,15 +241,18 @@ def test_predict_a_session_of_two_files(tmp_path):
     params, _ = train(init_params(8, 2, 0, random_state=0), Z, y, 2, epochs=30, lr=0.1, random_state=0)
     spec = FeatureLayout.from_recording(sessions[0], config)
     npz = ModelFile(params, CLASSES, 0, basis, 1, "demo", 3, 2, spec, PrivacySpec(None, None, "rdp")).save(
-        tmp_path / "model.npz")
+        tmp_path / "model.npz"
+    )
     assert _run("export", "--model", npz, "--out", tmp_path / "m.onnx").exit_code == 0
     result = _run("predict", "--model", tmp_path / "m.onnx", "--summary-only", files[2], files[3])
     assert result.exit_code == 0, result.output
     expected = predict_proba(params, project(rows[1], basis.components, mean=basis.mean, scale=basis.scale), 2)
     n_arith = int(np.sum(expected.argmax(axis=1) == 1))
     assert f" s, {len(rows[1])} windows)" in result.output
-    assert f"accuracy: {n_arith / len(rows[1]):.3f} ({n_arith}/{len(rows[1])} windows labelled arithmetic)" \
+    assert (
+        f"accuracy: {n_arith / len(rows[1]):.3f} ({n_arith}/{len(rows[1])} windows labelled arithmetic)"
         in result.output
+    )
     assert "no finite differential-privacy guarantee" in result.output
     result = _run("predict", "--model", tmp_path / "m.onnx", files[2])  # the WAV forgotten
     assert result.exit_code == 1

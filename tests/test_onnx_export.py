@@ -35,8 +35,14 @@ from biofed.model import METADATA_KEYS, FeatureLayout, ModelFile, ModelFileError
 from biofed.model.format import KEY_FORMAT
 
 CLASSES = ("rest", "arithmetic")
-PRIVACY = PrivacySpec(epsilon=2.5, delta=1e-5, accountant="rdp", epsilons={"rdp": 2.5, "pld": 2.1},
-                      trust_mode="central", noise_multiplier=1.1)
+PRIVACY = PrivacySpec(
+    epsilon=2.5,
+    delta=1e-5,
+    accountant="rdp",
+    epsilons={"rdp": 2.5, "pld": 2.1},
+    trust_mode="central",
+    noise_multiplier=1.1,
+)
 
 
 def _model_file(X, y, spec, hidden, *, k=32, seed=0) -> ModelFile:
@@ -45,8 +51,18 @@ def _model_file(X, y, spec, hidden, *, k=32, seed=0) -> ModelFile:
     Z = project(X, basis.components, mean=basis.mean, scale=basis.scale)
     params = init_params(Z.shape[1], len(CLASSES), hidden, random_state=seed)
     params, _ = train(params, Z, y, len(CLASSES), hidden, epochs=15, lr=0.1, random_state=seed)
-    return ModelFile(params, CLASSES, hidden, basis, basis_version=3,
-                     fleet="ward7", round=12, train_round=9, layout=spec, privacy=PRIVACY)
+    return ModelFile(
+        params,
+        CLASSES,
+        hidden,
+        basis,
+        basis_version=3,
+        fleet="ward7",
+        round=12,
+        train_round=9,
+        layout=spec,
+        privacy=PRIVACY,
+    )
 
 
 def _numba_proba(model: ModelFile, X) -> np.ndarray:
@@ -115,7 +131,12 @@ def test_checker_opset_and_metadata_round_trip(synthetic):
         meta = _load(model, input_kind=kind).metadata
         assert meta == ModelMetadata.from_props(props)
         assert (meta.biofed_version, meta.fleet, meta.round, meta.train_round, meta.basis_version) == (
-            __version__, "ward7", 12, 9, 3)
+            __version__,
+            "ward7",
+            12,
+            9,
+            3,
+        )
         assert (meta.classes, meta.kind, meta.hidden) == (CLASSES, "mlp", 8)
         assert (meta.k, meta.n_features) == (model.k, X.shape[1])
         assert meta.input_kind == kind and meta.dtype == "float32"
@@ -129,8 +150,9 @@ def test_checker_opset_and_metadata_round_trip(synthetic):
 def _extractor(spec: FeatureLayout, dtype: str):
     import onnxruntime as ort
 
-    return ort.InferenceSession(build_feature_extractor(spec, dtype=dtype).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        build_feature_extractor(spec, dtype=dtype).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-10), ("float32", 1e-5)])
@@ -191,7 +213,7 @@ def test_window_features_match_band_powers_eegmat(eegmat):
     windows = np.ascontiguousarray(sliding_windows(signal.data, 1000, 500)[:20])
     (out,) = session.run(None, {"eeg": windows})
     expected = band_powers(windows, 500.0, spec.bands).reshape(20, -1)
-    np.testing.assert_allclose(10.0 ** out, expected, rtol=1e-5)
+    np.testing.assert_allclose(10.0**out, expected, rtol=1e-5)
 
 
 def test_window_model_matches_pipeline_eegmat(eegmat):
@@ -220,10 +242,16 @@ def test_wrong_layout_refused(synthetic, eegmat):
     eeg = rec.signals["eeg"]
     names = list(eeg.ch_names)
     names[0], names[1] = names[1], names[0]
-    swapped = Recording(rec.source, {**rec.signals, "eeg": Signal(eeg.data, eeg.sfreq, tuple(names), eeg.ch_types,
-                                                                   eeg.units)}, label=rec.label)
-    with pytest.raises(LayoutMismatch, match=rf"eeg: channel 0 is '{eeg.ch_names[0]}' in the model but "
-                                             rf"'{eeg.ch_names[1]}' in the data"):
+    swapped = Recording(
+        rec.source,
+        {**rec.signals, "eeg": Signal(eeg.data, eeg.sfreq, tuple(names), eeg.ch_types, eeg.units)},
+        label=rec.label,
+    )
+    with pytest.raises(
+        LayoutMismatch,
+        match=rf"eeg: channel 0 is '{eeg.ch_names[0]}' in the model but "
+        rf"'{eeg.ch_names[1]}' in the data",
+    ):
         model.predict_recording(swapped)
     other = dataclasses.replace(spec, window_s=4.0)
     with pytest.raises(LayoutMismatch, match=r"window_s = 2.0 but the data's pipeline uses window_s = 4.0"):

@@ -33,15 +33,17 @@ from biofed.model import (
 from biofed.model.format import KEY_STANDARDIZATION
 
 CLASSES = ("rest", "arithmetic")
-PRIVACY = PrivacySpec(epsilon=8.1, delta=1e-5, accountant="rdp", epsilons={"rdp": 8.1}, trust_mode="central",
-                      noise_multiplier=2.0)
+PRIVACY = PrivacySpec(
+    epsilon=8.1, delta=1e-5, accountant="rdp", epsilons={"rdp": 8.1}, trust_mode="central", noise_multiplier=2.0
+)
 
 
 @pytest.fixture(scope="module")
 def device_model():
     """A recording, its raw rows and a logistic regression trained on its z-scored rows (device mode)."""
-    recordings = [make_recording(label, duration_s=20.0, subject="s7", random_state=i)
-                  for i, label in enumerate(CLASSES)]
+    recordings = [
+        make_recording(label, duration_s=20.0, subject="s7", random_state=i) for i, label in enumerate(CLASSES)
+    ]
     config = PipelineConfig()
     rows = [extract_features(r, config) for r in recordings]
     X = np.vstack([r[0] for r in rows])
@@ -53,8 +55,19 @@ def device_model():
     params = init_params(basis.components.shape[0], 2, random_state=0)
     params, _ = train(params, Z @ basis.components.T, y, 2, epochs=15, lr=0.1, random_state=0)
     spec = FeatureLayout.from_recording(recordings[0], config)
-    model = ModelFile(params, CLASSES, 0, Basis(basis.components, np.zeros(d), np.ones(d)), basis_version=1, fleet="f",
-                      round=11, train_round=10, layout=spec, privacy=PRIVACY, standardization="device")
+    model = ModelFile(
+        params,
+        CLASSES,
+        0,
+        Basis(basis.components, np.zeros(d), np.ones(d)),
+        basis_version=1,
+        fleet="f",
+        round=11,
+        train_round=10,
+        layout=spec,
+        privacy=PRIVACY,
+        standardization="device",
+    )
     return recordings, model
 
 
@@ -127,5 +140,16 @@ def test_window_graph_of_a_device_model_is_refused(device_model):
 def test_model_file_rejects_unknown_standardization(device_model):
     _, model = device_model
     with pytest.raises(ModelFileError, match=r"standardization must be one of \('global', 'device'\)"):
-        ModelFile(model.params, CLASSES, 0, model.basis, basis_version=1, fleet="f",
-                  round=1, train_round=1, layout=None, privacy=PRIVACY, standardization="subject")
+        ModelFile(
+            model.params,
+            CLASSES,
+            0,
+            model.basis,
+            basis_version=1,
+            fleet="f",
+            round=1,
+            train_round=1,
+            layout=None,
+            privacy=PRIVACY,
+            standardization="subject",
+        )

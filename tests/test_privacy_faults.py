@@ -22,16 +22,16 @@ from collections import defaultdict
 import dp_accounting
 import numpy as np
 import pytest
-from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 from dp_accounting.rdp import RdpAccountant
 
+from biofed.apps.federation import AgentThreads, broker_settings, received, write_synthetic_devices
 from biofed.config import CoordinatorConfig, DeviceConfig
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.federation import AgentThreads, broker_settings, received, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent, Outgoing
 from biofed.mqtt import MqttClient
 from biofed.protocol import Basis, Model, Sketch, Status, Topics, Update, decode_topic_message
 from biofed.secure_aggregation import SecAggUpload
+from brokers import amqtt_broker  # noqa: F401  (pytest fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -64,29 +64,69 @@ def never(message) -> bool:
     return False
 
 
-def _run(amqtt_broker, recordings, tmp_path, *, mode, silences, min_devices, rounds=1, max_retries=1,
-         coordinator_cls=Coordinator, extra_dp=None):
+def _run(
+    amqtt_broker,
+    recordings,
+    tmp_path,
+    *,
+    mode,
+    silences,
+    min_devices,
+    rounds=1,
+    max_retries=1,
+    coordinator_cls=Coordinator,
+    extra_dp=None,
+):
     """Run a federation; return (coordinator, run state, agents, what the spy received)."""
     broker = broker_settings(amqtt_broker, "3.1.1")
     devices = sorted(recordings)[: len(silences)]
     config = CoordinatorConfig(
-        fleet=FLEET, broker=broker, rounds=rounds, min_devices=min_devices, round_deadline_s=6.0,
-        state_dir=tmp_path / "state", model={"basis_k": 6}, training={"lr": 0.3},
-        dp={"trust_mode": mode, "noise_multiplier": Z, "basis_noise_multiplier": Z_BASIS, "clip_norm": 1.0,
-            "basis_clip_norm": 1e3, "secagg_step_timeout_s": 3.0, **(extra_dp or {})},
+        fleet=FLEET,
+        broker=broker,
+        rounds=rounds,
+        min_devices=min_devices,
+        round_deadline_s=6.0,
+        state_dir=tmp_path / "state",
+        model={"basis_k": 6},
+        training={"lr": 0.3},
+        dp={
+            "trust_mode": mode,
+            "noise_multiplier": Z,
+            "basis_noise_multiplier": Z_BASIS,
+            "clip_norm": 1.0,
+            "basis_clip_norm": 1e3,
+            "secagg_step_timeout_s": 3.0,
+            **(extra_dp or {}),
+        },
     )
     spy = MqttClient(amqtt_broker.host, amqtt_broker.port, "adversary", protocol="3.1.1").connect()
     for kind in ("update", "sketch", "secagg", "status"):
         spy.subscribe(TOPICS.all_devices(kind))
     spy.subscribe(TOPICS.model)
     spy.subscribe(TOPICS.basis)
-    agents = [FaultyAgent(DeviceConfig(device_id=d, fleet=FLEET, broker=broker, recordings=tuple(recordings[d]),
-                                       store_path=tmp_path / f"{d}.sqlite"), silent, random_state=i)
-              for i, (d, silent) in enumerate(zip(devices, silences))]
+    agents = [
+        FaultyAgent(
+            DeviceConfig(
+                device_id=d,
+                fleet=FLEET,
+                broker=broker,
+                recordings=tuple(recordings[d]),
+                store_path=tmp_path / f"{d}.sqlite",
+            ),
+            silent,
+            random_state=i,
+        )
+        for i, (d, silent) in enumerate(zip(devices, silences))
+    ]
     try:
         with AgentThreads(agents):
-            coordinator = coordinator_cls(config, discovery_timeout_s=60.0, accountants=("rdp",),
-                                          max_retries=max_retries, rng=np.random.default_rng(0))
+            coordinator = coordinator_cls(
+                config,
+                discovery_timeout_s=60.0,
+                accountants=("rdp",),
+                max_retries=max_retries,
+                rng=np.random.default_rng(0),
+            )
             try:
                 state = coordinator.run()
             except _Crash:
@@ -144,9 +184,16 @@ def _assert_no_cleartext(received, agents):
         if isinstance(payload, Update):
             metrics = payload.metrics
             assert payload.n_examples == 0 and not payload.clipped and payload.norm_bit is None, payload
-            assert (metrics.loss, metrics.n_windows, metrics.rss_bytes, metrics.cpu_time_s, metrics.bytes_sent,
-                    metrics.bytes_received, metrics.eval_balanced_accuracy, metrics.eval_windows) == \
-                (0.0, 0, 0, 0.0, 0, 0, None, 0), metrics
+            assert (
+                metrics.loss,
+                metrics.n_windows,
+                metrics.rss_bytes,
+                metrics.cpu_time_s,
+                metrics.bytes_sent,
+                metrics.bytes_received,
+                metrics.eval_balanced_accuracy,
+                metrics.eval_windows,
+            ) == (0.0, 0, 0, 0.0, 0, 0, None, 0), metrics
             releases[m.sender] += payload.delta.size > 0
         elif isinstance(payload, Sketch):
             assert not payload.clipped
@@ -166,8 +213,15 @@ def test_local_mode_retried_rounds_are_charged(amqtt_broker, recordings, tmp_pat
     attempt's noised updates reached the coordinator, so every attempt is charged."""
     silent_updates = lambda m: isinstance(m.payload, Update)  # noqa: E731
     coordinator, state, agents, received, _ = _run(
-        amqtt_broker, recordings, tmp_path, mode="local", silences=[never, never, silent_updates], min_devices=3,
-        rounds=2, max_retries=2)
+        amqtt_broker,
+        recordings,
+        tmp_path,
+        mode="local",
+        silences=[never, never, silent_updates],
+        min_devices=3,
+        rounds=2,
+        max_retries=2,
+    )
     assert state is RunState.ABORTED
     honest, per_device = _received_epsilon("local", received)
     assert coordinator.ledger.count("train") == 3  # three attempts, all charged
@@ -181,7 +235,8 @@ def test_local_mode_dropout_after_the_basis(amqtt_broker, recordings, tmp_path):
     """A device drops out after the basis phase (goes silent): the rounds continue with the others."""
     dropout = lambda m: m.kind == "update"  # noqa: E731
     coordinator, state, agents, received, _ = _run(
-        amqtt_broker, recordings, tmp_path, mode="local", silences=[never, never, dropout], min_devices=2, rounds=2)
+        amqtt_broker, recordings, tmp_path, mode="local", silences=[never, never, dropout], min_devices=2, rounds=2
+    )
     assert state is RunState.DONE
     honest, _ = _received_epsilon("local", received)
     assert coordinator.ledger.epsilon() >= honest - 1e-9
@@ -201,8 +256,13 @@ def _silent_at(step):
 def test_distributed_mode_silence_at_every_step(amqtt_broker, recordings, tmp_path, step):
     """4 devices, min_devices = secagg threshold = 3; the last device is silent at one step."""
     coordinator, state, agents, received, _ = _run(
-        amqtt_broker, recordings, tmp_path, mode="distributed", silences=[never, never, never, _silent_at(step)],
-        min_devices=3)
+        amqtt_broker,
+        recordings,
+        tmp_path,
+        mode="distributed",
+        silences=[never, never, never, _silent_at(step)],
+        min_devices=3,
+    )
     assert state is RunState.DONE
     assert coordinator.settings.secagg_threshold == 3
     honest, _ = _received_epsilon("distributed", received, threshold=3)
@@ -216,8 +276,14 @@ def test_distributed_mode_abort_at_the_unmasking_is_charged(amqtt_broker, record
     charged before it went out, so the ledger over-counts rather than trusting the abort."""
     unmask = _silent_at("unmask")
     coordinator, state, agents, received, _ = _run(
-        amqtt_broker, recordings, tmp_path, mode="distributed", silences=[never, never, unmask, unmask],
-        min_devices=3, max_retries=1)
+        amqtt_broker,
+        recordings,
+        tmp_path,
+        mode="distributed",
+        silences=[never, never, unmask, unmask],
+        min_devices=3,
+        max_retries=1,
+    )
     assert state is RunState.ABORTED
     honest, _ = _received_epsilon("distributed", received, threshold=3)
     assert coordinator.ledger.count("train") == 2  # both unmask requests were charged
@@ -241,12 +307,21 @@ class CrashingCoordinator(Coordinator):
 
 
 def test_central_mode_restart_between_charged_and_published(amqtt_broker, recordings, tmp_path):
-    first, state, _, received, _ = _run(amqtt_broker, recordings, tmp_path, mode="central", silences=[never] * 3,
-                                        min_devices=3, rounds=2, coordinator_cls=CrashingCoordinator)
+    first, state, _, received, _ = _run(
+        amqtt_broker,
+        recordings,
+        tmp_path,
+        mode="central",
+        silences=[never] * 3,
+        min_devices=3,
+        rounds=2,
+        coordinator_cls=CrashingCoordinator,
+    )
     assert state is None and first.ledger.count("train") == 1  # crashed after the durable charge
     assert not [m for m in received if isinstance(m.payload, Model)]  # nothing of that round was published
-    second, state, agents, received, _ = _run(amqtt_broker, recordings, tmp_path, mode="central",
-                                              silences=[never] * 3, min_devices=3, rounds=2)
+    second, state, agents, received, _ = _run(
+        amqtt_broker, recordings, tmp_path, mode="central", silences=[never] * 3, min_devices=3, rounds=2
+    )
     assert state is RunState.DONE
     honest, _ = _received_epsilon("central", received)
     models = {m.round for m in received if isinstance(m.payload, Model)}

@@ -28,8 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("biofed", "coordinator", "edge", "kernels", "datasets")
 GATE = "biofed/privacy_mechanism.py"
 
-NOISE_DRAWS = {"normal", "standard_normal", "laplace", "gauss", "normalvariate", "multivariate_normal",
-               "standard_cauchy", "gumbel", "logistic", "exponential", "standard_exponential"}
+NOISE_DRAWS = {
+    "normal",
+    "standard_normal",
+    "laplace",
+    "gauss",
+    "normalvariate",
+    "multivariate_normal",
+    "standard_cauchy",
+    "gumbel",
+    "logistic",
+    "exponential",
+    "standard_exponential",
+}
 """Distribution samplers that could serve as privacy noise."""
 
 NOT_PRIVACY_NOISE = {
@@ -54,6 +65,7 @@ def _package_files():
 
 def _calls_with_function(tree):
     """(call node, name of the innermost enclosing function or "<module>")."""
+
     def visit(node, function):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -62,6 +74,7 @@ def _calls_with_function(tree):
                 if isinstance(child, ast.Call):
                     yield child, function
                 yield from visit(child, function)
+
     yield from visit(tree, "<module>")
 
 
@@ -77,8 +90,12 @@ def _called_name(call: ast.Call) -> str | None:
 def test_the_walk_sees_the_package():
     files = dict(_package_files())
     assert {GATE, "coordinator/server.py", "edge/agent.py", "edge/secure_aggregation.py"} <= set(files)
-    draws = [(f, fn) for f, tree in files.items() for call, fn in _calls_with_function(tree)
-             if _called_name(call) in NOISE_DRAWS]
+    draws = [
+        (f, fn)
+        for f, tree in files.items()
+        for call, fn in _calls_with_function(tree)
+        if _called_name(call) in NOISE_DRAWS
+    ]
     assert (GATE, "release") in draws  # the walk finds the gate's own draw
 
 
@@ -97,31 +114,45 @@ def test_no_noise_is_drawn_outside_the_gate():
 
 
 def test_every_exemption_names_a_draw_that_exists():
-    draws = {(path, fn) for path, tree in _package_files() for call, fn in _calls_with_function(tree)
-             if _called_name(call) in NOISE_DRAWS}
+    draws = {
+        (path, fn)
+        for path, tree in _package_files()
+        for call, fn in _calls_with_function(tree)
+        if _called_name(call) in NOISE_DRAWS
+    }
     files = {path for path, _ in draws}
     stale = [key for key in NOT_PRIVACY_NOISE if key not in draws and not (key[1] == "*" and key[0] in files)]
     assert not stale, f"exemptions without a draw (remove them): {stale}"
 
 
 def test_only_the_gate_charges_a_ledger():
-    offenders = [f"{path}:{call.lineno}" for path, tree in _package_files()
-                 if path not in (GATE, "biofed/privacy_ledger.py")
-                 for call, _ in _calls_with_function(tree) if _called_name(call) == "record_round"]
+    offenders = [
+        f"{path}:{call.lineno}"
+        for path, tree in _package_files()
+        if path not in (GATE, "biofed/privacy_ledger.py")
+        for call, _ in _calls_with_function(tree)
+        if _called_name(call) == "record_round"
+    ]
     assert not offenders, "ledger charged outside the privacy mechanism: " + ", ".join(offenders)
 
 
 def _assigned_values(function: ast.FunctionDef, name: str) -> list[ast.expr]:
-    return [node.value for node in ast.walk(function) if isinstance(node, ast.Assign)
-            for target in node.targets if isinstance(target, ast.Name) and target.id == name]
+    return [
+        node.value
+        for node in ast.walk(function)
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name) and target.id == name
+    ]
 
 
 def _from_the_gate_or_empty(value: ast.expr) -> bool:
     """A value released by the gate (``self._release(...)``, ``...release(...)``) or an empty array."""
     if isinstance(value, ast.Call):
         name = _called_name(value)
-        return name in ("_release", "release") or (name == "empty" and isinstance(value.args[0], ast.Constant)
-                                                    and value.args[0].value == 0)
+        return name in ("_release", "release") or (
+            name == "empty" and isinstance(value.args[0], ast.Constant) and value.args[0].value == 0
+        )
     return False
 
 
@@ -140,8 +171,8 @@ def test_device_payload_vectors_come_from_the_gate(payload, field):
             if isinstance(value, ast.Name):
                 assigned = _assigned_values(function, value.id)
                 assert assigned and all(_from_the_gate_or_empty(v) for v in assigned), (
-                    f"{function.name}: {payload}.{field} = {value.id} is assigned "
-                    f"{[ast.unparse(v) for v in assigned]}")
+                    f"{function.name}: {payload}.{field} = {value.id} is assigned {[ast.unparse(v) for v in assigned]}"
+                )
     assert built >= 1
 
 
@@ -180,20 +211,35 @@ def test_noise_generator_is_private_and_unseeded():
     assert not np.array_equal(a.release(Charge(1, "train", 1.0, 1.0), ClippedSum(np.zeros(8), 1.0, 1.0))[0], x)
 
 
-@pytest.mark.parametrize(("call", "error", "match"), [
-    (lambda g: g.release(Charge(0, "train", 1.0, 1.0)), ValueError, "at least one ClippedSum"),
-    (lambda g: g.release(Charge(0, "train", 1.0, 1.0), np.ones(3)), TypeError, "queries must be ClippedSum"),
-    (lambda g: g.release((0, "train", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, 1.0)), TypeError, "must be a Charge"),
-    (lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum(np.ones(3), 0.0, 1.0)), ValueError,
-     "clip_norm must be a finite number > 0"),
-    (lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, -1.0)), ValueError,
-     "noise_std must be a finite number >= 0"),
-    (lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum([np.nan, 1.0], 1.0, 1.0)), ValueError, "NaN"),
-    (lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum(np.ones((2, 2, 2)), 1.0, 1.0)), ValueError,
-     r"must be \(n, P\)"),
-    (lambda g: g.release(Charge(0, "eval", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, 1.0)), ValueError,
-     "kind must be one of"),
-])
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda g: g.release(Charge(0, "train", 1.0, 1.0)), ValueError, "at least one ClippedSum"),
+        (lambda g: g.release(Charge(0, "train", 1.0, 1.0), np.ones(3)), TypeError, "queries must be ClippedSum"),
+        (lambda g: g.release((0, "train", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, 1.0)), TypeError, "must be a Charge"),
+        (
+            lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum(np.ones(3), 0.0, 1.0)),
+            ValueError,
+            "clip_norm must be a finite number > 0",
+        ),
+        (
+            lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, -1.0)),
+            ValueError,
+            "noise_std must be a finite number >= 0",
+        ),
+        (lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum([np.nan, 1.0], 1.0, 1.0)), ValueError, "NaN"),
+        (
+            lambda g: g.release(Charge(0, "train", 1.0, 1.0), ClippedSum(np.ones((2, 2, 2)), 1.0, 1.0)),
+            ValueError,
+            r"must be \(n, P\)",
+        ),
+        (
+            lambda g: g.release(Charge(0, "eval", 1.0, 1.0), ClippedSum(np.ones(3), 1.0, 1.0)),
+            ValueError,
+            "kind must be one of",
+        ),
+    ],
+)
 def test_bad_releases_charge_nothing(call, error, match):
     gate = PrivacyMechanism(PrivacyLedger(1e-5))
     with pytest.raises(error, match=match):
@@ -213,8 +259,8 @@ def test_discrete_gaussian_matches_its_pmf():
     samples = discrete_gaussian(sigma, 20_000, _random.SystemRandom())
     assert samples.dtype == np.int64
     support = np.arange(-8, 9)
-    pmf = np.exp(-support.astype(float) ** 2 / (2 * sigma**2))
-    pmf /= np.exp(-np.arange(-60, 61, dtype=float) ** 2 / (2 * sigma**2)).sum()
+    pmf = np.exp(-(support.astype(float) ** 2) / (2 * sigma**2))
+    pmf /= np.exp(-(np.arange(-60, 61, dtype=float) ** 2) / (2 * sigma**2)).sum()
     observed = np.array([(samples == y).sum() for y in support])
     assert observed.sum() == samples.size  # nothing beyond |y| = 8 (probability < 1e-8)
     chi2 = stats.chisquare(observed, pmf / pmf.sum() * samples.size)
@@ -256,7 +302,12 @@ OFFLINE_RELEASE_MODULES = ("biofed.coordinator.release", "biofed.coordinator.one
 def test_offline_release_module_stays_out_of_the_federation():
     """Only the offline evaluation (and the offline modules among themselves) may import the
     simulated releases: a live federation releases through the gate alone."""
-    allowed = {"biofed/apps/evaluation.py", "coordinator/release.py", "coordinator/one_shot.py", "coordinator/dp_ftrl.py"}
+    allowed = {
+        "biofed/apps/evaluation.py",
+        "coordinator/release.py",
+        "coordinator/one_shot.py",
+        "coordinator/dp_ftrl.py",
+    }
     importers = set()
     for path, tree in _package_files():
         for node in ast.walk(tree):

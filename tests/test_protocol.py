@@ -44,29 +44,78 @@ from biofed.protocol import (
 from biofed.protocol.arrays import decode_array, encode_array
 
 RNG = np.random.default_rng(42)
-METRICS = UpdateMetrics(loss=0.7, n_windows=120, rss_bytes=80_000_000, cpu_time_s=3.5, bytes_sent=1000, bytes_received=2000,
-                        eval_balanced_accuracy=0.75, eval_windows=30)
+METRICS = UpdateMetrics(
+    loss=0.7,
+    n_windows=120,
+    rss_bytes=80_000_000,
+    cpu_time_s=3.5,
+    bytes_sent=1000,
+    bytes_received=2000,
+    eval_balanced_accuracy=0.75,
+    eval_windows=30,
+)
 CLASSES = ("rest", "arithmetic")
 
 
 def _payloads():
     """One fully populated payload of every kind."""
     return [
-        Task(round=3, model=RNG.normal(size=66), basis_version=2, classes=CLASSES, deadline=1.8e9, hidden=0,
-             trust_mode="local", clip_norm=0.5, noise_multiplier=1.1, adaptive_clipping=True, local_epochs=2,
-             lr=0.01, batch_size=16, optimizer="adam", l2=1e-4, prox_mu=0.1, participants=("pi-01", "pi_02")),
-        Update(round=3, basis_version=2, delta=RNG.normal(size=66).astype(np.float32), n_examples=240,
-               clipped=True, metrics=METRICS, norm_bit=0),
-        Model(round=3, params=RNG.normal(size=66), basis_version=2, classes=CLASSES, hidden=0, n_devices=5, epsilon=1.25),
-        Basis(round=1, version=2, components=RNG.normal(size=(32, 100)), mean=RNG.normal(size=100),
-              scale=RNG.uniform(0.5, 2, size=100), feature_names=tuple(f"f{i}" for i in range(100))),
+        Task(
+            round=3,
+            model=RNG.normal(size=66),
+            basis_version=2,
+            classes=CLASSES,
+            deadline=1.8e9,
+            hidden=0,
+            trust_mode="local",
+            clip_norm=0.5,
+            noise_multiplier=1.1,
+            adaptive_clipping=True,
+            local_epochs=2,
+            lr=0.01,
+            batch_size=16,
+            optimizer="adam",
+            l2=1e-4,
+            prox_mu=0.1,
+            participants=("pi-01", "pi_02"),
+        ),
+        Update(
+            round=3,
+            basis_version=2,
+            delta=RNG.normal(size=66).astype(np.float32),
+            n_examples=240,
+            clipped=True,
+            metrics=METRICS,
+            norm_bit=0,
+        ),
+        Model(
+            round=3, params=RNG.normal(size=66), basis_version=2, classes=CLASSES, hidden=0, n_devices=5, epsilon=1.25
+        ),
+        Basis(
+            round=1,
+            version=2,
+            components=RNG.normal(size=(32, 100)),
+            mean=RNG.normal(size=100),
+            scale=RNG.uniform(0.5, 2, size=100),
+            feature_names=tuple(f"f{i}" for i in range(100)),
+        ),
         Sketch(round=1, basis_version=2, phase="moments", statistic=RNG.normal(size=200), clipped=True, n_features=100),
         Status(round=3, state="training", basis_version=2, n_rows=5000, detail="epoch 1/2"),
         Prediction(round=3, t=np.array([1.7e9, 1.7e9 + 1]), proba=np.array([[0.2, 0.8], [0.6, 0.4]]), classes=CLASSES),
         # federated-flow variants: a covariance-phase task, a covariance sketch
-        Task(round=1, model=np.empty(0), basis_version=0, classes=CLASSES, deadline=1.8e9, phase="covariance",
-             stats_mean=RNG.normal(size=100), stats_scale=RNG.uniform(0.5, 2, size=100)),
-        Sketch(round=2, basis_version=2, phase="covariance", statistic=RNG.normal(size=100), clipped=False, n_features=10),
+        Task(
+            round=1,
+            model=np.empty(0),
+            basis_version=0,
+            classes=CLASSES,
+            deadline=1.8e9,
+            phase="covariance",
+            stats_mean=RNG.normal(size=100),
+            stats_scale=RNG.uniform(0.5, 2, size=100),
+        ),
+        Sketch(
+            round=2, basis_version=2, phase="covariance", statistic=RNG.normal(size=100), clipped=False, n_features=10
+        ),
     ]
 
 
@@ -116,15 +165,18 @@ def test_topics_reject_bad_ids(bad):
         Topics("ward7").parse(f"biofed/ward7/update/{bad}")
 
 
-@pytest.mark.parametrize("topic", [
-    "biofed/other/update/pi-01",      # other fleet
-    "biofed/ward7/update",            # device id missing
-    "biofed/ward7/model/pi-01",       # broadcast topic with a device
-    "biofed/ward7/update/pi-01/x",    # too deep
-    "biofed/ward7/secrets/pi-01",     # unknown kind
-    "other/ward7/update/pi-01",       # wrong root
-    "biofed/ward7/update/+",          # wildcard is not a device
-])
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "biofed/other/update/pi-01",  # other fleet
+        "biofed/ward7/update",  # device id missing
+        "biofed/ward7/model/pi-01",  # broadcast topic with a device
+        "biofed/ward7/update/pi-01/x",  # too deep
+        "biofed/ward7/secrets/pi-01",  # unknown kind
+        "other/ward7/update/pi-01",  # wrong root
+        "biofed/ward7/update/+",  # wildcard is not a device
+    ],
+)
 def test_parse_rejects_foreign_topics(topic):
     with pytest.raises(InvalidTopic):
         Topics("ward7").parse(topic)
@@ -142,7 +194,12 @@ def test_device_id_checks_kind():
 def test_round_trip_every_kind(payload):
     data = encode_message(payload, fleet="ward7", sender="pi-01", created=1.7e9)
     message = decode_message(data, fleet="ward7", kinds=(payload.KIND,))
-    assert (message.version, message.kind, message.fleet, message.sender) == (SCHEMA_VERSION, payload.KIND, "ward7", "pi-01")
+    assert (message.version, message.kind, message.fleet, message.sender) == (
+        SCHEMA_VERSION,
+        payload.KIND,
+        "ward7",
+        "pi-01",
+    )
     assert message.round == payload.round
     assert message.created == 1.7e9
     assert len(message.message_id) == 32 and int(message.message_id, 16) >= 0
@@ -166,10 +223,12 @@ def test_message_ids_are_fresh_unless_given():
 
 
 @settings(max_examples=60, deadline=None)
-@given(hnp.arrays(
-    dtype=st.sampled_from([np.dtype(t) for t in ("<f4", ">f4", "<f8", ">f8", "<i4", ">i4", "<i8", "u1")]),
-    shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
-))
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.dtype(t) for t in ("<f4", ">f4", "<f8", ">f8", "<i4", ">i4", "<i8", "u1")]),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
+    )
+)
 def test_array_codec_round_trip(array):
     ext = encode_array(array)
     decoded = decode_array(ext.code, ext.data)
@@ -179,8 +238,13 @@ def test_array_codec_round_trip(array):
 
 
 @settings(max_examples=40, deadline=None)
-@given(hnp.arrays(dtype=st.sampled_from([np.float32, np.float64]), shape=st.integers(0, 300),
-                  elements=st.floats(-1e6, 1e6, width=32)))
+@given(
+    hnp.arrays(
+        dtype=st.sampled_from([np.float32, np.float64]),
+        shape=st.integers(0, 300),
+        elements=st.floats(-1e6, 1e6, width=32),
+    )
+)
 def test_update_delta_round_trip(delta):
     update = Update(round=1, basis_version=0, delta=delta, n_examples=3, clipped=False, metrics=METRICS)
     decoded = decode_message(encode_message(update, fleet="f", sender="d")).payload.delta
@@ -206,11 +270,15 @@ def test_oversized_message_rejected_before_unpacking(monkeypatch):
         decode_message(huge_prefix, max_bytes=1000)
 
 
-@pytest.mark.parametrize("data", [
-    b"\xdd\xff\xff\xff\xff" + b"\x00" * 64,   # array32 claiming 4 G elements
-    b"\xdf\xff\xff\xff\xff" + b"\x00" * 64,   # map32 claiming 4 G entries
-    b"\xdb\x00\x01\x90\x00" + b"a" * 102_400,  # a complete 100 KiB str32, above the 64 KiB string limit
-], ids=["array32", "map32", "str32"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xdd\xff\xff\xff\xff" + b"\x00" * 64,  # array32 claiming 4 G elements
+        b"\xdf\xff\xff\xff\xff" + b"\x00" * 64,  # map32 claiming 4 G entries
+        b"\xdb\x00\x01\x90\x00" + b"a" * 102_400,  # a complete 100 KiB str32, above the 64 KiB string limit
+    ],
+    ids=["array32", "map32", "str32"],
+)
 def test_huge_length_prefix_inside_message(data):
     with pytest.raises(MessageTooLarge, match="declares a length above the limits"):
         decode_message(data)
@@ -259,15 +327,18 @@ def test_not_a_map():
         decode_message(_pack([1, 2, 3]))
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("k", "rootkit", "unknown message kind"),
-    ("f", "a/b", "invalid fleet"),
-    ("s", "", "invalid sender"),
-    ("id", b"short", "message id must be 16 bytes"),
-    ("t", float("nan"), "created time must be a finite number"),
-    ("r", -1, "round must be >= 0"),
-    ("p", [1], "payload must be a map"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("k", "rootkit", "unknown message kind"),
+        ("f", "a/b", "invalid fleet"),
+        ("s", "", "invalid sender"),
+        ("id", b"short", "message id must be 16 bytes"),
+        ("t", float("nan"), "created time must be a finite number"),
+        ("r", -1, "round must be >= 0"),
+        ("p", [1], "payload must be a map"),
+    ],
+)
 def test_bad_envelope_fields(field, value, match):
     envelope = _envelope(encode_message(_payloads()[5], fleet="f", sender="d"))
     envelope[field] = value
@@ -302,8 +373,14 @@ def test_object_dtype_cannot_be_encoded():
     with pytest.raises(InvalidPayload, match="object arrays cannot be sent"):
         encode_array(np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(InvalidPayload, match="float32 or float64"):
-        Update(round=1, basis_version=0, delta=np.array([1.0, "x"], dtype=object), n_examples=1, clipped=False,
-               metrics=METRICS)
+        Update(
+            round=1,
+            basis_version=0,
+            delta=np.array([1.0, "x"], dtype=object),
+            n_examples=1,
+            clipped=False,
+            metrics=METRICS,
+        )
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.complex128, np.bool_, np.int8, np.uint32])
@@ -338,8 +415,11 @@ def test_truncated_array_header():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_delta_rejected_on_the_wire(bad):
-    data = encode_message(Update(round=1, basis_version=0, delta=np.arange(10.0) + 0.5, n_examples=1, clipped=False,
-                                 metrics=METRICS), fleet="f", sender="d")
+    data = encode_message(
+        Update(round=1, basis_version=0, delta=np.arange(10.0) + 0.5, n_examples=1, clipped=False, metrics=METRICS),
+        fleet="f",
+        sender="d",
+    )
     tampered = data.replace(struct.pack("<d", 3.5), struct.pack("<d", bad))
     assert tampered != data
     with pytest.raises(InvalidPayload, match=r"update from 'd': Update.delta contains 1 NaN/inf values"):
@@ -348,8 +428,14 @@ def test_non_finite_delta_rejected_on_the_wire(bad):
 
 def test_non_finite_delta_rejected_on_encode():
     with pytest.raises(InvalidPayload, match="Update.delta contains 2 NaN/inf values"):
-        Update(round=1, basis_version=0, delta=np.array([1.0, np.nan, np.inf]), n_examples=1, clipped=False,
-               metrics=METRICS)
+        Update(
+            round=1,
+            basis_version=0,
+            delta=np.array([1.0, np.nan, np.inf]),
+            n_examples=1,
+            clipped=False,
+            metrics=METRICS,
+        )
 
 
 def test_wrong_delta_shape_on_the_wire():
@@ -359,21 +445,24 @@ def test_wrong_delta_shape_on_the_wire():
         decode_message(_pack(envelope))
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda p: p.pop("n_examples"), "update payload lacks field 'n_examples'"),
-    (lambda p: p.update(evil=1), r"unknown fields \['evil'\]"),
-    (lambda p: p.update(n_examples=-1), "Update.n_examples must be >= 0"),
-    (lambda p: p.update(n_examples=1.5), "Update.n_examples must be an integer"),
-    (lambda p: p.update(clipped=1), "Update.clipped must be a bool"),
-    (lambda p: p.update(norm_bit=2), "Update.norm_bit must be 0, 1 or None"),
-    (lambda p: p.update(delta=[1.0, 2.0]), "Update.delta must be a typed array"),
-    (lambda p: p["metrics"].update(loss=float("nan")), "UpdateMetrics.loss must be finite"),
-    (lambda p: p["metrics"].update(eval_balanced_accuracy=1.5), "eval_balanced_accuracy must be <= 1"),
-    (lambda p: p["metrics"].update(eval_windows=-1), "UpdateMetrics.eval_windows must be >= 0"),
-    (lambda p: p["metrics"].update(gpu=1), "unexpected keyword argument 'gpu'"),
-    (lambda p: p.update(metrics={"a": {"b": {"c": {"d": 1}}}}), "nests maps deeper than 3"),
-    (lambda p: p.update(tags=[1, [2]]), r"tags\[1\] is a list"),
-])
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda p: p.pop("n_examples"), "update payload lacks field 'n_examples'"),
+        (lambda p: p.update(evil=1), r"unknown fields \['evil'\]"),
+        (lambda p: p.update(n_examples=-1), "Update.n_examples must be >= 0"),
+        (lambda p: p.update(n_examples=1.5), "Update.n_examples must be an integer"),
+        (lambda p: p.update(clipped=1), "Update.clipped must be a bool"),
+        (lambda p: p.update(norm_bit=2), "Update.norm_bit must be 0, 1 or None"),
+        (lambda p: p.update(delta=[1.0, 2.0]), "Update.delta must be a typed array"),
+        (lambda p: p["metrics"].update(loss=float("nan")), "UpdateMetrics.loss must be finite"),
+        (lambda p: p["metrics"].update(eval_balanced_accuracy=1.5), "eval_balanced_accuracy must be <= 1"),
+        (lambda p: p["metrics"].update(eval_windows=-1), "UpdateMetrics.eval_windows must be >= 0"),
+        (lambda p: p["metrics"].update(gpu=1), "unexpected keyword argument 'gpu'"),
+        (lambda p: p.update(metrics={"a": {"b": {"c": {"d": 1}}}}), "nests maps deeper than 3"),
+        (lambda p: p.update(tags=[1, [2]]), r"tags\[1\] is a list"),
+    ],
+)
 def test_bad_update_payloads(mutate, match):
     envelope = _update_envelope()
     mutate(envelope["p"])
@@ -395,10 +484,21 @@ def test_schema_shape_checks():
     with pytest.raises(InvalidPayload, match="Basis.scale must be > 0"):
         Basis(round=0, version=1, components=np.ones((2, 4)), mean=np.ones(4), scale=np.array([1.0, 0, 1, 1]))
     with pytest.raises(InvalidPayload, match="3 names for 4 features"):
-        Basis(round=0, version=1, components=np.ones((2, 4)), mean=np.ones(4), scale=np.ones(4), feature_names=("a", "b", "c"))
-    with pytest.raises(InvalidPayload, match=r"Sketch.statistic of phase 'moments' with n_features=4 must have shape \(8,\)"):
+        Basis(
+            round=0,
+            version=1,
+            components=np.ones((2, 4)),
+            mean=np.ones(4),
+            scale=np.ones(4),
+            feature_names=("a", "b", "c"),
+        )
+    with pytest.raises(
+        InvalidPayload, match=r"Sketch.statistic of phase 'moments' with n_features=4 must have shape \(8,\)"
+    ):
         Sketch(round=0, basis_version=1, phase="moments", statistic=np.ones(16), clipped=False, n_features=4)
-    with pytest.raises(InvalidPayload, match=r"Sketch.statistic of phase 'covariance' with n_features=4 must have shape \(16,\)"):
+    with pytest.raises(
+        InvalidPayload, match=r"Sketch.statistic of phase 'covariance' with n_features=4 must have shape \(16,\)"
+    ):
         Sketch(round=0, basis_version=1, phase="covariance", statistic=np.ones(8), clipped=False, n_features=4)
     with pytest.raises(InvalidPayload, match="Sketch.phase must be one of"):
         Sketch(round=0, basis_version=1, phase="train", statistic=np.ones(8), clipped=False, n_features=4)
@@ -412,20 +512,23 @@ def test_schema_shape_checks():
         Task(round=0, model=np.ones(3), basis_version=0, classes=("one",), deadline=0)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"trust_mode": "none"}, "Task.trust_mode must be one of"),
-    ({"clip_norm": 0.0}, "Task.clip_norm must be > 0"),
-    ({"noise_multiplier": -1.0}, "Task.noise_multiplier must be >= 0"),
-    ({"optimizer": "lbfgs"}, "Task.optimizer must be one of"),
-    ({"batch_size": 0}, "Task.batch_size must be >= 1"),
-    ({"deadline": float("inf")}, "Task.deadline must be finite"),
-    ({"participants": ("ok", "not/ok")}, "invalid device id 'not/ok'"),
-    ({"adaptive_clipping": "yes"}, "Task.adaptive_clipping must be a bool"),
-    ({"phase": "fit"}, "Task.phase must be one of"),
-    ({"stats_mean": np.zeros(3)}, "stats_mean and Task.stats_scale must be given together"),
-    ({"stats_mean": np.zeros(3), "stats_scale": np.ones(4)}, r"Task.stats_scale must have shape \(3,\)"),
-    ({"stats_mean": np.zeros(3), "stats_scale": np.array([1.0, 0.0, 1.0])}, "Task.stats_scale must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"trust_mode": "none"}, "Task.trust_mode must be one of"),
+        ({"clip_norm": 0.0}, "Task.clip_norm must be > 0"),
+        ({"noise_multiplier": -1.0}, "Task.noise_multiplier must be >= 0"),
+        ({"optimizer": "lbfgs"}, "Task.optimizer must be one of"),
+        ({"batch_size": 0}, "Task.batch_size must be >= 1"),
+        ({"deadline": float("inf")}, "Task.deadline must be finite"),
+        ({"participants": ("ok", "not/ok")}, "invalid device id 'not/ok'"),
+        ({"adaptive_clipping": "yes"}, "Task.adaptive_clipping must be a bool"),
+        ({"phase": "fit"}, "Task.phase must be one of"),
+        ({"stats_mean": np.zeros(3)}, "stats_mean and Task.stats_scale must be given together"),
+        ({"stats_mean": np.zeros(3), "stats_scale": np.ones(4)}, r"Task.stats_scale must have shape \(3,\)"),
+        ({"stats_mean": np.zeros(3), "stats_scale": np.array([1.0, 0.0, 1.0])}, "Task.stats_scale must be > 0"),
+    ],
+)
 def test_task_validation(kwargs, match):
     base = dict(round=0, model=np.ones(3), basis_version=0, classes=CLASSES, deadline=1.7e9)
     with pytest.raises(ProtocolError, match=match):
@@ -487,8 +590,8 @@ def test_duplicate_message_ids_recognised():
 def test_seen_ids_forget_least_recently_used():
     seen = SeenMessageIds(capacity=2)
     assert seen.add("a") and seen.add("b")
-    assert not seen.add("a")        # refreshes "a"
-    assert seen.add("c")            # evicts "b"
+    assert not seen.add("a")  # refreshes "a"
+    assert seen.add("c")  # evicts "b"
     assert "b" not in seen and "a" in seen and "c" in seen
     assert len(seen) == 2
     with pytest.raises(ValueError, match="capacity must be >= 1"):
@@ -497,8 +600,11 @@ def test_seen_ids_forget_least_recently_used():
 
 def test_max_bytes_default_fits_a_million_parameter_float32_update():
     delta = np.zeros(1_000_000, dtype=np.float32)
-    data = encode_message(Update(round=1, basis_version=0, delta=delta, n_examples=1, clipped=False,
-                                 metrics=METRICS), fleet="f", sender="d")
+    data = encode_message(
+        Update(round=1, basis_version=0, delta=delta, n_examples=1, clipped=False, metrics=METRICS),
+        fleet="f",
+        sender="d",
+    )
     assert math.isclose(len(data), 4_000_000, rel_tol=0.01)
     assert decode_message(data).payload.delta.shape == (1_000_000,)
 
@@ -506,30 +612,51 @@ def test_max_bytes_default_fits_a_million_parameter_float32_update():
 # ----------------------------------------------------------------------------- standardization of a basis
 def test_basis_standardization_round_trip_and_default():
     d = 5
-    device = Basis(round=4, version=2, components=np.eye(d)[:3], mean=np.zeros(d), scale=np.ones(d),
-                   standardization="device")
+    device = Basis(
+        round=4, version=2, components=np.eye(d)[:3], mean=np.zeros(d), scale=np.ones(d), standardization="device"
+    )
     decoded = decode_message(encode_message(device, fleet="f", sender="coordinator")).payload
     assert decoded.standardization == "device" and decoded.version == 2
     np.testing.assert_array_equal(decoded.components, device.components)
     # a basis message without the field (older coordinators) means the fleet-wide standardization
     payload = {k: v for k, v in device.to_payload().items() if k != "standardization"}
     assert Basis.from_payload(4, payload).standardization == "global"
-    assert Basis(round=0, version=1, components=np.ones((2, d)), mean=np.ones(d), scale=np.ones(d)).standardization \
+    assert (
+        Basis(round=0, version=1, components=np.ones((2, d)), mean=np.ones(d), scale=np.ones(d)).standardization
         == "global"
+    )
     assert protocol.STANDARDIZATIONS == ("global", "device")
 
 
 def test_basis_standardization_is_validated():
     d = 4
     with pytest.raises(InvalidPayload, match=r"Basis.standardization must be one of \('global', 'device'\)"):
-        Basis(round=0, version=1, components=np.ones((2, d)), mean=np.zeros(d), scale=np.ones(d),
-              standardization="subject")
+        Basis(
+            round=0,
+            version=1,
+            components=np.ones((2, d)),
+            mean=np.zeros(d),
+            scale=np.ones(d),
+            standardization="subject",
+        )
     with pytest.raises(InvalidPayload, match="needs mean all zeros and scale all ones"):
-        Basis(round=0, version=1, components=np.ones((2, d)), mean=np.full(d, 0.5), scale=np.ones(d),
-              standardization="device")
+        Basis(
+            round=0,
+            version=1,
+            components=np.ones((2, d)),
+            mean=np.full(d, 0.5),
+            scale=np.ones(d),
+            standardization="device",
+        )
     with pytest.raises(InvalidPayload, match="needs mean all zeros and scale all ones"):
-        Basis(round=0, version=1, components=np.ones((2, d)), mean=np.zeros(d), scale=np.full(d, 2.0),
-              standardization="device")
+        Basis(
+            round=0,
+            version=1,
+            components=np.ones((2, d)),
+            mean=np.zeros(d),
+            scale=np.full(d, 2.0),
+            standardization="device",
+        )
 
 
 def test_task_optimizers_are_the_ones_the_kernels_implement():
@@ -537,8 +664,12 @@ def test_task_optimizers_are_the_ones_the_kernels_implement():
 
     assert protocol.OPTIMIZERS == OPTIMIZERS
     for optimizer in OPTIMIZERS:
-        assert Task(round=1, model=np.zeros(3), basis_version=1, classes=("a", "b"), deadline=1.0,
-                    optimizer=optimizer).optimizer == optimizer
+        assert (
+            Task(
+                round=1, model=np.zeros(3), basis_version=1, classes=("a", "b"), deadline=1.0, optimizer=optimizer
+            ).optimizer
+            == optimizer
+        )
     with pytest.raises(InvalidPayload, match=r"Task.optimizer must be one of \('sgd', 'adam'\)"):
         Task(round=1, model=np.zeros(3), basis_version=1, classes=("a", "b"), deadline=1.0, optimizer="rmsprop")
 

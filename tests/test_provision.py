@@ -15,7 +15,6 @@ import time
 
 import paho.mqtt.client as paho
 import pytest
-from brokers import require_mosquitto
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,18 +24,28 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from biofed.apps import provision as provision_module
 from biofed.apps.broker import fleet_queue_limits, free_port, start_mosquitto
 from biofed.apps.cli import cli
-from biofed.config import RECOMMENDED_PRIVACY, RECOMMENDED_ROUNDS, BrokerConfig, ConfigError, CoordinatorConfig, DeviceConfig, load_allowed_devices, load_config
-from biofed.mqtt import ConnectError, MqttClient, PublishError, TlsSettings
-from biofed.protocol import KINDS, Status, Topics, encode_message
 from biofed.apps.provision import (
     ProvisionError,
-    topic_kinds,
     load_fleet,
     mosquitto_passwd_binary,
     provision_fleet,
     revoke_device,
+    topic_kinds,
 )
+from biofed.config import (
+    RECOMMENDED_PRIVACY,
+    RECOMMENDED_ROUNDS,
+    BrokerConfig,
+    ConfigError,
+    CoordinatorConfig,
+    DeviceConfig,
+    load_allowed_devices,
+    load_config,
+)
+from biofed.mqtt import ConnectError, MqttClient, PublishError, TlsSettings
+from biofed.protocol import KINDS, Status, Topics, encode_message
 from biofed.signing import KeyRing, signing_from_config
+from brokers import require_mosquitto
 
 pytestmark = pytest.mark.mosquitto
 
@@ -58,8 +67,14 @@ def require_mosquitto_passwd() -> None:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     require_mosquitto_passwd()
-    return provision_fleet(tmp_path_factory.mktemp("fleet") / "ward7", FLEET, 3, port=free_port(),
-                           server_names=("broker.example.org", "10.1.2.3"), observer=True)
+    return provision_fleet(
+        tmp_path_factory.mktemp("fleet") / "ward7",
+        FLEET,
+        3,
+        port=free_port(),
+        server_names=("broker.example.org", "10.1.2.3"),
+        observer=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +94,7 @@ def connect(fleet):
 
     def make(identity: str, client_id: str | None = None, **settings) -> MqttClient:
         config = fleet.broker_config(identity).model_copy(update=settings)
-        client = MqttClient.from_config(config, client_id or identity, protocol="5", connect_timeout_s=5,
-                                        clean=True)
+        client = MqttClient.from_config(config, client_id or identity, protocol="5", connect_timeout_s=5, clean=True)
         opened.append(client)
         return client.connect()
 
@@ -111,8 +125,15 @@ def test_every_file_written_with_sane_permissions(fleet):
     for path in secrets:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700, path.parent
-    public = [layout.ca_cert, layout.crl_file, layout.server_cert, layout.broker_config, layout.manifest,
-              layout.allowed_devices, layout.coordinator_config]
+    public = [
+        layout.ca_cert,
+        layout.crl_file,
+        layout.server_cert,
+        layout.broker_config,
+        layout.manifest,
+        layout.allowed_devices,
+        layout.coordinator_config,
+    ]
     public += [layout.public_key(i) for i in ("coordinator", *fleet.devices)]
     public += [layout.device_config(d) for d in fleet.devices]
     for path in public:
@@ -159,15 +180,18 @@ def test_signing_keys_pair_up_and_load_as_a_key_ring(fleet):
     assert not layout.signing_key("observer").exists()
     # the configs turn signing on; a device's own key folder trusts the coordinator (and itself) only
     coordinator_signer, coordinator_verifier = signing_from_config(
-        load_config(layout.coordinator_config, CoordinatorConfig), "coordinator")
+        load_config(layout.coordinator_config, CoordinatorConfig), "coordinator"
+    )
     device = load_config(layout.device_config("device-003"), DeviceConfig)
     assert device.keys_dir == layout.identity_dir("device-003") / "keys"
     device_signer, device_verifier = signing_from_config(device, "device-003")
     assert KeyRing.from_dir(device.keys_dir).ids == frozenset({"coordinator", "device-003"})
     device_verifier.verify("coordinator", b"task", coordinator_signer.sign(b"task"))
     coordinator_verifier.verify("device-003", b"update", device_signer.sign(b"update"))
-    assert fleet.signing_settings("device-003") == {"signing_key_file": str(device.signing_key_file),
-                                                    "keys_dir": str(device.keys_dir)}
+    assert fleet.signing_settings("device-003") == {
+        "signing_key_file": str(device.signing_key_file),
+        "keys_dir": str(device.keys_dir),
+    }
 
 
 def test_server_certificate_verifies_against_the_ca_with_the_right_san(fleet):
@@ -178,7 +202,8 @@ def test_server_certificate_verifies_against_the_ca_with_the_right_san(fleet):
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "broker.example.org"}
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.1.2.3")}
+        ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "10.1.2.3")
+    }
     assert ExtendedKeyUsageOID.SERVER_AUTH in server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -194,13 +219,19 @@ def test_server_certificate_verifies_against_the_ca_with_the_right_san(fleet):
 def test_acl_gives_devices_their_own_topics_only(fleet):
     acl = fleet.layout.acl_file.read_text()
     block = acl.split("user device-001\n")[1].split("\n\n")[0].splitlines()
-    assert sorted(block) == sorted([
-        f"topic read {TOPICS.model}", f"topic read {TOPICS.task}", f"topic read {TOPICS.basis}",
-        f"topic read {TOPICS.secagg_relay}",
-        f"topic write {TOPICS.update('device-001')}", f"topic write {TOPICS.sketch('device-001')}",
-        f"topic write {TOPICS.status('device-001')}", f"topic write {TOPICS.prediction('device-001')}",
-        f"topic write {TOPICS.secagg('device-001')}",
-    ])
+    assert sorted(block) == sorted(
+        [
+            f"topic read {TOPICS.model}",
+            f"topic read {TOPICS.task}",
+            f"topic read {TOPICS.basis}",
+            f"topic read {TOPICS.secagg_relay}",
+            f"topic write {TOPICS.update('device-001')}",
+            f"topic write {TOPICS.sketch('device-001')}",
+            f"topic write {TOPICS.status('device-001')}",
+            f"topic write {TOPICS.prediction('device-001')}",
+            f"topic write {TOPICS.secagg('device-001')}",
+        ]
+    )
     coordinator = acl.split("user coordinator\n")[1].split("\n\n")[0].splitlines()
     assert f"topic read {TOPICS.all_devices('secagg')}" in coordinator
     assert f"topic readwrite {TOPICS.secagg_relay}" in coordinator
@@ -208,11 +239,19 @@ def test_acl_gives_devices_their_own_topics_only(fleet):
     assert set(broadcast) | set(per_device) == set(KINDS) and not set(broadcast) & set(per_device)
     conf = fleet.layout.broker_config.read_text()
     n_identities = len(fleet.identities)
-    for line in ("allow_anonymous false", "require_certificate true", "use_identity_as_username true",
-                 "use_username_as_clientid true", f"crlfile {fleet.layout.crl_file}",
-                 f"listener {fleet.port} 127.0.0.1", "max_queued_messages 100000",
-                 f"max_queued_bytes {512 * 1024 * 1024}", "max_inflight_messages 100",
-                 f"max_packet_size {16 * 1024 * 1024 + 64 * 1024}", f"max_connections {2 * n_identities}"):
+    for line in (
+        "allow_anonymous false",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        f"crlfile {fleet.layout.crl_file}",
+        f"listener {fleet.port} 127.0.0.1",
+        "max_queued_messages 100000",
+        f"max_queued_bytes {512 * 1024 * 1024}",
+        "max_inflight_messages 100",
+        f"max_packet_size {16 * 1024 * 1024 + 64 * 1024}",
+        f"max_connections {2 * n_identities}",
+    ):
         assert line in conf.splitlines(), line
     assert "max_queued_bytes 0" not in conf
 
@@ -370,8 +409,9 @@ def _raw_connect(fleet, identity: str | None, *, cert: bool = True) -> str:
     or the transport error as text."""
     layout = fleet.layout
     owner = identity or "device-003"
-    tls = TlsSettings(layout.ca_cert, layout.client_cert(owner) if cert else None,
-                      layout.client_key(owner) if cert else None)
+    tls = TlsSettings(
+        layout.ca_cert, layout.client_cert(owner) if cert else None, layout.client_key(owner) if cert else None
+    )
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{owner}", protocol=MQTTProtocolVersion.MQTTv5)
     client.tls_set_context(tls.context())
     if identity is not None:
@@ -406,8 +446,9 @@ def test_cross_bound_certificate_and_password_cannot_act_as_the_other_device(fle
     victim = connect("device-002")
     victim.subscribe(TOPICS.task)
     layout = fleet.layout
-    attacker = connect("device-002", cert_file=layout.client_cert("device-001"),
-                       key_file=layout.client_key("device-001"))
+    attacker = connect(
+        "device-002", cert_file=layout.client_cert("device-001"), key_file=layout.client_key("device-001")
+    )
     update = encode_message(Status(round=0, state="online"), fleet=FLEET, sender="device-002")
     with pytest.raises(PublishError, match="refused by the broker: Not authorized"):
         attacker.publish(TOPICS.status("device-002"), update, timeout_s=10)
@@ -450,8 +491,9 @@ def test_revoked_device_is_locked_out(tmp_path):
     clients: list[MqttClient] = []
 
     def connect(identity: str, config: BrokerConfig | None = None) -> MqttClient:
-        client = MqttClient.from_config(config or fleet.broker_config(identity), identity, protocol="5",
-                                        connect_timeout_s=5, clean=True)
+        client = MqttClient.from_config(
+            config or fleet.broker_config(identity), identity, protocol="5", connect_timeout_s=5, clean=True
+        )
         clients.append(client)
         return client.connect()
 
@@ -474,7 +516,8 @@ def test_revoked_device_is_locked_out(tmp_path):
             connect("device-002", fleet.broker_config("device-002"))
         # the CRL refuses the revoked certificate, whatever user name and password come with it
         stolen = fleet.broker_config("device-001").model_copy(
-            update={"cert_file": layout.client_cert("device-002"), "key_file": layout.client_key("device-002")})
+            update={"cert_file": layout.client_cert("device-002"), "key_file": layout.client_key("device-002")}
+        )
         with pytest.raises(ConnectError):
             connect("device-001", stolen)
         connect("device-001")  # the others are unaffected
@@ -509,8 +552,24 @@ def test_cli_provision_and_revoke(tmp_path):
     require_mosquitto_passwd()
     runner = CliRunner()
     out = tmp_path / "fleet"
-    result = runner.invoke(cli, ["provision", "--fleet", "lab", "--devices", "2", "--out", str(out),
-                                 "--host", "broker.lan", "--port", "9883", "--prefix", "pi-"])
+    result = runner.invoke(
+        cli,
+        [
+            "provision",
+            "--fleet",
+            "lab",
+            "--devices",
+            "2",
+            "--out",
+            str(out),
+            "--host",
+            "broker.lan",
+            "--port",
+            "9883",
+            "--prefix",
+            "pi-",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "2 devices provisioned" in result.output and "biofed broker --config" in result.output
     fleet = load_fleet(out)
@@ -542,8 +601,12 @@ def test_biofed_broker_runs_a_provisioned_config(tmp_path):
     own = provision_fleet(tmp_path / "cli-fleet", FLEET, 1, port=free_port())
     # the provisioned biofed TOML, and the Mosquitto config itself as older versions took it
     for config, warning in ((own.layout.broker_service_config, False), (own.layout.broker_config, True)):
-        process = subprocess.Popen([sys.executable, "-m", "biofed", "broker", "--config", str(config)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "biofed", "broker", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             first_line = process.stdout.readline()
             assert f"listening on 127.0.0.1:{own.port}" in first_line and "kill -HUP" in first_line

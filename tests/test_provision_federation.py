@@ -6,21 +6,20 @@ protocol uses passes the broker's ACL."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-from brokers import require_mosquitto
 
 from biofed.apps.broker import free_port
-from biofed.config import CoordinatorConfig, DeviceConfig, load_config
-from biofed.coordinator.server import Coordinator, RunState
 from biofed.apps.demo import DemoSettings, run_demo
 from biofed.apps.federation import AgentThreads, received, write_synthetic_devices
+from biofed.apps.provision import ProvisionError, mosquitto_passwd_binary, provision_fleet
+from biofed.config import CoordinatorConfig, DeviceConfig, load_config
+from biofed.coordinator.server import Coordinator, RunState
 from biofed.edge.agent import EdgeAgent
 from biofed.mqtt import MqttClient
 from biofed.protocol import Topics
-from biofed.apps.provision import ProvisionError, mosquitto_passwd_binary, provision_fleet
 from biofed.signing import KeyRing
+from brokers import require_mosquitto
 
 pytestmark = pytest.mark.mosquitto
 
@@ -45,25 +44,46 @@ def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
     fleet = provision_fleet(tmp_path / "fleet", FLEET, devices, port=free_port(), observer=True)
     layout = fleet.layout
     base = load_config(layout.coordinator_config, CoordinatorConfig)
-    config = CoordinatorConfig.model_validate({
-        **base.model_dump(), "rounds": 2, "min_devices": N_DEVICES, "round_deadline_s": 20.0,
-        "state_dir": tmp_path / "state", "model": {"basis_k": 8}, "training": {"lr": 0.5, "local_epochs": 2},
-        "dp": {"trust_mode": "distributed", "noise_multiplier": 0.2, "clip_norm": 1.0,
-               "secagg_step_timeout_s": 10.0},
-    })
+    config = CoordinatorConfig.model_validate(
+        {
+            **base.model_dump(),
+            "rounds": 2,
+            "min_devices": N_DEVICES,
+            "round_deadline_s": 20.0,
+            "state_dir": tmp_path / "state",
+            "model": {"basis_k": 8},
+            "training": {"lr": 0.5, "local_epochs": 2},
+            "dp": {
+                "trust_mode": "distributed",
+                "noise_multiplier": 0.2,
+                "clip_norm": 1.0,
+                "secagg_step_timeout_s": 10.0,
+            },
+        }
+    )
     assert config.broker.tls and config.keys_dir.resolve() == layout.keys_dir
     agents = []
     for i, device in enumerate(devices):
         own = load_config(layout.device_config(device), DeviceConfig)
         assert own.broker.tls and own.signing_key_file is not None
-        agents.append(EdgeAgent(DeviceConfig.model_validate({
-            **own.model_dump(), "recordings": recordings[device], "store_path": tmp_path / f"{device}.sqlite",
-        }), random_state=i))
+        agents.append(
+            EdgeAgent(
+                DeviceConfig.model_validate(
+                    {
+                        **own.model_dump(),
+                        "recordings": recordings[device],
+                        "store_path": tmp_path / f"{device}.sqlite",
+                    }
+                ),
+                random_state=i,
+            )
+        )
 
     broker = fleet.start_broker()
     observer = MqttClient.from_config(fleet.broker_config("observer"), "observer", protocol="5", clean=True)
-    coordinator = Coordinator(config, discovery_timeout_s=60.0, accountants=("rdp",), basis_clip_norm=1e4,
-                              rng=np.random.default_rng(0))
+    coordinator = Coordinator(
+        config, discovery_timeout_s=60.0, accountants=("rdp",), basis_clip_norm=1e4, rng=np.random.default_rng(0)
+    )
     try:
         observer.connect()
         observer.subscribe(f"{TOPICS.base}/#")
@@ -92,8 +112,7 @@ def test_provisioned_fleet_runs_a_distributed_federation(tmp_path):
 def test_demo_secure_runs_over_the_provisioned_broker(tmp_path):
     _require_tools()
     out = tmp_path / "report"
-    summary = run_demo(DemoSettings(out=out, devices=3, rounds=2, synthetic_seconds=10.0, timeout_s=240.0,
-                                    secure=True))
+    summary = run_demo(DemoSettings(out=out, devices=3, rounds=2, synthetic_seconds=10.0, timeout_s=240.0, secure=True))
     assert summary["settings"]["secure"] is True and len(summary["rounds"]) == 3  # row 0 and 2 rounds
     device = load_config(out / "devices" / "device00" / "device.toml", DeviceConfig)
     assert device.broker.tls and device.broker.username == "device00"

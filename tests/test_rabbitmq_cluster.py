@@ -8,19 +8,18 @@ import threading
 
 import psutil
 import pytest
-from brokers import rabbitmq_cluster  # noqa: F401  (pytest fixture)
 
 from biofed.apps.demo import DemoSettings
-from biofed.mqtt import ConnectError, MqttClient
 from biofed.apps.rabbitmq import RetainedMirror
 from biofed.apps.simulate import FleetOptions, run_simulation
+from biofed.mqtt import ConnectError, MqttClient
+from brokers import rabbitmq_cluster  # noqa: F401  (pytest fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbitmq]
 
 
 def _client(cluster, node, client_id: str, **kwargs) -> MqttClient:
-    options = {"protocol": "3.1.1", "clean": True, "username": cluster.username, "password": cluster.password,
-               **kwargs}
+    options = {"protocol": "3.1.1", "clean": True, "username": cluster.username, "password": cluster.password, **kwargs}
     return MqttClient(node.host, node.port, client_id, **options)
 
 
@@ -78,8 +77,12 @@ def test_retained_messages_are_node_local_and_the_mirror_copies_them(rabbitmq_cl
         publisher.publish("biofed/probe/task", b"task-1", retain=True)
         assert _retained_seen(rabbitmq_cluster, first, "biofed/probe/task") == b"task-1"
         assert _retained_seen(rabbitmq_cluster, second, "biofed/probe/task", wait_s=2.0) is None  # node-local
-        mirror = RetainedMirror(rabbitmq_cluster.nodes, ["biofed/probe/task"], username=rabbitmq_cluster.username,
-                                password=rabbitmq_cluster.password).start()
+        mirror = RetainedMirror(
+            rabbitmq_cluster.nodes,
+            ["biofed/probe/task"],
+            username=rabbitmq_cluster.username,
+            password=rabbitmq_cluster.password,
+        ).start()
         try:  # the mirror copies the retained task-1 it finds on subscribing, then the new task-2
             publisher.publish("biofed/probe/task", b"task-2", retain=True)
             pause = threading.Event()
@@ -94,8 +97,9 @@ def test_retained_messages_are_node_local_and_the_mirror_copies_them(rabbitmq_cl
 
 
 def test_a_federation_spread_over_both_nodes(rabbitmq_cluster, tmp_path):
-    settings = DemoSettings(out=tmp_path / "sim", devices=20, rounds=2, round_deadline_s=30.0,
-                            synthetic_seconds=20.0, timeout_s=600.0)
+    settings = DemoSettings(
+        out=tmp_path / "sim", devices=20, rounds=2, round_deadline_s=30.0, synthetic_seconds=20.0, timeout_s=600.0
+    )
     summary = run_simulation(settings, FleetOptions(workers=2, windows_per_device=8, cluster=rabbitmq_cluster))
     assert summary["problems"] == []
     assert summary["broker"] == "rabbitmq cluster (2 nodes)"

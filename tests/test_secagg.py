@@ -11,11 +11,11 @@ from collections.abc import Mapping, Sequence
 import dp_accounting
 import numpy as np
 import pytest
-from biofed.coordinator.secure_aggregation import AggregateResult, SecAggServer
-from biofed.edge.secure_aggregation import SecAggClient, noise_share_std, prepare_input
 from dp_accounting.rdp import RdpAccountant
 from scipy import stats
 
+from biofed.coordinator.secure_aggregation import AggregateResult, SecAggServer
+from biofed.edge.secure_aggregation import SecAggClient, noise_share_std, prepare_input
 from biofed.privacy_ledger import PrivacyLedger, distributed_noise_multiplier
 from biofed.privacy_mechanism import Charge, PrivacyMechanism, grid_sensitivity
 from biofed.protocol import InvalidPayload, InvalidTopic
@@ -50,8 +50,12 @@ def _inputs(n, m=M, seed=0):
 
 
 def simulate_round(
-    inputs: Mapping[str, np.ndarray], *, threshold: int | None = None, drop_before_sharing: Sequence[str] = (),
-    drop_before_masking: Sequence[str] = (), drop_before_unmasking: Sequence[str] = (),
+    inputs: Mapping[str, np.ndarray],
+    *,
+    threshold: int | None = None,
+    drop_before_sharing: Sequence[str] = (),
+    drop_before_masking: Sequence[str] = (),
+    drop_before_unmasking: Sequence[str] = (),
     random_bytes=secrets.token_bytes,
 ) -> AggregateResult:
     """Run every step of one round in-process.
@@ -110,9 +114,10 @@ def test_sum_is_exact_under_dropouts(n, before, after):
     devices = sorted(inputs)
     t = default_threshold(n)
     assert before + after <= n - t
-    dropped_early, dropped_late = devices[:before], devices[n - after:]
-    result = simulate_round(inputs, drop_before_masking=dropped_early,
-                            drop_before_unmasking=dropped_late, random_bytes=_seeded(n))
+    dropped_early, dropped_late = devices[:before], devices[n - after :]
+    result = simulate_round(
+        inputs, drop_before_masking=dropped_early, drop_before_unmasking=dropped_late, random_bytes=_seeded(n)
+    )
     survivors = [d for d in devices if d not in dropped_early]
     assert result.survivors == tuple(survivors) and result.dropped == tuple(dropped_early)
     np.testing.assert_array_equal(result.total, _sum(inputs, survivors))
@@ -232,11 +237,22 @@ def _gate():
 def test_prepare_input_clips_noises_and_charges():
     x = np.full(M, 1.0)  # norm sqrt(66) > C
     gate = _gate()
-    clean = FP.decode(prepare_input(x, clip_norm=0.5, noise_multiplier=0.0, n_min=4, mechanism=gate,
-                                    charge=Charge(0, "train", 1.0, 0.0)))
+    clean = FP.decode(
+        prepare_input(
+            x, clip_norm=0.5, noise_multiplier=0.0, n_min=4, mechanism=gate, charge=Charge(0, "train", 1.0, 0.0)
+        )
+    )
     np.testing.assert_allclose(np.linalg.norm(clean), 0.5, atol=1e-6)
-    noisy = FP.decode(prepare_input(np.zeros(20000), clip_norm=2.0, noise_multiplier=1.5, n_min=9, mechanism=gate,
-                                    charge=Charge(1, "train", 1.0, 1.5)))
+    noisy = FP.decode(
+        prepare_input(
+            np.zeros(20000),
+            clip_norm=2.0,
+            noise_multiplier=1.5,
+            n_min=9,
+            mechanism=gate,
+            charge=Charge(1, "train", 1.0, 1.5),
+        )
+    )
     assert noisy.std() == pytest.approx(1.5 * 2.0 / 3.0, rel=0.03)
     # charged against the grid sensitivity: rounding to the grid may lengthen the clipped update
     charged = gate.ledger.groups[-1].noise_multiplier
@@ -246,8 +262,9 @@ def test_prepare_input_clips_noises_and_charges():
     with pytest.raises(SecAggError, match="n_min must be an integer >= 1"):
         noise_share_std(1.0, 1.0, 0)
     with pytest.raises(SecAggError, match="clip_norm must be"):
-        prepare_input(x, clip_norm=0.0, noise_multiplier=1.0, n_min=2, mechanism=_gate(),
-                      charge=Charge(0, "train", 1.0, 1.0))
+        prepare_input(
+            x, clip_norm=0.0, noise_multiplier=1.0, n_min=2, mechanism=_gate(), charge=Charge(0, "train", 1.0, 1.0)
+        )
 
 
 # ----------------------------------------------------------------------------- distributed DP
@@ -258,11 +275,13 @@ def test_distributed_noise_and_epsilon_match_dp_accounting():
     n, n_min, z, clip, m, delta = 10, 6, 1.1, 0.8, 4000, 1e-5
     rng = np.random.default_rng(21)
     updates = {f"pi-{i:02d}": rng.normal(size=m) for i in range(n)}
-    inputs = {d: prepare_input(u, clip_norm=clip, noise_multiplier=z, n_min=n_min, mechanism=_gate(),
-                               charge=Charge(0, "train", 1.0, z))
-              for d, u in updates.items()}
-    result = simulate_round(inputs, threshold=n_min, drop_before_masking=["pi-00", "pi-05"],
-                            random_bytes=_seeded(4))
+    inputs = {
+        d: prepare_input(
+            u, clip_norm=clip, noise_multiplier=z, n_min=n_min, mechanism=_gate(), charge=Charge(0, "train", 1.0, z)
+        )
+        for d, u in updates.items()
+    }
+    result = simulate_round(inputs, threshold=n_min, drop_before_masking=["pi-00", "pi-05"], random_bytes=_seeded(4))
     assert len(result.survivors) == 8
     clipped_sum = sum(u * min(1.0, clip / np.linalg.norm(u)) for d, u in updates.items() if d in result.survivors)
     noise = FP.decode(result.total) - clipped_sum
@@ -306,8 +325,9 @@ def test_shamir_any_t_shares_reconstruct():
 def _round_to_masked(n=5, seed=0):
     inputs = _inputs(n, seed=seed)
     server = SecAggServer(FLEET, ROUND, vector_size=M)
-    clients = {d: SecAggClient(d, FLEET, ROUND, random_bytes=_seeded(seed * 100 + i))
-               for i, d in enumerate(sorted(inputs))}
+    clients = {
+        d: SecAggClient(d, FLEET, ROUND, random_bytes=_seeded(seed * 100 + i)) for i, d in enumerate(sorted(inputs))
+    }
     for d, c in clients.items():
         server.receive(d, c.advertise())
     keys = server.key_list()
@@ -367,8 +387,11 @@ def test_tampered_or_misrouted_shares_rejected():
 def test_other_session_cannot_decrypt():
     """Keys and ciphertexts are bound to (fleet, round): a device in another session rejects them."""
     server = SecAggServer(FLEET, ROUND, vector_size=M)
-    clients = {"a": SecAggClient("a", FLEET, ROUND), "b": SecAggClient("b", FLEET, ROUND),
-               "c": SecAggClient("c", "ward8", ROUND)}
+    clients = {
+        "a": SecAggClient("a", FLEET, ROUND),
+        "b": SecAggClient("b", FLEET, ROUND),
+        "c": SecAggClient("c", "ward8", ROUND),
+    }
     for d, c in clients.items():
         server.receive(d, c.advertise())
     keys = server.key_list()
@@ -388,8 +411,10 @@ def test_server_rejects_messages_out_of_place():
     with pytest.raises(SecAggError, match="after the key list was sent"):
         server.receive("late", SecAggClient("late", FLEET, ROUND).advertise())
     with pytest.raises(SecAggError, match="outside the share-keys step"):
-        server.receive("x", SecAggUpload(ROUND, "shares", ciphertexts={"a": np.zeros(3, np.uint8)},
-                                         commitment=np.zeros(32, np.uint8)))
+        server.receive(
+            "x",
+            SecAggUpload(ROUND, "shares", ciphertexts={"a": np.zeros(3, np.uint8)}, commitment=np.zeros(32, np.uint8)),
+        )
     with pytest.raises(SecAggError, match="has shape"):
         server.receive(devices[0], _masked(np.zeros(M + 1)))
     with pytest.raises(SecAggError, match="did not share keys"):
@@ -405,15 +430,20 @@ def test_server_rejects_messages_out_of_place():
     with pytest.raises(SecAggError, match="does not match the request"):
         server.receive(devices[0], SecAggUpload(ROUND, "unmask", b_shares={devices[0]: np.zeros(66, np.uint8)}))
     with pytest.raises(InvalidPayload, match="reveals both shares"):
-        SecAggUpload(ROUND, "unmask", b_shares={devices[1]: np.zeros(66, np.uint8)},
-                     key_shares={devices[1]: np.zeros(66, np.uint8)})
+        SecAggUpload(
+            ROUND,
+            "unmask",
+            b_shares={devices[1]: np.zeros(66, np.uint8)},
+            key_shares={devices[1]: np.zeros(66, np.uint8)},
+        )
     with pytest.raises(InvalidPayload, match="non-empty 1-D int64"):
         SecAggUpload(ROUND, "masked", masked=np.zeros(3))
     responses = {d: clients[d].unmask(request) for d in devices}
     # a corrupted share: the reconstructed seed fails its SHA-256 commitment
     bad = dict(responses[devices[0]].b_shares)
-    bad[devices[1]] = np.frombuffer((int.from_bytes(bad[devices[1]].tobytes(), "big") + 1).to_bytes(66, "big"),
-                                    np.uint8)
+    bad[devices[1]] = np.frombuffer(
+        (int.from_bytes(bad[devices[1]].tobytes(), "big") + 1).to_bytes(66, "big"), np.uint8
+    )
     server.receive(devices[0], SecAggUpload(ROUND, "unmask", b_shares=bad))
     for d in devices[1:]:
         server.receive(d, responses[d])
@@ -432,8 +462,9 @@ def test_corrupted_key_share_detected():
     first = min(responses)
     key = responses[first].key_shares[devices[0]].tobytes()
     bad = np.frombuffer((int.from_bytes(key, "big") ^ 1).to_bytes(66, "big"), np.uint8)
-    server.receive(first, SecAggUpload(ROUND, "unmask", b_shares=responses[first].b_shares,
-                                       key_shares={devices[0]: bad}))
+    server.receive(
+        first, SecAggUpload(ROUND, "unmask", b_shares=responses[first].b_shares, key_shares={devices[0]: bad})
+    )
     for d in sorted(responses)[1:]:
         server.receive(d, responses[d])
     with pytest.raises(SecAggError, match="does not match its advertised public key"):
@@ -451,8 +482,9 @@ def test_message_and_key_list_validation():
     with pytest.raises(SecAggError, match="not a majority"):
         advertised_keys(_key_relay(1, keys))
     with pytest.raises(SecAggError, match="repeats a public key"):
-        advertised_keys(_key_relay(2, {"a": ka.public_keys, "b": np.concatenate([ka.public_keys[:32],
-                                                                                 kb.public_keys[32:]])}))
+        advertised_keys(
+            _key_relay(2, {"a": ka.public_keys, "b": np.concatenate([ka.public_keys[:32], kb.public_keys[32:]])})
+        )
     same = np.concatenate([ka.public_keys[:32], ka.public_keys[:32]])
     with pytest.raises(SecAggError, match="must be different keys"):
         advertised_keys(_key_relay(2, {"a": same, "b": kb.public_keys}))
@@ -468,8 +500,9 @@ def test_message_and_key_list_validation():
     with pytest.raises(SecAggError, match="lacks this device's advertised keys"):
         c.share_keys(_key_relay(2, keys))
     with pytest.raises(SecAggError, match="step 'masked_input' called while the round expects 'advertise'"):
-        SecAggClient("d", FLEET, ROUND).masked_input(SecAggRelay(ROUND, "shares", ciphertexts={"d": {}}),
-                                                     np.zeros(3, np.uint64))
+        SecAggClient("d", FLEET, ROUND).masked_input(
+            SecAggRelay(ROUND, "shares", ciphertexts={"d": {}}), np.zeros(3, np.uint64)
+        )
     e = SecAggClient("e", FLEET, ROUND)
     e.advertise()
     with pytest.raises(SecAggError, match="expected the 'keys' relay, got the 'unmask' relay"):
@@ -576,15 +609,19 @@ def test_a_refused_relay_leaves_the_step_open():
     np.testing.assert_array_equal(server.aggregate().total, _sum(inputs, devices))
 
 
-@pytest.mark.parametrize("first", ["biofed.secure_aggregation.messages", "biofed.secure_aggregation",
-                                   "biofed.protocol.envelope", "biofed.protocol"])
+@pytest.mark.parametrize(
+    "first",
+    ["biofed.secure_aggregation.messages", "biofed.secure_aggregation", "biofed.protocol.envelope", "biofed.protocol"],
+)
 def test_the_protocol_and_its_secagg_kinds_import_in_either_order(first):
     """biofed.protocol registers the secure-aggregation messages as payload kinds, which build on its schema."""
     import subprocess
     import sys
 
-    code = (f"import {first}\n"
-            "from biofed.protocol import PAYLOAD_TYPES\n"
-            "from biofed.secure_aggregation import SecAggRelay, SecAggUpload\n"
-            "assert PAYLOAD_TYPES['secagg'] is SecAggUpload and PAYLOAD_TYPES['secagg_relay'] is SecAggRelay\n")
+    code = (
+        f"import {first}\n"
+        "from biofed.protocol import PAYLOAD_TYPES\n"
+        "from biofed.secure_aggregation import SecAggRelay, SecAggUpload\n"
+        "assert PAYLOAD_TYPES['secagg'] is SecAggUpload and PAYLOAD_TYPES['secagg_relay'] is SecAggRelay\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

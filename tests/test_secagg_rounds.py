@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.edge.secure_aggregation import SecureAggregationParticipant
-
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import Charge, PrivacyMechanism
 from biofed.protocol import Task, Topics, decode_topic_message, encode_message
@@ -31,14 +31,25 @@ class Clock:
 
 def _gate(task):
     """A device's release gate (in-memory ledger) and the charge of its input."""
-    return {"mechanism": PrivacyMechanism(PrivacyLedger(1e-5)),
-            "charge": Charge(task.round, "train", 1.0, task.noise_multiplier)}
+    return {
+        "mechanism": PrivacyMechanism(PrivacyLedger(1e-5)),
+        "charge": Charge(task.round, "train", 1.0, task.noise_multiplier),
+    }
 
 
 def _task(devices, *, threshold, z=0.0, clip=1.0):
-    return Task(round=ROUND, model=np.zeros(P), basis_version=1, classes=("rest", "arithmetic"), deadline=1060.0,
-                trust_mode="distributed", clip_norm=clip, noise_multiplier=z, participants=tuple(devices),
-                secagg_threshold=threshold)
+    return Task(
+        round=ROUND,
+        model=np.zeros(P),
+        basis_version=1,
+        classes=("rest", "arithmetic"),
+        deadline=1060.0,
+        trust_mode="distributed",
+        clip_norm=clip,
+        noise_multiplier=z,
+        participants=tuple(devices),
+        secagg_threshold=threshold,
+    )
 
 
 class Wire:
@@ -56,8 +67,9 @@ class Wire:
         return message.sender, message.payload
 
     def down(self, payload, device):
-        data = encode_message(payload, fleet=FLEET, sender="coordinator", signer=self.signers["coordinator"],
-                              created=1000.0)
+        data = encode_message(
+            payload, fleet=FLEET, sender="coordinator", signer=self.signers["coordinator"], created=1000.0
+        )
         return decode_topic_message(TOPICS, TOPICS.secagg_relay, data, verifier=self.device_in[device]).payload
 
 
@@ -70,11 +82,17 @@ def _run(n=6, *, silent=None, z=0.0, threshold=None, seed=0):
     rng = np.random.default_rng(seed)
     deltas = {d: rng.normal(size=P) * 0.05 for d in devices}
     clock, wire = Clock(), Wire(devices)
-    server = SecureAggregationRound(fleet=FLEET, round=ROUND, participants=devices, vector_size=P,
-                                    threshold=threshold, advertise_deadline=task.deadline, step_timeout_s=10.0,
-                                    clock=clock)
-    parts = {d: SecureAggregationParticipant(d, FLEET, task, deltas[d], **_gate(task))
-             for d in devices}
+    server = SecureAggregationRound(
+        fleet=FLEET,
+        round=ROUND,
+        participants=devices,
+        vector_size=P,
+        threshold=threshold,
+        advertise_deadline=task.deadline,
+        step_timeout_s=10.0,
+        clock=clock,
+    )
+    parts = {d: SecureAggregationParticipant(d, FLEET, task, deltas[d], **_gate(task)) for d in devices}
     gone: set[str] = set()
 
     def answering(step):
@@ -138,8 +156,16 @@ def test_effective_noise_multiplier_counts_the_survivors():
 def test_coordinator_drops_messages_that_do_not_fit():
     devices = ["a", "b", "c"]
     task = _task(devices, threshold=2)
-    server = SecureAggregationRound(fleet=FLEET, round=ROUND, participants=devices[:2], vector_size=P, threshold=2,
-                                    advertise_deadline=task.deadline, step_timeout_s=5.0, clock=Clock())
+    server = SecureAggregationRound(
+        fleet=FLEET,
+        round=ROUND,
+        participants=devices[:2],
+        vector_size=P,
+        threshold=2,
+        advertise_deadline=task.deadline,
+        step_timeout_s=5.0,
+        clock=Clock(),
+    )
     parts = {d: SecureAggregationParticipant(d, FLEET, task, np.zeros(P), **_gate(task)) for d in devices}
     advert = parts["a"].start()
     with pytest.raises(SecAggError, match="not expected at step 'advertise'"):
@@ -147,8 +173,7 @@ def test_coordinator_drops_messages_that_do_not_fit():
     server.handle("a", advert)
     with pytest.raises(SecAggError, match="already answered"):
         server.handle("a", advert)
-    other_round = SecureAggregationParticipant("b", FLEET, replace(task, round=ROUND + 1), np.zeros(P),
-                                               **_gate(task))
+    other_round = SecureAggregationParticipant("b", FLEET, replace(task, round=ROUND + 1), np.zeros(P), **_gate(task))
     with pytest.raises(SecAggError, match="the open round is 12"):
         server.handle("b", other_round.start())
     assert server.poll() is None  # b has not advertised and the deadline is ahead
@@ -157,12 +182,21 @@ def test_coordinator_drops_messages_that_do_not_fit():
 def test_participant_refusals():
     devices = ["a", "b", "c"]
     with pytest.raises(SecAggError, match="needs a distributed-mode task"):
-        SecureAggregationParticipant("a", FLEET, _task(devices, threshold=0), np.zeros(P),
-                                     **_gate(_task(devices, threshold=0)))
+        SecureAggregationParticipant(
+            "a", FLEET, _task(devices, threshold=0), np.zeros(P), **_gate(_task(devices, threshold=0))
+        )
     task = _task(devices, threshold=3)
     parts = {d: SecureAggregationParticipant(d, FLEET, task, np.zeros(P), **_gate(task)) for d in [*devices, "x"]}
-    server = SecureAggregationRound(fleet=FLEET, round=ROUND, participants=[*devices, "x"], vector_size=P,
-                                    threshold=1, advertise_deadline=0.0, step_timeout_s=5.0, clock=Clock())
+    server = SecureAggregationRound(
+        fleet=FLEET,
+        round=ROUND,
+        participants=[*devices, "x"],
+        vector_size=P,
+        threshold=1,
+        advertise_deadline=0.0,
+        step_timeout_s=5.0,
+        clock=Clock(),
+    )
     for d in ("a", "b", "c"):
         server.handle(d, parts[d].start())
     keys = server.poll()  # deadline passed: x is missing, threshold raised to a majority of 3 = 2

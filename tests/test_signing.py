@@ -61,8 +61,9 @@ def _update(round_=3, delta=None):
 
 
 def _signed_update(signers, sender="pi-01", round_=3, created=NOW, fleet=FLEET, message_id=None):
-    return encode_message(_update(round_), fleet=fleet, sender=sender, created=created, message_id=message_id,
-                          signer=signers[sender])
+    return encode_message(
+        _update(round_), fleet=fleet, sender=sender, created=created, message_id=message_id, signer=signers[sender]
+    )
 
 
 def _frame(data):
@@ -84,7 +85,9 @@ def test_unsigned_encoding_is_unchanged_by_the_extension(signers):
     """Without a signer the bytes are the old envelope; the signed frame wraps exactly those bytes."""
     mid = bytes(range(16))
     plain = encode_message(_update(), fleet=FLEET, sender="pi-01", created=NOW, message_id=mid)
-    signed = encode_message(_update(), fleet=FLEET, sender="pi-01", created=NOW, message_id=mid, signer=signers["pi-01"])
+    signed = encode_message(
+        _update(), fleet=FLEET, sender="pi-01", created=NOW, message_id=mid, signer=signers["pi-01"]
+    )
     frame = _frame(signed)
     assert set(frame) == {"s", "e", "sig"} and frame["e"] == plain and frame["s"] == "pi-01"
     signers["pi-01"].public_key.verify(frame["sig"], SIGNATURE_CONTEXT + plain)
@@ -165,8 +168,9 @@ def _retarget(data, key, value):
     return _reframe(frame)
 
 
-@pytest.mark.parametrize(("key", "value"), [("r", 4), ("f", "ward8"), ("k", "sketch"), ("t", NOW + 1.0),
-                                            ("id", bytes(16))])
+@pytest.mark.parametrize(
+    ("key", "value"), [("r", 4), ("f", "ward8"), ("k", "sketch"), ("t", NOW + 1.0), ("id", bytes(16))]
+)
 def test_retargeted_message_fails_signature(signers, ring, key, value):
     data = _retarget(_signed_update(signers), key, value)
     with pytest.raises(BadSignature, match="does not verify"):
@@ -224,8 +228,13 @@ def test_size_limit_checked_before_signature(signers, ring):
     with pytest.raises(MessageTooLarge):
         decode_message(data, verifier=ring, max_bytes=len(data) - 1)
     with pytest.raises(MessageTooLarge, match="above the"):
-        encode_message(_update(), fleet=FLEET, sender="pi-01", signer=signers["pi-01"],
-                       max_bytes=len(encode_message(_update(), fleet=FLEET, sender="pi-01")) + 10)
+        encode_message(
+            _update(),
+            fleet=FLEET,
+            sender="pi-01",
+            signer=signers["pi-01"],
+            max_bytes=len(encode_message(_update(), fleet=FLEET, sender="pi-01")) + 10,
+        )
 
 
 def test_clock_skew(signers, ring):
@@ -267,8 +276,9 @@ def test_verifier_arguments_checked(ring):
 # ----------------------------------------------------------------------------- key files
 def _write_private(path, key):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
 
 
 def test_key_directory_round_trip(tmp_path):
@@ -300,8 +310,11 @@ def test_key_file_errors(tmp_path):
     with pytest.raises(ValueError, match="file name must be <id>.pub.pem"):
         KeyRing.from_dir(tmp_path)
     (tmp_path / "bad name.pub.pem").unlink()
-    x_pub = X25519PrivateKey.generate().public_key().public_bytes(serialization.Encoding.PEM,
-                                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    x_pub = (
+        X25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     (tmp_path / "pi-01.pub.pem").write_bytes(x_pub)
     with pytest.raises(ValueError, match="Ed25519 keys only"):
         KeyRing.from_dir(tmp_path)
@@ -338,11 +351,15 @@ def test_signing_from_config(tmp_path):
     path = tmp_path / "device.toml"
     path.write_text(base)
     assert signing_from_config(load_config(path, DeviceConfig), "pi-01") == (None, None)
-    path.write_text(base + 'signing_key_file = "devices/pi-01/signing.key.pem"\nkeys_dir = "keys"\nmax_clock_skew_s = 30\n')
+    path.write_text(
+        base + 'signing_key_file = "devices/pi-01/signing.key.pem"\nkeys_dir = "keys"\nmax_clock_skew_s = 30\n'
+    )
     config = load_config(path, DeviceConfig)
     signer, verifier = signing_from_config(config, "pi-01")
     assert signer.key_id == "pi-01" and verifier.max_skew_s == 30 and verifier.keyring.ids == {"pi-01", "coordinator"}
-    assert decode_message(encode_message(_update(), fleet=FLEET, sender="pi-01", signer=signer), verifier=verifier).verified
+    assert decode_message(
+        encode_message(_update(), fleet=FLEET, sender="pi-01", signer=signer), verifier=verifier
+    ).verified
     (keys / "pi-01.pub.pem").write_bytes(Signer(other, "pi-01").public_pem())
     with pytest.raises(ValueError, match="does not match"):
         signing_from_config(config, "pi-01")

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from brokers import require_mosquitto
 
 from biofed.apps.demo import DemoSettings
 from biofed.apps.simulate import FaultPlan, FleetOptions, check_federation, run_simulation, split_windows
+from brokers import require_mosquitto
 
 
 def _labels(n_rest: int, n_task: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +59,16 @@ def test_fault_schedule_at_100_devices_keeps_every_invariant(tmp_path):
     require_mosquitto()
     deadline = 8.0
     rounds = 4
-    settings = DemoSettings(out=tmp_path / "sim", devices=100, rounds=rounds, mosquitto=True,
-                            round_deadline_s=deadline, min_devices=50, synthetic_seconds=40.0, timeout_s=600.0)
+    settings = DemoSettings(
+        out=tmp_path / "sim",
+        devices=100,
+        rounds=rounds,
+        mosquitto=True,
+        round_deadline_s=deadline,
+        min_devices=50,
+        synthetic_seconds=40.0,
+        timeout_s=600.0,
+    )
     plan = FaultPlan.standard(seed=3, round_deadline_s=deadline)
     summary = run_simulation(settings, FleetOptions(workers=4, windows_per_device=8, plan=plan))
     assert summary["problems"] == []
@@ -97,8 +105,9 @@ def test_demo_runs_a_fleet_above_a_handful_in_its_own_process(tmp_path):
 
     out = tmp_path / "demo"
     n = IN_PROCESS_FLEET + 1
-    summary = run_demo(DemoSettings(out=out, devices=n, rounds=2, synthetic_seconds=10.0, timeout_s=400.0,
-                                    noise_multiplier=0.0))
+    summary = run_demo(
+        DemoSettings(out=out, devices=n, rounds=2, synthetic_seconds=10.0, timeout_s=400.0, noise_multiplier=0.0)
+    )
     assert len(summary["devices"]) == n
     assert {p.name for p in (out / "logs").iterdir()} == {"warmup.log", "coordinator.log", "devices.log"}
     log = (out / "logs" / "devices.log").read_text()

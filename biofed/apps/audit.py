@@ -70,11 +70,11 @@ from biofed.apps.audit_stats import (
     softmax_invariant_basis,
     threshold_epsilon_lower_bound,
 )
+from biofed.apps.demo import FLEET, DemoSettings, write_configs
+from biofed.apps.federation import Listener, spawn, start_broker, tails, terminate, write_synthetic_devices
 from biofed.cli_options import examples, logging_options
 from biofed.config import CoordinatorConfig, DeviceConfig, ModelSettings, load_config
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.apps.demo import FLEET, DemoSettings, write_configs
-from biofed.apps.federation import Listener, spawn, start_broker, tails, terminate, write_synthetic_devices
 from biofed.edge.agent import EdgeAgent
 from biofed.edge.tasks import LocalData
 from biofed.model import FeatureLayout
@@ -95,8 +95,11 @@ __all__ = [
 ]
 
 CANARY_PREFIX = "canary"
-ADVERSARIES = {"central": ("observer",), "local": ("observer", "coordinator"),
-               "distributed": ("observer", "coordinator")}
+ADVERSARIES = {
+    "central": ("observer",),
+    "local": ("observer", "coordinator"),
+    "distributed": ("observer", "coordinator"),
+}
 """Who each trust mode's guarantee is against: the readers of released models always; the
 coordinator too where it is not trusted."""
 _CANARY_ROWS = 256
@@ -163,8 +166,9 @@ class CanaryAgent(EdgeAgent):
     eigenvectors of the fleet's averaged statistic (the basis) as they are.
     """
 
-    def __init__(self, config: DeviceConfig, direction: np.ndarray, n_features: int, *,
-                 random_state: np.random.Generator) -> None:
+    def __init__(
+        self, config: DeviceConfig, direction: np.ndarray, n_features: int, *, random_state: np.random.Generator
+    ) -> None:
         super().__init__(config)
         direction = np.asarray(direction, dtype=np.float64)
         if direction.ndim != 1 or not math.isclose(float(np.linalg.norm(direction)), 1.0, rel_tol=1e-9):
@@ -179,8 +183,10 @@ class CanaryAgent(EdgeAgent):
 
     def _local_training(self, task: Task, Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
         if task.model.shape != self.direction.shape:
-            raise ValueError(f"round {task.round}: the model has {task.model.size} parameters, the canary "
-                             f"direction {self.direction.size}")
+            raise ValueError(
+                f"round {task.round}: the model has {task.model.size} parameters, the canary "
+                f"direction {self.direction.size}"
+            )
         return task.model + task.clip_norm * self.direction, 0.0
 
 
@@ -248,8 +254,7 @@ def _tap_class(base: type[Coordinator], tap: AuditTap) -> type[Coordinator]:
             if collected is not None and collected.secure is not None:
                 secure = collected.secure
                 with tap.lock:
-                    tap.unmasked[collected.round] = (np.array(secure.mean_update()),
-                                                     len(secure.result.survivors))
+                    tap.unmasked[collected.round] = (np.array(secure.mean_update()), len(secure.result.survivors))
             return collected
 
     return TappedCoordinator
@@ -260,8 +265,12 @@ def _tap_listener(host: str, port: int, protocol: str, topics: Topics, tap: Audi
     from biofed.mqtt import MqttClient
 
     client = MqttClient(host, port, "audit-tap", protocol=protocol, clean=True)
-    return Listener(client, (topics.task, topics.model, topics.all_devices("status"), topics.all_devices("update")),
-                    lambda inbound: tap.record(topics, inbound.topic, inbound.payload), name="audit-tap")
+    return Listener(
+        client,
+        (topics.task, topics.model, topics.all_devices("status"), topics.all_devices("update")),
+        lambda inbound: tap.record(topics, inbound.topic, inbound.payload),
+        name="audit-tap",
+    )
 
 
 # ----------------------------------------------------------------------------- scores
@@ -275,8 +284,9 @@ class RunScores:
     wall_s: float
 
 
-def _aggregate_scores(steps: Sequence[tuple[np.ndarray, int]], inserted: np.ndarray, held_out: np.ndarray,
-                      clip: float) -> tuple[np.ndarray, np.ndarray]:
+def _aggregate_scores(
+    steps: Sequence[tuple[np.ndarray, int]], inserted: np.ndarray, held_out: np.ndarray, clip: float
+) -> tuple[np.ndarray, np.ndarray]:
     total_in, total_out = np.zeros(inserted.shape[0]), np.zeros(held_out.shape[0])
     for change, n in steps:
         total_in += inserted @ change * (n / clip)
@@ -284,8 +294,9 @@ def _aggregate_scores(steps: Sequence[tuple[np.ndarray, int]], inserted: np.ndar
     return total_in, total_out
 
 
-def _update_scores(tap: AuditTap, canaries: Mapping[str, np.ndarray], held_out: np.ndarray,
-                   clip: float) -> tuple[np.ndarray, np.ndarray, int]:
+def _update_scores(
+    tap: AuditTap, canaries: Mapping[str, np.ndarray], held_out: np.ndarray, clip: float
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Scores of the canaries' own updates as the coordinator received them; the held-out
     scores project every canary's updates onto every held-out direction."""
     inserted, out = [], []
@@ -310,8 +321,14 @@ def _wait(condition, timeout_s: float, what: str, children=()) -> None:
         time.sleep(0.2)
 
 
-def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str, Sequence[Path]], *,
-             coordinator_class: type[Coordinator] = Coordinator) -> RunScores:
+def run_mode(
+    settings: AuditSettings,
+    mode: str,
+    run: int,
+    devices: Mapping[str, Sequence[Path]],
+    *,
+    coordinator_class: type[Coordinator] = Coordinator,
+) -> RunScores:
     """One real federation of ``mode`` with canaries; the adversaries' canary scores.
 
     ``coordinator_class`` builds the coordinator (tests pass a subclass that leaks).
@@ -320,10 +337,21 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
     out = (settings.out / mode / f"run{run}").resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    demo = DemoSettings(out=out, devices=len(devices), rounds=settings.rounds, trust_mode=mode,
-                        noise_multiplier=settings.noise_multiplier, clip=settings.clip, delta=settings.delta,
-                        epsilon_budget=None, min_devices=len(devices), round_deadline_s=settings.round_deadline_s,
-                        sign=settings.sign, timeout_s=settings.timeout_s, seed=settings.seed)
+    demo = DemoSettings(
+        out=out,
+        devices=len(devices),
+        rounds=settings.rounds,
+        trust_mode=mode,
+        noise_multiplier=settings.noise_multiplier,
+        clip=settings.clip,
+        delta=settings.delta,
+        epsilon_budget=None,
+        min_devices=len(devices),
+        round_deadline_s=settings.round_deadline_s,
+        sign=settings.sign,
+        timeout_s=settings.timeout_s,
+        seed=settings.seed,
+    )
     model = ModelSettings()  # the model the demo fleet trains
     n_canaries = settings.canaries
     if n_canaries is None:
@@ -338,11 +366,13 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
     try:
         # the canaries get device configs (and signing keys) like the devices, without recordings
         coordinator_toml, device_tomls = write_configs(
-            demo, {**devices, **{c: [] for c in canary_ids}}, broker.host, broker.port, protocol)
+            demo, {**devices, **{c: [] for c in canary_ids}}, broker.host, broker.port, protocol
+        )
         listener = _tap_listener(broker.host, broker.port, protocol, topics, tap).start()
         for device in devices:
-            children.append(spawn(device, ["edge", "--config", str(device_tomls[device])],
-                                   out / "logs" / f"{device}.log"))
+            children.append(
+                spawn(device, ["edge", "--config", str(device_tomls[device])], out / "logs" / f"{device}.log")
+            )
 
         def online(ids) -> bool:
             with tap.lock:
@@ -359,20 +389,27 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
         k = min(config.model.basis_k, layout.n_features)
         subspace = softmax_invariant_basis(k, len(config.model.classes), config.model.hidden)
         if not 1 <= n_canaries < subspace.shape[1]:
-            raise AuditError(f"{n_canaries} canaries do not fit: the canary subspace of this model has "
-                             f"{subspace.shape[1]} directions and at least one must be held out")
+            raise AuditError(
+                f"{n_canaries} canaries do not fit: the canary subspace of this model has "
+                f"{subspace.shape[1]} directions and at least one must be held out"
+            )
         directions = canary_directions(subspace, subspace.shape[1], np.random.default_rng())
         inserted, held_out = directions[:n_canaries], directions[n_canaries:]
         canaries = dict(zip(canary_ids, inserted))
         for device, direction in canaries.items():
-            agent = CanaryAgent(load_config(device_tomls[device], DeviceConfig), direction, layout.n_features,
-                                random_state=np.random.default_rng())
+            agent = CanaryAgent(
+                load_config(device_tomls[device], DeviceConfig),
+                direction,
+                layout.n_features,
+                random_state=np.random.default_rng(),
+            )
             thread = threading.Thread(target=_run_agent, args=(agent, stop_canaries), name=device, daemon=True)
             thread.start()
             canary_threads.append(thread)
         _wait(lambda: online(canary_ids), 60.0, "the canary clients did not come online", children)
-        coordinator = _tap_class(coordinator_class, tap)(config, discovery_timeout_s=settings.timeout_s,
-                                                          accountants=("rdp", "pld"))
+        coordinator = _tap_class(coordinator_class, tap)(
+            config, discovery_timeout_s=settings.timeout_s, accountants=("rdp", "pld")
+        )
         result: list[RunState] = []
         runner = threading.Thread(target=lambda: result.append(coordinator.run()), name="coordinator", daemon=True)
         runner.start()
@@ -380,11 +417,11 @@ def run_mode(settings: AuditSettings, mode: str, run: int, devices: Mapping[str,
         if runner.is_alive():
             coordinator.stop()
             runner.join(30.0)
-            raise AuditError(f"the {mode} federation did not finish within {settings.timeout_s:g} s\n"
-                             + tails(children))
+            raise AuditError(
+                f"the {mode} federation did not finish within {settings.timeout_s:g} s\n" + tails(children)
+            )
         if result != [RunState.DONE]:
-            raise AuditError(f"the {mode} coordinator ended in state {result}; see {out / 'logs'}\n"
-                             + tails(children))
+            raise AuditError(f"the {mode} coordinator ended in state {result}; see {out / 'logs'}\n" + tails(children))
         released = [r.round for r in coordinator.history() if r.phase == "train"]
 
         def tapped_last_model() -> bool:
@@ -467,40 +504,58 @@ class ModeAudit:
         return "consistent" if self.consistent else "VIOLATION"
 
 
-def audit_mode(settings: AuditSettings, mode: str, devices: Mapping[str, Sequence[Path]], *,
-               coordinator_class: type[Coordinator] = Coordinator) -> list[ModeAudit]:
+def audit_mode(
+    settings: AuditSettings,
+    mode: str,
+    devices: Mapping[str, Sequence[Path]],
+    *,
+    coordinator_class: type[Coordinator] = Coordinator,
+) -> list[ModeAudit]:
     """``settings.runs`` federations of ``mode``; one :class:`ModeAudit` per adversary."""
-    runs = [run_mode(settings, mode, r, devices, coordinator_class=coordinator_class)
-            for r in range(1, settings.runs + 1)]
+    runs = [
+        run_mode(settings, mode, r, devices, coordinator_class=coordinator_class) for r in range(1, settings.runs + 1)
+    ]
     ledger = {name: min(r.ledger[name] for r in runs) for name in runs[0].ledger}
     audits = []
     for adversary in ADVERSARIES[mode]:
         inserted = np.concatenate([r.scores[adversary][0] for r in runs])
         held_out = np.concatenate([r.scores[adversary][1] for r in runs])
-        audits.append(ModeAudit(
-            trust_mode=mode, adversary=adversary,
-            gaussian=gaussian_epsilon_lower_bound(inserted, held_out, settings.delta, settings.confidence),
-            threshold=threshold_epsilon_lower_bound(inserted, held_out, settings.delta, settings.confidence),
-            ledger=ledger, rounds_seen=max(r.rounds_seen[adversary] for r in runs), runs=len(runs),
-            wall_s=sum(r.wall_s for r in runs), inserted=inserted, held_out=held_out,
-        ))
+        audits.append(
+            ModeAudit(
+                trust_mode=mode,
+                adversary=adversary,
+                gaussian=gaussian_epsilon_lower_bound(inserted, held_out, settings.delta, settings.confidence),
+                threshold=threshold_epsilon_lower_bound(inserted, held_out, settings.delta, settings.confidence),
+                ledger=ledger,
+                rounds_seen=max(r.rounds_seen[adversary] for r in runs),
+                runs=len(runs),
+                wall_s=sum(r.wall_s for r in runs),
+                inserted=inserted,
+                held_out=held_out,
+            )
+        )
     return audits
 
 
 def format_audits(audits: Sequence[ModeAudit], confidence: float, delta: float) -> str:
-    lines = [f"{'mode':<12} {'adversary':<12} {'rounds':>6} {'canaries':>8} {'mu':>6} "
-             f"{'eps lower':>9} {'eps est.':>8} {'threshold':>9} {'ledger eps':>10}  verdict",
-             f"{'':<12} {'':<12} {'':>6} {'in/out':>8} {'':>6} {f'({100 * confidence:g}%)':>9} {'':>8} "
-             f"{f'({100 * confidence:g}%)':>9} {'(min)':>10}"]
+    lines = [
+        f"{'mode':<12} {'adversary':<12} {'rounds':>6} {'canaries':>8} {'mu':>6} "
+        f"{'eps lower':>9} {'eps est.':>8} {'threshold':>9} {'ledger eps':>10}  verdict",
+        f"{'':<12} {'':<12} {'':>6} {'in/out':>8} {'':>6} {f'({100 * confidence:g}%)':>9} {'':>8} "
+        f"{f'({100 * confidence:g}%)':>9} {'(min)':>10}",
+    ]
     for a in audits:
         g = a.gaussian
         lines.append(
             f"{a.trust_mode:<12} {a.adversary:<12} {a.rounds_seen:>6} {f'{g.n_inserted}/{g.n_held_out}':>8} "
             f"{g.mu:>6.2f} {g.lower:>9.3f} {g.estimate:>8.3f} {a.threshold.lower:>9.3f} {a.ledger_epsilon:>10.3f}  "
-            f"{a.verdict}")
-    lines.append(f"epsilon at delta = {delta:g}; 'eps lower' is the Gaussian-fit lower bound (Andrew et al. 2023) at "
-                 f"{100 * confidence:g}% confidence, 'threshold' the distribution-free Clopper-Pearson one; the verdict "
-                 "compares the larger of the two with the ledger's smallest epsilon (RDP, PLD)")
+            f"{a.verdict}"
+        )
+    lines.append(
+        f"epsilon at delta = {delta:g}; 'eps lower' is the Gaussian-fit lower bound (Andrew et al. 2023) at "
+        f"{100 * confidence:g}% confidence, 'threshold' the distribution-free Clopper-Pearson one; the verdict "
+        "compares the larger of the two with the ledger's smallest epsilon (RDP, PLD)"
+    )
     return "\n".join(lines)
 
 
@@ -513,27 +568,44 @@ def run_audit(settings: AuditSettings, *, coordinator_class: type[Coordinator] =
     out = settings.out.resolve()
     settings = replace(settings, out=out)
     out.mkdir(parents=True, exist_ok=True)
-    click.echo(f"writing {settings.devices} synthetic devices ({settings.synthetic_seconds:g} s per class) to "
-               f"{out / 'data'}")
-    devices = write_synthetic_devices(out / "data", settings.devices, duration_s=settings.synthetic_seconds,
-                                      random_state=settings.seed)
+    click.echo(
+        f"writing {settings.devices} synthetic devices ({settings.synthetic_seconds:g} s per class) to {out / 'data'}"
+    )
+    devices = write_synthetic_devices(
+        out / "data", settings.devices, duration_s=settings.synthetic_seconds, random_state=settings.seed
+    )
     audits: list[ModeAudit] = []
     for mode in settings.trust_modes:
-        click.echo(f"auditing trust mode {mode}: {settings.runs} run(s) of {settings.rounds} rounds, "
-                   f"{len(devices)} devices + canaries")
+        click.echo(
+            f"auditing trust mode {mode}: {settings.runs} run(s) of {settings.rounds} rounds, "
+            f"{len(devices)} devices + canaries"
+        )
         mode_audits = audit_mode(settings, mode, devices, coordinator_class=coordinator_class)
         audits.extend(mode_audits)
         for a in mode_audits:
-            click.echo(f"  {mode} / {a.adversary}: epsilon lower bound {a.gaussian.lower:.3f} "
-                       f"(mu {a.gaussian.mu:.2f}), ledger {a.ledger_epsilon:.3f}: {a.verdict} ({a.wall_s:.0f} s)")
+            click.echo(
+                f"  {mode} / {a.adversary}: epsilon lower bound {a.gaussian.lower:.3f} "
+                f"(mu {a.gaussian.mu:.2f}), ledger {a.ledger_epsilon:.3f}: {a.verdict} ({a.wall_s:.0f} s)"
+            )
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-        "audits": [{"trust_mode": a.trust_mode, "adversary": a.adversary, "verdict": a.verdict,
-                    "lower_bound": a.lower_bound, "ledger_epsilon": a.ledger_epsilon, "ledger": a.ledger,
-                    "gaussian": _bound_dict(a.gaussian), "threshold": _bound_dict(a.threshold),
-                    "rounds_seen": a.rounds_seen, "runs": a.runs, "wall_s": round(a.wall_s, 1),
-                    "scores": {"inserted": a.inserted.tolist(), "held_out": a.held_out.tolist()}}
-                   for a in audits],
+        "audits": [
+            {
+                "trust_mode": a.trust_mode,
+                "adversary": a.adversary,
+                "verdict": a.verdict,
+                "lower_bound": a.lower_bound,
+                "ledger_epsilon": a.ledger_epsilon,
+                "ledger": a.ledger,
+                "gaussian": _bound_dict(a.gaussian),
+                "threshold": _bound_dict(a.threshold),
+                "rounds_seen": a.rounds_seen,
+                "runs": a.runs,
+                "wall_s": round(a.wall_s, 1),
+                "scores": {"inserted": a.inserted.tolist(), "held_out": a.held_out.tolist()},
+            }
+            for a in audits
+        ],
     }
     (out / "audit.json").write_text(json.dumps(summary, indent=1))
     click.echo("")
@@ -543,44 +615,128 @@ def run_audit(settings: AuditSettings, *, coordinator_class: type[Coordinator] =
 
 
 # ----------------------------------------------------------------------------- command
-@click.command("audit", epilog=examples(
-    "biofed audit",
-    "biofed audit --trust-mode local --runs 3 --out audit-local",
-    "biofed audit --trust-mode central --devices 3 --rounds 5 --seconds 10 --sign",
-    exit_codes="Exit codes: 0 consistent; 1 a VIOLATION or a runtime error; 2 usage error.",
-))
-@click.option("--trust-mode", "trust_modes", type=click.Choice(TRUST_MODES), multiple=True,
-              help="Trust mode to audit (repeatable); default: every mode (central, local, distributed).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-audit"),
-              show_default=True, help="Report folder: audit.json, and per mode and run the configs, logs and "
-                                      "coordinator state.")
-@click.option("--runs", type=click.IntRange(min=1), default=AuditSettings.runs, show_default=True,
-              help="Federations per trust mode; their canaries are pooled (more runs: a tighter lower bound).")
-@click.option("--canaries", type=click.IntRange(min=1), default=None,
-              help="Canary clients per run (default: half the model's canary subspace, 16 for the demo's logistic "
-                   "regression; the other directions are held out).")
-@click.option("--devices", type=click.IntRange(min=1), default=AuditSettings.devices, show_default=True,
-              help="Synthetic devices of the fleet (besides the canaries).")
-@click.option("--rounds", type=click.IntRange(min=1), default=AuditSettings.rounds, show_default=True,
-              help="Training rounds per federation (a canary takes part in every one).")
-@click.option("--noise-multiplier", type=click.FloatRange(min=0), default=AuditSettings.noise_multiplier,
-              show_default=True, help="DP noise multiplier z of the training rounds.")
-@click.option("--clip-norm", "--clip", "clip", type=click.FloatRange(min=0, min_open=True), default=AuditSettings.clip,
-              show_default=True, help="L2 clip norm C of each device's update (--clip: older spelling).")
-@click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
-              default=AuditSettings.delta, show_default=True, help="DP delta of the ledger and of the bound.")
-@click.option("--confidence", type=click.FloatRange(min=0.5, max=1, max_open=True),
-              default=AuditSettings.confidence, show_default=True, help="Confidence of the epsilon lower bound.")
-@click.option("--seconds", "synthetic_seconds", type=click.FloatRange(min=5), default=AuditSettings.synthetic_seconds,
-              show_default=True, help="Synthetic recording length per class and device.")
+@click.command(
+    "audit",
+    epilog=examples(
+        "biofed audit",
+        "biofed audit --trust-mode local --runs 3 --out audit-local",
+        "biofed audit --trust-mode central --devices 3 --rounds 5 --seconds 10 --sign",
+        exit_codes="Exit codes: 0 consistent; 1 a VIOLATION or a runtime error; 2 usage error.",
+    ),
+)
+@click.option(
+    "--trust-mode",
+    "trust_modes",
+    type=click.Choice(TRUST_MODES),
+    multiple=True,
+    help="Trust mode to audit (repeatable); default: every mode (central, local, distributed).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("biofed-audit"),
+    show_default=True,
+    help="Report folder: audit.json, and per mode and run the configs, logs and coordinator state.",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=AuditSettings.runs,
+    show_default=True,
+    help="Federations per trust mode; their canaries are pooled (more runs: a tighter lower bound).",
+)
+@click.option(
+    "--canaries",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Canary clients per run (default: half the model's canary subspace, 16 for the demo's logistic "
+    "regression; the other directions are held out).",
+)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1),
+    default=AuditSettings.devices,
+    show_default=True,
+    help="Synthetic devices of the fleet (besides the canaries).",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=AuditSettings.rounds,
+    show_default=True,
+    help="Training rounds per federation (a canary takes part in every one).",
+)
+@click.option(
+    "--noise-multiplier",
+    type=click.FloatRange(min=0),
+    default=AuditSettings.noise_multiplier,
+    show_default=True,
+    help="DP noise multiplier z of the training rounds.",
+)
+@click.option(
+    "--clip-norm",
+    "--clip",
+    "clip",
+    type=click.FloatRange(min=0, min_open=True),
+    default=AuditSettings.clip,
+    show_default=True,
+    help="L2 clip norm C of each device's update (--clip: older spelling).",
+)
+@click.option(
+    "--delta",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    default=AuditSettings.delta,
+    show_default=True,
+    help="DP delta of the ledger and of the bound.",
+)
+@click.option(
+    "--confidence",
+    type=click.FloatRange(min=0.5, max=1, max_open=True),
+    default=AuditSettings.confidence,
+    show_default=True,
+    help="Confidence of the epsilon lower bound.",
+)
+@click.option(
+    "--seconds",
+    "synthetic_seconds",
+    type=click.FloatRange(min=5),
+    default=AuditSettings.synthetic_seconds,
+    show_default=True,
+    help="Synthetic recording length per class and device.",
+)
 @click.option("--sign", is_flag=True, help="Every message signed with fresh Ed25519 keys (canaries included).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=AuditSettings.timeout_s,
-              show_default=True, help="Timeout (s) of each federation; its processes are killed after it.")
-@click.option("--seed", type=int, default=AuditSettings.seed, show_default=True,
-              help="Seed of the synthetic data (the canary directions always come from OS entropy).")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=AuditSettings.timeout_s,
+    show_default=True,
+    help="Timeout (s) of each federation; its processes are killed after it.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=AuditSettings.seed,
+    show_default=True,
+    help="Seed of the synthetic data (the canary directions always come from OS entropy).",
+)
 @logging_options(default_level="warning")
-def audit_command(trust_modes, out, runs, canaries, devices, rounds, noise_multiplier, clip, delta, confidence,
-                  synthetic_seconds, sign, timeout_s, seed) -> None:
+def audit_command(
+    trust_modes,
+    out,
+    runs,
+    canaries,
+    devices,
+    rounds,
+    noise_multiplier,
+    clip,
+    delta,
+    confidence,
+    synthetic_seconds,
+    sign,
+    timeout_s,
+    seed,
+) -> None:
     """Empirical privacy audit: an epsilon lower bound from canary clients beside the ledger's epsilon.
 
     Runs the synthetic demo fleet for real (broker, coordinator, one edge agent process per
@@ -592,9 +748,20 @@ def audit_command(trust_modes, out, runs, canaries, devices, rounds, noise_multi
     (the federation leaks more than it accounts; exit code 1).
     """
     settings = AuditSettings(
-        out=out, trust_modes=tuple(trust_modes) or TRUST_MODES, devices=devices, canaries=canaries, runs=runs,
-        rounds=rounds, noise_multiplier=noise_multiplier, clip=clip, delta=delta, confidence=confidence,
-        synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed, sign=sign,
+        out=out,
+        trust_modes=tuple(trust_modes) or TRUST_MODES,
+        devices=devices,
+        canaries=canaries,
+        runs=runs,
+        rounds=rounds,
+        noise_multiplier=noise_multiplier,
+        clip=clip,
+        delta=delta,
+        confidence=confidence,
+        synthetic_seconds=synthetic_seconds,
+        timeout_s=timeout_s,
+        seed=seed,
+        sign=sign,
     )
     try:
         audits = run_audit(settings)

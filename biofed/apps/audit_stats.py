@@ -98,6 +98,8 @@ def _check_delta(delta: float) -> float:
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1), e.g. 1e-5, got {delta!r}")
     return float(delta)
+
+
 _NCT_STABLE_T = 1e3
 """Above this t statistic :func:`gdp_mu_lower_bound` uses a closed-form (conservative) bound."""
 
@@ -126,8 +128,8 @@ def softmax_invariant_basis(n_inputs: int, n_classes: int, hidden: int = 0) -> n
     start = 0 if h == 0 else d * h + h  # first entry of the output weights
     basis = np.zeros((n_params, rows + 1))
     for j in range(rows):
-        basis[start + j * c: start + (j + 1) * c, j] = 1.0 / math.sqrt(c)
-    basis[n_params - c:, rows] = 1.0 / math.sqrt(c)
+        basis[start + j * c : start + (j + 1) * c, j] = 1.0 / math.sqrt(c)
+    basis[n_params - c :, rows] = 1.0 / math.sqrt(c)
     return basis
 
 
@@ -222,9 +224,15 @@ def gaussian_epsilon_lower_bound(inserted, held_out, delta: float, confidence: f
     delta = _check_delta(delta)
     mu_hat, mu_lower = gdp_mu_lower_bound(inserted, held_out, confidence)
     return EpsilonBound(
-        method="gaussian", lower=epsilon_of_gdp(mu_lower, delta), estimate=epsilon_of_gdp(mu_hat, delta),
-        confidence=confidence, delta=delta, n_inserted=len(inserted), n_held_out=len(held_out),
-        mu=mu_hat, mu_lower=mu_lower,
+        method="gaussian",
+        lower=epsilon_of_gdp(mu_lower, delta),
+        estimate=epsilon_of_gdp(mu_hat, delta),
+        confidence=confidence,
+        delta=delta,
+        n_inserted=len(inserted),
+        n_held_out=len(held_out),
+        mu=mu_hat,
+        mu_lower=mu_lower,
     )
 
 
@@ -246,8 +254,9 @@ def clopper_pearson(successes, trials, confidence: float):
 
 def _log_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(numerator <= 0, 0.0,
-                         np.where(denominator <= 0, np.inf, np.log(np.maximum(numerator, 1e-300) / denominator)))
+        ratio = np.where(
+            numerator <= 0, 0.0, np.where(denominator <= 0, np.inf, np.log(np.maximum(numerator, 1e-300) / denominator))
+        )
     return np.maximum(ratio, 0.0)
 
 
@@ -273,5 +282,12 @@ def threshold_epsilon_lower_bound(inserted, held_out, delta: float, confidence: 
     best_lower = float(max(_log_ratio(tpr_low - delta, fpr_high).max(), _log_ratio(tnr_low - delta, fnr_high).max()))
     tpr, fpr = tp / n1, fp / n0
     best_estimate = float(max(_log_ratio(tpr - delta, fpr).max(), _log_ratio(1 - fpr - delta, 1 - tpr).max()))
-    return EpsilonBound(method="threshold", lower=best_lower, estimate=best_estimate, confidence=confidence,
-                        delta=delta, n_inserted=x1.size, n_held_out=x0.size)
+    return EpsilonBound(
+        method="threshold",
+        lower=best_lower,
+        estimate=best_estimate,
+        confidence=confidence,
+        delta=delta,
+        n_inserted=x1.size,
+        n_held_out=x0.size,
+    )

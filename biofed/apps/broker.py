@@ -64,7 +64,6 @@ import click
 
 from biofed.cli_options import config_option, examples, load_config_or_exit, logging_options, override_options
 from biofed.config import BrokerServiceConfig
-
 from biofed.protocol import DEFAULT_MAX_BYTES
 
 logger = logging.getLogger(__name__)
@@ -86,8 +85,10 @@ def fleet_queue_limits(n_devices: int) -> tuple[int, int]:
     docstring), never below the plain broker's limits."""
     if not isinstance(n_devices, int) or n_devices < 0:
         raise ValueError(f"n_devices must be an integer >= 0, got {n_devices!r}")
-    return (max(MOSQUITTO_MAX_QUEUED_MESSAGES, QUEUED_MESSAGES_PER_DEVICE * n_devices),
-            max(MOSQUITTO_MAX_QUEUED_BYTES, QUEUED_BYTES_PER_DEVICE * n_devices))
+    return (
+        max(MOSQUITTO_MAX_QUEUED_MESSAGES, QUEUED_MESSAGES_PER_DEVICE * n_devices),
+        max(MOSQUITTO_MAX_QUEUED_BYTES, QUEUED_BYTES_PER_DEVICE * n_devices),
+    )
 
 
 class BrokerError(RuntimeError):
@@ -219,7 +220,7 @@ def start_embedded_broker(host: str = LOOPBACK, port: int = 0, *, timeout_s: flo
             writer.transport.abort()
         try:
             await asyncio.wait_for(broker.shutdown(), timeout=5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.warning("amqtt shutdown did not finish within 5 s; abandoning it")
 
     thread = threading.Thread(target=asyncio.run, args=(serve(),), name="amqtt-broker", daemon=True)
@@ -244,8 +245,12 @@ def mosquitto_common_lines(
 ) -> list[str]:
     """Config lines every biofed Mosquitto shares: the process user, persistence and the log
     in ``data_dir``, and the per-client queue/packet limits (see the module docstring)."""
-    for name, value in (("max_queued_messages", max_queued_messages), ("max_queued_bytes", max_queued_bytes),
-                        ("max_inflight_messages", max_inflight_messages), ("max_packet_size", max_packet_size)):
+    for name, value in (
+        ("max_queued_messages", max_queued_messages),
+        ("max_queued_bytes", max_queued_bytes),
+        ("max_inflight_messages", max_inflight_messages),
+        ("max_packet_size", max_packet_size),
+    ):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return [
@@ -288,8 +293,13 @@ def write_mosquitto_config(
     if not isinstance(port, int) or port <= 0:
         raise ValueError(f"port must be a positive integer, got {port!r}")
     directory = Path(directory).resolve()
-    common = mosquitto_common_lines(directory, max_queued_messages=max_queued_messages,
-                                    max_queued_bytes=max_queued_bytes, max_inflight_messages=max_inflight_messages, max_packet_size=max_packet_size)
+    common = mosquitto_common_lines(
+        directory,
+        max_queued_messages=max_queued_messages,
+        max_queued_bytes=max_queued_bytes,
+        max_inflight_messages=max_inflight_messages,
+        max_packet_size=max_packet_size,
+    )
     directory.mkdir(parents=True, exist_ok=True)
     lines = [
         "# written by biofed.apps.broker.write_mosquitto_config",
@@ -408,8 +418,9 @@ def start_mosquitto(
         port = port or free_port(host)
         conf = write_mosquitto_config(directory, port, host=host, **config)
     # Own session: a Ctrl-C in the terminal reaches only the caller, which then stops us.
-    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         wait_for_port(host, port, timeout_s, process)
     except BaseException as exc:
@@ -431,12 +442,15 @@ def start_mosquitto(
 
 
 # ----------------------------------------------------------------------------- CLI
-@click.command("broker", epilog=examples(
-    "biofed broker                                   # embedded amqtt on 127.0.0.1:1883",
-    "biofed broker --mosquitto --port 1884 --data-dir broker-data",
-    "biofed broker --config fleet/broker/broker.toml  # a provisioned fleet's TLS broker",
-    "biofed config init broker --out broker.toml",
-))
+@click.command(
+    "broker",
+    epilog=examples(
+        "biofed broker                                   # embedded amqtt on 127.0.0.1:1883",
+        "biofed broker --mosquitto --port 1884 --data-dir broker-data",
+        "biofed broker --config fleet/broker/broker.toml  # a provisioned fleet's TLS broker",
+        "biofed config init broker --out broker.toml",
+    ),
+)
 @config_option("broker", required=False)
 @override_options(BrokerServiceConfig, aliases={"data_dir": "--dir"})
 @logging_options(default_level="warning")
@@ -447,8 +461,9 @@ def broker_command(config_path: Path | None, overrides: dict) -> None:
     versions took) is still accepted and run as --mosquitto-conf.
     """
     if config_path is not None and config_path.suffix == ".conf" and overrides.get("mosquitto_conf") is None:
-        logger.warning("--config %s is a Mosquitto config: pass it as --mosquitto-conf (--config takes biofed TOML)",
-                       config_path)
+        logger.warning(
+            "--config %s is a Mosquitto config: pass it as --mosquitto-conf (--config takes biofed TOML)", config_path
+        )
         overrides["mosquitto_conf"], config_path = config_path, None
     settings = load_config_or_exit(config_path, BrokerServiceConfig, overrides)
     config_file, use_mosquitto, directory = settings.mosquitto_conf, settings.mosquitto, settings.data_dir
@@ -466,13 +481,17 @@ def broker_command(config_path: Path | None, overrides: dict) -> None:
         try:
             if config_file is not None:
                 running = start_mosquitto(config_file=config_file)
-                click.echo(f"mosquitto (pid {running.process.pid}) listening on {running.host}:{running.port} with "
-                           f"{config_file}; kill -HUP {running.process.pid} reloads passwords, ACL and CRL; "
-                           f"Ctrl-C stops it")
+                click.echo(
+                    f"mosquitto (pid {running.process.pid}) listening on {running.host}:{running.port} with "
+                    f"{config_file}; kill -HUP {running.process.pid} reloads passwords, ACL and CRL; "
+                    f"Ctrl-C stops it"
+                )
             elif use_mosquitto:
                 running = start_mosquitto(directory or Path(scratch), port, host=host)
-                click.echo(f"mosquitto listening on {running.host}:{running.port} "
-                           f"(data in {running.directory}); Ctrl-C stops it")
+                click.echo(
+                    f"mosquitto listening on {running.host}:{running.port} "
+                    f"(data in {running.directory}); Ctrl-C stops it"
+                )
             else:
                 running = start_embedded_broker(host, port)
                 click.echo(f"amqtt broker (MQTT 3.1.1) listening on {running.host}:{running.port}; Ctrl-C stops it")

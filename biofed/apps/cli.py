@@ -72,8 +72,14 @@ def _source_file(module_name: str) -> str | None:
     parts = module_name.split(".")
     for i in range(len(parts)):
         name = ".".join(parts[: i + 1])
-        spec = next((found for finder in sys.meta_path if hasattr(finder, "find_spec")
-                     and (found := finder.find_spec(name, search_path)) is not None), None)
+        spec = next(
+            (
+                found
+                for finder in sys.meta_path
+                if hasattr(finder, "find_spec") and (found := finder.find_spec(name, search_path)) is not None
+            ),
+            None,
+        )
         if spec is None:
             return None
         search_path = spec.submodule_search_locations

@@ -31,15 +31,27 @@ from biofed.config import (
 )
 
 KINDS: dict[str, type[BaseModel]] = {
-    "coordinator": CoordinatorConfig, "device": DeviceConfig, "broker": BrokerServiceConfig,
+    "coordinator": CoordinatorConfig,
+    "device": DeviceConfig,
+    "broker": BrokerServiceConfig,
 }
 """``biofed config init KIND`` -> the model of that file."""
 
 _CHOSEN: dict[str, dict[str, object]] = {
-    "coordinator": {"fleet": "ward7", "rounds": RECOMMENDED_ROUNDS, "min_devices": 2, "state_dir": "state",
-                    **{f"dp.{key}": value for key, value in RECOMMENDED_PRIVACY.items()}},
-    "device": {"device_id": "pi-01", "fleet": "ward7", "store_path": "features.sqlite",
-               "sources.kind": "lsl", "sources.name": "pi-01"},
+    "coordinator": {
+        "fleet": "ward7",
+        "rounds": RECOMMENDED_ROUNDS,
+        "min_devices": 2,
+        "state_dir": "state",
+        **{f"dp.{key}": value for key, value in RECOMMENDED_PRIVACY.items()},
+    },
+    "device": {
+        "device_id": "pi-01",
+        "fleet": "ward7",
+        "store_path": "features.sqlite",
+        "sources.kind": "lsl",
+        "sources.name": "pi-01",
+    },
     "broker": {},
 }
 """Placeholders of the required settings and the recommended values that differ from a default."""
@@ -77,8 +89,9 @@ def _comment(text: str | None, indent: str = "") -> list[str]:
     return lines
 
 
-def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overridable: tuple[str, ...],
-           *, commented: bool) -> list[str]:
+def _table(
+    model: type[BaseModel], prefix: str, chosen: dict[str, object], overridable: tuple[str, ...], *, commented: bool
+) -> list[str]:
     """Lines of one table: its scalar settings, then its sub-tables (TOML needs that order)."""
     mark = "# " if commented else ""
     lines: list[str] = []
@@ -113,9 +126,16 @@ def _table(model: type[BaseModel], prefix: str, chosen: dict[str, object], overr
         for name, field in item.model_fields.items():
             lines += _comment(field.description)
             default = None if field.is_required() else field.get_default(call_default_factory=True)
-            lines.append(f"# {name} = " + ("...   (required)" if field.is_required()
-                                             else "...   (not set by default)" if default is None
-                                             else toml_literal(default)))
+            lines.append(
+                f"# {name} = "
+                + (
+                    "...   (required)"
+                    if field.is_required()
+                    else "...   (not set by default)"
+                    if default is None
+                    else toml_literal(default)
+                )
+            )
     for key, sub, info in sections:
         if typing.get_origin(info.annotation) is tuple:  # an array of tables: one commented example entry
             lines += ["", ""] + _comment(info.description or sub.__doc__) + [f"# [[{key}]]"]
@@ -174,29 +194,44 @@ def check(path: Path, kind: str) -> str:
         except CoordinatorError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         budget = config.dp.epsilon_budget
-        return (f"{path}: valid coordinator config: fleet {config.fleet}, {config.rounds} rounds, "
-                f"{config.dp.trust_mode} DP z={config.dp.noise_multiplier:g} C={config.dp.clip_norm:g}, "
-                f"budget {'none' if budget is None else f'epsilon {budget:g}'} at delta {config.dp.delta:g}")
+        return (
+            f"{path}: valid coordinator config: fleet {config.fleet}, {config.rounds} rounds, "
+            f"{config.dp.trust_mode} DP z={config.dp.noise_multiplier:g} C={config.dp.clip_norm:g}, "
+            f"budget {'none' if budget is None else f'epsilon {budget:g}'} at delta {config.dp.delta:g}"
+        )
     if kind == "device":
         missing = [str(p) for p in config.recordings if not p.exists()]
         note = f"; missing recordings: {', '.join(missing)}" if missing else ""
-        return (f"{path}: valid device config: device {config.device_id} of fleet {config.fleet}, "
-                f"{len(config.recordings)} recording(s){note}")
+        return (
+            f"{path}: valid device config: device {config.device_id} of fleet {config.fleet}, "
+            f"{len(config.recordings)} recording(s){note}"
+        )
     return f"{path}: valid broker config: {'mosquitto' if config.mosquitto else 'amqtt'} on {config.host}:{config.port}"
 
 
-@click.group("config", epilog=examples("biofed config init coordinator --out coordinator.toml",
-                                       "biofed config check coordinator.toml"))
+@click.group(
+    "config",
+    epilog=examples("biofed config init coordinator --out coordinator.toml", "biofed config check coordinator.toml"),
+)
 def config_command() -> None:
     """Write config templates and check config files."""
 
 
-@config_command.command("init", epilog=examples(
-    "biofed config init coordinator > coordinator.toml", "biofed config init device --out pi-01/device.toml",
-    "biofed config init broker --out broker.toml"))
+@config_command.command(
+    "init",
+    epilog=examples(
+        "biofed config init coordinator > coordinator.toml",
+        "biofed config init device --out pi-01/device.toml",
+        "biofed config init broker --out broker.toml",
+    ),
+)
 @click.argument("kind", type=click.Choice(sorted(KINDS)))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="File to write (an existing file is not overwritten without --force) [default: stdout].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File to write (an existing file is not overwritten without --force) [default: stdout].",
+)
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 def init_command(kind: str, out: Path | None, force: bool) -> None:
     """Print a commented TOML template of a KIND config with every setting and its default."""
@@ -214,12 +249,21 @@ def init_command(kind: str, out: Path | None, force: bool) -> None:
     click.echo(f"wrote {out}; check it with: biofed config check {out}", err=True)
 
 
-@config_command.command("check", epilog=examples(
-    "biofed config check coordinator.toml", "biofed config check --kind device pi-01/device.toml",
-    exit_codes="Exit codes: 0 valid; 1 invalid; 2 usage error (no such file, unknown kind)."))
+@config_command.command(
+    "check",
+    epilog=examples(
+        "biofed config check coordinator.toml",
+        "biofed config check --kind device pi-01/device.toml",
+        exit_codes="Exit codes: 0 valid; 1 invalid; 2 usage error (no such file, unknown kind).",
+    ),
+)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--kind", type=click.Choice(sorted(KINDS)), default=None,
-              help="Which config FILE is [default: guessed from its keys].")
+@click.option(
+    "--kind",
+    type=click.Choice(sorted(KINDS)),
+    default=None,
+    help="Which config FILE is [default: guessed from its keys].",
+)
 def check_command(file: Path, kind: str | None) -> None:
     """Validate FILE (BIOFED_* environment overrides applied, as the command would load it)."""
     try:

@@ -206,19 +206,30 @@ def _broker_section(host: str, port: int, protocol: str, keepalive: int = 30) ->
     return {"host": host, "port": port, "protocol": protocol, "keepalive": keepalive}
 
 
-def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]], host: str, port: int,
-                  protocol: str, fleet=None, broker_extra: Mapping | None = None) -> tuple[Path, dict[str, Path]]:
+def write_configs(
+    settings: DemoSettings,
+    devices: Mapping[str, Sequence[Path]],
+    host: str,
+    port: int,
+    protocol: str,
+    fleet=None,
+    broker_extra: Mapping | None = None,
+) -> tuple[Path, dict[str, Path]]:
     """Write ``coordinator.toml`` and ``devices/<id>/device.toml`` under ``settings.out``;
     with a provisioned ``fleet`` (:class:`biofed.apps.provision.ProvisionedFleet`) each identity
     gets its TLS credentials and signing key from it. ``broker_extra`` (e.g. a user name and
     password every identity shares) goes into every ``[broker]`` section."""
     out = settings.out
     private = settings.noise_multiplier > 0  # z = 0: a non-private run (no basis noise, no budget either)
-    dp = {"trust_mode": settings.trust_mode, "clip_norm": settings.clip,
-          "noise_multiplier": settings.noise_multiplier, "delta": settings.delta,
-          "epsilon_budget": settings.epsilon_budget if private else None,
-          "basis_noise_multiplier": settings.basis_noise_multiplier if private else 0.0,
-          "basis_clip_norm": settings.basis_clip}
+    dp = {
+        "trust_mode": settings.trust_mode,
+        "clip_norm": settings.clip,
+        "noise_multiplier": settings.noise_multiplier,
+        "delta": settings.delta,
+        "epsilon_budget": settings.epsilon_budget if private else None,
+        "basis_noise_multiplier": settings.basis_noise_multiplier if private else 0.0,
+        "basis_clip_norm": settings.basis_clip,
+    }
     if fleet is not None:
         signing = {identity: fleet.signing_settings(identity) for identity in ("coordinator", *devices)}
     else:
@@ -231,21 +242,36 @@ def write_configs(settings: DemoSettings, devices: Mapping[str, Sequence[Path]],
 
     coordinator = _write_toml(
         out / "coordinator.toml",
-        {"fleet": FLEET, "rounds": settings.rounds, "min_devices": settings.min_devices or len(devices),
-         "sampling_rate": settings.sampling_rate, "round_deadline_s": settings.round_deadline_s, "state_dir": "state",
-         **({"allowed_devices_file": str(fleet.layout.allowed_devices)} if fleet is not None else {}),
-         **signing.get("coordinator", {})},
-        {"broker": broker("coordinator"),
-         "training": {"local_epochs": settings.local_epochs, "lr": settings.lr, "batch_size": settings.batch_size},
-         "model": {"classes": list(CLASSES), "standardization": settings.standardization},
-         "strategy": {"name": "fedavg"}, "dp": dp},
+        {
+            "fleet": FLEET,
+            "rounds": settings.rounds,
+            "min_devices": settings.min_devices or len(devices),
+            "sampling_rate": settings.sampling_rate,
+            "round_deadline_s": settings.round_deadline_s,
+            "state_dir": "state",
+            **({"allowed_devices_file": str(fleet.layout.allowed_devices)} if fleet is not None else {}),
+            **signing.get("coordinator", {}),
+        },
+        {
+            "broker": broker("coordinator"),
+            "training": {"local_epochs": settings.local_epochs, "lr": settings.lr, "batch_size": settings.batch_size},
+            "model": {"classes": list(CLASSES), "standardization": settings.standardization},
+            "strategy": {"name": "fedavg"},
+            "dp": dp,
+        },
     )
     device_files = {}
     for device, recordings in devices.items():
         device_files[device] = _write_toml(
             out / "devices" / device / "device.toml",
-            {"device_id": device, "fleet": FLEET, "recordings": [str(p) for p in recordings],
-             "store_path": "features.sqlite", "replay_speed": 0.0, **signing.get(device, {})},
+            {
+                "device_id": device,
+                "fleet": FLEET,
+                "recordings": [str(p) for p in recordings],
+                "store_path": "features.sqlite",
+                "replay_speed": 0.0,
+                **signing.get(device, {}),
+            },
             {"broker": broker(device, settings.agent_keepalive_s)},
         )
     return coordinator, device_files
@@ -300,8 +326,7 @@ class UpdateObserver:
             message = decode_topic_message(self.topics, inbound.topic, inbound.payload)
             metrics = message.payload.metrics
             if metrics.eval_balanced_accuracy is not None:
-                self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy,
-                                                                metrics.eval_windows)
+                self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy, metrics.eval_windows)
         except ProtocolError as exc:
             logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
         except Exception:  # noqa: BLE001 - one message never stops the observer
@@ -391,33 +416,48 @@ def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, 
         basis = [r for r in records if r["round"] < first["round"] and r["phase"] not in ("train", "evaluate")]
         mean, minimum = measured(first)
         last_basis = basis[-1] if basis else None
-        rows.append(RoundRow(
-            round=0, task_round=int(first["round"]), devices=int(first["n_devices"]), loss=None,
-            accuracy_mean=mean, accuracy_min=minimum, epsilon=epsilon(last_basis, "epsilon_rdp"),
-            epsilon_pld=epsilon(last_basis, "epsilon_pld"),
-        ))
+        rows.append(
+            RoundRow(
+                round=0,
+                task_round=int(first["round"]),
+                devices=int(first["n_devices"]),
+                loss=None,
+                accuracy_mean=mean,
+                accuracy_min=minimum,
+                epsilon=epsilon(last_basis, "epsilon_rdp"),
+                epsilon_pld=epsilon(last_basis, "epsilon_pld"),
+            )
+        )
     for record in train:
         position = after.index(record)
         mean, minimum = measured(after[position + 1] if position + 1 < len(after) else None)
-        rows.append(RoundRow(
-            round=int(record["train_round"]), task_round=int(record["round"]), devices=int(record["n_devices"]),
-            loss=_float_or_none(record.get("mean_loss")), accuracy_mean=mean, accuracy_min=minimum,
-            epsilon=epsilon(record, "epsilon_rdp"), epsilon_pld=epsilon(record, "epsilon_pld"),
-        ))
+        rows.append(
+            RoundRow(
+                round=int(record["train_round"]),
+                task_round=int(record["round"]),
+                devices=int(record["n_devices"]),
+                loss=_float_or_none(record.get("mean_loss")),
+                accuracy_mean=mean,
+                accuracy_min=minimum,
+                epsilon=epsilon(record, "epsilon_rdp"),
+                epsilon_pld=epsilon(record, "epsilon_pld"),
+            )
+        )
     return rows
 
 
 def _device_split(store_path: Path, classes: Sequence[str]):
-    from biofed.edge.tasks import labelled_split
     from biofed.edge.store import FeatureStore
+    from biofed.edge.tasks import labelled_split
 
     with FeatureStore(store_path) as store:
         data = labelled_split(*store.read(), classes)
     return data.X, data.y, data.train, data.held_out
 
 
-def _row_standardization(X: np.ndarray, train_mask: np.ndarray, standardization: str, mean: np.ndarray,
-                         scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _row_standardization(
+    X: np.ndarray, train_mask: np.ndarray, standardization: str, mean: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The (mean, scale) a device z-scores its rows with: its own training rows' statistics
     under device standardization (what the agent does), else the basis's."""
     if standardization == "device" and train_mask.any():
@@ -427,8 +467,15 @@ def _row_standardization(X: np.ndarray, train_mask: np.ndarray, standardization:
     return mean, scale
 
 
-def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs: int = 100,
-                         lr: float = 0.05, batch_size: int = 32, random_state=0) -> BaselineResult:
+def centralized_baseline(
+    stores: Mapping[str, Path],
+    model_path: Path,
+    *,
+    epochs: int = 100,
+    lr: float = 0.05,
+    batch_size: int = 32,
+    random_state=0,
+) -> BaselineResult:
     """Train the model centrally on the pooled training windows of every device.
 
     Parameters
@@ -452,8 +499,12 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
     from biofed.model import ModelFile
 
     final = ModelFile.load(model_path)
-    classes, hidden, federated_params, standardization = final.classes, final.hidden, final.params, \
-        final.standardization
+    classes, hidden, federated_params, standardization = (
+        final.classes,
+        final.hidden,
+        final.params,
+        final.standardization,
+    )
     components, mean, scale = final.basis
     splits = {}
     for device, path in stores.items():
@@ -467,8 +518,9 @@ def centralized_baseline(stores: Mapping[str, Path], model_path: Path, *, epochs
         raise DemoError("no training windows in any device store: nothing to train the centralized baseline on")
     c = len(classes)
     params = init_params(Z_train.shape[1], c, hidden, random_state=random_state)
-    params, _ = train(params, Z_train, y_train, c, hidden, epochs=epochs, batch_size=batch_size, lr=lr,
-                      random_state=random_state)
+    params, _ = train(
+        params, Z_train, y_train, c, hidden, epochs=epochs, batch_size=batch_size, lr=lr, random_state=random_state
+    )
     centralized, federated = {}, {}
     n_held_out = 0
     for device, (Z, y, _, held_out) in splits.items():
@@ -505,14 +557,21 @@ def onnx_check(stores: Mapping[str, Path], onnx_path: Path, model_path: Path) ->
         m, s = _row_standardization(X, train_mask, standardization, mean, scale)
         rows = X[held_out] if standardization == "global" else (X[held_out] - m) / s  # as the agent feeds it
         onnx_proba = model.predict_features(rows)
-        numba_proba = predict_proba(params, project(X[held_out], components, mean=m, scale=s),
-                                    len(model.classes), hidden)
+        numba_proba = predict_proba(
+            params, project(X[held_out], components, mean=m, scale=s), len(model.classes), hidden
+        )
         max_diff = max(max_diff, float(np.abs(onnx_proba - numba_proba).max()))
         n_windows += int(held_out.sum())
     meta = model.metadata
-    return {"file": onnx_path.name, "bytes": onnx_path.stat().st_size, "round": meta.round,
-            "train_rounds": meta.train_round, "epsilon": meta.privacy.epsilon, "held_out_windows": n_windows,
-            "max_abs_diff_vs_numba": max_diff}
+    return {
+        "file": onnx_path.name,
+        "bytes": onnx_path.stat().st_size,
+        "round": meta.round,
+        "train_rounds": meta.train_round,
+        "epsilon": meta.privacy.epsilon,
+        "held_out_windows": n_windows,
+        "max_abs_diff_vs_numba": max_diff,
+    }
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -522,9 +581,11 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(rows: Sequence[RoundRow]) -> str:
     lines = [f"{'round':>5}  {'devices':>7}  {'loss':>7}  {'bal.acc mean':>12}  {'min':>6}  {'epsilon':>8}"]
     for row in rows:
-        lines.append(f"{row.round:>5}  {row.devices:>7}  {_fmt(row.loss, '.4f'):>7}  "
-                     f"{_fmt(row.accuracy_mean, '.3f'):>12}  {_fmt(row.accuracy_min, '.3f'):>6}  "
-                     f"{_fmt(row.epsilon, '.3f'):>8}")
+        lines.append(
+            f"{row.round:>5}  {row.devices:>7}  {_fmt(row.loss, '.4f'):>7}  "
+            f"{_fmt(row.accuracy_mean, '.3f'):>12}  {_fmt(row.accuracy_min, '.3f'):>6}  "
+            f"{_fmt(row.epsilon, '.3f'):>8}"
+        )
     return "\n".join(lines)
 
 
@@ -545,11 +606,17 @@ def _caption(summary: Mapping) -> str:
     """The settings a reader needs to judge the plot: data, devices, DP parameters."""
     settings = summary.get("settings", {})
     z, budget, z_basis = (settings.get(k) for k in ("noise_multiplier", "epsilon_budget", "basis_noise_multiplier"))
-    privacy = (f"trust {settings.get('trust_mode')}, z = {z:g}, C = {settings.get('clip'):g}, "
-               f"z_b = {z if z_basis is None else z_basis:g}, delta = {settings.get('delta'):g}, "
-               f"{'no budget' if budget is None else f'budget {budget:g}'}" if z else "no DP noise (epsilon infinite)")
-    return (f"{summary.get('source', '')}; {len(summary.get('devices', []))} devices; {privacy}; "
-            f"{settings.get('local_epochs')} local epochs, lr {settings.get('lr'):g}")
+    privacy = (
+        f"trust {settings.get('trust_mode')}, z = {z:g}, C = {settings.get('clip'):g}, "
+        f"z_b = {z if z_basis is None else z_basis:g}, delta = {settings.get('delta'):g}, "
+        f"{'no budget' if budget is None else f'budget {budget:g}'}"
+        if z
+        else "no DP noise (epsilon infinite)"
+    )
+    return (
+        f"{summary.get('source', '')}; {len(summary.get('devices', []))} devices; {privacy}; "
+        f"{settings.get('local_epochs')} local epochs, lr {settings.get('lr'):g}"
+    )
 
 
 def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None, summary: Mapping) -> None:
@@ -564,10 +631,21 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
     rounds = [r.round for r in rows]
     nan = float("nan")
     fig, (ax_acc, ax_eps) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
-    ax_acc.plot(rounds, [nan if r.accuracy_mean is None else r.accuracy_mean for r in rows], "o-",
-                color="tab:blue", label="federated, mean over devices")
-    ax_acc.plot(rounds, [nan if r.accuracy_min is None else r.accuracy_min for r in rows], "s--",
-                color="tab:blue", alpha=0.6, label="federated, worst device")
+    ax_acc.plot(
+        rounds,
+        [nan if r.accuracy_mean is None else r.accuracy_mean for r in rows],
+        "o-",
+        color="tab:blue",
+        label="federated, mean over devices",
+    )
+    ax_acc.plot(
+        rounds,
+        [nan if r.accuracy_min is None else r.accuracy_min for r in rows],
+        "s--",
+        color="tab:blue",
+        alpha=0.6,
+        label="federated, worst device",
+    )
     if baseline is not None and baseline.centralized:
         mean, worst = baseline.centralized_mean_min
         ax_acc.axhline(mean, color="k", linestyle=":", label="centralized, mean")
@@ -594,8 +672,14 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
         ax_eps.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         ax_eps.set_yticks([])
-        ax_eps.text(0.5, 0.5, "no DP noise: epsilon is infinite (no privacy guarantee)", transform=ax_eps.transAxes,
-                    ha="center", va="center")
+        ax_eps.text(
+            0.5,
+            0.5,
+            "no DP noise: epsilon is infinite (no privacy guarantee)",
+            transform=ax_eps.transAxes,
+            ha="center",
+            va="center",
+        )
     fig.text(0.01, 0.01, _caption(summary), fontsize="small", wrap=True)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     for suffix in (".png", ".svg"):
@@ -631,34 +715,44 @@ def run_demo(settings: DemoSettings) -> dict:
     else:
         n = settings.devices or SYNTHETIC_DEVICES
         click.echo(f"writing {n} synthetic devices ({settings.synthetic_seconds:g} s per class) to {out / 'data'}")
-        devices = write_synthetic_devices(out / "data", n, duration_s=settings.synthetic_seconds,
-                                          random_state=settings.seed)
+        devices = write_synthetic_devices(
+            out / "data", n, duration_s=settings.synthetic_seconds, random_state=settings.seed
+        )
         source = "synthetic"
     if settings.noise_multiplier > 0 and settings.standardization == "global":
-        z_basis = settings.basis_noise_multiplier if settings.basis_noise_multiplier is not None else \
-            settings.noise_multiplier
+        z_basis = (
+            settings.basis_noise_multiplier
+            if settings.basis_noise_multiplier is not None
+            else settings.noise_multiplier
+        )
         click.echo(
             f"note: with --standardization global the basis noise multiplier {z_basis:g} also noises the raw-feature "
             f"moments: the averaged statistic gets N(0, (z_b * {settings.basis_clip:g} / {len(devices)})^2) per "
-            "entry (--basis-clip), which swamps them unless the fleet is large", err=True,
+            "entry (--basis-clip), which swamps them unless the fleet is large",
+            err=True,
         )
     try:
-        broker, protocol, fleet = start_broker(out, FLEET, devices, secure=settings.secure,
-                                               mosquitto=settings.mosquitto)
+        broker, protocol, fleet = start_broker(
+            out, FLEET, devices, secure=settings.secure, mosquitto=settings.mosquitto
+        )
     except (BrokerError, ProvisionError) as exc:
         raise DemoError(f"cannot start the MQTT broker: {exc}") from None
     children: list[Child] = []
     observer = in_process = None
     started = time.monotonic()
     try:
-        coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, broker.port, protocol,
-                                                       fleet)
-        kind = "mosquitto (TLS, provisioned in fleet/)" if fleet is not None else \
-            "mosquitto" if settings.mosquitto else "amqtt"
-        click.echo(f"{len(devices)} devices ({source}), broker {kind} "
-                   f"on {broker.host}:{broker.port}, report in {out}")
-        observer = UpdateObserver(broker.host, broker.port, protocol,
-                                  None if fleet is None else fleet.broker_config("observer")).start()
+        coordinator_toml, device_tomls = write_configs(settings, devices, broker.host, broker.port, protocol, fleet)
+        kind = (
+            "mosquitto (TLS, provisioned in fleet/)"
+            if fleet is not None
+            else "mosquitto"
+            if settings.mosquitto
+            else "amqtt"
+        )
+        click.echo(f"{len(devices)} devices ({source}), broker {kind} on {broker.host}:{broker.port}, report in {out}")
+        observer = UpdateObserver(
+            broker.host, broker.port, protocol, None if fleet is None else fleet.broker_config("observer")
+        ).start()
         # One compilation for the whole fleet (a cold cache takes minutes): every device then loads
         # the kernels from the cache before it reports online, so no round waits on the compiler.
         warm = spawn("warmup", ["warmup"], out / "logs" / "warmup.log")
@@ -668,7 +762,8 @@ def run_demo(settings: DemoSettings) -> dict:
         coordinator = spawn(
             "coordinator",
             ["coordinator", "--config", str(coordinator_toml), "--discovery-timeout", repr(settings.timeout_s)],
-            out / "logs" / "coordinator.log", stdout=subprocess.PIPE,
+            out / "logs" / "coordinator.log",
+            stdout=subprocess.PIPE,
         )
         children.append(coordinator)
         relay = threading.Thread(target=_relay, args=(coordinator.process.stdout, "  ", coordinator_lines), daemon=True)
@@ -688,13 +783,13 @@ def run_demo(settings: DemoSettings) -> dict:
             for child in children[1:]:
                 if child.process.poll() not in (None, 0) and child.name not in reported_dead:
                     reported_dead.add(child.name)
-                    click.echo(f"device {child.name} exited with code {child.process.returncode}:\n"
-                               f"{child.tail(10)}", err=True)
+                    click.echo(
+                        f"device {child.name} exited with code {child.process.returncode}:\n{child.tail(10)}", err=True
+                    )
             time.sleep(0.2)
         relay.join(timeout=5.0)
         if coordinator.process.returncode != 0:
-            raise DemoError(f"the coordinator exited with code {coordinator.process.returncode}\n"
-                            + tails(children))
+            raise DemoError(f"the coordinator exited with code {coordinator.process.returncode}\n" + tails(children))
         elapsed = time.monotonic() - started
     finally:
         terminate(children)
@@ -723,12 +818,26 @@ def run_demo(settings: DemoSettings) -> dict:
     onnx_summary = onnx_check(stores, out / "model_final.onnx", out / "model_final.npz")
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
-        "source": source, "devices": sorted(devices), "wall_s": round(elapsed, 1),
-        "federated": {"mean": fed_mean, "min": fed_min, "per_device": baseline.federated,
-                      "reported_by_devices": None if evaluation is None else evaluation.get("balanced_accuracy")},
-        "centralized": {"mean": cen_mean, "min": cen_min, "per_device": baseline.centralized,
-                        "train_windows": baseline.n_train, "held_out_windows": baseline.n_held_out},
-        "epsilon": final_eps, "epsilon_pld": final_eps_pld, "delta": settings.delta, "stop_reason": stop_reason,
+        "source": source,
+        "devices": sorted(devices),
+        "wall_s": round(elapsed, 1),
+        "federated": {
+            "mean": fed_mean,
+            "min": fed_min,
+            "per_device": baseline.federated,
+            "reported_by_devices": None if evaluation is None else evaluation.get("balanced_accuracy"),
+        },
+        "centralized": {
+            "mean": cen_mean,
+            "min": cen_min,
+            "per_device": baseline.centralized,
+            "train_windows": baseline.n_train,
+            "held_out_windows": baseline.n_held_out,
+        },
+        "epsilon": final_eps,
+        "epsilon_pld": final_eps_pld,
+        "delta": settings.delta,
+        "stop_reason": stop_reason,
         "rounds": [asdict(r) for r in rows],
         "onnx": onnx_summary,
     }
@@ -736,30 +845,42 @@ def run_demo(settings: DemoSettings) -> dict:
     click.echo("")
     click.echo(format_table(rows))
     click.echo("")
-    epsilon_text = ("inf (no noise)" if final_eps is None else f"{final_eps:.3f} (RDP)"
-                    + ("" if final_eps_pld is None else f" / {final_eps_pld:.3f} (PLD)"))
-    click.echo(f"final federated model:  balanced accuracy mean {fed_mean:.3f}, min {fed_min:.3f} "
-               f"(held-out windows of {len(baseline.federated)} devices, "
-               f"{sum(r.round > 0 for r in rows)} training rounds), epsilon "
-               f"{epsilon_text} at delta {settings.delta:g}")
+    epsilon_text = (
+        "inf (no noise)"
+        if final_eps is None
+        else f"{final_eps:.3f} (RDP)" + ("" if final_eps_pld is None else f" / {final_eps_pld:.3f} (PLD)")
+    )
+    click.echo(
+        f"final federated model:  balanced accuracy mean {fed_mean:.3f}, min {fed_min:.3f} "
+        f"(held-out windows of {len(baseline.federated)} devices, "
+        f"{sum(r.round > 0 for r in rows)} training rounds), epsilon "
+        f"{epsilon_text} at delta {settings.delta:g}"
+    )
     if stop_reason and stop_reason != "all training rounds done":
         click.echo(f"training stopped early: {stop_reason}")
-    click.echo(f"centralized baseline:   balanced accuracy mean {cen_mean:.3f}, min {cen_min:.3f} "
-               f"(logistic regression on {baseline.n_train} pooled training windows, same basis and split)")
+    click.echo(
+        f"centralized baseline:   balanced accuracy mean {cen_mean:.3f}, min {cen_min:.3f} "
+        f"(logistic regression on {baseline.n_train} pooled training windows, same basis and split)"
+    )
     if onnx_summary is None:
         click.echo("ONNX model: not exported (no device reported its feature layout)")
     else:
-        click.echo(f"ONNX model:             {onnx_summary['file']} ({onnx_summary['bytes'] / 1024:.1f} KiB, round "
-                   f"{onnx_summary['round']}); onnxruntime vs Numba on {onnx_summary['held_out_windows']} held-out "
-                   f"windows: max |diff| {onnx_summary['max_abs_diff_vs_numba']:.1e}")
-    click.echo(f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, "
-               f"model_final.onnx, summary.json) in {elapsed:.0f} s")
+        click.echo(
+            f"ONNX model:             {onnx_summary['file']} ({onnx_summary['bytes'] / 1024:.1f} KiB, round "
+            f"{onnx_summary['round']}); onnxruntime vs Numba on {onnx_summary['held_out_windows']} held-out "
+            f"windows: max |diff| {onnx_summary['max_abs_diff_vs_numba']:.1e}"
+        )
+    click.echo(
+        f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, "
+        f"model_final.onnx, summary.json) in {elapsed:.0f} s"
+    )
     if settings.evaluate if settings.evaluate is not None else settings.data is not None:
         from biofed.apps.evaluation import evaluate_files
 
         click.echo("")
-        evaluate_files(devices, delta=settings.delta, repeats=settings.evaluation_repeats, out=out / "evaluation",
-                       echo=click.echo)
+        evaluate_files(
+            devices, delta=settings.delta, repeats=settings.evaluation_repeats, out=out / "evaluation", echo=click.echo
+        )
         summary["evaluation"] = str(out / "evaluation" / "evaluation.json")
         click.echo(f"evaluation: {out / 'evaluation'} (evaluation.json, evaluation.txt, epsilon_accuracy.png)")
     return summary
@@ -783,62 +904,162 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     return fleet, handler
 
 
-@click.command("demo", epilog=examples(
-    "biofed demo",
-    "biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0",
-    "biofed demo --trust-mode distributed --sign --noise-multiplier 1.0",
-    "biofed demo --secure --trust-mode distributed --out secure-demo",
-))
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="eegmat folder (SubjectNN_1.edf + SubjectNN_2.edf per device); default: synthetic devices.")
-@click.option("--devices", type=click.IntRange(min=1), default=None,
-              help=f"Number of devices (synthetic: default {SYNTHETIC_DEVICES}; eegmat: first N subjects, default "
-                   "all).")
-@click.option("--rounds", type=click.IntRange(min=1), default=DemoSettings.rounds, show_default=True,
-              help="Training rounds.")
-@click.option("--noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.noise_multiplier,
-              show_default=True, help="DP noise multiplier z of the training rounds (0: a non-private run: no noise "
-                                      "anywhere, no budget, epsilon infinite).")
-@click.option("--clip-norm", "--clip", "clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip,
-              show_default=True, help="L2 clip norm C of each device's model update (--clip: older spelling).")
-@click.option("--basis-noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.basis_noise_multiplier,
-              show_default=True, help="DP noise multiplier z_b of the basis round (ignored when --noise-multiplier "
-                                      "is 0).")
-@click.option("--basis-clip-norm", "--basis-clip", "basis_clip", type=click.FloatRange(min=0, min_open=True),
-              default=DemoSettings.basis_clip, show_default=True,
-              help="L2 clip norm C_b of the devices' basis statistics (--basis-clip: older spelling).")
-@click.option("--standardization", type=click.Choice(STANDARDIZATIONS), default=DemoSettings.standardization,
-              show_default=True, help="device: each device z-scores its rows with its own training statistics; "
-                                      "global: a federated moments phase fixes one standardization.")
-@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.epsilon_budget,
-              show_default=True, help="Stop training before epsilon (RDP) would exceed this (not with z = 0).")
-@click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
-              show_default=True, help="DP delta.")
-@click.option("--trust-mode", type=click.Choice(TRUST_MODES), default="central",
-              show_default=True,
-              help="Who adds the DP noise: the coordinator (central), each device (local), or each device a share "
-                   "with the coordinator seeing only the securely aggregated sum (distributed).")
+@click.command(
+    "demo",
+    epilog=examples(
+        "biofed demo",
+        "biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0",
+        "biofed demo --trust-mode distributed --sign --noise-multiplier 1.0",
+        "biofed demo --secure --trust-mode distributed --out secure-demo",
+    ),
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="eegmat folder (SubjectNN_1.edf + SubjectNN_2.edf per device); default: synthetic devices.",
+)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Number of devices (synthetic: default {SYNTHETIC_DEVICES}; eegmat: first N subjects, default all).",
+)
+@click.option(
+    "--rounds", type=click.IntRange(min=1), default=DemoSettings.rounds, show_default=True, help="Training rounds."
+)
+@click.option(
+    "--noise-multiplier",
+    type=click.FloatRange(min=0),
+    default=DemoSettings.noise_multiplier,
+    show_default=True,
+    help="DP noise multiplier z of the training rounds (0: a non-private run: no noise "
+    "anywhere, no budget, epsilon infinite).",
+)
+@click.option(
+    "--clip-norm",
+    "--clip",
+    "clip",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DemoSettings.clip,
+    show_default=True,
+    help="L2 clip norm C of each device's model update (--clip: older spelling).",
+)
+@click.option(
+    "--basis-noise-multiplier",
+    type=click.FloatRange(min=0),
+    default=DemoSettings.basis_noise_multiplier,
+    show_default=True,
+    help="DP noise multiplier z_b of the basis round (ignored when --noise-multiplier is 0).",
+)
+@click.option(
+    "--basis-clip-norm",
+    "--basis-clip",
+    "basis_clip",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DemoSettings.basis_clip,
+    show_default=True,
+    help="L2 clip norm C_b of the devices' basis statistics (--basis-clip: older spelling).",
+)
+@click.option(
+    "--standardization",
+    type=click.Choice(STANDARDIZATIONS),
+    default=DemoSettings.standardization,
+    show_default=True,
+    help="device: each device z-scores its rows with its own training statistics; "
+    "global: a federated moments phase fixes one standardization.",
+)
+@click.option(
+    "--epsilon-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DemoSettings.epsilon_budget,
+    show_default=True,
+    help="Stop training before epsilon (RDP) would exceed this (not with z = 0).",
+)
+@click.option(
+    "--delta",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    default=1e-5,
+    show_default=True,
+    help="DP delta.",
+)
+@click.option(
+    "--trust-mode",
+    type=click.Choice(TRUST_MODES),
+    default="central",
+    show_default=True,
+    help="Who adds the DP noise: the coordinator (central), each device (local), or each device a share "
+    "with the coordinator seeing only the securely aggregated sum (distributed).",
+)
 @click.option("--sign", is_flag=True, help="Sign every message with fresh Ed25519 keys and verify them.")
-@click.option("--secure", is_flag=True,
-              help="Provision the fleet (biofed provision: TLS certificates, passwords, per-device ACLs, signing keys) "
-                   "and run it over Mosquitto with TLS, every message signed (implies --mosquitto and --sign).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-demo"),
-              show_default=True, help="Report folder (configs, logs, device stores and results go here).")
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Provision the fleet (biofed provision: TLS certificates, passwords, per-device ACLs, signing keys) "
+    "and run it over Mosquitto with TLS, every message signed (implies --mosquitto and --sign).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("biofed-demo"),
+    show_default=True,
+    help="Report folder (configs, logs, device stores and results go here).",
+)
 @click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker.")
-@click.option("--seconds", "synthetic_seconds", type=click.FloatRange(min=5), default=60.0, show_default=True,
-              help="Synthetic recording length per class and device.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=900.0, show_default=True,
-              help="Global timeout (s); every process is killed after it.")
+@click.option(
+    "--seconds",
+    "synthetic_seconds",
+    type=click.FloatRange(min=5),
+    default=60.0,
+    show_default=True,
+    help="Synthetic recording length per class and device.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=900.0,
+    show_default=True,
+    help="Global timeout (s); every process is killed after it.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
-@click.option("--evaluate/--no-evaluate", default=None,
-              help="After the federation, run `biofed evaluate` on the same recordings (both views, baselines, "
-                   "epsilon 1-inf, spread over noise draws). Default: with --data only.")
-@click.option("--repeats", "evaluation_repeats", type=click.IntRange(min=1), default=DemoSettings.evaluation_repeats,
-              show_default=True, help="Privacy-noise draws per private cell of the evaluation.")
+@click.option(
+    "--evaluate/--no-evaluate",
+    default=None,
+    help="After the federation, run `biofed evaluate` on the same recordings (both views, baselines, "
+    "epsilon 1-inf, spread over noise draws). Default: with --data only.",
+)
+@click.option(
+    "--repeats",
+    "evaluation_repeats",
+    type=click.IntRange(min=1),
+    default=DemoSettings.evaluation_repeats,
+    show_default=True,
+    help="Privacy-noise draws per private cell of the evaluation.",
+)
 @logging_options(default_level="warning")
-def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_multiplier, basis_clip, standardization,
-                 epsilon_budget, delta, trust_mode, sign, secure, out, mosquitto, synthetic_seconds, timeout_s,
-                 seed, evaluate, evaluation_repeats) -> None:
+def demo_command(
+    data,
+    devices,
+    rounds,
+    noise_multiplier,
+    clip,
+    basis_noise_multiplier,
+    basis_clip,
+    standardization,
+    epsilon_budget,
+    delta,
+    trust_mode,
+    sign,
+    secure,
+    out,
+    mosquitto,
+    synthetic_seconds,
+    timeout_s,
+    seed,
+    evaluate,
+    evaluation_repeats,
+) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
@@ -847,11 +1068,26 @@ def demo_command(data, devices, rounds, noise_multiplier, clip, basis_noise_mult
     baseline.
     """
     settings = DemoSettings(
-        out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
-        basis_clip=basis_clip, basis_noise_multiplier=basis_noise_multiplier, standardization=standardization,
-        epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode,
-        sign=sign, secure=secure, synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed,
-        evaluate=evaluate, evaluation_repeats=evaluation_repeats,
+        out=out,
+        data=data,
+        devices=devices,
+        rounds=rounds,
+        noise_multiplier=noise_multiplier,
+        clip=clip,
+        basis_clip=basis_clip,
+        basis_noise_multiplier=basis_noise_multiplier,
+        standardization=standardization,
+        epsilon_budget=epsilon_budget,
+        delta=delta,
+        mosquitto=mosquitto,
+        trust_mode=trust_mode,
+        sign=sign,
+        secure=secure,
+        synthetic_seconds=synthetic_seconds,
+        timeout_s=timeout_s,
+        seed=seed,
+        evaluate=evaluate,
+        evaluation_repeats=evaluation_repeats,
     )
     try:
         run_demo(settings)

@@ -158,8 +158,9 @@ def _recording_rows(paths: Sequence[Path]):
     return np.vstack(Xs), np.concatenate(labels), np.concatenate(ts)
 
 
-def load_devices(files: Mapping[str, Sequence[Path]], classes: Sequence[str] = CLASSES,
-                 rows: Callable | None = None) -> list[DeviceRows]:
+def load_devices(
+    files: Mapping[str, Sequence[Path]], classes: Sequence[str] = CLASSES, rows: Callable | None = None
+) -> list[DeviceRows]:
     """Each device's labelled, split rows; ``rows(paths) -> (X, labels, t)`` defaults to biofed's features."""
     from biofed.edge.tasks import labelled_split
 
@@ -173,8 +174,12 @@ def load_devices(files: Mapping[str, Sequence[Path]], classes: Sequence[str] = C
     return devices
 
 
-def plain_pipeline_rows(paths: Sequence[Path], bands=((1, 4), (4, 8), (8, 13), (13, 30), (30, 45)),
-                        window_s: float = 2.0, hop_s: float = 1.0):
+def plain_pipeline_rows(
+    paths: Sequence[Path],
+    bands=((1, 4), (4, 8), (8, 13), (13, 30), (30, 45)),
+    window_s: float = 2.0,
+    hop_s: float = 1.0,
+):
     """The plain MNE/SciPy pipeline's rows: log10 Welch band powers of the EEG channels.
 
     ``mne.io.read_raw`` + ``scipy.signal.welch`` (Hann, 1 s segments, 50 % overlap) on 2 s
@@ -191,8 +196,11 @@ def plain_pipeline_rows(paths: Sequence[Path], bands=((1, 4), (4, 8), (8, 13), (
         if path.suffix.lower() == ".wav":
             continue
         raw = mne.io.read_raw(path, preload=True, verbose="error")
-        picks = [n for n, kind in zip(raw.ch_names, raw.get_channel_types())
-                 if kind == "eeg" and not re.search(r"\bA2-A1\b|ECG", n)]
+        picks = [
+            n
+            for n, kind in zip(raw.ch_names, raw.get_channel_types())
+            if kind == "eeg" and not re.search(r"\bA2-A1\b|ECG", n)
+        ]
         x = raw.get_data(picks=picks)
         fs = raw.info["sfreq"]
         win, hop = int(round(window_s * fs)), int(round(hop_s * fs))
@@ -200,7 +208,9 @@ def plain_pipeline_rows(paths: Sequence[Path], bands=((1, 4), (4, 8), (8, 13), (
         windows = np.stack([x[:, s : s + win] for s in starts])
         nperseg = min(win, 1 << int(math.ceil(math.log2(fs))))
         freqs, psd = welch(windows, fs, nperseg=nperseg)
-        power = np.stack([psd[..., (freqs >= lo) & (freqs < hi)].sum(-1) * (freqs[1] - freqs[0]) for lo, hi in bands], -1)
+        power = np.stack(
+            [psd[..., (freqs >= lo) & (freqs < hi)].sum(-1) * (freqs[1] - freqs[0]) for lo, hi in bands], -1
+        )
         Xs.append(np.log10(power + np.finfo(float).tiny).reshape(len(starts), -1))
         match = re.search(r"_(\d)$", path.stem)
         label = {"1": "rest", "2": "arithmetic"}.get(match[1]) if match and path.suffix.lower() == ".edf" else None
@@ -241,13 +251,22 @@ def _method_event(method: str, z: float, d: Defaults, basis: str = "none", n_dev
     return dp_accounting.ComposedDpEvent(events)
 
 
-def noise_multiplier_for(method: str, epsilon: float, delta: float, d: Defaults, basis: str = "none",
-                         n_devices: int = 1) -> float:
+def noise_multiplier_for(
+    method: str, epsilon: float, delta: float, d: Defaults, basis: str = "none", n_devices: int = 1
+) -> float:
     """Smallest z with epsilon(all releases of ``method``) <= ``epsilon`` at ``delta`` (0 for inf)."""
     if math.isinf(epsilon):
         return 0.0
-    return float(dp_accounting.calibrate_dp_mechanism(
-        _accountant, lambda z: _method_event(method, z, d, basis, n_devices), epsilon, delta, bracket_interval=dp_accounting.ExplicitBracketInterval(0.05, 200.0), tol=1e-3))
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            _accountant,
+            lambda z: _method_event(method, z, d, basis, n_devices),
+            epsilon,
+            delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(0.05, 200.0),
+            tol=1e-3,
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- projection
@@ -285,8 +304,9 @@ def _train_central(train_sets, d: Defaults, seed: int) -> np.ndarray:
     X = np.vstack([X for X, _ in train_sets])
     y = np.concatenate([y for _, y in train_sets])
     params = init_params(X.shape[1], 2)
-    params, _ = train(params, X, y, 2, epochs=d.central_epochs, lr=0.01, optimizer="adam", l2=d.l2,
-                      batch_size=64, random_state=seed)
+    params, _ = train(
+        params, X, y, 2, epochs=d.central_epochs, lr=0.01, optimizer="adam", l2=d.l2, batch_size=64, random_state=seed
+    )
     return params
 
 
@@ -318,8 +338,16 @@ def _dp_ftrl(train_sets, d: Defaults, z: float, ledger: ReleaseLedger, seed: int
     n = len(train_sets)
     group = min(d.ftrl_devices_per_round, n)
     rounds = _ftrl_rounds_per_epoch(n, d)
-    server = DPFTRL(init_params(train_sets[0][0].shape[1], 2), rounds, d.ftrl_epochs, clip=d.ftrl_clip,
-                    noise_multiplier=z, lr=d.ftrl_lr * (1.0 - d.ftrl_momentum), momentum=d.ftrl_momentum, ledger=ledger)
+    server = DPFTRL(
+        init_params(train_sets[0][0].shape[1], 2),
+        rounds,
+        d.ftrl_epochs,
+        clip=d.ftrl_clip,
+        noise_multiplier=z,
+        lr=d.ftrl_lr * (1.0 - d.ftrl_momentum),
+        momentum=d.ftrl_momentum,
+        ledger=ledger,
+    )
     params = server.theta
     for _ in range(d.ftrl_epochs):
         for r in range(rounds):
@@ -341,13 +369,23 @@ def _central_dp(train_sets, d: Defaults, z: float, ledger: ReleaseLedger) -> np.
 
 def _one_shot(train_sets, d: Defaults, z: float, ledger: ReleaseLedger) -> np.ndarray:
     stats = [class_statistics(X, y, 2, means_clip=d.means_clip, scatter_clip=d.scatter_clip) for X, y in train_sets]
-    means, scatter = release_class_statistics(stats, 2, means_clip=d.means_clip, scatter_clip=d.scatter_clip,
-                                              noise_multiplier=z, ledger=ledger)
+    means, scatter = release_class_statistics(
+        stats, 2, means_clip=d.means_clip, scatter_clip=d.scatter_clip, noise_multiplier=z, ledger=ledger
+    )
     return lda_from_statistics(means, scatter, d.ridge)
 
 
-def fit_global(method: str, train_sets, d: Defaults, epsilon: float, delta: float, *, projection: str = "none",
-               k: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, float]:
+def fit_global(
+    method: str,
+    train_sets,
+    d: Defaults,
+    epsilon: float,
+    delta: float,
+    *,
+    projection: str = "none",
+    k: int = 32,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Train ``method`` on ``train_sets`` [(X, y) per device]; returns ``(params, basis, epsilon spent)``."""
     private = method in PRIVATE_METHODS and not math.isinf(epsilon)
     z = noise_multiplier_for(method, epsilon, delta, d, basis=projection, n_devices=len(train_sets)) if private else 0.0
@@ -397,9 +435,13 @@ class Row:
         rng = np.random.default_rng(0) if rng is None else rng
         boot = per_device[rng.integers(0, per_device.size, size=(2000, per_device.size))].mean(axis=1)
         return {
-            "view": self.view, "method": self.method, "variant": self.variant,
-            "epsilon_target": self.epsilon, "epsilon_spent": self.spent,
-            "mean": float(per_device.mean()), "worst": float(per_device.min()),
+            "view": self.view,
+            "method": self.method,
+            "variant": self.variant,
+            "epsilon_target": self.epsilon,
+            "epsilon_spent": self.spent,
+            "mean": float(per_device.mean()),
+            "worst": float(per_device.min()),
             "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
             "repeats": int(self.accuracies.shape[0]),
             "spread_mean_sd": float(means.std(ddof=1)) if means.size > 1 else 0.0,
@@ -426,8 +468,10 @@ class Evaluation:
         return None
 
     def format_table(self) -> str:
-        lines = [f"{'view':12s} {'method':24s} {'proj':9s} {'eps':>5s} {'spent':>6s} {'mean':>6s} {'worst':>6s} "
-                 f"{'95% CI':>13s}  spread over repeats"]
+        lines = [
+            f"{'view':12s} {'method':24s} {'proj':9s} {'eps':>5s} {'spent':>6s} {'mean':>6s} {'worst':>6s} "
+            f"{'95% CI':>13s}  spread over repeats"
+        ]
         for s in self.summaries():
             eps = "inf" if math.isinf(s["epsilon_target"]) else f"{s['epsilon_target']:g}"
             spent = "inf" if math.isinf(s["epsilon_spent"]) else f"{s['epsilon_spent']:.2f}"
@@ -435,9 +479,15 @@ class Evaluation:
                 lo, hi = s["spread_mean_range"]
                 spread = f"mean sd {s['spread_mean_sd']:.3f} [{lo:.3f}-{hi:.3f}] (n={s['repeats']})"
             else:
-                spread = "single draw" if s["method"].split("+")[0] in PRIVATE_METHODS and s["epsilon_spent"] != math.inf else "deterministic"
-            lines.append(f"{s['view']:12s} {s['method']:24s} {s['variant']:9s} {eps:>5s} {spent:>6s} {s['mean']:6.3f} "
-                         f"{s['worst']:6.3f} [{s['ci95'][0]:.3f},{s['ci95'][1]:.3f}]  {spread}")
+                spread = (
+                    "single draw"
+                    if s["method"].split("+")[0] in PRIVATE_METHODS and s["epsilon_spent"] != math.inf
+                    else "deterministic"
+                )
+            lines.append(
+                f"{s['view']:12s} {s['method']:24s} {s['variant']:9s} {eps:>5s} {spent:>6s} {s['mean']:6.3f} "
+                f"{s['worst']:6.3f} [{s['ci95'][0]:.3f},{s['ci95'][1]:.3f}]  {spread}"
+            )
         return "\n".join(lines)
 
     def format_tradeoff(self) -> str:
@@ -445,8 +495,11 @@ class Evaluation:
         epsilons = self.settings.get("epsilons", list(EPSILONS))
         head = "".join(f"{'eps ' + ('inf' if math.isinf(e) else f'{e:g}'):>14s}" for e in epsilons)
         delta = self.settings.get("delta", 1e-5)
-        lines = [f"privacy-utility trade-off (balanced accuracy mean/worst device, delta {delta:g}, "
-                 f"{self.settings.get('repeats', 1)} noise draws per private cell)", f"{'view':12s} {'method':24s}{head}"]
+        lines = [
+            f"privacy-utility trade-off (balanced accuracy mean/worst device, delta {delta:g}, "
+            f"{self.settings.get('repeats', 1)} noise draws per private cell)",
+            f"{'view':12s} {'method':24s}{head}",
+        ]
         keys = []
         for r in self.rows:
             if r.method.split("+")[0] in PRIVATE_METHODS and r.variant == "none" and (r.view, r.method) not in keys:
@@ -461,8 +514,9 @@ class Evaluation:
 
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "evaluation.json").write_text(json.dumps({"settings": self.settings, "rows": self.summaries()},
-                                                        indent=2, default=str))
+        (out / "evaluation.json").write_text(
+            json.dumps({"settings": self.settings, "rows": self.summaries()}, indent=2, default=str)
+        )
         (out / "evaluation.txt").write_text(self.format_table() + "\n")
         self.plot(out / "epsilon_accuracy.png")
 
@@ -488,8 +542,10 @@ class Evaluation:
                     ax.axhline(s["mean"], color=colour, linestyle=style, label=f"{method} (no DP)")
             ax.set_xticks(xs, ["inf" if math.isinf(e) else f"{e:g}" for e in epsilons])
             ax.set_xlabel(f"per-patient epsilon (delta = {self.settings.get('delta', 1e-5):g})")
-            ax.set_title(f"{view} (dashed: fine-tuned on the device, no privacy cost)" if view == "personalized" else view,
-                         fontsize=9)
+            ax.set_title(
+                f"{view} (dashed: fine-tuned on the device, no privacy cost)" if view == "personalized" else view,
+                fontsize=9,
+            )
             ax.axhline(0.5, color="grey", lw=0.5)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6, loc="lower right")
@@ -518,16 +574,26 @@ def _sklearn_rows(plain_devices: list[DeviceRows], method: str = "plain") -> tup
         yo = np.concatenate([o.y[o.train] for o in others])
         m = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(Xo, yo)
         loso.append(balanced_accuracy(dev.y, m.predict(dev.X)))
-    return (Row("personalized", method, math.inf, "none", np.array([personal]), devices=names),
-            Row("new patient", method, math.inf, "none", np.array([loso]), devices=names))
+    return (
+        Row("personalized", method, math.inf, "none", np.array([personal]), devices=names),
+        Row("new patient", method, math.inf, "none", np.array([loso]), devices=names),
+    )
 
 
-def run_evaluation(devices: list[DeviceRows], *, plain_devices: list[DeviceRows] | None = None,
-                   epsilons: Sequence[float] = EPSILONS, delta: float = 1e-5, repeats: int = 3,
-                   methods: Sequence[str] = ("one-shot", "dp-ftrl", "fedavg-dp", "central-dp"),
-                   variants: Sequence[tuple[str, int]] = (("none", 0),),
-                   private_variants: Sequence[tuple[str, int]] = (("none", 0),), defaults: Defaults = Defaults(),
-                   seed: int = 0, progress: Callable[[str], None] | None = None) -> Evaluation:
+def run_evaluation(
+    devices: list[DeviceRows],
+    *,
+    plain_devices: list[DeviceRows] | None = None,
+    epsilons: Sequence[float] = EPSILONS,
+    delta: float = 1e-5,
+    repeats: int = 3,
+    methods: Sequence[str] = ("one-shot", "dp-ftrl", "fedavg-dp", "central-dp"),
+    variants: Sequence[tuple[str, int]] = (("none", 0),),
+    private_variants: Sequence[tuple[str, int]] = (("none", 0),),
+    defaults: Defaults = Defaults(),
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Evaluation:
     """Every method, both views, on ``devices``; private rows repeated ``repeats`` times.
 
     ``variants`` are the projections (``(kind, k)``, kind ``none``/``pca``/``class``) the
@@ -541,10 +607,17 @@ def run_evaluation(devices: list[DeviceRows], *, plain_devices: list[DeviceRows]
     personal = [dev.personal_view() for dev in devices]
     train_sets = [(X[dev.train], y[dev.train]) for dev, (X, y) in zip(devices, personal)]
     unseen = [dev.new_patient_view() for dev in devices]
-    evaluation = Evaluation(settings={"epsilons": list(epsilons), "delta": delta, "repeats": repeats,
-                                      "devices": list(names), "defaults": defaults.__dict__,
-                                      "variants": [list(v) for v in variants],
-                                      "private_variants": [list(v) for v in private_variants]})
+    evaluation = Evaluation(
+        settings={
+            "epsilons": list(epsilons),
+            "delta": delta,
+            "repeats": repeats,
+            "devices": list(names),
+            "defaults": defaults.__dict__,
+            "variants": [list(v) for v in variants],
+            "private_variants": [list(v) for v in private_variants],
+        }
+    )
     rows = evaluation.rows
 
     # local-only: each device alone
@@ -558,21 +631,34 @@ def run_evaluation(devices: list[DeviceRows], *, plain_devices: list[DeviceRows]
         say(f"{method} eps={epsilon} projection={variant}{k or ''}")
         acc_p, acc_pp, acc_n, spent = [], [], [], math.inf
         for r in range(n_repeats):
-            params, basis, spent = fit_global(method, train_sets, defaults, epsilon, delta, projection=variant, k=k,
-                                              seed=seed + r)
-            acc_p.append([_score(params, basis, X[dev.held_out], y[dev.held_out]) for dev, (X, y) in zip(devices, personal)])
+            params, basis, spent = fit_global(
+                method, train_sets, defaults, epsilon, delta, projection=variant, k=k, seed=seed + r
+            )
+            acc_p.append(
+                [_score(params, basis, X[dev.held_out], y[dev.held_out]) for dev, (X, y) in zip(devices, personal)]
+            )
             if with_personal:
                 row = []
                 for i, (dev, (X, y)) in enumerate(zip(devices, personal)):
                     Xp = X if basis is None else X @ basis
-                    own = personalize(params, Xp[dev.train], y[dev.train], 2, epochs=defaults.personal_epochs,
-                                      lr=defaults.personal_lr, prox_mu=defaults.personal_prox, random_state=seed + r + i)
+                    own = personalize(
+                        params,
+                        Xp[dev.train],
+                        y[dev.train],
+                        2,
+                        epochs=defaults.personal_epochs,
+                        lr=defaults.personal_lr,
+                        prox_mu=defaults.personal_prox,
+                        random_state=seed + r + i,
+                    )
                     row.append(_score(own, None, Xp[dev.held_out], y[dev.held_out]))
                 acc_pp.append(row)
             fold = []
             for i, dev in enumerate(devices):
-                others = train_sets[:i] + train_sets[i + 1:]
-                p_i, b_i, _ = fit_global(method, others, defaults, epsilon, delta, projection=variant, k=k, seed=seed + r)
+                others = train_sets[:i] + train_sets[i + 1 :]
+                p_i, b_i, _ = fit_global(
+                    method, others, defaults, epsilon, delta, projection=variant, k=k, seed=seed + r
+                )
                 fold.append(_score(p_i, b_i, unseen[i], dev.y))
             acc_n.append(fold)
         label = variant if variant == "none" else f"{variant}{k}"
@@ -594,8 +680,17 @@ def run_evaluation(devices: list[DeviceRows], *, plain_devices: list[DeviceRows]
     return evaluation
 
 
-def tune(devices: list[DeviceRows], method: str, grid: Mapping[str, Sequence], *, epsilon: float = 8.0,
-         delta: float = 1e-5, repeats: int = 3, base: Defaults = Defaults(), seed: int = 0) -> list[tuple[dict, float]]:
+def tune(
+    devices: list[DeviceRows],
+    method: str,
+    grid: Mapping[str, Sequence],
+    *,
+    epsilon: float = 8.0,
+    delta: float = 1e-5,
+    repeats: int = 3,
+    base: Defaults = Defaults(),
+    seed: int = 0,
+) -> list[tuple[dict, float]]:
     """Leave-one-subject-out CV of ``method`` over every combination of ``grid`` (Defaults
     fields, plus ``projection`` and ``k`` as :func:`fit_global` takes them).
 
@@ -621,8 +716,16 @@ def tune(devices: list[DeviceRows], method: str, grid: Mapping[str, Sequence], *
         scores = []
         for r in range(repeats if method in PRIVATE_METHODS and not math.isinf(epsilon) else 1):
             for i in range(len(devices)):
-                params, basis, _ = fit_global(method, train_sets[:i] + train_sets[i + 1:], d, epsilon, delta,
-                                              projection=projection, k=k, seed=seed + r)
+                params, basis, _ = fit_global(
+                    method,
+                    train_sets[:i] + train_sets[i + 1 :],
+                    d,
+                    epsilon,
+                    delta,
+                    projection=projection,
+                    k=k,
+                    seed=seed + r,
+                )
                 scores.append(_score(params, basis, *unseen[i]))
         results.append((settings, float(np.mean(scores))))
     return sorted(results, key=lambda item: -item[1])
@@ -638,15 +741,26 @@ def targets(evaluation: Evaluation, method: str, epsilon: float = 8.0) -> list[t
     new = evaluation.find("new patient", method, epsilon)
     central_new = evaluation.find("new patient", "central", math.inf)
     if new and central_new:
-        out.append((f"new patient ({method}, eps {epsilon:g}) / central no-DP", new["mean"] / central_new["mean"], ">=", 0.90))
-    fed, central = evaluation.find("personalized", "fedavg", math.inf), evaluation.find("personalized", "central", math.inf)
+        out.append(
+            (f"new patient ({method}, eps {epsilon:g}) / central no-DP", new["mean"] / central_new["mean"], ">=", 0.90)
+        )
+    fed, central = (
+        evaluation.find("personalized", "fedavg", math.inf),
+        evaluation.find("personalized", "central", math.inf),
+    )
     if fed and central:
         out.append(("no DP: fedavg / central (personalized)", fed["mean"] / central["mean"], ">=", 0.98))
     plain = evaluation.find("personalized", "plain", math.inf)
     ours = evaluation.find("personalized", "biofed-features+sklearn", math.inf)
     if plain and ours:
-        out.append(("features: |biofed features - plain pipeline features|, same sklearn model (personalized)",
-                    abs(ours["mean"] - plain["mean"]), "<=", 0.02))
+        out.append(
+            (
+                "features: |biofed features - plain pipeline features|, same sklearn model (personalized)",
+                abs(ours["mean"] - plain["mean"]),
+                "<=",
+                0.02,
+            )
+        )
     return out
 
 
@@ -663,7 +777,9 @@ def devices_from_data(data: Path) -> dict[str, list[Path]]:
 
     files = eegmat_devices(data)
     if len(files) < 2:
-        raise click.ClickException(f"{data}: needs eegmat SubjectNN_1.edf / SubjectNN_2.edf pairs of at least 2 subjects")
+        raise click.ClickException(
+            f"{data}: needs eegmat SubjectNN_1.edf / SubjectNN_2.edf pairs of at least 2 subjects"
+        )
     return files
 
 
@@ -677,27 +793,59 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
     return values
 
 
-@click.command("evaluate", epilog=examples(
-    "biofed evaluate --data /work/shared/datasets/eegmat",
-    "biofed evaluate --data eegmat --epsilons 1,8,inf --repeats 5 --out eval-eegmat",
-))
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Folder of eegmat recordings (SubjectNN_1.edf rest, SubjectNN_2.edf arithmetic); one device per subject.")
+@click.command(
+    "evaluate",
+    epilog=examples(
+        "biofed evaluate --data /work/shared/datasets/eegmat",
+        "biofed evaluate --data eegmat --epsilons 1,8,inf --repeats 5 --out eval-eegmat",
+    ),
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Folder of eegmat recordings (SubjectNN_1.edf rest, SubjectNN_2.edf arithmetic); one device per subject.",
+)
 @click.option("--epsilons", default="1,2,4,8,inf", show_default=True, help="Per-patient epsilons to evaluate.")
-@click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Independent privacy-noise draws per private row (the spread is printed).")
+@click.option(
+    "--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5, show_default=True
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Independent privacy-noise draws per private row (the spread is printed).",
+)
 @click.option("--methods", default=",".join(PRIVATE_METHODS), show_default=True, help="Private methods to run.")
-@click.option("--projections", default="none,pca32,class32,pca64", show_default=True,
-              help="Projection variants of the centralized non-private model (none, pcaK, classK).")
-@click.option("--private-projections", default="none", show_default=True,
-              help="Projection variants of every private method (their basis releases are charged).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-evaluation"), show_default=True,
-              help="Report folder (evaluation.json, epsilon_accuracy.png).")
-@click.option("--tune", "tune_grid", default=None, metavar="JSON",
-              help='Instead of evaluating, tune each of --methods at the first of --epsilons by leave-one-subject-out '
-                   'CV on training windows only, over a grid of Defaults fields (plus projection, k), e.g. '
-                   '\'{"ridge": [1, 10], "scatter_clip": [null, 10]}\'.')
+@click.option(
+    "--projections",
+    default="none,pca32,class32,pca64",
+    show_default=True,
+    help="Projection variants of the centralized non-private model (none, pcaK, classK).",
+)
+@click.option(
+    "--private-projections",
+    default="none",
+    show_default=True,
+    help="Projection variants of every private method (their basis releases are charged).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("biofed-evaluation"),
+    show_default=True,
+    help="Report folder (evaluation.json, epsilon_accuracy.png).",
+)
+@click.option(
+    "--tune",
+    "tune_grid",
+    default=None,
+    metavar="JSON",
+    help="Instead of evaluating, tune each of --methods at the first of --epsilons by leave-one-subject-out "
+    "CV on training windows only, over a grid of Defaults fields (plus projection, k), e.g. "
+    '\'{"ridge": [1, 10], "scatter_clip": [null, 10]}\'.',
+)
 def evaluate_command(data, epsilons, delta, repeats, methods, projections, private_projections, out, tune_grid):
     """Evaluate every method and baseline on the same rows: both views, mean, worst device, CI, spread."""
     methods = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -706,21 +854,37 @@ def evaluate_command(data, epsilons, delta, repeats, methods, projections, priva
         try:
             grid = json.loads(tune_grid)
             fields = set(Defaults.__dataclass_fields__) | {"projection", "k"}
-            if not isinstance(grid, dict) or not grid or set(grid) - fields or not all(isinstance(v, list) and v for v in grid.values()):
+            if (
+                not isinstance(grid, dict)
+                or not grid
+                or set(grid) - fields
+                or not all(isinstance(v, list) and v for v in grid.values())
+            ):
                 raise ValueError
         except ValueError:
-            raise click.BadParameter(f"--tune needs a JSON object of non-empty lists keyed by {sorted(fields)}, "
-                                     f"got {tune_grid!r}") from None
+            raise click.BadParameter(
+                f"--tune needs a JSON object of non-empty lists keyed by {sorted(fields)}, got {tune_grid!r}"
+            ) from None
         devices = load_devices(devices_from_data(data))
         epsilon = _parse_epsilons(epsilons)[0]
         for method in methods:
-            click.echo(f"{method}: leave-one-subject-out CV on training windows at epsilon {epsilon:g}, {repeats} draws")
+            click.echo(
+                f"{method}: leave-one-subject-out CV on training windows at epsilon {epsilon:g}, {repeats} draws"
+            )
             for settings, score in tune(devices, method, grid, epsilon=epsilon, delta=delta, repeats=repeats):
                 click.echo(f"  {score:.3f}  {json.dumps(settings)}")
         return None
-    result = evaluate_folder(data, epsilons=_parse_epsilons(epsilons), delta=delta, repeats=repeats, methods=methods,
-                             variants=_parse_variants(projections), private_variants=_parse_variants(private_projections),
-                             out=out, echo=click.echo)
+    result = evaluate_folder(
+        data,
+        epsilons=_parse_epsilons(epsilons),
+        delta=delta,
+        repeats=repeats,
+        methods=methods,
+        variants=_parse_variants(projections),
+        private_variants=_parse_variants(private_projections),
+        out=out,
+        echo=click.echo,
+    )
     click.echo(f"written: {out / 'evaluation.json'}, {out / 'epsilon_accuracy.png'}")
     return result
 
@@ -746,18 +910,34 @@ def evaluate_folder(data: Path, **kwargs) -> Evaluation:
     return evaluate_files(devices_from_data(data), **kwargs)
 
 
-def evaluate_files(files: Mapping[str, Sequence[Path]], *, epsilons=EPSILONS, delta: float = 1e-5, repeats: int = 3,
-                   methods: Sequence[str] = PRIVATE_METHODS, variants=(("none", 0),),
-                   private_variants=(("none", 0),), out: Path | None = None,
-                   echo: Callable[[str], None] = print) -> Evaluation:
+def evaluate_files(
+    files: Mapping[str, Sequence[Path]],
+    *,
+    epsilons=EPSILONS,
+    delta: float = 1e-5,
+    repeats: int = 3,
+    methods: Sequence[str] = PRIVATE_METHODS,
+    variants=(("none", 0),),
+    private_variants=(("none", 0),),
+    out: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> Evaluation:
     """Load every device's recordings, run :func:`run_evaluation`, print the tables and the
     targets, and write ``evaluation.json``, ``evaluation.txt`` and ``epsilon_accuracy.png`` to ``out``."""
     _check_methods(methods)
     echo(f"evaluation: {len(files)} devices; extracting features (biofed and the plain MNE/SciPy pipeline) ...")
     devices = load_devices(files)
     plain = load_devices(files, rows=plain_pipeline_rows)
-    evaluation = run_evaluation(devices, plain_devices=plain, epsilons=epsilons, delta=delta, repeats=repeats,
-                                methods=methods, variants=variants, private_variants=private_variants)
+    evaluation = run_evaluation(
+        devices,
+        plain_devices=plain,
+        epsilons=epsilons,
+        delta=delta,
+        repeats=repeats,
+        methods=methods,
+        variants=variants,
+        private_variants=private_variants,
+    )
     echo(evaluation.format_table())
     echo("")
     echo(evaluation.format_tradeoff())

@@ -48,8 +48,9 @@ TAIL_LINES = 30
 """Log lines of a child shown when it fails."""
 
 
-def write_synthetic_devices(folder: Path, n_devices: int, *, duration_s: float = 60.0,
-                            random_state=None) -> dict[str, list[Path]]:
+def write_synthetic_devices(
+    folder: Path, n_devices: int, *, duration_s: float = 60.0, random_state=None
+) -> dict[str, list[Path]]:
     """Write a synthetic federation (:func:`biofed.datasets.make_federation`) as files a device replays.
 
     Each recording becomes ``<device>_<k>_<label>_raw.fif`` (EEG + ECG + PPG, the label as an
@@ -70,8 +71,9 @@ def write_synthetic_devices(folder: Path, n_devices: int, *, duration_s: float =
         for k, rec in enumerate(recordings):
             eeg, bio, audio = rec.signals["eeg"], rec.signals["bio"], rec.signals["audio"]
             if bio.sfreq != eeg.sfreq:
-                raise ValueError(f"synthetic EEG ({eeg.sfreq} Hz) and bio ({bio.sfreq} Hz) rates differ; "
-                                 "one FIF needs one rate")
+                raise ValueError(
+                    f"synthetic EEG ({eeg.sfreq} Hz) and bio ({bio.sfreq} Hz) rates differ; one FIF needs one rate"
+                )
             mne_types = ["eeg"] * len(eeg.ch_names) + ["ecg" if t == "ecg" else "misc" for t in bio.ch_types]
             info = mne.create_info(list(eeg.ch_names) + list(bio.ch_names), eeg.sfreq, mne_types)
             info["subject_info"] = {"his_id": rec.subject}
@@ -88,8 +90,7 @@ def write_synthetic_devices(folder: Path, n_devices: int, *, duration_s: float =
 
 
 # ----------------------------------------------------------------------------- broker
-def start_broker(out: Path, fleet_name: str, devices: Iterable[str], *, secure: bool = False,
-                 mosquitto: bool = False):
+def start_broker(out: Path, fleet_name: str, devices: Iterable[str], *, secure: bool = False, mosquitto: bool = False):
     """Start the broker of a local federation; returns ``(broker, protocol, fleet)``.
 
     ``secure``: provision ``fleet_name`` for ``devices`` (and a read-only observer) under
@@ -149,8 +150,12 @@ def spawn(name: str, args: list[str], log: Path, *, stdout=None) -> Child:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BIOFED_")}
     env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
-        [sys.executable, "-m", "biofed", "-v", *args], stdout=stdout if stdout is not None else handle,
-        stderr=handle, env=env, start_new_session=True, text=True,
+        [sys.executable, "-m", "biofed", "-v", *args],
+        stdout=stdout if stdout is not None else handle,
+        stderr=handle,
+        env=env,
+        start_new_session=True,
+        text=True,
     )
     handle.close()  # the child holds its own descriptor
     return Child(name, process, log)
@@ -175,8 +180,9 @@ def tails(children: Sequence[Child]) -> str:
     parts = []
     for child in children:
         code = child.process.poll()
-        parts.append(f"--- {child.name} (exit code {code if code is not None else 'running'}), {child.log}:\n"
-                     f"{child.tail()}")
+        parts.append(
+            f"--- {child.name} (exit code {code if code is not None else 'running'}), {child.log}:\n{child.tail()}"
+        )
     return "\n".join(parts)
 
 
@@ -202,8 +208,10 @@ class AgentThreads:
         self.agents = list(agents)
         self.join_timeout_s = join_timeout_s
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=agent.run, args=(self._stop,), name=f"agent-{agent.device_id}",
-                                          daemon=True) for agent in self.agents]
+        self._threads = [
+            threading.Thread(target=agent.run, args=(self._stop,), name=f"agent-{agent.device_id}", daemon=True)
+            for agent in self.agents
+        ]
 
     def start(self) -> AgentThreads:
         """Start every agent's loop."""
@@ -293,4 +301,3 @@ def received(client, topics, *, timeout_s: float = 0.5, verifier=None) -> list:
     while (inbound := client.receive(timeout_s=timeout_s)) is not None:
         messages.append(decode_topic_message(topics, inbound.topic, inbound.payload, verifier=verifier))
     return messages
-

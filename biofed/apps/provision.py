@@ -107,7 +107,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -295,7 +295,9 @@ class ProvisionedFleet:
         """``signing_key_file`` and ``keys_dir`` (absolute) of a device or the coordinator:
         the top-level keys of its config that turn on signed envelopes (:mod:`biofed.signing`)."""
         if identity not in self.identities or identity == OBSERVER_ID:
-            raise ProvisionError(f"{identity!r} has no signing key in fleet {self.fleet!r} (devices and coordinator do)")
+            raise ProvisionError(
+                f"{identity!r} has no signing key in fleet {self.fleet!r} (devices and coordinator do)"
+            )
         return _signing_table(self, identity, relative_to=None)
 
     def broker_config(self, identity: str) -> BrokerConfig:
@@ -355,8 +357,9 @@ def _mkdir(path: Path, mode: int) -> None:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _public_pem(key: Ed25519PrivateKey) -> bytes:
@@ -369,48 +372,96 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 # ----------------------------------------------------------------------------- X.509
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _make_ca(fleet: str, now: datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "biofed"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"biofed fleet {fleet} CA")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "biofed"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"biofed fleet {fleet} CA"),
+        ]
+    )
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=CA_DAYS))
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return key, cert
 
 
-def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str, *,
-           server_names: Sequence[str] = (), days: int, now: datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _issue(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    *,
+    server_names: Sequence[str] = (),
+    days: int,
+    now: datetime,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A leaf certificate: server (``server_names`` become the SAN) or client (none)."""
     key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "biofed"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "biofed"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            ),
+            critical=False,
+        )
     )
     if server_names:
         builder = builder.add_extension(x509.SubjectAlternativeName(_san_entries(server_names)), critical=False)
@@ -433,8 +484,10 @@ def _write_crl(layout: FleetLayout, revoked: dict[int, datetime], number: int) -
         ca_key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
     except (OSError, ValueError) as exc:
-        raise ProvisionError(f"cannot load the fleet CA from {layout.ca_cert.parent} to sign the revocation list: "
-                             f"{exc} (revocation needs ca/ca.pem and ca/ca.key.pem)") from None
+        raise ProvisionError(
+            f"cannot load the fleet CA from {layout.ca_cert.parent} to sign the revocation list: "
+            f"{exc} (revocation needs ca/ca.pem and ca/ca.key.pem)"
+        ) from None
     now = _now()
     builder = (
         x509.CertificateRevocationListBuilder()
@@ -443,12 +496,17 @@ def _write_crl(layout: FleetLayout, revoked: dict[int, datetime], number: int) -
         # OpenSSL refuses every client once the CRL is past next_update: run it to the CA's end.
         .next_update(ca_cert.not_valid_after_utc)
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-            ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+                ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            ),
+            critical=False,
+        )
     )
     for serial, when in sorted(revoked.items()):
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build())
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
     crl = builder.sign(ca_key, hashes.SHA256())
     _write(layout.crl_file, crl.public_bytes(serialization.Encoding.PEM), _PUBLIC)
 
@@ -505,8 +563,7 @@ def acl_text(fleet: str, devices: Sequence[str], *, observer: bool = False) -> s
     """The Mosquitto ACL of a fleet (see "Security model" in the module docstring)."""
     topics = Topics(fleet)
     broadcast, per_device = topic_kinds()
-    lines = [f"# biofed fleet {fleet}: written by biofed provision; revoke rewrites it", "",
-             f"user {COORDINATOR_ID}"]
+    lines = [f"# biofed fleet {fleet}: written by biofed provision; revoke rewrites it", "", f"user {COORDINATOR_ID}"]
     lines += [f"topic readwrite {topics.base}/{kind}" for kind in broadcast]
     lines += [f"topic read {topics.all_devices(kind)}" for kind in per_device]
     if observer:
@@ -526,8 +583,9 @@ def mosquitto_config_text(layout: FleetLayout, port: int, bind: str, n_identitie
     lines = [
         f"# written by biofed provision for {broker.root}; run: biofed broker --config {broker.broker_service_config}",
         "# SIGHUP re-reads the password file, the ACL and the CRL (biofed provision revoke --pid).",
-        *mosquitto_common_lines(broker.broker_data, max_queued_messages=max_queued_messages,
-                                max_queued_bytes=max_queued_bytes),
+        *mosquitto_common_lines(
+            broker.broker_data, max_queued_messages=max_queued_messages, max_queued_bytes=max_queued_bytes
+        ),
         "allow_anonymous false",
         f"password_file {broker.password_file}",
         f"acl_file {broker.acl_file}",
@@ -555,8 +613,10 @@ def _read_manifest(layout: FleetLayout) -> dict:
     try:
         data = json.loads(layout.manifest.read_text())
     except FileNotFoundError:
-        raise ProvisionError(f"{layout.root} is not a provisioned fleet directory: no fleet.json "
-                             f"(create one with biofed provision --fleet NAME --devices N --out DIR)") from None
+        raise ProvisionError(
+            f"{layout.root} is not a provisioned fleet directory: no fleet.json "
+            f"(create one with biofed provision --fleet NAME --devices N --out DIR)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ProvisionError(f"{layout.manifest}: cannot read the fleet manifest: {exc}") from None
     if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
@@ -567,7 +627,10 @@ def _read_manifest(layout: FleetLayout) -> dict:
 def _fleet_from_manifest(layout: FleetLayout, data: dict) -> ProvisionedFleet:
     devices = data["devices"]
     return ProvisionedFleet(
-        layout=layout, fleet=data["fleet"], host=data["host"], port=int(data["port"]),
+        layout=layout,
+        fleet=data["fleet"],
+        host=data["host"],
+        port=int(data["port"]),
         devices=tuple(d for d, entry in devices.items() if entry.get("revoked") is None),
         revoked=tuple(d for d, entry in devices.items() if entry.get("revoked") is not None),
         observer=OBSERVER_ID in data["identities"],
@@ -678,13 +741,25 @@ def provision_fleet(
             bind = ""
     root = Path(out).resolve()
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ProvisionError(f"{root} exists and is not an empty directory; provision into a new directory "
-                             f"(nothing is overwritten: old credentials would stay valid)")
+        raise ProvisionError(
+            f"{root} exists and is not an empty directory; provision into a new directory "
+            f"(nothing is overwritten: old credentials would stay valid)"
+        )
     layout = FleetLayout(root)
     created = not root.exists()
     try:
-        provisioned = _provision_into(layout, fleet, ids, host=host, port=port, bind=bind,
-                                      server_names=server_names, observer=observer, cert_days=cert_days, rounds=rounds)
+        provisioned = _provision_into(
+            layout,
+            fleet,
+            ids,
+            host=host,
+            port=port,
+            bind=bind,
+            server_names=server_names,
+            observer=observer,
+            cert_days=cert_days,
+            rounds=rounds,
+        )
     except BaseException:
         # never leave a half-made fleet (a retry would find the directory in use)
         if created:
@@ -696,21 +771,37 @@ def provision_fleet(
                 else:
                     child.unlink(missing_ok=True)
         raise
-    logger.info("provisioned fleet %s (%d devices) in %s in %.2f s", fleet, len(ids), root,
-                time.perf_counter() - started)
+    logger.info(
+        "provisioned fleet %s (%d devices) in %s in %.2f s", fleet, len(ids), root, time.perf_counter() - started
+    )
     return provisioned
 
 
-def _provision_into(layout: FleetLayout, fleet: str, ids: list[str], *, host: str, port: int, bind: str,
-                    server_names: Sequence[str], observer: bool, cert_days: int, rounds: int) -> ProvisionedFleet:
+def _provision_into(
+    layout: FleetLayout,
+    fleet: str,
+    ids: list[str],
+    *,
+    host: str,
+    port: int,
+    bind: str,
+    server_names: Sequence[str],
+    observer: bool,
+    cert_days: int,
+    rounds: int,
+) -> ProvisionedFleet:
     root = layout.root
     identities = [COORDINATOR_ID, *ids, *((OBSERVER_ID,) if observer else ())]
 
     _mkdir(root, 0o755)
     _mkdir(root / "devices", 0o755)
     _mkdir(layout.keys_dir, 0o755)
-    for directory in (layout.ca_cert.parent, layout.broker_dir, layout.broker_data,
-                      *(layout.identity_dir(i) for i in identities)):
+    for directory in (
+        layout.ca_cert.parent,
+        layout.broker_dir,
+        layout.broker_data,
+        *(layout.identity_dir(i) for i in identities),
+    ):
         _mkdir(directory, _PRIVATE_DIR)
 
     now = _now()
@@ -769,8 +860,11 @@ def _provision_into(layout: FleetLayout, fleet: str, ids: list[str], *, host: st
 
 
 def _write_allow_list(fleet: ProvisionedFleet) -> None:
-    _write(fleet.layout.allowed_devices,
-           json.dumps({"fleet": fleet.fleet, "devices": list(fleet.devices)}, indent=1) + "\n", _PUBLIC)
+    _write(
+        fleet.layout.allowed_devices,
+        json.dumps({"fleet": fleet.fleet, "devices": list(fleet.devices)}, indent=1) + "\n",
+        _PUBLIC,
+    )
 
 
 def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
@@ -779,11 +873,16 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
     for device in fleet.devices:
         folder = layout.identity_dir(device)
         text = toml_document(
-            {"device_id": device, "fleet": fleet.fleet, "recordings": [], "store_path": "features.sqlite",
-             **_signing_table(fleet, device, relative_to=folder)},
+            {
+                "device_id": device,
+                "fleet": fleet.fleet,
+                "recordings": [],
+                "store_path": "features.sqlite",
+                **_signing_table(fleet, device, relative_to=folder),
+            },
             {"broker": _broker_table(fleet, device, relative_to=folder)},
             header=f"biofed device {device} of fleet {fleet.fleet} (written by biofed provision).\n"
-            "Add the device's recordings, e.g. recordings = [\"data/s01_1.edf\"]; paths are relative to this file.",
+            'Add the device\'s recordings, e.g. recordings = ["data/s01_1.edf"]; paths are relative to this file.',
         )
         _write(folder / "device.toml", text, _PUBLIC)
         load_config(folder / "device.toml", DeviceConfig)
@@ -795,9 +894,14 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
             observer[key] = os.path.relpath(observer[key], folder)
         tables["status_broker"] = observer
     text = toml_document(
-        {"fleet": fleet.fleet, "rounds": rounds, "min_devices": len(fleet.devices) // 2 + 1, "state_dir": "state",
-         "allowed_devices_file": layout.allowed_devices.name,
-         **_signing_table(fleet, COORDINATOR_ID, relative_to=folder)},
+        {
+            "fleet": fleet.fleet,
+            "rounds": rounds,
+            "min_devices": len(fleet.devices) // 2 + 1,
+            "state_dir": "state",
+            "allowed_devices_file": layout.allowed_devices.name,
+            **_signing_table(fleet, COORDINATOR_ID, relative_to=folder),
+        },
         tables,
         header=f"biofed coordinator of fleet {fleet.fleet} (written by biofed provision).\n"
         "`biofed config init coordinator` lists every other setting; "
@@ -806,10 +910,15 @@ def _write_configs(fleet: ProvisionedFleet, rounds: int) -> None:
     )
     _write(layout.coordinator_config, text, _PUBLIC)
     load_config(layout.coordinator_config, CoordinatorConfig, environ={})
-    _write(layout.broker_service_config,
-           toml_document({"mosquitto": True, "mosquitto_conf": layout.broker_config.name},
-                         header=f"biofed broker of fleet {fleet.fleet} (written by biofed provision): "
-                         "biofed broker --config THIS_FILE"), _PUBLIC)
+    _write(
+        layout.broker_service_config,
+        toml_document(
+            {"mosquitto": True, "mosquitto_conf": layout.broker_config.name},
+            header=f"biofed broker of fleet {fleet.fleet} (written by biofed provision): "
+            "biofed broker --config THIS_FILE",
+        ),
+        _PUBLIC,
+    )
     load_config(layout.broker_service_config, BrokerServiceConfig, environ={})
 
 
@@ -819,7 +928,9 @@ def reload_broker(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
-        raise ProvisionError(f"no process {pid}: is mosquitto running? (restarting it also applies the change)") from None
+        raise ProvisionError(
+            f"no process {pid}: is mosquitto running? (restarting it also applies the change)"
+        ) from None
     except PermissionError:
         raise ProvisionError(f"not allowed to signal process {pid}; run as the broker's user or root") from None
 
@@ -838,15 +949,20 @@ def revoke_device(directory: str | Path, device_id: str, *, broker_pid: int | No
     manifest = _read_manifest(layout)
     entry = manifest["devices"].get(device_id)
     if entry is None:
-        raise ProvisionError(f"{device_id!r} is not a device of fleet {manifest['fleet']!r} in {layout.root} "
-                             f"(devices: {', '.join(list(manifest['devices'])[:10])} ...)")
+        raise ProvisionError(
+            f"{device_id!r} is not a device of fleet {manifest['fleet']!r} in {layout.root} "
+            f"(devices: {', '.join(list(manifest['devices'])[:10])} ...)"
+        )
     if entry["revoked"] is not None:
         raise ProvisionError(f"{device_id!r} was already revoked at {entry['revoked']}")
     mosquitto_passwd_binary()
     when = _now()
     entry["revoked"] = when.isoformat()
-    revoked = {int(e["serial"], 16): datetime.fromisoformat(e["revoked"])
-               for e in manifest["devices"].values() if e["revoked"] is not None}
+    revoked = {
+        int(e["serial"], 16): datetime.fromisoformat(e["revoked"])
+        for e in manifest["devices"].values()
+        if e["revoked"] is not None
+    }
     manifest["crl_number"] = int(manifest.get("crl_number", 1)) + 1
     _write_crl(layout, revoked, manifest["crl_number"])
     # A retry after a failed revocation may find the user gone already (-D would fail).
@@ -867,32 +983,71 @@ def revoke_device(directory: str | Path, device_id: str, *, broker_pid: int | No
 
 
 # ----------------------------------------------------------------------------- CLI
-@click.group("provision", invoke_without_command=True, epilog=examples(
-    "biofed provision --fleet ward7 --devices 20 --host 10.0.0.5 --out fleet",
-    "biofed provision --fleet lab --devices 3 --out lab-fleet --no-observer",
-    "biofed provision revoke device-007 --fleet-dir fleet",
-))
+@click.group(
+    "provision",
+    invoke_without_command=True,
+    epilog=examples(
+        "biofed provision --fleet ward7 --devices 20 --host 10.0.0.5 --out fleet",
+        "biofed provision --fleet lab --devices 3 --out lab-fleet --no-observer",
+        "biofed provision revoke device-007 --fleet-dir fleet",
+    ),
+)
 @click.option("--fleet", default=None, help="Fleet id (topics biofed/FLEET/...).")
 @click.option("--devices", "n_devices", type=click.IntRange(1), default=None, help="Number of devices.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Fleet folder to create (new or empty).")
-@click.option("--host", default=LOOPBACK, show_default=True,
-              help="Broker address the devices and coordinator use (IP or DNS name; goes into the server certificate).")
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_TLS_PORT, show_default=True,
-              help="TLS port of the broker.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Fleet folder to create (new or empty).",
+)
+@click.option(
+    "--host",
+    default=LOOPBACK,
+    show_default=True,
+    help="Broker address the devices and coordinator use (IP or DNS name; goes into the server certificate).",
+)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=DEFAULT_TLS_PORT, show_default=True, help="TLS port of the broker."
+)
 @click.option("--bind", default=None, help="Address the broker listens on [default: --host if it is an IP, else all].")
-@click.option("--server-name", "server_names", multiple=True,
-              help="Extra DNS name or IP for the server certificate (repeatable).")
-@click.option("--prefix", "device_prefix", default=DEFAULT_DEVICE_PREFIX, show_default=True,
-              help="Device id prefix (ids PREFIX001, PREFIX002, ...).")
-@click.option("--observer/--no-observer", default=True, show_default=True,
-              help="Create read-only observer credentials (biofed status, dashboards).")
-@click.option("--days", "cert_days", type=click.IntRange(1), default=DEFAULT_CERT_DAYS, show_default=True,
-              help="Validity of the server and client certificates.")
+@click.option(
+    "--server-name", "server_names", multiple=True, help="Extra DNS name or IP for the server certificate (repeatable)."
+)
+@click.option(
+    "--prefix",
+    "device_prefix",
+    default=DEFAULT_DEVICE_PREFIX,
+    show_default=True,
+    help="Device id prefix (ids PREFIX001, PREFIX002, ...).",
+)
+@click.option(
+    "--observer/--no-observer",
+    default=True,
+    show_default=True,
+    help="Create read-only observer credentials (biofed status, dashboards).",
+)
+@click.option(
+    "--days",
+    "cert_days",
+    type=click.IntRange(1),
+    default=DEFAULT_CERT_DAYS,
+    show_default=True,
+    help="Validity of the server and client certificates.",
+)
 @click.pass_context
-def provision_command(ctx: click.Context, fleet: str | None, n_devices: int | None, out: Path | None, host: str,
-                      port: int, bind: str | None, server_names: tuple[str, ...], device_prefix: str,
-                      observer: bool, cert_days: int) -> None:
+def provision_command(
+    ctx: click.Context,
+    fleet: str | None,
+    n_devices: int | None,
+    out: Path | None,
+    host: str,
+    port: int,
+    bind: str | None,
+    server_names: tuple[str, ...],
+    device_prefix: str,
+    observer: bool,
+    cert_days: int,
+) -> None:
     """Create a secured fleet: CA, TLS certificates, MQTT passwords and ACL for Mosquitto,
     signing keys and a ready config per device and for the coordinator.
 
@@ -905,31 +1060,57 @@ def provision_command(ctx: click.Context, fleet: str | None, n_devices: int | No
         raise click.UsageError(f"missing {', '.join(missing)} (or use a sub-command: revoke)")
     started = time.perf_counter()
     try:
-        provisioned = provision_fleet(out, fleet, n_devices, host=host, port=port, bind=bind,
-                                      server_names=server_names, observer=observer,
-                                      device_prefix=device_prefix, cert_days=cert_days)
+        provisioned = provision_fleet(
+            out,
+            fleet,
+            n_devices,
+            host=host,
+            port=port,
+            bind=bind,
+            server_names=server_names,
+            observer=observer,
+            device_prefix=device_prefix,
+            cert_days=cert_days,
+        )
     except ProvisionError as exc:
         raise click.ClickException(str(exc)) from None
     layout = provisioned.layout
-    click.echo(f"fleet {provisioned.fleet}: {len(provisioned.devices)} devices provisioned in {layout.root} "
-               f"({time.perf_counter() - started:.2f} s)")
+    click.echo(
+        f"fleet {provisioned.fleet}: {len(provisioned.devices)} devices provisioned in {layout.root} "
+        f"({time.perf_counter() - started:.2f} s)"
+    )
     click.echo(f"  broker:      biofed broker --config {layout.broker_service_config}   (TLS on {host}:{port})")
     click.echo(f"  coordinator: biofed coordinator --config {layout.coordinator_config} --metrics-port 9100")
     click.echo(f"  status:      biofed status --config {layout.coordinator_config}")
-    click.echo(f"  device:      biofed edge --config {layout.device_config(provisioned.devices[0])}   "
-               f"(add its recordings first; copy devices/<id>/ to the device)")
+    click.echo(
+        f"  device:      biofed edge --config {layout.device_config(provisioned.devices[0])}   "
+        f"(add its recordings first; copy devices/<id>/ to the device)"
+    )
     click.echo(f"  revoke:      biofed provision revoke --fleet-dir {layout.root} DEVICE [--pid BROKER_PID]")
 
 
-@provision_command.command("revoke", epilog=examples(
-    "biofed provision revoke device-007 --fleet-dir fleet",
-    'biofed provision revoke device-007 --fleet-dir fleet --pid "$(pgrep mosquitto)"',
-))
-@click.option("--fleet-dir", "--dir", "directory", required=True,
-              type=click.Path(file_okay=False, exists=True, path_type=Path),
-              help="Fleet directory made by biofed provision (--dir is the older spelling).")
-@click.option("--pid", "broker_pid", type=int, default=None,
-              help="Mosquitto's pid: send it SIGHUP so the revocation applies now (else at its next restart).")
+@provision_command.command(
+    "revoke",
+    epilog=examples(
+        "biofed provision revoke device-007 --fleet-dir fleet",
+        'biofed provision revoke device-007 --fleet-dir fleet --pid "$(pgrep mosquitto)"',
+    ),
+)
+@click.option(
+    "--fleet-dir",
+    "--dir",
+    "directory",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Fleet directory made by biofed provision (--dir is the older spelling).",
+)
+@click.option(
+    "--pid",
+    "broker_pid",
+    type=int,
+    default=None,
+    help="Mosquitto's pid: send it SIGHUP so the revocation applies now (else at its next restart).",
+)
 @click.argument("device")
 def revoke_command(directory: Path, broker_pid: int | None, device: str) -> None:
     """Revoke DEVICE: password, ACL, certificate (CRL), allow list and signing key."""
@@ -945,7 +1126,19 @@ def revoke_command(directory: Path, broker_pid: int | None, device: str) -> None
 
 
 __all__ = [
-    "COORDINATOR_ID", "DEFAULT_TLS_PORT", "OBSERVER_ID", "RESERVED_IDS", "FleetLayout", "ProvisionError",
-    "ProvisionedFleet", "acl_text", "load_fleet", "mosquitto_config_text", "mosquitto_passwd_binary",
-    "provision_command", "provision_fleet", "reload_broker", "revoke_device",
+    "COORDINATOR_ID",
+    "DEFAULT_TLS_PORT",
+    "OBSERVER_ID",
+    "RESERVED_IDS",
+    "FleetLayout",
+    "ProvisionError",
+    "ProvisionedFleet",
+    "acl_text",
+    "load_fleet",
+    "mosquitto_config_text",
+    "mosquitto_passwd_binary",
+    "provision_command",
+    "provision_fleet",
+    "reload_broker",
+    "revoke_device",
 ]

@@ -225,8 +225,13 @@ def start_rabbitmq_cluster(nodes: int = 2, *, timeout_s: float = 180.0) -> Rabbi
         "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
         "RABBITMQ_CTL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
     }
-    epmd = subprocess.Popen([epmd_binary, "-address", LOOPBACK, "-port", str(epmd_port)], env=common_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    epmd = subprocess.Popen(
+        [epmd_binary, "-address", LOOPBACK, "-port", str(epmd_port)],
+        env=common_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     cluster = RabbitCluster([], base, epmd, epmd_port)
     try:
         wait_for_port(LOOPBACK, epmd_port, 10.0, epmd)
@@ -235,7 +240,8 @@ def start_rabbitmq_cluster(nodes: int = 2, *, timeout_s: float = 180.0) -> Rabbi
             (directory / "log").mkdir(parents=True)
             ports = {"amqp": free_port(), "mqtt": free_port(), "management": free_port(), "dist": free_port()}
             (directory / "rabbitmq.conf").write_text(
-                _node_config(name, names, ports["amqp"], ports["mqtt"], ports["management"]))
+                _node_config(name, names, ports["amqp"], ports["mqtt"], ports["management"])
+            )
             (directory / "enabled_plugins").write_text(_PLUGINS + "\n")
             _chown_tree(base, user.pw_uid, user.pw_gid)
             env = {
@@ -251,11 +257,18 @@ def start_rabbitmq_cluster(nodes: int = 2, *, timeout_s: float = 180.0) -> Rabbi
                 "RABBITMQ_PID_FILE": str(directory / "pid"),
             }
             log = (directory / "console.log").open("w")
-            process = subprocess.Popen([str(wrapper)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True, cwd=str(directory))
+            process = subprocess.Popen(
+                [str(wrapper)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=str(directory),
+            )
             log.close()
-            node = RabbitNode(name, LOOPBACK, ports["mqtt"], ports["amqp"], ports["management"], ports["dist"],
-                              directory, process)
+            node = RabbitNode(
+                name, LOOPBACK, ports["mqtt"], ports["amqp"], ports["management"], ports["dist"], directory, process
+            )
             cluster.nodes.append(node)
             try:
                 wait_for_port(LOOPBACK, node.mqtt_port, timeout_s, process)
@@ -318,8 +331,15 @@ class RetainedMirror:
     copies too: agents and the coordinator drop them as duplicate message ids.
     """
 
-    def __init__(self, nodes: Sequence, topics: Sequence[str], *, client_id: str = "biofed-retained-mirror",
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        nodes: Sequence,
+        topics: Sequence[str],
+        *,
+        client_id: str = "biofed-retained-mirror",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         from biofed.mqtt import MqttClient
 
         login = dict(protocol="3.1.1", clean=True, username=username, password=password)

@@ -61,7 +61,6 @@ import click
 import numpy as np
 import psutil
 
-from biofed.cli_options import examples, logging_options
 from biofed.apps.demo import (
     FLEET,
     SYNTHETIC_DEVICES,
@@ -71,13 +70,21 @@ from biofed.apps.demo import (
     write_configs,
 )
 from biofed.apps.federation import spawn, terminate, write_synthetic_devices
+from biofed.cli_options import examples, logging_options
 from biofed.mqtt_loop import NetworkLoop
 from biofed.protocol import TRUST_MODES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FaultPlan", "FleetWatcher", "SimulatedFleet", "check_federation", "run_simulation",
-           "simulate_command", "split_windows"]
+__all__ = [
+    "FaultPlan",
+    "FleetWatcher",
+    "SimulatedFleet",
+    "check_federation",
+    "run_simulation",
+    "simulate_command",
+    "split_windows",
+]
 
 WINDOWS_PER_DEVICE = 16
 """Consecutive windows of each class a split device gets (its last 20 % per class are held out)."""
@@ -110,8 +117,15 @@ class FaultPlan:
     def standard(cls, seed: int, round_deadline_s: float) -> FaultPlan:
         """The CI schedule: drops in rounds 1 and 4, broker restart in round 2, coordinator
         kill -9 in round 3; 5 % slow devices, 5 % duplicating devices throughout."""
-        return cls(seed=seed, drop={1: 0.1, 4: 0.1}, broker_restart=(2,), coordinator_kill=(3,),
-                   slow_fraction=0.05, slow_delay_s=round_deadline_s + 1.0, duplicate_fraction=0.05)
+        return cls(
+            seed=seed,
+            drop={1: 0.1, 4: 0.1},
+            broker_restart=(2,),
+            coordinator_kill=(3,),
+            slow_fraction=0.05,
+            slow_delay_s=round_deadline_s + 1.0,
+            duplicate_fraction=0.05,
+        )
 
     def pick(self, devices: Sequence[str], fraction: float, salt: int) -> set[str]:
         """The seeded subset of ``devices`` (``round(fraction * n)`` of them) for one fault."""
@@ -123,8 +137,9 @@ class FaultPlan:
 
 
 # ----------------------------------------------------------------------------- devices
-def split_windows(labels: np.ndarray, t: np.ndarray, n_devices: int, per_class: int,
-                  classes: Sequence[str]) -> list[np.ndarray]:
+def split_windows(
+    labels: np.ndarray, t: np.ndarray, n_devices: int, per_class: int, classes: Sequence[str]
+) -> list[np.ndarray]:
     """Row indices of ``n_devices`` small devices dealt from one source's windows.
 
     For each class in ``classes`` the rows (in time order) are cut into ``n_devices``
@@ -138,10 +153,13 @@ def split_windows(labels: np.ndarray, t: np.ndarray, n_devices: int, per_class: 
         if rows.size == 0:
             continue
         block = min(per_class, rows.size)
-        starts = np.linspace(0, rows.size - block, n_devices).round().astype(int) \
-            if n_devices * block > rows.size else np.arange(n_devices) * block
+        starts = (
+            np.linspace(0, rows.size - block, n_devices).round().astype(int)
+            if n_devices * block > rows.size
+            else np.arange(n_devices) * block
+        )
         for j, start in enumerate(starts):
-            parts[j].append(rows[start:start + block])
+            parts[j].append(rows[start : start + block])
     return [np.sort(np.concatenate(p)) if p else np.empty(0, dtype=np.int64) for p in parts]
 
 
@@ -152,8 +170,9 @@ def _load_agent(toml: Path, node=None):
 
     config = load_config(toml, DeviceConfig)
     if node is not None:
-        config = config.model_copy(update={"broker": config.broker.model_copy(update={"host": node[0],
-                                                                                       "port": node[1]})})
+        config = config.model_copy(
+            update={"broker": config.broker.model_copy(update={"host": node[0], "port": node[1]})}
+        )
     return EdgeAgent(config)
 
 
@@ -204,6 +223,7 @@ class SimulatedFleet:
     def launch(self) -> threading.Thread:
         """Ingest every device's recordings, then open every session, in a background thread
         (``biofed demo`` runs its fleet this way while it watches the coordinator)."""
+
         def run() -> None:
             try:
                 from biofed.edge.warmup import warmup
@@ -240,7 +260,8 @@ class SimulatedFleet:
         def open_one(index: int) -> bool:
             shard = self._shards[index % len(self._shards)]
             return self.agents[index].open_session(
-                self._stop, on_message=lambda inbound: self._enqueue(shard, (index, inbound)), network=self.network)
+                self._stop, on_message=lambda inbound: self._enqueue(shard, (index, inbound)), network=self.network
+            )
 
         with ThreadPoolExecutor(connect_threads, thread_name_prefix="connect") as pool:
             opened = sum(pool.map(open_one, range(len(self.agents))))
@@ -337,8 +358,15 @@ class FleetWatcher:
     """Subscribes to the task, model, basis and update topics and timestamps them
     (``time.monotonic``); calls ``on_task(round, phase, train_ordinal)`` for each new task."""
 
-    def __init__(self, broker, protocol: str, on_task: Callable[[int, str, int], None] | None = None,
-                 username: str | None = None, password: str | None = None, network=None) -> None:
+    def __init__(
+        self,
+        broker,
+        protocol: str,
+        on_task: Callable[[int, str, int], None] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        network=None,
+    ) -> None:
         from biofed.mqtt import MqttClient
         from biofed.protocol import Topics
 
@@ -347,13 +375,27 @@ class FleetWatcher:
         self.train_ordinal = 0
         self._on_task = on_task
         self._lock = threading.Lock()
-        self.client = MqttClient(broker.host, broker.port, "simulate-watcher", protocol=protocol, clean=True,
-                                 on_message=self._handle, username=username, password=password, network=network)
+        self.client = MqttClient(
+            broker.host,
+            broker.port,
+            "simulate-watcher",
+            protocol=protocol,
+            clean=True,
+            on_message=self._handle,
+            username=username,
+            password=password,
+            network=network,
+        )
 
     def start(self) -> FleetWatcher:
         self.client.connect()
-        for topic in (self.topics.task, self.topics.model, self.topics.basis, self.topics.all_devices("update"),
-                      self.topics.all_devices("sketch")):
+        for topic in (
+            self.topics.task,
+            self.topics.model,
+            self.topics.basis,
+            self.topics.all_devices("update"),
+            self.topics.all_devices("sketch"),
+        ):
             self.client.subscribe(topic, qos=1)
         return self
 
@@ -400,16 +442,21 @@ class FleetWatcher:
                 if not arrivals:
                     continue
                 first, last = min(a[0] for a in arrivals), max(a[0] for a in arrivals)
-                rows.append({
-                    "round": timing.round, "phase": timing.phase, "devices": len(devices),
-                    "close_after_last_update_s": round(timing.closed_at - last, 4),
-                    "task_to_close_s": round(timing.closed_at - timing.task_at, 3),
-                    "updates_per_s": round(len(arrivals) / max(last - first, 1e-6), 1),
-                    "bytes_per_update": int(np.mean([a[2] for a in arrivals])),
-                    # what one device moves: the task and the round's result in, its reply out
-                    "bytes_per_device": int(np.mean([a[2] for a in arrivals])) + timing.task_bytes
-                    + timing.result_bytes,
-                })
+                rows.append(
+                    {
+                        "round": timing.round,
+                        "phase": timing.phase,
+                        "devices": len(devices),
+                        "close_after_last_update_s": round(timing.closed_at - last, 4),
+                        "task_to_close_s": round(timing.closed_at - timing.task_at, 3),
+                        "updates_per_s": round(len(arrivals) / max(last - first, 1e-6), 1),
+                        "bytes_per_update": int(np.mean([a[2] for a in arrivals])),
+                        # what one device moves: the task and the round's result in, its reply out
+                        "bytes_per_device": int(np.mean([a[2] for a in arrivals]))
+                        + timing.task_bytes
+                        + timing.result_bytes,
+                    }
+                )
         train = [r for r in rows if r["phase"] == "train"]
         latencies = [r["close_after_last_update_s"] for r in train]
         return {
@@ -462,7 +509,9 @@ def check_federation(state_dir: Path, *, expected_train_rounds: int | None = Non
     for round_, rows in accepted.items():
         devices = [d for _, d in rows]
         if len(set(devices)) != len(devices):
-            problems.append(f"round {round_}: a device counted twice ({len(devices)} rows, {len(set(devices))} devices)")
+            problems.append(
+                f"round {round_}: a device counted twice ({len(devices)} rows, {len(set(devices))} devices)"
+            )
         if round_ not in committed:
             problems.append(f"round {round_}: {len(rows)} accepted messages but no committed round")
     for record in history:
@@ -512,12 +561,20 @@ def _source_files(settings: DemoSettings, n_sources: int) -> dict[str, list[Path
         if not devices:
             raise DemoError(f"no eegmat subjects (SubjectNN_1.edf + SubjectNN_2.edf) found in {settings.data}")
         return dict(list(devices.items())[:n_sources])
-    return write_synthetic_devices(settings.out / "data", n_sources, duration_s=settings.synthetic_seconds,
-                                   random_state=settings.seed)
+    return write_synthetic_devices(
+        settings.out / "data", n_sources, duration_s=settings.synthetic_seconds, random_state=settings.seed
+    )
 
 
-def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port: int, protocol: str,
-                 nodes: Sequence[tuple[str, int]] = (), login: Mapping | None = None):
+def build_agents(
+    settings: DemoSettings,
+    options: FleetOptions,
+    host: str,
+    port: int,
+    protocol: str,
+    nodes: Sequence[tuple[str, int]] = (),
+    login: Mapping | None = None,
+):
     """``(agents, device_tomls, rss_base)``: the fleet's configs written, its stores filled;
     ``rss_base`` is the process RSS before the fleet's agents existed (imports, compiled
     kernels and, for dealt devices, the source recordings' ingestion included). With
@@ -533,11 +590,9 @@ def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port:
     n_sources = n if settings.data is not None else min(n, SYNTHETIC_DEVICES)
     sources = _source_files(settings, n_sources)
     if len(sources) >= n:
-        _, tomls = write_configs(settings, dict(list(sources.items())[:n]), host, port, protocol,
-                                 broker_extra=login)
+        _, tomls = write_configs(settings, dict(list(sources.items())[:n]), host, port, protocol, broker_extra=login)
         rss_base = process.memory_info().rss
-        agents = [_load_agent(toml, nodes[i % len(nodes)] if nodes else None)
-                  for i, toml in enumerate(tomls.values())]
+        agents = [_load_agent(toml, nodes[i % len(nodes)] if nodes else None) for i, toml in enumerate(tomls.values())]
         rows = SimulatedFleet(agents).ingest()
         click.echo(f"{len(agents)} devices ingested their own recordings: {rows} windows")
         return agents, tomls, rss_base
@@ -556,12 +611,19 @@ def build_agents(settings: DemoSettings, options: FleetOptions, host: str, port:
         members = [name for name in names[source_agent.device_id] if name in tomls]
         for name, rows in zip(members, split_windows(labels, t, len(members), options.windows_per_device, CLASSES)):
             agent = _load_agent(tomls[name], nodes[len(agents) % len(nodes)] if nodes else None)
-            agent.store_windows(X[rows], labels[rows], t[rows], layout_hash=source_agent.store.layout_hash,
-                                layout_json=source_agent.layout_json, source=f"split:{source_agent.device_id}")
+            agent.store_windows(
+                X[rows],
+                labels[rows],
+                t[rows],
+                layout_hash=source_agent.store.layout_hash,
+                layout_json=source_agent.layout_json,
+                source=f"split:{source_agent.device_id}",
+            )
             agents.append(agent)
         source_agent.close()
-    click.echo(f"{len(agents)} devices dealt from {len(sources)} sources ({options.windows_per_device} windows per "
-               f"class each)")
+    click.echo(
+        f"{len(agents)} devices dealt from {len(sources)} sources ({options.windows_per_device} windows per class each)"
+    )
     return agents, tomls, rss_base
 
 
@@ -575,8 +637,11 @@ class _Coordinator:
 
     def start(self) -> None:
         self.starts += 1
-        self.child = spawn("coordinator", ["coordinator", "--config", str(self.toml), "--discovery-timeout",
-                                            repr(self.timeout_s)], self.logs / f"coordinator-{self.starts}.log")
+        self.child = spawn(
+            "coordinator",
+            ["coordinator", "--config", str(self.toml), "--discovery-timeout", repr(self.timeout_s)],
+            self.logs / f"coordinator-{self.starts}.log",
+        )
 
     def kill9(self) -> None:
         os.kill(self.child.process.pid, signal.SIGKILL)
@@ -599,14 +664,15 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
     process = psutil.Process()
     cluster = options.cluster
     if cluster is not None:
-        from biofed.protocol import Topics
         from biofed.apps.rabbitmq import RetainedMirror
+        from biofed.protocol import Topics
 
         broker, protocol = cluster.nodes[0], "3.1.1"
         topics = Topics(FLEET)
         login = {"username": cluster.username, "password": cluster.password}
-        mirror = RetainedMirror(cluster.nodes, [topics.task, topics.basis, topics.model,
-                                                topics.all_devices("status")], **login).start()
+        mirror = RetainedMirror(
+            cluster.nodes, [topics.task, topics.basis, topics.model, topics.all_devices("status")], **login
+        ).start()
         nodes = [(node.host, node.port) for node in cluster.nodes]
     else:
         broker = start_mosquitto(out / "mosquitto") if settings.mosquitto else start_embedded_broker()
@@ -617,16 +683,16 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
     faults: list[str] = []
     try:
         started = time.monotonic()
-        agents, tomls, rss_before = build_agents(settings, options, broker.host, broker.port, protocol, nodes,
-                                                 login)
+        agents, tomls, rss_before = build_agents(settings, options, broker.host, broker.port, protocol, nodes, login)
         fleet = SimulatedFleet(agents, workers=options.workers, plan=plan)
         ids = [a.device_id for a in agents]
         coordinator = _Coordinator(out / "coordinator.toml", out / "logs", settings.timeout_s)
 
         def on_task(round_: int, phase: str, ordinal: int) -> None:
             try:  # the coordinator's RSS as each training round opens: flat memory shows here
-                coordinator_rss_mb[ordinal] = round(psutil.Process(coordinator.child.process.pid).memory_info().rss
-                                                    / 1e6, 1)
+                coordinator_rss_mb[ordinal] = round(
+                    psutil.Process(coordinator.child.process.pid).memory_info().rss / 1e6, 1
+                )
             except psutil.Error:
                 pass
             if plan is None:
@@ -655,8 +721,10 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
         fleet.start()
         rss_fleet = process.memory_info().rss
         ready_s = time.monotonic() - started
-        click.echo(f"{len(agents)} simulated devices online in {ready_s:.1f} s; "
-                   f"{(rss_fleet - rss_before) / len(agents) / 1e6:.2f} MB per device")
+        click.echo(
+            f"{len(agents)} simulated devices online in {ready_s:.1f} s; "
+            f"{(rss_fleet - rss_before) / len(agents) / 1e6:.2f} MB per device"
+        )
         usage: dict[int, tuple[float, int]] = {}  # coordinator pid -> (CPU seconds, peak RSS)
         broker_usage: dict[int, tuple[float, int]] = {}
         while True:
@@ -668,8 +736,9 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
             if code is not None and child is coordinator.child:
                 break
             if time.monotonic() - started > settings.timeout_s:
-                raise DemoError(f"the simulated federation did not finish within {settings.timeout_s:g} s\n"
-                                f"{child.tail()}")
+                raise DemoError(
+                    f"the simulated federation did not finish within {settings.timeout_s:g} s\n{child.tail()}"
+                )
             time.sleep(0.2)
         if code != 0:
             raise DemoError(f"the coordinator exited with code {code}\n{coordinator.child.tail()}")
@@ -692,16 +761,28 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
     problems = check_federation(state, expected_train_rounds=settings.rounds, restarts=coordinator.starts - 1)
     records = json.loads((state / "rounds.json").read_text())
     summary = {
-        "devices": len(ids), "rounds": settings.rounds,
-        "broker": (f"rabbitmq cluster ({len(cluster.nodes)} nodes)" if cluster is not None
-                   else "mosquitto" if settings.mosquitto else "amqtt"),
-        "wall_s": round(elapsed, 1), "ready_s": round(ready_s, 1),
+        "devices": len(ids),
+        "rounds": settings.rounds,
+        "broker": (
+            f"rabbitmq cluster ({len(cluster.nodes)} nodes)"
+            if cluster is not None
+            else "mosquitto"
+            if settings.mosquitto
+            else "amqtt"
+        ),
+        "wall_s": round(elapsed, 1),
+        "ready_s": round(ready_s, 1),
         "memory_per_device_mb": round((rss_fleet - rss_before) / len(ids) / 1e6, 3),
         "process_rss_mb": round(rss_peak / 1e6, 1),
-        "faults": faults, "slow_devices": len(fleet.slow), "duplicating_devices": len(fleet.duplicating),
-        "late_published": fleet.late_published, "duplicates_published": fleet.duplicates_published,
+        "faults": faults,
+        "slow_devices": len(fleet.slow),
+        "duplicating_devices": len(fleet.duplicating),
+        "late_published": fleet.late_published,
+        "duplicates_published": fleet.duplicates_published,
         "devices_per_broker": dict(sorted(_count(f"{a.config.broker.host}:{a.config.broker.port}" for a in agents))),
-        "coordinator_starts": coordinator.starts, "problems": problems, **timing,
+        "coordinator_starts": coordinator.starts,
+        "problems": problems,
+        **timing,
         "coordinator_cpu_s": round(sum(cpu for cpu, _ in usage.values()), 2),
         "coordinator_rss_mb": round(max((rss for _, rss in usage.values()), default=0) / 1e6, 1),
         "broker_rss_mb": round(max((rss for _, rss in broker_usage.values()), default=0) / 1e6, 1),
@@ -714,13 +795,15 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     for line in faults:
         click.echo(f"fault: {line}")
-    click.echo(f"{len(ids)} devices, {sum(1 for r in records if r['phase'] == 'train')} training rounds in "
-               f"{elapsed:.0f} s; round close after the last accepted update p50 "
-               f"{_seconds(timing['close_latency_p50_s'])}, p95 {_seconds(timing['close_latency_p95_s'])}; first round "
-               f"closed {summary['first_round_s']} s after start; {summary['memory_per_device_mb']:.2f} MB per device, "
-               f"RSS {summary['process_rss_mb']:.0f} MB (devices) + {summary['coordinator_rss_mb']:.0f} MB (coordinator)"
-               f" + {summary['broker_rss_mb']:.0f} MB (broker); evaluation balanced accuracy "
-               f"{summary['balanced_accuracy']}; epsilon {summary['epsilon']}")
+    click.echo(
+        f"{len(ids)} devices, {sum(1 for r in records if r['phase'] == 'train')} training rounds in "
+        f"{elapsed:.0f} s; round close after the last accepted update p50 "
+        f"{_seconds(timing['close_latency_p50_s'])}, p95 {_seconds(timing['close_latency_p95_s'])}; first round "
+        f"closed {summary['first_round_s']} s after start; {summary['memory_per_device_mb']:.2f} MB per device, "
+        f"RSS {summary['process_rss_mb']:.0f} MB (devices) + {summary['coordinator_rss_mb']:.0f} MB (coordinator)"
+        f" + {summary['broker_rss_mb']:.0f} MB (broker); evaluation balanced accuracy "
+        f"{summary['balanced_accuracy']}; epsilon {summary['epsilon']}"
+    )
     click.echo("checks: " + ("all invariants hold" if not problems else "; ".join(problems)))
     return summary
 
@@ -764,74 +847,197 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f} s"
 
 
-@click.command("simulate", epilog=examples(
-    "biofed simulate --devices 1000 --rounds 3 --mosquitto --noise-multiplier 0",
-    "biofed simulate --devices 100 --mosquitto --faults --deadline 10 --min-devices 50",
-    "biofed simulate --data /work/shared/datasets/eegmat --devices 34 --mosquitto",
-))
-@click.option("--devices", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Simulated devices (all in this process).")
+@click.command(
+    "simulate",
+    epilog=examples(
+        "biofed simulate --devices 1000 --rounds 3 --mosquitto --noise-multiplier 0",
+        "biofed simulate --devices 100 --mosquitto --faults --deadline 10 --min-devices 50",
+        "biofed simulate --data /work/shared/datasets/eegmat --devices 34 --mosquitto",
+    ),
+)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Simulated devices (all in this process).",
+)
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Training rounds.")
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="eegmat folder: its subjects are the sources (default: synthetic sources).")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="eegmat folder: its subjects are the sources (default: synthetic sources).",
+)
 @click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("biofed-simulate"),
-              show_default=True, help="Report folder (configs, logs, stores, summary.json).")
-@click.option("--noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.noise_multiplier,
-              show_default=True, help="DP noise multiplier z of the training rounds (0: non-private).")
-@click.option("--clip-norm", "--clip", "clip", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.clip,
-              show_default=True, help="L2 clip norm C of each update (--clip: older spelling).")
-@click.option("--epsilon-budget", type=click.FloatRange(min=0, min_open=True), default=DemoSettings.epsilon_budget,
-              show_default=True, help="Stop training before epsilon (RDP) would exceed this.")
-@click.option("--delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=1e-5,
-              show_default=True, help="DP delta.")
-@click.option("--trust-mode", type=click.Choice(TRUST_MODES), default="central",
-              show_default=True, help="Who adds the DP noise (see biofed demo --help).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("biofed-simulate"),
+    show_default=True,
+    help="Report folder (configs, logs, stores, summary.json).",
+)
+@click.option(
+    "--noise-multiplier",
+    type=click.FloatRange(min=0),
+    default=DemoSettings.noise_multiplier,
+    show_default=True,
+    help="DP noise multiplier z of the training rounds (0: non-private).",
+)
+@click.option(
+    "--clip-norm",
+    "--clip",
+    "clip",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DemoSettings.clip,
+    show_default=True,
+    help="L2 clip norm C of each update (--clip: older spelling).",
+)
+@click.option(
+    "--epsilon-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DemoSettings.epsilon_budget,
+    show_default=True,
+    help="Stop training before epsilon (RDP) would exceed this.",
+)
+@click.option(
+    "--delta",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    default=1e-5,
+    show_default=True,
+    help="DP delta.",
+)
+@click.option(
+    "--trust-mode",
+    type=click.Choice(TRUST_MODES),
+    default="central",
+    show_default=True,
+    help="Who adds the DP noise (see biofed demo --help).",
+)
 @click.option("--sign", is_flag=True, help="Every device signs with its own fresh Ed25519 key.")
-@click.option("--seconds", "synthetic_seconds", type=click.FloatRange(min=5), default=60.0, show_default=True,
-              help="Synthetic recording length per class and source.")
-@click.option("--windows-per-device", type=click.IntRange(min=5), default=WINDOWS_PER_DEVICE, show_default=True,
-              help="Windows of each class a device dealt from a source gets.")
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Dispatcher threads serving all devices.")
-@click.option("--deadline", "round_deadline_s", type=click.FloatRange(min=1), default=60.0, show_default=True,
-              help="Round deadline (s).")
-@click.option("--min-devices", type=click.IntRange(min=1), default=None,
-              help="Replies a round needs (default: all devices; lower it with faults).")
-@click.option("--sampling-rate", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
-              help="Poisson sampling rate q of the training rounds (default: every device every round); lower "
-                   "--min-devices to match.")
-@click.option("--basis-noise-multiplier", type=click.FloatRange(min=0), default=DemoSettings.basis_noise_multiplier,
-              show_default=True, help="DP noise multiplier z_b of the basis round.")
-@click.option("--faults", is_flag=True, help="Run the seeded fault schedule (needs --mosquitto): connection drops, a broker restart, a "
-                   "coordinator kill -9, slow and duplicating devices; then check every invariant.")
+@click.option(
+    "--seconds",
+    "synthetic_seconds",
+    type=click.FloatRange(min=5),
+    default=60.0,
+    show_default=True,
+    help="Synthetic recording length per class and source.",
+)
+@click.option(
+    "--windows-per-device",
+    type=click.IntRange(min=5),
+    default=WINDOWS_PER_DEVICE,
+    show_default=True,
+    help="Windows of each class a device dealt from a source gets.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Dispatcher threads serving all devices.",
+)
+@click.option(
+    "--deadline",
+    "round_deadline_s",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    show_default=True,
+    help="Round deadline (s).",
+)
+@click.option(
+    "--min-devices",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replies a round needs (default: all devices; lower it with faults).",
+)
+@click.option(
+    "--sampling-rate",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=None,
+    help="Poisson sampling rate q of the training rounds (default: every device every round); lower "
+    "--min-devices to match.",
+)
+@click.option(
+    "--basis-noise-multiplier",
+    type=click.FloatRange(min=0),
+    default=DemoSettings.basis_noise_multiplier,
+    show_default=True,
+    help="DP noise multiplier z_b of the basis round.",
+)
+@click.option(
+    "--faults",
+    is_flag=True,
+    help="Run the seeded fault schedule (needs --mosquitto): connection drops, a broker restart, a "
+    "coordinator kill -9, slow and duplicating devices; then check every invariant.",
+)
 @click.option("--fault-seed", type=int, default=0, show_default=True, help="Seed of the fault schedule.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=1800.0, show_default=True,
-              help="Global timeout (s).")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=1800.0,
+    show_default=True,
+    help="Global timeout (s).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
 @logging_options(default_level="warning")
-def simulate_command(devices, rounds, data, mosquitto, out, noise_multiplier, clip, epsilon_budget, delta,
-                     trust_mode, sign, synthetic_seconds, windows_per_device, workers, round_deadline_s,
-                     min_devices, sampling_rate, basis_noise_multiplier, faults, fault_seed, timeout_s,
-                     seed) -> None:
+def simulate_command(
+    devices,
+    rounds,
+    data,
+    mosquitto,
+    out,
+    noise_multiplier,
+    clip,
+    epsilon_budget,
+    delta,
+    trust_mode,
+    sign,
+    synthetic_seconds,
+    windows_per_device,
+    workers,
+    round_deadline_s,
+    min_devices,
+    sampling_rate,
+    basis_noise_multiplier,
+    faults,
+    fault_seed,
+    timeout_s,
+    seed,
+) -> None:
     """Run a federation of many simulated devices in this one process over a real broker.
 
     Every device is a real edge agent with its own MQTT session, keys and feature store;
     the coordinator is its own process.
     """
     settings = DemoSettings(
-        out=out, data=data, devices=devices, rounds=rounds, noise_multiplier=noise_multiplier, clip=clip,
-        epsilon_budget=epsilon_budget, delta=delta, mosquitto=mosquitto, trust_mode=trust_mode, sign=sign,
-        synthetic_seconds=synthetic_seconds, timeout_s=timeout_s, seed=seed, round_deadline_s=round_deadline_s,
-        min_devices=min_devices, sampling_rate="all" if sampling_rate is None else sampling_rate,
+        out=out,
+        data=data,
+        devices=devices,
+        rounds=rounds,
+        noise_multiplier=noise_multiplier,
+        clip=clip,
+        epsilon_budget=epsilon_budget,
+        delta=delta,
+        mosquitto=mosquitto,
+        trust_mode=trust_mode,
+        sign=sign,
+        synthetic_seconds=synthetic_seconds,
+        timeout_s=timeout_s,
+        seed=seed,
+        round_deadline_s=round_deadline_s,
+        min_devices=min_devices,
+        sampling_rate="all" if sampling_rate is None else sampling_rate,
         basis_noise_multiplier=basis_noise_multiplier,
     )
     plan = FaultPlan.standard(fault_seed, round_deadline_s) if faults else None
     if faults and min_devices is None:  # slow and dropped devices must not stall every round
         settings = replace(settings, min_devices=max(1, devices // 2))
     try:
-        summary = run_simulation(settings, FleetOptions(workers=workers, windows_per_device=windows_per_device,
-                                                        plan=plan))
+        summary = run_simulation(
+            settings, FleetOptions(workers=workers, windows_per_device=windows_per_device, plan=plan)
+        )
     except DemoError as exc:
         raise click.ClickException(str(exc)) from None
     if summary["problems"]:

@@ -88,9 +88,18 @@ def coordinator_status(config: CoordinatorConfig) -> CoordinatorStatus:
     dp = config.dp
     pid = running_coordinator(config.state_dir)
     status = CoordinatorStatus(
-        running=pid is not None, pid=pid if pid and pid > 0 else None, phase=None, round=0, train_rounds_done=0,
-        rounds=config.rounds, stop_reason=None, epsilon=None, epsilon_pld=None, epsilon_budget=dp.epsilon_budget,
-        delta=dp.delta, accountant=dp.accountant,
+        running=pid is not None,
+        pid=pid if pid and pid > 0 else None,
+        phase=None,
+        round=0,
+        train_rounds_done=0,
+        rounds=config.rounds,
+        stop_reason=None,
+        epsilon=None,
+        epsilon_pld=None,
+        epsilon_budget=dp.epsilon_budget,
+        delta=dp.delta,
+        accountant=dp.accountant,
     )
     if not (Path(config.state_dir) / DB_NAME).is_file():
         return status
@@ -157,18 +166,26 @@ class FleetWatcher:
                     continue
                 payload = message.payload
                 self.devices[message.sender] = DeviceStatus(
-                    device=message.sender, state=payload.state, online=payload.state != "offline",
-                    round=payload.round, last_seen=message.created, detail=payload.detail,
+                    device=message.sender,
+                    state=payload.state,
+                    online=payload.state != "offline",
+                    round=payload.round,
+                    last_seen=message.created,
+                    detail=payload.detail,
                 )
 
     def close(self) -> None:
         self.client.close()
 
 
-def fleet_status(config: CoordinatorConfig, watcher: FleetWatcher | None, broker_error: str | None = None) -> FleetStatus:
+def fleet_status(
+    config: CoordinatorConfig, watcher: FleetWatcher | None, broker_error: str | None = None
+) -> FleetStatus:
     """The fleet now: the watcher's devices and model plus the coordinator's state."""
     return FleetStatus(
-        fleet=config.fleet, time=time.time(), coordinator=coordinator_status(config),
+        fleet=config.fleet,
+        time=time.time(),
+        coordinator=coordinator_status(config),
         model_version=None if watcher is None else watcher.model_version,
         devices=[] if watcher is None else sorted(watcher.devices.values(), key=lambda d: d.device),
         broker_error=broker_error,
@@ -190,8 +207,9 @@ def render(status: FleetStatus) -> str:
     if c.phase is None:
         progress = "no round yet"
     else:
-        progress = (f"phase {c.phase}, round {c.round}, training round {c.train_rounds_done} of {c.rounds}"
-                    + (f" (stopped: {c.stop_reason})" if c.stop_reason else ""))
+        progress = f"phase {c.phase}, round {c.round}, training round {c.train_rounds_done} of {c.rounds}" + (
+            f" (stopped: {c.stop_reason})" if c.stop_reason else ""
+        )
     running = f"running (pid {c.pid})" if c.running and c.pid else "running" if c.running else "not running"
     lines = [f"fleet {status.fleet}: coordinator {running}; {progress}"]
     model = "none published" if status.model_version is None else f"round {status.model_version}"
@@ -219,22 +237,38 @@ def render(status: FleetStatus) -> str:
     return "\n".join(lines)
 
 
-@click.command("status", epilog=examples(
-    "biofed status --config coordinator.toml",
-    "biofed status --config coordinator.toml --json",
-    "biofed status --config coordinator.toml --watch --interval 5",
-    exit_codes="Exit codes: 0 shown; 1 the broker is unreachable or the state unreadable; "
-               "2 usage error (missing or invalid config file)."))
+@click.command(
+    "status",
+    epilog=examples(
+        "biofed status --config coordinator.toml",
+        "biofed status --config coordinator.toml --json",
+        "biofed status --config coordinator.toml --watch --interval 5",
+        exit_codes="Exit codes: 0 shown; 1 the broker is unreachable or the state unreadable; "
+        "2 usage error (missing or invalid config file).",
+    ),
+)
 @config_option("coordinator")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with --watch: one JSON document per line).")
 @click.option("--watch", is_flag=True, help="Keep showing the fleet every --interval seconds until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
-              help="Seconds between views with --watch.")
-@click.option("--wait", "wait_s", type=click.FloatRange(min=0.1), default=3.0, show_default=True,
-              help="Longest wait for the broker's retained statuses.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.5),
+    default=2.0,
+    show_default=True,
+    help="Seconds between views with --watch.",
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0.1),
+    default=3.0,
+    show_default=True,
+    help="Longest wait for the broker's retained statuses.",
+)
 @click.option("--no-broker", is_flag=True, help="Show only the coordinator's state (no broker connection).")
-def status_command(config_path: Path, as_json: bool, watch: bool, interval: float, wait_s: float,
-                   no_broker: bool) -> None:
+def status_command(
+    config_path: Path, as_json: bool, watch: bool, interval: float, wait_s: float, no_broker: bool
+) -> None:
     """Show the fleet: devices online and offline with last seen, the round, epsilon spent
     against the budget and the model version.
 
@@ -282,5 +316,13 @@ def status_command(config_path: Path, as_json: bool, watch: bool, interval: floa
             watcher.close()
 
 
-__all__ = ["CoordinatorStatus", "DeviceStatus", "FleetStatus", "FleetWatcher", "coordinator_status", "fleet_status",
-           "render", "status_command"]
+__all__ = [
+    "CoordinatorStatus",
+    "DeviceStatus",
+    "FleetStatus",
+    "FleetWatcher",
+    "coordinator_status",
+    "fleet_status",
+    "render",
+    "status_command",
+]

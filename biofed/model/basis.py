@@ -60,15 +60,20 @@ class Basis(NamedTuple):
         if not isinstance(basis, tuple) or len(basis) != 3:
             raise BasisError(f"basis must be a (components, mean, scale) tuple, got {type(basis).__name__}.")
         components, mean, scale = (np.asarray(a, dtype=np.float64) for a in basis)
-        if components.ndim != 2 or components.shape[0] < 1 or components.shape[1] < 1 or (
-                n_features is not None and components.shape[1] != n_features):
+        if (
+            components.ndim != 2
+            or components.shape[0] < 1
+            or components.shape[1] < 1
+            or (n_features is not None and components.shape[1] != n_features)
+        ):
             wanted = "F" if n_features is None else n_features
             raise BasisError(f"basis components must have shape (k, {wanted}) for this layout, got {components.shape}.")
         d = components.shape[1]
         if mean.shape != (d,) or scale.shape != (d,):
             raise BasisError(f"basis mean and scale must have shape ({d},), got {mean.shape} and {scale.shape}.")
         if not (np.isfinite(components).all() and np.isfinite(mean).all() and np.isfinite(scale).all()) or np.any(
-                scale <= 0):
+            scale <= 0
+        ):
             raise BasisError("basis must be finite with scale > 0 everywhere.")
         return cls(np.ascontiguousarray(components), np.ascontiguousarray(mean), np.ascontiguousarray(scale))
 

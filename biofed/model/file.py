@@ -91,8 +91,10 @@ class ModelFile:
             raise ModelFileError(f"a model needs at least 2 classes, got {self.classes}")
         expected = n_params(k, c, self.hidden)
         if self.params.shape != (expected,):
-            raise ModelFileError(f"params has shape {self.params.shape}, expected ({expected},) for k={k}, {c} "
-                                 f"classes, hidden={self.hidden} (layout of biofed.kernels.training)")
+            raise ModelFileError(
+                f"params has shape {self.params.shape}, expected ({expected},) for k={k}, {c} "
+                f"classes, hidden={self.hidden} (layout of biofed.kernels.training)"
+            )
         if self.layout is not None and self.layout.n_features != d:
             raise ModelFileError(f"the feature layout names {self.layout.n_features} features but the basis has {d}")
 
@@ -127,8 +129,9 @@ class ModelFile:
                 reason = "it holds pickled Python objects, which biofed never loads"
             else:
                 reason = str(exc)
-            raise ModelFileError(f"{path}: not a biofed model file (.npz written by the coordinator): {reason}") \
-                from None
+            raise ModelFileError(
+                f"{path}: not a biofed model file (.npz written by the coordinator): {reason}"
+            ) from None
         if not isinstance(arrays, dict) or not arrays:
             raise ModelFileError(f"{path}: not a biofed model file (.npz written by the coordinator)")
         required = ("params", "classes", "hidden", "basis_components", "basis_mean", "basis_scale")
@@ -139,12 +142,17 @@ class ModelFile:
         def scalar(key, default, kind):
             return kind(arrays[key][()]) if key in arrays else default
 
-        epsilons = {key[len("epsilon_"):]: _finite_or_none(float(arrays[key][()]))
-                    for key in arrays if key.startswith("epsilon_")}
+        epsilons = {
+            key[len("epsilon_") :]: _finite_or_none(float(arrays[key][()]))
+            for key in arrays
+            if key.startswith("epsilon_")
+        }
         privacy = PrivacySpec(
             epsilon=_finite_or_none(scalar("epsilon", math.inf, float)),
-            delta=_finite_or_none(scalar("delta", None, float)), accountant=scalar("accountant", "", str),
-            epsilons=epsilons, trust_mode=scalar("trust_mode", "", str),
+            delta=_finite_or_none(scalar("delta", None, float)),
+            accountant=scalar("accountant", "", str),
+            epsilons=epsilons,
+            trust_mode=scalar("trust_mode", "", str),
             noise_multiplier=_finite_or_none(scalar("noise_multiplier", None, float)),
         )
         try:
@@ -157,9 +165,13 @@ class ModelFile:
                 classes=tuple(str(c) for c in np.atleast_1d(arrays["classes"])),
                 hidden=scalar("hidden", 0, int),
                 basis=Basis(arrays["basis_components"], arrays["basis_mean"], arrays["basis_scale"]),
-                basis_version=scalar("basis_version", 0, int), fleet=scalar("fleet", "", str),
-                round=scalar("round", 0, int), train_round=scalar("train_rounds", 0, int),
-                layout=layout, privacy=privacy, standardization=scalar("standardization", "global", str),
+                basis_version=scalar("basis_version", 0, int),
+                fleet=scalar("fleet", "", str),
+                round=scalar("round", 0, int),
+                train_round=scalar("train_rounds", 0, int),
+                layout=layout,
+                privacy=privacy,
+                standardization=scalar("standardization", "global", str),
                 stop_reason=scalar("stop_reason", "", str),
             )
         except ModelFileError as exc:
@@ -171,13 +183,20 @@ class ModelFile:
         """The ``.npz`` content (see the class docstring)."""
         p = self.privacy
         out: dict[str, object] = {
-            "params": self.params, "classes": np.array(self.classes, dtype=str), "hidden": self.hidden,
-            "basis_components": self.basis.components, "basis_mean": self.basis.mean,
-            "basis_scale": self.basis.scale, "basis_version": self.basis_version, "fleet": self.fleet,
-            "round": self.round, "train_rounds": self.train_round,
+            "params": self.params,
+            "classes": np.array(self.classes, dtype=str),
+            "hidden": self.hidden,
+            "basis_components": self.basis.components,
+            "basis_mean": self.basis.mean,
+            "basis_scale": self.basis.scale,
+            "basis_version": self.basis_version,
+            "fleet": self.fleet,
+            "round": self.round,
+            "train_rounds": self.train_round,
             "epsilon": math.inf if p.epsilon is None else p.epsilon,
             **{f"epsilon_{name}": math.inf if v is None else v for name, v in p.epsilons.items()},
-            "delta": math.nan if p.delta is None else p.delta, "accountant": p.accountant,
+            "delta": math.nan if p.delta is None else p.delta,
+            "accountant": p.accountant,
             "trust_mode": p.trust_mode,
             "noise_multiplier": math.nan if p.noise_multiplier is None else p.noise_multiplier,
             "standardization": self.standardization,

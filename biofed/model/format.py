@@ -99,8 +99,19 @@ KEY_MODEL = "biofed.model"
 KEY_LAYOUT = "biofed.layout"
 KEY_PRIVACY = "biofed.privacy"
 KEY_STANDARDIZATION = "biofed.standardization"
-METADATA_KEYS = (KEY_FORMAT, KEY_VERSION, KEY_FLEET, KEY_ROUND, KEY_TRAIN_ROUND, KEY_BASIS_VERSION, KEY_INPUT,
-                 KEY_CLASSES, KEY_MODEL, KEY_LAYOUT, KEY_PRIVACY)
+METADATA_KEYS = (
+    KEY_FORMAT,
+    KEY_VERSION,
+    KEY_FLEET,
+    KEY_ROUND,
+    KEY_TRAIN_ROUND,
+    KEY_BASIS_VERSION,
+    KEY_INPUT,
+    KEY_CLASSES,
+    KEY_MODEL,
+    KEY_LAYOUT,
+    KEY_PRIVACY,
+)
 
 INPUT_FEATURES = "features"
 INPUT_WINDOW = "window"
@@ -132,18 +143,31 @@ class PrivacySpec:
         def finite(v):
             return None if v is None or not math.isfinite(v) else float(v)
 
-        return json.dumps({
-            "epsilon": finite(self.epsilon), "delta": self.delta, "accountant": self.accountant,
-            "epsilons": {k: finite(v) for k, v in self.epsilons.items()}, "trust_mode": self.trust_mode,
-            "noise_multiplier": self.noise_multiplier,
-        }, sort_keys=True, separators=(",", ":"))
+        return json.dumps(
+            {
+                "epsilon": finite(self.epsilon),
+                "delta": self.delta,
+                "accountant": self.accountant,
+                "epsilons": {k: finite(v) for k, v in self.epsilons.items()},
+                "trust_mode": self.trust_mode,
+                "noise_multiplier": self.noise_multiplier,
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> PrivacySpec:
         try:
             data = json.loads(text)
-            return cls(data["epsilon"], data["delta"], str(data["accountant"]), dict(data.get("epsilons", {})),
-                       str(data.get("trust_mode", "")), data.get("noise_multiplier"))
+            return cls(
+                data["epsilon"],
+                data["delta"],
+                str(data["accountant"]),
+                dict(data.get("epsilons", {})),
+                str(data.get("trust_mode", "")),
+                data.get("noise_multiplier"),
+            )
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelFormatError(f"privacy metadata is malformed ({exc!r}): {text!r}") from None
 
@@ -180,13 +204,26 @@ class ModelMetadata:
     def to_props(self) -> dict[str, str]:
         """The ``metadata_props`` key/value strings."""
         return {
-            KEY_FORMAT: str(self.format_version), KEY_VERSION: self.biofed_version, KEY_FLEET: self.fleet,
-            KEY_ROUND: str(self.round), KEY_TRAIN_ROUND: str(self.train_round),
-            KEY_BASIS_VERSION: str(self.basis_version), KEY_INPUT: self.input_kind,
+            KEY_FORMAT: str(self.format_version),
+            KEY_VERSION: self.biofed_version,
+            KEY_FLEET: self.fleet,
+            KEY_ROUND: str(self.round),
+            KEY_TRAIN_ROUND: str(self.train_round),
+            KEY_BASIS_VERSION: str(self.basis_version),
+            KEY_INPUT: self.input_kind,
             KEY_CLASSES: json.dumps(list(self.classes)),
-            KEY_MODEL: json.dumps({"kind": self.kind, "hidden": self.hidden, "n_features": self.n_features,
-                                   "k": self.k, "dtype": self.dtype}, sort_keys=True),
-            KEY_LAYOUT: self.layout.to_json(), KEY_PRIVACY: self.privacy.to_json(),
+            KEY_MODEL: json.dumps(
+                {
+                    "kind": self.kind,
+                    "hidden": self.hidden,
+                    "n_features": self.n_features,
+                    "k": self.k,
+                    "dtype": self.dtype,
+                },
+                sort_keys=True,
+            ),
+            KEY_LAYOUT: self.layout.to_json(),
+            KEY_PRIVACY: self.privacy.to_json(),
             **({KEY_STANDARDIZATION: self.standardization} if self.standardization != "global" else {}),
         }
 
@@ -210,21 +247,34 @@ class ModelMetadata:
         except (TypeError, ValueError, KeyError) as exc:
             raise ModelFormatError(f"{source}: malformed biofed metadata ({exc!r})") from None
         if version != FORMAT_VERSION:
-            raise ModelFormatError(f"{source} has biofed model format {version}; this biofed reads format "
-                                   f"{FORMAT_VERSION} (re-export it with this version's `biofed export`)")
+            raise ModelFormatError(
+                f"{source} has biofed model format {version}; this biofed reads format "
+                f"{FORMAT_VERSION} (re-export it with this version's `biofed export`)"
+            )
         standardization = props.get(KEY_STANDARDIZATION, "global")
         if standardization not in STANDARDIZATIONS:
-            raise ModelFormatError(f"{source}: unknown {KEY_STANDARDIZATION} {standardization!r}; expected one of "
-                                   f"{STANDARDIZATIONS}")
+            raise ModelFormatError(
+                f"{source}: unknown {KEY_STANDARDIZATION} {standardization!r}; expected one of {STANDARDIZATIONS}"
+            )
         if props[KEY_INPUT] not in INPUT_KINDS or kind not in _MODEL_KINDS or dtype not in DTYPES:
-            raise ModelFormatError(f"{source}: unknown input {props[KEY_INPUT]!r}, model kind {kind!r} or "
-                                   f"dtype {dtype!r}")
+            raise ModelFormatError(
+                f"{source}: unknown input {props[KEY_INPUT]!r}, model kind {kind!r} or dtype {dtype!r}"
+            )
         return cls(
-            biofed_version=props[KEY_VERSION], fleet=props[KEY_FLEET], round=numbers[KEY_ROUND],
-            train_round=numbers[KEY_TRAIN_ROUND], basis_version=numbers[KEY_BASIS_VERSION],
-            input_kind=props[KEY_INPUT], classes=classes, kind=kind, hidden=int(hidden), n_features=int(n_features),
-            k=int(k), dtype=dtype, layout=FeatureLayout.from_json(props[KEY_LAYOUT]),
-            privacy=PrivacySpec.from_json(props[KEY_PRIVACY]), format_version=version,
+            biofed_version=props[KEY_VERSION],
+            fleet=props[KEY_FLEET],
+            round=numbers[KEY_ROUND],
+            train_round=numbers[KEY_TRAIN_ROUND],
+            basis_version=numbers[KEY_BASIS_VERSION],
+            input_kind=props[KEY_INPUT],
+            classes=classes,
+            kind=kind,
+            hidden=int(hidden),
+            n_features=int(n_features),
+            k=int(k),
+            dtype=dtype,
+            layout=FeatureLayout.from_json(props[KEY_LAYOUT]),
+            privacy=PrivacySpec.from_json(props[KEY_PRIVACY]),
+            format_version=version,
             standardization=standardization,
         )
-

@@ -285,15 +285,23 @@ class FeatureLayout:
             if modality.modality == "audio":
                 return log_band_energy_plan(modality.sfreq, window, n_bands=self.n_mels)
         except ValueError as exc:
-            raise LayoutError(f"{modality.modality} at {modality.sfreq} Hz with {window}-sample windows: {exc}") \
-                from None
+            raise LayoutError(
+                f"{modality.modality} at {modality.sfreq} Hz with {window}-sample windows: {exc}"
+            ) from None
         return None
 
     @property
     def feature_params(self) -> str:
         """JSON of the settings the feature values depend on (window, hop, bands, mels)."""
-        return json.dumps({"window_s": self.window_s, "hop_s": self.hop_s, "bands": [list(b) for b in self.bands],
-                           "n_mels": self.n_mels}, sort_keys=True)
+        return json.dumps(
+            {
+                "window_s": self.window_s,
+                "hop_s": self.hop_s,
+                "bands": [list(b) for b in self.bands],
+                "n_mels": self.n_mels,
+            },
+            sort_keys=True,
+        )
 
     @property
     def hash(self) -> str:
@@ -307,13 +315,26 @@ class FeatureLayout:
     # ---------------------------------------------------------------- JSON
     def to_json(self) -> str:
         """Compact, key-sorted JSON (equal layouts give equal strings)."""
-        return json.dumps({
-            "window_s": self.window_s, "hop_s": self.hop_s, "bands": [list(b) for b in self.bands],
-            "n_mels": self.n_mels,
-            "modalities": [{"modality": m.modality, "sfreq": m.sfreq, "ch_names": list(m.ch_names),
-                            "ch_types": list(m.ch_types), "feature_names": list(m.feature_names)}
-                           for m in self.modalities],
-        }, sort_keys=True, separators=(",", ":"))
+        return json.dumps(
+            {
+                "window_s": self.window_s,
+                "hop_s": self.hop_s,
+                "bands": [list(b) for b in self.bands],
+                "n_mels": self.n_mels,
+                "modalities": [
+                    {
+                        "modality": m.modality,
+                        "sfreq": m.sfreq,
+                        "ch_names": list(m.ch_names),
+                        "ch_types": list(m.ch_types),
+                        "feature_names": list(m.feature_names),
+                    }
+                    for m in self.modalities
+                ],
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> FeatureLayout:
@@ -340,11 +361,13 @@ class FeatureLayout:
         window_s = number(data["window_s"], "layout window_s")
         hop_s = number(data["hop_s"], "layout hop_s")
         try:
-            bands = tuple((str(name), number(lo, "band edge"), number(hi, "band edge"))
-                          for name, lo, hi in data["bands"])
+            bands = tuple(
+                (str(name), number(lo, "band edge"), number(hi, "band edge")) for name, lo, hi in data["bands"]
+            )
         except (TypeError, ValueError, ModelFormatError):
             raise ModelFormatError(
-                f"layout bands must be [name, lo_hz, hi_hz] triples, got {data['bands']!r}") from None
+                f"layout bands must be [name, lo_hz, hi_hz] triples, got {data['bands']!r}"
+            ) from None
         n_mels = data["n_mels"]
         if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
             raise ModelFormatError(f"layout n_mels must be an integer >= 1, got {n_mels!r}")
@@ -353,18 +376,26 @@ class FeatureLayout:
         parts = []
         for i, m in enumerate(data["modalities"]):
             if not isinstance(m, dict) or set(m) != {"modality", "sfreq", "ch_names", "ch_types", "feature_names"}:
-                raise ModelFormatError(f"layout modality {i} must have modality, sfreq, ch_names, ch_types and "
-                                       f"feature_names, got {m!r}")
+                raise ModelFormatError(
+                    f"layout modality {i} must have modality, sfreq, ch_names, ch_types and feature_names, got {m!r}"
+                )
             if m["modality"] not in MODALITIES:
                 raise ModelFormatError(f"layout modality {i} is {m['modality']!r}, not eeg, audio or bio")
             ch_names = names(m["ch_names"], f"layout {m['modality']} ch_names")
             ch_types = names(m["ch_types"], f"layout {m['modality']} ch_types")
             if len(ch_names) != len(ch_types) or not ch_names:
-                raise ModelFormatError(f"layout {m['modality']}: {len(ch_names)} channel names but "
-                                       f"{len(ch_types)} channel types")
-            parts.append(ModalityLayout(m["modality"], number(m["sfreq"], f"layout {m['modality']} sfreq"),
-                                        ch_names, ch_types, names(m["feature_names"],
-                                                                  f"layout {m['modality']} feature_names")))
+                raise ModelFormatError(
+                    f"layout {m['modality']}: {len(ch_names)} channel names but {len(ch_types)} channel types"
+                )
+            parts.append(
+                ModalityLayout(
+                    m["modality"],
+                    number(m["sfreq"], f"layout {m['modality']} sfreq"),
+                    ch_names,
+                    ch_types,
+                    names(m["feature_names"], f"layout {m['modality']} feature_names"),
+                )
+            )
         return cls(window_s, hop_s, bands, n_mels, tuple(parts))
 
     # ---------------------------------------------------------------- comparison
@@ -386,8 +417,10 @@ class FeatureLayout:
             if a.sfreq != b.sfreq:
                 return f"{m}: the model expects {a.sfreq:g} Hz but the data is sampled at {b.sfreq:g} Hz"
             if len(a.ch_names) != len(b.ch_names):
-                return (f"{m}: the model expects {len(a.ch_names)} channels ({', '.join(a.ch_names)}) but the data "
-                        f"has {len(b.ch_names)} ({', '.join(b.ch_names)})")
+                return (
+                    f"{m}: the model expects {len(a.ch_names)} channels ({', '.join(a.ch_names)}) but the data "
+                    f"has {len(b.ch_names)} ({', '.join(b.ch_names)})"
+                )
             for i, (x, y) in enumerate(zip(a.ch_names, b.ch_names)):
                 if x != y:
                     return f"{m}: channel {i} is {x!r} in the model but {y!r} in the data"
@@ -395,8 +428,12 @@ class FeatureLayout:
                 if x != y:
                     return f"{m}: channel {a.ch_names[i]!r} has type {x!r} in the model but {y!r} in the data"
             if a.feature_names != b.feature_names:
-                first = next((i for i, (x, y) in enumerate(zip(a.feature_names, b.feature_names)) if x != y),
-                             min(len(a.feature_names), len(b.feature_names)))
-                return (f"{m}: feature columns differ from column {first} on ({len(a.feature_names)} in the model, "
-                        f"{len(b.feature_names)} in the data)")
+                first = next(
+                    (i for i, (x, y) in enumerate(zip(a.feature_names, b.feature_names)) if x != y),
+                    min(len(a.feature_names), len(b.feature_names)),
+                )
+                return (
+                    f"{m}: feature columns differ from column {first} on ({len(a.feature_names)} in the model, "
+                    f"{len(b.feature_names)} in the data)"
+                )
         return None

@@ -234,8 +234,7 @@ def decode_message(
     Message
     """
     try:
-        return _decode_message(data, max_bytes=max_bytes, fleet=fleet, kinds=kinds, verifier=verifier,
-                               sender=sender)
+        return _decode_message(data, max_bytes=max_bytes, fleet=fleet, kinds=kinds, verifier=verifier, sender=sender)
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 - total: one message never escapes as another error type
@@ -329,9 +328,7 @@ def _validate_envelope(envelope: Any, *, fleet: str | None, kinds: Sequence[str]
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise UnsupportedVersion(f"schema version {version!r} is not supported (this build speaks {SCHEMA_VERSION})")
     if set(envelope) != _ENVELOPE_KEYS:
-        raise MalformedMessage(
-            f"envelope fields {sorted(envelope)} differ from the expected {sorted(_ENVELOPE_KEYS)}"
-        )
+        raise MalformedMessage(f"envelope fields {sorted(envelope)} differ from the expected {sorted(_ENVELOPE_KEYS)}")
     kind = envelope["k"]
     if not isinstance(kind, str) or kind not in PAYLOAD_TYPES:
         raise MalformedMessage(f"unknown message kind {kind!r}")
@@ -371,7 +368,11 @@ def _validate_envelope(envelope: Any, *, fleet: str | None, kinds: Sequence[str]
 
 
 def decode_topic_message(
-    topics: Topics, topic: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES,
+    topics: Topics,
+    topic: str,
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
     verifier: MessageVerifier | None = None,
 ) -> Message:
     """Decode a message received on ``topic`` and check it belongs there.
@@ -384,8 +385,9 @@ def decode_topic_message(
     if not isinstance(topic, str):
         raise InvalidTopic(f"topic must be a string, got {type(topic).__name__}")
     kind, device = topics.parse(topic)
-    return decode_message(data, max_bytes=max_bytes, fleet=topics.fleet, kinds=(kind,), verifier=verifier,
-                          sender=device)
+    return decode_message(
+        data, max_bytes=max_bytes, fleet=topics.fleet, kinds=(kind,), verifier=verifier, sender=device
+    )
 
 
 def offline_status(*, fleet: str, device_id: str, round: int = 0, signer: MessageSigner | None = None) -> bytes:
@@ -394,7 +396,17 @@ def offline_status(*, fleet: str, device_id: str, round: int = 0, signer: Messag
 
 
 __all__ = [
-    "DEFAULT_MAX_BYTES", "PAYLOAD_TYPES", "SCHEMA_VERSION", "SIGNATURE_BYTES", "SIGNATURE_CONTEXT",
-    "Message", "MessageSigner", "MessageVerifier", "Payload",
-    "decode_message", "decode_topic_message", "encode_message", "offline_status",
+    "DEFAULT_MAX_BYTES",
+    "PAYLOAD_TYPES",
+    "SCHEMA_VERSION",
+    "SIGNATURE_BYTES",
+    "SIGNATURE_CONTEXT",
+    "Message",
+    "MessageSigner",
+    "MessageVerifier",
+    "Payload",
+    "decode_message",
+    "decode_topic_message",
+    "encode_message",
+    "offline_status",
 ]

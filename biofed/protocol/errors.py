@@ -62,7 +62,18 @@ class ReplayedMessage(ProtocolError):
 
 
 __all__ = [
-    "BadSignature", "InvalidPayload", "InvalidTopic", "MalformedMessage", "MessageTooLarge", "ProtocolError",
-    "ReplayedMessage", "SenderMismatch", "StaleMessage", "UnexpectedKind", "UnknownSender", "UnsignedMessage",
-    "UnsupportedVersion", "WrongFleet",
+    "BadSignature",
+    "InvalidPayload",
+    "InvalidTopic",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "ProtocolError",
+    "ReplayedMessage",
+    "SenderMismatch",
+    "StaleMessage",
+    "UnexpectedKind",
+    "UnknownSender",
+    "UnsignedMessage",
+    "UnsupportedVersion",
+    "WrongFleet",
 ]

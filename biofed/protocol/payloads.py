@@ -130,7 +130,8 @@ class Task:
             scale = check_array(self.stats_scale, "Task.stats_scale", ndim=1)
             if scale.shape != mean.shape:
                 raise InvalidPayload(
-                    f"Task.stats_scale must have shape {mean.shape} like stats_mean, got {scale.shape}")
+                    f"Task.stats_scale must have shape {mean.shape} like stats_mean, got {scale.shape}"
+                )
             if np.any(scale <= 0):
                 raise InvalidPayload("Task.stats_scale must be > 0 everywhere")
             set_field(self, "stats_mean", mean)
@@ -167,8 +168,9 @@ class UpdateMetrics:
             set_field(self, name, check_float(getattr(self, name), f"UpdateMetrics.{name}", minimum=0.0))
         for name in ("n_windows", "rss_bytes", "bytes_sent", "bytes_received", "eval_windows"):
             set_field(self, name, check_int(getattr(self, name), f"UpdateMetrics.{name}"))
-        accuracy = check_float(self.eval_balanced_accuracy, "UpdateMetrics.eval_balanced_accuracy", minimum=0.0,
-                          allow_none=True)
+        accuracy = check_float(
+            self.eval_balanced_accuracy, "UpdateMetrics.eval_balanced_accuracy", minimum=0.0, allow_none=True
+        )
         if accuracy is not None and accuracy > 1.0:
             raise InvalidPayload(f"UpdateMetrics.eval_balanced_accuracy must be <= 1, got {accuracy}")
         set_field(self, "eval_balanced_accuracy", accuracy)
@@ -300,11 +302,14 @@ class Basis:
         set_field(self, "feature_names", check_strings(self.feature_names, "Basis.feature_names"))
         if self.feature_names and len(self.feature_names) != d:
             raise InvalidPayload(f"Basis.feature_names has {len(self.feature_names)} names for {d} features")
-        set_field(self, "standardization",
-                  check_choice(self.standardization, "Basis.standardization", STANDARDIZATIONS))
+        set_field(
+            self, "standardization", check_choice(self.standardization, "Basis.standardization", STANDARDIZATIONS)
+        )
         if self.standardization == "device" and (np.any(self.mean != 0) or np.any(self.scale != 1)):
-            raise InvalidPayload('Basis.standardization = "device" needs mean all zeros and scale all ones: '
-                                 "the devices standardize with their own statistics")
+            raise InvalidPayload(
+                'Basis.standardization = "device" needs mean all zeros and scale all ones: '
+                "the devices standardize with their own statistics"
+            )
 
     def to_payload(self) -> dict[str, Any]:
         return fields_payload(self, skip=("round",))
@@ -416,7 +421,8 @@ class Prediction:
         expected = (self.t.shape[0], len(self.classes))
         if self.proba.shape != expected:
             raise InvalidPayload(
-                f"Prediction.proba must have shape {expected} (len(t), len(classes)), got {self.proba.shape}")
+                f"Prediction.proba must have shape {expected} (len(t), len(classes)), got {self.proba.shape}"
+            )
 
     def to_payload(self) -> dict[str, Any]:
         return fields_payload(self, skip=("round",))
@@ -427,6 +433,17 @@ class Prediction:
 
 
 __all__ = [
-    "BASIS_PHASES", "OPTIMIZERS", "PHASES", "STANDARDIZATIONS", "TRUST_MODES",
-    "Basis", "Model", "Prediction", "Sketch", "Status", "Task", "Update", "UpdateMetrics",
+    "BASIS_PHASES",
+    "OPTIMIZERS",
+    "PHASES",
+    "STANDARDIZATIONS",
+    "TRUST_MODES",
+    "Basis",
+    "Model",
+    "Prediction",
+    "Sketch",
+    "Status",
+    "Task",
+    "Update",
+    "UpdateMetrics",
 ]

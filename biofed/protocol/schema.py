@@ -125,6 +125,14 @@ def payload_from_fields(cls: type, round: int, payload: Mapping[str, Any]) -> An
 
 
 __all__ = [
-    "check_array", "check_bytes", "check_choice", "check_float", "check_id_map", "check_int", "check_strings",
-    "fields_payload", "payload_from_fields", "set_field",
+    "check_array",
+    "check_bytes",
+    "check_choice",
+    "check_float",
+    "check_id_map",
+    "check_int",
+    "check_strings",
+    "fields_payload",
+    "payload_from_fields",
+    "set_field",
 ]

@@ -48,9 +48,7 @@ def validate_id(value: object, what: str = "device id") -> str:
     biofed.protocol.errors.InvalidTopic: invalid fleet 'ward/7': use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'
     """
     if not isinstance(value, str) or ID_PATTERN.fullmatch(value) is None:
-        raise InvalidTopic(
-            f"invalid {what} {value!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
-        )
+        raise InvalidTopic(f"invalid {what} {value!r}: use 1 to 64 characters from A-Z, a-z, 0-9, '_' and '-'")
     return value
 
 

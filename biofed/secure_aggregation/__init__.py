@@ -109,8 +109,20 @@ from biofed.secure_aggregation.messages import (
 from biofed.secure_aggregation.shamir import FIELD_PRIME, shamir_combine, shamir_split
 
 __all__ = [
-    "FIELD_PRIME", "SECAGG_RELAY_STEPS", "SECAGG_UPLOAD_STEPS",
-    "FixedPoint", "NotEnoughSurvivors", "SecAggError", "SecAggRelay", "SecAggUpload",
-    "advertised_keys", "check_threshold", "default_threshold", "prg_words", "session_id", "shamir_combine",
-    "shamir_split", "shamir_xs",
+    "FIELD_PRIME",
+    "SECAGG_RELAY_STEPS",
+    "SECAGG_UPLOAD_STEPS",
+    "FixedPoint",
+    "NotEnoughSurvivors",
+    "SecAggError",
+    "SecAggRelay",
+    "SecAggUpload",
+    "advertised_keys",
+    "check_threshold",
+    "default_threshold",
+    "prg_words",
+    "session_id",
+    "shamir_combine",
+    "shamir_split",
+    "shamir_xs",
 ]

@@ -84,14 +84,23 @@ def self_seed(b: bytes, session: bytes, owner: str) -> bytes:
     return derive(b, session, b"self", owner.encode())
 
 
-def share_channel(private: X25519PrivateKey, peer_public: bytes, session: bytes, me: str,
-                  peer: str) -> ChaCha20Poly1305:
+def share_channel(
+    private: X25519PrivateKey, peer_public: bytes, session: bytes, me: str, peer: str
+) -> ChaCha20Poly1305:
     """The AEAD that carries the shares between ``me`` and ``peer`` (both directions)."""
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     return ChaCha20Poly1305(derive(shared, session, b"enc", pair_label(me, peer)))
 
 
 __all__ = [
-    "KEY_BYTES", "NONCE_BYTES", "RandomBytes", "derive", "pair_label", "pairwise_seed", "prg_words",
-    "public_bytes", "self_seed", "share_channel",
+    "KEY_BYTES",
+    "NONCE_BYTES",
+    "RandomBytes",
+    "derive",
+    "pair_label",
+    "pairwise_seed",
+    "prg_words",
+    "public_bytes",
+    "self_seed",
+    "share_channel",
 ]

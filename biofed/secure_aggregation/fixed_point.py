@@ -58,7 +58,7 @@ class FixedPoint:
 
     @property
     def resolution(self) -> float:
-        return 2.0 ** -self.scale_bits
+        return 2.0**-self.scale_bits
 
     def encode(self, values) -> np.ndarray:
         """``round(values * 2^scale_bits)`` modulo 2^64, shape (m,) uint64.

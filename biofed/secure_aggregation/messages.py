@@ -93,28 +93,41 @@ class SecAggUpload:
     b_shares: Mapping[str, np.ndarray] = field(default_factory=dict)
     key_shares: Mapping[str, np.ndarray] = field(default_factory=dict)
 
-    _STEP_FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({
-        "advertise": ("public_keys",), "shares": ("ciphertexts", "commitment"), "masked": ("masked",),
-        "unmask": ("b_shares",),
-    })
+    _STEP_FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+        {
+            "advertise": ("public_keys",),
+            "shares": ("ciphertexts", "commitment"),
+            "masked": ("masked",),
+            "unmask": ("b_shares",),
+        }
+    )
 
     def __post_init__(self) -> None:
         set_field(self, "round", check_int(self.round, "SecAggUpload.round"))
         set_field(self, "step", check_choice(self.step, "SecAggUpload.step", SECAGG_UPLOAD_STEPS))
         if self.public_keys is not None:
             check_bytes(self.public_keys, "SecAggUpload.public_keys", size=_PUBLIC_KEYS_BYTES)
-        set_field(self, "ciphertexts", check_id_map(self.ciphertexts, "SecAggUpload.ciphertexts",
-                                                    lambda v, n: check_bytes(v, n, max_size=_MAX_CIPHERTEXT)))
+        set_field(
+            self,
+            "ciphertexts",
+            check_id_map(
+                self.ciphertexts, "SecAggUpload.ciphertexts", lambda v, n: check_bytes(v, n, max_size=_MAX_CIPHERTEXT)
+            ),
+        )
         if self.commitment is not None:
             check_bytes(self.commitment, "SecAggUpload.commitment", size=COMMITMENT_BYTES)
         if self.masked is not None:
             masked = self.masked
             if not isinstance(masked, np.ndarray) or masked.dtype != np.int64 or masked.ndim != 1 or not masked.size:
-                raise InvalidPayload(
-                    "SecAggUpload.masked must be a non-empty 1-D int64 array (the uint64 words' bits)")
+                raise InvalidPayload("SecAggUpload.masked must be a non-empty 1-D int64 array (the uint64 words' bits)")
         for name in ("b_shares", "key_shares"):
-            set_field(self, name, check_id_map(getattr(self, name), f"SecAggUpload.{name}",
-                                               lambda v, n: check_bytes(v, n, size=FIELD_BYTES)))
+            set_field(
+                self,
+                name,
+                check_id_map(
+                    getattr(self, name), f"SecAggUpload.{name}", lambda v, n: check_bytes(v, n, size=FIELD_BYTES)
+                ),
+            )
         # key shares are empty when nobody dropped out
         _step_fields(self, self._STEP_FIELDS[self.step], ("key_shares",) if self.step == "unmask" else ())
         if set(self.b_shares) & set(self.key_shares):
@@ -148,20 +161,34 @@ class SecAggRelay:
     survivors: tuple[str, ...] = ()
     dropped: tuple[str, ...] = ()
 
-    _STEP_FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({
-        "keys": ("threshold", "public_keys"), "shares": ("ciphertexts",), "unmask": ("survivors",),
-    })
+    _STEP_FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+        {
+            "keys": ("threshold", "public_keys"),
+            "shares": ("ciphertexts",),
+            "unmask": ("survivors",),
+        }
+    )
 
     def __post_init__(self) -> None:
         set_field(self, "round", check_int(self.round, "SecAggRelay.round"))
         set_field(self, "step", check_choice(self.step, "SecAggRelay.step", SECAGG_RELAY_STEPS))
         set_field(self, "threshold", check_int(self.threshold, "SecAggRelay.threshold"))
-        set_field(self, "public_keys", check_id_map(self.public_keys, "SecAggRelay.public_keys",
-                                                    lambda v, n: check_bytes(v, n, size=_PUBLIC_KEYS_BYTES)))
-        set_field(self, "ciphertexts", check_id_map(
-            self.ciphertexts, "SecAggRelay.ciphertexts",
-            lambda inner, n: check_id_map(inner, n,
-                                          lambda v, m: check_bytes(v, m, max_size=_MAX_CIPHERTEXT))))
+        set_field(
+            self,
+            "public_keys",
+            check_id_map(
+                self.public_keys, "SecAggRelay.public_keys", lambda v, n: check_bytes(v, n, size=_PUBLIC_KEYS_BYTES)
+            ),
+        )
+        set_field(
+            self,
+            "ciphertexts",
+            check_id_map(
+                self.ciphertexts,
+                "SecAggRelay.ciphertexts",
+                lambda inner, n: check_id_map(inner, n, lambda v, m: check_bytes(v, m, max_size=_MAX_CIPHERTEXT)),
+            ),
+        )
         for name in ("survivors", "dropped"):
             values = check_strings(getattr(self, name), f"SecAggRelay.{name}")
             for device in values:
@@ -261,7 +288,16 @@ def shamir_xs(devices: Sequence[str]) -> dict[str, int]:
 
 
 __all__ = [
-    "COMMITMENT_BYTES", "SECAGG_RELAY_STEPS", "SECAGG_UPLOAD_STEPS", "SecAggRelay", "SecAggUpload",
-    "advertised_keys", "as_bytes_array", "check_threshold", "default_threshold", "public_key_pair",
-    "session_id", "shamir_xs",
+    "COMMITMENT_BYTES",
+    "SECAGG_RELAY_STEPS",
+    "SECAGG_UPLOAD_STEPS",
+    "SecAggRelay",
+    "SecAggUpload",
+    "advertised_keys",
+    "as_bytes_array",
+    "check_threshold",
+    "default_threshold",
+    "public_key_pair",
+    "session_id",
+    "shamir_xs",
 ]

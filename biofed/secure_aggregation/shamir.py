@@ -32,8 +32,9 @@ def _random_field_element(random_bytes: RandomBytes) -> int:
             return value
 
 
-def shamir_split(secret: int, threshold: int, xs: Sequence[int], *,
-                 random_bytes: RandomBytes = secrets.token_bytes) -> dict[int, int]:
+def shamir_split(
+    secret: int, threshold: int, xs: Sequence[int], *, random_bytes: RandomBytes = secrets.token_bytes
+) -> dict[int, int]:
     """t-of-n Shamir shares of ``secret`` over GF(2^521 - 1).
 
     Parameters
@@ -108,6 +109,11 @@ def from_field_bytes(data: bytes, what: str) -> int:
 
 
 __all__ = [
-    "FIELD_BYTES", "FIELD_PRIME", "from_field_bytes", "lagrange_at_zero", "shamir_combine", "shamir_split",
+    "FIELD_BYTES",
+    "FIELD_PRIME",
+    "from_field_bytes",
+    "lagrange_at_zero",
+    "shamir_combine",
+    "shamir_split",
     "to_field_bytes",
 ]
