@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import brokers
@@ -17,7 +18,11 @@ def test_the_shared_broker_fixtures_are_recognised():
     assert not starts_a_broker("broker_config") and not starts_a_broker("tmp_path")
 
 
-def test_a_test_using_a_broker_fixture_is_deselected_from_the_fast_lane(pytester):
+def test_a_test_using_a_broker_fixture_is_deselected_from_the_fast_lane(pytester, monkeypatch):
+    # The copied conftest points LSLAPICFG at the inner session's folder, which has no
+    # lsl_api.cfg; restore it afterwards, or liblsl, first loaded by a later test of this
+    # process, would run without the loopback-only config.
+    monkeypatch.setenv("LSLAPICFG", os.environ["LSLAPICFG"])
     pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text(encoding="utf-8"))
     pytester.makeini("[pytest]\nmarkers =\n    slow: slow\n")
     pytester.makepyfile(
