@@ -34,10 +34,17 @@ Gaps and reconnection
 When a stream's next timestamp deviates from its expected time by more than
 ``gap_tolerance_s`` (samples lost, a device restarted, clock drift), the source reports a
 :class:`Gap` and starts a new segment: consumers end their windows there (a window never
-spans a gap). A stream that delivers nothing for ``stall_s`` is logged as stalled; after
-``reconnect_s`` its inlet is closed and the stream resolved again until it is back (liblsl
-also recovers a lost connection by itself when the same ``source_id`` reappears). Gaps are
-counted in :attr:`LslSource.gaps`.
+spans a gap). A stream whose connection liblsl reports lost, or that delivers nothing for
+``reconnect_s``, is looked up again every ``reconnect_s`` (a stream silent for ``stall_s`` is
+logged as stalled). The source reconnects by itself instead of letting liblsl recover the old
+inlet: liblsl's recovery re-resolves on its own schedule, which can take tens of seconds, and
+keeps the old inlet's clock-offset and dejitter estimates. When a new instance of the stream
+is published (a new LSL ``uid``: the device or the player restarted), an inlet is opened on
+it, together with its first clock-offset estimate, in a background thread, so the streams
+that still deliver are pulled without delay; then the old inlet is drained and replaced. The
+marker stream of a restarted device is replaced the same way. Samples already pulled are
+kept, and a replacement inlet never delivers a sample again that the old one delivered.
+Gaps are counted in :attr:`LslSource.gaps`.
 
 Labels
 ------
@@ -70,6 +77,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +92,8 @@ logger = logging.getLogger(__name__)
 
 _MARKER_SUFFIX = "markers"
 _STYPES = {"eeg": "EEG", "audio": "Audio", "bio": "Biosensor"}
+_LOOKUP_S = 1.0
+"""How long a look-up for lost streams listens: liblsl reports what answered after about 0.5 s."""
 
 
 class LslError(RuntimeError):
@@ -186,6 +196,11 @@ class _Inlet:
     n_emitted: int = 0
     last_data: float = field(default_factory=time.monotonic)
     stalled: bool = False
+    lost: bool = False  # liblsl reported the connection lost: the inlet delivers nothing more
+    next_lookup: float = 0.0  # monotonic time of the next look-up of a stalled or lost stream
+    replacement: Future | None = None  # (inlet, info) being opened on a new instance of the stream
+    last_stamp: float = -math.inf  # timestamp of the last sample pulled
+    after_stamp: float | None = None  # a replacement inlet's samples up to this stamp were pulled already
 
 
 class LslSource:
@@ -202,7 +217,8 @@ class LslSource:
     gap_tolerance_s : float
         Largest accepted deviation between a sample's timestamp and its expected time.
     stall_s, reconnect_s : float
-        Silence after which a stream is reported stalled, and re-resolved.
+        Silence after which a stream is reported stalled; silence after which it is looked up
+        again (a lost one at once), and the interval between look-ups.
     poll_s : float
         Sleep between pulls when no stream had new samples.
     """
@@ -248,6 +264,8 @@ class LslSource:
         self._segment_start: float | None = None
         self._pending_gap: tuple[str, float] | None = None
         """(stream, seconds missing) of a gap whose new segment has not started yet."""
+        self._workers: ThreadPoolExecutor | None = None
+        self._lookup: Future | None = None
 
     # ------------------------------------------------------------------ resolution
     def _resolve(self, timeout: float) -> list:
@@ -324,9 +342,14 @@ class LslSource:
     def _open_inlet(lsl, info):
         # clocksync: liblsl maps the sender's timestamps onto this clock with a robust running
         # estimate of the offset (time_correction); dejitter smooths a regular stream's stamps.
+        # recover=False: a lost connection raises at the next pull and the source reconnects
+        # itself (_reconnect) with a fresh inlet, whose clock and dejitter estimates start anew.
         flags = ("clocksync", "dejitter") if info.sfreq > 0 else ("clocksync",)
-        inlet = lsl.StreamInlet(info, max_buffered=60, recover=True, processing_flags=flags)
+        inlet = lsl.StreamInlet(info, max_buffered=60, recover=False, processing_flags=flags)
         inlet.open_stream(timeout=5.0)
+        # the first clock-offset estimate takes a few probes; without one, the first pull would
+        # wait for it and hold up the other streams
+        inlet.time_correction(timeout=5.0)
         return inlet
 
     def close(self) -> None:
@@ -339,6 +362,9 @@ class LslSource:
                     logger.debug("closing the inlet of %s failed", item.spec.name, exc_info=True)
         self._inlets.clear()
         self._markers = None
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._workers, self._lookup = None, None
 
     def channels(self) -> dict[str, tuple[float, tuple[str, ...], tuple[str, ...]]]:
         """``{modality: (sfreq, ch_names, ch_types)}`` of the open streams (for ``FeatureLayout.from_channels``)."""
@@ -348,10 +374,17 @@ class LslSource:
     def _pull_markers(self) -> None:
         if self._markers is None:
             return
-        data, ts = self._markers.inlet.pull_chunk(timeout=0.0)
-        if len(ts) == 0:
+        item = self._markers
+        try:
+            data, ts = item.inlet.pull_chunk(timeout=0.0)
+        except RuntimeError as exc:  # mne-lsl's LostError: the marker outlet is gone
+            self._lose(item, exc)
             return
         for row, stamp in zip(data, ts):
+            if item.after_stamp is not None and stamp <= item.after_stamp:
+                continue  # a replacement inlet: the old one delivered this marker
+            item.after_stamp = None
+            item.last_stamp = float(stamp)
             text = str(row[0]) if len(row) else ""
             self._add_marker(float(stamp), text)
 
@@ -382,45 +415,128 @@ class LslSource:
             del self._marker_labels[:i]
 
     def _pull(self, item: _Inlet) -> bool:
-        data, ts = item.inlet.pull_chunk(timeout=0.0, max_samples=4096)
+        try:
+            data, ts = item.inlet.pull_chunk(timeout=0.0, max_samples=4096)
+        except RuntimeError as exc:  # mne-lsl's LostError: the outlet is gone
+            self._lose(item, exc)
+            return False
         if len(ts) == 0:
             return False
-        block = np.asarray(data, dtype=np.float64).T
+        # copies: mne-lsl returns views of buffers that the inlet's next pull overwrites
+        block = np.array(data, dtype=np.float64).T
+        ts = np.array(ts, dtype=np.float64)
+        if item.after_stamp is not None:  # a replacement inlet: skip what the old inlet delivered
+            fresh = ts > item.after_stamp + 0.5 / item.spec.sfreq
+            block, ts = block[:, fresh], ts[fresh]
+            if len(ts) == 0:
+                return False
+            item.after_stamp = None
         if item.spec.keep != tuple(range(block.shape[0])):
             block = block[list(item.spec.keep)]
-        item.pending.append((np.ascontiguousarray(block), np.asarray(ts, dtype=np.float64)))
+        item.pending.append((np.ascontiguousarray(block), ts))
+        item.last_stamp = float(ts[-1])
         item.last_data = time.monotonic()
         if item.stalled:
             logger.warning("LSL stream %s delivers samples again", item.spec.name)
             item.stalled = False
         return True
 
-    def _check_stalls(self) -> None:
+    def _lose(self, item: _Inlet, exc: Exception) -> None:
+        if not item.lost:
+            item.lost = True
+            item.next_lookup = time.monotonic()
+            logger.warning("LSL stream %s: connection lost (%s); looking for it again", item.spec.name, exc)
+
+    def _check_streams(self) -> None:
+        """Report streams silent for ``stall_s``; look up lost streams and those silent for ``reconnect_s``.
+
+        Looking up (liblsl answers a query after about half a second at best) and opening a new
+        inlet run in background threads, so the streams that still deliver are pulled without
+        delay meanwhile; a ready inlet replaces the old one here, in the pulling thread, which
+        owns the inlets.
+        """
         now = time.monotonic()
+        items = [*self._inlets.values(), *([self._markers] if self._markers is not None else [])]
         for item in self._inlets.values():
             silent = now - item.last_data
             if silent > self.stall_s and not item.stalled:
                 item.stalled = True
+                if not item.lost:
+                    item.next_lookup = item.last_data + self.reconnect_s
                 logger.warning("LSL stream %s stalled: no samples for %.1f s", item.spec.name, silent)
-            if silent > self.reconnect_s:
-                self._reconnect(item)
+        for item in items:
+            if item.replacement is not None and item.replacement.done():
+                self._replace_inlet(item)
+        if self._lookup is not None and self._lookup.done():
+            try:
+                found = self._lookup.result()
+            except Exception as exc:  # noqa: BLE001 - retried at the next look-up
+                logger.warning("LSL look-up failed: %s", exc)
+                found = []
+            self._lookup = None
+            for item in items:
+                # the marker stream too: a device that restarted unnoticed publishes new markers
+                if item.replacement is None and (item.lost or item.stalled or item is self._markers):
+                    info = self._new_instance(item, found)
+                    if info is not None:
+                        item.replacement = self._background().submit(
+                            lambda info=info: (self._open_inlet(_lsl(), info), info)
+                        )
+        due = [
+            item
+            for item in items
+            if (item.lost or item.stalled) and item.replacement is None and now >= item.next_lookup
+        ]
+        if due and self._lookup is None:
+            for item in due:
+                item.next_lookup = now + self.reconnect_s
+            self._lookup = self._background().submit(_lsl().resolve_streams, timeout=_LOOKUP_S)
 
-    def _reconnect(self, item: _Inlet) -> None:
-        lsl = _lsl()
-        for info in self._resolve(0.5):
-            if info.name == item.spec.name and info.sfreq == item.spec.sfreq:
-                try:
-                    item.inlet.close_stream()
-                except Exception:  # noqa: BLE001 - the old inlet is dead anyway
-                    pass
-                try:
-                    item.inlet = self._open_inlet(lsl, info)
-                except Exception as exc:  # noqa: BLE001 - retried at the next check
-                    logger.warning("LSL stream %s: reconnect failed: %s", item.spec.name, exc)
-                    break
-                logger.warning("LSL stream %s: reconnected", item.spec.name)
-                break
-        item.last_data = time.monotonic()  # next attempt after another reconnect_s
+    def _background(self) -> ThreadPoolExecutor:
+        if self._workers is None:
+            # one look-up and one inlet per stream of a device at a time
+            self._workers = ThreadPoolExecutor(max_workers=len(MODALITIES) + 2, thread_name_prefix="lsl-reconnect")
+        return self._workers
+
+    @staticmethod
+    def _new_instance(item: _Inlet, found: list):
+        """The stream info in ``found`` that ``item``'s inlet should move to, or None.
+
+        An inlet that is not lost keeps its stream instance (same ``uid``): only a new instance
+        (the device or player restarted) replaces it.
+        """
+        candidates = [
+            info
+            for info in found
+            if info.name == item.spec.name
+            and info.sfreq == item.spec.sfreq
+            and info.n_channels == item.info.n_channels
+            and info.source_id == item.info.source_id
+        ]
+        if not candidates or (not item.lost and any(info.uid == item.info.uid for info in candidates)):
+            return None
+        return candidates[0]
+
+    def _replace_inlet(self, item: _Inlet) -> None:
+        """Swap in the inlet opened in the background. The old inlet is drained first and the new
+        one skips samples up to the last stamp pulled, so nothing accepted is lost or delivered twice."""
+        future, item.replacement = item.replacement, None
+        try:
+            inlet, info = future.result()
+        except Exception as exc:  # noqa: BLE001 - retried at the next look-up
+            logger.warning("LSL stream %s: reconnecting failed: %s", item.spec.name, exc)
+            return
+        if item.spec.sfreq > 0:
+            self._pull(item)
+        else:
+            self._pull_markers()
+        try:
+            item.inlet.close_stream()
+        except Exception:  # noqa: BLE001 - the old inlet's stream is gone anyway
+            logger.debug("closing the old inlet of %s failed", item.spec.name, exc_info=True)
+        item.inlet, item.info, item.lost = inlet, info, False
+        item.after_stamp = item.last_stamp
+        logger.warning("LSL stream %s: reconnected (stream instance %s)", item.spec.name, item.info.uid)
 
     # ------------------------------------------------------------------ alignment
     def _start_segment(self) -> bool:
@@ -523,9 +639,9 @@ class LslSource:
             got = False
             for item in self._inlets.values():
                 got = self._pull(item) or got
+            self._check_streams()  # also while other streams deliver: a stalled one must not wait on them
             if self._segment_start is None and not self._start_segment():
                 if not got:
-                    self._check_stalls()
                     time.sleep(self.poll_s)
                 continue
             emitted = False
@@ -551,7 +667,6 @@ class LslSource:
                 self._forget_markers_before(reference)
                 self.bad_spans.forget_before(reference - self._session_start - 3600.0)
             if not got and not emitted:
-                self._check_stalls()
                 time.sleep(self.poll_s)
 
     def lsl_time(self, session_t: float) -> float:
