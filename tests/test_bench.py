@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from biofed.apps.bench import bench_command, format_report, load_suite
+from biofed.apps.bench import _json_safe, bench_command, format_report, load_suite
 from biofed.apps.cli import COMMANDS, cli
 from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
 
@@ -191,3 +191,9 @@ def test_coordinator_memory_case_quick_runs_a_federation_and_reports_the_rss_rat
     assert target.name == "coordinator RSS at round 20 <= 1.10x round 5 (10 devices, 20 rounds (--quick))"
     assert target.op == "<=" and target.threshold == 1.10
     assert any(name.startswith("round close after last update") for name in metrics)
+
+
+def test_the_report_json_takes_numpy_scalars_and_non_finite_figures():
+    results = {"targets": [{"pass": np.bool_(True), "measured": np.float64(np.inf), "n": np.int64(3)}], "x": [1.5]}
+    text = json.dumps(_json_safe(results), allow_nan=False)
+    assert json.loads(text) == {"targets": [{"pass": True, "measured": None, "n": 3}], "x": [1.5]}

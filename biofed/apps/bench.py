@@ -101,7 +101,12 @@ def format_report(results, targets) -> str:
 
 
 def _json_safe(value):
-    """Strict JSON: non-finite floats (an infinite ratio, a missing value) become null."""
+    """Strict JSON: NumPy scalars (a case's ``np.bool_`` pass flag, ``np.float64`` figures) become
+    Python ones, and non-finite floats (an infinite ratio, a missing value) become null."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
