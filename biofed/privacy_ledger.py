@@ -35,6 +35,36 @@ revealed sum the multiplier is ``z_target sqrt(n_survivors / n_min)``.
 The federated basis round (a Gaussian mechanism on the devices' clipped sketches) is its
 own event: ``record_round(r, q, z, kind="basis")``.
 
+Tree aggregation (DP-FTRL)
+--------------------------
+:meth:`PrivacyLedger.record_tree` records one tree of ``T`` noised prefix releases
+(Kairouz et al. 2021, arXiv:2103.00039): ``SingleEpochTreeAggregationDpEvent(z, T)``, with
+every device contributing to at most one step of the tree; ``n`` trees compose as
+``SelfComposedDpEvent(tree, n)`` (a device may return once per tree). dp-accounting
+accounts that event only in its RDP accountant and only under the ``REPLACE_SPECIAL``
+neighbouring relation (``RdpAccountant._maybe_compose`` refuses it under any other, and
+``PLDAccountant`` does not support it at all). So:
+
+* a ledger without trees is accounted under add/remove-one, as above;
+* once a ledger holds a tree, its *whole* history is accounted under ``REPLACE_SPECIAL``:
+  two histories are neighbours when one device's whole contribution is replaced by the
+  zero contribution (the "special" record; arXiv:2103.00039, Definition 1.1, which is how
+  dp-accounting's ``NeighboringRelation.REPLACE_SPECIAL`` is documented). For a Gaussian
+  round on the sum of contributions clipped to ``C`` the sensitivity under that relation is
+  ``C`` (``||x - 0|| <= C``), exactly as under add/remove-one, so the Gaussian rounds keep
+  their multiplier ``z = std / C``; dp-accounting's RDP of ``GaussianDpEvent`` and of
+  ``PoissonSampledDpEvent`` does not depend on the relation (it accepts both), so a
+  Gaussian-only history reports the same epsilon either way. Because every mechanism here
+  sees a device only through the sum of its clipped contribution (the cohort size being
+  public), replacing a device by the zero record is indistinguishable from removing it:
+  the guarantee is still one per device;
+* a ledger that reports PLD cannot hold a tree: :meth:`PrivacyLedger.record_tree` refuses
+  it (and a persisted ledger that would combine them does not load), before anything is
+  released. Tree ledgers use ``accountants=("rdp",)``.
+
+A tree is charged in full when it starts (write-ahead, before its first prefix): it
+covers rounds ``round .. round + T - 1`` of its kind even if the run stops early.
+
 ``z == 0`` (no noise) is a non-private round: epsilon is ``inf`` from then on.
 
 Budget
@@ -68,11 +98,14 @@ __all__ = [
     "make_accountant",
     "plan_epsilon",
     "round_event",
+    "tree_event",
 ]
 
 ACCOUNTANTS = ("rdp", "pld")
 ROUND_KINDS = ("train", "basis")
-_LEDGER_FORMAT = 2
+_LEDGER_FORMAT = 3
+_READABLE_FORMATS = (1, 2, _LEDGER_FORMAT)
+"""Format 1: one entry per round; 2: groups of identical rounds; 3: groups with ``tree_steps``."""
 
 
 def check_sampling_rate(sampling_rate) -> float:
@@ -127,14 +160,52 @@ def _check_accountant(name: str) -> str:
     return name
 
 
-def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
+def make_accountant(name: str, *, tree_aggregation: bool = False) -> dp_accounting.PrivacyAccountant:
     """A fresh ``RdpAccountant()`` (``"rdp"``) or ``PLDAccountant()`` (``"pld"``).
 
     Both use the library defaults (add/remove-one neighbouring relation; RDP default
     orders; PLD value discretization 1e-4 with pessimistic estimates), so every epsilon in
-    biofed can be reproduced by building the accountant directly.
+    biofed can be reproduced by building the accountant directly. With
+    ``tree_aggregation`` (a history holding a :func:`tree_event`) it is
+    ``RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_SPECIAL)``, the only
+    dp-accounting accountant of tree aggregation (see the module docstring); ``"pld"`` is
+    then refused.
     """
-    return RdpAccountant() if _check_accountant(name) == "rdp" else PLDAccountant()
+    name = _check_accountant(name)
+    if tree_aggregation:
+        if name != "rdp":
+            raise ValueError(_PLD_TREE_ERROR)
+        return RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+    return RdpAccountant() if name == "rdp" else PLDAccountant()
+
+
+_PLD_TREE_ERROR = (
+    "the PLD accountant cannot account tree aggregation: dp-accounting supports "
+    "SingleEpochTreeAggregationDpEvent only in its RDP accountant under the REPLACE_SPECIAL neighbouring "
+    "relation; keep a DP-FTRL ledger to accountants=('rdp',)."
+)
+
+
+def check_tree_steps(steps) -> int:
+    """Return ``steps`` (prefix releases of one tree) as an int >= 1 or raise a ValueError naming it."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"tree steps must be an integer >= 1 (prefix releases of one tree), got {steps!r}.")
+    return int(steps)
+
+
+def tree_event(noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
+    """The DpEvent of one DP-FTRL tree: ``steps`` prefix releases, each tree node noised with
+    std ``z C`` and every device in at most one step
+    (``SingleEpochTreeAggregationDpEvent(z, steps)``)."""
+    return dp_accounting.SingleEpochTreeAggregationDpEvent(
+        check_noise_multiplier(noise_multiplier), check_tree_steps(steps)
+    )
+
+
+def _mechanism_event(sampling_rate: float, noise_multiplier: float, tree_steps: int | None) -> dp_accounting.DpEvent:
+    if tree_steps is None:
+        return round_event(sampling_rate, noise_multiplier)
+    return tree_event(noise_multiplier, tree_steps)
 
 
 def round_event(sampling_rate: float, noise_multiplier: float) -> dp_accounting.DpEvent:
@@ -243,24 +314,28 @@ def calibrate_noise_multiplier(
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One recorded mechanism: the parameters actually used in a round."""
+    """One recorded mechanism: the parameters actually used in a round (``tree_steps``: a
+    tree of that many prefix releases starting at ``round``; None: one Gaussian round)."""
 
     round: int
     kind: str
     sampling_rate: float
     noise_multiplier: float
+    tree_steps: int | None = None
 
     @property
     def event(self) -> dp_accounting.DpEvent:
-        """The entry's :func:`round_event`."""
-        return round_event(self.sampling_rate, self.noise_multiplier)
+        """The entry's :func:`round_event` or :func:`tree_event`."""
+        return _mechanism_event(self.sampling_rate, self.noise_multiplier, self.tree_steps)
 
 
 @dataclass(frozen=True)
 class LedgerGroup:
     """All recorded mechanisms of one kind with identical parameters, as a count.
 
-    ``first_round`` and ``last_round`` bound the rounds recorded in the group.
+    ``first_round`` and ``last_round`` bound the rounds recorded in the group (a tree covers
+    ``tree_steps`` rounds from the one it was charged at). ``tree_steps`` None: Gaussian
+    rounds; otherwise ``count`` trees of that many steps.
     """
 
     kind: str
@@ -269,14 +344,25 @@ class LedgerGroup:
     count: int
     first_round: int
     last_round: int
+    tree_steps: int | None = None
 
     @property
     def event(self) -> dp_accounting.DpEvent:
-        """``SelfComposedDpEvent(round_event(q, z), count)``."""
-        return dp_accounting.SelfComposedDpEvent(round_event(self.sampling_rate, self.noise_multiplier), self.count)
+        """``SelfComposedDpEvent(round_event(q, z) or tree_event(z, tree_steps), count)``."""
+        return dp_accounting.SelfComposedDpEvent(
+            _mechanism_event(self.sampling_rate, self.noise_multiplier, self.tree_steps), self.count
+        )
+
+    @property
+    def key(self) -> tuple[str, float, float, int | None]:
+        return (self.kind, self.sampling_rate, self.noise_multiplier, self.tree_steps)
 
 
-def _merge_unsampled_gaussians(counts: dict[tuple[float, float], int]) -> dict[tuple[float, float], int]:
+_Mechanism = tuple[float, float, "int | None"]
+"""``(q, z, tree_steps)``: one distinct mechanism."""
+
+
+def _merge_unsampled_gaussians(counts: dict[_Mechanism, int]) -> dict[_Mechanism, int]:
     """``counts`` with every unsampled (q = 1) Gaussian round folded into one Gaussian of
     ``1 / z^2 = sum_i count_i / z_i^2``.
 
@@ -285,13 +371,13 @@ def _merge_unsampled_gaussians(counts: dict[tuple[float, float], int]) -> dict[t
     ``mu^2``. It keeps the PLD accountant's cost and memory independent of the number of
     rounds, where ``SelfComposedDpEvent`` convolves ever wider loss distributions.
     """
-    merged = {key: count for key, count in counts.items() if key[0] != 1.0}
-    unsampled = [(z, count) for (q, z), count in counts.items() if q == 1.0]
+    merged = {key: count for key, count in counts.items() if key[0] != 1.0 or key[2] is not None}
+    unsampled = [(z, count) for (q, z, steps), count in counts.items() if q == 1.0 and steps is None]
     if unsampled:
         if any(z == 0.0 for z, _ in unsampled):
-            merged[(1.0, 0.0)] = 1
+            merged[(1.0, 0.0, None)] = 1
         else:
-            merged[(1.0, math.sqrt(1.0 / sum(count / z**2 for z, count in unsampled)))] = 1
+            merged[(1.0, math.sqrt(1.0 / sum(count / z**2 for z, count in unsampled)), None)] = 1
     return merged
 
 
@@ -299,10 +385,11 @@ class PrivacyLedger:
     """Append-only record of the DP mechanisms run, with epsilon from dp_accounting.
 
     Bounded: the ledger keeps one :class:`LedgerGroup` (a count) per distinct
-    ``(kind, q, z)``, never a list of rounds, so its memory and the time of
+    ``(kind, q, z, tree_steps)``, never a list of rounds, so its memory and the time of
     :meth:`epsilon` and :meth:`would_exceed` depend on the number of *distinct* mechanisms,
     not on the number of rounds. Epsilon composes ``SelfComposedDpEvent(event, count)`` of
-    every distinct ``(q, z)`` into a fresh accountant, which is exactly what dp_accounting
+    every distinct ``(q, z, tree_steps)`` into a fresh accountant (under ``REPLACE_SPECIAL``
+    once a tree is recorded, see the module docstring), which is exactly what dp_accounting
     reports for the full history (composition is commutative in both accountants); the
     result is cached until the next record. For PLD, every unsampled (q = 1) Gaussian round
     folds into one Gaussian first (:func:`_merge_unsampled_gaussians`, exact), so its cost does
@@ -336,7 +423,7 @@ class PrivacyLedger:
                 raise ValueError(f"epsilon_budget must be > 0 (or None for no budget), got {epsilon_budget!r}.")
             epsilon_budget = budget
         self.epsilon_budget = epsilon_budget
-        self._groups: dict[tuple[str, float, float], LedgerGroup] = {}
+        self._groups: dict[tuple[str, float, float, int | None], LedgerGroup] = {}
         self._last_round: dict[str, int] = {}
         self._count = 0
         self._cache: dict[str, float] = {}
@@ -352,11 +439,28 @@ class PrivacyLedger:
 
     @property
     def groups(self) -> tuple[LedgerGroup, ...]:
-        """Everything recorded, one group per distinct ``(kind, q, z)`` in order of first use."""
+        """Everything recorded, one group per distinct ``(kind, q, z, tree_steps)`` in order of first use."""
         return tuple(self._groups.values())
 
+    @property
+    def has_trees(self) -> bool:
+        """True once a tree is recorded: the whole history is then accounted under ``REPLACE_SPECIAL``."""
+        return any(g.tree_steps is not None for g in self._groups.values())
+
+    @property
+    def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
+        """The relation every epsilon of this ledger is stated under (see the module docstring)."""
+        relation = dp_accounting.NeighboringRelation
+        return relation.REPLACE_SPECIAL if self.has_trees else relation.ADD_OR_REMOVE_ONE
+
+    def make_accountant(self, name: str | None = None) -> dp_accounting.PrivacyAccountant:
+        """A fresh dp-accounting accountant (``name`` or :attr:`budget_accountant`) under
+        :attr:`neighboring_relation`: composing :attr:`groups`' events into it gives :meth:`epsilon`."""
+        name = self.budget_accountant if name is None else name
+        return make_accountant(name, tree_aggregation=self.has_trees)
+
     def count(self, kind: str | None = None) -> int:
-        """Mechanisms recorded (of ``kind``, or all)."""
+        """Mechanisms recorded (of ``kind``, or all); a tree counts once."""
         return sum(g.count for g in self._groups.values() if kind is None or g.kind == kind)
 
     def last_round(self, kind: str) -> int | None:
@@ -385,13 +489,35 @@ class PrivacyLedger:
         kind : {"train", "basis"}
             A training round or the federated basis (sketch) round.
         """
+        return self._record(
+            round, kind, check_sampling_rate(sampling_rate), check_noise_multiplier(noise_multiplier), None
+        )
+
+    def record_tree(self, round: int, noise_multiplier: float, steps: int, *, kind: str = "train") -> LedgerEntry:
+        """Record one DP-FTRL tree of ``steps`` prefix releases, in full, when it starts.
+
+        The tree covers rounds ``round .. round + steps - 1`` of ``kind``; each device may
+        contribute to at most one of its steps (:class:`biofed.privacy_mechanism.TreeAggregation`
+        enforces it). From now on the ledger is accounted under ``REPLACE_SPECIAL`` (see the
+        module docstring).
+
+        Raises
+        ------
+        ValueError
+            Bad parameters, a round not after the latest of ``kind``, or a ledger that
+            reports the PLD accountant (which cannot account trees). Nothing is recorded.
+        """
+        z, steps = check_noise_multiplier(noise_multiplier), check_tree_steps(steps)
+        if "pld" in self.accountants:
+            raise ValueError(f"this ledger reports {self.accountants}: {_PLD_TREE_ERROR}")
+        return self._record(round, kind, 1.0, z, steps)
+
+    def _record(self, round, kind: str, q: float, z: float, tree_steps: int | None) -> LedgerEntry:
         if isinstance(round, bool) or not isinstance(round, (int, np.integer)) or round < 0:
             raise ValueError(f"round must be an integer >= 0, got {round!r}.")
         if kind not in ROUND_KINDS:
             raise ValueError(f"kind must be one of {ROUND_KINDS}, got {kind!r}.")
-        entry = LedgerEntry(
-            int(round), kind, check_sampling_rate(sampling_rate), check_noise_multiplier(noise_multiplier)
-        )
+        entry = LedgerEntry(int(round), kind, q, z, tree_steps)
         last = self._last_round.get(kind)
         if last is not None and entry.round <= last:
             raise ValueError(
@@ -400,14 +526,15 @@ class PrivacyLedger:
             )
         if entry.noise_multiplier == 0:
             logger.warning("round %d (%s) ran without noise: epsilon is now infinite", round, kind)
-        key = (kind, entry.sampling_rate, entry.noise_multiplier)
+        end = entry.round + (tree_steps or 1) - 1
+        key = (kind, q, z, tree_steps)
         group = self._groups.get(key)
         self._groups[key] = (
-            LedgerGroup(kind, entry.sampling_rate, entry.noise_multiplier, 1, entry.round, entry.round)
+            LedgerGroup(kind, q, z, 1, entry.round, end, tree_steps)
             if group is None
-            else replace(group, count=group.count + 1, last_round=entry.round)
+            else replace(group, count=group.count + 1, last_round=end)
         )
-        self._last_round[kind] = entry.round
+        self._last_round[kind] = end
         self._count += 1
         self._cache.clear()
         return entry
@@ -415,12 +542,14 @@ class PrivacyLedger:
     def extend(self, other: PrivacyLedger) -> None:
         """Add everything ``other`` recorded (a persisted ledger restored under this
         ledger's accountants and budget); its rounds must follow this ledger's."""
+        if other.has_trees and "pld" in self.accountants:
+            raise ValueError(f"cannot extend a ledger reporting {self.accountants} with trees: {_PLD_TREE_ERROR}")
         for group in other.groups:
             last = self._last_round.get(group.kind)
             if last is not None and group.first_round <= last:
                 raise ValueError(f"cannot extend: {group.kind} round {group.first_round} is not after round {last}.")
         for group in other.groups:
-            key = (group.kind, group.sampling_rate, group.noise_multiplier)
+            key = group.key
             mine = self._groups.get(key)
             self._groups[key] = (
                 group
@@ -431,23 +560,22 @@ class PrivacyLedger:
             self._count += group.count
         self._cache.clear()
 
-    def _counts(self, extra: tuple[float, float] | None = None) -> dict[tuple[float, float], int]:
-        counts: dict[tuple[float, float], int] = {}
+    def _counts(self, extra: _Mechanism | None = None) -> dict[_Mechanism, int]:
+        counts: dict[_Mechanism, int] = {}
         for g in self._groups.values():  # dicts keep first-appearance order: deterministic
-            counts[(g.sampling_rate, g.noise_multiplier)] = (
-                counts.get((g.sampling_rate, g.noise_multiplier), 0) + g.count
-            )
+            mechanism = (g.sampling_rate, g.noise_multiplier, g.tree_steps)
+            counts[mechanism] = counts.get(mechanism, 0) + g.count
         if extra is not None:
             counts[extra] = counts.get(extra, 0) + 1
         return counts
 
     @staticmethod
-    def _compose(name: str, counts: dict[tuple[float, float], int]) -> dp_accounting.PrivacyAccountant:
-        accountant = make_accountant(name)
+    def _compose(name: str, counts: dict[_Mechanism, int]) -> dp_accounting.PrivacyAccountant:
+        accountant = make_accountant(name, tree_aggregation=any(steps is not None for _, _, steps in counts))
         if name == "pld":
             counts = _merge_unsampled_gaussians(counts)
-        for (q, z), count in counts.items():
-            accountant.compose(round_event(q, z), count)
+        for (q, z, steps), count in counts.items():
+            accountant.compose(_mechanism_event(q, z, steps), count)
         return accountant
 
     def epsilon(self, accountant: str | None = None) -> float:
@@ -472,21 +600,38 @@ class PrivacyLedger:
         """``{accountant: epsilon}`` for every configured accountant."""
         return {name: self.epsilon(name) for name in self.accountants}
 
-    def epsilon_after(self, sampling_rate: float, noise_multiplier: float, accountant: str | None = None) -> float:
-        """Epsilon if one more mechanism with these parameters were recorded."""
+    def epsilon_after(
+        self,
+        sampling_rate: float,
+        noise_multiplier: float,
+        accountant: str | None = None,
+        *,
+        tree_steps: int | None = None,
+    ) -> float:
+        """Epsilon if one more mechanism with these parameters were recorded (``tree_steps``:
+        a tree of that many steps, whose ``sampling_rate`` must be 1)."""
         name = self.budget_accountant if accountant is None else _check_accountant(accountant)
-        extra = (check_sampling_rate(sampling_rate), check_noise_multiplier(noise_multiplier))
-        return self._epsilon_of(name, self._counts(extra))
+        return self._epsilon_of(name, self._counts(self._mechanism(sampling_rate, noise_multiplier, tree_steps)))
 
-    def would_exceed(self, sampling_rate: float, noise_multiplier: float) -> bool:
-        """True when one more round with these parameters would exceed ``epsilon_budget``.
+    @staticmethod
+    def _mechanism(sampling_rate, noise_multiplier, tree_steps) -> _Mechanism:
+        q, z = check_sampling_rate(sampling_rate), check_noise_multiplier(noise_multiplier)
+        if tree_steps is None:
+            return (q, z, None)
+        if q != 1.0:
+            raise ValueError(f"a tree aggregation has no sampling: sampling_rate must be 1, got {sampling_rate!r}.")
+        return (q, z, check_tree_steps(tree_steps))
+
+    def would_exceed(self, sampling_rate: float, noise_multiplier: float, *, tree_steps: int | None = None) -> bool:
+        """True when one more round (or, with ``tree_steps``, one more tree) with these
+        parameters would exceed ``epsilon_budget``.
 
         Always False without a budget. Checked with :attr:`budget_accountant`.
         """
         if self.epsilon_budget is None:
-            check_sampling_rate(sampling_rate), check_noise_multiplier(noise_multiplier)
+            self._mechanism(sampling_rate, noise_multiplier, tree_steps)
             return False
-        eps = self.epsilon_after(sampling_rate, noise_multiplier)
+        eps = self.epsilon_after(sampling_rate, noise_multiplier, tree_steps=tree_steps)
         exceeded = eps > self.epsilon_budget
         if exceeded:
             logger.info(
@@ -503,7 +648,8 @@ class PrivacyLedger:
         return self._compose(self.budget_accountant, self._counts()).ledger
 
     def to_dict(self) -> dict:
-        """Plain-data form: settings and the groups (JSON-serialisable)."""
+        """Plain-data form (format 3): settings and the groups with their ``tree_steps``
+        (JSON-serialisable)."""
         return {
             "format": _LEDGER_FORMAT,
             "delta": self.delta,
@@ -518,12 +664,12 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
-        """Rebuild a ledger from :meth:`to_dict` output (or the per-round list of format 1),
-        re-validating every group."""
+        """Rebuild a ledger from :meth:`to_dict` output (format 3), the groups of format 2
+        (which had no trees) or the per-round list of format 1, re-validating every group."""
         fmt = data.get("format") if isinstance(data, dict) else None
-        if fmt not in (1, _LEDGER_FORMAT):
+        if fmt not in _READABLE_FORMATS:
             raise ValueError(
-                f"not a biofed privacy ledger of format 1 or {_LEDGER_FORMAT}: "
+                f"not a biofed privacy ledger of format {', '.join(map(str, _READABLE_FORMATS))}: "
                 f"got {type(data).__name__} with format {fmt!r}."
             )
         try:
@@ -533,6 +679,7 @@ class PrivacyLedger:
                     ledger.record_round(e["round"], e["sampling_rate"], e["noise_multiplier"], kind=e["kind"])
                 return ledger
             for g in data["groups"]:
+                steps = g["tree_steps"] if fmt >= 3 else None
                 group = LedgerGroup(
                     str(g["kind"]),
                     check_sampling_rate(g["sampling_rate"]),
@@ -540,10 +687,18 @@ class PrivacyLedger:
                     int(g["count"]),
                     int(g["first_round"]),
                     int(g["last_round"]),
+                    None if steps is None else check_tree_steps(steps),
                 )
-                if group.kind not in ROUND_KINDS or group.count < 1 or not 0 <= group.first_round <= group.last_round:
+                if (
+                    group.kind not in ROUND_KINDS
+                    or group.count < 1
+                    or not 0 <= group.first_round <= group.last_round
+                    or (group.tree_steps is not None and group.sampling_rate != 1.0)
+                ):
                     raise ValueError(f"malformed privacy ledger group {g!r}.")
-                key = (group.kind, group.sampling_rate, group.noise_multiplier)
+                if group.tree_steps is not None and "pld" in ledger.accountants:
+                    raise ValueError(f"privacy ledger reports {ledger.accountants} and holds a tree: {_PLD_TREE_ERROR}")
+                key = group.key
                 if key in ledger._groups:
                     raise ValueError(f"malformed privacy ledger: group {key} appears twice.")
                 ledger._groups[key] = group

@@ -15,6 +15,12 @@ share). A release is always, in this order:
    disk), *write-ahead*: a crash after this point over-counts, never under-counts;
 4. **release**: only now is the noised value returned to the caller that publishes it.
 
+DP-FTRL's tree-aggregated prefix sums (:meth:`PrivacyMechanism.open_tree`, Kairouz et al.
+2021) follow the same order per tree: the whole tree is charged durably when it is opened,
+before its first prefix exists (and stays charged in full if the run stops early); each
+step then clips the step's rows, noises the one new tree node it completes and returns
+the prefix, i.e. the sum of the noised nodes of its dyadic decomposition (:func:`tree_nodes`).
+
 Mechanisms whose noise another gate drew but whose output reaches this side of the
 boundary (the devices' noised updates that the coordinator receives in local mode, the
 unmasked secure-aggregation sum) are charged with :meth:`PrivacyMechanism.charge` alone.
@@ -56,13 +62,19 @@ import logging
 import math
 import random
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 
-from biofed.privacy_ledger import LedgerEntry, PrivacyLedger, check_noise_multiplier, check_sampling_rate
+from biofed.privacy_ledger import (
+    LedgerEntry,
+    PrivacyLedger,
+    check_noise_multiplier,
+    check_sampling_rate,
+    check_tree_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,21 +82,29 @@ __all__ = [
     "Charge",
     "ClippedSum",
     "PrivacyMechanism",
+    "TreeAggregation",
     "discrete_gaussian",
     "distributed_discrete_tau",
     "grid_sensitivity",
+    "joint_noise_multiplier",
+    "tree_nodes",
 ]
 
 
 @dataclass(frozen=True)
 class Charge:
     """What one release costs: a ledger entry of ``kind`` for ``round`` with the
-    sampling rate and the noise multiplier the adversary's view actually has."""
+    sampling rate and the noise multiplier the adversary's view actually has.
+
+    ``tree_steps``: the charge of a whole DP-FTRL tree of that many prefix releases
+    (``sampling_rate`` 1; see :meth:`PrivacyMechanism.open_tree`); None for one Gaussian round.
+    """
 
     round: int
     kind: str
     sampling_rate: float
     noise_multiplier: float
+    tree_steps: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +141,40 @@ class ClippedSum:
         # rows within the bound stay exactly as they are (as in biofed.kernels.clip_l2)
         scale = np.where(norms <= self.clip_norm, 1.0, self.clip_norm / np.maximum(norms, np.finfo(float).tiny))
         return (self.rows * scale[:, None]).sum(axis=0), norms
+
+
+def joint_noise_multiplier(noise_multiplier: float, blocks: int) -> float:
+    """The multiplier of one release of ``blocks`` queries, each a sum clipped to its own
+    bound ``C_i`` and noised with std ``z C_i``: ``z / sqrt(blocks)``.
+
+    Scaling block ``i`` by ``1 / C_i`` makes it a query of sensitivity 1 with noise ``z``;
+    stacked, they are one Gaussian mechanism of sensitivity ``sqrt(blocks)``. Its
+    ``GaussianDpEvent(z / sqrt(blocks))`` has the same RDP and privacy-loss distribution as
+    ``blocks`` composed ``GaussianDpEvent(z)``.
+    """
+    z = check_noise_multiplier(noise_multiplier)
+    if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or blocks < 1:
+        raise ValueError(f"blocks must be an integer >= 1, got {blocks!r}.")
+    return z / math.sqrt(int(blocks))
+
+
+def tree_nodes(step: int) -> list[tuple[int, int]]:
+    """Dyadic nodes ``(level, index)`` whose sums add up to the prefix ``1..step`` (step >= 1).
+
+    Node ``(level, j)`` covers steps ``j * 2**level + 1 .. (j + 1) * 2**level``; a prefix
+    uses one node per set bit of ``step``, highest level first, so every step's value sits in
+    at most ``ceil(log2(T + 1))`` released nodes of a tree of ``T`` steps. The last node is
+    the only one that ends at ``step``.
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be an integer >= 1, got {step!r}.")
+    nodes = []
+    start = 0
+    for level in range(int(step).bit_length() - 1, -1, -1):
+        if step & (1 << level):
+            nodes.append((level, start >> level))
+            start += 1 << level
+    return nodes
 
 
 def grid_sensitivity(clip_norm: float, size: int, grid_step: float) -> float:
@@ -217,16 +271,28 @@ class PrivacyMechanism:
     def __repr__(self) -> str:
         return f"PrivacyMechanism({self.ledger!r}, durable={self._persist is not None})"
 
+    def _gaussian(self, std: float, shape: tuple[int, ...]) -> np.ndarray:
+        """``N(0, std^2)`` privacy noise of ``shape`` from the mechanism's own generator."""
+        return self._noise.normal(0.0, std, size=shape)
+
     def charge(self, charge: Charge) -> LedgerEntry:
         """Record ``charge`` in the ledger and make it durable before returning."""
         if not isinstance(charge, Charge):
             raise TypeError(f"charge must be a Charge, got {type(charge).__name__}.")
-        entry = self.ledger.record_round(
-            charge.round,
-            check_sampling_rate(charge.sampling_rate),
-            check_noise_multiplier(charge.noise_multiplier),
-            kind=charge.kind,
-        )
+        if charge.tree_steps is None:
+            entry = self.ledger.record_round(
+                charge.round,
+                check_sampling_rate(charge.sampling_rate),
+                check_noise_multiplier(charge.noise_multiplier),
+                kind=charge.kind,
+            )
+        else:
+            if check_sampling_rate(charge.sampling_rate) != 1.0:
+                raise ValueError(
+                    f"a tree aggregation samples no devices: its Charge.sampling_rate must be 1, "
+                    f"got {charge.sampling_rate!r}."
+                )
+            entry = self.ledger.record_tree(charge.round, charge.noise_multiplier, charge.tree_steps, kind=charge.kind)
         if self._persist is not None:
             self._persist(self.ledger)
         return entry
@@ -261,7 +327,7 @@ class PrivacyMechanism:
         for query in queries:
             total, _ = query.clipped_total()
             if query.noise_std > 0:
-                total = total + self._noise.normal(0.0, query.noise_std, size=total.shape)
+                total = total + self._gaussian(query.noise_std, total.shape)
             noised.append(total)
         self.charge(charge)
         return tuple(noised)
@@ -288,3 +354,127 @@ class PrivacyMechanism:
             counts = counts + discrete_gaussian(query.noise_std / step, counts.shape[0], self._grid_noise)
         self.charge(charge)
         return counts
+
+    def open_tree(self, charge: Charge, clip_norm: float) -> TreeAggregation:
+        """Charge a whole DP-FTRL tree durably, then return the object that releases its prefixes.
+
+        Parameters
+        ----------
+        charge : Charge
+            ``Charge(round, kind, 1.0, z, tree_steps=T)``: the tree's ``T`` prefix releases,
+            each tree node noised with std ``z * clip_norm``. Recorded (and persisted) here,
+            before any prefix exists, and never refunded: a run that stops early has spent it.
+        clip_norm : float
+            L2 bound C of each contributor's row at every step.
+
+        Raises
+        ------
+        ValueError, TypeError
+            A bad charge or clip norm, or a ledger that cannot account trees (PLD); nothing
+            is charged then.
+        """
+        if not isinstance(charge, Charge):
+            raise TypeError(f"charge must be a Charge, got {type(charge).__name__}.")
+        if charge.tree_steps is None:
+            raise ValueError("open_tree needs a Charge with tree_steps (the number of prefix releases of the tree).")
+        steps = check_tree_steps(charge.tree_steps)
+        z = check_noise_multiplier(charge.noise_multiplier)
+        c = float(clip_norm)
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"clip_norm must be a finite number > 0, got {clip_norm!r}.")
+        self.charge(charge)
+        return TreeAggregation(self, steps, c, z * c)
+
+
+class TreeAggregation:
+    """One charged DP-FTRL tree of :meth:`PrivacyMechanism.open_tree`: ``steps`` noised prefix sums.
+
+    Step ``t`` clips its rows to ``clip_norm``, sums them, and completes exactly one dyadic
+    node, the last of :func:`tree_nodes` ``(t)``, covering steps ``t - 2**level + 1 .. t``:
+    that node's sum (this step's plus the nodes it absorbs) gets ``N(0, noise_std^2 I)``
+    from the mechanism's generator, once. The released prefix is the sum of the noised
+    nodes of ``tree_nodes(t)``, so it carries the noise of ``popcount(t)`` nodes and shares
+    the noise of its common nodes with other prefixes. Only the nodes of the current
+    decomposition are kept (at most ``log2(T) + 1``).
+
+    The accounting assumes every contributor is in at most one step of the tree: a step
+    naming a contributor already seen, or a step beyond the ``steps`` charged, is refused
+    and releases nothing.
+    """
+
+    def __init__(self, mechanism: PrivacyMechanism, steps: int, clip_norm: float, noise_std: float) -> None:
+        self._mechanism = mechanism
+        self.steps = steps
+        self.clip_norm = clip_norm
+        self.noise_std = noise_std
+        self._step = 0
+        self._seen: set[Hashable] = set()
+        self._nodes: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # node: (exact sum, noised sum)
+        self._size: int | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"TreeAggregation(step {self._step} of {self.steps}, "
+            f"clip_norm={self.clip_norm:g}, noise_std={self.noise_std:g})"
+        )
+
+    @property
+    def released(self) -> int:
+        """Prefixes released so far."""
+        return self._step
+
+    def release_prefix(self, rows, contributors: Iterable[Hashable]) -> np.ndarray:
+        """Add one step's rows (one per contributor) and return the noised prefix sum.
+
+        Parameters
+        ----------
+        rows : array-like, shape (n, P) or (P,)
+            The step's contributions; each is clipped to ``clip_norm`` here.
+        contributors : iterable of hashable
+            One distinct id per row, none seen in an earlier step of this tree.
+
+        Returns
+        -------
+        ndarray, shape (P,)
+            ``sum over steps 1..t of the clipped sums`` plus the noise of ``tree_nodes(t)``.
+
+        Raises
+        ------
+        ValueError
+            Bad rows, ids that repeat or do not match the rows, a changed ``P``, or every
+            charged step already released. Nothing is released and the tree is unchanged.
+        """
+        query = ClippedSum(rows, self.clip_norm, self.noise_std)
+        ids = list(contributors)
+        if len(ids) != query.rows.shape[0]:
+            raise ValueError(f"contributors must name one id per row: {len(ids)} ids for {query.rows.shape[0]} rows.")
+        if not ids:
+            raise ValueError("a tree step needs at least one contributor's row.")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"contributors repeat within the step: {sorted(map(repr, ids))}.")
+        again = sorted(repr(i) for i in set(ids) & self._seen)
+        if again:
+            raise ValueError(
+                f"contributor(s) {', '.join(again)} already contributed to this tree; its accounting "
+                "(SingleEpochTreeAggregationDpEvent) allows each contributor in at most one step: "
+                "schedule disjoint groups, or open a new tree."
+            )
+        if self._step >= self.steps:
+            raise ValueError(
+                f"the tree was charged for {self.steps} steps and all are released; open (and charge) a new tree."
+            )
+        if self._size is not None and query.rows.shape[1] != self._size:
+            raise ValueError(f"tree steps must keep one size P: got {query.rows.shape[1]} after {self._size}.")
+        total, _ = query.clipped_total()
+        step = self._step + 1
+        nodes = tree_nodes(step)
+        absorbed = [node for node in self._nodes if node not in nodes]
+        exact = total + sum((self._nodes.pop(node)[0] for node in absorbed), np.zeros_like(total))
+        noised = exact
+        if self.noise_std > 0:
+            noised = exact + self._mechanism._gaussian(self.noise_std, exact.shape)
+        self._nodes[nodes[-1]] = (exact, noised)
+        self._step = step
+        self._size = query.rows.shape[1]
+        self._seen.update(ids)
+        return np.sum([self._nodes[node][1] for node in nodes], axis=0)

@@ -4,19 +4,21 @@ Kairouz et al. 2021, "Practical and private (deep) learning without sampling or
 shuffling" (arXiv:2103.00039), the algorithm behind Gboard's DP language models. Every
 round a *public, fixed* group of devices sends its pseudo-gradients (the global model minus
 each locally trained model), each clipped to ``C``. The coordinator does not noise each
-round's sum independently: it releases the *prefix sums* ``g_1 + ... + g_t`` of the epoch
-through a binary tree (:class:`biofed.coordinator.release.TreePrefixRelease`), so each
-round's sum sits in only ``log2(T) + 1`` noisy nodes, and sets
+round's sum independently: the privacy mechanism releases the *prefix sums*
+``g_1 + ... + g_t`` of the epoch through a binary tree
+(:meth:`biofed.privacy_mechanism.PrivacyMechanism.open_tree`), so each round's sum sits in
+only ``log2(T) + 1`` noisy nodes, and sets
 
     theta_t = theta_start - lr * (momentum-filtered noisy prefix) / group size.
 
-Accounting (dp-accounting's ``SingleEpochTreeAggregationDpEvent``) requires every device to
+Accounting (dp-accounting's ``SingleEpochTreeAggregationDpEvent``, RDP under the
+``REPLACE_SPECIAL`` relation; see :mod:`biofed.privacy_ledger`) requires every device to
 contribute **at most once per tree**. So one tree covers one *epoch* — a pass in which each
 device is in at most one round — and a new tree starts every epoch (from the current
-model); ``E`` epochs of ``T`` rounds cost ``E`` composed ``SingleEpochTreeAggregationDpEvent(z, T)``.
-:meth:`DPFTRL.step` refuses a device that already contributed in the current epoch, since
-that would make the charged event wrong. No sampling has to stay secret: the schedule may
-be public.
+model); ``E`` epochs of ``T`` rounds cost ``E`` composed ``SingleEpochTreeAggregationDpEvent(z, T)``,
+each charged when its epoch starts. The mechanism refuses a device that already contributed
+to the current tree, since that would make the charged event wrong. No sampling has to stay
+secret: the schedule may be public.
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ from collections.abc import Mapping
 import dp_accounting
 import numpy as np
 
-from biofed.coordinator.release import ReleaseLedger, TreePrefixRelease
-from biofed.kernels.training import clip_l2
+from biofed.privacy_ledger import tree_event
+from biofed.privacy_mechanism import Charge, PrivacyMechanism, TreeAggregation
 
 __all__ = ["DPFTRL", "dp_ftrl_event"]
 
 
 def dp_ftrl_event(noise_multiplier: float, rounds_per_epoch: int, epochs: int) -> dp_accounting.DpEvent:
     """Every release of a DP-FTRL run: one tree per epoch, each device at most once per tree."""
-    tree = dp_accounting.SingleEpochTreeAggregationDpEvent(float(noise_multiplier), int(rounds_per_epoch))
+    tree = tree_event(noise_multiplier, rounds_per_epoch)
     return tree if epochs == 1 else dp_accounting.SelfComposedDpEvent(tree, int(epochs))
 
 
@@ -48,7 +50,7 @@ class DPFTRL:
     rounds_per_epoch : int
         Rounds per tree; each device may contribute to at most one of them.
     epochs : int
-        Trees; each is charged to ``ledger`` when it starts, before its first release.
+        Trees; each is charged through ``mechanism`` when it starts, before its first release.
     clip : float
         L2 bound of a device's pseudo-gradient.
     noise_multiplier : float
@@ -58,7 +60,13 @@ class DPFTRL:
     momentum : float
         Heavy-ball momentum on the noisy per-round gradient recovered from the prefix sums
         (DP-FTRLM in the paper); 0 disables it.
-    ledger : ReleaseLedger
+    mechanism : PrivacyMechanism
+        The gate that charges each tree and draws its noise.
+    first_round : int
+        Ledger round of the first round; epoch ``e``'s tree is charged as round
+        ``first_round + e * rounds_per_epoch`` (of ``kind``) and covers its rounds.
+    kind : str
+        Ledger kind of the trees.
     """
 
     def __init__(
@@ -71,11 +79,15 @@ class DPFTRL:
         noise_multiplier: float,
         lr: float,
         momentum: float = 0.0,
-        ledger: ReleaseLedger,
+        mechanism: PrivacyMechanism,
+        first_round: int = 0,
+        kind: str = "train",
     ) -> None:
         for value, name in ((rounds_per_epoch, "rounds_per_epoch"), (epochs, "epochs")):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(mechanism, PrivacyMechanism):
+            raise TypeError(f"mechanism must be a PrivacyMechanism, got {type(mechanism).__name__}.")
         self.theta = np.asarray(initial, dtype=np.float64).copy()
         self.rounds_per_epoch = int(rounds_per_epoch)
         self.epochs = int(epochs)
@@ -83,18 +95,24 @@ class DPFTRL:
         self.noise_multiplier = float(noise_multiplier)
         self.lr = float(lr)
         self.momentum = float(momentum)
-        self._ledger = ledger
+        self.first_round = int(first_round)
+        self.kind = kind
+        self._mechanism = mechanism
         self._epoch = 0
-        self._tree: TreePrefixRelease | None = None
+        self._tree: TreeAggregation | None = None
 
     def _start_epoch(self) -> None:
         if self._epoch >= self.epochs:
             raise RuntimeError(f"all {self.epochs} epoch(s) of {self.rounds_per_epoch} rounds were run")
-        event = dp_ftrl_event(self.noise_multiplier, self.rounds_per_epoch, 1)
-        self._tree = TreePrefixRelease(self.rounds_per_epoch, self.noise_multiplier * self.clip, event, self._ledger)
+        charge = Charge(
+            self.first_round + self._epoch * self.rounds_per_epoch,
+            self.kind,
+            1.0,
+            self.noise_multiplier,
+            tree_steps=self.rounds_per_epoch,
+        )
+        self._tree = self._mechanism.open_tree(charge, self.clip)
         self._epoch += 1
-        self._round = 0
-        self._seen: set[str] = set()
         self._start = self.theta.copy()
         self._previous_prefix = np.zeros_like(self.theta)
         self._velocity = np.zeros_like(self.theta)
@@ -104,18 +122,10 @@ class DPFTRL:
         """One round: ``{device_id: theta - theta_local}``, clipped, released, applied; returns theta."""
         if not pseudo_gradients:
             raise ValueError("a DP-FTRL round needs at least one device's pseudo-gradient")
-        if self._tree is None or self._round == self.rounds_per_epoch:
+        if self._tree is None or self._tree.released == self.rounds_per_epoch:
             self._start_epoch()
-        again = sorted(set(pseudo_gradients) & self._seen)
-        if again:
-            raise ValueError(
-                f"device(s) {again} already contributed in this epoch; the tree's accounting allows each "
-                "device once per epoch (schedule disjoint groups)"
-            )
-        grads = [clip_l2(np.asarray(g, dtype=np.float64), self.clip)[0] for g in pseudo_gradients.values()]
-        self._seen |= set(pseudo_gradients)
-        self._round += 1
-        prefix = self._tree.release_prefix(np.sum(grads, axis=0)) / len(grads)
+        rows = np.stack([np.asarray(g, dtype=np.float64) for g in pseudo_gradients.values()])
+        prefix = self._tree.release_prefix(rows, pseudo_gradients.keys()) / len(pseudo_gradients)
         noisy_gradient = prefix - self._previous_prefix
         self._previous_prefix = prefix
         self._velocity = self.momentum * self._velocity + noisy_gradient

@@ -1,9 +1,9 @@
 """One-shot private training from summed sufficient statistics (LDA / ridge).
 
 Devices send :func:`biofed.edge.statistics.class_statistics` (clipped class means and
-within-class scatter); the coordinator sums them, releases each sum once with Gaussian
-noise (:func:`biofed.coordinator.release.release_statistics`, one ``GaussianDpEvent`` per
-released block) and solves
+within-class scatter); the coordinator sums them and releases the sums once through the
+privacy mechanism (:func:`release_class_statistics`: one charge covering both blocks) and
+solves
 
     w_c = (S + lambda I)^-1 m_c,   b_c = -1/2 m_c^T (S + lambda I)^-1 m_c
 
@@ -15,10 +15,9 @@ score is balanced accuracy.
 
 from __future__ import annotations
 
-import dp_accounting
 import numpy as np
 
-from biofed.coordinator.release import ReleaseLedger, release_statistics
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism, joint_noise_multiplier
 
 __all__ = ["lda_from_statistics", "release_class_statistics"]
 
@@ -30,31 +29,36 @@ def release_class_statistics(
     means_clip: float,
     scatter_clip: float | None,
     noise_multiplier: float,
-    ledger: ReleaseLedger,
+    mechanism: PrivacyMechanism,
+    round: int = 0,
+    kind: str = "train",
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sum the devices' clipped statistics, release each sum once, return the noised averages.
+    """Sum the devices' clipped statistics, release the sums once, return the noised averages.
 
     ``contributions`` is a sequence of :class:`~biofed.edge.statistics.ClassStatistics`; the
-    coordinator re-clips each to the bounds (a device that did not clip cannot exceed the
-    sensitivity). Noise std is ``noise_multiplier * clip`` on each sum; the device count is
-    public. Returns ``(means (c, d), scatter (d, d) or None)``.
+    mechanism re-clips each block to its bound (a device that did not clip cannot exceed the
+    sensitivity) and adds noise of std ``noise_multiplier * clip`` to each summed block; the
+    device count is public. The blocks form one release, charged as
+    ``Charge(round, kind, 1, joint_noise_multiplier(z, blocks))`` (the same epsilon as one
+    ``GaussianDpEvent(z)`` per block). Returns ``(means (c, d), scatter (d, d) or None)``.
     """
-    from biofed.kernels.training import clip_l2
-
     contributions = list(contributions)
     if not contributions:
         raise ValueError("one-shot training needs at least one device's statistics")
     n = len(contributions)
     z = float(noise_multiplier)
-    means_sum = sum(clip_l2(c.means.ravel(), means_clip)[0] for c in contributions)
-    means = release_statistics(means_sum, z * means_clip, dp_accounting.GaussianDpEvent(z), ledger) / n
+    queries = [ClippedSum(np.stack([c.means.ravel() for c in contributions]), means_clip, z * means_clip)]
+    if scatter_clip is not None:
+        rows = np.stack([c.scatter.ravel() for c in contributions])
+        queries.append(ClippedSum(rows, scatter_clip, z * scatter_clip))
+    charge = Charge(round, kind, 1.0, joint_noise_multiplier(z, len(queries)))
+    released = mechanism.release(charge, *queries)
+    means = released[0].reshape(n_classes, -1) / n
     scatter = None
     if scatter_clip is not None:
-        scatter_sum = sum(clip_l2(c.scatter.ravel(), scatter_clip)[0] for c in contributions)
-        scatter = release_statistics(scatter_sum, z * scatter_clip, dp_accounting.GaussianDpEvent(z), ledger) / n
         d = contributions[0].scatter.shape[0]
-        scatter = scatter.reshape(d, d)
-    return means.reshape(n_classes, -1), scatter
+        scatter = released[1].reshape(d, d) / n
+    return means, scatter
 
 
 def lda_from_statistics(means, scatter, ridge: float) -> np.ndarray:

@@ -34,17 +34,22 @@ Methods
                     training rows (:func:`biofed.edge.statistics.personalize`); it never
                     leaves the device, costs no privacy and is reported apart.
 
-Privacy: one record is one device (patient). Every noised value goes through
-:mod:`biofed.coordinator.release` and is charged to a :class:`ReleaseLedger`; the noise
-multiplier of each private method is calibrated with dp-accounting so that the composition
-of *all* its releases (the projection basis included when one is used) meets the target
-epsilon at ``delta``; the table prints the ledger's epsilon after the run. Privacy noise is
-OS-seeded, so private rows are repeated ``repeats`` times and their spread printed.
+Privacy: one record is one device (patient). Each simulated run of a private method has
+its own :class:`~biofed.privacy_mechanism.PrivacyMechanism` over an in-memory
+:class:`~biofed.privacy_ledger.PrivacyLedger` (RDP; ``persist=None``): every noised value
+is released, and charged, by that gate, as in a live federation. The noise multiplier of
+each private method is calibrated with dp-accounting so that the composition of *all* its
+releases (the projection basis included when one is used) meets the target epsilon at
+``delta``; the table prints that ledger's epsilon after the run. Privacy noise comes from
+the mechanism's OS-seeded generator, so private rows are repeated ``repeats`` times and
+their spread printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -58,10 +63,11 @@ import numpy as np
 from biofed.cli_options import examples
 from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
 from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
-from biofed.coordinator.release import ReleaseLedger, release_statistics
 from biofed.edge.split import balanced_accuracy, device_standardization
 from biofed.edge.statistics import class_statistics, personalize
-from biofed.kernels.training import clip_l2, init_params, predict_proba, train
+from biofed.kernels.training import init_params, predict_proba, train
+from biofed.privacy_ledger import PrivacyLedger, make_accountant
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
 
 __all__ = [
     "Defaults",
@@ -80,7 +86,6 @@ PRIVATE_METHODS = ("one-shot", "dp-ftrl", "fedavg-dp", "central-dp")
 DEFAULT_METHOD = "one-shot"
 """The best private method at epsilon <= 8 by leave-subjects-out CV on eegmat's training windows
 (tied with DP-FTRL within the spread of the noise draws; one release instead of a run of rounds)."""
-_RDP = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
 
 
 @dataclass(frozen=True)
@@ -224,12 +229,6 @@ def plain_pipeline_rows(
 
 
 # ----------------------------------------------------------------------------- accounting
-def _accountant():
-    from dp_accounting.rdp import RdpAccountant
-
-    return RdpAccountant(neighboring_relation=_RDP)
-
-
 def _ftrl_rounds_per_epoch(n_devices: int, d: Defaults) -> int:
     return math.ceil(n_devices / min(d.ftrl_devices_per_round, n_devices))
 
@@ -259,7 +258,7 @@ def noise_multiplier_for(
         return 0.0
     return float(
         dp_accounting.calibrate_dp_mechanism(
-            _accountant,
+            lambda: make_accountant("rdp", tree_aggregation=method == "dp-ftrl"),
             lambda z: _method_event(method, z, d, basis, n_devices),
             epsilon,
             delta,
@@ -270,29 +269,33 @@ def noise_multiplier_for(
 
 
 # ----------------------------------------------------------------------------- projection
-def _projection(train_sets, k: int | None, kind: str, z: float, ledger: ReleaseLedger | None, d: Defaults):
+def _projection(train_sets, k: int | None, kind: str, z: float, mechanism: PrivacyMechanism | None, d: Defaults):
     """``None`` (no projection) or a (d, k) basis from the devices' training rows.
 
     ``pca``: top-k eigenvectors of the summed per-device correlations ``Z^T Z / n``, each
-    clipped to Frobenius norm ``d.basis_clip`` and the sum released once (when ``ledger``).
-    ``class`` (class-aware): the summed per-device class-mean differences (each clipped to
-    norm 1, released once more) as the first direction, then the top k-1 PCA directions
-    orthogonal to it.
+    clipped to Frobenius norm ``d.basis_clip`` and the sum released once (basis round 0,
+    when ``mechanism``). ``class`` (class-aware): the summed per-device class-mean
+    differences (each clipped to norm 1, released once more as basis round 1) as the first
+    direction, then the top k-1 PCA directions orthogonal to it.
     """
     if kind == "none" or k is None:
         return None
     dim = train_sets[0][0].shape[1]
-    grams = sum(clip_l2((X.T @ X / X.shape[0]).ravel(), d.basis_clip)[0] for X, _ in train_sets)
-    if ledger is not None:
-        grams = release_statistics(grams, z * d.basis_clip, dp_accounting.GaussianDpEvent(z), ledger)
+    gram_rows = np.stack([(X.T @ X / X.shape[0]).ravel() for X, _ in train_sets])
+    if mechanism is None:
+        grams = ClippedSum(gram_rows, d.basis_clip, 0.0).clipped_total()[0]
+    else:
+        (grams,) = mechanism.release(Charge(0, "basis", 1.0, z), ClippedSum(gram_rows, d.basis_clip, z * d.basis_clip))
     G = grams.reshape(dim, dim)
     vals, vecs = np.linalg.eigh(0.5 * (G + G.T))
     pcs = vecs[:, np.argsort(vals)[::-1]]
     if kind == "pca":
         return pcs[:, :k]
-    diff = sum(clip_l2(X[y == 1].mean(0) - X[y == 0].mean(0), 1.0)[0] for X, y in train_sets)
-    if ledger is not None:
-        diff = release_statistics(diff, z, dp_accounting.GaussianDpEvent(z), ledger)
+    diff_rows = np.stack([X[y == 1].mean(0) - X[y == 0].mean(0) for X, y in train_sets])
+    if mechanism is None:
+        diff = ClippedSum(diff_rows, 1.0, 0.0).clipped_total()[0]
+    else:
+        (diff,) = mechanism.release(Charge(1, "basis", 1.0, z), ClippedSum(diff_rows, 1.0, z))
     direction = diff / (np.linalg.norm(diff) + 1e-12)
     rest = pcs - np.outer(direction, direction @ pcs)
     q, _ = np.linalg.qr(np.column_stack([direction, rest[:, : k - 1]]))
@@ -315,23 +318,24 @@ def _local_update(params, X, y, d: Defaults, rng) -> np.ndarray:
     return local
 
 
-def _fedavg(train_sets, d: Defaults, z: float | None, ledger: ReleaseLedger | None, seed: int) -> np.ndarray:
-    """FedAvg; with a ``ledger`` DP-FedAvg (deltas clipped to ``dp_clip``, one Gaussian release per round)."""
+def _fedavg(train_sets, d: Defaults, z: float | None, mechanism: PrivacyMechanism | None, seed: int) -> np.ndarray:
+    """FedAvg; with a ``mechanism`` DP-FedAvg (deltas clipped to ``dp_clip``, one Gaussian release per round)."""
     rng = np.random.default_rng(seed)
     params = init_params(train_sets[0][0].shape[1], 2)
-    rounds, server_lr = (d.rounds, d.server_lr) if ledger is None else (d.dp_rounds, d.dp_server_lr)
-    for _ in range(rounds):
+    rounds, server_lr = (d.rounds, d.server_lr) if mechanism is None else (d.dp_rounds, d.dp_server_lr)
+    for r in range(rounds):
         deltas = [_local_update(params, X, y, d, rng) - params for X, y in train_sets]
-        if ledger is None:
+        if mechanism is None:
             total = np.sum(deltas, axis=0)
         else:
-            total = np.sum([clip_l2(delta, d.dp_clip)[0] for delta in deltas], axis=0)
-            total = release_statistics(total, z * d.dp_clip, dp_accounting.GaussianDpEvent(z), ledger)
+            (total,) = mechanism.release(
+                Charge(r, "train", 1.0, z), ClippedSum(np.stack(deltas), d.dp_clip, z * d.dp_clip)
+            )
         params = params + server_lr * total / len(train_sets)
     return params
 
 
-def _dp_ftrl(train_sets, d: Defaults, z: float, ledger: ReleaseLedger, seed: int) -> np.ndarray:
+def _dp_ftrl(train_sets, d: Defaults, z: float, mechanism: PrivacyMechanism, seed: int) -> np.ndarray:
     """DP-FTRL over a public cyclic schedule: each epoch, disjoint groups of
     ``ftrl_devices_per_round`` devices take one round each (every device once per tree)."""
     rng = np.random.default_rng(seed)
@@ -346,7 +350,7 @@ def _dp_ftrl(train_sets, d: Defaults, z: float, ledger: ReleaseLedger, seed: int
         noise_multiplier=z,
         lr=d.ftrl_lr * (1.0 - d.ftrl_momentum),
         momentum=d.ftrl_momentum,
-        ledger=ledger,
+        mechanism=mechanism,
     )
     params = server.theta
     for _ in range(d.ftrl_epochs):
@@ -356,21 +360,23 @@ def _dp_ftrl(train_sets, d: Defaults, z: float, ledger: ReleaseLedger, seed: int
     return params
 
 
-def _central_dp(train_sets, d: Defaults, z: float, ledger: ReleaseLedger) -> np.ndarray:
+def _central_dp(train_sets, d: Defaults, z: float, mechanism: PrivacyMechanism) -> np.ndarray:
     from biofed.kernels.training import loss_and_grad
 
     params = init_params(train_sets[0][0].shape[1], 2)
-    for _ in range(d.central_steps):
-        grads = [clip_l2(loss_and_grad(params, X, y, 2, l2=0.0)[1], d.central_clip)[0] for X, y in train_sets]
-        total = release_statistics(np.sum(grads, axis=0), z * d.central_clip, dp_accounting.GaussianDpEvent(z), ledger)
+    for step in range(d.central_steps):
+        grads = np.stack([loss_and_grad(params, X, y, 2, l2=0.0)[1] for X, y in train_sets])
+        (total,) = mechanism.release(
+            Charge(step, "train", 1.0, z), ClippedSum(grads, d.central_clip, z * d.central_clip)
+        )
         params = params - d.central_lr * total / len(train_sets)
     return params
 
 
-def _one_shot(train_sets, d: Defaults, z: float, ledger: ReleaseLedger) -> np.ndarray:
+def _one_shot(train_sets, d: Defaults, z: float, mechanism: PrivacyMechanism) -> np.ndarray:
     stats = [class_statistics(X, y, 2, means_clip=d.means_clip, scatter_clip=d.scatter_clip) for X, y in train_sets]
     means, scatter = release_class_statistics(
-        stats, 2, means_clip=d.means_clip, scatter_clip=d.scatter_clip, noise_multiplier=z, ledger=ledger
+        stats, 2, means_clip=d.means_clip, scatter_clip=d.scatter_clip, noise_multiplier=z, mechanism=mechanism
     )
     return lda_from_statistics(means, scatter, d.ridge)
 
@@ -386,28 +392,50 @@ def fit_global(
     k: int = 32,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Train ``method`` on ``train_sets`` [(X, y) per device]; returns ``(params, basis, epsilon spent)``."""
+    """Train ``method`` on ``train_sets`` [(X, y) per device]; returns ``(params, basis, epsilon spent)``.
+
+    A private method gets a fresh :class:`PrivacyMechanism` with an in-memory ledger at
+    ``delta`` (a simulated run); the epsilon spent is that ledger's. At ``epsilon = inf`` it
+    releases through the gate without noise (``z = 0``, epsilon spent ``inf``).
+    """
     private = method in PRIVATE_METHODS and not math.isinf(epsilon)
     z = noise_multiplier_for(method, epsilon, delta, d, basis=projection, n_devices=len(train_sets)) if private else 0.0
-    ledger = ReleaseLedger() if method in PRIVATE_METHODS else None
-    basis = _projection(train_sets, k, projection, z, ledger if private else None, d)
-    sets = train_sets if basis is None else [(X @ basis, y) for X, y in train_sets]
-    if method == "central":
-        params = _train_central(sets, d, seed)
-    elif method == "fedavg":
-        params = _fedavg(sets, d, None, None, seed)
-    elif method == "fedavg-dp":
-        params = _fedavg(sets, d, z, ledger, seed)
-    elif method == "dp-ftrl":
-        params = _dp_ftrl(sets, d, z, ledger, seed)
-    elif method == "central-dp":
-        params = _central_dp(sets, d, z, ledger)
-    elif method == "one-shot":
-        params = _one_shot(sets, d, z, ledger)
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    spent = ledger.epsilon(delta) if ledger is not None else math.inf
+    mechanism = PrivacyMechanism(PrivacyLedger(delta, ("rdp",))) if method in PRIVATE_METHODS else None
+    with _noiseless_releases_expected() if method in PRIVATE_METHODS and not private else contextlib.nullcontext():
+        basis = _projection(train_sets, k, projection, z, mechanism if private else None, d)
+        sets = train_sets if basis is None else [(X @ basis, y) for X, y in train_sets]
+        if method == "central":
+            params = _train_central(sets, d, seed)
+        elif method == "fedavg":
+            params = _fedavg(sets, d, None, None, seed)
+        elif method == "fedavg-dp":
+            params = _fedavg(sets, d, z, mechanism, seed)
+        elif method == "dp-ftrl":
+            params = _dp_ftrl(sets, d, z, mechanism, seed)
+        elif method == "central-dp":
+            params = _central_dp(sets, d, z, mechanism)
+        elif method == "one-shot":
+            params = _one_shot(sets, d, z, mechanism)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+    spent = mechanism.ledger.epsilon() if mechanism is not None else math.inf
     return params, basis, spent
+
+
+@contextlib.contextmanager
+def _noiseless_releases_expected():
+    """Silence the ledger's "ran without noise" warning: the no-DP cells of the private
+    methods release with ``z = 0`` on purpose, and their epsilon is reported as inf."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "ran without noise" not in record.getMessage()
+
+    ledger_logger = logging.getLogger(PrivacyLedger.__module__)
+    ledger_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        ledger_logger.removeFilter(drop)
 
 
 def _score(params, basis, X, y) -> float:
