@@ -1,4 +1,7 @@
-"""One-shot LDA, DP-FTRL tree aggregation, the release ledger and ``biofed evaluate``."""
+"""One-shot LDA, DP-FTRL on the privacy mechanism, and ``biofed evaluate``.
+
+The tree-aggregated release itself is tested with the mechanism (tests/test_privacy_gate.py)
+and its accounting with the ledger (tests/test_privacy_ledger_tree.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from biofed.apps.evaluation import (
     _method_event,
     _parse_variants,
     evaluate_command,
+    fit_global,
     load_devices,
     noise_multiplier_for,
     plain_pipeline_rows,
@@ -24,74 +28,16 @@ from biofed.apps.evaluation import (
 )
 from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
 from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
-from biofed.coordinator.release import ReleaseLedger, TreePrefixRelease, release_statistics, tree_nodes
 from biofed.edge.statistics import class_statistics, personalize
 from biofed.kernels.training import init_params, predict_proba
+from biofed.privacy_ledger import PrivacyLedger
+from biofed.privacy_mechanism import PrivacyMechanism
 
 REPLACE_SPECIAL = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
 
 
-# ----------------------------------------------------------------------------- releases
-@pytest.mark.parametrize("step", range(1, 40))
-def test_tree_nodes_partition_the_prefix(step):
-    covered = []
-    for level, j in tree_nodes(step):
-        covered += range(j * 2**level + 1, (j + 1) * 2**level + 1)
-    assert sorted(covered) == list(range(1, step + 1))
-    assert len(tree_nodes(step)) == bin(step).count("1")
-
-
-def test_tree_nodes_rejects_step_zero():
-    with pytest.raises(ValueError, match="step must be an integer >= 1"):
-        tree_nodes(0)
-
-
-def test_tree_prefix_without_noise_is_the_running_sum_and_charges_once():
-    ledger = ReleaseLedger()
-    event = dp_accounting.SingleEpochTreeAggregationDpEvent(0.0, 5)
-    tree = TreePrefixRelease(5, 0.0, event, ledger)
-    values = np.arange(15.0).reshape(5, 3)
-    out = [tree.release_prefix(v) for v in values]
-    np.testing.assert_allclose(out, np.cumsum(values, axis=0))
-    assert ledger.events == (event,)
-    with pytest.raises(RuntimeError, match="charged for 5 steps"):
-        tree.release_prefix(values[0])
-
-
-def test_tree_prefix_noise_has_the_variance_of_its_nodes():
-    sigma, dim = 2.0, 20000
-    tree = TreePrefixRelease(7, sigma, dp_accounting.SingleEpochTreeAggregationDpEvent(1.0, 7), ReleaseLedger())
-    noises = [tree.release_prefix(np.zeros(dim)) for _ in range(7)]
-    for step, noise in enumerate(noises, start=1):
-        expected = sigma * math.sqrt(bin(step).count("1"))
-        assert noise.std() == pytest.approx(expected, rel=0.05)
-    # prefix 2 is node (1, 0); prefix 3 is node (1, 0) + node (0, 2): they share half their noise
-    assert np.corrcoef(noises[1], noises[2])[0, 1] == pytest.approx(1 / math.sqrt(2), abs=0.03)
-
-
-def test_release_statistics_charges_before_release_and_uses_os_noise():
-    ledger = ReleaseLedger()
-    event = dp_accounting.GaussianDpEvent(1.5)
-    a = release_statistics(np.zeros(1000), 1.0, event, ledger)
-    b = release_statistics(np.zeros(1000), 1.0, event, ledger)
-    assert ledger.events == (event, event)
-    assert not np.allclose(a, b)  # fresh OS-seeded noise each time
-    assert a.std() == pytest.approx(1.0, rel=0.1)
-    direct = RdpAccountant(neighboring_relation=REPLACE_SPECIAL)
-    direct.compose(event, 2)
-    assert ledger.epsilon(1e-5) == pytest.approx(direct.get_epsilon(1e-5))
-
-
-def test_release_rejects_bad_input_without_charging():
-    ledger = ReleaseLedger()
-    with pytest.raises(ValueError, match="NaN"):
-        release_statistics([np.nan], 1.0, dp_accounting.GaussianDpEvent(1.0), ledger)
-    with pytest.raises(ValueError, match="noise_std"):
-        release_statistics([1.0], -1.0, dp_accounting.GaussianDpEvent(1.0), ledger)
-    with pytest.raises(TypeError, match="DpEvent"):
-        release_statistics([1.0], 1.0, "gaussian", ledger)
-    assert ledger.events == ()
-    assert ledger.epsilon(1e-5) == 0.0
+def _gate(persist=None) -> PrivacyMechanism:
+    return PrivacyMechanism(PrivacyLedger(1e-5, ("rdp",)), persist=persist)
 
 
 # ----------------------------------------------------------------------------- one-shot
@@ -109,7 +55,7 @@ def test_lda_from_statistics_matches_scikit_learn():
     X, y = _two_gaussians(rng)
     stats = class_statistics(X, y, 2, means_clip=1e6, scatter_clip=1e6)
     means, scatter = release_class_statistics(
-        [stats], 2, means_clip=1e6, scatter_clip=1e6, noise_multiplier=0.0, ledger=ReleaseLedger()
+        [stats], 2, means_clip=1e6, scatter_clip=1e6, noise_multiplier=0.0, mechanism=_gate()
     )
     params = lda_from_statistics(means, scatter, ridge=1e-9)
     ours = predict_proba(params, X, 2).argmax(axis=1)
@@ -127,19 +73,44 @@ def test_class_statistics_clip_and_missing_class():
         class_statistics(X[y == 0], y[y == 0], 2, means_clip=1.0, scatter_clip=None)
 
 
-def test_one_shot_is_one_release_per_block():
+def test_one_shot_is_one_release_of_both_blocks_charged_durably():
     rng = np.random.default_rng(2)
     stats = [class_statistics(*_two_gaussians(rng, n=30), 2, means_clip=1.0, scatter_clip=1.0) for _ in range(4)]
-    ledger = ReleaseLedger()
-    release_class_statistics(stats, 2, means_clip=1.0, scatter_clip=1.0, noise_multiplier=2.0, ledger=ledger)
-    assert ledger.events == (dp_accounting.GaussianDpEvent(2.0),) * 2
+    persisted = []
+    gate = _gate(persist=lambda ledger: persisted.append(ledger.to_json()))
+    means, scatter = release_class_statistics(
+        stats, 2, means_clip=1.0, scatter_clip=1.0, noise_multiplier=2.0, mechanism=gate, round=3
+    )
+    assert means.shape == (2, 5) and scatter.shape == (5, 5)
+    assert len(gate.ledger) == 1 and len(persisted) == 1 and gate.ledger.last_round("train") == 3
+    # one charge of both blocks costs what one GaussianDpEvent(z) per block costs
+    direct = RdpAccountant()
+    direct.compose(dp_accounting.GaussianDpEvent(2.0), 2)
+    assert gate.ledger.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    # each block carries noise of std z * clip on its sum: the released average differs from the exact one
+    exact, _ = release_class_statistics(
+        stats, 2, means_clip=1.0, scatter_clip=None, noise_multiplier=0.0, mechanism=_gate()
+    )
+    assert not np.allclose(means, exact)
+
+
+def test_one_shot_bad_input_releases_nothing():
+    gate = _gate()
+    with pytest.raises(ValueError, match="at least one device"):
+        release_class_statistics([], 2, means_clip=1.0, scatter_clip=None, noise_multiplier=1.0, mechanism=gate)
+    rng = np.random.default_rng(5)
+    stats = class_statistics(*_two_gaussians(rng, n=20), 2, means_clip=1.0, scatter_clip=None)
+    stats.means[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        release_class_statistics([stats], 2, means_clip=1.0, scatter_clip=None, noise_multiplier=1.0, mechanism=gate)
+    assert len(gate.ledger) == 0
 
 
 # ----------------------------------------------------------------------------- DP-FTRL
 def test_dp_ftrl_without_noise_is_gradient_descent_on_clipped_means():
     rng = np.random.default_rng(3)
     theta0 = rng.normal(size=4)
-    server = DPFTRL(theta0, 6, clip=1.0, noise_multiplier=0.0, lr=0.5, ledger=ReleaseLedger())
+    server = DPFTRL(theta0, 6, clip=1.0, noise_multiplier=0.0, lr=0.5, mechanism=_gate())
     theta = theta0.copy()
     for r in range(6):
         grads = {f"d{r}-{k}": rng.normal(size=4) * 3 for k in range(3)}
@@ -149,23 +120,52 @@ def test_dp_ftrl_without_noise_is_gradient_descent_on_clipped_means():
 
 
 def test_dp_ftrl_refuses_a_device_twice_per_epoch_and_charges_one_tree_per_epoch():
-    ledger = ReleaseLedger()
-    server = DPFTRL(np.zeros(3), 2, 3, clip=1.0, noise_multiplier=2.0, lr=1.0, ledger=ledger)
+    persisted = []
+    gate = _gate(persist=lambda ledger: persisted.append(ledger.count()))
+    server = DPFTRL(np.zeros(3), 2, 3, clip=1.0, noise_multiplier=2.0, lr=1.0, mechanism=gate, first_round=10)
     server.step({"a": np.ones(3)})
-    with pytest.raises(ValueError, match=r"\['a'\] already contributed in this epoch"):
+    assert persisted == [1]  # the whole first tree, charged before its first prefix
+    theta = server.theta.copy()
+    with pytest.raises(ValueError, match="'a' already contributed to this tree"):
         server.step({"a": np.ones(3), "b": np.ones(3)})
+    np.testing.assert_array_equal(server.theta, theta)  # the refused round changed nothing
     server.step({"b": np.ones(3)})
     server.step({"a": np.ones(3)})  # a new epoch, a new tree
-    tree = dp_accounting.SingleEpochTreeAggregationDpEvent(2.0, 2)
-    assert ledger.events == (tree, tree)
+    (group,) = gate.ledger.groups
+    assert (group.count, group.tree_steps, group.first_round, group.last_round) == (2, 2, 10, 13)
+    assert group.event == dp_accounting.SelfComposedDpEvent(dp_accounting.SingleEpochTreeAggregationDpEvent(2.0, 2), 2)
     server.step({"b": np.ones(3)})
     server.step({"a": np.ones(3)})
     server.step({"b": np.ones(3)})
     with pytest.raises(RuntimeError, match="all 3 epoch"):
         server.step({"c": np.ones(3)})
+    assert persisted == [1, 2, 3]
     direct = RdpAccountant(neighboring_relation=REPLACE_SPECIAL)
     direct.compose(dp_ftrl_event(2.0, 2, 3))
-    assert ledger.epsilon(1e-5) == pytest.approx(direct.get_epsilon(1e-5))
+    assert gate.ledger.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_dp_ftrl_stopped_early_has_spent_its_whole_tree():
+    gate = _gate()
+    server = DPFTRL(np.zeros(2), 8, clip=1.0, noise_multiplier=1.5, lr=1.0, mechanism=gate)
+    server.step({"a": np.ones(2)})  # one round of eight, then the run stops
+    direct = RdpAccountant(neighboring_relation=REPLACE_SPECIAL)
+    direct.compose(dp_ftrl_event(1.5, 8, 1))
+    assert gate.ledger.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_dp_ftrl_bad_input():
+    with pytest.raises(TypeError, match="mechanism must be a PrivacyMechanism"):
+        DPFTRL(np.zeros(2), 2, clip=1.0, noise_multiplier=1.0, lr=1.0, mechanism=PrivacyLedger(1e-5))
+    with pytest.raises(ValueError, match="rounds_per_epoch must be an integer >= 1"):
+        DPFTRL(np.zeros(2), 0, clip=1.0, noise_multiplier=1.0, lr=1.0, mechanism=_gate())
+    pld = PrivacyMechanism(PrivacyLedger(1e-5))  # reports RDP and PLD: cannot account a tree
+    server = DPFTRL(np.zeros(2), 2, clip=1.0, noise_multiplier=1.0, lr=1.0, mechanism=pld)
+    with pytest.raises(ValueError, match="PLD accountant cannot account tree aggregation"):
+        server.step({"a": np.ones(2)})
+    assert len(pld.ledger) == 0
+    with pytest.raises(ValueError, match="at least one device"):
+        DPFTRL(np.zeros(2), 2, clip=1.0, noise_multiplier=1.0, lr=1.0, mechanism=_gate()).step({})
 
 
 @pytest.mark.parametrize("method", ["one-shot", "dp-ftrl", "fedavg-dp", "central-dp"])
@@ -176,6 +176,24 @@ def test_noise_multiplier_meets_the_target_epsilon(method):
     accountant.compose(_method_event(method, z, d, "class", 7))
     assert 3.9 <= accountant.get_epsilon(1e-5) <= 4.0
     assert noise_multiplier_for(method, math.inf, 1e-5, d) == 0.0
+
+
+@pytest.mark.parametrize("method", ["one-shot", "dp-ftrl", "fedavg-dp", "central-dp"])
+@pytest.mark.parametrize("projection", ["none", "class"])
+def test_fit_global_spends_what_was_calibrated(method, projection):
+    """The simulated run's own ledger (every release it made through its gate) reports the
+    epsilon the calibration planned for all of the method's releases."""
+    rng = np.random.default_rng(6)
+    train_sets = [_two_gaussians(rng, n=20, d=6) for _ in range(5)]
+    d = Defaults(dp_rounds=3, central_steps=3, ftrl_epochs=2, ftrl_devices_per_round=2, local_epochs=1)
+    params, basis, spent = fit_global(method, train_sets, d, 4.0, 1e-5, projection=projection, k=3)
+    z = noise_multiplier_for(method, 4.0, 1e-5, d, basis=projection, n_devices=5)
+    planned = RdpAccountant(neighboring_relation=REPLACE_SPECIAL)
+    planned.compose(_method_event(method, z, d, projection, 5))
+    assert spent == pytest.approx(planned.get_epsilon(1e-5), rel=1e-9) and spent <= 4.0
+    assert (basis is None) == (projection == "none") and np.isfinite(params).all()
+    _, _, spent_inf = fit_global(method, train_sets, d, math.inf, 1e-5)
+    assert spent_inf == math.inf
 
 
 def test_personalize_moves_toward_the_device_data():

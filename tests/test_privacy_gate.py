@@ -11,8 +11,10 @@ import ast
 import math
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting.rdp import RdpAccountant
 
 from biofed.privacy_ledger import PrivacyLedger
 from biofed.privacy_mechanism import (
@@ -22,6 +24,8 @@ from biofed.privacy_mechanism import (
     discrete_gaussian,
     distributed_discrete_tau,
     grid_sensitivity,
+    joint_noise_multiplier,
+    tree_nodes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +44,16 @@ NOISE_DRAWS = {
     "logistic",
     "exponential",
     "standard_exponential",
+    "discrete_gaussian",
+    "_gaussian",
 }
-"""Distribution samplers that could serve as privacy noise."""
+"""Distribution samplers that could serve as privacy noise (and the gate's own samplers,
+which nothing outside the gate may call)."""
 
 NOT_PRIVACY_NOISE = {
     ("datasets/synthetic.py", "*"): "synthetic recordings",
     ("biofed/apps/audit.py", "__init__"): "the audit's canary device's own records",
     ("biofed/apps/audit_stats.py", "canary_directions"): "random canary directions of the audit",
-    ("coordinator/release.py", "_os_seeded_normal"): "simulated releases of `biofed evaluate` only, which holds "
-    "every recording in one process (nothing crosses a trust boundary); "
-    "test_offline_release_module_stays_out_of_the_federation keeps it so",
     ("edge/live_cli.py", "_load_kernels"): "a throw-away window that loads the compiled kernels",
     ("kernels/svd.py", "_randomized_svd"): "random projection of the randomized SVD",
     ("kernels/training.py", "init_params"): "model initialisation",
@@ -96,7 +100,8 @@ def test_the_walk_sees_the_package():
         for call, fn in _calls_with_function(tree)
         if _called_name(call) in NOISE_DRAWS
     ]
-    assert (GATE, "release") in draws  # the walk finds the gate's own draw
+    assert (GATE, "_gaussian") in draws  # the walk finds the gate's own draws
+    assert (GATE, "release_on_grid") in draws
 
 
 def test_no_noise_is_drawn_outside_the_gate():
@@ -295,28 +300,158 @@ def test_release_on_grid_is_integer_clipped_noised_and_charged():
     assert len(gate.ledger) == 2
 
 
-OFFLINE_RELEASE_MODULES = ("biofed.coordinator.release", "biofed.coordinator.one_shot", "biofed.coordinator.dp_ftrl")
-"""Simulated private releases for the offline evaluation; they draw their own noise."""
-
-
-def test_offline_release_module_stays_out_of_the_federation():
-    """Only the offline evaluation (and the offline modules among themselves) may import the
-    simulated releases: a live federation releases through the gate alone."""
-    allowed = {
-        "biofed/apps/evaluation.py",
-        "coordinator/release.py",
-        "coordinator/one_shot.py",
-        "coordinator/dp_ftrl.py",
+def test_the_offline_evaluation_releases_through_the_gate():
+    """``biofed evaluate`` simulates its private releases with the gate itself (an in-memory
+    ledger per run), not with a module of its own."""
+    tree = ast.parse((ROOT / "biofed/apps/evaluation.py").read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "biofed.privacy_mechanism"
+        for alias in node.names
     }
-    importers = set()
-    for path, tree in _package_files():
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            if any(name in OFFLINE_RELEASE_MODULES for name in names):
-                importers.add(path)
-    assert "biofed/apps/evaluation.py" in importers  # the walk sees the one legitimate importer
-    assert importers <= allowed, f"simulated releases imported by {sorted(importers - allowed)}"
+    assert {"PrivacyMechanism", "Charge", "ClippedSum"} <= imported
+    assert not (ROOT / "coordinator/release.py").exists()
+
+
+# ----------------------------------------------------------------------------- tree aggregation
+def _reference_nodes(step: int) -> list[tuple[int, int]]:
+    """The dyadic decomposition of 1..step by brute force: the largest aligned power-of-two
+    blocks, left to right (block (level, j) = steps j 2^level + 1 .. (j + 1) 2^level)."""
+    nodes, start = [], 0
+    while start < step:
+        level = max(lv for lv in range(64) if start % 2**lv == 0 and start + 2**lv <= step)
+        nodes.append((level, start // 2**level))
+        start += 2**level
+    return nodes
+
+
+def _tree_gate(persist=None) -> PrivacyMechanism:
+    return PrivacyMechanism(PrivacyLedger(1e-5, ("rdp",)), persist=persist)
+
+
+@pytest.mark.parametrize("step", range(1, 40))
+def test_tree_nodes_are_the_dyadic_decomposition(step):
+    assert tree_nodes(step) == _reference_nodes(step)
+    assert len(tree_nodes(step)) == bin(step).count("1")
+
+
+def test_tree_nodes_rejects_bad_steps():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="step must be an integer >= 1"):
+            tree_nodes(bad)
+
+
+def test_tree_without_noise_equals_the_numpy_dyadic_sums():
+    """z = 0: every prefix is the sum, over its reference dyadic nodes, of the node sums of
+    the clipped step sums (NumPy cumulative sums), i.e. the running sum of clipped rows."""
+    rng = np.random.default_rng(0)
+    steps, clip = 13, 1.5
+    rows = [rng.normal(size=(rng.integers(1, 4), 5)) * 2 for _ in range(steps)]
+    gate = _tree_gate()
+    tree = gate.open_tree(Charge(0, "train", 1.0, 0.0, tree_steps=steps), clip)
+    clipped = [(r * np.minimum(1.0, clip / np.linalg.norm(r, axis=1))[:, None]).sum(axis=0) for r in rows]
+    cumulative = np.vstack([np.zeros(5), np.cumsum(clipped, axis=0)])
+    ids = iter(range(1000))
+    for t, r in enumerate(rows, start=1):
+        released = tree.release_prefix(r, [next(ids) for _ in range(len(r))])
+        nodes = [cumulative[(j + 1) * 2**lv] - cumulative[j * 2**lv] for lv, j in _reference_nodes(t)]
+        np.testing.assert_allclose(released, np.sum(nodes, axis=0), rtol=1e-12, atol=1e-12)
+    assert tree.released == steps
+
+
+def test_tree_noise_has_the_covariance_of_shared_nodes():
+    """z > 0, zero rows: the prefixes' noise has covariance sigma^2 * |nodes(s) & nodes(t)|
+    (each node's noise drawn once and reused by every prefix that contains it)."""
+    steps, sigma, dim = 11, 2.0, 40_000
+    tree = _tree_gate().open_tree(Charge(0, "train", 1.0, sigma, tree_steps=steps), 1.0)
+    noise = np.array([tree.release_prefix(np.zeros(dim), [t]) for t in range(steps)])
+    expected = (
+        np.array(
+            [
+                [len(set(_reference_nodes(s)) & set(_reference_nodes(t))) for t in range(1, steps + 1)]
+                for s in range(1, steps + 1)
+            ]
+        )
+        * sigma**2
+    )
+    np.testing.assert_allclose(noise @ noise.T / dim, expected, atol=0.1 * sigma**2)
+    assert abs(noise.mean()) < 0.05
+
+
+def test_tree_is_charged_durably_in_full_before_its_first_prefix():
+    events = []
+    gate = _tree_gate(persist=lambda ledger: events.append(("persisted", ledger.to_json())))
+    tree = gate.open_tree(Charge(4, "train", 1.0, 1.2, tree_steps=8), 1.0)
+    assert len(events) == 1 and tree.released == 0
+    tree.release_prefix(np.ones(3), ["a"])  # the run stops after one of eight steps
+    assert len(events) == 1  # prefixes charge nothing more
+    direct = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+    direct.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(1.2, 8))
+    assert gate.ledger.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-12)
+    assert PrivacyLedger.from_json(events[0][1]).epsilon() == gate.ledger.epsilon()
+    assert gate.ledger.last_round("train") == 11  # the tree covers rounds 4..11
+
+
+def test_a_tree_whose_charge_fails_to_persist_releases_nothing():
+    def broken(ledger):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        PrivacyMechanism(PrivacyLedger(1e-5, ("rdp",)), persist=broken).open_tree(
+            Charge(0, "train", 1.0, 1.0, tree_steps=4), 1.0
+        )
+
+
+def test_tree_refuses_repeat_contributors_and_steps_beyond_its_charge():
+    tree = _tree_gate().open_tree(Charge(0, "train", 1.0, 0.0, tree_steps=3), 1.0)
+    tree.release_prefix(np.array([[0.1, 0.0], [0.0, 0.2]]), ["a", "b"])
+    for rows, ids, match in [
+        (np.ones((2, 2)) * 0.1, ["c", "a"], "'a' already contributed to this tree"),
+        (np.ones((2, 2)) * 0.1, ["c", "c"], "contributors repeat within the step"),
+        (np.ones((2, 2)) * 0.1, ["c"], "one id per row"),
+        (np.ones(3) * 0.1, ["c"], "one size P"),
+        (np.array([np.nan, 1.0]), ["c"], "NaN"),
+        (np.ones((0, 2)), [], "at least one contributor"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            tree.release_prefix(rows, ids)
+    assert tree.released == 1  # every refusal left the tree as it was
+    np.testing.assert_allclose(tree.release_prefix(np.array([0.3, 0.0]), ["c"]), [0.4, 0.2])
+    np.testing.assert_allclose(tree.release_prefix(np.array([0.0, 0.1]), ["d"]), [0.4, 0.3])
+    with pytest.raises(ValueError, match="charged for 3 steps and all are released"):
+        tree.release_prefix(np.array([0.0, 0.1]), ["e"])
+
+
+@pytest.mark.parametrize(
+    ("ledger", "charge", "clip", "error", "match"),
+    [
+        (("rdp", "pld"), Charge(0, "train", 1.0, 1.0, tree_steps=4), 1.0, ValueError, "PLD accountant cannot"),
+        (("rdp",), Charge(0, "train", 1.0, 1.0), 1.0, ValueError, "needs a Charge with tree_steps"),
+        (("rdp",), Charge(0, "train", 1.0, 1.0, tree_steps=0), 1.0, ValueError, "tree steps must be an integer >= 1"),
+        (("rdp",), Charge(0, "train", 0.5, 1.0, tree_steps=4), 1.0, ValueError, "sampling_rate must be 1"),
+        (("rdp",), Charge(0, "train", 1.0, -1.0, tree_steps=4), 1.0, ValueError, "noise_multiplier must be"),
+        (("rdp",), Charge(0, "train", 1.0, 1.0, tree_steps=4), 0.0, ValueError, "clip_norm must be a finite"),
+        (("rdp",), Charge(0, "eval", 1.0, 1.0, tree_steps=4), 1.0, ValueError, "kind must be one of"),
+        (("rdp",), (0, "train", 1.0, 1.0), 1.0, TypeError, "must be a Charge"),
+    ],
+)
+def test_bad_trees_charge_nothing(ledger, charge, clip, error, match):
+    gate = PrivacyMechanism(PrivacyLedger(1e-5, ledger))
+    with pytest.raises(error, match=match):
+        gate.open_tree(charge, clip)
+    assert len(gate.ledger) == 0
+
+
+def test_joint_noise_multiplier_costs_one_gaussian_per_block():
+    gate = _tree_gate()
+    z = 1.7
+    gate.release(
+        Charge(0, "train", 1.0, joint_noise_multiplier(z, 3)),
+        *(ClippedSum(np.zeros((2, 4)), c, z * c) for c in (0.5, 1.0, 3.0)),
+    )
+    direct = RdpAccountant()
+    direct.compose(dp_accounting.GaussianDpEvent(z), 3)
+    assert gate.ledger.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    with pytest.raises(ValueError, match="blocks must be an integer >= 1"):
+        joint_noise_multiplier(z, 0)
