@@ -54,10 +54,10 @@ neighbouring relation (``RdpAccountant._maybe_compose`` refuses it under any oth
   ``C`` (``||x - 0|| <= C``), exactly as under add/remove-one, so the Gaussian rounds keep
   their multiplier ``z = std / C``; dp-accounting's RDP of ``GaussianDpEvent`` and of
   ``PoissonSampledDpEvent`` does not depend on the relation (it accepts both), so a
-  Gaussian-only history reports the same epsilon either way. Because every mechanism here
-  sees a device only through the sum of its clipped contribution (the cohort size being
-  public), replacing a device by the zero record is indistinguishable from removing it:
-  the guarantee is still one per device;
+  Gaussian-only history reports the same epsilon either way. The neighbours then differ
+  in what one device contributed, not in whether it took part: the guarantee still covers
+  each device's (patient's) whole data, which could as well have contributed zero, while
+  participation itself is public (as the published cohort already is);
 * a ledger that reports PLD cannot hold a tree: :meth:`PrivacyLedger.record_tree` refuses
   it (and a persisted ledger that would combine them does not load), before anything is
   released. Tree ledgers use ``accountants=("rdp",)``.

@@ -444,6 +444,10 @@ class TreeAggregation:
             Bad rows, ids that repeat or do not match the rows, a changed ``P``, or every
             charged step already released. Nothing is released and the tree is unchanged.
         """
+        if self._step >= self.steps:
+            raise ValueError(
+                f"the tree was charged for {self.steps} steps and all are released; open (and charge) a new tree."
+            )
         query = ClippedSum(rows, self.clip_norm, self.noise_std)
         ids = list(contributors)
         if len(ids) != query.rows.shape[0]:
@@ -458,10 +462,6 @@ class TreeAggregation:
                 f"contributor(s) {', '.join(again)} already contributed to this tree; its accounting "
                 "(SingleEpochTreeAggregationDpEvent) allows each contributor in at most one step: "
                 "schedule disjoint groups, or open a new tree."
-            )
-        if self._step >= self.steps:
-            raise ValueError(
-                f"the tree was charged for {self.steps} steps and all are released; open (and charge) a new tree."
             )
         if self._size is not None and query.rows.shape[1] != self._size:
             raise ValueError(f"tree steps must keep one size P: got {query.rows.shape[1]} after {self._size}.")
