@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("rdp", "pld")
-ROUND_KINDS = ("train", "basis")
+ROUND_KINDS = ("train", "basis", "statistics")
 _LEDGER_FORMAT = 2
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dp_accounting
 import numpy as np
 
+from biofed.coordinator.lda import lda_from_statistics
 from biofed.coordinator.release import ReleaseLedger, release_statistics
 
 __all__ = ["lda_from_statistics", "release_class_statistics"]
@@ -55,25 +56,3 @@ def release_class_statistics(
         d = contributions[0].scatter.shape[0]
         scatter = scatter.reshape(d, d)
     return means.reshape(n_classes, -1), scatter
-
-
-def lda_from_statistics(means, scatter, ridge: float) -> np.ndarray:
-    """Logistic-regression-layout parameters (``W (d, c) | b (c,)``) of the regularized LDA.
-
-    ``means`` (c, d); ``scatter`` (d, d) or None (then ``S = 0``: nearest class mean);
-    ``ridge`` > 0.
-    """
-    means = np.asarray(means, dtype=np.float64)
-    c, d = means.shape
-    if not ridge > 0:
-        raise ValueError(f"ridge must be > 0, got {ridge!r}")
-    if scatter is None:
-        S = np.zeros((d, d))
-    else:
-        S = 0.5 * (np.asarray(scatter) + np.asarray(scatter).T)
-        vals, vecs = np.linalg.eigh(S)
-        S = (vecs * np.maximum(vals, 0.0)) @ vecs.T
-    A = S + ridge * np.eye(d)
-    W = np.linalg.solve(A, means.T)  # (d, c)
-    b = -0.5 * np.einsum("dc,cd->c", W, means)
-    return np.concatenate([W.ravel(), b])
