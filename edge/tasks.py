@@ -562,7 +562,7 @@ def statistics_reply(task: Task, data: LocalData, basis: Basis, release: Release
         basis_version=task.basis_version,
         phase="statistics",
         statistic=release(task, vector, "statistics"),
-        clipped=_central(task) and max(blocks) >= 1.0 - 1e-9,  # a block at its bound was clipped
+        clipped=bool(_central(task) and max(blocks) >= 1.0 - 1e-9),  # a block at its bound was clipped
         n_features=basis.components.shape[0],
         n_classes=len(task.classes),
     )
