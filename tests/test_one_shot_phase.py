@@ -475,3 +475,23 @@ def test_personal_model_fits_the_device_and_is_reported_only_in_central_mode():
     )
     with pytest.raises(TaskRefused, match="logistic-regression model"):
         personal_model(np.ones(5), 2, data, basis, epochs=1, lr=0.1, prox_mu=0.0, random_state=np.random.default_rng(0))
+
+
+def test_statistics_release_is_charged_durably_before_anything_is_released():
+    devices = [_device(seed) for seed in range(2)]
+    basis = _basis(devices)
+    sketches = [statistics_reply(_task(), d, basis, DeviceRelease(_gate())).sketch for d in devices]
+    pending = statistics_phase(_settings(z=1.0), _state(basis), 6, sketches)
+    persisted = []
+
+    def full_disk(ledger: PrivacyLedger) -> None:
+        persisted.append(ledger.count("statistics"))
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        pending.release.run(PrivacyMechanism(PrivacyLedger(1e-5), persist=full_disk))
+    assert persisted == [1]  # the charge was being written when the release stopped: nothing came out
+    durable = []
+    gate = PrivacyMechanism(PrivacyLedger(1e-5), persist=lambda ledger: durable.append(ledger.to_json()))
+    pending.close(pending.release.run(gate))
+    assert len(durable) == 1 and PrivacyLedger.from_json(durable[0]).count("statistics") == 1

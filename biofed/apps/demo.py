@@ -143,6 +143,9 @@ __all__ = [
 FLEET = "demo"
 ALGORITHM_ROUNDS = {"one_shot": 0, "fedavg": 10}
 """Training rounds of each ``--algorithm`` without ``--rounds`` (after one-shot: fine-tuning)."""
+DEMO_ALGORITHM = "one_shot"
+"""What ``biofed demo`` trains with: the best private algorithm at epsilon <= 8 (see
+"Algorithm and privacy defaults")."""
 SYNTHETIC_DEVICES = 10
 """Synthetic devices without ``--devices``: client-level DP noise on the mean update is
 ``z C / n``, so a private federation needs a fleet (``docs/measurements.md`` compares 5 and 10)."""
@@ -161,7 +164,10 @@ class DemoError(RuntimeError):
 class DemoSettings:
     """Everything a demo run depends on (written to ``summary.json``).
 
-    The defaults run *with* client-level DP (see "Privacy defaults" in the module docstring).
+    The defaults run *with* client-level DP (see "Algorithm and privacy defaults" in the module
+    docstring). ``algorithm`` defaults to ``"fedavg"`` here: these settings are also the harness
+    of ``biofed simulate``, ``biofed audit`` and the benchmarks, which exercise training rounds;
+    ``biofed demo`` passes :data:`DEMO_ALGORITHM`.
     """
 
     out: Path
@@ -169,7 +175,7 @@ class DemoSettings:
     devices: int | None = None
     rounds: int | None = None
     """None: :data:`ALGORITHM_ROUNDS` of ``algorithm``."""
-    algorithm: str = "one_shot"
+    algorithm: str = "fedavg"
     statistics_noise_multiplier: float = 0.65
     means_clip: float = 1.0
     scatter_clip: float | None = None
@@ -1014,7 +1020,7 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
 @click.option(
     "--algorithm",
     type=click.Choice(sorted(ALGORITHM_ROUNDS)),
-    default=DemoSettings.algorithm,
+    default=DEMO_ALGORITHM,
     show_default=True,
     help="one_shot: one private release of the devices' class statistics, solved as a ridge LDA (then "
     "--rounds fine-tuning rounds); fedavg: DP-FedAvg training rounds.",
