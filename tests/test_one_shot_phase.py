@@ -495,3 +495,22 @@ def test_statistics_release_is_charged_durably_before_anything_is_released():
     gate = PrivacyMechanism(PrivacyLedger(1e-5), persist=lambda ledger: durable.append(ledger.to_json()))
     pending.close(pending.release.run(gate))
     assert len(durable) == 1 and PrivacyLedger.from_json(durable[0]).count("statistics") == 1
+
+
+def test_privacy_command_plans_every_release_of_a_config(tmp_path):
+    from click.testing import CliRunner
+
+    from biofed.coordinator.privacy_cli import privacy_command
+
+    path = tmp_path / "coordinator.toml"
+    path.write_text(COORDINATOR)
+    result = CliRunner().invoke(privacy_command, ["--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 x basis release, noise multiplier 10" in result.output
+    assert "1 x statistics release, noise multiplier 0.7" in result.output
+    expected = RdpAccountant().compose(dp_accounting.GaussianDpEvent(10.0)).compose(dp_accounting.GaussianDpEvent(0.7))
+    assert f"client-level epsilon (RDP): {expected.get_epsilon(1e-5):.6f}" in result.output
+    path.write_text(COORDINATOR + "\n[model]\nhidden = 4\n")
+    refused = CliRunner().invoke(privacy_command, ["--config", str(path)])
+    assert refused.exit_code == 1 and "solves a linear model" in refused.output
+    assert "give --rounds" in CliRunner().invoke(privacy_command, ["-z", "1"]).output
