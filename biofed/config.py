@@ -247,6 +247,9 @@ class PersonalizationSettings(_Section):
     epochs: int = Field(30, ge=1)
     lr: float = Field(0.02, gt=0)
     prox_mu: float = Field(0.01, ge=0)
+    predict_with_personal: bool = False
+    """With ``predict = true``, classify the device's windows with its personal model instead
+    of the global one (scored with the Numba kernels: the personal model has no ONNX export)."""
 
 
 class MetricsSettings(_Section):

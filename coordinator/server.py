@@ -121,7 +121,8 @@ round stays committed.
 Ledger entries per round: basis phases ``kind="basis"``, the one-shot statistics
 ``kind="statistics"`` (z_s), training rounds ``kind="train"``, all with ``q = 1``. Before the
 first round the run's plan (every release it will make) is logged with its epsilon
-(:func:`~biofed.coordinator.phases.planned_epsilons`; ``biofed privacy --config`` prints it). A round where fewer devices replied than were selected keeps the noise
+(:func:`~biofed.coordinator.phases.planned_epsilons`; ``biofed privacy --config`` prints it).
+A round where fewer devices replied than were selected keeps the noise
 ``z C`` on the sum (``C`` still bounds each device), so it is recorded with the same ``z``;
 only utility suffers. The budget is checked with the next round's parameters before every
 round; training stops (and the evaluation still runs) when the next round would exceed it.

@@ -74,7 +74,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -443,6 +443,11 @@ class EdgeAgent:
         if not self.config.predict:
             return []
         X, _, t = self.store.read(limit=_PREDICT_ROWS)
+        personal = self.personal
+        if self.config.personalization.predict_with_personal and personal is not None:
+            if np.array_equal(personal.source, model.params):  # this model's personal version
+                logger.info("%s: predicting with this device's personal model of round %d", self.device_id, model.round)
+                model = replace(model, params=personal.params, onnx=np.empty(0, dtype=np.uint8))
         prediction = self.predictions.on_model(model, self.basis, X, t, self.local_data)
         if prediction is None:
             return []
