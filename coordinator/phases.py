@@ -595,10 +595,17 @@ def _close_statistics(
         "" if scatter is None else ", with the within-class scatter",
     )
     new_state = replace(state, params=params, strategy_state={}, phase="train")
+    return _model_outcome(settings, new_state, round_, n_devices, release)
+
+
+def _model_outcome(
+    settings: PhaseSettings, new_state: Snapshot, round_: int, n_devices: int, release: Release | None
+) -> PhaseOutcome:
+    """A round that made a new global model (``new_state.params``): its :class:`Model` payload."""
     payload = Model(
         round=round_,
-        params=params,
-        basis_version=state.basis_version,
+        params=new_state.params,
+        basis_version=new_state.basis_version,
         classes=settings.classes,
         hidden=settings.hidden,
         n_devices=n_devices,
@@ -717,15 +724,7 @@ def _close_train(
         train_rounds_done=state.train_rounds_done + 1,
         strategy_state=strategy.state_dict(),
     )
-    payload = Model(
-        round=round_,
-        params=params,
-        basis_version=state.basis_version,
-        classes=settings.classes,
-        hidden=settings.hidden,
-        n_devices=n_devices,
-    )
-    return PhaseOutcome(new_state, None if release is None else release.charge, payload)
+    return _model_outcome(settings, new_state, round_, n_devices, release)
 
 
 def evaluate_phase(state: Snapshot) -> PhaseOutcome:
