@@ -233,6 +233,9 @@ class CoordinatorTrainingSettings(TrainingSettings):
     """The coordinator's ``[training]``: the local settings it sends, and the algorithm."""
 
     algorithm: Literal[ALGORITHMS] = "fedavg"
+    """"fedavg": federated training rounds aggregated by [strategy]; "one_shot": one private
+    release of the devices' class statistics in the basis space, solved as a ridge LDA
+    (``biofed demo``'s default), then ``rounds`` fine-tuning rounds. Needs ``hidden = 0``."""
     one_shot: OneShotSettings = OneShotSettings()
 
 
