@@ -390,7 +390,8 @@ class Coordinator:
         metrics_server = None
         try:
             self._open_state()
-            self._log_plan()
+            if not self._check_plan():
+                return self._state
             self.metrics.set_epsilons(self.ledger.epsilons())
             try:
                 metrics_server = serve(self.metrics.registry, self.config.metrics)
@@ -457,9 +458,11 @@ class Coordinator:
         for message_id in self._store.accepted_ids():
             self.ingest.seen.add(message_id)
 
-    def _log_plan(self) -> None:
+    def _check_plan(self) -> bool:
         """Log the epsilon of every release the run plans (basis, statistics, rounds), and
-        warn when it exceeds the budget (training then stops early)."""
+        warn when it exceeds the budget (training then stops early). False (aborted): a fresh
+        one-shot run whose basis and statistics releases alone, which its model cannot do
+        without, exceed the budget; nothing is released then."""
         planned = planned_epsilons(self.config, self.settings)
         budget = self.config.dp.epsilon_budget
         accountant = self.ledger.budget_accountant
@@ -478,6 +481,16 @@ class Coordinator:
                 accountant,
                 budget,
             )
+        if budget is None or self.settings.algorithm != "one_shot" or len(self.ledger):
+            return True
+        needed = planned_epsilons(self.config.model_copy(update={"rounds": 0}), self.settings)[accountant]
+        if needed > budget:
+            return self._abort(
+                f"the basis and the one-shot statistics releases alone spend epsilon {needed:.4g} ({accountant}), "
+                f"above dp.epsilon_budget = {budget:g}; nothing was released. Raise dp.statistics_noise_multiplier "
+                "or dp.basis_noise_multiplier, or the budget"
+            )
+        return True
 
     def _restore_ledger(self, persisted: PrivacyLedger) -> None:
         """Re-record the persisted entries (what was spent) under this run's accountants and

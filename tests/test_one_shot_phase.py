@@ -514,3 +514,16 @@ def test_privacy_command_plans_every_release_of_a_config(tmp_path):
     refused = CliRunner().invoke(privacy_command, ["--config", str(path)])
     assert refused.exit_code == 1 and "solves a linear model" in refused.output
     assert "give --rounds" in CliRunner().invoke(privacy_command, ["-z", "1"]).output
+
+
+def test_a_one_shot_run_over_its_budget_aborts_before_releasing_anything(tmp_path, caplog):
+    from biofed.coordinator.server import Coordinator, RunState
+
+    config = _load(
+        tmp_path,
+        COORDINATOR.replace("basis_noise_multiplier = 10.0", "basis_noise_multiplier = 10.0\nepsilon_budget = 2.0"),
+    )
+    coordinator = Coordinator(config, discovery_timeout_s=1.0)
+    assert coordinator.run() is RunState.ABORTED  # before it connects: no broker is needed to refuse
+    assert len(coordinator.ledger) == 0 and coordinator.history() == []
+    assert "the basis and the one-shot statistics releases alone spend epsilon" in caplog.text
