@@ -686,7 +686,8 @@ def _caption(summary: Mapping) -> str:
 
 def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None, summary: Mapping) -> None:
     """``stem``.png and ``stem``.svg: accuracy per round (mean and worst device, the
-    centralized baseline's mean and worst device, chance) over epsilon (RDP, PLD, budget)."""
+    personalized models' on the final round, the centralized baseline's mean and worst device,
+    chance) over epsilon (RDP, PLD, budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -711,6 +712,12 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
         alpha=0.6,
         label="federated, worst device",
     )
+    personal = summary.get("personalized") or {}
+    if personal.get("mean") is not None:  # measured once, on the final model
+        ax_acc.plot(rounds[-1:], [personal["mean"]], "*", color="tab:green", markersize=12, label="personalized, mean")
+        ax_acc.plot(
+            rounds[-1:], [personal["min"]], "P", color="tab:green", alpha=0.6, label="personalized, worst device"
+        )
     if baseline is not None and baseline.centralized:
         mean, worst = baseline.centralized_mean_min
         ax_acc.axhline(mean, color="k", linestyle=":", label="centralized, mean")
@@ -736,6 +743,10 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
         else "training round (0: the initial model)"
     )
     ax_eps.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if rounds:
+        ax_eps.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+        if len(rounds) == 1:  # one model (one-shot, no fine-tuning): one tick
+            ax_eps.set_xticks(rounds)
     ax_eps.grid(alpha=0.3)
     if private:
         ax_eps.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
