@@ -946,6 +946,7 @@ def run_demo(settings: DemoSettings) -> dict:
         f"{'one-shot LDA + ' if settings.algorithm == 'one_shot' else ''}"
         f"{sum(r.round > 0 for r in rows)} training rounds), epsilon "
         f"{epsilon_text} at delta {settings.delta:g}"
+        + ("" if final_eps is None else "; one draw of the privacy noise (the evaluation below gives the spread)")
     )
     if personal:
         click.echo(
