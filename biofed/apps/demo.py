@@ -935,6 +935,7 @@ def run_demo(settings: DemoSettings) -> dict:
     click.echo("")
     click.echo(format_table(rows))
     click.echo("")
+    evaluating = settings.evaluate if settings.evaluate is not None else settings.data is not None
     epsilon_text = (
         "inf (no noise)"
         if final_eps is None
@@ -946,7 +947,8 @@ def run_demo(settings: DemoSettings) -> dict:
         f"{'one-shot LDA + ' if settings.algorithm == 'one_shot' else ''}"
         f"{sum(r.round > 0 for r in rows)} training rounds), epsilon "
         f"{epsilon_text} at delta {settings.delta:g}"
-        + ("" if final_eps is None else "; one draw of the privacy noise (the evaluation below gives the spread)")
+        + ("" if final_eps is None else "; one draw of the privacy noise")
+        + (" (the evaluation below gives the spread over draws)" if final_eps is not None and evaluating else "")
     )
     if personal:
         click.echo(
@@ -977,7 +979,7 @@ def run_demo(settings: DemoSettings) -> dict:
         f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, "
         f"model_final.onnx, summary.json) in {elapsed:.0f} s"
     )
-    if settings.evaluate if settings.evaluate is not None else settings.data is not None:
+    if evaluating:
         from biofed.apps.evaluation import evaluate_files
 
         click.echo("")
