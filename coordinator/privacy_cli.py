@@ -58,8 +58,8 @@ def _format_epsilon(eps: float) -> str:
     "config_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="A coordinator config: plan every release its run makes (the basis phase(s), the one-shot class "
-    "statistics, the training rounds, each with its own noise multiplier) instead of -T/-z.",
+    help="A `biofed coordinator` TOML config: plan every release its run makes (the basis phase(s), the "
+    "one-shot class statistics, the training rounds, each with its own noise multiplier) instead of -T/-z.",
 )
 @click.option(
     "--rounds",
