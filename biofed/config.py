@@ -211,6 +211,50 @@ class TrainingSettings(_Section):
     prox_mu: float = Field(0.0, ge=0)
 
 
+ALGORITHMS = ("fedavg", "one_shot")
+"""How the coordinator trains the model on the basis (``[training] algorithm``): ``"fedavg"``,
+federated rounds aggregated by ``[strategy]``; ``"one_shot"``, one private release of the
+devices' class statistics solved as a ridge LDA (then ``rounds`` optional fine-tuning rounds)."""
+
+
+class OneShotSettings(_Section):
+    """The one-shot class statistics (``[training.one_shot]``; :mod:`biofed.protocol.statistics`)."""
+
+    ridge: float = Field(1.0, gt=0)
+    """lambda of the LDA ``(S + lambda I)^-1 m_c``: shrinks toward the nearest-class-mean rule."""
+    means_clip: float = Field(1.0, gt=0)
+    """C_m: Frobenius bound of a device's (classes, k) class means in the basis space."""
+    scatter_clip: float | None = Field(None, gt=0)
+    """C_s: Frobenius bound of a device's (k, k) within-class scatter; None leaves the scatter
+    out (nearest class mean with ridge: what survives the noise of a small fleet)."""
+
+
+class CoordinatorTrainingSettings(TrainingSettings):
+    """The coordinator's ``[training]``: the local settings it sends, and the algorithm."""
+
+    algorithm: Literal[ALGORITHMS] = "fedavg"
+    """"fedavg": federated training rounds aggregated by [strategy]; "one_shot": one private
+    release of the devices' class statistics in the basis space, solved as a ridge LDA
+    (``biofed demo``'s default), then ``rounds`` fine-tuning rounds. Needs ``hidden = 0``."""
+    one_shot: OneShotSettings = OneShotSettings()
+
+
+class PersonalizationSettings(_Section):
+    """On-device personalization (``[personalization]`` of a device config): every global model
+    is fine-tuned on the device's own labelled training windows (Adam from the global
+    parameters with a FedProx pull toward them). The personal model never leaves the
+    device; its held-out balanced accuracy is logged, and reported to a central-mode
+    coordinator with the evaluation. Logistic-regression models only (``hidden = 0``)."""
+
+    enabled: bool = True
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(0.02, gt=0)
+    prox_mu: float = Field(0.01, ge=0)
+    predict_with_personal: bool = False
+    """With ``predict = true``, classify the device's windows with its personal model instead
+    of the global one (scored with the Numba kernels: the personal model has no ONNX export)."""
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics endpoint (``http://HOST:PORT/metrics``) of a long-running process."""
 
@@ -318,6 +362,7 @@ class DeviceConfig(_SigningFields):
     store_max_rows: int = Field(100_000, ge=1)
     pipeline: PipelineSettings = PipelineSettings()
     training: TrainingSettings = TrainingSettings()
+    personalization: PersonalizationSettings = PersonalizationSettings()
     predict: bool = False
     """Publish on-device predictions of the current global model."""
     dp: DeviceDPConfig = DeviceDPConfig()
@@ -368,6 +413,9 @@ class DPConfig(_Section):
     devices (they only compute; training happens before, within ``round_deadline_s``)."""
     clip_norm: float = Field(1.0, gt=0)
     noise_multiplier: float = Field(1.0, ge=0)
+    statistics_noise_multiplier: float | None = Field(None, ge=0)
+    """z_s of the one-shot statistics release (``[training] algorithm = "one_shot"``; one
+    Gaussian event, ``kind="statistics"`` in the ledger); None: ``noise_multiplier``."""
     basis_noise_multiplier: float | None = Field(None, ge=0)
     """Noise multiplier z_b of the basis phase(s) (one Gaussian event each, ``kind="basis"``
     in the ledger); None: the training ``noise_multiplier``. With device standardization the
@@ -423,13 +471,15 @@ class CoordinatorConfig(_SigningFields):
 
     fleet: Id
     broker: BrokerConfig = BrokerConfig()
-    rounds: int = Field(ge=1)
+    rounds: int = Field(ge=0)
+    """Training rounds (>= 1 with ``algorithm = "fedavg"``); after a one-shot model, the
+    federated fine-tuning rounds (0: none)."""
     min_devices: int = Field(1, ge=1)
     sampling_rate: float | Literal["all"] = "all"
     """Poisson sampling probability q per round, or "all" devices."""
     round_deadline_s: float = Field(60.0, gt=0)
     strategy: StrategyConfig = StrategyConfig()
-    training: TrainingSettings = TrainingSettings()
+    training: CoordinatorTrainingSettings = CoordinatorTrainingSettings()
     model: ModelSettings = ModelSettings()
     dp: DPConfig = DPConfig()
     state_dir: ConfigPath
@@ -457,6 +507,7 @@ class CoordinatorConfig(_SigningFields):
         "broker.password_file",
         "dp.trust_mode",
         "dp.noise_multiplier",
+        "dp.statistics_noise_multiplier",
         "dp.clip_norm",
         "dp.basis_noise_multiplier",
         "dp.basis_clip_norm",
@@ -471,6 +522,13 @@ class CoordinatorConfig(_SigningFields):
     def _sampling_in_range(self) -> CoordinatorConfig:
         if self.sampling_rate != "all" and not 0 < self.sampling_rate <= 1:
             raise ValueError(f'sampling_rate must be in (0, 1] or "all", got {self.sampling_rate}')
+        if self.training.algorithm == "fedavg" and self.rounds < 1:
+            raise ValueError('rounds must be >= 1 with [training] algorithm = "fedavg" (0 only after "one_shot")')
+        if self.training.algorithm == "one_shot" and self.model.hidden > 0:
+            raise ValueError(
+                f'[training] algorithm = "one_shot" solves a linear model (LDA), but [model] hidden = '
+                f'{self.model.hidden}; set hidden = 0 or algorithm = "fedavg"'
+            )
         return self
 
 
@@ -733,6 +791,10 @@ __all__ = [
     "SourceConfig",
     "StrategyConfig",
     "TrainingSettings",
+    "ALGORITHMS",
+    "CoordinatorTrainingSettings",
+    "OneShotSettings",
+    "PersonalizationSettings",
     "env_name",
     "load_allowed_devices",
     "load_config",

@@ -102,7 +102,7 @@ __all__ = [
 ]
 
 ACCOUNTANTS = ("rdp", "pld")
-ROUND_KINDS = ("train", "basis")
+ROUND_KINDS = ("train", "basis", "statistics")
 _LEDGER_FORMAT = 3
 _READABLE_FORMATS = (1, 2, _LEDGER_FORMAT)
 """Format 1: one entry per round; 2: groups of identical rounds; 3: groups with ``tree_steps``."""

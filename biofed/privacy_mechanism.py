@@ -86,7 +86,6 @@ __all__ = [
     "discrete_gaussian",
     "distributed_discrete_tau",
     "grid_sensitivity",
-    "joint_noise_multiplier",
     "tree_nodes",
 ]
 
@@ -141,21 +140,6 @@ class ClippedSum:
         # rows within the bound stay exactly as they are (as in biofed.kernels.clip_l2)
         scale = np.where(norms <= self.clip_norm, 1.0, self.clip_norm / np.maximum(norms, np.finfo(float).tiny))
         return (self.rows * scale[:, None]).sum(axis=0), norms
-
-
-def joint_noise_multiplier(noise_multiplier: float, blocks: int) -> float:
-    """The multiplier of one release of ``blocks`` queries, each a sum clipped to its own
-    bound ``C_i`` and noised with std ``z C_i``: ``z / sqrt(blocks)``.
-
-    Scaling block ``i`` by ``1 / C_i`` makes it a query of sensitivity 1 with noise ``z``;
-    stacked, they are one Gaussian mechanism of sensitivity ``sqrt(blocks)``. Its
-    ``GaussianDpEvent(z / sqrt(blocks))`` has the same RDP and privacy-loss distribution as
-    ``blocks`` composed ``GaussianDpEvent(z)``.
-    """
-    z = check_noise_multiplier(noise_multiplier)
-    if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)) or blocks < 1:
-        raise ValueError(f"blocks must be an integer >= 1, got {blocks!r}.")
-    return z / math.sqrt(int(blocks))
 
 
 def tree_nodes(step: int) -> list[tuple[int, int]]:

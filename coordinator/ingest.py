@@ -31,7 +31,7 @@ from biofed.config import ConfigError, load_allowed_devices
 from biofed.coordinator.secure_aggregation import SecureAggregationRound
 from biofed.model import FeatureLayout, ModelFormatError
 from biofed.protocol import (
-    BASIS_PHASES,
+    SKETCH_PHASES,
     Message,
     MessageVerifier,
     ProtocolError,
@@ -115,6 +115,8 @@ class OpenRound:
     basis_version: int
     n_params: int | None = None
     n_features: int | None = None
+    statistic_size: int | None = None
+    """The packed statistics length of a statistics-phase round (None: any the sketch allows)."""
     need_norm_bit: bool = False
     received: dict[str, Message] = field(default_factory=dict)
     secure: SecureAggregationRound | None = None
@@ -122,7 +124,7 @@ class OpenRound:
 
     @property
     def kind(self) -> str:
-        return "sketch" if self.phase in BASIS_PHASES else "update"
+        return "sketch" if self.phase in SKETCH_PHASES else "update"
 
 
 class Ingest:
@@ -297,6 +299,8 @@ class Ingest:
                 return f"a {payload.phase} sketch in the {rnd.phase} phase"
             if rnd.n_features is not None and payload.n_features != rnd.n_features:
                 return f"{payload.n_features} features, the round has {rnd.n_features}"
+            if rnd.statistic_size is not None and payload.statistic.shape != (rnd.statistic_size,):
+                return f"statistics of {payload.statistic.size} entries, the round expects {rnd.statistic_size}"
             return None
         if rnd.phase == "evaluate":
             if payload.delta.size or payload.n_examples:

@@ -2,7 +2,8 @@
 
 Devices send :func:`biofed.edge.statistics.class_statistics` (clipped class means and
 within-class scatter); the coordinator sums them and releases the sums once through the
-privacy mechanism (:func:`release_class_statistics`: one charge covering both blocks) and
+privacy mechanism (:func:`release_class_statistics`: one charge covering both blocks, in the
+live federation's packed layout) and
 solves
 
     w_c = (S + lambda I)^-1 m_c,   b_c = -1/2 m_c^T (S + lambda I)^-1 m_c
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism, joint_noise_multiplier
+from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
+from biofed.protocol.statistics import STATISTICS_CLIP_NORM, pack_statistics, unpack_statistics
 
-__all__ = ["lda_from_statistics", "release_class_statistics"]
+__all__ = ["release_class_statistics"]
 
 
 def release_class_statistics(
@@ -31,53 +33,26 @@ def release_class_statistics(
     noise_multiplier: float,
     mechanism: PrivacyMechanism,
     round: int = 0,
-    kind: str = "train",
+    kind: str = "statistics",
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Sum the devices' clipped statistics, release the sums once, return the noised averages.
+    """Sum the devices' clipped statistics, release the sum once, return the noised averages.
 
-    ``contributions`` is a sequence of :class:`~biofed.edge.statistics.ClassStatistics`; the
-    mechanism re-clips each block to its bound (a device that did not clip cannot exceed the
-    sensitivity) and adds noise of std ``noise_multiplier * clip`` to each summed block; the
-    device count is public. The blocks form one release, charged as
-    ``Charge(round, kind, 1, joint_noise_multiplier(z, blocks))`` (the same epsilon as one
-    ``GaussianDpEvent(z)`` per block). Returns ``(means (c, d), scatter (d, d) or None)``.
+    ``contributions`` is a sequence of :class:`~biofed.edge.statistics.ClassStatistics`. Each
+    is packed as the live federation's devices pack theirs
+    (:func:`biofed.protocol.statistics.pack_statistics`: both blocks in one vector of norm at
+    most :data:`~biofed.protocol.statistics.STATISTICS_CLIP_NORM`), so the release is one
+    Gaussian mechanism of multiplier ``noise_multiplier`` on that bound, charged once as
+    ``Charge(round, kind, 1, noise_multiplier)``; the mechanism re-clips every packed vector,
+    so a contribution that was not clipped cannot exceed the sensitivity. The device count is
+    public. Returns ``(means (c, d), scatter (d, d) or None)``.
     """
     contributions = list(contributions)
     if not contributions:
         raise ValueError("one-shot training needs at least one device's statistics")
-    n = len(contributions)
     z = float(noise_multiplier)
-    queries = [ClippedSum(np.stack([c.means.ravel() for c in contributions]), means_clip, z * means_clip)]
-    if scatter_clip is not None:
-        rows = np.stack([c.scatter.ravel() for c in contributions])
-        queries.append(ClippedSum(rows, scatter_clip, z * scatter_clip))
-    charge = Charge(round, kind, 1.0, joint_noise_multiplier(z, len(queries)))
-    released = mechanism.release(charge, *queries)
-    means = released[0].reshape(n_classes, -1) / n
-    scatter = None
-    if scatter_clip is not None:
-        d = contributions[0].scatter.shape[0]
-        scatter = released[1].reshape(d, d) / n
-    return means, scatter
-
-
-def lda_from_statistics(means, scatter, ridge: float) -> np.ndarray:
-    """Logistic-regression-layout parameters (``W (d, c) | b (c,)``) of the regularized LDA.
-
-    ``means`` (c, d); ``scatter`` (d, d) or None (then ``S = 0``: nearest class mean);
-    ``ridge`` > 0.
-    """
-    means = np.asarray(means, dtype=np.float64)
-    c, d = means.shape
-    if not ridge > 0:
-        raise ValueError(f"ridge must be > 0, got {ridge!r}")
-    if scatter is None:
-        S = np.zeros((d, d))
-    else:
-        S = 0.5 * (np.asarray(scatter) + np.asarray(scatter).T)
-        vals, vecs = np.linalg.eigh(S)
-        S = (vecs * np.maximum(vals, 0.0)) @ vecs.T
-    A = S + ridge * np.eye(d)
-    W = np.linalg.solve(A, means.T)  # (d, c)
-    b = -0.5 * np.einsum("dc,cd->c", W, means)
-    return np.concatenate([W.ravel(), b])
+    rows = np.stack([pack_statistics(c.means, c.scatter, means_clip, scatter_clip) for c in contributions])
+    (total,) = mechanism.release(
+        Charge(round, kind, 1.0, z), ClippedSum(rows, STATISTICS_CLIP_NORM, z * STATISTICS_CLIP_NORM)
+    )
+    dim = contributions[0].means.shape[1]
+    return unpack_statistics(total / len(contributions), n_classes, dim, means_clip, scatter_clip)

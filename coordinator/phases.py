@@ -4,7 +4,8 @@ Each phase closes one round: from the coordinator's :class:`~biofed.coordinator.
 and the replies :class:`~biofed.coordinator.ingest.Ingest` accepted it computes the new
 state, the DP event the round is charged (a :class:`~biofed.privacy_mechanism.Charge`) and
 the payload to publish (:class:`~biofed.protocol.Basis` after the covariance phase,
-:class:`~biofed.protocol.Model` after a training round). Nothing here touches a broker, a
+:class:`~biofed.protocol.Model` after the one-shot statistics phase and after a training
+round). Nothing here touches a broker, a
 clock, a file or the ledger. The one step that is not a function, the release (clip, draw
 privacy noise, charge durably), is returned as data, a
 :class:`~biofed.coordinator.central_dp.Release`, for the loop to run through its privacy
@@ -16,11 +17,16 @@ mechanism; a phase is therefore split at its release::
 
 What each trust mode charges, and when (see :mod:`biofed.coordinator.server`):
 
-- central: the phase's own release (basis statistics with ``z_b``, training updates with
-  ``z``; a robust strategy is charged ``z = 0``, a non-private release);
+- central: the phase's own release (basis statistics with ``z_b``, the one-shot class
+  statistics with ``z_s``, training updates with ``z``; a robust strategy is charged
+  ``z = 0``, a non-private release);
 - local: :func:`charge_before_task`, before the task goes out, for every round;
-- distributed: basis phases as in local mode; training rounds :func:`unmask_charge`,
-  before the unmask request goes out.
+- distributed: basis and statistics phases as in local mode (each device noises its own
+  sketch); training rounds :func:`unmask_charge`, before the unmask request goes out.
+
+:func:`planned_releases` lists, before a run, every release it will make, and
+:func:`planned_epsilons` their epsilon, known (and checked against the budget) before
+anything is released.
 
 The phases also build the task of a round (:func:`make_task`), select its participants
 (:func:`select_participants`) and summarize it (:func:`round_record`); :func:`compose_rounds`
@@ -30,6 +36,7 @@ checks a configuration and composes, once per run, what every round is built wit
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -40,12 +47,14 @@ from biofed.config import CoordinatorConfig
 from biofed.coordinator.basis import aggregate_statistics, basis_from_covariance, standardization_from_moments
 from biofed.coordinator.central_dp import DPAggregator, Release
 from biofed.coordinator.clipping import AdaptiveClipping
+from biofed.coordinator.lda import lda_from_statistics
 from biofed.coordinator.state import RoundRecord, Snapshot
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
-from biofed.privacy_ledger import distributed_noise_multiplier
+from biofed.privacy_ledger import ACCOUNTANTS, distributed_noise_multiplier, make_accountant, round_event
 from biofed.privacy_mechanism import Charge, ClippedSum, grid_sensitivity
-from biofed.protocol import BASIS_PHASES, Basis, Model, Sketch, Task, Update
+from biofed.protocol import BASIS_PHASES, SKETCH_PHASES, Basis, Model, Sketch, Task, Update
+from biofed.protocol.statistics import STATISTICS_CLIP_NORM, statistics_size, unpack_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +68,12 @@ __all__ = [
     "compose_rounds",
     "evaluate_phase",
     "make_task",
+    "planned_epsilons",
+    "planned_releases",
     "round_record",
     "select_participants",
     "standardization",
+    "statistics_phase",
     "train_phase",
     "unmask_charge",
 ]
@@ -95,6 +107,17 @@ class PhaseSettings:
     """Per-device selection probability of a training round, or ``"all"``."""
     adaptive_clipping: bool = False
     client_config: Mapping[str, object] = field(default_factory=dict)
+    algorithm: str = "fedavg"
+    """``"fedavg"`` (basis, then training rounds) or ``"one_shot"`` (basis, the statistics
+    phase, then the optional fine-tuning rounds)."""
+    statistics_noise_multiplier: float = 0.0
+    """z_s of the one-shot statistics release."""
+    means_clip: float = 1.0
+    """C_m of the devices' class means."""
+    scatter_clip: float | None = None
+    """C_s of the devices' within-class scatter (None: no scatter)."""
+    ridge: float = 1.0
+    """lambda of the ridge LDA."""
 
     @classmethod
     def from_config(
@@ -109,6 +132,7 @@ class PhaseSettings:
         """The settings of ``config`` with the coordinator's resolved basis DP parameters,
         secure-aggregation threshold and the strategy's :meth:`~Strategy.client_config`."""
         training = config.training
+        one_shot = training.one_shot
         client = {
             "local_epochs": training.local_epochs,
             "lr": training.lr,
@@ -130,13 +154,33 @@ class PhaseSettings:
             sampling_rate=config.sampling_rate,
             adaptive_clipping=config.dp.adaptive_clipping is not None,
             client_config=client,
+            algorithm=training.algorithm,
+            statistics_noise_multiplier=float(
+                config.dp.noise_multiplier
+                if config.dp.statistics_noise_multiplier is None
+                else config.dp.statistics_noise_multiplier
+            ),
+            means_clip=one_shot.means_clip,
+            scatter_clip=one_shot.scatter_clip,
+            ridge=one_shot.ridge,
         )
 
     def noise_multiplier_of(self, phase: str) -> float | None:
         """z charged for a round of ``phase`` (None: evaluation, which releases nothing)."""
         if phase == "evaluate":
             return None
+        if phase == "statistics":
+            return self.statistics_noise_multiplier
         return self.basis_noise_multiplier if phase in BASIS_PHASES else self.noise_multiplier
+
+    @property
+    def phase_after_basis(self) -> str:
+        """Where a run goes once the basis is made."""
+        return "statistics" if self.algorithm == "one_shot" else "train"
+
+    def statistics_size(self, k: int) -> int:
+        """Length of a device's packed statistics on a basis of ``k`` components."""
+        return statistics_size(len(self.classes), k, self.scatter_clip is not None)
 
 
 @dataclass(frozen=True)
@@ -284,8 +328,10 @@ def make_task(
     settings: PhaseSettings, state: Snapshot, round_: int, phase: str, participants: Sequence[str], deadline: float
 ) -> Task:
     """The task of a round: a basis phase carries no model, the clip norm C_b and z_b (and
-    the fleet's moments in a covariance phase under global standardization); a training or
-    evaluation round carries the model, the current clip norm and the training settings."""
+    the fleet's moments in a covariance phase under global standardization); the statistics
+    phase no model, z_s and the block bounds C_m, C_s (its packed vector's bound is 1); a
+    training or evaluation round carries the model, the current clip norm and the training
+    settings."""
     common = dict(
         round=round_,
         basis_version=state.basis_version,
@@ -303,6 +349,15 @@ def make_task(
             extra = dict(stats_mean=state.stats_mean, stats_scale=state.stats_scale)
         common["noise_multiplier"] = settings.basis_noise_multiplier
         return Task(model=np.empty(0), clip_norm=settings.basis_clip_norm, **common, **extra)
+    if phase == "statistics":
+        common["noise_multiplier"] = settings.statistics_noise_multiplier
+        return Task(
+            model=np.empty(0),
+            clip_norm=STATISTICS_CLIP_NORM,
+            means_clip=settings.means_clip,
+            scatter_clip=settings.scatter_clip or 0.0,
+            **common,
+        )
     secure = settings.trust_mode == "distributed" and phase == "train"
     return Task(
         model=state.params,
@@ -316,16 +371,46 @@ def make_task(
 
 def charge_before_task(settings: PhaseSettings, round_: int, phase: str) -> Charge | None:
     """The write-ahead charge of a round whose replies the coordinator itself sees: every
-    noised update or sketch in local mode, the noised sketches of the basis phases in
-    distributed mode. The coordinator is the adversary there, so the round is charged
-    before its task goes out, whether or not it is then completed, retried or abandoned.
-    None: central rounds are charged by their release, distributed training rounds by
-    :func:`unmask_charge`, evaluation rounds release nothing."""
+    noised update or sketch in local mode, the noised sketches of the basis and statistics
+    phases in distributed mode. The coordinator is the adversary there, so the round is
+    charged before its task goes out, whether or not it is then completed, retried or
+    abandoned. None: central rounds are charged by their release, distributed training
+    rounds by :func:`unmask_charge`, evaluation rounds release nothing."""
     mode = settings.trust_mode
-    if phase == "evaluate" or mode == "central" or (mode == "distributed" and phase not in BASIS_PHASES):
+    if phase == "evaluate" or mode == "central" or (mode == "distributed" and phase not in SKETCH_PHASES):
         return None
-    kind = "basis" if phase in BASIS_PHASES else "train"
-    return Charge(round_, kind, _PUBLIC_COHORT_Q, settings.noise_multiplier_of(phase))
+    return Charge(round_, _ledger_kind(phase), _PUBLIC_COHORT_Q, settings.noise_multiplier_of(phase))
+
+
+def _ledger_kind(phase: str) -> str:
+    return "basis" if phase in BASIS_PHASES else phase
+
+
+def planned_releases(config: CoordinatorConfig, settings: PhaseSettings) -> list[tuple[str, float]]:
+    """``(ledger kind, z)`` of every release a run of ``config`` makes if no round is retried:
+    the basis phase(s), the one-shot statistics, the training rounds (distributed rounds at
+    their target multiplier, every device surviving). Retries and dropouts only add to it."""
+    phases = ["moments", "covariance"] if config.model.standardization == "global" else ["covariance"]
+    if settings.algorithm == "one_shot":
+        phases.append("statistics")
+    phases += ["train"] * config.rounds
+    return [(_ledger_kind(phase), settings.noise_multiplier_of(phase)) for phase in phases]
+
+
+def planned_epsilons(config: CoordinatorConfig, settings: PhaseSettings) -> dict[str, float]:
+    """``{"rdp": eps, "pld": eps}`` at ``config.dp.delta`` of :func:`planned_releases`, from
+    dp-accounting. Every release is an unsampled Gaussian (q = 1), and Gaussians compose
+    exactly into one of multiplier ``(sum z_i^-2)^-1/2``, which each accountant then states."""
+    multipliers = [z for _, z in planned_releases(config, settings)]
+    if not multipliers:
+        return dict.fromkeys(ACCOUNTANTS, 0.0)
+    if min(multipliers) == 0:
+        return dict.fromkeys(ACCOUNTANTS, math.inf)
+    z = sum(m**-2 for m in multipliers) ** -0.5
+    return {
+        name: float(make_accountant(name).compose(round_event(1.0, z)).get_epsilon(config.dp.delta))
+        for name in ACCOUNTANTS
+    }
 
 
 def unmask_charge(
@@ -421,7 +506,7 @@ def _close_basis(
         basis_mean=basis_mean,
         basis_scale=basis_scale,
         strategy_state={},
-        phase="train",
+        phase=settings.phase_after_basis,
         params=init_params(components.shape[0], len(settings.classes), settings.hidden, random_state=init_rng),
     )
     logger.info(
@@ -440,6 +525,88 @@ def _close_basis(
         standardization=standardization(new_state),
     )
     return PhaseOutcome(new_state, event, payload)
+
+
+def statistics_phase(settings: PhaseSettings, state: Snapshot, round_: int, sketches: Sequence[Sketch]) -> PendingPhase:
+    """Close the one-shot statistics phase: the devices' packed class statistics
+    (:mod:`biofed.protocol.statistics`, each of L2 norm <= 1) are averaged, de-scaled into
+    class means (c, k) and within-class scatter (k, k), and solved as the ridge LDA of
+    :func:`~biofed.coordinator.lda.lda_from_statistics`: the model's initial (or final,
+    with ``rounds = 0``) logistic-regression parameters.
+
+    Central mode: the sum of the sketches, each clipped to 1, is released once with noise
+    ``z_s`` (one ``kind="statistics"`` charge; the device count is public). Local and
+    distributed modes: every device noised its own sketch (charged before the task), the
+    mean is post-processing.
+
+    Raises
+    ------
+    ValueError
+        No sketch, or one of the wrong length for this basis and ``scatter_clip`` (the
+        ingest drops such replies, so this is a caller's error).
+    """
+    if not sketches:
+        raise ValueError(f"round {round_} (statistics): no device statistics to close the phase with")
+    k = state.basis_components.shape[0]
+    size = settings.statistics_size(k)
+    wrong = [s.statistic.shape for s in sketches if s.statistic.shape != (size,)]
+    if wrong:
+        raise ValueError(
+            f"round {round_} (statistics): statistics of shapes {wrong} for {len(settings.classes)} classes, k={k}"
+            f"{' with the scatter' if settings.scatter_clip is not None else ''}: expected ({size},)"
+        )
+    statistics = np.vstack([s.statistic for s in sketches])
+    release = None
+    if settings.trust_mode == "central":
+        z = settings.statistics_noise_multiplier
+        release = Release(
+            Charge(round_, "statistics", _PUBLIC_COHORT_Q, z),
+            (ClippedSum(statistics, STATISTICS_CLIP_NORM, z * STATISTICS_CLIP_NORM),),
+        )
+    return PendingPhase(
+        release,
+        partial(_close_statistics, settings, state, round_, statistics.mean(axis=0), len(sketches), release),
+    )
+
+
+def _close_statistics(
+    settings: PhaseSettings,
+    state: Snapshot,
+    round_: int,
+    mean: np.ndarray,
+    n_devices: int,
+    release: Release | None,
+    released: tuple[np.ndarray, ...],
+) -> PhaseOutcome:
+    statistic = mean if release is None else released[0] / n_devices
+    k = state.basis_components.shape[0]
+    means, scatter = unpack_statistics(statistic, len(settings.classes), k, settings.means_clip, settings.scatter_clip)
+    params = lda_from_statistics(means, scatter, settings.ridge)
+    logger.info(
+        "round %d: one-shot LDA from %d devices' class statistics (k=%d, ridge %g%s)",
+        round_,
+        n_devices,
+        k,
+        settings.ridge,
+        "" if scatter is None else ", with the within-class scatter",
+    )
+    new_state = replace(state, params=params, strategy_state={}, phase="train")
+    return _model_outcome(settings, new_state, round_, n_devices, release)
+
+
+def _model_outcome(
+    settings: PhaseSettings, new_state: Snapshot, round_: int, n_devices: int, release: Release | None
+) -> PhaseOutcome:
+    """A round that made a new global model (``new_state.params``): its :class:`Model` payload."""
+    payload = Model(
+        round=round_,
+        params=new_state.params,
+        basis_version=new_state.basis_version,
+        classes=settings.classes,
+        hidden=settings.hidden,
+        n_devices=n_devices,
+    )
+    return PhaseOutcome(new_state, None if release is None else release.charge, payload)
 
 
 def train_phase(
@@ -553,15 +720,7 @@ def _close_train(
         train_rounds_done=state.train_rounds_done + 1,
         strategy_state=strategy.state_dict(),
     )
-    payload = Model(
-        round=round_,
-        params=params,
-        basis_version=state.basis_version,
-        classes=settings.classes,
-        hidden=settings.hidden,
-        n_devices=n_devices,
-    )
-    return PhaseOutcome(new_state, None if release is None else release.charge, payload)
+    return _model_outcome(settings, new_state, round_, n_devices, release)
 
 
 def evaluate_phase(state: Snapshot) -> PhaseOutcome:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import click
 
@@ -49,15 +50,24 @@ def _format_epsilon(eps: float) -> str:
         "biofed privacy -T 20 -q 0.5 -e 8 --calibrate-with pld",
         "biofed privacy --rounds 10 --noise-multiplier 2.0 --json",
         "biofed privacy --level record -T 20 -q 0.05 -z 1.1   # DP-SGD on a ward device",
+        "biofed privacy --config coordinator.toml   # every release of a configured run",
     ),
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A `biofed coordinator` TOML config: plan every release its run makes (the basis phase(s), the "
+    "one-shot class statistics, the training rounds, each with its own noise multiplier) instead of -T/-z.",
 )
 @click.option(
     "--rounds",
     "-T",
     type=int,
-    required=True,
+    default=None,
     callback=_validated(check_rounds),
-    help="Number of federated rounds (>= 1).",
+    help="Number of federated rounds (>= 1; required without --config).",
 )
 @click.option(
     "--sampling-rate",
@@ -118,7 +128,8 @@ def _format_epsilon(eps: float) -> str:
     help="--level record: DP-SGD steps per round (default ceil(1 / q), one expected epoch).",
 )
 def privacy_command(
-    rounds: int,
+    config_file: Path | None,
+    rounds: int | None,
     sampling_rate: float,
     noise_multiplier: float | None,
     delta: float,
@@ -132,8 +143,14 @@ def privacy_command(
 
     Client level: one record is one device's whole contribution; each round is a
     Poisson-sampled Gaussian mechanism. Record level: one record is one window; each DP-SGD
-    step of each round is one. Both are accounted with Google's dp_accounting.
+    step of each round is one. Both are accounted with Google's dp_accounting. With
+    --config, the plan of a coordinator config's whole run, every release counted.
     """
+    if config_file is not None:
+        _plan_config(config_file, as_json)
+        return
+    if rounds is None:
+        raise click.UsageError("give --rounds (or --config with a coordinator config).")
     if level == "client" and steps_per_round is not None:
         raise click.UsageError("--steps-per-round applies to --level record only.")
     if steps_per_round is not None and steps_per_round < 1:
@@ -177,3 +194,44 @@ def privacy_command(
     )
     click.echo(f"{level}-level epsilon (RDP): {_format_epsilon(eps['rdp'])}")
     click.echo(f"{level}-level epsilon (PLD): {_format_epsilon(eps['pld'])}")
+
+
+def _plan_config(path: Path, as_json: bool) -> None:
+    """Print the releases and the planned epsilon of a run of the coordinator config at ``path``."""
+    from biofed.config import ConfigError, CoordinatorConfig, load_config
+    from biofed.coordinator.phases import compose_rounds, planned_epsilons, planned_releases
+
+    try:
+        config = load_config(path, CoordinatorConfig)
+        settings = compose_rounds(config).settings
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    releases = planned_releases(config, settings)
+    eps = planned_epsilons(config, settings)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "config": str(path),
+                    "algorithm": settings.algorithm,
+                    "releases": [{"kind": kind, "noise_multiplier": z} for kind, z in releases],
+                    "delta": config.dp.delta,
+                    "epsilon_budget": config.dp.epsilon_budget,
+                    "epsilon": {name: value if math.isfinite(value) else str(value) for name, value in eps.items()},
+                }
+            )
+        )
+        return
+    counts: dict[tuple[str, float], int] = {}
+    for release in releases:
+        counts[release] = counts.get(release, 0) + 1
+    click.echo(f"{path}: algorithm {settings.algorithm}, trust mode {settings.trust_mode}, every device every round")
+    for (kind, z), n in counts.items():
+        click.echo(f"  {n} x {kind} release, noise multiplier {z:g}")
+    click.echo(f"client-level epsilon (RDP): {_format_epsilon(eps['rdp'])} at delta {config.dp.delta:g}")
+    click.echo(f"client-level epsilon (PLD): {_format_epsilon(eps['pld'])} at delta {config.dp.delta:g}")
+    budget = config.dp.epsilon_budget
+    if budget is not None and eps[config.dp.accountant] > budget:
+        click.echo(
+            f"the plan exceeds dp.epsilon_budget = {budget:g}: training stops before the round that would cross it"
+        )

@@ -15,8 +15,14 @@ Flow (the "Federated flow" contract shared with ``biofed.edge``)
 ----------------------------------------------------------------
 ::
 
-    WAITING -> MOMENTS -> COVARIANCE -> TRAINING x rounds -> EVALUATING -> DONE
+    WAITING -> MOMENTS -> COVARIANCE [-> STATISTICS] -> TRAINING x rounds -> EVALUATING -> DONE
                  (basis phases: one Sketch per device)  (Updates)   (eval-only Updates)
+
+With ``[training] algorithm = "one_shot"`` the STATISTICS phase follows the basis: every
+device sends its clipped class means (and within-class scatter) in the basis space as one
+packed :class:`Sketch` (:mod:`biofed.protocol.statistics`), released once (``z_s``, ledger
+kind ``"statistics"``) and solved as a ridge LDA whose :class:`Model` is published like a
+training round's; ``rounds`` fine-tuning rounds (0: none) follow.
 
 With ``[model] standardization = "device"`` (the default) there is no MOMENTS phase: every
 device z-scores its rows with its own training split's mean and scale, the covariance task
@@ -112,8 +118,11 @@ layout reported by the most devices among those whose width equals the basis's. 
 any reported layout only the ``.npz`` files are written. An export failure is logged; the
 round stays committed.
 
-Ledger entries per round: basis phases ``kind="basis"``, training rounds ``kind="train"``,
-all with ``q = 1``. A round where fewer devices replied than were selected keeps the noise
+Ledger entries per round: basis phases ``kind="basis"``, the one-shot statistics
+``kind="statistics"`` (z_s), training rounds ``kind="train"``, all with ``q = 1``. Before the
+first round the run's plan (every release it will make) is logged with its epsilon
+(:func:`~biofed.coordinator.phases.planned_epsilons`; ``biofed privacy --config`` prints it).
+A round where fewer devices replied than were selected keeps the noise
 ``z C`` on the sum (``C`` still bounds each device), so it is recorded with the same ``z``;
 only utility suffers. The budget is checked with the next round's parameters before every
 round; training stops (and the evaluation still runs) when the next round would exceed it.
@@ -145,9 +154,11 @@ from biofed.coordinator.phases import (
     compose_rounds,
     evaluate_phase,
     make_task,
+    planned_epsilons,
     round_record,
     select_participants,
     standardization,
+    statistics_phase,
     train_phase,
     unmask_charge,
 )
@@ -168,6 +179,7 @@ from biofed.privacy_mechanism import PrivacyMechanism
 from biofed.protocol import (
     BASIS_PHASES,
     Message,
+    Model,
     Task,
     Topics,
     encode_message,
@@ -200,6 +212,8 @@ class RunState(enum.Enum):
     """Basis phase 1: collecting the devices' moment statistics."""
     COVARIANCE = "covariance", True
     """Basis phase 2: collecting the covariance of standardized features."""
+    STATISTICS = "statistics", True
+    """One-shot: collecting the devices' class statistics in the basis space."""
     TRAINING = "training", True
     """A training round is open."""
     EVALUATING = "evaluating", True
@@ -221,6 +235,7 @@ class RunState(enum.Enum):
 _PHASE_STATES = {
     "moments": RunState.MOMENTS,
     "covariance": RunState.COVARIANCE,
+    "statistics": RunState.STATISTICS,
     "train": RunState.TRAINING,
     "evaluate": RunState.EVALUATING,
 }
@@ -375,6 +390,8 @@ class Coordinator:
         metrics_server = None
         try:
             self._open_state()
+            if not self._check_plan():
+                return self._state
             self.metrics.set_epsilons(self.ledger.epsilons())
             try:
                 metrics_server = serve(self.metrics.registry, self.config.metrics)
@@ -440,6 +457,40 @@ class Coordinator:
             )
         for message_id in self._store.accepted_ids():
             self.ingest.seen.add(message_id)
+
+    def _check_plan(self) -> bool:
+        """Log the epsilon of every release the run plans (basis, statistics, rounds), and
+        warn when it exceeds the budget (training then stops early). False (aborted): a fresh
+        one-shot run whose basis and statistics releases alone, which its model cannot do
+        without, exceed the budget; nothing is released then."""
+        planned = planned_epsilons(self.config, self.settings)
+        budget = self.config.dp.epsilon_budget
+        accountant = self.ledger.budget_accountant
+        logger.info(
+            "privacy plan (%s, %d training rounds, every release counted): epsilon %s at delta %g",
+            self.settings.algorithm,
+            self.config.rounds,
+            ", ".join(f"{value:.4g} ({name})" for name, value in planned.items()),
+            self.config.dp.delta,
+        )
+        if budget is not None and planned[accountant] > budget:
+            logger.warning(
+                "the planned epsilon %.4g (%s) exceeds dp.epsilon_budget = %g: training stops before the round "
+                "that would cross it",
+                planned[accountant],
+                accountant,
+                budget,
+            )
+        if budget is None or self.settings.algorithm != "one_shot" or len(self.ledger):
+            return True
+        needed = planned_epsilons(self.config.model_copy(update={"rounds": 0}), self.settings)[accountant]
+        if needed > budget:
+            return self._abort(
+                f"the basis and the one-shot statistics releases alone spend epsilon {needed:.4g} ({accountant}), "
+                f"above dp.epsilon_budget = {budget:g}; nothing was released. Raise dp.statistics_noise_multiplier "
+                "or dp.basis_noise_multiplier, or the budget"
+            )
+        return True
 
     def _restore_ledger(self, persisted: PrivacyLedger) -> None:
         """Re-record the persisted entries (what was spent) under this run's accountants and
@@ -550,6 +601,14 @@ class Coordinator:
                     f"epsilon={self.config.dp.epsilon_budget}; raise dp.epsilon_budget or dp.basis_noise_multiplier"
                 )
             return self._basis_round(phase)
+        if phase == "statistics":
+            if self.ledger.would_exceed(1.0, self.settings.statistics_noise_multiplier):
+                return self._abort(
+                    f"the one-shot statistics release would exceed the privacy budget "
+                    f"epsilon={self.config.dp.epsilon_budget}; raise dp.epsilon_budget or "
+                    "dp.statistics_noise_multiplier"
+                )
+            return self._statistics_round()
         if phase == "train":
             if self.snapshot.train_rounds_done >= self.config.rounds:
                 self._advance_to_evaluate("all training rounds done")
@@ -646,7 +705,16 @@ class Coordinator:
             deadline=deadline,
             basis_version=snap.basis_version,
             n_params=(0 if phase == "evaluate" else None if snap.params is None else snap.params.size),
-            n_features=snap.n_features if phase == "covariance" else None,
+            n_features=(
+                snap.n_features
+                if phase == "covariance"
+                else snap.basis_components.shape[0]
+                if phase == "statistics"
+                else None
+            ),
+            statistic_size=(
+                self.settings.statistics_size(snap.basis_components.shape[0]) if phase == "statistics" else None
+            ),
             need_norm_bit=phase == "train" and self.settings.adaptive_clipping,
         )
         if task.secagg_threshold:
@@ -787,6 +855,24 @@ class Coordinator:
         self._report(record)
         return True
 
+    def _statistics_round(self) -> bool:
+        collected = self._collect("statistics")
+        if collected is None:
+            return False
+        sketches = [m.payload for _, m in sorted(collected.replies.items())]
+        outcome = self._close(statistics_phase(self.settings, self.snapshot, collected.round, sketches))
+        record = self._commit(collected, "statistics", sampling_rate=1.0, clip_norm=None)
+        self._publish_model(outcome.payload, collected.round)
+        self._report(record)
+        return True
+
+    def _publish_model(self, model: Model, round_: int) -> None:
+        eps = self.ledger.epsilon()
+        self._publish(
+            self.topics.model,
+            replace(model, epsilon=eps if math.isfinite(eps) else None, onnx=self._export(round_)),
+        )
+
     def _train_round(self) -> bool:
         collected = self._collect("train")
         if collected is None:
@@ -806,11 +892,7 @@ class Coordinator:
             )
         )
         record = self._commit(collected, "train", sampling_rate=1.0, clip_norm=clip)
-        eps = self.ledger.epsilon()
-        self._publish(
-            self.topics.model,
-            replace(outcome.payload, epsilon=eps if math.isfinite(eps) else None, onnx=self._export(collected.round)),
-        )
+        self._publish_model(outcome.payload, collected.round)
         self._report(record)
         return True
 
@@ -883,7 +965,7 @@ class Coordinator:
 
     def _write_final(self) -> None:
         snap, cfg = self.snapshot, self.config
-        train_rounds = [r.round for r in self._store.history() if r.phase == "train"]
+        train_rounds = [r.round for r in self._store.history() if r.phase in ("statistics", "train")]
         model = self._model_file(train_rounds[-1] if train_rounds else 0)
         try:
             replace(model, stop_reason=snap.stop_reason).save(cfg.state_dir / "model_final.npz")

@@ -47,6 +47,15 @@ With ``signing_key_file`` the agent signs everything it publishes (its last will
 with ``keys_dir`` it accepts only messages with a valid signature of a known, unrevoked
 sender (:mod:`biofed.signing`), within ``max_clock_skew_s`` and never twice.
 
+Personalization
+---------------
+With ``[personalization] enabled`` (the default) every global logistic-regression model
+(each :class:`~biofed.protocol.Model`, and the evaluation task's model) is fine-tuned on the
+device's own training windows (:func:`~biofed.edge.tasks.personal_model`). The personal
+model stays in :attr:`EdgeAgent.personal`; its held-out balanced accuracy is logged beside
+the global model's, and only in central trust mode does it travel, in the evaluation reply's
+metrics.
+
 Predictions
 -----------
 With ``predict = true`` every global :class:`~biofed.protocol.Model` goes to the device's
@@ -65,7 +74,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,11 +91,14 @@ from biofed.edge.tasks import (
     DeviceRelease,
     DeviceUsage,
     LocalData,
+    PersonalModel,
     TaskRefused,
     admit,
     evaluate_reply,
     labelled_split,
+    personal_model,
     sketch_reply,
+    statistics_reply,
     train_locally,
     train_reply,
 )
@@ -134,7 +146,7 @@ class AgentState(enum.Enum):
     IDLE = ("idle", True)
     """Connected, waiting for a task."""
     SKETCHING = ("sketching", True)
-    """Computing a basis-phase statistic."""
+    """Computing a basis-phase or one-shot statistic."""
     TRAINING = ("training", True)
     """Evaluating the incoming model and training locally."""
     EVALUATING = ("evaluating", True)
@@ -194,6 +206,8 @@ class EdgeAgent:
         self._state = AgentState.STARTING
         self.basis: Basis | None = None
         self.model: Model | None = None
+        self.personal: PersonalModel | None = None
+        """The latest global model fine-tuned on this device's windows (never sent)."""
         self.last_round = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -425,9 +439,15 @@ class EdgeAgent:
 
     def _on_model(self, model: Model) -> list[Outgoing]:
         self.model = model
+        self._personalize(model.params, model.classes, model.hidden, model.basis_version, f"round {model.round}")
         if not self.config.predict:
             return []
         X, _, t = self.store.read(limit=_PREDICT_ROWS)
+        personal = self.personal
+        if self.config.personalization.predict_with_personal and personal is not None:
+            if np.array_equal(personal.source, model.params):  # this model's personal version
+                logger.info("%s: predicting with this device's personal model of round %d", self.device_id, model.round)
+                model = replace(model, params=personal.params, onnx=np.empty(0, dtype=np.uint8))
         prediction = self.predictions.on_model(model, self.basis, X, t, self.local_data)
         if prediction is None:
             return []
@@ -484,6 +504,49 @@ class EdgeAgent:
         self._enter(AgentState.IDLE)
         return out
 
+    def _personalize(
+        self, params: np.ndarray, classes: tuple[str, ...], hidden: int, basis_version: int, source: str
+    ) -> PersonalModel | None:
+        """:attr:`personal` for the global ``params`` (computed once per global model; None:
+        personalization is off, the model is not a logistic regression on this device's basis,
+        or the device cannot fine-tune it, logged)."""
+        settings = self.config.personalization
+        basis = self.basis
+        if not settings.enabled or hidden or basis is None or basis.version != basis_version:
+            return None
+        cached = self.personal
+        if cached is not None and cached.basis_version == basis_version and np.array_equal(cached.source, params):
+            return cached
+        try:
+            personal = personal_model(
+                params,
+                len(classes),
+                self.local_data(classes),
+                basis,
+                epochs=settings.epochs,
+                lr=settings.lr,
+                prox_mu=settings.prox_mu,
+                random_state=self._train_rng,
+            )
+        except TaskRefused as exc:
+            logger.info("%s: no personal model of the global model of %s: %s", self.device_id, source, exc)
+            return None
+        self.personal = personal
+
+        def fmt(accuracy: float | None) -> str:
+            return "n/a" if accuracy is None else f"{accuracy:.3f}"
+
+        logger.info(
+            "%s: personal model of the global model of %s (kept on this device): held-out balanced accuracy %s, "
+            "global model %s, on %d windows",
+            self.device_id,
+            source,
+            fmt(personal.held_out.accuracy),
+            fmt(personal.global_held_out.accuracy),
+            personal.held_out.windows,
+        )
+        return personal
+
     def _answer_task(self, task: Task) -> list[Outgoing]:
         """Run the task's handler of :mod:`biofed.edge.tasks` on the stored rows; what to publish."""
         if task.phase in ("moments", "covariance"):
@@ -499,11 +562,25 @@ class EdgeAgent:
                 task.clip_norm,
             )
             return [Outgoing(self.topics.sketch(self.device_id), self._encode(reply.sketch))]
+        if task.phase == "statistics":
+            self._enter(AgentState.SKETCHING)
+            reply = statistics_reply(task, self.local_data(task.classes), self.basis, self.release)
+            logger.info(
+                "%s: class statistics of round %d from %d windows (packed norm %.3g)",
+                self.device_id,
+                task.round,
+                reply.n_windows,
+                reply.norm,
+            )
+            return [Outgoing(self.topics.sketch(self.device_id), self._encode(reply.sketch))]
         usage = self._usage(time.process_time())
         if task.phase == "train":
             return self._train(task, usage)
         self._enter(AgentState.EVALUATING)
-        evaluation = evaluate_reply(task, self.local_data(task.classes), self.basis, usage)
+        personal = self._personalize(task.model, task.classes, task.hidden, task.basis_version, f"round {task.round}")
+        evaluation = evaluate_reply(
+            task, self.local_data(task.classes), self.basis, usage, None if personal is None else personal.held_out
+        )
         logger.info(
             "%s: evaluated round %d on %d held-out windows: balanced accuracy %.3f",
             self.device_id,

@@ -7,7 +7,9 @@ layout is not the device's (logged), classifies the newest stored windows at onc
 every new window as ingestion produces it, each time as a
 :class:`~biofed.protocol.Prediction` (``t`` = the windows' times on the device clock of the
 store), logging the predicted class counts. A model without ONNX bytes (a coordinator that
-knows no feature layout) is scored with the Numba kernels and the device's basis instead.
+knows no feature layout, or the device's own personal model: ``[personalization]
+predict_with_personal``) is scored with the Numba kernels and the device's basis instead,
+the stored windows and every new one alike.
 
 A model of a ``standardization = "device"`` basis takes rows z-scored with the device's own
 training statistics, taken when the model arrives.
@@ -47,7 +49,10 @@ class DevicePredictor:
         self.device_id = device_id
         self.layout_json = layout_json
         self.model: OnnxModel | None = None
-        """The ONNX global model predictions are made with (None: no predictions)."""
+        """The ONNX global model predictions are made with (None: none)."""
+        self.kernel_model: tuple[Model, Basis, LocalData | None] | None = None
+        """A model without ONNX bytes, its basis and the device's labelled rows (for device
+        standardization) that predictions are made with through the Numba kernels (None: none)."""
         self._standardization: tuple[np.ndarray, np.ndarray] | None = None
 
     def set_layout(self, layout_json: str) -> None:
@@ -83,6 +88,7 @@ class DevicePredictor:
         ``basis`` is the device's; ``local_data(classes)`` gives the device's labelled rows
         (read only for a device-standardized model).
         """
+        self.kernel_model = None  # predictions follow the latest model, or stop
         device_mode = basis is not None and basis.version == model.basis_version and basis.standardization == "device"
         data = local_data(model.classes) if device_mode else None
         if device_mode and not data.train.any():
@@ -114,8 +120,13 @@ class DevicePredictor:
         if basis is None or model.basis_version != basis.version:
             return None
         k = basis.components.shape[0]
-        if X.shape[0] == 0 or model.params.shape[0] != n_params(k, len(model.classes), model.hidden):
+        if model.params.shape[0] != n_params(k, len(model.classes), model.hidden):
             return None
+        self.kernel_model = (model, basis, data)
+        return self._predict_with_kernels(X, t) if X.shape[0] else None
+
+    def _predict_with_kernels(self, X: np.ndarray, t: np.ndarray) -> Prediction:
+        model, basis, data = self.kernel_model
         proba = predict_proba(model.params, project_rows(X, basis, data), len(model.classes), model.hidden)
         return Prediction(round=model.round, t=t, proba=proba, classes=model.classes)
 
@@ -141,9 +152,11 @@ class DevicePredictor:
         ``offset`` on the device clock); None without a model. A failing model is dropped
         (logged): predictions stop until the next global model."""
         model = self.model
-        if not rows or model is None:
+        if not rows or (model is None and self.kernel_model is None):
             return None
         t = offset + np.array([r.t for r in rows])
+        if model is None:
+            return self._predict_with_kernels(np.stack([r.vector for r in rows]), t)
         try:
             return self._predict(model, np.stack([r.vector for r in rows]), t)
         except InferenceError as exc:

@@ -3,10 +3,11 @@
 :func:`class_statistics`
     The device's sufficient statistics for a linear discriminant: its per-class mean rows
     and its within-class scatter (normalized by its row count, so every device weighs the
-    same), each clipped to an L2 bound. The coordinator sums them over devices, releases the
-    sums once with Gaussian noise (:func:`biofed.coordinator.release.release_statistics`) and
-    solves a ridge-regularized LDA (:func:`biofed.coordinator.one_shot.lda_from_statistics`):
-    one private release instead of a round per step.
+    same), each clipped to an L2 bound. They travel packed in one vector
+    (:mod:`biofed.protocol.statistics`); the sum over devices is released once through the
+    privacy mechanism and the coordinator solves a ridge-regularized LDA
+    (:func:`biofed.coordinator.lda.lda_from_statistics`): one private release instead of a
+    round per step.
 :func:`personalize`
     Fine-tunes the global model on the device's own labelled training windows. The result
     never leaves the device, so it costs no privacy; it is reported apart from the global

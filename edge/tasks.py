@@ -11,6 +11,11 @@ L2 norm ``Task.clip_norm`` by the ``release`` the caller passes (the device's re
                 *device standardization*: ``Z = (X - m) / s`` with the mean and scale of the
                 device's own training rows (:meth:`LocalData.standardization`; they never
                 leave the device).
+``statistics``  :func:`statistics_reply`: sketch of the packed class means and within-class
+                scatter of the training rows projected onto the basis
+                (:func:`biofed.edge.statistics.class_statistics`, each block clipped to the
+                task's ``means_clip`` / ``scatter_clip``; :mod:`biofed.protocol.statistics`),
+                L2 norm <= 1 = ``clip_norm``.
 ``train``       :func:`train_reply`: project the training and held-out rows onto the basis,
                 measure the balanced accuracy of the incoming model on the held-out rows, train
                 locally (``local_training``, FedProx centre = incoming model),
@@ -21,7 +26,13 @@ L2 norm ``Task.clip_norm`` by the ``release`` the caller passes (the device's re
                 carries an empty delta and :attr:`TrainReply.raw_delta` goes to secure
                 aggregation.
 ``evaluate``    :func:`evaluate_reply`: an Update with an empty delta, ``n_examples = 0`` and
-                the evaluation metrics (``loss`` is then the held-out cross-entropy).
+                the evaluation metrics (``loss`` is then the held-out cross-entropy; in central
+                mode also the held-out accuracy of the device's personal model).
+
+:func:`personal_model` fine-tunes a global model on the device's own training windows
+(:func:`biofed.edge.statistics.personalize`). The personal model never leaves the device;
+only in central trust mode does its held-out balanced accuracy travel, in the evaluation
+metrics, beside the global model's.
 
 Outside ``"central"`` trust mode the coordinator is the adversary: nothing data-dependent
 travels in cleartext (``n_examples``, ``clipped``, ``norm_bit`` and every metric are zero or
@@ -44,9 +55,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
+from biofed.edge.statistics import class_statistics, personalize
 from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
-from biofed.protocol import Basis, Sketch, Task, Update, UpdateMetrics
+from biofed.protocol import BASIS_PHASES, Basis, Sketch, Task, Update, UpdateMetrics
+from biofed.protocol.statistics import pack_statistics
 
 __all__ = [
     "Admission",
@@ -56,6 +69,7 @@ __all__ = [
     "HeldOutMetrics",
     "LocalData",
     "LocalTraining",
+    "PersonalModel",
     "Release",
     "SketchReply",
     "TaskRefused",
@@ -65,8 +79,10 @@ __all__ = [
     "evaluate_reply",
     "held_out_metrics",
     "labelled_split",
+    "personal_model",
     "project_rows",
     "sketch_reply",
+    "statistics_reply",
     "train_locally",
     "train_reply",
     "update_metrics",
@@ -74,7 +90,8 @@ __all__ = [
 
 Release = Callable[[Task, np.ndarray, str], np.ndarray]
 """``release(task, vector, kind)``: ``vector`` clipped to ``task.clip_norm`` (and noised and
-charged where the trust mode asks for it); ``kind`` is ``"basis"`` or ``"train"``."""
+charged where the trust mode asks for it); ``kind`` is ``"basis"``, ``"statistics"`` or
+``"train"``."""
 
 LocalTraining = Callable[[Task, np.ndarray, np.ndarray], tuple[np.ndarray, float]]
 """``local_training(task, Z, y)``: ``(new params, loss)`` of local training from ``task.model``
@@ -122,7 +139,7 @@ def admit(
         return Admission.NOT_SELECTED
     if (task.round, task.phase) in answered:
         return Admission.ANSWERED
-    if task.phase in ("moments", "covariance") or basis_version == task.basis_version:
+    if task.phase in BASIS_PHASES or basis_version == task.basis_version:
         return Admission.ANSWER
     if basis_version is None or task.basis_version > basis_version:
         return Admission.WAIT_FOR_BASIS
@@ -397,21 +414,31 @@ def check_model_size(task: Task, basis: Basis) -> None:
 
 def held_out_metrics(task: Task, basis: Basis, data: LocalData) -> HeldOutMetrics:
     """Balanced accuracy, windows and mean cross-entropy of ``task.model`` on the held-out rows."""
+    return _held_out_metrics(task.model, len(task.classes), task.hidden, basis, data)
+
+
+def _held_out_metrics(params: np.ndarray, n_classes: int, hidden: int, basis: Basis, data: LocalData) -> HeldOutMetrics:
     if not data.held_out.any():
         return HeldOutMetrics()
     Z = project_rows(data.X[data.held_out], basis, data)
     y = data.y[data.held_out]
-    proba = predict_proba(task.model, Z, len(task.classes), task.hidden)
+    proba = predict_proba(params, Z, n_classes, hidden)
     accuracy = balanced_accuracy(y, proba.argmax(axis=1))
     loss = float(-np.mean(np.log(np.maximum(proba[np.arange(y.size), y], 1e-300))))
     return HeldOutMetrics(accuracy, int(y.size), loss)
 
 
 def update_metrics(
-    task: Task, loss: float, n_windows: int, held_out: HeldOutMetrics, usage: Callable[[], DeviceUsage]
+    task: Task,
+    loss: float,
+    n_windows: int,
+    held_out: HeldOutMetrics,
+    usage: Callable[[], DeviceUsage],
+    personal: HeldOutMetrics | None = None,
 ) -> UpdateMetrics:
     """The metrics of an update: all zero outside central mode (data-dependent cleartext must
-    not reach the coordinator there, so ``usage`` is not even measured)."""
+    not reach the coordinator there, so ``usage`` is not even measured). ``personal``: the
+    held-out metrics of the device's personal model (sent in central mode only)."""
     if not _central(task):
         return UpdateMetrics(loss=0.0, n_windows=0, rss_bytes=0, cpu_time_s=0.0)
     measured = usage()
@@ -424,6 +451,7 @@ def update_metrics(
         bytes_received=measured.bytes_received,
         eval_balanced_accuracy=held_out.accuracy,
         eval_windows=held_out.windows,
+        personal_balanced_accuracy=None if personal is None else personal.accuracy,
     )
 
 
@@ -473,8 +501,15 @@ def train_reply(
     return TrainReply(update, raw_delta, norm, loss, int(y.size), held_out)
 
 
-def evaluate_reply(task: Task, data: LocalData, basis: Basis, usage: Callable[[], DeviceUsage]) -> EvaluateReply:
-    """The evaluate-phase :class:`~biofed.protocol.Update`: no delta, the held-out metrics.
+def evaluate_reply(
+    task: Task,
+    data: LocalData,
+    basis: Basis,
+    usage: Callable[[], DeviceUsage],
+    personal: HeldOutMetrics | None = None,
+) -> EvaluateReply:
+    """The evaluate-phase :class:`~biofed.protocol.Update`: no delta, the held-out metrics
+    (with ``personal``, the personal model's too: central mode only, as every metric).
 
     Raises
     ------
@@ -491,6 +526,99 @@ def evaluate_reply(task: Task, data: LocalData, basis: Basis, usage: Callable[[]
         delta=np.empty(0, dtype=np.float64),
         n_examples=0,
         clipped=False,
-        metrics=update_metrics(task, held_out.loss, held_out.windows, held_out, usage),
+        metrics=update_metrics(task, held_out.loss, held_out.windows, held_out, usage, personal),
     )
     return EvaluateReply(update, held_out)
+
+
+def statistics_reply(task: Task, data: LocalData, basis: Basis, release: Release) -> SketchReply:
+    """The ``statistics`` :class:`~biofed.protocol.Sketch`: this device's class means and
+    (with ``task.scatter_clip > 0``) within-class scatter of its training rows projected onto
+    ``basis``, each clipped to its bound, packed into one vector of L2 norm <= 1
+    (:mod:`biofed.protocol.statistics`) and released through ``release`` (kind
+    ``"statistics"``). ``SketchReply.norm`` is the packed norm before release.
+
+    Raises
+    ------
+    TaskRefused
+        No training windows, or a class of the task without any training window here (the
+        device cannot contribute its class means).
+    """
+    if not data.train.any():
+        raise TaskRefused(f"no training windows of classes {task.classes} for the statistics of round {task.round}")
+    Z = project_rows(data.X[data.train], basis, data)
+    y = data.y[data.train]
+    scatter_clip = task.scatter_clip or None
+    try:
+        stats = class_statistics(Z, y, len(task.classes), means_clip=task.means_clip, scatter_clip=scatter_clip)
+    except ValueError as exc:
+        raise TaskRefused(f"cannot answer the statistics phase of round {task.round}: {exc}") from None
+    vector = pack_statistics(stats.means, stats.scatter, task.means_clip, scatter_clip)
+    blocks = [np.linalg.norm(stats.means) / task.means_clip]
+    if scatter_clip is not None:
+        blocks.append(np.linalg.norm(stats.scatter) / scatter_clip)
+    sketch = Sketch(
+        round=task.round,
+        basis_version=task.basis_version,
+        phase="statistics",
+        statistic=release(task, vector, "statistics"),
+        clipped=bool(_central(task) and max(blocks) >= 1.0 - 1e-9),  # a block at its bound was clipped
+        n_features=basis.components.shape[0],
+        n_classes=len(task.classes),
+    )
+    return SketchReply(sketch, float(np.linalg.norm(vector)), int(y.size))
+
+
+@dataclass(frozen=True)
+class PersonalModel:
+    """A global model fine-tuned on this device's own training windows: its ``params``, the
+    global ``source`` parameters it started from, the ``basis_version`` both take rows of,
+    and the held-out metrics of each (``held_out`` the personal model's, ``global_held_out``
+    the global one's)."""
+
+    params: np.ndarray
+    source: np.ndarray
+    basis_version: int
+    held_out: HeldOutMetrics
+    global_held_out: HeldOutMetrics
+
+
+def personal_model(
+    params: np.ndarray,
+    n_classes: int,
+    data: LocalData,
+    basis: Basis,
+    *,
+    epochs: int,
+    lr: float,
+    prox_mu: float,
+    random_state: np.random.Generator,
+) -> PersonalModel:
+    """Fine-tune the global logistic-regression ``params`` on the device's projected training
+    rows (:func:`biofed.edge.statistics.personalize`) and measure both models on the held-out
+    rows. Nothing of the result is released.
+
+    Raises
+    ------
+    TaskRefused
+        No training windows, or ``params`` not a logistic regression on ``basis``.
+    """
+    k = basis.components.shape[0]
+    if params.shape != (n_params(k, n_classes, 0),):
+        raise TaskRefused(
+            f"personalization needs a logistic-regression model of {n_params(k, n_classes, 0)} parameters on the "
+            f"basis (k={k}, {n_classes} classes), got {params.shape[0]}"
+        )
+    if not data.train.any():
+        raise TaskRefused("no training windows to personalize the global model on")
+    Z = project_rows(data.X[data.train], basis, data)
+    own = personalize(
+        params, Z, data.y[data.train], n_classes, epochs=epochs, lr=lr, prox_mu=prox_mu, random_state=random_state
+    )
+    return PersonalModel(
+        own,
+        params,
+        basis.version,
+        _held_out_metrics(own, n_classes, 0, basis, data),
+        _held_out_metrics(params, n_classes, 0, basis, data),
+    )

@@ -196,7 +196,7 @@ def test_configs_are_frozen(tmp_path):
         (
             COORDINATOR.replace("rounds = 50", "rounds = 0"),
             CoordinatorConfig,
-            r"rounds: Input should be greater than or equal to 1",
+            r'rounds must be >= 1 with \[training\] algorithm = "fedavg"',
         ),
         (
             COORDINATOR.replace("sampling_rate = 0.5", "sampling_rate = 1.5"),

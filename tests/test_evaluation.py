@@ -27,7 +27,8 @@ from biofed.apps.evaluation import (
     tune,
 )
 from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
-from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
+from biofed.coordinator.lda import lda_from_statistics
+from biofed.coordinator.one_shot import release_class_statistics
 from biofed.edge.statistics import class_statistics, personalize
 from biofed.kernels.training import init_params, predict_proba
 from biofed.privacy_ledger import PrivacyLedger
@@ -82,14 +83,14 @@ def test_one_shot_is_one_release_of_both_blocks_charged_durably():
         stats, 2, means_clip=1.0, scatter_clip=1.0, noise_multiplier=2.0, mechanism=gate, round=3
     )
     assert means.shape == (2, 5) and scatter.shape == (5, 5)
-    assert len(gate.ledger) == 1 and len(persisted) == 1 and gate.ledger.last_round("train") == 3
-    # one charge of both blocks costs what one GaussianDpEvent(z) per block costs
+    assert len(gate.ledger) == 1 and len(persisted) == 1 and gate.ledger.last_round("statistics") == 3
+    # both blocks travel packed in one vector of norm <= 1: one GaussianDpEvent(z) covers them
     direct = RdpAccountant()
-    direct.compose(dp_accounting.GaussianDpEvent(2.0), 2)
+    direct.compose(dp_accounting.GaussianDpEvent(2.0))
     assert gate.ledger.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
     # each block carries noise of std z * clip on its sum: the released average differs from the exact one
     exact, _ = release_class_statistics(
-        stats, 2, means_clip=1.0, scatter_clip=None, noise_multiplier=0.0, mechanism=_gate()
+        stats, 2, means_clip=1.0, scatter_clip=1.0, noise_multiplier=0.0, mechanism=_gate()
     )
     assert not np.allclose(means, exact)
 

@@ -24,7 +24,6 @@ from biofed.privacy_mechanism import (
     discrete_gaussian,
     distributed_discrete_tau,
     grid_sensitivity,
-    joint_noise_multiplier,
     tree_nodes,
 )
 
@@ -441,17 +440,3 @@ def test_bad_trees_charge_nothing(ledger, charge, clip, error, match):
     with pytest.raises(error, match=match):
         gate.open_tree(charge, clip)
     assert len(gate.ledger) == 0
-
-
-def test_joint_noise_multiplier_costs_one_gaussian_per_block():
-    gate = _tree_gate()
-    z = 1.7
-    gate.release(
-        Charge(0, "train", 1.0, joint_noise_multiplier(z, 3)),
-        *(ClippedSum(np.zeros((2, 4)), c, z * c) for c in (0.5, 1.0, 3.0)),
-    )
-    direct = RdpAccountant()
-    direct.compose(dp_accounting.GaussianDpEvent(z), 3)
-    assert gate.ledger.epsilon() == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
-    with pytest.raises(ValueError, match="blocks must be an integer >= 1"):
-        joint_noise_multiplier(z, 0)

@@ -23,7 +23,9 @@ What it does
    per-round lines are echoed as they come.
 4. An observer subscribed to the fleet's ``update/+`` topic keeps every device's held-out
    balanced accuracy (devices report the accuracy of the model they received, measured
-   before training), so the table can show the mean *and the minimum* over devices.
+   before training), so the table can show the mean *and the minimum* over devices; in the
+   evaluation round (central trust mode) also the accuracy of each device's *personal*
+   model (the global model fine-tuned on the device's own training windows, never sent).
 5. When the coordinator finishes (or the global ``--timeout`` expires: every child is
    killed and the failing ones' log tails are printed), the report folder gets:
 
@@ -53,9 +55,19 @@ What it does
        epsilon 1, 2, 4, 8 and inf, with the spread over ``--repeats`` privacy-noise draws;
        its tables are printed and ``epsilon_accuracy.png`` plots the trade-off.
 
-Privacy defaults
-----------------
-``biofed demo`` runs with client-level differential privacy by default (trust mode
+Algorithm and privacy defaults
+------------------------------
+``biofed demo`` trains with the one-shot algorithm (``--algorithm one_shot``,
+``[training] algorithm`` of the coordinator): after the basis, every device sends its class
+means in the basis space, clipped to C_m = 1 (``--means-clip``; ``--scatter-clip`` adds the
+within-class scatter), the coordinator releases their sum once with noise multiplier
+z_s = 0.65 (``--statistics-noise-multiplier``) and solves a ridge LDA (``--ridge`` 1); then
+``--rounds`` DP-FedAvg fine-tuning rounds (default 0). Every device fine-tunes the global
+model on its own training windows (personalization at no privacy cost). With the basis
+release (z_b = 10) that is epsilon 7.84 (RDP) at delta = 1e-5, every release counted. These
+settings are the best private method of ``biofed evaluate`` at epsilon <= 8 (its module
+docstring has the leave-subjects-out tuning). ``--algorithm fedavg`` runs the DP-FedAvg
+rounds instead, with these privacy defaults (client-level differential privacy, trust mode
 ``central``: devices clip, the coordinator clips again and adds the Gaussian noise):
 
 - training: noise multiplier z = 2.0 on updates clipped to C = 0.25, 10 rounds, every device
@@ -129,6 +141,11 @@ __all__ = [
 ]
 
 FLEET = "demo"
+ALGORITHM_ROUNDS = {"one_shot": 0, "fedavg": 10}
+"""Training rounds of each ``--algorithm`` without ``--rounds`` (after one-shot: fine-tuning)."""
+DEMO_ALGORITHM = "one_shot"
+"""What ``biofed demo`` trains with: the best private algorithm at epsilon <= 8 (see
+"Algorithm and privacy defaults")."""
 SYNTHETIC_DEVICES = 10
 """Synthetic devices without ``--devices``: client-level DP noise on the mean update is
 ``z C / n``, so a private federation needs a fleet (``docs/measurements.md`` compares 5 and 10)."""
@@ -147,13 +164,22 @@ class DemoError(RuntimeError):
 class DemoSettings:
     """Everything a demo run depends on (written to ``summary.json``).
 
-    The defaults run *with* client-level DP (see "Privacy defaults" in the module docstring).
+    The defaults run *with* client-level DP (see "Algorithm and privacy defaults" in the module
+    docstring). ``algorithm`` defaults to ``"fedavg"`` here: these settings are also the harness
+    of ``biofed simulate``, ``biofed audit`` and the benchmarks, which exercise training rounds;
+    ``biofed demo`` passes :data:`DEMO_ALGORITHM`.
     """
 
     out: Path
     data: Path | None = None
     devices: int | None = None
-    rounds: int = 10
+    rounds: int | None = None
+    """None: :data:`ALGORITHM_ROUNDS` of ``algorithm``."""
+    algorithm: str = "fedavg"
+    statistics_noise_multiplier: float = 0.65
+    means_clip: float = 1.0
+    scatter_clip: float | None = None
+    ridge: float = 1.0
     noise_multiplier: float = 2.0
     clip: float = 0.25
     epsilon_budget: float | None = 10.0
@@ -225,6 +251,7 @@ def write_configs(
         "trust_mode": settings.trust_mode,
         "clip_norm": settings.clip,
         "noise_multiplier": settings.noise_multiplier,
+        "statistics_noise_multiplier": settings.statistics_noise_multiplier if private else 0.0,
         "delta": settings.delta,
         "epsilon_budget": settings.epsilon_budget if private else None,
         "basis_noise_multiplier": settings.basis_noise_multiplier if private else 0.0,
@@ -244,7 +271,7 @@ def write_configs(
         out / "coordinator.toml",
         {
             "fleet": FLEET,
-            "rounds": settings.rounds,
+            "rounds": _rounds(settings),
             "min_devices": settings.min_devices or len(devices),
             "sampling_rate": settings.sampling_rate,
             "round_deadline_s": settings.round_deadline_s,
@@ -254,7 +281,17 @@ def write_configs(
         },
         {
             "broker": broker("coordinator"),
-            "training": {"local_epochs": settings.local_epochs, "lr": settings.lr, "batch_size": settings.batch_size},
+            "training": {
+                "local_epochs": settings.local_epochs,
+                "lr": settings.lr,
+                "batch_size": settings.batch_size,
+                "algorithm": settings.algorithm,
+                "one_shot": {
+                    "ridge": settings.ridge,
+                    "means_clip": settings.means_clip,
+                    **({} if settings.scatter_clip is None else {"scatter_clip": settings.scatter_clip}),
+                },
+            },
             "model": {"classes": list(CLASSES), "standardization": settings.standardization},
             "strategy": {"name": "fedavg"},
             "dp": dp,
@@ -275,6 +312,10 @@ def write_configs(
             {"broker": broker(device, settings.agent_keepalive_s)},
         )
     return coordinator, device_files
+
+
+def _rounds(settings: DemoSettings) -> int:
+    return ALGORITHM_ROUNDS[settings.algorithm] if settings.rounds is None else settings.rounds
 
 
 def _write_signing_keys(out: Path, devices: Iterable[str]) -> dict[str, dict[str, str]]:
@@ -313,6 +354,8 @@ class UpdateObserver:
         else:  # a provisioned fleet's read-only observer credentials
             self.client = MqttClient.from_config(broker_config, "demo-observer", clean=True)
         self.accuracy: dict[int, dict[str, tuple[float, int]]] = defaultdict(dict)
+        self.personal: dict[int, dict[str, float]] = defaultdict(dict)
+        """Per task round, each device's reported accuracy of its personal model (central mode)."""
         self._listener = Listener(self.client, [self.topics.all_devices("update")], self._record, name="observer")
 
     def start(self) -> UpdateObserver:
@@ -327,6 +370,8 @@ class UpdateObserver:
             metrics = message.payload.metrics
             if metrics.eval_balanced_accuracy is not None:
                 self.accuracy[message.round][message.sender] = (metrics.eval_balanced_accuracy, metrics.eval_windows)
+            if metrics.personal_balanced_accuracy is not None:
+                self.personal[message.round][message.sender] = metrics.personal_balanced_accuracy
         except ProtocolError as exc:
             logger.warning("observer dropped a message on %s: %s", inbound.topic, exc)
         except Exception:  # noqa: BLE001 - one message never stops the observer
@@ -394,9 +439,12 @@ def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, 
     eval metrics: the accuracy of the model after training round i is what the devices
     measured at the start of the next training round (or in the evaluation round). Row 0 is
     the initial model, measured at the start of the first training round, with the epsilon
-    the basis phase spent; the coordinator's live round line reports the same numbers."""
+    the basis phase spent (one-shot: the model of the statistics phase, measured at the start
+    of the first fine-tuning round or in the evaluation, with the epsilon after its release);
+    the coordinator's live round line reports the same numbers."""
     train = [r for r in records if r["phase"] == "train"]
     after = [r for r in records if r["phase"] in ("train", "evaluate")]
+    one_shot = next((r for r in records if r["phase"] == "statistics"), None)
 
     def measured(record: Mapping | None) -> tuple[float | None, float | None]:
         if record is None:
@@ -411,7 +459,21 @@ def build_table(records: Sequence[Mapping], accuracy: Mapping[int, Mapping[str, 
         return None if value in (None, "inf", "nan") else _float_or_none(value)
 
     rows = []
-    if train:
+    if one_shot is not None:
+        mean, minimum = measured(after[0] if after else None)
+        rows.append(
+            RoundRow(
+                round=0,
+                task_round=int(one_shot["round"]),
+                devices=int(one_shot["n_devices"]),
+                loss=None,
+                accuracy_mean=mean,
+                accuracy_min=minimum,
+                epsilon=epsilon(one_shot, "epsilon_rdp"),
+                epsilon_pld=epsilon(one_shot, "epsilon_pld"),
+            )
+        )
+    elif train:
         first = train[0]
         basis = [r for r in records if r["round"] < first["round"] and r["phase"] not in ("train", "evaluate")]
         mean, minimum = measured(first)
@@ -606,22 +668,26 @@ def _caption(summary: Mapping) -> str:
     """The settings a reader needs to judge the plot: data, devices, DP parameters."""
     settings = summary.get("settings", {})
     z, budget, z_basis = (settings.get(k) for k in ("noise_multiplier", "epsilon_budget", "basis_noise_multiplier"))
+    one_shot = settings.get("algorithm") == "one_shot"
+    statistics = f"z_s = {settings.get('statistics_noise_multiplier'):g}, " if one_shot else ""
     privacy = (
-        f"trust {settings.get('trust_mode')}, z = {z:g}, C = {settings.get('clip'):g}, "
+        f"trust {settings.get('trust_mode')}, {statistics}z = {z:g}, C = {settings.get('clip'):g}, "
         f"z_b = {z if z_basis is None else z_basis:g}, delta = {settings.get('delta'):g}, "
         f"{'no budget' if budget is None else f'budget {budget:g}'}"
         if z
         else "no DP noise (epsilon infinite)"
     )
     return (
-        f"{summary.get('source', '')}; {len(summary.get('devices', []))} devices; {privacy}; "
+        f"{summary.get('source', '')}; {len(summary.get('devices', []))} devices; "
+        f"{'one-shot LDA + ' if one_shot else ''}{settings.get('rounds')} rounds; {privacy}; "
         f"{settings.get('local_epochs')} local epochs, lr {settings.get('lr'):g}"
     )
 
 
 def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None, summary: Mapping) -> None:
     """``stem``.png and ``stem``.svg: accuracy per round (mean and worst device, the
-    centralized baseline's mean and worst device, chance) over epsilon (RDP, PLD, budget)."""
+    personalized models' on the final round, the centralized baseline's mean and worst device,
+    chance) over epsilon (RDP, PLD, budget)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -646,6 +712,12 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
         alpha=0.6,
         label="federated, worst device",
     )
+    personal = summary.get("personalized") or {}
+    if personal.get("mean") is not None:  # measured once, on the final model
+        ax_acc.plot(rounds[-1:], [personal["mean"]], "*", color="tab:green", markersize=12, label="personalized, mean")
+        ax_acc.plot(
+            rounds[-1:], [personal["min"]], "P", color="tab:green", alpha=0.6, label="personalized, worst device"
+        )
     if baseline is not None and baseline.centralized:
         mean, worst = baseline.centralized_mean_min
         ax_acc.axhline(mean, color="k", linestyle=":", label="centralized, mean")
@@ -665,8 +737,16 @@ def _plot(stem: Path, rows: Sequence[RoundRow], baseline: BaselineResult | None,
     if private and budget is not None:
         ax_eps.axhline(budget, color="k", linestyle=":", label=f"budget ({budget:g})")
     ax_eps.set_ylabel(f"epsilon at delta = {summary.get('delta', 0):g}")
-    ax_eps.set_xlabel("training round (0: the initial model)")
+    ax_eps.set_xlabel(
+        "fine-tuning round (0: the one-shot model)"
+        if summary.get("settings", {}).get("algorithm") == "one_shot"
+        else "training round (0: the initial model)"
+    )
     ax_eps.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if rounds:
+        ax_eps.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+        if len(rounds) == 1:  # one model (one-shot, no fine-tuning): one tick
+            ax_eps.set_xticks(rounds)
     ax_eps.grid(alpha=0.3)
     if private:
         ax_eps.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
@@ -702,7 +782,11 @@ def run_demo(settings: DemoSettings) -> dict:
     from biofed.model import ModelFile
 
     out = settings.out.resolve()
-    settings = DemoSettings(**{**asdict(settings), "out": out})
+    if settings.algorithm not in ALGORITHM_ROUNDS:
+        raise DemoError(f"unknown algorithm {settings.algorithm!r}; use one of {sorted(ALGORITHM_ROUNDS)}")
+    settings = DemoSettings(**{**asdict(settings), "out": out, "rounds": _rounds(settings)})
+    if settings.algorithm == "fedavg" and settings.rounds < 1:
+        raise DemoError("--algorithm fedavg needs --rounds >= 1 (0 rounds only after one_shot)")
     if out.exists() and (out / "state").exists():
         shutil.rmtree(out / "state")  # a fresh federation every run (the coordinator would resume)
     shutil.rmtree(out / "devices", ignore_errors=True)
@@ -815,6 +899,7 @@ def run_demo(settings: DemoSettings) -> dict:
     final_eps_pld = _float_or_none(records[-1].get("epsilon_pld")) if records else None
     stop_reason = ModelFile.load(out / "model_final.npz").stop_reason
     evaluation = next((r for r in records if r["phase"] == "evaluate"), None)
+    personal = {} if evaluation is None or observer is None else observer.personal.get(evaluation["round"], {})
     onnx_summary = onnx_check(stores, out / "model_final.onnx", out / "model_final.npz")
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
@@ -826,6 +911,11 @@ def run_demo(settings: DemoSettings) -> dict:
             "min": fed_min,
             "per_device": baseline.federated,
             "reported_by_devices": None if evaluation is None else evaluation.get("balanced_accuracy"),
+        },
+        "personalized": {
+            "mean": float(np.mean(list(personal.values()))) if personal else None,
+            "min": float(np.min(list(personal.values()))) if personal else None,
+            "per_device": dict(sorted(personal.items())),
         },
         "centralized": {
             "mean": cen_mean,
@@ -845,6 +935,7 @@ def run_demo(settings: DemoSettings) -> dict:
     click.echo("")
     click.echo(format_table(rows))
     click.echo("")
+    evaluating = settings.evaluate if settings.evaluate is not None else settings.data is not None
     epsilon_text = (
         "inf (no noise)"
         if final_eps is None
@@ -853,9 +944,23 @@ def run_demo(settings: DemoSettings) -> dict:
     click.echo(
         f"final federated model:  balanced accuracy mean {fed_mean:.3f}, min {fed_min:.3f} "
         f"(held-out windows of {len(baseline.federated)} devices, "
+        f"{'one-shot LDA + ' if settings.algorithm == 'one_shot' else ''}"
         f"{sum(r.round > 0 for r in rows)} training rounds), epsilon "
         f"{epsilon_text} at delta {settings.delta:g}"
+        + ("" if final_eps is None else "; one draw of the privacy noise")
+        + (" (the evaluation below gives the spread over draws)" if final_eps is not None and evaluating else "")
     )
+    if personal:
+        click.echo(
+            f"personalized on device: balanced accuracy mean {np.mean(list(personal.values())):.3f}, min "
+            f"{np.min(list(personal.values())):.3f} (the global model fine-tuned on each device's own training "
+            "windows; never sent, no privacy cost; reported by the devices)"
+        )
+    elif settings.trust_mode != "central":
+        click.echo(
+            f"personalized on device: not reported in {settings.trust_mode} trust mode (nothing data-dependent "
+            "leaves a device); each device logs its own"
+        )
     if stop_reason and stop_reason != "all training rounds done":
         click.echo(f"training stopped early: {stop_reason}")
     click.echo(
@@ -874,7 +979,7 @@ def run_demo(settings: DemoSettings) -> dict:
         f"report: {out} (rounds.csv, rounds.json, rounds.png, rounds.svg, model_final.npz, "
         f"model_final.onnx, summary.json) in {elapsed:.0f} s"
     )
-    if settings.evaluate if settings.evaluate is not None else settings.data is not None:
+    if evaluating:
         from biofed.apps.evaluation import evaluate_files
 
         click.echo("")
@@ -908,7 +1013,8 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     "demo",
     epilog=examples(
         "biofed demo",
-        "biofed demo --data /work/shared/datasets/eegmat --noise-multiplier 1.0",
+        "biofed demo --data /work/shared/datasets/eegmat --no-evaluate",
+        "biofed demo --algorithm fedavg --noise-multiplier 1.0",
         "biofed demo --trust-mode distributed --sign --noise-multiplier 1.0",
         "biofed demo --secure --trust-mode distributed --out secure-demo",
     ),
@@ -926,7 +1032,49 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     help=f"Number of devices (synthetic: default {SYNTHETIC_DEVICES}; eegmat: first N subjects, default all).",
 )
 @click.option(
-    "--rounds", type=click.IntRange(min=1), default=DemoSettings.rounds, show_default=True, help="Training rounds."
+    "--algorithm",
+    type=click.Choice(sorted(ALGORITHM_ROUNDS)),
+    default=DEMO_ALGORITHM,
+    show_default=True,
+    help="one_shot: one private release of the devices' class statistics, solved as a ridge LDA (then "
+    "--rounds fine-tuning rounds); fedavg: DP-FedAvg training rounds.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Training rounds (after one_shot: DP-FedAvg fine-tuning rounds). Default: "
+    + ", ".join(f"{name} {n}" for name, n in ALGORITHM_ROUNDS.items())
+    + ".",
+)
+@click.option(
+    "--statistics-noise-multiplier",
+    type=click.FloatRange(min=0),
+    default=DemoSettings.statistics_noise_multiplier,
+    show_default=True,
+    help="one_shot: DP noise multiplier z_s of the one release of the class statistics (ignored when "
+    "--noise-multiplier is 0).",
+)
+@click.option(
+    "--means-clip",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DemoSettings.means_clip,
+    show_default=True,
+    help="one_shot: Frobenius bound C_m of a device's class means in the basis space.",
+)
+@click.option(
+    "--scatter-clip",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="one_shot: Frobenius bound C_s of a device's within-class scatter (default: no scatter, nearest "
+    "class mean with ridge).",
+)
+@click.option(
+    "--ridge",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DemoSettings.ridge,
+    show_default=True,
+    help="one_shot: ridge lambda of the LDA.",
 )
 @click.option(
     "--noise-multiplier",
@@ -1041,7 +1189,12 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
 def demo_command(
     data,
     devices,
+    algorithm,
     rounds,
+    statistics_noise_multiplier,
+    means_clip,
+    scatter_clip,
+    ridge,
     noise_multiplier,
     clip,
     basis_noise_multiplier,
@@ -1071,7 +1224,12 @@ def demo_command(
         out=out,
         data=data,
         devices=devices,
+        algorithm=algorithm,
         rounds=rounds,
+        statistics_noise_multiplier=statistics_noise_multiplier,
+        means_clip=means_clip,
+        scatter_clip=scatter_clip,
+        ridge=ridge,
         noise_multiplier=noise_multiplier,
         clip=clip,
         basis_clip=basis_clip,

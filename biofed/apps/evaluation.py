@@ -62,7 +62,8 @@ import numpy as np
 
 from biofed.cli_options import examples
 from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
-from biofed.coordinator.one_shot import lda_from_statistics, release_class_statistics
+from biofed.coordinator.lda import lda_from_statistics
+from biofed.coordinator.one_shot import release_class_statistics
 from biofed.edge.split import balanced_accuracy, device_standardization
 from biofed.edge.statistics import class_statistics, personalize
 from biofed.kernels.training import init_params, predict_proba, train
@@ -237,7 +238,7 @@ def _method_event(method: str, z: float, d: Defaults, basis: str = "none", n_dev
     """All releases of ``method`` at noise multiplier ``z`` (every multiplier equal), with
     those of the ``basis`` projection kind (``none``, ``pca``: one release, ``class``: two)."""
     if method == "one-shot":
-        events = [dp_accounting.GaussianDpEvent(z)] * (1 if d.scatter_clip is None else 2)
+        events = [dp_accounting.GaussianDpEvent(z)]  # both blocks packed in one release
     elif method == "dp-ftrl":
         events = [dp_ftrl_event(z, _ftrl_rounds_per_epoch(n_devices, d), d.ftrl_epochs)]
     elif method == "fedavg-dp":

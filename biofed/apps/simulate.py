@@ -62,6 +62,7 @@ import numpy as np
 import psutil
 
 from biofed.apps.demo import (
+    ALGORITHM_ROUNDS,
     FLEET,
     SYNTHETIC_DEVICES,
     DemoError,
@@ -488,7 +489,7 @@ def check_federation(state_dir: Path, *, expected_train_rounds: int | None = Non
 
     Checks: no device counted twice in a round; every committed round's ``n_devices`` equals
     its accepted messages; no accepted message outside a committed round; the ledger has
-    charged every committed basis and training round (and at most one more per coordinator
+    charged every committed basis, statistics and training round (and at most one more per coordinator
     restart: a round is charged durably before its release, so a crash in between
     over-counts); the last reported epsilon equals dp-accounting's (RDP) over what the ledger
     charged; ``expected_train_rounds`` rounds trained.
@@ -521,7 +522,7 @@ def check_federation(state_dir: Path, *, expected_train_rounds: int | None = Non
     if snapshot is None or snapshot.ledger is None:
         return problems + ["no committed ledger"]
     ledger = PrivacyLedger.from_json(snapshot.ledger)
-    for kind, phases in (("basis", ("moments", "covariance")), ("train", ("train",))):
+    for kind, phases in (("basis", ("moments", "covariance")), ("statistics", ("statistics",)), ("train", ("train",))):
         rounds = [r.round for r in history if r.phase in phases]
         charged = ledger.count(kind)
         # charged durably before release: a crash between charge and commit over-counts, never under
@@ -862,7 +863,21 @@ def _seconds(value: float | None) -> str:
     show_default=True,
     help="Simulated devices (all in this process).",
 )
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Training rounds.")
+@click.option(
+    "--algorithm",
+    type=click.Choice(sorted(ALGORITHM_ROUNDS)),
+    default=DemoSettings.algorithm,
+    show_default=True,
+    help="fedavg: DP-FedAvg training rounds; one_shot: one private release of the class statistics (ridge "
+    "LDA, as `biofed demo`), then --rounds fine-tuning rounds.",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Training rounds (after one_shot: fine-tuning rounds; >= 1 with fedavg).",
+)
 @click.option(
     "--data",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -984,6 +999,7 @@ def _seconds(value: float | None) -> str:
 @logging_options(default_level="warning")
 def simulate_command(
     devices,
+    algorithm,
     rounds,
     data,
     mosquitto,
@@ -1015,6 +1031,7 @@ def simulate_command(
         out=out,
         data=data,
         devices=devices,
+        algorithm=algorithm,
         rounds=rounds,
         noise_multiplier=noise_multiplier,
         clip=clip,

@@ -9,6 +9,7 @@ here touches the network; :mod:`biofed.mqtt` moves the bytes. One module per con
   (the secure-aggregation steps are in :mod:`biofed.secure_aggregation.messages`);
 - :mod:`~biofed.protocol.values`, :mod:`~biofed.protocol.arrays`,
   :mod:`~biofed.protocol.schema`: what a payload may hold and how it is checked;
+- :mod:`~biofed.protocol.statistics`: the packed layout of the one-shot class statistics;
 - :mod:`~biofed.protocol.errors`: every failure is a :class:`ProtocolError`;
 - :mod:`~biofed.protocol.idempotency`: :class:`SeenMessageIds` for QoS 1 redeliveries.
 
@@ -62,6 +63,7 @@ from biofed.protocol.payloads import (
     BASIS_PHASES,
     OPTIMIZERS,
     PHASES,
+    SKETCH_PHASES,
     STANDARDIZATIONS,
     TRUST_MODES,
     Basis,
@@ -99,6 +101,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SIGNATURE_BYTES",
     "SIGNATURE_CONTEXT",
+    "SKETCH_PHASES",
     "STANDARDIZATIONS",
     "TOPIC_ROOT",
     "TRUST_MODES",

@@ -27,14 +27,19 @@ from biofed.protocol.schema import (
     payload_from_fields,
     set_field,
 )
+from biofed.protocol.statistics import statistics_size
 from biofed.protocol.topics import validate_id
 
 TRUST_MODES = ("central", "local", "distributed")
-PHASES = ("moments", "covariance", "train", "evaluate")
+PHASES = ("moments", "covariance", "statistics", "train", "evaluate")
 """Task phases in the order a federation runs them: two basis phases (standardization
 moments, then the covariance of standardized features; a fleet with device standardization
-skips the moments), training rounds, one evaluation."""
+skips the moments), the one-shot class statistics (only with ``[training] algorithm =
+"one_shot"``), training rounds, one evaluation."""
 BASIS_PHASES = ("moments", "covariance")
+"""The phases that make the basis (they need none)."""
+SKETCH_PHASES = (*BASIS_PHASES, "statistics")
+"""The phases a device answers with a :class:`Sketch`."""
 STANDARDIZATIONS = ("global", "device")
 """How devices standardize raw feature rows before the basis projection (:attr:`Basis.standardization`)."""
 OPTIMIZERS = ("sgd", "adam")
@@ -58,8 +63,9 @@ class Task:
     ``"distributed"`` (each device adds its share of the noise). With
     ``adaptive_clipping`` the device reports ``Update.norm_bit``.
 
-    ``phase`` (one of :data:`PHASES`) says what the devices compute: ``"moments"`` and
-    ``"covariance"`` ask for a :class:`Sketch` (``model`` may then be empty), ``"train"`` for
+    ``phase`` (one of :data:`PHASES`) says what the devices compute: ``"moments"``,
+    ``"covariance"`` and ``"statistics"`` ask for a :class:`Sketch` (``model`` may then be
+    empty), ``"train"`` for
     an :class:`Update`, ``"evaluate"`` for an :class:`Update` with an empty delta,
     ``n_examples=0`` and the eval metrics filled. ``stats_mean``/``stats_scale`` ((d,) each,
     scale > 0) are set only in the covariance phase of a fleet with *global*
@@ -71,6 +77,11 @@ class Task:
     survivors of the round's secure aggregation (:mod:`biofed.secure_aggregation`): each device adds
     noise of std ``noise_multiplier * clip_norm / sqrt(secagg_threshold)`` and its delta
     travels only masked, in :class:`~biofed.secure_aggregation.messages.SecAggUpload` steps.
+
+    ``means_clip`` and ``scatter_clip`` (statistics phase only, else 0 and not sent) are the
+    Frobenius bounds C_m, C_s of the device's class means and within-class scatter in the
+    basis space; ``scatter_clip = 0`` leaves the scatter out. The packed vector
+    (:mod:`biofed.protocol.statistics`) has L2 norm <= 1, which is ``clip_norm`` then.
     """
 
     KIND: ClassVar[str] = "task"
@@ -95,6 +106,12 @@ class Task:
     stats_mean: np.ndarray | None = None
     stats_scale: np.ndarray | None = None
     secagg_threshold: int = 0
+    means_clip: float = 0.0
+    scatter_clip: float = 0.0
+
+    _SENT_WHEN_SET: ClassVar[tuple[str, ...]] = ("means_clip", "scatter_clip")
+    """Fields sent only when not at their default, so a task of the older phases still
+    decodes on a device that does not know them."""
 
     def __post_init__(self) -> None:
         set_field(self, "round", check_int(self.round, "Task.round"))
@@ -136,9 +153,13 @@ class Task:
                 raise InvalidPayload("Task.stats_scale must be > 0 everywhere")
             set_field(self, "stats_mean", mean)
             set_field(self, "stats_scale", scale)
+        set_field(self, "means_clip", check_float(self.means_clip, "Task.means_clip", minimum=0.0))
+        set_field(self, "scatter_clip", check_float(self.scatter_clip, "Task.scatter_clip", minimum=0.0))
+        if self.phase == "statistics" and self.means_clip <= 0:
+            raise InvalidPayload(f"a statistics task needs Task.means_clip > 0, got {self.means_clip}")
 
     def to_payload(self) -> dict[str, Any]:
-        return fields_payload(self, skip=("round",))
+        return fields_payload(self, skip=("round",), omit_default=self._SENT_WHEN_SET)
 
     @classmethod
     def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Task:
@@ -152,6 +173,10 @@ class UpdateMetrics:
     ``eval_balanced_accuracy`` (in [0, 1], None when not measured) is the balanced accuracy
     of the task's *incoming* model on the device's ``eval_windows`` held-out windows,
     measured before local training.
+
+    ``personal_balanced_accuracy`` (central trust mode, evaluate phase; None otherwise and
+    then not sent) is the balanced accuracy, on the same held-out windows, of the device's
+    own model: the global model fine-tuned on its training windows, which never leaves it.
     """
 
     loss: float
@@ -162,18 +187,18 @@ class UpdateMetrics:
     bytes_received: int = 0
     eval_balanced_accuracy: float | None = None
     eval_windows: int = 0
+    personal_balanced_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("loss", "cpu_time_s"):
             set_field(self, name, check_float(getattr(self, name), f"UpdateMetrics.{name}", minimum=0.0))
         for name in ("n_windows", "rss_bytes", "bytes_sent", "bytes_received", "eval_windows"):
             set_field(self, name, check_int(getattr(self, name), f"UpdateMetrics.{name}"))
-        accuracy = check_float(
-            self.eval_balanced_accuracy, "UpdateMetrics.eval_balanced_accuracy", minimum=0.0, allow_none=True
-        )
-        if accuracy is not None and accuracy > 1.0:
-            raise InvalidPayload(f"UpdateMetrics.eval_balanced_accuracy must be <= 1, got {accuracy}")
-        set_field(self, "eval_balanced_accuracy", accuracy)
+        for name in ("eval_balanced_accuracy", "personal_balanced_accuracy"):
+            accuracy = check_float(getattr(self, name), f"UpdateMetrics.{name}", minimum=0.0, allow_none=True)
+            if accuracy is not None and accuracy > 1.0:
+                raise InvalidPayload(f"UpdateMetrics.{name} must be <= 1, got {accuracy}")
+            set_field(self, name, accuracy)
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,7 +235,12 @@ class Update:
 
     def to_payload(self) -> dict[str, Any]:
         payload = fields_payload(self, skip=("round", "metrics"))
-        payload["metrics"] = {f.name: getattr(self.metrics, f.name) for f in fields(UpdateMetrics)}
+        # the personal accuracy only when measured, so updates still decode on older coordinators
+        payload["metrics"] = {
+            f.name: getattr(self.metrics, f.name)
+            for f in fields(UpdateMetrics)
+            if not (f.name == "personal_balanced_accuracy" and self.metrics.personal_balanced_accuracy is None)
+        }
         return payload
 
     @classmethod
@@ -329,7 +359,11 @@ class Sketch:
 
     - ``phase="moments"``: ``concat(mean(X, 0), mean(X**2, 0))``, D = 2d;
     - ``phase="covariance"``: ``(Z.T @ Z / n).ravel()`` with
-      ``Z = (X - Task.stats_mean) / Task.stats_scale``, D = d*d.
+      ``Z = (X - Task.stats_mean) / Task.stats_scale``, D = d*d;
+    - ``phase="statistics"``: the packed class means and within-class scatter of the rows
+      projected onto the basis (:mod:`biofed.protocol.statistics`), ``n_features`` = k and
+      ``n_classes`` = c: D = c*k, or c*k + k*k with the scatter. ``n_classes`` is 0 (and not
+      sent) in the basis phases.
     """
 
     KIND: ClassVar[str] = "sketch"
@@ -339,25 +373,35 @@ class Sketch:
     statistic: np.ndarray
     clipped: bool
     n_features: int
+    n_classes: int = 0
 
     def __post_init__(self) -> None:
         set_field(self, "round", check_int(self.round, "Sketch.round"))
         set_field(self, "basis_version", check_int(self.basis_version, "Sketch.basis_version"))
-        set_field(self, "phase", check_choice(self.phase, "Sketch.phase", BASIS_PHASES))
+        set_field(self, "phase", check_choice(self.phase, "Sketch.phase", SKETCH_PHASES))
         set_field(self, "statistic", check_array(self.statistic, "Sketch.statistic", ndim=1))
         if not isinstance(self.clipped, bool):
             raise InvalidPayload(f"Sketch.clipped must be a bool, got {self.clipped!r}")
         set_field(self, "n_features", check_int(self.n_features, "Sketch.n_features", minimum=1))
-        d = self.n_features
-        expected = 2 * d if self.phase == "moments" else d * d
-        if self.statistic.shape != (expected,):
+        set_field(self, "n_classes", check_int(self.n_classes, "Sketch.n_classes"))
+        d, c = self.n_features, self.n_classes
+        if self.phase == "statistics":
+            if c < 2:
+                raise InvalidPayload(f"a statistics Sketch needs n_classes >= 2, got {c}")
+            allowed = (statistics_size(c, d, False), statistics_size(c, d, True))
+        elif c:
+            raise InvalidPayload(f"Sketch.n_classes is for the statistics phase only, got {c} in {self.phase!r}")
+        else:
+            allowed = (2 * d if self.phase == "moments" else d * d,)
+        if self.statistic.shape[0] not in allowed:
+            expected = " or ".join(f"({n},)" for n in allowed)
             raise InvalidPayload(
-                f"Sketch.statistic of phase {self.phase!r} with n_features={d} must have shape ({expected},), "
-                f"got {self.statistic.shape}"
+                f"Sketch.statistic of phase {self.phase!r} with n_features={d}"
+                f"{f', n_classes={c}' if c else ''} must have shape {expected}, got {self.statistic.shape}"
             )
 
     def to_payload(self) -> dict[str, Any]:
-        return fields_payload(self, skip=("round",))
+        return fields_payload(self, skip=("round",), omit_default=("n_classes",))
 
     @classmethod
     def from_payload(cls, round: int, payload: Mapping[str, Any]) -> Sketch:
@@ -436,6 +480,7 @@ __all__ = [
     "BASIS_PHASES",
     "OPTIMIZERS",
     "PHASES",
+    "SKETCH_PHASES",
     "STANDARDIZATIONS",
     "TRUST_MODES",
     "Basis",

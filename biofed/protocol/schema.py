@@ -103,9 +103,15 @@ def check_id_map(value: Any, name: str, check) -> Mapping[str, Any]:
     return MappingProxyType(out)
 
 
-def fields_payload(obj: Any, skip: Sequence[str]) -> dict[str, Any]:
-    """The payload map of dataclass ``obj``: its fields but ``skip``."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.name not in skip}
+def fields_payload(obj: Any, skip: Sequence[str], omit_default: Sequence[str] = ()) -> dict[str, Any]:
+    """The payload map of dataclass ``obj``: its fields but ``skip``, and but those of
+    ``omit_default`` that hold their default (optional fields added to a kind later: a
+    message that does not use them stays readable by receivers that predate them)."""
+    return {
+        f.name: getattr(obj, f.name)
+        for f in fields(obj)
+        if f.name not in skip and not (f.name in omit_default and getattr(obj, f.name) == f.default)
+    }
 
 
 def payload_from_fields(cls: type, round: int, payload: Mapping[str, Any]) -> Any:
