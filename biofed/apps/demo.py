@@ -125,6 +125,7 @@ import numpy as np
 
 from biofed.apps.federation import Child, Listener, spawn, start_broker, tails, terminate, write_synthetic_devices
 from biofed.cli_options import examples, logging_options
+from biofed.config import OneShotSettings
 from biofed.protocol import STANDARDIZATIONS, TRUST_MODES
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,9 @@ class DemoError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- settings
+_ONE_SHOT = OneShotSettings()
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """Everything a demo run depends on (written to ``summary.json``).
@@ -177,9 +181,9 @@ class DemoSettings:
     """None: :data:`ALGORITHM_ROUNDS` of ``algorithm``."""
     algorithm: str = "fedavg"
     statistics_noise_multiplier: float = 0.65
-    means_clip: float = 1.0
-    scatter_clip: float | None = None
-    ridge: float = 1.0
+    means_clip: float = _ONE_SHOT.means_clip
+    scatter_clip: float | None = _ONE_SHOT.scatter_clip
+    ridge: float = _ONE_SHOT.ridge
     noise_multiplier: float = 2.0
     clip: float = 0.25
     epsilon_budget: float | None = 10.0

@@ -61,6 +61,7 @@ import dp_accounting
 import numpy as np
 
 from biofed.cli_options import examples
+from biofed.config import OneShotSettings, PersonalizationSettings
 from biofed.coordinator.dp_ftrl import DPFTRL, dp_ftrl_event
 from biofed.coordinator.lda import lda_from_statistics
 from biofed.coordinator.one_shot import release_class_statistics
@@ -87,6 +88,10 @@ PRIVATE_METHODS = ("one-shot", "dp-ftrl", "fedavg-dp", "central-dp")
 DEFAULT_METHOD = "one-shot"
 """The best private method at epsilon <= 8 by leave-subjects-out CV on eegmat's training windows
 (tied with DP-FTRL within the spread of the noise draws; one release instead of a run of rounds)."""
+
+
+_ONE_SHOT = OneShotSettings()
+_PERSONAL = PersonalizationSettings()
 
 
 @dataclass(frozen=True)
@@ -116,13 +121,13 @@ class Defaults:
     central_lr: float = 0.5
     central_epochs: int = 60
     l2: float = 1e-3
-    means_clip: float = 1.0
-    scatter_clip: float | None = None
-    ridge: float = 1.0
+    means_clip: float = _ONE_SHOT.means_clip
+    scatter_clip: float | None = _ONE_SHOT.scatter_clip
+    ridge: float = _ONE_SHOT.ridge
     basis_clip: float = 25.0
-    personal_epochs: int = 30
-    personal_lr: float = 0.02
-    personal_prox: float = 0.01
+    personal_epochs: int = _PERSONAL.epochs
+    personal_lr: float = _PERSONAL.lr
+    personal_prox: float = _PERSONAL.prox_mu
 
 
 @dataclass
