@@ -41,12 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from biofed.apps.demo import DemoError
 from biofed.benchmarks.ingest import run as ingest_run
 
 PRIVACY_TARGET_GAP = 0.05
@@ -318,22 +320,33 @@ def main() -> None:
         parser.error("--privacy-target runs on Mosquitto; leave out --rabbitmq")
     if not args.target_epsilon > 0 or not 0 < args.delta < 1:
         parser.error("--target-epsilon must be > 0 and --delta in (0, 1)")
+    failed = []
     with tempfile.TemporaryDirectory(prefix="biofed-fleet-") as scratch:
         out = args.out or Path(scratch)
         for n in args.devices:
-            if args.privacy_target:
-                result = privacy_target(
-                    n, args.rounds, out, target_epsilon=args.target_epsilon, delta=args.delta, workers=args.workers
-                )
-            else:
-                runner = run_rabbitmq if args.rabbitmq else run
-                result = runner(n, args.rounds, out, args.noise_multiplier, args.workers)
+            try:
+                result = _run_case(args, n, out)
+            except DemoError as exc:  # e.g. too few open files for n devices: say so, go on with the next n
+                print(f"--- {n} devices x {args.rounds} rounds: failed: {exc}", file=sys.stderr, flush=True)
+                failed.append(n)
+                continue
             if args.json:
                 print(json.dumps(result), flush=True)
             else:
                 print(f"--- {n} devices x {args.rounds} rounds ({result['broker']})")
                 for key, value in result.items():
                     print(f"{key:>28}: {value}", flush=True)
+    if failed:
+        raise SystemExit(f"fleet benchmark: the runs of {', '.join(map(str, failed))} devices failed (see above)")
+
+
+def _run_case(args: argparse.Namespace, n: int, out: Path) -> dict:
+    if args.privacy_target:
+        return privacy_target(
+            n, args.rounds, out, target_epsilon=args.target_epsilon, delta=args.delta, workers=args.workers
+        )
+    runner = run_rabbitmq if args.rabbitmq else run
+    return runner(n, args.rounds, out, args.noise_multiplier, args.workers)
 
 
 if __name__ == "__main__":

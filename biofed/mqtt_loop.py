@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
 import resource
 import selectors
@@ -33,6 +34,30 @@ __all__ = ["FileLimitError", "NetworkLoop", "ensure_open_files"]
 
 _MISC_INTERVAL_S = 1.0
 _NR_OPEN = Path("/proc/sys/fs/nr_open")
+_CAP_SYS_RESOURCE = 24  # bit of the capability in /proc/self/status CapEff (linux/capability.h)
+
+
+def _why_not(needed: int, raise_hard: bool) -> str:
+    """Why the hard open-file limit cannot go to ``needed``: the kernel's maximum or the capability."""
+    try:
+        nr_open = int(_NR_OPEN.read_text())
+    except (OSError, ValueError):
+        nr_open = None
+    if nr_open is not None and needed > nr_open:
+        return f"the kernel allows at most fs.nr_open = {nr_open} per process"
+    if not raise_hard:
+        return "the hard limit allows it, yet the kernel refused"
+    try:
+        status = Path("/proc/self/status").read_text()
+        effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    except (OSError, ValueError, StopIteration):
+        return "raising the hard limit needs CAP_SYS_RESOURCE"
+    if not effective >> _CAP_SYS_RESOURCE & 1:
+        return (
+            f"raising the hard limit needs CAP_SYS_RESOURCE, which this process lacks (uid {os.geteuid()}; "
+            "containers often drop it even for root)"
+        )
+    return "raising the hard limit needs CAP_SYS_RESOURCE"
 
 
 class FileLimitError(RuntimeError):
@@ -61,15 +86,11 @@ def ensure_open_files(needed: int, purpose: str = "this process") -> int:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed if raise_hard else hard))
     except (ValueError, OSError) as exc:
-        try:
-            nr_open = f"fs.nr_open is {int(_NR_OPEN.read_text())}"
-        except (OSError, ValueError):
-            nr_open = "fs.nr_open is unknown"
         raise FileLimitError(
             f"{purpose} needs {needed} open files, but its limit is {soft} (hard limit {hard}) and raising it "
-            f"failed: {exc} ({nr_open}; raising the hard limit needs root). Raise it before starting "
-            f"(`ulimit -Hn {needed}; ulimit -n {needed}` as root, or LimitNOFILE= in a systemd unit), "
-            "or run fewer devices per process."
+            f"failed: {exc} ({_why_not(needed, raise_hard)}). Raise it before starting (`ulimit -Hn {needed}; "
+            f"ulimit -n {needed}` with CAP_SYS_RESOURCE, or LimitNOFILE= in a systemd unit), or run fewer "
+            "devices per process."
         ) from None
     logger.info("open-file limit raised from %d to %d for %s", soft, needed, purpose)
     return needed
