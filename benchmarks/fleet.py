@@ -55,6 +55,14 @@ PRIVACY_TARGET_GAP = 0.05
 """Largest accuracy loss of the private run against the non-private one (held-out balanced accuracy)."""
 
 
+def round_deadline_s(n_devices: int) -> float:
+    """The rounds' deadline for ``n_devices``: every round waits for all of them, and the basis
+    round's sketches (d x d statistics) come out of the one simulator process at a few dozen per
+    second, fewer on a loaded machine. A missed deadline is not just slower: the round is retried,
+    and a private run's retried round is charged again."""
+    return max(120.0, 0.25 * n_devices)
+
+
 def _raw_publisher(host: str, port: int, index: int, n: int, size: int, go, done) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
@@ -162,7 +170,7 @@ def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float
             devices=n_devices,
             rounds=rounds,
             noise_multiplier=noise_multiplier,
-            round_deadline_s=120.0,
+            round_deadline_s=round_deadline_s(n_devices),
             timeout_s=3600.0,
         )
         summary = run_simulation(settings, FleetOptions(workers=workers, cluster=cluster))
@@ -179,7 +187,7 @@ def run(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers
         rounds=rounds,
         mosquitto=True,
         noise_multiplier=noise_multiplier,
-        round_deadline_s=120.0,
+        round_deadline_s=round_deadline_s(n_devices),
         timeout_s=3600.0,
     )
     summary = run_simulation(settings, FleetOptions(workers=workers))
@@ -249,7 +257,7 @@ def privacy_target(
         rounds=rounds,
         mosquitto=True,
         delta=delta,
-        round_deadline_s=120.0,
+        round_deadline_s=round_deadline_s(n_devices),
         timeout_s=3600.0,
     )
     n_basis = basis_charges(base.standardization)
