@@ -89,8 +89,7 @@ def ensure_open_files(needed: int, purpose: str = "this process") -> int:
         raise FileLimitError(
             f"{purpose} needs {needed} open files, but its limit is {soft} (hard limit {hard}) and raising it "
             f"failed: {exc} ({_why_not(needed, raise_hard)}). Raise it before starting (`ulimit -Hn {needed}; "
-            f"ulimit -n {needed}` with CAP_SYS_RESOURCE, or LimitNOFILE= in a systemd unit), or run fewer "
-            "devices per process."
+            f"ulimit -n {needed}` with CAP_SYS_RESOURCE, or LimitNOFILE= in a systemd unit)."
         ) from None
     logger.info("open-file limit raised from %d to %d for %s", soft, needed, purpose)
     return needed

@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import queue
+import resource
 import shutil
 import signal
 import sqlite3
@@ -659,7 +660,13 @@ def _reserve_open_files(n_devices: int) -> None:
     try:
         ensure_open_files(FDS_PER_DEVICE * n_devices + FD_HEADROOM, f"a simulation of {n_devices} devices")
     except FileLimitError as exc:
-        raise DemoError(str(exc)) from None
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY:
+            raise DemoError(str(exc)) from None
+        most = max(hard - FD_HEADROOM, 0) // FDS_PER_DEVICE
+        raise DemoError(
+            f"{exc} Within the hard limit of {hard}, one process simulates at most {most} devices."
+        ) from None
 
 
 def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions()) -> dict:
