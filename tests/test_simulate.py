@@ -126,6 +126,7 @@ def test_simulate_refuses_the_fault_schedule_without_mosquitto(tmp_path):
 
 
 def test_simulate_refuses_a_fleet_beyond_the_open_file_limit_before_starting_anything(tmp_path):
+    import resource
     from pathlib import Path
 
     from click.testing import CliRunner
@@ -141,4 +142,7 @@ def test_simulate_refuses_a_fleet_beyond_the_open_file_limit_before_starting_any
     needed = FDS_PER_DEVICE * devices + FD_HEADROOM
     assert f"a simulation of {devices} devices needs {needed} open files" in result.output
     assert f"fs.nr_open = {nr_open}" in result.output
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        assert f"one process simulates at most {(hard - FD_HEADROOM) // FDS_PER_DEVICE} devices" in result.output
     assert not (out / "mosquitto").exists()  # no broker was started
