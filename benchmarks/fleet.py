@@ -157,38 +157,41 @@ def _fleet_figures(summary: dict) -> dict:
     }
 
 
-def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
+def fleet_settings(out: Path, n_devices: int, rounds: int, **demo_settings):
+    """The demo's settings (:class:`biofed.apps.demo.DemoSettings`, overridden by
+    ``demo_settings``) for a benchmark fleet of ``n_devices``: its rounds, a deadline that
+    fits its size, an hour in all."""
     from biofed.apps.demo import DemoSettings
+
+    return DemoSettings(
+        out=out,
+        devices=n_devices,
+        rounds=rounds,
+        round_deadline_s=round_deadline_s(n_devices),
+        timeout_s=3600.0,
+        **demo_settings,
+    )
+
+
+def run_rabbitmq(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
     from biofed.apps.rabbitmq import start_rabbitmq_cluster
     from biofed.apps.simulate import FleetOptions, run_simulation
 
     started = time.monotonic()
     with start_rabbitmq_cluster(2) as cluster:
         cluster_start_s = time.monotonic() - started
-        settings = DemoSettings(
-            out=out / f"fleet-rabbitmq-{n_devices}",
-            devices=n_devices,
-            rounds=rounds,
-            noise_multiplier=noise_multiplier,
-            round_deadline_s=round_deadline_s(n_devices),
-            timeout_s=3600.0,
+        settings = fleet_settings(
+            out / f"fleet-rabbitmq-{n_devices}", n_devices, rounds, noise_multiplier=noise_multiplier
         )
         summary = run_simulation(settings, FleetOptions(workers=workers, cluster=cluster))
     return {**_fleet_figures(summary), "cluster_start_s": round(cluster_start_s, 1)}
 
 
 def run(n_devices: int, rounds: int, out: Path, noise_multiplier: float, workers: int) -> dict:
-    from biofed.apps.demo import DemoSettings
     from biofed.apps.simulate import FleetOptions, run_simulation
 
-    settings = DemoSettings(
-        out=out / f"fleet-{n_devices}",
-        devices=n_devices,
-        rounds=rounds,
-        mosquitto=True,
-        noise_multiplier=noise_multiplier,
-        round_deadline_s=round_deadline_s(n_devices),
-        timeout_s=3600.0,
+    settings = fleet_settings(
+        out / f"fleet-{n_devices}", n_devices, rounds, mosquitto=True, noise_multiplier=noise_multiplier
     )
     summary = run_simulation(settings, FleetOptions(workers=workers))
     update_bytes = max(r["bytes_per_update"] for r in summary["rounds"] if r["phase"] == "train")
@@ -248,18 +251,9 @@ def privacy_target(
     The epsilon reported is the coordinator's (its ledger's last committed round), not
     recomputed here.
     """
-    from biofed.apps.demo import DemoSettings
     from biofed.apps.simulate import FleetOptions, run_simulation
 
-    base = DemoSettings(
-        out=out,
-        devices=n_devices,
-        rounds=rounds,
-        mosquitto=True,
-        delta=delta,
-        round_deadline_s=round_deadline_s(n_devices),
-        timeout_s=3600.0,
-    )
+    base = fleet_settings(out, n_devices, rounds, mosquitto=True, delta=delta)
     n_basis = basis_charges(base.standardization)
     z = calibrate_fleet_noise(target_epsilon, rounds, base.basis_noise_multiplier, n_basis, delta)
     options = FleetOptions(workers=workers)
