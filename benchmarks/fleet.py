@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import statistics
 import sys
 import tempfile
 import threading
@@ -134,16 +135,19 @@ def raw_ceiling(n_messages: int, size: int, publishers: int = 4) -> float:
 
 
 def _fleet_figures(summary: dict) -> dict:
+    train = [r["task_to_close_s"] for r in summary["rounds"] if r["phase"] == "train"]
     return {
         "devices": summary["devices"],
         "broker": summary["broker"],
         "devices_per_broker": summary["devices_per_broker"],
-        "rounds": summary["rounds"],
+        "rounds": summary["settings"]["rounds"],
         "wall_s": summary["wall_s"],
         "ready_s": summary["ready_s"],
         "first_round_s": summary["first_round_s"],
         "close_latency_p50_s": summary["close_latency_p50_s"],
         "close_latency_p95_s": summary["close_latency_p95_s"],
+        "basis_round_s": next((r["task_to_close_s"] for r in summary["rounds"] if r["phase"] != "train"), None),
+        "train_round_s_median": statistics.median(train) if train else None,
         "fleet_updates_per_s": summary["updates_per_s"],
         "coordinator_cpu_s": summary["coordinator_cpu_s"],
         "coordinator_rss_mb": summary["coordinator_rss_mb"],
