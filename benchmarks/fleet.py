@@ -265,7 +265,9 @@ def privacy_target(
     private = run_simulation(
         replace(base, out=out / f"privacy-{n_devices}-dp", noise_multiplier=z, epsilon_budget=target_epsilon), options
     )
-    records = json.loads((out / f"privacy-{n_devices}-dp" / "state" / "rounds.json").read_text())
+    state = out / f"privacy-{n_devices}-dp" / "state"
+    records = json.loads((state / "rounds.json").read_text())
+    basis_charged = _ledger_count(state, "basis")
     last = next((r for r in reversed(records) if r.get("epsilon_rdp") is not None), {})
     trained = sum(1 for r in records if r["phase"] == "train")
     gap = (
@@ -282,7 +284,8 @@ def privacy_target(
         "clip_norm": base.clip,
         "noise_multiplier": round(z, 4),
         "basis_noise_multiplier": base.basis_noise_multiplier,
-        "basis_charges": n_basis,
+        "basis_charges_planned": n_basis,
+        "basis_charges_in_ledger": basis_charged,
         "noise_std_on_mean": round(z * base.clip / n_devices, 6),
         "delta": delta,
         "accuracy_non_private": plain["balanced_accuracy"],
@@ -299,8 +302,25 @@ def privacy_target(
             and epsilon is not None
             and epsilon <= target_epsilon
             and trained == rounds
+            and basis_charged == n_basis
         ),
     }
+
+
+def _ledger_count(state_dir: Path, kind: str) -> int | None:
+    """Rounds of ``kind`` the coordinator's committed ledger in ``state_dir`` charged (None: no ledger)."""
+    from biofed.apps.demo import FLEET
+    from biofed.coordinator.state import CoordinatorState
+    from biofed.privacy_ledger import PrivacyLedger
+
+    store = CoordinatorState(state_dir, FLEET)
+    try:
+        snapshot = store.load()
+    finally:
+        store.close()
+    if snapshot is None or snapshot.ledger is None:
+        return None
+    return PrivacyLedger.from_json(snapshot.ledger).count(kind)
 
 
 def case_fleet_privacy(s, result: CaseResult) -> None:

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from biofed.benchmarks.fleet import basis_charges, calibrate_fleet_noise, main
+from biofed.benchmarks.fleet import basis_charges, calibrate_fleet_noise, main, privacy_target
 from biofed.privacy_ledger import PrivacyLedger, calibrate_noise_multiplier
+from brokers import require_mosquitto
 
 
 @pytest.mark.parametrize("standardization, n_basis", [("device", 1), ("global", 2)])
@@ -46,3 +47,20 @@ def test_privacy_target_refuses_rabbitmq_and_bad_privacy_parameters(monkeypatch,
         main()
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_privacy_target_runs_both_federations_and_reads_the_coordinators_ledger(tmp_path):
+    """A small fleet end to end: the private run spends at most the target, charges the planned
+    basis phase and every planned round, and the figures come from the coordinators' state."""
+    require_mosquitto()
+    found = privacy_target(12, 1, tmp_path, target_epsilon=2.0, delta=1e-6)
+    assert found["problems"] == []
+    assert found["rounds_trained_private"] == 1
+    assert found["basis_charges_in_ledger"] == found["basis_charges_planned"] == 1
+    assert 1.9 < found["epsilon_rdp"] <= 2.0  # calibrated to the target, read from the ledger
+    assert found["epsilon_pld"] <= found["epsilon_rdp"]
+    assert 0.0 <= found["accuracy_private"] <= 1.0 and 0.0 <= found["accuracy_non_private"] <= 1.0
+    assert found["accuracy_gap"] == pytest.approx(found["accuracy_non_private"] - found["accuracy_private"], abs=1e-4)
+    # the noise on the averaged update is z C / n
+    assert found["noise_std_on_mean"] == pytest.approx(found["noise_multiplier"] * 0.25 / 12, rel=1e-3)
