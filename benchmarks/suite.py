@@ -24,6 +24,7 @@ import numpy as np
 
 from biofed.benchmarks import baselines, stream
 from biofed.benchmarks.coordinator_memory import case_coordinator_memory
+from biofed.benchmarks.fleet import case_fleet_privacy
 from biofed.benchmarks.harness import (
     CaseResult,
     Comparison,
@@ -1023,6 +1024,7 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
     "privacy_ledger": case_privacy_ledger,
     "coordinator_memory": case_coordinator_memory,
     "evaluation": case_evaluation,
+    "fleet_privacy": case_fleet_privacy,
 }
 
 

@@ -7,6 +7,10 @@ that way. :class:`NetworkLoop` serves any number of :class:`biofed.mqtt.MqttClie
 one thread with :mod:`selectors` (epoll on Linux): it reads when a socket is readable,
 writes when paho has queued packets, runs paho's keep-alive bookkeeping once a second and
 reconnects dropped clients with their own capped, jittered exponential backoff.
+
+A process hosting thousands of connections also needs the file descriptors:
+:func:`ensure_open_files` raises ``RLIMIT_NOFILE`` (the hard limit too, where the process
+may: root, up to the kernel's ``fs.nr_open``) or says exactly why it cannot.
 """
 
 from __future__ import annotations
@@ -14,18 +18,81 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
+import resource
 import selectors
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NetworkLoop"]
+__all__ = ["FileLimitError", "NetworkLoop", "ensure_open_files"]
 
 _MISC_INTERVAL_S = 1.0
+_NR_OPEN = Path("/proc/sys/fs/nr_open")
+_CAP_SYS_RESOURCE = 24  # bit of the capability in /proc/self/status CapEff (linux/capability.h)
+
+
+def _why_not(needed: int, raise_hard: bool) -> str:
+    """Why the hard open-file limit cannot go to ``needed``: the kernel's maximum or the capability."""
+    try:
+        nr_open = int(_NR_OPEN.read_text())
+    except (OSError, ValueError):
+        nr_open = None
+    if nr_open is not None and needed > nr_open:
+        return f"the kernel allows at most fs.nr_open = {nr_open} per process"
+    if not raise_hard:
+        return "the hard limit allows it, yet the kernel refused"
+    try:
+        status = Path("/proc/self/status").read_text()
+        effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    except (OSError, ValueError, StopIteration):
+        return "raising the hard limit needs CAP_SYS_RESOURCE"
+    if not effective >> _CAP_SYS_RESOURCE & 1:
+        return (
+            f"raising the hard limit needs CAP_SYS_RESOURCE, which this process lacks (uid {os.geteuid()}; "
+            "containers often drop it even for root)"
+        )
+    return "raising the hard limit needs CAP_SYS_RESOURCE"
+
+
+class FileLimitError(RuntimeError):
+    """This process cannot get the open-file limit it needs (the message says why and what to do)."""
+
+
+def ensure_open_files(needed: int, purpose: str = "this process") -> int:
+    """Make sure this process (and the children it starts from now on, which inherit the
+    limit) may open ``needed`` file descriptors; returns the soft ``RLIMIT_NOFILE`` in force.
+
+    The soft limit is raised to ``needed`` when the hard limit allows it; otherwise both are
+    raised, which needs ``CAP_SYS_RESOURCE`` (root) and ``needed <= fs.nr_open``.
+
+    Raises
+    ------
+    FileLimitError
+        The limit cannot be raised that far; the message gives the limits, the reason and
+        the fix.
+    """
+    if isinstance(needed, bool) or not isinstance(needed, int) or needed < 1:
+        raise ValueError(f"needed must be an integer >= 1, got {needed!r}")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    raise_hard = hard != resource.RLIM_INFINITY and hard < needed
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed if raise_hard else hard))
+    except (ValueError, OSError) as exc:
+        raise FileLimitError(
+            f"{purpose} needs {needed} open files, but its limit is {soft} (hard limit {hard}) and raising it "
+            f"failed: {exc} ({_why_not(needed, raise_hard)}). Raise it before starting (`ulimit -Hn {needed}; "
+            f"ulimit -n {needed}` with CAP_SYS_RESOURCE, or LimitNOFILE= in a systemd unit)."
+        ) from None
+    logger.info("open-file limit raised from %d to %d for %s", soft, needed, purpose)
+    return needed
 
 
 class NetworkLoop:

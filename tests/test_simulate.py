@@ -123,3 +123,26 @@ def test_simulate_refuses_the_fault_schedule_without_mosquitto(tmp_path):
     result = CliRunner().invoke(cli, ["simulate", "--devices", "2", "--faults", "--out", str(tmp_path / "sim")])
     assert result.exit_code != 0
     assert "the broker restart fault needs --mosquitto" in result.output
+
+
+def test_simulate_refuses_a_fleet_beyond_the_open_file_limit_before_starting_anything(tmp_path):
+    import resource
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from biofed.apps.cli import cli
+    from biofed.apps.simulate import FD_HEADROOM, FDS_PER_DEVICE
+
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    devices = nr_open // FDS_PER_DEVICE + 1  # beyond what any process may open, whatever its privileges
+    out = tmp_path / "sim"
+    result = CliRunner().invoke(cli, ["simulate", "--devices", str(devices), "--mosquitto", "--out", str(out)])
+    assert result.exit_code != 0
+    needed = FDS_PER_DEVICE * devices + FD_HEADROOM
+    assert f"a simulation of {devices} devices needs {needed} open files" in result.output
+    assert f"fs.nr_open = {nr_open}" in result.output
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        assert f"one process simulates at most {(hard - FD_HEADROOM) // FDS_PER_DEVICE} devices" in result.output
+    assert not (out / "mosquitto").exists()  # no broker was started

@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import queue
+import resource
 import shutil
 import signal
 import sqlite3
@@ -72,7 +73,7 @@ from biofed.apps.demo import (
 )
 from biofed.apps.federation import spawn, terminate, write_synthetic_devices
 from biofed.cli_options import examples, logging_options
-from biofed.mqtt_loop import NetworkLoop
+from biofed.mqtt_loop import FileLimitError, NetworkLoop, ensure_open_files
 from biofed.protocol import TRUST_MODES
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,11 @@ __all__ = [
 
 WINDOWS_PER_DEVICE = 16
 """Consecutive windows of each class a split device gets (its last 20 % per class are held out)."""
+FDS_PER_DEVICE = 4
+"""File descriptors a simulated device holds open: its MQTT socket and its SQLite feature store
+(the database, its write-ahead log and the WAL index)."""
+FD_HEADROOM = 1024
+"""File descriptors of the process itself (libraries, logs, the source agents, the watcher)."""
 
 
 # ----------------------------------------------------------------------------- faults
@@ -649,6 +655,21 @@ class _Coordinator:
         self.child.process.wait()
 
 
+def _reserve_open_files(n_devices: int) -> None:
+    """Raise the open-file limit for ``n_devices`` before the broker starts: Mosquitto, started
+    from this process, inherits the limit and holds one socket per device."""
+    try:
+        ensure_open_files(FDS_PER_DEVICE * n_devices + FD_HEADROOM, f"a simulation of {n_devices} devices")
+    except FileLimitError as exc:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard == resource.RLIM_INFINITY:
+            raise DemoError(str(exc)) from None
+        most = max(hard - FD_HEADROOM, 0) // FDS_PER_DEVICE
+        raise DemoError(
+            f"{exc} Within the hard limit of {hard}, one process simulates at most {most} devices."
+        ) from None
+
+
 def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions()) -> dict:
     """Run a federation of ``settings.devices`` simulated devices; returns the summary
     (also written to ``summary.json``). Raises :class:`DemoError` when it cannot finish."""
@@ -662,6 +683,7 @@ def run_simulation(settings: DemoSettings, options: FleetOptions = FleetOptions(
     plan = options.plan
     if plan is not None and plan.broker_restart and not settings.mosquitto:
         raise DemoError("the broker restart fault needs --mosquitto (the embedded broker keeps no sessions)")
+    _reserve_open_files(settings.devices or SYNTHETIC_DEVICES)
     process = psutil.Process()
     cluster = options.cluster
     if cluster is not None:
