@@ -50,11 +50,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
+
+# dp_accounting loads most of SciPy: it is imported by the functions that compute an epsilon,
+# so recording (charging) a round, all a device does on its own, needs none of it.
+if TYPE_CHECKING:
+    import dp_accounting
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +137,9 @@ def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
     orders; PLD value discretization 1e-4 with pessimistic estimates), so every epsilon in
     biofed can be reproduced by building the accountant directly.
     """
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     return RdpAccountant() if _check_accountant(name) == "rdp" else PLDAccountant()
 
 
@@ -153,6 +159,8 @@ def round_event(sampling_rate: float, noise_multiplier: float) -> dp_accounting.
         ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, or ``GaussianDpEvent(z)`` when
         ``q == 1``.
     """
+    import dp_accounting
+
     q = check_sampling_rate(sampling_rate)
     gaussian = dp_accounting.GaussianDpEvent(check_noise_multiplier(noise_multiplier))
     return gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
@@ -230,6 +238,8 @@ def calibrate_noise_multiplier(
     q = check_sampling_rate(sampling_rate)
     d = check_delta(delta)
     name = _check_accountant(accountant)
+    import dp_accounting
+
     return float(
         dp_accounting.calibrate_dp_mechanism(
             lambda: make_accountant(name),
@@ -273,6 +283,8 @@ class LedgerGroup:
     @property
     def event(self) -> dp_accounting.DpEvent:
         """``SelfComposedDpEvent(round_event(q, z), count)``."""
+        import dp_accounting
+
         return dp_accounting.SelfComposedDpEvent(round_event(self.sampling_rate, self.noise_multiplier), self.count)
 
 

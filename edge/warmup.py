@@ -15,13 +15,18 @@ clipping and Numba scoring of a model without ONNX bytes. Going through the agen
 calling the kernels one by one keeps the warmed signatures equal to the used ones (array
 layouts, dtypes, read-only flags) whatever the kernels' internals become.
 
-``biofed warmup`` runs it from the command line (e.g. as an install step or ``ExecStartPre``);
-:meth:`EdgeAgent.run` runs it before the agent reports "online".
+``biofed warmup`` runs it from the command line (e.g. as an install step or ``ExecStartPre``).
+:meth:`EdgeAgent.run` runs it before the agent reports "online", in a child process
+(:func:`warmup_in_subprocess`): the agent then loads from the cache only the signatures its
+configuration calls, and a cold cache's compilation (LLVM's optimizer at several hundred MB)
+never raises the agent's own peak memory.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +36,17 @@ import numpy as np
 
 from biofed.cli_options import examples
 
-__all__ = ["warmup", "warmup_command"]
+__all__ = ["WarmupError", "warmup", "warmup_command", "warmup_in_subprocess"]
 
 logger = logging.getLogger(__name__)
 
 _CLASSES = ("rest", "arithmetic")
 _FLEET = "warmup"
+_STDERR_TAIL = 2000
+
+
+class WarmupError(RuntimeError):
+    """The warm-up child process failed."""
 
 
 def warmup() -> float:
@@ -136,6 +146,28 @@ def warmup() -> float:
     seconds = time.perf_counter() - started
     logger.info("warm-up done in %.1f s", seconds)
     return seconds
+
+
+def warmup_in_subprocess() -> float:
+    """:func:`warmup` in a child ``biofed warmup`` process of this interpreter and environment
+    (so the same Numba cache); return the wall seconds it took.
+
+    Raises
+    ------
+    WarmupError
+        The child failed; the message ends with its stderr.
+    """
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "biofed", "warmup"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise WarmupError(f"biofed warmup failed (exit code {proc.returncode}): {proc.stderr.strip()[-_STDERR_TAIL:]}")
+    return time.perf_counter() - started
 
 
 @click.command(
