@@ -10,6 +10,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # Modules that cost the agent memory and that none of the work below needs.
 NOT_IMPORTED = (
     "onnx",
@@ -93,3 +95,25 @@ def test_an_ingesting_training_agent_imports_nothing_it_does_not_use():
     # both local-mode releases charged, durably, before they were published
     assert result["charged"] == [2, 2]
     assert 0 < result["epsilon"] < float("inf") and result["dp_accounting_after_epsilon"]
+
+
+def test_agent_memory_benchmark_reports_the_whole_process_rss_by_stage():
+    """The benchmark's figures (not judged here: targets live in the suite) are consistent:
+    the peak covers start-up and the first windows, the store sits at its cap, one training
+    round ran, and the end RSS is split by mapping."""
+    cmd = [sys.executable, "-m", "biofed.benchmarks.agent_memory", "--hours", "1.05", "--store-rows", "500"]
+    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    assert 0 < out["rss_after_start_mb"] <= out["rss_after_first_windows_mb"] <= out["peak_rss_mb"]
+    assert out["rows_in_store"] == 500 < out["windows_stored"]
+    assert out["training_rounds"] == 1 and [s["hour"] for s in out["samples"]] == [1]
+    by_mapping = out["rss_by_mapping_mb"]
+    assert by_mapping["anonymous (heap, arenas, stacks)"] > 0
+    assert 0.5 * out["samples"][0]["rss_mb"] < sum(by_mapping.values()) <= out["peak_rss_mb"] + 1
+
+
+def test_a_failing_warm_up_child_is_a_clear_error(monkeypatch):
+    from biofed.edge.warmup import WarmupError, warmup_in_subprocess
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(WarmupError, match=r"biofed warmup failed \(exit code 1\)"):
+        warmup_in_subprocess()
