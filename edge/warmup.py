@@ -28,6 +28,7 @@ import logging
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 _CLASSES = ("rest", "arithmetic")
 _FLEET = "warmup"
 _STDERR_TAIL = 2000
+_STOP_POLL_S = 0.2
 
 
 class WarmupError(RuntimeError):
@@ -148,9 +150,12 @@ def warmup() -> float:
     return seconds
 
 
-def warmup_in_subprocess() -> float:
+def warmup_in_subprocess(stop: threading.Event | None = None) -> float:
     """:func:`warmup` in a child ``biofed warmup`` process of this interpreter and environment
     (so the same Numba cache); return the wall seconds it took.
+
+    When ``stop`` is set meanwhile (the agent is asked to stop), the child is terminated and
+    the warm-up abandoned without an error: a cold cache's compilation can take minutes.
 
     Raises
     ------
@@ -158,15 +163,25 @@ def warmup_in_subprocess() -> float:
         The child failed; the message ends with its stderr.
     """
     started = time.perf_counter()
-    proc = subprocess.run(
+    with subprocess.Popen(
         [sys.executable, "-m", "biofed", "warmup"],
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise WarmupError(f"biofed warmup failed (exit code {proc.returncode}): {proc.stderr.strip()[-_STDERR_TAIL:]}")
+    ) as child:
+        while True:
+            try:
+                _, stderr = child.communicate(timeout=_STOP_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set():
+                    child.terminate()
+                    child.communicate()
+                    logger.info("warm-up abandoned: stopping")
+                    return time.perf_counter() - started
+    if child.returncode != 0:
+        raise WarmupError(f"biofed warmup failed (exit code {child.returncode}): {stderr.strip()[-_STDERR_TAIL:]}")
     return time.perf_counter() - started
 
 

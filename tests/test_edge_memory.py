@@ -6,6 +6,7 @@ durable ledger first; an epsilon, when asked for, imports dp_accounting then."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -117,3 +118,22 @@ def test_a_failing_warm_up_child_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/bin/false")
     with pytest.raises(WarmupError, match=r"biofed warmup failed \(exit code 1\)"):
         warmup_in_subprocess()
+
+
+def test_a_stop_during_the_warm_up_terminates_the_child(monkeypatch, tmp_path):
+    """An agent asked to stop while a (cold, minutes-long) warm-up runs does not wait for it."""
+    import threading
+
+    from biofed.edge.warmup import warmup_in_subprocess
+
+    pid_file = tmp_path / "child.pid"
+    endless = tmp_path / "endless-warmup"
+    endless.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 600\n")
+    endless.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(endless))
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    assert warmup_in_subprocess(stop) < 600
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(pid, 0)
