@@ -35,8 +35,10 @@ import numpy as np
 
 from biofed.config import DeviceConfig
 from biofed.datasets import make_recording, replay
+from biofed.datasets.live import BadSpans
 from biofed.edge.agent import EdgeAgent
-from biofed.edge.pipeline import StreamingPipeline
+from biofed.edge.continuous import LiveFeatures
+from biofed.edge.pipeline import FeatureRow
 from biofed.kernels import n_params
 from biofed.model import FeatureLayout
 from biofed.privacy_ledger import PrivacyLedger
@@ -48,16 +50,13 @@ with tempfile.TemporaryDirectory() as tmp:
         device_id="d", fleet="f", store_path=Path(tmp) / "s.db", predict=True, warmup=False
     )
     agent = EdgeAgent(config, random_state=0)
-    for i, label in enumerate(classes):
+    for i, label in enumerate(classes):  # the live ingestion path: windows as a sensor delivers them
         recording = make_recording(label, duration_s=12.0, eeg_channels=4, audio_sfreq=2000.0, random_state=i)
         layout = FeatureLayout.from_recording(recording, agent.pipeline_config)
         agent.ingestion.bind(layout)
-        pipeline = StreamingPipeline(agent.pipeline_config, layout)
-        rows = []
-        for chunk in replay(recording):
-            rows.extend(pipeline.push(chunk.modality, chunk.data, chunk.label))
-        pipeline.flush()
-        agent.ingestion.append(rows, agent.ingestion.next_offset(), f"rec-{label}")
+        live = LiveFeatures(agent.pipeline_config, layout, BadSpans())
+        rows = [FeatureRow(row.t, label, row.vector) for chunk in replay(recording) for row in live.feed(chunk)]
+        agent.ingestion.append(rows, 0.0, f"live-{label}")
     deadline = time.time() + 3600
     sketch = agent.answer(Task(
         round=1, model=np.empty(0), basis_version=0, classes=classes, deadline=deadline,
