@@ -62,7 +62,7 @@ def _rss_by_mapping(process) -> dict[str, float]:
 
 
 def _chunks(hours: float, chunk_s: float, seed: int):
-    """Chunks of ``hours`` of stream, looping over a pool of one-minute recordings per class."""
+    """Chunks of ``hours`` of stream, looping over a pool of two short recordings per class."""
     from biofed.datasets import make_recording, replay
 
     pool = {
