@@ -1,18 +1,25 @@
 """Memory of a continuously ingesting, training edge agent over a long synthetic stream.
 
 Run as a fresh process (``python -m biofed.benchmarks.agent_memory --hours 24``) so its RSS is the
-whole agent's: interpreter, NumPy/Numba/SciPy/MNE, the compiled kernels, the SQLite store.
+whole agent's: interpreter, NumPy/Numba/SciPy, the kernels loaded from Numba's cache, the SQLite
+store. Like :meth:`biofed.edge.agent.EdgeAgent.run`, it first warms the cache up in a child
+process (:func:`biofed.edge.warmup.warmup_in_subprocess`, not part of this process's RSS).
 It plays a synthetic multimodal stream (19 EEG channels at 250 Hz, a phonocardiogram at
 4 kHz, ECG + PPG at 250 Hz; the class alternates every 10 minutes) as fast as the CPU allows
 through the agent's live ingestion path (:class:`biofed.edge.continuous.LiveFeatures`, then
 the agent's store appends), with ``store_max_rows`` small enough that eviction runs for most
-of the stream. Every simulated hour the agent answers a local-DP covariance sketch and a
-training task on what is stored (after the first hour, with a basis fitted on its rows), and
-scores the newest windows with the model. The stream is generated chunk by chunk from a
-fixed pool of synthetic recordings, so the input itself holds no growing memory.
+of the stream. Every simulated hour the agent answers a local-DP covariance sketch (charged to
+its ledger) and a training task on what is stored, and scores the newest windows with the
+model. The stream is generated chunk by chunk from a small fixed pool of synthetic recordings,
+as a sensor delivers it, so the input holds no memory a device would not. The coordinator's
+side stays out of the process: its basis is an orthonormal projection with the running mean
+and scale of the rows streamed so far, not a fit (fitting is coordinator work).
 
-Prints one JSON line: peak RSS (``ru_maxrss``), RSS samples over simulated time, the growth
-from the first hour with the store at its cap to the end, windows stored and evicted, and wall time.
+Prints one JSON line: peak RSS (``ru_maxrss``); the RSS after start-up (imports, agent, warm-up)
+and after the first stored windows (the pipeline's kernels loaded); the end RSS by mapping
+(the LLVM library, the heap and anonymous memory, other files); RSS samples over simulated
+time, the growth from the first hour with the store at its cap to the end, windows stored and
+evicted, and wall time.
 """
 
 from __future__ import annotations
@@ -30,11 +37,32 @@ import psutil
 
 _CLASSES = ("rest", "arithmetic")
 _SEGMENT_S = 600.0  # the label alternates every 10 minutes
-_POOL_S = 60.0
+_POOL_S = 10.0
+_TOP_MAPPINGS = 4
+
+
+def _rss_by_mapping(process) -> dict[str, float]:
+    """Resident MB per mapped file (the largest few), anonymous memory (heap, arenas, stacks)
+    and the remaining files together."""
+    by_path: dict[str, float] = {}
+    anonymous = 0.0
+    for mapping in process.memory_maps():
+        mb = mapping.rss / 2**20
+        if mapping.path.startswith("/"):
+            name = Path(mapping.path).name
+            by_path[name] = by_path.get(name, 0.0) + mb
+        else:
+            anonymous += mb
+    top = sorted(by_path.items(), key=lambda item: -item[1])[:_TOP_MAPPINGS]
+    return {
+        **{name: round(mb, 1) for name, mb in top},
+        "anonymous (heap, arenas, stacks)": round(anonymous, 1),
+        "other files": round(sum(by_path.values()) - sum(mb for _, mb in top), 1),
+    }
 
 
 def _chunks(hours: float, chunk_s: float, seed: int):
-    """Chunks of ``hours`` of stream, looping over a pool of one-minute recordings per class."""
+    """Chunks of ``hours`` of stream, looping over a pool of two short recordings per class."""
     from biofed.datasets import make_recording, replay
 
     pool = {
@@ -70,9 +98,9 @@ def main() -> None:
     from biofed.edge.agent import EdgeAgent
     from biofed.edge.continuous import LiveFeatures
     from biofed.edge.pipeline import FeatureRow
-    from biofed.edge.warmup import warmup
+    from biofed.edge.warmup import warmup_in_subprocess
     from biofed.kernels import n_params
-    from biofed.model import FeatureLayout, fit_basis
+    from biofed.model import FeatureLayout
     from biofed.protocol import Basis, Model, Task
 
     process = psutil.Process()
@@ -83,8 +111,13 @@ def main() -> None:
             device_id="bench", fleet="bench", store_path=Path(tmp) / "features.sqlite", store_max_rows=args.store_rows
         )
         agent = EdgeAgent(config, random_state=0)
-        warmup()
+        warmup_in_subprocess()
+        rss_after_start = process.memory_info().rss / 2**20
+        rss_after_first_windows = None
         features = None
+        rng = np.random.default_rng(0)
+        row_sum = row_sq_sum = 0.0
+        n_streamed = 0
         rows: list = []
         next_hour = 3600.0
         hour = 0
@@ -101,9 +134,14 @@ def main() -> None:
                 features = LiveFeatures(agent.pipeline_config, layout, BadSpans())
             for row in features.feed(chunk):
                 rows.append(FeatureRow(row.t, _CLASSES[int(row.t // _SEGMENT_S) % 2], row.vector))
+                row_sum = row_sum + row.vector
+                row_sq_sum = row_sq_sum + row.vector**2
+                n_streamed += 1
             if len(rows) >= 64:
                 stored += agent.ingestion.append(rows, 0.0, "bench-stream")
                 rows = []
+                if rss_after_first_windows is None:
+                    rss_after_first_windows = process.memory_info().rss / 2**20
             if t >= next_hour:
                 hour += 1
                 next_hour += 3600.0
@@ -120,11 +158,10 @@ def main() -> None:
                         noise_multiplier=1.0,
                     )
                 )
-                X, _, _ = agent.store.read()
-                basis = fit_basis(X, 32)
-                agent._on_basis(
-                    Basis(round=hour, version=hour, components=basis.components, mean=basis.mean, scale=basis.scale)
-                )
+                mean = row_sum / n_streamed
+                scale = np.sqrt(np.maximum(row_sq_sum / n_streamed - mean**2, 0.0)) + 1e-6
+                components = np.linalg.qr(rng.standard_normal((mean.size, 32)))[0].T
+                agent._on_basis(Basis(round=hour, version=hour, components=components, mean=mean, scale=scale))
                 model = np.zeros(n_params(32, 2, 0))
                 out = agent._on_task(
                     Task(
@@ -138,7 +175,6 @@ def main() -> None:
                 )
                 trained += bool(out)
                 agent._on_model(Model(round=hour, params=model, basis_version=hour, classes=_CLASSES))
-                del X
                 samples.append(
                     {
                         "hour": hour,
@@ -150,6 +186,7 @@ def main() -> None:
                 print(json.dumps({"progress": samples[-1]}), file=sys.stderr, flush=True)
         stored += agent.ingestion.append(rows, 0.0, "bench-stream")
         n_rows = agent.n_rows
+        by_mapping = _rss_by_mapping(process)
         agent.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     # flat memory: from the first hourly sample with the store at its cap (eviction running) to the last
@@ -160,6 +197,9 @@ def main() -> None:
             {
                 "hours": args.hours,
                 "peak_rss_mb": peak,
+                "rss_after_start_mb": rss_after_start,
+                "rss_after_first_windows_mb": rss_after_first_windows,
+                "rss_by_mapping_mb": by_mapping,
                 "rss_growth_at_store_cap_mb": growth,
                 "samples": samples,
                 "windows_stored": stored,

@@ -927,6 +927,23 @@ def case_agent_memory(s: Settings, result: CaseResult) -> None:
     result.metrics.append(
         Metric(
             "agent_memory",
+            "agent RSS after start-up (imports, agent, warm-up child)",
+            out["rss_after_start_mb"],
+            "MB",
+        )
+    )
+    result.metrics.append(
+        Metric(
+            "agent_memory",
+            "agent RSS after its first stored windows (pipeline kernels loaded)",
+            out["rss_after_first_windows_mb"],
+            "MB",
+            {"end RSS by mapping (MB)": out["rss_by_mapping_mb"]},
+        )
+    )
+    result.metrics.append(
+        Metric(
+            "agent_memory",
             "RSS growth while the store is at its cap (eviction running)",
             out["rss_growth_at_store_cap_mb"],
             "MB",

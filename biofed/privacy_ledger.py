@@ -80,11 +80,14 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
+
+# dp_accounting loads most of SciPy: it is imported by the functions that compute an epsilon,
+# so recording (charging) a round, all a device does on its own, needs none of it.
+if TYPE_CHECKING:
+    import dp_accounting
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +174,10 @@ def make_accountant(name: str, *, tree_aggregation: bool = False) -> dp_accounti
     dp-accounting accountant of tree aggregation (see the module docstring); ``"pld"`` is
     then refused.
     """
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     name = _check_accountant(name)
     if tree_aggregation:
         if name != "rdp":
@@ -197,6 +204,8 @@ def tree_event(noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
     """The DpEvent of one DP-FTRL tree: ``steps`` prefix releases, each tree node noised with
     std ``z C`` and every device in at most one step
     (``SingleEpochTreeAggregationDpEvent(z, steps)``)."""
+    import dp_accounting
+
     return dp_accounting.SingleEpochTreeAggregationDpEvent(
         check_noise_multiplier(noise_multiplier), check_tree_steps(steps)
     )
@@ -224,6 +233,8 @@ def round_event(sampling_rate: float, noise_multiplier: float) -> dp_accounting.
         ``PoissonSampledDpEvent(q, GaussianDpEvent(z))``, or ``GaussianDpEvent(z)`` when
         ``q == 1``.
     """
+    import dp_accounting
+
     q = check_sampling_rate(sampling_rate)
     gaussian = dp_accounting.GaussianDpEvent(check_noise_multiplier(noise_multiplier))
     return gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
@@ -294,6 +305,8 @@ def calibrate_noise_multiplier(
     the returned z never exceeds the target epsilon, within ``tol`` of the optimum).
     PLD calibration takes several seconds; RDP well under one.
     """
+    import dp_accounting
+
     eps = _as_float(target_epsilon, "target_epsilon")
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}.")
@@ -349,6 +362,8 @@ class LedgerGroup:
     @property
     def event(self) -> dp_accounting.DpEvent:
         """``SelfComposedDpEvent(round_event(q, z) or tree_event(z, tree_steps), count)``."""
+        import dp_accounting
+
         return dp_accounting.SelfComposedDpEvent(
             _mechanism_event(self.sampling_rate, self.noise_multiplier, self.tree_steps), self.count
         )
@@ -450,6 +465,8 @@ class PrivacyLedger:
     @property
     def neighboring_relation(self) -> dp_accounting.NeighboringRelation:
         """The relation every epsilon of this ledger is stated under (see the module docstring)."""
+        import dp_accounting
+
         relation = dp_accounting.NeighboringRelation
         return relation.REPLACE_SPECIAL if self.has_trees else relation.ADD_OR_REMOVE_ONE
 

@@ -793,10 +793,10 @@ class EdgeAgent:
 
         ingest_thread = None
         self._enter(AgentState.STARTING)
-        if self.config.warmup:  # compile (or load) every kernel now, so no task waits on the JIT
-            from biofed.edge.warmup import warmup
+        if self.config.warmup:  # compile every kernel into the cache now, so no task waits on the JIT
+            from biofed.edge.warmup import warmup_in_subprocess
 
-            logger.info("%s: kernels warmed up in %.1f s", self.device_id, warmup())
+            logger.info("%s: kernels warmed up in %.1f s", self.device_id, warmup_in_subprocess(stop))
         continuous = ContinuousIngestion(self) if ContinuousIngestion.needed(self.config) else None
         if continuous is not None:
             continuous.start(stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -20,7 +21,9 @@ SOURCE_POLL_S = 5.0
 """How often an agent that waits for its sources (``wait_for_sources``) looks again."""
 
 
-def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: bool) -> bool:
+def _wait_for_sources(
+    agent, config: DeviceConfig, stop: threading.Event, wait: bool, before_ingest: Callable[[], None]
+) -> bool:
     """True once the agent has something to learn from: windows in its store (the
     recordings are ingested here first, in fast replay), a live source or watched folder
     (they deliver while the agent serves), or, in real-time replay (which ingests while
@@ -28,7 +31,8 @@ def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: 
 
     Without ``wait`` an agent with nothing to learn from fails at once instead of sitting
     "online with 0 windows"; with it (a service started before its data) it retries every
-    :data:`SOURCE_POLL_S` seconds until stopped.
+    :data:`SOURCE_POLL_S` seconds until stopped. ``before_ingest`` runs before recordings
+    that exist are ingested here.
     """
     from biofed.edge.continuous import ContinuousIngestion
     from biofed.edge.ingestion import recording_files
@@ -38,6 +42,8 @@ def _wait_for_sources(agent, config: DeviceConfig, stop: threading.Event, wait: 
     while not stop.is_set():
         files = recording_files(config)
         if config.replay_speed == 0:
+            if any(p.exists() for p in files):
+                before_ingest()
             agent.ingest(stop)
         if agent.n_rows or (config.replay_speed > 0 and any(p.exists() for p in files)):
             return True
@@ -86,12 +92,13 @@ def edge_command(config_path: Path, overrides: dict, wait_for_sources: bool | No
     """
     from biofed.edge.agent import EdgeAgent
     from biofed.edge.store import StoreError
+    from biofed.edge.warmup import warmup_in_subprocess
     from biofed.metrics import serve
 
     config = load_config_or_exit(config_path, DeviceConfig, overrides)
     wait = config.wait_for_sources if wait_for_sources is None else wait_for_sources
-    try:
-        agent = EdgeAgent(config)
+    try:  # the CLI warms up itself (below), before it ingests
+        agent = EdgeAgent(config.model_copy(update={"warmup": False}))
     except StoreError as exc:
         raise click.ClickException(f"cannot open the feature store: {exc}") from None
     stop = threading.Event()
@@ -101,13 +108,25 @@ def edge_command(config_path: Path, overrides: dict, wait_for_sources: bool | No
         stop.set()
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    warmed_up = not config.warmup
+
+    def warm_up_once() -> None:
+        """The agent's warm-up child, before the first kernel runs in this process (the recordings'
+        ingestion would otherwise compile there on a cold cache), and never for an agent that
+        fails at once for want of a source."""
+        nonlocal warmed_up
+        if not warmed_up:
+            warmed_up = True
+            logger.info("%s: kernels warmed up in %.1f s", config.device_id, warmup_in_subprocess(stop))
+
     metrics_server = None
     try:
         try:
             metrics_server = serve(agent.metrics.registry, config.metrics)
         except OSError as exc:
             raise click.ClickException(f"[metrics] {exc}") from None
-        if _wait_for_sources(agent, config, stop, wait):
+        if _wait_for_sources(agent, config, stop, wait, warm_up_once):
+            warm_up_once()
             agent.run(stop)
     finally:
         for sig, handler in previous.items():

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import onnxruntime as ort
 
 from biofed.edge.pipeline import PipelineConfig, extract_features, label_pieces
 from biofed.edge.split import device_standardization
@@ -96,6 +95,8 @@ class OnnxModel:
             if not path.is_file():
                 raise InferenceError(f"{path}: no such model file")
             data = path.read_bytes()
+        import onnxruntime as ort  # only a device that runs ONNX models pays for the runtime
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

@@ -21,6 +21,8 @@ import numpy as np
 
 from biofed.kernels import standard_scale
 
+_VARIANCE_BLOCK_ROWS = 2048
+
 __all__ = ["HOLDOUT_FRACTION", "balanced_accuracy", "device_standardization", "holdout_split"]
 
 HOLDOUT_FRACTION = 0.2
@@ -112,7 +114,12 @@ def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
     if not np.all(np.isfinite(X)):
         raise ValueError("the training rows contain NaN/inf; drop those windows before standardizing")
     mean = X.mean(axis=0)
-    return mean, standard_scale(mean, X.var(axis=0))
+    # the variance block by block: no (n, d) temporary of centred rows beside the rows themselves
+    squares = np.zeros_like(mean)
+    for start in range(0, X.shape[0], _VARIANCE_BLOCK_ROWS):
+        centred = X[start : start + _VARIANCE_BLOCK_ROWS] - mean
+        squares += np.einsum("ij,ij->j", centred, centred)
+    return mean, standard_scale(mean, squares / X.shape[0])
 
 
 def balanced_accuracy(y_true, y_pred) -> float:

@@ -81,6 +81,7 @@ PRIVACY_LEDGERS = {"client": 1, "record": 2}
 ledger (releases in local and distributed trust modes) and the record-level one (DP-SGD)."""
 
 _BLOB_DTYPE = np.dtype("<f8")
+_READ_BLOCK_ROWS = 1024
 
 
 class StoreError(ValueError):
@@ -438,14 +439,31 @@ class FeatureStore:
             if limit is not None:
                 sql += " LIMIT ?"
                 params = (layout, int(limit))
-            rows = conn.execute(sql, params).fetchall()
-        rows.reverse()
-        if not rows:
-            return np.empty((0, width)), np.empty(0, dtype=str), np.empty(0)
-        X = np.frombuffer(b"".join(r[2] for r in rows), dtype=_BLOB_DTYPE).reshape(len(rows), width).astype(np.float64)
-        labels = np.array(["" if r[1] is None else r[1] for r in rows], dtype=str)
-        t = np.array([r[0] for r in rows], dtype=np.float64)
-        return X, labels, t
+            # X is filled in place, block by block (newest first, from its end), so reading
+            # the whole store holds one float64 copy of it rather than the rows, their
+            # joined bytes and the array at once. One read transaction: the count and the
+            # rows see the same snapshot.
+            conn.execute("BEGIN")
+            try:
+                (n,) = conn.execute("SELECT COUNT(*) FROM windows WHERE layout = ?", (layout,)).fetchone()
+                n = n if limit is None else min(n, int(limit))
+                X = np.empty((n, width), dtype=np.float64)
+                t = np.empty(n, dtype=np.float64)
+                labels: list[str] = []
+                end = n
+                cursor = conn.execute(sql, params)
+                while block := cursor.fetchmany(_READ_BLOCK_ROWS):
+                    start = end - len(block)
+                    X[start:end] = np.frombuffer(b"".join(r[2] for r in block), dtype=_BLOB_DTYPE).reshape(
+                        len(block), width
+                    )[::-1]
+                    t[start:end] = [r[0] for r in reversed(block)]
+                    labels.extend("" if r[1] is None else r[1] for r in block)
+                    end = start
+            finally:
+                conn.execute("COMMIT")
+        labels.reverse()
+        return X, np.array(labels, dtype=str), t
 
     def __len__(self) -> int:
         """Number of stored windows of this store's layout."""

@@ -372,7 +372,9 @@ def sketch_reply(task: Task, data: LocalData, release: Release) -> SketchReply:
             )
         else:
             mean, scale = task.stats_mean, task.stats_scale
-        Z = (X - mean) / scale
+        Z = X  # standardized in place: X is this function's own copy (boolean indexing copies)
+        Z -= mean
+        Z /= scale
         statistic = (Z.T @ Z / Z.shape[0]).ravel()
     norm = float(np.linalg.norm(statistic))
     released = release(task, statistic, "basis")

@@ -15,14 +15,20 @@ clipping and Numba scoring of a model without ONNX bytes. Going through the agen
 calling the kernels one by one keeps the warmed signatures equal to the used ones (array
 layouts, dtypes, read-only flags) whatever the kernels' internals become.
 
-``biofed warmup`` runs it from the command line (e.g. as an install step or ``ExecStartPre``);
-:meth:`EdgeAgent.run` runs it before the agent reports "online".
+``biofed warmup`` runs it from the command line (e.g. as an install step or ``ExecStartPre``).
+:meth:`EdgeAgent.run` runs it before the agent reports "online", in a child process
+(:func:`warmup_in_subprocess`): the agent then loads from the cache only the signatures its
+configuration calls, and a cold cache's compilation (LLVM's optimizer at several hundred MB)
+never raises the agent's own peak memory.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,12 +37,18 @@ import numpy as np
 
 from biofed.cli_options import examples
 
-__all__ = ["warmup", "warmup_command"]
+__all__ = ["WarmupError", "warmup", "warmup_command", "warmup_in_subprocess"]
 
 logger = logging.getLogger(__name__)
 
 _CLASSES = ("rest", "arithmetic")
 _FLEET = "warmup"
+_STDERR_TAIL = 2000
+_STOP_POLL_S = 0.2
+
+
+class WarmupError(RuntimeError):
+    """The warm-up child process failed."""
 
 
 def warmup() -> float:
@@ -136,6 +148,41 @@ def warmup() -> float:
     seconds = time.perf_counter() - started
     logger.info("warm-up done in %.1f s", seconds)
     return seconds
+
+
+def warmup_in_subprocess(stop: threading.Event | None = None) -> float:
+    """:func:`warmup` in a child ``biofed warmup`` process of this interpreter and environment
+    (so the same Numba cache); return the wall seconds it took.
+
+    When ``stop`` is set meanwhile (the agent is asked to stop), the child is terminated and
+    the warm-up abandoned without an error: a cold cache's compilation can take minutes.
+
+    Raises
+    ------
+    WarmupError
+        The child failed; the message ends with its stderr.
+    """
+    started = time.perf_counter()
+    with subprocess.Popen(
+        [sys.executable, "-m", "biofed", "warmup"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as child:
+        while True:
+            try:
+                _, stderr = child.communicate(timeout=_STOP_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set():
+                    child.terminate()
+                    child.communicate()
+                    logger.info("warm-up abandoned: stopping")
+                    return time.perf_counter() - started
+    if child.returncode != 0:
+        raise WarmupError(f"biofed warmup failed (exit code {child.returncode}): {stderr.strip()[-_STDERR_TAIL:]}")
+    return time.perf_counter() - started
 
 
 @click.command(
