@@ -1,17 +1,11 @@
-"""One-shot private training from summed sufficient statistics (LDA / ridge).
+"""One-shot private training from summed sufficient statistics, for ``biofed evaluate``.
 
-Devices send :func:`biofed.edge.statistics.class_statistics` (clipped class means and
-within-class scatter); the coordinator sums them and releases the sums once through the
-privacy mechanism (:func:`release_class_statistics`: one charge covering both blocks, in the
-live federation's packed layout) and
-solves
-
-    w_c = (S + lambda I)^-1 m_c,   b_c = -1/2 m_c^T (S + lambda I)^-1 m_c
-
-with ``m_c`` the averaged class means and ``S`` the averaged within-class scatter
-(symmetrized, its eigenvalues floored at 0). ``lambda`` shrinks toward the
-nearest-class-mean rule, which is what survives heavy noise. Equal class priors: the task's
-score is balanced accuracy.
+The offline evaluation's twin of the live federation's statistics phase
+(:func:`biofed.coordinator.phases.statistics_phase`): the devices' clipped class means and
+within-class scatter (:func:`biofed.edge.statistics.class_statistics`) are packed as the
+devices pack theirs, their sum is released once through the privacy mechanism
+(:func:`release_class_statistics`) and the coordinator solves the ridge LDA
+(:func:`biofed.coordinator.lda.lda_from_statistics`) from the noised averages.
 """
 
 from __future__ import annotations
