@@ -116,7 +116,7 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -1013,6 +1013,107 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     return fleet, handler
 
 
+def federation_options(*, seed_help: str) -> Callable:
+    """The options ``biofed demo`` and ``biofed simulate`` share, each defaulting to
+    :class:`DemoSettings`: the DP settings of the basis, the one-shot statistics and the
+    training rounds, the trust mode, signing, the broker and the synthetic data."""
+    options = [
+        click.option(
+            "--statistics-noise-multiplier",
+            type=click.FloatRange(min=0),
+            default=DemoSettings.statistics_noise_multiplier,
+            show_default=True,
+            help="one_shot: DP noise multiplier z_s of the one release of the class statistics (ignored when "
+            "--noise-multiplier is 0).",
+        ),
+        click.option(
+            "--means-clip",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DemoSettings.means_clip,
+            show_default=True,
+            help="one_shot: Frobenius bound C_m of a device's class means in the basis space.",
+        ),
+        click.option(
+            "--scatter-clip",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DemoSettings.scatter_clip,
+            help="one_shot: Frobenius bound C_s of a device's within-class scatter (default: no scatter, "
+            "nearest class mean with ridge).",
+        ),
+        click.option(
+            "--ridge",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DemoSettings.ridge,
+            show_default=True,
+            help="one_shot: ridge lambda of the LDA.",
+        ),
+        click.option(
+            "--noise-multiplier",
+            type=click.FloatRange(min=0),
+            default=DemoSettings.noise_multiplier,
+            show_default=True,
+            help="DP noise multiplier z of the training rounds (0: a non-private run: no noise "
+            "anywhere, no budget, epsilon infinite).",
+        ),
+        click.option(
+            "--clip-norm",
+            "--clip",
+            "clip",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DemoSettings.clip,
+            show_default=True,
+            help="L2 clip norm C of each device's model update (--clip: older spelling).",
+        ),
+        click.option(
+            "--basis-noise-multiplier",
+            type=click.FloatRange(min=0),
+            default=DemoSettings.basis_noise_multiplier,
+            show_default=True,
+            help="DP noise multiplier z_b of the basis round (ignored when --noise-multiplier is 0).",
+        ),
+        click.option(
+            "--epsilon-budget",
+            type=click.FloatRange(min=0, min_open=True),
+            default=DemoSettings.epsilon_budget,
+            show_default=True,
+            help="Stop training before epsilon (RDP) would exceed this (not with z = 0).",
+        ),
+        click.option(
+            "--delta",
+            type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+            default=DemoSettings.delta,
+            show_default=True,
+            help="DP delta.",
+        ),
+        click.option(
+            "--trust-mode",
+            type=click.Choice(TRUST_MODES),
+            default=DemoSettings.trust_mode,
+            show_default=True,
+            help="Who adds the DP noise: the coordinator (central), each device (local), or each device a "
+            "share with the coordinator seeing only the securely aggregated sum (distributed).",
+        ),
+        click.option("--sign", is_flag=True, help="Every device signs with its own fresh Ed25519 key; all verify."),
+        click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker."),
+        click.option(
+            "--seconds",
+            "synthetic_seconds",
+            type=click.FloatRange(min=5),
+            default=DemoSettings.synthetic_seconds,
+            show_default=True,
+            help="Synthetic recording length per class and source.",
+        ),
+        click.option("--seed", type=int, default=DemoSettings.seed, show_default=True, help=seed_help),
+    ]
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @click.command(
     "demo",
     epilog=examples(
@@ -1052,59 +1153,6 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     + ".",
 )
 @click.option(
-    "--statistics-noise-multiplier",
-    type=click.FloatRange(min=0),
-    default=DemoSettings.statistics_noise_multiplier,
-    show_default=True,
-    help="one_shot: DP noise multiplier z_s of the one release of the class statistics (ignored when "
-    "--noise-multiplier is 0).",
-)
-@click.option(
-    "--means-clip",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DemoSettings.means_clip,
-    show_default=True,
-    help="one_shot: Frobenius bound C_m of a device's class means in the basis space.",
-)
-@click.option(
-    "--scatter-clip",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="one_shot: Frobenius bound C_s of a device's within-class scatter (default: no scatter, nearest "
-    "class mean with ridge).",
-)
-@click.option(
-    "--ridge",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DemoSettings.ridge,
-    show_default=True,
-    help="one_shot: ridge lambda of the LDA.",
-)
-@click.option(
-    "--noise-multiplier",
-    type=click.FloatRange(min=0),
-    default=DemoSettings.noise_multiplier,
-    show_default=True,
-    help="DP noise multiplier z of the training rounds (0: a non-private run: no noise "
-    "anywhere, no budget, epsilon infinite).",
-)
-@click.option(
-    "--clip-norm",
-    "--clip",
-    "clip",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DemoSettings.clip,
-    show_default=True,
-    help="L2 clip norm C of each device's model update (--clip: older spelling).",
-)
-@click.option(
-    "--basis-noise-multiplier",
-    type=click.FloatRange(min=0),
-    default=DemoSettings.basis_noise_multiplier,
-    show_default=True,
-    help="DP noise multiplier z_b of the basis round (ignored when --noise-multiplier is 0).",
-)
-@click.option(
     "--basis-clip-norm",
     "--basis-clip",
     "basis_clip",
@@ -1122,29 +1170,6 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     "global: a federated moments phase fixes one standardization.",
 )
 @click.option(
-    "--epsilon-budget",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DemoSettings.epsilon_budget,
-    show_default=True,
-    help="Stop training before epsilon (RDP) would exceed this (not with z = 0).",
-)
-@click.option(
-    "--delta",
-    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
-    default=1e-5,
-    show_default=True,
-    help="DP delta.",
-)
-@click.option(
-    "--trust-mode",
-    type=click.Choice(TRUST_MODES),
-    default="central",
-    show_default=True,
-    help="Who adds the DP noise: the coordinator (central), each device (local), or each device a share "
-    "with the coordinator seeing only the securely aggregated sum (distributed).",
-)
-@click.option("--sign", is_flag=True, help="Sign every message with fresh Ed25519 keys and verify them.")
-@click.option(
     "--secure",
     is_flag=True,
     help="Provision the fleet (biofed provision: TLS certificates, passwords, per-device ACLs, signing keys) "
@@ -1157,15 +1182,6 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     show_default=True,
     help="Report folder (configs, logs, device stores and results go here).",
 )
-@click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker.")
-@click.option(
-    "--seconds",
-    "synthetic_seconds",
-    type=click.FloatRange(min=5),
-    default=60.0,
-    show_default=True,
-    help="Synthetic recording length per class and device.",
-)
 @click.option(
     "--timeout",
     "timeout_s",
@@ -1174,7 +1190,6 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     show_default=True,
     help="Global timeout (s); every process is killed after it.",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data and the baseline.")
 @click.option(
     "--evaluate/--no-evaluate",
     default=None,
@@ -1189,34 +1204,9 @@ def _launch_in_process(tomls: Iterable[Path], log: Path):
     show_default=True,
     help="Privacy-noise draws per private cell of the evaluation.",
 )
+@federation_options(seed_help="Seed of the synthetic data and the baseline.")
 @logging_options(default_level="warning")
-def demo_command(
-    data,
-    devices,
-    algorithm,
-    rounds,
-    statistics_noise_multiplier,
-    means_clip,
-    scatter_clip,
-    ridge,
-    noise_multiplier,
-    clip,
-    basis_noise_multiplier,
-    basis_clip,
-    standardization,
-    epsilon_budget,
-    delta,
-    trust_mode,
-    sign,
-    secure,
-    out,
-    mosquitto,
-    synthetic_seconds,
-    timeout_s,
-    seed,
-    evaluate,
-    evaluation_repeats,
-) -> None:
+def demo_command(**options) -> None:
     """Run a whole federation on this machine and report accuracy and privacy per round.
 
     Starts a broker, a coordinator and one edge agent per device (separate processes),
@@ -1224,33 +1214,7 @@ def demo_command(
     held-out balanced accuracy mean and min over devices, epsilon) next to a centralized
     baseline.
     """
-    settings = DemoSettings(
-        out=out,
-        data=data,
-        devices=devices,
-        algorithm=algorithm,
-        rounds=rounds,
-        statistics_noise_multiplier=statistics_noise_multiplier,
-        means_clip=means_clip,
-        scatter_clip=scatter_clip,
-        ridge=ridge,
-        noise_multiplier=noise_multiplier,
-        clip=clip,
-        basis_clip=basis_clip,
-        basis_noise_multiplier=basis_noise_multiplier,
-        standardization=standardization,
-        epsilon_budget=epsilon_budget,
-        delta=delta,
-        mosquitto=mosquitto,
-        trust_mode=trust_mode,
-        sign=sign,
-        secure=secure,
-        synthetic_seconds=synthetic_seconds,
-        timeout_s=timeout_s,
-        seed=seed,
-        evaluate=evaluate,
-        evaluation_repeats=evaluation_repeats,
-    )
+    settings = DemoSettings(**options)
     try:
         run_demo(settings)
     except DemoError as exc:

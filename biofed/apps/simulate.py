@@ -69,12 +69,12 @@ from biofed.apps.demo import (
     DemoError,
     DemoSettings,
     eegmat_devices,
+    federation_options,
     write_configs,
 )
 from biofed.apps.federation import spawn, terminate, write_synthetic_devices
 from biofed.cli_options import examples, logging_options
 from biofed.mqtt_loop import FileLimitError, NetworkLoop, ensure_open_files
-from biofed.protocol import TRUST_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -906,59 +906,12 @@ def _seconds(value: float | None) -> str:
     default=None,
     help="eegmat folder: its subjects are the sources (default: synthetic sources).",
 )
-@click.option("--mosquitto", is_flag=True, help="Use Mosquitto (MQTT 5) instead of the embedded amqtt broker.")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("biofed-simulate"),
     show_default=True,
     help="Report folder (configs, logs, stores, summary.json).",
-)
-@click.option(
-    "--noise-multiplier",
-    type=click.FloatRange(min=0),
-    default=DemoSettings.noise_multiplier,
-    show_default=True,
-    help="DP noise multiplier z of the training rounds (0: non-private).",
-)
-@click.option(
-    "--clip-norm",
-    "--clip",
-    "clip",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DemoSettings.clip,
-    show_default=True,
-    help="L2 clip norm C of each update (--clip: older spelling).",
-)
-@click.option(
-    "--epsilon-budget",
-    type=click.FloatRange(min=0, min_open=True),
-    default=DemoSettings.epsilon_budget,
-    show_default=True,
-    help="Stop training before epsilon (RDP) would exceed this.",
-)
-@click.option(
-    "--delta",
-    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
-    default=1e-5,
-    show_default=True,
-    help="DP delta.",
-)
-@click.option(
-    "--trust-mode",
-    type=click.Choice(TRUST_MODES),
-    default="central",
-    show_default=True,
-    help="Who adds the DP noise (see biofed demo --help).",
-)
-@click.option("--sign", is_flag=True, help="Every device signs with its own fresh Ed25519 key.")
-@click.option(
-    "--seconds",
-    "synthetic_seconds",
-    type=click.FloatRange(min=5),
-    default=60.0,
-    show_default=True,
-    help="Synthetic recording length per class and source.",
 )
 @click.option(
     "--windows-per-device",
@@ -996,13 +949,6 @@ def _seconds(value: float | None) -> str:
     "--min-devices to match.",
 )
 @click.option(
-    "--basis-noise-multiplier",
-    type=click.FloatRange(min=0),
-    default=DemoSettings.basis_noise_multiplier,
-    show_default=True,
-    help="DP noise multiplier z_b of the basis round.",
-)
-@click.option(
     "--faults",
     is_flag=True,
     help="Run the seeded fault schedule (needs --mosquitto): connection drops, a broker restart, a "
@@ -1017,62 +963,18 @@ def _seconds(value: float | None) -> str:
     show_default=True,
     help="Global timeout (s).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic data.")
+@federation_options(seed_help="Seed of the synthetic data.")
 @logging_options(default_level="warning")
-def simulate_command(
-    devices,
-    algorithm,
-    rounds,
-    data,
-    mosquitto,
-    out,
-    noise_multiplier,
-    clip,
-    epsilon_budget,
-    delta,
-    trust_mode,
-    sign,
-    synthetic_seconds,
-    windows_per_device,
-    workers,
-    round_deadline_s,
-    min_devices,
-    sampling_rate,
-    basis_noise_multiplier,
-    faults,
-    fault_seed,
-    timeout_s,
-    seed,
-) -> None:
+def simulate_command(windows_per_device, workers, sampling_rate, faults, fault_seed, **options) -> None:
     """Run a federation of many simulated devices in this one process over a real broker.
 
     Every device is a real edge agent with its own MQTT session, keys and feature store;
     the coordinator is its own process.
     """
-    settings = DemoSettings(
-        out=out,
-        data=data,
-        devices=devices,
-        algorithm=algorithm,
-        rounds=rounds,
-        noise_multiplier=noise_multiplier,
-        clip=clip,
-        epsilon_budget=epsilon_budget,
-        delta=delta,
-        mosquitto=mosquitto,
-        trust_mode=trust_mode,
-        sign=sign,
-        synthetic_seconds=synthetic_seconds,
-        timeout_s=timeout_s,
-        seed=seed,
-        round_deadline_s=round_deadline_s,
-        min_devices=min_devices,
-        sampling_rate="all" if sampling_rate is None else sampling_rate,
-        basis_noise_multiplier=basis_noise_multiplier,
-    )
-    plan = FaultPlan.standard(fault_seed, round_deadline_s) if faults else None
-    if faults and min_devices is None:  # slow and dropped devices must not stall every round
-        settings = replace(settings, min_devices=max(1, devices // 2))
+    settings = DemoSettings(**options, sampling_rate="all" if sampling_rate is None else sampling_rate)
+    plan = FaultPlan.standard(fault_seed, settings.round_deadline_s) if faults else None
+    if faults and settings.min_devices is None:  # slow and dropped devices must not stall every round
+        settings = replace(settings, min_devices=max(1, settings.devices // 2))
     try:
         summary = run_simulation(
             settings, FleetOptions(workers=workers, windows_per_device=windows_per_device, plan=plan)
