@@ -446,5 +446,11 @@ def heart_rate_features(windows, fs: float) -> np.ndarray:
     fs = check_positive_float(fs, "fs")
     out = np.empty(windows.shape[:2] + (2,), dtype=windows.dtype)
     if windows.shape[0]:
-        _heart_rate_features(windows, fs, _detector_lengths(fs, 0.3), _ADAPTIVE_FRACTION, out)
+        _heart_rate_features(windows, *_heart_rate_args(fs), out)
     return out
+
+
+def _heart_rate_args(fs: float) -> tuple[float, tuple[int, ...], float]:
+    """The parameters after ``windows`` of ``_heart_rate_features`` for a validated ``fs``
+    (``detect_peaks`` defaults); a stream computes them once."""
+    return fs, _detector_lengths(fs, 0.3), _ADAPTIVE_FRACTION

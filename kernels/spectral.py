@@ -163,17 +163,24 @@ def _weigh(power, weights, acc, out):
 
 
 @njit(cache=True, nogil=True)
-def _welch_weighted(windows, nperseg, taper, kmin, weights, out):
+def _welch_weighted(x, starts, row_step, n_seg, nperseg, taper, kmin, weights, out):
     """Welch PSD of every window and channel reduced by a weight matrix, into ``out``.
 
     Parameters
     ----------
-    windows : ndarray, shape (n_windows, n_channels, window)
-        C-contiguous float32 or float64 windows, ``window >= nperseg``.
+    x : ndarray, shape (n_rows, n_samples)
+        C-contiguous float32 or float64 samples. Channel ``c`` of window ``i`` is
+        ``x[i * row_step + c, starts[i] : starts[i] + window]``: a stack of windows reshaped to
+        ``(n_windows * n_channels, window)`` with ``row_step = n_channels`` and zero starts, or a
+        stream buffer ``(n_channels, n_samples)`` with ``row_step = 0`` and the windows' offsets.
+    starts : ndarray of int64, shape (n_windows,)
+    row_step : int
+    n_seg : int
+        Segments per window; segments start every ``nperseg - nperseg // 2`` samples.
     nperseg : int
-        Segment length; segments start every ``nperseg - nperseg // 2`` samples.
+        Segment length.
     taper : ndarray, shape (nperseg,)
-        Segment window (periodic Hann), same dtype as ``windows``.
+        Segment window (periodic Hann), same dtype as ``x``.
     kmin : int
         Index of the first frequency bin ``weights`` covers.
     weights : ndarray, shape (n_bins, n_bands), float64
@@ -187,15 +194,14 @@ def _welch_weighted(windows, nperseg, taper, kmin, weights, out):
     summed over segments in order in float64) is the same as ``_segment_powers`` followed by
     ``_reduce_segments``, so the streaming path reproduces this one bit for bit.
     """
-    n_windows, n_channels, n_samples = windows.shape
+    n_windows, n_channels, _ = out.shape
     step = nperseg - nperseg // 2
-    n_seg = (n_samples - nperseg) // step + 1
     rows_per_window = n_channels * n_seg
     block = max(1, _BLOCK_ROWS // rows_per_window)
     n_bins, n_bands = weights.shape
     half = nperseg // 2
     shared_half = half == step  # even nperseg: a segment's second half is the next one's first
-    seg = np.empty((block * rows_per_window, nperseg), dtype=windows.dtype)
+    seg = np.empty((min(block, n_windows) * rows_per_window, nperseg), dtype=x.dtype)
     power = np.empty(n_bins, dtype=np.float64)
     acc = np.empty(n_bands, dtype=np.float64)
     for w0 in range(0, n_windows, block):
@@ -203,13 +209,13 @@ def _welch_weighted(windows, nperseg, taper, kmin, weights, out):
         r = 0
         for i in range(w0, w1):
             for c in range(n_channels):
-                x = windows[i, c]
+                row = x[i * row_step + c]
                 second = 0.0
                 for s in range(n_seg):
-                    start = s * step
-                    first = second if shared_half and s > 0 else _sum(x, start, half)
-                    second = _sum(x, start + half, nperseg - half)
-                    _detrend_taper(x, start, first + second, taper, seg[r])
+                    start = starts[i] + s * step
+                    first = second if shared_half and s > 0 else _sum(row, start, half)
+                    second = _sum(row, start + half, nperseg - half)
+                    _detrend_taper(row, start, first + second, taper, seg[r])
                     r += 1
         spectrum = np.fft.rfft(seg[:r])
         r = 0
@@ -421,7 +427,17 @@ def _apply_plan(windows: np.ndarray, plan: SpectralPlan) -> np.ndarray:
     n_windows, n_channels, _ = windows.shape
     out = np.empty((n_windows, n_channels, plan.n_bands), dtype=windows.dtype)
     if n_windows:
-        _welch_weighted(windows, plan.nperseg, plan.taper_for(windows.dtype), plan.kmin, plan.weights, out)
+        _welch_weighted(
+            windows.reshape(n_windows * n_channels, -1),
+            np.zeros(n_windows, dtype=np.int64),
+            n_channels,
+            plan.n_seg,
+            plan.nperseg,
+            plan.taper_for(windows.dtype),
+            plan.kmin,
+            plan.weights,
+            out,
+        )
     return _finish(out, plan.log)
 
 
