@@ -457,7 +457,7 @@ def case_chain(s: Settings, result: CaseResult) -> None:
             f"{seconds:g} s stream, {n} windows",
             wrap(chains["float32"]),
             {"mne+scipy+numpy": wrap(theirs("mne")), "scipy+numpy": wrap(theirs("scipy"))},
-            repeats=s.reps(0.5),
+            repeats=s.repeats,  # the targets: more repeats steady the medians
             tolerance=tolerance32,
             note="device default: float32 spectral stages; tolerance = FLOAT32_RTOL carried through the projection",
         )
@@ -800,7 +800,7 @@ def _one_core_env() -> dict[str, str]:
 
 def case_realtime(s: Settings, result: CaseResult) -> None:
     seconds = s.seconds(600, 120)
-    cmd = [sys.executable, "-m", stream.__name__, "rtf", "--seconds", str(seconds), "--repeats", str(s.reps(0.25))]
+    cmd = [sys.executable, "-m", stream.__name__, "rtf", "--seconds", str(seconds), "--repeats", str(s.repeats)]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"stream profile subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
