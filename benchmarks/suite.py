@@ -33,6 +33,7 @@ from biofed.benchmarks.harness import (
     machine_info,
     max_relative_difference,
     measure,
+    measure_interleaved,
 )
 from biofed.benchmarks.privacy import case_privacy_ledger
 
@@ -73,11 +74,15 @@ def _compare(
     tolerance: float = EQUAL_TOL,
     note: str = "",
 ) -> list[Comparison]:
-    """Time ``biofed_fn`` and every baseline on the same input; record the outputs' difference."""
-    timing, out = measure(biofed_fn, repeats=repeats)
+    """Time ``biofed_fn`` and every baseline on the same input, their repeats interleaved; record
+    the outputs' difference."""
+    runs = measure_interleaved(
+        {"biofed": biofed_fn, **{f"baseline {n}": f for n, f in baselines_.items()}}, repeats=repeats
+    )
+    timing, out = runs["biofed"]
     rows = []
-    for name, fn in baselines_.items():
-        base_timing, expected = measure(fn, repeats=repeats)
+    for name in baselines_:
+        base_timing, expected = runs[f"baseline {name}"]
         rel = max_relative_difference(out, expected)
         rows.append(Comparison(case, shape, timing, name, base_timing, rel, tolerance, note))
     result.comparisons.extend(rows)
