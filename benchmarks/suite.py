@@ -1,14 +1,16 @@
 """The benchmark cases: shapes, baselines, output checks and the performance targets.
 
 Each case times biofed and its baselines on the same float64 input in the same run
-(:func:`biofed.benchmarks.harness.measure`: a warm-up call first, reported as the first-call
-(compile) time, then ``repeats`` timed calls) and records the outputs' difference.
+(:func:`biofed.benchmarks.harness.measure_interleaved`: a warm-up call first, reported as the first-call
+(compile) time, then ``repeats`` timed calls, interleaved) and records the outputs' difference.
 ``--quick`` uses fewer repeats and shorter streams but keeps the per-window pipeline shapes
-(2 s windows of the stream profile) and the SVD target shapes.
+(2 s windows of the stream profile) and the SVD target shapes. Cases run with one BLAS
+thread per library (see ``_one_blas_thread``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -1031,12 +1033,31 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
 }
 
 
+@contextlib.contextmanager
+def _one_blas_thread():
+    """One thread per BLAS library while a case runs in this process.
+
+    NumPy and SciPy (whose BLAS Numba's ``np.dot`` calls) ship separate OpenBLAS builds, and
+    idle OpenBLAS threads spin: with a kernel and its baseline interleaved, the two pools spin
+    against each other and a 256-row product takes milliseconds. One thread each is also what
+    the one-core measurements (``realtime``) use.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # no limit to set: the timings then include the pools' contention
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
+
+
 def run_case(name: str, settings: Settings) -> CaseResult:
-    """Run one case; an exception becomes the case's ``error`` so the other cases still run."""
+    """Run one case (one BLAS thread); an exception becomes the case's ``error`` so the other cases still run."""
     result = CaseResult(name)
     start = time.perf_counter()
     try:
-        CASES[name](settings, result)
+        with _one_blas_thread():
+            CASES[name](settings, result)
     except Exception as exc:  # a benchmark run reports every case, even when one fails
         logger.debug("case %s failed", name, exc_info=True)
         result.error = f"{type(exc).__name__}: {exc}"

@@ -132,9 +132,11 @@ class TransformPlan(NamedTuple):
         Zeros when no bias was given.
     mean, scale : tuple of ndarray, shape (d,)
         Zeros / ones when not given.
-    inv_scale : tuple of ndarray, shape (d,)
-        ``1 / scale``: the standardization multiplies (one division per column, within 1 ulp
-        of dividing).
+    kernel_args : tuple of tuple
+        Per dtype (index ``dtype == float32``), what the jitted kernel takes after the
+        features: ``(weights, bias, mean, 1 / scale, standardize, activation index)``. The
+        standardization multiplies by ``1 / scale`` (one division per column, within 1 ulp of
+        dividing).
     standardize : bool
         Whether a mean or a scale was given.
     activation : str
@@ -147,7 +149,7 @@ class TransformPlan(NamedTuple):
     scale: tuple[np.ndarray, np.ndarray]
     standardize: bool
     activation: str
-    inv_scale: tuple[np.ndarray, np.ndarray]
+    kernel_args: tuple[tuple, tuple]
 
 
 def _both_dtypes(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,15 +190,10 @@ def transform_plan(weights, bias=None, *, mean=None, scale=None, activation: str
                 "replace zero deviations by 1 (moments_scale does this)."
             )
     standardize = mean is not None or scale is not None
-    return TransformPlan(
-        _both_dtypes(w),
-        _both_dtypes(b),
-        _both_dtypes(mu),
-        _both_dtypes(sc),
-        standardize,
-        activation,
-        _both_dtypes(1.0 / sc),
-    )
+    w2, b2, mu2, sc2, inv2 = (_both_dtypes(a) for a in (w, b, mu, sc, 1.0 / sc))
+    index = ACTIVATIONS.index(activation)
+    kernel_args = tuple((w2[i], b2[i], mu2[i], inv2[i], standardize, index) for i in (0, 1))
+    return TransformPlan(w2, b2, mu2, sc2, standardize, activation, kernel_args)
 
 
 def _apply_transform(x: np.ndarray, plan: TransformPlan) -> np.ndarray:
@@ -204,19 +201,9 @@ def _apply_transform(x: np.ndarray, plan: TransformPlan) -> np.ndarray:
 
     The kernel reports non-finite features; :func:`check_float_array` then names them.
     """
-    i = int(x.dtype == np.float32)
-    out = np.empty((x.shape[0], plan.weights[i].shape[1]), x.dtype)
-    finite = _transform(
-        x,
-        plan.weights[i],
-        plan.bias[i],
-        plan.mean[i],
-        plan.inv_scale[i],
-        plan.standardize,
-        ACTIVATIONS.index(plan.activation),
-        out,
-    )
-    if not finite:
+    args = plan.kernel_args[x.dtype.char == "f"]
+    out = np.empty((x.shape[0], args[0].shape[1]), x.dtype)
+    if not _transform(x, *args, out):
         check_float_array(x, "features", ndim=2)
     return out
 
@@ -247,7 +234,7 @@ def apply_transform(features, plan: TransformPlan) -> np.ndarray:
         type(x) is np.ndarray
         and x.ndim == 2
         and x.size
-        and (x.dtype == np.float64 or x.dtype == np.float32)
+        and x.dtype.char in "fd"  # float32, float64
         and x.flags.c_contiguous
     ):  # the common case (a C-contiguous float block) skips to the kernel, which checks finiteness
         x = check_float_array(x, "features", ndim=2)
