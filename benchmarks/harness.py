@@ -3,7 +3,9 @@
 Timing rule: the first call of a function is a warm-up (it includes Numba compilation or
 cache loading) and is reported on its own as ``first_call_s``; then the function runs
 ``repeats`` times, each call timed with :func:`time.perf_counter`, and the summary is the
-median, min and max of those repeats. The clock is injectable so the statistics can be
+median, min and max of those repeats. A kernel and its baselines run their repeats
+interleaved (:func:`measure_interleaved`), so load on a shared machine hits both sides of a
+ratio alike. The clock is injectable so the statistics can be
 tested without timing anything.
 """
 
@@ -92,6 +94,45 @@ def measure(
         fn()
         times.append(clock() - start)
     return Timing(tuple(times), first_call), result
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], *, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, tuple[Timing, Any]]:
+    """Time several functions on the same inputs, their repeats interleaved.
+
+    Each function gets its warm-up call first (in order), then round ``r`` times one call of
+    every function in turn, so that a change in the machine's load during the run falls on
+    all of them alike and their ratio stays meaningful on a shared machine.
+
+    Parameters
+    ----------
+    fns : dict of str to callable
+        Called without arguments.
+    repeats : int
+        Timed calls per function after its warm-up (>= 1).
+    clock : callable
+        As in :func:`measure`.
+
+    Returns
+    -------
+    dict of str to (Timing, object)
+        Per name, its timing and what its warm-up call returned.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}.")
+    first: dict[str, tuple[float, Any]] = {}
+    for name, fn in fns.items():
+        start = clock()
+        result = fn()
+        first[name] = (clock() - start, result)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            fn()
+            times[name].append(clock() - start)
+    return {name: (Timing(tuple(times[name]), first[name][0]), first[name][1]) for name in fns}
 
 
 def max_relative_difference(actual, expected) -> float:

@@ -256,13 +256,19 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
 
 
 def _times(fn, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call (cache load)."""
+    """CPU seconds of ``repeats`` calls of ``fn`` after one warm-up call (cache load).
+
+    CPU time of this thread (:func:`time.thread_time`), not wall time: the process is pinned to
+    one core with one BLAS and Numba thread, so this is the core's work for the stream, and
+    the time the core spends on other processes of a shared machine (a timed run of a whole
+    stream spans several of the scheduler's slices) is not counted.
+    """
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     return times
 
 

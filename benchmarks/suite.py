@@ -1,14 +1,16 @@
 """The benchmark cases: shapes, baselines, output checks and the performance targets.
 
 Each case times biofed and its baselines on the same float64 input in the same run
-(:func:`biofed.benchmarks.harness.measure`: a warm-up call first, reported as the first-call
-(compile) time, then ``repeats`` timed calls) and records the outputs' difference.
+(:func:`biofed.benchmarks.harness.measure_interleaved`: a warm-up call first, reported as the first-call
+(compile) time, then ``repeats`` timed calls, interleaved) and records the outputs' difference.
 ``--quick`` uses fewer repeats and shorter streams but keeps the per-window pipeline shapes
-(2 s windows of the stream profile) and the SVD target shapes.
+(2 s windows of the stream profile) and the SVD target shapes. Cases run with one BLAS
+thread per library (see ``_one_blas_thread``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ from biofed.benchmarks.harness import (
     machine_info,
     max_relative_difference,
     measure,
+    measure_interleaved,
 )
 from biofed.benchmarks.privacy import case_privacy_ledger
 
@@ -74,11 +77,15 @@ def _compare(
     tolerance: float = EQUAL_TOL,
     note: str = "",
 ) -> list[Comparison]:
-    """Time ``biofed_fn`` and every baseline on the same input; record the outputs' difference."""
-    timing, out = measure(biofed_fn, repeats=repeats)
+    """Time ``biofed_fn`` and every baseline on the same input, their repeats interleaved; record
+    the outputs' difference."""
+    runs = measure_interleaved(
+        {"biofed": biofed_fn, **{f"baseline {n}": f for n, f in baselines_.items()}}, repeats=repeats
+    )
+    timing, out = runs["biofed"]
     rows = []
-    for name, fn in baselines_.items():
-        base_timing, expected = measure(fn, repeats=repeats)
+    for name in baselines_:
+        base_timing, expected = runs[f"baseline {name}"]
         rel = max_relative_difference(out, expected)
         rows.append(Comparison(case, shape, timing, name, base_timing, rel, tolerance, note))
     result.comparisons.extend(rows)
@@ -193,7 +200,7 @@ def case_transform(s: Settings, result: CaseResult) -> None:
         X = rng.standard_normal((n, d)) * 3.0 + 1.0
         mean, scale = X.mean(axis=0), X.std(axis=0) + 0.1
         plan = transform_plan(W, b, mean=mean, scale=scale, activation="relu")
-        reps = s.repeats if n >= 256 else 50 * s.repeats
+        reps = 4 * s.repeats if n >= 256 else 50 * s.repeats  # 4x: a load burst spans several long calls
         rows = _compare(
             result,
             "transform[relu] (plan)",
@@ -277,7 +284,7 @@ def case_project(s: Settings, result: CaseResult) -> None:
         X = rng.standard_normal((n, d)) * 3.0 + 1.0
         mean, scale = X.mean(axis=0), X.std(axis=0) + 0.1
         plan = transform_plan(basis.T, mean=mean, scale=scale)  # what StreamingPipeline.set_basis prepares
-        reps = s.repeats if n >= 256 else 50 * s.repeats
+        reps = 4 * s.repeats if n >= 256 else 50 * s.repeats  # 4x: a load burst spans several long calls
         rows = _compare(
             result,
             "project (plan)",
@@ -458,7 +465,7 @@ def case_chain(s: Settings, result: CaseResult) -> None:
             f"{seconds:g} s stream, {n} windows",
             wrap(chains["float32"]),
             {"mne+scipy+numpy": wrap(theirs("mne")), "scipy+numpy": wrap(theirs("scipy"))},
-            repeats=s.reps(0.5),
+            repeats=2 * s.repeats,  # the targets: more repeats steady the medians
             tolerance=tolerance32,
             note="device default: float32 spectral stages; tolerance = FLOAT32_RTOL carried through the projection",
         )
@@ -801,7 +808,7 @@ def _one_core_env() -> dict[str, str]:
 
 def case_realtime(s: Settings, result: CaseResult) -> None:
     seconds = s.seconds(600, 120)
-    cmd = [sys.executable, "-m", stream.__name__, "rtf", "--seconds", str(seconds), "--repeats", str(s.reps(0.25))]
+    cmd = [sys.executable, "-m", stream.__name__, "rtf", "--seconds", str(seconds), "--repeats", str(s.repeats)]
     proc = subprocess.run(cmd, env=_one_core_env(), capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"stream profile subprocess failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -1045,12 +1052,31 @@ CASES: dict[str, Callable[[Settings, CaseResult], None]] = {
 }
 
 
+@contextlib.contextmanager
+def _one_blas_thread():
+    """One thread per BLAS library while a case runs in this process.
+
+    NumPy and SciPy (whose BLAS Numba's ``np.dot`` calls) ship separate OpenBLAS builds, and
+    idle OpenBLAS threads spin: with a kernel and its baseline interleaved, the two pools spin
+    against each other and a 256-row product takes milliseconds. One thread each is also what
+    the one-core measurements (``realtime``) use.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # no limit to set: the timings then include the pools' contention
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
+
+
 def run_case(name: str, settings: Settings) -> CaseResult:
-    """Run one case; an exception becomes the case's ``error`` so the other cases still run."""
+    """Run one case (one BLAS thread); an exception becomes the case's ``error`` so the other cases still run."""
     result = CaseResult(name)
     start = time.perf_counter()
     try:
-        CASES[name](settings, result)
+        with _one_blas_thread():
+            CASES[name](settings, result)
     except Exception as exc:  # a benchmark run reports every case, even when one fails
         logger.debug("case %s failed", name, exc_info=True)
         result.error = f"{type(exc).__name__}: {exc}"

@@ -72,10 +72,7 @@ from biofed.datasets.replay import label_segments
 from biofed.kernels import (
     EEG_BANDS,
     apply_transform,
-    heart_rate_features,
-    reduce_segments,
     transform_plan,
-    window_statistics,
 )
 from biofed.kernels.spectral import _segment_powers  # into the ring of kept segments, without a copy
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
@@ -233,6 +230,19 @@ class _ModalityStream:
         dtype = np.float64 if self.plan is None else np.dtype(config.dtype)
         self.buf = np.empty((part.n_channels, self.capacity), dtype=dtype)
         self.track_labels = track_labels
+        # The jitted workers behind the kernels' public functions: every chunk is validated once
+        # at push, so windows cut from the buffer skip the kernels' own checks.
+        from biofed.kernels import biosensor, spectral
+
+        self._welch_weighted, self._reduce_segments, self._finish = (
+            spectral._welch_weighted,
+            spectral._reduce_segments,
+            spectral._finish,
+        )
+        self._window_statistics, self._heart_rate_features = (
+            biosensor._window_statistics,
+            biosensor._heart_rate_features,
+        )
         if self.plan is not None:
             self.taper = self.plan.taper_for(dtype)
             step = self.plan.step
@@ -245,6 +255,7 @@ class _ModalityStream:
             stat_cols, hr_cols = part.bio_columns()
             self.stat_cols = np.array(stat_cols, dtype=np.intp)
             self.hr_cols = np.array(hr_cols, dtype=np.intp)
+            self.hr_args = biosensor._heart_rate_args(self.fs)
         self.reset()
 
     def reset(self) -> None:
@@ -325,12 +336,13 @@ class _ModalityStream:
     def _spectral_features(self, starts: list[int]) -> np.ndarray:
         """EEG / audio features of the windows starting at absolute samples ``starts`` (plan applied).
 
-        Equal bit for bit to ``spectral_features(windows, plan)``: the same segment kernel and
-        summation order; shared segments are only computed once.
+        Equal bit for bit to ``spectral_features(windows, plan)``: the same segment arithmetic
+        and summation order. Shared segments are computed once and kept; otherwise the fused
+        kernel reads the windows straight from the buffer.
         """
         plan = self.plan
         step, n_seg = plan.step, plan.n_seg
-        x = self.buf[:, : self.fill]
+        out = np.empty((len(starts), self.part.n_channels, plan.n_bands), dtype=self.buf.dtype)
         if self.share_segments:
             lo, hi = starts[0] // step, starts[-1] // step + n_seg
             reused = max(0, self.first_segment + self.n_segments - lo)
@@ -338,26 +350,28 @@ class _ModalityStream:
                 first = lo - self.first_segment
                 self.segments[:reused] = self.segments[first : first + reused]
             new = np.arange(lo + reused, hi, dtype=np.int64) * step - self.buf_start
-            _segment_powers(x, new, self.taper, plan.kmin, self.segments[reused : hi - lo])
+            _segment_powers(self.buf, new, self.taper, plan.kmin, self.segments[reused : hi - lo])
             self.first_segment, self.n_segments = lo, hi - lo
-            powers = self.segments
             firsts = np.array(starts, dtype=np.int64) // step - lo
+            self._reduce_segments(self.segments, firsts, n_seg, plan.weights, out)
         else:
             offsets = np.array(starts, dtype=np.int64) - self.buf_start
-            seg_starts = (offsets[:, None] + np.arange(n_seg, dtype=np.int64) * step).ravel()
-            powers = np.empty((seg_starts.size, self.part.n_channels, plan.weights.shape[0]), dtype=np.float64)
-            _segment_powers(x, seg_starts, self.taper, plan.kmin, powers)
-            firsts = np.arange(len(starts), dtype=np.int64) * n_seg
-        return reduce_segments(powers, firsts, plan, dtype=self.buf.dtype).reshape(len(starts), -1)
+            self._welch_weighted(self.buf, offsets, 0, n_seg, plan.nperseg, self.taper, plan.kmin, plan.weights, out)
+        return self._finish(out, plan.log).reshape(len(starts), -1)
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""
-        n_windows = windows.shape[0]
+        n_windows, n_channels, _ = windows.shape
         out = np.empty((n_windows, self.part.n_features), dtype=np.float64)
-        out[:, self.stat_cols] = window_statistics(windows, self.fs).reshape(n_windows, -1)
+        stats = np.empty((n_windows, n_channels, self.stat_cols.size // n_channels), dtype=np.float64)
+        self._window_statistics(windows, self.fs, stats)
+        out[:, self.stat_cols] = stats.reshape(n_windows, -1)
         if self.hr_channels.size:
             hr_windows = np.ascontiguousarray(windows[:, self.hr_channels])
-            out[:, self.hr_cols] = heart_rate_features(hr_windows, self.fs).reshape(n_windows, -1)
+            n_hr = self.hr_channels.size
+            hr = np.empty((n_windows, n_hr, self.hr_cols.size // n_hr), dtype=np.float64)
+            self._heart_rate_features(hr_windows, *self.hr_args, hr)
+            out[:, self.hr_cols] = hr.reshape(n_windows, -1)
         return out
 
 

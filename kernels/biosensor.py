@@ -139,9 +139,50 @@ def window_statistics(windows, fs: float) -> np.ndarray:
     return out
 
 
+#: Widest moving-average window (samples) summed directly; wider ones use the running sum.
+_DIRECT_SUM_MAX_WIDTH = 25
+
+
 @njit(cache=True, nogil=True)
 def _moving_average(x, half):
-    """Centred mean over ``[i - half, i + half]`` clipped to the array (float64 out), in O(n).
+    """Centred mean over ``[i - half, i + half]`` clipped to the array (float64 out).
+
+    Windows of up to ``_DIRECT_SUM_MAX_WIDTH`` samples (every window of the detector up to
+    fs = 250 Hz) are summed directly, left to right, which is exactly the float arithmetic of
+    ``sum(x[lo:hi]) / (hi - lo)``: the sums of all interior windows advance together, one term
+    per pass over the array (a loop the compiler vectorizes), so the cost is ``width`` cheap
+    passes. Wider windows use the O(n) running sum of ``_running_average``, which is faster
+    from about 30 samples on.
+    """
+    n = x.shape[0]
+    width = 2 * half + 1
+    if width > _DIRECT_SUM_MAX_WIDTH:
+        return _running_average(x, half)
+    out = np.zeros(n, dtype=np.float64)
+    interior = n - 2 * half
+    if interior > 0:
+        sums = out[half : n - half]
+        for j in range(width):
+            terms = x[j : j + interior]
+            for i in range(interior):
+                sums[i] += terms[i]
+        for i in range(interior):
+            sums[i] /= width
+    for i in range(n):
+        if half <= i < n - half:
+            continue
+        lo = max(i - half, 0)
+        hi = min(i + half + 1, n)
+        total = 0.0
+        for j in range(lo, hi):
+            total += x[j]
+        out[i] = total / (hi - lo)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _running_average(x, half):
+    """``_moving_average`` in O(n) for wide windows.
 
     A running window sum adds the sample that enters and subtracts the one that leaves, with
     Neumaier compensation: after a tall beat leaves the window the sum of the small samples
@@ -446,5 +487,11 @@ def heart_rate_features(windows, fs: float) -> np.ndarray:
     fs = check_positive_float(fs, "fs")
     out = np.empty(windows.shape[:2] + (2,), dtype=windows.dtype)
     if windows.shape[0]:
-        _heart_rate_features(windows, fs, _detector_lengths(fs, 0.3), _ADAPTIVE_FRACTION, out)
+        _heart_rate_features(windows, *_heart_rate_args(fs), out)
     return out
+
+
+def _heart_rate_args(fs: float) -> tuple[float, tuple[int, ...], float]:
+    """The parameters after ``windows`` of ``_heart_rate_features`` for a validated ``fs``
+    (``detect_peaks`` defaults); a stream computes them once."""
+    return fs, _detector_lengths(fs, 0.3), _ADAPTIVE_FRACTION

@@ -14,12 +14,16 @@ element, within 1 ulp of dividing.
 BLAS route. The product is always BLAS ``gemm`` (``np.dot`` inside ``@njit``). A second
 route that leaves Numba for large batches (NumPy ufuncs and ``np.dot(..., out=...)`` on
 NumPy's own BLAS) never beat the fused kernel by more than run-to-run noise and lost
-elsewhere, so there is no dispatch: one fused kernel at every size. The comparisons are in
-``docs/kernel-design.md``.
+elsewhere; a fused loop without gemm for single rows (each standardized feature scaled into
+the output row) lost to the gemm call from one row up. So there is no dispatch: one fused
+kernel with gemm at every size. The comparisons are in ``docs/kernel-design.md``.
 
 Per-call overhead. For one window the kernel's arithmetic (151 x 32) is cheaper than
 validating its five arguments, so a device validates them once: :func:`transform_plan`
-returns a :class:`TransformPlan` and :func:`apply_transform` checks only the features.
+returns a :class:`TransformPlan` and :func:`apply_transform` checks only the features. Their
+finiteness is checked inside the kernel's pass over them (a separate ``np.add.reduce`` over
+one feature row costs as much as the product); a non-finite feature then raises the usual
+error.
 ``biofed bench --only transform,project`` compares both with NumPy at 1 to 20000 rows.
 
 The result dtype follows ``features``: float32 features give float32 output (weights,
@@ -41,9 +45,25 @@ ACTIVATIONS: tuple[str, ...] = ("identity", "relu", "tanh", "sigmoid")
 _BLOCK_ROWS = 4096
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _activate(v, activation):
+    """Activation ``activation`` (index into :data:`ACTIVATIONS`) of one value."""
+    if activation == 1:
+        return max(v, 0.0)
+    if activation == 2:
+        return np.tanh(v)
+    if activation == 3:
+        # Two branches keep exp() from overflowing for large |v|.
+        if v >= 0:
+            return 1.0 / (1.0 + np.exp(-v))
+        e = np.exp(v)
+        return e / (1.0 + e)
+    return v
+
+
 @njit(cache=True, nogil=True)
-def _transform(features, weights, bias, mean, scale, standardize, activation, out):
-    """Jitted worker of :func:`transform`; writes into ``out``.
+def _transform(features, weights, bias, mean, inv_scale, standardize, activation, out):
+    """Jitted worker of :func:`transform`; writes into ``out`` and returns whether every feature is finite.
 
     Parameters
     ----------
@@ -51,46 +71,44 @@ def _transform(features, weights, bias, mean, scale, standardize, activation, ou
     weights : ndarray, shape (d, m), C-contiguous, same dtype as ``features``
     bias : ndarray, shape (m,)
         Zeros when the caller passed no bias.
-    mean, scale : ndarray, shape (d,)
+    mean, inv_scale : ndarray, shape (d,)
         Zeros / ones when absent; only read when ``standardize`` is True.
     standardize : bool
-        Whether to apply ``(x - mean) / scale`` before the product.
+        Whether to apply ``(x - mean) * inv_scale`` before the product.
     activation : int
         Index into :data:`ACTIVATIONS`.
     out : ndarray, shape (N, m), C-contiguous
+
+    Returns
+    -------
+    finite : bool
+        False when some feature is NaN or inf (``out`` is then meaningless): the finiteness
+        check rides on the pass that reads every feature anyway.
     """
     n, d = features.shape
     m = out.shape[1]
+    finite = True
     block = min(n, _BLOCK_ROWS)
     scratch = np.empty((block if standardize else 0, d), dtype=features.dtype)
-    # One reciprocal per column: a multiply vectorizes, a division per element does not.
-    inv_scale = np.empty_like(scale)
-    for j in range(d):
-        inv_scale[j] = 1.0 / scale[j]
     for start in range(0, n, block):
         stop = min(n, start + block)
         if standardize:
             for i in range(start, stop):
                 for j in range(d):
-                    scratch[i - start, j] = (features[i, j] - mean[j]) * inv_scale[j]
+                    x = features[i, j]
+                    finite &= x - x == 0.0
+                    scratch[i - start, j] = (x - mean[j]) * inv_scale[j]
             np.dot(scratch[: stop - start], weights, out[start:stop])
         else:
+            for i in range(start, stop):
+                for j in range(d):
+                    x = features[i, j]
+                    finite &= x - x == 0.0
             np.dot(features[start:stop], weights, out[start:stop])
         for i in range(start, stop):
             for j in range(m):
-                v = out[i, j] + bias[j]
-                if activation == 1:
-                    v = max(v, 0.0)
-                elif activation == 2:
-                    v = np.tanh(v)
-                elif activation == 3:
-                    # Two branches keep exp() from overflowing for large |v|.
-                    if v >= 0:
-                        v = 1.0 / (1.0 + np.exp(-v))
-                    else:
-                        e = np.exp(v)
-                        v = e / (1.0 + e)
-                out[i, j] = v
+                out[i, j] = _activate(out[i, j] + bias[j], activation)
+    return finite
 
 
 def _check_vector(x, name: str, length: int, dtype, what: str) -> np.ndarray:
@@ -114,6 +132,11 @@ class TransformPlan(NamedTuple):
         Zeros when no bias was given.
     mean, scale : tuple of ndarray, shape (d,)
         Zeros / ones when not given.
+    kernel_args : tuple of tuple
+        Per dtype (index ``dtype == float32``), what the jitted kernel takes after the
+        features: ``(weights, bias, mean, 1 / scale, standardize, activation index)``. The
+        standardization multiplies by ``1 / scale`` (one division per column, within 1 ulp of
+        dividing).
     standardize : bool
         Whether a mean or a scale was given.
     activation : str
@@ -126,6 +149,7 @@ class TransformPlan(NamedTuple):
     scale: tuple[np.ndarray, np.ndarray]
     standardize: bool
     activation: str
+    kernel_args: tuple[tuple, tuple]
 
 
 def _both_dtypes(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,23 +190,21 @@ def transform_plan(weights, bias=None, *, mean=None, scale=None, activation: str
                 "replace zero deviations by 1 (moments_scale does this)."
             )
     standardize = mean is not None or scale is not None
-    return TransformPlan(_both_dtypes(w), _both_dtypes(b), _both_dtypes(mu), _both_dtypes(sc), standardize, activation)
+    w2, b2, mu2, sc2, inv2 = (_both_dtypes(a) for a in (w, b, mu, sc, 1.0 / sc))
+    index = ACTIVATIONS.index(activation)
+    kernel_args = tuple((w2[i], b2[i], mu2[i], inv2[i], standardize, index) for i in (0, 1))
+    return TransformPlan(w2, b2, mu2, sc2, standardize, activation, kernel_args)
 
 
 def _apply_transform(x: np.ndarray, plan: TransformPlan) -> np.ndarray:
-    """:func:`apply_transform` for a validated C-contiguous float32/float64 ``x`` of matching width."""
-    i = int(x.dtype == np.float32)
-    out = np.empty((x.shape[0], plan.weights[i].shape[1]), x.dtype)
-    _transform(
-        x,
-        plan.weights[i],
-        plan.bias[i],
-        plan.mean[i],
-        plan.scale[i],
-        plan.standardize,
-        ACTIVATIONS.index(plan.activation),
-        out,
-    )
+    """:func:`apply_transform` for a C-contiguous float32/float64 ``x`` of matching width.
+
+    The kernel reports non-finite features; :func:`check_float_array` then names them.
+    """
+    args = plan.kernel_args[x.dtype.char == "f"]
+    out = np.empty((x.shape[0], args[0].shape[1]), x.dtype)
+    if not _transform(x, *args, out):
+        check_float_array(x, "features", ndim=2)
     return out
 
 
@@ -198,10 +220,24 @@ def apply_transform(features, plan: TransformPlan) -> np.ndarray:
     Returns
     -------
     out : ndarray, shape (N, m)
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad plan, non-numeric, non-2-D, empty or non-finite features, or a width other
+        than the plan's ``d``.
     """
     if not isinstance(plan, TransformPlan):
         raise TypeError(f"plan must be a TransformPlan (from transform_plan), got {type(plan).__name__}.")
-    x = check_float_array(features, "features", ndim=2)
+    x = features
+    if not (
+        type(x) is np.ndarray
+        and x.ndim == 2
+        and x.size
+        and x.dtype.char in "fd"  # float32, float64
+        and x.flags.c_contiguous
+    ):  # the common case (a C-contiguous float block) skips to the kernel, which checks finiteness
+        x = check_float_array(x, "features", ndim=2)
     d = plan.weights[0].shape[0]
     if x.shape[1] != d:
         raise ValueError(

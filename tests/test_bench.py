@@ -13,7 +13,15 @@ from click.testing import CliRunner
 
 from biofed.apps.bench import _json_safe, bench_command, format_report, load_suite
 from biofed.apps.cli import COMMANDS, cli
-from biofed.benchmarks.harness import CaseResult, Comparison, Target, Timing, max_relative_difference, measure
+from biofed.benchmarks.harness import (
+    CaseResult,
+    Comparison,
+    Target,
+    Timing,
+    max_relative_difference,
+    measure,
+    measure_interleaved,
+)
 
 
 def fake_clock(durations):
@@ -43,6 +51,20 @@ def test_measure_even_repeats_median_and_bad_repeats():
     assert timing.median == 3.0
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         measure(lambda: None, repeats=0)
+
+
+def test_measure_interleaved_alternates_the_functions():
+    calls = []
+    runs = measure_interleaved(
+        {"a": lambda: calls.append("a") or "A", "b": lambda: calls.append("b") or "B"},
+        repeats=2,
+        clock=fake_clock([5.0, 6.0, 1.0, 2.0, 3.0, 4.0]),
+    )
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then one call of each per round
+    assert runs["a"][0].first_call == 5.0 and runs["a"][0].times == (1.0, 3.0) and runs["a"][1] == "A"
+    assert runs["b"][0].first_call == 6.0 and runs["b"][0].times == (2.0, 4.0) and runs["b"][1] == "B"
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        measure_interleaved({"a": lambda: None}, repeats=0)
 
 
 def test_max_relative_difference_and_ratio():

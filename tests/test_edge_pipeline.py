@@ -180,6 +180,26 @@ def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
     assert stream.n_segments == 3  # only the last window's segments are kept between pushes
 
 
+def test_windows_without_shared_segments_equal_the_batch_kernel_bit_for_bit():
+    """500 Hz EEG, 1 s hop: 500 samples is no multiple of the 256-sample step, so the fused kernel
+    reads each window from the buffer; it computes the same bits as ``band_powers`` on the stack."""
+    rng = np.random.default_rng(6)
+    eeg = rng.standard_normal((3, 500 * 9)) + 2.0
+    for dtype in ("float64", "float32"):
+        config = PipelineConfig(dtype=dtype, modalities=("eeg",))
+        pipe = StreamingPipeline(
+            config, FeatureLayout.from_channels({"eeg": (500.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config)
+        )
+        assert not pipe._streams["eeg"].share_segments
+        rows = []
+        for a in range(0, eeg.shape[1], 730):  # chunks that end inside windows
+            rows += pipe.push("eeg", eeg[:, a : a + 730])
+        windows = np.lib.stride_tricks.sliding_window_view(eeg.astype(dtype), 1000, axis=1)[:, ::500].transpose(1, 0, 2)
+        expected = band_powers(np.ascontiguousarray(windows), 500.0, log=True).reshape(len(windows), -1)
+        assert len(rows) == len(windows) == 8
+        np.testing.assert_array_equal(_as_arrays(rows)[0], expected.astype(np.float64))
+
+
 def test_hop_longer_than_window_skips_samples(multirate):
     config = PipelineConfig(window_s=1.0, hop_s=2.5, modalities=("eeg",))
     X, _, t = extract_features(multirate, config)

@@ -88,6 +88,14 @@ def test_transform_plan_equals_one_call(rng, n):
         apply_transform(np.r_[np.ones(11), np.nan].reshape(1, 12), plan)
     with pytest.raises(TypeError, match="plan must be a TransformPlan"):
         apply_transform(x, (w, bias))
+    # the kernel's own finiteness check, in a later row block and without standardization
+    bad = np.ones((5000, 12), dtype=np.float32)
+    bad[4321, 7] = np.inf
+    for p in (plan, transform_plan(w)):
+        with pytest.raises(
+            ValueError, match=r"features contains 1 NaN or inf value\(s\), the first at index \(4321, 7\)"
+        ):
+            apply_transform(bad, p)
     with pytest.raises(ValueError, match="scale must be strictly positive"):
         transform_plan(w, scale=np.zeros(12))
     assert not plan.weights[0].flags.writeable

@@ -311,6 +311,9 @@ def test_plan_equals_one_call_functions_and_segments_equal_batch(rng, make_plan)
     np.testing.assert_allclose(
         powers, naive.segment_powers(x, starts, plan.nperseg, plan.kmin, n_bins), rtol=1e-10, atol=1e-12
     )
+    # starts out of order or apart: each segment sums its halves itself, with the same bits
+    picked = [3, 0, 1, 5, 6, 2]
+    np.testing.assert_array_equal(segment_powers(x, starts[picked], plan), powers[picked])
     firsts = np.arange(len(windows)) * 2
     np.testing.assert_array_equal(reduce_segments(powers, firsts, plan), batch)  # bit for bit
     for dtype in (np.float32, np.float64):
@@ -495,18 +498,27 @@ def test_detect_peaks_envelope_matches_naive_on_ecg(rng):
     np.testing.assert_array_equal(detect_peaks(x, fs, prominence=threshold), naive.detect_beats(x, fs, threshold))
 
 
-@pytest.mark.parametrize("half", [0, 1, 12, 300])
-def test_running_moving_average_matches_fresh_sums(rng, half):
+@pytest.mark.parametrize("half", [0, 1, 12, 13, 300, 700])
+def test_moving_average_matches_fresh_sums(rng, half):
     # tall spikes next to tiny values and runs of exact zeros, as in a squared rising slope
     x = np.maximum(rng.standard_normal(1200), 0.0) ** 2 * 1e-6
     x[::97] = 1e6
     x[400:700] = 0.0
+    if 2 * half + 1 <= biosensor._DIRECT_SUM_MAX_WIDTH:  # summed directly: the reference's bits
+        check = np.testing.assert_array_equal
+    else:  # the running sum
+
+        def check(actual, expected):
+            np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=0)
+
     out = biosensor._moving_average(x, half)
-    ref = naive.moving_average(x, half)
-    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=0)
+    check(out, naive.moving_average(x, half))
     assert np.all(out[400 + half : 700 - half] == 0.0)
+    check(biosensor._moving_average(x[:7], half), naive.moving_average(x[:7], half))  # no interior window
     plateau = biosensor._moving_average(np.full(50, 0.1), 3)[3:-3]  # full windows of a constant
     assert np.all(plateau == plateau[0])  # exactly flat: no spurious local maxima on a plateau
+    plateau = biosensor._moving_average(np.full(100, 0.1), 20)[20:-20]
+    assert np.all(plateau == plateau[0])
 
 
 def test_peak_selection_plateaus_and_edges_equal_scipy():
