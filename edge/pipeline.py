@@ -356,7 +356,7 @@ class _ModalityStream:
             self._reduce_segments(self.segments, firsts, n_seg, plan.weights, out)
         else:
             offsets = np.array(starts, dtype=np.int64) - self.buf_start
-            self._welch_weighted(self.buf, offsets, 0, n_seg, plan.nperseg, self.taper, plan.kmin, plan.weights, out)
+            self._welch_weighted(self.buf, offsets, 0, n_seg, plan.nperseg, 0, self.taper, plan.kmin, plan.weights, out)
         return self._finish(out, plan.log).reshape(len(starts), -1)
 
     def _features(self, windows: np.ndarray) -> np.ndarray:

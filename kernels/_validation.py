@@ -12,7 +12,9 @@ import math
 import numpy as np
 
 
-def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: bool = False) -> np.ndarray:
+def check_float_array(
+    x, name: str, *, ndim: int | tuple[int, ...], allow_nan: bool = False, check_finite: bool = True
+) -> np.ndarray:
     """Return ``x`` as a C-contiguous float32/float64 array after checking it.
 
     Parameters
@@ -25,6 +27,9 @@ def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: b
         The accepted number(s) of dimensions.
     allow_nan : bool
         Accept NaN (never inf) when True.
+    check_finite : bool
+        False skips the scan for non-finite values, for kernels that find them in their own pass
+        over the data and then call :func:`raise_if_nonfinite`.
 
     Returns
     -------
@@ -52,19 +57,28 @@ def check_float_array(x, name: str, *, ndim: int | tuple[int, ...], allow_nan: b
         raise ValueError(f"{name} is empty (shape {arr.shape}); at least one element is required.")
     if arr.dtype not in (np.float32, np.float64) or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
-    # O(1)-memory check first (add.reduce: the sum without ndarray.sum's Python layers, which
-    # cost more than the sum itself on a feature row); the element-wise scan only runs to
-    # build a precise message.
-    if not math.isfinite(np.add.reduce(arr, axis=None)):
-        bad = ~np.isfinite(arr) if not allow_nan else np.isinf(arr)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            kind = "NaN or inf" if not allow_nan else "inf"
-            raise ValueError(
-                f"{name} contains {int(bad.sum())} {kind} value(s), the first at index {first}. "
-                "Drop or interpolate non-finite samples before computing features."
-            )
+    # O(1)-memory test first (add.reduce: the sum without ndarray.sum's Python layers, which
+    # cost more than the sum itself on a feature row)
+    if check_finite and not math.isfinite(np.add.reduce(arr, axis=None)):
+        raise_if_nonfinite(arr, name, allow_nan=allow_nan)
     return arr
+
+
+def raise_if_nonfinite(arr: np.ndarray, name: str, *, allow_nan: bool = False) -> None:
+    """Raise the ValueError of :func:`check_float_array` if ``arr`` holds NaN or inf (only inf
+    with ``allow_nan``); return quietly otherwise (a finite array whose sum overflowed).
+
+    Callers run it after a cheaper test said "maybe" (a sum that is not finite): the
+    element-wise scan only runs to build a precise message.
+    """
+    bad = ~np.isfinite(arr) if not allow_nan else np.isinf(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        kind = "NaN or inf" if not allow_nan else "inf"
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} {kind} value(s), the first at index {first}. "
+            "Drop or interpolate non-finite samples before computing features."
+        )
 
 
 def check_positive_int(value, name: str, *, minimum: int = 1) -> int:

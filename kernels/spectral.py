@@ -59,7 +59,12 @@ import numpy as np
 import rocket_fft  # noqa: F401  -- registers np.fft for Numba (see module docstring)
 from numba import njit
 
-from biofed.kernels._validation import check_float_array, check_positive_float, check_positive_int
+from biofed.kernels._validation import (
+    check_float_array,
+    check_positive_float,
+    check_positive_int,
+    raise_if_nonfinite,
+)
 from biofed.kernels.windowing import _check_windows
 
 __all__ = [
@@ -163,8 +168,9 @@ def _weigh(power, weights, acc, out):
 
 
 @njit(cache=True, nogil=True)
-def _welch_weighted(x, starts, row_step, n_seg, nperseg, taper, kmin, weights, out):
-    """Welch PSD of every window and channel reduced by a weight matrix, into ``out``.
+def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weights, out):
+    """Welch PSD of every window and channel reduced by a weight matrix, into ``out``; False
+    if a sample is NaN or inf (or a float64 sum overflowed).
 
     Parameters
     ----------
@@ -179,6 +185,10 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, taper, kmin, weights, o
         Segments per window; segments start every ``nperseg - nperseg // 2`` samples.
     nperseg : int
         Segment length.
+    tail : int
+        Samples after a window's last segment that belong to the window (Welch ignores them):
+        they are only tested for NaN/inf, so that the kernel's pass over the samples replaces a
+        separate finiteness scan. 0 where the samples were tested before (a stream buffer).
     taper : ndarray, shape (nperseg,)
         Segment window (periodic Hann), same dtype as ``x``.
     kmin : int
@@ -192,7 +202,9 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, taper, kmin, weights, o
 
     The per-segment arithmetic (``_detrend_taper``, the rfft, ``|X|^2`` in the FFT's precision,
     summed over segments in order in float64) is the same as ``_segment_powers`` followed by
-    ``_reduce_segments``, so the streaming path reproduces this one bit for bit.
+    ``_reduce_segments``, so the streaming path reproduces this one bit for bit. The segment
+    means need the sum of every sample a segment covers; the sum of those sums (plus the tail's)
+    is finite exactly when every sample is, barring an overflow of finite float64 samples.
     """
     n_windows, n_channels, _ = out.shape
     step = nperseg - nperseg // 2
@@ -204,6 +216,8 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, taper, kmin, weights, o
     seg = np.empty((min(block, n_windows) * rows_per_window, nperseg), dtype=x.dtype)
     power = np.empty(n_bins, dtype=np.float64)
     acc = np.empty(n_bands, dtype=np.float64)
+    check = 0.0
+    covered = (n_seg - 1) * step + nperseg
     for w0 in range(0, n_windows, block):
         w1 = min(n_windows, w0 + block)
         r = 0
@@ -215,8 +229,11 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, taper, kmin, weights, o
                     start = starts[i] + s * step
                     first = second if shared_half and s > 0 else _sum(row, start, half)
                     second = _sum(row, start + half, nperseg - half)
+                    check += first + second
                     _detrend_taper(row, start, first + second, taper, seg[r])
                     r += 1
+                if tail > 0:
+                    check += _sum(row, starts[i] + covered, tail)
         spectrum = np.fft.rfft(seg[:r])
         r = 0
         for i in range(w0, w1):
@@ -226,6 +243,7 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, taper, kmin, weights, o
                     _add_power(spectrum[r, kmin : kmin + n_bins], power)
                     r += 1
                 _weigh(power, weights, acc, out[i, c])
+    return math.isfinite(check)
 
 
 @njit(cache=True, nogil=True)
@@ -357,6 +375,8 @@ class SpectralPlan(NamedTuple):
         in (density scaling, one-sided doubling, averaging over ``n_seg`` segments, ``df``).
     log : {"none", "log10", "ln"}
         Output transform: ``log10(p + tiny)`` (``tiny`` of the output dtype) or ``ln(p + 1e-10)``.
+    taper32 : ndarray, shape (nperseg,), float32
+        ``taper`` rounded to float32, for float32 samples (see :meth:`taper_for`).
     """
 
     fs: float
@@ -366,6 +386,7 @@ class SpectralPlan(NamedTuple):
     kmin: int
     weights: np.ndarray
     log: str
+    taper32: np.ndarray
 
     @property
     def step(self) -> int:
@@ -384,7 +405,7 @@ class SpectralPlan(NamedTuple):
 
     def taper_for(self, dtype) -> np.ndarray:
         """The taper in the dtype of the samples (the kernels compute in that precision)."""
-        return self.taper if np.dtype(dtype) == np.float64 else self.taper.astype(np.float32)
+        return self.taper if np.dtype(dtype) == np.float64 else self.taper32
 
     def log_floor(self, dtype) -> float:
         """What the output transform adds before its logarithm for features of ``dtype``:
@@ -408,9 +429,10 @@ def _make_plan(weights_per_freq: np.ndarray, fs: float, window: int, nperseg: in
     used = np.flatnonzero(np.any(weights_per_freq != 0.0, axis=1))
     kmin, kmax = int(used[0]), int(used[-1])
     weights = np.ascontiguousarray(weights_per_freq[kmin : kmax + 1] * scale[kmin : kmax + 1, None], dtype=np.float64)
-    taper.flags.writeable = False
-    weights.flags.writeable = False
-    return SpectralPlan(fs, window, nperseg, taper, kmin, weights, log)
+    taper32 = taper.astype(np.float32)
+    for array in (taper, taper32, weights):
+        array.flags.writeable = False
+    return SpectralPlan(fs, window, nperseg, taper, kmin, weights, log, taper32)
 
 
 def _finish(out: np.ndarray, log: str) -> np.ndarray:
@@ -423,21 +445,26 @@ def _finish(out: np.ndarray, log: str) -> np.ndarray:
 
 
 def _apply_plan(windows: np.ndarray, plan: SpectralPlan) -> np.ndarray:
-    """:func:`spectral_features` without validation (C-contiguous float32/float64 windows of ``plan.window``)."""
+    """:func:`spectral_features` after the checks of shape and dtype (C-contiguous float32/float64
+    windows of ``plan.window``); raises the usual ValueError on NaN/inf samples, which the
+    kernel finds in its pass over the samples."""
     n_windows, n_channels, _ = windows.shape
     out = np.empty((n_windows, n_channels, plan.n_bands), dtype=windows.dtype)
     if n_windows:
-        _welch_weighted(
+        finite = _welch_weighted(
             windows.reshape(n_windows * n_channels, -1),
             np.zeros(n_windows, dtype=np.int64),
             n_channels,
             plan.n_seg,
             plan.nperseg,
+            plan.window - (plan.n_seg - 1) * plan.step - plan.nperseg,
             plan.taper_for(windows.dtype),
             plan.kmin,
             plan.weights,
             out,
         )
+        if not finite:
+            raise_if_nonfinite(windows, "windows")
     return _finish(out, plan.log)
 
 
@@ -471,7 +498,7 @@ def spectral_features(windows, plan: SpectralPlan) -> np.ndarray:
         On non-3-D or non-finite windows, or windows of another length than the plan's.
     """
     plan = _check_plan(plan)
-    windows = _check_windows(windows, min_window=2)
+    windows = _check_windows(windows, min_window=2, check_finite=False)
     if windows.shape[2] != plan.window:
         raise ValueError(
             f"windows hold {windows.shape[2]} samples but the plan was built for {plan.window}; "
@@ -636,7 +663,7 @@ def band_powers(windows, fs: float, bands=EEG_BANDS, *, nperseg: int | None = No
     >>> [name for name, _, _ in EEG_BANDS][int(np.argmax(p[0, 0]))]
     'alpha'
     """
-    windows = _check_windows(windows, min_window=2)
+    windows = _check_windows(windows, min_window=2, check_finite=False)
     return _apply_plan(windows, band_power_plan(fs, windows.shape[2], bands, nperseg=nperseg, log=log))
 
 
@@ -771,7 +798,7 @@ def log_band_energies(
     >>> e.shape
     (1, 1, 16)
     """
-    windows = _check_windows(windows, min_window=2)
+    windows = _check_windows(windows, min_window=2, check_finite=False)
     plan = log_band_energy_plan(
         fs, windows.shape[2], n_bands=n_bands, fmin=fmin, fmax=fmax, scale=scale, nperseg=nperseg
     )

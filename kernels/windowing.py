@@ -105,8 +105,11 @@ def sliding_windows(x, window: int, hop: int) -> np.ndarray:
     )
 
 
-def _check_windows(windows, *, min_window: int = 1) -> np.ndarray:
+def _check_windows(windows, *, min_window: int = 1, check_finite: bool = True) -> np.ndarray:
     """Validate a ``(n_windows, n_channels, window)`` stack; ``n_windows`` may be 0.
+
+    ``check_finite=False`` leaves the scan for NaN/inf to a kernel that tests the samples in
+    its own pass (see ``check_float_array``).
 
     Returns a C-contiguous float32/float64 array (see ``check_float_array``). A stack with no
     windows (what ``sliding_windows`` returns for a too-short stream) passes unchanged in shape
@@ -122,7 +125,7 @@ def _check_windows(windows, *, min_window: int = 1) -> np.ndarray:
     if arr.shape[0] == 0 and arr.shape[1] > 0 and arr.shape[2] > 0 and arr.dtype.kind in "fiub":
         arr = np.empty(arr.shape, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
     else:
-        arr = check_float_array(arr, "windows", ndim=3)
+        arr = check_float_array(arr, "windows", ndim=3, check_finite=check_finite)
     if arr.shape[2] < min_window:
         raise ValueError(
             f"windows hold {arr.shape[2]} sample(s) each (shape {arr.shape}), this feature needs "

@@ -694,3 +694,30 @@ def test_real_eegmat_ecg_beats_match_band_pass_reference(shared_datasets, subjec
     assert (np.abs(peaks[:, None] - ref[None, :]).min(axis=1) <= 0.06 * fs).mean() > 0.97
     hr = heart_rate_features(x[None, None], fs)[0, 0, 0]
     assert hr == pytest.approx(naive.heart_rate(ref, fs)[0], rel=0.02)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    "where",
+    [(0, 0, 0), (1, 2, 400), (2, 1, 767), (2, 2, 768), (1, 0, 999)],  # 768..999: after the last segment
+)
+def test_spectral_features_find_non_finite_samples_anywhere_in_the_window(dtype, bad, where):
+    # 1000-sample windows with nperseg=512: the two segments cover samples 0..767, the kernel's
+    # finiteness test must also see the tail that Welch ignores.
+    plan = band_power_plan(500.0, 1000)
+    w = np.random.default_rng(0).standard_normal((3, 3, 1000)).astype(dtype)
+    w[where] = bad
+    expected = rf"windows contains 1 NaN or inf value\(s\), the first at index \({where[0]}, {where[1]}, {where[2]}\)"
+    with pytest.raises(ValueError, match=expected):
+        spectral_features(w, plan)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        band_powers(w, 500.0)
+
+
+def test_spectral_features_accept_finite_float64_samples_whose_sum_overflows():
+    plan = band_power_plan(500.0, 1000, log=True)
+    w = np.full((1, 1, 1000), 1e306)
+    w[0, 0, ::2] = 1.5e306
+    out = spectral_features(w, plan)  # the kernel's sum overflows; the samples are finite
+    assert out.shape == (1, 1, 5)
