@@ -96,7 +96,7 @@ def check_positive_float(value, name: str) -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
-    if not np.isfinite(out) or out <= 0:
+    if not math.isfinite(out) or out <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
     return out
 
@@ -107,6 +107,6 @@ def check_nonnegative_float(value, name: str) -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.") from None
-    if not np.isfinite(out) or out < 0:
+    if not math.isfinite(out) or out < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
     return out

@@ -45,7 +45,7 @@ import math
 import numpy as np
 from numba import njit
 
-from biofed.kernels._validation import check_float_array, check_positive_float
+from biofed.kernels._validation import check_float_array, check_positive_float, raise_if_nonfinite
 from biofed.kernels.windowing import _check_windows
 
 __all__ = ["BIOSENSOR_FEATURES", "detect_peaks", "heart_rate_features", "window_statistics"]
@@ -131,11 +131,15 @@ def window_statistics(windows, fs: float) -> np.ndarray:
     >>> window_statistics(w, fs=2.0)[0, 0]
     array([2.5       , 1.11803399, 2.        , 1.        , 4.        ])
     """
-    windows = _check_windows(windows)
+    windows = _check_windows(windows, check_finite=False)
     fs = check_positive_float(fs, "fs")
     out = np.empty(windows.shape[:2] + (5,), dtype=windows.dtype)
     if windows.shape[0]:
         _window_statistics(windows, fs, out)
+        # a window's mean is finite exactly when its samples are (barring a float64 overflow):
+        # the kernel's pass replaces a separate scan of the samples
+        if not math.isfinite(np.add.reduce(out[..., 0], axis=None)):
+            raise_if_nonfinite(windows, "windows")
     return out
 
 
@@ -437,11 +441,16 @@ def detect_peaks(x, fs: float, *, min_distance_s: float = 0.3, prominence: float
 
 @njit(cache=True, nogil=True)
 def _heart_rate_features(windows, fs, lengths, adaptive_fraction, out):
-    """Mean heart rate (beats/min) and RMSSD (ms) of each window and channel, into ``out``."""
-    n_windows, n_channels, _ = windows.shape
+    """Mean heart rate (beats/min) and RMSSD (ms) of each window and channel, into ``out``;
+    False if a sample is NaN or inf (or a float64 sum overflowed), the outputs then undefined."""
+    n_windows, n_channels, n = windows.shape
+    check = 0.0
     for i in range(n_windows):
         for c in range(n_channels):
-            peaks = _detect_peaks(windows[i, c], fs, -1.0, lengths, adaptive_fraction)
+            x = windows[i, c]
+            for j in range(n):
+                check += x[j]
+            peaks = _detect_peaks(x, fs, -1.0, lengths, adaptive_fraction)
             n_peaks = peaks.shape[0]
             heart_rate = 0.0
             rmssd = 0.0
@@ -455,6 +464,7 @@ def _heart_rate_features(windows, fs, lengths, adaptive_fraction, out):
                 rmssd = 1000.0 * math.sqrt(ss / (n_peaks - 2))
             out[i, c, 0] = heart_rate
             out[i, c, 1] = rmssd
+    return math.isfinite(check)
 
 
 def heart_rate_features(windows, fs: float) -> np.ndarray:
@@ -483,11 +493,11 @@ def heart_rate_features(windows, fs: float) -> np.ndarray:
     ValueError
         On non-3-D, empty-window or non-finite windows, or ``fs <= 0``.
     """
-    windows = _check_windows(windows)
+    windows = _check_windows(windows, check_finite=False)
     fs = check_positive_float(fs, "fs")
     out = np.empty(windows.shape[:2] + (2,), dtype=windows.dtype)
-    if windows.shape[0]:
-        _heart_rate_features(windows, *_heart_rate_args(fs), out)
+    if windows.shape[0] and not _heart_rate_features(windows, *_heart_rate_args(fs), out):
+        raise_if_nonfinite(windows, "windows")  # the kernel's sum of the samples was not finite
     return out
 
 

@@ -721,3 +721,24 @@ def test_spectral_features_accept_finite_float64_samples_whose_sum_overflows():
     w[0, 0, ::2] = 1.5e306
     out = spectral_features(w, plan)  # the kernel's sum overflows; the samples are finite
     assert out.shape == (1, 1, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [(0, 0, 0), (2, 1, 250), (1, 1, 499)])
+def test_biosensor_features_find_non_finite_samples_in_their_own_pass(dtype, bad, where):
+    t = np.arange(500) / 250.0
+    w = np.tile(np.exp(-((np.mod(2 * np.pi * 1.2 * t, 2 * np.pi) - np.pi) ** 2) / 0.02), (3, 2, 1)).astype(dtype)
+    w[where] = bad
+    expected = rf"windows contains 1 NaN or inf value\(s\), the first at index \({where[0]}, {where[1]}, {where[2]}\)"
+    with pytest.raises(ValueError, match=expected):
+        window_statistics(w, 250.0)
+    with pytest.raises(ValueError, match=expected):
+        heart_rate_features(w, 250.0)
+
+
+def test_biosensor_features_accept_finite_float64_samples_whose_sums_overflow():
+    w = np.full((2, 1, 500), 1.7e308)
+    w[:, :, ::7] = 1.6e308
+    assert np.isfinite(window_statistics(w, 250.0)[..., [3, 4]]).all()  # min and max
+    assert np.isfinite(heart_rate_features(w, 250.0)).all()
