@@ -142,7 +142,7 @@ def _add_power(parts, power):
     the squares taken in the precision of the bins.
 
     The spectrum's float view (``.view()`` of the complex rfft output) lets the compiler load
-    real and imaginary parts as plain floats: 1.6x faster than reading complex elements.
+    real and imaginary parts as plain floats, which vectorizes where complex element reads do not.
     """
     for k in range(power.shape[0]):
         re = parts[2 * k]
