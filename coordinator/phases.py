@@ -51,7 +51,7 @@ from biofed.coordinator.lda import lda_from_statistics
 from biofed.coordinator.state import RoundRecord, Snapshot
 from biofed.coordinator.strategies import STRATEGIES, ClientUpdate, FedAvg, Strategy, make_strategy
 from biofed.kernels.training import init_params
-from biofed.privacy_ledger import ACCOUNTANTS, PrivacyLedger, distributed_noise_multiplier
+from biofed.privacy_ledger import ACCOUNTANTS, distributed_noise_multiplier, make_accountant, round_event
 from biofed.privacy_mechanism import Charge, ClippedSum, grid_sensitivity
 from biofed.protocol import BASIS_PHASES, SKETCH_PHASES, Basis, Model, Sketch, Task, Update
 from biofed.protocol.statistics import STATISTICS_CLIP_NORM, statistics_size, unpack_statistics
@@ -398,18 +398,19 @@ def planned_releases(config: CoordinatorConfig, settings: PhaseSettings) -> list
 
 
 def planned_epsilons(config: CoordinatorConfig, settings: PhaseSettings) -> dict[str, float]:
-    """``{"rdp": eps, "pld": eps}`` at ``config.dp.delta`` of :func:`planned_releases`: the
-    releases recorded, in order, in an in-memory :class:`~biofed.privacy_ledger.PrivacyLedger`
-    (q = 1, the public cohort), so the plan is accounted exactly as the run's own ledger will
-    account it. A plan with a noiseless release is ``inf`` without recording it (the ledger
-    would log it as a round that ran without noise)."""
-    releases = planned_releases(config, settings)
-    if any(z == 0 for _, z in releases):
+    """``{"rdp": eps, "pld": eps}`` at ``config.dp.delta`` of :func:`planned_releases`, from
+    dp-accounting. Every release is an unsampled Gaussian (q = 1), and Gaussians compose
+    exactly into one of multiplier ``(sum z_i^-2)^-1/2``, which each accountant then states."""
+    multipliers = [z for _, z in planned_releases(config, settings)]
+    if not multipliers:
+        return dict.fromkeys(ACCOUNTANTS, 0.0)
+    if min(multipliers) == 0:
         return dict.fromkeys(ACCOUNTANTS, math.inf)
-    plan = PrivacyLedger(config.dp.delta, ACCOUNTANTS)
-    for round_, (kind, z) in enumerate(releases, start=1):
-        plan.record_round(round_, _PUBLIC_COHORT_Q, z, kind=kind)
-    return plan.epsilons()
+    z = sum(m**-2 for m in multipliers) ** -0.5
+    return {
+        name: float(make_accountant(name).compose(round_event(1.0, z)).get_epsilon(config.dp.delta))
+        for name in ACCOUNTANTS
+    }
 
 
 def unmask_charge(
