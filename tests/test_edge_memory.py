@@ -117,6 +117,18 @@ def test_agent_memory_benchmark_reports_the_whole_process_rss_by_stage():
     assert [m for m in floor["biofed_modules"] if not m.startswith("biofed.kernels")] == ["biofed", "biofed.benchmarks"]
 
 
+def test_the_floor_refuses_to_measure_a_kernel_it_had_to_compile(tmp_path):
+    """With an empty Numba cache the floor process would measure the compiler, not a cached
+    load: it says so and how to fill the cache, and fails."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "biofed.benchmarks.numba_floor"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 1
+    assert "compiled, not loaded from Numba's cache" in proc.stderr and "biofed warmup" in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["cache_misses"] == 1 and report["cache_hits"] == 0
+
+
 def test_a_failing_warm_up_child_is_a_clear_error(monkeypatch):
     from biofed.edge.warmup import WarmupError, warmup_in_subprocess
 
