@@ -22,10 +22,11 @@ what the agent itself holds (its modules, its other kernels, its data).
 
 Prints one JSON line: the peak RSS of the whole process
 (:func:`~biofed.benchmarks.numba_floor.peak_rss_mb`), the floor's peak and report, and the
-surplus; the RSS after start-up (imports, agent, warm-up) and after the first stored windows
-(the pipeline's kernels loaded); the end RSS by mapping (the LLVM library, the heap and
-anonymous memory, other files); RSS samples over simulated time, the growth from the first
-hour with the store at its cap to the end, windows stored and evicted, and wall time.
+surplus; the RSS by stage: after the imports, after start-up (agent, warm-up) and after the
+first stored windows (the pipeline's kernels loaded); the end RSS by mapping (the LLVM library,
+the heap and anonymous memory, other files); hourly samples (the RSS before the hour's tasks,
+after them, and the peak so far), the growth from the first hour with the store at its cap to
+the end, windows stored and evicted, and wall time.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def main() -> None:
     from biofed.protocol import Basis, Model, Task
 
     process = psutil.Process()
+    rss_after_imports = process.memory_info().rss / 2**20
     started = time.perf_counter()
     samples = []
     with tempfile.TemporaryDirectory(prefix="biofed-bench-agent-") as tmp:
@@ -160,6 +162,7 @@ def main() -> None:
                 if rss_after_first_windows is None:
                     rss_after_first_windows = process.memory_info().rss / 2**20
             if t >= next_hour:
+                rss_before_tasks = process.memory_info().rss / 2**20
                 hour += 1
                 next_hour += 3600.0
                 deadline = time.time() + 3600
@@ -196,6 +199,8 @@ def main() -> None:
                     {
                         "hour": hour,
                         "rss_mb": process.memory_info().rss / 2**20,
+                        "rss_before_tasks_mb": rss_before_tasks,
+                        "peak_rss_mb": numba_floor.peak_rss_mb(),
                         "rows": agent.n_rows,
                         "wall_s": round(time.perf_counter() - started, 1),
                     }
@@ -218,6 +223,7 @@ def main() -> None:
                 "floor_peak_rss_mb": floor["peak_rss_mb"],
                 "surplus_over_floor_mb": peak - floor["peak_rss_mb"],
                 "floor": floor,
+                "rss_after_imports_mb": rss_after_imports,
                 "rss_after_start_mb": rss_after_start,
                 "rss_after_first_windows_mb": rss_after_first_windows,
                 "rss_by_mapping_mb": by_mapping,

@@ -948,6 +948,7 @@ def case_agent_memory(s: Settings, result: CaseResult) -> None:
             "agent_memory", "agent surplus over the floor (agent peak - floor peak)", out["surplus_over_floor_mb"], "MB"
         )
     )
+    result.metrics.append(Metric("agent_memory", "agent RSS after its imports", out["rss_after_imports_mb"], "MB"))
     result.metrics.append(
         Metric(
             "agent_memory",

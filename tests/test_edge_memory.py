@@ -104,7 +104,11 @@ def test_agent_memory_benchmark_reports_the_whole_process_rss_by_stage():
     kernel from the cache with nothing of biofed but the kernels."""
     cmd = [sys.executable, "-m", "biofed.benchmarks.agent_memory", "--hours", "1.05", "--store-rows", "500"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    assert 0 < out["rss_after_start_mb"] <= out["rss_after_first_windows_mb"] <= out["peak_rss_mb"]
+    assert 0 < out["rss_after_imports_mb"] <= out["rss_after_start_mb"] <= out["rss_after_first_windows_mb"]
+    assert out["rss_after_first_windows_mb"] <= out["peak_rss_mb"]
+    (hour,) = out["samples"]
+    assert hour["rss_before_tasks_mb"] <= hour["peak_rss_mb"] and hour["rss_mb"] <= hour["peak_rss_mb"]
+    assert hour["peak_rss_mb"] <= out["peak_rss_mb"]
     assert out["rows_in_store"] == 500 < out["windows_stored"]
     assert out["training_rounds"] == 1 and [s["hour"] for s in out["samples"]] == [1]
     by_mapping = out["rss_by_mapping_mb"]
