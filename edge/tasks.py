@@ -271,7 +271,8 @@ def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Se
     ``X`` (N, d), ``labels`` (N,) str and ``t`` (N,) as :meth:`FeatureStore.read
     <biofed.edge.store.FeatureStore.read>` returns them. The one place where a device's stored
     rows become training and held-out sets (the demo's centralized baseline calls it on each
-    device's store too).
+    device's store too). When every row is of the classes (a store read of those classes),
+    ``LocalData.X`` is ``X`` itself, not a copy.
 
     Examples
     --------
@@ -283,7 +284,7 @@ def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Se
     """
     index = {name: i for i, name in enumerate(classes)}
     keep = np.array([label in index for label in labels], dtype=bool)
-    if not keep.all():  # else no copy: X is usually a store read of these classes only
+    if not keep.all():
         X, labels, t = X[keep], labels[keep], t[keep]
     y = np.array([index[label] for label in labels], dtype=np.int64)
     train_mask, held_out = holdout_split(labels, t)
