@@ -21,7 +21,7 @@ rocket-fft and one of the agent's kernels from the cache. The agent's surplus ov
 what the agent itself holds (its modules, its other kernels, its data).
 
 Prints one JSON line: the peak RSS of the whole process
-(:func:`~biofed.benchmarks.numba_floor.peak_rss_mb`), the floor's peak and report, and the
+(:func:`biofed.peak_memory.peak_rss_mb`), the floor's peak and report, and the
 surplus; the RSS by stage: after the imports, after start-up (agent, warm-up) and after the
 first stored windows (the pipeline's kernels loaded); the end RSS by mapping (the LLVM library,
 the heap and anonymous memory, other files); hourly samples (the RSS before the hour's tasks,
@@ -43,6 +43,7 @@ import numpy as np
 import psutil
 
 from biofed.benchmarks import numba_floor
+from biofed.peak_memory import peak_rss_mb
 
 _CLASSES = ("rest", "arithmetic")
 _SEGMENT_S = 600.0  # the label alternates every 10 minutes
@@ -200,7 +201,7 @@ def main() -> None:
                         "hour": hour,
                         "rss_mb": process.memory_info().rss / 2**20,
                         "rss_before_tasks_mb": rss_before_tasks,
-                        "peak_rss_mb": numba_floor.peak_rss_mb(),
+                        "peak_rss_mb": peak_rss_mb(),
                         "rows": agent.n_rows,
                         "wall_s": round(time.perf_counter() - started, 1),
                     }
@@ -210,7 +211,7 @@ def main() -> None:
         n_rows = agent.n_rows
         by_mapping = _rss_by_mapping(process)
         agent.close()
-    peak = numba_floor.peak_rss_mb()
+    peak = peak_rss_mb()
     floor = _numba_floor()
     # flat memory: from the first hourly sample with the store at its cap (eviction running) to the last
     full = [sample for sample in samples if sample["rows"] >= args.store_rows]

@@ -11,7 +11,7 @@ and lowering registries and maps most of LLVM). Everything an agent holds above 
 its own: its other modules, its other kernels, its data.
 
 Prints one JSON line: ``peak_rss_mb`` (the whole process's peak resident set, see
-:func:`peak_rss_mb`), the peak after the imports, the modules of biofed and of SciPy it
+:func:`biofed.peak_memory.peak_rss_mb`), the peak after the imports, the modules of biofed and of SciPy it
 imported, and the cache hits and misses of the call. Exits with an error when the call was
 not served from the cache (it would measure the compiler): run ``biofed warmup`` with the
 same ``NUMBA_CACHE_DIR`` first.
@@ -20,30 +20,11 @@ same ``NUMBA_CACHE_DIR`` first.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import numpy as np
 
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB: Linux's ``VmHWM``.
-
-    Not ``ru_maxrss``: Linux carries the parent's peak over ``fork`` and ``exec`` into the child's
-    ``ru_maxrss``, so a process started by a larger one (this floor by the agent benchmark, the
-    agent benchmark by ``biofed bench``) would report its parent's peak. ``VmHWM`` belongs to the
-    process's own address space. Where ``/proc`` is absent, ``ru_maxrss`` (KiB on Linux, bytes
-    on macOS) is the closest figure.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024.0
+from biofed.peak_memory import peak_rss_mb
 
 
 def main() -> None:

@@ -118,7 +118,11 @@ def test_agent_memory_benchmark_reports_the_whole_process_rss_by_stage():
     assert floor["cache_hits"] == 1 and floor["cache_misses"] == 0 and floor["finite"]
     assert 0 < floor["rss_after_imports_mb"] < floor["peak_rss_mb"] == out["floor_peak_rss_mb"]
     assert out["surplus_over_floor_mb"] == out["peak_rss_mb"] - out["floor_peak_rss_mb"]
-    assert [m for m in floor["biofed_modules"] if not m.startswith("biofed.kernels")] == ["biofed", "biofed.benchmarks"]
+    assert [m for m in floor["biofed_modules"] if not m.startswith("biofed.kernels")] == [
+        "biofed",
+        "biofed.benchmarks",
+        "biofed.peak_memory",
+    ]
 
 
 def test_the_floor_refuses_to_measure_a_kernel_it_had_to_compile(tmp_path):
