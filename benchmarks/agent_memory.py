@@ -15,18 +15,25 @@ as a sensor delivers it, so the input holds no memory a device would not. The co
 side stays out of the process: its basis is an orthonormal projection with the running mean
 and scale of the rows streamed so far, not a fit (fitting is coordinator work).
 
-Prints one JSON line: peak RSS (``ru_maxrss``); the RSS after start-up (imports, agent, warm-up)
-and after the first stored windows (the pipeline's kernels loaded); the end RSS by mapping
-(the LLVM library, the heap and anonymous memory, other files); RSS samples over simulated
-time, the growth from the first hour with the store at its cap to the end, windows stored and
-evicted, and wall time.
+After the stream it runs :mod:`biofed.benchmarks.numba_floor` in a fresh process with the same
+interpreter, environment and Numba cache: the peak of a process that only loads NumPy, Numba,
+rocket-fft and one of the agent's kernels from the cache. The agent's surplus over that floor is
+what the agent itself holds (its modules, its other kernels, its data).
+
+Prints one JSON line: the peak RSS of the whole process
+(:func:`biofed.peak_memory.peak_rss_mb`), the floor's peak and report, and the
+surplus; the RSS by stage: after the imports, after start-up (agent, warm-up) and after the
+first stored windows (the pipeline's kernels loaded); the end RSS by mapping (the LLVM library,
+the heap and anonymous memory, other files); hourly samples (the RSS before the hour's tasks,
+after them, and the peak so far), the growth from the first hour with the store at its cap to
+the end, windows stored and evicted, and wall time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+
+from biofed.benchmarks import numba_floor
+from biofed.peak_memory import peak_rss_mb
 
 _CLASSES = ("rest", "arithmetic")
 _SEGMENT_S = 600.0  # the label alternates every 10 minutes
@@ -59,6 +69,15 @@ def _rss_by_mapping(process) -> dict[str, float]:
         "anonymous (heap, arenas, stacks)": round(anonymous, 1),
         "other files": round(sum(by_path.values()) - sum(mb for _, mb in top), 1),
     }
+
+
+def _numba_floor() -> dict:
+    """The report of :mod:`biofed.benchmarks.numba_floor`, run in a fresh process like this one."""
+    cmd = [sys.executable, "-m", numba_floor.__name__]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the Numba floor process failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _chunks(hours: float, chunk_s: float, seed: int):
@@ -104,6 +123,7 @@ def main() -> None:
     from biofed.protocol import Basis, Model, Task
 
     process = psutil.Process()
+    rss_after_imports = process.memory_info().rss / 2**20
     started = time.perf_counter()
     samples = []
     with tempfile.TemporaryDirectory(prefix="biofed-bench-agent-") as tmp:
@@ -143,6 +163,7 @@ def main() -> None:
                 if rss_after_first_windows is None:
                     rss_after_first_windows = process.memory_info().rss / 2**20
             if t >= next_hour:
+                rss_before_tasks = process.memory_info().rss / 2**20
                 hour += 1
                 next_hour += 3600.0
                 deadline = time.time() + 3600
@@ -179,6 +200,8 @@ def main() -> None:
                     {
                         "hour": hour,
                         "rss_mb": process.memory_info().rss / 2**20,
+                        "rss_before_tasks_mb": rss_before_tasks,
+                        "peak_rss_mb": peak_rss_mb(),
                         "rows": agent.n_rows,
                         "wall_s": round(time.perf_counter() - started, 1),
                     }
@@ -188,7 +211,8 @@ def main() -> None:
         n_rows = agent.n_rows
         by_mapping = _rss_by_mapping(process)
         agent.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
+    floor = _numba_floor()
     # flat memory: from the first hourly sample with the store at its cap (eviction running) to the last
     full = [sample for sample in samples if sample["rows"] >= args.store_rows]
     growth = full[-1]["rss_mb"] - full[0]["rss_mb"] if len(full) > 1 else float("nan")
@@ -197,6 +221,10 @@ def main() -> None:
             {
                 "hours": args.hours,
                 "peak_rss_mb": peak,
+                "floor_peak_rss_mb": floor["peak_rss_mb"],
+                "surplus_over_floor_mb": peak - floor["peak_rss_mb"],
+                "floor": floor,
+                "rss_after_imports_mb": rss_after_imports,
                 "rss_after_start_mb": rss_after_start,
                 "rss_after_first_windows_mb": rss_after_first_windows,
                 "rss_by_mapping_mb": by_mapping,

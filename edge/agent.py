@@ -324,7 +324,7 @@ class EdgeAgent:
 
     def local_data(self, classes: Sequence[str]) -> LocalData:
         """The stored windows labelled with one of ``classes``, split by :func:`~biofed.edge.split.holdout_split`."""
-        return labelled_split(*self.store.read(), classes)
+        return labelled_split(*self.store.read(labels=classes), classes)
 
     def _predict_rows(self, rows: list[FeatureRow], offset: float) -> None:
         """Publish the prediction of new raw rows with the current global model (``predict``)."""

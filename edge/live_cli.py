@@ -120,8 +120,9 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
 
     from biofed.datasets.live import Gap, LslError, LslSource
     from biofed.edge.continuous import LiveFeatures
-    from biofed.edge.replay_cli import _peak_rss_mb, _write_npz
+    from biofed.edge.replay_cli import _write_npz
     from biofed.model import FeatureLayout, LayoutError
+    from biofed.peak_memory import peak_rss_mb
 
     source = LslSource(names, modalities=config.modalities, resolve_timeout_s=timeout_s)
     try:
@@ -182,4 +183,4 @@ def replay_lsl(names, seconds: float, out, config, k: int, progress: bool, timeo
         if n_rows < 2:
             raise click.ClickException(f"only {n_rows} window(s) were produced; --out needs at least 2 to fit a basis.")
         _write_npz(out, [stream], k)
-    click.echo(f"peak RSS: {_peak_rss_mb():.1f} MB")
+    click.echo(f"peak RSS: {peak_rss_mb():.1f} MB")

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import numpy as np
 
 from biofed.edge.inference import InferenceError, OnnxModel
-from biofed.edge.tasks import LocalData, project_rows
-from biofed.kernels import n_params, predict_proba
+from biofed.edge.tasks import LocalData
+from biofed.kernels import n_params, predict_proba, project
 from biofed.model import FeatureLayout
 from biofed.protocol import Basis, Model, Prediction
 
@@ -50,10 +50,12 @@ class DevicePredictor:
         self.layout_json = layout_json
         self.model: OnnxModel | None = None
         """The ONNX global model predictions are made with (None: none)."""
-        self.kernel_model: tuple[Model, Basis, LocalData | None] | None = None
-        """A model without ONNX bytes, its basis and the device's labelled rows (for device
-        standardization) that predictions are made with through the Numba kernels (None: none)."""
+        self.kernel_model: tuple[Model, Basis] | None = None
+        """A model without ONNX bytes and its basis, that predictions are made with through the
+        Numba kernels (None: none)."""
         self._standardization: tuple[np.ndarray, np.ndarray] | None = None
+        """``(mean, scale)`` of the device's training rows as of the model's arrival, for a
+        device-standardized model (None: the rows are not z-scored by the device)."""
 
     def set_layout(self, layout_json: str) -> None:
         """The device's layout is now ``layout_json``: stop predicting with a model that does not fit it."""
@@ -101,6 +103,10 @@ class DevicePredictor:
                 model.classes,
             )
             return None
+        # device standardization: z-score with the training statistics as of the model's arrival
+        # (kept, not the rows: predicting a window must not hold or rescan the training set)
+        standardization = None if data is None else data.standardization()
+        del data
         if model.onnx.size:
             self.model = None  # predictions follow the latest global model, or stop
             try:
@@ -110,8 +116,7 @@ class DevicePredictor:
                 return None
             if not self._fits(onnx_model):
                 return None
-            # device standardization: z-score with the training statistics as of the model's arrival
-            self._standardization = None if data is None else data.standardization()
+            self._standardization = standardization
             self.model = onnx_model
             logger.info("%s: predicting with %s", self.device_id, onnx_model.describe())
             return self._predict(onnx_model, X, t) if X.shape[0] else None
@@ -122,12 +127,15 @@ class DevicePredictor:
         k = basis.components.shape[0]
         if model.params.shape[0] != n_params(k, len(model.classes), model.hidden):
             return None
-        self.kernel_model = (model, basis, data)
+        self.kernel_model = (model, basis)
+        self._standardization = standardization
         return self._predict_with_kernels(X, t) if X.shape[0] else None
 
     def _predict_with_kernels(self, X: np.ndarray, t: np.ndarray) -> Prediction:
-        model, basis, data = self.kernel_model
-        proba = predict_proba(model.params, project_rows(X, basis, data), len(model.classes), model.hidden)
+        model, basis = self.kernel_model
+        mean, scale = (basis.mean, basis.scale) if self._standardization is None else self._standardization
+        Z = project(X, basis.components, mean=mean, scale=scale)
+        proba = predict_proba(model.params, Z, len(model.classes), model.hidden)
         return Prediction(round=model.round, t=t, proba=proba, classes=model.classes)
 
     def _predict(self, model: OnnxModel, X: np.ndarray, t: np.ndarray) -> Prediction:

@@ -41,7 +41,6 @@ import ctypes
 import ctypes.util
 import logging
 import math
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -52,6 +51,7 @@ import click
 import numpy as np
 
 from biofed.cli_options import examples
+from biofed.peak_memory import peak_rss_mb
 
 __all__ = ["replay_command"]
 
@@ -111,12 +111,6 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
         logger.debug("malloc_trim unavailable; freed memory stays with the allocator")
-
-
-def _peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
 @click.command(
@@ -299,7 +293,7 @@ def replay_command(files, lsl_names, seconds, timeout_s, speed, out, window_s, h
         if n_rows < 2:
             raise click.ClickException(f"only {n_rows} window(s) were produced; --out needs at least 2 to fit a basis.")
         _write_npz(out, streams, k)
-    click.echo(f"peak RSS: {_peak_rss_mb():.1f} MB")
+    click.echo(f"peak RSS: {peak_rss_mb():.1f} MB")
 
 
 def _write_npz(out: Path, streams: list[_Stream], k: int) -> None:

@@ -21,9 +21,9 @@ import numpy as np
 
 from biofed.kernels import standard_scale
 
-_VARIANCE_BLOCK_ROWS = 2048
+_BLOCK_ROWS = 2048
 
-__all__ = ["HOLDOUT_FRACTION", "balanced_accuracy", "device_standardization", "holdout_split"]
+__all__ = ["HOLDOUT_FRACTION", "balanced_accuracy", "device_standardization", "holdout_split", "row_blocks"]
 
 HOLDOUT_FRACTION = 0.2
 """Fraction of each label's windows held out for evaluation."""
@@ -77,7 +77,18 @@ def holdout_split(labels, t, fraction: float = HOLDOUT_FRACTION) -> tuple[np.nda
     return ~held_out, held_out
 
 
-def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
+def row_blocks(X: np.ndarray, rows: np.ndarray | None = None):
+    """The rows ``X[rows]`` (all rows when ``rows`` is None), block by block, in order.
+
+    ``X`` (N, d), ``rows`` (N,) bool. Yields (b, d) arrays of at most a few thousand rows, so a
+    statistic of a device's training rows needs no (n, d) copy of them beside ``X``.
+    """
+    for start in range(0, X.shape[0], _BLOCK_ROWS):
+        block = X[start : start + _BLOCK_ROWS]
+        yield block if rows is None else block[rows[start : start + _BLOCK_ROWS]]
+
+
+def device_standardization(X_train, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and scale of a device's own training rows (device standardization).
 
     With ``[model] standardization = "device"`` every device z-scores its raw feature rows
@@ -89,8 +100,11 @@ def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
 
     Parameters
     ----------
-    X_train : array-like, shape (n, d)
-        The device's raw training rows, n >= 1.
+    X_train : array-like, shape (N, d)
+        The device's raw rows.
+    rows : ndarray of bool, shape (N,), optional
+        The training rows among them (at least one); all rows when None. The statistics are
+        accumulated block by block (:func:`row_blocks`), without copying the training rows.
 
     Returns
     -------
@@ -104,22 +118,35 @@ def device_standardization(X_train) -> tuple[np.ndarray, np.ndarray]:
     >>> mean, scale = device_standardization([[1.0, 5.0], [3.0, 5.0]])
     >>> mean.tolist(), scale.tolist()
     ([2.0, 5.0], [1.0, 1.0])
+    >>> device_standardization([[1.0, 5.0], [3.0, 5.0], [9.0, 9.0]], np.array([True, True, False]))[0].tolist()
+    [2.0, 5.0]
     """
     X = np.asarray(X_train, dtype=np.float64)
-    if X.ndim != 2 or X.shape[0] == 0:
+    if rows is not None:
+        rows = np.asarray(rows)
+        if rows.dtype != bool or rows.shape != X.shape[:1]:
+            raise ValueError(
+                f"rows must be a boolean mask with one entry per row of X {X.shape}, "
+                f"got dtype {rows.dtype} and shape {rows.shape}"
+            )
+    n = X.shape[0] if rows is None else int(np.count_nonzero(rows))
+    if X.ndim != 2 or n == 0:
         raise ValueError(
-            f"device standardization needs a non-empty (n, d) array of training rows, got shape "
-            f"{X.shape}; a device without training windows cannot standardize"
+            f"device standardization needs a non-empty (n, d) array of training rows, got shape {X.shape} "
+            f"with {n} training rows; a device without training windows cannot standardize"
         )
-    if not np.all(np.isfinite(X)):
-        raise ValueError("the training rows contain NaN/inf; drop those windows before standardizing")
-    mean = X.mean(axis=0)
+    total = np.zeros(X.shape[1])
+    for block in row_blocks(X, rows):
+        if not np.isfinite(block).all():
+            raise ValueError("the training rows contain NaN/inf; drop those windows before standardizing")
+        total += block.sum(axis=0)
+    mean = total / n
     # the variance block by block: no (n, d) temporary of centred rows beside the rows themselves
     squares = np.zeros_like(mean)
-    for start in range(0, X.shape[0], _VARIANCE_BLOCK_ROWS):
-        centred = X[start : start + _VARIANCE_BLOCK_ROWS] - mean
+    for block in row_blocks(X, rows):
+        centred = block - mean
         squares += np.einsum("ij,ij->j", centred, centred)
-    return mean, standard_scale(mean, squares / X.shape[0])
+    return mean, standard_scale(mean, squares / n)
 
 
 def balanced_accuracy(y_true, y_pred) -> float:

@@ -411,13 +411,18 @@ class FeatureStore:
             return deleted
 
     # ------------------------------------------------------------------ reading
-    def read(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read(
+        self, limit: int | None = None, *, labels: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read the stored windows of this store's layout, oldest first.
 
         Parameters
         ----------
         limit : int or None
             Return only the newest ``limit`` windows (still oldest first); ``None`` = all.
+        labels : sequence of str or None
+            Return only the windows labelled with one of ``labels`` (a task's classes: the
+            other rows are then never read); ``None`` = every window, unlabelled ones included.
 
         Returns
         -------
@@ -427,6 +432,8 @@ class FeatureStore:
         """
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0):
             raise StoreError(f"limit must be None or an integer >= 0, got {limit!r}.")
+        if isinstance(labels, str):
+            raise StoreError(f"labels must be a sequence of labels (a task's classes), got the string {labels!r}.")
         with self._lock:
             conn = self._connection()
             layout = self._current_layout(conn)
@@ -434,36 +441,40 @@ class FeatureStore:
                 return np.empty((0, 0)), np.empty(0, dtype=str), np.empty(0)
             width = conn.execute("SELECT n_features FROM layouts WHERE hash = ?", (layout,)).fetchone()
             width = 0 if width is None else int(width[0])
-            sql = "SELECT t, label, features FROM windows WHERE layout = ? ORDER BY id DESC"
+            where = "layout = ?"
             params: tuple = (layout,)
+            if labels is not None:
+                labels = [str(label) for label in labels]
+                where += f" AND label IN ({', '.join('?' * len(labels))})"
+                params += tuple(labels)
+            sql = f"SELECT t, label, features FROM windows WHERE {where} ORDER BY id DESC"
             if limit is not None:
                 sql += " LIMIT ?"
-                params = (layout, int(limit))
             # X is filled in place, block by block (newest first, from its end), so reading
             # the whole store holds one float64 copy of it rather than the rows, their
             # joined bytes and the array at once. One read transaction: the count and the
             # rows see the same snapshot.
             conn.execute("BEGIN")
             try:
-                (n,) = conn.execute("SELECT COUNT(*) FROM windows WHERE layout = ?", (layout,)).fetchone()
+                (n,) = conn.execute(f"SELECT COUNT(*) FROM windows WHERE {where}", params).fetchone()
                 n = n if limit is None else min(n, int(limit))
                 X = np.empty((n, width), dtype=np.float64)
                 t = np.empty(n, dtype=np.float64)
-                labels: list[str] = []
+                row_labels: list[str] = []
                 end = n
-                cursor = conn.execute(sql, params)
+                cursor = conn.execute(sql, params if limit is None else (*params, int(limit)))
                 while block := cursor.fetchmany(_READ_BLOCK_ROWS):
                     start = end - len(block)
                     X[start:end] = np.frombuffer(b"".join(r[2] for r in block), dtype=_BLOB_DTYPE).reshape(
                         len(block), width
                     )[::-1]
                     t[start:end] = [r[0] for r in reversed(block)]
-                    labels.extend("" if r[1] is None else r[1] for r in block)
+                    row_labels.extend("" if r[1] is None else r[1] for r in block)
                     end = start
             finally:
                 conn.execute("COMMIT")
-        labels.reverse()
-        return X, np.array(labels, dtype=str), t
+        row_labels.reverse()
+        return X, np.array(row_labels, dtype=str), t
 
     def __len__(self) -> int:
         """Number of stored windows of this store's layout."""

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split
+from biofed.edge.split import balanced_accuracy, device_standardization, holdout_split, row_blocks
 from biofed.edge.statistics import class_statistics, personalize
 from biofed.kernels import clip_l2, dp_sgd, n_params, predict_proba, project, train
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
@@ -249,7 +249,9 @@ class LocalData:
     """The device's labelled windows of the task's classes, split for training and evaluation.
 
     ``X`` (N, d) raw rows, ``y`` (N,) class indices into ``Task.classes``, ``train`` and
-    ``held_out`` (N,) disjoint boolean masks.
+    ``held_out`` (N,) disjoint boolean masks. The tasks read the training and held-out rows
+    through the masks, block by block (:func:`~biofed.edge.split.row_blocks`), so ``X`` is the
+    only (N, d) array a task holds.
     """
 
     X: np.ndarray
@@ -260,7 +262,7 @@ class LocalData:
     def standardization(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, scale)`` of the training rows (:func:`biofed.edge.split.device_standardization`):
         what a device of a ``standardization = "device"`` fleet z-scores every row with."""
-        return device_standardization(self.X[self.train])
+        return device_standardization(self.X, self.train)
 
 
 def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Sequence[str]) -> LocalData:
@@ -269,7 +271,8 @@ def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Se
     ``X`` (N, d), ``labels`` (N,) str and ``t`` (N,) as :meth:`FeatureStore.read
     <biofed.edge.store.FeatureStore.read>` returns them. The one place where a device's stored
     rows become training and held-out sets (the demo's centralized baseline calls it on each
-    device's store too).
+    device's store too). When every row is of the classes (a store read of those classes),
+    ``LocalData.X`` is ``X`` itself, not a copy.
 
     Examples
     --------
@@ -281,7 +284,8 @@ def labelled_split(X: np.ndarray, labels: np.ndarray, t: np.ndarray, classes: Se
     """
     index = {name: i for i, name in enumerate(classes)}
     keep = np.array([label in index for label in labels], dtype=bool)
-    X, labels, t = X[keep], labels[keep], t[keep]
+    if not keep.all():
+        X, labels, t = X[keep], labels[keep], t[keep]
     y = np.array([index[label] for label in labels], dtype=np.int64)
     train_mask, held_out = holdout_split(labels, t)
     return LocalData(X, y, train_mask, held_out)
@@ -353,14 +357,18 @@ def sketch_reply(task: Task, data: LocalData, release: Release) -> SketchReply:
         No training windows of the task's classes, or a ``stats_mean`` whose width is not the
         device's.
     """
-    X = data.X[data.train]
-    if X.shape[0] == 0:
+    n = int(np.count_nonzero(data.train))
+    if n == 0:
         raise TaskRefused(
             f"no training windows of classes {task.classes}; cannot answer the {task.phase} phase of round {task.round}"
         )
-    d = X.shape[1]
+    d = data.X.shape[1]
     if task.phase == "moments":
-        statistic = np.concatenate([X.mean(axis=0), (X * X).mean(axis=0)])
+        sums = np.zeros(2 * d)
+        for X in row_blocks(data.X, data.train):
+            sums[:d] += X.sum(axis=0)
+            sums[d:] += np.einsum("ij,ij->j", X, X)
+        statistic = sums / n
     else:
         if task.stats_mean is None:  # device standardization: this device's own statistics
             mean, scale = data.standardization()
@@ -372,10 +380,12 @@ def sketch_reply(task: Task, data: LocalData, release: Release) -> SketchReply:
             )
         else:
             mean, scale = task.stats_mean, task.stats_scale
-        Z = X  # standardized in place: X is this function's own copy (boolean indexing copies)
-        Z -= mean
-        Z /= scale
-        statistic = (Z.T @ Z / Z.shape[0]).ravel()
+        scatter = np.zeros((d, d))
+        for X in row_blocks(data.X, data.train):
+            Z = X - mean
+            Z /= scale
+            scatter += Z.T @ Z
+        statistic = (scatter / n).ravel()
     norm = float(np.linalg.norm(statistic))
     released = release(task, statistic, "basis")
     sketch = Sketch(
@@ -386,19 +396,31 @@ def sketch_reply(task: Task, data: LocalData, release: Release) -> SketchReply:
         clipped=_central(task) and norm > task.clip_norm,
         n_features=d,
     )
-    return SketchReply(sketch, norm, X.shape[0])
+    return SketchReply(sketch, norm, n)
 
 
-def project_rows(X: np.ndarray, basis: Basis, data: LocalData | None) -> np.ndarray:
-    """Standardize raw rows ``X`` (n, d) and project them onto ``basis``: (n, k).
+def project_rows(X: np.ndarray, basis: Basis, data: LocalData | None, rows: np.ndarray | None = None) -> np.ndarray:
+    """Standardize raw rows ``X`` (N, d) and project them onto ``basis``: (n, k).
 
     With a ``standardization="device"`` basis (mean 0, scale 1) the rows are z-scored with the
     statistics of ``data``'s training rows (the same for training, held-out and live rows).
+    ``rows`` (N,) bool selects the rows to project (n of them; all when None), block by block
+    without copying them.
     """
     if basis.standardization == "device":
         mean, scale = data.standardization()
+    else:
+        mean, scale = basis.mean, basis.scale
+    if rows is None:
         return project(X, basis.components, mean=mean, scale=scale)
-    return project(X, basis.components, mean=basis.mean, scale=basis.scale)
+    dtype = np.float32 if X.dtype == np.float32 else np.float64  # project's output dtype
+    Z = np.empty((int(np.count_nonzero(rows)), basis.components.shape[0]), dtype=dtype)
+    start = 0
+    for block in row_blocks(X, rows):
+        if block.shape[0]:
+            Z[start : start + block.shape[0]] = project(block, basis.components, mean=mean, scale=scale)
+            start += block.shape[0]
+    return Z
 
 
 def check_model_size(task: Task, basis: Basis) -> None:
@@ -422,7 +444,7 @@ def held_out_metrics(task: Task, basis: Basis, data: LocalData) -> HeldOutMetric
 def _held_out_metrics(params: np.ndarray, n_classes: int, hidden: int, basis: Basis, data: LocalData) -> HeldOutMetrics:
     if not data.held_out.any():
         return HeldOutMetrics()
-    Z = project_rows(data.X[data.held_out], basis, data)
+    Z = project_rows(data.X, basis, data, data.held_out)
     y = data.y[data.held_out]
     proba = predict_proba(params, Z, n_classes, hidden)
     accuracy = balanced_accuracy(y, proba.argmax(axis=1))
@@ -481,7 +503,7 @@ def train_reply(
     if not data.train.any():
         raise TaskRefused(f"no training windows of classes {task.classes} for round {task.round}")
     held_out = held_out_metrics(task, basis, data)
-    Z = project_rows(data.X[data.train], basis, data)
+    Z = project_rows(data.X, basis, data, data.train)
     y = data.y[data.train]
     params, loss = local_training(task, Z, y)
     raw_delta = params - task.model
@@ -548,7 +570,7 @@ def statistics_reply(task: Task, data: LocalData, basis: Basis, release: Release
     """
     if not data.train.any():
         raise TaskRefused(f"no training windows of classes {task.classes} for the statistics of round {task.round}")
-    Z = project_rows(data.X[data.train], basis, data)
+    Z = project_rows(data.X, basis, data, data.train)
     y = data.y[data.train]
     scatter_clip = task.scatter_clip or None
     try:
@@ -613,7 +635,7 @@ def personal_model(
         )
     if not data.train.any():
         raise TaskRefused("no training windows to personalize the global model on")
-    Z = project_rows(data.X[data.train], basis, data)
+    Z = project_rows(data.X, basis, data, data.train)
     own = personalize(
         params, Z, data.y[data.train], n_classes, epochs=epochs, lr=lr, prox_mu=prox_mu, random_state=random_state
     )

@@ -100,15 +100,41 @@ def test_an_ingesting_training_agent_imports_nothing_it_does_not_use():
 def test_agent_memory_benchmark_reports_the_whole_process_rss_by_stage():
     """The benchmark's figures (not judged here: targets live in the suite) are consistent:
     the peak covers start-up and the first windows, the store sits at its cap, one training
-    round ran, and the end RSS is split by mapping."""
+    round ran, the end RSS is split by mapping, and the floor process loaded the agent's
+    kernel from the cache with nothing of biofed but the kernels."""
     cmd = [sys.executable, "-m", "biofed.benchmarks.agent_memory", "--hours", "1.05", "--store-rows", "500"]
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    assert 0 < out["rss_after_start_mb"] <= out["rss_after_first_windows_mb"] <= out["peak_rss_mb"]
+    assert 0 < out["rss_after_imports_mb"] <= out["rss_after_start_mb"] <= out["rss_after_first_windows_mb"]
+    assert out["rss_after_first_windows_mb"] <= out["peak_rss_mb"]
+    (hour,) = out["samples"]
+    assert hour["rss_before_tasks_mb"] <= hour["peak_rss_mb"] and hour["rss_mb"] <= hour["peak_rss_mb"]
+    assert hour["peak_rss_mb"] <= out["peak_rss_mb"]
     assert out["rows_in_store"] == 500 < out["windows_stored"]
     assert out["training_rounds"] == 1 and [s["hour"] for s in out["samples"]] == [1]
     by_mapping = out["rss_by_mapping_mb"]
     assert by_mapping["anonymous (heap, arenas, stacks)"] > 0
     assert 0.5 * out["samples"][0]["rss_mb"] < sum(by_mapping.values()) <= out["peak_rss_mb"] + 1
+    floor = out["floor"]
+    assert floor["cache_hits"] == 1 and floor["cache_misses"] == 0 and floor["finite"]
+    assert 0 < floor["rss_after_imports_mb"] < floor["peak_rss_mb"] == out["floor_peak_rss_mb"]
+    assert out["surplus_over_floor_mb"] == out["peak_rss_mb"] - out["floor_peak_rss_mb"]
+    assert [m for m in floor["biofed_modules"] if not m.startswith("biofed.kernels")] == [
+        "biofed",
+        "biofed.benchmarks",
+        "biofed.peak_memory",
+    ]
+
+
+def test_the_floor_refuses_to_measure_a_kernel_it_had_to_compile(tmp_path):
+    """With an empty Numba cache the floor process would measure the compiler, not a cached
+    load: it says so and how to fill the cache, and fails."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "biofed.benchmarks.numba_floor"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode == 1
+    assert "compiled, not loaded from Numba's cache" in proc.stderr and "biofed warmup" in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["cache_misses"] == 1 and report["cache_hits"] == 0
 
 
 def test_a_failing_warm_up_child_is_a_clear_error(monkeypatch):

@@ -96,6 +96,25 @@ def test_device_standardization_is_the_training_rows_z_score():
     assert not Z[:, 3].any()
 
 
+def test_device_standardization_of_masked_rows_is_that_of_the_rows_themselves():
+    """Over several blocks of rows, the statistics of ``X[rows]`` without copying them."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(5000, 3)) * [1.0, 1e3, 1e-6] + [0.0, 70.0, -11.0]
+    rows = rng.random(5000) < 0.7
+    X[~rows] = 1e9  # the rows left out must not count
+    mean, scale = device_standardization(X, rows)
+    np.testing.assert_allclose(mean, X[rows].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(scale, X[rows].std(0), rtol=1e-12)
+    X[~rows] = np.nan  # nor be checked
+    np.testing.assert_array_equal(device_standardization(X, rows)[0], mean)
+    with pytest.raises(ValueError, match="non-empty"):
+        device_standardization(X, np.zeros(5000, dtype=bool))
+    with pytest.raises(ValueError, match="rows must be a boolean mask"):
+        device_standardization(X, np.ones(4999, dtype=bool))
+    with pytest.raises(ValueError, match="rows must be a boolean mask"):
+        device_standardization(X, np.ones(5000))
+
+
 @pytest.mark.parametrize(
     "X,match",
     [

@@ -39,6 +39,16 @@ def test_roundtrip_is_exact_and_ordered(tmp_path):
         Xl, yl, tl = store.read(limit=4)
         np.testing.assert_array_equal(Xl, X[-4:])
         np.testing.assert_array_equal(tl, t[-4:])
+        # a task's classes only: the unlabelled and other rows are not read
+        kept = np.array([lab in ("rest", "other") for lab in labels])
+        Xc, yc, tc = store.read(labels=("rest", "other"))
+        np.testing.assert_array_equal(Xc, X[kept])
+        assert list(yc) == ["rest"] * int(kept.sum())
+        np.testing.assert_array_equal(tc, t[kept])
+        Xc, yc, tc = store.read(limit=2, labels=["arithmetic"])
+        np.testing.assert_array_equal(Xc, X[[16, 21]])
+        assert list(yc) == ["arithmetic"] * 2 and list(tc) == [t[16], t[21]]
+        assert store.read(labels=[])[0].shape == (0, F)
         assert store.integrity_check()
     # WAL + synchronous=FULL are what the durability promise rests on.
     conn = sqlite3.connect(tmp_path / "s.sqlite")
@@ -145,6 +155,8 @@ def test_bad_arguments_and_closed_store(tmp_path):
     store = FeatureStore(tmp_path / "s.sqlite")
     with pytest.raises(StoreError, match="limit must be None or an integer >= 0"):
         store.read(limit=-1)
+    with pytest.raises(StoreError, match="labels must be a sequence of labels"):
+        store.read(labels="rest")
     with pytest.raises(StoreError, match="source must be one str or 2 str"):
         store.append(np.ones((2, 3)), ["a", "b"], [0.0, 1.0], source=["x"])
     store.close()

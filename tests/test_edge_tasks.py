@@ -151,6 +151,26 @@ def test_covariance_uses_the_task_statistics_or_the_devices_own():
     np.testing.assert_allclose(np.diag(own.statistic.reshape(D, D)), 1.0)  # a correlation matrix
 
 
+@pytest.mark.parametrize("standardization", ["global", "device"])
+def test_statistics_over_several_blocks_of_rows_are_those_of_the_selected_rows(standardization):
+    """Sketches and projections read the training rows through the mask, block by block; over
+    thousands of rows (several blocks) they equal the statistics of a copy of those rows."""
+    data = local_data(n_per_class=2500, seed=5)
+    X = data.X[data.train]
+    assert X.shape[0] > 3000
+    moments = sketch_reply(task("moments", basis_version=0), data, gate())
+    np.testing.assert_allclose(moments.sketch.statistic, np.concatenate([X.mean(0), (X * X).mean(0)]), rtol=1e-12)
+    covariance = sketch_reply(task("covariance"), data, gate())
+    Z = (X - X.mean(0)) / X.std(0)
+    np.testing.assert_allclose(covariance.sketch.statistic, (Z.T @ Z / len(Z)).ravel(), rtol=1e-10, atol=1e-12)
+    assert moments.n_windows == covariance.n_windows == X.shape[0]
+    basis = basis_for(data, standardization)
+    for rows in (data.train, data.held_out):
+        np.testing.assert_allclose(
+            project_rows(data.X, basis, data, rows), project_rows(data.X[rows], basis, data), rtol=1e-12, atol=1e-12
+        )
+
+
 def test_covariance_with_stats_of_another_width_is_refused_as_an_error():
     with pytest.raises(TaskRefused, match=r"stats_mean of shape \(3,\), this device has 6 features") as refused:
         sketch_reply(task("covariance", stats_mean=np.zeros(3), stats_scale=np.ones(3)), local_data(), gate())
