@@ -13,6 +13,8 @@ from biofed.kernels.spectral import (
     log_band_energy_plan,
     reduce_segments,
     segment_powers,
+    shared_nperseg,
+    sliding_spectral_features,
     spectral_features,
 )
 from biofed.kernels.stats import (
@@ -64,6 +66,8 @@ __all__ = [
     "project",
     "reduce_segments",
     "segment_powers",
+    "shared_nperseg",
+    "sliding_spectral_features",
     "sliding_windows",
     "spectral_features",
     "standard_scale",

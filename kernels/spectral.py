@@ -37,8 +37,12 @@ Welch is split into :func:`segment_powers` (detrend, taper, rfft, ``|X|^2`` of s
 and :func:`reduce_segments` (sum a window's ``n_seg`` segment powers, apply the weights). When
 consecutive windows start a multiple of ``step = nperseg - nperseg // 2`` samples apart their
 segments coincide, and a stream computes each segment once
-(:class:`biofed.edge.pipeline.StreamingPipeline` keeps them in its state). The arithmetic per
-segment and the summation order are those of the batch kernel, so both paths give the same bits.
+(:class:`biofed.edge.pipeline.StreamingPipeline` keeps them in its state;
+:func:`sliding_spectral_features` does the same for all windows of a recorded signal). The
+arithmetic per segment and the summation order are those of the batch kernel, so both paths
+give the same bits. The default segment lengths are powers of two, which rarely divide a hop of
+whole seconds (500 samples at 500 Hz, 16000 at 16 kHz); :func:`shared_nperseg` picks the nearby
+length whose step divides the hop, so that consecutive windows share half their segments.
 
 Precision
 ---------
@@ -78,6 +82,8 @@ __all__ = [
     "log_band_energy_plan",
     "reduce_segments",
     "segment_powers",
+    "shared_nperseg",
+    "sliding_spectral_features",
     "spectral_features",
 ]
 
@@ -99,6 +105,7 @@ _SCALES = ("mel", "linear")
 _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
+_SHARED_BLOCK_VALUES = 1 << 19  # float64 segment powers kept at once by sliding_spectral_features (4 MiB)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -349,6 +356,53 @@ def _check_nperseg(nperseg, window: int, default: int) -> int:
     return nperseg
 
 
+def shared_nperseg(hop: int | None, window: int, default: int) -> int:
+    """Segment length close to ``default`` that lets windows ``hop`` samples apart share segments.
+
+    Welch segments start every ``step = nperseg - nperseg // 2`` samples, so two windows share
+    segments exactly when the hop between them is a multiple of the step. A stream that keeps
+    its segment powers (:func:`segment_powers`) then transforms only ``hop / step`` new segments
+    per window: with a 2 s window and a 1 s hop, half of them. The rule takes ``s``, the largest
+    divisor of ``hop`` that is at most the default step, and returns ``2 * s`` when ``s`` is at
+    least 3/4 of the default step (a resolution at most 4/3 as coarse as the default's);
+    otherwise, or when the hop is not a whole number of samples (``None``) or not shorter than
+    the window, it returns ``default``. For 500 Hz EEG and 16 kHz audio with a 1 s hop it turns
+    the default 512 into 500. The caller checks that its bands still contain a bin at
+    ``fs / nperseg`` (the plan builders refuse otherwise).
+
+    Parameters
+    ----------
+    hop : int or None
+        Samples between window starts (``None``: not an integer number of samples).
+    window : int
+        Samples per window.
+    default : int
+        The feature's default segment length (``band_power_plan(...).nperseg`` without ``nperseg``).
+
+    Returns
+    -------
+    nperseg : int
+        Between ``default * 3 / 4`` and ``default``, and at most ``window``.
+
+    Examples
+    --------
+    >>> shared_nperseg(500, 1000, 512), shared_nperseg(16000, 32000, 512), shared_nperseg(250, 500, 256)
+    (500, 500, 250)
+    >>> shared_nperseg(509, 1018, 512)  # a prime hop: no divisor near 256
+    512
+    """
+    default = check_positive_int(default, "default", minimum=2)
+    window = check_positive_int(window, "window", minimum=2)
+    if hop is None or not 0 < hop < window:
+        return default
+    step = default - default // 2
+    smallest = -(-3 * step // 4)
+    for s in range(min(step, hop, window // 2), smallest - 1, -1):
+        if hop % s == 0:
+            return 2 * s
+    return default
+
+
 class SpectralPlan(NamedTuple):
     """Everything a Welch band feature needs besides the samples, computed once per stream.
 
@@ -581,6 +635,61 @@ def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.
         (firsts.size, powers.shape[1], plan.n_bands), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64
     )
     _reduce_segments(powers, firsts, plan.n_seg, plan.weights, out)
+    return _finish(out, plan.log)
+
+
+def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
+    """Features of every window of a continuous signal, windows ``hop`` samples apart.
+
+    Window ``i`` is ``x[:, i * hop : i * hop + plan.window]``, as ``sliding_windows(x,
+    plan.window, hop)`` cuts it. When ``hop`` is a multiple of ``plan.step`` (and shorter than
+    the window) consecutive windows share segments, and each distinct segment is transformed
+    once (:func:`segment_powers`, in blocks of windows that bound the memory); otherwise the
+    windows are read in place by the Welch kernel.
+
+    Parameters
+    ----------
+    x : array-like, shape (n_channels, n_samples)
+        Finite samples; float32 stays float32.
+    hop : int
+        Samples between window starts (>= 1).
+    plan : SpectralPlan
+
+    Returns
+    -------
+    features : ndarray, shape (n_windows, n_channels, plan.n_bands)
+        ``n_windows = (n_samples - plan.window) // hop + 1`` (0 for a signal shorter than a
+        window); identical, bit for bit, to :func:`spectral_features` of the sliding windows.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad plan or hop, or non-finite or non-2-D ``x``.
+    """
+    plan = _check_plan(plan)
+    x = check_float_array(x, "x", ndim=2)
+    hop = check_positive_int(hop, "hop")
+    n_channels, n_samples = x.shape
+    n_windows = max(0, (n_samples - plan.window) // hop + 1)
+    out = np.empty((n_windows, n_channels, plan.n_bands), dtype=x.dtype)
+    if n_windows == 0:
+        return out
+    taper, step, n_seg = plan.taper_for(x.dtype), plan.step, plan.n_seg
+    if hop % step == 0 and hop < plan.window:
+        per_window = hop // step  # new segments per window
+        n_bins = plan.weights.shape[0]
+        block = max(1, _SHARED_BLOCK_VALUES // (per_window * n_channels * n_bins))
+        powers = np.empty((min(n_windows, block) * per_window + n_seg, n_channels, n_bins))
+        for w0 in range(0, n_windows, block):
+            w1 = min(n_windows, w0 + block)
+            n_segments = (w1 - w0 - 1) * per_window + n_seg
+            starts = (np.arange(n_segments, dtype=np.int64) + w0 * per_window) * step
+            _segment_powers(x, starts, taper, plan.kmin, powers[:n_segments])
+            firsts = np.arange(w1 - w0, dtype=np.int64) * per_window
+            _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
+    else:
+        starts = np.arange(n_windows, dtype=np.int64) * hop
+        _welch_weighted(x, starts, 0, n_seg, plan.nperseg, 0, taper, plan.kmin, plan.weights, out)
     return _finish(out, plan.log)
 
 
