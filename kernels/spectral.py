@@ -363,7 +363,7 @@ def shared_nperseg(hop: int | None, window: int, default: int) -> int:
     segments exactly when the hop between them is a multiple of the step. A stream that keeps
     its segment powers (:func:`segment_powers`) then transforms only ``hop / step`` new segments
     per window: with a 2 s window and a 1 s hop, half of them. The rule takes ``s``, the largest
-    divisor of ``hop`` that is at most the default step, and returns ``2 * s`` when ``s`` is at
+    divisor of ``hop`` that is at most ``default // 2``, and returns ``2 * s`` when ``s`` is at
     least 3/4 of the default step (a resolution at most 4/3 as coarse as the default's);
     otherwise, or when the hop is not a whole number of samples (``None``) or not shorter than
     the window, it returns ``default``. For 500 Hz EEG and 16 kHz audio with a 1 s hop it turns
@@ -395,9 +395,9 @@ def shared_nperseg(hop: int | None, window: int, default: int) -> int:
     window = check_positive_int(window, "window", minimum=2)
     if hop is None or not 0 < hop < window:
         return default
-    step = default - default // 2
+    step = default // 2  # the default's step (one less for an odd default: 2 * s stays <= default)
     smallest = -(-3 * step // 4)
-    for s in range(min(step, hop, window // 2), smallest - 1, -1):
+    for s in range(min(step, hop), smallest - 1, -1):
         if hop % s == 0:
             return 2 * s
     return default

@@ -26,6 +26,8 @@ from biofed.kernels import (
     log_band_energy_plan,
     reduce_segments,
     segment_powers,
+    shared_nperseg,
+    sliding_spectral_features,
     sliding_windows,
     spectral_features,
     window_statistics,
@@ -320,6 +322,80 @@ def test_plan_equals_one_call_functions_and_segments_equal_batch(rng, make_plan)
         shared = reduce_segments(segment_powers(x.astype(dtype), starts, plan), firsts, plan, dtype=dtype)
         assert shared.dtype == dtype
         np.testing.assert_array_equal(shared, spectral_features(windows.astype(dtype), plan))
+
+
+@pytest.mark.parametrize(
+    ("hop", "window", "default", "expected"),
+    [
+        (500, 1000, 512, 500),  # 500 Hz EEG, 1 s hop: step 250 divides the hop
+        (16000, 32000, 512, 500),  # 16 kHz audio, 1 s hop
+        (250, 500, 256, 250),
+        (512, 1024, 512, 512),  # the default already shares
+        (400, 800, 512, 400),  # 200 divides 400 and is >= 3/4 of 256
+        (300, 600, 512, 512),  # largest divisor <= 256 is 150 < 192: too coarse
+        (509, 1018, 512, 512),  # a prime hop: no divisor near the step
+        (380, 760, 512, 512),  # largest divisor <= 256 is 190 < 192: too coarse
+        (None, 1000, 512, 512),  # hop not a whole number of samples
+        (1000, 1000, 512, 512),  # windows do not overlap
+        (1200, 1000, 512, 512),
+        (3, 5, 5, 5),  # an odd default: steps up to 5 // 2 = 2, and 2 does not divide 3
+        (4, 6, 5, 4),  # an odd default: step 2 divides 4
+    ],
+)
+def test_shared_nperseg_picks_a_step_that_divides_the_hop(hop, window, default, expected):
+    nperseg = shared_nperseg(hop, window, default)
+    assert nperseg == expected and nperseg <= window
+    if nperseg != default:
+        assert hop % (nperseg // 2) == 0 and 4 * (nperseg // 2) >= 3 * (default // 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("make_plan", "hop"),
+    [
+        (lambda: band_power_plan(500.0, 1000, log=True, nperseg=500), 500),  # shares 1 of 3 segments
+        (lambda: log_band_energy_plan(16000.0, 32000, nperseg=500), 16000),  # shares 63 of 127
+        (lambda: band_power_plan(500.0, 1000, log=True), 500),  # 512: nothing shared
+        (lambda: band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=51), 26),  # odd nperseg, step 26
+        (lambda: band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50), 300),  # hop beyond the window
+    ],
+)
+def test_sliding_features_equal_the_windows_features_bit_for_bit(rng, make_plan, hop, dtype):
+    plan = make_plan()
+    x = (rng.standard_normal((2, plan.window + 37 * hop + 11)) + 0.3).astype(dtype)
+    windows = np.ascontiguousarray(sliding_windows(x, plan.window, hop))
+    features = sliding_spectral_features(x, hop, plan)
+    assert features.dtype == dtype and features.shape == (len(windows), 2, plan.n_bands)
+    np.testing.assert_array_equal(features, spectral_features(windows, plan))
+    assert sliding_spectral_features(x[:, : plan.window - 1], hop, plan).shape == (0, 2, plan.n_bands)
+
+
+def test_sliding_features_bound_their_memory_in_blocks(rng, monkeypatch):
+    from biofed.kernels import spectral
+
+    plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50)
+    x = rng.standard_normal((3, 200 + 40 * 100))
+    whole = sliding_spectral_features(x, 100, plan)
+    monkeypatch.setattr(spectral, "_SHARED_BLOCK_VALUES", 1)  # one window per block
+    np.testing.assert_array_equal(sliding_spectral_features(x, 100, plan), whole)
+    np.testing.assert_array_equal(whole, spectral_features(np.ascontiguousarray(sliding_windows(x, 200, 100)), plan))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 0, p), ValueError, "hop must be >= 1"),
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 1.5, p), TypeError, "hop must be an integer"),
+        (lambda p: sliding_spectral_features(np.ones(300), 50, p), ValueError, "x must be 2-D"),
+        (lambda p: sliding_spectral_features(np.full((1, 300), np.inf), 50, p), ValueError, "NaN or inf"),
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 50, "plan"), TypeError, "plan must be a SpectralPlan"),
+        (lambda p: shared_nperseg(50, 100, 1), ValueError, "default must be >= 2"),
+    ],
+)
+def test_sliding_features_bad_input(call, error, match):
+    plan = band_power_plan(100.0, 100, EEG_BANDS[:4], nperseg=64)
+    with pytest.raises(error, match=match):
+        call(plan)
 
 
 @pytest.mark.parametrize("source", ["real", "synthetic"])
