@@ -134,6 +134,11 @@ def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_
     assert X.shape[0] == n_windows
     np.testing.assert_allclose(t, np.arange(n_windows) * hop_s)
     eeg, audio, bio = (multirate.signals[m] for m in ("eeg", "audio", "bio"))
+    # the segment lengths the layout chose for this hop (shared_nperseg)
+    layout = FeatureLayout.from_recording(multirate, config)
+    nperseg = {m.modality: m.nperseg for m in layout.modalities}
+    assert nperseg == {1.0: {"eeg": 500, "audio": 250, "bio": None}, 0.5: {"eeg": 500, "audio": 250, "bio": None},
+                       0.33: {"eeg": 512, "audio": 240, "bio": None}}[hop_s]  # fmt: skip
     for j in (0, 3, n_windows - 1):
         # window j = [j*hop_s, j*hop_s + 2 s) in every modality, computed straight from the kernels
         parts = []
@@ -141,8 +146,8 @@ def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_
             start = int(round(j * hop_s * sig.sfreq))
             parts.append(sig.data[None, :, start : start + int(round(2.0 * sig.sfreq))])
         expected = np.concatenate([
-            band_powers(parts[0], eeg.sfreq, log=True).reshape(-1),
-            log_band_energies(parts[1], audio.sfreq, n_bands=32).reshape(-1),
+            band_powers(parts[0], eeg.sfreq, log=True, nperseg=nperseg["eeg"]).reshape(-1),
+            log_band_energies(parts[1], audio.sfreq, n_bands=32, nperseg=nperseg["audio"]).reshape(-1),
             np.concatenate([window_statistics(parts[2], bio.sfreq)[0], heart_rate_features(parts[2], bio.sfreq)[0]],
                            axis=1).reshape(-1),
         ])  # fmt: skip
@@ -180,23 +185,29 @@ def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
     assert stream.n_segments == 3  # only the last window's segments are kept between pushes
 
 
-def test_windows_without_shared_segments_equal_the_batch_kernel_bit_for_bit():
-    """500 Hz EEG, 1 s hop: 500 samples is no multiple of the 256-sample step, so the fused kernel
-    reads each window from the buffer; it computes the same bits as ``band_powers`` on the stack."""
+@pytest.mark.parametrize(("hop_s", "nperseg", "shared"), [(0.33, 512, False), (1.0, 500, True), (0.5, 500, True)])
+def test_windows_equal_the_batch_kernel_bit_for_bit(hop_s, nperseg, shared):
+    """500 Hz EEG: with a 1 s (or 0.5 s) hop the layout picks 500-sample segments, whose 250-sample
+    step divides the hop, and windows share segments; 165 samples (0.33 s) has no divisor near 256,
+    so segments stay 512 and the fused kernel reads each window from the buffer. Both give the
+    same bits as ``band_powers`` on the stack of windows."""
     rng = np.random.default_rng(6)
     eeg = rng.standard_normal((3, 500 * 9)) + 2.0
+    hop = int(round(hop_s * 500))
     for dtype in ("float64", "float32"):
-        config = PipelineConfig(dtype=dtype, modalities=("eeg",))
+        config = PipelineConfig(dtype=dtype, modalities=("eeg",), hop_s=hop_s)
         pipe = StreamingPipeline(
             config, FeatureLayout.from_channels({"eeg": (500.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config)
         )
-        assert not pipe._streams["eeg"].share_segments
+        stream = pipe._streams["eeg"]
+        assert stream.share_segments == shared and stream.plan.nperseg == nperseg
         rows = []
         for a in range(0, eeg.shape[1], 730):  # chunks that end inside windows
             rows += pipe.push("eeg", eeg[:, a : a + 730])
-        windows = np.lib.stride_tricks.sliding_window_view(eeg.astype(dtype), 1000, axis=1)[:, ::500].transpose(1, 0, 2)
-        expected = band_powers(np.ascontiguousarray(windows), 500.0, log=True).reshape(len(windows), -1)
-        assert len(rows) == len(windows) == 8
+        windows = np.lib.stride_tricks.sliding_window_view(eeg.astype(dtype), 1000, axis=1)[:, ::hop].transpose(1, 0, 2)
+        expected = band_powers(np.ascontiguousarray(windows), 500.0, log=True, nperseg=nperseg)
+        expected = expected.reshape(len(windows), -1)
+        assert len(rows) == len(windows) == (4500 - 1000) // hop + 1
         np.testing.assert_array_equal(_as_arrays(rows)[0], expected.astype(np.float64))
 
 
