@@ -76,6 +76,7 @@ __all__ = [
     "FLOAT32_RTOL",
     "SPECTRAL_BACKEND",
     "SpectralPlan",
+    "WelchStream",
     "band_power_plan",
     "band_powers",
     "log_band_energies",
@@ -104,6 +105,9 @@ FLOAT32_RTOL = 1e-5
 _SCALES = ("mel", "linear")
 _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
+_ZERO = np.zeros(1, dtype=np.int64)  # the first segment of a lone window, read-only
+_ZERO.flags.writeable = False
+_TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
 _SHARED_BLOCK_VALUES = 1 << 19  # float64 segment powers kept at once by sliding_spectral_features (4 MiB)
 
@@ -270,6 +274,9 @@ def _segment_powers(x, starts, taper, kmin, out):
     out : ndarray, shape (n_segments, n_channels, n_bins), float64
         ``out[g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the detrended,
         tapered segment (computed in the precision of ``x``, stored in float64).
+
+    Returns False if a sample of a segment is NaN or inf (or a float64 sum overflowed), as
+    ``_welch_weighted`` does.
     """
     n_channels = x.shape[0]
     nperseg = taper.shape[0]
@@ -280,6 +287,7 @@ def _segment_powers(x, starts, taper, kmin, out):
     shared_half = half == nperseg - half
     seg = np.empty((min(block, n_segments) * n_channels, nperseg), dtype=x.dtype)
     second = np.zeros(n_channels)  # sum of the previous segment's second half, per channel
+    check = 0.0
     for g0 in range(0, n_segments, block):
         g1 = min(n_segments, g0 + block)
         r = 0
@@ -290,6 +298,7 @@ def _segment_powers(x, starts, taper, kmin, out):
             for c in range(n_channels):
                 first = second[c] if reuse else _sum(x[c], start, half)
                 second[c] = _sum(x[c], start + half, nperseg - half)
+                check += first + second[c]
                 _detrend_taper(x[c], start, first + second[c], taper, seg[r])
                 r += 1
         parts = np.fft.rfft(seg[:r]).view(x.dtype)  # as in _welch_weighted
@@ -300,6 +309,7 @@ def _segment_powers(x, starts, taper, kmin, out):
                 dst[:] = 0.0
                 _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], dst)
                 r += 1
+    return math.isfinite(check)
 
 
 @njit(cache=True, nogil=True)
@@ -488,11 +498,11 @@ def _make_plan(weights_per_freq: np.ndarray, fs: float, window: int, nperseg: in
 
 
 def _finish(out: np.ndarray, log: str) -> np.ndarray:
-    """Apply the plan's output transform in place."""
+    """Apply the plan's output transform in place (no temporary: the same bits as ``log(out + floor)``)."""
     if log == "log10":
-        np.log10(out + np.finfo(out.dtype).tiny, out=out)
+        np.log10(np.add(out, _TINY[out.dtype.char], out=out), out=out)
     elif log == "ln":
-        np.log(out + _LOG_FLOOR, out=out)
+        np.log(np.add(out, _LOG_FLOOR, out=out), out=out)
     return out
 
 
@@ -586,7 +596,7 @@ def segment_powers(x, starts, plan: SpectralPlan) -> np.ndarray:
         On a bad plan, non-finite or non-2-D ``x``, or a start outside the stream.
     """
     plan = _check_plan(plan)
-    x = check_float_array(x, "x", ndim=2)
+    x = check_float_array(x, "x", ndim=2, check_finite=False)  # the kernel's sums find NaN/inf
     starts = np.asarray(starts)
     if starts.ndim != 1 or (starts.size and starts.dtype.kind not in "iu"):
         raise TypeError(f"starts must be a 1-D array of integers, got dtype {starts.dtype} and shape {starts.shape}.")
@@ -595,8 +605,8 @@ def segment_powers(x, starts, plan: SpectralPlan) -> np.ndarray:
     if starts.size and (starts.min() < 0 or starts.max() > last):
         raise ValueError(f"segment starts must lie in [0, {last}] for {x.shape[1]} samples and nperseg={plan.nperseg}.")
     out = np.empty((starts.size, x.shape[0], plan.weights.shape[0]), dtype=np.float64)
-    if starts.size:
-        _segment_powers(x, starts, plan.taper_for(x.dtype), plan.kmin, out)
+    if starts.size and not _segment_powers(x, starts, plan.taper_for(x.dtype), plan.kmin, out):
+        raise_if_nonfinite(x, "x")
     return out
 
 
@@ -691,6 +701,128 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
         starts = np.arange(n_windows, dtype=np.int64) * hop
         _welch_weighted(x, starts, 0, n_seg, plan.nperseg, 0, taper, plan.kmin, plan.weights, out)
     return _finish(out, plan.log)
+
+
+class WelchStream:
+    """Welch features of the windows of one stream, computed in order, each shared segment once.
+
+    A device computes the windows of a stream one hop at a time from a buffer of its latest
+    samples. Windows that start a multiple of ``plan.step`` samples apart (and overlap) share
+    segments: the stream keeps the powers of the segments that later windows reuse and
+    transforms only the new ones (the arithmetic of :func:`segment_powers` and
+    :func:`reduce_segments`, so the features have the bits of :func:`spectral_features` of the
+    same windows). Windows at other offsets are computed whole by the Welch kernel, read in
+    place from the buffer.
+
+    Parameters
+    ----------
+    plan : SpectralPlan
+    n_channels : int
+        Channels of the stream (rows of the buffer).
+    dtype : {numpy.float32, numpy.float64}
+        Precision of the samples (and of the features).
+
+    Notes
+    -----
+    The checks per call are O(1) in the samples (shapes, bounds); NaN/inf samples raise the usual
+    ValueError, found by the kernels' own sums. Not thread-safe: one per stream.
+    """
+
+    def __init__(self, plan: SpectralPlan, n_channels: int, dtype=np.float64) -> None:
+        self.plan = _check_plan(plan)
+        self.n_channels = check_positive_int(n_channels, "n_channels")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}.")
+        self._taper = plan.taper_for(self.dtype)
+        self._powers = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the kept segments (a new stream, or a jump back in time)."""
+        self._first = 0  # segment g starts at sample g * step; _powers[i] holds segment _first + i
+        self._count = 0
+
+    @property
+    def kept_segments(self) -> range:
+        """Absolute indices of the segments whose powers are kept (segment ``g`` starts at sample ``g * plan.step``)."""
+        return range(self._first, self._first + self._count)
+
+    def features(self, x: np.ndarray, offset: int, starts) -> np.ndarray:
+        """Features of the windows that start at stream samples ``starts``.
+
+        Parameters
+        ----------
+        x : ndarray, shape (n_channels, n)
+            C-contiguous buffer of the stream's dtype; ``x[:, 0]`` is stream sample ``offset``.
+        offset : int
+            Stream index of the buffer's first sample.
+        starts : sequence of int
+            Ascending stream indices of the windows' first samples; every window lies in ``x``.
+
+        Returns
+        -------
+        features : ndarray, shape (len(starts), n_channels, plan.n_bands)
+            Identical, bit for bit, to :func:`spectral_features` of the windows.
+
+        Raises
+        ------
+        TypeError, ValueError
+            On a buffer of the wrong type, dtype or shape, windows outside it or out of order,
+            or NaN/inf samples (the kept segments are then forgotten).
+        """
+        plan = self.plan
+        if type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 2 or not x.flags.c_contiguous:
+            raise TypeError(f"x must be a C-contiguous 2-D {self.dtype} ndarray (the stream's buffer).")
+        if x.shape[0] != self.n_channels:
+            raise ValueError(f"x has {x.shape[0]} channel(s) but the stream has {self.n_channels}.")
+        n_windows = len(starts)
+        out = np.empty((n_windows, self.n_channels, plan.n_bands), dtype=self.dtype)
+        if n_windows == 0:
+            return out
+        first, last, window = starts[0], starts[-1], plan.window
+        if first < offset or last + window > offset + x.shape[1]:
+            raise ValueError(
+                f"windows [{first}, {last + window}) reach outside the buffer [{offset}, {offset + x.shape[1]})."
+            )
+        step, n_seg = plan.step, plan.n_seg
+        shared = first % step == 0
+        for a, b in zip(starts, starts[1:]):
+            if b <= a:
+                raise ValueError(f"window starts must be ascending, got {a} then {b}.")
+            shared = shared and b % step == 0 and b - a < window
+        if shared:
+            finite = self._shared(x, offset, starts, out)
+        else:
+            offsets = np.array(starts, dtype=np.int64) - offset
+            finite = _welch_weighted(x, offsets, 0, n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out)
+        if not finite:
+            self.reset()
+            raise_if_nonfinite(x[:, first - offset : last + window - offset], "x")
+        return _finish(out, plan.log)
+
+    def _shared(self, x, offset, starts, out) -> bool:
+        """Windows at multiples of the step: reuse the kept segments, transform the rest, reduce."""
+        plan = self.plan
+        step = plan.step
+        lo, hi = starts[0] // step, starts[-1] // step + plan.n_seg
+        end = self._first + self._count
+        reused = min(end, hi) - lo if self._first <= lo < end else 0
+        kept = slice(lo - self._first, lo - self._first + reused)
+        if hi - lo > self._powers.shape[0]:
+            grown = np.empty((2 * (hi - lo),) + self._powers.shape[1:])
+            grown[:reused] = self._powers[kept]
+            self._powers = grown
+        elif reused and kept.start:
+            self._powers[:reused] = self._powers[kept]
+        finite = True
+        if hi > lo + reused:
+            new = np.arange(lo + reused, hi, dtype=np.int64) * step - offset
+            finite = _segment_powers(x, new, self._taper, plan.kmin, self._powers[reused : hi - lo])
+        self._first, self._count = lo, hi - lo
+        firsts = (np.array(starts, dtype=np.int64) // step - lo) if len(starts) > 1 else _ZERO
+        _reduce_segments(self._powers, firsts, plan.n_seg, plan.weights, out)
+        return finite
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:

@@ -173,7 +173,7 @@ def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
             config, FeatureLayout.from_channels({"eeg": (256.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config)
         )
         stream = pipe._streams["eeg"]
-        assert stream.share_segments and stream.plan.n_seg == 3 and stream.plan.step == 128
+        assert stream.plan.n_seg == 3 and stream.plan.step == 128
         rows = []
         for a in range(0, eeg.shape[1], 100):  # chunks smaller than a hop
             rows += pipe.push("eeg", eeg[:, a : a + 100])
@@ -182,7 +182,7 @@ def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
         assert X.shape == expected.shape == (11, 15)
         np.testing.assert_allclose(X, expected, rtol=tolerance, atol=tolerance)
     stream = pipe._streams["eeg"]
-    assert stream.n_segments == 3  # only the last window's segments are kept between pushes
+    assert stream.welch.kept_segments == range(20, 23)  # only the last window's segments are kept between pushes
 
 
 @pytest.mark.parametrize(("hop_s", "nperseg", "shared"), [(0.33, 512, False), (1.0, 500, True), (0.5, 500, True)])
@@ -200,10 +200,12 @@ def test_windows_equal_the_batch_kernel_bit_for_bit(hop_s, nperseg, shared):
             config, FeatureLayout.from_channels({"eeg": (500.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config)
         )
         stream = pipe._streams["eeg"]
-        assert stream.share_segments == shared and stream.plan.nperseg == nperseg
+        assert stream.plan.nperseg == nperseg
         rows = []
         for a in range(0, eeg.shape[1], 730):  # chunks that end inside windows
             rows += pipe.push("eeg", eeg[:, a : a + 730])
+        # shared: the last window's segments are kept (segment g starts at sample 250 g); else none
+        assert stream.welch.kept_segments == (range(14, 17) if shared else range(0))
         windows = np.lib.stride_tricks.sliding_window_view(eeg.astype(dtype), 1000, axis=1)[:, ::hop].transpose(1, 0, 2)
         expected = band_powers(np.ascontiguousarray(windows), 500.0, log=True, nperseg=nperseg)
         expected = expected.reshape(len(windows), -1)

@@ -16,6 +16,7 @@ from biofed.kernels import (
     EEG_BANDS,
     FLOAT32_RTOL,
     SpectralPlan,
+    WelchStream,
     band_power_plan,
     band_powers,
     biosensor,
@@ -379,6 +380,61 @@ def test_sliding_features_bound_their_memory_in_blocks(rng, monkeypatch):
     monkeypatch.setattr(spectral, "_SHARED_BLOCK_VALUES", 1)  # one window per block
     np.testing.assert_array_equal(sliding_spectral_features(x, 100, plan), whole)
     np.testing.assert_array_equal(whole, spectral_features(np.ascontiguousarray(sliding_windows(x, 200, 100)), plan))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("make_plan", "hop", "new_per_window"),
+    [
+        (lambda: band_power_plan(500.0, 1000, log=True, nperseg=500), 500, 2),  # 2 of 3 segments new
+        (lambda: log_band_energy_plan(16000.0, 32000, nperseg=500), 16000, 64),  # 64 of 127
+        (lambda: band_power_plan(500.0, 1000, log=True), 500, None),  # 512: starts off the step
+        (lambda: band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50), 300, None),  # no overlap
+    ],
+)
+def test_welch_stream_equals_the_windows_features_bit_for_bit(rng, make_plan, hop, new_per_window, dtype):
+    plan = make_plan()
+    x = (rng.standard_normal((2, plan.window + 9 * hop)) + 0.3).astype(dtype)
+    expected = spectral_features(np.ascontiguousarray(sliding_windows(x, plan.window, hop)), plan)
+    stream = WelchStream(plan, 2, dtype)
+    rows = []
+    for i in range(len(expected)):  # one window per call, the buffer holding just that window
+        window = np.ascontiguousarray(x[:, i * hop : i * hop + plan.window])
+        rows.append(stream.features(window, i * hop, [i * hop]))
+        if new_per_window and i:
+            assert stream.kept_segments == range(i * new_per_window, i * new_per_window + plan.n_seg)
+    np.testing.assert_array_equal(np.concatenate(rows), expected)
+    # several windows per call, from a buffer that starts mid-stream; then a jump back to the start
+    starts = [hop * i for i in range(3, 7)]
+    np.testing.assert_array_equal(stream.features(x[:, hop * 2 :].copy(), hop * 2, starts), expected[3:7])
+    np.testing.assert_array_equal(stream.features(x, 0, [0, hop]), expected[:2])
+    assert stream.features(x, 0, []).shape == (0, 2, plan.n_bands)
+
+
+def test_welch_stream_bad_input_and_non_finite_samples(rng):
+    plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=100)
+    stream = WelchStream(plan, 2, np.float64)
+    x = rng.standard_normal((2, 600))
+    for call, error, match in [
+        (lambda: stream.features(x.astype(np.float32), 0, [0]), TypeError, "C-contiguous 2-D float64"),
+        (lambda: stream.features(x[:, ::2], 0, [0]), TypeError, "C-contiguous"),
+        (lambda: stream.features(x[:1].copy(), 0, [0]), ValueError, r"1 channel\(s\) but the stream has 2"),
+        (lambda: stream.features(x, 100, [50]), ValueError, r"outside the buffer \[100, 700\)"),
+        (lambda: stream.features(x, 0, [450]), ValueError, "outside the buffer"),
+        (lambda: stream.features(x, 0, [100, 100]), ValueError, "ascending, got 100 then 100"),
+        (lambda: WelchStream(plan, 0), ValueError, "n_channels must be >= 1"),
+        (lambda: WelchStream(plan, 1, np.int64), TypeError, "float32 or float64"),
+        (lambda: WelchStream("plan", 1), TypeError, "plan must be a SpectralPlan"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    expected = stream.features(x, 0, [0, 100, 200])
+    bad = x.copy()
+    bad[1, 350] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stream.features(bad, 0, [300])
+    assert stream.kept_segments == range(0)  # forgotten: the next window recomputes its segments
+    np.testing.assert_array_equal(stream.features(x, 0, [200]), expected[2:])
 
 
 @pytest.mark.parametrize(
