@@ -105,11 +105,8 @@ FLOAT32_RTOL = 1e-5
 _SCALES = ("mel", "linear")
 _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
-_ZERO = np.zeros(1, dtype=np.int64)  # the first segment of a lone window, read-only
-_ZERO.flags.writeable = False
 _TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
-_SHARED_BLOCK_VALUES = 1 << 19  # float64 segment powers kept at once by sliding_spectral_features (4 MiB)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -258,7 +255,7 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
 
 
 @njit(cache=True, nogil=True)
-def _segment_powers(x, starts, taper, kmin, out):
+def _segment_powers(x, starts, slot0, taper, kmin, out):
     """Power spectra ``|X_{kmin + k}|^2`` of the segments of a multichannel stream, into ``out``.
 
     Parameters
@@ -267,13 +264,16 @@ def _segment_powers(x, starts, taper, kmin, out):
         float32 or float64 samples (rows may be a slice of a larger buffer).
     starts : ndarray of int64, shape (n_segments,)
         First sample of each segment in ``x``; segment ``g`` is ``x[:, starts[g] : starts[g] + nperseg]``.
+    slot0 : int
+        Row of ``out`` that receives segment 0: segment ``g`` goes to row ``(slot0 + g) % n_slots``
+        (a ring of kept segments; 0 for a plain array of ``n_segments`` rows).
     taper : ndarray, shape (nperseg,)
         Same dtype as ``x``.
     kmin : int
         First frequency bin kept.
-    out : ndarray, shape (n_segments, n_channels, n_bins), float64
-        ``out[g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the detrended,
-        tapered segment (computed in the precision of ``x``, stored in float64).
+    out : ndarray, shape (n_slots, n_channels, n_bins), float64
+        ``out[slot of g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the
+        detrended, tapered segment (computed in the precision of ``x``, stored in float64).
 
     Returns False if a sample of a segment is NaN or inf (or a float64 sum overflowed), as
     ``_welch_weighted`` does.
@@ -281,7 +281,7 @@ def _segment_powers(x, starts, taper, kmin, out):
     n_channels = x.shape[0]
     nperseg = taper.shape[0]
     n_segments = starts.shape[0]
-    n_bins = out.shape[2]
+    n_slots, _, n_bins = out.shape
     block = max(1, _BLOCK_ROWS // n_channels)
     half = nperseg // 2
     shared_half = half == nperseg - half
@@ -304,8 +304,9 @@ def _segment_powers(x, starts, taper, kmin, out):
         parts = np.fft.rfft(seg[:r]).view(x.dtype)  # as in _welch_weighted
         r = 0
         for g in range(g0, g1):
+            slot = (slot0 + g) % n_slots
             for c in range(n_channels):
-                dst = out[g, c]
+                dst = out[slot, c]
                 dst[:] = 0.0
                 _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], dst)
                 r += 1
@@ -318,15 +319,15 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
 
     Parameters
     ----------
-    powers : ndarray, shape (n_segments, n_channels, n_bins), float64
-        From ``_segment_powers``.
+    powers : ndarray, shape (n_slots, n_channels, n_bins), float64
+        From ``_segment_powers``; indices wrap around (``% n_slots``), as in a ring of kept segments.
     firsts : ndarray of int64, shape (n_windows,)
         Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
     weights : ndarray, shape (n_bins, n_bands), float64
         As in ``_welch_weighted``.
     out : ndarray, shape (n_windows, n_channels, n_bands)
     """
-    n_channels = powers.shape[1]
+    n_slots, n_channels, _ = powers.shape
     n_bins, n_bands = weights.shape
     power = np.empty(n_bins, dtype=np.float64)
     acc = np.empty(n_bands, dtype=np.float64)
@@ -334,10 +335,19 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
         for c in range(n_channels):
             power[:] = 0.0
             for s in range(n_seg):
-                segment = powers[firsts[i] + s, c]
+                segment = powers[(firsts[i] + s) % n_slots, c]
                 for k in range(n_bins):
                     power[k] += segment[k]
             _weigh(power, weights, acc, out[i, c])
+
+
+@njit(cache=True, nogil=True)
+def _welch_stream(x, starts, slot0, taper, kmin, ring, firsts, n_seg, weights, out):
+    """``_segment_powers`` of the new segments into the ring, then ``_reduce_segments`` of the
+    windows: one call per step of a :class:`WelchStream`. Returns the finiteness flag."""
+    finite = _segment_powers(x, starts, slot0, taper, kmin, ring) if starts.shape[0] else True
+    _reduce_segments(ring, firsts, n_seg, weights, out)
+    return finite
 
 
 def _next_pow2(value: float) -> int:
@@ -605,7 +615,7 @@ def segment_powers(x, starts, plan: SpectralPlan) -> np.ndarray:
     if starts.size and (starts.min() < 0 or starts.max() > last):
         raise ValueError(f"segment starts must lie in [0, {last}] for {x.shape[1]} samples and nperseg={plan.nperseg}.")
     out = np.empty((starts.size, x.shape[0], plan.weights.shape[0]), dtype=np.float64)
-    if starts.size and not _segment_powers(x, starts, plan.taper_for(x.dtype), plan.kmin, out):
+    if starts.size and not _segment_powers(x, starts, 0, plan.taper_for(x.dtype), plan.kmin, out):
         raise_if_nonfinite(x, "x")
     return out
 
@@ -654,8 +664,10 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
     Window ``i`` is ``x[:, i * hop : i * hop + plan.window]``, as ``sliding_windows(x,
     plan.window, hop)`` cuts it. When ``hop`` is a multiple of ``plan.step`` (and shorter than
     the window) consecutive windows share segments, and each distinct segment is transformed
-    once (:func:`segment_powers`, in blocks of windows that bound the memory); otherwise the
-    windows are read in place by the Welch kernel.
+    once: a :class:`WelchStream` runs over the windows in blocks of about ``_BLOCK_ROWS`` new
+    segments, so that the kept segment powers stay in cache (powers of the whole signal at once
+    ran about twice as slow on 30 s of 16 kHz audio). Otherwise the windows are read in place
+    by the Welch kernel.
 
     Parameters
     ----------
@@ -684,22 +696,16 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
     out = np.empty((n_windows, n_channels, plan.n_bands), dtype=x.dtype)
     if n_windows == 0:
         return out
-    taper, step, n_seg = plan.taper_for(x.dtype), plan.step, plan.n_seg
-    if hop % step == 0 and hop < plan.window:
-        per_window = hop // step  # new segments per window
-        n_bins = plan.weights.shape[0]
-        block = max(1, _SHARED_BLOCK_VALUES // (per_window * n_channels * n_bins))
-        powers = np.empty((min(n_windows, block) * per_window + n_seg, n_channels, n_bins))
+    if hop % plan.step == 0 and hop < plan.window:
+        stream = WelchStream(plan, n_channels, x.dtype)
+        block = max(1, _BLOCK_ROWS // (hop // plan.step * n_channels))  # windows per call
         for w0 in range(0, n_windows, block):
             w1 = min(n_windows, w0 + block)
-            n_segments = (w1 - w0 - 1) * per_window + n_seg
-            starts = (np.arange(n_segments, dtype=np.int64) + w0 * per_window) * step
-            _segment_powers(x, starts, taper, plan.kmin, powers[:n_segments])
-            firsts = np.arange(w1 - w0, dtype=np.int64) * per_window
-            _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
-    else:
-        starts = np.arange(n_windows, dtype=np.int64) * hop
-        _welch_weighted(x, starts, 0, n_seg, plan.nperseg, 0, taper, plan.kmin, plan.weights, out)
+            out[w0:w1] = stream.features(x, 0, range(w0 * hop, w1 * hop, hop))
+        return out
+    starts = np.arange(n_windows, dtype=np.int64) * hop
+    taper = plan.taper_for(x.dtype)
+    _welch_weighted(x, starts, 0, plan.n_seg, plan.nperseg, 0, taper, plan.kmin, plan.weights, out)
     return _finish(out, plan.log)
 
 
@@ -735,12 +741,13 @@ class WelchStream:
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}.")
         self._taper = plan.taper_for(self.dtype)
-        self._powers = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
+        # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
+        self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
         self.reset()
 
     def reset(self) -> None:
         """Forget the kept segments (a new stream, or a jump back in time)."""
-        self._first = 0  # segment g starts at sample g * step; _powers[i] holds segment _first + i
+        self._first = 0  # the ring holds segments _first .. _first + _count - 1 (g starts at sample g * step)
         self._count = 0
 
     @property
@@ -780,12 +787,11 @@ class WelchStream:
         out = np.empty((n_windows, self.n_channels, plan.n_bands), dtype=self.dtype)
         if n_windows == 0:
             return out
-        first, last, window = starts[0], starts[-1], plan.window
+        first, last, window, step = starts[0], starts[-1], plan.window, plan.step
         if first < offset or last + window > offset + x.shape[1]:
             raise ValueError(
                 f"windows [{first}, {last + window}) reach outside the buffer [{offset}, {offset + x.shape[1]})."
             )
-        step, n_seg = plan.step, plan.n_seg
         shared = first % step == 0
         for a, b in zip(starts, starts[1:]):
             if b <= a:
@@ -795,34 +801,33 @@ class WelchStream:
             finite = self._shared(x, offset, starts, out)
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
-            finite = _welch_weighted(x, offsets, 0, n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out)
+            finite = _welch_weighted(
+                x, offsets, 0, plan.n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out
+            )
         if not finite:
             self.reset()
             raise_if_nonfinite(x[:, first - offset : last + window - offset], "x")
         return _finish(out, plan.log)
 
     def _shared(self, x, offset, starts, out) -> bool:
-        """Windows at multiples of the step: reuse the kept segments, transform the rest, reduce."""
+        """Windows at multiples of the step: transform the segments not kept, reduce from the ring."""
         plan = self.plan
         step = plan.step
         lo, hi = starts[0] // step, starts[-1] // step + plan.n_seg
         end = self._first + self._count
-        reused = min(end, hi) - lo if self._first <= lo < end else 0
-        kept = slice(lo - self._first, lo - self._first + reused)
-        if hi - lo > self._powers.shape[0]:
-            grown = np.empty((2 * (hi - lo),) + self._powers.shape[1:])
-            grown[:reused] = self._powers[kept]
-            self._powers = grown
-        elif reused and kept.start:
-            self._powers[:reused] = self._powers[kept]
-        finite = True
-        if hi > lo + reused:
-            new = np.arange(lo + reused, hi, dtype=np.int64) * step - offset
-            finite = _segment_powers(x, new, self._taper, plan.kmin, self._powers[reused : hi - lo])
+        new = end if self._first <= lo < end else lo  # first segment to transform
+        if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
+            grown = np.empty((hi - lo,) + self._ring.shape[1:])
+            for g in range(lo, min(new, hi)):
+                grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
+            self._ring = grown
+        n_slots = self._ring.shape[0]
+        seg_starts = np.arange(new * step - offset, hi * step - offset, step, dtype=np.int64)
+        firsts = np.array(starts, dtype=np.int64) // step
         self._first, self._count = lo, hi - lo
-        firsts = (np.array(starts, dtype=np.int64) // step - lo) if len(starts) > 1 else _ZERO
-        _reduce_segments(self._powers, firsts, plan.n_seg, plan.weights, out)
-        return finite
+        return _welch_stream(
+            x, seg_starts, new % n_slots, self._taper, plan.kmin, self._ring, firsts, plan.n_seg, plan.weights, out
+        )
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:

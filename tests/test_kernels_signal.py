@@ -377,7 +377,7 @@ def test_sliding_features_bound_their_memory_in_blocks(rng, monkeypatch):
     plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50)
     x = rng.standard_normal((3, 200 + 40 * 100))
     whole = sliding_spectral_features(x, 100, plan)
-    monkeypatch.setattr(spectral, "_SHARED_BLOCK_VALUES", 1)  # one window per block
+    monkeypatch.setattr(spectral, "_BLOCK_ROWS", 1)  # one window per WelchStream call
     np.testing.assert_array_equal(sliding_spectral_features(x, 100, plan), whole)
     np.testing.assert_array_equal(whole, spectral_features(np.ascontiguousarray(sliding_windows(x, 200, 100)), plan))
 
