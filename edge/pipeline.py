@@ -24,11 +24,13 @@ Plans and shared segments
     The spectral plan of each EEG / audio stream (taper, bins, band weights; see
     :class:`biofed.kernels.SpectralPlan`) and the projection (:class:`biofed.kernels.TransformPlan`)
     are built and validated once, when the pipeline is configured or its basis set; every
-    window then only computes. When the hop is a multiple of the Welch segment step
-    (``nperseg // 2``), consecutive windows share segments: the stream keeps the power spectra
-    of the segments the next window reuses and transforms only the new ones, with the same
-    bits as the batch kernel. Spectral features are computed in ``PipelineConfig.dtype``
-    (float32 by default, within ``FLOAT32_RTOL`` of float64).
+    window then only computes. The layout picks each spectral modality's Welch segment length
+    so that its step divides the hop (:func:`biofed.kernels.shared_nperseg`: 500 samples for
+    500 Hz EEG and 16 kHz audio with a 1 s hop); consecutive windows then share segments, and
+    the stream (:class:`biofed.kernels.WelchStream`) keeps the power spectra of the segments
+    the next window reuses and transforms only the new ones, with the same bits as the batch
+    kernel. Spectral features are computed in ``PipelineConfig.dtype`` (float32 by default,
+    within ``FLOAT32_RTOL`` of float64).
 
 Memory
     Each modality keeps one buffer of ``round(window_s*fs) + round(max_chunk_s*fs)`` samples per

@@ -17,7 +17,17 @@ from biofed.edge.pipeline import (
     extract_features,
     label_pieces,
 )
-from biofed.kernels import FLOAT32_RTOL, band_powers, heart_rate_features, log_band_energies, project, window_statistics
+from biofed.kernels import (
+    FLOAT32_RTOL,
+    band_powers,
+    heart_rate_features,
+    log_band_energies,
+    project,
+    sliding_spectral_features,
+    sliding_windows,
+    spectral_features,
+    window_statistics,
+)
 from biofed.model import FeatureLayout, fit_basis
 
 CONFIG = PipelineConfig()
@@ -277,6 +287,26 @@ def test_window_label_is_the_reference_label_at_its_last_sample():
     rows += pipe.push("eeg", rng.standard_normal((1, 1)), label=None)  # 5.5 s unlabelled
     rows += pipe.push("bio", rng.standard_normal((1, 551)), label="ignored")  # bio labels do not count
     assert [(r.t, r.label) for r in rows] == [(0.0, "rest"), (1.0, "rest"), (2.0, "arithmetic"), (3.0, "arithmetic")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_extract_features_share_segments_with_the_bits_of_the_windows_kernel(multirate, dtype):
+    """A whole recording at once: each segment is transformed once (its windows share them), and
+    every spectral feature has the bits of ``spectral_features`` on the sliding windows."""
+    config = PipelineConfig(dtype=dtype)
+    layout = FeatureLayout.from_recording(multirate, config)
+    X, _, _ = extract_features(multirate, config)
+    column = 0
+    for part in layout.modalities[:2]:  # eeg, audio
+        plan = layout.spectral_plan(part)
+        hop = layout.hop_samples(part)
+        assert hop % plan.step == 0 and plan.nperseg == {"eeg": 500, "audio": 250}[part.modality]
+        x = multirate.signals[part.modality].data.astype(dtype)
+        expected = spectral_features(np.ascontiguousarray(sliding_windows(x, plan.window, hop)), plan)
+        np.testing.assert_array_equal(sliding_spectral_features(x, hop, plan), expected)
+        expected = expected.reshape(len(expected), -1).astype(np.float64)
+        np.testing.assert_array_equal(X[:, column : column + part.n_features], expected)
+        column += part.n_features
 
 
 def test_extract_features_labels_follow_annotations():
