@@ -107,6 +107,7 @@ _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
 _TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
+_SHARED_BLOCK_VALUES = 1 << 19  # float64 segment powers held at once by sliding_spectral_features (4 MiB)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -664,10 +665,10 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
     Window ``i`` is ``x[:, i * hop : i * hop + plan.window]``, as ``sliding_windows(x,
     plan.window, hop)`` cuts it. When ``hop`` is a multiple of ``plan.step`` (and shorter than
     the window) consecutive windows share segments, and each distinct segment is transformed
-    once: a :class:`WelchStream` runs over the windows in blocks of about ``_BLOCK_ROWS`` new
-    segments, so that the kept segment powers stay in cache (powers of the whole signal at once
-    ran about twice as slow on 30 s of 16 kHz audio). Otherwise the windows are read in place
-    by the Welch kernel.
+    once (:func:`segment_powers` of blocks of windows, at most ``_SHARED_BLOCK_VALUES`` powers
+    at a time: consecutive blocks transform the ``n_seg - hop / step`` segments they share
+    twice, one block in most recordings); otherwise the windows are read in place by the Welch
+    kernel.
 
     Parameters
     ----------
@@ -689,23 +690,37 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
         On a bad plan or hop, or non-finite or non-2-D ``x``.
     """
     plan = _check_plan(plan)
-    x = check_float_array(x, "x", ndim=2)
+    x = check_float_array(x, "x", ndim=2, check_finite=False)  # the kernels' sums find NaN/inf
     hop = check_positive_int(hop, "hop")
     n_channels, n_samples = x.shape
     n_windows = max(0, (n_samples - plan.window) // hop + 1)
     out = np.empty((n_windows, n_channels, plan.n_bands), dtype=x.dtype)
     if n_windows == 0:
         return out
-    if hop % plan.step == 0 and hop < plan.window:
-        stream = WelchStream(plan, n_channels, x.dtype)
-        block = max(1, _BLOCK_ROWS // (hop // plan.step * n_channels))  # windows per call
+    taper, step, n_seg = plan.taper_for(x.dtype), plan.step, plan.n_seg
+    tail = plan.window - (n_seg - 1) * step - plan.nperseg  # samples after a window's last segment
+    if hop % step == 0 and hop < plan.window:
+        per_window = hop // step  # new segments per window
+        n_bins = plan.weights.shape[0]
+        block = max(1, _SHARED_BLOCK_VALUES // (per_window * n_channels * n_bins))  # windows per block
+        powers = np.empty((min(n_windows, block) * per_window + n_seg, n_channels, n_bins))
+        finite = True
         for w0 in range(0, n_windows, block):
             w1 = min(n_windows, w0 + block)
-            out[w0:w1] = stream.features(x, 0, range(w0 * hop, w1 * hop, hop))
-        return out
-    starts = np.arange(n_windows, dtype=np.int64) * hop
-    taper = plan.taper_for(x.dtype)
-    _welch_weighted(x, starts, 0, plan.n_seg, plan.nperseg, 0, taper, plan.kmin, plan.weights, out)
+            n_segments = (w1 - w0 - 1) * per_window + n_seg
+            starts = (np.arange(n_segments, dtype=np.int64) + w0 * per_window) * step
+            finite &= _segment_powers(x, starts, 0, taper, plan.kmin, powers[:n_segments])
+            firsts = np.arange(w1 - w0, dtype=np.int64) * per_window
+            _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
+        # a window's samples after its last segment (fewer than a step) are in the next window's
+        # segments, except for the last window's
+        end = (n_windows - 1) * hop + plan.window
+        finite = finite and math.isfinite(np.add.reduce(x[:, end - tail : end], axis=None)) if tail else finite
+    else:
+        starts = np.arange(n_windows, dtype=np.int64) * hop
+        finite = _welch_weighted(x, starts, 0, n_seg, plan.nperseg, tail, taper, plan.kmin, plan.weights, out)
+    if not finite:
+        raise_if_nonfinite(x[:, : (n_windows - 1) * hop + plan.window], "x")
     return _finish(out, plan.log)
 
 

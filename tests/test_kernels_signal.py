@@ -371,13 +371,26 @@ def test_sliding_features_equal_the_windows_features_bit_for_bit(rng, make_plan,
     assert sliding_spectral_features(x[:, : plan.window - 1], hop, plan).shape == (0, 2, plan.n_bands)
 
 
+@pytest.mark.parametrize("nperseg", [100, 64])  # shared segments; 64: a 4-sample tail, unshared at hop 50
+@pytest.mark.parametrize("where", [0, 120, 249, 299])
+def test_sliding_features_find_non_finite_samples_in_every_window(where, nperseg):
+    plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=nperseg)
+    x = np.ones((2, 300))
+    x[1, where] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sliding_spectral_features(x, 50, plan)
+    x = np.ones((2, 330))
+    x[0, 329] = np.nan  # after the last window (300 + 29 samples: no window covers it)
+    assert sliding_spectral_features(x, 50, plan).shape == (3, 2, 3)
+
+
 def test_sliding_features_bound_their_memory_in_blocks(rng, monkeypatch):
     from biofed.kernels import spectral
 
     plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50)
     x = rng.standard_normal((3, 200 + 40 * 100))
     whole = sliding_spectral_features(x, 100, plan)
-    monkeypatch.setattr(spectral, "_BLOCK_ROWS", 1)  # one window per WelchStream call
+    monkeypatch.setattr(spectral, "_SHARED_BLOCK_VALUES", 1)  # one window per block
     np.testing.assert_array_equal(sliding_spectral_features(x, 100, plan), whole)
     np.testing.assert_array_equal(whole, spectral_features(np.ascontiguousarray(sliding_windows(x, 200, 100)), plan))
 
