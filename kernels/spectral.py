@@ -756,6 +756,8 @@ class WelchStream:
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}.")
         self._taper = plan.taper_for(self.dtype)
+        # the plan's derived values, read on every call
+        self._step, self._n_seg, self._window, self._n_bands = plan.step, plan.n_seg, plan.window, plan.n_bands
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
         self.reset()
@@ -799,25 +801,26 @@ class WelchStream:
         if x.shape[0] != self.n_channels:
             raise ValueError(f"x has {x.shape[0]} channel(s) but the stream has {self.n_channels}.")
         n_windows = len(starts)
-        out = np.empty((n_windows, self.n_channels, plan.n_bands), dtype=self.dtype)
+        out = np.empty((n_windows, self.n_channels, self._n_bands), dtype=self.dtype)
         if n_windows == 0:
             return out
-        first, last, window, step = starts[0], starts[-1], plan.window, plan.step
+        first, last, window, step = starts[0], starts[-1], self._window, self._step
         if first < offset or last + window > offset + x.shape[1]:
             raise ValueError(
                 f"windows [{first}, {last + window}) reach outside the buffer [{offset}, {offset + x.shape[1]})."
             )
         shared = first % step == 0
-        for a, b in zip(starts, starts[1:]):
-            if b <= a:
-                raise ValueError(f"window starts must be ascending, got {a} then {b}.")
-            shared = shared and b % step == 0 and b - a < window
+        if n_windows > 1:
+            for a, b in zip(starts, starts[1:]):
+                if b <= a:
+                    raise ValueError(f"window starts must be ascending, got {a} then {b}.")
+                shared = shared and b % step == 0 and b - a < window
         if shared:
             finite = self._shared(x, offset, starts, out)
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(
-                x, offsets, 0, plan.n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out
+                x, offsets, 0, self._n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out
             )
         if not finite:
             self.reset()
@@ -827,8 +830,8 @@ class WelchStream:
     def _shared(self, x, offset, starts, out) -> bool:
         """Windows at multiples of the step: transform the segments not kept, reduce from the ring."""
         plan = self.plan
-        step = plan.step
-        lo, hi = starts[0] // step, starts[-1] // step + plan.n_seg
+        step, n_seg = self._step, self._n_seg
+        lo, hi = starts[0] // step, starts[-1] // step + n_seg
         end = self._first + self._count
         new = end if self._first <= lo < end else lo  # first segment to transform
         if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
@@ -841,7 +844,7 @@ class WelchStream:
         firsts = np.array(starts, dtype=np.int64) // step
         self._first, self._count = lo, hi - lo
         return _welch_stream(
-            x, seg_starts, new % n_slots, self._taper, plan.kmin, self._ring, firsts, plan.n_seg, plan.weights, out
+            x, seg_starts, new % n_slots, self._taper, plan.kmin, self._ring, firsts, n_seg, plan.weights, out
         )
 
 
