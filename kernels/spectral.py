@@ -36,13 +36,14 @@ Shared segments
 Welch is split into :func:`segment_powers` (detrend, taper, rfft, ``|X|^2`` of single segments)
 and :func:`reduce_segments` (sum a window's ``n_seg`` segment powers, apply the weights). When
 consecutive windows start a multiple of ``step = nperseg - nperseg // 2`` samples apart their
-segments coincide, and a stream computes each segment once
-(:class:`biofed.edge.pipeline.StreamingPipeline` keeps them in its state;
-:func:`sliding_spectral_features` does the same for all windows of a recorded signal). The
-arithmetic per segment and the summation order are those of the batch kernel, so both paths
-give the same bits. The default segment lengths are powers of two, which rarely divide a hop of
-whole seconds (500 samples at 500 Hz, 16000 at 16 kHz); :func:`shared_nperseg` picks the nearby
-length whose step divides the hop, so that consecutive windows share half their segments.
+segments coincide, and a stream computes each segment once: :class:`WelchStream` keeps the
+powers of the segments later windows reuse (the state of
+:class:`biofed.edge.pipeline.StreamingPipeline`), and :func:`sliding_spectral_features` does
+the same for all windows of a recorded signal. The arithmetic per segment and the summation
+order are those of the batch kernel, so every path gives the same bits. The default segment
+lengths are powers of two, which rarely divide a hop of whole seconds (500 samples at 500 Hz,
+16000 at 16 kHz); :func:`shared_nperseg` picks the nearby length whose step divides the hop,
+so that consecutive windows share their segments but those of the last hop.
 
 Precision
 ---------
