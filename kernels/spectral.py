@@ -43,7 +43,7 @@ the same for all windows of a recorded signal. The arithmetic per segment and th
 order are those of the batch kernel, so every path gives the same bits. The default segment
 lengths are powers of two, which rarely divide a hop of whole seconds (500 samples at 500 Hz,
 16000 at 16 kHz); :func:`shared_nperseg` picks the nearby length whose step divides the hop,
-so that consecutive windows share their segments but those of the last hop.
+so that consecutive windows share all their segments but those of the last hop.
 
 Precision
 ---------
