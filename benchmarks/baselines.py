@@ -238,22 +238,24 @@ def loss_and_grad_numpy(params, X, y, n_classes: int, hidden: int = 0, *, l2: fl
 
 
 # --- the fusion chain -----------------------------------------------------------------------
-def chain(w: dict, mean, scale, basis, *, eeg: str = "mne"):
+def chain(w: dict, mean, scale, basis, *, eeg: str = "mne", nperseg: dict | None = None):
     """The fusion chain without biofed: same windows, features, order and projection basis.
 
     EEG log10 band powers by MNE ``psd_array_welch`` (``eeg="mne"``) or ``scipy.signal.welch``
     (``eeg="scipy"``); audio log-mel energies by SciPy Welch frames + a mel filterbank;
     biosensor statistics in NumPy; heart rate by ``scipy.signal.find_peaks``; then
-    ``((features - mean) / scale) @ basis.T``.
+    ``((features - mean) / scale) @ basis.T``. ``nperseg`` maps "eeg" and "audio" to their Welch
+    segment lengths (512 each when None), every window computed on its own.
     """
+    nperseg = {"eeg": 512, "audio": 512} if nperseg is None else nperseg
     eeg_w, audio_w, bio_w = w["eeg"], w["audio"], w["bio"]
     n = eeg_w.shape[0]
     tiny = np.finfo(np.float64).tiny
     powers = band_powers_mne if eeg == "mne" else band_powers_scipy
     features = np.concatenate(
         [
-            powers(eeg_w, profile.EEG_FS, EEG_BANDS_HZ, nperseg=512, log=True, tiny=tiny).reshape(n, -1),
-            log_mel_scipy(audio_w, profile.AUDIO_FS, n_bands=profile.N_MELS).reshape(n, -1),
+            powers(eeg_w, profile.EEG_FS, EEG_BANDS_HZ, nperseg=nperseg["eeg"], log=True, tiny=tiny).reshape(n, -1),
+            log_mel_scipy(audio_w, profile.AUDIO_FS, n_bands=profile.N_MELS, nperseg=nperseg["audio"]).reshape(n, -1),
             window_statistics_numpy(bio_w, profile.BIO_FS).reshape(n, -1),
             heart_rate_scipy(bio_w[:, : profile.HEART_CHANNELS], profile.BIO_FS).reshape(n, -1),
         ],

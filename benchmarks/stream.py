@@ -4,8 +4,10 @@ Profile: 19-channel EEG at 500 Hz, one audio channel at 16 kHz and 4 biosensors 
 (ECG, PPG, EDA, respiration), 2 s windows with a 1 s hop. Chain per window: EEG log band
 powers, audio log-mel energies, biosensor window statistics and ECG/PPG heart-rate
 features -> one feature row -> fused standardize-and-project transform onto a k=32 basis.
-The chain is configured once (:class:`Chain`: spectral plans, transform plan, precision) and
-then applied to every window, as a device does.
+The chain is configured once (:class:`Chain`: the spectral plans of the device's feature layout,
+transform plan, precision) and then applied either to all windows of a recorded stream at once
+(each shared Welch segment transformed once) or window by window as a device does
+(:class:`ChainStream`: one call per 1 s hop, reusing the previous window's segments).
 
 Imported by :mod:`biofed.benchmarks.suite` for the in-process comparison, and run as a script
 (``python -m biofed.benchmarks.stream rtf|warm``) by the real-time-factor and warm-start measurements, which
@@ -26,15 +28,15 @@ import rocket_fft  # noqa: F401  -- np.fft inside @njit, the FFT the spectral ke
 from numba import njit
 
 from biofed.kernels import (
+    SpectralPlan,
+    WelchStream,
     apply_transform,
-    band_power_plan,
     heart_rate_features,
-    log_band_energy_plan,
     moments_init,
     moments_scale,
     moments_update,
+    sliding_spectral_features,
     sliding_windows,
-    spectral_features,
     transform_plan,
     truncated_svd,
     window_statistics,
@@ -77,14 +79,42 @@ def make_stream(seconds: float, random_state=0) -> dict[str, np.ndarray]:
     return {"eeg": eeg, "audio": audio, "bio": np.stack([ecg, ppg, eda, resp])}
 
 
+FS = {"eeg": EEG_FS, "audio": AUDIO_FS, "bio": BIO_FS}
+WINDOW = {m: int(WINDOW_S * fs) for m, fs in FS.items()}
+HOP = {m: int(HOP_S * fs) for m, fs in FS.items()}
+
+
 def windows_of(stream: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Window every modality with biofed's zero-copy ``sliding_windows`` (2 s window, 1 s hop)."""
-    fs = {"eeg": EEG_FS, "audio": AUDIO_FS, "bio": BIO_FS}
-    return {m: sliding_windows(x, int(WINDOW_S * fs[m]), int(HOP_S * fs[m])) for m, x in stream.items()}
+    return {m: sliding_windows(x, WINDOW[m], HOP[m]) for m, x in stream.items()}
+
+
+def profile_layout(config=None):
+    """The device's :class:`biofed.model.FeatureLayout` of the profile (``PipelineConfig()`` settings)."""
+    from biofed.edge.pipeline import PipelineConfig
+    from biofed.model import FeatureLayout
+
+    eeg = tuple(f"E{i:02d}" for i in range(EEG_CHANNELS))
+    bio = (("ECG", "ecg"), ("PPG", "ppg"), ("EDA", "eda"), ("RESP", "resp"))
+    return FeatureLayout.from_channels({
+        "eeg": (EEG_FS, eeg, ("eeg",) * EEG_CHANNELS), "audio": (AUDIO_FS, ("PCG",), ("audio",)),
+        "bio": (BIO_FS, tuple(n for n, _ in bio), tuple(t for _, t in bio)),
+    }, PipelineConfig() if config is None else config)  # fmt: skip
+
+
+def new_segments(plan: SpectralPlan, hop: int) -> int:
+    """Segments a window transforms when the previous window's are kept: ``hop / step`` when
+    consecutive windows share segments, else all ``n_seg``."""
+    return min(plan.n_seg, hop // plan.step) if hop % plan.step == 0 else plan.n_seg
 
 
 class Chain:
     """The fusion chain configured once: spectral plans, precision and (optionally) the projection.
+
+    The spectral plans are those of the device's feature layout (:func:`profile_layout`), whose
+    Welch segment length lets consecutive windows share segments. Called on a recorded stream
+    (``{modality: (n_channels, n_samples)}``) it computes the rows of all its windows, each
+    distinct segment once (:func:`biofed.kernels.sliding_spectral_features`).
 
     Parameters
     ----------
@@ -97,34 +127,105 @@ class Chain:
 
     def __init__(self, dtype: str = "float32", mean=None, scale=None, basis=None) -> None:
         self.dtype = np.dtype(dtype)
-        self.eeg_plan = band_power_plan(EEG_FS, int(WINDOW_S * EEG_FS), log=True)
-        self.audio_plan = log_band_energy_plan(AUDIO_FS, int(WINDOW_S * AUDIO_FS), n_bands=N_MELS)
+        layout = profile_layout()
+        self.plans: dict[str, SpectralPlan] = {m: layout.spectral_plan(layout.modality(m)) for m in ("eeg", "audio")}
         self.projection = None if basis is None else transform_plan(np.asarray(basis).T, mean=mean, scale=scale)
-        #: The feature stages in feature-row order: name -> f(windows dict) -> (n, ch, f).
+        #: The feature stages in feature-row order: name -> f(stream dict) -> (n_windows, ch, f).
         self.stages = {
-            "eeg band powers": lambda w: spectral_features(
-                np.ascontiguousarray(w["eeg"], dtype=self.dtype), self.eeg_plan
+            "eeg band powers": lambda x: self._spectral("eeg", x),
+            "audio log-mel": lambda x: self._spectral("audio", x),
+            "bio window statistics": lambda x: window_statistics(windows_of({"bio": x["bio"]})["bio"], BIO_FS),
+            "ecg/ppg heart rate": lambda x: heart_rate_features(
+                windows_of({"bio": x["bio"][:HEART_CHANNELS]})["bio"], BIO_FS
             ),
-            "audio log-mel": lambda w: spectral_features(
-                np.ascontiguousarray(w["audio"], dtype=self.dtype), self.audio_plan
-            ),
-            "bio window statistics": lambda w: window_statistics(w["bio"], BIO_FS),
-            "ecg/ppg heart rate": lambda w: heart_rate_features(w["bio"][:, :HEART_CHANNELS], BIO_FS),
         }
 
-    def features(self, w: dict[str, np.ndarray]) -> np.ndarray:
-        """One float64 feature row per window, (n_windows, n_features); ``w`` maps modality -> windows."""
-        n = w["eeg"].shape[0]
-        return np.concatenate([stage(w).reshape(n, -1) for stage in self.stages.values()], axis=1, dtype=np.float64)
+    def _spectral(self, modality: str, x: dict[str, np.ndarray]) -> np.ndarray:
+        return sliding_spectral_features(x[modality].astype(self.dtype), HOP[modality], self.plans[modality])
 
-    def __call__(self, w: dict[str, np.ndarray]) -> np.ndarray:
+    def features(self, x: dict[str, np.ndarray]) -> np.ndarray:
+        """One float64 feature row per window of the stream ``x``, (n_windows, n_features)."""
+        parts = [stage(x) for stage in self.stages.values()]
+        return np.concatenate([p.reshape(p.shape[0], -1) for p in parts], axis=1, dtype=np.float64)
+
+    def __call__(self, x: dict[str, np.ndarray]) -> np.ndarray:
         """features -> fused standardize-and-project transform: (n_windows, k)."""
-        return apply_transform(self.features(w), self.projection)
+        return apply_transform(self.features(x), self.projection)
 
-    def ffts_per_window(self) -> dict[str, int]:
-        """rffts of ``nperseg`` points per window for each spectral stage (no segment is shared
-        between windows of this profile: its hop is not a multiple of the segment step)."""
-        return {"eeg band powers": EEG_CHANNELS * self.eeg_plan.n_seg, "audio log-mel": self.audio_plan.n_seg}
+    def rffts_per_window(self) -> dict[str, dict]:
+        """Per spectral stage: the rffts one window needs when the previous window's segments are
+        kept (``rffts``), and their length (``nperseg``)."""
+        channels = {"eeg": EEG_CHANNELS, "audio": 1}
+        return {
+            f"{m} {'band powers' if m == 'eeg' else 'log-mel'}": {
+                "rffts": channels[m] * new_segments(plan, HOP[m]),
+                "nperseg": plan.nperseg,
+            }
+            for m, plan in self.plans.items()
+        }
+
+    def streaming(self) -> ChainStream:
+        """A fresh window-by-window chain (:class:`ChainStream`) with this configuration."""
+        return ChainStream(self)
+
+
+class ChainStream:
+    """The chain applied one window per 1 s hop, as a device runs it on its live stream.
+
+    Like :class:`biofed.edge.pipeline.StreamingPipeline`, each spectral stage copies the samples
+    a window adds (its last hop) into a buffer of its precision, holding a window and four hops,
+    and keeps the segment powers of the previous window (:class:`biofed.kernels.WelchStream`):
+    only the segments the new window adds are transformed. ``w`` maps modality -> the window
+    ``(1, n_channels, window)`` starting at hop ``i`` of the stream; windows come in order (a
+    jump back starts afresh).
+    """
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        channels = {"eeg": EEG_CHANNELS, "audio": 1}
+        self.welch = {m: WelchStream(plan, channels[m], chain.dtype) for m, plan in chain.plans.items()}
+        self.buffers = {m: np.empty((channels[m], WINDOW[m] + 4 * HOP[m]), dtype=chain.dtype) for m in channels}
+        self.buffer_start = {m: 0 for m in channels}  # stream index of buffers[m][:, 0]
+        self.fill = {m: 0 for m in channels}  # samples held
+        #: The feature stages in feature-row order: name -> f(window dict, hop index) -> (1, ch, f).
+        self.stages = {
+            "eeg band powers": lambda w, i: self._spectral("eeg", w, i),
+            "audio log-mel": lambda w, i: self._spectral("audio", w, i),
+            "bio window statistics": lambda w, i: window_statistics(w["bio"], BIO_FS),
+            "ecg/ppg heart rate": lambda w, i: heart_rate_features(w["bio"][:, :HEART_CHANNELS], BIO_FS),
+        }
+
+    def _spectral(self, modality: str, w: dict[str, np.ndarray], i: int) -> np.ndarray:
+        start, hop, buf = i * HOP[modality], HOP[modality], self.buffers[modality]
+        held = self.buffer_start[modality] + self.fill[modality]  # stream index after the buffered samples
+        window = w[modality][0]
+        if not start < held <= start + window.shape[1]:  # the first window, or a jump: start afresh
+            self.buffer_start[modality], self.fill[modality], held = start, 0, start
+        elif self.fill[modality] + hop > buf.shape[1]:  # full: keep what the next windows need
+            keep = held - start
+            buf[:, :keep] = buf[:, self.fill[modality] - keep : self.fill[modality]]
+            self.buffer_start[modality], self.fill[modality] = start, keep
+        new = start + window.shape[1] - held
+        buf[:, self.fill[modality] : self.fill[modality] + new] = window[:, window.shape[1] - new :]
+        self.fill[modality] += new
+        return self.welch[modality].features(buf, self.buffer_start[modality], (start,))
+
+    def features(self, w: dict[str, np.ndarray], i: int) -> np.ndarray:
+        """The float64 feature row of window ``i``, (1, n_features)."""
+        return np.concatenate([stage(w, i).reshape(1, -1) for stage in self.stages.values()], axis=1, dtype=np.float64)
+
+    def __call__(self, w: dict[str, np.ndarray], i: int) -> np.ndarray:
+        """features -> fused standardize-and-project transform: (1, k)."""
+        return apply_transform(self.features(w, i), self.chain.projection)
+
+    def run(self, singles: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Every window of a stream in order, one call each: (n_windows, k)."""
+        return np.concatenate([self(one, i) for i, one in enumerate(singles)])
+
+
+def single_windows(w: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Window ``i`` of every modality as ``{modality: (1, n_channels, window)}``, for i in order."""
+    return [{m: x[i : i + 1] for m, x in w.items()} for i in range(w["eeg"].shape[0])]
 
 
 def fit_projection(features: np.ndarray, k: int = K, random_state=0):
@@ -180,16 +281,11 @@ def measure_fft_rate(nperseg: int, dtype, repeats: int, rows: int = 256) -> floa
 def _pipeline_replay(stream: dict[str, np.ndarray], mean, scale, basis):
     """A StreamingPipeline (device defaults) with the basis, and a function replaying ``stream`` in 1 s chunks."""
     from biofed.edge.pipeline import PipelineConfig, StreamingPipeline
-    from biofed.model import Basis, FeatureLayout
+    from biofed.model import Basis
 
     config = PipelineConfig(max_pending_windows=None)
-    eeg = tuple(f"E{i:02d}" for i in range(EEG_CHANNELS))
-    bio = (("ECG", "ecg"), ("PPG", "ppg"), ("EDA", "eda"), ("RESP", "resp"))
-    layout = FeatureLayout.from_channels({
-        "eeg": (EEG_FS, eeg, ("eeg",) * EEG_CHANNELS), "audio": (AUDIO_FS, ("PCG",), ("audio",)),
-        "bio": (BIO_FS, tuple(n for n, _ in bio), tuple(t for _, t in bio)),
-    }, config)  # fmt: skip
-    rates = {"eeg": EEG_FS, "audio": AUDIO_FS, "bio": BIO_FS}
+    layout = profile_layout(config)
+    rates = FS
     seconds = stream["eeg"].shape[1] / EEG_FS
 
     def replay() -> int:
@@ -206,50 +302,58 @@ def _pipeline_replay(stream: dict[str, np.ndarray], mean, scale, basis):
 def measure_rtf(seconds: float, repeats: int) -> dict:
     """Real-time factor (stream seconds / compute seconds) of the chain on one core, and where it spends its time.
 
-    ``batch``: all windows of the stream in one call per kernel. ``per_window``: one call
-    per 1 s hop with a single window, as a device processes its stream live. ``replay``: the
+    ``batch``: all windows of the stream at once, each shared segment transformed once.
+    ``per_window``: one call per 1 s hop with a single window, reusing the previous window's
+    segments, as a device processes its stream live (:class:`ChainStream`). ``replay``: the
     stream pushed in 1 s chunks through :class:`biofed.edge.pipeline.StreamingPipeline`
-    (buffers, plans, labels, sketch and projection included). ``stages``: each stage called
-    once per window, its median and best time per window and its FFT limit: the rffts it
-    needs divided by the best rfft rate measured in this process.
+    (buffers, plans, labels and projection included). ``stages``: each stage of the
+    per-window chain, its median and best time per window and its FFT limit: the rffts it
+    performs per window (only the new segments) divided by the best rate of rocket-fft's rfft
+    of that length measured in this process.
     """
     limits = _limit_to_one_core()
     stream = make_stream(seconds, random_state=1)
-    mean, scale, basis = fit_projection(Chain("float64").features(windows_of(make_stream(60.0, random_state=2))))
+    mean, scale, basis = fit_projection(Chain("float64").features(make_stream(60.0, random_state=2)))
     w = windows_of(stream)
     n = w["eeg"].shape[0]
     stream_seconds = (n - 1) * HOP_S + WINDOW_S
-    singles = [{m: x[i : i + 1] for m, x in w.items()} for i in range(n)]
+    singles = single_windows(w)
     chains = {dtype: Chain(dtype, mean, scale, basis) for dtype in ("float32", "float64")}
+    streams = {dtype: chain.streaming() for dtype, chain in chains.items()}
     replay = _pipeline_replay(stream, mean, scale, basis)
     out = {"stream_seconds": stream_seconds, "n_windows": n, "limits": limits}
     runs = {
-        "batch": lambda: chains["float32"](w),
-        "per_window": lambda: [chains["float32"](one) for one in singles],
-        "per_window_float64": lambda: [chains["float64"](one) for one in singles],
+        "batch": lambda: chains["float32"](stream),
+        "per_window": lambda: streams["float32"].run(singles),
+        "per_window_float64": lambda: streams["float64"].run(singles),
         "replay": replay,
     }
     for name, fn in runs.items():
         times = _times(fn, repeats)
         med = float(np.median(times))
         out[name] = {"median_s": med, "min_s": min(times), "max_s": max(times), "rtf": stream_seconds / med}
-    chain = chains["float32"]
-    nperseg = chain.eeg_plan.nperseg
-    assert chain.audio_plan.nperseg == nperseg  # one FFT size: one measured rate
-    rate = {dtype: measure_fft_rate(nperseg, dtype, repeats) for dtype in ("float32", "float64")}
-    out["fft"] = {"nperseg": nperseg, "gflops": rate, "flops_per_rfft": rfft_flops(nperseg)}
-    rows = [chain.features(one) for one in singles]
-    stage_fns = {name: (lambda stage=stage: [stage(one) for one in singles]) for name, stage in chain.stages.items()}
+    chain, live = chains["float32"], streams["float32"]
+    ffts = chain.rffts_per_window()
+    sizes = sorted({f["nperseg"] for f in ffts.values()})
+    rate = {size: {dtype: measure_fft_rate(size, dtype, repeats) for dtype in ("float32", "float64")} for size in sizes}
+    out["fft"] = {str(size): {"gflops": rate[size], "flops_per_rfft": rfft_flops(size)} for size in sizes}
+    rows = [live.features(one, i) for i, one in enumerate(singles)]
+    stage_fns = {
+        name: (lambda stage=stage: [stage(one, i) for i, one in enumerate(singles)])
+        for name, stage in live.stages.items()
+    }
     stage_fns["transform (k=32)"] = lambda: [apply_transform(row, chain.projection) for row in rows]
-    ffts = chain.ffts_per_window()
     stages = {}
     for name, fn in stage_fns.items():
         times = _times(fn, repeats)
+        fft = ffts.get(name, {"rffts": 0, "nperseg": sizes[0]})
+        flops = fft["rffts"] * rfft_flops(fft["nperseg"])
         stages[name] = {
             "ms_per_window": 1e3 * float(np.median(times)) / n,
             "best_ms_per_window": 1e3 * min(times) / n,
-            "rffts_per_window": ffts.get(name, 0),
-            "fft_limit_ms": 1e3 * ffts.get(name, 0) * rfft_flops(nperseg) / (rate["float32"] * 1e9),
+            "rffts_per_window": fft["rffts"],
+            "nperseg": fft["nperseg"],
+            "fft_limit_ms": 1e3 * flops / (rate[fft["nperseg"]]["float32"] * 1e9),
         }
     out["stages"] = stages
     return out
@@ -274,10 +378,10 @@ def _times(fn, repeats: int) -> list[float]:
 
 def first_window() -> dict:
     """Compute the first window of a fresh stream with a given basis (what a device does at boot)."""
-    w = windows_of(make_stream(WINDOW_S, random_state=3))
-    d = Chain("float32").features(w).shape[1]
+    x = make_stream(WINDOW_S, random_state=3)
+    d = Chain("float32").features(x).shape[1]
     basis = np.linalg.qr(np.random.default_rng(4).standard_normal((d, K)))[0].T
-    out = Chain("float32", np.zeros(d), np.ones(d), basis)(w)
+    out = Chain("float32", np.zeros(d), np.ones(d), basis)(x)
     return {"shape": list(out.shape), "finite": bool(np.isfinite(out).all())}
 
 

@@ -24,11 +24,13 @@ Plans and shared segments
     The spectral plan of each EEG / audio stream (taper, bins, band weights; see
     :class:`biofed.kernels.SpectralPlan`) and the projection (:class:`biofed.kernels.TransformPlan`)
     are built and validated once, when the pipeline is configured or its basis set; every
-    window then only computes. When the hop is a multiple of the Welch segment step
-    (``nperseg // 2``), consecutive windows share segments: the stream keeps the power spectra
-    of the segments the next window reuses and transforms only the new ones, with the same
-    bits as the batch kernel. Spectral features are computed in ``PipelineConfig.dtype``
-    (float32 by default, within ``FLOAT32_RTOL`` of float64).
+    window then only computes. The layout picks each spectral modality's Welch segment length
+    so that its step divides the hop (:func:`biofed.kernels.shared_nperseg`: 500 samples for
+    500 Hz EEG and 16 kHz audio with a 1 s hop); consecutive windows then share segments, and
+    the stream (:class:`biofed.kernels.WelchStream`) keeps the power spectra of the segments
+    the next window reuses and transforms only the new ones, with the same bits as the batch
+    kernel. Spectral features are computed in ``PipelineConfig.dtype`` (float32 by default,
+    within ``FLOAT32_RTOL`` of float64).
 
 Memory
     Each modality keeps one buffer of ``round(window_s*fs) + round(max_chunk_s*fs)`` samples per
@@ -71,10 +73,10 @@ from biofed.datasets.recording import MODALITIES
 from biofed.datasets.replay import label_segments
 from biofed.kernels import (
     EEG_BANDS,
+    WelchStream,
     apply_transform,
     transform_plan,
 )
-from biofed.kernels.spectral import _segment_powers  # into the ring of kept segments, without a copy
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
 if TYPE_CHECKING:
@@ -232,24 +234,15 @@ class _ModalityStream:
         self.track_labels = track_labels
         # The jitted workers behind the kernels' public functions: every chunk is validated once
         # at push, so windows cut from the buffer skip the kernels' own checks.
-        from biofed.kernels import biosensor, spectral
+        from biofed.kernels import biosensor
 
-        self._welch_weighted, self._reduce_segments, self._finish = (
-            spectral._welch_weighted,
-            spectral._reduce_segments,
-            spectral._finish,
-        )
         self._window_statistics, self._heart_rate_features = (
             biosensor._window_statistics,
             biosensor._heart_rate_features,
         )
         if self.plan is not None:
-            self.taper = self.plan.taper_for(dtype)
-            step = self.plan.step
-            # Windows a multiple of the segment step apart share segments: keep their powers.
-            self.share_segments = self.hop is not None and self.hop % step == 0 and self.hop < self.window
-            n_slots = self.capacity // step + 2 if self.share_segments else 0
-            self.segments = np.empty((n_slots, part.n_channels, self.plan.weights.shape[0]), dtype=np.float64)
+            # Windows a multiple of the segment step apart share segments: it keeps their powers.
+            self.welch = WelchStream(self.plan, part.n_channels, dtype)
         if part.modality == "bio":
             self.hr_channels = np.array(part.hr_channels, dtype=np.intp)
             stat_cols, hr_cols = part.bio_columns()
@@ -266,10 +259,8 @@ class _ModalityStream:
         self.labels: list[tuple[int, str | None]] = []  # (first absolute sample, label), reference only
         # features (and reference labels) of windows [next_window - len(pending), next_window)
         self.pending: deque[tuple[np.ndarray, str | None]] = deque()
-        # segments[:n_segments] hold the powers of segments first_segment, first_segment + 1, ...
-        # (absolute index g starts at sample g * step) when windows share segments
-        self.first_segment = 0
-        self.n_segments = 0
+        if self.plan is not None:
+            self.welch.reset()
 
     def discard_before(self, j: int) -> None:
         """Forget pending windows with index < j (already emitted or dropped)."""
@@ -334,30 +325,9 @@ class _ModalityStream:
         self.next_window = j
 
     def _spectral_features(self, starts: list[int]) -> np.ndarray:
-        """EEG / audio features of the windows starting at absolute samples ``starts`` (plan applied).
-
-        Equal bit for bit to ``spectral_features(windows, plan)``: the same segment arithmetic
-        and summation order. Shared segments are computed once and kept; otherwise the fused
-        kernel reads the windows straight from the buffer.
-        """
-        plan = self.plan
-        step, n_seg = plan.step, plan.n_seg
-        out = np.empty((len(starts), self.part.n_channels, plan.n_bands), dtype=self.buf.dtype)
-        if self.share_segments:
-            lo, hi = starts[0] // step, starts[-1] // step + n_seg
-            reused = max(0, self.first_segment + self.n_segments - lo)
-            if reused:  # segments of earlier windows that these windows use: move them to the front
-                first = lo - self.first_segment
-                self.segments[:reused] = self.segments[first : first + reused]
-            new = np.arange(lo + reused, hi, dtype=np.int64) * step - self.buf_start
-            _segment_powers(self.buf, new, self.taper, plan.kmin, self.segments[reused : hi - lo])
-            self.first_segment, self.n_segments = lo, hi - lo
-            firsts = np.array(starts, dtype=np.int64) // step - lo
-            self._reduce_segments(self.segments, firsts, n_seg, plan.weights, out)
-        else:
-            offsets = np.array(starts, dtype=np.int64) - self.buf_start
-            self._welch_weighted(self.buf, offsets, 0, n_seg, plan.nperseg, 0, self.taper, plan.kmin, plan.weights, out)
-        return self._finish(out, plan.log).reshape(len(starts), -1)
+        """EEG / audio features of the windows starting at absolute samples ``starts`` (plan applied),
+        read from the buffer; equal bit for bit to ``spectral_features(windows, plan)``."""
+        return self.welch.features(self.buf, self.buf_start, starts).reshape(len(starts), -1)
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""

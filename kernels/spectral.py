@@ -36,9 +36,14 @@ Shared segments
 Welch is split into :func:`segment_powers` (detrend, taper, rfft, ``|X|^2`` of single segments)
 and :func:`reduce_segments` (sum a window's ``n_seg`` segment powers, apply the weights). When
 consecutive windows start a multiple of ``step = nperseg - nperseg // 2`` samples apart their
-segments coincide, and a stream computes each segment once
-(:class:`biofed.edge.pipeline.StreamingPipeline` keeps them in its state). The arithmetic per
-segment and the summation order are those of the batch kernel, so both paths give the same bits.
+segments coincide, and a stream computes each segment once: :class:`WelchStream` keeps the
+powers of the segments later windows reuse (the state of
+:class:`biofed.edge.pipeline.StreamingPipeline`), and :func:`sliding_spectral_features` does
+the same for all windows of a recorded signal. The arithmetic per segment and the summation
+order are those of the batch kernel, so every path gives the same bits. The default segment
+lengths are powers of two, which rarely divide a hop of whole seconds (500 samples at 500 Hz,
+16000 at 16 kHz); :func:`shared_nperseg` picks the nearby length whose step divides the hop,
+so that consecutive windows share all their segments but those of the last hop.
 
 Precision
 ---------
@@ -72,12 +77,15 @@ __all__ = [
     "FLOAT32_RTOL",
     "SPECTRAL_BACKEND",
     "SpectralPlan",
+    "WelchStream",
     "band_power_plan",
     "band_powers",
     "log_band_energies",
     "log_band_energy_plan",
     "reduce_segments",
     "segment_powers",
+    "shared_nperseg",
+    "sliding_spectral_features",
     "spectral_features",
 ]
 
@@ -98,7 +106,9 @@ FLOAT32_RTOL = 1e-5
 _SCALES = ("mel", "linear")
 _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
+_TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
+_SHARED_BLOCK_VALUES = 1 << 19  # float64 segment powers held at once by sliding_spectral_features (4 MiB)
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})
@@ -247,7 +257,7 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
 
 
 @njit(cache=True, nogil=True)
-def _segment_powers(x, starts, taper, kmin, out):
+def _segment_powers(x, starts, slot0, taper, kmin, out):
     """Power spectra ``|X_{kmin + k}|^2`` of the segments of a multichannel stream, into ``out``.
 
     Parameters
@@ -256,23 +266,30 @@ def _segment_powers(x, starts, taper, kmin, out):
         float32 or float64 samples (rows may be a slice of a larger buffer).
     starts : ndarray of int64, shape (n_segments,)
         First sample of each segment in ``x``; segment ``g`` is ``x[:, starts[g] : starts[g] + nperseg]``.
+    slot0 : int
+        Row of ``out`` that receives segment 0: segment ``g`` goes to row ``(slot0 + g) % n_slots``
+        (a ring of kept segments; 0 for a plain array of ``n_segments`` rows).
     taper : ndarray, shape (nperseg,)
         Same dtype as ``x``.
     kmin : int
         First frequency bin kept.
-    out : ndarray, shape (n_segments, n_channels, n_bins), float64
-        ``out[g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the detrended,
-        tapered segment (computed in the precision of ``x``, stored in float64).
+    out : ndarray, shape (n_slots, n_channels, n_bins), float64
+        ``out[slot of g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the
+        detrended, tapered segment (computed in the precision of ``x``, stored in float64).
+
+    Returns False if a sample of a segment is NaN or inf (or a float64 sum overflowed), as
+    ``_welch_weighted`` does.
     """
     n_channels = x.shape[0]
     nperseg = taper.shape[0]
     n_segments = starts.shape[0]
-    n_bins = out.shape[2]
+    n_slots, _, n_bins = out.shape
     block = max(1, _BLOCK_ROWS // n_channels)
     half = nperseg // 2
     shared_half = half == nperseg - half
     seg = np.empty((min(block, n_segments) * n_channels, nperseg), dtype=x.dtype)
     second = np.zeros(n_channels)  # sum of the previous segment's second half, per channel
+    check = 0.0
     for g0 in range(0, n_segments, block):
         g1 = min(n_segments, g0 + block)
         r = 0
@@ -283,16 +300,19 @@ def _segment_powers(x, starts, taper, kmin, out):
             for c in range(n_channels):
                 first = second[c] if reuse else _sum(x[c], start, half)
                 second[c] = _sum(x[c], start + half, nperseg - half)
+                check += first + second[c]
                 _detrend_taper(x[c], start, first + second[c], taper, seg[r])
                 r += 1
         parts = np.fft.rfft(seg[:r]).view(x.dtype)  # as in _welch_weighted
         r = 0
         for g in range(g0, g1):
+            slot = (slot0 + g) % n_slots
             for c in range(n_channels):
-                dst = out[g, c]
+                dst = out[slot, c]
                 dst[:] = 0.0
                 _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], dst)
                 r += 1
+    return math.isfinite(check)
 
 
 @njit(cache=True, nogil=True)
@@ -301,15 +321,15 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
 
     Parameters
     ----------
-    powers : ndarray, shape (n_segments, n_channels, n_bins), float64
-        From ``_segment_powers``.
+    powers : ndarray, shape (n_slots, n_channels, n_bins), float64
+        From ``_segment_powers``; indices wrap around (``% n_slots``), as in a ring of kept segments.
     firsts : ndarray of int64, shape (n_windows,)
         Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
     weights : ndarray, shape (n_bins, n_bands), float64
         As in ``_welch_weighted``.
     out : ndarray, shape (n_windows, n_channels, n_bands)
     """
-    n_channels = powers.shape[1]
+    n_slots, n_channels, _ = powers.shape
     n_bins, n_bands = weights.shape
     power = np.empty(n_bins, dtype=np.float64)
     acc = np.empty(n_bands, dtype=np.float64)
@@ -317,10 +337,19 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
         for c in range(n_channels):
             power[:] = 0.0
             for s in range(n_seg):
-                segment = powers[firsts[i] + s, c]
+                segment = powers[(firsts[i] + s) % n_slots, c]
                 for k in range(n_bins):
                     power[k] += segment[k]
             _weigh(power, weights, acc, out[i, c])
+
+
+@njit(cache=True, nogil=True)
+def _welch_stream(x, starts, slot0, taper, kmin, ring, firsts, n_seg, weights, out):
+    """``_segment_powers`` of the new segments into the ring, then ``_reduce_segments`` of the
+    windows: one call per step of a :class:`WelchStream`. Returns the finiteness flag."""
+    finite = _segment_powers(x, starts, slot0, taper, kmin, ring) if starts.shape[0] else True
+    _reduce_segments(ring, firsts, n_seg, weights, out)
+    return finite
 
 
 def _next_pow2(value: float) -> int:
@@ -347,6 +376,53 @@ def _check_nperseg(nperseg, window: int, default: int) -> int:
             f"pass nperseg <= {window} or use longer windows."
         )
     return nperseg
+
+
+def shared_nperseg(hop: int | None, window: int, default: int) -> int:
+    """Segment length close to ``default`` that lets windows ``hop`` samples apart share segments.
+
+    Welch segments start every ``step = nperseg - nperseg // 2`` samples, so two windows share
+    segments exactly when the hop between them is a multiple of the step. A stream that keeps
+    its segment powers (:func:`segment_powers`) then transforms only ``hop / step`` new segments
+    per window: with a 2 s window and a 1 s hop, half of them. The rule takes ``s``, the largest
+    divisor of ``hop`` that is at most ``default // 2``, and returns ``2 * s`` when ``s`` is at
+    least 3/4 of the default step (a resolution at most 4/3 as coarse as the default's);
+    otherwise, or when the hop is not a whole number of samples (``None``) or not shorter than
+    the window, it returns ``default``. For 500 Hz EEG and 16 kHz audio with a 1 s hop it turns
+    the default 512 into 500. The caller checks that its bands still contain a bin at
+    ``fs / nperseg`` (the plan builders refuse otherwise).
+
+    Parameters
+    ----------
+    hop : int or None
+        Samples between window starts (``None``: not an integer number of samples).
+    window : int
+        Samples per window.
+    default : int
+        The feature's default segment length (``band_power_plan(...).nperseg`` without ``nperseg``).
+
+    Returns
+    -------
+    nperseg : int
+        Between ``default * 3 / 4`` and ``default``, and at most ``window``.
+
+    Examples
+    --------
+    >>> shared_nperseg(500, 1000, 512), shared_nperseg(16000, 32000, 512), shared_nperseg(250, 500, 256)
+    (500, 500, 250)
+    >>> shared_nperseg(509, 1018, 512)  # a prime hop: no divisor near 256
+    512
+    """
+    default = check_positive_int(default, "default", minimum=2)
+    window = check_positive_int(window, "window", minimum=2)
+    if hop is None or not 0 < hop < window:
+        return default
+    step = default // 2  # the default's step (one less for an odd default: 2 * s stays <= default)
+    smallest = -(-3 * step // 4)
+    for s in range(min(step, hop), smallest - 1, -1):
+        if hop % s == 0:
+            return 2 * s
+    return default
 
 
 class SpectralPlan(NamedTuple):
@@ -434,11 +510,11 @@ def _make_plan(weights_per_freq: np.ndarray, fs: float, window: int, nperseg: in
 
 
 def _finish(out: np.ndarray, log: str) -> np.ndarray:
-    """Apply the plan's output transform in place."""
+    """Apply the plan's output transform in place (no temporary: the same bits as ``log(out + floor)``)."""
     if log == "log10":
-        np.log10(out + np.finfo(out.dtype).tiny, out=out)
+        np.log10(np.add(out, _TINY[out.dtype.char], out=out), out=out)
     elif log == "ln":
-        np.log(out + _LOG_FLOOR, out=out)
+        np.log(np.add(out, _LOG_FLOOR, out=out), out=out)
     return out
 
 
@@ -532,7 +608,7 @@ def segment_powers(x, starts, plan: SpectralPlan) -> np.ndarray:
         On a bad plan, non-finite or non-2-D ``x``, or a start outside the stream.
     """
     plan = _check_plan(plan)
-    x = check_float_array(x, "x", ndim=2)
+    x = check_float_array(x, "x", ndim=2, check_finite=False)  # the kernel's sums find NaN/inf
     starts = np.asarray(starts)
     if starts.ndim != 1 or (starts.size and starts.dtype.kind not in "iu"):
         raise TypeError(f"starts must be a 1-D array of integers, got dtype {starts.dtype} and shape {starts.shape}.")
@@ -541,8 +617,8 @@ def segment_powers(x, starts, plan: SpectralPlan) -> np.ndarray:
     if starts.size and (starts.min() < 0 or starts.max() > last):
         raise ValueError(f"segment starts must lie in [0, {last}] for {x.shape[1]} samples and nperseg={plan.nperseg}.")
     out = np.empty((starts.size, x.shape[0], plan.weights.shape[0]), dtype=np.float64)
-    if starts.size:
-        _segment_powers(x, starts, plan.taper_for(x.dtype), plan.kmin, out)
+    if starts.size and not _segment_powers(x, starts, 0, plan.taper_for(x.dtype), plan.kmin, out):
+        raise_if_nonfinite(x, "x")
     return out
 
 
@@ -582,6 +658,195 @@ def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.
     )
     _reduce_segments(powers, firsts, plan.n_seg, plan.weights, out)
     return _finish(out, plan.log)
+
+
+def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
+    """Features of every window of a continuous signal, windows ``hop`` samples apart.
+
+    Window ``i`` is ``x[:, i * hop : i * hop + plan.window]``, as ``sliding_windows(x,
+    plan.window, hop)`` cuts it. When ``hop`` is a multiple of ``plan.step`` (and shorter than
+    the window) consecutive windows share segments, and each distinct segment is transformed
+    once (:func:`segment_powers` of blocks of windows, at most ``_SHARED_BLOCK_VALUES`` powers
+    at a time: consecutive blocks transform the ``n_seg - hop / step`` segments they share
+    twice, one block in most recordings); otherwise the windows are read in place by the Welch
+    kernel.
+
+    Parameters
+    ----------
+    x : array-like, shape (n_channels, n_samples)
+        Finite samples; float32 stays float32.
+    hop : int
+        Samples between window starts (>= 1).
+    plan : SpectralPlan
+
+    Returns
+    -------
+    features : ndarray, shape (n_windows, n_channels, plan.n_bands)
+        ``n_windows = (n_samples - plan.window) // hop + 1`` (0 for a signal shorter than a
+        window); identical, bit for bit, to :func:`spectral_features` of the sliding windows.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad plan or hop, or non-finite or non-2-D ``x``.
+    """
+    plan = _check_plan(plan)
+    x = check_float_array(x, "x", ndim=2, check_finite=False)  # the kernels' sums find NaN/inf
+    hop = check_positive_int(hop, "hop")
+    n_channels, n_samples = x.shape
+    n_windows = max(0, (n_samples - plan.window) // hop + 1)
+    out = np.empty((n_windows, n_channels, plan.n_bands), dtype=x.dtype)
+    if n_windows == 0:
+        return out
+    taper, step, n_seg = plan.taper_for(x.dtype), plan.step, plan.n_seg
+    tail = plan.window - (n_seg - 1) * step - plan.nperseg  # samples after a window's last segment
+    if hop % step == 0 and hop < plan.window:
+        per_window = hop // step  # new segments per window
+        n_bins = plan.weights.shape[0]
+        block = max(1, _SHARED_BLOCK_VALUES // (per_window * n_channels * n_bins))  # windows per block
+        powers = np.empty((min(n_windows, block) * per_window + n_seg, n_channels, n_bins))
+        finite = True
+        for w0 in range(0, n_windows, block):
+            w1 = min(n_windows, w0 + block)
+            n_segments = (w1 - w0 - 1) * per_window + n_seg
+            starts = (np.arange(n_segments, dtype=np.int64) + w0 * per_window) * step
+            finite &= _segment_powers(x, starts, 0, taper, plan.kmin, powers[:n_segments])
+            firsts = np.arange(w1 - w0, dtype=np.int64) * per_window
+            _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
+        # a window's samples after its last segment (fewer than a step) are in the next window's
+        # segments, except for the last window's
+        end = (n_windows - 1) * hop + plan.window
+        finite = finite and math.isfinite(np.add.reduce(x[:, end - tail : end], axis=None)) if tail else finite
+    else:
+        starts = np.arange(n_windows, dtype=np.int64) * hop
+        finite = _welch_weighted(x, starts, 0, n_seg, plan.nperseg, tail, taper, plan.kmin, plan.weights, out)
+    if not finite:
+        raise_if_nonfinite(x[:, : (n_windows - 1) * hop + plan.window], "x")
+    return _finish(out, plan.log)
+
+
+class WelchStream:
+    """Welch features of the windows of one stream, computed in order, each shared segment once.
+
+    A device computes the windows of a stream one hop at a time from a buffer of its latest
+    samples. Windows that start a multiple of ``plan.step`` samples apart (and overlap) share
+    segments: the stream keeps the powers of the segments that later windows reuse and
+    transforms only the new ones (the arithmetic of :func:`segment_powers` and
+    :func:`reduce_segments`, so the features have the bits of :func:`spectral_features` of the
+    same windows). Windows at other offsets are computed whole by the Welch kernel, read in
+    place from the buffer.
+
+    Parameters
+    ----------
+    plan : SpectralPlan
+    n_channels : int
+        Channels of the stream (rows of the buffer).
+    dtype : {numpy.float32, numpy.float64}
+        Precision of the samples (and of the features).
+
+    Notes
+    -----
+    The checks per call are O(1) in the samples (shapes, bounds); NaN/inf samples raise the usual
+    ValueError, found by the kernels' own sums. Not thread-safe: one per stream.
+    """
+
+    def __init__(self, plan: SpectralPlan, n_channels: int, dtype=np.float64) -> None:
+        self.plan = _check_plan(plan)
+        self.n_channels = check_positive_int(n_channels, "n_channels")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}.")
+        self._taper = plan.taper_for(self.dtype)
+        # the plan's derived values, read on every call
+        self._step, self._n_seg, self._window, self._n_bands = plan.step, plan.n_seg, plan.window, plan.n_bands
+        # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
+        self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the kept segments (a new stream, or a jump back in time)."""
+        self._first = 0  # the ring holds segments _first .. _first + _count - 1 (g starts at sample g * step)
+        self._count = 0
+
+    @property
+    def kept_segments(self) -> range:
+        """Absolute indices of the segments whose powers are kept (segment ``g`` starts at sample ``g * plan.step``)."""
+        return range(self._first, self._first + self._count)
+
+    def features(self, x: np.ndarray, offset: int, starts) -> np.ndarray:
+        """Features of the windows that start at stream samples ``starts``.
+
+        Parameters
+        ----------
+        x : ndarray, shape (n_channels, n)
+            C-contiguous buffer of the stream's dtype; ``x[:, 0]`` is stream sample ``offset``.
+        offset : int
+            Stream index of the buffer's first sample.
+        starts : sequence of int
+            Ascending stream indices of the windows' first samples; every window lies in ``x``.
+
+        Returns
+        -------
+        features : ndarray, shape (len(starts), n_channels, plan.n_bands)
+            Identical, bit for bit, to :func:`spectral_features` of the windows.
+
+        Raises
+        ------
+        TypeError, ValueError
+            On a buffer of the wrong type, dtype or shape, windows outside it or out of order,
+            or NaN/inf samples (the kept segments are then forgotten).
+        """
+        plan = self.plan
+        if type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 2 or not x.flags.c_contiguous:
+            raise TypeError(f"x must be a C-contiguous 2-D {self.dtype} ndarray (the stream's buffer).")
+        if x.shape[0] != self.n_channels:
+            raise ValueError(f"x has {x.shape[0]} channel(s) but the stream has {self.n_channels}.")
+        n_windows = len(starts)
+        out = np.empty((n_windows, self.n_channels, self._n_bands), dtype=self.dtype)
+        if n_windows == 0:
+            return out
+        first, last, window, step = starts[0], starts[-1], self._window, self._step
+        if first < offset or last + window > offset + x.shape[1]:
+            raise ValueError(
+                f"windows [{first}, {last + window}) reach outside the buffer [{offset}, {offset + x.shape[1]})."
+            )
+        shared = first % step == 0
+        if n_windows > 1:
+            for a, b in zip(starts, starts[1:]):
+                if b <= a:
+                    raise ValueError(f"window starts must be ascending, got {a} then {b}.")
+                shared = shared and b % step == 0 and b - a < window
+        if shared:
+            finite = self._shared(x, offset, starts, out)
+        else:
+            offsets = np.array(starts, dtype=np.int64) - offset
+            finite = _welch_weighted(
+                x, offsets, 0, self._n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out
+            )
+        if not finite:
+            self.reset()
+            raise_if_nonfinite(x[:, first - offset : last + window - offset], "x")
+        return _finish(out, plan.log)
+
+    def _shared(self, x, offset, starts, out) -> bool:
+        """Windows at multiples of the step: transform the segments not kept, reduce from the ring."""
+        plan = self.plan
+        step, n_seg = self._step, self._n_seg
+        lo, hi = starts[0] // step, starts[-1] // step + n_seg
+        end = self._first + self._count
+        new = end if self._first <= lo < end else lo  # first segment to transform
+        if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
+            grown = np.empty((hi - lo,) + self._ring.shape[1:])
+            for g in range(lo, min(new, hi)):
+                grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
+            self._ring = grown
+        n_slots = self._ring.shape[0]
+        seg_starts = np.arange(new * step - offset, hi * step - offset, step, dtype=np.int64)
+        firsts = np.array(starts, dtype=np.int64) // step
+        self._first, self._count = lo, hi - lo
+        return _welch_stream(
+            x, seg_starts, new % n_slots, self._taper, plan.kmin, self._ring, firsts, n_seg, plan.weights, out
+        )
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:

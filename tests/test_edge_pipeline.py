@@ -17,7 +17,17 @@ from biofed.edge.pipeline import (
     extract_features,
     label_pieces,
 )
-from biofed.kernels import FLOAT32_RTOL, band_powers, heart_rate_features, log_band_energies, project, window_statistics
+from biofed.kernels import (
+    FLOAT32_RTOL,
+    band_powers,
+    heart_rate_features,
+    log_band_energies,
+    project,
+    sliding_spectral_features,
+    sliding_windows,
+    spectral_features,
+    window_statistics,
+)
 from biofed.model import FeatureLayout, fit_basis
 
 CONFIG = PipelineConfig()
@@ -134,6 +144,11 @@ def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_
     assert X.shape[0] == n_windows
     np.testing.assert_allclose(t, np.arange(n_windows) * hop_s)
     eeg, audio, bio = (multirate.signals[m] for m in ("eeg", "audio", "bio"))
+    # the segment lengths the layout chose for this hop (shared_nperseg)
+    layout = FeatureLayout.from_recording(multirate, config)
+    nperseg = {m.modality: m.nperseg for m in layout.modalities}
+    assert nperseg == {1.0: {"eeg": 500, "audio": 250, "bio": None}, 0.5: {"eeg": 500, "audio": 250, "bio": None},
+                       0.33: {"eeg": 512, "audio": 240, "bio": None}}[hop_s]  # fmt: skip
     for j in (0, 3, n_windows - 1):
         # window j = [j*hop_s, j*hop_s + 2 s) in every modality, computed straight from the kernels
         parts = []
@@ -141,8 +156,8 @@ def test_modalities_at_different_rates_align_on_the_same_windows(multirate, hop_
             start = int(round(j * hop_s * sig.sfreq))
             parts.append(sig.data[None, :, start : start + int(round(2.0 * sig.sfreq))])
         expected = np.concatenate([
-            band_powers(parts[0], eeg.sfreq, log=True).reshape(-1),
-            log_band_energies(parts[1], audio.sfreq, n_bands=32).reshape(-1),
+            band_powers(parts[0], eeg.sfreq, log=True, nperseg=nperseg["eeg"]).reshape(-1),
+            log_band_energies(parts[1], audio.sfreq, n_bands=32, nperseg=nperseg["audio"]).reshape(-1),
             np.concatenate([window_statistics(parts[2], bio.sfreq)[0], heart_rate_features(parts[2], bio.sfreq)[0]],
                            axis=1).reshape(-1),
         ])  # fmt: skip
@@ -168,7 +183,7 @@ def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
             config, FeatureLayout.from_channels({"eeg": (256.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config)
         )
         stream = pipe._streams["eeg"]
-        assert stream.share_segments and stream.plan.n_seg == 3 and stream.plan.step == 128
+        assert stream.plan.n_seg == 3 and stream.plan.step == 128
         rows = []
         for a in range(0, eeg.shape[1], 100):  # chunks smaller than a hop
             rows += pipe.push("eeg", eeg[:, a : a + 100])
@@ -177,26 +192,34 @@ def test_float32_is_the_default_and_shared_segments_equal_the_batch_kernels():
         assert X.shape == expected.shape == (11, 15)
         np.testing.assert_allclose(X, expected, rtol=tolerance, atol=tolerance)
     stream = pipe._streams["eeg"]
-    assert stream.n_segments == 3  # only the last window's segments are kept between pushes
+    assert stream.welch.kept_segments == range(20, 23)  # only the last window's segments are kept between pushes
 
 
-def test_windows_without_shared_segments_equal_the_batch_kernel_bit_for_bit():
-    """500 Hz EEG, 1 s hop: 500 samples is no multiple of the 256-sample step, so the fused kernel
-    reads each window from the buffer; it computes the same bits as ``band_powers`` on the stack."""
+@pytest.mark.parametrize(("hop_s", "nperseg", "shared"), [(0.33, 512, False), (1.0, 500, True), (0.5, 500, True)])
+def test_windows_equal_the_batch_kernel_bit_for_bit(hop_s, nperseg, shared):
+    """500 Hz EEG: with a 1 s (or 0.5 s) hop the layout picks 500-sample segments, whose 250-sample
+    step divides the hop, and windows share segments; 165 samples (0.33 s) has no divisor near 256,
+    so segments stay 512 and the fused kernel reads each window from the buffer. Both give the
+    same bits as ``band_powers`` on the stack of windows."""
     rng = np.random.default_rng(6)
     eeg = rng.standard_normal((3, 500 * 9)) + 2.0
+    hop = int(round(hop_s * 500))
     for dtype in ("float64", "float32"):
-        config = PipelineConfig(dtype=dtype, modalities=("eeg",))
+        config = PipelineConfig(dtype=dtype, modalities=("eeg",), hop_s=hop_s)
         pipe = StreamingPipeline(
             config, FeatureLayout.from_channels({"eeg": (500.0, ("C3", "Cz", "C4"), ("eeg",) * 3)}, config)
         )
-        assert not pipe._streams["eeg"].share_segments
+        stream = pipe._streams["eeg"]
+        assert stream.plan.nperseg == nperseg
         rows = []
         for a in range(0, eeg.shape[1], 730):  # chunks that end inside windows
             rows += pipe.push("eeg", eeg[:, a : a + 730])
-        windows = np.lib.stride_tricks.sliding_window_view(eeg.astype(dtype), 1000, axis=1)[:, ::500].transpose(1, 0, 2)
-        expected = band_powers(np.ascontiguousarray(windows), 500.0, log=True).reshape(len(windows), -1)
-        assert len(rows) == len(windows) == 8
+        # shared: the last window's segments are kept (segment g starts at sample 250 g); else none
+        assert stream.welch.kept_segments == (range(14, 17) if shared else range(0))
+        windows = np.lib.stride_tricks.sliding_window_view(eeg.astype(dtype), 1000, axis=1)[:, ::hop].transpose(1, 0, 2)
+        expected = band_powers(np.ascontiguousarray(windows), 500.0, log=True, nperseg=nperseg)
+        expected = expected.reshape(len(windows), -1)
+        assert len(rows) == len(windows) == (4500 - 1000) // hop + 1
         np.testing.assert_array_equal(_as_arrays(rows)[0], expected.astype(np.float64))
 
 
@@ -264,6 +287,26 @@ def test_window_label_is_the_reference_label_at_its_last_sample():
     rows += pipe.push("eeg", rng.standard_normal((1, 1)), label=None)  # 5.5 s unlabelled
     rows += pipe.push("bio", rng.standard_normal((1, 551)), label="ignored")  # bio labels do not count
     assert [(r.t, r.label) for r in rows] == [(0.0, "rest"), (1.0, "rest"), (2.0, "arithmetic"), (3.0, "arithmetic")]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_extract_features_share_segments_with_the_bits_of_the_windows_kernel(multirate, dtype):
+    """A whole recording at once: each segment is transformed once (its windows share them), and
+    every spectral feature has the bits of ``spectral_features`` on the sliding windows."""
+    config = PipelineConfig(dtype=dtype)
+    layout = FeatureLayout.from_recording(multirate, config)
+    X, _, _ = extract_features(multirate, config)
+    column = 0
+    for part in layout.modalities[:2]:  # eeg, audio
+        plan = layout.spectral_plan(part)
+        hop = layout.hop_samples(part)
+        assert hop % plan.step == 0 and plan.nperseg == {"eeg": 500, "audio": 250}[part.modality]
+        x = multirate.signals[part.modality].data.astype(dtype)
+        expected = spectral_features(np.ascontiguousarray(sliding_windows(x, plan.window, hop)), plan)
+        np.testing.assert_array_equal(sliding_spectral_features(x, hop, plan), expected)
+        expected = expected.reshape(len(expected), -1).astype(np.float64)
+        np.testing.assert_array_equal(X[:, column : column + part.n_features], expected)
+        column += part.n_features
 
 
 def test_extract_features_labels_follow_annotations():

@@ -16,6 +16,7 @@ from biofed.kernels import (
     EEG_BANDS,
     FLOAT32_RTOL,
     SpectralPlan,
+    WelchStream,
     band_power_plan,
     band_powers,
     biosensor,
@@ -26,6 +27,8 @@ from biofed.kernels import (
     log_band_energy_plan,
     reduce_segments,
     segment_powers,
+    shared_nperseg,
+    sliding_spectral_features,
     sliding_windows,
     spectral_features,
     window_statistics,
@@ -320,6 +323,148 @@ def test_plan_equals_one_call_functions_and_segments_equal_batch(rng, make_plan)
         shared = reduce_segments(segment_powers(x.astype(dtype), starts, plan), firsts, plan, dtype=dtype)
         assert shared.dtype == dtype
         np.testing.assert_array_equal(shared, spectral_features(windows.astype(dtype), plan))
+
+
+@pytest.mark.parametrize(
+    ("hop", "window", "default", "expected"),
+    [
+        (500, 1000, 512, 500),  # 500 Hz EEG, 1 s hop: step 250 divides the hop
+        (16000, 32000, 512, 500),  # 16 kHz audio, 1 s hop
+        (250, 500, 256, 250),
+        (512, 1024, 512, 512),  # the default already shares
+        (400, 800, 512, 400),  # 200 divides 400 and is >= 3/4 of 256
+        (300, 600, 512, 512),  # largest divisor <= 256 is 150 < 192: too coarse
+        (509, 1018, 512, 512),  # a prime hop: no divisor near the step
+        (380, 760, 512, 512),  # largest divisor <= 256 is 190 < 192: too coarse
+        (None, 1000, 512, 512),  # hop not a whole number of samples
+        (1000, 1000, 512, 512),  # windows do not overlap
+        (1200, 1000, 512, 512),
+        (3, 5, 5, 5),  # an odd default: steps up to 5 // 2 = 2, and 2 does not divide 3
+        (4, 6, 5, 4),  # an odd default: step 2 divides 4
+    ],
+)
+def test_shared_nperseg_picks_a_step_that_divides_the_hop(hop, window, default, expected):
+    nperseg = shared_nperseg(hop, window, default)
+    assert nperseg == expected and nperseg <= window
+    if nperseg != default:
+        assert hop % (nperseg // 2) == 0 and 4 * (nperseg // 2) >= 3 * (default // 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("make_plan", "hop"),
+    [
+        (lambda: band_power_plan(500.0, 1000, log=True, nperseg=500), 500),  # shares 1 of 3 segments
+        (lambda: log_band_energy_plan(16000.0, 32000, nperseg=500), 16000),  # shares 63 of 127
+        (lambda: band_power_plan(500.0, 1000, log=True), 500),  # 512: nothing shared
+        (lambda: band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=51), 26),  # odd nperseg, step 26
+        (lambda: band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50), 300),  # hop beyond the window
+    ],
+)
+def test_sliding_features_equal_the_windows_features_bit_for_bit(rng, make_plan, hop, dtype):
+    plan = make_plan()
+    x = (rng.standard_normal((2, plan.window + 37 * hop + 11)) + 0.3).astype(dtype)
+    windows = np.ascontiguousarray(sliding_windows(x, plan.window, hop))
+    features = sliding_spectral_features(x, hop, plan)
+    assert features.dtype == dtype and features.shape == (len(windows), 2, plan.n_bands)
+    np.testing.assert_array_equal(features, spectral_features(windows, plan))
+    assert sliding_spectral_features(x[:, : plan.window - 1], hop, plan).shape == (0, 2, plan.n_bands)
+
+
+@pytest.mark.parametrize("nperseg", [100, 64])  # shared segments; 64: a 4-sample tail, unshared at hop 50
+@pytest.mark.parametrize("where", [0, 120, 249, 299])
+def test_sliding_features_find_non_finite_samples_in_every_window(where, nperseg):
+    plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=nperseg)
+    x = np.ones((2, 300))
+    x[1, where] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sliding_spectral_features(x, 50, plan)
+    x = np.ones((2, 330))
+    x[0, 329] = np.nan  # after the last window (300 + 29 samples: no window covers it)
+    assert sliding_spectral_features(x, 50, plan).shape == (3, 2, 3)
+
+
+def test_sliding_features_bound_their_memory_in_blocks(rng, monkeypatch):
+    from biofed.kernels import spectral
+
+    plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50)
+    x = rng.standard_normal((3, 200 + 40 * 100))
+    whole = sliding_spectral_features(x, 100, plan)
+    monkeypatch.setattr(spectral, "_SHARED_BLOCK_VALUES", 1)  # one window per block
+    np.testing.assert_array_equal(sliding_spectral_features(x, 100, plan), whole)
+    np.testing.assert_array_equal(whole, spectral_features(np.ascontiguousarray(sliding_windows(x, 200, 100)), plan))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("make_plan", "hop", "new_per_window"),
+    [
+        (lambda: band_power_plan(500.0, 1000, log=True, nperseg=500), 500, 2),  # 2 of 3 segments new
+        (lambda: log_band_energy_plan(16000.0, 32000, nperseg=500), 16000, 64),  # 64 of 127
+        (lambda: band_power_plan(500.0, 1000, log=True), 500, None),  # 512: starts off the step
+        (lambda: band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=50), 300, None),  # no overlap
+    ],
+)
+def test_welch_stream_equals_the_windows_features_bit_for_bit(rng, make_plan, hop, new_per_window, dtype):
+    plan = make_plan()
+    x = (rng.standard_normal((2, plan.window + 9 * hop)) + 0.3).astype(dtype)
+    expected = spectral_features(np.ascontiguousarray(sliding_windows(x, plan.window, hop)), plan)
+    stream = WelchStream(plan, 2, dtype)
+    rows = []
+    for i in range(len(expected)):  # one window per call, the buffer holding just that window
+        window = np.ascontiguousarray(x[:, i * hop : i * hop + plan.window])
+        rows.append(stream.features(window, i * hop, [i * hop]))
+        if new_per_window and i:
+            assert stream.kept_segments == range(i * new_per_window, i * new_per_window + plan.n_seg)
+    np.testing.assert_array_equal(np.concatenate(rows), expected)
+    # several windows per call, from a buffer that starts mid-stream; then a jump back to the start
+    starts = [hop * i for i in range(3, 7)]
+    np.testing.assert_array_equal(stream.features(x[:, hop * 2 :].copy(), hop * 2, starts), expected[3:7])
+    np.testing.assert_array_equal(stream.features(x, 0, [0, hop]), expected[:2])
+    assert stream.features(x, 0, []).shape == (0, 2, plan.n_bands)
+
+
+def test_welch_stream_bad_input_and_non_finite_samples(rng):
+    plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=100)
+    stream = WelchStream(plan, 2, np.float64)
+    x = rng.standard_normal((2, 600))
+    for call, error, match in [
+        (lambda: stream.features(x.astype(np.float32), 0, [0]), TypeError, "C-contiguous 2-D float64"),
+        (lambda: stream.features(x[:, ::2], 0, [0]), TypeError, "C-contiguous"),
+        (lambda: stream.features(x[:1].copy(), 0, [0]), ValueError, r"1 channel\(s\) but the stream has 2"),
+        (lambda: stream.features(x, 100, [50]), ValueError, r"outside the buffer \[100, 700\)"),
+        (lambda: stream.features(x, 0, [450]), ValueError, "outside the buffer"),
+        (lambda: stream.features(x, 0, [100, 100]), ValueError, "ascending, got 100 then 100"),
+        (lambda: WelchStream(plan, 0), ValueError, "n_channels must be >= 1"),
+        (lambda: WelchStream(plan, 1, np.int64), TypeError, "float32 or float64"),
+        (lambda: WelchStream("plan", 1), TypeError, "plan must be a SpectralPlan"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()
+    expected = stream.features(x, 0, [0, 100, 200])
+    bad = x.copy()
+    bad[1, 350] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stream.features(bad, 0, [300])
+    assert stream.kept_segments == range(0)  # forgotten: the next window recomputes its segments
+    np.testing.assert_array_equal(stream.features(x, 0, [200]), expected[2:])
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 0, p), ValueError, "hop must be >= 1"),
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 1.5, p), TypeError, "hop must be an integer"),
+        (lambda p: sliding_spectral_features(np.ones(300), 50, p), ValueError, "x must be 2-D"),
+        (lambda p: sliding_spectral_features(np.full((1, 300), np.inf), 50, p), ValueError, "NaN or inf"),
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 50, "plan"), TypeError, "plan must be a SpectralPlan"),
+        (lambda p: shared_nperseg(50, 100, 1), ValueError, "default must be >= 2"),
+    ],
+)
+def test_sliding_features_bad_input(call, error, match):
+    plan = band_power_plan(100.0, 100, EEG_BANDS[:4], nperseg=64)
+    with pytest.raises(error, match=match):
+        call(plan)
 
 
 @pytest.mark.parametrize("source", ["real", "synthetic"])

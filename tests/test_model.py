@@ -91,14 +91,20 @@ def test_bio_columns_place_what_the_kernels_compute(layout):
 def test_hash_keys_the_store_and_json_round_trips(layout):
     # the feature store is keyed by this hash: its formula must not drift
     params = {"window_s": 2.0, "hop_s": 1.0, "bands": [list(b) for b in CONFIG.bands], "n_mels": 32}
-    payload = json.dumps(
-        {
-            "params": json.dumps(params, sort_keys=True),
-            "modalities": [dataclasses.astuple(m) for m in layout.modalities],
-        },
-        sort_keys=True,
-    )
-    assert layout.hash == hashlib.sha256(payload.encode()).hexdigest()[:16] == "3d98cdbbfa0ab63e"
+    recorded = {**params, "nperseg": {"eeg": 250}}  # 250 Hz EEG, 1 s hop: segments of 250, not 256
+
+    def digest(params):
+        payload = json.dumps(
+            {
+                "params": json.dumps(params, sort_keys=True),
+                "modalities": [dataclasses.astuple(m)[:5] for m in layout.modalities],
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    assert layout.hash == digest(recorded) == "dbd622c948a66707"
+    assert digest(params) == "3d98cdbbfa0ab63e"  # layouts recorded before nperseg keep their hash
     assert FeatureLayout.from_json(layout.to_json()) == layout
     assert FeatureLayout.from_json(layout.to_json()).hash == layout.hash
     assert layout.hash != FeatureLayout.from_channels(CHANNELS, CONFIG, n_mels=16).hash
@@ -106,6 +112,50 @@ def test_hash_keys_the_store_and_json_round_trips(layout):
     other = FeatureLayout.from_channels(CHANNELS, CONFIG, hop_s=0.5)
     assert layout.mismatch(other) == "the model was trained with hop_s = 1.0 but the data's pipeline uses hop_s = 0.5"
     assert PipelineConfig.from_layout(layout) == PipelineConfig(modalities=("eeg", "bio"))
+
+
+def test_segment_length_is_recorded_so_windows_share_segments(layout):
+    eeg = layout.modality("eeg")
+    assert eeg.nperseg == 250 and layout.modality("bio").nperseg is None
+    assert layout.spectral_plan(eeg).nperseg == 250 and layout.hop_samples(eeg) % 125 == 0
+    data = json.loads(layout.to_json())
+    assert [m.get("nperseg") for m in data["modalities"]] == [250, None]
+    # the profile of a device: 500 Hz EEG and 16 kHz audio with a 1 s hop both get 500
+    profile = FeatureLayout.from_channels(
+        {"eeg": (500.0, ("Cz",), ("eeg",)), "audio": (16000.0, ("PCG",), ("audio",))}, CONFIG
+    )
+    assert [m.nperseg for m in profile.modalities] == [500, 500]
+    # no divisor of the hop near the default step (509 samples, a prime), or a fractional hop: the default
+    for fs, hop_s in ((509.0, 1.0), (500.0, 0.9993)):
+        odd = FeatureLayout.from_channels({"eeg": (fs, ("Cz",), ("eeg",))}, CONFIG, hop_s=hop_s)
+        assert odd.modality("eeg").nperseg == 512
+    # the shared length would leave a band without a bin: the default is kept
+    narrow = FeatureLayout.from_channels(
+        {"eeg": (500.0, ("Cz",), ("eeg",))}, CONFIG, hop_s=0.8, bands=(("narrow", 10.1, 10.9),)
+    )
+    assert narrow.modality("eeg").nperseg == 512  # 2 * 200 = 400 samples: bins 1.25 Hz apart
+
+
+def test_layouts_recorded_without_segment_length_use_the_kernels_default(layout):
+    data = json.loads(layout.to_json())
+    for m in data["modalities"]:
+        m.pop("nperseg", None)
+    old = FeatureLayout.from_json(json.dumps(data))
+    assert old.modality("eeg").nperseg is None and old.spectral_plan(old.modality("eeg")).nperseg == 256
+    assert old.hash == "3d98cdbbfa0ab63e" and FeatureLayout.from_json(old.to_json()) == old
+    assert old.mismatch(layout) == (
+        "eeg: the model was trained on Welch segments of 256 samples but the data's pipeline uses 250; "
+        "retrain the model on this pipeline's features"
+    )
+    assert old.mismatch(old) is None and layout.mismatch(layout) is None
+    for bad in (1, 2.5, True, "250"):
+        data["modalities"][0]["nperseg"] = bad
+        with pytest.raises(ModelFormatError, match="nperseg must be an integer >= 2"):
+            FeatureLayout.from_json(json.dumps(data))
+    data["modalities"][0]["nperseg"] = 250
+    data["modalities"][1]["nperseg"] = 250
+    with pytest.raises(ModelFormatError, match=r"bio nperseg .*eeg / audio only"):
+        FeatureLayout.from_json(json.dumps(data))
 
 
 def test_spectral_plan_is_the_kernels_plan(layout):

@@ -167,10 +167,14 @@ def test_window_features_match_kernels(synthetic, dtype, rtol):
         W, hop = spec.window_samples(part), int(spec.hop_s * part.sfreq)
         windows = np.ascontiguousarray(sliding_windows(signal.data, W, hop)[:10])
         feeds[part.modality] = windows.astype(dtype)
-        if part.modality == "eeg":
-            expected.append(band_powers(windows, part.sfreq, spec.bands, log=True).reshape(10, -1))
+        if part.modality == "eeg":  # the segment length the layout chose (500 at 500 Hz with a 1 s hop)
+            expected.append(
+                band_powers(windows, part.sfreq, spec.bands, log=True, nperseg=part.nperseg).reshape(10, -1)
+            )
         elif part.modality == "audio":
-            expected.append(log_band_energies(windows, part.sfreq, n_bands=spec.n_mels).reshape(10, -1))
+            expected.append(
+                log_band_energies(windows, part.sfreq, n_bands=spec.n_mels, nperseg=part.nperseg).reshape(10, -1)
+            )
         else:
             stats = window_statistics(windows, part.sfreq)
             hr = heart_rate_features(np.ascontiguousarray(windows[:, list(part.hr_channels)]), part.sfreq)
@@ -212,7 +216,8 @@ def test_window_features_match_band_powers_eegmat(eegmat):
     signal = recordings[1].signals["eeg"]
     windows = np.ascontiguousarray(sliding_windows(signal.data, 1000, 500)[:20])
     (out,) = session.run(None, {"eeg": windows})
-    expected = band_powers(windows, 500.0, spec.bands).reshape(20, -1)
+    assert eeg_only.modality("eeg").nperseg == 500  # shared_nperseg of 500 Hz EEG with a 1 s hop
+    expected = band_powers(windows, 500.0, spec.bands, nperseg=500).reshape(20, -1)
     np.testing.assert_allclose(10.0**out, expected, rtol=1e-5)
 
 

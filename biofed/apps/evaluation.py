@@ -67,6 +67,7 @@ from biofed.coordinator.lda import lda_from_statistics
 from biofed.coordinator.one_shot import release_class_statistics
 from biofed.edge.split import balanced_accuracy, device_standardization
 from biofed.edge.statistics import class_statistics, personalize
+from biofed.kernels.spectral import shared_nperseg
 from biofed.kernels.training import init_params, predict_proba, train
 from biofed.privacy_ledger import PrivacyLedger, make_accountant
 from biofed.privacy_mechanism import Charge, ClippedSum, PrivacyMechanism
@@ -193,9 +194,10 @@ def plain_pipeline_rows(
 ):
     """The plain MNE/SciPy pipeline's rows: log10 Welch band powers of the EEG channels.
 
-    ``mne.io.read_raw`` + ``scipy.signal.welch`` (Hann, 1 s segments, 50 % overlap) on 2 s
-    windows every 1 s; the label of a file is its eegmat name (``_1`` rest, ``_2``
-    arithmetic) or the description of its first annotation. Returns ``(X, labels, t)``.
+    ``mne.io.read_raw`` + ``scipy.signal.welch`` (Hann, segments of about 1 s, 50 % overlap) on
+    2 s windows every 1 s, with the segment length biofed's layout uses
+    (:func:`biofed.kernels.shared_nperseg`); the label of a file is its eegmat name (``_1``
+    rest, ``_2`` arithmetic) or the description of its first annotation. Returns ``(X, labels, t)``.
     """
     import mne
     from scipy.signal import welch
@@ -217,7 +219,7 @@ def plain_pipeline_rows(
         win, hop = int(round(window_s * fs)), int(round(hop_s * fs))
         starts = np.arange(0, x.shape[1] - win + 1, hop)
         windows = np.stack([x[:, s : s + win] for s in starts])
-        nperseg = min(win, 1 << int(math.ceil(math.log2(fs))))
+        nperseg = shared_nperseg(hop, win, min(win, 1 << int(math.ceil(math.log2(fs)))))
         freqs, psd = welch(windows, fs, nperseg=nperseg)
         power = np.stack(
             [psd[..., (freqs >= lo) & (freqs < hi)].sum(-1) * (freqs[1] - freqs[0]) for lo, hi in bands], -1

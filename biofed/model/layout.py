@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from biofed.datasets.recording import MODALITIES, stream_channels
-from biofed.kernels import BIOSENSOR_FEATURES, SpectralPlan, band_power_plan, log_band_energy_plan
+from biofed.kernels import BIOSENSOR_FEATURES, SpectralPlan, band_power_plan, log_band_energy_plan, shared_nperseg
 from biofed.model._json import ModelFormatError, load_bounded_json, names, number
 
 if TYPE_CHECKING:
@@ -76,6 +76,11 @@ class ModalityLayout:
         One entry per channel, in the order chunks must have their rows.
     feature_names : tuple of str
         ``"<modality>:<channel>:<feature>"`` per column, channel-major.
+    nperseg : int or None
+        Welch segment length of an EEG / audio modality, chosen by
+        :func:`biofed.kernels.shared_nperseg` when the layout is built (consecutive windows then
+        share half their segments). ``None`` for bio, and for layouts recorded before the
+        length was part of the layout: their features used the kernels' default length.
     """
 
     modality: str
@@ -83,6 +88,7 @@ class ModalityLayout:
     ch_names: tuple[str, ...]
     ch_types: tuple[str, ...]
     feature_names: tuple[str, ...]
+    nperseg: int | None = None
 
     @property
     def n_channels(self) -> int:
@@ -121,6 +127,39 @@ class ModalityLayout:
                 heart_rate.extend(range(column, column + len(HR_FEATURES)))
                 column += len(HR_FEATURES)
         return tuple(statistics), tuple(heart_rate)
+
+
+def _hop_samples(hop_s: float, sfreq: float) -> int | None:
+    hop = hop_s * sfreq
+    return int(round(hop)) if abs(hop - round(hop)) < 1e-9 else None
+
+
+def _plan(modality: str, sfreq: float, window: int, bands, n_mels: int, nperseg: int | None) -> SpectralPlan | None:
+    """The kernels' plan of an EEG / audio modality (``nperseg`` None: the kernels' default); may raise ValueError."""
+    if modality == "eeg":
+        return band_power_plan(sfreq, window, bands, nperseg=nperseg, log=True)
+    if modality == "audio":
+        return log_band_energy_plan(sfreq, window, n_bands=n_mels, nperseg=nperseg)
+    return None
+
+
+def _segment_length(modality: str, sfreq: float, window: int, hop: int | None, bands, n_mels: int) -> int | None:
+    """Welch segment length a new layout records: :func:`shared_nperseg` of the kernels' default,
+    kept only if the bands still contain a bin at that resolution; ``None`` for bio or when the
+    kernels refuse the settings (:meth:`FeatureLayout.spectral_plan` then reports why)."""
+    try:
+        default = _plan(modality, sfreq, window, bands, n_mels, None)
+    except ValueError:
+        return None
+    if default is None:
+        return None
+    nperseg = shared_nperseg(hop, window, default.nperseg)
+    if nperseg != default.nperseg:
+        try:
+            _plan(modality, sfreq, window, bands, n_mels, nperseg)
+        except ValueError:
+            return default.nperseg
+    return nperseg
 
 
 def _feature_names(modality: str, ch_names, ch_types, bands, n_mels: int) -> tuple[str, ...]:
@@ -225,7 +264,9 @@ class FeatureLayout:
                     "drop or narrow them in PipelineConfig.bands."
                 )
             columns = _feature_names(modality, ch_names, ch_types, bands, n_mels)
-            parts.append(ModalityLayout(modality, sfreq, ch_names, ch_types, columns))
+            window = int(round(window_s * sfreq))
+            nperseg = _segment_length(modality, sfreq, window, _hop_samples(hop_s, sfreq), bands, n_mels)
+            parts.append(ModalityLayout(modality, sfreq, ch_names, ch_types, columns, nperseg))
         if not parts:
             raise LayoutError(f"none of the configured modalities {selected} is present (got {tuple(channels)}).")
         return cls(window_s, hop_s, bands, n_mels, tuple(parts))
@@ -266,8 +307,7 @@ class FeatureLayout:
         """Samples between window starts of ``modality`` when ``hop_s * sfreq`` is an integer
         (to 1e-9, the usual case), else ``None``: window ``j`` then starts at sample
         ``round(j * hop_s * sfreq)``."""
-        hop = self.hop_s * modality.sfreq
-        return int(round(hop)) if abs(hop - round(hop)) < 1e-9 else None
+        return _hop_samples(self.hop_s, modality.sfreq)
 
     def spectral_plan(self, modality: ModalityLayout) -> SpectralPlan | None:
         """The kernels' spectral plan of an EEG or audio modality (``None`` for bio): the one
@@ -280,36 +320,32 @@ class FeatureLayout:
         """
         window = self.window_samples(modality)
         try:
-            if modality.modality == "eeg":
-                return band_power_plan(modality.sfreq, window, self.bands, log=True)
-            if modality.modality == "audio":
-                return log_band_energy_plan(modality.sfreq, window, n_bands=self.n_mels)
+            return _plan(modality.modality, modality.sfreq, window, self.bands, self.n_mels, modality.nperseg)
         except ValueError as exc:
             raise LayoutError(
                 f"{modality.modality} at {modality.sfreq} Hz with {window}-sample windows: {exc}"
             ) from None
-        return None
 
     @property
     def feature_params(self) -> str:
-        """JSON of the settings the feature values depend on (window, hop, bands, mels)."""
-        return json.dumps(
-            {
-                "window_s": self.window_s,
-                "hop_s": self.hop_s,
-                "bands": [list(b) for b in self.bands],
-                "n_mels": self.n_mels,
-            },
-            sort_keys=True,
-        )
+        """JSON of the settings the feature values depend on (window, hop, bands, mels and, when
+        recorded, the Welch segment length per modality)."""
+        params = {
+            "window_s": self.window_s,
+            "hop_s": self.hop_s,
+            "bands": [list(b) for b in self.bands],
+            "n_mels": self.n_mels,
+        }
+        nperseg = {m.modality: m.nperseg for m in self.modalities if m.nperseg is not None}
+        if nperseg:  # absent from layouts recorded without it: their hash stays what it was
+            params["nperseg"] = nperseg
+        return json.dumps(params, sort_keys=True)
 
     @property
     def hash(self) -> str:
         """16 hex digits identifying channels, rates, feature names and feature settings."""
-        payload = json.dumps(
-            {"params": self.feature_params, "modalities": [dataclasses.astuple(m) for m in self.modalities]},
-            sort_keys=True,
-        )
+        channels = [(m.modality, m.sfreq, m.ch_names, m.ch_types, m.feature_names) for m in self.modalities]
+        payload = json.dumps({"params": self.feature_params, "modalities": channels}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------- JSON
@@ -329,6 +365,7 @@ class FeatureLayout:
                         "ch_types": list(m.ch_types),
                         "feature_names": list(m.feature_names),
                     }
+                    | ({} if m.nperseg is None else {"nperseg": m.nperseg})
                     for m in self.modalities
                 ],
             },
@@ -375,9 +412,16 @@ class FeatureLayout:
             raise ModelFormatError("layout modalities must be a non-empty list")
         parts = []
         for i, m in enumerate(data["modalities"]):
-            if not isinstance(m, dict) or set(m) != {"modality", "sfreq", "ch_names", "ch_types", "feature_names"}:
+            if not isinstance(m, dict) or set(m) - {"nperseg"} != {
+                "modality",
+                "sfreq",
+                "ch_names",
+                "ch_types",
+                "feature_names",
+            }:
                 raise ModelFormatError(
-                    f"layout modality {i} must have modality, sfreq, ch_names, ch_types and feature_names, got {m!r}"
+                    f"layout modality {i} must have modality, sfreq, ch_names, ch_types and feature_names "
+                    f"(and nperseg for eeg / audio), got {m!r}"
                 )
             if m["modality"] not in MODALITIES:
                 raise ModelFormatError(f"layout modality {i} is {m['modality']!r}, not eeg, audio or bio")
@@ -387,6 +431,13 @@ class FeatureLayout:
                 raise ModelFormatError(
                     f"layout {m['modality']}: {len(ch_names)} channel names but {len(ch_types)} channel types"
                 )
+            nperseg = m.get("nperseg")  # absent: recorded before it was, the kernels' default
+            if nperseg is not None and (
+                m["modality"] == "bio" or isinstance(nperseg, bool) or not isinstance(nperseg, int) or nperseg < 2
+            ):
+                raise ModelFormatError(
+                    f"layout {m['modality']} nperseg must be an integer >= 2 (eeg / audio only), got {nperseg!r}"
+                )
             parts.append(
                 ModalityLayout(
                     m["modality"],
@@ -394,6 +445,7 @@ class FeatureLayout:
                     ch_names,
                     ch_types,
                     names(m["feature_names"], f"layout {m['modality']} feature_names"),
+                    nperseg,
                 )
             )
         return cls(window_s, hop_s, bands, n_mels, tuple(parts))
@@ -436,4 +488,19 @@ class FeatureLayout:
                     f"{m}: feature columns differ from column {first} on ({len(a.feature_names)} in the model, "
                     f"{len(b.feature_names)} in the data)"
                 )
+            mine_seg, theirs_seg = self._nperseg(a), actual._nperseg(b)
+            if mine_seg != theirs_seg:
+                return (
+                    f"{m}: the model was trained on Welch segments of {mine_seg} samples but the data's pipeline "
+                    f"uses {theirs_seg}; retrain the model on this pipeline's features"
+                )
         return None
+
+    def _nperseg(self, modality: ModalityLayout) -> int | None:
+        """The segment length the features of ``modality`` use (the kernels' default where none is recorded)."""
+        if modality.nperseg is not None or modality.modality == "bio":
+            return modality.nperseg
+        try:
+            return self.spectral_plan(modality).nperseg
+        except LayoutError:
+            return None
