@@ -4,11 +4,11 @@ Run as a fresh process (``python -m biofed.benchmarks.numba_floor``) with the in
 Numba cache (``NUMBA_CACHE_DIR``) of the process it is compared with. It imports NumPy and the
 kernels (Numba, llvmlite and rocket-fft, which imports ``scipy.fft``) and nothing else of biofed,
 then computes the band powers of one float32 EEG window the way the agent's streaming pipeline
-does (:meth:`biofed.edge.pipeline.StreamingPipeline` calls the Welch kernel
-``biofed.kernels.spectral._welch_weighted`` on its sample buffer): one kernel, with the
-signature the agent uses, loaded from the cache (loading machine code from Numba's cache still initializes its typing
-and lowering registries and maps most of LLVM). Everything an agent holds above this peak is
-its own: its other modules, its other kernels, its data.
+does (:class:`biofed.edge.pipeline.StreamingPipeline` calls :class:`biofed.kernels.WelchStream`
+on its sample buffer): its Welch kernel, with the signature the agent uses, loaded from the
+cache (loading machine code from Numba's cache still initializes its typing and lowering
+registries and maps most of LLVM). Everything an agent holds above this peak is its own: its
+other modules, its other kernels, its data.
 
 Prints one JSON line: ``peak_rss_mb`` (the whole process's peak resident set, see
 :func:`biofed.peak_memory.peak_rss_mb`), the peak after the imports, the modules of biofed and of SciPy it
@@ -28,24 +28,20 @@ from biofed.peak_memory import peak_rss_mb
 
 
 def main() -> None:
-    from biofed.kernels import EEG_BANDS, band_power_plan
-    from biofed.kernels.spectral import _welch_weighted
+    from biofed.kernels import EEG_BANDS, WelchStream, band_power_plan, spectral
 
     rss_after_imports = peak_rss_mb()
     plan = band_power_plan(250.0, 500, EEG_BANDS)
     buffer = np.random.default_rng(0).standard_normal((4, plan.window)).astype(np.float32)
-    starts = np.zeros(1, dtype=np.int64)
-    powers = np.empty((1, buffer.shape[0], plan.n_bands), dtype=np.float32)
-    taper = plan.taper_for(buffer.dtype)
-    _welch_weighted(buffer, starts, 0, plan.n_seg, plan.nperseg, 0, taper, plan.kmin, plan.weights, powers)
-    stats = _welch_weighted.stats
+    powers = WelchStream(plan, buffer.shape[0], np.float32).features(buffer, 0, [0])
+    kernels = (spectral._welch_stream,)
     report = {
         "peak_rss_mb": peak_rss_mb(),
         "rss_after_imports_mb": rss_after_imports,
         "biofed_modules": sorted(m for m in sys.modules if m.startswith("biofed")),
         "scipy_modules": sorted({m.split(".")[1] for m in sys.modules if m.startswith("scipy.") and m.count(".") == 1}),
-        "cache_hits": sum(stats.cache_hits.values()),
-        "cache_misses": sum(stats.cache_misses.values()),
+        "cache_hits": sum(sum(kernel.stats.cache_hits.values()) for kernel in kernels),
+        "cache_misses": sum(sum(kernel.stats.cache_misses.values()) for kernel in kernels),
         "finite": bool(np.isfinite(powers).all()),
     }
     print(json.dumps(report))
