@@ -40,6 +40,7 @@ inter-beat intervals ``ibi = diff(peaks) / fs``; heart rate ``60 / mean(ibi)`` b
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -592,7 +593,8 @@ def heart_rate_features(windows, fs: float) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=16)
 def _heart_rate_args(fs: float) -> tuple[float, tuple[int, ...], float]:
     """The parameters after ``windows`` of ``_heart_rate_features`` for a validated ``fs``
-    (``detect_peaks`` defaults); a stream computes them once."""
+    (``detect_peaks`` defaults), computed once per rate: a device calls with one or two."""
     return fs, _detector_lengths(fs, 0.3), _ADAPTIVE_FRACTION
