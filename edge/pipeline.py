@@ -60,6 +60,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import itertools
 import logging
 import math
 from collections import deque
@@ -263,7 +264,9 @@ class _ModalityStream:
         self.buf_start = 0  # absolute index of buf[:, 0]
         self.n_seen = 0  # samples accepted since the stream started
         self.next_window = 0  # index of the next window to compute
-        self.labels: list[tuple[int, str | None]] = []  # (first absolute sample, label), reference only
+        # reference only: label_values[i] holds from absolute sample label_starts[i] on
+        self.label_starts: list[int] = []
+        self.label_values: list[str | None] = []
         # features (and reference labels) of windows [next_window - len(pending), next_window)
         self.pending: deque[tuple[np.ndarray, str | None]] = deque()
         # segments[:n_segments] hold the powers of segments first_segment, first_segment + 1, ...
@@ -280,8 +283,8 @@ class _ModalityStream:
         return j * self.hop if self.hop is not None else int(math.floor(j * self.hop_exact + 0.5))
 
     def _label_at(self, sample: int) -> str | None:
-        i = bisect.bisect_right(self.labels, sample, key=lambda seg: seg[0]) - 1
-        return self.labels[i][1] if i >= 0 else None
+        i = bisect.bisect_right(self.label_starts, sample) - 1
+        return self.label_values[i] if i >= 0 else None
 
     def _compact(self) -> None:
         keep_from = min(self.start(self.next_window), self.buf_start + self.fill)
@@ -291,17 +294,18 @@ class _ModalityStream:
         kept = self.fill - drop
         self.buf[:, :kept] = self.buf[:, drop : self.fill]
         self.buf_start, self.fill = keep_from, kept
-        if self.labels:  # segments ending before the kept region are no longer needed
-            i = bisect.bisect_right(self.labels, keep_from, key=lambda seg: seg[0]) - 1
+        if self.label_starts:  # segments ending before the kept region are no longer needed
+            i = bisect.bisect_right(self.label_starts, keep_from) - 1
             if i > 0:
-                del self.labels[:i]
+                del self.label_starts[:i], self.label_values[:i]
 
     def push(self, chunk: np.ndarray, label: str | None) -> int:
         """Buffer ``chunk`` and compute the windows it completes; returns how many."""
         before = self.next_window
         n = chunk.shape[1]
-        if self.track_labels and (not self.labels or self.labels[-1][1] != label):
-            self.labels.append((self.n_seen, label))
+        if self.track_labels and (not self.label_values or self.label_values[-1] != label):
+            self.label_starts.append(self.n_seen)
+            self.label_values.append(label)
         pos = 0
         while pos < n:
             if self.fill == self.capacity:
@@ -315,22 +319,34 @@ class _ModalityStream:
         return self.next_window - before
 
     def _extract(self) -> None:
-        starts = []
         j = self.next_window
-        while self.start(j) + self.window <= self.n_seen:
-            starts.append(self.start(j))
-            j += 1
-        if not starts:
-            return
+        if self.hop is not None:
+            stop = (self.n_seen - self.window) // self.hop + 1  # windows complete so far
+            if stop <= j:
+                return
+            starts = list(range(j * self.hop, stop * self.hop, self.hop))
+            j = stop
+        else:
+            starts = []
+            while self.start(j) + self.window <= self.n_seen:
+                starts.append(self.start(j))
+                j += 1
+            if not starts:
+                return
         if self.plan is not None:
             features = self._spectral_features(starts)
+        elif len(starts) == 1:  # the usual live case: the window is a view of the buffer
+            offset = starts[0] - self.buf_start
+            features = self._features(self.buf[None, :, offset : offset + self.window])
         else:
             features = self._features(
                 np.stack([self.buf[:, s - self.buf_start : s - self.buf_start + self.window] for s in starts])
             )
-        for row, s in zip(features, starts):
-            label = self._label_at(s + self.window - 1) if self.track_labels else None
-            self.pending.append((row, label))
+        if self.track_labels:
+            last = self.window - 1
+            self.pending.extend(zip(features, [self._label_at(s + last) for s in starts]))
+        else:
+            self.pending.extend(zip(features, [None] * len(starts)))
         self.next_window = j
 
     def _spectral_features(self, starts: list[int]) -> np.ndarray:
@@ -366,11 +382,10 @@ class _ModalityStream:
         stats = np.empty((n_windows, n_channels, self.stat_cols.size // n_channels), dtype=np.float64)
         self._window_statistics(windows, self.fs, stats)
         out[:, self.stat_cols] = stats.reshape(n_windows, -1)
-        if self.hr_channels.size:
-            hr_windows = np.ascontiguousarray(windows[:, self.hr_channels])
+        if self.hr_channels.size:  # the kernel reads the heart-rate channels in place
             n_hr = self.hr_channels.size
             hr = np.empty((n_windows, n_hr, self.hr_cols.size // n_hr), dtype=np.float64)
-            self._heart_rate_features(hr_windows, *self.hr_args, hr)
+            self._heart_rate_features(windows, self.hr_channels, *self.hr_args, hr)
             out[:, self.hr_cols] = hr.reshape(n_windows, -1)
         return out
 
@@ -424,9 +439,13 @@ class StreamingPipeline:
             for i, part in enumerate(layout.modalities)
         }
         self._reference = layout.modalities[0].modality
+        self._stream_list = list(self._streams.values())  # the reference first
+        self._n_features = layout.n_features
+        bounds = np.cumsum([0] + [part.n_features for part in layout.modalities])
+        self._stream_columns = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self._next_emit = 0
         self._basis: Basis | None = None
-        self._row_layout_hash = layout.hash
+        self._row_layout_hash: str | None = None  # computed on first use (hashing the layout is not free)
         self.windows_emitted = 0
         self.windows_dropped = 0
         self.set_basis(basis)
@@ -442,7 +461,7 @@ class StreamingPipeline:
         if basis is None:
             self._basis = None
             self._projection = None
-            self._row_layout_hash = self.layout.hash
+            self._row_layout_hash = None
             return
         try:
             self._basis = Basis.checked(basis, self.layout.n_features)
@@ -450,14 +469,19 @@ class StreamingPipeline:
             raise PipelineError(str(exc)) from None
         # validated once here; every emitted block is then only multiplied
         self._projection = transform_plan(self._basis.components.T, mean=self._basis.mean, scale=self._basis.scale)
-        digest = hashlib.sha256(self.layout.hash.encode())
-        for array in self._basis:
-            digest.update(array.tobytes())
-        self._row_layout_hash = f"k{self._basis.components.shape[0]}-{digest.hexdigest()[:16]}"
+        self._row_layout_hash = None
 
     @property
     def row_layout_hash(self) -> str:
         """Layout hash of the rows currently emitted (raw layout, or layout + basis when projecting)."""
+        if self._row_layout_hash is None:
+            if self._basis is None:
+                self._row_layout_hash = self.layout.hash
+            else:
+                digest = hashlib.sha256(self.layout.hash.encode())
+                for array in self._basis:
+                    digest.update(array.tobytes())
+                self._row_layout_hash = f"k{self._basis.components.shape[0]}-{digest.hexdigest()[:16]}"
         return self._row_layout_hash
 
     @property
@@ -497,7 +521,7 @@ class StreamingPipeline:
                 f"{modality} chunk has {arr.shape[0]} channel(s) but the layout has {part.n_channels} "
                 f"({', '.join(part.ch_names)}); send channels in that order."
             )
-        if arr.shape[1] and not np.isfinite(arr.sum()):
+        if arr.shape[1] and not math.isfinite(np.add.reduce(arr, axis=None)):
             bad = np.argwhere(~np.isfinite(arr))
             if len(bad):
                 ch, i = (int(v) for v in bad[0])
@@ -540,24 +564,24 @@ class StreamingPipeline:
         return self._emit()
 
     def _emit(self) -> list[FeatureRow]:
-        streams = self._streams.values()
-        for s in streams:  # a lagging modality's windows that were dropped meanwhile
-            s.discard_before(self._next_emit)
-        ready = min(s.next_window for s in streams) - self._next_emit
+        streams = self._stream_list
+        next_emit = self._next_emit
+        ready = None
+        for s in streams:
+            if s.next_window - len(s.pending) < next_emit:  # windows dropped while it lagged
+                s.discard_before(next_emit)
+            ready = s.next_window if ready is None or s.next_window < ready else ready
+        ready -= next_emit
         rows: list[FeatureRow] = []
         if ready > 0:
-            blocks = []
-            labels: list[str | None] = []
-            for s in streams:  # each holds windows [next_emit, next_window) now
-                entries = [s.pending.popleft() for _ in range(ready)]
-                blocks.append(np.stack([e[0] for e in entries]))
-                if s.track_labels:
-                    labels = [e[1] for e in entries]
-            raw = (
-                np.concatenate(blocks, axis=1, dtype=np.float64)
-                if len(blocks) > 1
-                else blocks[0].astype(np.float64, copy=False)
-            )
+            # each stream holds windows [next_emit, next_window) now; the reference (first)
+            # stream carries the labels
+            raw = np.empty((ready, self._n_features), dtype=np.float64)
+            labels = [entry[1] for entry in itertools.islice(streams[0].pending, ready)]
+            for s, columns in zip(streams, self._stream_columns):
+                pending = s.pending
+                for i in range(ready):
+                    raw[i, columns] = pending.popleft()[0]
             if self._projection is not None:
                 vectors = apply_transform(raw, self._projection)
             else:

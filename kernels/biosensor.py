@@ -527,20 +527,21 @@ def detect_peaks(x, fs: float, *, min_distance_s: float = 0.3, prominence: float
 
 
 @njit(cache=True, nogil=True)
-def _heart_rate_features(windows, fs, lengths, adaptive_fraction, out):
-    """Mean heart rate (beats/min) and RMSSD (ms) of each window and channel, into ``out``;
+def _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, out):
+    """Mean heart rate (beats/min) and RMSSD (ms) of each window and of the channels
+    ``channels`` (indices into axis 1 of ``windows``), into ``out`` (n_windows, len(channels), 2);
     False if a sample is NaN or inf (or a float64 sum overflowed), the outputs then undefined.
 
     One scratch for every window and channel; the finiteness test sums the smoothed samples
     each detection leaves in its scratch (no extra pass over the samples).
     """
-    n_windows, n_channels, n = windows.shape
+    n_windows, n = windows.shape[0], windows.shape[2]
     fwork, iwork, prom = _detector_work(n)
     beats = iwork[0]
     finite = True
     for i in range(n_windows):
-        for c in range(n_channels):
-            x = windows[i, c]
+        for c in range(channels.shape[0]):
+            x = windows[i, channels[c]]
             n_peaks = _beats_into(x, fs, -1.0, lengths, adaptive_fraction, fwork, iwork, prom)
             check = _sum(fwork[0], 0, n) if n >= 3 else _sum(x, 0, n)
             finite = finite and math.isfinite(check)
@@ -588,7 +589,8 @@ def heart_rate_features(windows, fs: float) -> np.ndarray:
     windows = _check_windows(windows, check_finite=False)
     fs = check_positive_float(fs, "fs")
     out = np.empty(windows.shape[:2] + (2,), dtype=windows.dtype)
-    if windows.shape[0] and not _heart_rate_features(windows, *_heart_rate_args(fs), out):
+    channels = np.arange(windows.shape[1])
+    if windows.shape[0] and not _heart_rate_features(windows, channels, *_heart_rate_args(fs), out):
         raise_if_nonfinite(windows, "windows")  # the kernel's sum of the samples was not finite
     return out
 
