@@ -76,6 +76,7 @@ from biofed.kernels import (
     transform_plan,
 )
 from biofed.kernels.spectral import _segment_powers  # into the ring of kept segments, without a copy
+from biofed.kernels.windowing import _append_samples  # the buffer's append and finiteness test
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
 if TYPE_CHECKING:
@@ -204,6 +205,22 @@ class PipelineConfig:
 
 
 # --------------------------------------------------------------------------- streaming
+#: Sample dtypes (``dtype.char``) the stream buffers copy as they are; others become float64 first.
+_BUFFERED_DTYPES = "fdbhilqBHILQ"
+
+
+def _nonfinite_chunk_error(part: ModalityLayout, chunk: np.ndarray) -> ChunkError:
+    """The error for a chunk whose samples do not sum to a finite float64."""
+    bad = np.argwhere(~np.isfinite(chunk))
+    if len(bad):
+        ch, i = (int(v) for v in bad[0])
+        return ChunkError(
+            f"{part.modality} chunk holds {len(bad)} NaN/inf sample(s), the first in channel "
+            f"{part.ch_names[ch]!r} at sample {i}; chunk dropped (interpolate gaps before pushing)."
+        )
+    return ChunkError(f"{part.modality} chunk overflows float64 when summed; rescale the samples.")
+
+
 class FeatureRow(NamedTuple):
     """One feature window: ``t`` (s, window start since stream start), ``label``, ``vector`` (F,) or (k,)."""
 
@@ -300,12 +317,26 @@ class _ModalityStream:
                 del self.label_starts[:i], self.label_values[:i]
 
     def push(self, chunk: np.ndarray, label: str | None) -> int:
-        """Buffer ``chunk`` and compute the windows it completes; returns how many."""
+        """Buffer ``chunk`` and compute the windows it completes; returns how many.
+
+        Raises :class:`ChunkError` before any state changes if a sample is NaN or inf: a chunk
+        that fits the buffer's free space is copied behind the valid samples and tested in the
+        same pass (what lies behind ``fill`` is not state); a larger one is tested first.
+        """
         before = self.next_window
         n = chunk.shape[1]
+        fits = self.fill + n <= self.capacity
+        total = _append_samples(chunk, self.buf, self.fill) if fits else np.add.reduce(chunk, axis=None)
+        if not math.isfinite(total):
+            raise _nonfinite_chunk_error(self.part, chunk)
         if self.track_labels and (not self.label_values or self.label_values[-1] != label):
             self.label_starts.append(self.n_seen)
             self.label_values.append(label)
+        if fits:
+            self.fill += n
+            self.n_seen += n
+            self._extract()
+            return self.next_window - before
         pos = 0
         while pos < n:
             if self.fill == self.capacity:
@@ -521,16 +552,9 @@ class StreamingPipeline:
                 f"{modality} chunk has {arr.shape[0]} channel(s) but the layout has {part.n_channels} "
                 f"({', '.join(part.ch_names)}); send channels in that order."
             )
-        if arr.shape[1] and not math.isfinite(np.add.reduce(arr, axis=None)):
-            bad = np.argwhere(~np.isfinite(arr))
-            if len(bad):
-                ch, i = (int(v) for v in bad[0])
-                raise ChunkError(
-                    f"{modality} chunk holds {len(bad)} NaN/inf sample(s), the first in channel "
-                    f"{part.ch_names[ch]!r} at sample {i}; chunk dropped (interpolate gaps before pushing)."
-                )
-            raise ChunkError(f"{modality} chunk overflows float64 when summed; rescale the samples.")
-        return arr
+        if arr.dtype.char not in _BUFFERED_DTYPES or not arr.dtype.isnative:  # float16, big-endian, ...
+            arr = arr.astype(np.float64)
+        return arr  # its samples' finiteness is tested by the stream as it buffers them
 
     def push(self, modality: str, chunk, label: str | None = None) -> list[FeatureRow]:
         """Append a chunk of one modality; return the rows of every window completed by it.
