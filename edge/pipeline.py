@@ -336,6 +336,8 @@ class _ModalityStream:
             self.fill += n
             self.n_seen += n
             self._extract()
+            if self.capacity - self.fill < n:  # make room now, so that the next such chunk fits
+                self._compact()
             return self.next_window - before
         pos = 0
         while pos < n:

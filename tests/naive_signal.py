@@ -137,3 +137,16 @@ def detect_beats(x, fs, prominence, min_distance_s=0.3):
         if not beats or best > beats[-1]:
             beats.append(best)
     return np.array(beats, dtype=np.int64)
+
+
+def select_by_distance(x, peaks, distance):
+    """Peaks kept highest first (Python's stable sort: of equal heights the later wins),
+    each dropping the others closer than ``distance`` samples."""
+    order = sorted(range(len(peaks)), key=lambda k: x[peaks[k]])
+    keep = [True] * len(peaks)
+    for j in reversed(order):
+        if keep[j]:
+            for k in range(len(peaks)):
+                if k != j and abs(peaks[k] - peaks[j]) < distance:
+                    keep[k] = False
+    return np.array([p for p, kept in zip(peaks, keep) if kept], dtype=np.int64)

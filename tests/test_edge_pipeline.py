@@ -327,6 +327,38 @@ def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirat
     assert issubclass(ChunkError, PipelineError) and issubclass(PipelineError, ValueError)
 
 
+def test_chunks_larger_than_the_free_buffer_are_checked_before_buffering(multirate):
+    # a chunk that does not fit behind the buffered samples is tested before any copy
+    config = dataclasses.replace(CONFIG, modalities=("eeg",), max_chunk_s=1.0)
+    layout = FeatureLayout.from_recording(multirate, config)
+    pipe = StreamingPipeline(config, layout)
+    eeg = multirate.signals["eeg"].data
+    rows = pipe.push("eeg", eeg[:, :1200])
+    fill = pipe.buffer_fill["eeg"]
+    big = eeg[:, 1200:4000].copy()  # 2800 samples > the 1500-sample buffer
+    big[2, 2000] = np.inf
+    with pytest.raises(ChunkError, match=r"1 NaN/inf sample\(s\), the first in channel 'F3' at sample 2000"):
+        pipe.push("eeg", big)
+    assert pipe.buffer_fill["eeg"] == fill
+    rows += pipe.push("eeg", eeg[:, 1200:])
+    X, _, _ = extract_features(multirate, config)
+    np.testing.assert_array_equal(_as_arrays(rows)[0], X)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ">f8", np.int32, "<f4"])
+def test_chunks_of_any_real_dtype_equal_float64_chunks(multirate, dtype):
+    config = dataclasses.replace(CONFIG, modalities=("bio",))
+    layout = FeatureLayout.from_recording(multirate, config)
+    bio = np.round(multirate.signals["bio"].data * 100).astype(dtype)
+    pipe, reference = StreamingPipeline(config, layout), StreamingPipeline(config, layout)
+    for a in range(0, bio.shape[1], 300):
+        rows = pipe.push("bio", bio[:, a : a + 300])
+        expected = reference.push("bio", bio[:, a : a + 300].astype(np.float64))
+        assert len(rows) == len(expected)
+        for row, ref in zip(rows, expected):
+            np.testing.assert_array_equal(row.vector, ref.vector)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
