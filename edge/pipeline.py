@@ -585,8 +585,16 @@ class StreamingPipeline:
         arr = self._check_chunk(modality, chunk)
         if label is not None and not isinstance(label, str):
             raise ChunkError(f"label must be a str or None, got {type(label).__name__} {label!r}.")
-        if arr.shape[1] == 0 or not self._streams[modality].push(arr, label):
+        stream = self._streams[modality]
+        if arr.shape[1] == 0 or not stream.push(arr, label):
             return []  # no new window: nothing can be emitted or dropped
+        next_emit, cap = self._next_emit, self.config.max_pending_windows
+        if (cap is None or stream.next_window - next_emit <= cap) and any(
+            s.next_window <= next_emit for s in self._stream_list
+        ):  # some modality still lacks window next_emit and this one is within the cap
+            if stream.next_window - len(stream.pending) < next_emit:  # it lagged through a drop
+                stream.discard_before(next_emit)
+            return []
         return self._emit()
 
     def _emit(self) -> list[FeatureRow]:

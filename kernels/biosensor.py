@@ -289,17 +289,17 @@ def _select_by_distance(x, peaks, distance, order):
     wins), as ``scipy.signal.find_peaks``; compacts ``peaks`` in place, returns the count.
     ``order`` is scratch of ``peaks``' length."""
     n_peaks = peaks.shape[0]
+    heights = x[peaks]
     if n_peaks <= _INSERTION_SORT_MAX:  # a stable sort by height: the order of the mergesort
         for k in range(n_peaks):
-            v = k
-            height = x[peaks[k]]
+            height = heights[k]
             q = k - 1
-            while q >= 0 and x[peaks[order[q]]] > height:
+            while q >= 0 and heights[order[q]] > height:
                 order[q + 1] = order[q]
                 q -= 1
-            order[q + 1] = v
+            order[q + 1] = k
     else:
-        order[:] = np.argsort(x[peaks], kind="mergesort")
+        order[:] = np.argsort(heights, kind="mergesort")
     keep = np.ones(n_peaks, dtype=np.bool_)
     for idx in range(n_peaks - 1, -1, -1):
         j = order[idx]

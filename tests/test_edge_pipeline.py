@@ -252,6 +252,21 @@ def test_lagging_modality_is_capped_and_windows_dropped(caplog):
     assert [r.t for r in rows] == [14.0, 15.0, 16.0, 17.0, 18.0]  # only the kept windows pair up
 
 
+def test_lagging_modality_catching_up_in_small_chunks_keeps_no_stale_windows():
+    config = PipelineConfig(max_pending_windows=5)
+    layout = FeatureLayout.from_channels({"eeg": (100.0, ("Cz",), ("eeg",)), "bio": (64.0, ("ECG",), ("ecg",))}, config)
+    pipe = StreamingPipeline(config, layout)
+    rng = np.random.default_rng(0)
+    pipe.push("eeg", rng.standard_normal((1, 100 * 20)))  # windows 0-13 dropped, 14-18 pending
+    bio = rng.standard_normal((1, 64 * 20))
+    rows = []
+    for second in range(20):  # bio's windows 0-13 come too late and are discarded as they come
+        rows += pipe.push("bio", bio[:, 64 * second : 64 * (second + 1)])
+        assert pipe.pending_windows == (5 if second < 15 else 5 - (second - 14))
+    assert [r.t for r in rows] == [14.0, 15.0, 16.0, 17.0, 18.0]
+    assert pipe.windows_dropped == 14 and pipe.windows_emitted == 5
+
+
 # ---------------------------------------------------------------------------------- labels
 def test_window_label_is_the_reference_label_at_its_last_sample():
     fs = 100.0
