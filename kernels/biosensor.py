@@ -13,7 +13,9 @@ give two bursts, rise and fall), while T waves, dicrotic waves and baseline wand
    edges (no zero padding, so window edges create no false slopes);
 2. rising slope: ``d = max(np.gradient(smoothed, 1 / fs), 0)`` (signal units per second);
 3. envelope: moving average of ``d ** 2`` over ``2 * round(0.05 * fs) + 1`` samples (~0.1 s:
-   a narrow QRS keeps its slope energy, a T wave ~4x wider and ~4x less steep drops ~16x);
+   a narrow QRS keeps its slope energy, a T wave ~4x wider and ~4x less steep drops ~16x),
+   computed as differences of the prefix sums of ``d ** 2`` (``np.cumsum``'s order; the other
+   moving averages sum each window afresh, see ``_moving_average_into``);
 4. candidates: local maxima of the envelope, refractory distance ``ceil(min_distance_s * fs)``
    (highest first, ties: the later sample wins), prominence within +-1 s, exactly as
    ``scipy.signal.find_peaks(envelope, distance=..., prominence=..., wlen=2 * round(fs) + 1)``;
@@ -204,14 +206,16 @@ def _moving_average(x, half):
 
 @njit(cache=True, nogil=True)
 def _running_average(x, half):
-    """``_moving_average`` in O(n) for wide windows.
+    """``_moving_average`` in O(n) for wide windows (the smoothing above 1.2 kHz, the
+    triangular envelope above 0.5 kHz).
 
     A running window sum adds the sample that enters and subtracts the one that leaves, with
-    Neumaier compensation: after a tall beat leaves the window the sum of the small samples
-    left is recovered to rounding of *their* size, not of the beat's (an uncompensated running
-    sum or a prefix-sum difference would carry an error of ``eps * beat`` into the quiet part
-    of the envelope). A count of the non-zero samples in the window makes a window of zeros
-    average to exactly 0, which keeps flat stretches of the rectified slope exactly flat.
+    Neumaier compensation: after a tall sample leaves the window the sum of the small samples
+    left is recovered to rounding of *their* size, and a raw trace's offset does not leak
+    rounding into its flat stretches (as an uncompensated running sum or prefix-sum
+    difference of signed samples would). A count of the non-zero samples in the window makes
+    a window of zeros average to exactly 0, which keeps flat stretches of the rectified slope
+    exactly flat.
     """
     n = x.shape[0]
     out = np.empty(n, dtype=np.float64)
@@ -241,6 +245,35 @@ def _running_average(x, half):
             lo += 1
         out[i] = (total + carry) / (hi - lo) if nonzero else 0.0
     return out
+
+
+@njit(cache=True, nogil=True)
+def _prefix_average_into(x, half, prefix, out):
+    """Centred mean of a non-negative ``x`` over ``[i - half, i + half]`` clipped to the array,
+    as differences of its prefix sums (``prefix``: scratch of ``len(x) + 1``), into ``out``.
+
+    O(n) at any width: one running sum (``np.cumsum``'s order) and one vectorized pass of
+    differences. For non-negative samples the prefix sums only grow, so a stretch of zeros
+    keeps the same prefix sum: its windows average to exactly 0 and every window holding the
+    same non-zero samples averages to the same bits (plateaus stay exactly flat); elsewhere a
+    difference is off by at most ``~eps * prefix[i + half + 1]``.
+    """
+    n = x.shape[0]
+    total = 0.0
+    prefix[0] = 0.0
+    for i in range(n):
+        total += x[i]
+        prefix[i + 1] = total
+    width = 2 * half + 1
+    a = min(half, n)  # [a, b): windows that fit in the array
+    b = max(n - half, a)
+    for i in range(a, b):
+        out[i] = (prefix[i + half + 1] - prefix[i - half]) / width
+    for edge_lo, edge_hi in ((0, a), (b, n)):
+        for i in range(edge_lo, edge_hi):
+            first = max(i - half, 0)
+            stop = min(i + half + 1, n)
+            out[i] = (prefix[stop] - prefix[first]) / (stop - first)
 
 
 @njit(cache=True, nogil=True)
@@ -398,11 +431,11 @@ def _select_peaks(x, distance, half_window, prominence, adaptive_half, adaptive_
 
 @njit(cache=True, nogil=True)
 def _detector_work(n):
-    """Scratch of ``_beats_into`` for signals of ``n`` samples: 5 float64 rows of ``n``,
+    """Scratch of ``_beats_into`` for signals of ``n`` samples: 6 float64 rows of ``n + 1``,
     2 int64 rows and one float64 row of ``max(n // 2, 1)``."""
     size = max(n // 2, 1)
     return (
-        np.empty((5, n), dtype=np.float64),
+        np.empty((6, n + 1), dtype=np.float64),
         np.empty((2, size), dtype=np.int64),
         np.empty(size, dtype=np.float64),
     )
@@ -412,7 +445,7 @@ def _detector_work(n):
 def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, prom):
     """Beat indices of ``x`` (module docstring steps 1-6) into ``iwork[0, :count]``; returns
     the count (0 for fewer than 3 samples). Scratch from ``_detector_work(len(x))``; after
-    the call ``fwork[0]`` holds the smoothed samples (finite exactly when ``x`` is, barring
+    the call ``fwork[0, :n]`` holds the smoothed samples (finite exactly when ``x`` is, barring
     a float64 overflow).
 
     ``lengths`` = (distance, prominence half-window, adaptive half-window, smoothing
@@ -424,9 +457,9 @@ def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, pro
     n = x.shape[0]
     if n < 3:
         return 0
-    smoothed, d2, envelope, inner, fine = fwork[0], fwork[1], fwork[2], fwork[3], fwork[4]
+    smoothed, d2, envelope, inner, fine = fwork[0, :n], fwork[1, :n], fwork[2, :n], fwork[3, :n], fwork[4, :n]
     _slope_energy_into(x, fs, smooth_half, smoothed, d2)
-    _moving_average_into(d2, envelope_half, 0, n, envelope)
+    _prefix_average_into(d2, envelope_half, fwork[5], envelope)
     beats, order = iwork[0], iwork[1]
     n_candidates = _select_peaks_into(
         envelope, distance, half_window, prominence, adaptive_half, adaptive_fraction, beats, order, prom

@@ -540,6 +540,27 @@ def test_moving_average_matches_fresh_sums(rng, half):
     assert np.all(plateau == plateau[0])
 
 
+@pytest.mark.parametrize("half", [0, 1, 12, 18, 25, 300, 700])
+def test_prefix_average_equals_cumsum_reference_and_keeps_zeros_and_plateaus(rng, half):
+    # the detector's box envelope: a squared rising slope with tall beats, tiny values, zero runs
+    x = np.maximum(rng.standard_normal(1200), 0.0) ** 2 * 1e-6
+    x[::97] = 1e6
+    x[400:700] = 0.0
+    x[850:1000] = 0.0
+    x[925] = 3.0  # one isolated value: every window holding it alone averages to the same bits
+    out = np.empty(1200)
+    biosensor._prefix_average_into(x, half, np.empty(1201), out)
+    np.testing.assert_array_equal(out, naive.prefix_moving_average(x, half))
+    np.testing.assert_allclose(out, naive.moving_average(x, half), rtol=1e-12, atol=4 * np.finfo(float).eps * x.sum())
+    assert np.all(out[400 + half : 700 - half] == 0.0)
+    if 2 * half + 1 <= 150:
+        plateau = out[max(850 + half, 925 - half) : min(1000 - half, 926 + half)]
+        assert plateau.size and np.all(plateau == plateau[0])
+    short = np.empty(7)
+    biosensor._prefix_average_into(x[:7], half, np.empty(8), short)  # no interior window
+    np.testing.assert_array_equal(short, naive.prefix_moving_average(x[:7], half))
+
+
 @pytest.mark.parametrize(("lo", "hi"), [(0, 60), (0, 5), (3, 17), (40, 60), (55, 60), (20, 21)])
 @pytest.mark.parametrize("half", [0, 2, 6, 12])
 def test_moving_average_over_a_range_equals_the_whole_array(rng, half, lo, hi):
