@@ -64,13 +64,9 @@ _ADAPTIVE_WINDOW_S = 1.5  # step 5: adaptive threshold reference within +-1.5 s
 _ADAPTIVE_FRACTION = 0.2  # step 5: keep peaks with prominence >= 0.2 * local reference
 
 
-@njit(cache=True, nogil=True, fastmath={"reassoc"})
+@njit(cache=True, nogil=True)
 def _window_statistics(windows, fs, out):
     """Mean, std (ddof=0), least-squares slope per second, min, max of each window and channel.
-
-    ``reassoc`` lets the compiler split the sums into SIMD partial sums (one running sum per
-    statistic is latency-bound); the order depends only on the window length, so results
-    are deterministic and differ from left-to-right sums by rounding (~1e-16 relative).
 
     Parameters
     ----------

@@ -592,6 +592,10 @@ def test_heart_rate_features_of_a_channel_subset_read_in_place(rng):
     assert biosensor._heart_rate_features(w, channels, *biosensor._heart_rate_args(fs), out)
     np.testing.assert_array_equal(out, heart_rate_features(np.ascontiguousarray(w[:, channels]), fs))
     np.testing.assert_allclose(out[:-1, 1, 0], 75.0, atol=1.0)  # the ECG channel (the last window: no beats)
+    # the pipeline's windows are views into its buffer: the statistics have the same bits there too
+    stats = np.empty((w.shape[0], 4, 5))
+    biosensor._window_statistics(w, fs, stats)
+    np.testing.assert_array_equal(stats, window_statistics(np.ascontiguousarray(w), fs))
 
 
 def test_peak_selection_plateaus_and_edges_equal_scipy():
