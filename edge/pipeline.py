@@ -33,10 +33,11 @@ Plans and shared segments
 Memory
     Each modality keeps one buffer of ``round(window_s*fs) + round(max_chunk_s*fs)`` samples per
     channel, allocated once. Larger pushes are consumed in slices of ``max_chunk_s``; the samples
-    still needed by the next window are moved to the front when the buffer is full (each window
-    stays contiguous, so the kernels read it without gathering). Per-modality features that wait
-    for a lagging modality are capped at ``max_pending_windows`` windows (oldest dropped with a
-    warning), so memory is bounded for any stream length.
+    still needed by the next window are moved to the front when the buffer is full, or after a
+    push that leaves less room than its own chunk, so that the next chunk of that size is copied
+    in one piece (each window stays contiguous, so the kernels read it without gathering).
+    Per-modality features that wait for a lagging modality are capped at ``max_pending_windows``
+    windows (oldest dropped with a warning), so memory is bounded for any stream length.
 
 Labels
     A window's label is the label passed with the chunk of the *reference modality* (the layout's
