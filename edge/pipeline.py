@@ -258,10 +258,7 @@ class _ModalityStream:
             spectral._reduce_segments,
             spectral._finish,
         )
-        self._window_statistics, self._heart_rate_features = (
-            biosensor._window_statistics,
-            biosensor._heart_rate_features,
-        )
+        self._biosensor_rows = biosensor._biosensor_rows
         if self.plan is not None:
             self.taper = self.plan.taper_for(dtype)
             step = self.plan.step
@@ -411,16 +408,8 @@ class _ModalityStream:
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""
-        n_windows, n_channels, _ = windows.shape
-        out = np.empty((n_windows, self.part.n_features), dtype=np.float64)
-        stats = np.empty((n_windows, n_channels, self.stat_cols.size // n_channels), dtype=np.float64)
-        self._window_statistics(windows, self.fs, stats)
-        out[:, self.stat_cols] = stats.reshape(n_windows, -1)
-        if self.hr_channels.size:  # the kernel reads the heart-rate channels in place
-            n_hr = self.hr_channels.size
-            hr = np.empty((n_windows, n_hr, self.hr_cols.size // n_hr), dtype=np.float64)
-            self._heart_rate_features(windows, self.hr_channels, *self.hr_args, hr)
-            out[:, self.hr_cols] = hr.reshape(n_windows, -1)
+        out = np.empty((windows.shape[0], self.part.n_features), dtype=np.float64)
+        self._biosensor_rows(windows, self.hr_channels, *self.hr_args, self.stat_cols, self.hr_cols, out)
         return out
 
 

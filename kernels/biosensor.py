@@ -593,6 +593,27 @@ def _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, out)
     return finite
 
 
+@njit(cache=True, nogil=True)
+def _biosensor_rows(windows, channels, fs, lengths, adaptive_fraction, stat_columns, hr_columns, out):
+    """``_window_statistics`` of every channel and ``_heart_rate_features`` of ``channels`` of
+    each window, written into the columns of its row ``out[i]`` (float64, (n_windows, F)):
+    statistic ``k`` of channel ``c`` into ``stat_columns[5 * c + k]``, heart-rate feature
+    ``k`` of ``channels[h]`` into ``hr_columns[2 * h + k]``. A feature row in one call, for
+    windows checked by the caller."""
+    n_windows, n_channels = windows.shape[0], windows.shape[1]
+    stats = np.empty((n_windows, n_channels, 5), dtype=np.float64)
+    _window_statistics(windows, fs, stats)
+    hr = np.empty((n_windows, channels.shape[0], 2), dtype=np.float64)
+    if channels.shape[0]:
+        _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, hr)
+    for i in range(n_windows):
+        row = out[i]
+        for k in range(stat_columns.shape[0]):
+            row[stat_columns[k]] = stats[i, k // 5, k % 5]
+        for k in range(hr_columns.shape[0]):
+            row[hr_columns[k]] = hr[i, k // 2, k % 2]
+
+
 def heart_rate_features(windows, fs: float) -> np.ndarray:
     """Mean heart rate and RMSSD of every window and channel (ECG or PPG channels).
 

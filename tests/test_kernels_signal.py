@@ -596,6 +596,13 @@ def test_heart_rate_features_of_a_channel_subset_read_in_place(rng):
     stats = np.empty((w.shape[0], 4, 5))
     biosensor._window_statistics(w, fs, stats)
     np.testing.assert_array_equal(stats, window_statistics(np.ascontiguousarray(w), fs))
+    # one call for the whole feature row: both kernels' outputs scattered into given columns
+    columns = rng.permutation(4 * 5 + 2 * 2)
+    rows = np.full((w.shape[0], columns.size), np.nan)
+    args = biosensor._heart_rate_args(fs)
+    biosensor._biosensor_rows(w, channels, *args, columns[:20], columns[20:], rows)
+    np.testing.assert_array_equal(rows[:, columns[:20]], stats.reshape(w.shape[0], -1))
+    np.testing.assert_array_equal(rows[:, columns[20:]], out.reshape(w.shape[0], -1))
 
 
 def test_peak_selection_plateaus_and_edges_equal_scipy():
