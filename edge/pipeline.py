@@ -75,9 +75,9 @@ from biofed.kernels import (
     EEG_BANDS,
     apply_transform,
     transform_plan,
+    windowing,
 )
 from biofed.kernels.spectral import _segment_powers  # into the ring of kept segments, without a copy
-from biofed.kernels.windowing import _append_samples  # the buffer's append and finiteness test
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
 if TYPE_CHECKING:
@@ -324,7 +324,7 @@ class _ModalityStream:
         before = self.next_window
         n = chunk.shape[1]
         fits = self.fill + n <= self.capacity
-        total = _append_samples(chunk, self.buf, self.fill) if fits else np.add.reduce(chunk, axis=None)
+        total = windowing._append_samples(chunk, self.buf, self.fill) if fits else np.add.reduce(chunk, axis=None)
         if not math.isfinite(total):
             raise _nonfinite_chunk_error(self.part, chunk)
         if self.track_labels and (not self.label_values or self.label_values[-1] != label):
