@@ -600,12 +600,17 @@ class StreamingPipeline:
         if ready > 0:
             # each stream holds windows [next_emit, next_window) now; the reference (first)
             # stream carries the labels
-            raw = np.empty((ready, self._n_features), dtype=np.float64)
-            labels = [entry[1] for entry in itertools.islice(streams[0].pending, ready)]
-            for s, columns in zip(streams, self._stream_columns):
-                pending = s.pending
-                for i in range(ready):
-                    raw[i, columns] = pending.popleft()[0]
+            if ready == 1:  # the live case: one row, its parts joined in one call
+                entries = [s.pending.popleft() for s in streams]
+                raw = np.concatenate([entry[0] for entry in entries], dtype=np.float64)[None]
+                labels = [entries[0][1]]
+            else:
+                raw = np.empty((ready, self._n_features), dtype=np.float64)
+                labels = [entry[1] for entry in itertools.islice(streams[0].pending, ready)]
+                for s, columns in zip(streams, self._stream_columns):
+                    pending = s.pending
+                    for i in range(ready):
+                        raw[i, columns] = pending.popleft()[0]
             if self._projection is not None:
                 vectors = apply_transform(raw, self._projection)
             else:
@@ -616,7 +621,7 @@ class StreamingPipeline:
             self.windows_emitted += ready
         cap = self.config.max_pending_windows
         if cap is not None:
-            ahead = max(s.next_window for s in streams) - self._next_emit
+            ahead = max([s.next_window for s in streams]) - self._next_emit
             if ahead > cap:
                 drop = ahead - cap
                 lagging = [s.part.modality for s in streams if s.next_window <= self._next_emit]
