@@ -35,10 +35,11 @@ Plans and shared segments
 Memory
     Each modality keeps one buffer of ``round(window_s*fs) + round(max_chunk_s*fs)`` samples per
     channel, allocated once. Larger pushes are consumed in slices of ``max_chunk_s``; the samples
-    still needed by the next window are moved to the front when the buffer is full (each window
-    stays contiguous, so the kernels read it without gathering). Per-modality features that wait
-    for a lagging modality are capped at ``max_pending_windows`` windows (oldest dropped with a
-    warning), so memory is bounded for any stream length.
+    still needed by the next window are moved to the front when the buffer is full, or after a
+    push that leaves less room than its own chunk, so that the next chunk of that size is copied
+    in one piece (each window stays contiguous, so the kernels read it without gathering).
+    Per-modality features that wait for a lagging modality are capped at ``max_pending_windows``
+    windows (oldest dropped with a warning), so memory is bounded for any stream length.
 
 Labels
     A window's label is the label passed with the chunk of the *reference modality* (the layout's
@@ -62,6 +63,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+import itertools
 import logging
 import math
 from collections import deque
@@ -76,6 +78,7 @@ from biofed.kernels import (
     WelchStream,
     apply_transform,
     transform_plan,
+    windowing,
 )
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
@@ -205,6 +208,22 @@ class PipelineConfig:
 
 
 # --------------------------------------------------------------------------- streaming
+#: Sample dtypes (``dtype.char``) the stream buffers copy as they are; others become float64 first.
+_BUFFERED_DTYPES = "fdbhilqBHILQ"
+
+
+def _nonfinite_chunk_error(part: ModalityLayout, chunk: np.ndarray) -> ChunkError:
+    """The error for a chunk whose samples do not sum to a finite float64."""
+    bad = np.argwhere(~np.isfinite(chunk))
+    if len(bad):
+        ch, i = (int(v) for v in bad[0])
+        return ChunkError(
+            f"{part.modality} chunk holds {len(bad)} NaN/inf sample(s), the first in channel "
+            f"{part.ch_names[ch]!r} at sample {i}; chunk dropped (interpolate gaps before pushing)."
+        )
+    return ChunkError(f"{part.modality} chunk overflows float64 when summed; rescale the samples.")
+
+
 class FeatureRow(NamedTuple):
     """One feature window: ``t`` (s, window start since stream start), ``label``, ``vector`` (F,) or (k,)."""
 
@@ -236,10 +255,7 @@ class _ModalityStream:
         # at push, so windows cut from the buffer skip the kernels' own checks.
         from biofed.kernels import biosensor
 
-        self._window_statistics, self._heart_rate_features = (
-            biosensor._window_statistics,
-            biosensor._heart_rate_features,
-        )
+        self._biosensor_rows = biosensor._biosensor_rows
         if self.plan is not None:
             # Windows a multiple of the segment step apart share segments: it keeps their powers.
             self.welch = WelchStream(self.plan, part.n_channels, dtype)
@@ -256,7 +272,9 @@ class _ModalityStream:
         self.buf_start = 0  # absolute index of buf[:, 0]
         self.n_seen = 0  # samples accepted since the stream started
         self.next_window = 0  # index of the next window to compute
-        self.labels: list[tuple[int, str | None]] = []  # (first absolute sample, label), reference only
+        # reference only: label_values[i] holds from absolute sample label_starts[i] on
+        self.label_starts: list[int] = []
+        self.label_values: list[str | None] = []
         # features (and reference labels) of windows [next_window - len(pending), next_window)
         self.pending: deque[tuple[np.ndarray, str | None]] = deque()
         if self.plan is not None:
@@ -271,8 +289,8 @@ class _ModalityStream:
         return j * self.hop if self.hop is not None else int(math.floor(j * self.hop_exact + 0.5))
 
     def _label_at(self, sample: int) -> str | None:
-        i = bisect.bisect_right(self.labels, sample, key=lambda seg: seg[0]) - 1
-        return self.labels[i][1] if i >= 0 else None
+        i = bisect.bisect_right(self.label_starts, sample) - 1
+        return self.label_values[i] if i >= 0 else None
 
     def _compact(self) -> None:
         keep_from = min(self.start(self.next_window), self.buf_start + self.fill)
@@ -282,17 +300,34 @@ class _ModalityStream:
         kept = self.fill - drop
         self.buf[:, :kept] = self.buf[:, drop : self.fill]
         self.buf_start, self.fill = keep_from, kept
-        if self.labels:  # segments ending before the kept region are no longer needed
-            i = bisect.bisect_right(self.labels, keep_from, key=lambda seg: seg[0]) - 1
+        if self.label_starts:  # segments ending before the kept region are no longer needed
+            i = bisect.bisect_right(self.label_starts, keep_from) - 1
             if i > 0:
-                del self.labels[:i]
+                del self.label_starts[:i], self.label_values[:i]
 
     def push(self, chunk: np.ndarray, label: str | None) -> int:
-        """Buffer ``chunk`` and compute the windows it completes; returns how many."""
+        """Buffer ``chunk`` and compute the windows it completes; returns how many.
+
+        Raises :class:`ChunkError` before any state changes if a sample is NaN or inf: a chunk
+        that fits the buffer's free space is copied behind the valid samples and tested in the
+        same pass (what lies behind ``fill`` is not state); a larger one is tested first.
+        """
         before = self.next_window
         n = chunk.shape[1]
-        if self.track_labels and (not self.labels or self.labels[-1][1] != label):
-            self.labels.append((self.n_seen, label))
+        fits = self.fill + n <= self.capacity
+        total = windowing._append_samples(chunk, self.buf, self.fill) if fits else np.add.reduce(chunk, axis=None)
+        if not math.isfinite(total):
+            raise _nonfinite_chunk_error(self.part, chunk)
+        if self.track_labels and (not self.label_values or self.label_values[-1] != label):
+            self.label_starts.append(self.n_seen)
+            self.label_values.append(label)
+        if fits:
+            self.fill += n
+            self.n_seen += n
+            self._extract()
+            if self.capacity - self.fill < n:  # make room now, so that the next such chunk fits
+                self._compact()
+            return self.next_window - before
         pos = 0
         while pos < n:
             if self.fill == self.capacity:
@@ -306,22 +341,34 @@ class _ModalityStream:
         return self.next_window - before
 
     def _extract(self) -> None:
-        starts = []
         j = self.next_window
-        while self.start(j) + self.window <= self.n_seen:
-            starts.append(self.start(j))
-            j += 1
-        if not starts:
-            return
+        if self.hop is not None:
+            stop = (self.n_seen - self.window) // self.hop + 1  # windows complete so far
+            if stop <= j:
+                return
+            starts = list(range(j * self.hop, stop * self.hop, self.hop))
+            j = stop
+        else:
+            starts = []
+            while self.start(j) + self.window <= self.n_seen:
+                starts.append(self.start(j))
+                j += 1
+            if not starts:
+                return
         if self.plan is not None:
             features = self._spectral_features(starts)
+        elif len(starts) == 1:  # the usual live case: the window is a view of the buffer
+            offset = starts[0] - self.buf_start
+            features = self._features(self.buf[None, :, offset : offset + self.window])
         else:
             features = self._features(
                 np.stack([self.buf[:, s - self.buf_start : s - self.buf_start + self.window] for s in starts])
             )
-        for row, s in zip(features, starts):
-            label = self._label_at(s + self.window - 1) if self.track_labels else None
-            self.pending.append((row, label))
+        if self.track_labels:
+            last = self.window - 1
+            self.pending.extend(zip(features, [self._label_at(s + last) for s in starts]))
+        else:
+            self.pending.extend(zip(features, [None] * len(starts)))
         self.next_window = j
 
     def _spectral_features(self, starts: list[int]) -> np.ndarray:
@@ -331,17 +378,8 @@ class _ModalityStream:
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""
-        n_windows, n_channels, _ = windows.shape
-        out = np.empty((n_windows, self.part.n_features), dtype=np.float64)
-        stats = np.empty((n_windows, n_channels, self.stat_cols.size // n_channels), dtype=np.float64)
-        self._window_statistics(windows, self.fs, stats)
-        out[:, self.stat_cols] = stats.reshape(n_windows, -1)
-        if self.hr_channels.size:
-            hr_windows = np.ascontiguousarray(windows[:, self.hr_channels])
-            n_hr = self.hr_channels.size
-            hr = np.empty((n_windows, n_hr, self.hr_cols.size // n_hr), dtype=np.float64)
-            self._heart_rate_features(hr_windows, *self.hr_args, hr)
-            out[:, self.hr_cols] = hr.reshape(n_windows, -1)
+        out = np.empty((windows.shape[0], self.part.n_features), dtype=np.float64)
+        self._biosensor_rows(windows, self.hr_channels, *self.hr_args, self.stat_cols, self.hr_cols, out)
         return out
 
 
@@ -394,9 +432,13 @@ class StreamingPipeline:
             for i, part in enumerate(layout.modalities)
         }
         self._reference = layout.modalities[0].modality
+        self._stream_list = list(self._streams.values())  # the reference first
+        self._n_features = layout.n_features
+        bounds = np.cumsum([0] + [part.n_features for part in layout.modalities])
+        self._stream_columns = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self._next_emit = 0
         self._basis: Basis | None = None
-        self._row_layout_hash = layout.hash
+        self._row_layout_hash: str | None = None  # computed on first use (hashing the layout is not free)
         self.windows_emitted = 0
         self.windows_dropped = 0
         self.set_basis(basis)
@@ -412,7 +454,7 @@ class StreamingPipeline:
         if basis is None:
             self._basis = None
             self._projection = None
-            self._row_layout_hash = self.layout.hash
+            self._row_layout_hash = None
             return
         try:
             self._basis = Basis.checked(basis, self.layout.n_features)
@@ -420,14 +462,19 @@ class StreamingPipeline:
             raise PipelineError(str(exc)) from None
         # validated once here; every emitted block is then only multiplied
         self._projection = transform_plan(self._basis.components.T, mean=self._basis.mean, scale=self._basis.scale)
-        digest = hashlib.sha256(self.layout.hash.encode())
-        for array in self._basis:
-            digest.update(array.tobytes())
-        self._row_layout_hash = f"k{self._basis.components.shape[0]}-{digest.hexdigest()[:16]}"
+        self._row_layout_hash = None
 
     @property
     def row_layout_hash(self) -> str:
         """Layout hash of the rows currently emitted (raw layout, or layout + basis when projecting)."""
+        if self._row_layout_hash is None:
+            if self._basis is None:
+                self._row_layout_hash = self.layout.hash
+            else:
+                digest = hashlib.sha256(self.layout.hash.encode())
+                for array in self._basis:
+                    digest.update(array.tobytes())
+                self._row_layout_hash = f"k{self._basis.components.shape[0]}-{digest.hexdigest()[:16]}"
         return self._row_layout_hash
 
     @property
@@ -467,16 +514,9 @@ class StreamingPipeline:
                 f"{modality} chunk has {arr.shape[0]} channel(s) but the layout has {part.n_channels} "
                 f"({', '.join(part.ch_names)}); send channels in that order."
             )
-        if arr.shape[1] and not np.isfinite(arr.sum()):
-            bad = np.argwhere(~np.isfinite(arr))
-            if len(bad):
-                ch, i = (int(v) for v in bad[0])
-                raise ChunkError(
-                    f"{modality} chunk holds {len(bad)} NaN/inf sample(s), the first in channel "
-                    f"{part.ch_names[ch]!r} at sample {i}; chunk dropped (interpolate gaps before pushing)."
-                )
-            raise ChunkError(f"{modality} chunk overflows float64 when summed; rescale the samples.")
-        return arr
+        if arr.dtype.char not in _BUFFERED_DTYPES or not arr.dtype.isnative:  # float16, big-endian, ...
+            arr = arr.astype(np.float64)
+        return arr  # its samples' finiteness is tested by the stream as it buffers them
 
     def push(self, modality: str, chunk, label: str | None = None) -> list[FeatureRow]:
         """Append a chunk of one modality; return the rows of every window completed by it.
@@ -505,29 +545,42 @@ class StreamingPipeline:
         arr = self._check_chunk(modality, chunk)
         if label is not None and not isinstance(label, str):
             raise ChunkError(f"label must be a str or None, got {type(label).__name__} {label!r}.")
-        if arr.shape[1] == 0 or not self._streams[modality].push(arr, label):
+        stream = self._streams[modality]
+        if arr.shape[1] == 0 or not stream.push(arr, label):
             return []  # no new window: nothing can be emitted or dropped
+        next_emit, cap = self._next_emit, self.config.max_pending_windows
+        if (cap is None or stream.next_window - next_emit <= cap) and any(
+            s.next_window <= next_emit for s in self._stream_list
+        ):  # some modality still lacks window next_emit and this one is within the cap
+            if stream.next_window - len(stream.pending) < next_emit:  # it lagged through a drop
+                stream.discard_before(next_emit)
+            return []
         return self._emit()
 
     def _emit(self) -> list[FeatureRow]:
-        streams = self._streams.values()
-        for s in streams:  # a lagging modality's windows that were dropped meanwhile
-            s.discard_before(self._next_emit)
-        ready = min(s.next_window for s in streams) - self._next_emit
+        streams = self._stream_list
+        next_emit = self._next_emit
+        ready = None
+        for s in streams:
+            if s.next_window - len(s.pending) < next_emit:  # windows dropped while it lagged
+                s.discard_before(next_emit)
+            ready = s.next_window if ready is None or s.next_window < ready else ready
+        ready -= next_emit
         rows: list[FeatureRow] = []
         if ready > 0:
-            blocks = []
-            labels: list[str | None] = []
-            for s in streams:  # each holds windows [next_emit, next_window) now
-                entries = [s.pending.popleft() for _ in range(ready)]
-                blocks.append(np.stack([e[0] for e in entries]))
-                if s.track_labels:
-                    labels = [e[1] for e in entries]
-            raw = (
-                np.concatenate(blocks, axis=1, dtype=np.float64)
-                if len(blocks) > 1
-                else blocks[0].astype(np.float64, copy=False)
-            )
+            # each stream holds windows [next_emit, next_window) now; the reference (first)
+            # stream carries the labels
+            if ready == 1:  # the live case: one row, its parts joined in one call
+                entries = [s.pending.popleft() for s in streams]
+                raw = np.concatenate([entry[0] for entry in entries], dtype=np.float64)[None]
+                labels = [entries[0][1]]
+            else:
+                raw = np.empty((ready, self._n_features), dtype=np.float64)
+                labels = [entry[1] for entry in itertools.islice(streams[0].pending, ready)]
+                for s, columns in zip(streams, self._stream_columns):
+                    pending = s.pending
+                    for i in range(ready):
+                        raw[i, columns] = pending.popleft()[0]
             if self._projection is not None:
                 vectors = apply_transform(raw, self._projection)
             else:
@@ -538,7 +591,7 @@ class StreamingPipeline:
             self.windows_emitted += ready
         cap = self.config.max_pending_windows
         if cap is not None:
-            ahead = max(s.next_window for s in streams) - self._next_emit
+            ahead = max([s.next_window for s in streams]) - self._next_emit
             if ahead > cap:
                 drop = ahead - cap
                 lagging = [s.part.modality for s in streams if s.next_window <= self._next_emit]

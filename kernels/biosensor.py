@@ -13,7 +13,9 @@ give two bursts, rise and fall), while T waves, dicrotic waves and baseline wand
    edges (no zero padding, so window edges create no false slopes);
 2. rising slope: ``d = max(np.gradient(smoothed, 1 / fs), 0)`` (signal units per second);
 3. envelope: moving average of ``d ** 2`` over ``2 * round(0.05 * fs) + 1`` samples (~0.1 s:
-   a narrow QRS keeps its slope energy, a T wave ~4x wider and ~4x less steep drops ~16x);
+   a narrow QRS keeps its slope energy, a T wave ~4x wider and ~4x less steep drops ~16x),
+   computed as differences of the prefix sums of ``d ** 2`` (``np.cumsum``'s order; the other
+   moving averages sum each window afresh, see ``_moving_average_into``);
 4. candidates: local maxima of the envelope, refractory distance ``ceil(min_distance_s * fs)``
    (highest first, ties: the later sample wins), prominence within +-1 s, exactly as
    ``scipy.signal.find_peaks(envelope, distance=..., prominence=..., wlen=2 * round(fs) + 1)``;
@@ -40,12 +42,14 @@ inter-beat intervals ``ibi = diff(peaks) / fs``; heart rate ``60 / mean(ibi)`` b
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 from numba import njit
 
 from biofed.kernels._validation import check_float_array, check_positive_float, raise_if_nonfinite
+from biofed.kernels.spectral import _sum  # the SIMD sum of the finiteness test
 from biofed.kernels.windowing import _check_windows
 
 __all__ = ["BIOSENSOR_FEATURES", "detect_peaks", "heart_rate_features", "window_statistics"]
@@ -148,52 +152,66 @@ _DIRECT_SUM_MAX_WIDTH = 25
 
 
 @njit(cache=True, nogil=True)
-def _moving_average(x, half):
-    """Centred mean over ``[i - half, i + half]`` clipped to the array (float64 out).
+def _moving_average_into(x, half, lo, hi, out):
+    """``out[i]`` = centred mean of ``x`` over ``[i - half, i + half]`` clipped to the array,
+    for ``lo <= i < hi`` (float64); the rest of ``out`` is left alone.
 
-    Windows of up to ``_DIRECT_SUM_MAX_WIDTH`` samples (every window of the detector up to
-    fs = 250 Hz) are summed directly, left to right, which is exactly the float arithmetic of
-    ``sum(x[lo:hi]) / (hi - lo)``: the sums of all interior windows advance together, one term
-    per pass over the array (a loop the compiler vectorizes), so the cost is ``width`` cheap
-    passes. Wider windows use the O(n) running sum of ``_running_average``, which is faster
-    from about 30 samples on.
+    Windows of up to ``_DIRECT_SUM_MAX_WIDTH`` samples are summed directly, left to right,
+    which is exactly the float arithmetic of ``sum(x[a:b]) / (b - a)``: the sums of all interior
+    windows advance together, one term per pass over the range (a loop the compiler
+    vectorizes), so the cost is ``width`` cheap passes. Wider windows take the O(n) running
+    sum of ``_running_average`` over the whole array, which is faster from about 30 samples on.
     """
     n = x.shape[0]
     width = 2 * half + 1
     if width > _DIRECT_SUM_MAX_WIDTH:
-        return _running_average(x, half)
-    out = np.zeros(n, dtype=np.float64)
-    interior = n - 2 * half
-    if interior > 0:
-        sums = out[half : n - half]
+        out[lo:hi] = _running_average(x, half)[lo:hi]
+        return
+    a = max(lo, half)  # [a, b): windows that fit in the array
+    b = min(hi, n - half)
+    if b > a:
+        sums = out[a:b]
+        m = b - a
+        sums[:] = 0.0
         for j in range(width):
-            terms = x[j : j + interior]
-            for i in range(interior):
+            terms = x[a - half + j : a - half + j + m]
+            for i in range(m):
                 sums[i] += terms[i]
-        for i in range(interior):
+        for i in range(m):
             sums[i] /= width
-    for i in range(n):
-        if half <= i < n - half:
-            continue
-        lo = max(i - half, 0)
-        hi = min(i + half + 1, n)
-        total = 0.0
-        for j in range(lo, hi):
-            total += x[j]
-        out[i] = total / (hi - lo)
+    else:
+        a = b = hi
+    for edge_lo, edge_hi in ((lo, a), (max(b, lo), hi)):
+        for i in range(edge_lo, edge_hi):
+            first = max(i - half, 0)
+            stop = min(i + half + 1, n)
+            total = 0.0
+            for j in range(first, stop):
+                total += x[j]
+            out[i] = total / (stop - first)
+
+
+@njit(cache=True, nogil=True)
+def _moving_average(x, half):
+    """Centred mean over ``[i - half, i + half]`` clipped to the array (float64 out); see
+    ``_moving_average_into``."""
+    out = np.empty(x.shape[0], dtype=np.float64)
+    _moving_average_into(x, half, 0, x.shape[0], out)
     return out
 
 
 @njit(cache=True, nogil=True)
 def _running_average(x, half):
-    """``_moving_average`` in O(n) for wide windows.
+    """``_moving_average`` in O(n) for wide windows (the smoothing above 1.2 kHz, the
+    triangular envelope above 0.5 kHz).
 
     A running window sum adds the sample that enters and subtracts the one that leaves, with
-    Neumaier compensation: after a tall beat leaves the window the sum of the small samples
-    left is recovered to rounding of *their* size, not of the beat's (an uncompensated running
-    sum or a prefix-sum difference would carry an error of ``eps * beat`` into the quiet part
-    of the envelope). A count of the non-zero samples in the window makes a window of zeros
-    average to exactly 0, which keeps flat stretches of the rectified slope exactly flat.
+    Neumaier compensation: after a tall sample leaves the window the sum of the small samples
+    left is recovered to rounding of *their* size, and a raw trace's offset does not leak
+    rounding into its flat stretches (as an uncompensated running sum or prefix-sum
+    difference of signed samples would). A count of the non-zero samples in the window makes
+    a window of zeros average to exactly 0, which keeps flat stretches of the rectified slope
+    exactly flat.
     """
     n = x.shape[0]
     out = np.empty(n, dtype=np.float64)
@@ -226,24 +244,54 @@ def _running_average(x, half):
 
 
 @njit(cache=True, nogil=True)
-def _slope_energy(x, fs, smooth_half):
-    """Squared rising slope ``max(np.gradient(smoothed, 1 / fs), 0) ** 2``; needs ``x.shape[0] >= 2``."""
-    s = _moving_average(x, smooth_half)
-    n = s.shape[0]
-    dt = 1.0 / fs  # same arithmetic as np.gradient(s, dt)
-    d2 = np.empty(n, dtype=np.float64)
-    d2[0] = max((s[1] - s[0]) / dt, 0.0) ** 2
-    d2[n - 1] = max((s[n - 1] - s[n - 2]) / dt, 0.0) ** 2
-    for i in range(1, n - 1):
-        d2[i] = max((s[i + 1] - s[i - 1]) / (2.0 * dt), 0.0) ** 2
-    return d2
+def _prefix_average_into(x, half, prefix, out):
+    """Centred mean of a non-negative ``x`` over ``[i - half, i + half]`` clipped to the array,
+    as differences of its prefix sums (``prefix``: scratch of ``len(x) + 1``), into ``out``.
+
+    O(n) at any width: one running sum (``np.cumsum``'s order) and one vectorized pass of
+    differences. For non-negative samples the prefix sums only grow, so a stretch of zeros
+    keeps the same prefix sum: its windows average to exactly 0 and every window holding the
+    same non-zero samples averages to the same bits (plateaus stay exactly flat); elsewhere a
+    difference is off by at most ``~eps * prefix[i + half + 1]``.
+    """
+    n = x.shape[0]
+    total = 0.0
+    prefix[0] = 0.0
+    for i in range(n):
+        total += x[i]
+        prefix[i + 1] = total
+    width = 2 * half + 1
+    a = min(half, n)  # [a, b): windows that fit in the array
+    b = max(n - half, a)
+    for i in range(a, b):
+        out[i] = (prefix[i + half + 1] - prefix[i - half]) / width
+    for edge_lo, edge_hi in ((0, a), (b, n)):
+        for i in range(edge_lo, edge_hi):
+            first = max(i - half, 0)
+            stop = min(i + half + 1, n)
+            out[i] = (prefix[stop] - prefix[first]) / (stop - first)
 
 
 @njit(cache=True, nogil=True)
-def _local_maxima(x):
-    """Indices of local maxima (plateau middles), as ``scipy.signal._peak_finding_utils._local_maxima_1d``."""
+def _slope_energy_into(x, fs, smooth_half, smoothed, d2):
+    """Squared rising slope ``max(np.gradient(smoothed, 1 / fs), 0) ** 2`` into ``d2`` (and the
+    smoothed samples into ``smoothed``); needs ``x.shape[0] >= 2``."""
     n = x.shape[0]
-    peaks = np.empty(max(n // 2, 1), dtype=np.int64)
+    _moving_average_into(x, smooth_half, 0, n, smoothed)
+    s = smoothed
+    dt = 1.0 / fs  # same arithmetic as np.gradient(s, dt)
+    two_dt = 2.0 * dt
+    d2[0] = max((s[1] - s[0]) / dt, 0.0) ** 2
+    d2[n - 1] = max((s[n - 1] - s[n - 2]) / dt, 0.0) ** 2
+    for i in range(1, n - 1):
+        d2[i] = max((s[i + 1] - s[i - 1]) / two_dt, 0.0) ** 2
+
+
+@njit(cache=True, nogil=True)
+def _local_maxima_into(x, peaks):
+    """Indices of local maxima (plateau middles) into ``peaks``, as
+    ``scipy.signal._peak_finding_utils._local_maxima_1d``; returns their count."""
+    n = x.shape[0]
     m = 0
     i = 1
     i_max = n - 1
@@ -257,15 +305,31 @@ def _local_maxima(x):
                 m += 1
                 i = i_ahead
         i += 1
-    return peaks[:m]
+    return m
+
+
+#: Most peaks ordered by insertion sort; more take NumPy's mergesort (same stable order).
+_INSERTION_SORT_MAX = 64
 
 
 @njit(cache=True, nogil=True)
-def _select_by_distance(x, peaks, distance):
-    """Keep-mask enforcing ``distance`` samples between peaks, highest first."""
+def _select_by_distance(x, peaks, distance, order):
+    """Keep the peaks at least ``distance`` samples apart, highest first (ties: the later
+    wins), as ``scipy.signal.find_peaks``; compacts ``peaks`` in place, returns the count.
+    ``order`` is scratch of ``peaks``' length."""
     n_peaks = peaks.shape[0]
+    heights = x[peaks]
+    if n_peaks <= _INSERTION_SORT_MAX:  # a stable sort by height: the order of the mergesort
+        for k in range(n_peaks):
+            height = heights[k]
+            q = k - 1
+            while q >= 0 and heights[order[q]] > height:
+                order[q + 1] = order[q]
+                q -= 1
+            order[q + 1] = k
+    else:
+        order[:] = np.argsort(heights, kind="mergesort")
     keep = np.ones(n_peaks, dtype=np.bool_)
-    order = np.argsort(x[peaks], kind="mergesort")
     for idx in range(n_peaks - 1, -1, -1):
         j = order[idx]
         if not keep[j]:
@@ -278,14 +342,18 @@ def _select_by_distance(x, peaks, distance):
         while k < n_peaks and peaks[k] - peaks[j] < distance:
             keep[k] = False
             k += 1
-    return keep
+    m = 0
+    for k in range(n_peaks):
+        if keep[k]:
+            peaks[m] = peaks[k]
+            m += 1
+    return m
 
 
 @njit(cache=True, nogil=True)
-def _prominences(x, peaks, half_window):
+def _prominences_into(x, peaks, half_window, prom):
     """Prominence of each peak with bases searched within ``+-half_window`` samples."""
     n = x.shape[0]
-    prom = np.empty(peaks.shape[0], dtype=np.float64)
     for p in range(peaks.shape[0]):
         peak = peaks[p]
         height = x[peak]
@@ -304,61 +372,105 @@ def _prominences(x, peaks, half_window):
                 right_min = x[i]
             i += 1
         prom[p] = height - max(left_min, right_min)
-    return prom
+
+
+@njit(cache=True, nogil=True)
+def _select_peaks_into(x, distance, half_window, prominence, adaptive_half, adaptive_fraction, peaks, order, prom):
+    """Steps 4-5 on a 1-D array ``x``; ``prominence < 0`` selects the adaptive threshold.
+
+    ``peaks``, ``order`` and ``prom`` are scratch of at least ``max(len(x) // 2, 1)``; the
+    selected peaks end up in ``peaks[:count]``, the count is returned.
+    """
+    n_peaks = _local_maxima_into(x, peaks)
+    if n_peaks == 0:
+        return 0
+    n_peaks = _select_by_distance(x, peaks[:n_peaks], distance, order[:n_peaks])
+    _prominences_into(x, peaks[:n_peaks], half_window, prom)
+    m = 0
+    if prominence >= 0.0:
+        for p in range(n_peaks):
+            if prom[p] >= prominence:
+                peaks[m] = peaks[p]
+                m += 1
+        return m
+    lo = 0
+    hi = 0
+    for p in range(n_peaks):  # peaks[m:] still holds the candidates p, p + 1, ... (m <= p)
+        while peaks[p] - peaks[lo] > adaptive_half:
+            lo += 1
+        if hi < p:
+            hi = p
+        while hi + 1 < n_peaks and peaks[hi + 1] - peaks[p] <= adaptive_half:
+            hi += 1
+        reference = 0.0
+        for q in range(lo, hi + 1):
+            if prom[q] > reference:
+                reference = prom[q]
+        order[p] = 1 if prom[p] >= adaptive_fraction * reference else 0  # keep flag
+    for p in range(n_peaks):
+        if order[p]:
+            peaks[m] = peaks[p]
+            m += 1
+    return m
 
 
 @njit(cache=True, nogil=True)
 def _select_peaks(x, distance, half_window, prominence, adaptive_half, adaptive_fraction):
-    """Steps 4-5 on a 1-D array ``x``; ``prominence < 0`` selects the adaptive threshold."""
-    peaks = _local_maxima(x)
-    if peaks.shape[0] == 0:
-        return peaks
-    peaks = peaks[_select_by_distance(x, peaks, distance)]
-    prom = _prominences(x, peaks, half_window)
-    n_peaks = peaks.shape[0]
-    keep = np.empty(n_peaks, dtype=np.bool_)
-    if prominence >= 0.0:
-        for p in range(n_peaks):
-            keep[p] = prom[p] >= prominence
-    else:
-        lo = 0
-        hi = 0
-        for p in range(n_peaks):
-            while peaks[p] - peaks[lo] > adaptive_half:
-                lo += 1
-            if hi < p:
-                hi = p
-            while hi + 1 < n_peaks and peaks[hi + 1] - peaks[p] <= adaptive_half:
-                hi += 1
-            reference = 0.0
-            for q in range(lo, hi + 1):
-                if prom[q] > reference:
-                    reference = prom[q]
-            keep[p] = prom[p] >= adaptive_fraction * reference
-    return peaks[keep]
+    """``_select_peaks_into`` with its own scratch: the selected peak indices."""
+    size = max(x.shape[0] // 2, 1)
+    peaks = np.empty(size, dtype=np.int64)
+    order = np.empty(size, dtype=np.int64)
+    prom = np.empty(size, dtype=np.float64)
+    m = _select_peaks_into(x, distance, half_window, prominence, adaptive_half, adaptive_fraction, peaks, order, prom)
+    return peaks[:m].copy()
 
 
 @njit(cache=True, nogil=True)
-def _detect_peaks(x, fs, prominence, lengths, adaptive_fraction):
-    """Beat indices of ``x`` (module docstring steps 1-6).
+def _detector_work(n):
+    """Scratch of ``_beats_into`` for signals of ``n`` samples: 6 float64 rows of ``n + 1``,
+    2 int64 rows and one float64 row of ``max(n // 2, 1)``."""
+    size = max(n // 2, 1)
+    return (
+        np.empty((6, n + 1), dtype=np.float64),
+        np.empty((2, size), dtype=np.int64),
+        np.empty(size, dtype=np.float64),
+    )
+
+
+@njit(cache=True, nogil=True)
+def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, prom):
+    """Beat indices of ``x`` (module docstring steps 1-6) into ``iwork[0, :count]``; returns
+    the count (0 for fewer than 3 samples). Scratch from ``_detector_work(len(x))``; after
+    the call ``fwork[0, :n]`` holds the smoothed samples (finite exactly when ``x`` is, barring
+    a float64 overflow).
 
     ``lengths`` = (distance, prominence half-window, adaptive half-window, smoothing
-    half-width, envelope half-width, triangular-envelope half-width), all in samples.
+    half-width, envelope half-width, triangular-envelope half-width), all in samples. The
+    triangular envelope is only needed within the search half-width of each candidate: it
+    is summed there alone (the same bits as over the whole array).
     """
     distance, half_window, adaptive_half, smooth_half, envelope_half, fiducial_half = lengths
     n = x.shape[0]
     if n < 3:
-        return np.empty(0, dtype=np.int64)
-    d2 = _slope_energy(x, fs, smooth_half)
-    candidates = _select_peaks(
-        _moving_average(d2, envelope_half), distance, half_window, prominence, adaptive_half, adaptive_fraction
+        return 0
+    smoothed, d2, envelope, inner, fine = fwork[0, :n], fwork[1, :n], fwork[2, :n], fwork[3, :n], fwork[4, :n]
+    _slope_energy_into(x, fs, smooth_half, smoothed, d2)
+    _prefix_average_into(d2, envelope_half, fwork[5], envelope)
+    beats, order = iwork[0], iwork[1]
+    n_candidates = _select_peaks_into(
+        envelope, distance, half_window, prominence, adaptive_half, adaptive_fraction, beats, order, prom
     )
-    fine = _moving_average(_moving_average(d2, fiducial_half), fiducial_half)
-    beats = np.empty(candidates.shape[0], dtype=np.int64)
+    if 2 * fiducial_half + 1 > _DIRECT_SUM_MAX_WIDTH:  # running sums: over the whole array
+        _moving_average_into(d2, fiducial_half, 0, n, inner)
+        _moving_average_into(inner, fiducial_half, 0, n, fine)
     m = 0
-    for p in range(candidates.shape[0]):
-        lo = max(candidates[p] - envelope_half, 0)
-        hi = min(candidates[p] + envelope_half, n - 1)
+    for p in range(n_candidates):  # beats[m] is written after beats[p >= m] is read
+        candidate = beats[p]
+        lo = max(candidate - envelope_half, 0)
+        hi = min(candidate + envelope_half, n - 1)
+        if 2 * fiducial_half + 1 <= _DIRECT_SUM_MAX_WIDTH:
+            _moving_average_into(d2, fiducial_half, max(lo - fiducial_half, 0), min(hi + fiducial_half + 1, n), inner)
+            _moving_average_into(inner, fiducial_half, lo, hi + 1, fine)
         best = lo
         for i in range(lo + 1, hi + 1):
             if fine[i] > fine[best]:
@@ -366,7 +478,15 @@ def _detect_peaks(x, fs, prominence, lengths, adaptive_fraction):
         if m == 0 or best > beats[m - 1]:
             beats[m] = best
             m += 1
-    return beats[:m]
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _detect_peaks(x, fs, prominence, lengths, adaptive_fraction):
+    """Beat indices of ``x`` (``_beats_into`` with its own scratch)."""
+    fwork, iwork, prom = _detector_work(x.shape[0])
+    m = _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, prom)
+    return iwork[0, :m].copy()
 
 
 def _detector_lengths(fs: float, min_distance_s: float) -> tuple[int, int, int, int, int, int]:
@@ -440,31 +560,58 @@ def detect_peaks(x, fs: float, *, min_distance_s: float = 0.3, prominence: float
 
 
 @njit(cache=True, nogil=True)
-def _heart_rate_features(windows, fs, lengths, adaptive_fraction, out):
-    """Mean heart rate (beats/min) and RMSSD (ms) of each window and channel, into ``out``;
-    False if a sample is NaN or inf (or a float64 sum overflowed), the outputs then undefined."""
-    n_windows, n_channels, n = windows.shape
-    check = 0.0
+def _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, out):
+    """Mean heart rate (beats/min) and RMSSD (ms) of each window and of the channels
+    ``channels`` (indices into axis 1 of ``windows``), into ``out`` (n_windows, len(channels), 2);
+    False if a sample is NaN or inf (or a float64 sum overflowed), the outputs then undefined.
+
+    One scratch for every window and channel; the finiteness test sums the smoothed samples
+    each detection leaves in its scratch (no extra pass over the samples).
+    """
+    n_windows, n = windows.shape[0], windows.shape[2]
+    fwork, iwork, prom = _detector_work(n)
+    beats = iwork[0]
+    finite = True
     for i in range(n_windows):
-        for c in range(n_channels):
-            x = windows[i, c]
-            for j in range(n):
-                check += x[j]
-            peaks = _detect_peaks(x, fs, -1.0, lengths, adaptive_fraction)
-            n_peaks = peaks.shape[0]
+        for c in range(channels.shape[0]):
+            x = windows[i, channels[c]]
+            n_peaks = _beats_into(x, fs, -1.0, lengths, adaptive_fraction, fwork, iwork, prom)
+            check = _sum(fwork[0], 0, n) if n >= 3 else _sum(x, 0, n)
+            finite = finite and math.isfinite(check)
             heart_rate = 0.0
             rmssd = 0.0
             if n_peaks >= 2:
-                heart_rate = 60.0 * fs * (n_peaks - 1) / (peaks[n_peaks - 1] - peaks[0])
+                heart_rate = 60.0 * fs * (n_peaks - 1) / (beats[n_peaks - 1] - beats[0])
             if n_peaks >= 3:
                 ss = 0.0
                 for p in range(2, n_peaks):
-                    d = ((peaks[p] - peaks[p - 1]) - (peaks[p - 1] - peaks[p - 2])) / fs
+                    d = ((beats[p] - beats[p - 1]) - (beats[p - 1] - beats[p - 2])) / fs
                     ss += d * d
                 rmssd = 1000.0 * math.sqrt(ss / (n_peaks - 2))
             out[i, c, 0] = heart_rate
             out[i, c, 1] = rmssd
-    return math.isfinite(check)
+    return finite
+
+
+@njit(cache=True, nogil=True)
+def _biosensor_rows(windows, channels, fs, lengths, adaptive_fraction, stat_columns, hr_columns, out):
+    """``_window_statistics`` of every channel and ``_heart_rate_features`` of ``channels`` of
+    each window, written into the columns of its row ``out[i]`` (float64, (n_windows, F)):
+    statistic ``k`` of channel ``c`` into ``stat_columns[5 * c + k]``, heart-rate feature
+    ``k`` of ``channels[h]`` into ``hr_columns[2 * h + k]``. A feature row in one call, for
+    windows checked by the caller."""
+    n_windows, n_channels = windows.shape[0], windows.shape[1]
+    stats = np.empty((n_windows, n_channels, 5), dtype=np.float64)
+    _window_statistics(windows, fs, stats)
+    hr = np.empty((n_windows, channels.shape[0], 2), dtype=np.float64)
+    if channels.shape[0]:
+        _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, hr)
+    for i in range(n_windows):
+        row = out[i]
+        for k in range(stat_columns.shape[0]):
+            row[stat_columns[k]] = stats[i, k // 5, k % 5]
+        for k in range(hr_columns.shape[0]):
+            row[hr_columns[k]] = hr[i, k // 2, k % 2]
 
 
 def heart_rate_features(windows, fs: float) -> np.ndarray:
@@ -496,12 +643,14 @@ def heart_rate_features(windows, fs: float) -> np.ndarray:
     windows = _check_windows(windows, check_finite=False)
     fs = check_positive_float(fs, "fs")
     out = np.empty(windows.shape[:2] + (2,), dtype=windows.dtype)
-    if windows.shape[0] and not _heart_rate_features(windows, *_heart_rate_args(fs), out):
+    channels = np.arange(windows.shape[1])
+    if windows.shape[0] and not _heart_rate_features(windows, channels, *_heart_rate_args(fs), out):
         raise_if_nonfinite(windows, "windows")  # the kernel's sum of the samples was not finite
     return out
 
 
+@functools.lru_cache(maxsize=16)
 def _heart_rate_args(fs: float) -> tuple[float, tuple[int, ...], float]:
     """The parameters after ``windows`` of ``_heart_rate_features`` for a validated ``fs``
-    (``detect_peaks`` defaults); a stream computes them once."""
+    (``detect_peaks`` defaults), computed once per rate: a device calls with one or two."""
     return fs, _detector_lengths(fs, 0.3), _ADAPTIVE_FRACTION

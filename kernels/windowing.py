@@ -9,6 +9,7 @@ continues from ``count_windows(n_samples, window, hop) * hop``).
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from numpy.lib.stride_tricks import as_strided
 
 from biofed.kernels._validation import check_float_array, check_positive_int
@@ -132,3 +133,24 @@ def _check_windows(windows, *, min_window: int = 1, check_finite: bool = True) -
             f"at least {min_window}. Use longer windows."
         )
     return arr
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _append_samples(chunk, buf, start):
+    """Copy ``chunk`` (n_channels, n) into ``buf[:, start : start + n]`` (cast to ``buf``'s
+    dtype) and return the float64 sum of its samples, in one pass.
+
+    A stream buffer's append and its finiteness test: the sum is finite exactly when every
+    sample is (barring a float64 overflow). ``reassoc`` lets the compiler split the sum into
+    SIMD partial sums; only its finiteness is used.
+    """
+    n = chunk.shape[1]
+    total = 0.0
+    for c in range(chunk.shape[0]):
+        source = chunk[c]
+        target = buf[c, start : start + n]
+        for j in range(n):
+            value = source[j]
+            target[j] = value
+            total += value
+    return total

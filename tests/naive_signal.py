@@ -115,12 +115,20 @@ def moving_average(x, half):
     )
 
 
+def prefix_moving_average(x, half):
+    """Centred mean of the samples of ``[i - half, i + half]`` that exist, as differences of ``np.cumsum``."""
+    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(x, dtype=np.float64))])
+    i = np.arange(len(x))
+    first, stop = np.maximum(i - half, 0), np.minimum(i + half + 1, len(x))
+    return (prefix[stop] - prefix[first]) / (stop - first)
+
+
 def beat_envelopes(x, fs):
     """(box envelope, triangular envelope) of the squared rising slope, per the biosensor module docstring."""
     smoothed = moving_average(x, round(0.01 * fs))
     d2 = np.maximum(np.gradient(smoothed, 1.0 / fs), 0.0) ** 2  # rising slopes only
     fine = max(1, round(0.025 * fs))
-    return moving_average(d2, max(1, round(0.05 * fs))), moving_average(moving_average(d2, fine), fine)
+    return prefix_moving_average(d2, max(1, round(0.05 * fs))), moving_average(moving_average(d2, fine), fine)
 
 
 def detect_beats(x, fs, prominence, min_distance_s=0.3):
@@ -137,3 +145,16 @@ def detect_beats(x, fs, prominence, min_distance_s=0.3):
         if not beats or best > beats[-1]:
             beats.append(best)
     return np.array(beats, dtype=np.int64)
+
+
+def select_by_distance(x, peaks, distance):
+    """Peaks kept highest first (Python's stable sort: of equal heights the later wins),
+    each dropping the others closer than ``distance`` samples."""
+    order = sorted(range(len(peaks)), key=lambda k: x[peaks[k]])
+    keep = [True] * len(peaks)
+    for j in reversed(order):
+        if keep[j]:
+            for k in range(len(peaks)):
+                if k != j and abs(peaks[k] - peaks[j]) < distance:
+                    keep[k] = False
+    return np.array([p for p, kept in zip(peaks, keep) if kept], dtype=np.int64)

@@ -275,6 +275,21 @@ def test_lagging_modality_is_capped_and_windows_dropped(caplog):
     assert [r.t for r in rows] == [14.0, 15.0, 16.0, 17.0, 18.0]  # only the kept windows pair up
 
 
+def test_lagging_modality_catching_up_in_small_chunks_keeps_no_stale_windows():
+    config = PipelineConfig(max_pending_windows=5)
+    layout = FeatureLayout.from_channels({"eeg": (100.0, ("Cz",), ("eeg",)), "bio": (64.0, ("ECG",), ("ecg",))}, config)
+    pipe = StreamingPipeline(config, layout)
+    rng = np.random.default_rng(0)
+    pipe.push("eeg", rng.standard_normal((1, 100 * 20)))  # windows 0-13 dropped, 14-18 pending
+    bio = rng.standard_normal((1, 64 * 20))
+    rows = []
+    for second in range(20):  # bio's windows 0-13 come too late and are discarded as they come
+        rows += pipe.push("bio", bio[:, 64 * second : 64 * (second + 1)])
+        assert pipe.pending_windows == (5 if second < 15 else 5 - (second - 14))
+    assert [r.t for r in rows] == [14.0, 15.0, 16.0, 17.0, 18.0]
+    assert pipe.windows_dropped == 14 and pipe.windows_emitted == 5
+
+
 # ---------------------------------------------------------------------------------- labels
 def test_window_label_is_the_reference_label_at_its_last_sample():
     fs = 100.0
@@ -368,6 +383,38 @@ def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirat
     X, _, _ = extract_features(multirate, CONFIG)
     np.testing.assert_allclose(_as_arrays(rows)[0], X, rtol=1e-12, atol=1e-12)
     assert issubclass(ChunkError, PipelineError) and issubclass(PipelineError, ValueError)
+
+
+def test_chunks_larger_than_the_free_buffer_are_checked_before_buffering(multirate):
+    # a chunk that does not fit behind the buffered samples is tested before any copy
+    config = dataclasses.replace(CONFIG, modalities=("eeg",), max_chunk_s=1.0)
+    layout = FeatureLayout.from_recording(multirate, config)
+    pipe = StreamingPipeline(config, layout)
+    eeg = multirate.signals["eeg"].data
+    rows = pipe.push("eeg", eeg[:, :1200])
+    fill = pipe.buffer_fill["eeg"]
+    big = eeg[:, 1200:4000].copy()  # 2800 samples > the 1500-sample buffer
+    big[2, 2000] = np.inf
+    with pytest.raises(ChunkError, match=r"1 NaN/inf sample\(s\), the first in channel 'F3' at sample 2000"):
+        pipe.push("eeg", big)
+    assert pipe.buffer_fill["eeg"] == fill
+    rows += pipe.push("eeg", eeg[:, 1200:])
+    X, _, _ = extract_features(multirate, config)
+    np.testing.assert_array_equal(_as_arrays(rows)[0], X)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ">f8", np.int32, "<f4"])
+def test_chunks_of_any_real_dtype_equal_float64_chunks(multirate, dtype):
+    config = dataclasses.replace(CONFIG, modalities=("bio",))
+    layout = FeatureLayout.from_recording(multirate, config)
+    bio = np.round(multirate.signals["bio"].data * 100).astype(dtype)
+    pipe, reference = StreamingPipeline(config, layout), StreamingPipeline(config, layout)
+    for a in range(0, bio.shape[1], 300):
+        rows = pipe.push("bio", bio[:, a : a + 300])
+        expected = reference.push("bio", bio[:, a : a + 300].astype(np.float64))
+        assert len(rows) == len(expected)
+        for row, ref in zip(rows, expected):
+            np.testing.assert_array_equal(row.vector, ref.vector)
 
 
 @pytest.mark.parametrize(

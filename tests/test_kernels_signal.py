@@ -59,6 +59,25 @@ def ecg_like(fs, duration_s, rr_s, *, rng, noise=0.02, wander=0.5):
 # windowing
 
 
+@pytest.mark.parametrize("buf_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("chunk_dtype", [np.float64, np.float32, np.int16])
+def test_append_samples_copies_and_sums(rng, buf_dtype, chunk_dtype):
+    from biofed.kernels.windowing import _append_samples
+
+    stream = (rng.standard_normal((3, 400)) * 100).astype(chunk_dtype)
+    chunk = stream[:, 50:150]  # a strided view, as a recording's slice
+    buf = np.zeros((3, 300), dtype=buf_dtype)
+    total = _append_samples(chunk, buf, 120)
+    np.testing.assert_array_equal(buf[:, 120:220], chunk.astype(buf_dtype))
+    assert not buf[:, :120].any() and not buf[:, 220:].any()
+    assert total == pytest.approx(chunk.astype(np.float64).sum(), rel=1e-12)
+    if chunk_dtype != np.int16:
+        for bad in (np.nan, np.inf, -np.inf):
+            spoiled = chunk.copy()
+            spoiled[2, 99] = bad
+            assert not math.isfinite(_append_samples(spoiled, buf, 0))
+
+
 def test_count_windows_values():
     assert count_windows(1000, 500, 250) == 3
     assert count_windows(500, 500, 1) == 1
@@ -664,6 +683,71 @@ def test_moving_average_matches_fresh_sums(rng, half):
     assert np.all(plateau == plateau[0])  # exactly flat: no spurious local maxima on a plateau
     plateau = biosensor._moving_average(np.full(100, 0.1), 20)[20:-20]
     assert np.all(plateau == plateau[0])
+
+
+@pytest.mark.parametrize("half", [0, 1, 12, 18, 25, 300, 700])
+def test_prefix_average_equals_cumsum_reference_and_keeps_zeros_and_plateaus(rng, half):
+    # the detector's box envelope: a squared rising slope with tall beats, tiny values, zero runs
+    x = np.maximum(rng.standard_normal(1200), 0.0) ** 2 * 1e-6
+    x[::97] = 1e6
+    x[400:700] = 0.0
+    x[850:1000] = 0.0
+    x[925] = 3.0  # one isolated value: every window holding it alone averages to the same bits
+    out = np.empty(1200)
+    biosensor._prefix_average_into(x, half, np.empty(1201), out)
+    np.testing.assert_array_equal(out, naive.prefix_moving_average(x, half))
+    np.testing.assert_allclose(out, naive.moving_average(x, half), rtol=1e-12, atol=4 * np.finfo(float).eps * x.sum())
+    assert np.all(out[400 + half : 700 - half] == 0.0)
+    if 2 * half + 1 <= 150:
+        plateau = out[max(850 + half, 925 - half) : min(1000 - half, 926 + half)]
+        assert plateau.size and np.all(plateau == plateau[0])
+    short = np.empty(7)
+    biosensor._prefix_average_into(x[:7], half, np.empty(8), short)  # no interior window
+    np.testing.assert_array_equal(short, naive.prefix_moving_average(x[:7], half))
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 60), (0, 5), (3, 17), (40, 60), (55, 60), (20, 21)])
+@pytest.mark.parametrize("half", [0, 2, 6, 12])
+def test_moving_average_over_a_range_equals_the_whole_array(rng, half, lo, hi):
+    # the detector sums its triangular envelope only around candidates: same bits as everywhere
+    x = np.maximum(rng.standard_normal(60), 0.0) ** 2
+    out = np.full(60, -1.0)
+    biosensor._moving_average_into(x, half, lo, hi, out)
+    np.testing.assert_array_equal(out[lo:hi], naive.moving_average(x, half)[lo:hi])
+    assert np.all(out[:lo] == -1.0) and np.all(out[hi:] == -1.0)
+
+
+@pytest.mark.parametrize("n_peaks", [5, 64, 65, 400])  # insertion sort up to 64, mergesort beyond
+def test_distance_selection_with_ties_equals_stable_reference(rng, n_peaks):
+    x = rng.integers(0, 4, 4 * n_peaks).astype(np.float64)  # many equal heights
+    peaks = np.sort(rng.choice(x.size, n_peaks, replace=False)).astype(np.int64)
+    for distance in (1, 3, 9):
+        selected = peaks.copy()
+        count = biosensor._select_by_distance(x, selected, distance, np.empty(n_peaks, dtype=np.int64))
+        np.testing.assert_array_equal(selected[:count], naive.select_by_distance(x, peaks, distance))
+
+
+def test_heart_rate_features_of_a_channel_subset_read_in_place(rng):
+    fs = 250.0
+    x, _ = ecg_like(fs, 12.0, 0.8, rng=rng)
+    stream = np.stack([0.1 * rng.standard_normal(x.size), x, -x, rng.standard_normal(x.size)])
+    w = sliding_windows(stream, 500, 250)  # a strided view: the kernel reads it without a copy
+    channels = np.array([2, 1], dtype=np.intp)
+    out = np.empty((w.shape[0], 2, 2))
+    assert biosensor._heart_rate_features(w, channels, *biosensor._heart_rate_args(fs), out)
+    np.testing.assert_array_equal(out, heart_rate_features(np.ascontiguousarray(w[:, channels]), fs))
+    np.testing.assert_allclose(out[:-1, 1, 0], 75.0, atol=1.0)  # the ECG channel (the last window: no beats)
+    # the pipeline's windows are views into its buffer: the statistics have the same bits there too
+    stats = np.empty((w.shape[0], 4, 5))
+    biosensor._window_statistics(w, fs, stats)
+    np.testing.assert_array_equal(stats, window_statistics(np.ascontiguousarray(w), fs))
+    # one call for the whole feature row: both kernels' outputs scattered into given columns
+    columns = rng.permutation(4 * 5 + 2 * 2)
+    rows = np.full((w.shape[0], columns.size), np.nan)
+    args = biosensor._heart_rate_args(fs)
+    biosensor._biosensor_rows(w, channels, *args, columns[:20], columns[20:], rows)
+    np.testing.assert_array_equal(rows[:, columns[:20]], stats.reshape(w.shape[0], -1))
+    np.testing.assert_array_equal(rows[:, columns[20:]], out.reshape(w.shape[0], -1))
 
 
 def test_peak_selection_plateaus_and_edges_equal_scipy():
