@@ -108,7 +108,10 @@ _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
 _TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
-_SHARED_BLOCK_VALUES = 1 << 19  # float64 segment powers held at once by sliding_spectral_features (4 MiB)
+# float64 segment powers held at once by sliding_spectral_features (1 MiB): a block small enough
+# to be reused from the allocator and the cache between calls, large enough that the segments
+# consecutive blocks transform twice stay a small share (see docs/kernel-design.md)
+_SHARED_BLOCK_VALUES = 1 << 17
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc"})

@@ -28,6 +28,7 @@ each channel-major, named ``"<modality>:<channel>:<feature>"``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -341,7 +342,7 @@ class FeatureLayout:
             params["nperseg"] = nperseg
         return json.dumps(params, sort_keys=True)
 
-    @property
+    @functools.cached_property  # a frozen layout: every pipeline, store and model check reads it
     def hash(self) -> str:
         """16 hex digits identifying channels, rates, feature names and feature settings."""
         channels = [(m.modality, m.sfreq, m.ch_names, m.ch_types, m.feature_names) for m in self.modalities]
