@@ -57,7 +57,7 @@ in_root() {
 
 step "uname in the root: $(in_root uname -m)"
 step "installing $(basename "$wheel")[edge] (binary wheels only)"
-in_root python3 -m venv /opt/biofed
+in_root python3 -m venv --clear /opt/biofed  # a fresh environment: the same version would not be reinstalled
 in_root /opt/biofed/bin/pip install -q --only-binary=:all: "/tmp/$(basename "$wheel")[edge]"
 step "biofed --version"; in_root biofed --version
 step "biofed replay of one EDF"; in_root biofed replay /tmp/recording.edf --speed 0 --no-progress
