@@ -164,6 +164,16 @@ def _add_power(parts, power):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _set_power(parts, power):
+    """``power[k] = re_k ** 2 + im_k ** 2``: ``_add_power`` into zeros, with the same bits
+    (the squares are >= 0, so adding them to 0.0 changes nothing) and without the zeroing pass."""
+    for k in range(power.shape[0]):
+        re = parts[2 * k]
+        im = parts[2 * k + 1]
+        power[k] = re * re + im * im
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _weigh(power, weights, acc, out):
     """``out[b] = sum_k power[k] * weights[k, b]``, summed over ``k`` in order in float64 (``acc``).
 
@@ -311,9 +321,7 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
         for g in range(g0, g1):
             slot = (slot0 + g) % n_slots
             for c in range(n_channels):
-                dst = out[slot, c]
-                dst[:] = 0.0
-                _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], dst)
+                _set_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], out[slot, c])
                 r += 1
     return math.isfinite(check)
 
@@ -347,10 +355,18 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
 
 
 @njit(cache=True, nogil=True)
-def _welch_stream(x, starts, slot0, taper, kmin, ring, firsts, n_seg, weights, out):
-    """``_segment_powers`` of the new segments into the ring, then ``_reduce_segments`` of the
-    windows: one call per step of a :class:`WelchStream`. Returns the finiteness flag."""
-    finite = _segment_powers(x, starts, slot0, taper, kmin, ring) if starts.shape[0] else True
+def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, weights, out):
+    """One step of a :class:`WelchStream`: ``_segment_powers`` of the stream's segments from
+    ``new`` to the last window's last one (segment ``g`` starts at stream sample ``g * step``,
+    ``x[:, 0]`` is sample ``offset``) into their ring rows, then ``_reduce_segments`` of the
+    windows whose first segments are ``firsts``. Returns the finiteness flag."""
+    nperseg = taper.shape[0]
+    step = nperseg - nperseg // 2
+    hi = firsts[-1] + n_seg
+    finite = True
+    if hi > new:
+        starts = np.arange(new, hi) * step - offset
+        finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
     _reduce_segments(ring, firsts, n_seg, weights, out)
     return finite
 
@@ -764,6 +780,7 @@ class WelchStream:
         self._step, self._n_seg, self._window, self._n_bands = plan.step, plan.n_seg, plan.window, plan.n_bands
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
+        self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
         self.reset()
 
     def reset(self) -> None:
@@ -799,7 +816,6 @@ class WelchStream:
             On a buffer of the wrong type, dtype or shape, windows outside it or out of order,
             or NaN/inf samples (the kept segments are then forgotten).
         """
-        plan = self.plan
         if type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 2 or not x.flags.c_contiguous:
             raise TypeError(f"x must be a C-contiguous 2-D {self.dtype} ndarray (the stream's buffer).")
         if x.shape[0] != self.n_channels:
@@ -814,13 +830,29 @@ class WelchStream:
                 f"windows [{first}, {last + window}) reach outside the buffer [{offset}, {offset + x.shape[1]})."
             )
         shared = first % step == 0
-        if n_windows > 1:
+        if n_windows == 1:  # the live case: one window per hop
+            firsts = self._one_first
+            firsts[0] = first // step
+        else:
             for a, b in zip(starts, starts[1:]):
                 if b <= a:
                     raise ValueError(f"window starts must be ascending, got {a} then {b}.")
                 shared = shared and b % step == 0 and b - a < window
-        if shared:
-            finite = self._shared(x, offset, starts, out)
+            firsts = np.array(starts, dtype=np.int64) // step
+        plan = self.plan
+        if shared:  # transform the segments not kept, reduce the windows from the ring
+            lo, hi = first // step, last // step + self._n_seg
+            end = self._first + self._count
+            new = end if self._first <= lo < end else lo  # first segment to transform
+            if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
+                grown = np.empty((hi - lo,) + self._ring.shape[1:])
+                for g in range(lo, min(new, hi)):
+                    grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
+                self._ring = grown
+            self._first, self._count = lo, hi - lo
+            finite = _welch_stream(
+                x, offset, new, self._taper, plan.kmin, self._ring, firsts, self._n_seg, plan.weights, out
+            )
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(
@@ -830,26 +862,6 @@ class WelchStream:
             self.reset()
             raise_if_nonfinite(x[:, first - offset : last + window - offset], "x")
         return _finish(out, plan.log)
-
-    def _shared(self, x, offset, starts, out) -> bool:
-        """Windows at multiples of the step: transform the segments not kept, reduce from the ring."""
-        plan = self.plan
-        step, n_seg = self._step, self._n_seg
-        lo, hi = starts[0] // step, starts[-1] // step + n_seg
-        end = self._first + self._count
-        new = end if self._first <= lo < end else lo  # first segment to transform
-        if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
-            grown = np.empty((hi - lo,) + self._ring.shape[1:])
-            for g in range(lo, min(new, hi)):
-                grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
-            self._ring = grown
-        n_slots = self._ring.shape[0]
-        seg_starts = np.arange(new * step - offset, hi * step - offset, step, dtype=np.int64)
-        firsts = np.array(starts, dtype=np.int64) // step
-        self._first, self._count = lo, hi - lo
-        return _welch_stream(
-            x, seg_starts, new % n_slots, self._taper, plan.kmin, self._ring, firsts, n_seg, plan.weights, out
-        )
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:
