@@ -239,6 +239,7 @@ class _ModalityStream:
         self.part = part
         self.config = config
         self.fs = part.sfreq
+        self.n_channels = part.n_channels
         self.window = layout.window_samples(part)
         self.hop = layout.hop_samples(part)
         self.hop_exact = layout.hop_s * self.fs
@@ -346,7 +347,7 @@ class _ModalityStream:
             stop = (self.n_seen - self.window) // self.hop + 1  # windows complete so far
             if stop <= j:
                 return
-            starts = list(range(j * self.hop, stop * self.hop, self.hop))
+            starts = [j * self.hop] if stop == j + 1 else list(range(j * self.hop, stop * self.hop, self.hop))
             j = stop
         else:
             starts = []
@@ -508,7 +509,7 @@ class StreamingPipeline:
             raise ChunkError(
                 f"{modality} chunk must be 2-D (n_channels={part.n_channels}, n_samples), got shape {arr.shape}."
             )
-        if arr.shape[0] != part.n_channels:
+        if arr.shape[0] != self._streams[modality].n_channels:
             raise ChunkError(
                 f"{modality} chunk has {arr.shape[0]} channel(s) but the layout has {part.n_channels} "
                 f"({', '.join(part.ch_names)}); send channels in that order."

@@ -825,7 +825,7 @@ class WelchStream:
         if n_windows == 0:
             return out
         first, last, window, step = starts[0], starts[-1], self._window, self._step
-        if first < offset or last + window > offset + x.shape[1]:
+        if first < offset or last + window - offset > x.shape[1]:
             raise ValueError(
                 f"windows [{first}, {last + window}) reach outside the buffer [{offset}, {offset + x.shape[1]})."
             )
