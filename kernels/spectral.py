@@ -685,10 +685,9 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
     Window ``i`` is ``x[:, i * hop : i * hop + plan.window]``, as ``sliding_windows(x,
     plan.window, hop)`` cuts it. When ``hop`` is a multiple of ``plan.step`` (and shorter than
     the window) consecutive windows share segments, and each distinct segment is transformed
-    once (:func:`segment_powers` of blocks of windows, at most ``_SHARED_BLOCK_VALUES`` powers
-    at a time: consecutive blocks transform the ``n_seg - hop / step`` segments they share
-    twice, one block in most recordings); otherwise the windows are read in place by the Welch
-    kernel.
+    once (:func:`segment_powers` of blocks of windows into a ring of at most about
+    ``_SHARED_BLOCK_VALUES`` powers, which keeps the segments consecutive blocks share);
+    otherwise the windows are read in place by the Welch kernel.
 
     Parameters
     ----------
@@ -723,14 +722,19 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
         per_window = hop // step  # new segments per window
         n_bins = plan.weights.shape[0]
         block = max(1, _SHARED_BLOCK_VALUES // (per_window * n_channels * n_bins))  # windows per block
-        powers = np.empty((min(n_windows, block) * per_window + n_seg, n_channels, n_bins))
+        # a ring: segment g in row g % n_slots, so a block keeps the segments it shares with the
+        # previous one (written before its own, never overwritten while a window needs them)
+        n_slots = min(n_windows, block) * per_window + n_seg
+        powers = np.empty((n_slots, n_channels, n_bins))
         finite = True
+        done = 0  # segments 0 .. done - 1 are transformed
         for w0 in range(0, n_windows, block):
             w1 = min(n_windows, w0 + block)
-            n_segments = (w1 - w0 - 1) * per_window + n_seg
-            starts = (np.arange(n_segments, dtype=np.int64) + w0 * per_window) * step
-            finite &= _segment_powers(x, starts, 0, taper, plan.kmin, powers[:n_segments])
-            firsts = np.arange(w1 - w0, dtype=np.int64) * per_window
+            new, hi = max(done, w0 * per_window), (w1 - 1) * per_window + n_seg
+            starts = np.arange(new, hi, dtype=np.int64) * step
+            finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers)
+            done = hi
+            firsts = np.arange(w0, w1, dtype=np.int64) * per_window
             _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
         # a window's samples after its last segment (fewer than a step) are in the next window's
         # segments, except for the last window's
