@@ -286,9 +286,11 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
         Same dtype as ``x``.
     kmin : int
         First frequency bin kept.
-    out : ndarray, shape (n_slots, n_channels, n_bins), float64
+    out : ndarray, shape (n_slots, n_channels, n_bins), float64 or the dtype of ``x``
         ``out[slot of g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the
-        detrended, tapered segment (computed in the precision of ``x``, stored in float64).
+        detrended, tapered segment, computed in the precision of ``x``: stored in that dtype it
+        is exact, and the streams keep float32 powers for float32 samples (half the memory
+        their sums read, the same sums).
 
     Returns False if a sample of a segment is NaN or inf (or a float64 sum overflowed), as
     ``_welch_weighted`` does.
@@ -332,7 +334,7 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
 
     Parameters
     ----------
-    powers : ndarray, shape (n_slots, n_channels, n_bins), float64
+    powers : ndarray, shape (n_slots, n_channels, n_bins), float64 or float32 (summed in float64)
         From ``_segment_powers``; indices wrap around (``% n_slots``), as in a ring of kept segments.
     firsts : ndarray of int64, shape (n_windows,)
         Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
@@ -725,7 +727,7 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
         # a ring: segment g in row g % n_slots, so a block keeps the segments it shares with the
         # previous one (written before its own, never overwritten while a window needs them)
         n_slots = min(n_windows, block) * per_window + n_seg
-        powers = np.empty((n_slots, n_channels, n_bins))
+        powers = np.empty((n_slots, n_channels, n_bins), dtype=x.dtype)  # |X|^2 in the FFT precision
         finite = True
         done = 0  # segments 0 .. done - 1 are transformed
         for w0 in range(0, n_windows, block):
@@ -783,7 +785,7 @@ class WelchStream:
         # the plan's derived values, read on every call
         self._step, self._n_seg, self._window, self._n_bands = plan.step, plan.n_seg, plan.window, plan.n_bands
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
-        self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
+        self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
         self.reset()
 
@@ -849,7 +851,7 @@ class WelchStream:
             end = self._first + self._count
             new = end if self._first <= lo < end else lo  # first segment to transform
             if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
-                grown = np.empty((hi - lo,) + self._ring.shape[1:])
+                grown = np.empty((hi - lo,) + self._ring.shape[1:], dtype=self.dtype)
                 for g in range(lo, min(new, hi)):
                     grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
                 self._ring = grown
