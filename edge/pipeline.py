@@ -501,20 +501,22 @@ class StreamingPipeline:
     def _check_chunk(self, modality: str, chunk) -> np.ndarray:
         if not isinstance(modality, str) or modality not in self._streams:
             raise ChunkError(f"unknown modality {modality!r}: this pipeline's layout has {self.layout.modality_names}.")
-        part = self._streams[modality].part
+        stream = self._streams[modality]
+        part = stream.part
         arr = chunk if type(chunk) is np.ndarray else np.asarray(chunk)
-        if arr.dtype.kind not in "fiu":
-            raise ChunkError(f"{modality} chunk must hold real numbers, got dtype {arr.dtype}.")
+        dtype = arr.dtype
+        if dtype.kind not in "fiu":
+            raise ChunkError(f"{modality} chunk must hold real numbers, got dtype {dtype}.")
         if arr.ndim != 2:
             raise ChunkError(
                 f"{modality} chunk must be 2-D (n_channels={part.n_channels}, n_samples), got shape {arr.shape}."
             )
-        if arr.shape[0] != self._streams[modality].n_channels:
+        if arr.shape[0] != stream.n_channels:
             raise ChunkError(
                 f"{modality} chunk has {arr.shape[0]} channel(s) but the layout has {part.n_channels} "
                 f"({', '.join(part.ch_names)}); send channels in that order."
             )
-        if arr.dtype.char not in _BUFFERED_DTYPES or not arr.dtype.isnative:  # float16, big-endian, ...
+        if dtype.char not in _BUFFERED_DTYPES or not dtype.isnative:  # float16, big-endian, ...
             arr = arr.astype(np.float64)
         return arr  # its samples' finiteness is tested by the stream as it buffers them
 
