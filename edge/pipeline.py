@@ -76,10 +76,10 @@ from biofed.datasets.replay import label_segments
 from biofed.kernels import (
     EEG_BANDS,
     WelchStream,
-    apply_transform,
     transform_plan,
     windowing,
 )
+from biofed.kernels.transform import _apply_transform
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
 if TYPE_CHECKING:
@@ -239,6 +239,7 @@ class _ModalityStream:
         self.part = part
         self.config = config
         self.fs = part.sfreq
+        self.n_channels = part.n_channels
         self.window = layout.window_samples(part)
         self.hop = layout.hop_samples(part)
         self.hop_exact = layout.hop_s * self.fs
@@ -346,7 +347,7 @@ class _ModalityStream:
             stop = (self.n_seen - self.window) // self.hop + 1  # windows complete so far
             if stop <= j:
                 return
-            starts = list(range(j * self.hop, stop * self.hop, self.hop))
+            starts = [j * self.hop] if stop == j + 1 else list(range(j * self.hop, stop * self.hop, self.hop))
             j = stop
         else:
             starts = []
@@ -356,7 +357,8 @@ class _ModalityStream:
             if not starts:
                 return
         if self.plan is not None:
-            features = self._spectral_features(starts)
+            # equal bit for bit to spectral_features(windows, plan) of the windows cut from the buffer
+            features = self.welch.features(self.buf, self.buf_start, starts).reshape(len(starts), -1)
         elif len(starts) == 1:  # the usual live case: the window is a view of the buffer
             offset = starts[0] - self.buf_start
             features = self._features(self.buf[None, :, offset : offset + self.window])
@@ -364,17 +366,15 @@ class _ModalityStream:
             features = self._features(
                 np.stack([self.buf[:, s - self.buf_start : s - self.buf_start + self.window] for s in starts])
             )
-        if self.track_labels:
+        if len(starts) == 1:  # the live case
+            label = self._label_at(starts[0] + self.window - 1) if self.track_labels else None
+            self.pending.append((features[0], label))
+        elif self.track_labels:
             last = self.window - 1
             self.pending.extend(zip(features, [self._label_at(s + last) for s in starts]))
         else:
             self.pending.extend(zip(features, [None] * len(starts)))
         self.next_window = j
-
-    def _spectral_features(self, starts: list[int]) -> np.ndarray:
-        """EEG / audio features of the windows starting at absolute samples ``starts`` (plan applied),
-        read from the buffer; equal bit for bit to ``spectral_features(windows, plan)``."""
-        return self.welch.features(self.buf, self.buf_start, starts).reshape(len(starts), -1)
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""
@@ -501,20 +501,22 @@ class StreamingPipeline:
     def _check_chunk(self, modality: str, chunk) -> np.ndarray:
         if not isinstance(modality, str) or modality not in self._streams:
             raise ChunkError(f"unknown modality {modality!r}: this pipeline's layout has {self.layout.modality_names}.")
-        part = self._streams[modality].part
-        arr = np.asarray(chunk)
-        if arr.dtype.kind not in "fiu":
-            raise ChunkError(f"{modality} chunk must hold real numbers, got dtype {arr.dtype}.")
+        stream = self._streams[modality]
+        part = stream.part
+        arr = chunk if type(chunk) is np.ndarray else np.asarray(chunk)
+        dtype = arr.dtype
+        if dtype.kind not in "fiu":
+            raise ChunkError(f"{modality} chunk must hold real numbers, got dtype {dtype}.")
         if arr.ndim != 2:
             raise ChunkError(
                 f"{modality} chunk must be 2-D (n_channels={part.n_channels}, n_samples), got shape {arr.shape}."
             )
-        if arr.shape[0] != part.n_channels:
+        if arr.shape[0] != stream.n_channels:
             raise ChunkError(
                 f"{modality} chunk has {arr.shape[0]} channel(s) but the layout has {part.n_channels} "
                 f"({', '.join(part.ch_names)}); send channels in that order."
             )
-        if arr.dtype.char not in _BUFFERED_DTYPES or not arr.dtype.isnative:  # float16, big-endian, ...
+        if dtype.char not in _BUFFERED_DTYPES or not dtype.isnative:  # float16, big-endian, ...
             arr = arr.astype(np.float64)
         return arr  # its samples' finiteness is tested by the stream as it buffers them
 
@@ -549,12 +551,12 @@ class StreamingPipeline:
         if arr.shape[1] == 0 or not stream.push(arr, label):
             return []  # no new window: nothing can be emitted or dropped
         next_emit, cap = self._next_emit, self.config.max_pending_windows
-        if (cap is None or stream.next_window - next_emit <= cap) and any(
-            s.next_window <= next_emit for s in self._stream_list
-        ):  # some modality still lacks window next_emit and this one is within the cap
-            if stream.next_window - len(stream.pending) < next_emit:  # it lagged through a drop
-                stream.discard_before(next_emit)
-            return []
+        if cap is None or stream.next_window - next_emit <= cap:  # within the cap: wait for the others
+            for s in self._stream_list:
+                if s.next_window <= next_emit:  # some modality still lacks window next_emit
+                    if stream.next_window - len(stream.pending) < next_emit:  # it lagged through a drop
+                        stream.discard_before(next_emit)
+                    return []
         return self._emit()
 
     def _emit(self) -> list[FeatureRow]:
@@ -581,12 +583,13 @@ class StreamingPipeline:
                     pending = s.pending
                     for i in range(ready):
                         raw[i, columns] = pending.popleft()[0]
-            if self._projection is not None:
-                vectors = apply_transform(raw, self._projection)
-            else:
-                vectors = raw
+            # raw is a C-contiguous float64 block of the basis' width: straight to the kernel
+            vectors = raw if self._projection is None else _apply_transform(raw, self._projection)
             hop = self.config.hop_s
-            rows = [FeatureRow((self._next_emit + i) * hop, labels[i], vectors[i]) for i in range(ready)]
+            if ready == 1:
+                rows = [FeatureRow(next_emit * hop, labels[0], vectors[0])]
+            else:
+                rows = [FeatureRow((next_emit + i) * hop, labels[i], vectors[i]) for i in range(ready)]
             self._next_emit += ready
             self.windows_emitted += ready
         cap = self.config.max_pending_windows

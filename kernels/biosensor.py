@@ -77,32 +77,64 @@ def _window_statistics(windows, fs, out):
         Output, written in place. Accumulation is in float64 (two-pass, centred sums).
     """
     n_windows, n_channels, n = windows.shape
+    for i in range(n_windows):
+        c = 0
+        while c + 2 <= n_channels:  # two channels per pass: two independent chains of sums
+            _statistics_of_two(windows[i, c], windows[i, c + 1], fs, out[i, c], out[i, c + 1])
+            c += 2
+        if c < n_channels:
+            _statistics_of_two(windows[i, c], windows[i, c], fs, out[i, c], out[i, c])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _statistics_of_two(x, y, fs, out_x, out_y):
+    """``_window_statistics`` of two channels ``x`` and ``y`` (n,) at once, into ``out_x`` and ``out_y`` (5,).
+
+    Each sum runs over its channel's samples in order, as for one channel alone (the same bits);
+    the two channels' sums do not depend on each other, so the core overlaps their additions
+    (a single running sum waits for the previous addition on every sample).
+    """
+    n = x.shape[0]
     t_mean = (n - 1) / 2.0
     t_ss = n * (n * n - 1.0) / 12.0  # sum_j (j - t_mean)^2
-    for i in range(n_windows):
-        for c in range(n_channels):
-            lo = windows[i, c, 0]
-            hi = windows[i, c, 0]
-            total = 0.0
-            for j in range(n):
-                v = windows[i, c, j]
-                total += v
-                if v < lo:
-                    lo = v
-                if v > hi:
-                    hi = v
-            mean = total / n
-            ss = 0.0
-            sxy = 0.0
-            for j in range(n):
-                d = windows[i, c, j] - mean
-                ss += d * d
-                sxy += (j - t_mean) * d
-            out[i, c, 0] = mean
-            out[i, c, 1] = math.sqrt(ss / n)
-            out[i, c, 2] = sxy / t_ss * fs if t_ss > 0.0 else 0.0
-            out[i, c, 3] = lo
-            out[i, c, 4] = hi
+    lo_x = hi_x = x[0]
+    lo_y = hi_y = y[0]
+    total_x = 0.0
+    total_y = 0.0
+    for j in range(n):
+        v = x[j]
+        w = y[j]
+        total_x += v
+        total_y += w
+        if v < lo_x:
+            lo_x = v
+        if v > hi_x:
+            hi_x = v
+        if w < lo_y:
+            lo_y = w
+        if w > hi_y:
+            hi_y = w
+    mean_x = total_x / n
+    mean_y = total_y / n
+    ss_x = sxy_x = ss_y = sxy_y = 0.0
+    for j in range(n):
+        d = x[j] - mean_x
+        e = y[j] - mean_y
+        ss_x += d * d
+        sxy_x += (j - t_mean) * d
+        ss_y += e * e
+        sxy_y += (j - t_mean) * e
+    _store_statistics(out_x, n, t_ss, fs, mean_x, ss_x, sxy_x, lo_x, hi_x)
+    _store_statistics(out_y, n, t_ss, fs, mean_y, ss_y, sxy_y, lo_y, hi_y)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _store_statistics(out, n, t_ss, fs, mean, ss, sxy, lo, hi):
+    out[0] = mean
+    out[1] = math.sqrt(ss / n)
+    out[2] = sxy / t_ss * fs if t_ss > 0.0 else 0.0
+    out[3] = lo
+    out[4] = hi
 
 
 def window_statistics(windows, fs: float) -> np.ndarray:

@@ -164,6 +164,16 @@ def _add_power(parts, power):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _set_power(parts, power):
+    """``power[k] = re_k ** 2 + im_k ** 2``: ``_add_power`` into zeros, with the same bits
+    (the squares are >= 0, so adding them to 0.0 changes nothing) and without the zeroing pass."""
+    for k in range(power.shape[0]):
+        re = parts[2 * k]
+        im = parts[2 * k + 1]
+        power[k] = re * re + im * im
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _weigh(power, weights, acc, out):
     """``out[b] = sum_k power[k] * weights[k, b]``, summed over ``k`` in order in float64 (``acc``).
 
@@ -276,9 +286,11 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
         Same dtype as ``x``.
     kmin : int
         First frequency bin kept.
-    out : ndarray, shape (n_slots, n_channels, n_bins), float64
+    out : ndarray, shape (n_slots, n_channels, n_bins), float64 or the dtype of ``x``
         ``out[slot of g, c, k]`` = squared magnitude of bin ``kmin + k`` of the rfft of the
-        detrended, tapered segment (computed in the precision of ``x``, stored in float64).
+        detrended, tapered segment, computed in the precision of ``x``: stored in that dtype it
+        is exact, and the streams keep float32 powers for float32 samples (half the memory
+        their sums read, the same sums).
 
     Returns False if a sample of a segment is NaN or inf (or a float64 sum overflowed), as
     ``_welch_weighted`` does.
@@ -311,9 +323,7 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
         for g in range(g0, g1):
             slot = (slot0 + g) % n_slots
             for c in range(n_channels):
-                dst = out[slot, c]
-                dst[:] = 0.0
-                _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], dst)
+                _set_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], out[slot, c])
                 r += 1
     return math.isfinite(check)
 
@@ -324,7 +334,7 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
 
     Parameters
     ----------
-    powers : ndarray, shape (n_slots, n_channels, n_bins), float64
+    powers : ndarray, shape (n_slots, n_channels, n_bins), float64 or float32 (summed in float64)
         From ``_segment_powers``; indices wrap around (``% n_slots``), as in a ring of kept segments.
     firsts : ndarray of int64, shape (n_windows,)
         Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
@@ -347,10 +357,18 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
 
 
 @njit(cache=True, nogil=True)
-def _welch_stream(x, starts, slot0, taper, kmin, ring, firsts, n_seg, weights, out):
-    """``_segment_powers`` of the new segments into the ring, then ``_reduce_segments`` of the
-    windows: one call per step of a :class:`WelchStream`. Returns the finiteness flag."""
-    finite = _segment_powers(x, starts, slot0, taper, kmin, ring) if starts.shape[0] else True
+def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, weights, out):
+    """One step of a :class:`WelchStream`: ``_segment_powers`` of the stream's segments from
+    ``new`` to the last window's last one (segment ``g`` starts at stream sample ``g * step``,
+    ``x[:, 0]`` is sample ``offset``) into their ring rows, then ``_reduce_segments`` of the
+    windows whose first segments are ``firsts``. Returns the finiteness flag."""
+    nperseg = taper.shape[0]
+    step = nperseg - nperseg // 2
+    hi = firsts[-1] + n_seg
+    finite = True
+    if hi > new:
+        starts = np.arange(new, hi) * step - offset
+        finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
     _reduce_segments(ring, firsts, n_seg, weights, out)
     return finite
 
@@ -669,10 +687,9 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
     Window ``i`` is ``x[:, i * hop : i * hop + plan.window]``, as ``sliding_windows(x,
     plan.window, hop)`` cuts it. When ``hop`` is a multiple of ``plan.step`` (and shorter than
     the window) consecutive windows share segments, and each distinct segment is transformed
-    once (:func:`segment_powers` of blocks of windows, at most ``_SHARED_BLOCK_VALUES`` powers
-    at a time: consecutive blocks transform the ``n_seg - hop / step`` segments they share
-    twice, one block in most recordings); otherwise the windows are read in place by the Welch
-    kernel.
+    once (:func:`segment_powers` of blocks of windows into a ring of at most about
+    ``_SHARED_BLOCK_VALUES`` powers, which keeps the segments consecutive blocks share);
+    otherwise the windows are read in place by the Welch kernel.
 
     Parameters
     ----------
@@ -707,14 +724,19 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
         per_window = hop // step  # new segments per window
         n_bins = plan.weights.shape[0]
         block = max(1, _SHARED_BLOCK_VALUES // (per_window * n_channels * n_bins))  # windows per block
-        powers = np.empty((min(n_windows, block) * per_window + n_seg, n_channels, n_bins))
+        # a ring: segment g in row g % n_slots, so a block keeps the segments it shares with the
+        # previous one (written before its own, never overwritten while a window needs them)
+        n_slots = min(n_windows, block) * per_window + n_seg
+        powers = np.empty((n_slots, n_channels, n_bins), dtype=x.dtype)  # |X|^2 in the FFT precision
         finite = True
+        done = 0  # segments 0 .. done - 1 are transformed
         for w0 in range(0, n_windows, block):
             w1 = min(n_windows, w0 + block)
-            n_segments = (w1 - w0 - 1) * per_window + n_seg
-            starts = (np.arange(n_segments, dtype=np.int64) + w0 * per_window) * step
-            finite &= _segment_powers(x, starts, 0, taper, plan.kmin, powers[:n_segments])
-            firsts = np.arange(w1 - w0, dtype=np.int64) * per_window
+            new, hi = max(done, w0 * per_window), (w1 - 1) * per_window + n_seg
+            starts = np.arange(new, hi, dtype=np.int64) * step
+            finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers)
+            done = hi
+            firsts = np.arange(w0, w1, dtype=np.int64) * per_window
             _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
         # a window's samples after its last segment (fewer than a step) are in the next window's
         # segments, except for the last window's
@@ -763,7 +785,8 @@ class WelchStream:
         # the plan's derived values, read on every call
         self._step, self._n_seg, self._window, self._n_bands = plan.step, plan.n_seg, plan.window, plan.n_bands
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
-        self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]))
+        self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
+        self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
         self.reset()
 
     def reset(self) -> None:
@@ -799,7 +822,6 @@ class WelchStream:
             On a buffer of the wrong type, dtype or shape, windows outside it or out of order,
             or NaN/inf samples (the kept segments are then forgotten).
         """
-        plan = self.plan
         if type(x) is not np.ndarray or x.dtype != self.dtype or x.ndim != 2 or not x.flags.c_contiguous:
             raise TypeError(f"x must be a C-contiguous 2-D {self.dtype} ndarray (the stream's buffer).")
         if x.shape[0] != self.n_channels:
@@ -809,18 +831,34 @@ class WelchStream:
         if n_windows == 0:
             return out
         first, last, window, step = starts[0], starts[-1], self._window, self._step
-        if first < offset or last + window > offset + x.shape[1]:
+        if first < offset or last + window - offset > x.shape[1]:
             raise ValueError(
                 f"windows [{first}, {last + window}) reach outside the buffer [{offset}, {offset + x.shape[1]})."
             )
         shared = first % step == 0
-        if n_windows > 1:
+        if n_windows == 1:  # the live case: one window per hop
+            firsts = self._one_first
+            firsts[0] = first // step
+        else:
             for a, b in zip(starts, starts[1:]):
                 if b <= a:
                     raise ValueError(f"window starts must be ascending, got {a} then {b}.")
                 shared = shared and b % step == 0 and b - a < window
-        if shared:
-            finite = self._shared(x, offset, starts, out)
+            firsts = np.array(starts, dtype=np.int64) // step
+        plan = self.plan
+        if shared:  # transform the segments not kept, reduce the windows from the ring
+            lo, hi = first // step, last // step + self._n_seg
+            end = self._first + self._count
+            new = end if self._first <= lo < end else lo  # first segment to transform
+            if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
+                grown = np.empty((hi - lo,) + self._ring.shape[1:], dtype=self.dtype)
+                for g in range(lo, min(new, hi)):
+                    grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
+                self._ring = grown
+            self._first, self._count = lo, hi - lo
+            finite = _welch_stream(
+                x, offset, new, self._taper, plan.kmin, self._ring, firsts, self._n_seg, plan.weights, out
+            )
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(
@@ -830,26 +868,6 @@ class WelchStream:
             self.reset()
             raise_if_nonfinite(x[:, first - offset : last + window - offset], "x")
         return _finish(out, plan.log)
-
-    def _shared(self, x, offset, starts, out) -> bool:
-        """Windows at multiples of the step: transform the segments not kept, reduce from the ring."""
-        plan = self.plan
-        step, n_seg = self._step, self._n_seg
-        lo, hi = starts[0] // step, starts[-1] // step + n_seg
-        end = self._first + self._count
-        new = end if self._first <= lo < end else lo  # first segment to transform
-        if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
-            grown = np.empty((hi - lo,) + self._ring.shape[1:])
-            for g in range(lo, min(new, hi)):
-                grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
-            self._ring = grown
-        n_slots = self._ring.shape[0]
-        seg_starts = np.arange(new * step - offset, hi * step - offset, step, dtype=np.int64)
-        firsts = np.array(starts, dtype=np.int64) // step
-        self._first, self._count = lo, hi - lo
-        return _welch_stream(
-            x, seg_starts, new % n_slots, self._taper, plan.kmin, self._ring, firsts, n_seg, plan.weights, out
-        )
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:
