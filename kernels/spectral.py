@@ -70,7 +70,7 @@ from biofed.kernels._validation import (
     check_positive_int,
     raise_if_nonfinite,
 )
-from biofed.kernels.windowing import _check_windows
+from biofed.kernels.windowing import _append_samples, _check_windows
 
 __all__ = [
     "EEG_BANDS",
@@ -371,6 +371,21 @@ def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, weights, out
         finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
     _reduce_segments(ring, firsts, n_seg, weights, out)
     return finite
+
+
+@njit(cache=True, nogil=True)
+def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, weights, out):
+    """A stream buffer's append and the Welch step of the window it completes, in one call.
+
+    ``where`` (int64) holds ``[first, new, offset, fill]``: ``_append_samples(chunk, x, fill)``,
+    then, only if that sum is finite, ``_welch_stream`` of the one window whose first segment is
+    ``first`` (``where[:1]`` is its ``firsts``). Returns the chunk's float64 sum (non-finite:
+    nothing but the copy behind ``fill`` was done).
+    """
+    total = _append_samples(chunk, x, where[3])
+    if math.isfinite(total):
+        _welch_stream(x, where[2], where[1], taper, kmin, ring, where[:1], n_seg, weights, out)
+    return total
 
 
 def _next_pow2(value: float) -> int:
@@ -787,6 +802,7 @@ class WelchStream:
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
+        self._where = np.empty(4, dtype=np.int64)  # append_features' positions, see _append_welch_stream
         self.reset()
 
     def reset(self) -> None:
@@ -798,6 +814,39 @@ class WelchStream:
     def kept_segments(self) -> range:
         """Absolute indices of the segments whose powers are kept (segment ``g`` starts at sample ``g * plan.step``)."""
         return range(self._first, self._first + self._count)
+
+    def append_features(self, chunk: np.ndarray, x: np.ndarray, fill: int, offset: int, start: int):
+        """Copy ``chunk`` into ``x[:, fill : fill + n]`` and return the features of the one window
+        it completes, which starts at stream sample ``start``, in one jitted call.
+
+        The live step of a buffered stream: equal to writing the chunk into the buffer, testing its
+        samples and calling :meth:`features` with ``starts=[start]``. The caller guarantees what
+        :meth:`features` checks: ``x`` is the stream's C-contiguous buffer, the samples before
+        ``fill`` are finite, the window ``[start, start + plan.window)`` ends in the chunk's samples
+        (``offset`` is the stream index of ``x[:, 0]``), and ``start`` is a multiple of
+        ``plan.step``.
+
+        Returns
+        -------
+        features : ndarray, shape (1, n_channels, plan.n_bands), or None
+            None when a sample of the chunk is NaN or inf (or its float64 sum overflows): then
+            only the free space behind ``fill`` was written and the kept segments are unchanged.
+        """
+        out = np.empty((1, self.n_channels, self._n_bands), dtype=self.dtype)
+        plan = self.plan
+        first = start // self._step
+        end = self._first + self._count
+        where = self._where
+        where[0] = first
+        where[1] = end if self._first <= first < end else first  # first segment to transform
+        where[2] = offset
+        where[3] = fill
+        taper, ring = self._taper, self._ring
+        total = _append_welch_stream(chunk, x, where, taper, plan.kmin, ring, self._n_seg, plan.weights, out)
+        if not math.isfinite(total):
+            return None
+        self._first, self._count = first, self._n_seg
+        return _finish(out, plan.log)
 
     def features(self, x: np.ndarray, offset: int, starts) -> np.ndarray:
         """Features of the windows that start at stream samples ``starts``.

@@ -443,6 +443,38 @@ def test_welch_stream_equals_the_windows_features_bit_for_bit(rng, make_plan, ho
     assert stream.features(x, 0, []).shape == (0, 2, plan.n_bands)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("make_plan", "hop"),
+    [
+        (lambda: band_power_plan(500.0, 1000, log=True, nperseg=500), 500),
+        (lambda: log_band_energy_plan(16000.0, 32000, nperseg=500), 16000),
+    ],
+)
+def test_welch_stream_append_features_equals_append_then_features(rng, make_plan, hop, dtype):
+    """The fused live step (copy a chunk into the buffer, Welch of the window it completes) has
+    the bits of the windows' features; a NaN chunk leaves the kept segments as they were."""
+    plan = make_plan()
+    x = (rng.standard_normal((2, plan.window + 6 * hop)) + 0.3).astype(dtype)
+    expected = spectral_features(np.ascontiguousarray(sliding_windows(x, plan.window, hop)), plan)
+    stream = WelchStream(plan, 2, dtype)
+    buf = np.empty((2, plan.window + 2 * hop), dtype=dtype)
+    buf[:, : plan.window - hop] = x[:, : plan.window - hop]
+    for i in range(len(expected)):  # the buffer holds window i - 1's last hop, then the new chunk
+        fill = plan.window - hop
+        chunk = x[:, i * hop + fill : i * hop + plan.window]  # a strided float64 or float32 view
+        if i == 3:
+            spoiled = chunk.astype(np.float64)
+            spoiled[1, 7] = np.inf
+            kept = stream.kept_segments
+            assert stream.append_features(spoiled, buf, fill, i * hop, i * hop) is None
+            assert stream.kept_segments == kept
+        row = stream.append_features(chunk, buf, fill, i * hop, i * hop)
+        np.testing.assert_array_equal(row, expected[i : i + 1])
+        np.testing.assert_array_equal(buf[:, : plan.window], x[:, i * hop : i * hop + plan.window])
+        buf[:, :fill] = buf[:, hop : hop + fill]
+
+
 def test_welch_stream_bad_input_and_non_finite_samples(rng):
     plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=100)
     stream = WelchStream(plan, 2, np.float64)
