@@ -388,6 +388,13 @@ def test_sliding_features_equal_the_windows_features_bit_for_bit(rng, make_plan,
     assert features.dtype == dtype and features.shape == (len(windows), 2, plan.n_bands)
     np.testing.assert_array_equal(features, spectral_features(windows, plan))
     assert sliding_spectral_features(x[:, : plan.window - 1], hop, plan).shape == (0, 2, plan.n_bands)
+    # computed in the other precision: the bits of casting the samples first
+    other = np.float64 if dtype == np.float32 else np.float32
+    for scale in (1.0, 1e-3, 37.0):
+        y = x * dtype(scale)
+        features = sliding_spectral_features(y, hop, plan, dtype=other)
+        assert features.dtype == other
+        np.testing.assert_array_equal(features, sliding_spectral_features(y.astype(other), hop, plan))
 
 
 @pytest.mark.parametrize("nperseg", [100, 64])  # shared segments; 64: a 4-sample tail, unshared at hop 50
@@ -401,6 +408,11 @@ def test_sliding_features_find_non_finite_samples_in_every_window(where, nperseg
     x = np.ones((2, 330))
     x[0, 329] = np.nan  # after the last window (300 + 29 samples: no window covers it)
     assert sliding_spectral_features(x, 50, plan).shape == (3, 2, 3)
+    x = np.ones((2, 300))
+    x[1, where] = 1e39  # finite in float64, inf in float32: computed in float32 it is refused as a cast would be
+    assert np.isfinite(sliding_spectral_features(x, 50, plan)).all()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sliding_spectral_features(x, 50, plan, dtype=np.float32)
 
 
 def test_sliding_features_bound_their_memory_in_blocks(rng, monkeypatch):
@@ -509,6 +521,7 @@ def test_welch_stream_bad_input_and_non_finite_samples(rng):
         (lambda p: sliding_spectral_features(np.ones(300), 50, p), ValueError, "x must be 2-D"),
         (lambda p: sliding_spectral_features(np.full((1, 300), np.inf), 50, p), ValueError, "NaN or inf"),
         (lambda p: sliding_spectral_features(np.ones((1, 300)), 50, "plan"), TypeError, "plan must be a SpectralPlan"),
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 50, p, dtype=np.int32), TypeError, "dtype must be"),
         (lambda p: shared_nperseg(50, 100, 1), ValueError, "default must be >= 2"),
     ],
 )
