@@ -141,7 +141,7 @@ class Chain:
         }
 
     def _spectral(self, modality: str, x: dict[str, np.ndarray]) -> np.ndarray:
-        return sliding_spectral_features(x[modality].astype(self.dtype), HOP[modality], self.plans[modality])
+        return sliding_spectral_features(x[modality], HOP[modality], self.plans[modality], dtype=self.dtype)
 
     def features(self, x: dict[str, np.ndarray]) -> np.ndarray:
         """One float64 feature row per window of the stream ``x``, (n_windows, n_features)."""

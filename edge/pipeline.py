@@ -260,6 +260,11 @@ class _ModalityStream:
         if self.plan is not None:
             # Windows a multiple of the segment step apart share segments: it keeps their powers.
             self.welch = WelchStream(self.plan, part.n_channels, dtype)
+        # every window starts a multiple of the segment step from the last: a push that completes
+        # one window appends and transforms in one jitted call (WelchStream.append_features)
+        self.shares_segments = (
+            self.plan is not None and self.hop is not None and self.hop % self.plan.step == 0 and self.hop < self.window
+        )
         if part.modality == "bio":
             self.hr_channels = np.array(part.hr_channels, dtype=np.intp)
             stat_cols, hr_cols = part.bio_columns()
@@ -316,12 +321,26 @@ class _ModalityStream:
         before = self.next_window
         n = chunk.shape[1]
         fits = self.fill + n <= self.capacity
+        if fits and self.shares_segments and (self.n_seen + n - self.window) // self.hop == before:
+            # the live case: the chunk completes exactly one window; append and Welch in one call
+            start = before * self.hop
+            features = self.welch.append_features(chunk, self.buf, self.fill, self.buf_start, start)
+            if features is None:
+                raise _nonfinite_chunk_error(self.part, chunk)
+            self._track_label(label)
+            self.fill += n
+            self.n_seen += n
+            self.pending.append(
+                (features.reshape(-1), self._label_at(start + self.window - 1) if self.track_labels else None)
+            )
+            self.next_window = before + 1
+            if self.capacity - self.fill < n:
+                self._compact()
+            return 1
         total = windowing._append_samples(chunk, self.buf, self.fill) if fits else np.add.reduce(chunk, axis=None)
         if not math.isfinite(total):
             raise _nonfinite_chunk_error(self.part, chunk)
-        if self.track_labels and (not self.label_values or self.label_values[-1] != label):
-            self.label_starts.append(self.n_seen)
-            self.label_values.append(label)
+        self._track_label(label)
         if fits:
             self.fill += n
             self.n_seen += n
@@ -340,6 +359,12 @@ class _ModalityStream:
             pos += take
             self._extract()
         return self.next_window - before
+
+    def _track_label(self, label: str | None) -> None:
+        """Record that ``label`` holds from the next accepted sample on (reference stream only)."""
+        if self.track_labels and (not self.label_values or self.label_values[-1] != label):
+            self.label_starts.append(self.n_seen)
+            self.label_values.append(label)
 
     def _extract(self) -> None:
         j = self.next_window

@@ -70,7 +70,7 @@ from biofed.kernels._validation import (
     check_positive_int,
     raise_if_nonfinite,
 )
-from biofed.kernels.windowing import _check_windows
+from biofed.kernels.windowing import _append_samples, _check_windows
 
 __all__ = [
     "EEG_BANDS",
@@ -132,6 +132,19 @@ def _sum(x, start, length):
     return total
 
 
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _sum_as(x, start, length, like):
+    """``_sum`` of ``x[start : start + length]`` rounded to the dtype of ``like`` sample by sample:
+    the sum of the samples a cast to that dtype would hold, without the cast's copy (float64
+    samples computed in float32). With ``x`` of that dtype it is ``_sum``."""
+    cast = like.dtype.type
+    v = x[start : start + length]
+    total = 0.0
+    for j in range(length):
+        total += cast(v[j])
+    return total
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _detrend_taper(x, start, total, taper, dst):
     """``dst[:] = (x[start : start + nperseg] - total / nperseg) * taper``.
@@ -143,10 +156,11 @@ def _detrend_taper(x, start, total, taper, dst):
     lanes for float32 samples).
     """
     nperseg = taper.shape[0]
-    mean = x.dtype.type(total / nperseg)
+    cast = taper.dtype.type
+    mean = cast(total / nperseg)
     v = x[start : start + nperseg]
     for j in range(nperseg):
-        dst[j] = (v[j] - mean) * taper[j]
+        dst[j] = (cast(v[j]) - mean) * taper[j]
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -302,7 +316,7 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
     block = max(1, _BLOCK_ROWS // n_channels)
     half = nperseg // 2
     shared_half = half == nperseg - half
-    seg = np.empty((min(block, n_segments) * n_channels, nperseg), dtype=x.dtype)
+    seg = np.empty((min(block, n_segments) * n_channels, nperseg), dtype=taper.dtype)
     second = np.zeros(n_channels)  # sum of the previous segment's second half, per channel
     check = 0.0
     for g0 in range(0, n_segments, block):
@@ -313,12 +327,12 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
             # the previous segment's second half is this one's first (same samples, same bits)
             reuse = shared_half and g > 0 and start == starts[g - 1] + half
             for c in range(n_channels):
-                first = second[c] if reuse else _sum(x[c], start, half)
-                second[c] = _sum(x[c], start + half, nperseg - half)
+                first = second[c] if reuse else _sum_as(x[c], start, half, taper)
+                second[c] = _sum_as(x[c], start + half, nperseg - half, taper)
                 check += first + second[c]
                 _detrend_taper(x[c], start, first + second[c], taper, seg[r])
                 r += 1
-        parts = np.fft.rfft(seg[:r]).view(x.dtype)  # as in _welch_weighted
+        parts = np.fft.rfft(seg[:r]).view(taper.dtype)  # as in _welch_weighted
         r = 0
         for g in range(g0, g1):
             slot = (slot0 + g) % n_slots
@@ -371,6 +385,21 @@ def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, weights, out
         finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
     _reduce_segments(ring, firsts, n_seg, weights, out)
     return finite
+
+
+@njit(cache=True, nogil=True)
+def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, weights, out):
+    """A stream buffer's append and the Welch step of the window it completes, in one call.
+
+    ``where`` (int64) holds ``[first, new, offset, fill]``: ``_append_samples(chunk, x, fill)``,
+    then, only if that sum is finite, ``_welch_stream`` of the one window whose first segment is
+    ``first`` (``where[:1]`` is its ``firsts``). Returns the chunk's float64 sum (non-finite:
+    nothing but the copy behind ``fill`` was done).
+    """
+    total = _append_samples(chunk, x, where[3])
+    if math.isfinite(total):
+        _welch_stream(x, where[2], where[1], taper, kmin, ring, where[:1], n_seg, weights, out)
+    return total
 
 
 def _next_pow2(value: float) -> int:
@@ -681,7 +710,7 @@ def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.
     return _finish(out, plan.log)
 
 
-def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
+def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) -> np.ndarray:
     """Features of every window of a continuous signal, windows ``hop`` samples apart.
 
     Window ``i`` is ``x[:, i * hop : i * hop + plan.window]``, as ``sliding_windows(x,
@@ -698,6 +727,11 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
     hop : int
         Samples between window starts (>= 1).
     plan : SpectralPlan
+    dtype : {None, numpy.float32, numpy.float64}, default None
+        Precision of the computation and of the features; None = that of ``x`` (float32 stays
+        float32, other dtypes become float64). The result equals that of ``x.astype(dtype)``
+        bit for bit; where windows share segments the samples are rounded as the kernel reads
+        them, so float64 recordings are computed in float32 without a float32 copy of the signal.
 
     Returns
     -------
@@ -713,21 +747,28 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
     plan = _check_plan(plan)
     x = check_float_array(x, "x", ndim=2, check_finite=False)  # the kernels' sums find NaN/inf
     hop = check_positive_int(hop, "hop")
+    dtype = x.dtype if dtype is None else np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be None, float32 or float64, got {dtype}.")
     n_channels, n_samples = x.shape
     n_windows = max(0, (n_samples - plan.window) // hop + 1)
-    out = np.empty((n_windows, n_channels, plan.n_bands), dtype=x.dtype)
+    out = np.empty((n_windows, n_channels, plan.n_bands), dtype=dtype)
     if n_windows == 0:
         return out
-    taper, step, n_seg = plan.taper_for(x.dtype), plan.step, plan.n_seg
+    taper, step, n_seg = plan.taper_for(dtype), plan.step, plan.n_seg
     tail = plan.window - (n_seg - 1) * step - plan.nperseg  # samples after a window's last segment
-    if hop % step == 0 and hop < plan.window:
+    shared = hop % step == 0 and hop < plan.window
+    if not shared and x.dtype != dtype:  # the Welch kernel reads windows in the precision of its samples
+        with np.errstate(over="ignore"):  # samples beyond float32's range become inf: refused below
+            x = x.astype(dtype)
+    if shared:  # _segment_powers rounds the samples to the taper's dtype as it reads them
         per_window = hop // step  # new segments per window
         n_bins = plan.weights.shape[0]
         block = max(1, _SHARED_BLOCK_VALUES // (per_window * n_channels * n_bins))  # windows per block
         # a ring: segment g in row g % n_slots, so a block keeps the segments it shares with the
         # previous one (written before its own, never overwritten while a window needs them)
         n_slots = min(n_windows, block) * per_window + n_seg
-        powers = np.empty((n_slots, n_channels, n_bins), dtype=x.dtype)  # |X|^2 in the FFT precision
+        powers = np.empty((n_slots, n_channels, n_bins), dtype=dtype)  # |X|^2 in the FFT precision
         finite = True
         done = 0  # segments 0 .. done - 1 are transformed
         for w0 in range(0, n_windows, block):
@@ -741,12 +782,16 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan) -> np.ndarray:
         # a window's samples after its last segment (fewer than a step) are in the next window's
         # segments, except for the last window's
         end = (n_windows - 1) * hop + plan.window
-        finite = finite and math.isfinite(np.add.reduce(x[:, end - tail : end], axis=None)) if tail else finite
+        if tail:
+            with np.errstate(over="ignore"):
+                finite = finite and math.isfinite(np.add.reduce(x[:, end - tail : end].astype(dtype), axis=None))
     else:
         starts = np.arange(n_windows, dtype=np.int64) * hop
         finite = _welch_weighted(x, starts, 0, n_seg, plan.nperseg, tail, taper, plan.kmin, plan.weights, out)
-    if not finite:
-        raise_if_nonfinite(x[:, : (n_windows - 1) * hop + plan.window], "x")
+    if not finite:  # the samples in the computation's dtype (a float64 beyond float32's range is inf there)
+        with np.errstate(over="ignore"):
+            samples = x[:, : (n_windows - 1) * hop + plan.window].astype(dtype, copy=False)
+        raise_if_nonfinite(samples, "x")
     return _finish(out, plan.log)
 
 
@@ -787,6 +832,7 @@ class WelchStream:
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
+        self._where = np.empty(4, dtype=np.int64)  # append_features' positions, see _append_welch_stream
         self.reset()
 
     def reset(self) -> None:
@@ -798,6 +844,39 @@ class WelchStream:
     def kept_segments(self) -> range:
         """Absolute indices of the segments whose powers are kept (segment ``g`` starts at sample ``g * plan.step``)."""
         return range(self._first, self._first + self._count)
+
+    def append_features(self, chunk: np.ndarray, x: np.ndarray, fill: int, offset: int, start: int):
+        """Copy ``chunk`` into ``x[:, fill : fill + n]`` and return the features of the one window
+        it completes, which starts at stream sample ``start``, in one jitted call.
+
+        The live step of a buffered stream: equal to writing the chunk into the buffer, testing its
+        samples and calling :meth:`features` with ``starts=[start]``. The caller guarantees what
+        :meth:`features` checks: ``x`` is the stream's C-contiguous buffer, the samples before
+        ``fill`` are finite, the window ``[start, start + plan.window)`` ends in the chunk's samples
+        (``offset`` is the stream index of ``x[:, 0]``), and ``start`` is a multiple of
+        ``plan.step``.
+
+        Returns
+        -------
+        features : ndarray, shape (1, n_channels, plan.n_bands), or None
+            None when a sample of the chunk is NaN or inf (or its float64 sum overflows): then
+            only the free space behind ``fill`` was written and the kept segments are unchanged.
+        """
+        out = np.empty((1, self.n_channels, self._n_bands), dtype=self.dtype)
+        plan = self.plan
+        first = start // self._step
+        end = self._first + self._count
+        where = self._where
+        where[0] = first
+        where[1] = end if self._first <= first < end else first  # first segment to transform
+        where[2] = offset
+        where[3] = fill
+        taper, ring = self._taper, self._ring
+        total = _append_welch_stream(chunk, x, where, taper, plan.kmin, ring, self._n_seg, plan.weights, out)
+        if not math.isfinite(total):
+            return None
+        self._first, self._count = first, self._n_seg
+        return _finish(out, plan.log)
 
     def features(self, x: np.ndarray, offset: int, starts) -> np.ndarray:
         """Features of the windows that start at stream samples ``starts``.

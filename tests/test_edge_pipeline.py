@@ -385,6 +385,34 @@ def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirat
     assert issubclass(ChunkError, PipelineError) and issubclass(PipelineError, ValueError)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_live_chunks_of_one_hop_equal_extract_features_and_refuse_non_finite_samples(multirate, dtype):
+    """One hop per push (each completes one window: a spectral stream's append and Welch step
+    run in one call), with a NaN chunk of every modality refused on the way, give the rows of
+    extract_features."""
+    config = dataclasses.replace(CONFIG, dtype=dtype)
+    layout = FeatureLayout.from_recording(multirate, config)
+    pipe = StreamingPipeline(config, layout)
+    rows = []
+    for t in range(14):  # the recording's seconds
+        for modality in layout.modality_names:
+            signal = multirate.signals[modality]
+            fs = int(signal.sfreq)
+            chunk = signal.data[:, t * fs : (t + 1) * fs]
+            if t == 4:
+                spoiled = chunk.copy()
+                spoiled[-1, -1] = np.nan
+                fill = pipe.buffer_fill
+                with pytest.raises(ChunkError, match="1 NaN/inf sample"):
+                    pipe.push(modality, spoiled, label=multirate.label)
+                assert pipe.buffer_fill == fill
+            rows += pipe.push(modality, chunk, label=multirate.label)
+    X, labels, t = extract_features(multirate, config)
+    got, got_labels, got_t = _as_arrays(rows)
+    np.testing.assert_array_equal(got, X)
+    assert list(got_labels) == list(labels) and list(got_t) == list(t)
+
+
 def test_chunks_larger_than_the_free_buffer_are_checked_before_buffering(multirate):
     # a chunk that does not fit behind the buffered samples is tested before any copy
     config = dataclasses.replace(CONFIG, modalities=("eeg",), max_chunk_s=1.0)

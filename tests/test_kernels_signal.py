@@ -388,6 +388,13 @@ def test_sliding_features_equal_the_windows_features_bit_for_bit(rng, make_plan,
     assert features.dtype == dtype and features.shape == (len(windows), 2, plan.n_bands)
     np.testing.assert_array_equal(features, spectral_features(windows, plan))
     assert sliding_spectral_features(x[:, : plan.window - 1], hop, plan).shape == (0, 2, plan.n_bands)
+    # computed in the other precision: the bits of casting the samples first
+    other = np.float64 if dtype == np.float32 else np.float32
+    for scale in (1.0, 1e-3, 37.0):
+        y = x * dtype(scale)
+        features = sliding_spectral_features(y, hop, plan, dtype=other)
+        assert features.dtype == other
+        np.testing.assert_array_equal(features, sliding_spectral_features(y.astype(other), hop, plan))
 
 
 @pytest.mark.parametrize("nperseg", [100, 64])  # shared segments; 64: a 4-sample tail, unshared at hop 50
@@ -401,6 +408,11 @@ def test_sliding_features_find_non_finite_samples_in_every_window(where, nperseg
     x = np.ones((2, 330))
     x[0, 329] = np.nan  # after the last window (300 + 29 samples: no window covers it)
     assert sliding_spectral_features(x, 50, plan).shape == (3, 2, 3)
+    x = np.ones((2, 300))
+    x[1, where] = 1e39  # finite in float64, inf in float32: computed in float32 it is refused as a cast would be
+    assert np.isfinite(sliding_spectral_features(x, 50, plan)).all()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sliding_spectral_features(x, 50, plan, dtype=np.float32)
 
 
 def test_sliding_features_bound_their_memory_in_blocks(rng, monkeypatch):
@@ -443,6 +455,38 @@ def test_welch_stream_equals_the_windows_features_bit_for_bit(rng, make_plan, ho
     assert stream.features(x, 0, []).shape == (0, 2, plan.n_bands)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("make_plan", "hop"),
+    [
+        (lambda: band_power_plan(500.0, 1000, log=True, nperseg=500), 500),
+        (lambda: log_band_energy_plan(16000.0, 32000, nperseg=500), 16000),
+    ],
+)
+def test_welch_stream_append_features_equals_append_then_features(rng, make_plan, hop, dtype):
+    """The fused live step (copy a chunk into the buffer, Welch of the window it completes) has
+    the bits of the windows' features; a NaN chunk leaves the kept segments as they were."""
+    plan = make_plan()
+    x = (rng.standard_normal((2, plan.window + 6 * hop)) + 0.3).astype(dtype)
+    expected = spectral_features(np.ascontiguousarray(sliding_windows(x, plan.window, hop)), plan)
+    stream = WelchStream(plan, 2, dtype)
+    buf = np.empty((2, plan.window + 2 * hop), dtype=dtype)
+    buf[:, : plan.window - hop] = x[:, : plan.window - hop]
+    for i in range(len(expected)):  # the buffer holds window i - 1's last hop, then the new chunk
+        fill = plan.window - hop
+        chunk = x[:, i * hop + fill : i * hop + plan.window]  # a strided float64 or float32 view
+        if i == 3:
+            spoiled = chunk.astype(np.float64)
+            spoiled[1, 7] = np.inf
+            kept = stream.kept_segments
+            assert stream.append_features(spoiled, buf, fill, i * hop, i * hop) is None
+            assert stream.kept_segments == kept
+        row = stream.append_features(chunk, buf, fill, i * hop, i * hop)
+        np.testing.assert_array_equal(row, expected[i : i + 1])
+        np.testing.assert_array_equal(buf[:, : plan.window], x[:, i * hop : i * hop + plan.window])
+        buf[:, :fill] = buf[:, hop : hop + fill]
+
+
 def test_welch_stream_bad_input_and_non_finite_samples(rng):
     plan = band_power_plan(100.0, 200, EEG_BANDS[:3], nperseg=100)
     stream = WelchStream(plan, 2, np.float64)
@@ -477,6 +521,7 @@ def test_welch_stream_bad_input_and_non_finite_samples(rng):
         (lambda p: sliding_spectral_features(np.ones(300), 50, p), ValueError, "x must be 2-D"),
         (lambda p: sliding_spectral_features(np.full((1, 300), np.inf), 50, p), ValueError, "NaN or inf"),
         (lambda p: sliding_spectral_features(np.ones((1, 300)), 50, "plan"), TypeError, "plan must be a SpectralPlan"),
+        (lambda p: sliding_spectral_features(np.ones((1, 300)), 50, p, dtype=np.int32), TypeError, "dtype must be"),
         (lambda p: shared_nperseg(50, 100, 1), ValueError, "default must be >= 2"),
     ],
 )
