@@ -3,11 +3,11 @@
 Run as a fresh process (``python -m biofed.benchmarks.numba_floor``) with the interpreter and the
 Numba cache (``NUMBA_CACHE_DIR``) of the process it is compared with. It imports NumPy and the
 kernels (Numba, llvmlite and rocket-fft, which imports ``scipy.fft``) and nothing else of biofed,
-then computes the band powers of one float32 EEG window the way the agent's streaming pipeline
-does (:class:`biofed.edge.pipeline.StreamingPipeline` calls :class:`biofed.kernels.WelchStream`
-on its sample buffer): its Welch kernel, with the signature the agent uses, loaded from the
-cache (loading machine code from Numba's cache still initializes its typing and lowering
-registries and maps most of LLVM). Everything an agent holds above this peak is its own: its
+then computes the band powers of one float32 EEG window with one of the agent's kernels
+(:meth:`biofed.kernels.WelchStream.features`, which the streaming pipeline calls on its sample
+buffer for a push that completes several windows), with the signature the agent uses, loaded
+from the cache (loading machine code from Numba's cache still initializes its typing and
+lowering registries and maps most of LLVM). Everything an agent holds above this peak is its own: its
 other modules, its other kernels, its data.
 
 Prints one JSON line: ``peak_rss_mb`` (the whole process's peak resident set, see
