@@ -108,9 +108,9 @@ _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
 _TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
-# float64 segment powers held at once by sliding_spectral_features (1 MiB): a block small enough
-# to be reused from the allocator and the cache between calls, large enough that the segments
-# consecutive blocks transform twice stay a small share (see docs/kernel-design.md)
+# segment powers held at once by sliding_spectral_features (1 MiB in float64): a block small
+# enough to be reused from the allocator and the cache between calls; consecutive blocks share
+# one ring, so a block's size costs no segment transformed twice (see docs/kernel-design.md)
 _SHARED_BLOCK_VALUES = 1 << 17
 
 
@@ -840,6 +840,12 @@ class WelchStream:
         self._first = 0  # the ring holds segments _first .. _first + _count - 1 (g starts at sample g * step)
         self._count = 0
 
+    def _first_new(self, lo: int) -> int:
+        """The first segment to transform for windows whose first segment is ``lo``: the one after
+        the kept segments when they reach ``lo``, else ``lo`` (nothing kept is reused)."""
+        end = self._first + self._count
+        return end if self._first <= lo < end else lo
+
     @property
     def kept_segments(self) -> range:
         """Absolute indices of the segments whose powers are kept (segment ``g`` starts at sample ``g * plan.step``)."""
@@ -865,10 +871,9 @@ class WelchStream:
         out = np.empty((1, self.n_channels, self._n_bands), dtype=self.dtype)
         plan = self.plan
         first = start // self._step
-        end = self._first + self._count
         where = self._where
         where[0] = first
-        where[1] = end if self._first <= first < end else first  # first segment to transform
+        where[1] = self._first_new(first)
         where[2] = offset
         where[3] = fill
         taper, ring = self._taper, self._ring
@@ -927,8 +932,7 @@ class WelchStream:
         plan = self.plan
         if shared:  # transform the segments not kept, reduce the windows from the ring
             lo, hi = first // step, last // step + self._n_seg
-            end = self._first + self._count
-            new = end if self._first <= lo < end else lo  # first segment to transform
+            new = self._first_new(lo)
             if hi - lo > self._ring.shape[0]:  # more segments at once than ever before: a larger ring
                 grown = np.empty((hi - lo,) + self._ring.shape[1:], dtype=self.dtype)
                 for g in range(lo, min(new, hi)):
