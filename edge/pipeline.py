@@ -79,6 +79,7 @@ from biofed.kernels import (
     transform_plan,
     windowing,
 )
+from biofed.kernels._validation import first_nonfinite
 from biofed.kernels.transform import _apply_transform
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
@@ -214,11 +215,11 @@ _BUFFERED_DTYPES = "fdbhilqBHILQ"
 
 def _nonfinite_chunk_error(part: ModalityLayout, chunk: np.ndarray) -> ChunkError:
     """The error for a chunk whose samples do not sum to a finite float64."""
-    bad = np.argwhere(~np.isfinite(chunk))
-    if len(bad):
-        ch, i = (int(v) for v in bad[0])
+    found = first_nonfinite(chunk)
+    if found is not None:
+        count, (ch, i) = found
         return ChunkError(
-            f"{part.modality} chunk holds {len(bad)} NaN/inf sample(s), the first in channel "
+            f"{part.modality} chunk holds {count} NaN/inf sample(s), the first in channel "
             f"{part.ch_names[ch]!r} at sample {i}; chunk dropped (interpolate gaps before pushing)."
         )
     return ChunkError(f"{part.modality} chunk overflows float64 when summed; rescale the samples.")
@@ -330,10 +331,7 @@ class _ModalityStream:
             self._track_label(label)
             self.fill += n
             self.n_seen += n
-            self.pending.append(
-                (features.reshape(-1), self._label_at(start + self.window - 1) if self.track_labels else None)
-            )
-            self.next_window = before + 1
+            self._keep([start], features.reshape(1, -1), before + 1)
             if self.capacity - self.fill < n:
                 self._compact()
             return 1
@@ -391,6 +389,11 @@ class _ModalityStream:
             features = self._features(
                 np.stack([self.buf[:, s - self.buf_start : s - self.buf_start + self.window] for s in starts])
             )
+        self._keep(starts, features, j)
+
+    def _keep(self, starts: list[int], features: np.ndarray, next_window: int) -> None:
+        """Queue the feature rows (n, F) of the windows starting at ``starts``, each with its label
+        (the reference stream's label at the window's last sample); ``next_window`` follows them."""
         if len(starts) == 1:  # the live case
             label = self._label_at(starts[0] + self.window - 1) if self.track_labels else None
             self.pending.append((features[0], label))
@@ -399,7 +402,7 @@ class _ModalityStream:
             self.pending.extend(zip(features, [self._label_at(s + last) for s in starts]))
         else:
             self.pending.extend(zip(features, [None] * len(starts)))
-        self.next_window = j
+        self.next_window = next_window
 
     def _features(self, windows: np.ndarray) -> np.ndarray:
         """Biosensor features of stacked windows (n_windows, n_channels, window)."""
@@ -463,7 +466,7 @@ class StreamingPipeline:
         self._stream_columns = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
         self._next_emit = 0
         self._basis: Basis | None = None
-        self._row_layout_hash: str | None = None  # computed on first use (hashing the layout is not free)
+        self._basis_hash: str | None = None  # the projected rows' hash, computed on first use
         self.windows_emitted = 0
         self.windows_dropped = 0
         self.set_basis(basis)
@@ -479,7 +482,6 @@ class StreamingPipeline:
         if basis is None:
             self._basis = None
             self._projection = None
-            self._row_layout_hash = None
             return
         try:
             self._basis = Basis.checked(basis, self.layout.n_features)
@@ -487,20 +489,19 @@ class StreamingPipeline:
             raise PipelineError(str(exc)) from None
         # validated once here; every emitted block is then only multiplied
         self._projection = transform_plan(self._basis.components.T, mean=self._basis.mean, scale=self._basis.scale)
-        self._row_layout_hash = None
+        self._basis_hash = None
 
     @property
     def row_layout_hash(self) -> str:
         """Layout hash of the rows currently emitted (raw layout, or layout + basis when projecting)."""
-        if self._row_layout_hash is None:
-            if self._basis is None:
-                self._row_layout_hash = self.layout.hash
-            else:
-                digest = hashlib.sha256(self.layout.hash.encode())
-                for array in self._basis:
-                    digest.update(array.tobytes())
-                self._row_layout_hash = f"k{self._basis.components.shape[0]}-{digest.hexdigest()[:16]}"
-        return self._row_layout_hash
+        if self._basis is None:
+            return self.layout.hash
+        if self._basis_hash is None:
+            digest = hashlib.sha256(self.layout.hash.encode())
+            for array in self._basis:
+                digest.update(array.tobytes())
+            self._basis_hash = f"k{self._basis.components.shape[0]}-{digest.hexdigest()[:16]}"
+        return self._basis_hash
 
     @property
     def row_width(self) -> int:
@@ -587,12 +588,10 @@ class StreamingPipeline:
     def _emit(self) -> list[FeatureRow]:
         streams = self._stream_list
         next_emit = self._next_emit
-        ready = None
         for s in streams:
             if s.next_window - len(s.pending) < next_emit:  # windows dropped while it lagged
                 s.discard_before(next_emit)
-            ready = s.next_window if ready is None or s.next_window < ready else ready
-        ready -= next_emit
+        ready = min([s.next_window for s in streams]) - next_emit
         rows: list[FeatureRow] = []
         if ready > 0:
             # each stream holds windows [next_emit, next_window) now; the reference (first)
@@ -611,10 +610,7 @@ class StreamingPipeline:
             # raw is a C-contiguous float64 block of the basis' width: straight to the kernel
             vectors = raw if self._projection is None else _apply_transform(raw, self._projection)
             hop = self.config.hop_s
-            if ready == 1:
-                rows = [FeatureRow(next_emit * hop, labels[0], vectors[0])]
-            else:
-                rows = [FeatureRow((next_emit + i) * hop, labels[i], vectors[i]) for i in range(ready)]
+            rows = [FeatureRow((next_emit + i) * hop, labels[i], vectors[i]) for i in range(ready)]
             self._next_emit += ready
             self.windows_emitted += ready
         cap = self.config.max_pending_windows
