@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from biofed.datasets.recording import BIO_TYPES, MODALITIES, Annotation, Recording, RecordingError, Signal, modality_of
+from biofed.kernels._validation import first_nonfinite
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -687,8 +688,9 @@ def _read_text(path: Path, *, sfreq, modality) -> Recording:
         ) from None
     data = data.T.copy()
     n_channels = data.shape[0]
-    if not np.isfinite(data).all():
-        ch, row = (int(v) for v in np.argwhere(~np.isfinite(data))[0])
+    found = first_nonfinite(data)
+    if found is not None:
+        _, (ch, row) = found
         raise RecordingError(
             path, f"non-finite sample in column {ch} at data row {row}; text files have no gap convention."
         )

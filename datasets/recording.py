@@ -28,6 +28,8 @@ from datetime import datetime
 
 import numpy as np
 
+from biofed.kernels._validation import first_nonfinite
+
 __all__ = [
     "BIO_TYPES",
     "CH_TYPES",
@@ -125,11 +127,11 @@ class Signal:
             raise ValueError(f"Signal data is empty (shape {raw.shape}); at least one channel and sample required.")
         data = np.array(raw, dtype=np.float64, order="C", copy=True)
         if not np.isfinite(data.sum()):
-            bad = np.argwhere(~np.isfinite(data))
-            if len(bad):
-                ch, i = (int(v) for v in bad[0])
+            found = first_nonfinite(data)
+            if found is not None:
+                count, (ch, i) = found
                 raise ValueError(
-                    f"Signal data holds {len(bad)} non-finite sample(s), the first in channel {ch} at "
+                    f"Signal data holds {count} non-finite sample(s), the first in channel {ch} at "
                     f"sample {i}; interpolate or drop the gap and annotate it (e.g. 'BAD_gap')."
                 )
             raise ValueError("Signal data overflows float64 when summed; rescale the samples.")

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from biofed.kernels._validation import first_nonfinite
+
 __all__ = ["FeatureStore", "PRIVACY_LEDGERS", "StoreError"]
 
 logger = logging.getLogger(__name__)
@@ -329,11 +331,12 @@ class FeatureStore:
         if width == 0:
             raise StoreError("features has 0 columns; a feature row needs at least one value.")
         X = np.ascontiguousarray(X, dtype=_BLOB_DTYPE)
-        if not np.isfinite(X).all():
-            bad = np.argwhere(~np.isfinite(X))[0]
+        found = first_nonfinite(X)
+        if found is not None:
+            count, (row, column) = found
             raise StoreError(
-                f"features contains {int((~np.isfinite(X)).sum())} NaN/inf value(s), the first at row {bad[0]}, "
-                f"column {bad[1]}; drop or repair such windows before storing them."
+                f"features contains {count} NaN/inf value(s), the first at row {row}, "
+                f"column {column}; drop or repair such windows before storing them."
             )
         label_list = list(labels) if not isinstance(labels, str) else None
         if label_list is None or len(label_list) != n:

@@ -64,6 +64,19 @@ def check_float_array(
     return arr
 
 
+def first_nonfinite(arr: np.ndarray, *, inf_only: bool = False) -> tuple[int, tuple[int, ...]] | None:
+    """``(count, index)`` of the NaN/inf values of ``arr`` (only the infs with ``inf_only``): how
+    many there are and the index of the first in C order; ``None`` when there is none.
+
+    The one element-wise scan behind every "non-finite sample" error, run after a cheaper
+    test (a sum that is not finite) said there may be one.
+    """
+    bad = np.isinf(arr) if inf_only else ~np.isfinite(arr)
+    if not bad.any():
+        return None
+    return int(np.count_nonzero(bad)), tuple(int(i) for i in np.argwhere(bad)[0])
+
+
 def raise_if_nonfinite(arr: np.ndarray, name: str, *, allow_nan: bool = False) -> None:
     """Raise the ValueError of :func:`check_float_array` if ``arr`` holds NaN or inf (only inf
     with ``allow_nan``); return quietly otherwise (a finite array whose sum overflowed).
@@ -71,12 +84,12 @@ def raise_if_nonfinite(arr: np.ndarray, name: str, *, allow_nan: bool = False) -
     Callers run it after a cheaper test said "maybe" (a sum that is not finite): the
     element-wise scan only runs to build a precise message.
     """
-    bad = ~np.isfinite(arr) if not allow_nan else np.isinf(arr)
-    if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
+    found = first_nonfinite(arr, inf_only=allow_nan)
+    if found is not None:
+        count, first = found
         kind = "NaN or inf" if not allow_nan else "inf"
         raise ValueError(
-            f"{name} contains {int(bad.sum())} {kind} value(s), the first at index {first}. "
+            f"{name} contains {count} {kind} value(s), the first at index {first}. "
             "Drop or interpolate non-finite samples before computing features."
         )
 
