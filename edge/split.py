@@ -129,8 +129,11 @@ def device_standardization(X_train, rows: np.ndarray | None = None) -> tuple[np.
                 f"rows must be a boolean mask with one entry per row of X {X.shape}, "
                 f"got dtype {rows.dtype} and shape {rows.shape}"
             )
-    n = X.shape[0] if rows is None else int(np.count_nonzero(rows))
-    if X.ndim != 2 or n == 0:
+    if X.ndim != 2:
+        n = 0
+    else:
+        n = X.shape[0] if rows is None else int(np.count_nonzero(rows))
+    if n == 0:
         raise ValueError(
             f"device standardization needs a non-empty (n, d) array of training rows, got shape {X.shape} "
             f"with {n} training rows; a device without training windows cannot standardize"
