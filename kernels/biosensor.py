@@ -78,20 +78,24 @@ def _window_statistics(windows, fs, out):
     """
     n_windows, n_channels, n = windows.shape
     for i in range(n_windows):
-        c = 0
-        while c + 2 <= n_channels:  # two channels per pass: two independent chains of sums
-            _statistics_of_two(windows[i, c], windows[i, c + 1], fs, out[i, c], out[i, c + 1])
-            c += 2
-        if c < n_channels:
-            _statistics_of_two(windows[i, c], windows[i, c], fs, out[i, c], out[i, c])
+        # four channels per pass: four independent chains of sums (the last pass repeats its
+        # last channel to fill the four, which rewrites that channel's outputs with the same bits)
+        for c in range(0, n_channels, 4):
+            c1 = min(c + 1, n_channels - 1)
+            c2 = min(c + 2, n_channels - 1)
+            c3 = min(c + 3, n_channels - 1)
+            w = windows[i]
+            o = out[i]
+            _statistics_of_four(w[c], w[c1], w[c2], w[c3], fs, o[c], o[c1], o[c2], o[c3])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _statistics_of_two(x, y, fs, out_x, out_y):
-    """``_window_statistics`` of two channels ``x`` and ``y`` (n,) at once, into ``out_x`` and ``out_y`` (5,).
+def _statistics_of_four(x, y, z, u, fs, out_x, out_y, out_z, out_u):
+    """``_window_statistics`` of four channels ``x``, ``y``, ``z``, ``u`` (n,) at once, into
+    ``out_x`` ... ``out_u`` (5,).
 
     Each sum runs over its channel's samples in order, as for one channel alone (the same bits);
-    the two channels' sums do not depend on each other, so the core overlaps their additions
+    the channels' sums do not depend on each other, so the core overlaps their additions
     (a single running sum waits for the previous addition on every sample).
     """
     n = x.shape[0]
@@ -99,33 +103,49 @@ def _statistics_of_two(x, y, fs, out_x, out_y):
     t_ss = n * (n * n - 1.0) / 12.0  # sum_j (j - t_mean)^2
     lo_x = hi_x = x[0]
     lo_y = hi_y = y[0]
-    total_x = 0.0
-    total_y = 0.0
+    lo_z = hi_z = z[0]
+    lo_u = hi_u = u[0]
+    total_x = total_y = total_z = total_u = 0.0
     for j in range(n):
-        v = x[j]
-        w = y[j]
-        total_x += v
-        total_y += w
-        if v < lo_x:
-            lo_x = v
-        if v > hi_x:
-            hi_x = v
-        if w < lo_y:
-            lo_y = w
-        if w > hi_y:
-            hi_y = w
+        a = x[j]
+        b = y[j]
+        c = z[j]
+        d = u[j]
+        total_x += a
+        total_y += b
+        total_z += c
+        total_u += d
+        lo_x = a if a < lo_x else lo_x  # the first of equal values, as a strict test
+        hi_x = a if a > hi_x else hi_x
+        lo_y = b if b < lo_y else lo_y
+        hi_y = b if b > hi_y else hi_y
+        lo_z = c if c < lo_z else lo_z
+        hi_z = c if c > hi_z else hi_z
+        lo_u = d if d < lo_u else lo_u
+        hi_u = d if d > hi_u else hi_u
     mean_x = total_x / n
     mean_y = total_y / n
-    ss_x = sxy_x = ss_y = sxy_y = 0.0
+    mean_z = total_z / n
+    mean_u = total_u / n
+    ss_x = sxy_x = ss_y = sxy_y = ss_z = sxy_z = ss_u = sxy_u = 0.0
     for j in range(n):
-        d = x[j] - mean_x
-        e = y[j] - mean_y
-        ss_x += d * d
-        sxy_x += (j - t_mean) * d
-        ss_y += e * e
-        sxy_y += (j - t_mean) * e
+        t = j - t_mean
+        a = x[j] - mean_x
+        b = y[j] - mean_y
+        c = z[j] - mean_z
+        d = u[j] - mean_u
+        ss_x += a * a
+        sxy_x += t * a
+        ss_y += b * b
+        sxy_y += t * b
+        ss_z += c * c
+        sxy_z += t * c
+        ss_u += d * d
+        sxy_u += t * d
     _store_statistics(out_x, n, t_ss, fs, mean_x, ss_x, sxy_x, lo_x, hi_x)
     _store_statistics(out_y, n, t_ss, fs, mean_y, ss_y, sxy_y, lo_y, hi_y)
+    _store_statistics(out_z, n, t_ss, fs, mean_z, ss_z, sxy_z, lo_z, hi_z)
+    _store_statistics(out_u, n, t_ss, fs, mean_u, ss_u, sxy_u, lo_u, hi_u)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -276,22 +296,34 @@ def _running_average(x, half):
 
 
 @njit(cache=True, nogil=True)
-def _prefix_average_into(x, half, prefix, out):
-    """Centred mean of a non-negative ``x`` over ``[i - half, i + half]`` clipped to the array,
-    as differences of its prefix sums (``prefix``: scratch of ``len(x) + 1``), into ``out``.
+def _prefix_average_into(x, y, half, prefix_x, prefix_y, out_x, out_y):
+    """Centred means of two non-negative signals ``x`` and ``y`` (same length) over
+    ``[i - half, i + half]`` clipped to the array, as differences of their prefix sums
+    (``prefix_*``: scratch of ``len(x) + 1``), into ``out_x`` and ``out_y``. One signal is
+    passed as both (with the same scratch and output).
 
-    O(n) at any width: one running sum (``np.cumsum``'s order) and one vectorized pass of
-    differences. For non-negative samples the prefix sums only grow, so a stretch of zeros
-    keeps the same prefix sum: its windows average to exactly 0 and every window holding the
-    same non-zero samples averages to the same bits (plateaus stay exactly flat); elsewhere a
-    difference is off by at most ``~eps * prefix[i + half + 1]``.
+    O(n) at any width: one running sum per signal (``np.cumsum``'s order) and one vectorized
+    pass of differences. The two running sums share one loop: each waits for its previous
+    addition on every sample, the other's additions fill that wait. For non-negative samples
+    the prefix sums only grow, so a stretch of zeros keeps the same prefix sum: its windows
+    average to exactly 0 and every window holding the same non-zero samples averages to the
+    same bits (plateaus stay exactly flat); elsewhere a difference is off by at most
+    ``~eps * prefix[i + half + 1]``.
     """
     n = x.shape[0]
-    total = 0.0
-    prefix[0] = 0.0
+    total_x = total_y = 0.0
+    prefix_x[0] = prefix_y[0] = 0.0
     for i in range(n):
-        total += x[i]
-        prefix[i + 1] = total
+        total_x += x[i]
+        total_y += y[i]
+        prefix_x[i + 1] = total_x
+        prefix_y[i + 1] = total_y
+    _average_from_prefix(prefix_x, half, n, out_x)
+    _average_from_prefix(prefix_y, half, n, out_y)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _average_from_prefix(prefix, half, n, out):
     width = 2 * half + 1
     a = min(half, n)  # [a, b): windows that fit in the array
     b = max(n - half, a)
@@ -321,25 +353,34 @@ def _slope_energy_into(x, fs, smooth_half, smoothed, d2):
 
 @njit(cache=True, nogil=True)
 def _local_maxima_into(x, peaks):
-    """Indices of local maxima (plateau middles) into ``peaks``, as
-    ``scipy.signal._peak_finding_utils._local_maxima_1d``; returns their count."""
+    """Indices of local maxima (plateau middles) into ``peaks`` (scratch of at least
+    ``max(len(x) // 2, 1)``), as ``scipy.signal._peak_finding_utils._local_maxima_1d``;
+    returns their count.
+
+    A first pass lists every rise that a drop or a plateau follows, without a branch per
+    sample (the compares of noisy samples are unpredictable). A pass over that shorter list
+    then walks each plateau as scipy does: its middle is a peak when the next different
+    sample is lower.
+    """
     n = x.shape[0]
     m = 0
-    i = 1
-    i_max = n - 1
-    while i < i_max:
-        if x[i - 1] < x[i]:
-            i_ahead = i + 1
-            while i_ahead < i_max and x[i_ahead] == x[i]:
-                i_ahead += 1
-            if x[i_ahead] < x[i]:
-                peaks[m] = (i + i_ahead - 1) // 2
-                m += 1
-                i = i_ahead
-        i += 1
-    return m
+    for i in range(1, n - 1):
+        v = x[i]
+        peaks[m] = i  # kept by advancing m, overwritten otherwise
+        m += (x[i - 1] < v) & (v >= x[i + 1])
+    kept = 0
+    for p in range(m):
+        i = peaks[p]
+        i_ahead = i + 1
+        while i_ahead < n - 1 and x[i_ahead] == x[i]:
+            i_ahead += 1
+        peaks[kept] = (i + i_ahead - 1) // 2  # kept by advancing, as above
+        kept += x[i_ahead] < x[i]
+    return kept
 
 
+#: Most rounds of ``_select_by_distance``'s highest-remaining search; beyond, it sorts.
+_DISTANCE_ROUNDS_MAX = 16
 #: Most peaks ordered by insertion sort; more take NumPy's mergesort (same stable order).
 _INSERTION_SORT_MAX = 64
 
@@ -347,10 +388,57 @@ _INSERTION_SORT_MAX = 64
 @njit(cache=True, nogil=True)
 def _select_by_distance(x, peaks, distance, order):
     """Keep the peaks at least ``distance`` samples apart, highest first (ties: the later
-    wins), as ``scipy.signal.find_peaks``; compacts ``peaks`` in place, returns the count.
-    ``order`` is scratch of ``peaks``' length."""
+    wins), as ``scipy.signal.find_peaks``; compacts ``peaks`` (sorted) in place, returns the
+    count. ``order`` is scratch of ``peaks``' length.
+
+    scipy visits the peaks by descending height and skips those already removed, so each
+    peak it keeps is the highest (the latest of equal ones) still present. When few can be
+    kept (they are ``distance`` apart: at most ``span // distance + 1``), repeated searches
+    for that peak cost less than sorting all the candidates.
+    """
+    n_peaks = peaks.shape[0]
+    if n_peaks == 0:
+        return 0
+    if (peaks[n_peaks - 1] - peaks[0]) // distance + 1 < _DISTANCE_ROUNDS_MAX:
+        _keep_highest_remaining(x, peaks, distance, order)
+    else:
+        _keep_in_height_order(x, peaks, distance, order)
+    m = 0
+    for k in range(n_peaks):
+        if order[k] == _KEPT:
+            peaks[m] = peaks[k]
+            m += 1
+    return m
+
+
+_PRESENT, _KEPT, _REMOVED = 0, 1, 2  # states of a peak in ``_select_by_distance``'s scratch
+
+
+@njit(cache=True, nogil=True)
+def _keep_highest_remaining(x, peaks, distance, state):
+    """``_select_by_distance``'s outcome in ``state``: one search of the remaining peaks per
+    kept peak."""
+    n_peaks = peaks.shape[0]
+    state[:] = _PRESENT
+    while True:
+        best = -1
+        best_height = -np.inf
+        for k in range(n_peaks):
+            height = x[peaks[k]]
+            better = (state[k] == _PRESENT) & (height >= best_height)  # >=: the later of equals
+            best = k if better else best
+            best_height = height if better else best_height
+        if best < 0:
+            return
+        _remove_neighbours(peaks, best, distance, state)
+
+
+@njit(cache=True, nogil=True)
+def _keep_in_height_order(x, peaks, distance, state):
+    """``_select_by_distance``'s outcome in ``state``: scipy's visit of all peaks in height order."""
     n_peaks = peaks.shape[0]
     heights = x[peaks]
+    order = np.empty(n_peaks, dtype=np.int64)
     if n_peaks <= _INSERTION_SORT_MAX:  # a stable sort by height: the order of the mergesort
         for k in range(n_peaks):
             height = heights[k]
@@ -361,31 +449,62 @@ def _select_by_distance(x, peaks, distance, order):
             order[q + 1] = k
     else:
         order[:] = np.argsort(heights, kind="mergesort")
-    keep = np.ones(n_peaks, dtype=np.bool_)
+    state[:] = _PRESENT
     for idx in range(n_peaks - 1, -1, -1):
         j = order[idx]
-        if not keep[j]:
-            continue
-        k = j - 1
-        while k >= 0 and peaks[j] - peaks[k] < distance:
-            keep[k] = False
-            k -= 1
-        k = j + 1
-        while k < n_peaks and peaks[k] - peaks[j] < distance:
-            keep[k] = False
-            k += 1
-    m = 0
-    for k in range(n_peaks):
-        if keep[k]:
-            peaks[m] = peaks[k]
-            m += 1
-    return m
+        if state[j] == _PRESENT:
+            _remove_neighbours(peaks, j, distance, state)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _remove_neighbours(peaks, j, distance, state):
+    """Keep peak ``j``; remove the peaks closer than ``distance`` to it."""
+    state[j] = _KEPT
+    n_peaks = peaks.shape[0]
+    k = j - 1
+    while k >= 0 and peaks[j] - peaks[k] < distance:
+        state[k] = _REMOVED
+        k -= 1
+    k = j + 1
+    while k < n_peaks and peaks[k] - peaks[j] < distance:
+        state[k] = _REMOVED
+        k += 1
+
+
+#: Samples per block of ``_prominences_into``'s block minima and maxima.
+_PROMINENCE_BLOCK = 16
 
 
 @njit(cache=True, nogil=True)
-def _prominences_into(x, peaks, half_window, prom):
-    """Prominence of each peak with bases searched within ``+-half_window`` samples."""
+def _prominence_scratch_size(n):
+    """Length of the float scratch ``prom`` of ``_select_peaks_into`` for ``n`` samples: a
+    prominence per peak, then the block minima and maxima of ``_prominences_into``."""
+    return max(n // 2, 1) + 2 * (n // _PROMINENCE_BLOCK)
+
+
+@njit(cache=True, nogil=True)
+def _prominences_into(x, peaks, half_window, prom, blocks):
+    """Prominence of each peak with bases searched within ``+-half_window`` samples, into
+    ``prom``; ``blocks`` is scratch of ``2 * (len(x) // _PROMINENCE_BLOCK)``.
+
+    As scipy, the search from a peak goes outwards while the samples are not higher than the
+    peak and takes the minimum on each side. The highest peaks search the whole +-1 s, so the
+    minimum and maximum of each block of ``_PROMINENCE_BLOCK`` samples are taken once: the
+    search steps over a whole block that lies in the window and holds no higher sample (the
+    same minimum: a minimum does not depend on the order of its terms).
+    """
     n = x.shape[0]
+    size = _PROMINENCE_BLOCK
+    n_blocks = n // size
+    block_min, block_max = blocks[:n_blocks], blocks[n_blocks : 2 * n_blocks]
+    for b in range(n_blocks):
+        lo = hi = x[b * size]
+        for j in range(b * size + 1, b * size + size):
+            v = x[j]
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
+        block_min[b] = lo
+        block_max[b] = hi
     for p in range(peaks.shape[0]):
         peak = peaks[p]
         height = x[peak]
@@ -393,16 +512,26 @@ def _prominences_into(x, peaks, half_window, prom):
         i_max = min(peak + half_window, n - 1)
         left_min = height
         i = peak
-        while i >= i_min and x[i] <= height:
-            if x[i] < left_min:
-                left_min = x[i]
-            i -= 1
+        while i >= i_min:
+            if (i + 1) % size == 0 and i + 1 - size >= i_min and block_max[i // size] <= height:
+                left_min = min(left_min, block_min[i // size])
+                i -= size
+            elif x[i] <= height:
+                left_min = min(left_min, x[i])
+                i -= 1
+            else:
+                break
         right_min = height
         i = peak
-        while i <= i_max and x[i] <= height:
-            if x[i] < right_min:
-                right_min = x[i]
-            i += 1
+        while i <= i_max:
+            if i % size == 0 and i + size - 1 <= i_max and block_max[i // size] <= height:
+                right_min = min(right_min, block_min[i // size])
+                i += size
+            elif x[i] <= height:
+                right_min = min(right_min, x[i])
+                i += 1
+            else:
+                break
         prom[p] = height - max(left_min, right_min)
 
 
@@ -410,14 +539,15 @@ def _prominences_into(x, peaks, half_window, prom):
 def _select_peaks_into(x, distance, half_window, prominence, adaptive_half, adaptive_fraction, peaks, order, prom):
     """Steps 4-5 on a 1-D array ``x``; ``prominence < 0`` selects the adaptive threshold.
 
-    ``peaks``, ``order`` and ``prom`` are scratch of at least ``max(len(x) // 2, 1)``; the
-    selected peaks end up in ``peaks[:count]``, the count is returned.
+    ``peaks`` and ``order`` are scratch of at least ``max(len(x) // 2, 1)``, ``prom`` of
+    ``_prominence_scratch_size(len(x))``; the selected peaks end up in ``peaks[:count]``, the
+    count is returned.
     """
     n_peaks = _local_maxima_into(x, peaks)
     if n_peaks == 0:
         return 0
     n_peaks = _select_by_distance(x, peaks[:n_peaks], distance, order[:n_peaks])
-    _prominences_into(x, peaks[:n_peaks], half_window, prom)
+    _prominences_into(x, peaks[:n_peaks], half_window, prom, prom[max(x.shape[0] // 2, 1) :])
     m = 0
     if prominence >= 0.0:
         for p in range(n_peaks):
@@ -452,42 +582,65 @@ def _select_peaks(x, distance, half_window, prominence, adaptive_half, adaptive_
     size = max(x.shape[0] // 2, 1)
     peaks = np.empty(size, dtype=np.int64)
     order = np.empty(size, dtype=np.int64)
-    prom = np.empty(size, dtype=np.float64)
+    prom = np.empty(_prominence_scratch_size(x.shape[0]), dtype=np.float64)
     m = _select_peaks_into(x, distance, half_window, prominence, adaptive_half, adaptive_fraction, peaks, order, prom)
     return peaks[:m].copy()
 
 
 @njit(cache=True, nogil=True)
 def _detector_work(n):
-    """Scratch of ``_beats_into`` for signals of ``n`` samples: 6 float64 rows of ``n + 1``,
-    2 int64 rows and one float64 row of ``max(n // 2, 1)``."""
+    """Scratch of the detector for signals of ``n`` samples: 10 float64 rows of ``n + 1`` (see
+    below), 2 int64 rows of ``max(n // 2, 1)`` and the float ``prom`` of ``_select_peaks_into``."""
     size = max(n // 2, 1)
     return (
-        np.empty((6, n + 1), dtype=np.float64),
+        np.empty((10, n + 1), dtype=np.float64),
         np.empty((2, size), dtype=np.int64),
-        np.empty(size, dtype=np.float64),
+        np.empty(_prominence_scratch_size(n), dtype=np.float64),
+    )
+
+
+#: Rows of ``_detector_work``'s float scratch: smoothed samples, squared rising slope, box
+#: envelope and prefix sums of the first (0-3) and second (4-7) signal of a pair, then the two
+#: passes of the triangular envelope (8, 9).
+_SMOOTHED, _SLOPE_ENERGY, _ENVELOPE, _PREFIX, _SECOND_SIGNAL, _INNER, _FINE = 0, 1, 2, 3, 4, 8, 9
+
+
+@njit(cache=True, nogil=True)
+def _envelopes_into(x, y, fs, smooth_half, envelope_half, fwork):
+    """Steps 1-3 of the signals ``x`` and ``y`` (``n >= 3`` samples each) into rows 0-3 and
+    4-7 of ``fwork`` (``_detector_work(n)[0]``); a signal alone is passed as both."""
+    n = x.shape[0]
+    first = fwork[:_SECOND_SIGNAL]
+    second = fwork[_SECOND_SIGNAL:]
+    # the smoothing's passes vectorize over contiguous samples only: windows are strided views
+    contiguous_x, contiguous_y = fwork[_INNER, :n], fwork[_FINE, :n]  # free until step 6
+    contiguous_x[:] = x
+    contiguous_y[:] = y
+    _slope_energy_into(contiguous_x, fs, smooth_half, first[_SMOOTHED, :n], first[_SLOPE_ENERGY, :n])
+    _slope_energy_into(contiguous_y, fs, smooth_half, second[_SMOOTHED, :n], second[_SLOPE_ENERGY, :n])
+    _prefix_average_into(
+        first[_SLOPE_ENERGY, :n],
+        second[_SLOPE_ENERGY, :n],
+        envelope_half,
+        first[_PREFIX],
+        second[_PREFIX],
+        first[_ENVELOPE, :n],
+        second[_ENVELOPE, :n],
     )
 
 
 @njit(cache=True, nogil=True)
-def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, prom):
-    """Beat indices of ``x`` (module docstring steps 1-6) into ``iwork[0, :count]``; returns
-    the count (0 for fewer than 3 samples). Scratch from ``_detector_work(len(x))``; after
-    the call ``fwork[0, :n]`` holds the smoothed samples (finite exactly when ``x`` is, barring
-    a float64 overflow).
+def _beats_of_envelope(envelope, d2, prominence, lengths, adaptive_fraction, fwork, iwork, prom):
+    """Steps 4-6: beat indices from the box envelope ``envelope`` and the squared rising slope
+    ``d2`` (n,) into ``iwork[0, :count]``; returns the count. Scratch: ``_detector_work(n)``
+    (its triangular-envelope rows; the rows of ``envelope`` and ``d2`` are left alone).
 
-    ``lengths`` = (distance, prominence half-window, adaptive half-window, smoothing
-    half-width, envelope half-width, triangular-envelope half-width), all in samples. The
-    triangular envelope is only needed within the search half-width of each candidate: it
+    The triangular envelope is only needed within the search half-width of each candidate: it
     is summed there alone (the same bits as over the whole array).
     """
-    distance, half_window, adaptive_half, smooth_half, envelope_half, fiducial_half = lengths
-    n = x.shape[0]
-    if n < 3:
-        return 0
-    smoothed, d2, envelope, inner, fine = fwork[0, :n], fwork[1, :n], fwork[2, :n], fwork[3, :n], fwork[4, :n]
-    _slope_energy_into(x, fs, smooth_half, smoothed, d2)
-    _prefix_average_into(d2, envelope_half, fwork[5], envelope)
+    distance, half_window, adaptive_half, _, envelope_half, fiducial_half = lengths
+    n = envelope.shape[0]
+    inner, fine = fwork[_INNER, :n], fwork[_FINE, :n]
     beats, order = iwork[0], iwork[1]
     n_candidates = _select_peaks_into(
         envelope, distance, half_window, prominence, adaptive_half, adaptive_fraction, beats, order, prom
@@ -511,6 +664,23 @@ def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, pro
             beats[m] = best
             m += 1
     return m
+
+
+@njit(cache=True, nogil=True)
+def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, prom):
+    """Beat indices of ``x`` (module docstring steps 1-6) into ``iwork[0, :count]``; returns
+    the count (0 for fewer than 3 samples). Scratch from ``_detector_work(len(x))``.
+
+    ``lengths`` = (distance, prominence half-window, adaptive half-window, smoothing
+    half-width, envelope half-width, triangular-envelope half-width), all in samples.
+    """
+    n = x.shape[0]
+    if n < 3:
+        return 0
+    _envelopes_into(x, x, fs, lengths[3], lengths[4], fwork)
+    return _beats_of_envelope(
+        fwork[_ENVELOPE, :n], fwork[_SLOPE_ENERGY, :n], prominence, lengths, adaptive_fraction, fwork, iwork, prom
+    )
 
 
 @njit(cache=True, nogil=True)
@@ -597,32 +767,49 @@ def _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, out)
     ``channels`` (indices into axis 1 of ``windows``), into ``out`` (n_windows, len(channels), 2);
     False if a sample is NaN or inf (or a float64 sum overflowed), the outputs then undefined.
 
-    One scratch for every window and channel; the finiteness test sums the smoothed samples
-    each detection leaves in its scratch (no extra pass over the samples).
+    One scratch for every window and channel. The channels go in pairs through steps 1-3
+    (``_envelopes_into``: their running sums overlap). The finiteness test sums the smoothed
+    samples each detection leaves in its scratch (no extra pass over the samples).
     """
     n_windows, n = windows.shape[0], windows.shape[2]
+    n_hr = channels.shape[0]
     fwork, iwork, prom = _detector_work(n)
-    beats = iwork[0]
+    first, second = fwork[:_SECOND_SIGNAL], fwork[_SECOND_SIGNAL:]
     finite = True
     for i in range(n_windows):
-        for c in range(channels.shape[0]):
+        for c in range(0, n_hr, 2):
+            c2 = min(c + 1, n_hr - 1)  # an odd last channel is paired with itself
             x = windows[i, channels[c]]
-            n_peaks = _beats_into(x, fs, -1.0, lengths, adaptive_fraction, fwork, iwork, prom)
-            check = _sum(fwork[0], 0, n) if n >= 3 else _sum(x, 0, n)
-            finite = finite and math.isfinite(check)
-            heart_rate = 0.0
-            rmssd = 0.0
-            if n_peaks >= 2:
-                heart_rate = 60.0 * fs * (n_peaks - 1) / (beats[n_peaks - 1] - beats[0])
-            if n_peaks >= 3:
-                ss = 0.0
-                for p in range(2, n_peaks):
-                    d = ((beats[p] - beats[p - 1]) - (beats[p - 1] - beats[p - 2])) / fs
-                    ss += d * d
-                rmssd = 1000.0 * math.sqrt(ss / (n_peaks - 2))
-            out[i, c, 0] = heart_rate
-            out[i, c, 1] = rmssd
+            y = windows[i, channels[c2]]
+            if n < 3:
+                finite = finite and math.isfinite(_sum(x, 0, n) + _sum(y, 0, n))
+                out[i, c] = out[i, c2] = 0.0
+                continue
+            _envelopes_into(x, y, fs, lengths[3], lengths[4], fwork)
+            finite = finite and math.isfinite(_sum(first[_SMOOTHED], 0, n) + _sum(second[_SMOOTHED], 0, n))
+            for channel, rows in ((c, first), (c2, second)):
+                n_peaks = _beats_of_envelope(
+                    rows[_ENVELOPE, :n], rows[_SLOPE_ENERGY, :n], -1.0, lengths, adaptive_fraction, fwork, iwork, prom
+                )
+                _store_heart_rate(iwork[0], n_peaks, fs, out[i, channel])
     return finite
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _store_heart_rate(beats, n_peaks, fs, out):
+    """Heart rate and RMSSD of the beat indices ``beats[:n_peaks]`` into ``out`` (2,)."""
+    heart_rate = 0.0
+    rmssd = 0.0
+    if n_peaks >= 2:
+        heart_rate = 60.0 * fs * (n_peaks - 1) / (beats[n_peaks - 1] - beats[0])
+    if n_peaks >= 3:
+        ss = 0.0
+        for p in range(2, n_peaks):
+            d = ((beats[p] - beats[p - 1]) - (beats[p - 1] - beats[p - 2])) / fs
+            ss += d * d
+        rmssd = 1000.0 * math.sqrt(ss / (n_peaks - 2))
+    out[0] = heart_rate
+    out[1] = rmssd
 
 
 @njit(cache=True, nogil=True)

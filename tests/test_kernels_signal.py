@@ -738,16 +738,18 @@ def test_prefix_average_equals_cumsum_reference_and_keeps_zeros_and_plateaus(rng
     x[400:700] = 0.0
     x[850:1000] = 0.0
     x[925] = 3.0  # one isolated value: every window holding it alone averages to the same bits
-    out = np.empty(1200)
-    biosensor._prefix_average_into(x, half, np.empty(1201), out)
+    out, reversed_out = np.empty(1200), np.empty(1200)
+    biosensor._prefix_average_into(x, x[::-1].copy(), half, np.empty(1201), np.empty(1201), out, reversed_out)
     np.testing.assert_array_equal(out, naive.prefix_moving_average(x, half))
+    np.testing.assert_array_equal(reversed_out, naive.prefix_moving_average(x[::-1], half))  # its pair's own
     np.testing.assert_allclose(out, naive.moving_average(x, half), rtol=1e-12, atol=4 * np.finfo(float).eps * x.sum())
     assert np.all(out[400 + half : 700 - half] == 0.0)
     if 2 * half + 1 <= 150:
         plateau = out[max(850 + half, 925 - half) : min(1000 - half, 926 + half)]
         assert plateau.size and np.all(plateau == plateau[0])
     short = np.empty(7)
-    biosensor._prefix_average_into(x[:7], half, np.empty(8), short)  # no interior window
+    prefix = np.empty(8)
+    biosensor._prefix_average_into(x[:7], x[:7], half, prefix, prefix, short, short)  # no interior window
     np.testing.assert_array_equal(short, naive.prefix_moving_average(x[:7], half))
 
 
