@@ -418,19 +418,48 @@ _PRESENT, _KEPT, _REMOVED = 0, 1, 2  # states of a peak in ``_select_by_distance
 def _keep_highest_remaining(x, peaks, distance, state):
     """``_select_by_distance``'s outcome in ``state``: one search of the remaining peaks per
     kept peak."""
-    n_peaks = peaks.shape[0]
     state[:] = _PRESENT
     while True:
-        best = -1
-        best_height = -np.inf
-        for k in range(n_peaks):
-            height = x[peaks[k]]
-            better = (state[k] == _PRESENT) & (height >= best_height)  # >=: the later of equals
-            best = k if better else best
-            best_height = height if better else best_height
+        best = _highest_present(x, peaks, state)
         if best < 0:
             return
         _remove_neighbours(peaks, best, distance, state)
+
+
+@njit(cache=True, nogil=True)
+def _highest_present(x, peaks, state):
+    """Index of the highest present peak (the latest of equal ones), -1 if none.
+
+    Four running maxima over every fourth peak, merged at the end: a single one would wait
+    for its previous compare on every peak.
+    """
+    n_peaks = peaks.shape[0]
+    b0 = b1 = b2 = b3 = -1
+    h0 = h1 = h2 = h3 = -np.inf
+    k = 0
+    while k + 4 <= n_peaks:
+        b0, h0 = _if_higher(x, peaks, state, k, b0, h0)
+        b1, h1 = _if_higher(x, peaks, state, k + 1, b1, h1)
+        b2, h2 = _if_higher(x, peaks, state, k + 2, b2, h2)
+        b3, h3 = _if_higher(x, peaks, state, k + 3, b3, h3)
+        k += 4
+    while k < n_peaks:
+        b0, h0 = _if_higher(x, peaks, state, k, b0, h0)
+        k += 1
+    best, height = b0, h0
+    for b, h in ((b1, h1), (b2, h2), (b3, h3)):
+        if b >= 0 and (best < 0 or h > height or (h == height and b > best)):
+            best, height = b, h
+    return best
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _if_higher(x, peaks, state, k, best, best_height):
+    """(k, its height) if peak ``k`` is present and not lower than ``best_height`` (the later
+    of equals wins), else (best, best_height); without a branch."""
+    height = x[peaks[k]]
+    higher = (state[k] == _PRESENT) & (height >= best_height)
+    return (k if higher else best), (height if higher else best_height)
 
 
 @njit(cache=True, nogil=True)
