@@ -640,7 +640,7 @@ _SMOOTHED, _SLOPE_ENERGY, _ENVELOPE, _PREFIX, _SECOND_SIGNAL, _INNER, _FINE = 0,
 @njit(cache=True, nogil=True)
 def _envelopes_into(x, y, fs, smooth_half, envelope_half, fwork):
     """Steps 1-3 of the signals ``x`` and ``y`` (``n >= 3`` samples each) into rows 0-3 and
-    4-7 of ``fwork`` (``_detector_work(n)[0]``); a signal alone is passed as both."""
+    4-7 of ``fwork`` (``_detector_work(n)[0]``)."""
     n = x.shape[0]
     first = fwork[:_SECOND_SIGNAL]
     second = fwork[_SECOND_SIGNAL:]
@@ -709,10 +709,10 @@ def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, pro
     n = x.shape[0]
     if n < 3:
         return 0
-    _envelopes_into(x, x, fs, lengths[3], lengths[4], fwork)
-    return _beats_of_envelope(
-        fwork[_ENVELOPE, :n], fwork[_SLOPE_ENERGY, :n], prominence, lengths, adaptive_fraction, fwork, iwork, prom
-    )
+    d2, envelope = fwork[_SLOPE_ENERGY, :n], fwork[_ENVELOPE, :n]
+    _slope_energy_into(x, fs, lengths[3], fwork[_SMOOTHED, :n], d2)
+    _prefix_average_into(d2, d2, lengths[4], fwork[_PREFIX], fwork[_PREFIX], envelope, envelope)
+    return _beats_of_envelope(envelope, d2, prominence, lengths, adaptive_fraction, fwork, iwork, prom)
 
 
 @njit(cache=True, nogil=True)
