@@ -360,17 +360,19 @@ def _local_maxima_into(x, peaks):
     ``max(len(x) // 2, 1)``), as ``scipy.signal._peak_finding_utils._local_maxima_1d``;
     returns their count.
 
-    A first pass lists every rise that a drop or a plateau follows, without a branch per
-    sample (the compares of noisy samples are unpredictable). A pass over that shorter list
-    then walks each plateau as scipy does: its middle is a peak when the next different
-    sample is lower.
+    A vectorized pass flags every rise that a drop or a plateau follows, a second lists the
+    flagged samples without a branch per sample (the compares of noisy samples are
+    unpredictable). A pass over that shorter list then walks each plateau as scipy does: its
+    middle is a peak when the next different sample is lower.
     """
     n = x.shape[0]
+    rise_then_top = np.empty(n, dtype=np.uint8)
+    for i in range(1, n - 1):
+        rise_then_top[i] = (x[i - 1] < x[i]) & (x[i] >= x[i + 1])
     m = 0
     for i in range(1, n - 1):
-        v = x[i]
         peaks[m] = i  # kept by advancing m, overwritten otherwise
-        m += (x[i - 1] < v) & (v >= x[i + 1])
+        m += rise_then_top[i]
     kept = 0
     for p in range(m):
         i = peaks[p]
