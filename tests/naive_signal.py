@@ -134,10 +134,15 @@ def beat_envelopes(x, fs):
 def detect_beats(x, fs, prominence, min_distance_s=0.3):
     """scipy.signal.find_peaks on the box envelope, each peak moved to the triangular envelope's maximum."""
     box, tri = beat_envelopes(x, fs)
-    half = max(1, round(0.05 * fs))
     candidates = scipy.signal.find_peaks(
         box, distance=math.ceil(min_distance_s * fs), prominence=prominence, wlen=2 * round(fs) + 1
     )[0]
+    return beat_times(tri, candidates, fs)
+
+
+def beat_times(tri, candidates, fs):
+    """Each candidate moved to the triangular envelope's maximum within +-0.05 s (distinct, increasing)."""
+    half = max(1, round(0.05 * fs))
     beats = []
     for c in candidates:
         lo = max(c - half, 0)

@@ -36,14 +36,7 @@ def adaptive_beats(x, fs, min_distance_s=0.3):
         for c, p in zip(candidates, prominences)
         if p >= 0.2 * prominences[np.abs(candidates - c) <= reach].max(initial=0.0)
     ]
-    half = max(1, round(0.05 * fs))
-    beats = []
-    for c in kept:
-        lo = max(c - half, 0)
-        best = lo + int(np.argmax(tri[lo : c + half + 1]))
-        if not beats or best > beats[-1]:
-            beats.append(best)
-    return np.array(beats, dtype=np.int64)
+    return naive.beat_times(tri, kept, fs)
 
 
 def heart_rate_of(beats, fs):
