@@ -106,7 +106,9 @@ FLOAT32_RTOL = 1e-5
 _SCALES = ("mel", "linear")
 _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
-_TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
+# the kernels' code of a plan's output transform (SpectralPlan.log)
+_NO_LOG, _LOG10, _LN = 0, 1, 2
+_LOG_CODES = {"none": _NO_LOG, "log10": _LOG10, "ln": _LN}
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
 # segment powers held at once by sliding_spectral_features (1 MiB in float64): a block small
 # enough to be reused from the allocator and the cache between calls; consecutive blocks share
@@ -188,26 +190,46 @@ def _set_power(parts, power):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _weigh(power, weights, acc, out):
-    """``out[b] = sum_k power[k] * weights[k, b]``, summed over ``k`` in order in float64 (``acc``).
+def _finished(total, log_code, out, b):
+    """``out[b]`` = the output transform (``_LOG_CODES``) of a band's float64 ``total``, in the
+    precision of ``out``: ``total`` rounded to it, plus the floor, then the logarithm. Every path
+    (batch, sliding, streaming) finishes its bands here, so they agree bit for bit."""
+    cast = out.dtype.type
+    value = cast(total)
+    if log_code == _LOG10:
+        value = math.log10(value + np.finfo(out.dtype).tiny)
+    elif log_code == _LN:
+        value = math.log(value + cast(_LOG_FLOOR))
+    out[b] = value
 
-    The loop over ``b`` is innermost: it reads a contiguous row of ``weights`` and vectorizes,
-    and every ``acc[b]`` still sums its terms in the order of ``k``.
+
+@njit(cache=True, nogil=True, inline="always")
+def _weigh(power, band_bins, band_weights, log_code, out):
+    """``out[b]`` = the finished ``sum_k power[k] * weights[k, b]``, summed in order of ``k`` in float64.
+
+    Only the bins of a band's nonzero range ``band_bins[b] = [lo, hi)`` are summed, with their
+    weights packed band after band in ``band_weights``. The dense sum would add ``power[k] * 0.0
+    = 0.0`` for the other bins, which changes no bit of a finite sum of non-negative terms, so
+    this is the dense product's result at a fraction of its cost (a band covers a few of the
+    bins: one EEG band, at most two mel triangles per bin).
     """
-    acc[:] = 0.0
-    for k in range(power.shape[0]):
-        p = power[k]
-        row = weights[k]
-        for b in range(acc.shape[0]):
-            acc[b] += p * row[b]
-    for b in range(acc.shape[0]):
-        out[b] = acc[b]
+    j = 0
+    for b in range(band_bins.shape[0]):
+        lo, hi = band_bins[b, 0], band_bins[b, 1]
+        p = power[lo:hi]
+        w = band_weights[j : j + hi - lo]
+        total = 0.0
+        for k in range(hi - lo):
+            total += p[k] * w[k]
+        j += hi - lo
+        _finished(total, log_code, out, b)
 
 
+# flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weights, out):
-    """Welch PSD of every window and channel reduced by a weight matrix, into ``out``; False
-    if a sample is NaN or inf (or a float64 sum overflowed).
+def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, band_bins, band_weights, log_code, out):  # noqa: PLR0913
+    """Welch PSD of every window and channel reduced by a weight matrix and finished, into
+    ``out``; False if a sample is NaN or inf (or a float64 sum overflowed).
 
     Parameters
     ----------
@@ -229,11 +251,15 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
     taper : ndarray, shape (nperseg,)
         Segment window (periodic Hann), same dtype as ``x``.
     kmin : int
-        Index of the first frequency bin ``weights`` covers.
-    weights : ndarray, shape (n_bins, n_bands), float64
-        ``out[i, c, b] = sum_k |X_{kmin + k}|^2 * weights[k, b]`` summed over segments, where
-        ``X`` is the rfft of a detrended, tapered segment; every scale factor (density scaling,
-        one-sided doubling, segment averaging, ``df``) is folded into ``weights``.
+        Index of the first frequency bin the weights cover.
+    band_bins, band_weights : ndarray
+        A plan's weight matrix ``weights`` (n_bins, n_bands) by band (``SpectralPlan.band_bins``
+        and ``band_weights``): ``sum_k |X_{kmin + k}|^2 * weights[k, b]`` summed over segments,
+        where ``X`` is the rfft of a detrended, tapered segment, is band ``b``'s power; every
+        scale factor (density scaling, one-sided doubling, segment averaging, ``df``) is folded
+        into the weights.
+    log_code : int
+        Output transform of the powers (``_LOG_CODES`` of ``SpectralPlan.log``).
     out : ndarray, shape (n_windows, n_channels, n_bands)
         Output, written in place.
 
@@ -247,12 +273,11 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
     step = nperseg - nperseg // 2
     rows_per_window = n_channels * n_seg
     block = max(1, _BLOCK_ROWS // rows_per_window)
-    n_bins, n_bands = weights.shape
+    n_bins = band_bins[:, 1].max()
     half = nperseg // 2
     shared_half = half == step  # even nperseg: a segment's second half is the next one's first
     seg = np.empty((min(block, n_windows) * rows_per_window, nperseg), dtype=x.dtype)
     power = np.empty(n_bins, dtype=np.float64)
-    acc = np.empty(n_bands, dtype=np.float64)
     check = 0.0
     covered = (n_seg - 1) * step + nperseg
     for w0 in range(0, n_windows, block):
@@ -279,7 +304,7 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
                 for _ in range(n_seg):
                     _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], power)
                     r += 1
-                _weigh(power, weights, acc, out[i, c])
+                _weigh(power, band_bins, band_weights, log_code, out[i, c])
     return math.isfinite(check)
 
 
@@ -343,8 +368,9 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
 
 
 @njit(cache=True, nogil=True)
-def _reduce_segments(powers, firsts, n_seg, weights, out):
-    """Welch reduction of precomputed segment powers: ``out[i] = (sum_s powers[firsts[i] + s]) @ weights``.
+def _reduce_segments(powers, firsts, n_seg, band_bins, band_weights, log_code, out):
+    """Welch reduction of precomputed segment powers: ``out[i]`` = the finished
+    ``(sum_s powers[firsts[i] + s]) @ weights``.
 
     Parameters
     ----------
@@ -352,14 +378,12 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
         From ``_segment_powers``; indices wrap around (``% n_slots``), as in a ring of kept segments.
     firsts : ndarray of int64, shape (n_windows,)
         Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
-    weights : ndarray, shape (n_bins, n_bands), float64
+    band_bins, band_weights, log_code
         As in ``_welch_weighted``.
     out : ndarray, shape (n_windows, n_channels, n_bands)
     """
-    n_slots, n_channels, _ = powers.shape
-    n_bins, n_bands = weights.shape
+    n_slots, n_channels, n_bins = powers.shape
     power = np.empty(n_bins, dtype=np.float64)
-    acc = np.empty(n_bands, dtype=np.float64)
     for i in range(firsts.shape[0]):
         for c in range(n_channels):
             power[:] = 0.0
@@ -367,11 +391,12 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
                 segment = powers[(firsts[i] + s) % n_slots, c]
                 for k in range(n_bins):
                     power[k] += segment[k]
-            _weigh(power, weights, acc, out[i, c])
+            _weigh(power, band_bins, band_weights, log_code, out[i, c])
 
 
+# flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, weights, out):
+def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, band_bins, band_weights, log_code, out):  # noqa: PLR0913
     """One step of a :class:`WelchStream`: ``_segment_powers`` of the stream's segments from
     ``new`` to the last window's last one (segment ``g`` starts at stream sample ``g * step``,
     ``x[:, 0]`` is sample ``offset``) into their ring rows, then ``_reduce_segments`` of the
@@ -383,12 +408,13 @@ def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, weights, out
     if hi > new:
         starts = np.arange(new, hi) * step - offset
         finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
-    _reduce_segments(ring, firsts, n_seg, weights, out)
+    _reduce_segments(ring, firsts, n_seg, band_bins, band_weights, log_code, out)
     return finite
 
 
+# flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, weights, out):
+def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, band_bins, band_weights, log_code, out):  # noqa: PLR0913
     """A stream buffer's append and the Welch step of the window it completes, in one call.
 
     ``where`` (int64) holds ``[first, new, offset, fill]``: ``_append_samples(chunk, x, fill)``,
@@ -398,7 +424,9 @@ def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, weights, out
     """
     total = _append_samples(chunk, x, where[3])
     if math.isfinite(total):
-        _welch_stream(x, where[2], where[1], taper, kmin, ring, where[:1], n_seg, weights, out)
+        _welch_stream(
+            x, where[2], where[1], taper, kmin, ring, where[:1], n_seg, band_bins, band_weights, log_code, out
+        )
     return total
 
 
@@ -501,6 +529,12 @@ class SpectralPlan(NamedTuple):
         Output transform: ``log10(p + tiny)`` (``tiny`` of the output dtype) or ``ln(p + 1e-10)``.
     taper32 : ndarray, shape (nperseg,), float32
         ``taper`` rounded to float32, for float32 samples (see :meth:`taper_for`).
+    band_bins : ndarray, shape (n_bands, 2), int64
+        ``[lo, hi)``: the range of bins (as rows of ``weights``) from a band's first to its last
+        nonzero weight.
+    band_weights : ndarray, float64
+        ``weights[lo:hi, b]`` of every band ``b`` in turn: the kernels sum only these terms (the
+        others are exact zeros, see ``_weigh``).
     """
 
     fs: float
@@ -511,6 +545,8 @@ class SpectralPlan(NamedTuple):
     weights: np.ndarray
     log: str
     taper32: np.ndarray
+    band_bins: np.ndarray
+    band_weights: np.ndarray
 
     @property
     def step(self) -> int:
@@ -554,18 +590,14 @@ def _make_plan(weights_per_freq: np.ndarray, fs: float, window: int, nperseg: in
     kmin, kmax = int(used[0]), int(used[-1])
     weights = np.ascontiguousarray(weights_per_freq[kmin : kmax + 1] * scale[kmin : kmax + 1, None], dtype=np.float64)
     taper32 = taper.astype(np.float32)
-    for array in (taper, taper32, weights):
+    band_bins = np.empty((weights.shape[1], 2), dtype=np.int64)
+    for b in range(weights.shape[1]):
+        nonzero = np.flatnonzero(weights[:, b])
+        band_bins[b] = nonzero[0], nonzero[-1] + 1
+    band_weights = np.concatenate([weights[lo:hi, b] for b, (lo, hi) in enumerate(band_bins)])
+    for array in (taper, taper32, weights, band_bins, band_weights):
         array.flags.writeable = False
-    return SpectralPlan(fs, window, nperseg, taper, kmin, weights, log, taper32)
-
-
-def _finish(out: np.ndarray, log: str) -> np.ndarray:
-    """Apply the plan's output transform in place (no temporary: the same bits as ``log(out + floor)``)."""
-    if log == "log10":
-        np.log10(np.add(out, _TINY[out.dtype.char], out=out), out=out)
-    elif log == "ln":
-        np.log(np.add(out, _LOG_FLOOR, out=out), out=out)
-    return out
+    return SpectralPlan(fs, window, nperseg, taper, kmin, weights, log, taper32, band_bins, band_weights)
 
 
 def _apply_plan(windows: np.ndarray, plan: SpectralPlan) -> np.ndarray:
@@ -584,12 +616,14 @@ def _apply_plan(windows: np.ndarray, plan: SpectralPlan) -> np.ndarray:
             plan.window - (plan.n_seg - 1) * plan.step - plan.nperseg,
             plan.taper_for(windows.dtype),
             plan.kmin,
-            plan.weights,
+            plan.band_bins,
+            plan.band_weights,
+            _LOG_CODES[plan.log],
             out,
         )
         if not finite:
             raise_if_nonfinite(windows, "windows")
-    return _finish(out, plan.log)
+    return out
 
 
 def _check_plan(plan) -> SpectralPlan:
@@ -706,8 +740,8 @@ def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.
     out = np.empty(
         (firsts.size, powers.shape[1], plan.n_bands), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64
     )
-    _reduce_segments(powers, firsts, plan.n_seg, plan.weights, out)
-    return _finish(out, plan.log)
+    _reduce_segments(powers, firsts, plan.n_seg, plan.band_bins, plan.band_weights, _LOG_CODES[plan.log], out)
+    return out
 
 
 def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) -> np.ndarray:
@@ -756,6 +790,7 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
     if n_windows == 0:
         return out
     taper, step, n_seg = plan.taper_for(dtype), plan.step, plan.n_seg
+    band_bins, band_weights, log_code = plan.band_bins, plan.band_weights, _LOG_CODES[plan.log]
     tail = plan.window - (n_seg - 1) * step - plan.nperseg  # samples after a window's last segment
     shared = hop % step == 0 and hop < plan.window
     if not shared and x.dtype != dtype:  # the Welch kernel reads windows in the precision of its samples
@@ -778,7 +813,7 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
             finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers)
             done = hi
             firsts = np.arange(w0, w1, dtype=np.int64) * per_window
-            _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
+            _reduce_segments(powers, firsts, n_seg, band_bins, band_weights, log_code, out[w0:w1])
         # a window's samples after its last segment (fewer than a step) are in the next window's
         # segments, except for the last window's
         end = (n_windows - 1) * hop + plan.window
@@ -787,12 +822,14 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
                 finite = finite and math.isfinite(np.add.reduce(x[:, end - tail : end].astype(dtype), axis=None))
     else:
         starts = np.arange(n_windows, dtype=np.int64) * hop
-        finite = _welch_weighted(x, starts, 0, n_seg, plan.nperseg, tail, taper, plan.kmin, plan.weights, out)
+        finite = _welch_weighted(
+            x, starts, 0, n_seg, plan.nperseg, tail, taper, plan.kmin, band_bins, band_weights, log_code, out
+        )
     if not finite:  # the samples in the computation's dtype (a float64 beyond float32's range is inf there)
         with np.errstate(over="ignore"):
             samples = x[:, : (n_windows - 1) * hop + plan.window].astype(dtype, copy=False)
         raise_if_nonfinite(samples, "x")
-    return _finish(out, plan.log)
+    return out
 
 
 class WelchStream:
@@ -829,6 +866,7 @@ class WelchStream:
         self._taper = plan.taper_for(self.dtype)
         # the plan's derived values, read on every call
         self._step, self._n_seg, self._window, self._n_bands = plan.step, plan.n_seg, plan.window, plan.n_bands
+        self._log_code = _LOG_CODES[plan.log]
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
@@ -877,11 +915,13 @@ class WelchStream:
         where[2] = offset
         where[3] = fill
         taper, ring = self._taper, self._ring
-        total = _append_welch_stream(chunk, x, where, taper, plan.kmin, ring, self._n_seg, plan.weights, out)
+        total = _append_welch_stream(
+            chunk, x, where, taper, plan.kmin, ring, self._n_seg, plan.band_bins, plan.band_weights, self._log_code, out
+        )
         if not math.isfinite(total):
             return None
         self._first, self._count = first, self._n_seg
-        return _finish(out, plan.log)
+        return out
 
     def features(self, x: np.ndarray, offset: int, starts) -> np.ndarray:
         """Features of the windows that start at stream samples ``starts``.
@@ -940,17 +980,39 @@ class WelchStream:
                 self._ring = grown
             self._first, self._count = lo, hi - lo
             finite = _welch_stream(
-                x, offset, new, self._taper, plan.kmin, self._ring, firsts, self._n_seg, plan.weights, out
+                x,
+                offset,
+                new,
+                self._taper,
+                plan.kmin,
+                self._ring,
+                firsts,
+                self._n_seg,
+                plan.band_bins,
+                plan.band_weights,
+                self._log_code,
+                out,
             )
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(
-                x, offsets, 0, self._n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out
+                x,
+                offsets,
+                0,
+                self._n_seg,
+                plan.nperseg,
+                0,
+                self._taper,
+                plan.kmin,
+                plan.band_bins,
+                plan.band_weights,
+                self._log_code,
+                out,
             )
         if not finite:
             self.reset()
             raise_if_nonfinite(x[:, first - offset : last + window - offset], "x")
-        return _finish(out, plan.log)
+        return out
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:
