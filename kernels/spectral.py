@@ -278,6 +278,8 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, band
     shared_half = half == step  # even nperseg: a segment's second half is the next one's first
     seg = np.empty((min(block, n_windows) * rows_per_window, nperseg), dtype=x.dtype)
     power = np.empty(n_bins, dtype=np.float64)
+    second_half = np.empty(n_bins, dtype=np.float64)
+    first_half_segments = (n_seg + 1) // 2  # see _reduce_segments
     check = 0.0
     covered = (n_seg - 1) * step + nperseg
     for w0 in range(0, n_windows, block):
@@ -301,9 +303,13 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, band
         for i in range(w0, w1):
             for c in range(n_channels):
                 power[:] = 0.0
-                for _ in range(n_seg):
-                    _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], power)
+                second_half[:] = 0.0
+                for s in range(n_seg):
+                    _add_power(
+                        parts[r, 2 * kmin : 2 * (kmin + n_bins)], power if s < first_half_segments else second_half
+                    )
                     r += 1
+                _add(second_half, power)
                 _weigh(power, band_bins, band_weights, log_code, out[i, c])
     return math.isfinite(check)
 
@@ -367,10 +373,22 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
     return math.isfinite(check)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add(values, total):
+    """``total[k] += values[k]``, widened to float64 (``total``'s dtype)."""
+    for k in range(total.shape[0]):
+        total[k] += values[k]
+
+
 @njit(cache=True, nogil=True)
-def _reduce_segments(powers, firsts, n_seg, band_bins, band_weights, log_code, out):
+def _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out):
     """Welch reduction of precomputed segment powers: ``out[i]`` = the finished
     ``(sum_s powers[firsts[i] + s]) @ weights``.
+
+    Every path sums a window's segment powers in two halves, each in order in float64 from 0:
+    the first ``h = (n_seg + 1) // 2`` segments, then the others, and adds the two. A window
+    ``h`` segments after another (a hop of half a window) starts with the other's second half,
+    so its first half continues that sum (``carry``) instead of summing those segments again.
 
     Parameters
     ----------
@@ -378,43 +396,70 @@ def _reduce_segments(powers, firsts, n_seg, band_bins, band_weights, log_code, o
         From ``_segment_powers``; indices wrap around (``% n_slots``), as in a ring of kept segments.
     firsts : ndarray of int64, shape (n_windows,)
         Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
+    carry : ndarray, shape (n_channels, n_bins), float64
+        Sums of the second half of the window whose first segment is ``carried[0]``; the caller
+        guarantees that they are those of ``powers`` (-1: no window). Both are left describing
+        the last window.
+    carried : ndarray of int64, shape (1,)
     band_bins, band_weights, log_code
         As in ``_welch_weighted``.
     out : ndarray, shape (n_windows, n_channels, n_bands)
     """
     n_slots, n_channels, n_bins = powers.shape
+    first_half_segments = (n_seg + 1) // 2
     power = np.empty(n_bins, dtype=np.float64)
     for i in range(firsts.shape[0]):
+        first = firsts[i]
+        continued = carried[0] >= 0 and first == carried[0] + first_half_segments
+        # the first segment the first half has not summed yet (relative to ``first``)
+        s0 = carried[0] + n_seg - first if continued else 0
         for c in range(n_channels):
-            power[:] = 0.0
-            for s in range(n_seg):
-                segment = powers[(firsts[i] + s) % n_slots, c]
-                for k in range(n_bins):
-                    power[k] += segment[k]
+            if continued:
+                power[:] = carry[c]
+            else:
+                power[:] = 0.0
+            for s in range(s0, first_half_segments):
+                _add(powers[(first + s) % n_slots, c], power)
+            second_half = carry[c]
+            second_half[:] = 0.0
+            for s in range(first_half_segments, n_seg):
+                _add(powers[(first + s) % n_slots, c], second_half)
+            _add(second_half, power)
             _weigh(power, band_bins, band_weights, log_code, out[i, c])
+        carried[0] = first
 
 
 # flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, band_bins, band_weights, log_code, out):  # noqa: PLR0913
+def _welch_stream(  # noqa: PLR0913
+    x, offset, new, taper, kmin, ring, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out
+):
     """One step of a :class:`WelchStream`: ``_segment_powers`` of the stream's segments from
     ``new`` to the last window's last one (segment ``g`` starts at stream sample ``g * step``,
     ``x[:, 0]`` is sample ``offset``) into their ring rows, then ``_reduce_segments`` of the
-    windows whose first segments are ``firsts``. Returns the finiteness flag."""
+    windows whose first segments are ``firsts``. Returns the finiteness flag.
+
+    The ring's segments before ``new`` are kept from earlier steps, the others are computed
+    afresh; ``carry`` (the sums of a window's second half) is used only if all its segments are
+    kept ones, so it always sums what the ring holds."""
     nperseg = taper.shape[0]
     step = nperseg - nperseg // 2
     hi = firsts[-1] + n_seg
     finite = True
+    if carried[0] + n_seg > new:
+        carried[0] = -1
     if hi > new:
         starts = np.arange(new, hi) * step - offset
         finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
-    _reduce_segments(ring, firsts, n_seg, band_bins, band_weights, log_code, out)
+    _reduce_segments(ring, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out)
     return finite
 
 
 # flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, band_bins, band_weights, log_code, out):  # noqa: PLR0913
+def _append_welch_stream(  # noqa: PLR0913
+    chunk, x, where, taper, kmin, ring, n_seg, carry, carried, band_bins, band_weights, log_code, out
+):
     """A stream buffer's append and the Welch step of the window it completes, in one call.
 
     ``where`` (int64) holds ``[first, new, offset, fill]``: ``_append_samples(chunk, x, fill)``,
@@ -425,7 +470,20 @@ def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, band_bins, b
     total = _append_samples(chunk, x, where[3])
     if math.isfinite(total):
         _welch_stream(
-            x, where[2], where[1], taper, kmin, ring, where[:1], n_seg, band_bins, band_weights, log_code, out
+            x,
+            where[2],
+            where[1],
+            taper,
+            kmin,
+            ring,
+            where[:1],
+            n_seg,
+            carry,
+            carried,
+            band_bins,
+            band_weights,
+            log_code,
+            out,
         )
     return total
 
@@ -740,7 +798,10 @@ def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.
     out = np.empty(
         (firsts.size, powers.shape[1], plan.n_bands), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64
     )
-    _reduce_segments(powers, firsts, plan.n_seg, plan.band_bins, plan.band_weights, _LOG_CODES[plan.log], out)
+    carry = np.empty((powers.shape[1], powers.shape[2]), dtype=np.float64)
+    _reduce_segments(
+        powers, firsts, plan.n_seg, carry, np.full(1, -1), plan.band_bins, plan.band_weights, _LOG_CODES[plan.log], out
+    )
     return out
 
 
@@ -804,6 +865,8 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
         # previous one (written before its own, never overwritten while a window needs them)
         n_slots = min(n_windows, block) * per_window + n_seg
         powers = np.empty((n_slots, n_channels, n_bins), dtype=dtype)  # |X|^2 in the FFT precision
+        # the last window's second-half sums, which the next window's first half continues
+        carry, carried = np.empty((n_channels, n_bins), dtype=np.float64), np.full(1, -1)
         finite = True
         done = 0  # segments 0 .. done - 1 are transformed
         for w0 in range(0, n_windows, block):
@@ -813,7 +876,7 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
             finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers)
             done = hi
             firsts = np.arange(w0, w1, dtype=np.int64) * per_window
-            _reduce_segments(powers, firsts, n_seg, band_bins, band_weights, log_code, out[w0:w1])
+            _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out[w0:w1])
         # a window's samples after its last segment (fewer than a step) are in the next window's
         # segments, except for the last window's
         end = (n_windows - 1) * hop + plan.window
@@ -869,6 +932,9 @@ class WelchStream:
         self._log_code = _LOG_CODES[plan.log]
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
+        # the second-half sums of the window whose first segment is _carried[0] (see _reduce_segments)
+        self._carry = np.empty((self.n_channels, plan.weights.shape[0]), dtype=np.float64)
+        self._carried = np.empty(1, dtype=np.int64)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
         self._where = np.empty(4, dtype=np.int64)  # append_features' positions, see _append_welch_stream
         self.reset()
@@ -877,6 +943,7 @@ class WelchStream:
         """Forget the kept segments (a new stream, or a jump back in time)."""
         self._first = 0  # the ring holds segments _first .. _first + _count - 1 (g starts at sample g * step)
         self._count = 0
+        self._carried[0] = -1
 
     def _first_new(self, lo: int) -> int:
         """The first segment to transform for windows whose first segment is ``lo``: the one after
@@ -914,9 +981,20 @@ class WelchStream:
         where[1] = self._first_new(first)
         where[2] = offset
         where[3] = fill
-        taper, ring = self._taper, self._ring
         total = _append_welch_stream(
-            chunk, x, where, taper, plan.kmin, ring, self._n_seg, plan.band_bins, plan.band_weights, self._log_code, out
+            chunk,
+            x,
+            where,
+            self._taper,
+            plan.kmin,
+            self._ring,
+            self._n_seg,
+            self._carry,
+            self._carried,
+            plan.band_bins,
+            plan.band_weights,
+            self._log_code,
+            out,
         )
         if not math.isfinite(total):
             return None
@@ -988,6 +1066,8 @@ class WelchStream:
                 self._ring,
                 firsts,
                 self._n_seg,
+                self._carry,
+                self._carried,
                 plan.band_bins,
                 plan.band_weights,
                 self._log_code,
