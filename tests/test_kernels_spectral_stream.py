@@ -101,7 +101,7 @@ def test_sparse_reduction_equals_the_dense_product_bit_for_bit(rng):
 )
 def test_every_path_finishes_its_features_with_one_transform(rng, make_plan, dtype):
     """Each kernel's logarithm is that of the linear features plus the floor, in the features'
-    dtype, to one unit in the last place of the correctly rounded value; all paths agree bit for bit."""
+    dtype, to two units in the last place of the correctly rounded value; all paths agree bit for bit."""
     plan = make_plan()
     linear_plan = plan._replace(log="none")
     x = (rng.standard_normal((2, plan.window + 5 * plan.step * 2)) * 3.0 + 0.3).astype(dtype)
@@ -116,7 +116,7 @@ def test_every_path_finishes_its_features_with_one_transform(rng, make_plan, dty
         log = np.log10 if plan.log == "log10" else np.log
         expected = log((linear + floor).astype(np.float64)).astype(dtype)  # correctly rounded (nearly always)
     finished = spectral_features(windows, plan)
-    np.testing.assert_array_max_ulp(finished, expected, maxulp=1)
+    np.testing.assert_array_max_ulp(finished, expected, maxulp=2)
     np.testing.assert_array_equal(sliding_spectral_features(x, 2 * plan.step, plan), finished)
     starts = np.arange(0, x.shape[1] - plan.nperseg + 1, plan.step)
     powers = segment_powers(x, starts, plan)
