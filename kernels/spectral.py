@@ -381,6 +381,15 @@ def _add(values, total):
         total[k] += values[k]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add_segment(powers, slot, total):
+    """``total[c, k] += powers[slot, c, k]``, widened to float64: indexed element by element, as
+    a view per segment would cost more than the sum of a short row."""
+    for c in range(total.shape[0]):
+        for k in range(total.shape[1]):
+            total[c, k] += powers[slot, c, k]
+
+
 @njit(cache=True, nogil=True)
 def _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out):
     """Welch reduction of precomputed segment powers: ``out[i]`` = the finished
@@ -407,27 +416,23 @@ def _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weig
     out : ndarray, shape (n_windows, n_channels, n_bands)
     """
     n_slots, n_channels, n_bins = powers.shape
-    size = n_channels * n_bins
     first_half_segments = (n_seg + 1) // 2
-    # the sums run over all channels of a segment at once (one long loop, not one per channel)
     power = np.empty((n_channels, n_bins), dtype=np.float64)
-    power_flat, second_half = power.reshape(size), carry.reshape(size)
     for i in range(firsts.shape[0]):
         first = firsts[i]
         continued = carried[0] >= 0 and first == carried[0] + first_half_segments
         # the first segment the first half has not summed yet (relative to ``first``)
         s0 = carried[0] + n_seg - first if continued else 0
-        if continued:
-            power_flat[:] = second_half
-        else:
-            power_flat[:] = 0.0
-        for s in range(s0, first_half_segments):
-            _add(powers[(first + s) % n_slots].reshape(size), power_flat)
-        second_half[:] = 0.0
-        for s in range(first_half_segments, n_seg):
-            _add(powers[(first + s) % n_slots].reshape(size), second_half)
-        _add(second_half, power_flat)
         for c in range(n_channels):
+            for k in range(n_bins):
+                power[c, k] = carry[c, k] if continued else 0.0
+        for s in range(s0, first_half_segments):
+            _add_segment(powers, (first + s) % n_slots, power)
+        carry[:] = 0.0
+        for s in range(first_half_segments, n_seg):
+            _add_segment(powers, (first + s) % n_slots, carry)
+        for c in range(n_channels):
+            _add(carry[c], power[c])
             _weigh(power[c], band_bins, band_weights, log_code, out[i, c])
         carried[0] = first
 
