@@ -40,7 +40,12 @@ segments coincide, and a stream computes each segment once: :class:`WelchStream`
 powers of the segments later windows reuse (the state of
 :class:`biofed.edge.pipeline.StreamingPipeline`), and :func:`sliding_spectral_features` does
 the same for all windows of a recorded signal. The arithmetic per segment and the summation
-order are those of the batch kernel, so every path gives the same bits. The default segment
+order are those of the batch kernel, so every path gives the same bits. Every path sums a
+window's segment powers in two halves (the first ``(n_seg + 1) // 2`` segments, then the
+rest): a window half a window after another starts where the other's second half does, so a
+stream continues that sum instead of adding the kept powers again. The band weights are summed
+over each band's nonzero bins only, and each path applies the output transform (``log10`` or
+``ln``) in the same jitted loop, so a stream's window is one jitted call. The default segment
 lengths are powers of two, which rarely divide a hop of whole seconds (500 samples at 500 Hz,
 16000 at 16 kHz); :func:`shared_nperseg` picks the nearby length whose step divides the hop,
 so that consecutive windows share all their segments but those of the last hop.
