@@ -946,8 +946,10 @@ class WelchStream:
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
         # the second-half sums of the window whose first segment is _carried[0] (see _reduce_segments)
-        self._carry = np.empty((self.n_channels, plan.weights.shape[0]), dtype=np.float64)
         self._carried = np.empty(1, dtype=np.int64)
+        carry = np.empty((self.n_channels, plan.weights.shape[0]), dtype=np.float64)
+        # the stream kernels' arguments from carry to log_code: the stream's sums, the plan's bands
+        self._reduction = (carry, self._carried, plan.band_bins, plan.band_weights, self._log_code)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
         self._where = np.empty(4, dtype=np.int64)  # append_features' positions, see _append_welch_stream
         self.reset()
@@ -1002,11 +1004,7 @@ class WelchStream:
             plan.kmin,
             self._ring,
             self._n_seg,
-            self._carry,
-            self._carried,
-            plan.band_bins,
-            plan.band_weights,
-            self._log_code,
+            *self._reduction,
             out,
         )
         if not math.isfinite(total):
@@ -1079,11 +1077,7 @@ class WelchStream:
                 self._ring,
                 firsts,
                 self._n_seg,
-                self._carry,
-                self._carried,
-                plan.band_bins,
-                plan.band_weights,
-                self._log_code,
+                *self._reduction,
                 out,
             )
         else:
