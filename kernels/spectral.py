@@ -202,7 +202,7 @@ def _finished(total, log_code, out, b):
     (batch, sliding, streaming) finishes its bands here, so they agree bit for bit."""
     cast = out.dtype.type
     value = cast(total)
-    if log_code == _LOG10:  # through ln: libm's log10 takes about twice as long, for an ulp less
+    if log_code == _LOG10:  # through ln: twice as fast as libm's log10, within 2 ulp of it
         value = math.log(value + np.finfo(out.dtype).tiny) * cast(_LOG10_E)
     elif log_code == _LN:
         value = math.log(value + cast(_LOG_FLOOR))
@@ -216,8 +216,8 @@ def _weigh(power, band_bins, band_weights, log_code, out):
     Only the bins of a band's nonzero range ``band_bins[b] = [lo, hi)`` are summed, with their
     weights packed band after band in ``band_weights``. The dense sum would add ``power[k] * 0.0
     = 0.0`` for the other bins, which changes no bit of a finite sum of non-negative terms, so
-    this is the dense product's result at a fraction of its cost (a band covers a few of the
-    bins: one EEG band, at most two mel triangles per bin).
+    this is the dense product's result at a fraction of its cost (an EEG bin belongs to one band,
+    a mel bin to at most two triangles).
     """
     j = 0
     for b in range(band_bins.shape[0]):
