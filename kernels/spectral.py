@@ -116,6 +116,10 @@ _LOG10_E = math.log10(math.e)  # log10(p) = ln(p) * log10(e)
 _NO_LOG, _LOG10, _LN = 0, 1, 2
 _LOG_CODES = {"none": _NO_LOG, "log10": _LOG10, "ln": _LN}
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
+# rocket-fft's FFT library transforms rows in SIMD groups (8 float32 rows with AVX2) and the
+# rows left over one at a time, several times slower each: the kernels pad their segment block
+# with zero rows to a whole number of groups (8 covers the 4- and 2-row groups of NEON too)
+_FFT_ROW_GROUP = 8
 # segment powers held at once by sliding_spectral_features (1 MiB in float64): a block small
 # enough to be reused from the allocator and the cache between calls; consecutive blocks share
 # one ring, so a block's size costs no segment transformed twice (see docs/kernel-design.md)
@@ -151,6 +155,21 @@ def _sum_as(x, start, length, like):
     for j in range(length):
         total += cast(v[j])
     return total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _padded_rows(rows):
+    """``rows`` rounded up to a whole number of the FFT's row groups."""
+    return -(-rows // _FFT_ROW_GROUP) * _FFT_ROW_GROUP
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rfft_rows(seg, r):
+    """rfft of the first ``r`` rows of ``seg``, zero-padded to a whole number of row groups
+    (``seg`` has room for them); the result's rows from ``r`` on are the spectra of those zeros."""
+    padded = _padded_rows(r)
+    seg[r:padded] = 0.0
+    return np.fft.rfft(seg[:padded])
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -282,7 +301,7 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, band
     n_bins = band_bins[:, 1].max()
     half = nperseg // 2
     shared_half = half == step  # even nperseg: a segment's second half is the next one's first
-    seg = np.empty((min(block, n_windows) * rows_per_window, nperseg), dtype=x.dtype)
+    seg = np.empty((_padded_rows(min(block, n_windows) * rows_per_window), nperseg), dtype=x.dtype)
     power = np.empty(n_bins, dtype=np.float64)
     second_half = np.empty(n_bins, dtype=np.float64)
     first_half_segments = (n_seg + 1) // 2  # see _reduce_segments
@@ -304,7 +323,7 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, band
                     r += 1
                 if tail > 0:
                     check += _sum(row, starts[i] + covered, tail)
-        parts = np.fft.rfft(seg[:r]).view(x.dtype)  # (r, 2 * (nperseg // 2 + 1)): re, im, re, ...
+        parts = _rfft_rows(seg, r).view(x.dtype)  # (>= r, 2 * (nperseg // 2 + 1)): re, im, re, ...
         r = 0
         for i in range(w0, w1):
             for c in range(n_channels):
@@ -353,7 +372,7 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
     block = max(1, _BLOCK_ROWS // n_channels)
     half = nperseg // 2
     shared_half = half == nperseg - half
-    seg = np.empty((min(block, n_segments) * n_channels, nperseg), dtype=taper.dtype)
+    seg = np.empty((_padded_rows(min(block, n_segments) * n_channels), nperseg), dtype=taper.dtype)
     second = np.zeros(n_channels)  # sum of the previous segment's second half, per channel
     check = 0.0
     for g0 in range(0, n_segments, block):
@@ -369,7 +388,7 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
                 check += first + second[c]
                 _detrend_taper(x[c], start, first + second[c], taper, seg[r])
                 r += 1
-        parts = np.fft.rfft(seg[:r]).view(taper.dtype)  # as in _welch_weighted
+        parts = _rfft_rows(seg, r).view(taper.dtype)  # as in _welch_weighted
         r = 0
         for g in range(g0, g1):
             slot = (slot0 + g) % n_slots
