@@ -7,7 +7,8 @@ features -> one feature row -> fused standardize-and-project transform onto a k=
 The chain is configured once (:class:`Chain`: the spectral plans of the device's feature layout,
 transform plan, precision) and then applied either to all windows of a recorded stream at once
 (each shared Welch segment transformed once) or window by window as a device does
-(:class:`ChainStream`: one call per 1 s hop, reusing the previous window's segments).
+(:class:`ChainStream`: the device's streaming pipeline, one push per modality and 1 s hop,
+reusing the previous window's segments).
 
 Imported by :mod:`biofed.benchmarks.suite` for the in-process comparison, and run as a script
 (``python -m biofed.benchmarks.stream rtf|warm``) by the real-time-factor and warm-start measurements, which
@@ -29,7 +30,6 @@ from numba import njit
 
 from biofed.kernels import (
     SpectralPlan,
-    WelchStream,
     apply_transform,
     heart_rate_features,
     moments_init,
@@ -102,6 +102,16 @@ def profile_layout(config=None):
     }, PipelineConfig() if config is None else config)  # fmt: skip
 
 
+def layout_columns(layout) -> np.ndarray:
+    """The column of the device's feature row (``layout``'s order) of each feature of
+    :meth:`Chain.features` (and of the baselines): the same except for the biosensors, whose
+    heart-rate features follow their channel's statistics in the device's row."""
+    bio = layout.modality("bio")
+    statistics, heart_rate = bio.bio_columns()
+    before = layout.n_features - bio.n_features
+    return np.concatenate([np.arange(before), before + np.array(statistics + heart_rate)])
+
+
 def new_segments(plan: SpectralPlan, hop: int) -> int:
     """Segments a window transforms when the previous window's are kept: ``hop / step`` when
     consecutive windows share segments, else all ``n_seg``."""
@@ -129,6 +139,7 @@ class Chain:
         self.dtype = np.dtype(dtype)
         layout = profile_layout()
         self.plans: dict[str, SpectralPlan] = {m: layout.spectral_plan(layout.modality(m)) for m in ("eeg", "audio")}
+        self.basis, self.mean, self.scale = basis, mean, scale
         self.projection = None if basis is None else transform_plan(np.asarray(basis).T, mean=mean, scale=scale)
         #: The feature stages in feature-row order: name -> f(stream dict) -> (n_windows, ch, f).
         self.stages = {
@@ -164,63 +175,63 @@ class Chain:
             for m, plan in self.plans.items()
         }
 
-    def streaming(self) -> ChainStream:
-        """A fresh window-by-window chain (:class:`ChainStream`) with this configuration."""
-        return ChainStream(self)
+    def streaming(self, modalities: tuple[str, ...] = tuple(FS)) -> ChainStream:
+        """A window-by-window chain (:class:`ChainStream`) with this configuration, of ``modalities``."""
+        return ChainStream(self, modalities)
 
 
 class ChainStream:
     """The chain applied one window per 1 s hop, as a device runs it on its live stream.
 
-    Like :class:`biofed.edge.pipeline.StreamingPipeline`, each spectral stage copies the samples
-    a window adds (its last hop) into a buffer of its precision, holding a window and four hops,
-    and keeps the segment powers of the previous window (:class:`biofed.kernels.WelchStream`):
-    only the segments the new window adds are transformed. ``w`` maps modality -> the window
-    ``(1, n_channels, window)`` starting at hop ``i`` of the stream; windows come in order (a
-    jump back starts afresh).
+    A :class:`biofed.edge.pipeline.StreamingPipeline` of the profile's layout, in the chain's
+    precision and with its projection, fed each window's new samples (the whole first window,
+    then its last hop): its streams buffer them, keep the previous window's Welch segments and
+    compute each modality's features in one jitted call per push, and the last push of a
+    window joins and projects the row. ``modalities`` restricts it to some modalities (the
+    per-stage profile); without a projection the raw feature row is returned. ``w`` maps
+    modality -> the window ``(1, n_channels, window)`` starting at hop ``i`` of the stream;
+    :meth:`run` starts a new stream, so windows come in order from 0.
     """
 
-    def __init__(self, chain: Chain) -> None:
-        self.chain = chain
-        channels = {"eeg": EEG_CHANNELS, "audio": 1}
-        self.welch = {m: WelchStream(plan, channels[m], chain.dtype) for m, plan in chain.plans.items()}
-        self.buffers = {m: np.empty((channels[m], WINDOW[m] + 4 * HOP[m]), dtype=chain.dtype) for m in channels}
-        self.buffer_start = {m: 0 for m in channels}  # stream index of buffers[m][:, 0]
-        self.fill = {m: 0 for m in channels}  # samples held
-        #: The feature stages in feature-row order: name -> f(window dict, hop index) -> (1, ch, f).
-        self.stages = {
-            "eeg band powers": lambda w, i: self._spectral("eeg", w, i),
-            "audio log-mel": lambda w, i: self._spectral("audio", w, i),
-            "bio window statistics": lambda w, i: window_statistics(w["bio"], BIO_FS),
-            "ecg/ppg heart rate": lambda w, i: heart_rate_features(w["bio"][:, :HEART_CHANNELS], BIO_FS),
-        }
+    def __init__(self, chain: Chain, modalities: tuple[str, ...] = tuple(FS)) -> None:
+        from biofed.edge.pipeline import PipelineConfig, StreamingPipeline
 
-    def _spectral(self, modality: str, w: dict[str, np.ndarray], i: int) -> np.ndarray:
-        start, hop, buf = i * HOP[modality], HOP[modality], self.buffers[modality]
-        held = self.buffer_start[modality] + self.fill[modality]  # stream index after the buffered samples
-        window = w[modality][0]
-        if not start < held <= start + window.shape[1]:  # the first window, or a jump: start afresh
-            self.buffer_start[modality], self.fill[modality], held = start, 0, start
-        elif self.fill[modality] + hop > buf.shape[1]:  # full: keep what the next windows need
-            keep = held - start
-            buf[:, :keep] = buf[:, self.fill[modality] - keep : self.fill[modality]]
-            self.buffer_start[modality], self.fill[modality] = start, keep
-        new = start + window.shape[1] - held
-        buf[:, self.fill[modality] : self.fill[modality] + new] = window[:, window.shape[1] - new :]
-        self.fill[modality] += new
-        return self.welch[modality].features(buf, self.buffer_start[modality], (start,))
-
-    def features(self, w: dict[str, np.ndarray], i: int) -> np.ndarray:
-        """The float64 feature row of window ``i``, (1, n_features)."""
-        return np.concatenate([stage(w, i).reshape(1, -1) for stage in self.stages.values()], axis=1, dtype=np.float64)
+        self.modalities = modalities
+        config = PipelineConfig(modalities=modalities, dtype=chain.dtype.name, max_pending_windows=None)
+        layout = profile_layout(config)
+        basis = None
+        if chain.basis is not None and modalities == tuple(FS):
+            # the chain's columns in the device row's order, so that both project the same features
+            columns = layout_columns(layout)
+            basis = (np.empty_like(chain.basis), np.empty_like(chain.mean), np.empty_like(chain.scale))
+            basis[0][:, columns], basis[1][columns], basis[2][columns] = chain.basis, chain.mean, chain.scale
+        self.pipeline = StreamingPipeline(config, layout, basis)
 
     def __call__(self, w: dict[str, np.ndarray], i: int) -> np.ndarray:
-        """features -> fused standardize-and-project transform: (1, k)."""
-        return apply_transform(self.features(w, i), self.chain.projection)
+        """The row of window ``i``: projected (1, k), or raw features (1, n_features)."""
+        rows = []
+        for m in self.modalities:
+            window = w[m][0]
+            rows = self.pipeline.push(m, window if i == 0 else window[:, window.shape[1] - HOP[m] :])
+        return rows[0].vector[None]
 
     def run(self, singles: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Every window of a stream in order, one call each: (n_windows, k)."""
+        """Every window of a stream in order, one call each, on a new stream: (n_windows, k)."""
+        self.pipeline.flush()
         return np.concatenate([self(one, i) for i, one in enumerate(singles)])
+
+
+#: The per-window stages a device computes, each in one jitted call per push of its modality.
+STAGE_MODALITIES = {
+    "eeg band powers": "eeg",
+    "audio log-mel": "audio",
+    "biosensor statistics + heart rate": "bio",
+}
+
+
+def stage_streams(chain: Chain) -> dict[str, ChainStream]:
+    """One window-by-window chain per stage: a device pipeline of that stage's modality alone."""
+    return {name: chain.streaming((m,)) for name, m in STAGE_MODALITIES.items()}
 
 
 def single_windows(w: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -278,28 +289,21 @@ def measure_fft_rate(nperseg: int, dtype, repeats: int, rows: int = 256) -> floa
     return rows * rfft_flops(nperseg) / best / 1e9
 
 
-def _pipeline_replay(stream: dict[str, np.ndarray], mean, scale, basis):
-    """A StreamingPipeline (device defaults) with the basis, and a function replaying ``stream`` in 1 s chunks.
+def _pipeline_replay(stream: dict[str, np.ndarray], pipe):
+    """A function replaying ``stream`` in 1 s chunks through the device pipeline ``pipe``
+    (a :class:`ChainStream`'s, configured once as a device configures it when it starts).
 
-    The pipeline is configured once, as a device configures it when it starts; each replay
-    starts a new stream on it (:meth:`~biofed.edge.pipeline.StreamingPipeline.flush`: empty
-    buffers, no kept segments, time 0), so it times the streaming, not the set-up.
+    Each replay starts a new stream on it (:meth:`~biofed.edge.pipeline.StreamingPipeline.flush`:
+    empty buffers, no kept segments, time 0), so it times the streaming, not the set-up.
     """
-    from biofed.edge.pipeline import PipelineConfig, StreamingPipeline
-    from biofed.model import Basis
-
-    config = PipelineConfig(max_pending_windows=None)
-    layout = profile_layout(config)
-    rates = FS
     seconds = stream["eeg"].shape[1] / EEG_FS
-    pipe = StreamingPipeline(config, layout, Basis(np.asarray(basis), np.asarray(mean), np.asarray(scale)))
 
     def replay() -> int:
         pipe.flush()
         rows = 0
         for t in range(int(seconds)):
             for m, x in stream.items():
-                rows += len(pipe.push(m, x[:, int(t * rates[m]) : int((t + 1) * rates[m])], label="rest"))
+                rows += len(pipe.push(m, x[:, int(t * FS[m]) : int((t + 1) * FS[m])], label="rest"))
         return rows
 
     return replay
@@ -310,12 +314,14 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
 
     ``batch``: all windows of the stream at once, each shared segment transformed once.
     ``per_window``: one call per 1 s hop with a single window, reusing the previous window's
-    segments, as a device processes its stream live (:class:`ChainStream`). ``replay``: the
-    stream pushed in 1 s chunks through :class:`biofed.edge.pipeline.StreamingPipeline`
-    (buffers, labels and projection included; configured once, a new stream per replay).
-    ``stages``: each stage of the per-window chain, its median and best time per window and
-    its FFT limit: the rffts it performs per window (only the new segments) divided by the
-    best rate of rocket-fft's rfft of that length measured in this process.
+    segments, as a device processes its stream live (:class:`ChainStream`: the device's
+    pipeline fed each window's new samples). ``replay``: the stream pushed in 1 s chunks
+    through :class:`biofed.edge.pipeline.StreamingPipeline` (buffers, labels and projection
+    included; configured once, a new stream per replay). ``stages``: each stage of the
+    per-window chain (:func:`stage_streams`, and the projection of its rows), its median and
+    best time per window and its FFT limit: the rffts it performs per window (only the new
+    segments) divided by the best rate of rocket-fft's rfft of that length measured in this
+    process.
     """
     limits = _limit_to_one_core()
     stream = make_stream(seconds, random_state=1)
@@ -326,7 +332,7 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
     singles = single_windows(w)
     chains = {dtype: Chain(dtype, mean, scale, basis) for dtype in ("float32", "float64")}
     streams = {dtype: chain.streaming() for dtype, chain in chains.items()}
-    replay = _pipeline_replay(stream, mean, scale, basis)
+    replay = _pipeline_replay(stream, chains["float32"].streaming().pipeline)
     out = {"stream_seconds": stream_seconds, "n_windows": n, "limits": limits}
     runs = {
         "batch": lambda: chains["float32"](stream),
@@ -338,17 +344,14 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
         times = _times(fn, repeats)
         med = float(np.median(times))
         out[name] = {"median_s": med, "min_s": min(times), "max_s": max(times), "rtf": stream_seconds / med}
-    chain, live = chains["float32"], streams["float32"]
+    chain = chains["float32"]
     ffts = chain.rffts_per_window()
     sizes = sorted({f["nperseg"] for f in ffts.values()})
     rate = {size: {dtype: measure_fft_rate(size, dtype, repeats) for dtype in ("float32", "float64")} for size in sizes}
     out["fft"] = {str(size): {"gflops": rate[size], "flops_per_rfft": rfft_flops(size)} for size in sizes}
-    rows = [live.features(one, i) for i, one in enumerate(singles)]
-    stage_fns = {
-        name: (lambda stage=stage: [stage(one, i) for i, one in enumerate(singles)])
-        for name, stage in live.stages.items()
-    }
-    stage_fns["transform (k=32)"] = lambda: [apply_transform(row, chain.projection) for row in rows]
+    rows = chain.features(stream)
+    stage_fns = {name: (lambda live=live: live.run(singles)) for name, live in stage_streams(chain).items()}
+    stage_fns["transform (k=32)"] = lambda: [apply_transform(rows[i : i + 1], chain.projection) for i in range(n)]
     stages = {}
     for name, fn in stage_fns.items():
         times = _times(fn, repeats)

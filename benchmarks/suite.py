@@ -865,8 +865,8 @@ def case_realtime(s: Settings, result: CaseResult) -> None:
             tuple(rows),
             note="per window as a device runs it: each window transforms only the Welch segments the previous one "
             "did not (rffts/window = new segments x their length); FFT limit = those rffts x 2.5 n log2 n flops / "
-            "best float32 rate of rfft at that length; shares are of the best chain time and leave out the chain's "
-            "glue (casts, concatenation)",
+            "best float32 rate of rfft at that length; each modality's stage is the device pipeline of that modality "
+            "alone (buffering and its row included), the whole chain joins the three and projects the row",
         )
     )
     for size, f in fft.items():

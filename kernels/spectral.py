@@ -40,7 +40,12 @@ segments coincide, and a stream computes each segment once: :class:`WelchStream`
 powers of the segments later windows reuse (the state of
 :class:`biofed.edge.pipeline.StreamingPipeline`), and :func:`sliding_spectral_features` does
 the same for all windows of a recorded signal. The arithmetic per segment and the summation
-order are those of the batch kernel, so every path gives the same bits. The default segment
+order are those of the batch kernel, so every path gives the same bits. Every path sums a
+window's segment powers in two halves (the first ``(n_seg + 1) // 2`` segments, then the
+rest): a window half a window after another starts where the other's second half does, so a
+stream continues that sum instead of adding the kept powers again. The band weights are summed
+over each band's nonzero bins only, and each path applies the output transform (``log10`` or
+``ln``) in the same jitted loop, so a stream's window is one jitted call. The default segment
 lengths are powers of two, which rarely divide a hop of whole seconds (500 samples at 500 Hz,
 16000 at 16 kHz); :func:`shared_nperseg` picks the nearby length whose step divides the hop,
 so that consecutive windows share all their segments but those of the last hop.
@@ -106,8 +111,15 @@ FLOAT32_RTOL = 1e-5
 _SCALES = ("mel", "linear")
 _AUDIO_FRAME_S = 0.032  # default audio frame: ~32 ms (512 samples at 16 kHz)
 _LOG_FLOOR = 1e-10  # log_band_energies: ln(energy + 1e-10)
-_TINY = {np.dtype(t).char: np.finfo(t).tiny for t in (np.float32, np.float64)}  # log10 floor per dtype
+_LOG10_E = math.log10(math.e)  # log10(p) = ln(p) * log10(e)
+# the kernels' code of a plan's output transform (SpectralPlan.log)
+_NO_LOG, _LOG10, _LN = 0, 1, 2
+_LOG_CODES = {"none": _NO_LOG, "log10": _LOG10, "ln": _LN}
 _BLOCK_ROWS = 256  # segments transformed per rfft call (bounds memory on small devices)
+# rocket-fft's FFT library transforms rows in SIMD groups (8 float32 rows with AVX2) and the
+# rows left over one at a time, several times slower each: the kernels pad their segment block
+# with zero rows to a whole number of groups (8 covers the 4- and 2-row groups of NEON too)
+_FFT_ROW_GROUP = 8
 # segment powers held at once by sliding_spectral_features (1 MiB in float64): a block small
 # enough to be reused from the allocator and the cache between calls; consecutive blocks share
 # one ring, so a block's size costs no segment transformed twice (see docs/kernel-design.md)
@@ -143,6 +155,21 @@ def _sum_as(x, start, length, like):
     for j in range(length):
         total += cast(v[j])
     return total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _padded_rows(rows):
+    """``rows`` rounded up to a whole number of the FFT's row groups."""
+    return -(-rows // _FFT_ROW_GROUP) * _FFT_ROW_GROUP
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rfft_rows(seg, r):
+    """rfft of the first ``r`` rows of ``seg``, zero-padded to a whole number of row groups
+    (``seg`` has room for them); the result's rows from ``r`` on are the spectra of those zeros."""
+    padded = _padded_rows(r)
+    seg[r:padded] = 0.0
+    return np.fft.rfft(seg[:padded])
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -188,26 +215,46 @@ def _set_power(parts, power):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _weigh(power, weights, acc, out):
-    """``out[b] = sum_k power[k] * weights[k, b]``, summed over ``k`` in order in float64 (``acc``).
+def _finished(total, log_code, out, b):
+    """``out[b]`` = the output transform (``_LOG_CODES``) of a band's float64 ``total``, in the
+    precision of ``out``: ``total`` rounded to it, plus the floor, then the logarithm. Every path
+    (batch, sliding, streaming) finishes its bands here, so they agree bit for bit."""
+    cast = out.dtype.type
+    value = cast(total)
+    if log_code == _LOG10:  # through ln: twice as fast as libm's log10, within 2 ulp of it
+        value = math.log(value + np.finfo(out.dtype).tiny) * cast(_LOG10_E)
+    elif log_code == _LN:
+        value = math.log(value + cast(_LOG_FLOOR))
+    out[b] = value
 
-    The loop over ``b`` is innermost: it reads a contiguous row of ``weights`` and vectorizes,
-    and every ``acc[b]`` still sums its terms in the order of ``k``.
+
+@njit(cache=True, nogil=True, inline="always")
+def _weigh(power, band_bins, band_weights, log_code, out):
+    """``out[b]`` = the finished ``sum_k power[k] * weights[k, b]``, summed in order of ``k`` in float64.
+
+    Only the bins of a band's nonzero range ``band_bins[b] = [lo, hi)`` are summed, with their
+    weights packed band after band in ``band_weights``. The dense sum would add ``power[k] * 0.0
+    = 0.0`` for the other bins, which changes no bit of a finite sum of non-negative terms, so
+    this is the dense product's result at a fraction of its cost (an EEG bin belongs to one band,
+    a mel bin to at most two triangles).
     """
-    acc[:] = 0.0
-    for k in range(power.shape[0]):
-        p = power[k]
-        row = weights[k]
-        for b in range(acc.shape[0]):
-            acc[b] += p * row[b]
-    for b in range(acc.shape[0]):
-        out[b] = acc[b]
+    j = 0
+    for b in range(band_bins.shape[0]):
+        lo, hi = band_bins[b, 0], band_bins[b, 1]
+        p = power[lo:hi]
+        w = band_weights[j : j + hi - lo]
+        total = 0.0
+        for k in range(hi - lo):
+            total += p[k] * w[k]
+        j += hi - lo
+        _finished(total, log_code, out, b)
 
 
+# flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weights, out):
-    """Welch PSD of every window and channel reduced by a weight matrix, into ``out``; False
-    if a sample is NaN or inf (or a float64 sum overflowed).
+def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, band_bins, band_weights, log_code, out):  # noqa: PLR0913
+    """Welch PSD of every window and channel reduced by a weight matrix and finished, into
+    ``out``; False if a sample is NaN or inf (or a float64 sum overflowed).
 
     Parameters
     ----------
@@ -229,11 +276,15 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
     taper : ndarray, shape (nperseg,)
         Segment window (periodic Hann), same dtype as ``x``.
     kmin : int
-        Index of the first frequency bin ``weights`` covers.
-    weights : ndarray, shape (n_bins, n_bands), float64
-        ``out[i, c, b] = sum_k |X_{kmin + k}|^2 * weights[k, b]`` summed over segments, where
-        ``X`` is the rfft of a detrended, tapered segment; every scale factor (density scaling,
-        one-sided doubling, segment averaging, ``df``) is folded into ``weights``.
+        Index of the first frequency bin the weights cover.
+    band_bins, band_weights : ndarray
+        A plan's weight matrix ``weights`` (n_bins, n_bands) by band (``SpectralPlan.band_bins``
+        and ``band_weights``): ``sum_k |X_{kmin + k}|^2 * weights[k, b]`` summed over segments,
+        where ``X`` is the rfft of a detrended, tapered segment, is band ``b``'s power; every
+        scale factor (density scaling, one-sided doubling, segment averaging, ``df``) is folded
+        into the weights.
+    log_code : int
+        Output transform of the powers (``_LOG_CODES`` of ``SpectralPlan.log``).
     out : ndarray, shape (n_windows, n_channels, n_bands)
         Output, written in place.
 
@@ -247,12 +298,13 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
     step = nperseg - nperseg // 2
     rows_per_window = n_channels * n_seg
     block = max(1, _BLOCK_ROWS // rows_per_window)
-    n_bins, n_bands = weights.shape
+    n_bins = band_bins[:, 1].max()
     half = nperseg // 2
     shared_half = half == step  # even nperseg: a segment's second half is the next one's first
-    seg = np.empty((min(block, n_windows) * rows_per_window, nperseg), dtype=x.dtype)
+    seg = np.empty((_padded_rows(min(block, n_windows) * rows_per_window), nperseg), dtype=x.dtype)
     power = np.empty(n_bins, dtype=np.float64)
-    acc = np.empty(n_bands, dtype=np.float64)
+    second_half = np.empty(n_bins, dtype=np.float64)
+    first_half_segments = (n_seg + 1) // 2  # see _reduce_segments
     check = 0.0
     covered = (n_seg - 1) * step + nperseg
     for w0 in range(0, n_windows, block):
@@ -271,15 +323,19 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, weig
                     r += 1
                 if tail > 0:
                     check += _sum(row, starts[i] + covered, tail)
-        parts = np.fft.rfft(seg[:r]).view(x.dtype)  # (r, 2 * (nperseg // 2 + 1)): re, im, re, ...
+        parts = _rfft_rows(seg, r).view(x.dtype)  # (>= r, 2 * (nperseg // 2 + 1)): re, im, re, ...
         r = 0
         for i in range(w0, w1):
             for c in range(n_channels):
                 power[:] = 0.0
-                for _ in range(n_seg):
-                    _add_power(parts[r, 2 * kmin : 2 * (kmin + n_bins)], power)
+                second_half[:] = 0.0
+                for s in range(n_seg):
+                    _add_power(
+                        parts[r, 2 * kmin : 2 * (kmin + n_bins)], power if s < first_half_segments else second_half
+                    )
                     r += 1
-                _weigh(power, weights, acc, out[i, c])
+                _add(second_half, power)
+                _weigh(power, band_bins, band_weights, log_code, out[i, c])
     return math.isfinite(check)
 
 
@@ -316,7 +372,7 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
     block = max(1, _BLOCK_ROWS // n_channels)
     half = nperseg // 2
     shared_half = half == nperseg - half
-    seg = np.empty((min(block, n_segments) * n_channels, nperseg), dtype=taper.dtype)
+    seg = np.empty((_padded_rows(min(block, n_segments) * n_channels), nperseg), dtype=taper.dtype)
     second = np.zeros(n_channels)  # sum of the previous segment's second half, per channel
     check = 0.0
     for g0 in range(0, n_segments, block):
@@ -332,7 +388,7 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
                 check += first + second[c]
                 _detrend_taper(x[c], start, first + second[c], taper, seg[r])
                 r += 1
-        parts = np.fft.rfft(seg[:r]).view(taper.dtype)  # as in _welch_weighted
+        parts = _rfft_rows(seg, r).view(taper.dtype)  # as in _welch_weighted
         r = 0
         for g in range(g0, g1):
             slot = (slot0 + g) % n_slots
@@ -342,9 +398,31 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
     return math.isfinite(check)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add(values, total):
+    """``total[k] += values[k]``, widened to float64 (``total``'s dtype)."""
+    for k in range(total.shape[0]):
+        total[k] += values[k]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_segment(powers, slot, total):
+    """``total[c, k] += powers[slot, c, k]``, widened to float64: indexed element by element, as
+    a view per segment would cost more than the sum of a short row."""
+    for c in range(total.shape[0]):
+        for k in range(total.shape[1]):
+            total[c, k] += powers[slot, c, k]
+
+
 @njit(cache=True, nogil=True)
-def _reduce_segments(powers, firsts, n_seg, weights, out):
-    """Welch reduction of precomputed segment powers: ``out[i] = (sum_s powers[firsts[i] + s]) @ weights``.
+def _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out):
+    """Welch reduction of precomputed segment powers: ``out[i]`` = the finished
+    ``(sum_s powers[firsts[i] + s]) @ weights``.
+
+    Every path sums a window's segment powers in two halves, each in order in float64 from 0:
+    the first ``h = (n_seg + 1) // 2`` segments, then the others, and adds the two. A window
+    ``h`` segments after another (a hop of half a window) starts with the other's second half,
+    so its first half continues that sum (``carry``) instead of summing those segments again.
 
     Parameters
     ----------
@@ -352,43 +430,68 @@ def _reduce_segments(powers, firsts, n_seg, weights, out):
         From ``_segment_powers``; indices wrap around (``% n_slots``), as in a ring of kept segments.
     firsts : ndarray of int64, shape (n_windows,)
         Index in ``powers`` of each window's first segment; a window uses ``n_seg`` consecutive ones.
-    weights : ndarray, shape (n_bins, n_bands), float64
+    carry : ndarray, shape (n_channels, n_bins), float64
+        Sums of the second half of the window whose first segment is ``carried[0]``; the caller
+        guarantees that they are those of ``powers`` (-1: no window). Both are left describing
+        the last window.
+    carried : ndarray of int64, shape (1,)
+    band_bins, band_weights, log_code
         As in ``_welch_weighted``.
     out : ndarray, shape (n_windows, n_channels, n_bands)
     """
-    n_slots, n_channels, _ = powers.shape
-    n_bins, n_bands = weights.shape
-    power = np.empty(n_bins, dtype=np.float64)
-    acc = np.empty(n_bands, dtype=np.float64)
+    n_slots, n_channels, n_bins = powers.shape
+    first_half_segments = (n_seg + 1) // 2
+    power = np.empty((n_channels, n_bins), dtype=np.float64)
     for i in range(firsts.shape[0]):
+        first = firsts[i]
+        continued = carried[0] >= 0 and first == carried[0] + first_half_segments
+        # the first segment the first half has not summed yet (relative to ``first``)
+        s0 = carried[0] + n_seg - first if continued else 0
         for c in range(n_channels):
-            power[:] = 0.0
-            for s in range(n_seg):
-                segment = powers[(firsts[i] + s) % n_slots, c]
-                for k in range(n_bins):
-                    power[k] += segment[k]
-            _weigh(power, weights, acc, out[i, c])
+            for k in range(n_bins):
+                power[c, k] = carry[c, k] if continued else 0.0
+        for s in range(s0, first_half_segments):
+            _add_segment(powers, (first + s) % n_slots, power)
+        carry[:] = 0.0
+        for s in range(first_half_segments, n_seg):
+            _add_segment(powers, (first + s) % n_slots, carry)
+        for c in range(n_channels):
+            _add(carry[c], power[c])
+            _weigh(power[c], band_bins, band_weights, log_code, out[i, c])
+        carried[0] = first
 
 
+# flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _welch_stream(x, offset, new, taper, kmin, ring, firsts, n_seg, weights, out):
+def _welch_stream(  # noqa: PLR0913
+    x, offset, new, taper, kmin, ring, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out
+):
     """One step of a :class:`WelchStream`: ``_segment_powers`` of the stream's segments from
     ``new`` to the last window's last one (segment ``g`` starts at stream sample ``g * step``,
     ``x[:, 0]`` is sample ``offset``) into their ring rows, then ``_reduce_segments`` of the
-    windows whose first segments are ``firsts``. Returns the finiteness flag."""
+    windows whose first segments are ``firsts``. Returns the finiteness flag.
+
+    The ring's segments before ``new`` are kept from earlier steps, the others are computed
+    afresh; ``carry`` (the sums of a window's second half) is used only if all its segments are
+    kept ones, so it always sums what the ring holds."""
     nperseg = taper.shape[0]
     step = nperseg - nperseg // 2
     hi = firsts[-1] + n_seg
     finite = True
+    if carried[0] + n_seg > new:
+        carried[0] = -1
     if hi > new:
         starts = np.arange(new, hi) * step - offset
         finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
-    _reduce_segments(ring, firsts, n_seg, weights, out)
+    _reduce_segments(ring, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out)
     return finite
 
 
+# flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
-def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, weights, out):
+def _append_welch_stream(  # noqa: PLR0913
+    chunk, x, where, taper, kmin, ring, n_seg, carry, carried, band_bins, band_weights, log_code, out
+):
     """A stream buffer's append and the Welch step of the window it completes, in one call.
 
     ``where`` (int64) holds ``[first, new, offset, fill]``: ``_append_samples(chunk, x, fill)``,
@@ -398,7 +501,22 @@ def _append_welch_stream(chunk, x, where, taper, kmin, ring, n_seg, weights, out
     """
     total = _append_samples(chunk, x, where[3])
     if math.isfinite(total):
-        _welch_stream(x, where[2], where[1], taper, kmin, ring, where[:1], n_seg, weights, out)
+        _welch_stream(
+            x,
+            where[2],
+            where[1],
+            taper,
+            kmin,
+            ring,
+            where[:1],
+            n_seg,
+            carry,
+            carried,
+            band_bins,
+            band_weights,
+            log_code,
+            out,
+        )
     return total
 
 
@@ -501,6 +619,12 @@ class SpectralPlan(NamedTuple):
         Output transform: ``log10(p + tiny)`` (``tiny`` of the output dtype) or ``ln(p + 1e-10)``.
     taper32 : ndarray, shape (nperseg,), float32
         ``taper`` rounded to float32, for float32 samples (see :meth:`taper_for`).
+    band_bins : ndarray, shape (n_bands, 2), int64
+        ``[lo, hi)``: the range of bins (as rows of ``weights``) from a band's first to its last
+        nonzero weight.
+    band_weights : ndarray, float64
+        ``weights[lo:hi, b]`` of every band ``b`` in turn: the kernels sum only these terms (the
+        others are exact zeros, see ``_weigh``).
     """
 
     fs: float
@@ -511,6 +635,8 @@ class SpectralPlan(NamedTuple):
     weights: np.ndarray
     log: str
     taper32: np.ndarray
+    band_bins: np.ndarray
+    band_weights: np.ndarray
 
     @property
     def step(self) -> int:
@@ -554,18 +680,14 @@ def _make_plan(weights_per_freq: np.ndarray, fs: float, window: int, nperseg: in
     kmin, kmax = int(used[0]), int(used[-1])
     weights = np.ascontiguousarray(weights_per_freq[kmin : kmax + 1] * scale[kmin : kmax + 1, None], dtype=np.float64)
     taper32 = taper.astype(np.float32)
-    for array in (taper, taper32, weights):
+    band_bins = np.empty((weights.shape[1], 2), dtype=np.int64)
+    for b in range(weights.shape[1]):
+        nonzero = np.flatnonzero(weights[:, b])
+        band_bins[b] = nonzero[0], nonzero[-1] + 1
+    band_weights = np.concatenate([weights[lo:hi, b] for b, (lo, hi) in enumerate(band_bins)])
+    for array in (taper, taper32, weights, band_bins, band_weights):
         array.flags.writeable = False
-    return SpectralPlan(fs, window, nperseg, taper, kmin, weights, log, taper32)
-
-
-def _finish(out: np.ndarray, log: str) -> np.ndarray:
-    """Apply the plan's output transform in place (no temporary: the same bits as ``log(out + floor)``)."""
-    if log == "log10":
-        np.log10(np.add(out, _TINY[out.dtype.char], out=out), out=out)
-    elif log == "ln":
-        np.log(np.add(out, _LOG_FLOOR, out=out), out=out)
-    return out
+    return SpectralPlan(fs, window, nperseg, taper, kmin, weights, log, taper32, band_bins, band_weights)
 
 
 def _apply_plan(windows: np.ndarray, plan: SpectralPlan) -> np.ndarray:
@@ -584,12 +706,14 @@ def _apply_plan(windows: np.ndarray, plan: SpectralPlan) -> np.ndarray:
             plan.window - (plan.n_seg - 1) * plan.step - plan.nperseg,
             plan.taper_for(windows.dtype),
             plan.kmin,
-            plan.weights,
+            plan.band_bins,
+            plan.band_weights,
+            _LOG_CODES[plan.log],
             out,
         )
         if not finite:
             raise_if_nonfinite(windows, "windows")
-    return _finish(out, plan.log)
+    return out
 
 
 def _check_plan(plan) -> SpectralPlan:
@@ -706,8 +830,11 @@ def reduce_segments(powers, firsts, plan: SpectralPlan, dtype=np.float64) -> np.
     out = np.empty(
         (firsts.size, powers.shape[1], plan.n_bands), dtype=np.float32 if np.dtype(dtype) == np.float32 else np.float64
     )
-    _reduce_segments(powers, firsts, plan.n_seg, plan.weights, out)
-    return _finish(out, plan.log)
+    carry = np.empty((powers.shape[1], powers.shape[2]), dtype=np.float64)
+    _reduce_segments(
+        powers, firsts, plan.n_seg, carry, np.full(1, -1), plan.band_bins, plan.band_weights, _LOG_CODES[plan.log], out
+    )
+    return out
 
 
 def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) -> np.ndarray:
@@ -756,6 +883,7 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
     if n_windows == 0:
         return out
     taper, step, n_seg = plan.taper_for(dtype), plan.step, plan.n_seg
+    band_bins, band_weights, log_code = plan.band_bins, plan.band_weights, _LOG_CODES[plan.log]
     tail = plan.window - (n_seg - 1) * step - plan.nperseg  # samples after a window's last segment
     shared = hop % step == 0 and hop < plan.window
     if not shared and x.dtype != dtype:  # the Welch kernel reads windows in the precision of its samples
@@ -769,6 +897,8 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
         # previous one (written before its own, never overwritten while a window needs them)
         n_slots = min(n_windows, block) * per_window + n_seg
         powers = np.empty((n_slots, n_channels, n_bins), dtype=dtype)  # |X|^2 in the FFT precision
+        # the last window's second-half sums, which the next window's first half continues
+        carry, carried = np.empty((n_channels, n_bins), dtype=np.float64), np.full(1, -1)
         finite = True
         done = 0  # segments 0 .. done - 1 are transformed
         for w0 in range(0, n_windows, block):
@@ -778,7 +908,7 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
             finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers)
             done = hi
             firsts = np.arange(w0, w1, dtype=np.int64) * per_window
-            _reduce_segments(powers, firsts, n_seg, plan.weights, out[w0:w1])
+            _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out[w0:w1])
         # a window's samples after its last segment (fewer than a step) are in the next window's
         # segments, except for the last window's
         end = (n_windows - 1) * hop + plan.window
@@ -787,12 +917,14 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
                 finite = finite and math.isfinite(np.add.reduce(x[:, end - tail : end].astype(dtype), axis=None))
     else:
         starts = np.arange(n_windows, dtype=np.int64) * hop
-        finite = _welch_weighted(x, starts, 0, n_seg, plan.nperseg, tail, taper, plan.kmin, plan.weights, out)
+        finite = _welch_weighted(
+            x, starts, 0, n_seg, plan.nperseg, tail, taper, plan.kmin, band_bins, band_weights, log_code, out
+        )
     if not finite:  # the samples in the computation's dtype (a float64 beyond float32's range is inf there)
         with np.errstate(over="ignore"):
             samples = x[:, : (n_windows - 1) * hop + plan.window].astype(dtype, copy=False)
         raise_if_nonfinite(samples, "x")
-    return _finish(out, plan.log)
+    return out
 
 
 class WelchStream:
@@ -829,8 +961,14 @@ class WelchStream:
         self._taper = plan.taper_for(self.dtype)
         # the plan's derived values, read on every call
         self._step, self._n_seg, self._window, self._n_bands = plan.step, plan.n_seg, plan.window, plan.n_bands
+        self._log_code = _LOG_CODES[plan.log]
         # a ring: segment g lives in row g % n_slots, so keeping a window's segments moves nothing
         self._ring = np.empty((2 * plan.n_seg, self.n_channels, plan.weights.shape[0]), dtype=self.dtype)
+        # the second-half sums of the window whose first segment is _carried[0] (see _reduce_segments)
+        self._carried = np.empty(1, dtype=np.int64)
+        carry = np.empty((self.n_channels, plan.weights.shape[0]), dtype=np.float64)
+        # the stream kernels' arguments from carry to log_code: the stream's sums, the plan's bands
+        self._reduction = (carry, self._carried, plan.band_bins, plan.band_weights, self._log_code)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
         self._where = np.empty(4, dtype=np.int64)  # append_features' positions, see _append_welch_stream
         self.reset()
@@ -839,6 +977,7 @@ class WelchStream:
         """Forget the kept segments (a new stream, or a jump back in time)."""
         self._first = 0  # the ring holds segments _first .. _first + _count - 1 (g starts at sample g * step)
         self._count = 0
+        self._carried[0] = -1
 
     def _first_new(self, lo: int) -> int:
         """The first segment to transform for windows whose first segment is ``lo``: the one after
@@ -876,12 +1015,21 @@ class WelchStream:
         where[1] = self._first_new(first)
         where[2] = offset
         where[3] = fill
-        taper, ring = self._taper, self._ring
-        total = _append_welch_stream(chunk, x, where, taper, plan.kmin, ring, self._n_seg, plan.weights, out)
+        total = _append_welch_stream(
+            chunk,
+            x,
+            where,
+            self._taper,
+            plan.kmin,
+            self._ring,
+            self._n_seg,
+            *self._reduction,
+            out,
+        )
         if not math.isfinite(total):
             return None
         self._first, self._count = first, self._n_seg
-        return _finish(out, plan.log)
+        return out
 
     def features(self, x: np.ndarray, offset: int, starts) -> np.ndarray:
         """Features of the windows that start at stream samples ``starts``.
@@ -940,17 +1088,37 @@ class WelchStream:
                 self._ring = grown
             self._first, self._count = lo, hi - lo
             finite = _welch_stream(
-                x, offset, new, self._taper, plan.kmin, self._ring, firsts, self._n_seg, plan.weights, out
+                x,
+                offset,
+                new,
+                self._taper,
+                plan.kmin,
+                self._ring,
+                firsts,
+                self._n_seg,
+                *self._reduction,
+                out,
             )
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(
-                x, offsets, 0, self._n_seg, plan.nperseg, 0, self._taper, plan.kmin, plan.weights, out
+                x,
+                offsets,
+                0,
+                self._n_seg,
+                plan.nperseg,
+                0,
+                self._taper,
+                plan.kmin,
+                plan.band_bins,
+                plan.band_weights,
+                self._log_code,
+                out,
             )
         if not finite:
             self.reset()
             raise_if_nonfinite(x[:, first - offset : last + window - offset], "x")
-        return _finish(out, plan.log)
+        return out
 
 
 def _check_bands(bands, fs: float) -> tuple[tuple[str, float, float], ...]:
