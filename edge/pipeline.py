@@ -261,17 +261,21 @@ class _ModalityStream:
         if self.plan is not None:
             # Windows a multiple of the segment step apart share segments: it keeps their powers.
             self.welch = WelchStream(self.plan, part.n_channels, dtype)
-        # every window starts a multiple of the segment step from the last: a push that completes
-        # one window appends and transforms in one jitted call (WelchStream.append_features)
-        self.shares_segments = (
-            self.plan is not None and self.hop is not None and self.hop % self.plan.step == 0 and self.hop < self.window
-        )
+        # a push that completes one window appends its samples and computes the window's features
+        # in one jitted call: a spectral stream whose windows start a multiple of the segment step
+        # apart (WelchStream.append_features), or a biosensor stream with a whole-sample hop
+        if self.plan is None:
+            self.one_call = self.hop is not None
+        else:
+            self.one_call = self.hop is not None and self.hop % self.plan.step == 0 and self.hop < self.window
         if part.modality == "bio":
             self.hr_channels = np.array(part.hr_channels, dtype=np.intp)
             stat_cols, hr_cols = part.bio_columns()
             self.stat_cols = np.array(stat_cols, dtype=np.intp)
             self.hr_cols = np.array(hr_cols, dtype=np.intp)
             self.hr_args = biosensor._heart_rate_args(self.fs)
+            self._append_row = biosensor._append_biosensor_row
+            self._where = np.array([0, 0, self.window], dtype=np.int64)  # see _append_biosensor_row
         self.reset()
 
     def reset(self) -> None:
@@ -322,10 +326,10 @@ class _ModalityStream:
         before = self.next_window
         n = chunk.shape[1]
         fits = self.fill + n <= self.capacity
-        if fits and self.shares_segments and (self.n_seen + n - self.window) // self.hop == before:
-            # the live case: the chunk completes exactly one window; append and Welch in one call
+        if fits and self.one_call and (self.n_seen + n - self.window) // self.hop == before:
+            # the live case: the chunk completes exactly one window; append and compute in one call
             start = before * self.hop
-            features = self.welch.append_features(chunk, self.buf, self.fill, self.buf_start, start)
+            features = self._append_features(chunk, start)
             if features is None:
                 raise _nonfinite_chunk_error(self.part, chunk)
             self._track_label(label)
@@ -390,6 +394,21 @@ class _ModalityStream:
                 np.stack([self.buf[:, s - self.buf_start : s - self.buf_start + self.window] for s in starts])
             )
         self._keep(starts, features, j)
+
+    def _append_features(self, chunk: np.ndarray, start: int) -> np.ndarray | None:
+        """Copy ``chunk`` behind the buffered samples and return the features of the one window
+        it completes, which starts at stream sample ``start``, in one jitted call; None (and only
+        the free space behind ``fill`` written) if a sample of the chunk is NaN or inf."""
+        if self.plan is not None:
+            return self.welch.append_features(chunk, self.buf, self.fill, self.buf_start, start)
+        where = self._where
+        where[0] = self.fill
+        where[1] = start - self.buf_start
+        out = np.empty((1, self.part.n_features), dtype=np.float64)
+        total = self._append_row(
+            chunk, self.buf, where, self.hr_channels, *self.hr_args, self.stat_cols, self.hr_cols, out
+        )
+        return out if math.isfinite(total) else None
 
     def _keep(self, starts: list[int], features: np.ndarray, next_window: int) -> None:
         """Queue the feature rows (n, F) of the windows starting at ``starts``, each with its label

@@ -50,7 +50,7 @@ from numba import njit
 
 from biofed.kernels._validation import check_float_array, check_positive_float, raise_if_nonfinite
 from biofed.kernels.spectral import _sum  # the SIMD sum of the finiteness test
-from biofed.kernels.windowing import _check_windows
+from biofed.kernels.windowing import _append_samples, _check_windows
 
 __all__ = ["BIOSENSOR_FEATURES", "detect_peaks", "heart_rate_features", "window_statistics"]
 
@@ -865,6 +865,24 @@ def _biosensor_rows(windows, channels, fs, lengths, adaptive_fraction, stat_colu
             row[stat_columns[k]] = stats[i, k // 5, k % 5]
         for k in range(hr_columns.shape[0]):
             row[hr_columns[k]] = hr[i, k // 2, k % 2]
+
+
+@njit(cache=True, nogil=True)
+def _append_biosensor_row(chunk, x, where, channels, fs, lengths, adaptive_fraction, stat_columns, hr_columns, out):
+    """A biosensor stream buffer's append and the feature row of the one window it completes, in
+    one call (the live step, as ``WelchStream.append_features`` is for spectral streams).
+
+    ``where`` (int64) holds ``[fill, first, window]``: ``_append_samples(chunk, x, fill)``, then,
+    only if that sum is finite, ``_biosensor_rows`` of the window ``x[:, first : first + window]``
+    into ``out`` (1, F). Returns the chunk's float64 sum (non-finite: nothing but the copy
+    behind ``fill`` was done).
+    """
+    total = _append_samples(chunk, x, where[0])
+    if math.isfinite(total):
+        first = where[1]
+        window = x[:, first : first + where[2]]
+        _biosensor_rows(window[None], channels, fs, lengths, adaptive_fraction, stat_columns, hr_columns, out)
+    return total
 
 
 def heart_rate_features(windows, fs: float) -> np.ndarray:

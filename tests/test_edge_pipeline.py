@@ -387,8 +387,8 @@ def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirat
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_live_chunks_of_one_hop_equal_extract_features_and_refuse_non_finite_samples(multirate, dtype):
-    """One hop per push (each completes one window: a spectral stream's append and Welch step
-    run in one call), with a NaN chunk of every modality refused on the way, give the rows of
+    """One hop per push (each completes one window: every stream's append and feature step run
+    in one call), with a NaN chunk of every modality refused on the way, give the rows of
     extract_features."""
     config = dataclasses.replace(CONFIG, dtype=dtype)
     layout = FeatureLayout.from_recording(multirate, config)
