@@ -112,6 +112,14 @@ def layout_columns(layout) -> np.ndarray:
     return np.concatenate([np.arange(before), before + np.array(statistics + heart_rate)])
 
 
+#: The per-window stages a device computes, each in one jitted call per push of its modality.
+STAGE_MODALITIES = {
+    "eeg band powers": "eeg",
+    "audio log-mel": "audio",
+    "biosensor statistics + heart rate": "bio",
+}
+
+
 def new_segments(plan: SpectralPlan, hop: int) -> int:
     """Segments a window transforms when the previous window's are kept: ``hop / step`` when
     consecutive windows share segments, else all ``n_seg``."""
@@ -164,15 +172,13 @@ class Chain:
         return apply_transform(self.features(x), self.projection)
 
     def rffts_per_window(self) -> dict[str, dict]:
-        """Per spectral stage: the rffts one window needs when the previous window's segments are
-        kept (``rffts``), and their length (``nperseg``)."""
+        """Per spectral stage (named as in :data:`STAGE_MODALITIES`): the rffts one window needs
+        when the previous window's segments are kept (``rffts``), and their length (``nperseg``)."""
         channels = {"eeg": EEG_CHANNELS, "audio": 1}
         return {
-            f"{m} {'band powers' if m == 'eeg' else 'log-mel'}": {
-                "rffts": channels[m] * new_segments(plan, HOP[m]),
-                "nperseg": plan.nperseg,
-            }
-            for m, plan in self.plans.items()
+            name: {"rffts": channels[m] * new_segments(self.plans[m], HOP[m]), "nperseg": self.plans[m].nperseg}
+            for name, m in STAGE_MODALITIES.items()
+            if m in self.plans
         }
 
     def streaming(self, modalities: tuple[str, ...] = tuple(FS)) -> ChainStream:
@@ -219,14 +225,6 @@ class ChainStream:
         """Every window of a stream in order, one call each, on a new stream: (n_windows, k)."""
         self.pipeline.flush()
         return np.concatenate([self(one, i) for i, one in enumerate(singles)])
-
-
-#: The per-window stages a device computes, each in one jitted call per push of its modality.
-STAGE_MODALITIES = {
-    "eeg band powers": "eeg",
-    "audio log-mel": "audio",
-    "biosensor statistics + heart rate": "bio",
-}
 
 
 def stage_streams(chain: Chain) -> dict[str, ChainStream]:
@@ -332,7 +330,7 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
     singles = single_windows(w)
     chains = {dtype: Chain(dtype, mean, scale, basis) for dtype in ("float32", "float64")}
     streams = {dtype: chain.streaming() for dtype, chain in chains.items()}
-    replay = _pipeline_replay(stream, chains["float32"].streaming().pipeline)
+    replay = _pipeline_replay(stream, streams["float32"].pipeline)
     out = {"stream_seconds": stream_seconds, "n_windows": n, "limits": limits}
     runs = {
         "batch": lambda: chains["float32"](stream),

@@ -391,10 +391,11 @@ _INSERTION_SORT_MAX = 64
 
 
 @njit(cache=True, nogil=True)
-def _select_by_distance(x, peaks, distance, order):
+def _select_by_distance(x, peaks, distance, state):
     """Keep the peaks at least ``distance`` samples apart, highest first (ties: the later
     wins), as ``scipy.signal.find_peaks``; compacts ``peaks`` (sorted) in place, returns the
-    count. ``order`` is scratch of ``peaks``' length.
+    count. ``state`` is scratch of ``peaks``' length (each peak's ``_PRESENT`` / ``_KEPT`` /
+    ``_REMOVED``).
 
     scipy visits the peaks by descending height and skips those already removed, so each
     peak it keeps is the highest (the latest of equal ones) still present. When few can be
@@ -405,12 +406,12 @@ def _select_by_distance(x, peaks, distance, order):
     if n_peaks == 0:
         return 0
     if (peaks[n_peaks - 1] - peaks[0]) // distance + 1 < _DISTANCE_ROUNDS_MAX:
-        _keep_highest_remaining(x, peaks, distance, order)
+        _keep_highest_remaining(x, peaks, distance, state)
     else:
-        _keep_in_height_order(x, peaks, distance, order)
+        _keep_in_height_order(x, peaks, distance, state)
     m = 0
     for k in range(n_peaks):
-        if order[k] == _KEPT:
+        if state[k] == _KEPT:
             peaks[m] = peaks[k]
             m += 1
     return m
