@@ -4,6 +4,8 @@ a ridge LDA published as the global model, on-device personalization, evaluation
 
 from __future__ import annotations
 
+import time
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from biofed.apps.federation import AgentThreads, broker_settings, received, writ
 from biofed.apps.simulate import check_federation
 from biofed.config import CoordinatorConfig, DeviceConfig
 from biofed.coordinator.server import Coordinator, RunState
-from biofed.edge.agent import EdgeAgent
+from biofed.edge.agent import AgentState, EdgeAgent
 from biofed.edge.store import FeatureStore
 from biofed.edge.tasks import labelled_split
 from biofed.mqtt import MqttClient
@@ -192,6 +194,11 @@ def test_a_device_missing_a_class_is_left_out_of_the_statistics(amqtt_broker, re
     config = _config(broker, tmp_path, "central", min_devices=N_DEVICES, round_deadline_s=15.0)
     agents = _agents(broker, recordings, tmp_path, devices)
     with AgentThreads(agents):
+        # every device online before the first round (min_devices needs only three): all four are selected
+        deadline = time.monotonic() + 60.0
+        while any(agent.state is not AgentState.IDLE for agent in agents):
+            assert time.monotonic() < deadline, [agent.state for agent in agents]
+            time.sleep(0.05)
         coordinator = Coordinator(config, discovery_timeout_s=60.0, rng=np.random.default_rng(0))
         assert coordinator.run() is RunState.DONE
     history = coordinator.history()
