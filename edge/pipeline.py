@@ -211,6 +211,8 @@ class PipelineConfig:
 # --------------------------------------------------------------------------- streaming
 #: Sample dtypes (``dtype.char``) the stream buffers copy as they are; others become float64 first.
 _BUFFERED_DTYPES = "fdbhilqBHILQ"
+#: The native-endian dtypes of those: a chunk of one of them is buffered as it is.
+_NATIVE_BUFFERED = frozenset(np.dtype(char) for char in _BUFFERED_DTYPES)
 
 
 def _nonfinite_chunk_error(part: ModalityLayout, chunk: np.ndarray) -> ChunkError:
@@ -335,7 +337,7 @@ class _ModalityStream:
             self._track_label(label)
             self.fill += n
             self.n_seen += n
-            self._keep([start], features.reshape(1, -1), before + 1)
+            self._keep((start,), features.reshape(1, -1), before + 1)
             if self.capacity - self.fill < n:
                 self._compact()
             return 1
@@ -414,8 +416,7 @@ class _ModalityStream:
         """Queue the feature rows (n, F) of the windows starting at ``starts``, each with its label
         (the reference stream's label at the window's last sample); ``next_window`` follows them."""
         if len(starts) == 1:  # the live case
-            label = self._label_at(starts[0] + self.window - 1) if self.track_labels else None
-            self.pending.append((features[0], label))
+            self.pending.append((features[0], self._label_at(starts[0] + self.window - 1) if self.track_labels else None))
         elif self.track_labels:
             last = self.window - 1
             self.pending.extend(zip(features, [self._label_at(s + last) for s in starts]))
@@ -543,10 +544,19 @@ class StreamingPipeline:
         """Windows computed by some modality and waiting for the others."""
         return max(len(s.pending) for s in self._streams.values())
 
-    def _check_chunk(self, modality: str, chunk) -> np.ndarray:
-        if not isinstance(modality, str) or modality not in self._streams:
+    def _check_chunk(self, modality: str, chunk) -> tuple[_ModalityStream, np.ndarray]:
+        """The stream of ``modality`` and ``chunk`` as it buffers it (a float64 copy if its dtype
+        is not one it copies as it is), or the ChunkError that says what is wrong."""
+        stream = self._streams.get(modality) if isinstance(modality, str) else None
+        if stream is None:
             raise ChunkError(f"unknown modality {modality!r}: this pipeline's layout has {self.layout.modality_names}.")
-        stream = self._streams[modality]
+        if (
+            type(chunk) is np.ndarray
+            and chunk.ndim == 2
+            and chunk.shape[0] == stream.n_channels
+            and chunk.dtype in _NATIVE_BUFFERED
+        ):
+            return stream, chunk  # what a source delivers
         part = stream.part
         arr = chunk if type(chunk) is np.ndarray else np.asarray(chunk)
         dtype = arr.dtype
@@ -561,9 +571,9 @@ class StreamingPipeline:
                 f"{modality} chunk has {arr.shape[0]} channel(s) but the layout has {part.n_channels} "
                 f"({', '.join(part.ch_names)}); send channels in that order."
             )
-        if dtype.char not in _BUFFERED_DTYPES or not dtype.isnative:  # float16, big-endian, ...
+        if dtype not in _NATIVE_BUFFERED:  # float16, big-endian, ...
             arr = arr.astype(np.float64)
-        return arr  # its samples' finiteness is tested by the stream as it buffers them
+        return stream, arr  # its samples' finiteness is tested by the stream as it buffers them
 
     def push(self, modality: str, chunk, label: str | None = None) -> list[FeatureRow]:
         """Append a chunk of one modality; return the rows of every window completed by it.
@@ -589,10 +599,9 @@ class StreamingPipeline:
             Unknown modality, wrong channel count or shape, non-numeric or non-finite samples,
             or a non-str label. The pipeline is unchanged.
         """
-        arr = self._check_chunk(modality, chunk)
+        stream, arr = self._check_chunk(modality, chunk)
         if label is not None and not isinstance(label, str):
             raise ChunkError(f"label must be a str or None, got {type(label).__name__} {label!r}.")
-        stream = self._streams[modality]
         if arr.shape[1] == 0 or not stream.push(arr, label):
             return []  # no new window: nothing can be emitted or dropped
         next_emit, cap = self._next_emit, self.config.max_pending_windows

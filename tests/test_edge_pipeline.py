@@ -366,6 +366,7 @@ def test_bad_chunks_raise_typed_errors_and_leave_the_pipeline_unchanged(multirat
     nan_chunk[1, 42] = np.nan
     bad = [
         (("emg", eeg[:, :10]), r"unknown modality 'emg'.*\('eeg', 'audio', 'bio'\)"),
+        ((["eeg"], eeg[:, :10]), r"unknown modality \['eeg'\]"),
         (("eeg", eeg[:2, :10]), r"eeg chunk has 2 channel\(s\) but the layout has 3 \(Fp1, Fp2, F3\)"),
         (("eeg", eeg[0, :10]), r"must be 2-D \(n_channels=3, n_samples\)"),
         (("eeg", nan_chunk), r"1 NaN/inf sample\(s\), the first in channel 'Fp2' at sample 42"),
