@@ -416,7 +416,8 @@ class _ModalityStream:
         """Queue the feature rows (n, F) of the windows starting at ``starts``, each with its label
         (the reference stream's label at the window's last sample); ``next_window`` follows them."""
         if len(starts) == 1:  # the live case
-            self.pending.append((features[0], self._label_at(starts[0] + self.window - 1) if self.track_labels else None))
+            label = self._label_at(starts[0] + self.window - 1) if self.track_labels else None
+            self.pending.append((features[0], label))
         elif self.track_labels:
             last = self.window - 1
             self.pending.extend(zip(features, [self._label_at(s + last) for s in starts]))
