@@ -190,13 +190,12 @@ class ChainStream:
     """The chain applied one window per 1 s hop, as a device runs it on its live stream.
 
     A :class:`biofed.edge.pipeline.StreamingPipeline` of the profile's layout, in the chain's
-    precision and with its projection, fed each window's new samples (the whole first window,
-    then its last hop): its streams buffer them, keep the previous window's Welch segments and
-    compute each modality's features in one jitted call per push, and the last push of a
-    window joins and projects the row. ``modalities`` restricts it to some modalities (the
-    per-stage profile); without a projection the raw feature row is returned. ``w`` maps
-    modality -> the window ``(1, n_channels, window)`` starting at hop ``i`` of the stream;
-    :meth:`run` starts a new stream, so windows come in order from 0.
+    precision and with its projection, fed each window's new samples (:func:`live_chunks`):
+    its streams buffer them, keep the previous window's Welch segments and compute each
+    modality's features in one jitted call per push, and the last push of a window joins and
+    projects the row. ``modalities`` restricts it to some modalities (the per-stage profile);
+    without a projection the raw feature row is returned. :meth:`run` starts a new stream, so
+    windows come in order from 0.
     """
 
     def __init__(self, chain: Chain, modalities: tuple[str, ...] = tuple(FS)) -> None:
@@ -213,18 +212,19 @@ class ChainStream:
             basis[0][:, columns], basis[1][columns], basis[2][columns] = chain.basis, chain.mean, chain.scale
         self.pipeline = StreamingPipeline(config, layout, basis)
 
-    def __call__(self, w: dict[str, np.ndarray], i: int) -> np.ndarray:
-        """The row of window ``i``: projected (1, k), or raw features (1, n_features)."""
+    def __call__(self, chunks: dict[str, np.ndarray]) -> np.ndarray:
+        """The row of the window that ``chunks`` (modality -> its new samples) completes:
+        projected (k,), or raw features (n_features,)."""
         rows = []
         for m in self.modalities:
-            window = w[m][0]
-            rows = self.pipeline.push(m, window if i == 0 else window[:, window.shape[1] - HOP[m] :])
-        return rows[0].vector[None]
+            rows = self.pipeline.push(m, chunks[m])
+        return rows[0].vector
 
-    def run(self, singles: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """Every window of a stream in order, one call each, on a new stream: (n_windows, k)."""
+    def run(self, chunks: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """Every window of a stream in order (:func:`live_chunks`), one call each, on a new
+        stream: (n_windows, k)."""
         self.pipeline.flush()
-        return np.concatenate([self(one, i) for i, one in enumerate(singles)])
+        return np.stack([self(new) for new in chunks])
 
 
 def stage_streams(chain: Chain) -> dict[str, ChainStream]:
@@ -235,6 +235,15 @@ def stage_streams(chain: Chain) -> dict[str, ChainStream]:
 def single_windows(w: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Window ``i`` of every modality as ``{modality: (1, n_channels, window)}``, for i in order."""
     return [{m: x[i : i + 1] for m, x in w.items()} for i in range(w["eeg"].shape[0])]
+
+
+def live_chunks(singles: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The samples each window of :func:`single_windows` adds to the stream, as a source delivers
+    them (C-contiguous ``(n_channels, n)``): the whole first window, then each window's last hop."""
+    return [
+        {m: np.ascontiguousarray(x[0] if i == 0 else x[0, :, x.shape[2] - HOP[m] :]) for m, x in one.items()}
+        for i, one in enumerate(singles)
+    ]
 
 
 def fit_projection(features: np.ndarray, k: int = K, random_state=0):
@@ -327,15 +336,15 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
     w = windows_of(stream)
     n = w["eeg"].shape[0]
     stream_seconds = (n - 1) * HOP_S + WINDOW_S
-    singles = single_windows(w)
+    chunks = live_chunks(single_windows(w))
     chains = {dtype: Chain(dtype, mean, scale, basis) for dtype in ("float32", "float64")}
     streams = {dtype: chain.streaming() for dtype, chain in chains.items()}
     replay = _pipeline_replay(stream, streams["float32"].pipeline)
     out = {"stream_seconds": stream_seconds, "n_windows": n, "limits": limits}
     runs = {
         "batch": lambda: chains["float32"](stream),
-        "per_window": lambda: streams["float32"].run(singles),
-        "per_window_float64": lambda: streams["float64"].run(singles),
+        "per_window": lambda: streams["float32"].run(chunks),
+        "per_window_float64": lambda: streams["float64"].run(chunks),
         "replay": replay,
     }
     for name, fn in runs.items():
@@ -348,7 +357,7 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
     rate = {size: {dtype: measure_fft_rate(size, dtype, repeats) for dtype in ("float32", "float64")} for size in sizes}
     out["fft"] = {str(size): {"gflops": rate[size], "flops_per_rfft": rfft_flops(size)} for size in sizes}
     rows = chain.features(stream)
-    stage_fns = {name: (lambda live=live: live.run(singles)) for name, live in stage_streams(chain).items()}
+    stage_fns = {name: (lambda live=live: live.run(chunks)) for name, live in stage_streams(chain).items()}
     stage_fns["transform (k=32)"] = lambda: [apply_transform(rows[i : i + 1], chain.projection) for i in range(n)]
     stages = {}
     for name, fn in stage_fns.items():

@@ -464,8 +464,8 @@ def case_chain(s: Settings, result: CaseResult) -> None:
     def ours(dtype, mode):
         if mode == "batch":
             return lambda: chains[dtype](x)
-        live = chains[dtype].streaming()
-        return lambda: live.run(singles)
+        live, chunks = chains[dtype].streaming(), stream.live_chunks(singles)
+        return lambda: live.run(chunks)
 
     def wrap(mode, f):
         return (lambda: f(w)) if mode == "batch" else (lambda: np.concatenate([f(one) for one in singles]))
