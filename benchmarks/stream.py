@@ -286,14 +286,20 @@ def rfft_flops(n: int) -> float:
     return 2.5 * n * math.log2(n)
 
 
-def measure_fft_rate(nperseg: int, dtype, repeats: int, rows: int = 256) -> float:
-    """GFLOP/s of rocket-fft's rfft on ``rows`` contiguous rows of ``nperseg`` points (best of ``repeats``).
-
-    The best repeat, not the median: this is the machine's limit for the FFTs the chain needs.
-    """
+def fft_probe(nperseg: int, dtype, total_rows: int, rows: int = 256):
+    """A function that runs rocket-fft's rfft on ``total_rows`` rows of ``nperseg`` points, in
+    calls of ``rows`` contiguous rows; its ``flops`` attribute counts them. The rate of its best
+    run is the machine's limit for those FFTs (:func:`measure_rtf` gives it the rffts the
+    per-window chain performs on a stream, and times it between the chain's runs)."""
     x = np.random.default_rng(0).standard_normal((rows, nperseg)).astype(dtype)
-    best = min(_times(lambda: _rfft_rows(x), max(repeats, 20)))
-    return rows * rfft_flops(nperseg) / best / 1e9
+    calls = max(1, -(-total_rows // rows))
+
+    def probe() -> None:
+        for _ in range(calls):
+            _rfft_rows(x)
+
+    probe.flops = calls * rows * rfft_flops(nperseg)
+    return probe
 
 
 def _pipeline_replay(stream: dict[str, np.ndarray], pipe):
@@ -327,8 +333,11 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
     included; configured once, a new stream per replay). ``stages``: each stage of the
     per-window chain (:func:`stage_streams`, and the projection of its rows), its median and
     best time per window and its FFT limit: the rffts it performs per window (only the new
-    segments) divided by the best rate of rocket-fft's rfft of that length measured in this
-    process.
+    segments) divided by the best rate of rocket-fft's rfft of that length (``fft``).
+
+    Every repeat times each of these once, in turn, with the FFT probes (:func:`fft_probe`: as
+    many rffts as the per-window chain performs on the stream) among them, so that the chain
+    and the limit it is compared with are measured under the same load of a shared machine.
     """
     limits = _limit_to_one_core()
     stream = make_stream(seconds, random_state=1)
@@ -347,26 +356,33 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
         "per_window_float64": lambda: streams["float64"].run(chunks),
         "replay": replay,
     }
-    for name, fn in runs.items():
-        times = _times(fn, repeats)
-        med = float(np.median(times))
-        out[name] = {"median_s": med, "min_s": min(times), "max_s": max(times), "rtf": stream_seconds / med}
     chain = chains["float32"]
     ffts = chain.rffts_per_window()
     sizes = sorted({f["nperseg"] for f in ffts.values()})
-    rate = {size: {dtype: measure_fft_rate(size, dtype, repeats) for dtype in ("float32", "float64")} for size in sizes}
-    out["fft"] = {str(size): {"gflops": rate[size], "flops_per_rfft": rfft_flops(size)} for size in sizes}
+    probes = {
+        (size, dtype): fft_probe(size, dtype, n * sum(f["rffts"] for f in ffts.values() if f["nperseg"] == size))
+        for size in sizes
+        for dtype in ("float32", "float64")
+    }
     rows = chain.features(stream)
     stage_fns = {name: (lambda live=live: live.run(chunks)) for name, live in stage_streams(chain).items()}
     stage_fns["transform (k=32)"] = lambda: [apply_transform(rows[i : i + 1], chain.projection) for i in range(n)]
+    times = _interleaved_times({**runs, **probes, **stage_fns}, repeats)
+    for name in runs:
+        med = float(np.median(times[name]))
+        out[name] = {"median_s": med, "min_s": min(times[name]), "max_s": max(times[name]), "rtf": stream_seconds / med}
+    rate = {
+        size: {dtype: probes[size, dtype].flops / min(times[size, dtype]) / 1e9 for dtype in ("float32", "float64")}
+        for size in sizes
+    }
+    out["fft"] = {str(size): {"gflops": rate[size], "flops_per_rfft": rfft_flops(size)} for size in sizes}
     stages = {}
-    for name, fn in stage_fns.items():
-        times = _times(fn, repeats)
+    for name in stage_fns:
         fft = ffts.get(name, {"rffts": 0, "nperseg": sizes[0]})
         flops = fft["rffts"] * rfft_flops(fft["nperseg"])
         stages[name] = {
-            "ms_per_window": 1e3 * float(np.median(times)) / n,
-            "best_ms_per_window": 1e3 * min(times) / n,
+            "ms_per_window": 1e3 * float(np.median(times[name])) / n,
+            "best_ms_per_window": 1e3 * min(times[name]) / n,
             "rffts_per_window": fft["rffts"],
             "nperseg": fft["nperseg"],
             "fft_limit_ms": 1e3 * flops / (rate[fft["nperseg"]]["float32"] * 1e9),
@@ -375,20 +391,24 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
     return out
 
 
-def _times(fn, repeats: int) -> list[float]:
-    """CPU seconds of ``repeats`` calls of ``fn`` after one warm-up call (cache load).
+def _interleaved_times(fns: dict, repeats: int) -> dict:
+    """CPU seconds of ``repeats`` calls of each of ``fns`` (name -> function), after one warm-up
+    call each (cache load); each repeat calls every function once, in turn, so that all are
+    timed under the same load of a shared machine.
 
     CPU time of this thread (:func:`time.thread_time`), not wall time: the process is pinned to
     one core with one BLAS and Numba thread, so this is the core's work for the stream, and
     the time the core spends on other processes of a shared machine (a timed run of a whole
     stream spans several of the scheduler's slices) is not counted.
     """
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.thread_time()
+    for fn in fns.values():
         fn()
-        times.append(time.thread_time() - start)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.thread_time()
+            fn()
+            times[name].append(time.thread_time() - start)
     return times
 
 
