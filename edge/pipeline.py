@@ -617,6 +617,14 @@ class StreamingPipeline:
     def _emit(self) -> list[FeatureRow]:
         streams = self._stream_list
         next_emit = self._next_emit
+        if all([s.next_window == next_emit + 1 and len(s.pending) == 1 for s in streams]):
+            # the live case: each stream holds window next_emit only; its parts joined in one call
+            entries = [s.pending.popleft() for s in streams]
+            raw = np.concatenate([entry[0] for entry in entries], dtype=np.float64)[None]
+            vector = raw[0] if self._projection is None else _apply_transform(raw, self._projection)[0]
+            self._next_emit += 1
+            self.windows_emitted += 1
+            return [FeatureRow(next_emit * self.config.hop_s, entries[0][1], vector)]
         for s in streams:
             if s.next_window - len(s.pending) < next_emit:  # windows dropped while it lagged
                 s.discard_before(next_emit)
@@ -625,17 +633,12 @@ class StreamingPipeline:
         if ready > 0:
             # each stream holds windows [next_emit, next_window) now; the reference (first)
             # stream carries the labels
-            if ready == 1:  # the live case: one row, its parts joined in one call
-                entries = [s.pending.popleft() for s in streams]
-                raw = np.concatenate([entry[0] for entry in entries], dtype=np.float64)[None]
-                labels = [entries[0][1]]
-            else:
-                raw = np.empty((ready, self._n_features), dtype=np.float64)
-                labels = [entry[1] for entry in itertools.islice(streams[0].pending, ready)]
-                for s, columns in zip(streams, self._stream_columns):
-                    pending = s.pending
-                    for i in range(ready):
-                        raw[i, columns] = pending.popleft()[0]
+            raw = np.empty((ready, self._n_features), dtype=np.float64)
+            labels = [entry[1] for entry in itertools.islice(streams[0].pending, ready)]
+            for s, columns in zip(streams, self._stream_columns):
+                pending = s.pending
+                for i in range(ready):
+                    raw[i, columns] = pending.popleft()[0]
             # raw is a C-contiguous float64 block of the basis' width: straight to the kernel
             vectors = raw if self._projection is None else _apply_transform(raw, self._projection)
             hop = self.config.hop_s
