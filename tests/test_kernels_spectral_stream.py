@@ -129,11 +129,12 @@ def test_every_path_finishes_its_features_with_one_transform(rng, make_plan, dty
 
 
 # window = (n_seg - 1) * step + nperseg, every plan with step 25 (nperseg 50): first halves of
-# 1, 2, 2, 3 segments; hops of that many steps continue the previous window's second half
+# 1, 2, 2, 3, 9 and 64 segments; hops of that many steps continue the previous window's second
+# half; halves of 8 or more segments are summed 8 segments per pass, with a remainder
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("n_seg", "hop_steps"),
-    [(1, 1), (2, 1), (4, 2), (5, 3), (5, 1), (5, 2), (4, 3), (127, 64), (3, 2)],
+    [(1, 1), (2, 1), (4, 2), (5, 3), (5, 1), (5, 2), (4, 3), (127, 64), (3, 2), (17, 9), (20, 7)],
 )
 def test_stream_continues_half_sums_with_the_bits_of_the_batch_path(rng, n_seg, hop_steps, dtype):
     step = 25
