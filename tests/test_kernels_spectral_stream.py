@@ -169,7 +169,8 @@ def test_stream_continues_half_sums_with_the_bits_of_the_batch_path(rng, n_seg, 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stream_recovers_from_refused_chunks_jumps_and_unshared_windows(rng, dtype):
     """Whatever came before (a refused NaN chunk, a refused window, a jump back, a window off the
-    segment grid), each window has the bits of the batch path."""
+    segment grid, live steps after windows computed from a whole buffer), each window has the
+    bits of the batch path."""
     plan = log_band_energy_plan(16000.0, 32000, nperseg=500)
     hop = 16000
     x = (rng.standard_normal((1, plan.window + 8 * hop)) + 0.3).astype(dtype)
@@ -201,3 +202,7 @@ def test_stream_recovers_from_refused_chunks_jumps_and_unshared_windows(rng, dty
     np.testing.assert_array_equal(stream.features(x, 0, [hop + 7]), off_grid)
     np.testing.assert_array_equal(stream.features(x, 0, [2 * hop, 3 * hop]), expected[2:4])
     np.testing.assert_array_equal(stream.features(x, 0, [4 * hop]), expected[4:5])
+    # live steps again: the first continues the half sums the last features call kept
+    buf[:, :fill] = x[:, 5 * hop : 5 * hop + fill]
+    for i in (5, 6, 7):
+        np.testing.assert_array_equal(live(i), expected[i : i + 1])
