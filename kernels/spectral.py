@@ -544,7 +544,8 @@ def _append_welch_stream(  # noqa: PLR0913
 
     ``where`` (int64) holds ``[first, new, offset, fill, held]``: ``_append_samples(chunk, x,
     fill)``, then, only if that sum is finite, ``_welch_stream`` of the one window whose first
-    segment is ``first`` (``where[:1]`` is its ``firsts``). Returns the chunk's float64 sum
+    segment is ``first`` (``where[:1]`` is its ``firsts``), after which ``held`` is the stream
+    sample where the half summed in ``half_sums`` starts. Returns the chunk's float64 sum
     (non-finite: nothing but the copy behind ``fill`` was done).
     """
     total = _append_samples(chunk, x, where[3])
@@ -567,6 +568,9 @@ def _append_welch_stream(  # noqa: PLR0913
             log_code,
             out,
         )
+        hi = where[0] + n_seg
+        if hi > where[1]:  # the second half of the last new segment
+            where[4] = (hi - 1) * (taper.shape[0] - taper.shape[0] // 2) + taper.shape[0] // 2
     return total
 
 
@@ -1039,11 +1043,6 @@ class WelchStream:
         self._carried[0] = -1
         self._where[4] = -1
 
-    def _held_after(self, hi: int) -> int:
-        """Where the second half of segment ``hi - 1`` starts: the half ``_half_sums`` holds after
-        a step that transformed the segments up to ``hi``."""
-        return (hi - 1) * self._step + self.plan.nperseg // 2
-
     def _first_new(self, lo: int) -> int:
         """The first segment to transform for windows whose first segment is ``lo``: the one after
         the kept segments when they reach ``lo``, else ``lo`` (nothing kept is reused)."""
@@ -1096,8 +1095,6 @@ class WelchStream:
         )
         if not math.isfinite(total):
             return None
-        if first + self._n_seg > where[1]:
-            where[4] = self._held_after(first + self._n_seg)
         self._first, self._count = first, self._n_seg
         return out
 
@@ -1173,8 +1170,8 @@ class WelchStream:
                 *self._reduction,
                 out,
             )
-            if hi > new:
-                self._where[4] = self._held_after(hi)
+            if hi > new:  # the second half of the last new segment
+                self._where[4] = (hi - 1) * self._step + plan.nperseg // 2
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(
