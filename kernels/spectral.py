@@ -340,7 +340,7 @@ def _welch_weighted(x, starts, row_step, n_seg, nperseg, tail, taper, kmin, band
 
 
 @njit(cache=True, nogil=True)
-def _segment_powers(x, starts, slot0, taper, kmin, out):
+def _segment_powers(x, starts, slot0, taper, kmin, out, second, held):
     """Power spectra ``|X_{kmin + k}|^2`` of the segments of a multichannel stream, into ``out``.
 
     Parameters
@@ -361,6 +361,13 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
         detrended, tapered segment, computed in the precision of ``x``: stored in that dtype it
         is exact, and the streams keep float32 powers for float32 samples (half the memory
         their sums read, the same sums).
+    second : ndarray, shape (n_channels,), float64
+        In: the sums (``_sum_as``) of the samples ``x[:, held : held + nperseg // 2]``, if
+        ``held >= 0``. Out: those of the last segment's second half. A segment's first half is
+        the previous one's second (even ``nperseg``), so each half is summed once, also across
+        the calls of a stream.
+    held : int
+        Column of ``x`` where the half summed in ``second`` starts (negative: none).
 
     Returns False if a sample of a segment is NaN or inf (or a float64 sum overflowed), as
     ``_welch_weighted`` does.
@@ -373,21 +380,21 @@ def _segment_powers(x, starts, slot0, taper, kmin, out):
     half = nperseg // 2
     shared_half = half == nperseg - half
     seg = np.empty((_padded_rows(min(block, n_segments) * n_channels), nperseg), dtype=taper.dtype)
-    second = np.zeros(n_channels)  # sum of the previous segment's second half, per channel
     check = 0.0
     for g0 in range(0, n_segments, block):
         g1 = min(n_segments, g0 + block)
         r = 0
         for g in range(g0, g1):
             start = starts[g]
-            # the previous segment's second half is this one's first (same samples, same bits)
-            reuse = shared_half and g > 0 and start == starts[g - 1] + half
+            # the half summed last is this segment's first half (same samples, same bits)
+            reuse = shared_half and start == held
             for c in range(n_channels):
                 first = second[c] if reuse else _sum_as(x[c], start, half, taper)
                 second[c] = _sum_as(x[c], start + half, nperseg - half, taper)
                 check += first + second[c]
                 _detrend_taper(x[c], start, first + second[c], taper, seg[r])
                 r += 1
+            held = start + half
         parts = _rfft_rows(seg, r).view(taper.dtype)  # as in _welch_weighted
         r = 0
         for g in range(g0, g1):
@@ -412,6 +419,30 @@ def _add_segment(powers, slot, total):
     for c in range(total.shape[0]):
         for k in range(total.shape[1]):
             total[c, k] += powers[slot, c, k]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_segments(powers, first, s_lo, s_hi, total):
+    """``_add_segment`` of the segments ``first + s`` for ``s`` in ``[s_lo, s_hi)``, in that order.
+
+    Eight segments are added per pass over ``total``: ``(((t + p0) + p1) + ...) + p7`` element
+    by element is the order of eight single additions (the same bits), and it loads and stores
+    the float64 sums an eighth as often, which bounds a long sum (audio's 64 segments a half).
+    """
+    n_slots = powers.shape[0]
+    grouped = s_lo + max(0, s_hi - s_lo) // 8 * 8  # the segments summed eight at a time end here
+    for s in range(s_lo, grouped, 8):
+        slot = first + s
+        for c in range(total.shape[0]):
+            p0, p1 = powers[slot % n_slots, c], powers[(slot + 1) % n_slots, c]
+            p2, p3 = powers[(slot + 2) % n_slots, c], powers[(slot + 3) % n_slots, c]
+            p4, p5 = powers[(slot + 4) % n_slots, c], powers[(slot + 5) % n_slots, c]
+            p6, p7 = powers[(slot + 6) % n_slots, c], powers[(slot + 7) % n_slots, c]
+            t = total[c]
+            for k in range(t.shape[0]):
+                t[k] = (((((((t[k] + p0[k]) + p1[k]) + p2[k]) + p3[k]) + p4[k]) + p5[k]) + p6[k]) + p7[k]
+    for s in range(grouped, s_hi):
+        _add_segment(powers, (first + s) % n_slots, total)
 
 
 @njit(cache=True, nogil=True)
@@ -450,11 +481,9 @@ def _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weig
         for c in range(n_channels):
             for k in range(n_bins):
                 power[c, k] = carry[c, k] if continued else 0.0
-        for s in range(s0, first_half_segments):
-            _add_segment(powers, (first + s) % n_slots, power)
+        _add_segments(powers, first, s0, first_half_segments, power)
         carry[:] = 0.0
-        for s in range(first_half_segments, n_seg):
-            _add_segment(powers, (first + s) % n_slots, carry)
+        _add_segments(powers, first, first_half_segments, n_seg, carry)
         for c in range(n_channels):
             _add(carry[c], power[c])
             _weigh(power[c], band_bins, band_weights, log_code, out[i, c])
@@ -464,12 +493,31 @@ def _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weig
 # flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
 def _welch_stream(  # noqa: PLR0913
-    x, offset, new, taper, kmin, ring, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out
+    x,
+    offset,
+    new,
+    held,
+    taper,
+    kmin,
+    ring,
+    half_sums,
+    firsts,
+    n_seg,
+    carry,
+    carried,
+    band_bins,
+    band_weights,
+    log_code,
+    out,
 ):
     """One step of a :class:`WelchStream`: ``_segment_powers`` of the stream's segments from
     ``new`` to the last window's last one (segment ``g`` starts at stream sample ``g * step``,
     ``x[:, 0]`` is sample ``offset``) into their ring rows, then ``_reduce_segments`` of the
     windows whose first segments are ``firsts``. Returns the finiteness flag.
+
+    ``half_sums`` are the sums of the half segment that starts at stream sample ``held`` (see
+    ``_segment_powers``; negative: none), and afterwards those of the last new segment's
+    second half.
 
     The ring's segments before ``new`` are kept from earlier steps, the others are computed
     afresh; ``carry`` (the sums of a window's second half) is used only if all its segments are
@@ -482,7 +530,7 @@ def _welch_stream(  # noqa: PLR0913
         carried[0] = -1
     if hi > new:
         starts = np.arange(new, hi) * step - offset
-        finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring)
+        finite = _segment_powers(x, starts, new % ring.shape[0], taper, kmin, ring, half_sums, held - offset)
     _reduce_segments(ring, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out)
     return finite
 
@@ -490,14 +538,15 @@ def _welch_stream(  # noqa: PLR0913
 # flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
 def _append_welch_stream(  # noqa: PLR0913
-    chunk, x, where, taper, kmin, ring, n_seg, carry, carried, band_bins, band_weights, log_code, out
+    chunk, x, where, taper, kmin, ring, half_sums, n_seg, carry, carried, band_bins, band_weights, log_code, out
 ):
     """A stream buffer's append and the Welch step of the window it completes, in one call.
 
-    ``where`` (int64) holds ``[first, new, offset, fill]``: ``_append_samples(chunk, x, fill)``,
-    then, only if that sum is finite, ``_welch_stream`` of the one window whose first segment is
-    ``first`` (``where[:1]`` is its ``firsts``). Returns the chunk's float64 sum (non-finite:
-    nothing but the copy behind ``fill`` was done).
+    ``where`` (int64) holds ``[first, new, offset, fill, held]``: ``_append_samples(chunk, x,
+    fill)``, then, only if that sum is finite, ``_welch_stream`` of the one window whose first
+    segment is ``first`` (``where[:1]`` is its ``firsts``), after which ``held`` is the stream
+    sample where the half summed in ``half_sums`` starts. Returns the chunk's float64 sum
+    (non-finite: nothing but the copy behind ``fill`` was done).
     """
     total = _append_samples(chunk, x, where[3])
     if math.isfinite(total):
@@ -505,9 +554,11 @@ def _append_welch_stream(  # noqa: PLR0913
             x,
             where[2],
             where[1],
+            where[4],
             taper,
             kmin,
             ring,
+            half_sums,
             where[:1],
             n_seg,
             carry,
@@ -517,6 +568,9 @@ def _append_welch_stream(  # noqa: PLR0913
             log_code,
             out,
         )
+        hi = where[0] + n_seg
+        if hi > where[1]:  # the second half of the last new segment
+            where[4] = (hi - 1) * (taper.shape[0] - taper.shape[0] // 2) + taper.shape[0] // 2
     return total
 
 
@@ -791,7 +845,8 @@ def segment_powers(x, starts, plan: SpectralPlan) -> np.ndarray:
     if starts.size and (starts.min() < 0 or starts.max() > last):
         raise ValueError(f"segment starts must lie in [0, {last}] for {x.shape[1]} samples and nperseg={plan.nperseg}.")
     out = np.empty((starts.size, x.shape[0], plan.weights.shape[0]), dtype=np.float64)
-    if starts.size and not _segment_powers(x, starts, 0, plan.taper_for(x.dtype), plan.kmin, out):
+    half_sums = np.empty(x.shape[0], dtype=np.float64)
+    if starts.size and not _segment_powers(x, starts, 0, plan.taper_for(x.dtype), plan.kmin, out, half_sums, -1):
         raise_if_nonfinite(x, "x")
     return out
 
@@ -899,13 +954,17 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
         powers = np.empty((n_slots, n_channels, n_bins), dtype=dtype)  # |X|^2 in the FFT precision
         # the last window's second-half sums, which the next window's first half continues
         carry, carried = np.empty((n_channels, n_bins), dtype=np.float64), np.full(1, -1)
+        # the sums of the last segment's second half, which the next block's first segment begins with
+        half_sums, held = np.empty(n_channels, dtype=np.float64), -1
         finite = True
         done = 0  # segments 0 .. done - 1 are transformed
         for w0 in range(0, n_windows, block):
             w1 = min(n_windows, w0 + block)
             new, hi = max(done, w0 * per_window), (w1 - 1) * per_window + n_seg
             starts = np.arange(new, hi, dtype=np.int64) * step
-            finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers)
+            finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers, half_sums, held)
+            if hi > new:
+                held = (hi - 1) * step + plan.nperseg // 2
             done = hi
             firsts = np.arange(w0, w1, dtype=np.int64) * per_window
             _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out[w0:w1])
@@ -970,7 +1029,11 @@ class WelchStream:
         # the stream kernels' arguments from carry to log_code: the stream's sums, the plan's bands
         self._reduction = (carry, self._carried, plan.band_bins, plan.band_weights, self._log_code)
         self._one_first = np.empty(1, dtype=np.int64)  # the first segment of a single window
-        self._where = np.empty(4, dtype=np.int64)  # append_features' positions, see _append_welch_stream
+        # the sums of the last transformed segment's second half, which the next segment begins with
+        self._half_sums = np.empty(self.n_channels, dtype=np.float64)
+        # append_features' positions (see _append_welch_stream); _where[4], the stream sample where
+        # the half summed in _half_sums starts (-1: none), is kept between calls
+        self._where = np.empty(5, dtype=np.int64)
         self.reset()
 
     def reset(self) -> None:
@@ -978,6 +1041,7 @@ class WelchStream:
         self._first = 0  # the ring holds segments _first .. _first + _count - 1 (g starts at sample g * step)
         self._count = 0
         self._carried[0] = -1
+        self._where[4] = -1
 
     def _first_new(self, lo: int) -> int:
         """The first segment to transform for windows whose first segment is ``lo``: the one after
@@ -997,9 +1061,11 @@ class WelchStream:
         The live step of a buffered stream: equal to writing the chunk into the buffer, testing its
         samples and calling :meth:`features` with ``starts=[start]``. The caller guarantees what
         :meth:`features` checks: ``x`` is the stream's C-contiguous buffer, the samples before
-        ``fill`` are finite, the window ``[start, start + plan.window)`` ends in the chunk's samples
-        (``offset`` is the stream index of ``x[:, 0]``), and ``start`` is a multiple of
-        ``plan.step``.
+        ``fill`` are finite, the window ``[start, start + plan.window)`` ends in the chunk's
+        samples (``offset`` is the stream index of ``x[:, 0]``), and ``start`` is a multiple of
+        ``plan.step``. The samples before ``fill`` are the stream's, those earlier steps read:
+        a step takes the sums of the half segment the previous step summed last instead of
+        reading those samples again.
 
         Returns
         -------
@@ -1022,6 +1088,7 @@ class WelchStream:
             self._taper,
             plan.kmin,
             self._ring,
+            self._half_sums,
             self._n_seg,
             *self._reduction,
             out,
@@ -1087,18 +1154,24 @@ class WelchStream:
                     grown[g % grown.shape[0]] = self._ring[g % self._ring.shape[0]]
                 self._ring = grown
             self._first, self._count = lo, hi - lo
+            # every sample of the new segments is summed (held -1), so that a buffer whose samples
+            # are not those the kept sums were taken from is still tested for NaN/inf
             finite = _welch_stream(
                 x,
                 offset,
                 new,
+                -1,
                 self._taper,
                 plan.kmin,
                 self._ring,
+                self._half_sums,
                 firsts,
                 self._n_seg,
                 *self._reduction,
                 out,
             )
+            if hi > new:  # the second half of the last new segment
+                self._where[4] = (hi - 1) * self._step + plan.nperseg // 2
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(

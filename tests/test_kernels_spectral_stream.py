@@ -129,11 +129,12 @@ def test_every_path_finishes_its_features_with_one_transform(rng, make_plan, dty
 
 
 # window = (n_seg - 1) * step + nperseg, every plan with step 25 (nperseg 50): first halves of
-# 1, 2, 2, 3 segments; hops of that many steps continue the previous window's second half
+# 1, 2, 2, 3, 9 and 64 segments; hops of that many steps continue the previous window's second
+# half; halves of 8 or more segments are summed 8 segments per pass, with a remainder
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     ("n_seg", "hop_steps"),
-    [(1, 1), (2, 1), (4, 2), (5, 3), (5, 1), (5, 2), (4, 3), (127, 64), (3, 2)],
+    [(1, 1), (2, 1), (4, 2), (5, 3), (5, 1), (5, 2), (4, 3), (127, 64), (3, 2), (17, 9), (20, 7)],
 )
 def test_stream_continues_half_sums_with_the_bits_of_the_batch_path(rng, n_seg, hop_steps, dtype):
     step = 25
@@ -168,7 +169,8 @@ def test_stream_continues_half_sums_with_the_bits_of_the_batch_path(rng, n_seg, 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_stream_recovers_from_refused_chunks_jumps_and_unshared_windows(rng, dtype):
     """Whatever came before (a refused NaN chunk, a refused window, a jump back, a window off the
-    segment grid), each window has the bits of the batch path."""
+    segment grid, live steps after windows computed from a whole buffer), each window has the
+    bits of the batch path."""
     plan = log_band_energy_plan(16000.0, 32000, nperseg=500)
     hop = 16000
     x = (rng.standard_normal((1, plan.window + 8 * hop)) + 0.3).astype(dtype)
@@ -200,3 +202,7 @@ def test_stream_recovers_from_refused_chunks_jumps_and_unshared_windows(rng, dty
     np.testing.assert_array_equal(stream.features(x, 0, [hop + 7]), off_grid)
     np.testing.assert_array_equal(stream.features(x, 0, [2 * hop, 3 * hop]), expected[2:4])
     np.testing.assert_array_equal(stream.features(x, 0, [4 * hop]), expected[4:5])
+    # live steps again: the first continues the half sums the last features call kept
+    buf[:, :fill] = x[:, 5 * hop : 5 * hop + fill]
+    for i in (5, 6, 7):
+        np.testing.assert_array_equal(live(i), expected[i : i + 1])
