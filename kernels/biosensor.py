@@ -10,8 +10,10 @@ give two bursts, rise and fall), while T waves, dicrotic waves and baseline wand
 
 1. smooth: centred moving average over ``2 * round(0.01 * fs) + 1`` samples (~20 ms, damps
    mains and EMG noise); every moving average here averages the samples available at the
-   edges (no zero padding, so window edges create no false slopes);
-2. rising slope: ``d = max(np.gradient(smoothed, 1 / fs), 0)`` (signal units per second);
+   edges (no zero padding, so window edges create no false slopes), as their sum times the
+   reciprocal of their count (a multiplication: a division per sample would cost more than
+   the sums);
+2. rising slope: ``d = max(np.gradient(smoothed) * fs, 0)`` (signal units per second);
 3. envelope: moving average of ``d ** 2`` over ``2 * round(0.05 * fs) + 1`` samples (~0.1 s:
    a narrow QRS keeps its slope energy, a T wave ~4x wider and ~4x less steep drops ~16x),
    computed as differences of the prefix sums of ``d ** 2`` (``np.cumsum``'s order; the other
@@ -232,8 +234,9 @@ def _moving_average_into(x, half, lo, hi, out):
             next_terms = x[a - half + j + 1 : a - half + j + 1 + m]
             for i in range(m):
                 sums[i] = (sums[i] + terms[i]) + next_terms[i]
+        inverse = 1.0 / width
         for i in range(m):
-            sums[i] /= width
+            sums[i] *= inverse
     else:
         a = b = hi
     for edge_lo, edge_hi in ((lo, a), (max(b, lo), hi)):
@@ -243,7 +246,7 @@ def _moving_average_into(x, half, lo, hi, out):
             total = 0.0
             for j in range(first, stop):
                 total += x[j]
-            out[i] = total / (stop - first)
+            out[i] = total * (1.0 / (stop - first))
 
 
 @njit(cache=True, nogil=True)
@@ -294,7 +297,7 @@ def _running_average(x, half):
             if v != 0.0:
                 nonzero -= 1
             lo += 1
-        out[i] = (total + carry) / (hi - lo) if nonzero else 0.0
+        out[i] = (total + carry) * (1.0 / (hi - lo)) if nonzero else 0.0
     return out
 
 
@@ -330,13 +333,14 @@ def _average_from_prefix(prefix, half, n, out):
     width = 2 * half + 1
     a = min(half, n)  # [a, b): windows that fit in the array
     b = max(n - half, a)
+    inverse = 1.0 / width
     for i in range(a, b):
-        out[i] = (prefix[i + half + 1] - prefix[i - half]) / width
+        out[i] = (prefix[i + half + 1] - prefix[i - half]) * inverse
     for edge_lo, edge_hi in ((0, a), (b, n)):
         for i in range(edge_lo, edge_hi):
             first = max(i - half, 0)
             stop = min(i + half + 1, n)
-            out[i] = (prefix[stop] - prefix[first]) / (stop - first)
+            out[i] = (prefix[stop] - prefix[first]) * (1.0 / (stop - first))
 
 
 @njit(cache=True, nogil=True)
@@ -346,12 +350,10 @@ def _slope_energy_into(x, fs, smooth_half, smoothed, d2):
     n = x.shape[0]
     _moving_average_into(x, smooth_half, 0, n, smoothed)
     s = smoothed
-    dt = 1.0 / fs  # same arithmetic as np.gradient(s, dt)
-    two_dt = 2.0 * dt
-    d2[0] = max((s[1] - s[0]) / dt, 0.0) ** 2
-    d2[n - 1] = max((s[n - 1] - s[n - 2]) / dt, 0.0) ** 2
+    d2[0] = max((s[1] - s[0]) * fs, 0.0) ** 2  # np.gradient(s) * fs: halving is exact
+    d2[n - 1] = max((s[n - 1] - s[n - 2]) * fs, 0.0) ** 2
     for i in range(1, n - 1):
-        d2[i] = max((s[i + 1] - s[i - 1]) / two_dt, 0.0) ** 2
+        d2[i] = max((s[i + 1] - s[i - 1]) * 0.5 * fs, 0.0) ** 2
 
 
 @njit(cache=True, nogil=True)
