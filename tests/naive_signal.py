@@ -110,9 +110,8 @@ def heart_rate(peaks, fs):
 def moving_average(x, half):
     """Centred mean over the samples of ``[i - half, i + half]`` that exist."""
     x = np.asarray(x, dtype=np.float64).tolist()
-    return np.array(
-        [sum(x[max(0, i - half) : i + half + 1]) * (1.0 / len(x[max(0, i - half) : i + half + 1])) for i in range(len(x))]
-    )
+    windows = [x[max(0, i - half) : i + half + 1] for i in range(len(x))]
+    return np.array([sum(w) * (1.0 / len(w)) for w in windows])
 
 
 def prefix_moving_average(x, half):
@@ -128,7 +127,9 @@ def beat_envelopes(x, fs):
     smoothed = moving_average(x, round(0.01 * fs))
     d2 = np.maximum(np.gradient(smoothed) * fs, 0.0) ** 2  # rising slopes only
     fine = max(1, round(0.025 * fs))
-    return prefix_moving_average(d2, max(1, round(0.05 * fs))), moving_average(moving_average(d2, fine), fine)
+    return prefix_moving_average(d2, max(1, round(0.05 * fs))), prefix_moving_average(
+        prefix_moving_average(d2, fine), fine
+    )
 
 
 def detect_beats(x, fs, prominence, min_distance_s=0.3):
