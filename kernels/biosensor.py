@@ -223,8 +223,8 @@ def _moving_average_into(x, half, lo, hi, out):
 
     Windows of up to ``_DIRECT_SUM_MAX_WIDTH`` samples are summed directly, left to right,
     which is exactly the float arithmetic of ``sum(x[a:b]) / (b - a)``: the sums of all interior
-    windows advance together, two terms per pass over the range (a loop the compiler
-    vectorizes), so the cost is ``width / 2`` cheap passes. Wider windows take the O(n) running
+    windows advance together, four terms per pass over the range (a loop the compiler
+    vectorizes), so the cost is ``width / 4`` cheap passes. Wider windows take the O(n) running
     sum of ``_running_average`` over the whole array, which is faster from about 30 samples on.
     """
     n = x.shape[0]
@@ -237,14 +237,21 @@ def _moving_average_into(x, half, lo, hi, out):
     if b > a:
         sums = out[a:b]
         m = b - a
-        first = x[a - half : a - half + m]
+        start = a - half
+        first = x[start : start + m]
         for i in range(m):
             sums[i] = 0.0 + first[i]  # 0.0 + -0.0 is 0.0, as in the sum from 0.0
-        for j in range(1, width - 1, 2):  # two terms per pass (width is odd): half the stores
-            terms = x[a - half + j : a - half + j + m]
-            next_terms = x[a - half + j + 1 : a - half + j + 1 + m]
+        j = 1
+        while j + 4 <= width:  # four terms per pass: a quarter of the loads and stores of sums
+            t1, t2 = x[start + j : start + j + m], x[start + j + 1 : start + j + 1 + m]
+            t3, t4 = x[start + j + 2 : start + j + 2 + m], x[start + j + 3 : start + j + 3 + m]
             for i in range(m):
-                sums[i] = (sums[i] + terms[i]) + next_terms[i]
+                sums[i] = (((sums[i] + t1[i]) + t2[i]) + t3[i]) + t4[i]
+            j += 4
+        if j < width:  # width is odd: two terms are left
+            t1, t2 = x[start + j : start + j + m], x[start + j + 1 : start + j + 1 + m]
+            for i in range(m):
+                sums[i] = (sums[i] + t1[i]) + t2[i]
         inverse = 1.0 / width
         for i in range(m):
             sums[i] *= inverse
@@ -692,13 +699,12 @@ def _envelopes_into(x, y, fs, smooth_half, envelope_half, fwork):
 @njit(cache=True, nogil=True)
 def _triangular_into(fwork, n, fiducial_half):
     """The triangular envelopes (step 6) of both signals of a pair into rows ``_TRIANGULAR`` and
-    ``_TRIANGULAR + 1`` of ``fwork``, from their squared rising slopes (rows 1 and 5); the
-    smoothed-sample rows hold the first pass afterwards."""
+    ``_TRIANGULAR + 1`` of ``fwork``, after ``_envelopes_into``: the first pass is a difference
+    of the prefix sums of the squared rising slopes the box envelope left in the ``_PREFIX``
+    rows (the bits of a fresh ``_prefix_average_into``), into the smoothed-sample rows."""
     one, other = fwork[:_SECOND_SIGNAL], fwork[_SECOND_SIGNAL:]
-    _prefix_average_into(
-        one[_SLOPE_ENERGY, :n], other[_SLOPE_ENERGY, :n], fiducial_half,
-        one[_PREFIX], other[_PREFIX], one[_SMOOTHED, :n], other[_SMOOTHED, :n],
-    )  # fmt: skip
+    _average_from_prefix(one[_PREFIX], fiducial_half, n, one[_SMOOTHED, :n])
+    _average_from_prefix(other[_PREFIX], fiducial_half, n, other[_SMOOTHED, :n])
     _prefix_average_into(
         one[_SMOOTHED, :n], other[_SMOOTHED, :n], fiducial_half,
         one[_PREFIX], other[_PREFIX], fwork[_TRIANGULAR, :n], fwork[_TRIANGULAR + 1, :n],
@@ -746,7 +752,7 @@ def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, pro
     triangular, prefix = fwork[_TRIANGULAR, :n], fwork[_PREFIX]
     _slope_energy_into(x, fs, lengths[3], inner, d2)
     _prefix_average_into(d2, d2, lengths[4], prefix, prefix, envelope, envelope)
-    _prefix_average_into(d2, d2, lengths[5], prefix, prefix, inner, inner)
+    _average_from_prefix(prefix, lengths[5], n, inner)  # the same prefix sums of d2
     _prefix_average_into(inner, inner, lengths[5], prefix, prefix, triangular, triangular)
     return _beats_of_envelope(envelope, triangular, prominence, lengths, adaptive_fraction, iwork, prom)
 
