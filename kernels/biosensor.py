@@ -278,8 +278,7 @@ def _moving_average(x, half):
 
 @njit(cache=True, nogil=True)
 def _running_average(x, half):
-    """``_moving_average`` in O(n) for wide windows (the smoothing above 1.2 kHz, the
-    triangular envelope above 0.5 kHz).
+    """``_moving_average`` in O(n) for wide windows (the smoothing above 1.2 kHz).
 
     A running window sum adds the sample that enters and subtracts the one that leaves, with
     Neumaier compensation: after a tall sample leaves the window the sum of the small samples
