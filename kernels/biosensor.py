@@ -10,12 +10,14 @@ give two bursts, rise and fall), while T waves, dicrotic waves and baseline wand
 
 1. smooth: centred moving average over ``2 * round(0.01 * fs) + 1`` samples (~20 ms, damps
    mains and EMG noise); every moving average here averages the samples available at the
-   edges (no zero padding, so window edges create no false slopes);
-2. rising slope: ``d = max(np.gradient(smoothed, 1 / fs), 0)`` (signal units per second);
+   edges (no zero padding, so window edges create no false slopes), as their sum times the
+   reciprocal of their count (a multiplication: a division per sample would cost more than
+   the sums);
+2. rising slope: ``d = max(np.gradient(smoothed) * fs, 0)`` (signal units per second);
 3. envelope: moving average of ``d ** 2`` over ``2 * round(0.05 * fs) + 1`` samples (~0.1 s:
    a narrow QRS keeps its slope energy, a T wave ~4x wider and ~4x less steep drops ~16x),
-   computed as differences of the prefix sums of ``d ** 2`` (``np.cumsum``'s order; the other
-   moving averages sum each window afresh, see ``_moving_average_into``);
+   computed as differences of the prefix sums of ``d ** 2`` (``np.cumsum``'s order; the
+   smoothing sums each window afresh, see ``_moving_average_into``);
 4. candidates: local maxima of the envelope, refractory distance ``ceil(min_distance_s * fs)``
    (highest first, ties: the later sample wins), prominence within +-1 s, exactly as
    ``scipy.signal.find_peaks(envelope, distance=..., prominence=..., wlen=2 * round(fs) + 1)``;
@@ -25,9 +27,9 @@ give two bursts, rise and fall), while T waves, dicrotic waves and baseline wand
    threshold follows amplitude changes; 0.2 in energy is ~0.45 in amplitude: it keeps smaller
    beats next to a large one, T waves and noise stay far below, ~0.01-0.05);
 6. beat time: the maximum of a smoother, triangular envelope (two moving averages over
-   ``2 * round(0.025 * fs) + 1`` samples) within +-``round(0.05 * fs)`` samples of the
-   candidate; the box envelope's flat top would otherwise jitter by a few samples per beat
-   and inflate RMSSD.
+   ``2 * round(0.025 * fs) + 1`` samples, as differences of prefix sums like step 3) within
+   +-``round(0.05 * fs)`` samples of the candidate; the box envelope's flat top would
+   otherwise jitter by a few samples per beat and inflate RMSSD.
 
 The beat time is the centre of the steepest rise of the beat: a few ms before the R peak for
 an upright QRS complex (annotations of MIT-BIH record 100 match within 50 ms), the middle of
@@ -76,17 +78,28 @@ def _window_statistics(windows, fs, out):
     out : ndarray, shape (n_windows, n_channels, 5)
         Output, written in place. Accumulation is in float64 (two-pass, centred sums).
     """
-    n_windows, n_channels, n = windows.shape
-    for i in range(n_windows):
-        # four channels per pass: four independent chains of sums (the last pass repeats its
-        # last channel to fill the four, which rewrites that channel's outputs with the same bits)
-        for c in range(0, n_channels, 4):
-            c1 = min(c + 1, n_channels - 1)
-            c2 = min(c + 2, n_channels - 1)
-            c3 = min(c + 3, n_channels - 1)
-            w = windows[i]
-            o = out[i]
-            _statistics_of_four(w[c], w[c1], w[c2], w[c3], fs, o[c], o[c1], o[c2], o[c3])
+    n = windows.shape[2]
+    for i in range(windows.shape[0]):
+        _statistics_of_window(windows[i], 0, n, fs, out[i])
+
+
+@njit(cache=True, nogil=True)
+def _statistics_of_window(w, first, n, fs, out):
+    """``_window_statistics`` of the window ``w[:, first : first + n]`` into ``out``
+    (n_channels, 5). Each channel is read as ``w[c, first : first + n]``: from a C-contiguous
+    ``w`` (a stream's buffer) its samples are typed contiguous, which lets the loops vectorize."""
+    n_channels = w.shape[0]
+    # four channels per pass: four independent chains of sums (the last pass repeats its
+    # last channel to fill the four, which rewrites that channel's outputs with the same bits)
+    for c in range(0, n_channels, 4):
+        c1 = min(c + 1, n_channels - 1)
+        c2 = min(c + 2, n_channels - 1)
+        c3 = min(c + 3, n_channels - 1)
+        stop = first + n
+        _statistics_of_four(
+            w[c, first:stop], w[c1, first:stop], w[c2, first:stop], w[c3, first:stop],
+            fs, out[c], out[c1], out[c2], out[c3],
+        )  # fmt: skip
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -210,8 +223,8 @@ def _moving_average_into(x, half, lo, hi, out):
 
     Windows of up to ``_DIRECT_SUM_MAX_WIDTH`` samples are summed directly, left to right,
     which is exactly the float arithmetic of ``sum(x[a:b]) / (b - a)``: the sums of all interior
-    windows advance together, two terms per pass over the range (a loop the compiler
-    vectorizes), so the cost is ``width / 2`` cheap passes. Wider windows take the O(n) running
+    windows advance together, four terms per pass over the range (a loop the compiler
+    vectorizes), so the cost is ``width / 4`` cheap passes. Wider windows take the O(n) running
     sum of ``_running_average`` over the whole array, which is faster from about 30 samples on.
     """
     n = x.shape[0]
@@ -224,16 +237,24 @@ def _moving_average_into(x, half, lo, hi, out):
     if b > a:
         sums = out[a:b]
         m = b - a
-        first = x[a - half : a - half + m]
+        start = a - half
+        first = x[start : start + m]
         for i in range(m):
             sums[i] = 0.0 + first[i]  # 0.0 + -0.0 is 0.0, as in the sum from 0.0
-        for j in range(1, width - 1, 2):  # two terms per pass (width is odd): half the stores
-            terms = x[a - half + j : a - half + j + m]
-            next_terms = x[a - half + j + 1 : a - half + j + 1 + m]
+        j = 1
+        while j + 4 <= width:  # four terms per pass: a quarter of the loads and stores of sums
+            t1, t2 = x[start + j : start + j + m], x[start + j + 1 : start + j + 1 + m]
+            t3, t4 = x[start + j + 2 : start + j + 2 + m], x[start + j + 3 : start + j + 3 + m]
             for i in range(m):
-                sums[i] = (sums[i] + terms[i]) + next_terms[i]
+                sums[i] = (((sums[i] + t1[i]) + t2[i]) + t3[i]) + t4[i]
+            j += 4
+        if j < width:  # width is odd: two terms are left
+            t1, t2 = x[start + j : start + j + m], x[start + j + 1 : start + j + 1 + m]
+            for i in range(m):
+                sums[i] = (sums[i] + t1[i]) + t2[i]
+        inverse = 1.0 / width
         for i in range(m):
-            sums[i] /= width
+            sums[i] *= inverse
     else:
         a = b = hi
     for edge_lo, edge_hi in ((lo, a), (max(b, lo), hi)):
@@ -243,7 +264,7 @@ def _moving_average_into(x, half, lo, hi, out):
             total = 0.0
             for j in range(first, stop):
                 total += x[j]
-            out[i] = total / (stop - first)
+            out[i] = total * (1.0 / (stop - first))
 
 
 @njit(cache=True, nogil=True)
@@ -257,8 +278,7 @@ def _moving_average(x, half):
 
 @njit(cache=True, nogil=True)
 def _running_average(x, half):
-    """``_moving_average`` in O(n) for wide windows (the smoothing above 1.2 kHz, the
-    triangular envelope above 0.5 kHz).
+    """``_moving_average`` in O(n) for wide windows (the smoothing above 1.2 kHz).
 
     A running window sum adds the sample that enters and subtracts the one that leaves, with
     Neumaier compensation: after a tall sample leaves the window the sum of the small samples
@@ -294,7 +314,7 @@ def _running_average(x, half):
             if v != 0.0:
                 nonzero -= 1
             lo += 1
-        out[i] = (total + carry) / (hi - lo) if nonzero else 0.0
+        out[i] = (total + carry) * (1.0 / (hi - lo)) if nonzero else 0.0
     return out
 
 
@@ -330,28 +350,38 @@ def _average_from_prefix(prefix, half, n, out):
     width = 2 * half + 1
     a = min(half, n)  # [a, b): windows that fit in the array
     b = max(n - half, a)
-    for i in range(a, b):
-        out[i] = (prefix[i + half + 1] - prefix[i - half]) / width
+    inverse = 1.0 / width
+    # views indexed from 0: every index is visibly non-negative, so no negative-index wrap-around
+    # test per sample (which would keep the loop from vectorizing)
+    ends, starts, centred = prefix[a + half + 1 : b + half + 1], prefix[a - half : b - half], out[a:b]
+    for k in range(b - a):
+        centred[k] = (ends[k] - starts[k]) * inverse
     for edge_lo, edge_hi in ((0, a), (b, n)):
         for i in range(edge_lo, edge_hi):
             first = max(i - half, 0)
             stop = min(i + half + 1, n)
-            out[i] = (prefix[stop] - prefix[first]) / (stop - first)
+            out[i] = (prefix[stop] - prefix[first]) * (1.0 / (stop - first))
 
 
 @njit(cache=True, nogil=True)
 def _slope_energy_into(x, fs, smooth_half, smoothed, d2):
-    """Squared rising slope ``max(np.gradient(smoothed, 1 / fs), 0) ** 2`` into ``d2`` (and the
+    """Squared rising slope ``max(np.gradient(smoothed) * fs, 0) ** 2`` into ``d2`` (and the
     smoothed samples into ``smoothed``); needs ``x.shape[0] >= 2``."""
     n = x.shape[0]
     _moving_average_into(x, smooth_half, 0, n, smoothed)
     s = smoothed
-    dt = 1.0 / fs  # same arithmetic as np.gradient(s, dt)
-    two_dt = 2.0 * dt
-    d2[0] = max((s[1] - s[0]) / dt, 0.0) ** 2
-    d2[n - 1] = max((s[n - 1] - s[n - 2]) / dt, 0.0) ** 2
-    for i in range(1, n - 1):
-        d2[i] = max((s[i + 1] - s[i - 1]) / two_dt, 0.0) ** 2
+    d2[0] = _squared_rise((s[1] - s[0]) * fs)  # np.gradient(s) * fs: its halving is exact
+    d2[n - 1] = _squared_rise((s[n - 1] - s[n - 2]) * fs)
+    ahead, behind, inside = s[2:], s[: n - 2], d2[1 : n - 1]  # indices from 0: no wrap-around test
+    for k in range(n - 2):
+        inside[k] = _squared_rise((ahead[k] - behind[k]) * 0.5 * fs)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _squared_rise(slope):
+    """``max(slope, 0) ** 2`` as one multiplication (the same bits)."""
+    rise = max(slope, 0.0)
+    return rise * rise
 
 
 @njit(cache=True, nogil=True)
@@ -634,10 +664,11 @@ def _detector_work(n):
     )
 
 
-#: Rows of ``_detector_work``'s float scratch: smoothed samples, squared rising slope, box
-#: envelope and prefix sums of the first (0-3) and second (4-7) signal of a pair, then the two
-#: passes of the triangular envelope (8, 9).
-_SMOOTHED, _SLOPE_ENERGY, _ENVELOPE, _PREFIX, _SECOND_SIGNAL, _INNER, _FINE = 0, 1, 2, 3, 4, 8, 9
+#: Rows of ``_detector_work``'s float scratch: smoothed samples (then the first pass of the
+#: triangular envelope), squared rising slope, box envelope and prefix sums of the first (0-3)
+#: and second (4-7) signal of a pair, then the triangular envelope of each (8, 9; before it,
+#: a contiguous copy of each signal).
+_SMOOTHED, _SLOPE_ENERGY, _ENVELOPE, _PREFIX, _SECOND_SIGNAL, _TRIANGULAR = 0, 1, 2, 3, 4, 8
 
 
 @njit(cache=True, nogil=True)
@@ -648,7 +679,7 @@ def _envelopes_into(x, y, fs, smooth_half, envelope_half, fwork):
     first = fwork[:_SECOND_SIGNAL]
     second = fwork[_SECOND_SIGNAL:]
     # the smoothing's passes vectorize over contiguous samples only: windows are strided views
-    contiguous_x, contiguous_y = fwork[_INNER, :n], fwork[_FINE, :n]  # free until step 6
+    contiguous_x, contiguous_y = fwork[_TRIANGULAR, :n], fwork[_TRIANGULAR + 1, :n]  # free until step 6
     contiguous_x[:] = x
     contiguous_y[:] = y
     _slope_energy_into(contiguous_x, fs, smooth_half, first[_SMOOTHED, :n], first[_SLOPE_ENERGY, :n])
@@ -665,35 +696,39 @@ def _envelopes_into(x, y, fs, smooth_half, envelope_half, fwork):
 
 
 @njit(cache=True, nogil=True)
-def _beats_of_envelope(envelope, d2, prominence, lengths, adaptive_fraction, fwork, iwork, prom):
-    """Steps 4-6: beat indices from the box envelope ``envelope`` and the squared rising slope
-    ``d2`` (n,) into ``iwork[0, :count]``; returns the count. Scratch: ``_detector_work(n)``
-    (its triangular-envelope rows; the rows of ``envelope`` and ``d2`` are left alone).
+def _triangular_into(fwork, n, fiducial_half):
+    """The triangular envelopes (step 6) of both signals of a pair into rows ``_TRIANGULAR`` and
+    ``_TRIANGULAR + 1`` of ``fwork``, after ``_envelopes_into``: the first pass is a difference
+    of the prefix sums of the squared rising slopes the box envelope left in the ``_PREFIX``
+    rows (the bits of a fresh ``_prefix_average_into``), into the smoothed-sample rows."""
+    one, other = fwork[:_SECOND_SIGNAL], fwork[_SECOND_SIGNAL:]
+    _average_from_prefix(one[_PREFIX], fiducial_half, n, one[_SMOOTHED, :n])
+    _average_from_prefix(other[_PREFIX], fiducial_half, n, other[_SMOOTHED, :n])
+    _prefix_average_into(
+        one[_SMOOTHED, :n], other[_SMOOTHED, :n], fiducial_half,
+        one[_PREFIX], other[_PREFIX], fwork[_TRIANGULAR, :n], fwork[_TRIANGULAR + 1, :n],
+    )  # fmt: skip
 
-    The triangular envelope is only needed within the search half-width of each candidate: it
-    is summed there alone (the same bits as over the whole array).
+
+@njit(cache=True, nogil=True)
+def _beats_of_envelope(envelope, triangular, prominence, lengths, adaptive_fraction, iwork, prom):
+    """Steps 4-6: beat indices from the box envelope ``envelope`` and the triangular envelope
+    ``triangular`` (n,) into ``iwork[0, :count]``; returns the count. Scratch: ``_detector_work(n)``.
     """
-    distance, half_window, adaptive_half, _, envelope_half, fiducial_half = lengths
+    distance, half_window, adaptive_half, _, envelope_half, _ = lengths
     n = envelope.shape[0]
-    inner, fine = fwork[_INNER, :n], fwork[_FINE, :n]
     beats, order = iwork[0], iwork[1]
     n_candidates = _select_peaks_into(
         envelope, distance, half_window, prominence, adaptive_half, adaptive_fraction, beats, order, prom
     )
-    if 2 * fiducial_half + 1 > _DIRECT_SUM_MAX_WIDTH:  # running sums: over the whole array
-        _moving_average_into(d2, fiducial_half, 0, n, inner)
-        _moving_average_into(inner, fiducial_half, 0, n, fine)
     m = 0
     for p in range(n_candidates):  # beats[m] is written after beats[p >= m] is read
         candidate = beats[p]
         lo = max(candidate - envelope_half, 0)
         hi = min(candidate + envelope_half, n - 1)
-        if 2 * fiducial_half + 1 <= _DIRECT_SUM_MAX_WIDTH:
-            _moving_average_into(d2, fiducial_half, max(lo - fiducial_half, 0), min(hi + fiducial_half + 1, n), inner)
-            _moving_average_into(inner, fiducial_half, lo, hi + 1, fine)
         best = lo
         for i in range(lo + 1, hi + 1):
-            if fine[i] > fine[best]:
+            if triangular[i] > triangular[best]:
                 best = i
         if m == 0 or best > beats[m - 1]:
             beats[m] = best
@@ -712,10 +747,13 @@ def _beats_into(x, fs, prominence, lengths, adaptive_fraction, fwork, iwork, pro
     n = x.shape[0]
     if n < 3:
         return 0
-    d2, envelope = fwork[_SLOPE_ENERGY, :n], fwork[_ENVELOPE, :n]
-    _slope_energy_into(x, fs, lengths[3], fwork[_SMOOTHED, :n], d2)
-    _prefix_average_into(d2, d2, lengths[4], fwork[_PREFIX], fwork[_PREFIX], envelope, envelope)
-    return _beats_of_envelope(envelope, d2, prominence, lengths, adaptive_fraction, fwork, iwork, prom)
+    d2, envelope, inner = fwork[_SLOPE_ENERGY, :n], fwork[_ENVELOPE, :n], fwork[_SMOOTHED, :n]
+    triangular, prefix = fwork[_TRIANGULAR, :n], fwork[_PREFIX]
+    _slope_energy_into(x, fs, lengths[3], inner, d2)
+    _prefix_average_into(d2, d2, lengths[4], prefix, prefix, envelope, envelope)
+    _average_from_prefix(prefix, lengths[5], n, inner)  # the same prefix sums of d2
+    _prefix_average_into(inner, inner, lengths[5], prefix, prefix, triangular, triangular)
+    return _beats_of_envelope(envelope, triangular, prominence, lengths, adaptive_fraction, iwork, prom)
 
 
 @njit(cache=True, nogil=True)
@@ -806,27 +844,45 @@ def _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, out)
     (``_envelopes_into``: their running sums overlap). The finiteness test sums the smoothed
     samples each detection leaves in its scratch (no extra pass over the samples).
     """
-    n_windows, n = windows.shape[0], windows.shape[2]
-    n_hr = channels.shape[0]
-    fwork, iwork, prom = _detector_work(n)
-    first, second = fwork[:_SECOND_SIGNAL], fwork[_SECOND_SIGNAL:]
+    n = windows.shape[2]
+    detector = _detector_work(n)
     finite = True
-    for i in range(n_windows):
-        for c in range(0, n_hr, 2):
-            c2 = min(c + 1, n_hr - 1)  # an odd last channel is paired with itself
-            x = windows[i, channels[c]]
-            y = windows[i, channels[c2]]
-            if n < 3:
-                finite = finite and math.isfinite(_sum(x, 0, n) + _sum(y, 0, n))
-                out[i, c] = out[i, c2] = 0.0
-                continue
-            _envelopes_into(x, y, fs, lengths[3], lengths[4], fwork)
-            finite = finite and math.isfinite(_sum(first[_SMOOTHED], 0, n) + _sum(second[_SMOOTHED], 0, n))
-            for channel, rows in ((c, first), (c2, second)):
-                n_peaks = _beats_of_envelope(
-                    rows[_ENVELOPE, :n], rows[_SLOPE_ENERGY, :n], -1.0, lengths, adaptive_fraction, fwork, iwork, prom
-                )
-                _store_heart_rate(iwork[0], n_peaks, fs, out[i, channel])
+    for i in range(windows.shape[0]):
+        window_finite = _heart_rate_of_window(
+            windows[i], 0, n, channels, fs, lengths, adaptive_fraction, out[i], detector
+        )
+        finite = finite and window_finite
+    return finite
+
+
+@njit(cache=True, nogil=True)
+def _heart_rate_of_window(w, first, n, channels, fs, lengths, adaptive_fraction, out, detector):
+    """``_heart_rate_features`` of the window ``w[:, first : first + n]`` into ``out``
+    (len(channels), 2), with the scratch ``detector`` of ``_detector_work(n)``; False if a
+    sample is not finite. Channels are read as ``w[c, first : first + n]`` (see
+    ``_statistics_of_window``)."""
+    fwork, iwork, prom = detector
+    n_hr = channels.shape[0]
+    stop = first + n
+    one, other = fwork[:_SECOND_SIGNAL], fwork[_SECOND_SIGNAL:]
+    finite = True
+    for c in range(0, n_hr, 2):
+        c2 = min(c + 1, n_hr - 1)  # an odd last channel is paired with itself
+        x = w[channels[c], first:stop]
+        y = w[channels[c2], first:stop]
+        if n < 3:
+            finite = finite and math.isfinite(_sum(x, 0, n) + _sum(y, 0, n))
+            out[c] = out[c2] = 0.0
+            continue
+        _envelopes_into(x, y, fs, lengths[3], lengths[4], fwork)
+        finite = finite and math.isfinite(_sum(one[_SMOOTHED], 0, n) + _sum(other[_SMOOTHED], 0, n))
+        _triangular_into(fwork, n, lengths[5])
+        for channel, envelope, triangular in (
+            (c, one[_ENVELOPE, :n], fwork[_TRIANGULAR, :n]),
+            (c2, other[_ENVELOPE, :n], fwork[_TRIANGULAR + 1, :n]),
+        ):
+            n_peaks = _beats_of_envelope(envelope, triangular, -1.0, lengths, adaptive_fraction, iwork, prom)
+            _store_heart_rate(iwork[0], n_peaks, fs, out[channel])
     return finite
 
 
@@ -854,18 +910,33 @@ def _biosensor_rows(windows, channels, fs, lengths, adaptive_fraction, stat_colu
     statistic ``k`` of channel ``c`` into ``stat_columns[5 * c + k]``, heart-rate feature
     ``k`` of ``channels[h]`` into ``hr_columns[2 * h + k]``. A feature row in one call, for
     windows checked by the caller."""
-    n_windows, n_channels = windows.shape[0], windows.shape[1]
-    stats = np.empty((n_windows, n_channels, 5), dtype=np.float64)
-    _window_statistics(windows, fs, stats)
-    hr = np.empty((n_windows, channels.shape[0], 2), dtype=np.float64)
+    n = windows.shape[2]
+    work = _row_work(windows.shape[1], channels.shape[0], n)
+    columns = (stat_columns, hr_columns)
+    for i in range(windows.shape[0]):
+        _row_of_window(windows[i], 0, n, channels, fs, lengths, adaptive_fraction, columns, out[i], work)
+
+
+@njit(cache=True, nogil=True)
+def _row_work(n_channels, n_hr, n):
+    """Scratch of ``_row_of_window``: statistics (n_channels, 5), heart-rate features (n_hr, 2)
+    and the detector's ``_detector_work(n)``."""
+    return np.empty((n_channels, 5), dtype=np.float64), np.empty((n_hr, 2), dtype=np.float64), _detector_work(n)
+
+
+@njit(cache=True, nogil=True)
+def _row_of_window(w, first, n, channels, fs, lengths, adaptive_fraction, columns, row, work):
+    """``_biosensor_rows`` of the one window ``w[:, first : first + n]`` into ``row`` (F,), with
+    ``columns`` = (stat_columns, hr_columns) and the scratch ``work`` of ``_row_work``."""
+    stat_columns, hr_columns = columns
+    stats, hr, detector = work
+    _statistics_of_window(w, first, n, fs, stats)
     if channels.shape[0]:
-        _heart_rate_features(windows, channels, fs, lengths, adaptive_fraction, hr)
-    for i in range(n_windows):
-        row = out[i]
-        for k in range(stat_columns.shape[0]):
-            row[stat_columns[k]] = stats[i, k // 5, k % 5]
-        for k in range(hr_columns.shape[0]):
-            row[hr_columns[k]] = hr[i, k // 2, k % 2]
+        _heart_rate_of_window(w, first, n, channels, fs, lengths, adaptive_fraction, hr, detector)
+    for k in range(stat_columns.shape[0]):
+        row[stat_columns[k]] = stats[k // 5, k % 5]
+    for k in range(hr_columns.shape[0]):
+        row[hr_columns[k]] = hr[k // 2, k % 2]
 
 
 @njit(cache=True, nogil=True)
@@ -880,9 +951,10 @@ def _append_biosensor_row(chunk, x, where, channels, fs, lengths, adaptive_fract
     """
     total = _append_samples(chunk, x, where[0])
     if math.isfinite(total):
-        first = where[1]
-        window = x[:, first : first + where[2]]
-        _biosensor_rows(window[None], channels, fs, lengths, adaptive_fraction, stat_columns, hr_columns, out)
+        n = where[2]
+        work = _row_work(x.shape[0], channels.shape[0], n)
+        columns = (stat_columns, hr_columns)
+        _row_of_window(x, where[1], n, channels, fs, lengths, adaptive_fraction, columns, out[0], work)
     return total
 
 

@@ -110,9 +110,8 @@ def heart_rate(peaks, fs):
 def moving_average(x, half):
     """Centred mean over the samples of ``[i - half, i + half]`` that exist."""
     x = np.asarray(x, dtype=np.float64).tolist()
-    return np.array(
-        [sum(x[max(0, i - half) : i + half + 1]) / len(x[max(0, i - half) : i + half + 1]) for i in range(len(x))]
-    )
+    windows = [x[max(0, i - half) : i + half + 1] for i in range(len(x))]
+    return np.array([sum(w) * (1.0 / len(w)) for w in windows])
 
 
 def prefix_moving_average(x, half):
@@ -120,15 +119,17 @@ def prefix_moving_average(x, half):
     prefix = np.concatenate([[0.0], np.cumsum(np.asarray(x, dtype=np.float64))])
     i = np.arange(len(x))
     first, stop = np.maximum(i - half, 0), np.minimum(i + half + 1, len(x))
-    return (prefix[stop] - prefix[first]) / (stop - first)
+    return (prefix[stop] - prefix[first]) * (1.0 / (stop - first))
 
 
 def beat_envelopes(x, fs):
     """(box envelope, triangular envelope) of the squared rising slope, per the biosensor module docstring."""
     smoothed = moving_average(x, round(0.01 * fs))
-    d2 = np.maximum(np.gradient(smoothed, 1.0 / fs), 0.0) ** 2  # rising slopes only
+    d2 = np.maximum(np.gradient(smoothed) * fs, 0.0) ** 2  # rising slopes only
     fine = max(1, round(0.025 * fs))
-    return prefix_moving_average(d2, max(1, round(0.05 * fs))), moving_average(moving_average(d2, fine), fine)
+    return prefix_moving_average(d2, max(1, round(0.05 * fs))), prefix_moving_average(
+        prefix_moving_average(d2, fine), fine
+    )
 
 
 def detect_beats(x, fs, prominence, min_distance_s=0.3):
