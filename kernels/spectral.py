@@ -490,6 +490,16 @@ def _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weig
         carried[0] = first
 
 
+@njit(cache=True, nogil=True)
+def _held_after(held, new, hi, nperseg):
+    """Where the half segment whose sums ``_segment_powers`` leaves in its ``second`` starts, after
+    it transformed segments ``new .. hi - 1`` (segment ``g`` starts at ``g * step``): the second
+    half of segment ``hi - 1``, or ``held`` unchanged if there were none."""
+    if hi <= new:
+        return held
+    return (hi - 1) * (nperseg - nperseg // 2) + nperseg // 2
+
+
 # flat arguments (noqa PLR0913): Numba would type a settings tuple on every call
 @njit(cache=True, nogil=True)
 def _welch_stream(  # noqa: PLR0913
@@ -568,9 +578,7 @@ def _append_welch_stream(  # noqa: PLR0913
             log_code,
             out,
         )
-        hi = where[0] + n_seg
-        if hi > where[1]:  # the second half of the last new segment
-            where[4] = (hi - 1) * (taper.shape[0] - taper.shape[0] // 2) + taper.shape[0] // 2
+        where[4] = _held_after(where[4], where[1], where[0] + n_seg, taper.shape[0])
     return total
 
 
@@ -963,8 +971,7 @@ def sliding_spectral_features(x, hop: int, plan: SpectralPlan, *, dtype=None) ->
             new, hi = max(done, w0 * per_window), (w1 - 1) * per_window + n_seg
             starts = np.arange(new, hi, dtype=np.int64) * step
             finite &= _segment_powers(x, starts, new % n_slots, taper, plan.kmin, powers, half_sums, held)
-            if hi > new:
-                held = (hi - 1) * step + plan.nperseg // 2
+            held = _held_after(held, new, hi, plan.nperseg)
             done = hi
             firsts = np.arange(w0, w1, dtype=np.int64) * per_window
             _reduce_segments(powers, firsts, n_seg, carry, carried, band_bins, band_weights, log_code, out[w0:w1])
@@ -1170,8 +1177,7 @@ class WelchStream:
                 *self._reduction,
                 out,
             )
-            if hi > new:  # the second half of the last new segment
-                self._where[4] = (hi - 1) * self._step + plan.nperseg // 2
+            self._where[4] = _held_after(self._where[4], new, hi, plan.nperseg)
         else:
             offsets = np.array(starts, dtype=np.int64) - offset
             finite = _welch_weighted(
