@@ -84,6 +84,8 @@ from biofed.kernels.transform import _apply_transform
 from biofed.model import DTYPES, Basis, BasisError, FeatureLayout, LayoutError, ModalityLayout
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from biofed.datasets import Recording
 
 __all__ = [
@@ -412,7 +414,7 @@ class _ModalityStream:
         )
         return out if math.isfinite(total) else None
 
-    def _keep(self, starts: list[int], features: np.ndarray, next_window: int) -> None:
+    def _keep(self, starts: Sequence[int], features: np.ndarray, next_window: int) -> None:
         """Queue the feature rows (n, F) of the windows starting at ``starts``, each with its label
         (the reference stream's label at the window's last sample); ``next_window`` follows them."""
         if len(starts) == 1:  # the live case
