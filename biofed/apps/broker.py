@@ -406,14 +406,14 @@ def start_mosquitto(
     BrokerError
         mosquitto is not installed, exits early (the message quotes its log) or never listens.
     """
+    if config_file is not None and (directory is not None or port or config):
+        raise ValueError("start_mosquitto: give either config_file or directory/port/limits, not both")
+    if config_file is None and directory is None:
+        raise ValueError("start_mosquitto needs a directory (plain broker) or a config_file (provisioned broker)")
     binary = mosquitto_binary()
     if config_file is not None:
-        if directory is not None or port or config:
-            raise ValueError("start_mosquitto: give either config_file or directory/port/limits, not both")
         conf = Path(config_file).resolve()
         host, port = read_mosquitto_listener(conf)
-    elif directory is None:
-        raise ValueError("start_mosquitto needs a directory (plain broker) or a config_file (provisioned broker)")
     else:
         port = port or free_port(host)
         conf = write_mosquitto_config(directory, port, host=host, **config)
