@@ -174,9 +174,19 @@ class Chain:
     def rffts_per_window(self) -> dict[str, dict]:
         """Per spectral stage (named as in :data:`STAGE_MODALITIES`): the rffts one window needs
         when the previous window's segments are kept (``rffts``), and their length (``nperseg``)."""
+        return self._rffts(new_segments)
+
+    def rffts_in_batch(self, n_windows: int) -> dict[str, dict]:
+        """Per spectral stage, as :meth:`rffts_per_window`: the rffts of the batch chain on a stream
+        of ``n_windows`` windows, which transforms each distinct segment once (the first window's
+        ``n_seg``, then each later window's new ones)."""
+        return self._rffts(lambda plan, hop: plan.n_seg + (n_windows - 1) * new_segments(plan, hop))
+
+    def _rffts(self, segments) -> dict[str, dict]:
+        """``{stage: {"rffts": channels x segments(plan, hop), "nperseg": ...}}`` of the spectral stages."""
         channels = {"eeg": EEG_CHANNELS, "audio": 1}
         return {
-            name: {"rffts": channels[m] * new_segments(self.plans[m], HOP[m]), "nperseg": self.plans[m].nperseg}
+            name: {"rffts": channels[m] * segments(self.plans[m], HOP[m]), "nperseg": self.plans[m].nperseg}
             for name, m in STAGE_MODALITIES.items()
             if m in self.plans
         }
@@ -325,7 +335,8 @@ def _pipeline_replay(stream: dict[str, np.ndarray], pipe):
 def measure_rtf(seconds: float, repeats: int) -> dict:
     """Real-time factor (stream seconds / compute seconds) of the chain on one core, and where it spends its time.
 
-    ``batch``: all windows of the stream at once, each shared segment transformed once.
+    ``batch``: all windows of the stream at once, each shared segment transformed once (its
+    ``rffts`` and their ``fft_limit_s``, as for the stages).
     ``per_window``: one call per 1 s hop with a single window, reusing the previous window's
     segments, as a device processes its stream live (:class:`ChainStream`: the device's
     pipeline fed each window's new samples). ``replay``: the stream pushed in 1 s chunks
@@ -376,6 +387,11 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
         for size in sizes
     }
     out["fft"] = {str(size): {"gflops": rate[size], "flops_per_rfft": rfft_flops(size)} for size in sizes}
+    batch_ffts = chain.rffts_in_batch(n).values()
+    out["batch"]["rffts"] = sum(f["rffts"] for f in batch_ffts)
+    out["batch"]["fft_limit_s"] = sum(
+        f["rffts"] * rfft_flops(f["nperseg"]) / (rate[f["nperseg"]]["float32"] * 1e9) for f in batch_ffts
+    )
     stages = {}
     for name in stage_fns:
         fft = ffts.get(name, {"rffts": 0, "nperseg": sizes[0]})

@@ -147,6 +147,28 @@ def test_stage_table_is_printed_with_the_fft_limit():
     assert result.to_dict()["tables"][0]["rows"][1] == ["bio window statistics", 9.0, "-"]
 
 
+@pytest.mark.parametrize("n_windows", [1, 2, 29])
+def test_chain_counts_the_rffts_of_its_distinct_segments(n_windows):
+    """The FFT limits' rfft counts equal the distinct Welch segments of the windows, counted naively."""
+    from biofed.benchmarks.stream import EEG_CHANNELS, HOP, STAGE_MODALITIES, Chain
+
+    chain = Chain("float32")
+    channels = {"eeg": EEG_CHANNELS, "audio": 1}
+    batch, live = chain.rffts_in_batch(n_windows), chain.rffts_per_window()
+    assert set(batch) == set(live) == {name for name, m in STAGE_MODALITIES.items() if m in channels}
+    for name, m in STAGE_MODALITIES.items():
+        if m not in channels:
+            continue
+        plan = chain.plans[m]
+
+        def segments(w, plan=plan, m=m):
+            return {w * HOP[m] + s * plan.step for s in range(plan.n_seg)}
+
+        distinct = set().union(*(segments(w) for w in range(n_windows)))
+        assert batch[name] == {"rffts": channels[m] * len(distinct), "nperseg": plan.nperseg}
+        assert live[name]["rffts"] == channels[m] * len(segments(1) - segments(0))
+
+
 def test_bench_unknown_case_is_a_clear_error():
     result = CliRunner().invoke(bench_command, ["--only", "nope"])
     assert result.exit_code == 2
