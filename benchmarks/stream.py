@@ -147,6 +147,7 @@ class Chain:
         self.dtype = np.dtype(dtype)
         layout = profile_layout()
         self.plans: dict[str, SpectralPlan] = {m: layout.spectral_plan(layout.modality(m)) for m in ("eeg", "audio")}
+        self.channels = {m: layout.modality(m).n_channels for m in self.plans}
         self.basis, self.mean, self.scale = basis, mean, scale
         self.projection = None if basis is None else transform_plan(np.asarray(basis).T, mean=mean, scale=scale)
         #: The feature stages in feature-row order: name -> f(stream dict) -> (n_windows, ch, f).
@@ -184,9 +185,8 @@ class Chain:
 
     def _rffts(self, segments) -> dict[str, dict]:
         """``{stage: {"rffts": channels x segments(plan, hop), "nperseg": ...}}`` of the spectral stages."""
-        channels = {"eeg": EEG_CHANNELS, "audio": 1}
         return {
-            name: {"rffts": channels[m] * segments(self.plans[m], HOP[m]), "nperseg": self.plans[m].nperseg}
+            name: {"rffts": self.channels[m] * segments(self.plans[m], HOP[m]), "nperseg": self.plans[m].nperseg}
             for name, m in STAGE_MODALITIES.items()
             if m in self.plans
         }
@@ -335,8 +335,8 @@ def _pipeline_replay(stream: dict[str, np.ndarray], pipe):
 def measure_rtf(seconds: float, repeats: int) -> dict:
     """Real-time factor (stream seconds / compute seconds) of the chain on one core, and where it spends its time.
 
-    ``batch``: all windows of the stream at once, each shared segment transformed once (its
-    ``rffts`` and their ``fft_limit_s``, as for the stages).
+    ``batch``: all windows of the stream at once, each shared segment transformed once (with its
+    ``rffts`` and their FFT limit for the whole stream, ``fft_limit_s``).
     ``per_window``: one call per 1 s hop with a single window, reusing the previous window's
     segments, as a device processes its stream live (:class:`ChainStream`: the device's
     pipeline fed each window's new samples). ``replay``: the stream pushed in 1 s chunks
@@ -387,21 +387,23 @@ def measure_rtf(seconds: float, repeats: int) -> dict:
         for size in sizes
     }
     out["fft"] = {str(size): {"gflops": rate[size], "flops_per_rfft": rfft_flops(size)} for size in sizes}
+
+    def limit_s(fft: dict) -> float:
+        """Seconds of ``fft["rffts"]`` rffts of ``fft["nperseg"]`` points at the best float32 rate."""
+        return fft["rffts"] * rfft_flops(fft["nperseg"]) / (rate[fft["nperseg"]]["float32"] * 1e9)
+
     batch_ffts = chain.rffts_in_batch(n).values()
     out["batch"]["rffts"] = sum(f["rffts"] for f in batch_ffts)
-    out["batch"]["fft_limit_s"] = sum(
-        f["rffts"] * rfft_flops(f["nperseg"]) / (rate[f["nperseg"]]["float32"] * 1e9) for f in batch_ffts
-    )
+    out["batch"]["fft_limit_s"] = sum(limit_s(f) for f in batch_ffts)
     stages = {}
     for name in stage_fns:
         fft = ffts.get(name, {"rffts": 0, "nperseg": sizes[0]})
-        flops = fft["rffts"] * rfft_flops(fft["nperseg"])
         stages[name] = {
             "ms_per_window": 1e3 * float(np.median(times[name])) / n,
             "best_ms_per_window": 1e3 * min(times[name]) / n,
             "rffts_per_window": fft["rffts"],
             "nperseg": fft["nperseg"],
-            "fft_limit_ms": 1e3 * flops / (rate[fft["nperseg"]]["float32"] * 1e9),
+            "fft_limit_ms": 1e3 * limit_s(fft),
         }
     out["stages"] = stages
     return out

@@ -150,10 +150,10 @@ def test_stage_table_is_printed_with_the_fft_limit():
 @pytest.mark.parametrize("n_windows", [1, 2, 29])
 def test_chain_counts_the_rffts_of_its_distinct_segments(n_windows):
     """The FFT limits' rfft counts equal the distinct Welch segments of the windows, counted naively."""
-    from biofed.benchmarks.stream import EEG_CHANNELS, HOP, STAGE_MODALITIES, Chain
+    from biofed.benchmarks.stream import HOP, STAGE_MODALITIES, WINDOW_S, Chain, make_stream
 
     chain = Chain("float32")
-    channels = {"eeg": EEG_CHANNELS, "audio": 1}
+    channels = {m: x.shape[0] for m, x in make_stream(WINDOW_S).items() if m in ("eeg", "audio")}
     batch, live = chain.rffts_in_batch(n_windows), chain.rffts_per_window()
     assert set(batch) == set(live) == {name for name, m in STAGE_MODALITIES.items() if m in channels}
     for name, m in STAGE_MODALITIES.items():
