@@ -16,6 +16,7 @@ decodes every device message and checks no data-dependent field left a device in
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.slow
 FLEET = "ward7"
 TOPICS = Topics(FLEET)
 DELTA = 1e-5
+_SPY_RUNS = itertools.count()  # numbers the adversary's client id per _run
 Z, Z_BASIS = 0.8, 2.0
 
 
@@ -99,7 +101,10 @@ def _run(
             **(extra_dp or {}),
         },
     )
-    spy = MqttClient(amqtt_broker.host, amqtt_broker.port, "adversary", protocol="3.1.1").connect()
+    # a client id of its own per run: amqtt may still count the previous run's spy as connected,
+    # and its take-over hands that session to the new connection while the old one, closing,
+    # can mark it disconnected afterwards, so that the new spy receives nothing
+    spy = MqttClient(amqtt_broker.host, amqtt_broker.port, f"adversary-{next(_SPY_RUNS)}", protocol="3.1.1").connect()
     for kind in ("update", "sketch", "secagg", "status"):
         spy.subscribe(TOPICS.all_devices(kind))
     spy.subscribe(TOPICS.model)
