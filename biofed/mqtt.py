@@ -287,6 +287,7 @@ class MqttClient:
         self._lock = threading.Lock()
         self._suback = threading.Condition(self._lock)
         self._acked_mids: set[int] = set()
+        self._connections_lost = 0  # a SUBACK awaited on a lost connection never comes
         self._refused: dict[int, str] = {}  # mid -> failure reason of its latest (v5) PUBACK
         self._connected = threading.Event()
         self._down_since: float | None = None  # monotonic time the connection dropped
@@ -467,12 +468,21 @@ class MqttClient:
 
     # ------------------------------------------------------------------ traffic
     def subscribe(self, topic_filter: str, qos: int = 1, *, timeout_s: float = 10.0) -> None:
-        """Subscribe (renewed after every reconnect) and wait for the SUBACK if connected.
+        """Subscribe (renewed after every reconnect) and wait for the SUBACK while the connection
+        stays up.
 
-        May be called before :meth:`connect`; the subscription is then made on connect.
+        May be called before :meth:`connect`; the subscription is then made on connect. If the
+        connection drops before the SUBACK, the wait ends there: the reconnect's ``on_connect``
+        subscribes again.
+
+        Raises
+        ------
+        MqttError
+            The connection stayed up but no SUBACK came within ``timeout_s``.
         """
         with self._lock:
             self._subscriptions[topic_filter] = qos
+            lost = self._connections_lost
         client = self._client
         if client is None or not self.connected:
             return  # on_connect subscribes
@@ -480,7 +490,7 @@ class MqttClient:
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return  # the connection just dropped; on_connect subscribes again
         with self._suback:
-            if not self._suback.wait_for(lambda: mid in self._acked_mids, timeout_s):
+            if not self._suback.wait_for(lambda: mid in self._acked_mids or self._connections_lost != lost, timeout_s):
                 raise MqttError(f"no SUBACK for {topic_filter!r} within {timeout_s:g} s")
             self._acked_mids.discard(mid)
 
@@ -603,9 +613,11 @@ class MqttClient:
         self, client: paho.Client, userdata: object, flags: object, reason_code: object, properties: object
     ) -> None:
         self._connected.clear()
-        with self._lock:
+        with self._suback:
             if self._down_since is None and self._connack.is_set():
                 self._down_since = time.monotonic()
+            self._connections_lost += 1
+            self._suback.notify_all()
         if not self._connack.is_set():  # closed during the handshake: fail connect() now
             self._connack_error = f"broker closed the connection before the CONNACK ({reason_code})"
             self._connack.set()

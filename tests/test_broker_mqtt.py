@@ -5,16 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from biofed.apps.broker import free_port, start_embedded_broker, start_mosquitto, write_mosquitto_config
-from biofed.mqtt import ConnectError, MqttClient, Will
+from biofed.mqtt import ConnectError, MqttClient, MqttError, Will
 from biofed.protocol import (
     Model,
     Status,
@@ -247,6 +249,124 @@ def test_reconnects_and_resubscribes_after_broker_restart():
         first.stop()
         if second is not None:
             second.stop()
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from ``sock``, or fewer if it closes first."""
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _mqtt_packets(sock: socket.socket):
+    """Whole MQTT control packets (fixed header included) read from ``sock`` until it closes."""
+    while head := _read_exactly(sock, 1):
+        length, scale = 0, 1
+        while True:  # the remaining length: 7 bits per byte, least significant first
+            byte = _read_exactly(sock, 1)
+            if not byte:
+                return
+            head += byte
+            length += (byte[0] & 0x7F) * scale
+            scale *= 128
+            if not byte[0] & 0x80:
+                break
+        yield head + _read_exactly(sock, length)
+
+
+class _SubackLoser:
+    """A loopback TCP relay to ``broker`` that does not pass on the broker's SUBACKs on its first
+    connection: the client's SUBSCRIBE reaches the broker, its acknowledgement never comes back.
+    With ``close``, the relay closes that connection at the first SUBACK instead (a connection
+    lost while the client waits); otherwise the connection stays up. Later connections are
+    relayed whole."""
+
+    SUBACK = 9  # MQTT control packet type
+
+    def __init__(self, broker, *, close: bool) -> None:
+        self.broker = (broker.host, broker.port)
+        self.close_at_suback = close
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lost = threading.Event()  # set at the first SUBACK it did not pass on
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        first = True
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.broker)
+            self.sockets += [client, server]
+            threading.Thread(target=self._to_broker, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._to_client, args=(server, client, first), daemon=True).start()
+            first = False
+
+    @staticmethod
+    def _to_broker(client: socket.socket, server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                server.sendall(data)
+
+    def _to_client(self, server: socket.socket, client: socket.socket, lose_subacks: bool) -> None:
+        with contextlib.suppress(OSError):
+            for packet in _mqtt_packets(server):
+                if lose_subacks and packet[0] >> 4 == self.SUBACK:
+                    self.lost.set()
+                    if self.close_at_suback:
+                        break
+                    continue
+                client.sendall(packet)
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for sock in (self.listener, *self.sockets):
+            sock.close()
+
+
+def test_subscribe_ends_its_wait_when_the_connection_is_lost_before_the_suback(broker):
+    """The SUBACK of a lost connection never comes: subscribe returns at the loss instead of
+    failing after its timeout, and the reconnect renews the subscription."""
+    server, protocol = broker
+    relay = _SubackLoser(server, close=True)
+    device = MqttClient(
+        "127.0.0.1", relay.port, "dev-cut", protocol=protocol, reconnect_min_delay_s=0.5, reconnect_max_delay_s=1.0
+    ).connect()
+    try:
+        device.subscribe(TOPICS.task, timeout_s=20.0)  # no MqttError: the wait ended at the loss
+        assert relay.lost.is_set()
+        assert device.wait_connected(30)
+        with MqttClient(server.host, server.port, "coordinator", protocol=protocol) as coordinator:
+            deadline = time.monotonic() + 10
+            message = None
+            while message is None and time.monotonic() < deadline:  # the renewal may trail the CONNACK
+                coordinator.publish(TOPICS.task, b"after-cut")
+                message = device.receive(timeout_s=0.2)
+        assert message is not None and message.payload == b"after-cut"
+    finally:
+        device.close()
+        relay.close()
+
+
+def test_no_suback_on_a_connection_that_stays_up_is_an_error(amqtt_broker):
+    relay = _SubackLoser(amqtt_broker, close=False)
+    device = MqttClient("127.0.0.1", relay.port, "dev-unacked", protocol="3.1.1").connect()
+    try:
+        with pytest.raises(MqttError, match=r"no SUBACK for 'biofed/testfleet/task' within 1 s"):
+            device.subscribe(TOPICS.task, timeout_s=1.0)
+        assert relay.lost.is_set() and device.connected
+    finally:
+        device.close()
+        relay.close()
 
 
 @pytest.mark.mosquitto
